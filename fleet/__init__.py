@@ -1,0 +1,1 @@
+"""Where the GPUs are: NVML collection, process attribution, simulated nodes, remote nodes."""

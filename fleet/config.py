@@ -1,0 +1,94 @@
+"""TOML configuration validated into pydantic models, with errors that name file, key and expectation.
+
+`load_toml_model` is the one loader every config file goes through (fleet, launch profiles, router,
+fine-tune specs), so every config error reads the same way.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """A config file is missing, not TOML, or does not validate. The message is for the operator."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _key_path(loc: tuple[object, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def format_validation_error(path: Path | str, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for err in exc.errors():
+        key = _key_path(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        got = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_toml_model(path: Path | str, text: str, model: type[M]) -> M:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from exc
+
+
+def load_toml_model(path: Path | str, model: type[M]) -> M:
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{p}: file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read: {exc}") from exc
+    return parse_toml_model(p, text, model)
+
+
+class NodeConfig(Strict):
+    name: str = Field(min_length=1)
+    ssh: str = Field(min_length=1, description="an SSH destination: host, user@host or a ~/.ssh/config alias")
+    ssh_options: list[str] = Field(default_factory=list)
+
+
+class FleetConfig(Strict):
+    refresh_s: float = Field(default=1.0, ge=0.2, le=60.0)
+    history_every_s: float = Field(default=5.0, ge=1.0, le=3600.0)
+    adapter_roots: list[Path] = Field(default_factory=list)
+    read_only: bool = False
+    node: list[NodeConfig] = Field(default_factory=list)
+
+
+def load_fleet_config(path: Path | str | None, required: bool = False) -> FleetConfig:
+    """The fleet config; a missing default file is an empty fleet (just this host)."""
+    from store.paths import default_fleet_config
+
+    p = Path(path) if path else default_fleet_config()
+    if not p.exists() and not required and path is None:
+        return FleetConfig()
+    return load_toml_model(p, FleetConfig)

@@ -1,0 +1,213 @@
+"""The `fleetdeck` command. Each subcommand imports what it needs when it runs, so `fleetdeck gpus`
+and `fleetdeck proxy` never load Textual and the dashboard never loads litellm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
+
+from fleetdeck import __version__
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2), not a screenful."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"fleetdeck: {message}", file=sys.stderr)
+    return code
+
+
+def _store_path(args: argparse.Namespace) -> Path:
+    from store.paths import default_store_path
+
+    return Path(args.store) if args.store else default_store_path()
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The global options are accepted before or after the subcommand (`fleetdeck demo --store X`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS,
+                        help="SQLite store (default: $FLEETDECK_STORE or the XDG data dir)")
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="fleet config TOML (default: $FLEETDECK_CONFIG or the XDG config dir)")
+    common.add_argument("--refresh", type=_positive_float, metavar="SECONDS", default=argparse.SUPPRESS,
+                        help="poll interval of the dashboard")
+    common.add_argument("--read-only", action="store_true", default=argparse.SUPPRESS,
+                        help="watch only: no launches, stops or swaps")
+    parser = _Parser(
+        prog="fleetdeck",
+        description="Terminal dashboard for on-prem GPU fleets serving small fine-tuned language models.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"fleetdeck {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.common = common  # type: ignore[attr-defined]
+
+    sub.add_parser("demo", parents=[common], help="open the dashboard on the built-in simulated fleet")
+
+    gpus = sub.add_parser("gpus", parents=[common], help="one-shot snapshot of this host's GPUs (like nvidia-smi / gpustat)")
+    gpus.add_argument("--json", action="store_true", help="print JSON")
+    gpus.add_argument("--simulated", action="store_true", help="read the simulated demo fleet instead of NVML")
+
+    from fleetdeck import commands
+
+    for register in commands.REGISTRY:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, default in (("store", None), ("config", None), ("refresh", None), ("read_only", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is not None:
+        return handler(args)
+    if args.command == "gpus":
+        return cmd_gpus(args)
+    if args.command == "demo":
+        return cmd_dashboard(args, demo=True)
+    return cmd_dashboard(args, demo=False)
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    if args.simulated:
+        from fleet.simulated import demo_fleet
+
+        snaps = [node.snapshot() for node in demo_fleet()]
+    else:
+        from fleet.source import LocalNode
+
+        local = LocalNode()
+        try:
+            snaps = [local.snapshot()]
+        finally:
+            local.close()
+    if args.json:
+        print(json.dumps(gpus_json(snaps), indent=2))
+        return 0
+    print(gpus_text(snaps))
+    return 0
+
+
+def gpus_json(snaps: list) -> dict:
+    first = snaps[0]
+    ok = all(s.nvml == "ok" for s in snaps)
+    doc: dict = {
+        "host": first.node,
+        "nvml": "ok" if ok else "unavailable",
+        "reason": None if ok else "; ".join(f"{s.node}: {s.reason}" for s in snaps if s.nvml != "ok"),
+        "driver_version": first.driver_version,
+        "cuda_driver_version": first.cuda_driver_version,
+        "simulated": any(s.simulated for s in snaps),
+        "taken_at": first.taken_at,
+        "gpus": [g.to_json() for s in snaps for g in s.gpus],
+    }
+    if not ok:
+        doc["hosts"] = [
+            {"node": s.node, "nvml": s.nvml, "reason": s.reason, "host": _asdict(s.host)} for s in snaps
+        ]
+    return doc
+
+
+def _asdict(obj: object) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)  # type: ignore[call-overload]
+
+
+def gpus_text(snaps: list) -> str:
+    from tui.format import gib, local_time
+
+    lines = []
+    for s in snaps:
+        head = f"{s.node}  {local_time(s.taken_at, '%Y-%m-%d %H:%M:%S')}"
+        if s.simulated:
+            head += "  SIMULATED"
+        if s.nvml != "ok":
+            lines.append(f"{head}\n  NVML unavailable: {s.reason}")
+            h = s.host
+            if h.memory_total_bytes:
+                lines.append(
+                    f"  CPU {h.cpu_pct or 0:.0f}% of {h.cpu_count} cores · memory "
+                    f"{gib(h.memory_used_bytes)}/{gib(h.memory_total_bytes)} GiB"
+                )
+            continue
+        lines.append(f"{head}  driver {s.driver_version}")
+        for g in s.gpus:
+            if g.lost:
+                lines.append(f"[{g.index}] {g.name:<24} LOST  {g.error}")
+                continue
+            util = "n/a" if g.utilization_gpu_pct is None else f"{g.utilization_gpu_pct:3.0f} %"
+            temp = "n/a" if g.temperature_c is None else f"{g.temperature_c:.0f}°C"
+            power = "n/a" if g.power_draw_w is None else f"{g.power_draw_w:.0f} W"
+            procs = " ".join(
+                f"{p.kind}:{p.model or p.pid}({gib(p.gpu_memory_bytes)}G)" for p in g.processes
+            )
+            lines.append(
+                f"[{g.index}] {g.name:<24} | {temp:>5}, {util:>5} | "
+                f"{gib(g.memory_used_bytes)}/{gib(g.memory_total_bytes)} GiB | {power:>6} | {procs}"
+            )
+    return "\n".join(lines)
+
+
+def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
+    from fleet.config import ConfigError, FleetConfig, load_fleet_config
+
+    try:
+        config = load_fleet_config(args.config, required=args.config is not None) if not demo else FleetConfig()
+    except ConfigError as exc:
+        return fail(str(exc))
+    if args.refresh:
+        config = config.model_copy(update={"refresh_s": args.refresh})
+    if args.read_only:
+        config = config.model_copy(update={"read_only": True})
+
+    if demo:
+        from store.paths import data_dir
+
+        store_path = Path(args.store) if args.store else data_dir() / "demo.db"
+
+        def factory() -> list:
+            from fleet.simulated import demo_fleet
+
+            return list(demo_fleet())
+    else:
+        store_path = _store_path(args)
+
+        def factory() -> list:
+            from fleet.source import LocalNode
+
+            return [LocalNode()]
+
+    from tui.app import AppOptions, FleetDeckApp
+
+    app = FleetDeckApp(AppOptions(sources_factory=factory, store_path=store_path, config=config, simulated=demo))
+    app.run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

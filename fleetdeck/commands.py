@@ -1,0 +1,15 @@
+"""Subcommands beyond the dashboard: each module registers its parser and imports its work lazily."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _registry() -> list[Register]:
+    return []
+
+
+REGISTRY: list[Register] = _registry()

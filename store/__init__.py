@@ -1,0 +1,1 @@
+"""The SQLite store: schema, migrations, writers and the queries the screens read."""

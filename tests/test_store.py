@@ -1,0 +1,100 @@
+"""The store: creation, permissions, refusals of files that are not ours, migrations, history tiers."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+
+import pytest
+
+from store.db import APPLICATION_ID, StoreError, open_store
+from store.gpu_history import downsample, history, record_samples
+from store.schema import SCHEMA_VERSION
+from fleet.model import GpuSnapshot
+
+
+def test_a_new_store_is_private_wal_and_at_the_current_schema(tmp_path):
+    path = tmp_path / "sub" / "fd.db"
+    store = open_store(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert store.execute("PRAGMA journal_mode")[0][0] == "wal"
+    assert store.execute("PRAGMA application_id")[0][0] == APPLICATION_ID
+    assert store.schema_version() == SCHEMA_VERSION
+    store.close()
+    again = open_store(path)  # reopening migrates nothing and keeps working
+    assert again.schema_version() == SCHEMA_VERSION
+
+
+def test_an_sqlite_file_of_another_program_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (x)")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="another program"):
+        open_store(path)
+    assert path.read_bytes() == before
+
+
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello, this is not a database\n" * 100)
+    with pytest.raises(StoreError, match="not a fleetdeck store"):
+        open_store(path)
+
+
+def test_a_store_from_a_newer_fleetdeck_is_refused(tmp_path):
+    path = tmp_path / "fd.db"
+    open_store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 5,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer fleetdeck"):
+        open_store(path)
+
+
+def test_an_unusable_path_says_what_to_do(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="--store"):
+        open_store(blocker / "fd.db")
+    with pytest.raises(StoreError, match="is a directory"):
+        open_store(tmp_path)
+
+
+def _gpu(util: float, used: int) -> GpuSnapshot:
+    return GpuSnapshot(
+        node="n", index=0, name="g", uuid="u", utilization_gpu_pct=util,
+        memory_used_bytes=used, memory_total_bytes=1000,
+    )
+
+
+def test_history_is_averaged_into_coarser_rows_as_it_ages(tmp_path):
+    store = open_store(tmp_path / "fd.db")
+    now = 3600 * 3000.0  # on a bucket edge of every tier
+    # Two hours of samples every 5 s: the older hour becomes one-minute averages.
+    for i in range(0, 7200, 5):
+        ts = now - 7200 + i
+        record_samples(store, ts, [_gpu(util=50 + (i // 5) % 2 * 10, used=100)])
+    assert store.execute("SELECT count(*) FROM gpu_samples")[0][0] == 1440
+    removed = downsample(store, now)
+    raw = store.execute("SELECT count(*) FROM gpu_samples WHERE res = 0")[0][0]
+    minute = store.query("SELECT ts, util_pct FROM gpu_samples WHERE res = 60 ORDER BY ts")
+    assert raw == 720  # the last hour stays raw
+    assert len(minute) == 60
+    assert all(row["util_pct"] == pytest.approx(55.0) for row in minute)  # 50/60 alternating
+    assert removed == 720 - 60
+    assert downsample(store, now) == 0  # averaging is idempotent
+    assert len(history(store, "n", "u", now - 600)) == 120
+
+
+def test_history_past_retention_is_deleted(tmp_path):
+    store = open_store(tmp_path / "fd.db")
+    now = 3600 * 30000.0
+    record_samples(store, now - 91 * 86400, [_gpu(10, 1)])
+    record_samples(store, now - 8 * 86400, [_gpu(10, 1)])
+    downsample(store, now)
+    rows = store.query("SELECT res FROM gpu_samples")
+    assert [r["res"] for r in rows] == [3600]

@@ -1,0 +1,187 @@
+"""The Textual app shell: header with host, clock and SIMULATED badge, the poll loop, the screens.
+
+The poll runs in a thread worker and never overlaps itself: a tick that finds the previous poll still
+running is skipped. Only the screen on top renders a new snapshot (background screens keep the data
+the poller collected and render it when they come back), the way Dolphie keeps quiet tabs cheap.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from fleet.config import FleetConfig
+from fleet.poller import FleetPoller
+from fleet.source import NodeSource
+from tui.screens.base import StatusLine
+
+
+@dataclass
+class AppOptions:
+    sources_factory: Callable[[], list[NodeSource]]
+    store_path: Path | None = None
+    config: FleetConfig = field(default_factory=FleetConfig)
+    simulated: bool = False
+    poll: bool = True  # tests drive polls by hand when False
+    show_clock: bool = True  # snapshot tests turn the clock off
+
+
+class FleetDeckApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "fleetdeck"
+    ENABLE_COMMAND_PALETTE = True
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="app.quit"),
+        Binding("question_mark", "help", "Help", key_display="?", id="app.help"),
+        Binding("1", "show_fleet", "Fleet", id="app.fleet"),
+        Binding("2", "show_fit", "Fit", id="app.fit"),
+        Binding("ctrl+r", "poll_now", "Refresh", show=False, id="app.refresh"),
+    ]
+
+    def __init__(self, options: AppOptions) -> None:
+        super().__init__()
+        self.options = options
+        self.poller = FleetPoller([], history_every_s=options.config.history_every_s)
+        self.store = None
+        self.store_error: str | None = None
+        self._polling = False
+        self.status_text = "starting…"
+        self.sub_title = socket.gethostname()
+
+    def get_default_screen(self) -> Screen:
+        from tui.screens.fleet import FleetScreen
+
+        return FleetScreen()
+
+    def on_mount(self) -> None:
+        if self.options.simulated:
+            self.sub_title = "SIMULATED FLEET"
+        self.call_after_refresh(self._start)
+
+    def _start(self) -> None:
+        self._open_sources()
+        if self.options.poll:
+            self.set_interval(self.options.config.refresh_s, self.action_poll_now)
+
+    @work(thread=True, exclusive=True, group="start")
+    def _open_sources(self) -> None:
+        """NVML init and the store open can take a moment on a busy host: never on the UI thread."""
+        sources = self.options.sources_factory()
+        store = None
+        error = None
+        if self.options.store_path is not None:
+            from store.db import StoreError, open_store
+
+            try:
+                store = open_store(self.options.store_path)
+            except StoreError as exc:
+                error = str(exc)
+        self.poller.sources = sources
+        self.poller.store = store
+        self.store = store
+        if store is not None:
+            try:
+                self.poller.seed_history()
+            except Exception as exc:  # an unreadable history is not worth stopping for
+                error = f"GPU history could not be read: {exc}"
+        self.call_from_thread(self._sources_ready, error)
+
+    def _sources_ready(self, store_error: str | None) -> None:
+        self.store_error = store_error
+        if store_error:
+            self.notify(store_error + "\nThe dashboard keeps running without history.", severity="error", timeout=15)
+        if self.options.poll:
+            self.action_poll_now()
+
+    # -- polling --------------------------------------------------------------------------------
+    def action_poll_now(self) -> None:
+        if self._polling or not self.poller.sources:
+            return
+        self._polling = True
+        self._poll_worker()
+
+    @work(thread=True, group="poll")
+    def _poll_worker(self) -> None:
+        try:
+            self.poller.poll()
+        finally:
+            self.call_from_thread(self._poll_done)
+
+    def _poll_done(self) -> None:
+        self._polling = False
+        self.update_status()
+        screen = self.screen
+        render = getattr(screen, "render_fleet", None)
+        if render is not None:
+            render(self.poller)
+
+    def poll_once_sync(self) -> None:
+        """For tests: one poll on the calling thread, then render."""
+        self.poller.poll()
+        self._poll_done()
+
+    def update_status(self) -> None:
+        nodes = self.poller.latest
+        gpus = sum(len(s.gpus) for s in nodes.values())
+        down = [n for n, s in nodes.items() if s.nvml != "ok"]
+        parts = [f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}", f"{gpus} GPU{'s' if gpus != 1 else ''}"]
+        if down:
+            parts.append(f"[b red]{len(down)} without NVML[/]")
+        if self.store_error or self.poller.store_error:
+            parts.append("[red]store: unavailable[/]")
+        elif self.store is not None:
+            parts.append(f"store: {self.store.path.name}")
+        badge = " [b reverse yellow] SIMULATED [/]" if self.options.simulated or self.poller.simulated else ""
+        self.status_text = " · ".join(parts) + badge
+        for line in self.screen.query(StatusLine):
+            line.update(self.status_text)
+
+    # -- actions --------------------------------------------------------------------------------
+    def action_help(self) -> None:
+        from tui.screens.help import HelpScreen
+
+        self.push_screen(HelpScreen(self.describe_bindings()))
+
+    def describe_bindings(self) -> list[tuple[str, str, str]]:
+        """(key, description, scope) of fleetdeck's own bindings active now (those with an id)."""
+        rows: list[tuple[str, str, str]] = []
+        seen: set[str] = set()
+        for active in self.active_bindings.values():
+            b = active.binding
+            if not b.id or not b.description or b.id in seen:
+                continue
+            seen.add(b.id)
+            prefix = b.id.split(".", 1)[0]
+            scope = "everywhere" if prefix == "app" else prefix.capitalize()
+            rows.append((b.key_display or self.get_key_display(b), b.description, scope))
+        rows.append(("ctrl+p", "Command palette", "everywhere"))
+        rows.sort(key=lambda r: (r[2] != "everywhere", r[2], r[0]))
+        return rows
+
+    def action_show_fleet(self) -> None:
+        from tui.screens.fleet import FleetScreen
+
+        while len(self.screen_stack) > 1 and not isinstance(self.screen, FleetScreen):
+            self.pop_screen()
+
+    def action_show_fit(self) -> None:
+        self.notify("The Fit screen arrives with the KV-cache planner.", severity="warning")
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Fleet", "Every GPU of every node", self.action_show_fleet)
+        yield SystemCommand("Refresh now", "Poll every node immediately", self.action_poll_now)
+        yield SystemCommand("Keys", "Every key and what it does", self.action_help)
+
+    def on_unmount(self) -> None:
+        self.poller.close()
+        if self.store is not None:
+            self.store.close()
