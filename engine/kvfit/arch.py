@@ -1,0 +1,231 @@
+"""A model's shape, read from a Hugging Face `config.json` (a local folder or the built-in catalogue).
+
+Only what the memory arithmetic needs: layer counts and widths, attention layout (GQA, MLA, sliding
+windows), MoE sizes, vocabulary, tied embeddings, and the checkpoint's quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ArchError(ValueError):
+    """The config cannot be sized; the message names the missing key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quantization:
+    method: str  # none | awq | gptq | fp8 | mxfp4 | bnb4
+    bits: int = 16
+    group_size: int = 128
+
+    @property
+    def label(self) -> str:
+        return "16-bit" if self.method == "none" else f"{self.method} {self.bits}-bit"
+
+
+NO_QUANT = Quantization("none")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelArch:
+    name: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_embeddings: bool
+    attention_bias: bool = False
+    # Mixture of experts: the layers from `first_dense_layers` on have experts instead of one MLP.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    first_dense_layers: int = 0
+    expert_bias: bool = False
+    # Multi-head latent attention (DeepSeek V2/V3): one latent of kv_lora_rank + rope dims per layer.
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    q_lora_rank: int = 0
+    # Sliding-window layers keep only the window (plus the batch in flight) in the KV cache.
+    sliding_window: int | None = None
+    sliding_layers: int = 0
+    # Layers that keep no per-text-token KV (cross-attention layers of Llama 3.2 Vision).
+    non_kv_layers: int = 0
+    extra_params: int = 0  # vision towers and projectors, counted in 16-bit
+    quantization: Quantization = NO_QUANT
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def kv_layers(self) -> int:
+        return self.num_layers - self.non_kv_layers
+
+    @property
+    def full_layers(self) -> int:
+        return self.kv_layers - self.sliding_layers
+
+
+def _get(cfg: dict[str, Any], key: str, *alts: str, default: Any = ...) -> Any:
+    for k in (key, *alts):
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
+    if default is ...:
+        raise ArchError(f"config.json has no `{key}`: cannot size this model")
+    return default
+
+
+def parse_quantization(cfg: dict[str, Any]) -> Quantization:
+    q = cfg.get("quantization_config") or {}
+    method = str(q.get("quant_method", "")).lower()
+    if not method:
+        return NO_QUANT
+    if method in ("awq", "gptq", "awq_marlin", "gptq_marlin"):
+        return Quantization(method.split("_")[0], int(q.get("bits", q.get("w_bit", 4))), int(q.get("group_size", q.get("q_group_size", 128)) or 128))
+    if method == "fp8":
+        return Quantization("fp8", 8)
+    if method == "mxfp4":
+        return Quantization("mxfp4", 4, 32)
+    if method == "bitsandbytes":
+        return Quantization("bnb4", 4, 64) if q.get("load_in_4bit") else Quantization("bnb8", 8)
+    if method == "compressed-tensors":
+        groups = q.get("config_groups") or {}
+        for group in groups.values():
+            weights = (group or {}).get("weights") or {}
+            bits = int(weights.get("num_bits", 16))
+            if bits == 8:
+                return Quantization("fp8", 8)
+            if bits == 4:
+                return Quantization("gptq", 4, int(weights.get("group_size") or 128))
+        return NO_QUANT
+    raise ArchError(f"quantization method {method!r} in config.json is not one fleetdeck can size")
+
+
+def _sliding(cfg: dict[str, Any], layers: int) -> tuple[int | None, int]:
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list) and layer_types:
+        n = sum(1 for t in layer_types if "sliding" in str(t))
+        return (int(window) if window else None, n) if n else (None, 0)
+    if not window or cfg.get("use_sliding_window") is False:
+        return None, 0
+    model_type = cfg.get("model_type", "")
+    if model_type == "gemma2":
+        return int(window), layers // 2  # every other layer is local
+    if model_type in ("gemma3", "gemma3_text"):
+        pattern = int(cfg.get("sliding_window_pattern", 6))
+        return int(window), layers - layers // pattern
+    if model_type in ("mistral", "phi3", "qwen2", "qwen3") and int(window) >= int(cfg.get("max_position_embeddings", 0) or 0):
+        return None, 0  # a window as long as the context is full attention
+    if model_type == "mistral" or cfg.get("use_sliding_window"):
+        return int(window), layers
+    return None, 0
+
+
+def arch_from_config(cfg: dict[str, Any], name: str = "") -> ModelArch:
+    """Parse a Hugging Face config dict (text config of multimodal models included)."""
+    quant = parse_quantization(cfg)
+    text = cfg.get("text_config") or cfg
+    extra = int(cfg.get("_fleetdeck_extra_params", 0))
+    if text is not cfg:
+        text = {**text, "model_type": text.get("model_type") or cfg.get("model_type", "")}
+        if "quantization_config" in cfg and "quantization_config" not in text:
+            text["quantization_config"] = cfg["quantization_config"]
+    layers = int(_get(text, "num_hidden_layers", "n_layer", "num_layers"))
+    hidden = int(_get(text, "hidden_size", "n_embd", "d_model"))
+    heads = int(_get(text, "num_attention_heads", "n_head"))
+    kv_heads = int(_get(text, "num_key_value_heads", default=heads))
+    head_dim = int(_get(text, "head_dim", default=hidden // heads))
+    vocab = int(_get(text, "vocab_size"))
+    model_type = str(text.get("model_type", ""))
+    num_experts = int(_get(text, "num_experts", "num_local_experts", "n_routed_experts", default=0) or 0)
+    moe_inter = int(_get(text, "moe_intermediate_size", default=0) or 0)
+    inter = int(_get(text, "intermediate_size", "ffn_dim", default=moe_inter))
+    if num_experts and not moe_inter:
+        moe_inter = inter
+    shared = int(_get(text, "shared_expert_intermediate_size", default=0) or 0)
+    if not shared and text.get("n_shared_experts"):
+        shared = int(text["n_shared_experts"]) * moe_inter
+    first_dense = int(_get(text, "first_k_dense_replace", default=0) or 0)
+    window, sliding_layers = _sliding(text, layers)
+    non_kv = len(text.get("cross_attention_layers") or [])
+    tie = bool(_get(text, "tie_word_embeddings", default=cfg.get("tie_word_embeddings", False)))
+    return ModelArch(
+        name=name or str(cfg.get("_name_or_path", "")) or model_type,
+        model_type=model_type,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        tie_embeddings=tie,
+        attention_bias=bool(text.get("attention_bias", model_type in ("qwen2", "qwen2_moe", "gpt_oss"))),
+        num_experts=num_experts,
+        experts_per_token=int(_get(text, "num_experts_per_tok", "experts_per_token", default=0) or 0),
+        moe_intermediate_size=moe_inter,
+        shared_expert_intermediate_size=shared,
+        first_dense_layers=first_dense,
+        expert_bias=model_type == "gpt_oss",
+        kv_lora_rank=int(text.get("kv_lora_rank") or 0),
+        qk_rope_head_dim=int(text.get("qk_rope_head_dim") or 0),
+        qk_nope_head_dim=int(text.get("qk_nope_head_dim") or 0),
+        v_head_dim=int(text.get("v_head_dim") or 0),
+        q_lora_rank=int(text.get("q_lora_rank") or 0),
+        sliding_window=window,
+        sliding_layers=sliding_layers,
+        non_kv_layers=non_kv,
+        extra_params=extra,
+        quantization=quant,
+    )
+
+
+def param_count(arch: ModelArch) -> dict[str, int]:
+    """Parameters by kind: 'linear' (quantizable decoder matrices), 'embed', 'head', 'other'."""
+    h = arch.hidden_size
+    if arch.is_mla:
+        qk_head = arch.qk_nope_head_dim + arch.qk_rope_head_dim
+        q = h * arch.num_heads * qk_head if not arch.q_lora_rank else h * arch.q_lora_rank + arch.q_lora_rank * arch.num_heads * qk_head
+        attn = (
+            q
+            + h * (arch.kv_lora_rank + arch.qk_rope_head_dim)
+            + arch.kv_lora_rank * arch.num_heads * (arch.qk_nope_head_dim + arch.v_head_dim)
+            + arch.num_heads * arch.v_head_dim * h
+        )
+    else:
+        q_out = arch.num_heads * arch.head_dim
+        kv_out = arch.num_kv_heads * arch.head_dim
+        attn = h * q_out + 2 * h * kv_out + q_out * h
+    attn_bias = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim if arch.attention_bias else 0
+    dense_mlp = 3 * h * arch.intermediate_size
+    linear = 0
+    other = 0
+    for layer in range(arch.num_layers):
+        linear += attn
+        other += attn_bias + 2 * h
+        if arch.is_moe and layer >= arch.first_dense_layers:
+            linear += arch.num_experts * 3 * h * arch.moe_intermediate_size
+            linear += 3 * h * arch.shared_expert_intermediate_size
+            other += h * arch.num_experts  # the router stays in 16-bit
+            if arch.expert_bias:
+                other += arch.num_experts * 3 * arch.moe_intermediate_size
+        else:
+            linear += dense_mlp
+    embed = arch.vocab_size * h
+    head = 0 if arch.tie_embeddings else arch.vocab_size * h
+    return {"linear": linear, "embed": embed, "head": head, "other": other + h + arch.extra_params}

@@ -1,0 +1,292 @@
+"""vLLM's KV-cache arithmetic, done before anything is launched.
+
+    budget       = total GPU memory x gpu_memory_utilization
+    available_kv = budget - weights - activation peak - non-torch memory
+    num_blocks   = available_kv // (page bytes per layer x layers per KV group)
+    kv_tokens    = num_blocks // KV groups x block size
+    concurrency  = num_blocks / blocks one request of max_model_len needs
+
+Layers are grouped the way vLLM V1's hybrid allocator groups them (full attention and sliding window
+layers in equal-sized groups sharing one block pool), so sliding-window models (Gemma 2/3, gpt-oss)
+get vLLM's capacity, not the full-attention worst case.
+
+The overhead model (activation peak, non-torch memory, CUDA graphs) is stated in OVERHEAD_MODEL and in
+docs/kvfit.md, with how close it comes to published vLLM start-up logs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from engine.kvfit.arch import ModelArch
+
+GIB = 1024**3
+KV_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", "nvfp4")
+_KV_BYTES = {"auto": 2.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0,
+             "nvfp4": 0.5 + 1 / 16}  # nvfp4: 4-bit values and one fp8 scale per 16
+FIT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+MAX_SEARCH_LEN = 1 << 21
+
+# Activation peak of vLLM V1's profile run, fitted to the published start-up logs in
+# shared/reference (error <= 0.2 GiB on each): a fixed part plus the sampler's logits for
+# max_num_seqs dummy requests. The V0 engine (no chunked prefill) also holds the MLP's
+# gate and up projections for the whole max_model_len prompt at once.
+ACTIVATION_FIXED_BYTES = 783_000_000
+ACTIVATION_PER_LOGIT_BYTES = 10.3
+V0_MLP_BYTES_PER_TOKEN_PER_INTERMEDIATE = 4  # gate + up, bf16
+NON_TORCH_BYTES = {"v1": int(0.25 * GIB), "v0": int(0.35 * GIB)}
+CUDA_GRAPH_BYTES_PER_LAYER = int(0.028 * GIB)  # captured after the KV cache is sized, from the headroom
+OVERHEAD_MODEL = (
+    "activation = 0.73 GiB + 10.3 B x max_num_seqs x vocab (V1 profile run; V0 adds 4 B x prompt tokens x "
+    "intermediate size); non-torch = 0.25 GiB (V1) or 0.35 GiB (V0); CUDA graphs = 0.028 GiB per layer "
+    "(x2 for MoE), captured after the KV cache is sized, so they come out of the (1 - utilisation) headroom"
+)
+
+
+def kv_dtype_bytes(kv_cache_dtype: str) -> float:
+    try:
+        return _KV_BYTES[kv_cache_dtype]
+    except KeyError:
+        raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}; one of {', '.join(KV_DTYPES)}") from None
+
+
+def kv_heads_per_rank(arch: ModelArch, tp: int) -> int:
+    """KV heads split across TP ranks; replicated (one per rank) when there are fewer heads than ranks."""
+    return max(1, arch.num_kv_heads // tp)
+
+
+def kv_bytes_per_token_per_layer(arch: ModelArch, tp: int, kv_cache_dtype: str) -> float:
+    dtype = kv_dtype_bytes(kv_cache_dtype)
+    if arch.is_mla:
+        # One compressed latent (plus the rope part) per token per layer, replicated on every rank.
+        return (arch.kv_lora_rank + arch.qk_rope_head_dim) * dtype
+    return 2 * kv_heads_per_rank(arch, tp) * arch.head_dim * dtype
+
+
+@dataclass(frozen=True, slots=True)
+class KvGroups:
+    group_size: int
+    full_groups: int
+    sliding_groups: int
+
+    @property
+    def count(self) -> int:
+        return self.full_groups + self.sliding_groups
+
+
+def kv_groups(arch: ModelArch) -> KvGroups:
+    full, sliding = arch.full_layers, arch.sliding_layers
+    if not sliding or not full:
+        return KvGroups(arch.kv_layers, 1 if full else 0, 1 if sliding else 0)
+    size = min(full, sliding)
+    return KvGroups(size, math.ceil(full / size), math.ceil(sliding / size))
+
+
+def default_batch(total_gpu_bytes: int, gpu_name: str = "") -> tuple[int, int]:
+    """vLLM's defaults for the OpenAI server: (max_num_seqs, max_num_batched_tokens)."""
+    if total_gpu_bytes >= 70 * GIB and "a100" not in gpu_name.lower():
+        return 1024, 8192
+    return 256, 2048
+
+
+@dataclass
+class FitRequest:
+    gpu_memory_bytes: int | None = None  # total memory vLLM sees on each GPU
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_model_len: int = 8192
+    kv_cache_dtype: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    available_kv_bytes: int | None = None  # skip the overhead estimate (checks the KV arithmetic alone)
+    free_memory_bytes: int | None = None  # live free memory of the tightest chosen GPU, when known
+    other_process_bytes: int | None = None  # memory other processes hold there
+    gpu_name: str = ""
+    engine: Literal["v1", "v0"] = "v1"
+    weight_bytes_total: int | None = None  # exact, from safetensors headers
+
+
+@dataclass
+class FitResult:
+    model: str
+    quantization: str
+    kv_cache_dtype: str
+    tensor_parallel_size: int
+    kv_bytes_per_token: float  # per GPU, all KV layers
+    weights_gib: float  # per GPU
+    weights_exact: bool
+    total_gpu_memory_gib: float | None
+    gpu_memory_utilization: float
+    budget_gib: float | None
+    activation_gib: float | None
+    non_torch_gib: float | None
+    cuda_graph_gib: float | None
+    available_kv_gib: float
+    num_gpu_blocks: int
+    block_size: int
+    kv_tokens: int
+    max_concurrency: float
+    max_model_len: int
+    fits: bool
+    reason: str | None
+    max_model_len_that_fits: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    warnings: list[str] = field(default_factory=list)
+    overhead_model: str = OVERHEAD_MODEL
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _blocks_per_request(arch: ModelArch, groups: KvGroups, length: int, block: int, batched: int) -> int:
+    full = math.ceil(length / block)
+    blocks = groups.full_groups * full
+    if groups.sliding_groups:
+        window_tokens = min((arch.sliding_window or length) - 1 + batched, length)
+        blocks += groups.sliding_groups * (math.ceil(window_tokens / block) + 1)
+    return blocks
+
+
+def _request_fits(arch: ModelArch, groups: KvGroups, length: int, block: int, batched: int, num_blocks: int) -> bool:
+    return _blocks_per_request(arch, groups, length, block, batched) <= num_blocks
+
+
+def max_len_that_fits(arch: ModelArch, groups: KvGroups, block: int, batched: int, num_blocks: int) -> int:
+    """Largest max_model_len whose one request fits the pool (vLLM's estimate, by bisection)."""
+    if not _request_fits(arch, groups, 1, block, batched, num_blocks):
+        return 0
+    lo, hi = 1, MAX_SEARCH_LEN
+    if _request_fits(arch, groups, hi, block, batched, num_blocks):
+        return hi
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if _request_fits(arch, groups, mid, block, batched, num_blocks):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def plan(arch: ModelArch, req: FitRequest) -> FitResult:
+    from engine.kvfit.weights import estimated_weight_bytes, weight_bytes_per_gpu
+
+    tp = max(1, req.tensor_parallel_size)
+    total = req.gpu_memory_bytes
+    if req.available_kv_bytes is None and total is None:
+        raise ValueError("give the GPU's total memory (--gpu or --gpu-memory-gib) or --available-kv-gib")
+    seqs_default, batched_default = default_batch(total or 80 * GIB, req.gpu_name)
+    seqs = req.max_num_seqs or seqs_default
+    batched = req.max_num_batched_tokens or batched_default
+    if req.engine == "v0":
+        batched = max(req.max_model_len, batched)
+
+    exact = req.weight_bytes_total is not None
+    weights_total = req.weight_bytes_total if exact else estimated_weight_bytes(arch)
+    weights = weight_bytes_per_gpu(weights_total, arch, tp)  # type: ignore[arg-type]
+
+    per_layer = kv_bytes_per_token_per_layer(arch, tp, req.kv_cache_dtype)
+    groups = kv_groups(arch)
+    page_bytes = req.block_size * per_layer
+    warnings: list[str] = []
+    reason: str | None = None
+
+    activation = non_torch = cuda_graph = budget = None
+    if req.available_kv_bytes is not None:
+        available = float(req.available_kv_bytes)
+    else:
+        assert total is not None
+        budget = total * req.gpu_memory_utilization
+        activation = ACTIVATION_FIXED_BYTES + ACTIVATION_PER_LOGIT_BYTES * seqs * arch.vocab_size
+        if req.engine == "v0":
+            activation += V0_MLP_BYTES_PER_TOKEN_PER_INTERMEDIATE * batched * max(arch.intermediate_size, arch.moe_intermediate_size)
+        non_torch = NON_TORCH_BYTES[req.engine]
+        cuda_graph = CUDA_GRAPH_BYTES_PER_LAYER * arch.num_layers * (2 if arch.is_moe else 1)
+        available = budget - weights - activation - non_torch
+        headroom = total - budget
+        if cuda_graph > headroom:
+            warnings.append(
+                f"CUDA graphs (~{cuda_graph / GIB:.2f} GiB) may not fit in the {headroom / GIB:.2f} GiB left "
+                f"outside gpu_memory_utilization: lower it, or add --enforce-eager"
+            )
+
+    num_blocks = max(0, int(available // (page_bytes * groups.group_size))) if available > 0 else 0
+    kv_tokens = num_blocks // max(1, groups.count) * req.block_size
+    per_request = _blocks_per_request(arch, groups, req.max_model_len, req.block_size, batched)
+    concurrency = num_blocks / per_request if per_request else 0.0
+    fit_len = max_len_that_fits(arch, groups, req.block_size, batched, num_blocks) if num_blocks else 0
+    kv_per_token_all_layers = per_layer * arch.kv_layers
+
+    # The failures vLLM would print, in the order it would hit them.
+    if total is not None and weights > total:
+        reason = (
+            f"CUDA out of memory while loading weights: {weights / GIB:.2f} GiB of weights per GPU on a "
+            f"{total / GIB:.2f} GiB GPU. Use a quantized checkpoint (AWQ/GPTQ/FP8) or more GPUs (--tp)."
+        )
+    elif (
+        total is not None
+        and req.free_memory_bytes is not None
+        and req.free_memory_bytes < total * req.gpu_memory_utilization
+    ):
+        others = req.other_process_bytes if req.other_process_bytes is not None else total - req.free_memory_bytes
+        reason = (
+            f"Free memory on device ({req.free_memory_bytes / GIB:.2f}/{total / GIB:.2f} GiB) on startup is less "
+            f"than desired GPU memory utilization ({req.gpu_memory_utilization}, "
+            f"{total * req.gpu_memory_utilization / GIB:.2f} GiB): another process holds "
+            f"{others / GIB:.2f} GiB on that GPU. Stop it, pick another GPU, or lower gpu_memory_utilization "
+            f"to {max(0.05, req.free_memory_bytes / total - 0.01):.2f}."
+        )
+    elif num_blocks <= 0:
+        reason = (
+            f"No available memory for the cache blocks: weights {weights / GIB:.2f} GiB + activation and "
+            f"runtime {((activation or 0) + (non_torch or 0)) / GIB:.2f} GiB exceed the "
+            f"{(budget or 0) / GIB:.2f} GiB budget. Increase gpu_memory_utilization, use a quantized "
+            f"checkpoint, or add GPUs (--tp)."
+        )
+    elif per_request > num_blocks:
+        need = per_request * page_bytes * groups.group_size
+        reason = (
+            f"max model length {req.max_model_len} is larger than the KV cache: one request needs "
+            f"{need / GIB:.2f} GiB of KV cache, more than the {available / GIB:.2f} GiB available. Based on the "
+            f"available memory the estimated maximum model length is {fit_len}. Decrease max_model_len, use "
+            f"--kv-cache-dtype fp8, or increase gpu_memory_utilization."
+        )
+
+    return FitResult(
+        model=arch.name,
+        quantization=arch.quantization.label,
+        kv_cache_dtype=req.kv_cache_dtype,
+        tensor_parallel_size=tp,
+        kv_bytes_per_token=kv_per_token_all_layers,
+        weights_gib=weights / GIB,
+        weights_exact=exact,
+        total_gpu_memory_gib=None if total is None else total / GIB,
+        gpu_memory_utilization=req.gpu_memory_utilization,
+        budget_gib=None if budget is None else budget / GIB,
+        activation_gib=None if activation is None else activation / GIB,
+        non_torch_gib=None if non_torch is None else non_torch / GIB,
+        cuda_graph_gib=None if cuda_graph is None else cuda_graph / GIB,
+        available_kv_gib=available / GIB,
+        num_gpu_blocks=num_blocks,
+        block_size=req.block_size,
+        kv_tokens=kv_tokens,
+        max_concurrency=round(concurrency, 2),
+        max_model_len=req.max_model_len,
+        fits=reason is None,
+        reason=reason,
+        max_model_len_that_fits=fit_len,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=batched,
+        warnings=warnings,
+    )
+
+
+def fit_table(arch: ModelArch, req: FitRequest, dtypes: tuple[str, ...] = ("auto", "fp8", "nvfp4"),
+              lengths: tuple[int, ...] = FIT_LENGTHS) -> dict[str, dict[int, FitResult]]:
+    """The Fit screen's grid: each KV dtype at each context length."""
+    from dataclasses import replace
+
+    return {d: {n: plan(arch, replace(req, kv_cache_dtype=d, max_model_len=n)) for n in lengths} for d in dtypes}

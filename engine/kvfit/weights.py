@@ -1,0 +1,87 @@
+"""Weight bytes: exactly from safetensors headers when the model is on disk, else from the shape.
+
+A safetensors file starts with an 8-byte little-endian header length and a JSON header that gives every
+tensor's byte range, so the exact size is known without reading a single tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from engine.kvfit.arch import ArchError, ModelArch, param_count
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def safetensors_bytes(path: Path) -> int:
+    """Sum of the tensor byte ranges of one .safetensors file, read from its header only."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ArchError(f"{path}: too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES:
+            raise ArchError(f"{path}: safetensors header claims {length} bytes; the file is damaged")
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArchError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArchError(f"{path}: tensor {name!r} has no data_offsets") from exc
+        total += int(end) - int(start)
+    return total
+
+
+def folder_weight_bytes(folder: Path) -> int | None:
+    """Exact weight bytes of a model folder, or None when it holds no safetensors files."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    return sum(safetensors_bytes(f) for f in files)
+
+
+def _bytes_per_quantized_weight(arch: ModelArch) -> float:
+    q = arch.quantization
+    if q.method in ("awq", "gptq"):
+        # packed 4/8-bit values + an fp16 scale and a packed zero point per group
+        return q.bits / 8 + (2 + q.bits / 8) / q.group_size
+    if q.method == "fp8":
+        return 1.0
+    if q.method == "mxfp4":
+        return 0.5 + 1 / 32  # 4-bit values + one e8m0 scale per 32
+    if q.method == "bnb4":
+        return 0.5 + 4 / 64  # nf4 + an fp32 absmax per 64 (before double quantization)
+    if q.method == "bnb8":
+        return 1.0
+    return 2.0
+
+
+def estimated_weight_bytes(arch: ModelArch) -> int:
+    """Total checkpoint bytes from the shape: quantized decoder matrices, 16-bit everything else.
+
+    MoE experts are counted whole (every expert is resident). For gpt-oss only the experts are MXFP4.
+    """
+    p = param_count(arch)
+    q_bytes = _bytes_per_quantized_weight(arch)
+    if arch.quantization.method == "mxfp4" and arch.is_moe:
+        expert = 3 * arch.hidden_size * arch.moe_intermediate_size * arch.num_experts * (arch.num_layers - arch.first_dense_layers)
+        linear = (p["linear"] - expert) * 2 + expert * q_bytes
+    else:
+        linear = p["linear"] * q_bytes
+    return int(linear + 2 * (p["embed"] + p["head"] + p["other"]))
+
+
+def weight_bytes_per_gpu(total: int, arch: ModelArch, tp: int) -> int:
+    """Per GPU under tensor parallelism. Embeddings and matrices split; norms are replicated."""
+    if tp <= 1:
+        return total
+    replicated = 2 * (arch.num_layers * 2 + 1) * arch.hidden_size
+    return int((total - replicated) / tp + replicated)
