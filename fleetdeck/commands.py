@@ -9,7 +9,9 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 
 def _registry() -> list[Register]:
-    return []
+    from fleetdeck import cmd_fit
+
+    return [cmd_fit.register]
 
 
 REGISTRY: list[Register] = _registry()

@@ -167,17 +167,32 @@ class FleetDeckApp(App[None]):
         return rows
 
     def action_show_fleet(self) -> None:
-        from tui.screens.fleet import FleetScreen
-
-        while len(self.screen_stack) > 1 and not isinstance(self.screen, FleetScreen):
-            self.pop_screen()
+        self.switch_to("fleet")
 
     def action_show_fit(self) -> None:
-        self.notify("The Fit screen arrives with the KV-cache planner.", severity="warning")
+        self.switch_to("fit")
+
+    def switch_to(self, name: str) -> None:
+        """Go to a top-level screen; each is created once and keeps its state between visits."""
+        while len(self.screen_stack) > 1:
+            self.pop_screen()
+        if name == "fleet":
+            return
+        if not self.is_screen_installed(name):
+            self.install_screen(self._make_screen(name), name=name)
+        self.push_screen(name)
+
+    def _make_screen(self, name: str) -> Screen:
+        if name == "fit":
+            from tui.screens.fit import FitScreen
+
+            return FitScreen()
+        raise KeyError(name)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Fleet", "Every GPU of every node", self.action_show_fleet)
+        yield SystemCommand("Fit", "Will this model fit, and how many requests will it hold", self.action_show_fit)
         yield SystemCommand("Refresh now", "Poll every node immediately", self.action_poll_now)
         yield SystemCommand("Keys", "Every key and what it does", self.action_help)
 

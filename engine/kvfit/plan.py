@@ -248,11 +248,12 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
         )
     elif per_request > num_blocks:
         need = per_request * page_bytes * groups.group_size
+        smaller_kv = "use --kv-cache-dtype fp8, " if kv_dtype_bytes(req.kv_cache_dtype) > 1 else ""
         reason = (
             f"max model length {req.max_model_len} is larger than the KV cache: one request needs "
             f"{need / GIB:.2f} GiB of KV cache, more than the {available / GIB:.2f} GiB available. Based on the "
-            f"available memory the estimated maximum model length is {fit_len}. Decrease max_model_len, use "
-            f"--kv-cache-dtype fp8, or increase gpu_memory_utilization."
+            f"available memory the estimated maximum model length is {fit_len}. Decrease max_model_len, "
+            f"{smaller_kv}or increase gpu_memory_utilization."
         )
 
     return FitResult(

@@ -1,0 +1,153 @@
+"""`fleetdeck fit`: will this model fit, and how many requests will it hold."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+GIB = 1024**3
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "fit", parents=[sub.common],
+        help="plan vLLM's KV cache and VRAM for a model before launching it",
+        description="vLLM's KV-cache arithmetic for MODEL (a catalogue name such as "
+        "meta-llama/Llama-3.1-8B-Instruct, or a local model folder). Exit 0 when it fits, 1 when it "
+        "does not, 2 on bad input.",
+    )
+    p.add_argument("model", nargs="?", help="catalogue name / Hugging Face repo id, or a local model folder")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gpu", type=int, metavar="INDEX", help="size against this host's GPU (live free memory via NVML)")
+    where.add_argument("--gpu-memory-gib", type=float, metavar="TOTAL", help="total memory vLLM sees per GPU, e.g. 79.19 for an H100 80GB")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallel size")
+    p.add_argument("--util", type=float, default=0.9, metavar="FRACTION", help="gpu_memory_utilization (default 0.9)")
+    p.add_argument("--max-model-len", type=int, default=8192, metavar="L")
+    from engine.kvfit.plan import KV_DTYPES
+
+    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto")
+    p.add_argument("--quantization", choices=("awq", "gptq", "fp8", "none"), help="override the checkpoint's quantization")
+    p.add_argument("--available-kv-gib", type=float, metavar="X", help="skip the overhead estimate: this much memory for KV")
+    p.add_argument("--max-num-seqs", type=int, metavar="N", help="vLLM --max-num-seqs (default: vLLM's for the GPU)")
+    p.add_argument("--max-num-batched-tokens", type=int, metavar="N")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--engine", choices=("v1", "v0"), default="v1", help="vLLM engine whose profile to model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--list-models", action="store_true", help="list the built-in catalogue and exit")
+    p.set_defaults(handler=run)
+
+
+def _fail(msg: str) -> int:
+    print(f"fleetdeck fit: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.kvfit import ArchError, FitRequest, list_models, load_model, plan
+    from engine.kvfit.arch import Quantization
+
+    if args.list_models:
+        for name in list_models():
+            print(name)
+        return 0
+    if not args.model:
+        return _fail("name a MODEL (or use --list-models)")
+    if not 0.0 < args.util <= 1.0:
+        return _fail(f"--util must be in (0, 1], got {args.util}")
+    if args.tp < 1 or args.max_model_len < 1 or args.block_size < 1:
+        return _fail("--tp, --max-model-len and --block-size must be positive")
+    try:
+        arch, exact = load_model(args.model)
+    except ArchError as exc:
+        return _fail(str(exc))
+    if args.quantization:
+        from dataclasses import replace
+
+        quant = {"awq": Quantization("awq", 4, 128), "gptq": Quantization("gptq", 4, 128),
+                 "fp8": Quantization("fp8", 8), "none": Quantization("none")}[args.quantization]
+        if quant != arch.quantization:
+            exact = None  # the files on disk are another quantization than the one asked about
+        arch = replace(arch, quantization=quant)
+
+    req = FitRequest(
+        gpu_memory_utilization=args.util,
+        tensor_parallel_size=args.tp,
+        max_model_len=args.max_model_len,
+        kv_cache_dtype=args.kv_cache_dtype,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        engine=args.engine,
+        weight_bytes_total=exact,
+    )
+    if args.available_kv_gib is not None:
+        req.available_kv_bytes = int(args.available_kv_gib * GIB)
+    if args.gpu_memory_gib is not None:
+        req.gpu_memory_bytes = int(args.gpu_memory_gib * GIB)
+    elif args.gpu is not None:
+        error = _fill_from_nvml(req, args.gpu)
+        if error:
+            return _fail(error)
+    elif args.available_kv_gib is None:
+        return _fail("give --gpu INDEX, --gpu-memory-gib TOTAL or --available-kv-gib X")
+    try:
+        result = plan(arch, req)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(render_text(result))
+    return 0 if result.fits else 1
+
+
+def _fill_from_nvml(req: Any, index: int) -> str | None:
+    from fleet.source import LocalNode
+
+    node = LocalNode()
+    try:
+        snap = node.snapshot()
+    finally:
+        node.close()
+    if snap.nvml != "ok":
+        return f"--gpu needs NVML: {snap.reason} Or size by hand with --gpu-memory-gib."
+    gpu = next((g for g in snap.gpus if g.index == index), None)
+    if gpu is None or gpu.memory_total_bytes is None:
+        return f"no GPU {index} on this host (it has {len(snap.gpus)}: 0..{len(snap.gpus) - 1})"
+    apply_gpu(req, gpu)
+    return None
+
+
+def apply_gpu(req: Any, gpu: Any) -> None:
+    """Size against a live GPU: its total, its free memory and what other processes hold."""
+    req.gpu_memory_bytes = gpu.memory_total_bytes
+    req.free_memory_bytes = gpu.memory_free_bytes
+    req.other_process_bytes = gpu.memory_used_bytes
+    req.gpu_name = gpu.name
+
+
+def render_text(r: Any) -> str:
+    def g(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f} GiB"
+
+    lines = [
+        f"{r.model}  ({r.quantization}, KV {r.kv_cache_dtype}, TP {r.tensor_parallel_size})",
+        f"  GPU memory          {g(r.total_gpu_memory_gib)} x {r.gpu_memory_utilization} = {g(r.budget_gib)}",
+        f"  - weights per GPU   {g(r.weights_gib)}{'' if r.weights_exact else ' (estimated from the shape)'}",
+        f"  - activation peak   {g(r.activation_gib)}",
+        f"  - non-torch         {g(r.non_torch_gib)}",
+        f"  = KV cache          {g(r.available_kv_gib)}",
+        f"  KV per token        {r.kv_bytes_per_token:,.0f} B per GPU",
+        f"  blocks x size       {r.num_gpu_blocks:,} x {r.block_size} = {r.kv_tokens:,} tokens",
+        f"  max concurrency     {r.max_concurrency:.2f}x at {r.max_model_len:,} tokens per request",
+        f"  largest context     {r.max_model_len_that_fits:,} tokens for one request",
+        f"  CUDA graphs         {g(r.cuda_graph_gib)} (from the headroom outside the utilisation target)",
+    ]
+    lines.append("  verdict             " + ("FITS" if r.fits else "DOES NOT FIT"))
+    if r.reason:
+        lines.append(f"  why: {r.reason}")
+    for w in r.warnings:
+        lines.append(f"  warning: {w}")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""`fleetdeck fit` on the command line and the Fit screen through Pilot."""
+
+from __future__ import annotations
+
+import json
+
+import pynvml
+import pytest
+from textual.widgets import DataTable, Input, Select, Static
+
+from fleetdeck.cli import main
+from tests.fakes.fake_nvml import MIB, FakeGpu, FakeNvml
+from tests.tui_helpers import make_app, ready, static_text
+from tui.screens.fit import FitScreen
+
+JSON_KEYS = {"model", "kv_bytes_per_token", "weights_gib", "available_kv_gib", "num_gpu_blocks", "block_size",
+             "kv_tokens", "max_concurrency", "max_model_len", "fits", "reason", "max_model_len_that_fits"}
+
+
+def test_fit_json_has_the_documented_keys_and_vllms_figures(capsys):
+    code = main(["fit", "meta-llama/Llama-3.1-8B-Instruct", "--available-kv-gib", "58.11", "--max-model-len", "8192", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and JSON_KEYS <= doc.keys()
+    assert doc["kv_bytes_per_token"] == 131072 and doc["block_size"] == 16
+    assert doc["kv_tokens"] == pytest.approx(476016, rel=0.005)
+    assert doc["fits"] is True and doc["reason"] is None
+
+
+def test_fit_that_does_not_fit_exits_1_with_the_reason(capsys):
+    code = main(["fit", "Qwen/Qwen2.5-32B-Instruct-AWQ", "--gpu-memory-gib", "23.99", "--max-model-len", "32768"])
+    out = capsys.readouterr().out
+    assert code == 1 and "DOES NOT FIT" in out and "estimated maximum model length" in out
+
+
+def test_fit_against_a_live_gpu_uses_its_free_memory(monkeypatch, capsys):
+    FakeNvml([FakeGpu(total=81559 * MIB, used=40 * 1024 * MIB)]).install(monkeypatch)
+    code = main(["fit", "Qwen/Qwen3-8B", "--gpu", "0", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1 and "another process holds 40.00 GiB" in doc["reason"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fit", "acme/unknown-9b", "--gpu-memory-gib", "80"], "unknown model"),
+        (["fit", "/nonexistent/model/folder", "--gpu-memory-gib", "80"], "not a model folder"),
+        (["fit", "Qwen/Qwen3-8B"], "--gpu INDEX"),
+        (["fit", "Qwen/Qwen3-8B", "--gpu-memory-gib", "80", "--util", "1.5"], "--util"),
+        (["fit"], "name a MODEL"),
+    ],
+)
+def test_fit_bad_input_exits_2_and_names_the_problem(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fit_gpu_without_a_driver_says_to_size_by_hand(monkeypatch, capsys):
+    FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND).install(monkeypatch)
+    assert main(["fit", "Qwen/Qwen3-8B", "--gpu", "0"]) == 2
+    assert "--gpu-memory-gib" in capsys.readouterr().err
+
+
+def test_list_models(capsys):
+    assert main(["fit", "--list-models"]) == 0
+    assert "openai/gpt-oss-20b" in capsys.readouterr().out.splitlines()
+
+
+async def _open_fit(app, pilot) -> FitScreen:
+    await ready(app, pilot)
+    await pilot.press("2")
+    await pilot.pause()
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    assert isinstance(app.screen, FitScreen)
+    return app.screen
+
+
+async def test_fit_screen_plans_against_the_simulated_fleet():
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _open_fit(app, pilot)
+        gpu = screen.query_one("#fit-gpu", Select).value
+        assert gpu == "sim-h100-01/3"  # the GPU with the most free memory
+        grid = screen.query_one("#fit-grid", DataTable)
+        assert [r.key.value for r in grid.ordered_rows] == ["auto", "fp8", "nvfp4"]
+        assert "FITS" in static_text(screen.query_one("#fit-verdict", Static))
+        assert screen.last_result.kv_bytes_per_token == 131072
+
+
+async def test_fit_screen_explains_a_failure_and_a_bad_model():
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _open_fit(app, pilot)
+        # A busy A10 (the simulated vLLM holds most of it): vLLM would refuse at start-up.
+        screen.query_one("#fit-gpu", Select).value = "sim-a10-02/0"
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        verdict = static_text(screen.query_one("#fit-verdict", Static))
+        assert "DOES NOT FIT" in verdict and "less than desired GPU memory utilization" in verdict
+        model = screen.query_one("#fit-model", Input)
+        model.value = "acme/unknown-9b"
+        await pilot.press("tab")  # leave the model field ...
+        model.focus()
+        await pilot.press("enter")  # ... and submit it
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "unknown model" in static_text(screen.query_one("#fit-verdict", Static))
+        assert app.is_running
+
+
+async def test_fit_screen_grid_turns_red_past_the_largest_context():
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await _open_fit(app, pilot)
+        screen.query_one("#fit-gpu", Select).value = "preset: RTX 4090 24GB (23.55 GiB)"
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        grid = screen.query_one("#fit-grid", DataTable)
+        auto = [str(c) for c in grid.get_row("auto")[1:]]
+        assert auto[0].endswith("x") and auto[-1] == "no"  # 4k fits, 128k does not on 24 GB with bf16 KV

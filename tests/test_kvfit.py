@@ -1,0 +1,266 @@
+"""The KV-cache planner: per-token arithmetic, weights, vLLM's reference start-up logs, failures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from engine.kvfit import ArchError, FitRequest, load_model, plan
+from engine.kvfit.arch import arch_from_config
+from engine.kvfit.catalogue import CATALOGUE, catalogue_arch, list_models, resolve
+from engine.kvfit.plan import kv_bytes_per_token_per_layer, kv_groups
+from engine.kvfit.training import estimate_training, lora_param_count
+from engine.kvfit.weights import estimated_weight_bytes, safetensors_bytes
+
+GIB = 1024**3
+# shared/ sits beside the checkout, in development and in CI alike.
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "vllm_kv_points.jsonl"
+
+
+def per_token(name: str, tp: int = 1, dtype: str = "auto") -> float:
+    arch = catalogue_arch(name)
+    return kv_bytes_per_token_per_layer(arch, tp, dtype) * arch.kv_layers
+
+
+def test_dense_multi_head_attention():
+    # Llama 2 7B: 32 layers x 2 (K and V) x 32 heads x 128 x 2 bytes
+    assert per_token("meta-llama/Llama-2-7b-hf") == 32 * 2 * 32 * 128 * 2 == 524_288
+
+
+def test_grouped_query_attention():
+    assert per_token("meta-llama/Llama-3.1-8B-Instruct") == 32 * 2 * 8 * 128 * 2 == 131_072
+    assert per_token("Qwen/Qwen2.5-7B-Instruct") == 57_344  # 4 KV heads, as vLLM logs it
+
+
+def test_mla_stores_one_latent_per_layer_and_is_not_split_by_tp():
+    assert per_token("deepseek-ai/DeepSeek-V2-Lite-Chat") == 27 * (512 + 64) * 2 == 31_104
+    assert per_token("deepseek-ai/DeepSeek-V2-Lite-Chat", tp=2) == 31_104
+
+
+def test_tensor_parallel_splits_kv_heads_and_replicates_when_fewer_heads_than_ranks():
+    full = per_token("meta-llama/Llama-3.1-70B-Instruct")
+    assert per_token("meta-llama/Llama-3.1-70B-Instruct", tp=4) == full / 4
+    assert per_token("meta-llama/Llama-3.1-70B-Instruct", tp=8) == full / 8
+    # 8 KV heads on 16 ranks: each rank still holds one head, so per-GPU bytes stop shrinking.
+    assert per_token("meta-llama/Llama-3.1-70B-Instruct", tp=16) == full / 8
+
+
+@pytest.mark.parametrize("dtype, factor", [("bfloat16", 1), ("float16", 1), ("fp8", 0.5), ("fp8_e4m3", 0.5), ("fp8_e5m2", 0.5), ("nvfp4", 0.5625 / 2)])
+def test_each_kv_dtype(dtype, factor):
+    base = per_token("Qwen/Qwen3-8B", dtype="auto")
+    assert per_token("Qwen/Qwen3-8B", dtype=dtype) == pytest.approx(base * factor)
+
+
+def test_sliding_window_layers_hold_only_the_window():
+    arch = catalogue_arch("google/gemma-3-12b-it")
+    assert (arch.full_layers, arch.sliding_layers, arch.sliding_window) == (8, 40, 1024)
+    groups = kv_groups(arch)
+    assert (groups.group_size, groups.full_groups, groups.sliding_groups) == (8, 1, 5)
+    req = FitRequest(available_kv_bytes=20 * GIB, max_model_len=131072, gpu_memory_bytes=80 * GIB)
+    r = plan(arch, req)
+    # If every layer kept the whole context the pool would hold 6x fewer requests of 128k.
+    all_full = 20 * GIB / (kv_bytes_per_token_per_layer(arch, 1, "auto") * arch.kv_layers * 131072)
+    assert r.max_concurrency > 4 * all_full
+    gemma2 = catalogue_arch("google/gemma-2-9b-it")
+    assert (gemma2.full_layers, gemma2.sliding_layers) == (21, 21)
+    oss = catalogue_arch("openai/gpt-oss-20b")
+    assert (oss.full_layers, oss.sliding_layers, oss.sliding_window) == (12, 12, 128)
+
+
+def test_moe_experts_are_counted_whole_in_the_weights():
+    arch = catalogue_arch("Qwen/Qwen3-30B-A3B")
+    assert arch.is_moe and arch.num_experts == 128
+    params = estimated_weight_bytes(arch) / 2
+    assert 30.0e9 < params < 31.0e9  # 30.5B total, not the 3B active
+    assert per_token("Qwen/Qwen3-30B-A3B") == 48 * 2 * 4 * 128 * 2
+
+
+@pytest.mark.parametrize(
+    "name, billions",
+    [("meta-llama/Llama-3.1-8B-Instruct", 8.03), ("Qwen/Qwen2.5-7B-Instruct", 7.62), ("Qwen/Qwen3-8B", 8.19),
+     ("mistralai/Mistral-7B-Instruct-v0.3", 7.25), ("microsoft/Phi-3.5-mini-instruct", 3.82),
+     ("meta-llama/Llama-3.3-70B-Instruct", 70.6), ("google/gemma-2-9b-it", 9.24), ("microsoft/phi-4", 14.66),
+     ("deepseek-ai/DeepSeek-V2-Lite-Chat", 15.7)],
+)
+def test_parameter_counts_match_the_published_sizes(name, billions):
+    params = estimated_weight_bytes(catalogue_arch(name)) / 2
+    assert params / 1e9 == pytest.approx(billions, rel=0.02)
+
+
+def test_quantized_weights_keep_embeddings_and_head_in_16_bit():
+    awq = catalogue_arch("Qwen/Qwen2.5-7B-Instruct-AWQ")
+    assert awq.quantization.method == "awq"
+    gib = estimated_weight_bytes(awq) / GIB
+    assert 5.0 < gib < 5.5  # vLLM logs 5.29 GiB
+    fp8 = catalogue_arch("neuralmagic/Meta-Llama-3.1-8B-Instruct-FP8")
+    assert 8.0 < estimated_weight_bytes(fp8) / GIB < 8.6
+    oss = catalogue_arch("openai/gpt-oss-20b")
+    assert 12.0 < estimated_weight_bytes(oss) / GIB < 14.0  # MXFP4 experts, ~12.8 GiB on disk
+
+
+@pytest.mark.parametrize(
+    "name, repo, method",
+    [
+        ("META-LLAMA/llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", None),
+        ("Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct", None),
+        ("hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4", "meta-llama/Llama-3.1-8B-Instruct", "awq"),
+        ("Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4", "Qwen/Qwen2.5-7B-Instruct", "gptq"),
+        ("RedHatAI/Llama-3.1-8B-Instruct-quantized.w4a16", "meta-llama/Llama-3.1-8B-Instruct", "gptq"),
+        ("Qwen/Qwen3-8B-FP8", "Qwen/Qwen3-8B", "fp8"),
+        ("casperhansen/mistral-7b-instruct-v0.3-awq", "mistralai/Mistral-7B-Instruct-v0.3", "awq"),
+        ("Qwen/Qwen3-8B-AWQ", "Qwen/Qwen3-8B", "awq"),
+    ],
+)
+def test_repo_ids_and_quantized_variants_resolve(name, repo, method):
+    got_repo, quant = resolve(name)
+    assert got_repo == repo
+    assert (quant.method if quant else None) == method
+
+
+def test_catalogue_covers_the_models_operators_ask_for():
+    names = {n.lower() for n in list_models()}
+    for wanted in ["mistralai/mistral-7b-instruct-v0.3", "meta-llama/llama-3.2-11b-vision-instruct",
+                   "qwen/qwen3-235b-a22b", "google/gemma-3-27b-it", "openai/gpt-oss-120b",
+                   "deepseek-ai/deepseek-coder-6.7b-instruct", "qwen/qwen1.5-7b-chat", "qwen/qwen2.5-0.5b-instruct",
+                   "qwen/qwen2.5-72b-instruct", "qwen/qwen3-0.6b", "qwen/qwen3-32b", "meta-llama/llama-2-70b-hf"]:
+        assert wanted in names
+    for repo in CATALOGUE:  # every entry parses and sizes
+        r = plan(catalogue_arch(repo), FitRequest(gpu_memory_bytes=200 * GIB))
+        assert r.kv_bytes_per_token > 0
+
+
+def _reference_points() -> list[dict]:
+    return [json.loads(line) for line in REFERENCE.read_text().splitlines() if line.strip()]
+
+
+def _ref_name(point: dict) -> str:
+    name = point["model"].split(" (")[0]
+    return {"Qwen2.5-7B-Instruct-AWQ": "Qwen/Qwen2.5-7B-Instruct-AWQ", "Qwen3-14B": "Qwen/Qwen3-14B"}.get(name, name)
+
+
+@pytest.mark.parametrize("point", _reference_points(), ids=lambda p: f"{_ref_name(p)}-{p['kv_cache_dtype']}-{p['total_gpu_memory_gib']}")
+def test_kv_tokens_from_available_memory_within_half_a_percent(point):
+    arch = catalogue_arch(_ref_name(point))
+    r = plan(arch, FitRequest(
+        available_kv_bytes=int(point["available_kv_gib"] * GIB),
+        max_model_len=point["max_model_len"],
+        kv_cache_dtype=point["kv_cache_dtype"] or "auto",
+        gpu_memory_bytes=int((point["total_gpu_memory_gib"] or 80) * GIB),
+    ))
+    assert r.kv_tokens == pytest.approx(point["kv_tokens"], rel=0.005)
+    assert r.max_concurrency == pytest.approx(point["max_concurrency"], rel=0.005)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [p for p in _reference_points() if p["total_gpu_memory_gib"] and p["gpu_memory_utilization"]],
+    ids=lambda p: f"{_ref_name(p)}-{p['kv_cache_dtype']}-{p['total_gpu_memory_gib']}",
+)
+def test_available_kv_memory_from_the_gpu_total_within_5pct_or_075_gib(point):
+    arch = catalogue_arch(_ref_name(point))
+    engine = "v0" if "V0 log" in point["notes"] else "v1"
+    r = plan(arch, FitRequest(
+        gpu_memory_bytes=int(point["total_gpu_memory_gib"] * GIB),
+        gpu_memory_utilization=point["gpu_memory_utilization"],
+        max_model_len=point["max_model_len"],
+        kv_cache_dtype=point["kv_cache_dtype"] or "auto",
+        gpu_name=point["gpu"],
+        engine=engine,
+    ))
+    err = abs(r.available_kv_gib - point["available_kv_gib"])
+    assert err <= max(0.05 * point["available_kv_gib"], 0.75)
+
+
+def test_weight_bytes_come_exactly_from_safetensors_headers(tmp_path):
+    cfg = CATALOGUE["Qwen/Qwen2.5-0.5B-Instruct"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({"a": np.zeros((128, 64), dtype=np.float16), "b": np.zeros((10,), dtype=np.float32)},
+              str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"c": np.zeros((3, 5), dtype=np.int8)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    arch, exact = load_model(str(tmp_path))
+    assert exact == 128 * 64 * 2 + 10 * 4 + 15
+    assert safetensors_bytes(tmp_path / "model-00002-of-00002.safetensors") == 15
+    r = plan(arch, FitRequest(gpu_memory_bytes=24 * GIB, weight_bytes_total=exact))
+    assert r.weights_exact and r.weights_gib == pytest.approx(exact / GIB)
+
+
+def test_quantization_is_read_from_a_local_config(tmp_path):
+    cfg = dict(CATALOGUE["Qwen/Qwen2.5-7B-Instruct"], quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch, exact = load_model(str(tmp_path))
+    assert arch.quantization.method == "awq" and exact is None
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "no config.json"),
+        (lambda p: (p / "config.json").write_text("{not json"), "cannot read it as JSON"),
+        (lambda p: (p / "config.json").write_text(json.dumps({"hidden_size": 10})), "num_hidden_layers"),
+        (lambda p: (p / "config.json").write_text(json.dumps(dict(CATALOGUE["Qwen/Qwen3-8B"], quantization_config={"quant_method": "hqq"}))), "hqq"),
+        (lambda p: ((p / "config.json").write_text(json.dumps(CATALOGUE["Qwen/Qwen3-8B"])), (p / "x.safetensors").write_bytes(b"\xff" * 4)), "too short"),
+        (lambda p: ((p / "config.json").write_text(json.dumps(CATALOGUE["Qwen/Qwen3-8B"])), (p / "x.safetensors").write_bytes((20).to_bytes(8, "little") + b"{{{{ not json at all")), "not valid JSON"),
+    ],
+)
+def test_bad_model_folders_name_what_is_missing(tmp_path, setup, message):
+    setup(tmp_path)
+    with pytest.raises(ArchError, match=message):
+        load_model(str(tmp_path))
+
+
+def test_unknown_model_points_at_the_catalogue():
+    with pytest.raises(ArchError, match="--list-models"):
+        load_model("acme/secret-model-9b")
+
+
+def test_max_model_len_larger_than_the_kv_cache_gives_vllms_suggested_length():
+    arch = catalogue_arch("Qwen/Qwen2.5-32B-Instruct-AWQ")
+    r = plan(arch, FitRequest(gpu_memory_bytes=int(23.99 * GIB), max_model_len=32768))
+    assert not r.fits and "larger than the KV cache" in r.reason
+    assert 0 < r.max_model_len_that_fits < 32768
+    assert str(r.max_model_len_that_fits) in r.reason
+    ok = plan(arch, replace(FitRequest(gpu_memory_bytes=int(23.99 * GIB)), max_model_len=r.max_model_len_that_fits))
+    assert ok.fits
+    too_far = plan(arch, FitRequest(gpu_memory_bytes=int(23.99 * GIB), max_model_len=r.max_model_len_that_fits + 16))
+    assert not too_far.fits
+
+
+def test_no_memory_for_cache_blocks():
+    r = plan(catalogue_arch("Qwen/Qwen2.5-14B-Instruct"), FitRequest(gpu_memory_bytes=int(40 * GIB), gpu_memory_utilization=0.7))
+    assert not r.fits and r.reason.startswith("No available memory for the cache blocks")
+
+
+def test_weights_larger_than_the_gpu_are_a_load_oom():
+    r = plan(catalogue_arch("meta-llama/Llama-3.3-70B-Instruct"), FitRequest(gpu_memory_bytes=80 * GIB))
+    assert not r.fits and "CUDA out of memory while loading weights" in r.reason
+    assert plan(catalogue_arch("meta-llama/Llama-3.3-70B-Instruct"), FitRequest(gpu_memory_bytes=80 * GIB, tensor_parallel_size=4)).fits
+
+
+def test_free_memory_below_the_utilisation_target_names_the_other_process():
+    r = plan(catalogue_arch("Qwen/Qwen3-8B"), FitRequest(
+        gpu_memory_bytes=80 * GIB, gpu_memory_utilization=0.9, free_memory_bytes=50 * GIB, other_process_bytes=30 * GIB))
+    assert not r.fits and "less than desired GPU memory utilization" in r.reason
+    assert "another process holds 30.00 GiB" in r.reason
+
+
+def test_training_memory_for_qlora_rank_64():
+    arch = catalogue_arch("meta-llama/Llama-3.1-8B-Instruct")
+    assert lora_param_count(arch, 64) == 167_772_160
+    q = estimate_training(arch, rank=64, load_in_4bit=True, batch_size=2, max_seq_length=2048)
+    full = estimate_training(arch, rank=64, load_in_4bit=False, batch_size=2, max_seq_length=2048)
+    assert 5.0 * GIB < q.weights_bytes < 6.5 * GIB
+    assert full.weights_bytes == pytest.approx(estimated_weight_bytes(arch), rel=0.01)
+    assert q.optimizer_bytes == 167_772_160 * 16
+    assert 9 * GIB < q.total_bytes < 16 * GIB
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        lora_param_count(arch, 8, ("q_proj", "qkv"))
+
+
+def test_a_multimodal_config_is_sized_from_its_text_config():
+    arch = arch_from_config(CATALOGUE["meta-llama/Llama-3.2-11B-Vision-Instruct"])
+    assert arch.num_layers == 40 and arch.kv_layers == 32
