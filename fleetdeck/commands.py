@@ -9,9 +9,9 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 
 def _registry() -> list[Register]:
-    from fleetdeck import cmd_fit
+    from fleetdeck import cmd_fit, cmd_proxy
 
-    return [cmd_fit.register]
+    return [cmd_fit.register, cmd_proxy.register]
 
 
 REGISTRY: list[Register] = _registry()

@@ -29,7 +29,71 @@ def _v1_gpu_history(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX gpu_samples_res_ts ON gpu_samples (res, ts)")
 
 
+def _v2_router_ledger(db: sqlite_utils.Database) -> None:
+    # One row per proxied request, answered or failed. Text only when the task opts in.
+    db.execute(
+        """
+        CREATE TABLE requests (
+            id TEXT PRIMARY KEY,
+            ts REAL NOT NULL,
+            task TEXT NOT NULL,
+            route TEXT NOT NULL,             -- slm | frontier | none (failed)
+            escalated INTEGER NOT NULL,
+            reason TEXT NOT NULL,            -- confident | low_confidence | slm_timeout | slm_error | no_logprobs | forced_frontier | forced_slm
+            forced INTEGER NOT NULL DEFAULT 0,
+            status INTEGER NOT NULL,
+            error TEXT,
+            confidence REAL,
+            slm_model TEXT,
+            frontier_model TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            slm_prompt_tokens INTEGER,
+            slm_completion_tokens INTEGER,
+            frontier_prompt_tokens INTEGER,
+            frontier_completion_tokens INTEGER,
+            slm_latency_ms REAL,
+            frontier_latency_ms REAL,
+            latency_ms REAL,
+            cost_usd REAL NOT NULL DEFAULT 0,           -- frontier spend of this request
+            all_frontier_cost_usd REAL NOT NULL DEFAULT 0,  -- had it gone to the frontier model
+            stream INTEGER NOT NULL DEFAULT 0,
+            prompt_text TEXT,
+            completion_text TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX requests_ts ON requests (ts)")
+    db.execute("CREATE INDEX requests_task_ts ON requests (task, ts)")
+    # Per-minute rollups per task and route: what every chart and report reads.
+    db.execute(
+        """
+        CREATE TABLE rollups (
+            minute INTEGER NOT NULL,          -- unix time of the minute's start, UTC
+            task TEXT NOT NULL,
+            route TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            escalated INTEGER NOT NULL DEFAULT 0,
+            esc_low_confidence INTEGER NOT NULL DEFAULT 0,
+            esc_slm_error INTEGER NOT NULL DEFAULT 0,
+            esc_forced INTEGER NOT NULL DEFAULT 0,
+            errors INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL NOT NULL DEFAULT 0,
+            all_frontier_cost_usd REAL NOT NULL DEFAULT 0,
+            latency_ms_sum REAL NOT NULL DEFAULT 0,
+            latency_hist TEXT NOT NULL DEFAULT '[]',     -- counts per LATENCY_BUCKETS_MS
+            confidence_hist TEXT NOT NULL DEFAULT '[]',  -- counts per tenth of confidence
+            PRIMARY KEY (minute, task, route)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX rollups_task_minute ON rollups (task, minute)")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
+    2: _v2_router_ledger,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

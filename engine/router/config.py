@@ -1,0 +1,87 @@
+"""The router config (TOML), validated; errors name the file and the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fleet.config import Strict, load_toml_model
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ProxySettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=4000, ge=1, le=65535)
+    api_keys_env: str | None = "FLEETDECK_PROXY_KEYS"
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    retention_days: float = Field(default=30.0, gt=0)
+    frontier_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class Pricing(Strict):
+    slm_gpu_hour_usd: float = Field(default=0.0, ge=0)
+    slm_gpus: int = Field(default=1, ge=0)
+
+
+class Task(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
+    slm_base_url: str
+    slm_model: str = Field(min_length=1)
+    slm_api_key_env: str | None = None
+    confidence: Literal["first_token", "mean_token", "min_token"] = "mean_token"
+    threshold: float = Field(ge=0.0, le=1.0)
+    slm_timeout_s: float = Field(default=2.0, gt=0)
+    frontier_model: str | None = None
+    frontier_api_base: str | None = None
+    frontier_api_key_env: str | None = None
+    # For frontier models litellm's bundled price map does not know (on-prem hosted_vllm/... included).
+    frontier_input_usd_per_mtok: float | None = Field(default=None, ge=0)
+    frontier_output_usd_per_mtok: float | None = Field(default=None, ge=0)
+    store_text: bool = False
+    # Escalation-drift alerting (read by reports and the Router screen).
+    baseline_days: float = Field(default=7.0, gt=0)
+    recent_hours: float = Field(default=1.0, gt=0)
+    drift_threshold_pp: float = Field(default=10.0, gt=0)
+
+    @field_validator("slm_base_url", "frontier_api_base")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return v.rstrip("/") if v else v
+
+
+class RouterConfig(Strict):
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    pricing: Pricing = Field(default_factory=Pricing)
+    task: list[Task] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> "RouterConfig":
+        names = [t.name for t in self.task]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def task_by_name(self, name: str) -> Task | None:
+        return next((t for t in self.task if t.name == name), None)
+
+
+def load_router_config(path: str | Path) -> RouterConfig:
+    return load_toml_model(path, RouterConfig)
+
+
+def api_keys(settings: ProxySettings) -> set[str]:
+    if not settings.api_keys_env:
+        return set()
+    raw = os.environ.get(settings.api_keys_env, "")
+    return {k.strip() for k in raw.split(",") if k.strip()}
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")

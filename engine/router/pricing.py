@@ -1,0 +1,52 @@
+"""What a request cost at the frontier model, and what the all-frontier counterfactual would cost.
+
+Prices come from litellm's bundled price map (never fetched: LITELLM_LOCAL_MODEL_COST_MAP is set
+before litellm is imported), or from the task's per-million-token overrides, which win.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from engine.router.config import Task
+
+
+def import_litellm() -> Any:
+    """The one place litellm is imported: air-gapped, quiet, no telemetry."""
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    os.environ.setdefault("LITELLM_LOG", "ERROR")
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    litellm.drop_params = True
+    return litellm
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input_per_token: float
+    output_per_token: float
+    source: str  # "config" | "litellm" | "unknown"
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return prompt_tokens * self.input_per_token + completion_tokens * self.output_per_token
+
+
+def frontier_price(task: Task, litellm: Any | None) -> Price:
+    if task.frontier_input_usd_per_mtok is not None or task.frontier_output_usd_per_mtok is not None:
+        return Price((task.frontier_input_usd_per_mtok or 0) / 1e6, (task.frontier_output_usd_per_mtok or 0) / 1e6, "config")
+    if task.frontier_model and litellm is not None:
+        try:
+            p, c = litellm.cost_per_token(model=task.frontier_model, prompt_tokens=1_000_000, completion_tokens=1_000_000)
+            return Price(p / 1e6, c / 1e6, "litellm")
+        except Exception:
+            pass
+    return Price(0.0, 0.0, "unknown")
+
+
+def slm_fixed_cost(gpu_hour_usd: float, gpus: int, hours: float) -> float:
+    """The local fleet is a fixed cost: GPU-hours x price, shared by the SLM-answered requests."""
+    return gpu_hour_usd * gpus * max(0.0, hours)

@@ -1,0 +1,496 @@
+"""The OpenAI-compatible routing proxy (an ASGI app).
+
+For each chat completion: pick the task (`model`, or the X-Fleetdeck-Task header), ask the task's
+small model with log-probabilities, and answer with it when its confidence is at or above the task's
+threshold; otherwise (or when the small model errors or times out) escalate to the task's frontier
+model through litellm. Every request, answered or failed, becomes one ledger row, queued off the
+request path. Errors use OpenAI's error shape; a bad request never takes the proxy down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.router.confidence import confidence, token_logprobs
+from engine.router.config import RouterConfig, Task, api_keys
+from engine.router.pricing import Price, frontier_price
+from store.ledger import LedgerRow, LedgerWriter
+
+# Parameters passed through to the models; anything else in the body is dropped.
+PASS_THROUGH = {
+    "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "presence_penalty",
+    "frequency_penalty", "seed", "tools", "tool_choice", "response_format", "user", "logit_bias",
+}
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": None, "code": code or type_}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fleetdeck_requests", "Requests by task and route", ["task", "route"], registry=self.registry)
+        self.escalations = Counter("fleetdeck_escalations", "Escalations by task and reason", ["task", "reason"], registry=self.registry)
+        self.cost = Counter("fleetdeck_cost_usd", "Frontier spend in USD", ["task", "route"], registry=self.registry)
+        self.errors = Counter("fleetdeck_errors", "Requests answered with an error status", ["task", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "fleetdeck_request_latency_seconds", "End-to-end latency", ["task", "route"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+
+    def observe(self, row: LedgerRow) -> None:
+        self.requests.labels(row.task, row.route).inc()
+        if row.escalated:
+            self.escalations.labels(row.task, row.reason).inc()
+        if row.cost_usd:
+            self.cost.labels(row.task, row.route).inc(row.cost_usd)
+        if row.status >= 400:
+            self.errors.labels(row.task, str(row.status)).inc()
+        if row.latency_ms is not None:
+            self.latency.labels(row.task, row.route).observe(row.latency_ms / 1000.0)
+
+
+@dataclass
+class SlmOutcome:
+    answer: dict[str, Any] | None = None
+    confidence: float | None = None
+    error_reason: str | None = None  # slm_timeout | slm_error | no_logprobs
+    error: str | None = None
+    latency_ms: float | None = None
+
+
+@dataclass
+class Call:
+    """What one request learned on its way through, for the ledger row."""
+
+    rid: str
+    task: Task
+    t0: float
+    stream: bool
+    force: str | None
+    body: dict[str, Any]
+    slm: SlmOutcome = field(default_factory=SlmOutcome)
+
+
+class Router:
+    def __init__(self, config: RouterConfig, ledger: LedgerWriter | None = None, load_litellm: bool = True) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.metrics = ProxyMetrics()
+        self.keys = api_keys(config.proxy)
+        self.client: httpx.AsyncClient | None = None
+        self.litellm: Any = None
+        self.prices: dict[str, Price] = {}
+        self._load_litellm = load_litellm
+        self.started_at = time.time()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+            timeout=httpx.Timeout(30.0),
+            trust_env=False,  # never route SLM traffic through an environment proxy
+        )
+        if self._load_litellm and any(t.frontier_model for t in self.config.task):
+            from engine.router.pricing import import_litellm
+
+            # Importing litellm takes seconds; do it once, off the event loop.
+            self.litellm = await asyncio.to_thread(import_litellm)
+        for task in self.config.task:
+            self.prices[task.name] = frontier_price(task, self.litellm)
+
+    async def shutdown(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+        if self.ledger is not None:
+            await asyncio.to_thread(self.ledger.close)
+
+    # -- endpoints ------------------------------------------------------------------------------
+    def _auth_error(self, request: Request) -> Response | None:
+        if not self.keys:
+            return None
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if token not in self.keys:
+            return openai_error(401, "Missing or invalid API key: send Authorization: Bearer <key>.",
+                                "invalid_request_error", "invalid_api_key")
+        return None
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "tasks": len(self.config.task),
+                             "ledger_error": self.ledger.last_error if self.ledger else None})
+
+    async def models(self, request: Request) -> Response:
+        if (err := self._auth_error(request)) is not None:
+            return err
+        data = [{"id": t.name, "object": "model", "created": int(self.started_at), "owned_by": "fleetdeck"}
+                for t in self.config.task]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _read_body(self, request: Request) -> bytes | Response:
+        limit = self.config.proxy.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return openai_error(413, f"Request body of {declared} bytes is over the {limit}-byte limit.",
+                                "invalid_request_error", "request_too_large")
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return openai_error(413, f"Request body is over the {limit}-byte limit.",
+                                    "invalid_request_error", "request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def chat(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        if (err := self._auth_error(request)) is not None:
+            return err
+        raw = await self._read_body(request)
+        if isinstance(raw, Response):
+            return raw
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return openai_error(400, f"Request body is not valid JSON: {exc}", "invalid_request_error", "invalid_json")
+        if not isinstance(body, dict):
+            return openai_error(400, "Request body must be a JSON object.", "invalid_request_error")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            return openai_error(400, "`messages` is required: a non-empty list of message objects.",
+                                "invalid_request_error", "missing_messages")
+        name = request.headers.get("x-fleetdeck-task") or body.get("model")
+        task = self.config.task_by_name(str(name)) if name else None
+        if task is None:
+            known = ", ".join(t.name for t in self.config.task)
+            return openai_error(404, f"Unknown task {name!r}. Known tasks: {known}. Name one as `model` "
+                                     "or in the X-Fleetdeck-Task header.", "invalid_request_error", "model_not_found")
+        force = request.headers.get("x-fleetdeck-escalate")
+        if force is not None:
+            force = force.strip().lower()
+            if force not in ("always", "never"):
+                return openai_error(400, "X-Fleetdeck-Escalate must be `always` or `never`.", "invalid_request_error")
+        call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, force, body)
+        try:
+            return await self._route(call)
+        except Exception as exc:  # the proxy never dies on a request
+            row = self._row(call, route="none", escalated=False, reason="internal_error", status=500,
+                            error=f"{type(exc).__name__}: {exc}")
+            self._record(row)
+            return openai_error(500, f"fleetdeck proxy error: {type(exc).__name__}: {exc}", "server_error")
+
+    # -- routing --------------------------------------------------------------------------------
+    async def _route(self, call: Call) -> Response:
+        task = call.task
+        if call.force != "always":
+            call.slm = await self._ask_slm(call)
+        slm = call.slm
+        if call.force == "never":
+            if slm.answer is None:
+                return self._fail(call, 502, f"the small model failed ({slm.error}) and X-Fleetdeck-Escalate: never forbids escalation",
+                                  reason=slm.error_reason or "slm_error", forced=True)
+            return self._answer_slm(call, escalated=False, reason="forced_slm", forced=True)
+        if call.force is None and slm.answer is not None and slm.confidence is not None and slm.confidence >= task.threshold:
+            return self._answer_slm(call, escalated=False, reason="confident")
+
+        reason = "forced_frontier" if call.force == "always" else (
+            slm.error_reason or ("low_confidence" if slm.answer is not None else "slm_error"))
+        if not task.frontier_model:
+            if slm.answer is not None:  # nothing to escalate to: the small model's answer stands
+                return self._answer_slm(call, escalated=False, reason=reason, error="no frontier model configured")
+            return self._fail(call, 503, f"the small model is unavailable ({slm.error}) and task {task.name!r} has no "
+                                         "frontier_model to escalate to", reason=reason)
+        if call.stream:
+            return await self._stream_frontier(call, reason)
+        return await self._answer_frontier(call, reason)
+
+    async def _ask_slm(self, call: Call) -> SlmOutcome:
+        task = call.task
+        payload = {k: v for k, v in call.body.items() if k in PASS_THROUGH}
+        payload["model"] = task.slm_model
+        payload["messages"] = call.body["messages"]
+        payload["logprobs"] = True
+        payload["top_logprobs"] = max(1, int(call.body.get("top_logprobs") or 0))
+        headers = {}
+        if task.slm_api_key_env:
+            import os
+
+            headers["Authorization"] = f"Bearer {os.environ.get(task.slm_api_key_env, '')}"
+        t = time.perf_counter()
+        assert self.client is not None
+        try:
+            resp = await self.client.post(f"{task.slm_base_url}/chat/completions", json=payload,
+                                          headers=headers, timeout=task.slm_timeout_s)
+        except httpx.TimeoutException:
+            return SlmOutcome(error_reason="slm_timeout", error=f"no answer within {task.slm_timeout_s} s",
+                              latency_ms=(time.perf_counter() - t) * 1000)
+        except httpx.HTTPError as exc:
+            return SlmOutcome(error_reason="slm_error", error=f"{type(exc).__name__}: {exc}",
+                              latency_ms=(time.perf_counter() - t) * 1000)
+        latency = (time.perf_counter() - t) * 1000
+        if resp.status_code != 200:
+            return SlmOutcome(error_reason="slm_error", error=f"HTTP {resp.status_code}: {resp.text[:300]}", latency_ms=latency)
+        try:
+            answer = resp.json()
+            choice = answer["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return SlmOutcome(error_reason="slm_error", error="the small model's answer is not a chat completion", latency_ms=latency)
+        lps = token_logprobs(choice)
+        if lps is None:
+            return SlmOutcome(answer=answer, error_reason="no_logprobs", error="no token log-probabilities in the answer",
+                              latency_ms=latency)
+        return SlmOutcome(answer=answer, confidence=confidence(task.confidence, lps), latency_ms=latency)
+
+    def _answer_slm(self, call: Call, escalated: bool, reason: str, forced: bool = False, error: str | None = None) -> Response:
+        answer = call.slm.answer
+        assert answer is not None
+        if not call.body.get("logprobs"):
+            for choice in answer.get("choices", []):
+                if isinstance(choice, dict):
+                    choice.pop("logprobs", None)
+        usage = answer.get("usage") or {}
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        price = self.prices.get(call.task.name, Price(0, 0, "unknown"))
+        row = self._row(call, route="slm", escalated=escalated, reason=reason, status=200, forced=forced, error=error,
+                        prompt_tokens=pt, completion_tokens=ct,
+                        all_frontier_cost_usd=price.cost(pt or 0, ct or 0),
+                        completion_text=_answer_text(answer))
+        headers = self._headers(call, "slm", escalated)
+        if call.stream:
+            return StreamingResponse(self._sse_from_answer(answer, call, row), media_type="text/event-stream", headers=headers)
+        self._record(row)
+        return JSONResponse(answer, headers=headers)
+
+    async def _sse_from_answer(self, answer: dict[str, Any], call: Call, row: LedgerRow) -> AsyncIterator[bytes]:
+        """A whole answer, sent as OpenAI's stream of chunks."""
+        base = {"id": answer.get("id", f"chatcmpl-{call.rid}"), "object": "chat.completion.chunk",
+                "created": answer.get("created", int(time.time())), "model": answer.get("model", call.task.name)}
+        try:
+            for i, choice in enumerate(answer.get("choices", [])):
+                msg = choice.get("message") or {}
+                delta: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or ""}
+                if msg.get("tool_calls"):
+                    delta["tool_calls"] = msg["tool_calls"]
+                first = {**base, "choices": [{"index": choice.get("index", i), "delta": delta, "finish_reason": None}]}
+                if call.body.get("logprobs") and choice.get("logprobs"):
+                    first["choices"][0]["logprobs"] = choice["logprobs"]
+                yield _sse(first)
+                yield _sse({**base, "choices": [{"index": choice.get("index", i), "delta": {},
+                                                 "finish_reason": choice.get("finish_reason", "stop")}]})
+            if (call.body.get("stream_options") or {}).get("include_usage") and answer.get("usage"):
+                yield _sse({**base, "choices": [], "usage": answer["usage"]})
+            yield b"data: [DONE]\n\n"
+        finally:
+            row.latency_ms = (time.perf_counter() - call.t0) * 1000
+            self._record(row)
+
+    def _frontier_kwargs(self, call: Call) -> dict[str, Any]:
+        task = call.task
+        kwargs: dict[str, Any] = {k: v for k, v in call.body.items() if k in PASS_THROUGH}
+        kwargs.update(model=task.frontier_model, messages=call.body["messages"], timeout=self.config.proxy.frontier_timeout_s)
+        if call.body.get("logprobs"):
+            kwargs["logprobs"] = True
+            if call.body.get("top_logprobs"):
+                kwargs["top_logprobs"] = call.body["top_logprobs"]
+        if task.frontier_api_base:
+            kwargs["api_base"] = task.frontier_api_base
+        if task.frontier_api_key_env:
+            import os
+
+            kwargs["api_key"] = os.environ.get(task.frontier_api_key_env, "")
+        return kwargs
+
+    def _frontier_failed(self, call: Call, reason: str, error: str) -> Response:
+        if call.slm.answer is not None:
+            # The frontier failed after a low-confidence answer: the small model's answer is returned.
+            return self._answer_slm(call, escalated=True, reason=reason, error=f"frontier failed: {error}")
+        return self._fail(call, 502, f"both the small model ({call.slm.error or 'not asked'}) and the frontier model "
+                                     f"({error}) failed", reason=reason, escalated=True)
+
+    async def _answer_frontier(self, call: Call, reason: str) -> Response:
+        if self.litellm is None:
+            return self._frontier_failed(call, reason, "litellm is not loaded")
+        t = time.perf_counter()
+        try:
+            resp = await self.litellm.acompletion(**self._frontier_kwargs(call))
+        except Exception as exc:
+            return self._frontier_failed(call, reason, _short_error(exc))
+        latency = (time.perf_counter() - t) * 1000
+        answer = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
+        usage = answer.get("usage") or {}
+        pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        cost = self.prices[call.task.name].cost(pt, ct)
+        row = self._row(call, route="frontier", escalated=True, reason=reason, status=200,
+                        forced=call.force == "always", prompt_tokens=pt, completion_tokens=ct,
+                        frontier_prompt_tokens=pt, frontier_completion_tokens=ct, frontier_latency_ms=latency,
+                        cost_usd=cost, all_frontier_cost_usd=cost, completion_text=_answer_text(answer))
+        self._record(row)
+        return JSONResponse(answer, headers=self._headers(call, "frontier", True))
+
+    async def _stream_frontier(self, call: Call, reason: str) -> Response:
+        if self.litellm is None:
+            return self._frontier_failed(call, reason, "litellm is not loaded")
+        t = time.perf_counter()
+        kwargs = self._frontier_kwargs(call)
+        kwargs.update(stream=True, stream_options={"include_usage": True})
+        try:
+            stream = await self.litellm.acompletion(**kwargs)
+            iterator = stream.__aiter__()
+            first = await iterator.__anext__()  # fail over before the first byte is sent, not after
+        except StopAsyncIteration:
+            first = None
+            iterator = None
+        except Exception as exc:
+            return self._frontier_failed(call, reason, _short_error(exc))
+        row = self._row(call, route="frontier", escalated=True, reason=reason, status=200, forced=call.force == "always")
+        client_wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+        price = self.prices[call.task.name]
+
+        async def gen() -> AsyncIterator[bytes]:
+            parts: list[str] = []
+            usage: dict[str, Any] = {}
+            try:
+                chunk = first
+                while chunk is not None:
+                    data = chunk.model_dump(exclude_none=True) if hasattr(chunk, "model_dump") else dict(chunk)
+                    if data.get("usage"):
+                        usage = data["usage"]
+                        if not client_wants_usage:
+                            data.pop("usage")
+                            if not data.get("choices"):
+                                data = None  # type: ignore[assignment]
+                    if data is not None:
+                        for ch in data.get("choices") or []:
+                            piece = (ch.get("delta") or {}).get("content")
+                            if piece:
+                                parts.append(piece)
+                        yield _sse(data)
+                    try:
+                        chunk = await iterator.__anext__() if iterator is not None else None
+                    except StopAsyncIteration:
+                        chunk = None
+                yield b"data: [DONE]\n\n"
+            except Exception as exc:
+                row.error = f"frontier stream broke: {_short_error(exc)}"
+                row.status = 502
+            finally:
+                pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+                row.prompt_tokens, row.completion_tokens = pt, ct
+                row.frontier_prompt_tokens, row.frontier_completion_tokens = pt, ct
+                row.frontier_latency_ms = (time.perf_counter() - t) * 1000
+                row.cost_usd = row.all_frontier_cost_usd = price.cost(pt, ct)
+                if call.task.store_text:
+                    row.completion_text = "".join(parts)
+                row.latency_ms = (time.perf_counter() - call.t0) * 1000
+                self._record(row)
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers=self._headers(call, "frontier", True))
+
+    # -- ledger ---------------------------------------------------------------------------------
+    def _fail(self, call: Call, status: int, message: str, reason: str, forced: bool = False, escalated: bool = False) -> Response:
+        row = self._row(call, route="none", escalated=escalated, reason=reason, status=status, forced=forced, error=message)
+        self._record(row)
+        code = "upstream_unavailable" if status == 503 else "upstream_error"
+        return openai_error(status, message, "server_error", code, headers=self._headers(call, "none", escalated))
+
+    def _row(self, call: Call, route: str, escalated: bool, reason: str, status: int, **kw: Any) -> LedgerRow:
+        task = call.task
+        slm = call.slm
+        usage = (slm.answer or {}).get("usage") or {}
+        store_text = task.store_text
+        completion_text = kw.pop("completion_text", None)
+        return LedgerRow(
+            id=call.rid, ts=time.time(), task=task.name, route=route, escalated=escalated, reason=reason,
+            status=status, confidence=slm.confidence, slm_model=task.slm_model,
+            frontier_model=task.frontier_model if route == "frontier" or escalated else None,
+            slm_prompt_tokens=usage.get("prompt_tokens"), slm_completion_tokens=usage.get("completion_tokens"),
+            slm_latency_ms=slm.latency_ms, latency_ms=(time.perf_counter() - call.t0) * 1000, stream=call.stream,
+            prompt_text=json.dumps(call.body["messages"]) if store_text else None,
+            completion_text=completion_text if store_text else None,
+            **kw,
+        )
+
+    def _record(self, row: LedgerRow) -> None:
+        self.metrics.observe(row)
+        if self.ledger is not None:
+            self.ledger.put(row)
+
+    def _headers(self, call: Call, route: str, escalated: bool) -> dict[str, str]:
+        conf = call.slm.confidence
+        return {
+            "x-fleetdeck-route": route,
+            "x-fleetdeck-confidence": "" if conf is None else f"{conf:.4f}",
+            "x-fleetdeck-escalated": "true" if escalated else "false",
+            "x-fleetdeck-request-id": call.rid,
+        }
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _answer_text(answer: dict[str, Any]) -> str | None:
+    try:
+        return answer["choices"][0]["message"].get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def create_app(router: Router) -> Starlette:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await router.startup()
+        try:
+            yield
+        finally:
+            await router.shutdown()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return openai_error(404, f"No route {request.url.path}; fleetdeck serves /v1/chat/completions, /v1/models, "
+                                 "/health and /metrics.", "invalid_request_error", "not_found")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return openai_error(405, f"{request.method} is not allowed on {request.url.path}.", "invalid_request_error")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", router.chat, methods=["POST"]),
+            Route("/chat/completions", router.chat, methods=["POST"]),
+            Route("/v1/models", router.models, methods=["GET"]),
+            Route("/health", router.health, methods=["GET"]),
+            Route("/metrics", router.metrics_endpoint, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+        exception_handlers={404: not_found, 405: method_not_allowed},
+    )
+    app.state.router = router
+    return app

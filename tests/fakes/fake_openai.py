@@ -1,0 +1,135 @@
+"""Fake OpenAI-compatible servers on loopback: a vLLM-shaped small model and a frontier model.
+
+The last user message steers the fake, so a test says what it wants in the prompt:
+  SLM:      "lp=-0.01,-0.9"  token log-probabilities of the answer (default two tokens at -0.05)
+            "sleep=1.5"      answer after that many seconds
+            "fail=500"       answer with that HTTP status
+            "nolp"           answer without log-probabilities
+  frontier: "ffail"          answer 500
+Both count the requests they got in `app.state.calls`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+SLM_PROMPT_TOKENS = 50
+FRONTIER_PROMPT_TOKENS = 52
+FRONTIER_COMPLETION_TOKENS = 20
+
+
+def _last_user(body: dict[str, Any]) -> str:
+    for m in reversed(body.get("messages", [])):
+        if m.get("role") == "user":
+            c = m.get("content")
+            return c if isinstance(c, str) else json.dumps(c)
+    return ""
+
+
+def slm_app() -> Starlette:
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        request.app.state.calls.append(body)
+        text = _last_user(body)
+        if m := re.search(r"sleep=([\d.]+)", text):
+            await asyncio.sleep(float(m.group(1)))
+        if m := re.search(r"fail=(\d+)", text):
+            return JSONResponse({"object": "error", "message": "fake failure", "type": "BadRequestError", "code": int(m.group(1))},
+                                status_code=int(m.group(1)))
+        lps = [-0.05, -0.05]
+        if m := re.search(r"lp=([-\d.,]+)", text):
+            lps = [float(x) for x in m.group(1).split(",") if x]
+        tokens = [f"tok{i}" for i in range(len(lps))]
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "slm answer", "tool_calls": []},
+            "finish_reason": "stop",
+        }
+        if "nolp" not in text and body.get("logprobs"):
+            choice["logprobs"] = {"content": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()),
+                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}]}
+                for t, lp in zip(tokens, lps)
+            ]}
+        return JSONResponse({
+            "id": "chatcmpl-slm", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
+            "choices": [choice],
+            "usage": {"prompt_tokens": SLM_PROMPT_TOKENS, "completion_tokens": len(lps), "total_tokens": SLM_PROMPT_TOKENS + len(lps)},
+        })
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    app.state.calls = []
+    return app
+
+
+def frontier_app() -> Starlette:
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        request.app.state.calls.append(body)
+        if "ffail" in _last_user(body):
+            return JSONResponse({"error": {"message": "frontier exploded", "type": "server_error"}}, status_code=500)
+        usage = {"prompt_tokens": FRONTIER_PROMPT_TOKENS, "completion_tokens": FRONTIER_COMPLETION_TOKENS,
+                 "total_tokens": FRONTIER_PROMPT_TOKENS + FRONTIER_COMPLETION_TOKENS}
+        base = {"id": "chatcmpl-frontier", "created": int(time.time()), "model": body.get("model")}
+        if body.get("stream"):
+            async def gen() -> Any:
+                chunk = {**base, "object": "chat.completion.chunk"}
+                yield f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
+                for piece in ("frontier ", "streamed ", "answer"):
+                    await asyncio.sleep(0.01)
+                    yield f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': {'content': piece}, 'finish_reason': None}]})}\n\n"
+                yield f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(gen(), media_type="text/event-stream")
+        return JSONResponse({
+            **base, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "frontier answer"}, "finish_reason": "stop"}],
+            "usage": usage,
+        })
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    app.state.calls = []
+    return app
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 in a thread; port 0 picks a free port."""
+
+    def __init__(self, app: Any, port: int = 0) -> None:
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                                    lifespan="on", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = 0
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("fake server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)

@@ -1,0 +1,421 @@
+"""The routing proxy over real HTTP on loopback, against a fake SLM and a fake frontier."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine.router.confidence import confidence, token_logprobs
+from engine.router.config import RouterConfig, load_router_config
+from engine.router.proxy import Router, create_app
+from engine.router.server import ProxyStartError, check_can_start
+from fleet.config import ConfigError
+from store.db import open_store
+from store.ledger import LedgerWriter
+from tests.fakes.fake_openai import (
+    FRONTIER_COMPLETION_TOKENS,
+    FRONTIER_PROMPT_TOKENS,
+    SLM_PROMPT_TOKENS,
+    ServerThread,
+    frontier_app,
+    slm_app,
+)
+
+GPT4O_IN, GPT4O_OUT = 2.5e-6, 10e-6  # litellm's bundled price map for openai/gpt-4o, $/token
+
+
+@pytest.fixture(scope="module")
+def slm():
+    server = ServerThread(slm_app()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    server = ServerThread(frontier_app()).start()
+    yield server
+    server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(slm_url: str, frontier_url: str | None, **task: Any) -> RouterConfig:
+    base = {
+        "name": "tickets", "slm_base_url": f"{slm_url}/v1", "slm_model": "tickets-v3",
+        "confidence": "mean_token", "threshold": 0.85, "slm_timeout_s": 2.0,
+    }
+    if frontier_url:
+        base.update(frontier_model="openai/gpt-4o", frontier_api_base=f"{frontier_url}/v1",
+                    frontier_api_key_env="FAKE_FRONTIER_KEY")
+    base.update(task)
+    return RouterConfig.model_validate({"proxy": {"api_keys_env": None}, "pricing": {"slm_gpu_hour_usd": 1.2, "slm_gpus": 2},
+                                        "task": [base]})
+
+
+class Proxy:
+    def __init__(self, config: RouterConfig, store_path: Path) -> None:
+        self.store_path = store_path
+        self.store = open_store(store_path)
+        self.ledger = LedgerWriter(self.store, flush_every_s=0.05)
+        self.router = Router(config, self.ledger)
+        self.server = ServerThread(create_app(self.router)).start()
+        self.client = httpx.Client(base_url=self.server.url, timeout=30, trust_env=False)
+
+    def post(self, content: str = "hello", headers: dict | None = None, **body: Any) -> httpx.Response:
+        payload = {"model": "tickets", "messages": [{"role": "user", "content": content}], **body}
+        return self.client.post("/v1/chat/completions", json=payload, headers=headers or {})
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Stop the proxy (its shutdown flushes the ledger), then read every row."""
+        self.stop()
+        store = open_store(self.store_path)
+        rows = store.query("SELECT * FROM requests ORDER BY ts")
+        store.close()
+        return rows
+
+    def stop(self) -> None:
+        if self.server.thread.is_alive():
+            self.client.close()
+            self.server.stop()
+
+
+@pytest.fixture
+def make_proxy(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_FRONTIER_KEY", "sk-fake")
+    made: list[Proxy] = []
+
+    def factory(config: RouterConfig) -> Proxy:
+        p = Proxy(config, tmp_path / f"fd{len(made)}.db")
+        made.append(p)
+        return p
+
+    yield factory
+    for p in made:
+        p.stop()
+
+
+def test_a_confident_answer_stays_on_the_slm_and_logprobs_are_removed(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    r = proxy.post("lp=-0.01,-0.02")
+    assert r.status_code == 200
+    assert r.headers["x-fleetdeck-route"] == "slm" and r.headers["x-fleetdeck-escalated"] == "false"
+    assert float(r.headers["x-fleetdeck-confidence"]) == pytest.approx(math.exp(-0.015), abs=1e-4)
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "slm answer"
+    assert "logprobs" not in body["choices"][0]  # the client did not ask for them
+    assert slm.app.state.calls[-1]["logprobs"] is True and slm.app.state.calls[-1]["model"] == "tickets-v3"
+    (row,) = proxy.rows()
+    assert row["route"] == "slm" and row["reason"] == "confident" and row["escalated"] == 0
+    assert row["id"] == r.headers["x-fleetdeck-request-id"]
+    assert row["cost_usd"] == 0
+    # The counterfactual prices the small model's tokens at the frontier model.
+    assert row["all_frontier_cost_usd"] == pytest.approx(SLM_PROMPT_TOKENS * GPT4O_IN + 2 * GPT4O_OUT)
+    assert row["prompt_text"] is None and row["completion_text"] is None  # no text by default
+
+
+def test_a_client_that_asks_for_logprobs_keeps_them(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    r = proxy.post("lp=-0.01", logprobs=True, top_logprobs=3)
+    assert r.json()["choices"][0]["logprobs"]["content"][0]["logprob"] == -0.01
+    assert slm.app.state.calls[-1]["top_logprobs"] == 3
+
+
+def test_low_confidence_escalates_and_costs_the_frontier_price(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    r = proxy.post("lp=-1.0,-1.0")
+    assert r.status_code == 200 and r.headers["x-fleetdeck-route"] == "frontier"
+    assert r.headers["x-fleetdeck-escalated"] == "true"
+    assert r.json()["choices"][0]["message"]["content"] == "frontier answer"
+    assert frontier.app.state.calls[-1]["model"] == "gpt-4o"
+    (row,) = proxy.rows()
+    expected = FRONTIER_PROMPT_TOKENS * GPT4O_IN + FRONTIER_COMPLETION_TOKENS * GPT4O_OUT
+    assert row["route"] == "frontier" and row["reason"] == "low_confidence" and row["escalated"] == 1
+    assert row["confidence"] == pytest.approx(math.exp(-1.0))
+    assert row["cost_usd"] == pytest.approx(expected) and row["all_frontier_cost_usd"] == pytest.approx(expected)
+    assert row["frontier_prompt_tokens"] == FRONTIER_PROMPT_TOKENS and row["slm_prompt_tokens"] == SLM_PROMPT_TOKENS
+
+
+@pytest.mark.parametrize("method, route", [("first_token", "slm"), ("mean_token", "frontier"), ("min_token", "frontier")])
+def test_each_confidence_method(slm, frontier, make_proxy, method, route):
+    proxy = make_proxy(make_config(slm.url, frontier.url, confidence=method, threshold=0.5))
+    r = proxy.post("lp=-0.01,-0.1,-3.0")
+    assert r.headers["x-fleetdeck-route"] == route
+
+
+def test_confidence_arithmetic():
+    lps = [-0.1, -0.5, -2.0]
+    assert confidence("first_token", lps) == pytest.approx(math.exp(-0.1))
+    assert confidence("mean_token", lps) == pytest.approx(math.exp(-2.6 / 3))
+    assert confidence("min_token", lps) == pytest.approx(math.exp(-2.0))
+    assert token_logprobs({"logprobs": None}) is None
+    assert token_logprobs({"logprobs": {"content": [{"logprob": "x"}]}}) is None
+
+
+@pytest.mark.parametrize(
+    "content, task, reason",
+    [
+        ("sleep=1.0", {"slm_timeout_s": 0.2}, "slm_timeout"),
+        ("fail=500", {}, "slm_error"),
+        ("nolp", {}, "no_logprobs"),
+    ],
+)
+def test_slm_failures_escalate_with_the_reason(slm, frontier, make_proxy, content, task, reason):
+    proxy = make_proxy(make_config(slm.url, frontier.url, **task))
+    r = proxy.post(content)
+    assert r.status_code == 200 and r.headers["x-fleetdeck-route"] == "frontier"
+    (row,) = proxy.rows()
+    assert row["reason"] == reason and row["escalated"] == 1
+
+
+def test_slm_down_escalates(frontier, make_proxy):
+    proxy = make_proxy(make_config(f"http://127.0.0.1:{free_port()}", frontier.url))
+    r = proxy.post("hi")
+    assert r.status_code == 200 and r.headers["x-fleetdeck-route"] == "frontier"
+    assert proxy.rows()[0]["reason"] == "slm_error"
+
+
+def test_forced_routes(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    before = len(slm.app.state.calls)
+    r = proxy.post("lp=-0.01", headers={"X-Fleetdeck-Escalate": "always"})
+    assert r.headers["x-fleetdeck-route"] == "frontier"
+    assert len(slm.app.state.calls) == before  # the small model was not asked
+    r = proxy.post("lp=-5.0", headers={"X-Fleetdeck-Escalate": "never"})
+    assert r.headers["x-fleetdeck-route"] == "slm" and r.headers["x-fleetdeck-escalated"] == "false"
+    r = proxy.post("hi", headers={"X-Fleetdeck-Escalate": "sometimes"})
+    assert r.status_code == 400
+    rows = proxy.rows()
+    assert [(x["route"], x["reason"], x["forced"]) for x in rows] == [("frontier", "forced_frontier", 1), ("slm", "forced_slm", 1)]
+
+
+def test_the_task_header_overrides_the_model_field(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    r = proxy.client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
+                          headers={"X-Fleetdeck-Task": "tickets"})
+    assert r.status_code == 200
+
+
+def _sse_content(text: str) -> tuple[str, list[dict]]:
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    content = "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
+    return content, chunks
+
+
+def test_streaming_a_confident_answer(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    r = proxy.post("lp=-0.01", stream=True, stream_options={"include_usage": True})
+    assert r.headers["content-type"].startswith("text/event-stream") and r.headers["x-fleetdeck-route"] == "slm"
+    content, chunks = _sse_content(r.text)
+    assert content == "slm answer" and chunks[-1]["usage"]["prompt_tokens"] == SLM_PROMPT_TOKENS
+    assert slm.app.state.calls[-1].get("stream") is None  # the SLM answer is taken whole
+    (row,) = proxy.rows()
+    assert row["stream"] == 1 and row["route"] == "slm"
+
+
+def test_streaming_an_escalated_answer_passes_the_frontier_stream_through(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    r = proxy.post("lp=-2.0", stream=True)
+    assert r.headers["x-fleetdeck-route"] == "frontier"
+    content, chunks = _sse_content(r.text)
+    assert content == "frontier streamed answer"
+    assert all("usage" not in c for c in chunks)  # the client did not ask for usage
+    (row,) = proxy.rows()
+    assert row["completion_tokens"] == FRONTIER_COMPLETION_TOKENS
+    assert row["cost_usd"] == pytest.approx(FRONTIER_PROMPT_TOKENS * GPT4O_IN + FRONTIER_COMPLETION_TOKENS * GPT4O_OUT)
+
+
+def test_errors_use_openais_shape_and_the_proxy_keeps_serving(slm, frontier, make_proxy, monkeypatch):
+    cfg = make_config(slm.url, frontier.url)
+    cfg = cfg.model_copy(update={"proxy": cfg.proxy.model_copy(update={"max_body_bytes": 2048})})
+    proxy = make_proxy(cfg)
+    c = proxy.client
+    r = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = c.post("/v1/chat/completions", json={"model": "tickets"})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = c.post("/v1/chat/completions", json={"model": "tickets", "messages": [{"role": "user", "content": "x" * 5000}]})
+    assert r.status_code == 413
+    r = c.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and "tickets" in r.json()["error"]["message"]
+    r = c.get("/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    assert proxy.post("lp=-0.01").status_code == 200  # still serving
+
+
+def test_api_keys_are_required_when_configured(slm, frontier, make_proxy, monkeypatch):
+    monkeypatch.setenv("FD_TEST_KEYS", "k1, k2")
+    cfg = make_config(slm.url, frontier.url)
+    cfg = cfg.model_copy(update={"proxy": cfg.proxy.model_copy(update={"api_keys_env": "FD_TEST_KEYS"})})
+    proxy = make_proxy(cfg)
+    assert proxy.post("lp=-0.01").status_code == 401
+    assert proxy.post("lp=-0.01", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert proxy.post("lp=-0.01", headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert proxy.client.get("/v1/models").status_code == 401
+
+
+def test_slm_down_and_no_frontier_is_503(make_proxy):
+    proxy = make_proxy(make_config(f"http://127.0.0.1:{free_port()}", None))
+    r = proxy.post("hi")
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    (row,) = proxy.rows()
+    assert row["route"] == "none" and row["status"] == 503
+
+
+def test_low_confidence_without_a_frontier_returns_the_slm_answer(slm, make_proxy):
+    proxy = make_proxy(make_config(slm.url, None))
+    r = proxy.post("lp=-3.0")
+    assert r.status_code == 200 and r.headers["x-fleetdeck-route"] == "slm"
+    assert proxy.rows()[0]["error"] == "no frontier model configured"
+
+
+def test_slm_and_frontier_both_failing_is_502(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    r = proxy.post("fail=500 ffail")
+    assert r.status_code == 502 and "both" in r.json()["error"]["message"]
+    assert proxy.rows()[0]["status"] == 502
+
+
+def test_frontier_failing_after_a_low_confidence_answer_returns_the_slm_answer(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    r = proxy.post("lp=-2.0 ffail")
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "slm answer"
+    assert r.headers["x-fleetdeck-route"] == "slm" and r.headers["x-fleetdeck-escalated"] == "true"
+    (row,) = proxy.rows()
+    assert row["route"] == "slm" and row["reason"] == "low_confidence" and row["error"].startswith("frontier failed")
+    assert row["cost_usd"] == 0
+
+
+def test_a_task_that_opts_in_stores_text(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url, store_text=True))
+    proxy.post("lp=-0.01 the secret")
+    (row,) = proxy.rows()
+    assert "the secret" in row["prompt_text"] and row["completion_text"] == "slm answer"
+
+
+def test_models_health_and_metrics(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    assert [m["id"] for m in proxy.client.get("/v1/models").json()["data"]] == ["tickets"]
+    assert proxy.client.get("/health").json()["status"] == "ok"
+    proxy.post("lp=-0.01")
+    proxy.post("lp=-3.0")
+    text = proxy.client.get("/metrics").text
+    assert 'fleetdeck_requests_total{route="slm",task="tickets"} 1.0' in text
+    assert 'fleetdeck_escalations_total{reason="low_confidence",task="tickets"} 1.0' in text
+    assert "fleetdeck_request_latency_seconds_bucket" in text
+
+
+def test_rollups_match_the_rows(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    for content in ["lp=-0.01"] * 3 + ["lp=-2.0"] * 2:
+        proxy.post(content)
+    rows = proxy.rows()
+    store = open_store(proxy.store_path)
+    rolls = {r["route"]: r for r in store.query("SELECT route, SUM(requests) AS n, SUM(escalated) AS e, SUM(cost_usd) AS c,"
+                                                 " SUM(esc_low_confidence) AS lc FROM rollups GROUP BY route")}
+    assert rolls["slm"]["n"] == 3 and rolls["frontier"]["n"] == 2 and rolls["frontier"]["lc"] == 2
+    assert rolls["frontier"]["c"] == pytest.approx(sum(r["cost_usd"] for r in rows))
+
+
+def write_router_toml(path: Path, slm_url: str, extra: str = "") -> Path:
+    path.write_text(f"""
+[proxy]
+api_keys_env = "FD_NO_SUCH_ENV"
+{extra}
+[pricing]
+slm_gpu_hour_usd = 1.20
+slm_gpus = 2
+
+[[task]]
+name = "tickets"
+slm_base_url = "{slm_url}/v1"
+slm_model = "tickets-v3"
+confidence = "first_token"
+threshold = 0.85
+""")
+    return path
+
+
+def test_graceful_shutdown_of_the_real_command_loses_no_rows(slm, tmp_path):
+    cfg = write_router_toml(tmp_path / "router.toml", slm.url)
+    port = free_port()
+    db = tmp_path / "ledger.db"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--port", str(port),
+                             "--store", str(db)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            time.sleep(0.1)
+
+        def one(i: int) -> int:
+            return httpx.post(f"{url}/v1/chat/completions", trust_env=False, timeout=30,
+                              json={"model": "tickets", "messages": [{"role": "user", "content": f"q{i} lp=-0.01"}]}).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(one, range(300)))
+        assert codes == [200] * 300
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully (the lifespan flushes the ledger), then re-raises the signal.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    store = open_store(db)
+    assert store.execute("SELECT count(*) FROM requests")[0][0] == 300
+    assert store.execute("SELECT SUM(requests) FROM rollups")[0][0] == 300
+
+
+def test_router_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "router.toml"
+    bad.write_text('[[task]]\nname = "t"\nslm_base_url = "ftp://x"\nslm_model = "m"\nthreshold = 1.5\nconfidence = "vibes"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_router_config(bad)
+    text = str(exc.value)
+    assert str(bad) in text and "task[0].threshold" in text and "task[0].slm_base_url" in text and "task[0].confidence" in text
+    empty = tmp_path / "empty.toml"
+    empty.write_text("[proxy]\nport = 4000\n")
+    with pytest.raises(ConfigError, match="task"):
+        load_router_config(empty)
+
+
+def test_the_proxy_refuses_a_non_loopback_address_without_keys(slm, tmp_path):
+    cfg = load_router_config(write_router_toml(tmp_path / "router.toml", slm.url))
+    with pytest.raises(ProxyStartError, match="without API keys"):
+        check_can_start(cfg, "0.0.0.0", free_port())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ProxyStartError, match="cannot listen"):
+            check_can_start(cfg, "127.0.0.1", s.getsockname()[1])
+
+
+def test_the_proxy_command_reports_a_bad_config_and_exits_2(tmp_path):
+    from fleetdeck.cli import main
+
+    assert main(["proxy", "--config", str(tmp_path / "missing.toml")]) == 2
