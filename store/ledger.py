@@ -1,7 +1,7 @@
 """The request ledger: rows queued by the proxy, written in batches by one thread, rolled up per minute.
 
-The proxy's request path only appends to a queue. The writer thread drains it every `flush_every_s`
-or `batch_size` rows, inserts the raw rows and folds them into the per-minute rollups in one
+The proxy's request path only appends to a queue. The writer thread wakes on the first queued row,
+lets rows gather for `flush_every_s`, then writes them in batches of up to `batch_size`: inserts the raw rows and folds them into the per-minute rollups in one
 transaction, and deletes raw rows past the retention. `close()` drains everything first, so a
 graceful shutdown loses no row.
 """
@@ -193,44 +193,35 @@ class LedgerWriter:
     def put(self, row: LedgerRow) -> None:
         self._q.put(row)
 
-    def _drain(self, first: LedgerRow) -> tuple[list[LedgerRow], bool]:
-        batch = [first]
-        stop = False
-        while len(batch) < self.batch_size:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                stop = True
-                break
-            batch.append(item)
-        return batch, stop
-
     def _run(self) -> None:
         while True:
             try:
-                item = self._q.get(timeout=self.flush_every_s)
+                first = self._q.get(timeout=1.0)
             except queue.Empty:
                 self._maybe_prune()
                 continue
-            if item is None:
-                return
-            batch, stop = self._drain(item)
-            self._write(batch)
+            # Let rows gather for a moment: one transaction per batch, not per request, and no
+            # wake-up of this thread (and its GIL) for every row the proxy queues.
+            if first is not None:
+                time.sleep(self.flush_every_s)
+            batch: list[LedgerRow] = [] if first is None else [first]
+            stop = first is None
+            while True:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    continue
+                batch.append(item)
+                if len(batch) >= self.batch_size:
+                    self._write(batch)
+                    batch = []
+            if batch:
+                self._write(batch)
             self._maybe_prune()
             if stop:
-                # close() was called: write what is still queued, then end.
-                rest: list[LedgerRow] = []
-                while True:
-                    try:
-                        more = self._q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is not None:
-                        rest.append(more)
-                for i in range(0, len(rest), self.batch_size):
-                    self._write(rest[i : i + self.batch_size])
                 return
 
     def _write(self, batch: list[LedgerRow]) -> None:

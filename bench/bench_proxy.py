@@ -1,0 +1,256 @@
+"""Proxy overhead and ledger throughput. Prints figures; never part of the test run.
+
+One run measures, against the same fast local fake upstream (a vLLM-shaped SLM answering at once
+with confident log-probabilities), each in its own process on loopback:
+  (a) clients calling the upstream directly;
+  (b) a bare pass-through proxy (Starlette + httpx forwarding the body, nothing else): the floor;
+  (c) fleetdeck proxy (`fleetdeck proxy`, SLM route, ledger on);
+  (d) LiteLLM's own proxy (`litellm --config`, one worker), if `litellm[proxy]` is installed.
+Throughput: 16 concurrent clients for --seconds; latency: sequential requests, p50 and p99.
+Then the ledger: rows/s the batched writer sustains, and that a burst of 20,000 rows ends with 20,000.
+
+Usage: python bench/bench_proxy.py [--seconds 8] [--sequential 400] [--litellm-cli PATH]
+  e.g. python3 -m venv /tmp/llvenv && /tmp/llvenv/bin/pip install 'litellm[proxy]==1.80.15'
+       python bench/bench_proxy.py --litellm-cli /tmp/llvenv/bin/litellm
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+
+UPSTREAM = textwrap.dedent('''
+    import json, sys, uvicorn
+    BODY = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "tickets-v3",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "billing"}, "finish_reason": "stop",
+                     "logprobs": {"content": [{"token": "billing", "logprob": -0.01, "bytes": [98],
+                                               "top_logprobs": [{"token": "billing", "logprob": -0.01, "bytes": [98]}]}]}}],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}}).encode()
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            msg = await receive()
+            more = msg.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": BODY})
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
+''')
+
+PASSTHROUGH = textwrap.dedent('''
+    import sys, httpx, uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+    UP = sys.argv[2]
+    client = None
+    async def chat(request):
+        global client
+        if client is None:
+            client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128), trust_env=False)
+        r = await client.post(UP + "/v1/chat/completions", content=await request.body(),
+                              headers={"content-type": "application/json"})
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
+''')
+
+PAYLOAD = {"model": "tickets", "messages": [{"role": "user", "content": "Route this ticket: my invoice is wrong"}], "max_tokens": 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            r = httpx.post(url + "/v1/chat/completions", json=PAYLOAD, timeout=5, trust_env=False,
+                           headers={"Authorization": "Bearer sk-bench"})
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+async def throughput(url: str, seconds: float, clients: int = 16) -> float:
+    done = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=30, trust_env=False, headers={"Authorization": "Bearer sk-bench"}) as c:
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                r = await c.post(url + "/v1/chat/completions", json=PAYLOAD)
+                if r.status_code == 200:
+                    done += 1
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return done / elapsed
+
+
+def latencies(url: str, n: int) -> tuple[float, float]:
+    times = []
+    with httpx.Client(timeout=30, trust_env=False, headers={"Authorization": "Bearer sk-bench"}) as c:
+        for _ in range(20):
+            c.post(url + "/v1/chat/completions", json=PAYLOAD)
+        for _ in range(n):
+            t = time.perf_counter()
+            r = c.post(url + "/v1/chat/completions", json=PAYLOAD)
+            times.append((time.perf_counter() - t) * 1000)
+            assert r.status_code == 200, r.text
+    times.sort()
+    return statistics.median(times), times[int(0.99 * (len(times) - 1))]
+
+
+def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or os.environ.copy())
+
+
+def bench_ledger(rows: int = 20_000) -> tuple[float, int]:
+    from store.db import open_store
+    from store.ledger import LedgerRow, LedgerWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(Path(tmp) / "ledger.db")
+        writer = LedgerWriter(store)
+        now = time.time()
+        start_t = time.perf_counter()
+        for i in range(rows):
+            writer.put(LedgerRow(id=f"r{i}", ts=now + i * 0.001, task=f"task-{i % 10}", route="slm" if i % 5 else "frontier",
+                                 escalated=i % 5 == 0, reason="confident" if i % 5 else "low_confidence", status=200,
+                                 confidence=0.9, prompt_tokens=40, completion_tokens=5, latency_ms=12.0,
+                                 cost_usd=0.0 if i % 5 else 0.0004, all_frontier_cost_usd=0.0004))
+        writer.close()
+        elapsed = time.perf_counter() - start_t
+        count = store.execute("SELECT count(*) FROM requests")[0][0]
+        rolled = store.execute("SELECT SUM(requests) FROM rollups")[0][0]
+        assert rolled == count
+        store.close()
+    return rows / elapsed, count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--sequential", type=int, default=400)
+    ap.add_argument("--litellm-cli", metavar="PATH",
+                    help="`litellm` executable of a venv with litellm[proxy] (fleetdeck pins a litellm whose "
+                         "[proxy] extra is not on PyPI, so the benchmark's LiteLLM proxy lives in its own venv)")
+    args = ap.parse_args()
+
+    procs: list[subprocess.Popen] = []
+    results: dict[str, tuple[float, float, float]] = {}
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        up_port = free_port()
+        procs.append(start([PY, "-c", UPSTREAM, str(up_port)]))
+        upstream = f"http://127.0.0.1:{up_port}"
+        wait_ready(upstream, procs[-1])
+
+        pt_port = free_port()
+        procs.append(start([PY, "-c", PASSTHROUGH, str(pt_port), upstream]))
+        passthrough = f"http://127.0.0.1:{pt_port}"
+        wait_ready(passthrough, procs[-1])
+
+        fd_port = free_port()
+        (tmp / "router.toml").write_text(textwrap.dedent(f'''
+            [proxy]
+            api_keys_env = "FD_BENCH_KEYS"
+            [[task]]
+            name = "tickets"
+            slm_base_url = "{upstream}/v1"
+            slm_model = "tickets-v3"
+            confidence = "first_token"
+            threshold = 0.85
+            frontier_model = "openai/gpt-4o"
+            frontier_api_base = "{upstream}/v1"
+        '''))
+        env = dict(os.environ, FD_BENCH_KEYS="sk-bench")
+        procs.append(start([PY, "-m", "fleetdeck", "proxy", "--config", str(tmp / "router.toml"), "--port", str(fd_port),
+                            "--store", str(tmp / "ledger.db")], env))
+        fleetdeck = f"http://127.0.0.1:{fd_port}"
+        wait_ready(fleetdeck, procs[-1])
+
+        targets = {"(a) direct upstream": upstream, "(b) bare pass-through": passthrough, "(c) fleetdeck proxy": fleetdeck}
+
+        litellm_cli = args.litellm_cli or shutil.which("litellm") or ""
+        if litellm_cli and Path(litellm_cli).exists():
+            ll_port = free_port()
+            (tmp / "litellm.yaml").write_text(textwrap.dedent(f'''
+                model_list:
+                  - model_name: tickets
+                    litellm_params:
+                      model: openai/tickets-v3
+                      api_base: {upstream}/v1
+                      api_key: sk-upstream
+            '''))
+            ll_env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
+            procs.append(start([litellm_cli, "--config", str(tmp / "litellm.yaml"), "--port", str(ll_port), "--num_workers", "1"], ll_env))
+            try:
+                wait_ready(f"http://127.0.0.1:{ll_port}", procs[-1], timeout=180)
+                targets["(d) LiteLLM proxy"] = f"http://127.0.0.1:{ll_port}"
+            except RuntimeError as exc:
+                print(f"(d) LiteLLM proxy: did not start ({exc})")
+        else:
+            print("(d) LiteLLM proxy: skipped (give --litellm-cli PATH to a venv with litellm[proxy])")
+
+        for name, url in targets.items():
+            rps = asyncio.run(throughput(url, args.seconds))
+            p50, p99 = latencies(url, args.sequential)
+            results[name] = (rps, p50, p99)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    direct = results["(a) direct upstream"]
+    print(f"\nproxy overhead, {os.cpu_count()} cores, 16 clients x {args.seconds:.0f} s, {args.sequential} sequential requests")
+    print(f"{'':24}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'vs pass-through req/s':>23}")
+    base_rps = results["(b) bare pass-through"][0]
+    base_p50 = results["(b) bare pass-through"][1]
+    for name, (rps, p50, p99) in results.items():
+        added = p50 - direct[1]
+        print(f"{name:24}{rps:9.0f}{p50:9.2f}{p99:9.2f}{added:9.2f} ms{rps / base_rps:22.2f}x")
+    fd = results["(c) fleetdeck proxy"]
+    print(f"\nfleetdeck added p50 over the pass-through's: {fd[1] - base_p50:+.2f} ms (aim: within 2 ms)")
+    print(f"fleetdeck throughput / pass-through:        {fd[0] / base_rps:.2f} (aim: at least 0.80)")
+    if "(d) LiteLLM proxy" in results:
+        ll = results["(d) LiteLLM proxy"]
+        print(f"fleetdeck vs LiteLLM proxy: {fd[0] / ll[0]:.1f}x the throughput, {ll[1] - fd[1]:.2f} ms lower p50")
+
+    rate, count = bench_ledger()
+    print(f"\nledger writer: {rate:,.0f} rows/s sustained; a burst of 20,000 rows ended with {count:,} rows")
+
+
+if __name__ == "__main__":
+    main()
