@@ -149,7 +149,7 @@ def bench_ledger(rows: int = 20_000) -> tuple[float, int]:
         writer.close()
         elapsed = time.perf_counter() - start_t
         count = store.execute("SELECT count(*) FROM requests")[0][0]
-        rolled = store.execute("SELECT SUM(requests) FROM rollups")[0][0]
+        rolled = store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0]
         assert rolled == count
         store.close()
     return rows / elapsed, count

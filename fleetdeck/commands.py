@@ -9,9 +9,9 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 
 def _registry() -> list[Register]:
-    from fleetdeck import cmd_fit, cmd_proxy
+    from fleetdeck import cmd_calibrate, cmd_fit, cmd_proxy, cmd_report
 
-    return [cmd_fit.register, cmd_proxy.register]
+    return [cmd_fit.register, cmd_proxy.register, cmd_report.register, cmd_calibrate.register]
 
 
 REGISTRY: list[Register] = _registry()

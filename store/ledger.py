@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 from store.db import Store
+from store.schema import ROLLUP_TABLES
 
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, float("inf"))
 CONFIDENCE_BINS = 10
@@ -119,45 +120,35 @@ def _merge_hist(a: list[int] | None, b_json: str, size: int) -> list[int]:
     return out
 
 
+_ROLL_COLUMNS = ("requests", "escalated", "esc_low_confidence", "esc_slm_error", "esc_forced", "errors",
+                 "prompt_tokens", "completion_tokens", "cost_usd", "all_frontier_cost_usd", "latency_ms_sum")
+
+
 def fold_rollups(conn: Any, rows: Iterable[LedgerRow]) -> None:
-    """Add rows to the per-minute rollups (inside the caller's transaction)."""
-    rolls: dict[tuple[int, str, str], _Roll] = {}
-    for row in rows:
-        key = (int(row.ts // 60) * 60, row.task, row.route)
-        rolls.setdefault(key, _Roll()).add(row)
-    for (minute, task, route), r in rolls.items():
-        old = conn.execute(
-            "SELECT requests, escalated, esc_low_confidence, esc_slm_error, esc_forced, errors, prompt_tokens,"
-            " completion_tokens, cost_usd, all_frontier_cost_usd, latency_ms_sum, latency_hist, confidence_hist"
-            " FROM rollups WHERE minute = ? AND task = ? AND route = ?",
-            (minute, task, route),
-        ).fetchone()
-        if old:
-            r.requests += old[0]
-            r.escalated += old[1]
-            r.esc_low_confidence += old[2]
-            r.esc_slm_error += old[3]
-            r.esc_forced += old[4]
-            r.errors += old[5]
-            r.prompt_tokens += old[6]
-            r.completion_tokens += old[7]
-            r.cost_usd += old[8]
-            r.all_frontier_cost_usd += old[9]
-            r.latency_ms_sum += old[10]
-            r.latency_hist = _merge_hist(r.latency_hist, old[11], len(LATENCY_BUCKETS_MS))
-            r.confidence_hist = _merge_hist(r.confidence_hist, old[12], CONFIDENCE_BINS)
-        conn.execute(
-            "INSERT OR REPLACE INTO rollups (minute, task, route, requests, escalated, esc_low_confidence,"
-            " esc_slm_error, esc_forced, errors, prompt_tokens, completion_tokens, cost_usd,"
-            " all_frontier_cost_usd, latency_ms_sum, latency_hist, confidence_hist)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                minute, task, route, r.requests, r.escalated, r.esc_low_confidence, r.esc_slm_error,
-                r.esc_forced, r.errors, r.prompt_tokens, r.completion_tokens, r.cost_usd,
-                r.all_frontier_cost_usd, r.latency_ms_sum,
-                json.dumps(r.latency_hist or []), json.dumps(r.confidence_hist or []),
-            ),
-        )
+    """Add rows to the minute, hour and day rollups (inside the caller's transaction)."""
+    rows = list(rows)
+    for width, table in ROLLUP_TABLES.items():
+        rolls: dict[tuple[int, str, str], _Roll] = {}
+        for row in rows:
+            key = (int(row.ts // width) * width, row.task, row.route)
+            rolls.setdefault(key, _Roll()).add(row)
+        for (bucket, task, route), r in rolls.items():
+            old = conn.execute(
+                f"SELECT {', '.join(_ROLL_COLUMNS)}, latency_hist, confidence_hist FROM {table}"
+                " WHERE bucket = ? AND task = ? AND route = ?",
+                (bucket, task, route),
+            ).fetchone()
+            if old:
+                for i, col in enumerate(_ROLL_COLUMNS):
+                    setattr(r, col, getattr(r, col) + old[i])
+                r.latency_hist = _merge_hist(r.latency_hist, old[-2], len(LATENCY_BUCKETS_MS))
+                r.confidence_hist = _merge_hist(r.confidence_hist, old[-1], CONFIDENCE_BINS)
+            values = [getattr(r, col) for col in _ROLL_COLUMNS]
+            conn.execute(
+                f"INSERT OR REPLACE INTO {table} (bucket, task, route, {', '.join(_ROLL_COLUMNS)}, latency_hist,"
+                f" confidence_hist) VALUES ({', '.join('?' * (len(_ROLL_COLUMNS) + 5))})",
+                (bucket, task, route, *values, json.dumps(r.latency_hist or []), json.dumps(r.confidence_hist or [])),
+            )
 
 
 def write_rows(store: Store, rows: list[LedgerRow]) -> None:

@@ -7,6 +7,10 @@ from typing import Callable
 import sqlite_utils
 
 
+# seconds per bucket -> table
+ROLLUP_TABLES = {60: "rollup_minute", 3600: "rollup_hour", 86400: "rollup_day"}
+
+
 def _v1_gpu_history(db: sqlite_utils.Database) -> None:
     # res: seconds one row stands for (0 = a raw sample); rows are averaged into coarser ones with age.
     db.execute(
@@ -65,35 +69,61 @@ def _v2_router_ledger(db: sqlite_utils.Database) -> None:
     )
     db.execute("CREATE INDEX requests_ts ON requests (ts)")
     db.execute("CREATE INDEX requests_task_ts ON requests (task, ts)")
-    # Per-minute rollups per task and route: what every chart and report reads.
+    # Rollups per task and route at three resolutions, written together with the rows: charts of the
+    # last hour read minutes, of the last month hours, of the last year days, so no query scans more
+    # than a few tens of thousands of rows however busy the proxy is.
+    for table in ROLLUP_TABLES.values():
+        db.execute(
+            f"""
+            CREATE TABLE {table} (
+                bucket INTEGER NOT NULL,          -- unix time of the bucket's start, UTC
+                task TEXT NOT NULL,
+                route TEXT NOT NULL,
+                requests INTEGER NOT NULL DEFAULT 0,
+                escalated INTEGER NOT NULL DEFAULT 0,
+                esc_low_confidence INTEGER NOT NULL DEFAULT 0,
+                esc_slm_error INTEGER NOT NULL DEFAULT 0,
+                esc_forced INTEGER NOT NULL DEFAULT 0,
+                errors INTEGER NOT NULL DEFAULT 0,
+                prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                completion_tokens INTEGER NOT NULL DEFAULT 0,
+                cost_usd REAL NOT NULL DEFAULT 0,
+                all_frontier_cost_usd REAL NOT NULL DEFAULT 0,
+                latency_ms_sum REAL NOT NULL DEFAULT 0,
+                latency_hist TEXT NOT NULL DEFAULT '[]',     -- counts per LATENCY_BUCKETS_MS
+                confidence_hist TEXT NOT NULL DEFAULT '[]',  -- counts per tenth of confidence
+                PRIMARY KEY (bucket, task, route)
+            ) WITHOUT ROWID
+            """
+        )
+        db.execute(f"CREATE INDEX {table}_task ON {table} (task, bucket)")
+
+
+def _v3_calibrations(db: sqlite_utils.Database) -> None:
     db.execute(
         """
-        CREATE TABLE rollups (
-            minute INTEGER NOT NULL,          -- unix time of the minute's start, UTC
+        CREATE TABLE calibrations (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
             task TEXT NOT NULL,
-            route TEXT NOT NULL,
-            requests INTEGER NOT NULL DEFAULT 0,
-            escalated INTEGER NOT NULL DEFAULT 0,
-            esc_low_confidence INTEGER NOT NULL DEFAULT 0,
-            esc_slm_error INTEGER NOT NULL DEFAULT 0,
-            esc_forced INTEGER NOT NULL DEFAULT 0,
-            errors INTEGER NOT NULL DEFAULT 0,
-            prompt_tokens INTEGER NOT NULL DEFAULT 0,
-            completion_tokens INTEGER NOT NULL DEFAULT 0,
-            cost_usd REAL NOT NULL DEFAULT 0,
-            all_frontier_cost_usd REAL NOT NULL DEFAULT 0,
-            latency_ms_sum REAL NOT NULL DEFAULT 0,
-            latency_hist TEXT NOT NULL DEFAULT '[]',     -- counts per LATENCY_BUCKETS_MS
-            confidence_hist TEXT NOT NULL DEFAULT '[]',  -- counts per tenth of confidence
-            PRIMARY KEY (minute, task, route)
-        ) WITHOUT ROWID
+            eval_path TEXT NOT NULL,
+            items INTEGER NOT NULL,
+            accuracy REAL,              -- the small model alone, every item
+            target_accuracy REAL NOT NULL,
+            threshold REAL,             -- recommended; NULL when no threshold meets the target
+            escalation_rate REAL,
+            ece REAL,
+            auroc REAL,
+            curve TEXT NOT NULL         -- JSON: [[threshold, escalation_rate, accuracy], ...]
+        )
         """
     )
-    db.execute("CREATE INDEX rollups_task_minute ON rollups (task, minute)")
+    db.execute("CREATE INDEX calibrations_task ON calibrations (task, ts)")
 
 
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
     2: _v2_router_ledger,
+    3: _v3_calibrations,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -26,7 +26,7 @@ def test_a_burst_is_written_whole_when_the_writer_closes(tmp_path):
         writer.put(row(i, now + i * 0.01))
     writer.close()
     assert store.execute("SELECT count(*) FROM requests")[0][0] == 5000
-    assert store.execute("SELECT SUM(requests) FROM rollups")[0][0] == 5000
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 5000
 
 
 def test_rollups_fold_counts_costs_and_histograms(tmp_path):
@@ -36,8 +36,8 @@ def test_rollups_fold_counts_costs_and_histograms(tmp_path):
                                                 confidence=0.3, cost_usd=0.004, all_frontier_cost_usd=0.004, latency_ms=800.0)])
     write_rows(store, [row(3, minute + 3, escalated=True, route="frontier", reason="slm_timeout", confidence=None,
                            cost_usd=0.002, all_frontier_cost_usd=0.002, latency_ms=3000.0, status=200)])
-    (f,) = store.query("SELECT * FROM rollups WHERE route = 'frontier'")
-    assert f["minute"] == int(minute) and f["requests"] == 2 and f["escalated"] == 2
+    (f,) = store.query("SELECT * FROM rollup_minute WHERE route = 'frontier'")
+    assert f["bucket"] == int(minute) and f["requests"] == 2 and f["escalated"] == 2
     assert f["esc_low_confidence"] == 1 and f["esc_slm_error"] == 1
     assert f["cost_usd"] == pytest.approx(0.006) and f["latency_ms_sum"] == pytest.approx(3800.0)
     hist = json.loads(f["latency_hist"])
@@ -53,4 +53,4 @@ def test_raw_rows_past_retention_are_pruned_and_rollups_kept(tmp_path):
     writer.put(row(3, time.time()))
     writer.close()
     assert {r["id"] for r in store.query("SELECT id FROM requests")} == {"r2", "r3"}
-    assert store.execute("SELECT SUM(requests) FROM rollups")[0][0] == 3
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 3

@@ -330,7 +330,7 @@ def test_rollups_match_the_rows(slm, frontier, make_proxy):
     rows = proxy.rows()
     store = open_store(proxy.store_path)
     rolls = {r["route"]: r for r in store.query("SELECT route, SUM(requests) AS n, SUM(escalated) AS e, SUM(cost_usd) AS c,"
-                                                 " SUM(esc_low_confidence) AS lc FROM rollups GROUP BY route")}
+                                                 " SUM(esc_low_confidence) AS lc FROM rollup_minute GROUP BY route")}
     assert rolls["slm"]["n"] == 3 and rolls["frontier"]["n"] == 2 and rolls["frontier"]["lc"] == 2
     assert rolls["frontier"]["c"] == pytest.approx(sum(r["cost_usd"] for r in rows))
 
@@ -388,7 +388,7 @@ def test_graceful_shutdown_of_the_real_command_loses_no_rows(slm, tmp_path):
             proc.kill()
     store = open_store(db)
     assert store.execute("SELECT count(*) FROM requests")[0][0] == 300
-    assert store.execute("SELECT SUM(requests) FROM rollups")[0][0] == 300
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 300
 
 
 def test_router_config_errors_name_the_key(tmp_path):

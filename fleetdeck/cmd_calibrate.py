@@ -1,0 +1,166 @@
+"""`fleetdeck calibrate` and `fleetdeck whatif`: planning the threshold and the month's cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("calibrate", help="send a labelled eval set through a task's SLM; recommend a threshold")
+    p.add_argument("task")
+    p.add_argument("--eval", required=True, metavar="FILE", help="JSONL: {\"messages\": [...], \"expected\": \"...\"} per line")
+    p.add_argument("--target-accuracy", type=float, default=0.95, metavar="A")
+    p.add_argument("--frontier-accuracy", type=float, default=1.0, metavar="A", help="assumed accuracy of escalated answers")
+    p.add_argument("--apply", action="store_true", help="write the recommended threshold into the router config")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", dest="router_config", metavar="FILE")
+    p.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS)
+    p.set_defaults(handler=run_calibrate)
+
+    w = sub.add_parser("whatif", help="a task's monthly cost under a frontier price or volume change")
+    w.add_argument("task")
+    w.add_argument("--frontier-price-change", default="0%", metavar="PCT", help="e.g. -50%%")
+    w.add_argument("--volume-change", default="0%", metavar="PCT", help="e.g. +20%%")
+    w.add_argument("--target-accuracy", type=float, metavar="A", help="default: the latest calibration's target")
+    w.add_argument("--json", action="store_true")
+    w.add_argument("--config", dest="router_config", metavar="FILE")
+    w.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS)
+    w.set_defaults(handler=run_whatif)
+
+
+def _err(cmd: str, msg: str) -> int:
+    print(f"fleetdeck {cmd}: {msg}", file=sys.stderr)
+    return 2
+
+
+def _config(args: argparse.Namespace, cmd: str) -> tuple[Any, Path] | int:
+    from engine.router.config import load_router_config
+    from fleet.config import ConfigError
+    from fleetdeck.cmd_proxy import default_router_config
+
+    path = Path(args.router_config) if args.router_config else default_router_config()
+    try:
+        return load_router_config(path), path
+    except ConfigError as exc:
+        return _err(cmd, str(exc))
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from store.db import open_store
+    from store.paths import default_store_path
+
+    return open_store(Path(args.store) if args.store else default_store_path())
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from engine.router.calibrate import EvalSetError, analyse, load_eval_set, save_calibration, score_eval_set
+    from engine.router.config import set_task_threshold
+    from store.db import StoreError
+
+    loaded = _config(args, "calibrate")
+    if isinstance(loaded, int):
+        return loaded
+    config, path = loaded
+    task = config.task_by_name(args.task)
+    if task is None:
+        return _err("calibrate", f"unknown task {args.task!r}; tasks in {path}: {', '.join(t.name for t in config.task)}")
+    if not 0 < args.target_accuracy <= 1:
+        return _err("calibrate", "--target-accuracy must be in (0, 1]")
+    try:
+        items = load_eval_set(Path(args.eval))
+        scored = score_eval_set(task, items)
+    except (EvalSetError, ConnectionError) as exc:
+        return _err("calibrate", str(exc))
+    cal = analyse(scored, args.target_accuracy, args.frontier_accuracy)
+    try:
+        store = _store(args)
+        save_calibration(store, task.name, str(args.eval), cal, time.time())
+    except StoreError as exc:
+        print(f"fleetdeck calibrate: result not saved: {exc}", file=sys.stderr)
+    applied = False
+    if args.apply and cal.threshold is not None:
+        set_task_threshold(path, task.name, cal.threshold)
+        applied = True
+    if args.json:
+        doc = cal.to_json()
+        doc.update(task=task.name, current_threshold=task.threshold, applied=applied)
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"calibration of {task.name} on {cal.items} items ({args.eval})")
+    print(f"  SLM accuracy alone     {cal.accuracy * 100:.1f}%")
+    print(f"  ECE                    {cal.ece:.3f}   AUROC {'n/a' if cal.auroc is None else f'{cal.auroc:.3f}'}")
+    print(f"  {'threshold':>10} {'escalation':>11} {'accuracy':>9}")
+    step = max(1, len(cal.curve) // 15)
+    for t, esc, acc in cal.curve[::step]:
+        print(f"  {t:>10.4f} {esc * 100:>10.1f}% {acc * 100:>8.1f}%")
+    if cal.threshold is None:
+        print(f"  no threshold reaches {args.target_accuracy * 100:.1f}% accuracy")
+    else:
+        print(f"  recommended threshold {cal.threshold:.4f}: {cal.escalation_rate * 100:.1f}% escalated, "
+              f"{cal.routed_accuracy * 100:.1f}% accurate (target {args.target_accuracy * 100:.1f}%; now {task.threshold})")
+        if applied:
+            print(f"  written to {path}; restart or reload the proxy to use it")
+    return 0
+
+
+def _pct_arg(text: str) -> float:
+    t = text.strip().rstrip("%")
+    return 1.0 + float(t) / 100.0
+
+
+def run_whatif(args: argparse.Namespace) -> int:
+    from engine.router.calibrate import latest_calibration, what_if
+    from store.analytics import current_month, iter_policies, month_report
+    from store.db import StoreError
+
+    loaded = _config(args, "whatif")
+    if isinstance(loaded, int):
+        return loaded
+    config, _ = loaded
+    task = config.task_by_name(args.task)
+    if task is None:
+        return _err("whatif", f"unknown task {args.task!r}")
+    try:
+        price, volume = _pct_arg(args.frontier_price_change), _pct_arg(args.volume_change)
+    except ValueError:
+        return _err("whatif", "changes are percentages such as -50% or +20%")
+    if price < 0 or volume < 0:
+        return _err("whatif", "a change below -100% makes no sense")
+    try:
+        store = _store(args)
+    except StoreError as exc:
+        return _err("whatif", str(exc))
+    now = time.time()
+    report = month_report(store, current_month(now), now, config.pricing.slm_gpu_hour_usd, config.pricing.slm_gpus,
+                          iter_policies(config.task))
+    entry = next((t for t in report["tasks"] if t["name"] == task.name), None)
+    if entry is None or not entry["requests"]:
+        return _err("whatif", f"no traffic for {task.name} this month yet")
+    scale = report["hours_in_month"] / report["hours_elapsed"] if report["hours_elapsed"] else 1.0
+    monthly = {k: (v * scale if isinstance(v, (int, float)) and k.endswith(("usd", "requests", "escalated")) and k != "slm_cost_usd" else v)
+               for k, v in entry.items()}
+    monthly["slm_cost_usd"] = entry["slm_cost_usd"] * scale
+    cal = latest_calibration(store, task.name)
+    target = args.target_accuracy or (cal["target_accuracy"] if cal else 0.95)
+    result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume)
+    result.update(task=task.name, target_accuracy=target, calibrated=cal is not None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from tui.format import usd
+
+    print(f"what-if for {task.name}: frontier price x{price:.2f}, volume x{volume:.2f} (month projected from {report['month']})")
+    print(f"  monthly cost at the current threshold {task.threshold}: {usd(result['monthly_cost_usd'])}"
+          f" (all-frontier {usd(result['all_frontier_cost_usd'])})")
+    if result["best"]:
+        b = result["best"]
+        print(f"  cheapest threshold at {target * 100:.1f}% accuracy: {b['threshold']:.4f} -> "
+              f"{b['escalation_rate'] * 100:.1f}% escalated, {usd(b['monthly_cost_usd'])}")
+    else:
+        print("  run `fleetdeck calibrate` first to get the threshold that minimises cost at the target accuracy")
+    return 0

@@ -1,0 +1,101 @@
+"""`fleetdeck report`: the month's routing figures; exit 3 when a task's escalation rate drifts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_DRIFT = 3
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("report", help="month-to-date cost, savings and escalation drift (exit 3 on drift)")
+    p.add_argument("--month", metavar="YYYY-MM", help="the month to report (default: the current UTC month)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--config", dest="router_config", metavar="FILE",
+                   help="router config (pricing, tasks, drift windows); default as for `fleetdeck proxy`")
+    p.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS, help="SQLite store holding the ledger")
+    p.set_defaults(handler=run)
+
+
+def load_pricing_and_policies(router_config: str | None) -> tuple[float, int, dict, str | None]:
+    """Pricing and per-task drift settings from the router config; a missing default file is not an error."""
+    from engine.router.config import load_router_config
+    from fleet.config import ConfigError
+    from fleetdeck.cmd_proxy import default_router_config
+    from store.analytics import iter_policies
+
+    path = Path(router_config) if router_config else default_router_config()
+    if not path.exists() and not router_config:
+        return 0.0, 0, {}, f"no router config at {path}: SLM GPU cost counted as $0.00"
+    try:
+        cfg = load_router_config(path)
+    except ConfigError as exc:
+        raise SystemExit(f"fleetdeck report: {exc}") from None
+    return cfg.pricing.slm_gpu_hour_usd, cfg.pricing.slm_gpus, iter_policies(cfg.task), None
+
+
+def run(args: argparse.Namespace) -> int:
+    from store.analytics import current_month, month_report
+    from store.db import StoreError, open_store
+    from store.paths import default_store_path
+
+    now = time.time()
+    month = args.month or current_month(now)
+    try:
+        gpu_hour, gpus, policies, note = load_pricing_and_policies(args.router_config)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    store_path = Path(args.store) if args.store else default_store_path()
+    if not store_path.exists():
+        print(f"fleetdeck report: no store at {store_path}; run the proxy first or pass --store", file=sys.stderr)
+        return 2
+    try:
+        store = open_store(store_path)
+        doc = month_report(store, month, now, gpu_hour, gpus, policies)
+    except (StoreError, ValueError) as exc:
+        print(f"fleetdeck report: {exc}", file=sys.stderr)
+        return 2
+    if note:
+        doc["note"] = note
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(render_text(doc))
+    return EXIT_DRIFT if doc["drift_alert"] else 0
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.1f}%"
+
+
+def render_text(doc: dict[str, Any]) -> str:
+    from tui.format import usd
+
+    savings_pct = "n/a" if doc["savings_pct"] is None else f"{doc['savings_pct']:.1f}%"
+    lines = [
+        f"fleetdeck report {doc['month']} ({doc['hours_elapsed']:.1f} of {doc['hours_in_month']:.0f} h)",
+        f"  requests            {doc['requests']:,}  escalated {doc['escalated']:,} ({_pct(doc['escalation_rate'])})",
+        f"  local SLM (fixed)   {usd(doc['slm_cost_usd'])}  ({usd(doc['slm_gpu_hour_usd'])}/GPU-h x {doc['slm_gpus']} GPUs)",
+        f"  frontier spend      {usd(doc['frontier_cost_usd'])}",
+        f"  total               {usd(doc['total_cost_usd'])}   projected to month end {usd(doc['projected_total_cost_usd'])}",
+        f"  all-frontier        {usd(doc['all_frontier_cost_usd'])}",
+        f"  savings             {usd(doc['savings_usd'])} ({savings_pct})",
+        f"  per million req.    {usd(doc['cost_per_million_requests_usd'])}",
+        "",
+        f"  {'task':<22}{'requests':>10}{'esc':>8}{'baseline':>10}{'recent':>8}{'total':>12}{'$/M req':>12}  drift",
+    ]
+    for t in doc["tasks"]:
+        lines.append(
+            f"  {t['name'][:22]:<22}{t['requests']:>10,}{_pct(t['escalation_rate']):>8}{_pct(t['baseline_escalation_rate']):>10}"
+            f"{_pct(t['recent_escalation_rate']):>8}{usd(t['total_cost_usd']):>12}{usd(t['cost_per_million_requests_usd']):>12}"
+            f"  {'DRIFT' if t['drift_alert'] else 'ok'}"
+        )
+    if doc.get("note"):
+        lines.append(f"\nnote: {doc['note']}")
+    return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""The figures the Router and Cost screens and `fleetdeck report` show: one function per figure.
+
+Everything reads the rollups, never the raw rows: a window is cut into whole days (day table),
+whole hours (hour table) and the minutes at its ragged edges (minute table), so a month at millions of
+requests a day costs a few thousand rows. Months are UTC calendar months.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from store.db import Store
+from store.ledger import CONFIDENCE_BINS, LATENCY_BUCKETS_MS
+from store.schema import ROLLUP_TABLES
+
+MIN_RECENT_REQUESTS = 20  # fewer recent requests than this is noise, not drift
+DAY, HOUR, MINUTE = 86400, 3600, 60
+
+
+@dataclass
+class Totals:
+    requests: int = 0
+    escalated: int = 0
+    slm_answered: int = 0
+    errors: int = 0
+    esc_low_confidence: int = 0
+    esc_slm_error: int = 0
+    esc_forced: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    all_frontier_cost_usd: float = 0.0
+    latency_hist: dict[str, list[int]] = field(default_factory=dict)  # by route
+    confidence_hist: list[int] = field(default_factory=lambda: [0] * CONFIDENCE_BINS)
+
+    @property
+    def escalation_rate(self) -> float | None:
+        return self.escalated / self.requests if self.requests else None
+
+    def latency_pct(self, route: str, q: float) -> float | None:
+        return percentile_from_hist(self.latency_hist.get(route), q)
+
+
+def percentile_from_hist(hist: list[int] | None, q: float) -> float | None:
+    """The upper edge of the latency bucket holding the q-quantile (ms); None without data."""
+    if not hist or not sum(hist):
+        return None
+    target = q * sum(hist)
+    seen = 0
+    for count, edge in zip(hist, LATENCY_BUCKETS_MS):
+        seen += count
+        if seen >= target:
+            return edge if edge != float("inf") else LATENCY_BUCKETS_MS[-2]
+    return LATENCY_BUCKETS_MS[-2]
+
+
+def split_window(since: float, until: float) -> list[tuple[str, int, int]]:
+    """Cover [since, until) with (table, lo, hi) pieces: days in the middle, hours and minutes at the edges."""
+    lo, hi = int(since // MINUTE) * MINUTE, int(until // MINUTE) * MINUTE
+    if until > hi:
+        hi += MINUTE  # the current minute counts
+    pieces: list[tuple[str, int, int]] = []
+
+    def cover(a: int, b: int, widths: tuple[int, ...]) -> None:
+        if a >= b:
+            return
+        width = widths[0]
+        if len(widths) == 1:
+            pieces.append((ROLLUP_TABLES[width], a, b))
+            return
+        inner_lo = -(-a // width) * width
+        inner_hi = (b // width) * width
+        if inner_lo >= inner_hi:
+            cover(a, b, widths[1:])
+            return
+        cover(a, inner_lo, widths[1:])
+        pieces.append((ROLLUP_TABLES[width], inner_lo, inner_hi))
+        cover(inner_hi, b, widths[1:])
+
+    cover(lo, hi, (DAY, HOUR, MINUTE))
+    return pieces
+
+
+def _add_hist(into: list[int], text: str) -> None:
+    for i, v in enumerate(json.loads(text) if text else []):
+        if i < len(into):
+            into[i] += v
+
+
+def totals_by_task(store: Store, since: float, until: float, histograms: bool = True) -> dict[str, Totals]:
+    out: dict[str, Totals] = {}
+    hist_cols = ", latency_hist, confidence_hist" if histograms else ""
+    for table, lo, hi in split_window(since, until):
+        rows = store.execute(
+            f"SELECT task, route, requests, escalated, errors, esc_low_confidence, esc_slm_error, esc_forced,"
+            f" prompt_tokens, completion_tokens, cost_usd, all_frontier_cost_usd{hist_cols}"
+            f" FROM {table} WHERE bucket >= ? AND bucket < ?",
+            (lo, hi),
+        )
+        for r in rows:
+            t = out.setdefault(r[0], Totals())
+            t.requests += r[2]
+            t.escalated += r[3]
+            t.errors += r[4]
+            t.esc_low_confidence += r[5]
+            t.esc_slm_error += r[6]
+            t.esc_forced += r[7]
+            t.prompt_tokens += r[8]
+            t.completion_tokens += r[9]
+            t.cost_usd += r[10]
+            t.all_frontier_cost_usd += r[11]
+            if r[1] == "slm":
+                t.slm_answered += r[2]
+            if histograms:
+                _add_hist(t.latency_hist.setdefault(r[1], [0] * len(LATENCY_BUCKETS_MS)), r[12])
+                _add_hist(t.confidence_hist, r[13])
+    return out
+
+
+def escalation_series(store: Store, task: str, since: float, until: float) -> list[tuple[int, int, int]]:
+    """(bucket start, requests, escalated) at the coarsest resolution that still gives ~60+ points."""
+    span = until - since
+    width = MINUTE if span <= 6 * HOUR else (HOUR if span <= 45 * DAY else DAY)
+    table = ROLLUP_TABLES[width]
+    rows = store.execute(
+        f"SELECT bucket, SUM(requests), SUM(escalated) FROM {table} WHERE task = ? AND bucket >= ? AND bucket < ?"
+        " GROUP BY bucket ORDER BY bucket",
+        (task, int(since // width) * width, until),
+    )
+    return [(int(b), int(n), int(e)) for b, n, e in rows]
+
+
+@dataclass
+class Drift:
+    task: str
+    baseline_rate: float | None
+    recent_rate: float | None
+    recent_requests: int
+    threshold_pp: float
+    alert: bool
+
+
+def drift_status(store: Store, task: str, now: float, baseline_days: float = 7.0, recent_hours: float = 1.0,
+                 threshold_pp: float = 10.0) -> Drift:
+    recent_start = now - recent_hours * HOUR
+    base = totals_by_task(store, recent_start - baseline_days * DAY, recent_start, histograms=False).get(task, Totals())
+    recent = totals_by_task(store, recent_start, now, histograms=False).get(task, Totals())
+    b, r = base.escalation_rate, recent.escalation_rate
+    alert = (
+        b is not None and r is not None and recent.requests >= MIN_RECENT_REQUESTS
+        and round((r - b) * 100, 9) > threshold_pp
+    )
+    return Drift(task, b, r, recent.requests, threshold_pp, alert)
+
+
+def month_bounds(month: str) -> tuple[float, float]:
+    try:
+        year, mon = (int(x) for x in month.split("-"))
+        start = datetime(year, mon, 1, tzinfo=timezone.utc)
+    except ValueError:
+        raise ValueError(f"month must be YYYY-MM, got {month!r}") from None
+    days = calendar.monthrange(year, mon)[1]
+    return start.timestamp(), start.timestamp() + days * DAY
+
+
+def current_month(now: float) -> str:
+    return datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m")
+
+
+@dataclass
+class TaskPolicy:
+    """What the report needs of a task's config (drift windows); defaults for tasks only in the ledger."""
+
+    baseline_days: float = 7.0
+    recent_hours: float = 1.0
+    drift_threshold_pp: float = 10.0
+
+
+def _cost_fields(requests: int, escalated: int, slm: float, frontier: float, all_frontier: float) -> dict[str, Any]:
+    total = slm + frontier
+    savings = all_frontier - total
+    return {
+        "requests": requests,
+        "escalated": escalated,
+        "escalation_rate": escalated / requests if requests else None,
+        "slm_cost_usd": round(slm, 6),
+        "frontier_cost_usd": round(frontier, 6),
+        "total_cost_usd": round(total, 6),
+        "all_frontier_cost_usd": round(all_frontier, 6),
+        "savings_usd": round(savings, 6),
+        "savings_pct": round(100 * savings / all_frontier, 4) if all_frontier else None,
+        "cost_per_million_requests_usd": round(total / requests * 1e6, 4) if requests else None,
+    }
+
+
+def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus: int,
+                 policies: dict[str, TaskPolicy] | None = None) -> dict[str, Any]:
+    """The month's figures (to date, if it is the current month) and each task's drift now."""
+    start, end = month_bounds(month)
+    until = min(end, now)
+    elapsed_h = max(0.0, (until - start) / HOUR)
+    month_h = (end - start) / HOUR
+    by_task = totals_by_task(store, start, until, histograms=False) if until > start else {}
+    slm_cost = gpu_hour_usd * gpus * elapsed_h
+    all_t = Totals()
+    for t in by_task.values():
+        all_t.requests += t.requests
+        all_t.escalated += t.escalated
+        all_t.slm_answered += t.slm_answered
+        all_t.cost_usd += t.cost_usd
+        all_t.all_frontier_cost_usd += t.all_frontier_cost_usd
+    doc = {"month": month, "hours_elapsed": round(elapsed_h, 4), "hours_in_month": month_h,
+           "slm_gpu_hour_usd": gpu_hour_usd, "slm_gpus": gpus}
+    doc.update(_cost_fields(all_t.requests, all_t.escalated, slm_cost, all_t.cost_usd, all_t.all_frontier_cost_usd))
+    scale = month_h / elapsed_h if elapsed_h else 0.0
+    doc["projected_total_cost_usd"] = round(gpu_hour_usd * gpus * month_h + all_t.cost_usd * scale, 6) if elapsed_h else None
+    doc["projected_all_frontier_cost_usd"] = round(all_t.all_frontier_cost_usd * scale, 6) if elapsed_h else None
+    policies = policies or {}
+    names = sorted(set(by_task) | set(policies))
+    tasks = []
+    any_drift = False
+    for name in names:
+        t = by_task.get(name, Totals())
+        # The fixed SLM cost is shared by the SLM-answered requests of the period.
+        share = slm_cost * t.slm_answered / all_t.slm_answered if all_t.slm_answered else 0.0
+        entry = {"name": name}
+        entry.update(_cost_fields(t.requests, t.escalated, share, t.cost_usd, t.all_frontier_cost_usd))
+        pol = policies.get(name, TaskPolicy())
+        d = drift_status(store, name, now, pol.baseline_days, pol.recent_hours, pol.drift_threshold_pp)
+        entry.update(baseline_escalation_rate=d.baseline_rate, recent_escalation_rate=d.recent_rate,
+                     recent_requests=d.recent_requests, drift_threshold_pp=d.threshold_pp, drift_alert=d.alert)
+        any_drift = any_drift or d.alert
+        tasks.append(entry)
+    doc["tasks"] = tasks
+    doc["drift_alert"] = any_drift
+    return doc
+
+
+def monthly_history(store: Store, now: float, months: int, gpu_hour_usd: float, gpus: int) -> list[dict[str, Any]]:
+    """The last `months` months (oldest first): SLM, frontier, total and all-frontier cost."""
+    out = []
+    dt = datetime.fromtimestamp(now, tz=timezone.utc)
+    year, mon = dt.year, dt.month
+    keys = []
+    for _ in range(months):
+        keys.append(f"{year:04d}-{mon:02d}")
+        mon -= 1
+        if mon == 0:
+            year, mon = year - 1, 12
+    for key in reversed(keys):
+        start, end = month_bounds(key)
+        until = min(end, now)
+        day_hi = int(until // DAY) * DAY
+        rows = store.execute(
+            "SELECT COALESCE(SUM(requests),0), COALESCE(SUM(cost_usd),0), COALESCE(SUM(all_frontier_cost_usd),0)"
+            " FROM rollup_day WHERE bucket >= ? AND bucket < ?",
+            (start, day_hi),
+        )[0]
+        # The day table holds whole days; today's partial day comes from the finer tables.
+        partial = totals_by_task(store, day_hi, until, histograms=False) if until > day_hi else {}
+        req = rows[0] + sum(t.requests for t in partial.values())
+        frontier = rows[1] + sum(t.cost_usd for t in partial.values())
+        allf = rows[2] + sum(t.all_frontier_cost_usd for t in partial.values())
+        slm = gpu_hour_usd * gpus * max(0.0, (until - start) / HOUR) if req else 0.0
+        out.append({"month": key, "requests": req, "slm_cost_usd": slm, "frontier_cost_usd": frontier,
+                    "total_cost_usd": slm + frontier, "all_frontier_cost_usd": allf})
+    return out
+
+
+def known_tasks(store: Store) -> list[str]:
+    return [r[0] for r in store.execute("SELECT DISTINCT task FROM rollup_day ORDER BY task")]
+
+
+def iter_policies(tasks: Iterable[Any]) -> dict[str, TaskPolicy]:
+    """TaskPolicy per task from router-config tasks (anything with the three drift attributes)."""
+    return {t.name: TaskPolicy(t.baseline_days, t.recent_hours, t.drift_threshold_pp) for t in tasks}
