@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     gpus.add_argument("--json", action="store_true", help="print JSON")
     gpus.add_argument("--simulated", action="store_true", help="read the simulated demo fleet instead of NVML")
 
+    backend = sub.add_parser("demo-backend", help=argparse.SUPPRESS)  # started by `fleetdeck demo`
+    backend.add_argument("--store", required=True)
+    backend.add_argument("--dir", required=True)
+    backend.add_argument("--rate", type=float, default=4.0)
+
     from fleetdeck import commands
 
     for register in commands.REGISTRY:
@@ -89,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_gpus(args)
     if args.command == "demo":
         return cmd_dashboard(args, demo=True)
+    if args.command == "demo-backend":
+        from engine.router.demo import run_backend
+
+        return run_backend(Path(args.store), Path(args.dir), args.rate)
     return cmd_dashboard(args, demo=False)
 
 
@@ -186,16 +195,20 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
         config = config.model_copy(update={"read_only": True})
 
     if demo:
-        from store.paths import data_dir
+        from store.paths import data_dir, state_dir
 
         store_path = Path(args.store) if args.store else data_dir() / "demo.db"
+        router_config: Path | None = state_dir() / "demo" / "demo-router.toml"
 
         def factory() -> list:
             from fleet.simulated import demo_fleet
 
             return list(demo_fleet())
     else:
+        from fleetdeck.cmd_proxy import default_router_config
+
         store_path = _store_path(args)
+        router_config = default_router_config()
 
         def factory() -> list:
             from fleet.source import LocalNode
@@ -204,7 +217,8 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
 
     from tui.app import AppOptions, FleetDeckApp
 
-    app = FleetDeckApp(AppOptions(sources_factory=factory, store_path=store_path, config=config, simulated=demo))
+    app = FleetDeckApp(AppOptions(sources_factory=factory, store_path=store_path, config=config, simulated=demo,
+                                  router_config=router_config, demo_backend=demo))
     app.run()
     return 0
 

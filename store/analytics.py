@@ -146,9 +146,29 @@ class Drift:
 
 def drift_status(store: Store, task: str, now: float, baseline_days: float = 7.0, recent_hours: float = 1.0,
                  threshold_pp: float = 10.0) -> Drift:
-    recent_start = now - recent_hours * HOUR
-    base = totals_by_task(store, recent_start - baseline_days * DAY, recent_start, histograms=False).get(task, Totals())
-    recent = totals_by_task(store, recent_start, now, histograms=False).get(task, Totals())
+    policy = TaskPolicy(baseline_days, recent_hours, threshold_pp)
+    return drift_for_tasks(store, now, [task], {task: policy})[task]
+
+
+def drift_for_tasks(store: Store, now: float, names: Iterable[str], policies: dict[str, "TaskPolicy"] | None = None) -> dict[str, Drift]:
+    """Drift of many tasks with two rollup reads per distinct window setting, not two per task."""
+    policies = policies or {}
+    groups: dict[tuple[float, float], list[str]] = {}
+    for name in names:
+        pol = policies.get(name, TaskPolicy())
+        groups.setdefault((pol.baseline_days, pol.recent_hours), []).append(name)
+    out: dict[str, Drift] = {}
+    for (baseline_days, recent_hours), members in groups.items():
+        recent_start = now - recent_hours * HOUR
+        base = totals_by_task(store, recent_start - baseline_days * DAY, recent_start, histograms=False)
+        recent = totals_by_task(store, recent_start, now, histograms=False)
+        for name in members:
+            threshold = policies.get(name, TaskPolicy()).drift_threshold_pp
+            out[name] = _drift(name, base.get(name, Totals()), recent.get(name, Totals()), threshold)
+    return out
+
+
+def _drift(task: str, base: Totals, recent: Totals, threshold_pp: float) -> Drift:
     b, r = base.escalation_rate, recent.escalation_rate
     alert = (
         b is not None and r is not None and recent.requests >= MIN_RECENT_REQUESTS
@@ -221,6 +241,7 @@ def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus
     doc["projected_all_frontier_cost_usd"] = round(all_t.all_frontier_cost_usd * scale, 6) if elapsed_h else None
     policies = policies or {}
     names = sorted(set(by_task) | set(policies))
+    drifts = drift_for_tasks(store, now, names, policies)
     tasks = []
     any_drift = False
     for name in names:
@@ -229,8 +250,7 @@ def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus
         share = slm_cost * t.slm_answered / all_t.slm_answered if all_t.slm_answered else 0.0
         entry = {"name": name}
         entry.update(_cost_fields(t.requests, t.escalated, share, t.cost_usd, t.all_frontier_cost_usd))
-        pol = policies.get(name, TaskPolicy())
-        d = drift_status(store, name, now, pol.baseline_days, pol.recent_hours, pol.drift_threshold_pp)
+        d = drifts[name]
         entry.update(baseline_escalation_rate=d.baseline_rate, recent_escalation_rate=d.recent_rate,
                      recent_requests=d.recent_requests, drift_threshold_pp=d.threshold_pp, drift_alert=d.alert)
         any_drift = any_drift or d.alert

@@ -31,6 +31,8 @@ class AppOptions:
     simulated: bool = False
     poll: bool = True  # tests drive polls by hand when False
     show_clock: bool = True  # snapshot tests turn the clock off
+    router_config: Path | None = None  # pricing, tasks and drift windows for the Router and Cost screens
+    demo_backend: bool = False  # `fleetdeck demo`: start simulated router traffic beside the dashboard
 
 
 class FleetDeckApp(App[None]):
@@ -43,6 +45,8 @@ class FleetDeckApp(App[None]):
         Binding("question_mark", "help", "Help", key_display="?", id="app.help"),
         Binding("1", "show_fleet", "Fleet", id="app.fleet"),
         Binding("2", "show_fit", "Fit", id="app.fit"),
+        Binding("5", "show_router", "Router", id="app.router"),
+        Binding("6", "show_cost", "Cost", id="app.cost"),
         Binding("ctrl+r", "poll_now", "Refresh", show=False, id="app.refresh"),
     ]
 
@@ -54,6 +58,8 @@ class FleetDeckApp(App[None]):
         self.store_error: str | None = None
         self._polling = False
         self.status_text = "starting…"
+        self.drifting: set[str] = set()
+        self._demo_proc = None
         self.sub_title = socket.gethostname()
 
     def get_default_screen(self) -> Screen:
@@ -70,6 +76,7 @@ class FleetDeckApp(App[None]):
         self._open_sources()
         if self.options.poll:
             self.set_interval(self.options.config.refresh_s, self.action_poll_now)
+            self.set_interval(30.0, self.check_drift)
 
     @work(thread=True, exclusive=True, group="start")
     def _open_sources(self) -> None:
@@ -87,12 +94,65 @@ class FleetDeckApp(App[None]):
         self.poller.sources = sources
         self.poller.store = store
         self.store = store
+        if self.options.demo_backend and store is not None:
+            self._start_demo_backend(store.path)
         if store is not None:
             try:
                 self.poller.seed_history()
             except Exception as exc:  # an unreadable history is not worth stopping for
                 error = f"GPU history could not be read: {exc}"
         self.call_from_thread(self._sources_ready, error)
+
+    def _start_demo_backend(self, store_path: Path) -> None:
+        """`fleetdeck demo`: simulated SLM/frontier servers and the real proxy, in their own processes."""
+        import subprocess
+        import sys
+
+        workdir = self.options.router_config.parent if self.options.router_config else store_path.parent
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = open(workdir / "demo-backend.log", "ab")
+        self._demo_proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetdeck", "demo-backend", "--store", str(store_path), "--dir", str(workdir)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+
+    @work(thread=True, exclusive=True, group="drift")
+    def check_drift(self) -> None:
+        """Notify when a task starts (or stops) drifting above its baseline escalation rate."""
+        if self.store is None:
+            return
+        import time
+
+        from store.analytics import drift_for_tasks, iter_policies, known_tasks
+
+        policies: dict = {}
+        path = self.router_config_path()
+        if path is not None and path.exists():
+            from engine.router.config import load_router_config
+            from fleet.config import ConfigError
+
+            try:
+                policies = iter_policies(load_router_config(path).task)
+            except ConfigError:
+                pass
+        now = time.time()
+        try:
+            names = sorted(set(policies) | set(known_tasks(self.store)))
+            drifts = drift_for_tasks(self.store, now, names, policies)
+            drifting = {(d.task, d.recent_rate, d.baseline_rate) for d in drifts.values() if d.alert}
+        except Exception:
+            return
+        self.call_from_thread(self._drift_changed, drifting)
+
+    def _drift_changed(self, drifting: set) -> None:
+        names = {d[0] for d in drifting}
+        for name, recent, base in sorted(drifting):
+            if name not in self.drifting:
+                self.notify(f"{name}: escalation {recent * 100:.1f}% vs baseline {base * 100:.1f}%",
+                            title="Escalation drift", severity="error", timeout=20)
+        for name in sorted(self.drifting - names):
+            self.notify(f"{name}: escalation back within its baseline band", title="Drift cleared")
+        self.drifting = names
 
     def _sources_ready(self, store_error: str | None) -> None:
         self.store_error = store_error
@@ -172,6 +232,15 @@ class FleetDeckApp(App[None]):
     def action_show_fit(self) -> None:
         self.switch_to("fit")
 
+    def action_show_router(self) -> None:
+        self.switch_to("router")
+
+    def action_show_cost(self) -> None:
+        self.switch_to("cost")
+
+    def router_config_path(self) -> Path | None:
+        return self.options.router_config
+
     def switch_to(self, name: str) -> None:
         """Go to a top-level screen; each is created once and keeps its state between visits."""
         while len(self.screen_stack) > 1:
@@ -187,16 +256,28 @@ class FleetDeckApp(App[None]):
             from tui.screens.fit import FitScreen
 
             return FitScreen()
+        if name == "router":
+            from tui.screens.router import RouterScreen
+
+            return RouterScreen()
+        if name == "cost":
+            from tui.screens.cost import CostScreen
+
+            return CostScreen()
         raise KeyError(name)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Fleet", "Every GPU of every node", self.action_show_fleet)
         yield SystemCommand("Fit", "Will this model fit, and how many requests will it hold", self.action_show_fit)
+        yield SystemCommand("Router", "Escalation rate per task, drift, calibration", self.action_show_router)
+        yield SystemCommand("Cost", "Month to date against all-frontier, last 12 months", self.action_show_cost)
         yield SystemCommand("Refresh now", "Poll every node immediately", self.action_poll_now)
         yield SystemCommand("Keys", "Every key and what it does", self.action_help)
 
     def on_unmount(self) -> None:
+        if self._demo_proc is not None and self._demo_proc.poll() is None:
+            self._demo_proc.terminate()
         self.poller.close()
         if self.store is not None:
             self.store.close()

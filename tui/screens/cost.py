@@ -1,0 +1,117 @@
+"""The Cost screen: month to date against an all-frontier baseline, per task, and the last 12 months."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from textual import work
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.widgets import DataTable, Static
+from textual_plotext import PlotextPlot
+
+from tui.format import usd
+from tui.screens.base import DeckScreen
+
+
+def load_cost_data(store: Any, config_path: Path | None, now: float) -> dict[str, Any]:
+    from engine.router.config import load_router_config
+    from fleet.config import ConfigError
+    from store.analytics import current_month, iter_policies, month_report, monthly_history
+
+    gpu_hour, gpus, policies, error = 0.0, 0, {}, None
+    if config_path is not None and config_path.exists():
+        try:
+            cfg = load_router_config(config_path)
+            gpu_hour, gpus, policies = cfg.pricing.slm_gpu_hour_usd, cfg.pricing.slm_gpus, iter_policies(cfg.task)
+        except ConfigError as exc:
+            error = str(exc)
+    elif config_path is not None:
+        error = f"no router config at {config_path}: the local fleet's cost counts as $0.00"
+    report = month_report(store, current_month(now), now, gpu_hour, gpus, policies)
+    history = monthly_history(store, now, 12, gpu_hour, gpus)
+    return {"report": report, "history": history, "error": error}
+
+
+class CostScreen(DeckScreen):
+    def __init__(self, refresh_s: float = 10.0) -> None:
+        super().__init__()
+        self.refresh_s = refresh_s
+        self.data: dict[str, Any] | None = None
+        self._loading = False
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="cost-top"):
+            yield Static("", id="cost-summary")
+            yield PlotextPlot(id="cost-chart")
+        table: DataTable[Any] = DataTable(id="cost-tasks", cursor_type="row")
+        table.add_columns("Task", "Requests", "Esc", "SLM", "Frontier", "Total", "$/M req", "Savings")
+        yield table
+
+    def on_mount(self) -> None:
+        self.set_interval(self.refresh_s, self.reload)
+        self.reload()
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        if not self.is_current or self._loading:
+            return
+        store = getattr(self.app, "store", None)
+        if store is None:
+            self.query_one("#cost-summary", Static).update("No store yet: costs come from the router's ledger.")
+            return
+        self._loading = True
+        self._load(store, self.app.router_config_path())
+
+    @work(thread=True, exclusive=True, group="cost")
+    def _load(self, store: Any, config_path: Path | None) -> None:
+        try:
+            data = load_cost_data(store, config_path, time.time())
+        except Exception as exc:
+            data = {"error": f"cost figures unavailable: {exc}"}
+        self.app.call_from_thread(self._show, data)
+
+    def _show(self, data: dict[str, Any]) -> None:
+        self._loading = False
+        self.data = data
+        summary = self.query_one("#cost-summary", Static)
+        if "report" not in data:
+            summary.update(f"[red]{data.get('error')}[/]")
+            return
+        r = data["report"]
+        pct = "n/a" if r["savings_pct"] is None else f"{r['savings_pct']:.1f}%"
+        lines = [
+            f"[b]{r['month']}[/b] to date ({r['hours_elapsed']:.0f} of {r['hours_in_month']:.0f} h)",
+            f"local SLM  {usd(r['slm_cost_usd']):>12}",
+            f"frontier   {usd(r['frontier_cost_usd']):>12}",
+            f"[b]total      {usd(r['total_cost_usd']):>12}[/b]",
+            f"projected  {usd(r['projected_total_cost_usd']):>12}",
+            f"all-front. {usd(r['all_frontier_cost_usd']):>12}",
+            f"[b green]saved      {usd(r['savings_usd']):>12} ({pct})[/]" if (r["savings_usd"] or 0) >= 0
+            else f"[b red]saved      {usd(r['savings_usd']):>12} ({pct})[/]",
+            f"per M req. {usd(r['cost_per_million_requests_usd']):>12}",
+            f"requests   {r['requests']:>12,}",
+        ]
+        if data.get("error"):
+            lines.append(f"[yellow]{data['error']}[/]")
+        summary.update("\n".join(lines))
+        table = self.query_one("#cost-tasks", DataTable)
+        table.clear()
+        for t in r["tasks"]:
+            rate = "n/a" if t["escalation_rate"] is None else f"{t['escalation_rate'] * 100:.1f}%"
+            table.add_row(t["name"], f"{t['requests']:,}", rate, usd(t["slm_cost_usd"]), usd(t["frontier_cost_usd"]),
+                          usd(t["total_cost_usd"]), usd(t["cost_per_million_requests_usd"]), usd(t["savings_usd"]),
+                          key=t["name"])
+        plot = self.query_one("#cost-chart", PlotextPlot)
+        plt = plot.plt
+        plt.clear_figure()
+        hist = data["history"]
+        labels = [h["month"][2:] for h in hist]
+        plt.multiple_bar(labels, [[h["total_cost_usd"] for h in hist], [h["all_frontier_cost_usd"] for h in hist]],
+                         labels=["actual", "all-frontier"], color=["cyan", "red"])
+        plt.title("last 12 months, USD")
+        plot.refresh()

@@ -1,0 +1,289 @@
+"""The Router screen: per task, escalation rate now and against its baseline, latency by route,
+confidence distribution, the escalation chart over an hour, a day or 30 days with the baseline band,
+and the latest calibration curve (whose threshold `a` writes into the router config).
+
+All figures come from store.analytics over the rollups, queried in a worker every few seconds while
+the screen is shown.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import DataTable, Static
+from textual_plotext import PlotextPlot
+
+from tui.format import local_time, sparkline
+from tui.screens.base import DeckScreen
+from tui.screens.confirm import ConfirmScreen
+
+WINDOWS = {"h": ("last hour", 3600), "d": ("last day", 86400), "m": ("last 30 days", 30 * 86400)}
+
+
+@dataclass
+class TaskRow:
+    name: str
+    threshold: float | None
+    req_1h: int
+    rate_1h: float | None
+    rate_24h: float | None
+    rate_30d: float | None
+    baseline: float | None
+    recent: float | None
+    drift_pp: float
+    alert: bool
+    p50_slm: float | None
+    p95_slm: float | None
+    p50_frontier: float | None
+    p95_frontier: float | None
+    confidence_hist: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RouterData:
+    rows: list[TaskRow]
+    series: list[tuple[int, int, int]]
+    calibration: dict[str, Any] | None
+    config_path: Path | None
+    error: str | None = None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.1f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else (f"{x / 1000:.1f}s" if x >= 1000 else f"{x:.0f}ms")
+
+
+def load_router_data(store: Any, config_path: Path | None, selected: str | None, window_s: int, now: float) -> RouterData:
+    from engine.router.calibrate import latest_calibration
+    from engine.router.config import load_router_config
+    from fleet.config import ConfigError
+    from store.analytics import drift_for_tasks, escalation_series, iter_policies, known_tasks, totals_by_task
+
+    error = None
+    policies: dict[str, Any] = {}
+    thresholds: dict[str, float] = {}
+    if config_path is not None and config_path.exists():
+        try:
+            cfg = load_router_config(config_path)
+            policies = iter_policies(cfg.task)
+            thresholds = {t.name: t.threshold for t in cfg.task}
+        except ConfigError as exc:
+            error = str(exc)
+    names = sorted(set(policies) | set(known_tasks(store)))
+    t1h = totals_by_task(store, now - 3600, now, histograms=False)
+    t24 = totals_by_task(store, now - 86400, now)
+    t30 = totals_by_task(store, now - 30 * 86400, now, histograms=False)
+    drifts = drift_for_tasks(store, now, names, policies)
+    rows = []
+    for name in names:
+        d = drifts[name]
+        day = t24.get(name)
+        rows.append(TaskRow(
+            name=name, threshold=thresholds.get(name),
+            req_1h=t1h[name].requests if name in t1h else 0,
+            rate_1h=t1h[name].escalation_rate if name in t1h else None,
+            rate_24h=day.escalation_rate if day else None,
+            rate_30d=t30[name].escalation_rate if name in t30 else None,
+            baseline=d.baseline_rate, recent=d.recent_rate, drift_pp=d.threshold_pp, alert=d.alert,
+            p50_slm=day.latency_pct("slm", 0.5) if day else None, p95_slm=day.latency_pct("slm", 0.95) if day else None,
+            p50_frontier=day.latency_pct("frontier", 0.5) if day else None,
+            p95_frontier=day.latency_pct("frontier", 0.95) if day else None,
+            confidence_hist=day.confidence_hist if day else [],
+        ))
+    selected = selected if selected in names else (names[0] if names else None)
+    series = escalation_series(store, selected, now - window_s, now) if selected else []
+    cal = latest_calibration(store, selected) if selected else None
+    return RouterData(rows, series, cal, config_path, error)
+
+
+class RouterScreen(DeckScreen):
+    BINDINGS = [
+        Binding("h", "window('h')", "Hour", id="router.hour"),
+        Binding("d", "window('d')", "Day", id="router.day"),
+        Binding("m", "window('m')", "30 days", id="router.month"),
+        Binding("c", "toggle_chart", "Calibration", id="router.calibration"),
+        Binding("a", "apply_threshold", "Apply threshold", id="router.apply"),
+    ]
+
+    def __init__(self, refresh_s: float = 5.0) -> None:
+        super().__init__()
+        self.window = "d"
+        self.show_calibration = False
+        self.selected: str | None = None
+        self.data: RouterData | None = None
+        self.refresh_s = refresh_s
+        self._loading = False
+
+    def compose_body(self) -> ComposeResult:
+        table: DataTable[Any] = DataTable(id="router-tasks", cursor_type="row")
+        table.add_column("Task", key="task")
+        table.add_column("Req/h", key="req")
+        table.add_column("Esc 1h", key="r1h")
+        table.add_column("24h", key="r24")
+        table.add_column("30d", key="r30")
+        table.add_column("Baseline", key="base")
+        table.add_column("SLM p50/p95", key="slm")
+        table.add_column("Frontier p50/p95", key="fr")
+        yield table
+        with Horizontal(id="router-lower"):
+            yield PlotextPlot(id="router-chart")
+            yield Static("", id="router-detail")
+
+    def on_mount(self) -> None:
+        self.query_one("#router-tasks").focus()
+        self.set_interval(self.refresh_s, self.reload)
+        self.reload()
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        if not self.is_current or self._loading:
+            return
+        store = getattr(self.app, "store", None)
+        if store is None:
+            self.query_one("#router-detail", Static).update(
+                "No store yet: the router's ledger lives in the store (see --store)."
+            )
+            return
+        self._loading = True
+        self._load(store, self.app.router_config_path(), self.selected, WINDOWS[self.window][1])
+
+    @work(thread=True, exclusive=True, group="router")
+    def _load(self, store: Any, config_path: Path | None, selected: str | None, window_s: int) -> None:
+        try:
+            data = load_router_data(store, config_path, selected, window_s, time.time())
+        except Exception as exc:  # a locked store: show it, try again next tick
+            data = RouterData([], [], None, config_path, error=f"router figures unavailable: {exc}")
+        self.app.call_from_thread(self._show, data)
+
+    def _show(self, data: RouterData) -> None:
+        self._loading = False
+        self.data = data
+        table = self.query_one("#router-tasks", DataTable)
+        keys = [r.name for r in data.rows]
+        current = [r.key.value for r in table.ordered_rows]
+        with self.app.batch_update():
+            if keys != current:
+                table.clear()
+                for row in data.rows:
+                    table.add_row(*self._cells(row), key=row.name)
+            else:
+                for row in data.rows:
+                    for col, value in zip(("task", "req", "r1h", "r24", "r30", "base", "slm", "fr"), self._cells(row)):
+                        table.update_cell(row.name, col, value)
+        if self.selected is None and keys:
+            self.selected = keys[0]
+        self._draw()
+
+    def _cells(self, r: TaskRow) -> list[Any]:
+        style = "bold red" if r.alert else ""
+        name = Text(("▲ " if r.alert else "  ") + r.name, style=style)
+        return [
+            name, f"{r.req_1h:,}", Text(_pct(r.rate_1h), style=style), _pct(r.rate_24h), _pct(r.rate_30d),
+            _pct(r.baseline), f"{_ms(r.p50_slm)}/{_ms(r.p95_slm)}", f"{_ms(r.p50_frontier)}/{_ms(r.p95_frontier)}",
+        ]
+
+    def _draw(self) -> None:
+        data = self.data
+        if data is None:
+            return
+        plot = self.query_one("#router-chart", PlotextPlot)
+        plt = plot.plt
+        plt.clear_figure()
+        row = next((r for r in data.rows if r.name == self.selected), None)
+        detail = self.query_one("#router-detail", Static)
+        if row is None:
+            detail.update(data.error or "No router traffic in the store yet. Start `fleetdeck proxy`.")
+            plot.refresh()
+            return
+        if self.show_calibration:
+            cal = data.calibration
+            if cal:
+                esc = [p[1] * 100 for p in cal["curve"]]
+                acc = [p[2] * 100 for p in cal["curve"]]
+                plt.plot(esc, acc, marker="braille")
+                plt.title(f"{row.name}: accuracy vs escalation (calibrated {local_time(cal['ts'], '%Y-%m-%d')})")
+                plt.xlabel("escalated %")
+            else:
+                plt.title(f"{row.name}: no calibration yet (fleetdeck calibrate {row.name} --eval FILE)")
+        else:
+            label, _ = WINDOWS[self.window]
+            xs = [(b - time.time()) / 3600 for b, _, _ in data.series]
+            ys = [100 * e / n if n else 0.0 for _, n, e in data.series]
+            if xs:
+                plt.plot(xs, ys, marker="braille", color="cyan")
+                if row.baseline is not None:
+                    plt.hline(row.baseline * 100, "green")
+                    plt.hline(row.baseline * 100 + row.drift_pp, "red")
+            plt.title(f"{row.name}: escalation % ({label}; green baseline, red alert line)")
+            plt.xlabel("hours ago")
+        plot.refresh()
+        conf = sparkline(row.confidence_hist, len(row.confidence_hist), top=max(row.confidence_hist or [1]) or 1)
+        lines = [
+            f"[b]{row.name}[/b]" + ("  [b red]DRIFT[/]" if row.alert else ""),
+            f"threshold {row.threshold if row.threshold is not None else 'n/a'}",
+            f"recent {_pct(row.recent)} vs baseline {_pct(row.baseline)}",
+            f"alert above +{row.drift_pp:g} pp",
+            f"confidence 0→1 (24h): {conf}",
+        ]
+        cal = data.calibration
+        if cal and cal.get("threshold") is not None:
+            lines.append(f"calibrated threshold {cal['threshold']:.3f} → {cal['escalation_rate'] * 100:.1f}% esc at "
+                         f"{cal['target_accuracy'] * 100:.0f}% acc (a: apply)")
+        if data.error:
+            lines.append(f"[red]{data.error}[/]")
+        detail.update("\n".join(lines))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key is not None and event.row_key.value != self.selected:
+            self.selected = event.row_key.value
+            self._loading = False
+            self.reload()
+
+    def action_window(self, key: str) -> None:
+        self.window = key
+        self.reload()
+
+    def action_toggle_chart(self) -> None:
+        self.show_calibration = not self.show_calibration
+        self._draw()
+
+    def action_apply_threshold(self) -> None:
+        data = self.data
+        cal = data.calibration if data else None
+        path = data.config_path if data else None
+        if getattr(self.app.options.config, "read_only", False):
+            self.notify("Read-only mode: thresholds are not changed.", severity="warning")
+            return
+        if not cal or cal.get("threshold") is None or path is None or not path.exists():
+            self.notify("No calibrated threshold for this task (run `fleetdeck calibrate`), or no router config.",
+                        severity="warning")
+            return
+        task, value = cal["task"], float(cal["threshold"])
+
+        def done(ok: bool | None) -> None:
+            if not ok:
+                return
+            from engine.router.config import set_task_threshold
+
+            try:
+                set_task_threshold(path, task, value)
+            except (KeyError, ValueError, OSError) as exc:
+                self.notify(f"Threshold not written: {exc}", severity="error")
+                return
+            self.notify(f"{task}: threshold {value:.4f} written to {path}. Restart the proxy to use it.")
+            self.reload()
+
+        self.app.push_screen(ConfirmScreen(f"Set {task}'s threshold to {value:.4f} in {path}?"), done)
