@@ -121,9 +121,40 @@ def _v3_calibrations(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX calibrations_task ON calibrations (task, ts)")
 
 
+def _v4_managed_processes(db: sqlite_utils.Database) -> None:
+    # Servers and jobs fleetdeck started, so a restarted dashboard re-attaches. A pid whose process
+    # create time differs from the recorded one is not ours.
+    db.execute(
+        """
+        CREATE TABLE managed (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,            -- server | job
+            name TEXT NOT NULL,            -- profile or job name
+            node TEXT NOT NULL,
+            pid INTEGER,
+            create_time REAL,
+            argv TEXT NOT NULL,            -- JSON list
+            env TEXT NOT NULL DEFAULT '{}',-- JSON: the variables fleetdeck set
+            gpus TEXT NOT NULL DEFAULT '', -- comma-separated indices
+            port INTEGER,
+            log_path TEXT NOT NULL,
+            spec TEXT NOT NULL DEFAULT '{}',  -- JSON: the profile or job spec
+            state TEXT NOT NULL,           -- starting | ready | crashed | stopped | running | finished | failed | cancelled
+            reason TEXT,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            exit_code INTEGER,
+            predicted_kv_tokens INTEGER
+        )
+        """
+    )
+    db.execute("CREATE INDEX managed_kind ON managed (kind, started_at)")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
     2: _v2_router_ledger,
     3: _v3_calibrations,
+    4: _v4_managed_processes,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

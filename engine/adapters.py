@@ -1,0 +1,144 @@
+"""LoRA adapters: the registry on disk, compatibility with a server, and hot-swap through vLLM's API."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterError(Exception):
+    """An adapter cannot be used; the message names the folder or the server's refusal."""
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: str
+    rank: int
+    alpha: float | None
+    target_modules: list[str]
+    base_model: str | None
+    size_bytes: int
+    metadata: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_adapter(folder: Path) -> Adapter:
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise AdapterError(f"{folder}: no adapter_config.json (not a PEFT LoRA adapter folder)")
+    weights = [folder / w for w in WEIGHT_FILES if (folder / w).is_file()]
+    if not weights:
+        raise AdapterError(f"{folder}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object")
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    try:
+        rank = int(cfg["r"])
+    except (KeyError, TypeError, ValueError):
+        raise AdapterError(f"{cfg_path}: no integer `r` (the LoRA rank)") from None
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    meta = None
+    meta_path = folder / "fleetdeck.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            meta = None
+    return Adapter(
+        name=folder.name, path=str(folder.resolve()), rank=rank,
+        alpha=float(cfg["lora_alpha"]) if cfg.get("lora_alpha") is not None else None,
+        target_modules=sorted(str(t) for t in targets), base_model=cfg.get("base_model_name_or_path"),
+        size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()), metadata=meta,
+    )
+
+
+def scan(roots: list[Path]) -> tuple[list[Adapter], list[str]]:
+    """Every adapter under the roots (one level deep), and a message for each folder that is not one."""
+    adapters, problems = [], []
+    for root in roots:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            problems.append(f"{root}: adapter root does not exist")
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            if not (folder / "adapter_config.json").exists():
+                continue
+            try:
+                adapters.append(read_adapter(folder))
+            except AdapterError as exc:
+                problems.append(str(exc))
+    return adapters, problems
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return True  # unknown on one side: vLLM will judge
+    norm = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def compatibility_problems(adapter: Adapter, base_model: str, lora_enabled: bool, max_lora_rank: int) -> list[str]:
+    problems = []
+    if not lora_enabled:
+        problems.append("the server was started without LoRA (set [lora] enable = true in its profile)")
+    if adapter.rank > max_lora_rank:
+        problems.append(f"adapter rank {adapter.rank} is above the server's max LoRA rank {max_lora_rank}")
+    if not _same_model(adapter.base_model, base_model):
+        problems.append(f"adapter was trained on {adapter.base_model}, the server runs {base_model}")
+    return problems
+
+
+def _post(base_url: str, path: str, body: dict[str, Any], api_key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.post(f"{base_url}{path}", json=body, headers=headers, timeout=120, trust_env=False)
+    except httpx.HTTPError as exc:
+        raise AdapterError(f"server at {base_url} did not answer: {exc}") from exc
+    if r.status_code != 200:
+        try:
+            message = r.json().get("message") or r.text
+        except ValueError:
+            message = r.text
+        raise AdapterError(f"vLLM refused ({r.status_code}): {message}")
+    return r.text
+
+
+def load(base_url: str, name: str, path: str, api_key: str | None = None) -> str:
+    return _post(base_url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, api_key)
+
+
+def unload(base_url: str, name: str, api_key: str | None = None) -> str:
+    return _post(base_url, "/v1/unload_lora_adapter", {"lora_name": name}, api_key)
+
+
+def loaded(base_url: str, api_key: str | None = None) -> list[dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=5, trust_env=False)
+    r.raise_for_status()
+    return [m for m in r.json().get("data", []) if m.get("parent")]
+
+
+def swap(base_url: str, old: str, new_name: str, new_path: str, api_key: str | None = None) -> str:
+    """Load the new adapter first and only then unload the old one, so a task never points at nothing."""
+    load(base_url, new_name, new_path, api_key)
+    try:
+        unload(base_url, old, api_key)
+    except AdapterError as exc:
+        return f"{new_name} loaded; {old} could not be unloaded: {exc}"
+    return f"{new_name} loaded, then {old} unloaded"

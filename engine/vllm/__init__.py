@@ -1,0 +1,1 @@
+"""vLLM servers: launch profiles, the launcher, readiness, crash diagnosis, metrics, the simulator."""

@@ -1,0 +1,327 @@
+"""Starting, watching and stopping vLLM servers.
+
+The launcher builds `vllm serve`'s argument list (never a shell string), pins the chosen GPUs with
+CUDA_VISIBLE_DEVICES, turns on runtime LoRA updating when LoRA is on, starts the server in its own
+session with its output in a log file (so it outlives the dashboard), and records pid, process create
+time, command, GPUs, port and log in the store. State comes from the process and the HTTP API:
+starting (alive, not answering /health), ready (/health 200 and /v1/models), crashed (gone without
+being stopped; the log tail says why), stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import httpx
+import psutil
+
+from engine.vllm.diagnose import diagnose, tail
+from engine.vllm.profile import Profile
+
+GIB = 1024**3
+
+
+class LaunchError(Exception):
+    """The server was not started; the message says why (with the planner's figures when it refused)."""
+
+
+@dataclass
+class ServerRecord:
+    id: str
+    name: str
+    node: str
+    pid: int | None
+    create_time: float | None
+    argv: list[str]
+    env: dict[str, str]
+    gpus: str
+    port: int | None
+    log_path: str
+    spec: dict[str, Any]
+    state: str
+    reason: str | None
+    started_at: float
+    ended_at: float | None = None
+    exit_code: int | None = None
+    predicted_kv_tokens: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def served_name(self) -> str:
+        return self.spec.get("served_model_name") or self.spec.get("model", "")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["base_url"] = self.base_url
+        return d
+
+
+def vllm_command(profile: Profile) -> list[str]:
+    env = os.environ.get("FLEETDECK_VLLM")
+    cmd = shlex.split(env) if env else (profile.command() or ["vllm"])
+    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
+        raise LaunchError(
+            f"cannot find the vLLM command {cmd[0]!r}: install it (pip install 'fleetdeck[serve]' on a GPU host) "
+            "or point FLEETDECK_VLLM / the profile's vllm_command at it"
+        )
+    return cmd
+
+
+def free_port(start: int = 8000, end: int = 8999) -> int:
+    for port in range(start, end):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise LaunchError(f"no free port between {start} and {end}")
+
+
+def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    argv = vllm_command(profile) + [
+        "serve", profile.model,
+        "--port", str(port),
+        "--served-model-name", profile.served_name,
+        "--tensor-parallel-size", str(profile.tensor_parallel_size),
+        "--max-model-len", str(profile.max_model_len),
+        "--gpu-memory-utilization", str(profile.gpu_memory_utilization),
+        "--kv-cache-dtype", profile.kv_cache_dtype,
+    ]
+    if profile.quantization != "none":
+        argv += ["--quantization", profile.quantization]
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), "HF_HUB_OFFLINE": "1"}
+    if profile.lora.enable:
+        argv += ["--enable-lora", "--max-loras", str(profile.lora.max_loras), "--max-lora-rank", str(profile.lora.max_lora_rank)]
+        if lora_modules:
+            argv += ["--lora-modules", *(f"{n}={p}" for n, p in lora_modules.items())]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if profile.api_key_env:
+        # vLLM reads VLLM_API_KEY: the key never shows in `ps`.
+        env["VLLM_API_KEY"] = os.environ.get(profile.api_key_env, "")
+    argv += profile.extra_args
+    return argv, env
+
+
+def resolve_preload(profile: Profile, adapter_roots: list[Path]) -> dict[str, str]:
+    from engine.adapters import AdapterError, read_adapter
+
+    out: dict[str, str] = {}
+    for item in profile.lora.preload:
+        name, _, path = item.partition("=")
+        if not path:
+            candidates = [Path(r).expanduser() / name for r in adapter_roots]
+            found = next((c for c in candidates if (c / "adapter_config.json").is_file()), None)
+            if found is None:
+                raise LaunchError(f"preload adapter {name!r} is in none of the adapter roots ({', '.join(map(str, adapter_roots)) or 'none set'})")
+            path = str(found)
+        try:
+            read_adapter(Path(path))
+        except AdapterError as exc:
+            raise LaunchError(f"preload adapter {name!r}: {exc}") from exc
+        out[name] = path
+    return out
+
+
+def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
+    """The planner's verdict for exactly these GPUs: the tightest one decides, with its live free memory."""
+    from dataclasses import replace
+
+    from engine.kvfit import ArchError, FitRequest, load_model, plan
+
+    if len(gpus) != profile.tensor_parallel_size:
+        raise LaunchError(f"the profile asks for tensor_parallel_size {profile.tensor_parallel_size} but "
+                          f"{len(gpus)} GPU(s) were chosen")
+    try:
+        arch, exact = load_model(profile.model)
+    except ArchError as exc:
+        raise LaunchError(f"cannot plan {profile.model}: {exc} (--force starts it anyway)") from exc
+    if profile.quantization != "none" and arch.quantization.method == "none":
+        from engine.kvfit.arch import Quantization
+
+        q = {"awq": Quantization("awq", 4, 128), "awq_marlin": Quantization("awq", 4, 128), "gptq": Quantization("gptq", 4, 128),
+             "gptq_marlin": Quantization("gptq", 4, 128), "fp8": Quantization("fp8", 8)}[profile.quantization]
+        arch = replace(arch, quantization=q)
+    tightest = min(gpus, key=lambda g: (g.memory_free_bytes if g.memory_free_bytes is not None else g.memory_total_bytes or 0))
+    return plan(arch, FitRequest(
+        gpu_memory_bytes=tightest.memory_total_bytes, gpu_memory_utilization=profile.gpu_memory_utilization,
+        tensor_parallel_size=profile.tensor_parallel_size, max_model_len=profile.max_model_len,
+        kv_cache_dtype=profile.kv_cache_dtype, free_memory_bytes=tightest.memory_free_bytes,
+        other_process_bytes=tightest.memory_used_bytes, gpu_name=tightest.name, weight_bytes_total=exact,
+    ))
+
+
+def _save(store: Any, rec: ServerRecord) -> None:
+    d = asdict(rec)
+    d["argv"] = json.dumps(rec.argv)
+    d["env"] = json.dumps(rec.env)
+    d["spec"] = json.dumps(rec.spec)
+    d["kind"] = "server"
+    cols = list(d)
+    with store.transaction() as conn:
+        conn.execute(f"INSERT OR REPLACE INTO managed ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                     [d[c] for c in cols])
+
+
+def _load(row: dict[str, Any]) -> ServerRecord:
+    row = dict(row)
+    row.pop("kind", None)
+    row["argv"] = json.loads(row["argv"])
+    row["env"] = json.loads(row["env"])
+    row["spec"] = json.loads(row["spec"])
+    return ServerRecord(**row)
+
+
+def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None = None,
+          port: int | None = None, force: bool = False, adapter_roots: list[Path] | None = None,
+          node: str | None = None, log_dir: Path | None = None) -> tuple[ServerRecord, Any]:
+    """Start a server; returns its record and the planner's verdict. Raises LaunchError on refusal."""
+    from store.paths import state_dir
+
+    verdict = None
+    if gpu_snapshots is not None:
+        verdict = preflight(profile, gpu_snapshots)
+        if not verdict.fits and not force:
+            raise LaunchError(f"preflight: {verdict.reason} (planner: {verdict.kv_tokens:,} KV tokens, "
+                              f"{verdict.max_concurrency:.2f}x at {verdict.max_model_len:,}; --force starts it anyway)")
+    elif not force:
+        raise LaunchError("the GPUs could not be checked (no NVML readings); --force starts it anyway")
+    lora_modules = resolve_preload(profile, adapter_roots or []) if profile.lora.enable else {}
+    chosen_port = free_port() if port is None and profile.port == "auto" else (port or int(profile.port))
+    argv, env = build_launch(profile, gpus, chosen_port, lora_modules)
+    sid = f"{profile.name}-{uuid.uuid4().hex[:6]}"
+    logs = log_dir or (state_dir() / "servers")
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{sid}.log"
+    with open(log_path, "ab") as log:
+        log.write(f"# fleetdeck: {' '.join(shlex.quote(a) for a in argv)}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **env}, start_new_session=True)
+        except OSError as exc:
+            raise LaunchError(f"could not start {argv[0]}: {exc}") from exc
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.NoSuchProcess:
+        create_time = None
+    shown_env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items()}
+    rec = ServerRecord(
+        id=sid, name=profile.name, node=node or socket.gethostname(), pid=proc.pid, create_time=create_time,
+        argv=argv, env=shown_env, gpus=",".join(str(g) for g in gpus), port=chosen_port, log_path=str(log_path),
+        spec=profile.model_dump(mode="json"), state="starting", reason=None, started_at=time.time(),
+        predicted_kv_tokens=verdict.kv_tokens if verdict is not None else None,
+    )
+    _save(store, rec)
+    return rec, verdict
+
+
+def _alive(rec: ServerRecord) -> bool:
+    if rec.pid is None:
+        return False
+    try:
+        os.waitpid(rec.pid, os.WNOHANG)  # reap it if it is our child and has exited
+    except ChildProcessError:
+        pass
+    try:
+        proc = psutil.Process(rec.pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # A reused pid is not ours.
+        return rec.create_time is None or abs(proc.create_time() - rec.create_time) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+
+
+def probe(rec: ServerRecord, timeout: float = 1.0) -> bool:
+    try:
+        if httpx.get(f"{rec.base_url}/health", timeout=timeout, trust_env=False).status_code != 200:
+            return False
+        headers = {}
+        key = os.environ.get(rec.spec.get("api_key_env") or "", "") if rec.spec.get("api_key_env") else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.get(f"{rec.base_url}/v1/models", timeout=timeout, headers=headers, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def refresh(store: Any, rec: ServerRecord) -> ServerRecord:
+    """Bring a record up to date with the process and the HTTP API; write changes back."""
+    if rec.state in ("stopped", "crashed"):
+        return rec
+    before = (rec.state, rec.reason)
+    if not _alive(rec):
+        rec.state = "crashed"
+        rec.ended_at = rec.ended_at or time.time()
+        d = diagnose(tail(rec.log_path, 200))
+        rec.reason = d.text() if d else "the process exited; see the log (`fleetdeck serve logs " + rec.id + "`)"
+    elif probe(rec):
+        rec.state = "ready"
+    else:
+        rec.state = "starting" if rec.state != "ready" else "ready"
+    if (rec.state, rec.reason) != before:
+        _save(store, rec)
+    return rec
+
+
+def list_servers(store: Any, include_ended: bool = True) -> list[ServerRecord]:
+    rows = store.query("SELECT * FROM managed WHERE kind = 'server' ORDER BY started_at")
+    recs = [_load(r) for r in rows]
+    return [r for r in recs if include_ended or r.state not in ("stopped",)]
+
+
+def get(store: Any, sid: str) -> ServerRecord:
+    rows = store.query("SELECT * FROM managed WHERE kind = 'server' AND (id = ? OR id LIKE ?) ORDER BY started_at DESC",
+                       (sid, f"{sid}%"))
+    if not rows:
+        raise LaunchError(f"no server {sid!r} (see `fleetdeck serve ls`)")
+    return _load(rows[0])
+
+
+def stop(store: Any, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord:
+    """SIGTERM the server's process group, then SIGKILL after the timeout."""
+    if _alive(rec) and rec.pid is not None:
+        try:
+            os.killpg(rec.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        deadline = time.time() + timeout
+        while time.time() < deadline and _alive(rec):
+            time.sleep(0.1)
+        if _alive(rec):
+            try:
+                os.killpg(rec.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            time.sleep(0.2)
+            _alive(rec)
+    rec.state = "stopped"
+    rec.ended_at = time.time()
+    rec.reason = "stopped by the operator"
+    _save(store, rec)
+    return rec
+
+
+def wait_ready(store: Any, rec: ServerRecord, timeout: float = 600.0, poll: float = 0.5) -> ServerRecord:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rec = refresh(store, rec)
+        if rec.state in ("ready", "crashed", "stopped"):
+            return rec
+        time.sleep(poll)
+    return rec

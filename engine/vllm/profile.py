@@ -1,0 +1,67 @@
+"""Launch profiles (TOML in configs/profiles/): what `vllm serve` gets, validated."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from fleet.config import Strict, load_toml_model
+
+
+class LoraSettings(Strict):
+    enable: bool = False
+    max_loras: int = Field(default=4, ge=1)
+    max_lora_rank: int = Field(default=64, ge=1)
+    preload: list[str] = Field(default_factory=list, description="adapter names (from the adapter roots) or name=path")
+
+
+class Profile(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = Field(min_length=1, description="local model folder (air-gapped) or a model id")
+    served_model_name: str | None = None
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "none"] = "none"
+    kv_cache_dtype: Literal["auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", "nvfp4"] = "auto"
+    max_model_len: int = Field(default=8192, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    port: int | Literal["auto"] = "auto"
+    api_key_env: str | None = None
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    extra_args: list[str] = Field(default_factory=list)
+    vllm_command: list[str] | str | None = None
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 65535:
+            raise ValueError('port must be 1-65535 or "auto"')
+        return v
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def command(self) -> list[str]:
+        if isinstance(self.vllm_command, str):
+            return shlex.split(self.vllm_command)
+        return list(self.vllm_command) if self.vllm_command else []
+
+
+def load_profile(path: str | Path) -> Profile:
+    return load_toml_model(path, Profile)
+
+
+def find_profile(name_or_path: str, roots: list[Path]) -> Path:
+    """A profile by path, or by name in the profile folders."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".toml" or p.exists():
+        return p
+    for root in roots:
+        candidate = root / f"{name_or_path}.toml"
+        if candidate.exists():
+            return candidate
+    searched = ", ".join(str(r) for r in roots) or "(none)"
+    raise FileNotFoundError(f"no profile {name_or_path!r}: give a .toml path or put {name_or_path}.toml in {searched}")

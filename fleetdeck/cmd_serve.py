@@ -1,0 +1,270 @@
+"""`fleetdeck serve ...` and `fleetdeck adapters ...`: the same functions the Servers screen calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="start, list, stop vLLM servers")
+    ssub = serve.add_subparsers(dest="serve_cmd", metavar="ACTION", required=True)
+    st = ssub.add_parser("start", parents=[sub.common], help="start a server from a launch profile")
+    st.add_argument("profile", help="profile name (in the profile folders) or a .toml path")
+    st.add_argument("--gpus", required=True, help="GPU indices, e.g. 0 or 0,1")
+    st.add_argument("--port", type=int)
+    st.add_argument("--force", action="store_true", help="start even if the planner or the GPUs say it will fail")
+    st.add_argument("--dry-run", action="store_true", help="print the command, environment and verdict; start nothing")
+    st.add_argument("--simulated", action="store_true", help="plan against the simulated fleet's first node")
+    st.add_argument("--wait", action="store_true", help="wait until it is ready (or crashed)")
+    st.set_defaults(handler=run_start)
+    ls = ssub.add_parser("ls", parents=[sub.common], help="servers fleetdeck started, with their state")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=run_ls)
+    sp = ssub.add_parser("stop", parents=[sub.common], help="stop a server (SIGTERM, then SIGKILL)")
+    sp.add_argument("id")
+    sp.set_defaults(handler=run_stop)
+    lg = ssub.add_parser("logs", parents=[sub.common], help="the tail of a server's log")
+    lg.add_argument("id")
+    lg.add_argument("-n", type=int, default=60)
+    lg.set_defaults(handler=run_logs)
+
+    ad = sub.add_parser("adapters", help="LoRA adapters on disk and in running servers")
+    asub = ad.add_subparsers(dest="adapters_cmd", metavar="ACTION", required=True)
+    al = asub.add_parser("ls", parents=[sub.common], help="adapters in the adapter roots, and those loaded in servers")
+    al.add_argument("--json", action="store_true")
+    al.set_defaults(handler=run_adapters_ls)
+    ld = asub.add_parser("load", parents=[sub.common], help="load an adapter into a running server (checks compatibility)")
+    ld.add_argument("server")
+    ld.add_argument("adapter", help="adapter name (in the roots) or folder")
+    ld.add_argument("--name", help="name to serve it under (default: the folder name)")
+    ld.set_defaults(handler=run_adapters_load)
+    ul = asub.add_parser("unload", parents=[sub.common], help="unload an adapter from a server")
+    ul.add_argument("server")
+    ul.add_argument("name")
+    ul.set_defaults(handler=run_adapters_unload)
+
+
+def _err(msg: str, code: int = 2) -> int:
+    print(f"fleetdeck: {msg}", file=sys.stderr)
+    return code
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from store.db import open_store
+    from store.paths import default_store_path
+
+    return open_store(Path(args.store) if args.store else default_store_path())
+
+
+def _fleet_config(args: argparse.Namespace) -> Any:
+    from fleet.config import load_fleet_config
+
+    return load_fleet_config(args.config, required=args.config is not None)
+
+
+def profile_roots() -> list[Path]:
+    from store.paths import config_dir
+
+    roots = [Path(p) for p in os.environ.get("FLEETDECK_PROFILES", "").split(os.pathsep) if p]
+    return roots + [config_dir() / "profiles", Path.cwd() / "configs" / "profiles"]
+
+
+def parse_gpus(text: str) -> list[int]:
+    try:
+        gpus = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--gpus takes indices like 0 or 0,1, got {text!r}") from None
+    if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise ValueError(f"--gpus takes distinct indices like 0 or 0,1, got {text!r}")
+    return gpus
+
+
+def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None, str | None]:
+    if simulated:
+        from fleet.simulated import demo_fleet
+
+        snap = demo_fleet()[0].snapshot()
+    else:
+        from fleet.source import LocalNode
+
+        node = LocalNode()
+        try:
+            snap = node.snapshot()
+        finally:
+            node.close()
+        if snap.nvml != "ok":
+            return None, snap.reason
+    by_index = {g.index: g for g in snap.gpus}
+    missing = [i for i in indices if i not in by_index]
+    if missing:
+        return None, f"no GPU {missing} on {snap.node} (it has {sorted(by_index)})"
+    return [by_index[i] for i in indices], None
+
+
+def run_start(args: argparse.Namespace) -> int:
+    from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, wait_ready
+    from engine.vllm.profile import find_profile, load_profile
+    from fleet.config import ConfigError
+    from fleetdeck.cmd_fit import render_text
+
+    try:
+        gpus = parse_gpus(args.gpus)
+        profile = load_profile(find_profile(args.profile, profile_roots()))
+        config = _fleet_config(args)
+    except (ValueError, FileNotFoundError, ConfigError) as exc:
+        return _err(str(exc))
+    snaps, why = gpu_snapshots(gpus, args.simulated)
+    if args.dry_run:
+        try:
+            lora = resolve_preload(profile, list(config.adapter_roots)) if profile.lora.enable else {}
+            argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else int(profile.port)), lora)
+            verdict = preflight(profile, snaps) if snaps else None
+        except LaunchError as exc:
+            return _err(str(exc))
+        print("command:", " ".join(argv))
+        print("environment:", " ".join(f"{k}={'***' if k == 'VLLM_API_KEY' else v}" for k, v in env.items()))
+        print(render_text(verdict) if verdict else f"planner: GPUs not checked ({why})")
+        return 0
+    try:
+        store = _store(args)
+        rec, verdict = start(store, profile, gpus, gpu_snapshots=snaps, port=args.port, force=args.force,
+                             adapter_roots=list(config.adapter_roots))
+    except LaunchError as exc:
+        if snaps is None and why:
+            return _err(f"{exc}\n  GPUs: {why}")
+        return _err(str(exc))
+    print(f"started {rec.id} (pid {rec.pid}) on GPUs {rec.gpus}, port {rec.port}; log {rec.log_path}")
+    if verdict is not None:
+        print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens"
+              + ("" if verdict.fits else f" (forced past: {verdict.reason})"))
+    if args.wait:
+        rec = wait_ready(store, rec)
+        print(f"{rec.id}: {rec.state}" + (f": {rec.reason}" if rec.reason else ""))
+        return 0 if rec.state == "ready" else 1
+    return 0
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    from engine.vllm.launcher import list_servers, refresh
+
+    store = _store(args)
+    recs = [refresh(store, r) for r in list_servers(store)]
+    if args.json:
+        print(json.dumps([r.to_json() for r in recs], indent=2))
+        return 0
+    if not recs:
+        print("no servers (start one with `fleetdeck serve start PROFILE --gpus 0`)")
+    for r in recs:
+        print(f"{r.id:<24} {r.state:<9} {r.served_name[:36]:<36} GPUs {r.gpus:<5} :{r.port}"
+              + (f"  {r.reason}" if r.reason and r.state != "stopped" else ""))
+    return 0
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    from engine.vllm.launcher import LaunchError, get, stop
+
+    store = _store(args)
+    try:
+        rec = stop(store, get(store, args.id))
+    except LaunchError as exc:
+        return _err(str(exc))
+    print(f"{rec.id}: stopped")
+    return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    from engine.vllm.diagnose import tail
+    from engine.vllm.launcher import LaunchError, get
+
+    try:
+        rec = get(_store(args), args.id)
+    except LaunchError as exc:
+        return _err(str(exc))
+    print(tail(rec.log_path, args.n))
+    return 0
+
+
+def run_adapters_ls(args: argparse.Namespace) -> int:
+    from engine import adapters
+    from engine.vllm.launcher import list_servers, refresh
+
+    config = _fleet_config(args)
+    found, problems = adapters.scan(list(config.adapter_roots))
+    store = _store(args)
+    servers = [refresh(store, r) for r in list_servers(store, include_ended=False)]
+    loaded: dict[str, list[str]] = {}
+    for s in servers:
+        if s.state == "ready":
+            try:
+                loaded[s.id] = [m["id"] for m in adapters.loaded(s.base_url)]
+            except Exception as exc:  # a server that stopped answering
+                problems.append(f"{s.id}: cannot list loaded adapters ({exc})")
+    if args.json:
+        print(json.dumps({"adapters": [a.to_json() for a in found], "loaded": loaded, "problems": problems}, indent=2))
+        return 0
+    for a in found:
+        print(f"{a.name:<28} r={a.rank:<4} alpha={a.alpha or 'n/a':<6} base={a.base_model or 'n/a'}  "
+              f"{a.size_bytes / 1024**2:.1f} MiB  {','.join(a.target_modules)}")
+    for sid, names in loaded.items():
+        print(f"loaded in {sid}: {', '.join(names) or '(none)'}")
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    return 0
+
+
+def _adapter(config: Any, name_or_path: str) -> Any:
+    from engine import adapters
+
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return adapters.read_adapter(p)
+    found, _ = adapters.scan(list(config.adapter_roots))
+    for a in found:
+        if a.name == name_or_path:
+            return a
+    raise adapters.AdapterError(f"no adapter {name_or_path!r} in the adapter roots; give its folder instead")
+
+
+def run_adapters_load(args: argparse.Namespace) -> int:
+    from engine import adapters
+    from engine.vllm.launcher import LaunchError, get, refresh
+
+    config = _fleet_config(args)
+    store = _store(args)
+    try:
+        server = refresh(store, get(store, args.server))
+        adapter = _adapter(config, args.adapter)
+    except (LaunchError, adapters.AdapterError) as exc:
+        return _err(str(exc))
+    if server.state != "ready":
+        return _err(f"{server.id} is {server.state}, not ready")
+    lora = server.spec.get("lora", {})
+    problems = adapters.compatibility_problems(adapter, server.spec.get("model", ""), lora.get("enable", False),
+                                               lora.get("max_lora_rank", 16))
+    if problems:
+        return _err(f"not loading {adapter.name} into {server.id}: " + "; ".join(problems))
+    key = os.environ.get(server.spec.get("api_key_env") or "", "") or None
+    try:
+        print(adapters.load(server.base_url, args.name or adapter.name, adapter.path, key))
+    except adapters.AdapterError as exc:
+        return _err(str(exc))
+    return 0
+
+
+def run_adapters_unload(args: argparse.Namespace) -> int:
+    from engine import adapters
+    from engine.vllm.launcher import LaunchError, get
+
+    store = _store(args)
+    try:
+        server = get(store, args.server)
+        key = os.environ.get(server.spec.get("api_key_env") or "", "") or None
+        print(adapters.unload(server.base_url, args.name, key))
+    except (LaunchError, adapters.AdapterError) as exc:
+        return _err(str(exc))
+    return 0
