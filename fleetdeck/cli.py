@@ -199,6 +199,7 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
 
         store_path = Path(args.store) if args.store else data_dir() / "demo.db"
         router_config: Path | None = state_dir() / "demo" / "demo-router.toml"
+        config = config.model_copy(update={"adapter_roots": [state_dir() / "demo" / "adapters"]})
 
         def factory() -> list:
             from fleet.simulated import demo_fleet

@@ -67,23 +67,6 @@ def _fleet_config(args: argparse.Namespace) -> Any:
     return load_fleet_config(args.config, required=args.config is not None)
 
 
-def profile_roots() -> list[Path]:
-    from store.paths import config_dir
-
-    roots = [Path(p) for p in os.environ.get("FLEETDECK_PROFILES", "").split(os.pathsep) if p]
-    return roots + [config_dir() / "profiles", Path.cwd() / "configs" / "profiles"]
-
-
-def parse_gpus(text: str) -> list[int]:
-    try:
-        gpus = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--gpus takes indices like 0 or 0,1, got {text!r}") from None
-    if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
-        raise ValueError(f"--gpus takes distinct indices like 0 or 0,1, got {text!r}")
-    return gpus
-
-
 def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None, str | None]:
     if simulated:
         from fleet.simulated import demo_fleet
@@ -108,9 +91,9 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
 
 def run_start(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, wait_ready
-    from engine.vllm.profile import find_profile, load_profile
+    from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from fleet.config import ConfigError
-    from fleetdeck.cmd_fit import render_text
+    from engine.kvfit.text import render_text
 
     try:
         gpus = parse_gpus(args.gpus)

@@ -45,6 +45,7 @@ class FleetDeckApp(App[None]):
         Binding("question_mark", "help", "Help", key_display="?", id="app.help"),
         Binding("1", "show_fleet", "Fleet", id="app.fleet"),
         Binding("2", "show_fit", "Fit", id="app.fit"),
+        Binding("3", "show_servers", "Servers", id="app.servers"),
         Binding("5", "show_router", "Router", id="app.router"),
         Binding("6", "show_cost", "Cost", id="app.cost"),
         Binding("ctrl+r", "poll_now", "Refresh", show=False, id="app.refresh"),
@@ -232,6 +233,9 @@ class FleetDeckApp(App[None]):
     def action_show_fit(self) -> None:
         self.switch_to("fit")
 
+    def action_show_servers(self) -> None:
+        self.switch_to("servers")
+
     def action_show_router(self) -> None:
         self.switch_to("router")
 
@@ -256,6 +260,10 @@ class FleetDeckApp(App[None]):
             from tui.screens.fit import FitScreen
 
             return FitScreen()
+        if name == "servers":
+            from tui.screens.servers import ServersScreen
+
+            return ServersScreen()
         if name == "router":
             from tui.screens.router import RouterScreen
 
@@ -270,6 +278,7 @@ class FleetDeckApp(App[None]):
         yield from super().get_system_commands(screen)
         yield SystemCommand("Fleet", "Every GPU of every node", self.action_show_fleet)
         yield SystemCommand("Fit", "Will this model fit, and how many requests will it hold", self.action_show_fit)
+        yield SystemCommand("Servers", "vLLM servers: state, throughput, adapters", self.action_show_servers)
         yield SystemCommand("Router", "Escalation rate per task, drift, calibration", self.action_show_router)
         yield SystemCommand("Cost", "Month to date against all-frontier, last 12 months", self.action_show_cost)
         yield SystemCommand("Refresh now", "Poll every node immediately", self.action_poll_now)

@@ -201,7 +201,9 @@ def run_backend(store_path: Path, workdir: Path, rate_per_s: float = 4.0) -> int
     marker = store.execute("SELECT count(*) FROM rollup_hour")[0][0]
     if not marker:
         backfill(store, now)
-    store.close()
+    from engine.vllm.demo import start_demo_servers, stop_demo_servers
+
+    servers = start_demo_servers(store, workdir)
 
     up_port = free_port()
     server = uvicorn.Server(uvicorn.Config(sim_upstream_app(now - 3 * 3600), host="127.0.0.1", port=up_port,
@@ -236,6 +238,8 @@ def run_backend(store_path: Path, workdir: Path, rate_per_s: float = 4.0) -> int
         except subprocess.TimeoutExpired:
             proxy.kill()
         server.should_exit = True
+        stop_demo_servers(store, servers)
+        store.close()
     return 0
 
 

@@ -81,8 +81,11 @@ def vllm_command(profile: Profile) -> list[str]:
     return cmd
 
 
-def free_port(start: int = 8000, end: int = 8999) -> int:
+def free_port(start: int = 8000, end: int = 8999, taken: set[int] | None = None) -> int:
+    """The first port that is free now and not promised to a server that is still starting."""
     for port in range(start, end):
+        if taken and port in taken:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("0.0.0.0", port))
@@ -201,7 +204,11 @@ def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: S
     elif not force:
         raise LaunchError("the GPUs could not be checked (no NVML readings); --force starts it anyway")
     lora_modules = resolve_preload(profile, adapter_roots or []) if profile.lora.enable else {}
-    chosen_port = free_port() if port is None and profile.port == "auto" else (port or int(profile.port))
+    if port is None and profile.port == "auto":
+        taken = {r.port for r in list_servers(store) if r.state in ("starting", "ready") and r.port}
+        chosen_port = free_port(taken=taken)
+    else:
+        chosen_port = port or int(profile.port)
     argv, env = build_launch(profile, gpus, chosen_port, lora_modules)
     sid = f"{profile.name}-{uuid.uuid4().hex[:6]}"
     logs = log_dir or (state_dir() / "servers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Literal
@@ -65,3 +66,22 @@ def find_profile(name_or_path: str, roots: list[Path]) -> Path:
             return candidate
     searched = ", ".join(str(r) for r in roots) or "(none)"
     raise FileNotFoundError(f"no profile {name_or_path!r}: give a .toml path or put {name_or_path}.toml in {searched}")
+
+
+def profile_roots() -> list[Path]:
+    from store.paths import config_dir
+
+    roots = [Path(p) for p in os.environ.get("FLEETDECK_PROFILES", "").split(os.pathsep) if p]
+    return roots + [config_dir() / "profiles", Path.cwd() / "configs" / "profiles"]
+
+
+def parse_gpus(text: str) -> list[int]:
+    try:
+        gpus = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--gpus takes indices like 0 or 0,1, got {text!r}") from None
+    if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise ValueError(f"--gpus takes distinct indices like 0 or 0,1, got {text!r}")
+    return gpus
+
+

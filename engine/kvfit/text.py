@@ -1,0 +1,30 @@
+"""The planner's verdict as text: the breakdown vLLM would log, and why it would fail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def render_text(r: Any) -> str:
+    def g(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f} GiB"
+
+    lines = [
+        f"{r.model}  ({r.quantization}, KV {r.kv_cache_dtype}, TP {r.tensor_parallel_size})",
+        f"  GPU memory          {g(r.total_gpu_memory_gib)} x {r.gpu_memory_utilization} = {g(r.budget_gib)}",
+        f"  - weights per GPU   {g(r.weights_gib)}{'' if r.weights_exact else ' (estimated from the shape)'}",
+        f"  - activation peak   {g(r.activation_gib)}",
+        f"  - non-torch         {g(r.non_torch_gib)}",
+        f"  = KV cache          {g(r.available_kv_gib)}",
+        f"  KV per token        {r.kv_bytes_per_token:,.0f} B per GPU",
+        f"  blocks x size       {r.num_gpu_blocks:,} x {r.block_size} = {r.kv_tokens:,} tokens",
+        f"  max concurrency     {r.max_concurrency:.2f}x at {r.max_model_len:,} tokens per request",
+        f"  largest context     {r.max_model_len_that_fits:,} tokens for one request",
+        f"  CUDA graphs         {g(r.cuda_graph_gib)} (from the headroom outside the utilisation target)",
+    ]
+    lines.append("  verdict             " + ("FITS" if r.fits else "DOES NOT FIT"))
+    if r.reason:
+        lines.append(f"  why: {r.reason}")
+    for w in r.warnings:
+        lines.append(f"  warning: {w}")
+    return "\n".join(lines)

@@ -1,0 +1,275 @@
+"""vLLM servers through the real launcher against the fake vLLM executable: readiness, metrics,
+crash diagnoses, re-attach, stop, preflight refusals, adapter compatibility and hot-swap."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from engine import adapters
+from engine.vllm import launcher
+from engine.vllm.launcher import LaunchError
+from engine.vllm.metrics import figures, parse, quantile
+from engine.vllm.profile import Profile
+from fleet.model import GpuSnapshot
+from fleetdeck.cli import main
+from store.db import open_store
+
+FAKE_VLLM = str(Path(__file__).parent / "fakes" / "fake_vllm")
+GIB = 1024**3
+
+
+@pytest.fixture(autouse=True)
+def fake_vllm(monkeypatch):
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.3")
+    monkeypatch.delenv("FLEETDECK_SIM_CRASH", raising=False)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(tmp_path / "fd.db")
+    yield s
+    for rec in launcher.list_servers(s):
+        if rec.state not in ("stopped", "crashed"):
+            launcher.stop(s, rec, timeout=5)
+
+
+def h100(free_gib: float = 79.0, index: int = 0) -> GpuSnapshot:
+    total = int(79.65 * GIB)
+    return GpuSnapshot(node="n", index=index, name="NVIDIA H100 80GB HBM3", uuid=f"GPU-{index}",
+                       memory_total_bytes=total, memory_used_bytes=total - int(free_gib * GIB))
+
+
+def profile(**kw) -> Profile:
+    base = dict(name="qwen3-8b", model="Qwen/Qwen3-8B", max_model_len=8192,
+                lora={"enable": True, "max_loras": 4, "max_lora_rank": 64})
+    base.update(kw)
+    return Profile.model_validate(base)
+
+
+def start_ready(store, tmp_path, prof=None, **kw):
+    rec, verdict = launcher.start(store, prof or profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path, **kw)
+    rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
+    return rec, verdict
+
+
+def test_a_server_starts_through_the_launcher_and_becomes_ready(store, tmp_path):
+    rec, verdict = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
+    assert rec.state == "starting" and verdict.fits
+    assert rec.env["CUDA_VISIBLE_DEVICES"] == "0" and rec.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert rec.argv[:3] == [FAKE_VLLM, "serve", "Qwen/Qwen3-8B"] and "--enable-lora" in rec.argv
+    rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
+    assert rec.state == "ready"
+    models = httpx.get(f"{rec.base_url}/v1/models", trust_env=False).json()["data"]
+    assert models[0]["id"] == "Qwen/Qwen3-8B"
+    assert rec.predicted_kv_tokens == verdict.kv_tokens
+
+
+def test_metrics_give_rates_quantiles_and_allocated_kv(store, tmp_path):
+    rec, _ = start_ready(store, tmp_path)
+    first = parse(httpx.get(f"{rec.base_url}/metrics", trust_env=False).text, time.time())
+    for _ in range(5):
+        r = httpx.post(f"{rec.base_url}/v1/chat/completions", trust_env=False,
+                       json={"model": "Qwen/Qwen3-8B", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10})
+        assert r.status_code == 200
+    time.sleep(0.2)
+    second = parse(httpx.get(f"{rec.base_url}/metrics", trust_env=False).text, time.time())
+    f = figures(second, first)
+    assert f.generation_tps and f.generation_tps > 0 and f.prompt_tps > 0
+    assert f.ttft_p50 is not None and f.e2e_p95 is not None and f.e2e_p95 >= f.e2e_p50
+    assert f.kv_tokens == 29751 * 16 and f.running == 0 and f.kv_usage is not None
+    assert f.prefix_hit_rate is not None and 0 <= f.prefix_hit_rate <= 1
+
+
+def test_older_metric_names_are_accepted():
+    text = "\n".join([
+        "# TYPE vllm:gpu_cache_usage_perc gauge", 'vllm:gpu_cache_usage_perc{model_name="m"} 0.25',
+        "# TYPE vllm:time_per_output_token_seconds histogram",
+        'vllm:time_per_output_token_seconds_bucket{model_name="m",le="0.01"} 1.0',
+        'vllm:time_per_output_token_seconds_bucket{model_name="m",le="0.1"} 3.0',
+        'vllm:time_per_output_token_seconds_bucket{model_name="m",le="+Inf"} 4.0',
+        'vllm:time_per_output_token_seconds_count{model_name="m"} 4.0',
+        'vllm:time_per_output_token_seconds_sum{model_name="m"} 0.3',
+        "# TYPE vllm:gpu_prefix_cache_hit_rate gauge", 'vllm:gpu_prefix_cache_hit_rate{model_name="m"} 0.4',
+    ]) + "\n"
+    f = figures(parse(text, 0.0), None)
+    assert f.kv_usage == 0.25 and f.prefix_hit_rate == 0.4
+    assert f.itl_p50 == pytest.approx(0.01 + 0.09 * (2 - 1) / 2)
+    assert quantile([(0.1, 0), (float("inf"), 0)], 0.5) is None
+
+
+@pytest.mark.parametrize(
+    "mode, kind, text",
+    [
+        ("kv_blocks", "kv_blocks", "no memory left for KV-cache blocks"),
+        ("max_len", "max_len", "set max_model_len to 18320"),
+        ("free_memory", "free_memory", "another process holds memory"),
+        ("oom_weights", "oom_weights", "CUDA ran out of memory"),
+        ("model_missing", "model_missing", "model was not found"),
+    ],
+)
+def test_each_crash_mode_gets_its_diagnosis(store, tmp_path, monkeypatch, mode, kind, text):
+    monkeypatch.setenv("FLEETDECK_SIM_CRASH", mode)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.1")
+    rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
+    rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
+    assert rec.state == "crashed"
+    assert text in rec.reason and "Fix:" in rec.reason
+
+
+def test_port_in_use_is_diagnosed(store, tmp_path):
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path, port=port)
+        rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
+    assert rec.state == "crashed" and "port is already in use" in rec.reason
+
+
+def test_a_restarted_dashboard_reattaches_and_notices_deaths(store, tmp_path):
+    rec, _ = start_ready(store, tmp_path)
+    other, _ = start_ready(store, tmp_path)
+    again = open_store(store.path)  # a new dashboard process opens the same store
+    recs = {r.id: launcher.refresh(again, r) for r in launcher.list_servers(again)}
+    assert recs[rec.id].state == "ready" and recs[other.id].state == "ready"
+    os.killpg(other.pid, signal.SIGKILL)  # died while the dashboard was closed
+    time.sleep(0.3)
+    assert launcher.refresh(again, launcher.get(again, other.id)).state == "crashed"
+    # A pid whose create time differs is not ours, even if something runs under it.
+    with again.transaction() as conn:
+        conn.execute("UPDATE managed SET create_time = create_time - 1000 WHERE id = ?", (rec.id,))
+    assert launcher.refresh(again, launcher.get(again, rec.id)).state == "crashed"
+    launcher.stop(again, launcher.get(again, rec.id), timeout=0.1)  # the record is closed; the process is killed below
+    os.killpg(rec.pid, signal.SIGKILL)
+
+
+def test_stop_ends_the_process_group(store, tmp_path):
+    rec, _ = start_ready(store, tmp_path)
+    rec = launcher.stop(store, rec)
+    assert rec.state == "stopped"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{rec.base_url}/health", trust_env=False, timeout=1)
+
+
+def test_preflight_refuses_with_figures_and_force_overrides(store, tmp_path):
+    busy = h100(free_gib=20.0)
+    with pytest.raises(LaunchError) as exc:
+        launcher.start(store, profile(), [0], gpu_snapshots=[busy], log_dir=tmp_path)
+    assert "less than desired GPU memory utilization" in str(exc.value) and "--force" in str(exc.value)
+    assert launcher.list_servers(store) == []
+    rec, verdict = launcher.start(store, profile(), [0], gpu_snapshots=[busy], log_dir=tmp_path, force=True)
+    assert not verdict.fits and rec.state == "starting"
+    with pytest.raises(LaunchError, match="tensor_parallel_size 2"):
+        launcher.start(store, profile(tensor_parallel_size=2), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
+
+
+def test_no_gpu_readings_refuses_unless_forced(store, tmp_path):
+    with pytest.raises(LaunchError, match="could not be checked"):
+        launcher.start(store, profile(), [0], gpu_snapshots=None, log_dir=tmp_path)
+
+
+def make_adapter(root: Path, name: str, rank: int = 16, base: str = "Qwen/Qwen3-8B", weights: bool = True) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "base_model_name_or_path": base,
+        "target_modules": ["q_proj", "v_proj"]}))
+    if weights:
+        save_file({"w": np.zeros((rank, 8), dtype=np.float16)}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_adapter_registry_reads_rank_alpha_targets_and_flags_bad_folders(tmp_path):
+    root = tmp_path / "adapters"
+    make_adapter(root, "tickets-v3", rank=64)
+    make_adapter(root, "broken", weights=False)
+    (root / "not-json").mkdir()
+    (root / "not-json" / "adapter_config.json").write_text("{oops")
+    (root / "not-json" / "adapter_model.bin").write_bytes(b"x")
+    found, problems = adapters.scan([root, tmp_path / "missing-root"])
+    assert [a.name for a in found] == ["tickets-v3"]
+    a = found[0]
+    assert (a.rank, a.alpha, a.target_modules, a.base_model) == (64, 128.0, ["q_proj", "v_proj"], "Qwen/Qwen3-8B")
+    joined = "\n".join(problems)
+    assert "no adapter_model.safetensors" in joined and "not valid JSON" in joined and "does not exist" in joined
+
+
+def test_compatibility_checks_before_loading():
+    ad = adapters.Adapter("a", "/x", 128, 256, [], "meta-llama/Llama-3.1-8B-Instruct", 1)
+    problems = adapters.compatibility_problems(ad, "Qwen/Qwen3-8B", lora_enabled=False, max_lora_rank=64)
+    assert len(problems) == 3
+    ok = adapters.Adapter("b", "/x", 16, 32, [], "/srv/models/Qwen3-8B", 1)
+    assert adapters.compatibility_problems(ok, "Qwen/Qwen3-8B", True, 64) == []
+
+
+def test_load_unload_and_swap_in_a_running_server(store, tmp_path):
+    rec, _ = start_ready(store, tmp_path)
+    root = tmp_path / "adapters"
+    v1, v2 = make_adapter(root, "tickets-v1"), make_adapter(root, "tickets-v2")
+    assert "added successfully" in adapters.load(rec.base_url, "tickets", str(v1))
+    with pytest.raises(adapters.AdapterError, match="already been loaded"):
+        adapters.load(rec.base_url, "tickets", str(v1))
+    assert [m["id"] for m in adapters.loaded(rec.base_url)] == ["tickets"]
+    msg = adapters.swap(rec.base_url, "tickets", "tickets-next", str(v2))
+    assert msg == "tickets-next loaded, then tickets unloaded"
+    assert [m["id"] for m in adapters.loaded(rec.base_url)] == ["tickets-next"]
+    with pytest.raises(adapters.AdapterError, match="cannot be found"):
+        adapters.unload(rec.base_url, "tickets")
+    too_big = make_adapter(root, "huge", rank=128)
+    with pytest.raises(adapters.AdapterError, match="max_lora_rank"):
+        adapters.load(rec.base_url, "huge", str(too_big))
+
+
+def test_serve_and_adapters_commands(store, tmp_path, capsys):
+    prof = tmp_path / "p.toml"
+    prof.write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n[lora]\nenable = true\nmax_lora_rank = 32\n')
+    root = tmp_path / "adapters"
+    make_adapter(root, "tickets-v1")
+    make_adapter(root, "big", rank=64)
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'adapter_roots = ["{root}"]\n')
+    db = str(store.path)
+    common = ["--store", db, "--config", str(fleet)]
+    assert main(["serve", "start", str(prof), "--gpus", "3", "--simulated", "--wait", *common]) == 0
+    out = capsys.readouterr().out
+    assert "started q-" in out and "ready" in out
+    assert main(["serve", "ls", "--json", *common]) == 0
+    (srv,) = json.loads(capsys.readouterr().out)
+    assert srv["state"] == "ready" and srv["gpus"] == "3"
+    assert main(["adapters", "load", srv["id"], "tickets-v1", *common]) == 0
+    assert "added successfully" in capsys.readouterr().out
+    assert main(["adapters", "load", srv["id"], "big", *common]) == 2
+    assert "above the server's max LoRA rank 32" in capsys.readouterr().err
+    assert main(["adapters", "ls", "--json", *common]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["loaded"][srv["id"]] == ["tickets-v1"] and {a["name"] for a in doc["adapters"]} == {"tickets-v1", "big"}
+    assert main(["adapters", "unload", srv["id"], "tickets-v1", *common]) == 0
+    assert main(["serve", "logs", srv["id"], *common]) == 0
+    assert "Starting vLLM API server" in capsys.readouterr().out
+    assert main(["serve", "stop", srv["id"], *common]) == 0
+    assert main(["serve", "stop", "nope", *common]) == 2
+
+
+def test_serve_start_bad_input(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nmodel = "m"\nport = 99999\nmax_model_len = "long"\n')
+    assert main(["serve", "start", str(bad), "--gpus", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "port" in err and "max_model_len" in err
+    assert main(["serve", "start", "no-such-profile", "--gpus", "0"]) == 2
+    assert "no profile" in capsys.readouterr().err
+    good = tmp_path / "good.toml"
+    good.write_text('name = "x"\nmodel = "Qwen/Qwen3-8B"\n')
+    assert main(["serve", "start", str(good), "--gpus", "0,0"]) == 2
+    assert "distinct" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""The Servers screen through Pilot: live figures from a real (fake) vLLM, stop with confirmation, adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable
+
+from engine.vllm import launcher
+from fleet.config import FleetConfig
+from store.db import open_store
+from tests.test_servers import FAKE_VLLM, h100, make_adapter, profile
+from tests.tui_helpers import make_app, ready
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.servers import AdaptersScreen, ServersScreen
+
+
+@pytest.fixture
+def running(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
+    store = open_store(tmp_path / "fd.db")
+    rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
+    rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
+    assert rec.state == "ready"
+    yield tmp_path / "fd.db", rec
+    for r in launcher.list_servers(store):
+        if r.state not in ("stopped", "crashed"):
+            launcher.stop(store, r, timeout=5)
+
+
+async def settle(app, pilot, rounds: int = 3) -> None:
+    for _ in range(rounds):
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def test_servers_screen_shows_state_and_figures_then_stops_after_confirmation(running):
+    path, rec = running
+    app = make_app(store_path=path)
+    async with app.run_test(size=(140, 30)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, ServersScreen)
+        screen.reload()  # a second scrape gives rates
+        await settle(app, pilot)
+        table = screen.query_one("#servers-table", DataTable)
+        assert str(table.get_cell(rec.id, "state")) == "ready"
+        assert str(table.get_cell(rec.id, "cap")).startswith("476,016/")  # allocated vs planned KV tokens
+        await pilot.press("x")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await settle(app, pilot, 5)
+        assert launcher.get(open_store(path), rec.id).state == "stopped"
+
+
+async def test_adapters_panel_lists_compatibility_and_loads(running, tmp_path):
+    path, rec = running
+    root = tmp_path / "adapters"
+    make_adapter(root, "tickets-v1")
+    make_adapter(root, "too-wide", rank=128)
+    app = make_app(store_path=path)
+    app.options.config = FleetConfig(adapter_roots=[root])
+    async with app.run_test(size=(140, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        await pilot.press("a")
+        await settle(app, pilot)
+        panel = app.screen
+        assert isinstance(panel, AdaptersScreen)
+        disk = panel.query_one("#adapters-disk", DataTable)
+        assert str(disk.get_cell("too-wide", disk.ordered_columns[5].key)) == "no"
+        assert str(disk.get_cell("tickets-v1", disk.ordered_columns[5].key)) == "yes"
+        await pilot.press("enter")  # loads the highlighted (first) adapter: tickets-v1
+        await settle(app, pilot, 4)
+        assert panel.loaded_names == ["tickets-v1"]
+        await pilot.press("down", "enter")  # too-wide: refused before asking vLLM
+        await pilot.pause()
+        assert "above the server's max LoRA rank" in panel.last_message
+
+
+async def test_read_only_mode_refuses_actions(running):
+    path, rec = running
+    app = make_app(store_path=path)
+    app.options.config = FleetConfig(read_only=True)
+    async with app.run_test(size=(140, 30)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        await pilot.press("x")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen)

@@ -1,0 +1,530 @@
+"""The Servers screen: every vLLM server fleetdeck started, its state and live figures from /metrics,
+and the actions: start from a profile (with the planner's verdict first), stop, restart, logs, adapters.
+
+A worker refreshes states and scrapes /metrics every couple of seconds while the screen is on top;
+rates come from counter deltas between two scrapes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Input, Label, Select, Static
+
+from tui.format import sparkline
+from tui.screens.base import DeckScreen
+from tui.screens.confirm import ConfirmScreen
+
+STATE_STYLE = {"ready": "bold green", "starting": "yellow", "crashed": "bold red", "stopped": "dim"}
+
+
+@dataclass
+class ServerView:
+    rec: Any
+    figures: Any = None
+    gen_history: deque = field(default_factory=lambda: deque(maxlen=120))
+
+
+def _f(x: float | None, fmt: str = "{:.0f}", unit: str = "") -> str:
+    return "n/a" if x is None else fmt.format(x) + unit
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1000:.0f}"
+
+
+class ServersScreen(DeckScreen):
+    BINDINGS = [
+        Binding("s", "start", "Start", id="servers.start"),
+        Binding("x", "stop", "Stop", id="servers.stop"),
+        Binding("r", "restart", "Restart", id="servers.restart"),
+        Binding("l", "logs", "Logs", id="servers.logs"),
+        Binding("a", "adapters", "Adapters", id="servers.adapters"),
+    ]
+
+    def __init__(self, refresh_s: float = 2.0) -> None:
+        super().__init__()
+        self.refresh_s = refresh_s
+        self.views: dict[str, ServerView] = {}
+        self._scrapes: dict[str, Any] = {}
+        self._loading = False
+
+    def compose_body(self) -> ComposeResult:
+        table: DataTable[Any] = DataTable(id="servers-table", cursor_type="row")
+        for key, label in (("id", "Server"), ("state", "State"), ("gpus", "GPUs"), ("port", "Port"), ("gen", "Gen tok/s"),
+                           ("prompt", "Prompt tok/s"), ("reqs", "Run/Wait"), ("kv", "KV use"), ("ttft", "TTFT p50/p95 ms"),
+                           ("e2e", "E2E p50/p95 s"), ("pre", "Preempt"), ("hit", "Prefix hit"), ("cap", "KV tokens alloc/plan")):
+            table.add_column(label, key=key)
+        yield table
+        yield Static("", id="servers-detail")
+
+    def on_mount(self) -> None:
+        self.query_one("#servers-table").focus()
+        self.set_interval(self.refresh_s, self.reload)
+        self.reload()
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+
+    @property
+    def store(self) -> Any:
+        return getattr(self.app, "store", None)
+
+    def reload(self) -> None:
+        if not self.is_current or self._loading or self.store is None:
+            if self.store is None:
+                self.query_one("#servers-detail", Static).update("No store: servers are recorded in the store (see --store).")
+            return
+        self._loading = True
+        self._load(self.store)
+
+    @work(thread=True, exclusive=True, group="servers")
+    def _load(self, store: Any) -> None:
+        import httpx
+
+        from engine.vllm import launcher
+        from engine.vllm.metrics import figures, parse
+
+        views = []
+        try:
+            recs = [launcher.refresh(store, r) for r in launcher.list_servers(store)]
+        except Exception as exc:
+            self.app.call_from_thread(self._error, f"servers unavailable: {exc}")
+            return
+        for rec in recs:
+            fig = None
+            if rec.state == "ready":
+                try:
+                    text = httpx.get(f"{rec.base_url}/metrics", timeout=1.5, trust_env=False).text
+                    scrape = parse(text, time.time())
+                    fig = figures(scrape, self._scrapes.get(rec.id))
+                    self._scrapes[rec.id] = scrape
+                except Exception:
+                    fig = None
+            views.append((rec, fig))
+        self.app.call_from_thread(self._show, views)
+
+    def _error(self, message: str) -> None:
+        self._loading = False
+        self.query_one("#servers-detail", Static).update(f"[red]{message}[/]")
+
+    def _show(self, views: list[tuple[Any, Any]]) -> None:
+        self._loading = False
+        table = self.query_one("#servers-table", DataTable)
+        for rec, fig in views:
+            view = self.views.setdefault(rec.id, ServerView(rec))
+            view.rec, view.figures = rec, fig
+            if fig is not None:
+                view.gen_history.append(fig.generation_tps)
+        keys = [rec.id for rec, _ in views]
+        current = [r.key.value for r in table.ordered_rows]
+        with self.app.batch_update():
+            if keys != current:
+                selected = self.selected_id()
+                table.clear()
+                for rec, _ in views:
+                    table.add_row(*self._cells(self.views[rec.id]), key=rec.id)
+                if selected in keys:
+                    table.move_cursor(row=keys.index(selected))
+            else:
+                cols = ("id", "state", "gpus", "port", "gen", "prompt", "reqs", "kv", "ttft", "e2e", "pre", "hit", "cap")
+                for rec, _ in views:
+                    for col, value in zip(cols, self._cells(self.views[rec.id])):
+                        table.update_cell(rec.id, col, value)
+        self._detail()
+
+    def _cells(self, v: ServerView) -> list[Any]:
+        r, f = v.rec, v.figures
+        state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
+        if f is None:
+            blanks = ["" if r.state != "ready" else "n/a"] * 9
+            return [r.id, state, r.gpus, str(r.port or ""), *blanks]
+        alloc = f"{f.kv_tokens:,}" if f.kv_tokens else "n/a"
+        plan = f"{r.predicted_kv_tokens:,}" if r.predicted_kv_tokens else "n/a"
+        return [
+            r.id, state, r.gpus, str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
+            f"{_f(f.running)}/{_f(f.waiting)}", _f(None if f.kv_usage is None else f.kv_usage * 100, unit="%"),
+            f"{_ms(f.ttft_p50)}/{_ms(f.ttft_p95)}", f"{_f(f.e2e_p50, '{:.2f}')}/{_f(f.e2e_p95, '{:.2f}')}",
+            _f(f.preemptions), _f(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100, unit="%"),
+            f"{alloc}/{plan}",
+        ]
+
+    def selected_id(self) -> str | None:
+        table = self.query_one("#servers-table", DataTable)
+        if table.row_count == 0:
+            return None
+        try:
+            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+
+    def selected(self) -> ServerView | None:
+        sid = self.selected_id()
+        return self.views.get(sid) if sid else None
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._detail()
+
+    def _detail(self) -> None:
+        v = self.selected()
+        detail = self.query_one("#servers-detail", Static)
+        if v is None:
+            detail.update("No servers yet. Press [b]s[/b] to start one from a launch profile.")
+            return
+        r = v.rec
+        lines = [f"[b]{r.id}[/b] · {r.served_name} · GPUs {r.gpus} · {r.base_url} · log {r.log_path}"]
+        if r.reason and r.state != "ready":
+            lines.append(f"[{'red' if r.state == 'crashed' else 'dim'}]{r.reason}[/]")
+        if v.gen_history:
+            top = max([x for x in v.gen_history if x is not None] or [1.0]) or 1.0
+            lines.append(f"gen tok/s {sparkline(v.gen_history, 60, top=top)}")
+        detail.update("\n".join(lines))
+
+    # -- actions --------------------------------------------------------------------------------
+    def _guard(self) -> bool:
+        if getattr(self.app.options.config, "read_only", False):
+            self.notify("Read-only mode: servers are not started, stopped or changed.", severity="warning")
+            return False
+        return True
+
+    def action_start(self) -> None:
+        if not self._guard():
+            return
+        self.app.push_screen(StartServerScreen(), self._started)
+
+    def _started(self, result: Any) -> None:
+        if result:
+            self.notify(result)
+            self.reload()
+
+    def action_stop(self) -> None:
+        v = self.selected()
+        if v is None or not self._guard() or v.rec.state in ("stopped", "crashed"):
+            return
+
+        def done(ok: bool | None) -> None:
+            if ok:
+                self._stop(v.rec)
+
+        self.app.push_screen(ConfirmScreen(f"Stop {v.rec.id} (pid {v.rec.pid}, GPUs {v.rec.gpus})?"), done)
+
+    @work(thread=True, group="servers-action")
+    def _stop(self, rec: Any, restart: bool = False) -> None:
+        from engine.vllm import launcher
+        from engine.vllm.profile import Profile
+
+        launcher.stop(self.store, rec)
+        message = f"{rec.id} stopped"
+        if restart:
+            try:
+                profile = Profile.model_validate(rec.spec)
+                new, _ = launcher.start(self.store, profile, [int(g) for g in rec.gpus.split(",")], force=True,
+                                        adapter_roots=list(self.app.options.config.adapter_roots))
+                message = f"{rec.id} restarted as {new.id}"
+            except Exception as exc:
+                message = f"{rec.id} stopped; restart failed: {exc}"
+        self.app.call_from_thread(self.notify, message)
+        self.app.call_from_thread(self.reload)
+
+    def action_restart(self) -> None:
+        v = self.selected()
+        if v is None or not self._guard():
+            return
+
+        def done(ok: bool | None) -> None:
+            if ok:
+                self._stop(v.rec, restart=True)
+
+        self.app.push_screen(ConfirmScreen(f"Restart {v.rec.id} with the same profile and GPUs?"), done)
+
+    def action_logs(self) -> None:
+        v = self.selected()
+        if v is not None:
+            from engine.vllm.diagnose import tail
+
+            self.app.push_screen(LogScreen(v.rec.id, tail(v.rec.log_path, 200)))
+
+    def action_adapters(self) -> None:
+        v = self.selected()
+        if v is None:
+            self.notify("Select a server first.", severity="warning")
+            return
+        self.app.push_screen(AdaptersScreen(v.rec, list(self.app.options.config.adapter_roots)))
+
+
+class LogScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,l", "dismiss", "Close", id="logs.close")]
+
+    def __init__(self, title: str, text: str) -> None:
+        super().__init__()
+        self.title_text, self.text = title, text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="log-view"):
+            yield Static(f"[b]{self.title_text}[/b] (Esc closes)")
+            yield Static(Text(self.text))
+
+    def on_mount(self) -> None:
+        self.query_one("#log-view").scroll_end(animate=False)
+
+    def action_dismiss(self) -> None:  # type: ignore[override]
+        self.dismiss(None)
+
+
+class StartServerScreen(ModalScreen[str | None]):
+    """Pick a profile and GPUs; see the planner's verdict for exactly those GPUs; then start."""
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel", id="start.cancel"),
+        Binding("ctrl+s", "launch", "Start", id="start.launch"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verdict: Any = None
+        self.profiles: dict[str, Path] = {}
+
+    def compose(self) -> ComposeResult:
+        from engine.vllm.profile import profile_roots
+
+        for root in profile_roots():
+            if root.is_dir():
+                for p in sorted(root.glob("*.toml")):
+                    self.profiles.setdefault(p.stem, p)
+        with Vertical(id="start-server"):
+            yield Static("[b]Start a vLLM server[/b]  (Enter plans, ctrl+s starts, Esc cancels)")
+            with Horizontal(classes="fit-row"):
+                yield Label("Profile ", classes="fit-label")
+                yield Select([(n, n) for n in self.profiles], id="start-profile", compact=True, prompt="profile")
+            with Horizontal(classes="fit-row"):
+                yield Label("GPUs ", classes="fit-label")
+                yield Input(placeholder="node/index, e.g. sim-h100-01/3 or 0,1", id="start-gpus", compact=True)
+            yield Static("", id="start-verdict")
+
+    def _gpus(self) -> tuple[list[int], list[Any]]:
+        text = self.query_one("#start-gpus", Input).value.strip()
+        poller = getattr(self.app, "poller", None)
+        snaps = []
+        node = None
+        if "/" in text:
+            node, _, text = text.partition("/")
+        from engine.vllm.profile import parse_gpus
+
+        indices = parse_gpus(text)
+        if poller is not None:
+            nodes = [poller.latest[node]] if node in (poller.latest or {}) else list(poller.latest.values())[:1]
+            for snap in nodes:
+                by_index = {g.index: g for g in snap.gpus}
+                snaps = [by_index[i] for i in indices if i in by_index]
+        if len(snaps) != len(indices):
+            raise ValueError(f"no such GPU(s) {indices} on {node or 'this node'}")
+        return indices, snaps
+
+    def _profile(self) -> Any:
+        from engine.vllm.profile import load_profile
+
+        name = self.query_one("#start-profile", Select).value
+        if not isinstance(name, str):
+            raise ValueError("pick a profile (profile folders: ~/.config/fleetdeck/profiles, ./configs/profiles)")
+        return load_profile(self.profiles[name])
+
+    @on(Input.Submitted)
+    @on(Select.Changed)
+    def plan(self) -> None:
+        from engine.vllm.launcher import LaunchError, preflight
+        from fleet.config import ConfigError
+        from engine.kvfit.text import render_text
+
+        out = self.query_one("#start-verdict", Static)
+        try:
+            profile = self._profile()
+            _, snaps = self._gpus()
+            self.verdict = preflight(profile, snaps)
+        except (ValueError, ConfigError, LaunchError) as exc:
+            self.verdict = None
+            out.update(Text(str(exc), style="red"))
+            return
+        out.update(Text(render_text(self.verdict), style="" if self.verdict.fits else "red"))
+
+    def action_launch(self) -> None:
+        self.plan()
+        if self.verdict is None:
+            return
+        if not self.verdict.fits:
+            self.query_one("#start-verdict", Static).update(
+                Text("The planner says it will not start; use `fleetdeck serve start --force` to override.", style="red"))
+            return
+        self._launch()
+
+    @work(thread=True, exclusive=True, group="start")
+    def _launch(self) -> None:
+        from engine.vllm import launcher
+
+        try:
+            profile = self._profile()
+            indices, snaps = self._gpus()
+            rec, _ = launcher.start(self.app.store, profile, indices, gpu_snapshots=snaps,
+                                    adapter_roots=list(self.app.options.config.adapter_roots))
+        except Exception as exc:
+            self.app.call_from_thread(self.query_one("#start-verdict", Static).update, Text(str(exc), style="red"))
+            return
+        self.app.call_from_thread(self.dismiss, f"started {rec.id} on GPUs {rec.gpus}, port {rec.port}")
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class AdaptersScreen(ModalScreen[None]):
+    """Adapters on disk (with compatibility for this server) and loaded in it; load, unload, swap."""
+
+    BINDINGS = [
+        Binding("escape", "close", "Close", id="adapters.close"),
+        Binding("enter", "load", "Load", id="adapters.load", priority=True),
+        Binding("u", "unload", "Unload", id="adapters.unload"),
+        Binding("w", "swap", "Swap", id="adapters.swap"),
+    ]
+
+    def __init__(self, rec: Any, roots: list[Path]) -> None:
+        super().__init__()
+        self.rec, self.roots = rec, roots
+        self.disk: list[Any] = []
+        self.loaded_names: list[str] = []
+        self.last_message = ""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="adapters-panel"):
+            yield Static(f"[b]Adapters for {self.rec.id}[/b] ({self.rec.served_name})  Enter load · u unload · "
+                         "w swap loaded→highlighted · Esc close")
+            disk: DataTable[Any] = DataTable(id="adapters-disk", cursor_type="row")
+            disk.add_columns("On disk", "Rank", "Alpha", "Base model", "MiB", "Compatible")
+            yield disk
+            loaded: DataTable[Any] = DataTable(id="adapters-loaded", cursor_type="row")
+            loaded.add_columns("Loaded in server", "Path")
+            yield loaded
+            yield Static("", id="adapters-message")
+
+    def on_mount(self) -> None:
+        self.refresh_lists()
+
+    @work(thread=True, exclusive=True, group="adapters")
+    def refresh_lists(self) -> None:
+        from engine import adapters
+
+        found, problems = adapters.scan(self.roots)
+        try:
+            loaded = adapters.loaded(self.rec.base_url, self._key())
+        except Exception as exc:
+            loaded = []
+            problems.append(f"cannot list the server's adapters: {exc}")
+        self.app.call_from_thread(self._show, found, loaded, problems)
+
+    def _key(self) -> str | None:
+        env = self.rec.spec.get("api_key_env")
+        return os.environ.get(env, "") or None if env else None
+
+    def _problems(self, adapter: Any) -> list[str]:
+        from engine import adapters
+
+        lora = self.rec.spec.get("lora", {})
+        return adapters.compatibility_problems(adapter, self.rec.spec.get("model", ""), lora.get("enable", False),
+                                               lora.get("max_lora_rank", 16))
+
+    def _show(self, found: list[Any], loaded: list[dict], problems: list[str]) -> None:
+        self.disk = found
+        self.loaded_names = [m["id"] for m in loaded]
+        disk = self.query_one("#adapters-disk", DataTable)
+        disk.clear()
+        for a in found:
+            issues = self._problems(a)
+            disk.add_row(a.name, str(a.rank), str(a.alpha or "n/a"), str(a.base_model or "n/a"),
+                         f"{a.size_bytes / 1024**2:.1f}", Text("yes", style="green") if not issues else Text("no", style="red"),
+                         key=a.name)
+        table = self.query_one("#adapters-loaded", DataTable)
+        table.clear()
+        for m in loaded:
+            table.add_row(m["id"], str(m.get("root", "")), key=m["id"])
+        msg = "\n".join([self.last_message, *problems]).strip()
+        self.query_one("#adapters-message", Static).update(msg)
+
+    def _highlighted(self, table_id: str) -> str | None:
+        table = self.query_one(table_id, DataTable)
+        if table.row_count == 0:
+            return None
+        try:
+            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+
+    def _adapter(self) -> Any:
+        name = self._highlighted("#adapters-disk")
+        return next((a for a in self.disk if a.name == name), None)
+
+    def _read_only(self) -> bool:
+        if getattr(self.app.options.config, "read_only", False):
+            self.notify("Read-only mode: adapters are not loaded or unloaded.", severity="warning")
+            return True
+        return False
+
+    def action_load(self) -> None:
+        adapter = self._adapter()
+        if adapter is None or self._read_only():
+            return
+        issues = self._problems(adapter)
+        if issues:
+            self._say("Not loading " + adapter.name + ": " + "; ".join(issues))
+            return
+        self._do("load", adapter.name, adapter.path)
+
+    def action_unload(self) -> None:
+        name = self._highlighted("#adapters-loaded")
+        if name is None or self._read_only():
+            return
+        self.app.push_screen(ConfirmScreen(f"Unload {name} from {self.rec.id}? Requests naming it will fail."),
+                             lambda ok: self._do("unload", name, "") if ok else None)
+
+    def action_swap(self) -> None:
+        old = self._highlighted("#adapters-loaded")
+        adapter = self._adapter()
+        if old is None or adapter is None or self._read_only():
+            self._say("Highlight a loaded adapter (to replace) and an adapter on disk (to load).")
+            return
+        issues = self._problems(adapter)
+        if issues:
+            self._say("Not swapping in " + adapter.name + ": " + "; ".join(issues))
+            return
+        self.app.push_screen(ConfirmScreen(f"Load {adapter.name}, then unload {old}?"),
+                             lambda ok: self._do("swap", adapter.name, adapter.path, old) if ok else None)
+
+    def _say(self, message: str) -> None:
+        self.last_message = message
+        self.query_one("#adapters-message", Static).update(message)
+
+    @work(thread=True, group="adapters-action")
+    def _do(self, what: str, name: str, path: str, old: str | None = None) -> None:
+        from engine import adapters
+
+        try:
+            if what == "load":
+                msg = adapters.load(self.rec.base_url, name, path, self._key())
+            elif what == "unload":
+                msg = adapters.unload(self.rec.base_url, name, self._key())
+            else:
+                msg = adapters.swap(self.rec.base_url, old or "", name, path, self._key())
+        except adapters.AdapterError as exc:
+            msg = str(exc)
+        self.last_message = msg
+        self.refresh_lists()
+
+    def action_close(self) -> None:
+        self.dismiss(None)
