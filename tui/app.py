@@ -46,6 +46,7 @@ class FleetDeckApp(App[None]):
         Binding("1", "show_fleet", "Fleet", id="app.fleet"),
         Binding("2", "show_fit", "Fit", id="app.fit"),
         Binding("3", "show_servers", "Servers", id="app.servers"),
+        Binding("4", "show_jobs", "Jobs", id="app.jobs"),
         Binding("5", "show_router", "Router", id="app.router"),
         Binding("6", "show_cost", "Cost", id="app.cost"),
         Binding("ctrl+r", "poll_now", "Refresh", show=False, id="app.refresh"),
@@ -236,6 +237,9 @@ class FleetDeckApp(App[None]):
     def action_show_servers(self) -> None:
         self.switch_to("servers")
 
+    def action_show_jobs(self) -> None:
+        self.switch_to("jobs")
+
     def action_show_router(self) -> None:
         self.switch_to("router")
 
@@ -264,6 +268,10 @@ class FleetDeckApp(App[None]):
             from tui.screens.servers import ServersScreen
 
             return ServersScreen()
+        if name == "jobs":
+            from tui.screens.jobs import JobsScreen
+
+            return JobsScreen()
         if name == "router":
             from tui.screens.router import RouterScreen
 
@@ -279,6 +287,7 @@ class FleetDeckApp(App[None]):
         yield SystemCommand("Fleet", "Every GPU of every node", self.action_show_fleet)
         yield SystemCommand("Fit", "Will this model fit, and how many requests will it hold", self.action_show_fit)
         yield SystemCommand("Servers", "vLLM servers: state, throughput, adapters", self.action_show_servers)
+        yield SystemCommand("Jobs", "Fine-tunes: progress, loss, cancel, resume, serve", self.action_show_jobs)
         yield SystemCommand("Router", "Escalation rate per task, drift, calibration", self.action_show_router)
         yield SystemCommand("Cost", "Month to date against all-frontier, last 12 months", self.action_show_cost)
         yield SystemCommand("Refresh now", "Poll every node immediately", self.action_poll_now)

@@ -201,9 +201,10 @@ def run_backend(store_path: Path, workdir: Path, rate_per_s: float = 4.0) -> int
     marker = store.execute("SELECT count(*) FROM rollup_hour")[0][0]
     if not marker:
         backfill(store, now)
-    from engine.vllm.demo import start_demo_servers, stop_demo_servers
+    from engine.vllm.demo import start_demo_job, start_demo_servers, stop_demo_servers
 
     servers = start_demo_servers(store, workdir)
+    job = start_demo_job(store, workdir)
 
     up_port = free_port()
     server = uvicorn.Server(uvicorn.Config(sim_upstream_app(now - 3 * 3600), host="127.0.0.1", port=up_port,
@@ -239,6 +240,9 @@ def run_backend(store_path: Path, workdir: Path, rate_per_s: float = 4.0) -> int
             proxy.kill()
         server.should_exit = True
         stop_demo_servers(store, servers)
+        from engine.finetune import jobs
+
+        jobs.cancel(store, jobs.get(store, job.id), timeout=5)
         store.close()
     return 0
 

@@ -84,3 +84,20 @@ def stop_demo_servers(store: Any, records: list[Any]) -> None:
             launcher.stop(store, launcher.get(store, rec.id), timeout=5)
         except Exception:
             pass
+
+
+def start_demo_job(store: Any, workdir: Path) -> Any:
+    """A simulated fine-tune (labelled simulated) so the Jobs screen has something moving."""
+    from engine.finetune import jobs
+    from engine.finetune.spec import JobSpec
+    from engine.kvfit.catalogue import CATALOGUE
+
+    base = workdir / "base-model"
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text(json.dumps(CATALOGUE["mistralai/Mistral-7B-Instruct-v0.3"]))
+    data = workdir / "tickets-train.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"ticket {i}: my invoice is wrong"},
+                                                       {"role": "assistant", "content": "billing"}]}) for i in range(200)))
+    spec = JobSpec(name="tickets-v5-sim", base_model=base, dataset=data, backend="simulated", max_steps=600,
+                   adapter_root=workdir / "adapters")
+    return jobs.start(store, spec, [2], gpu_snapshots=None, force=True, node="sim-h100-01")

@@ -1,0 +1,251 @@
+"""Fine-tune jobs: checks before launch, the detached runner process, records, state, cancel, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import psutil
+
+from engine.finetune.dataset import check_dataset
+from engine.finetune.spec import JobSpec
+
+GIB = 1024**3
+
+
+class JobError(Exception):
+    """The job was not started (or cannot be acted on); the message says why and what to do."""
+
+
+@dataclass
+class JobRecord:
+    id: str
+    name: str
+    node: str
+    pid: int | None
+    create_time: float | None
+    argv: list[str]
+    env: dict[str, str]
+    gpus: str
+    port: int | None
+    log_path: str
+    spec: dict[str, Any]
+    state: str  # running | finished | failed | cancelled
+    reason: str | None
+    started_at: float
+    ended_at: float | None = None
+    exit_code: int | None = None
+    predicted_kv_tokens: int | None = None  # unused for jobs; the table is shared with servers
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.spec["_workdir"])
+
+    @property
+    def progress_path(self) -> Path:
+        return self.workdir / "progress.jsonl"
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["progress"] = last_step(self)
+        return d
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return events
+
+
+def last_step(rec: JobRecord) -> dict[str, Any] | None:
+    steps = [e for e in read_events(rec.progress_path) if e.get("event") == "step"]
+    return steps[-1] if steps else None
+
+
+def training_estimate(spec: JobSpec) -> Any:
+    from engine.kvfit import ArchError, load_model
+    from engine.kvfit.training import estimate_training
+
+    try:
+        arch, _ = load_model(str(spec.base_model))
+    except ArchError as exc:
+        raise JobError(f"cannot size the base model: {exc}") from exc
+    return estimate_training(arch, spec.lora_rank, tuple(spec.target_modules), spec.load_in_4bit, spec.batch_size,
+                             spec.max_seq_length)
+
+
+def preflight(spec: JobSpec, gpus: Sequence[Any] | None, force: bool) -> tuple[Any, Any]:
+    """Dataset check and VRAM estimate; raises JobError unless it will start (`force` skips VRAM only)."""
+    if not Path(spec.base_model).is_dir():
+        raise JobError(f"base model {spec.base_model} is not a local folder (air-gapped hosts train from local copies)")
+    report = check_dataset(Path(spec.dataset), Path(spec.base_model), spec.max_seq_length)
+    if not report.ok:
+        raise JobError(f"dataset {spec.dataset} has problems, nothing was started:\n  " + "\n  ".join(report.errors or ["no examples"]))
+    estimate = training_estimate(spec)
+    if gpus:
+        tight = min(gpus, key=lambda g: g.memory_free_bytes if g.memory_free_bytes is not None else g.memory_total_bytes or 0)
+        free = tight.memory_free_bytes if tight.memory_free_bytes is not None else tight.memory_total_bytes
+        if free is not None and estimate.total_bytes > free and not force:
+            raise JobError(
+                f"the job needs about {estimate.total_bytes / GIB:.1f} GiB (weights {estimate.weights_bytes / GIB:.1f}, "
+                f"LoRA+optimizer {(estimate.lora_bytes + estimate.optimizer_bytes) / GIB:.1f}, activations "
+                f"{estimate.activation_bytes / GIB:.1f}, overhead {estimate.overhead_bytes / GIB:.1f}) but GPU {tight.index} "
+                f"has {free / GIB:.1f} GiB free; use load_in_4bit, a smaller batch or max_seq_length, or --force"
+            )
+    elif spec.backend == "unsloth" and not force:
+        raise JobError("the unsloth backend needs a GPU: give --gpus INDEX, or use backend = \"peft\" with --gpus cpu")
+    return report, estimate
+
+
+def _save(store: Any, rec: JobRecord) -> None:
+    d = asdict(rec)
+    d.update(argv=json.dumps(rec.argv), env=json.dumps(rec.env), spec=json.dumps(rec.spec), kind="job")
+    cols = list(d)
+    with store.transaction() as conn:
+        conn.execute(f"INSERT OR REPLACE INTO managed ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                     [d[c] for c in cols])
+
+
+def _load(row: dict[str, Any]) -> JobRecord:
+    row = dict(row)
+    row.pop("kind", None)
+    row.update(argv=json.loads(row["argv"]), env=json.loads(row["env"]), spec=json.loads(row["spec"]))
+    return JobRecord(**row)
+
+
+def _spawn(rec: JobRecord, resume: bool) -> None:
+    argv = list(rec.argv) + (["--resume"] if resume else [])
+    with open(rec.log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **rec.env}, start_new_session=True)
+    rec.pid = proc.pid
+    try:
+        rec.create_time = psutil.Process(proc.pid).create_time()
+    except psutil.NoSuchProcess:
+        rec.create_time = None
+
+
+def start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None = None,
+          force: bool = False, adapter_root: Path | None = None, node: str | None = None) -> JobRecord:
+    from store.paths import state_dir
+
+    preflight(spec, gpu_snapshots, force)
+    jid = f"ft-{spec.name}-{uuid.uuid4().hex[:6]}"
+    workdir = state_dir() / "jobs" / jid
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(spec.model_dump_json(indent=2))
+    root = adapter_root or spec.adapter_root
+    argv = [sys.executable, "-m", "engine.finetune.runner", "--job-id", jid, "--spec", str(spec_path), "--workdir", str(workdir)]
+    if root:
+        argv += ["--adapter-root", str(root)]
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus) if gpus else ""}
+    rec = JobRecord(id=jid, name=spec.name, node=node or socket.gethostname(), pid=None, create_time=None, argv=argv,
+                    env=env, gpus=",".join(str(g) for g in gpus) if gpus else "cpu", port=None,
+                    log_path=str(workdir / "job.log"), spec={**spec.model_dump(mode="json"), "_workdir": str(workdir)},
+                    state="running", reason=None, started_at=time.time())
+    _spawn(rec, resume=False)
+    _save(store, rec)
+    return rec
+
+
+def _alive(rec: JobRecord) -> bool:
+    if rec.pid is None:
+        return False
+    try:
+        os.waitpid(rec.pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        proc = psutil.Process(rec.pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return rec.create_time is None or abs(proc.create_time() - rec.create_time) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+
+
+FAILURE_HINTS = (
+    ("out of memory", "CUDA out of memory: lower batch_size or max_seq_length, turn on load_in_4bit, or use a bigger GPU."),
+    ("needs an NVIDIA GPU", "no GPU for unsloth: run on a GPU node, or use backend = \"peft\"."),
+    ("dataset", "dataset error: run `fleetdeck finetune check SPEC`."),
+)
+
+
+def refresh(store: Any, rec: JobRecord) -> JobRecord:
+    if rec.state != "running" or _alive(rec):
+        return rec
+    from engine.vllm.diagnose import tail
+
+    events = read_events(rec.progress_path)
+    last = next((e for e in reversed(events) if e.get("event") in ("done", "cancelled", "error")), None)
+    rec.ended_at = time.time()
+    if last and last["event"] == "done":
+        rec.state, rec.reason = "finished", f"adapter at {last.get('adapter_path')}"
+        rec.spec["_adapter_path"] = last.get("adapter_path")
+        rec.spec["_final_loss"] = last.get("final_loss")
+    elif last and last["event"] == "cancelled":
+        rec.state, rec.reason = "cancelled", f"cancelled at step {last.get('step')}; `fleetdeck finetune resume {rec.id}` continues"
+    else:
+        text = (last or {}).get("reason") or tail(rec.log_path, 30)
+        hint = next((h for key, h in FAILURE_HINTS if key in text), None)
+        rec.state = "failed"
+        rec.reason = (hint + " " if hint else "") + f"Last lines: {text[-400:]}"
+    _save(store, rec)
+    return rec
+
+
+def list_jobs(store: Any) -> list[JobRecord]:
+    return [_load(r) for r in store.query("SELECT * FROM managed WHERE kind = 'job' ORDER BY started_at")]
+
+
+def get(store: Any, jid: str) -> JobRecord:
+    rows = store.query("SELECT * FROM managed WHERE kind = 'job' AND (id = ? OR id LIKE ?) ORDER BY started_at DESC",
+                       (jid, f"{jid}%"))
+    if not rows:
+        raise JobError(f"no job {jid!r} (see `fleetdeck finetune ls`)")
+    return _load(rows[0])
+
+
+def cancel(store: Any, rec: JobRecord, timeout: float = 120.0) -> JobRecord:
+    """SIGTERM: the trainer finishes its step, saves a checkpoint and exits."""
+    if not _alive(rec) or rec.pid is None:
+        return refresh(store, rec)
+    os.kill(rec.pid, signal.SIGTERM)
+    deadline = time.time() + timeout
+    while time.time() < deadline and _alive(rec):
+        time.sleep(0.2)
+    if _alive(rec):
+        os.killpg(rec.pid, signal.SIGKILL)
+        time.sleep(0.2)
+    return refresh(store, rec)
+
+
+def resume(store: Any, rec: JobRecord) -> JobRecord:
+    rec = refresh(store, rec)
+    if rec.state == "running":
+        raise JobError(f"{rec.id} is still running")
+    if rec.state == "finished":
+        raise JobError(f"{rec.id} already finished ({rec.reason})")
+    rec.state, rec.reason, rec.ended_at = "running", None, None
+    _spawn(rec, resume=True)
+    _save(store, rec)
+    return rec

@@ -1,0 +1,170 @@
+"""`fleetdeck finetune ...`: the same functions the Jobs screen calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    ft = sub.add_parser("finetune", help="LoRA/QLoRA fine-tunes: check, start, list, cancel, resume, logs")
+    fsub = ft.add_subparsers(dest="finetune_cmd", metavar="ACTION", required=True)
+    ck = fsub.add_parser("check", parents=[sub.common], help="check a job spec and its dataset; estimate VRAM")
+    ck.add_argument("spec")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(handler=run_check)
+    st = fsub.add_parser("start", parents=[sub.common], help="start a fine-tune on chosen GPUs (or cpu for peft)")
+    st.add_argument("spec")
+    st.add_argument("--gpus", required=True, help="GPU indices (0 or 0,1) or `cpu` (peft backend)")
+    st.add_argument("--force", action="store_true", help="start even if the VRAM estimate says it will not fit")
+    st.add_argument("--simulated", action="store_true", help="check VRAM against the simulated fleet")
+    st.set_defaults(handler=run_start)
+    ls = fsub.add_parser("ls", parents=[sub.common], help="jobs and their progress")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=run_ls)
+    for name, fn, help_ in (("cancel", run_cancel, "stop cleanly: save a checkpoint and exit"),
+                            ("resume", run_resume, "continue a cancelled or failed job from its last checkpoint"),
+                            ("logs", run_logs, "the tail of a job's log")):
+        p = fsub.add_parser(name, parents=[sub.common], help=help_)
+        p.add_argument("id")
+        if name == "logs":
+            p.add_argument("-n", type=int, default=60)
+        p.set_defaults(handler=fn)
+
+
+def _err(msg: str) -> int:
+    print(f"fleetdeck finetune: {msg}", file=sys.stderr)
+    return 2
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from store.db import open_store
+    from store.paths import default_store_path
+
+    return open_store(Path(args.store) if args.store else default_store_path())
+
+
+def _spec(path: str) -> Any:
+    from engine.finetune.spec import load_spec
+
+    return load_spec(path)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from engine.finetune.dataset import check_dataset
+    from engine.finetune.jobs import JobError, training_estimate
+    from fleet.config import ConfigError
+
+    try:
+        spec = _spec(args.spec)
+    except ConfigError as exc:
+        return _err(str(exc))
+    report = check_dataset(Path(spec.dataset), Path(spec.base_model), spec.max_seq_length)
+    try:
+        estimate = training_estimate(spec).to_json()
+    except JobError as exc:
+        estimate = {"error": str(exc)}
+    if args.json:
+        print(json.dumps({"dataset": report.to_json(), "vram": estimate}, indent=2))
+        return 0 if report.ok else 1
+    print(f"dataset {report.path}: {report.examples} examples ({report.form or 'n/a'}) of {report.lines} lines")
+    for e in report.errors:
+        print(f"  {e}")
+    if report.token_stats:
+        t = report.token_stats
+        print(f"  tokens per example: min {t['min']}, median {t['p50']}, p95 {t['p95']}, max {t['max']}"
+              f"; {report.truncated_share * 100:.1f}% longer than max_seq_length {spec.max_seq_length}")
+    if "error" in estimate:
+        print(f"VRAM: {estimate['error']}")
+    else:
+        gib = 1024**3
+        print(f"VRAM estimate: {estimate['total_bytes'] / gib:.1f} GiB (weights {estimate['weights_bytes'] / gib:.1f}, "
+              f"LoRA {estimate['lora_params'] / 1e6:.1f} M params, optimizer {estimate['optimizer_bytes'] / gib:.2f}, "
+              f"activations {estimate['activation_bytes'] / gib:.2f}, overhead {estimate['overhead_bytes'] / gib:.1f})")
+    return 0 if report.ok else 1
+
+
+def run_start(args: argparse.Namespace) -> int:
+    from engine.finetune import jobs
+    from fleet.config import ConfigError, load_fleet_config
+
+    try:
+        spec = _spec(args.spec)
+        config = load_fleet_config(args.config, required=args.config is not None)
+    except ConfigError as exc:
+        return _err(str(exc))
+    snaps = None
+    gpus: list[int] | None = None
+    if args.gpus.strip().lower() != "cpu":
+        from engine.vllm.profile import parse_gpus
+        from fleetdeck.cmd_serve import gpu_snapshots
+
+        try:
+            gpus = parse_gpus(args.gpus)
+        except ValueError as exc:
+            return _err(str(exc))
+        snaps, why = gpu_snapshots(gpus, args.simulated)
+        if snaps is None and not args.force:
+            return _err(f"cannot check the GPUs: {why} (--force starts anyway)")
+    elif spec.backend == "unsloth":
+        return _err("the unsloth backend needs a GPU; use backend = \"peft\" to train on CPU")
+    root = spec.adapter_root or (config.adapter_roots[0] if config.adapter_roots else None)
+    try:
+        rec = jobs.start(_store(args), spec, gpus, gpu_snapshots=snaps, force=args.force, adapter_root=root)
+    except jobs.JobError as exc:
+        return _err(str(exc))
+    print(f"started {rec.id} (pid {rec.pid}) on {rec.gpus}; log {rec.log_path}")
+    return 0
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    from engine.finetune import jobs
+
+    store = _store(args)
+    recs = [jobs.refresh(store, r) for r in jobs.list_jobs(store)]
+    if args.json:
+        print(json.dumps([r.to_json() for r in recs], indent=2))
+        return 0
+    if not recs:
+        print("no jobs (start one with `fleetdeck finetune start SPEC --gpus 0`)")
+    for r in recs:
+        p = jobs.last_step(r)
+        prog = f"step {p['step']}/{p['total_steps']} loss {p['loss']:.4f}" if p and p.get("loss") is not None else "no steps yet"
+        print(f"{r.id:<28} {r.state:<9} {r.gpus:<5} {prog}" + (f"  {r.reason}" if r.reason else ""))
+    return 0
+
+
+def _act(args: argparse.Namespace, what: str) -> int:
+    from engine.finetune import jobs
+
+    store = _store(args)
+    try:
+        rec = jobs.get(store, args.id)
+        rec = jobs.cancel(store, rec) if what == "cancel" else jobs.resume(store, rec)
+    except jobs.JobError as exc:
+        return _err(str(exc))
+    print(f"{rec.id}: {rec.state}" + (f" ({rec.reason})" if rec.reason else ""))
+    return 0
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    return _act(args, "cancel")
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    return _act(args, "resume")
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    from engine.finetune import jobs
+    from engine.vllm.diagnose import tail
+
+    try:
+        rec = jobs.get(_store(args), args.id)
+    except jobs.JobError as exc:
+        return _err(str(exc))
+    print(tail(rec.log_path, args.n))
+    return 0

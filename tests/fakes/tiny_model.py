@@ -1,0 +1,39 @@
+"""A tiny randomly initialised causal LM and its tokenizer, made on the spot: no downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = ("the invoice is wrong please route to billing the password reset failed route to it support "
+         "my order never arrived route to shipping thanks hello user assistant system").split()
+
+
+def make_dataset(path: Path, n: int = 24) -> Path:
+    rows = []
+    for i in range(n):
+        topic = ("billing", "it support", "shipping")[i % 3]
+        rows.append({"messages": [{"role": "user", "content": f"ticket {i}: the invoice is wrong please route"},
+                                  {"role": "assistant", "content": f"route to {topic}"}]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def make_tiny_model(folder: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)] + [str(i) for i in range(100)] + [":"],
+                            trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    return folder

@@ -1,0 +1,84 @@
+"""The Jobs screen through Pilot: progress from a running job, cancel with confirmation, and `v` serving
+a finished job's adapter into a compatible running server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from textual.widgets import DataTable
+
+from engine import adapters
+from engine.finetune import jobs
+from engine.finetune.spec import JobSpec
+from engine.kvfit.catalogue import CATALOGUE
+from engine.vllm import launcher
+from store.db import open_store
+from tests.test_servers import FAKE_VLLM, h100, profile
+from tests.test_servers_screen import settle
+from tests.tui_helpers import make_app, ready
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.jobs import JobsScreen
+
+
+def simulated_spec(tmp_path: Path, steps: int) -> JobSpec:
+    base = tmp_path / "Qwen3-8B"
+    base.mkdir(exist_ok=True)
+    (base / "config.json").write_text(json.dumps(CATALOGUE["Qwen/Qwen3-8B"]))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    return JobSpec(name="sim-job", base_model=base, dataset=data, backend="simulated", max_steps=steps,
+                   warmup_steps=1, lora_rank=16, adapter_root=tmp_path / "adapters")
+
+
+async def test_jobs_screen_shows_progress_and_cancels_after_confirmation(tmp_path):
+    store = open_store(tmp_path / "fd.db")
+    rec = jobs.start(store, simulated_spec(tmp_path, 200), None)
+    deadline = time.time() + 30
+    while jobs.last_step(rec) is None:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4")
+        await settle(app, pilot)
+        assert isinstance(app.screen, JobsScreen)
+        table = app.screen.query_one("#jobs-table", DataTable)
+        assert "(simulated)" in str(table.get_cell(rec.id, "id"))
+        assert str(table.get_cell(rec.id, "step")).endswith("/200")
+        assert str(table.get_cell(rec.id, "state")) == "running"
+        await pilot.press("c")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        for _ in range(20):
+            await settle(app, pilot)
+            if jobs.get(store, rec.id).state == "cancelled":
+                break
+        assert jobs.refresh(store, jobs.get(store, rec.id)).state == "cancelled"
+
+
+async def test_v_serves_a_finished_adapter_into_a_compatible_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
+    store = open_store(tmp_path / "fd.db")
+    server, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
+    server = launcher.wait_ready(store, server, timeout=30, poll=0.1)
+    rec = jobs.start(store, simulated_spec(tmp_path, 2), None)
+    deadline = time.time() + 30
+    while jobs.refresh(store, jobs.get(store, rec.id)).state == "running":
+        assert time.time() < deadline
+        time.sleep(0.2)
+    try:
+        app = make_app(store_path=tmp_path / "fd.db")
+        async with app.run_test(size=(120, 30)) as pilot:
+            await ready(app, pilot)
+            await pilot.press("4")
+            await settle(app, pilot)
+            await pilot.press("v")
+            await settle(app, pilot, 4)
+            assert [m["id"] for m in adapters.loaded(server.base_url)] == ["sim-job"]
+    finally:
+        launcher.stop(store, server, timeout=5)

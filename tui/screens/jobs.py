@@ -1,0 +1,329 @@
+"""The Jobs screen: fine-tunes with step/total, a progress bar, loss and learning rate, tokens/s,
+elapsed and ETA, the loss chart, and the actions: start from a spec, cancel, resume, logs, and serve
+the finished adapter into a compatible running server with one key."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Input, Label, Select, Static
+from textual_plotext import PlotextPlot
+
+from tui.format import bar
+from tui.screens.base import DeckScreen
+from tui.screens.confirm import ConfirmScreen
+
+STATE_STYLE = {"running": "bold cyan", "finished": "bold green", "failed": "bold red", "cancelled": "yellow"}
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class JobsScreen(DeckScreen):
+    BINDINGS = [
+        Binding("s", "start", "Start", id="jobs.start"),
+        Binding("c", "cancel", "Cancel", id="jobs.cancel"),
+        Binding("r", "resume", "Resume", id="jobs.resume"),
+        Binding("l", "logs", "Logs", id="jobs.logs"),
+        Binding("v", "serve", "Serve adapter", id="jobs.serve"),
+    ]
+
+    def __init__(self, refresh_s: float = 2.0) -> None:
+        super().__init__()
+        self.refresh_s = refresh_s
+        self.records: dict[str, Any] = {}
+        self.events: dict[str, list[dict]] = {}
+        self._loading = False
+
+    def compose_body(self) -> ComposeResult:
+        table: DataTable[Any] = DataTable(id="jobs-table", cursor_type="row")
+        for key, label in (("id", "Job"), ("state", "State"), ("gpus", "GPU"), ("progress", "Progress"), ("step", "Step"),
+                           ("loss", "Loss"), ("lr", "LR"), ("tps", "Tok/s"), ("elapsed", "Elapsed"), ("eta", "ETA")):
+            table.add_column(label, key=key)
+        yield table
+        with Horizontal(id="jobs-lower"):
+            yield PlotextPlot(id="jobs-chart")
+            yield Static("", id="jobs-detail")
+
+    def on_mount(self) -> None:
+        self.query_one("#jobs-table").focus()
+        self.set_interval(self.refresh_s, self.reload)
+        self.reload()
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+
+    @property
+    def store(self) -> Any:
+        return getattr(self.app, "store", None)
+
+    def reload(self) -> None:
+        if not self.is_current or self._loading or self.store is None:
+            return
+        self._loading = True
+        self._load(self.store)
+
+    @work(thread=True, exclusive=True, group="jobs")
+    def _load(self, store: Any) -> None:
+        from engine.finetune import jobs
+
+        try:
+            recs = [jobs.refresh(store, r) for r in jobs.list_jobs(store)]
+            events = {r.id: jobs.read_events(r.progress_path) for r in recs}
+        except Exception as exc:
+            self.app.call_from_thread(self.notify, f"jobs unavailable: {exc}", severity="error")
+            recs, events = [], {}
+        self.app.call_from_thread(self._show, recs, events)
+
+    def _show(self, recs: list[Any], events: dict[str, list[dict]]) -> None:
+        self._loading = False
+        self.records = {r.id: r for r in recs}
+        self.events = events
+        table = self.query_one("#jobs-table", DataTable)
+        keys = [r.id for r in recs]
+        cols = ("id", "state", "gpus", "progress", "step", "loss", "lr", "tps", "elapsed", "eta")
+        with self.app.batch_update():
+            if keys != [r.key.value for r in table.ordered_rows]:
+                table.clear()
+                for r in recs:
+                    table.add_row(*self._cells(r), key=r.id)
+            else:
+                for r in recs:
+                    for col, value in zip(cols, self._cells(r)):
+                        table.update_cell(r.id, col, value)
+        self._detail()
+
+    def _cells(self, r: Any) -> list[Any]:
+        steps = [e for e in self.events.get(r.id, []) if e.get("event") == "step"]
+        last = steps[-1] if steps else None
+        name = r.id + (" (simulated)" if r.spec.get("backend") == "simulated" else "")
+        state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
+        if last is None:
+            return [name, state, r.gpus, "", "", "", "", "", "", ""]
+        frac = last["step"] / last["total_steps"] if last.get("total_steps") else None
+        return [
+            name, state, r.gpus, Text(bar(frac, 10), style="cyan") + Text(f" {frac * 100:3.0f}%" if frac is not None else ""),
+            f"{last['step']}/{last['total_steps']}", "n/a" if last.get("loss") is None else f"{last['loss']:.4f}",
+            "n/a" if last.get("learning_rate") is None else f"{last['learning_rate']:.2e}",
+            "n/a" if last.get("tokens_per_s") is None else f"{last['tokens_per_s']:,.0f}",
+            _dur(last.get("elapsed_s")), _dur(last.get("eta_s")) if r.state == "running" else "",
+        ]
+
+    def selected(self) -> Any:
+        table = self.query_one("#jobs-table", DataTable)
+        if table.row_count == 0:
+            return None
+        try:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+        return self.records.get(key)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._detail()
+
+    def _detail(self) -> None:
+        r = self.selected()
+        detail = self.query_one("#jobs-detail", Static)
+        plot = self.query_one("#jobs-chart", PlotextPlot)
+        plt = plot.plt
+        plt.clear_figure()
+        if r is None:
+            detail.update("No fine-tunes yet. Press [b]s[/b] to start one from a job spec.")
+            plot.refresh()
+            return
+        steps = [e for e in self.events.get(r.id, []) if e.get("event") == "step" and e.get("loss") is not None]
+        if steps:
+            plt.plot([e["step"] for e in steps], [e["loss"] for e in steps], marker="braille", color="cyan")
+        plt.title(f"{r.name}: training loss")
+        plt.xlabel("step")
+        plot.refresh()
+        spec = r.spec
+        lines = [
+            f"[b]{r.id}[/b]" + ("  [yellow]SIMULATED[/]" if spec.get("backend") == "simulated" else ""),
+            f"backend {spec.get('backend')} · base {Path(str(spec.get('base_model'))).name}",
+            f"LoRA r={spec.get('lora_rank')} alpha={spec.get('lora_alpha')} · 4-bit {spec.get('load_in_4bit')}",
+            f"dataset {Path(str(spec.get('dataset'))).name}",
+        ]
+        if r.reason:
+            lines.append(f"[{'red' if r.state == 'failed' else 'dim'}]{r.reason}[/]")
+        detail.update("\n".join(lines))
+
+    # -- actions --------------------------------------------------------------------------------
+    def _guard(self) -> bool:
+        if getattr(self.app.options.config, "read_only", False):
+            self.notify("Read-only mode: jobs are not started, cancelled or served.", severity="warning")
+            return False
+        return True
+
+    def action_start(self) -> None:
+        if self._guard():
+            self.app.push_screen(StartJobScreen(), lambda msg: (self.notify(msg), self.reload()) if msg else None)
+
+    def action_cancel(self) -> None:
+        r = self.selected()
+        if r is None or r.state != "running" or not self._guard():
+            return
+        self.app.push_screen(ConfirmScreen(f"Cancel {r.id}? It saves a checkpoint at the end of this step."),
+                             lambda ok: self._act("cancel", r) if ok else None)
+
+    def action_resume(self) -> None:
+        r = self.selected()
+        if r is None or r.state not in ("cancelled", "failed") or not self._guard():
+            return
+        self._act("resume", r)
+
+    @work(thread=True, group="jobs-action")
+    def _act(self, what: str, r: Any) -> None:
+        from engine.finetune import jobs
+
+        try:
+            rec = jobs.cancel(self.store, r) if what == "cancel" else jobs.resume(self.store, r)
+            msg = f"{rec.id}: {rec.state}"
+        except jobs.JobError as exc:
+            msg = str(exc)
+        self.app.call_from_thread(self.notify, msg)
+        self.app.call_from_thread(self.reload)
+
+    def action_logs(self) -> None:
+        r = self.selected()
+        if r is not None:
+            from engine.vllm.diagnose import tail
+            from tui.screens.servers import LogScreen
+
+            self.app.push_screen(LogScreen(r.id, tail(r.log_path, 200)))
+
+    def action_serve(self) -> None:
+        """Load the finished adapter into the first compatible ready server."""
+        r = self.selected()
+        if r is None or not self._guard():
+            return
+        adapter_path = r.spec.get("_adapter_path")
+        if r.state != "finished" or not adapter_path:
+            self.notify("Only a finished job has an adapter to serve.", severity="warning")
+            return
+        self._serve(adapter_path)
+
+    @work(thread=True, group="jobs-action")
+    def _serve(self, adapter_path: str) -> None:
+        from engine import adapters
+        from engine.vllm import launcher
+
+        try:
+            adapter = adapters.read_adapter(Path(adapter_path))
+        except adapters.AdapterError as exc:
+            self.app.call_from_thread(self.notify, str(exc), severity="error")
+            return
+        candidates = []
+        for rec in launcher.list_servers(self.store, include_ended=False):
+            rec = launcher.refresh(self.store, rec)
+            lora = rec.spec.get("lora", {})
+            if rec.state == "ready" and not adapters.compatibility_problems(
+                    adapter, rec.spec.get("model", ""), lora.get("enable", False), lora.get("max_lora_rank", 16)):
+                candidates.append(rec)
+        if not candidates:
+            msg = f"No ready server can take {adapter.name} (same base model, LoRA on, max rank >= {adapter.rank})."
+            self.app.call_from_thread(self.notify, msg, severity="warning")
+            return
+        target = candidates[0]
+        try:
+            msg = adapters.load(target.base_url, adapter.name, adapter.path)
+        except adapters.AdapterError as exc:
+            msg = str(exc)
+        self.app.call_from_thread(self.notify, f"{target.id}: {msg}")
+
+
+class StartJobScreen(ModalScreen[str | None]):
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="startjob.cancel"),
+                Binding("ctrl+s", "launch", "Start", id="startjob.launch")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.specs: dict[str, Path] = {}
+
+    def compose(self) -> ComposeResult:
+        from store.paths import config_dir
+
+        for root in (config_dir() / "finetune", Path.cwd() / "configs" / "finetune"):
+            if root.is_dir():
+                for p in sorted(root.glob("*.toml")):
+                    self.specs.setdefault(p.stem, p)
+        with Vertical(id="start-server"):
+            yield Static("[b]Start a fine-tune[/b]  (Enter checks, ctrl+s starts, Esc cancels)")
+            with Horizontal(classes="fit-row"):
+                yield Label("Spec ", classes="fit-label")
+                yield Select([(n, n) for n in self.specs], id="job-spec", compact=True, prompt="job spec")
+            with Horizontal(classes="fit-row"):
+                yield Label("GPU ", classes="fit-label")
+                yield Input(placeholder="0 (or cpu for the peft backend)", id="job-gpus", compact=True)
+            yield Static("", id="job-check")
+
+    def _inputs(self) -> tuple[Any, list[int] | None, list[Any] | None]:
+        from engine.finetune.spec import load_spec
+        from engine.vllm.profile import parse_gpus
+
+        name = self.query_one("#job-spec", Select).value
+        if not isinstance(name, str):
+            raise ValueError("pick a job spec (folders: ~/.config/fleetdeck/finetune, ./configs/finetune)")
+        spec = load_spec(self.specs[name])
+        text = self.query_one("#job-gpus", Input).value.strip() or "cpu"
+        if text.lower() == "cpu":
+            return spec, None, None
+        indices = parse_gpus(text)
+        poller = getattr(self.app, "poller", None)
+        snaps = []
+        if poller is not None and poller.latest:
+            snap = next(iter(poller.latest.values()))
+            by_index = {g.index: g for g in snap.gpus}
+            snaps = [by_index[i] for i in indices if i in by_index]
+        return spec, indices, snaps or None
+
+    @on(Input.Submitted)
+    @on(Select.Changed)
+    def check(self) -> bool:
+        from engine.finetune import jobs
+        from fleet.config import ConfigError
+
+        out = self.query_one("#job-check", Static)
+        try:
+            spec, _, snaps = self._inputs()
+            report, estimate = jobs.preflight(spec, snaps, force=False)
+        except (ValueError, ConfigError, jobs.JobError) as exc:
+            out.update(Text(str(exc), style="red"))
+            return False
+        out.update(f"{report.examples} examples ({report.form}); VRAM estimate {estimate.total_bytes / 1024**3:.1f} GiB. "
+                   "ctrl+s starts it.")
+        return True
+
+    def action_launch(self) -> None:
+        if self.check():
+            self._launch()
+
+    @work(thread=True, exclusive=True, group="startjob")
+    def _launch(self) -> None:
+        from engine.finetune import jobs
+
+        try:
+            spec, indices, snaps = self._inputs()
+            roots = list(self.app.options.config.adapter_roots)
+            rec = jobs.start(self.app.store, spec, indices, gpu_snapshots=snaps,
+                             adapter_root=spec.adapter_root or (roots[0] if roots else None))
+        except Exception as exc:
+            self.app.call_from_thread(self.query_one("#job-check", Static).update, Text(str(exc), style="red"))
+            return
+        self.app.call_from_thread(self.dismiss, f"started {rec.id} on {rec.gpus}")
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
