@@ -74,6 +74,7 @@ class NodeConfig(Strict):
     name: str = Field(min_length=1)
     ssh: str = Field(min_length=1, description="an SSH destination: host, user@host or a ~/.ssh/config alias")
     ssh_options: list[str] = Field(default_factory=list)
+    agent_command: list[str] = Field(default_factory=list, description="default: fleetdeck agent --stdio")
 
 
 class FleetConfig(Strict):

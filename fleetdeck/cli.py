@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     gpus.add_argument("--json", action="store_true", help="print JSON")
     gpus.add_argument("--simulated", action="store_true", help="read the simulated demo fleet instead of NVML")
 
+    agent = sub.add_parser("agent", parents=[common], help="the node agent the dashboard runs over SSH (JSON lines)")
+    agent.add_argument("--stdio", action="store_true", required=True, help="speak on stdin/stdout")
+    agent.add_argument("--simulated", action="store_true", help="serve a simulated node instead of NVML")
+    agent.add_argument("--node-name", help="the name to report (default: the hostname)")
+    agent.add_argument("--exit-after", type=_positive_float, metavar="SECONDS", help=argparse.SUPPRESS)  # demo: a node that drops
+
     backend = sub.add_parser("demo-backend", help=argparse.SUPPRESS)  # started by `fleetdeck demo`
     backend.add_argument("--store", required=True)
     backend.add_argument("--dir", required=True)
@@ -94,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_gpus(args)
     if args.command == "demo":
         return cmd_dashboard(args, demo=True)
+    if args.command == "agent":
+        return cmd_agent(args)
     if args.command == "demo-backend":
         from engine.router.demo import run_backend
 
@@ -182,6 +191,39 @@ def gpus_text(snaps: list) -> str:
     return "\n".join(lines)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    import threading
+
+    from engine.agent import Agent
+    from fleet.config import ConfigError, load_fleet_config
+
+    if args.simulated:
+        from fleet.simulated import demo_fleet
+
+        source = demo_fleet()[0]
+        if args.node_name:
+            source.name = args.node_name
+    else:
+        from fleet.source import LocalNode
+
+        source = LocalNode(args.node_name)
+    try:
+        config = load_fleet_config(args.config, required=args.config is not None)
+    except ConfigError as exc:
+        return fail(str(exc))
+    if args.exit_after:
+        threading.Timer(args.exit_after, lambda: os._exit(0)).start()
+    agent = Agent(source, Path(args.store) if args.store else None, list(config.adapter_roots), __version__)
+    return agent.serve(sys.stdin, sys.stdout)
+
+
+def remote_sources(config: object) -> list:
+    from fleet.remote import RemoteNode
+
+    return [RemoteNode.over_ssh(n.name, n.ssh, list(n.ssh_options), n.agent_command or None)  # type: ignore[attr-defined]
+            for n in config.node]  # type: ignore[attr-defined]
+
+
 def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
     from fleet.config import ConfigError, FleetConfig, load_fleet_config
 
@@ -202,9 +244,16 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
         config = config.model_copy(update={"adapter_roots": [state_dir() / "demo" / "adapters"]})
 
         def factory() -> list:
+            from fleet.remote import RemoteNode
             from fleet.simulated import demo_fleet
 
-            return list(demo_fleet())
+            # A fourth node behind the real agent protocol (over a pipe, not SSH) that drops every
+            # 45 s and is reconnected with backoff, as a flaky remote node would be.
+            flaky = RemoteNode("sim-remote-04", [sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated",
+                                                 "--node-name", "sim-remote-04", "--exit-after", "45"],
+                               backoff_s=(3.0, 10.0))
+            flaky.simulated = True
+            return [*demo_fleet(), flaky]
     else:
         from fleetdeck.cmd_proxy import default_router_config
 
@@ -214,7 +263,7 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
         def factory() -> list:
             from fleet.source import LocalNode
 
-            return [LocalNode()]
+            return [LocalNode(), *remote_sources(config)]
 
     from tui.app import AppOptions, FleetDeckApp
 

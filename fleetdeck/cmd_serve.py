@@ -21,9 +21,11 @@ def register(sub: Any) -> None:
     st.add_argument("--dry-run", action="store_true", help="print the command, environment and verdict; start nothing")
     st.add_argument("--simulated", action="store_true", help="plan against the simulated fleet's first node")
     st.add_argument("--wait", action="store_true", help="wait until it is ready (or crashed)")
+    st.add_argument("--node", help="start it on this node of the fleet config (over SSH, through its agent)")
     st.set_defaults(handler=run_start)
     ls = ssub.add_parser("ls", parents=[sub.common], help="servers fleetdeck started, with their state")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--node", help="list the servers of this node of the fleet config")
     ls.set_defaults(handler=run_ls)
     sp = ssub.add_parser("stop", parents=[sub.common], help="stop a server (SIGTERM, then SIGKILL)")
     sp.add_argument("id")
@@ -89,6 +91,27 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
     return [by_index[i] for i in indices], None
 
 
+def remote_node(config: Any, name: str, timeout: float = 30.0) -> Any:
+    """Connect to a node of the fleet config through its agent; raises AgentError if it does not answer."""
+    import time
+
+    from fleet.remote import AgentError, RemoteNode
+
+    node = next((n for n in config.node if n.name == name), None)
+    if node is None:
+        raise AgentError(f"no node {name!r} in the fleet config (nodes: {', '.join(n.name for n in config.node) or 'none'})")
+    remote = RemoteNode.over_ssh(node.name, node.ssh, list(node.ssh_options), node.agent_command or None)
+    deadline = time.time() + timeout
+    while remote.link.status != "connected" and time.time() < deadline:
+        if remote.link.status == "incompatible":
+            break
+        time.sleep(0.1)
+    if remote.link.status != "connected":
+        remote.close()
+        raise AgentError(f"{name}: {remote.link.error or 'no answer from its agent'}")
+    return remote
+
+
 def run_start(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, wait_ready
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
@@ -101,6 +124,21 @@ def run_start(args: argparse.Namespace) -> int:
         config = _fleet_config(args)
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         return _err(str(exc))
+    if args.node:
+        from fleet.remote import AgentError
+
+        try:
+            remote = remote_node(config, args.node)
+            try:
+                result = remote.request("start_server", {"profile": profile.model_dump(mode="json"), "gpus": gpus,
+                                                         "force": args.force, "port": args.port}, timeout=120)
+            finally:
+                remote.close()
+        except AgentError as exc:
+            return _err(str(exc))
+        srv = result["server"]
+        print(f"started {srv['id']} on {args.node} (pid {srv['pid']}) on GPUs {srv['gpus']}, port {srv['port']}")
+        return 0
     snaps, why = gpu_snapshots(gpus, args.simulated)
     if args.dry_run:
         try:
@@ -133,10 +171,23 @@ def run_start(args: argparse.Namespace) -> int:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import list_servers, refresh
+    from engine.vllm.launcher import ServerRecord, list_servers, refresh
 
-    store = _store(args)
-    recs = [refresh(store, r) for r in list_servers(store)]
+    if args.node:
+        from fleet.remote import AgentError
+
+        try:
+            remote = remote_node(_fleet_config(args), args.node)
+            try:
+                docs = remote.request("list_servers")
+            finally:
+                remote.close()
+        except AgentError as exc:
+            return _err(str(exc))
+        recs = [ServerRecord(**{k: v for k, v in d.items() if k != "base_url"}) for d in docs]
+    else:
+        store = _store(args)
+        recs = [refresh(store, r) for r in list_servers(store)]
     if args.json:
         print(json.dumps([r.to_json() for r in recs], indent=2))
         return 0

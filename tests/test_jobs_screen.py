@@ -15,7 +15,7 @@ from engine.finetune.spec import JobSpec
 from engine.kvfit.catalogue import CATALOGUE
 from engine.vllm import launcher
 from store.db import open_store
-from tests.test_servers import FAKE_VLLM, h100, profile
+from tests.test_servers import FAKE_VLLM_CMD, h100, profile
 from tests.test_servers_screen import settle
 from tests.tui_helpers import make_app, ready
 from tui.screens.confirm import ConfirmScreen
@@ -61,7 +61,7 @@ async def test_jobs_screen_shows_progress_and_cancels_after_confirmation(tmp_pat
 
 
 async def test_v_serves_a_finished_adapter_into_a_compatible_server(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM)
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
     monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
     store = open_store(tmp_path / "fd.db")
     server, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -25,12 +26,14 @@ from fleetdeck.cli import main
 from store.db import open_store
 
 FAKE_VLLM = str(Path(__file__).parent / "fakes" / "fake_vllm")
+# Run the fake with the test's own interpreter: `python3` on PATH may be one without the project.
+FAKE_VLLM_CMD = f"{sys.executable} {FAKE_VLLM}"
 GIB = 1024**3
 
 
 @pytest.fixture(autouse=True)
 def fake_vllm(monkeypatch):
-    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM)
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
     monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.3")
     monkeypatch.delenv("FLEETDECK_SIM_CRASH", raising=False)
 
@@ -67,7 +70,7 @@ def test_a_server_starts_through_the_launcher_and_becomes_ready(store, tmp_path)
     rec, verdict = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
     assert rec.state == "starting" and verdict.fits
     assert rec.env["CUDA_VISIBLE_DEVICES"] == "0" and rec.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert rec.argv[:3] == [FAKE_VLLM, "serve", "Qwen/Qwen3-8B"] and "--enable-lora" in rec.argv
+    assert rec.argv[:4] == [sys.executable, FAKE_VLLM, "serve", "Qwen/Qwen3-8B"] and "--enable-lora" in rec.argv
     rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
     assert rec.state == "ready"
     models = httpx.get(f"{rec.base_url}/v1/models", trust_env=False).json()["data"]

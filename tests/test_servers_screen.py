@@ -10,7 +10,7 @@ from textual.widgets import DataTable
 from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store
-from tests.test_servers import FAKE_VLLM, h100, make_adapter, profile
+from tests.test_servers import FAKE_VLLM_CMD, h100, make_adapter, profile
 from tests.tui_helpers import make_app, ready
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.servers import AdaptersScreen, ServersScreen
@@ -18,7 +18,7 @@ from tui.screens.servers import AdaptersScreen, ServersScreen
 
 @pytest.fixture
 def running(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM)
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
     monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
     store = open_store(tmp_path / "fd.db")
     rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)

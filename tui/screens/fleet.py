@@ -73,6 +73,8 @@ def gpu_cells(gpu: GpuSnapshot, util_hist: list[float | None], work_width: int) 
     work = describe_work(gpu.processes)
     if gpu.mig_enabled:
         work = f"MIG x{len(gpu.mig_devices)} · " + work
+    if gpu.error and gpu.error.startswith("stale"):
+        work = gpu.error  # the node is not answering: these are its last known figures
     if len(work) > work_width:
         work = work[: work_width - 1] + "…"
     return {
@@ -89,13 +91,22 @@ def node_cells(snap: NodeSnapshot, work_width: int) -> dict[str, str | Text]:
     label = Text("▾ ", style="bold")
     label.append(snap.node[:14], style="bold")
     if snap.nvml != "ok":
+        reason = snap.reason or ""
+        if reason.startswith("unreachable"):
+            state, style = "UNREACHABLE", "bold red"
+        elif reason.startswith("connecting"):
+            state, style = "CONNECTING", "bold yellow"
+        elif "protocol" in reason:
+            state, style = "INCOMPATIBLE", "bold red"
+        else:
+            state, style, reason = "NO NVML", "bold red", "no NVIDIA driver: press Enter"
         return {
             "gpu": label,
-            "vram": Text("NO NVML", style="bold red"),
+            "vram": Text(state, style=style),
             "util": "",
             "temp": "",
             "power": "",
-            "work": Text("no NVIDIA driver: press Enter"[:work_width], style="red"),
+            "work": Text(reason[:work_width], style="red" if "red" in style else "yellow"),
         }
     utils = [g.utilization_gpu_pct for g in snap.gpus if g.utilization_gpu_pct is not None]
     avg = f"{sum(utils) / len(utils):3.0f}%" if utils else ""

@@ -1,0 +1,257 @@
+"""Remote nodes over SSH: `ssh -T NODE fleetdeck agent --stdio`, JSON lines both ways.
+
+No port is opened on any node: the system's OpenSSH client does the connecting (so ~/.ssh/config,
+jump hosts and keys all work) and the agent speaks on its stdin/stdout. The agent says hello
+(protocol version, fleetdeck version, hostname, NVML state), then sends a snapshot every interval and
+answers requests. A node that drops is retried with exponential backoff; `snapshot()` never blocks,
+it returns the last snapshot or a "not connected" one with the error and when the node was last seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from fleet.model import GpuProcess, GpuSnapshot, HostInfo, MigDevice, NodeSnapshot
+
+PROTOCOL_VERSION = 1
+
+
+class AgentError(Exception):
+    """A request to a remote agent failed; the message says where and why."""
+
+
+def snapshot_to_json(snap: NodeSnapshot) -> dict[str, Any]:
+    return snap.to_json()
+
+
+def snapshot_from_json(d: dict[str, Any]) -> NodeSnapshot:
+    gpus = []
+    for g in d.get("gpus", []):
+        g = dict(g)
+        g["processes"] = [GpuProcess(**p) for p in g.get("processes", [])]
+        g["mig_devices"] = [MigDevice(**m) for m in g.get("mig_devices", [])]
+        gpus.append(GpuSnapshot(**g))
+    host = HostInfo(**d["host"]) if d.get("host") else HostInfo()
+    if host.load_avg is not None:
+        host.load_avg = tuple(host.load_avg)  # type: ignore[assignment]
+    fields = {k: d[k] for k in ("node", "taken_at", "nvml")}  # a snapshot without these is malformed
+    fields.update({k: d.get(k) for k in ("reason", "driver_version", "cuda_driver_version")})
+    return NodeSnapshot(**fields, simulated=bool(d.get("simulated")), gpus=gpus, host=host)
+
+
+@dataclass
+class LinkState:
+    status: str = "connecting"  # connecting | connected | unreachable | incompatible
+    error: str | None = None
+    since: float = 0.0
+    last_seen: float | None = None
+    agent_version: str | None = None
+    bad_messages: int = 0
+
+
+class RemoteNode:
+    """A NodeSource for a node reached through `ssh -T DEST fleetdeck agent --stdio`."""
+
+    simulated = False
+
+    def __init__(self, name: str, command: list[str], interval_s: float = 1.0, hello_timeout_s: float = 20.0,
+                 backoff_s: tuple[float, float] = (1.0, 60.0), clock: Callable[[], float] = time.time) -> None:
+        self.name = name
+        self.command = command
+        self.interval_s = interval_s
+        self.hello_timeout_s = hello_timeout_s
+        self.backoff_min, self.backoff_max = backoff_s
+        self._clock = clock
+        self.link = LinkState(since=clock())
+        self._latest: NodeSnapshot | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[int, Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"remote-{name}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def over_ssh(cls, name: str, dest: str, ssh_options: list[str] | None = None,
+                 agent_command: list[str] | None = None, **kw: Any) -> "RemoteNode":
+        import shlex
+
+        agent = agent_command or ["fleetdeck", "agent", "--stdio"]
+        # BatchMode: never hang on a password prompt; the error says what to fix instead. ssh hands the
+        # command to the remote shell as one string, so each argument is quoted to arrive intact.
+        cmd = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=10", "-o", "ConnectTimeout=10",
+               *(ssh_options or []), dest, "--", *(shlex.quote(a) for a in agent)]
+        return cls(name, cmd, **kw)
+
+    # -- the source interface -------------------------------------------------------------------
+    def snapshot(self) -> NodeSnapshot:
+        with self._lock:
+            link = self.link
+            latest = self._latest
+        if link.status == "connected" and latest is not None:
+            return latest
+        seen = time.strftime("%H:%M", time.localtime(link.last_seen)) if link.last_seen else "never"
+        since = time.strftime("%H:%M", time.localtime(link.since))
+        if link.status == "connecting":
+            reason = f"connecting over SSH (last seen {seen})"
+        elif link.status == "incompatible":
+            reason = link.error or "agent protocol mismatch"
+        else:
+            reason = f"unreachable since {since} (last seen {seen}): {link.error}"
+        # Keep the GPUs on screen, marked stale, rather than letting them vanish.
+        stale = [replace(g, error=f"stale: node {link.status}") for g in latest.gpus] if latest is not None else []
+        snap = NodeSnapshot(node=self.name, taken_at=self._clock(), nvml="unavailable", reason=reason, gpus=stale)
+        snap.simulated = latest.simulated if latest is not None else False
+        return snap
+
+    def close(self) -> None:
+        self._stop.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    # -- requests -------------------------------------------------------------------------------
+    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+        with self._lock:
+            proc = self._proc
+            connected = self.link.status == "connected"
+        if proc is None or proc.stdin is None or not connected:
+            raise AgentError(f"{self.name}: not connected ({self.link.error or self.link.status})")
+        rid = next(self._ids)
+        fut: Future[Any] = Future()
+        self._pending[rid] = fut
+        try:
+            proc.stdin.write(json.dumps({"v": PROTOCOL_VERSION, "type": "request", "id": rid, "op": op, "args": args or {}}) + "\n")
+            proc.stdin.flush()
+            return fut.result(timeout=timeout)
+        except TimeoutError as exc:
+            raise AgentError(f"{self.name}: no answer to {op} within {timeout:.0f} s") from exc
+        except (BrokenPipeError, OSError) as exc:
+            raise AgentError(f"{self.name}: connection lost while sending {op}: {exc}") from exc
+        finally:
+            self._pending.pop(rid, None)
+
+    # -- the connection loop --------------------------------------------------------------------
+    def _set(self, status: str, error: str | None = None) -> None:
+        with self._lock:
+            if status != self.link.status:
+                self.link.since = self._clock()
+            self.link.status = status
+            self.link.error = error
+
+    def _run(self) -> None:
+        backoff = self.backoff_min
+        while not self._stop.is_set():
+            self._set("connecting", self.link.error)
+            started = self._clock()
+            error = self._session()
+            if self._stop.is_set():
+                return
+            if self.link.status != "incompatible":
+                self._set("unreachable", error)
+            for fut in list(self._pending.values()):
+                fut.set_exception(AgentError(f"{self.name}: connection lost ({error})"))
+            # A session that lasted a while resets the backoff; a failing one doubles it.
+            backoff = self.backoff_min if self._clock() - started > 30 else min(self.backoff_max, backoff * 2)
+            self._stop.wait(backoff)
+
+    def _session(self) -> str:
+        try:
+            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, bufsize=1)
+        except OSError as exc:
+            return f"cannot run {self.command[0]}: {exc}"
+        self._proc = proc
+        stderr_tail: list[str] = []
+        threading.Thread(target=self._drain_stderr, args=(proc, stderr_tail), daemon=True).start()
+        watchdog = threading.Timer(self.hello_timeout_s, self._hello_timeout, args=(proc,))
+        watchdog.start()
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps({"v": PROTOCOL_VERSION, "type": "subscribe", "interval": self.interval_s}) + "\n")
+            proc.stdin.flush()
+            hello = False
+            for line in proc.stdout:
+                if self._stop.is_set():
+                    break
+                try:
+                    msg = json.loads(line)
+                    if not isinstance(msg, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    self.link.bad_messages += 1
+                    continue
+                kind = msg.get("type")
+                if kind == "hello":
+                    hello = True
+                    watchdog.cancel()
+                    if msg.get("v") != PROTOCOL_VERSION:
+                        self._set("incompatible", f"agent on {self.name} speaks protocol v{msg.get('v')}, this dashboard "
+                                                  f"v{PROTOCOL_VERSION}: install the same fleetdeck version on both")
+                        proc.terminate()
+                        break
+                    with self._lock:
+                        self.link.agent_version = msg.get("fleetdeck")
+                        self.link.last_seen = self._clock()
+                    self._set("connected")
+                elif not hello:
+                    self.link.bad_messages += 1  # out of order: nothing counts before the hello
+                elif kind == "snapshot":
+                    try:
+                        snap = snapshot_from_json(msg["snapshot"])
+                    except (KeyError, TypeError, ValueError):
+                        self.link.bad_messages += 1
+                        continue
+                    snap.node = self.name
+                    for g in snap.gpus:
+                        g.node = self.name
+                    with self._lock:
+                        self._latest = snap
+                        self.link.last_seen = self._clock()
+                elif kind == "response":
+                    fut = self._pending.get(msg.get("id"))
+                    if fut is None or fut.done():
+                        self.link.bad_messages += 1  # an answer to nothing we asked
+                        continue
+                    if msg.get("ok"):
+                        fut.set_result(msg.get("result"))
+                    else:
+                        fut.set_exception(AgentError(f"{self.name}: {msg.get('error')}"))
+                else:
+                    self.link.bad_messages += 1
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        code = proc.wait()
+        tail = " ".join(stderr_tail[-3:]).strip()
+        if self.link.status == "incompatible":
+            return self.link.error or "incompatible"
+        return tail or f"the agent exited with code {code}"
+
+    def _hello_timeout(self, proc: subprocess.Popen[str]) -> None:
+        self._set("connecting", f"no hello from the agent within {self.hello_timeout_s:.0f} s")
+        proc.terminate()
+
+    @staticmethod
+    def _drain_stderr(proc: subprocess.Popen[str], tail: list[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            tail.append(line.strip())
+            del tail[:-10]

@@ -1,0 +1,260 @@
+"""A fleet, not a host: the agent over a local pipe, remote nodes that drop and come back, protocol
+faults, and a real SSH round-trip through sshd on loopback (installed by .ci/run)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable
+
+from engine.agent import Agent
+from fleet.remote import PROTOCOL_VERSION, AgentError, RemoteNode
+from fleet.source import LocalNode
+from fleetdeck.cli import main
+from tests.fakes.fake_nvml import FakeGpu, FakeNvml
+from tests.test_servers import FAKE_VLLM_CMD
+from tests.tui_helpers import make_app, ready
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+AGENT = [PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated"]
+
+
+def wait_for(cond, timeout=20.0, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+class Pipe:
+    """Two in-memory line streams wired to an Agent running in a thread."""
+
+    def __init__(self, agent: Agent) -> None:
+        r_in, w_in = os.pipe()
+        r_out, w_out = os.pipe()
+        self.to_agent = os.fdopen(w_in, "w", buffering=1)
+        self.from_agent = os.fdopen(r_out, "r")
+        agent_in, agent_out = os.fdopen(r_in, "r"), os.fdopen(w_out, "w", buffering=1)
+        self.thread = threading.Thread(target=agent.serve, args=(agent_in, agent_out), daemon=True)
+        self.thread.start()
+
+    def send(self, msg: dict | str) -> None:
+        self.to_agent.write((msg if isinstance(msg, str) else json.dumps(msg)) + "\n")
+
+    def next(self, kind: str, timeout: float = 10.0) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            msg = json.loads(self.from_agent.readline())
+            if msg["type"] == kind:
+                return msg
+        raise AssertionError(f"no {kind} message")
+
+    def close(self) -> None:
+        self.to_agent.close()
+        self.thread.join(timeout=5)
+
+
+def test_agent_over_a_local_pipe_with_faked_nvml(monkeypatch, tmp_path):
+    FakeNvml([FakeGpu(uuid="GPU-r0"), FakeGpu(uuid="GPU-r1", util=88)]).install(monkeypatch)
+    pipe = Pipe(Agent(LocalNode("node-b"), tmp_path / "agent.db", [], "9.9", interval_s=0.1))
+    hello = pipe.next("hello")
+    assert hello["v"] == PROTOCOL_VERSION and hello["fleetdeck"] == "9.9" and hello["nvml"] == "ok"
+    snap = pipe.next("snapshot")["snapshot"]
+    assert [g["uuid"] for g in snap["gpus"]] == ["GPU-r0", "GPU-r1"] and snap["gpus"][1]["utilization_gpu_pct"] == 88
+    pipe.send({"v": 1, "type": "request", "id": 1, "op": "ping"})
+    assert pipe.next("response")["ok"] is True
+    pipe.send("{this is not json")
+    bad = pipe.next("response")
+    assert bad["ok"] is False and "malformed" in bad["error"]
+    pipe.send({"v": 99, "type": "request", "id": 2, "op": "ping"})
+    assert "protocol v99 not supported" in pipe.next("response")["error"]
+    pipe.send({"v": 1, "type": "request", "id": 3, "op": "format_disks"})
+    assert "unknown op" in pipe.next("response")["error"]
+    pipe.send({"v": 1, "type": "request", "id": 4, "op": "list_servers"})
+    assert pipe.next("response")["result"] == []
+    pipe.close()
+
+
+def test_a_remote_node_connects_drops_and_comes_back():
+    node = RemoteNode("flaky", [*AGENT, "--exit-after", "1.5"], interval_s=0.2, backoff_s=(0.2, 0.5))
+    try:
+        assert wait_for(lambda: node.link.status == "connected" and node.snapshot().gpus)
+        snap = node.snapshot()
+        assert snap.node == "flaky" and all(g.node == "flaky" for g in snap.gpus) and snap.nvml == "ok"
+        assert node.request("ping")["pong"] > 0
+        # The agent exits (the node dropped): the screen keeps the last GPUs, marked stale, with the error.
+        assert wait_for(lambda: node.link.status != "connected")
+        down = node.snapshot()
+        assert down.nvml == "unavailable" and down.gpus and down.gpus[0].error.startswith("stale")
+        assert ("unreachable" in down.reason or "connecting" in down.reason)
+        with pytest.raises(AgentError):
+            node.request("ping", timeout=1)
+        # ... and is reconnected with backoff.
+        assert wait_for(lambda: node.link.status == "connected", timeout=20)
+    finally:
+        node.close()
+
+
+def test_an_unreachable_node_says_so_and_never_blocks():
+    node = RemoteNode("gone", [PY, "-c", "import sys; sys.stderr.write('ssh: connect to host gone port 22: Connection refused\\n'); sys.exit(255)"],
+                      backoff_s=(0.2, 0.4))
+    try:
+        assert wait_for(lambda: node.link.status == "unreachable")
+        t = time.perf_counter()
+        snap = node.snapshot()
+        assert time.perf_counter() - t < 0.05
+        assert snap.nvml == "unavailable" and "unreachable since" in snap.reason and "Connection refused" in snap.reason
+    finally:
+        node.close()
+
+
+def fake_agent(lines: list[str], tmp_path: Path) -> list[str]:
+    script = tmp_path / "agent.py"
+    script.write_text("import sys, time\n" + "".join(f"print({line!r}, flush=True)\n" for line in lines) + "time.sleep(30)\n")
+    return [PY, str(script)]
+
+
+def test_version_mismatch_is_reported_clearly(tmp_path):
+    node = RemoteNode("old", fake_agent([json.dumps({"v": 2, "type": "hello", "fleetdeck": "9.0"})], tmp_path),
+                      backoff_s=(5, 5))
+    try:
+        assert wait_for(lambda: node.link.status == "incompatible")
+        assert "protocol v2, this dashboard v1" in node.snapshot().reason
+    finally:
+        node.close()
+
+
+def test_malformed_and_out_of_order_messages_are_counted_not_fatal(tmp_path):
+    snap = {"node": "x", "taken_at": 1.0, "nvml": "ok", "gpus": [], "host": {}}
+    lines = [
+        json.dumps({"v": 1, "type": "snapshot", "snapshot": snap}),  # before the hello
+        "garbage{",
+        json.dumps({"v": 1, "type": "hello", "fleetdeck": "0.1.0"}),
+        json.dumps({"v": 1, "type": "response", "id": 12345, "ok": True}),  # an answer to nothing
+        json.dumps({"v": 1, "type": "snapshot", "snapshot": {"nonsense": True}}),
+        json.dumps({"v": 1, "type": "snapshot", "snapshot": snap}),
+    ]
+    node = RemoteNode("odd", fake_agent(lines, tmp_path), backoff_s=(5, 5))
+    try:
+        assert wait_for(lambda: node.link.status == "connected" and node.link.bad_messages >= 4)
+        assert wait_for(lambda: node.snapshot().nvml == "ok")
+    finally:
+        node.close()
+
+
+def test_no_hello_in_time_is_an_error(tmp_path):
+    node = RemoteNode("silent", [PY, "-c", "import time; time.sleep(30)"], hello_timeout_s=0.5, backoff_s=(5, 5))
+    try:
+        assert wait_for(lambda: node.link.status == "unreachable")
+        assert "no hello" in (node.link.error or "") or "exited" in (node.link.error or "")
+    finally:
+        node.close()
+
+
+async def test_the_dashboard_shows_local_and_remote_gpus_grouped_by_node(monkeypatch):
+    FakeNvml([FakeGpu(uuid="GPU-local")]).install(monkeypatch)
+    remote = RemoteNode("node-b", [*AGENT, "--node-name", "node-b"], interval_s=0.2)
+    try:
+        assert wait_for(lambda: remote.snapshot().nvml == "ok")
+        app = make_app(lambda: [LocalNode("node-a"), remote], simulated=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(app, pilot)
+            keys = [r.key.value for r in app.screen.query_one("#fleet-table", DataTable).ordered_rows]
+            assert keys[0] == "node:node-a" and "gpu:node-a/GPU-local" in keys
+            assert "node:node-b" in keys and sum(k.startswith("gpu:node-b/") for k in keys) == 4
+    finally:
+        remote.close()
+
+
+# --- a real SSH round-trip ------------------------------------------------------------------------
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    if not Path(SSHD).exists():
+        pytest.skip("sshd is not installed (.ci/run installs Debian's openssh-server)")
+    keys = tmp_path / "ssh"
+    keys.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "host")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "client")], check=True)
+    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    Path("/run/sshd").mkdir(exist_ok=True)
+    config = keys / "sshd_config"
+    config.write_text(textwrap.dedent(f"""
+        ListenAddress 127.0.0.1
+        Port {port}
+        HostKey {keys / 'host'}
+        AuthorizedKeysFile {keys / 'authorized_keys'}
+        PasswordAuthentication no
+        KbdInteractiveAuthentication no
+        PermitRootLogin prohibit-password
+        StrictModes no
+        UsePAM no
+        PidFile {keys / 'sshd.pid'}
+        AcceptEnv NONE
+    """))
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+    assert wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() is None
+                    if _port_open(port) else False, timeout=10)
+    user = os.environ.get("USER") or "root"
+    opts = ["-p", str(port), "-i", str(keys / "client"), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    yield f"{user}@127.0.0.1", opts
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_path, capsys):
+    dest, opts = sshd
+    remote_store = tmp_path / "remote.db"
+    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={tmp_path / 'state'}",
+             PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "remote-1", "--store", str(remote_store)]
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[node]]\nname = "remote-1"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
+                     f"agent_command = {json.dumps(agent)}\n")
+    node = RemoteNode.over_ssh("remote-1", dest, opts, agent, interval_s=0.3, backoff_s=(0.3, 1.0))
+    try:
+        assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=30), node.link.error
+        assert len(node.snapshot().gpus) == 4
+        # Start a (fake) vLLM server on the remote node through the same command line the operator uses.
+        prof = tmp_path / "p.toml"
+        prof.write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
+        assert main(["serve", "start", str(prof), "--gpus", "3", "--node", "remote-1", "--config", str(fleet)]) == 0, \
+            capsys.readouterr().err
+        assert "started q-" in capsys.readouterr().out
+        assert wait_for(lambda: any(s["state"] == "ready" for s in node.request("list_servers")), timeout=30)
+        # The node drops (its agent is killed) and comes back.
+        subprocess.run(["pkill", "-f", "--", "node-name remote-1"], check=False)
+        assert wait_for(lambda: node.link.status != "connected", timeout=15)
+        assert wait_for(lambda: node.link.status == "connected", timeout=30)
+        servers = node.request("list_servers")
+        assert servers and servers[0]["gpus"] == "3"
+        node.request("stop_server", {"id": servers[0]["id"]})
+    finally:
+        node.close()
