@@ -102,9 +102,10 @@ class ServersScreen(DeckScreen):
         except Exception as exc:
             self.app.call_from_thread(self._error, f"servers unavailable: {exc}")
             return
+        recs += self._remote_records()
         for rec in recs:
             fig = None
-            if rec.state == "ready":
+            if rec.state == "ready" and not rec.id.startswith("@"):
                 try:
                     text = httpx.get(f"{rec.base_url}/metrics", timeout=1.5, trust_env=False).text
                     scrape = parse(text, time.time())
@@ -114,6 +115,26 @@ class ServersScreen(DeckScreen):
                     fig = None
             views.append((rec, fig))
         self.app.call_from_thread(self._show, views)
+
+    def _remote_records(self) -> list[Any]:
+        """Servers on connected remote nodes, through their agents (state only: their ports stay closed)."""
+        from engine.vllm.launcher import ServerRecord
+        from fleet.remote import AgentError, RemoteNode
+
+        out = []
+        poller = getattr(self.app, "poller", None)
+        for source in getattr(poller, "sources", []):
+            if not isinstance(source, RemoteNode) or source.link.status != "connected":
+                continue
+            try:
+                docs = source.request("list_servers", timeout=5)
+            except AgentError:
+                continue
+            for d in docs:
+                rec = ServerRecord(**{k: v for k, v in d.items() if k != "base_url"})
+                rec.id = f"@{source.name}:{rec.id}"
+                out.append(rec)
+        return out
 
     def _error(self, message: str) -> None:
         self._loading = False
@@ -224,6 +245,9 @@ class ServersScreen(DeckScreen):
         from engine.vllm import launcher
         from engine.vllm.profile import Profile
 
+        if rec.id.startswith("@"):
+            self._remote_stop(rec)
+            return
         launcher.stop(self.store, rec)
         message = f"{rec.id} stopped"
         if restart:
@@ -234,6 +258,22 @@ class ServersScreen(DeckScreen):
                 message = f"{rec.id} restarted as {new.id}"
             except Exception as exc:
                 message = f"{rec.id} stopped; restart failed: {exc}"
+        self.app.call_from_thread(self.notify, message)
+        self.app.call_from_thread(self.reload)
+
+    def _remote_stop(self, rec: Any) -> None:
+        from fleet.remote import AgentError, RemoteNode
+
+        node, _, sid = rec.id[1:].partition(":")
+        poller = getattr(self.app, "poller", None)
+        remote = next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
+        try:
+            if remote is None:
+                raise AgentError(f"{node} is not connected")
+            remote.request("stop_server", {"id": sid}, timeout=60)
+            message = f"{rec.id} stopped"
+        except AgentError as exc:
+            message = str(exc)
         self.app.call_from_thread(self.notify, message)
         self.app.call_from_thread(self.reload)
 
@@ -371,9 +411,19 @@ class StartServerScreen(ModalScreen[str | None]):
     def _launch(self) -> None:
         from engine.vllm import launcher
 
+        from fleet.remote import RemoteNode
+
         try:
             profile = self._profile()
             indices, snaps = self._gpus()
+            node = self.query_one("#start-gpus", Input).value.partition("/")[0] if "/" in self.query_one("#start-gpus", Input).value else None
+            poller = getattr(self.app, "poller", None)
+            remote = next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
+            if remote is not None:
+                result = remote.request("start_server", {"profile": profile.model_dump(mode="json"), "gpus": indices}, timeout=120)
+                srv = result["server"]
+                self.app.call_from_thread(self.dismiss, f"started {srv['id']} on {node} GPUs {srv['gpus']}, port {srv['port']}")
+                return
             rec, _ = launcher.start(self.app.store, profile, indices, gpu_snapshots=snaps,
                                     adapter_roots=list(self.app.options.config.adapter_roots))
         except Exception as exc:
