@@ -3,7 +3,6 @@ faults, and a real SSH round-trip through sshd on loopback (installed by .ci/run
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil

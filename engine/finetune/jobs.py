@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -14,9 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import psutil
-
+from engine import managed
 from engine.finetune.dataset import check_dataset
+from engine.managed import ManagedRecord
 from engine.finetune.spec import JobSpec
 
 GIB = 1024**3
@@ -27,24 +26,8 @@ class JobError(Exception):
 
 
 @dataclass
-class JobRecord:
-    id: str
-    name: str
-    node: str
-    pid: int | None
-    create_time: float | None
-    argv: list[str]
-    env: dict[str, str]
-    gpus: str
-    port: int | None
-    log_path: str
-    spec: dict[str, Any]
-    state: str  # running | finished | failed | cancelled
-    reason: str | None
-    started_at: float
-    ended_at: float | None = None
-    exit_code: int | None = None
-    predicted_kv_tokens: int | None = None  # unused for jobs; the table is shared with servers
+class JobRecord(ManagedRecord):
+    """state: running | finished | failed | cancelled."""
 
     @property
     def workdir(self) -> Path:
@@ -115,31 +98,11 @@ def preflight(spec: JobSpec, gpus: Sequence[Any] | None, force: bool) -> tuple[A
 
 
 def _save(store: Any, rec: JobRecord) -> None:
-    d = asdict(rec)
-    d.update(argv=json.dumps(rec.argv), env=json.dumps(rec.env), spec=json.dumps(rec.spec), kind="job")
-    cols = list(d)
-    with store.transaction() as conn:
-        conn.execute(f"INSERT OR REPLACE INTO managed ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                     [d[c] for c in cols])
-
-
-def _load(row: dict[str, Any]) -> JobRecord:
-    row = dict(row)
-    row.pop("kind", None)
-    row.update(argv=json.loads(row["argv"]), env=json.loads(row["env"]), spec=json.loads(row["spec"]))
-    return JobRecord(**row)
+    managed.save(store, "job", rec)
 
 
 def _spawn(rec: JobRecord, resume: bool) -> None:
-    argv = list(rec.argv) + (["--resume"] if resume else [])
-    with open(rec.log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **rec.env}, start_new_session=True)
-    rec.pid = proc.pid
-    try:
-        rec.create_time = psutil.Process(proc.pid).create_time()
-    except psutil.NoSuchProcess:
-        rec.create_time = None
+    rec.pid, rec.create_time = managed.spawn(list(rec.argv) + (["--resume"] if resume else []), rec.env, rec.log_path)
 
 
 def start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None = None,
@@ -168,19 +131,7 @@ def start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshot
 
 
 def _alive(rec: JobRecord) -> bool:
-    if rec.pid is None:
-        return False
-    try:
-        os.waitpid(rec.pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        proc = psutil.Process(rec.pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return rec.create_time is None or abs(proc.create_time() - rec.create_time) < 1.0
-    except psutil.NoSuchProcess:
-        return False
+    return managed.alive(rec.pid, rec.create_time)
 
 
 FAILURE_HINTS = (
@@ -214,15 +165,14 @@ def refresh(store: Any, rec: JobRecord) -> JobRecord:
 
 
 def list_jobs(store: Any) -> list[JobRecord]:
-    return [_load(r) for r in store.query("SELECT * FROM managed WHERE kind = 'job' ORDER BY started_at")]
+    return managed.load_all(store, "job", JobRecord)
 
 
 def get(store: Any, jid: str) -> JobRecord:
-    rows = store.query("SELECT * FROM managed WHERE kind = 'job' AND (id = ? OR id LIKE ?) ORDER BY started_at DESC",
-                       (jid, f"{jid}%"))
-    if not rows:
+    rec = managed.find(store, "job", JobRecord, jid)
+    if rec is None:
         raise JobError(f"no job {jid!r} (see `fleetdeck finetune ls`)")
-    return _load(rows[0])
+    return rec
 
 
 def cancel(store: Any, rec: JobRecord, timeout: float = 120.0) -> JobRecord:

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_term(signum: int, frame: Any) -> None:
         progress.cancel_requested = True
-        print(f"[fleetdeck] SIGTERM: stopping after this step and saving a checkpoint", flush=True)
+        print("[fleetdeck] SIGTERM: stopping after this step and saving a checkpoint", flush=True)
 
     signal.signal(signal.SIGTERM, on_term)
     try:

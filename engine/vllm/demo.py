@@ -30,9 +30,8 @@ DEMO_SERVERS = (
 
 def make_demo_adapters(root: Path) -> None:
     """Small LoRA adapter folders (config + a tiny safetensors file) to browse and swap in the demo."""
-    from safetensors.numpy import save_file  # noqa: F401  (only when safetensors is installed)
-
     import numpy as np
+    from safetensors.numpy import save_file
 
     specs = [("tickets-v3", 64, "mistralai/Mistral-7B-Instruct-v0.3-AWQ"), ("tickets-v4", 64, "mistralai/Mistral-7B-Instruct-v0.3-AWQ"),
              ("notes-v1", 32, "Qwen/Qwen3-8B"), ("notes-wide", 128, "Qwen/Qwen3-8B")]
@@ -45,7 +44,6 @@ def make_demo_adapters(root: Path) -> None:
             "peft_type": "LORA", "r": rank, "lora_alpha": rank * 2, "lora_dropout": 0.05, "base_model_name_or_path": base,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             "task_type": "CAUSAL_LM"}, indent=2))
-        from safetensors.numpy import save_file
 
         save_file({"simulated": np.zeros((rank, 64), dtype=np.float16)}, str(folder / "adapter_model.safetensors"))
         (folder / "fleetdeck.json").write_text(json.dumps({"simulated": True, "base_model": base}))

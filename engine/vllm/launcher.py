@@ -10,13 +10,11 @@ being stopped; the log tail says why), stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -24,8 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
-import psutil
-
+from engine import managed
+from engine.managed import ManagedRecord
 from engine.vllm.diagnose import diagnose, tail
 from engine.vllm.profile import Profile
 
@@ -37,25 +35,7 @@ class LaunchError(Exception):
 
 
 @dataclass
-class ServerRecord:
-    id: str
-    name: str
-    node: str
-    pid: int | None
-    create_time: float | None
-    argv: list[str]
-    env: dict[str, str]
-    gpus: str
-    port: int | None
-    log_path: str
-    spec: dict[str, Any]
-    state: str
-    reason: str | None
-    started_at: float
-    ended_at: float | None = None
-    exit_code: int | None = None
-    predicted_kv_tokens: int | None = None
-
+class ServerRecord(ManagedRecord):
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -169,24 +149,7 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
 
 
 def _save(store: Any, rec: ServerRecord) -> None:
-    d = asdict(rec)
-    d["argv"] = json.dumps(rec.argv)
-    d["env"] = json.dumps(rec.env)
-    d["spec"] = json.dumps(rec.spec)
-    d["kind"] = "server"
-    cols = list(d)
-    with store.transaction() as conn:
-        conn.execute(f"INSERT OR REPLACE INTO managed ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                     [d[c] for c in cols])
-
-
-def _load(row: dict[str, Any]) -> ServerRecord:
-    row = dict(row)
-    row.pop("kind", None)
-    row["argv"] = json.loads(row["argv"])
-    row["env"] = json.loads(row["env"])
-    row["spec"] = json.loads(row["spec"])
-    return ServerRecord(**row)
+    managed.save(store, "server", rec)
 
 
 def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None = None,
@@ -216,19 +179,13 @@ def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: S
     log_path = logs / f"{sid}.log"
     with open(log_path, "ab") as log:
         log.write(f"# fleetdeck: {' '.join(shlex.quote(a) for a in argv)}\n".encode())
-        log.flush()
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **env}, start_new_session=True)
-        except OSError as exc:
-            raise LaunchError(f"could not start {argv[0]}: {exc}") from exc
     try:
-        create_time = psutil.Process(proc.pid).create_time()
-    except psutil.NoSuchProcess:
-        create_time = None
+        pid, create_time = managed.spawn(argv, env, str(log_path))
+    except OSError as exc:
+        raise LaunchError(f"could not start {argv[0]}: {exc}") from exc
     shown_env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items()}
     rec = ServerRecord(
-        id=sid, name=profile.name, node=node or socket.gethostname(), pid=proc.pid, create_time=create_time,
+        id=sid, name=profile.name, node=node or socket.gethostname(), pid=pid, create_time=create_time,
         argv=argv, env=shown_env, gpus=",".join(str(g) for g in gpus), port=chosen_port, log_path=str(log_path),
         spec=profile.model_dump(mode="json"), state="starting", reason=None, started_at=time.time(),
         predicted_kv_tokens=verdict.kv_tokens if verdict is not None else None,
@@ -238,20 +195,7 @@ def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: S
 
 
 def _alive(rec: ServerRecord) -> bool:
-    if rec.pid is None:
-        return False
-    try:
-        os.waitpid(rec.pid, os.WNOHANG)  # reap it if it is our child and has exited
-    except ChildProcessError:
-        pass
-    try:
-        proc = psutil.Process(rec.pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        # A reused pid is not ours.
-        return rec.create_time is None or abs(proc.create_time() - rec.create_time) < 1.0
-    except psutil.NoSuchProcess:
-        return False
+    return managed.alive(rec.pid, rec.create_time)
 
 
 def probe(rec: ServerRecord, timeout: float = 1.0) -> bool:
@@ -287,17 +231,15 @@ def refresh(store: Any, rec: ServerRecord) -> ServerRecord:
 
 
 def list_servers(store: Any, include_ended: bool = True) -> list[ServerRecord]:
-    rows = store.query("SELECT * FROM managed WHERE kind = 'server' ORDER BY started_at")
-    recs = [_load(r) for r in rows]
+    recs = managed.load_all(store, "server", ServerRecord)
     return [r for r in recs if include_ended or r.state not in ("stopped",)]
 
 
 def get(store: Any, sid: str) -> ServerRecord:
-    rows = store.query("SELECT * FROM managed WHERE kind = 'server' AND (id = ? OR id LIKE ?) ORDER BY started_at DESC",
-                       (sid, f"{sid}%"))
-    if not rows:
+    rec = managed.find(store, "server", ServerRecord, sid)
+    if rec is None:
         raise LaunchError(f"no server {sid!r} (see `fleetdeck serve ls`)")
-    return _load(rows[0])
+    return rec
 
 
 def stop(store: Any, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import DataTable, Footer, Header, Static
 
 
 class StatusLine(Static):
@@ -21,3 +21,61 @@ class DeckScreen(Screen[None]):
 
     def compose_body(self) -> ComposeResult:
         yield from ()
+
+
+class PolledScreen(DeckScreen):
+    """A screen that re-reads its figures in a worker every `refresh_s` while it is on top.
+
+    Subclasses implement `load(store)` (start a thread worker that ends by calling `loaded()` on the
+    UI thread) and may override `no_store()` and `focus_first()`. A tick that finds the previous load
+    still running is skipped, so loads never overlap.
+    """
+
+    NO_STORE = "No store: this screen reads the store (see --store)."
+    FOCUS: str | None = None
+
+    def __init__(self, refresh_s: float) -> None:
+        super().__init__()
+        self.refresh_s = refresh_s
+        self._loading = False
+
+    @property
+    def store(self) -> object | None:
+        return getattr(self.app, "store", None)
+
+    def on_mount(self) -> None:
+        if self.FOCUS:
+            self.query_one(self.FOCUS).focus()
+        self.set_interval(self.refresh_s, self.reload)
+        self.reload()
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        if not self.is_current or self._loading:
+            return
+        if self.store is None:
+            self.no_store()
+            return
+        self._loading = True
+        self.load(self.store)
+
+    def loaded(self) -> None:
+        self._loading = False
+
+    def load(self, store: object) -> None:
+        raise NotImplementedError
+
+    def no_store(self) -> None:
+        self.notify(self.NO_STORE, severity="warning")
+
+
+def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
+    """The row key under a table's cursor, or None for an empty table."""
+    if table.row_count == 0:
+        return None
+    try:
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+    except Exception:  # the cursor sits past a row that was just removed
+        return None

@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from tui.format import usd
-from tui.screens.base import DeckScreen
+from tui.screens.base import PolledScreen
 
 
 def load_cost_data(store: Any, config_path: Path | None, now: float) -> dict[str, Any]:
@@ -35,12 +35,10 @@ def load_cost_data(store: Any, config_path: Path | None, now: float) -> dict[str
     return {"report": report, "history": history, "error": error}
 
 
-class CostScreen(DeckScreen):
+class CostScreen(PolledScreen):
     def __init__(self, refresh_s: float = 10.0) -> None:
-        super().__init__()
-        self.refresh_s = refresh_s
+        super().__init__(refresh_s)
         self.data: dict[str, Any] | None = None
-        self._loading = False
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="cost-top"):
@@ -50,21 +48,10 @@ class CostScreen(DeckScreen):
         table.add_columns("Task", "Requests", "Esc", "SLM", "Frontier", "Total", "$/M req", "Savings")
         yield table
 
-    def on_mount(self) -> None:
-        self.set_interval(self.refresh_s, self.reload)
-        self.reload()
+    def no_store(self) -> None:
+        self.query_one("#cost-summary", Static).update("No store yet: costs come from the router's ledger.")
 
-    def on_screen_resume(self) -> None:
-        self.reload()
-
-    def reload(self) -> None:
-        if not self.is_current or self._loading:
-            return
-        store = getattr(self.app, "store", None)
-        if store is None:
-            self.query_one("#cost-summary", Static).update("No store yet: costs come from the router's ledger.")
-            return
-        self._loading = True
+    def load(self, store: Any) -> None:
         self._load(store, self.app.router_config_path())
 
     @work(thread=True, exclusive=True, group="cost")
@@ -76,7 +63,7 @@ class CostScreen(DeckScreen):
         self.app.call_from_thread(self._show, data)
 
     def _show(self, data: dict[str, Any]) -> None:
-        self._loading = False
+        self.loaded()
         self.data = data
         summary = self.query_one("#cost-summary", Static)
         if "report" not in data:

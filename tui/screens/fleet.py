@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 from fleet.model import GpuProcess, GpuSnapshot, NodeSnapshot
 from fleet.poller import FleetPoller
 from tui.format import NA, bar, celsius, gib, sparkline
-from tui.screens.base import DeckScreen
+from tui.screens.base import DeckScreen, highlighted_key
 
 COLUMNS = (("gpu", "GPU"), ("vram", "VRAM GiB"), ("util", "Util"), ("temp", "Temp"), ("power", "Power"), ("work", "Work"))
 SPARK_WIDTH = 5
@@ -225,13 +225,7 @@ class FleetScreen(DeckScreen):
         banner.display = True
 
     def selected_key(self) -> str | None:
-        table = self.table
-        if table.row_count == 0:
-            return None
-        try:
-            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:
-            return None
+        return highlighted_key(self.table)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()

@@ -4,7 +4,6 @@ the finished adapter into a compatible running server with one key."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from textual.widgets import DataTable, Input, Label, Select, Static
 from textual_plotext import PlotextPlot
 
 from tui.format import bar
-from tui.screens.base import DeckScreen
+from tui.screens.base import PolledScreen, highlighted_key
 from tui.screens.confirm import ConfirmScreen
 
 STATE_STYLE = {"running": "bold cyan", "finished": "bold green", "failed": "bold red", "cancelled": "yellow"}
@@ -31,7 +30,7 @@ def _dur(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-class JobsScreen(DeckScreen):
+class JobsScreen(PolledScreen):
     BINDINGS = [
         Binding("s", "start", "Start", id="jobs.start"),
         Binding("c", "cancel", "Cancel", id="jobs.cancel"),
@@ -40,12 +39,12 @@ class JobsScreen(DeckScreen):
         Binding("v", "serve", "Serve adapter", id="jobs.serve"),
     ]
 
+    FOCUS = "#jobs-table"
+
     def __init__(self, refresh_s: float = 2.0) -> None:
-        super().__init__()
-        self.refresh_s = refresh_s
+        super().__init__(refresh_s)
         self.records: dict[str, Any] = {}
         self.events: dict[str, list[dict]] = {}
-        self._loading = False
 
     def compose_body(self) -> ComposeResult:
         table: DataTable[Any] = DataTable(id="jobs-table", cursor_type="row")
@@ -57,23 +56,8 @@ class JobsScreen(DeckScreen):
             yield PlotextPlot(id="jobs-chart")
             yield Static("", id="jobs-detail")
 
-    def on_mount(self) -> None:
-        self.query_one("#jobs-table").focus()
-        self.set_interval(self.refresh_s, self.reload)
-        self.reload()
-
-    def on_screen_resume(self) -> None:
-        self.reload()
-
-    @property
-    def store(self) -> Any:
-        return getattr(self.app, "store", None)
-
-    def reload(self) -> None:
-        if not self.is_current or self._loading or self.store is None:
-            return
-        self._loading = True
-        self._load(self.store)
+    def load(self, store: Any) -> None:
+        self._load(store)
 
     @work(thread=True, exclusive=True, group="jobs")
     def _load(self, store: Any) -> None:
@@ -88,7 +72,7 @@ class JobsScreen(DeckScreen):
         self.app.call_from_thread(self._show, recs, events)
 
     def _show(self, recs: list[Any], events: dict[str, list[dict]]) -> None:
-        self._loading = False
+        self.loaded()
         self.records = {r.id: r for r in recs}
         self.events = events
         table = self.query_one("#jobs-table", DataTable)
@@ -122,14 +106,8 @@ class JobsScreen(DeckScreen):
         ]
 
     def selected(self) -> Any:
-        table = self.query_one("#jobs-table", DataTable)
-        if table.row_count == 0:
-            return None
-        try:
-            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:
-            return None
-        return self.records.get(key)
+        key = highlighted_key(self.query_one("#jobs-table", DataTable))
+        return self.records.get(key) if key else None
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._detail()

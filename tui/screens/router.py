@@ -22,7 +22,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from tui.format import local_time, sparkline
-from tui.screens.base import DeckScreen
+from tui.screens.base import PolledScreen
 from tui.screens.confirm import ConfirmScreen
 
 WINDOWS = {"h": ("last hour", 3600), "d": ("last day", 86400), "m": ("last 30 days", 30 * 86400)}
@@ -107,7 +107,7 @@ def load_router_data(store: Any, config_path: Path | None, selected: str | None,
     return RouterData(rows, series, cal, config_path, error)
 
 
-class RouterScreen(DeckScreen):
+class RouterScreen(PolledScreen):
     BINDINGS = [
         Binding("h", "window('h')", "Hour", id="router.hour"),
         Binding("d", "window('d')", "Day", id="router.day"),
@@ -116,14 +116,14 @@ class RouterScreen(DeckScreen):
         Binding("a", "apply_threshold", "Apply threshold", id="router.apply"),
     ]
 
+    FOCUS = "#router-tasks"
+
     def __init__(self, refresh_s: float = 5.0) -> None:
-        super().__init__()
+        super().__init__(refresh_s)
         self.window = "d"
         self.show_calibration = False
         self.selected: str | None = None
         self.data: RouterData | None = None
-        self.refresh_s = refresh_s
-        self._loading = False
 
     def compose_body(self) -> ComposeResult:
         table: DataTable[Any] = DataTable(id="router-tasks", cursor_type="row")
@@ -140,24 +140,10 @@ class RouterScreen(DeckScreen):
             yield PlotextPlot(id="router-chart")
             yield Static("", id="router-detail")
 
-    def on_mount(self) -> None:
-        self.query_one("#router-tasks").focus()
-        self.set_interval(self.refresh_s, self.reload)
-        self.reload()
+    def no_store(self) -> None:
+        self.query_one("#router-detail", Static).update("No store yet: the router's ledger lives in the store (see --store).")
 
-    def on_screen_resume(self) -> None:
-        self.reload()
-
-    def reload(self) -> None:
-        if not self.is_current or self._loading:
-            return
-        store = getattr(self.app, "store", None)
-        if store is None:
-            self.query_one("#router-detail", Static).update(
-                "No store yet: the router's ledger lives in the store (see --store)."
-            )
-            return
-        self._loading = True
+    def load(self, store: Any) -> None:
         self._load(store, self.app.router_config_path(), self.selected, WINDOWS[self.window][1])
 
     @work(thread=True, exclusive=True, group="router")
@@ -169,7 +155,7 @@ class RouterScreen(DeckScreen):
         self.app.call_from_thread(self._show, data)
 
     def _show(self, data: RouterData) -> None:
-        self._loading = False
+        self.loaded()
         self.data = data
         table = self.query_one("#router-tasks", DataTable)
         keys = [r.name for r in data.rows]
@@ -249,7 +235,7 @@ class RouterScreen(DeckScreen):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.row_key is not None and event.row_key.value != self.selected:
             self.selected = event.row_key.value
-            self._loading = False
+            self.loaded()  # a new selection is worth a load now, not at the next tick
             self.reload()
 
     def action_window(self, key: str) -> None:

@@ -23,7 +23,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Label, Select, Static
 
 from tui.format import sparkline
-from tui.screens.base import DeckScreen
+from tui.screens.base import PolledScreen, highlighted_key
 from tui.screens.confirm import ConfirmScreen
 
 STATE_STYLE = {"ready": "bold green", "starting": "yellow", "crashed": "bold red", "stopped": "dim"}
@@ -44,7 +44,7 @@ def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 1000:.0f}"
 
 
-class ServersScreen(DeckScreen):
+class ServersScreen(PolledScreen):
     BINDINGS = [
         Binding("s", "start", "Start", id="servers.start"),
         Binding("x", "stop", "Stop", id="servers.stop"),
@@ -53,12 +53,12 @@ class ServersScreen(DeckScreen):
         Binding("a", "adapters", "Adapters", id="servers.adapters"),
     ]
 
+    FOCUS = "#servers-table"
+
     def __init__(self, refresh_s: float = 2.0) -> None:
-        super().__init__()
-        self.refresh_s = refresh_s
+        super().__init__(refresh_s)
         self.views: dict[str, ServerView] = {}
         self._scrapes: dict[str, Any] = {}
-        self._loading = False
 
     def compose_body(self) -> ComposeResult:
         table: DataTable[Any] = DataTable(id="servers-table", cursor_type="row")
@@ -69,25 +69,11 @@ class ServersScreen(DeckScreen):
         yield table
         yield Static("", id="servers-detail")
 
-    def on_mount(self) -> None:
-        self.query_one("#servers-table").focus()
-        self.set_interval(self.refresh_s, self.reload)
-        self.reload()
+    def no_store(self) -> None:
+        self.query_one("#servers-detail", Static).update("No store: servers are recorded in the store (see --store).")
 
-    def on_screen_resume(self) -> None:
-        self.reload()
-
-    @property
-    def store(self) -> Any:
-        return getattr(self.app, "store", None)
-
-    def reload(self) -> None:
-        if not self.is_current or self._loading or self.store is None:
-            if self.store is None:
-                self.query_one("#servers-detail", Static).update("No store: servers are recorded in the store (see --store).")
-            return
-        self._loading = True
-        self._load(self.store)
+    def load(self, store: Any) -> None:
+        self._load(store)
 
     @work(thread=True, exclusive=True, group="servers")
     def _load(self, store: Any) -> None:
@@ -137,11 +123,11 @@ class ServersScreen(DeckScreen):
         return out
 
     def _error(self, message: str) -> None:
-        self._loading = False
+        self.loaded()
         self.query_one("#servers-detail", Static).update(f"[red]{message}[/]")
 
     def _show(self, views: list[tuple[Any, Any]]) -> None:
-        self._loading = False
+        self.loaded()
         table = self.query_one("#servers-table", DataTable)
         for rec, fig in views:
             view = self.views.setdefault(rec.id, ServerView(rec))
@@ -182,13 +168,7 @@ class ServersScreen(DeckScreen):
         ]
 
     def selected_id(self) -> str | None:
-        table = self.query_one("#servers-table", DataTable)
-        if table.row_count == 0:
-            return None
-        try:
-            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:
-            return None
+        return highlighted_key(self.query_one("#servers-table", DataTable))
 
     def selected(self) -> ServerView | None:
         sid = self.selected_id()
@@ -508,13 +488,7 @@ class AdaptersScreen(ModalScreen[None]):
         self.query_one("#adapters-message", Static).update(msg)
 
     def _highlighted(self, table_id: str) -> str | None:
-        table = self.query_one(table_id, DataTable)
-        if table.row_count == 0:
-            return None
-        try:
-            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:
-            return None
+        return highlighted_key(self.query_one(table_id, DataTable))
 
     def _adapter(self) -> Any:
         name = self._highlighted("#adapters-disk")

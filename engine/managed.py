@@ -1,0 +1,93 @@
+"""Processes fleetdeck starts and records in the store's `managed` table (vLLM servers, fine-tune jobs).
+
+One record shape, saved and loaded the same way; liveness is the pid *and* its process create time,
+so a pid reused by another process is never mistaken for ours; processes start detached (their own
+session, output in a log file) so they outlive the dashboard and the SSH session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import psutil
+
+R = TypeVar("R", bound="ManagedRecord")
+
+
+@dataclass
+class ManagedRecord:
+    id: str
+    name: str
+    node: str
+    pid: int | None
+    create_time: float | None
+    argv: list[str]
+    env: dict[str, str]
+    gpus: str
+    port: int | None
+    log_path: str
+    spec: dict[str, Any]
+    state: str
+    reason: str | None
+    started_at: float
+    ended_at: float | None = None
+    exit_code: int | None = None
+    predicted_kv_tokens: int | None = None
+
+
+def save(store: Any, kind: str, rec: ManagedRecord) -> None:
+    d = asdict(rec)
+    d.update(argv=json.dumps(rec.argv), env=json.dumps(rec.env), spec=json.dumps(rec.spec), kind=kind)
+    cols = list(d)
+    with store.transaction() as conn:
+        conn.execute(f"INSERT OR REPLACE INTO managed ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                     [d[c] for c in cols])
+
+
+def _from_row(cls: type[R], row: dict[str, Any]) -> R:
+    row = dict(row)
+    row.pop("kind", None)
+    row.update(argv=json.loads(row["argv"]), env=json.loads(row["env"]), spec=json.loads(row["spec"]))
+    return cls(**row)
+
+
+def load_all(store: Any, kind: str, cls: type[R]) -> list[R]:
+    return [_from_row(cls, r) for r in store.query("SELECT * FROM managed WHERE kind = ? ORDER BY started_at", (kind,))]
+
+
+def find(store: Any, kind: str, cls: type[R], ident: str) -> R | None:
+    """By id, or by a unique-enough id prefix (the newest match)."""
+    rows = store.query("SELECT * FROM managed WHERE kind = ? AND (id = ? OR id LIKE ?) ORDER BY started_at DESC",
+                       (kind, ident, f"{ident}%"))
+    return _from_row(cls, rows[0]) if rows else None
+
+
+def alive(pid: int | None, create_time: float | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
+    except ChildProcessError:
+        pass
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or abs(proc.create_time() - create_time) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+
+
+def spawn(argv: list[str], env: dict[str, str], log_path: str) -> tuple[int, float | None]:
+    """Start detached (own session), output appended to the log; returns pid and create time."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env}, start_new_session=True)
+    try:
+        return proc.pid, psutil.Process(proc.pid).create_time()
+    except psutil.NoSuchProcess:
+        return proc.pid, None
