@@ -23,20 +23,17 @@ def register(sub: Any) -> None:
 
 
 def load_pricing_and_policies(router_config: str | None) -> tuple[float, int, dict, str | None]:
-    """Pricing and per-task drift settings from the router config; a missing default file is not an error."""
-    from engine.router.config import load_router_config
-    from fleet.config import ConfigError
+    """Pricing and per-task drift settings; a missing default file is a note, a broken one an error."""
+    from engine.router.config import load_router_settings
     from fleetdeck.cmd_proxy import default_router_config
-    from store.analytics import iter_policies
 
     path = Path(router_config) if router_config else default_router_config()
-    if not path.exists() and not router_config:
-        return 0.0, 0, {}, f"no router config at {path}: SLM GPU cost counted as $0.00"
-    try:
-        cfg = load_router_config(path)
-    except ConfigError as exc:
-        raise SystemExit(f"fleetdeck report: {exc}") from None
-    return cfg.pricing.slm_gpu_hour_usd, cfg.pricing.slm_gpus, iter_policies(cfg.task), None
+    if router_config and not path.exists():
+        raise SystemExit(f"fleetdeck report: {path}: file not found")
+    settings = load_router_settings(path)
+    if settings.error and path.exists():
+        raise SystemExit(f"fleetdeck report: {settings.error}")
+    return settings.gpu_hour_usd, settings.gpus, settings.policies, settings.error
 
 
 def run(args: argparse.Namespace) -> int:

@@ -125,18 +125,10 @@ class FleetDeckApp(App[None]):
             return
         import time
 
-        from store.analytics import drift_for_tasks, iter_policies, known_tasks
+        from engine.router.config import load_router_settings
+        from store.analytics import drift_for_tasks, known_tasks
 
-        policies: dict = {}
-        path = self.router_config_path()
-        if path is not None and path.exists():
-            from engine.router.config import load_router_config
-            from fleet.config import ConfigError
-
-            try:
-                policies = iter_policies(load_router_config(path).task)
-            except ConfigError:
-                pass
+        policies = load_router_settings(self.router_config_path()).policies
         now = time.time()
         try:
             names = sorted(set(policies) | set(known_tasks(self.store)))

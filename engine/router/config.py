@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -119,3 +120,29 @@ def set_task_threshold(path: str | Path, task: str, threshold: float) -> None:
         tmp.replace(p)
         return
     raise KeyError(f"no [[task]] named {task!r} in {p}")
+
+
+@dataclass
+class RouterSettings:
+    """What the analytics need from a router config: pricing, drift windows, thresholds."""
+
+    gpu_hour_usd: float = 0.0
+    gpus: int = 0
+    policies: dict = field(default_factory=dict)  # task name -> store.analytics.TaskPolicy
+    thresholds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # a config that could not be read, or none at all
+
+
+def load_router_settings(path: Path | None) -> RouterSettings:
+    """Never raises: a missing or broken config gives defaults and says why in `error`."""
+    from fleet.config import ConfigError
+    from store.analytics import iter_policies
+
+    if path is None or not Path(path).exists():
+        return RouterSettings(error=f"no router config at {path}: the local fleet's cost counts as $0.00")
+    try:
+        cfg = load_router_config(path)
+    except ConfigError as exc:
+        return RouterSettings(error=str(exc))
+    return RouterSettings(cfg.pricing.slm_gpu_hour_usd, cfg.pricing.slm_gpus, iter_policies(cfg.task),
+                          {t.name: t.threshold for t in cfg.task})

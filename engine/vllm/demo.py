@@ -30,8 +30,7 @@ DEMO_SERVERS = (
 
 def make_demo_adapters(root: Path) -> None:
     """Small LoRA adapter folders (config + a tiny safetensors file) to browse and swap in the demo."""
-    import numpy as np
-    from safetensors.numpy import save_file
+    import struct
 
     specs = [("tickets-v3", 64, "mistralai/Mistral-7B-Instruct-v0.3-AWQ"), ("tickets-v4", 64, "mistralai/Mistral-7B-Instruct-v0.3-AWQ"),
              ("notes-v1", 32, "Qwen/Qwen3-8B"), ("notes-wide", 128, "Qwen/Qwen3-8B")]
@@ -45,16 +44,16 @@ def make_demo_adapters(root: Path) -> None:
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             "task_type": "CAUSAL_LM"}, indent=2))
 
-        save_file({"simulated": np.zeros((rank, 64), dtype=np.float16)}, str(folder / "adapter_model.safetensors"))
+        # A valid safetensors file with no tensors, written by hand: the demo needs no numpy.
+        header = json.dumps({"__metadata__": {"simulated": "true", "rank": str(rank)}}).encode()
+        header += b" " * (-len(header) % 8)
+        (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
         (folder / "fleetdeck.json").write_text(json.dumps({"simulated": True, "base_model": base}))
 
 
 def start_demo_servers(store: Any, workdir: Path) -> list[Any]:
     adapters = workdir / "adapters"
-    try:
-        make_demo_adapters(adapters)
-    except ImportError:
-        pass
+    make_demo_adapters(adapters)
     idle_h100 = GpuSnapshot(node="sim-h100-01", index=0, name="NVIDIA H100 80GB HBM3", uuid="sim",
                             memory_total_bytes=int(79.65 * GIB), memory_used_bytes=int(0.5 * GIB))
     started = []

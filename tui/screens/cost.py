@@ -17,19 +17,11 @@ from tui.screens.base import PolledScreen
 
 
 def load_cost_data(store: Any, config_path: Path | None, now: float) -> dict[str, Any]:
-    from engine.router.config import load_router_config
-    from fleet.config import ConfigError
-    from store.analytics import current_month, iter_policies, month_report, monthly_history
+    from engine.router.config import load_router_settings
+    from store.analytics import current_month, month_report, monthly_history
 
-    gpu_hour, gpus, policies, error = 0.0, 0, {}, None
-    if config_path is not None and config_path.exists():
-        try:
-            cfg = load_router_config(config_path)
-            gpu_hour, gpus, policies = cfg.pricing.slm_gpu_hour_usd, cfg.pricing.slm_gpus, iter_policies(cfg.task)
-        except ConfigError as exc:
-            error = str(exc)
-    elif config_path is not None:
-        error = f"no router config at {config_path}: the local fleet's cost counts as $0.00"
+    settings = load_router_settings(config_path)
+    gpu_hour, gpus, policies, error = settings.gpu_hour_usd, settings.gpus, settings.policies, settings.error
     report = month_report(store, current_month(now), now, gpu_hour, gpus, policies)
     history = monthly_history(store, now, 12, gpu_hour, gpus)
     return {"report": report, "history": history, "error": error}

@@ -66,20 +66,13 @@ def _ms(x: float | None) -> str:
 
 def load_router_data(store: Any, config_path: Path | None, selected: str | None, window_s: int, now: float) -> RouterData:
     from engine.router.calibrate import latest_calibration
-    from engine.router.config import load_router_config
-    from fleet.config import ConfigError
-    from store.analytics import drift_for_tasks, escalation_series, iter_policies, known_tasks, totals_by_task
+    from engine.router.config import load_router_settings
+    from store.analytics import drift_for_tasks, escalation_series, known_tasks, totals_by_task
 
-    error = None
-    policies: dict[str, Any] = {}
-    thresholds: dict[str, float] = {}
-    if config_path is not None and config_path.exists():
-        try:
-            cfg = load_router_config(config_path)
-            policies = iter_policies(cfg.task)
-            thresholds = {t.name: t.threshold for t in cfg.task}
-        except ConfigError as exc:
-            error = str(exc)
+    settings = load_router_settings(config_path)
+    policies, thresholds = settings.policies, settings.thresholds
+    # Without a config the defaults apply quietly; a broken one is worth saying.
+    error = settings.error if config_path is not None and config_path.exists() else None
     names = sorted(set(policies) | set(known_tasks(store)))
     t1h = totals_by_task(store, now - 3600, now, histograms=False)
     t24 = totals_by_task(store, now - 86400, now)
