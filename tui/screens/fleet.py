@@ -16,7 +16,9 @@ from fleet.poller import FleetPoller
 from tui.format import NA, bar, celsius, gib, sparkline
 from tui.screens.base import DeckScreen, highlighted_key
 
-COLUMNS = (("gpu", "GPU"), ("vram", "VRAM GiB"), ("util", "Util"), ("temp", "Temp"), ("power", "Power"), ("work", "Work"))
+# Five columns, not six: Textual's DataTable re-renders every cell on any update, so each column
+# costs a cell render per row per refresh (bench/bench_fleet.py).
+COLUMNS = (("gpu", "GPU"), ("vram", "VRAM GiB"), ("util", "Util"), ("temp", "Temp  Power"), ("work", "Work"))
 SPARK_WIDTH = 5
 BAR_WIDTH = 6
 
@@ -53,7 +55,6 @@ def gpu_cells(gpu: GpuSnapshot, util_hist: list[float | None], work_width: int) 
             "vram": Text("LOST", style="bold red"),
             "util": NA,
             "temp": NA,
-            "power": NA,
             "work": Text((gpu.error or "GPU lost")[:work_width], style="red"),
         }
     total, used = gpu.memory_total_bytes, gpu.memory_used_bytes
@@ -65,9 +66,9 @@ def gpu_cells(gpu: GpuSnapshot, util_hist: list[float | None], work_width: int) 
     util_text = Text(f"{util:3.0f}%" if util is not None else " n/a")
     util_text.append(" " + sparkline(util_hist, SPARK_WIDTH), style="cyan")
     temp = gpu.temperature_c
-    temp_text = Text(celsius(temp), style="red" if temp is not None and temp >= 85 else "")
+    temp_text = Text(celsius(temp).rjust(4), style="red" if temp is not None and temp >= 85 else "")
     # The limit is on the detail screen; here the draw turns yellow within 5% of it.
-    power = Text(NA if gpu.power_draw_w is None else f"{gpu.power_draw_w:.0f} W")
+    power = Text((NA if gpu.power_draw_w is None else f"{gpu.power_draw_w:.0f} W").rjust(6))
     if gpu.power_limit_w and gpu.power_draw_w is not None and gpu.power_draw_w >= 0.95 * gpu.power_limit_w:
         power.stylize("yellow")
     work = describe_work(gpu.processes)
@@ -81,8 +82,7 @@ def gpu_cells(gpu: GpuSnapshot, util_hist: list[float | None], work_width: int) 
         "gpu": f" {gpu.index} {short_gpu_name(gpu.name)}",
         "vram": vram,
         "util": util_text,
-        "temp": temp_text,
-        "power": power,
+        "temp": temp_text + Text(" ") + power,
         "work": work,
     }
 
@@ -105,7 +105,6 @@ def node_cells(snap: NodeSnapshot, work_width: int) -> dict[str, str | Text]:
             "vram": Text(state, style=style),
             "util": "",
             "temp": "",
-            "power": "",
             "work": Text(reason[:work_width], style="red" if "red" in style else "yellow"),
         }
     utils = [g.utilization_gpu_pct for g in snap.gpus if g.utilization_gpu_pct is not None]
@@ -119,7 +118,6 @@ def node_cells(snap: NodeSnapshot, work_width: int) -> dict[str, str | Text]:
         "vram": Text(f"{len(snap.gpus)} GPU · {gib(used, 0)}/{gib(total, 0)}", style="dim"),
         "util": Text(avg, style="dim"),
         "temp": "",
-        "power": "",
         "work": Text((driver + tag)[:work_width], style="dim"),
     }
 
@@ -165,7 +163,7 @@ class FleetScreen(DeckScreen):
 
     def _work_width(self) -> int:
         # What is left of the screen after the fixed columns, their padding and the scrollbar.
-        return max(12, self.size.width - 60)
+        return max(12, self.size.width - 58)
 
     def _wanted_rows(self, poller: FleetPoller) -> list[tuple[str, dict[str, str | Text]]]:
         width = self._work_width()
