@@ -174,6 +174,7 @@ class RemoteNode:
         except OSError as exc:
             return f"cannot run {self.command[0]}: {exc}"
         self._proc = proc
+        self._hello_missed = False
         stderr_tail: list[str] = []
         threading.Thread(target=self._drain_stderr, args=(proc, stderr_tail), daemon=True).start()
         watchdog = threading.Timer(self.hello_timeout_s, self._hello_timeout, args=(proc,))
@@ -243,10 +244,12 @@ class RemoteNode:
         tail = " ".join(stderr_tail[-3:]).strip()
         if self.link.status == "incompatible":
             return self.link.error or "incompatible"
+        if self._hello_missed:
+            return f"no hello from the agent within {self.hello_timeout_s:.0f} s" + (f" ({tail})" if tail else "")
         return tail or f"the agent exited with code {code}"
 
     def _hello_timeout(self, proc: subprocess.Popen[str]) -> None:
-        self._set("connecting", f"no hello from the agent within {self.hello_timeout_s:.0f} s")
+        self._hello_missed = True
         proc.terminate()
 
     @staticmethod

@@ -270,31 +270,35 @@ class StartJobScreen(ModalScreen[str | None]):
 
     @on(Input.Submitted)
     @on(Select.Changed)
-    def check(self) -> bool:
+    def check(self) -> None:
+        self._check(launch=False)
+
+    @work(thread=True, exclusive=True, group="startjob")
+    def _check(self, launch: bool) -> None:
+        """Reading the whole dataset (and its tokenizer) is file I/O: never on the UI thread."""
         from engine.finetune import jobs
         from fleet.config import ConfigError
 
         out = self.query_one("#job-check", Static)
         try:
-            spec, _, snaps = self._inputs()
+            spec, _, snaps = self.app.call_from_thread(self._inputs)
             report, estimate = jobs.preflight(spec, snaps, force=False)
         except (ValueError, ConfigError, jobs.JobError) as exc:
-            out.update(Text(str(exc), style="red"))
-            return False
-        out.update(f"{report.examples} examples ({report.form}); VRAM estimate {estimate.total_bytes / 1024**3:.1f} GiB. "
-                   "ctrl+s starts it.")
-        return True
+            self.app.call_from_thread(out.update, Text(str(exc), style="red"))
+            return
+        self.app.call_from_thread(out.update, f"{report.examples} examples ({report.form}); VRAM estimate "
+                                  f"{estimate.total_bytes / 1024**3:.1f} GiB. ctrl+s starts it.")
+        if launch:
+            self._launch_now()
 
     def action_launch(self) -> None:
-        if self.check():
-            self._launch()
+        self._check(launch=True)
 
-    @work(thread=True, exclusive=True, group="startjob")
-    def _launch(self) -> None:
+    def _launch_now(self) -> None:
         from engine.finetune import jobs
 
         try:
-            spec, indices, snaps = self._inputs()
+            spec, indices, snaps = self.app.call_from_thread(self._inputs)
             roots = list(self.app.options.config.adapter_roots)
             rec = jobs.start(self.app.store, spec, indices, gpu_snapshots=snaps,
                              adapter_root=spec.adapter_root or (roots[0] if roots else None))

@@ -362,41 +362,44 @@ class StartServerScreen(ModalScreen[str | None]):
     @on(Input.Submitted)
     @on(Select.Changed)
     def plan(self) -> None:
+        self._plan(launch=False)
+
+    @work(thread=True, exclusive=True, group="start")
+    def _plan(self, launch: bool) -> None:
+        """Planning may read a local model folder's headers: never on the UI thread."""
+        from engine.kvfit.text import render_text
         from engine.vllm.launcher import LaunchError, preflight
         from fleet.config import ConfigError
-        from engine.kvfit.text import render_text
 
         out = self.query_one("#start-verdict", Static)
         try:
-            profile = self._profile()
-            _, snaps = self._gpus()
+            profile = self.app.call_from_thread(self._profile)
+            _, snaps = self.app.call_from_thread(self._gpus)
             self.verdict = preflight(profile, snaps)
         except (ValueError, ConfigError, LaunchError) as exc:
             self.verdict = None
-            out.update(Text(str(exc), style="red"))
+            self.app.call_from_thread(out.update, Text(str(exc), style="red"))
             return
-        out.update(Text(render_text(self.verdict), style="" if self.verdict.fits else "red"))
+        text = render_text(self.verdict)
+        if not self.verdict.fits:
+            text += "\n\nNot starting it: `fleetdeck serve start --force` overrides the planner."
+        self.app.call_from_thread(out.update, Text(text, style="" if self.verdict.fits else "red"))
+        if launch and self.verdict.fits:
+            self._launch_now()
 
     def action_launch(self) -> None:
-        self.plan()
-        if self.verdict is None:
-            return
-        if not self.verdict.fits:
-            self.query_one("#start-verdict", Static).update(
-                Text("The planner says it will not start; use `fleetdeck serve start --force` to override.", style="red"))
-            return
-        self._launch()
+        self._plan(launch=True)
 
-    @work(thread=True, exclusive=True, group="start")
-    def _launch(self) -> None:
+    def _launch_now(self) -> None:
         from engine.vllm import launcher
 
         from fleet.remote import RemoteNode
 
         try:
-            profile = self._profile()
-            indices, snaps = self._gpus()
-            node = self.query_one("#start-gpus", Input).value.partition("/")[0] if "/" in self.query_one("#start-gpus", Input).value else None
+            profile = self.app.call_from_thread(self._profile)
+            indices, snaps = self.app.call_from_thread(self._gpus)
+            text = self.app.call_from_thread(lambda: self.query_one("#start-gpus", Input).value)
+            node = text.partition("/")[0] if "/" in text else None
             poller = getattr(self.app, "poller", None)
             remote = next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
             if remote is not None:

@@ -1,0 +1,93 @@
+"""Starting work from the TUI: a vLLM server from a profile and a peft fine-tune from a spec."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from textual.widgets import Input, Select, Static
+
+from engine.finetune import jobs
+from engine.vllm import launcher
+from store.db import open_store
+from store.paths import config_dir
+from tests.fakes.tiny_model import make_dataset, make_tiny_model
+from tests.test_servers import FAKE_VLLM_CMD
+from tests.test_servers_screen import settle
+from tests.tui_helpers import make_app, ready, static_text
+from tui.screens.jobs import StartJobScreen
+from tui.screens.servers import StartServerScreen
+
+
+async def test_start_a_server_from_the_servers_screen(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
+    profiles = config_dir() / "profiles"
+    profiles.mkdir(parents=True)
+    (profiles / "qwen.toml").write_text('name = "qwen"\nmodel = "Qwen/Qwen3-8B"\n')
+    (profiles / "huge.toml").write_text('name = "huge"\nmodel = "meta-llama/Llama-3.3-70B-Instruct"\n')
+    db = tmp_path / "fd.db"
+    app = make_app(store_path=db)
+    try:
+        async with app.run_test(size=(120, 34)) as pilot:
+            await ready(app, pilot)
+            await pilot.press("3")
+            await settle(app, pilot)
+            await pilot.press("s")
+            await pilot.pause()
+            dialog = app.screen
+            assert isinstance(dialog, StartServerScreen)
+            dialog.query_one("#start-gpus", Input).value = "sim-h100-01/3"
+            dialog.query_one("#start-profile", Select).value = "huge"  # 70B in 16-bit on one H100: refused
+            await settle(app, pilot)
+            await pilot.press("ctrl+s")
+            await settle(app, pilot)
+            assert "CUDA out of memory while loading weights" in static_text(dialog.query_one("#start-verdict", Static))
+            assert launcher.list_servers(open_store(db)) == []
+            dialog.query_one("#start-profile", Select).value = "qwen"
+            await settle(app, pilot)
+            await pilot.press("ctrl+s")
+            await settle(app, pilot, 5)
+            (rec,) = launcher.list_servers(open_store(db))
+            assert rec.gpus == "3" and rec.name == "qwen" and rec.predicted_kv_tokens
+    finally:
+        store = open_store(db)
+        for r in launcher.list_servers(store):
+            launcher.stop(store, r, timeout=5)
+
+
+async def test_start_a_peft_fine_tune_on_cpu_from_the_jobs_screen(tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    data = make_dataset(tmp_path / "data.jsonl")
+    specs = config_dir() / "finetune"
+    specs.mkdir(parents=True)
+    (specs / "tiny.toml").write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {
+        "name": "tiny", "base_model": str(model), "dataset": str(data), "backend": "peft", "lora_rank": 4,
+        "max_steps": 3, "batch_size": 2, "gradient_accumulation_steps": 1, "adapter_root": str(tmp_path / "adapters"),
+    }.items()))
+    db = tmp_path / "fd.db"
+    app = make_app(store_path=db)
+    async with app.run_test(size=(120, 34)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4")
+        await settle(app, pilot)
+        await pilot.press("s")
+        await pilot.pause()
+        dialog = app.screen
+        assert isinstance(dialog, StartJobScreen)
+        dialog.query_one("#job-gpus", Input).value = "cpu"
+        dialog.query_one("#job-spec", Select).value = "tiny"
+        await settle(app, pilot)
+        assert "24 examples (chat)" in static_text(dialog.query_one("#job-check", Static))
+        await pilot.press("ctrl+s")
+        await settle(app, pilot, 5)
+    store = open_store(db)
+    (rec,) = jobs.list_jobs(store)
+    deadline = time.time() + 120
+    while jobs.refresh(store, jobs.get(store, rec.id)).state == "running":
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert jobs.get(store, rec.id).state == "finished"
+    assert (tmp_path / "adapters" / "tiny" / "adapter_config.json").exists()
