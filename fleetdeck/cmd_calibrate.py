@@ -57,18 +57,26 @@ def _store(args: argparse.Namespace) -> Any:
     return open_store(Path(args.store) if args.store else default_store_path())
 
 
-def run_calibrate(args: argparse.Namespace) -> int:
-    from engine.router.calibrate import EvalSetError, analyse, load_eval_set, save_calibration, score_eval_set
-    from engine.router.config import set_task_threshold
-    from store.db import StoreError
-
-    loaded = _config(args, "calibrate")
+def _config_and_task(args: argparse.Namespace, cmd: str) -> tuple[Any, Path, Any] | int:
+    loaded = _config(args, cmd)
     if isinstance(loaded, int):
         return loaded
     config, path = loaded
     task = config.task_by_name(args.task)
     if task is None:
-        return _err("calibrate", f"unknown task {args.task!r}; tasks in {path}: {', '.join(t.name for t in config.task)}")
+        return _err(cmd, f"unknown task {args.task!r}; tasks in {path}: {', '.join(t.name for t in config.task)}")
+    return config, path, task
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from engine.router.calibrate import EvalSetError, analyse, load_eval_set, save_calibration, score_eval_set
+    from engine.router.config import set_task_threshold
+    from store.db import StoreError
+
+    found = _config_and_task(args, "calibrate")
+    if isinstance(found, int):
+        return found
+    config, path, task = found
     if not 0 < args.target_accuracy <= 1:
         return _err("calibrate", "--target-accuracy must be in (0, 1]")
     try:
@@ -118,13 +126,10 @@ def run_whatif(args: argparse.Namespace) -> int:
     from store.analytics import current_month, iter_policies, month_report
     from store.db import StoreError
 
-    loaded = _config(args, "whatif")
-    if isinstance(loaded, int):
-        return loaded
-    config, _ = loaded
-    task = config.task_by_name(args.task)
-    if task is None:
-        return _err("whatif", f"unknown task {args.task!r}")
+    found = _config_and_task(args, "whatif")
+    if isinstance(found, int):
+        return found
+    config, _, task = found
     try:
         price, volume = _pct_arg(args.frontier_price_change), _pct_arg(args.volume_change)
     except ValueError:
@@ -142,9 +147,9 @@ def run_whatif(args: argparse.Namespace) -> int:
     if entry is None or not entry["requests"]:
         return _err("whatif", f"no traffic for {task.name} this month yet")
     scale = report["hours_in_month"] / report["hours_elapsed"] if report["hours_elapsed"] else 1.0
-    monthly = {k: (v * scale if isinstance(v, (int, float)) and k.endswith(("usd", "requests", "escalated")) and k != "slm_cost_usd" else v)
-               for k, v in entry.items()}
-    monthly["slm_cost_usd"] = entry["slm_cost_usd"] * scale
+    # The month so far, projected to the whole month: every count and cost grows with the hours.
+    monthly = {**entry, **{k: entry[k] * scale for k in ("requests", "escalated", "slm_cost_usd", "frontier_cost_usd",
+                                                         "all_frontier_cost_usd")}}
     cal = latest_calibration(store, task.name)
     target = args.target_accuracy or (cal["target_accuracy"] if cal else 0.95)
     result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume)

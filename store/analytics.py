@@ -177,6 +177,11 @@ def _drift(task: str, base: Totals, recent: Totals, threshold_pp: float) -> Drif
     return Drift(task, b, r, recent.requests, threshold_pp, alert)
 
 
+def slm_fixed_cost(gpu_hour_usd: float, gpus: int, hours: float) -> float:
+    """The local fleet is a fixed cost: GPU-hours x price, shared by the SLM-answered requests."""
+    return gpu_hour_usd * gpus * max(0.0, hours)
+
+
 def month_bounds(month: str) -> tuple[float, float]:
     try:
         year, mon = (int(x) for x in month.split("-"))
@@ -225,7 +230,7 @@ def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus
     elapsed_h = max(0.0, (until - start) / HOUR)
     month_h = (end - start) / HOUR
     by_task = totals_by_task(store, start, until, histograms=False) if until > start else {}
-    slm_cost = gpu_hour_usd * gpus * elapsed_h
+    slm_cost = slm_fixed_cost(gpu_hour_usd, gpus, elapsed_h)
     all_t = Totals()
     for t in by_task.values():
         all_t.requests += t.requests
@@ -237,7 +242,9 @@ def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus
            "slm_gpu_hour_usd": gpu_hour_usd, "slm_gpus": gpus}
     doc.update(_cost_fields(all_t.requests, all_t.escalated, slm_cost, all_t.cost_usd, all_t.all_frontier_cost_usd))
     scale = month_h / elapsed_h if elapsed_h else 0.0
-    doc["projected_total_cost_usd"] = round(gpu_hour_usd * gpus * month_h + all_t.cost_usd * scale, 6) if elapsed_h else None
+    doc["projected_total_cost_usd"] = (
+        round(slm_fixed_cost(gpu_hour_usd, gpus, month_h) + all_t.cost_usd * scale, 6) if elapsed_h else None
+    )
     doc["projected_all_frontier_cost_usd"] = round(all_t.all_frontier_cost_usd * scale, 6) if elapsed_h else None
     policies = policies or {}
     names = sorted(set(by_task) | set(policies))
@@ -285,7 +292,7 @@ def monthly_history(store: Store, now: float, months: int, gpu_hour_usd: float, 
         req = rows[0] + sum(t.requests for t in partial.values())
         frontier = rows[1] + sum(t.cost_usd for t in partial.values())
         allf = rows[2] + sum(t.all_frontier_cost_usd for t in partial.values())
-        slm = gpu_hour_usd * gpus * max(0.0, (until - start) / HOUR) if req else 0.0
+        slm = slm_fixed_cost(gpu_hour_usd, gpus, (until - start) / HOUR) if req else 0.0
         out.append({"month": key, "requests": req, "slm_cost_usd": slm, "frontier_cost_usd": frontier,
                     "total_cost_usd": slm + frontier, "all_frontier_cost_usd": allf})
     return out

@@ -50,6 +50,7 @@ async def test_router_screen_shows_every_task_and_flags_the_drifting_one(router_
         assert str(table.get_cell("triage-alerts", "task")).startswith("▲")
         ticket = next(r for r in screen.data.rows if r.name == "ticket-routing")
         assert ticket.rate_30d == pytest.approx(0.08, abs=0.01) and ticket.threshold == 0.85
+        assert ticket.escalations_24h["low confidence"] > 0 and ticket.escalations_24h["forced"] == 0
         await pilot.press("m")
         await pilot.pause()
         await app.workers.wait_for_complete()

@@ -10,7 +10,7 @@ from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store
 from tests.test_servers import FAKE_VLLM_CMD, h100, make_adapter, profile
-from tests.tui_helpers import make_app, ready
+from tests.tui_helpers import make_app, ready, static_text
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.servers import AdaptersScreen, ServersScreen
 
@@ -50,6 +50,11 @@ async def test_servers_screen_shows_state_and_figures_then_stops_after_confirmat
         table = screen.query_one("#servers-table", DataTable)
         assert str(table.get_cell(rec.id, "state")) == "ready"
         assert str(table.get_cell(rec.id, "cap")).startswith("476,016/")  # allocated vs planned KV tokens
+        await pilot.press("l")
+        await settle(app, pilot)
+        assert "Starting vLLM API server" in static_text(app.screen.query_one("#log-text"))
+        await pilot.press("escape")
+        await pilot.pause()
         await pilot.press("x")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmScreen)

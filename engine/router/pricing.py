@@ -46,7 +46,3 @@ def frontier_price(task: Task, litellm: Any | None) -> Price:
             pass
     return Price(0.0, 0.0, "unknown")
 
-
-def slm_fixed_cost(gpu_hour_usd: float, gpus: int, hours: float) -> float:
-    """The local fleet is a fixed cost: GPU-hours x price, shared by the SLM-answered requests."""
-    return gpu_hour_usd * gpus * max(0.0, hours)

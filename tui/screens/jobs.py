@@ -178,10 +178,9 @@ class JobsScreen(PolledScreen):
     def action_logs(self) -> None:
         r = self.selected()
         if r is not None:
-            from engine.vllm.diagnose import tail
             from tui.screens.servers import LogScreen
 
-            self.app.push_screen(LogScreen(r.id, tail(r.log_path, 200)))
+            self.app.push_screen(LogScreen(r.id, r.log_path))
 
     def action_serve(self) -> None:
         """Load the finished adapter into the first compatible ready server."""

@@ -45,6 +45,7 @@ class TaskRow:
     p50_frontier: float | None
     p95_frontier: float | None
     confidence_hist: list[int] = field(default_factory=list)
+    escalations_24h: dict[str, int] = field(default_factory=dict)  # by reason
 
 
 @dataclass
@@ -93,6 +94,8 @@ def load_router_data(store: Any, config_path: Path | None, selected: str | None,
             p50_frontier=day.latency_pct("frontier", 0.5) if day else None,
             p95_frontier=day.latency_pct("frontier", 0.95) if day else None,
             confidence_hist=day.confidence_hist if day else [],
+            escalations_24h={"low confidence": day.esc_low_confidence, "SLM error/timeout": day.esc_slm_error,
+                             "forced": day.esc_forced} if day else {},
         ))
     selected = selected if selected in names else (names[0] if names else None)
     series = escalation_series(store, selected, now - window_s, now) if selected else []
@@ -217,6 +220,8 @@ class RouterScreen(PolledScreen):
             f"alert above +{row.drift_pp:g} pp",
             f"confidence 0→1 (24h): {conf}",
         ]
+        if row.escalations_24h:
+            lines.append("escalated (24h): " + ", ".join(f"{k} {v:,}" for k, v in row.escalations_24h.items()))
         cal = data.calibration
         if cal and cal.get("threshold") is not None:
             lines.append(f"calibrated threshold {cal['threshold']:.3f} → {cal['escalation_rate'] * 100:.1f}% esc at "
@@ -253,16 +258,19 @@ class RouterScreen(PolledScreen):
         task, value = cal["task"], float(cal["threshold"])
 
         def done(ok: bool | None) -> None:
-            if not ok:
-                return
-            from engine.router.config import set_task_threshold
-
-            try:
-                set_task_threshold(path, task, value)
-            except (KeyError, ValueError, OSError) as exc:
-                self.notify(f"Threshold not written: {exc}", severity="error")
-                return
-            self.notify(f"{task}: threshold {value:.4f} written to {path}. Restart the proxy to use it.")
-            self.reload()
+            if ok:
+                self._write_threshold(path, task, value)
 
         self.app.push_screen(ConfirmScreen(f"Set {task}'s threshold to {value:.4f} in {path}?"), done)
+
+    @work(thread=True, exclusive=True, group="router-write")
+    def _write_threshold(self, path: Path, task: str, value: float) -> None:
+        from engine.router.config import set_task_threshold
+
+        try:
+            set_task_threshold(path, task, value)
+        except (KeyError, ValueError, OSError) as exc:
+            self.app.call_from_thread(self.notify, f"Threshold not written: {exc}", severity="error")
+            return
+        self.app.call_from_thread(self.notify, f"{task}: threshold {value:.4f} written to {path}. Restart the proxy to use it.")
+        self.app.call_from_thread(self.reload)

@@ -271,9 +271,7 @@ class ServersScreen(PolledScreen):
     def action_logs(self) -> None:
         v = self.selected()
         if v is not None:
-            from engine.vllm.diagnose import tail
-
-            self.app.push_screen(LogScreen(v.rec.id, tail(v.rec.log_path, 200)))
+            self.app.push_screen(LogScreen(v.rec.id, v.rec.log_path))
 
     def action_adapters(self) -> None:
         v = self.selected()
@@ -284,18 +282,31 @@ class ServersScreen(PolledScreen):
 
 
 class LogScreen(ModalScreen[None]):
+    """The tail of a server's or job's log, read in a worker (a log can sit on a slow disk)."""
+
     BINDINGS = [Binding("escape,q,l", "dismiss", "Close", id="logs.close")]
 
-    def __init__(self, title: str, text: str) -> None:
+    def __init__(self, title: str, log_path: str) -> None:
         super().__init__()
-        self.title_text, self.text = title, text
+        self.title_text, self.log_path = title, log_path
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="log-view"):
-            yield Static(f"[b]{self.title_text}[/b] (Esc closes)")
-            yield Static(Text(self.text))
+            yield Static(f"[b]{self.title_text}[/b] {self.log_path} (Esc closes)")
+            yield Static("reading…", id="log-text")
 
     def on_mount(self) -> None:
+        self._read()
+
+    @work(thread=True, exclusive=True, group="log")
+    def _read(self) -> None:
+        from engine.vllm.diagnose import tail
+
+        text = tail(self.log_path, 200)
+        self.app.call_from_thread(self._show, text)
+
+    def _show(self, text: str) -> None:
+        self.query_one("#log-text", Static).update(Text(text))
         self.query_one("#log-view").scroll_end(animate=False)
 
     def action_dismiss(self) -> None:  # type: ignore[override]
