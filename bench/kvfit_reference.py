@@ -1,4 +1,4 @@
-"""How close the planner comes to published vLLM start-up logs (shared/reference/vllm_kv_points.jsonl).
+"""How close the planner comes to published vLLM start-up logs (tests/data/vllm_kv_points.jsonl).
 
 Prints one row per point: KV tokens from the logged available memory (the KV arithmetic alone) and
 available KV memory from the GPU's total (the overhead model too). Usage: python bench/kvfit_reference.py
@@ -17,7 +17,7 @@ from engine.kvfit import FitRequest, plan  # noqa: E402
 from engine.kvfit.catalogue import catalogue_arch  # noqa: E402
 
 GIB = 1024**3
-REFERENCE = ROOT.parent / "shared" / "reference" / "vllm_kv_points.jsonl"
+REFERENCE = ROOT / "tests" / "data" / "vllm_kv_points.jsonl"
 NAMES = {"Qwen2.5-7B-Instruct-AWQ": "Qwen/Qwen2.5-7B-Instruct-AWQ", "Qwen3-14B": "Qwen/Qwen3-14B"}
 
 

@@ -137,7 +137,7 @@ class RemoteNode:
             proc.stdin.flush()
             return fut.result(timeout=timeout)
         except TimeoutError as exc:
-            raise AgentError(f"{self.name}: no answer to {op} within {timeout:.0f} s") from exc
+            raise AgentError(f"{self.name}: no answer to {op} within {timeout:g} s") from exc
         except (BrokenPipeError, OSError) as exc:
             raise AgentError(f"{self.name}: connection lost while sending {op}: {exc}") from exc
         finally:
@@ -245,7 +245,7 @@ class RemoteNode:
         if self.link.status == "incompatible":
             return self.link.error or "incompatible"
         if self._hello_missed:
-            return f"no hello from the agent within {self.hello_timeout_s:.0f} s" + (f" ({tail})" if tail else "")
+            return f"no hello from the agent within {self.hello_timeout_s:g} s" + (f" ({tail})" if tail else "")
         return tail or f"the agent exited with code {code}"
 
     def _hello_timeout(self, proc: subprocess.Popen[str]) -> None:

@@ -24,11 +24,3 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
     monkeypatch.delenv("FLEETDECK_STORE", raising=False)
     monkeypatch.delenv("FLEETDECK_CONFIG", raising=False)
-
-
-FIXED_NOW = 1_790_000_000.0
-
-
-@pytest.fixture
-def fixed_clock():
-    return lambda: FIXED_NOW

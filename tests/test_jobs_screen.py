@@ -15,9 +15,8 @@ from engine.finetune.spec import JobSpec
 from engine.kvfit.catalogue import CATALOGUE
 from engine.vllm import launcher
 from store.db import open_store
-from tests.test_servers import FAKE_VLLM_CMD, h100, profile
-from tests.test_servers_screen import settle
-from tests.tui_helpers import make_app, ready
+from tests.helpers import FAKE_VLLM_CMD, h100, profile
+from tests.tui_helpers import make_app, ready, settle
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.jobs import JobsScreen
 

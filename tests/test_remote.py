@@ -22,21 +22,12 @@ from fleet.remote import PROTOCOL_VERSION, AgentError, RemoteNode
 from fleet.source import LocalNode
 from fleetdeck.cli import main
 from tests.fakes.fake_nvml import FakeGpu, FakeNvml
-from tests.test_servers import FAKE_VLLM_CMD
+from tests.helpers import FAKE_VLLM_CMD, kill_processes_mentioning, wait_for
 from tests.tui_helpers import make_app, ready
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = [PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated"]
-
-
-def wait_for(cond, timeout=20.0, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return False
 
 
 class Pipe:
@@ -159,7 +150,7 @@ def test_no_hello_in_time_is_an_error(tmp_path):
     node = RemoteNode("silent", [PY, "-c", "import time; time.sleep(30)"], hello_timeout_s=0.5, backoff_s=(5, 5))
     try:
         assert wait_for(lambda: node.link.status == "unreachable")
-        assert "no hello from the agent within 0 s" in (node.link.error or "")
+        assert "no hello from the agent within 0.5 s" in (node.link.error or "")
     finally:
         node.close()
 
@@ -249,7 +240,7 @@ def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_pa
         assert "started q-" in capsys.readouterr().out
         assert wait_for(lambda: any(s["state"] == "ready" for s in node.request("list_servers")), timeout=30)
         # The node drops (its agent is killed) and comes back.
-        subprocess.run(["pkill", "-f", "--", "node-name remote-1"], check=False)
+        assert kill_processes_mentioning(str(remote_store))  # only the agent this test started
         assert wait_for(lambda: node.link.status != "connected", timeout=15)
         assert wait_for(lambda: node.link.status == "connected", timeout=30)
         servers = node.request("list_servers")

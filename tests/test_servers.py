@@ -20,15 +20,9 @@ from engine import adapters
 from engine.vllm import launcher
 from engine.vllm.launcher import LaunchError
 from engine.vllm.metrics import figures, parse, quantile
-from engine.vllm.profile import Profile
-from fleet.model import GpuSnapshot
 from fleetdeck.cli import main
 from store.db import open_store
-
-FAKE_VLLM = str(Path(__file__).parent / "fakes" / "fake_vllm")
-# Run the fake with the test's own interpreter: `python3` on PATH may be one without the project.
-FAKE_VLLM_CMD = f"{sys.executable} {FAKE_VLLM}"
-GIB = 1024**3
+from tests.helpers import FAKE_VLLM, FAKE_VLLM_CMD, h100, make_adapter, profile
 
 
 @pytest.fixture(autouse=True)
@@ -45,19 +39,6 @@ def store(tmp_path):
     for rec in launcher.list_servers(s):
         if rec.state not in ("stopped", "crashed"):
             launcher.stop(s, rec, timeout=5)
-
-
-def h100(free_gib: float = 79.0, index: int = 0) -> GpuSnapshot:
-    total = int(79.65 * GIB)
-    return GpuSnapshot(node="n", index=index, name="NVIDIA H100 80GB HBM3", uuid=f"GPU-{index}",
-                       memory_total_bytes=total, memory_used_bytes=total - int(free_gib * GIB))
-
-
-def profile(**kw) -> Profile:
-    base = dict(name="qwen3-8b", model="Qwen/Qwen3-8B", max_model_len=8192,
-                lora={"enable": True, "max_loras": 4, "max_lora_rank": 64})
-    base.update(kw)
-    return Profile.model_validate(base)
 
 
 def start_ready(store, tmp_path, prof=None, **kw):
@@ -180,17 +161,6 @@ def test_preflight_refuses_with_figures_and_force_overrides(store, tmp_path):
 def test_no_gpu_readings_refuses_unless_forced(store, tmp_path):
     with pytest.raises(LaunchError, match="could not be checked"):
         launcher.start(store, profile(), [0], gpu_snapshots=None, log_dir=tmp_path)
-
-
-def make_adapter(root: Path, name: str, rank: int = 16, base: str = "Qwen/Qwen3-8B", weights: bool = True) -> Path:
-    folder = root / name
-    folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "base_model_name_or_path": base,
-        "target_modules": ["q_proj", "v_proj"]}))
-    if weights:
-        save_file({"w": np.zeros((rank, 8), dtype=np.float16)}, str(folder / "adapter_model.safetensors"))
-    return folder
 
 
 def test_adapter_registry_reads_rank_alpha_targets_and_flags_bad_folders(tmp_path):

@@ -9,8 +9,8 @@ from textual.widgets import DataTable
 from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store
-from tests.test_servers import FAKE_VLLM_CMD, h100, make_adapter, profile
-from tests.tui_helpers import make_app, ready, static_text
+from tests.helpers import FAKE_VLLM_CMD, h100, make_adapter, profile
+from tests.tui_helpers import make_app, ready, settle, static_text
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.servers import AdaptersScreen, ServersScreen
 
@@ -27,13 +27,6 @@ def running(tmp_path, monkeypatch):
     for r in launcher.list_servers(store):
         if r.state not in ("stopped", "crashed"):
             launcher.stop(store, r, timeout=5)
-
-
-async def settle(app, pilot, rounds: int = 3) -> None:
-    for _ in range(rounds):
-        await pilot.pause()
-        await app.workers.wait_for_complete()
-    await pilot.pause()
 
 
 async def test_servers_screen_shows_state_and_figures_then_stops_after_confirmation(running):

@@ -14,9 +14,8 @@ from engine.vllm import launcher
 from store.db import open_store
 from store.paths import config_dir
 from tests.fakes.tiny_model import make_dataset, make_tiny_model
-from tests.test_servers import FAKE_VLLM_CMD
-from tests.test_servers_screen import settle
-from tests.tui_helpers import make_app, ready, static_text
+from tests.helpers import FAKE_VLLM_CMD
+from tests.tui_helpers import make_app, ready, settle, static_text
 from tui.screens.jobs import StartJobScreen
 from tui.screens.servers import StartServerScreen
 

@@ -52,3 +52,10 @@ def static_text(widget) -> str:
     console = Console(width=160, record=True, file=open("/dev/null", "w"))
     console.print(content)
     return console.export_text()
+
+
+async def settle(app, pilot, rounds: int = 3) -> None:
+    for _ in range(rounds):
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+    await pilot.pause()

@@ -19,7 +19,14 @@ def make_dataset(path: Path, n: int = 24) -> Path:
     return path
 
 
-def make_tiny_model(folder: Path) -> Path:
+# A chat template vLLM's OpenAI server can render (it refuses chat requests to a tokenizer without one).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def make_tiny_model(folder: Path, *, hidden_size: int = 32, num_attention_heads: int = 4, num_key_value_heads: int = 2,
+                    max_position_embeddings: int = 128, seed: int = 0) -> Path:
+    """A two-layer Llama. vLLM's CPU attention needs head_dim 64: hidden_size=128, num_attention_heads=2."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -30,10 +37,12 @@ def make_tiny_model(folder: Path) -> Path:
     tok.train_from_iterator([" ".join(WORDS)] + [str(i) for i in range(100)] + [":"],
                             trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(folder))
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=num_attention_heads,
+                         num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
                          bos_token_id=2, eos_token_id=3, pad_token_id=1)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(str(folder))
     return folder

@@ -1,0 +1,67 @@
+"""Helpers shared by several test modules (test modules never import each other)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from engine.vllm.profile import Profile
+from fleet.model import GpuSnapshot
+
+GIB = 1024**3
+FAKE_VLLM = str(Path(__file__).parent / "fakes" / "fake_vllm")
+# Run the fake with the test's own interpreter: `python3` on PATH may be one without the project.
+FAKE_VLLM_CMD = f"{sys.executable} {FAKE_VLLM}"
+
+
+def h100(free_gib: float = 79.0, index: int = 0) -> GpuSnapshot:
+    total = int(79.65 * GIB)
+    return GpuSnapshot(node="n", index=index, name="NVIDIA H100 80GB HBM3", uuid=f"GPU-{index}",
+                       memory_total_bytes=total, memory_used_bytes=total - int(free_gib * GIB))
+
+
+def profile(**kw) -> Profile:
+    base = dict(name="qwen3-8b", model="Qwen/Qwen3-8B", max_model_len=8192,
+                lora={"enable": True, "max_loras": 4, "max_lora_rank": 64})
+    base.update(kw)
+    return Profile.model_validate(base)
+
+
+def make_adapter(root: Path, name: str, rank: int = 16, base: str = "Qwen/Qwen3-8B", weights: bool = True) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "base_model_name_or_path": base,
+        "target_modules": ["q_proj", "v_proj"]}))
+    if weights:
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        save_file({"w": np.zeros((rank, 8), dtype=np.float16)}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def wait_for(cond, timeout=20.0, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return bool(cond())
+
+
+def kill_processes_mentioning(marker: str) -> list[int]:
+    """End, by pid, the processes whose command line holds `marker` (a path unique to one test)."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(marker in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+                pids.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pids
