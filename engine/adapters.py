@@ -104,6 +104,21 @@ def compatibility_problems(adapter: Adapter, base_model: str, lora_enabled: bool
     return problems
 
 
+def error_message(r: httpx.Response) -> str:
+    """vLLM's error text: `{"error": {"message": ...}}` (0.9 on) or the older flat `{"message": ...}`."""
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if body.get("message"):
+            return str(body["message"])
+    return r.text
+
+
 def _post(base_url: str, path: str, body: dict[str, Any], api_key: str | None) -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -111,11 +126,7 @@ def _post(base_url: str, path: str, body: dict[str, Any], api_key: str | None) -
     except httpx.HTTPError as exc:
         raise AdapterError(f"server at {base_url} did not answer: {exc}") from exc
     if r.status_code != 200:
-        try:
-            message = r.json().get("message") or r.text
-        except ValueError:
-            message = r.text
-        raise AdapterError(f"vLLM refused ({r.status_code}): {message}")
+        raise AdapterError(f"vLLM refused ({r.status_code}): {error_message(r)}")
     return r.text
 
 

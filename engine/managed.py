@@ -37,6 +37,8 @@ class ManagedRecord:
     ended_at: float | None = None
     exit_code: int | None = None
     predicted_kv_tokens: int | None = None
+    engine_pid: int | None = None  # vLLM's engine-core process, once seen
+    engine_create_time: float | None = None
 
 
 def save(store: Any, kind: str, rec: ManagedRecord) -> None:

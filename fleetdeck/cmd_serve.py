@@ -26,7 +26,14 @@ def register(sub: Any) -> None:
     ls = ssub.add_parser("ls", parents=[sub.common], help="servers fleetdeck started, with their state")
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--node", help="list the servers of this node of the fleet config")
+    ls.add_argument("--interval", type=_seconds, default=1.0,
+                    help="seconds between the two /metrics scrapes that rates come from (0: no rates)")
     ls.set_defaults(handler=run_ls)
+    sh = ssub.add_parser("show", parents=[sub.common], help="one server: state, diagnosis, live figures, adapters")
+    sh.add_argument("id")
+    sh.add_argument("--json", action="store_true")
+    sh.add_argument("--interval", type=_seconds, default=1.0)
+    sh.set_defaults(handler=run_show)
     sp = ssub.add_parser("stop", parents=[sub.common], help="stop a server (SIGTERM, then SIGKILL)")
     sp.add_argument("id")
     sp.set_defaults(handler=run_stop)
@@ -49,6 +56,16 @@ def register(sub: Any) -> None:
     ul.add_argument("server")
     ul.add_argument("name")
     ul.set_defaults(handler=run_adapters_unload)
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= v <= 60:
+        raise argparse.ArgumentTypeError(f"expected 0-60 seconds, got {text!r}")
+    return v
 
 
 def _err(msg: str, code: int = 2) -> int:
@@ -144,7 +161,7 @@ def run_start(args: argparse.Namespace) -> int:
         try:
             lora = resolve_preload(profile, list(config.adapter_roots)) if profile.lora.enable else {}
             argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else int(profile.port)), lora)
-            verdict = preflight(profile, snaps) if snaps else None
+            verdict = preflight(profile, snaps or []) if snaps or profile.cpu_kv_cache_bytes else None
         except LaunchError as exc:
             return _err(str(exc))
         print("command:", " ".join(argv))
@@ -160,6 +177,8 @@ def run_start(args: argparse.Namespace) -> int:
             return _err(f"{exc}\n  GPUs: {why}")
         return _err(str(exc))
     print(f"started {rec.id} (pid {rec.pid}) on GPUs {rec.gpus}, port {rec.port}; log {rec.log_path}")
+    if rec.reason:
+        print(f"warning: {rec.reason}", file=sys.stderr)
     if verdict is not None:
         print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens"
               + ("" if verdict.fits else f" (forced past: {verdict.reason})"))
@@ -171,7 +190,8 @@ def run_start(args: argparse.Namespace) -> int:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import ServerRecord, list_servers, refresh
+    from engine.vllm.launcher import ServerRecord
+    from engine.vllm.status import ServerStatus, statuses
 
     if args.node:
         from fleet.remote import AgentError
@@ -184,18 +204,63 @@ def run_ls(args: argparse.Namespace) -> int:
                 remote.close()
         except AgentError as exc:
             return _err(str(exc))
-        recs = [ServerRecord(**{k: v for k, v in d.items() if k != "base_url"}) for d in docs]
+        known = set(ServerRecord.__dataclass_fields__)
+        recs = [ServerRecord(**{k: v for k, v in d.items() if k in known}) for d in docs]
+        views = [ServerStatus(r) for r in recs]
     else:
-        store = _store(args)
-        recs = [refresh(store, r) for r in list_servers(store)]
+        views = statuses(_store(args), interval=args.interval)
     if args.json:
-        print(json.dumps([r.to_json() for r in recs], indent=2))
+        print(json.dumps([v.to_json() for v in views], indent=2))
         return 0
-    if not recs:
+    if not views:
         print("no servers (start one with `fleetdeck serve start PROFILE --gpus 0`)")
-    for r in recs:
-        print(f"{r.id:<24} {r.state:<9} {r.served_name[:36]:<36} GPUs {r.gpus:<5} :{r.port}"
+    for v in views:
+        r, f = v.rec, v.figures
+        live = ""
+        if f is not None:
+            live = (f"  gen {_num(f.generation_tps)} tok/s  run/wait {_num(f.running)}/{_num(f.waiting)}"
+                    f"  KV {_num(None if f.kv_usage is None else f.kv_usage * 100)}%")
+        print(f"{r.id:<24} {r.state:<9} {r.served_name[:36]:<36} GPUs {r.gpus:<5} :{r.port}{live}"
               + (f"  {r.reason}" if r.reason and r.state != "stopped" else ""))
+    return 0
+
+
+def _num(x: float | None, fmt: str = "{:.1f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from engine.vllm.launcher import LaunchError, get
+    from engine.vllm.status import statuses
+
+    store = _store(args)
+    try:
+        rec = get(store, args.id)
+    except LaunchError as exc:
+        return _err(str(exc))
+    (view,) = statuses(store, interval=args.interval, ids=[rec.id])
+    if args.json:
+        print(json.dumps(view.to_json(), indent=2))
+        return 0
+    r, f = view.rec, view.figures
+    print(f"{r.id}: {r.state}  {r.served_name}  GPUs {r.gpus}  {r.base_url}  pid {r.pid}")
+    if r.reason:
+        print(f"  {r.reason}")
+    print(f"  log {r.log_path}")
+    if f is not None:
+        ms = lambda x: "n/a" if x is None else f"{x * 1000:.0f} ms"  # noqa: E731
+        print(f"  generation {_num(f.generation_tps)} tok/s, prompt {_num(f.prompt_tps)} tok/s, "
+              f"running {_num(f.running, '{:.0f}')}, waiting {_num(f.waiting, '{:.0f}')}")
+        print(f"  KV cache use {_num(None if f.kv_usage is None else f.kv_usage * 100)}%, allocated "
+              f"{f.kv_tokens if f.kv_tokens is not None else 'n/a'} tokens, planned "
+              f"{r.predicted_kv_tokens if r.predicted_kv_tokens is not None else 'n/a'}")
+        print(f"  TTFT p50/p95 {ms(f.ttft_p50)}/{ms(f.ttft_p95)}, end-to-end p50/p95 {ms(f.e2e_p50)}/{ms(f.e2e_p95)}, "
+              f"preemptions {_num(f.preemptions, '{:.0f}')}, prefix-cache hits "
+              f"{_num(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100)}%")
+    if view.loaded_adapters:
+        print(f"  adapters loaded: {', '.join(view.loaded_adapters)}")
+    if view.error:
+        print(f"  {view.error}")
     return 0
 
 

@@ -151,10 +151,18 @@ def _v4_managed_processes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX managed_kind ON managed (kind, started_at)")
 
 
+def _v5_engine_process(db: sqlite_utils.Database) -> None:
+    # vLLM's API server can outlive its engine process; the engine's pid and create time let a refresh
+    # tell a server that answers /health from one that can still serve.
+    db.execute("ALTER TABLE managed ADD COLUMN engine_pid INTEGER")
+    db.execute("ALTER TABLE managed ADD COLUMN engine_create_time REAL")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
     2: _v2_router_ledger,
     3: _v3_calibrations,
     4: _v4_managed_processes,
+    5: _v5_engine_process,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

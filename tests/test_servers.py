@@ -224,6 +224,19 @@ def test_serve_and_adapters_commands(store, tmp_path, capsys):
     assert "added successfully" in capsys.readouterr().out
     assert main(["adapters", "load", srv["id"], "big", *common]) == 2
     assert "above the server's max LoRA rank 32" in capsys.readouterr().err
+    # serve ls / show --json carry what the Servers screen shows: live figures, the plan, loaded adapters
+    assert main(["serve", "show", srv["id"], "--json", "--interval", "0.2", *common]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    fig = shown["figures"]
+    assert shown["loaded_adapters"] == ["tickets-v1"] and shown["predicted_kv_tokens"] > 0
+    assert fig["kv_tokens"] == 29751 * 16 and fig["running"] == 0 and fig["kv_usage"] is not None
+    assert {"generation_tps", "prompt_tps", "ttft_p50", "ttft_p95", "e2e_p50", "e2e_p95", "preemptions",
+            "prefix_hit_rate", "waiting"} <= set(fig)
+    assert main(["serve", "ls", "--json", "--interval", "0", *common]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["figures"]["kv_tokens"] == fig["kv_tokens"] and listed["loaded_adapters"] == ["tickets-v1"]
+    assert main(["serve", "show", "nope", *common]) == 2
+    capsys.readouterr()
     assert main(["adapters", "ls", "--json", *common]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["loaded"][srv["id"]] == ["tickets-v1"] and {a["name"] for a in doc["adapters"]} == {"tickets-v1", "big"}

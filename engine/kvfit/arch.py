@@ -61,6 +61,10 @@ class ModelArch:
     non_kv_layers: int = 0
     extra_params: int = 0  # vision towers and projectors, counted in 16-bit
     quantization: Quantization = NO_QUANT
+    # The longest max_model_len vLLM accepts for this config (None: no length key; vLLM then assumes 2048
+    # only when no length is given) and the config key it comes from.
+    derived_max_model_len: int | None = None
+    max_len_key: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -136,6 +140,46 @@ def _sliding(cfg: dict[str, Any], layers: int) -> tuple[int | None, int]:
     return None, 0
 
 
+# The config keys vLLM reads a model's length limit from, smallest wins (vLLM 0.32,
+# vllm/transformers_utils/model_arch_config_convertor.py: derive_max_model_len_and_key).
+_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+# RoPE types whose max_position_embeddings is already the scaled length (vLLM 0.32,
+# vllm/config/model.py: _get_and_verify_max_len); other types multiply it by `factor`.
+_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def _rope_parameters(text: dict[str, Any]) -> list[dict[str, Any]]:
+    rope = text.get("rope_parameters") or text.get("rope_scaling")
+    if not isinstance(rope, dict) or not rope:
+        return []
+    nested = all(isinstance(v, dict) for v in rope.values())
+    return [p for p in rope.values() if p] if nested else [rope]
+
+
+def derived_max_model_len(text: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The length vLLM derives from a (text) config.json, and the key it names when it refuses a longer one."""
+    derived: float = float("inf")
+    key: str | None = None
+    for k in _MAX_LEN_KEYS:
+        v = text.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < derived:
+            derived, key = float(v), k
+    if isinstance(text.get("model_max_length"), (int, float)) and text["model_max_length"]:
+        derived, key = float(text["model_max_length"]), "model_max_length"
+    if derived == float("inf"):
+        return None, None
+    params = _rope_parameters(text)
+    if params and "gemma3" not in str(text.get("model_type", "")):
+        factor = 1.0
+        for rp in params:
+            rope_type = rp.get("rope_type", rp.get("type", "default"))
+            if rope_type not in _PRESCALED_ROPE:
+                factor = rp.get("factor", factor)
+        derived *= float(factor if factor is not None else 1.0)
+    return int(derived), key
+
+
 def arch_from_config(cfg: dict[str, Any], name: str = "") -> ModelArch:
     """Parse a Hugging Face config dict (text config of multimodal models included)."""
     quant = parse_quantization(cfg)
@@ -164,6 +208,7 @@ def arch_from_config(cfg: dict[str, Any], name: str = "") -> ModelArch:
     window, sliding_layers = _sliding(text, layers)
     non_kv = len(text.get("cross_attention_layers") or [])
     tie = bool(_get(text, "tie_word_embeddings", default=cfg.get("tie_word_embeddings", False)))
+    max_len, max_len_key = derived_max_model_len(text)
     return ModelArch(
         name=name or str(cfg.get("_name_or_path", "")) or model_type,
         model_type=model_type,
@@ -192,6 +237,8 @@ def arch_from_config(cfg: dict[str, Any], name: str = "") -> ModelArch:
         non_kv_layers=non_kv,
         extra_params=extra,
         quantization=quant,
+        derived_max_model_len=max_len,
+        max_len_key=max_len_key,
     )
 
 

@@ -218,10 +218,20 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
     per_request = _blocks_per_request(arch, groups, req.max_model_len, req.block_size, batched)
     concurrency = num_blocks / per_request if per_request else 0.0
     fit_len = max_len_that_fits(arch, groups, req.block_size, batched, num_blocks) if num_blocks else 0
+    limit = arch.derived_max_model_len
+    if limit is not None:
+        fit_len = min(fit_len, limit)
     kv_per_token_all_layers = per_layer * arch.kv_layers
 
     # The failures vLLM would print, in the order it would hit them.
-    if total is not None and weights > total:
+    if limit is not None and req.max_model_len > limit:
+        # vLLM checks the model's own length limit while reading its config, before touching a GPU.
+        reason = (
+            f"User-specified max_model_len ({req.max_model_len}) is greater than the derived max_model_len "
+            f"({arch.max_len_key}={limit} in the model's config.json): vLLM refuses to start. Set max_model_len "
+            f"to {fit_len} or less (the largest length that works here)."
+        )
+    elif total is not None and weights > total:
         reason = (
             f"CUDA out of memory while loading weights: {weights / GIB:.2f} GiB of weights per GPU on a "
             f"{total / GIB:.2f} GiB GPU. Use a quantized checkpoint (AWQ/GPTQ/FP8) or more GPUs (--tp)."

@@ -25,13 +25,23 @@ import httpx
 from engine import managed
 from engine.managed import ManagedRecord
 from engine.vllm.diagnose import diagnose, tail
-from engine.vllm.profile import Profile
+from engine.vllm.profile import VLLM_LORA_RANKS, Profile
 
 GIB = 1024**3
+CPU_BLOCK_SIZE = 128  # vLLM's CPU backend pages its KV cache in 128-token blocks
 
 
 class LaunchError(Exception):
     """The server was not started; the message says why (with the planner's figures when it refused)."""
+
+
+class UnplannableError(LaunchError):
+    """The planner cannot size this profile here (model on another mount, unknown architecture): --force starts it."""
+
+
+# vLLM's OpenAI server as a module: what vLLM's CPU build runs (its `vllm` console script looks up the
+# distribution name `vllm` and fails). It takes `--model M` where the `vllm` CLI takes `serve M`.
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 @dataclass
@@ -76,8 +86,9 @@ def free_port(start: int = 8000, end: int = 8999, taken: set[int] | None = None)
 
 
 def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    argv = vllm_command(profile) + [
-        "serve", profile.model,
+    cmd = vllm_command(profile)
+    model_args = ["--model", profile.model] if cmd[-1] == API_SERVER_MODULE else ["serve", profile.model]
+    argv = cmd + model_args + [
         "--port", str(port),
         "--served-model-name", profile.served_name,
         "--tensor-parallel-size", str(profile.tensor_parallel_size),
@@ -87,7 +98,7 @@ def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules:
     ]
     if profile.quantization != "none":
         argv += ["--quantization", profile.quantization]
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), "HF_HUB_OFFLINE": "1"}
+    env = {**profile.env, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), "HF_HUB_OFFLINE": "1"}
     if profile.lora.enable:
         argv += ["--enable-lora", "--max-loras", str(profile.lora.max_loras), "--max-lora-rank", str(profile.lora.max_lora_rank)]
         if lora_modules:
@@ -121,24 +132,33 @@ def resolve_preload(profile: Profile, adapter_roots: list[Path]) -> dict[str, st
 
 
 def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
-    """The planner's verdict for exactly these GPUs: the tightest one decides, with its live free memory."""
+    """The planner's verdict for exactly these GPUs: the tightest one decides, with its live free memory.
+
+    A profile for vLLM's CPU build (VLLM_CPU_KVCACHE_SPACE set) is planned against that KV space, in the
+    CPU backend's 128-token blocks, with no GPU at all.
+    """
     from dataclasses import replace
 
     from engine.kvfit import ArchError, FitRequest, load_model, plan
 
-    if len(gpus) != profile.tensor_parallel_size:
+    cpu_kv = profile.cpu_kv_cache_bytes
+    if cpu_kv is None and len(gpus) != profile.tensor_parallel_size:
         raise LaunchError(f"the profile asks for tensor_parallel_size {profile.tensor_parallel_size} but "
                           f"{len(gpus)} GPU(s) were chosen")
     try:
         arch, exact = load_model(profile.model)
     except ArchError as exc:
-        raise LaunchError(f"cannot plan {profile.model}: {exc} (--force starts it anyway)") from exc
+        raise UnplannableError(f"cannot plan {profile.model}: {exc} (--force starts it anyway)") from exc
     if profile.quantization != "none" and arch.quantization.method == "none":
         from engine.kvfit.arch import Quantization
 
         q = {"awq": Quantization("awq", 4, 128), "awq_marlin": Quantization("awq", 4, 128), "gptq": Quantization("gptq", 4, 128),
              "gptq_marlin": Quantization("gptq", 4, 128), "fp8": Quantization("fp8", 8)}[profile.quantization]
         arch = replace(arch, quantization=q)
+    if cpu_kv is not None:
+        return plan(arch, FitRequest(available_kv_bytes=cpu_kv, max_model_len=profile.max_model_len,
+                                     kv_cache_dtype=profile.kv_cache_dtype, block_size=CPU_BLOCK_SIZE,
+                                     tensor_parallel_size=profile.tensor_parallel_size, weight_bytes_total=exact))
     tightest = min(gpus, key=lambda g: (g.memory_free_bytes if g.memory_free_bytes is not None else g.memory_total_bytes or 0))
     return plan(arch, FitRequest(
         gpu_memory_bytes=tightest.memory_total_bytes, gpu_memory_utilization=profile.gpu_memory_utilization,
@@ -158,14 +178,27 @@ def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: S
     """Start a server; returns its record and the planner's verdict. Raises LaunchError on refusal."""
     from store.paths import state_dir
 
+    if profile.lora.enable and profile.lora.max_lora_rank not in VLLM_LORA_RANKS and not force:
+        raise LaunchError(f"max_lora_rank {profile.lora.max_lora_rank} is not one vLLM accepts "
+                          f"({', '.join(map(str, VLLM_LORA_RANKS))}): it would refuse to start. Use the next one up "
+                          f"({next((r for r in VLLM_LORA_RANKS if r >= profile.lora.max_lora_rank), 512)}); "
+                          "--force starts it anyway")
     verdict = None
-    if gpu_snapshots is not None:
-        verdict = preflight(profile, gpu_snapshots)
-        if not verdict.fits and not force:
+    warning = None
+    if gpu_snapshots is not None or profile.cpu_kv_cache_bytes is not None:
+        try:
+            verdict = preflight(profile, gpu_snapshots or [])
+        except UnplannableError as exc:
+            if not force:
+                raise
+            warning = f"started without a plan: {exc}"
+        if verdict is not None and not verdict.fits and not force:
             raise LaunchError(f"preflight: {verdict.reason} (planner: {verdict.kv_tokens:,} KV tokens, "
                               f"{verdict.max_concurrency:.2f}x at {verdict.max_model_len:,}; --force starts it anyway)")
     elif not force:
         raise LaunchError("the GPUs could not be checked (no NVML readings); --force starts it anyway")
+    else:
+        warning = "started without a plan: the GPUs could not be checked (no NVML readings)"
     lora_modules = resolve_preload(profile, adapter_roots or []) if profile.lora.enable else {}
     if port is None and profile.port == "auto":
         taken = {r.port for r in list_servers(store) if r.state in ("starting", "ready") and r.port}
@@ -187,7 +220,7 @@ def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: S
     rec = ServerRecord(
         id=sid, name=profile.name, node=node or socket.gethostname(), pid=pid, create_time=create_time,
         argv=argv, env=shown_env, gpus=",".join(str(g) for g in gpus), port=chosen_port, log_path=str(log_path),
-        spec=profile.model_dump(mode="json"), state="starting", reason=None, started_at=time.time(),
+        spec=profile.model_dump(mode="json"), state="starting", reason=warning, started_at=time.time(),
         predicted_kv_tokens=verdict.kv_tokens if verdict is not None else None,
     )
     _save(store, rec)
@@ -211,21 +244,71 @@ def probe(rec: ServerRecord, timeout: float = 1.0) -> bool:
         return False
 
 
+# vLLM V1 runs the model in a child process titled "VLLM::EngineCore" (the kernel keeps 15 characters).
+ENGINE_TITLE = "VLLM::EngineCor"
+
+
+def _engine_process(pid: int) -> Any:
+    import psutil
+
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if child.name().startswith(ENGINE_TITLE) or any("EngineCore" in a for a in child.cmdline()[:1]):
+                    return child
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        return None
+    return None
+
+
+def engine_lost(rec: ServerRecord) -> str | None:
+    """Why the server cannot serve although its API process lives: its engine process died.
+
+    /health alone is not enough: vLLM's API server can answer it while the engine behind it is gone.
+    The engine is remembered (pid and create time) the first time it is seen; a server without one
+    (the simulator, or vLLM's older single-process engine) is judged by its API process alone.
+    """
+    if rec.pid is None:
+        return None
+    if rec.engine_pid is None:
+        engine = _engine_process(rec.pid)
+        if engine is not None:
+            try:
+                rec.engine_pid, rec.engine_create_time = engine.pid, engine.create_time()
+            except Exception:  # it ended between the two calls: the next refresh decides
+                return None
+        return None
+    if managed.alive(rec.engine_pid, rec.engine_create_time):
+        return None
+    return (f"vLLM's engine process (pid {rec.engine_pid}) died while its API server (pid {rec.pid}) still runs: "
+            "requests cannot be served. Fix: restart the server (`r` on the Servers screen, or serve stop then start); "
+            "the log may say why it died.")
+
+
 def refresh(store: Any, rec: ServerRecord) -> ServerRecord:
     """Bring a record up to date with the process and the HTTP API; write changes back."""
     if rec.state in ("stopped", "crashed"):
         return rec
-    before = (rec.state, rec.reason)
+    before = (rec.state, rec.reason, rec.engine_pid)
+    lost = engine_lost(rec) if _alive(rec) else None
     if not _alive(rec):
         rec.state = "crashed"
         rec.ended_at = rec.ended_at or time.time()
         d = diagnose(tail(rec.log_path, 200))
         rec.reason = d.text() if d else "the process exited; see the log (`fleetdeck serve logs " + rec.id + "`)"
+    elif lost:
+        rec.state = "crashed"
+        rec.ended_at = rec.ended_at or time.time()
+        rec.reason = lost
     elif probe(rec):
         rec.state = "ready"
-    else:
-        rec.state = "starting" if rec.state != "ready" else "ready"
-    if (rec.state, rec.reason) != before:
+    # Alive but not answering: a starting server stays starting, and a ready one that misses a probe
+    # stays ready (a busy server can be slow to answer).
+    if rec.state == "ready" and rec.reason and rec.reason.startswith("started without a plan"):
+        rec.reason = None
+    if (rec.state, rec.reason, rec.engine_pid) != before:
         _save(store, rec)
     return rec
 

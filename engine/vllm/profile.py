@@ -12,6 +12,10 @@ from pydantic import Field, field_validator
 from fleet.config import Strict, load_toml_model
 
 
+# The values vLLM's --max-lora-rank accepts (vLLM 0.32, vllm/config/lora.py); any other refuses to start.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 class LoraSettings(Strict):
     enable: bool = False
     max_loras: int = Field(default=4, ge=1)
@@ -33,6 +37,18 @@ class Profile(Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     extra_args: list[str] = Field(default_factory=list)
     vllm_command: list[str] | str | None = None
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the server, e.g. "
+                                "VLLM_CPU_KVCACHE_SPACE for vLLM's CPU build")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not key.replace("_", "").isalnum() or key[:1].isdigit():
+                raise ValueError(f"{key!r} is not an environment variable name")
+            if key in ("VLLM_API_KEY", "CUDA_VISIBLE_DEVICES"):
+                raise ValueError(f"{key} is set by fleetdeck (api_key_env and --gpus), not by the profile")
+        return v
 
     @field_validator("port")
     @classmethod
@@ -45,6 +61,15 @@ class Profile(Strict):
     def served_name(self) -> str:
         return self.served_model_name or self.model
 
+    @property
+    def cpu_kv_cache_bytes(self) -> int | None:
+        """vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), not from GPU memory."""
+        space = self.env.get("VLLM_CPU_KVCACHE_SPACE")
+        try:
+            return int(float(space) * 1024**3) if space and float(space) > 0 else None
+        except ValueError:
+            return None
+
     def command(self) -> list[str]:
         if isinstance(self.vllm_command, str):
             return shlex.split(self.vllm_command)
@@ -56,13 +81,13 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def find_profile(name_or_path: str, roots: list[Path]) -> Path:
-    """A profile by path, or by name in the profile folders."""
+    """A profile by path, or by name in the profile folders (a folder of that name elsewhere is not a profile)."""
     p = Path(name_or_path).expanduser()
-    if p.suffix == ".toml" or p.exists():
+    if p.suffix == ".toml" or p.is_file():
         return p
     for root in roots:
         candidate = root / f"{name_or_path}.toml"
-        if candidate.exists():
+        if candidate.is_file():
             return candidate
     searched = ", ".join(str(r) for r in roots) or "(none)"
     raise FileNotFoundError(f"no profile {name_or_path!r}: give a .toml path or put {name_or_path}.toml in {searched}")

@@ -189,7 +189,8 @@ def build_app(state: State) -> Any:
     rng = random.Random(7)
 
     def error(status: int, message: str, type_: str) -> JSONResponse:
-        return JSONResponse({"object": "error", "message": message, "type": type_, "param": None, "code": status},
+        # vLLM 0.32's ErrorResponse (vllm/entrypoints/serve/engine/protocol.py); the contract test holds it
+        return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": status}},
                             status_code=status)
 
     def unauthorised(request: Request) -> Response | None:

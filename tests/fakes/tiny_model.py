@@ -46,3 +46,16 @@ def make_tiny_model(folder: Path, *, hidden_size: int = 32, num_attention_heads:
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(str(folder))
     return folder
+
+
+def make_peft_adapter(base: Path, out: Path, rank: int = 8, seed: int = 0) -> Path:
+    """A LoRA adapter for `base` as PEFT writes it (untrained: B starts at zero), without a training run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(str(out))
+    return out

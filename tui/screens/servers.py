@@ -8,7 +8,6 @@ rates come from counter deltas between two scrapes.
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,10 +76,8 @@ class ServersScreen(PolledScreen):
 
     @work(thread=True, exclusive=True, group="servers")
     def _load(self, store: Any) -> None:
-        import httpx
-
         from engine.vllm import launcher
-        from engine.vllm.metrics import figures, parse
+        from engine.vllm.status import status_of
 
         views = []
         try:
@@ -90,16 +87,10 @@ class ServersScreen(PolledScreen):
             return
         recs += self._remote_records()
         for rec in recs:
-            fig = None
-            if rec.state == "ready" and not rec.id.startswith("@"):
-                try:
-                    text = httpx.get(f"{rec.base_url}/metrics", timeout=1.5, trust_env=False).text
-                    scrape = parse(text, time.time())
-                    fig = figures(scrape, self._scrapes.get(rec.id))
-                    self._scrapes[rec.id] = scrape
-                except Exception:
-                    fig = None
-            views.append((rec, fig))
+            status = status_of(rec, self._scrapes.get(rec.id))  # the same figures `serve ls --json` prints
+            if status.scrape is not None:
+                self._scrapes[rec.id] = status.scrape
+            views.append((rec, status.figures))
         self.app.call_from_thread(self._show, views)
 
     def _remote_records(self) -> list[Any]:
@@ -117,7 +108,7 @@ class ServersScreen(PolledScreen):
             except AgentError:
                 continue
             for d in docs:
-                rec = ServerRecord(**{k: v for k, v in d.items() if k != "base_url"})
+                rec = ServerRecord(**{k: v for k, v in d.items() if k in ServerRecord.__dataclass_fields__})
                 rec.id = f"@{source.name}:{rec.id}"
                 out.append(rec)
         return out

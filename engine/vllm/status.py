@@ -1,0 +1,80 @@
+"""A server's state with its live figures: what the Servers screen shows, `serve ls --json` and `serve show`.
+
+Rates need two scrapes: the screen keeps the previous scrape between refreshes; the command line
+scrapes twice, `interval` seconds apart. Latency quantiles fall back to the server's lifetime
+distribution when nothing finished between the two scrapes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from engine.vllm.metrics import Scrape, ServerFigures, figures, parse
+
+
+@dataclass
+class ServerStatus:
+    rec: Any  # launcher.ServerRecord
+    figures: ServerFigures | None = None
+    scrape: Scrape | None = None
+    loaded_adapters: list[str] = field(default_factory=list)
+    error: str | None = None  # why the figures are missing although the server is ready
+
+    def to_json(self) -> dict[str, Any]:
+        doc = self.rec.to_json()
+        doc["figures"] = asdict(self.figures) if self.figures is not None else None
+        doc["predicted_kv_tokens"] = self.rec.predicted_kv_tokens
+        doc["loaded_adapters"] = self.loaded_adapters
+        doc["figures_error"] = self.error
+        return doc
+
+
+def api_key(rec: Any) -> str | None:
+    env_name = rec.spec.get("api_key_env")
+    return os.environ.get(env_name, "") or None if env_name else None
+
+
+def scrape_server(rec: Any, timeout: float = 1.5) -> Scrape:
+    key = api_key(rec)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(f"{rec.base_url}/metrics", timeout=timeout, headers=headers, trust_env=False)
+    r.raise_for_status()
+    return parse(r.text, time.time())
+
+
+def status_of(rec: Any, previous: Scrape | None = None, adapters: bool = False) -> ServerStatus:
+    """Figures for a ready local server (from its /metrics, against the previous scrape)."""
+    st = ServerStatus(rec)
+    if rec.state != "ready" or rec.id.startswith("@"):
+        return st
+    try:
+        st.scrape = scrape_server(rec)
+        st.figures = figures(st.scrape, previous)
+    except (httpx.HTTPError, ValueError) as exc:
+        st.error = f"cannot read {rec.base_url}/metrics: {exc}"
+    if adapters:
+        from engine.adapters import loaded
+
+        try:
+            st.loaded_adapters = [m["id"] for m in loaded(rec.base_url, api_key(rec))]
+        except (httpx.HTTPError, ValueError) as exc:
+            st.error = st.error or f"cannot list loaded adapters: {exc}"
+    return st
+
+
+def statuses(store: Any, interval: float = 1.0, ids: list[str] | None = None) -> list[ServerStatus]:
+    """Every recorded server (or those named), refreshed, with figures over `interval` seconds."""
+    from engine.vllm import launcher
+
+    recs = [launcher.refresh(store, r) for r in launcher.list_servers(store)]
+    if ids is not None:
+        recs = [r for r in recs if r.id in ids]
+    first = {r.id: status_of(r).scrape for r in recs if r.state == "ready"}
+    if first and interval > 0:
+        time.sleep(interval)
+    return [status_of(r, first.get(r.id), adapters=True) for r in recs]
