@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,22 @@ def compatibility_problems(adapter: Adapter, base_model: str, lora_enabled: bool
     return problems
 
 
+# What vLLM's worker says when it cannot take an adapter (vLLM 0.32 answers these with a 500 from
+# /v1/load_lora_adapter), and what it means for the operator.
+_REFUSALS = (
+    (re.compile(r"LoRA rank (\d+) is greater than max_lora_rank (\d+)"),
+     "the adapter's rank is above the server's max_lora_rank: raise [lora] max_lora_rank in the profile and restart, "
+     "or train at a lower rank"),
+    (re.compile(r"The size of tensor a \(\d+\) must match the size of tensor b \(\d+\)"),
+     "the adapter's shapes do not match the served model: it was trained on another base model"),
+    (re.compile(r"has already been loaded"), "unload it first, or load the new version under a new name"),
+)
+
+
+def refusal_hint(message: str) -> str | None:
+    return next((hint for pattern, hint in _REFUSALS if pattern.search(message)), None)
+
+
 def error_message(r: httpx.Response) -> str:
     """vLLM's error text: `{"error": {"message": ...}}` (0.9 on) or the older flat `{"message": ...}`."""
     try:
@@ -126,7 +143,9 @@ def _post(base_url: str, path: str, body: dict[str, Any], api_key: str | None) -
     except httpx.HTTPError as exc:
         raise AdapterError(f"server at {base_url} did not answer: {exc}") from exc
     if r.status_code != 200:
-        raise AdapterError(f"vLLM refused ({r.status_code}): {error_message(r)}")
+        message = error_message(r)
+        hint = refusal_hint(message)
+        raise AdapterError(f"vLLM refused ({r.status_code}): {message}" + (f" ({hint})" if hint else ""))
     return r.text
 
 

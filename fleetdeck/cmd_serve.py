@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -332,6 +331,7 @@ def _adapter(config: Any, name_or_path: str) -> Any:
 def run_adapters_load(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.vllm.launcher import LaunchError, get, refresh
+    from engine.vllm.status import api_key
 
     config = _fleet_config(args)
     store = _store(args)
@@ -347,7 +347,7 @@ def run_adapters_load(args: argparse.Namespace) -> int:
                                                lora.get("max_lora_rank", 16))
     if problems:
         return _err(f"not loading {adapter.name} into {server.id}: " + "; ".join(problems))
-    key = os.environ.get(server.spec.get("api_key_env") or "", "") or None
+    key = api_key(server)
     try:
         print(adapters.load(server.base_url, args.name or adapter.name, adapter.path, key))
     except adapters.AdapterError as exc:
@@ -358,11 +358,12 @@ def run_adapters_load(args: argparse.Namespace) -> int:
 def run_adapters_unload(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.vllm.launcher import LaunchError, get
+    from engine.vllm.status import api_key
 
     store = _store(args)
     try:
         server = get(store, args.server)
-        key = os.environ.get(server.spec.get("api_key_env") or "", "") or None
+        key = api_key(server)
         print(adapters.unload(server.base_url, args.name, key))
     except (LaunchError, adapters.AdapterError) as exc:
         return _err(str(exc))

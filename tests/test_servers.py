@@ -9,12 +9,9 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from engine import adapters
 from engine.vllm import launcher

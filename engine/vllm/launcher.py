@@ -292,8 +292,9 @@ def refresh(store: Any, rec: ServerRecord) -> ServerRecord:
     if rec.state in ("stopped", "crashed"):
         return rec
     before = (rec.state, rec.reason, rec.engine_pid)
-    lost = engine_lost(rec) if _alive(rec) else None
-    if not _alive(rec):
+    alive = _alive(rec)
+    lost = engine_lost(rec) if alive else None
+    if not alive:
         rec.state = "crashed"
         rec.ended_at = rec.ended_at or time.time()
         d = diagnose(tail(rec.log_path, 200))

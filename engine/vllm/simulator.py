@@ -265,8 +265,10 @@ def build_app(state: State) -> Any:
             rank = int(json.loads(cfg.read_text()).get("r", 0))
         except (ValueError, json.JSONDecodeError):
             return error(400, f"Loading lora {name} failed: invalid adapter_config.json", "BadRequestError")
-        if rank > state.max_lora_rank:
-            return error(400, f"LoRA rank {rank} is greater than max_lora_rank {state.max_lora_rank}.", "BadRequestError")
+        if rank > state.max_lora_rank:  # vLLM 0.32's worker refuses it, and the API answers 500
+            return error(500, f"Call to add_lora method failed: Worker failed with error 'LoRA rank {rank} is greater "
+                              f"than max_lora_rank {state.max_lora_rank}.', please check the stack trace above for the "
+                              "root cause", "InternalServerError")
         if len(state.loras) >= max(state.max_loras, 1) * 8:
             return error(400, "Too many LoRA adapters loaded.", "BadRequestError")
         state.loras[name] = path

@@ -216,7 +216,9 @@ class JobsScreen(PolledScreen):
             return
         target = candidates[0]
         try:
-            msg = adapters.load(target.base_url, adapter.name, adapter.path)
+            from engine.vllm.status import api_key
+
+            msg = adapters.load(target.base_url, adapter.name, adapter.path, api_key(target))
         except adapters.AdapterError as exc:
             msg = str(exc)
         self.app.call_from_thread(self.notify, f"{target.id}: {msg}")

@@ -7,7 +7,6 @@ rates come from counter deltas between two scrapes.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,8 +464,9 @@ class AdaptersScreen(ModalScreen[None]):
         self.app.call_from_thread(self._show, found, loaded, problems)
 
     def _key(self) -> str | None:
-        env = self.rec.spec.get("api_key_env")
-        return os.environ.get(env, "") or None if env else None
+        from engine.vllm.status import api_key
+
+        return api_key(self.rec)
 
     def _problems(self, adapter: Any) -> list[str]:
         from engine import adapters
