@@ -54,6 +54,10 @@ class RealServer:
     def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return cli(self.env, *args, *self.common(), timeout=timeout)
 
+    def run_router(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Router commands (report, calibrate): their --config is the router config, not the fleet's."""
+        return cli(self.env, *args, "--store", str(self.store), timeout=timeout)
+
 
 def write_profile(path: Path, python: Path, model: Path, *, name: str = "tiny-real", max_model_len: int = 256,
                   max_lora_rank: int = 16, kv_space_gib: int = 1) -> Path:

@@ -254,7 +254,9 @@ def test_finetune_serve_route_report_calibrate_swap_stop_on_real_engines(real_se
     assert store.query("SELECT COUNT(*) AS n FROM requests")[0]["n"] == sent
     (row,) = store.query("SELECT route, reason, confidence FROM requests WHERE id = ?", (strict_id,))
     assert (row["route"], row["reason"]) == ("frontier", "low_confidence") and 0 < row["confidence"] < 0.99
-    rep = json.loads(srv.run("report", "--json", "--config", str(cfg)).stdout)
+    report = srv.run_router("report", "--json", "--config", str(cfg))
+    assert report.returncode in (0, 3), report.stderr  # 3: a task drifts (a random model escalates a lot)
+    rep = json.loads(report.stdout)
     assert rep["requests"] == sent and rep["escalated"] >= 2
     strict = next(t for t in rep["tasks"] if t["name"] == "tickets-strict")
     assert strict["requests"] == 2 and strict["escalated"] == 2 and strict["frontier_cost_usd"] > 0
@@ -265,7 +267,7 @@ def test_finetune_serve_route_report_calibrate_swap_stop_on_real_engines(real_se
                                              "expected": "route to billing"}) for i in range(6)) + "\n")
     adapters_now = srv.run("adapters", "load", srv.id, "tickets-v1", "--name", "tickets")
     assert adapters_now.returncode == 0, adapters_now.stderr
-    cal = srv.run("calibrate", "tickets", "--eval", str(evalset), "--json", "--config", str(cfg))
+    cal = srv.run_router("calibrate", "tickets", "--eval", str(evalset), "--json", "--config", str(cfg))
     assert cal.returncode == 0, cal.stderr
     doc = json.loads(cal.stdout)
     assert doc["items"] == 6 and 0 <= doc["ece"] <= 1 and doc["curve"]
