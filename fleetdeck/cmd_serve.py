@@ -203,8 +203,7 @@ def run_ls(args: argparse.Namespace) -> int:
                 remote.close()
         except AgentError as exc:
             return _err(str(exc))
-        known = set(ServerRecord.__dataclass_fields__)
-        recs = [ServerRecord(**{k: v for k, v in d.items() if k in known}) for d in docs]
+        recs = [ServerRecord.from_json(d) for d in docs]
         views = [ServerStatus(r) for r in recs]
     else:
         views = statuses(_store(args), interval=args.interval)
@@ -331,7 +330,6 @@ def _adapter(config: Any, name_or_path: str) -> Any:
 def run_adapters_load(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.vllm.launcher import LaunchError, get, refresh
-    from engine.vllm.status import api_key
 
     config = _fleet_config(args)
     store = _store(args)
@@ -347,7 +345,7 @@ def run_adapters_load(args: argparse.Namespace) -> int:
                                                lora.get("max_lora_rank", 16))
     if problems:
         return _err(f"not loading {adapter.name} into {server.id}: " + "; ".join(problems))
-    key = api_key(server)
+    key = server.api_key
     try:
         print(adapters.load(server.base_url, args.name or adapter.name, adapter.path, key))
     except adapters.AdapterError as exc:
@@ -358,12 +356,11 @@ def run_adapters_load(args: argparse.Namespace) -> int:
 def run_adapters_unload(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.vllm.launcher import LaunchError, get
-    from engine.vllm.status import api_key
 
     store = _store(args)
     try:
         server = get(store, args.server)
-        key = api_key(server)
+        key = server.api_key
         print(adapters.unload(server.base_url, args.name, key))
     except (LaunchError, adapters.AdapterError) as exc:
         return _err(str(exc))

@@ -256,3 +256,33 @@ def test_serve_start_bad_input(tmp_path, capsys):
     good.write_text('name = "x"\nmodel = "Qwen/Qwen3-8B"\n')
     assert main(["serve", "start", str(good), "--gpus", "0,0"]) == 2
     assert "distinct" in capsys.readouterr().err
+
+
+def test_a_live_api_process_whose_engine_died_is_crashed_with_that_reason(store, tmp_path):
+    """/health is not trusted alone: once seen, vLLM's engine process must stay alive too."""
+    import subprocess
+
+    import psutil
+
+    from engine import managed
+    from tests.helpers import wait_for
+
+    # A stand-in API server whose child is titled as vLLM titles its engine (argv[0] VLLM::EngineCore).
+    api = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['bash', '-c', "
+                            "'exec -a VLLM::EngineCore sleep 600']); time.sleep(600)"], start_new_session=True)
+    try:
+        rec = launcher.ServerRecord(
+            id="standin-1", name="standin", node="n", pid=api.pid, create_time=psutil.Process(api.pid).create_time(),
+            argv=[], env={}, gpus="0", port=1, log_path=str(tmp_path / "standin.log"), spec={}, state="starting",
+            reason=None, started_at=time.time())
+        managed.save(store, "server", rec)
+        assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).engine_pid is not None, timeout=10)
+        engine_pid = launcher.get(store, rec.id).engine_pid  # remembered in the store for a restarted dashboard
+        assert engine_pid != api.pid and psutil.Process(engine_pid).cmdline()[0] == "VLLM::EngineCore"
+        os.kill(engine_pid, signal.SIGKILL)
+        assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).state == "crashed", timeout=10)
+        reason = launcher.get(store, rec.id).reason
+        assert f"engine process (pid {engine_pid}) died while its API server (pid {api.pid}) still runs" in reason
+    finally:
+        os.killpg(api.pid, signal.SIGKILL)
+        api.wait(timeout=10)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
+import psutil
+
 from engine import managed
 from engine.managed import ManagedRecord
 from engine.vllm.diagnose import diagnose, tail
@@ -53,6 +55,17 @@ class ServerRecord(ManagedRecord):
     @property
     def served_name(self) -> str:
         return self.spec.get("served_model_name") or self.spec.get("model", "")
+
+    @property
+    def api_key(self) -> str | None:
+        """The server's key, from the environment variable its profile names (never stored)."""
+        env_name = self.spec.get("api_key_env")
+        return os.environ.get(env_name, "") or None if env_name else None
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "ServerRecord":
+        """A record as an agent sends it; fields this version does not know are left out."""
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -235,10 +248,7 @@ def probe(rec: ServerRecord, timeout: float = 1.0) -> bool:
     try:
         if httpx.get(f"{rec.base_url}/health", timeout=timeout, trust_env=False).status_code != 200:
             return False
-        headers = {}
-        key = os.environ.get(rec.spec.get("api_key_env") or "", "") if rec.spec.get("api_key_env") else ""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        headers = {"Authorization": f"Bearer {rec.api_key}"} if rec.api_key else {}
         return httpx.get(f"{rec.base_url}/v1/models", timeout=timeout, headers=headers, trust_env=False).status_code == 200
     except httpx.HTTPError:
         return False
@@ -248,9 +258,7 @@ def probe(rec: ServerRecord, timeout: float = 1.0) -> bool:
 ENGINE_TITLE = "VLLM::EngineCor"
 
 
-def _engine_process(pid: int) -> Any:
-    import psutil
-
+def _engine_process(pid: int) -> psutil.Process | None:
     try:
         for child in psutil.Process(pid).children(recursive=True):
             try:
@@ -277,7 +285,7 @@ def engine_lost(rec: ServerRecord) -> str | None:
         if engine is not None:
             try:
                 rec.engine_pid, rec.engine_create_time = engine.pid, engine.create_time()
-            except Exception:  # it ended between the two calls: the next refresh decides
+            except psutil.Error:  # it ended between the two calls: the next refresh decides
                 return None
         return None
     if managed.alive(rec.engine_pid, rec.engine_create_time):

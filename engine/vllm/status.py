@@ -7,7 +7,6 @@ distribution when nothing finished between the two scrapes.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,13 +33,8 @@ class ServerStatus:
         return doc
 
 
-def api_key(rec: Any) -> str | None:
-    env_name = rec.spec.get("api_key_env")
-    return os.environ.get(env_name, "") or None if env_name else None
-
-
 def scrape_server(rec: Any, timeout: float = 1.5) -> Scrape:
-    key = api_key(rec)
+    key = rec.api_key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     r = httpx.get(f"{rec.base_url}/metrics", timeout=timeout, headers=headers, trust_env=False)
     r.raise_for_status()
@@ -61,7 +55,7 @@ def status_of(rec: Any, previous: Scrape | None = None, adapters: bool = False) 
         from engine.adapters import loaded
 
         try:
-            st.loaded_adapters = [m["id"] for m in loaded(rec.base_url, api_key(rec))]
+            st.loaded_adapters = [m["id"] for m in loaded(rec.base_url, rec.api_key)]
         except (httpx.HTTPError, ValueError) as exc:
             st.error = st.error or f"cannot list loaded adapters: {exc}"
     return st

@@ -309,6 +309,6 @@ def test_a_server_whose_engine_process_dies_is_failed_with_that_reason(real_vllm
         assert rec.state == "crashed"
         # Either fleetdeck saw the API server alive without its engine, or vLLM shut the API server down
         # and its log says why: both name the engine process.
-        assert "engine process" in rec.reason and "Fix:" in rec.reason or "restart the server" in rec.reason, rec.reason
+        assert "engine process" in rec.reason and "restart the server" in rec.reason, rec.reason
     finally:
         launcher.stop(store, launcher.get(store, rec.id), timeout=20)

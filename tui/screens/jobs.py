@@ -216,9 +216,7 @@ class JobsScreen(PolledScreen):
             return
         target = candidates[0]
         try:
-            from engine.vllm.status import api_key
-
-            msg = adapters.load(target.base_url, adapter.name, adapter.path, api_key(target))
+            msg = adapters.load(target.base_url, adapter.name, adapter.path, target.api_key)
         except adapters.AdapterError as exc:
             msg = str(exc)
         self.app.call_from_thread(self.notify, f"{target.id}: {msg}")

@@ -107,7 +107,7 @@ class ServersScreen(PolledScreen):
             except AgentError:
                 continue
             for d in docs:
-                rec = ServerRecord(**{k: v for k, v in d.items() if k in ServerRecord.__dataclass_fields__})
+                rec = ServerRecord.from_json(d)
                 rec.id = f"@{source.name}:{rec.id}"
                 out.append(rec)
         return out
@@ -464,9 +464,7 @@ class AdaptersScreen(ModalScreen[None]):
         self.app.call_from_thread(self._show, found, loaded, problems)
 
     def _key(self) -> str | None:
-        from engine.vllm.status import api_key
-
-        return api_key(self.rec)
+        return self.rec.api_key
 
     def _problems(self, adapter: Any) -> list[str]:
         from engine import adapters
