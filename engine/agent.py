@@ -4,11 +4,17 @@ It says hello (protocol version, fleetdeck version, hostname, NVML state), sends
 node's GPUs every interval the dashboard asks for, and answers requests with the same functions the
 local host uses (servers, jobs, adapters, logs). One JSON object per line both ways; a malformed line
 gets an error response, never a crash. It ends when its stdin closes (the SSH session ended).
+
+A request is input, never a command: it names profiles and job specs that this node's own folders hold,
+servers and jobs this node's store knows, by exact id, and GPUs by index. Nothing in a request is run or
+written as a path. An agent started read-only (`--read-only`, or `read_only = true` in this node's fleet
+config) refuses every request that changes the node.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -18,10 +24,41 @@ from typing import Any, Callable, TextIO
 from fleet.remote import PROTOCOL_VERSION, snapshot_to_json
 
 
+# Requests that change the node: an agent started read-only refuses them.
+MUTATING_OPS = frozenset({"start_server", "stop_server", "start_job", "cancel_job"})
+MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake or an attack
+MIN_INTERVAL_S, MAX_INTERVAL_S = 0.2, 60.0
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _gpu_indices(value: object, required: bool) -> list[int]:
+    if value is None and not required:
+        return []
+    if (not isinstance(value, list) or not value or len(value) > 64
+            or not all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 1024 for g in value)
+            or len(set(value)) != len(value)):
+        raise ValueError(f"gpus must be a list of distinct GPU indices, got {value!r}")
+    return list(value)
+
+
+def _port(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1024 <= value <= 65535:
+        raise ValueError(f"port must be from 1024 to 65535, got {value!r}")
+    return value
+
+
 class Agent:
     def __init__(self, source: Any, store_path: Path | None, adapter_roots: list[Path], version: str,
-                 interval_s: float = 1.0) -> None:
+                 interval_s: float = 1.0, read_only: bool = False) -> None:
         self.source = source
+        self.read_only = read_only
         self.store_path = store_path
         self.adapter_roots = adapter_roots
         self.version = version
@@ -53,23 +90,24 @@ class Agent:
 
     def _start_server(self, a: dict[str, Any]) -> Any:
         from engine.vllm import launcher
-        from engine.vllm.profile import Profile
+        from engine.vllm.profile import load_profile, profile_roots
+        from fleet.config import toml_by_name
 
-        profile = Profile.model_validate(a["profile"])
-        gpus = [int(g) for g in a["gpus"]]
+        profile = load_profile(toml_by_name("profile", a.get("profile"), profile_roots()))
+        gpus = _gpu_indices(a.get("gpus"), required=True)
         snap = self.source.snapshot()
         by_index = {g.index: g for g in snap.gpus}
         snaps = [by_index[g] for g in gpus if g in by_index] if snap.nvml == "ok" else None
         if snaps is not None and len(snaps) != len(gpus):
             raise ValueError(f"no GPU {gpus} on {snap.node} (it has {sorted(by_index)})")
-        rec, verdict = launcher.start(self.store, profile, gpus, gpu_snapshots=snaps, port=a.get("port"),
-                                      force=bool(a.get("force")), adapter_roots=self.adapter_roots)
+        rec, verdict = launcher.start(self.store, profile, gpus, gpu_snapshots=snaps, port=_port(a.get("port")),
+                                      force=a.get("force") is True, adapter_roots=self.adapter_roots)
         return {"server": rec.to_json(), "verdict": verdict.to_json() if verdict is not None else None}
 
     def _stop_server(self, a: dict[str, Any]) -> Any:
         from engine.vllm import launcher
 
-        return launcher.stop(self.store, launcher.get(self.store, a["id"])).to_json()
+        return launcher.stop(self.store, launcher.get(self.store, _text(a.get("id"), "id"))).to_json()
 
     def _list_jobs(self, a: dict[str, Any]) -> Any:
         from engine.finetune import jobs
@@ -78,18 +116,19 @@ class Agent:
 
     def _start_job(self, a: dict[str, Any]) -> Any:
         from engine.finetune import jobs
-        from engine.finetune.spec import JobSpec
+        from engine.finetune.spec import load_spec, spec_roots
+        from fleet.config import toml_by_name
 
-        spec = JobSpec.model_validate(a["spec"])
-        gpus = [int(g) for g in a.get("gpus") or []] or None
+        spec = load_spec(toml_by_name("job spec", a.get("spec"), spec_roots()))
+        gpus = _gpu_indices(a.get("gpus"), required=False) or None
         snap = self.source.snapshot()
         snaps = [g for g in snap.gpus if gpus and g.index in gpus] or None
-        return jobs.start(self.store, spec, gpus, gpu_snapshots=snaps, force=bool(a.get("force"))).to_json()
+        return jobs.start(self.store, spec, gpus, gpu_snapshots=snaps, force=a.get("force") is True).to_json()
 
     def _cancel_job(self, a: dict[str, Any]) -> Any:
         from engine.finetune import jobs
 
-        return jobs.cancel(self.store, jobs.get(self.store, a["id"])).to_json()
+        return jobs.cancel(self.store, jobs.get(self.store, _text(a.get("id"), "id"))).to_json()
 
     def _list_adapters(self, a: dict[str, Any]) -> Any:
         from engine import adapters
@@ -103,12 +142,15 @@ class Agent:
         if a.get("kind") == "job":
             from engine.finetune import jobs
 
-            path = jobs.get(self.store, a["id"]).log_path
+            path = jobs.get(self.store, _text(a.get("id"), "id")).log_path
         else:
             from engine.vllm import launcher
 
-            path = launcher.get(self.store, a["id"]).log_path
-        return tail(path, int(a.get("n", 60)))
+            path = launcher.get(self.store, _text(a.get("id"), "id")).log_path
+        n = a.get("n", 60)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10_000:
+            raise ValueError(f"n must be a line count from 1 to 10000, got {n!r}")
+        return tail(path, n)
 
     # -- the wire -------------------------------------------------------------------------------
     def send(self, out: TextIO, msg: dict[str, Any]) -> None:
@@ -124,37 +166,65 @@ class Agent:
         if fn is None:
             self.send(out, {"type": "response", "id": rid, "ok": False, "error": f"unknown op {op!r}; known: {sorted(self.ops)}"})
             return
+        if self.read_only and str(op) in MUTATING_OPS:
+            self.send(out, {"type": "response", "id": rid, "ok": False,
+                            "error": f"{op}: refused, this node's agent is read-only"})
+            return
+        args = msg.get("args") or {}
+        if not isinstance(args, dict):
+            self.send(out, {"type": "response", "id": rid, "ok": False, "error": "args must be a JSON object"})
+            return
         try:
-            result = fn(msg.get("args") or {})
+            result = fn(args)
             self.send(out, {"type": "response", "id": rid, "ok": True, "result": result})
         except Exception as exc:  # every failure goes back to the dashboard as text
             self.send(out, {"type": "response", "id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
     def _read(self, inp: TextIO, out: TextIO) -> None:
-        for line in inp:
-            if not line.strip():
+        while True:
+            line = inp.readline(MAX_LINE + 1)
+            if not line:
+                break
+            if len(line) > MAX_LINE:
+                while line and not line.endswith("\n"):  # drop the rest of the oversized line
+                    line = inp.readline(MAX_LINE)
+                self.send(out, {"type": "response", "id": None, "ok": False,
+                                "error": f"malformed message: longer than {MAX_LINE} characters"})
                 continue
             try:
-                msg = json.loads(line)
-                if not isinstance(msg, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                self.send(out, {"type": "response", "id": None, "ok": False, "error": f"malformed message: {exc}"})
-                continue
-            if msg.get("v") != PROTOCOL_VERSION:
-                self.send(out, {"type": "response", "id": msg.get("id"), "ok": False,
-                                "error": f"protocol v{msg.get('v')} not supported; this agent speaks v{PROTOCOL_VERSION}"})
-                continue
-            if msg.get("type") == "subscribe":
-                try:
-                    self.interval_s = max(0.2, float(msg.get("interval", self.interval_s)))
-                except (TypeError, ValueError):
-                    pass
-            elif msg.get("type") == "request":
-                threading.Thread(target=self._handle, args=(out, msg), daemon=True).start()
-            else:
-                self.send(out, {"type": "response", "id": msg.get("id"), "ok": False, "error": f"unknown type {msg.get('type')!r}"})
+                self._take(line, out)
+            except (BrokenPipeError, OSError):
+                break
+            except Exception as exc:  # one bad line never deafens the agent
+                self.send(out, {"type": "response", "id": None, "ok": False, "error": f"malformed message: {type(exc).__name__}"})
         self._stop.set()  # stdin closed: the SSH session is over
+
+    def _take(self, line: str, out: TextIO) -> None:
+        if not line.strip():
+            return
+        try:
+            msg = json.loads(line)
+            if not isinstance(msg, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            self.send(out, {"type": "response", "id": None, "ok": False, "error": f"malformed message: {why}"})
+            return
+        if msg.get("v") != PROTOCOL_VERSION:
+            self.send(out, {"type": "response", "id": msg.get("id"), "ok": False,
+                            "error": f"protocol v{msg.get('v')} not supported; this agent speaks v{PROTOCOL_VERSION}"})
+            return
+        if msg.get("type") == "subscribe":
+            interval = msg.get("interval", self.interval_s)
+            if isinstance(interval, (int, float)) and not isinstance(interval, bool) and math.isfinite(interval):
+                self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, float(interval)))
+            else:
+                self.send(out, {"type": "response", "id": msg.get("id"), "ok": False,
+                                "error": f"interval must be seconds from {MIN_INTERVAL_S} to {MAX_INTERVAL_S}, got {interval!r}"})
+        elif msg.get("type") == "request":
+            threading.Thread(target=self._handle, args=(out, msg), daemon=True).start()
+        else:
+            self.send(out, {"type": "response", "id": msg.get("id"), "ok": False, "error": f"unknown type {msg.get('type')!r}"})
 
     def serve(self, inp: TextIO, out: TextIO) -> int:
         first = self.source.snapshot()

@@ -61,11 +61,30 @@ def load_all(store: Any, kind: str, cls: type[R]) -> list[R]:
     return [_from_row(cls, r) for r in store.query("SELECT * FROM managed WHERE kind = ? ORDER BY started_at", (kind,))]
 
 
+class AmbiguousId(LookupError):
+    """A prefix that names more than one record; the message lists them."""
+
+
 def find(store: Any, kind: str, cls: type[R], ident: str) -> R | None:
-    """By id, or by a unique-enough id prefix (the newest match)."""
-    rows = store.query("SELECT * FROM managed WHERE kind = ? AND (id = ? OR id LIKE ?) ORDER BY started_at DESC",
-                       (kind, ident, f"{ident}%"))
-    return _from_row(cls, rows[0]) if rows else None
+    """By exact id, or by a prefix that names exactly one record.
+
+    The prefix is compared as literal text (never a SQL pattern), so `_` or `%` match only ids that hold them;
+    an empty id names nothing, and a prefix shared by several records is refused with their ids.
+    """
+    ident = ident.strip()
+    if not ident:
+        return None
+    rows = store.query("SELECT * FROM managed WHERE kind = ? AND id = ?", (kind, ident))
+    if rows:
+        return _from_row(cls, rows[0])
+    ids = [r["id"] for r in store.query("SELECT id FROM managed WHERE kind = ? ORDER BY started_at DESC", (kind,))]
+    matches = [i for i in ids if i.startswith(ident)]
+    if len(matches) > 1:
+        raise AmbiguousId(f"{ident!r} names {len(matches)} {kind}s ({', '.join(matches[:5])}"
+                          f"{', ...' if len(matches) > 5 else ''}): give more of the id")
+    if not matches:
+        return None
+    return _from_row(cls, store.query("SELECT * FROM managed WHERE kind = ? AND id = ?", (kind, matches[0]))[0])
 
 
 def alive(pid: int | None, create_time: float | None) -> bool:

@@ -93,3 +93,28 @@ def load_fleet_config(path: Path | str | None, required: bool = False) -> FleetC
     if not p.exists() and not required and path is None:
         return FleetConfig()
     return load_toml_model(p, FleetConfig)
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def named_tomls(roots: list[Path]) -> dict[str, Path]:
+    """`NAME.toml` files in the folders, by name; the first folder that has a name wins."""
+    found: dict[str, Path] = {}
+    for root in roots:
+        if root.is_dir():
+            for p in sorted(root.glob("*.toml")):
+                found.setdefault(p.stem, p)
+    return found
+
+
+def toml_by_name(kind: str, name: object, roots: list[Path]) -> Path:
+    """A config by its name in this host's own folders: never a path, so a name from the network cannot
+    reach a file the host's operator did not put there."""
+    import re
+
+    found = named_tomls(roots)
+    if isinstance(name, str) and re.match(NAME_PATTERN, name) and name in found:
+        return found[name]
+    known = ", ".join(sorted(found)) or f"none (folders: {', '.join(str(r) for r in roots)})"
+    raise ValueError(f"no {kind} named {name!r} on this host; known: {known}")

@@ -213,7 +213,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return fail(str(exc))
     if args.exit_after:
         threading.Timer(args.exit_after, lambda: os._exit(0)).start()
-    agent = Agent(source, Path(args.store) if args.store else None, list(config.adapter_roots), __version__)
+    agent = Agent(source, Path(args.store) if args.store else None, list(config.adapter_roots), __version__,
+                  read_only=args.read_only or config.read_only)
     return agent.serve(sys.stdin, sys.stdout)
 
 

@@ -136,8 +136,9 @@ def run_start(args: argparse.Namespace) -> int:
 
     try:
         gpus = parse_gpus(args.gpus)
-        profile = load_profile(find_profile(args.profile, profile_roots()))
         config = _fleet_config(args)
+        # A node starts only the profiles in its own folders, by name: nothing from here is run there.
+        profile = None if args.node else load_profile(find_profile(args.profile, profile_roots()))
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         return _err(str(exc))
     if args.node:
@@ -146,7 +147,7 @@ def run_start(args: argparse.Namespace) -> int:
         try:
             remote = remote_node(config, args.node)
             try:
-                result = remote.request("start_server", {"profile": profile.model_dump(mode="json"), "gpus": gpus,
+                result = remote.request("start_server", {"profile": args.profile, "gpus": gpus,
                                                          "force": args.force, "port": args.port}, timeout=120)
             finally:
                 remote.close()
@@ -155,6 +156,7 @@ def run_start(args: argparse.Namespace) -> int:
         srv = result["server"]
         print(f"started {srv['id']} on {args.node} (pid {srv['pid']}) on GPUs {srv['gpus']}, port {srv['port']}")
         return 0
+    assert profile is not None
     snaps, why = gpu_snapshots(gpus, args.simulated)
     if args.dry_run:
         try:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -65,3 +68,31 @@ def kill_processes_mentioning(marker: str) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return pids
+
+
+class Pipe:
+    """Two in-memory line streams wired to an Agent running in a thread."""
+
+    def __init__(self, agent: Any) -> None:
+        r_in, w_in = os.pipe()
+        r_out, w_out = os.pipe()
+        self.to_agent = os.fdopen(w_in, "w", buffering=1)
+        self.from_agent = os.fdopen(r_out, "r")
+        agent_in, agent_out = os.fdopen(r_in, "r"), os.fdopen(w_out, "w", buffering=1)
+        self.thread = threading.Thread(target=agent.serve, args=(agent_in, agent_out), daemon=True)
+        self.thread.start()
+
+    def send(self, msg: dict | str) -> None:
+        self.to_agent.write((msg if isinstance(msg, str) else json.dumps(msg)) + "\n")
+
+    def next(self, kind: str, timeout: float = 10.0) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            msg = json.loads(self.from_agent.readline())
+            if msg["type"] == kind:
+                return msg
+        raise AssertionError(f"no {kind} message")
+
+    def close(self) -> None:
+        self.to_agent.close()
+        self.thread.join(timeout=5)

@@ -32,6 +32,7 @@ from tests.fakes.fake_openai import (
     frontier_app,
     slm_app,
 )
+from tests.helpers import wait_for
 
 GPT4O_IN, GPT4O_OUT = 2.5e-6, 10e-6  # litellm's bundled price map for openai/gpt-4o, $/token
 
@@ -419,3 +420,112 @@ def test_the_proxy_command_reports_a_bad_config_and_exits_2(tmp_path):
     from fleetdeck.cli import main
 
     assert main(["proxy", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+# --- what a client can send: every case gets an OpenAI-shaped 4xx, and the proxy keeps serving ----------
+MSG = '"messages":[{"role":"user","content":"x"}]'
+BAD_INPUTS = [
+    # (raw body, status, error code, param); a known task also leaves one ledger row with status 400
+    (b'{"model":"tickets",' + MSG.encode() + b',"temperature":NaN}', 400, "invalid_json", None),
+    (b'{"model":"tickets",' + MSG.encode() + b',"temperature":1e999}', 400, "invalid_json", None),
+    (b'{"model":"tickets",' + MSG.encode() + b',"temperature":true}', 400, "invalid_value", "temperature"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"temperature":7}', 400, "invalid_value", "temperature"),
+    (b'{"model":"tickets","messages":[{"role":"user","content":"\\ud800"}]}', 400, "invalid_encoding", None),
+    (b'{"model":"tickets",' + MSG.encode() + b',"top_logprobs":"abc"}', 400, "invalid_value", "top_logprobs"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"stream":true,"stream_options":"x"}', 400, "invalid_value", "stream_options"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"stream_options":{"include_usage":"yes"}}', 400, "invalid_value", "include_usage"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"seed":' + b"9" * 5000 + b"}", 400, "invalid_json", None),
+    (b'{"model":"tickets",' + MSG.encode() + b',"x":' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json", None),
+    (b'{"model":"tickets",' + MSG.encode() + b',"max_tokens":-5}', 400, "invalid_value", "max_tokens"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"n":0}', 400, "invalid_value", "n"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"stop":[1,2]}', 400, "invalid_value", "stop"),
+    (b'{"model":"tickets","messages":[{"role":5,"content":"x"}]}', 400, "invalid_value", "messages[0].role"),
+    (b'{"model":["tickets"],' + MSG.encode() + b"}", 404, "model_not_found", None),
+    (b"[1,2]", 400, "invalid_request", None),
+    (b"\xff\xfe", 400, "invalid_json", None),
+]
+
+
+def test_every_bad_input_gets_an_openai_4xx_and_the_proxy_keeps_serving(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    slm_calls = len(slm.app.state.calls)
+    for raw, status, code, param in BAD_INPUTS:
+        r = proxy.client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == status, (raw[:80], r.text[:200])
+        err = r.json()["error"]
+        assert err["code"] == code and err["type"] == "invalid_request_error", (raw[:80], err)
+        assert param is None or param in (err["param"] or "") or param in err["message"], (raw[:80], err)
+    assert len(slm.app.state.calls) == slm_calls  # nothing bad went upstream
+    assert proxy.post("lp=-0.01").status_code == 200
+    rows = proxy.rows()
+    known_task = [b for b in BAD_INPUTS if b[2] == "invalid_value"]
+    assert [x["status"] for x in rows] == [400] * len(known_task) + [200]
+    assert all(x["reason"] == "bad_request" and x["route"] == "none" for x in rows[:-1])
+
+
+def test_an_upstream_4xx_is_the_clients_error_and_the_frontier_is_not_asked(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    before = len(frontier.app.state.calls)
+    r = proxy.post("fail=400 patient John Doe")
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "upstream_rejected"
+    assert "fake failure" in err["message"]  # the client sees the small model's own words
+    assert len(frontier.app.state.calls) == before
+    # The frontier refusing the request (after a small-model failure) is also the client's 400, not a 502.
+    r = proxy.post("fail=500 f400 patient John Doe")
+    assert r.status_code == 400 and "frontier model refused" in r.json()["error"]["message"]
+    rows = proxy.rows()
+    assert [(x["status"], x["reason"]) for x in rows] == [(400, "client_error"), (400, "slm_error")]
+    # store_text is off: the upstreams' error text (which quotes the prompt) is not in the ledger.
+    assert all("John Doe" not in (x["error"] or "") for x in rows)
+
+
+def test_upstream_error_text_is_kept_only_when_the_task_stores_text(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    assert proxy.post("fail=500 ffail patient John Doe").status_code == 502
+    assert proxy.post("lp=-2.0 ffail patient John Doe").status_code == 200
+    rows = proxy.rows()
+    assert all("John Doe" not in (x["error"] or "") for x in rows) and rows[0]["error"] and rows[1]["error"]
+    proxy = make_proxy(make_config(slm.url, frontier.url, store_text=True))
+    assert proxy.post("fail=500 ffail patient John Doe").status_code == 502
+    assert "John Doe" in proxy.rows()[0]["error"]
+
+
+def test_the_frontier_timeout_is_one_attempt_not_three(slm, frontier, make_proxy):
+    cfg = make_config(slm.url, frontier.url)
+    cfg = cfg.model_copy(update={"proxy": cfg.proxy.model_copy(update={"frontier_timeout_s": 0.3})})
+    proxy = make_proxy(cfg)
+    before = len(frontier.app.state.calls)
+    r = proxy.post("fail=500 fsleep=1.5")
+    assert r.status_code == 502 and "no answer within 0.3 s" in r.json()["error"]["message"]
+    time.sleep(1.6)  # let a retry, if litellm made one, reach the fake before counting
+    assert len(frontier.app.state.calls) - before == 1
+
+
+@pytest.mark.parametrize("key,value", [("frontier_timeout_s", "inf"), ("frontier_timeout_s", "nan"),
+                                       ("body_timeout_s", "0")])
+def test_timeouts_that_are_not_bounds_are_refused_in_config(tmp_path, key, value):
+    path = tmp_path / "router.toml"
+    path.write_text(f"[proxy]\n{key} = {value}\n[[task]]\nname = \"t\"\nslm_base_url = \"http://127.0.0.1:1/v1\"\n"
+                    "slm_model = \"m\"\nthreshold = 0.5\n")
+    with pytest.raises(ConfigError, match=key):
+        load_router_config(path)
+
+
+def test_a_body_that_never_finishes_gets_408_and_a_disconnect_is_one_line(slm, frontier, make_proxy, caplog):
+    cfg = make_config(slm.url, frontier.url)
+    cfg = cfg.model_copy(update={"proxy": cfg.proxy.model_copy(update={"body_timeout_s": 0.5})})
+    proxy = make_proxy(cfg)
+    with socket.create_connection(("127.0.0.1", proxy.server.port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"model\":")
+        s.settimeout(30)
+        head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 408") and "request_timeout" in head
+    with caplog.at_level("INFO", logger="fleetdeck.proxy"):
+        with socket.create_connection(("127.0.0.1", proxy.server.port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"mo")
+        assert wait_for(lambda: any("disconnected" in r.getMessage() for r in caplog.records))
+    assert proxy.post("lp=-0.01").status_code == 200
+

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -22,40 +21,12 @@ from fleet.remote import PROTOCOL_VERSION, AgentError, RemoteNode
 from fleet.source import LocalNode
 from fleetdeck.cli import main
 from tests.fakes.fake_nvml import FakeGpu, FakeNvml
-from tests.helpers import FAKE_VLLM_CMD, kill_processes_mentioning, wait_for
+from tests.helpers import FAKE_VLLM_CMD, Pipe, kill_processes_mentioning, wait_for
 from tests.tui_helpers import make_app, ready
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = [PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated"]
-
-
-class Pipe:
-    """Two in-memory line streams wired to an Agent running in a thread."""
-
-    def __init__(self, agent: Agent) -> None:
-        r_in, w_in = os.pipe()
-        r_out, w_out = os.pipe()
-        self.to_agent = os.fdopen(w_in, "w", buffering=1)
-        self.from_agent = os.fdopen(r_out, "r")
-        agent_in, agent_out = os.fdopen(r_in, "r"), os.fdopen(w_out, "w", buffering=1)
-        self.thread = threading.Thread(target=agent.serve, args=(agent_in, agent_out), daemon=True)
-        self.thread.start()
-
-    def send(self, msg: dict | str) -> None:
-        self.to_agent.write((msg if isinstance(msg, str) else json.dumps(msg)) + "\n")
-
-    def next(self, kind: str, timeout: float = 10.0) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            msg = json.loads(self.from_agent.readline())
-            if msg["type"] == kind:
-                return msg
-        raise AssertionError(f"no {kind} message")
-
-    def close(self) -> None:
-        self.to_agent.close()
-        self.thread.join(timeout=5)
 
 
 def test_agent_over_a_local_pipe_with_faked_nvml(monkeypatch, tmp_path):
@@ -223,7 +194,11 @@ def _port_open(port: int) -> bool:
 def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_path, capsys):
     dest, opts = sshd
     remote_store = tmp_path / "remote.db"
+    profiles = tmp_path / "remote-profiles"  # the node's own profile folder: the dashboard names, never sends
+    profiles.mkdir()
+    (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
     agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={tmp_path / 'state'}",
+             f"FLEETDECK_PROFILES={profiles}",
              PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "remote-1", "--store", str(remote_store)]
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(f'[[node]]\nname = "remote-1"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
@@ -233,9 +208,7 @@ def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_pa
         assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=30), node.link.error
         assert len(node.snapshot().gpus) == 4
         # Start a (fake) vLLM server on the remote node through the same command line the operator uses.
-        prof = tmp_path / "p.toml"
-        prof.write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
-        assert main(["serve", "start", str(prof), "--gpus", "3", "--node", "remote-1", "--config", str(fleet)]) == 0, \
+        assert main(["serve", "start", "q", "--gpus", "3", "--node", "remote-1", "--config", str(fleet)]) == 0, \
             capsys.readouterr().err
         assert "started q-" in capsys.readouterr().out
         assert wait_for(lambda: any(s["state"] == "ready" for s in node.request("list_servers")), timeout=30)
@@ -246,5 +219,31 @@ def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_pa
         servers = node.request("list_servers")
         assert servers and servers[0]["gpus"] == "3"
         node.request("stop_server", {"id": servers[0]["id"]})
+    finally:
+        node.close()
+
+
+def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp_path):
+    """The deployment README describes: the dashboard's key is forced to `fleetdeck agent --stdio` in the
+    node's authorized_keys, so the key cannot run anything else, and the agent refuses what its config lacks."""
+    dest, opts = sshd
+    keys = tmp_path / "ssh"
+    forced = " ".join([PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "locked",
+                       "--store", str(tmp_path / "locked.db")])
+    (keys / "authorized_keys").write_text(f'command="{forced}",restrict {(keys / "client.pub").read_text()}')
+    marker = tmp_path / "ran"
+    # The client asks for a shell command; sshd runs the agent instead, which says hello.
+    out = subprocess.run(["ssh", "-T", *opts, dest, f"id > {marker}"], input="", capture_output=True, text=True,
+                         timeout=60)
+    hello = json.loads(out.stdout.splitlines()[0])
+    assert hello["type"] == "hello" and hello["node"] == "locked" and not marker.exists()
+    # Through the agent, a profile carrying a command is not a name this node defines.
+    node = RemoteNode.over_ssh("locked", dest, opts, None, interval_s=0.3, backoff_s=(0.3, 1.0))
+    try:
+        assert wait_for(lambda: node.link.status == "connected", timeout=30), node.link.error
+        with pytest.raises(AgentError, match="no profile named"):
+            node.request("start_server", {"profile": {"name": "x", "model": "m",
+                                                      "vllm_command": ["/bin/sh", "-c", f"id > {marker}"]}, "gpus": [0]})
+        assert not marker.exists()
     finally:
         node.close()

@@ -169,7 +169,10 @@ def list_jobs(store: Any) -> list[JobRecord]:
 
 
 def get(store: Any, jid: str) -> JobRecord:
-    rec = managed.find(store, "job", JobRecord, jid)
+    try:
+        rec = managed.find(store, "job", JobRecord, jid)
+    except managed.AmbiguousId as exc:
+        raise JobError(str(exc)) from None
     if rec is None:
         raise JobError(f"no job {jid!r} (see `fleetdeck finetune ls`)")
     return rec

@@ -50,3 +50,16 @@ def load_spec(path: str | Path) -> JobSpec:
         if value is not None and not value.is_absolute():
             updates[key] = (p.parent / value).resolve()
     return spec.model_copy(update=updates) if updates else spec
+
+
+def spec_roots() -> list[Path]:
+    """Where fine-tune specs are found by name: ~/.config/fleetdeck/finetune, then ./configs/finetune."""
+    from store.paths import config_dir
+
+    return [config_dir() / "finetune", Path.cwd() / "configs" / "finetune"]
+
+
+def named_specs() -> dict[str, Path]:
+    from fleet.config import named_tomls
+
+    return named_tomls(spec_roots())

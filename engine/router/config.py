@@ -20,7 +20,9 @@ class ProxySettings(Strict):
     api_keys_env: str | None = "FLEETDECK_PROXY_KEYS"
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     retention_days: float = Field(default=30.0, gt=0)
-    frontier_timeout_s: float = Field(default=60.0, gt=0)
+    # Total bounds, retries included: a timeout that is not a bound is not a timeout.
+    frontier_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="a request body must arrive within this")
 
 
 class Pricing(Strict):
@@ -35,7 +37,7 @@ class Task(Strict):
     slm_api_key_env: str | None = None
     confidence: Literal["first_token", "mean_token", "min_token"] = "mean_token"
     threshold: float = Field(ge=0.0, le=1.0)
-    slm_timeout_s: float = Field(default=2.0, gt=0)
+    slm_timeout_s: float = Field(default=2.0, gt=0, le=3600)
     frontier_model: str | None = None
     frontier_api_base: str | None = None
     frontier_api_key_env: str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,14 +21,17 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine.router.confidence import confidence, token_logprobs
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
+from engine.router.request_check import BadRequest, check_params, parse_body
 from store.ledger import LedgerRow, LedgerWriter
+
+log = logging.getLogger("fleetdeck.proxy")
 
 # Parameters passed through to the models; anything else in the body is dropped.
 PASS_THROUGH = {
@@ -36,9 +40,10 @@ PASS_THROUGH = {
 }
 
 
-def openai_error(status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
+def openai_error(status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None,
+                 param: str | None = None) -> JSONResponse:
     return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": None, "code": code or type_}},
+        {"error": {"message": message, "type": type_, "param": param, "code": code or type_}},
         status_code=status,
         headers=headers,
     )
@@ -72,9 +77,15 @@ class ProxyMetrics:
 class SlmOutcome:
     answer: dict[str, Any] | None = None
     confidence: float | None = None
-    error_reason: str | None = None  # slm_timeout | slm_error | no_logprobs
-    error: str | None = None
+    error_reason: str | None = None  # slm_timeout | slm_error | no_logprobs | client_error
+    status: int | None = None  # the small model's own HTTP status when it refused the request
+    error: str | None = None  # what failed, in fleetdeck's words (no upstream text: it can quote the prompt)
+    detail: str | None = None  # the upstream's own error text, for the client
     latency_ms: float | None = None
+
+    @property
+    def full_error(self) -> str | None:
+        return f"{self.error}: {self.detail}" if self.detail else self.error
 
 
 @dataclass
@@ -135,6 +146,9 @@ class Router:
         return None
 
     async def health(self, request: Request) -> Response:
+        # A load balancer's probe carries no key: it learns only that the proxy is up.
+        if self.keys and self._auth_error(request) is not None:
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "tasks": len(self.config.task),
                              "ledger_error": self.ledger.last_error if self.ledger else None})
 
@@ -146,6 +160,8 @@ class Router:
         return JSONResponse({"object": "list", "data": data})
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        if (err := self._auth_error(request)) is not None:  # task names and volumes are the site's business
+            return err
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _read_body(self, request: Request) -> bytes | Response:
@@ -156,36 +172,50 @@ class Router:
                                 "invalid_request_error", "request_too_large")
         chunks = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return openai_error(413, f"Request body is over the {limit}-byte limit.",
-                                    "invalid_request_error", "request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        async def read() -> Response | None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return openai_error(413, f"Request body is over the {limit}-byte limit.",
+                                        "invalid_request_error", "request_too_large")
+                chunks.append(chunk)
+            return None
+
+        deadline = self.config.proxy.body_timeout_s
+        try:
+            too_big = await asyncio.wait_for(read(), timeout=deadline)
+        except asyncio.TimeoutError:
+            # A body that never finishes would hold a connection (and a file descriptor) forever.
+            log.warning("request body not complete after %g s (%d bytes read); answered 408", deadline, size)
+            return openai_error(408, f"The request body did not arrive within {deadline:g} s.",
+                                "invalid_request_error", "request_timeout")
+        return too_big if too_big is not None else b"".join(chunks)
 
     async def chat(self, request: Request) -> Response:
         t0 = time.perf_counter()
         if (err := self._auth_error(request)) is not None:
             return err
-        raw = await self._read_body(request)
+        try:
+            raw = await self._read_body(request)
+        except ClientDisconnect:
+            log.info("client disconnected before its request body was complete")
+            return Response(status_code=499)  # nobody is listening; uvicorn drops it
         if isinstance(raw, Response):
+            self.metrics.errors.labels("", str(raw.status_code)).inc()
             return raw
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return openai_error(400, f"Request body is not valid JSON: {exc}", "invalid_request_error", "invalid_json")
-        if not isinstance(body, dict):
-            return openai_error(400, "Request body must be a JSON object.", "invalid_request_error")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            return openai_error(400, "`messages` is required: a non-empty list of message objects.",
-                                "invalid_request_error", "missing_messages")
+            body = parse_body(raw)
+        except BadRequest as exc:
+            self.metrics.errors.labels("", "400").inc()
+            return openai_error(400, str(exc), "invalid_request_error", exc.code, param=exc.param)
         name = request.headers.get("x-fleetdeck-task") or body.get("model")
-        task = self.config.task_by_name(str(name)) if name else None
+        task = self.config.task_by_name(name) if isinstance(name, str) and name else None
         if task is None:
             known = ", ".join(t.name for t in self.config.task)
-            return openai_error(404, f"Unknown task {name!r}. Known tasks: {known}. Name one as `model` "
+            self.metrics.errors.labels("", "404").inc()
+            return openai_error(404, f"Unknown task {str(name)[:100]!r}. Known tasks: {known}. Name one as `model` "
                                      "or in the X-Fleetdeck-Task header.", "invalid_request_error", "model_not_found")
         force = request.headers.get("x-fleetdeck-escalate")
         if force is not None:
@@ -193,6 +223,14 @@ class Router:
             if force not in ("always", "never"):
                 return openai_error(400, "X-Fleetdeck-Escalate must be `always` or `never`.", "invalid_request_error")
         call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, force, body)
+        try:
+            check_params(body)
+        except BadRequest as exc:
+            # The task is known, so the refusal is a ledger row like any other answer.
+            call.body = {"messages": body["messages"] if isinstance(body.get("messages"), list) else []}
+            self._record(self._row(call, route="none", escalated=False, reason="bad_request", status=400, error=str(exc)))
+            return openai_error(400, str(exc), "invalid_request_error", exc.code, param=exc.param,
+                                headers=self._headers(call, "none", False))
         try:
             return await self._route(call)
         except Exception as exc:  # the proxy never dies on a request
@@ -207,10 +245,15 @@ class Router:
         if call.force != "always":
             call.slm = await self._ask_slm(call)
         slm = call.slm
+        if slm.error_reason == "client_error":
+            return self._fail(call, slm.status or 400, f"the small model refused the request ({slm.full_error})",
+                              reason="client_error", client_error=True,
+                              summary=f"the small model refused the request ({slm.error})")
         if call.force == "never":
             if slm.answer is None:
-                return self._fail(call, 502, f"the small model failed ({slm.error}) and X-Fleetdeck-Escalate: never forbids escalation",
-                                  reason=slm.error_reason or "slm_error", forced=True)
+                return self._fail(call, 502, f"the small model failed ({slm.full_error}) and X-Fleetdeck-Escalate: never forbids escalation",
+                                  reason=slm.error_reason or "slm_error", forced=True,
+                                  summary=f"the small model failed ({slm.error}) and X-Fleetdeck-Escalate: never forbids escalation")
             return self._answer_slm(call, escalated=False, reason="forced_slm", forced=True)
         if call.force is None and slm.answer is not None and slm.confidence is not None and slm.confidence >= task.threshold:
             return self._answer_slm(call, escalated=False, reason="confident")
@@ -220,8 +263,9 @@ class Router:
         if not task.frontier_model:
             if slm.answer is not None:  # nothing to escalate to: the small model's answer stands
                 return self._answer_slm(call, escalated=False, reason=reason, error="no frontier model configured")
-            return self._fail(call, 503, f"the small model is unavailable ({slm.error}) and task {task.name!r} has no "
-                                         "frontier_model to escalate to", reason=reason)
+            why = f"and task {task.name!r} has no frontier_model to escalate to"
+            return self._fail(call, 503, f"the small model is unavailable ({slm.full_error}) {why}", reason=reason,
+                              summary=f"the small model is unavailable ({slm.error}) {why}")
         if call.stream:
             return await self._stream_frontier(call, reason)
         return await self._answer_frontier(call, reason)
@@ -241,17 +285,25 @@ class Router:
         t = time.perf_counter()
         assert self.client is not None
         try:
-            resp = await self.client.post(f"{task.slm_base_url}/chat/completions", json=payload,
-                                          headers=headers, timeout=task.slm_timeout_s)
-        except httpx.TimeoutException:
+            # httpx's timeout bounds each read; wait_for bounds the whole exchange.
+            resp = await asyncio.wait_for(
+                self.client.post(f"{task.slm_base_url}/chat/completions", json=payload, headers=headers,
+                                 timeout=task.slm_timeout_s),
+                timeout=task.slm_timeout_s)
+        except (httpx.TimeoutException, asyncio.TimeoutError):
             return SlmOutcome(error_reason="slm_timeout", error=f"no answer within {task.slm_timeout_s} s",
                               latency_ms=(time.perf_counter() - t) * 1000)
         except httpx.HTTPError as exc:
             return SlmOutcome(error_reason="slm_error", error=f"{type(exc).__name__}: {exc}",
                               latency_ms=(time.perf_counter() - t) * 1000)
         latency = (time.perf_counter() - t) * 1000
+        if resp.status_code in CLIENT_ERRORS:
+            # The request itself is what the small model refused: the frontier would be asked in vain.
+            return SlmOutcome(error_reason="client_error", error=f"HTTP {resp.status_code}", detail=_upstream_message(resp),
+                              status=resp.status_code, latency_ms=latency)
         if resp.status_code != 200:
-            return SlmOutcome(error_reason="slm_error", error=f"HTTP {resp.status_code}: {resp.text[:300]}", latency_ms=latency)
+            return SlmOutcome(error_reason="slm_error", error=f"HTTP {resp.status_code}", detail=_upstream_message(resp),
+                              latency_ms=latency)
         try:
             answer = resp.json()
             choice = answer["choices"][0]
@@ -309,7 +361,9 @@ class Router:
     def _frontier_kwargs(self, call: Call) -> dict[str, Any]:
         task = call.task
         kwargs: dict[str, Any] = {k: v for k, v in call.body.items() if k in PASS_THROUGH}
-        kwargs.update(model=task.frontier_model, messages=call.body["messages"], timeout=self.config.proxy.frontier_timeout_s)
+        # One attempt: litellm's own retries would multiply the timeout the operator set.
+        kwargs.update(model=task.frontier_model, messages=call.body["messages"], timeout=self.config.proxy.frontier_timeout_s,
+                      num_retries=0, max_retries=0)
         if call.body.get("logprobs"):
             kwargs["logprobs"] = True
             if call.body.get("top_logprobs"):
@@ -322,21 +376,33 @@ class Router:
             kwargs["api_key"] = os.environ.get(task.frontier_api_key_env, "")
         return kwargs
 
-    def _frontier_failed(self, call: Call, reason: str, error: str) -> Response:
+    def _frontier_failed(self, call: Call, reason: str, exc: BaseException | str) -> Response:
+        error, summary = (exc, exc) if isinstance(exc, str) else (_short_error(exc), _error_kind(exc))
         if call.slm.answer is not None:
             # The frontier failed after a low-confidence answer: the small model's answer is returned.
-            return self._answer_slm(call, escalated=True, reason=reason, error=f"frontier failed: {error}")
-        return self._fail(call, 502, f"both the small model ({call.slm.error or 'not asked'}) and the frontier model "
-                                     f"({error}) failed", reason=reason, escalated=True)
+            return self._answer_slm(call, escalated=True, reason=reason,
+                                    error=f"frontier failed: {error if call.task.store_text else summary}")
+        status = getattr(exc, "status_code", None)
+        if status in CLIENT_ERRORS:
+            # The frontier refused the request itself: the client's 4xx, not a gateway failure.
+            return self._fail(call, 400, f"the frontier model refused the request ({error})", reason=reason,
+                              escalated=True, client_error=True, summary=f"the frontier model refused the request ({summary})")
+        return self._fail(call, 502, f"both the small model ({call.slm.full_error or 'not asked'}) and the frontier model "
+                                     f"({error}) failed", reason=reason, escalated=True,
+                          summary=f"both the small model ({call.slm.error or 'not asked'}) and the frontier model "
+                                  f"({summary}) failed")
 
     async def _answer_frontier(self, call: Call, reason: str) -> Response:
         if self.litellm is None:
             return self._frontier_failed(call, reason, "litellm is not loaded")
         t = time.perf_counter()
         try:
-            resp = await self.litellm.acompletion(**self._frontier_kwargs(call))
+            resp = await asyncio.wait_for(self.litellm.acompletion(**self._frontier_kwargs(call)),
+                                          timeout=self.config.proxy.frontier_timeout_s)
+        except asyncio.TimeoutError:
+            return self._frontier_failed(call, reason, f"no answer within {self.config.proxy.frontier_timeout_s:g} s")
         except Exception as exc:
-            return self._frontier_failed(call, reason, _short_error(exc))
+            return self._frontier_failed(call, reason, exc)
         latency = (time.perf_counter() - t) * 1000
         answer = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
         usage = answer.get("usage") or {}
@@ -355,15 +421,20 @@ class Router:
         t = time.perf_counter()
         kwargs = self._frontier_kwargs(call)
         kwargs.update(stream=True, stream_options={"include_usage": True})
-        try:
+        async def open_stream() -> tuple[Any, Any]:
             stream = await self.litellm.acompletion(**kwargs)
             iterator = stream.__aiter__()
-            first = await iterator.__anext__()  # fail over before the first byte is sent, not after
-        except StopAsyncIteration:
-            first = None
-            iterator = None
+            try:
+                return iterator, await iterator.__anext__()  # fail over before the first byte is sent, not after
+            except StopAsyncIteration:
+                return None, None
+
+        try:
+            iterator, first = await asyncio.wait_for(open_stream(), timeout=self.config.proxy.frontier_timeout_s)
+        except asyncio.TimeoutError:
+            return self._frontier_failed(call, reason, f"no first chunk within {self.config.proxy.frontier_timeout_s:g} s")
         except Exception as exc:
-            return self._frontier_failed(call, reason, _short_error(exc))
+            return self._frontier_failed(call, reason, exc)
         row = self._row(call, route="frontier", escalated=True, reason=reason, status=200, forced=call.force == "always")
         client_wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
         price = self.prices[call.task.name]
@@ -393,7 +464,7 @@ class Router:
                         chunk = None
                 yield b"data: [DONE]\n\n"
             except Exception as exc:
-                row.error = f"frontier stream broke: {_short_error(exc)}"
+                row.error = f"frontier stream broke: {_short_error(exc) if call.task.store_text else _error_kind(exc)}"
                 row.status = 502
             finally:
                 pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
@@ -409,9 +480,15 @@ class Router:
         return StreamingResponse(gen(), media_type="text/event-stream", headers=self._headers(call, "frontier", True))
 
     # -- ledger ---------------------------------------------------------------------------------
-    def _fail(self, call: Call, status: int, message: str, reason: str, forced: bool = False, escalated: bool = False) -> Response:
-        row = self._row(call, route="none", escalated=escalated, reason=reason, status=status, forced=forced, error=message)
+    def _fail(self, call: Call, status: int, message: str, reason: str, forced: bool = False, escalated: bool = False,
+              client_error: bool = False, summary: str | None = None) -> Response:
+        """`message` goes to the client; the ledger keeps `summary` (no upstream text) unless the task stores text."""
+        stored = message if summary is None or call.task.store_text else summary
+        row = self._row(call, route="none", escalated=escalated, reason=reason, status=status, forced=forced, error=stored)
         self._record(row)
+        if client_error:
+            return openai_error(status, message, "invalid_request_error", "upstream_rejected",
+                                headers=self._headers(call, "none", escalated))
         code = "upstream_unavailable" if status == 503 else "upstream_error"
         return openai_error(status, message, "server_error", code, headers=self._headers(call, "none", escalated))
 
@@ -456,6 +533,26 @@ def _answer_text(answer: dict[str, Any]) -> str | None:
         return answer["choices"][0]["message"].get("content")
     except (KeyError, IndexError, TypeError, AttributeError):
         return None
+
+
+CLIENT_ERRORS = (400, 422)  # an upstream saying the request itself is wrong
+
+
+def _upstream_message(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+        err = data.get("error") if isinstance(data, dict) else None
+        text = err.get("message") if isinstance(err, dict) else (data.get("message") if isinstance(data, dict) else None)
+        if isinstance(text, str):
+            return text[:300]
+    except ValueError:
+        pass
+    return resp.text[:300]
+
+
+def _error_kind(exc: BaseException) -> str:
+    status = getattr(exc, "status_code", None)
+    return f"{type(exc).__name__}" + (f" (HTTP {status})" if isinstance(status, int) else "")
 
 
 def _short_error(exc: BaseException) -> str:

@@ -328,7 +328,10 @@ def list_servers(store: Any, include_ended: bool = True) -> list[ServerRecord]:
 
 
 def get(store: Any, sid: str) -> ServerRecord:
-    rec = managed.find(store, "server", ServerRecord, sid)
+    try:
+        rec = managed.find(store, "server", ServerRecord, sid)
+    except managed.AmbiguousId as exc:
+        raise LaunchError(str(exc)) from None
     if rec is None:
         raise LaunchError(f"no server {sid!r} (see `fleetdeck serve ls`)")
     return rec

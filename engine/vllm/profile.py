@@ -100,6 +100,12 @@ def profile_roots() -> list[Path]:
     return roots + [config_dir() / "profiles", Path.cwd() / "configs" / "profiles"]
 
 
+def named_profiles() -> dict[str, Path]:
+    from fleet.config import named_tomls
+
+    return named_tomls(profile_roots())
+
+
 def parse_gpus(text: str) -> list[int]:
     try:
         gpus = [int(x) for x in text.split(",") if x.strip()]

@@ -3,9 +3,9 @@
 The last user message steers the fake, so a test says what it wants in the prompt:
   SLM:      "lp=-0.01,-0.9"  token log-probabilities of the answer (default two tokens at -0.05)
             "sleep=1.5"      answer after that many seconds
-            "fail=500"       answer with that HTTP status
+            "fail=500"       answer with that HTTP status (the error quotes the prompt, as vLLM's do)
             "nolp"           answer without log-probabilities
-  frontier: "ffail"          answer 500
+  frontier: "ffail"          answer 500; "f400" answer 400 (both quote the prompt); "fsleep=2" answer late
 Both count the requests they got in `app.state.calls`.
 """
 
@@ -45,7 +45,8 @@ def slm_app() -> Starlette:
         if m := re.search(r"sleep=([\d.]+)", text):
             await asyncio.sleep(float(m.group(1)))
         if m := re.search(r"fail=(\d+)", text):
-            return JSONResponse({"object": "error", "message": "fake failure", "type": "BadRequestError", "code": int(m.group(1))},
+            return JSONResponse({"object": "error", "message": f"fake failure for {text!r}", "type": "BadRequestError",
+                                 "code": int(m.group(1))},
                                 status_code=int(m.group(1)))
         lps = [-0.05, -0.05]
         if m := re.search(r"lp=([-\d.,]+)", text):
@@ -77,8 +78,14 @@ def frontier_app() -> Starlette:
     async def chat(request: Request) -> Any:
         body = await request.json()
         request.app.state.calls.append(body)
-        if "ffail" in _last_user(body):
-            return JSONResponse({"error": {"message": "frontier exploded", "type": "server_error"}}, status_code=500)
+        text = _last_user(body)
+        if m := re.search(r"fsleep=([\d.]+)", text):
+            await asyncio.sleep(float(m.group(1)))
+        if "ffail" in text:
+            return JSONResponse({"error": {"message": f"frontier exploded on {text!r}", "type": "server_error"}}, status_code=500)
+        if "f400" in text:
+            return JSONResponse({"error": {"message": f"frontier refuses {text!r}", "type": "invalid_request_error"}},
+                                status_code=400)
         usage = {"prompt_tokens": FRONTIER_PROMPT_TOKENS, "completion_tokens": FRONTIER_COMPLETION_TOKENS,
                  "total_tokens": FRONTIER_PROMPT_TOKENS + FRONTIER_COMPLETION_TOKENS}
         base = {"id": "chatcmpl-frontier", "created": int(time.time()), "model": body.get("model")}

@@ -231,12 +231,9 @@ class StartJobScreen(ModalScreen[str | None]):
         self.specs: dict[str, Path] = {}
 
     def compose(self) -> ComposeResult:
-        from store.paths import config_dir
+        from engine.finetune.spec import named_specs
 
-        for root in (config_dir() / "finetune", Path.cwd() / "configs" / "finetune"):
-            if root.is_dir():
-                for p in sorted(root.glob("*.toml")):
-                    self.specs.setdefault(p.stem, p)
+        self.specs = named_specs()
         with Vertical(id="start-server"):
             yield Static("[b]Start a fine-tune[/b]  (Enter checks, ctrl+s starts, Esc cancels)")
             with Horizontal(classes="fit-row"):

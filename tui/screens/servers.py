@@ -317,12 +317,9 @@ class StartServerScreen(ModalScreen[str | None]):
         self.profiles: dict[str, Path] = {}
 
     def compose(self) -> ComposeResult:
-        from engine.vllm.profile import profile_roots
+        from engine.vllm.profile import named_profiles
 
-        for root in profile_roots():
-            if root.is_dir():
-                for p in sorted(root.glob("*.toml")):
-                    self.profiles.setdefault(p.stem, p)
+        self.profiles = named_profiles()
         with Vertical(id="start-server"):
             yield Static("[b]Start a vLLM server[/b]  (Enter plans, ctrl+s starts, Esc cancels)")
             with Horizontal(classes="fit-row"):
@@ -352,13 +349,16 @@ class StartServerScreen(ModalScreen[str | None]):
             raise ValueError(f"no such GPU(s) {indices} on {node or 'this node'}")
         return indices, snaps
 
-    def _profile(self) -> Any:
-        from engine.vllm.profile import load_profile
-
+    def _profile_name(self) -> str:
         name = self.query_one("#start-profile", Select).value
         if not isinstance(name, str):
             raise ValueError("pick a profile (profile folders: ~/.config/fleetdeck/profiles, ./configs/profiles)")
-        return load_profile(self.profiles[name])
+        return name
+
+    def _profile(self) -> Any:
+        from engine.vllm.profile import load_profile
+
+        return load_profile(self.profiles[self._profile_name()])
 
     @on(Input.Submitted)
     @on(Select.Changed)
@@ -404,7 +404,7 @@ class StartServerScreen(ModalScreen[str | None]):
             poller = getattr(self.app, "poller", None)
             remote = next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
             if remote is not None:
-                result = remote.request("start_server", {"profile": profile.model_dump(mode="json"), "gpus": indices}, timeout=120)
+                result = remote.request("start_server", {"profile": self.app.call_from_thread(self._profile_name), "gpus": indices}, timeout=120)
                 srv = result["server"]
                 self.app.call_from_thread(self.dismiss, f"started {srv['id']} on {node} GPUs {srv['gpus']}, port {srv['port']}")
                 return
