@@ -52,15 +52,31 @@ class Store:
             try:
                 yield self.conn
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                # SQLite has already rolled back on some errors (SQLITE_FULL among them); a second
+                # ROLLBACK would raise and hide the error that matters.
+                if self.conn.in_transaction:
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
                 raise
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
 
     def schema_version(self) -> int:
         return _schema_version(self.conn)
 
     def close(self) -> None:
+        """Checkpoint the WAL into the database file (a closed store is one file), then close."""
         with self.lock:
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # another process holds it open; its close checkpoints
             self.conn.close()
 
 

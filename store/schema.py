@@ -158,11 +158,17 @@ def _v5_engine_process(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE managed ADD COLUMN engine_create_time REAL")
 
 
+def _v6_sanitized_rows(db: sqlite_utils.Database) -> None:
+    # A ledger row with a field SQLite could not take as given is stored made safe, and says so.
+    db.execute("ALTER TABLE requests ADD COLUMN sanitized INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
     2: _v2_router_ledger,
     3: _v3_calibrations,
     4: _v4_managed_processes,
     5: _v5_engine_process,
+    6: _v6_sanitized_rows,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

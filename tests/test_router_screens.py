@@ -94,3 +94,23 @@ async def test_router_screen_without_traffic_says_so(tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await _open(app, pilot, "5")
         assert "No router traffic" in static_text(screen.query_one("#router-detail", Static))
+
+
+async def test_rows_waiting_in_the_proxys_journal_are_shown(router_store):
+    """The proxy could not write the store (or was killed first): the operator sees how many rows wait."""
+    import json
+    import os
+
+    from store.ledger import journal_path
+
+    path, cfg = router_store
+    journal = journal_path(open_store(path))
+    journal.write_text("".join(json.dumps({"id": f"j{i}", "ts": 1.0, "task": "t", "route": "slm", "escalated": False,
+                                           "reason": "confident", "status": 200}) + "\n" for i in range(37)))
+    os.utime(journal, (time.time() - 60, time.time() - 60))
+    app = make_app(store_path=path)
+    app.options.router_config = cfg
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await _open(app, pilot, "5")
+        assert screen.data.ledger_backlog == 37
+        assert "37 request row(s) not yet in the store" in static_text(screen.query_one("#router-detail", Static))

@@ -49,9 +49,34 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None,
     )
 
 
+class _LedgerCollector:
+    """The ledger writer's own counts, read at scrape time: a row held or made safe is never silent."""
+
+    def __init__(self, ledger: LedgerWriter) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        w = self.ledger
+        yield CounterMetricFamily("fleetdeck_ledger_rows_written", "Ledger rows stored", value=w.written)
+        yield CounterMetricFamily("fleetdeck_ledger_rows_sanitized", "Rows stored with unstorable fields made safe",
+                                  value=w.sanitized)
+        yield CounterMetricFamily("fleetdeck_ledger_rows_replayed", "Rows written from an earlier run's journal",
+                                  value=w.replayed)
+        yield CounterMetricFamily("fleetdeck_ledger_rows_lost", "Rows dropped from memory (still in the journal)",
+                                  value=w.lost)
+        yield CounterMetricFamily("fleetdeck_ledger_write_failures", "Failed ledger writes", value=w.write_failures)
+        yield CounterMetricFamily("fleetdeck_ledger_journal_failures", "Failed journal writes", value=w.journal_failures)
+        yield GaugeMetricFamily("fleetdeck_ledger_rows_pending", "Rows held while the store cannot be written",
+                                value=w.pending)
+
+
 class ProxyMetrics:
-    def __init__(self) -> None:
+    def __init__(self, ledger: LedgerWriter | None = None) -> None:
         self.registry = CollectorRegistry()
+        if ledger is not None:
+            self.registry.register(_LedgerCollector(ledger))  # type: ignore[arg-type]
         self.requests = Counter("fleetdeck_requests", "Requests by task and route", ["task", "route"], registry=self.registry)
         self.escalations = Counter("fleetdeck_escalations", "Escalations by task and reason", ["task", "reason"], registry=self.registry)
         self.cost = Counter("fleetdeck_cost_usd", "Frontier spend in USD", ["task", "route"], registry=self.registry)
@@ -105,7 +130,7 @@ class Router:
     def __init__(self, config: RouterConfig, ledger: LedgerWriter | None = None, load_litellm: bool = True) -> None:
         self.config = config
         self.ledger = ledger
-        self.metrics = ProxyMetrics()
+        self.metrics = ProxyMetrics(ledger)
         self.keys = api_keys(config.proxy)
         self.client: httpx.AsyncClient | None = None
         self.litellm: Any = None
@@ -149,8 +174,10 @@ class Router:
         # A load balancer's probe carries no key: it learns only that the proxy is up.
         if self.keys and self._auth_error(request) is not None:
             return JSONResponse({"status": "ok"})
+        ledger = self.ledger
         return JSONResponse({"status": "ok", "tasks": len(self.config.task),
-                             "ledger_error": self.ledger.last_error if self.ledger else None})
+                             "ledger_error": ledger.last_error if ledger else None,
+                             "ledger_pending": ledger.pending if ledger else 0})
 
     async def models(self, request: Request) -> Response:
         if (err := self._auth_error(request)) is not None:
@@ -233,6 +260,11 @@ class Router:
                                 headers=self._headers(call, "none", False))
         try:
             return await self._route(call)
+        except asyncio.CancelledError:
+            # The proxy is stopping and this request outlived the grace period: it still gets its row.
+            self._record(self._row(call, route="none", escalated=False, reason="shutdown", status=503,
+                                   error="the proxy stopped before this request was answered"))
+            raise
         except Exception as exc:  # the proxy never dies on a request
             row = self._row(call, route="none", escalated=False, reason="internal_error", status=500,
                             error=f"{type(exc).__name__}: {exc}")

@@ -28,7 +28,11 @@ def check_can_start(config: RouterConfig, host: str, port: int) -> None:
             raise ProxyStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port") from exc
 
 
-def serve(config: RouterConfig, store_path: Path, host: str | None = None, port: int | None = None) -> None:
+def serve(config: RouterConfig, store_path: Path, host: str | None = None, port: int | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; then finish requests in flight (up to `shutdown_grace_s`), store every
+    ledger row, checkpoint the store's WAL and return 0."""
+    import signal
+
     import uvicorn
 
     from engine.router.proxy import Router, create_app
@@ -43,11 +47,20 @@ def serve(config: RouterConfig, store_path: Path, host: str | None = None, port:
     app = create_app(Router(config, ledger))
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-                       timeout_graceful_shutdown=10, server_header=False)
+                       timeout_graceful_shutdown=config.proxy.shutdown_grace_s, server_header=False)
     )
+    # uvicorn re-raises the signal it caught once it has shut down; with these handlers in place that
+    # re-raise lands here instead of killing the process before the store is closed.
+    stopped: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopped.append(signum))
     print(f"fleetdeck proxy on http://{host}:{port}/v1 · {len(config.task)} task(s) · ledger {store_path}", flush=True)
     try:
         server.run()
     finally:
         ledger.close()
         store.close()
+    if stopped or server.should_exit:
+        print(f"fleetdeck proxy stopped: {ledger.written} ledger row(s) stored this run"
+              + (f", {ledger.pending} held in the journal for the next start" if ledger.pending else ""), flush=True)
+    return 0

@@ -55,6 +55,7 @@ class RouterData:
     calibration: dict[str, Any] | None
     config_path: Path | None
     error: str | None = None
+    ledger_backlog: int = 0  # request rows waiting in the proxy's journal, not yet in the store
 
 
 def _pct(x: float | None) -> str:
@@ -100,7 +101,9 @@ def load_router_data(store: Any, config_path: Path | None, selected: str | None,
     selected = selected if selected in names else (names[0] if names else None)
     series = escalation_series(store, selected, now - window_s, now) if selected else []
     cal = latest_calibration(store, selected) if selected else None
-    return RouterData(rows, series, cal, config_path, error)
+    from store.ledger import journal_backlog
+
+    return RouterData(rows, series, cal, config_path, error, ledger_backlog=journal_backlog(store, now))
 
 
 class RouterScreen(PolledScreen):
@@ -187,7 +190,8 @@ class RouterScreen(PolledScreen):
         row = next((r for r in data.rows if r.name == self.selected), None)
         detail = self.query_one("#router-detail", Static)
         if row is None:
-            detail.update(data.error or "No router traffic in the store yet. Start `fleetdeck proxy`.")
+            backlog = f"\n[b red]ledger: {data.ledger_backlog:,} request row(s) not yet in the store[/]" if data.ledger_backlog else ""
+            detail.update((data.error or "No router traffic in the store yet. Start `fleetdeck proxy`.") + backlog)
             plot.refresh()
             return
         if self.show_calibration:
@@ -228,6 +232,9 @@ class RouterScreen(PolledScreen):
                          f"{cal['target_accuracy'] * 100:.0f}% acc (a: apply)")
         if data.error:
             lines.append(f"[red]{data.error}[/]")
+        if data.ledger_backlog:
+            lines.append(f"[b red]ledger: {data.ledger_backlog:,} request row(s) not yet in the store[/] (the proxy "
+                         "cannot write it, or stopped first; see its log and /health)")
         detail.update("\n".join(lines))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
