@@ -103,11 +103,31 @@ def alive(pid: int | None, create_time: float | None) -> bool:
         return False
 
 
+# What a managed process inherits from fleetdeck's environment: what engines, drivers and Python need.
+# Anything else (cloud credentials, the proxy's keys, a shell's tokens) stays with fleetdeck; what a
+# profile or job needs beyond this it names in its own `[env]`.
+INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+                 "LD_LIBRARY_PATH", "LD_PRELOAD", "VIRTUAL_ENV", "CONDA_PREFIX", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                 "NO_PROXY", "no_proxy")
+INHERITED_PREFIXES = ("LC_", "XDG_", "PYTHON", "CUDA_", "NVIDIA_", "NCCL_", "VLLM_", "HF_", "TRANSFORMERS_",
+                      "TORCH", "TRITON_", "OMP_", "MKL_", "KMP_", "UNSLOTH_", "FLEETDECK_SIM", "LITELLM_LOCAL")
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """The explicit environment of a managed process: the inherited allowlist, minus anything named like
+    a secret, plus what the profile or job sets (which may name a key on purpose, e.g. VLLM_API_KEY)."""
+    env = {k: v for k, v in os.environ.items()
+           if (k in INHERITED_ENV or k.startswith(INHERITED_PREFIXES)) and not any(w in k.upper() for w in SECRET_WORDS)}
+    return {**env, **extra}
+
+
 def spawn(argv: list[str], env: dict[str, str], log_path: str) -> tuple[int, float | None]:
-    """Start detached (own session), output appended to the log; returns pid and create time."""
-    with open(log_path, "ab") as log:
+    """Start detached (own session), output appended to the log (0600); returns pid and create time."""
+    with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+        os.fchmod(log.fileno(), 0o600)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env}, start_new_session=True)
+                                env=child_env(env), start_new_session=True)
     try:
         return proc.pid, psutil.Process(proc.pid).create_time()
     except psutil.NoSuchProcess:

@@ -72,7 +72,9 @@ def load_toml_model(path: Path | str, model: type[M]) -> M:
 
 class NodeConfig(Strict):
     name: str = Field(min_length=1)
-    ssh: str = Field(min_length=1, description="an SSH destination: host, user@host or a ~/.ssh/config alias")
+    # ssh reads an argument that starts with "-" as an option (-oProxyCommand=... runs a command).
+    ssh: str = Field(min_length=1, pattern=r"^[^-\s][^\s]*$",
+                     description="an SSH destination: host, user@host or a ~/.ssh/config alias")
     ssh_options: list[str] = Field(default_factory=list)
     agent_command: list[str] = Field(default_factory=list, description="default: fleetdeck agent --stdio")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from fleetdeck import __version__
+from fleetdeck.argtypes import positive_seconds
 
 EXIT_USAGE = 2
 
@@ -34,16 +35,6 @@ def _store_path(args: argparse.Namespace) -> Path:
     return Path(args.store) if args.store else default_store_path()
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     # The global options are accepted before or after the subcommand (`fleetdeck demo --store X`).
     common = argparse.ArgumentParser(add_help=False)
@@ -51,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SQLite store (default: $FLEETDECK_STORE or the XDG data dir)")
     common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="fleet config TOML (default: $FLEETDECK_CONFIG or the XDG config dir)")
-    common.add_argument("--refresh", type=_positive_float, metavar="SECONDS", default=argparse.SUPPRESS,
+    common.add_argument("--refresh", type=positive_seconds, metavar="SECONDS", default=argparse.SUPPRESS,
                         help="poll interval of the dashboard")
     common.add_argument("--read-only", action="store_true", default=argparse.SUPPRESS,
                         help="watch only: no launches, stops or swaps")
@@ -74,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--stdio", action="store_true", required=True, help="speak on stdin/stdout")
     agent.add_argument("--simulated", action="store_true", help="serve a simulated node instead of NVML")
     agent.add_argument("--node-name", help="the name to report (default: the hostname)")
-    agent.add_argument("--exit-after", type=_positive_float, metavar="SECONDS", help=argparse.SUPPRESS)  # demo: a node that drops
+    agent.add_argument("--exit-after", type=positive_seconds, metavar="SECONDS", help=argparse.SUPPRESS)  # demo: a node that drops
 
     backend = sub.add_parser("demo-backend", help=argparse.SUPPRESS)  # started by `fleetdeck demo`
     backend.add_argument("--store", required=True)
@@ -88,12 +79,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose values are signed percentages: `--frontier-price-change -50%` must not read as an option.
+SIGNED_OPTIONS = ("--frontier-price-change", "--volume-change")
+
+
+def _join_signed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in SIGNED_OPTIONS and i + 1 < len(argv) and argv[i + 1][:1] in "-+":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Everything fleetdeck and the processes it starts write (stores, journals, logs, job folders,
+    # adapters) is for this user only; group/other get nothing.
+    os.umask(0o077)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_signed_values(list(sys.argv[1:] if argv is None else argv)))
     for name, default in (("store", None), ("config", None), ("refresh", None), ("read_only", False)):
         if not hasattr(args, name):
             setattr(args, name, default)
+    from fleet.config import ConfigError
+    from store.db import StoreError
+
+    # Errors whose message is written for the operator (a config that does not validate, a store that
+    # is not ours): one line and exit 2, wherever in a command they surface, never a traceback.
+    try:
+        return _dispatch(args)
+    except (ConfigError, StoreError) as exc:
+        return fail(str(exc))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is not None:
         return handler(args)

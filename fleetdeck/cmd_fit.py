@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from fleetdeck.argtypes import integer, number
+
 GIB = 1024**3
 
 
@@ -20,19 +22,19 @@ def register(sub: Any) -> None:
     )
     p.add_argument("model", nargs="?", help="catalogue name / Hugging Face repo id, or a local model folder")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--gpu", type=int, metavar="INDEX", help="size against this host's GPU (live free memory via NVML)")
-    where.add_argument("--gpu-memory-gib", type=float, metavar="TOTAL", help="total memory vLLM sees per GPU, e.g. 79.19 for an H100 80GB")
-    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallel size")
-    p.add_argument("--util", type=float, default=0.9, metavar="FRACTION", help="gpu_memory_utilization (default 0.9)")
-    p.add_argument("--max-model-len", type=int, default=8192, metavar="L")
+    where.add_argument("--gpu", type=integer(0, 1023, "a GPU index"), metavar="INDEX", help="size against this host's GPU (live free memory via NVML)")
+    where.add_argument("--gpu-memory-gib", type=number(0, 16384, above=True, what="GiB"), metavar="TOTAL", help="total memory vLLM sees per GPU, e.g. 79.19 for an H100 80GB")
+    p.add_argument("--tp", type=integer(1, 1024, "a tensor parallel size"), default=1, metavar="N", help="tensor parallel size")
+    p.add_argument("--util", type=number(0, 1, above=True, what="a fraction"), default=0.9, metavar="FRACTION", help="gpu_memory_utilization (default 0.9)")
+    p.add_argument("--max-model-len", type=integer(1, 2**31 - 1, "a token count"), default=8192, metavar="L")
     from engine.kvfit.plan import KV_DTYPES
 
     p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto")
     p.add_argument("--quantization", choices=("awq", "gptq", "fp8", "none"), help="override the checkpoint's quantization")
-    p.add_argument("--available-kv-gib", type=float, metavar="X", help="skip the overhead estimate: this much memory for KV")
-    p.add_argument("--max-num-seqs", type=int, metavar="N", help="vLLM --max-num-seqs (default: vLLM's for the GPU)")
-    p.add_argument("--max-num-batched-tokens", type=int, metavar="N")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--available-kv-gib", type=number(0, 16384, above=True, what="GiB"), metavar="X", help="skip the overhead estimate: this much memory for KV")
+    p.add_argument("--max-num-seqs", type=integer(1, 1 << 20, "a count"), metavar="N", help="vLLM --max-num-seqs (default: vLLM's for the GPU)")
+    p.add_argument("--max-num-batched-tokens", type=integer(1, 1 << 24, "a token count"), metavar="N")
+    p.add_argument("--block-size", type=integer(1, 1024, "a block size"), default=16)
     p.add_argument("--engine", choices=("v1", "v0"), default="v1", help="vLLM engine whose profile to model")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--list-models", action="store_true", help="list the built-in catalogue and exit")
@@ -54,10 +56,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         return _fail("name a MODEL (or use --list-models)")
-    if not 0.0 < args.util <= 1.0:
-        return _fail(f"--util must be in (0, 1], got {args.util}")
-    if args.tp < 1 or args.max_model_len < 1 or args.block_size < 1:
-        return _fail("--tp, --max-model-len and --block-size must be positive")
     try:
         arch, exact = load_model(args.model)
     except ArchError as exc:

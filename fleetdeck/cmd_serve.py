@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fleetdeck.argtypes import number
+
 
 def register(sub: Any) -> None:
     serve = sub.add_parser("serve", help="start, list, stop vLLM servers")
@@ -25,13 +27,13 @@ def register(sub: Any) -> None:
     ls = ssub.add_parser("ls", parents=[sub.common], help="servers fleetdeck started, with their state")
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--node", help="list the servers of this node of the fleet config")
-    ls.add_argument("--interval", type=_seconds, default=1.0,
+    ls.add_argument("--interval", type=number(0, 60, what="seconds"), default=1.0,
                     help="seconds between the two /metrics scrapes that rates come from (0: no rates)")
     ls.set_defaults(handler=run_ls)
     sh = ssub.add_parser("show", parents=[sub.common], help="one server: state, diagnosis, live figures, adapters")
     sh.add_argument("id")
     sh.add_argument("--json", action="store_true")
-    sh.add_argument("--interval", type=_seconds, default=1.0)
+    sh.add_argument("--interval", type=number(0, 60, what="seconds"), default=1.0)
     sh.set_defaults(handler=run_show)
     sp = ssub.add_parser("stop", parents=[sub.common], help="stop a server (SIGTERM, then SIGKILL)")
     sp.add_argument("id")
@@ -55,16 +57,6 @@ def register(sub: Any) -> None:
     ul.add_argument("server")
     ul.add_argument("name")
     ul.set_defaults(handler=run_adapters_unload)
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 <= v <= 60:
-        raise argparse.ArgumentTypeError(f"expected 0-60 seconds, got {text!r}")
-    return v
 
 
 def _err(msg: str, code: int = 2) -> int:

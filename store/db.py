@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import sqlite_utils
 
+from store.paths import make_private
 from store.schema import MIGRATIONS, SCHEMA_VERSION
 
 APPLICATION_ID = 0x464C4454  # "FLDT"
@@ -89,7 +90,7 @@ def _schema_version(conn: sqlite3.Connection) -> int:
 
 
 def _create_private(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
 
@@ -103,6 +104,8 @@ def open_store(path: str | os.PathLike[str]) -> Store:
     try:
         if not p.exists():
             _create_private(p)
+        else:
+            make_private(p)  # a store made by an older fleetdeck, or copied in, at 0644
     except OSError as exc:
         raise StoreError(f"Cannot create the store at {p}: {exc.strerror or exc}. {hint}") from exc
     if not os.access(p, os.R_OK | os.W_OK) or not os.access(p.parent, os.W_OK | os.X_OK):
@@ -112,11 +115,14 @@ def open_store(path: str | os.PathLike[str]) -> Store:
             p, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, isolation_level=None
         )
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if p.stat().st_size == 0:
+            # An empty file is ours to make a store of: mark it first, so that a file with SQLite's header
+            # and no mark is always another program's.
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{p} is not a fleetdeck store (SQLite says: {exc}). {hint}") from exc
-    if app_id != APPLICATION_ID and tables:
+    if app_id != APPLICATION_ID:
         conn.close()
         raise StoreError(
             f"{p} is an SQLite database of another program, not a fleetdeck store; "
@@ -124,6 +130,8 @@ def open_store(path: str | os.PathLike[str]) -> Store:
         )
     try:
         conn.execute("PRAGMA journal_mode = WAL")
+        for side in ("-wal", "-shm"):
+            make_private(Path(f"{p}{side}"))
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.OperationalError as exc:

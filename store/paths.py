@@ -31,3 +31,24 @@ def default_store_path() -> Path:
 def default_fleet_config() -> Path:
     env = os.environ.get("FLEETDECK_CONFIG")
     return Path(env) if env else config_dir() / "fleet.toml"
+
+
+def private_dir(path: Path) -> Path:
+    """A folder only this user can enter (0700), made so if it exists with wider permissions."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except OSError:
+        pass
+    return path
+
+
+def make_private(path: Path) -> None:
+    """An existing file of ours at 0600 (a store, its WAL, a log written before umask was set)."""
+    try:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass

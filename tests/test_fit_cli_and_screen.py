@@ -45,7 +45,6 @@ def test_fit_against_a_live_gpu_uses_its_free_memory(monkeypatch, capsys):
         (["fit", "acme/unknown-9b", "--gpu-memory-gib", "80"], "unknown model"),
         (["fit", "/nonexistent/model/folder", "--gpu-memory-gib", "80"], "not a model folder"),
         (["fit", "Qwen/Qwen3-8B"], "--gpu INDEX"),
-        (["fit", "Qwen/Qwen3-8B", "--gpu-memory-gib", "80", "--util", "1.5"], "--util"),
         (["fit"], "name a MODEL"),
     ],
 )

@@ -59,10 +59,10 @@ def _check_line(obj: Any) -> tuple[str | None, str | None]:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 return None, f"message {i} needs `role` and `content`"
-            if m["role"] not in ROLES:
+            if not isinstance(m["role"], str) or m["role"] not in ROLES:
                 return None, f"message {i} has unknown role {m['role']!r} (one of {', '.join(sorted(ROLES))})"
             if not isinstance(m["content"], str) or not m["content"].strip():
-                return None, f"message {i} ({m['role']}) has empty content"
+                return None, f"message {i} ({m['role']}) has empty content (or content that is not text)"
         if not any(m["role"] == "assistant" for m in msgs):
             return None, "no assistant message to learn from"
         return "chat", None
@@ -111,6 +111,10 @@ def check_dataset(path: Path, base_model: Path | None = None, max_seq_length: in
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
             report.errors.append(f"line {n}: invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit; nesting too deep
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+            report.errors.append(f"line {n}: invalid JSON ({why})")
             continue
         form, error = _check_line(obj)
         if error:

@@ -107,12 +107,12 @@ def _spawn(rec: JobRecord, resume: bool) -> None:
 
 def start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None = None,
           force: bool = False, adapter_root: Path | None = None, node: str | None = None) -> JobRecord:
-    from store.paths import state_dir
+    from store.paths import private_dir, state_dir
 
     preflight(spec, gpu_snapshots, force)
     jid = f"ft-{spec.name}-{uuid.uuid4().hex[:6]}"
-    workdir = state_dir() / "jobs" / jid
-    workdir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir() / "jobs")
+    workdir = private_dir(state_dir() / "jobs" / jid)
     spec_path = workdir / "spec.json"
     spec_path.write_text(spec.model_dump_json(indent=2))
     root = adapter_root or spec.adapter_root

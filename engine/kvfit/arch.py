@@ -93,6 +93,16 @@ def _get(cfg: dict[str, Any], key: str, *alts: str, default: Any = ...) -> Any:
     return default
 
 
+def _int(cfg: dict[str, Any], key: str, *alts: str, default: Any = ..., minimum: int = 0) -> int:
+    """An integer config value; anything else names the key instead of failing somewhere later."""
+    value = _get(cfg, key, *alts, default=default)
+    if value is None:
+        value = 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
+        raise ArchError(f"config.json: `{key}` must be a whole number of at least {minimum}, got {value!r}")
+    return int(value)
+
+
 def parse_quantization(cfg: dict[str, Any]) -> Quantization:
     q = cfg.get("quantization_config") or {}
     method = str(q.get("quant_method", "")).lower()
@@ -181,30 +191,42 @@ def derived_max_model_len(text: dict[str, Any]) -> tuple[int | None, str | None]
 
 
 def arch_from_config(cfg: dict[str, Any], name: str = "") -> ModelArch:
-    """Parse a Hugging Face config dict (text config of multimodal models included)."""
+    """Parse a Hugging Face config dict (text config of multimodal models included); ArchError when it
+    holds values no model has."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("text_config") or cfg, dict):
+        raise ArchError("config.json is not a JSON object of model settings")
+    try:
+        return _parse_config(cfg, name)
+    except ArchError:
+        raise
+    except (ValueError, TypeError, ZeroDivisionError, AttributeError, OverflowError) as exc:
+        raise ArchError(f"config.json holds a value fleetdeck cannot size a model from ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_config(cfg: dict[str, Any], name: str) -> ModelArch:
     quant = parse_quantization(cfg)
     text = cfg.get("text_config") or cfg
-    extra = int(cfg.get("_fleetdeck_extra_params", 0))
+    extra = _int(cfg, "_fleetdeck_extra_params", default=0)
     if text is not cfg:
         text = {**text, "model_type": text.get("model_type") or cfg.get("model_type", "")}
         if "quantization_config" in cfg and "quantization_config" not in text:
             text["quantization_config"] = cfg["quantization_config"]
-    layers = int(_get(text, "num_hidden_layers", "n_layer", "num_layers"))
-    hidden = int(_get(text, "hidden_size", "n_embd", "d_model"))
-    heads = int(_get(text, "num_attention_heads", "n_head"))
-    kv_heads = int(_get(text, "num_key_value_heads", default=heads))
-    head_dim = int(_get(text, "head_dim", default=hidden // heads))
-    vocab = int(_get(text, "vocab_size"))
+    layers = _int(text, "num_hidden_layers", "n_layer", "num_layers", minimum=1)
+    hidden = _int(text, "hidden_size", "n_embd", "d_model", minimum=1)
+    heads = _int(text, "num_attention_heads", "n_head", minimum=1)
+    kv_heads = _int(text, "num_key_value_heads", default=heads, minimum=1)
+    head_dim = _int(text, "head_dim", default=hidden // heads, minimum=1)
+    vocab = _int(text, "vocab_size", minimum=1)
     model_type = str(text.get("model_type", ""))
-    num_experts = int(_get(text, "num_experts", "num_local_experts", "n_routed_experts", default=0) or 0)
-    moe_inter = int(_get(text, "moe_intermediate_size", default=0) or 0)
-    inter = int(_get(text, "intermediate_size", "ffn_dim", default=moe_inter))
+    num_experts = _int(text, "num_experts", "num_local_experts", "n_routed_experts", default=0)
+    moe_inter = _int(text, "moe_intermediate_size", default=0)
+    inter = _int(text, "intermediate_size", "ffn_dim", default=moe_inter)
     if num_experts and not moe_inter:
         moe_inter = inter
-    shared = int(_get(text, "shared_expert_intermediate_size", default=0) or 0)
+    shared = _int(text, "shared_expert_intermediate_size", default=0)
     if not shared and text.get("n_shared_experts"):
-        shared = int(text["n_shared_experts"]) * moe_inter
-    first_dense = int(_get(text, "first_k_dense_replace", default=0) or 0)
+        shared = _int(text, "n_shared_experts") * moe_inter
+    first_dense = _int(text, "first_k_dense_replace", default=0)
     window, sliding_layers = _sliding(text, layers)
     non_kv = len(text.get("cross_attention_layers") or [])
     tie = bool(_get(text, "tie_word_embeddings", default=cfg.get("tie_word_embeddings", False)))
@@ -222,16 +244,16 @@ def arch_from_config(cfg: dict[str, Any], name: str = "") -> ModelArch:
         tie_embeddings=tie,
         attention_bias=bool(text.get("attention_bias", model_type in ("qwen2", "qwen2_moe", "gpt_oss"))),
         num_experts=num_experts,
-        experts_per_token=int(_get(text, "num_experts_per_tok", "experts_per_token", default=0) or 0),
+        experts_per_token=_int(text, "num_experts_per_tok", "experts_per_token", default=0),
         moe_intermediate_size=moe_inter,
         shared_expert_intermediate_size=shared,
         first_dense_layers=first_dense,
         expert_bias=model_type == "gpt_oss",
-        kv_lora_rank=int(text.get("kv_lora_rank") or 0),
-        qk_rope_head_dim=int(text.get("qk_rope_head_dim") or 0),
-        qk_nope_head_dim=int(text.get("qk_nope_head_dim") or 0),
-        v_head_dim=int(text.get("v_head_dim") or 0),
-        q_lora_rank=int(text.get("q_lora_rank") or 0),
+        kv_lora_rank=_int(text, "kv_lora_rank", default=0),
+        qk_rope_head_dim=_int(text, "qk_rope_head_dim", default=0),
+        qk_nope_head_dim=_int(text, "qk_nope_head_dim", default=0),
+        v_head_dim=_int(text, "v_head_dim", default=0),
+        q_lora_rank=_int(text, "q_lora_rank", default=0),
         sliding_window=window,
         sliding_layers=sliding_layers,
         non_kv_layers=non_kv,

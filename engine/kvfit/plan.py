@@ -224,7 +224,14 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
     kv_per_token_all_layers = per_layer * arch.kv_layers
 
     # The failures vLLM would print, in the order it would hit them.
-    if limit is not None and req.max_model_len > limit:
+    if arch.num_heads % tp:
+        # ModelConfig.verify_with_parallel_config (vLLM 0.32 config/model.py), before anything loads.
+        good = [n for n in range(1, arch.num_heads + 1) if arch.num_heads % n == 0 and n <= 16]
+        reason = (
+            f"Total number of attention heads ({arch.num_heads}) must be divisible by tensor parallel size "
+            f"({tp}): vLLM refuses to start. Use --tp {', '.join(map(str, good))}."
+        )
+    elif limit is not None and req.max_model_len > limit:
         # vLLM checks the model's own length limit while reading its config, before touching a GPU.
         reason = (
             f"User-specified max_model_len ({req.max_model_len}) is greater than the derived max_model_len "

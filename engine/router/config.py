@@ -11,7 +11,6 @@ from pydantic import Field, field_validator, model_validator
 
 from fleet.config import Strict, load_toml_model
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ProxySettings(Strict):
@@ -88,7 +87,15 @@ def api_keys(settings: ProxySettings) -> set[str]:
 
 
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
+    """A loopback address or the name `localhost`; a name that merely starts with "127." is not."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def set_task_threshold(path: str | Path, task: str, threshold: float) -> None:

@@ -189,7 +189,7 @@ def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: S
           port: int | None = None, force: bool = False, adapter_roots: list[Path] | None = None,
           node: str | None = None, log_dir: Path | None = None) -> tuple[ServerRecord, Any]:
     """Start a server; returns its record and the planner's verdict. Raises LaunchError on refusal."""
-    from store.paths import state_dir
+    from store.paths import private_dir, state_dir
 
     if profile.lora.enable and profile.lora.max_lora_rank not in VLLM_LORA_RANKS and not force:
         raise LaunchError(f"max_lora_rank {profile.lora.max_lora_rank} is not one vLLM accepts "
@@ -220,10 +220,9 @@ def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: S
         chosen_port = port or int(profile.port)
     argv, env = build_launch(profile, gpus, chosen_port, lora_modules)
     sid = f"{profile.name}-{uuid.uuid4().hex[:6]}"
-    logs = log_dir or (state_dir() / "servers")
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = private_dir(log_dir or (state_dir() / "servers"))
     log_path = logs / f"{sid}.log"
-    with open(log_path, "ab") as log:
+    with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         log.write(f"# fleetdeck: {' '.join(shlex.quote(a) for a in argv)}\n".encode())
     try:
         pid, create_time = managed.spawn(argv, env, str(log_path))
