@@ -271,6 +271,12 @@ def test_api_keys_are_required_when_configured(slm, frontier, make_proxy, monkey
     assert proxy.post("lp=-0.01", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert proxy.post("lp=-0.01", headers={"Authorization": "Bearer k2"}).status_code == 200
     assert proxy.client.get("/v1/models").status_code == 401
+    # Task names and volumes are not for anyone who can reach the port.
+    assert proxy.client.get("/metrics").status_code == 401
+    assert proxy.client.get("/health").json() == {"status": "ok"}
+    key = {"Authorization": "Bearer k1"}
+    assert 'task="tickets"' in proxy.client.get("/metrics", headers=key).text
+    assert proxy.client.get("/health", headers=key).json()["tasks"] == 1
 
 
 def test_slm_down_and_no_frontier_is_503(make_proxy):

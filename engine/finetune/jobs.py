@@ -114,7 +114,8 @@ def start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshot
     private_dir(state_dir() / "jobs")
     workdir = private_dir(state_dir() / "jobs" / jid)
     spec_path = workdir / "spec.json"
-    spec_path.write_text(spec.model_dump_json(indent=2))
+    with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
+        fh.write(spec.model_dump_json(indent=2))
     root = adapter_root or spec.adapter_root
     argv = [sys.executable, "-m", "engine.finetune.runner", "--job-id", jid, "--spec", str(spec_path), "--workdir", str(workdir)]
     if root:

@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter-root")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
+    os.umask(0o077)  # progress, checkpoints and the adapter are this user's, however the job was started
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     workdir = Path(args.workdir)
