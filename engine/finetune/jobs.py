@@ -70,8 +70,11 @@ def training_estimate(spec: JobSpec) -> Any:
         arch, _ = load_model(str(spec.base_model))
     except ArchError as exc:
         raise JobError(f"cannot size the base model: {exc}") from exc
-    return estimate_training(arch, spec.lora_rank, tuple(spec.target_modules), spec.load_in_4bit, spec.batch_size,
-                             spec.max_seq_length)
+    # The peft backend trains the 16-bit model without gradient checkpointing; unsloth quantizes
+    # (load_in_4bit) and checkpoints. Each is estimated as it runs.
+    peft = spec.backend == "peft"
+    return estimate_training(arch, spec.lora_rank, tuple(spec.target_modules), spec.load_in_4bit and not peft,
+                             spec.batch_size, spec.max_seq_length, gradient_checkpointing=not peft)
 
 
 def preflight(spec: JobSpec, gpus: Sequence[Any] | None, force: bool) -> tuple[Any, Any]:
@@ -150,6 +153,10 @@ def refresh(store: Any, rec: JobRecord) -> JobRecord:
     events = read_events(rec.progress_path)
     last = next((e for e in reversed(events) if e.get("event") in ("done", "cancelled", "error")), None)
     rec.ended_at = time.time()
+    peak = next((e for e in reversed(events) if e.get("event") == "gpu_memory"), None)
+    if peak:
+        rec.spec["_gpu_peak_reserved_bytes"] = peak.get("peak_reserved_bytes")
+        rec.spec["_gpu_peak_allocated_bytes"] = peak.get("peak_allocated_bytes")
     if last and last["event"] == "done":
         rec.state, rec.reason = "finished", f"adapter at {last.get('adapter_path')}"
         rec.spec["_adapter_path"] = last.get("adapter_path")

@@ -126,6 +126,15 @@ def _texts(spec: JobSpec, tokenizer: Any) -> list[str]:
     return texts
 
 
+def _emit_gpu_peak(progress: Progress) -> None:
+    """What PyTorch says the job used at its peak, to hold the planner's VRAM estimate against."""
+    import torch
+
+    if torch.cuda.is_available():
+        progress.emit("gpu_memory", peak_allocated_bytes=int(torch.cuda.max_memory_allocated()),
+                      peak_reserved_bytes=int(torch.cuda.max_memory_reserved()))
+
+
 def run_peft(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> tuple[Path, float | None]:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -162,6 +171,7 @@ def run_peft(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> 
     if resume and checkpoint is None:
         raise JobFailure("resume_error", f"no checkpoint in {checkpoints} to resume from")
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _emit_gpu_peak(progress)
     if progress.cancel_requested:
         raise _Cancelled(trainer.state.global_step, latest_checkpoint(checkpoints))
     adapter_dir = workdir / "adapter"
@@ -195,6 +205,7 @@ def run_unsloth(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) 
                          callbacks=[_callback(progress, mean_tokens * spec.batch_size * spec.gradient_accumulation_steps)])
     checkpoint = latest_checkpoint(workdir / "checkpoints") if resume else None
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _emit_gpu_peak(progress)
     if progress.cancel_requested:
         raise _Cancelled(trainer.state.global_step, latest_checkpoint(workdir / "checkpoints"))
     adapter_dir = workdir / "adapter"
