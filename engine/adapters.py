@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from engine import audit
+
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -149,11 +151,21 @@ def _post(base_url: str, path: str, body: dict[str, Any], api_key: str | None) -
     return r.text
 
 
-def load(base_url: str, name: str, path: str, api_key: str | None = None) -> str:
+def load(base_url: str, name: str, path: str, api_key: str | None = None, *, server: str | None = None) -> str:
+    with audit.audited("adapter.load", name, refusals=(AdapterError,), server=server or base_url, adapter=name, path=path):
+        return _load(base_url, name, path, api_key)
+
+
+def _load(base_url: str, name: str, path: str, api_key: str | None) -> str:
     return _post(base_url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, api_key)
 
 
-def unload(base_url: str, name: str, api_key: str | None = None) -> str:
+def unload(base_url: str, name: str, api_key: str | None = None, *, server: str | None = None) -> str:
+    with audit.audited("adapter.unload", name, refusals=(AdapterError,), server=server or base_url, adapter=name):
+        return _unload(base_url, name, api_key)
+
+
+def _unload(base_url: str, name: str, api_key: str | None) -> str:
     return _post(base_url, "/v1/unload_lora_adapter", {"lora_name": name}, api_key)
 
 
@@ -164,11 +176,14 @@ def loaded(base_url: str, api_key: str | None = None) -> list[dict[str, Any]]:
     return [m for m in r.json().get("data", []) if m.get("parent")]
 
 
-def swap(base_url: str, old: str, new_name: str, new_path: str, api_key: str | None = None) -> str:
+def swap(base_url: str, old: str, new_name: str, new_path: str, api_key: str | None = None, *,
+         server: str | None = None) -> str:
     """Load the new adapter first and only then unload the old one, so a task never points at nothing."""
-    load(base_url, new_name, new_path, api_key)
-    try:
-        unload(base_url, old, api_key)
-    except AdapterError as exc:
-        return f"{new_name} loaded; {old} could not be unloaded: {exc}"
-    return f"{new_name} loaded, then {old} unloaded"
+    with audit.audited("adapter.swap", new_name, refusals=(AdapterError,), server=server or base_url, old=old,
+                       adapter=new_name, path=new_path):
+        _load(base_url, new_name, new_path, api_key)
+        try:
+            _unload(base_url, old, api_key)
+        except AdapterError as exc:
+            return f"{new_name} loaded; {old} could not be unloaded: {exc}"
+        return f"{new_name} loaded, then {old} unloaded"

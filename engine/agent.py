@@ -21,18 +21,31 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from engine import audit
 from fleet.remote import PROTOCOL_VERSION, snapshot_to_json
 
 
-# Requests that change the node: an agent started read-only refuses them.
-MUTATING_OPS = frozenset({"start_server", "stop_server", "start_job", "cancel_job"})
+# Requests that change the node, and the audit action each is: an agent started read-only refuses them.
+MUTATING_OPS = {"start_server": "server.start", "stop_server": "server.stop", "start_job": "job.start",
+                "cancel_job": "job.cancel"}
+
+
+class BadRequest(ValueError):
+    """A request that names nothing this node defines, or carries a value of the wrong kind."""
+
+
+def _target(args: dict[str, Any]) -> str:
+    for key in ("id", "profile", "spec"):
+        if isinstance(args.get(key), str):
+            return str(args[key])[:100]
+    return "?"
 MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake or an attack
 MIN_INTERVAL_S, MAX_INTERVAL_S = 0.2, 60.0
 
 
 def _text(value: object, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+        raise BadRequest(f"{what} must be a non-empty string, got {value!r}")
     return value
 
 
@@ -42,7 +55,7 @@ def _gpu_indices(value: object, required: bool) -> list[int]:
     if (not isinstance(value, list) or not value or len(value) > 64
             or not all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 1024 for g in value)
             or len(set(value)) != len(value)):
-        raise ValueError(f"gpus must be a list of distinct GPU indices, got {value!r}")
+        raise BadRequest(f"gpus must be a list of distinct GPU indices, got {value!r}")
     return list(value)
 
 
@@ -50,7 +63,7 @@ def _port(value: object) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or not 1024 <= value <= 65535:
-        raise ValueError(f"port must be from 1024 to 65535, got {value!r}")
+        raise BadRequest(f"port must be from 1024 to 65535, got {value!r}")
     return value
 
 
@@ -93,7 +106,10 @@ class Agent:
         from engine.vllm.profile import load_profile, profile_roots
         from fleet.config import toml_by_name
 
-        profile = load_profile(toml_by_name("profile", a.get("profile"), profile_roots()))
+        try:
+            profile = load_profile(toml_by_name("profile", a.get("profile"), profile_roots()))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         gpus = _gpu_indices(a.get("gpus"), required=True)
         snap = self.source.snapshot()
         by_index = {g.index: g for g in snap.gpus}
@@ -119,7 +135,10 @@ class Agent:
         from engine.finetune.spec import load_spec, spec_roots
         from fleet.config import toml_by_name
 
-        spec = load_spec(toml_by_name("job spec", a.get("spec"), spec_roots()))
+        try:
+            spec = load_spec(toml_by_name("job spec", a.get("spec"), spec_roots()))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         gpus = _gpu_indices(a.get("gpus"), required=False) or None
         snap = self.source.snapshot()
         snaps = [g for g in snap.gpus if gpus and g.index in gpus] or None
@@ -149,7 +168,7 @@ class Agent:
             path = launcher.get(self.store, _text(a.get("id"), "id")).log_path
         n = a.get("n", 60)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10_000:
-            raise ValueError(f"n must be a line count from 1 to 10000, got {n!r}")
+            raise BadRequest(f"n must be a line count from 1 to 10000, got {n!r}")
         return tail(path, n)
 
     # -- the wire -------------------------------------------------------------------------------
@@ -166,19 +185,26 @@ class Agent:
         if fn is None:
             self.send(out, {"type": "response", "id": rid, "ok": False, "error": f"unknown op {op!r}; known: {sorted(self.ops)}"})
             return
-        if self.read_only and str(op) in MUTATING_OPS:
-            self.send(out, {"type": "response", "id": rid, "ok": False,
-                            "error": f"{op}: refused, this node's agent is read-only"})
-            return
         args = msg.get("args") or {}
         if not isinstance(args, dict):
             self.send(out, {"type": "response", "id": rid, "ok": False, "error": "args must be a JSON object"})
             return
-        try:
-            result = fn(args)
-            self.send(out, {"type": "response", "id": rid, "ok": True, "result": result})
-        except Exception as exc:  # every failure goes back to the dashboard as text
-            self.send(out, {"type": "response", "id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        action = MUTATING_OPS.get(str(op))
+        operator = msg.get("operator")
+        behalf = {"source": "agent", "on_behalf_of": operator if isinstance(operator, str) else None}
+        with audit.on_behalf_of(behalf):
+            if self.read_only and action is not None:
+                error = f"{op}: refused, this node's agent is read-only"
+                audit.record(action, _target(args), "refused", "this node's agent is read-only")
+                self.send(out, {"type": "response", "id": rid, "ok": False, "error": error})
+                return
+            try:
+                result = fn(args)
+                self.send(out, {"type": "response", "id": rid, "ok": True, "result": result})
+            except Exception as exc:  # every failure goes back to the dashboard as text
+                if action is not None and isinstance(exc, BadRequest):
+                    audit.record(action, _target(args), "refused", str(exc))  # the engine never saw it
+                self.send(out, {"type": "response", "id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
     def _read(self, inp: TextIO, out: TextIO) -> None:
         while True:

@@ -79,12 +79,19 @@ class NodeConfig(Strict):
     agent_command: list[str] = Field(default_factory=list, description="default: fleetdeck agent --stdio")
 
 
+class AuditSettings(Strict):
+    syslog: bool = Field(default=False, description="also send each audit record to the system log (RFC 5424)")
+    syslog_socket: Path = Field(default=Path("/dev/log"), description="the local syslog/journald socket")
+    retention_days: float = Field(default=6 * 365, ge=1, le=100 * 365, description="HIPAA: six years")
+
+
 class FleetConfig(Strict):
     refresh_s: float = Field(default=1.0, ge=0.2, le=60.0)
     history_every_s: float = Field(default=5.0, ge=1.0, le=3600.0)
     adapter_roots: list[Path] = Field(default_factory=list)
     read_only: bool = False
     node: list[NodeConfig] = Field(default_factory=list)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
 
 def load_fleet_config(path: Path | str | None, required: bool = False) -> FleetConfig:

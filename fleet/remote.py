@@ -23,6 +23,22 @@ from fleet.model import GpuProcess, GpuSnapshot, HostInfo, MigDevice, NodeSnapsh
 PROTOCOL_VERSION = 1
 
 
+def _operator() -> str:
+    """Who is asking, for the node's audit trail: this dashboard's user@host."""
+    import getpass
+    import os
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+OPERATOR = _operator()
+
+
 class AgentError(Exception):
     """A request to a remote agent failed; the message says where and why."""
 
@@ -133,7 +149,8 @@ class RemoteNode:
         fut: Future[Any] = Future()
         self._pending[rid] = fut
         try:
-            proc.stdin.write(json.dumps({"v": PROTOCOL_VERSION, "type": "request", "id": rid, "op": op, "args": args or {}}) + "\n")
+            proc.stdin.write(json.dumps({"v": PROTOCOL_VERSION, "type": "request", "id": rid, "op": op, "args": args or {},
+                                         "operator": OPERATOR}) + "\n")
             proc.stdin.flush()
             return fut.result(timeout=timeout)
         except TimeoutError as exc:

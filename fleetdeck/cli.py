@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from fleetdeck import __version__
 from fleetdeck.argtypes import positive_seconds
@@ -108,18 +108,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fleet.config import ConfigError
     from store.db import StoreError
 
+    from engine import audit
+
     # Errors whose message is written for the operator (a config that does not validate, a store that
     # is not ours): one line and exit 2, wherever in a command they surface, never a traceback.
     try:
-        return _dispatch(args)
+        with audit_session(args, "demo" if args.command == "demo-backend" else "cli"):
+            return _dispatch(args)
     except (ConfigError, StoreError) as exc:
         return fail(str(exc))
+    except audit.ReadOnlyError as exc:
+        return fail(str(exc))
+
+
+def audit_session(args: argparse.Namespace, source: str, read_only: bool | None = None) -> Any:
+    """Every change this command makes is audited in its store; `--read-only` (or the fleet config's
+    `read_only`) refuses them all, recorded."""
+    from engine import audit
+    from fleet.config import ConfigError, load_fleet_config
+
+    try:
+        config = load_fleet_config(args.config)
+    except ConfigError:
+        config = None  # the command that needs the config says what is wrong with it
+    if read_only is None:
+        read_only = bool(args.read_only or (config is not None and config.read_only))
+    settings = config.audit if config is not None else None
+    syslog = settings.syslog_socket if settings is not None and settings.syslog else None
+    store = Path(args.store) if args.store else _store_path(args)
+    return audit.session(store, source, read_only=read_only, syslog_socket=syslog,
+                         node=getattr(args, "node_name", None))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is not None:
-        return handler(args)
+        from fleetdeck import mutating
+
+        return mutating.run(handler, args)
     if args.command == "gpus":
         return cmd_gpus(args)
     if args.command == "demo":
@@ -236,9 +262,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return fail(str(exc))
     if args.exit_after:
         threading.Timer(args.exit_after, lambda: os._exit(0)).start()
+    read_only = bool(args.read_only or config.read_only)
     agent = Agent(source, Path(args.store) if args.store else None, list(config.adapter_roots), __version__,
-                  read_only=args.read_only or config.read_only)
-    return agent.serve(sys.stdin, sys.stdout)
+                  read_only=read_only)
+    from engine import audit
+
+    with audit.session(Path(args.store) if args.store else _store_path(args), "agent", read_only=read_only,
+                       node=source.name if hasattr(source, "name") else None,
+                       syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
+        return agent.serve(sys.stdin, sys.stdout)
 
 
 def remote_sources(config: object) -> list:
@@ -293,7 +325,11 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
 
     app = FleetDeckApp(AppOptions(sources_factory=factory, store_path=store_path, config=config, simulated=demo,
                                   router_config=router_config, demo_backend=demo))
-    app.run()
+    from engine import audit
+
+    with audit.session(store_path, "tui", read_only=config.read_only,
+                       syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
+        app.run()
     return 0
 
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleetdeck.mutating import mutating
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("calibrate", help="send a labelled eval set through a task's SLM; recommend a threshold")
@@ -20,6 +22,7 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--config", dest="router_config", metavar="FILE")
     p.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS)
+    p.add_argument("--read-only", action="store_true", default=argparse.SUPPRESS, help="refuse --apply")
     p.set_defaults(handler=run_calibrate)
 
     w = sub.add_parser("whatif", help="a task's monthly cost under a frontier price or volume change")
@@ -68,6 +71,7 @@ def _config_and_task(args: argparse.Namespace, cmd: str) -> tuple[Any, Path, Any
     return config, path, task
 
 
+@mutating("router.threshold", lambda a: a.task, lambda a: a.apply)
 def run_calibrate(args: argparse.Namespace) -> int:
     from engine.router.calibrate import EvalSetError, analyse, load_eval_set, save_calibration, score_eval_set
     from engine.router.config import set_task_threshold

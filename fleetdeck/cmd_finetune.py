@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fleetdeck.mutating import mutating
+
 
 def register(sub: Any) -> None:
     ft = sub.add_parser("finetune", help="LoRA/QLoRA fine-tunes: check, start, list, cancel, resume, logs")
@@ -87,6 +89,7 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+@mutating("job.start", lambda a: a.spec)
 def run_start(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
     from fleet.config import ConfigError, load_fleet_config
@@ -150,10 +153,12 @@ def _act(args: argparse.Namespace, what: str) -> int:
     return 0
 
 
+@mutating("job.cancel", lambda a: a.id)
 def run_cancel(args: argparse.Namespace) -> int:
     return _act(args, "cancel")
 
 
+@mutating("job.resume", lambda a: a.id)
 def run_resume(args: argparse.Namespace) -> int:
     return _act(args, "resume")
 

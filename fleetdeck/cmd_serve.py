@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetdeck.argtypes import number
+from fleetdeck.mutating import mutating
 
 
 def register(sub: Any) -> None:
@@ -57,6 +58,12 @@ def register(sub: Any) -> None:
     ul.add_argument("server")
     ul.add_argument("name")
     ul.set_defaults(handler=run_adapters_unload)
+    sw = asub.add_parser("swap", parents=[sub.common], help="load a new adapter, then unload the old one (no gap)")
+    sw.add_argument("server")
+    sw.add_argument("old", help="the loaded adapter to replace")
+    sw.add_argument("adapter", help="the new adapter: name (in the roots) or folder")
+    sw.add_argument("--name", help="name to serve it under (default: the folder name)")
+    sw.set_defaults(handler=run_adapters_swap)
 
 
 def _err(msg: str, code: int = 2) -> int:
@@ -120,6 +127,7 @@ def remote_node(config: Any, name: str, timeout: float = 30.0) -> Any:
     return remote
 
 
+@mutating("server.start", lambda a: a.profile, lambda a: not a.dry_run)
 def run_start(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, wait_ready
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
@@ -134,8 +142,10 @@ def run_start(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         return _err(str(exc))
     if args.node:
+        from engine import audit
         from fleet.remote import AgentError
 
+        audit.refuse_if_read_only("server.start", args.profile, profile=args.profile, gpus=args.gpus)
         try:
             remote = remote_node(config, args.node)
             try:
@@ -256,6 +266,7 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+@mutating("server.stop", lambda a: a.id)
 def run_stop(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, get, stop
 
@@ -321,7 +332,17 @@ def _adapter(config: Any, name_or_path: str) -> Any:
     raise adapters.AdapterError(f"no adapter {name_or_path!r} in the adapter roots; give its folder instead")
 
 
+@mutating("adapter.load", lambda a: a.name or a.adapter)
 def run_adapters_load(args: argparse.Namespace) -> int:
+    return _load_or_swap(args, old=None)
+
+
+@mutating("adapter.swap", lambda a: a.name or a.adapter)
+def run_adapters_swap(args: argparse.Namespace) -> int:
+    return _load_or_swap(args, old=args.old)
+
+
+def _load_or_swap(args: argparse.Namespace, old: str | None) -> int:
     from engine import adapters
     from engine.vllm.launcher import LaunchError, get, refresh
 
@@ -332,21 +353,33 @@ def run_adapters_load(args: argparse.Namespace) -> int:
         adapter = _adapter(config, args.adapter)
     except (LaunchError, adapters.AdapterError) as exc:
         return _err(str(exc))
-    if server.state != "ready":
-        return _err(f"{server.id} is {server.state}, not ready")
-    lora = server.spec.get("lora", {})
-    problems = adapters.compatibility_problems(adapter, server.spec.get("model", ""), lora.get("enable", False),
-                                               lora.get("max_lora_rank", 16))
-    if problems:
-        return _err(f"not loading {adapter.name} into {server.id}: " + "; ".join(problems))
+    from engine import audit
+
+    action = "adapter.load" if old is None else "adapter.swap"
+    name = args.name or adapter.name
+    refusal = f"{server.id} is {server.state}, not ready" if server.state != "ready" else None
+    if refusal is None:
+        lora = server.spec.get("lora", {})
+        problems = adapters.compatibility_problems(adapter, server.spec.get("model", ""), lora.get("enable", False),
+                                                   lora.get("max_lora_rank", 16))
+        refusal = f"not loading {adapter.name} into {server.id}: " + "; ".join(problems) if problems else None
+    if refusal is not None:
+        if audit.is_read_only():  # read-only says so first, as it would for a loadable adapter
+            refusal = "fleetdeck is read-only (--read-only or read_only = true)"
+        audit.record(action, name, "refused", refusal, server=server.id, adapter=name, path=adapter.path, old=old)
+        return _err(refusal)
     key = server.api_key
     try:
-        print(adapters.load(server.base_url, args.name or adapter.name, adapter.path, key))
+        if old is None:
+            print(adapters.load(server.base_url, name, adapter.path, key, server=server.id))
+        else:
+            print(adapters.swap(server.base_url, old, name, adapter.path, key, server=server.id))
     except adapters.AdapterError as exc:
         return _err(str(exc))
     return 0
 
 
+@mutating("adapter.unload", lambda a: a.name)
 def run_adapters_unload(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.vllm.launcher import LaunchError, get
@@ -355,7 +388,7 @@ def run_adapters_unload(args: argparse.Namespace) -> int:
     try:
         server = get(store, args.server)
         key = server.api_key
-        print(adapters.unload(server.base_url, args.name, key))
+        print(adapters.unload(server.base_url, args.name, key, server=server.id))
     except (LaunchError, adapters.AdapterError) as exc:
         return _err(str(exc))
     return 0

@@ -163,6 +163,45 @@ def _v6_sanitized_rows(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE requests ADD COLUMN sanitized INTEGER NOT NULL DEFAULT 0")
 
 
+def _v7_audit(db: sqlite_utils.Database) -> None:
+    # The operators' audit trail (engine/audit.py): append-only, hash-chained. The triggers refuse
+    # changes through SQLite; the chain shows any made around it. Pruning may delete only records
+    # older than a cut-off it first records in audit_prune (itself append-only).
+    db.execute(
+        """
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            utc TEXT NOT NULL,
+            actor TEXT,
+            origin TEXT,
+            key_fingerprint TEXT,
+            on_behalf_of TEXT,
+            source TEXT NOT NULL,
+            node TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            params TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            reason TEXT,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX audit_ts ON audit (ts)")
+    db.execute("CREATE TABLE audit_prune (cutoff REAL NOT NULL, at REAL NOT NULL)")
+    db.execute("CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN "
+               "SELECT RAISE(ABORT, 'audit records are append-only'); END")
+    db.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit "
+               "WHEN old.ts >= (SELECT COALESCE(MAX(cutoff), 0) FROM audit_prune) BEGIN "
+               "SELECT RAISE(ABORT, 'audit records are append-only (only retention removes old ones)'); END")
+    db.execute("CREATE TRIGGER audit_prune_no_update BEFORE UPDATE ON audit_prune BEGIN "
+               "SELECT RAISE(ABORT, 'audit records are append-only'); END")
+    db.execute("CREATE TRIGGER audit_prune_no_delete BEFORE DELETE ON audit_prune BEGIN "
+               "SELECT RAISE(ABORT, 'audit records are append-only'); END")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
     2: _v2_router_ledger,
@@ -170,5 +209,6 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     4: _v4_managed_processes,
     5: _v5_engine_process,
     6: _v6_sanitized_rows,
+    7: _v7_audit,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from textual.widgets import DataTable
 
+from engine import audit
 from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store
@@ -32,6 +33,13 @@ def running(tmp_path, monkeypatch):
 async def test_servers_screen_shows_state_and_figures_then_stops_after_confirmation(running):
     path, rec = running
     app = make_app(store_path=path)
+    with audit.session(path, "tui"):  # as `fleetdeck` runs the app: its changes are audited
+        await _stop_from_the_screen(app, rec, path)
+    (record,) = audit.query(open_store(path))
+    assert (record["action"], record["target"], record["outcome"], record["source"]) == ("server.stop", rec.id, "done", "tui")
+
+
+async def _stop_from_the_screen(app, rec, path):
     async with app.run_test(size=(140, 30)) as pilot:
         await ready(app, pilot)
         await pilot.press("3")

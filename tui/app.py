@@ -49,6 +49,7 @@ class FleetDeckApp(App[None]):
         Binding("4", "show_jobs", "Jobs", id="app.jobs"),
         Binding("5", "show_router", "Router", id="app.router"),
         Binding("6", "show_cost", "Cost", id="app.cost"),
+        Binding("7", "show_audit", "Audit", id="app.audit"),
         Binding("ctrl+r", "poll_now", "Refresh", show=False, id="app.refresh"),
     ]
 
@@ -194,6 +195,8 @@ class FleetDeckApp(App[None]):
         elif self.store is not None:
             parts.append(f"store: {self.store.path.name}")
         badge = " [b reverse yellow] SIMULATED [/]" if self.options.simulated or self.poller.simulated else ""
+        if self.options.config.read_only:
+            badge += " [b reverse cyan] READ-ONLY [/]"
         self.status_text = " · ".join(parts) + badge
         for line in self.screen.query(StatusLine):
             line.update(self.status_text)
@@ -238,6 +241,9 @@ class FleetDeckApp(App[None]):
     def action_show_cost(self) -> None:
         self.switch_to("cost")
 
+    def action_show_audit(self) -> None:
+        self.switch_to("audit")
+
     def router_config_path(self) -> Path | None:
         return self.options.router_config
 
@@ -272,6 +278,10 @@ class FleetDeckApp(App[None]):
             from tui.screens.cost import CostScreen
 
             return CostScreen()
+        if name == "audit":
+            from tui.screens.audit import AuditScreen
+
+            return AuditScreen()
         raise KeyError(name)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
@@ -282,6 +292,8 @@ class FleetDeckApp(App[None]):
         yield SystemCommand("Jobs", "Fine-tunes: progress, loss, cancel, resume, serve", self.action_show_jobs)
         yield SystemCommand("Router", "Escalation rate per task, drift, calibration", self.action_show_router)
         yield SystemCommand("Cost", "Month to date against all-frontier, last 12 months", self.action_show_cost)
+        yield SystemCommand("Audit", "Who changed what on this node, and whether the record is intact",
+                            self.action_show_audit)
         yield SystemCommand("Refresh now", "Poll every node immediately", self.action_poll_now)
         yield SystemCommand("Keys", "Every key and what it does", self.action_help)
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine import managed
+from engine import audit, managed
 from engine.finetune.dataset import check_dataset
 from engine.managed import ManagedRecord
 from engine.finetune.spec import JobSpec
@@ -110,6 +110,15 @@ def _spawn(rec: JobRecord, resume: bool) -> None:
 
 def start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None = None,
           force: bool = False, adapter_root: Path | None = None, node: str | None = None) -> JobRecord:
+    with audit.audited("job.start", spec.name, refusals=(JobError, ValueError), spec=spec.name,
+                       gpus=",".join(map(str, gpus)) if gpus else "cpu", force=force) as entry:
+        rec = _start(store, spec, gpus, gpu_snapshots=gpu_snapshots, force=force, adapter_root=adapter_root, node=node)
+        entry.target = entry.params["job"] = rec.id
+        return rec
+
+
+def _start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None,
+           force: bool, adapter_root: Path | None, node: str | None) -> JobRecord:
     from store.paths import private_dir, state_dir
 
     preflight(spec, gpu_snapshots, force)
@@ -188,6 +197,11 @@ def get(store: Any, jid: str) -> JobRecord:
 
 def cancel(store: Any, rec: JobRecord, timeout: float = 120.0) -> JobRecord:
     """SIGTERM: the trainer finishes its step, saves a checkpoint and exits."""
+    with audit.audited("job.cancel", rec.id, refusals=(JobError,), job=rec.id):
+        return _cancel(store, rec, timeout)
+
+
+def _cancel(store: Any, rec: JobRecord, timeout: float) -> JobRecord:
     if not _alive(rec) or rec.pid is None:
         return refresh(store, rec)
     os.kill(rec.pid, signal.SIGTERM)
@@ -201,6 +215,11 @@ def cancel(store: Any, rec: JobRecord, timeout: float = 120.0) -> JobRecord:
 
 
 def resume(store: Any, rec: JobRecord) -> JobRecord:
+    with audit.audited("job.resume", rec.id, refusals=(JobError,), job=rec.id):
+        return _resume(store, rec)
+
+
+def _resume(store: Any, rec: JobRecord) -> JobRecord:
     rec = refresh(store, rec)
     if rec.state == "running":
         raise JobError(f"{rec.id} is still running")

@@ -100,6 +100,18 @@ def is_loopback(host: str) -> bool:
 
 def set_task_threshold(path: str | Path, task: str, threshold: float) -> None:
     """Rewrite one task's `threshold` in the router TOML, keeping comments and layout; validate first."""
+    from engine import audit
+
+    try:
+        old = next((t.threshold for t in load_router_config(path).task if t.name == task), None)
+    except Exception:
+        old = None
+    with audit.audited("router.threshold", task, refusals=(ValueError, KeyError), config=str(path), task=task,
+                       old=old, new=threshold):
+        _set_task_threshold(path, task, threshold)
+
+
+def _set_task_threshold(path: str | Path, task: str, threshold: float) -> None:
     import re
 
     if not 0.0 <= threshold <= 1.0:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import httpx
 import psutil
 
-from engine import managed
+from engine import audit, managed
 from engine.managed import ManagedRecord
 from engine.vllm.diagnose import diagnose, tail
 from engine.vllm.profile import VLLM_LORA_RANKS, Profile
@@ -189,6 +189,17 @@ def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: S
           port: int | None = None, force: bool = False, adapter_roots: list[Path] | None = None,
           node: str | None = None, log_dir: Path | None = None) -> tuple[ServerRecord, Any]:
     """Start a server; returns its record and the planner's verdict. Raises LaunchError on refusal."""
+    with audit.audited("server.start", profile.name, refusals=(LaunchError, ValueError), profile=profile.name,
+                       model=profile.model, gpus=",".join(map(str, gpus)), port=port, force=force) as entry:
+        rec, verdict = _start(store, profile, gpus, gpu_snapshots=gpu_snapshots, port=port, force=force,
+                              adapter_roots=adapter_roots, node=node, log_dir=log_dir)
+        entry.target = entry.params["server"] = rec.id
+        return rec, verdict
+
+
+def _start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None,
+           port: int | None, force: bool, adapter_roots: list[Path] | None, node: str | None,
+           log_dir: Path | None) -> tuple[ServerRecord, Any]:
     from store.paths import private_dir, state_dir
 
     if profile.lora.enable and profile.lora.max_lora_rank not in VLLM_LORA_RANKS and not force:
@@ -338,6 +349,11 @@ def get(store: Any, sid: str) -> ServerRecord:
 
 def stop(store: Any, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord:
     """SIGTERM the server's process group, then SIGKILL after the timeout."""
+    with audit.audited("server.stop", rec.id, server=rec.id):
+        return _stop(store, rec, timeout)
+
+
+def _stop(store: Any, rec: ServerRecord, timeout: float) -> ServerRecord:
     if _alive(rec) and rec.pid is not None:
         try:
             os.killpg(rec.pid, signal.SIGTERM)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from textual.app import ComposeResult
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 
@@ -11,7 +13,25 @@ class StatusLine(Static):
     """Node and GPU counts, store state, and the SIMULATED badge when the fleet is simulated."""
 
 
-class DeckScreen(Screen[None]):
+def read_only(app: Any) -> bool:
+    """Read-only from the fleet config or `--read-only` (the app's options) or the audit trail's mode."""
+    from engine import audit
+
+    return bool(getattr(getattr(getattr(app, "options", None), "config", None), "read_only", False)) or audit.is_read_only()
+
+
+class ReadOnlyAware:
+    """Screens whose keys change a node list those actions; read-only shows them disabled and never runs them."""
+
+    MUTATING: ClassVar[frozenset[str]] = frozenset()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.MUTATING and read_only(self.app):  # type: ignore[attr-defined]
+            return None
+        return True
+
+
+class DeckScreen(ReadOnlyAware, Screen[None]):
     def compose(self) -> ComposeResult:
         options = getattr(self.app, "options", None)
         yield Header(show_clock=getattr(options, "show_clock", True))
@@ -79,3 +99,7 @@ def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
         return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
     except Exception:  # the cursor sits past a row that was just removed
         return None
+
+
+class DeckModal(ReadOnlyAware, ModalScreen[Any]):
+    """A dialog whose confirm key changes a node (start a server, start a job)."""

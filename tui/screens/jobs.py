@@ -12,12 +12,11 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Label, Select, Static
 from textual_plotext import PlotextPlot
 
 from tui.format import bar
-from tui.screens.base import PolledScreen, highlighted_key
+from tui.screens.base import DeckModal, PolledScreen, highlighted_key
 from tui.screens.confirm import ConfirmScreen
 
 STATE_STYLE = {"running": "bold cyan", "finished": "bold green", "failed": "bold red", "cancelled": "yellow"}
@@ -31,6 +30,7 @@ def _dur(s: float | None) -> str:
 
 
 class JobsScreen(PolledScreen):
+    MUTATING = frozenset({"start", "cancel", "resume", "serve"})
     BINDINGS = [
         Binding("s", "start", "Start", id="jobs.start"),
         Binding("c", "cancel", "Cancel", id="jobs.cancel"),
@@ -216,13 +216,14 @@ class JobsScreen(PolledScreen):
             return
         target = candidates[0]
         try:
-            msg = adapters.load(target.base_url, adapter.name, adapter.path, target.api_key)
+            msg = adapters.load(target.base_url, adapter.name, adapter.path, target.api_key, server=target.id)
         except adapters.AdapterError as exc:
             msg = str(exc)
         self.app.call_from_thread(self.notify, f"{target.id}: {msg}")
 
 
-class StartJobScreen(ModalScreen[str | None]):
+class StartJobScreen(DeckModal):
+    MUTATING = frozenset({"launch"})
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="startjob.cancel"),
                 Binding("ctrl+s", "launch", "Start", id="startjob.launch")]
 

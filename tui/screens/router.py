@@ -107,6 +107,7 @@ def load_router_data(store: Any, config_path: Path | None, selected: str | None,
 
 
 class RouterScreen(PolledScreen):
+    MUTATING = frozenset({"apply_threshold"})
     BINDINGS = [
         Binding("h", "window('h')", "Hour", id="router.hour"),
         Binding("d", "window('d')", "Day", id="router.day"),

@@ -21,7 +21,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Label, Select, Static
 
 from tui.format import sparkline
-from tui.screens.base import PolledScreen, highlighted_key
+from tui.screens.base import DeckModal, PolledScreen, highlighted_key
 from tui.screens.confirm import ConfirmScreen
 
 STATE_STYLE = {"ready": "bold green", "starting": "yellow", "crashed": "bold red", "stopped": "dim"}
@@ -43,6 +43,7 @@ def _ms(x: float | None) -> str:
 
 
 class ServersScreen(PolledScreen):
+    MUTATING = frozenset({"start", "stop", "restart"})
     BINDINGS = [
         Binding("s", "start", "Start", id="servers.start"),
         Binding("x", "stop", "Stop", id="servers.stop"),
@@ -237,12 +238,15 @@ class ServersScreen(PolledScreen):
         node, _, sid = rec.id[1:].partition(":")
         poller = getattr(self.app, "poller", None)
         remote = next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
+        from engine import audit
+
         try:
+            audit.refuse_if_read_only("server.stop", rec.id, server=rec.id)
             if remote is None:
                 raise AgentError(f"{node} is not connected")
             remote.request("stop_server", {"id": sid}, timeout=60)
             message = f"{rec.id} stopped"
-        except AgentError as exc:
+        except (AgentError, audit.ReadOnlyError) as exc:
             message = str(exc)
         self.app.call_from_thread(self.notify, message)
         self.app.call_from_thread(self.reload)
@@ -303,7 +307,8 @@ class LogScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
-class StartServerScreen(ModalScreen[str | None]):
+class StartServerScreen(DeckModal):
+    MUTATING = frozenset({"launch"})
     """Pick a profile and GPUs; see the planner's verdict for exactly those GPUs; then start."""
 
     BINDINGS = [
@@ -404,6 +409,9 @@ class StartServerScreen(ModalScreen[str | None]):
             poller = getattr(self.app, "poller", None)
             remote = next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
             if remote is not None:
+                from engine import audit
+
+                audit.refuse_if_read_only("server.start", str(self.app.call_from_thread(self._profile_name)), gpus=text)
                 result = remote.request("start_server", {"profile": self.app.call_from_thread(self._profile_name), "gpus": indices}, timeout=120)
                 srv = result["server"]
                 self.app.call_from_thread(self.dismiss, f"started {srv['id']} on {node} GPUs {srv['gpus']}, port {srv['port']}")
@@ -419,7 +427,8 @@ class StartServerScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
 
-class AdaptersScreen(ModalScreen[None]):
+class AdaptersScreen(DeckModal):
+    MUTATING = frozenset({"load", "unload", "swap"})
     """Adapters on disk (with compatibility for this server) and loaded in it; load, unload, swap."""
 
     BINDINGS = [
@@ -543,11 +552,11 @@ class AdaptersScreen(ModalScreen[None]):
 
         try:
             if what == "load":
-                msg = adapters.load(self.rec.base_url, name, path, self._key())
+                msg = adapters.load(self.rec.base_url, name, path, self._key(), server=self.rec.id)
             elif what == "unload":
-                msg = adapters.unload(self.rec.base_url, name, self._key())
+                msg = adapters.unload(self.rec.base_url, name, self._key(), server=self.rec.id)
             else:
-                msg = adapters.swap(self.rec.base_url, old or "", name, path, self._key())
+                msg = adapters.swap(self.rec.base_url, old or "", name, path, self._key(), server=self.rec.id)
         except adapters.AdapterError as exc:
             msg = str(exc)
         self.last_message = msg

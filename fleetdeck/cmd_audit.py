@@ -1,0 +1,68 @@
+"""`fleetdeck audit`: who changed what on this node, and whether the record is intact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("audit", parents=[sub.common], help="the audit trail of operator actions; `audit verify` checks it",
+                       description="Operator actions recorded on this node (newest first). `fleetdeck audit verify` "
+                                   "checks the hash chain and names the first record that was changed or removed.")
+    p.add_argument("what", nargs="?", choices=("verify",), help="verify the chain instead of listing")
+    p.add_argument("--since", type=since, metavar="WHEN", help="7d, 12h, 30m, or a date/time (2026-11-01, 2026-11-01T08:00)")
+    p.add_argument("--node", help="only this node's records")
+    p.add_argument("--action", help="one action (server.start) or a family (server)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def since(text: str) -> float:
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if text[-1:] in units and text[:-1].isdigit():
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 7d, 12h, 30m or a date such as 2026-11-01, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine import audit
+    from fleet.config import load_fleet_config
+    from store.db import open_store
+    from store.paths import default_store_path
+
+    store = open_store(args.store or default_store_path())
+    retention = load_fleet_config(args.config).audit.retention_days
+    if not audit.is_read_only():
+        audit.prune(store, retention)
+    if args.what == "verify":
+        verdict = audit.verify(store)
+        if args.json:
+            print(json.dumps({"ok": verdict.ok, "records": verdict.records, "first_broken": verdict.first_broken,
+                              "message": verdict.message}))
+        else:
+            print(("intact: " if verdict.ok else "BROKEN: ") + verdict.message)
+        return 0 if verdict.ok else 1
+    rows = audit.query(store, since=args.since, node=args.node, action=args.action)
+    if args.json:
+        for r in rows:
+            r["params"] = json.loads(r["params"])
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no audit records" + (" match" if args.since or args.node or args.action else " yet"), file=sys.stderr)
+        return 0
+    for r in rows:
+        who = r["actor"] + (f"@{r['origin']}" if r["origin"] not in (None, "local") else "")
+        if r["on_behalf_of"]:
+            who += f" for {r['on_behalf_of']}"
+        line = f"{r['utc'][:19]}Z  {r['node']:<14} {r['source']:<5} {who:<22} {r['action']:<16} {r['target']:<24} {r['outcome']}"
+        print(line + (f": {r['reason']}" if r["reason"] else ""))
+    return 0

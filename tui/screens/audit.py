@@ -1,0 +1,95 @@
+"""The Audit screen: who changed what on this node, newest first, with the chain's verdict.
+
+The same filters as `fleetdeck audit` (since, node, action); `v` verifies the chain again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import DataTable, Input, Static
+
+from tui.screens.base import PolledScreen
+
+SINCE = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400, "all": None}
+
+
+def load_audit(store: Any, since: str, node: str, action: str, now: float) -> tuple[list[dict[str, Any]], Any]:
+    from engine import audit
+
+    span = SINCE.get(since.strip() or "all", None)
+    rows = audit.query(store, since=None if span is None else now - span, node=node.strip() or None,
+                       action=action.strip() or None, limit=500)
+    return rows, audit.verify(store)
+
+
+class AuditScreen(PolledScreen):
+    FOCUS = "#audit-table"
+    BINDINGS = [Binding("v", "verify", "Verify", id="audit.verify")]
+
+    def __init__(self, refresh_s: float = 5.0) -> None:
+        super().__init__(refresh_s)
+        self.rows: list[dict[str, Any]] = []
+        self.verdict: Any = None
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="audit-filters", classes="fit-row"):
+            yield Input(placeholder="since: 1h 24h 7d 30d all", id="audit-since", compact=True)
+            yield Input(placeholder="node", id="audit-node", compact=True)
+            yield Input(placeholder="action (server, job.start)", id="audit-action", compact=True)
+        yield Static("", id="audit-verdict")
+        table: DataTable[Any] = DataTable(id="audit-table", cursor_type="row")
+        table.add_columns("When (UTC)", "Node", "From", "Who", "Action", "Target", "Outcome")
+        yield table
+
+    def no_store(self) -> None:
+        self.query_one("#audit-verdict", Static).update("No store: the audit trail lives in the store (see --store).")
+
+    def load(self, store: Any) -> None:
+        self._load(store, *(self.query_one(f"#audit-{k}", Input).value for k in ("since", "node", "action")))
+
+    @work(thread=True, exclusive=True, group="audit")
+    def _load(self, store: Any, since: str, node: str, action: str) -> None:
+        try:
+            rows, verdict = load_audit(store, since, node, action, time.time())
+            error = None
+        except Exception as exc:  # a locked store: say so, try again next tick
+            rows, verdict, error = [], None, f"audit trail unavailable: {exc}"
+        self.app.call_from_thread(self._show, rows, verdict, error)
+
+    def _show(self, rows: list[dict[str, Any]], verdict: Any, error: str | None) -> None:
+        self.loaded()
+        self.rows, self.verdict = rows, verdict
+        status = self.query_one("#audit-verdict", Static)
+        if error:
+            status.update(Text(error, style="red"))
+        elif verdict is not None:
+            status.update(Text(("chain intact: " if verdict.ok else "CHAIN BROKEN: ") + verdict.message,
+                               style="green" if verdict.ok else "bold red"))
+        table = self.query_one("#audit-table", DataTable)
+        keys = [str(r["seq"]) for r in rows]
+        if keys == [r.key.value for r in table.ordered_rows]:
+            return
+        with self.app.batch_update():
+            table.clear()
+            for r in rows:
+                who = r["actor"] or "?"
+                if r["on_behalf_of"]:
+                    who = f"{r['on_behalf_of']} via {who}"
+                outcome = r["outcome"] + (f": {r['reason']}" if r["reason"] else "")
+                style = "" if r["outcome"] == "done" else ("yellow" if r["outcome"] == "refused" else "red")
+                table.add_row(r["utc"][:19].replace("T", " "), r["node"], r["source"], who, r["action"], r["target"],
+                              Text(outcome, style=style), key=str(r["seq"]))
+
+    @on(Input.Submitted)
+    def _filter(self) -> None:
+        self.reload()
+
+    def action_verify(self) -> None:
+        self.reload()
