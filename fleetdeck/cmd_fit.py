@@ -36,6 +36,14 @@ def register(sub: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=integer(1, 1 << 24, "a token count"), metavar="N")
     p.add_argument("--block-size", type=integer(1, 1024, "a block size"), default=16)
     p.add_argument("--engine", choices=("v1", "v0"), default="v1", help="vLLM engine whose profile to model")
+    from engine.kvfit.plan import VLLM_VERSION_MODELLED
+
+    p.add_argument("--vllm-version", default=VLLM_VERSION_MODELLED, metavar="X.Y",
+                   help=f"the vLLM whose memory accounting to follow (default {VLLM_VERSION_MODELLED}; CUDA graphs "
+                        "come out of the KV budget since 0.21)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (vLLM --enforce-eager)")
+    p.add_argument("--kv-cache-memory-bytes", type=integer(1, 1 << 50, "bytes"), metavar="N",
+                   help="vLLM's explicit KV cache size: no profiling, no estimate")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--list-models", action="store_true", help="list the built-in catalogue and exit")
     p.set_defaults(handler=run)
@@ -78,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         engine=args.engine,
+        vllm_version=args.vllm_version,
+        enforce_eager=args.enforce_eager,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         weight_bytes_total=exact,
     )
     if args.available_kv_gib is not None:
@@ -88,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         error = _fill_from_nvml(req, args.gpu)
         if error:
             return _fail(error)
-    elif args.available_kv_gib is None:
-        return _fail("give --gpu INDEX, --gpu-memory-gib TOTAL or --available-kv-gib X")
+    elif args.available_kv_gib is None and args.kv_cache_memory_bytes is None:
+        return _fail("give --gpu INDEX, --gpu-memory-gib TOTAL, --kv-cache-memory-bytes N or --available-kv-gib X")
     try:
         result = plan(arch, req)
     except ValueError as exc:

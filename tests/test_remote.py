@@ -171,6 +171,7 @@ def sshd(tmp_path):
         UsePAM no
         PidFile {keys / 'sshd.pid'}
         AcceptEnv NONE
+        ExposeAuthInfo yes
     """))
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
     assert wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() is None
@@ -247,3 +248,13 @@ def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp
         assert not marker.exists()
     finally:
         node.close()
+    # The node's audit trail has the refusal, with the SSH source, the key that made it and who asked.
+    from engine import audit
+    from store.db import open_store
+
+    (rec,) = audit.query(open_store(tmp_path / "locked.db"))
+    fingerprint = subprocess.run(["ssh-keygen", "-lf", str(keys / "client.pub")], capture_output=True, text=True,
+                                 check=True).stdout.split()[1]
+    assert (rec["action"], rec["outcome"], rec["source"]) == ("server.start", "refused", "agent")
+    assert rec["origin"].startswith("127.0.0.1:") and rec["key_fingerprint"] == fingerprint
+    assert rec["on_behalf_of"] and "@" in rec["on_behalf_of"]

@@ -30,18 +30,41 @@ FIT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 MAX_SEARCH_LEN = 1 << 21
 
 # Activation peak of vLLM V1's profile run, fitted to the published start-up logs in
-# shared/reference (error <= 0.2 GiB on each): a fixed part plus the sampler's logits for
+# tests/data/vllm_kv_points.jsonl (error <= 0.2 GiB on each): a fixed part plus the sampler's logits for
 # max_num_seqs dummy requests. The V0 engine (no chunked prefill) also holds the MLP's
 # gate and up projections for the whole max_model_len prompt at once.
 ACTIVATION_FIXED_BYTES = 783_000_000
 ACTIVATION_PER_LOGIT_BYTES = 10.3
 V0_MLP_BYTES_PER_TOKEN_PER_INTERMEDIATE = 4  # gate + up, bf16
 NON_TORCH_BYTES = {"v1": int(0.25 * GIB), "v0": int(0.35 * GIB)}
-CUDA_GRAPH_BYTES_PER_LAYER = int(0.028 * GIB)  # captured after the KV cache is sized, from the headroom
+# NCCL communicators and the custom all-reduce buffers: per GPU, only with tensor parallelism.
+TP_NON_TORCH_BYTES = int(0.35 * GIB)
+CUDA_GRAPH_BYTES_PER_LAYER = int(0.028 * GIB)
+# vLLM estimates the CUDA graphs' memory during profiling and takes it out of the KV budget by default
+# since 0.21 (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1; 0.32: v1/worker/gpu_worker.py,
+# determine_available_memory); before that the graphs were captured after sizing, from the headroom.
+CUDA_GRAPHS_IN_BUDGET_SINCE = (0, 21)
+VLLM_VERSION_MODELLED = "0.32"
+# The lower bound's allowance for what the estimate cannot see (fragmentation, kernels' workspaces,
+# version drift): a floor, a share of the weights, half the activation estimate, and the TP buffers again.
+LOW_FLOOR_BYTES = int(0.35 * GIB)
+LOW_WEIGHTS_SHARE = 0.03
+LOW_ACTIVATION_SHARE = 0.5
+
+
+def version_tuple(text: str | None) -> tuple[int, int]:
+    """"0.19.1" -> (0, 19); unknown or malformed -> the version modelled."""
+    try:
+        major, minor = (int(x) for x in (text or VLLM_VERSION_MODELLED).split(".")[:2])
+        return major, minor
+    except ValueError:
+        return version_tuple(VLLM_VERSION_MODELLED)
 OVERHEAD_MODEL = (
     "activation = 0.73 GiB + 10.3 B x max_num_seqs x vocab (V1 profile run; V0 adds 4 B x prompt tokens x "
-    "intermediate size); non-torch = 0.25 GiB (V1) or 0.35 GiB (V0); CUDA graphs = 0.028 GiB per layer "
-    "(x2 for MoE), captured after the KV cache is sized, so they come out of the (1 - utilisation) headroom"
+    "intermediate size); non-torch = 0.25 GiB (V1) or 0.35 GiB (V0), + 0.35 GiB with TP > 1; CUDA graphs = "
+    "0.028 GiB per layer (x2 for MoE, none with enforce_eager), taken from the KV budget since vLLM 0.21, "
+    "from the (1 - utilisation) headroom before; lower bound = estimate - (0.35 GiB + 3% of weights + half "
+    "the activation + the TP buffers again)"
 )
 
 
@@ -107,6 +130,9 @@ class FitRequest:
     gpu_name: str = ""
     engine: Literal["v1", "v0"] = "v1"
     weight_bytes_total: int | None = None  # exact, from safetensors headers
+    vllm_version: str = VLLM_VERSION_MODELLED  # where vLLM's accounting changed (CUDA graphs in the budget)
+    enforce_eager: bool = False  # no CUDA graphs at all
+    kv_cache_memory_bytes: int | None = None  # vLLM's --kv-cache-memory-bytes: the KV size, no profiling
 
 
 @dataclass
@@ -125,6 +151,7 @@ class FitResult:
     non_torch_gib: float | None
     cuda_graph_gib: float | None
     available_kv_gib: float
+    available_kv_gib_low: float  # the lower bound the verdict is decided on
     num_gpu_blocks: int
     block_size: int
     kv_tokens: int
@@ -137,6 +164,13 @@ class FitResult:
     max_num_batched_tokens: int
     warnings: list[str] = field(default_factory=list)
     overhead_model: str = OVERHEAD_MODEL
+    num_gpu_blocks_low: int = 0
+    kv_tokens_low: int = 0
+    max_concurrency_low: float = 0.0
+    tp_non_torch_gib: float | None = None
+    cuda_graph_in_budget: bool = False
+    low_margin_gib: float = 0.0
+    vllm_version_modelled: str = VLLM_VERSION_MODELLED
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,7 +210,7 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
 
     tp = max(1, req.tensor_parallel_size)
     total = req.gpu_memory_bytes
-    if req.available_kv_bytes is None and total is None:
+    if req.available_kv_bytes is None and req.kv_cache_memory_bytes is None and total is None:
         raise ValueError("give the GPU's total memory (--gpu or --gpu-memory-gib) or --available-kv-gib")
     seqs_default, batched_default = default_batch(total or 80 * GIB, req.gpu_name)
     seqs = req.max_num_seqs or seqs_default
@@ -194,9 +228,12 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
     warnings: list[str] = []
     reason: str | None = None
 
-    activation = non_torch = cuda_graph = budget = None
-    if req.available_kv_bytes is not None:
-        available = float(req.available_kv_bytes)
+    activation = non_torch = cuda_graph = budget = tp_non_torch = None
+    graphs_in_budget = False
+    margin = 0.0
+    explicit = req.available_kv_bytes if req.available_kv_bytes is not None else req.kv_cache_memory_bytes
+    if explicit is not None:
+        available = float(explicit)  # given: nothing to estimate, so the lower bound is the figure itself
     else:
         assert total is not None
         budget = total * req.gpu_memory_utilization
@@ -204,20 +241,28 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
         if req.engine == "v0":
             activation += V0_MLP_BYTES_PER_TOKEN_PER_INTERMEDIATE * batched * max(arch.intermediate_size, arch.moe_intermediate_size)
         non_torch = NON_TORCH_BYTES[req.engine]
-        cuda_graph = CUDA_GRAPH_BYTES_PER_LAYER * arch.num_layers * (2 if arch.is_moe else 1)
-        available = budget - weights - activation - non_torch
+        tp_non_torch = TP_NON_TORCH_BYTES if tp > 1 else 0
+        cuda_graph = 0 if req.enforce_eager else CUDA_GRAPH_BYTES_PER_LAYER * arch.num_layers * (2 if arch.is_moe else 1)
+        graphs_in_budget = req.engine == "v1" and version_tuple(req.vllm_version) >= CUDA_GRAPHS_IN_BUDGET_SINCE
+        available = budget - weights - activation - non_torch - tp_non_torch - (cuda_graph if graphs_in_budget else 0)
+        margin = LOW_FLOOR_BYTES + LOW_WEIGHTS_SHARE * weights + LOW_ACTIVATION_SHARE * activation + tp_non_torch
         headroom = total - budget
-        if cuda_graph > headroom:
+        if cuda_graph and not graphs_in_budget and cuda_graph > headroom:
             warnings.append(
                 f"CUDA graphs (~{cuda_graph / GIB:.2f} GiB) may not fit in the {headroom / GIB:.2f} GiB left "
                 f"outside gpu_memory_utilization: lower it, or add --enforce-eager"
             )
+    low = available - margin
 
-    num_blocks = max(0, int(available // (page_bytes * groups.group_size))) if available > 0 else 0
+    def blocks(space: float) -> int:
+        return max(0, int(space // (page_bytes * groups.group_size))) if space > 0 else 0
+
+    num_blocks, num_blocks_low = blocks(available), blocks(low)
     kv_tokens = num_blocks // max(1, groups.count) * req.block_size
     per_request = _blocks_per_request(arch, groups, req.max_model_len, req.block_size, batched)
     concurrency = num_blocks / per_request if per_request else 0.0
-    fit_len = max_len_that_fits(arch, groups, req.block_size, batched, num_blocks) if num_blocks else 0
+    # The verdict is decided on the lower bound: sometimes too cautious, never too optimistic.
+    fit_len = max_len_that_fits(arch, groups, req.block_size, batched, num_blocks_low) if num_blocks_low else 0
     limit = arch.derived_max_model_len
     if limit is not None:
         fit_len = min(fit_len, limit)
@@ -256,21 +301,24 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
             f"{others / GIB:.2f} GiB on that GPU. Stop it, pick another GPU, or lower gpu_memory_utilization "
             f"to {max(0.05, req.free_memory_bytes / total - 0.01):.2f}."
         )
-    elif num_blocks <= 0:
+    elif num_blocks_low <= 0:
+        runtime = (activation or 0) + (non_torch or 0) + (tp_non_torch or 0) + (cuda_graph or 0 if graphs_in_budget else 0)
         reason = (
             f"No available memory for the cache blocks: weights {weights / GIB:.2f} GiB + activation and "
-            f"runtime {((activation or 0) + (non_torch or 0)) / GIB:.2f} GiB exceed the "
+            f"runtime {runtime / GIB:.2f} GiB (and a {margin / GIB:.2f} GiB allowance) exceed the "
             f"{(budget or 0) / GIB:.2f} GiB budget. Increase gpu_memory_utilization, use a quantized "
             f"checkpoint, or add GPUs (--tp)."
         )
-    elif per_request > num_blocks:
+    elif per_request > num_blocks_low:
         need = per_request * page_bytes * groups.group_size
         smaller_kv = "use --kv-cache-dtype fp8, " if kv_dtype_bytes(req.kv_cache_dtype) > 1 else ""
+        space = (f"{available / GIB:.2f} GiB available" if margin == 0 else
+                 f"{low / GIB:.2f} GiB that is surely available (estimate {available / GIB:.2f} GiB)")
         reason = (
             f"max model length {req.max_model_len} is larger than the KV cache: one request needs "
-            f"{need / GIB:.2f} GiB of KV cache, more than the {available / GIB:.2f} GiB available. Based on the "
-            f"available memory the estimated maximum model length is {fit_len}. Decrease max_model_len, "
-            f"{smaller_kv}or increase gpu_memory_utilization."
+            f"{need / GIB:.2f} GiB of KV cache, more than the {space}. Based on that memory the estimated "
+            f"maximum model length is {fit_len}. Decrease max_model_len, {smaller_kv}or increase "
+            "gpu_memory_utilization."
         )
 
     return FitResult(
@@ -288,6 +336,7 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
         non_torch_gib=None if non_torch is None else non_torch / GIB,
         cuda_graph_gib=None if cuda_graph is None else cuda_graph / GIB,
         available_kv_gib=available / GIB,
+        available_kv_gib_low=low / GIB,
         num_gpu_blocks=num_blocks,
         block_size=req.block_size,
         kv_tokens=kv_tokens,
@@ -299,6 +348,13 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
         max_num_seqs=seqs,
         max_num_batched_tokens=batched,
         warnings=warnings,
+        num_gpu_blocks_low=num_blocks_low,
+        kv_tokens_low=num_blocks_low // max(1, groups.count) * req.block_size,
+        max_concurrency_low=round(num_blocks_low / per_request, 2) if per_request else 0.0,
+        tp_non_torch_gib=None if tp_non_torch is None else tp_non_torch / GIB,
+        cuda_graph_in_budget=graphs_in_budget,
+        low_margin_gib=margin / GIB,
+        vllm_version_modelled=req.vllm_version if explicit is None else VLLM_VERSION_MODELLED,
     )
 
 

@@ -111,6 +111,12 @@ def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules:
     ]
     if profile.quantization != "none":
         argv += ["--quantization", profile.quantization]
+    for flag, value in (("--max-num-seqs", profile.max_num_seqs), ("--max-num-batched-tokens", profile.max_num_batched_tokens),
+                        ("--kv-cache-memory-bytes", profile.kv_cache_memory_bytes)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if profile.enforce_eager:
+        argv.append("--enforce-eager")
     env = {**profile.env, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), "HF_HUB_OFFLINE": "1"}
     if profile.lora.enable:
         argv += ["--enable-lora", "--max-loras", str(profile.lora.max_loras), "--max-lora-rank", str(profile.lora.max_lora_rank)]
@@ -178,6 +184,9 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         tensor_parallel_size=profile.tensor_parallel_size, max_model_len=profile.max_model_len,
         kv_cache_dtype=profile.kv_cache_dtype, free_memory_bytes=tightest.memory_free_bytes,
         other_process_bytes=tightest.memory_used_bytes, gpu_name=tightest.name, weight_bytes_total=exact,
+        max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
+        enforce_eager=profile.enforce_eager, kv_cache_memory_bytes=profile.kv_cache_memory_bytes,
+        **({"vllm_version": profile.vllm_version} if profile.vllm_version else {}),
     ))
 
 

@@ -32,6 +32,13 @@ class Profile(Strict):
     kv_cache_dtype: Literal["auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", "nvfp4"] = "auto"
     max_model_len: int = Field(default=8192, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # What the planner must know because vLLM sizes memory by it (each also goes on vLLM's command line).
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    enforce_eager: bool = False
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1, description="vLLM's explicit KV cache size")
+    vllm_version: str | None = Field(default=None, pattern=r"^\d+\.\d+(\.\d+)?$",
+                                     description="the vLLM this profile runs, where its memory accounting differs")
     port: int | Literal["auto"] = "auto"
     api_key_env: str | None = None
     lora: LoraSettings = Field(default_factory=LoraSettings)

@@ -201,7 +201,7 @@ class FitScreen(DeckScreen):
             for n in FIT_LENGTHS:
                 res = row[n]
                 if res.fits:
-                    cells.append(Text(f"{res.max_concurrency:.1f}x", style="bold green"))
+                    cells.append(Text(f"{res.max_concurrency_low:.1f}x", style="bold green"))
                 else:
                     cells.append(Text("no", style="bold red"))
             table.add_row(*cells, key=dtype)
@@ -209,7 +209,8 @@ class FitScreen(DeckScreen):
         if r.fits:
             verdict.append(" FITS ", style="bold reverse green")
             verdict.append(
-                f"  {r.kv_tokens:,} KV tokens · {r.max_concurrency:.2f}x requests of {r.max_model_len:,} tokens"
+                f"  {r.kv_tokens_low:,}-{r.kv_tokens:,} KV tokens · {r.max_concurrency_low:.2f}-{r.max_concurrency:.2f}x "
+                f"requests of {r.max_model_len:,} tokens"
             )
         else:
             verdict.append(" DOES NOT FIT ", style="bold reverse red")
@@ -227,8 +228,9 @@ class FitScreen(DeckScreen):
             f"GPU {g(r.total_gpu_memory_gib)} x {r.gpu_memory_utilization} = {g(r.budget_gib)}\n"
             f"  - weights      {g(r.weights_gib)}{'' if r.weights_exact else '  (from the shape)'}\n"
             f"  - activation   {g(r.activation_gib)}\n"
-            f"  - non-torch    {g(r.non_torch_gib)}\n"
-            f"  = KV cache     {g(r.available_kv_gib)}  ÷ {r.kv_bytes_per_token:,.0f} B/token\n"
+            f"  - non-torch    {g(r.non_torch_gib)}" + (f" + {r.tp_non_torch_gib:.2f} TP" if r.tp_non_torch_gib else "") + "\n"
+            + (f"  - CUDA graphs  {g(r.cuda_graph_gib)}  (vLLM {r.vllm_version_modelled})\n" if r.cuda_graph_in_budget else "")
+            + f"  = KV cache     {g(r.available_kv_gib)}, at least {r.available_kv_gib_low:.2f}  ÷ {r.kv_bytes_per_token:,.0f} B/token\n"
             f"  = {r.num_gpu_blocks:,} blocks x {r.block_size} = {r.kv_tokens:,} tokens"
         )
         self.query_one("#fit-breakdown", Static).update(breakdown)
