@@ -275,7 +275,7 @@ def _subclasses(cls: type) -> set[type]:
 async def test_the_audit_screen_lists_filters_and_verifies(tmp_path):
     from textual.widgets import DataTable, Input, Static
 
-    from tests.tui_helpers import make_app, ready, settle, static_text
+    from tests.tui_helpers import make_app, open_screen, settle, static_text
     from tui.screens.audit import AuditScreen
 
     store = open_store(tmp_path / "fd.db")
@@ -283,11 +283,7 @@ async def test_the_audit_screen_lists_filters_and_verifies(tmp_path):
     audit.append(store, "job.cancel", "ft-1", "refused", "no job 'ft-1'", params={"job": "ft-1"})
     app = make_app(store_path=tmp_path / "fd.db")
     async with app.run_test(size=(80, 24)) as pilot:
-        await ready(app, pilot)
-        await pilot.press("7")
-        await settle(app, pilot)
-        screen = app.screen
-        assert isinstance(screen, AuditScreen)
+        screen = await open_screen(app, pilot, "7", AuditScreen)
         table = screen.query_one("#audit-table", DataTable)
         assert [r.key.value for r in table.ordered_rows] == ["2", "1"]  # newest first
         assert "chain intact: 2 record(s)" in static_text(screen.query_one("#audit-verdict", Static))

@@ -4,7 +4,6 @@ from config cannot be turned into an option or a loophole."""
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from engine.router.config import is_loopback
 from engine.router.server import ProxyStartError, check_can_start
 from engine.router.config import RouterConfig
 from fleet.config import ConfigError, load_fleet_config
-from store.db import StoreError, open_store
+from store.db import open_store
 from tests.helpers import wait_for
 
 
@@ -41,17 +40,6 @@ def test_an_existing_store_at_0644_is_made_0600_with_its_wal(tmp_path):
 def test_a_new_store_folder_is_0700(tmp_path):
     open_store(tmp_path / "new" / "deeper" / "fd.db").close()
     assert _mode(tmp_path / "new" / "deeper") == 0o700
-
-
-def test_an_empty_sqlite_file_of_another_program_is_left_untouched(tmp_path):
-    path = tmp_path / "other.db"
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 7")  # a header, no tables, no application id
-    conn.close()
-    before = path.read_bytes()
-    with pytest.raises(StoreError, match="another program"):
-        open_store(path)
-    assert path.read_bytes() == before
 
 
 def test_an_empty_file_becomes_a_store(tmp_path):

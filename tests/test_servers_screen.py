@@ -11,7 +11,7 @@ from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store
 from tests.helpers import FAKE_VLLM_CMD, h100, make_adapter, profile
-from tests.tui_helpers import make_app, ready, settle, static_text
+from tests.tui_helpers import make_app, open_screen, ready, settle, static_text
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.servers import AdaptersScreen, ServersScreen
 
@@ -41,11 +41,7 @@ async def test_servers_screen_shows_state_and_figures_then_stops_after_confirmat
 
 async def _stop_from_the_screen(app, rec, path):
     async with app.run_test(size=(140, 30)) as pilot:
-        await ready(app, pilot)
-        await pilot.press("3")
-        await settle(app, pilot)
-        screen = app.screen
-        assert isinstance(screen, ServersScreen)
+        screen = await open_screen(app, pilot, "3", ServersScreen)
         screen.reload()  # a second scrape gives rates
         await settle(app, pilot)
         table = screen.query_one("#servers-table", DataTable)

@@ -25,10 +25,12 @@ def test_a_new_store_is_private_wal_and_at_the_current_schema(tmp_path):
     assert again.schema_version() == SCHEMA_VERSION
 
 
-def test_an_sqlite_file_of_another_program_is_refused_and_left_untouched(tmp_path):
+@pytest.mark.parametrize("sql", ["CREATE TABLE notes (x)", "PRAGMA user_version = 7"],
+                         ids=["with-tables", "empty-with-header"])  # no application id either way
+def test_an_sqlite_file_of_another_program_is_refused_and_left_untouched(tmp_path, sql):
     path = tmp_path / "other.db"
     conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE notes (x)")
+    conn.execute(sql)
     conn.commit()
     conn.close()
     before = path.read_bytes()

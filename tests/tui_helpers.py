@@ -59,3 +59,12 @@ async def settle(app, pilot, rounds: int = 3) -> None:
         await pilot.pause()
         await app.workers.wait_for_complete()
     await pilot.pause()
+
+
+async def open_screen(app: FleetDeckApp, pilot, key: str, cls: type) -> object:
+    """Press a top-level screen's key, let its first load land, and return it (asserting its class)."""
+    await ready(app, pilot)
+    await pilot.press(key)
+    await settle(app, pilot)
+    assert isinstance(app.screen, cls), app.screen
+    return app.screen
