@@ -119,6 +119,36 @@ _REFUSALS = (
 )
 
 
+def by_name(roots: list[Path], name: object) -> Adapter:
+    """An adapter of the adapter roots, by its folder name (never a path)."""
+    found, _ = scan(roots)
+    match = next((a for a in found if isinstance(name, str) and a.name == name), None)
+    if match is None:
+        names = ", ".join(sorted(a.name for a in found)) or "none"
+        raise AdapterError(f"no adapter {name!r} in the adapter roots (they hold: {names})")
+    return match
+
+
+def load_into(server: Any, adapter: Adapter, name: str | None = None, old: str | None = None) -> str:
+    """Load (or, with `old`, swap in) an adapter after the checks vLLM would fail on; a refusal is
+    audited and raised as AdapterError. `server` is a ready launcher.ServerRecord."""
+    name = name or adapter.name
+    action = "adapter.load" if old is None else "adapter.swap"
+    refusal = f"{server.id} is {server.state}, not ready" if server.state != "ready" else None
+    if refusal is None:
+        lora = server.spec.get("lora", {})
+        problems = compatibility_problems(adapter, server.spec.get("model", ""), lora.get("enable", False),
+                                          lora.get("max_lora_rank", 16))
+        refusal = f"not loading {adapter.name} into {server.id}: " + "; ".join(problems) if problems else None
+    if refusal is not None:
+        audit.refuse_if_read_only(action, name, server=server.id, adapter=name, path=adapter.path, old=old)
+        audit.record(action, name, "refused", refusal, server=server.id, adapter=name, path=adapter.path, old=old)
+        raise AdapterError(refusal)
+    if old is None:
+        return load(server.base_url, name, adapter.path, server.api_key, server=server.id)
+    return swap(server.base_url, old, name, adapter.path, server.api_key, server=server.id)
+
+
 def refusal_hint(message: str) -> str | None:
     return next((hint for pattern, hint in _REFUSALS if pattern.search(message)), None)
 

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from engine import audit
-from fleet.remote import PROTOCOL_VERSION, snapshot_to_json
+from fleet.remote import PROTOCOL_VERSION, Op, snapshot_to_json
 
 
 # Requests that change the node, and the audit action each is: an agent started read-only refuses them.
-MUTATING_OPS = {"start_server": "server.start", "stop_server": "server.stop", "start_job": "job.start",
-                "cancel_job": "job.cancel"}
+MUTATING_OPS = {Op.START_SERVER.value: "server.start", Op.STOP_SERVER.value: "server.stop",
+                Op.START_JOB.value: "job.start", Op.CANCEL_JOB.value: "job.cancel",
+                Op.LOAD_ADAPTER.value: "adapter.load", Op.UNLOAD_ADAPTER.value: "adapter.unload",
+                Op.SWAP_ADAPTER.value: "adapter.swap"}
 
 
 class BadRequest(ValueError):
@@ -79,12 +81,17 @@ class Agent:
         self._store: Any = None
         self._out_lock = threading.Lock()
         self._stop = threading.Event()
-        self.ops: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "ping": lambda a: {"pong": time.time()},
-            "list_servers": self._list_servers, "start_server": self._start_server, "stop_server": self._stop_server,
-            "list_jobs": self._list_jobs, "start_job": self._start_job, "cancel_job": self._cancel_job,
-            "list_adapters": self._list_adapters, "tail_log": self._tail_log,
+        self._scrapes: dict[str, Any] = {}  # each server's previous /metrics scrape, for rates
+        handlers: dict[Op, Callable[[dict[str, Any]], Any]] = {
+            Op.PING: lambda a: {"pong": time.time()},
+            Op.LIST_SERVERS: self._list_servers, Op.START_SERVER: self._start_server, Op.STOP_SERVER: self._stop_server,
+            Op.LIST_JOBS: self._list_jobs, Op.START_JOB: self._start_job, Op.CANCEL_JOB: self._cancel_job,
+            Op.LIST_ADAPTERS: self._list_adapters, Op.LIST_PROFILES: self._list_profiles, Op.TAIL_LOG: self._tail_log,
+            Op.LOAD_ADAPTER: self._load_adapter, Op.UNLOAD_ADAPTER: self._unload_adapter, Op.SWAP_ADAPTER: self._swap_adapter,
         }
+        if set(handlers) != set(Op):
+            raise RuntimeError(f"agent has no handler for {sorted(set(Op) - set(handlers))}")
+        self.ops: dict[str, Callable[[dict[str, Any]], Any]] = {op.value: fn for op, fn in handlers.items()}
 
     @property
     def store(self) -> Any:
@@ -97,9 +104,23 @@ class Agent:
 
     # -- ops ------------------------------------------------------------------------------------
     def _list_servers(self, a: dict[str, Any]) -> Any:
+        """Each server with the live figures read here, on its own node: its port never opens to the dashboard."""
         from engine.vllm import launcher
+        from engine.vllm.status import status_of
 
-        return [launcher.refresh(self.store, r).to_json() for r in launcher.list_servers(self.store)]
+        out = []
+        for rec in launcher.list_servers(self.store):
+            rec = launcher.refresh(self.store, rec)
+            status = status_of(rec, self._scrapes.get(rec.id))
+            if status.scrape is not None:
+                self._scrapes[rec.id] = status.scrape
+            out.append(status.to_json())
+        return out
+
+    def _list_profiles(self, a: dict[str, Any]) -> Any:
+        from engine.vllm.profile import named_profiles
+
+        return sorted(named_profiles())
 
     def _start_server(self, a: dict[str, Any]) -> Any:
         from engine.vllm import launcher
@@ -154,6 +175,52 @@ class Agent:
 
         found, problems = adapters.scan(self.adapter_roots)
         return {"adapters": [x.to_json() for x in found], "problems": problems}
+
+    def _server(self, a: dict[str, Any]) -> Any:
+        from engine.vllm import launcher
+
+        try:
+            return launcher.refresh(self.store, launcher.get(self.store, _text(a.get("server"), "server")))
+        except launcher.LaunchError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def _adapter(self, a: dict[str, Any]) -> Any:
+        from engine import adapters
+
+        try:
+            return adapters.by_name(self.adapter_roots, a.get("adapter"))
+        except adapters.AdapterError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def _name(self, a: dict[str, Any], key: str = "name") -> str | None:
+        import re
+
+        value = a.get(key)
+        if value is not None and (not isinstance(value, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._@:-]*$", value)):
+            raise BadRequest(f"{key} must be an adapter name, got {value!r}")
+        return value
+
+    def _load_adapter(self, a: dict[str, Any]) -> Any:
+        from engine import adapters
+
+        server, adapter = self._server(a), self._adapter(a)
+        return adapters.load_into(server, adapter, self._name(a))
+
+    def _swap_adapter(self, a: dict[str, Any]) -> Any:
+        from engine import adapters
+
+        server, adapter, old = self._server(a), self._adapter(a), self._name(a, "old")
+        if old is None:
+            raise BadRequest("old must name the loaded adapter to replace")
+        return adapters.load_into(server, adapter, self._name(a), old)
+
+    def _unload_adapter(self, a: dict[str, Any]) -> Any:
+        from engine import adapters
+
+        server, name = self._server(a), self._name(a)
+        if name is None:
+            raise BadRequest("name must name the loaded adapter to unload")
+        return adapters.unload(server.base_url, name, server.api_key, server=server.id)
 
     def _tail_log(self, a: dict[str, Any]) -> Any:
         from engine.vllm.diagnose import tail

@@ -96,6 +96,9 @@ class NodeSnapshot:
     simulated: bool = False
     gpus: list[GpuSnapshot] = field(default_factory=list)
     host: HostInfo = field(default_factory=HostInfo)
+    # How the dashboard reaches the node: None for this host; for a remote node connected |
+    # connecting | unreachable | incompatible (the screens read this, never the reason's wording).
+    link: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

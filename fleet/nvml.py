@@ -176,13 +176,26 @@ class NvmlCollector:
             snap.nvml = "ok"
             snap.driver_version = self._driver
             snap.cuda_driver_version = self._cuda
-            count = self._q("nvmlDeviceGetCount")
-            if count is None:
-                snap.nvml = "unavailable"
-                snap.reason = "NVML started but cannot count the GPUs. " + DRIVER_HELP
+            try:
+                count = self._q("nvmlDeviceGetCount")
+                if count is None:
+                    snap.nvml = "unavailable"
+                    snap.reason = "NVML started but cannot count the GPUs. " + DRIVER_HELP
+                    return snap
+                for index in range(count):
+                    snap.gpus.append(self._read_gpu(index, now))
+            except pynvml.NVMLError as exc:
+                # NVML itself failed (a driver reload leaves the old session uninitialised): start over
+                # on the next read rather than failing every read from now on.
+                try:
+                    pynvml.nvmlShutdown()
+                except pynvml.NVMLError:
+                    pass
+                self._initialised = False
+                self._last_init_try = -1e18
+                snap.nvml, snap.gpus = "unavailable", []
+                snap.reason = f"NVML failed ({exc}); it is re-initialised on the next read. " + DRIVER_HELP
                 return snap
-            for index in range(count):
-                snap.gpus.append(self._read_gpu(index, now))
             self._forget_exited(now)
             return snap
 

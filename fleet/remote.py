@@ -14,13 +14,32 @@ import json
 import subprocess
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from enum import Enum
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from fleet.model import GpuProcess, GpuSnapshot, HostInfo, MigDevice, NodeSnapshot
 
 PROTOCOL_VERSION = 1
+
+
+class Op(str, Enum):
+    """Every request a dashboard may send an agent; the agent answers these and nothing else."""
+
+    PING = "ping"
+    LIST_SERVERS = "list_servers"
+    START_SERVER = "start_server"
+    STOP_SERVER = "stop_server"
+    LIST_JOBS = "list_jobs"
+    START_JOB = "start_job"
+    CANCEL_JOB = "cancel_job"
+    LIST_ADAPTERS = "list_adapters"
+    LOAD_ADAPTER = "load_adapter"
+    UNLOAD_ADAPTER = "unload_adapter"
+    SWAP_ADAPTER = "swap_adapter"
+    LIST_PROFILES = "list_profiles"
+    TAIL_LOG = "tail_log"
 
 
 def _operator() -> str:
@@ -113,6 +132,7 @@ class RemoteNode:
             link = self.link
             latest = self._latest
         if link.status == "connected" and latest is not None:
+            latest.link = "connected"
             return latest
         seen = time.strftime("%H:%M", time.localtime(link.last_seen)) if link.last_seen else "never"
         since = time.strftime("%H:%M", time.localtime(link.since))
@@ -124,7 +144,8 @@ class RemoteNode:
             reason = f"unreachable since {since} (last seen {seen}): {link.error}"
         # Keep the GPUs on screen, marked stale, rather than letting them vanish.
         stale = [replace(g, error=f"stale: node {link.status}") for g in latest.gpus] if latest is not None else []
-        snap = NodeSnapshot(node=self.name, taken_at=self._clock(), nvml="unavailable", reason=reason, gpus=stale)
+        snap = NodeSnapshot(node=self.name, taken_at=self._clock(), nvml="unavailable", reason=reason, gpus=stale,
+                            link=link.status)
         snap.simulated = latest.simulated if latest is not None else False
         return snap
 
@@ -139,7 +160,8 @@ class RemoteNode:
                 proc.kill()
 
     # -- requests -------------------------------------------------------------------------------
-    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+    def request(self, op: Op | str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+        op = Op(op).value  # an operation the protocol does not have is a bug here, not a request to send
         with self._lock:
             proc = self._proc
             connected = self.link.status == "connected"
@@ -179,7 +201,10 @@ class RemoteNode:
             if self.link.status != "incompatible":
                 self._set("unreachable", error)
             for fut in list(self._pending.values()):
-                fut.set_exception(AgentError(f"{self.name}: connection lost ({error})"))
+                try:
+                    fut.set_exception(AgentError(f"{self.name}: connection lost ({error})"))
+                except InvalidStateError:
+                    pass  # answered (or given up on) in the meantime: nothing to fail
             # A session that lasted a while resets the backoff; a failing one doubles it.
             backoff = self.backoff_min if self._clock() - started > 30 else min(self.backoff_max, backoff * 2)
             self._stop.wait(backoff)
@@ -243,10 +268,13 @@ class RemoteNode:
                     if fut is None or fut.done():
                         self.link.bad_messages += 1  # an answer to nothing we asked
                         continue
-                    if msg.get("ok"):
-                        fut.set_result(msg.get("result"))
-                    else:
-                        fut.set_exception(AgentError(f"{self.name}: {msg.get('error')}"))
+                    try:
+                        if msg.get("ok"):
+                            fut.set_result(msg.get("result"))
+                        else:
+                            fut.set_exception(AgentError(f"{self.name}: {msg.get('error')}"))
+                    except InvalidStateError:
+                        self.link.bad_messages += 1  # the request timed out as the answer came
                 else:
                     self.link.bad_messages += 1
         finally:

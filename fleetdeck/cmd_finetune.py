@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetdeck.mutating import mutating
+from fleetdeck.nodes import on_node
 
 
 def register(sub: Any) -> None:
@@ -23,9 +24,11 @@ def register(sub: Any) -> None:
     st.add_argument("--gpus", required=True, help="GPU indices (0 or 0,1) or `cpu` (peft backend)")
     st.add_argument("--force", action="store_true", help="start even if the VRAM estimate says it will not fit")
     st.add_argument("--simulated", action="store_true", help="check VRAM against the simulated fleet")
+    st.add_argument("--node", help="on this node of the fleet config (SPEC is then a spec name there)")
     st.set_defaults(handler=run_start)
     ls = fsub.add_parser("ls", parents=[sub.common], help="jobs and their progress")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--node", help="the jobs of this node of the fleet config")
     ls.set_defaults(handler=run_ls)
     for name, fn, help_ in (("cancel", run_cancel, "stop cleanly: save a checkpoint and exit"),
                             ("resume", run_resume, "continue a cancelled or failed job from its last checkpoint"),
@@ -34,6 +37,7 @@ def register(sub: Any) -> None:
         p.add_argument("id")
         if name == "logs":
             p.add_argument("-n", type=int, default=60)
+        p.add_argument("--node", help="on this node of the fleet config, through its agent")
         p.set_defaults(handler=fn)
 
 
@@ -94,6 +98,10 @@ def run_start(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
     from fleet.config import ConfigError, load_fleet_config
 
+    if args.node:
+        gpus = None if args.gpus == "cpu" else [int(g) for g in args.gpus.split(",") if g.strip().isdigit()]
+        return on_node(args, "start_job", {"spec": args.spec, "gpus": gpus, "force": args.force})
+
     try:
         spec = _spec(args.spec)
         config = load_fleet_config(args.config, required=args.config is not None)
@@ -126,6 +134,10 @@ def run_start(args: argparse.Namespace) -> int:
 def run_ls(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
 
+    if args.node:
+        args.json = True
+        return on_node(args, "list_jobs", {})
+
     store = _store(args)
     recs = [jobs.refresh(store, r) for r in jobs.list_jobs(store)]
     if args.json:
@@ -142,6 +154,11 @@ def run_ls(args: argparse.Namespace) -> int:
 
 def _act(args: argparse.Namespace, what: str) -> int:
     from engine.finetune import jobs
+
+    if args.node:
+        if what != "cancel":
+            return _err("resume runs on the job's own node: run `fleetdeck finetune resume ID` there")
+        return on_node(args, "cancel_job", {"id": args.id})
 
     store = _store(args)
     try:
@@ -166,6 +183,9 @@ def run_resume(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
     from engine.vllm.diagnose import tail
+
+    if args.node:
+        return on_node(args, "tail_log", {"id": args.id, "n": args.n, "kind": "job"})
 
     try:
         rec = jobs.get(_store(args), args.id)

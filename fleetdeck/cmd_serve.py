@@ -10,6 +10,7 @@ from typing import Any
 
 from fleetdeck.argtypes import number
 from fleetdeck.mutating import mutating
+from fleetdeck.nodes import on_node, remote_node
 
 
 def register(sub: Any) -> None:
@@ -38,10 +39,12 @@ def register(sub: Any) -> None:
     sh.set_defaults(handler=run_show)
     sp = ssub.add_parser("stop", parents=[sub.common], help="stop a server (SIGTERM, then SIGKILL)")
     sp.add_argument("id")
+    sp.add_argument("--node", help="on this node of the fleet config, through its agent")
     sp.set_defaults(handler=run_stop)
     lg = ssub.add_parser("logs", parents=[sub.common], help="the tail of a server's log")
     lg.add_argument("id")
     lg.add_argument("-n", type=int, default=60)
+    lg.add_argument("--node", help="on this node of the fleet config, through its agent")
     lg.set_defaults(handler=run_logs)
 
     ad = sub.add_parser("adapters", help="LoRA adapters on disk and in running servers")
@@ -53,16 +56,19 @@ def register(sub: Any) -> None:
     ld.add_argument("server")
     ld.add_argument("adapter", help="adapter name (in the roots) or folder")
     ld.add_argument("--name", help="name to serve it under (default: the folder name)")
+    ld.add_argument("--node", help="on this node of the fleet config, through its agent")
     ld.set_defaults(handler=run_adapters_load)
     ul = asub.add_parser("unload", parents=[sub.common], help="unload an adapter from a server")
     ul.add_argument("server")
     ul.add_argument("name")
+    ul.add_argument("--node", help="on this node of the fleet config, through its agent")
     ul.set_defaults(handler=run_adapters_unload)
     sw = asub.add_parser("swap", parents=[sub.common], help="load a new adapter, then unload the old one (no gap)")
     sw.add_argument("server")
     sw.add_argument("old", help="the loaded adapter to replace")
     sw.add_argument("adapter", help="the new adapter: name (in the roots) or folder")
     sw.add_argument("--name", help="name to serve it under (default: the folder name)")
+    sw.add_argument("--node", help="on this node of the fleet config, through its agent")
     sw.set_defaults(handler=run_adapters_swap)
 
 
@@ -106,27 +112,6 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
     return [by_index[i] for i in indices], None
 
 
-def remote_node(config: Any, name: str, timeout: float = 30.0) -> Any:
-    """Connect to a node of the fleet config through its agent; raises AgentError if it does not answer."""
-    import time
-
-    from fleet.remote import AgentError, RemoteNode
-
-    node = next((n for n in config.node if n.name == name), None)
-    if node is None:
-        raise AgentError(f"no node {name!r} in the fleet config (nodes: {', '.join(n.name for n in config.node) or 'none'})")
-    remote = RemoteNode.over_ssh(node.name, node.ssh, list(node.ssh_options), node.agent_command or None)
-    deadline = time.time() + timeout
-    while remote.link.status != "connected" and time.time() < deadline:
-        if remote.link.status == "incompatible":
-            break
-        time.sleep(0.1)
-    if remote.link.status != "connected":
-        remote.close()
-        raise AgentError(f"{name}: {remote.link.error or 'no answer from its agent'}")
-    return remote
-
-
 @mutating("server.start", lambda a: a.profile, lambda a: not a.dry_run)
 def run_start(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, wait_ready
@@ -143,13 +128,13 @@ def run_start(args: argparse.Namespace) -> int:
         return _err(str(exc))
     if args.node:
         from engine import audit
-        from fleet.remote import AgentError
+        from fleet.remote import AgentError, Op
 
         audit.refuse_if_read_only("server.start", args.profile, profile=args.profile, gpus=args.gpus)
         try:
             remote = remote_node(config, args.node)
             try:
-                result = remote.request("start_server", {"profile": args.profile, "gpus": gpus,
+                result = remote.request(Op.START_SERVER, {"profile": args.profile, "gpus": gpus,
                                                          "force": args.force, "port": args.port}, timeout=120)
             finally:
                 remote.close()
@@ -193,22 +178,20 @@ def run_start(args: argparse.Namespace) -> int:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import ServerRecord
     from engine.vllm.status import ServerStatus, statuses
 
     if args.node:
-        from fleet.remote import AgentError
+        from fleet.remote import AgentError, Op
 
         try:
             remote = remote_node(_fleet_config(args), args.node)
             try:
-                docs = remote.request("list_servers")
+                docs = remote.request(Op.LIST_SERVERS)
             finally:
                 remote.close()
         except AgentError as exc:
             return _err(str(exc))
-        recs = [ServerRecord.from_json(d) for d in docs]
-        views = [ServerStatus(r) for r in recs]
+        views = [ServerStatus.from_json(d) for d in docs]
     else:
         views = statuses(_store(args), interval=args.interval)
     if args.json:
@@ -270,6 +253,8 @@ def run_show(args: argparse.Namespace) -> int:
 def run_stop(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, get, stop
 
+    if args.node:
+        return on_node(args, "stop_server", {"id": args.id})
     store = _store(args)
     try:
         rec = stop(store, get(store, args.id))
@@ -283,6 +268,8 @@ def run_logs(args: argparse.Namespace) -> int:
     from engine.vllm.diagnose import tail
     from engine.vllm.launcher import LaunchError, get
 
+    if args.node:
+        return on_node(args, "tail_log", {"id": args.id, "n": args.n})
     try:
         rec = get(_store(args), args.id)
     except LaunchError as exc:
@@ -346,35 +333,16 @@ def _load_or_swap(args: argparse.Namespace, old: str | None) -> int:
     from engine import adapters
     from engine.vllm.launcher import LaunchError, get, refresh
 
+    if args.node:
+        op = "load_adapter" if old is None else "swap_adapter"
+        return on_node(args, op, {"server": args.server, "adapter": args.adapter, "name": args.name, "old": old})
     config = _fleet_config(args)
     store = _store(args)
     try:
         server = refresh(store, get(store, args.server))
         adapter = _adapter(config, args.adapter)
+        print(adapters.load_into(server, adapter, args.name, old))
     except (LaunchError, adapters.AdapterError) as exc:
-        return _err(str(exc))
-    from engine import audit
-
-    action = "adapter.load" if old is None else "adapter.swap"
-    name = args.name or adapter.name
-    refusal = f"{server.id} is {server.state}, not ready" if server.state != "ready" else None
-    if refusal is None:
-        lora = server.spec.get("lora", {})
-        problems = adapters.compatibility_problems(adapter, server.spec.get("model", ""), lora.get("enable", False),
-                                                   lora.get("max_lora_rank", 16))
-        refusal = f"not loading {adapter.name} into {server.id}: " + "; ".join(problems) if problems else None
-    if refusal is not None:
-        if audit.is_read_only():  # read-only says so first, as it would for a loadable adapter
-            refusal = "fleetdeck is read-only (--read-only or read_only = true)"
-        audit.record(action, name, "refused", refusal, server=server.id, adapter=name, path=adapter.path, old=old)
-        return _err(refusal)
-    key = server.api_key
-    try:
-        if old is None:
-            print(adapters.load(server.base_url, name, adapter.path, key, server=server.id))
-        else:
-            print(adapters.swap(server.base_url, old, name, adapter.path, key, server=server.id))
-    except adapters.AdapterError as exc:
         return _err(str(exc))
     return 0
 
@@ -384,6 +352,8 @@ def run_adapters_unload(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.vllm.launcher import LaunchError, get
 
+    if args.node:
+        return on_node(args, "unload_adapter", {"server": args.server, "name": args.name})
     store = _store(args)
     try:
         server = get(store, args.server)

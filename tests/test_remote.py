@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import pynvml
 import pytest
 from textual.widgets import DataTable
 
@@ -258,3 +260,185 @@ def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp
     assert (rec["action"], rec["outcome"], rec["source"]) == ("server.start", "refused", "agent")
     assert rec["origin"].startswith("127.0.0.1:") and rec["key_fingerprint"] == fingerprint
     assert rec["on_behalf_of"] and "@" in rec["on_behalf_of"]
+
+
+# --- one node interface ------------------------------------------------------------------------------
+def test_a_reconnect_with_an_answered_request_still_pending_does_not_kill_the_node():
+    """A future already answered when the link drops is left alone; the node comes back."""
+    from concurrent.futures import Future
+
+    node = RemoteNode("flaky", [*AGENT, "--exit-after", "1.0"], interval_s=0.2, backoff_s=(0.2, 0.5))
+    try:
+        assert wait_for(lambda: node.link.status == "connected")
+        answered: Future = Future()
+        answered.set_result({"pong": 1})
+        node._pending[999_999] = answered  # as if request() had not yet collected it when the agent went
+        assert wait_for(lambda: node.link.status != "connected", timeout=15)
+        assert wait_for(lambda: node.link.status == "connected", timeout=20), node.link.error
+        assert node._thread.is_alive() and node.request("ping")["pong"] > 0
+    finally:
+        node.close()
+
+
+def test_every_protocol_operation_has_its_handler_and_unknown_ones_are_refused_before_sending():
+    from fleet.remote import Op
+
+    agent = Agent(LocalNode("x"), None, [], "9.9")
+    assert set(agent.ops) == {op.value for op in Op}
+    node = RemoteNode("n", [PY, "-c", "import time; time.sleep(30)"], hello_timeout_s=30)
+    try:
+        with pytest.raises(ValueError):
+            node.request("format_disks")
+    finally:
+        node.close()
+
+
+def test_link_state_is_a_field_the_fleet_screen_reads():
+    node = RemoteNode("gone", [PY, "-c", "import sys; sys.exit(255)"], backoff_s=(0.2, 0.4))
+    try:
+        assert wait_for(lambda: node.snapshot().link == "unreachable")
+        from tui.screens.fleet import node_cells
+
+        assert str(node_cells(node.snapshot(), 40)["vram"]) == "UNREACHABLE"
+    finally:
+        node.close()
+
+
+def test_a_hung_nvml_call_marks_the_gpus_stale_and_never_blocks(monkeypatch):
+    fake = FakeNvml([FakeGpu(uuid="GPU-h0")])
+    fake.install(monkeypatch)
+    node = LocalNode("hung", timeout_s=0.3)
+    first = node.snapshot()
+    assert first.nvml == "ok" and first.gpus[0].uuid == "GPU-h0"
+    release = threading.Event()
+    real = pynvml.nvmlDeviceGetCount
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: (release.wait(30), real())[1])
+    t = time.perf_counter()
+    stale = node.snapshot()
+    again = node.snapshot()  # no second read is started while the first is stuck
+    assert stale.nvml == "unavailable" and "has not answered" in stale.reason
+    assert stale.gpus[0].uuid == "GPU-h0" and stale.gpus[0].error.startswith("stale:")
+    assert again.nvml == "unavailable" and fake.calls.get("nvmlDeviceGetCount", 0) == 0
+    release.set()  # the driver recovers
+    assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=10)
+    assert time.perf_counter() - t < 25  # bounded by the test, not by the stuck call
+
+
+def test_nvml_that_fails_after_a_driver_reload_is_initialised_again(monkeypatch):
+    fake = FakeNvml([FakeGpu(uuid="GPU-r0")])
+    fake.install(monkeypatch)
+    node = LocalNode("reload")
+    assert node.snapshot().nvml == "ok"
+    inits = []
+    real_init = pynvml.nvmlInit
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: (inits.append(1), real_init())[1])
+    real_count = pynvml.nvmlDeviceGetCount
+
+    def uninitialised() -> int:
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", real_count)  # only the first call after the reload
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_UNINITIALIZED)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", uninitialised)
+    failed = node.snapshot()
+    assert failed.nvml == "unavailable" and "re-initialised" in failed.reason
+    assert node.snapshot().nvml == "ok" and inits == [1]
+
+
+def test_the_agent_relays_live_figures_of_its_servers(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
+    monkeypatch.setenv("FLEETDECK_PROFILES", str(profiles))
+    monkeypatch.chdir(tmp_path)  # no ./configs/profiles
+    from fleet.simulated import demo_fleet
+
+    pipe = Pipe(Agent(demo_fleet()[0], tmp_path / "agent.db", [], "9.9", interval_s=0.5))
+    try:
+        pipe.next("hello")
+
+        def ask(op: str, args: dict, rid: int) -> dict:
+            pipe.send({"v": 1, "type": "request", "id": rid, "op": op, "args": args})
+            while True:
+                msg = pipe.next("response", timeout=60)
+                if msg["id"] == rid:
+                    assert msg["ok"], msg
+                    return msg["result"]
+
+        assert ask("list_profiles", {}, 1) == ["q"]
+        sid = ask("start_server", {"profile": "q", "gpus": [3]}, 2)["server"]["id"]
+        assert wait_for(lambda: ask("list_servers", {}, 3)[0]["state"] == "ready", timeout=30)
+        docs = ask("list_servers", {}, 4)
+        fig = docs[0]["figures"]
+        assert fig is not None and fig["kv_tokens"] and fig["running"] is not None
+        ask("stop_server", {"id": sid}, 5)
+    finally:
+        pipe.close()
+
+
+def test_every_operation_on_a_node_over_real_ssh_from_the_command_line(sshd, tmp_path, capsys, monkeypatch):
+    """Servers, adapters, jobs and logs on a node reached over a real sshd, through the same commands as
+    on this host with --node; the figures come from the node's agent; the node audits each change."""
+    import re
+
+    from engine.kvfit.catalogue import CATALOGUE
+    from tests.helpers import make_adapter
+
+    dest, opts = sshd
+    remote = tmp_path / "remote"
+    (remote / "profiles").mkdir(parents=True)
+    (remote / "profiles" / "q.toml").write_text(
+        'name = "q"\nmodel = "Qwen/Qwen3-8B"\n[lora]\nenable = true\nmax_lora_rank = 32\n')
+    make_adapter(remote / "adapters", "tickets-v1")
+    make_adapter(remote / "adapters", "tickets-v2")
+    (remote / "fleet.toml").write_text(f'adapter_roots = ["{remote / "adapters"}"]\n')
+    base = remote / "Qwen3-8B"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(CATALOGUE["Qwen/Qwen3-8B"]))
+    (remote / "d.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    specs = remote / "config" / "fleetdeck" / "finetune"
+    specs.mkdir(parents=True)
+    (specs / "sim.toml").write_text(f'name = "sim"\nbase_model = "{base}"\ndataset = "{remote / "d.jsonl"}"\n'
+                                    'backend = "simulated"\nmax_steps = 400\n')
+    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={remote / 'state'}",
+             f"XDG_CONFIG_HOME={remote / 'config'}", f"FLEETDECK_PROFILES={remote / 'profiles'}",
+             PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "gpu-02",
+             "--store", str(remote / "fd.db"), "--config", str(remote / "fleet.toml")]
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[node]]\nname = "gpu-02"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
+                     f"agent_command = {json.dumps(agent)}\n")
+    monkeypatch.chdir(tmp_path)
+
+    def cli(*argv: str) -> str:
+        rc = main([*argv, "--node", "gpu-02", "--config", str(fleet), "--store", str(tmp_path / "local.db")])
+        out = capsys.readouterr()
+        assert rc == 0, (argv, out.err)
+        return out.out
+
+    sid = re.search(r"started (q-\w+)", cli("serve", "start", "q", "--gpus", "3")).group(1)
+    assert wait_for(lambda: json.loads(cli("serve", "ls", "--json"))[0]["state"] == "ready", timeout=60)
+    listed = json.loads(cli("serve", "ls", "--json"))[0]
+    assert listed["figures"]["kv_tokens"]  # read by the agent on its node
+    assert "added successfully" in cli("adapters", "load", sid, "tickets-v1")
+    assert "tickets-v2 loaded, then tickets-v1 unloaded" in cli("adapters", "swap", sid, "tickets-v1", "tickets-v2")
+    assert "Success" in cli("adapters", "unload", sid, "tickets-v2")
+    assert "Starting vLLM API server" in cli("serve", "logs", sid)
+    job = json.loads(cli("finetune", "start", "sim", "--gpus", "cpu"))
+    assert [j["id"] for j in json.loads(cli("finetune", "ls"))] == [job["id"]]
+    cli("finetune", "logs", job["id"])  # the job's log tail, read on its node (exit 0)
+    assert json.loads(cli("finetune", "cancel", job["id"]))["state"] in ("cancelled", "failed", "finished")
+    assert json.loads(cli("serve", "stop", sid))["state"] == "stopped"
+    # A wrong node is named with the ones that exist.
+    assert main(["serve", "ls", "--node", "gpu-99", "--config", str(fleet)]) == 2
+    assert "no node 'gpu-99' in the fleet config (nodes: gpu-02)" in capsys.readouterr().err
+    # Every change is in the node's own audit trail, on behalf of this dashboard's user.
+    from engine import audit
+    from store.db import open_store
+
+    recs = list(reversed(audit.query(open_store(remote / "fd.db"))))
+    assert [(r["action"], r["outcome"]) for r in recs] == [
+        ("server.start", "done"), ("adapter.load", "done"), ("adapter.swap", "done"), ("adapter.unload", "done"),
+        ("job.start", "done"), ("job.cancel", "done"), ("server.stop", "done")]
+    assert all(r["source"] == "agent" and r["on_behalf_of"] for r in recs)

@@ -38,6 +38,15 @@ async def test_start_a_server_from_the_servers_screen(tmp_path, monkeypatch):
             await pilot.pause()
             dialog = app.screen
             assert isinstance(dialog, StartServerScreen)
+            # A node the fleet does not have is refused with the ones it has (never planned elsewhere).
+            dialog.query_one("#start-gpus", Input).value = "no-such-node/0"
+            dialog.query_one("#start-profile", Select).value = "qwen"
+            await settle(app, pilot)
+            await pilot.press("ctrl+s")
+            await settle(app, pilot)
+            verdict = static_text(dialog.query_one("#start-verdict", Static))
+            assert "no node 'no-such-node'; the fleet has sim-a10-02, sim-h100-01, sim-ws-4090" in verdict, verdict
+            assert launcher.list_servers(open_store(db)) == []
             dialog.query_one("#start-gpus", Input).value = "sim-h100-01/3"
             dialog.query_one("#start-profile", Select).value = "huge"  # 70B in 16-bit on one H100: refused
             await settle(app, pilot)

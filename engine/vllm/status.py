@@ -24,6 +24,16 @@ class ServerStatus:
     loaded_adapters: list[str] = field(default_factory=list)
     error: str | None = None  # why the figures are missing although the server is ready
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "ServerStatus":
+        """A status as a node's agent sends it (its figures read on that node)."""
+        from engine.vllm.launcher import ServerRecord
+
+        fig = doc.get("figures")
+        known = {k: v for k, v in (fig or {}).items() if k in ServerFigures.__dataclass_fields__}
+        return cls(ServerRecord.from_json(doc), ServerFigures(**known) if fig else None,
+                   loaded_adapters=list(doc.get("loaded_adapters") or []), error=doc.get("figures_error"))
+
     def to_json(self) -> dict[str, Any]:
         doc = self.rec.to_json()
         doc["figures"] = asdict(self.figures) if self.figures is not None else None

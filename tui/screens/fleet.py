@@ -92,11 +92,11 @@ def node_cells(snap: NodeSnapshot, work_width: int) -> dict[str, str | Text]:
     label.append(snap.node[:14], style="bold")
     if snap.nvml != "ok":
         reason = snap.reason or ""
-        if reason.startswith("unreachable"):
+        if snap.link == "unreachable":
             state, style = "UNREACHABLE", "bold red"
-        elif reason.startswith("connecting"):
+        elif snap.link == "connecting":
             state, style = "CONNECTING", "bold yellow"
-        elif "protocol" in reason:
+        elif snap.link == "incompatible":
             state, style = "INCOMPATIBLE", "bold red"
         else:
             state, style, reason = "NO NVML", "bold red", "no NVIDIA driver: press Enter"

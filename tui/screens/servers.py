@@ -85,18 +85,24 @@ class ServersScreen(PolledScreen):
         except Exception as exc:
             self.app.call_from_thread(self._error, f"servers unavailable: {exc}")
             return
-        recs += self._remote_records()
         for rec in recs:
             status = status_of(rec, self._scrapes.get(rec.id))  # the same figures `serve ls --json` prints
             if status.scrape is not None:
                 self._scrapes[rec.id] = status.scrape
             views.append((rec, status.figures))
+        views += self._remote_views()
         self.app.call_from_thread(self._show, views)
 
-    def _remote_records(self) -> list[Any]:
-        """Servers on connected remote nodes, through their agents (state only: their ports stay closed)."""
-        from engine.vllm.launcher import ServerRecord
-        from fleet.remote import AgentError, RemoteNode
+    def _remote(self, node: str) -> Any:
+        from fleet.remote import RemoteNode
+
+        poller = getattr(self.app, "poller", None)
+        return next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
+
+    def _remote_views(self) -> list[tuple[Any, Any]]:
+        """Servers on connected remote nodes, with the figures their agents read on the node itself."""
+        from engine.vllm.status import ServerStatus
+        from fleet.remote import AgentError, Op, RemoteNode
 
         out = []
         poller = getattr(self.app, "poller", None)
@@ -104,13 +110,13 @@ class ServersScreen(PolledScreen):
             if not isinstance(source, RemoteNode) or source.link.status != "connected":
                 continue
             try:
-                docs = source.request("list_servers", timeout=5)
+                docs = source.request(Op.LIST_SERVERS, timeout=5)
             except AgentError:
                 continue
             for d in docs:
-                rec = ServerRecord.from_json(d)
-                rec.id = f"@{source.name}:{rec.id}"
-                out.append(rec)
+                status = ServerStatus.from_json(d)
+                status.rec.id = f"@{source.name}:{status.rec.id}"
+                out.append((status.rec, status.figures))
         return out
 
     def _error(self, message: str) -> None:
@@ -217,7 +223,7 @@ class ServersScreen(PolledScreen):
         from engine.vllm.profile import Profile
 
         if rec.id.startswith("@"):
-            self._remote_stop(rec)
+            self._remote_stop(rec, restart)
             return
         launcher.stop(self.store, rec)
         message = f"{rec.id} stopped"
@@ -232,22 +238,26 @@ class ServersScreen(PolledScreen):
         self.app.call_from_thread(self.notify, message)
         self.app.call_from_thread(self.reload)
 
-    def _remote_stop(self, rec: Any) -> None:
-        from fleet.remote import AgentError, RemoteNode
+    def _remote_stop(self, rec: Any, restart: bool = False) -> None:
+        """Stop (and for a restart, start again with the same profile and GPUs) through the node's agent."""
+        from engine import audit
+        from fleet.remote import AgentError, Op
 
         node, _, sid = rec.id[1:].partition(":")
-        poller = getattr(self.app, "poller", None)
-        remote = next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
-        from engine import audit
-
+        remote = self._remote(node)
         try:
             audit.refuse_if_read_only("server.stop", rec.id, server=rec.id)
             if remote is None:
                 raise AgentError(f"{node} is not connected")
-            remote.request("stop_server", {"id": sid}, timeout=60)
+            remote.request(Op.STOP_SERVER, {"id": sid}, timeout=60)
             message = f"{rec.id} stopped"
+            if restart:
+                audit.refuse_if_read_only("server.start", rec.name, profile=rec.name, gpus=rec.gpus)
+                result = remote.request(Op.START_SERVER, {"profile": rec.name, "gpus": [int(g) for g in rec.gpus.split(",")],
+                                                          "force": True}, timeout=120)
+                message = f"{rec.id} restarted as @{node}:{result['server']['id']}"
         except (AgentError, audit.ReadOnlyError) as exc:
-            message = str(exc)
+            message = f"{rec.id}: {exc}"
         self.app.call_from_thread(self.notify, message)
         self.app.call_from_thread(self.reload)
 
@@ -346,13 +356,22 @@ class StartServerScreen(DeckModal):
 
         indices = parse_gpus(text)
         if poller is not None:
-            nodes = [poller.latest[node]] if node in (poller.latest or {}) else list(poller.latest.values())[:1]
+            known = poller.latest or {}
+            if node is not None and node not in known:
+                raise ValueError(f"no node {node!r}; the fleet has {', '.join(sorted(known)) or 'no nodes yet'}")
+            nodes = [known[node]] if node is not None else list(known.values())[:1]
             for snap in nodes:
                 by_index = {g.index: g for g in snap.gpus}
                 snaps = [by_index[i] for i in indices if i in by_index]
         if len(snaps) != len(indices):
             raise ValueError(f"no such GPU(s) {indices} on {node or 'this node'}")
         return indices, snaps
+
+    def _remote_source(self, node: str | None) -> Any:
+        from fleet.remote import RemoteNode
+
+        poller = getattr(self.app, "poller", None)
+        return next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
 
     def _profile_name(self) -> str:
         name = self.query_one("#start-profile", Select).value
@@ -399,20 +418,19 @@ class StartServerScreen(DeckModal):
     def _launch_now(self) -> None:
         from engine.vllm import launcher
 
-        from fleet.remote import RemoteNode
-
         try:
             profile = self.app.call_from_thread(self._profile)
             indices, snaps = self.app.call_from_thread(self._gpus)
             text = self.app.call_from_thread(lambda: self.query_one("#start-gpus", Input).value)
             node = text.partition("/")[0] if "/" in text else None
-            poller = getattr(self.app, "poller", None)
-            remote = next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
+            remote = self.app.call_from_thread(self._remote_source, node)
             if remote is not None:
                 from engine import audit
+                from fleet.remote import Op
 
-                audit.refuse_if_read_only("server.start", str(self.app.call_from_thread(self._profile_name)), gpus=text)
-                result = remote.request("start_server", {"profile": self.app.call_from_thread(self._profile_name), "gpus": indices}, timeout=120)
+                name = self.app.call_from_thread(self._profile_name)
+                audit.refuse_if_read_only("server.start", name, gpus=text)
+                result = remote.request(Op.START_SERVER, {"profile": name, "gpus": indices}, timeout=120)
                 srv = result["server"]
                 self.app.call_from_thread(self.dismiss, f"started {srv['id']} on {node} GPUs {srv['gpus']}, port {srv['port']}")
                 return

@@ -1,0 +1,47 @@
+"""The command line's way to another node: connect through its agent, ask, print the answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def remote_node(config: Any, name: str, timeout: float = 30.0) -> Any:
+    """Connect to a node of the fleet config through its agent; raises AgentError if it does not answer."""
+    import time
+
+    from fleet.remote import AgentError, RemoteNode
+
+    node = next((n for n in config.node if n.name == name), None)
+    if node is None:
+        raise AgentError(f"no node {name!r} in the fleet config (nodes: {', '.join(n.name for n in config.node) or 'none'})")
+    remote = RemoteNode.over_ssh(node.name, node.ssh, list(node.ssh_options), node.agent_command or None)
+    deadline = time.time() + timeout
+    while remote.link.status != "connected" and time.time() < deadline:
+        if remote.link.status == "incompatible":
+            break
+        time.sleep(0.1)
+    if remote.link.status != "connected":
+        remote.close()
+        raise AgentError(f"{name}: {remote.link.error or 'no answer from its agent'}")
+    return remote
+
+
+def on_node(args: argparse.Namespace, op: str, payload: dict[str, Any]) -> int:
+    """Ask the node's agent (which checks and audits it there); print what it answers."""
+    from fleet.config import load_fleet_config
+    from fleet.remote import AgentError
+
+    try:
+        remote = remote_node(load_fleet_config(args.config, required=args.config is not None), args.node)
+        try:
+            result = remote.request(op, {k: v for k, v in payload.items() if v is not None}, timeout=120)
+        finally:
+            remote.close()
+    except AgentError as exc:
+        print(f"fleetdeck: {exc}", file=sys.stderr)
+        return 2
+    print(result if isinstance(result, str) else json.dumps(result, indent=2))
+    return 0
