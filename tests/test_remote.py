@@ -442,3 +442,40 @@ def test_every_operation_on_a_node_over_real_ssh_from_the_command_line(sshd, tmp
         ("server.start", "done"), ("adapter.load", "done"), ("adapter.swap", "done"), ("adapter.unload", "done"),
         ("job.start", "done"), ("job.cancel", "done"), ("server.stop", "done")]
     assert all(r["source"] == "agent" and r["on_behalf_of"] for r in recs)
+
+
+async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_again(tmp_path):
+    from tests.tui_helpers import open_screen, settle
+    from tui.screens.confirm import ConfirmScreen
+    from tui.screens.servers import ServersScreen
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
+    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={tmp_path / 'state'}",
+             f"FLEETDECK_PROFILES={profiles}", *AGENT, "--node-name", "node-r", "--store", str(tmp_path / "r.db")]
+    node = RemoteNode("node-r", agent, interval_s=0.3)
+    try:
+        assert wait_for(lambda: node.link.status == "connected")
+        first = node.request("start_server", {"profile": "q", "gpus": [3], "force": True})["server"]["id"]
+        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=30)
+        app = make_app(lambda: [node], store_path=tmp_path / "local.db")
+        app.poller.close = lambda: None  # the test closes the node itself
+        async with app.run_test(size=(140, 30)) as pilot:
+            screen = await open_screen(app, pilot, "3", ServersScreen)
+            table = screen.query_one("#servers-table", DataTable)
+            assert f"@node-r:{first}" in [r.key.value for r in table.ordered_rows]
+            assert str(table.get_cell(f"@node-r:{first}", "cap")).startswith("476,016")  # figures from the node
+            table.move_cursor(row=table.get_row_index(f"@node-r:{first}"))
+            await pilot.press("r")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await settle(app, pilot, 5)
+            assert wait_for(lambda: len(node.request("list_servers")) == 2, timeout=30)
+        states = {s["id"]: s["state"] for s in node.request("list_servers")}
+        assert states.pop(first) == "stopped" and list(states.values())[0] in ("starting", "ready")
+        for sid in states:
+            node.request("stop_server", {"id": sid})
+    finally:
+        node.close()
