@@ -27,10 +27,11 @@ def register(sub: Any) -> None:
     p.add_argument("--tp", type=integer(1, 1024, "a tensor parallel size"), default=1, metavar="N", help="tensor parallel size")
     p.add_argument("--util", type=number(0, 1, above=True, what="a fraction"), default=0.9, metavar="FRACTION", help="gpu_memory_utilization (default 0.9)")
     p.add_argument("--max-model-len", type=integer(1, 2**31 - 1, "a token count"), default=8192, metavar="L")
+    from engine.kvfit.arch import QUANT_BY_VLLM_NAME
     from engine.kvfit.plan import KV_DTYPES
 
     p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto")
-    p.add_argument("--quantization", choices=("awq", "gptq", "fp8", "none"), help="override the checkpoint's quantization")
+    p.add_argument("--quantization", choices=sorted(QUANT_BY_VLLM_NAME), help="override the checkpoint's quantization")
     p.add_argument("--available-kv-gib", type=number(0, 16384, above=True, what="GiB"), metavar="X", help="skip the overhead estimate: this much memory for KV")
     p.add_argument("--max-num-seqs", type=integer(1, 1 << 20, "a count"), metavar="N", help="vLLM --max-num-seqs (default: vLLM's for the GPU)")
     p.add_argument("--max-num-batched-tokens", type=integer(1, 1 << 24, "a token count"), metavar="N")
@@ -56,7 +57,7 @@ def _fail(msg: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from engine.kvfit import ArchError, FitRequest, list_models, load_model, plan
-    from engine.kvfit.arch import Quantization
+    from engine.kvfit.arch import QUANT_BY_VLLM_NAME
 
     if args.list_models:
         for name in list_models():
@@ -71,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quantization:
         from dataclasses import replace
 
-        quant = {"awq": Quantization("awq", 4, 128), "gptq": Quantization("gptq", 4, 128),
-                 "fp8": Quantization("fp8", 8), "none": Quantization("none")}[args.quantization]
+        quant = QUANT_BY_VLLM_NAME[args.quantization]
         if quant != arch.quantization:
             exact = None  # the files on disk are another quantization than the one asked about
         arch = replace(arch, quantization=quant)

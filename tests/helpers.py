@@ -96,3 +96,29 @@ class Pipe:
     def close(self) -> None:
         self.to_agent.close()
         self.thread.join(timeout=5)
+
+
+def make_node_files(root: Path, api_key_env: str | None = None) -> Path:
+    """What a node's own folders hold, for tests of its commands and agent: profile `q` (Qwen3-8B, LoRA
+    up to rank 32) in root/profiles, adapters tickets-v1 and tickets-v2 in root/adapters (named by
+    root/fleet.toml), a catalogue base-model folder, a dataset, and the simulated job spec `sim` in
+    root/config/fleetdeck/finetune (so XDG_CONFIG_HOME=root/config finds it)."""
+    from engine.kvfit.catalogue import CATALOGUE
+
+    (root / "profiles").mkdir(parents=True)
+    key = f'api_key_env = "{api_key_env}"\n' if api_key_env else ""
+    (root / "profiles" / "q.toml").write_text(
+        f'name = "q"\nmodel = "Qwen/Qwen3-8B"\n{key}[lora]\nenable = true\nmax_lora_rank = 32\n')
+    make_adapter(root / "adapters", "tickets-v1")
+    make_adapter(root / "adapters", "tickets-v2")
+    (root / "fleet.toml").write_text(f'adapter_roots = ["{root / "adapters"}"]\n')
+    base = root / "Qwen3-8B"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(CATALOGUE["Qwen/Qwen3-8B"]))
+    (root / "d.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    specs = root / "config" / "fleetdeck" / "finetune"
+    specs.mkdir(parents=True)
+    (specs / "sim.toml").write_text(f'name = "sim"\nbase_model = "{base}"\ndataset = "{root / "d.jsonl"}"\n'
+                                    f'backend = "simulated"\nmax_steps = 400\nadapter_root = "{root / "adapters"}"\n')
+    return root
+

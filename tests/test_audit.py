@@ -15,8 +15,7 @@ import pytest
 from engine import audit
 from fleetdeck.cli import main
 from store.db import open_store
-from engine.kvfit.catalogue import CATALOGUE
-from tests.helpers import FAKE_VLLM_CMD, Pipe, make_adapter
+from tests.helpers import FAKE_VLLM_CMD, Pipe, make_node_files
 
 PLANTED = "sk-planted-7f3a9c"
 
@@ -31,19 +30,7 @@ def site(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("FLEETDECK_PROFILES", str(tmp_path / "profiles"))
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "profiles").mkdir()
-    (tmp_path / "profiles" / "q.toml").write_text(
-        'name = "q"\nmodel = "Qwen/Qwen3-8B"\napi_key_env = "PLANTED_KEY"\n[lora]\nenable = true\nmax_lora_rank = 32\n')
-    make_adapter(tmp_path / "adapters", "tickets-v1")
-    (tmp_path / "fleet.toml").write_text(f'adapter_roots = ["{tmp_path / "adapters"}"]\n')
-    base = tmp_path / "Qwen3-8B"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps(CATALOGUE["Qwen/Qwen3-8B"]))
-    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
-    specs = tmp_path / "config" / "fleetdeck" / "finetune"
-    specs.mkdir(parents=True)
-    (specs / "sim.toml").write_text(f'name = "sim"\nbase_model = "{base}"\ndataset = "{tmp_path / "d.jsonl"}"\n'
-                                    f'backend = "simulated"\nmax_steps = 400\nadapter_root = "{tmp_path / "adapters"}"\n')
+    make_node_files(tmp_path, api_key_env="PLANTED_KEY")
     yield tmp_path
     store = open_store(tmp_path / "fd.db")
     from engine.finetune import jobs

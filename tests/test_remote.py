@@ -383,25 +383,10 @@ def test_every_operation_on_a_node_over_real_ssh_from_the_command_line(sshd, tmp
     on this host with --node; the figures come from the node's agent; the node audits each change."""
     import re
 
-    from engine.kvfit.catalogue import CATALOGUE
-    from tests.helpers import make_adapter
+    from tests.helpers import make_node_files
 
     dest, opts = sshd
-    remote = tmp_path / "remote"
-    (remote / "profiles").mkdir(parents=True)
-    (remote / "profiles" / "q.toml").write_text(
-        'name = "q"\nmodel = "Qwen/Qwen3-8B"\n[lora]\nenable = true\nmax_lora_rank = 32\n')
-    make_adapter(remote / "adapters", "tickets-v1")
-    make_adapter(remote / "adapters", "tickets-v2")
-    (remote / "fleet.toml").write_text(f'adapter_roots = ["{remote / "adapters"}"]\n')
-    base = remote / "Qwen3-8B"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps(CATALOGUE["Qwen/Qwen3-8B"]))
-    (remote / "d.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
-    specs = remote / "config" / "fleetdeck" / "finetune"
-    specs.mkdir(parents=True)
-    (specs / "sim.toml").write_text(f'name = "sim"\nbase_model = "{base}"\ndataset = "{remote / "d.jsonl"}"\n'
-                                    'backend = "simulated"\nmax_steps = 400\n')
+    remote = make_node_files(tmp_path / "remote")
     agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={remote / 'state'}",
              f"XDG_CONFIG_HOME={remote / 'config'}", f"FLEETDECK_PROFILES={remote / 'profiles'}",
              PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "gpu-02",

@@ -26,6 +26,12 @@ class Quantization:
 
 
 NO_QUANT = Quantization("none")
+# vLLM's --quantization names (and a profile's `quantization`) as the planner sizes their weights.
+QUANT_BY_VLLM_NAME: dict[str, Quantization] = {
+    "awq": Quantization("awq", 4, 128), "awq_marlin": Quantization("awq", 4, 128),
+    "gptq": Quantization("gptq", 4, 128), "gptq_marlin": Quantization("gptq", 4, 128),
+    "fp8": Quantization("fp8", 8), "none": NO_QUANT,
+}
 
 
 @dataclass(frozen=True, slots=True)

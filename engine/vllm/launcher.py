@@ -169,11 +169,9 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
     except ArchError as exc:
         raise UnplannableError(f"cannot plan {profile.model}: {exc} (--force starts it anyway)") from exc
     if profile.quantization != "none" and arch.quantization.method == "none":
-        from engine.kvfit.arch import Quantization
+        from engine.kvfit.arch import QUANT_BY_VLLM_NAME
 
-        q = {"awq": Quantization("awq", 4, 128), "awq_marlin": Quantization("awq", 4, 128), "gptq": Quantization("gptq", 4, 128),
-             "gptq_marlin": Quantization("gptq", 4, 128), "fp8": Quantization("fp8", 8)}[profile.quantization]
-        arch = replace(arch, quantization=q)
+        arch = replace(arch, quantization=QUANT_BY_VLLM_NAME[profile.quantization])
     if cpu_kv is not None:
         return plan(arch, FitRequest(available_kv_bytes=cpu_kv, max_model_len=profile.max_model_len,
                                      kv_cache_dtype=profile.kv_cache_dtype, block_size=CPU_BLOCK_SIZE,

@@ -28,8 +28,8 @@ class Profile(Strict):
     model: str = Field(min_length=1, description="local model folder (air-gapped) or a model id")
     served_model_name: str | None = None
     tensor_parallel_size: int = Field(default=1, ge=1)
-    quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "none"] = "none"
-    kv_cache_dtype: Literal["auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", "nvfp4"] = "auto"
+    quantization: str = "none"  # one of QUANT_BY_VLLM_NAME (the planner sizes the weights by it)
+    kv_cache_dtype: str = "auto"  # one of KV_DTYPES
     max_model_len: int = Field(default=8192, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     # What the planner must know because vLLM sizes memory by it (each also goes on vLLM's command line).
@@ -46,6 +46,24 @@ class Profile(Strict):
     vllm_command: list[str] | str | None = None
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the server, e.g. "
                                 "VLLM_CPU_KVCACHE_SPACE for vLLM's CPU build")
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, v: str) -> str:
+        from engine.kvfit.arch import QUANT_BY_VLLM_NAME
+
+        if v not in QUANT_BY_VLLM_NAME:
+            raise ValueError(f"one of {', '.join(sorted(QUANT_BY_VLLM_NAME))}")
+        return v
+
+    @field_validator("kv_cache_dtype")
+    @classmethod
+    def _kv_dtype(cls, v: str) -> str:
+        from engine.kvfit.plan import KV_DTYPES
+
+        if v not in KV_DTYPES:
+            raise ValueError(f"one of {', '.join(KV_DTYPES)}")
+        return v
 
     @field_validator("env")
     @classmethod
