@@ -132,8 +132,12 @@ def _fill_from_nvml(req: Any, index: int) -> str | None:
 
 
 def apply_gpu(req: Any, gpu: Any) -> None:
-    """Size against a live GPU: its total, its free memory and what other processes hold."""
-    req.gpu_memory_bytes = gpu.memory_total_bytes
-    req.free_memory_bytes = gpu.memory_free_bytes
-    req.other_process_bytes = gpu.memory_used_bytes
+    """Size against a live GPU as vLLM sees it: its total, its free memory and what other processes hold
+    (on a MIG GPU, its roomiest slice)."""
+    from engine.kvfit.plan import vllm_view_of
+
+    total, free, used, note = vllm_view_of(gpu)
+    req.gpu_memory_bytes, req.free_memory_bytes, req.other_process_bytes = total, free, used
     req.gpu_name = gpu.name
+    if note:
+        req.notes = [*req.notes, note]

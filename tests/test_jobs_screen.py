@@ -10,6 +10,7 @@ from pathlib import Path
 from textual.widgets import DataTable
 
 from engine import adapters
+from engine import audit
 from engine.finetune import jobs
 from engine.finetune.spec import JobSpec
 from engine.kvfit.catalogue import CATALOGUE
@@ -39,6 +40,13 @@ async def test_jobs_screen_shows_progress_and_cancels_after_confirmation(tmp_pat
         assert time.time() < deadline
         time.sleep(0.1)
     app = make_app(store_path=tmp_path / "fd.db")
+    with audit.session(tmp_path / "fd.db", "tui"):
+        await _cancel_from_the_screen(app, store, rec)
+    (record,) = audit.query(store)
+    assert (record["action"], record["target"], record["outcome"], record["source"]) == ("job.cancel", rec.id, "done", "tui")
+
+
+async def _cancel_from_the_screen(app, store, rec):
     async with app.run_test(size=(120, 30)) as pilot:
         await ready(app, pilot)
         await pilot.press("4")

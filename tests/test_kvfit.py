@@ -305,3 +305,19 @@ def test_training_memory_for_qlora_rank_64():
 def test_a_multimodal_config_is_sized_from_its_text_config():
     arch = arch_from_config(CATALOGUE["meta-llama/Llama-3.2-11B-Vision-Instruct"])
     assert arch.num_layers == 40 and arch.kv_layers == 32
+
+
+def test_a_mig_gpu_is_planned_as_the_slice_vllm_sees():
+    from engine.kvfit.plan import vllm_view_of
+    from fleet.model import GpuSnapshot, MigDevice
+
+    gpu = GpuSnapshot(node="n", index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-0", memory_total_bytes=80 * GIB,
+                      memory_used_bytes=30 * GIB, mig_enabled=True,
+                      mig_devices=[MigDevice(0, "MIG-a", 20 * GIB, 19 * GIB), MigDevice(1, "MIG-b", 40 * GIB, 10 * GIB)])
+    total, free, used, note = vllm_view_of(gpu)
+    assert (total, free, used) == (40 * GIB, 30 * GIB, 10 * GIB) and "MIG-b" in note
+    r = plan(catalogue_arch("Qwen/Qwen3-8B"), FitRequest(gpu_memory_bytes=total, free_memory_bytes=free,
+                                                         other_process_bytes=used, notes=[note]))
+    assert r.total_gpu_memory_gib == 40 and note in r.warnings
+    plain = GpuSnapshot(node="n", index=1, name="x", uuid="GPU-1", memory_total_bytes=80 * GIB, memory_used_bytes=GIB)
+    assert vllm_view_of(plain) == (80 * GIB, 79 * GIB, GIB, None)

@@ -67,7 +67,15 @@ async def test_adapters_panel_lists_compatibility_and_loads(running, tmp_path):
     make_adapter(root, "too-wide", rank=128)
     app = make_app(store_path=path)
     app.options.config = FleetConfig(adapter_roots=[root])
-    async with app.run_test(size=(140, 34)) as pilot:
+    with audit.session(path, "tui"):
+        await _load_two(app, pilot_size=(140, 34))
+    # One record each: the load, and the refusal made before vLLM was asked.
+    records = [(r["action"], r["target"], r["outcome"]) for r in reversed(audit.query(open_store(path)))]
+    assert records == [("adapter.load", "tickets-v1", "done"), ("adapter.load", "too-wide", "refused")]
+
+
+async def _load_two(app, pilot_size):
+    async with app.run_test(size=pilot_size) as pilot:
         await ready(app, pilot)
         await pilot.press("3")
         await settle(app, pilot)

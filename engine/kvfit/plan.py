@@ -52,6 +52,21 @@ LOW_WEIGHTS_SHARE = 0.03
 LOW_ACTIVATION_SHARE = 0.5
 
 
+def vllm_view_of(gpu: Any) -> tuple[int | None, int | None, int | None, str | None]:
+    """(total, free, used, note) of the memory vLLM sees on a GPU snapshot. A GPU in MIG mode is seen as
+    one slice (the one CUDA_VISIBLE_DEVICES names): the planner takes the slice with the most free memory
+    and says so, since the parent's total would promise a whole GPU."""
+    slices = [m for m in getattr(gpu, "mig_devices", []) or [] if m.memory_total_bytes]
+    if getattr(gpu, "mig_enabled", False) and slices:
+        best = max(slices, key=lambda m: m.memory_total_bytes - (m.memory_used_bytes or 0))
+        used = best.memory_used_bytes or 0
+        note = (f"GPU {gpu.index} is in MIG mode: planned against its slice {best.uuid or best.index} "
+                f"({best.memory_total_bytes / GIB:.1f} GiB), as vLLM sees it; start vLLM with "
+                f"CUDA_VISIBLE_DEVICES={best.uuid or 'MIG-UUID'}")
+        return best.memory_total_bytes, best.memory_total_bytes - used, used, note
+    return gpu.memory_total_bytes, gpu.memory_free_bytes, gpu.memory_used_bytes, None
+
+
 def version_tuple(text: str | None) -> tuple[int, int]:
     """"0.19.1" -> (0, 19); unknown or malformed -> the version modelled."""
     try:
@@ -130,6 +145,7 @@ class FitRequest:
     gpu_name: str = ""
     engine: Literal["v1", "v0"] = "v1"
     weight_bytes_total: int | None = None  # exact, from safetensors headers
+    notes: list[str] = field(default_factory=list)  # said with the verdict (e.g. which MIG slice was planned)
     vllm_version: str = VLLM_VERSION_MODELLED  # where vLLM's accounting changed (CUDA graphs in the budget)
     enforce_eager: bool = False  # no CUDA graphs at all
     kv_cache_memory_bytes: int | None = None  # vLLM's --kv-cache-memory-bytes: the KV size, no profiling
@@ -225,7 +241,7 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
     per_layer = kv_bytes_per_token_per_layer(arch, tp, req.kv_cache_dtype)
     groups = kv_groups(arch)
     page_bytes = req.block_size * per_layer
-    warnings: list[str] = []
+    warnings: list[str] = list(req.notes)
     reason: str | None = None
 
     activation = non_torch = cuda_graph = budget = tp_non_torch = None

@@ -176,12 +176,16 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         return plan(arch, FitRequest(available_kv_bytes=cpu_kv, max_model_len=profile.max_model_len,
                                      kv_cache_dtype=profile.kv_cache_dtype, block_size=CPU_BLOCK_SIZE,
                                      tensor_parallel_size=profile.tensor_parallel_size, weight_bytes_total=exact))
-    tightest = min(gpus, key=lambda g: (g.memory_free_bytes if g.memory_free_bytes is not None else g.memory_total_bytes or 0))
+    from engine.kvfit.plan import vllm_view_of
+
+    views = [vllm_view_of(g) for g in gpus]  # a MIG GPU is one slice to vLLM
+    total, free, used, note = min(views, key=lambda v: (v[1] if v[1] is not None else v[0] or 0))
+    tightest = gpus[views.index((total, free, used, note))]
     return plan(arch, FitRequest(
-        gpu_memory_bytes=tightest.memory_total_bytes, gpu_memory_utilization=profile.gpu_memory_utilization,
+        gpu_memory_bytes=total, gpu_memory_utilization=profile.gpu_memory_utilization,
         tensor_parallel_size=profile.tensor_parallel_size, max_model_len=profile.max_model_len,
-        kv_cache_dtype=profile.kv_cache_dtype, free_memory_bytes=tightest.memory_free_bytes,
-        other_process_bytes=tightest.memory_used_bytes, gpu_name=tightest.name, weight_bytes_total=exact,
+        kv_cache_dtype=profile.kv_cache_dtype, free_memory_bytes=free, notes=[note] if note else [],
+        other_process_bytes=used, gpu_name=tightest.name, weight_bytes_total=exact,
         max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
         enforce_eager=profile.enforce_eager, kv_cache_memory_bytes=profile.kv_cache_memory_bytes,
         **({"vllm_version": profile.vllm_version} if profile.vllm_version else {}),

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from fleet.config import Strict, load_toml_model
 
@@ -47,22 +47,15 @@ class Profile(Strict):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the server, e.g. "
                                 "VLLM_CPU_KVCACHE_SPACE for vLLM's CPU build")
 
-    @field_validator("quantization")
+    @field_validator("quantization", "kv_cache_dtype")
     @classmethod
-    def _quantization(cls, v: str) -> str:
+    def _known_name(cls, v: str, info: ValidationInfo) -> str:
         from engine.kvfit.arch import QUANT_BY_VLLM_NAME
-
-        if v not in QUANT_BY_VLLM_NAME:
-            raise ValueError(f"one of {', '.join(sorted(QUANT_BY_VLLM_NAME))}")
-        return v
-
-    @field_validator("kv_cache_dtype")
-    @classmethod
-    def _kv_dtype(cls, v: str) -> str:
         from engine.kvfit.plan import KV_DTYPES
 
-        if v not in KV_DTYPES:
-            raise ValueError(f"one of {', '.join(KV_DTYPES)}")
+        allowed = sorted(QUANT_BY_VLLM_NAME) if info.field_name == "quantization" else list(KV_DTYPES)
+        if v not in allowed:
+            raise ValueError(f"one of {', '.join(allowed)}")
         return v
 
     @field_validator("env")

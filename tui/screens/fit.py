@@ -19,7 +19,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.suggester import SuggestFromList
 from textual.widgets import DataTable, Input, Label, Select, Static
 
-from engine.kvfit.plan import FIT_LENGTHS, KV_DTYPES, FitRequest
+from engine.kvfit.plan import FIT_LENGTHS, KV_DTYPES, FitRequest, vllm_view_of
 from tui.screens.base import DeckScreen
 
 GIB = 1024**3
@@ -43,6 +43,7 @@ class GpuChoice:
     free_bytes: int | None = None
     used_bytes: int | None = None
     name: str = ""
+    note: str | None = None  # e.g. that a MIG GPU was planned as its slice
 
 
 def length_label(n: int) -> str:
@@ -110,9 +111,10 @@ class FitScreen(DeckScreen):
                 for g in snap.gpus:
                     if g.lost or g.memory_total_bytes is None:
                         continue
-                    free = g.memory_free_bytes
-                    label = f"{node}/{g.index} {g.name.replace('NVIDIA ', '')} · {free / GIB if free is not None else 0:.1f} GiB free"
-                    choices[f"{node}/{g.index}"] = GpuChoice(label, g.memory_total_bytes, free, g.memory_used_bytes, g.name)
+                    total, free, used, note = vllm_view_of(g)  # a MIG GPU is its roomiest slice to vLLM
+                    label = (f"{node}/{g.index} {g.name.replace('NVIDIA ', '')}{' MIG' if note else ''} · "
+                             f"{free / GIB if free is not None else 0:.1f} GiB free")
+                    choices[f"{node}/{g.index}"] = GpuChoice(label, total or 0, free, used, g.name, note)
         for label, gib in PRESETS.items():
             choices[label] = GpuChoice(label, int(gib * GIB), name=label)
         select = self.query_one("#fit-gpu", Select)
@@ -154,6 +156,7 @@ class FitScreen(DeckScreen):
             free_memory_bytes=choice.free_bytes,
             other_process_bytes=choice.used_bytes,
             gpu_name=choice.name,
+            notes=[choice.note] if choice.note else [],
         )
         return model, req
 

@@ -536,7 +536,7 @@ class AdaptersScreen(DeckModal):
             return
         issues = self._problems(adapter)
         if issues:
-            self._say("Not loading " + adapter.name + ": " + "; ".join(issues))
+            self._refuse("adapter.load", adapter, "Not loading " + adapter.name + ": " + "; ".join(issues))
             return
         self._do("load", adapter.name, adapter.path)
 
@@ -555,10 +555,18 @@ class AdaptersScreen(DeckModal):
             return
         issues = self._problems(adapter)
         if issues:
-            self._say("Not swapping in " + adapter.name + ": " + "; ".join(issues))
+            self._refuse("adapter.swap", adapter, "Not swapping in " + adapter.name + ": " + "; ".join(issues), old=old)
             return
         self.app.push_screen(ConfirmScreen(f"Load {adapter.name}, then unload {old}?"),
                              lambda ok: self._do("swap", adapter.name, adapter.path, old) if ok else None)
+
+    def _refuse(self, action: str, adapter: Any, message: str, old: str | None = None) -> None:
+        """Refused here, before vLLM is asked: said on screen and recorded like any refusal."""
+        from engine import audit
+
+        audit.record(action, adapter.name, "refused", message, server=self.rec.id, adapter=adapter.name,
+                     path=adapter.path, old=old)
+        self._say(message)
 
     def _say(self, message: str) -> None:
         self.last_message = message
