@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from engine import audit
+from engine.http_auth import bearer
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -169,9 +170,8 @@ def error_message(r: httpx.Response) -> str:
 
 
 def _post(base_url: str, path: str, body: dict[str, Any], api_key: str | None) -> str:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = httpx.post(f"{base_url}{path}", json=body, headers=headers, timeout=120, trust_env=False)
+        r = httpx.post(f"{base_url}{path}", json=body, headers=bearer(api_key), timeout=120, trust_env=False)
     except httpx.HTTPError as exc:
         raise AdapterError(f"server at {base_url} did not answer: {exc}") from exc
     if r.status_code != 200:
@@ -200,8 +200,7 @@ def _unload(base_url: str, name: str, api_key: str | None) -> str:
 
 
 def loaded(base_url: str, api_key: str | None = None) -> list[dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=5, trust_env=False)
+    r = httpx.get(f"{base_url}/v1/models", headers=bearer(api_key), timeout=5, trust_env=False)
     r.raise_for_status()
     return [m for m in r.json().get("data", []) if m.get("parent")]
 

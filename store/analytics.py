@@ -144,10 +144,8 @@ class Drift:
     alert: bool
 
 
-def drift_status(store: Store, task: str, now: float, baseline_days: float = 7.0, recent_hours: float = 1.0,
-                 threshold_pp: float = 10.0) -> Drift:
-    policy = TaskPolicy(baseline_days, recent_hours, threshold_pp)
-    return drift_for_tasks(store, now, [task], {task: policy})[task]
+def drift_status(store: Store, task: str, now: float, policy: "TaskPolicy | None" = None) -> Drift:
+    return drift_for_tasks(store, now, [task], {task: policy or TaskPolicy()})[task]
 
 
 def drift_for_tasks(store: Store, now: float, names: Iterable[str], policies: dict[str, "TaskPolicy"] | None = None) -> dict[str, Drift]:

@@ -17,7 +17,7 @@ from engine.router.calibrate import (
 )
 from engine.router.config import load_router_config, set_task_threshold
 from fleetdeck.cli import main
-from store.analytics import drift_status, month_report, monthly_history, split_window, totals_by_task
+from store.analytics import TaskPolicy, drift_status, month_report, monthly_history, split_window, totals_by_task
 from store.db import open_store
 from store.ledger import LedgerRow, write_rows
 
@@ -110,7 +110,7 @@ def drift_store(tmp_path, recent_escalated: int, recent_total: int = 40):
 @pytest.mark.parametrize("escalated, alert", [(8, False), (9, True), (4, False)])
 def test_drift_fires_above_the_threshold_and_not_at_it(tmp_path, escalated, alert):
     store, now = drift_store(tmp_path, escalated)
-    d = drift_status(store, "t", now, baseline_days=7, recent_hours=1, threshold_pp=10)
+    d = drift_status(store, "t", now, TaskPolicy(baseline_days=7, recent_hours=1, drift_threshold_pp=10))
     assert d.baseline_rate == pytest.approx(0.10)
     assert d.recent_rate == pytest.approx(escalated / 40)
     assert d.alert is alert  # 8/40 = 20% is exactly +10 pp: no alert; 9/40 = 22.5%: alert

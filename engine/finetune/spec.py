@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from engine.kvfit.training import DEFAULT_TARGETS
 from fleet.config import Strict, load_toml_model
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class JobSpec(Strict):

@@ -148,15 +148,13 @@ def analyse(scored: list[tuple[float, bool]], target_accuracy: float, frontier_a
 
 def score_eval_set(task: Any, items: list[EvalItem], timeout_s: float = 60.0) -> list[tuple[float, bool]]:
     """Ask the task's SLM each item, with log-probabilities; (confidence, correct) per item."""
-    import os
-
     import httpx
 
     from engine.router.confidence import confidence, token_logprobs
 
-    headers = {}
-    if task.slm_api_key_env:
-        headers["Authorization"] = f"Bearer {os.environ.get(task.slm_api_key_env, '')}"
+    from engine.http_auth import bearer_from_env
+
+    headers = bearer_from_env(task.slm_api_key_env)
     scored = []
     with httpx.Client(timeout=timeout_s, trust_env=False) as client:
         for item in items:

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from fleet.config import Strict, load_toml_model
+from store.analytics import TaskPolicy
 
 
 
@@ -46,9 +47,9 @@ class Task(Strict):
     frontier_output_usd_per_mtok: float | None = Field(default=None, ge=0)
     store_text: bool = False
     # Escalation-drift alerting (read by reports and the Router screen).
-    baseline_days: float = Field(default=7.0, gt=0)
-    recent_hours: float = Field(default=1.0, gt=0)
-    drift_threshold_pp: float = Field(default=10.0, gt=0)
+    baseline_days: float = Field(default=TaskPolicy.baseline_days, gt=0)
+    recent_hours: float = Field(default=TaskPolicy.recent_hours, gt=0)
+    drift_threshold_pp: float = Field(default=TaskPolicy.drift_threshold_pp, gt=0)
 
     @field_validator("slm_base_url", "frontier_api_base")
     @classmethod

@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from engine.http_auth import bearer_from_env
 from engine.router.confidence import confidence, token_logprobs
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
@@ -309,11 +310,7 @@ class Router:
         payload["messages"] = call.body["messages"]
         payload["logprobs"] = True
         payload["top_logprobs"] = max(1, int(call.body.get("top_logprobs") or 0))
-        headers = {}
-        if task.slm_api_key_env:
-            import os
-
-            headers["Authorization"] = f"Bearer {os.environ.get(task.slm_api_key_env, '')}"
+        headers = bearer_from_env(task.slm_api_key_env)
         t = time.perf_counter()
         assert self.client is not None
         try:

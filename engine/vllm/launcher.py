@@ -25,6 +25,7 @@ import httpx
 import psutil
 
 from engine import audit, managed
+from engine.http_auth import bearer
 from engine.managed import ManagedRecord
 from engine.vllm.diagnose import diagnose, tail
 from engine.vllm.profile import VLLM_LORA_RANKS, Profile
@@ -269,8 +270,8 @@ def probe(rec: ServerRecord, timeout: float = 1.0) -> bool:
     try:
         if httpx.get(f"{rec.base_url}/health", timeout=timeout, trust_env=False).status_code != 200:
             return False
-        headers = {"Authorization": f"Bearer {rec.api_key}"} if rec.api_key else {}
-        return httpx.get(f"{rec.base_url}/v1/models", timeout=timeout, headers=headers, trust_env=False).status_code == 200
+        return httpx.get(f"{rec.base_url}/v1/models", timeout=timeout, headers=bearer(rec.api_key),
+                         trust_env=False).status_code == 200
     except httpx.HTTPError:
         return False
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from engine.http_auth import bearer
 from engine.vllm.metrics import Scrape, ServerFigures, figures, parse
 
 
@@ -44,9 +45,7 @@ class ServerStatus:
 
 
 def scrape_server(rec: Any, timeout: float = 1.5) -> Scrape:
-    key = rec.api_key
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    r = httpx.get(f"{rec.base_url}/metrics", timeout=timeout, headers=headers, trust_env=False)
+    r = httpx.get(f"{rec.base_url}/metrics", timeout=timeout, headers=bearer(rec.api_key), trust_env=False)
     r.raise_for_status()
     return parse(r.text, time.time())
 
