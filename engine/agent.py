@@ -27,7 +27,7 @@ from fleet.remote import PROTOCOL_VERSION, Op, snapshot_to_json
 
 # Requests that change the node, and the audit action each is: an agent started read-only refuses them.
 MUTATING_OPS = {Op.START_SERVER.value: "server.start", Op.STOP_SERVER.value: "server.stop",
-                Op.START_JOB.value: "job.start", Op.CANCEL_JOB.value: "job.cancel",
+                Op.START_JOB.value: "job.start", Op.CANCEL_JOB.value: "job.cancel", Op.RESUME_JOB.value: "job.resume",
                 Op.LOAD_ADAPTER.value: "adapter.load", Op.UNLOAD_ADAPTER.value: "adapter.unload",
                 Op.SWAP_ADAPTER.value: "adapter.swap"}
 
@@ -86,6 +86,7 @@ class Agent:
             Op.PING: lambda a: {"pong": time.time()},
             Op.LIST_SERVERS: self._list_servers, Op.START_SERVER: self._start_server, Op.STOP_SERVER: self._stop_server,
             Op.LIST_JOBS: self._list_jobs, Op.START_JOB: self._start_job, Op.CANCEL_JOB: self._cancel_job,
+            Op.RESUME_JOB: self._resume_job,
             Op.LIST_ADAPTERS: self._list_adapters, Op.LIST_PROFILES: self._list_profiles, Op.TAIL_LOG: self._tail_log,
             Op.LOAD_ADAPTER: self._load_adapter, Op.UNLOAD_ADAPTER: self._unload_adapter, Op.SWAP_ADAPTER: self._swap_adapter,
         }
@@ -147,9 +148,15 @@ class Agent:
         return launcher.stop(self.store, launcher.get(self.store, _text(a.get("id"), "id"))).to_json()
 
     def _list_jobs(self, a: dict[str, Any]) -> Any:
+        """Each job with its recent progress events (the Jobs screen charts the loss from them)."""
         from engine.finetune import jobs
 
-        return [jobs.refresh(self.store, r).to_json() for r in jobs.list_jobs(self.store)]
+        out = []
+        for r in jobs.list_jobs(self.store):
+            doc = jobs.refresh(self.store, r).to_json()
+            doc["events"] = [e for e in jobs.read_events(r.progress_path) if e.get("event") == "step"][-500:]
+            out.append(doc)
+        return out
 
     def _start_job(self, a: dict[str, Any]) -> Any:
         from engine.finetune import jobs
@@ -164,6 +171,11 @@ class Agent:
         snap = self.source.snapshot()
         snaps = [g for g in snap.gpus if gpus and g.index in gpus] or None
         return jobs.start(self.store, spec, gpus, gpu_snapshots=snaps, force=a.get("force") is True).to_json()
+
+    def _resume_job(self, a: dict[str, Any]) -> Any:
+        from engine.finetune import jobs
+
+        return jobs.resume(self.store, jobs.get(self.store, _text(a.get("id"), "id"))).to_json()
 
     def _cancel_job(self, a: dict[str, Any]) -> Any:
         from engine.finetune import jobs

@@ -34,6 +34,7 @@ class Op(str, Enum):
     LIST_JOBS = "list_jobs"
     START_JOB = "start_job"
     CANCEL_JOB = "cancel_job"
+    RESUME_JOB = "resume_job"
     LIST_ADAPTERS = "list_adapters"
     LOAD_ADAPTER = "load_adapter"
     UNLOAD_ADAPTER = "unload_adapter"

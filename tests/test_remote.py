@@ -464,3 +464,39 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
             node.request("stop_server", {"id": sid})
     finally:
         node.close()
+
+
+async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path):
+    from tests.helpers import make_node_files
+    from tests.tui_helpers import open_screen, settle
+    from tui.screens.confirm import ConfirmScreen
+    from tui.screens.jobs import JobsScreen
+
+    site = make_node_files(tmp_path / "node")
+    agent = ["env", f"XDG_STATE_HOME={site / 'state'}", f"XDG_CONFIG_HOME={site / 'config'}",
+             *AGENT, "--node-name", "node-j", "--store", str(site / "fd.db"), "--config", str(site / "fleet.toml")]
+    node = RemoteNode("node-j", agent, interval_s=0.3)
+    try:
+        assert wait_for(lambda: node.link.status == "connected")
+        jid = node.request("start_job", {"spec": "sim"})["id"]
+        assert wait_for(lambda: node.request("list_jobs")[0]["events"], timeout=30)  # it has taken a step
+        app = make_app(lambda: [node], store_path=tmp_path / "local.db")
+        app.poller.close = lambda: None  # the test closes the node itself
+        async with app.run_test(size=(120, 30)) as pilot:
+            screen = await open_screen(app, pilot, "4", JobsScreen)
+            table = screen.query_one("#jobs-table", DataTable)
+            key = f"@node-j:{jid}"
+            assert key in [r.key.value for r in table.ordered_rows]
+            assert str(table.get_cell(key, "step")).endswith("/400")  # progress read on the node
+            table.move_cursor(row=table.get_row_index(key))
+            await pilot.press("l")
+            await settle(app, pilot)
+            await pilot.press("escape")
+            await pilot.pause()
+            await pilot.press("c")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            assert wait_for(lambda: node.request("list_jobs")[0]["state"] == "cancelled", timeout=60)
+    finally:
+        node.close()

@@ -61,15 +61,30 @@ class JobsScreen(PolledScreen):
 
     @work(thread=True, exclusive=True, group="jobs")
     def _load(self, store: Any) -> None:
-        from engine.finetune import jobs
+        from engine.node_ops import remote_ops
+        from fleet.remote import AgentError
 
         try:
-            recs = [jobs.refresh(store, r) for r in jobs.list_jobs(store)]
-            events = {r.id: jobs.read_events(r.progress_path) for r in recs}
+            found = self._local().jobs()
         except Exception as exc:
             self.app.call_from_thread(self.notify, f"jobs unavailable: {exc}", severity="error")
-            recs, events = [], {}
+            found = []
+        for node in remote_ops(self._sources()):
+            try:
+                found += node.jobs()  # read by that node's agent, ids as @node:id
+            except AgentError:
+                continue
+        recs = [r for r, _ in found]
+        events = {r.id: ev for r, ev in found}
         self.app.call_from_thread(self._show, recs, events)
+
+    def _sources(self) -> list[Any]:
+        return list(getattr(getattr(self.app, "poller", None), "sources", []))
+
+    def _local(self) -> Any:
+        from engine.node_ops import LocalOps
+
+        return LocalOps(self.store, list(self.app.options.config.adapter_roots))
 
     def _show(self, recs: list[Any], events: dict[str, list[dict]]) -> None:
         self.loaded()
@@ -165,12 +180,15 @@ class JobsScreen(PolledScreen):
 
     @work(thread=True, group="jobs-action")
     def _act(self, what: str, r: Any) -> None:
+        from engine import audit
         from engine.finetune import jobs
+        from engine.node_ops import ops_for
+        from fleet.remote import AgentError
 
         try:
-            rec = jobs.cancel(self.store, r) if what == "cancel" else jobs.resume(self.store, r)
-            msg = f"{rec.id}: {rec.state}"
-        except jobs.JobError as exc:
+            ops, jid = ops_for(self._sources(), self._local(), r.id)
+            msg = ops.cancel_job(jid) if what == "cancel" else ops.resume_job(jid)
+        except (jobs.JobError, AgentError, audit.ReadOnlyError) as exc:
             msg = str(exc)
         self.app.call_from_thread(self.notify, msg)
         self.app.call_from_thread(self.reload)
@@ -178,9 +196,16 @@ class JobsScreen(PolledScreen):
     def action_logs(self) -> None:
         r = self.selected()
         if r is not None:
+            from engine.node_ops import ops_for
+            from fleet.remote import AgentError
             from tui.screens.servers import LogScreen
 
-            self.app.push_screen(LogScreen(r.id, r.log_path))
+            try:
+                ops, jid = ops_for(self._sources(), self._local(), r.id)
+            except AgentError as exc:
+                self.notify(str(exc), severity="warning")
+                return
+            self.app.push_screen(LogScreen(r.id, r.log_path, lambda: ops.tail_log("job", jid)))
 
     def action_serve(self) -> None:
         """Load the finished adapter into the first compatible ready server."""

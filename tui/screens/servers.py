@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.text import Text
 from textual import on, work
@@ -58,6 +58,7 @@ class ServersScreen(PolledScreen):
         super().__init__(refresh_s)
         self.views: dict[str, ServerView] = {}
         self._scrapes: dict[str, Any] = {}
+        self._local_ops: Any = None
 
     def compose_body(self) -> ComposeResult:
         table: DataTable[Any] = DataTable(id="servers-table", cursor_type="row")
@@ -76,48 +77,30 @@ class ServersScreen(PolledScreen):
 
     @work(thread=True, exclusive=True, group="servers")
     def _load(self, store: Any) -> None:
-        from engine.vllm import launcher
-        from engine.vllm.status import status_of
+        from engine.node_ops import remote_ops
+        from fleet.remote import AgentError
 
-        views = []
         try:
-            recs = [launcher.refresh(store, r) for r in launcher.list_servers(store)]
+            statuses = self._local().servers()  # the same figures `serve ls --json` prints
         except Exception as exc:
             self.app.call_from_thread(self._error, f"servers unavailable: {exc}")
             return
-        for rec in recs:
-            status = status_of(rec, self._scrapes.get(rec.id))  # the same figures `serve ls --json` prints
-            if status.scrape is not None:
-                self._scrapes[rec.id] = status.scrape
-            views.append((rec, status.figures))
-        views += self._remote_views()
-        self.app.call_from_thread(self._show, views)
-
-    def _remote(self, node: str) -> Any:
-        from fleet.remote import RemoteNode
-
-        poller = getattr(self.app, "poller", None)
-        return next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
-
-    def _remote_views(self) -> list[tuple[Any, Any]]:
-        """Servers on connected remote nodes, with the figures their agents read on the node itself."""
-        from engine.vllm.status import ServerStatus
-        from fleet.remote import AgentError, Op, RemoteNode
-
-        out = []
-        poller = getattr(self.app, "poller", None)
-        for source in getattr(poller, "sources", []):
-            if not isinstance(source, RemoteNode) or source.link.status != "connected":
-                continue
+        for node in remote_ops(self._sources()):
             try:
-                docs = source.request(Op.LIST_SERVERS, timeout=5)
+                statuses += node.servers()  # figures read by that node's agent
             except AgentError:
                 continue
-            for d in docs:
-                status = ServerStatus.from_json(d)
-                status.rec.id = f"@{source.name}:{status.rec.id}"
-                out.append((status.rec, status.figures))
-        return out
+        self.app.call_from_thread(self._show, [(st.rec, st.figures) for st in statuses])
+
+    def _sources(self) -> list[Any]:
+        return list(getattr(getattr(self.app, "poller", None), "sources", []))
+
+    def _local(self) -> Any:
+        from engine.node_ops import LocalOps
+
+        if self._local_ops is None or self._local_ops.store is not self.store:
+            self._local_ops = LocalOps(self.store, list(self.app.options.config.adapter_roots), scrapes=self._scrapes)
+        return self._local_ops
 
     def _error(self, message: str) -> None:
         self.loaded()
@@ -219,45 +202,17 @@ class ServersScreen(PolledScreen):
 
     @work(thread=True, group="servers-action")
     def _stop(self, rec: Any, restart: bool = False) -> None:
-        from engine.vllm import launcher
-        from engine.vllm.profile import Profile
-
-        if rec.id.startswith("@"):
-            self._remote_stop(rec, restart)
-            return
-        launcher.stop(self.store, rec)
-        message = f"{rec.id} stopped"
-        if restart:
-            try:
-                profile = Profile.model_validate(rec.spec)
-                new, _ = launcher.start(self.store, profile, [int(g) for g in rec.gpus.split(",")], force=True,
-                                        adapter_roots=list(self.app.options.config.adapter_roots))
-                message = f"{rec.id} restarted as {new.id}"
-            except Exception as exc:
-                message = f"{rec.id} stopped; restart failed: {exc}"
-        self.app.call_from_thread(self.notify, message)
-        self.app.call_from_thread(self.reload)
-
-    def _remote_stop(self, rec: Any, restart: bool = False) -> None:
-        """Stop (and for a restart, start again with the same profile and GPUs) through the node's agent."""
         from engine import audit
-        from fleet.remote import AgentError, Op
+        from engine.node_ops import ops_for
+        from fleet.remote import AgentError
 
-        node, _, sid = rec.id[1:].partition(":")
-        remote = self._remote(node)
         try:
-            audit.refuse_if_read_only("server.stop", rec.id, server=rec.id)
-            if remote is None:
-                raise AgentError(f"{node} is not connected")
-            remote.request(Op.STOP_SERVER, {"id": sid}, timeout=60)
-            message = f"{rec.id} stopped"
-            if restart:
-                audit.refuse_if_read_only("server.start", rec.name, profile=rec.name, gpus=rec.gpus)
-                result = remote.request(Op.START_SERVER, {"profile": rec.name, "gpus": [int(g) for g in rec.gpus.split(",")],
-                                                          "force": True}, timeout=120)
-                message = f"{rec.id} restarted as @{node}:{result['server']['id']}"
+            ops, sid = ops_for(self._sources(), self._local(), rec.id)
+            message = ops.restart_server(rec) if restart else ops.stop_server(sid)
         except (AgentError, audit.ReadOnlyError) as exc:
             message = f"{rec.id}: {exc}"
+        except Exception as exc:  # a restart whose start failed: the stop stands
+            message = f"{rec.id}: restart failed: {exc}"
         self.app.call_from_thread(self.notify, message)
         self.app.call_from_thread(self.reload)
 
@@ -275,7 +230,15 @@ class ServersScreen(PolledScreen):
     def action_logs(self) -> None:
         v = self.selected()
         if v is not None:
-            self.app.push_screen(LogScreen(v.rec.id, v.rec.log_path))
+            from engine.node_ops import ops_for
+            from fleet.remote import AgentError
+
+            try:
+                ops, sid = ops_for(self._sources(), self._local(), v.rec.id)
+            except AgentError as exc:
+                self.notify(str(exc), severity="warning")
+                return
+            self.app.push_screen(LogScreen(v.rec.id, v.rec.log_path, lambda: ops.tail_log("server", sid)))
 
     def action_adapters(self) -> None:
         v = self.selected()
@@ -290,9 +253,10 @@ class LogScreen(ModalScreen[None]):
 
     BINDINGS = [Binding("escape,q,l", "dismiss", "Close", id="logs.close")]
 
-    def __init__(self, title: str, log_path: str) -> None:
+    def __init__(self, title: str, log_path: str, read: Callable[[], str] | None = None) -> None:
         super().__init__()
         self.title_text, self.log_path = title, log_path
+        self.read = read  # how to get the text (a node's agent, for a remote server or job)
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="log-view"):
@@ -306,7 +270,10 @@ class LogScreen(ModalScreen[None]):
     def _read(self) -> None:
         from engine.vllm.diagnose import tail
 
-        text = tail(self.log_path, 200)
+        try:
+            text = self.read() if self.read is not None else tail(self.log_path, 200)
+        except Exception as exc:  # a node that dropped, a log that went away
+            text = f"cannot read the log: {exc}"
         self.app.call_from_thread(self._show, text)
 
     def _show(self, text: str) -> None:
@@ -368,10 +335,11 @@ class StartServerScreen(DeckModal):
         return indices, snaps
 
     def _remote_source(self, node: str | None) -> Any:
-        from fleet.remote import RemoteNode
+        """The node's operations when it is one reached over SSH (its agent plans and starts there)."""
+        from engine.node_ops import remote_ops
 
         poller = getattr(self.app, "poller", None)
-        return next((s for s in getattr(poller, "sources", []) if isinstance(s, RemoteNode) and s.name == node), None)
+        return next((ops for ops in remote_ops(getattr(poller, "sources", [])) if ops.name == node), None)
 
     def _profile_name(self) -> str:
         name = self.query_one("#start-profile", Select).value
@@ -425,14 +393,8 @@ class StartServerScreen(DeckModal):
             node = text.partition("/")[0] if "/" in text else None
             remote = self.app.call_from_thread(self._remote_source, node)
             if remote is not None:
-                from engine import audit
-                from fleet.remote import Op
-
                 name = self.app.call_from_thread(self._profile_name)
-                audit.refuse_if_read_only("server.start", name, gpus=text)
-                result = remote.request(Op.START_SERVER, {"profile": name, "gpus": indices}, timeout=120)
-                srv = result["server"]
-                self.app.call_from_thread(self.dismiss, f"started {srv['id']} on {node} GPUs {srv['gpus']}, port {srv['port']}")
+                self.app.call_from_thread(self.dismiss, remote.start_server(name, indices))
                 return
             rec, _ = launcher.start(self.app.store, profile, indices, gpu_snapshots=snaps,
                                     adapter_roots=list(self.app.options.config.adapter_roots))

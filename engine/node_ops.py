@@ -1,0 +1,210 @@
+"""What can be done to a node, the same way whether it is this host or one reached over SSH.
+
+`ops_for(app_or_sources, node)` gives a `NodeOps`: `LocalOps` calls the engine on this host's store;
+`AgentOps` sends the same operations to the node's agent (which checks, does and audits them there).
+The screens and commands call these and never ask where a node is. A remote record's id is shown as
+`@node:id`; `split_id` takes it apart again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
+
+from engine import audit
+
+
+class NodeOps(Protocol):
+    name: str
+
+    def servers(self) -> list[Any]: ...  # ServerStatus, figures included
+
+    def start_server(self, profile: str, gpus: list[int], force: bool = False) -> str: ...
+
+    def stop_server(self, sid: str) -> str: ...
+
+    def restart_server(self, rec: Any) -> str: ...
+
+    def jobs(self) -> list[tuple[Any, list[dict[str, Any]]]]: ...  # (JobRecord, step events)
+
+    def cancel_job(self, jid: str) -> str: ...
+
+    def resume_job(self, jid: str) -> str: ...
+
+    def tail_log(self, kind: str, ident: str, n: int = 200) -> str: ...
+
+
+def split_id(shown: str) -> tuple[str | None, str]:
+    """"@node:id" -> ("node", "id"); a local id -> (None, id)."""
+    if shown.startswith("@") and ":" in shown:
+        node, _, ident = shown[1:].partition(":")
+        return node, ident
+    return None, shown
+
+
+@dataclass
+class LocalOps:
+    """This host: the engine on the dashboard's own store."""
+
+    store: Any
+    adapter_roots: list[Any]
+    name: str = ""
+    scrapes: dict[str, Any] | None = None  # each server's previous /metrics scrape, for rates
+
+    def servers(self) -> list[Any]:
+        from engine.vllm import launcher
+        from engine.vllm.status import status_of
+
+        self.scrapes = self.scrapes if self.scrapes is not None else {}
+        out = []
+        for rec in launcher.list_servers(self.store):
+            st = status_of(launcher.refresh(self.store, rec), self.scrapes.get(rec.id))
+            if st.scrape is not None:
+                self.scrapes[rec.id] = st.scrape
+            out.append(st)
+        return out
+
+    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str:
+        from engine.vllm import launcher
+        from engine.vllm.profile import load_profile, profile_roots
+        from fleet.config import toml_by_name
+
+        rec, _ = launcher.start(self.store, load_profile(toml_by_name("profile", profile, profile_roots())), gpus,
+                                gpu_snapshots=gpu_snapshots, force=force, adapter_roots=list(self.adapter_roots))
+        return f"started {rec.id} on GPUs {rec.gpus}, port {rec.port}"
+
+    def stop_server(self, sid: str) -> str:
+        from engine.vllm import launcher
+
+        return f"{launcher.stop(self.store, launcher.get(self.store, sid)).id} stopped"
+
+    def restart_server(self, rec: Any) -> str:
+        from engine.vllm import launcher
+        from engine.vllm.profile import Profile
+
+        launcher.stop(self.store, rec)
+        new, _ = launcher.start(self.store, Profile.model_validate(rec.spec), [int(g) for g in rec.gpus.split(",")],
+                                force=True, adapter_roots=list(self.adapter_roots))
+        return f"{rec.id} restarted as {new.id}"
+
+    def jobs(self) -> list[tuple[Any, list[dict[str, Any]]]]:
+        from engine.finetune import jobs
+
+        recs = [jobs.refresh(self.store, r) for r in jobs.list_jobs(self.store)]
+        return [(r, jobs.read_events(r.progress_path)) for r in recs]
+
+    def cancel_job(self, jid: str) -> str:
+        from engine.finetune import jobs
+
+        rec = jobs.cancel(self.store, jobs.get(self.store, jid))
+        return f"{rec.id}: {rec.state}"
+
+    def resume_job(self, jid: str) -> str:
+        from engine.finetune import jobs
+
+        rec = jobs.resume(self.store, jobs.get(self.store, jid))
+        return f"{rec.id}: {rec.state}"
+
+    def tail_log(self, kind: str, ident: str, n: int = 200) -> str:
+        from engine.finetune import jobs
+        from engine.vllm import launcher
+        from engine.vllm.diagnose import tail
+
+        rec = jobs.get(self.store, ident) if kind == "job" else launcher.get(self.store, ident)
+        return tail(rec.log_path, n)
+
+
+@dataclass
+class AgentOps:
+    """A node over SSH: the same operations, asked of its agent. Ids come back as `@node:id`."""
+
+    node: Any  # fleet.remote.RemoteNode
+
+    @property
+    def name(self) -> str:
+        return str(self.node.name)
+
+    def _ask(self, op: Any, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+        return self.node.request(op, args or {}, timeout=timeout)
+
+    def servers(self) -> list[Any]:
+        from engine.vllm.status import ServerStatus
+        from fleet.remote import Op
+
+        out = []
+        for doc in self._ask(Op.LIST_SERVERS, timeout=10):
+            st = ServerStatus.from_json(doc)
+            st.rec.id = f"@{self.name}:{st.rec.id}"
+            out.append(st)
+        return out
+
+    def start_server(self, profile: str, gpus: list[int], force: bool = False) -> str:
+        from fleet.remote import Op
+
+        audit.refuse_if_read_only("server.start", profile, profile=profile, gpus=",".join(map(str, gpus)))
+        srv = self._ask(Op.START_SERVER, {"profile": profile, "gpus": gpus, "force": force}, timeout=120)["server"]
+        return f"started @{self.name}:{srv['id']} on GPUs {srv['gpus']}, port {srv['port']}"
+
+    def stop_server(self, sid: str) -> str:
+        from fleet.remote import Op
+
+        audit.refuse_if_read_only("server.stop", f"@{self.name}:{sid}", server=sid)
+        self._ask(Op.STOP_SERVER, {"id": sid}, timeout=60)
+        return f"@{self.name}:{sid} stopped"
+
+    def restart_server(self, rec: Any) -> str:
+        _, sid = split_id(rec.id)
+        self.stop_server(sid)
+        started = self.start_server(rec.name, [int(g) for g in rec.gpus.split(",")], force=True)
+        return f"@{self.name}:{sid} restarted: {started}"
+
+    def jobs(self) -> list[tuple[Any, list[dict[str, Any]]]]:
+        from engine.finetune.jobs import JobRecord
+        from fleet.remote import Op
+
+        out = []
+        for doc in self._ask(Op.LIST_JOBS, timeout=10):
+            events = doc.get("events") or []
+            rec = JobRecord(**{k: v for k, v in doc.items() if k in JobRecord.__dataclass_fields__})
+            rec.id = f"@{self.name}:{rec.id}"
+            out.append((rec, events))
+        return out
+
+    def cancel_job(self, jid: str) -> str:
+        from fleet.remote import Op
+
+        audit.refuse_if_read_only("job.cancel", f"@{self.name}:{jid}", job=jid)
+        doc = self._ask(Op.CANCEL_JOB, {"id": jid}, timeout=180)
+        return f"@{self.name}:{doc['id']}: {doc['state']}"
+
+    def resume_job(self, jid: str) -> str:
+        from fleet.remote import Op
+
+        audit.refuse_if_read_only("job.resume", f"@{self.name}:{jid}", job=jid)
+        doc = self._ask(Op.RESUME_JOB, {"id": jid}, timeout=60)
+        return f"@{self.name}:{doc['id']}: {doc['state']}"
+
+    def tail_log(self, kind: str, ident: str, n: int = 200) -> str:
+        from fleet.remote import Op
+
+        return str(self._ask(Op.TAIL_LOG, {"id": ident, "n": n, "kind": kind}, timeout=30))
+
+
+def remote_ops(sources: Iterable[Any]) -> list[AgentOps]:
+    """The connected SSH nodes among a poller's sources."""
+    from fleet.remote import RemoteNode
+
+    return [AgentOps(s) for s in sources if isinstance(s, RemoteNode) and s.link.status == "connected"]
+
+
+def ops_for(sources: Iterable[Any], local: LocalOps, shown_id: str) -> tuple[NodeOps, str]:
+    """The node an id (`@node:id` or a local id) lives on, and the id there."""
+    from fleet.remote import AgentError, RemoteNode
+
+    node, ident = split_id(shown_id)
+    if node is None:
+        return local, ident
+    for s in sources:
+        if isinstance(s, RemoteNode) and s.name == node:
+            return AgentOps(s), ident
+    raise AgentError(f"{node} is not connected")
