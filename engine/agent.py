@@ -37,10 +37,12 @@ class BadRequest(ValueError):
 
 
 def _target(args: dict[str, Any]) -> str:
-    for key in ("id", "profile", "spec"):
+    for key in ("id", "profile", "spec", "adapter", "name"):
         if isinstance(args.get(key), str):
             return str(args[key])[:100]
     return "?"
+
+
 MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake or an attack
 MIN_INTERVAL_S, MAX_INTERVAL_S = 0.2, 60.0
 
@@ -137,7 +139,7 @@ class Agent:
         by_index = {g.index: g for g in snap.gpus}
         snaps = [by_index[g] for g in gpus if g in by_index] if snap.nvml == "ok" else None
         if snaps is not None and len(snaps) != len(gpus):
-            raise ValueError(f"no GPU {gpus} on {snap.node} (it has {sorted(by_index)})")
+            raise BadRequest(f"no GPU {gpus} on {snap.node} (it has {sorted(by_index)})")
         rec, verdict = launcher.start(self.store, profile, gpus, gpu_snapshots=snaps, port=_port(a.get("port")),
                                       force=a.get("force") is True, adapter_roots=self.adapter_roots)
         return {"server": rec.to_json(), "verdict": verdict.to_json() if verdict is not None else None}

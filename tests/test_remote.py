@@ -403,6 +403,30 @@ def test_every_operation_on_a_node_over_real_ssh_from_the_command_line(sshd, tmp
         return out.out
 
     sid = re.search(r"started (q-\w+)", cli("serve", "start", "q", "--gpus", "3")).group(1)
+    try:
+        _operate_on_the_node(cli, sid, fleet, capsys, remote)
+    finally:  # whatever failed, nothing this test started outlives it
+        stop_everything(remote / "fd.db")
+
+
+def stop_everything(store_path: Path) -> None:
+    """Stop the servers and jobs a node's store records as live (by their recorded pids)."""
+    from engine.finetune import jobs as job_records
+    from engine.vllm import launcher
+    from store.db import open_store
+
+    if not store_path.exists():
+        return
+    store = open_store(store_path)
+    for rec in launcher.list_servers(store):
+        if rec.state not in ("stopped", "crashed"):
+            launcher.stop(store, rec, timeout=5)
+    for job in job_records.list_jobs(store):
+        if job.state == "running":
+            job_records.cancel(store, job, timeout=10)
+
+
+def _operate_on_the_node(cli, sid, fleet, capsys, remote):
     assert wait_for(lambda: json.loads(cli("serve", "ls", "--json"))[0]["state"] == "ready", timeout=60)
     listed = json.loads(cli("serve", "ls", "--json"))[0]
     assert listed["figures"]["kv_tokens"]  # read by the agent on its node
@@ -460,10 +484,9 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
             assert wait_for(lambda: len(node.request("list_servers")) == 2, timeout=30)
         states = {s["id"]: s["state"] for s in node.request("list_servers")}
         assert states.pop(first) == "stopped" and list(states.values())[0] in ("starting", "ready")
-        for sid in states:
-            node.request("stop_server", {"id": sid})
     finally:
         node.close()
+        stop_everything(tmp_path / "r.db")
 
 
 async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path):
@@ -497,6 +520,11 @@ async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path
             await pilot.pause()
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("y")
-            assert wait_for(lambda: node.request("list_jobs")[0]["state"] == "cancelled", timeout=60)
+            for _ in range(60):  # let the app run while the agent cancels (never block its loop)
+                await settle(app, pilot)
+                if node.request("list_jobs")[0]["state"] == "cancelled":
+                    break
+            assert node.request("list_jobs")[0]["state"] == "cancelled"
     finally:
         node.close()
+        stop_everything(site / "fd.db")
