@@ -156,9 +156,7 @@ def _act(args: argparse.Namespace, what: str) -> int:
     from engine.finetune import jobs
 
     if args.node:
-        if what != "cancel":
-            return _err("resume runs on the job's own node: run `fleetdeck finetune resume ID` there")
-        return on_node(args, "cancel_job", {"id": args.id})
+        return on_node(args, "cancel_job" if what == "cancel" else "resume_job", {"id": args.id})
 
     store = _store(args)
     try:

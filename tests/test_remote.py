@@ -437,7 +437,9 @@ def _operate_on_the_node(cli, sid, fleet, capsys, remote):
     job = json.loads(cli("finetune", "start", "sim", "--gpus", "cpu"))
     assert [j["id"] for j in json.loads(cli("finetune", "ls"))] == [job["id"]]
     cli("finetune", "logs", job["id"])  # the job's log tail, read on its node (exit 0)
-    assert json.loads(cli("finetune", "cancel", job["id"]))["state"] in ("cancelled", "failed", "finished")
+    assert json.loads(cli("finetune", "cancel", job["id"]))["state"] == "cancelled"
+    assert json.loads(cli("finetune", "resume", job["id"]))["state"] == "running"
+    assert json.loads(cli("finetune", "cancel", job["id"]))["state"] == "cancelled"
     assert json.loads(cli("serve", "stop", sid))["state"] == "stopped"
     # A wrong node is named with the ones that exist.
     assert main(["serve", "ls", "--node", "gpu-99", "--config", str(fleet)]) == 2
@@ -449,13 +451,13 @@ def _operate_on_the_node(cli, sid, fleet, capsys, remote):
     recs = list(reversed(audit.query(open_store(remote / "fd.db"))))
     assert [(r["action"], r["outcome"]) for r in recs] == [
         ("server.start", "done"), ("adapter.load", "done"), ("adapter.swap", "done"), ("adapter.unload", "done"),
-        ("job.start", "done"), ("job.cancel", "done"), ("server.stop", "done")]
+        ("job.start", "done"), ("job.cancel", "done"), ("job.resume", "done"), ("job.cancel", "done"),
+        ("server.stop", "done")]
     assert all(r["source"] == "agent" and r["on_behalf_of"] for r in recs)
 
 
 async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_again(tmp_path):
-    from tests.tui_helpers import open_screen, settle
-    from tui.screens.confirm import ConfirmScreen
+    from tests.tui_helpers import open_screen, press_and_confirm, settle
     from tui.screens.servers import ServersScreen
 
     profiles = tmp_path / "profiles"
@@ -476,10 +478,7 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
             assert f"@node-r:{first}" in [r.key.value for r in table.ordered_rows]
             assert str(table.get_cell(f"@node-r:{first}", "cap")).startswith("476,016")  # figures from the node
             table.move_cursor(row=table.get_row_index(f"@node-r:{first}"))
-            await pilot.press("r")
-            await pilot.pause()
-            assert isinstance(app.screen, ConfirmScreen)
-            await pilot.press("y")
+            await press_and_confirm(app, pilot, "r")
             await settle(app, pilot, 5)
             assert wait_for(lambda: len(node.request("list_servers")) == 2, timeout=30)
         states = {s["id"]: s["state"] for s in node.request("list_servers")}
@@ -491,9 +490,9 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
 
 async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path):
     from tests.helpers import make_node_files
-    from tests.tui_helpers import open_screen, settle
-    from tui.screens.confirm import ConfirmScreen
+    from tests.tui_helpers import open_screen, press_and_confirm, settle
     from tui.screens.jobs import JobsScreen
+    from tui.screens.servers import LogScreen
 
     site = make_node_files(tmp_path / "node")
     agent = ["env", f"XDG_STATE_HOME={site / 'state'}", f"XDG_CONFIG_HOME={site / 'config'}",
@@ -514,12 +513,10 @@ async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path
             table.move_cursor(row=table.get_row_index(key))
             await pilot.press("l")
             await settle(app, pilot)
+            assert isinstance(app.screen, LogScreen)  # read through the node's agent
             await pilot.press("escape")
             await pilot.pause()
-            await pilot.press("c")
-            await pilot.pause()
-            assert isinstance(app.screen, ConfirmScreen)
-            await pilot.press("y")
+            await press_and_confirm(app, pilot, "c")
             for _ in range(60):  # let the app run while the agent cancels (never block its loop)
                 await settle(app, pilot)
                 if node.request("list_jobs")[0]["state"] == "cancelled":

@@ -11,7 +11,7 @@ from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store
 from tests.helpers import FAKE_VLLM_CMD, h100, make_adapter, profile
-from tests.tui_helpers import make_app, open_screen, ready, settle, static_text
+from tests.tui_helpers import make_app, open_screen, press_and_confirm, ready, settle, static_text
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.servers import AdaptersScreen, ServersScreen
 
@@ -52,10 +52,7 @@ async def _stop_from_the_screen(app, rec, path):
         assert "Starting vLLM API server" in static_text(app.screen.query_one("#log-text"))
         await pilot.press("escape")
         await pilot.pause()
-        await pilot.press("x")
-        await pilot.pause()
-        assert isinstance(app.screen, ConfirmScreen)
-        await pilot.press("y")
+        await press_and_confirm(app, pilot, "x")
         await settle(app, pilot, 5)
         assert launcher.get(open_store(path), rec.id).state == "stopped"
 

@@ -68,3 +68,13 @@ async def open_screen(app: FleetDeckApp, pilot, key: str, cls: type) -> object:
     await settle(app, pilot)
     assert isinstance(app.screen, cls), app.screen
     return app.screen
+
+
+async def press_and_confirm(app: FleetDeckApp, pilot, key: str) -> None:
+    """Press an action's key, check that it asks first, and say yes."""
+    from tui.screens.confirm import ConfirmScreen
+
+    await pilot.press(key)
+    await pilot.pause()
+    assert isinstance(app.screen, ConfirmScreen), app.screen
+    await pilot.press("y")
