@@ -225,7 +225,7 @@ def test_calibrate_command_against_a_live_slm_and_apply(tmp_path, capsys):
         assert code == 0 and doc["applied"] is True
         assert doc["threshold"] == pytest.approx(0.99005, abs=1e-4) and doc["escalation_rate"] == pytest.approx(0.2)
         text = cfg.read_text()
-        assert "threshold = 0.9900  # tuned in May" in text and "# my router" in text
+        assert "threshold = 0.99  # tuned in May" in text and "# my router" in text  # comments kept
         assert load_router_config(cfg).task_by_name("other").threshold == 0.5
     finally:
         server.stop()

@@ -113,36 +113,24 @@ def set_task_threshold(path: str | Path, task: str, threshold: float) -> None:
 
 
 def _set_task_threshold(path: str | Path, task: str, threshold: float) -> None:
-    import re
+    # tomlkit edits the document in place: comments, order and layout stay as the operator wrote them.
+    import tomlkit
+
+    from fleet.config import parse_toml_model
 
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     p = Path(path)
-    lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
-    blocks: list[int] = [i for i, line in enumerate(lines) if line.strip() == "[[task]]"]
-    for n, start in enumerate(blocks):
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
-        end = min(end, blocks[n + 1]) if n + 1 < len(blocks) else end
-        body = lines[start:end]
-        if not any(re.match(rf'\s*name\s*=\s*"{re.escape(task)}"\s*(#.*)?$', line.rstrip("\n")) for line in body):
-            continue
-        new_line = f"threshold = {threshold:.4f}\n"
-        for i in range(start + 1, end):
-            if re.match(r"\s*threshold\s*=", lines[i]):
-                comment = lines[i].split("#", 1)[1] if "#" in lines[i] else None
-                lines[i] = new_line if comment is None else f"threshold = {threshold:.4f}  #{comment}"
-                break
-        else:
-            lines.insert(start + 1, new_line)
-        text = "".join(lines)
-        from fleet.config import parse_toml_model
-
-        parse_toml_model(p, text, RouterConfig)  # never write a config the proxy would refuse
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(p)
-        return
-    raise KeyError(f"no [[task]] named {task!r} in {p}")
+    doc = tomlkit.parse(p.read_text(encoding="utf-8"))
+    entry = next((t for t in doc.get("task", []) if t.get("name") == task), None)
+    if entry is None:
+        raise KeyError(f"no [[task]] named {task!r} in {p}")
+    entry["threshold"] = round(threshold, 4)
+    text = tomlkit.dumps(doc)
+    parse_toml_model(p, text, RouterConfig)  # never write a config the proxy would refuse
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(p)
 
 
 @dataclass
