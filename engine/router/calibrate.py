@@ -150,27 +150,26 @@ def score_eval_set(task: Any, items: list[EvalItem], timeout_s: float = 60.0) ->
     """Ask the task's SLM each item, with log-probabilities; (confidence, correct) per item."""
     import httpx
 
-    from engine.router.confidence import confidence, token_logprobs
-
     from engine.http_auth import bearer_from_env
+    from engine.router.confidence import answer_confidence, slm_request
 
     headers = bearer_from_env(task.slm_api_key_env)
     scored = []
     with httpx.Client(timeout=timeout_s, trust_env=False) as client:
         for item in items:
-            payload = {"model": task.slm_model, "messages": item.messages, "logprobs": True, "top_logprobs": 1,
-                       "temperature": 0}
+            payload = slm_request(task, item.messages, {"temperature": 0})
             try:
                 resp = client.post(f"{task.slm_base_url}/chat/completions", json=payload, headers=headers)
             except httpx.HTTPError as exc:
                 raise ConnectionError(f"the small model at {task.slm_base_url} did not answer: {exc}") from exc
             if resp.status_code != 200:
                 raise ConnectionError(f"the small model answered HTTP {resp.status_code} on line {item.line}: {resp.text[:200]}")
-            choice = resp.json()["choices"][0]
-            lps = token_logprobs(choice)
-            conf = confidence(task.confidence, lps) if lps else 0.0
+            try:
+                choice, conf = answer_confidence(task, resp.json())
+            except ValueError as exc:
+                raise ConnectionError(f"line {item.line}: {exc}") from exc
             answer = (choice.get("message") or {}).get("content")
-            scored.append((conf, is_correct(answer, item.expected)))
+            scored.append((conf or 0.0, is_correct(answer, item.expected)))
     return scored
 
 

@@ -39,3 +39,23 @@ def confidence(method: str, logprobs: list[float]) -> float:
     else:
         raise ValueError(f"unknown confidence method {method!r}")
     return math.exp(max(lp, -700.0))
+
+
+def slm_request(task: Any, messages: list[Any], params: dict[str, Any] | None = None, top_logprobs: int = 1) -> dict[str, Any]:
+    """The chat request a task's small model gets, from the proxy and from calibration alike: the
+    client's parameters, the task's model, and the log-probabilities confidence is computed from."""
+    return {**(params or {}), "model": task.slm_model, "messages": messages, "logprobs": True,
+            "top_logprobs": max(1, top_logprobs)}
+
+
+def answer_confidence(task: Any, answer: Any) -> tuple[dict[str, Any], float | None]:
+    """The answer's first choice and the task's confidence in it (None: no log-probabilities in it).
+    ValueError when the answer is not a chat completion."""
+    try:
+        choice = answer["choices"][0]
+        if not isinstance(choice, dict):
+            raise TypeError
+    except (KeyError, IndexError, TypeError):
+        raise ValueError("the small model's answer is not a chat completion") from None
+    lps = token_logprobs(choice)
+    return choice, (confidence(task.confidence, lps) if lps is not None else None)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine.http_auth import bearer_from_env
-from engine.router.confidence import confidence, token_logprobs
+from engine.router.confidence import answer_confidence, slm_request
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
 from engine.router.request_check import BadRequest, check_params, parse_body
@@ -305,11 +305,8 @@ class Router:
 
     async def _ask_slm(self, call: Call) -> SlmOutcome:
         task = call.task
-        payload = {k: v for k, v in call.body.items() if k in PASS_THROUGH}
-        payload["model"] = task.slm_model
-        payload["messages"] = call.body["messages"]
-        payload["logprobs"] = True
-        payload["top_logprobs"] = max(1, int(call.body.get("top_logprobs") or 0))
+        payload = slm_request(task, call.body["messages"], {k: v for k, v in call.body.items() if k in PASS_THROUGH},
+                              int(call.body.get("top_logprobs") or 0))
         headers = bearer_from_env(task.slm_api_key_env)
         t = time.perf_counter()
         assert self.client is not None
@@ -335,14 +332,13 @@ class Router:
                               latency_ms=latency)
         try:
             answer = resp.json()
-            choice = answer["choices"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
+            _, conf = answer_confidence(task, answer)
+        except ValueError:
             return SlmOutcome(error_reason="slm_error", error="the small model's answer is not a chat completion", latency_ms=latency)
-        lps = token_logprobs(choice)
-        if lps is None:
+        if conf is None:
             return SlmOutcome(answer=answer, error_reason="no_logprobs", error="no token log-probabilities in the answer",
                               latency_ms=latency)
-        return SlmOutcome(answer=answer, confidence=confidence(task.confidence, lps), latency_ms=latency)
+        return SlmOutcome(answer=answer, confidence=conf, latency_ms=latency)
 
     def _answer_slm(self, call: Call, escalated: bool, reason: str, forced: bool = False, error: str | None = None) -> Response:
         answer = call.slm.answer
