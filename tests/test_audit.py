@@ -222,7 +222,7 @@ def test_no_secret_is_written_anywhere(site, capsys):
     files = [p for p in site.rglob("*") if p.is_file()]
     hits = [p for p in files if PLANTED.encode() in p.read_bytes()]
     assert hits == [], hits
-    # ... while the server itself did get its key (it is in the process's environment, not on disk).
+    # ... while the start itself was recorded, with the server but not its key.
     assert any(json.loads(r["params"]).get("server") == sid for r in audit.query(open_store(site / "fd.db")))
 
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pynvml
@@ -72,14 +71,12 @@ def test_a_remote_node_connects_drops_and_comes_back():
         node.close()
 
 
-def test_an_unreachable_node_says_so_and_never_blocks():
+def test_an_unreachable_node_says_so():
     node = RemoteNode("gone", [PY, "-c", "import sys; sys.stderr.write('ssh: connect to host gone port 22: Connection refused\\n'); sys.exit(255)"],
                       backoff_s=(0.2, 0.4))
     try:
         assert wait_for(lambda: node.link.status == "unreachable")
-        t = time.perf_counter()
-        snap = node.snapshot()
-        assert time.perf_counter() - t < 0.05
+        snap = node.snapshot()  # the last state, read under a lock: no I/O (tests assert no timings)
         assert snap.nvml == "unavailable" and "unreachable since" in snap.reason and "Connection refused" in snap.reason
     finally:
         node.close()
@@ -312,16 +309,21 @@ def test_a_hung_nvml_call_marks_the_gpus_stale_and_never_blocks(monkeypatch):
     assert first.nvml == "ok" and first.gpus[0].uuid == "GPU-h0"
     release = threading.Event()
     real = pynvml.nvmlDeviceGetCount
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: (release.wait(30), real())[1])
-    t = time.perf_counter()
+    reads: list[int] = []
+
+    def hung() -> int:
+        reads.append(1)
+        release.wait(30)
+        return real()
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", hung)
     stale = node.snapshot()
     again = node.snapshot()  # no second read is started while the first is stuck
     assert stale.nvml == "unavailable" and "has not answered" in stale.reason
     assert stale.gpus[0].uuid == "GPU-h0" and stale.gpus[0].error.startswith("stale:")
-    assert again.nvml == "unavailable" and fake.calls.get("nvmlDeviceGetCount", 0) == 0
+    assert again.nvml == "unavailable" and len(reads) == 1
     release.set()  # the driver recovers
     assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=10)
-    assert time.perf_counter() - t < 25  # bounded by the test, not by the stuck call
 
 
 def test_nvml_that_fails_after_a_driver_reload_is_initialised_again(monkeypatch):
