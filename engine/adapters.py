@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,44 @@ class Adapter:
     base_model: str | None
     size_bytes: int
     metadata: dict[str, Any] | None = None
+    family: str = ""  # NAME of a `NAME@vN` version folder; the folder name otherwise
+    version: int | None = None
+    vllm_problems: list[str] = field(default_factory=list)  # what vLLM's PEFTHelper refuses in the config
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_VERSION_DIR = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)@v(?P<n>[1-9][0-9]{0,5})$")
+# vLLM 0.32 (vllm/lora/peft_helper.py) refuses these PEFT features when it loads an adapter.
+_VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
+
+def vllm_problems(cfg: dict[str, Any]) -> list[str]:
+    """What vLLM would refuse in an adapter_config.json, found before a server is asked."""
+    problems = []
+    saved = [m for m in (cfg.get("modules_to_save") or []) if m not in ("classifier", "score")]
+    if saved:
+        problems.append(f"modules_to_save {saved} (vLLM serves no fully trained modules such as lm_head or "
+                        "embed_tokens; train without modules_to_save)")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, list) and any(str(t).endswith("lm_head") for t in targets):
+        problems.append("lm_head among target_modules (vLLM serves LoRA on the transformer layers only)")
+    for key, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias"), ("use_qalora", "QALoRA"),
+                      ("layer_replication", "layer_replication"), ("alora_invocation_tokens", "Activated LoRA")):
+        if cfg.get(key):
+            problems.append(f"{what} ({key})")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _VLLM_INITS:
+        problems.append(f"init_lora_weights={init!r} (it changes the base weights; convert it to a plain LoRA first)")
+    return problems
+
+
+def effective_rank(cfg: dict[str, Any], rank: int) -> int:
+    """The largest rank any module uses: `rank_pattern` can raise it above `r`."""
+    pattern = cfg.get("rank_pattern") or {}
+    ranks = [v for v in pattern.values() if isinstance(v, int)] if isinstance(pattern, dict) else []
+    return max([rank, *ranks])
 
 
 def read_adapter(folder: Path) -> Adapter:
@@ -64,11 +99,14 @@ def read_adapter(folder: Path) -> Adapter:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             meta = None
+    version = _VERSION_DIR.match(folder.name)
     return Adapter(
-        name=folder.name, path=str(folder.resolve()), rank=rank,
+        name=folder.name, path=str(folder.resolve()), rank=effective_rank(cfg, rank),
         alpha=float(cfg["lora_alpha"]) if cfg.get("lora_alpha") is not None else None,
         target_modules=sorted(str(t) for t in targets), base_model=cfg.get("base_model_name_or_path"),
         size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()), metadata=meta,
+        family=version["name"] if version else folder.name, version=int(version["n"]) if version else None,
+        vllm_problems=vllm_problems(cfg),
     )
 
 
@@ -101,6 +139,7 @@ def compatibility_problems(adapter: Adapter, base_model: str, lora_enabled: bool
     problems = []
     if not lora_enabled:
         problems.append("the server was started without LoRA (set [lora] enable = true in its profile)")
+    problems += [f"vLLM refuses {p}" for p in adapter.vllm_problems]
     if adapter.rank > max_lora_rank:
         problems.append(f"adapter rank {adapter.rank} is above the server's max LoRA rank {max_lora_rank}")
     if not _same_model(adapter.base_model, base_model):
@@ -121,9 +160,13 @@ _REFUSALS = (
 
 
 def by_name(roots: list[Path], name: object) -> Adapter:
-    """An adapter of the adapter roots, by its folder name (never a path)."""
+    """An adapter of the adapter roots by its folder name (never a path): `NAME@vN` exactly, or a bare
+    NAME, which is that folder if there is one, else NAME's newest version."""
     found, _ = scan(roots)
     match = next((a for a in found if isinstance(name, str) and a.name == name), None)
+    if match is None and isinstance(name, str) and "@" not in name:
+        newest = sorted((a for a in found if a.family == name and a.version is not None), key=lambda a: a.version or 0)
+        match = newest[-1] if newest else None
     if match is None:
         names = ", ".join(sorted(a.name for a in found)) or "none"
         raise AdapterError(f"no adapter {name!r} in the adapter roots (they hold: {names})")
@@ -133,9 +176,16 @@ def by_name(roots: list[Path], name: object) -> Adapter:
 def load_into(server: Any, adapter: Adapter, name: str | None = None, old: str | None = None) -> str:
     """Load (or, with `old`, swap in) an adapter after the checks vLLM would fail on; a refusal is
     audited and raised as AdapterError. `server` is a ready launcher.ServerRecord."""
+    from engine.adapter_versions import integrity_problem
+
     name = name or adapter.name
     action = "adapter.load" if old is None else "adapter.swap"
     refusal = f"{server.id} is {server.state}, not ready" if server.state != "ready" else None
+    if refusal is None and adapter.version is not None and name != adapter.name:
+        # a version's served name is its own: a name reused for other weights can hit stale prefix-cache blocks
+        refusal = f"{adapter.name} is served as {adapter.name} only (a version's name is never given to other weights)"
+    if refusal is None:
+        refusal = integrity_problem(adapter)
     if refusal is None:
         lora = server.spec.get("lora", {})
         problems = compatibility_problems(adapter, server.spec.get("model", ""), lora.get("enable", False),

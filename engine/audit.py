@@ -39,7 +39,13 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "job.start": ("spec", "gpus", "force", "job"),
     "job.cancel": ("job",),
     "job.resume": ("job",),
+    "adapter.import": ("path", "version"),
+    "adapter.eval": ("server", "eval", "eval_sha256", "accuracy"),
+    "adapter.promote": ("config", "task", "old", "new", "eval", "servers"),
+    "adapter.rollback": ("config", "task", "old", "new", "servers"),
     "router.threshold": ("config", "task", "old", "new"),
+    "model.merge": ("adapter", "base", "out"),
+    "model.quantize": ("model", "method", "out"),
 }
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years

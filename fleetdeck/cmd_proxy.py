@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     store = Path(args.store) if args.store else default_store_path()
     try:
-        serve(config, store, args.host, args.port)
+        serve(config, store, args.host, args.port, config_path=path)
     except (ProxyStartError, StoreError) as exc:
         print(f"fleetdeck proxy: {exc}", file=sys.stderr)
         return 2

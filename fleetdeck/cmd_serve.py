@@ -1,4 +1,4 @@
-"""`fleetdeck serve ...` and `fleetdeck adapters ...`: the same functions the Servers screen calls."""
+"""`fleetdeck serve ...`: the same functions the Servers screen calls."""
 
 from __future__ import annotations
 
@@ -46,30 +46,6 @@ def register(sub: Any) -> None:
     lg.add_argument("-n", type=int, default=60)
     lg.add_argument("--node", help="on this node of the fleet config, through its agent")
     lg.set_defaults(handler=run_logs)
-
-    ad = sub.add_parser("adapters", help="LoRA adapters on disk and in running servers")
-    asub = ad.add_subparsers(dest="adapters_cmd", metavar="ACTION", required=True)
-    al = asub.add_parser("ls", parents=[sub.common], help="adapters in the adapter roots, and those loaded in servers")
-    al.add_argument("--json", action="store_true")
-    al.set_defaults(handler=run_adapters_ls)
-    ld = asub.add_parser("load", parents=[sub.common], help="load an adapter into a running server (checks compatibility)")
-    ld.add_argument("server")
-    ld.add_argument("adapter", help="adapter name (in the roots) or folder")
-    ld.add_argument("--name", help="name to serve it under (default: the folder name)")
-    ld.add_argument("--node", help="on this node of the fleet config, through its agent")
-    ld.set_defaults(handler=run_adapters_load)
-    ul = asub.add_parser("unload", parents=[sub.common], help="unload an adapter from a server")
-    ul.add_argument("server")
-    ul.add_argument("name")
-    ul.add_argument("--node", help="on this node of the fleet config, through its agent")
-    ul.set_defaults(handler=run_adapters_unload)
-    sw = asub.add_parser("swap", parents=[sub.common], help="load a new adapter, then unload the old one (no gap)")
-    sw.add_argument("server")
-    sw.add_argument("old", help="the loaded adapter to replace")
-    sw.add_argument("adapter", help="the new adapter: name (in the roots) or folder")
-    sw.add_argument("--name", help="name to serve it under (default: the folder name)")
-    sw.add_argument("--node", help="on this node of the fleet config, through its agent")
-    sw.set_defaults(handler=run_adapters_swap)
 
 
 def _err(msg: str, code: int = 2) -> int:
@@ -275,90 +251,4 @@ def run_logs(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         return _err(str(exc))
     print(tail(rec.log_path, args.n))
-    return 0
-
-
-def run_adapters_ls(args: argparse.Namespace) -> int:
-    from engine import adapters
-    from engine.vllm.launcher import list_servers, refresh
-
-    config = _fleet_config(args)
-    found, problems = adapters.scan(list(config.adapter_roots))
-    store = _store(args)
-    servers = [refresh(store, r) for r in list_servers(store, include_ended=False)]
-    loaded: dict[str, list[str]] = {}
-    for s in servers:
-        if s.state == "ready":
-            try:
-                loaded[s.id] = [m["id"] for m in adapters.loaded(s.base_url)]
-            except Exception as exc:  # a server that stopped answering
-                problems.append(f"{s.id}: cannot list loaded adapters ({exc})")
-    if args.json:
-        print(json.dumps({"adapters": [a.to_json() for a in found], "loaded": loaded, "problems": problems}, indent=2))
-        return 0
-    for a in found:
-        print(f"{a.name:<28} r={a.rank:<4} alpha={a.alpha or 'n/a':<6} base={a.base_model or 'n/a'}  "
-              f"{a.size_bytes / 1024**2:.1f} MiB  {','.join(a.target_modules)}")
-    for sid, names in loaded.items():
-        print(f"loaded in {sid}: {', '.join(names) or '(none)'}")
-    for p in problems:
-        print(f"problem: {p}", file=sys.stderr)
-    return 0
-
-
-def _adapter(config: Any, name_or_path: str) -> Any:
-    from engine import adapters
-
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        return adapters.read_adapter(p)
-    found, _ = adapters.scan(list(config.adapter_roots))
-    for a in found:
-        if a.name == name_or_path:
-            return a
-    raise adapters.AdapterError(f"no adapter {name_or_path!r} in the adapter roots; give its folder instead")
-
-
-@mutating("adapter.load", lambda a: a.name or a.adapter)
-def run_adapters_load(args: argparse.Namespace) -> int:
-    return _load_or_swap(args, old=None)
-
-
-@mutating("adapter.swap", lambda a: a.name or a.adapter)
-def run_adapters_swap(args: argparse.Namespace) -> int:
-    return _load_or_swap(args, old=args.old)
-
-
-def _load_or_swap(args: argparse.Namespace, old: str | None) -> int:
-    from engine import adapters
-    from engine.vllm.launcher import LaunchError, get, refresh
-
-    if args.node:
-        op = "load_adapter" if old is None else "swap_adapter"
-        return on_node(args, op, {"server": args.server, "adapter": args.adapter, "name": args.name, "old": old})
-    config = _fleet_config(args)
-    store = _store(args)
-    try:
-        server = refresh(store, get(store, args.server))
-        adapter = _adapter(config, args.adapter)
-        print(adapters.load_into(server, adapter, args.name, old))
-    except (LaunchError, adapters.AdapterError) as exc:
-        return _err(str(exc))
-    return 0
-
-
-@mutating("adapter.unload", lambda a: a.name)
-def run_adapters_unload(args: argparse.Namespace) -> int:
-    from engine import adapters
-    from engine.vllm.launcher import LaunchError, get
-
-    if args.node:
-        return on_node(args, "unload_adapter", {"server": args.server, "name": args.name})
-    store = _store(args)
-    try:
-        server = get(store, args.server)
-        key = server.api_key
-        print(adapters.unload(server.base_url, args.name, key, server=server.id))
-    except (LaunchError, adapters.AdapterError) as exc:
-        return _err(str(exc))
     return 0

@@ -202,6 +202,50 @@ def _v7_audit(db: sqlite_utils.Database) -> None:
                "SELECT RAISE(ABORT, 'audit records are append-only'); END")
 
 
+def _v8_adapter_lifecycle(db: sqlite_utils.Database) -> None:
+    # An adapter version's evaluations (bound to its content hash and the eval file's hash, so a gate
+    # never passes on another file or other weights), and each task's promotions and rollbacks.
+    db.execute(
+        """
+        CREATE TABLE adapter_evals (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            adapter TEXT NOT NULL,          -- NAME@vN, the served name
+            content_sha256 TEXT NOT NULL,
+            eval_path TEXT NOT NULL,
+            eval_sha256 TEXT NOT NULL,
+            server TEXT,
+            confidence TEXT NOT NULL,       -- the confidence method scored
+            items INTEGER NOT NULL,
+            accuracy REAL NOT NULL,
+            target_accuracy REAL NOT NULL,
+            threshold REAL,                 -- the cheapest meeting the target when escalating; NULL if none
+            escalation_rate REAL,
+            ece REAL,
+            auroc REAL,
+            p50_ms REAL,
+            p95_ms REAL
+        )
+        """
+    )
+    db.execute("CREATE INDEX adapter_evals_adapter ON adapter_evals (adapter, ts)")
+    db.execute(
+        """
+        CREATE TABLE promotions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            task TEXT NOT NULL,
+            kind TEXT NOT NULL,             -- promote | rollback
+            from_model TEXT,
+            to_model TEXT NOT NULL,
+            eval_id INTEGER,
+            actor TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX promotions_task ON promotions (task, ts)")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
     2: _v2_router_ledger,
@@ -210,5 +254,6 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     5: _v5_engine_process,
     6: _v6_sanitized_rows,
     7: _v7_audit,
+    8: _v8_adapter_lifecycle,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -94,7 +94,12 @@ def test_peft_job_runs_on_cpu_is_cancelled_resumed_and_ends_with_a_servable_adap
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model)), str(adapter_dir))
     assert peft_model.peft_config["default"].r == 4
     found, _ = adapters.scan([tmp_path / "adapters"])
-    assert [a.name for a in found] == ["tickets-tiny"] and found[0].rank == 4
+    assert [a.name for a in found] == ["tickets-tiny@v1"] and found[0].rank == 4
+    # It is registered as an immutable version with its provenance: the job, who, and a content hash.
+    assert (meta["version"], meta["origin"], meta["job_id"]) == (1, "job", rec.id) and len(meta["content_sha256"]) == 64
+    from engine.adapter_versions import integrity_problem
+
+    assert integrity_problem(found[0]) is None and (adapter_dir / "adapter_config.json").stat().st_mode & 0o222 == 0
 
 
 def test_finetune_cli_check_start_ls_logs(tmp_path, tiny, capsys):

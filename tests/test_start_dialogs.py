@@ -98,4 +98,4 @@ async def test_start_a_peft_fine_tune_on_cpu_from_the_jobs_screen(tmp_path):
         assert time.time() < deadline
         time.sleep(0.2)
     assert jobs.get(store, rec.id).state == "finished"
-    assert (tmp_path / "adapters" / "tiny" / "adapter_config.json").exists()
+    assert (tmp_path / "adapters" / "tiny@v1" / "adapter_config.json").exists()

@@ -249,17 +249,12 @@ BACKENDS = {"peft": run_peft, "unsloth": run_unsloth, "simulated": run_simulated
 
 
 def install_adapter(adapter_dir: Path, spec: JobSpec, root: Path | None) -> Path:
-    """Copy the finished adapter into the adapter root under the spec's name (never over another)."""
-    import shutil
+    """Register the finished adapter as the next version of the spec's name (`NAME@vN`, immutable)."""
+    from engine.adapter_versions import register
 
     if root is None:
         return adapter_dir
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / spec.name
-    if target.exists():
-        target = root / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    shutil.copytree(adapter_dir, target)
-    return target
+    return register(adapter_dir, root, spec.name, [root])
 
 
 def main(argv: list[str] | None = None) -> int:

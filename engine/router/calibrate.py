@@ -146,22 +146,31 @@ def analyse(scored: list[tuple[float, bool]], target_accuracy: float, frontier_a
     )
 
 
-def score_eval_set(task: Any, items: list[EvalItem], timeout_s: float = 60.0) -> list[tuple[float, bool]]:
-    """Ask the task's SLM each item, with log-probabilities; (confidence, correct) per item."""
+def score_eval_set(task: Any, items: list[EvalItem], timeout_s: float = 60.0, headers: dict[str, str] | None = None,
+                   latencies_ms: list[float] | None = None) -> list[tuple[float, bool]]:
+    """Ask the task's SLM each item, with log-probabilities; (confidence, correct) per item. `task` needs
+    slm_base_url, slm_model and confidence (and slm_api_key_env unless `headers` are given); each
+    request's latency is appended to `latencies_ms` when one is given."""
+    import time
+
     import httpx
 
     from engine.http_auth import bearer_from_env
     from engine.router.confidence import answer_confidence, slm_request
 
-    headers = bearer_from_env(task.slm_api_key_env)
+    if headers is None:
+        headers = bearer_from_env(task.slm_api_key_env)
     scored = []
     with httpx.Client(timeout=timeout_s, trust_env=False) as client:
         for item in items:
             payload = slm_request(task, item.messages, {"temperature": 0})
+            t0 = time.perf_counter()
             try:
                 resp = client.post(f"{task.slm_base_url}/chat/completions", json=payload, headers=headers)
             except httpx.HTTPError as exc:
                 raise ConnectionError(f"the small model at {task.slm_base_url} did not answer: {exc}") from exc
+            if latencies_ms is not None:
+                latencies_ms.append((time.perf_counter() - t0) * 1000.0)
             if resp.status_code != 200:
                 raise ConnectionError(f"the small model answered HTTP {resp.status_code} on line {item.line}: {resp.text[:200]}")
             try:

@@ -31,6 +31,19 @@ class Pricing(Strict):
     slm_gpus: int = Field(default=1, ge=0)
 
 
+class Gate(Strict):
+    """What an adapter version must show before `adapters promote` points the task at it."""
+
+    eval: Path = Field(description="the task's held-out eval set (the calibrate format), relative to this file")
+    target_accuracy: float = Field(gt=0, le=1, description="the small model's own accuracy on it, at least")
+    min_items: int = Field(default=1, ge=1, description="an evaluation on fewer items does not count")
+
+    def eval_path(self, config_path: str | Path) -> Path:
+        """The eval file, a relative name read from the config's folder like the operator wrote it."""
+        p = self.eval.expanduser()
+        return p if p.is_absolute() else (Path(config_path).parent / p).resolve()
+
+
 class Task(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
     slm_base_url: str
@@ -50,6 +63,7 @@ class Task(Strict):
     baseline_days: float = Field(default=TaskPolicy.baseline_days, gt=0)
     recent_hours: float = Field(default=TaskPolicy.recent_hours, gt=0)
     drift_threshold_pp: float = Field(default=TaskPolicy.drift_threshold_pp, gt=0)
+    gate: Gate | None = None
 
     @field_validator("slm_base_url", "frontier_api_base")
     @classmethod
@@ -109,23 +123,25 @@ def set_task_threshold(path: str | Path, task: str, threshold: float) -> None:
         old = None
     with audit.audited("router.threshold", task, refusals=(ValueError, KeyError), config=str(path), task=task,
                        old=old, new=threshold):
-        _set_task_threshold(path, task, threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+        set_task_field(path, task, "threshold", round(threshold, 4))
 
 
-def _set_task_threshold(path: str | Path, task: str, threshold: float) -> None:
+def set_task_field(path: str | Path, task: str, key: str, value: object) -> None:
+    """Rewrite one key of one [[task]] in place and atomically; the result must load, or nothing is written.
+    Callers audit: this is the mechanism, not the action."""
     # tomlkit edits the document in place: comments, order and layout stay as the operator wrote them.
     import tomlkit
 
     from fleet.config import parse_toml_model
 
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     p = Path(path)
     doc = tomlkit.parse(p.read_text(encoding="utf-8"))
     entry = next((t for t in doc.get("task", []) if t.get("name") == task), None)
     if entry is None:
         raise KeyError(f"no [[task]] named {task!r} in {p}")
-    entry["threshold"] = round(threshold, 4)
+    entry[key] = value
     text = tomlkit.dumps(doc)
     parse_toml_model(p, text, RouterConfig)  # never write a config the proxy would refuse
     tmp = p.with_suffix(p.suffix + ".tmp")

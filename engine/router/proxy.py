@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import httpx
@@ -128,8 +129,10 @@ class Call:
 
 
 class Router:
-    def __init__(self, config: RouterConfig, ledger: LedgerWriter | None = None, load_litellm: bool = True) -> None:
+    def __init__(self, config: RouterConfig, ledger: LedgerWriter | None = None, load_litellm: bool = True,
+                 config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # what a reload reads; None: the proxy cannot reload
         self.ledger = ledger
         self.metrics = ProxyMetrics(ledger)
         self.keys = api_keys(config.proxy)
@@ -137,6 +140,7 @@ class Router:
         self.litellm: Any = None
         self.prices: dict[str, Price] = {}
         self._load_litellm = load_litellm
+        self._reload_lock = asyncio.Lock()
         self.started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -153,6 +157,48 @@ class Router:
             self.litellm = await asyncio.to_thread(import_litellm)
         for task in self.config.task:
             self.prices[task.name] = frontier_price(task, self.litellm)
+
+    async def reload(self) -> dict[str, Any]:
+        """Read the config file again and use it for every request from now on; a request already
+        routed keeps the task it started with. A config that does not load changes nothing (ValueError)."""
+        from engine.router.config import load_router_config
+        from fleet.config import ConfigError
+
+        if self.config_path is None:
+            raise ValueError("this proxy was started without a config file; restart it to change its config")
+        async with self._reload_lock:
+            try:
+                new = await asyncio.to_thread(load_router_config, self.config_path)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
+            if self._load_litellm and self.litellm is None and any(t.frontier_model for t in new.task):
+                from engine.router.pricing import import_litellm
+
+                self.litellm = await asyncio.to_thread(import_litellm)
+            prices = {t.name: frontier_price(t, self.litellm) for t in new.task}
+            old = {t.name: t for t in self.config.task}
+            changed = sorted(t.name for t in new.task if old.get(t.name) != t)
+            restart = [k for k in ("host", "port") if getattr(new.proxy, k) != getattr(self.config.proxy, k)]
+            # One assignment each, no await between them: a request sees the old config or the new one.
+            self.config, self.prices, self.keys = new, prices, api_keys(new.proxy)
+        log.warning("config reloaded from %s: %s", self.config_path, ", ".join(changed) or "no task changed")
+        return {"reloaded": True, "changed_tasks": changed, "tasks": [t.name for t in new.task],
+                "needs_restart": restart}
+
+    async def reload_endpoint(self, request: Request) -> Response:
+        # An operator's action on this host only: never from the network, and with a key where keys are set.
+        from engine.router.config import is_loopback
+
+        client = request.client.host if request.client else ""
+        if not is_loopback(client):
+            return openai_error(403, "Reload is accepted from this host's loopback only.", "permission_error")
+        if (err := self._auth_error(request)) is not None:
+            return err
+        try:
+            return JSONResponse(await self.reload())
+        except ValueError as exc:
+            return openai_error(409, f"config not reloaded, the proxy keeps its current one: {exc}",
+                                "invalid_request_error", "invalid_config")
 
     async def shutdown(self) -> None:
         if self.client is not None:
@@ -585,15 +631,34 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
+async def _reload_logged(router: Router) -> None:
+    try:
+        await router.reload()
+    except ValueError as exc:
+        log.error("SIGHUP: config not reloaded, keeping the current one: %s", exc)
+
+
 def create_app(router: Router) -> Starlette:
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        import signal
+
         await router.startup()
+        loop = asyncio.get_running_loop()
+        hup = False
+        if router.config_path is not None:
+            try:  # `kill -HUP` reloads, as daemons do; errors are logged, the old config stays
+                loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_logged(router)))
+                hup = True
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no SIGHUP
+                pass
         try:
             yield
         finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
             await router.shutdown()
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -610,6 +675,7 @@ def create_app(router: Router) -> Starlette:
             Route("/v1/models", router.models, methods=["GET"]),
             Route("/health", router.health, methods=["GET"]),
             Route("/metrics", router.metrics_endpoint, methods=["GET"]),
+            Route("/admin/reload", router.reload_endpoint, methods=["POST"]),
         ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},

@@ -28,7 +28,8 @@ def check_can_start(config: RouterConfig, host: str, port: int) -> None:
             raise ProxyStartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port") from exc
 
 
-def serve(config: RouterConfig, store_path: Path, host: str | None = None, port: int | None = None) -> int:
+def serve(config: RouterConfig, store_path: Path, host: str | None = None, port: int | None = None,
+          config_path: Path | None = None) -> int:
     """Serve until SIGTERM/SIGINT; then finish requests in flight (up to `shutdown_grace_s`), store every
     ledger row, checkpoint the store's WAL and return 0."""
     import signal
@@ -44,7 +45,7 @@ def serve(config: RouterConfig, store_path: Path, host: str | None = None, port:
     check_can_start(config, host, port)
     store = open_store(store_path)
     ledger = LedgerWriter(store, retention_days=config.proxy.retention_days)
-    app = create_app(Router(config, ledger))
+    app = create_app(Router(config, ledger, config_path=config_path))
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
                        timeout_graceful_shutdown=config.proxy.shutdown_grace_s, server_header=False)

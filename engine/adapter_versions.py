@@ -1,0 +1,168 @@
+"""Adapter versions: immutable `NAME@vN` folders in the adapter roots, each with its content hash and provenance.
+
+A version is never written again once registered: its files lose their write bits, its `fleetdeck.json`
+carries the SHA-256 of everything else in the folder, and the served LoRA name is the folder's name, so
+vLLM never sees a name reused for other weights (a replaced adapter under an old name can be answered from
+stale prefix-cache blocks). A fine-tune registers its adapter as the next version of the spec's name;
+`adapters import` registers a folder from anywhere else after the same checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.adapters import WEIGHT_FILES, Adapter, AdapterError, read_adapter, scan
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+VERSION_RE = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)@v(?P<n>[1-9][0-9]{0,5})$")
+METADATA = "fleetdeck.json"
+
+
+def parse_ref(text: str) -> tuple[str, int | None]:
+    """`NAME@vN` -> (NAME, N); a bare `NAME` -> (NAME, None). Anything else is refused."""
+    m = VERSION_RE.match(text)
+    if m:
+        return m["name"], int(m["n"])
+    if NAME_RE.match(text) and "@" not in text:
+        return text, None
+    raise AdapterError(f"{text!r} is not an adapter name or NAME@vN (letters, digits, . _ - only)")
+
+
+def content_hash(folder: Path) -> str:
+    """SHA-256 over every file of the folder but the metadata, by relative path, in a fixed order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != METADATA):
+        rel = f.relative_to(folder).as_posix().encode()
+        h.update(len(rel).to_bytes(4, "big") + rel)
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def versions_of(roots: list[Path], name: str) -> list[Adapter]:
+    """Every registered version of NAME in the roots, oldest first."""
+    found, _ = scan(roots)
+    return sorted((a for a in found if a.family == name and a.version is not None), key=lambda a: a.version or 0)
+
+
+def integrity_problem(adapter: Adapter) -> str | None:
+    """Why a registered version can no longer be trusted (its files changed), or None."""
+    if adapter.version is None:
+        return None
+    expected = (adapter.metadata or {}).get("content_sha256")
+    if not expected:
+        return f"{adapter.name}: no content hash in {METADATA}; import it again as a new version"
+    actual = content_hash(Path(adapter.path))
+    if actual != expected:
+        return (f"{adapter.name}: its files changed after it was registered (content hash {actual[:12]}, "
+                f"registered {expected[:12]}); import the folder again as a new version")
+    return None
+
+
+def _freeze(folder: Path) -> None:
+    for p in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        p.chmod(stat.S_IMODE(p.stat().st_mode) & ~0o222)
+    folder.chmod(stat.S_IMODE(folder.stat().st_mode) & ~0o222)
+
+
+def provenance(source: Path, adapter: Adapter) -> dict[str, Any]:
+    """What a version records of where it came from: the job's own metadata when a fine-tune made it."""
+    from engine import audit
+
+    meta = dict(adapter.metadata or {})
+    base = meta.get("base_model") or adapter.base_model
+    base_cfg = Path(str(base)) / "config.json" if base else None
+    meta.update(
+        base_model=base,
+        base_config_sha256=_file_sha256(base_cfg) if base_cfg and base_cfg.is_file() else None,
+        origin="job" if meta.get("job_id") else "import",
+        source_path=str(source.resolve()),
+        registered_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        registered_by=audit.identity()["actor"],
+    )
+    return meta
+
+
+def register(source: Path, root: Path, name: str, roots: list[Path] | None = None) -> Path:
+    """Copy an adapter folder in as the next version of NAME; returns the new `NAME@vN` folder."""
+    if not NAME_RE.match(name):
+        raise AdapterError(f"adapter name {name!r}: use letters, digits, . _ - only (the version is added as @vN)")
+    adapter = read_adapter(source)
+    problems = adapter.vllm_problems
+    if problems:
+        raise AdapterError(f"{source}: vLLM would refuse this adapter: " + "; ".join(problems))
+    root.mkdir(parents=True, exist_ok=True)
+    meta = provenance(source, adapter)
+    tmp = root / f".{name}.importing-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for f in source.iterdir():
+            # the adapter's own files only: checkpoints or tokenizer copies stay where they were
+            if f.is_file() and (f.name in WEIGHT_FILES or f.name in ("adapter_config.json", "README.md")):
+                shutil.copy2(f, tmp / f.name)
+        meta["content_sha256"] = content_hash(tmp)
+        known = [a.version or 0 for a in versions_of(list(roots or []) + [root], name)]
+        n = max(known, default=0) + 1
+        while True:
+            target = root / f"{name}@v{n}"
+            meta.update(name=name, version=n)
+            (tmp / METADATA).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            try:
+                tmp.rename(target)  # atomic; fails if another registration took this number first
+            except OSError:
+                if not target.exists():
+                    raise
+                n += 1
+                continue
+            break
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _freeze(target)
+    return target
+
+
+def import_adapter(source: Path, name: str, roots: list[Path]) -> Path:
+    """`adapters import`: audited, into the first adapter root."""
+    from engine import audit
+
+    if not roots:
+        raise AdapterError("no adapter roots configured (set adapter_roots in the fleet config)")
+    with audit.audited("adapter.import", name, refusals=(AdapterError,), path=str(source)) as entry:
+        target = register(Path(source), Path(roots[0]).expanduser(), name, roots)
+        entry.target = target.name
+        entry.params["version"] = target.name
+        return target
+
+
+def resolve(roots: list[Path], ref: str) -> Adapter:
+    """`NAME@vN` exactly, or a bare NAME: that folder if it is one, else NAME's newest version."""
+    name, n = parse_ref(ref)
+    found, _ = scan(roots)
+    exact = next((a for a in found if a.name == ref), None)
+    if exact is not None:
+        return exact
+    if n is None:
+        mine = sorted((a for a in found if a.family == name and a.version is not None), key=lambda a: a.version or 0)
+        if mine:
+            return mine[-1]
+    names = ", ".join(sorted(a.name for a in found)) or "none"
+    raise AdapterError(f"no adapter {ref!r} in the adapter roots (they hold: {names})")
