@@ -85,6 +85,13 @@ class AuditSettings(Strict):
     retention_days: float = Field(default=6 * 365, ge=1, le=100 * 365, description="HIPAA: six years")
 
 
+class ModelSettings(Strict):
+    """Where merged and quantized models go, and the Python that runs llm-compressor."""
+
+    root: Path | None = Field(default=None, description="default: the data folder's models/")
+    quantize_python: Path | None = Field(default=None, description="a virtual environment's python with llmcompressor")
+
+
 class FleetConfig(Strict):
     refresh_s: float = Field(default=1.0, ge=0.2, le=60.0)
     history_every_s: float = Field(default=5.0, ge=1.0, le=3600.0)
@@ -92,6 +99,7 @@ class FleetConfig(Strict):
     read_only: bool = False
     node: list[NodeConfig] = Field(default_factory=list)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
 
 
 def load_fleet_config(path: Path | str | None, required: bool = False) -> FleetConfig:

@@ -39,6 +39,20 @@ def register(sub: Any) -> None:
             p.add_argument("-n", type=int, default=60)
         p.add_argument("--node", help="on this node of the fleet config, through its agent")
         p.set_defaults(handler=fn)
+    mg = fsub.add_parser("merge", parents=[sub.common], help="merge an adapter version into its 16-bit base (a job)")
+    mg.add_argument("source", help="NAME@vN, or a finished fine-tune's job id")
+    mg.add_argument("--out", help="the merged model's folder (default: the models root, NAME-vN-merged)")
+    mg.add_argument("--wait", action="store_true", help="wait for the job to end and print its outcome")
+    mg.set_defaults(handler=run_merge)
+    qz = fsub.add_parser("quantize", parents=[sub.common], help="quantize a model folder to AWQ W4A16 (a job)")
+    qz.add_argument("model", help="a model folder (a merged model)")
+    qz.add_argument("--method", choices=["awq"], default="awq")
+    qz.add_argument("--calibration", required=True, metavar="JSONL", help="examples in the fine-tune dataset formats")
+    qz.add_argument("--samples", type=int, default=64, help="calibration examples to use")
+    qz.add_argument("--gpus", help="GPU indices (default: cpu)")
+    qz.add_argument("--out", help="default: MODEL-awq beside it")
+    qz.add_argument("--wait", action="store_true")
+    qz.set_defaults(handler=run_quantize)
 
 
 def _err(msg: str) -> int:
@@ -191,3 +205,91 @@ def run_logs(args: argparse.Namespace) -> int:
         return _err(str(exc))
     print(tail(rec.log_path, args.n))
     return 0
+
+
+def _models_root(config: Any) -> Path:
+    from store.paths import data_dir
+
+    return Path(config.models.root).expanduser() if config.models.root else data_dir() / "models"
+
+
+def _wait_job(store: Any, rec: Any) -> int:
+    import time
+
+    from engine.finetune import jobs
+
+    while rec.state == "running":
+        time.sleep(0.5)
+        rec = jobs.refresh(store, rec)
+    print(f"{rec.id}: {rec.state} ({rec.reason})")
+    return 0 if rec.state == "finished" else 1
+
+
+@mutating("model.merge", lambda a: a.source)
+def run_merge(args: argparse.Namespace) -> int:
+    from engine import adapters
+    from engine.adapter_versions import integrity_problem
+    from engine.finetune import jobs
+    from fleet.config import load_fleet_config
+
+    config = load_fleet_config(args.config, required=args.config is not None)
+    store = _store(args)
+    roots = [Path(r).expanduser() for r in config.adapter_roots]
+    try:
+        if "@" not in args.source and not any(a.family == args.source for a in adapters.scan(roots)[0]):
+            job = jobs.refresh(store, jobs.get(store, args.source))
+            if not job.spec.get("_adapter_path"):
+                return _err(f"{job.id} is {job.state}, with no adapter to merge")
+            adapter = adapters.read_adapter(Path(job.spec["_adapter_path"]))
+        else:
+            adapter = adapters.by_name(roots, args.source)
+        problem = integrity_problem(adapter)
+        if problem:
+            return _err(problem)
+        base = (adapter.metadata or {}).get("base_model") or adapter.base_model
+        if not base or not (Path(base) / "config.json").is_file():
+            return _err(f"{adapter.name}'s base model {base!r} is not a local model folder here (merging needs it)")
+        out = Path(args.out).expanduser() if args.out else _models_root(config) / f"{adapter.name.replace('@', '-')}-merged"
+        rec = jobs.start_transform(store, "merge", adapter.name, ["--adapter", adapter.path, "--base", str(base)], out,
+                                   params={"adapter": adapter.name, "base": str(base)})
+    except (adapters.AdapterError, jobs.JobError) as exc:
+        return _err(str(exc))
+    print(f"started {rec.id}: merging {adapter.name} into {base} -> {out}")
+    return _wait_job(store, rec) if args.wait else 0
+
+
+@mutating("model.quantize", lambda a: a.model)
+def run_quantize(args: argparse.Namespace) -> int:
+    from engine.finetune import jobs
+    from engine.vllm.profile import parse_gpus
+    from fleet.config import load_fleet_config
+
+    config = load_fleet_config(args.config, required=args.config is not None)
+    model = Path(args.model).expanduser()
+    if not (model / "config.json").is_file():
+        return _err(f"{model} is not a model folder (no config.json)")
+    calib = Path(args.calibration).expanduser()
+    if not calib.is_file():
+        return _err(f"calibration set {calib} not found")
+    python = config.models.quantize_python
+    if python is None:
+        return _err("no llm-compressor environment: make one (`python3 -m venv q && q/bin/pip install torch llmcompressor`)"
+                    " and set [models] quantize_python in the fleet config to its python")
+    if not Path(python).expanduser().is_file():
+        return _err(f"[models] quantize_python {python} does not exist")
+    if not 1 <= args.samples <= 100_000:
+        return _err("--samples must be 1-100000")
+    try:
+        gpus = parse_gpus(args.gpus) if args.gpus and args.gpus != "cpu" else None
+    except ValueError as exc:
+        return _err(str(exc))
+    out = Path(args.out).expanduser() if args.out else model.with_name(f"{model.name}-awq")
+    store = _store(args)
+    try:
+        rec = jobs.start_transform(store, "quantize", model.name, ["--model", str(model), "--dataset", str(calib),
+                                   "--samples", str(args.samples)], out, python=str(Path(python).expanduser()), gpus=gpus,
+                                   params={"model": str(model), "method": args.method})
+    except jobs.JobError as exc:
+        return _err(str(exc))
+    print(f"started {rec.id}: AWQ W4A16 of {model} -> {out}")
+    return _wait_job(store, rec) if args.wait else 0

@@ -143,6 +143,34 @@ def _start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapsho
     return rec
 
 
+def start_transform(store: Any, kind: str, name: str, args: list[str], out: Path, *, python: str | None = None,
+                    gpus: Sequence[int] | None = None, params: dict[str, Any] | None = None) -> JobRecord:
+    """A merge or quantize job (engine/finetune/transform.py) on the Jobs screen like a fine-tune."""
+    from store.paths import private_dir, state_dir
+
+    action = "model.merge" if kind == "merge" else "model.quantize"
+    with audit.audited(action, name, refusals=(JobError,), out=str(out), **(params or {})) as entry:
+        if out.exists():
+            raise JobError(f"{out} already exists: name another --out (a model folder is never overwritten)")
+        jid = f"{kind}-{name.replace('@', '-')}-{uuid.uuid4().hex[:6]}"
+        private_dir(state_dir() / "jobs")
+        workdir = private_dir(state_dir() / "jobs" / jid)
+        argv = [python or sys.executable, "-m", "engine.finetune.transform", kind, "--workdir", str(workdir),
+                "--out", str(out), *args]
+        # Another virtual environment (llm-compressor's) finds fleetdeck's code by path.
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+               "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus) if gpus else ""}
+        rec = JobRecord(id=jid, name=name, node=socket.gethostname(), pid=None, create_time=None, argv=argv, env=env,
+                        gpus=",".join(str(g) for g in gpus) if gpus else "cpu", port=None,
+                        log_path=str(workdir / "job.log"),
+                        spec={"kind": kind, "name": name, "out": str(out), **(params or {}), "_workdir": str(workdir)},
+                        state="running", reason=None, started_at=time.time())
+        _spawn(rec, resume=False)
+        _save(store, rec)
+        entry.params["out"] = str(out)
+        return rec
+
+
 def _alive(rec: JobRecord) -> bool:
     return managed.alive(rec.pid, rec.create_time)
 
@@ -151,6 +179,9 @@ FAILURE_HINTS = (
     ("out of memory", "CUDA out of memory: lower batch_size or max_seq_length, turn on load_in_4bit, or use a bigger GPU."),
     ("needs an NVIDIA GPU", "no GPU for unsloth: run on a GPU node, or use backend = \"peft\"."),
     ("dataset", "dataset error: run `fleetdeck finetune check SPEC`."),
+    # llm-compressor 0.14's AWQ pins calibration activations in accelerator memory: on a CPU-only host it stops here.
+    ("Cannot access accelerator device", "llm-compressor's AWQ needs a GPU (it stops at its first smoothing step on "
+     "a CPU-only host): run `fleetdeck finetune quantize ... --gpus INDEX` on a GPU node."),
 )
 
 
@@ -166,7 +197,10 @@ def refresh(store: Any, rec: JobRecord) -> JobRecord:
     if peak:
         rec.spec["_gpu_peak_reserved_bytes"] = peak.get("peak_reserved_bytes")
         rec.spec["_gpu_peak_allocated_bytes"] = peak.get("peak_allocated_bytes")
-    if last and last["event"] == "done":
+    if last and last["event"] == "done" and last.get("output_path"):
+        rec.state, rec.reason = "finished", f"model at {last['output_path']}"
+        rec.spec["_output_path"] = last["output_path"]
+    elif last and last["event"] == "done":
         rec.state, rec.reason = "finished", f"adapter at {last.get('adapter_path')}"
         rec.spec["_adapter_path"] = last.get("adapter_path")
         rec.spec["_final_loss"] = last.get("final_loss")

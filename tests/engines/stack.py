@@ -89,3 +89,27 @@ def wait_http(url: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.3)
     raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def train(server: "RealServer", name: str, seed: int, steps: int = 6, lr: float = 0.001) -> Path:
+    """A peft fine-tune on CPU through `finetune start`; the version it registered."""
+    from tests.fakes.tiny_model import make_dataset
+
+    data = make_dataset(server.root / f"{name}.jsonl")
+    spec = server.root / f"{name}.toml"
+    spec.write_text("\n".join([
+        f'name = "{name}"', f'base_model = "{server.base}"', f'dataset = "{data}"', 'backend = "peft"',
+        "lora_rank = 8", f"max_steps = {steps}", "batch_size = 2", "gradient_accumulation_steps = 1",
+        "save_steps = 3", f"learning_rate = {lr}", "load_in_4bit = false", f"seed = {seed}", f'adapter_root = "{server.adapters}"',
+    ]) + "\n")
+    started = server.run("finetune", "start", str(spec), "--gpus", "cpu")
+    assert started.returncode == 0, started.stderr
+    job = started.stdout.split()[1]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        (rec,) = [j for j in json.loads(server.run("finetune", "ls", "--json").stdout) if j["id"] == job]
+        if rec["state"] in ("finished", "failed", "cancelled"):
+            break
+        time.sleep(1)
+    assert rec["state"] == "finished", f"{rec['state']}: {rec.get('reason')}\n" + Path(rec["log_path"]).read_text()[-2000:]
+    return Path(rec["spec"]["_adapter_path"])

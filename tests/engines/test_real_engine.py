@@ -24,7 +24,7 @@ from engine import adapters
 from engine.vllm import launcher
 from engine.vllm.metrics import NAMES
 from store.db import open_store
-from tests.engines.stack import ROOT, free_port, wait_http
+from tests.engines.stack import ROOT, free_port, train, wait_http
 from tests.fakes.tiny_model import make_dataset, make_peft_adapter, make_tiny_model
 from tests.helpers import FAKE_VLLM
 
@@ -128,27 +128,6 @@ def test_real_lora_refusals_reach_the_operator_as_vllms_own_words(real_server, c
     assert httpx.get(f"{real_server.base_url}/health", trust_env=False).status_code == 200
 
 
-def train(server, name: str, seed: int) -> Path:
-    data = make_dataset(server.root / f"{name}.jsonl")
-    spec = server.root / f"{name}.toml"
-    spec.write_text("\n".join([
-        f'name = "{name}"', f'base_model = "{server.base}"', f'dataset = "{data}"', 'backend = "peft"',
-        "lora_rank = 8", "max_steps = 6", "batch_size = 2", "gradient_accumulation_steps = 1", "save_steps = 3",
-        "learning_rate = 0.001", "load_in_4bit = false", f"seed = {seed}", f'adapter_root = "{server.adapters}"',
-    ]) + "\n")
-    started = server.run("finetune", "start", str(spec), "--gpus", "cpu")
-    assert started.returncode == 0, started.stderr
-    job = started.stdout.split()[1]
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        (rec,) = [j for j in json.loads(server.run("finetune", "ls", "--json").stdout) if j["id"] == job]
-        if rec["state"] in ("finished", "failed", "cancelled"):
-            break
-        time.sleep(1)
-    assert rec["state"] == "finished", f"{rec['state']}: {rec.get('reason')}\n" + Path(rec["log_path"]).read_text()[-2000:]
-    return server.adapters / name
-
-
 def router_config(server, port: int) -> Path:
     v1 = f"{server.base_url}/v1"
     common = [f'slm_base_url = "{v1}"', 'confidence = "first_token"', "slm_timeout_s = 30",
@@ -159,9 +138,9 @@ def router_config(server, port: int) -> Path:
         "[proxy]", 'host = "127.0.0.1"', f"port = {port}", "frontier_timeout_s = 60",
         "[pricing]", "slm_gpu_hour_usd = 1.0", "slm_gpus = 1",
         # the small model always answers (threshold 0) ...
-        "[[task]]", 'name = "tickets"', 'slm_model = "tickets"', "threshold = 0.0", *common,
+        "[[task]]", 'name = "tickets"', 'slm_model = "tickets-v1@v1"', "threshold = 0.0", *common,
         # ... or never does: a random model is never 99 % sure, so every request escalates
-        "[[task]]", 'name = "tickets-strict"', 'slm_model = "tickets"', "threshold = 0.99", *common,
+        "[[task]]", 'name = "tickets-strict"', 'slm_model = "tickets-v1@v1"', "threshold = 0.99", *common,
     ]) + "\n")
     return path
 
@@ -179,20 +158,20 @@ def test_finetune_serve_route_report_calibrate_swap_stop_on_real_engines(real_se
     meta = json.loads((v1 / "fleetdeck.json").read_text())
     assert Path(meta["base_model"]) == srv.base and (v1 / "adapter_config.json").is_file()
     listed = json.loads(srv.run("adapters", "ls", "--json").stdout)
-    assert {"tickets-v1", "tickets-v2"} <= {a["name"] for a in listed["adapters"]}
+    assert {"tickets-v1@v1", "tickets-v2@v1"} <= {a["name"] for a in listed["adapters"]}
 
     # 2. The adapter goes into the real server through fleetdeck's compatibility check.
-    loaded = srv.run("adapters", "load", srv.id, "tickets-v1", "--name", "tickets")
+    loaded = srv.run("adapters", "load", srv.id, "tickets-v1")  # its newest version, served as tickets-v1@v1
     assert loaded.returncode == 0 and "added successfully" in loaded.stdout, loaded.stderr
 
     # 3. Traffic straight at vLLM, then live figures from its own /metrics, through a process of its own.
     for _ in range(3):
         r = httpx.post(f"{srv.base_url}/v1/chat/completions", trust_env=False, timeout=120, json={
-            "model": "tickets", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8})
+            "model": "tickets-v1@v1", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8})
         assert r.status_code == 200
     show = json.loads(srv.run("serve", "show", srv.id, "--json", "--interval", "0.5").stdout)
     fig = show["figures"]
-    assert show["state"] == "ready" and show["loaded_adapters"] == ["tickets"]
+    assert show["state"] == "ready" and show["loaded_adapters"] == ["tickets-v1@v1"]
     assert fig["ttft_p50"] is not None and fig["e2e_p95"] is not None and fig["kv_usage"] is not None
     assert fig["running"] == 0 and fig["waiting"] == 0 and fig["preemptions"] == 0
     # The KV capacity vLLM allocated is what the planner predicted for the CPU build's 1 GiB KV space.
@@ -237,13 +216,14 @@ def test_finetune_serve_route_report_calibrate_swap_stop_on_real_engines(real_se
         time.sleep(1.0)
         from engine import adapters
 
-        assert adapters.swap(srv.base_url, "tickets", "tickets-next", str(v2)) == "tickets-next loaded, then tickets unloaded"
+        assert adapters.swap(srv.base_url, "tickets-v1@v1", "tickets-v2@v1", str(v2)) == \
+            "tickets-v2@v1 loaded, then tickets-v1@v1 unloaded"
         time.sleep(1.0)
         stop.set()
         t.join(timeout=120)
         assert codes and set(codes) == {200}, codes
         sent += len(codes)
-        assert [m["id"] for m in adapters.loaded(srv.base_url)] == ["tickets-next"]
+        assert [m["id"] for m in adapters.loaded(srv.base_url)] == ["tickets-v2@v1"]
     finally:
         proxy.send_signal(signal.SIGTERM)  # finishes requests in flight and flushes the ledger
         out, _ = proxy.communicate(timeout=60)
@@ -265,7 +245,7 @@ def test_finetune_serve_route_report_calibrate_swap_stop_on_real_engines(real_se
     evalset = srv.root / "eval.jsonl"
     evalset.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"ticket {i}: the invoice is wrong"}],
                                              "expected": "route to billing"}) for i in range(6)) + "\n")
-    adapters_now = srv.run("adapters", "load", srv.id, "tickets-v1", "--name", "tickets")
+    adapters_now = srv.run("adapters", "load", srv.id, "tickets-v1@v1")
     assert adapters_now.returncode == 0, adapters_now.stderr
     cal = srv.run_router("calibrate", "tickets", "--eval", str(evalset), "--json", "--config", str(cfg))
     assert cal.returncode == 0, cal.stderr

