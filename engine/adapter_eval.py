@@ -71,34 +71,35 @@ def evaluate(store: Any, adapter: Adapter, server: Any, eval_path: Path, *, conf
     from engine import audit
     from engine.adapter_versions import integrity_problem
     from engine.http_auth import bearer
-    from engine.router.calibrate import analyse, load_eval_set, score_eval_set
+    from engine.router.calibrate import EvalSetError, analyse, load_eval_set, score_eval_set
 
-    if adapter.version is None:
-        raise AdapterError(f"{adapter.name} is not a registered version: `fleetdeck adapters import` it first, so the "
-                           "result belongs to weights that cannot change")
-    problem = integrity_problem(adapter)
-    if problem:
-        raise AdapterError(problem)
-    items = load_eval_set(Path(eval_path))
-    ensure_loaded(server, adapter)
-    latencies: list[float] = []
-    target = EvalTarget(f"{server.base_url}/v1", adapter.name, confidence)
-    scored = score_eval_set(target, items, headers=bearer(server.api_key), latencies_ms=latencies)
-    cal = analyse(scored, target_accuracy)
-    row = {
-        "ts": time.time(), "adapter": adapter.name, "content_sha256": (adapter.metadata or {})["content_sha256"],
-        "eval_path": str(Path(eval_path).resolve()), "eval_sha256": file_sha256(Path(eval_path)), "server": server.id,
-        "confidence": confidence, "items": cal.items, "accuracy": cal.accuracy, "target_accuracy": target_accuracy,
-        "threshold": cal.threshold, "escalation_rate": cal.escalation_rate, "ece": cal.ece, "auroc": cal.auroc,
-        "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
-    }
-    with store.transaction() as conn:
-        cur = conn.execute(f"INSERT INTO adapter_evals ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                           tuple(row.values()))
-        row["id"] = cur.lastrowid
-    audit.record("adapter.eval", adapter.name, "done", None, server=server.id, eval=row["eval_path"],
-                 eval_sha256=row["eval_sha256"], accuracy=round(cal.accuracy, 4))
-    return row
+    with audit.audited("adapter.eval", adapter.name, refusals=(AdapterError, EvalSetError), server=server.id,
+                       eval=str(eval_path)) as entry:
+        if adapter.version is None:
+            raise AdapterError(f"{adapter.name} is not a registered version: `fleetdeck adapters import` it first, so "
+                               "the result belongs to weights that cannot change")
+        problem = integrity_problem(adapter)
+        if problem:
+            raise AdapterError(problem)
+        items = load_eval_set(Path(eval_path))
+        ensure_loaded(server, adapter)
+        latencies: list[float] = []
+        target = EvalTarget(f"{server.base_url}/v1", adapter.name, confidence)
+        scored = score_eval_set(target, items, headers=bearer(server.api_key), latencies_ms=latencies)
+        cal = analyse(scored, target_accuracy)
+        row = {
+            "ts": time.time(), "adapter": adapter.name, "content_sha256": (adapter.metadata or {})["content_sha256"],
+            "eval_path": str(Path(eval_path).resolve()), "eval_sha256": file_sha256(Path(eval_path)),
+            "server": server.id, "confidence": confidence, "items": cal.items, "accuracy": cal.accuracy,
+            "target_accuracy": target_accuracy, "threshold": cal.threshold, "escalation_rate": cal.escalation_rate,
+            "ece": cal.ece, "auroc": cal.auroc, "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
+        }
+        with store.transaction() as conn:
+            cur = conn.execute(f"INSERT INTO adapter_evals ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                               tuple(row.values()))
+            row["id"] = cur.lastrowid
+        entry.params.update(eval_sha256=row["eval_sha256"], accuracy=round(cal.accuracy, 4))
+        return row
 
 
 def evals_of(store: Any, adapter: str | None = None) -> list[dict[str, Any]]:

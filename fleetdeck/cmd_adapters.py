@@ -246,6 +246,7 @@ def run_unload(args: argparse.Namespace) -> int:
     return 0
 
 
+@mutating("adapter.eval", lambda a: a.adapter)
 def run_eval(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.adapter_eval import compatible_servers, evaluate

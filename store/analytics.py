@@ -134,6 +134,16 @@ def escalation_series(store: Store, task: str, since: float, until: float) -> li
     return [(int(b), int(n), int(e)) for b, n, e in rows]
 
 
+def by_model(store: Store, task: str, since: float, until: float) -> list[dict[str, Any]]:
+    """Requests and escalation rate per small model (adapter version) that answered or was asked, oldest
+    first by when it was first seen. Read from the ledger rows: rollups do not keep the model."""
+    rows = store.execute(
+        "SELECT slm_model, COUNT(*), SUM(escalated), MIN(ts) FROM requests WHERE task = ? AND ts >= ? AND ts < ?"
+        " AND slm_model IS NOT NULL GROUP BY slm_model ORDER BY MIN(ts)", (task, since, until))
+    return [{"model": m, "requests": int(n), "escalated": int(e or 0), "escalation_rate": (e or 0) / n if n else None,
+             "first_seen": first} for m, n, e, first in rows]
+
+
 @dataclass
 class Drift:
     task: str

@@ -278,3 +278,79 @@ def test_proxy_reload_is_loopback_only_and_keeps_the_old_config_when_the_new_one
         r = local.post("/admin/reload")
         assert r.status_code == 409 and "keeps its current one" in r.json()["error"]["message"]
         assert router.config.task[0].slm_model == "m@v2"
+
+
+async def _until(app, pilot, cond, rounds: int = 100) -> bool:
+    from tests.tui_helpers import settle
+
+    for _ in range(rounds):
+        await settle(app, pilot, 1)
+        if cond():
+            return True
+        await pilot.pause(0.05)
+    return cond()
+
+
+async def test_router_screen_evaluates_promotes_and_rolls_back_from_the_keyboard(site, tmp_path):
+    from fleet.config import FleetConfig
+    from store.ledger import LedgerRow, LedgerWriter
+    from tests.engines.stack import free_port
+    from tests.tui_helpers import make_app, open_screen, press_and_confirm, static_text
+    from tui.screens.router import RouterScreen
+
+    src = make_adapter(tmp_path / "src", "tickets")
+    for _ in range(2):
+        assert cli(site, "adapters", "import", str(src), "tickets") == 0
+    assert cli(site, "adapters", "load", site["server"].id, "tickets@v1") == 0
+    cfg = router_toml(site, free_port(), target=0.7, slm_model="tickets@v1")
+    write_eval(site["root"] / "gate.jsonl", right=3, wrong=1)
+    now = time.time()
+    writer = LedgerWriter(site["store"])
+    for i in range(20):  # an hour of v1 traffic, one request in five escalated
+        writer.put(LedgerRow(id=f"r{i}", ts=now - 3600 + i * 60, task="tickets", route="slm", escalated=i % 5 == 0,
+                             reason="confident", status=200, slm_model="tickets@v1"))
+    writer.close()
+
+    app = make_app(store_path=site["root"] / "fd.db")
+    app.options.router_config = cfg
+    app.options.config = FleetConfig(adapter_roots=[site["roots"]])
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_screen(app, pilot, "5", RouterScreen)
+        assert await _until(app, pilot, lambda: screen.data is not None and screen.data.versions)
+        detail = screen.query_one("#router-detail")
+        assert "model now tickets@v1" in static_text(detail) and "tickets@v1 20.0% of 20" in static_text(detail)
+
+        await press_and_confirm(app, pilot, "e")  # scores the newest version on the gate's set
+        assert await _until(app, pilot, lambda: site["store"].query("SELECT id FROM adapter_evals"))
+        (ev,) = site["store"].query("SELECT adapter, accuracy FROM adapter_evals")
+        assert (ev["adapter"], ev["accuracy"]) == ("tickets@v2", 0.75)
+
+        await press_and_confirm(app, pilot, "p")
+        assert await _until(app, pilot, lambda: 'slm_model = "tickets@v2"' in cfg.read_text())
+        assert await _until(app, pilot, lambda: "promote tickets@v1 → tickets@v2" in static_text(detail))
+        assert "model now tickets@v2" in static_text(detail)
+
+        await press_and_confirm(app, pilot, "r")
+        assert await _until(app, pilot, lambda: 'slm_model = "tickets@v1"' in cfg.read_text())
+    kinds = [p["kind"] for p in site["store"].query("SELECT kind FROM promotions ORDER BY id")]
+    assert kinds == ["promote", "rollback"]
+
+
+async def test_router_screen_keys_that_change_a_node_are_off_when_read_only(site, tmp_path):
+    from fleet.config import FleetConfig
+    from tests.tui_helpers import make_app, open_screen
+    from tui.screens.confirm import ConfirmScreen
+    from tui.screens.router import RouterScreen
+
+    cfg = router_toml(site, 1, target=0.5)
+    before = cfg.read_text()
+    app = make_app(store_path=site["root"] / "fd.db")
+    app.options.router_config = cfg
+    app.options.config = FleetConfig(adapter_roots=[site["roots"]], read_only=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await open_screen(app, pilot, "5", RouterScreen)
+        for key in "epr":
+            await pilot.press(key)
+            await pilot.pause()
+            assert not isinstance(app.screen, ConfirmScreen)
+    assert cfg.read_text() == before

@@ -81,6 +81,22 @@ def test_every_cli_action_leaves_exactly_one_record_with_its_outcome(site, capsy
     step(["finetune", "cancel", jid], "job.cancel")
     step(["calibrate", "no-such-task", "--eval", "x.jsonl", "--apply", "--config", str(site / "none.toml")],
          "router.threshold", "refused")
+    # The adapter lifecycle: import, evaluate (loaded first, so the evaluation is one record), promote,
+    # roll back, merge, quantize; the last four refused here for want of a router config, a local base
+    # model and an llm-compressor environment.
+    step(["adapters", "import", str(site / "adapters" / "tickets-v2"), "tickets"], "adapter.import")
+    out = step(["serve", "start", "q", "--gpus", "3", "--simulated", "--wait"], "server.start")
+    sid2 = re.search(r"started (q-\w+)", out).group(1)
+    step(["adapters", "load", sid2, "tickets@v1"], "adapter.load")
+    evalset = site / "eval.jsonl"
+    evalset.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "expected": "billing"}) + "\n")
+    step(["adapters", "eval", "tickets@v1", "--eval", str(evalset)], "adapter.eval")
+    step(["serve", "stop", sid2], "server.stop")
+    router = ["--router-config", str(site / "none.toml")]
+    step(["adapters", "promote", "tickets", "tickets@v1", *router], "adapter.promote", "refused")
+    step(["adapters", "rollback", "tickets", *router], "adapter.rollback", "refused")
+    step(["finetune", "merge", "tickets@v1"], "model.merge", "refused")
+    step(["finetune", "quantize", str(site), "--calibration", str(evalset)], "model.quantize", "refused")
     # Each action the trail knows is exercised here: a new action cannot be added without its row.
     assert {a for a, _ in done} == set(audit.ACTIONS)
     recs = _records(site)
@@ -99,6 +115,12 @@ MUTATING_CLI = [
     (["finetune", "cancel", "ft-anything"], "job.cancel"),
     (["finetune", "resume", "ft-anything"], "job.resume"),
     (["calibrate", "t", "--eval", "x.jsonl", "--apply"], "router.threshold"),
+    (["adapters", "import", "adapters/tickets-v1", "tickets"], "adapter.import"),
+    (["adapters", "eval", "tickets@v1", "--eval", "x.jsonl"], "adapter.eval"),
+    (["adapters", "promote", "t", "tickets@v1"], "adapter.promote"),
+    (["adapters", "rollback", "t"], "adapter.rollback"),
+    (["finetune", "merge", "tickets@v1"], "model.merge"),
+    (["finetune", "quantize", "models/x", "--calibration", "x.jsonl"], "model.quantize"),
 ]
 
 

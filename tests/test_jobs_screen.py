@@ -86,6 +86,6 @@ async def test_v_serves_a_finished_adapter_into_a_compatible_server(tmp_path, mo
             await settle(app, pilot)
             await pilot.press("v")
             await settle(app, pilot, 4)
-            assert [m["id"] for m in adapters.loaded(server.base_url)] == ["sim-job"]
+            assert [m["id"] for m in adapters.loaded(server.base_url)] == ["sim-job@v1"]  # a version, served as itself
     finally:
         launcher.stop(store, server, timeout=5)

@@ -225,27 +225,21 @@ class JobsScreen(PolledScreen):
     @work(thread=True, group="jobs-action")
     def _serve(self, adapter_path: str) -> None:
         from engine import adapters
-        from engine.vllm import launcher
+        from engine.adapter_eval import compatible_servers
 
         try:
             adapter = adapters.read_adapter(Path(adapter_path))
         except adapters.AdapterError as exc:
             self.app.call_from_thread(self.notify, str(exc), severity="error")
             return
-        candidates = []
-        for rec in launcher.list_servers(self.store, include_ended=False):
-            rec = launcher.refresh(self.store, rec)
-            lora = rec.spec.get("lora", {})
-            if rec.state == "ready" and not adapters.compatibility_problems(
-                    adapter, rec.spec.get("model", ""), lora.get("enable", False), lora.get("max_lora_rank", 16)):
-                candidates.append(rec)
+        candidates = compatible_servers(self.store, adapter)
         if not candidates:
             msg = f"No ready server can take {adapter.name} (same base model, LoRA on, max rank >= {adapter.rank})."
             self.app.call_from_thread(self.notify, msg, severity="warning")
             return
         target = candidates[0]
         try:
-            msg = adapters.load(target.base_url, adapter.name, adapter.path, target.api_key, server=target.id)
+            msg = adapters.load_into(target, adapter)
         except adapters.AdapterError as exc:
             msg = str(exc)
         self.app.call_from_thread(self.notify, f"{target.id}: {msg}")

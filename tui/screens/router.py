@@ -1,6 +1,8 @@
 """The Router screen: per task, escalation rate now and against its baseline, latency by route,
-confidence distribution, the escalation chart over an hour, a day or 30 days with the baseline band,
-and the latest calibration curve (whose threshold `a` writes into the router config).
+confidence distribution, the escalation chart over an hour, a day or 30 days with the baseline band
+and each promotion or rollback marked, the escalation rate per adapter version, and the latest
+calibration curve (whose threshold `a` writes into the router config). `e`, `p` and `r` evaluate,
+promote and roll back the task's adapter version, each after a question.
 
 All figures come from store.analytics over the rollups, queried in a worker every few seconds while
 the screen is shown.
@@ -46,6 +48,7 @@ class TaskRow:
     p95_frontier: float | None
     confidence_hist: list[int] = field(default_factory=list)
     escalations_24h: dict[str, int] = field(default_factory=dict)  # by reason
+    slm_model: str | None = None  # what the router config points the task at now
 
 
 @dataclass
@@ -56,6 +59,8 @@ class RouterData:
     config_path: Path | None
     error: str | None = None
     ledger_backlog: int = 0  # request rows waiting in the proxy's journal, not yet in the store
+    versions: list[dict[str, Any]] = field(default_factory=list)  # the selected task's escalation per model, in the window
+    promotions: list[dict[str, Any]] = field(default_factory=list)  # the selected task's, newest first
 
 
 def _pct(x: float | None) -> str:
@@ -97,23 +102,32 @@ def load_router_data(store: Any, config_path: Path | None, selected: str | None,
             confidence_hist=day.confidence_hist if day else [],
             escalations_24h={"low confidence": day.esc_low_confidence, "SLM error/timeout": day.esc_slm_error,
                              "forced": day.esc_forced} if day else {},
+            slm_model=settings.models.get(name),
         ))
     selected = selected if selected in names else (names[0] if names else None)
     series = escalation_series(store, selected, now - window_s, now) if selected else []
     cal = latest_calibration(store, selected) if selected else None
+    from engine.promotion import history
+    from store.analytics import by_model
     from store.ledger import journal_backlog
 
-    return RouterData(rows, series, cal, config_path, error, ledger_backlog=journal_backlog(store, now))
+    versions = by_model(store, selected, now - window_s, now) if selected else []
+    promotions = history(store, selected, limit=50) if selected else []
+    return RouterData(rows, series, cal, config_path, error, ledger_backlog=journal_backlog(store, now),
+                      versions=versions, promotions=promotions)
 
 
 class RouterScreen(PolledScreen):
-    MUTATING = frozenset({"apply_threshold"})
+    MUTATING = frozenset({"apply_threshold", "evaluate", "promote", "rollback"})
     BINDINGS = [
         Binding("h", "window('h')", "Hour", id="router.hour"),
         Binding("d", "window('d')", "Day", id="router.day"),
         Binding("m", "window('m')", "30 days", id="router.month"),
         Binding("c", "toggle_chart", "Calibration", id="router.calibration"),
         Binding("a", "apply_threshold", "Apply threshold", id="router.apply"),
+        Binding("e", "evaluate", "Eval", id="router.eval"),
+        Binding("p", "promote", "Promote", id="router.promote"),
+        Binding("r", "rollback", "Rollback", id="router.rollback"),
     ]
 
     FOCUS = "#router-tasks"
@@ -214,7 +228,11 @@ class RouterScreen(PolledScreen):
                 if row.baseline is not None:
                     plt.hline(row.baseline * 100, "green")
                     plt.hline(row.baseline * 100 + row.drift_pp, "red")
-            plt.title(f"{row.name}: escalation % ({label}; green baseline, red alert line)")
+                for p in data.promotions:  # each promotion or rollback in the window, where it happened
+                    x = (p["ts"] - time.time()) / 3600
+                    if xs[0] <= x <= 0:
+                        plt.vline(x, "magenta")
+            plt.title(f"{row.name}: escalation % ({label}; green baseline, red alert, magenta promotions)")
             plt.xlabel("hours ago")
         plot.refresh()
         conf = sparkline(row.confidence_hist, len(row.confidence_hist), top=max(row.confidence_hist or [1]) or 1)
@@ -227,6 +245,7 @@ class RouterScreen(PolledScreen):
         ]
         if row.escalations_24h:
             lines.append("escalated (24h): " + ", ".join(f"{k} {v:,}" for k, v in row.escalations_24h.items()))
+        lines.extend(self._version_lines(row, data))
         cal = data.calibration
         if cal and cal.get("threshold") is not None:
             lines.append(f"calibrated threshold {cal['threshold']:.3f} → {cal['escalation_rate'] * 100:.1f}% esc at "
@@ -237,6 +256,19 @@ class RouterScreen(PolledScreen):
             lines.append(f"[b red]ledger: {data.ledger_backlog:,} request row(s) not yet in the store[/] (the proxy "
                          "cannot write it, or stopped first; see its log and /health)")
         detail.update("\n".join(lines))
+
+    def _version_lines(self, row: TaskRow, data: RouterData) -> list[str]:
+        lines = [f"model now [b]{row.slm_model or 'n/a'}[/b]"]
+        if data.versions:
+            lines.append(f"by version ({WINDOWS[self.window][0]}): " + " · ".join(
+                f"{v['model']} {_pct(v['escalation_rate'])} of {v['requests']:,}" for v in data.versions))
+        last = data.promotions[0] if data.promotions else None
+        if last:
+            lines.append(f"{last['kind']} {last['from_model']} → {last['to_model']} {local_time(last['ts'], '%m-%d %H:%M')}"
+                         f" by {last['actor']}")
+            if row.alert and last["kind"] == "promote" and last["to_model"] == row.slm_model:
+                lines.append(f"[b red]drifting since {last['to_model']} was promoted: r rolls back to {last['from_model']}[/]")
+        return lines
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.row_key is not None and event.row_key.value != self.selected:
@@ -281,4 +313,94 @@ class RouterScreen(PolledScreen):
             self.app.call_from_thread(self.notify, f"Threshold not written: {exc}", severity="error")
             return
         self.app.call_from_thread(self.notify, f"{task}: threshold {value:.4f} written to {path}. Restart the proxy to use it.")
+        self.app.call_from_thread(self.reload)
+
+    # -- adapter versions: evaluate, promote, roll back ------------------------------------------
+    def _task_context(self) -> tuple[TaskRow, Path] | None:
+        data = self.data
+        row = next((r for r in data.rows if r.name == self.selected), None) if data else None
+        path = data.config_path if data else None
+        if row is None or path is None or not path.exists():
+            self.notify("No task selected, or no router config to change.", severity="warning")
+            return None
+        return row, path
+
+    def _candidate(self, row: TaskRow) -> str | None:
+        """The newest registered version of the family the task serves now, if it is not the one serving."""
+        from engine import adapters
+        from engine.adapter_versions import parse_ref
+
+        try:
+            family, _ = parse_ref(row.slm_model or "")
+        except adapters.AdapterError:
+            return None
+        found, _ = adapters.scan([Path(r).expanduser() for r in self.app.options.config.adapter_roots])
+        mine = sorted((a for a in found if a.family == family and a.version is not None), key=lambda a: a.version or 0)
+        return mine[-1].name if mine and mine[-1].name != row.slm_model else None
+
+    def action_evaluate(self) -> None:
+        self._adapter_action("evaluate")
+
+    def action_promote(self) -> None:
+        self._adapter_action("promote")
+
+    def action_rollback(self) -> None:
+        ctx = self._task_context()
+        if ctx is None:
+            return
+        row, path = ctx
+        last = next((p for p in (self.data.promotions if self.data else []) if p["kind"] == "promote"), None)
+        if last is None:
+            self.notify(f"{row.name} has no promotion to roll back.", severity="warning")
+            return
+        self.app.push_screen(ConfirmScreen(f"Roll {row.name} back from {row.slm_model} to {last['from_model']}?"),
+                             lambda ok: self._run_adapter("rollback", row.name, None, path) if ok else None)
+
+    def _adapter_action(self, what: str) -> None:
+        ctx = self._task_context()
+        if ctx is None:
+            return
+        row, path = ctx
+        version = self._candidate(row)
+        if version is None:
+            self.notify(f"No newer version of {row.slm_model} in the adapter roots (fine-tune or "
+                        "`fleetdeck adapters import` one).", severity="warning")
+            return
+        question = (f"Evaluate {version} on {row.name}'s gate eval set?" if what == "evaluate" else
+                    f"Promote {version} to serve {row.name} (now {row.slm_model})? The gate decides.")
+        self.app.push_screen(ConfirmScreen(question),
+                             lambda ok: self._run_adapter(what, row.name, version, path) if ok else None)
+
+    @work(thread=True, exclusive=True, group="router-adapter")
+    def _run_adapter(self, what: str, task: str, version: str | None, path: Path) -> None:
+        from engine import adapters, promotion
+        from engine.adapter_eval import compatible_servers, evaluate
+        from engine.router.calibrate import EvalSetError
+        from engine.router.config import load_router_config
+        from fleet.config import ConfigError
+
+        roots = [Path(r).expanduser() for r in self.app.options.config.adapter_roots]
+        store = self.store
+        try:
+            if what == "evaluate":
+                t = load_router_config(path).task_by_name(task)
+                if t is None or t.gate is None:
+                    raise promotion.PromotionError(f"{task} has no [task.gate] with an eval set to score on")
+                adapter = adapters.by_name(roots, version)
+                servers = compatible_servers(store, adapter)
+                if not servers:
+                    raise promotion.PromotionError(f"no ready server can serve {adapter.name}")
+                row = evaluate(store, adapter, servers[0], t.gate.eval_path(path), confidence=t.confidence,
+                               target_accuracy=t.gate.target_accuracy)
+                message = (f"{row['adapter']}: accuracy {row['accuracy'] * 100:.1f}% on {row['items']} items "
+                           f"(gate {t.gate.target_accuracy * 100:.1f}%), p95 {row['p95_ms']:.0f} ms")
+            elif what == "promote":
+                message = "; ".join(promotion.promote(store, path, task, version or "", roots).lines())
+            else:
+                message = "; ".join(promotion.rollback(store, path, task, roots).lines())
+        except (promotion.PromotionError, adapters.AdapterError, EvalSetError, ConnectionError, ConfigError,
+                KeyError) as exc:
+            self.app.call_from_thread(self.notify, f"{what}: {exc}", severity="error", timeout=12)
+            return
+        self.app.call_from_thread(self.notify, message, timeout=12)
         self.app.call_from_thread(self.reload)

@@ -424,13 +424,15 @@ class AdaptersScreen(DeckModal):
         self.disk: list[Any] = []
         self.loaded_names: list[str] = []
         self.last_message = ""
+        self.integrity: dict[str, str | None] = {}
+        self.evals: dict[str, dict] = {}
 
     def compose(self) -> ComposeResult:
         with Vertical(id="adapters-panel"):
             yield Static(f"[b]Adapters for {self.rec.id}[/b] ({self.rec.served_name})  Enter load · u unload · "
                          "w swap loaded→highlighted · Esc close")
             disk: DataTable[Any] = DataTable(id="adapters-disk", cursor_type="row")
-            disk.add_columns("On disk", "Rank", "Alpha", "Base model", "MiB", "Compatible")
+            disk.add_columns("On disk", "Rank", "Alpha", "Base model", "MiB", "Version", "Eval", "Compatible")
             yield disk
             loaded: DataTable[Any] = DataTable(id="adapters-loaded", cursor_type="row")
             loaded.add_columns("Loaded in server", "Path")
@@ -444,13 +446,32 @@ class AdaptersScreen(DeckModal):
     def refresh_lists(self) -> None:
         from engine import adapters
 
+        from engine.adapter_versions import integrity_problem
+
         found, problems = adapters.scan(self.roots)
         try:
             loaded = adapters.loaded(self.rec.base_url, self._key())
         except Exception as exc:
             loaded = []
             problems.append(f"cannot list the server's adapters: {exc}")
+        # Reading every file of a version to check its hash belongs off the UI thread, with the evaluations.
+        self.integrity = {a.name: integrity_problem(a) for a in found}
+        self.evals = self._latest_evals()
         self.app.call_from_thread(self._show, found, loaded, problems)
+
+    def _latest_evals(self) -> dict[str, dict]:
+        from engine.adapter_eval import evals_of
+
+        store = getattr(self.app, "store", None)
+        if store is None:
+            return {}
+        latest: dict[str, dict] = {}
+        try:
+            for e in reversed(evals_of(store)):
+                latest[e["adapter"]] = e
+        except Exception:  # an older or locked store: the column stays empty
+            return {}
+        return latest
 
     def _key(self) -> str | None:
         return self.rec.api_key
@@ -459,8 +480,10 @@ class AdaptersScreen(DeckModal):
         from engine import adapters
 
         lora = self.rec.spec.get("lora", {})
-        return adapters.compatibility_problems(adapter, self.rec.spec.get("model", ""), lora.get("enable", False),
-                                               lora.get("max_lora_rank", 16))
+        problems = adapters.compatibility_problems(adapter, self.rec.spec.get("model", ""), lora.get("enable", False),
+                                                   lora.get("max_lora_rank", 16))
+        changed = self.integrity.get(adapter.name)
+        return problems + ([changed] if changed else [])
 
     def _show(self, found: list[Any], loaded: list[dict], problems: list[str]) -> None:
         self.disk = found
@@ -469,9 +492,12 @@ class AdaptersScreen(DeckModal):
         disk.clear()
         for a in found:
             issues = self._problems(a)
+            version = ("-" if a.version is None else
+                       Text("MODIFIED", style="bold red") if self.integrity.get(a.name) else Text("intact", style="green"))
+            ev = self.evals.get(a.name)
             disk.add_row(a.name, str(a.rank), str(a.alpha or "n/a"), str(a.base_model or "n/a"),
-                         f"{a.size_bytes / 1024**2:.1f}", Text("yes", style="green") if not issues else Text("no", style="red"),
-                         key=a.name)
+                         f"{a.size_bytes / 1024**2:.1f}", version, f"{ev['accuracy'] * 100:.1f}%" if ev else "-",
+                         Text("yes", style="green") if not issues else Text("no", style="red"), key=a.name)
         table = self.query_one("#adapters-loaded", DataTable)
         table.clear()
         for m in loaded:
