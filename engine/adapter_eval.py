@@ -70,8 +70,7 @@ def evaluate(store: Any, adapter: Adapter, server: Any, eval_path: Path, *, conf
     the server stops answering."""
     from engine import audit
     from engine.adapter_versions import integrity_problem
-    from engine.http_auth import bearer
-    from engine.router.calibrate import EvalSetError, analyse, load_eval_set, score_eval_set
+    from engine.router.calibrate import EvalSetError, load_eval_set
 
     with audit.audited("adapter.eval", adapter.name, refusals=(AdapterError, EvalSetError), server=server.id,
                        eval=str(eval_path)) as entry:
@@ -81,25 +80,84 @@ def evaluate(store: Any, adapter: Adapter, server: Any, eval_path: Path, *, conf
         problem = integrity_problem(adapter)
         if problem:
             raise AdapterError(problem)
-        items = load_eval_set(Path(eval_path))
+        load_eval_set(Path(eval_path))  # a bad file is refused before anything is loaded
         ensure_loaded(server, adapter)
-        latencies: list[float] = []
-        target = EvalTarget(f"{server.base_url}/v1", adapter.name, confidence)
-        scored = score_eval_set(target, items, headers=bearer(server.api_key), latencies_ms=latencies)
-        cal = analyse(scored, target_accuracy)
-        row = {
-            "ts": time.time(), "adapter": adapter.name, "content_sha256": (adapter.metadata or {})["content_sha256"],
-            "eval_path": str(Path(eval_path).resolve()), "eval_sha256": file_sha256(Path(eval_path)),
-            "server": server.id, "confidence": confidence, "items": cal.items, "accuracy": cal.accuracy,
-            "target_accuracy": target_accuracy, "threshold": cal.threshold, "escalation_rate": cal.escalation_rate,
-            "ece": cal.ece, "auroc": cal.auroc, "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
-        }
-        with store.transaction() as conn:
-            cur = conn.execute(f"INSERT INTO adapter_evals ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                               tuple(row.values()))
-            row["id"] = cur.lastrowid
-        entry.params.update(eval_sha256=row["eval_sha256"], accuracy=round(cal.accuracy, 4))
+        row = _score(store, server, adapter.name, (adapter.metadata or {})["content_sha256"], Path(eval_path),
+                     confidence, target_accuracy)
+        entry.params.update(eval_sha256=row["eval_sha256"], accuracy=round(row["accuracy"], 4))
         return row
+
+
+def model_fingerprint(folder: Path) -> str:
+    """What identifies a served model folder without reading gigabytes: its fleetdeck-model.json (merge and
+    quantize write one, naming their inputs) or else its config.json, with the weight files' names and sizes."""
+    h = hashlib.sha256()
+    for name in ("fleetdeck-model.json", "config.json"):
+        if (folder / name).is_file():
+            h.update((folder / name).read_bytes())
+            break
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def evaluate_served_model(store: Any, server: Any, eval_path: Path, *, confidence: str = "mean_token",
+                          target_accuracy: float = 0.95) -> dict[str, Any]:
+    """The same evaluation of the model a server serves itself (a merged or quantized model, no adapter);
+    recorded under `model:SERVED_NAME` with the folder's fingerprint."""
+    from engine import audit
+
+    with audit.audited("adapter.eval", f"model:{server.served_name}", refusals=(AdapterError,), server=server.id,
+                       eval=str(eval_path)) as entry:
+        if server.state != "ready":
+            raise AdapterError(f"{server.id} is {server.state}, not ready")
+        folder = Path(str(server.spec.get("model", "")))
+        fingerprint = model_fingerprint(folder) if folder.is_dir() else hashlib.sha256(str(folder).encode()).hexdigest()
+        row = _score(store, server, server.served_name, fingerprint, Path(eval_path), confidence, target_accuracy,
+                     label=f"model:{server.served_name}")
+        entry.params.update(eval_sha256=row["eval_sha256"], accuracy=round(row["accuracy"], 4))
+        return row
+
+
+def _score(store: Any, server: Any, model: str, content_sha256: str, eval_path: Path, confidence: str,
+           target_accuracy: float, label: str | None = None) -> dict[str, Any]:
+    from engine.http_auth import bearer
+    from engine.router.calibrate import analyse, load_eval_set, score_eval_set
+
+    items = load_eval_set(eval_path)
+    latencies: list[float] = []
+    target = EvalTarget(f"{server.base_url}/v1", model, confidence)
+    scored = score_eval_set(target, items, headers=bearer(server.api_key), latencies_ms=latencies)
+    cal = analyse(scored, target_accuracy)
+    row = {
+        "ts": time.time(), "adapter": label or model, "content_sha256": content_sha256,
+        "eval_path": str(eval_path.resolve()), "eval_sha256": file_sha256(eval_path), "server": server.id,
+        "confidence": confidence, "items": cal.items, "accuracy": cal.accuracy, "target_accuracy": target_accuracy,
+        "threshold": cal.threshold, "escalation_rate": cal.escalation_rate, "ece": cal.ece, "auroc": cal.auroc,
+        "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
+    }
+    with store.transaction() as conn:
+        cur = conn.execute(f"INSERT INTO adapter_evals ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                           tuple(row.values()))
+        row["id"] = cur.lastrowid
+    return row
+
+
+def compare(model_row: dict[str, Any], adapter_row: dict[str, Any] | None, gate_target: float | None) -> tuple[bool, str]:
+    """Whether a merged or quantized model may replace the adapter it came from, and why, in one line."""
+    acc = model_row["accuracy"]
+    parts = [f"{model_row['adapter']} {acc * 100:.1f}%"]
+    ok = True
+    if adapter_row is not None:
+        delta = (acc - adapter_row["accuracy"]) * 100
+        parts.append(f"{adapter_row['adapter']} {adapter_row['accuracy'] * 100:.1f}% ({delta:+.1f} pp)")
+    if gate_target is not None:
+        ok = acc + 1e-12 >= gate_target
+        parts.append(f"gate {gate_target * 100:.1f}%: " + ("meets it" if ok else "LOSES ACCURACY PAST THE GATE"))
+    elif adapter_row is not None:
+        ok = acc + 1e-12 >= adapter_row["accuracy"]
+        parts.append("no loss" if ok else "loses accuracy against the adapter (no gate given)")
+    return ok, "; ".join(parts)
 
 
 def evals_of(store: Any, adapter: str | None = None) -> list[dict[str, Any]]:

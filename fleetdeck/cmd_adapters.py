@@ -54,6 +54,15 @@ def register(sub: Any) -> None:
     ev.add_argument("--router-config", metavar="FILE", help="the router config (default: the usual place)")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(handler=run_eval)
+    cp = asub.add_parser("compare", parents=[sub.common],
+                         help="score the model a server serves (merged or quantized) against the version it came from")
+    cp.add_argument("adapter", help="NAME@vN, the version the served model was made from")
+    cp.add_argument("--server", required=True, help="the server serving the merged or quantized model")
+    cp.add_argument("--eval", required=True, metavar="FILE", help="the same eval set the version was scored on")
+    cp.add_argument("--task", help="judge against this task's gate (its target accuracy and confidence method)")
+    cp.add_argument("--router-config", metavar="FILE")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(handler=run_compare)
     pr = asub.add_parser("promote", parents=[sub.common], help="point a task at a version that passed its gate")
     pr.add_argument("task")
     pr.add_argument("adapter", help="NAME@vN")
@@ -294,6 +303,49 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"  target {target * 100:.1f}%: {thr}; latency p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms "
           f"(evaluation #{row['id']})")
     return 0
+
+
+@mutating("adapter.eval", lambda a: f"model on {a.server}")
+def run_compare(args: argparse.Namespace) -> int:
+    from engine import adapters
+    from engine.adapter_eval import compare, evals_of, evaluate_served_model, file_sha256
+    from engine.router.calibrate import EvalSetError
+    from engine.router.config import load_router_config
+    from engine.vllm.launcher import LaunchError, get, refresh
+    from fleet.config import ConfigError
+
+    confidence, gate = "mean_token", None
+    if args.task:
+        try:
+            task = load_router_config(_router_path(args)).task_by_name(args.task)
+        except ConfigError as exc:
+            return _err(str(exc))
+        if task is None:
+            return _err(f"no task {args.task!r} in {_router_path(args)}")
+        confidence, gate = task.confidence, (task.gate.target_accuracy if task.gate else None)
+    store = _store(args)
+    try:
+        adapter = adapters.by_name(_roots(args), args.adapter)
+        eval_sha = file_sha256(Path(args.eval))
+        content = (adapter.metadata or {}).get("content_sha256")
+        base_row = next((e for e in evals_of(store, adapter.name)
+                         if e["eval_sha256"] == eval_sha and e["content_sha256"] == content), None)
+        if base_row is None:
+            return _err(f"{adapter.name} has no evaluation on {args.eval} as it is now: run `fleetdeck adapters eval "
+                        f"{adapter.name} --eval {args.eval}` first, so both are scored on the same set")
+        server = refresh(store, get(store, args.server))
+        row = evaluate_served_model(store, server, Path(args.eval), confidence=confidence,
+                                    target_accuracy=base_row["target_accuracy"])
+    except OSError as exc:
+        return _err(f"{args.eval}: {exc.strerror or exc}")
+    except (LaunchError, adapters.AdapterError, EvalSetError, ConnectionError) as exc:
+        return _err(str(exc))
+    ok, verdict = compare(row, base_row, gate)
+    if args.json:
+        print(json.dumps({"model": row, "adapter": base_row, "ok": ok, "verdict": verdict}, indent=2))
+    else:
+        print(verdict)
+    return 0 if ok else 3
 
 
 @mutating("adapter.promote", lambda a: a.task)

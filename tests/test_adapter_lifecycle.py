@@ -153,6 +153,31 @@ def test_eval_records_accuracy_calibration_latency_and_the_files_hashes(site, tm
     assert "not a registered version" in capsys.readouterr().err
 
 
+def test_compare_scores_a_served_model_against_its_version_and_says_when_it_loses_past_the_gate(site, tmp_path, capsys):
+    src = make_adapter(tmp_path / "src", "tickets")
+    assert cli(site, "adapters", "import", str(src), "tickets") == 0
+    gate = write_eval(site["root"] / "gate.jsonl", right=3, wrong=1)
+    router = ["--router-config", str(router_toml(site, 1, target=0.9))]
+    capsys.readouterr()
+    # No evaluation of the version on this set yet: nothing to compare with.
+    assert cli(site, "adapters", "compare", "tickets@v1", "--server", site["server"].id, "--eval", str(gate)) == 2
+    assert "has no evaluation on" in capsys.readouterr().err
+    assert cli(site, "adapters", "eval", "tickets@v1", "--eval", str(gate), "--target-accuracy", "0.7") == 0
+    # A second server stands for the merged (or quantized) model, served without the adapter.
+    merged, _ = launcher.start(site["store"], profile(name="merged", served_model_name="tickets-merged"), [1],
+                               gpu_snapshots=[h100(index=1)], log_dir=tmp_path)
+    merged = launcher.wait_ready(site["store"], merged, timeout=30, poll=0.1)
+    capsys.readouterr()
+    assert cli(site, "adapters", "compare", "tickets@v1", "--server", merged.id, "--eval", str(gate), "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and doc["model"]["adapter"] == "model:tickets-merged" and doc["model"]["accuracy"] == 0.75
+    assert "(+0.0 pp)" in doc["verdict"] and doc["model"]["content_sha256"] != doc["adapter"]["content_sha256"]
+    # Against the task's gate (90 %), the same 75 % loses: said so, exit 3.
+    assert cli(site, "adapters", "compare", "tickets@v1", "--server", merged.id, "--eval", str(gate), "--task", "tickets",
+               *router) == 3
+    assert "LOSES ACCURACY PAST THE GATE" in capsys.readouterr().out
+
+
 def _start_proxy(cfg: Path, db: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--store", str(db)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,7 +1,7 @@
 """From fine-tune to production on the real engines: two versions trained with peft on CPU, evaluated
 through a real vLLM (CPU build), a promotion the gate refuses, one that passes while requests flow
 through the proxy (not one fails), the ledger naming the version that answered, a rollback; then the
-version merged into its base and served by vLLM without LoRA, and AWQ through the real llm-compressor
+version merged into its base, served by vLLM without LoRA and scored beside the version, and AWQ through the real llm-compressor
 as far as it goes without a GPU."""
 
 from __future__ import annotations
@@ -119,6 +119,13 @@ def test_train_evaluate_gate_promote_under_traffic_rollback_merge_quantize(real_
         assert answer.status_code == 200
         # the merged weights answer the first greedy token as v2 on its base did
         assert wanted[0].split()[:1] == answer.json()["choices"][0]["message"]["content"].split()[:1]
+        # Scored on the gate's set beside the version it came from; the verdict follows the figures.
+        cmp = srv.run("adapters", "compare", "tickets@v2", "--server", sid, "--eval", str(gate), "--task", "tickets",
+                      "--json", *router)
+        assert cmp.returncode in (0, 3), cmp.stderr
+        doc = json.loads(cmp.stdout)
+        assert doc["adapter"]["accuracy"] == 1.0 and doc["ok"] == (doc["model"]["accuracy"] >= 1.0)
+        assert (cmp.returncode == 0) == doc["ok"]
     finally:
         srv.run("serve", "stop", sid)
 
