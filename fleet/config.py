@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -92,6 +92,20 @@ class ModelSettings(Strict):
     quantize_python: Path | None = Field(default=None, description="a virtual environment's python with llmcompressor")
 
 
+class SlurmSettings(Strict):
+    """The site's Slurm: fine-tunes handed to it with `--slurm`, its queue on the Fleet screen."""
+
+    enabled: bool = False
+    conf: Path | None = Field(default=None, description="SLURM_CONF for the client commands (default: Slurm's own)")
+    bin_dir: Path | None = Field(default=None, description="where sbatch, squeue, ... are (default: PATH)")
+    partition: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
+    account: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
+    qos: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
+    gpu_request: Literal["gres", "gpus"] = Field(default="gres", description="--gres=gpu:N or --gpus=N")
+    gpu_memory_gib: float | None = Field(default=None, gt=0, description="per GPU, to check a job's VRAM estimate")
+    signal_before_s: int = Field(default=300, ge=10, le=86400, description="checkpoint signal before the time limit")
+
+
 class FleetConfig(Strict):
     refresh_s: float = Field(default=1.0, ge=0.2, le=60.0)
     history_every_s: float = Field(default=5.0, ge=1.0, le=3600.0)
@@ -100,6 +114,7 @@ class FleetConfig(Strict):
     node: list[NodeConfig] = Field(default_factory=list)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
 
 
 def load_fleet_config(path: Path | str | None, required: bool = False) -> FleetConfig:

@@ -25,6 +25,10 @@ def register(sub: Any) -> None:
     st.add_argument("--force", action="store_true", help="start even if the VRAM estimate says it will not fit")
     st.add_argument("--simulated", action="store_true", help="check VRAM against the simulated fleet")
     st.add_argument("--node", help="on this node of the fleet config (SPEC is then a spec name there)")
+    st.add_argument("--slurm", action="store_true", help="submit to the site's Slurm ([slurm] in the fleet config); "
+                    "--gpus is then a count")
+    st.add_argument("--partition", help="with --slurm: the partition (default: [slurm] partition)")
+    st.add_argument("--time", help="with --slurm: the time limit (90, 01:30:00, 1-12:00)")
     st.set_defaults(handler=run_start)
     ls = fsub.add_parser("ls", parents=[sub.common], help="jobs and their progress")
     ls.add_argument("--json", action="store_true")
@@ -121,6 +125,10 @@ def run_start(args: argparse.Namespace) -> int:
         config = load_fleet_config(args.config, required=args.config is not None)
     except ConfigError as exc:
         return _err(str(exc))
+    if args.slurm:
+        return _start_slurm(args, spec, config)
+    if args.partition or args.time:
+        return _err("--partition and --time go with --slurm")
     snaps = None
     gpus: list[int] | None = None
     if args.gpus.strip().lower() != "cpu":
@@ -145,6 +153,30 @@ def run_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_slurm(args: argparse.Namespace, spec: Any, config: Any) -> int:
+    from engine.finetune import jobs
+    from engine.slurm import check_time
+
+    if not config.slurm.enabled:
+        return _err("Slurm is not configured: set [slurm] enabled = true (and partition, account, qos as the site "
+                    "needs) in the fleet config")
+    if not args.gpus.strip().isdigit():
+        return _err(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1, 2, ...), got {args.gpus!r}")
+    try:
+        if args.time:
+            check_time(args.time)
+    except ValueError as exc:
+        return _err(str(exc))
+    root = spec.adapter_root or (config.adapter_roots[0] if config.adapter_roots else None)
+    req = jobs.SlurmRequest(config.slurm, int(args.gpus), args.partition, args.time)
+    try:
+        rec = jobs.start(_store(args), spec, None, force=args.force, adapter_root=root, slurm=req)
+    except jobs.JobError as exc:
+        return _err(str(exc))
+    print(f"submitted {rec.id} to Slurm as job {rec.spec['_slurm']['id']} ({args.gpus} GPU); log {rec.log_path}")
+    return 0
+
+
 def run_ls(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
 
@@ -162,7 +194,7 @@ def run_ls(args: argparse.Namespace) -> int:
     for r in recs:
         p = jobs.last_step(r)
         prog = f"step {p['step']}/{p['total_steps']} loss {p['loss']:.4f}" if p and p.get("loss") is not None else "no steps yet"
-        print(f"{r.id:<28} {r.state:<9} {r.gpus:<5} {prog}" + (f"  {r.reason}" if r.reason else ""))
+        print(f"{r.id:<28} {r.state:<9} {r.gpus:<7} {prog}" + (f"  {r.reason}" if r.reason else ""))
     return 0
 
 

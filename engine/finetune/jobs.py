@@ -40,6 +40,7 @@ class JobRecord(ManagedRecord):
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["progress"] = last_step(self)
+        d["slurm"] = self.spec.get("_slurm")  # the scheduler's view: id, state, reason, node, elapsed, limit
         return d
 
 
@@ -108,10 +109,26 @@ def _spawn(rec: JobRecord, resume: bool) -> None:
     rec.pid, rec.create_time = managed.spawn(list(rec.argv) + (["--resume"] if resume else []), rec.env, rec.log_path)
 
 
+@dataclass
+class SlurmRequest:
+    """A fine-tune handed to the site's Slurm instead of started here."""
+
+    settings: Any  # fleet.config.SlurmSettings
+    gpus: int = 1
+    partition: str | None = None
+    time_limit: str | None = None
+
+
 def start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None = None,
-          force: bool = False, adapter_root: Path | None = None, node: str | None = None) -> JobRecord:
-    with audit.audited("job.start", spec.name, refusals=(JobError, ValueError), spec=spec.name,
-                       gpus=",".join(map(str, gpus)) if gpus else "cpu", force=force) as entry:
+          force: bool = False, adapter_root: Path | None = None, node: str | None = None,
+          slurm: SlurmRequest | None = None) -> JobRecord:
+    where = f"slurm:{slurm.gpus}" if slurm else (",".join(map(str, gpus)) if gpus else "cpu")
+    with audit.audited("job.start", spec.name, refusals=(JobError, ValueError), spec=spec.name, gpus=where,
+                       force=force) as entry:
+        if slurm is not None:
+            rec = _submit(store, spec, slurm, force=force, adapter_root=adapter_root)
+            entry.target = entry.params["job"] = rec.id
+            return rec
         rec = _start(store, spec, gpus, gpu_snapshots=gpu_snapshots, force=force, adapter_root=adapter_root, node=node)
         entry.target = entry.params["job"] = rec.id
         return rec
@@ -171,6 +188,76 @@ def start_transform(store: Any, kind: str, name: str, args: list[str], out: Path
         return rec
 
 
+def _submit(store: Any, spec: JobSpec, req: SlurmRequest, *, force: bool, adapter_root: Path | None) -> JobRecord:
+    """The same runner, as a Slurm batch job: GPUs, time limit and the checkpoint signal asked of sbatch."""
+    from engine import slurm
+    from store.paths import private_dir, state_dir
+
+    preflight(spec, None, force=True)  # the dataset check; the GPUs are Slurm's to find
+    estimate = training_estimate(spec)
+    per_gpu = req.settings.gpu_memory_gib
+    if per_gpu and estimate.total_bytes > per_gpu * GIB and not force:
+        raise JobError(f"the job needs about {estimate.total_bytes / GIB:.1f} GiB on one GPU; the cluster's GPUs have "
+                       f"{per_gpu:g} GiB ([slurm] gpu_memory_gib): use load_in_4bit, a smaller batch or "
+                       "max_seq_length, or --force")
+    if not 1 <= req.gpus <= 64:
+        raise JobError(f"--gpus for Slurm is a count (1-64), got {req.gpus}")
+    jid = f"ft-{spec.name}-{uuid.uuid4().hex[:6]}"
+    private_dir(state_dir() / "jobs")
+    workdir = private_dir(state_dir() / "jobs" / jid)
+    spec_path = workdir / "spec.json"
+    with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
+        fh.write(spec.model_dump_json(indent=2))
+    root = adapter_root or spec.adapter_root
+    argv = [sys.executable, "-m", "engine.finetune.runner", "--job-id", jid, "--spec", str(spec_path), "--workdir", str(workdir)]
+    if root:
+        argv += ["--adapter-root", str(root)]
+    options = slurm.sbatch_args(req.settings, name=f"fleetdeck-{jid}", output=workdir / "job.log", gpus=req.gpus,
+                                partition=req.partition, time_limit=req.time_limit,
+                                signal_before_s=req.settings.signal_before_s, workdir=workdir,
+                                comment=f"fleetdeck {jid}: VRAM estimate {estimate.total_bytes / GIB:.1f} GiB per GPU")
+    env = managed.child_env({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        slurm_id = slurm.submit(req.settings, options, workdir, argv, env)
+    except slurm.SlurmError as exc:
+        raise JobError(f"Slurm refused the job: {exc}") from exc
+    rec = JobRecord(id=jid, name=spec.name, node="slurm", pid=None, create_time=None, argv=argv, env={},
+                    gpus=f"slurm:{req.gpus}", port=None, log_path=str(workdir / "job.log"),
+                    spec={**spec.model_dump(mode="json"), "_workdir": str(workdir),
+                          "_slurm": {"id": slurm_id, "options": options, "state": "PENDING",
+                                     **asdict(slurm.Where.of(req.settings))}},
+                    state="running", reason=f"Slurm {slurm_id} submitted", started_at=time.time())
+    _save(store, rec)
+    return rec
+
+
+def _slurm_where(rec: JobRecord) -> Any:
+    from engine.slurm import Where
+
+    s = rec.spec["_slurm"]
+    return Where(s.get("conf"), s.get("bin_dir"))
+
+
+def _slurm_state(store: Any, rec: JobRecord) -> bool:
+    """Refresh a Slurm job's scheduler state into its record; True while Slurm still holds the job."""
+    from engine import slurm
+
+    info = rec.spec["_slurm"]
+    try:
+        sj = slurm.job(_slurm_where(rec), info["id"])
+    except slurm.SlurmError as exc:
+        rec.reason = f"Slurm unreachable, state unknown: {exc}"
+        return True  # never call a job ended because the controller did not answer
+    if sj is None:
+        info["state"] = info.get("state") if info.get("state") not in slurm.ACTIVE else "GONE"
+        return False
+    info.update(state=sj.state, reason=sj.reason, node=sj.node, elapsed=sj.elapsed, time_limit=sj.time_limit,
+                exit_code=sj.exit_code)
+    if sj.active:
+        rec.reason = sj.summary()
+    return sj.active
+
+
 def _alive(rec: JobRecord) -> bool:
     return managed.alive(rec.pid, rec.create_time)
 
@@ -186,7 +273,13 @@ FAILURE_HINTS = (
 
 
 def refresh(store: Any, rec: JobRecord) -> JobRecord:
-    if rec.state != "running" or _alive(rec):
+    if rec.state != "running":
+        return rec
+    if "_slurm" in rec.spec:
+        if _slurm_state(store, rec):
+            _save(store, rec)
+            return rec
+    elif _alive(rec):
         return rec
     from engine.vllm.diagnose import tail
 
@@ -210,7 +303,10 @@ def refresh(store: Any, rec: JobRecord) -> JobRecord:
         text = (last or {}).get("reason") or tail(rec.log_path, 30)
         hint = next((h for key, h in FAILURE_HINTS if key in text), None)
         rec.state = "failed"
-        rec.reason = (hint + " " if hint else "") + f"Last lines: {text[-400:]}"
+        sl = rec.spec.get("_slurm")
+        ended = (f"Slurm {sl['id']} ended {sl.get('state')}" + (f" (exit {sl['exit_code']})" if sl.get("exit_code") else "")
+                 + (f", {sl['reason']}" if sl.get("reason") not in (None, "None") else "") + ". ") if sl else ""
+        rec.reason = ended + (hint + " " if hint else "") + f"Last lines: {text[-400:]}"
     _save(store, rec)
     return rec
 
@@ -236,6 +332,8 @@ def cancel(store: Any, rec: JobRecord, timeout: float = 120.0) -> JobRecord:
 
 
 def _cancel(store: Any, rec: JobRecord, timeout: float) -> JobRecord:
+    if "_slurm" in rec.spec:
+        return _cancel_slurm(store, rec, timeout)
     if not _alive(rec) or rec.pid is None:
         return refresh(store, rec)
     os.kill(rec.pid, signal.SIGTERM)
@@ -246,6 +344,32 @@ def _cancel(store: Any, rec: JobRecord, timeout: float) -> JobRecord:
         os.killpg(rec.pid, signal.SIGKILL)
         time.sleep(0.2)
     return refresh(store, rec)
+
+
+def _cancel_slurm(store: Any, rec: JobRecord, timeout: float) -> JobRecord:
+    """A running job gets SIGTERM in its batch process (the runner saves a checkpoint and exits); a
+    pending one is just taken out of the queue. Whatever still runs after `timeout` is scancelled."""
+    from engine import slurm
+
+    where, sid = _slurm_where(rec), rec.spec["_slurm"]["id"]
+    try:
+        sj = slurm.job(where, sid)
+        if sj is not None and sj.state == "RUNNING":
+            slurm.signal_batch(where, sid, "TERM")
+        elif sj is not None and sj.active:
+            slurm.cancel(where, sid)
+        deadline = time.time() + timeout
+        while time.time() < deadline and (sj := slurm.job(where, sid)) is not None and sj.active:
+            time.sleep(0.5)
+        if sj is not None and sj.active:
+            slurm.cancel(where, sid)
+    except slurm.SlurmError as exc:
+        raise JobError(f"cannot cancel Slurm job {sid}: {exc}") from exc
+    rec = refresh(store, rec)
+    if rec.state == "failed" and not read_events(rec.progress_path):  # never started: cancelled in the queue
+        rec.state, rec.reason = "cancelled", f"taken out of Slurm's queue before it started (Slurm {sid})"
+        _save(store, rec)
+    return rec
 
 
 def resume(store: Any, rec: JobRecord) -> JobRecord:
@@ -260,6 +384,18 @@ def _resume(store: Any, rec: JobRecord) -> JobRecord:
     if rec.state == "finished":
         raise JobError(f"{rec.id} already finished ({rec.reason})")
     rec.state, rec.reason, rec.ended_at = "running", None, None
-    _spawn(rec, resume=True)
+    if "_slurm" in rec.spec:  # resubmitted with the same options; the runner continues from its checkpoint
+        from engine import slurm
+
+        info = rec.spec["_slurm"]
+        env = managed.child_env({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        try:
+            info["id"] = slurm.submit(_slurm_where(rec), list(info["options"]), rec.workdir, [*rec.argv, "--resume"], env)
+        except slurm.SlurmError as exc:
+            raise JobError(f"Slurm refused the resubmission: {exc}") from exc
+        info.update(state="PENDING", reason=None, node=None)
+        rec.reason = f"Slurm {info['id']} submitted (resume)"
+    else:
+        _spawn(rec, resume=True)
     _save(store, rec)
     return rec

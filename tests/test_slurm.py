@@ -1,0 +1,154 @@
+"""Fine-tunes through a real one-host Slurm cluster (tests/slurm_cluster.py): submitted with the CLI,
+pending on resources while another job holds both GPUs, running and progressing, cancelled with a
+checkpoint (SIGTERM to the batch process), resumed by resubmission, finished with its adapter version;
+a job that fails shows Slurm's state and the runner's reason; the queue and nodes as Slurm sees them;
+read-only refuses the submission. Skipped, saying so, where Slurm's packages are not installed
+(.ci/run installs them)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import slurm
+from engine.finetune import jobs
+from fleetdeck.cli import main
+from store.db import open_store
+from tests.fakes.tiny_model import make_dataset, make_tiny_model
+from tests.slurm_cluster import SlurmCluster, missing
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    absent = missing()
+    if absent:
+        pytest.skip(f"Slurm is not installed here (no {', '.join(absent)}): apt-get install slurmctld slurmd "
+                    "slurm-client munge, as .ci/run does")
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def site(cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    model = make_tiny_model(tmp_path / "model")
+    data = make_dataset(tmp_path / "data.jsonl")
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'adapter_roots = ["{tmp_path / "adapters"}"]\n[slurm]\nenabled = true\nconf = "{cluster.conf}"\n'
+                     'partition = "gpu"\ngpu_memory_gib = 80\nsignal_before_s = 60\n')
+    spec = tmp_path / "job.toml"
+    spec.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {
+        "name": "tickets", "base_model": str(model), "dataset": str(data), "backend": "peft", "lora_rank": 4,
+        "max_steps": 400, "batch_size": 2, "gradient_accumulation_steps": 1, "save_steps": 1,
+        "learning_rate": 0.001, "load_in_4bit": False}.items()) + "\n")
+    yield {"root": tmp_path, "fleet": fleet, "spec": spec, "db": tmp_path / "fd.db", "cluster": cluster}
+    store = open_store(tmp_path / "fd.db")
+    for rec in jobs.list_jobs(store):  # nothing this test submitted outlives it
+        if "_slurm" in rec.spec and rec.state == "running":
+            try:
+                slurm.cancel(slurm.Where(str(cluster.conf)), rec.spec["_slurm"]["id"])
+            except slurm.SlurmError:
+                pass
+
+
+def run(site, *args: str) -> int:
+    return main([*args, "--store", str(site["db"]), "--config", str(site["fleet"])])
+
+
+def wait(site, job_id: str, cond, timeout: float = 180) -> jobs.JobRecord:
+    store = open_store(site["db"])
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rec = jobs.refresh(store, jobs.get(store, job_id))
+        if cond(rec):
+            return rec
+        time.sleep(0.3)
+    raise AssertionError(f"{job_id}: {rec.state} {rec.reason}\n{Path(rec.log_path).read_text()[-2000:] if Path(rec.log_path).exists() else ''}")
+
+
+def test_a_finetune_waits_for_gpus_runs_is_cancelled_resumed_and_finishes_through_slurm(site, capsys):
+    cluster = site["cluster"]
+    holder = cluster.sbatch("--gres=gpu:2", "--partition=gpu", "--output=/dev/null", "--wrap=sleep 600")
+    assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1", "--time", "30") == 0
+    out = capsys.readouterr().out
+    job_id = out.split()[1]
+    rec = wait(site, job_id, lambda r: r.spec["_slurm"].get("reason") == "Resources")
+    assert rec.state == "running" and rec.spec["_slurm"]["state"] == "PENDING"
+    options = rec.spec["_slurm"]["options"]
+    assert "--gres=gpu:1" in options and "--partition=gpu" in options and "--time=30" in options
+    assert "--signal=B:TERM@60" in options and any(o.startswith("--comment=") and "GiB" in o for o in options)
+    assert run(site, "finetune", "ls") == 0
+    assert "PENDING (Resources)" in capsys.readouterr().out
+
+    # The queue as Slurm sees it: the holder runs on both GPUs, the fine-tune waits.
+    view = slurm.cluster(slurm.Where(str(cluster.conf)))
+    assert view.error is None and [n["gpus"] for n in view.nodes] == [2] and view.nodes[0]["gpus_alloc"] == 2
+    assert {q["state"] for q in view.queue} == {"RUNNING", "PENDING"}
+    assert {p["partition"] for p in view.partitions} == {"debug", "gpu"}
+
+    slurm.cancel(slurm.Where(str(cluster.conf)), holder)
+    rec = wait(site, job_id, lambda r: (jobs.last_step(r) or {}).get("step", 0) >= 3)
+    assert rec.spec["_slurm"]["state"] == "RUNNING" and rec.spec["_slurm"]["node"] == "fdnode"
+
+    # Cancel: SIGTERM to the batch process; the runner saves a checkpoint and stops.
+    assert run(site, "finetune", "cancel", job_id) == 0
+    rec = jobs.get(open_store(site["db"]), job_id)
+    assert rec.state == "cancelled", rec.reason
+    cancelled = [e for e in jobs.read_events(rec.progress_path) if e["event"] == "cancelled"][0]
+    assert cancelled["checkpoint"] and Path(cancelled["checkpoint"]).is_dir()
+    first_slurm_id = rec.spec["_slurm"]["id"]
+
+    # Resume: resubmitted, continues from the checkpoint, ends with its adapter version.
+    spec_json = rec.workdir / "spec.json"
+    spec_json.write_text(json.dumps({**json.loads(spec_json.read_text()), "max_steps": cancelled["step"] + 3}))
+    assert run(site, "finetune", "resume", job_id) == 0
+    rec = wait(site, job_id, lambda r: r.state != "running")
+    assert rec.state == "finished", rec.reason
+    assert rec.spec["_slurm"]["id"] != first_slurm_id
+    starts = [e for e in jobs.read_events(rec.progress_path) if e["event"] == "start"]
+    assert starts[-1]["resumed_at"] == cancelled["step"]
+    assert Path(rec.spec["_adapter_path"]).name == "tickets@v1"
+
+
+def test_a_failing_slurm_job_shows_slurms_state_and_the_runners_reason(site, capsys):
+    cluster = site["cluster"]
+    holder = cluster.sbatch("--gres=gpu:2", "--partition=gpu", "--output=/dev/null", "--wrap=sleep 600")
+    assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1") == 0
+    job_id = capsys.readouterr().out.split()[1]
+    rec = wait(site, job_id, lambda r: r.spec["_slurm"].get("state") == "PENDING")
+    # While it waits, its base model goes away: the runner fails when Slurm starts it.
+    model = Path(json.loads(rec.workdir.joinpath("spec.json").read_text())["base_model"])
+    (model / "config.json").rename(model / "config.json.gone")
+    try:
+        slurm.cancel(slurm.Where(str(cluster.conf)), holder)
+        rec = wait(site, job_id, lambda r: r.state != "running")
+    finally:
+        (model / "config.json.gone").rename(model / "config.json")
+    assert rec.state == "failed"
+    assert rec.reason.startswith(f"Slurm {rec.spec['_slurm']['id']} ended FAILED (exit 1:0)"), rec.reason
+    assert "config.json" in rec.reason  # the runner's own words
+
+
+def test_what_bad_slurm_requests_get(site, tmp_path, capsys):
+    assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "0,1") == 2
+    assert "how many GPUs" in capsys.readouterr().err
+    assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1", "--time", "soon") == 2
+    assert "--time 'soon'" in capsys.readouterr().err
+    assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1", "--partition", "nosuch") == 2
+    err = capsys.readouterr().err
+    assert "Slurm refused the job" in err and "partition" in err.lower()
+    big = site["spec"].read_text().replace('"lora_rank" = 4', "").replace("lora_rank = 4", "lora_rank = 4")
+    site["fleet"].write_text(site["fleet"].read_text().replace("gpu_memory_gib = 80", "gpu_memory_gib = 0.0001"))
+    assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1") == 2
+    assert "[slurm] gpu_memory_gib" in capsys.readouterr().err
+    site["fleet"].write_text(site["fleet"].read_text().replace("enabled = true", "enabled = false"))
+    assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1") == 2
+    assert "Slurm is not configured" in capsys.readouterr().err
+    assert big  # the spec itself was never changed
+    assert run(site, "--read-only", "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1") == 2
+    assert "read-only" in capsys.readouterr().err
+    assert jobs.list_jobs(open_store(site["db"])) == []
