@@ -73,8 +73,9 @@ def _port(value: object) -> int | None:
 
 class Agent:
     def __init__(self, source: Any, store_path: Path | None, adapter_roots: list[Path], version: str,
-                 interval_s: float = 1.0, read_only: bool = False) -> None:
+                 interval_s: float = 1.0, read_only: bool = False, slurm: Any = None) -> None:
         self.source = source
+        self.slurm = slurm  # the node's own [slurm] settings: a login node submits for the dashboard
         self.read_only = read_only
         self.store_path = store_path
         self.adapter_roots = adapter_roots
@@ -91,6 +92,7 @@ class Agent:
             Op.RESUME_JOB: self._resume_job,
             Op.LIST_ADAPTERS: self._list_adapters, Op.LIST_PROFILES: self._list_profiles, Op.TAIL_LOG: self._tail_log,
             Op.LOAD_ADAPTER: self._load_adapter, Op.UNLOAD_ADAPTER: self._unload_adapter, Op.SWAP_ADAPTER: self._swap_adapter,
+            Op.SLURM_VIEW: self._slurm_view,
         }
         if set(handlers) != set(Op):
             raise RuntimeError(f"agent has no handler for {sorted(set(Op) - set(handlers))}")
@@ -169,10 +171,45 @@ class Agent:
             spec = load_spec(toml_by_name("job spec", a.get("spec"), spec_roots()))
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        if a.get("slurm") is not None:
+            return jobs.start(self.store, spec, None, force=a.get("force") is True, slurm=self._slurm_request(a["slurm"]),
+                              adapter_root=self.adapter_roots[0] if self.adapter_roots else None).to_json()
         gpus = _gpu_indices(a.get("gpus"), required=False) or None
         snap = self.source.snapshot()
         snaps = [g for g in snap.gpus if gpus and g.index in gpus] or None
         return jobs.start(self.store, spec, gpus, gpu_snapshots=snaps, force=a.get("force") is True).to_json()
+
+    def _slurm_settings(self) -> Any:
+        if self.slurm is None or not self.slurm.enabled:
+            raise BadRequest("Slurm is not configured on this node ([slurm] enabled = true in its fleet config)")
+        return self.slurm
+
+    def _slurm_request(self, req: object) -> Any:
+        """What a dashboard may ask of this node's Slurm: a GPU count, a partition name, a time limit."""
+        import re
+
+        from engine.finetune.jobs import SlurmRequest
+        from engine.slurm import check_time
+
+        settings = self._slurm_settings()
+        if not isinstance(req, dict) or set(req) - {"gpus", "partition", "time"}:
+            raise BadRequest("slurm must be an object with gpus, partition and time only")
+        gpus, part, limit = req.get("gpus", 1), req.get("partition"), req.get("time")
+        if not isinstance(gpus, int) or isinstance(gpus, bool) or not 1 <= gpus <= 64:
+            raise BadRequest(f"slurm.gpus must be a count 1-64, got {gpus!r}")
+        if part is not None and (not isinstance(part, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", part)):
+            raise BadRequest(f"slurm.partition must be a partition name, got {part!r}")
+        if limit is not None:
+            try:
+                limit = check_time(_text(limit, "slurm.time"))
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+        return SlurmRequest(settings, gpus, part, limit)
+
+    def _slurm_view(self, a: dict[str, Any]) -> Any:
+        from engine import slurm
+
+        return slurm.cluster(self._slurm_settings()).to_json()
 
     def _resume_job(self, a: dict[str, Any]) -> Any:
         from engine.finetune import jobs

@@ -217,3 +217,21 @@ def _gpu_count(text: str, tres: bool = False) -> int:
         if m:
             total += int(m.group(1))
     return total
+
+
+def view_lines(view: dict[str, Any]) -> list[str]:
+    """The view as the CLI prints it and the Fleet screen shows it."""
+    if view.get("error"):
+        return [f"Slurm: {view['error']}"]
+    lines = ["partitions: " + ", ".join(f"{p['partition']}{'*' if p['default'] else ''} {p['avail']}/{p['state']} "
+                                       f"({p['nodes']} node{'s' if p['nodes'] != '1' else ''})"
+                                       for p in view["partitions"])]
+    for n in view["nodes"]:
+        lines.append(f"node {n['node']:<16} {n['state']:<12} GPUs {n['gpus_alloc']}/{n['gpus']} allocated"
+                     f"  CPUs {n['cpus_alloc']}/{n['cpus']}" + (f"  ({n['reason']})" if n.get("reason") else ""))
+    pending = [q for q in view["queue"] if q["state"] == "PENDING"]
+    lines.append(f"queue: {len(view['queue'])} job(s), {len(pending)} pending")
+    for q in view["queue"]:
+        why = f" ({q['reason']})" if q["state"] == "PENDING" and q.get("reason") else ""
+        lines.append(f"  {q['id']:>7} {q['name'][:28]:<28} {q['user']:<10} {q['state']}{why} {q['node']} {q['tres']}")
+    return lines

@@ -41,6 +41,7 @@ class Op(str, Enum):
     SWAP_ADAPTER = "swap_adapter"
     LIST_PROFILES = "list_profiles"
     TAIL_LOG = "tail_log"
+    SLURM_VIEW = "slurm_view"
 
 
 def _operator() -> str:

@@ -116,6 +116,11 @@ def run_start(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
     from fleet.config import ConfigError, load_fleet_config
 
+    if args.node and args.slurm:  # the node (a login node) submits to its own Slurm
+        if not args.gpus.strip().isdigit():
+            return _err(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1, 2, ...), got {args.gpus!r}")
+        return on_node(args, "start_job", {"spec": args.spec, "force": args.force, "slurm": {
+            "gpus": int(args.gpus), "partition": args.partition, "time": args.time}})
     if args.node:
         gpus = None if args.gpus == "cpu" else [int(g) for g in args.gpus.split(",") if g.strip().isdigit()]
         return on_node(args, "start_job", {"spec": args.spec, "gpus": gpus, "force": args.force})

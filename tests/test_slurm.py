@@ -152,3 +152,83 @@ def test_what_bad_slurm_requests_get(site, tmp_path, capsys):
     assert run(site, "--read-only", "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1") == 2
     assert "read-only" in capsys.readouterr().err
     assert jobs.list_jobs(open_store(site["db"])) == []
+
+
+async def test_fleet_and_jobs_screens_show_what_slurm_sees(site, capsys):
+    from textual.widgets import DataTable
+
+    from fleet.config import FleetConfig, SlurmSettings
+    from tests.tui_helpers import make_app, ready, settle, static_text
+    from tui.screens.jobs import JobsScreen
+
+    cluster = site["cluster"]
+    holder = cluster.sbatch("--gres=gpu:2", "--partition=gpu", "--output=/dev/null", "--job-name=holder",
+                            "--wrap=sleep 600")
+    assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1") == 0
+    job_id = capsys.readouterr().out.split()[1]
+    wait(site, job_id, lambda r: r.spec["_slurm"].get("reason") == "Resources")
+    app = make_app(store_path=site["db"])
+    app.options.config = FleetConfig(slurm=SlurmSettings(enabled=True, conf=cluster.conf))
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await ready(app, pilot)
+            panel = app.screen.query_one("#fleet-slurm")
+            for _ in range(100):
+                await settle(app, pilot, 1)
+                if "queue:" in static_text(panel):
+                    break
+                await pilot.pause(0.1)
+            text = static_text(panel)
+            assert "node fdnode" in text and "GPUs 2/2 allocated" in text and "1 pending" in text
+            assert "holder" in text and "(Resources)" in text
+            await pilot.press("4")
+            await settle(app, pilot)
+            assert isinstance(app.screen, JobsScreen)
+            table = app.screen.query_one("#jobs-table", DataTable)
+            assert str(table.get_cell(job_id, "state")) == "pending"
+            detail = static_text(app.screen.query_one("#jobs-detail"))
+            assert "Slurm job" in detail and "PENDING (Resources)" in detail
+    finally:
+        slurm.cancel(slurm.Where(str(cluster.conf)), holder)
+
+
+def test_a_login_nodes_agent_submits_to_its_own_slurm_and_refuses_what_is_not_a_request(site, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A dashboard asks a login node's agent; the agent submits with the node's own [slurm] settings."""
+    from engine.agent import Agent
+    from fleet.config import SlurmSettings
+    from fleet.simulated import demo_fleet
+    from tests.helpers import Pipe
+
+    specs = tmp_path / "config" / "fleetdeck" / "finetune"
+    specs.mkdir(parents=True)
+    (specs / "tickets.toml").write_text(site["spec"].read_text())
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    settings = SlurmSettings(enabled=True, conf=site["cluster"].conf, partition="gpu")
+    pipe = Pipe(Agent(demo_fleet()[0], site["db"], [tmp_path / "adapters"], "9.9", interval_s=5, slurm=settings))
+    pipe.next("hello")
+
+    def ask(rid: int, args: dict) -> dict:
+        pipe.send({"v": 1, "type": "request", "id": rid, "op": "start_job", "args": args})
+        while True:
+            msg = pipe.next("response", timeout=60)
+            if msg["id"] == rid:
+                return msg
+
+    bad = [ask(1, {"spec": "tickets", "slurm": {"gpus": "all"}}),
+           ask(2, {"spec": "tickets", "slurm": {"gpus": 1, "partition": "gpu --qos=high"}}),
+           ask(3, {"spec": "tickets", "slurm": {"gpus": 1, "time": "$(reboot)"}}),
+           ask(4, {"spec": "tickets", "slurm": {"gpus": 1, "script": "/tmp/x.sh"}})]
+    assert [b["ok"] for b in bad] == [False] * 4
+    assert "count 1-64" in bad[0]["error"] and "partition name" in bad[1]["error"]
+    assert "--time" in bad[2]["error"] and "gpus, partition and time only" in bad[3]["error"]
+    done = ask(5, {"spec": "tickets", "slurm": {"gpus": 1, "time": "20"}})
+    assert done["ok"], done
+    rec = done["result"]
+    assert rec["slurm"]["id"].isdigit() and "--time=20" in rec["slurm"]["options"] and rec["gpus"] == "slurm:1"
+    slurm.cancel(slurm.Where(str(site["cluster"].conf)), rec["slurm"]["id"])
+    pipe.close()
+    # The CLI's own view of the queue, as an operator on the login node reads it.
+    assert run(site, "slurm") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("partitions: debug* up/idle (1 node), gpu up/idle (1 node)") and "node fdnode" in out

@@ -7,6 +7,7 @@ one batch, so a 64-GPU fleet costs a few cell writes per second rather than a re
 from __future__ import annotations
 
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
@@ -144,13 +145,34 @@ class FleetScreen(DeckScreen):
         for key, label in COLUMNS:
             table.add_column(label, key=key)
         yield table
+        yield Static("", id="fleet-slurm")
 
     def on_mount(self) -> None:
         self.query_one("#fleet-banner").display = False
         self.query_one(DataTable).focus()
+        slurm = self._slurm_settings()
+        self.query_one("#fleet-slurm").display = slurm is not None
+        if slurm is not None:  # who holds each GPU, as the scheduler sees it, under what NVML shows
+            self.set_interval(5.0, self.refresh_slurm)
+            self.refresh_slurm()
         poller = getattr(self.app, "poller", None)
         if poller is not None and poller.latest:
             self.render_fleet(poller)
+
+    def _slurm_settings(self) -> object | None:
+        settings = getattr(getattr(getattr(self.app, "options", None), "config", None), "slurm", None)
+        return settings if settings is not None and settings.enabled else None
+
+    @work(thread=True, exclusive=True, group="fleet-slurm")
+    def refresh_slurm(self) -> None:
+        from engine import slurm
+
+        settings = self._slurm_settings()
+        if settings is None:
+            return
+        text = Text("Slurm ", style="bold")
+        text.append("\n".join(slurm.view_lines(slurm.cluster(settings).to_json())))  # node lists hold [ ]: no markup
+        self.app.call_from_thread(self.query_one("#fleet-slurm", Static).update, text)
 
     def on_screen_resume(self) -> None:
         poller = getattr(self.app, "poller", None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -109,6 +110,9 @@ class JobsScreen(PolledScreen):
         last = steps[-1] if steps else None
         name = r.id + (" (simulated)" if r.spec.get("backend") == "simulated" else "")
         state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
+        sl = r.spec.get("_slurm")
+        if sl and r.state == "running" and sl.get("state") != "RUNNING":  # queued (or held) in Slurm, not training
+            state = Text(str(sl.get("state", "slurm")).lower(), style="yellow")
         if last is None:
             return [name, state, r.gpus, "", "", "", "", "", "", ""]
         frac = last["step"] / last["total_steps"] if last.get("total_steps") else None
@@ -154,8 +158,13 @@ class JobsScreen(PolledScreen):
                 f"LoRA r={spec.get('lora_rank')} alpha={spec.get('lora_alpha')} · 4-bit {spec.get('load_in_4bit')}",
                 f"dataset {Path(str(spec.get('dataset'))).name}",
             ]
+        sl = spec.get("_slurm")
+        if sl:
+            why = f" ({sl['reason']})" if sl.get("reason") not in (None, "None") else ""
+            lines.append(escape(f"Slurm job {sl.get('id')}: {sl.get('state')}{why} · node {sl.get('node') or '-'} · "
+                                f"{sl.get('elapsed') or '0:00'} of {sl.get('time_limit') or 'no limit'}"))
         if r.reason:
-            lines.append(f"[{'red' if r.state == 'failed' else 'dim'}]{r.reason}[/]")
+            lines.append(f"[{'red' if r.state == 'failed' else 'dim'}]{escape(r.reason)}[/]")
         detail.update("\n".join(lines))
 
     # -- actions --------------------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""`fleetdeck slurm`: the cluster as Slurm sees it (partitions, nodes with allocated GPUs, the queue)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from fleetdeck.nodes import on_node
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("slurm", parents=[sub.common], help="the Slurm cluster: partitions, nodes and GPUs, queue")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--node", help="ask this node of the fleet config (a login node) for its Slurm's view")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine import slurm
+    from fleet.config import ConfigError, load_fleet_config
+
+    if args.node:
+        args.json = True
+        return on_node(args, "slurm_view", {})
+    try:
+        config = load_fleet_config(args.config, required=args.config is not None)
+    except ConfigError as exc:
+        print(f"fleetdeck slurm: {exc}", file=sys.stderr)
+        return 2
+    if not config.slurm.enabled:
+        print("fleetdeck slurm: Slurm is not configured: set [slurm] enabled = true in the fleet config", file=sys.stderr)
+        return 2
+    view = slurm.cluster(config.slurm).to_json()
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print("\n".join(slurm.view_lines(view)))
+    return 0 if view["error"] is None else 2
