@@ -25,6 +25,10 @@ def register(sub: Any) -> None:
     st.add_argument("--simulated", action="store_true", help="plan against the simulated fleet's first node")
     st.add_argument("--wait", action="store_true", help="wait until it is ready (or crashed)")
     st.add_argument("--node", help="start it on this node of the fleet config (over SSH, through its agent)")
+    st.add_argument("--slurm", action="store_true", help="submit it to the site's Slurm as a long-running job; "
+                    "--gpus is then a count")
+    st.add_argument("--partition", help="with --slurm: the partition")
+    st.add_argument("--time", help="with --slurm: the time limit (a server past it is ended by Slurm)")
     st.set_defaults(handler=run_start)
     ls = ssub.add_parser("ls", parents=[sub.common], help="servers fleetdeck started, with their state")
     ls.add_argument("--json", action="store_true")
@@ -95,6 +99,10 @@ def run_start(args: argparse.Namespace) -> int:
     from fleet.config import ConfigError
     from engine.kvfit.text import render_text
 
+    if args.slurm:
+        return _start_slurm(args)
+    if args.partition or args.time:
+        return _err("--partition and --time go with --slurm")
     try:
         gpus = parse_gpus(args.gpus)
         config = _fleet_config(args)
@@ -146,6 +154,43 @@ def run_start(args: argparse.Namespace) -> int:
     if verdict is not None:
         print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens"
               + ("" if verdict.fits else f" (forced past: {verdict.reason})"))
+    if args.wait:
+        rec = wait_ready(store, rec)
+        print(f"{rec.id}: {rec.state}" + (f": {rec.reason}" if rec.reason else ""))
+        return 0 if rec.state == "ready" else 1
+    return 0
+
+
+def _start_slurm(args: argparse.Namespace) -> int:
+    from engine.finetune.jobs import SlurmRequest
+    from engine.slurm import check_time
+    from engine.vllm.launcher import LaunchError, start, wait_ready
+    from engine.vllm.profile import find_profile, load_profile, profile_roots
+    from fleet.config import ConfigError
+
+    if args.node or args.dry_run or args.simulated:
+        return _err("--slurm submits from here to this host's Slurm: not with --node, --dry-run or --simulated")
+    try:
+        config = _fleet_config(args)
+        profile = load_profile(find_profile(args.profile, profile_roots()))
+        if args.time:
+            check_time(args.time)
+    except (ValueError, FileNotFoundError, ConfigError) as exc:
+        return _err(str(exc))
+    if not config.slurm.enabled:
+        return _err("Slurm is not configured: set [slurm] enabled = true in the fleet config")
+    if not args.gpus.strip().isdigit() or not 1 <= int(args.gpus) <= 64:
+        return _err(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1-64), got {args.gpus!r}")
+    store = _store(args)
+    try:
+        rec, verdict = start(store, profile, [], port=args.port, force=args.force, adapter_roots=list(config.adapter_roots),
+                             slurm=SlurmRequest(config.slurm, int(args.gpus), args.partition, args.time))
+    except LaunchError as exc:
+        return _err(str(exc))
+    print(f"submitted {rec.id} to Slurm as job {rec.spec['_slurm']['id']} ({args.gpus} GPU), port {rec.port}; "
+          f"log {rec.log_path}")
+    if verdict is not None:
+        print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens")
     if args.wait:
         rec = wait_ready(store, rec)
         print(f"{rec.id}: {rec.state}" + (f": {rec.reason}" if rec.reason else ""))

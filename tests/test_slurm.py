@@ -232,3 +232,48 @@ def test_a_login_nodes_agent_submits_to_its_own_slurm_and_refuses_what_is_not_a_
     assert run(site, "slurm") == 0
     out = capsys.readouterr().out
     assert out.startswith("partitions: debug* up/idle (1 node), gpu up/idle (1 node)") and "node fdnode" in out
+
+
+def test_a_server_submitted_to_slurm_becomes_ready_is_stopped_and_one_the_scheduler_ends_shows_why(site, monkeypatch,
+                                                                                                  capsys):
+    from engine.vllm import launcher
+    from tests.helpers import FAKE_VLLM_CMD
+
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)  # fleetdeck's vLLM simulator, run by Slurm
+    prof = site["root"] / "sim.toml"
+    prof.write_text('name = "sim"\nmodel = "Qwen/Qwen3-8B"\nmax_model_len = 8192\n[lora]\nenable = true\n'
+                    "max_lora_rank = 16\n")
+    assert run(site, "serve", "start", str(prof), "--slurm", "--gpus", "1", "--time", "30", "--wait") == 0
+    out = capsys.readouterr().out
+    sid = out.split()[1]
+    assert "planner:" in out and f"{sid}: ready" in out
+    listed = {s["id"]: s for s in json.loads(_ls(site, capsys))}
+    srv = listed[sid]
+    assert srv["state"] == "ready" and srv["gpus"] == "slurm:1" and srv["node"] == "fdnode"
+    assert srv["base_url"] == f"http://127.0.0.1:{srv['port']}" and srv["figures"]["kv_usage"] is not None
+    assert "CUDA_VISIBLE_DEVICES" not in srv["env"]  # Slurm sets it to the GPUs it allocated
+    assert run(site, "serve", "stop", sid) == 0
+    assert f"{sid}: stopped" in capsys.readouterr().out
+    rec = launcher.get(open_store(site["db"]), sid)
+    assert rec.state == "stopped" and rec.spec["_slurm"]["state"] in ("CANCELLED", "COMPLETED", "GONE")
+
+    # One the scheduler (here: an administrator's scancel) ends under it: crashed, with Slurm's word for it.
+    assert run(site, "serve", "start", str(prof), "--slurm", "--gpus", "1", "--wait") == 0
+    sid = capsys.readouterr().out.split()[1]
+    store = open_store(site["db"])
+    slurm.cancel(slurm.Where(str(site["cluster"].conf)), launcher.get(store, sid).spec["_slurm"]["id"])
+    deadline = time.time() + 60
+    while (rec := launcher.refresh(store, launcher.get(store, sid))).state != "crashed":
+        assert time.time() < deadline, rec.reason
+        time.sleep(0.3)
+    assert "ended CANCELLED" in rec.reason and "cancelled outside fleetdeck" in rec.reason
+
+    # Without the cluster's GPU size the profile cannot be planned: refused unless --force.
+    site["fleet"].write_text(site["fleet"].read_text().replace("gpu_memory_gib = 80\n", ""))
+    assert run(site, "serve", "start", str(prof), "--slurm", "--gpus", "1") == 2
+    assert "gpu_memory_gib" in capsys.readouterr().err
+
+
+def _ls(site, capsys) -> str:
+    assert run(site, "serve", "ls", "--json", "--interval", "0") == 0
+    return capsys.readouterr().out

@@ -51,7 +51,8 @@ API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 class ServerRecord(ManagedRecord):
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = (self.spec.get("_slurm") or {}).get("host")  # a Slurm server listens on the node Slurm chose
+        return f"http://{host or '127.0.0.1'}:{self.port}"
 
     @property
     def served_name(self) -> str:
@@ -199,12 +200,21 @@ def _save(store: Any, rec: ServerRecord) -> None:
 
 def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None = None,
           port: int | None = None, force: bool = False, adapter_roots: list[Path] | None = None,
-          node: str | None = None, log_dir: Path | None = None) -> tuple[ServerRecord, Any]:
-    """Start a server; returns its record and the planner's verdict. Raises LaunchError on refusal."""
+          node: str | None = None, log_dir: Path | None = None, slurm: Any = None) -> tuple[ServerRecord, Any]:
+    """Start a server (or, with `slurm`, a jobs.SlurmRequest, submit it to Slurm); returns its record and
+    the planner's verdict. Raises LaunchError on refusal."""
+    where = f"slurm:{slurm.gpus}" if slurm is not None else ",".join(map(str, gpus))
     with audit.audited("server.start", profile.name, refusals=(LaunchError, ValueError), profile=profile.name,
-                       model=profile.model, gpus=",".join(map(str, gpus)), port=port, force=force) as entry:
-        rec, verdict = _start(store, profile, gpus, gpu_snapshots=gpu_snapshots, port=port, force=force,
-                              adapter_roots=adapter_roots, node=node, log_dir=log_dir)
+                       model=profile.model, gpus=where, port=port, force=force) as entry:
+        if slurm is not None:
+            from engine.vllm import slurm_server
+
+            chosen = port or (free_port(taken=_ports_taken(store)) if profile.port == "auto" else int(profile.port))
+            rec, verdict = slurm_server.submit(store, profile, slurm, port=chosen, force=force,
+                                               adapter_roots=adapter_roots, log_dir=log_dir)
+        else:
+            rec, verdict = _start(store, profile, gpus, gpu_snapshots=gpu_snapshots, port=port, force=force,
+                                  adapter_roots=adapter_roots, node=node, log_dir=log_dir)
         entry.target = entry.params["server"] = rec.id
         return rec, verdict
 
@@ -237,8 +247,7 @@ def _start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: 
         warning = "started without a plan: the GPUs could not be checked (no NVML readings)"
     lora_modules = resolve_preload(profile, adapter_roots or []) if profile.lora.enable else {}
     if port is None and profile.port == "auto":
-        taken = {r.port for r in list_servers(store) if r.state in ("starting", "ready") and r.port}
-        chosen_port = free_port(taken=taken)
+        chosen_port = free_port(taken=_ports_taken(store))
     else:
         chosen_port = port or int(profile.port)
     argv, env = build_launch(profile, gpus, chosen_port, lora_modules)
@@ -260,6 +269,10 @@ def _start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: 
     )
     _save(store, rec)
     return rec, verdict
+
+
+def _ports_taken(store: Any) -> set[int]:
+    return {r.port for r in list_servers(store) if r.state in ("starting", "ready") and r.port}
 
 
 def _alive(rec: ServerRecord) -> bool:
@@ -321,6 +334,14 @@ def refresh(store: Any, rec: ServerRecord) -> ServerRecord:
     """Bring a record up to date with the process and the HTTP API; write changes back."""
     if rec.state in ("stopped", "crashed"):
         return rec
+    if "_slurm" in rec.spec:
+        from engine.vllm import slurm_server
+
+        before_slurm = (rec.state, rec.reason, dict(rec.spec["_slurm"]))
+        slurm_server.refresh(rec)
+        if (rec.state, rec.reason, rec.spec["_slurm"]) != before_slurm:
+            _save(store, rec)
+        return rec
     before = (rec.state, rec.reason, rec.engine_pid)
     alive = _alive(rec)
     lost = engine_lost(rec) if alive else None
@@ -366,7 +387,15 @@ def stop(store: Any, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord:
 
 
 def _stop(store: Any, rec: ServerRecord, timeout: float) -> ServerRecord:
-    if _alive(rec) and rec.pid is not None:
+    if "_slurm" in rec.spec:
+        from engine import slurm
+        from engine.vllm import slurm_server
+
+        try:
+            slurm_server.stop(rec, timeout)
+        except slurm.SlurmError as exc:
+            raise LaunchError(f"cannot stop Slurm job {rec.spec['_slurm']['id']}: {exc}") from exc
+    elif _alive(rec) and rec.pid is not None:
         try:
             os.killpg(rec.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):

@@ -1,0 +1,137 @@
+"""A vLLM server as a long-running Slurm job: submitted with the same argv the launcher builds, found
+on its node when Slurm starts it, stopped with scancel; a job the scheduler ends (time limit,
+pre-emption, an administrator's scancel, a node failure) shows as crashed with Slurm's word for it."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from engine import managed, slurm
+from engine.vllm.profile import Profile
+
+
+def submit(store: Any, profile: Profile, req: Any, *, port: int, force: bool, adapter_roots: list[Path] | None,
+           log_dir: Path | None) -> tuple[Any, Any]:
+    """`req` is an engine.finetune.jobs.SlurmRequest (GPU count, partition, time limit, the site's settings)."""
+    from engine.vllm import launcher
+    from fleet.model import GpuSnapshot
+    from store.paths import private_dir, state_dir
+
+    gib = 1024**3
+    verdict, warning = None, None
+    per_gpu = req.settings.gpu_memory_gib
+    if profile.cpu_kv_cache_bytes is not None or per_gpu:
+        # The GPUs are Slurm's to pick: plan against the cluster's GPU size from the config.
+        snaps = [GpuSnapshot(node="slurm", index=i, uuid=f"slurm-{i}", name="Slurm GPU",
+                             memory_total_bytes=int(per_gpu * gib), memory_used_bytes=0)
+                 for i in range(req.gpus)] if per_gpu else []
+        try:
+            verdict = launcher.preflight(profile, snaps)
+        except launcher.UnplannableError as exc:
+            if not force:
+                raise
+            warning = f"submitted without a plan: {exc}"
+        if verdict is not None and not verdict.fits and not force:
+            raise launcher.LaunchError(f"preflight: {verdict.reason} (planner: {verdict.kv_tokens:,} KV tokens on "
+                                       f"{req.gpus} x {per_gpu:g} GiB; --force submits it anyway)")
+    elif not force:
+        raise launcher.LaunchError("the cluster's GPU size is unknown, so the profile cannot be planned: set [slurm] "
+                                   "gpu_memory_gib, or --force submits it anyway")
+    else:
+        warning = "submitted without a plan ([slurm] gpu_memory_gib is not set)"
+    lora_modules = launcher.resolve_preload(profile, adapter_roots or []) if profile.lora.enable else {}
+    argv, env = launcher.build_launch(profile, [], port, lora_modules)
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # Slurm sets it to the GPUs it allocates
+    sid = f"{profile.name}-{uuid.uuid4().hex[:6]}"
+    logs = private_dir(log_dir or (state_dir() / "servers"))
+    workdir = private_dir(logs / f"{sid}.slurm")
+    log_path = logs / f"{sid}.log"
+    options = slurm.sbatch_args(req.settings, name=f"fleetdeck-{sid}", output=log_path, gpus=req.gpus,
+                                partition=req.partition, time_limit=req.time_limit,
+                                signal_before_s=req.settings.signal_before_s, workdir=workdir,
+                                comment=f"fleetdeck server {sid}: {profile.model} on port {port}")
+    try:
+        job_id = slurm.submit(req.settings, options, workdir, argv, managed.child_env(env))
+    except slurm.SlurmError as exc:
+        raise launcher.LaunchError(f"Slurm refused the server: {exc}") from exc
+    shown_env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items()}
+    rec = launcher.ServerRecord(
+        id=sid, name=profile.name, node="slurm", pid=None, create_time=None, argv=argv, env=shown_env,
+        gpus=f"slurm:{req.gpus}", port=port, log_path=str(log_path),
+        spec={**profile.model_dump(mode="json"),
+              "_slurm": {"id": job_id, "options": options, "state": "PENDING", "host": None,
+                         **asdict(slurm.Where.of(req.settings))}},
+        state="starting", reason=warning or f"Slurm {job_id} submitted", started_at=time.time(),
+        predicted_kv_tokens=verdict.kv_tokens if verdict is not None else None,
+    )
+    launcher._save(store, rec)
+    return rec, verdict
+
+
+def _where(rec: Any) -> slurm.Where:
+    s = rec.spec["_slurm"]
+    return slurm.Where(s.get("conf"), s.get("bin_dir"))
+
+
+def _node_address(where: slurm.Where, node: str) -> str:
+    """The address Slurm knows a node by (NodeAddr), which is where its server listens."""
+    try:
+        text = slurm.run(where, ["scontrol", "show", "node", "-o", node])
+    except slurm.SlurmError:
+        return node
+    m = re.search(r"NodeAddr=(\S+)", text)
+    return m.group(1) if m else node
+
+
+def refresh(rec: Any) -> None:
+    """Bring a Slurm server's record up to date (the caller saves it)."""
+    from engine.vllm import launcher
+    from engine.vllm.diagnose import diagnose, tail
+
+    info = rec.spec["_slurm"]
+    try:
+        sj = slurm.job(_where(rec), info["id"])
+    except slurm.SlurmError as exc:
+        rec.reason = f"Slurm unreachable, state unknown: {exc}"
+        return
+    if sj is None or not sj.active:
+        ended = sj.state if sj else "GONE"
+        info["state"] = ended
+        rec.state = "crashed"
+        rec.ended_at = rec.ended_at or time.time()
+        d = diagnose(tail(rec.log_path, 200))
+        code = f" (exit {sj.exit_code})" if sj and sj.exit_code and sj.exit_code != "0:0" else ""
+        why = {"TIMEOUT": "it reached its time limit", "PREEMPTED": "the scheduler pre-empted it",
+               "CANCELLED": "it was cancelled outside fleetdeck", "NODE_FAIL": "its node failed",
+               "OUT_OF_MEMORY": "it ran out of memory"}.get(ended, "see the log")
+        rec.reason = f"Slurm {info['id']} ended {ended}{code}: {why}" + (f". {d.text()}" if d else "")
+        return
+    info.update(state=sj.state, reason=sj.reason, node=sj.node, elapsed=sj.elapsed, time_limit=sj.time_limit)
+    if sj.state != "RUNNING" or not sj.node:
+        rec.state, rec.reason = "starting", sj.summary()
+        return
+    if not info.get("host"):
+        info["host"] = _node_address(_where(rec), sj.node)
+        rec.node = sj.node
+    if launcher.probe(rec):
+        rec.state, rec.reason = "ready", sj.summary()
+    elif rec.state != "ready":
+        rec.state, rec.reason = "starting", sj.summary() + "; vLLM is starting"
+
+
+def stop(rec: Any, timeout: float) -> None:
+    """scancel (TERM to the job's steps, then KILL after Slurm's KillWait), and wait for it to leave."""
+    where, job_id = _where(rec), rec.spec["_slurm"]["id"]
+    slurm.cancel(where, job_id)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        sj = slurm.job(where, job_id)
+        if sj is None or not sj.active:
+            rec.spec["_slurm"]["state"] = sj.state if sj else "GONE"
+            return
+        time.sleep(0.3)
