@@ -107,6 +107,15 @@ class SlurmCluster:
         return p.stdout.strip().split(";")[0]
 
     def stop(self) -> None:
+        # Every job first, and wait for Slurm to reap them: a slurmstepd outlives a stopped slurmd.
+        if self.procs and all(p.poll() is None for p in self.procs):
+            subprocess.run([_exe("scancel"), f"--user={getpass.getuser()}"], env=self.env, capture_output=True)
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                q = subprocess.run([_exe("squeue"), "-h"], env=self.env, capture_output=True, text=True)
+                if q.returncode != 0 or not q.stdout.strip():
+                    break
+                time.sleep(0.3)
         for p in reversed(self.procs):  # slurmd, slurmctld, munged: each by its own pid
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
