@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fleetdeck.cmdutil import err as _err
+from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node
 
@@ -76,18 +78,6 @@ def register(sub: Any) -> None:
     hi.add_argument("task", nargs="?")
     hi.add_argument("--json", action="store_true")
     hi.set_defaults(handler=run_history)
-
-
-def _err(msg: str, code: int = 2) -> int:
-    print(f"fleetdeck: {msg}", file=sys.stderr)
-    return code
-
-
-def _store(args: argparse.Namespace) -> Any:
-    from store.db import open_store
-    from store.paths import default_store_path
-
-    return open_store(Path(args.store) if args.store else default_store_path())
 
 
 def _roots(args: argparse.Namespace) -> list[Path]:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 
 
@@ -51,13 +52,6 @@ def _config(args: argparse.Namespace, cmd: str) -> tuple[Any, Path] | int:
         return load_router_config(path), path
     except ConfigError as exc:
         return _err(cmd, str(exc))
-
-
-def _store(args: argparse.Namespace) -> Any:
-    from store.db import open_store
-    from store.paths import default_store_path
-
-    return open_store(Path(args.store) if args.store else default_store_path())
 
 
 def _config_and_task(args: argparse.Namespace, cmd: str) -> tuple[Any, Path, Any] | int:

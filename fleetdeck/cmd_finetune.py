@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node
 
@@ -62,13 +63,6 @@ def register(sub: Any) -> None:
 def _err(msg: str) -> int:
     print(f"fleetdeck finetune: {msg}", file=sys.stderr)
     return 2
-
-
-def _store(args: argparse.Namespace) -> Any:
-    from store.db import open_store
-    from store.paths import default_store_path
-
-    return open_store(Path(args.store) if args.store else default_store_path())
 
 
 def _spec(path: str) -> Any:

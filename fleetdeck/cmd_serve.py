@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from fleetdeck.argtypes import number
+from fleetdeck.cmdutil import err as _err
+from fleetdeck.cmdutil import store_of as _store
+from fleetdeck.cmdutil import fleet_config_of as _fleet_config
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node, remote_node
 
@@ -50,24 +52,6 @@ def register(sub: Any) -> None:
     lg.add_argument("-n", type=int, default=60)
     lg.add_argument("--node", help="on this node of the fleet config, through its agent")
     lg.set_defaults(handler=run_logs)
-
-
-def _err(msg: str, code: int = 2) -> int:
-    print(f"fleetdeck: {msg}", file=sys.stderr)
-    return code
-
-
-def _store(args: argparse.Namespace) -> Any:
-    from store.db import open_store
-    from store.paths import default_store_path
-
-    return open_store(Path(args.store) if args.store else default_store_path())
-
-
-def _fleet_config(args: argparse.Namespace) -> Any:
-    from fleet.config import load_fleet_config
-
-    return load_fleet_config(args.config, required=args.config is not None)
 
 
 def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None, str | None]:

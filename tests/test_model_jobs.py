@@ -5,7 +5,6 @@ the real-engine tier (tests/engines/test_real_promotion.py)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -134,11 +134,10 @@ def start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshot
         return rec
 
 
-def _start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None,
-           force: bool, adapter_root: Path | None, node: str | None) -> JobRecord:
+def _prepare(spec: JobSpec, adapter_root: Path | None) -> tuple[str, Path, list[str]]:
+    """A new job's id, its private folder with the spec the runner reads, and the runner's argv."""
     from store.paths import private_dir, state_dir
 
-    preflight(spec, gpu_snapshots, force)
     jid = f"ft-{spec.name}-{uuid.uuid4().hex[:6]}"
     private_dir(state_dir() / "jobs")
     workdir = private_dir(state_dir() / "jobs" / jid)
@@ -149,6 +148,13 @@ def _start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapsho
     argv = [sys.executable, "-m", "engine.finetune.runner", "--job-id", jid, "--spec", str(spec_path), "--workdir", str(workdir)]
     if root:
         argv += ["--adapter-root", str(root)]
+    return jid, workdir, argv
+
+
+def _start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None,
+           force: bool, adapter_root: Path | None, node: str | None) -> JobRecord:
+    preflight(spec, gpu_snapshots, force)
+    jid, workdir, argv = _prepare(spec, adapter_root)
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus) if gpus else ""}
     rec = JobRecord(id=jid, name=spec.name, node=node or socket.gethostname(), pid=None, create_time=None, argv=argv,
@@ -191,7 +197,6 @@ def start_transform(store: Any, kind: str, name: str, args: list[str], out: Path
 def _submit(store: Any, spec: JobSpec, req: SlurmRequest, *, force: bool, adapter_root: Path | None) -> JobRecord:
     """The same runner, as a Slurm batch job: GPUs, time limit and the checkpoint signal asked of sbatch."""
     from engine import slurm
-    from store.paths import private_dir, state_dir
 
     preflight(spec, None, force=True)  # the dataset check; the GPUs are Slurm's to find
     estimate = training_estimate(spec)
@@ -202,16 +207,7 @@ def _submit(store: Any, spec: JobSpec, req: SlurmRequest, *, force: bool, adapte
                        "max_seq_length, or --force")
     if not 1 <= req.gpus <= 64:
         raise JobError(f"--gpus for Slurm is a count (1-64), got {req.gpus}")
-    jid = f"ft-{spec.name}-{uuid.uuid4().hex[:6]}"
-    private_dir(state_dir() / "jobs")
-    workdir = private_dir(state_dir() / "jobs" / jid)
-    spec_path = workdir / "spec.json"
-    with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
-        fh.write(spec.model_dump_json(indent=2))
-    root = adapter_root or spec.adapter_root
-    argv = [sys.executable, "-m", "engine.finetune.runner", "--job-id", jid, "--spec", str(spec_path), "--workdir", str(workdir)]
-    if root:
-        argv += ["--adapter-root", str(root)]
+    jid, workdir, argv = _prepare(spec, adapter_root)
     options = slurm.sbatch_args(req.settings, name=f"fleetdeck-{jid}", output=workdir / "job.log", gpus=req.gpus,
                                 partition=req.partition, time_limit=req.time_limit,
                                 signal_before_s=req.settings.signal_before_s, workdir=workdir,
