@@ -14,7 +14,6 @@ config) refuses every request that changes the node.
 from __future__ import annotations
 
 import json
-import math
 import socket
 import threading
 import time
@@ -22,7 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from engine import audit
-from fleet.remote import PROTOCOL_VERSION, Op, snapshot_to_json
+from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, PROTOCOL_VERSION, BadMessage, Hello, Op, Request, Response,
+                            Snapshot, Subscribe, parse_client)
+from fleet.remote import snapshot_to_json
 
 
 # Requests that change the node, and the audit action each is: an agent started read-only refuses them.
@@ -44,7 +45,6 @@ def _target(args: dict[str, Any]) -> str:
 
 
 MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake or an attack
-MIN_INTERVAL_S, MAX_INTERVAL_S = 0.2, 60.0
 
 
 def _text(value: object, what: str) -> str:
@@ -222,10 +222,14 @@ class Agent:
         return jobs.cancel(self.store, jobs.get(self.store, _text(a.get("id"), "id"))).to_json()
 
     def _list_adapters(self, a: dict[str, Any]) -> Any:
-        from engine import adapters
+        from engine.node_ops import list_adapters
+        from engine.vllm import launcher
 
-        found, problems = adapters.scan(self.adapter_roots)
-        return {"adapters": [x.to_json() for x in found], "problems": problems}
+        sid = _text(a["server"], "server") if a.get("server") is not None else None
+        try:
+            return list_adapters(self.store, self.adapter_roots, sid).to_json()
+        except launcher.LaunchError as exc:
+            raise BadRequest(str(exc)) from None
 
     def _server(self, a: dict[str, Any]) -> Any:
         from engine.vllm import launcher
@@ -290,39 +294,34 @@ class Agent:
         return tail(path, n)
 
     # -- the wire -------------------------------------------------------------------------------
-    def send(self, out: TextIO, msg: dict[str, Any]) -> None:
-        line = json.dumps({"v": PROTOCOL_VERSION, **msg}, default=str)
+    def send(self, out: TextIO, msg: Hello | Snapshot | Response) -> None:
+        line = msg.model_dump_json() if msg.type != "response" else json.dumps(msg.model_dump(), default=str)
         with self._out_lock:
             out.write(line + "\n")
             out.flush()
 
-    def _handle(self, out: TextIO, msg: dict[str, Any]) -> None:
-        rid = msg.get("id")
-        op = msg.get("op")
-        fn = self.ops.get(str(op))
-        if fn is None:
-            self.send(out, {"type": "response", "id": rid, "ok": False, "error": f"unknown op {op!r}; known: {sorted(self.ops)}"})
-            return
-        args = msg.get("args") or {}
-        if not isinstance(args, dict):
-            self.send(out, {"type": "response", "id": rid, "ok": False, "error": "args must be a JSON object"})
-            return
-        action = MUTATING_OPS.get(str(op))
-        operator = msg.get("operator")
-        behalf = {"source": "agent", "on_behalf_of": operator if isinstance(operator, str) else None}
+    def _fail(self, out: TextIO, rid: Any, error: str) -> None:
+        self.send(out, Response(id=rid if isinstance(rid, int) and not isinstance(rid, bool) else None, ok=False,
+                                error=error))
+
+    def _handle(self, out: TextIO, req: Request) -> None:
+        rid, op, args = req.id, req.op.value, req.args
+        fn = self.ops[op]
+        action = MUTATING_OPS.get(op)
+        behalf = {"source": "agent", "on_behalf_of": req.operator}
         with audit.on_behalf_of(behalf):
             if self.read_only and action is not None:
                 error = f"{op}: refused, this node's agent is read-only"
                 audit.record(action, _target(args), "refused", "this node's agent is read-only")
-                self.send(out, {"type": "response", "id": rid, "ok": False, "error": error})
+                self._fail(out, rid, error)
                 return
             try:
                 result = fn(args)
-                self.send(out, {"type": "response", "id": rid, "ok": True, "result": result})
+                self.send(out, Response(id=rid, ok=True, result=result))
             except Exception as exc:  # every failure goes back to the dashboard as text
                 if action is not None and isinstance(exc, BadRequest):
                     audit.record(action, _target(args), "refused", str(exc))  # the engine never saw it
-                self.send(out, {"type": "response", "id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                self._fail(out, rid, f"{type(exc).__name__}: {exc}")
 
     def _read(self, inp: TextIO, out: TextIO) -> None:
         while True:
@@ -332,15 +331,14 @@ class Agent:
             if len(line) > MAX_LINE:
                 while line and not line.endswith("\n"):  # drop the rest of the oversized line
                     line = inp.readline(MAX_LINE)
-                self.send(out, {"type": "response", "id": None, "ok": False,
-                                "error": f"malformed message: longer than {MAX_LINE} characters"})
+                self._fail(out, None, f"malformed message: longer than {MAX_LINE} characters")
                 continue
             try:
                 self._take(line, out)
             except (BrokenPipeError, OSError):
                 break
             except Exception as exc:  # one bad line never deafens the agent
-                self.send(out, {"type": "response", "id": None, "ok": False, "error": f"malformed message: {type(exc).__name__}"})
+                self._fail(out, None, f"malformed message: {type(exc).__name__}")
         self._stop.set()  # stdin closed: the SSH session is over
 
     def _take(self, line: str, out: TextIO) -> None:
@@ -352,33 +350,31 @@ class Agent:
                 raise ValueError("not a JSON object")
         except (ValueError, RecursionError) as exc:
             why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            self.send(out, {"type": "response", "id": None, "ok": False, "error": f"malformed message: {why}"})
+            self._fail(out, None, f"malformed message: {why}")
             return
         if msg.get("v") != PROTOCOL_VERSION:
-            self.send(out, {"type": "response", "id": msg.get("id"), "ok": False,
-                            "error": f"protocol v{msg.get('v')} not supported; this agent speaks v{PROTOCOL_VERSION}"})
+            self._fail(out, msg.get("id"), f"protocol v{msg.get('v')} not supported; this agent speaks v{PROTOCOL_VERSION}")
             return
-        if msg.get("type") == "subscribe":
-            interval = msg.get("interval", self.interval_s)
-            if isinstance(interval, (int, float)) and not isinstance(interval, bool) and math.isfinite(interval):
-                self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, float(interval)))
-            else:
-                self.send(out, {"type": "response", "id": msg.get("id"), "ok": False,
-                                "error": f"interval must be seconds from {MIN_INTERVAL_S} to {MAX_INTERVAL_S}, got {interval!r}"})
-        elif msg.get("type") == "request":
-            threading.Thread(target=self._handle, args=(out, msg), daemon=True).start()
+        try:
+            typed = parse_client(msg)
+        except BadMessage as exc:
+            self._fail(out, msg.get("id"), str(exc))
+            return
+        if isinstance(typed, Subscribe):
+            if typed.interval is not None:
+                self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, typed.interval))
         else:
-            self.send(out, {"type": "response", "id": msg.get("id"), "ok": False, "error": f"unknown type {msg.get('type')!r}"})
+            threading.Thread(target=self._handle, args=(out, typed), daemon=True).start()
 
     def serve(self, inp: TextIO, out: TextIO) -> int:
         first = self.source.snapshot()
-        self.send(out, {"type": "hello", "fleetdeck": self.version, "host": socket.gethostname(), "node": first.node,
-                        "nvml": first.nvml, "reason": first.reason})
+        self.send(out, Hello(fleetdeck=self.version, host=socket.gethostname(), node=first.node, nvml=first.nvml,
+                             reason=first.reason))
         threading.Thread(target=self._read, args=(inp, out), daemon=True).start()
         snap = first
         while not self._stop.is_set():
             try:
-                self.send(out, {"type": "snapshot", "snapshot": snapshot_to_json(snap)})
+                self.send(out, Snapshot(snapshot=snapshot_to_json(snap)))
             except (BrokenPipeError, OSError):
                 return 0
             self._stop.wait(self.interval_s)

@@ -8,10 +8,58 @@ The screens and commands call these and never ask where a node is. A remote reco
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from engine import audit
+
+
+@dataclass
+class AdapterListing:
+    """A node's adapters on disk (with each version's integrity) and those loaded in one of its servers."""
+
+    adapters: list[Any]  # engine.adapters.Adapter
+    integrity: dict[str, str | None] = field(default_factory=dict)  # name -> why it cannot be trusted, or None
+    loaded: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    accuracy: dict[str, float] = field(default_factory=dict)  # name -> its latest evaluation's accuracy on the node
+
+    def to_json(self) -> dict[str, Any]:
+        return {"adapters": [a.to_json() for a in self.adapters], "integrity": self.integrity, "loaded": self.loaded,
+                "problems": self.problems, "accuracy": self.accuracy}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "AdapterListing":
+        from engine.adapters import Adapter
+
+        known = Adapter.__dataclass_fields__
+        return cls([Adapter(**{k: v for k, v in a.items() if k in known}) for a in doc.get("adapters", [])],
+                   dict(doc.get("integrity") or {}), list(doc.get("loaded") or []), list(doc.get("problems") or []),
+                   {str(k): float(v) for k, v in (doc.get("accuracy") or {}).items()})
+
+
+def list_adapters(store: Any, roots: list[Any], sid: str | None) -> AdapterListing:
+    """This host's adapters, and those loaded in server `sid` (the agent answers with this too)."""
+    from engine import adapters
+    from engine.adapter_versions import integrity_problem
+    from engine.vllm import launcher
+
+    from engine.adapter_eval import evals_of
+
+    found, problems = adapters.scan(roots)
+    listing = AdapterListing(found, {a.name: integrity_problem(a) for a in found}, [], problems)
+    try:
+        for e in reversed(evals_of(store)):
+            listing.accuracy[e["adapter"]] = e["accuracy"]
+    except Exception as exc:  # an older or locked store: the column stays empty
+        listing.problems.append(f"evaluations unavailable: {exc}")
+    if sid is not None:
+        rec = launcher.get(store, sid)
+        try:
+            listing.loaded = [m["id"] for m in adapters.loaded(rec.base_url, rec.api_key)]
+        except Exception as exc:  # a server that stopped answering
+            listing.problems.append(f"cannot list {sid}'s loaded adapters: {exc}")
+    return listing
 
 
 class NodeOps(Protocol):
@@ -19,7 +67,7 @@ class NodeOps(Protocol):
 
     def servers(self) -> list[Any]: ...  # ServerStatus, figures included
 
-    def start_server(self, profile: str, gpus: list[int], force: bool = False) -> str: ...
+    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str: ...
 
     def stop_server(self, sid: str) -> str: ...
 
@@ -32,6 +80,14 @@ class NodeOps(Protocol):
     def resume_job(self, jid: str) -> str: ...
 
     def tail_log(self, kind: str, ident: str, n: int = 200) -> str: ...
+
+    def adapters(self, sid: str | None) -> AdapterListing: ...
+
+    def load_adapter(self, sid: str, adapter: str) -> str: ...
+
+    def unload_adapter(self, sid: str, name: str) -> str: ...
+
+    def swap_adapter(self, sid: str, old: str, adapter: str) -> str: ...
 
 
 def split_id(shown: str) -> tuple[str | None, str]:
@@ -113,6 +169,29 @@ class LocalOps:
         rec = jobs.get(self.store, ident) if kind == "job" else launcher.get(self.store, ident)
         return tail(rec.log_path, n)
 
+    def adapters(self, sid: str | None) -> AdapterListing:
+        return list_adapters(self.store, list(self.adapter_roots), sid)
+
+    def _load(self, sid: str, adapter: str, old: str | None) -> str:
+        from engine import adapters
+        from engine.vllm import launcher
+
+        server = launcher.refresh(self.store, launcher.get(self.store, sid))
+        return adapters.load_into(server, adapters.by_name(list(self.adapter_roots), adapter), None, old)
+
+    def load_adapter(self, sid: str, adapter: str) -> str:
+        return self._load(sid, adapter, None)
+
+    def swap_adapter(self, sid: str, old: str, adapter: str) -> str:
+        return self._load(sid, adapter, old)
+
+    def unload_adapter(self, sid: str, name: str) -> str:
+        from engine import adapters
+        from engine.vllm import launcher
+
+        rec = launcher.get(self.store, sid)
+        return adapters.unload(rec.base_url, name, rec.api_key, server=rec.id)
+
 
 @dataclass
 class AgentOps:
@@ -138,8 +217,10 @@ class AgentOps:
             out.append(st)
         return out
 
-    def start_server(self, profile: str, gpus: list[int], force: bool = False) -> str:
+    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str:
         from fleet.remote import Op
+
+        # the agent plans against its own node's GPUs: `gpu_snapshots` read here are not sent
 
         audit.refuse_if_read_only("server.start", profile, profile=profile, gpus=",".join(map(str, gpus)))
         srv = self._ask(Op.START_SERVER, {"profile": profile, "gpus": gpus, "force": force}, timeout=120)["server"]
@@ -189,12 +270,67 @@ class AgentOps:
 
         return str(self._ask(Op.TAIL_LOG, {"id": ident, "n": n, "kind": kind}, timeout=30))
 
+    def adapters(self, sid: str | None) -> AdapterListing:
+        from fleet.remote import Op
+
+        return AdapterListing.from_json(self._ask(Op.LIST_ADAPTERS, {"server": sid} if sid else {}, timeout=30))
+
+    def load_adapter(self, sid: str, adapter: str) -> str:
+        from fleet.remote import Op
+
+        audit.refuse_if_read_only("adapter.load", adapter, server=f"@{self.name}:{sid}", adapter=adapter)
+        return str(self._ask(Op.LOAD_ADAPTER, {"server": sid, "adapter": adapter}, timeout=180))
+
+    def swap_adapter(self, sid: str, old: str, adapter: str) -> str:
+        from fleet.remote import Op
+
+        audit.refuse_if_read_only("adapter.swap", adapter, server=f"@{self.name}:{sid}", old=old, adapter=adapter)
+        return str(self._ask(Op.SWAP_ADAPTER, {"server": sid, "adapter": adapter, "old": old}, timeout=180))
+
+    def unload_adapter(self, sid: str, name: str) -> str:
+        from fleet.remote import Op
+
+        audit.refuse_if_read_only("adapter.unload", name, server=f"@{self.name}:{sid}", adapter=name)
+        return str(self._ask(Op.UNLOAD_ADAPTER, {"server": sid, "name": name}, timeout=60))
+
+
+def serve_adapter(ops: NodeOps, adapter: str) -> str:
+    """Load an adapter of a node into the first ready server of that node that can serve it."""
+    from engine import adapters as engine_adapters
+
+    listing = ops.adapters(None)
+    found = next((a for a in listing.adapters if a.name == adapter), None)
+    if found is None:
+        raise engine_adapters.AdapterError(f"no adapter {adapter!r} in the adapter roots of {ops.name or 'this host'}: "
+                                           "add the job's adapter_root to the node's adapter_roots")
+    for st in ops.servers():
+        rec = st.rec
+        lora = rec.spec.get("lora", {})
+        if rec.state == "ready" and not engine_adapters.compatibility_problems(
+                found, rec.spec.get("model", ""), lora.get("enable", False), lora.get("max_lora_rank", 16)):
+            return f"{rec.id}: " + ops.load_adapter(split_id(rec.id)[1], adapter)
+    raise engine_adapters.AdapterError(f"no ready server can take {adapter} (same base model, LoRA on, max rank >= "
+                                       f"{found.rank})")
+
 
 def remote_ops(sources: Iterable[Any]) -> list[AgentOps]:
     """The connected SSH nodes among a poller's sources."""
     from fleet.remote import RemoteNode
 
     return [AgentOps(s) for s in sources if isinstance(s, RemoteNode) and s.link.status == "connected"]
+
+
+def ops_named(sources: Iterable[Any], local: LocalOps, node: str | None) -> NodeOps:
+    """A node by its name in the fleet: a node reached over SSH, or else this host (None, or the name of
+    one of this host's own sources)."""
+    from fleet.remote import AgentError, RemoteNode
+
+    remote = next((s for s in sources if isinstance(s, RemoteNode) and s.name == node), None) if node else None
+    if remote is None:
+        return local
+    if remote.link.status != "connected":
+        raise AgentError(f"{node} is not connected ({remote.link.error or remote.link.status})")
+    return AgentOps(remote)
 
 
 def ops_for(sources: Iterable[Any], local: LocalOps, shown_id: str) -> tuple[NodeOps, str]:

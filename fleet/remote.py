@@ -15,33 +15,14 @@ import subprocess
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
-from enum import Enum
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from fleet.model import GpuProcess, GpuSnapshot, HostInfo, MigDevice, NodeSnapshot
+from fleet.protocol import PROTOCOL_VERSION, BadMessage, Hello, Op, Request, Response, Snapshot, Subscribe, parse_agent
 
-PROTOCOL_VERSION = 1
-
-
-class Op(str, Enum):
-    """Every request a dashboard may send an agent; the agent answers these and nothing else."""
-
-    PING = "ping"
-    LIST_SERVERS = "list_servers"
-    START_SERVER = "start_server"
-    STOP_SERVER = "stop_server"
-    LIST_JOBS = "list_jobs"
-    START_JOB = "start_job"
-    CANCEL_JOB = "cancel_job"
-    RESUME_JOB = "resume_job"
-    LIST_ADAPTERS = "list_adapters"
-    LOAD_ADAPTER = "load_adapter"
-    UNLOAD_ADAPTER = "unload_adapter"
-    SWAP_ADAPTER = "swap_adapter"
-    LIST_PROFILES = "list_profiles"
-    TAIL_LOG = "tail_log"
-    SLURM_VIEW = "slurm_view"
+# The protocol's version, operations and messages live in fleet/protocol.py (Op and PROTOCOL_VERSION are
+# imported from here too, by older callers).
 
 
 def _operator() -> str:
@@ -173,8 +154,7 @@ class RemoteNode:
         fut: Future[Any] = Future()
         self._pending[rid] = fut
         try:
-            proc.stdin.write(json.dumps({"v": PROTOCOL_VERSION, "type": "request", "id": rid, "op": op, "args": args or {},
-                                         "operator": OPERATOR}) + "\n")
+            proc.stdin.write(Request(id=rid, op=Op(op), args=args or {}, operator=OPERATOR).line())
             proc.stdin.flush()
             return fut.result(timeout=timeout)
         except TimeoutError as exc:
@@ -225,7 +205,7 @@ class RemoteNode:
         watchdog.start()
         try:
             assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(json.dumps({"v": PROTOCOL_VERSION, "type": "subscribe", "interval": self.interval_s}) + "\n")
+            proc.stdin.write(Subscribe(interval=self.interval_s).line())
             proc.stdin.flush()
             hello = False
             for line in proc.stdout:
@@ -238,24 +218,29 @@ class RemoteNode:
                 except ValueError:
                     self.link.bad_messages += 1
                     continue
-                kind = msg.get("type")
-                if kind == "hello":
+                if msg.get("type") == "hello" and msg.get("v") != PROTOCOL_VERSION:
+                    watchdog.cancel()
+                    self._set("incompatible", f"agent on {self.name} speaks protocol v{msg.get('v')}, this dashboard "
+                                              f"v{PROTOCOL_VERSION}: install the same fleetdeck version on both")
+                    proc.terminate()
+                    break
+                try:
+                    typed = parse_agent(msg)
+                except BadMessage:
+                    self.link.bad_messages += 1
+                    continue
+                if isinstance(typed, Hello):
                     hello = True
                     watchdog.cancel()
-                    if msg.get("v") != PROTOCOL_VERSION:
-                        self._set("incompatible", f"agent on {self.name} speaks protocol v{msg.get('v')}, this dashboard "
-                                                  f"v{PROTOCOL_VERSION}: install the same fleetdeck version on both")
-                        proc.terminate()
-                        break
                     with self._lock:
-                        self.link.agent_version = msg.get("fleetdeck")
+                        self.link.agent_version = typed.fleetdeck
                         self.link.last_seen = self._clock()
                     self._set("connected")
                 elif not hello:
                     self.link.bad_messages += 1  # out of order: nothing counts before the hello
-                elif kind == "snapshot":
+                elif isinstance(typed, Snapshot):
                     try:
-                        snap = snapshot_from_json(msg["snapshot"])
+                        snap = snapshot_from_json(typed.snapshot)
                     except (KeyError, TypeError, ValueError):
                         self.link.bad_messages += 1
                         continue
@@ -265,20 +250,18 @@ class RemoteNode:
                     with self._lock:
                         self._latest = snap
                         self.link.last_seen = self._clock()
-                elif kind == "response":
-                    fut = self._pending.get(msg.get("id"))
+                elif isinstance(typed, Response):
+                    fut = self._pending.get(typed.id) if typed.id is not None else None
                     if fut is None or fut.done():
                         self.link.bad_messages += 1  # an answer to nothing we asked
                         continue
                     try:
-                        if msg.get("ok"):
-                            fut.set_result(msg.get("result"))
+                        if typed.ok:
+                            fut.set_result(typed.result)
                         else:
-                            fut.set_exception(AgentError(f"{self.name}: {msg.get('error')}"))
+                            fut.set_exception(AgentError(f"{self.name}: {typed.error}"))
                     except InvalidStateError:
                         self.link.bad_messages += 1  # the request timed out as the answer came
-                else:
-                    self.link.bad_messages += 1
         finally:
             watchdog.cancel()
             if proc.poll() is None:

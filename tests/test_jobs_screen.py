@@ -13,6 +13,7 @@ from engine import adapters
 from engine import audit
 from engine.finetune import jobs
 from engine.finetune.spec import JobSpec
+from fleet.config import FleetConfig
 from engine.kvfit.catalogue import CATALOGUE
 from engine.vllm import launcher
 from store.db import open_store
@@ -84,6 +85,11 @@ async def test_v_serves_a_finished_adapter_into_a_compatible_server(tmp_path, mo
             await ready(app, pilot)
             await pilot.press("4")
             await settle(app, pilot)
+            await pilot.press("v")  # the job wrote outside the node's adapter roots: said so, nothing loaded
+            await settle(app, pilot, 4)
+            assert adapters.loaded(server.base_url) == []
+            assert any("no adapter 'sim-job@v1'" in n.message for n in app._notifications)
+            app.options.config = FleetConfig(adapter_roots=[tmp_path / "adapters"])
             await pilot.press("v")
             await settle(app, pilot, 4)
             assert [m["id"] for m in adapters.loaded(server.base_url)] == ["sim-job@v1"]  # a version, served as itself

@@ -527,3 +527,143 @@ async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path
     finally:
         node.close()
         stop_everything(site / "fd.db")
+
+
+async def test_a_remote_servers_adapters_panel_and_serving_a_remote_jobs_adapter(tmp_path):
+    """The adapters panel and the Jobs screen's `v` go through the server's node, as for this host."""
+    from engine import audit
+    from store.db import open_store
+    from tests.helpers import make_node_files
+    from tests.tui_helpers import open_screen, settle
+    from tui.screens.jobs import JobsScreen
+    from tui.screens.servers import AdaptersScreen, ServersScreen
+
+    site = make_node_files(tmp_path / "node")
+    specs = site / "config" / "fleetdeck" / "finetune"
+    (specs / "quick.toml").write_text((specs / "sim.toml").read_text().replace('name = "sim"', 'name = "quick"')
+                                      .replace("max_steps = 400", "max_steps = 2\nwarmup_steps = 1\nlora_rank = 16"))
+    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={site / 'state'}",
+             f"XDG_CONFIG_HOME={site / 'config'}", f"FLEETDECK_PROFILES={site / 'profiles'}", *AGENT,
+             "--node-name", "node-a", "--store", str(site / "fd.db"), "--config", str(site / "fleet.toml")]
+    node = RemoteNode("node-a", agent, interval_s=0.3)
+
+    def loaded(sid: str) -> list[str]:
+        return node.request("list_adapters", {"server": sid})["loaded"]
+
+    try:
+        assert wait_for(lambda: node.link.status == "connected")
+        sid = node.request("start_server", {"profile": "q", "gpus": [3], "force": True})["server"]["id"]
+        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=30)
+        jid = node.request("start_job", {"spec": "quick"})["id"]
+        assert wait_for(lambda: node.request("list_jobs")[0]["state"] == "finished", timeout=60)
+        app = make_app(lambda: [node], store_path=tmp_path / "local.db")
+        app.poller.close = lambda: None  # the test closes the node itself
+        async with app.run_test(size=(140, 36)) as pilot:
+            screen = await open_screen(app, pilot, "3", ServersScreen)
+            table = screen.query_one("#servers-table", DataTable)
+            table.move_cursor(row=table.get_row_index(f"@node-a:{sid}"))
+            await pilot.press("a")
+            await settle(app, pilot, 3)
+            panel = app.screen
+            assert isinstance(panel, AdaptersScreen)
+            for _ in range(40):
+                await settle(app, pilot, 1)
+                if panel.disk:
+                    break
+            assert {"tickets-v1", "tickets-v2", "quick@v1"} <= {a.name for a in panel.disk}  # the node's roots
+            assert panel.integrity["quick@v1"] is None  # hashed on the node
+            disk = panel.query_one("#adapters-disk", DataTable)
+            disk.move_cursor(row=disk.get_row_index("tickets-v1"))
+            await pilot.press("enter")
+            for _ in range(60):
+                await settle(app, pilot, 1)
+                if loaded(sid) == ["tickets-v1"]:
+                    break
+            assert loaded(sid) == ["tickets-v1"]
+            await pilot.press("escape")
+            await pilot.press("4")
+            await settle(app, pilot)
+            jobs_screen = app.screen
+            assert isinstance(jobs_screen, JobsScreen)
+            jt = jobs_screen.query_one("#jobs-table", DataTable)
+            jt.move_cursor(row=jt.get_row_index(f"@node-a:{jid}"))
+            await pilot.press("v")
+            for _ in range(60):
+                await settle(app, pilot, 1)
+                if "quick@v1" in loaded(sid):
+                    break
+            assert loaded(sid) == ["tickets-v1", "quick@v1"]
+        recs = [(r["action"], r["outcome"], r["source"]) for r in audit.query(open_store(site / "fd.db"))]
+        assert ("adapter.load", "done", "agent") in recs
+    finally:
+        node.close()
+        stop_everything(site / "fd.db")
+
+
+# The first connection answers hello, takes requests and never answers them, and drops when told to;
+# every later connection is the real agent. So the requests are in flight when the link drops.
+FLAKY_AGENT = textwrap.dedent("""
+    import json, os, sys, threading, time
+    marker, go, seen, real = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    if os.path.exists(marker):
+        os.execv(real[0], real)
+    open(marker, "w").close()
+    print(json.dumps({"v": %d, "type": "hello", "fleetdeck": "test", "host": "flaky", "node": "flaky",
+                      "nvml": "ok", "reason": None}), flush=True)
+    def read():
+        for line in sys.stdin:
+            if json.loads(line).get("type") == "request":
+                with open(seen, "a") as fh:
+                    fh.write(line)
+    threading.Thread(target=read, daemon=True).start()
+    while not os.path.exists(go):
+        time.sleep(0.05)
+    os._exit(0)
+""" % PROTOCOL_VERSION)
+
+
+def test_requests_in_flight_when_the_link_drops_fail_at_once_and_the_node_comes_back(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    marker, go, seen = tmp_path / "first", tmp_path / "go", tmp_path / "seen"
+    node = RemoteNode("flaky", [PY, "-c", FLAKY_AGENT, str(marker), str(go), str(seen), *AGENT],
+                      interval_s=0.2, backoff_s=(0.2, 0.5))
+    pool = ThreadPoolExecutor(4)
+    try:
+        assert wait_for(lambda: node.link.status == "connected")
+        # Four requests the agent has received and not answered, each allowed 10 minutes.
+        futures = [pool.submit(node.request, "ping", {}, 600.0) for _ in range(4)]
+        assert wait_for(lambda: seen.exists() and len(seen.read_text().splitlines()) == 4)
+        assert not any(f.done() for f in futures)
+        go.touch()  # the link drops now
+        outcomes = []
+        for f in futures:
+            with pytest.raises(AgentError) as err:
+                f.result(timeout=60)  # well under the requests' own 600 s: they fail when the link goes
+            outcomes.append(str(err.value))
+        assert all("connection lost" in o for o in outcomes), outcomes
+        # The node comes back (the real agent this time) and answers.
+        assert wait_for(lambda: node.link.status == "connected", timeout=30), node.link.error
+        assert node.request("ping")["pong"] > 0 and node._thread.is_alive()
+    finally:
+        pool.shutdown(wait=False)
+        node.close()
+
+
+def test_both_sides_read_the_protocol_through_the_same_typed_messages():
+    from fleet.protocol import BadMessage, Hello, Op, Request, Response, parse_agent, parse_client
+
+    line = Request(id=7, op=Op.TAIL_LOG, args={"id": "s1", "n": 5}, operator="ann@dash").line()
+    back = parse_client(json.loads(line))
+    assert isinstance(back, Request) and (back.id, back.op, back.args) == (7, Op.TAIL_LOG, {"id": "s1", "n": 5})
+    assert isinstance(parse_agent(json.loads(Hello(fleetdeck="1.0", node="n1").line())), Hello)
+    answer = parse_agent({"v": PROTOCOL_VERSION, "type": "response", "id": 7, "ok": True, "result": [1], "extra": "new"})
+    assert isinstance(answer, Response) and answer.result == [1]  # a newer peer's extra field is ignored
+    for doc, why in [({"v": 1, "type": "request", "id": 1, "op": "reboot"}, "unknown op 'reboot'"),
+                     ({"v": 1, "type": "request", "id": 1, "op": "ping", "args": []}, "args must be a JSON object"),
+                     ({"v": 1, "type": "request", "op": "ping"}, "malformed message: id: Field required"),
+                     ({"v": 1, "type": "shell", "cmd": "rm"}, "unknown type 'shell'")]:
+        with pytest.raises(BadMessage, match=why):
+            parse_client(doc)
+    with pytest.raises(BadMessage, match="ok: Field required"):
+        parse_agent({"v": 1, "type": "response", "id": 3})

@@ -53,7 +53,7 @@ def scrape_server(rec: Any, timeout: float = 1.5) -> Scrape:
 def status_of(rec: Any, previous: Scrape | None = None, adapters: bool = False) -> ServerStatus:
     """Figures for a ready local server (from its /metrics, against the previous scrape)."""
     st = ServerStatus(rec)
-    if rec.state != "ready" or rec.id.startswith("@"):
+    if rec.state != "ready":
         return st
     try:
         st.scrape = scrape_server(rec)

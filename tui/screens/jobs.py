@@ -221,7 +221,7 @@ class JobsScreen(PolledScreen):
             self.app.push_screen(LogScreen(r.id, r.log_path, lambda: ops.tail_log("job", jid)))
 
     def action_serve(self) -> None:
-        """Load the finished adapter into the first compatible ready server."""
+        """Load the finished job's adapter into the first ready server of its node that can take it."""
         r = self.selected()
         if r is None or not self._guard():
             return
@@ -229,29 +229,21 @@ class JobsScreen(PolledScreen):
         if r.state != "finished" or not adapter_path:
             self.notify("Only a finished job has an adapter to serve.", severity="warning")
             return
-        self._serve(adapter_path)
+        self._serve(r.id, Path(adapter_path).name)
 
     @work(thread=True, group="jobs-action")
-    def _serve(self, adapter_path: str) -> None:
-        from engine import adapters
-        from engine.adapter_eval import compatible_servers
+    def _serve(self, job_id: str, adapter: str) -> None:
+        from engine import adapters, audit
+        from engine.node_ops import ops_for, serve_adapter
+        from fleet.remote import AgentError
 
         try:
-            adapter = adapters.read_adapter(Path(adapter_path))
-        except adapters.AdapterError as exc:
-            self.app.call_from_thread(self.notify, str(exc), severity="error")
+            ops, _ = ops_for(self._sources(), self._local(), job_id)
+            msg = serve_adapter(ops, adapter)
+        except (adapters.AdapterError, AgentError, audit.ReadOnlyError) as exc:
+            self.app.call_from_thread(self.notify, str(exc), severity="warning")
             return
-        candidates = compatible_servers(self.store, adapter)
-        if not candidates:
-            msg = f"No ready server can take {adapter.name} (same base model, LoRA on, max rank >= {adapter.rank})."
-            self.app.call_from_thread(self.notify, msg, severity="warning")
-            return
-        target = candidates[0]
-        try:
-            msg = adapters.load_into(target, adapter)
-        except adapters.AdapterError as exc:
-            msg = str(exc)
-        self.app.call_from_thread(self.notify, f"{target.id}: {msg}")
+        self.app.call_from_thread(self.notify, msg)
 
 
 class StartJobScreen(DeckModal):

@@ -245,7 +245,15 @@ class ServersScreen(PolledScreen):
         if v is None:
             self.notify("Select a server first.", severity="warning")
             return
-        self.app.push_screen(AdaptersScreen(v.rec, list(self.app.options.config.adapter_roots)))
+        from engine.node_ops import ops_for
+        from fleet.remote import AgentError
+
+        try:
+            ops, sid = ops_for(self._sources(), self._local(), v.rec.id)
+        except AgentError as exc:
+            self.notify(str(exc), severity="warning")
+            return
+        self.app.push_screen(AdaptersScreen(v.rec, ops, sid))
 
 
 class LogScreen(ModalScreen[None]):
@@ -334,12 +342,13 @@ class StartServerScreen(DeckModal):
             raise ValueError(f"no such GPU(s) {indices} on {node or 'this node'}")
         return indices, snaps
 
-    def _remote_source(self, node: str | None) -> Any:
-        """The node's operations when it is one reached over SSH (its agent plans and starts there)."""
-        from engine.node_ops import remote_ops
+    def _node_ops(self, node: str | None) -> Any:
+        """The node's operations: this host's engine, or a node's agent (which plans and starts there)."""
+        from engine.node_ops import LocalOps, ops_named
 
         poller = getattr(self.app, "poller", None)
-        return next((ops for ops in remote_ops(getattr(poller, "sources", [])) if ops.name == node), None)
+        local = LocalOps(self.app.store, list(self.app.options.config.adapter_roots))
+        return ops_named(getattr(poller, "sources", []), local, node)
 
     def _profile_name(self) -> str:
         name = self.query_one("#start-profile", Select).value
@@ -384,24 +393,17 @@ class StartServerScreen(DeckModal):
         self._plan(launch=True)
 
     def _launch_now(self) -> None:
-        from engine.vllm import launcher
-
         try:
-            profile = self.app.call_from_thread(self._profile)
             indices, snaps = self.app.call_from_thread(self._gpus)
             text = self.app.call_from_thread(lambda: self.query_one("#start-gpus", Input).value)
             node = text.partition("/")[0] if "/" in text else None
-            remote = self.app.call_from_thread(self._remote_source, node)
-            if remote is not None:
-                name = self.app.call_from_thread(self._profile_name)
-                self.app.call_from_thread(self.dismiss, remote.start_server(name, indices))
-                return
-            rec, _ = launcher.start(self.app.store, profile, indices, gpu_snapshots=snaps,
-                                    adapter_roots=list(self.app.options.config.adapter_roots))
+            ops = self.app.call_from_thread(self._node_ops, node)
+            name = self.app.call_from_thread(self._profile_name)
+            message = ops.start_server(name, indices, gpu_snapshots=snaps)
         except Exception as exc:
             self.app.call_from_thread(self.query_one("#start-verdict", Static).update, Text(str(exc), style="red"))
             return
-        self.app.call_from_thread(self.dismiss, f"started {rec.id} on GPUs {rec.gpus}, port {rec.port}")
+        self.app.call_from_thread(self.dismiss, message)
 
     def action_cancel(self) -> None:
         self.dismiss(None)
@@ -409,7 +411,8 @@ class StartServerScreen(DeckModal):
 
 class AdaptersScreen(DeckModal):
     MUTATING = frozenset({"load", "unload", "swap"})
-    """Adapters on disk (with compatibility for this server) and loaded in it; load, unload, swap."""
+    """Adapters on the server's node (with compatibility for this server) and loaded in it; load, unload,
+    swap. The same through a node's agent as on this host: `ops` is the server's node."""
 
     BINDINGS = [
         Binding("escape", "close", "Close", id="adapters.close"),
@@ -418,14 +421,14 @@ class AdaptersScreen(DeckModal):
         Binding("w", "swap", "Swap", id="adapters.swap"),
     ]
 
-    def __init__(self, rec: Any, roots: list[Path]) -> None:
+    def __init__(self, rec: Any, ops: Any, sid: str) -> None:
         super().__init__()
-        self.rec, self.roots = rec, roots
+        self.rec, self.ops, self.sid = rec, ops, sid
         self.disk: list[Any] = []
         self.loaded_names: list[str] = []
         self.last_message = ""
         self.integrity: dict[str, str | None] = {}
-        self.evals: dict[str, dict] = {}
+        self.accuracy: dict[str, float] = {}
 
     def compose(self) -> ComposeResult:
         with Vertical(id="adapters-panel"):
@@ -435,7 +438,7 @@ class AdaptersScreen(DeckModal):
             disk.add_columns("On disk", "Rank", "Alpha", "Base model", "MiB", "Version", "Eval", "Compatible")
             yield disk
             loaded: DataTable[Any] = DataTable(id="adapters-loaded", cursor_type="row")
-            loaded.add_columns("Loaded in server", "Path")
+            loaded.add_columns("Loaded in server")
             yield loaded
             yield Static("", id="adapters-message")
 
@@ -444,37 +447,15 @@ class AdaptersScreen(DeckModal):
 
     @work(thread=True, exclusive=True, group="adapters")
     def refresh_lists(self) -> None:
-        from engine import adapters
-
-        from engine.adapter_versions import integrity_problem
-
-        found, problems = adapters.scan(self.roots)
+        # Hashing every version's files and asking the server belong off the UI thread (and, for a node
+        # over SSH, on that node: its agent answers with the same listing).
         try:
-            loaded = adapters.loaded(self.rec.base_url, self._key())
+            listing = self.ops.adapters(self.sid)
         except Exception as exc:
-            loaded = []
-            problems.append(f"cannot list the server's adapters: {exc}")
-        # Reading every file of a version to check its hash belongs off the UI thread, with the evaluations.
-        self.integrity = {a.name: integrity_problem(a) for a in found}
-        self.evals = self._latest_evals()
-        self.app.call_from_thread(self._show, found, loaded, problems)
+            from engine.node_ops import AdapterListing
 
-    def _latest_evals(self) -> dict[str, dict]:
-        from engine.adapter_eval import evals_of
-
-        store = getattr(self.app, "store", None)
-        if store is None:
-            return {}
-        latest: dict[str, dict] = {}
-        try:
-            for e in reversed(evals_of(store)):
-                latest[e["adapter"]] = e
-        except Exception:  # an older or locked store: the column stays empty
-            return {}
-        return latest
-
-    def _key(self) -> str | None:
-        return self.rec.api_key
+            listing = AdapterListing([], problems=[f"cannot list adapters: {exc}"])
+        self.app.call_from_thread(self._show, listing)
 
     def _problems(self, adapter: Any) -> list[str]:
         from engine import adapters
@@ -485,24 +466,24 @@ class AdaptersScreen(DeckModal):
         changed = self.integrity.get(adapter.name)
         return problems + ([changed] if changed else [])
 
-    def _show(self, found: list[Any], loaded: list[dict], problems: list[str]) -> None:
-        self.disk = found
-        self.loaded_names = [m["id"] for m in loaded]
+    def _show(self, listing: Any) -> None:
+        self.disk, self.loaded_names = listing.adapters, listing.loaded
+        self.integrity, self.accuracy = listing.integrity, listing.accuracy
         disk = self.query_one("#adapters-disk", DataTable)
         disk.clear()
-        for a in found:
+        for a in self.disk:
             issues = self._problems(a)
             version = ("-" if a.version is None else
                        Text("MODIFIED", style="bold red") if self.integrity.get(a.name) else Text("intact", style="green"))
-            ev = self.evals.get(a.name)
+            acc = self.accuracy.get(a.name)
             disk.add_row(a.name, str(a.rank), str(a.alpha or "n/a"), str(a.base_model or "n/a"),
-                         f"{a.size_bytes / 1024**2:.1f}", version, f"{ev['accuracy'] * 100:.1f}%" if ev else "-",
+                         f"{a.size_bytes / 1024**2:.1f}", version, f"{acc * 100:.1f}%" if acc is not None else "-",
                          Text("yes", style="green") if not issues else Text("no", style="red"), key=a.name)
         table = self.query_one("#adapters-loaded", DataTable)
         table.clear()
-        for m in loaded:
-            table.add_row(m["id"], str(m.get("root", "")), key=m["id"])
-        msg = "\n".join([self.last_message, *problems]).strip()
+        for name in self.loaded_names:
+            table.add_row(name, key=name)
+        msg = "\n".join([self.last_message, *listing.problems]).strip()
         self.query_one("#adapters-message", Static).update(msg)
 
     def _highlighted(self, table_id: str) -> str | None:
@@ -526,14 +507,14 @@ class AdaptersScreen(DeckModal):
         if issues:
             self._refuse("adapter.load", adapter, "Not loading " + adapter.name + ": " + "; ".join(issues))
             return
-        self._do("load", adapter.name, adapter.path)
+        self._do("load", adapter.name)
 
     def action_unload(self) -> None:
         name = self._highlighted("#adapters-loaded")
         if name is None or self._read_only():
             return
         self.app.push_screen(ConfirmScreen(f"Unload {name} from {self.rec.id}? Requests naming it will fail."),
-                             lambda ok: self._do("unload", name, "") if ok else None)
+                             lambda ok: self._do("unload", name) if ok else None)
 
     def action_swap(self) -> None:
         old = self._highlighted("#adapters-loaded")
@@ -546,7 +527,7 @@ class AdaptersScreen(DeckModal):
             self._refuse("adapter.swap", adapter, "Not swapping in " + adapter.name + ": " + "; ".join(issues), old=old)
             return
         self.app.push_screen(ConfirmScreen(f"Load {adapter.name}, then unload {old}?"),
-                             lambda ok: self._do("swap", adapter.name, adapter.path, old) if ok else None)
+                             lambda ok: self._do("swap", adapter.name, old) if ok else None)
 
     def _refuse(self, action: str, adapter: Any, message: str, old: str | None = None) -> None:
         """Refused here, before vLLM is asked: said on screen and recorded like any refusal."""
@@ -561,17 +542,18 @@ class AdaptersScreen(DeckModal):
         self.query_one("#adapters-message", Static).update(message)
 
     @work(thread=True, group="adapters-action")
-    def _do(self, what: str, name: str, path: str, old: str | None = None) -> None:
-        from engine import adapters
+    def _do(self, what: str, name: str, old: str | None = None) -> None:
+        from engine import adapters, audit
+        from fleet.remote import AgentError
 
         try:
             if what == "load":
-                msg = adapters.load(self.rec.base_url, name, path, self._key(), server=self.rec.id)
+                msg = self.ops.load_adapter(self.sid, name)
             elif what == "unload":
-                msg = adapters.unload(self.rec.base_url, name, self._key(), server=self.rec.id)
+                msg = self.ops.unload_adapter(self.sid, name)
             else:
-                msg = adapters.swap(self.rec.base_url, old or "", name, path, self._key(), server=self.rec.id)
-        except adapters.AdapterError as exc:
+                msg = self.ops.swap_adapter(self.sid, old or "", name)
+        except (adapters.AdapterError, AgentError, audit.ReadOnlyError) as exc:
             msg = str(exc)
         self.last_message = msg
         self.refresh_lists()
