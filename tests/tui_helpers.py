@@ -75,6 +75,10 @@ async def press_and_confirm(app: FleetDeckApp, pilot, key: str) -> None:
     from tui.screens.confirm import ConfirmScreen
 
     await pilot.press(key)
-    await pilot.pause()
+    for _ in range(50):  # a question may come from a worker that first reads something
+        await pilot.pause()
+        if isinstance(app.screen, ConfirmScreen):
+            break
+        await app.workers.wait_for_complete()
     assert isinstance(app.screen, ConfirmScreen), app.screen
     await pilot.press("y")

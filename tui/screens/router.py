@@ -358,18 +358,21 @@ class RouterScreen(PolledScreen):
 
     def _adapter_action(self, what: str) -> None:
         ctx = self._task_context()
-        if ctx is None:
-            return
-        row, path = ctx
+        if ctx is not None:
+            self._ask_adapter(what, ctx[0], ctx[1])
+
+    @work(thread=True, exclusive=True, group="router-ask")
+    def _ask_adapter(self, what: str, row: TaskRow, path: Path) -> None:
+        # Scanning the adapter roots reads files: in a worker, then the question on the UI thread.
         version = self._candidate(row)
         if version is None:
-            self.notify(f"No newer version of {row.slm_model} in the adapter roots (fine-tune or "
-                        "`fleetdeck adapters import` one).", severity="warning")
+            self.app.call_from_thread(self.notify, f"No newer version of {row.slm_model} in the adapter roots "
+                                      "(fine-tune or `fleetdeck adapters import` one).", severity="warning")
             return
         question = (f"Evaluate {version} on {row.name}'s gate eval set?" if what == "evaluate" else
                     f"Promote {version} to serve {row.name} (now {row.slm_model})? The gate decides.")
-        self.app.push_screen(ConfirmScreen(question),
-                             lambda ok: self._run_adapter(what, row.name, version, path) if ok else None)
+        self.app.call_from_thread(self.app.push_screen, ConfirmScreen(question),
+                                  lambda ok: self._run_adapter(what, row.name, version, path) if ok else None)
 
     @work(thread=True, exclusive=True, group="router-adapter")
     def _run_adapter(self, what: str, task: str, version: str | None, path: Path) -> None:
