@@ -278,7 +278,7 @@ class Agent:
         return adapters.unload(server.base_url, name, server.api_key, server=server.id)
 
     def _tail_log(self, a: dict[str, Any]) -> Any:
-        from engine.vllm.diagnose import tail
+        from engine.logs import tail
 
         if a.get("kind") == "job":
             from engine.finetune import jobs

@@ -164,7 +164,7 @@ class LocalOps:
     def tail_log(self, kind: str, ident: str, n: int = 200) -> str:
         from engine.finetune import jobs
         from engine.vllm import launcher
-        from engine.vllm.diagnose import tail
+        from engine.logs import tail
 
         rec = jobs.get(self.store, ident) if kind == "job" else launcher.get(self.store, ident)
         return tail(rec.log_path, n)

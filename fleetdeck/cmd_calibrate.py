@@ -121,7 +121,7 @@ def _pct_arg(text: str) -> float:
 
 def run_whatif(args: argparse.Namespace) -> int:
     from engine.router.calibrate import latest_calibration, what_if
-    from store.analytics import current_month, iter_policies, month_report
+    from store.analytics import current_month, iter_policies, month_report, project_task
     from store.db import StoreError
 
     found = _config_and_task(args, "whatif")
@@ -144,10 +144,7 @@ def run_whatif(args: argparse.Namespace) -> int:
     entry = next((t for t in report["tasks"] if t["name"] == task.name), None)
     if entry is None or not entry["requests"]:
         return _err("whatif", f"no traffic for {task.name} this month yet")
-    scale = report["hours_in_month"] / report["hours_elapsed"] if report["hours_elapsed"] else 1.0
-    # The month so far, projected to the whole month: every count and cost grows with the hours.
-    monthly = {**entry, **{k: entry[k] * scale for k in ("requests", "escalated", "slm_cost_usd", "frontier_cost_usd",
-                                                         "all_frontier_cost_usd")}}
+    monthly = project_task(report, entry)
     cal = latest_calibration(store, task.name)
     target = args.target_accuracy or (cal["target_accuracy"] if cal else 0.95)
     result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume)

@@ -225,7 +225,7 @@ def run_resume(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
-    from engine.vllm.diagnose import tail
+    from engine.logs import tail
 
     if args.node:
         return on_node(args, "tail_log", {"id": args.id, "n": args.n, "kind": "job"})

@@ -270,7 +270,7 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from engine.vllm.diagnose import tail
+    from engine.logs import tail
     from engine.vllm.launcher import LaunchError, get
 
     if args.node:

@@ -230,6 +230,16 @@ def _cost_fields(requests: int, escalated: int, slm: float, frontier: float, all
     }
 
 
+PROJECTED_KEYS = ("requests", "escalated", "slm_cost_usd", "frontier_cost_usd", "all_frontier_cost_usd")
+
+
+def project_task(report: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A task's month so far (an entry of `report["tasks"]`), projected to the whole month: every count
+    and cost grows with the hours."""
+    scale = report["hours_in_month"] / report["hours_elapsed"] if report["hours_elapsed"] else 1.0
+    return {**entry, **{k: entry[k] * scale for k in PROJECTED_KEYS}}
+
+
 def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus: int,
                  policies: dict[str, TaskPolicy] | None = None) -> dict[str, Any]:
     """The month's figures (to date, if it is the current month) and each task's drift now."""

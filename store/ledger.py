@@ -140,6 +140,15 @@ _ROLL_COLUMNS = ("requests", "escalated", "esc_low_confidence", "esc_slm_error",
                  "prompt_tokens", "completion_tokens", "cost_usd", "all_frontier_cost_usd", "latency_ms_sum")
 
 
+ROLLUP_FIELDS = ("bucket", "task", "route", *_ROLL_COLUMNS, "latency_hist", "confidence_hist")
+
+
+def put_rollups(conn: Any, table: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """Write whole rollup rows, in ROLLUP_FIELDS order (histograms as JSON), over what a bucket held."""
+    conn.executemany(f"INSERT OR REPLACE INTO {table} ({', '.join(ROLLUP_FIELDS)}) "
+                     f"VALUES ({', '.join('?' * len(ROLLUP_FIELDS))})", rows)
+
+
 def fold_rollups(conn: Any, rows: Iterable[LedgerRow]) -> None:
     """Add rows to the minute, hour and day rollups (inside the caller's transaction)."""
     rows = list(rows)
@@ -160,11 +169,8 @@ def fold_rollups(conn: Any, rows: Iterable[LedgerRow]) -> None:
                 r.latency_hist = _merge_hist(r.latency_hist, old[-2], len(LATENCY_BUCKETS_MS))
                 r.confidence_hist = _merge_hist(r.confidence_hist, old[-1], CONFIDENCE_BINS)
             values = [getattr(r, col) for col in _ROLL_COLUMNS]
-            conn.execute(
-                f"INSERT OR REPLACE INTO {table} (bucket, task, route, {', '.join(_ROLL_COLUMNS)}, latency_hist,"
-                f" confidence_hist) VALUES ({', '.join('?' * (len(_ROLL_COLUMNS) + 5))})",
-                (bucket, task, route, *values, json.dumps(r.latency_hist or []), json.dumps(r.confidence_hist or [])),
-            )
+            put_rollups(conn, table, [(bucket, task, route, *values, json.dumps(r.latency_hist or []),
+                                       json.dumps(r.confidence_hist or []))])
 
 
 def write_rows(store: Store, rows: list[LedgerRow]) -> None:

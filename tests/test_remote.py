@@ -494,7 +494,7 @@ async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path
     from tests.helpers import make_node_files
     from tests.tui_helpers import open_screen, press_and_confirm, settle
     from tui.screens.jobs import JobsScreen
-    from tui.screens.servers import LogScreen
+    from tui.screens.logs import LogScreen
 
     site = make_node_files(tmp_path / "node")
     agent = ["env", f"XDG_STATE_HOME={site / 'state'}", f"XDG_CONFIG_HOME={site / 'config'}",

@@ -277,7 +277,7 @@ def refresh(store: Any, rec: JobRecord) -> JobRecord:
             return rec
     elif _alive(rec):
         return rec
-    from engine.vllm.diagnose import tail
+    from engine.logs import tail
 
     events = read_events(rec.progress_path)
     last = next((e for e in reversed(events) if e.get("event") in ("done", "cancelled", "error")), None)

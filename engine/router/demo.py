@@ -108,11 +108,11 @@ def backfill(store: Store, now: float, tasks: tuple[DemoTask, ...] = DEMO_TASKS,
             add("rollup_hour", hour_start - h * 3600, task, 3600)
         for d in range(days + daily_only_days, 0, -1):
             add("rollup_day", day_start - d * 86400, task, 86400)
-    cols = ("bucket, task, route, requests, escalated, esc_low_confidence, esc_slm_error, esc_forced, errors,"
-            " prompt_tokens, completion_tokens, cost_usd, all_frontier_cost_usd, latency_ms_sum, latency_hist, confidence_hist")
+    from store.ledger import put_rollups
+
     with store.transaction() as conn:
         for table, data in rows.items():
-            conn.executemany(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({', '.join('?' * 16)})", data)
+            put_rollups(conn, table, data)  # tuples in ROLLUP_FIELDS order
     return sum(len(v) for v in rows.values())
 
 

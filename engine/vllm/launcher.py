@@ -27,7 +27,8 @@ import psutil
 from engine import audit, managed
 from engine.http_auth import bearer
 from engine.managed import ManagedRecord
-from engine.vllm.diagnose import diagnose, tail
+from engine.logs import tail
+from engine.vllm.diagnose import diagnose
 from engine.vllm.profile import VLLM_LORA_RANKS, Profile
 
 GIB = 1024**3

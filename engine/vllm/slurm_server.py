@@ -91,7 +91,8 @@ def _node_address(where: slurm.Where, node: str) -> str:
 def refresh(rec: Any) -> None:
     """Bring a Slurm server's record up to date (the caller saves it)."""
     from engine.vllm import launcher
-    from engine.vllm.diagnose import diagnose, tail
+    from engine.logs import tail
+    from engine.vllm.diagnose import diagnose
 
     info = rec.spec["_slurm"]
     try:

@@ -211,7 +211,7 @@ class JobsScreen(PolledScreen):
         if r is not None:
             from engine.node_ops import ops_for
             from fleet.remote import AgentError
-            from tui.screens.servers import LogScreen
+            from tui.screens.logs import LogScreen
 
             try:
                 ops, jid = ops_for(self._sources(), self._local(), r.id)

@@ -1,0 +1,49 @@
+"""The tail of a server's or job's log, on this host or read through a node's agent."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+
+class LogScreen(ModalScreen[None]):
+    """The tail of a server's or job's log, read in a worker (a log can sit on a slow disk)."""
+
+    BINDINGS = [Binding("escape,q,l", "dismiss", "Close", id="logs.close")]
+
+    def __init__(self, title: str, log_path: str, read: Callable[[], str] | None = None) -> None:
+        super().__init__()
+        self.title_text, self.log_path = title, log_path
+        self.read = read  # how to get the text (a node's agent, for a remote server or job)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="log-view"):
+            yield Static(f"[b]{self.title_text}[/b] {self.log_path} (Esc closes)")
+            yield Static("reading…", id="log-text")
+
+    def on_mount(self) -> None:
+        self._read()
+
+    @work(thread=True, exclusive=True, group="log")
+    def _read(self) -> None:
+        from engine.logs import tail
+
+        try:
+            text = self.read() if self.read is not None else tail(self.log_path, 200)
+        except Exception as exc:  # a node that dropped, a log that went away
+            text = f"cannot read the log: {exc}"
+        self.app.call_from_thread(self._show, text)
+
+    def _show(self, text: str) -> None:
+        self.query_one("#log-text", Static).update(Text(text))
+        self.query_one("#log-view").scroll_end(animate=False)
+
+    def action_dismiss(self) -> None:  # type: ignore[override]
+        self.dismiss(None)
