@@ -8,10 +8,13 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import adapters
 from engine.adapters import Adapter, AdapterError
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 
 @dataclass
@@ -41,7 +44,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[k]
 
 
-def compatible_servers(store: Any, adapter: Adapter) -> list[Any]:
+def compatible_servers(store: Store, adapter: Adapter) -> list[Any]:
     """Ready servers fleetdeck runs that could serve this adapter (LoRA on, same base, rank that fits)."""
     from engine.vllm.launcher import list_servers, refresh
 
@@ -63,7 +66,7 @@ def ensure_loaded(server: Any, adapter: Adapter) -> bool:
     return True
 
 
-def evaluate(store: Any, adapter: Adapter, server: Any, eval_path: Path, *, confidence: str = "mean_token",
+def evaluate(store: Store, adapter: Adapter, server: Any, eval_path: Path, *, confidence: str = "mean_token",
              target_accuracy: float = 0.95) -> dict[str, Any]:
     """Run the eval set through `server` with the version loaded; store and return the result.
     AdapterError for an unusable version or server; EvalSetError for a bad file; ConnectionError when
@@ -101,7 +104,7 @@ def model_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def evaluate_served_model(store: Any, server: Any, eval_path: Path, *, confidence: str = "mean_token",
+def evaluate_served_model(store: Store, server: Any, eval_path: Path, *, confidence: str = "mean_token",
                           target_accuracy: float = 0.95) -> dict[str, Any]:
     """The same evaluation of the model a server serves itself (a merged or quantized model, no adapter);
     recorded under `model:SERVED_NAME` with the folder's fingerprint."""
@@ -119,7 +122,7 @@ def evaluate_served_model(store: Any, server: Any, eval_path: Path, *, confidenc
         return row
 
 
-def _score(store: Any, server: Any, model: str, content_sha256: str, eval_path: Path, confidence: str,
+def _score(store: Store, server: Any, model: str, content_sha256: str, eval_path: Path, confidence: str,
            target_accuracy: float, label: str | None = None) -> dict[str, Any]:
     from engine.http_auth import bearer
     from engine.router.calibrate import analyse, load_eval_set, score_eval_set
@@ -160,7 +163,7 @@ def compare(model_row: dict[str, Any], adapter_row: dict[str, Any] | None, gate_
     return ok, "; ".join(parts)
 
 
-def evals_of(store: Any, adapter: str | None = None) -> list[dict[str, Any]]:
+def evals_of(store: Store, adapter: str | None = None) -> list[dict[str, Any]]:
     """Evaluations, newest first (of one version, or all)."""
     if adapter is None:
         return store.query("SELECT * FROM adapter_evals ORDER BY ts DESC, id DESC")

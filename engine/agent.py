@@ -18,12 +18,15 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from engine import audit
 from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, PROTOCOL_VERSION, BadMessage, Hello, Op, Request, Response,
                             Snapshot, Subscribe, parse_client)
 from fleet.remote import snapshot_to_json
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 
 # Requests that change the node, and the audit action each is: an agent started read-only refuses them.
@@ -81,7 +84,7 @@ class Agent:
         self.adapter_roots = adapter_roots
         self.version = version
         self.interval_s = interval_s
-        self._store: Any = None
+        self._store: Store = None
         self._out_lock = threading.Lock()
         self._stop = threading.Event()
         self._scrapes: dict[str, Any] = {}  # each server's previous /metrics scrape, for rates

@@ -27,7 +27,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 # Every action that changes a node, and the parameters each may record (nothing else is kept: no keys).
 ACTIONS: dict[str, tuple[str, ...]] = {
@@ -64,7 +67,7 @@ class Trail:
     read_only: bool = False
     syslog_socket: Path | None = None
     written: int = 0
-    _store: Any = None
+    _store: Store = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def store(self) -> Any:
@@ -170,7 +173,7 @@ def _chain(prev: str, rec: dict[str, Any]) -> str:
     return hashlib.sha256(prev.encode() + _canonical(rec)).hexdigest()
 
 
-def append(store: Any, action: str, target: str, outcome: str, reason: str | None = None, *, source: str = "cli",
+def append(store: Store, action: str, target: str, outcome: str, reason: str | None = None, *, source: str = "cli",
            node: str | None = None, params: dict[str, Any] | None = None, who: dict[str, Any] | None = None,
            ts: float | None = None) -> dict[str, Any]:
     """Write one record, chained to the last one, in one transaction (concurrent writers serialise)."""
@@ -246,7 +249,7 @@ def audited(action: str, target: str, refusals: tuple[type[BaseException], ...] 
 
 
 # -- reading, verifying, retention --------------------------------------------------------------------
-def query(store: Any, since: float | None = None, node: str | None = None, action: str | None = None,
+def query(store: Store, since: float | None = None, node: str | None = None, action: str | None = None,
           limit: int = 10_000) -> list[dict[str, Any]]:
     sql, args = "SELECT * FROM audit WHERE 1=1", []
     if since is not None:
@@ -271,7 +274,7 @@ class Verdict:
     message: str = ""
 
 
-def verify(store: Any) -> Verdict:
+def verify(store: Store) -> Verdict:
     rows = store.query("SELECT * FROM audit ORDER BY seq")
     pruned = store.execute("SELECT MAX(cutoff) FROM audit_prune")[0][0]
     prev = None
@@ -292,7 +295,7 @@ def verify(store: Any) -> Verdict:
     return Verdict(True, len(rows), None, f"{len(rows)} record(s), chain intact{note}")
 
 
-def prune(store: Any, retention_days: float = DEFAULT_RETENTION_DAYS, now: float | None = None) -> int:
+def prune(store: Store, retention_days: float = DEFAULT_RETENTION_DAYS, now: float | None = None) -> int:
     cutoff = (time.time() if now is None else now) - retention_days * 86400
     with store.transaction() as conn:
         if not conn.execute("SELECT 1 FROM audit WHERE ts < ? LIMIT 1", (cutoff,)).fetchone():

@@ -11,9 +11,12 @@ import json
 import os
 import subprocess
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 R = TypeVar("R", bound="ManagedRecord")
 
@@ -41,7 +44,7 @@ class ManagedRecord:
     engine_create_time: float | None = None
 
 
-def save(store: Any, kind: str, rec: ManagedRecord) -> None:
+def save(store: Store, kind: str, rec: ManagedRecord) -> None:
     d = asdict(rec)
     d.update(argv=json.dumps(rec.argv), env=json.dumps(rec.env), spec=json.dumps(rec.spec), kind=kind)
     cols = list(d)
@@ -57,7 +60,7 @@ def _from_row(cls: type[R], row: dict[str, Any]) -> R:
     return cls(**row)
 
 
-def load_all(store: Any, kind: str, cls: type[R]) -> list[R]:
+def load_all(store: Store, kind: str, cls: type[R]) -> list[R]:
     return [_from_row(cls, r) for r in store.query("SELECT * FROM managed WHERE kind = ? ORDER BY started_at", (kind,))]
 
 
@@ -65,7 +68,7 @@ class AmbiguousId(LookupError):
     """A prefix that names more than one record; the message lists them."""
 
 
-def find(store: Any, kind: str, cls: type[R], ident: str) -> R | None:
+def find(store: Store, kind: str, cls: type[R], ident: str) -> R | None:
     """By exact id, or by a prefix that names exactly one record.
 
     The prefix is compared as literal text (never a SQL pattern), so `_` or `%` match only ids that hold them;

@@ -9,9 +9,12 @@ The screens and commands call these and never ask where a node is. A remote reco
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from engine import audit
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 
 @dataclass
@@ -38,7 +41,7 @@ class AdapterListing:
                    {str(k): float(v) for k, v in (doc.get("accuracy") or {}).items()})
 
 
-def list_adapters(store: Any, roots: list[Any], sid: str | None) -> AdapterListing:
+def list_adapters(store: Store, roots: list[Any], sid: str | None) -> AdapterListing:
     """This host's adapters, and those loaded in server `sid` (the agent answers with this too)."""
     from engine import adapters
     from engine.adapter_versions import integrity_problem
@@ -102,7 +105,7 @@ def split_id(shown: str) -> tuple[str | None, str]:
 class LocalOps:
     """This host: the engine on the dashboard's own store."""
 
-    store: Any
+    store: Store
     adapter_roots: list[Any]
     name: str = ""
     scrapes: dict[str, Any] | None = None  # each server's previous /metrics scrape, for rates

@@ -12,13 +12,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from engine import adapters, audit
 from engine.adapter_eval import compatible_servers, ensure_loaded, evals_of, file_sha256
 from engine.adapters import Adapter, AdapterError
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 
 class PromotionError(Exception):
@@ -39,7 +42,7 @@ class Outcome:
         return [f"{self.task}: {self.old} -> {self.new}", f"  loaded in: {where}", f"  proxy: {self.reload}"]
 
 
-def gate_check(store: Any, config_path: Path, task: Any, adapter: Adapter) -> dict[str, Any]:
+def gate_check(store: Store, config_path: Path, task: Any, adapter: Adapter) -> dict[str, Any]:
     """The evaluation that lets this version through the task's gate, or PromotionError saying why not."""
     gate = task.gate
     if gate is None:
@@ -76,7 +79,7 @@ def _listed(base_url: str, name: str, api_key_env: str | None) -> bool:
         return False
 
 
-def _serve_everywhere(store: Any, task: Any, adapter: Adapter) -> list[str]:
+def _serve_everywhere(store: Store, task: Any, adapter: Adapter) -> list[str]:
     """Load the version where it can run; the task's endpoint must list it afterwards."""
     servers = compatible_servers(store, adapter)
     loaded = []
@@ -91,14 +94,14 @@ def _serve_everywhere(store: Any, task: Any, adapter: Adapter) -> list[str]:
     return loaded
 
 
-def history(store: Any, task: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+def history(store: Store, task: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Promotions and rollbacks, newest first."""
     if task is None:
         return store.query("SELECT * FROM promotions ORDER BY ts DESC, id DESC LIMIT ?", (limit,))
     return store.query("SELECT * FROM promotions WHERE task = ? ORDER BY ts DESC, id DESC LIMIT ?", (task, limit))
 
 
-def _record(store: Any, task: str, kind: str, old: str, new: str, eval_id: int | None) -> None:
+def _record(store: Store, task: str, kind: str, old: str, new: str, eval_id: int | None) -> None:
     with store.transaction() as conn:
         conn.execute("INSERT INTO promotions (ts, task, kind, from_model, to_model, eval_id, actor) VALUES (?,?,?,?,?,?,?)",
                      (time.time(), task, kind, old, new, eval_id, audit.identity()["actor"]))
@@ -114,7 +117,7 @@ def _task(config_path: Path, name: str) -> Any:
     return cfg, task
 
 
-def promote(store: Any, config_path: Path, task_name: str, ref: str, roots: list[Path]) -> Outcome:
+def promote(store: Store, config_path: Path, task_name: str, ref: str, roots: list[Path]) -> Outcome:
     from engine.router.config import set_task_field
 
     cfg, task = _task(config_path, task_name)
@@ -140,7 +143,7 @@ def promote(store: Any, config_path: Path, task_name: str, ref: str, roots: list
     return Outcome(task_name, task.slm_model, adapter.name, servers, reload_proxy(cfg.proxy, config_path), passed["id"])
 
 
-def rollback(store: Any, config_path: Path, task_name: str, roots: list[Path]) -> Outcome:
+def rollback(store: Store, config_path: Path, task_name: str, roots: list[Path]) -> Outcome:
     """Back to the model the task's newest promotion replaced (which may itself be a version or a plain name)."""
     from engine.router.config import set_task_field
 

@@ -6,11 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 
 def register(sub: Any) -> None:
@@ -244,7 +247,7 @@ def _models_root(config: Any) -> Path:
     return Path(config.models.root).expanduser() if config.models.root else data_dir() / "models"
 
 
-def _wait_job(store: Any, rec: Any) -> int:
+def _wait_job(store: Store, rec: Any) -> int:
     import time
 
     from engine.finetune import jobs

@@ -11,12 +11,15 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from engine import audit, managed
 from engine.finetune.dataset import check_dataset
 from engine.managed import ManagedRecord
 from engine.finetune.spec import JobSpec
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 GIB = 1024**3
 
@@ -101,7 +104,7 @@ def preflight(spec: JobSpec, gpus: Sequence[Any] | None, force: bool) -> tuple[A
     return report, estimate
 
 
-def _save(store: Any, rec: JobRecord) -> None:
+def _save(store: Store, rec: JobRecord) -> None:
     managed.save(store, "job", rec)
 
 
@@ -119,7 +122,7 @@ class SlurmRequest:
     time_limit: str | None = None
 
 
-def start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None = None,
+def start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None = None,
           force: bool = False, adapter_root: Path | None = None, node: str | None = None,
           slurm: SlurmRequest | None = None) -> JobRecord:
     where = f"slurm:{slurm.gpus}" if slurm else (",".join(map(str, gpus)) if gpus else "cpu")
@@ -151,7 +154,7 @@ def _prepare(spec: JobSpec, adapter_root: Path | None) -> tuple[str, Path, list[
     return jid, workdir, argv
 
 
-def _start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None,
+def _start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None,
            force: bool, adapter_root: Path | None, node: str | None) -> JobRecord:
     preflight(spec, gpu_snapshots, force)
     jid, workdir, argv = _prepare(spec, adapter_root)
@@ -166,7 +169,7 @@ def _start(store: Any, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapsho
     return rec
 
 
-def start_transform(store: Any, kind: str, name: str, args: list[str], out: Path, *, python: str | None = None,
+def start_transform(store: Store, kind: str, name: str, args: list[str], out: Path, *, python: str | None = None,
                     gpus: Sequence[int] | None = None, params: dict[str, Any] | None = None) -> JobRecord:
     """A merge or quantize job (engine/finetune/transform.py) on the Jobs screen like a fine-tune."""
     from store.paths import private_dir, state_dir
@@ -194,7 +197,7 @@ def start_transform(store: Any, kind: str, name: str, args: list[str], out: Path
         return rec
 
 
-def _submit(store: Any, spec: JobSpec, req: SlurmRequest, *, force: bool, adapter_root: Path | None) -> JobRecord:
+def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adapter_root: Path | None) -> JobRecord:
     """The same runner, as a Slurm batch job: GPUs, time limit and the checkpoint signal asked of sbatch."""
     from engine import slurm
 
@@ -234,7 +237,7 @@ def _slurm_where(rec: JobRecord) -> Any:
     return Where(s.get("conf"), s.get("bin_dir"))
 
 
-def _slurm_state(store: Any, rec: JobRecord) -> bool:
+def _slurm_state(store: Store, rec: JobRecord) -> bool:
     """Refresh a Slurm job's scheduler state into its record; True while Slurm still holds the job."""
     from engine import slurm
 
@@ -268,7 +271,7 @@ FAILURE_HINTS = (
 )
 
 
-def refresh(store: Any, rec: JobRecord) -> JobRecord:
+def refresh(store: Store, rec: JobRecord) -> JobRecord:
     if rec.state != "running":
         return rec
     if "_slurm" in rec.spec:
@@ -307,11 +310,11 @@ def refresh(store: Any, rec: JobRecord) -> JobRecord:
     return rec
 
 
-def list_jobs(store: Any) -> list[JobRecord]:
+def list_jobs(store: Store) -> list[JobRecord]:
     return managed.load_all(store, "job", JobRecord)
 
 
-def get(store: Any, jid: str) -> JobRecord:
+def get(store: Store, jid: str) -> JobRecord:
     try:
         rec = managed.find(store, "job", JobRecord, jid)
     except managed.AmbiguousId as exc:
@@ -321,13 +324,13 @@ def get(store: Any, jid: str) -> JobRecord:
     return rec
 
 
-def cancel(store: Any, rec: JobRecord, timeout: float = 120.0) -> JobRecord:
+def cancel(store: Store, rec: JobRecord, timeout: float = 120.0) -> JobRecord:
     """SIGTERM: the trainer finishes its step, saves a checkpoint and exits."""
     with audit.audited("job.cancel", rec.id, refusals=(JobError,), job=rec.id):
         return _cancel(store, rec, timeout)
 
 
-def _cancel(store: Any, rec: JobRecord, timeout: float) -> JobRecord:
+def _cancel(store: Store, rec: JobRecord, timeout: float) -> JobRecord:
     if "_slurm" in rec.spec:
         return _cancel_slurm(store, rec, timeout)
     if not _alive(rec) or rec.pid is None:
@@ -342,7 +345,7 @@ def _cancel(store: Any, rec: JobRecord, timeout: float) -> JobRecord:
     return refresh(store, rec)
 
 
-def _cancel_slurm(store: Any, rec: JobRecord, timeout: float) -> JobRecord:
+def _cancel_slurm(store: Store, rec: JobRecord, timeout: float) -> JobRecord:
     """A running job gets SIGTERM in its batch process (the runner saves a checkpoint and exits); a
     pending one is just taken out of the queue. Whatever still runs after `timeout` is scancelled."""
     from engine import slurm
@@ -368,12 +371,12 @@ def _cancel_slurm(store: Any, rec: JobRecord, timeout: float) -> JobRecord:
     return rec
 
 
-def resume(store: Any, rec: JobRecord) -> JobRecord:
+def resume(store: Store, rec: JobRecord) -> JobRecord:
     with audit.audited("job.resume", rec.id, refusals=(JobError,), job=rec.id):
         return _resume(store, rec)
 
 
-def _resume(store: Any, rec: JobRecord) -> JobRecord:
+def _resume(store: Store, rec: JobRecord) -> JobRecord:
     rec = refresh(store, rec)
     if rec.state == "running":
         raise JobError(f"{rec.id} is still running")

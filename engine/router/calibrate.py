@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 
 class EvalSetError(ValueError):
@@ -182,7 +185,7 @@ def score_eval_set(task: Any, items: list[EvalItem], timeout_s: float = 60.0, he
     return scored
 
 
-def save_calibration(store: Any, task: str, eval_path: str, cal: Calibration, ts: float) -> None:
+def save_calibration(store: Store, task: str, eval_path: str, cal: Calibration, ts: float) -> None:
     with store.transaction() as conn:
         conn.execute(
             "INSERT INTO calibrations (ts, task, eval_path, items, accuracy, target_accuracy, threshold,"
@@ -192,7 +195,7 @@ def save_calibration(store: Any, task: str, eval_path: str, cal: Calibration, ts
         )
 
 
-def latest_calibration(store: Any, task: str) -> dict[str, Any] | None:
+def latest_calibration(store: Store, task: str) -> dict[str, Any] | None:
     rows = store.query("SELECT * FROM calibrations WHERE task = ? ORDER BY ts DESC, id DESC LIMIT 1", (task,))
     if not rows:
         return None

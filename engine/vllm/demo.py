@@ -7,11 +7,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.vllm import launcher
 from engine.vllm.profile import Profile
 from fleet.model import GpuSnapshot
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 GIB = 1024**3
 DEMO_SERVERS = (
@@ -51,7 +54,7 @@ def make_demo_adapters(root: Path) -> None:
         (folder / "fleetdeck.json").write_text(json.dumps({"simulated": True, "base_model": base}))
 
 
-def start_demo_servers(store: Any, workdir: Path) -> list[Any]:
+def start_demo_servers(store: Store, workdir: Path) -> list[Any]:
     adapters = workdir / "adapters"
     make_demo_adapters(adapters)
     idle_h100 = GpuSnapshot(node="sim-h100-01", index=0, name="NVIDIA H100 80GB HBM3", uuid="sim",
@@ -75,7 +78,7 @@ def start_demo_servers(store: Any, workdir: Path) -> list[Any]:
     return started
 
 
-def stop_demo_servers(store: Any, records: list[Any]) -> None:
+def stop_demo_servers(store: Store, records: list[Any]) -> None:
     for rec in records:
         try:
             launcher.stop(store, launcher.get(store, rec.id), timeout=5)
@@ -83,7 +86,7 @@ def stop_demo_servers(store: Any, records: list[Any]) -> None:
             pass
 
 
-def start_demo_job(store: Any, workdir: Path) -> Any:
+def start_demo_job(store: Store, workdir: Path) -> Any:
     """A simulated fine-tune (labelled simulated) so the Jobs screen has something moving."""
     from engine.finetune import jobs
     from engine.finetune.spec import JobSpec

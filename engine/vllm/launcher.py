@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import httpx
 import psutil
@@ -30,6 +30,9 @@ from engine.managed import ManagedRecord
 from engine.logs import tail
 from engine.vllm.diagnose import diagnose
 from engine.vllm.profile import VLLM_LORA_RANKS, Profile
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 GIB = 1024**3
 CPU_BLOCK_SIZE = 128  # vLLM's CPU backend pages its KV cache in 128-token blocks
@@ -195,11 +198,11 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
     ))
 
 
-def _save(store: Any, rec: ServerRecord) -> None:
+def _save(store: Store, rec: ServerRecord) -> None:
     managed.save(store, "server", rec)
 
 
-def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None = None,
+def start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None = None,
           port: int | None = None, force: bool = False, adapter_roots: list[Path] | None = None,
           node: str | None = None, log_dir: Path | None = None, slurm: Any = None) -> tuple[ServerRecord, Any]:
     """Start a server (or, with `slurm`, a jobs.SlurmRequest, submit it to Slurm); returns its record and
@@ -220,7 +223,7 @@ def start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: S
         return rec, verdict
 
 
-def _start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None,
+def _start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None,
            port: int | None, force: bool, adapter_roots: list[Path] | None, node: str | None,
            log_dir: Path | None) -> tuple[ServerRecord, Any]:
     from store.paths import private_dir, state_dir
@@ -272,7 +275,7 @@ def _start(store: Any, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: 
     return rec, verdict
 
 
-def _ports_taken(store: Any) -> set[int]:
+def _ports_taken(store: Store) -> set[int]:
     return {r.port for r in list_servers(store) if r.state in ("starting", "ready") and r.port}
 
 
@@ -331,7 +334,7 @@ def engine_lost(rec: ServerRecord) -> str | None:
             "the log may say why it died.")
 
 
-def refresh(store: Any, rec: ServerRecord) -> ServerRecord:
+def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     """Bring a record up to date with the process and the HTTP API; write changes back."""
     if rec.state in ("stopped", "crashed"):
         return rec
@@ -366,12 +369,12 @@ def refresh(store: Any, rec: ServerRecord) -> ServerRecord:
     return rec
 
 
-def list_servers(store: Any, include_ended: bool = True) -> list[ServerRecord]:
+def list_servers(store: Store, include_ended: bool = True) -> list[ServerRecord]:
     recs = managed.load_all(store, "server", ServerRecord)
     return [r for r in recs if include_ended or r.state not in ("stopped",)]
 
 
-def get(store: Any, sid: str) -> ServerRecord:
+def get(store: Store, sid: str) -> ServerRecord:
     try:
         rec = managed.find(store, "server", ServerRecord, sid)
     except managed.AmbiguousId as exc:
@@ -381,13 +384,13 @@ def get(store: Any, sid: str) -> ServerRecord:
     return rec
 
 
-def stop(store: Any, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord:
+def stop(store: Store, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord:
     """SIGTERM the server's process group, then SIGKILL after the timeout."""
     with audit.audited("server.stop", rec.id, server=rec.id):
         return _stop(store, rec, timeout)
 
 
-def _stop(store: Any, rec: ServerRecord, timeout: float) -> ServerRecord:
+def _stop(store: Store, rec: ServerRecord, timeout: float) -> ServerRecord:
     if "_slurm" in rec.spec:
         from engine import slurm
         from engine.vllm import slurm_server
@@ -418,7 +421,7 @@ def _stop(store: Any, rec: ServerRecord, timeout: float) -> ServerRecord:
     return rec
 
 
-def wait_ready(store: Any, rec: ServerRecord, timeout: float = 600.0, poll: float = 0.5) -> ServerRecord:
+def wait_ready(store: Store, rec: ServerRecord, timeout: float = 600.0, poll: float = 0.5) -> ServerRecord:
     deadline = time.time() + timeout
     while time.time() < deadline:
         rec = refresh(store, rec)

@@ -9,13 +9,16 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import managed, slurm
 from engine.vllm.profile import Profile
 
+if TYPE_CHECKING:
+    from store.db import Store
 
-def submit(store: Any, profile: Profile, req: Any, *, port: int, force: bool, adapter_roots: list[Path] | None,
+
+def submit(store: Store, profile: Profile, req: Any, *, port: int, force: bool, adapter_roots: list[Path] | None,
            log_dir: Path | None) -> tuple[Any, Any]:
     """`req` is an engine.finetune.jobs.SlurmRequest (GPU count, partition, time limit, the site's settings)."""
     from engine.vllm import launcher

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from engine.http_auth import bearer
 from engine.vllm.metrics import Scrape, ServerFigures, figures, parse
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 
 @dataclass
@@ -70,7 +73,7 @@ def status_of(rec: Any, previous: Scrape | None = None, adapters: bool = False) 
     return st
 
 
-def statuses(store: Any, interval: float = 1.0, ids: list[str] | None = None) -> list[ServerStatus]:
+def statuses(store: Store, interval: float = 1.0, ids: list[str] | None = None) -> list[ServerStatus]:
     """Every recorded server (or those named), refreshed, with figures over `interval` seconds."""
     from engine.vllm import launcher
 

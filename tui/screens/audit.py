@@ -6,7 +6,7 @@ The same filters as `fleetdeck audit` (since, node, action); `v` verifies the ch
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import on, work
@@ -17,10 +17,13 @@ from textual.widgets import DataTable, Input, Static
 
 from tui.screens.base import PolledScreen
 
+if TYPE_CHECKING:
+    from store.db import Store
+
 SINCE = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400, "all": None}
 
 
-def load_audit(store: Any, since: str, node: str, action: str, now: float) -> tuple[list[dict[str, Any]], Any]:
+def load_audit(store: Store, since: str, node: str, action: str, now: float) -> tuple[list[dict[str, Any]], Any]:
     from engine import audit
 
     span = SINCE.get(since.strip() or "all", None)
@@ -51,11 +54,11 @@ class AuditScreen(PolledScreen):
     def no_store(self) -> None:
         self.query_one("#audit-verdict", Static).update("No store: the audit trail lives in the store (see --store).")
 
-    def load(self, store: Any) -> None:
+    def load(self, store: Store) -> None:
         self._load(store, *(self.query_one(f"#audit-{k}", Input).value for k in ("since", "node", "action")))
 
     @work(thread=True, exclusive=True, group="audit")
-    def _load(self, store: Any, since: str, node: str, action: str) -> None:
+    def _load(self, store: Store, since: str, node: str, action: str) -> None:
         try:
             rows, verdict = load_audit(store, since, node, action, time.time())
             error = None

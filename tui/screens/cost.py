@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual import work
 from textual.app import ComposeResult
@@ -15,8 +15,11 @@ from textual_plotext import PlotextPlot
 from tui.format import usd
 from tui.screens.base import PolledScreen
 
+if TYPE_CHECKING:
+    from store.db import Store
 
-def load_cost_data(store: Any, config_path: Path | None, now: float) -> dict[str, Any]:
+
+def load_cost_data(store: Store, config_path: Path | None, now: float) -> dict[str, Any]:
     from engine.router.config import load_router_settings
     from store.analytics import current_month, month_report, monthly_history
 
@@ -43,11 +46,11 @@ class CostScreen(PolledScreen):
     def no_store(self) -> None:
         self.query_one("#cost-summary", Static).update("No store yet: costs come from the router's ledger.")
 
-    def load(self, store: Any) -> None:
+    def load(self, store: Store) -> None:
         self._load(store, self.app.router_config_path())
 
     @work(thread=True, exclusive=True, group="cost")
-    def _load(self, store: Any, config_path: Path | None) -> None:
+    def _load(self, store: Store, config_path: Path | None) -> None:
         try:
             data = load_cost_data(store, config_path, time.time())
         except Exception as exc:

@@ -5,7 +5,7 @@ the finished adapter into a compatible running server with one key."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.text import Text
@@ -19,6 +19,9 @@ from textual_plotext import PlotextPlot
 from tui.format import bar
 from tui.screens.base import DeckModal, PolledScreen, highlighted_key
 from tui.screens.confirm import ConfirmScreen
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 STATE_STYLE = {"running": "bold cyan", "finished": "bold green", "failed": "bold red", "cancelled": "yellow"}
 
@@ -57,11 +60,11 @@ class JobsScreen(PolledScreen):
             yield PlotextPlot(id="jobs-chart")
             yield Static("", id="jobs-detail")
 
-    def load(self, store: Any) -> None:
+    def load(self, store: Store) -> None:
         self._load(store)
 
     @work(thread=True, exclusive=True, group="jobs")
-    def _load(self, store: Any) -> None:
+    def _load(self, store: Store) -> None:
         from engine.node_ops import remote_ops
         from fleet.remote import AgentError
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import work
@@ -26,6 +26,9 @@ from textual_plotext import PlotextPlot
 from tui.format import local_time, sparkline
 from tui.screens.base import PolledScreen
 from tui.screens.confirm import ConfirmScreen
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 WINDOWS = {"h": ("last hour", 3600), "d": ("last day", 86400), "m": ("last 30 days", 30 * 86400)}
 
@@ -71,7 +74,7 @@ def _ms(x: float | None) -> str:
     return "n/a" if x is None else (f"{x / 1000:.1f}s" if x >= 1000 else f"{x:.0f}ms")
 
 
-def load_router_data(store: Any, config_path: Path | None, selected: str | None, window_s: int, now: float) -> RouterData:
+def load_router_data(store: Store, config_path: Path | None, selected: str | None, window_s: int, now: float) -> RouterData:
     from engine.router.calibrate import latest_calibration
     from engine.router.config import load_router_settings
     from store.analytics import drift_for_tasks, escalation_series, known_tasks, totals_by_task
@@ -157,11 +160,11 @@ class RouterScreen(PolledScreen):
     def no_store(self) -> None:
         self.query_one("#router-detail", Static).update("No store yet: the router's ledger lives in the store (see --store).")
 
-    def load(self, store: Any) -> None:
+    def load(self, store: Store) -> None:
         self._load(store, self.app.router_config_path(), self.selected, WINDOWS[self.window][1])
 
     @work(thread=True, exclusive=True, group="router")
-    def _load(self, store: Any, config_path: Path | None, selected: str | None, window_s: int) -> None:
+    def _load(self, store: Store, config_path: Path | None, selected: str | None, window_s: int) -> None:
         try:
             data = load_router_data(store, config_path, selected, window_s, time.time())
         except Exception as exc:  # a locked store: show it, try again next tick

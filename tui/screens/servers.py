@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import on, work
@@ -23,6 +23,9 @@ from tui.format import sparkline
 from tui.screens.base import DeckModal, PolledScreen, highlighted_key
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.logs import LogScreen
+
+if TYPE_CHECKING:
+    from store.db import Store
 
 STATE_STYLE = {"ready": "bold green", "starting": "yellow", "crashed": "bold red", "stopped": "dim"}
 
@@ -72,11 +75,11 @@ class ServersScreen(PolledScreen):
     def no_store(self) -> None:
         self.query_one("#servers-detail", Static).update("No store: servers are recorded in the store (see --store).")
 
-    def load(self, store: Any) -> None:
+    def load(self, store: Store) -> None:
         self._load(store)
 
     @work(thread=True, exclusive=True, group="servers")
-    def _load(self, store: Any) -> None:
+    def _load(self, store: Store) -> None:
         from engine.node_ops import remote_ops
         from fleet.remote import AgentError
 
