@@ -101,5 +101,22 @@ def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
         return None
 
 
+def sync_table(table: DataTable, rows: list[tuple[str, list[Any]]], columns: tuple[str, ...]) -> None:  # type: ignore[type-arg]
+    """Show `rows` (key, cells in `columns` order): rebuild when the set of rows changed, keeping the cursor
+    on the same row; otherwise update the cells in place (a rebuild loses the cursor and scroll)."""
+    keys = [k for k, _ in rows]
+    if keys != [r.key.value for r in table.ordered_rows]:
+        selected = highlighted_key(table)
+        table.clear()
+        for key, cells in rows:
+            table.add_row(*cells, key=key)
+        if selected in keys:
+            table.move_cursor(row=keys.index(selected))
+        return
+    for key, cells in rows:
+        for col, value in zip(columns, cells):
+            table.update_cell(key, col, value)
+
+
 class DeckModal(ReadOnlyAware, ModalScreen[Any]):
     """A dialog whose confirm key changes a node (start a server, start a job)."""

@@ -17,7 +17,7 @@ from textual.widgets import DataTable, Input, Label, Select, Static
 from textual_plotext import PlotextPlot
 
 from tui.format import bar
-from tui.screens.base import DeckModal, PolledScreen, highlighted_key
+from tui.screens.base import DeckModal, PolledScreen, highlighted_key, sync_table
 from tui.screens.confirm import ConfirmScreen
 
 if TYPE_CHECKING:
@@ -95,17 +95,9 @@ class JobsScreen(PolledScreen):
         self.records = {r.id: r for r in recs}
         self.events = events
         table = self.query_one("#jobs-table", DataTable)
-        keys = [r.id for r in recs]
         cols = ("id", "state", "gpus", "progress", "step", "loss", "lr", "tps", "elapsed", "eta")
         with self.app.batch_update():
-            if keys != [r.key.value for r in table.ordered_rows]:
-                table.clear()
-                for r in recs:
-                    table.add_row(*self._cells(r), key=r.id)
-            else:
-                for r in recs:
-                    for col, value in zip(cols, self._cells(r)):
-                        table.update_cell(r.id, col, value)
+            sync_table(table, [(r.id, self._cells(r)) for r in recs], cols)
         self._detail()
 
     def _cells(self, r: Any) -> list[Any]:

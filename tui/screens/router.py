@@ -24,7 +24,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from tui.format import local_time, sparkline
-from tui.screens.base import PolledScreen
+from tui.screens.base import PolledScreen, sync_table
 from tui.screens.confirm import ConfirmScreen
 
 if TYPE_CHECKING:
@@ -176,16 +176,9 @@ class RouterScreen(PolledScreen):
         self.data = data
         table = self.query_one("#router-tasks", DataTable)
         keys = [r.name for r in data.rows]
-        current = [r.key.value for r in table.ordered_rows]
         with self.app.batch_update():
-            if keys != current:
-                table.clear()
-                for row in data.rows:
-                    table.add_row(*self._cells(row), key=row.name)
-            else:
-                for row in data.rows:
-                    for col, value in zip(("task", "req", "r1h", "r24", "r30", "base", "slm", "fr"), self._cells(row)):
-                        table.update_cell(row.name, col, value)
+            sync_table(table, [(row.name, self._cells(row)) for row in data.rows],
+                       ("task", "req", "r1h", "r24", "r30", "base", "slm", "fr"))
         if self.selected is None and keys:
             self.selected = keys[0]
         self._draw()

@@ -20,7 +20,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Label, Select, Static
 
 from tui.format import sparkline
-from tui.screens.base import DeckModal, PolledScreen, highlighted_key
+from tui.screens.base import DeckModal, PolledScreen, highlighted_key, sync_table
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.logs import LogScreen
 
@@ -117,21 +117,9 @@ class ServersScreen(PolledScreen):
             view.rec, view.figures = rec, fig
             if fig is not None:
                 view.gen_history.append(fig.generation_tps)
-        keys = [rec.id for rec, _ in views]
-        current = [r.key.value for r in table.ordered_rows]
+        cols = ("id", "state", "gpus", "port", "gen", "prompt", "reqs", "kv", "ttft", "e2e", "pre", "hit", "cap")
         with self.app.batch_update():
-            if keys != current:
-                selected = self.selected_id()
-                table.clear()
-                for rec, _ in views:
-                    table.add_row(*self._cells(self.views[rec.id]), key=rec.id)
-                if selected in keys:
-                    table.move_cursor(row=keys.index(selected))
-            else:
-                cols = ("id", "state", "gpus", "port", "gen", "prompt", "reqs", "kv", "ttft", "e2e", "pre", "hit", "cap")
-                for rec, _ in views:
-                    for col, value in zip(cols, self._cells(self.views[rec.id])):
-                        table.update_cell(rec.id, col, value)
+            sync_table(table, [(rec.id, self._cells(self.views[rec.id])) for rec, _ in views], cols)
         self._detail()
 
     def _cells(self, v: ServerView) -> list[Any]:
