@@ -141,10 +141,10 @@ class Agent:
             raise BadRequest(str(exc)) from None
         gpus = _gpu_indices(a.get("gpus"), required=True)
         snap = self.source.snapshot()
-        by_index = {g.index: g for g in snap.gpus}
-        snaps = [by_index[g] for g in gpus if g in by_index] if snap.nvml == "ok" else None
-        if snaps is not None and len(snaps) != len(gpus):
-            raise BadRequest(f"no GPU {gpus} on {snap.node} (it has {sorted(by_index)})")
+        try:
+            snaps = snap.gpus_at(gpus) if snap.nvml == "ok" else None
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         rec, verdict = launcher.start(self.store, profile, gpus, gpu_snapshots=snaps, port=_port(a.get("port")),
                                       force=a.get("force") is True, adapter_roots=self.adapter_roots)
         return {"server": rec.to_json(), "verdict": verdict.to_json() if verdict is not None else None}
@@ -179,7 +179,10 @@ class Agent:
                               adapter_root=self.adapter_roots[0] if self.adapter_roots else None).to_json()
         gpus = _gpu_indices(a.get("gpus"), required=False) or None
         snap = self.source.snapshot()
-        snaps = [g for g in snap.gpus if gpus and g.index in gpus] or None
+        try:
+            snaps = snap.gpus_at(gpus) if gpus and snap.nvml == "ok" else None
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         return jobs.start(self.store, spec, gpus, gpu_snapshots=snaps, force=a.get("force") is True).to_json()
 
     def _slurm_settings(self) -> Any:

@@ -102,3 +102,11 @@ class NodeSnapshot:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def gpus_at(self, indices: list[int]) -> list[GpuSnapshot]:
+        """The GPUs with these indices, in that order; ValueError naming the missing ones and those there are."""
+        by_index = {g.index: g for g in self.gpus}
+        missing = [i for i in indices if i not in by_index]
+        if missing:
+            raise ValueError(f"no GPU {missing} on {self.node} (it has {sorted(by_index)})")
+        return [by_index[i] for i in indices]

@@ -124,9 +124,12 @@ def _fill_from_nvml(req: Any, index: int) -> str | None:
         node.close()
     if snap.nvml != "ok":
         return f"--gpu needs NVML: {snap.reason} Or size by hand with --gpu-memory-gib."
-    gpu = next((g for g in snap.gpus if g.index == index), None)
-    if gpu is None or gpu.memory_total_bytes is None:
-        return f"no GPU {index} on this host (it has {len(snap.gpus)}: 0..{len(snap.gpus) - 1})"
+    try:
+        (gpu,) = snap.gpus_at([index])
+    except ValueError as exc:
+        return str(exc)
+    if gpu.memory_total_bytes is None:
+        return f"GPU {index} on {snap.node} reports no memory size (NVML: not supported); size by hand with --gpu-memory-gib"
     apply_gpu(req, gpu)
     return None
 

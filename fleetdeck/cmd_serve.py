@@ -69,11 +69,10 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
             node.close()
         if snap.nvml != "ok":
             return None, snap.reason
-    by_index = {g.index: g for g in snap.gpus}
-    missing = [i for i in indices if i not in by_index]
-    if missing:
-        return None, f"no GPU {missing} on {snap.node} (it has {sorted(by_index)})"
-    return [by_index[i] for i in indices], None
+    try:
+        return snap.gpus_at(indices), None
+    except ValueError as exc:
+        return None, str(exc)
 
 
 @mutating("server.start", lambda a: a.profile, lambda a: not a.dry_run)

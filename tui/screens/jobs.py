@@ -279,9 +279,7 @@ class StartJobScreen(DeckModal):
         poller = getattr(self.app, "poller", None)
         snaps = []
         if poller is not None and poller.latest:
-            snap = next(iter(poller.latest.values()))
-            by_index = {g.index: g for g in snap.gpus}
-            snaps = [by_index[i] for i in indices if i in by_index]
+            snaps = next(iter(poller.latest.values())).gpus_at(indices)
         return spec, indices, snaps or None
 
     @on(Input.Submitted)

@@ -291,8 +291,7 @@ class StartServerScreen(DeckModal):
                 raise ValueError(f"no node {node!r}; the fleet has {', '.join(sorted(known)) or 'no nodes yet'}")
             nodes = [known[node]] if node is not None else list(known.values())[:1]
             for snap in nodes:
-                by_index = {g.index: g for g in snap.gpus}
-                snaps = [by_index[i] for i in indices if i in by_index]
+                snaps = snap.gpus_at(indices)
         if len(snaps) != len(indices):
             raise ValueError(f"no such GPU(s) {indices} on {node or 'this node'}")
         return indices, snaps
