@@ -223,17 +223,8 @@ class FitScreen(DeckScreen):
             verdict.append(f"\n⚠ {w}", style="yellow")
         self.query_one("#fit-verdict", Static).update(verdict)
 
-        def g(x: float | None) -> str:
-            return "n/a" if x is None else f"{x:6.2f} GiB"
+        from engine.kvfit.text import budget_lines
 
-        breakdown = (
-            f"[b]{r.model}[/b] · {r.quantization} · TP {r.tensor_parallel_size}\n"
-            f"GPU {g(r.total_gpu_memory_gib)} x {r.gpu_memory_utilization} = {g(r.budget_gib)}\n"
-            f"  - weights      {g(r.weights_gib)}{'' if r.weights_exact else '  (from the shape)'}\n"
-            f"  - activation   {g(r.activation_gib)}\n"
-            f"  - non-torch    {g(r.non_torch_gib)}" + (f" + {r.tp_non_torch_gib:.2f} TP" if r.tp_non_torch_gib else "") + "\n"
-            + (f"  - CUDA graphs  {g(r.cuda_graph_gib)}  (vLLM {r.vllm_version_modelled})\n" if r.cuda_graph_in_budget else "")
-            + f"  = KV cache     {g(r.available_kv_gib)}, at least {r.available_kv_gib_low:.2f}  ÷ {r.kv_bytes_per_token:,.0f} B/token\n"
-            f"  = {r.num_gpu_blocks:,} blocks x {r.block_size} = {r.kv_tokens:,} tokens"
-        )
+        breakdown = Text(f"{r.model} · {r.quantization} · TP {r.tensor_parallel_size}\n", style="bold")
+        breakdown.append("\n".join(line[2:] for line in budget_lines(r)))  # the same lines `fleetdeck fit` prints
         self.query_one("#fit-breakdown", Static).update(breakdown)
