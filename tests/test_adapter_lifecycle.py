@@ -379,3 +379,30 @@ async def test_router_screen_keys_that_change_a_node_are_off_when_read_only(site
             await pilot.pause()
             assert not isinstance(app.screen, ConfirmScreen)
     assert cfg.read_text() == before
+
+
+def test_sighup_makes_the_running_proxy_read_its_config_again(site, tmp_path):
+    """`kill -HUP` reloads like POST /admin/reload: a task added to the config is served, nothing restarts."""
+    from tests.engines.stack import free_port, wait_http
+
+    port = free_port()
+    cfg = router_toml(site, port, target=0.5)
+    proxy = _start_proxy(cfg, site["root"] / "fd.db")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        models = lambda: [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", trust_env=False).json()["data"]]  # noqa: E731
+        assert models() == ["tickets"]
+        cfg.write_text(cfg.read_text() + f'\n[[task]]\nname = "triage"\nslm_base_url = "{site["server"].base_url}/v1"\n'
+                                          'slm_model = "Qwen/Qwen3-8B"\nthreshold = 0.0\n')
+        proxy.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: models() == ["tickets", "triage"])
+        cfg.write_text("[[task]]\nname = 3\n")  # a broken config: refused, the proxy keeps the last good one
+        refused = httpx.post(f"http://127.0.0.1:{port}/admin/reload", trust_env=False, timeout=30)
+        assert refused.status_code == 409 and "name" in refused.json()["error"]["message"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", trust_env=False, timeout=30,
+                       json={"model": "triage", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and models() == ["tickets", "triage"] and proxy.poll() is None
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.communicate(timeout=30)
+    assert proxy.returncode == 0

@@ -141,6 +141,7 @@ class Router:
         self.prices: dict[str, Price] = {}
         self._load_litellm = load_litellm
         self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP reloads running (the loop keeps weak references)
         self.started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -638,6 +639,12 @@ async def _reload_logged(router: Router) -> None:
         log.error("SIGHUP: config not reloaded, keeping the current one: %s", exc)
 
 
+def _start_reload(loop: asyncio.AbstractEventLoop, router: Router) -> None:
+    task = loop.create_task(_reload_logged(router))
+    router._reloads.add(task)
+    task.add_done_callback(router._reloads.discard)
+
+
 def create_app(router: Router) -> Starlette:
     from contextlib import asynccontextmanager
 
@@ -650,7 +657,7 @@ def create_app(router: Router) -> Starlette:
         hup = False
         if router.config_path is not None:
             try:  # `kill -HUP` reloads, as daemons do; errors are logged, the old config stays
-                loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_logged(router)))
+                loop.add_signal_handler(signal.SIGHUP, lambda: _start_reload(loop, router))
                 hup = True
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no SIGHUP
                 pass
