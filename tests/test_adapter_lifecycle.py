@@ -363,21 +363,33 @@ async def test_router_screen_evaluates_promotes_and_rolls_back_from_the_keyboard
 
 async def test_router_screen_keys_that_change_a_node_are_off_when_read_only(site, tmp_path):
     from fleet.config import FleetConfig
-    from tests.tui_helpers import make_app, open_screen
+    from tests.tui_helpers import make_app, open_screen, settle
     from tui.screens.confirm import ConfirmScreen
     from tui.screens.router import RouterScreen
 
-    cfg = router_toml(site, 1, target=0.5)
+    # Everything each key needs is there: a newer version to evaluate or promote, a promotion to roll back.
+    src = make_adapter(tmp_path / "src", "tickets")
+    for _ in range(2):
+        assert cli(site, "adapters", "import", str(src), "tickets") == 0
+    cfg = router_toml(site, 1, target=0.5, slm_model="tickets@v1")
+    with site["store"].transaction() as conn:
+        conn.execute("INSERT INTO promotions (ts, task, kind, from_model, to_model, actor) VALUES (?,?,?,?,?,?)",
+                     (time.time(), "tickets", "promote", "Qwen/Qwen3-8B", "tickets@v1", "ann"))
     before = cfg.read_text()
-    app = make_app(store_path=site["root"] / "fd.db")
-    app.options.router_config = cfg
-    app.options.config = FleetConfig(adapter_roots=[site["roots"]], read_only=True)
-    async with app.run_test(size=(120, 40)) as pilot:
-        await open_screen(app, pilot, "5", RouterScreen)
-        for key in "epr":
+
+    async def asks(read_only: bool, key: str) -> bool:
+        app = make_app(store_path=site["root"] / "fd.db")
+        app.options.router_config = cfg
+        app.options.config = FleetConfig(adapter_roots=[site["roots"]], read_only=read_only)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await open_screen(app, pilot, "5", RouterScreen)
             await pilot.press(key)
-            await pilot.pause()
-            assert not isinstance(app.screen, ConfirmScreen)
+            await settle(app, pilot)
+            return isinstance(app.screen, ConfirmScreen)
+
+    for key in "epr":
+        assert await asks(False, key), key  # with read-only off, each key asks its question ...
+        assert not await asks(True, key), key  # ... and with it on, none does
     assert cfg.read_text() == before
 
 
