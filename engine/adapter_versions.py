@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.adapters import VERSION_DIR as VERSION_RE
 from engine.adapters import WEIGHT_FILES, Adapter, AdapterError, read_adapter, scan
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-VERSION_RE = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)@v(?P<n>[1-9][0-9]{0,5})$")
 METADATA = "fleetdeck.json"
 
 
@@ -151,18 +151,3 @@ def import_adapter(source: Path, name: str, roots: list[Path]) -> Path:
         entry.target = target.name
         entry.params["version"] = target.name
         return target
-
-
-def resolve(roots: list[Path], ref: str) -> Adapter:
-    """`NAME@vN` exactly, or a bare NAME: that folder if it is one, else NAME's newest version."""
-    name, n = parse_ref(ref)
-    found, _ = scan(roots)
-    exact = next((a for a in found if a.name == ref), None)
-    if exact is not None:
-        return exact
-    if n is None:
-        mine = sorted((a for a in found if a.family == name and a.version is not None), key=lambda a: a.version or 0)
-        if mine:
-            return mine[-1]
-    names = ", ".join(sorted(a.name for a in found)) or "none"
-    raise AdapterError(f"no adapter {ref!r} in the adapter roots (they hold: {names})")

@@ -38,7 +38,7 @@ class Adapter:
         return asdict(self)
 
 
-_VERSION_DIR = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)@v(?P<n>[1-9][0-9]{0,5})$")
+VERSION_DIR = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)@v(?P<n>[1-9][0-9]{0,5})$")
 # vLLM 0.32 (vllm/lora/peft_helper.py) refuses these PEFT features when it loads an adapter.
 _VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
@@ -99,7 +99,7 @@ def read_adapter(folder: Path) -> Adapter:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             meta = None
-    version = _VERSION_DIR.match(folder.name)
+    version = VERSION_DIR.match(folder.name)
     return Adapter(
         name=folder.name, path=str(folder.resolve()), rank=effective_rank(cfg, rank),
         alpha=float(cfg["lora_alpha"]) if cfg.get("lora_alpha") is not None else None,

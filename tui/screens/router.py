@@ -324,14 +324,13 @@ class RouterScreen(PolledScreen):
     def _candidate(self, row: TaskRow) -> str | None:
         """The newest registered version of the family the task serves now, if it is not the one serving."""
         from engine import adapters
-        from engine.adapter_versions import parse_ref
+        from engine.adapter_versions import parse_ref, versions_of
 
         try:
             family, _ = parse_ref(row.slm_model or "")
         except adapters.AdapterError:
             return None
-        found, _ = adapters.scan([Path(r).expanduser() for r in self.app.options.config.adapter_roots])
-        mine = sorted((a for a in found if a.family == family and a.version is not None), key=lambda a: a.version or 0)
+        mine = versions_of([Path(r).expanduser() for r in self.app.options.config.adapter_roots], family)
         return mine[-1].name if mine and mine[-1].name != row.slm_model else None
 
     def action_evaluate(self) -> None:
