@@ -241,11 +241,14 @@ def test_no_secret_is_written_anywhere(site, capsys):
     sid = re.search(r"started (q-\w+)", out).group(1)
     _cli(site, capsys, "serve", "stop", sid)
     assert all(PLANTED not in text for text in outputs)
+    # SQLite deletes the WAL when the last connection to the file closes, which a garbage-collected
+    # CLI connection may do mid-scan; holding one open keeps every file in place while it is read.
+    held = open_store(site / "fd.db")
     files = [p for p in site.rglob("*") if p.is_file()]
     hits = [p for p in files if PLANTED.encode() in p.read_bytes()]
     assert hits == [], hits
     # ... while the start itself was recorded, with the server but not its key.
-    assert any(json.loads(r["params"]).get("server") == sid for r in audit.query(open_store(site / "fd.db")))
+    assert any(json.loads(r["params"]).get("server") == sid for r in audit.query(held))
 
 
 async def test_read_only_disables_every_mutating_key_on_every_screen(tmp_path):
