@@ -48,30 +48,48 @@ CRASH_LOGS = {
 }
 
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.total = 0.0
+class Metrics:
+    """The families fleetdeck reads, under vLLM 0.32's names, labels and buckets, in a registry of their own.
 
-    def observe(self, v: float) -> None:
-        self.total += v
-        for i, edge in enumerate(self.buckets):
-            if v <= edge:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+    prometheus_client is what vLLM itself exposes them with, so the text (``_total``, ``_created``,
+    cumulative buckets) is the same library's output, not an imitation of it."""
 
-    def lines(self, name: str, labels: str) -> list[str]:
-        out, cum = [], 0
-        for edge, c in zip(self.buckets, self.counts):
-            cum += c
-            out.append(f'{name}_bucket{{{labels},le="{edge}"}} {float(cum)}')
-        cum += self.counts[-1]
-        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {float(cum)}')
-        out.append(f"{name}_count{{{labels}}} {float(cum)}")
-        out.append(f"{name}_sum{{{labels}}} {self.total}")
-        return out
+    def __init__(self, served: str, cache_info: dict[str, str]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        names = ["engine", "model_name"]
+        values = {"engine": "0", "model_name": served}
+
+        def family(kind: Any, name: str, doc: str, **kw: Any) -> Any:
+            return kind(name, doc, names, registry=self.registry, **kw).labels(**values)
+
+        self.running = family(Gauge, "vllm:num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = family(Gauge, "vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_usage = family(Gauge, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.prefix_queries = family(Counter, "vllm:prefix_cache_queries",
+                                     "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_hits = family(Counter, "vllm:prefix_cache_hits",
+                                  "Prefix cache hits, in terms of number of cached tokens.")
+        self.preemptions = family(Counter, "vllm:num_preemptions", "Cumulative number of preemption from the engine.")
+        self.prompt_tokens = family(Counter, "vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = family(Counter, "vllm:generation_tokens", "Number of generation tokens processed.")
+        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                               [*names, "finished_reason"], registry=self.registry).labels(**values, finished_reason="stop")
+        self.ttft = family(Histogram, "vllm:time_to_first_token_seconds",
+                           "Histogram of time to first token in seconds.", buckets=TTFT_BUCKETS)
+        self.e2e = family(Histogram, "vllm:e2e_request_latency_seconds",
+                          "Histogram of e2e request latency in seconds.", buckets=E2E_BUCKETS)
+        self.itl = family(Histogram, "vllm:inter_token_latency_seconds",
+                          "Histogram of inter-token latency in seconds.", buckets=ITL_BUCKETS)
+        info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(cache_info),
+                     registry=self.registry)
+        info.labels(**cache_info).set(1)
+
+    def text(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
 
 
 @dataclass
@@ -90,67 +108,36 @@ class State:
     loras: dict[str, str] = field(default_factory=dict)  # name -> path
     running: int = 0
     waiting: int = 0
-    prompt_tokens: float = 0.0
-    generation_tokens: float = 0.0
-    preemptions: float = 0.0
-    prefix_queries: float = 0.0
-    prefix_hits: float = 0.0
-    success: float = 0.0
-    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
-    e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
-    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    figures: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.figures = Metrics(self.served, {
+            "block_size": str(self.block_size), "cache_dtype": self.kv_dtype, "enable_prefix_caching": "True",
+            "engine": "0", "gpu_memory_utilization": str(self.gpu_util), "num_gpu_blocks": str(self.num_gpu_blocks),
+            "simulated": "true"})
 
     def record(self, prompt: int, gen: int, ttft: float, e2e: float, rng: random.Random) -> None:
-        with self.lock:
-            self.prompt_tokens += prompt
-            self.generation_tokens += gen
-            self.prefix_queries += prompt
-            self.prefix_hits += int(prompt * rng.uniform(0.3, 0.7))
-            self.success += 1
-            self.ttft.observe(ttft)
-            self.e2e.observe(e2e)
-            for _ in range(min(gen, 20)):
-                self.itl.observe(max(0.001, (e2e - ttft) / max(gen, 1) * rng.uniform(0.8, 1.2)))
-            if rng.random() < 0.002:
-                self.preemptions += 1
+        f = self.figures
+        f.prompt_tokens.inc(prompt)
+        f.generation_tokens.inc(gen)
+        f.prefix_queries.inc(prompt)
+        f.prefix_hits.inc(int(prompt * rng.uniform(0.3, 0.7)))
+        f.success.inc()
+        f.ttft.observe(ttft)
+        f.e2e.observe(e2e)
+        for _ in range(min(gen, 20)):
+            f.itl.observe(max(0.001, (e2e - ttft) / max(gen, 1) * rng.uniform(0.8, 1.2)))
+        if rng.random() < 0.002:
+            f.preemptions.inc()
 
     def metrics(self) -> str:
-        lab = f'engine="0",model_name="{self.served}"'
-        kv = min(0.99, (self.running * 600) / max(1, self.num_gpu_blocks * self.block_size))
-        lines = [
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
-            "# TYPE vllm:num_requests_running gauge", f"vllm:num_requests_running{{{lab}}} {float(self.running)}",
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
-            "# TYPE vllm:num_requests_waiting gauge", f"vllm:num_requests_waiting{{{lab}}} {float(self.waiting)}",
-            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:kv_cache_usage_perc gauge", f"vllm:kv_cache_usage_perc{{{lab}}} {kv}",
-            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.",
-            "# TYPE vllm:prefix_cache_queries_total counter", f"vllm:prefix_cache_queries_total{{{lab}}} {self.prefix_queries}",
-            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.",
-            "# TYPE vllm:prefix_cache_hits_total counter", f"vllm:prefix_cache_hits_total{{{lab}}} {self.prefix_hits}",
-            "# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.",
-            "# TYPE vllm:num_preemptions_total counter", f"vllm:num_preemptions_total{{{lab}}} {self.preemptions}",
-            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
-            "# TYPE vllm:prompt_tokens_total counter", f"vllm:prompt_tokens_total{{{lab}}} {self.prompt_tokens}",
-            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
-            "# TYPE vllm:generation_tokens_total counter", f"vllm:generation_tokens_total{{{lab}}} {self.generation_tokens}",
-            "# HELP vllm:request_success_total Count of successfully processed requests.",
-            "# TYPE vllm:request_success_total counter",
-            f'vllm:request_success_total{{{lab},finished_reason="stop"}} {self.success}',
-            "# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.",
-            "# TYPE vllm:time_to_first_token_seconds histogram", *self.ttft.lines("vllm:time_to_first_token_seconds", lab),
-            "# HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency in seconds.",
-            "# TYPE vllm:e2e_request_latency_seconds histogram", *self.e2e.lines("vllm:e2e_request_latency_seconds", lab),
-            "# HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.",
-            "# TYPE vllm:inter_token_latency_seconds histogram", *self.itl.lines("vllm:inter_token_latency_seconds", lab),
-            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
-            "# TYPE vllm:cache_config_info gauge",
-            f'vllm:cache_config_info{{block_size="{self.block_size}",cache_dtype="{self.kv_dtype}",'
-            f'enable_prefix_caching="True",engine="0",gpu_memory_utilization="{self.gpu_util}",'
-            f'num_gpu_blocks="{self.num_gpu_blocks}",simulated="true"}} 1.0',
-        ]
-        return "\n".join(lines) + "\n"
+        with self.lock:
+            running, waiting = self.running, self.waiting
+        self.figures.running.set(running)
+        self.figures.waiting.set(waiting)
+        self.figures.kv_usage.set(min(0.99, (running * 600) / max(1, self.num_gpu_blocks * self.block_size)))
+        return self.figures.text()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -285,7 +272,9 @@ def build_app(state: State) -> Any:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(state.metrics(), media_type="text/plain; version=0.0.4")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[
         Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
@@ -315,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     served = args.served_model_name[0] if args.served_model_name else args.model
-    log(f"vLLM API server version 0.11.0 (simulated by fleetdeck); args: {' '.join(sys.argv[1:])}")
+    log(f"vLLM API server version 0.32.0 (simulated by fleetdeck); args: {' '.join(sys.argv[1:])}")
     log(f"Initializing a V1 LLM engine with config: model='{args.model}', max_seq_len={args.max_model_len}, "
         f"tensor_parallel_size={args.tensor_parallel_size}, kv_cache_dtype={args.kv_cache_dtype}")
     time.sleep(float(os.environ.get("FLEETDECK_SIM_START_DELAY", "1.0")))
