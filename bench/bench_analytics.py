@@ -37,8 +37,7 @@ def main() -> None:
     from engine.router.demo import DemoTask, backfill, demo_router_toml
     from store.analytics import current_month, month_report
     from store.db import open_store
-    from tui.screens.cost import load_cost_data
-    from tui.screens.router import load_router_data
+    from engine.router.figures import load_cost_data, load_router_data
 
     tasks = tuple(DemoTask(f"task-{i:02d}", args.per_day / 24, 0.05 + 0.01 * i, 0.8, 300, 40, drifts=i == 3)
                   for i in range(args.tasks))

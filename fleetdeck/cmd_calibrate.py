@@ -11,6 +11,7 @@ from typing import Any
 
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
+from fleetdeck.tables import print_table
 
 
 def register(sub: Any) -> None:
@@ -100,10 +101,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"calibration of {task.name} on {cal.items} items ({args.eval})")
     print(f"  SLM accuracy alone     {cal.accuracy * 100:.1f}%")
     print(f"  ECE                    {cal.ece:.3f}   AUROC {'n/a' if cal.auroc is None else f'{cal.auroc:.3f}'}")
-    print(f"  {'threshold':>10} {'escalation':>11} {'accuracy':>9}")
     step = max(1, len(cal.curve) // 15)
-    for t, esc, acc in cal.curve[::step]:
-        print(f"  {t:>10.4f} {esc * 100:>10.1f}% {acc * 100:>8.1f}%")
+    print_table(["threshold", "escalation", "accuracy"],
+                [[f"{t:.4f}", f"{esc * 100:.1f}%", f"{acc * 100:.1f}%"] for t, esc, acc in cal.curve[::step]],
+                right={"threshold", "escalation", "accuracy"}, indent=2)
     if cal.threshold is None:
         print(f"  no threshold reaches {args.target_accuracy * 100:.1f}% accuracy")
     else:
@@ -121,7 +122,7 @@ def _pct_arg(text: str) -> float:
 
 def run_whatif(args: argparse.Namespace) -> int:
     from engine.router.calibrate import latest_calibration, what_if
-    from store.analytics import current_month, iter_policies, month_report, project_task
+    from store.analytics import current_month, iter_policies, month_report
     from store.db import StoreError
 
     found = _config_and_task(args, "whatif")
@@ -141,10 +142,10 @@ def run_whatif(args: argparse.Namespace) -> int:
     now = time.time()
     report = month_report(store, current_month(now), now, config.pricing.slm_gpu_hour_usd, config.pricing.slm_gpus,
                           iter_policies(config.task))
-    entry = next((t for t in report["tasks"] if t["name"] == task.name), None)
-    if entry is None or not entry["requests"]:
+    entry = report.task(task.name)
+    if entry is None or not entry.requests:
         return _err("whatif", f"no traffic for {task.name} this month yet")
-    monthly = project_task(report, entry)
+    monthly = report.projected(entry)
     cal = latest_calibration(store, task.name)
     target = args.target_accuracy or (cal["target_accuracy"] if cal else 0.95)
     result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume)
@@ -154,7 +155,7 @@ def run_whatif(args: argparse.Namespace) -> int:
         return 0
     from tui.format import usd
 
-    print(f"what-if for {task.name}: frontier price x{price:.2f}, volume x{volume:.2f} (month projected from {report['month']})")
+    print(f"what-if for {task.name}: frontier price x{price:.2f}, volume x{volume:.2f} (month projected from {report.month})")
     print(f"  monthly cost at the current threshold {task.threshold}: {usd(result['monthly_cost_usd'])}"
           f" (all-frontier {usd(result['all_frontier_cost_usd'])})")
     if result["best"]:

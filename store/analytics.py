@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import calendar
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -213,35 +213,97 @@ class TaskPolicy:
     drift_threshold_pp: float = 10.0
 
 
-def _cost_fields(requests: int, escalated: int, slm: float, frontier: float, all_frontier: float) -> dict[str, Any]:
-    total = slm + frontier
-    savings = all_frontier - total
-    return {
-        "requests": requests,
-        "escalated": escalated,
-        "escalation_rate": escalated / requests if requests else None,
-        "slm_cost_usd": round(slm, 6),
-        "frontier_cost_usd": round(frontier, 6),
-        "total_cost_usd": round(total, 6),
-        "all_frontier_cost_usd": round(all_frontier, 6),
-        "savings_usd": round(savings, 6),
-        "savings_pct": round(100 * savings / all_frontier, 4) if all_frontier else None,
-        "cost_per_million_requests_usd": round(total / requests * 1e6, 4) if requests else None,
-    }
+@dataclass(frozen=True, kw_only=True)
+class CostFigures:
+    """Requests, escalations and dollars of a period: the local fleet's fixed cost against the frontier's."""
+
+    requests: float
+    escalated: float
+    escalation_rate: float | None
+    slm_cost_usd: float
+    frontier_cost_usd: float
+    total_cost_usd: float
+    all_frontier_cost_usd: float
+    savings_usd: float
+    savings_pct: float | None
+    cost_per_million_requests_usd: float | None
+
+    @staticmethod
+    def of(requests: float, escalated: float, slm: float, frontier: float, all_frontier: float) -> dict[str, Any]:
+        """The figures as keyword arguments for CostFigures or a subclass."""
+        total = slm + frontier
+        savings = all_frontier - total
+        return {
+            "requests": requests,
+            "escalated": escalated,
+            "escalation_rate": escalated / requests if requests else None,
+            "slm_cost_usd": round(slm, 6),
+            "frontier_cost_usd": round(frontier, 6),
+            "total_cost_usd": round(total, 6),
+            "all_frontier_cost_usd": round(all_frontier, 6),
+            "savings_usd": round(savings, 6),
+            "savings_pct": round(100 * savings / all_frontier, 4) if all_frontier else None,
+            "cost_per_million_requests_usd": round(total / requests * 1e6, 4) if requests else None,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskMonth(CostFigures):
+    """A task's month: its share of the costs and its drift now."""
+
+    name: str
+    baseline_escalation_rate: float | None = None
+    recent_escalation_rate: float | None = None
+    recent_requests: int = 0
+    drift_threshold_pp: float = 0.0
+    drift_alert: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        return {"name": doc.pop("name"), **doc}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonthReport(CostFigures):
+    """What `fleetdeck report`, the Cost screen and `whatif` show of a month (to date, if it is this one)."""
+
+    month: str
+    hours_elapsed: float
+    hours_in_month: float
+    slm_gpu_hour_usd: float
+    slm_gpus: int
+    projected_total_cost_usd: float | None
+    projected_all_frontier_cost_usd: float | None
+    tasks: list[TaskMonth]
+    drift_alert: bool
+    note: str | None = None  # why figures use defaults (a router config that could not be read)
+
+    def task(self, name: str) -> TaskMonth | None:
+        return next((t for t in self.tasks if t.name == name), None)
+
+    def projected(self, entry: TaskMonth) -> TaskMonth:
+        """A task's month so far, projected to the whole month: every count and cost grows with the hours."""
+        scale = self.hours_in_month / self.hours_elapsed if self.hours_elapsed else 1.0
+        return replace(entry, **{k: getattr(entry, k) * scale for k in PROJECTED_KEYS})
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON `fleetdeck report --json` prints (its keys are a public interface)."""
+        head = ("month", "hours_elapsed", "hours_in_month", "slm_gpu_hour_usd", "slm_gpus")
+        doc: dict[str, Any] = {k: getattr(self, k) for k in head}
+        doc.update({f.name: getattr(self, f.name) for f in fields(CostFigures)})
+        doc.update(projected_total_cost_usd=self.projected_total_cost_usd,
+                   projected_all_frontier_cost_usd=self.projected_all_frontier_cost_usd,
+                   tasks=[t.to_json() for t in self.tasks], drift_alert=self.drift_alert)
+        if self.note:
+            doc["note"] = self.note
+        return doc
 
 
 PROJECTED_KEYS = ("requests", "escalated", "slm_cost_usd", "frontier_cost_usd", "all_frontier_cost_usd")
 
 
-def project_task(report: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """A task's month so far (an entry of `report["tasks"]`), projected to the whole month: every count
-    and cost grows with the hours."""
-    scale = report["hours_in_month"] / report["hours_elapsed"] if report["hours_elapsed"] else 1.0
-    return {**entry, **{k: entry[k] * scale for k in PROJECTED_KEYS}}
-
-
 def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus: int,
-                 policies: dict[str, TaskPolicy] | None = None) -> dict[str, Any]:
+                 policies: dict[str, TaskPolicy] | None = None) -> MonthReport:
     """The month's figures (to date, if it is the current month) and each task's drift now."""
     start, end = month_bounds(month)
     until = min(end, now)
@@ -256,33 +318,28 @@ def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus
         all_t.slm_answered += t.slm_answered
         all_t.cost_usd += t.cost_usd
         all_t.all_frontier_cost_usd += t.all_frontier_cost_usd
-    doc = {"month": month, "hours_elapsed": round(elapsed_h, 4), "hours_in_month": month_h,
-           "slm_gpu_hour_usd": gpu_hour_usd, "slm_gpus": gpus}
-    doc.update(_cost_fields(all_t.requests, all_t.escalated, slm_cost, all_t.cost_usd, all_t.all_frontier_cost_usd))
     scale = month_h / elapsed_h if elapsed_h else 0.0
-    doc["projected_total_cost_usd"] = (
-        round(slm_fixed_cost(gpu_hour_usd, gpus, month_h) + all_t.cost_usd * scale, 6) if elapsed_h else None
-    )
-    doc["projected_all_frontier_cost_usd"] = round(all_t.all_frontier_cost_usd * scale, 6) if elapsed_h else None
     policies = policies or {}
     names = sorted(set(by_task) | set(policies))
     drifts = drift_for_tasks(store, now, names, policies)
     tasks = []
-    any_drift = False
     for name in names:
         t = by_task.get(name, Totals())
         # The fixed SLM cost is shared by the SLM-answered requests of the period.
         share = slm_cost * t.slm_answered / all_t.slm_answered if all_t.slm_answered else 0.0
-        entry = {"name": name}
-        entry.update(_cost_fields(t.requests, t.escalated, share, t.cost_usd, t.all_frontier_cost_usd))
         d = drifts[name]
-        entry.update(baseline_escalation_rate=d.baseline_rate, recent_escalation_rate=d.recent_rate,
-                     recent_requests=d.recent_requests, drift_threshold_pp=d.threshold_pp, drift_alert=d.alert)
-        any_drift = any_drift or d.alert
-        tasks.append(entry)
-    doc["tasks"] = tasks
-    doc["drift_alert"] = any_drift
-    return doc
+        tasks.append(TaskMonth(
+            name=name, **CostFigures.of(t.requests, t.escalated, share, t.cost_usd, t.all_frontier_cost_usd),
+            baseline_escalation_rate=d.baseline_rate, recent_escalation_rate=d.recent_rate,
+            recent_requests=d.recent_requests, drift_threshold_pp=d.threshold_pp, drift_alert=d.alert))
+    return MonthReport(
+        month=month, hours_elapsed=round(elapsed_h, 4), hours_in_month=month_h, slm_gpu_hour_usd=gpu_hour_usd,
+        slm_gpus=gpus,
+        **CostFigures.of(all_t.requests, all_t.escalated, slm_cost, all_t.cost_usd, all_t.all_frontier_cost_usd),
+        projected_total_cost_usd=(round(slm_fixed_cost(gpu_hour_usd, gpus, month_h) + all_t.cost_usd * scale, 6)
+                                  if elapsed_h else None),
+        projected_all_frontier_cost_usd=round(all_t.all_frontier_cost_usd * scale, 6) if elapsed_h else None,
+        tasks=tasks, drift_alert=any(t.drift_alert for t in tasks))
 
 
 def monthly_history(store: Store, now: float, months: int, gpu_hour_usd: float, gpus: int) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from engine.router.calibrate import (
 )
 from engine.router.config import load_router_config, set_task_threshold
 from fleetdeck.cli import main
-from store.analytics import TaskPolicy, drift_status, month_report, monthly_history, split_window, totals_by_task
+from store.analytics import CostFigures, TaskPolicy, drift_status, month_report, monthly_history, split_window, totals_by_task
 from store.db import open_store
 from store.ledger import LedgerRow, write_rows
 
@@ -50,22 +50,22 @@ def september(tmp_path):
 def test_a_past_months_report_matches_the_hand_computed_figures(september):
     # 720 h x $0.01 x 1 GPU = $7.20 of local SLM; frontier 2 x $2 = $4; all-frontier 8 x $1 + $4 + 2 x $0.50 = $13.
     doc = month_report(september, "2026-09", now=NOV_2026, gpu_hour_usd=0.01, gpus=1)
-    assert doc["hours_elapsed"] == 720
-    assert (doc["requests"], doc["escalated"]) == (12, 2)
-    assert doc["escalation_rate"] == pytest.approx(2 / 12)
-    assert doc["slm_cost_usd"] == pytest.approx(7.20)
-    assert doc["frontier_cost_usd"] == pytest.approx(4.00)
-    assert doc["total_cost_usd"] == pytest.approx(11.20)
-    assert doc["all_frontier_cost_usd"] == pytest.approx(13.00)
-    assert doc["savings_usd"] == pytest.approx(1.80)
-    assert doc["savings_pct"] == pytest.approx(100 * 1.8 / 13, abs=1e-3)
-    assert doc["cost_per_million_requests_usd"] == pytest.approx(11.20 / 12 * 1e6, abs=0.01)
-    assert doc["projected_total_cost_usd"] == pytest.approx(11.20)  # a past month projects to itself
-    a, b = doc["tasks"]
+    assert doc.hours_elapsed == 720
+    assert (doc.requests, doc.escalated) == (12, 2)
+    assert doc.escalation_rate == pytest.approx(2 / 12)
+    assert doc.slm_cost_usd == pytest.approx(7.20)
+    assert doc.frontier_cost_usd == pytest.approx(4.00)
+    assert doc.total_cost_usd == pytest.approx(11.20)
+    assert doc.all_frontier_cost_usd == pytest.approx(13.00)
+    assert doc.savings_usd == pytest.approx(1.80)
+    assert doc.savings_pct == pytest.approx(100 * 1.8 / 13, abs=1e-3)
+    assert doc.cost_per_million_requests_usd == pytest.approx(11.20 / 12 * 1e6, abs=0.01)
+    assert doc.projected_total_cost_usd == pytest.approx(11.20)  # a past month projects to itself
+    a, b = doc.tasks
     # The fixed SLM cost is shared by SLM-answered requests: A answered 8 of the 10.
-    assert a["name"] == "A" and a["slm_cost_usd"] == pytest.approx(5.76) and a["total_cost_usd"] == pytest.approx(9.76)
-    assert a["savings_usd"] == pytest.approx(2.24)
-    assert b["slm_cost_usd"] == pytest.approx(1.44) and b["savings_usd"] == pytest.approx(-0.44)
+    assert a.name == "A" and a.slm_cost_usd == pytest.approx(5.76) and a.total_cost_usd == pytest.approx(9.76)
+    assert a.savings_usd == pytest.approx(2.24)
+    assert b.slm_cost_usd == pytest.approx(1.44) and b.savings_usd == pytest.approx(-0.44)
 
 
 def test_month_to_date_projects_to_month_end(tmp_path):
@@ -73,9 +73,9 @@ def test_month_to_date_projects_to_month_end(tmp_path):
     write_rows(store, rows_for("A", NOV_2026 + DAY, 10, 2, 1.0, 2.0))
     now = NOV_2026 + 15 * DAY  # 360 of 720 hours
     doc = month_report(store, "2026-11", now=now, gpu_hour_usd=0.01, gpus=1)
-    assert doc["slm_cost_usd"] == pytest.approx(3.60)
+    assert doc.slm_cost_usd == pytest.approx(3.60)
     # the fixed fleet for the whole month + frontier spend at the same pace
-    assert doc["projected_total_cost_usd"] == pytest.approx(7.20 + 4.00 * 2)
+    assert doc.projected_total_cost_usd == pytest.approx(7.20 + 4.00 * 2)
 
 
 def test_windows_are_split_into_days_hours_and_minutes():
@@ -240,8 +240,7 @@ def test_set_threshold_refuses_unknown_task_and_bad_values(tmp_path):
 
 
 def test_what_if_halved_frontier_prices():
-    monthly = {"requests": 1000, "escalated": 100, "escalation_rate": 0.1, "frontier_cost_usd": 50.0,
-               "all_frontier_cost_usd": 400.0, "slm_cost_usd": 100.0}
+    monthly = CostFigures(**CostFigures.of(requests=1000, escalated=100, slm=100.0, frontier=50.0, all_frontier=400.0))
     curve = [[0.5, 0.05, 0.90], [0.7, 0.10, 0.96], [0.9, 0.30, 0.99]]
     r = what_if(monthly, curve, current_threshold=0.7, target_accuracy=0.95, price_factor=0.5)
     assert r["monthly_cost_usd"] == pytest.approx(100 + 1000 * 0.1 * 0.25)  # $0.50 per escalation, halved

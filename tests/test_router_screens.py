@@ -81,11 +81,11 @@ async def test_cost_screen_shows_month_to_date_and_twelve_months(router_store):
     async with app.run_test(size=(100, 30)) as pilot:
         screen = await _open(app, pilot, "6")
         assert isinstance(screen, CostScreen)
-        report = screen.data["report"]
-        assert report["requests"] > 0 and report["savings_usd"] > 0
+        report = screen.data.report
+        assert report.requests > 0 and report.savings_usd > 0
         text = static_text(screen.query_one("#cost-summary", Static))
         assert "total" in text and "saved" in text and "$" in text
-        assert len(screen.data["history"]) == 12
+        assert len(screen.data.history) == 12
         assert screen.query_one("#cost-tasks", DataTable).row_count == len(DEMO_TASKS)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from store.analytics import CostFigures
     from store.db import Store
 
 
@@ -204,20 +205,20 @@ def latest_calibration(store: Store, task: str) -> dict[str, Any] | None:
     return row
 
 
-def what_if(monthly: dict[str, Any], curve: list[list[float]] | None, current_threshold: float, target_accuracy: float,
+def what_if(monthly: CostFigures, curve: list[list[float]] | None, current_threshold: float, target_accuracy: float,
             price_factor: float = 1.0, volume_factor: float = 1.0) -> dict[str, Any]:
     """A task's monthly cost under a frontier price or volume change, and the cheapest threshold at the target.
 
     `monthly` is the task's entry of a month report (projected to a full month by the caller). The local
     fleet is a fixed cost; frontier spend scales with volume, price and the escalation rate.
     """
-    requests = monthly["requests"] * volume_factor
-    rate_now = monthly["escalation_rate"] or 0.0
-    escalated_now = monthly["escalated"] or 0
-    per_escalation = (monthly["frontier_cost_usd"] / escalated_now) if escalated_now else (
-        monthly["all_frontier_cost_usd"] / monthly["requests"] if monthly["requests"] else 0.0)
+    requests = monthly.requests * volume_factor
+    rate_now = monthly.escalation_rate or 0.0
+    escalated_now = monthly.escalated or 0
+    per_escalation = (monthly.frontier_cost_usd / escalated_now) if escalated_now else (
+        monthly.all_frontier_cost_usd / monthly.requests if monthly.requests else 0.0)
     per_escalation *= price_factor
-    slm = monthly["slm_cost_usd"]
+    slm = monthly.slm_cost_usd
 
     def cost_at(rate: float) -> float:
         return slm + requests * rate * per_escalation
@@ -235,6 +236,6 @@ def what_if(monthly: dict[str, Any], curve: list[list[float]] | None, current_th
         "current_threshold": current_threshold,
         "current_escalation_rate": rate_now,
         "monthly_cost_usd": cost_at(rate_now),
-        "all_frontier_cost_usd": monthly["all_frontier_cost_usd"] * volume_factor * price_factor,
+        "all_frontier_cost_usd": monthly.all_frontier_cost_usd * volume_factor * price_factor,
         "best": best,
     }

@@ -12,6 +12,7 @@ from textual.containers import Horizontal
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
+from engine.router.figures import CostData, load_cost_data
 from tui.format import usd
 from tui.screens.base import PolledScreen
 
@@ -19,21 +20,10 @@ if TYPE_CHECKING:
     from store.db import Store
 
 
-def load_cost_data(store: Store, config_path: Path | None, now: float) -> dict[str, Any]:
-    from engine.router.config import load_router_settings
-    from store.analytics import current_month, month_report, monthly_history
-
-    settings = load_router_settings(config_path)
-    gpu_hour, gpus, policies, error = settings.gpu_hour_usd, settings.gpus, settings.policies, settings.error
-    report = month_report(store, current_month(now), now, gpu_hour, gpus, policies)
-    history = monthly_history(store, now, 12, gpu_hour, gpus)
-    return {"report": report, "history": history, "error": error}
-
-
 class CostScreen(PolledScreen):
     def __init__(self, refresh_s: float = 10.0) -> None:
         super().__init__(refresh_s)
-        self.data: dict[str, Any] | None = None
+        self.data: CostData | None = None
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="cost-top"):
@@ -52,46 +42,45 @@ class CostScreen(PolledScreen):
     @work(thread=True, exclusive=True, group="cost")
     def _load(self, store: Store, config_path: Path | None) -> None:
         try:
-            data = load_cost_data(store, config_path, time.time())
+            data: CostData | str = load_cost_data(store, config_path, time.time())
         except Exception as exc:
-            data = {"error": f"cost figures unavailable: {exc}"}
+            data = f"cost figures unavailable: {exc}"
         self.app.call_from_thread(self._show, data)
 
-    def _show(self, data: dict[str, Any]) -> None:
+    def _show(self, data: CostData | str) -> None:
         self.loaded()
-        self.data = data
         summary = self.query_one("#cost-summary", Static)
-        if "report" not in data:
-            summary.update(f"[red]{data.get('error')}[/]")
+        if isinstance(data, str):
+            summary.update(f"[red]{data}[/]")
             return
-        r = data["report"]
-        pct = "n/a" if r["savings_pct"] is None else f"{r['savings_pct']:.1f}%"
+        self.data = data
+        r = data.report
+        pct = "n/a" if r.savings_pct is None else f"{r.savings_pct:.1f}%"
+        saved = f"saved      {usd(r.savings_usd):>12} ({pct})"
         lines = [
-            f"[b]{r['month']}[/b] to date ({r['hours_elapsed']:.0f} of {r['hours_in_month']:.0f} h)",
-            f"local SLM  {usd(r['slm_cost_usd']):>12}",
-            f"frontier   {usd(r['frontier_cost_usd']):>12}",
-            f"[b]total      {usd(r['total_cost_usd']):>12}[/b]",
-            f"projected  {usd(r['projected_total_cost_usd']):>12}",
-            f"all-front. {usd(r['all_frontier_cost_usd']):>12}",
-            f"[b green]saved      {usd(r['savings_usd']):>12} ({pct})[/]" if (r["savings_usd"] or 0) >= 0
-            else f"[b red]saved      {usd(r['savings_usd']):>12} ({pct})[/]",
-            f"per M req. {usd(r['cost_per_million_requests_usd']):>12}",
-            f"requests   {r['requests']:>12,}",
+            f"[b]{r.month}[/b] to date ({r.hours_elapsed:.0f} of {r.hours_in_month:.0f} h)",
+            f"local SLM  {usd(r.slm_cost_usd):>12}",
+            f"frontier   {usd(r.frontier_cost_usd):>12}",
+            f"[b]total      {usd(r.total_cost_usd):>12}[/b]",
+            f"projected  {usd(r.projected_total_cost_usd):>12}",
+            f"all-front. {usd(r.all_frontier_cost_usd):>12}",
+            f"[b green]{saved}[/]" if r.savings_usd >= 0 else f"[b red]{saved}[/]",
+            f"per M req. {usd(r.cost_per_million_requests_usd):>12}",
+            f"requests   {r.requests:>12,}",
         ]
-        if data.get("error"):
-            lines.append(f"[yellow]{data['error']}[/]")
+        if data.error:
+            lines.append(f"[yellow]{data.error}[/]")
         summary.update("\n".join(lines))
         table = self.query_one("#cost-tasks", DataTable)
         table.clear()
-        for t in r["tasks"]:
-            rate = "n/a" if t["escalation_rate"] is None else f"{t['escalation_rate'] * 100:.1f}%"
-            table.add_row(t["name"], f"{t['requests']:,}", rate, usd(t["slm_cost_usd"]), usd(t["frontier_cost_usd"]),
-                          usd(t["total_cost_usd"]), usd(t["cost_per_million_requests_usd"]), usd(t["savings_usd"]),
-                          key=t["name"])
+        for t in r.tasks:
+            rate = "n/a" if t.escalation_rate is None else f"{t.escalation_rate * 100:.1f}%"
+            table.add_row(t.name, f"{t.requests:,}", rate, usd(t.slm_cost_usd), usd(t.frontier_cost_usd),
+                          usd(t.total_cost_usd), usd(t.cost_per_million_requests_usd), usd(t.savings_usd), key=t.name)
         plot = self.query_one("#cost-chart", PlotextPlot)
         plt = plot.plt
         plt.clear_figure()
-        hist = data["history"]
+        hist = data.history
         labels = [h["month"][2:] for h in hist]
         plt.multiple_bar(labels, [[h["total_cost_usd"] for h in hist], [h["all_frontier_cost_usd"] for h in hist]],
                          labels=["actual", "all-frontier"], color=["cyan", "red"])

@@ -11,7 +11,6 @@ the screen is shown.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from textual.containers import Horizontal
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
+from engine.router.figures import RouterData, TaskRow, load_router_data
 from tui.format import local_time, sparkline
 from tui.screens.base import PolledScreen, sync_table
 from tui.screens.confirm import ConfirmScreen
@@ -33,91 +33,12 @@ if TYPE_CHECKING:
 WINDOWS = {"h": ("last hour", 3600), "d": ("last day", 86400), "m": ("last 30 days", 30 * 86400)}
 
 
-@dataclass
-class TaskRow:
-    name: str
-    threshold: float | None
-    req_1h: int
-    rate_1h: float | None
-    rate_24h: float | None
-    rate_30d: float | None
-    baseline: float | None
-    recent: float | None
-    drift_pp: float
-    alert: bool
-    p50_slm: float | None
-    p95_slm: float | None
-    p50_frontier: float | None
-    p95_frontier: float | None
-    confidence_hist: list[int] = field(default_factory=list)
-    escalations_24h: dict[str, int] = field(default_factory=dict)  # by reason
-    slm_model: str | None = None  # what the router config points the task at now
-
-
-@dataclass
-class RouterData:
-    rows: list[TaskRow]
-    series: list[tuple[int, int, int]]
-    calibration: dict[str, Any] | None
-    config_path: Path | None
-    error: str | None = None
-    ledger_backlog: int = 0  # request rows waiting in the proxy's journal, not yet in the store
-    versions: list[dict[str, Any]] = field(default_factory=list)  # the selected task's escalation per model, in the window
-    promotions: list[dict[str, Any]] = field(default_factory=list)  # the selected task's, newest first
-
-
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 100:.1f}%"
 
 
 def _ms(x: float | None) -> str:
     return "n/a" if x is None else (f"{x / 1000:.1f}s" if x >= 1000 else f"{x:.0f}ms")
-
-
-def load_router_data(store: Store, config_path: Path | None, selected: str | None, window_s: int, now: float) -> RouterData:
-    from engine.router.calibrate import latest_calibration
-    from engine.router.config import load_router_settings
-    from store.analytics import drift_for_tasks, escalation_series, known_tasks, totals_by_task
-
-    settings = load_router_settings(config_path)
-    policies, thresholds = settings.policies, settings.thresholds
-    # Without a config the defaults apply quietly; a broken one is worth saying.
-    error = settings.error if config_path is not None and config_path.exists() else None
-    names = sorted(set(policies) | set(known_tasks(store)))
-    t1h = totals_by_task(store, now - 3600, now, histograms=False)
-    t24 = totals_by_task(store, now - 86400, now)
-    t30 = totals_by_task(store, now - 30 * 86400, now, histograms=False)
-    drifts = drift_for_tasks(store, now, names, policies)
-    rows = []
-    for name in names:
-        d = drifts[name]
-        day = t24.get(name)
-        rows.append(TaskRow(
-            name=name, threshold=thresholds.get(name),
-            req_1h=t1h[name].requests if name in t1h else 0,
-            rate_1h=t1h[name].escalation_rate if name in t1h else None,
-            rate_24h=day.escalation_rate if day else None,
-            rate_30d=t30[name].escalation_rate if name in t30 else None,
-            baseline=d.baseline_rate, recent=d.recent_rate, drift_pp=d.threshold_pp, alert=d.alert,
-            p50_slm=day.latency_pct("slm", 0.5) if day else None, p95_slm=day.latency_pct("slm", 0.95) if day else None,
-            p50_frontier=day.latency_pct("frontier", 0.5) if day else None,
-            p95_frontier=day.latency_pct("frontier", 0.95) if day else None,
-            confidence_hist=day.confidence_hist if day else [],
-            escalations_24h={"low confidence": day.esc_low_confidence, "SLM error/timeout": day.esc_slm_error,
-                             "forced": day.esc_forced} if day else {},
-            slm_model=settings.models.get(name),
-        ))
-    selected = selected if selected in names else (names[0] if names else None)
-    series = escalation_series(store, selected, now - window_s, now) if selected else []
-    cal = latest_calibration(store, selected) if selected else None
-    from engine.promotion import history
-    from store.analytics import by_model
-    from store.ledger import journal_backlog
-
-    versions = by_model(store, selected, now - window_s, now) if selected else []
-    promotions = history(store, selected, limit=50) if selected else []
-    return RouterData(rows, series, cal, config_path, error, ledger_backlog=journal_backlog(store, now),
-                      versions=versions, promotions=promotions)
 
 
 class RouterScreen(PolledScreen):
