@@ -13,7 +13,10 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 # States in which a job still holds (or waits for) its allocation.
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING",
@@ -219,19 +222,26 @@ def _gpu_count(text: str, tres: bool = False) -> int:
     return total
 
 
-def view_lines(view: dict[str, Any]) -> list[str]:
-    """The view as the CLI prints it and the Fleet screen shows it."""
+def view_renderable(view: dict[str, Any]) -> RenderableType:
+    """The view as the CLI prints it and the Fleet screen shows it: partitions, nodes, the queue."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from engine.tables import table
+
     if view.get("error"):
-        return [f"Slurm: {view['error']}"]
-    lines = ["partitions: " + ", ".join(f"{p['partition']}{'*' if p['default'] else ''} {p['avail']}/{p['state']} "
+        return Text(f"Slurm: {view['error']}")
+    parts = "partitions: " + ", ".join(f"{p['partition']}{'*' if p['default'] else ''} {p['avail']}/{p['state']} "
                                        f"({p['nodes']} node{'s' if p['nodes'] != '1' else ''})"
-                                       for p in view["partitions"])]
-    for n in view["nodes"]:
-        lines.append(f"node {n['node']:<16} {n['state']:<12} GPUs {n['gpus_alloc']}/{n['gpus']} allocated"
-                     f"  CPUs {n['cpus_alloc']}/{n['cpus']}" + (f"  ({n['reason']})" if n.get("reason") else ""))
+                                       for p in view["partitions"])
+    nodes = table(["node", "state", "GPUs alloc", "CPUs alloc", "reason"],
+                  [[n["node"], n["state"], f"{n['gpus_alloc']}/{n['gpus']}", f"{n['cpus_alloc']}/{n['cpus']}",
+                    n.get("reason") or ""] for n in view["nodes"]], right={"GPUs alloc", "CPUs alloc"})
     pending = [q for q in view["queue"] if q["state"] == "PENDING"]
-    lines.append(f"queue: {len(view['queue'])} job(s), {len(pending)} pending")
-    for q in view["queue"]:
-        why = f" ({q['reason']})" if q["state"] == "PENDING" and q.get("reason") else ""
-        lines.append(f"  {q['id']:>7} {q['name'][:28]:<28} {q['user']:<10} {q['state']}{why} {q['node']} {q['tres']}")
-    return lines
+    queue = [Text(f"queue: {len(view['queue'])} job(s), {len(pending)} pending")]
+    if view["queue"]:
+        queue.append(table(["job", "name", "user", "state", "node", "request"],
+                           [[q["id"], q["name"], q["user"],
+                             q["state"] + (f" ({q['reason']})" if q["state"] == "PENDING" and q.get("reason") else ""),
+                             q["node"], q["tres"]] for q in view["queue"]], right={"job"}, indent=2))
+    return Group(Text(parts), nodes, *queue)

@@ -119,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     except audit.ReadOnlyError as exc:
         return fail(str(exc))
+    except BrokenPipeError:
+        # `fleetdeck report --json | head`: the reader has what it wanted; no traceback for it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def audit_session(args: argparse.Namespace, source: str, read_only: bool | None = None) -> Any:
@@ -175,7 +179,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(gpus_json(snaps), indent=2))
         return 0
-    print(gpus_text(snaps))
+    print_gpus(snaps)
     return 0
 
 
@@ -205,39 +209,36 @@ def _asdict(obj: object) -> dict:
     return asdict(obj)  # type: ignore[call-overload]
 
 
-def gpus_text(snaps: list) -> str:
+def print_gpus(snaps: list) -> None:
+    from fleetdeck.tables import print_table
     from tui.format import gib, local_time
 
-    lines = []
     for s in snaps:
         head = f"{s.node}  {local_time(s.taken_at, '%Y-%m-%d %H:%M:%S')}"
         if s.simulated:
             head += "  SIMULATED"
         if s.nvml != "ok":
-            lines.append(f"{head}\n  NVML unavailable: {s.reason}")
+            print(f"{head}\n  NVML unavailable: {s.reason}")
             h = s.host
             if h.memory_total_bytes:
-                lines.append(
-                    f"  CPU {h.cpu_pct or 0:.0f}% of {h.cpu_count} cores · memory "
-                    f"{gib(h.memory_used_bytes)}/{gib(h.memory_total_bytes)} GiB"
-                )
+                print(f"  CPU {h.cpu_pct or 0:.0f}% of {h.cpu_count} cores · memory "
+                      f"{gib(h.memory_used_bytes)}/{gib(h.memory_total_bytes)} GiB")
             continue
-        lines.append(f"{head}  driver {s.driver_version}")
+        print(f"{head}  driver {s.driver_version}")
+        rows = []
         for g in s.gpus:
             if g.lost:
-                lines.append(f"[{g.index}] {g.name:<24} LOST  {g.error}")
+                rows.append([g.index, g.name, "LOST", "", "", "", g.error or ""])
                 continue
-            util = "n/a" if g.utilization_gpu_pct is None else f"{g.utilization_gpu_pct:3.0f} %"
-            temp = "n/a" if g.temperature_c is None else f"{g.temperature_c:.0f}°C"
-            power = "n/a" if g.power_draw_w is None else f"{g.power_draw_w:.0f} W"
-            procs = " ".join(
-                f"{p.kind}:{p.model or p.pid}({gib(p.gpu_memory_bytes)}G)" for p in g.processes
-            )
-            lines.append(
-                f"[{g.index}] {g.name:<24} | {temp:>5}, {util:>5} | "
-                f"{gib(g.memory_used_bytes)}/{gib(g.memory_total_bytes)} GiB | {power:>6} | {procs}"
-            )
-    return "\n".join(lines)
+            rows.append([
+                g.index, g.name, "n/a" if g.temperature_c is None else f"{g.temperature_c:.0f}°C",
+                "n/a" if g.utilization_gpu_pct is None else f"{g.utilization_gpu_pct:.0f}%",
+                f"{gib(g.memory_used_bytes)}/{gib(g.memory_total_bytes)} GiB",
+                "n/a" if g.power_draw_w is None else f"{g.power_draw_w:.0f} W",
+                " ".join(f"{p.kind}:{p.model or p.pid}({gib(p.gpu_memory_bytes)}G)" for p in g.processes),
+            ])
+        print_table(["GPU", "name", "temp", "util", "memory", "power", "work"], rows,
+                    right={"GPU", "temp", "util", "memory", "power"}, indent=2)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from fleetdeck.cmdutil import err as _err
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node
+from fleetdeck.tables import print_table
 
 
 def register(sub: Any) -> None:
@@ -139,13 +140,16 @@ def run_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"adapters": docs, "loaded": loaded, "problems": problems}, indent=2))
         return 0
+    rows = []
     for a, doc in zip(found, docs):
         ev = doc["latest_eval"]
         score = f"acc {ev['accuracy'] * 100:.1f}% on {Path(ev['eval_path']).name}" if ev else "not evaluated"
-        print(f"{a.name:<28} r={a.rank:<4} {doc['status']:<11} {score:<28} base={a.base_model or 'n/a'}  "
-              f"{a.size_bytes / 1024**2:.1f} MiB")
+        rows.append([a.name, a.rank, doc["status"], score, a.base_model or "n/a", f"{a.size_bytes / 1024**2:.1f} MiB"])
+    if rows:
+        print_table(["adapter", "rank", "status", "evaluation", "base model", "size"], rows, right={"rank", "size"})
+    for a in found:
         for p in a.vllm_problems:
-            print(f"  vLLM would refuse it: {p}")
+            print(f"{a.name}: vLLM would refuse it: {p}")
     for sid, names in loaded.items():
         print(f"loaded in {sid}: {', '.join(names) or '(none)'}")
     for p in problems:
@@ -374,8 +378,10 @@ def run_history(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    for p in rows:
-        print(f"{local_time(p['ts'], '%Y-%m-%d %H:%M')}  {p['task']:<20} {p['kind']:<8} {p['from_model']} -> {p['to_model']}  by {p['actor']}")
     if not rows:
         print("no promotions yet")
+        return 0
+    print_table(["when", "task", "kind", "from", "to", "by"],
+                [[local_time(p["ts"], "%Y-%m-%d %H:%M"), p["task"], p["kind"], p["from_model"], p["to_model"], p["actor"]]
+                 for p in rows])
     return 0

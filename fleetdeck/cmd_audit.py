@@ -9,6 +9,8 @@ import time
 from datetime import datetime
 from typing import Any
 
+from fleetdeck.tables import print_table
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("audit", parents=[sub.common], help="the audit trail of operator actions; `audit verify` checks it",
@@ -59,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         print("no audit records" + (" match" if args.since or args.node or args.action else " yet"), file=sys.stderr)
         return 0
+    table = []
     for r in rows:
         who = r["actor"] + (f"@{r['origin']}" if r["origin"] not in (None, "local") else "")
         if r["on_behalf_of"]:
             who += f" for {r['on_behalf_of']}"
-        line = f"{r['utc'][:19]}Z  {r['node']:<14} {r['source']:<5} {who:<22} {r['action']:<16} {r['target']:<24} {r['outcome']}"
-        print(line + (f": {r['reason']}" if r["reason"] else ""))
+        table.append([f"{r['utc'][:19]}Z", r["node"], r["source"], who, r["action"], r["target"],
+                      r["outcome"] + (f": {r['reason']}" if r["reason"] else "")])
+    print_table(["when (UTC)", "node", "from", "who", "action", "target", "outcome"], table)
     return 0

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node
+from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -193,10 +194,13 @@ def run_ls(args: argparse.Namespace) -> int:
         return 0
     if not recs:
         print("no jobs (start one with `fleetdeck finetune start SPEC --gpus 0`)")
+        return 0
+    rows = []
     for r in recs:
         p = jobs.last_step(r)
         prog = f"step {p['step']}/{p['total_steps']} loss {p['loss']:.4f}" if p and p.get("loss") is not None else "no steps yet"
-        print(f"{r.id:<28} {r.state:<9} {r.gpus:<7} {prog}" + (f"  {r.reason}" if r.reason else ""))
+        rows.append([r.id, r.state, r.gpus, prog, r.reason or ""])
+    print_table(["job", "state", "GPUs", "progress", "note"], rows)
     return 0
 
 

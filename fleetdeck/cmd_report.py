@@ -6,8 +6,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fleetdeck.tables import print_table
+
+if TYPE_CHECKING:
+    from store.analytics import MonthReport
 
 EXIT_DRIFT = 3
 
@@ -59,40 +65,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"fleetdeck report: {exc}", file=sys.stderr)
         return 2
     if note:
-        doc["note"] = note
+        doc = replace(doc, note=note)
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(doc.to_json(), indent=2))
     else:
-        print(render_text(doc))
-    return EXIT_DRIFT if doc["drift_alert"] else 0
+        print_report(doc)
+    return EXIT_DRIFT if doc.drift_alert else 0
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 100:.1f}%"
 
 
-def render_text(doc: dict[str, Any]) -> str:
+def print_report(r: MonthReport) -> None:
     from tui.format import usd
 
-    savings_pct = "n/a" if doc["savings_pct"] is None else f"{doc['savings_pct']:.1f}%"
-    lines = [
-        f"fleetdeck report {doc['month']} ({doc['hours_elapsed']:.1f} of {doc['hours_in_month']:.0f} h)",
-        f"  requests            {doc['requests']:,}  escalated {doc['escalated']:,} ({_pct(doc['escalation_rate'])})",
-        f"  local SLM (fixed)   {usd(doc['slm_cost_usd'])}  ({usd(doc['slm_gpu_hour_usd'])}/GPU-h x {doc['slm_gpus']} GPUs)",
-        f"  frontier spend      {usd(doc['frontier_cost_usd'])}",
-        f"  total               {usd(doc['total_cost_usd'])}   projected to month end {usd(doc['projected_total_cost_usd'])}",
-        f"  all-frontier        {usd(doc['all_frontier_cost_usd'])}",
-        f"  savings             {usd(doc['savings_usd'])} ({savings_pct})",
-        f"  per million req.    {usd(doc['cost_per_million_requests_usd'])}",
+    savings_pct = "n/a" if r.savings_pct is None else f"{r.savings_pct:.1f}%"
+    print("\n".join([
+        f"fleetdeck report {r.month} ({r.hours_elapsed:.1f} of {r.hours_in_month:.0f} h)",
+        f"  requests            {r.requests:,}  escalated {r.escalated:,} ({_pct(r.escalation_rate)})",
+        f"  local SLM (fixed)   {usd(r.slm_cost_usd)}  ({usd(r.slm_gpu_hour_usd)}/GPU-h x {r.slm_gpus} GPUs)",
+        f"  frontier spend      {usd(r.frontier_cost_usd)}",
+        f"  total               {usd(r.total_cost_usd)}   projected to month end {usd(r.projected_total_cost_usd)}",
+        f"  all-frontier        {usd(r.all_frontier_cost_usd)}",
+        f"  savings             {usd(r.savings_usd)} ({savings_pct})",
+        f"  per million req.    {usd(r.cost_per_million_requests_usd)}",
         "",
-        f"  {'task':<22}{'requests':>10}{'esc':>8}{'baseline':>10}{'recent':>8}{'total':>12}{'$/M req':>12}  drift",
-    ]
-    for t in doc["tasks"]:
-        lines.append(
-            f"  {t['name'][:22]:<22}{t['requests']:>10,}{_pct(t['escalation_rate']):>8}{_pct(t['baseline_escalation_rate']):>10}"
-            f"{_pct(t['recent_escalation_rate']):>8}{usd(t['total_cost_usd']):>12}{usd(t['cost_per_million_requests_usd']):>12}"
-            f"  {'DRIFT' if t['drift_alert'] else 'ok'}"
-        )
-    if doc.get("note"):
-        lines.append(f"\nnote: {doc['note']}")
-    return "\n".join(lines)
+    ]))
+    print_table(["task", "requests", "esc", "baseline", "recent", "total", "$/M req", "drift"],
+                [[t.name, f"{t.requests:,}", _pct(t.escalation_rate), _pct(t.baseline_escalation_rate),
+                  _pct(t.recent_escalation_rate), usd(t.total_cost_usd), usd(t.cost_per_million_requests_usd),
+                  "DRIFT" if t.drift_alert else "ok"] for t in r.tasks],
+                right={"requests", "esc", "baseline", "recent", "total", "$/M req"}, indent=2)
+    if r.note:
+        print(f"\nnote: {r.note}")

@@ -13,6 +13,7 @@ from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.cmdutil import fleet_config_of as _fleet_config
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node, remote_node
+from fleetdeck.tables import print_table
 
 
 def register(sub: Any) -> None:
@@ -203,14 +204,18 @@ def run_ls(args: argparse.Namespace) -> int:
         return 0
     if not views:
         print("no servers (start one with `fleetdeck serve start PROFILE --gpus 0`)")
+        return 0
+    rows = []
     for v in views:
         r, f = v.rec, v.figures
-        live = ""
+        live = ["", "", ""]
         if f is not None:
-            live = (f"  gen {_num(f.generation_tps)} tok/s  run/wait {_num(f.running)}/{_num(f.waiting)}"
-                    f"  KV {_num(None if f.kv_usage is None else f.kv_usage * 100)}%")
-        print(f"{r.id:<24} {r.state:<9} {r.served_name[:36]:<36} GPUs {r.gpus:<5} :{r.port}{live}"
-              + (f"  {r.reason}" if r.reason and r.state != "stopped" else ""))
+            live = [_num(f.generation_tps), f"{_num(f.running, '{:.0f}')}/{_num(f.waiting, '{:.0f}')}",
+                    _num(None if f.kv_usage is None else f.kv_usage * 100, "{:.1f}%")]
+        rows.append([r.id, r.state, r.served_name, r.gpus, r.port, *live,
+                     r.reason if r.reason and r.state != "stopped" else ""])
+    print_table(["server", "state", "model", "GPUs", "port", "gen tok/s", "run/wait", "KV", "note"], rows,
+                right={"port", "gen tok/s", "run/wait", "KV"})
     return 0
 
 

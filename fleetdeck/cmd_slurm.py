@@ -36,5 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(view, indent=2))
     else:
-        print("\n".join(slurm.view_lines(view)))
+        from fleetdeck.tables import print_renderable
+
+        print_renderable(slurm.view_renderable(view))
     return 0 if view["error"] is None else 2

@@ -105,3 +105,20 @@ def test_the_dashboard_never_loads_litellm_torch_vllm_or_unsloth():
     )
     assert "textual" in mods
     assert not (HEAVY & mods)
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`fleetdeck audit --json | head -1`: the reader closes the pipe while fleetdeck still writes (more
+    than a pipe holds); it ends without a traceback."""
+    from engine import audit
+    from store.db import open_store
+
+    store = open_store(tmp_path / "fd.db")
+    for i in range(600):
+        audit.append(store, "server.start", f"q-{i}", "done", params={"server": f"q-{i}"})
+    proc = subprocess.Popen([sys.executable, "-m", "fleetdeck", "audit", "--json", "--store", str(tmp_path / "fd.db")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"["
+    proc.stdout.close()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err

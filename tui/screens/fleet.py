@@ -6,6 +6,7 @@ one batch, so a 64-GPU fleet costs a few cell writes per second rather than a re
 
 from __future__ import annotations
 
+from rich.console import Group
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -170,9 +171,8 @@ class FleetScreen(DeckScreen):
         settings = self._slurm_settings()
         if settings is None:
             return
-        text = Text("Slurm ", style="bold")
-        text.append("\n".join(slurm.view_lines(slurm.cluster(settings).to_json())))  # node lists hold [ ]: no markup
-        self.app.call_from_thread(self.query_one("#fleet-slurm", Static).update, text)
+        view = Group(Text("Slurm", style="bold"), slurm.view_renderable(slurm.cluster(settings).to_json()))
+        self.app.call_from_thread(self.query_one("#fleet-slurm", Static).update, view)
 
     def on_screen_resume(self) -> None:
         poller = getattr(self.app, "poller", None)
