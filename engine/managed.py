@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 
+from engine.slurm import Placement
+
 if TYPE_CHECKING:
     from store.db import Store
 
@@ -42,11 +44,27 @@ class ManagedRecord:
     predicted_kv_tokens: int | None = None
     engine_pid: int | None = None  # vLLM's engine-core process, once seen
     engine_create_time: float | None = None
+    # What the run has, apart from what was asked (`spec`): its own folder, and the site's Slurm's hold on it.
+    workdir: str | None = None
+    slurm: Placement | None = None
+
+    @classmethod
+    def from_json(cls: type[R], doc: dict[str, Any]) -> R:
+        """A record from its JSON (the store's row decoded, or an agent's answer); fields this version
+        does not know are left out."""
+        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
+        if known.get("slurm") is not None:
+            known["slurm"] = Placement.from_json(known["slurm"])
+        return cls(**known)
+
+
+# Columns held as JSON text in the `managed` table.
+JSON_COLUMNS = ("argv", "env", "spec", "slurm", "outputs")
 
 
 def save(store: Store, kind: str, rec: ManagedRecord) -> None:
     d = asdict(rec)
-    d.update(argv=json.dumps(rec.argv), env=json.dumps(rec.env), spec=json.dumps(rec.spec), kind=kind)
+    d.update({c: json.dumps(d[c]) for c in JSON_COLUMNS if d.get(c) is not None}, kind=kind)
     cols = list(d)
     with store.transaction() as conn:
         conn.execute(f"INSERT OR REPLACE INTO managed ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
@@ -54,10 +72,7 @@ def save(store: Store, kind: str, rec: ManagedRecord) -> None:
 
 
 def _from_row(cls: type[R], row: dict[str, Any]) -> R:
-    row = dict(row)
-    row.pop("kind", None)
-    row.update(argv=json.loads(row["argv"]), env=json.loads(row["env"]), spec=json.loads(row["spec"]))
-    return cls(**row)
+    return cls.from_json({k: json.loads(v) if k in JSON_COLUMNS and v is not None else v for k, v in row.items()})
 
 
 def load_all(store: Store, kind: str, cls: type[R]) -> list[R]:

@@ -249,7 +249,7 @@ class AgentOps:
         out = []
         for doc in self._ask(Op.LIST_JOBS, timeout=10):
             events = doc.get("events") or []
-            rec = JobRecord(**{k: v for k, v in doc.items() if k in JobRecord.__dataclass_fields__})
+            rec = JobRecord.from_json(doc)
             rec.id = f"@{self.name}:{rec.id}"
             out.append((rec, events))
         return out

@@ -65,6 +65,43 @@ class Where:
 
 
 @dataclass
+class Placement:
+    """A job or server handed to Slurm: its id, the sbatch options (a resume resubmits the same), how to
+    reach that Slurm, and the scheduler's latest view of it. Kept in the managed record, beside its spec."""
+
+    id: str
+    options: list[str]
+    conf: str | None = None
+    bin_dir: str | None = None
+    state: str = "PENDING"
+    reason: str | None = None
+    node: str | None = None
+    host: str | None = None  # the address a server listens on (the node's NodeAddr), once it runs
+    elapsed: str | None = None
+    time_limit: str | None = None
+    exit_code: str | None = None
+
+    @classmethod
+    def submitted(cls, job_id: str, options: list[str], settings: Any) -> "Placement":
+        return cls(job_id, list(options), **asdict(Where.of(settings)))
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "Placement":
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def where(self) -> Where:
+        return Where(self.conf, self.bin_dir)
+
+    def seen(self, sj: SlurmJob) -> None:
+        self.state, self.reason, self.node = sj.state, sj.reason, sj.node
+        self.elapsed, self.time_limit, self.exit_code = sj.elapsed, sj.time_limit, sj.exit_code
+
+    def resubmitted(self, job_id: str) -> None:
+        self.id, self.state, self.reason, self.node, self.host = job_id, "PENDING", None, None, None
+
+
+@dataclass
 class ClusterView:
     partitions: list[dict[str, str]] = field(default_factory=list)
     nodes: list[dict[str, Any]] = field(default_factory=list)

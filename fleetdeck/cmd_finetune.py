@@ -176,7 +176,7 @@ def _start_slurm(args: argparse.Namespace, spec: Any, config: Any) -> int:
         rec = jobs.start(_store(args), spec, None, force=args.force, adapter_root=root, slurm=req)
     except jobs.JobError as exc:
         return _err(str(exc))
-    print(f"submitted {rec.id} to Slurm as job {rec.spec['_slurm']['id']} ({args.gpus} GPU); log {rec.log_path}")
+    print(f"submitted {rec.id} to Slurm as job {rec.slurm.id} ({args.gpus} GPU); log {rec.log_path}")
     return 0
 
 
@@ -276,9 +276,9 @@ def run_merge(args: argparse.Namespace) -> int:
     try:
         if "@" not in args.source and not any(a.family == args.source for a in adapters.scan(roots)[0]):
             job = jobs.refresh(store, jobs.get(store, args.source))
-            if not job.spec.get("_adapter_path"):
+            if not job.outputs.adapter_path:
                 return _err(f"{job.id} is {job.state}, with no adapter to merge")
-            adapter = adapters.read_adapter(Path(job.spec["_adapter_path"]))
+            adapter = adapters.read_adapter(Path(job.outputs.adapter_path))
         else:
             adapter = adapters.by_name(roots, args.source)
         problem = integrity_problem(adapter)

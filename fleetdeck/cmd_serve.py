@@ -171,7 +171,7 @@ def _start_slurm(args: argparse.Namespace) -> int:
                              slurm=SlurmRequest(config.slurm, int(args.gpus), args.partition, args.time))
     except LaunchError as exc:
         return _err(str(exc))
-    print(f"submitted {rec.id} to Slurm as job {rec.spec['_slurm']['id']} ({args.gpus} GPU), port {rec.port}; "
+    print(f"submitted {rec.id} to Slurm as job {rec.slurm.id} ({args.gpus} GPU), port {rec.port}; "
           f"log {rec.log_path}")
     if verdict is not None:
         print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens")

@@ -168,8 +168,8 @@ def finetune_checks(work: Path, device: str, steps: int) -> list[Check]:
         checks.append(Check("job's process attributed on its GPU", f"finetune {job_id}", f"{seen_kind} {seen_job}",
                             seen_kind == "finetune" and seen_job == job_id))
     est = estimate.total_bytes / MIB
-    reserved = (job["spec"].get("_gpu_peak_reserved_bytes") or 0) / MIB or None
-    allocated = (job["spec"].get("_gpu_peak_allocated_bytes") or 0) / MIB or None
+    reserved = (job["outputs"].get("gpu_peak_reserved_bytes") or 0) / MIB or None
+    allocated = (job["outputs"].get("gpu_peak_allocated_bytes") or 0) / MIB or None
     print("     planner estimate " + ", ".join(f"{k} {v / MIB:,.0f} MiB" for k, v in estimate.to_json().items()
                                               if k.endswith("_bytes")))
     if reserved is None:

@@ -246,6 +246,33 @@ def _v8_adapter_lifecycle(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX promotions_task ON promotions (task, ts)")
 
 
+RUNTIME_KEYS = ("_workdir", "_slurm", "_adapter_path", "_output_path", "_final_loss", "_gpu_peak_reserved_bytes",
+                "_gpu_peak_allocated_bytes")
+
+
+def _v9_runtime_apart_from_spec(db: sqlite_utils.Database) -> None:
+    # What a run has (its folder, Slurm's hold on it, what a job produced) was kept inside its spec under
+    # underscore keys; it moves to columns of its own and the spec is again only what was asked.
+    db.execute("ALTER TABLE managed ADD COLUMN workdir TEXT")
+    db.execute("ALTER TABLE managed ADD COLUMN slurm TEXT")
+    db.execute("ALTER TABLE managed ADD COLUMN outputs TEXT")
+    db.execute(
+        """
+        UPDATE managed SET
+            workdir = json_extract(spec, '$._workdir'),
+            slurm = json_extract(spec, '$._slurm'),
+            outputs = CASE WHEN kind = 'job' THEN json_object(
+                'adapter_path', json_extract(spec, '$._adapter_path'),
+                'output_path', json_extract(spec, '$._output_path'),
+                'final_loss', json_extract(spec, '$._final_loss'),
+                'gpu_peak_reserved_bytes', json_extract(spec, '$._gpu_peak_reserved_bytes'),
+                'gpu_peak_allocated_bytes', json_extract(spec, '$._gpu_peak_allocated_bytes')) END
+        """
+    )
+    paths = ", ".join(f"'$.{k}'" for k in RUNTIME_KEYS)
+    db.execute(f"UPDATE managed SET spec = json_remove(spec, {paths})")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
     2: _v2_router_ledger,
@@ -255,5 +282,6 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     6: _v6_sanitized_rows,
     7: _v7_audit,
     8: _v8_adapter_lifecycle,
+    9: _v9_runtime_apart_from_spec,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

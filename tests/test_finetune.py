@@ -72,7 +72,7 @@ def test_peft_job_runs_on_cpu_is_cancelled_resumed_and_ends_with_a_servable_adap
     assert cancelled["checkpoint"] and Path(cancelled["checkpoint"]).is_dir()
     stopped_at = cancelled["step"]
     # Resume continues from the checkpoint, not from step 0. Shorten the run so the test ends soon.
-    spec_json = rec.workdir / "spec.json"
+    spec_json = rec.job_dir / "spec.json"
     spec_json.write_text(json.dumps({**json.loads(spec_json.read_text()), "max_steps": stopped_at + 4}))
     rec = jobs.resume(store, rec)
     rec = wait_state(store, rec, {"finished", "failed"})

@@ -65,7 +65,7 @@ def test_merge_folds_the_version_into_its_base_as_a_job(tiny_version, capsys):
     # The job is on the Jobs list like a fine-tune, and the action is in the audit trail.
     store = open_store(site["root"] / "fd.db")
     (rec,) = [j for j in jobs.list_jobs(store) if j.spec.get("kind") == "merge"]
-    assert rec.state == "finished" and rec.spec["_output_path"] == str(merged)
+    assert rec.state == "finished" and rec.outputs.output_path == str(merged)
     actions = [(r["action"], r["outcome"]) for r in store.query("SELECT action, outcome FROM audit")]
     assert ("model.merge", "done") in actions
 

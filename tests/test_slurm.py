@@ -49,9 +49,9 @@ def site(cluster, tmp_path, monkeypatch):
     yield {"root": tmp_path, "fleet": fleet, "spec": spec, "db": tmp_path / "fd.db", "cluster": cluster}
     store = open_store(tmp_path / "fd.db")
     for rec in jobs.list_jobs(store):  # nothing this test submitted outlives it
-        if "_slurm" in rec.spec and rec.state == "running":
+        if rec.slurm is not None and rec.state == "running":
             try:
-                slurm.cancel(slurm.Where(str(cluster.conf)), rec.spec["_slurm"]["id"])
+                slurm.cancel(slurm.Where(str(cluster.conf)), rec.slurm.id)
             except slurm.SlurmError:
                 pass
 
@@ -77,9 +77,9 @@ def test_a_finetune_waits_for_gpus_runs_is_cancelled_resumed_and_finishes_throug
     assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1", "--time", "30") == 0
     out = capsys.readouterr().out
     job_id = out.split()[1]
-    rec = wait(site, job_id, lambda r: r.spec["_slurm"].get("reason") == "Resources")
-    assert rec.state == "running" and rec.spec["_slurm"]["state"] == "PENDING"
-    options = rec.spec["_slurm"]["options"]
+    rec = wait(site, job_id, lambda r: r.slurm.reason == "Resources")
+    assert rec.state == "running" and rec.slurm.state == "PENDING"
+    options = rec.slurm.options
     assert "--gres=gpu:1" in options and "--partition=gpu" in options and "--time=30" in options
     assert "--signal=B:TERM@60" in options and any(o.startswith("--comment=") and "GiB" in o for o in options)
     assert run(site, "finetune", "ls") == 0
@@ -93,7 +93,7 @@ def test_a_finetune_waits_for_gpus_runs_is_cancelled_resumed_and_finishes_throug
 
     slurm.cancel(slurm.Where(str(cluster.conf)), holder)
     rec = wait(site, job_id, lambda r: (jobs.last_step(r) or {}).get("step", 0) >= 3)
-    assert rec.spec["_slurm"]["state"] == "RUNNING" and rec.spec["_slurm"]["node"] == "fdnode"
+    assert rec.slurm.state == "RUNNING" and rec.slurm.node == "fdnode"
 
     # Cancel: SIGTERM to the batch process; the runner saves a checkpoint and stops.
     assert run(site, "finetune", "cancel", job_id) == 0
@@ -101,18 +101,18 @@ def test_a_finetune_waits_for_gpus_runs_is_cancelled_resumed_and_finishes_throug
     assert rec.state == "cancelled", rec.reason
     cancelled = [e for e in jobs.read_events(rec.progress_path) if e["event"] == "cancelled"][0]
     assert cancelled["checkpoint"] and Path(cancelled["checkpoint"]).is_dir()
-    first_slurm_id = rec.spec["_slurm"]["id"]
+    first_slurm_id = rec.slurm.id
 
     # Resume: resubmitted, continues from the checkpoint, ends with its adapter version.
-    spec_json = rec.workdir / "spec.json"
+    spec_json = rec.job_dir / "spec.json"
     spec_json.write_text(json.dumps({**json.loads(spec_json.read_text()), "max_steps": cancelled["step"] + 3}))
     assert run(site, "finetune", "resume", job_id) == 0
     rec = wait(site, job_id, lambda r: r.state != "running")
     assert rec.state == "finished", rec.reason
-    assert rec.spec["_slurm"]["id"] != first_slurm_id
+    assert rec.slurm.id != first_slurm_id
     starts = [e for e in jobs.read_events(rec.progress_path) if e["event"] == "start"]
     assert starts[-1]["resumed_at"] == cancelled["step"]
-    assert Path(rec.spec["_adapter_path"]).name == "tickets@v1"
+    assert Path(rec.outputs.adapter_path).name == "tickets@v1"
 
 
 def test_a_failing_slurm_job_shows_slurms_state_and_the_runners_reason(site, capsys):
@@ -120,9 +120,9 @@ def test_a_failing_slurm_job_shows_slurms_state_and_the_runners_reason(site, cap
     holder = cluster.sbatch("--gres=gpu:2", "--partition=gpu", "--output=/dev/null", "--wrap=sleep 600")
     assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1") == 0
     job_id = capsys.readouterr().out.split()[1]
-    rec = wait(site, job_id, lambda r: r.spec["_slurm"].get("state") == "PENDING")
+    rec = wait(site, job_id, lambda r: r.slurm.state == "PENDING")
     # While it waits, its base model goes away: the runner fails when Slurm starts it.
-    model = Path(json.loads(rec.workdir.joinpath("spec.json").read_text())["base_model"])
+    model = Path(json.loads(rec.job_dir.joinpath("spec.json").read_text())["base_model"])
     (model / "config.json").rename(model / "config.json.gone")
     try:
         slurm.cancel(slurm.Where(str(cluster.conf)), holder)
@@ -130,7 +130,7 @@ def test_a_failing_slurm_job_shows_slurms_state_and_the_runners_reason(site, cap
     finally:
         (model / "config.json.gone").rename(model / "config.json")
     assert rec.state == "failed"
-    assert rec.reason.startswith(f"Slurm {rec.spec['_slurm']['id']} ended FAILED (exit 1:0)"), rec.reason
+    assert rec.reason.startswith(f"Slurm {rec.slurm.id} ended FAILED (exit 1:0)"), rec.reason
     assert "config.json" in rec.reason  # the runner's own words
 
 
@@ -167,7 +167,7 @@ async def test_fleet_and_jobs_screens_show_what_slurm_sees(site, capsys):
                             "--wrap=sleep 600")
     assert run(site, "finetune", "start", str(site["spec"]), "--slurm", "--gpus", "1") == 0
     job_id = capsys.readouterr().out.split()[1]
-    wait(site, job_id, lambda r: r.spec["_slurm"].get("reason") == "Resources")
+    wait(site, job_id, lambda r: r.slurm.reason == "Resources")
     app = make_app(store_path=site["db"])
     app.options.config = FleetConfig(slurm=SlurmSettings(enabled=True, conf=cluster.conf))
     try:
@@ -258,13 +258,13 @@ def test_a_server_submitted_to_slurm_becomes_ready_is_stopped_and_one_the_schedu
     assert run(site, "serve", "stop", sid) == 0
     assert f"{sid}: stopped" in capsys.readouterr().out
     rec = launcher.get(open_store(site["db"]), sid)
-    assert rec.state == "stopped" and rec.spec["_slurm"]["state"] in ("CANCELLED", "COMPLETED", "GONE")
+    assert rec.state == "stopped" and rec.slurm.state in ("CANCELLED", "COMPLETED", "GONE")
 
     # One the scheduler (here: an administrator's scancel) ends under it: crashed, with Slurm's word for it.
     assert run(site, "serve", "start", str(prof), "--slurm", "--gpus", "1", "--wait") == 0
     sid = capsys.readouterr().out.split()[1]
     store = open_store(site["db"])
-    slurm.cancel(slurm.Where(str(site["cluster"].conf)), launcher.get(store, sid).spec["_slurm"]["id"])
+    slurm.cancel(slurm.Where(str(site["cluster"].conf)), launcher.get(store, sid).slurm.id)
     deadline = time.time() + 60
     while (rec := launcher.refresh(store, launcher.get(store, sid))).state != "crashed":
         assert time.time() < deadline, rec.reason

@@ -100,3 +100,38 @@ def test_history_past_retention_is_deleted(tmp_path):
     downsample(store, now)
     rows = store.query("SELECT res FROM gpu_samples")
     assert [r["res"] for r in rows] == [3600]
+
+
+def test_run_state_kept_in_the_spec_by_older_stores_moves_to_its_own_columns(tmp_path, monkeypatch):
+    """Schema 9: a job's folder, Slurm's hold and what it produced leave the spec (what was asked)."""
+    import json
+
+    import store.db as db
+    from engine.finetune import jobs
+    from engine.vllm import launcher
+
+    path = tmp_path / "fd.db"
+    monkeypatch.setattr(db, "SCHEMA_VERSION", 8)
+    old = open_store(path)
+    slurm = {"id": "17", "options": ["sbatch", "--gres=gpu:1"], "state": "COMPLETED", "conf": "/etc/slurm/slurm.conf",
+             "bin_dir": None, "node": "gpu-3", "host": "10.0.0.3"}
+    common = {"name": "t", "node": "n", "pid": None, "create_time": None, "argv": "[]", "env": "{}", "gpus": "0",
+              "port": None, "log_path": "/x.log", "reason": None, "started_at": 1.0}
+    old.db["managed"].insert_all([
+        {**common, "kind": "job", "id": "ft-1", "state": "finished",
+         "spec": json.dumps({"name": "t", "lora_rank": 16, "_workdir": "/jobs/ft-1", "_slurm": slurm,
+                             "_adapter_path": "/adapters/t@v1", "_final_loss": 0.25, "_gpu_peak_reserved_bytes": 7})},
+        {**common, "kind": "server", "id": "q-1", "state": "ready", "port": 8000,
+         "spec": json.dumps({"model": "m", "_slurm": slurm})},
+    ])
+    old.close()
+    monkeypatch.undo()
+    store = open_store(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    (job,) = jobs.list_jobs(store)
+    assert job.spec == {"name": "t", "lora_rank": 16}
+    assert (job.workdir, job.slurm.id, job.slurm.node) == ("/jobs/ft-1", "17", "gpu-3")
+    assert (job.outputs.adapter_path, job.outputs.final_loss, job.outputs.gpu_peak_reserved_bytes) == ("/adapters/t@v1", 0.25, 7)
+    (server,) = launcher.list_servers(store)
+    assert server.spec == {"model": "m"} and server.base_url == "http://10.0.0.3:8000"
+    assert json.loads(json.dumps(job.to_json()))["slurm"]["options"] == ["sbatch", "--gres=gpu:1"]

@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -29,21 +29,41 @@ class JobError(Exception):
 
 
 @dataclass
+class JobOutputs:
+    """What a finished job left: an adapter (fine-tunes) or a model (merge/quantize), and what it measured."""
+
+    adapter_path: str | None = None
+    output_path: str | None = None
+    final_loss: float | None = None
+    gpu_peak_reserved_bytes: int | None = None
+    gpu_peak_allocated_bytes: int | None = None
+
+
+@dataclass
 class JobRecord(ManagedRecord):
     """state: running | finished | failed | cancelled."""
 
+    outputs: JobOutputs = field(default_factory=JobOutputs)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "JobRecord":
+        rec = super().from_json({k: v for k, v in doc.items() if k != "outputs"})
+        rec.outputs = JobOutputs(**{k: v for k, v in (doc.get("outputs") or {}).items()
+                                    if k in JobOutputs.__dataclass_fields__})
+        return rec
+
     @property
-    def workdir(self) -> Path:
-        return Path(self.spec["_workdir"])
+    def job_dir(self) -> Path:
+        """The job's own folder: its spec, progress, checkpoints and log (every job has one)."""
+        return Path(self.workdir or ".")
 
     @property
     def progress_path(self) -> Path:
-        return self.workdir / "progress.jsonl"
+        return self.job_dir / "progress.jsonl"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["progress"] = last_step(self)
-        d["slurm"] = self.spec.get("_slurm")  # the scheduler's view: id, state, reason, node, elapsed, limit
         return d
 
 
@@ -162,7 +182,7 @@ def _start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snaps
            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus) if gpus else ""}
     rec = JobRecord(id=jid, name=spec.name, node=node or socket.gethostname(), pid=None, create_time=None, argv=argv,
                     env=env, gpus=",".join(str(g) for g in gpus) if gpus else "cpu", port=None,
-                    log_path=str(workdir / "job.log"), spec={**spec.model_dump(mode="json"), "_workdir": str(workdir)},
+                    log_path=str(workdir / "job.log"), spec=spec.model_dump(mode="json"), workdir=str(workdir),
                     state="running", reason=None, started_at=time.time())
     _spawn(rec, resume=False)
     _save(store, rec)
@@ -189,7 +209,7 @@ def start_transform(store: Store, kind: str, name: str, args: list[str], out: Pa
         rec = JobRecord(id=jid, name=name, node=socket.gethostname(), pid=None, create_time=None, argv=argv, env=env,
                         gpus=",".join(str(g) for g in gpus) if gpus else "cpu", port=None,
                         log_path=str(workdir / "job.log"),
-                        spec={"kind": kind, "name": name, "out": str(out), **(params or {}), "_workdir": str(workdir)},
+                        spec={"kind": kind, "name": name, "out": str(out), **(params or {})}, workdir=str(workdir),
                         state="running", reason=None, started_at=time.time())
         _spawn(rec, resume=False)
         _save(store, rec)
@@ -222,36 +242,29 @@ def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adap
         raise JobError(f"Slurm refused the job: {exc}") from exc
     rec = JobRecord(id=jid, name=spec.name, node="slurm", pid=None, create_time=None, argv=argv, env={},
                     gpus=f"slurm:{req.gpus}", port=None, log_path=str(workdir / "job.log"),
-                    spec={**spec.model_dump(mode="json"), "_workdir": str(workdir),
-                          "_slurm": {"id": slurm_id, "options": options, "state": "PENDING",
-                                     **asdict(slurm.Where.of(req.settings))}},
+                    spec=spec.model_dump(mode="json"), workdir=str(workdir),
+                    slurm=slurm.Placement.submitted(slurm_id, options, req.settings),
                     state="running", reason=f"Slurm {slurm_id} submitted", started_at=time.time())
     _save(store, rec)
     return rec
-
-
-def _slurm_where(rec: JobRecord) -> Any:
-    from engine.slurm import Where
-
-    s = rec.spec["_slurm"]
-    return Where(s.get("conf"), s.get("bin_dir"))
 
 
 def _slurm_state(store: Store, rec: JobRecord) -> bool:
     """Refresh a Slurm job's scheduler state into its record; True while Slurm still holds the job."""
     from engine import slurm
 
-    info = rec.spec["_slurm"]
+    placed = rec.slurm
+    assert placed is not None
     try:
-        sj = slurm.job(_slurm_where(rec), info["id"])
+        sj = slurm.job(placed.where, placed.id)
     except slurm.SlurmError as exc:
         rec.reason = f"Slurm unreachable, state unknown: {exc}"
         return True  # never call a job ended because the controller did not answer
     if sj is None:
-        info["state"] = info.get("state") if info.get("state") not in slurm.ACTIVE else "GONE"
+        if placed.state in slurm.ACTIVE:
+            placed.state = "GONE"
         return False
-    info.update(state=sj.state, reason=sj.reason, node=sj.node, elapsed=sj.elapsed, time_limit=sj.time_limit,
-                exit_code=sj.exit_code)
+    placed.seen(sj)
     if sj.active:
         rec.reason = sj.summary()
     return sj.active
@@ -274,7 +287,7 @@ FAILURE_HINTS = (
 def refresh(store: Store, rec: JobRecord) -> JobRecord:
     if rec.state != "running":
         return rec
-    if "_slurm" in rec.spec:
+    if rec.slurm is not None:
         if _slurm_state(store, rec):
             _save(store, rec)
             return rec
@@ -287,24 +300,24 @@ def refresh(store: Store, rec: JobRecord) -> JobRecord:
     rec.ended_at = time.time()
     peak = next((e for e in reversed(events) if e.get("event") == "gpu_memory"), None)
     if peak:
-        rec.spec["_gpu_peak_reserved_bytes"] = peak.get("peak_reserved_bytes")
-        rec.spec["_gpu_peak_allocated_bytes"] = peak.get("peak_allocated_bytes")
+        rec.outputs.gpu_peak_reserved_bytes = peak.get("peak_reserved_bytes")
+        rec.outputs.gpu_peak_allocated_bytes = peak.get("peak_allocated_bytes")
     if last and last["event"] == "done" and last.get("output_path"):
         rec.state, rec.reason = "finished", f"model at {last['output_path']}"
-        rec.spec["_output_path"] = last["output_path"]
+        rec.outputs.output_path = last["output_path"]
     elif last and last["event"] == "done":
         rec.state, rec.reason = "finished", f"adapter at {last.get('adapter_path')}"
-        rec.spec["_adapter_path"] = last.get("adapter_path")
-        rec.spec["_final_loss"] = last.get("final_loss")
+        rec.outputs.adapter_path = last.get("adapter_path")
+        rec.outputs.final_loss = last.get("final_loss")
     elif last and last["event"] == "cancelled":
         rec.state, rec.reason = "cancelled", f"cancelled at step {last.get('step')}; `fleetdeck finetune resume {rec.id}` continues"
     else:
         text = (last or {}).get("reason") or tail(rec.log_path, 30)
         hint = next((h for key, h in FAILURE_HINTS if key in text), None)
         rec.state = "failed"
-        sl = rec.spec.get("_slurm")
-        ended = (f"Slurm {sl['id']} ended {sl.get('state')}" + (f" (exit {sl['exit_code']})" if sl.get("exit_code") else "")
-                 + (f", {sl['reason']}" if sl.get("reason") not in (None, "None") else "") + ". ") if sl else ""
+        sl = rec.slurm
+        ended = (f"Slurm {sl.id} ended {sl.state}" + (f" (exit {sl.exit_code})" if sl.exit_code else "")
+                 + (f", {sl.reason}" if sl.reason not in (None, "None") else "") + ". ") if sl else ""
         rec.reason = ended + (hint + " " if hint else "") + f"Last lines: {text[-400:]}"
     _save(store, rec)
     return rec
@@ -331,7 +344,7 @@ def cancel(store: Store, rec: JobRecord, timeout: float = 120.0) -> JobRecord:
 
 
 def _cancel(store: Store, rec: JobRecord, timeout: float) -> JobRecord:
-    if "_slurm" in rec.spec:
+    if rec.slurm is not None:
         return _cancel_slurm(store, rec, timeout)
     if not _alive(rec) or rec.pid is None:
         return refresh(store, rec)
@@ -350,7 +363,8 @@ def _cancel_slurm(store: Store, rec: JobRecord, timeout: float) -> JobRecord:
     pending one is just taken out of the queue. Whatever still runs after `timeout` is scancelled."""
     from engine import slurm
 
-    where, sid = _slurm_where(rec), rec.spec["_slurm"]["id"]
+    assert rec.slurm is not None
+    where, sid = rec.slurm.where, rec.slurm.id
     try:
         sj = slurm.job(where, sid)
         if sj is not None and sj.state == "RUNNING":
@@ -383,17 +397,17 @@ def _resume(store: Store, rec: JobRecord) -> JobRecord:
     if rec.state == "finished":
         raise JobError(f"{rec.id} already finished ({rec.reason})")
     rec.state, rec.reason, rec.ended_at = "running", None, None
-    if "_slurm" in rec.spec:  # resubmitted with the same options; the runner continues from its checkpoint
+    if rec.slurm is not None:  # resubmitted with the same options; the runner continues from its checkpoint
         from engine import slurm
 
-        info = rec.spec["_slurm"]
+        placed = rec.slurm
         env = managed.child_env({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         try:
-            info["id"] = slurm.submit(_slurm_where(rec), list(info["options"]), rec.workdir, [*rec.argv, "--resume"], env)
+            placed.resubmitted(slurm.submit(placed.where, list(placed.options), rec.job_dir,
+                                            [*rec.argv, "--resume"], env))
         except slurm.SlurmError as exc:
             raise JobError(f"Slurm refused the resubmission: {exc}") from exc
-        info.update(state="PENDING", reason=None, node=None)
-        rec.reason = f"Slurm {info['id']} submitted (resume)"
+        rec.reason = f"Slurm {placed.id} submitted (resume)"
     else:
         _spawn(rec, resume=True)
     _save(store, rec)

@@ -55,7 +55,7 @@ API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 class ServerRecord(ManagedRecord):
     @property
     def base_url(self) -> str:
-        host = (self.spec.get("_slurm") or {}).get("host")  # a Slurm server listens on the node Slurm chose
+        host = self.slurm.host if self.slurm is not None else None  # a Slurm server listens on the node Slurm chose
         return f"http://{host or '127.0.0.1'}:{self.port}"
 
     @property
@@ -67,11 +67,6 @@ class ServerRecord(ManagedRecord):
         """The server's key, from the environment variable its profile names (never stored)."""
         env_name = self.spec.get("api_key_env")
         return os.environ.get(env_name, "") or None if env_name else None
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> "ServerRecord":
-        """A record as an agent sends it; fields this version does not know are left out."""
-        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -338,12 +333,14 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     """Bring a record up to date with the process and the HTTP API; write changes back."""
     if rec.state in ("stopped", "crashed"):
         return rec
-    if "_slurm" in rec.spec:
+    if rec.slurm is not None:
+        from dataclasses import replace
+
         from engine.vllm import slurm_server
 
-        before_slurm = (rec.state, rec.reason, dict(rec.spec["_slurm"]))
+        before_slurm = (rec.state, rec.reason, replace(rec.slurm))
         slurm_server.refresh(rec)
-        if (rec.state, rec.reason, rec.spec["_slurm"]) != before_slurm:
+        if (rec.state, rec.reason, rec.slurm) != before_slurm:
             _save(store, rec)
         return rec
     before = (rec.state, rec.reason, rec.engine_pid)
@@ -391,14 +388,14 @@ def stop(store: Store, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord
 
 
 def _stop(store: Store, rec: ServerRecord, timeout: float) -> ServerRecord:
-    if "_slurm" in rec.spec:
+    if rec.slurm is not None:
         from engine import slurm
         from engine.vllm import slurm_server
 
         try:
             slurm_server.stop(rec, timeout)
         except slurm.SlurmError as exc:
-            raise LaunchError(f"cannot stop Slurm job {rec.spec['_slurm']['id']}: {exc}") from exc
+            raise LaunchError(f"cannot stop Slurm job {rec.slurm.id}: {exc}") from exc
     elif _alive(rec) and rec.pid is not None:
         try:
             os.killpg(rec.pid, signal.SIGTERM)

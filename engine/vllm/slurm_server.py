@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,19 +65,13 @@ def submit(store: Store, profile: Profile, req: Any, *, port: int, force: bool, 
     rec = launcher.ServerRecord(
         id=sid, name=profile.name, node="slurm", pid=None, create_time=None, argv=argv, env=shown_env,
         gpus=f"slurm:{req.gpus}", port=port, log_path=str(log_path),
-        spec={**profile.model_dump(mode="json"),
-              "_slurm": {"id": job_id, "options": options, "state": "PENDING", "host": None,
-                         **asdict(slurm.Where.of(req.settings))}},
+        spec=profile.model_dump(mode="json"), workdir=str(workdir),
+        slurm=slurm.Placement.submitted(job_id, options, req.settings),
         state="starting", reason=warning or f"Slurm {job_id} submitted", started_at=time.time(),
         predicted_kv_tokens=verdict.kv_tokens if verdict is not None else None,
     )
     launcher._save(store, rec)
     return rec, verdict
-
-
-def _where(rec: Any) -> slurm.Where:
-    s = rec.spec["_slurm"]
-    return slurm.Where(s.get("conf"), s.get("bin_dir"))
 
 
 def _node_address(where: slurm.Where, node: str) -> str:
@@ -97,15 +90,15 @@ def refresh(rec: Any) -> None:
     from engine.logs import tail
     from engine.vllm.diagnose import diagnose
 
-    info = rec.spec["_slurm"]
+    placed: slurm.Placement = rec.slurm
     try:
-        sj = slurm.job(_where(rec), info["id"])
+        sj = slurm.job(placed.where, placed.id)
     except slurm.SlurmError as exc:
         rec.reason = f"Slurm unreachable, state unknown: {exc}"
         return
     if sj is None or not sj.active:
         ended = sj.state if sj else "GONE"
-        info["state"] = ended
+        placed.state = ended
         rec.state = "crashed"
         rec.ended_at = rec.ended_at or time.time()
         d = diagnose(tail(rec.log_path, 200))
@@ -113,14 +106,14 @@ def refresh(rec: Any) -> None:
         why = {"TIMEOUT": "it reached its time limit", "PREEMPTED": "the scheduler pre-empted it",
                "CANCELLED": "it was cancelled outside fleetdeck", "NODE_FAIL": "its node failed",
                "OUT_OF_MEMORY": "it ran out of memory"}.get(ended, "see the log")
-        rec.reason = f"Slurm {info['id']} ended {ended}{code}: {why}" + (f". {d.text()}" if d else "")
+        rec.reason = f"Slurm {placed.id} ended {ended}{code}: {why}" + (f". {d.text()}" if d else "")
         return
-    info.update(state=sj.state, reason=sj.reason, node=sj.node, elapsed=sj.elapsed, time_limit=sj.time_limit)
+    placed.seen(sj)
     if sj.state != "RUNNING" or not sj.node:
         rec.state, rec.reason = "starting", sj.summary()
         return
-    if not info.get("host"):
-        info["host"] = _node_address(_where(rec), sj.node)
+    if not placed.host:
+        placed.host = _node_address(placed.where, sj.node)
         rec.node = sj.node
     if launcher.probe(rec):
         rec.state, rec.reason = "ready", sj.summary()
@@ -130,12 +123,13 @@ def refresh(rec: Any) -> None:
 
 def stop(rec: Any, timeout: float) -> None:
     """scancel (TERM to the job's steps, then KILL after Slurm's KillWait), and wait for it to leave."""
-    where, job_id = _where(rec), rec.spec["_slurm"]["id"]
+    placed: slurm.Placement = rec.slurm
+    where, job_id = placed.where, placed.id
     slurm.cancel(where, job_id)
     deadline = time.time() + timeout
     while time.time() < deadline:
         sj = slurm.job(where, job_id)
         if sj is None or not sj.active:
-            rec.spec["_slurm"]["state"] = sj.state if sj else "GONE"
+            placed.state = sj.state if sj else "GONE"
             return
         time.sleep(0.3)

@@ -112,4 +112,4 @@ def train(server: "RealServer", name: str, seed: int, steps: int = 6, lr: float 
             break
         time.sleep(1)
     assert rec["state"] == "finished", f"{rec['state']}: {rec.get('reason')}\n" + Path(rec["log_path"]).read_text()[-2000:]
-    return Path(rec["spec"]["_adapter_path"])
+    return Path(rec["outputs"]["adapter_path"])

@@ -25,7 +25,7 @@ from engine.vllm import launcher
 from engine.vllm.metrics import NAMES
 from store.db import open_store
 from tests.engines.stack import ROOT, free_port, train, wait_http
-from tests.fakes.tiny_model import make_dataset, make_peft_adapter, make_tiny_model
+from tests.fakes.tiny_model import make_peft_adapter, make_tiny_model
 from tests.helpers import FAKE_VLLM
 
 # What fleetdeck reads from vLLM's /metrics, with the labels it relies on.

@@ -105,9 +105,9 @@ class JobsScreen(PolledScreen):
         last = steps[-1] if steps else None
         name = r.id + (" (simulated)" if r.spec.get("backend") == "simulated" else "")
         state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
-        sl = r.spec.get("_slurm")
-        if sl and r.state == "running" and sl.get("state") != "RUNNING":  # queued (or held) in Slurm, not training
-            state = Text(str(sl.get("state", "slurm")).lower(), style="yellow")
+        sl = r.slurm
+        if sl is not None and r.state == "running" and sl.state != "RUNNING":  # queued (or held) in Slurm, not training
+            state = Text(sl.state.lower(), style="yellow")
         if last is None:
             return [name, state, r.gpus, "", "", "", "", "", "", ""]
         frac = last["step"] / last["total_steps"] if last.get("total_steps") else None
@@ -153,11 +153,11 @@ class JobsScreen(PolledScreen):
                 f"LoRA r={spec.get('lora_rank')} alpha={spec.get('lora_alpha')} · 4-bit {spec.get('load_in_4bit')}",
                 f"dataset {Path(str(spec.get('dataset'))).name}",
             ]
-        sl = spec.get("_slurm")
-        if sl:
-            why = f" ({sl['reason']})" if sl.get("reason") not in (None, "None") else ""
-            lines.append(escape(f"Slurm job {sl.get('id')}: {sl.get('state')}{why} · node {sl.get('node') or '-'} · "
-                                f"{sl.get('elapsed') or '0:00'} of {sl.get('time_limit') or 'no limit'}"))
+        sl = r.slurm
+        if sl is not None:
+            why = f" ({sl.reason})" if sl.reason not in (None, "None") else ""
+            lines.append(escape(f"Slurm job {sl.id}: {sl.state}{why} · node {sl.node or '-'} · "
+                                f"{sl.elapsed or '0:00'} of {sl.time_limit or 'no limit'}"))
         if r.reason:
             lines.append(f"[{'red' if r.state == 'failed' else 'dim'}]{escape(r.reason)}[/]")
         detail.update("\n".join(lines))
@@ -220,7 +220,7 @@ class JobsScreen(PolledScreen):
         r = self.selected()
         if r is None or not self._guard():
             return
-        adapter_path = r.spec.get("_adapter_path")
+        adapter_path = r.outputs.adapter_path
         if r.state != "finished" or not adapter_path:
             self.notify("Only a finished job has an adapter to serve.", severity="warning")
             return
