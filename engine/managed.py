@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import psutil
 
@@ -25,6 +26,8 @@ R = TypeVar("R", bound="ManagedRecord")
 
 @dataclass
 class ManagedRecord:
+    KIND: ClassVar[str] = ""  # the record's `kind` in the table: "server", "job"
+
     id: str
     name: str
     node: str
@@ -57,6 +60,36 @@ class ManagedRecord:
             known["slurm"] = Placement.from_json(known["slurm"])
         return cls(**known)
 
+    def save(self, store: Store) -> None:
+        save(store, self.KIND, self)
+
+    def alive(self) -> bool:
+        """The process this record started still runs (the same process: pid and create time)."""
+        return alive(self.pid, self.create_time)
+
+    def terminate(self, timeout: float, *, whole_group: bool) -> None:
+        """SIGTERM (its whole process group, or the leader alone so it can save a checkpoint and end its
+        children itself), wait up to `timeout`, then SIGKILL the group."""
+        if self.pid is None or not self.alive():
+            return
+        try:
+            proc = psutil.Process(self.pid)
+            if whole_group:
+                os.killpg(self.pid, signal.SIGTERM)
+            else:
+                proc.terminate()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            return
+        except PermissionError:
+            pass
+        _, still = psutil.wait_procs([proc], timeout=timeout)
+        if still:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            psutil.wait_procs(still, timeout=5)
+
 
 # Columns held as JSON text in the `managed` table.
 JSON_COLUMNS = ("argv", "env", "spec", "slurm", "outputs")
@@ -75,20 +108,21 @@ def _from_row(cls: type[R], row: dict[str, Any]) -> R:
     return cls.from_json({k: json.loads(v) if k in JSON_COLUMNS and v is not None else v for k, v in row.items()})
 
 
-def load_all(store: Store, kind: str, cls: type[R]) -> list[R]:
-    return [_from_row(cls, r) for r in store.query("SELECT * FROM managed WHERE kind = ? ORDER BY started_at", (kind,))]
+def load_all(store: Store, cls: type[R]) -> list[R]:
+    return [_from_row(cls, r) for r in store.query("SELECT * FROM managed WHERE kind = ? ORDER BY started_at", (cls.KIND,))]
 
 
 class AmbiguousId(LookupError):
     """A prefix that names more than one record; the message lists them."""
 
 
-def find(store: Store, kind: str, cls: type[R], ident: str) -> R | None:
+def find(store: Store, cls: type[R], ident: str) -> R | None:
     """By exact id, or by a prefix that names exactly one record.
 
     The prefix is compared as literal text (never a SQL pattern), so `_` or `%` match only ids that hold them;
     an empty id names nothing, and a prefix shared by several records is refused with their ids.
     """
+    kind = cls.KIND
     ident = ident.strip()
     if not ident:
         return None

@@ -1,18 +1,26 @@
 """Process attribution: who owns a pid that NVML lists, and what it is.
 
 A vLLM server is recognised from its command line (``vllm serve MODEL`` or the OpenAI API server
-module), a fleetdeck fine-tune from its runner module. A process that exits between NVML listing it
+module), a fleetdeck job from the flag the engine gives every job process (JOB_FLAG). A process that exits between NVML listing it
 and psutil inspecting it is reported with what NVML knew, never raised.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from dataclasses import dataclass
 
 import psutil
 
 from fleet.model import GpuProcess, HostInfo, ProcessKind
+
+
+# Every process fleetdeck starts for a job (fine-tune, merge, quantize) carries this flag and the job's id
+# on its command line: the engine puts it there, so a GPU's process list names the job without this
+# layer knowing which module runs it.
+JOB_FLAG = "--fleetdeck-job"
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,8 +49,8 @@ def classify_cmdline(argv: list[str]) -> Attribution:
     port_text = _flag_value(argv, "--port")
     port = int(port_text) if port_text and port_text.isdigit() else None
 
-    if "engine.finetune" in joined:
-        job = _flag_value(argv, "--job-id")
+    job = _flag_value(argv, JOB_FLAG)
+    if job:
         return Attribution("finetune", model=job)
     if "fleetdeck" in joined and " proxy" in joined:
         return Attribution("proxy", port=port or 4000)
@@ -101,3 +109,14 @@ def host_info() -> HostInfo:
         memory_used_bytes=vm.total - vm.available,
         load_avg=load,
     )
+
+
+def stop_child(proc: subprocess.Popen, timeout: float = 5.0, sig: int = signal.SIGTERM) -> int:  # type: ignore[type-arg]
+    """End a child this process started and reap it: `sig`, then SIGKILL after `timeout`; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()

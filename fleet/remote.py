@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from fleet.model import GpuProcess, GpuSnapshot, HostInfo, MigDevice, NodeSnapshot
+from fleet.procs import stop_child
 from fleet.protocol import PROTOCOL_VERSION, BadMessage, Hello, Op, Request, Response, Snapshot, Subscribe, parse_agent
 
 # The protocol's version, operations and messages live in fleet/protocol.py (Op and PROTOCOL_VERSION are
@@ -134,13 +135,8 @@ class RemoteNode:
 
     def close(self) -> None:
         self._stop.set()
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if self._proc is not None:
+            stop_child(self._proc)
 
     # -- requests -------------------------------------------------------------------------------
     def request(self, op: Op | str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
@@ -264,13 +260,7 @@ class RemoteNode:
                         self.link.bad_messages += 1  # the request timed out as the answer came
         finally:
             watchdog.cancel()
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        code = proc.wait()
+            code = stop_child(proc)
         tail = " ".join(stderr_tail[-3:]).strip()
         if self.link.status == "incompatible":
             return self.link.error or "incompatible"

@@ -46,7 +46,7 @@ def node(tmp_path, monkeypatch):
                        argv=["vllm"], env={}, gpus="0", port=18000, log_path=str(tmp_path / "q.log"), spec={},
                        state="ready", reason=None, started_at=time.time())
     (tmp_path / "q.log").write_text("the live server's log\n")
-    managed.save(open_store(store_path), "server", rec)
+    rec.save(open_store(store_path))
     yield tmp_path, store_path, sleeper
     sleeper.kill()
     sleeper.wait()
@@ -179,10 +179,10 @@ def test_serve_stop_with_a_wildcard_stops_nothing(node, capsys):
 def test_an_ambiguous_prefix_is_refused_with_the_candidates(node, capsys):
     tmp_path, store_path, sleeper = node
     store = open_store(store_path)
-    other = managed.find(store, "server", ServerRecord, "q-live01")
+    other = managed.find(store, ServerRecord, "q-live01")
     assert other is not None
     other.id, other.pid = "q-live02", None
-    managed.save(store, "server", other)
+    other.save(store)
     assert main(["serve", "stop", "q-live", "--store", str(store_path)]) == 2
     err = capsys.readouterr().err
     assert "'q-live' names 2 servers" in err and "q-live01" in err and "q-live02" in err

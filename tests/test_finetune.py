@@ -190,7 +190,7 @@ def test_unsloth_without_a_gpu_fails_clearly(tmp_path, tiny):
     spec = load_spec(spec_file(tmp_path, model, data, backend="unsloth"))
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "spec.json").write_text(spec.model_dump_json())
-    out = subprocess.run([sys.executable, "-m", "engine.finetune.runner", "--job-id", "j", "--spec", str(tmp_path / "w" / "spec.json"),
+    out = subprocess.run([sys.executable, "-m", "engine.finetune.runner", "--fleetdeck-job", "j", "--spec", str(tmp_path / "w" / "spec.json"),
                           "--workdir", str(tmp_path / "w")], capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 1

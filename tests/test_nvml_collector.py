@@ -163,7 +163,8 @@ def test_a_running_vllm_server_is_recognised_with_model_and_port(tmp_path):
     [
         (["/usr/bin/vllm", "serve", "mistral-7b", "--port=9000"], "vllm", "mistral-7b", 9000),
         (["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m"], "vllm", "m", 8000),
-        (["python3", "-m", "engine.finetune.runner", "--job-id", "j7"], "finetune", "j7", None),
+        (["python3", "-m", "engine.finetune.runner", "--fleetdeck-job", "j7"], "finetune", "j7", None),
+        (["/venvs/quant/bin/python", "-m", "engine.finetune.transform", "quantize", "--fleetdeck-job=q1"], "finetune", "q1", None),
         (["/usr/bin/python3", "/opt/fleetdeck/bin/fleetdeck", "proxy"], "proxy", None, 4000),
         (["python", "train.py"], "other", None, None),
         ([], "other", None, None),
@@ -172,3 +173,14 @@ def test_a_running_vllm_server_is_recognised_with_model_and_port(tmp_path):
 def test_command_lines_are_classified(argv, kind, model, port):
     a = classify_cmdline(argv)
     assert (a.kind, a.model, a.port) == (kind, model, port)
+
+
+def test_the_transform_process_takes_the_flag_that_names_its_job():
+    """transform.py runs in a foreign venv and spells the flag out; it must stay fleet.procs.JOB_FLAG."""
+    import subprocess
+    import sys
+
+    from fleet.procs import JOB_FLAG
+
+    out = subprocess.run([sys.executable, "-m", "engine.finetune.transform", "--help"], capture_output=True, text=True)
+    assert JOB_FLAG in out.stdout

@@ -264,7 +264,6 @@ def test_a_live_api_process_whose_engine_died_is_crashed_with_that_reason(store,
 
     import psutil
 
-    from engine import managed
     from tests.helpers import wait_for
 
     # A stand-in API server whose child is titled as vLLM titles its engine (argv[0] VLLM::EngineCore).
@@ -275,7 +274,7 @@ def test_a_live_api_process_whose_engine_died_is_crashed_with_that_reason(store,
             id="standin-1", name="standin", node="n", pid=api.pid, create_time=psutil.Process(api.pid).create_time(),
             argv=[], env={}, gpus="0", port=1, log_path=str(tmp_path / "standin.log"), spec={}, state="starting",
             reason=None, started_at=time.time())
-        managed.save(store, "server", rec)
+        rec.save(store)
         assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).engine_pid is not None, timeout=10)
         engine_pid = launcher.get(store, rec.id).engine_pid  # remembered in the store for a restarted dashboard
         assert engine_pid != api.pid and psutil.Process(engine_pid).cmdline()[0] == "VLLM::EngineCore"

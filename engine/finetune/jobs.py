@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from engine import audit, managed
 from engine.finetune.dataset import check_dataset
 from engine.managed import ManagedRecord
 from engine.finetune.spec import JobSpec
+from fleet.procs import JOB_FLAG
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -42,6 +42,8 @@ class JobOutputs:
 @dataclass
 class JobRecord(ManagedRecord):
     """state: running | finished | failed | cancelled."""
+
+    KIND: ClassVar[str] = "job"
 
     outputs: JobOutputs = field(default_factory=JobOutputs)
 
@@ -124,10 +126,6 @@ def preflight(spec: JobSpec, gpus: Sequence[Any] | None, force: bool) -> tuple[A
     return report, estimate
 
 
-def _save(store: Store, rec: JobRecord) -> None:
-    managed.save(store, "job", rec)
-
-
 def _spawn(rec: JobRecord, resume: bool) -> None:
     rec.pid, rec.create_time = managed.spawn(list(rec.argv) + (["--resume"] if resume else []), rec.env, rec.log_path)
 
@@ -168,7 +166,7 @@ def _prepare(spec: JobSpec, adapter_root: Path | None) -> tuple[str, Path, list[
     with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
         fh.write(spec.model_dump_json(indent=2))
     root = adapter_root or spec.adapter_root
-    argv = [sys.executable, "-m", "engine.finetune.runner", "--job-id", jid, "--spec", str(spec_path), "--workdir", str(workdir)]
+    argv = [sys.executable, "-m", "engine.finetune.runner", JOB_FLAG, jid, "--spec", str(spec_path), "--workdir", str(workdir)]
     if root:
         argv += ["--adapter-root", str(root)]
     return jid, workdir, argv
@@ -185,7 +183,7 @@ def _start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snaps
                     log_path=str(workdir / "job.log"), spec=spec.model_dump(mode="json"), workdir=str(workdir),
                     state="running", reason=None, started_at=time.time())
     _spawn(rec, resume=False)
-    _save(store, rec)
+    rec.save(store)
     return rec
 
 
@@ -201,7 +199,7 @@ def start_transform(store: Store, kind: str, name: str, args: list[str], out: Pa
         jid = f"{kind}-{name.replace('@', '-')}-{uuid.uuid4().hex[:6]}"
         private_dir(state_dir() / "jobs")
         workdir = private_dir(state_dir() / "jobs" / jid)
-        argv = [python or sys.executable, "-m", "engine.finetune.transform", kind, "--workdir", str(workdir),
+        argv = [python or sys.executable, "-m", "engine.finetune.transform", kind, JOB_FLAG, jid, "--workdir", str(workdir),
                 "--out", str(out), *args]
         # Another virtual environment (llm-compressor's) finds fleetdeck's code by path.
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
@@ -212,7 +210,7 @@ def start_transform(store: Store, kind: str, name: str, args: list[str], out: Pa
                         spec={"kind": kind, "name": name, "out": str(out), **(params or {})}, workdir=str(workdir),
                         state="running", reason=None, started_at=time.time())
         _spawn(rec, resume=False)
-        _save(store, rec)
+        rec.save(store)
         entry.params["out"] = str(out)
         return rec
 
@@ -245,7 +243,7 @@ def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adap
                     spec=spec.model_dump(mode="json"), workdir=str(workdir),
                     slurm=slurm.Placement.submitted(slurm_id, options, req.settings),
                     state="running", reason=f"Slurm {slurm_id} submitted", started_at=time.time())
-    _save(store, rec)
+    rec.save(store)
     return rec
 
 
@@ -270,10 +268,6 @@ def _slurm_state(store: Store, rec: JobRecord) -> bool:
     return sj.active
 
 
-def _alive(rec: JobRecord) -> bool:
-    return managed.alive(rec.pid, rec.create_time)
-
-
 FAILURE_HINTS = (
     ("out of memory", "CUDA out of memory: lower batch_size or max_seq_length, turn on load_in_4bit, or use a bigger GPU."),
     ("needs an NVIDIA GPU", "no GPU for unsloth: run on a GPU node, or use backend = \"peft\"."),
@@ -289,9 +283,9 @@ def refresh(store: Store, rec: JobRecord) -> JobRecord:
         return rec
     if rec.slurm is not None:
         if _slurm_state(store, rec):
-            _save(store, rec)
+            rec.save(store)
             return rec
-    elif _alive(rec):
+    elif rec.alive():
         return rec
     from engine.logs import tail
 
@@ -319,17 +313,17 @@ def refresh(store: Store, rec: JobRecord) -> JobRecord:
         ended = (f"Slurm {sl.id} ended {sl.state}" + (f" (exit {sl.exit_code})" if sl.exit_code else "")
                  + (f", {sl.reason}" if sl.reason not in (None, "None") else "") + ". ") if sl else ""
         rec.reason = ended + (hint + " " if hint else "") + f"Last lines: {text[-400:]}"
-    _save(store, rec)
+    rec.save(store)
     return rec
 
 
 def list_jobs(store: Store) -> list[JobRecord]:
-    return managed.load_all(store, "job", JobRecord)
+    return managed.load_all(store, JobRecord)
 
 
 def get(store: Store, jid: str) -> JobRecord:
     try:
-        rec = managed.find(store, "job", JobRecord, jid)
+        rec = managed.find(store, JobRecord, jid)
     except managed.AmbiguousId as exc:
         raise JobError(str(exc)) from None
     if rec is None:
@@ -346,15 +340,7 @@ def cancel(store: Store, rec: JobRecord, timeout: float = 120.0) -> JobRecord:
 def _cancel(store: Store, rec: JobRecord, timeout: float) -> JobRecord:
     if rec.slurm is not None:
         return _cancel_slurm(store, rec, timeout)
-    if not _alive(rec) or rec.pid is None:
-        return refresh(store, rec)
-    os.kill(rec.pid, signal.SIGTERM)
-    deadline = time.time() + timeout
-    while time.time() < deadline and _alive(rec):
-        time.sleep(0.2)
-    if _alive(rec):
-        os.killpg(rec.pid, signal.SIGKILL)
-        time.sleep(0.2)
+    rec.terminate(timeout, whole_group=False)  # the runner finishes its step and saves a checkpoint first
     return refresh(store, rec)
 
 
@@ -381,7 +367,7 @@ def _cancel_slurm(store: Store, rec: JobRecord, timeout: float) -> JobRecord:
     rec = refresh(store, rec)
     if rec.state == "failed" and not read_events(rec.progress_path):  # never started: cancelled in the queue
         rec.state, rec.reason = "cancelled", f"taken out of Slurm's queue before it started (Slurm {sid})"
-        _save(store, rec)
+        rec.save(store)
     return rec
 
 
@@ -410,5 +396,5 @@ def _resume(store: Store, rec: JobRecord) -> JobRecord:
         rec.reason = f"Slurm {placed.id} submitted (resume)"
     else:
         _spawn(rec, resume=True)
-    _save(store, rec)
+    rec.save(store)
     return rec

@@ -1,6 +1,6 @@
 """The fine-tune runner: one process per job, started detached by engine/finetune/jobs.py.
 
-    python -m engine.finetune.runner --job-id ID --spec SPEC.json --workdir DIR [--resume]
+    python -m engine.finetune.runner --fleetdeck-job ID --spec SPEC.json --workdir DIR [--resume]
 
 Every backend reports through the same trainer callback, which appends JSON lines to
 DIR/progress.jsonl: {"event": "step", step, total_steps, loss, learning_rate, epoch, tokens_per_s,
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.finetune.spec import JobSpec
+from fleet.procs import JOB_FLAG
 
 EXIT_DONE, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3
 
@@ -259,7 +260,7 @@ def install_adapter(adapter_dir: Path, spec: JobSpec, root: Path | None) -> Path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="engine.finetune.runner")
-    ap.add_argument("--job-id", required=True)
+    ap.add_argument(JOB_FLAG, dest="job_id", required=True)
     ap.add_argument("--spec", required=True)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--adapter-root")

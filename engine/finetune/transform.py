@@ -128,6 +128,8 @@ def quantize(model_dir: Path, out: Path, dataset: Path, samples: int, max_seq_le
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="engine.finetune.transform")
     ap.add_argument("kind", choices=["merge", "quantize"])
+    # fleet.procs.JOB_FLAG, written out: this process may run in a venv without fleetdeck's dependencies
+    ap.add_argument("--fleetdeck-job", dest="job_id")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--adapter")

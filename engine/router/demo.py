@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleet.procs import stop_child
 from store.db import Store
 from store.ledger import CONFIDENCE_BINS, LATENCY_BUCKETS_MS, confidence_bin, latency_bucket
 from store.schema import ROLLUP_TABLES
@@ -233,11 +234,7 @@ def run_backend(store_path: Path, workdir: Path, rate_per_s: float = 4.0) -> int
                     pass  # the proxy is still starting
                 stop.wait(rng.expovariate(rate_per_s))
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        try:
-            proxy.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
+        stop_child(proxy, timeout=15)
         server.should_exit = True
         stop_demo_servers(store, servers)
         from engine.finetune import jobs

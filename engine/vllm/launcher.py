@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import httpx
 import psutil
@@ -53,6 +52,8 @@ API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 @dataclass
 class ServerRecord(ManagedRecord):
+    KIND: ClassVar[str] = "server"
+
     @property
     def base_url(self) -> str:
         host = self.slurm.host if self.slurm is not None else None  # a Slurm server listens on the node Slurm chose
@@ -193,10 +194,6 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
     ))
 
 
-def _save(store: Store, rec: ServerRecord) -> None:
-    managed.save(store, "server", rec)
-
-
 def start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None = None,
           port: int | None = None, force: bool = False, adapter_roots: list[Path] | None = None,
           node: str | None = None, log_dir: Path | None = None, slurm: Any = None) -> tuple[ServerRecord, Any]:
@@ -266,16 +263,12 @@ def _start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots
         spec=profile.model_dump(mode="json"), state="starting", reason=warning, started_at=time.time(),
         predicted_kv_tokens=verdict.kv_tokens if verdict is not None else None,
     )
-    _save(store, rec)
+    rec.save(store)
     return rec, verdict
 
 
 def _ports_taken(store: Store) -> set[int]:
     return {r.port for r in list_servers(store) if r.state in ("starting", "ready") and r.port}
-
-
-def _alive(rec: ServerRecord) -> bool:
-    return managed.alive(rec.pid, rec.create_time)
 
 
 def probe(rec: ServerRecord, timeout: float = 1.0) -> bool:
@@ -341,10 +334,10 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
         before_slurm = (rec.state, rec.reason, replace(rec.slurm))
         slurm_server.refresh(rec)
         if (rec.state, rec.reason, rec.slurm) != before_slurm:
-            _save(store, rec)
+            rec.save(store)
         return rec
     before = (rec.state, rec.reason, rec.engine_pid)
-    alive = _alive(rec)
+    alive = rec.alive()
     lost = engine_lost(rec) if alive else None
     if not alive:
         rec.state = "crashed"
@@ -362,18 +355,18 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     if rec.state == "ready" and rec.reason and rec.reason.startswith("started without a plan"):
         rec.reason = None
     if (rec.state, rec.reason, rec.engine_pid) != before:
-        _save(store, rec)
+        rec.save(store)
     return rec
 
 
 def list_servers(store: Store, include_ended: bool = True) -> list[ServerRecord]:
-    recs = managed.load_all(store, "server", ServerRecord)
+    recs = managed.load_all(store, ServerRecord)
     return [r for r in recs if include_ended or r.state not in ("stopped",)]
 
 
 def get(store: Store, sid: str) -> ServerRecord:
     try:
-        rec = managed.find(store, "server", ServerRecord, sid)
+        rec = managed.find(store, ServerRecord, sid)
     except managed.AmbiguousId as exc:
         raise LaunchError(str(exc)) from None
     if rec is None:
@@ -396,25 +389,12 @@ def _stop(store: Store, rec: ServerRecord, timeout: float) -> ServerRecord:
             slurm_server.stop(rec, timeout)
         except slurm.SlurmError as exc:
             raise LaunchError(f"cannot stop Slurm job {rec.slurm.id}: {exc}") from exc
-    elif _alive(rec) and rec.pid is not None:
-        try:
-            os.killpg(rec.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-        deadline = time.time() + timeout
-        while time.time() < deadline and _alive(rec):
-            time.sleep(0.1)
-        if _alive(rec):
-            try:
-                os.killpg(rec.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            time.sleep(0.2)
-            _alive(rec)
+    else:
+        rec.terminate(timeout, whole_group=True)
     rec.state = "stopped"
     rec.ended_at = time.time()
     rec.reason = "stopped by the operator"
-    _save(store, rec)
+    rec.save(store)
     return rec
 
 

@@ -70,7 +70,7 @@ def submit(store: Store, profile: Profile, req: Any, *, port: int, force: bool, 
         state="starting", reason=warning or f"Slurm {job_id} submitted", started_at=time.time(),
         predicted_kv_tokens=verdict.kv_tokens if verdict is not None else None,
     )
-    launcher._save(store, rec)
+    rec.save(store)
     return rec, verdict
 
 
