@@ -312,7 +312,7 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
             flaky.simulated = True
             return [*demo_fleet(), flaky]
     else:
-        from fleetdeck.cmd_proxy import default_router_config
+        from store.paths import default_router_config
 
         store_path = _store_path(args)
         router_config = default_router_config()

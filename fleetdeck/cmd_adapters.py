@@ -89,7 +89,7 @@ def _roots(args: argparse.Namespace) -> list[Path]:
 
 
 def _router_path(args: argparse.Namespace) -> Path:
-    from fleetdeck.cmd_proxy import default_router_config
+    from store.paths import default_router_config
 
     return Path(args.router_config) if args.router_config else default_router_config()
 

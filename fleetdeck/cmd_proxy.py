@@ -18,21 +18,12 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
-def default_router_config() -> Path:
-    import os
-
-    from store.paths import config_dir
-
-    env = os.environ.get("FLEETDECK_ROUTER_CONFIG")
-    return Path(env) if env else config_dir() / "router.toml"
-
-
 def run(args: argparse.Namespace) -> int:
     from engine.router.config import load_router_config
     from engine.router.server import ProxyStartError, serve
     from fleet.config import ConfigError
     from store.db import StoreError
-    from store.paths import default_store_path
+    from store.paths import default_router_config, default_store_path
 
     path = Path(args.router_config) if args.router_config else default_router_config()
     try:

@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
 def load_pricing_and_policies(router_config: str | None) -> tuple[float, int, dict, str | None]:
     """Pricing and per-task drift settings; a missing default file is a note, a broken one an error."""
     from engine.router.config import load_router_settings
-    from fleetdeck.cmd_proxy import default_router_config
+    from store.paths import default_router_config
 
     path = Path(router_config) if router_config else default_router_config()
     if router_config and not path.exists():

@@ -1,4 +1,4 @@
-"""Where fleetdeck keeps its files (XDG through platformdirs), and the overrides."""
+"""Where fleetdeck keeps its files (XDG through platformdirs), and the environment's overrides."""
 
 from __future__ import annotations
 
@@ -6,8 +6,30 @@ import os
 from pathlib import Path
 
 import platformdirs
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 APP = "fleetdeck"
+
+
+class EnvOverrides(BaseSettings):
+    """Every FLEETDECK_* variable that overrides a default, in one place. Read afresh on each call of
+    `overrides()` (a test or a wrapper script may set one between commands); an empty value is unset."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETDECK_", env_ignore_empty=True, extra="ignore")
+
+    store: Path | None = None  # the SQLite store
+    config: Path | None = None  # the fleet config
+    router_config: Path | None = None  # the routing proxy's config
+    profiles: str = ""  # more vLLM profile folders, os.pathsep-separated, searched first
+    vllm: str | None = None  # the vLLM command line (shell words), before any profile's vllm_command
+
+    @property
+    def profile_roots(self) -> list[Path]:
+        return [Path(p) for p in self.profiles.split(os.pathsep) if p]
+
+
+def overrides() -> EnvOverrides:
+    return EnvOverrides()
 
 
 def data_dir() -> Path:
@@ -24,13 +46,15 @@ def state_dir() -> Path:
 
 
 def default_store_path() -> Path:
-    env = os.environ.get("FLEETDECK_STORE")
-    return Path(env) if env else data_dir() / "fleetdeck.db"
+    return overrides().store or data_dir() / "fleetdeck.db"
 
 
 def default_fleet_config() -> Path:
-    env = os.environ.get("FLEETDECK_CONFIG")
-    return Path(env) if env else config_dir() / "fleet.toml"
+    return overrides().config or config_dir() / "fleet.toml"
+
+
+def default_router_config() -> Path:
+    return overrides().router_config or config_dir() / "router.toml"
 
 
 def private_dir(path: Path) -> Path:

@@ -135,3 +135,22 @@ def test_run_state_kept_in_the_spec_by_older_stores_moves_to_its_own_columns(tmp
     (server,) = launcher.list_servers(store)
     assert server.spec == {"model": "m"} and server.base_url == "http://10.0.0.3:8000"
     assert json.loads(json.dumps(job.to_json()))["slurm"]["options"] == ["sbatch", "--gres=gpu:1"]
+
+
+def test_every_environment_override_is_read_in_one_place(tmp_path, monkeypatch):
+    from engine.vllm.launcher import vllm_command
+    from engine.vllm.profile import Profile, profile_roots
+    from store import paths
+
+    for name in ("STORE", "CONFIG", "ROUTER_CONFIG", "PROFILES", "VLLM"):
+        monkeypatch.setenv(f"FLEETDECK_{name}", "")  # empty is unset: the defaults apply
+    assert paths.default_store_path().name == "fleetdeck.db" and paths.default_router_config().name == "router.toml"
+    monkeypatch.setenv("FLEETDECK_STORE", str(tmp_path / "s.db"))
+    monkeypatch.setenv("FLEETDECK_CONFIG", str(tmp_path / "f.toml"))
+    monkeypatch.setenv("FLEETDECK_ROUTER_CONFIG", str(tmp_path / "r.toml"))
+    monkeypatch.setenv("FLEETDECK_PROFILES", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    monkeypatch.setenv("FLEETDECK_VLLM", "/bin/echo serve-it")
+    assert (paths.default_store_path(), paths.default_fleet_config(), paths.default_router_config()) == (
+        tmp_path / "s.db", tmp_path / "f.toml", tmp_path / "r.toml")
+    assert profile_roots()[:2] == [tmp_path / "a", tmp_path / "b"]
+    assert vllm_command(Profile(name="p", model="m")) == ["/bin/echo", "serve-it"]

@@ -76,7 +76,9 @@ class ServerRecord(ManagedRecord):
 
 
 def vllm_command(profile: Profile) -> list[str]:
-    env = os.environ.get("FLEETDECK_VLLM")
+    from store.paths import overrides
+
+    env = overrides().vllm
     cmd = shlex.split(env) if env else (profile.command() or ["vllm"])
     if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
         raise LaunchError(

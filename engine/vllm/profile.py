@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 from typing import Literal
@@ -112,10 +111,9 @@ def find_profile(name_or_path: str, roots: list[Path]) -> Path:
 
 
 def profile_roots() -> list[Path]:
-    from store.paths import config_dir
+    from store.paths import config_dir, overrides
 
-    roots = [Path(p) for p in os.environ.get("FLEETDECK_PROFILES", "").split(os.pathsep) if p]
-    return roots + [config_dir() / "profiles", Path.cwd() / "configs" / "profiles"]
+    return overrides().profile_roots + [config_dir() / "profiles", Path.cwd() / "configs" / "profiles"]
 
 
 def named_profiles() -> dict[str, Path]:
