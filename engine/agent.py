@@ -133,7 +133,7 @@ class Agent:
     def _start_server(self, a: dict[str, Any]) -> Any:
         from engine.vllm import launcher
         from engine.vllm.profile import load_profile, profile_roots
-        from fleet.config import toml_by_name
+        from store.config_files import toml_by_name
 
         try:
             profile = load_profile(toml_by_name("profile", a.get("profile"), profile_roots()))
@@ -168,7 +168,7 @@ class Agent:
     def _start_job(self, a: dict[str, Any]) -> Any:
         from engine.finetune import jobs
         from engine.finetune.spec import load_spec, spec_roots
-        from fleet.config import toml_by_name
+        from store.config_files import toml_by_name
 
         try:
             spec = load_spec(toml_by_name("job spec", a.get("spec"), spec_roots()))

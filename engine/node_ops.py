@@ -126,7 +126,7 @@ class LocalOps:
     def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str:
         from engine.vllm import launcher
         from engine.vllm.profile import load_profile, profile_roots
-        from fleet.config import toml_by_name
+        from store.config_files import toml_by_name
 
         rec, _ = launcher.start(self.store, load_profile(toml_by_name("profile", profile, profile_roots())), gpus,
                                 gpu_snapshots=gpu_snapshots, force=force, adapter_roots=list(self.adapter_roots))

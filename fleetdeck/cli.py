@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, default in (("store", None), ("config", None), ("refresh", None), ("read_only", False)):
         if not hasattr(args, name):
             setattr(args, name, default)
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
     from store.db import StoreError
 
     from engine import audit
@@ -129,7 +129,8 @@ def audit_session(args: argparse.Namespace, source: str, read_only: bool | None 
     """Every change this command makes is audited in its store; `--read-only` (or the fleet config's
     `read_only`) refuses them all, recorded."""
     from engine import audit
-    from fleet.config import ConfigError, load_fleet_config
+    from fleet.config import load_fleet_config
+    from store.config_files import ConfigError
 
     try:
         config = load_fleet_config(args.config)
@@ -245,7 +246,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import threading
 
     from engine.agent import Agent
-    from fleet.config import ConfigError, load_fleet_config
+    from fleet.config import load_fleet_config
+    from store.config_files import ConfigError
 
     if args.simulated:
         from fleet.simulated import demo_fleet
@@ -282,7 +284,8 @@ def remote_sources(config: object) -> list:
 
 
 def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
-    from fleet.config import ConfigError, FleetConfig, load_fleet_config
+    from fleet.config import FleetConfig, load_fleet_config
+    from store.config_files import ConfigError
 
     try:
         config = load_fleet_config(args.config, required=args.config is not None) if not demo else FleetConfig()

@@ -257,7 +257,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from engine.router.calibrate import EvalSetError
     from engine.router.config import load_router_config
     from engine.vllm.launcher import LaunchError, get, refresh
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
 
     confidence, target = "mean_token", args.target_accuracy
     if args.task:
@@ -307,7 +307,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from engine.router.calibrate import EvalSetError
     from engine.router.config import load_router_config
     from engine.vllm.launcher import LaunchError, get, refresh
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
 
     confidence, gate = "mean_token", None
     if args.task:
@@ -356,7 +356,7 @@ def run_rollback(args: argparse.Namespace) -> int:
 def _promotion(args: argparse.Namespace, rollback: bool) -> int:
     from engine import promotion
     from engine.adapters import AdapterError
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
 
     store, path = _store(args), _router_path(args)
     try:

@@ -45,7 +45,7 @@ def _err(cmd: str, msg: str) -> int:
 
 def _config(args: argparse.Namespace, cmd: str) -> tuple[Any, Path] | int:
     from engine.router.config import load_router_config
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
     from store.paths import default_router_config
 
     path = Path(args.router_config) if args.router_config else default_router_config()

@@ -78,7 +78,7 @@ def _spec(path: str) -> Any:
 def run_check(args: argparse.Namespace) -> int:
     from engine.finetune.dataset import check_dataset
     from engine.finetune.jobs import JobError, training_estimate
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
 
     try:
         spec = _spec(args.spec)
@@ -112,7 +112,8 @@ def run_check(args: argparse.Namespace) -> int:
 @mutating("job.start", lambda a: a.spec)
 def run_start(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
-    from fleet.config import ConfigError, load_fleet_config
+    from fleet.config import load_fleet_config
+    from store.config_files import ConfigError
 
     if args.node and args.slurm:  # the node (a login node) submits to its own Slurm
         if not args.gpus.strip().isdigit():

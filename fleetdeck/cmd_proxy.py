@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.router.config import load_router_config
     from engine.router.server import ProxyStartError, serve
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
     from store.db import StoreError
     from store.paths import default_router_config, default_store_path
 

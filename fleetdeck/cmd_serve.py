@@ -80,7 +80,7 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
 def run_start(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, wait_ready
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
     from engine.kvfit.text import render_text
 
     if args.slurm:
@@ -150,7 +150,7 @@ def _start_slurm(args: argparse.Namespace) -> int:
     from engine.slurm import check_time
     from engine.vllm.launcher import LaunchError, start, wait_ready
     from engine.vllm.profile import find_profile, load_profile, profile_roots
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
 
     if args.node or args.dry_run or args.simulated:
         return _err("--slurm submits from here to this host's Slurm: not with --node, --dry-run or --simulated")

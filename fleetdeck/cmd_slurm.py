@@ -19,7 +19,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine import slurm
-    from fleet.config import ConfigError, load_fleet_config
+    from fleet.config import load_fleet_config
+    from store.config_files import ConfigError
 
     if args.node:
         args.json = True

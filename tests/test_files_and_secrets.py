@@ -14,7 +14,8 @@ from engine import managed
 from engine.router.config import is_loopback
 from engine.router.server import ProxyStartError, check_can_start
 from engine.router.config import RouterConfig
-from fleet.config import ConfigError, load_fleet_config
+from fleet.config import load_fleet_config
+from store.config_files import ConfigError
 from store.db import open_store
 from tests.helpers import wait_for
 

@@ -21,7 +21,7 @@ from engine.router.confidence import confidence, token_logprobs
 from engine.router.config import RouterConfig, load_router_config
 from engine.router.proxy import Router, create_app
 from engine.router.server import ProxyStartError, check_can_start
-from fleet.config import ConfigError
+from store.config_files import ConfigError
 from store.db import open_store
 from store.ledger import LedgerWriter
 from tests.fakes.fake_openai import (

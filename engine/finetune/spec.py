@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from engine.kvfit.training import DEFAULT_TARGETS
-from fleet.config import Strict, load_toml_model
+from store.config_files import Strict, load_toml_model
 
 
 
@@ -60,6 +60,6 @@ def spec_roots() -> list[Path]:
 
 
 def named_specs() -> dict[str, Path]:
-    from fleet.config import named_tomls
+    from store.config_files import named_tomls
 
     return named_tomls(spec_roots())

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fleet.config import Strict, load_toml_model
+from store.config_files import Strict, load_toml_model
 from store.analytics import TaskPolicy
 
 
@@ -134,7 +134,7 @@ def set_task_field(path: str | Path, task: str, key: str, value: object) -> None
     # tomlkit edits the document in place: comments, order and layout stay as the operator wrote them.
     import tomlkit
 
-    from fleet.config import parse_toml_model
+    from store.config_files import parse_toml_model
 
     p = Path(path)
     doc = tomlkit.parse(p.read_text(encoding="utf-8"))
@@ -163,7 +163,7 @@ class RouterSettings:
 
 def load_router_settings(path: Path | None) -> RouterSettings:
     """Never raises: a missing or broken config gives defaults and says why in `error`."""
-    from fleet.config import ConfigError
+    from store.config_files import ConfigError
     from store.analytics import iter_policies
 
     if path is None or not Path(path).exists():

@@ -163,7 +163,7 @@ class Router:
         """Read the config file again and use it for every request from now on; a request already
         routed keeps the task it started with. A config that does not load changes nothing (ValueError)."""
         from engine.router.config import load_router_config
-        from fleet.config import ConfigError
+        from store.config_files import ConfigError
 
         if self.config_path is None:
             raise ValueError("this proxy was started without a config file; restart it to change its config")

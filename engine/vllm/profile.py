@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from fleet.config import Strict, load_toml_model
+from store.config_files import Strict, load_toml_model
 
 
 # The values vLLM's --max-lora-rank accepts (vLLM 0.32, vllm/config/lora.py); any other refuses to start.
@@ -117,7 +117,7 @@ def profile_roots() -> list[Path]:
 
 
 def named_profiles() -> dict[str, Path]:
-    from fleet.config import named_tomls
+    from store.config_files import named_tomls
 
     return named_tomls(profile_roots())
 

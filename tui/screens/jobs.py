@@ -291,7 +291,7 @@ class StartJobScreen(DeckModal):
     def _check(self, launch: bool) -> None:
         """Reading the whole dataset (and its tokenizer) is file I/O: never on the UI thread."""
         from engine.finetune import jobs
-        from fleet.config import ConfigError
+        from store.config_files import ConfigError
 
         out = self.query_one("#job-check", Static)
         try:

@@ -296,7 +296,7 @@ class RouterScreen(PolledScreen):
         from engine.adapter_eval import compatible_servers, evaluate
         from engine.router.calibrate import EvalSetError
         from engine.router.config import load_router_config
-        from fleet.config import ConfigError
+        from store.config_files import ConfigError
 
         roots = [Path(r).expanduser() for r in self.app.options.config.adapter_roots]
         store = self.store

@@ -325,7 +325,7 @@ class StartServerScreen(DeckModal):
         """Planning may read a local model folder's headers: never on the UI thread."""
         from engine.kvfit.text import render_text
         from engine.vllm.launcher import LaunchError, preflight
-        from fleet.config import ConfigError
+        from store.config_files import ConfigError
 
         out = self.query_one("#start-verdict", Static)
         try:
