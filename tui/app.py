@@ -35,8 +35,30 @@ class AppOptions:
     demo_backend: bool = False  # `fleetdeck demo`: start simulated router traffic beside the dashboard
 
 
+def _screen(module: str, cls: str) -> Callable[[], Screen]:
+    """A top-level screen made on first visit: its module (and what it imports) loads only then, which
+    keeps the dashboard's start fast over SSH."""
+
+    def make() -> Screen:
+        import importlib
+
+        return getattr(importlib.import_module(f"tui.screens.{module}"), cls)()
+
+    return make
+
+
 class FleetDeckApp(App[None]):
     CSS_PATH = "app.tcss"
+    MODES = {
+        "fleet": _screen("fleet", "FleetScreen"),
+        "fit": _screen("fit", "FitScreen"),
+        "servers": _screen("servers", "ServersScreen"),
+        "jobs": _screen("jobs", "JobsScreen"),
+        "router": _screen("router", "RouterScreen"),
+        "cost": _screen("cost", "CostScreen"),
+        "audit": _screen("audit", "AuditScreen"),
+    }
+    DEFAULT_MODE = "fleet"
     TITLE = "fleetdeck"
     ENABLE_COMMAND_PALETTE = True
 
@@ -64,11 +86,6 @@ class FleetDeckApp(App[None]):
         self.drifting: set[str] = set()
         self._demo_proc = None
         self.sub_title = socket.gethostname()
-
-    def get_default_screen(self) -> Screen:
-        from tui.screens.fleet import FleetScreen
-
-        return FleetScreen()
 
     def on_mount(self) -> None:
         if self.options.simulated:
@@ -248,41 +265,11 @@ class FleetDeckApp(App[None]):
         return self.options.router_config
 
     def switch_to(self, name: str) -> None:
-        """Go to a top-level screen; each is created once and keeps its state between visits."""
+        """Go to a top-level screen (a Textual mode: each is created on its first visit and keeps its
+        state between visits); a dialog or detail open over the current one is closed first."""
         while len(self.screen_stack) > 1:
             self.pop_screen()
-        if name == "fleet":
-            return
-        if not self.is_screen_installed(name):
-            self.install_screen(self._make_screen(name), name=name)
-        self.push_screen(name)
-
-    def _make_screen(self, name: str) -> Screen:
-        if name == "fit":
-            from tui.screens.fit import FitScreen
-
-            return FitScreen()
-        if name == "servers":
-            from tui.screens.servers import ServersScreen
-
-            return ServersScreen()
-        if name == "jobs":
-            from tui.screens.jobs import JobsScreen
-
-            return JobsScreen()
-        if name == "router":
-            from tui.screens.router import RouterScreen
-
-            return RouterScreen()
-        if name == "cost":
-            from tui.screens.cost import CostScreen
-
-            return CostScreen()
-        if name == "audit":
-            from tui.screens.audit import AuditScreen
-
-            return AuditScreen()
-        raise KeyError(name)
+        self.switch_mode(name)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
