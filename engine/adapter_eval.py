@@ -139,10 +139,7 @@ def _score(store: Store, server: Any, model: str, content_sha256: str, eval_path
         "threshold": cal.threshold, "escalation_rate": cal.escalation_rate, "ece": cal.ece, "auroc": cal.auroc,
         "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
     }
-    with store.transaction() as conn:
-        cur = conn.execute(f"INSERT INTO adapter_evals ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                           tuple(row.values()))
-        row["id"] = cur.lastrowid
+    row["id"] = store.insert("adapter_evals", row)
     return row
 
 

@@ -96,12 +96,7 @@ JSON_COLUMNS = ("argv", "env", "spec", "slurm", "outputs")
 
 
 def save(store: Store, kind: str, rec: ManagedRecord) -> None:
-    d = asdict(rec)
-    d.update({c: json.dumps(d[c]) for c in JSON_COLUMNS if d.get(c) is not None}, kind=kind)
-    cols = list(d)
-    with store.transaction() as conn:
-        conn.execute(f"INSERT OR REPLACE INTO managed ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                     [d[c] for c in cols])
+    store.insert("managed", {**asdict(rec), "kind": kind}, replace=True)  # lists and dicts become JSON text
 
 
 def _from_row(cls: type[R], row: dict[str, Any]) -> R:

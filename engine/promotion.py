@@ -102,9 +102,8 @@ def history(store: Store, task: str | None = None, limit: int = 100) -> list[dic
 
 
 def _record(store: Store, task: str, kind: str, old: str, new: str, eval_id: int | None) -> None:
-    with store.transaction() as conn:
-        conn.execute("INSERT INTO promotions (ts, task, kind, from_model, to_model, eval_id, actor) VALUES (?,?,?,?,?,?,?)",
-                     (time.time(), task, kind, old, new, eval_id, audit.identity()["actor"]))
+    store.insert("promotions", {"ts": time.time(), "task": task, "kind": kind, "from_model": old, "to_model": new,
+                                "eval_id": eval_id, "actor": audit.identity()["actor"]})
 
 
 def _task(config_path: Path, name: str) -> Any:

@@ -68,6 +68,15 @@ class Store:
                     self.conn.execute("ROLLBACK")
                 raise
 
+    def insert(self, table: str, row: dict[str, Any], *, replace: bool = False) -> int | None:
+        """One row by column name, in a write transaction of its own; lists and dicts are stored as JSON
+        text. Its rowid. sqlite-utils writes it; the ledger's batches go
+        through executemany instead (store/ledger.py), where per-row table introspection would cost."""
+        with self.transaction():
+            t = self.db.table(table)
+            t.insert(row, replace=replace)
+            return t.last_rowid
+
     def schema_version(self) -> int:
         return _schema_version(self.conn)
 

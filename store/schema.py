@@ -253,9 +253,8 @@ RUNTIME_KEYS = ("_workdir", "_slurm", "_adapter_path", "_output_path", "_final_l
 def _v9_runtime_apart_from_spec(db: sqlite_utils.Database) -> None:
     # What a run has (its folder, Slurm's hold on it, what a job produced) was kept inside its spec under
     # underscore keys; it moves to columns of its own and the spec is again only what was asked.
-    db.execute("ALTER TABLE managed ADD COLUMN workdir TEXT")
-    db.execute("ALTER TABLE managed ADD COLUMN slurm TEXT")
-    db.execute("ALTER TABLE managed ADD COLUMN outputs TEXT")
+    for column in ("workdir", "slurm", "outputs"):
+        db["managed"].add_column(column, str)  # type: ignore[union-attr]
     db.execute(
         """
         UPDATE managed SET

@@ -187,13 +187,10 @@ def score_eval_set(task: Any, items: list[EvalItem], timeout_s: float = 60.0, he
 
 
 def save_calibration(store: Store, task: str, eval_path: str, cal: Calibration, ts: float) -> None:
-    with store.transaction() as conn:
-        conn.execute(
-            "INSERT INTO calibrations (ts, task, eval_path, items, accuracy, target_accuracy, threshold,"
-            " escalation_rate, ece, auroc, curve) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (ts, task, eval_path, cal.items, cal.accuracy, cal.target_accuracy, cal.threshold, cal.escalation_rate,
-             cal.ece, cal.auroc, json.dumps(cal.curve)),
-        )
+    store.insert("calibrations", {
+        "ts": ts, "task": task, "eval_path": eval_path, "items": cal.items, "accuracy": cal.accuracy,
+        "target_accuracy": cal.target_accuracy, "threshold": cal.threshold, "escalation_rate": cal.escalation_rate,
+        "ece": cal.ece, "auroc": cal.auroc, "curve": cal.curve})
 
 
 def latest_calibration(store: Store, task: str) -> dict[str, Any] | None:
