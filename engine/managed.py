@@ -27,6 +27,7 @@ R = TypeVar("R", bound="ManagedRecord")
 @dataclass
 class ManagedRecord:
     KIND: ClassVar[str] = ""  # the record's `kind` in the table: "server", "job"
+    LISTED_BY: ClassVar[str] = ""  # the command that lists them, for "no such ..." errors
 
     id: str
     name: str
@@ -132,6 +133,17 @@ def find(store: Store, cls: type[R], ident: str) -> R | None:
     if not matches:
         return None
     return _from_row(cls, store.query("SELECT * FROM managed WHERE kind = ? AND id = ?", (kind, matches[0]))[0])
+
+
+def get(store: Store, cls: type[R], ident: str, error: type[Exception]) -> R:
+    """`find`, or `error` saying there is no such record (or that the prefix names several)."""
+    try:
+        rec = find(store, cls, ident)
+    except AmbiguousId as exc:
+        raise error(str(exc)) from None
+    if rec is None:
+        raise error(f"no {cls.KIND} {ident!r} (see `{cls.LISTED_BY}`)")
+    return rec
 
 
 def alive(pid: int | None, create_time: float | None) -> bool:

@@ -81,3 +81,12 @@ class LocalNode:
 
     def close(self) -> None:
         self._collector.close()
+
+
+def snapshot_here() -> NodeSnapshot:
+    """One look at this host's GPUs, NVML opened and closed around it (for one-shot CLI commands)."""
+    node = LocalNode()
+    try:
+        return node.snapshot()
+    finally:
+        node.close()

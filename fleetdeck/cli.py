@@ -170,13 +170,9 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 
         snaps = [node.snapshot() for node in demo_fleet()]
     else:
-        from fleet.source import LocalNode
+        from fleet.source import snapshot_here
 
-        local = LocalNode()
-        try:
-            snaps = [local.snapshot()]
-        finally:
-            local.close()
+        snaps = [snapshot_here()]
     if args.json:
         print(json.dumps(gpus_json(snaps), indent=2))
         return 0

@@ -250,26 +250,35 @@ def run_unload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scoring(args: argparse.Namespace) -> tuple[str, float | None] | int:
+    """How `--task` scores an evaluation: its confidence method and its gate's target accuracy (mean
+    token confidence and no gate without a task); an exit code when the task cannot be read."""
+    from engine.router.config import load_router_config
+    from store.config_files import ConfigError
+
+    if not args.task:
+        return "mean_token", None
+    try:
+        task = load_router_config(_router_path(args)).task_by_name(args.task)
+    except ConfigError as exc:
+        return _err(str(exc))
+    if task is None:
+        return _err(f"no task {args.task!r} in {_router_path(args)}")
+    return task.confidence, (task.gate.target_accuracy if task.gate else None)
+
+
 @mutating("adapter.eval", lambda a: a.adapter)
 def run_eval(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.adapter_eval import compatible_servers, evaluate
     from engine.router.calibrate import EvalSetError
-    from engine.router.config import load_router_config
     from engine.vllm.launcher import LaunchError, get, refresh
-    from store.config_files import ConfigError
 
-    confidence, target = "mean_token", args.target_accuracy
-    if args.task:
-        try:
-            task = load_router_config(_router_path(args)).task_by_name(args.task)
-        except ConfigError as exc:
-            return _err(str(exc))
-        if task is None:
-            return _err(f"no task {args.task!r} in {_router_path(args)}")
-        confidence = task.confidence
-        if target is None and task.gate is not None:
-            target = task.gate.target_accuracy
+    scoring = _scoring(args)
+    if isinstance(scoring, int):
+        return scoring
+    confidence, gate = scoring
+    target = args.target_accuracy if args.target_accuracy is not None else gate
     target = 0.95 if target is None else target
     if not 0 < target <= 1:
         return _err("--target-accuracy must be in (0, 1]")
@@ -305,19 +314,12 @@ def run_compare(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.adapter_eval import compare, evals_of, evaluate_served_model, file_sha256
     from engine.router.calibrate import EvalSetError
-    from engine.router.config import load_router_config
     from engine.vllm.launcher import LaunchError, get, refresh
-    from store.config_files import ConfigError
 
-    confidence, gate = "mean_token", None
-    if args.task:
-        try:
-            task = load_router_config(_router_path(args)).task_by_name(args.task)
-        except ConfigError as exc:
-            return _err(str(exc))
-        if task is None:
-            return _err(f"no task {args.task!r} in {_router_path(args)}")
-        confidence, gate = task.confidence, (task.gate.target_accuracy if task.gate else None)
+    scoring = _scoring(args)
+    if isinstance(scoring, int):
+        return scoring
+    confidence, gate = scoring
     store = _store(args)
     try:
         adapter = adapters.by_name(_roots(args), args.adapter)

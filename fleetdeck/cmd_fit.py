@@ -115,13 +115,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fill_from_nvml(req: Any, index: int) -> str | None:
-    from fleet.source import LocalNode
+    from fleet.source import snapshot_here
 
-    node = LocalNode()
-    try:
-        snap = node.snapshot()
-    finally:
-        node.close()
+    snap = snapshot_here()
     if snap.nvml != "ok":
         return f"--gpu needs NVML: {snap.reason} Or size by hand with --gpu-memory-gib."
     try:

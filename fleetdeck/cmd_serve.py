@@ -61,13 +61,9 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
 
         snap = demo_fleet()[0].snapshot()
     else:
-        from fleet.source import LocalNode
+        from fleet.source import snapshot_here
 
-        node = LocalNode()
-        try:
-            snap = node.snapshot()
-        finally:
-            node.close()
+        snap = snapshot_here()
         if snap.nvml != "ok":
             return None, snap.reason
     try:
@@ -78,7 +74,7 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
 
 @mutating("server.start", lambda a: a.profile, lambda a: not a.dry_run)
 def run_start(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, wait_ready
+    from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from store.config_files import ConfigError
     from engine.kvfit.text import render_text
@@ -135,20 +131,13 @@ def run_start(args: argparse.Namespace) -> int:
     print(f"started {rec.id} (pid {rec.pid}) on GPUs {rec.gpus}, port {rec.port}; log {rec.log_path}")
     if rec.reason:
         print(f"warning: {rec.reason}", file=sys.stderr)
-    if verdict is not None:
-        print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens"
-              + ("" if verdict.fits else f" (forced past: {verdict.reason})"))
-    if args.wait:
-        rec = wait_ready(store, rec)
-        print(f"{rec.id}: {rec.state}" + (f": {rec.reason}" if rec.reason else ""))
-        return 0 if rec.state == "ready" else 1
-    return 0
+    return _planned_and_ready(store, rec, verdict, args.wait)
 
 
 def _start_slurm(args: argparse.Namespace) -> int:
     from engine.finetune.jobs import SlurmRequest
     from engine.slurm import check_time
-    from engine.vllm.launcher import LaunchError, start, wait_ready
+    from engine.vllm.launcher import LaunchError, start
     from engine.vllm.profile import find_profile, load_profile, profile_roots
     from store.config_files import ConfigError
 
@@ -173,9 +162,17 @@ def _start_slurm(args: argparse.Namespace) -> int:
         return _err(str(exc))
     print(f"submitted {rec.id} to Slurm as job {rec.slurm.id} ({args.gpus} GPU), port {rec.port}; "
           f"log {rec.log_path}")
+    return _planned_and_ready(store, rec, verdict, args.wait)
+
+
+def _planned_and_ready(store: Any, rec: Any, verdict: Any, wait: bool) -> int:
+    """What the planner promised the server, and (with --wait) whether it came up."""
+    from engine.vllm.launcher import wait_ready
+
     if verdict is not None:
-        print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens")
-    if args.wait:
+        print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens"
+              + ("" if verdict.fits else f" (forced past: {verdict.reason})"))
+    if wait:
         rec = wait_ready(store, rec)
         print(f"{rec.id}: {rec.state}" + (f": {rec.reason}" if rec.reason else ""))
         return 0 if rec.state == "ready" else 1

@@ -44,6 +44,7 @@ class JobRecord(ManagedRecord):
     """state: running | finished | failed | cancelled."""
 
     KIND: ClassVar[str] = "job"
+    LISTED_BY: ClassVar[str] = "fleetdeck finetune ls"
 
     outputs: JobOutputs = field(default_factory=JobOutputs)
 
@@ -322,13 +323,7 @@ def list_jobs(store: Store) -> list[JobRecord]:
 
 
 def get(store: Store, jid: str) -> JobRecord:
-    try:
-        rec = managed.find(store, JobRecord, jid)
-    except managed.AmbiguousId as exc:
-        raise JobError(str(exc)) from None
-    if rec is None:
-        raise JobError(f"no job {jid!r} (see `fleetdeck finetune ls`)")
-    return rec
+    return managed.get(store, JobRecord, jid, JobError)
 
 
 def cancel(store: Store, rec: JobRecord, timeout: float = 120.0) -> JobRecord:

@@ -53,6 +53,7 @@ API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 @dataclass
 class ServerRecord(ManagedRecord):
     KIND: ClassVar[str] = "server"
+    LISTED_BY: ClassVar[str] = "fleetdeck serve ls"
 
     @property
     def base_url(self) -> str:
@@ -367,13 +368,7 @@ def list_servers(store: Store, include_ended: bool = True) -> list[ServerRecord]
 
 
 def get(store: Store, sid: str) -> ServerRecord:
-    try:
-        rec = managed.find(store, ServerRecord, sid)
-    except managed.AmbiguousId as exc:
-        raise LaunchError(str(exc)) from None
-    if rec is None:
-        raise LaunchError(f"no server {sid!r} (see `fleetdeck serve ls`)")
-    return rec
+    return managed.get(store, ServerRecord, sid, LaunchError)
 
 
 def stop(store: Store, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord:
