@@ -178,8 +178,10 @@ def reload_proxy(settings: Any, config_path: Path) -> str:
 
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    from engine.http_auth import bearer
+
     keys = sorted(api_keys(settings))
-    headers = {"authorization": f"Bearer {keys[0]}"} if keys else {}
+    headers = bearer(keys[0] if keys else None)
     url = f"http://{host}:{settings.port}/admin/reload"
     try:
         r = httpx.post(url, headers=headers, timeout=30, trust_env=False)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.procs import stop_child
+from store.analytics import TaskPolicy
 from store.db import Store
 from store.ledger import CONFIDENCE_BINS, LATENCY_BUCKETS_MS, confidence_bin, latency_bucket
 from store.schema import ROLLUP_TABLES
@@ -185,7 +186,9 @@ def demo_router_toml(upstream: str, port: int) -> str:
             "[[task]]", f'name = "{t.name}"', f'slm_base_url = "{upstream}/slm/v1"', f'slm_model = "{t.name}-lora"',
             'confidence = "first_token"', f"threshold = {t.threshold}", 'frontier_model = "openai/gpt-4o"',
             f'frontier_api_base = "{upstream}/frontier/v1"', 'frontier_api_key_env = "FLEETDECK_DEMO_FRONTIER_KEY"',
-            "recent_hours = 1", "baseline_days = 7", "drift_threshold_pp = 10", "",
+            # the defaults, written out so the demo's config shows the knobs
+            f"recent_hours = {TaskPolicy.recent_hours:g}", f"baseline_days = {TaskPolicy.baseline_days:g}",
+            f"drift_threshold_pp = {TaskPolicy.drift_threshold_pp:g}", "",
         ]
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.kvfit.training import DEFAULT_TARGETS
 from engine.vllm import launcher
 from engine.vllm.profile import Profile
 from fleet.model import GpuSnapshot
@@ -44,7 +45,7 @@ def make_demo_adapters(root: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "r": rank, "lora_alpha": rank * 2, "lora_dropout": 0.05, "base_model_name_or_path": base,
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "target_modules": list(DEFAULT_TARGETS),
             "task_type": "CAUSAL_LM"}, indent=2))
 
         # A valid safetensors file with no tensors, written by hand: the demo needs no numpy.
