@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetdeck.argtypes import number
 from fleetdeck.cmdutil import err as _err
@@ -14,6 +14,11 @@ from fleetdeck.cmdutil import fleet_config_of as _fleet_config
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node, remote_node
 from fleetdeck.tables import print_table
+
+if TYPE_CHECKING:
+    from engine.kvfit.plan import FitResult
+    from engine.vllm.launcher import ServerRecord
+    from store.db import Store
 
 
 def register(sub: Any) -> None:
@@ -165,7 +170,7 @@ def _start_slurm(args: argparse.Namespace) -> int:
     return _planned_and_ready(store, rec, verdict, args.wait)
 
 
-def _planned_and_ready(store: Any, rec: Any, verdict: Any, wait: bool) -> int:
+def _planned_and_ready(store: Store, rec: ServerRecord, verdict: FitResult | None, wait: bool) -> int:
     """What the planner promised the server, and (with --wait) whether it came up."""
     from engine.vllm.launcher import wait_ready
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleet.config import FleetConfig
+    from store.db import Store
 
 
 def err(msg: str, code: int = 2, who: str = "fleetdeck") -> int:
@@ -13,14 +17,14 @@ def err(msg: str, code: int = 2, who: str = "fleetdeck") -> int:
     return code
 
 
-def store_of(args: argparse.Namespace) -> Any:
+def store_of(args: argparse.Namespace) -> Store:
     from store.db import open_store
     from store.paths import default_store_path
 
     return open_store(Path(args.store) if args.store else default_store_path())
 
 
-def fleet_config_of(args: argparse.Namespace) -> Any:
+def fleet_config_of(args: argparse.Namespace) -> FleetConfig:
     """The fleet config `--config` names (which must then exist), else the default one (or none)."""
     from fleet.config import load_fleet_config
 
