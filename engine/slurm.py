@@ -83,7 +83,8 @@ class Placement:
 
     @classmethod
     def submitted(cls, job_id: str, options: list[str], settings: Any) -> "Placement":
-        return cls(job_id, list(options), **asdict(Where.of(settings)))
+        where = Where.of(settings)
+        return cls(job_id, list(options), where.conf, where.bin_dir)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> "Placement":
@@ -103,7 +104,7 @@ class Placement:
 
 @dataclass
 class ClusterView:
-    partitions: list[dict[str, str]] = field(default_factory=list)
+    partitions: list[dict[str, Any]] = field(default_factory=list)
     nodes: list[dict[str, Any]] = field(default_factory=list)
     queue: list[dict[str, str]] = field(default_factory=list)
     error: str | None = None
@@ -275,7 +276,7 @@ def view_renderable(view: dict[str, Any]) -> RenderableType:
                   [[n["node"], n["state"], f"{n['gpus_alloc']}/{n['gpus']}", f"{n['cpus_alloc']}/{n['cpus']}",
                     n.get("reason") or ""] for n in view["nodes"]], right={"GPUs alloc", "CPUs alloc"})
     pending = [q for q in view["queue"] if q["state"] == "PENDING"]
-    queue = [Text(f"queue: {len(view['queue'])} job(s), {len(pending)} pending")]
+    queue: list[RenderableType] = [Text(f"queue: {len(view['queue'])} job(s), {len(pending)} pending")]
     if view["queue"]:
         queue.append(table(["job", "name", "user", "state", "node", "request"],
                            [[q["id"], q["name"], q["user"],

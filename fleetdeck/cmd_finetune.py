@@ -177,6 +177,7 @@ def _start_slurm(args: argparse.Namespace, spec: Any, config: Any) -> int:
         rec = jobs.start(_store(args), spec, None, force=args.force, adapter_root=root, slurm=req)
     except jobs.JobError as exc:
         return _err(str(exc))
+    assert rec.slurm is not None
     print(f"submitted {rec.id} to Slurm as job {rec.slurm.id} ({args.gpus} GPU); log {rec.log_path}")
     return 0
 

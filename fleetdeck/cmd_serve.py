@@ -165,6 +165,7 @@ def _start_slurm(args: argparse.Namespace) -> int:
                              slurm=SlurmRequest(config.slurm, int(args.gpus), args.partition, args.time))
     except LaunchError as exc:
         return _err(str(exc))
+    assert rec.slurm is not None
     print(f"submitted {rec.id} to Slurm as job {rec.slurm.id} ({args.gpus} GPU), port {rec.port}; "
           f"log {rec.log_path}")
     return _planned_and_ready(store, rec, verdict, args.wait)
