@@ -62,7 +62,7 @@ class ManagedRecord:
         return cls(**known)
 
     def save(self, store: Store) -> None:
-        save(store, self.KIND, self)
+        store.insert("managed", {**asdict(self), "kind": self.KIND}, replace=True)  # lists and dicts become JSON text
 
     def alive(self) -> bool:
         """The process this record started still runs (the same process: pid and create time)."""
@@ -94,10 +94,6 @@ class ManagedRecord:
 
 # Columns held as JSON text in the `managed` table.
 JSON_COLUMNS = ("argv", "env", "spec", "slurm", "outputs")
-
-
-def save(store: Store, kind: str, rec: ManagedRecord) -> None:
-    store.insert("managed", {**asdict(rec), "kind": kind}, replace=True)  # lists and dicts become JSON text
 
 
 def _from_row(cls: type[R], row: dict[str, Any]) -> R:

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-PROTOCOL_VERSION = 1
+# 2: server and job records carry workdir, slurm and (jobs) outputs beside their spec, no longer inside it
+PROTOCOL_VERSION = 2
 MIN_INTERVAL_S, MAX_INTERVAL_S = 0.2, 60.0  # an agent clamps a subscription's interval to these
 
 

@@ -58,7 +58,7 @@ def _agent(store_path: Path, read_only: bool = False) -> Pipe:
 
 
 def _ask(pipe: Pipe, op: str, args: object, rid: int) -> dict:
-    pipe.send({"v": 1, "type": "request", "id": rid, "op": op, "args": args})
+    pipe.send({"v": 2, "type": "request", "id": rid, "op": op, "args": args})
     while True:
         msg = pipe.next("response")
         if msg["id"] == rid:
@@ -141,11 +141,11 @@ def test_a_read_only_agent_refuses_every_change(node, op, args):
 
 WIRE = [
     # What one line can do to the agent: each gets an error and the agent keeps answering.
-    ('{"v": 1, "type": "subscribe", "interval": 1e300}', None),  # clamped to the maximum, not a sleep forever
-    ('{"v": 1, "type": "subscribe", "interval": "soon"}', "interval must be seconds"),
-    ('{"v": 1, "type": "subscribe", "interval": NaN}', "interval must be seconds"),
+    ('{"v": 2, "type": "subscribe", "interval": 1e300}', None),  # clamped to the maximum, not a sleep forever
+    ('{"v": 2, "type": "subscribe", "interval": "soon"}', "interval must be seconds"),
+    ('{"v": 2, "type": "subscribe", "interval": NaN}', "interval must be seconds"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    ('{"v": 1, "type": "request", "id": 1, "op": ["unhashable"]}', "unknown op"),
+    ('{"v": 2, "type": "request", "id": 1, "op": ["unhashable"]}', "unknown op"),
     ('"x' + "y" * (1 << 20) + '"', "longer than"),
 ]
 

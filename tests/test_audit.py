@@ -148,7 +148,7 @@ def test_the_agent_records_each_request_on_behalf_of_the_dashboard_and_refuses_r
     from fleet.simulated import demo_fleet
 
     def ask(pipe: Pipe, op: str, args: dict, rid: int) -> dict:
-        pipe.send({"v": 1, "type": "request", "id": rid, "op": op, "args": args, "operator": "alice@dash"})
+        pipe.send({"v": 2, "type": "request", "id": rid, "op": op, "args": args, "operator": "alice@dash"})
         while True:
             msg = pipe.next("response", timeout=60)
             if msg["id"] == rid:

@@ -37,16 +37,16 @@ def test_agent_over_a_local_pipe_with_faked_nvml(monkeypatch, tmp_path):
     assert hello["v"] == PROTOCOL_VERSION and hello["fleetdeck"] == "9.9" and hello["nvml"] == "ok"
     snap = pipe.next("snapshot")["snapshot"]
     assert [g["uuid"] for g in snap["gpus"]] == ["GPU-r0", "GPU-r1"] and snap["gpus"][1]["utilization_gpu_pct"] == 88
-    pipe.send({"v": 1, "type": "request", "id": 1, "op": "ping"})
+    pipe.send({"v": 2, "type": "request", "id": 1, "op": "ping"})
     assert pipe.next("response")["ok"] is True
     pipe.send("{this is not json")
     bad = pipe.next("response")
     assert bad["ok"] is False and "malformed" in bad["error"]
     pipe.send({"v": 99, "type": "request", "id": 2, "op": "ping"})
     assert "protocol v99 not supported" in pipe.next("response")["error"]
-    pipe.send({"v": 1, "type": "request", "id": 3, "op": "format_disks"})
+    pipe.send({"v": 2, "type": "request", "id": 3, "op": "format_disks"})
     assert "unknown op" in pipe.next("response")["error"]
-    pipe.send({"v": 1, "type": "request", "id": 4, "op": "list_servers"})
+    pipe.send({"v": 2, "type": "request", "id": 4, "op": "list_servers"})
     assert pipe.next("response")["result"] == []
     pipe.close()
 
@@ -89,11 +89,11 @@ def fake_agent(lines: list[str], tmp_path: Path) -> list[str]:
 
 
 def test_version_mismatch_is_reported_clearly(tmp_path):
-    node = RemoteNode("old", fake_agent([json.dumps({"v": 2, "type": "hello", "fleetdeck": "9.0"})], tmp_path),
+    node = RemoteNode("old", fake_agent([json.dumps({"v": 1, "type": "hello", "fleetdeck": "9.0"})], tmp_path),
                       backoff_s=(5, 5))
     try:
         assert wait_for(lambda: node.link.status == "incompatible")
-        assert "protocol v2, this dashboard v1" in node.snapshot().reason
+        assert "protocol v1, this dashboard v2" in node.snapshot().reason
     finally:
         node.close()
 
@@ -101,12 +101,12 @@ def test_version_mismatch_is_reported_clearly(tmp_path):
 def test_malformed_and_out_of_order_messages_are_counted_not_fatal(tmp_path):
     snap = {"node": "x", "taken_at": 1.0, "nvml": "ok", "gpus": [], "host": {}}
     lines = [
-        json.dumps({"v": 1, "type": "snapshot", "snapshot": snap}),  # before the hello
+        json.dumps({"v": 2, "type": "snapshot", "snapshot": snap}),  # before the hello
         "garbage{",
-        json.dumps({"v": 1, "type": "hello", "fleetdeck": "0.1.0"}),
-        json.dumps({"v": 1, "type": "response", "id": 12345, "ok": True}),  # an answer to nothing
-        json.dumps({"v": 1, "type": "snapshot", "snapshot": {"nonsense": True}}),
-        json.dumps({"v": 1, "type": "snapshot", "snapshot": snap}),
+        json.dumps({"v": 2, "type": "hello", "fleetdeck": "0.1.0"}),
+        json.dumps({"v": 2, "type": "response", "id": 12345, "ok": True}),  # an answer to nothing
+        json.dumps({"v": 2, "type": "snapshot", "snapshot": {"nonsense": True}}),
+        json.dumps({"v": 2, "type": "snapshot", "snapshot": snap}),
     ]
     node = RemoteNode("odd", fake_agent(lines, tmp_path), backoff_s=(5, 5))
     try:
@@ -362,7 +362,7 @@ def test_the_agent_relays_live_figures_of_its_servers(tmp_path, monkeypatch):
         pipe.next("hello")
 
         def ask(op: str, args: dict, rid: int) -> dict:
-            pipe.send({"v": 1, "type": "request", "id": rid, "op": op, "args": args})
+            pipe.send({"v": 2, "type": "request", "id": rid, "op": op, "args": args})
             while True:
                 msg = pipe.next("response", timeout=60)
                 if msg["id"] == rid:
@@ -659,11 +659,11 @@ def test_both_sides_read_the_protocol_through_the_same_typed_messages():
     assert isinstance(parse_agent(json.loads(Hello(fleetdeck="1.0", node="n1").line())), Hello)
     answer = parse_agent({"v": PROTOCOL_VERSION, "type": "response", "id": 7, "ok": True, "result": [1], "extra": "new"})
     assert isinstance(answer, Response) and answer.result == [1]  # a newer peer's extra field is ignored
-    for doc, why in [({"v": 1, "type": "request", "id": 1, "op": "reboot"}, "unknown op 'reboot'"),
-                     ({"v": 1, "type": "request", "id": 1, "op": "ping", "args": []}, "args must be a JSON object"),
-                     ({"v": 1, "type": "request", "op": "ping"}, "malformed message: id: Field required"),
-                     ({"v": 1, "type": "shell", "cmd": "rm"}, "unknown type 'shell'")]:
+    for doc, why in [({"v": 2, "type": "request", "id": 1, "op": "reboot"}, "unknown op 'reboot'"),
+                     ({"v": 2, "type": "request", "id": 1, "op": "ping", "args": []}, "args must be a JSON object"),
+                     ({"v": 2, "type": "request", "op": "ping"}, "malformed message: id: Field required"),
+                     ({"v": 2, "type": "shell", "cmd": "rm"}, "unknown type 'shell'")]:
         with pytest.raises(BadMessage, match=why):
             parse_client(doc)
     with pytest.raises(BadMessage, match="ok: Field required"):
-        parse_agent({"v": 1, "type": "response", "id": 3})
+        parse_agent({"v": 2, "type": "response", "id": 3})

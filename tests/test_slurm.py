@@ -211,7 +211,7 @@ def test_a_login_nodes_agent_submits_to_its_own_slurm_and_refuses_what_is_not_a_
     pipe.next("hello")
 
     def ask(rid: int, args: dict) -> dict:
-        pipe.send({"v": 1, "type": "request", "id": rid, "op": "start_job", "args": args})
+        pipe.send({"v": 2, "type": "request", "id": rid, "op": "start_job", "args": args})
         while True:
             msg = pipe.next("response", timeout=60)
             if msg["id"] == rid:
