@@ -147,7 +147,7 @@ def import_adapter(source: Path, name: str, roots: list[Path]) -> Path:
     if not roots:
         raise AdapterError("no adapter roots configured (set adapter_roots in the fleet config)")
     with audit.audited("adapter.import", name, refusals=(AdapterError,), path=str(source)) as entry:
-        target = register(Path(source), Path(roots[0]).expanduser(), name, roots)
+        target = register(Path(source), Path(roots[0]), name, roots)
         entry.target = target.name
         entry.params["version"] = target.name
         return target

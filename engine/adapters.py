@@ -114,7 +114,7 @@ def scan(roots: list[Path]) -> tuple[list[Adapter], list[str]]:
     """Every adapter under the roots (one level deep), and a message for each folder that is not one."""
     adapters, problems = [], []
     for root in roots:
-        root = Path(root).expanduser()
+        root = Path(root)
         if not root.is_dir():
             problems.append(f"{root}: adapter root does not exist")
             continue

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from store.config_files import Strict, load_toml_model
+from store.config_files import HomePath, Strict, load_toml_model
 
 
 class NodeConfig(Strict):
@@ -29,16 +29,16 @@ class AuditSettings(Strict):
 class ModelSettings(Strict):
     """Where merged and quantized models go, and the Python that runs llm-compressor."""
 
-    root: Path | None = Field(default=None, description="default: the data folder's models/")
-    quantize_python: Path | None = Field(default=None, description="a virtual environment's python with llmcompressor")
+    root: HomePath | None = Field(default=None, description="default: the data folder's models/")
+    quantize_python: HomePath | None = Field(default=None, description="a virtual environment's python with llmcompressor")
 
 
 class SlurmSettings(Strict):
     """The site's Slurm: fine-tunes handed to it with `--slurm`, its queue on the Fleet screen."""
 
     enabled: bool = False
-    conf: Path | None = Field(default=None, description="SLURM_CONF for the client commands (default: Slurm's own)")
-    bin_dir: Path | None = Field(default=None, description="where sbatch, squeue, ... are (default: PATH)")
+    conf: HomePath | None = Field(default=None, description="SLURM_CONF for the client commands (default: Slurm's own)")
+    bin_dir: HomePath | None = Field(default=None, description="where sbatch, squeue, ... are (default: PATH)")
     partition: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
     account: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
     qos: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
@@ -50,7 +50,7 @@ class SlurmSettings(Strict):
 class FleetConfig(Strict):
     refresh_s: float = Field(default=1.0, ge=0.2, le=60.0)
     history_every_s: float = Field(default=5.0, ge=1.0, le=3600.0)
-    adapter_roots: list[Path] = Field(default_factory=list)
+    adapter_roots: list[HomePath] = Field(default_factory=list)
     read_only: bool = False
     node: list[NodeConfig] = Field(default_factory=list)
     audit: AuditSettings = Field(default_factory=AuditSettings)

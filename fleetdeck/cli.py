@@ -242,7 +242,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import threading
 
     from engine.agent import Agent
-    from fleet.config import load_fleet_config
+    from fleetdeck.cmdutil import fleet_config_of
     from store.config_files import ConfigError
 
     if args.simulated:
@@ -256,7 +256,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
         source = LocalNode(args.node_name)
     try:
-        config = load_fleet_config(args.config, required=args.config is not None)
+        config = fleet_config_of(args)
     except ConfigError as exc:
         return fail(str(exc))
     if args.exit_after:
@@ -280,11 +280,12 @@ def remote_sources(config: object) -> list:
 
 
 def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
-    from fleet.config import FleetConfig, load_fleet_config
+    from fleet.config import FleetConfig
+    from fleetdeck.cmdutil import fleet_config_of
     from store.config_files import ConfigError
 
     try:
-        config = load_fleet_config(args.config, required=args.config is not None) if not demo else FleetConfig()
+        config = fleet_config_of(args) if not demo else FleetConfig()
     except ConfigError as exc:
         return fail(str(exc))
     if args.refresh:

@@ -83,9 +83,9 @@ def register(sub: Any) -> None:
 
 
 def _roots(args: argparse.Namespace) -> list[Path]:
-    from fleet.config import load_fleet_config
+    from fleetdeck.cmdutil import fleet_config_of
 
-    return [Path(r).expanduser() for r in load_fleet_config(args.config, required=args.config is not None).adapter_roots]
+    return list(fleet_config_of(args).adapter_roots)
 
 
 def _router_path(args: argparse.Namespace) -> Path:

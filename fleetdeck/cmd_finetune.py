@@ -112,7 +112,7 @@ def run_check(args: argparse.Namespace) -> int:
 @mutating("job.start", lambda a: a.spec)
 def run_start(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
-    from fleet.config import load_fleet_config
+    from fleetdeck.cmdutil import fleet_config_of
     from store.config_files import ConfigError
 
     if args.node and args.slurm:  # the node (a login node) submits to its own Slurm
@@ -126,7 +126,7 @@ def run_start(args: argparse.Namespace) -> int:
 
     try:
         spec = _spec(args.spec)
-        config = load_fleet_config(args.config, required=args.config is not None)
+        config = fleet_config_of(args)
     except ConfigError as exc:
         return _err(str(exc))
     if args.slurm:
@@ -250,7 +250,7 @@ def run_logs(args: argparse.Namespace) -> int:
 def _models_root(config: Any) -> Path:
     from store.paths import data_dir
 
-    return Path(config.models.root).expanduser() if config.models.root else data_dir() / "models"
+    return config.models.root or data_dir() / "models"
 
 
 def _wait_job(store: Store, rec: Any) -> int:
@@ -270,11 +270,11 @@ def run_merge(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.adapter_versions import integrity_problem
     from engine.finetune import jobs
-    from fleet.config import load_fleet_config
+    from fleetdeck.cmdutil import fleet_config_of
 
-    config = load_fleet_config(args.config, required=args.config is not None)
+    config = fleet_config_of(args)
     store = _store(args)
-    roots = [Path(r).expanduser() for r in config.adapter_roots]
+    roots = list(config.adapter_roots)
     try:
         if "@" not in args.source and not any(a.family == args.source for a in adapters.scan(roots)[0]):
             job = jobs.refresh(store, jobs.get(store, args.source))
@@ -302,9 +302,9 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_quantize(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
     from engine.vllm.profile import parse_gpus
-    from fleet.config import load_fleet_config
+    from fleetdeck.cmdutil import fleet_config_of
 
-    config = load_fleet_config(args.config, required=args.config is not None)
+    config = fleet_config_of(args)
     model = Path(args.model).expanduser()
     if not (model / "config.json").is_file():
         return _err(f"{model} is not a model folder (no config.json)")
@@ -315,7 +315,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if python is None:
         return _err("no llm-compressor environment: make one (`python3 -m venv q && q/bin/pip install torch llmcompressor`)"
                     " and set [models] quantize_python in the fleet config to its python")
-    if not Path(python).expanduser().is_file():
+    if not python.is_file():
         return _err(f"[models] quantize_python {python} does not exist")
     if not 1 <= args.samples <= 100_000:
         return _err("--samples must be 1-100000")
@@ -327,7 +327,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         rec = jobs.start_transform(store, "quantize", model.name, ["--model", str(model), "--dataset", str(calib),
-                                   "--samples", str(args.samples)], out, python=str(Path(python).expanduser()), gpus=gpus,
+                                   "--samples", str(args.samples)], out, python=str(python), gpus=gpus,
                                    params={"model": str(model), "method": args.method})
     except jobs.JobError as exc:
         return _err(str(exc))

@@ -19,14 +19,14 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine import slurm
-    from fleet.config import load_fleet_config
+    from fleetdeck.cmdutil import fleet_config_of
     from store.config_files import ConfigError
 
     if args.node:
         args.json = True
         return on_node(args, "slurm_view", {})
     try:
-        config = load_fleet_config(args.config, required=args.config is not None)
+        config = fleet_config_of(args)
     except ConfigError as exc:
         print(f"fleetdeck slurm: {exc}", file=sys.stderr)
         return 2

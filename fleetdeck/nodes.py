@@ -31,11 +31,11 @@ def remote_node(config: Any, name: str, timeout: float = 30.0) -> Any:
 
 def on_node(args: argparse.Namespace, op: str, payload: dict[str, Any]) -> int:
     """Ask the node's agent (which checks and audits it there); print what it answers."""
-    from fleet.config import load_fleet_config
+    from fleetdeck.cmdutil import fleet_config_of
     from fleet.remote import AgentError
 
     try:
-        remote = remote_node(load_fleet_config(args.config, required=args.config is not None), args.node)
+        remote = remote_node(fleet_config_of(args), args.node)
         try:
             result = remote.request(op, {k: v for k, v in payload.items() if v is not None}, timeout=120)
         finally:

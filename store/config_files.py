@@ -10,15 +10,19 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(Exception):
     """A config file is missing, not TOML, or does not validate. The message is for the operator."""
+
+
+# A path from a config file, with `~` already expanded: every use of it sees the same folder.
+HomePath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
 
 
 class Strict(BaseModel):

@@ -122,3 +122,15 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err
+
+
+def test_paths_in_the_fleet_config_expand_the_home_folder_once_for_every_use(tmp_path, monkeypatch):
+    from fleet.config import load_fleet_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_text('adapter_roots = ["~/adapters"]\n[models]\nroot = "~/models"\n'
+                   '[slurm]\nenabled = true\nconf = "~/slurm.conf"\n')
+    config = load_fleet_config(cfg, required=True)
+    assert config.adapter_roots == [tmp_path / "adapters"]
+    assert (config.models.root, config.slurm.conf) == (tmp_path / "models", tmp_path / "slurm.conf")

@@ -142,7 +142,7 @@ def resolve_preload(profile: Profile, adapter_roots: list[Path]) -> dict[str, st
     for item in profile.lora.preload:
         name, _, path = item.partition("=")
         if not path:
-            candidates = [Path(r).expanduser() / name for r in adapter_roots]
+            candidates = [Path(r) / name for r in adapter_roots]
             found = next((c for c in candidates if (c / "adapter_config.json").is_file()), None)
             if found is None:
                 raise LaunchError(f"preload adapter {name!r} is in none of the adapter roots ({', '.join(map(str, adapter_roots)) or 'none set'})")

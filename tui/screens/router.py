@@ -251,7 +251,7 @@ class RouterScreen(PolledScreen):
             family, _ = parse_ref(row.slm_model or "")
         except adapters.AdapterError:
             return None
-        mine = versions_of([Path(r).expanduser() for r in self.app.options.config.adapter_roots], family)
+        mine = versions_of(list(self.app.options.config.adapter_roots), family)
         return mine[-1].name if mine and mine[-1].name != row.slm_model else None
 
     def action_evaluate(self) -> None:
@@ -298,7 +298,7 @@ class RouterScreen(PolledScreen):
         from engine.router.config import load_router_config
         from store.config_files import ConfigError
 
-        roots = [Path(r).expanduser() for r in self.app.options.config.adapter_roots]
+        roots = list(self.app.options.config.adapter_roots)
         store = self.store
         try:
             if what == "evaluate":
