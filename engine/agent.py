@@ -43,8 +43,23 @@ class BadRequest(ValueError):
 def _target(args: dict[str, Any]) -> str:
     for key in ("id", "profile", "spec", "adapter", "name"):
         if isinstance(args.get(key), str):
-            return str(args[key])[:100]
+            return str(args[key])  # stored escaped and cut where it must be (engine/audit_text.py)
     return "?"
+
+
+# A request's argument names, as the audit action's parameter names (the rest are not recorded).
+_PARAM_OF = {Op.STOP_SERVER.value: {"id": "server"}, Op.CANCEL_JOB.value: {"id": "job"},
+             Op.RESUME_JOB.value: {"id": "job"}}
+
+
+def _params(op: str, args: dict[str, Any]) -> dict[str, Any]:
+    names = _PARAM_OF.get(op, {})
+    return {names.get(k, k): (v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v))
+            for k, v in args.items()}
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
 
 
 MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake or an attack
@@ -315,18 +330,21 @@ class Agent:
         fn = self.ops[op]
         action = MUTATING_OPS.get(op)
         behalf = {"source": "agent", "on_behalf_of": req.operator}
-        with audit.on_behalf_of(behalf):
+        with audit.on_behalf_of(behalf), audit.counting() as written:
             if self.read_only and action is not None:
                 error = f"{op}: refused, this node's agent is read-only"
-                audit.record(action, _target(args), "refused", "this node's agent is read-only")
+                audit.record(action, _target(args), "refused", "this node's agent is read-only", **_params(op, args))
                 self._fail(out, rid, error)
                 return
             try:
                 result = fn(args)
                 self.send(out, Response(id=rid, ok=True, result=result))
             except Exception as exc:  # every failure goes back to the dashboard as text
-                if action is not None and isinstance(exc, BadRequest):
-                    audit.record(action, _target(args), "refused", str(exc))  # the engine never saw it
+                if action is not None and written[0] == 0:
+                    # Refused before the engine recorded it (a bad name, an unknown id, a boundary, the
+                    # trail itself unavailable): recorded here, so no refusal goes unrecorded.
+                    outcome = "failed" if isinstance(exc, (OSError, RuntimeError)) else "refused"
+                    audit.record(action, _target(args), outcome, _reason(exc), **_params(op, args))
                 self._fail(out, rid, f"{type(exc).__name__}: {exc}")
 
     def _read(self, inp: TextIO, out: TextIO) -> None:

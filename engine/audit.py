@@ -2,15 +2,21 @@
 
 A record holds when (UTC), who (the local user; for an SSH session its source address, the key's
 fingerprint where sshd exposes it, and for an agent request the remote dashboard's user@host), where
-(node), from which entry point (cli, tui, agent), what (action, target, the parameters that matter) and
-the outcome (done, refused with the reason, failed with the error). Records are chained: each carries
-the SHA-256 of its predecessor's hash and its own content, so `verify` finds a changed or deleted
-record; the store refuses UPDATE and DELETE on the table (triggers), except retention pruning of records
-past the cut-off it first records. Secrets are never parameters: each action lists what it records.
+(node), from which entry point (cli, tui, agent, proxy), what (action, target, the parameters that
+matter) and the outcome (done, refused with the reason, failed with the error). Any text is stored,
+escaped where SQLite or UTF-8 could not take it (engine/audit_text.py): a value never stops a record.
 
-Entry points `configure()` the trail once (source, store, read-only, syslog); the engine's mutating
-functions run inside `audited()`, which refuses them when read-only (and records the refusal). Library
-use without a configured trail records nothing.
+Records are chained: each carries an HMAC-SHA256, under a node-local key, of its predecessor's MAC and
+its own content; a checkpoint outside the store holds the last record's number and MAC
+(engine/audit_anchor.py). So `verify` finds a changed, removed, forged or recomputed record, a deleted
+tail and a store rolled back to an older copy. Records written before the key existed keep their plain
+SHA-256 chain and are verified that way, counted as unkeyed. The store refuses UPDATE and DELETE on the
+table (triggers) except retention pruning, which is itself a chained record (`audit.prune`).
+
+Fail closed: entry points `configure()` the trail once (source, store, read-only, key, syslog); the
+engine's mutating functions run inside `audited()`, which refuses them when read-only (recorded) or
+when their record could not be written (a rehearsal of the write that is rolled back: store, key and
+checkpoint all checked first). Library use without a configured trail records nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +33,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from engine.audit_anchor import Anchor, AnchorError, Checkpoint, Key
+from engine.audit_text import shown, stored
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from store.db import Store
 
 # Every action that changes a node, and the parameters each may record (nothing else is kept: no keys).
@@ -47,25 +58,34 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "adapter.promote": ("config", "task", "old", "new", "eval", "servers"),
     "adapter.rollback": ("config", "task", "old", "new", "servers"),
     "router.threshold": ("config", "task", "old", "new"),
+    "router.reload": ("config", "changed", "via"),
     "model.merge": ("adapter", "base", "out"),
     "model.quantize": ("model", "method", "out"),
+    "audit.prune": ("cutoff", "retention_days", "removed", "first_kept"),
 }
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years
 GENESIS = "0" * 64
+KEYED = "hmac1"  # a keyed record's `hash` is "hmac1:<key id>:<HMAC-SHA256 hex>"; an older one is 64 hex
+READ_ONLY_REASON = "fleetdeck is read-only (--read-only or read_only = true)"
 
 
 class ReadOnlyError(Exception):
-    """A change was asked of a read-only fleetdeck; the message says so and how to lift it."""
+    """A change was refused before it touched anything; the message says why (read-only: how to lift it)."""
+
+
+class AuditUnavailable(ReadOnlyError):
+    """A change was refused because its audit record could not be written (fail closed)."""
 
 
 @dataclass
 class Trail:
     store_path: Path
-    source: str  # cli | tui | agent
+    source: str  # cli | tui | agent | proxy | demo
     node: str
     read_only: bool = False
     syslog_socket: Path | None = None
+    key_file: Path | None = None
     written: int = 0
     _store: Store = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -78,16 +98,23 @@ class Trail:
                 self._store = open_store(self.store_path)
             return self._store
 
+    @property
+    def anchor(self) -> Anchor:
+        return Anchor.of(self.store_path, self.key_file)
+
 
 _trail: Trail | None = None
 # Who a request is on behalf of (the agent sets it per request, in the thread that handles it).
 _on_behalf: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("fleetdeck_on_behalf", default=None)
+# Records written in this context (the agent's request thread, a CLI command): lets a caller tell whether
+# the engine already recorded an action before recording a refusal of its own.
+_written_here: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("fleetdeck_audit_written", default=None)
 
 
 def configure(store_path: Path, source: str, *, read_only: bool = False, node: str | None = None,
-              syslog_socket: Path | None = None) -> Trail:
+              syslog_socket: Path | None = None, key_file: Path | None = None) -> Trail:
     global _trail
-    _trail = Trail(Path(store_path), source, node or socket.gethostname(), read_only, syslog_socket)
+    _trail = Trail(Path(store_path), source, node or socket.gethostname(), read_only, syslog_socket, key_file)
     return _trail
 
 
@@ -113,13 +140,30 @@ def is_read_only() -> bool:
     return bool(_trail and _trail.read_only)
 
 
+def anchor_for(store_path: Path, key_file: Path | None = None) -> Anchor:
+    """The key and checkpoint of a store: the configured trail's key file unless one is named."""
+    trail = _trail
+    return Anchor.of(store_path, key_file or (trail.key_file if trail is not None else None))
+
+
 @contextmanager
 def on_behalf_of(who: dict[str, str]) -> Iterator[None]:
-    token = _on_behalf.set({k: str(v)[:200] for k, v in who.items() if v})
+    token = _on_behalf.set({k: v if isinstance(v, str) else str(v) for k, v in who.items() if v})
     try:
         yield
     finally:
         _on_behalf.reset(token)
+
+
+@contextmanager
+def counting() -> Iterator[list[int]]:
+    """Count the records written in this context (one-element list); nested use starts its own count."""
+    box = [0]
+    token = _written_here.set(box)
+    try:
+        yield box
+    finally:
+        _written_here.reset(token)
 
 
 def _key_fingerprint() -> str | None:
@@ -161,7 +205,12 @@ class Entry:
 
 def _clean(action: str, params: dict[str, Any]) -> dict[str, Any]:
     allowed = ACTIONS[action]
-    return {k: (v if isinstance(v, (int, float, bool)) or v is None else str(v)) for k, v in params.items() if k in allowed}
+    return {k: (v if isinstance(v, (int, float, bool)) or v is None else stored(v))
+            for k, v in params.items() if k in allowed}
+
+
+def _opt(value: Any) -> str | None:
+    return None if value is None else stored(value)
 
 
 def _canonical(rec: dict[str, Any]) -> bytes:
@@ -170,82 +219,187 @@ def _canonical(rec: dict[str, Any]) -> bytes:
 
 
 def _chain(prev: str, rec: dict[str, Any]) -> str:
+    """An unkeyed record's hash (before the key existed): SHA-256 of its predecessor's and its content."""
     return hashlib.sha256(prev.encode() + _canonical(rec)).hexdigest()
 
 
-def append(store: Store, action: str, target: str, outcome: str, reason: str | None = None, *, source: str = "cli",
-           node: str | None = None, params: dict[str, Any] | None = None, who: dict[str, Any] | None = None,
-           ts: float | None = None) -> dict[str, Any]:
-    """Write one record, chained to the last one, in one transaction (concurrent writers serialise)."""
+def _mac(key: Key, prev: str, rec: dict[str, Any]) -> str:
+    return f"{KEYED}:{key.kid}:" + key.mac(b"fleetdeck-audit-1\0" + prev.encode() + b"\0" + _canonical(rec))
+
+
+class _Rehearsal(Exception):
+    """Raised inside a rehearsed write so its transaction rolls back."""
+
+
+def _build(action: str, target: str, outcome: str, reason: str | None, source: str, node: str | None,
+           params: dict[str, Any] | None, who: dict[str, Any] | None, ts: float | None) -> dict[str, Any]:
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}")
     who = {**identity(), **(who or {})}
     now = time.time() if ts is None else ts
-    rec: dict[str, Any] = {
+    return {
         "ts": round(now, 6), "utc": datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "actor": who.get("actor"), "origin": who.get("origin"), "key_fingerprint": who.get("key_fingerprint"),
-        "on_behalf_of": who.get("on_behalf_of"), "source": source, "node": node or socket.gethostname(),
-        "action": action, "target": target, "params": json.dumps(_clean(action, params or {}), sort_keys=True),
-        "outcome": outcome, "reason": (reason or None) and str(reason)[:1000],
+        "actor": _opt(who.get("actor")), "origin": _opt(who.get("origin")),
+        "key_fingerprint": _opt(who.get("key_fingerprint")), "on_behalf_of": _opt(who.get("on_behalf_of")),
+        "source": stored(source), "node": stored(node or socket.gethostname()),
+        "action": action, "target": stored(target), "params": json.dumps(_clean(action, params or {}), sort_keys=True),
+        "outcome": outcome, "reason": _opt(reason or None),
     }
-    with store.transaction() as conn:
-        row = conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        rec["prev_hash"] = row[0] if row else GENESIS
-        rec["hash"] = _chain(rec["prev_hash"], rec)
-        cols = list(rec)
-        cur = conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                           [rec[c] for c in cols])
-        rec["seq"] = cur.lastrowid
+
+
+def _head(conn: sqlite3.Connection) -> tuple[int, str] | None:
+    row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    return (int(row[0]), str(row[1])) if row else None
+
+
+def _notes_for(head: tuple[int, str] | None, cp: Checkpoint | None, anchor: Anchor) -> tuple[str, ...]:
+    """What this writer finds wrong with the head before appending, as "SEQ|what" (SEQ: the first record
+    in question); kept in the checkpoint from now on, so `verify` keeps saying it."""
+    notes = cp.notes if cp is not None else ()
+    if cp is None:
+        if head is not None and head[1].startswith(KEYED + ":"):
+            notes += (f"{head[0]}|the checkpoint was missing (deleted?) when record {head[0]} was the last one",)
+    elif head is None:
+        notes += (f"{cp.seq}|the store had no record where the checkpoint held record {cp.seq}",)
+    elif head[0] < cp.seq:
+        notes += (f"{head[0] + 1}|records {head[0] + 1} to {cp.seq} were gone (rolled back or deleted) "
+                  f"before the next record was written",)
+    elif head[0] > cp.seq:
+        notes += (f"{cp.seq + 1}|records {cp.seq + 1} to {head[0]} were written without the checkpoint "
+                  f"(forged with the key, or by a writer that died before anchoring them)",)
+    elif head[1] != cp.mac:
+        notes += (f"{head[0]}|record {head[0]} was not the one the checkpoint held (replaced)",)
+    return notes[-20:]
+
+
+def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], dict[str, Any]],
+           rehearse: bool = False) -> dict[str, Any]:
+    """Append the record `make` builds (it may first change the store in the same transaction), keyed,
+    chained and anchored, under the checkpoint's lock; or, rehearsing, do all of it and roll it back.
+    The next checkpoint is written beside the old one before the commit (a full or read-only folder
+    refuses the record) and moved into place after it."""
+    with anchor.locked(write=True):
+        key = anchor.key(create=True)
+        assert key is not None
+        tmp: Path | None = None
+        try:
+            with store.transaction() as conn:
+                rec = make(conn)
+                head = _head(conn)
+                cp = anchor.checkpoint()
+                rec["prev_hash"] = head[1] if head else GENESIS
+                rec["hash"] = _mac(key, rec["prev_hash"], rec)
+                cols = list(rec)
+                cur = conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                   [rec[c] for c in cols])
+                rec["seq"] = int(cur.lastrowid or 0)
+                tmp = anchor.prepare(Checkpoint(rec["seq"], rec["hash"], _notes_for(head, cp, anchor)))
+                if rehearse:
+                    raise _Rehearsal
+        except _Rehearsal:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            return rec
+        except BaseException:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            raise
+        assert tmp is not None
+        try:
+            anchor.commit(tmp)
+        except OSError as exc:
+            raise AnchorError(f"record {rec['seq']} was written but its checkpoint could not be updated: {exc}") from exc
     return rec
 
 
+def append(store: Store, action: str, target: str, outcome: str, reason: str | None = None, *, source: str = "cli",
+           node: str | None = None, params: dict[str, Any] | None = None, who: dict[str, Any] | None = None,
+           ts: float | None = None, anchor: Anchor | None = None, rehearse: bool = False) -> dict[str, Any]:
+    """Write one record, keyed, chained to the last one and anchored, in one transaction (concurrent
+    writers serialise on the checkpoint's lock and SQLite's). Raises when it cannot be written."""
+    rec = _build(action, target, outcome, reason, source, node, params, who, ts)
+    return _write(store, anchor or anchor_for(store.path), lambda conn: rec, rehearse)
+
+
+def _unrecorded(action: str, target: str, outcome: str, exc: BaseException) -> None:
+    import sys
+
+    print(f"fleetdeck: audit record of {shown(action)} {shown(target)} ({outcome}) not written: {shown(exc)}",
+          file=sys.stderr)
+
+
 def record(action: str, target: str, outcome: str, reason: str | None = None, **params: Any) -> dict[str, Any] | None:
-    """Record through the configured trail (nothing without one)."""
+    """Record through the configured trail (nothing without one). A record that cannot be written is
+    said loudly on stderr (and None returned): the callers that act check first with `check_writable()`."""
     trail = _trail
     if trail is None:
         return None
     behalf = _on_behalf.get() or {}
     try:
         rec = append(trail.store(), action, target, outcome, reason, source=behalf.get("source", trail.source),
-                     node=trail.node, params=params, who=behalf)
-    except Exception as exc:  # the action has happened (or been refused); say loudly that its record has not
-        import sys
-
-        print(f"fleetdeck: audit record of {action} {target} ({outcome}) not written: {exc}", file=sys.stderr)
+                     node=trail.node, params=params, who=behalf, anchor=trail.anchor)
+    except Exception as exc:  # the action has been refused (or, in a race, happened); its record has not
+        _unrecorded(action, target, outcome, exc)
         return None
     trail.written += 1
+    box = _written_here.get()
+    if box is not None:
+        box[0] += 1
     if trail.syslog_socket is not None:
         send_syslog(rec, trail.syslog_socket)
     return rec
 
 
+def check_writable(action: str, target: str, **params: Any) -> None:
+    """Fail closed: rehearse writing this action's record (store, lock, key, checkpoint; rolled back) and
+    refuse the action, raising AuditUnavailable, if it cannot be written. Nothing without a trail."""
+    trail = _trail
+    if trail is None:
+        return
+    behalf = _on_behalf.get() or {}
+    try:
+        append(trail.store(), action, target, "done", None, source=behalf.get("source", trail.source), node=trail.node,
+               params=params, who=behalf, anchor=trail.anchor, rehearse=True)
+    except Exception as exc:
+        reason = f"its audit record cannot be written ({type(exc).__name__}: {exc})"
+        record(action, target, "refused", reason, **params)  # most likely fails too, and says so
+        raise AuditUnavailable(f"{action} {target}: refused, {reason}") from exc
+
+
 def refuse_if_read_only(action: str, target: str, **params: Any) -> None:
     """For a change handed to another node (its agent audits what it does): refused here when read-only."""
     if is_read_only():
-        reason = "fleetdeck is read-only (--read-only or read_only = true)"
-        record(action, target, "refused", reason, **params)
-        raise ReadOnlyError(f"{action} {target}: refused, {reason}")
+        record(action, target, "refused", READ_ONLY_REASON, **params)
+        raise ReadOnlyError(f"{action} {target}: refused, {READ_ONLY_REASON}")
+
+
+def begin(action: str, target: str, **params: Any) -> Entry:
+    """Before a change: refused (recorded) when read-only, refused when its record could not be written."""
+    refuse_if_read_only(action, target, **params)
+    check_writable(action, target, **params)
+    return Entry(action, target, dict(params))
+
+
+def finish(entry: Entry, outcome: str, reason: str | None = None) -> dict[str, Any] | None:
+    return record(entry.action, entry.target, outcome, reason, **entry.params)
 
 
 @contextmanager
 def audited(action: str, target: str, refusals: tuple[type[BaseException], ...] = (), **params: Any) -> Iterator[Entry]:
-    """Run a change: refused up front when read-only; recorded with its outcome when it ends."""
-    entry = Entry(action, target, dict(params))
-    if is_read_only():
-        reason = "fleetdeck is read-only (--read-only or read_only = true)"
-        record(action, target, "refused", reason, **entry.params)
-        raise ReadOnlyError(f"{action} {target}: refused, {reason}")
+    """Run a change: refused up front when read-only or when its record could not be written; recorded
+    with its outcome when it ends."""
+    entry = begin(action, target, **params)
     try:
         yield entry
     except refusals as exc:
-        record(action, entry.target, "refused", str(exc), **entry.params)
+        finish(entry, "refused", str(exc))
         raise
     except BaseException as exc:
-        record(action, entry.target, "failed", f"{type(exc).__name__}: {exc}", **entry.params)
+        finish(entry, "failed", f"{type(exc).__name__}: {exc}")
         raise
-    record(action, entry.target, "done", None, **entry.params)
+    finish(entry, "done")
 
 
 # -- reading, verifying, retention --------------------------------------------------------------------
@@ -266,58 +420,75 @@ def query(store: Store, since: float | None = None, node: str | None = None, act
     return store.query(sql, args)
 
 
+def prune(store: Store, retention_days: float = DEFAULT_RETENTION_DAYS, now: float | None = None,
+          anchor: Anchor | None = None) -> int:
+    """Remove the records older than the retention, as one transaction with the `audit.prune` record
+    that says so (cut-off, retention, how many, the first record kept); nothing without that record."""
+    at = time.time() if now is None else now
+    cutoff = at - retention_days * 86400
+    if not store.execute("SELECT 1 FROM audit WHERE ts < ? LIMIT 1", (cutoff,)):
+        return 0  # nothing to prune: touch nothing (no key is made by listing)
+    trail = _trail
+    removed = [0]
+
+    def make(conn: sqlite3.Connection) -> dict[str, Any]:
+        kept = conn.execute("SELECT MIN(seq) FROM audit WHERE ts >= ?", (cutoff,)).fetchone()[0]
+        where, args = ("seq < ?", (kept,)) if kept is not None else ("1=1", ())
+        if not conn.execute(f"SELECT 1 FROM audit WHERE {where} LIMIT 1", args).fetchone():
+            raise _NothingToPrune
+        conn.execute("INSERT INTO audit_prune (cutoff, at) VALUES (?, ?)", (cutoff, at))  # lets the trigger pass
+        removed[0] = conn.execute(f"DELETE FROM audit WHERE {where}", args).rowcount
+        params = {"cutoff": cutoff, "retention_days": retention_days, "removed": removed[0], "first_kept": kept}
+        return _build("audit.prune", "audit", "done", None, trail.source if trail else "cli",
+                      trail.node if trail else None, params, None, at)
+
+    try:
+        _write(store, anchor or anchor_for(store.path), make)
+    except _NothingToPrune:
+        return 0
+    return removed[0]
+
+
+class _NothingToPrune(Exception):
+    pass
+
+
 @dataclass
 class Verdict:
     ok: bool
     records: int
     first_broken: int | None = None
     message: str = ""
+    unkeyed: int = 0
 
 
-def verify(store: Store) -> Verdict:
-    rows = store.query("SELECT * FROM audit ORDER BY seq")
-    pruned = store.execute("SELECT MAX(cutoff) FROM audit_prune")[0][0]
-    prev = None
-    for i, row in enumerate(rows):
-        rec = dict(row)
-        if i == 0:
-            # Records before the first one were pruned by retention (or there were none).
-            if rec["prev_hash"] != GENESIS and pruned is None:
-                return Verdict(False, len(rows), rec["seq"], f"record {rec['seq']} follows a record that is gone")
-            prev = rec["prev_hash"]
-        if rec["prev_hash"] != prev:
-            return Verdict(False, len(rows), rec["seq"],
-                           f"record {rec['seq']} does not follow record {rows[i - 1]['seq']}: one was changed or removed")
-        if _chain(prev, rec) != rec["hash"]:
-            return Verdict(False, len(rows), rec["seq"], f"record {rec['seq']} was changed after it was written")
-        prev = rec["hash"]
-    note = f" (records before {datetime.fromtimestamp(pruned, timezone.utc):%Y-%m-%d} pruned by retention)" if pruned else ""
-    return Verdict(True, len(rows), None, f"{len(rows)} record(s), chain intact{note}")
+def verify(store: Store, anchor: Anchor | None = None, retention_days: float | None = None,
+           now: float | None = None) -> Verdict:
+    """Check the chain, its keyed MACs, pruning against the retention, and the head against the checkpoint.
+    The first problem found is named, with its record."""
+    from engine.audit_verify import check
 
-
-def prune(store: Store, retention_days: float = DEFAULT_RETENTION_DAYS, now: float | None = None) -> int:
-    cutoff = (time.time() if now is None else now) - retention_days * 86400
-    with store.transaction() as conn:
-        if not conn.execute("SELECT 1 FROM audit WHERE ts < ? LIMIT 1", (cutoff,)).fetchone():
-            return 0
-        conn.execute("INSERT INTO audit_prune (cutoff, at) VALUES (?, ?)", (cutoff, time.time()))
-        return conn.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
+    return check(store, anchor or anchor_for(store.path),
+                 DEFAULT_RETENTION_DAYS if retention_days is None else retention_days,
+                 time.time() if now is None else now)
 
 
 # -- the system log (RFC 5424) ----------------------------------------------------------------------
 def syslog_line(rec: dict[str, Any]) -> bytes:
     """<PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD] MSG; facility authpriv (10), severity notice (5), or
-    warning (4) for a refusal or failure."""
+    warning (4) for a refusal or failure. The record's MAC is in it, so the site's log anchors the chain
+    too; control characters are escaped, so a value cannot end the line and forge another."""
     severity = 5 if rec["outcome"] == "done" else 4
     pri = 10 * 8 + severity
 
     def sd(value: Any) -> str:
-        return str(value if value is not None else "-").replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+        return shown("-" if value is None else value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
-    params = " ".join(f'{k}="{sd(rec.get(k))}"' for k in ("actor", "origin", "source", "node", "target", "outcome", "seq"))
-    msg = f"{rec['action']} {rec['target']} {rec['outcome']}" + (f": {rec['reason']}" if rec.get("reason") else "")
+    keys = ("actor", "origin", "source", "node", "target", "outcome", "seq", "hash")
+    params = " ".join(f'{"mac" if k == "hash" else k}="{sd(rec.get(k))}"' for k in keys)
+    msg = shown(f"{rec['action']} {rec['target']} {rec['outcome']}" + (f": {rec['reason']}" if rec.get("reason") else ""))
     head = f"<{pri}>1 {rec['utc']} {socket.gethostname()} fleetdeck {os.getpid()} {rec['action']}"
-    return f"{head} [fleetdeck@32473 {params}] {msg}".encode("utf-8", "replace")
+    return f"{head} [fleetdeck@32473 {params}] {msg}".encode("utf-8", "backslashreplace")
 
 
 def send_syslog(rec: dict[str, Any], path: Path) -> None:

@@ -24,6 +24,8 @@ class AuditSettings(Strict):
     syslog: bool = Field(default=False, description="also send each audit record to the system log (RFC 5424)")
     syslog_socket: Path = Field(default=Path("/dev/log"), description="the local syslog/journald socket")
     retention_days: float = Field(default=6 * 365, ge=1, le=100 * 365, description="HIPAA: six years")
+    key_file: HomePath | None = Field(default=None, description="the audit chain's HMAC key; its checkpoints go "
+                                      "beside it (default: the XDG state folder's fleetdeck/audit/audit.key)")
 
 
 class ModelSettings(Strict):

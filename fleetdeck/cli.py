@@ -142,7 +142,7 @@ def audit_session(args: argparse.Namespace, source: str, read_only: bool | None 
     syslog = settings.syslog_socket if settings is not None and settings.syslog else None
     store = Path(args.store) if args.store else _store_path(args)
     return audit.session(store, source, read_only=read_only, syslog_socket=syslog,
-                         node=getattr(args, "node_name", None))
+                         node=getattr(args, "node_name", None), key_file=settings.key_file if settings else None)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -267,7 +267,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from engine import audit
 
     with audit.session(Path(args.store) if args.store else _store_path(args), "agent", read_only=read_only,
-                       node=source.name if hasattr(source, "name") else None,
+                       node=source.name if hasattr(source, "name") else None, key_file=config.audit.key_file,
                        syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
         return agent.serve(sys.stdin, sys.stdout)
 
@@ -328,7 +328,7 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
                                   router_config=router_config, demo_backend=demo))
     from engine import audit
 
-    with audit.session(store_path, "tui", read_only=config.read_only,
+    with audit.session(store_path, "tui", read_only=config.read_only, key_file=config.audit.key_file,
                        syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
         app.run()
     return 0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from fleetdeck.tables import print_table
@@ -21,6 +23,10 @@ def register(sub: Any) -> None:
     p.add_argument("--node", help="only this node's records")
     p.add_argument("--action", help="one action (server.start) or a family (server)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--key", metavar="FILE", help="verify with this audit key (default: [audit] key_file, or the "
+                                                  "XDG state folder's fleetdeck/audit/audit.key)")
+    p.add_argument("--checkpoint", metavar="FILE", help="verify against this checkpoint (a copy of the store "
+                                                        "verified elsewhere: the checkpoint of the original)")
     p.set_defaults(handler=run)
 
 
@@ -36,24 +42,32 @@ def since(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from engine import audit
+    from engine.audit_anchor import AnchorError, Anchor
+    from engine.audit_text import shown
     from fleet.config import load_fleet_config
     from store.db import open_store
     from store.paths import default_store_path
 
-    store = open_store(args.store or default_store_path())
-    retention = load_fleet_config(args.config).audit.retention_days
-    if not audit.is_read_only():
-        audit.prune(store, retention)
+    store_path = Path(args.store) if args.store else default_store_path()
+    store = open_store(store_path)
+    settings = load_fleet_config(args.config).audit
+    anchor = Anchor.of(store_path, Path(args.key) if args.key else settings.key_file,
+                       Path(args.checkpoint) if args.checkpoint else None)
+    if not audit.is_read_only() and args.what != "verify":
+        try:  # only past the retention, and as a record of its own; if that cannot be written, nothing goes
+            audit.prune(store, settings.retention_days, anchor=anchor)
+        except (AnchorError, OSError, sqlite3.Error) as exc:
+            print(f"fleetdeck: records past the retention not pruned: {shown(exc)}", file=sys.stderr)
     if args.what == "verify":
-        verdict = audit.verify(store)
+        verdict = audit.verify(store, anchor, settings.retention_days)
         if args.json:
             print(json.dumps({"ok": verdict.ok, "records": verdict.records, "first_broken": verdict.first_broken,
-                              "message": verdict.message}))
+                              "unkeyed": verdict.unkeyed, "message": verdict.message}))
         else:
-            print(("intact: " if verdict.ok else "BROKEN: ") + verdict.message)
+            print(("intact: " if verdict.ok else "BROKEN: ") + shown(verdict.message))
         return 0 if verdict.ok else 1
     rows = audit.query(store, since=args.since, node=args.node, action=args.action)
-    if args.json:
+    if args.json:  # JSON escapes every control character itself
         for r in rows:
             r["params"] = json.loads(r["params"])
         print(json.dumps(rows, indent=2))
@@ -63,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     table = []
     for r in rows:
-        who = r["actor"] + (f"@{r['origin']}" if r["origin"] not in (None, "local") else "")
+        who = (r["actor"] or "?") + (f"@{r['origin']}" if r["origin"] not in (None, "local") else "")
         if r["on_behalf_of"]:
             who += f" for {r['on_behalf_of']}"
-        table.append([f"{r['utc'][:19]}Z", r["node"], r["source"], who, r["action"], r["target"],
-                      r["outcome"] + (f": {r['reason']}" if r["reason"] else "")])
+        # Each cell escaped: an operator value with ESC sequences or a newline neither colours the
+        # auditor's terminal nor forges a line.
+        table.append([shown(c) for c in (f"{r['utc'][:19]}Z", r["node"], r["source"], who, r["action"], r["target"],
+                                         r["outcome"] + (f": {r['reason']}" if r["reason"] else ""))])
     print_table(["when (UTC)", "node", "from", "who", "action", "target", "outcome"], table)
     return 0

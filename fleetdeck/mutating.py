@@ -1,5 +1,6 @@
-"""CLI commands that change a node: read-only refuses them before they touch anything, and a command
-that gives up before the engine acted (no such server, an incompatible adapter) still leaves a record."""
+"""CLI commands that change a node: read-only refuses them before they touch anything, so does an audit
+trail that cannot take their record, and a command that gives up before the engine acted (no such
+server, an incompatible adapter) still leaves a record."""
 
 from __future__ import annotations
 
@@ -44,15 +45,16 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     action, target_of, _ = spec
     target = str(target_of(args))
     audit.refuse_if_read_only(action, target)
-    trail = audit.current()
-    before = trail.written if trail is not None else 0
+    # Fail closed: a command whose record could not be written does nothing (AuditUnavailable, exit 2).
+    audit.check_writable(action, target)
     tee = _Tee(sys.stderr)
     sys.stderr = tee  # type: ignore[assignment]
     try:
-        rc = handler(args)
+        with audit.counting() as written:
+            rc = handler(args)
     finally:
         sys.stderr = tee.out
-    if rc != 0 and trail is not None and trail.written == before:
+    if rc != 0 and audit.current() is not None and written[0] == 0:
         reason = tee.lines[-1].split(": ", 1)[-1] if tee.lines else f"exit {rc}"
         audit.record(action, target, "refused", reason)
     return rc

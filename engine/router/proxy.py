@@ -188,6 +188,7 @@ class Router:
 
     async def reload_endpoint(self, request: Request) -> Response:
         # An operator's action on this host only: never from the network, and with a key where keys are set.
+        from engine import audit
         from engine.router.config import is_loopback
 
         client = request.client.host if request.client else ""
@@ -195,11 +196,45 @@ class Router:
             return openai_error(403, "Reload is accepted from this host's loopback only.", "permission_error")
         if (err := self._auth_error(request)) is not None:
             return err
+        origin = f"{client}:{request.client.port}" if request.client else "local"
         try:
-            return JSONResponse(await self.reload())
+            return JSONResponse(await self.audited_reload("http", origin))
+        except audit.AuditUnavailable as exc:
+            return openai_error(503, f"config not reloaded: {exc}", "server_error", "audit_unavailable")
+        except audit.ReadOnlyError as exc:
+            return openai_error(403, f"config not reloaded: {exc}", "permission_error", "read_only")
         except ValueError as exc:
             return openai_error(409, f"config not reloaded, the proxy keeps its current one: {exc}",
                                 "invalid_request_error", "invalid_config")
+
+    async def audited_reload(self, via: str, origin: str) -> dict[str, Any]:
+        """A reload is a change to this node: refused when read-only or when its audit record cannot be
+        written (fail closed), and recorded with its outcome. The trail's store I/O runs off the loop."""
+        from engine import audit
+
+        target = str(self.config_path) if self.config_path is not None else "(no config file)"
+        who = {"source": "proxy", "origin": origin}
+
+        def begin() -> audit.Entry:
+            with audit.on_behalf_of(who):
+                return audit.begin("router.reload", target, config=target, via=via)
+
+        def finish(entry: audit.Entry, outcome: str, reason: str | None) -> None:
+            with audit.on_behalf_of(who):
+                audit.finish(entry, outcome, reason)
+
+        entry = await asyncio.to_thread(begin)
+        try:
+            result = await self.reload()
+        except ValueError as exc:
+            await asyncio.to_thread(finish, entry, "refused", str(exc))
+            raise
+        except BaseException as exc:
+            await asyncio.to_thread(finish, entry, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        entry.params["changed"] = ",".join(result["changed_tasks"])
+        await asyncio.to_thread(finish, entry, "done", None)
+        return result
 
     async def shutdown(self) -> None:
         if self.client is not None:
@@ -633,9 +668,11 @@ def _short_error(exc: BaseException) -> str:
 
 
 async def _reload_logged(router: Router) -> None:
+    from engine import audit
+
     try:
-        await router.reload()
-    except ValueError as exc:
+        await router.audited_reload("SIGHUP", "local")
+    except (ValueError, audit.ReadOnlyError) as exc:
         log.error("SIGHUP: config not reloaded, keeping the current one: %s", exc)
 
 

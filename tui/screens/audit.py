@@ -15,6 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Static
 
+from engine.audit_text import shown
 from tui.screens.base import PolledScreen
 
 if TYPE_CHECKING:
@@ -23,13 +24,16 @@ if TYPE_CHECKING:
 SINCE = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400, "all": None}
 
 
-def load_audit(store: Store, since: str, node: str, action: str, now: float) -> tuple[list[dict[str, Any]], Any]:
+def load_audit(store: Store, since: str, node: str, action: str, now: float,
+               settings: Any = None) -> tuple[list[dict[str, Any]], Any]:
+    """The rows and the verdict; `settings`: the fleet config's [audit] (retention, key file)."""
     from engine import audit
 
     span = SINCE.get(since.strip() or "all", None)
     rows = audit.query(store, since=None if span is None else now - span, node=node.strip() or None,
                        action=action.strip() or None, limit=500)
-    return rows, audit.verify(store)
+    retention = getattr(settings, "retention_days", None)
+    return rows, audit.verify(store, audit.anchor_for(store.path, getattr(settings, "key_file", None)), retention)
 
 
 class AuditScreen(PolledScreen):
@@ -60,7 +64,8 @@ class AuditScreen(PolledScreen):
     @work(thread=True, exclusive=True, group="audit")
     def _load(self, store: Store, since: str, node: str, action: str) -> None:
         try:
-            rows, verdict = load_audit(store, since, node, action, time.time())
+            config = getattr(getattr(self.app, "options", None), "config", None)
+            rows, verdict = load_audit(store, since, node, action, time.time(), getattr(config, "audit", None))
             error = None
         except Exception as exc:  # a locked store: say so, try again next tick
             rows, verdict, error = [], None, f"audit trail unavailable: {exc}"
@@ -73,7 +78,7 @@ class AuditScreen(PolledScreen):
         if error:
             status.update(Text(error, style="red"))
         elif verdict is not None:
-            status.update(Text(("chain intact: " if verdict.ok else "CHAIN BROKEN: ") + verdict.message,
+            status.update(Text(("chain intact: " if verdict.ok else "CHAIN BROKEN: ") + shown(verdict.message),
                                style="green" if verdict.ok else "bold red"))
         table = self.query_one("#audit-table", DataTable)
         keys = [str(r["seq"]) for r in rows]
@@ -87,8 +92,10 @@ class AuditScreen(PolledScreen):
                     who = f"{r['on_behalf_of']} via {who}"
                 outcome = r["outcome"] + (f": {r['reason']}" if r["reason"] else "")
                 style = "" if r["outcome"] == "done" else ("yellow" if r["outcome"] == "refused" else "red")
-                table.add_row(r["utc"][:19].replace("T", " "), r["node"], r["source"], who, r["action"], r["target"],
-                              Text(outcome, style=style), key=str(r["seq"]))
+                # Text, not markup, and escaped: a value is shown as written, never styled or split.
+                cells = [Text(shown(c)) for c in (r["utc"][:19].replace("T", " "), r["node"], r["source"], who,
+                                                  r["action"], r["target"])]
+                table.add_row(*cells, Text(shown(outcome), style=style), key=str(r["seq"]))
 
     @on(Input.Submitted)
     def _filter(self) -> None:

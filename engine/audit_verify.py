@@ -1,0 +1,180 @@
+"""`audit verify`: walk the chain and say where it first breaks, and what is wrong there.
+
+Checked, in order: each record follows the one before it; a keyed record's HMAC under this node's key
+(a record written before the key existed: its SHA-256, and it is counted as unkeyed); no unkeyed record
+after a keyed one, nor one dated after the key was made; records missing before the first one are
+accounted for by the last `audit.prune` record (or, in a store pruned before keys, by audit_prune), and
+no prune cut records younger than the retention; the last record is the one the checkpoint holds, and
+no writer found otherwise before its append (the checkpoint's notes). Reading holds the checkpoint's
+lock shared, so a concurrent append is seen whole or not at all, and creates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from engine.audit_anchor import Anchor, AnchorError, Checkpoint, Key
+
+if TYPE_CHECKING:
+    from engine.audit import Verdict
+    from store.db import Store
+
+SLACK_S = 1.0  # float rounding of a cut-off computed from the same clock reading
+
+
+def _day(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+class _Broken(Exception):
+    def __init__(self, seq: int | None, message: str) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Verdict:
+    from engine.audit import Verdict
+
+    try:
+        key = anchor.key(create=False)
+    except AnchorError as exc:
+        return Verdict(False, 0, None, f"cannot check the records' MACs: {exc}")
+    with anchor.locked(write=False):
+        rows = store.query("SELECT * FROM audit ORDER BY seq")
+        legacy_prunes = store.query("SELECT cutoff, at FROM audit_prune ORDER BY rowid")
+        try:
+            cp = anchor.checkpoint()
+        except AnchorError as exc:
+            return Verdict(False, len(rows), rows[-1]["seq"] if rows else None, str(exc))
+    unkeyed = 0
+    try:
+        unkeyed, last_prune = _walk(rows, key, anchor)
+        _check_start(rows, last_prune, legacy_prunes, retention_days, now)
+        _check_head(rows, cp, anchor)
+    except _Broken as exc:
+        return Verdict(False, len(rows), exc.seq, str(exc), unkeyed)
+    notes = []
+    if unkeyed:
+        notes.append(f"{unkeyed} unkeyed (written before the audit key existed; checked by SHA-256 only)")
+    if rows and rows[0]["prev_hash"] != _genesis():
+        if last_prune is not None:
+            cutoff = json.loads(last_prune["params"])["cutoff"]
+            notes.append(f"records before {_day(cutoff)} pruned by retention (record {last_prune['seq']})")
+        else:
+            notes.append(f"records before {_day(max(p['cutoff'] for p in legacy_prunes))} pruned by retention")
+    if cp is not None:
+        notes.append(f"last record {cp.seq} anchored")
+    return Verdict(True, len(rows), None, f"{len(rows)} record(s), chain intact" +
+                   (f" ({'; '.join(notes)})" if notes else ""), unkeyed)
+
+
+def _genesis() -> str:
+    from engine.audit import GENESIS
+
+    return GENESIS
+
+
+def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[int, dict[str, Any] | None]:
+    from engine.audit import KEYED, _chain, _mac
+
+    prev: str | None = None
+    keyed_seen = 0
+    unkeyed = 0
+    last_prune = None
+    for i, rec in enumerate(rows):
+        seq = rec["seq"]
+        if prev is not None and rec["prev_hash"] != prev:
+            raise _Broken(seq, f"record {seq} does not follow record {rows[i - 1]['seq']}: a record between them "
+                               "was removed, or one of them was changed")
+        prev = rec["prev_hash"]
+        mac = str(rec["hash"])
+        if mac.startswith(KEYED + ":"):
+            if key is None:
+                raise _Broken(seq, f"record {seq} is keyed but the audit key {anchor.key_file} is missing: "
+                                   "nothing can be checked without it")
+            kid = mac.split(":")[1] if mac.count(":") >= 2 else "?"
+            if kid != key.kid:
+                raise _Broken(seq, f"record {seq} was written with another key (id {kid}; {anchor.key_file} "
+                                   f"is key {key.kid}): the key was replaced, or the record forged")
+            if _mac(key, prev, rec) != mac:
+                raise _Broken(seq, f"record {seq} was changed after it was written (its MAC does not match)")
+            keyed_seen += 1
+        else:
+            if keyed_seen:
+                raise _Broken(seq, f"record {seq} has no MAC but follows keyed records: forged, or rewritten "
+                                   "without the key")
+            if _chain(prev, rec) != mac:
+                raise _Broken(seq, f"record {seq} was changed after it was written (its hash does not match)")
+            if key is not None and rec["ts"] > key.created + SLACK_S:
+                raise _Broken(seq, f"record {seq} has no MAC but is dated {_day(rec['ts'])}, after the audit key was "
+                                   f"made ({_day(key.created)}): written or rewritten without the key")
+            unkeyed += 1
+        if rec["action"] == "audit.prune":
+            last_prune = rec
+        prev = mac
+    return unkeyed, last_prune
+
+
+def _check_start(rows: list[dict[str, Any]], last_prune: dict[str, Any] | None, legacy: list[dict[str, Any]],
+                 retention_days: float, now: float) -> None:
+    """Records missing before the first one were pruned, by the retention and no further."""
+    keep_s = retention_days * 86400
+    for p in legacy:  # every cut-off ever written, by fleetdeck or by hand
+        if p["cutoff"] > p["at"] - keep_s + SLACK_S or p["at"] > now + 86400:
+            first = rows[0]["seq"] if rows else None
+            raise _Broken(first, f"a prune dated {_day(p['at'])} cut records younger than the retention "
+                                 f"({retention_days:g} days): its cut-off is {_day(p['cutoff'])}")
+    if last_prune is not None:
+        params = json.loads(last_prune["params"])
+        cutoff = float(params.get("cutoff", 0))
+        if cutoff > last_prune["ts"] - keep_s + SLACK_S:
+            raise _Broken(last_prune["seq"], f"record {last_prune['seq']} pruned records younger than the retention "
+                                             f"({retention_days:g} days): its cut-off is {_day(cutoff)}")
+    if not rows or rows[0]["prev_hash"] == _genesis():
+        return
+    first = rows[0]
+    if last_prune is not None:
+        kept = json.loads(last_prune["params"]).get("first_kept")
+        expected = last_prune["seq"] if kept is None else kept
+        if first["seq"] != expected:
+            raise _Broken(first["seq"], f"record {first['seq']} follows records that are gone: the last prune "
+                                        f"(record {last_prune['seq']}) kept every record from {expected} on")
+        return
+    if str(first["hash"]).count(":") >= 2 or not legacy:
+        raise _Broken(first["seq"], f"record {first['seq']} follows records that are gone, and no prune record "
+                                    "accounts for them")
+    if first["ts"] < max(p["cutoff"] for p in legacy) - SLACK_S:
+        raise _Broken(first["seq"], f"record {first['seq']} follows records that are gone, and is older than "
+                                    "the prune's cut-off")
+
+
+def _check_head(rows: list[dict[str, Any]], cp: Checkpoint | None, anchor: Anchor) -> None:
+    """The last record is the one the checkpoint holds, and no writer found otherwise."""
+    from engine.audit import KEYED
+
+    keyed = [r for r in rows if str(r["hash"]).startswith(KEYED + ":")]
+    if cp is None:
+        if keyed:
+            last = rows[-1]["seq"]
+            raise _Broken(last, f"the checkpoint {anchor.checkpoint_file} is missing: nothing shows record {last} "
+                                "is the last one written (a deleted tail or a rolled-back store would not show)")
+        return
+    for note in cp.notes:
+        seq, _, what = note.partition("|")
+        raise _Broken(int(seq) if seq.isdigit() else None, f"record {seq}: {what} (found by a later writer; "
+                                                           "the checkpoint keeps it)")
+    by_seq = {r["seq"]: r for r in rows}
+    head = rows[-1]["seq"] if rows else 0
+    if cp.seq > head:
+        raise _Broken(head + 1, f"record {head + 1} is missing, and every record after it up to {cp.seq} (the "
+                                "checkpoint holds record {0}): the store was rolled back or its tail deleted"
+                      .format(cp.seq))
+    if cp.seq not in by_seq or by_seq[cp.seq]["hash"] != cp.mac:
+        raise _Broken(cp.seq, f"record {cp.seq} is not the one the checkpoint holds: the store was rolled back "
+                              "and written again, or rewritten")
+    if cp.seq < head:
+        raise _Broken(cp.seq + 1, f"record {cp.seq + 1} (and any after it up to {head}) was appended without "
+                                  "updating the checkpoint: forged with the key, or by a writer that died "
+                                  "before anchoring it")
