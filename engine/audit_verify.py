@@ -107,7 +107,7 @@ def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[
                                    "without the key")
             if _chain(prev, rec) != mac:
                 raise _Broken(seq, f"record {seq} was changed after it was written (its hash does not match)")
-            if key is not None and rec["ts"] > key.created + SLACK_S:
+            if key is not None and rec["ts"] > key.created:
                 raise _Broken(seq, f"record {seq} has no MAC but is dated {_day(rec['ts'])}, after the audit key was "
                                    f"made ({_day(key.created)}): written or rewritten without the key")
             unkeyed += 1
@@ -124,8 +124,9 @@ def _check_start(rows: list[dict[str, Any]], last_prune: dict[str, Any] | None, 
     for p in legacy:  # every cut-off ever written, by fleetdeck or by hand
         if p["cutoff"] > p["at"] - keep_s + SLACK_S or p["at"] > now + 86400:
             first = rows[0]["seq"] if rows else None
-            raise _Broken(first, f"a prune dated {_day(p['at'])} cut records younger than the retention "
-                                 f"({retention_days:g} days): its cut-off is {_day(p['cutoff'])}")
+            raise _Broken(first, f"record {first} follows records cut by a prune dated {_day(p['at'])} that cut "
+                                 f"records younger than the retention ({retention_days:g} days): its cut-off is "
+                                 f"{_day(p['cutoff'])}")
     if last_prune is not None:
         params = json.loads(last_prune["params"])
         cutoff = float(params.get("cutoff", 0))
