@@ -116,8 +116,8 @@ def find(store: Store, cls: type[R], ident: str) -> R | None:
     """
     kind = cls.KIND
     ident = ident.strip()
-    if not ident:
-        return None
+    if not ident or "\x00" in ident or any(0xD800 <= ord(c) <= 0xDFFF for c in ident):
+        return None  # no id holds NUL or a byte that is not UTF-8 (SQLite could not even be asked)
     rows = store.query("SELECT * FROM managed WHERE kind = ? AND id = ?", (kind, ident))
     if rows:
         return _from_row(cls, rows[0])

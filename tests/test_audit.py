@@ -15,7 +15,7 @@ import pytest
 from engine import audit
 from fleetdeck.cli import main
 from store.db import open_store
-from tests.helpers import FAKE_VLLM_CMD, Pipe, make_node_files
+from tests.helpers import FAKE_VLLM_CMD, Pipe, make_node_files, wait_for
 
 PLANTED = "sk-planted-7f3a9c"
 
@@ -320,3 +320,186 @@ async def test_the_audit_screen_lists_filters_and_verifies(tmp_path):
         screen.reload()
         await settle(app, pilot)
         assert "CHAIN BROKEN" in static_text(screen.query_one("#audit-verdict", Static))
+
+
+# -- audit that cannot be skipped ---------------------------------------------------------------------
+ODD_OPERATOR = "al\udcffice\x00\x1b[31m\n" + "y" * 20_000
+
+
+def _ask(pipe: Pipe, op: str, args: dict, rid: int, operator: str = "alice@dash") -> dict:
+    pipe.send({"v": 2, "type": "request", "id": rid, "op": op, "args": args, "operator": operator})
+    while True:
+        msg = pipe.next("response", timeout=60)
+        if msg["id"] == rid:
+            return msg
+
+
+def test_a_value_the_store_cannot_take_is_recorded_and_the_action_goes_ahead_with_its_record(site, capsys,
+                                                                                              monkeypatch):
+    """A non-UTF-8 byte, a lone surrogate, NUL, ESC and 20k characters: stored escaped (and cut, with the
+    whole value's hash), never a reason to lose the record of what was done."""
+    from engine.agent import Agent
+    from engine.audit_text import LIMIT, unstored
+    from fleet.simulated import demo_fleet
+
+    db = site / "fd.db"
+    with audit.session(db, "agent"):
+        pipe = Pipe(Agent(demo_fleet()[0], db, [site / "adapters"], "9.9", interval_s=0.5))
+        pipe.next("hello")
+        started = _ask(pipe, "start_server", {"profile": "q", "gpus": [0], "force": True}, 1, ODD_OPERATOR)
+        assert started["ok"], started
+        assert _ask(pipe, "stop_server", {"id": started["result"]["server"]["id"]}, 2, ODD_OPERATOR)["ok"]
+        pipe.close()
+    # From the command line: the operator's name (the environment) and an argument with a byte that is
+    # not UTF-8 (Python hands it over as a lone surrogate).
+    monkeypatch.setenv("LOGNAME", "bob\udcfe\x1b[2J")
+    rc, out = _cli(site, capsys, "serve", "start", "q", "--gpus", "3", "--simulated", "--wait")
+    assert rc == 0, out
+    sid = re.search(r"started (q-\w+)", out).group(1)
+    assert _cli(site, capsys, "serve", "stop", sid)[0] == 0
+    assert _cli(site, capsys, "serve", "stop", "q-\udcff")[0] == 2
+    recs = _records(site)
+    assert [(r["action"], r["outcome"]) for r in recs] == [
+        ("server.start", "done"), ("server.stop", "done"), ("server.start", "done"), ("server.stop", "done"),
+        ("server.stop", "refused")]
+    assert unstored(recs[0]["on_behalf_of"]) == ODD_OPERATOR[:LIMIT] and "more characters; sha256" in recs[0]["on_behalf_of"]
+    assert unstored(recs[2]["actor"]) == "bob\udcfe\x1b[2J" and unstored(recs[4]["target"]) == "q-\udcff"
+    assert audit.verify(open_store(db)).ok
+
+
+def _bad_key(site: Path) -> Path:
+    """The fleet config names a key file that is not a key (changed, or another file): unreadable as one."""
+    key = site / "keys" / "audit.key"
+    key.parent.mkdir()
+    key.write_text("not a key\n")
+    text = (site / "fleet.toml").read_text() + f'\n[audit]\nkey_file = "{key}"\n'
+    for path in (site / "fleet.toml", site / "config" / "fleetdeck" / "fleet.toml"):
+        path.write_text(text)
+    return key
+
+
+@pytest.mark.parametrize("why", ["key", "locked"])
+def test_a_cli_action_whose_record_cannot_be_written_does_not_happen(site, capsys, why):
+    import sqlite3
+
+    open_store(site / "fd.db").close()
+    holder = None
+    if why == "key":
+        _bad_key(site)
+    else:  # another process holds the store's write lock past the busy timeout
+        holder = sqlite3.connect(site / "fd.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+    try:
+        rc, out = _cli(site, capsys, "serve", "start", "q", "--gpus", "3", "--simulated", "--wait")
+    finally:
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+    assert rc == 2 and "server.start q: refused, its audit record cannot be written" in out, out
+    assert "Traceback" not in out and len([l for l in out.splitlines() if l.startswith("fleetdeck: server")]) == 1
+    store = open_store(site / "fd.db")
+    assert store.execute("SELECT count(*) FROM managed")[0][0] == 0  # nothing was started
+
+
+def test_an_agent_request_whose_record_cannot_be_written_does_not_happen(site):
+    from engine.agent import Agent
+    from fleet.simulated import demo_fleet
+
+    key = _bad_key(site)
+    db = site / "fd.db"
+    with audit.session(db, "agent", key_file=key):
+        pipe = Pipe(Agent(demo_fleet()[0], db, [site / "adapters"], "9.9", interval_s=0.5))
+        pipe.next("hello")
+        answer = _ask(pipe, "start_server", {"profile": "q", "gpus": [0], "force": True}, 1)
+        job = _ask(pipe, "start_job", {"spec": "sim"}, 2)
+        pipe.close()
+    assert not answer["ok"] and "its audit record cannot be written" in answer["error"], answer
+    assert not job["ok"] and "its audit record cannot be written" in job["error"], job
+    store = open_store(db)
+    assert store.execute("SELECT count(*) FROM managed")[0][0] == 0
+
+
+def test_the_agent_records_every_refusal_unknown_ids_and_bad_names_included(site):
+    from engine.agent import Agent
+    from fleet.simulated import demo_fleet
+
+    db = site / "fd.db"
+    with audit.session(db, "agent"):
+        pipe = Pipe(Agent(demo_fleet()[0], db, [site / "adapters"], "9.9", interval_s=0.5))
+        pipe.next("hello")
+        asks = [("stop_server", {"id": "q-nope"}), ("cancel_job", {"id": "ft-nope"}), ("resume_job", {"id": "ft-nope"}),
+                ("load_adapter", {"server": "q-nope", "adapter": "tickets-v1"}),
+                ("start_job", {"spec": "../../etc/passwd"}), ("stop_server", {"id": 7})]
+        answers = [_ask(pipe, op, args, i) for i, (op, args) in enumerate(asks)]
+        pipe.close()
+    assert not any(a["ok"] for a in answers)
+    recs = _records(site)
+    assert [(r["action"], r["target"], r["outcome"]) for r in recs] == [
+        ("server.stop", "q-nope", "refused"), ("job.cancel", "ft-nope", "refused"), ("job.resume", "ft-nope", "refused"),
+        ("adapter.load", "tickets-v1", "refused"), ("job.start", "../../etc/passwd", "refused"),
+        ("server.stop", "?", "refused")]
+    assert "no server 'q-nope'" in recs[0]["reason"] and json.loads(recs[0]["params"]) == {"server": "q-nope"}
+    assert json.loads(recs[1]["params"]) == {"job": "ft-nope"}
+    assert all(r["on_behalf_of"] == "alice@dash" and r["source"] == "agent" for r in recs)
+
+
+def test_audit_output_escapes_what_would_act_on_the_terminal(tmp_path, capsys):
+    store = open_store(tmp_path / "fd.db")
+    evil = "mallory\x1b[31mRED\x1b[0m\n2026-01-01T00:00:00Z  node  cli  root  server.stop  forged  done"
+    audit.append(store, "server.stop", "q-1\x1b]0;title\x07\u202e", "refused", "no\rserver",
+                 params={"server": "q-1"}, who={"actor": evil, "on_behalf_of": evil})
+    assert main(["audit", "--store", str(tmp_path / "fd.db")]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\r\u202e"), repr(out)
+    assert len(out.splitlines()) == 2 and "\\x1b[31mRED" in out and "\\x0a2026-01-01" in out  # header + one row
+    assert main(["audit", "--json", "--store", str(tmp_path / "fd.db")]) == 0
+    raw = capsys.readouterr().out
+    assert "\x1b" not in raw and json.loads(raw)[0]["actor"] == evil
+
+
+def test_a_proxy_reload_is_audited_and_fails_closed(site, tmp_path):
+    """POST /admin/reload (and SIGHUP) change what the node's proxy does: recorded, source proxy, and
+    refused with a 503 in OpenAI's shape when the record cannot be written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.engines.stack import free_port, wait_http
+
+    port = free_port()
+    cfg = tmp_path / "router.toml"
+    task = '[[task]]\nname = "{}"\nslm_base_url = "http://127.0.0.1:9/v1"\nslm_model = "m"\nthreshold = 0.5\n'
+    cfg.write_text(f'[proxy]\nhost = "127.0.0.1"\nport = {port}\n\n' + task.format("a"))
+    db = site / "fd.db"
+    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--store", str(db)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1", "FLEETDECK_CONFIG": str(site / "fleet.toml")})
+    url = f"http://127.0.0.1:{port}"
+    models = lambda: sorted(m["id"] for m in httpx.get(f"{url}/v1/models", trust_env=False).json()["data"])  # noqa: E731
+    try:
+        wait_http(f"{url}/health")
+        cfg.write_text(cfg.read_text() + task.format("b"))
+        r = httpx.post(f"{url}/admin/reload", trust_env=False, timeout=30)
+        assert r.status_code == 200 and models() == ["a", "b"], r.text
+        key = audit.anchor_for(db).key_file
+        good = key.read_bytes()
+        key.write_text("not a key\n")
+        cfg.write_text(cfg.read_text() + task.format("c"))
+        r = httpx.post(f"{url}/admin/reload", trust_env=False, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable", r.text
+        assert "its audit record cannot be written" in r.json()["error"]["message"] and models() == ["a", "b"]
+        key.write_bytes(good)
+        proxy.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: models() == ["a", "b", "c"], timeout=30)
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        out, _ = proxy.communicate(timeout=30)
+    assert proxy.returncode == 0, out
+    recs = [r for r in _records(site) if r["action"] == "router.reload"]
+    assert [(r["outcome"], r["source"], json.loads(r["params"])["via"]) for r in recs] == [
+        ("done", "proxy", "http"), ("done", "proxy", "SIGHUP")]
+    assert recs[0]["origin"].startswith("127.0.0.1:") and json.loads(recs[0]["params"])["changed"] == "b"
+    assert audit.verify(open_store(db)).ok
