@@ -275,11 +275,30 @@ def _notes_for(head: tuple[int, str] | None, cp: Checkpoint | None, anchor: Anch
 
 
 def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], dict[str, Any]],
-           rehearse: bool = False) -> dict[str, Any]:
+           rehearse: bool = False, create_key: bool = True) -> dict[str, Any]:
     """Append the record `make` builds (it may first change the store in the same transaction), keyed,
     chained and anchored, under the checkpoint's lock; or, rehearsing, do all of it and roll it back.
     The next checkpoint is written beside the old one before the commit (a full or read-only folder
-    refuses the record) and moved into place after it."""
+    refuses the record) and moved into place after it.
+
+    A read-only run (`create_key` False) makes nothing on the node but the record itself: with no key
+    yet, its refusal is written the way records were before keys (SHA-256, no checkpoint), which verify
+    accepts before the first keyed record and counts as unkeyed."""
+    if not create_key and anchor.key(create=False) is None:
+        try:
+            with store.transaction() as conn:
+                rec = make(conn)
+                head = _head(conn)
+                if head is not None and head[1].startswith(KEYED + ":"):
+                    raise AnchorError(f"the audit key {anchor.key_file} is missing, and the trail is keyed")
+                rec["prev_hash"] = head[1] if head else GENESIS
+                rec["hash"] = _chain(rec["prev_hash"], rec)
+                rec["seq"] = _insert(conn, rec)
+                if rehearse:
+                    raise _Rehearsal
+        except _Rehearsal:
+            pass
+        return rec
     with anchor.locked(write=True):
         key = anchor.key(create=True)
         assert key is not None
@@ -291,10 +310,7 @@ def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], di
                 cp = anchor.checkpoint()
                 rec["prev_hash"] = head[1] if head else GENESIS
                 rec["hash"] = _mac(key, rec["prev_hash"], rec)
-                cols = list(rec)
-                cur = conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                                   [rec[c] for c in cols])
-                rec["seq"] = int(cur.lastrowid or 0)
+                rec["seq"] = _insert(conn, rec)
                 tmp = anchor.prepare(Checkpoint(rec["seq"], rec["hash"], _notes_for(head, cp, anchor)))
                 if rehearse:
                     raise _Rehearsal
@@ -314,13 +330,21 @@ def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], di
     return rec
 
 
+def _insert(conn: sqlite3.Connection, rec: dict[str, Any]) -> int:
+    cols = [c for c in rec if c != "seq"]
+    cur = conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                       [rec[c] for c in cols])
+    return int(cur.lastrowid or 0)
+
+
 def append(store: Store, action: str, target: str, outcome: str, reason: str | None = None, *, source: str = "cli",
            node: str | None = None, params: dict[str, Any] | None = None, who: dict[str, Any] | None = None,
-           ts: float | None = None, anchor: Anchor | None = None, rehearse: bool = False) -> dict[str, Any]:
+           ts: float | None = None, anchor: Anchor | None = None, rehearse: bool = False,
+           create_key: bool = True) -> dict[str, Any]:
     """Write one record, keyed, chained to the last one and anchored, in one transaction (concurrent
     writers serialise on the checkpoint's lock and SQLite's). Raises when it cannot be written."""
     rec = _build(action, target, outcome, reason, source, node, params, who, ts)
-    return _write(store, anchor or anchor_for(store.path), lambda conn: rec, rehearse)
+    return _write(store, anchor or anchor_for(store.path), lambda conn: rec, rehearse, create_key)
 
 
 def _unrecorded(action: str, target: str, outcome: str, exc: BaseException) -> None:
@@ -339,7 +363,7 @@ def record(action: str, target: str, outcome: str, reason: str | None = None, **
     behalf = _on_behalf.get() or {}
     try:
         rec = append(trail.store(), action, target, outcome, reason, source=behalf.get("source", trail.source),
-                     node=trail.node, params=params, who=behalf, anchor=trail.anchor)
+                     node=trail.node, params=params, who=behalf, anchor=trail.anchor, create_key=not trail.read_only)
     except Exception as exc:  # the action has been refused (or, in a race, happened); its record has not
         _unrecorded(action, target, outcome, exc)
         return None

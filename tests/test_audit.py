@@ -503,3 +503,18 @@ def test_a_proxy_reload_is_audited_and_fails_closed(site, tmp_path):
         ("done", "proxy", "http"), ("done", "proxy", "SIGHUP")]
     assert recs[0]["origin"].startswith("127.0.0.1:") and json.loads(recs[0]["params"])["changed"] == "b"
     assert audit.verify(open_store(db)).ok
+
+
+def test_a_read_only_run_makes_no_key_and_its_refusal_still_verifies(site, capsys):
+    """Read-only writes nothing on the node but its refusals' records: on a node without an audit key yet,
+    the refusal is written the pre-key way (no key, no checkpoint made), and the chain the first keyed
+    record continues still verifies, the refusal counted as unkeyed."""
+    anchor = audit.anchor_for(site / "fd.db")
+    rc, out = _cli(site, capsys, "serve", "stop", "q-x", "--read-only")
+    assert rc == 2 and "read-only" in out
+    assert not anchor.key_file.exists() and not anchor.checkpoint_file.exists()
+    rc, out = _cli(site, capsys, "serve", "stop", "q-y")  # refused too (no such server), and keyed
+    assert rc == 2 and anchor.key_file.exists() and anchor.checkpoint_file.exists()
+    rc, out = _cli(site, capsys, "audit", "verify")
+    assert rc == 0 and "2 record(s), chain intact" in out and "1 unkeyed" in out, out
+    assert [(r["target"], r["outcome"]) for r in _records(site)] == [("q-x", "refused"), ("q-y", "refused")]
