@@ -518,3 +518,50 @@ def test_a_read_only_run_makes_no_key_and_its_refusal_still_verifies(site, capsy
     rc, out = _cli(site, capsys, "audit", "verify")
     assert rc == 0 and "2 record(s), chain intact" in out and "1 unkeyed" in out, out
     assert [(r["target"], r["outcome"]) for r in _records(site)] == [("q-x", "refused"), ("q-y", "refused")]
+
+
+def test_reloads_refused_at_the_door_or_read_only_are_recorded_without_letting_a_client_fill_the_disk(tmp_path,
+                                                                                                      monkeypatch):
+    from starlette.testclient import TestClient
+
+    from engine.router import proxy as proxy_mod
+    from engine.router.config import load_router_config
+
+    monkeypatch.setattr(proxy_mod, "REFUSAL_RECORD_S", 1e9)  # one record per window; the window never ends here
+    cfg = tmp_path / "router.toml"
+    cfg.write_text('[[task]]\nname = "a"\nslm_base_url = "http://127.0.0.1:9/v1"\nslm_model = "m"\nthreshold = 0.5\n')
+    router = proxy_mod.Router(load_router_config(cfg), load_litellm=False, config_path=cfg)
+    app = proxy_mod.create_app(router)
+    db = tmp_path / "fd.db"
+    with audit.session(db, "cli"), TestClient(app) as remote:  # "testclient" is not loopback
+        for _ in range(3):
+            assert remote.post("/admin/reload").status_code == 403
+        router._refusal_recorded_at = float("-inf")  # as if the window had passed
+        assert remote.post("/admin/reload").status_code == 403
+    with audit.session(db, "cli", read_only=True), TestClient(app, client=("127.0.0.1", 5000)) as local:
+        r = local.post("/admin/reload")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "read_only", r.text
+    recs = list(reversed(audit.query(open_store(db))))
+    assert [(r["action"], r["outcome"], r["source"]) for r in recs] == [("router.reload", "refused", "proxy")] * 3
+    assert "loopback" in recs[0]["reason"] and "2 more reload request(s)" in recs[1]["reason"]
+    assert "read-only" in recs[2]["reason"] and recs[2]["origin"] == "127.0.0.1:5000"
+
+
+async def test_the_audit_screen_and_the_system_log_escape_what_would_act_on_a_terminal(tmp_path):
+    from textual.widgets import DataTable
+
+    from tests.tui_helpers import make_app, open_screen
+    from tui.screens.audit import AuditScreen
+
+    store = open_store(tmp_path / "fd.db")
+    evil = "mallory\x1b[31m[bold]RED[/]\nforged"
+    rec = audit.append(store, "server.stop", evil, "refused", evil, params={"server": evil}, who={"actor": evil})
+    line = audit.syslog_line(rec)
+    assert b"\n" not in line and b"\x1b" not in line and b"\\x1b[31m" in line
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(160, 24)) as pilot:
+        screen = await open_screen(app, pilot, "7", AuditScreen)
+        table = screen.query_one("#audit-table", DataTable)
+        cells = [str(c) for c in table.get_row("1")]
+        assert any("mallory\\x1b[31m[bold]RED[/]\\x0aforged" in c for c in cells), cells  # as written, escaped
+        assert not any("\x1b" in c or "\n" in c for c in cells)

@@ -42,6 +42,9 @@ PASS_THROUGH = {
 }
 
 
+REFUSAL_RECORD_S = 10.0  # at most one audit record per this many seconds of reloads refused at the door
+
+
 def openai_error(status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None,
                  param: str | None = None) -> JSONResponse:
     return JSONResponse(
@@ -142,6 +145,8 @@ class Router:
         self._load_litellm = load_litellm
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP reloads running (the loop keeps weak references)
+        self._refusal_recorded_at = float("-inf")  # reloads refused at the door: when one was last recorded
+        self._refusals_held = 0
         self.started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -192,11 +197,13 @@ class Router:
         from engine.router.config import is_loopback
 
         client = request.client.host if request.client else ""
+        origin = f"{client}:{request.client.port}" if request.client else "local"
         if not is_loopback(client):
+            await self._record_refused_reload(origin, "not from this host's loopback")
             return openai_error(403, "Reload is accepted from this host's loopback only.", "permission_error")
         if (err := self._auth_error(request)) is not None:
+            await self._record_refused_reload(origin, "missing or invalid API key")
             return err
-        origin = f"{client}:{request.client.port}" if request.client else "local"
         try:
             return JSONResponse(await self.audited_reload("http", origin))
         except audit.AuditUnavailable as exc:
@@ -206,6 +213,26 @@ class Router:
         except ValueError as exc:
             return openai_error(409, f"config not reloaded, the proxy keeps its current one: {exc}",
                                 "invalid_request_error", "invalid_config")
+
+    async def _record_refused_reload(self, origin: str, reason: str) -> None:
+        """A reload refused at the door is recorded too, but at most one record per REFUSAL_RECORD_S: a
+        client that is refused cannot fill the disk with records; the next record counts those held back."""
+        from engine import audit
+
+        now = time.monotonic()
+        if now - self._refusal_recorded_at < REFUSAL_RECORD_S:
+            self._refusals_held += 1
+            return
+        held, self._refusals_held, self._refusal_recorded_at = self._refusals_held, 0, now
+        if held:
+            reason += f" (and {held} more reload request(s) refused at the door since the last such record)"
+        target = str(self.config_path) if self.config_path is not None else "(no config file)"
+
+        def write() -> None:
+            with audit.on_behalf_of({"source": "proxy", "origin": origin}):
+                audit.record("router.reload", target, "refused", reason, config=target, via="http")
+
+        await asyncio.to_thread(write)
 
     async def audited_reload(self, via: str, origin: str) -> dict[str, Any]:
         """A reload is a change to this node: refused when read-only or when its audit record cannot be
