@@ -565,3 +565,33 @@ async def test_the_audit_screen_and_the_system_log_escape_what_would_act_on_a_te
         cells = [str(c) for c in table.get_row("1")]
         assert any("mallory\\x1b[31m[bold]RED[/]\\x0aforged" in c for c in cells), cells  # as written, escaped
         assert not any("\x1b" in c or "\n" in c for c in cells)
+
+
+async def test_a_tui_action_whose_record_cannot_be_written_does_not_happen(tmp_path, monkeypatch):
+    from engine.vllm import launcher
+    from tests.helpers import h100, profile
+    from tests.tui_helpers import make_app, open_screen, press_and_confirm, settle
+    from tui.screens.servers import ServersScreen
+
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
+    path = tmp_path / "fd.db"
+    store = open_store(path)
+    rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
+    rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
+    key = tmp_path / "audit.key"
+    key.write_text("not a key\n")
+    try:
+        app = make_app(store_path=path)
+        with audit.session(path, "tui", key_file=key):
+            async with app.run_test(size=(140, 30)) as pilot:
+                await open_screen(app, pilot, "3", ServersScreen)
+                await settle(app, pilot)
+                await press_and_confirm(app, pilot, "x")
+                await settle(app, pilot, 5)
+                messages = [n.message for n in app._notifications]
+        assert any("its audit record cannot be written" in m for m in messages), messages
+        assert launcher.refresh(store, launcher.get(store, rec.id)).state == "ready"  # still serving
+        assert audit.query(store) == []
+    finally:
+        launcher.stop(store, launcher.get(store, rec.id), timeout=5)
