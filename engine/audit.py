@@ -271,7 +271,7 @@ def _notes_for(head: tuple[int, str] | None, cp: Checkpoint | None, anchor: Anch
                   f"(forged with the key, or by a writer that died before anchoring them)",)
     elif head[1] != cp.mac:
         notes += (f"{head[0]}|record {head[0]} was not the one the checkpoint held (replaced)",)
-    return notes[-20:]
+    return notes[:20]  # the first problems found are the ones that matter; the rest follow from them
 
 
 def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], dict[str, Any]],
