@@ -251,6 +251,12 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"  KV cache use {_num(None if f.kv_usage is None else f.kv_usage * 100)}%, allocated "
               f"{f.kv_tokens if f.kv_tokens is not None else 'n/a'} tokens, planned "
               f"{r.predicted_kv_tokens if r.predicted_kv_tokens is not None else 'n/a'}")
+        from engine.vllm.status import kv_disagreement
+
+        apart = kv_disagreement(f.kv_tokens, r.predicted_kv_tokens)
+        if apart:
+            print(f"  warning: allocated and planned KV cache are {apart:.1f}x apart: the plan does not describe this "
+                  "server (another vLLM version, other settings, or another process on its GPU)")
         print(f"  TTFT p50/p95 {ms(f.ttft_p50)}/{ms(f.ttft_p95)}, end-to-end p50/p95 {ms(f.e2e_p50)}/{ms(f.e2e_p95)}, "
               f"preemptions {_num(f.preemptions, '{:.0f}')}, prefix-cache hits "
               f"{_num(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100)}%")

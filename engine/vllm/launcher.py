@@ -238,8 +238,7 @@ def _start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots
                 raise
             warning = f"started without a plan: {exc}"
         if verdict is not None and not verdict.fits and not force:
-            raise LaunchError(f"preflight: {verdict.reason} (planner: {verdict.kv_tokens:,} KV tokens, "
-                              f"{verdict.max_concurrency:.2f}x at {verdict.max_model_len:,}; --force starts it anyway)")
+            raise LaunchError(f"preflight: DOES NOT FIT: {verdict.reason} (--force starts it anyway)")
     elif not force:
         raise LaunchError("the GPUs could not be checked (no NVML readings); --force starts it anyway")
     else:
