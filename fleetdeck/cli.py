@@ -116,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with audit_session(args, "demo" if args.command == "demo-backend" else "cli"):
             return _dispatch(args)
     except (ConfigError, StoreError) as exc:
-        return fail(str(exc))
+        from fleetdeck.cmdutil import one_line
+
+        return fail(one_line(exc))
     except audit.ReadOnlyError as exc:
         return fail(str(exc))
     except BrokenPipeError:
@@ -146,11 +148,26 @@ def audit_session(args: argparse.Namespace, source: str, read_only: bool | None 
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from fleetdeck.cmdutil import check_configs
+
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is not None:
         from fleetdeck import mutating
 
-        return mutating.run(handler, args)
+        inner = handler
+
+        def checked(a: argparse.Namespace) -> int:
+            # Inside the audit wrapper: a change refused for a bad config is still recorded as refused.
+            code = check_configs(a, f"fleetdeck {a.command}")
+            return code if code is not None else inner(a)
+
+        if hasattr(handler, "audit"):
+            checked.audit = handler.audit  # type: ignore[attr-defined]
+        return mutating.run(checked, args)
+    if args.command not in ("demo", "demo-backend"):  # the demo runs on its own settings
+        code = check_configs(args, f"fleetdeck {args.command or ''}".strip())
+        if code is not None:
+            return code
     if args.command == "gpus":
         return cmd_gpus(args)
     if args.command == "demo":

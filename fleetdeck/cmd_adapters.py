@@ -120,7 +120,7 @@ def run_ls(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import list_servers, refresh
 
     found, problems = adapters.scan(_roots(args))
-    store = _store(args)
+    store = _store(args, create=False)
     servers = [refresh(store, r) for r in list_servers(store, include_ended=False)]
     loaded: dict[str, list[str]] = {}
     for s in servers:
@@ -167,7 +167,7 @@ def run_show(args: argparse.Namespace) -> int:
         a = adapters.by_name(_roots(args), args.adapter)
     except adapters.AdapterError as exc:
         return _err(str(exc))
-    store = _store(args)
+    store = _store(args, create=False)
     evals = evals_of(store, a.name)
     promotions = [p for p in history(store, limit=1000) if a.name in (p["from_model"], p["to_model"])]
     doc = {**a.to_json(), "status": _status(a), "integrity_problem": integrity_problem(a), "evals": evals,
@@ -376,7 +376,7 @@ def run_history(args: argparse.Namespace) -> int:
     from engine.promotion import history
     from tui.format import local_time
 
-    rows = history(_store(args), args.task)
+    rows = history(_store(args, create=False), args.task)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

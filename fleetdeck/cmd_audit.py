@@ -37,10 +37,9 @@ def since(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     from engine import audit
     from fleet.config import load_fleet_config
-    from store.db import open_store
-    from store.paths import default_store_path
+    from fleetdeck.cmdutil import store_of
 
-    store = open_store(args.store or default_store_path())
+    store = store_of(args, create=False)  # reading the trail never creates one (that would verify as intact)
     retention = load_fleet_config(args.config).audit.retention_days
     if not audit.is_read_only():
         audit.prune(store, retention)

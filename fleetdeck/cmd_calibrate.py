@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleetdeck.cmdutil import add_fleet_config_option
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.tables import print_table
@@ -22,7 +23,8 @@ def register(sub: Any) -> None:
     p.add_argument("--frontier-accuracy", type=float, default=1.0, metavar="A", help="assumed accuracy of escalated answers")
     p.add_argument("--apply", action="store_true", help="write the recommended threshold into the router config")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--config", dest="router_config", metavar="FILE")
+    p.add_argument("--router-config", dest="router_config", metavar="FILE", help="the router config (default: the usual place)")
+    add_fleet_config_option(p)
     p.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS)
     p.add_argument("--read-only", action="store_true", default=argparse.SUPPRESS, help="refuse --apply")
     p.set_defaults(handler=run_calibrate)
@@ -33,7 +35,8 @@ def register(sub: Any) -> None:
     w.add_argument("--volume-change", default="0%", metavar="PCT", help="e.g. +20%%")
     w.add_argument("--target-accuracy", type=float, metavar="A", help="default: the latest calibration's target")
     w.add_argument("--json", action="store_true")
-    w.add_argument("--config", dest="router_config", metavar="FILE")
+    w.add_argument("--router-config", dest="router_config", metavar="FILE", help="the router config (default: the usual place)")
+    add_fleet_config_option(w)
     w.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS)
     w.set_defaults(handler=run_whatif)
 
@@ -136,7 +139,7 @@ def run_whatif(args: argparse.Namespace) -> int:
     if price < 0 or volume < 0:
         return _err("whatif", "a change below -100% makes no sense")
     try:
-        store = _store(args)
+        store = _store(args, create=False)
     except StoreError as exc:
         return _err("whatif", str(exc))
     now = time.time()

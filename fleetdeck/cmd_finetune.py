@@ -189,7 +189,7 @@ def run_ls(args: argparse.Namespace) -> int:
         args.json = True
         return on_node(args, "list_jobs", {})
 
-    store = _store(args)
+    store = _store(args, create=False)
     recs = [jobs.refresh(store, r) for r in jobs.list_jobs(store)]
     if args.json:
         print(json.dumps([r.to_json() for r in recs], indent=2))
@@ -240,7 +240,7 @@ def run_logs(args: argparse.Namespace) -> int:
         return on_node(args, "tail_log", {"id": args.id, "n": args.n, "kind": "job"})
 
     try:
-        rec = jobs.get(_store(args), args.id)
+        rec = jobs.get(_store(args, create=False), args.id)
     except jobs.JobError as exc:
         return _err(str(exc))
     print(tail(rec.log_path, args.n))

@@ -201,7 +201,7 @@ def run_ls(args: argparse.Namespace) -> int:
             return _err(str(exc))
         views = [ServerStatus.from_json(d) for d in docs]
     else:
-        views = statuses(_store(args), interval=args.interval)
+        views = statuses(_store(args, create=False), interval=args.interval)
     if args.json:
         print(json.dumps([v.to_json() for v in views], indent=2))
         return 0
@@ -230,7 +230,7 @@ def run_show(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, get
     from engine.vllm.status import statuses
 
-    store = _store(args)
+    store = _store(args, create=False)
     try:
         rec = get(store, args.id)
     except LaunchError as exc:
@@ -289,7 +289,7 @@ def run_logs(args: argparse.Namespace) -> int:
     if args.node:
         return on_node(args, "tail_log", {"id": args.id, "n": args.n})
     try:
-        rec = get(_store(args), args.id)
+        rec = get(_store(args, create=False), args.id)
     except LaunchError as exc:
         return _err(str(exc))
     print(tail(rec.log_path, args.n))

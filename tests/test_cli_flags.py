@@ -1,0 +1,129 @@
+"""One meaning per flag: `--config` is the fleet config for every command and `--router-config` the router
+config; every config a command reads is validated (one line, exit 2); read commands never create a store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleetdeck.cli import main
+from store.db import open_store
+
+ROUTER = """[pricing]
+slm_gpu_hour_usd = 2.5
+slm_gpus = 1
+
+[[task]]
+name = "t"
+slm_base_url = "http://127.0.0.1:9/v1"
+slm_model = "m"
+threshold = 0.8
+"""
+
+
+def router_config(tmp: Path) -> Path:
+    p = tmp / "router.toml"
+    p.write_text(ROUTER)
+    return p
+
+
+def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fleetdeck", *argv], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("spelling", ["global", "after"])
+def test_a_router_config_given_as_config_prices_the_slm_with_a_deprecation_line(tmp_path, spelling):
+    cfg, db = router_config(tmp_path), tmp_path / "fd.db"
+    open_store(db).close()
+    new = run_cli("report", "--json", "--router-config", str(cfg), "--store", str(db), cwd=tmp_path)
+    assert new.returncode == 0 and new.stderr == "", new.stderr
+    argv = (["--config", str(cfg), "report"] if spelling == "global" else ["report", "--config", str(cfg)])
+    old = run_cli(*argv, "--json", "--store", str(db), cwd=tmp_path)
+    assert old.returncode == 0
+    assert old.stderr.strip().count("\n") == 0 and "deprecated" in old.stderr and "--router-config" in old.stderr
+    doc, reference = json.loads(old.stdout), json.loads(new.stdout)
+    assert doc["slm_gpu_hour_usd"] == reference["slm_gpu_hour_usd"] == 2.5  # never the $0 of no router config
+    assert doc["slm_gpus"] == reference["slm_gpus"] == 1 and doc["slm_cost_usd"] > 0
+
+
+def test_a_router_config_is_refused_as_the_fleet_config_of_a_command_that_reads_none(tmp_path, capsys):
+    assert main(["gpus", "--simulated", "--config", str(router_config(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert "is a router config; --config takes the fleet config" in err and err.count("\n") == 1
+
+
+def _missing(tmp: Path) -> tuple[str, str]:
+    return str(tmp / "nope.toml"), "nope.toml: file not found"
+
+
+def _malformed(tmp: Path) -> tuple[str, str]:
+    (tmp / "bad.toml").write_text("refresh_s = [\n")
+    return str(tmp / "bad.toml"), "bad.toml: not valid TOML"
+
+
+def _mistyped(tmp: Path) -> tuple[str, str]:
+    (tmp / "typed.toml").write_text('refresh_s = "fast"\n')
+    return str(tmp / "typed.toml"), "refresh_s"
+
+
+COMMANDS = {
+    "gpus": ["gpus", "--simulated"],
+    "serve-ls": ["serve", "ls"],
+    "report": ["report"],
+    "fit": ["fit", "Qwen/Qwen3-8B", "--gpu-memory-gib", "80"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("make", [_missing, _malformed, _mistyped], ids=["missing", "malformed", "mistyped"])
+def test_every_command_validates_the_fleet_config_it_is_given(command, make, tmp_path):
+    path, text = make(tmp_path)
+    db = tmp_path / "fd.db"
+    open_store(db).close()
+    p = run_cli(*COMMANDS[command], "--config", path, "--store", str(db), cwd=tmp_path)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert text in p.stderr and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout == ""
+
+
+READS = {
+    "audit": ["audit"],
+    "audit-verify": ["audit", "verify"],
+    "report": ["report"],
+    "serve-ls": ["serve", "ls"],
+    "serve-show": ["serve", "show", "x"],
+    "finetune-ls": ["finetune", "ls"],
+    "history": ["adapters", "history", "t"],
+    "whatif": ["whatif", "t"],
+}
+
+
+@pytest.mark.parametrize("command", list(READS))
+def test_a_read_command_never_creates_the_store_it_is_pointed_at(command, tmp_path, capsys):
+    typo = tmp_path / "fleetdek.db"
+    extra = ["--router-config", str(router_config(tmp_path))] if command == "whatif" else []
+    assert main([*READS[command], *extra, "--store", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert f"no store at {typo}" in err and err.count("\n") == 1, err
+    assert not typo.exists()
+
+
+def test_a_command_that_starts_work_may_create_the_store(tmp_path, capsys, monkeypatch):
+    from engine.vllm import launcher
+    from tests.helpers import FAKE_VLLM_CMD
+
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.1")
+    prof = tmp_path / "q.toml"
+    prof.write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\nmax_model_len = 8192\n')
+    db = tmp_path / "new.db"
+    assert main(["serve", "start", str(prof), "--gpus", "3", "--simulated", "--store", str(db)]) == 0, capsys.readouterr()
+    assert db.exists()
+    store = open_store(db)
+    for rec in launcher.list_servers(store):
+        launcher.stop(store, rec, timeout=5)
