@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--node-name", help="the name to report (default: the hostname)")
     agent.add_argument("--exit-after", type=positive_seconds, metavar="SECONDS", help=argparse.SUPPRESS)  # demo: a node that drops
 
-    backend = sub.add_parser("demo-backend", help=argparse.SUPPRESS)  # started by `fleetdeck demo`
+    # Started by `fleetdeck demo`; no help= so it is not listed (argparse shows help=SUPPRESS as "==SUPPRESS==").
+    backend = sub.add_parser("demo-backend")
     backend.add_argument("--store", required=True)
     backend.add_argument("--dir", required=True)
     backend.add_argument("--rate", type=float, default=4.0)

@@ -151,8 +151,10 @@ def run_whatif(args: argparse.Namespace) -> int:
     monthly = report.projected(entry)
     cal = latest_calibration(store, task.name)
     target = args.target_accuracy or (cal["target_accuracy"] if cal else 0.95)
-    result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume)
-    result.update(task=task.name, target_accuracy=target, calibrated=cal is not None)
+    drifting = entry.drift_alert and entry.recent_escalation_rate is not None
+    result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume,
+                     recent_rate=entry.recent_escalation_rate if drifting else None)
+    result.update(task=task.name, target_accuracy=target, calibrated=cal is not None, drifting=drifting)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -161,6 +163,11 @@ def run_whatif(args: argparse.Namespace) -> int:
     print(f"what-if for {task.name}: frontier price x{price:.2f}, volume x{volume:.2f} (month projected from {report.month})")
     print(f"  monthly cost at the current threshold {task.threshold}: {usd(result['monthly_cost_usd'])}"
           f" (all-frontier {usd(result['all_frontier_cost_usd'])})")
+    if drifting:
+        # The month-to-date rate averages the drift away: say so, and what the recent rate would cost.
+        print(f"  note: {task.name} is drifting: {entry.recent_escalation_rate * 100:.1f}% escalated recently vs "
+              f"{(entry.escalation_rate or 0) * 100:.1f}% this month so far; the figure above prices the month at the "
+              f"month-to-date rate. At the recent rate: {usd(result['monthly_cost_at_recent_rate_usd'])}")
     if result["best"]:
         b = result["best"]
         print(f"  cheapest threshold at {target * 100:.1f}% accuracy: {b['threshold']:.4f} -> "

@@ -79,7 +79,9 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
 
 @mutating("server.start", lambda a: a.profile, lambda a: not a.dry_run)
 def run_start(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start
+    import shlex
+
+    from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, vllm_installed
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from store.config_files import ConfigError
     from engine.kvfit.text import render_text
@@ -117,11 +119,16 @@ def run_start(args: argparse.Namespace) -> int:
     if args.dry_run:
         try:
             lora = resolve_preload(profile, list(config.adapter_roots)) if profile.lora.enable else {}
-            argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else int(profile.port)), lora)
+            # A dry run only prints the command: it works where vLLM is not installed (planning on a laptop).
+            argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else int(profile.port)),
+                                     lora, require_installed=False)
             verdict = preflight(profile, snaps or []) if snaps or profile.cpu_kv_cache_bytes else None
         except LaunchError as exc:
             return _err(str(exc))
-        print("command:", " ".join(argv))
+        print("command:", shlex.join(argv))
+        if not vllm_installed(argv):
+            print(f"note: {argv[0]!r} is not installed here; a real start needs it (FLEETDECK_VLLM or the "
+                  "profile's vllm_command points at it)", file=sys.stderr)
         print("environment:", " ".join(f"{k}={'***' if k == 'VLLM_API_KEY' else v}" for k, v in env.items()))
         print(render_text(verdict) if verdict else f"planner: GPUs not checked ({why})")
         return 0

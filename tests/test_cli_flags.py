@@ -127,3 +127,64 @@ def test_a_command_that_starts_work_may_create_the_store(tmp_path, capsys, monke
     store = open_store(db)
     for rec in launcher.list_servers(store):
         launcher.stop(store, rec, timeout=5)
+
+
+# -- smaller things ---------------------------------------------------------------------------------------------
+
+
+def test_no_help_shows_argparses_suppress_marker():
+    import argparse
+
+    from fleetdeck.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from walk(child)
+
+    parsers = list(walk(build_parser()))
+    assert len(parsers) > 20  # every subcommand, nested ones included
+    for parser in parsers:
+        assert "SUPPRESS" not in parser.format_help(), parser.prog
+
+
+def test_serve_start_dry_run_prints_the_command_without_vllm_installed(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLEETDECK_VLLM", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `vllm` anywhere on it
+    prof = tmp_path / "q.toml"
+    prof.write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\nmax_model_len = 8192\nvllm_command = ["vllm-not-here"]\n')
+    p = subprocess.run([sys.executable, "-m", "fleetdeck", "serve", "start", str(prof), "--gpus", "3", "--simulated",
+                        "--dry-run", "--store", str(tmp_path / "fd.db")], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120, env={**__import__("os").environ, "PATH": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("command: vllm-not-here serve Qwen/Qwen3-8B --port 8000")
+    assert "--max-model-len 8192" in p.stdout and "FITS" in p.stdout
+    assert "'vllm-not-here' is not installed here" in p.stderr
+    assert not (tmp_path / "fd.db").exists()
+
+
+def test_whatif_says_when_a_drifting_task_is_priced_at_the_month_to_date_rate(tmp_path, capsys):
+    import time
+
+    from engine.router.demo import backfill, demo_router_toml
+
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    backfill(store, time.time(), days=8, daily_only_days=20, minute_hours=2)
+    store.close()
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(demo_router_toml("http://127.0.0.1:9", 4000))
+    common = ["--router-config", str(cfg), "--store", str(db)]
+    assert main(["whatif", "triage-alerts", *common, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["drifting"] is True and doc["priced_at"] == "the month-to-date escalation rate"
+    assert doc["recent_escalation_rate"] > doc["current_escalation_rate"]
+    assert doc["monthly_cost_at_recent_rate_usd"] > doc["monthly_cost_usd"]
+    assert main(["whatif", "triage-alerts", *common]) == 0
+    out = capsys.readouterr().out
+    assert "triage-alerts is drifting" in out and "prices the month at the month-to-date rate" in out
+    assert main(["whatif", "ticket-routing", *common, "--json"]) == 0  # not drifting: nothing to say
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["drifting"] is False and doc["monthly_cost_at_recent_rate_usd"] is None

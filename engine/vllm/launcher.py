@@ -76,12 +76,17 @@ class ServerRecord(ManagedRecord):
         return d
 
 
-def vllm_command(profile: Profile) -> list[str]:
+def vllm_installed(cmd: Sequence[str]) -> bool:
+    return shutil.which(cmd[0]) is not None or Path(cmd[0]).exists()
+
+
+def vllm_command(profile: Profile, require_installed: bool = True) -> list[str]:
+    """The vLLM command line's start; `require_installed=False` for a dry run, which only prints it."""
     from store.paths import overrides
 
     env = overrides().vllm
     cmd = shlex.split(env) if env else (profile.command() or ["vllm"])
-    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
+    if require_installed and not vllm_installed(cmd):
         raise LaunchError(
             f"cannot find the vLLM command {cmd[0]!r}: install it (pip install 'fleetdeck[serve]' on a GPU host) "
             "or point FLEETDECK_VLLM / the profile's vllm_command at it"
@@ -103,8 +108,9 @@ def free_port(start: int = 8000, end: int = 8999, taken: set[int] | None = None)
     raise LaunchError(f"no free port between {start} and {end}")
 
 
-def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    cmd = vllm_command(profile)
+def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules: dict[str, str],
+                 require_installed: bool = True) -> tuple[list[str], dict[str, str]]:
+    cmd = vllm_command(profile, require_installed)
     model_args = ["--model", profile.model] if cmd[-1] == API_SERVER_MODULE else ["serve", profile.model]
     argv = cmd + model_args + [
         "--port", str(port),
