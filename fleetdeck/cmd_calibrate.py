@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleetdeck.cmdutil import add_fleet_config_option
+from fleetdeck.cmdutil import add_fleet_config_option, one_line
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.tables import print_table
@@ -55,7 +55,7 @@ def _config(args: argparse.Namespace, cmd: str) -> tuple[Any, Path] | int:
     try:
         return load_router_config(path), path
     except ConfigError as exc:
-        return _err(cmd, str(exc))
+        return _err(cmd, one_line(exc))
 
 
 def _config_and_task(args: argparse.Namespace, cmd: str) -> tuple[Any, Path, Any] | int:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fleetdeck.cmdutil import add_fleet_config_option
+from fleetdeck.cmdutil import add_fleet_config_option, one_line
 
 
 def register(sub: Any) -> None:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_router_config(path)
     except ConfigError as exc:
-        print(f"fleetdeck proxy: {exc}", file=sys.stderr)
+        print(f"fleetdeck proxy: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.port is not None and not 1 <= args.port <= 65535:
         print("fleetdeck proxy: --port must be 1-65535", file=sys.stderr)

@@ -40,7 +40,9 @@ def load_pricing_and_policies(router_config: str | None) -> tuple[float, int, di
         raise SystemExit(f"fleetdeck report: {path}: file not found")
     settings = load_router_settings(path)
     if settings.error and path.exists():
-        raise SystemExit(f"fleetdeck report: {settings.error}")
+        from fleetdeck.cmdutil import one_line
+
+        raise SystemExit(f"fleetdeck report: {one_line(settings.error)}")
     return settings.gpu_hour_usd, settings.gpus, settings.policies, settings.error
 
 

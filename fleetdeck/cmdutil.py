@@ -89,7 +89,7 @@ def check_configs(args: argparse.Namespace, who: str) -> int | None:
     return None
 
 
-def one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException | str) -> str:
     """A config error's lines (file, then one per key) joined into the one line a command prints."""
     return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip()).replace(
         "invalid configuration;", "invalid configuration:")

@@ -188,3 +188,24 @@ def test_whatif_says_when_a_drifting_task_is_priced_at_the_month_to_date_rate(tm
     assert main(["whatif", "ticket-routing", *common, "--json"]) == 0  # not drifting: nothing to say
     doc = json.loads(capsys.readouterr().out)
     assert doc["drifting"] is False and doc["monthly_cost_at_recent_rate_usd"] is None
+
+
+def test_proxy_takes_a_router_config_given_as_config_and_says_it_is_deprecated(tmp_path, capsys):
+    # --port 0 stops it after the configs are read: the router config was read as one (the fleet config's
+    # validation would have refused its [[task]] table).
+    assert main(["proxy", "--config", str(router_config(tmp_path)), "--port", "0", "--store", str(tmp_path / "fd.db")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("fleetdeck proxy: deprecated: --config") and "--router-config" in err[0]
+    assert err[1] == "fleetdeck proxy: --port must be 1-65535"
+
+
+def test_a_router_config_that_does_not_validate_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "router.toml"
+    bad.write_text('[pricing]\nslm_gpus = "two"\n\n[[task]]\nname = "t"\nslm_base_url = "http://x/v1"\nslm_model = "m"\n'
+                   'threshold = 2\n')
+    db = tmp_path / "fd.db"
+    open_store(db).close()
+    for argv in (["report"], ["whatif", "t"], ["proxy", "--port", "0"]):
+        assert main([*argv, "--router-config", str(bad), "--store", str(db)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "router.toml: invalid configuration: " in err and "slm_gpus" in err, err

@@ -186,3 +186,14 @@ def test_a_kv_cache_too_small_for_the_default_length_names_the_largest_that_fits
     assert doc["verdict"] == "DOES NOT FIT" and 0 < doc["fitting_max_model_len"] < 131072
     assert main(["fit", "meta-llama/Llama-3.1-8B-Instruct", "--gpu-memory-gib", "23.55",
                  "--max-model-len", str(doc["fitting_max_model_len"])]) == 0
+
+
+def test_a_profile_that_allows_long_lengths_is_planned_past_the_limit_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    folder = model_folder(tmp_path)
+    refused = launcher.preflight(profile(model=str(folder), max_model_len=512, lora={"enable": False}), [h100()])
+    assert not refused.fits and "derived max_model_len" in refused.reason
+    allowed = launcher.preflight(profile(model=str(folder), max_model_len=512, lora={"enable": False},
+                                         env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}), [h100()])
+    assert allowed.fits and allowed.model_max_model_len == 256
+    assert any("VLLM_ALLOW_LONG_MAX_MODEL_LEN" in w for w in allowed.warnings)

@@ -149,6 +149,7 @@ class FitRequest:
     vllm_version: str = VLLM_VERSION_MODELLED  # where vLLM's accounting changed (CUDA graphs in the budget)
     enforce_eager: bool = False  # no CUDA graphs at all
     kv_cache_memory_bytes: int | None = None  # vLLM's --kv-cache-memory-bytes: the KV size, no profiling
+    allow_long_max_model_len: bool = False  # VLLM_ALLOW_LONG_MAX_MODEL_LEN=1: vLLM warns past the limit, not refuses
 
 
 @dataclass
@@ -262,7 +263,8 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
 
     total = req.gpu_memory_bytes
     given = req.max_model_len is not None
-    length = min(r.max_model_len, r.model_max_model_len or r.max_model_len)  # never suggest past the model's limit
+    cap = None if req.allow_long_max_model_len else r.model_max_model_len
+    length = min(r.max_model_len, cap or r.max_model_len)  # never suggest past the model's limit
     if arch.num_heads % r.tensor_parallel_size or (total is not None and r.weights_gib * GIB > total):
         return None, None, ""  # no memory setting helps: the reason names the fix (TP, quantization)
     top = MAX_SUGGESTED_UTIL
@@ -376,11 +378,17 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     concurrency = num_blocks / per_request if per_request else 0.0
     # The verdict is decided on the lower bound: sometimes too cautious, never too optimistic.
     fit_len = max_len_that_fits(arch, groups, req.block_size, batched, num_blocks_low) if num_blocks_low else 0
-    limit = arch.derived_max_model_len
+    model_limit = arch.derived_max_model_len
+    # VLLM_ALLOW_LONG_MAX_MODEL_LEN: vLLM warns instead of refusing, so the limit binds nothing.
+    limit = None if req.allow_long_max_model_len else model_limit
     if limit is not None:
         fit_len = min(fit_len, limit)
     kv_per_token_all_layers = per_layer * arch.kv_layers
 
+    if model_limit is not None and length > model_limit and req.allow_long_max_model_len:
+        warnings.append(f"max_model_len {length:,} is past the model's limit ({arch.max_len_key}={model_limit:,}): "
+                        "VLLM_ALLOW_LONG_MAX_MODEL_LEN lets vLLM start, but positions past the limit give NaNs (RoPE) "
+                        "or out-of-bounds errors")
     # The failures vLLM would print, in the order it would hit them.
     if arch.num_heads % tp:
         # ModelConfig.verify_with_parallel_config (vLLM 0.32 config/model.py), before anything loads.
@@ -468,7 +476,7 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
         cuda_graph_in_budget=graphs_in_budget,
         low_margin_gib=margin / GIB,
         vllm_version_modelled=req.vllm_version if explicit is None else VLLM_VERSION_MODELLED,
-        model_max_model_len=limit,
+        model_max_model_len=model_limit,
         max_model_len_given=req.max_model_len is not None,
     )
 

@@ -161,6 +161,11 @@ def resolve_preload(profile: Profile, adapter_roots: list[Path]) -> dict[str, st
     return out
 
 
+def allow_long_max_model_len(profile: Profile) -> bool:
+    """Whether the profile's environment sets VLLM_ALLOW_LONG_MAX_MODEL_LEN (vLLM reads it as a boolean)."""
+    return profile.env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() in ("1", "true", "yes")
+
+
 def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
     """The planner's verdict for exactly these GPUs: the tightest one decides, with its live free memory.
 
@@ -185,6 +190,7 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         arch = replace(arch, quantization=QUANT_BY_VLLM_NAME[profile.quantization])
     if cpu_kv is not None:
         return plan(arch, FitRequest(available_kv_bytes=cpu_kv, max_model_len=profile.max_model_len,
+                                     allow_long_max_model_len=allow_long_max_model_len(profile),
                                      kv_cache_dtype=profile.kv_cache_dtype, block_size=CPU_BLOCK_SIZE,
                                      tensor_parallel_size=profile.tensor_parallel_size, weight_bytes_total=exact))
     from engine.kvfit.plan import vllm_view_of
@@ -199,6 +205,7 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         other_process_bytes=used, gpu_name=tightest.name, weight_bytes_total=exact,
         max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
         enforce_eager=profile.enforce_eager, kv_cache_memory_bytes=profile.kv_cache_memory_bytes,
+        allow_long_max_model_len=allow_long_max_model_len(profile),
         **({"vllm_version": profile.vllm_version} if profile.vllm_version else {}),
     ))
 
