@@ -110,7 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from store.db import StoreError
 
     from engine import audit
+    from fleetdeck.cmdutil import route_router_config
 
+    code = route_router_config(args, f"fleetdeck {args.command or ''}".strip())
+    if code is not None:
+        return code
     # Errors whose message is written for the operator (a config that does not validate, a store that
     # is not ours): one line and exit 2, wherever in a command they surface, never a traceback.
     try:
@@ -149,7 +153,7 @@ def audit_session(args: argparse.Namespace, source: str, read_only: bool | None 
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from fleetdeck.cmdutil import check_configs
+    from fleetdeck.cmdutil import check_fleet_config
 
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is not None:
@@ -159,14 +163,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         def checked(a: argparse.Namespace) -> int:
             # Inside the audit wrapper: a change refused for a bad config is still recorded as refused.
-            code = check_configs(a, f"fleetdeck {a.command}")
+            code = check_fleet_config(a, f"fleetdeck {a.command}")
             return code if code is not None else inner(a)
 
         if hasattr(handler, "audit"):
             checked.audit = handler.audit  # type: ignore[attr-defined]
         return mutating.run(checked, args)
     if args.command not in ("demo", "demo-backend"):  # the demo runs on its own settings
-        code = check_configs(args, f"fleetdeck {args.command or ''}".strip())
+        code = check_fleet_config(args, f"fleetdeck {args.command or ''}".strip())
         if code is not None:
             return code
     if args.command == "gpus":

@@ -45,7 +45,7 @@ def fleet_config_of(args: argparse.Namespace) -> FleetConfig:
 
 def add_fleet_config_option(p: argparse.ArgumentParser) -> None:
     """`--config` after a subcommand that also reads a router config: the fleet config, as everywhere (the old
-    router-config meaning still works, with a deprecation notice: check_configs)."""
+    router-config meaning still works, with a deprecation notice: route_router_config)."""
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                    help="the fleet config, as for every command (a router config here is deprecated: --router-config)")
 
@@ -65,23 +65,31 @@ def is_router_config(path: str | Path) -> bool:
     return bool(_ROUTER_KEYS & data.keys())
 
 
-def check_configs(args: argparse.Namespace, who: str) -> int | None:
-    """`--config` is the fleet config for every command. Before a command runs: a router config given as
-    `--config` (the old spelling of report/proxy/calibrate/whatif) is taken as `--router-config` with a one-line
-    deprecation notice where the command reads one, and refused where it does not; the fleet config it names (or
-    the default one, when present) must validate. Returns an exit code when the command must not run."""
+def route_router_config(args: argparse.Namespace, who: str) -> int | None:
+    """`--config` is the fleet config for every command. A router config given as `--config` (the old spelling of
+    report/proxy/calibrate/whatif) becomes `--router-config`, with a one-line deprecation notice, where the command
+    reads one, and is refused where it does not. Runs before the audit session is opened, so the session reads
+    the node's real fleet config (its read_only, its audit settings), never a router config in its place.
+    Returns an exit code when the command must not run."""
+    if args.config is None or not is_router_config(args.config):
+        return None
+    if not hasattr(args, "router_config"):
+        return err(f"{args.config} is a router config; --config takes the fleet config (fleet.toml)", who=who)
+    if args.router_config is not None:
+        return err(f"{args.config} is a router config, and --router-config names one already; --config takes "
+                   "the fleet config", who=who)
+    print(f"{who}: deprecated: --config {args.config} is a router config; use --router-config "
+          "(--config is the fleet config for every command)", file=sys.stderr)
+    args.router_config, args.config = args.config, None
+    return None
+
+
+def check_fleet_config(args: argparse.Namespace, who: str) -> int | None:
+    """The fleet config the command reads (the one `--config` names, which must exist, or the default one when
+    present) must validate: a missing file, bad TOML or a mistyped key is one line and exit 2."""
     from fleet.config import load_fleet_config
     from store.config_files import ConfigError
 
-    if args.config is not None and is_router_config(args.config):
-        if not hasattr(args, "router_config"):
-            return err(f"{args.config} is a router config; --config takes the fleet config (fleet.toml)", who=who)
-        if args.router_config is not None:
-            return err(f"{args.config} is a router config, and --router-config names one already; --config takes "
-                       "the fleet config", who=who)
-        print(f"{who}: deprecated: --config {args.config} is a router config; use --router-config "
-              "(--config is the fleet config for every command)", file=sys.stderr)
-        args.router_config, args.config = args.config, None
     try:
         load_fleet_config(args.config, required=args.config is not None)
     except ConfigError as exc:

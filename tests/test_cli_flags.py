@@ -209,3 +209,17 @@ def test_a_router_config_that_does_not_validate_is_one_line(tmp_path, capsys):
         assert main([*argv, "--router-config", str(bad), "--store", str(db)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "router.toml: invalid configuration: " in err and "slm_gpus" in err, err
+
+
+def test_the_deprecated_spelling_keeps_the_nodes_read_only_fleet_config(tmp_path, capsys, monkeypatch):
+    """`--config router.toml` must not stand in for the node's fleet config: its read_only still refuses."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text("read_only = true\n")
+    monkeypatch.setenv("FLEETDECK_CONFIG", str(fleet))
+    cfg = router_config(tmp_path)
+    (tmp_path / "eval.jsonl").write_text('{"messages": [{"role": "user", "content": "x"}], "expected": "y"}\n')
+    code = main(["calibrate", "t", "--eval", str(tmp_path / "eval.jsonl"), "--apply", "--config", str(cfg),
+                 "--store", str(tmp_path / "fd.db")])
+    err = capsys.readouterr().err
+    assert code == 2 and "read-only" in err, err
+    assert cfg.read_text() == ROUTER  # nothing written
