@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -123,7 +124,8 @@ class RouterScreen(PolledScreen):
         detail = self.query_one("#router-detail", Static)
         if row is None:
             backlog = f"\n[b red]ledger: {data.ledger_backlog:,} request row(s) not yet in the store[/]" if data.ledger_backlog else ""
-            detail.update((data.error or "No router traffic in the store yet. Start `fleetdeck proxy`.") + backlog)
+            detail.update((escape(data.error) if data.error else "No router traffic in the store yet. Start `fleetdeck proxy`.")
+                          + backlog)
             plot.refresh()
             return
         if self.show_calibration:
@@ -171,7 +173,7 @@ class RouterScreen(PolledScreen):
             lines.append(f"calibrated threshold {cal['threshold']:.3f} → {cal['escalation_rate'] * 100:.1f}% esc at "
                          f"{cal['target_accuracy'] * 100:.0f}% acc (a: apply)")
         if data.error:
-            lines.append(f"[red]{data.error}[/]")
+            lines.append(f"[red]{escape(data.error)}[/]")
         if data.ledger_backlog:
             lines.append(f"[b red]ledger: {data.ledger_backlog:,} request row(s) not yet in the store[/] (the proxy "
                          "cannot write it, or stopped first; see its log and /health)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -160,9 +161,11 @@ class ServersScreen(PolledScreen):
             detail.update("No servers yet. Press [b]s[/b] to start one from a launch profile.")
             return
         r = v.rec
-        lines = [f"[b]{r.id}[/b] · {r.served_name} · GPUs {r.gpus} · {r.base_url} · log {r.log_path}"]
+        # Names, paths and vLLM's own words are text, not markup: "[serve]" in a reason stays visible.
+        lines = [f"[b]{escape(r.id)}[/b] · {escape(r.served_name)} · GPUs {r.gpus} · {r.base_url} · log "
+                 f"{escape(str(r.log_path))}"]
         if r.reason and r.state != "ready":
-            lines.append(f"[{'red' if r.state == 'crashed' else 'dim'}]{r.reason}[/]")
+            lines.append(f"[{'red' if r.state == 'crashed' else 'dim'}]{escape(r.reason)}[/]")
         if v.gen_history:
             top = max([x for x in v.gen_history if x is not None] or [1.0]) or 1.0
             lines.append(f"gen tok/s {sparkline(v.gen_history, 60, top=top)}")
