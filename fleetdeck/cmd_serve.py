@@ -11,6 +11,7 @@ from fleetdeck.argtypes import number
 from fleetdeck.cmdutil import err as _err
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.cmdutil import fleet_config_of as _fleet_config
+from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node, remote_node
 from fleetdeck.tables import print_table
@@ -208,7 +209,8 @@ def run_ls(args: argparse.Namespace) -> int:
             return _err(str(exc))
         views = [ServerStatus.from_json(d) for d in docs]
     else:
-        views = statuses(_store(args, create=False), interval=args.interval)
+        store = listing_store_of(args)
+        views = statuses(store, interval=args.interval) if store is not None else []
     if args.json:
         print(json.dumps([v.to_json() for v in views], indent=2))
         return 0

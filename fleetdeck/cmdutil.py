@@ -36,6 +36,18 @@ def store_of(args: argparse.Namespace, create: bool = True) -> Store:
     return open_store(path)
 
 
+def listing_store_of(args: argparse.Namespace) -> Store | None:
+    """The store for a command that lists what is recorded (serve ls, finetune ls, adapters ls/show): None when the
+    default store does not exist yet (a fresh install: nothing recorded, nothing created); a store named by
+    --store or FLEETDECK_STORE must exist ("no store at PATH")."""
+    import os
+
+    explicit = bool(getattr(args, "store", None) or os.environ.get("FLEETDECK_STORE"))
+    if not explicit and not store_path_of(args).exists():
+        return None
+    return store_of(args, create=False)
+
+
 def fleet_config_of(args: argparse.Namespace) -> FleetConfig:
     """The fleet config `--config` names (which must then exist), else the default one (or none)."""
     from fleet.config import load_fleet_config

@@ -223,3 +223,13 @@ def test_the_deprecated_spelling_keeps_the_nodes_read_only_fleet_config(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "read-only" in err, err
     assert cfg.read_text() == ROUTER  # nothing written
+
+
+@pytest.mark.parametrize("argv, says", [(["serve", "ls"], "no servers"), (["finetune", "ls"], "no jobs"),
+                                        (["adapters", "ls", "--json"], '"adapters": []')])
+def test_listing_on_a_fresh_install_creates_no_store(argv, says, capsys):
+    from store.paths import default_store_path
+
+    assert main(argv) == 0
+    assert says in capsys.readouterr().out
+    assert not default_store_path().exists()
