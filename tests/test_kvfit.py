@@ -348,6 +348,9 @@ def fit_requests(draw):
         kv_cache_dtype=draw(st.sampled_from(KV_DTYPES)),
         free_memory_bytes=free,
         other_process_bytes=None if free is None else total - free,
+        engine=draw(st.sampled_from(["v1", "v0"])),
+        enforce_eager=draw(st.booleans()),
+        max_num_seqs=draw(st.one_of(st.none(), st.integers(1, 1024))),
     )
 
 

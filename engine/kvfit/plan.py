@@ -440,8 +440,16 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
             "gpu_memory_utilization."
         )
 
-    if reason is not None and not reason.startswith(("User-specified", "No available", "max model length")):
-        fit_len = 0  # vLLM refuses before the length matters (TP, a weights OOM, another process's memory)
+    # Whatever the first reason, no length works where vLLM refuses regardless of it: a TP that does not divide
+    # the heads, weights larger than the GPU, or less free memory than the utilisation asks for.
+    refused_whatever_the_length = bool(
+        arch.num_heads % tp
+        or (total is not None and weights > total)
+        or (total is not None and req.free_memory_bytes is not None
+            and req.free_memory_bytes < total * req.gpu_memory_utilization)
+    )
+    if refused_whatever_the_length:
+        fit_len = 0
     return FitResult(
         model=arch.name,
         quantization=arch.quantization.label,
