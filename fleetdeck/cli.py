@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--node-name", help="the name to report (default: the hostname)")
     agent.add_argument("--exit-after", type=positive_seconds, metavar="SECONDS", help=argparse.SUPPRESS)  # demo: a node that drops
 
-    backend = sub.add_parser("demo-backend", help=argparse.SUPPRESS)  # started by `fleetdeck demo`
+    # Started by `fleetdeck demo`; no help= so it is not listed (argparse shows help=SUPPRESS as "==SUPPRESS==").
+    backend = sub.add_parser("demo-backend")
     backend.add_argument("--store", required=True)
     backend.add_argument("--dir", required=True)
     backend.add_argument("--rate", type=float, default=4.0)
@@ -109,14 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from store.db import StoreError
 
     from engine import audit
+    from fleetdeck.cmdutil import route_router_config
 
+    code = route_router_config(args, f"fleetdeck {args.command or ''}".strip())
+    if code is not None:
+        return code
     # Errors whose message is written for the operator (a config that does not validate, a store that
     # is not ours): one line and exit 2, wherever in a command they surface, never a traceback.
     try:
         with audit_session(args, "demo" if args.command == "demo-backend" else "cli"):
             return _dispatch(args)
     except (ConfigError, StoreError) as exc:
-        return fail(str(exc))
+        from fleetdeck.cmdutil import one_line
+
+        return fail(one_line(exc))
     except audit.ReadOnlyError as exc:
         return fail(str(exc))
     except BrokenPipeError:
@@ -146,11 +153,26 @@ def audit_session(args: argparse.Namespace, source: str, read_only: bool | None 
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from fleetdeck.cmdutil import check_fleet_config
+
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is not None:
         from fleetdeck import mutating
 
-        return mutating.run(handler, args)
+        inner = handler
+
+        def checked(a: argparse.Namespace) -> int:
+            # Inside the audit wrapper: a change refused for a bad config is still recorded as refused.
+            code = check_fleet_config(a, f"fleetdeck {a.command}")
+            return code if code is not None else inner(a)
+
+        if hasattr(handler, "audit"):
+            checked.audit = handler.audit  # type: ignore[attr-defined]
+        return mutating.run(checked, args)
+    if args.command not in ("demo", "demo-backend"):  # the demo runs on its own settings
+        code = check_fleet_config(args, f"fleetdeck {args.command or ''}".strip())
+        if code is not None:
+            return code
     if args.command == "gpus":
         return cmd_gpus(args)
     if args.command == "demo":

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetdeck.cmdutil import err as _err
+from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node
@@ -120,8 +121,8 @@ def run_ls(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import list_servers, refresh
 
     found, problems = adapters.scan(_roots(args))
-    store = _store(args)
-    servers = [refresh(store, r) for r in list_servers(store, include_ended=False)]
+    store = listing_store_of(args)  # adapters on disk are listed on a fresh install too
+    servers = [refresh(store, r) for r in list_servers(store, include_ended=False)] if store is not None else []
     loaded: dict[str, list[str]] = {}
     for s in servers:
         if s.state == "ready":
@@ -130,7 +131,7 @@ def run_ls(args: argparse.Namespace) -> int:
             except Exception as exc:  # a server that stopped answering
                 problems.append(f"{s.id}: cannot list loaded adapters ({exc})")
     latest: dict[str, dict[str, Any]] = {}
-    for e in reversed(evals_of(store)):
+    for e in reversed(evals_of(store) if store is not None else []):
         latest[e["adapter"]] = e
     docs = []
     for a in found:
@@ -167,9 +168,10 @@ def run_show(args: argparse.Namespace) -> int:
         a = adapters.by_name(_roots(args), args.adapter)
     except adapters.AdapterError as exc:
         return _err(str(exc))
-    store = _store(args)
-    evals = evals_of(store, a.name)
-    promotions = [p for p in history(store, limit=1000) if a.name in (p["from_model"], p["to_model"])]
+    store = listing_store_of(args)
+    evals = evals_of(store, a.name) if store is not None else []
+    promotions = [p for p in history(store, limit=1000) if a.name in (p["from_model"], p["to_model"])] \
+        if store is not None else []
     doc = {**a.to_json(), "status": _status(a), "integrity_problem": integrity_problem(a), "evals": evals,
            "promotions": promotions}
     if args.json:
@@ -376,7 +378,7 @@ def run_history(args: argparse.Namespace) -> int:
     from engine.promotion import history
     from tui.format import local_time
 
-    rows = history(_store(args), args.task)
+    rows = history(_store(args, create=False), args.task)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

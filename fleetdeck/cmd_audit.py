@@ -45,11 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from engine.audit_anchor import AnchorError, Anchor
     from engine.audit_text import shown
     from fleet.config import load_fleet_config
-    from store.db import open_store
-    from store.paths import default_store_path
+    from fleetdeck.cmdutil import store_of, store_path_of
 
-    store_path = Path(args.store) if args.store else default_store_path()
-    store = open_store(store_path)
+    store_path = store_path_of(args)
+    store = store_of(args, create=False)  # reading the trail never creates one (that would verify as intact)
     settings = load_fleet_config(args.config).audit
     anchor = Anchor.of(store_path, Path(args.key) if args.key else settings.key_file,
                        Path(args.checkpoint) if args.checkpoint else None)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleetdeck.cmdutil import add_fleet_config_option, one_line
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.tables import print_table
@@ -22,7 +23,8 @@ def register(sub: Any) -> None:
     p.add_argument("--frontier-accuracy", type=float, default=1.0, metavar="A", help="assumed accuracy of escalated answers")
     p.add_argument("--apply", action="store_true", help="write the recommended threshold into the router config")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--config", dest="router_config", metavar="FILE")
+    p.add_argument("--router-config", dest="router_config", metavar="FILE", help="the router config (default: the usual place)")
+    add_fleet_config_option(p)
     p.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS)
     p.add_argument("--read-only", action="store_true", default=argparse.SUPPRESS, help="refuse --apply")
     p.set_defaults(handler=run_calibrate)
@@ -33,7 +35,8 @@ def register(sub: Any) -> None:
     w.add_argument("--volume-change", default="0%", metavar="PCT", help="e.g. +20%%")
     w.add_argument("--target-accuracy", type=float, metavar="A", help="default: the latest calibration's target")
     w.add_argument("--json", action="store_true")
-    w.add_argument("--config", dest="router_config", metavar="FILE")
+    w.add_argument("--router-config", dest="router_config", metavar="FILE", help="the router config (default: the usual place)")
+    add_fleet_config_option(w)
     w.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS)
     w.set_defaults(handler=run_whatif)
 
@@ -52,7 +55,7 @@ def _config(args: argparse.Namespace, cmd: str) -> tuple[Any, Path] | int:
     try:
         return load_router_config(path), path
     except ConfigError as exc:
-        return _err(cmd, str(exc))
+        return _err(cmd, one_line(exc))
 
 
 def _config_and_task(args: argparse.Namespace, cmd: str) -> tuple[Any, Path, Any] | int:
@@ -136,7 +139,7 @@ def run_whatif(args: argparse.Namespace) -> int:
     if price < 0 or volume < 0:
         return _err("whatif", "a change below -100% makes no sense")
     try:
-        store = _store(args)
+        store = _store(args, create=False)
     except StoreError as exc:
         return _err("whatif", str(exc))
     now = time.time()
@@ -148,8 +151,10 @@ def run_whatif(args: argparse.Namespace) -> int:
     monthly = report.projected(entry)
     cal = latest_calibration(store, task.name)
     target = args.target_accuracy or (cal["target_accuracy"] if cal else 0.95)
-    result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume)
-    result.update(task=task.name, target_accuracy=target, calibrated=cal is not None)
+    drifting = entry.drift_alert and entry.recent_escalation_rate is not None
+    result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume,
+                     recent_rate=entry.recent_escalation_rate if drifting else None)
+    result.update(task=task.name, target_accuracy=target, calibrated=cal is not None, drifting=drifting)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -158,6 +163,11 @@ def run_whatif(args: argparse.Namespace) -> int:
     print(f"what-if for {task.name}: frontier price x{price:.2f}, volume x{volume:.2f} (month projected from {report.month})")
     print(f"  monthly cost at the current threshold {task.threshold}: {usd(result['monthly_cost_usd'])}"
           f" (all-frontier {usd(result['all_frontier_cost_usd'])})")
+    if drifting:
+        # The month-to-date rate averages the drift away: say so, and what the recent rate would cost.
+        print(f"  note: {task.name} is drifting: {entry.recent_escalation_rate * 100:.1f}% escalated recently vs "
+              f"{(entry.escalation_rate or 0) * 100:.1f}% this month so far; the figure above prices the month at the "
+              f"month-to-date rate. At the recent rate: {usd(result['monthly_cost_at_recent_rate_usd'])}")
     if result["best"]:
         b = result["best"]
         print(f"  cheapest threshold at {target * 100:.1f}% accuracy: {b['threshold']:.4f} -> "

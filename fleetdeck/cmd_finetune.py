@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node
@@ -189,8 +190,8 @@ def run_ls(args: argparse.Namespace) -> int:
         args.json = True
         return on_node(args, "list_jobs", {})
 
-    store = _store(args)
-    recs = [jobs.refresh(store, r) for r in jobs.list_jobs(store)]
+    store = listing_store_of(args)
+    recs = [jobs.refresh(store, r) for r in jobs.list_jobs(store)] if store is not None else []
     if args.json:
         print(json.dumps([r.to_json() for r in recs], indent=2))
         return 0
@@ -240,7 +241,7 @@ def run_logs(args: argparse.Namespace) -> int:
         return on_node(args, "tail_log", {"id": args.id, "n": args.n, "kind": "job"})
 
     try:
-        rec = jobs.get(_store(args), args.id)
+        rec = jobs.get(_store(args, create=False), args.id)
     except jobs.JobError as exc:
         return _err(str(exc))
     print(tail(rec.log_path, args.n))

@@ -26,7 +26,8 @@ def register(sub: Any) -> None:
     where.add_argument("--gpu-memory-gib", type=number(0, 16384, above=True, what="GiB"), metavar="TOTAL", help="total memory vLLM sees per GPU, e.g. 79.19 for an H100 80GB")
     p.add_argument("--tp", type=integer(1, 1024, "a tensor parallel size"), default=1, metavar="N", help="tensor parallel size")
     p.add_argument("--util", type=number(0, 1, above=True, what="a fraction"), default=0.9, metavar="FRACTION", help="gpu_memory_utilization (default 0.9)")
-    p.add_argument("--max-model-len", type=integer(1, 2**31 - 1, "a token count"), default=8192, metavar="L")
+    p.add_argument("--max-model-len", type=integer(1, 2**31 - 1, "a token count"), metavar="L",
+                   help="context length to plan (default: vLLM's for the model, its own limit from config.json)")
     from engine.kvfit.arch import QUANT_BY_VLLM_NAME
     from engine.kvfit.plan import KV_DTYPES
 

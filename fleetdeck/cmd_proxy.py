@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fleetdeck.cmdutil import add_fleet_config_option, one_line
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("proxy", help="run the OpenAI-compatible routing proxy (SLM first, escalate on low confidence)")
-    p.add_argument("--config", dest="router_config", metavar="FILE",
+    p.add_argument("--router-config", dest="router_config", metavar="FILE",
                    help="router config TOML (default: $FLEETDECK_ROUTER_CONFIG or ~/.config/fleetdeck/router.toml)")
+    add_fleet_config_option(p)
     p.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS, help="SQLite store for the ledger")
     p.add_argument("--host", help="address to listen on (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default from the config: 4000)")
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_router_config(path)
     except ConfigError as exc:
-        print(f"fleetdeck proxy: {exc}", file=sys.stderr)
+        print(f"fleetdeck proxy: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.port is not None and not 1 <= args.port <= 65535:
         print("fleetdeck proxy: --port must be 1-65535", file=sys.stderr)

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleetdeck.cmdutil import add_fleet_config_option
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
@@ -22,8 +23,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("report", help="month-to-date cost, savings and escalation drift (exit 3 on drift)")
     p.add_argument("--month", metavar="YYYY-MM", help="the month to report (default: the current UTC month)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--config", dest="router_config", metavar="FILE",
+    p.add_argument("--router-config", dest="router_config", metavar="FILE",
                    help="router config (pricing, tasks, drift windows); default as for `fleetdeck proxy`")
+    add_fleet_config_option(p)
     p.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS, help="SQLite store holding the ledger")
     p.set_defaults(handler=run)
 
@@ -38,7 +40,9 @@ def load_pricing_and_policies(router_config: str | None) -> tuple[float, int, di
         raise SystemExit(f"fleetdeck report: {path}: file not found")
     settings = load_router_settings(path)
     if settings.error and path.exists():
-        raise SystemExit(f"fleetdeck report: {settings.error}")
+        from fleetdeck.cmdutil import one_line
+
+        raise SystemExit(f"fleetdeck report: {one_line(settings.error)}")
     return settings.gpu_hour_usd, settings.gpus, settings.policies, settings.error
 
 
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     store_path = Path(args.store) if args.store else default_store_path()
     if not store_path.exists():
-        print(f"fleetdeck report: no store at {store_path}; run the proxy first or pass --store", file=sys.stderr)
+        print(f"fleetdeck report: no store at {store_path} (check --store or FLEETDECK_STORE; the proxy creates it)",
+              file=sys.stderr)
         return 2
     try:
         store = open_store(store_path)

@@ -11,6 +11,7 @@ from fleetdeck.argtypes import number
 from fleetdeck.cmdutil import err as _err
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.cmdutil import fleet_config_of as _fleet_config
+from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.mutating import mutating
 from fleetdeck.nodes import on_node, remote_node
 from fleetdeck.tables import print_table
@@ -79,7 +80,9 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
 
 @mutating("server.start", lambda a: a.profile, lambda a: not a.dry_run)
 def run_start(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start
+    import shlex
+
+    from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, vllm_installed
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from store.config_files import ConfigError
     from engine.kvfit.text import render_text
@@ -117,11 +120,16 @@ def run_start(args: argparse.Namespace) -> int:
     if args.dry_run:
         try:
             lora = resolve_preload(profile, list(config.adapter_roots)) if profile.lora.enable else {}
-            argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else int(profile.port)), lora)
+            # A dry run only prints the command: it works where vLLM is not installed (planning on a laptop).
+            argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else int(profile.port)),
+                                     lora, require_installed=False)
             verdict = preflight(profile, snaps or []) if snaps or profile.cpu_kv_cache_bytes else None
         except LaunchError as exc:
             return _err(str(exc))
-        print("command:", " ".join(argv))
+        print("command:", shlex.join(argv))
+        if not vllm_installed(argv):
+            print(f"note: {argv[0]!r} is not installed here; a real start needs it (FLEETDECK_VLLM or the "
+                  "profile's vllm_command points at it)", file=sys.stderr)
         print("environment:", " ".join(f"{k}={'***' if k == 'VLLM_API_KEY' else v}" for k, v in env.items()))
         print(render_text(verdict) if verdict else f"planner: GPUs not checked ({why})")
         return 0
@@ -201,7 +209,8 @@ def run_ls(args: argparse.Namespace) -> int:
             return _err(str(exc))
         views = [ServerStatus.from_json(d) for d in docs]
     else:
-        views = statuses(_store(args), interval=args.interval)
+        store = listing_store_of(args)
+        views = statuses(store, interval=args.interval) if store is not None else []
     if args.json:
         print(json.dumps([v.to_json() for v in views], indent=2))
         return 0
@@ -230,7 +239,7 @@ def run_show(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, get
     from engine.vllm.status import statuses
 
-    store = _store(args)
+    store = _store(args, create=False)
     try:
         rec = get(store, args.id)
     except LaunchError as exc:
@@ -251,6 +260,12 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"  KV cache use {_num(None if f.kv_usage is None else f.kv_usage * 100)}%, allocated "
               f"{f.kv_tokens if f.kv_tokens is not None else 'n/a'} tokens, planned "
               f"{r.predicted_kv_tokens if r.predicted_kv_tokens is not None else 'n/a'}")
+        from engine.vllm.status import kv_disagreement
+
+        apart = kv_disagreement(f.kv_tokens, r.predicted_kv_tokens)
+        if apart:
+            print(f"  warning: allocated and planned KV cache are {apart:.1f}x apart: the plan does not describe this "
+                  "server (another vLLM version, other settings, or another process on its GPU)")
         print(f"  TTFT p50/p95 {ms(f.ttft_p50)}/{ms(f.ttft_p95)}, end-to-end p50/p95 {ms(f.e2e_p50)}/{ms(f.e2e_p95)}, "
               f"preemptions {_num(f.preemptions, '{:.0f}')}, prefix-cache hits "
               f"{_num(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100)}%")
@@ -283,7 +298,7 @@ def run_logs(args: argparse.Namespace) -> int:
     if args.node:
         return on_node(args, "tail_log", {"id": args.id, "n": args.n})
     try:
-        rec = get(_store(args), args.id)
+        rec = get(_store(args, create=False), args.id)
     except LaunchError as exc:
         return _err(str(exc))
     print(tail(rec.log_path, args.n))

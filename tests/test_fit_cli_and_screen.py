@@ -120,3 +120,24 @@ async def test_fit_screen_grid_turns_red_past_the_largest_context():
         grid = screen.query_one("#fit-grid", DataTable)
         auto = [str(c) for c in grid.get_row("auto")[1:]]
         assert auto[0].endswith("x") and auto[-1] == "no"  # 4k fits, 128k does not on 24 GB with bf16 KV
+
+
+async def test_fit_screen_plans_the_models_default_length_and_refuses_past_its_limit():
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        screen = await _open_fit(app, pilot)
+        assert screen.query_one("#fit-len", Input).value == ""  # vLLM's default for the model
+        assert screen.last_result.max_model_len == 131072 and not screen.last_result.max_model_len_given
+        assert "vLLM's default for this model" in static_text(screen.query_one("#fit-verdict", Static))
+        screen.query_one("#fit-model", Input).value = "Qwen/Qwen3-8B"
+        screen.query_one("#fit-len", Input).value = "200000"
+        screen.action_plan()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        verdict = static_text(screen.query_one("#fit-verdict", Static))
+        assert "DOES NOT FIT" in verdict and "max_position_embeddings=40960" in verdict
+        assert "max concurrency" not in verdict and "largest context" not in verdict.lower()
+        assert "fits with:" in verdict and "40,960" in verdict
+        grid = screen.query_one("#fit-grid", DataTable)
+        auto = [str(c) for c in grid.get_row("auto")[1:]]
+        assert auto[-2:] == ["> limit", "> limit"]  # 64k and 128k are past Qwen3-8B's 40,960

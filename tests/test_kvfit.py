@@ -262,13 +262,13 @@ def test_since_vllm_0_21_cuda_graphs_come_out_of_the_kv_budget():
 
 def test_the_verdict_is_decided_on_the_lower_bound():
     arch = catalogue_arch("meta-llama/Llama-3.1-8B-Instruct")
-    r = plan(arch, FitRequest(gpu_memory_bytes=80 * GIB))
+    r = plan(arch, FitRequest(gpu_memory_bytes=24 * GIB))  # a pool shorter than the model's 131,072 limit
     # A context one request of which fits the estimated pool but not the pool that is surely there.
     length = (r.num_gpu_blocks_low + 1) * 16
-    assert length <= r.num_gpu_blocks * 16
-    between = plan(arch, FitRequest(gpu_memory_bytes=80 * GIB, max_model_len=length))
+    assert length <= r.num_gpu_blocks * 16 and length <= r.model_max_model_len
+    between = plan(arch, FitRequest(gpu_memory_bytes=24 * GIB, max_model_len=length))
     assert not between.fits and "surely available" in between.reason
-    assert plan(arch, FitRequest(gpu_memory_bytes=80 * GIB, max_model_len=length - 16)).fits
+    assert plan(arch, FitRequest(gpu_memory_bytes=24 * GIB, max_model_len=length - 16)).fits
 
 
 def test_no_memory_for_cache_blocks():
@@ -321,3 +321,70 @@ def test_a_mig_gpu_is_planned_as_the_slice_vllm_sees():
     assert r.total_gpu_memory_gib == 40 and note in r.warnings
     plain = GpuSnapshot(node="n", index=1, name="x", uuid="GPU-1", memory_total_bytes=80 * GIB, memory_used_bytes=GIB)
     assert vllm_view_of(plain) == (80 * GIB, 79 * GIB, GIB, None)
+
+
+# -- one verdict: FITS means it starts and holds a request; DOES NOT FIT shows no success figure -------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from engine.kvfit.plan import KV_DTYPES  # noqa: E402
+from engine.kvfit.text import render_text  # noqa: E402
+
+_MODELS = ["meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", "Qwen/Qwen2.5-32B-Instruct-AWQ", "google/gemma-3-12b-it",
+           "openai/gpt-oss-20b", "deepseek-ai/DeepSeek-V2-Lite-Chat", "microsoft/Phi-3.5-mini-instruct",
+           "meta-llama/Llama-3.3-70B-Instruct"]
+
+
+@st.composite
+def fit_requests(draw):
+    total = draw(st.integers(4, 200)) * GIB
+    free = draw(st.one_of(st.none(), st.integers(0, 100).map(lambda pct: total * pct // 100)))
+    return draw(st.sampled_from(_MODELS)), FitRequest(
+        gpu_memory_bytes=total,
+        gpu_memory_utilization=draw(st.integers(5, 100)) / 100,
+        tensor_parallel_size=draw(st.sampled_from([1, 2, 4])),
+        max_model_len=draw(st.one_of(st.none(), st.integers(1, 300_000))),
+        kv_cache_dtype=draw(st.sampled_from(KV_DTYPES)),
+        free_memory_bytes=free,
+        other_process_bytes=None if free is None else total - free,
+        engine=draw(st.sampled_from(["v1", "v0"])),
+        enforce_eager=draw(st.booleans()),
+        max_num_seqs=draw(st.one_of(st.none(), st.integers(1, 1024))),
+    )
+
+
+@settings(max_examples=120, deadline=None)
+@given(fit_requests())
+def test_a_verdict_means_one_thing(case):
+    name, req = case
+    arch = catalogue_arch(name)
+    r = plan(arch, req)
+    text = render_text(r)
+    if r.fits:
+        assert r.reason is None and r.max_concurrency_low >= 1 and r.max_concurrency >= r.max_concurrency_low
+        assert r.max_model_len <= arch.derived_max_model_len
+        assert r.max_model_len == (req.max_model_len or arch.default_max_model_len)
+        assert "verdict             FITS" in text and "DOES NOT FIT" not in text
+    else:
+        assert r.reason and r.max_concurrency == r.max_concurrency_low == 0
+        assert "DOES NOT FIT" in text and "FITS\n" not in text and not text.endswith("FITS")
+        assert "max concurrency" not in text and "largest context" not in text
+        if r.fitting_max_model_len:  # what it suggests instead is itself a setting that fits
+            assert r.fitting_max_model_len <= arch.derived_max_model_len
+            again = plan(arch, replace(req, gpu_memory_utilization=r.fitting_gpu_memory_utilization,
+                                       max_model_len=r.fitting_max_model_len))
+            assert again.fits, (r.reason, again.reason)
+
+
+def test_a_busy_gpu_gets_a_utilisation_that_holds_the_weights_or_none():
+    arch = catalogue_arch("meta-llama/Llama-3.1-8B-Instruct")
+    a10 = FitRequest(gpu_memory_bytes=int(22.06 * GIB), max_model_len=8192)
+    crowded = plan(arch, replace(a10, free_memory_bytes=5 * GIB, other_process_bytes=int(17.06 * GIB)))
+    assert not crowded.fits and crowded.fitting_gpu_memory_utilization is None
+    assert "No gpu_memory_utilization fits on this GPU" in crowded.reason and "lower gpu_memory_utilization to" not in crowded.reason
+    room = plan(arch, replace(a10, gpu_memory_utilization=0.95, free_memory_bytes=20 * GIB, other_process_bytes=int(2.06 * GIB)))
+    assert not room.fits and room.fitting_gpu_memory_utilization is not None
+    assert f"gpu_memory_utilization {room.fitting_gpu_memory_utilization:.2f}" in room.reason
+    assert plan(arch, replace(a10, gpu_memory_utilization=room.fitting_gpu_memory_utilization,
+                              max_model_len=room.fitting_max_model_len, free_memory_bytes=20 * GIB)).fits

@@ -114,3 +114,53 @@ async def test_rows_waiting_in_the_proxys_journal_are_shown(router_store):
         screen = await _open(app, pilot, "5")
         assert screen.data.ledger_backlog == 37
         assert "37 request row(s) not yet in the store" in static_text(screen.query_one("#router-detail", Static))
+
+
+async def test_the_side_panels_30_day_figure_is_the_30d_columns_and_the_axis_says_days_ago(router_store):
+    from tui.format import ago, ago_ticks
+
+    path, cfg = router_store
+    app = make_app(store_path=path)
+    app.options.router_config = cfg
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _open(app, pilot, "5")
+        await pilot.press("m")  # the 30-day window
+        for _ in range(3):
+            await pilot.pause()
+            await app.workers.wait_for_complete()
+        await pilot.pause()
+        table = screen.query_one("#router-tasks", DataTable)
+        column = str(table.get_cell(screen.selected, "r30"))
+        panel = static_text(screen.query_one("#router-detail", Static))
+        assert f"last 30 days: {column} escalated of" in panel, panel
+        import re
+
+        chart = re.sub(r"\x1b\[[0-9;]*m", "", screen.query_one("#router-chart").plt.build())
+        assert "30d ago" in chart and "now" in chart and "-720" not in chart and "hours ago" not in chart
+    assert ago(-720 * 3600) == "30d ago" and ago(-90 * 60) == "1.5h ago" and ago(0) == "now"
+    assert ago_ticks(3600)[1] == ["1h ago", "45m ago", "30m ago", "15m ago", "now"]
+
+
+async def test_a_toast_shows_its_text_literally():
+    from textual.widgets._toast import Toast
+
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(app, pilot)
+        app.screen.notify("[serve] qwen-1a2b started on [b]GPU 3[/b]")
+        await pilot.pause()
+        await pilot.pause()
+        (note,) = [n for n in app._notifications if "qwen-1a2b" in n.message]
+        assert not note.markup  # the toast shows it as text
+        assert str(Toast(note).render()) == "[serve] qwen-1a2b started on [b]GPU 3[/b]"
+
+
+def test_the_header_counts_an_unreachable_node_as_unreachable():
+    from fleet.model import NodeSnapshot
+    from tui.app import node_trouble
+
+    snaps = [NodeSnapshot(node="a", taken_at=0, nvml="ok"),
+             NodeSnapshot(node="b", taken_at=0, nvml="unavailable", reason="no driver"),
+             NodeSnapshot(node="c", taken_at=0, nvml="unavailable", reason="unreachable since 10:00", link="unreachable"),
+             NodeSnapshot(node="d", taken_at=0, nvml="unavailable", reason="connecting", link="connecting")]
+    assert node_trouble(snaps) == {"without NVML": 1, "unreachable": 1, "connecting": 1}

@@ -102,3 +102,31 @@ async def test_read_only_mode_refuses_actions(running):
         await pilot.press("x")
         await pilot.pause()
         assert not isinstance(app.screen, ConfirmScreen)
+
+
+def test_kv_allocated_and_planned_far_apart_is_a_disagreement():
+    from engine.vllm.status import kv_disagreement
+
+    assert kv_disagreement(476_016, 400_000) is None  # within 1.5x: agrees
+    assert kv_disagreement(200_000, 460_000) == pytest.approx(2.3)
+    assert kv_disagreement(460_000, 200_000) == pytest.approx(2.3)  # either way round
+    assert kv_disagreement(None, 460_000) is None and kv_disagreement(460_000, 0) is None
+
+
+async def test_servers_screen_marks_kv_allocated_far_from_the_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
+    monkeypatch.setenv("FLEETDECK_SIM_NUM_GPU_BLOCKS", "1000")  # vLLM found far less room than planned
+    store = open_store(tmp_path / "fd.db")
+    rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
+    try:
+        rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
+        app = make_app(store_path=tmp_path / "fd.db")
+        async with app.run_test(size=(200, 30)) as pilot:
+            screen = await open_screen(app, pilot, "3", ServersScreen)
+            cell = str(screen.query_one("#servers-table", DataTable).get_cell(rec.id, "cap"))
+            assert cell.startswith("⚠ 16,000/") and cell.endswith("x)"), cell
+    finally:
+        for r in launcher.list_servers(store):
+            if r.state not in ("stopped", "crashed"):
+                launcher.stop(store, r, timeout=5)

@@ -97,3 +97,52 @@ async def test_start_a_peft_fine_tune_on_cpu_from_the_jobs_screen(tmp_path):
         time.sleep(0.2)
     assert jobs.get(store, rec.id).state == "finished"
     assert (tmp_path / "adapters" / "tiny@v1" / "adapter_config.json").exists()
+
+
+async def test_the_start_dialog_suggests_only_a_utilisation_that_holds_the_model(tmp_path, monkeypatch):
+    """On the demo's busy A10 (the simulated vLLM holds most of it) the dialog's verdict names a utilisation
+    that holds the weights and the length, or says none does; never one that cannot."""
+    from engine.kvfit import FitRequest, load_model, plan
+    from engine.kvfit.plan import vllm_view_of
+
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    profiles = config_dir() / "profiles"
+    profiles.mkdir(parents=True)
+    (profiles / "llama.toml").write_text('name = "llama"\nmodel = "meta-llama/Llama-3.1-8B-Instruct"\n')
+    (profiles / "small.toml").write_text('name = "small"\nmodel = "Qwen/Qwen2.5-0.5B-Instruct"\nmax_model_len = 4096\n')
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        await pilot.press("s")
+        await pilot.pause()
+        dialog = app.screen
+        assert isinstance(dialog, StartServerScreen)
+        # The busy A10 holds neither model; the H100 with a fine-tune on it holds the 8B at a lower utilisation.
+        for where, name, model, suggests in (("sim-a10-02/0", "llama", "meta-llama/Llama-3.1-8B-Instruct", False),
+                                             ("sim-a10-02/0", "small", "Qwen/Qwen2.5-0.5B-Instruct", False),
+                                             ("sim-h100-01/2", "llama", "meta-llama/Llama-3.1-8B-Instruct", True)):
+            node, _, index = where.partition("/")
+            (gpu,) = app.poller.latest[node].gpus_at([int(index)])
+            total, free, used, _ = vllm_view_of(gpu)
+            dialog.query_one("#start-gpus", Input).value = where
+            dialog.query_one("#start-profile", Select).value = name
+            await settle(app, pilot)
+            await pilot.press("ctrl+s")
+            await settle(app, pilot)
+            verdict = dialog.verdict
+            text = static_text(dialog.query_one("#start-verdict", Static))
+            assert verdict is not None and not verdict.fits and "DOES NOT FIT" in text
+            assert "max concurrency" not in text
+            assert (verdict.fitting_gpu_memory_utilization is not None) == suggests, text
+            arch, _ = load_model(model)
+            if not suggests:
+                assert "No gpu_memory_utilization fits on this GPU" in text
+            else:
+                util = verdict.fitting_gpu_memory_utilization
+                assert util < 0.9 and f"gpu_memory_utilization {util:.2f}" in text
+                assert plan(arch, FitRequest(gpu_memory_bytes=total, free_memory_bytes=free, other_process_bytes=used,
+                                             gpu_memory_utilization=util, max_model_len=verdict.fitting_max_model_len,
+                                             gpu_name=gpu.name)).fits
+        assert launcher.list_servers(open_store(tmp_path / "fd.db")) == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -45,6 +45,21 @@ def _screen(module: str, cls: str) -> Callable[[], Screen]:
         return getattr(importlib.import_module(f"tui.screens.{module}"), cls)()
 
     return make
+
+
+def node_trouble(snapshots: Iterable[Any]) -> dict[str, int]:
+    """Nodes the header counts as in trouble, by what is wrong: a remote node that cannot be reached (or is still
+    connecting, or speaks another protocol) is that, not "without NVML", which is a reachable node's driver."""
+    counts: dict[str, int] = {}
+    for snap in snapshots:
+        if snap.link in ("unreachable", "connecting", "incompatible"):
+            what = snap.link
+        elif snap.nvml != "ok":
+            what = "without NVML"
+        else:
+            continue
+        counts[what] = counts.get(what, 0) + 1
+    return counts
 
 
 class FleetDeckApp(App[None]):
@@ -86,6 +101,12 @@ class FleetDeckApp(App[None]):
         self.drifting: set[str] = set()
         self._demo_proc = None
         self.sub_title = socket.gethostname()
+
+    def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        """Every toast carries dynamic text (ids, paths, a node's or vLLM's error): shown literally, never read as
+        markup, so "[serve]" in a message stays "[serve]". Screens' notify() lands here too."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def on_mount(self) -> None:
         if self.options.simulated:
@@ -203,10 +224,8 @@ class FleetDeckApp(App[None]):
     def update_status(self) -> None:
         nodes = self.poller.latest
         gpus = sum(len(s.gpus) for s in nodes.values())
-        down = [n for n, s in nodes.items() if s.nvml != "ok"]
         parts = [f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}", f"{gpus} GPU{'s' if gpus != 1 else ''}"]
-        if down:
-            parts.append(f"[b red]{len(down)} without NVML[/]")
+        parts += [f"[b red]{n} {what}[/]" for what, n in node_trouble(nodes.values()).items()]
         if self.store_error or self.poller.store_error:
             parts.append("[red]store: unavailable[/]")
         elif self.store is not None:

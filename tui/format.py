@@ -59,3 +59,21 @@ def sparkline(values: Iterable[float | None], width: int, top: float = 100.0) ->
 def local_time(ts: float, fmt: str = "%H:%M:%S") -> str:
     """Times are stored UTC and shown in the operator's zone."""
     return datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().strftime(fmt)
+
+
+def ago(seconds: float) -> str:
+    """How long ago, as a chart's axis says it: "now", "45m ago", "6h ago", "30d ago" (never "-720.0 hours")."""
+    s = abs(seconds)
+    if s < 30:
+        return "now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            n = s / size
+            return f"{n:.0f}{unit} ago" if n >= 10 or n == int(n) else f"{n:.1f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def ago_ticks(window_s: float, count: int = 5) -> tuple[list[float], list[str]]:
+    """Tick positions (hours before now, negative) and their labels for a chart of the last `window_s`."""
+    positions = [-window_s / 3600 * (1 - i / (count - 1)) for i in range(count)]
+    return positions, [ago(p * 3600) for p in positions]

@@ -26,6 +26,8 @@ class Quantization:
 
 
 NO_QUANT = Quantization("none")
+# What vLLM assumes when a config names no length at all (it logs a warning and uses this).
+NO_LENGTH_KEY_DEFAULT = 2048
 # vLLM's --quantization names (and a profile's `quantization`) as the planner sizes their weights.
 QUANT_BY_VLLM_NAME: dict[str, Quantization] = {
     "awq": Quantization("awq", 4, 128), "awq_marlin": Quantization("awq", 4, 128),
@@ -71,6 +73,9 @@ class ModelArch:
     # only when no length is given) and the config key it comes from.
     derived_max_model_len: int | None = None
     max_len_key: str | None = None
+    # The max_model_len vLLM uses when none is given (length_limit: the limit, longrope's original length,
+    # or 2048 without a length key).
+    default_max_model_len: int = NO_LENGTH_KEY_DEFAULT
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -160,40 +165,84 @@ def _sliding(cfg: dict[str, Any], layers: int) -> tuple[int | None, int]:
 # vllm/transformers_utils/model_arch_config_convertor.py: derive_max_model_len_and_key).
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
                  "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
-# RoPE types whose max_position_embeddings is already the scaled length (vLLM 0.32,
-# vllm/config/model.py: _get_and_verify_max_len); other types multiply it by `factor`.
-_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+# RoPE types whose max_position_embeddings is already the scaled length (vLLM 0.32, vllm/config/model.py:
+# _get_and_verify_max_len; "su" is the old name of longrope). Every other type multiplies the length by its
+# `factor`, and yarn multiplies its original_max_position_embeddings instead.
+_PRESCALED_ROPE = ("su", "longrope", "llama3")
+
+
+@dataclass(frozen=True, slots=True)
+class LengthLimit:
+    """A model's context length as vLLM derives it from config.json.
+
+    `limit` is the longest --max-model-len vLLM accepts (None: no length key, so vLLM accepts any given
+    length), `key` the config key it names when it refuses, `default` the length vLLM uses when none is given.
+    """
+
+    limit: int | None
+    key: str | None
+    default: int
 
 
 def _rope_parameters(text: dict[str, Any]) -> list[dict[str, Any]]:
     rope = text.get("rope_parameters") or text.get("rope_scaling")
     if not isinstance(rope, dict) or not rope:
         return []
+    # Transformers v5 may key the parameters by layer type ({"full_attention": {...}, ...}).
     nested = all(isinstance(v, dict) for v in rope.values())
     return [p for p in rope.values() if p] if nested else [rope]
 
 
-def derived_max_model_len(text: dict[str, Any]) -> tuple[int | None, str | None]:
-    """The length vLLM derives from a (text) config.json, and the key it names when it refuses a longer one."""
+def _rope_type(rp: dict[str, Any]) -> str:
+    # vLLM's patch_rope_parameters reads the old `type` key as `rope_type` when it loads the config.
+    return str(rp.get("rope_type", rp.get("type", "default")))
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def length_limit(text: dict[str, Any], top: dict[str, Any] | None = None) -> LengthLimit:
+    """vLLM's `_get_and_verify_max_len` on a (text) config dict: the smallest length key, an explicit
+    model_max_length over it, then the RoPE scaling factor (except where the length is already scaled:
+    llama3, longrope, and every Gemma 3). With no length given vLLM takes the derived length, except for
+    longrope, where it takes original_max_position_embeddings (the long factors cost quality on short
+    prompts); with no length key it assumes 2048."""
     derived: float = float("inf")
     key: str | None = None
     for k in _MAX_LEN_KEYS:
-        v = text.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < derived:
-            derived, key = float(v), k
-    if isinstance(text.get("model_max_length"), (int, float)) and text["model_max_length"]:
-        derived, key = float(text["model_max_length"]), "model_max_length"
+        v = _number(text.get(k))
+        if v is not None and v < derived:
+            derived, key = v, k
+    explicit = _number(text.get("model_max_length"))
+    if explicit:
+        derived, key = explicit, "model_max_length"
     if derived == float("inf"):
-        return None, None
+        return LengthLimit(None, None, NO_LENGTH_KEY_DEFAULT)
     params = _rope_parameters(text)
     if params and "gemma3" not in str(text.get("model_type", "")):
         factor = 1.0
         for rp in params:
-            rope_type = rp.get("rope_type", rp.get("type", "default"))
+            rope_type = _rope_type(rp)
             if rope_type not in _PRESCALED_ROPE:
-                factor = rp.get("factor", factor)
-        derived *= float(factor if factor is not None else 1.0)
-    return int(derived), key
+                factor = _number(rp.get("factor")) or factor
+                if rope_type == "yarn":
+                    original = _number(rp.get("original_max_position_embeddings"))
+                    # vLLM needs the key; transformers fills it from max_position_embeddings when absent.
+                    derived = original if original is not None else derived
+        derived *= factor
+    limit = int(derived)
+    default = limit
+    if any(_rope_type(rp) == "longrope" for rp in params):
+        original = _number((top or {}).get("original_max_position_embeddings", text.get("original_max_position_embeddings")))
+        default = int(original) if original else limit
+    return LengthLimit(limit, key, default)
+
+
+def derived_max_model_len(text: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The length vLLM derives from a (text) config.json, and the key it names when it refuses a longer one."""
+    lim = length_limit(text)
+    return lim.limit, lim.key
 
 
 def arch_from_config(cfg: dict[str, Any], name: str = "") -> ModelArch:
@@ -236,7 +285,7 @@ def _parse_config(cfg: dict[str, Any], name: str) -> ModelArch:
     window, sliding_layers = _sliding(text, layers)
     non_kv = len(text.get("cross_attention_layers") or [])
     tie = bool(_get(text, "tie_word_embeddings", default=cfg.get("tie_word_embeddings", False)))
-    max_len, max_len_key = derived_max_model_len(text)
+    lengths = length_limit(text, cfg)
     return ModelArch(
         name=name or str(cfg.get("_name_or_path", "")) or model_type,
         model_type=model_type,
@@ -265,8 +314,9 @@ def _parse_config(cfg: dict[str, Any], name: str) -> ModelArch:
         non_kv_layers=non_kv,
         extra_params=extra,
         quantization=quant,
-        derived_max_model_len=max_len,
-        max_len_key=max_len_key,
+        derived_max_model_len=lengths.limit,
+        max_len_key=lengths.key,
+        default_max_model_len=lengths.default,
     )
 
 

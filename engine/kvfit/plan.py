@@ -134,7 +134,7 @@ class FitRequest:
     gpu_memory_bytes: int | None = None  # total memory vLLM sees on each GPU
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
-    max_model_len: int = 8192
+    max_model_len: int | None = None  # None: vLLM's default for the model (ModelArch.default_max_model_len)
     kv_cache_dtype: str = "auto"
     block_size: int = 16
     max_num_seqs: int | None = None
@@ -149,6 +149,7 @@ class FitRequest:
     vllm_version: str = VLLM_VERSION_MODELLED  # where vLLM's accounting changed (CUDA graphs in the budget)
     enforce_eager: bool = False  # no CUDA graphs at all
     kv_cache_memory_bytes: int | None = None  # vLLM's --kv-cache-memory-bytes: the KV size, no profiling
+    allow_long_max_model_len: bool = False  # VLLM_ALLOW_LONG_MAX_MODEL_LEN=1: vLLM warns past the limit, not refuses
 
 
 @dataclass
@@ -172,10 +173,10 @@ class FitResult:
     block_size: int
     kv_tokens: int
     max_concurrency: float
-    max_model_len: int
+    max_model_len: int  # the length planned: the one given, or vLLM's default for the model
     fits: bool
     reason: str | None
-    max_model_len_that_fits: int
+    max_model_len_that_fits: int  # the largest length that works with every other setting as given (0: none)
     max_num_seqs: int
     max_num_batched_tokens: int
     warnings: list[str] = field(default_factory=list)
@@ -187,9 +188,21 @@ class FitResult:
     cuda_graph_in_budget: bool = False
     low_margin_gib: float = 0.0
     vllm_version_modelled: str = VLLM_VERSION_MODELLED
+    # The model's own context limit as vLLM derives it (None: its config names none) and whether the length
+    # planned was given or is vLLM's default for the model.
+    model_max_model_len: int | None = None
+    max_model_len_given: bool = True
+    # DOES NOT FIT: the nearest setting that fits on the same GPU (None: no utilisation / no length fits);
+    # FITS: the request's own.
+    fitting_gpu_memory_utilization: float | None = None
+    fitting_max_model_len: int | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "FITS" if self.fits else "DOES NOT FIT"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"verdict": self.verdict, **asdict(self)}
 
 
 def _blocks_per_request(arch: ModelArch, groups: KvGroups, length: int, block: int, batched: int) -> int:
@@ -222,17 +235,103 @@ def max_len_that_fits(arch: ModelArch, groups: KvGroups, block: int, batched: in
 
 
 def plan(arch: ModelArch, req: FitRequest) -> FitResult:
+    """vLLM's verdict on `req` for `arch`, with one meaning: FITS means vLLM starts and holds at least one
+    request of the planned length (on the lower bound); DOES NOT FIT carries vLLM's reason, the nearest setting
+    that fits on the same GPU (or that none does), and no concurrency figure (vLLM would hold no request)."""
+    r = _plan(arch, req)
+    if r.fits:
+        r.fitting_gpu_memory_utilization, r.fitting_max_model_len = r.gpu_memory_utilization, r.max_model_len
+        return r
+    util, length, advice = _nearest_fit(arch, req, r)
+    r.fitting_gpu_memory_utilization, r.fitting_max_model_len = util, length
+    if advice:
+        r.reason = f"{r.reason} {advice}"
+    r.max_concurrency = r.max_concurrency_low = 0.0
+    return r
+
+
+# The highest utilisation the planner suggests: vLLM accepts up to 1.0, but the driver, other CUDA contexts and
+# fragmentation need a little room that the estimate does not see.
+MAX_SUGGESTED_UTIL = 0.98
+
+
+def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float | None, int | None, str]:
+    """(utilisation, length, advice) of the nearest setting that fits, for a request that does not. Only
+    settings the planner has checked are suggested: a lower length at the same utilisation first, then the
+    utilisation (capped by what is free beside other processes) that holds the length, then both."""
+    from dataclasses import replace
+
+    total = req.gpu_memory_bytes
+    given = req.max_model_len is not None
+    cap = None if req.allow_long_max_model_len else r.model_max_model_len
+    length = min(r.max_model_len, cap or r.max_model_len)  # never suggest past the model's limit
+    if arch.num_heads % r.tensor_parallel_size or (total is not None and r.weights_gib * GIB > total):
+        return None, None, ""  # no memory setting helps: the reason names the fix (TP, quantization)
+    top = MAX_SUGGESTED_UTIL
+    if total is not None and req.free_memory_bytes is not None:
+        top = min(top, math.floor((req.free_memory_bytes / total - 0.01) * 100) / 100)
+
+    def at(util: float, n: int | None = None) -> FitResult:
+        return _plan(arch, replace(req, gpu_memory_utilization=util, max_model_len=n if n is not None else length))
+
+    def smallest_util_holding_length() -> float | None:
+        """The smallest utilisation (in hundredths, up to `top`) that holds `length`: feasibility grows with it."""
+        if total is None or top <= 0 or not at(top).fits:
+            return None
+        lo, hi = 1, round(top * 100)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if at(mid / 100).fits:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo / 100
+
+    if r.max_model_len_that_fits > 0:  # the same utilisation holds a shorter context
+        fit = r.max_model_len_that_fits
+        advice = f"The largest setting that fits: max_model_len {fit:,}"
+        if total is None:  # a KV size was given: the length is the only setting
+            return None, fit, advice + "."
+        advice += f" at gpu_memory_utilization {r.gpu_memory_utilization}"
+        util = smallest_util_holding_length() if length > fit else None
+        if util is not None and util > r.gpu_memory_utilization:
+            advice += f"; or gpu_memory_utilization {util:.2f} for max_model_len {length:,}"
+        return r.gpu_memory_utilization, fit, advice + "."
+    if total is None:  # an explicit KV size: no utilisation to change
+        return None, None, "No max_model_len fits in that KV cache size."
+    if top <= 0:
+        return None, None, "No gpu_memory_utilization fits beside what the other processes hold: free the GPU or pick another."
+
+    best = at(top)
+    if not best.fits and best.max_model_len_that_fits <= 0:
+        free = "" if req.free_memory_bytes is None else f" ({req.free_memory_bytes / GIB:.2f} GiB free)"
+        return None, None, (
+            f"No gpu_memory_utilization fits on this GPU{free}: even at {top:.2f} the weights and runtime leave no "
+            "room for one request. Use a quantized checkpoint, more GPUs (--tp), or another GPU."
+        )
+    if best.fits:
+        util = smallest_util_holding_length() or top
+        if req.free_memory_bytes is not None and req.free_memory_bytes < total * req.gpu_memory_utilization:
+            util = top  # beside another process: as much as is free (the most KV cache)
+        what = f"max_model_len {length:,}" if given else f"the model's default max_model_len {length:,}"
+        return util, length, f"The nearest setting that fits: gpu_memory_utilization {util:.2f} ({what})."
+    fit = best.max_model_len_that_fits
+    return top, fit, f"The nearest setting that fits: gpu_memory_utilization {top:.2f} with max_model_len {fit:,}."
+
+
+def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     from engine.kvfit.weights import estimated_weight_bytes, weight_bytes_per_gpu
 
     tp = max(1, req.tensor_parallel_size)
     total = req.gpu_memory_bytes
     if req.available_kv_bytes is None and req.kv_cache_memory_bytes is None and total is None:
         raise ValueError("give the GPU's total memory (--gpu or --gpu-memory-gib) or --available-kv-gib")
+    length = req.max_model_len if req.max_model_len is not None else arch.default_max_model_len
     seqs_default, batched_default = default_batch(total or 80 * GIB, req.gpu_name)
     seqs = req.max_num_seqs or seqs_default
     batched = req.max_num_batched_tokens or batched_default
     if req.engine == "v0":
-        batched = max(req.max_model_len, batched)
+        batched = max(length, batched)
 
     exact = req.weight_bytes_total is not None
     weights_total = req.weight_bytes_total if exact else estimated_weight_bytes(arch)
@@ -275,15 +374,21 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
 
     num_blocks, num_blocks_low = blocks(available), blocks(low)
     kv_tokens = num_blocks // max(1, groups.count) * req.block_size
-    per_request = _blocks_per_request(arch, groups, req.max_model_len, req.block_size, batched)
+    per_request = _blocks_per_request(arch, groups, length, req.block_size, batched)
     concurrency = num_blocks / per_request if per_request else 0.0
     # The verdict is decided on the lower bound: sometimes too cautious, never too optimistic.
     fit_len = max_len_that_fits(arch, groups, req.block_size, batched, num_blocks_low) if num_blocks_low else 0
-    limit = arch.derived_max_model_len
+    model_limit = arch.derived_max_model_len
+    # VLLM_ALLOW_LONG_MAX_MODEL_LEN: vLLM warns instead of refusing, so the limit binds nothing.
+    limit = None if req.allow_long_max_model_len else model_limit
     if limit is not None:
         fit_len = min(fit_len, limit)
     kv_per_token_all_layers = per_layer * arch.kv_layers
 
+    if model_limit is not None and length > model_limit and req.allow_long_max_model_len:
+        warnings.append(f"max_model_len {length:,} is past the model's limit ({arch.max_len_key}={model_limit:,}): "
+                        "VLLM_ALLOW_LONG_MAX_MODEL_LEN lets vLLM start, but positions past the limit give NaNs (RoPE) "
+                        "or out-of-bounds errors")
     # The failures vLLM would print, in the order it would hit them.
     if arch.num_heads % tp:
         # ModelConfig.verify_with_parallel_config (vLLM 0.32 config/model.py), before anything loads.
@@ -292,12 +397,12 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
             f"Total number of attention heads ({arch.num_heads}) must be divisible by tensor parallel size "
             f"({tp}): vLLM refuses to start. Use --tp {', '.join(map(str, good))}."
         )
-    elif limit is not None and req.max_model_len > limit:
+    elif limit is not None and length > limit:
         # vLLM checks the model's own length limit while reading its config, before touching a GPU.
         reason = (
-            f"User-specified max_model_len ({req.max_model_len}) is greater than the derived max_model_len "
-            f"({arch.max_len_key}={limit} in the model's config.json): vLLM refuses to start. Set max_model_len "
-            f"to {fit_len} or less (the largest length that works here)."
+            f"User-specified max_model_len ({length}) is greater than the derived max_model_len "
+            f"({arch.max_len_key}={limit} in the model's config.json): vLLM refuses to start. The model's limit "
+            f"is {limit:,} tokens; set max_model_len to {min(limit, fit_len) if fit_len else limit} or less."
         )
     elif total is not None and weights > total:
         reason = (
@@ -314,16 +419,14 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
             f"Free memory on device ({req.free_memory_bytes / GIB:.2f}/{total / GIB:.2f} GiB) on startup is less "
             f"than desired GPU memory utilization ({req.gpu_memory_utilization}, "
             f"{total * req.gpu_memory_utilization / GIB:.2f} GiB): another process holds "
-            f"{others / GIB:.2f} GiB on that GPU. Stop it, pick another GPU, or lower gpu_memory_utilization "
-            f"to {max(0.05, req.free_memory_bytes / total - 0.01):.2f}."
+            f"{others / GIB:.2f} GiB on that GPU. Stop it, pick another GPU, or lower gpu_memory_utilization."
         )
     elif num_blocks_low <= 0:
         runtime = (activation or 0) + (non_torch or 0) + (tp_non_torch or 0) + (cuda_graph or 0 if graphs_in_budget else 0)
         reason = (
             f"No available memory for the cache blocks: weights {weights / GIB:.2f} GiB + activation and "
             f"runtime {runtime / GIB:.2f} GiB (and a {margin / GIB:.2f} GiB allowance) exceed the "
-            f"{(budget or 0) / GIB:.2f} GiB budget. Increase gpu_memory_utilization, use a quantized "
-            f"checkpoint, or add GPUs (--tp)."
+            f"{(budget or 0) / GIB:.2f} GiB budget."
         )
     elif per_request > num_blocks_low:
         need = per_request * page_bytes * groups.group_size
@@ -331,12 +434,22 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
         space = (f"{available / GIB:.2f} GiB available" if margin == 0 else
                  f"{low / GIB:.2f} GiB that is surely available (estimate {available / GIB:.2f} GiB)")
         reason = (
-            f"max model length {req.max_model_len} is larger than the KV cache: one request needs "
+            f"max model length {length} is larger than the KV cache: one request needs "
             f"{need / GIB:.2f} GiB of KV cache, more than the {space}. Based on that memory the estimated "
             f"maximum model length is {fit_len}. Decrease max_model_len, {smaller_kv}or increase "
             "gpu_memory_utilization."
         )
 
+    # Whatever the first reason, no length works where vLLM refuses regardless of it: a TP that does not divide
+    # the heads, weights larger than the GPU, or less free memory than the utilisation asks for.
+    refused_whatever_the_length = bool(
+        arch.num_heads % tp
+        or (total is not None and weights > total)
+        or (total is not None and req.free_memory_bytes is not None
+            and req.free_memory_bytes < total * req.gpu_memory_utilization)
+    )
+    if refused_whatever_the_length:
+        fit_len = 0
     return FitResult(
         model=arch.name,
         quantization=arch.quantization.label,
@@ -357,7 +470,7 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
         block_size=req.block_size,
         kv_tokens=kv_tokens,
         max_concurrency=round(concurrency, 2),
-        max_model_len=req.max_model_len,
+        max_model_len=length,
         fits=reason is None,
         reason=reason,
         max_model_len_that_fits=fit_len,
@@ -371,6 +484,8 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
         cuda_graph_in_budget=graphs_in_budget,
         low_margin_gib=margin / GIB,
         vllm_version_modelled=req.vllm_version if explicit is None else VLLM_VERSION_MODELLED,
+        model_max_model_len=model_limit,
+        max_model_len_given=req.max_model_len is not None,
     )
 
 

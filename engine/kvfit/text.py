@@ -29,15 +29,39 @@ def budget_lines(r: Any) -> list[str]:
     return lines
 
 
+def length_line(r: Any) -> str:
+    """The length planned, and where it comes from (given, or vLLM's default for the model) and its limit."""
+    limit = "no limit in its config" if r.model_max_model_len is None else f"model limit {r.model_max_model_len:,}"
+    source = "given" if r.max_model_len_given else "vLLM's default for this model"
+    return f"  max_model_len       {r.max_model_len:,} tokens ({source}; {limit})"
+
+
+def verdict_lines(r: Any) -> list[str]:
+    """FITS with its capacity, or DOES NOT FIT with why and the nearest setting that fits. A failed plan shows
+    no concurrency or context figure: vLLM would not start, so none of them would be true."""
+    if r.fits:
+        return [
+            f"  max concurrency     {r.max_concurrency_low:.2f}-{r.max_concurrency:.2f}x requests of {r.max_model_len:,} tokens",
+            f"  largest context     {r.max_model_len_that_fits:,} tokens for one request at this utilisation",
+            "  verdict             FITS",
+        ]
+    lines = ["  verdict             DOES NOT FIT", f"  why: {r.reason}"]
+    if r.fitting_max_model_len and r.budget_gib is None:  # a KV size was given: no utilisation to change
+        lines.append(f"  fits with:          max_model_len {r.fitting_max_model_len:,}")
+    elif r.fitting_max_model_len:
+        lines.append(f"  fits with:          gpu_memory_utilization {r.fitting_gpu_memory_utilization:.2f}, "
+                     f"max_model_len {r.fitting_max_model_len:,}")
+    else:
+        lines.append("  fits with:          no setting of max_model_len or gpu_memory_utilization on this GPU")
+    return lines
+
+
 def render_text(r: Any) -> str:
-    lines = [f"{r.model}  ({r.quantization}, KV {r.kv_cache_dtype}, TP {r.tensor_parallel_size})", *budget_lines(r),
-             f"  max concurrency     {r.max_concurrency:.2f}x at {r.max_model_len:,} tokens per request",
-             f"  largest context     {r.max_model_len_that_fits:,} tokens for one request"]
+    lines = [f"{r.model}  ({r.quantization}, KV {r.kv_cache_dtype}, TP {r.tensor_parallel_size})", length_line(r),
+             *budget_lines(r)]
     if r.cuda_graph_gib is not None and not r.cuda_graph_in_budget:
         lines.append(f"  CUDA graphs         {_g(r.cuda_graph_gib)} (from the headroom outside the utilisation target)")
-    lines.append("  verdict             " + ("FITS" if r.fits else "DOES NOT FIT"))
-    if r.reason:
-        lines.append(f"  why: {r.reason}")
+    lines += verdict_lines(r)
     for w in r.warnings:
         lines.append(f"  warning: {w}")
     return "\n".join(lines)

@@ -203,11 +203,13 @@ def latest_calibration(store: Store, task: str) -> dict[str, Any] | None:
 
 
 def what_if(monthly: CostFigures, curve: list[list[float]] | None, current_threshold: float, target_accuracy: float,
-            price_factor: float = 1.0, volume_factor: float = 1.0) -> dict[str, Any]:
+            price_factor: float = 1.0, volume_factor: float = 1.0, recent_rate: float | None = None) -> dict[str, Any]:
     """A task's monthly cost under a frontier price or volume change, and the cheapest threshold at the target.
 
     `monthly` is the task's entry of a month report (projected to a full month by the caller). The local
-    fleet is a fixed cost; frontier spend scales with volume, price and the escalation rate.
+    fleet is a fixed cost; frontier spend scales with volume, price and the escalation rate. The month is
+    priced at its escalation rate so far; `recent_rate` (a drifting task's recent rate) adds the month priced at
+    that rate instead, so a drift is not averaged away unsaid.
     """
     requests = monthly.requests * volume_factor
     rate_now = monthly.escalation_rate or 0.0
@@ -235,4 +237,7 @@ def what_if(monthly: CostFigures, curve: list[list[float]] | None, current_thres
         "monthly_cost_usd": cost_at(rate_now),
         "all_frontier_cost_usd": monthly.all_frontier_cost_usd * volume_factor * price_factor,
         "best": best,
+        "priced_at": "the month-to-date escalation rate",
+        "recent_escalation_rate": recent_rate,
+        "monthly_cost_at_recent_rate_usd": cost_at(recent_rate) if recent_rate is not None else None,
     }

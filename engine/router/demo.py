@@ -220,7 +220,7 @@ def run_backend(store_path: Path, workdir: Path, rate_per_s: float = 4.0) -> int
     cfg = workdir / "demo-router.toml"
     cfg.write_text(demo_router_toml(f"http://127.0.0.1:{up_port}", proxy_port))
     env = dict(os.environ, FLEETDECK_DEMO_FRONTIER_KEY="simulated", LITELLM_LOCAL_MODEL_COST_MAP="True")
-    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--store", str(store_path)],
+    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--store", str(store_path)],
                              stdout=subprocess.DEVNULL, stderr=open(workdir / "demo-proxy.log", "ab"), env=env)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

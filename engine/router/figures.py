@@ -46,6 +46,9 @@ class RouterData:
     ledger_backlog: int = 0  # request rows waiting in the proxy's journal, not yet in the store
     versions: list[dict[str, Any]] = field(default_factory=list)  # the selected task's escalation per model, in the window
     promotions: list[dict[str, Any]] = field(default_factory=list)  # the selected task's, newest first
+    # The selected task's (requests, escalated) over the chart's window, from the rollups through the same
+    # totals_by_task call the table's columns use: the side panel's figure is the column's figure.
+    window_totals: tuple[int, int] | None = None
 
 
 def load_router_data(store: Store, config_path: Path | None, selected: str | None, window_s: int, now: float) -> RouterData:
@@ -89,9 +92,13 @@ def load_router_data(store: Store, config_path: Path | None, selected: str | Non
     from store.ledger import journal_backlog
 
     versions = by_model(store, selected, now - window_s, now) if selected else []
+    windows = {3600: t1h, 86400: t24, 30 * 86400: t30}
+    in_window = windows[window_s] if window_s in windows else totals_by_task(store, now - window_s, now, histograms=False)
+    chosen = in_window.get(selected) if selected else None
+    window_totals = (chosen.requests, chosen.escalated) if chosen is not None else None
     promotions = history(store, selected, limit=50) if selected else []
     return RouterData(rows, series, cal, config_path, error, ledger_backlog=journal_backlog(store, now),
-                      versions=versions, promotions=promotions)
+                      versions=versions, promotions=promotions, window_totals=window_totals)
 
 
 @dataclass

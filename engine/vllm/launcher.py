@@ -76,12 +76,17 @@ class ServerRecord(ManagedRecord):
         return d
 
 
-def vllm_command(profile: Profile) -> list[str]:
+def vllm_installed(cmd: Sequence[str]) -> bool:
+    return shutil.which(cmd[0]) is not None or Path(cmd[0]).exists()
+
+
+def vllm_command(profile: Profile, require_installed: bool = True) -> list[str]:
+    """The vLLM command line's start; `require_installed=False` for a dry run, which only prints it."""
     from store.paths import overrides
 
     env = overrides().vllm
     cmd = shlex.split(env) if env else (profile.command() or ["vllm"])
-    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
+    if require_installed and not vllm_installed(cmd):
         raise LaunchError(
             f"cannot find the vLLM command {cmd[0]!r}: install it (pip install 'fleetdeck[serve]' on a GPU host) "
             "or point FLEETDECK_VLLM / the profile's vllm_command at it"
@@ -103,8 +108,9 @@ def free_port(start: int = 8000, end: int = 8999, taken: set[int] | None = None)
     raise LaunchError(f"no free port between {start} and {end}")
 
 
-def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    cmd = vllm_command(profile)
+def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules: dict[str, str],
+                 require_installed: bool = True) -> tuple[list[str], dict[str, str]]:
+    cmd = vllm_command(profile, require_installed)
     model_args = ["--model", profile.model] if cmd[-1] == API_SERVER_MODULE else ["serve", profile.model]
     argv = cmd + model_args + [
         "--port", str(port),
@@ -155,6 +161,11 @@ def resolve_preload(profile: Profile, adapter_roots: list[Path]) -> dict[str, st
     return out
 
 
+def allow_long_max_model_len(profile: Profile) -> bool:
+    """Whether the profile's environment sets VLLM_ALLOW_LONG_MAX_MODEL_LEN (vLLM reads it as a boolean)."""
+    return profile.env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() in ("1", "true", "yes")
+
+
 def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
     """The planner's verdict for exactly these GPUs: the tightest one decides, with its live free memory.
 
@@ -179,6 +190,7 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         arch = replace(arch, quantization=QUANT_BY_VLLM_NAME[profile.quantization])
     if cpu_kv is not None:
         return plan(arch, FitRequest(available_kv_bytes=cpu_kv, max_model_len=profile.max_model_len,
+                                     allow_long_max_model_len=allow_long_max_model_len(profile),
                                      kv_cache_dtype=profile.kv_cache_dtype, block_size=CPU_BLOCK_SIZE,
                                      tensor_parallel_size=profile.tensor_parallel_size, weight_bytes_total=exact))
     from engine.kvfit.plan import vllm_view_of
@@ -193,6 +205,7 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         other_process_bytes=used, gpu_name=tightest.name, weight_bytes_total=exact,
         max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
         enforce_eager=profile.enforce_eager, kv_cache_memory_bytes=profile.kv_cache_memory_bytes,
+        allow_long_max_model_len=allow_long_max_model_len(profile),
         **({"vllm_version": profile.vllm_version} if profile.vllm_version else {}),
     ))
 
@@ -238,8 +251,7 @@ def _start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots
                 raise
             warning = f"started without a plan: {exc}"
         if verdict is not None and not verdict.fits and not force:
-            raise LaunchError(f"preflight: {verdict.reason} (planner: {verdict.kv_tokens:,} KV tokens, "
-                              f"{verdict.max_concurrency:.2f}x at {verdict.max_model_len:,}; --force starts it anyway)")
+            raise LaunchError(f"preflight: DOES NOT FIT: {verdict.reason} (--force starts it anyway)")
     elif not force:
         raise LaunchError("the GPUs could not be checked (no NVML readings); --force starts it anyway")
     else:

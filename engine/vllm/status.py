@@ -42,9 +42,25 @@ class ServerStatus:
         doc = self.rec.to_json()
         doc["figures"] = asdict(self.figures) if self.figures is not None else None
         doc["predicted_kv_tokens"] = self.rec.predicted_kv_tokens
+        allocated = self.figures.kv_tokens if self.figures is not None else None
+        doc["kv_plan_disagreement"] = kv_disagreement(allocated, self.rec.predicted_kv_tokens)
         doc["loaded_adapters"] = self.loaded_adapters
         doc["figures_error"] = self.error
         return doc
+
+
+# Allocated and planned KV capacity further apart than this factor (either way) is marked: the planner's model
+# no longer describes this server (another vLLM version, other settings, another process on the GPU).
+KV_DISAGREEMENT_FACTOR = 1.5
+
+
+def kv_disagreement(allocated: int | None, planned: int | None) -> float | None:
+    """How far vLLM's allocated KV tokens and the plan's are apart (>= 1, either direction) when that is more
+    than KV_DISAGREEMENT_FACTOR; None when they agree or either is unknown."""
+    if not allocated or not planned:
+        return None
+    ratio = max(allocated, planned) / min(allocated, planned)
+    return ratio if ratio > KV_DISAGREEMENT_FACTOR else None
 
 
 def scrape_server(rec: Any, timeout: float = 1.5) -> Scrape:

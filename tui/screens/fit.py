@@ -86,7 +86,8 @@ class FitScreen(DeckScreen):
                 yield Label(" util ", classes="fit-label")
                 yield Input(value="0.9", id="fit-util", type="number", compact=True, classes="fit-num")
                 yield Label(" max len ", classes="fit-label")
-                yield Input(value="8192", id="fit-len", type="integer", compact=True, classes="fit-num")
+                # Empty: vLLM's default for the model (its own limit), as `fleetdeck fit` without --max-model-len.
+                yield Input(value="", placeholder="model's", id="fit-len", type="integer", compact=True, classes="fit-num")
             table: DataTable[Text | str] = DataTable(id="fit-grid", cursor_type="none", show_cursor=False)
             table.add_column("KV dtype", key="dtype")
             for n in FIT_LENGTHS:
@@ -137,10 +138,11 @@ class FitScreen(DeckScreen):
         try:
             tp = int(self.query_one("#fit-tp", Input).value)
             util = float(self.query_one("#fit-util", Input).value)
-            length = int(self.query_one("#fit-len", Input).value)
+            text = self.query_one("#fit-len", Input).value.strip()
+            length = int(text) if text else None
         except ValueError:
             raise ValueError("TP, util and max len must be numbers") from None
-        if tp < 1 or length < 1 or not 0 < util <= 1:
+        if tp < 1 or (length is not None and length < 1) or not 0 < util <= 1:
             raise ValueError("TP and max len must be positive; util between 0 and 1")
         key = self.query_one("#fit-gpu", Select).value
         choice = self.choices.get(key) if isinstance(key, str) else None
@@ -205,20 +207,21 @@ class FitScreen(DeckScreen):
                 res = row[n]
                 if res.fits:
                     cells.append(Text(f"{res.max_concurrency_low:.1f}x", style="bold green"))
+                elif res.model_max_model_len is not None and n > res.model_max_model_len:
+                    cells.append(Text("> limit", style="red"))  # past the model's own context limit
                 else:
                     cells.append(Text("no", style="bold red"))
             table.add_row(*cells, key=dtype)
+        from engine.kvfit.text import length_line, verdict_lines
+
+        # The same verdict lines `fleetdeck fit` prints: a DOES NOT FIT shows why and what would fit, and no
+        # capacity figure.
         verdict = Text()
-        if r.fits:
-            verdict.append(" FITS ", style="bold reverse green")
-            verdict.append(
-                f"  {r.kv_tokens_low:,}-{r.kv_tokens:,} KV tokens · {r.max_concurrency_low:.2f}-{r.max_concurrency:.2f}x "
-                f"requests of {r.max_model_len:,} tokens"
-            )
-        else:
-            verdict.append(" DOES NOT FIT ", style="bold reverse red")
-            verdict.append(f"  {r.reason}")
-        verdict.append(f"\nLargest context for one request: {r.max_model_len_that_fits:,} tokens ({r.kv_cache_dtype} KV)")
+        verdict.append(f" {r.verdict} ", style=f"bold reverse {'green' if r.fits else 'red'}")
+        verdict.append(f"  {r.kv_cache_dtype} KV\n" + length_line(r).strip())
+        for line in verdict_lines(r):
+            if not line.strip().startswith("verdict"):
+                verdict.append("\n" + line.strip())
         for w in r.warnings:
             verdict.append(f"\n⚠ {w}", style="yellow")
         self.query_one("#fit-verdict", Static).update(verdict)

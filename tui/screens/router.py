@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -23,7 +24,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from engine.router.figures import RouterData, TaskRow, load_router_data
-from tui.format import local_time, sparkline
+from tui.format import ago_ticks, local_time, sparkline
 from tui.screens.base import PolledScreen, sync_table
 from tui.screens.confirm import ConfirmScreen
 
@@ -123,7 +124,8 @@ class RouterScreen(PolledScreen):
         detail = self.query_one("#router-detail", Static)
         if row is None:
             backlog = f"\n[b red]ledger: {data.ledger_backlog:,} request row(s) not yet in the store[/]" if data.ledger_backlog else ""
-            detail.update((data.error or "No router traffic in the store yet. Start `fleetdeck proxy`.") + backlog)
+            detail.update((escape(data.error) if data.error else "No router traffic in the store yet. Start `fleetdeck proxy`.")
+                          + backlog)
             plot.refresh()
             return
         if self.show_calibration:
@@ -150,7 +152,10 @@ class RouterScreen(PolledScreen):
                     if xs[0] <= x <= 0:
                         plt.vline(x, "magenta")
             plt.title(f"{row.name}: escalation % ({label}; green baseline, red alert, magenta promotions)")
-            plt.xlabel("hours ago")
+            # Past times as "30d ago" ... "now", not negative hours.
+            window_s = WINDOWS[self.window][1]
+            plt.xlim(-window_s / 3600, 0)  # the whole window, even where the ledger starts later
+            plt.xticks(*ago_ticks(window_s))
         plot.refresh()
         conf = sparkline(row.confidence_hist, len(row.confidence_hist), top=max(row.confidence_hist or [1]) or 1)
         lines = [
@@ -168,16 +173,25 @@ class RouterScreen(PolledScreen):
             lines.append(f"calibrated threshold {cal['threshold']:.3f} → {cal['escalation_rate'] * 100:.1f}% esc at "
                          f"{cal['target_accuracy'] * 100:.0f}% acc (a: apply)")
         if data.error:
-            lines.append(f"[red]{data.error}[/]")
+            lines.append(f"[red]{escape(data.error)}[/]")
         if data.ledger_backlog:
             lines.append(f"[b red]ledger: {data.ledger_backlog:,} request row(s) not yet in the store[/] (the proxy "
                          "cannot write it, or stopped first; see its log and /health)")
         detail.update("\n".join(lines))
 
     def _version_lines(self, row: TaskRow, data: RouterData) -> list[str]:
+        label = WINDOWS[self.window][0]
         lines = [f"model now [b]{row.slm_model or 'n/a'}[/b]"]
+        if data.window_totals is not None:
+            n, esc = data.window_totals  # the same rollups as the table's 1h/24h/30d columns
+            lines.append(f"{label}: {_pct(esc / n if n else None)} escalated of {n:,}")
         if data.versions:
-            lines.append(f"by version ({WINDOWS[self.window][0]}): " + " · ".join(
+            kept = sum(v["requests"] for v in data.versions)
+            # Per version from the ledger's request rows, which are pruned sooner than the rollups: say so
+            # when they cover less of the window than the figure above.
+            scope = f"{label}" if data.window_totals is None or kept == data.window_totals[0] else \
+                f"{label}, the {kept:,} request rows kept"
+            lines.append(f"by version ({scope}): " + " · ".join(
                 f"{v['model']} {_pct(v['escalation_rate'])} of {v['requests']:,}" for v in data.versions))
         last = data.promotions[0] if data.promotions else None
         if last:

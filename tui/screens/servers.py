@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -128,14 +129,19 @@ class ServersScreen(PolledScreen):
         if f is None:
             blanks = ["" if r.state != "ready" else "n/a"] * 9
             return [r.id, state, r.gpus, str(r.port or ""), *blanks]
+        from engine.vllm.status import kv_disagreement  # (lazily: the screens load without httpx)
+
         alloc = f"{f.kv_tokens:,}" if f.kv_tokens else "n/a"
         plan = f"{r.predicted_kv_tokens:,}" if r.predicted_kv_tokens else "n/a"
+        apart = kv_disagreement(f.kv_tokens, r.predicted_kv_tokens)
+        # Far apart: the plan no longer describes this server; marked so it is not read as a confirmation.
+        cap: Any = Text(f"⚠ {alloc}/{plan} ({apart:.1f}x)", style="bold yellow") if apart else f"{alloc}/{plan}"
         return [
             r.id, state, r.gpus, str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
             f"{_f(f.running)}/{_f(f.waiting)}", _f(None if f.kv_usage is None else f.kv_usage * 100, unit="%"),
             f"{_ms(f.ttft_p50)}/{_ms(f.ttft_p95)}", f"{_f(f.e2e_p50, '{:.2f}')}/{_f(f.e2e_p95, '{:.2f}')}",
             _f(f.preemptions), _f(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100, unit="%"),
-            f"{alloc}/{plan}",
+            cap,
         ]
 
     def selected_id(self) -> str | None:
@@ -155,9 +161,11 @@ class ServersScreen(PolledScreen):
             detail.update("No servers yet. Press [b]s[/b] to start one from a launch profile.")
             return
         r = v.rec
-        lines = [f"[b]{r.id}[/b] · {r.served_name} · GPUs {r.gpus} · {r.base_url} · log {r.log_path}"]
+        # Names, paths and vLLM's own words are text, not markup: "[serve]" in a reason stays visible.
+        lines = [f"[b]{escape(r.id)}[/b] · {escape(r.served_name)} · GPUs {r.gpus} · {r.base_url} · log "
+                 f"{escape(str(r.log_path))}"]
         if r.reason and r.state != "ready":
-            lines.append(f"[{'red' if r.state == 'crashed' else 'dim'}]{r.reason}[/]")
+            lines.append(f"[{'red' if r.state == 'crashed' else 'dim'}]{escape(r.reason)}[/]")
         if v.gen_history:
             top = max([x for x in v.gen_history if x is not None] or [1.0]) or 1.0
             lines.append(f"gen tok/s {sparkline(v.gen_history, 60, top=top)}")
