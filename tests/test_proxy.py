@@ -19,6 +19,7 @@ import pytest
 
 from engine.router.confidence import confidence, token_logprobs
 from engine.router.config import RouterConfig, load_router_config
+from engine.router.http_limits import uvicorn_limits
 from engine.router.proxy import Router, create_app
 from engine.router.server import ProxyStartError, check_can_start
 from store.config_files import ConfigError
@@ -76,7 +77,8 @@ class Proxy:
         self.store = open_store(store_path)
         self.ledger = LedgerWriter(self.store, flush_every_s=0.05)
         self.router = Router(config, self.ledger)
-        self.server = ServerThread(create_app(self.router)).start()
+        # The proxy's own header limits, as `fleetdeck proxy` serves it.
+        self.server = ServerThread(create_app(self.router), **uvicorn_limits(config.proxy)).start()
         self.client = httpx.Client(base_url=self.server.url, timeout=30, trust_env=False)
 
     def post(self, content: str = "hello", headers: dict | None = None, **body: Any) -> httpx.Response:
