@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.router.config import RouterConfig
-from engine.router.request_check import MAX_DEPTH
+from engine.router.request_check import MAX_DEPTH, json_depth_over
 from tests.fakes.fake_openai import ServerThread, frontier_app, slm_app
 from tests.test_proxy import Proxy, free_port, make_config
 
@@ -161,6 +161,26 @@ def test_nesting_past_the_bound_is_a_400_before_any_recursive_walk(slm, frontier
         err = assert_openai_error(r, 400)
         assert err["code"] == "invalid_json" and "nested more than" in err["message"]
     assert proxy.post("lp=-0.01").status_code == 200
+
+
+def _nesting(value: Any) -> int:
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, depth + 1)
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=st.recursive(st.none() | st.integers() | st.text(alphabet='[]{}"\\ax', max_size=6),
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                              st.text(alphabet='[]{}"\\', max_size=3), inner, max_size=3), max_leaves=40),
+       limit=st.integers(0, 10))
+def test_the_depth_bound_counts_nesting_as_the_parser_does(value, limit):
+    # Brackets, quotes and backslashes inside strings are text, not nesting.
+    assert json_depth_over(json.dumps(value), limit) == (_nesting(value) > limit)
 
 
 def test_a_schema_nested_within_the_bound_is_served_and_stored(slm, frontier, make_proxy):
