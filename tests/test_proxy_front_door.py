@@ -273,6 +273,11 @@ def test_a_slowloris_connection_is_closed_and_others_are_served(slm, frontier, m
                 break
             data += part
         assert b"HTTP/1.1 408" in data
+    # A connection that never sends a byte is closed too, without an unasked-for answer.
+    with socket.create_connection(("127.0.0.1", proxy.server.port)) as s:
+        s.settimeout(30)
+        with _closed():
+            assert s.recv(4096) == b""
     assert proxy.post("lp=-0.01").status_code == 200
     assert proxy.client.get("/health").status_code == 200
 

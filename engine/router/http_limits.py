@@ -8,7 +8,8 @@ over the limit that arrive in one read would pass it: `HeaderDeadline` checks ea
 uvicorn has no deadline for headers (its keep-alive timeout covers only the idle time after a response),
 so a client sending one byte every few seconds would hold a connection forever: `HeaderDeadline` closes a
 connection whose request line and headers are not complete within `header_timeout_s` of its first byte
-being awaited (the connection opening, or the previous response ending), with a 408 first.
+being awaited (the connection opening, or the previous response ending): with a 408 first when part of a
+request has arrived, silently when none has.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ class HeaderDeadline(H11Protocol):
         self._header_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
-        if self.conn.our_state is h11.IDLE:  # nothing of ours is half-sent on this connection
+        # A client that began a request is told why; an idle kept-alive connection is closed silently
+        # (a pooled client would read an unasked-for 408 as the answer to its next request).
+        if self.conn.our_state is h11.IDLE and self.conn.trailing_data[0]:
             self.transport.write(_TIMEOUT_RESPONSE)
         self.transport.close()
 
