@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from engine.router.config import RouterConfig
 from engine.router.request_check import MAX_DEPTH, json_depth_over
 from tests.fakes.fake_openai import ServerThread, frontier_app, slm_app
-from tests.test_proxy import Proxy, free_port, make_config
+from tests.proxy_helpers import Proxy, free_port, make_config
 
 
 @pytest.fixture(scope="module")
