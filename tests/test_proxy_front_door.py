@@ -318,6 +318,18 @@ def test_a_stream_past_the_frontier_timeout_is_cut_with_an_error_event_the_ledge
     assert row["error"] == err["message"]
 
 
+def test_a_stream_the_frontier_breaks_ends_with_an_error_event_and_a_502_row(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    r = proxy.post("lp=-3.0 fbreak patient John Doe", stream=True)
+    events = sse_events(r.text)
+    assert r.status_code == 200 and "choices" in events[0]
+    assert events[-1] != "[DONE]" and events[-1]["error"]["code"] == "upstream_error", events
+    assert events[-1]["error"]["message"].startswith("frontier stream cut: ")
+    (row,) = proxy.rows()
+    assert row["status"] == 502 and row["error"].startswith("frontier stream cut: ")
+    assert "John Doe" not in row["error"]  # the task stores no text: the ledger keeps the error's kind
+
+
 def test_a_stream_that_ends_in_time_is_unchanged(slm, frontier, make_proxy):
     proxy = make_proxy(make_config(slm.url, frontier.url))
     events = sse_events(proxy.post("lp=-3.0", stream=True).text)

@@ -8,6 +8,7 @@ The last user message steers the fake, so a test says what it wants in the promp
   frontier: "ffail"          answer 500; "f400" answer 400 (both quote the prompt); "fsleep=2" answer late
             "fkeepalive"     stream one chunk, then only SSE keep-alive comments (for a minute)
             "fstall"         stream one chunk, then nothing (for a minute)
+            "fbreak"         stream one chunk, then drop the connection mid-stream
 Both count the requests they got in `app.state.calls`.
 """
 
@@ -95,6 +96,9 @@ def frontier_app() -> Starlette:
             async def gen() -> Any:
                 chunk = {**base, "object": "chat.completion.chunk"}
                 yield f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
+                if "fbreak" in text:
+                    await asyncio.sleep(0.05)
+                    raise ConnectionAbortedError("fake frontier drops the stream")  # uvicorn aborts the response
                 if "fkeepalive" in text or "fstall" in text:
                     for _ in range(600):  # a minute, far past any bound a test sets; the client's cut ends it
                         await asyncio.sleep(0.1)
