@@ -36,7 +36,7 @@ _TOO_LARGE_RESPONSE = _plain_response(b"431 Request Header Fields Too Large", b"
 
 
 class HeaderDeadline(H11Protocol):
-    """uvicorn's h11 protocol, with a deadline on each request's line and headers."""
+    """uvicorn's h11 protocol, with a size bound and a deadline on each request's line and headers."""
 
     header_timeout_s: float = 10.0
     max_header_bytes: int = 64 * 1024
@@ -45,11 +45,13 @@ class HeaderDeadline(H11Protocol):
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():  # refused or timed out already: nothing more is read
+            return
         if self.conn.their_state is h11.IDLE and not self._head_fits(data):
             self._disarm()
             self.transport.write(_TOO_LARGE_RESPONSE)
