@@ -19,11 +19,9 @@ import pytest
 
 from engine.router.confidence import confidence, token_logprobs
 from engine.router.config import RouterConfig, load_router_config
-from engine.router.proxy import Router, create_app
 from engine.router.server import ProxyStartError, check_can_start
 from store.config_files import ConfigError
 from store.db import open_store
-from store.ledger import LedgerWriter
 from tests.fakes.fake_openai import (
     FRONTIER_COMPLETION_TOKENS,
     FRONTIER_PROMPT_TOKENS,
@@ -33,6 +31,7 @@ from tests.fakes.fake_openai import (
     slm_app,
 )
 from tests.helpers import wait_for
+from tests.proxy_helpers import Proxy, free_port, make_config
 
 GPT4O_IN, GPT4O_OUT = 2.5e-6, 10e-6  # litellm's bundled price map for openai/gpt-4o, $/token
 
@@ -49,52 +48,6 @@ def frontier():
     server = ServerThread(frontier_app()).start()
     yield server
     server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_config(slm_url: str, frontier_url: str | None, **task: Any) -> RouterConfig:
-    base = {
-        "name": "tickets", "slm_base_url": f"{slm_url}/v1", "slm_model": "tickets-v3",
-        "confidence": "mean_token", "threshold": 0.85, "slm_timeout_s": 2.0,
-    }
-    if frontier_url:
-        base.update(frontier_model="openai/gpt-4o", frontier_api_base=f"{frontier_url}/v1",
-                    frontier_api_key_env="FAKE_FRONTIER_KEY")
-    base.update(task)
-    return RouterConfig.model_validate({"proxy": {"api_keys_env": None}, "pricing": {"slm_gpu_hour_usd": 1.2, "slm_gpus": 2},
-                                        "task": [base]})
-
-
-class Proxy:
-    def __init__(self, config: RouterConfig, store_path: Path) -> None:
-        self.store_path = store_path
-        self.store = open_store(store_path)
-        self.ledger = LedgerWriter(self.store, flush_every_s=0.05)
-        self.router = Router(config, self.ledger)
-        self.server = ServerThread(create_app(self.router)).start()
-        self.client = httpx.Client(base_url=self.server.url, timeout=30, trust_env=False)
-
-    def post(self, content: str = "hello", headers: dict | None = None, **body: Any) -> httpx.Response:
-        payload = {"model": "tickets", "messages": [{"role": "user", "content": content}], **body}
-        return self.client.post("/v1/chat/completions", json=payload, headers=headers or {})
-
-    def rows(self) -> list[dict[str, Any]]:
-        """Stop the proxy (its shutdown flushes the ledger), then read every row."""
-        self.stop()
-        store = open_store(self.store_path)
-        rows = store.query("SELECT * FROM requests ORDER BY ts")
-        store.close()
-        return rows
-
-    def stop(self) -> None:
-        if self.server.thread.is_alive():
-            self.client.close()
-            self.server.stop()
 
 
 @pytest.fixture

@@ -23,6 +23,11 @@ class ProxySettings(Strict):
     # Total bounds, retries included: a timeout that is not a bound is not a timeout.
     frontier_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     body_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="a request body must arrive within this")
+    # Bounds that hold before authentication (engine/router/http_limits.py).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024,
+                                  description="request line and headers together, at most")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600,
+                                    description="a request's line and headers must arrive within this")
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=600, description="how long a stop waits for requests in flight")
 
 

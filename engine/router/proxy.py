@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,12 +31,13 @@ from engine.http_auth import bearer_from_env
 from engine.router.confidence import answer_confidence, slm_request
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
-from engine.router.request_check import BadRequest, check_params, parse_body
+from engine.router.request_check import BadRequest, check_request, json_depth_over, parse_body
 from store.ledger import LedgerRow, LedgerWriter
 
 log = logging.getLogger("fleetdeck.proxy")
 
-# Parameters passed through to the models; anything else in the body is dropped.
+# Parameters passed through to the models, as checked by request_check (never as the client sent them);
+# anything else in the body is dropped.
 PASS_THROUGH = {
     "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "presence_penalty",
     "frequency_penalty", "seed", "tools", "tool_choice", "response_format", "user", "logit_bias",
@@ -116,6 +118,12 @@ class SlmOutcome:
     @property
     def full_error(self) -> str | None:
         return f"{self.error}: {self.detail}" if self.detail else self.error
+
+
+@dataclass
+class UpstreamHealth:
+    status: str  # ok | degraded (some task cannot use an upstream) | down (no task can answer)
+    reasons: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -281,13 +289,57 @@ class Router:
         return None
 
     async def health(self, request: Request) -> Response:
-        # A load balancer's probe carries no key: it learns only that the proxy is up.
+        upstreams = await self.upstream_health()
+        # 503 only when no task can answer at all: a load balancer takes the proxy out of rotation then,
+        # and keeps it while some upstream still answers ("degraded", 200).
+        code = 503 if upstreams.status == "down" else 200
+        # A load balancer's probe carries no key: it learns whether the proxy can answer, not why.
         if self.keys and self._auth_error(request) is not None:
-            return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": upstreams.status}, status_code=code)
         ledger = self.ledger
-        return JSONResponse({"status": "ok", "tasks": len(self.config.task),
+        return JSONResponse({"status": upstreams.status, "reasons": upstreams.reasons, "tasks": len(self.config.task),
                              "ledger_error": ledger.last_error if ledger else None,
-                             "ledger_pending": ledger.pending if ledger else 0})
+                             "ledger_pending": ledger.pending if ledger else 0}, status_code=code)
+
+    async def upstream_health(self) -> "UpstreamHealth":
+        """Whether each task's small model answers now (one short probe per distinct server) and whether
+        its frontier model could be asked (litellm loaded, its key's environment variable set)."""
+        config = self.config
+        urls = {t.slm_base_url: t for t in config.task}
+        probes = await asyncio.gather(*(self._probe_slm(t) for t in urls.values()))
+        slm_down = {url: why for url, why in zip(urls, probes) if why is not None}
+        reasons: list[str] = []
+        answering = 0
+        for task in config.task:
+            slm_ok = task.slm_base_url not in slm_down
+            if not slm_ok:
+                reasons.append(f"task {task.name}: small model at {task.slm_base_url} unreachable "
+                               f"({slm_down[task.slm_base_url]})")
+            frontier_ok = False
+            if task.frontier_model:
+                env = task.frontier_api_key_env
+                if self._load_litellm and self.litellm is None:
+                    reasons.append(f"task {task.name}: litellm is not loaded, the frontier model cannot be asked")
+                elif env and not os.environ.get(env):
+                    reasons.append(f"task {task.name}: the frontier key's environment variable {env} is not set")
+                else:
+                    frontier_ok = True
+            answering += slm_ok or frontier_ok
+        status = "ok" if not reasons else ("degraded" if answering else "down")
+        return UpstreamHealth(status, reasons)
+
+    async def _probe_slm(self, task: Task) -> str | None:
+        """None when the small model's server answers HTTP below 500; otherwise what went wrong."""
+        if self.client is None:
+            return "the proxy is not started"
+        timeout = min(task.slm_timeout_s, 2.0)
+        try:
+            resp = await asyncio.wait_for(
+                self.client.get(f"{task.slm_base_url}/models", headers=bearer_from_env(task.slm_api_key_env),
+                                timeout=timeout), timeout=timeout)
+        except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+            return "no answer" if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)) else type(exc).__name__
+        return f"HTTP {resp.status_code}" if resp.status_code >= 500 else None
 
     async def models(self, request: Request) -> Response:
         if (err := self._auth_error(request)) is not None:
@@ -361,7 +413,8 @@ class Router:
                 return openai_error(400, "X-Fleetdeck-Escalate must be `always` or `never`.", "invalid_request_error")
         call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, force, body)
         try:
-            check_params(body)
+            # From here on the body is the typed request's own dump: nothing unchecked goes upstream.
+            call.body = check_request(body).forwarded()
         except BadRequest as exc:
             # The task is known, so the refusal is a ledger row like any other answer.
             call.body = {"messages": body["messages"] if isinstance(body.get("messages"), list) else []}
@@ -414,7 +467,7 @@ class Router:
 
     async def _ask_slm(self, call: Call) -> SlmOutcome:
         task = call.task
-        payload = slm_request(task, call.body["messages"], {k: v for k, v in call.body.items() if k in PASS_THROUGH},
+        payload = slm_request(task, call.body["messages"], _passed_through(call.body),
                               int(call.body.get("top_logprobs") or 0))
         headers = bearer_from_env(task.slm_api_key_env)
         t = time.perf_counter()
@@ -440,6 +493,9 @@ class Router:
             return SlmOutcome(error_reason="slm_error", error=f"HTTP {resp.status_code}", detail=_upstream_message(resp),
                               latency_ms=latency)
         try:
+            # The same depth bound as a client's body: the answer is encoded again for the client.
+            if json_depth_over(resp.text):
+                raise ValueError("nested too deeply")
             answer = resp.json()
             _, conf = answer_confidence(task, answer)
         except ValueError:
@@ -494,7 +550,7 @@ class Router:
 
     def _frontier_kwargs(self, call: Call) -> dict[str, Any]:
         task = call.task
-        kwargs: dict[str, Any] = {k: v for k, v in call.body.items() if k in PASS_THROUGH}
+        kwargs: dict[str, Any] = _passed_through(call.body)
         # One attempt: litellm's own retries would multiply the timeout the operator set.
         kwargs.update(model=task.frontier_model, messages=call.body["messages"], timeout=self.config.proxy.frontier_timeout_s,
                       num_retries=0, max_retries=0)
@@ -505,8 +561,6 @@ class Router:
         if task.frontier_api_base:
             kwargs["api_base"] = task.frontier_api_base
         if task.frontier_api_key_env:
-            import os
-
             kwargs["api_key"] = os.environ.get(task.frontier_api_key_env, "")
         return kwargs
 
@@ -553,6 +607,10 @@ class Router:
         if self.litellm is None:
             return self._frontier_failed(call, reason, "litellm is not loaded")
         t = time.perf_counter()
+        limit = self.config.proxy.frontier_timeout_s
+        # One bound for the whole stream, opening included: a frontier that sends a chunk and then only
+        # keep-alive comments (which litellm reads past, so no read ever times out) is cut here too.
+        deadline = asyncio.get_running_loop().time() + limit
         kwargs = self._frontier_kwargs(call)
         kwargs.update(stream=True, stream_options={"include_usage": True})
         async def open_stream() -> tuple[Any, Any]:
@@ -564,14 +622,23 @@ class Router:
                 return None, None
 
         try:
-            iterator, first = await asyncio.wait_for(open_stream(), timeout=self.config.proxy.frontier_timeout_s)
+            iterator, first = await asyncio.wait_for(open_stream(), timeout=limit)
         except asyncio.TimeoutError:
-            return self._frontier_failed(call, reason, f"no first chunk within {self.config.proxy.frontier_timeout_s:g} s")
+            return self._frontier_failed(call, reason, f"no first chunk within {limit:g} s")
         except Exception as exc:
             return self._frontier_failed(call, reason, exc)
         row = self._row(call, route="frontier", escalated=True, reason=reason, status=200, forced=call.force == "always")
         client_wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
         price = self.prices[call.task.name]
+
+        async def next_chunk() -> Any:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                return await asyncio.wait_for(iterator.__anext__(), timeout=max(remaining, 0.0))
+            except StopAsyncIteration:
+                return None
+            except asyncio.TimeoutError:
+                raise _StreamCut(f"the stream did not end within frontier_timeout_s = {limit:g} s") from None
 
         async def gen() -> AsyncIterator[bytes]:
             parts: list[str] = []
@@ -592,14 +659,17 @@ class Router:
                             if piece:
                                 parts.append(piece)
                         yield _sse(data)
-                    try:
-                        chunk = await iterator.__anext__() if iterator is not None else None
-                    except StopAsyncIteration:
-                        chunk = None
+                    chunk = await next_chunk() if iterator is not None else None
                 yield b"data: [DONE]\n\n"
             except Exception as exc:
-                row.error = f"frontier stream broke: {_short_error(exc) if call.task.store_text else _error_kind(exc)}"
+                # The 200 and the first chunks are already sent: the client learns of the cut from an
+                # error event in the stream (OpenAI's error shape), saying what the ledger row says.
+                told = str(exc) if isinstance(exc, _StreamCut) else _short_error(exc)
+                kept = told if isinstance(exc, _StreamCut) or call.task.store_text else _error_kind(exc)
+                row.error = f"frontier stream cut: {kept}"
                 row.status = 502
+                yield _sse({"error": {"message": f"frontier stream cut: {told}", "type": "server_error",
+                                      "param": None, "code": "upstream_error"}})
             finally:
                 pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
                 row.prompt_tokens, row.completion_tokens = pt, ct
@@ -610,6 +680,7 @@ class Router:
                     row.completion_text = "".join(parts)
                 row.latency_ms = (time.perf_counter() - call.t0) * 1000
                 self._record(row)
+                await _close_stream(iterator)
 
         return StreamingResponse(gen(), media_type="text/event-stream", headers=self._headers(call, "frontier", True))
 
@@ -656,6 +727,26 @@ class Router:
             "x-fleetdeck-escalated": "true" if escalated else "false",
             "x-fleetdeck-request-id": call.rid,
         }
+
+
+class _StreamCut(Exception):
+    """A frontier stream that outlived its bound; the message is the ledger's and the client's."""
+
+
+async def _close_stream(iterator: Any) -> None:
+    # A stream cut mid-read still holds its upstream connection until it is closed.
+    close = getattr(iterator, "aclose", None)
+    if close is None:
+        return
+    try:
+        await asyncio.wait_for(close(), timeout=5)
+    except Exception:  # closing is best effort; the ledger row is what matters here
+        log.debug("closing a frontier stream failed", exc_info=True)
+
+
+def _passed_through(body: dict[str, Any]) -> dict[str, Any]:
+    """The client's model parameters (from the checked request); a null is the parameter not given."""
+    return {k: v for k, v in body.items() if k in PASS_THROUGH and v is not None}
 
 
 def _sse(data: dict[str, Any]) -> bytes:

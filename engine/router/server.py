@@ -36,6 +36,7 @@ def serve(config: RouterConfig, store_path: Path, host: str | None = None, port:
 
     import uvicorn
 
+    from engine.router.http_limits import uvicorn_limits
     from engine.router.proxy import Router, create_app
     from store.db import open_store
     from store.ledger import LedgerWriter
@@ -48,7 +49,8 @@ def serve(config: RouterConfig, store_path: Path, host: str | None = None, port:
     app = create_app(Router(config, ledger, config_path=config_path))
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-                       timeout_graceful_shutdown=config.proxy.shutdown_grace_s, server_header=False)
+                       timeout_graceful_shutdown=config.proxy.shutdown_grace_s, server_header=False,
+                       **uvicorn_limits(config.proxy))
     )
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers in place that
     # re-raise lands here instead of killing the process before the store is closed.

@@ -6,6 +6,9 @@ The last user message steers the fake, so a test says what it wants in the promp
             "fail=500"       answer with that HTTP status (the error quotes the prompt, as vLLM's do)
             "nolp"           answer without log-probabilities
   frontier: "ffail"          answer 500; "f400" answer 400 (both quote the prompt); "fsleep=2" answer late
+            "fkeepalive"     stream one chunk, then only SSE keep-alive comments (for a minute)
+            "fstall"         stream one chunk, then nothing (for a minute)
+            "fbreak"         stream one chunk, then drop the connection mid-stream
 Both count the requests they got in `app.state.calls`.
 """
 
@@ -93,6 +96,15 @@ def frontier_app() -> Starlette:
             async def gen() -> Any:
                 chunk = {**base, "object": "chat.completion.chunk"}
                 yield f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]})}\n\n"
+                if "fbreak" in text:
+                    await asyncio.sleep(0.05)
+                    raise ConnectionAbortedError("fake frontier drops the stream")  # uvicorn aborts the response
+                if "fkeepalive" in text or "fstall" in text:
+                    for _ in range(600):  # a minute, far past any bound a test sets; the client's cut ends it
+                        await asyncio.sleep(0.1)
+                        if "fkeepalive" in text:
+                            yield ": keep-alive\n\n"
+                    return
                 for piece in ("frontier ", "streamed ", "answer"):
                     await asyncio.sleep(0.01)
                     yield f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': {'content': piece}, 'finish_reason': None}]})}\n\n"
@@ -116,10 +128,11 @@ def frontier_app() -> Starlette:
 class ServerThread:
     """A real uvicorn server on 127.0.0.1 in a thread; port 0 picks a free port."""
 
-    def __init__(self, app: Any, port: int = 0) -> None:
+    def __init__(self, app: Any, port: int = 0, **config: Any) -> None:
+        """`config`: more uvicorn.Config arguments (the proxy's header limits, say)."""
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                                    lifespan="on", access_log=False))
+                                                    lifespan="on", access_log=False, **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.port = 0
 
