@@ -90,7 +90,8 @@ def load_router_data(store: Store, config_path: Path | None, selected: str | Non
 
     versions = by_model(store, selected, now - window_s, now) if selected else []
     promotions = history(store, selected, limit=50) if selected else []
-    return RouterData(rows, series, cal, config_path, error, ledger_backlog=journal_backlog(store, now),
+    backlog = journal_backlog(store, now, journal_dir=settings.journal_dir)
+    return RouterData(rows, series, cal, config_path, error, ledger_backlog=backlog,
                       versions=versions, promotions=promotions)
 
 

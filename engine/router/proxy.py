@@ -52,7 +52,8 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None,
 
 
 class _LedgerCollector:
-    """The ledger writer's own counts, read at scrape time: a row held or made safe is never silent."""
+    """The ledger writer's own counts, read at scrape time: a row held, made safe or lost is never silent.
+    Every row the proxy recorded is in exactly one of stored, journaled, unjournaled (memory only), lost."""
 
     def __init__(self, ledger: LedgerWriter) -> None:
         self.ledger = ledger
@@ -61,17 +62,28 @@ class _LedgerCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         w = self.ledger
-        yield CounterMetricFamily("fleetdeck_ledger_rows_written", "Ledger rows stored", value=w.written)
+        c = w.counts()
+        yield CounterMetricFamily("fleetdeck_ledger_rows_recorded", "Ledger rows this run recorded (answered requests)",
+                                  value=c.recorded)
+        yield CounterMetricFamily("fleetdeck_ledger_rows_written", "Ledger rows of this run stored", value=c.stored)
+        yield GaugeMetricFamily("fleetdeck_ledger_rows_journaled",
+                                "Rows not yet stored whose whole line is in the journal", value=c.journaled)
+        yield GaugeMetricFamily("fleetdeck_ledger_rows_unjournaled",
+                                "Rows not yet stored and not in the journal (memory only)", value=c.unjournaled)
+        yield CounterMetricFamily("fleetdeck_ledger_rows_lost", "Rows in neither the store nor the journal",
+                                  value=c.lost)
         yield CounterMetricFamily("fleetdeck_ledger_rows_sanitized", "Rows stored with unstorable fields made safe",
                                   value=w.sanitized)
         yield CounterMetricFamily("fleetdeck_ledger_rows_replayed", "Rows written from an earlier run's journal",
-                                  value=w.replayed)
-        yield CounterMetricFamily("fleetdeck_ledger_rows_lost", "Rows dropped from memory (still in the journal)",
-                                  value=w.lost)
+                                  value=c.replayed)
+        yield CounterMetricFamily("fleetdeck_ledger_journal_lines_unreadable",
+                                  "Lines of an earlier run's journal that were not a row (torn), skipped",
+                                  value=c.unreadable)
         yield CounterMetricFamily("fleetdeck_ledger_write_failures", "Failed ledger writes", value=w.write_failures)
-        yield CounterMetricFamily("fleetdeck_ledger_journal_failures", "Failed journal writes", value=w.journal_failures)
+        yield CounterMetricFamily("fleetdeck_ledger_journal_failures", "Failed journal writes, truncates and syncs",
+                                  value=w.journal_failures)
         yield GaugeMetricFamily("fleetdeck_ledger_rows_pending", "Rows held while the store cannot be written",
-                                value=w.pending)
+                                value=c.pending)
 
 
 class ProxyMetrics:
@@ -143,6 +155,7 @@ class Router:
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP reloads running (the loop keeps weak references)
         self.started_at = time.time()
+        self.stop_deadline: float | None = None  # time.monotonic() by which a stop must be done
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -179,7 +192,7 @@ class Router:
             prices = {t.name: frontier_price(t, self.litellm) for t in new.task}
             old = {t.name: t for t in self.config.task}
             changed = sorted(t.name for t in new.task if old.get(t.name) != t)
-            restart = [k for k in ("host", "port") if getattr(new.proxy, k) != getattr(self.config.proxy, k)]
+            restart = [k for k in ("host", "port", "journal_dir") if getattr(new.proxy, k) != getattr(self.config.proxy, k)]
             # One assignment each, no await between them: a request sees the old config or the new one.
             self.config, self.prices, self.keys = new, prices, api_keys(new.proxy)
         log.warning("config reloaded from %s: %s", self.config_path, ", ".join(changed) or "no task changed")
@@ -201,11 +214,22 @@ class Router:
             return openai_error(409, f"config not reloaded, the proxy keeps its current one: {exc}",
                                 "invalid_request_error", "invalid_config")
 
+    def stop_requested(self, now: float) -> None:
+        """A stop signal came (called from the signal handler): the whole stop is bounded from here."""
+        if self.stop_deadline is None:
+            self.stop_deadline = now + self.config.proxy.shutdown_grace_s
+
+    def ledger_close_bound(self) -> float:
+        """What is left of the grace for storing the ledger (the writer still makes one last attempt)."""
+        if self.stop_deadline is None:
+            return self.config.proxy.shutdown_grace_s
+        return max(0.0, self.stop_deadline - time.monotonic())
+
     async def shutdown(self) -> None:
         if self.client is not None:
             await self.client.aclose()
         if self.ledger is not None:
-            await asyncio.to_thread(self.ledger.close)
+            await asyncio.to_thread(self.ledger.close, self.ledger_close_bound())
 
     # -- endpoints ------------------------------------------------------------------------------
     def _auth_error(self, request: Request) -> Response | None:
@@ -223,9 +247,16 @@ class Router:
         if self.keys and self._auth_error(request) is not None:
             return JSONResponse({"status": "ok"})
         ledger = self.ledger
-        return JSONResponse({"status": "ok", "tasks": len(self.config.task),
-                             "ledger_error": ledger.last_error if ledger else None,
-                             "ledger_pending": ledger.pending if ledger else 0})
+        body: dict[str, Any] = {"status": "ok", "tasks": len(self.config.task),
+                                "ledger_error": ledger.last_error if ledger else None,
+                                "ledger_pending": ledger.pending if ledger else 0}
+        if ledger is not None:
+            # Where every row this run recorded is: recorded = stored + journaled + unjournaled + lost.
+            c = ledger.counts()
+            body.update(ledger_recorded=c.recorded, ledger_stored=c.stored, ledger_journaled=c.journaled,
+                        ledger_unjournaled=c.unjournaled, ledger_lost=c.lost, ledger_replayed=c.replayed,
+                        ledger_journal=str(ledger.journal), ledger_journal_error=ledger.journal_error)
+        return JSONResponse(body)
 
     async def models(self, request: Request) -> Response:
         if (err := self._auth_error(request)) is not None:
