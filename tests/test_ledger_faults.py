@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from unittest.mock import patch
+
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from store.db import open_store
 from store.ledger import LedgerRow, LedgerWriter, journal_path, read_journal
@@ -210,6 +214,91 @@ def test_a_stop_on_a_full_store_is_bounded_and_says_where_every_row_is(tmp_path)
     assert writer.counts().lost == 1 and writer.close() is report
 
 
+
+# Any sequence of faults: the store refusing and coming back, journal writes failing at the first byte, short
+# (cut back) or torn (the cut-back failing too), fsync failing; rows put in between.
+FAULT = st.one_of(
+    st.tuples(st.just("put"), st.integers(1, 6)),
+    st.tuples(st.just("store_refuses"), st.booleans()),
+    st.tuples(st.just("journal"), st.sampled_from(["ok", "enospc", "short", "torn"])),
+    st.tuples(st.just("fsync_fails"), st.booleans()),
+    st.tuples(st.just("settle"), st.just(0)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(FAULT, min_size=1, max_size=14), max_pending=st.sampled_from([3, 1_000_000]))
+def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_factory, ops, max_pending):
+    import store.ledger as ledger_module
+
+    db = tmp_path_factory.mktemp("prop") / "fd.db"
+    store = open_store(db)
+    faults: dict[str, Any] = {"journal": "ok", "fsync_fails": False, "fsync_raised": False}
+    real_write, real_truncate, real_fsync = os.write, os.ftruncate, os.fsync
+    holder: dict[str, LedgerWriter] = {}
+
+    def journal_fd(fd: int) -> bool:
+        return "w" in holder and fd == holder["w"]._fd
+
+    def write(fd: int, data: bytes) -> int:
+        mode = faults["journal"]
+        if journal_fd(fd) and mode != "ok":
+            if mode in ("short", "torn") and len(data) > 1:
+                faults["journal"] = mode + "-rest"  # half the line fits, the rest does not
+                return real_write(fd, data[: len(data) // 2])
+            if mode.endswith("-rest"):
+                faults["journal"] = mode[:-5]
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    def ftruncate(fd: int, length: int) -> None:
+        if journal_fd(fd) and faults["journal"].startswith("torn"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_truncate(fd, length)
+
+    def fsync(fd: int) -> None:
+        if journal_fd(fd) and faults["fsync_fails"]:
+            faults["fsync_raised"] = True
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    with patch.object(os, "write", write), patch.object(os, "ftruncate", ftruncate), patch.object(os, "fsync", fsync), \
+            patch.object(ledger_module, "MAX_PENDING", max_pending):
+        writer = holder["w"] = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01)
+        n = 0
+        for op, arg in ops:
+            if op == "put":
+                for _ in range(int(arg)):
+                    writer.put(row(n))
+                    n += 1
+            elif op == "store_refuses":
+                store.execute(f"PRAGMA query_only = {'ON' if arg else 'OFF'}")
+            elif op == "journal":
+                faults["journal"] = str(arg)
+            elif op == "fsync_fails":
+                faults["fsync_fails"] = bool(arg)
+            else:
+                wait_for(lambda: writer._q.empty(), timeout=5)
+            assert balanced(writer)
+        report = writer.close(0)
+    # Rows counted lost because the journal's fsync failed may still be read back (the page cache kept them).
+    fsync_failed = faults["fsync_raised"]
+    c = report.counts
+    assert c.recorded == n and c.unjournaled == 0 and c.stored + c.journaled + c.lost == n, report.summary()
+    store.close()
+    first = restart(db)
+    assert first.replayed == c.journaled or (fsync_failed and c.journaled <= first.replayed <= c.journaled + c.lost)
+    assert restart(db).replayed == 0  # once, never twice
+    check = open_store(db)
+    try:
+        count = check.execute("SELECT count(*) FROM requests")[0][0]
+        assert count == check.execute("SELECT count(DISTINCT id) FROM requests")[0][0]
+        assert count == (check.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] or 0)
+        assert c.stored + c.journaled <= count <= n and (fsync_failed or count == c.stored + c.journaled)
+    finally:
+        check.close()
+
+
 KILLED_WRITER = """
 import sys, time
 from store.db import open_store
@@ -293,3 +382,208 @@ def test_journal_dir_is_validated_and_the_error_names_the_file_and_key(tmp_path,
     assert main(["proxy", "--config", str(path), "--store", str(tmp_path / "fd.db"), "--port", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and "[proxy] journal_dir" in err and "not a folder" in err
+
+
+# --- the real proxy over HTTP, its store and journal on real size-limited filesystems -----------------------
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted on `folder` (root only: CI and this machine run tests as root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for the full-disk test (needs root): {done.stderr.strip() or done.returncode}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # a file still open: detach it
+
+
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Fill the filesystem to its last byte (then give `leave` bytes back); the filler's path."""
+    path = folder / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    if leave:
+        os.ftruncate(fd, os.fstat(fd).st_size - leave)
+    os.close(fd)
+    return path
+
+
+@dataclass
+class Stop:
+    stored: int
+    journaled: int
+    journal: str
+    lost: int
+    recorded: int
+    line: str
+
+
+STOP_LINE = re.compile(r"fleetdeck proxy stopped: (\d+) ledger row\(s\) stored this run, (\d+) held in the journal "
+                       r"(\S+) for the next start, (\d+) lost \(of (\d+) recorded\).*")
+
+
+class ProxyProcess:
+    """`fleetdeck proxy` as systemd runs it, stopped with SIGTERM."""
+
+    def __init__(self, config: Path, store: Path, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetdeck", "proxy", "--config", str(config), "--port", str(port), "--store", str(store)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT)
+        self.client = httpx.Client(base_url=self.url, trust_env=False, timeout=60)
+        deadline = time.time() + 120
+        while True:
+            try:
+                if self.client.get("/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and self.proc.poll() is None, self.output()
+            time.sleep(0.1)
+
+    def ask(self, i: int) -> int:
+        body = {"model": "tickets", "messages": [{"role": "user", "content": f"q{i} lp=-0.01"}]}
+        return self.client.post("/v1/chat/completions", json=body).status_code
+
+    def metrics(self) -> dict[str, float]:
+        text = self.client.get("/metrics").text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(fleetdeck_ledger_\w+) ([\d.e+]+)$", text, re.M)}
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        return self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+
+    def stop(self) -> tuple[Stop | None, str]:
+        """SIGTERM; the process must exit 0 by itself (no time is asserted: only that it ends and what it says)."""
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            assert self.proc.wait(timeout=300) == 0, self.output()
+        finally:
+            self.kill()
+        out = self.output()
+        m = STOP_LINE.search(out)
+        stop = Stop(int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5)), m.group(0)) if m else None
+        return stop, out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slm():
+    from tests.fakes.fake_openai import ServerThread, slm_app
+
+    server = ServerThread(slm_app()).start()
+    yield server
+    server.stop()
+
+
+def router_toml(path: Path, slm_url: str, journal_dir: Path | None) -> Path:
+    extra = f'journal_dir = "{journal_dir}"\n' if journal_dir else ""
+    path.write_text(f"""
+[proxy]
+api_keys_env = "FD_NO_SUCH_ENV"
+shutdown_grace_s = 1
+{extra}
+[[task]]
+name = "tickets"
+slm_base_url = "{slm_url}/v1"
+slm_model = "tickets-v3"
+confidence = "first_token"
+threshold = 0.5
+""")
+    return path
+
+
+WARM, ANSWERED = 5, 120
+
+
+@pytest.mark.parametrize("layout", ["one_full_disk", "journal_on_a_disk_with_room", "journal_on_a_disk_that_fills"])
+def test_a_full_disk_then_a_stop_then_a_restart_keeps_or_counts_every_answered_request(slm, tmp_path, layout):
+    """What an attacker did (disk full, then an ordinary stop): answered = stored + journaled + lost, the
+    stop line and /metrics say the same, and the restart stores exactly the journaled rows, once."""
+    with tmpfs(tmp_path / "store-fs", "512k") as store_fs, tmpfs(tmp_path / "journal-fs", "256k") as journal_fs:
+        journal_dir = {"one_full_disk": None, "journal_on_a_disk_with_room": tmp_path / "journal",
+                       "journal_on_a_disk_that_fills": journal_fs}[layout]
+        config = router_toml(tmp_path / "router.toml", slm.url, journal_dir)
+        db = store_fs / "fd.db"
+        port = free_port()
+        proxy = ProxyProcess(config, db, port)
+        try:
+            assert [proxy.ask(i) for i in range(WARM)] == [200] * WARM
+            assert wait_for(lambda: proxy.client.get("/health").json()["ledger_stored"] == WARM)
+            fillers = [fill(store_fs)]
+            if layout == "journal_on_a_disk_that_fills":
+                fillers.append(fill(journal_fs, leave=16 * 1024))  # room for a few dozen rows, then a torn one
+            # The proxy keeps answering on a full disk: the ledger's trouble is never the client's.
+            assert [proxy.ask(WARM + i) for i in range(ANSWERED)] == [200] * ANSWERED
+            total = WARM + ANSWERED
+            seen = proxy.metrics()
+            health = proxy.client.get("/health").json()
+            assert seen["fleetdeck_ledger_rows_recorded_total"] == total == health["ledger_recorded"]
+            assert (seen["fleetdeck_ledger_rows_written_total"] + seen["fleetdeck_ledger_rows_journaled"]
+                    + seen["fleetdeck_ledger_rows_unjournaled"] + seen["fleetdeck_ledger_rows_lost_total"]) == total
+            assert (health["ledger_stored"] + health["ledger_journaled"] + health["ledger_unjournaled"]
+                    + health["ledger_lost"]) == total
+            assert health["ledger_error"] and "full" in health["ledger_error"]
+            stop, out = proxy.stop()
+        finally:
+            proxy.kill()
+        assert stop is not None, out
+        # The stop line: only what is true, and it adds up.
+        assert stop.recorded == total and stop.stored + stop.journaled + stop.lost == total, stop.line
+        assert stop.stored >= seen["fleetdeck_ledger_rows_written_total"] and stop.lost >= seen["fleetdeck_ledger_rows_lost_total"]
+        assert stop.stored < total  # the full disk did refuse rows
+        if layout == "one_full_disk":
+            assert stop.lost > 0 and "not journaled" in stop.line and "No space left on device" in stop.line
+        elif layout == "journal_on_a_disk_with_room":
+            assert stop.lost == 0 and stop.journaled == total - stop.stored and stop.journal.startswith(str(journal_dir))
+        else:
+            assert stop.journaled > 0 and stop.lost > 0 and "write failed" in stop.line
+        # The log said it as it happened, not only at the stop.
+        before_stop = out.split("ledger at the stop")[0]
+        assert "ledger write failed (database or disk is full)" in before_stop
+        if stop.lost:
+            assert "ledger journal" in before_stop and "No space left on device" in before_stop
+
+        # Space returns; the next start writes the journaled rows, each once.
+        for f in fillers:
+            f.unlink()
+        again = ProxyProcess(config, db, port)
+        try:
+            seen2 = again.metrics()
+            assert seen2["fleetdeck_ledger_rows_replayed_total"] == stop.journaled
+            assert seen2["fleetdeck_ledger_journal_lines_unreadable_total"] == 0  # a torn line was cut back
+            assert again.client.get("/health").json()["ledger_replayed"] == stop.journaled
+            stop2, out2 = again.stop()
+        finally:
+            again.kill()
+        assert stop2 is not None and stop2.recorded == 0, out2
+        if stop.journaled:
+            assert f"{stop.journaled} row(s) of an earlier run's journal stored" in stop2.line
+        store = open_store(db)
+        try:
+            assert store.execute("SELECT count(*) FROM requests")[0][0] == stop.stored + stop.journaled
+            assert store.execute("SELECT count(DISTINCT id) FROM requests")[0][0] == stop.stored + stop.journaled
+            assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == stop.stored + stop.journaled
+        finally:
+            store.close()
