@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from store.db import Store
-from store.paths import private_dir
 from store.schema import ROLLUP_TABLES
 
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, float("inf"))
@@ -365,6 +364,7 @@ class LedgerWriter:
         self.journal_failures = 0
         self.last_error: str | None = None  # the store's
         self.journal_error: str | None = None
+        self._lost_why: dict[str, int] = {}  # rows counted lost before the close, by why
         self._closed = False
         self._report: LedgerClose | None = None
         # The journal: `_base` is the logical offset of the file's first byte, so offsets held by queued
@@ -381,7 +381,8 @@ class LedgerWriter:
         self._fd: int | None = None
         if journal_dir is not None:
             try:
-                private_dir(Path(journal_dir))
+                # Made 0700 when missing; one that exists is the operator's (the proxy's start checked it).
+                Path(journal_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 self._journal_failed(f"cannot make the journal folder {journal_dir}: {exc}")
         self._replay()
@@ -402,7 +403,8 @@ class LedgerWriter:
             log.error("ledger journal %s: %s (rows not journaled are held in memory only)", self._journal, message)
 
     def _open_journal(self, size: int = 0, torn: bool = False) -> None:
-        self._fd = os.open(self._journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # O_NOFOLLOW: a link planted at the journal's name is refused, never written through.
+        self._fd = os.open(self._journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         os.fchmod(self._fd, 0o600)
         self._base = self._committed = 0
         self._end = self._synced = size
@@ -437,7 +439,7 @@ class LedgerWriter:
                 self._journal_failed(f"cannot open: {exc}")
             return
         try:
-            if self._journal.exists():
+            if self._journal.exists() or self._journal.is_symlink():
                 self._journal.unlink()
             self._open_journal()
         except OSError as exc:
@@ -550,7 +552,7 @@ class LedgerWriter:
             self.recorded += 1
             if self._closed:
                 # Recorded after the stop's reckoning (a request cut by a forced exit): said, never silent.
-                self.lost += 1
+                self._lose_locked(1, "recorded after the ledger closed")
                 log.error("ledger row %s recorded after the ledger closed: lost", row.id)
                 return
             offset, journaled = self._append_locked(row)
@@ -652,10 +654,15 @@ class LedgerWriter:
                 self._pinned = True
             else:
                 self._unjournaled -= 1
-                self.lost += 1
                 gone += 1
+        if gone:
+            self._lose_locked(gone, f"dropped from memory past {MAX_PENDING} held rows, and not journaled")
         log.error("ledger: %d row(s) dropped from memory; %d of them are in the journal %s for the next start, "
                   "%d lost", n, n - gone, self._journal, gone)
+
+    def _lose_locked(self, n: int, why: str) -> None:
+        self.lost += n
+        self._lost_why[why] = self._lost_why.get(why, 0) + n
 
     def _store_rows(self, rows: list[LedgerRow]) -> bool:
         try:
@@ -722,8 +729,8 @@ class LedgerWriter:
                     break
         held_in_journal = self._journaled or self._earlier_held
         durable = self._sync_journal() if held_in_journal else self._durable
-        why: list[str] = []
         with self._lock:
+            why = [f"{n} {reason}" for reason, n in self._lost_why.items()]
             if self._unjournaled:
                 why.append(f"{self._unjournaled} not stored ({self.last_error or 'the store write did not finish'}) "
                            f"and not journaled ({self.journal_error or 'no journal'})")

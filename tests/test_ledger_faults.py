@@ -587,3 +587,35 @@ def test_a_full_disk_then_a_stop_then_a_restart_keeps_or_counts_every_answered_r
             assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == stop.stored + stop.journaled
         finally:
             store.close()
+
+
+def test_a_journal_dir_others_can_write_is_refused_and_left_as_it_is(tmp_path):
+    from engine.router.config import RouterConfig
+    from engine.router.server import ProxyStartError, check_journal_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    cfg = RouterConfig.model_validate({"proxy": {"journal_dir": str(shared)}, "task": [
+        {"name": "t", "slm_base_url": "http://127.0.0.1:9/v1", "slm_model": "m", "threshold": 0.5}]})
+    with pytest.raises(ProxyStartError, match="other users can write") as exc:
+        check_journal_dir(cfg, tmp_path / "router.toml")
+    assert str(tmp_path / "router.toml") in str(exc.value) and "[proxy] journal_dir" in str(exc.value)
+    assert shared.stat().st_mode & 0o7777 == 0o1777  # not chmodded: it may be everyone's folder
+    made = tmp_path / "new" / "journal"
+    check_journal_dir(RouterConfig.model_validate({**cfg.model_dump(mode="json"), "proxy": {"journal_dir": str(made)}}))
+    assert made.is_dir() and made.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_link_planted_at_the_journals_name_is_not_written_through(tmp_path):
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    journal_path(store).symlink_to(target)
+    writer = LedgerWriter(store, flush_every_s=0.01)
+    writer.put(row(1))
+    report = writer.close(5)
+    assert target.read_text() == "precious\n"
+    assert report.counts.stored == 1 and report.counts.lost == 0
+    store.close()

@@ -31,20 +31,27 @@ def check_can_start(config: RouterConfig, host: str, port: int, config_path: Pat
 
 
 def check_journal_dir(config: RouterConfig, config_path: Path | None = None) -> None:
-    """`[proxy] journal_dir` is a folder this user can write (made 0700 if missing), or the proxy does not
-    start: a journal that cannot be written would leave the ledger's promise to memory alone."""
-    from store.paths import private_dir
-
+    """`[proxy] journal_dir` is a folder only this user can write (made 0700 when missing), or the proxy does
+    not start: a journal that cannot be written leaves the ledger to memory alone, and one in a folder others
+    can write (/tmp) could be swapped for a link. A folder that exists is never chmodded: it may not be ours."""
     folder = config.proxy.journal_dir
     if folder is None:
         return
-    where = f"{config_path}: [proxy] journal_dir = {str(folder)!r}" if config_path else f"[proxy] journal_dir = {str(folder)!r}"
+    where = f"[proxy] journal_dir = {str(folder)!r}"
+    where = f"{config_path}: {where}" if config_path else where
     if folder.exists() and not folder.is_dir():
         raise ProxyStartError(f"{where}: not a folder; name a folder for the ledger's journal")
     try:
-        private_dir(folder)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.stat()
     except OSError as exc:
         raise ProxyStartError(f"{where}: cannot make the folder: {exc.strerror or exc}") from exc
+    if st.st_uid != os.getuid():
+        raise ProxyStartError(f"{where}: the folder belongs to another user (uid {st.st_uid}); "
+                              "use one of this user's own")
+    if st.st_mode & 0o022:
+        raise ProxyStartError(f"{where}: other users can write to the folder (mode {st.st_mode & 0o7777:o}); "
+                              "use a folder only this user can write (chmod 700)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ProxyStartError(f"{where}: not writable by this user")
 
