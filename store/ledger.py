@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from store.db import Store
+from store.db import BUSY_TIMEOUT_MS, Store
 from store.schema import ROLLUP_TABLES
 
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, float("inf"))
@@ -243,12 +243,26 @@ def journal_backlog(store: Store, now: float, min_age_s: float = 5.0, journal_di
     return total
 
 
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "float": (int, float), "int": (int,), "bool": (bool, int)}
+# Each field's JSON types, from its annotation: a line that parses but holds a string where the rollups add
+# numbers is not a row (it would fail its batch on every retry and hold the ledger up).
+_FIELD_TYPES = {f.name: (_JSON_TYPES[str(f.type).split(" | ")[0]], str(f.type).endswith("| None"))
+                for f in fields(LedgerRow)}
+
+
 def _row_from_json(line: bytes) -> LedgerRow | None:
     try:
         data = json.loads(line)
-        return LedgerRow(**{k: v for k, v in data.items() if k in _COLUMNS})
+        row = LedgerRow(**{k: v for k, v in data.items() if k in _COLUMNS})
     except (ValueError, TypeError, AttributeError, RecursionError):
         return None
+    for name, (types, optional) in _FIELD_TYPES.items():
+        value = getattr(row, name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return None
+    return row
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +282,7 @@ def read_journal(path: Path) -> JournalContents:
         if not line.strip():
             continue
         row = _row_from_json(line)
-        if row is None or not isinstance(row.id, str):
+        if row is None:
             unreadable += 1
         else:
             rows.setdefault(row.id, row)  # a row journaled twice is one request: stored once
@@ -297,6 +311,7 @@ class LedgerClose:
     counts: LedgerCounts
     journal: Path
     lost_because: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> str:
         c = self.counts
@@ -308,6 +323,8 @@ class LedgerClose:
             text += f"; {c.replayed} row(s) of an earlier run's journal stored"
         if c.earlier_held:
             text += f"; {c.earlier_held} row(s) of an earlier run still wait in the journal"
+        for note in self.notes:
+            text += f"; {note}"
         return text
 
 
@@ -366,6 +383,7 @@ class LedgerWriter:
         self.journal_error: str | None = None
         self._lost_why: dict[str, int] = {}  # rows counted lost before the close, by why
         self._closed = False
+        self._abandoned = False  # the close's bound passed while a store write ran: the writer stores no more
         self._report: LedgerClose | None = None
         # The journal: `_base` is the logical offset of the file's first byte, so offsets held by queued
         # rows stay valid when the committed prefix is cut off.
@@ -611,6 +629,9 @@ class LedgerWriter:
         """Pending rows first, then the batch; True when all of them are in the store."""
         with self._lock:
             items = self._pending + batch
+            if self._abandoned:  # the close has counted these rows already: they stay where it said
+                self._pending = items
+                return False
             self._pending, self._inflight = [], items
         if not items:
             return True
@@ -695,7 +716,7 @@ class LedgerWriter:
 
     def _maybe_prune(self) -> None:
         now = time.time()
-        if now - self._last_prune < self.prune_every_s:
+        if self._abandoned or now - self._last_prune < self.prune_every_s:
             return
         self._last_prune = now
         try:
@@ -717,11 +738,14 @@ class LedgerWriter:
         if self._thread.is_alive():
             # Its store write outlived the bound (a store locked by another process, a hung disk): stop it.
             log.error("ledger: the store write still runs at the stop's bound; interrupting it")
+            with self._lock:
+                self._abandoned = True
             try:
                 self.store.conn.interrupt()
             except Exception:
                 pass
-            self._thread.join(MIN_CLOSE_ATTEMPT_S)
+            # The interrupt does not cut SQLite's wait for another process's lock; that wait has its own bound.
+            self._thread.join(BUSY_TIMEOUT_MS / 1000 + MIN_CLOSE_ATTEMPT_S)
         if not self._thread.is_alive():
             while self._pending and time.monotonic() < deadline:
                 time.sleep(max(0.0, min(self.retry_every_s, 0.5, deadline - time.monotonic())))
@@ -729,7 +753,11 @@ class LedgerWriter:
                     break
         held_in_journal = self._journaled or self._earlier_held
         durable = self._sync_journal() if held_in_journal else self._durable
+        notes: list[str] = []
         with self._lock:
+            if self._inflight:
+                notes.append(f"{len(self._inflight)} row(s) were still being written to the store when the stop ended "
+                             "(a hung disk): they may be in the store too; the next start stores each at most once")
             why = [f"{n} {reason}" for reason, n in self._lost_why.items()]
             if self._unjournaled:
                 why.append(f"{self._unjournaled} not stored ({self.last_error or 'the store write did not finish'}) "
@@ -755,7 +783,7 @@ class LedgerWriter:
                 self._journal.unlink()
         except OSError:
             pass
-        self._report = LedgerClose(counts, self._journal, tuple(why))
+        self._report = LedgerClose(counts, self._journal, tuple(why), tuple(notes))
         level = logging.ERROR if counts.lost else logging.WARNING if counts.journaled or counts.earlier_held else logging.INFO
         log.log(level, "ledger at the stop: %s", self._report.summary())
         return self._report

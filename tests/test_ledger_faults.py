@@ -619,3 +619,40 @@ def test_a_link_planted_at_the_journals_name_is_not_written_through(tmp_path):
     assert target.read_text() == "precious\n"
     assert report.counts.stored == 1 and report.counts.lost == 0
     store.close()
+
+
+def test_a_stop_while_another_process_holds_the_store_locked_still_ends_and_counts(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock: each store write waits its busy timeout
+    try:
+        writer = LedgerWriter(store, flush_every_s=0.01, retry_every_s=0.05)
+        for i in range(15):
+            writer.put(row(i))
+        report = writer.close(0)  # the stop's grace is spent: one bounded attempt, then the reckoning
+        assert report.counts.recorded == 15 and report.counts.stored == 0
+        assert report.counts.journaled == 15 and report.counts.lost == 0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.close()
+    assert restart(db).replayed == 15 and len(stored_ids(db)) == 15
+
+
+def test_a_journal_line_that_parses_but_is_not_a_row_is_skipped_and_holds_nothing_up(tmp_path):
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    good = {"id": "g1", "ts": time.time(), "task": "t", "route": "slm", "escalated": False, "reason": "confident",
+            "status": 200}
+    lines = [good, {**good, "id": "b1", "ts": "yesterday"}, {**good, "id": "b2", "prompt_tokens": "many"},
+             {**good, "id": "b3", "status": True}, [1, 2], "text", {**good, "id": 7}]
+    journal_path(store).write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n\n")
+    writer = LedgerWriter(store, flush_every_s=0.01)
+    assert writer.replayed == 1 and writer.unreadable == 6 and writer.pending == 0
+    writer.put(row(2))
+    assert writer.close(5).counts.stored == 1
+    assert {r["id"] for r in store.query("SELECT id FROM requests")} == {"g1", "r2"}
+    store.close()
