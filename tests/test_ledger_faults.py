@@ -656,3 +656,63 @@ def test_a_journal_line_that_parses_but_is_not_a_row_is_skipped_and_holds_nothin
     assert writer.close(5).counts.stored == 1
     assert {r["id"] for r in store.query("SELECT id FROM requests")} == {"g1", "r2"}
     store.close()
+
+
+def test_metrics_health_and_the_close_tell_the_same_over_http_without_root(slm, tmp_path):
+    """The same accounting through the in-process proxy (no mount needed): the store refuses, the journal
+    takes the first half of the rows and then the disk is full."""
+    from engine.router.config import RouterConfig
+    from engine.router.proxy import Router, create_app
+    from tests.fakes.fake_openai import ServerThread
+
+    config = RouterConfig.model_validate({"proxy": {"api_keys_env": None, "shutdown_grace_s": 0.2}, "task": [
+        {"name": "tickets", "slm_base_url": f"{slm.url}/v1", "slm_model": "m", "threshold": 0.5}]})
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    cap_store(store)
+    writer = LedgerWriter(store, flush_every_s=0.01, retry_every_s=0.05)
+    server = ServerThread(create_app(Router(config, writer, load_litellm=False))).start()
+    full = {"on": False}
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if full["on"] and fd == writer._fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    body = {"model": "tickets", "messages": [{"role": "user", "content": "q lp=-0.01"}]}
+    try:
+        with patch.object(os, "write", write), httpx.Client(base_url=server.url, trust_env=False, timeout=30) as client:
+            for i in range(20):
+                full["on"] = i >= 12
+                assert client.post("/v1/chat/completions", json=body).status_code == 200
+            assert wait_for(lambda: writer.write_failures > 0)
+            health = client.get("/health").json()
+            text = client.get("/metrics").text
+            assert (health["ledger_recorded"], health["ledger_stored"], health["ledger_journaled"],
+                    health["ledger_unjournaled"], health["ledger_lost"]) == (20, 0, 12, 8, 0)
+            assert "No space left on device" in health["ledger_journal_error"]
+            for line in ("fleetdeck_ledger_rows_recorded_total 20.0", "fleetdeck_ledger_rows_journaled 12.0",
+                         "fleetdeck_ledger_rows_unjournaled 8.0", "fleetdeck_ledger_rows_lost_total 0.0"):
+                assert line in text, text
+    finally:
+        server.stop()  # the app's shutdown closes the ledger within the grace
+    report = writer.close()
+    assert (report.counts.stored, report.counts.journaled, report.counts.lost) == (0, 12, 8)
+    assert "8 not stored" in report.summary() and "No space left on device" in report.summary()
+    store.close()
+    assert restart(db).replayed == 12 and len(stored_ids(db)) == 12
+
+
+def test_the_router_screens_backlog_counts_the_journal_where_journal_dir_puts_it(tmp_path):
+    from store.ledger import journal_backlog
+
+    store = open_store(tmp_path / "fd.db")
+    folder = tmp_path / "j"
+    folder.mkdir()
+    for path, n in ((journal_path(store, folder), 3), (journal_path(store), 2)):
+        path.write_text("".join(json.dumps({"id": f"{path.name}{i}"}) + "\n" for i in range(n)))
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    assert journal_backlog(store, time.time(), journal_dir=folder) == 5
+    assert journal_backlog(store, time.time()) == 2
+    store.close()

@@ -23,7 +23,8 @@ class ProxySettings(Strict):
     # Total bounds, retries included: a timeout that is not a bound is not a timeout.
     frontier_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     body_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="a request body must arrive within this")
-    shutdown_grace_s: float = Field(default=10.0, ge=0, le=600, description="a stop's bound from the signal: requests in flight, then the ledger's last write")
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=600,
+                                    description="a stop's bound from the signal: requests in flight, then the ledger")
     # The ledger's journal on another filesystem than the store: a full store disk then leaves the
     # journal able to keep what the store cannot take. Absolute: systemd and a shell must mean one folder.
     journal_dir: HomePath | None = None
