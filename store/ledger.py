@@ -297,7 +297,7 @@ class LedgerCounts:
     stored: int  # in the store
     journaled: int  # not in the store yet; its whole line is in the journal (written at the next start)
     unjournaled: int  # not in the store yet and not in the journal: held in memory only
-    lost: int  # in neither, and never will be: counted, logged and said at the stop
+    lost: int  # in neither, as far as this run can tell: counted, logged and said at the stop
     pending: int  # rows held in memory while the store refuses them (earlier runs' included)
     replayed: int  # rows of an earlier run's journal this run stored
     earlier_held: int  # rows of an earlier run's journal still waiting for the store (they stay in the journal)
@@ -396,6 +396,8 @@ class LedgerWriter:
         self._durable = True  # False once an fsync failed: what the journal holds may not be on disk
         self._torn = False  # the file ends in a partial line: the next append starts a new line
         self._pinned = False  # the journal holds rows this run will not store: never cut it
+        self._append_failing = False
+        self._fsync_error: str | None = None  # the first failed fsync: from then on the journal is not trusted
         self._fd: int | None = None
         if journal_dir is not None:
             try:
@@ -528,9 +530,13 @@ class LedgerWriter:
                     self._torn = True
             self._journal_failed(f"write failed after {done} of {len(data)} bytes: {exc}" if done
                                  else f"write failed: {exc}")
+            self._append_failing = True
             return self._end, False
         self._end += len(data)
         self._torn = False
+        if self._append_failing:
+            self._append_failing = False
+            log.warning("ledger journal %s takes rows again", self._journal)
         return self._end, True
 
     def _cut_locked(self, offset: int) -> None:
@@ -557,8 +563,13 @@ class LedgerWriter:
             os.fsync(fd)
         except OSError as exc:
             with self._lock:
+                first = self._durable
                 self._durable = False
                 self._journal_failed(f"fsync failed: {exc}")
+                self._fsync_error = self._fsync_error or f"fsync failed: {exc}"
+            if first:
+                log.error("ledger journal %s: fsync failed (%s); rows held in it count as lost from now on",
+                          self._journal, exc)
             return False
         with self._lock:
             self._synced = max(self._synced, end)
@@ -766,7 +777,8 @@ class LedgerWriter:
                 self._unjournaled = 0
             if self._journaled and not durable:
                 why.append(f"{self._journaled} not stored ({self.last_error or 'the store write did not finish'}) "
-                           f"and the journal could not be synced to disk ({self.journal_error})")
+                           f"and the journal could not be synced to disk ({self._fsync_error}; what it still "
+                           "holds is stored at the next start)")
                 self.lost += self._journaled
                 self._journaled = 0
             fd, self._fd = self._fd, None
