@@ -445,13 +445,14 @@ class LedgerWriter:
             return
         self._note_unreadable(self._journal, found.unreadable)
         missing = self._missing(found.rows)
-        if missing and self._store_rows(missing):
-            self.replayed += len(missing)
-            log.warning("ledger: %d row(s) from the journal of an earlier run written to the store", len(missing))
-        elif missing:
-            # The store still refuses: keep the journal as it is and hold the rows for retry.
-            self._pending = [_Held(r, 0, True, earlier=True) for r in missing]
-            self._earlier_held = len(missing)
+        done = self._store_rows(missing) if missing else 0
+        if done:
+            self.replayed += done
+            log.warning("ledger: %d row(s) from the journal of an earlier run written to the store", done)
+        if done < len(missing):
+            # The store still refuses: keep the journal as it is and hold the rest for retry.
+            self._pending = [_Held(r, 0, True, earlier=True) for r in missing[done:]]
+            self._earlier_held = len(self._pending)
             try:
                 self._open_journal(found.size, found.torn_tail)
             except OSError as exc:
@@ -476,12 +477,15 @@ class LedgerWriter:
             return
         self._note_unreadable(path, found.unreadable)
         missing = self._missing(found.rows)
-        if missing and not self._store_rows(missing):
-            log.error("ledger: %d row(s) in the journal %s wait for the store; kept for the next start", len(missing), path)
+        done = self._store_rows(missing) if missing else 0
+        self.replayed += done
+        if done:
+            log.warning("ledger: %d row(s) from the journal %s of an earlier run written to the store", done, path)
+        if done < len(missing):
+            # The rest waits in that file (the ids stored now are skipped when it is read again).
+            log.error("ledger: %d row(s) in the journal %s wait for the store; kept for the next start",
+                      len(missing) - done, path)
             return
-        self.replayed += len(missing)
-        if missing:
-            log.warning("ledger: %d row(s) from the journal %s of an earlier run written to the store", len(missing), path)
         try:
             path.unlink()
         except OSError:
@@ -646,17 +650,18 @@ class LedgerWriter:
             self._pending, self._inflight = [], items
         if not items:
             return True
-        ok = self._store_rows([h.row for h in items])
+        done = self._store_rows([h.row for h in items])
+        ok = done == len(items)
         with self._lock:
             self._inflight = []
-            if ok:
-                for h in items:
-                    self._settle_stored(h)
-                self._cut_locked(items[-1].offset)
-            else:
-                self._pending = items
-                if len(items) > MAX_PENDING:
-                    self._drop_locked(len(items) - MAX_PENDING)
+            for h in items[:done]:
+                self._settle_stored(h)
+            if done:
+                self._cut_locked(items[done - 1].offset)
+            if not ok:
+                self._pending = items[done:]
+                if len(self._pending) > MAX_PENDING:
+                    self._drop_locked(len(self._pending) - MAX_PENDING)
         if ok:
             if self.last_error is not None:
                 log.warning("ledger writes work again: %d held row(s) stored", len(items))
@@ -696,34 +701,38 @@ class LedgerWriter:
         self.lost += n
         self._lost_why[why] = self._lost_why.get(why, 0) + n
 
-    def _store_rows(self, rows: list[LedgerRow]) -> bool:
+    def _store_rows(self, rows: list[LedgerRow]) -> int:
+        """Store the rows in order; how many of the first ones are in the store now (all, or up to a failure of
+        the store itself). A row stored is never sent again: its rollups would be counted twice."""
         try:
             write_rows(self.store, rows)
-            return True
+            return len(rows)
         except Exception as exc:
             if _store_wide(exc):
-                return self._failed(exc, len(rows))
+                self._failed(exc, len(rows))
+                return 0
         # One row's values: store the others as they are, and that one made safe.
-        for row in rows:
+        for i, row in enumerate(rows):
             try:
                 write_rows(self.store, [row])
             except Exception as exc:
                 if _store_wide(exc):
-                    return self._failed(exc, len(rows))
+                    self._failed(exc, len(rows) - i)
+                    return i
                 try:
                     write_rows(self.store, [sanitize(row)])
                     self.sanitized += 1
                     log.warning("ledger row %s stored with unstorable fields made safe (%s)", row.id, type(exc).__name__)
                 except Exception as exc2:
-                    return self._failed(exc2, len(rows))
-        return True
+                    self._failed(exc2, len(rows) - i)
+                    return i
+        return len(rows)
 
-    def _failed(self, exc: BaseException, n: int) -> bool:
+    def _failed(self, exc: BaseException, n: int) -> None:
         self.write_failures += 1
         if self.last_error is None:
             log.error("ledger write failed (%s); %d row(s) held and retried every %g s", exc, n, self.retry_every_s)
         self.last_error = f"ledger write failed: {exc}"
-        return False
 
     def _maybe_prune(self) -> None:
         now = time.time()

@@ -716,3 +716,33 @@ def test_the_router_screens_backlog_counts_the_journal_where_journal_dir_puts_it
     assert journal_backlog(store, time.time(), journal_dir=folder) == 5
     assert journal_backlog(store, time.time()) == 2
     store.close()
+
+
+def test_a_store_failure_in_the_middle_of_a_row_by_row_retry_folds_no_row_twice(tmp_path, monkeypatch):
+    """A batch with one unstorable row is written row by row; the disk fails half-way. The rows already in
+    the store are not sent again: their rollups would count twice."""
+    import sqlite3
+
+    import store.ledger as ledger_module
+
+    real = ledger_module.write_rows
+    failed = {"once": False}
+
+    def flaky(store, rows):
+        if len(rows) == 1 and rows[0].id == "r6" and not failed["once"]:
+            failed["once"] = True
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(store, rows)
+
+    monkeypatch.setattr(ledger_module, "write_rows", flaky)
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    writer = LedgerWriter(store, flush_every_s=0.2, retry_every_s=0.05)
+    for i in range(10):
+        writer.put(row(i, completion_text="cut \ud800" if i == 3 else "ok"))
+    assert wait_for(lambda: failed["once"] and writer.pending == 0)
+    report = writer.close(5)
+    assert report.counts.stored == 10 and writer.sanitized == 1
+    assert store.execute("SELECT count(*) FROM requests")[0][0] == 10
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 10
+    store.close()
