@@ -270,7 +270,6 @@ class JournalContents:
     rows: list[LedgerRow]  # each id once, in journal order
     unreadable: int  # lines that are not a row: a torn line left by a short write or a crash mid-write
     torn_tail: bool  # the file does not end with a newline: an append must start a new line first
-    size: int
 
 
 def read_journal(path: Path) -> JournalContents:
@@ -286,7 +285,7 @@ def read_journal(path: Path) -> JournalContents:
             unreadable += 1
         else:
             rows.setdefault(row.id, row)  # a row journaled twice is one request: stored once
-    return JournalContents(list(rows.values()), unreadable, bool(data) and not data.endswith(b"\n"), len(data))
+    return JournalContents(list(rows.values()), unreadable, bool(data) and not data.endswith(b"\n"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +378,8 @@ class LedgerWriter:
         self.unreadable = 0
         self.write_failures = 0
         self.journal_failures = 0
-        self.last_error: str | None = None  # the store's
+        self.last_error: str | None = None  # why the store does not take rows now
+        self.prune_error: str | None = None
         self.journal_error: str | None = None
         self._lost_why: dict[str, int] = {}  # rows counted lost before the close, by why
         self._closed = False
@@ -422,24 +422,28 @@ class LedgerWriter:
         if self.journal_failures == 1 or self.journal_failures % 1000 == 0:
             log.error("ledger journal %s: %s (rows not journaled are held in memory only)", self._journal, message)
 
-    def _open_journal(self, size: int = 0, torn: bool = False) -> None:
+    def _open_journal(self, torn: bool | None = None) -> None:
+        """Open for appending. The file's own size is where this run starts (a journal kept, or one that could
+        not be removed), so a cut-back never reaches into lines before it; with `torn` unknown, a kept file
+        is taken to end mid-line (a newline first costs one blank line, which the replay skips)."""
         # O_NOFOLLOW: a link planted at the journal's name is refused, never written through.
         self._fd = os.open(self._journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         os.fchmod(self._fd, 0o600)
+        size = os.fstat(self._fd).st_size
         self._base = self._committed = 0
         self._end = self._synced = size
-        self._torn = torn
+        self._torn = (size > 0) if torn is None else torn
 
     def _replay(self) -> None:
         """Rows a killed writer journaled but never stored: write each once, then start a fresh journal."""
         try:
-            found = read_journal(self._journal) if self._journal.exists() else JournalContents([], 0, False, 0)
+            found = read_journal(self._journal) if self._journal.exists() else JournalContents([], 0, False)
         except OSError as exc:
             # Unreadable now, maybe readable later: keep it whole (never cut it) and append after it.
             log.error("cannot read the ledger journal %s: %s; it is kept for the next start", self._journal, exc)
             self._pinned = True
             try:
-                self._open_journal(self._journal.stat().st_size, torn=True)
+                self._open_journal()
             except OSError as exc2:
                 self._journal_failed(f"cannot open: {exc2}")
             return
@@ -454,7 +458,7 @@ class LedgerWriter:
             self._pending = [_Held(r, 0, True, earlier=True) for r in missing[done:]]
             self._earlier_held = len(self._pending)
             try:
-                self._open_journal(found.size, found.torn_tail)
+                self._open_journal(found.torn_tail)
             except OSError as exc:
                 self._pinned = True
                 self._journal_failed(f"cannot open: {exc}")
@@ -462,6 +466,10 @@ class LedgerWriter:
         try:
             if self._journal.exists() or self._journal.is_symlink():
                 self._journal.unlink()
+        except OSError as exc:
+            # Its rows are all in the store now: appending after them is safe (a replay skips stored ids).
+            log.warning("ledger journal %s replayed but not removed (%s); new rows are appended to it", self._journal, exc)
+        try:
             self._open_journal()
         except OSError as exc:
             self._journal_failed(f"cannot open: {exc}")
@@ -743,7 +751,12 @@ class LedgerWriter:
             with self.store.transaction() as conn:
                 conn.execute("DELETE FROM requests WHERE ts < ?", (now - self.retention_s,))
         except Exception as exc:
-            self.last_error = f"ledger pruning failed: {exc}"
+            # Apart from `last_error`: that one says why rows are not stored, and is logged when it starts.
+            if self.prune_error is None:
+                log.error("ledger pruning failed: %s", exc)
+            self.prune_error = f"ledger pruning failed: {exc}"
+        else:
+            self.prune_error = None
 
     def close(self, timeout: float = 30.0) -> LedgerClose:
         """Store what is queued, retrying a failing store until `timeout` (a bound on the whole close, past one

@@ -746,3 +746,31 @@ def test_a_store_failure_in_the_middle_of_a_row_by_row_retry_folds_no_row_twice(
     assert store.execute("SELECT count(*) FROM requests")[0][0] == 10
     assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 10
     store.close()
+
+
+def test_a_journal_that_cannot_be_removed_after_its_replay_is_appended_to_safely(tmp_path):
+    """The replayed journal cannot be removed (its unlink is refused): the writer appends after what is there,
+    starting on a new line, and its rows are still replayed once."""
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    journal = journal_path(store)
+    journal.write_text(json.dumps({"id": "old", "ts": time.time(), "task": "t", "route": "slm", "escalated": False,
+                                   "reason": "confident", "status": 200}))  # and no newline: torn tail
+    real_unlink = Path.unlink
+
+    def no_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == journal:
+            raise PermissionError(13, "Permission denied")
+        real_unlink(self, missing_ok)
+
+    with patch.object(Path, "unlink", no_unlink):
+        writer = LedgerWriter(store, flush_every_s=0.01)
+    assert writer.replayed == 1
+    cap_store(store)
+    writer.put(row(1))
+    report = writer.close(0)
+    assert report.counts.journaled == 1
+    found = read_journal(journal)
+    assert {r.id for r in found.rows} == {"old", "r1"} and found.unreadable == 0
+    store.close()
+    assert restart(db).replayed == 1 and stored_ids(db) == {"old", "r1"}

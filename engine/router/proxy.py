@@ -248,7 +248,7 @@ class Router:
             return JSONResponse({"status": "ok"})
         ledger = self.ledger
         body: dict[str, Any] = {"status": "ok", "tasks": len(self.config.task),
-                                "ledger_error": ledger.last_error if ledger else None,
+                                "ledger_error": (ledger.last_error or ledger.prune_error) if ledger else None,
                                 "ledger_pending": ledger.pending if ledger else 0}
         if ledger is not None:
             # Where every row this run recorded is: recorded = stored + journaled + unjournaled + lost.
