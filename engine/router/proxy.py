@@ -22,6 +22,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -156,6 +157,7 @@ class Router:
         self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP reloads running (the loop keeps weak references)
         self.started_at = time.time()
         self.stop_deadline: float | None = None  # time.monotonic() by which a stop must be done
+        self.handlers: set[asyncio.Task[Any]] = set()  # requests being handled (RequestTasks adds them)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -226,6 +228,11 @@ class Router:
         return max(0.0, self.stop_deadline - time.monotonic())
 
     async def shutdown(self) -> None:
+        # uvicorn has cancelled the requests that outlived the grace, but they record their rows (503,
+        # `shutdown`) only when they next run: the ledger closes after they have, or its count would miss them.
+        running = {t for t in self.handlers if not t.done()}
+        if running:
+            await asyncio.wait(running, timeout=max(self.ledger_close_bound(), 1.0))
         if self.client is not None:
             await self.client.aclose()
         if self.ledger is not None:
@@ -676,6 +683,26 @@ def _start_reload(loop: asyncio.AbstractEventLoop, router: Router) -> None:
     task.add_done_callback(router._reloads.discard)
 
 
+class RequestTasks:
+    """ASGI middleware: the task of each HTTP request is in `router.handlers` while it runs (a stream's
+    included), so the stop can wait for the rows of the requests it cancelled."""
+
+    def __init__(self, app: Any, router: Router) -> None:
+        self.app = app
+        self.router = router
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task() if scope.get("type") == "http" else None
+        if task is None:
+            await self.app(scope, receive, send)
+            return
+        self.router.handlers.add(task)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.router.handlers.discard(task)
+
+
 def create_app(router: Router) -> Starlette:
     from contextlib import asynccontextmanager
 
@@ -717,6 +744,7 @@ def create_app(router: Router) -> Starlette:
         ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
+        middleware=[Middleware(RequestTasks, router=router)],
     )
     app.state.router = router
     return app
