@@ -397,6 +397,7 @@ class LedgerWriter:
         self._torn = False  # the file ends in a partial line: the next append starts a new line
         self._pinned = False  # the journal holds rows this run will not store: never cut it
         self._append_failing = False
+        self._append_error: str | None = None  # why the last row not journaled is not (a write or the open)
         self._fsync_error: str | None = None  # the first failed fsync: from then on the journal is not trusted
         self._fd: int | None = None
         if journal_dir is not None:
@@ -522,6 +523,7 @@ class LedgerWriter:
         a short write (a full disk takes part of a line) is cut back, or, when even that fails, the next line
         starts on a new line so the torn one takes no neighbour with it."""
         if self._fd is None:
+            self._append_error = self._append_error or self.journal_error or "no journal"
             return self._end, False
         data = (json.dumps(asdict(row), ensure_ascii=True, default=str) + "\n").encode("ascii")
         if self._torn:
@@ -540,8 +542,9 @@ class LedgerWriter:
                 except OSError:
                     self._end += done  # the torn bytes stay: skipped at replay
                     self._torn = True
-            self._journal_failed(f"write failed after {done} of {len(data)} bytes: {exc}" if done
-                                 else f"write failed: {exc}")
+            self._append_error = (f"write failed after {done} of {len(data)} bytes: {exc}" if done
+                                  else f"write failed: {exc}")
+            self._journal_failed(self._append_error)
             self._append_failing = True
             return self._end, False
         self._end += len(data)
@@ -794,7 +797,7 @@ class LedgerWriter:
             why = [f"{n} {reason}" for reason, n in self._lost_why.items()]
             if self._unjournaled:
                 why.append(f"{self._unjournaled} not stored ({self.last_error or 'the store write did not finish'}) "
-                           f"and not journaled ({self.journal_error or 'no journal'})")
+                           f"and not journaled ({self._append_error or self.journal_error or 'no journal'})")
                 self.lost += self._unjournaled
                 self._unjournaled = 0
             if self._journaled and not durable:
