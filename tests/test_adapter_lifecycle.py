@@ -179,7 +179,7 @@ def test_compare_scores_a_served_model_against_its_version_and_says_when_it_lose
 
 
 def _start_proxy(cfg: Path, db: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--store", str(db)],
+    proc = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--store", str(db)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc

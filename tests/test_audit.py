@@ -474,7 +474,7 @@ def test_a_proxy_reload_is_audited_and_fails_closed(site, tmp_path):
     task = '[[task]]\nname = "{}"\nslm_base_url = "http://127.0.0.1:9/v1"\nslm_model = "m"\nthreshold = 0.5\n'
     cfg.write_text(f'[proxy]\nhost = "127.0.0.1"\nport = {port}\n\n' + task.format("a"))
     db = site / "fd.db"
-    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--store", str(db)],
+    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--store", str(db)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1", "FLEETDECK_CONFIG": str(site / "fleet.toml")})
     url = f"http://127.0.0.1:{port}"

@@ -319,7 +319,7 @@ def test_graceful_shutdown_of_the_real_command_loses_no_rows(slm, tmp_path):
     port = free_port()
     db = tmp_path / "ledger.db"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--port", str(port),
                              "--store", str(db)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -391,7 +391,7 @@ def test_the_proxy_refuses_a_non_loopback_address_without_keys(slm, tmp_path):
 def test_the_proxy_command_reports_a_bad_config_and_exits_2(tmp_path):
     from fleetdeck.cli import main
 
-    assert main(["proxy", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert main(["proxy", "--router-config", str(tmp_path / "missing.toml")]) == 2
 
 
 # --- what a client can send: every case gets an OpenAI-shaped 4xx, and the proxy keeps serving ----------

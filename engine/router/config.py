@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from store.config_files import Strict, load_toml_model
+from store.config_files import HomePath, Strict, load_toml_model
 from store.analytics import TaskPolicy
 
 
@@ -28,7 +28,18 @@ class ProxySettings(Strict):
                                   description="request line and headers together, at most")
     header_timeout_s: float = Field(default=10.0, gt=0, le=3600,
                                     description="a request's line and headers must arrive within this")
-    shutdown_grace_s: float = Field(default=10.0, ge=0, le=600, description="how long a stop waits for requests in flight")
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=600,
+                                    description="a stop's bound from the signal: requests in flight, then the ledger")
+    # The ledger's journal on another filesystem than the store: a full store disk then leaves the
+    # journal able to keep what the store cannot take. Absolute: systemd and a shell must mean one folder.
+    journal_dir: HomePath | None = None
+
+    @field_validator("journal_dir")
+    @classmethod
+    def _absolute_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError("expected an absolute folder path (e.g. /var/lib/fleetdeck/journal)")
+        return v
 
 
 class Pricing(Strict):
@@ -163,6 +174,7 @@ class RouterSettings:
     policies: dict = field(default_factory=dict)  # task name -> store.analytics.TaskPolicy
     thresholds: dict[str, float] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)  # task name -> the small model it asks now
+    journal_dir: Path | None = None  # where the proxy's ledger journal is, when not beside the store
     error: str | None = None  # a config that could not be read, or none at all
 
 
@@ -178,4 +190,5 @@ def load_router_settings(path: Path | None) -> RouterSettings:
     except ConfigError as exc:
         return RouterSettings(error=str(exc))
     return RouterSettings(cfg.pricing.slm_gpu_hour_usd, cfg.pricing.slm_gpus, iter_policies(cfg.task),
-                          {t.name: t.threshold for t in cfg.task}, {t.name: t.slm_model for t in cfg.task})
+                          {t.name: t.threshold for t in cfg.task}, {t.name: t.slm_model for t in cfg.task},
+                          cfg.proxy.journal_dir)

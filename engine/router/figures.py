@@ -97,7 +97,8 @@ def load_router_data(store: Store, config_path: Path | None, selected: str | Non
     chosen = in_window.get(selected) if selected else None
     window_totals = (chosen.requests, chosen.escalated) if chosen is not None else None
     promotions = history(store, selected, limit=50) if selected else []
-    return RouterData(rows, series, cal, config_path, error, ledger_backlog=journal_backlog(store, now),
+    backlog = journal_backlog(store, now, journal_dir=settings.journal_dir)
+    return RouterData(rows, series, cal, config_path, error, ledger_backlog=backlog,
                       versions=versions, promotions=promotions, window_totals=window_totals)
 
 

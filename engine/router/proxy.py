@@ -23,6 +23,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -57,7 +58,8 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None,
 
 
 class _LedgerCollector:
-    """The ledger writer's own counts, read at scrape time: a row held or made safe is never silent."""
+    """The ledger writer's own counts, read at scrape time: a row held, made safe or lost is never silent.
+    Every row the proxy recorded is in exactly one of stored, journaled, unjournaled (memory only), lost."""
 
     def __init__(self, ledger: LedgerWriter) -> None:
         self.ledger = ledger
@@ -66,17 +68,28 @@ class _LedgerCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         w = self.ledger
-        yield CounterMetricFamily("fleetdeck_ledger_rows_written", "Ledger rows stored", value=w.written)
+        c = w.counts()
+        yield CounterMetricFamily("fleetdeck_ledger_rows_recorded", "Ledger rows this run recorded (answered requests)",
+                                  value=c.recorded)
+        yield CounterMetricFamily("fleetdeck_ledger_rows_written", "Ledger rows of this run stored", value=c.stored)
+        yield GaugeMetricFamily("fleetdeck_ledger_rows_journaled",
+                                "Rows not yet stored whose whole line is in the journal", value=c.journaled)
+        yield GaugeMetricFamily("fleetdeck_ledger_rows_unjournaled",
+                                "Rows not yet stored and not in the journal (memory only)", value=c.unjournaled)
+        yield CounterMetricFamily("fleetdeck_ledger_rows_lost", "Rows in neither the store nor the journal",
+                                  value=c.lost)
         yield CounterMetricFamily("fleetdeck_ledger_rows_sanitized", "Rows stored with unstorable fields made safe",
                                   value=w.sanitized)
         yield CounterMetricFamily("fleetdeck_ledger_rows_replayed", "Rows written from an earlier run's journal",
-                                  value=w.replayed)
-        yield CounterMetricFamily("fleetdeck_ledger_rows_lost", "Rows dropped from memory (still in the journal)",
-                                  value=w.lost)
+                                  value=c.replayed)
+        yield CounterMetricFamily("fleetdeck_ledger_journal_lines_unreadable",
+                                  "Lines of an earlier run's journal that were not a row (torn), skipped",
+                                  value=c.unreadable)
         yield CounterMetricFamily("fleetdeck_ledger_write_failures", "Failed ledger writes", value=w.write_failures)
-        yield CounterMetricFamily("fleetdeck_ledger_journal_failures", "Failed journal writes", value=w.journal_failures)
+        yield CounterMetricFamily("fleetdeck_ledger_journal_failures", "Failed journal writes, truncates and syncs",
+                                  value=w.journal_failures)
         yield GaugeMetricFamily("fleetdeck_ledger_rows_pending", "Rows held while the store cannot be written",
-                                value=w.pending)
+                                value=c.pending)
 
 
 class ProxyMetrics:
@@ -156,6 +169,8 @@ class Router:
         self._refusal_recorded_at = float("-inf")  # reloads refused at the door: when one was last recorded
         self._refusals_held = 0
         self.started_at = time.time()
+        self.stop_deadline: float | None = None  # time.monotonic() by which a stop must be done
+        self.handlers: set[asyncio.Task[Any]] = set()  # requests being handled (RequestTasks adds them)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -192,7 +207,7 @@ class Router:
             prices = {t.name: frontier_price(t, self.litellm) for t in new.task}
             old = {t.name: t for t in self.config.task}
             changed = sorted(t.name for t in new.task if old.get(t.name) != t)
-            restart = [k for k in ("host", "port") if getattr(new.proxy, k) != getattr(self.config.proxy, k)]
+            restart = [k for k in ("host", "port", "journal_dir") if getattr(new.proxy, k) != getattr(self.config.proxy, k)]
             # One assignment each, no await between them: a request sees the old config or the new one.
             self.config, self.prices, self.keys = new, prices, api_keys(new.proxy)
         log.warning("config reloaded from %s: %s", self.config_path, ", ".join(changed) or "no task changed")
@@ -271,11 +286,27 @@ class Router:
         await asyncio.to_thread(finish, entry, "done", None)
         return result
 
+    def stop_requested(self, now: float) -> None:
+        """A stop signal came (called from the signal handler): the whole stop is bounded from here."""
+        if self.stop_deadline is None:
+            self.stop_deadline = now + self.config.proxy.shutdown_grace_s
+
+    def ledger_close_bound(self) -> float:
+        """What is left of the grace for storing the ledger (the writer still makes one last attempt)."""
+        if self.stop_deadline is None:
+            return self.config.proxy.shutdown_grace_s
+        return max(0.0, self.stop_deadline - time.monotonic())
+
     async def shutdown(self) -> None:
+        # uvicorn has cancelled the requests that outlived the grace, but they record their rows (503,
+        # `shutdown`) only when they next run: the ledger closes after they have, or its count would miss them.
+        running = {t for t in self.handlers if not t.done()}
+        if running:
+            await asyncio.wait(running, timeout=max(self.ledger_close_bound(), 1.0))
         if self.client is not None:
             await self.client.aclose()
         if self.ledger is not None:
-            await asyncio.to_thread(self.ledger.close)
+            await asyncio.to_thread(self.ledger.close, self.ledger_close_bound())
 
     # -- endpoints ------------------------------------------------------------------------------
     def _auth_error(self, request: Request) -> Response | None:
@@ -297,9 +328,16 @@ class Router:
         if self.keys and self._auth_error(request) is not None:
             return JSONResponse({"status": upstreams.status}, status_code=code)
         ledger = self.ledger
-        return JSONResponse({"status": upstreams.status, "reasons": upstreams.reasons, "tasks": len(self.config.task),
-                             "ledger_error": ledger.last_error if ledger else None,
-                             "ledger_pending": ledger.pending if ledger else 0}, status_code=code)
+        body: dict[str, Any] = {"status": upstreams.status, "reasons": upstreams.reasons, "tasks": len(self.config.task),
+                                "ledger_error": (ledger.last_error or ledger.prune_error) if ledger else None,
+                                "ledger_pending": ledger.pending if ledger else 0}
+        if ledger is not None:
+            # Where every row this run recorded is: recorded = stored + journaled + unjournaled + lost.
+            c = ledger.counts()
+            body.update(ledger_recorded=c.recorded, ledger_stored=c.stored, ledger_journaled=c.journaled,
+                        ledger_unjournaled=c.unjournaled, ledger_lost=c.lost, ledger_replayed=c.replayed,
+                        ledger_journal=str(ledger.journal), ledger_journal_error=ledger.journal_error)
+        return JSONResponse(body, status_code=code)
 
     async def upstream_health(self) -> "UpstreamHealth":
         """Whether each task's small model answers now (one short probe per distinct server) and whether
@@ -800,6 +838,26 @@ def _start_reload(loop: asyncio.AbstractEventLoop, router: Router) -> None:
     task.add_done_callback(router._reloads.discard)
 
 
+class RequestTasks:
+    """ASGI middleware: the task of each HTTP request is in `router.handlers` while it runs (a stream's
+    included), so the stop can wait for the rows of the requests it cancelled."""
+
+    def __init__(self, app: Any, router: Router) -> None:
+        self.app = app
+        self.router = router
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task() if scope.get("type") == "http" else None
+        if task is None:
+            await self.app(scope, receive, send)
+            return
+        self.router.handlers.add(task)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.router.handlers.discard(task)
+
+
 def create_app(router: Router) -> Starlette:
     from contextlib import asynccontextmanager
 
@@ -841,6 +899,7 @@ def create_app(router: Router) -> Starlette:
         ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
+        middleware=[Middleware(RequestTasks, router=router)],
     )
     app.state.router = router
     return app

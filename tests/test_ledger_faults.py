@@ -1,0 +1,775 @@
+"""The ledger under faults: every row the proxy recorded is stored, durably journaled, or counted lost, and
+what the writer says (counts, /metrics, /health, the stop line) is what happened.
+
+Two levels: the journal writer with os.write/os.ftruncate/os.fsync made to fail for the journal's file only
+(short writes, ENOSPC, EIO), and the real `fleetdeck proxy` over HTTP with its store and journal on real
+size-limited filesystems (tmpfs), filled, stopped with SIGTERM and started again.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from unittest.mock import patch
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from store.db import open_store
+from store.ledger import LedgerRow, LedgerWriter, journal_path, read_journal
+from tests.helpers import wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def row(i: int, **kw: Any) -> LedgerRow:
+    base = dict(id=f"r{i}", ts=time.time(), task="t", route="slm", escalated=False, reason="confident", status=200,
+                confidence=0.9, latency_ms=3.0)
+    base.update(kw)
+    return LedgerRow(**base)  # type: ignore[arg-type]
+
+
+def cap_store(store) -> None:
+    """The store refuses every write from here on (this connection only), as a full or failing disk does."""
+    store.execute("PRAGMA query_only = ON")
+
+
+def uncap_store(store) -> None:
+    store.execute("PRAGMA query_only = OFF")
+
+
+def stored_ids(db: Path) -> set[str]:
+    store = open_store(db)
+    try:
+        return {r["id"] for r in store.query("SELECT id FROM requests")}
+    finally:
+        store.close()
+
+
+def restart(db: Path, **kw: Any) -> LedgerWriter:
+    """A new writer on the same store (what the next proxy start does), closed at once."""
+    store = open_store(db)
+    writer = LedgerWriter(store, **kw)
+    writer.close(5)
+    store.close()
+    return writer
+
+
+def balanced(writer: LedgerWriter) -> bool:
+    c = writer.counts()
+    return c.recorded == c.stored + c.journaled + c.unjournaled + c.lost
+
+
+# --- the journal writer, faults injected for the journal's file descriptor only ---------------------------
+def test_a_short_write_is_cut_back_and_that_row_counted_not_journaled(tmp_path, monkeypatch):
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    cap_store(store)  # nothing reaches the store this run: every row must be journaled or counted lost
+    writer = LedgerWriter(store, flush_every_s=0.01, retry_every_s=0.05)
+    real_write = os.write
+    calls = {"n": 0}
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        if fd == writer._fd:
+            calls["n"] += 1
+            if calls["n"] == 7:
+                return real_write(fd, data[: len(data) // 2])  # a full disk took half the line...
+            if calls["n"] == 8:
+                raise OSError(errno.ENOSPC, "No space left on device")  # ...and none of the rest
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    for i in range(20):
+        writer.put(row(i))
+    assert wait_for(lambda: writer.write_failures > 0)
+    assert balanced(writer) and writer.counts().unjournaled == 1 and writer.journal_failures == 1
+    report = writer.close(0)
+    monkeypatch.undo()
+    c = report.counts
+    assert (c.recorded, c.stored, c.journaled, c.lost) == (20, 0, 19, 1)
+    assert "1 not stored" in report.summary() and "write failed after" in report.summary()
+    found = read_journal(journal_path(store))
+    assert found.unreadable == 0 and not found.torn_tail  # the half line was cut back
+    assert len(found.rows) == 19 and "r6" not in {r.id for r in found.rows}
+    store.close()
+    again = restart(db)
+    assert again.replayed == 19 and again.unreadable == 0
+    assert stored_ids(db) == {f"r{i}" for i in range(20)} - {"r6"}
+    assert restart(db).replayed == 0  # replayed once, never twice
+
+
+def test_a_torn_line_that_cannot_be_cut_back_takes_no_neighbour_with_it(tmp_path, monkeypatch):
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    cap_store(store)
+    writer = LedgerWriter(store, flush_every_s=0.01, retry_every_s=0.05)
+    real_write, real_truncate = os.write, os.ftruncate
+    calls = {"n": 0}
+
+    def torn(fd: int, data: bytes) -> int:
+        if fd == writer._fd:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                return real_write(fd, data[:30])
+            if calls["n"] == 5:
+                raise OSError(errno.EIO, "Input/output error")
+        return real_write(fd, data)
+
+    def no_truncate(fd: int, length: int) -> None:
+        if fd == writer._fd:
+            raise OSError(errno.EIO, "Input/output error")
+        real_truncate(fd, length)
+
+    monkeypatch.setattr(os, "write", torn)
+    monkeypatch.setattr(os, "ftruncate", no_truncate)
+    for i in range(10):
+        writer.put(row(i))
+    report = writer.close(0)
+    monkeypatch.undo()
+    assert (report.counts.journaled, report.counts.lost) == (9, 1)
+    found = read_journal(journal_path(store))
+    assert found.unreadable == 1 and len(found.rows) == 9  # the torn line is one line; the next starts anew
+    store.close()
+    again = restart(db)
+    assert again.replayed == 9 and again.unreadable == 1
+    assert len(stored_ids(db)) == 9
+    assert restart(db).replayed == 0
+
+
+def test_a_failed_fsync_means_the_journal_is_not_counted_as_keeping_anything(tmp_path, monkeypatch):
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    cap_store(store)
+    writer = LedgerWriter(store, flush_every_s=0.01, retry_every_s=0.05)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if fd == writer._fd:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    for i in range(12):
+        writer.put(row(i))
+    # The store refuses, so the writer syncs the journal that now holds the rows: that fails, and says so.
+    assert wait_for(lambda: writer.journal_error is not None and "fsync" in writer.journal_error)
+    report = writer.close(0)
+    monkeypatch.undo()
+    assert (report.counts.stored, report.counts.journaled, report.counts.lost) == (0, 0, 12)
+    assert "could not be synced to disk" in report.summary() and "Input/output error" in report.summary()
+    store.close()
+    # The lines may still be readable (the page cache kept them): then the next start stores them once.
+    again = restart(db)
+    assert again.replayed <= 12 and len(stored_ids(db)) == again.replayed
+
+
+def test_rows_dropped_from_memory_wait_in_the_journal_for_the_next_start(tmp_path, monkeypatch, caplog):
+    import store.ledger as ledger_module
+
+    def dropped() -> int:
+        return sum(int(m.group(1)) for r in list(caplog.records)
+                   if (m := re.match(r"ledger: (\d+) row\(s\) dropped from memory", r.getMessage())))
+
+    monkeypatch.setattr(ledger_module, "MAX_PENDING", 5)
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    cap_store(store)
+    writer = LedgerWriter(store, flush_every_s=0.01, retry_every_s=0.05)
+    with caplog.at_level("ERROR", logger="fleetdeck.ledger"):
+        for i in range(20):
+            writer.put(row(i))
+        assert wait_for(lambda: dropped() == 15 and writer.pending == 5)
+    uncap_store(store)  # space returns: the 5 in memory are stored, the 15 others wait in the journal
+    assert wait_for(lambda: writer.pending == 0)
+    report = writer.close(5)
+    assert (report.counts.stored, report.counts.journaled, report.counts.lost) == (5, 15, 0)
+    store.close()
+    assert restart(db).replayed == 15
+    assert len(stored_ids(db)) == 20
+
+
+def test_a_stop_on_a_full_store_is_bounded_and_says_where_every_row_is(tmp_path):
+    store = open_store(tmp_path / "fd.db")
+    cap_store(store)
+    writer = LedgerWriter(store, flush_every_s=0.01, retry_every_s=0.05)
+    for i in range(30):
+        writer.put(row(i))
+    report = writer.close(0.2)  # the store never comes back: the close gives up at its bound
+    assert report.counts.journaled == 30 and report.counts.lost == 0
+    assert "0 ledger row(s) stored this run, 30 held in the journal" in report.summary()
+    writer.put(row(99))  # a row after the reckoning is counted, never silently dropped
+    assert writer.counts().lost == 1 and writer.close() is report
+
+
+
+# Any sequence of faults: the store refusing and coming back, journal writes failing at the first byte, short
+# (cut back) or torn (the cut-back failing too), fsync failing; rows put in between.
+FAULT = st.one_of(
+    st.tuples(st.just("put"), st.integers(1, 6)),
+    st.tuples(st.just("store_refuses"), st.booleans()),
+    st.tuples(st.just("journal"), st.sampled_from(["ok", "enospc", "short", "torn"])),
+    st.tuples(st.just("fsync_fails"), st.booleans()),
+    st.tuples(st.just("settle"), st.just(0)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(FAULT, min_size=1, max_size=14), max_pending=st.sampled_from([3, 1_000_000]))
+def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_factory, ops, max_pending):
+    import store.ledger as ledger_module
+
+    db = tmp_path_factory.mktemp("prop") / "fd.db"
+    store = open_store(db)
+    faults: dict[str, Any] = {"journal": "ok", "fsync_fails": False, "fsync_raised": False}
+    real_write, real_truncate, real_fsync = os.write, os.ftruncate, os.fsync
+    holder: dict[str, LedgerWriter] = {}
+
+    def journal_fd(fd: int) -> bool:
+        return "w" in holder and fd == holder["w"]._fd
+
+    def write(fd: int, data: bytes) -> int:
+        mode = faults["journal"]
+        if journal_fd(fd) and mode != "ok":
+            if mode in ("short", "torn") and len(data) > 1:
+                faults["journal"] = mode + "-rest"  # half the line fits, the rest does not
+                return real_write(fd, data[: len(data) // 2])
+            if mode.endswith("-rest"):
+                faults["journal"] = mode[:-5]
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    def ftruncate(fd: int, length: int) -> None:
+        if journal_fd(fd) and faults["journal"].startswith("torn"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_truncate(fd, length)
+
+    def fsync(fd: int) -> None:
+        if journal_fd(fd) and faults["fsync_fails"]:
+            faults["fsync_raised"] = True
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    with patch.object(os, "write", write), patch.object(os, "ftruncate", ftruncate), patch.object(os, "fsync", fsync), \
+            patch.object(ledger_module, "MAX_PENDING", max_pending):
+        writer = holder["w"] = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01)
+        n = 0
+        for op, arg in ops:
+            if op == "put":
+                for _ in range(int(arg)):
+                    writer.put(row(n))
+                    n += 1
+            elif op == "store_refuses":
+                store.execute(f"PRAGMA query_only = {'ON' if arg else 'OFF'}")
+            elif op == "journal":
+                faults["journal"] = str(arg)
+            elif op == "fsync_fails":
+                faults["fsync_fails"] = bool(arg)
+            else:
+                wait_for(lambda: writer._q.empty(), timeout=5)
+            assert balanced(writer)
+        report = writer.close(0)
+    # Rows counted lost because the journal's fsync failed may still be read back (the page cache kept them).
+    fsync_failed = faults["fsync_raised"]
+    c = report.counts
+    assert c.recorded == n and c.unjournaled == 0 and c.stored + c.journaled + c.lost == n, report.summary()
+    store.close()
+    first = restart(db)
+    assert first.replayed == c.journaled or (fsync_failed and c.journaled <= first.replayed <= c.journaled + c.lost)
+    assert restart(db).replayed == 0  # once, never twice
+    check = open_store(db)
+    try:
+        count = check.execute("SELECT count(*) FROM requests")[0][0]
+        assert count == check.execute("SELECT count(DISTINCT id) FROM requests")[0][0]
+        assert count == (check.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] or 0)
+        assert c.stored + c.journaled <= count <= n and (fsync_failed or count == c.stored + c.journaled)
+    finally:
+        check.close()
+
+
+KILLED_WRITER = """
+import sys, time
+from store.db import open_store
+from store.ledger import LedgerRow, LedgerWriter
+writer = LedgerWriter(open_store(sys.argv[1]), flush_every_s=3600)  # nothing reaches the store before the kill
+for i in range(40):
+    writer.put(LedgerRow(id=f"k{i}", ts=time.time(), task="t", route="slm", escalated=False, reason="confident", status=200))
+print("queued", flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkill_mid_line_leaves_a_torn_tail_that_the_replay_skips_and_counts(tmp_path):
+    db = tmp_path / "fd.db"
+    open_store(db).close()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "queued"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    journal = Path(f"{db}-ledger.jsonl")
+    with journal.open("ab") as f:  # what a kill in the middle of a write leaves
+        f.write(b'{"id": "k40", "ts": 17')
+    first = restart(db)
+    assert first.replayed == 40 and first.unreadable == 1
+    assert restart(db).replayed == 0
+    store = open_store(db)
+    assert store.execute("SELECT count(*) FROM requests")[0][0] == 40
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 40  # no row folded twice
+    store.close()
+
+
+# --- [proxy] journal_dir ------------------------------------------------------------------------------------
+def test_the_journal_can_live_in_another_folder_and_one_left_beside_the_store_is_replayed(tmp_path):
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    beside = journal_path(store)
+    beside.write_text(json.dumps({"id": "old1", "ts": time.time(), "task": "t", "route": "slm", "escalated": False,
+                                  "reason": "confident", "status": 200}) + "\n")
+    folder = tmp_path / "elsewhere"
+    writer = LedgerWriter(store, journal_dir=folder, flush_every_s=0.01)
+    assert writer.replayed == 1 and not beside.exists()
+    assert writer.journal.parent == folder and folder.stat().st_mode & 0o777 == 0o700
+    cap_store(store)
+    writer.put(row(1))
+    report = writer.close(0)
+    assert report.counts.journaled == 1 and str(folder) in report.summary()
+    assert writer.journal.stat().st_mode & 0o777 == 0o600
+    # Another store of the same name never shares the journal.
+    other = open_store(tmp_path / "b" / "fd.db")
+    assert journal_path(other, folder) != journal_path(store, folder)
+    other.close()
+    store.close()
+    again = restart(db, journal_dir=folder)
+    assert again.replayed == 1 and stored_ids(db) == {"old1", "r1"}
+
+
+def test_journal_dir_is_validated_and_the_error_names_the_file_and_key(tmp_path, capsys):
+    from engine.router.config import load_router_config
+    from fleetdeck.cli import main
+    from store.config_files import ConfigError
+
+    def config(extra: str) -> Path:
+        path = tmp_path / "router.toml"
+        path.write_text(f'[proxy]\napi_keys_env = "FD_NO_SUCH"\n{extra}\n[[task]]\nname = "t"\n'
+                        'slm_base_url = "http://127.0.0.1:9/v1"\nslm_model = "m"\nthreshold = 0.5\n')
+        return path
+
+    with pytest.raises(ConfigError) as exc:
+        load_router_config(config('journal_dir = "relative/dir"'))
+    assert str(tmp_path / "router.toml") in str(exc.value) and "proxy.journal_dir" in str(exc.value)
+    assert "absolute" in str(exc.value)
+    assert load_router_config(config('journal_dir = "~/j"')).proxy.journal_dir == Path("~/j").expanduser()
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    path = config(f'journal_dir = "{a_file}"')
+    assert main(["proxy", "--router-config", str(path), "--store", str(tmp_path / "fd.db"), "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "[proxy] journal_dir" in err and "not a folder" in err
+
+
+# --- the real proxy over HTTP, its store and journal on real size-limited filesystems -----------------------
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted on `folder` (root only: CI and this machine run tests as root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for the full-disk test (needs root): {done.stderr.strip() or done.returncode}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # a file still open: detach it
+
+
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Fill the filesystem to its last byte (then give `leave` bytes back); the filler's path."""
+    path = folder / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    if leave:
+        os.ftruncate(fd, os.fstat(fd).st_size - leave)
+    os.close(fd)
+    return path
+
+
+@dataclass
+class Stop:
+    stored: int
+    journaled: int
+    journal: str
+    lost: int
+    recorded: int
+    line: str
+
+
+STOP_LINE = re.compile(r"fleetdeck proxy stopped: (\d+) ledger row\(s\) stored this run, (\d+) held in the journal "
+                       r"(\S+) for the next start, (\d+) lost \(of (\d+) recorded\).*")
+
+
+class ProxyProcess:
+    """`fleetdeck proxy` as systemd runs it, stopped with SIGTERM."""
+
+    def __init__(self, config: Path, store: Path, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(config), "--port", str(port), "--store", str(store)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT)
+        self.client = httpx.Client(base_url=self.url, trust_env=False, timeout=60)
+        deadline = time.time() + 120
+        while True:
+            try:
+                if self.client.get("/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and self.proc.poll() is None, self.output()
+            time.sleep(0.1)
+
+    def ask(self, i: int) -> int:
+        body = {"model": "tickets", "messages": [{"role": "user", "content": f"q{i} lp=-0.01"}]}
+        return self.client.post("/v1/chat/completions", json=body).status_code
+
+    def metrics(self) -> dict[str, float]:
+        text = self.client.get("/metrics").text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(fleetdeck_ledger_\w+) ([\d.e+]+)$", text, re.M)}
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        return self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+
+    def stop(self) -> tuple[Stop | None, str]:
+        """SIGTERM; the process must exit 0 by itself (no time is asserted: only that it ends and what it says)."""
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            assert self.proc.wait(timeout=300) == 0, self.output()
+        finally:
+            self.kill()
+        out = self.output()
+        m = STOP_LINE.search(out)
+        stop = Stop(int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5)), m.group(0)) if m else None
+        return stop, out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slm():
+    from tests.fakes.fake_openai import ServerThread, slm_app
+
+    server = ServerThread(slm_app()).start()
+    yield server
+    server.stop()
+
+
+def router_toml(path: Path, slm_url: str, journal_dir: Path | None) -> Path:
+    extra = f'journal_dir = "{journal_dir}"\n' if journal_dir else ""
+    path.write_text(f"""
+[proxy]
+api_keys_env = "FD_NO_SUCH_ENV"
+shutdown_grace_s = 1
+{extra}
+[[task]]
+name = "tickets"
+slm_base_url = "{slm_url}/v1"
+slm_model = "tickets-v3"
+confidence = "first_token"
+threshold = 0.5
+""")
+    return path
+
+
+WARM, ANSWERED = 5, 120
+
+
+@pytest.mark.parametrize("layout", ["one_full_disk", "journal_on_a_disk_with_room", "journal_on_a_disk_that_fills"])
+def test_a_full_disk_then_a_stop_then_a_restart_keeps_or_counts_every_answered_request(slm, tmp_path, layout):
+    """What an attacker did (disk full, then an ordinary stop): answered = stored + journaled + lost, the
+    stop line and /metrics say the same, and the restart stores exactly the journaled rows, once."""
+    with tmpfs(tmp_path / "store-fs", "512k") as store_fs, tmpfs(tmp_path / "journal-fs", "256k") as journal_fs:
+        journal_dir = {"one_full_disk": None, "journal_on_a_disk_with_room": tmp_path / "journal",
+                       "journal_on_a_disk_that_fills": journal_fs}[layout]
+        config = router_toml(tmp_path / "router.toml", slm.url, journal_dir)
+        db = store_fs / "fd.db"
+        port = free_port()
+        proxy = ProxyProcess(config, db, port)
+        try:
+            assert [proxy.ask(i) for i in range(WARM)] == [200] * WARM
+            assert wait_for(lambda: proxy.client.get("/health").json()["ledger_stored"] == WARM)
+            fillers = [fill(store_fs)]
+            if layout == "journal_on_a_disk_that_fills":
+                fillers.append(fill(journal_fs, leave=16 * 1024))  # room for a few dozen rows, then a torn one
+            # The proxy keeps answering on a full disk: the ledger's trouble is never the client's.
+            assert [proxy.ask(WARM + i) for i in range(ANSWERED)] == [200] * ANSWERED
+            total = WARM + ANSWERED
+            seen = proxy.metrics()
+            health = proxy.client.get("/health").json()
+            assert seen["fleetdeck_ledger_rows_recorded_total"] == total == health["ledger_recorded"]
+            assert (seen["fleetdeck_ledger_rows_written_total"] + seen["fleetdeck_ledger_rows_journaled"]
+                    + seen["fleetdeck_ledger_rows_unjournaled"] + seen["fleetdeck_ledger_rows_lost_total"]) == total
+            assert (health["ledger_stored"] + health["ledger_journaled"] + health["ledger_unjournaled"]
+                    + health["ledger_lost"]) == total
+            assert health["ledger_error"] and "full" in health["ledger_error"]
+            stop, out = proxy.stop()
+        finally:
+            proxy.kill()
+        assert stop is not None, out
+        # The stop line: only what is true, and it adds up.
+        assert stop.recorded == total and stop.stored + stop.journaled + stop.lost == total, stop.line
+        assert stop.stored >= seen["fleetdeck_ledger_rows_written_total"] and stop.lost >= seen["fleetdeck_ledger_rows_lost_total"]
+        assert stop.stored < total  # the full disk did refuse rows
+        if layout == "one_full_disk":
+            assert stop.lost > 0 and "not journaled" in stop.line and "No space left on device" in stop.line
+        elif layout == "journal_on_a_disk_with_room":
+            assert stop.lost == 0 and stop.journaled == total - stop.stored and stop.journal.startswith(str(journal_dir))
+        else:
+            assert stop.journaled > 0 and stop.lost > 0 and "write failed" in stop.line
+        # The log said it as it happened, not only at the stop.
+        before_stop = out.split("ledger at the stop")[0]
+        assert "ledger write failed (database or disk is full)" in before_stop
+        if stop.lost:
+            assert "ledger journal" in before_stop and "No space left on device" in before_stop
+
+        # Space returns; the next start writes the journaled rows, each once.
+        for f in fillers:
+            f.unlink()
+        again = ProxyProcess(config, db, port)
+        try:
+            seen2 = again.metrics()
+            assert seen2["fleetdeck_ledger_rows_replayed_total"] == stop.journaled
+            assert seen2["fleetdeck_ledger_journal_lines_unreadable_total"] == 0  # a torn line was cut back
+            assert again.client.get("/health").json()["ledger_replayed"] == stop.journaled
+            stop2, out2 = again.stop()
+        finally:
+            again.kill()
+        assert stop2 is not None and stop2.recorded == 0, out2
+        if stop.journaled:
+            assert f"{stop.journaled} row(s) of an earlier run's journal stored" in stop2.line
+        store = open_store(db)
+        try:
+            assert store.execute("SELECT count(*) FROM requests")[0][0] == stop.stored + stop.journaled
+            assert store.execute("SELECT count(DISTINCT id) FROM requests")[0][0] == stop.stored + stop.journaled
+            assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == stop.stored + stop.journaled
+        finally:
+            store.close()
+
+
+def test_a_journal_dir_others_can_write_is_refused_and_left_as_it_is(tmp_path):
+    from engine.router.config import RouterConfig
+    from engine.router.server import ProxyStartError, check_journal_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    cfg = RouterConfig.model_validate({"proxy": {"journal_dir": str(shared)}, "task": [
+        {"name": "t", "slm_base_url": "http://127.0.0.1:9/v1", "slm_model": "m", "threshold": 0.5}]})
+    with pytest.raises(ProxyStartError, match="other users can write") as exc:
+        check_journal_dir(cfg, tmp_path / "router.toml")
+    assert str(tmp_path / "router.toml") in str(exc.value) and "[proxy] journal_dir" in str(exc.value)
+    assert shared.stat().st_mode & 0o7777 == 0o1777  # not chmodded: it may be everyone's folder
+    made = tmp_path / "new" / "journal"
+    check_journal_dir(RouterConfig.model_validate({**cfg.model_dump(mode="json"), "proxy": {"journal_dir": str(made)}}))
+    assert made.is_dir() and made.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_link_planted_at_the_journals_name_is_not_written_through(tmp_path):
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    journal_path(store).symlink_to(target)
+    writer = LedgerWriter(store, flush_every_s=0.01)
+    writer.put(row(1))
+    report = writer.close(5)
+    assert target.read_text() == "precious\n"
+    assert report.counts.stored == 1 and report.counts.lost == 0
+    store.close()
+
+
+def test_a_stop_while_another_process_holds_the_store_locked_still_ends_and_counts(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock: each store write waits its busy timeout
+    try:
+        writer = LedgerWriter(store, flush_every_s=0.01, retry_every_s=0.05)
+        for i in range(15):
+            writer.put(row(i))
+        report = writer.close(0)  # the stop's grace is spent: one bounded attempt, then the reckoning
+        assert report.counts.recorded == 15 and report.counts.stored == 0
+        assert report.counts.journaled == 15 and report.counts.lost == 0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.close()
+    assert restart(db).replayed == 15 and len(stored_ids(db)) == 15
+
+
+def test_a_journal_line_that_parses_but_is_not_a_row_is_skipped_and_holds_nothing_up(tmp_path):
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    good = {"id": "g1", "ts": time.time(), "task": "t", "route": "slm", "escalated": False, "reason": "confident",
+            "status": 200}
+    lines = [good, {**good, "id": "b1", "ts": "yesterday"}, {**good, "id": "b2", "prompt_tokens": "many"},
+             {**good, "id": "b3", "status": True}, [1, 2], "text", {**good, "id": 7}]
+    journal_path(store).write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n\n")
+    writer = LedgerWriter(store, flush_every_s=0.01)
+    assert writer.replayed == 1 and writer.unreadable == 6 and writer.pending == 0
+    writer.put(row(2))
+    assert writer.close(5).counts.stored == 1
+    assert {r["id"] for r in store.query("SELECT id FROM requests")} == {"g1", "r2"}
+    store.close()
+
+
+def test_metrics_health_and_the_close_tell_the_same_over_http_without_root(slm, tmp_path):
+    """The same accounting through the in-process proxy (no mount needed): the store refuses, the journal
+    takes the first half of the rows and then the disk is full."""
+    from engine.router.config import RouterConfig
+    from engine.router.proxy import Router, create_app
+    from tests.fakes.fake_openai import ServerThread
+
+    config = RouterConfig.model_validate({"proxy": {"api_keys_env": None, "shutdown_grace_s": 0.2}, "task": [
+        {"name": "tickets", "slm_base_url": f"{slm.url}/v1", "slm_model": "m", "threshold": 0.5}]})
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    cap_store(store)
+    writer = LedgerWriter(store, flush_every_s=0.01, retry_every_s=0.05)
+    server = ServerThread(create_app(Router(config, writer, load_litellm=False))).start()
+    full = {"on": False}
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if full["on"] and fd == writer._fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    body = {"model": "tickets", "messages": [{"role": "user", "content": "q lp=-0.01"}]}
+    try:
+        with patch.object(os, "write", write), httpx.Client(base_url=server.url, trust_env=False, timeout=30) as client:
+            for i in range(20):
+                full["on"] = i >= 12
+                assert client.post("/v1/chat/completions", json=body).status_code == 200
+            assert wait_for(lambda: writer.write_failures > 0)
+            health = client.get("/health").json()
+            text = client.get("/metrics").text
+            assert (health["ledger_recorded"], health["ledger_stored"], health["ledger_journaled"],
+                    health["ledger_unjournaled"], health["ledger_lost"]) == (20, 0, 12, 8, 0)
+            assert "No space left on device" in health["ledger_journal_error"]
+            for line in ("fleetdeck_ledger_rows_recorded_total 20.0", "fleetdeck_ledger_rows_journaled 12.0",
+                         "fleetdeck_ledger_rows_unjournaled 8.0", "fleetdeck_ledger_rows_lost_total 0.0"):
+                assert line in text, text
+    finally:
+        server.stop()  # the app's shutdown closes the ledger within the grace
+    report = writer.close()
+    assert (report.counts.stored, report.counts.journaled, report.counts.lost) == (0, 12, 8)
+    assert "8 not stored" in report.summary() and "No space left on device" in report.summary()
+    store.close()
+    assert restart(db).replayed == 12 and len(stored_ids(db)) == 12
+
+
+def test_the_router_screens_backlog_counts_the_journal_where_journal_dir_puts_it(tmp_path):
+    from store.ledger import journal_backlog
+
+    store = open_store(tmp_path / "fd.db")
+    folder = tmp_path / "j"
+    folder.mkdir()
+    for path, n in ((journal_path(store, folder), 3), (journal_path(store), 2)):
+        path.write_text("".join(json.dumps({"id": f"{path.name}{i}"}) + "\n" for i in range(n)))
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    assert journal_backlog(store, time.time(), journal_dir=folder) == 5
+    assert journal_backlog(store, time.time()) == 2
+    store.close()
+
+
+def test_a_store_failure_in_the_middle_of_a_row_by_row_retry_folds_no_row_twice(tmp_path, monkeypatch):
+    """A batch with one unstorable row is written row by row; the disk fails half-way. The rows already in
+    the store are not sent again: their rollups would count twice."""
+    import sqlite3
+
+    import store.ledger as ledger_module
+
+    real = ledger_module.write_rows
+    failed = {"once": False}
+
+    def flaky(store, rows):
+        if len(rows) == 1 and rows[0].id == "r6" and not failed["once"]:
+            failed["once"] = True
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(store, rows)
+
+    monkeypatch.setattr(ledger_module, "write_rows", flaky)
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    writer = LedgerWriter(store, flush_every_s=0.2, retry_every_s=0.05)
+    for i in range(10):
+        writer.put(row(i, completion_text="cut \ud800" if i == 3 else "ok"))
+    assert wait_for(lambda: failed["once"] and writer.pending == 0)
+    report = writer.close(5)
+    assert report.counts.stored == 10 and writer.sanitized == 1
+    assert store.execute("SELECT count(*) FROM requests")[0][0] == 10
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 10
+    store.close()
+
+
+def test_a_journal_that_cannot_be_removed_after_its_replay_is_appended_to_safely(tmp_path):
+    """The replayed journal cannot be removed (its unlink is refused): the writer appends after what is there,
+    starting on a new line, and its rows are still replayed once."""
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    journal = journal_path(store)
+    journal.write_text(json.dumps({"id": "old", "ts": time.time(), "task": "t", "route": "slm", "escalated": False,
+                                   "reason": "confident", "status": 200}))  # and no newline: torn tail
+    real_unlink = Path.unlink
+
+    def no_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == journal:
+            raise PermissionError(13, "Permission denied")
+        real_unlink(self, missing_ok)
+
+    with patch.object(Path, "unlink", no_unlink):
+        writer = LedgerWriter(store, flush_every_s=0.01)
+    assert writer.replayed == 1
+    cap_store(store)
+    writer.put(row(1))
+    report = writer.close(0)
+    assert report.counts.journaled == 1
+    found = read_journal(journal)
+    assert {r.id for r in found.rows} == {"old", "r1"} and found.unreadable == 0
+    store.close()
+    assert restart(db).replayed == 1 and stored_ids(db) == {"old", "r1"}
