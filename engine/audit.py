@@ -49,6 +49,9 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "router.threshold": ("config", "task", "old", "new"),
     "model.merge": ("adapter", "base", "out"),
     "model.quantize": ("model", "method", "out"),
+    "process.kill": ("node", "pid", "gpu", "user", "command"),
+    "server.prune": ("servers",),
+    "job.prune": ("jobs",),
 }
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years

@@ -32,15 +32,51 @@ class ReadOnlyAware:
 
 
 class DeckScreen(ReadOnlyAware, Screen[None]):
+    """Header, status line, the screen's body, then (80x24 first) the filter bar when a `/` filter is
+    on, the flash line while a message lasts, the bar of screens and global keys, and a compact
+    footer of this screen's own keys."""
+
     def compose(self) -> ComposeResult:
+        from tui.chrome import FilterBar, FlashLine, ScreenBar
+
         options = getattr(self.app, "options", None)
         yield Header(show_clock=getattr(options, "show_clock", True))
         yield StatusLine(getattr(self.app, "status_text", ""), id="status", markup=True)
         yield from self.compose_body()
-        yield Footer()
+        bar = FilterBar(id="filter-bar")
+        bar.display = False
+        yield bar
+        flash = FlashLine("", id="flash")
+        flash.display = False
+        yield flash
+        yield ScreenBar(getattr(self.app, "current_mode", None), id="screen-bar")
+        yield Footer(compact=True, show_command_palette=False)
 
     def compose_body(self) -> ComposeResult:
         yield from ()
+
+    @property
+    def filter_bar(self) -> Any:
+        from tui.chrome import FilterBar
+
+        found = self.query(FilterBar)
+        return found.first() if found else None
+
+    def open_filter(self, table: Any) -> None:
+        bar = self.filter_bar
+        if bar is not None:
+            bar.open(table)
+
+    def show_flashes(self, flashes: list[Any]) -> None:
+        from tui.chrome import FlashLine
+
+        for line in self.query(FlashLine):
+            line.show(flashes)
+
+    def on_screen_resume(self) -> None:
+        flashes = getattr(self.app, "live_flashes", None)
+        if flashes is not None:
+            self.show_flashes(flashes())
 
 
 class PolledScreen(DeckScreen):

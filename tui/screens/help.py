@@ -8,6 +8,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
+from tui.table import NavTable
+
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close", id="help.close")]
@@ -18,8 +20,8 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
-            yield Static("[b]Keys[/b]  (Esc closes; ctrl+p opens the command palette)", id="help-title")
-            table: DataTable[str] = DataTable(id="help-table", cursor_type="row", show_cursor=False)
+            yield Static("[b]Keys[/b]  (Esc closes; : or ctrl+p lists every action of the screen)", id="help-title")
+            table: DataTable[str] = NavTable(id="help-table", cursor_type="row", show_cursor=False)
             table.add_columns("Key", "Action", "Where")
             for key, desc, scope in self.rows:
                 table.add_row(key, desc, scope)
