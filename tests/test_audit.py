@@ -79,6 +79,11 @@ def test_every_cli_action_leaves_exactly_one_record_with_its_outcome(site, capsy
     step(["finetune", "cancel", jid], "job.cancel")
     step(["finetune", "resume", jid], "job.resume")
     step(["finetune", "cancel", jid], "job.cancel")
+    step(["finetune", "prune"], "job.prune")  # the cancelled job's record goes; its folder stays
+    assert jid not in _cli(site, capsys, "finetune", "ls")[1]
+    step(["serve", "prune"], "server.prune")
+    assert sid not in _cli(site, capsys, "serve", "ls")[1]
+    step(["kill", "999999"], "process.kill", "refused")  # holds no GPU of this host: never signalled
     step(["calibrate", "no-such-task", "--eval", "x.jsonl", "--apply", "--config", str(site / "none.toml")],
          "router.threshold", "refused")
     # The adapter lifecycle: import, evaluate (loaded first, so the evaluation is one record), promote,
@@ -121,6 +126,9 @@ MUTATING_CLI = [
     (["adapters", "rollback", "t"], "adapter.rollback"),
     (["finetune", "merge", "tickets@v1"], "model.merge"),
     (["finetune", "quantize", "models/x", "--calibration", "x.jsonl"], "model.quantize"),
+    (["serve", "prune"], "server.prune"),
+    (["finetune", "prune"], "job.prune"),
+    (["kill", "999999"], "process.kill"),
 ]
 
 
