@@ -39,6 +39,7 @@ def plain(cell: Cell) -> str:
     return cell.plain if isinstance(cell, Text) else str(cell)
 
 
+_LEAD = re.compile(r"^[^\w$.-]+")
 _NUMBER = re.compile(r"-?\$?[\d,]*\.?\d+(?:e[-+]?\d+)?")
 
 
@@ -47,7 +48,7 @@ def sort_value(cell: Cell) -> tuple[int, float, str]:
     text = plain(cell).strip()
     if not text or text.lower() in ("n/a", "-", "?"):
         return (2, 0.0, "")
-    m = _NUMBER.match(text.lstrip("▾▲ "))
+    m = _NUMBER.match(_LEAD.sub("", text))  # past a bar, a marker or an arrow: "█▍ 18.6/80" is 18.6
     if m:
         try:
             return (0, float(m.group().replace(",", "").replace("$", "")), text.lower())
