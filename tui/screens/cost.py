@@ -88,5 +88,10 @@ class CostScreen(PolledScreen):
         labels = [h["month"][2:] for h in hist]
         plt.multiple_bar(labels, [[h["total_cost_usd"] for h in hist], [h["all_frontier_cost_usd"] for h in hist]],
                          labels=["actual", "all-frontier"], color=["cyan", "red"])
+        # Month labels chosen here, short and apart: plotext places crowded labels differently from run to run.
+        names = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        step = 3 if plot.size.width < 60 else (2 if plot.size.width < 100 else 1)
+        shown = [i for i in range(len(hist)) if (len(hist) - 1 - i) % step == 0]
+        plt.xticks([i + 1 for i in shown], [names[int(hist[i]["month"][5:7]) - 1] for i in shown])
         plt.title("last 12 months, USD")
         plot.refresh()
