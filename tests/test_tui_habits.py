@@ -171,7 +171,7 @@ async def test_the_palette_lists_the_screens_actions_with_their_keys_and_runs_th
         titles = [c.title for c in app.get_system_commands(screen)]
         for wanted in ("Start (s)", "Stop (x)", "Restart (r)", "Prune (p)", "Logs (l)", "Swap adapter (a, then w)",
                        "Filter (/)", "Sort (o)", "Servers (3)"):
-            assert wanted in titles, titles
+            assert any(t.startswith(wanted) for t in titles), (wanted, titles)
         await pilot.press("colon")
         await pilot.pause()
         assert isinstance(app.screen, CommandPalette)
@@ -188,10 +188,10 @@ async def test_the_palette_lists_the_screens_actions_with_their_keys_and_runs_th
         await pilot.press("7")
         await settle(app, pilot)
         titles = [c.title for c in app.get_system_commands(app.screen)]
-        assert "Verify (v)" in titles and "Start (s)" not in titles
+        assert "Verify (v)" in titles and not any(t.startswith("Start (s)") for t in titles)
         await pilot.press("1")
         await settle(app, pilot)
-        assert "Kill process (^k)" in [c.title for c in app.get_system_commands(app.screen)]
+        assert any(c.title.startswith("Kill process (^k)") for c in app.get_system_commands(app.screen))
 
 
 async def test_read_only_leaves_mutating_actions_out_of_the_palette(tmp_path):
@@ -200,7 +200,8 @@ async def test_read_only_leaves_mutating_actions_out_of_the_palette(tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await open_screen(app, pilot, "3", ServersScreen)
         titles = [c.title for c in app.get_system_commands(screen)]
-        assert "Logs (l)" in titles and not {"Start (s)", "Stop (x)", "Prune (p)"} & set(titles)
+        assert "Logs (l)" in titles
+        assert not [t for t in titles if t.startswith(("Start (s)", "Stop (x)", "Prune (p)", "Restart (r)"))]
 
 
 # -- prune --------------------------------------------------------------------------------------------

@@ -310,7 +310,9 @@ class FleetDeckApp(App[None]):
                         continue
                     key = b.key_display or self.get_key_display(b)
                     where = getattr(screen, "PALETTE_SCOPE", None) or type(screen).__name__.removesuffix("Screen")
-                    yield SystemCommand(f"{b.description} ({key})", f"{where}: {b.tooltip or b.description}",
+                    # The palette searches titles: the longer description goes there too ("calib" finds Apply).
+                    more = f": {b.tooltip[0].lower()}{b.tooltip[1:]}" if b.tooltip else ""
+                    yield SystemCommand(f"{b.description} ({key}){more}", f"{where}, key {key}",
                                         partial(self.run_action, b.action, namespace))
         for title, help_text, action in getattr(screen, "PALETTE_EXTRA", ()):
             if screen.check_action(action.split("(", 1)[0], ()):

@@ -253,7 +253,10 @@ class FleetScreen(DeckScreen):
         self.procs.set_rows(rows)
         title = "processes"
         if where is not None:
-            title = f"processes on {where[1] or where[0]}" + ("  (simulated)" if snap and snap.simulated else "")
+            gpu = next((g for g in snap.gpus if g.key == where[1]), None) if snap is not None else None
+            title = f"processes on {where[0]}" + (f" GPU {gpu.index}" if gpu is not None else "")
+            title += "  (simulated)" if snap is not None and snap.simulated else ""
+            title += "  ·  Tab: into the table, ctrl+k: kill" if rows else "  ·  none"
         self.procs.border_title = title
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
