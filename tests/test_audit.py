@@ -79,11 +79,13 @@ def test_every_cli_action_leaves_exactly_one_record_with_its_outcome(site, capsy
     step(["finetune", "cancel", jid], "job.cancel")
     step(["finetune", "resume", jid], "job.resume")
     step(["finetune", "cancel", jid], "job.cancel")
-    step(["finetune", "prune"], "job.prune")  # the cancelled job's record goes; its folder stays
+    assert f"pruned 1 ended jobs: {jid}" in step(["finetune", "prune"], "job.prune")  # its folder stays
     assert jid not in _cli(site, capsys, "finetune", "ls")[1]
-    step(["serve", "prune"], "server.prune")
+    assert f"pruned 1 ended servers: {sid}" in step(["serve", "prune"], "server.prune")
     assert sid not in _cli(site, capsys, "serve", "ls")[1]
-    step(["kill", "999999"], "process.kill", "refused")  # holds no GPU of this host: never signalled
+    assert "no ended servers to prune" in step(["serve", "prune"], "server.prune")
+    # Holds no GPU of this host: never signalled, one line, refused and recorded.
+    assert "fleetdeck kill: pid 999999 no longer holds a GPU" in step(["kill", "999999"], "process.kill", "refused")
     step(["calibrate", "no-such-task", "--eval", "x.jsonl", "--apply", "--config", str(site / "none.toml")],
          "router.threshold", "refused")
     # The adapter lifecycle: import, evaluate (loaded first, so the evaluation is one record), promote,
