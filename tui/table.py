@@ -87,6 +87,7 @@ class DeckTable(NavTable):
         self._shown_keys: list[str] = []
         self._texts: dict[tuple[str, str], str] = {}
         self._mark: tuple[str | None, bool] = (None, False)
+        self._flex: dict[str, int] = {}
 
     # -- what the screens call ----------------------------------------------------------------
     def set_rows(self, rows: Iterable[tuple[str, Sequence[Cell]]], groups: dict[str, str] | None = None) -> None:
@@ -261,7 +262,8 @@ class DeckTable(NavTable):
                 if c.key in shown:
                     self.add_column(self._label(c), key=c.key)
             self._shown_keys = []
-        if keys != self._shown_keys:
+        if keys != self._shown_keys or flex != self._flex:  # a flex column's room changed: cut its cells again
+            self._flex = flex
             selected = selected if rebuilt else self.selected_key()
             self.clear()
             self._texts.clear()
