@@ -59,20 +59,21 @@ async def test_slash_filters_the_fleet_and_esc_clears_it():
         everything = keys(table)
         await pilot.press("slash")
         bar = app.screen.query_one(FilterBar)
-        assert bar.display and app.focused is bar
+        row = app.screen.query_one("#filter-row")
+        assert row.display and app.focused is bar
         await pilot.press(*"4090")
         await pilot.pause()
         # A GPU row that matches keeps its node's row above it; nothing else stays.
         assert keys(table) == ["node:sim-ws-4090", *[k for k in everything if k.startswith("gpu:sim-ws-4090/")]]
         await pilot.press("enter")  # keep the filter, back to the table (still in sight)
         await pilot.pause()
-        assert app.focused is table and bar.display and table.filter_text == "4090"
+        assert app.focused is table and row.display and table.filter_text == "4090"
         app.poll_once_sync()  # a refresh keeps the filter
         await pilot.pause()
         assert keys(table)[0] == "node:sim-ws-4090" and len(keys(table)) == 2
         await pilot.press("escape")  # Esc on the table clears it
         await pilot.pause()
-        assert keys(table) == everything and not bar.display and table.filter_text == ""
+        assert keys(table) == everything and not row.display and table.filter_text == ""
         await pilot.press("slash", "x", "y", "z", "escape")  # Esc in the bar clears too
         await pilot.pause()
         assert keys(table) == everything and app.focused is table

@@ -90,8 +90,13 @@ class FilterBar(Input):
     def open(self, table: Any) -> None:
         self.target = table
         self.value = table.filter_text
-        self.display = True
+        self._show(True)
         self.focus()
+
+    def _show(self, shown: bool) -> None:
+        """The bar lives in a row with its `/` mark (the screen's #filter-row): that row shows or hides."""
+        holder = self.parent if getattr(self.parent, "id", None) == "filter-row" else self
+        holder.display = shown
 
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
@@ -111,6 +116,6 @@ class FilterBar(Input):
             self.value = ""
             if target is not None:
                 target.set_filter("")
-        self.display = bool(target is not None and target.filter_text)  # a kept filter stays in sight
+        self._show(bool(target is not None and target.filter_text))  # a kept filter stays in sight
         if target is not None:
             target.focus()

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from textual.app import ComposeResult
 from textual.screen import ModalScreen, Screen
+from textual.containers import Horizontal
 from textual.widgets import DataTable, Footer, Header, Static
 
 
@@ -43,9 +44,10 @@ class DeckScreen(ReadOnlyAware, Screen[None]):
         yield Header(show_clock=getattr(options, "show_clock", True))
         yield StatusLine(getattr(self.app, "status_text", ""), id="status", markup=True)
         yield from self.compose_body()
-        bar = FilterBar(id="filter-bar")
-        bar.display = False
-        yield bar
+        with Horizontal(id="filter-row") as row:  # "/ text": the filter in force, while it is
+            row.display = False
+            yield Static("/ ", id="filter-mark")
+            yield FilterBar(id="filter-bar")
         flash = FlashLine("", id="flash")
         flash.display = False
         yield flash
@@ -135,23 +137,6 @@ def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
         return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
     except Exception:  # the cursor sits past a row that was just removed
         return None
-
-
-def sync_table(table: DataTable, rows: list[tuple[str, list[Any]]], columns: tuple[str, ...]) -> None:  # type: ignore[type-arg]
-    """Show `rows` (key, cells in `columns` order): rebuild when the set of rows changed, keeping the cursor
-    on the same row; otherwise update the cells in place (a rebuild loses the cursor and scroll)."""
-    keys = [k for k, _ in rows]
-    if keys != [r.key.value for r in table.ordered_rows]:
-        selected = highlighted_key(table)
-        table.clear()
-        for key, cells in rows:
-            table.add_row(*cells, key=key)
-        if selected in keys:
-            table.move_cursor(row=keys.index(selected))
-        return
-    for key, cells in rows:
-        for col, value in zip(columns, cells):
-            table.update_cell(key, col, value)
 
 
 class DeckModal(ReadOnlyAware, ModalScreen[Any]):
