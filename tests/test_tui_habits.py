@@ -353,3 +353,67 @@ async def test_audit_filters_are_visible_at_80x24_and_esc_leaves_them(tmp_path):
         assert app.focused is table
         await pilot.press("f", "escape")
         assert app.focused is table
+
+
+def test_a_kill_on_a_node_over_ssh_is_refused_with_what_to_do_and_audited(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.node_ops import AgentOps
+    from engine.processes import KillError, KillRequest
+
+    path = tmp_path / "fd.db"
+    ops = AgentOps(SimpleNamespace(name="gpu-02"))  # the agent is never asked: it has no such op
+    with audit.session(path, "tui"):
+        with pytest.raises(KillError, match="ssh gpu-02 and kill 4242 there"):
+            ops.kill_process(KillRequest("gpu-02", 4242, "1", "python train.py", "ops"))
+    (rec,) = audit.query(open_store(path))
+    assert (rec["action"], rec["target"], rec["outcome"]) == ("process.kill", "gpu-02:4242", "refused")
+
+
+# -- the table's filter and sort, as properties ----------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from tui.table import Col, sort_value  # noqa: E402
+
+_cell = st.one_of(st.text(alphabet="ab1.%$ ▎█-", max_size=6), st.floats(-1e6, 1e6).map(lambda x: f"{x:,.1f}"),
+                  st.just("n/a"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.lists(st.lists(st.tuples(_cell, _cell), min_size=1, max_size=4), min_size=1, max_size=4),
+       needle=st.text(alphabet="ab1.", max_size=2), sort_col=st.sampled_from([None, "a", "b"]), rev=st.booleans())
+def test_filter_keeps_matches_under_their_group_head_and_sort_orders_within_groups(groups, needle, sort_col, rev):
+    table = DeckTable((Col("a", "A"), Col("b", "B")))
+    rows, owner = [], {}
+    for g, members in enumerate(groups):
+        for i, cells in enumerate(members):
+            key = f"{g}:{i}"
+            rows.append((key, list(cells)))
+            owner[key] = f"g{g}"
+    table.rows_given, table.groups = rows, owner
+    table.filter_text, table.sort_col, table.sort_reverse = needle, sort_col, rev
+    out = table.visible_rows()
+    keys = [k for k, _ in out]
+    assert len(keys) == len(set(keys)) and set(keys) <= {k for k, _ in rows}
+
+    def hit(cells: list[str]) -> bool:  # the text of one cell holds the filter (case-insensitive)
+        return any(needle.lower() in c.lower() for c in cells)
+
+    for g, members in enumerate(groups):
+        head = f"{g}:0"
+        rest = [f"{g}:{i}" for i in range(1, len(members))]
+        shown_rest = [k for k in keys if k in rest]
+        head_hit = hit(list(members[0]))
+        if len(members) == 1:
+            assert (head in keys) == head_hit  # a lone head is a row like any other
+            continue
+        # A member shows when it matches or its head does; the head shows when anything of its group does.
+        for i, k in enumerate(rest, start=1):
+            assert (k in keys) == (head_hit or hit(list(members[i])))
+        assert (head in keys) == (head_hit or bool(shown_rest))
+        if shown_rest:
+            assert keys.index(head) < min(keys.index(k) for k in shown_rest)
+        if sort_col is not None:
+            idx = 0 if sort_col == "a" else 1
+            values = [sort_value(dict(rows)[k][idx]) for k in shown_rest]
+            assert values == sorted(values, reverse=rev)
