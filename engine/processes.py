@@ -50,7 +50,9 @@ def _kill(req: KillRequest, gpu_pids: Callable[[], set[int]], grace_s: float) ->
     if req.simulated:
         raise KillError(f"{req.node} is a simulated node: pid {req.pid} is not a real process "
                         "(stop its server on Servers or its job on Jobs)")
-    if req.pid <= 1 or req.pid == os.getpid() or req.pid in {p.pid for p in psutil.Process().parents()}:
+    if req.pid <= 1:
+        raise KillError(f"pid {req.pid} is not a process to signal")
+    if req.pid == os.getpid() or req.pid in {p.pid for p in psutil.Process().parents()}:
         raise KillError(f"pid {req.pid} is fleetdeck itself or one of its parents")
     if req.pid not in gpu_pids():
         raise KillError(f"pid {req.pid} no longer holds a GPU of {req.node}")
