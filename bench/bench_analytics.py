@@ -81,7 +81,7 @@ def main() -> None:
         for name, fn in figures.items():
             print(f"  {name:34} {timed(fn):8.1f} ms (median of 5)")
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "fleetdeck", "report", "--json", "--store", str(path), "--config", str(cfg)],
+        out = subprocess.run([sys.executable, "-m", "fleetdeck", "report", "--json", "--store", str(path), "--router-config", str(cfg)],
                              capture_output=True, text=True, cwd=ROOT)
         print(f"  {'`fleetdeck report --json` (process)':34} {(time.perf_counter() - t) * 1000:8.1f} ms wall, exit {out.returncode}"
               " (includes interpreter start)")

@@ -192,7 +192,7 @@ def main() -> None:
             frontier_api_base = "{upstream}/v1"
         '''))
         env = dict(os.environ, FD_BENCH_KEYS="sk-bench")
-        procs.append(start([PY, "-m", "fleetdeck", "proxy", "--config", str(tmp / "router.toml"), "--port", str(fd_port),
+        procs.append(start([PY, "-m", "fleetdeck", "proxy", "--router-config", str(tmp / "router.toml"), "--port", str(fd_port),
                             "--store", str(tmp / "ledger.db")], env))
         fleetdeck = f"http://127.0.0.1:{fd_port}"
         wait_ready(fleetdeck, procs[-1])

@@ -62,6 +62,9 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "model.merge": ("adapter", "base", "out"),
     "model.quantize": ("model", "method", "out"),
     "audit.prune": ("cutoff", "retention_days", "removed", "first_kept"),
+    "process.kill": ("node", "pid", "gpu", "user", "command"),
+    "server.prune": ("servers",),
+    "job.prune": ("jobs",),
 }
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years

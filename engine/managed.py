@@ -104,6 +104,14 @@ def load_all(store: Store, cls: type[R]) -> list[R]:
     return [_from_row(cls, r) for r in store.query("SELECT * FROM managed WHERE kind = ? ORDER BY started_at", (cls.KIND,))]
 
 
+def forget(store: Store, cls: type[ManagedRecord], ids: list[str]) -> None:
+    """Remove records (prune): their files on disk are not touched."""
+    if not ids:
+        return
+    with store.transaction() as conn:
+        conn.executemany("DELETE FROM managed WHERE kind = ? AND id = ?", [(cls.KIND, i) for i in ids])
+
+
 class AmbiguousId(LookupError):
     """A prefix that names more than one record; the message lists them."""
 

@@ -92,6 +92,19 @@ class NodeOps(Protocol):
 
     def swap_adapter(self, sid: str, old: str, adapter: str) -> str: ...
 
+    def kill_process(self, req: Any) -> str: ...  # engine.processes.KillRequest
+
+    def prune_servers(self) -> str: ...
+
+    def prune_jobs(self) -> str: ...
+
+
+def _pruned(what: str, ids: list[str]) -> str:
+    if not ids:
+        return f"no ended {what} to prune"
+    return (f"pruned {len(ids)} ended {what}: {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''} "
+            "(their logs stay on disk)")
+
 
 def split_id(shown: str) -> tuple[str | None, str]:
     """"@node:id" -> ("node", "id"); a local id -> (None, id)."""
@@ -195,6 +208,21 @@ class LocalOps:
         rec = launcher.get(self.store, sid)
         return adapters.unload(rec.base_url, name, rec.api_key, server=rec.id)
 
+    def kill_process(self, req: Any) -> str:
+        from engine.processes import kill_gpu_process
+
+        return kill_gpu_process(req)
+
+    def prune_servers(self) -> str:
+        from engine.vllm import launcher
+
+        return _pruned("servers", [r.id for r in launcher.prune(self.store)])
+
+    def prune_jobs(self) -> str:
+        from engine.finetune import jobs
+
+        return _pruned("jobs", [r.id for r in jobs.prune(self.store)])
+
 
 @dataclass
 class AgentOps:
@@ -295,6 +323,28 @@ class AgentOps:
 
         audit.refuse_if_read_only("adapter.unload", name, server=f"@{self.name}:{sid}", adapter=name)
         return str(self._ask(Op.UNLOAD_ADAPTER, {"server": sid, "name": name}, timeout=60))
+
+    # The agent protocol (v2) has no op to signal a process or to prune records: these are refused here,
+    # audited, with what to do instead, rather than stretched over an op that means something else.
+    def kill_process(self, req: Any) -> str:
+        from engine.processes import KillError
+
+        audit.refuse_if_read_only("process.kill", f"{req.node}:{req.pid}", node=req.node, pid=req.pid)
+        why = (f"{self.name} is reached over SSH and its agent cannot signal processes: "
+               f"ssh {self.name} and kill {req.pid} there, or stop its server or job")
+        audit.record("process.kill", f"{req.node}:{req.pid}", "refused", why, node=req.node, pid=req.pid,
+                     gpu=req.gpu, user=req.user, command=req.command[:200])
+        raise KillError(why)
+
+    def prune_servers(self) -> str:
+        from fleet.remote import AgentError
+
+        raise AgentError(f"{self.name}: prune its ended servers on the node (`fleetdeck serve prune`)")
+
+    def prune_jobs(self) -> str:
+        from fleet.remote import AgentError
+
+        raise AgentError(f"{self.name}: prune its ended jobs on the node (`fleetdeck finetune prune`)")
 
 
 def serve_adapter(ops: NodeOps, adapter: str) -> str:

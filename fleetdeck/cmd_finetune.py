@@ -49,6 +49,9 @@ def register(sub: Any) -> None:
             p.add_argument("-n", type=int, default=60)
         p.add_argument("--node", help="on this node of the fleet config, through its agent")
         p.set_defaults(handler=fn)
+    pr = fsub.add_parser("prune", parents=[sub.common],
+                         help="forget finished, failed and cancelled jobs (their folders stay on disk)")
+    pr.set_defaults(handler=run_prune)
     mg = fsub.add_parser("merge", parents=[sub.common], help="merge an adapter version into its 16-bit base (a job)")
     mg.add_argument("source", help="NAME@vN, or a finished fine-tune's job id")
     mg.add_argument("--out", help="the merged model's folder (default: the models root, NAME-vN-merged)")
@@ -231,6 +234,14 @@ def run_cancel(args: argparse.Namespace) -> int:
 @mutating("job.resume", lambda a: a.id)
 def run_resume(args: argparse.Namespace) -> int:
     return _act(args, "resume")
+
+
+@mutating("job.prune", lambda a: "ended jobs")
+def run_prune(args: argparse.Namespace) -> int:
+    from engine.node_ops import LocalOps
+
+    print(LocalOps(_store(args), []).prune_jobs())
+    return 0
 
 
 def run_logs(args: argparse.Namespace) -> int:

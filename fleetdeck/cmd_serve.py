@@ -59,6 +59,9 @@ def register(sub: Any) -> None:
     lg.add_argument("-n", type=int, default=60)
     lg.add_argument("--node", help="on this node of the fleet config, through its agent")
     lg.set_defaults(handler=run_logs)
+    pr = ssub.add_parser("prune", parents=[sub.common],
+                         help="forget stopped and crashed servers (their logs stay on disk)")
+    pr.set_defaults(handler=run_prune)
 
 
 def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None, str | None]:
@@ -288,6 +291,14 @@ def run_stop(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         return _err(str(exc))
     print(f"{rec.id}: stopped")
+    return 0
+
+
+@mutating("server.prune", lambda a: "ended servers")
+def run_prune(args: argparse.Namespace) -> int:
+    from engine.node_ops import LocalOps
+
+    print(LocalOps(_store(args), []).prune_servers())
     return 0
 
 

@@ -79,6 +79,13 @@ def test_every_cli_action_leaves_exactly_one_record_with_its_outcome(site, capsy
     step(["finetune", "cancel", jid], "job.cancel")
     step(["finetune", "resume", jid], "job.resume")
     step(["finetune", "cancel", jid], "job.cancel")
+    assert f"pruned 1 ended jobs: {jid}" in step(["finetune", "prune"], "job.prune")  # its folder stays
+    assert jid not in _cli(site, capsys, "finetune", "ls")[1]
+    assert f"pruned 1 ended servers: {sid}" in step(["serve", "prune"], "server.prune")
+    assert sid not in _cli(site, capsys, "serve", "ls")[1]
+    assert "no ended servers to prune" in step(["serve", "prune"], "server.prune")
+    # Holds no GPU of this host: never signalled, one line, refused and recorded.
+    assert "fleetdeck kill: pid 999999 no longer holds a GPU" in step(["kill", "999999"], "process.kill", "refused")
     step(["calibrate", "no-such-task", "--eval", "x.jsonl", "--apply", "--config", str(site / "none.toml")],
          "router.threshold", "refused")
     # The adapter lifecycle: import, evaluate (loaded first, so the evaluation is one record), promote,
@@ -125,6 +132,9 @@ MUTATING_CLI = [
     (["adapters", "rollback", "t"], "adapter.rollback"),
     (["finetune", "merge", "tickets@v1"], "model.merge"),
     (["finetune", "quantize", "models/x", "--calibration", "x.jsonl"], "model.quantize"),
+    (["serve", "prune"], "server.prune"),
+    (["finetune", "prune"], "job.prune"),
+    (["kill", "999999"], "process.kill"),
 ]
 
 
@@ -265,11 +275,12 @@ async def test_read_only_disables_every_mutating_key_on_every_screen(tmp_path):
     from fleet.config import FleetConfig
     from tests.tui_helpers import make_app, ready
     from tui.screens.base import ReadOnlyAware
+    from tui.screens.fleet import FleetScreen
     from tui.screens.jobs import JobsScreen, StartJobScreen
     from tui.screens.router import RouterScreen
     from tui.screens.servers import AdaptersScreen, ServersScreen, StartServerScreen
 
-    screens = [ServersScreen, StartServerScreen, AdaptersScreen, JobsScreen, StartJobScreen, RouterScreen]
+    screens = [FleetScreen, ServersScreen, StartServerScreen, AdaptersScreen, JobsScreen, StartJobScreen, RouterScreen]
     every = {c for c in _subclasses(ReadOnlyAware) if c.MUTATING}
     assert every == set(screens)  # a screen with keys that change a node is listed here
     app = make_app(store_path=tmp_path / "fd.db")
@@ -480,7 +491,7 @@ def test_a_proxy_reload_is_audited_and_fails_closed(site, tmp_path):
     url = f"http://127.0.0.1:{port}"
     models = lambda: sorted(m["id"] for m in httpx.get(f"{url}/v1/models", trust_env=False).json()["data"])  # noqa: E731
     try:
-        wait_http(f"{url}/health")
+        wait_http(f"{url}/v1/models")  # /health is 503 "down" here: its one task has no upstream
         cfg.write_text(cfg.read_text() + task.format("b"))
         r = httpx.post(f"{url}/admin/reload", trust_env=False, timeout=30)
         assert r.status_code == 200 and models() == ["a", "b"], r.text

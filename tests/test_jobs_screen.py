@@ -54,7 +54,7 @@ async def _cancel_from_the_screen(app, store, rec):
         await settle(app, pilot)
         assert isinstance(app.screen, JobsScreen)
         table = app.screen.query_one("#jobs-table", DataTable)
-        assert "(simulated)" in str(table.get_cell(rec.id, "id"))
+        assert "(sim)" in str(table.get_cell(rec.id, "id"))
         assert str(table.get_cell(rec.id, "step")).endswith("/200")
         assert str(table.get_cell(rec.id, "state")) == "running"
         await pilot.press("c")

@@ -144,15 +144,4 @@ async def test_history_survives_a_restart_through_the_store(tmp_path):
         assert any(len(h.util) >= 1 for h in again.poller.history.values())
 
 
-def test_snapshot_fleet_80x24(snap_compare):
-    async def run_before(pilot):
-        await ready(pilot.app, pilot)
-
-    assert snap_compare(make_app(), terminal_size=(80, 24), run_before=run_before)
-
-
-def test_snapshot_fleet_200x60(snap_compare):
-    async def run_before(pilot):
-        await ready(pilot.app, pilot)
-
-    assert snap_compare(make_app(), terminal_size=(200, 60), run_before=run_before)
+# The Fleet screen's snapshots are in tests/test_snapshots.py, with every other screen's.

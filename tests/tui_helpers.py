@@ -82,3 +82,54 @@ async def press_and_confirm(app: FleetDeckApp, pilot, key: str) -> None:
         await app.workers.wait_for_complete()
     assert isinstance(app.screen, ConfirmScreen), app.screen
     await pilot.press("y")
+
+
+def seeded_store(path: Path) -> Path:
+    """A store with fixed data for the screens' snapshots: ended servers and jobs (nothing runs, nothing is
+    scraped), a job's loss curve, the router's history up to FIXED_NOW, and audit records."""
+    import json
+
+    from engine import audit
+    from engine.finetune.jobs import JobRecord
+    from engine.router.demo import backfill
+    from engine.vllm.launcher import ServerRecord
+    from store.db import open_store
+
+    store = open_store(path)
+    common = dict(pid=None, create_time=None, argv=[], env={}, started_at=FIXED_NOW - 3600, ended_at=FIXED_NOW - 600)
+    for sid, node, state, gpus, reason in (
+        ("mistral-7b-awq-e68a77", "sim-h100-01", "stopped", "0", "stopped by the operator"),
+        ("qwen3-8b-d673f2", "sim-h100-01", "crashed", "1",
+         "CUDA out of memory while loading the weights: lower gpu_memory_utilization or max_model_len"),
+        ("llama-3.2-3b-736f51", "sim-a10-02", "stopped", "0,1", "stopped by the operator"),
+    ):
+        ServerRecord(id=sid, name=sid.rsplit("-", 1)[0], node=node, gpus=gpus, port=8000,
+                     log_path=f"/var/log/fleetdeck/{sid}.log", spec={"model": sid.rsplit("-", 1)[0]}, state=state,
+                     reason=reason, **common).save(store)
+    workdir = path.parent / "ft-tickets-v5-1a2b3c"
+    workdir.mkdir(exist_ok=True)
+    events = [{"event": "step", "step": s, "total_steps": 600, "loss": 2.4 - 0.003 * s, "learning_rate": 2e-4,
+               "tokens_per_s": 5120.0, "elapsed_s": s * 3.0, "eta_s": (600 - s) * 3.0} for s in range(1, 301, 10)]
+    (workdir / "progress.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    for jid, state, reason, wd in (
+        ("ft-tickets-v5-1a2b3c", "cancelled", "cancelled at step 291; `fleetdeck finetune resume` continues",
+         str(workdir)),
+        ("ft-triage-v2-4d5e6f", "failed", "dataset error: run `fleetdeck finetune check SPEC`.", "/nonexistent"),
+    ):
+        JobRecord(id=jid, name=jid.rsplit("-", 1)[0], node="sim-h100-01", gpus="2", port=None,
+                  log_path=f"/var/log/fleetdeck/{jid}.log", spec={"backend": "peft", "base_model": "/models/Qwen3-8B",
+                                                                  "dataset": "/data/tickets.jsonl", "lora_rank": 16,
+                                                                  "lora_alpha": 32, "load_in_4bit": True},
+                  state=state, reason=reason, workdir=wd, **common).save(store)
+    backfill(store, FIXED_NOW, days=30, daily_only_days=60, minute_hours=1.0)
+    for i, (action, target, outcome, reason) in enumerate((
+        ("server.start", "mistral-7b-awq-e68a77", "done", None),
+        ("server.stop", "mistral-7b-awq-e68a77", "done", None),
+        ("job.start", "ft-tickets-v5-1a2b3c", "done", None),
+        ("adapter.load", "too-wide", "refused", "rank 128 is above the server's max LoRA rank 16"),
+        ("process.kill", "sim-h100-01:4242", "refused", "sim-h100-01 is a simulated node"),
+    )):
+        audit.append(store, action, target, outcome, reason, source="tui", node="sim-h100-01",
+                     who={"actor": "ops", "origin": "local", "key_fingerprint": None}, ts=FIXED_NOW - 3000 + 60 * i)
+    store.close()
+    return path

@@ -77,16 +77,20 @@ class FleetDeckApp(App[None]):
     TITLE = "fleetdeck"
     ENABLE_COMMAND_PALETTE = True
 
+    # The screens' keys and the global ones are on the screen bar above the footer (tui/chrome.py),
+    # so the footer holds only the keys of the screen on top and fits 80 columns.
     BINDINGS = [
-        Binding("q", "quit", "Quit", id="app.quit"),
-        Binding("question_mark", "help", "Help", key_display="?", id="app.help"),
-        Binding("1", "show_fleet", "Fleet", id="app.fleet"),
-        Binding("2", "show_fit", "Fit", id="app.fit"),
-        Binding("3", "show_servers", "Servers", id="app.servers"),
-        Binding("4", "show_jobs", "Jobs", id="app.jobs"),
-        Binding("5", "show_router", "Router", id="app.router"),
-        Binding("6", "show_cost", "Cost", id="app.cost"),
-        Binding("7", "show_audit", "Audit", id="app.audit"),
+        Binding("q", "quit", "Quit", show=False, id="app.quit"),
+        Binding("question_mark", "help", "Help", key_display="?", show=False, id="app.help"),
+        Binding("colon", "command_palette", "Actions (command palette)", key_display=":", show=False,
+                id="app.palette"),
+        Binding("1", "show_fleet", "Fleet", show=False, id="app.fleet"),
+        Binding("2", "show_fit", "Fit", show=False, id="app.fit"),
+        Binding("3", "show_servers", "Servers", show=False, id="app.servers"),
+        Binding("4", "show_jobs", "Jobs", show=False, id="app.jobs"),
+        Binding("5", "show_router", "Router", show=False, id="app.router"),
+        Binding("6", "show_cost", "Cost", show=False, id="app.cost"),
+        Binding("7", "show_audit", "Audit", show=False, id="app.audit"),
         Binding("ctrl+r", "poll_now", "Refresh", show=False, id="app.refresh"),
     ]
 
@@ -101,12 +105,7 @@ class FleetDeckApp(App[None]):
         self.drifting: set[str] = set()
         self._demo_proc = None
         self.sub_title = socket.gethostname()
-
-    def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
-               markup: bool = True) -> None:
-        """Every toast carries dynamic text (ids, paths, a node's or vLLM's error): shown literally, never read as
-        markup, so "[serve]" in a message stays "[serve]". Screens' notify() lands here too."""
-        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+        self._flashes: list[tuple[float, object]] = []  # (monotonic expiry, Text): what the flash line shows
 
     def on_mount(self) -> None:
         if self.options.simulated:
@@ -253,8 +252,8 @@ class FleetDeckApp(App[None]):
                 continue
             seen.add(b.id)
             prefix = b.id.split(".", 1)[0]
-            scope = "everywhere" if prefix == "app" else prefix.capitalize()
-            rows.append((b.key_display or self.get_key_display(b), b.description, scope))
+            scope = {"app": "everywhere", "table": "tables"}.get(prefix, prefix.capitalize())
+            rows.append((b.key_display or self.get_key_display(b), b.tooltip or b.description, scope))
         rows.append(("ctrl+p", "Command palette", "everywhere"))
         rows.sort(key=lambda r: (r[2] != "everywhere", r[2], r[0]))
         return rows
@@ -292,16 +291,74 @@ class FleetDeckApp(App[None]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        yield SystemCommand("Fleet", "Every GPU of every node", self.action_show_fleet)
-        yield SystemCommand("Fit", "Will this model fit, and how many requests will it hold", self.action_show_fit)
-        yield SystemCommand("Servers", "vLLM servers: state, throughput, adapters", self.action_show_servers)
-        yield SystemCommand("Jobs", "Fine-tunes: progress, loss, cancel, resume, serve", self.action_show_jobs)
-        yield SystemCommand("Router", "Escalation rate per task, drift, calibration", self.action_show_router)
-        yield SystemCommand("Cost", "Month to date against all-frontier, last 12 months", self.action_show_cost)
-        yield SystemCommand("Audit", "Who changed what on this node, and whether the record is intact",
+        yield from self.screen_actions(screen)
+        yield SystemCommand("Fleet (1)", "Every GPU of every node", self.action_show_fleet)
+        yield SystemCommand("Fit (2)", "Will this model fit, and how many requests will it hold", self.action_show_fit)
+        yield SystemCommand("Servers (3)", "vLLM servers: state, throughput, adapters", self.action_show_servers)
+        yield SystemCommand("Jobs (4)", "Fine-tunes: progress, loss, cancel, resume, serve", self.action_show_jobs)
+        yield SystemCommand("Router (5)", "Escalation rate per task, drift, calibration", self.action_show_router)
+        yield SystemCommand("Cost (6)", "Month to date against all-frontier, last 12 months", self.action_show_cost)
+        yield SystemCommand("Audit (7)", "Who changed what on this node, and whether the record is intact",
                             self.action_show_audit)
-        yield SystemCommand("Refresh now", "Poll every node immediately", self.action_poll_now)
-        yield SystemCommand("Keys", "Every key and what it does", self.action_help)
+        yield SystemCommand("Refresh now (ctrl+r)", "Poll every node immediately", self.action_poll_now)
+        yield SystemCommand("Keys (?)", "Every key and what it does", self.action_help)
+
+    def screen_actions(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Every action of the screen below the palette (and of its focused table), with its key, as the
+        palette's commands: what the footer shows and what it had no room for. Actions the screen
+        refuses now (read-only) are left out."""
+        from functools import partial
+
+        seen: set[str] = set()
+        for namespace, bindings in screen._binding_chain:
+            if namespace is self or namespace is screen.app:
+                continue  # the app's own: listed with their own names below
+            for key_bindings in bindings.key_to_bindings.values():
+                for b in key_bindings:
+                    if not b.id or not b.description or b.id in seen or b.id in ("table.down", "table.up"):
+                        continue
+                    seen.add(b.id)
+                    name = b.action.split("(", 1)[0]
+                    if not namespace.check_action(name, ()):
+                        continue
+                    key = b.key_display or self.get_key_display(b)
+                    where = getattr(screen, "PALETTE_SCOPE", None) or type(screen).__name__.removesuffix("Screen")
+                    # The palette searches titles: the longer description goes there too ("calib" finds Apply).
+                    more = f": {b.tooltip[0].lower()}{b.tooltip[1:]}" if b.tooltip else ""
+                    yield SystemCommand(f"{b.description} ({key}){more}", f"{where}, key {key}",
+                                        partial(self.run_action, b.action, namespace))
+        for title, help_text, action in getattr(screen, "PALETTE_EXTRA", ()):
+            if screen.check_action(action.split("(", 1)[0], ()):
+                yield SystemCommand(title, help_text, partial(self.run_action, action, screen))
+
+    # -- messages: a line of their own, never over the content ------------------------------------
+    def notify(self, message: str, *, title: str = "", severity: str = "information",  # type: ignore[override]
+               timeout: float | None = None, markup: bool = True) -> None:
+        """Every message carries dynamic text (ids, paths, a node's or vLLM's error): shown literally, never read
+        as markup, so "[serve]" in a message stays "[serve]". Screens' notify() lands here too."""
+        import time
+
+        markup = False
+
+        from tui.chrome import flash_text
+
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)  # type: ignore[arg-type]
+        seconds = self.NOTIFICATION_TIMEOUT if timeout is None else timeout
+        self._flashes.append((time.monotonic() + seconds, flash_text(message, title, severity, markup)))
+        self._show_flashes()
+        self.set_timer(seconds + 0.1, self._show_flashes)
+
+    def live_flashes(self) -> list[object]:
+        import time
+
+        now = time.monotonic()
+        self._flashes = [(t, text) for t, text in self._flashes if t > now]
+        return [text for _, text in self._flashes]
+
+    def _show_flashes(self) -> None:
+        show = getattr(self.screen, "show_flashes", None)
+        if show is not None:
+            show(self.live_flashes())
 
     def on_unmount(self) -> None:
         if self._demo_proc is not None and self._demo_proc.poll() is None:

@@ -182,7 +182,7 @@ def test_finetune_serve_route_report_calibrate_swap_stop_on_real_engines(real_se
     # 4. The proxy: the adapter as the small model, the same real server as an on-prem frontier via litellm.
     port = free_port()
     cfg = router_config(srv, port)
-    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--store", str(srv.store)],
+    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--store", str(srv.store)],
                              env=srv.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     sent = 0
@@ -247,7 +247,7 @@ def test_finetune_serve_route_report_calibrate_swap_stop_on_real_engines(real_se
                                              "expected": "route to billing"}) for i in range(6)) + "\n")
     adapters_now = srv.run("adapters", "load", srv.id, "tickets-v1@v1")
     assert adapters_now.returncode == 0, adapters_now.stderr
-    cal = srv.run_router("calibrate", "tickets", "--eval", str(evalset), "--json", "--config", str(cfg))
+    cal = srv.run_router("calibrate", "tickets", "--eval", str(evalset), "--json", "--router-config", str(cfg))
     assert cal.returncode == 0, cal.stderr
     doc = json.loads(cal.stdout)
     assert doc["items"] == 6 and 0 <= doc["ece"] <= 1 and doc["curve"]

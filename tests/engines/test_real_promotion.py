@@ -70,7 +70,7 @@ def test_train_evaluate_gate_promote_under_traffic_rollback_merge_quantize(real_
     cfg.write_text(cfg.read_text().replace('slm_model = "tiny"', 'slm_model = "tickets@v1"'))
 
     # With the proxy up and requests flowing, v2 is promoted and then rolled back: not one request fails.
-    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--store", str(srv.store)],
+    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--store", str(srv.store)],
                              env=srv.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     codes: list[int] = []
     stop = threading.Event()

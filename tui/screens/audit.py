@@ -13,10 +13,11 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import Input, Label, Static
 
 from engine.audit_text import shown
 from tui.screens.base import PolledScreen
+from tui.table import Col, DeckTable
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -36,9 +37,19 @@ def load_audit(store: Store, since: str, node: str, action: str, now: float,
     return rows, audit.verify(store, audit.anchor_for(store.path, getattr(settings, "key_file", None)), retention)
 
 
+# Column, label, priority (the highest hides first when narrow); Outcome takes what is left.
+COLUMNS = (Col("when", "When (UTC)"), Col("node", "Node", 2), Col("source", "From", 4), Col("who", "Who", 3),
+           Col("action", "Action"), Col("target", "Target"), Col("outcome", "Outcome", flex=12))
+
+
 class AuditScreen(PolledScreen):
     FOCUS = "#audit-table"
-    BINDINGS = [Binding("v", "verify", "Verify", id="audit.verify")]
+    BINDINGS = [
+        Binding("v", "verify", "Verify", id="audit.verify"),
+        Binding("f", "edit_filters", "Since/node/action", id="audit.filters"),
+        # From a filter field: back to the table (the field keeps its text; Enter applies it).
+        Binding("escape", "leave_filters", "Back to the table", show=False, id="audit.leave"),
+    ]
 
     def __init__(self, refresh_s: float = 5.0) -> None:
         super().__init__(refresh_s)
@@ -46,14 +57,13 @@ class AuditScreen(PolledScreen):
         self.verdict: Any = None
 
     def compose_body(self) -> ComposeResult:
-        with Horizontal(id="audit-filters", classes="fit-row"):
-            yield Input(placeholder="since: 1h 24h 7d 30d all", id="audit-since", compact=True)
+        with Horizontal(id="audit-filters"):
+            yield Label("f ", classes="fit-label")
+            yield Input(placeholder="since 1h/24h/7d/all", id="audit-since", compact=True)
             yield Input(placeholder="node", id="audit-node", compact=True)
-            yield Input(placeholder="action (server, job.start)", id="audit-action", compact=True)
+            yield Input(placeholder="action: server, job.start", id="audit-action", compact=True)
         yield Static("", id="audit-verdict")
-        table: DataTable[Any] = DataTable(id="audit-table", cursor_type="row")
-        table.add_columns("When (UTC)", "Node", "From", "Who", "Action", "Target", "Outcome")
-        yield table
+        yield DeckTable(COLUMNS, id="audit-table")
 
     def no_store(self) -> None:
         self.query_one("#audit-verdict", Static).update("No store: the audit trail lives in the store (see --store).")
@@ -80,12 +90,12 @@ class AuditScreen(PolledScreen):
         elif verdict is not None:
             status.update(Text(("chain intact: " if verdict.ok else "CHAIN BROKEN: ") + shown(verdict.message),
                                style="green" if verdict.ok else "bold red"))
-        table = self.query_one("#audit-table", DataTable)
+        table = self.query_one("#audit-table", DeckTable)
         keys = [str(r["seq"]) for r in rows]
-        if keys == [r.key.value for r in table.ordered_rows]:
+        if keys == [k for k, _ in table.rows_given]:
             return
+        out = []
         with self.app.batch_update():
-            table.clear()
             for r in rows:
                 who = r["actor"] or "?"
                 if r["on_behalf_of"]:
@@ -95,11 +105,24 @@ class AuditScreen(PolledScreen):
                 # Text, not markup, and escaped: a value is shown as written, never styled or split.
                 cells = [Text(shown(c)) for c in (r["utc"][:19].replace("T", " "), r["node"], r["source"], who,
                                                   r["action"], r["target"])]
-                table.add_row(*cells, Text(shown(outcome), style=style), key=str(r["seq"]))
+                out.append((str(r["seq"]), [*cells, Text(shown(outcome), style=style)]))
+            table.set_rows(out)
 
     @on(Input.Submitted)
     def _filter(self) -> None:
         self.reload()
+        self.query_one("#audit-table").focus()
+
+    def action_edit_filters(self) -> None:
+        self.query_one("#audit-since", Input).focus()
+
+    def action_leave_filters(self) -> None:
+        self.query_one("#audit-table").focus()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "leave_filters":
+            return isinstance(self.focused, Input)  # Esc elsewhere: the table's own (clear its / filter)
+        return super().check_action(action, parameters)
 
     def action_verify(self) -> None:
         self.reload()

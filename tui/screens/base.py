@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from textual.app import ComposeResult
 from textual.screen import ModalScreen, Screen
+from textual.containers import Horizontal
 from textual.widgets import DataTable, Footer, Header, Static
 
 
@@ -32,15 +33,52 @@ class ReadOnlyAware:
 
 
 class DeckScreen(ReadOnlyAware, Screen[None]):
+    """Header, status line, the screen's body, then (80x24 first) the filter bar when a `/` filter is
+    on, the flash line while a message lasts, the bar of screens and global keys, and a compact
+    footer of this screen's own keys."""
+
     def compose(self) -> ComposeResult:
+        from tui.chrome import FilterBar, FlashLine, ScreenBar
+
         options = getattr(self.app, "options", None)
         yield Header(show_clock=getattr(options, "show_clock", True))
         yield StatusLine(getattr(self.app, "status_text", ""), id="status", markup=True)
         yield from self.compose_body()
-        yield Footer()
+        with Horizontal(id="filter-row") as row:  # "/ text": the filter in force, while it is
+            row.display = False
+            yield Static("/ ", id="filter-mark")
+            yield FilterBar(id="filter-bar")
+        flash = FlashLine("", id="flash")
+        flash.display = False
+        yield flash
+        yield ScreenBar(getattr(self.app, "current_mode", None), id="screen-bar")
+        yield Footer(compact=True, show_command_palette=False)
 
     def compose_body(self) -> ComposeResult:
         yield from ()
+
+    @property
+    def filter_bar(self) -> Any:
+        from tui.chrome import FilterBar
+
+        found = self.query(FilterBar)
+        return found.first() if found else None
+
+    def open_filter(self, table: Any) -> None:
+        bar = self.filter_bar
+        if bar is not None:
+            bar.open(table)
+
+    def show_flashes(self, flashes: list[Any]) -> None:
+        from tui.chrome import FlashLine
+
+        for line in self.query(FlashLine):
+            line.show(flashes)
+
+    def on_screen_resume(self) -> None:
+        flashes = getattr(self.app, "live_flashes", None)
+        if flashes is not None:
+            self.show_flashes(flashes())
 
 
 class PolledScreen(DeckScreen):
@@ -99,23 +137,6 @@ def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
         return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
     except Exception:  # the cursor sits past a row that was just removed
         return None
-
-
-def sync_table(table: DataTable, rows: list[tuple[str, list[Any]]], columns: tuple[str, ...]) -> None:  # type: ignore[type-arg]
-    """Show `rows` (key, cells in `columns` order): rebuild when the set of rows changed, keeping the cursor
-    on the same row; otherwise update the cells in place (a rebuild loses the cursor and scroll)."""
-    keys = [k for k, _ in rows]
-    if keys != [r.key.value for r in table.ordered_rows]:
-        selected = highlighted_key(table)
-        table.clear()
-        for key, cells in rows:
-            table.add_row(*cells, key=key)
-        if selected in keys:
-            table.move_cursor(row=keys.index(selected))
-        return
-    for key, cells in rows:
-        for col, value in zip(columns, cells):
-            table.update_cell(key, col, value)
 
 
 class DeckModal(ReadOnlyAware, ModalScreen[Any]):

@@ -9,12 +9,18 @@ from typing import TYPE_CHECKING, Any
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal
-from textual.widgets import DataTable, Static
+from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
 from engine.router.figures import CostData, load_cost_data
 from tui.format import usd
 from tui.screens.base import PolledScreen
+from tui.table import Col, DeckTable
+
+# Column, label, priority (the highest hides first when narrow): the task, its total and savings stay.
+COLUMNS = (Col("task", "Task"), Col("req", "Requests", 2), Col("esc", "Esc", 1), Col("slm", "SLM", 4),
+           Col("frontier", "Frontier", 3), Col("total", "Total"), Col("per_m", "$/M req", 5),
+           Col("savings", "Savings"))
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -29,9 +35,7 @@ class CostScreen(PolledScreen):
         with Horizontal(id="cost-top"):
             yield Static("", id="cost-summary")
             yield PlotextPlot(id="cost-chart")
-        table: DataTable[Any] = DataTable(id="cost-tasks", cursor_type="row")
-        table.add_columns("Task", "Requests", "Esc", "SLM", "Frontier", "Total", "$/M req", "Savings")
-        yield table
+        yield DeckTable(COLUMNS, id="cost-tasks")
 
     def no_store(self) -> None:
         self.query_one("#cost-summary", Static).update("No store yet: costs come from the router's ledger.")
@@ -71,12 +75,12 @@ class CostScreen(PolledScreen):
         if data.error:
             lines.append(f"[yellow]{data.error}[/]")
         summary.update("\n".join(lines))
-        table = self.query_one("#cost-tasks", DataTable)
-        table.clear()
+        rows = []
         for t in r.tasks:
             rate = "n/a" if t.escalation_rate is None else f"{t.escalation_rate * 100:.1f}%"
-            table.add_row(t.name, f"{t.requests:,}", rate, usd(t.slm_cost_usd), usd(t.frontier_cost_usd),
-                          usd(t.total_cost_usd), usd(t.cost_per_million_requests_usd), usd(t.savings_usd), key=t.name)
+            rows.append((t.name, [t.name, f"{t.requests:,}", rate, usd(t.slm_cost_usd), usd(t.frontier_cost_usd),
+                                  usd(t.total_cost_usd), usd(t.cost_per_million_requests_usd), usd(t.savings_usd)]))
+        self.query_one("#cost-tasks", DeckTable).set_rows(rows)
         plot = self.query_one("#cost-chart", PlotextPlot)
         plt = plot.plt
         plt.clear_figure()
@@ -84,5 +88,10 @@ class CostScreen(PolledScreen):
         labels = [h["month"][2:] for h in hist]
         plt.multiple_bar(labels, [[h["total_cost_usd"] for h in hist], [h["all_frontier_cost_usd"] for h in hist]],
                          labels=["actual", "all-frontier"], color=["cyan", "red"])
+        # Month labels chosen here, short and apart: plotext places crowded labels differently from run to run.
+        names = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        step = 3 if plot.size.width < 60 else (2 if plot.size.width < 100 else 1)
+        shown = [i for i in range(len(hist)) if (len(hist) - 1 - i) % step == 0]
+        plt.xticks([i + 1 for i in shown], [names[int(hist[i]["month"][5:7]) - 1] for i in shown])
         plt.title("last 12 months, USD")
         plot.refresh()

@@ -6,6 +6,8 @@ one batch, so a 64-GPU fleet costs a few cell writes per second rather than a re
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Group
 from rich.text import Text
 from textual import work
@@ -17,10 +19,15 @@ from fleet.model import GpuProcess, GpuSnapshot, NodeSnapshot
 from fleet.poller import FleetPoller
 from tui.format import NA, bar, celsius, gib, sparkline
 from tui.screens.base import DeckScreen, highlighted_key
+from tui.table import Col, DeckTable
 
 # Five columns, not six: Textual's DataTable re-renders every cell on any update, so each column
-# costs a cell render per row per refresh (bench/bench_fleet.py).
-COLUMNS = (("gpu", "GPU"), ("vram", "VRAM GiB"), ("util", "Util"), ("temp", "Temp  Power"), ("work", "Work"))
+# costs a cell render per row per refresh (bench/bench_fleet.py). The third field is the column's
+# priority: when narrow, Temp/Power goes first, then the utilisation sparkline column; GPU, VRAM and
+# Work always stay.
+COLUMNS = (("gpu", "GPU", 0), ("vram", "VRAM GiB", 0), ("util", "Util", 1), ("temp", "Temp  Power", 2),
+           ("work", "Work", 0))
+WORK_MIN = 24  # Work takes what is left, and no less than this: narrower, Temp and then Util hide
 SPARK_WIDTH = 5
 BAR_WIDTH = 6
 
@@ -124,33 +131,50 @@ def node_cells(snap: NodeSnapshot, work_width: int) -> dict[str, str | Text]:
     }
 
 
-class FleetTable(DataTable[str | Text]):
+class FleetTable(DeckTable):
     # The table's own Enter, shown in the footer and with an id so it can be remapped.
-    BINDINGS = [
-        Binding("enter", "select_cursor", "Detail", id="fleet.detail"),
-        Binding("j", "cursor_down", "Down", show=False, id="fleet.down"),
-        Binding("k", "cursor_up", "Up", show=False, id="fleet.up"),
-    ]
+    BINDINGS = [Binding("enter", "select_cursor", "Detail", id="fleet.detail")]
+
+
+# The processes of the GPU (or node) under the cursor, nvitop-style: what holds each GPU, and a guarded kill.
+PROC_COLUMNS = (Col("gpu", "GPU"), Col("pid", "PID"), Col("user", "User", 2), Col("mem", "GPU mem"),
+                Col("kind", "Kind", 3), Col("command", "Command / attribution", flex=20))
+
+
+def process_rows(snap: NodeSnapshot, gpu_key: str | None) -> list[tuple[str, list[str | Text]]]:
+    rows: list[tuple[str, list[str | Text]]] = []
+    for g in snap.gpus:
+        if gpu_key is not None and g.key != gpu_key:
+            continue
+        for p in g.processes:
+            what = describe_work([p]) if p.kind != "other" else p.command
+            if p.kind != "other" and p.command:
+                what = f"{what} · {p.command}"
+            rows.append((f"{g.key}|{p.pid}", [str(g.index), str(p.pid), p.user or NA,
+                                              f"{gib(p.gpu_memory_bytes, 1)} GiB", p.kind, what]))
+    return rows
 
 
 class FleetScreen(DeckScreen):
+    MUTATING = frozenset({"kill"})
+    BINDINGS = [Binding("ctrl+k", "kill", "Kill process", tooltip="Kill the process under the process table's cursor (asks first; audited)", id="fleet.kill")]
+    PALETTE_EXTRA = (("Processes (tab)", "Fleet: the process table of the GPU under the cursor", "focus_procs"),)
 
     def __init__(self) -> None:
         super().__init__()
-        self._cells: dict[tuple[str, str], str] = {}
         self._order: list[str] = []
+        self._procs_of: tuple[str, str | None] | None = None
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="fleet-banner")
-        table = FleetTable(id="fleet-table", cursor_type="row")
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
-        yield table
+        yield FleetTable(tuple(Col(key, label, prio, WORK_MIN if key == "work" else None)
+                               for key, label, prio in COLUMNS), id="fleet-table")
+        yield DeckTable(PROC_COLUMNS, id="fleet-procs")
         yield Static("", id="fleet-slurm")
 
     def on_mount(self) -> None:
         self.query_one("#fleet-banner").display = False
-        self.query_one(DataTable).focus()
+        self.table.focus()
         slurm = self._slurm_settings()
         self.query_one("#fleet-slurm").display = slurm is not None
         if slurm is not None:  # who holds each GPU, as the scheduler sees it, under what NVML shows
@@ -180,12 +204,18 @@ class FleetScreen(DeckScreen):
             self.render_fleet(poller)
 
     @property
-    def table(self) -> DataTable[str | Text]:
-        return self.query_one("#fleet-table", DataTable)
+    def table(self) -> FleetTable:
+        return self.query_one("#fleet-table", FleetTable)
+
+    @property
+    def procs(self) -> DeckTable:
+        return self.query_one("#fleet-procs", DeckTable)
 
     def _work_width(self) -> int:
-        # What is left of the screen after the fixed columns, their padding and the scrollbar.
-        return max(12, self.size.width - 58)
+        # The Work column is the table's flex column: it is cut to what is left when shown (tui/table.py).
+        return 200
+
+
 
     def _wanted_rows(self, poller: FleetPoller) -> list[tuple[str, dict[str, str | Text]]]:
         width = self._work_width()
@@ -201,29 +231,39 @@ class FleetScreen(DeckScreen):
 
     def render_fleet(self, poller: FleetPoller) -> None:
         wanted = self._wanted_rows(poller)
-        table = self.table
-        keys = [k for k, _ in wanted]
+        groups = {key: key.split(":", 1)[1].split("/", 1)[0] for key, _ in wanted}
         with self.app.batch_update():
-            if keys != self._order:
-                # The set of nodes or GPUs changed: rebuild once, keeping the cursor on the same row.
-                current = self.selected_key()
-                table.clear()
-                self._cells.clear()
-                for key, cells in wanted:
-                    table.add_row(*(cells[c] for c, _ in COLUMNS), key=key)
-                    for c, _ in COLUMNS:
-                        self._cells[(key, c)] = str(cells[c])
-                self._order = keys
-                if current in keys:
-                    table.move_cursor(row=keys.index(current))
-            else:
-                for key, cells in wanted:
-                    for c, _ in COLUMNS:
-                        text = str(cells[c])
-                        if self._cells.get((key, c)) != text:
-                            table.update_cell(key, c, cells[c])
-                            self._cells[(key, c)] = text
+            self.table.set_rows([(key, [cells[c] for c, _, _ in COLUMNS]) for key, cells in wanted], groups)
+            self._render_procs(poller)
         self._render_banner(poller)
+
+    def _highlighted_node_gpu(self) -> tuple[str, str | None] | None:
+        key = self.selected_key()
+        if key is None:
+            return None
+        if key.startswith("gpu:"):
+            gpu_key = key[4:]
+            return gpu_key.split("/", 1)[0], gpu_key
+        return key[5:], None
+
+    def _render_procs(self, poller: FleetPoller) -> None:
+        where = self._highlighted_node_gpu()
+        snap = poller.latest.get(where[0]) if where else None
+        rows = process_rows(snap, where[1]) if snap is not None and where is not None else []
+        self.procs.set_rows(rows)
+        title = "processes"
+        if where is not None:
+            gpu = next((g for g in snap.gpus if g.key == where[1]), None) if snap is not None else None
+            title = f"processes on {where[0]}" + (f" GPU {gpu.index}" if gpu is not None else "")
+            title += "  (simulated)" if snap is not None and snap.simulated else ""
+            title += "  ·  Tab: into the table, ctrl+k: kill" if rows else "  ·  none"
+        self.procs.border_title = title
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table is self.table:
+            poller = getattr(self.app, "poller", None)
+            if poller is not None:
+                self._render_procs(poller)
 
     def _render_banner(self, poller: FleetPoller) -> None:
         banner = self.query_one("#fleet-banner", Static)
@@ -249,7 +289,56 @@ class FleetScreen(DeckScreen):
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
-        self._open(event.row_key.value)
+        if event.data_table is self.table:
+            self._open(event.row_key.value)
+
+    def action_focus_procs(self) -> None:
+        self.procs.focus()
+
+    # -- the guarded kill -----------------------------------------------------------------------
+    def _selected_process(self) -> tuple[Any, Any] | None:
+        """The process under the process table's cursor, and its node's snapshot."""
+        key = self.procs.selected_key()
+        poller = getattr(self.app, "poller", None)
+        if key is None or poller is None:
+            return None
+        gpu_key, _, pid = key.rpartition("|")
+        snap = poller.latest.get(gpu_key.split("/", 1)[0])
+        gpu = next((g for g in snap.gpus if g.key == gpu_key), None) if snap else None
+        proc = next((p for p in gpu.processes if str(p.pid) == pid), None) if gpu else None
+        return (snap, (gpu, proc)) if proc is not None else None
+
+    def action_kill(self) -> None:
+        found = self._selected_process()
+        if found is None:
+            self.notify("No process to kill: the process table lists those of the GPU under the cursor "
+                        "(Tab moves into it).", severity="warning")
+            return
+        from engine.processes import KillRequest
+        from tui.screens.confirm import ConfirmScreen
+
+        snap, (gpu, proc) = found
+        req = KillRequest(node=snap.node, pid=proc.pid, gpu=str(gpu.index), command=proc.command, user=proc.user,
+                          simulated=snap.simulated)
+        question = (f"Kill pid {proc.pid} ({proc.user or 'unknown user'}) on {snap.node} GPU {gpu.index}?\n"
+                    f"{proc.command[:160]}\nSIGTERM, then SIGKILL after 5 s. The kill is audited.")
+        self.app.push_screen(ConfirmScreen(question), lambda ok: self._kill(req) if ok else None)
+
+    @work(thread=True, group="fleet-kill")
+    def _kill(self, req: Any) -> None:
+        from engine import audit
+        from engine.node_ops import LocalOps, ops_named
+        from engine.processes import KillError
+        from fleet.remote import AgentError
+
+        sources = list(getattr(getattr(self.app, "poller", None), "sources", []))
+        try:
+            ops = ops_named(sources, LocalOps(self.app.store, list(self.app.options.config.adapter_roots)), req.node)
+            message, severity = ops.kill_process(req), "information"
+        except (KillError, AgentError, audit.ReadOnlyError) as exc:
+            message, severity = str(exc), "warning"
+        self.app.call_from_thread(self.notify, message, severity=severity, markup=False)
+        self.app.call_from_thread(self.app.action_poll_now)
 
     def _open(self, key: str | None) -> None:
         if not key:

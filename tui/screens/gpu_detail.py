@@ -12,6 +12,7 @@ from fleet.model import GpuSnapshot, NodeSnapshot
 from fleet.poller import FleetPoller
 from tui.format import NA, celsius, gib, local_time, pct, sparkline, watts
 from tui.screens.base import DeckScreen
+from tui.table import NavTable
 
 
 def _v(value: object, unit: str = "") -> str:
@@ -70,7 +71,7 @@ class GpuDetailScreen(DeckScreen):
             yield Static("", id="detail-fields")
             yield Static("", id="detail-history")
             yield Static("[b]Processes[/b]", classes="section")
-            table: DataTable[str] = DataTable(id="detail-procs", cursor_type="row")
+            table: DataTable[str] = NavTable(id="detail-procs", cursor_type="row")
             table.add_columns("PID", "User", "GPU mem", "Kind", "Model / command")
             yield table
 

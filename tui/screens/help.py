@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
+from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Static
+from textual.widgets import Static
+
+from tui.table import Col, DeckTable
 
 
 class HelpScreen(ModalScreen[None]):
@@ -17,12 +19,12 @@ class HelpScreen(ModalScreen[None]):
         self.rows = rows
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(id="help"):
-            yield Static("[b]Keys[/b]  (Esc closes; ctrl+p opens the command palette)", id="help-title")
-            table: DataTable[str] = DataTable(id="help-table", cursor_type="row", show_cursor=False)
-            table.add_columns("Key", "Action", "Where")
-            for key, desc, scope in self.rows:
-                table.add_row(key, desc, scope)
+        with Vertical(id="help"):
+            yield Static("[b]Keys[/b]  (Esc closes; : or ctrl+p lists every action of the screen)", id="help-title")
+            # The action cut to the width: the dialog fits 80 columns without a sideways scroll.
+            table = DeckTable((Col("key", "Key"), Col("action", "Action", flex=20), Col("where", "Where")),
+                              id="help-table", show_cursor=False)
+            table.set_rows([(str(i), [key, desc, scope]) for i, (key, desc, scope) in enumerate(self.rows)])
             yield table
 
     def action_dismiss(self) -> None:  # type: ignore[override]

@@ -12,12 +12,14 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Input, Label, Select, Static
 from textual_plotext import PlotextPlot
 
 from tui.format import bar
-from tui.screens.base import DeckModal, PolledScreen, highlighted_key, sync_table
+from engine.node_ops import split_id
+from tui.screens.base import DeckModal, PolledScreen, highlighted_key
+from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
 
 if TYPE_CHECKING:
@@ -33,14 +35,23 @@ def _dur(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# Column, label, priority (the highest hides first when narrow: at 80 columns the job, its node,
+# state, progress, loss and ETA stay).
+COLUMNS = (Col("id", "Job"), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPU", 4),
+           Col("progress", "Progress", 3), Col("step", "Step", 5), Col("loss", "Loss"), Col("lr", "LR", 2),
+           Col("tps", "Tok/s", 6), Col("elapsed", "Elapsed", 7), Col("eta", "ETA", 1))
+
+
 class JobsScreen(PolledScreen):
-    MUTATING = frozenset({"start", "cancel", "resume", "serve"})
+    MUTATING = frozenset({"start", "cancel", "resume", "serve", "prune"})
     BINDINGS = [
         Binding("s", "start", "Start", id="jobs.start"),
         Binding("c", "cancel", "Cancel", id="jobs.cancel"),
         Binding("r", "resume", "Resume", id="jobs.resume"),
         Binding("l", "logs", "Logs", id="jobs.logs"),
-        Binding("v", "serve", "Serve adapter", id="jobs.serve"),
+        Binding("v", "serve", "Serve", tooltip="Load the finished adapter into a compatible server", id="jobs.serve"),
+        Binding("p", "prune", "Prune", tooltip="Forget finished, failed and cancelled jobs (folders stay)",
+                id="jobs.prune"),
     ]
 
     FOCUS = "#jobs-table"
@@ -51,10 +62,7 @@ class JobsScreen(PolledScreen):
         self.events: dict[str, list[dict]] = {}
 
     def compose_body(self) -> ComposeResult:
-        table: DataTable[Any] = DataTable(id="jobs-table", cursor_type="row")
-        for key, label in (("id", "Job"), ("state", "State"), ("gpus", "GPU"), ("progress", "Progress"), ("step", "Step"),
-                           ("loss", "Loss"), ("lr", "LR"), ("tps", "Tok/s"), ("elapsed", "Elapsed"), ("eta", "ETA")):
-            table.add_column(label, key=key)
+        table = DeckTable(COLUMNS, id="jobs-table")
         yield table
         with Horizontal(id="jobs-lower"):
             yield PlotextPlot(id="jobs-chart")
@@ -94,25 +102,25 @@ class JobsScreen(PolledScreen):
         self.loaded()
         self.records = {r.id: r for r in recs}
         self.events = events
-        table = self.query_one("#jobs-table", DataTable)
-        cols = ("id", "state", "gpus", "progress", "step", "loss", "lr", "tps", "elapsed", "eta")
+        table = self.query_one("#jobs-table", DeckTable)
         with self.app.batch_update():
-            sync_table(table, [(r.id, self._cells(r)) for r in recs], cols)
+            table.set_rows([(r.id, self._cells(r)) for r in recs])
         self._detail()
 
     def _cells(self, r: Any) -> list[Any]:
         steps = [e for e in self.events.get(r.id, []) if e.get("event") == "step"]
         last = steps[-1] if steps else None
-        name = r.id + (" (simulated)" if r.spec.get("backend") == "simulated" else "")
+        name = r.id + (" (sim)" if r.spec.get("backend") == "simulated" else "")  # short: 80 columns
         state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
         sl = r.slurm
         if sl is not None and r.state == "running" and sl.state != "RUNNING":  # queued (or held) in Slurm, not training
             state = Text(sl.state.lower(), style="yellow")
+        node = split_id(r.id)[0] or r.node
         if last is None:
-            return [name, state, r.gpus, "", "", "", "", "", "", ""]
+            return [name, node, state, r.gpus, "", "", "", "", "", "", ""]
         frac = last["step"] / last["total_steps"] if last.get("total_steps") else None
         return [
-            name, state, r.gpus, Text(bar(frac, 10), style="cyan") + Text(f" {frac * 100:3.0f}%" if frac is not None else ""),
+            name, node, state, r.gpus, Text(bar(frac, 6), style="cyan") + Text(f" {frac * 100:3.0f}%" if frac is not None else ""),
             f"{last['step']}/{last['total_steps']}", "n/a" if last.get("loss") is None else f"{last['loss']:.4f}",
             "n/a" if last.get("learning_rate") is None else f"{last['learning_rate']:.2e}",
             "n/a" if last.get("tokens_per_s") is None else f"{last['tokens_per_s']:,.0f}",
@@ -201,6 +209,30 @@ class JobsScreen(PolledScreen):
         self.app.call_from_thread(self.notify, msg)
         self.app.call_from_thread(self.reload)
 
+    def action_prune(self) -> None:
+        ended = [r.id for r in self.records.values() if r.state in ("finished", "failed", "cancelled")
+                 and split_id(r.id)[0] is None]
+        if not self._guard():
+            return
+        if not ended:
+            self.notify("No finished, failed or cancelled jobs on this host to prune.")
+            return
+        self.app.push_screen(ConfirmScreen(f"Forget {len(ended)} ended job(s) ({', '.join(ended[:3])}"
+                                           f"{', ...' if len(ended) > 3 else ''})? Their folders and adapters stay "
+                                           "on disk; a pruned cancelled job cannot be resumed here."),
+                             lambda ok: self._prune() if ok else None)
+
+    @work(thread=True, group="jobs-action")
+    def _prune(self) -> None:
+        from engine import audit
+
+        try:
+            message = self._local().prune_jobs()
+        except audit.ReadOnlyError as exc:
+            message = str(exc)
+        self.app.call_from_thread(self.notify, message, markup=False)
+        self.app.call_from_thread(self.reload)
+
     def action_logs(self) -> None:
         r = self.selected()
         if r is not None:
@@ -243,6 +275,7 @@ class JobsScreen(PolledScreen):
 
 class StartJobScreen(DeckModal):
     MUTATING = frozenset({"launch"})
+    AUTO_FOCUS = "#job-spec"  # not the scrolling frame around the fields (it comes first)
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="startjob.cancel"),
                 Binding("ctrl+s", "launch", "Start", id="startjob.launch")]
 
@@ -254,7 +287,7 @@ class StartJobScreen(DeckModal):
         from engine.finetune.spec import named_specs
 
         self.specs = named_specs()
-        with Vertical(id="start-server"):
+        with VerticalScroll(id="start-server"):
             yield Static("[b]Start a fine-tune[/b]  (Enter checks, ctrl+s starts, Esc cancels)")
             with Horizontal(classes="fit-row"):
                 yield Label("Spec ", classes="fit-label")

@@ -25,11 +25,18 @@ from textual_plotext import PlotextPlot
 
 from engine.router.figures import RouterData, TaskRow, load_router_data
 from tui.format import ago_ticks, local_time, sparkline
-from tui.screens.base import PolledScreen, sync_table
+from tui.screens.base import PolledScreen
+from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
 
 if TYPE_CHECKING:
     from store.db import Store
+
+# Column, label, priority (the highest hides first when narrow): the task, its escalation now and its
+# baseline always stay.
+COLUMNS = (Col("task", "Task"), Col("req", "Req/h", 3), Col("r1h", "Esc 1h"), Col("r24", "24h", 1),
+           Col("r30", "30d", 2), Col("base", "Baseline"), Col("slm", "SLM p50/p95", 4),
+           Col("fr", "Frontier p50/p95", 5))
 
 WINDOWS = {"h": ("last hour", 3600), "d": ("last day", 86400), "m": ("last 30 days", 30 * 86400)}
 
@@ -42,17 +49,26 @@ def _ms(x: float | None) -> str:
     return "n/a" if x is None else (f"{x / 1000:.1f}s" if x >= 1000 else f"{x:.0f}ms")
 
 
+WINDOW_KEYS = Binding.Group("window ", compact=True)  # the trailing space: the footer sets no gap after a group
+
+
 class RouterScreen(PolledScreen):
     MUTATING = frozenset({"apply_threshold", "evaluate", "promote", "rollback"})
     BINDINGS = [
-        Binding("h", "window('h')", "Hour", id="router.hour"),
-        Binding("d", "window('d')", "Day", id="router.day"),
-        Binding("m", "window('m')", "30 days", id="router.month"),
-        Binding("c", "toggle_chart", "Calibration", id="router.calibration"),
-        Binding("a", "apply_threshold", "Apply threshold", id="router.apply"),
-        Binding("e", "evaluate", "Eval", id="router.eval"),
-        Binding("p", "promote", "Promote", id="router.promote"),
-        Binding("r", "rollback", "Rollback", id="router.rollback"),
+        # h/d/m share one footer entry ("hdm window") so the Router's keys fit 80 columns.
+        Binding("h", "window('h')", "Hour", tooltip="Chart the last hour", group=WINDOW_KEYS, id="router.hour"),
+        Binding("d", "window('d')", "Day", tooltip="Chart the last day", group=WINDOW_KEYS, id="router.day"),
+        Binding("m", "window('m')", "30 days", tooltip="Chart the last 30 days", group=WINDOW_KEYS, id="router.month"),
+        Binding("c", "toggle_chart", "Calibration", tooltip="Calibration curve or escalation chart",
+                id="router.calibration"),
+        Binding("a", "apply_threshold", "Apply", tooltip="Apply the calibrated threshold to the router config",
+                id="router.apply"),
+        Binding("e", "evaluate", "Eval", tooltip="Evaluate the newest adapter version on the task's gate set",
+                id="router.eval"),
+        Binding("p", "promote", "Promote", tooltip="Promote the newest adapter version (the gate decides)",
+                id="router.promote"),
+        Binding("r", "rollback", "Rollback", tooltip="Roll the task back to its previous adapter version",
+                id="router.rollback"),
     ]
 
     FOCUS = "#router-tasks"
@@ -65,15 +81,7 @@ class RouterScreen(PolledScreen):
         self.data: RouterData | None = None
 
     def compose_body(self) -> ComposeResult:
-        table: DataTable[Any] = DataTable(id="router-tasks", cursor_type="row")
-        table.add_column("Task", key="task")
-        table.add_column("Req/h", key="req")
-        table.add_column("Esc 1h", key="r1h")
-        table.add_column("24h", key="r24")
-        table.add_column("30d", key="r30")
-        table.add_column("Baseline", key="base")
-        table.add_column("SLM p50/p95", key="slm")
-        table.add_column("Frontier p50/p95", key="fr")
+        table = DeckTable(COLUMNS, id="router-tasks")
         yield table
         with Horizontal(id="router-lower"):
             yield PlotextPlot(id="router-chart")
@@ -96,11 +104,10 @@ class RouterScreen(PolledScreen):
     def _show(self, data: RouterData) -> None:
         self.loaded()
         self.data = data
-        table = self.query_one("#router-tasks", DataTable)
+        table = self.query_one("#router-tasks", DeckTable)
         keys = [r.name for r in data.rows]
         with self.app.batch_update():
-            sync_table(table, [(row.name, self._cells(row)) for row in data.rows],
-                       ("task", "req", "r1h", "r24", "r30", "base", "slm", "fr"))
+            table.set_rows([(row.name, self._cells(row)) for row in data.rows])
         if self.selected is None and keys:
             self.selected = keys[0]
         self._draw()

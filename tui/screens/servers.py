@@ -17,11 +17,13 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Input, Label, Select, Static
 
 from tui.format import sparkline
-from tui.screens.base import DeckModal, PolledScreen, highlighted_key, sync_table
+from engine.node_ops import split_id
+from tui.screens.base import DeckModal, PolledScreen, highlighted_key
+from tui.table import Col, DeckTable, NavTable
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.logs import LogScreen
 
@@ -46,15 +48,27 @@ def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 1000:.0f}"
 
 
+# Column, label, priority (the highest hides first when narrow: at 80 columns the server, its node,
+# state, GPUs, generation rate and TTFT stay).
+COLUMNS = (Col("id", "Server"), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPUs"),
+           Col("port", "Port", 6), Col("gen", "Gen tok/s", 1), Col("prompt", "Prompt tok/s", 7),
+           Col("reqs", "Run/Wait", 3), Col("kv", "KV use", 4), Col("ttft", "TTFT p50/95 ms", 2),
+           Col("e2e", "E2E p50/95 s", 5), Col("pre", "Preempt", 8), Col("hit", "Prefix hit", 8),
+           Col("cap", "KV tokens alloc/plan", 7))
+
+
 class ServersScreen(PolledScreen):
-    MUTATING = frozenset({"start", "stop", "restart"})
+    MUTATING = frozenset({"start", "stop", "restart", "prune"})
     BINDINGS = [
         Binding("s", "start", "Start", id="servers.start"),
         Binding("x", "stop", "Stop", id="servers.stop"),
         Binding("r", "restart", "Restart", id="servers.restart"),
         Binding("l", "logs", "Logs", id="servers.logs"),
-        Binding("a", "adapters", "Adapters", id="servers.adapters"),
+        Binding("a", "adapters", "Adapters", tooltip="Load, unload or swap LoRA adapters", id="servers.adapters"),
+        Binding("p", "prune", "Prune", tooltip="Forget stopped and crashed servers (logs stay)", id="servers.prune"),
     ]
+    PALETTE_EXTRA = (("Swap adapter (a, then w)", "Servers: the adapters panel of the server under the cursor",
+                      "adapters"),)
 
     FOCUS = "#servers-table"
 
@@ -65,12 +79,7 @@ class ServersScreen(PolledScreen):
         self._local_ops: Any = None
 
     def compose_body(self) -> ComposeResult:
-        table: DataTable[Any] = DataTable(id="servers-table", cursor_type="row")
-        for key, label in (("id", "Server"), ("state", "State"), ("gpus", "GPUs"), ("port", "Port"), ("gen", "Gen tok/s"),
-                           ("prompt", "Prompt tok/s"), ("reqs", "Run/Wait"), ("kv", "KV use"), ("ttft", "TTFT p50/p95 ms"),
-                           ("e2e", "E2E p50/p95 s"), ("pre", "Preempt"), ("hit", "Prefix hit"), ("cap", "KV tokens alloc/plan")):
-            table.add_column(label, key=key)
-        yield table
+        yield DeckTable(COLUMNS, id="servers-table")
         yield Static("", id="servers-detail")
 
     def no_store(self) -> None:
@@ -112,23 +121,26 @@ class ServersScreen(PolledScreen):
 
     def _show(self, views: list[tuple[Any, Any]]) -> None:
         self.loaded()
-        table = self.query_one("#servers-table", DataTable)
+        table = self.query_one("#servers-table", DeckTable)
         for rec, fig in views:
             view = self.views.setdefault(rec.id, ServerView(rec))
             view.rec, view.figures = rec, fig
             if fig is not None:
                 view.gen_history.append(fig.generation_tps)
-        cols = ("id", "state", "gpus", "port", "gen", "prompt", "reqs", "kv", "ttft", "e2e", "pre", "hit", "cap")
+        listed = {rec.id for rec, _ in views}
+        for gone in [sid for sid in self.views if sid not in listed]:  # pruned, or its node dropped
+            del self.views[gone]
         with self.app.batch_update():
-            sync_table(table, [(rec.id, self._cells(self.views[rec.id])) for rec, _ in views], cols)
+            table.set_rows([(rec.id, self._cells(self.views[rec.id])) for rec, _ in views])
         self._detail()
 
     def _cells(self, v: ServerView) -> list[Any]:
         r, f = v.rec, v.figures
         state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
+        node = split_id(r.id)[0] or r.node
         if f is None:
             blanks = ["" if r.state != "ready" else "n/a"] * 9
-            return [r.id, state, r.gpus, str(r.port or ""), *blanks]
+            return [r.id, node, state, r.gpus, str(r.port or ""), *blanks]
         from engine.vllm.status import kv_disagreement  # (lazily: the screens load without httpx)
 
         alloc = f"{f.kv_tokens:,}" if f.kv_tokens else "n/a"
@@ -137,7 +149,7 @@ class ServersScreen(PolledScreen):
         # Far apart: the plan no longer describes this server; marked so it is not read as a confirmation.
         cap: Any = Text(f"⚠ {alloc}/{plan} ({apart:.1f}x)", style="bold yellow") if apart else f"{alloc}/{plan}"
         return [
-            r.id, state, r.gpus, str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
+            r.id, node, state, r.gpus, str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
             f"{_f(f.running)}/{_f(f.waiting)}", _f(None if f.kv_usage is None else f.kv_usage * 100, unit="%"),
             f"{_ms(f.ttft_p50)}/{_ms(f.ttft_p95)}", f"{_f(f.e2e_p50, '{:.2f}')}/{_f(f.e2e_p95, '{:.2f}')}",
             _f(f.preemptions), _f(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100, unit="%"),
@@ -226,6 +238,29 @@ class ServersScreen(PolledScreen):
 
         self.app.push_screen(ConfirmScreen(f"Restart {v.rec.id} with the same profile and GPUs?"), done)
 
+    def action_prune(self) -> None:
+        ended = [v.rec.id for v in self.views.values() if v.rec.state in ("stopped", "crashed")
+                 and split_id(v.rec.id)[0] is None]
+        if not self._guard():
+            return
+        if not ended:
+            self.notify("No stopped or crashed servers on this host to prune.")
+            return
+        self.app.push_screen(ConfirmScreen(f"Forget {len(ended)} ended server(s) ({', '.join(ended[:3])}"
+                                           f"{', ...' if len(ended) > 3 else ''})? Their logs stay on disk."),
+                             lambda ok: self._prune() if ok else None)
+
+    @work(thread=True, group="servers-action")
+    def _prune(self) -> None:
+        from engine import audit
+
+        try:
+            message = self._local().prune_servers()
+        except audit.ReadOnlyError as exc:
+            message = str(exc)
+        self.app.call_from_thread(self.notify, message, markup=False)
+        self.app.call_from_thread(self.reload)
+
     def action_logs(self) -> None:
         v = self.selected()
         if v is not None:
@@ -257,6 +292,7 @@ class ServersScreen(PolledScreen):
 
 class StartServerScreen(DeckModal):
     MUTATING = frozenset({"launch"})
+    AUTO_FOCUS = "#start-profile"  # not the scrolling frame around the fields (it comes first)
     """Pick a profile and GPUs; see the planner's verdict for exactly those GPUs; then start."""
 
     BINDINGS = [
@@ -273,7 +309,7 @@ class StartServerScreen(DeckModal):
         from engine.vllm.profile import named_profiles
 
         self.profiles = named_profiles()
-        with Vertical(id="start-server"):
+        with VerticalScroll(id="start-server"):
             yield Static("[b]Start a vLLM server[/b]  (Enter plans, ctrl+s starts, Esc cancels)")
             with Horizontal(classes="fit-row"):
                 yield Label("Profile ", classes="fit-label")
@@ -373,6 +409,7 @@ class StartServerScreen(DeckModal):
 
 class AdaptersScreen(DeckModal):
     MUTATING = frozenset({"load", "unload", "swap"})
+    AUTO_FOCUS = "#adapters-disk"
     """Adapters on the server's node (with compatibility for this server) and loaded in it; load, unload,
     swap. The same through a node's agent as on this host: `ops` is the server's node."""
 
@@ -393,13 +430,13 @@ class AdaptersScreen(DeckModal):
         self.accuracy: dict[str, float] = {}
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="adapters-panel"):
+        with VerticalScroll(id="adapters-panel"):
             yield Static(f"[b]Adapters for {self.rec.id}[/b] ({self.rec.served_name})  Enter load · u unload · "
                          "w swap loaded→highlighted · Esc close")
-            disk: DataTable[Any] = DataTable(id="adapters-disk", cursor_type="row")
+            disk: DataTable[Any] = NavTable(id="adapters-disk", cursor_type="row")
             disk.add_columns("On disk", "Rank", "Alpha", "Base model", "MiB", "Version", "Eval", "Compatible")
             yield disk
-            loaded: DataTable[Any] = DataTable(id="adapters-loaded", cursor_type="row")
+            loaded: DataTable[Any] = NavTable(id="adapters-loaded", cursor_type="row")
             loaded.add_columns("Loaded in server")
             yield loaded
             yield Static("", id="adapters-message")
@@ -457,7 +494,7 @@ class AdaptersScreen(DeckModal):
 
     def _read_only(self) -> bool:
         if getattr(self.app.options.config, "read_only", False):
-            self.notify("Read-only mode: adapters are not loaded or unloaded.", severity="warning")
+            self._say("Read-only mode: adapters are not loaded or unloaded.")
             return True
         return False
 

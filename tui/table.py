@@ -1,0 +1,284 @@
+"""The one table every screen uses, with the habits operators bring from k9s and nvitop.
+
+- `j`/`k` move the cursor (every table, dialogs' included: `NavTable`).
+- `/` opens the screen's filter bar: typing keeps the rows whose text holds it (any column, shown or
+  not, case-insensitive); Enter keeps the filter and goes back to the table; Esc clears it.
+- `o` sorts by the next column (ascending), `O` flips the direction; the header marks it ▲/▼.
+- Columns carry a priority: when the table is narrower than every column's natural width, the
+  columns of the highest priority number hide first (0 never hides), so 80 columns keep what matters.
+
+Rows are given whole (`set_rows`) and the table works out what to show; when neither the rows' keys
+nor the visible columns changed it writes only the cells whose text changed (a rebuild loses the
+cursor and costs a render of every cell).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from rich.cells import cell_len
+from rich.text import Text
+from textual import events
+from textual.binding import Binding
+from textual.widgets import DataTable
+
+Cell = Any  # str or rich Text
+
+
+@dataclass(frozen=True)
+class Col:
+    key: str
+    label: str
+    priority: int = 0  # 0: always shown; the highest number hides first when the table is narrow
+    flex: int | None = None  # a column that takes what is left: counted at this width when fitting
+
+
+def plain(cell: Cell) -> str:
+    return cell.plain if isinstance(cell, Text) else str(cell)
+
+
+_LEAD = re.compile(r"^[^\w$.-]+")
+_NUMBER = re.compile(r"-?\$?[\d,]*\.?\d+(?:e[-+]?\d+)?")
+
+
+def sort_value(cell: Cell) -> tuple[int, float, str]:
+    """Numbers (with units, commas, % or $) sort by value before text; empty and n/a sort last."""
+    text = plain(cell).strip()
+    if not text or text.lower() in ("n/a", "-", "?"):
+        return (2, 0.0, "")
+    m = _NUMBER.match(_LEAD.sub("", text))  # past a bar, a marker or an arrow: "█▍ 18.6/80" is 18.6
+    if m:
+        try:
+            return (0, float(m.group().replace(",", "").replace("$", "")), text.lower())
+        except ValueError:
+            pass
+    return (1, 0.0, text.lower())
+
+
+class NavTable(DataTable[Cell]):
+    """A DataTable with vi keys: what every table in fleetdeck is at least."""
+
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False, id="table.down"),
+        Binding("k", "cursor_up", "Up", show=False, id="table.up"),
+    ]
+
+
+class DeckTable(NavTable):
+    BINDINGS = [
+        Binding("slash", "filter", "Filter", key_display="/", id="table.filter"),
+        Binding("o", "sort", "Sort", id="table.sort"),
+        Binding("O", "sort_reverse", "Reverse sort", show=False, id="table.sort_reverse"),
+        Binding("escape", "clear_filter", "Clear filter", show=False, id="table.clear_filter"),
+    ]
+
+    def __init__(self, columns: Sequence[Col], *, id: str | None = None, cursor_type: str = "row",
+                 **kwargs: Any) -> None:
+        super().__init__(id=id, cursor_type=cursor_type, **kwargs)  # type: ignore[arg-type]
+        self.spec: tuple[Col, ...] = tuple(columns)
+        self.rows_given: list[tuple[str, list[Cell]]] = []
+        self.groups: dict[str, str] = {}  # row key -> group (its first row heads it and stays on top)
+        self.filter_text = ""
+        self.sort_col: str | None = None
+        self.sort_reverse = False
+        self._shown: tuple[str, ...] = ()
+        self._shown_keys: list[str] = []
+        self._texts: dict[tuple[str, str], str] = {}
+        self._mark: tuple[str | None, bool] = (None, False)
+        self._flex: dict[str, int] = {}
+
+    # -- what the screens call ----------------------------------------------------------------
+    def set_rows(self, rows: Iterable[tuple[str, Sequence[Cell]]], groups: dict[str, str] | None = None) -> None:
+        """All rows, cells in the order of the column spec; the table filters, sorts and fits them."""
+        self.rows_given = [(k, list(cells)) for k, cells in rows]
+        self.groups = dict(groups or {})
+        self.refresh_view()
+
+    def selected_key(self) -> str | None:
+        if self.row_count == 0:
+            return None
+        try:
+            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        except Exception:  # the cursor sits past a row that was just removed
+            return None
+
+    @property
+    def shown_columns(self) -> tuple[str, ...]:
+        return self._shown
+
+    def cells_of(self, key: str) -> dict[str, Cell]:
+        """Every column's cell of a row (hidden columns included), by column key."""
+        for k, cells in self.rows_given:
+            if k == key:
+                return dict(zip((c.key for c in self.spec), cells))
+        raise KeyError(key)
+
+    # -- filter and sort ------------------------------------------------------------------------
+    def set_filter(self, text: str) -> None:
+        if text != self.filter_text:
+            self.filter_text = text
+            self.refresh_view()
+
+    def action_filter(self) -> None:
+        opener = getattr(self.screen, "open_filter", None)
+        if opener is not None:
+            opener(self)
+
+    def action_clear_filter(self) -> None:
+        bar = getattr(self.screen, "filter_bar", None)
+        if bar is not None:
+            bar.close(clear=True)
+        else:
+            self.set_filter("")
+
+    def action_sort(self) -> None:
+        keys = list(self._shown) or [c.key for c in self.spec]
+        if self.sort_col not in keys:
+            self.sort_col = keys[0]
+        else:
+            i = keys.index(self.sort_col) + 1
+            self.sort_col = keys[i] if i < len(keys) else None  # past the last column: back to the given order
+        self.sort_reverse = False
+        self.refresh_view()
+
+    def action_sort_reverse(self) -> None:
+        if self.sort_col is None:
+            self.sort_col = (list(self._shown) or [c.key for c in self.spec])[0]
+        else:
+            self.sort_reverse = not self.sort_reverse
+        self.refresh_view()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "clear_filter" and not self.filter_text:
+            return False  # Esc goes on to the screen (back, close) when there is no filter to clear
+        if action == "filter" and getattr(self.screen, "filter_bar", None) is None:
+            return False
+        return True
+
+    def _matches(self, cells: list[Cell]) -> bool:
+        needle = self.filter_text.lower()
+        return any(needle in plain(c).lower() for c in cells)
+
+    def visible_rows(self) -> list[tuple[str, list[Cell]]]:
+        rows = self.rows_given
+        # Groups in their given order, each led by its first row.
+        order: list[str] = []
+        members: dict[str, list[tuple[str, list[Cell]]]] = {}
+        for key, cells in rows:
+            g = self.groups.get(key, key)
+            if g not in members:
+                order.append(g)
+                members[g] = []
+            members[g].append((key, cells))
+        idx = [c.key for c in self.spec].index(self.sort_col) if self.sort_col in [c.key for c in self.spec] else None
+        out: list[tuple[str, list[Cell]]] = []
+        for g in order:
+            group = members[g]
+            head, rest = (group[0], group[1:]) if len(group) > 1 or g != group[0][0] else (None, group)
+            if head is not None and self.filter_text:
+                if not self._matches(head[1]):
+                    rest = [r for r in rest if self._matches(r[1])]
+                    if not rest:
+                        continue
+            elif self.filter_text:
+                rest = [r for r in rest if self._matches(r[1])]
+            if idx is not None:
+                rest = sorted(rest, key=lambda r: sort_value(r[1][idx]), reverse=self.sort_reverse)
+            out.extend(([head] if head is not None else []) + rest)
+        if idx is not None and not self.groups:
+            out.sort(key=lambda r: sort_value(r[1][idx]), reverse=self.sort_reverse)
+        return out
+
+    # -- fitting the width ------------------------------------------------------------------------
+    def _natural_width(self, i: int, col: Col, rows: list[tuple[str, list[Cell]]]) -> int:
+        if col.flex is not None:
+            return max(col.flex, cell_len(col.label) + 2) + 2 * self.cell_padding
+        w = cell_len(col.label) + (2 if col.key == self.sort_col else 0)  # the sort mark's room
+        for _, cells in rows:
+            if i < len(cells):
+                w = max(w, cell_len(plain(cells[i])))
+        return w + 2 * self.cell_padding
+
+    def fit_columns(self, rows: list[tuple[str, list[Cell]]]) -> tuple[str, ...]:
+        width = self.size.width or (self.app.size.width if self.is_attached else 0)
+        if width <= 0:
+            return tuple(c.key for c in self.spec)
+        avail = width - 2  # the vertical scrollbar
+        widths = {c.key: self._natural_width(i, c, rows) for i, c in enumerate(self.spec)}
+        shown = [c for c in self.spec]
+        for col in sorted((c for c in self.spec if c.priority > 0), key=lambda c: -c.priority):
+            if sum(widths[c.key] for c in shown) <= avail:
+                break
+            shown.remove(col)
+        return tuple(c.key for c in shown)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.refresh_view()
+
+    # -- showing ------------------------------------------------------------------------------------
+    def _label(self, col: Col) -> Text:
+        label = Text(col.label)
+        if col.key == self.sort_col:
+            label.append(" ▼" if self.sort_reverse else " ▲", style="bold")
+        return label
+
+    def _flex_widths(self, shown: tuple[str, ...]) -> dict[str, int]:
+        """What each shown flex column may take: the table's width less the other shown columns."""
+        width = self.size.width or (self.app.size.width if self.is_attached else 0)
+        flex = [c for c in self.spec if c.key in shown and c.flex is not None]
+        if width <= 0 or not flex:
+            return {}
+        rows = self.rows_given
+        fixed = sum(self._natural_width(i, c, rows) for i, c in enumerate(self.spec)
+                    if c.key in shown and c.flex is None)
+        room = (width - 2 - fixed) // len(flex) - 2 * self.cell_padding
+        return {c.key: max(c.flex or 0, room) for c in flex}
+
+    def refresh_view(self) -> None:
+        rows = self.visible_rows()
+        shown = self.fit_columns(self.rows_given)
+        flex = self._flex_widths(shown)
+        index = {c.key: i for i, c in enumerate(self.spec)}
+
+        def fit(col: str, cell: Cell) -> Cell:
+            limit = flex.get(col)
+            if limit is None or cell_len(plain(cell)) <= limit:
+                return cell
+            text = cell.copy() if isinstance(cell, Text) else Text(str(cell))
+            text.truncate(limit, overflow="ellipsis")
+            return text
+
+        keys = [k for k, _ in rows]
+        mark = (self.sort_col, self.sort_reverse)
+        rebuilt = False
+        selected = None
+        if shown != self._shown or mark != self._mark:
+            selected, rebuilt = self.selected_key(), True
+            self.clear(columns=True)
+            self._shown, self._mark = shown, mark
+            for c in self.spec:
+                if c.key in shown:
+                    self.add_column(self._label(c), key=c.key)
+            self._shown_keys = []
+        if keys != self._shown_keys or flex != self._flex:  # a flex column's room changed: cut its cells again
+            self._flex = flex
+            selected = selected if rebuilt else self.selected_key()
+            self.clear()
+            self._texts.clear()
+            for key, cells in rows:
+                self.add_row(*(fit(c, cells[index[c]]) for c in shown), key=key)
+                for c in shown:
+                    self._texts[(key, c)] = plain(cells[index[c]])
+            self._shown_keys = keys
+            if selected in keys:
+                self.move_cursor(row=keys.index(selected))
+            return
+        for key, cells in rows:
+            for c in shown:
+                cell = cells[index[c]]
+                text = plain(cell)
+                if self._texts.get((key, c)) != text:  # the same text with another style waits for a rebuild
+                    self.update_cell(key, c, fit(c, cell))
+                    self._texts[(key, c)] = text
