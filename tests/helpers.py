@@ -122,3 +122,34 @@ def make_node_files(root: Path, api_key_env: str | None = None) -> Path:
                                     f'backend = "simulated"\nmax_steps = 400\nadapter_root = "{root / "adapters"}"\n')
     return root
 
+
+
+def local_wheelhouse(out: Path, root: str = "fleetdeck", extras: tuple[str, ...] = ()) -> Path:
+    """A wheelhouse of what `root` (with `extras`) needs, re-packed from this environment's installed
+    distributions, plus pip: what `fleetdeck bundle --find-links DIR --no-index` builds from with no index."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    from engine.bundle.wheels import normalize, repack_installed
+
+    seen: set[str] = set()
+    done: set[tuple[str, str]] = set()  # (distribution, extra): a dependency may be asked for with its extras
+    todo = [(root, extras)]
+    while todo:
+        name, want = todo.pop()
+        dist = metadata.distribution(name)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in (*want, "")):
+                continue
+            key = normalize(req.name)
+            new = [e for e in ("", *req.extras) if (key, e) not in done]
+            if new:
+                seen.add(key)
+                done.update((key, e) for e in new)
+                todo.append((req.name, tuple(req.extras)))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in sorted(seen - {normalize(root)}) + ["pip"]:
+        repack_installed(name, out)
+    return out
