@@ -49,6 +49,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "router.threshold": ("config", "task", "old", "new"),
     "model.merge": ("adapter", "base", "out"),
     "model.quantize": ("model", "method", "out"),
+    "node.install": ("bundle", "version", "previous", "agent", "result"),
 }
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years
