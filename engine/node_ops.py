@@ -92,6 +92,8 @@ class NodeOps(Protocol):
 
     def swap_adapter(self, sid: str, old: str, adapter: str) -> str: ...
 
+    def models(self) -> list[Any]: ...  # LocalModel: what the node's vLLM finds on its disks
+
 
 def split_id(shown: str) -> tuple[str | None, str]:
     """"@node:id" -> ("node", "id"); a local id -> (None, id)."""
@@ -109,6 +111,12 @@ class LocalOps:
     adapter_roots: list[Any]
     name: str = ""
     scrapes: dict[str, Any] | None = None  # each server's previous /metrics scrape, for rates
+    model_roots: list[Any] | None = None  # None: the fleet config's [models] roots
+
+    def models(self) -> list[Any]:
+        from engine.kvfit.local_models import configured_roots, list_local
+
+        return list_local(configured_roots() if self.model_roots is None else self.model_roots)
 
     def servers(self) -> list[Any]:
         from engine.vllm import launcher
@@ -208,6 +216,19 @@ class AgentOps:
 
     def _ask(self, op: Any, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
         return self.node.request(op, args or {}, timeout=timeout)
+
+    def models(self) -> list[Any]:
+        from engine.kvfit.local_models import LocalModel
+        from fleet.remote import AgentError, Op
+
+        try:
+            docs = self._ask(Op.LIST_MODELS, timeout=30)
+        except AgentError as exc:
+            if "unknown op" in str(exc):
+                raise AgentError(f"{self.name}: its fleetdeck is older than this dashboard's and cannot list models; "
+                                 f"upgrade it: fleetdeck nodes install {self.name} --bundle DIR") from None
+            raise
+        return [LocalModel.from_json(d) for d in docs]
 
     def servers(self) -> list[Any]:
         from engine.vllm.status import ServerStatus
