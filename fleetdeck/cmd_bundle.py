@@ -44,6 +44,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine.bundle.build import BundleError, build, digest
+    from fleetdeck import __version__
     from fleetdeck.cmdutil import err
 
     for link in args.find_links:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return err("--no-index needs --find-links DIR (where else would the wheels come from?)")
     out = Path(args.out).expanduser()
     try:
-        manifest = build(out, args.extras, args.python, args.platform, args.find_links, args.no_index)
+        manifest = build(out, __version__, args.extras, args.python, args.platform, args.find_links, args.no_index)
     except BundleError as exc:
         return err(f"bundle: {exc}")
     size = sum(f.size for f in manifest.files)

@@ -97,6 +97,7 @@ def test_every_cli_action_leaves_exactly_one_record_with_its_outcome(site, capsy
     step(["adapters", "rollback", "tickets", *router], "adapter.rollback", "refused")
     step(["finetune", "merge", "tickets@v1"], "model.merge", "refused")
     step(["finetune", "quantize", str(site), "--calibration", str(evalset)], "model.quantize", "refused")
+    step(["nodes", "install", "no-such-node", "--bundle", str(site / "no-bundle")], "node.install", "refused")
     # Each action the trail knows is exercised here: a new action cannot be added without its row.
     assert {a for a, _ in done} == set(audit.ACTIONS)
     recs = _records(site)
@@ -121,6 +122,7 @@ MUTATING_CLI = [
     (["adapters", "rollback", "t"], "adapter.rollback"),
     (["finetune", "merge", "tickets@v1"], "model.merge"),
     (["finetune", "quantize", "models/x", "--calibration", "x.jsonl"], "model.quantize"),
+    (["nodes", "install", "gpu1", "--bundle", "no-bundle"], "node.install"),
 ]
 
 

@@ -102,11 +102,10 @@ def _pip_download(dest: Path, requirements: list[str], python: str | None, platf
         raise BundleError(f"pip download failed: {why}")
 
 
-def build(out: Path, extras: list[str], python: str | None = None, platforms: list[str] | None = None,
+def build(out: Path, version: str, extras: list[str], python: str | None = None, platforms: list[str] | None = None,
           find_links: list[Path] | None = None, no_index: bool = False) -> Manifest:
-    """Make the bundle in `out` (which must not exist yet, or be empty)."""
-    import fleetdeck
-
+    """Make the bundle of fleetdeck `version` (the running code's) in `out` (which must not exist yet, or be
+    empty)."""
     platforms = list(platforms or [])
     if platforms and not python:
         raise BundleError("--platform needs --python too (pip downloads for a target it is told in full)")
@@ -123,10 +122,9 @@ def build(out: Path, extras: list[str], python: str | None = None, platforms: li
         own_dir = work / "own"
         own_dir.mkdir()
         try:
-            own = own_wheel(own_dir)
+            own = own_wheel(own_dir, version)
         except WheelError as exc:
             raise BundleError(str(exc)) from None
-        version = fleetdeck.__version__
         spec = f"fleetdeck[{','.join(extras)}]=={version}" if extras else f"fleetdeck=={version}"
         _pip_download(wheels, [spec, "pip"], python, platforms, [own_dir, *(find_links or [])], no_index)
         shutil.rmtree(own_dir)

@@ -99,10 +99,9 @@ def repack_installed(name: str, out_dir: Path) -> Path:
 
 
 def checkout_root() -> Path | None:
-    """The source tree this fleetdeck runs from, when it runs from one (a clone, an editable install)."""
-    import fleetdeck
-
-    root = Path(fleetdeck.__file__).resolve().parents[1]
+    """The source tree this fleetdeck runs from, when it runs from one (a clone, an editable install).
+    Found from this package (the engine may not import the command line; they ship together)."""
+    root = Path(__file__).resolve().parents[2]
     pyproject = root / "pyproject.toml"
     try:
         if pyproject.is_file() and re.search(r'(?m)^name\s*=\s*"fleetdeck"', pyproject.read_text(encoding="utf-8")):
@@ -112,11 +111,10 @@ def checkout_root() -> Path | None:
     return None
 
 
-def own_wheel(out_dir: Path) -> Path:
-    """fleetdeck's own wheel, of the code that is running: built from its checkout (`pip wheel --no-deps`,
-    on a copy, so the checkout gets no build/ or egg-info), or re-packed from the installed distribution."""
-    import fleetdeck
-
+def own_wheel(out_dir: Path, running_version: str) -> Path:
+    """fleetdeck's own wheel, of the code that is running (`running_version`, fleetdeck.__version__): built
+    from its checkout (`pip wheel --no-deps`, on a copy, so the checkout gets no build/ or egg-info), or
+    re-packed from the installed distribution."""
     root = checkout_root()
     if root is None:
         wheel = repack_installed("fleetdeck", out_dir)
@@ -142,8 +140,8 @@ def own_wheel(out_dir: Path) -> Path:
             raise WheelError(f"pip built no fleetdeck wheel from {root}")
         wheel = found[-1]
     version = wheel.name.split("-")[1]
-    if version != fleetdeck.__version__:
-        raise WheelError(f"the wheel is fleetdeck {version} but the running code says {fleetdeck.__version__}: "
+    if version != running_version:
+        raise WheelError(f"the wheel is fleetdeck {version} but the running code says {running_version}: "
                          "pyproject.toml's version and fleetdeck/__init__.py's __version__ must agree")
     return wheel
 
