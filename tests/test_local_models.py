@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from engine.kvfit.local_models import find_local, hub_cache_dir
 from fleetdeck.cli import main
-from tests.helpers import Pipe, wait_for
+from tests.helpers import FAKE_VLLM_CMD, Pipe, wait_for
 
 PY = sys.executable
 QWEN2_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584,
@@ -144,3 +144,24 @@ def one_model_root(tmp_path_factory):
 def test_a_name_resolves_inside_the_roots_or_not_at_all(one_model_root, name):
     found = find_local(name, [one_model_root])
     assert found is None or found == one_model_root / "m"
+
+
+def test_a_profile_whose_model_is_in_a_root_hands_vllm_the_folder_and_serves_the_id(tmp_path, monkeypatch):
+    from engine.vllm.launcher import build_launch
+    from tests.helpers import profile
+
+    root = tmp_path / "models"
+    (root / "acme" / "Qwen2-7B-ft").mkdir(parents=True)
+    (root / "acme" / "Qwen2-7B-ft" / "config.json").write_text(json.dumps(QWEN2_7B))
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'[models]\nroots = ["{root}"]\n')
+    monkeypatch.setenv("FLEETDECK_CONFIG", str(config))
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    argv, _ = build_launch(profile(model="acme/Qwen2-7B-ft"), [0], 8001, {})
+    assert str(root / "acme" / "Qwen2-7B-ft") in argv
+    assert argv[argv.index("--served-model-name") + 1] == "acme/Qwen2-7B-ft"
+    # In the hub cache, vLLM finds the id itself (offline): it gets the id.
+    cache = Path(hub_cache_dir())
+    hub_cache_entry(cache, "acme/Qwen2-7B-ft", {"config.json": json.dumps(QWEN2_7B).encode()})
+    argv, _ = build_launch(profile(model="acme/Qwen2-7B-ft"), [0], 8001, {})
+    assert "acme/Qwen2-7B-ft" in argv[:argv.index("--port")] and str(root) not in " ".join(argv)

@@ -90,6 +90,17 @@ def find_local(name: str, roots: Sequence[Path] = ()) -> Path | None:
     return None
 
 
+def vllm_model_arg(name: str, roots: Sequence[Path]) -> str:
+    """What to hand vLLM as the model: the hub id itself when the hub cache has it (vLLM finds it there,
+    offline), else the folder a model root holds for it (vLLM does not read fleetdeck's roots), else the
+    name unchanged (a path, or a model vLLM will report missing)."""
+    stripped = name.strip()
+    if not HUB_ID.match(stripped) or in_hub_cache(stripped, hub_cache_dir()) is not None:
+        return name
+    found = find_local(stripped, roots)
+    return str(found) if found is not None else name
+
+
 def configured_roots() -> list[Path]:
     """`[models] roots` of this host's fleet config (FLEETDECK_CONFIG or the default file); none if it
     cannot be read (the command that reads the config itself says why)."""
