@@ -225,7 +225,8 @@ class RemoteNode:
                         self.link.agent_version = msg["fleetdeck"] if isinstance(msg.get("fleetdeck"), str) else None
                         self.link.agent_protocol = msg["v"] if isinstance(msg.get("v"), int) else None
                     self._set("incompatible", f"agent on {self.name} speaks protocol v{msg.get('v')}, this dashboard "
-                                              f"v{PROTOCOL_VERSION}: install the same fleetdeck version on both")
+                                              f"v{PROTOCOL_VERSION}: install the same fleetdeck version on both "
+                                              f"(fleetdeck nodes install {self.name} --bundle DIR)")
                     proc.terminate()
                     break
                 try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import local_wheelhouse, sshd_server
+from tests.helpers import FAKE_VLLM_CMD, kill_processes_mentioning, local_wheelhouse, sshd_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -141,8 +141,10 @@ def fresh_node(tmp_path):
     """The real sshd, whose sessions get a fresh HOME (no fleetdeck anywhere in it or on PATH)."""
     home = tmp_path / "node-home"
     home.mkdir()
+    # The node's vLLM is the simulator behind vLLM's command line (its own interpreter: not the node's fleetdeck).
     yield from sshd_server(tmp_path, f"SetEnv HOME={home} XDG_CONFIG_HOME={home}/.config "
-                                     f"XDG_DATA_HOME={home}/.local/share XDG_STATE_HOME={home}/.local/state\n")
+                                     f"XDG_DATA_HOME={home}/.local/share XDG_STATE_HOME={home}/.local/state "
+                                     f'"FLEETDECK_VLLM={FAKE_VLLM_CMD}" FLEETDECK_SIM_START_DELAY=0.2\n')
 
 
 def test_a_node_is_bootstrapped_reinstalled_and_upgraded_over_ssh(built, fresh_node, tmp_path):
@@ -180,6 +182,24 @@ def test_a_node_is_bootstrapped_reinstalled_and_upgraded_over_ssh(built, fresh_n
     rows = {r["node"]: r for r in json.loads(fleetdeck("nodes", "ls", "--json", *common).stdout)["nodes"]}
     assert (rows["gpu1"]["state"], rows["gpu1"]["fleetdeck"], rows["gpu1"]["protocol"]) == ("connected", "0.1.0", 2)
 
+    # A server the node runs across the upgrade (started by its agent, from the node's own profile).
+    started = fleetdeck("serve", "start", "q", "--gpus", "0", "--force", "--node", "gpu1", *common)
+    assert started.returncode == 0, started.stderr
+
+    def servers() -> list[dict]:
+        done = fleetdeck("serve", "ls", "--json", "--node", "gpu1", *common)
+        return json.loads(done.stdout) if done.returncode == 0 else []
+
+    assert wait_for(lambda: [s["state"] for s in servers()] == ["ready"], timeout=60), servers()
+    (server,) = servers()
+
+    # A changed bundle is refused here, naming the file, before anything reaches the node.
+    bad = tmp_path / "bad-bundle"
+    shutil.copytree(b1, bad)
+    (bad / "install.py").write_text((bad / "install.py").read_text() + "\n# changed\n")
+    refused = fleetdeck("nodes", "install", "gpu1", "--bundle", str(bad), *common)
+    assert refused.returncode == 2 and "install.py: changed" in refused.stderr
+
     again = fleetdeck("nodes", "install", "gpu1", "--bundle", str(b1), *common)
     assert again.returncode == 0 and "gpu1: already at 0.1.0; nothing changed" in again.stdout
     assert config.read_text() == after
@@ -192,7 +212,14 @@ def test_a_node_is_bootstrapped_reinstalled_and_upgraded_over_ssh(built, fresh_n
     # The node's own config survived the upgrade; the previous environment is kept for agents still running.
     assert (home / ".config" / "fleetdeck" / "profiles" / "q.toml").is_file()
     assert len(list((home / ".local" / "share" / "fleetdeck" / "venvs").iterdir())) == 2
+    # ... and so did its server, which the new agent finds in the node's store.
+    try:
+        (after_up,) = servers()
+        assert (after_up["id"], after_up["state"]) == (server["id"], "ready")
+        assert fleetdeck("serve", "stop", server["id"], "--node", "gpu1", *common).returncode == 0
+    finally:
+        kill_processes_mentioning(str(home))  # anything left on the node (its server, an agent) ends by pid
 
     audit = json.loads(fleetdeck("audit", "--json", "--action", "node.install", *common).stdout)
     outcomes = [(r["target"], r["outcome"]) for r in reversed(audit)]
-    assert outcomes == [("gpu1", "refused"), ("gpu1", "done"), ("gpu1", "done"), ("gpu1", "done")]
+    assert outcomes == [("gpu1", "refused"), ("gpu1", "done"), ("gpu1", "refused"), ("gpu1", "done"), ("gpu1", "done")]

@@ -93,6 +93,29 @@ def copy_bundle(node: NodeConfig, bundle: Path, remote_dir: str) -> None:
             raise InstallRefused(f"tar could not read {bundle}")
 
 
+def _install_step(node: NodeConfig, remote_dir: str) -> dict[str, object]:
+    """The bundle's own install step on the node; its last line is one JSON object saying what happened."""
+    cmd = ssh_command(node.ssh, list(node.ssh_options), ["sh", f"{remote_dir}/install.sh", "--json"])
+    try:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallFailed(f"{node.name}: the install step did not finish: {exc}") from None
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    try:
+        result = json.loads(lines[-1])
+        if not isinstance(result, dict):
+            raise ValueError("not an object")
+    except (IndexError, ValueError):
+        said = (done.stderr.strip() or done.stdout.strip())[-300:]
+        raise InstallFailed(f"{node.name}: the install step said nothing readable (exit {done.returncode}): {said}") from None
+    if result.get("status") == "refused":  # nothing was installed: the bundle or the node's Python says no
+        raise InstallRefused(f"{node.name}: {result.get('message')}")
+    if done.returncode != 0 or result.get("status") not in ("installed", "upgraded", "already"):
+        raise InstallFailed(f"{node.name}: {result.get('message')}")
+    return result
+
+
 def _agent_version_check(node: NodeConfig, command: list[str], manifest: Manifest) -> None:
     link = probe(node, command)
     if link.status != "connected":
@@ -124,22 +147,15 @@ def install_on_node(config: FleetConfig, config_path: Path, name: str, bundle: P
                                   list(node.agent_command or DEFAULT_AGENT))
         remote_dir = f"{REMOTE_HOME_DIR}/bundles/{manifest.fleetdeck}-{install_script.bundle_digest(bundle)[:12]}"
         copy_bundle(node, bundle, remote_dir)
-        out = _run(ssh_command(node.ssh, list(node.ssh_options), ["sh", f"{remote_dir}/install.sh", "--json"]),
-                   f"installing on {name}")
-        try:
-            result = json.loads([line for line in out.splitlines() if line.strip()][-1])
-        except (IndexError, ValueError):
-            raise InstallFailed(f"{name}: the install step said nothing readable: {out.strip()[-300:]}") from None
-        if result.get("status") not in ("installed", "upgraded", "already"):
-            raise InstallRefused(f"{name}: {result.get('message')}")
+        result = _install_step(node, remote_dir)
         agent = [str(result["agent"]), "agent", "--stdio"]
         command = list(node.agent_command) if result.get("on_path") else agent
         changed = command != list(node.agent_command)
         if changed:
             set_agent_command(config_path, name, command)
-        entry.params.update(agent=" ".join(command), result=result["status"])
+        entry.params.update(agent=" ".join(command), result=str(result["status"]))
         _agent_version_check(node, command, manifest)
-        status = "upgraded" if now.agent_version and now.agent_version != manifest.fleetdeck else result["status"]
-        return InstallOutcome(name, status, manifest.fleetdeck, now.agent_version or result.get("previous"),
-                              command, changed)
+        status = "upgraded" if now.agent_version and now.agent_version != manifest.fleetdeck else str(result["status"])
+        previous = now.agent_version or (str(result["previous"]) if result.get("previous") else None)
+        return InstallOutcome(name, status, manifest.fleetdeck, previous, command, changed)
     raise AssertionError("unreachable")  # audited() re-raises; mypy cannot see the with-block always returns
