@@ -144,8 +144,14 @@ class Agent:
         from engine.vllm.profile import load_profile, profile_roots
         from store.config_files import toml_by_name
 
+        from engine.kvfit.local_models import configured_roots, list_local
+        from engine.node_ops import with_model
+
         try:
             profile = load_profile(toml_by_name("profile", a.get("profile"), profile_roots()))
+            if a.get("model") is not None:  # a model this node lists (list_models), instead of the profile's
+                roots = configured_roots() if self.model_roots is None else self.model_roots
+                profile = with_model(profile, _text(a["model"], "model"), list_local(roots))
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         gpus = _gpu_indices(a.get("gpus"), required=True)

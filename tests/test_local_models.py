@@ -114,6 +114,17 @@ def test_a_nodes_agent_lists_its_own_models(tmp_path, monkeypatch):
     pipe.send({"v": 2, "type": "request", "id": 1, "op": "list_models"})
     (model,) = pipe.next("response")["result"]
     assert model["name"] == str(root / "Tiny") and model["context_limit"] == 32768
+    # A start may name one of those models instead of the profile's, and nothing else.
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
+    monkeypatch.setenv("FLEETDECK_PROFILES", str(profiles))
+    for bad in ("/etc", "Qwen/Qwen2-7B-Instruct", 7):
+        pipe.send({"v": 2, "type": "request", "id": 2, "op": "start_server",
+                   "args": {"profile": "q", "gpus": [0], "model": bad}})
+        answer = pipe.next("response")
+        assert answer["ok"] is False and ("not on this node's disks" in answer["error"]
+                                          or "model must be a non-empty string" in answer["error"]), answer
     pipe.close()
     # Through the node interface, from the node's own fleet config.
     config = tmp_path / "node-fleet.toml"
@@ -165,3 +176,47 @@ def test_a_profile_whose_model_is_in_a_root_hands_vllm_the_folder_and_serves_the
     hub_cache_entry(cache, "acme/Qwen2-7B-ft", {"config.json": json.dumps(QWEN2_7B).encode()})
     argv, _ = build_launch(profile(model="acme/Qwen2-7B-ft"), [0], 8001, {})
     assert "acme/Qwen2-7B-ft" in argv[:argv.index("--port")] and str(root) not in " ".join(argv)
+
+
+async def test_the_start_dialog_offers_the_models_on_disk_and_starts_one(tmp_path, monkeypatch):
+    from textual.widgets import Input, Select, Static
+
+    from engine.vllm import launcher
+    from store.db import open_store
+    from store.paths import config_dir
+    from tests.tui_helpers import make_app, ready, settle, static_text
+    from tui.screens.servers import StartServerScreen
+
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
+    hub_cache_entry(hub_cache_dir(), "Qwen/Qwen2-7B-Instruct", {"config.json": json.dumps(QWEN2_7B).encode()})
+    (config_dir() / "profiles").mkdir(parents=True)
+    (config_dir() / "profiles" / "qwen.toml").write_text('name = "qwen"\nmodel = "Qwen/Qwen3-8B"\n')
+    db = tmp_path / "fd.db"
+    app = make_app(store_path=db)
+    try:
+        async with app.run_test(size=(120, 34)) as pilot:
+            await ready(app, pilot)
+            await pilot.press("3")
+            await settle(app, pilot)
+            await pilot.press("s")
+            await settle(app, pilot)
+            dialog = app.screen
+            assert isinstance(dialog, StartServerScreen)
+            models = dialog.query_one("#start-model", Select)
+            await app.workers.wait_for_complete()  # the list is read in a worker, off the UI thread
+            await pilot.pause()
+            assert any(v == "Qwen/Qwen2-7B-Instruct" for _, v in models._options)
+            dialog.query_one("#start-profile", Select).value = "qwen"
+            dialog.query_one("#start-gpus", Input).value = "sim-h100-01/3"
+            models.value = "Qwen/Qwen2-7B-Instruct"
+            await settle(app, pilot)
+            assert "Qwen/Qwen2-7B-Instruct" in static_text(dialog.query_one("#start-verdict", Static))
+            await pilot.press("ctrl+s")
+            await settle(app, pilot, 5)
+            (rec,) = launcher.list_servers(open_store(db))
+            assert rec.spec["model"] == "Qwen/Qwen2-7B-Instruct" and rec.name == "qwen"
+    finally:
+        store = open_store(db)
+        for r in launcher.list_servers(store):
+            launcher.stop(store, r, timeout=5)
