@@ -151,9 +151,14 @@ def install(bundle: Path, prefix: Path, as_json: bool = False) -> dict[str, Any]
         tmp.unlink()
     os.symlink(Path("venvs") / name, tmp)
     os.replace(tmp, current)
+    keep = {name, previous_dir.name if previous_dir else ""}
     for old in venvs.iterdir():  # keep this one and the one before (still running agents use its files)
-        if old.name not in {name, previous_dir.name if previous_dir else ""} and old.is_dir():
+        if old.name not in keep and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
+    if bundle.parent == prefix / "bundles":  # pushed by `nodes install`: its folders are named as the venvs
+        for old in bundle.parent.iterdir():
+            if old.name not in keep and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
     return {**result, "status": "upgraded" if previous else "installed"}
 
 
