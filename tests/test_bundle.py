@@ -223,3 +223,22 @@ def test_a_node_is_bootstrapped_reinstalled_and_upgraded_over_ssh(built, fresh_n
     audit = json.loads(fleetdeck("audit", "--json", "--action", "node.install", *common).stdout)
     outcomes = [(r["target"], r["outcome"]) for r in reversed(audit)]
     assert outcomes == [("gpu1", "refused"), ("gpu1", "done"), ("gpu1", "refused"), ("gpu1", "done"), ("gpu1", "done")]
+
+
+@pytest.mark.skipif(not os.environ.get("FLEETDECK_TEST_BUNDLE_PROXY"),
+                    reason="the proxy extra's bundle is ~90 MiB (litellm and its deps) and takes minutes to re-pack and "
+                           "install on 2 cores; FLEETDECK_TEST_BUNDLE_PROXY=1 runs it")
+def test_the_default_bundle_with_the_proxy_extra_installs_offline_and_imports_it(tmp_path):
+    offline = _offline_prefix()
+    if not offline:
+        pytest.skip("no network namespace: `unshare -n` needs root")
+    wheelhouse = local_wheelhouse(tmp_path / "wheelhouse", extras=("proxy",))
+    made = fleetdeck("bundle", "--out", str(tmp_path / "b"), "--find-links", str(wheelhouse), "--no-index")
+    assert made.returncode == 0 and "extras: proxy" in made.stdout, made.stderr
+    done = subprocess.run([*offline, "sh", str(tmp_path / "b" / "install.sh"), "--prefix", str(tmp_path / "fd")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    imported = subprocess.run([*offline, str(tmp_path / "fd" / "current" / "bin" / "python"), "-c",
+                               "import litellm, starlette, uvicorn; print('ok')"], capture_output=True, text=True,
+                              cwd=tmp_path, env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "PATH": "/usr/bin:/bin"})
+    assert imported.stdout.strip() == "ok", imported.stderr

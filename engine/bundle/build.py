@@ -125,8 +125,9 @@ def build(out: Path, version: str, extras: list[str], python: str | None = None,
             own = own_wheel(own_dir, version)
         except WheelError as exc:
             raise BundleError(str(exc)) from None
-        spec = f"fleetdeck[{','.join(extras)}]=={version}" if extras else f"fleetdeck=={version}"
-        _pip_download(wheels, [spec, "pip"], python, platforms, [own_dir, *(find_links or [])], no_index)
+        # A direct reference to the wheel just built: an index's own "fleetdeck" can never stand in for it.
+        spec = f"fleetdeck[{','.join(extras)}] @ {own.as_uri()}" if extras else f"fleetdeck @ {own.as_uri()}"
+        _pip_download(wheels, [spec, "pip"], python, platforms, list(find_links or []), no_index)
         shutil.rmtree(own_dir)
         if not (wheels / own.name).is_file():
             raise BundleError(f"pip did not take fleetdeck's own wheel {own.name} (another fleetdeck {version} "
