@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import FAKE_VLLM_CMD, kill_processes_mentioning, local_wheelhouse, sshd_server, wait_for
 
@@ -242,3 +244,33 @@ def test_the_default_bundle_with_the_proxy_extra_installs_offline_and_imports_it
                                "import litellm, starlette, uvicorn; print('ok')"], capture_output=True, text=True,
                               cwd=tmp_path, env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "PATH": "/usr/bin:/bin"})
     assert imported.stdout.strip() == "ok", imported.stderr
+
+
+@settings(max_examples=80, deadline=None)
+@given(names=st.lists(st.one_of(st.text(max_size=30), st.sampled_from(["../outside", "/etc/passwd", "wheels/../../x",
+                                                                        "install.py", "wheels/a.whl"])), max_size=5),
+       digests=st.lists(st.text(alphabet="0123456789abcdef", min_size=0, max_size=64), max_size=5))
+def test_the_verifier_names_every_mismatch_and_reads_nothing_outside_the_bundle(names, digests):
+    """Whatever a manifest lists, verify() answers with one line per problem, never an exception, and a
+    listed name that leaves the bundle is refused, not read."""
+    import tempfile
+
+    from engine.bundle import install_script
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "b"
+        (bundle / "wheels").mkdir(parents=True)
+        (bundle / "wheels" / "a.whl").write_bytes(b"wheel")
+        (bundle / "install.py").write_text("print()")
+        (Path(tmp) / "outside").write_text("secret")
+        files = [{"name": n, "sha256": d} for n, d in zip(names, digests + ["0" * 64] * len(names))]
+        problems = install_script.verify(bundle, {"files": files, "fleetdeck": "0"})
+        for entry in files:
+            name = entry["name"]
+            if not name or name.startswith("/") or ".." in Path(name).parts:
+                assert any(p.startswith(repr(name)) and "not a file inside the bundle" in p for p in problems)
+        assert all(isinstance(p, str) and "\n" not in p for p in problems)
+        good = {"files": [{"name": "wheels/a.whl", "sha256": install_script.sha256_of(bundle / "wheels" / "a.whl")},
+                          {"name": "install.py", "sha256": install_script.sha256_of(bundle / "install.py")}],
+                "fleetdeck": "0"}
+        assert install_script.verify(bundle, good) == []

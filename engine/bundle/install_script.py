@@ -66,13 +66,20 @@ def verify(bundle: Path, manifest: dict[str, Any]) -> list[str]:
     for entry in manifest["files"]:
         name = str(entry.get("name", ""))
         listed.add(name)
+        shown = name if name.isprintable() else repr(name)  # one line per problem, whatever the manifest says
         path = bundle / name
-        if not name or name.startswith("/") or ".." in Path(name).parts:
+        if not name or name.startswith("/") or ".." in Path(name).parts or "\0" in name:
             problems.append(f"{name!r}: not a file inside the bundle")
-        elif not path.is_file():
-            problems.append(f"{name}: missing")
-        elif sha256_of(path) != entry.get("sha256"):
-            problems.append(f"{name}: changed (its SHA-256 is not the one the manifest records)")
+        else:
+            try:
+                ok = path.is_file() and sha256_of(path) == entry.get("sha256")
+                missing = not path.is_file()
+            except (OSError, ValueError):  # a name no file system here can hold
+                ok, missing = False, True
+            if missing:
+                problems.append(f"{shown}: missing")
+            elif not ok:
+                problems.append(f"{shown}: changed (its SHA-256 is not the one the manifest records)")
     for path in sorted(bundle.rglob("*")):
         rel = path.relative_to(bundle).as_posix()
         if path.is_file() and rel not in listed and rel not in UNLISTED and "__pycache__" not in path.parts:
