@@ -149,7 +149,9 @@ class LocalOps:
         from engine.vllm.profile import load_profile, profile_roots
         from store.config_files import toml_by_name
 
-        spec = with_model(load_profile(toml_by_name("profile", profile, profile_roots())), model, self.models())
+        spec = load_profile(toml_by_name("profile", profile, profile_roots()))
+        if model is not None:
+            spec = with_model(spec, model, self.models())
         rec, _ = launcher.start(self.store, spec, gpus,
                                 gpu_snapshots=gpu_snapshots, force=force, adapter_roots=list(self.adapter_roots))
         return f"started {rec.id} on GPUs {rec.gpus}, port {rec.port}"
@@ -242,6 +244,8 @@ class AgentOps:
                 raise AgentError(f"{self.name}: its fleetdeck is older than this dashboard's and cannot list models; "
                                  f"upgrade it: fleetdeck nodes install {self.name} --bundle DIR") from None
             raise
+        if not isinstance(docs, list):
+            raise AgentError(f"{self.name}: list_models answered {type(docs).__name__}, not a list")
         return [LocalModel.from_json(d) for d in docs]
 
     def servers(self) -> list[Any]:
