@@ -184,6 +184,19 @@ def test_a_node_is_bootstrapped_reinstalled_and_upgraded_over_ssh(built, fresh_n
     rows = {r["node"]: r for r in json.loads(fleetdeck("nodes", "ls", "--json", *common).stdout)["nodes"]}
     assert (rows["gpu1"]["state"], rows["gpu1"]["fleetdeck"], rows["gpu1"]["protocol"]) == ("connected", "0.1.0", 2)
 
+    # The node's models, read by its (installed) agent from its own Hugging Face cache.
+    snap = home / ".cache" / "huggingface" / "hub" / "models--acme--Tiny" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("a" * 40)
+    (snap / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                  "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 1,
+                                                  "intermediate_size": 128, "vocab_size": 100,
+                                                  "max_position_embeddings": 4096, "torch_dtype": "float16"}))
+    listed = fleetdeck("models", "ls", "--node", "gpu1", "--json", *common)
+    assert listed.returncode == 0, listed.stderr
+    assert [(m["name"], m["context_limit"]) for m in json.loads(listed.stdout)] == [("acme/Tiny", 4096)]
+
     # A server the node runs across the upgrade (started by its agent, from the node's own profile).
     started = fleetdeck("serve", "start", "q", "--gpus", "0", "--force", "--node", "gpu1", *common)
     assert started.returncode == 0, started.stderr
