@@ -91,8 +91,10 @@ def _port(value: object) -> int | None:
 
 class Agent:
     def __init__(self, source: Any, store_path: Path | None, adapter_roots: list[Path], version: str,
-                 interval_s: float = 1.0, read_only: bool = False, slurm: Any = None) -> None:
+                 interval_s: float = 1.0, read_only: bool = False, slurm: Any = None,
+                 model_roots: list[Path] | None = None) -> None:
         self.source = source
+        self.model_roots = model_roots  # None: the node's fleet config's [models] roots
         self.slurm = slurm  # the node's own [slurm] settings: a login node submits for the dashboard
         self.read_only = read_only
         self.store_path = store_path
@@ -110,7 +112,7 @@ class Agent:
             Op.RESUME_JOB: self._resume_job,
             Op.LIST_ADAPTERS: self._list_adapters, Op.LIST_PROFILES: self._list_profiles, Op.TAIL_LOG: self._tail_log,
             Op.LOAD_ADAPTER: self._load_adapter, Op.UNLOAD_ADAPTER: self._unload_adapter, Op.SWAP_ADAPTER: self._swap_adapter,
-            Op.SLURM_VIEW: self._slurm_view,
+            Op.SLURM_VIEW: self._slurm_view, Op.LIST_MODELS: self._list_models,
         }
         if set(handlers) != set(Op):
             raise RuntimeError(f"agent has no handler for {sorted(set(Op) - set(handlers))}")
@@ -140,6 +142,13 @@ class Agent:
             out.append(status.to_json())
         return out
 
+    def _list_models(self, a: dict[str, Any]) -> Any:
+        """The models on this node's disks, where its vLLM finds them (hub cache, [models] roots)."""
+        from engine.kvfit.local_models import configured_roots, list_local
+
+        roots = configured_roots() if self.model_roots is None else self.model_roots
+        return [m.to_json() for m in list_local(roots)]
+
     def _list_profiles(self, a: dict[str, Any]) -> Any:
         from engine.vllm.profile import named_profiles
 
@@ -150,8 +159,14 @@ class Agent:
         from engine.vllm.profile import load_profile, profile_roots
         from store.config_files import toml_by_name
 
+        from engine.kvfit.local_models import configured_roots, list_local
+        from engine.node_ops import with_model
+
         try:
             profile = load_profile(toml_by_name("profile", a.get("profile"), profile_roots()))
+            if a.get("model") is not None:  # a model this node lists (list_models), instead of the profile's
+                roots = configured_roots() if self.model_roots is None else self.model_roots
+                profile = with_model(profile, _text(a["model"], "model"), list_local(roots))
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         gpus = _gpu_indices(a.get("gpus"), required=True)

@@ -65,6 +65,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "process.kill": ("node", "pid", "gpu", "user", "command"),
     "server.prune": ("servers",),
     "job.prune": ("jobs",),
+    "node.install": ("bundle", "version", "previous", "agent", "result"),
 }
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years

@@ -70,7 +70,8 @@ class NodeOps(Protocol):
 
     def servers(self) -> list[Any]: ...  # ServerStatus, figures included
 
-    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str: ...
+    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None,
+                     model: str | None = None) -> str: ...  # model: one of models(), instead of the profile's
 
     def stop_server(self, sid: str) -> str: ...
 
@@ -98,12 +99,25 @@ class NodeOps(Protocol):
 
     def prune_jobs(self) -> str: ...
 
+    def models(self) -> list[Any]: ...  # LocalModel: what the node's vLLM finds on its disks
+
 
 def _pruned(what: str, ids: list[str]) -> str:
     if not ids:
         return f"no ended {what} to prune"
     return (f"pruned {len(ids)} ended {what}: {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''} "
             "(their logs stay on disk)")
+
+
+def with_model(profile: Any, model: str | None, available: list[Any]) -> Any:
+    """The profile with another model from the node's own disks (`models()`): a name the node's listing
+    has, nothing else (a request names what the node defines)."""
+    if model is None:
+        return profile
+    names = [m.name for m in available if m.error is None]
+    if model not in names:
+        raise ValueError(f"model {model!r} is not on this node's disks; it has: {', '.join(names) or 'none'}")
+    return profile.model_copy(update={"model": model, "served_model_name": profile.served_model_name})
 
 
 def split_id(shown: str) -> tuple[str | None, str]:
@@ -122,6 +136,12 @@ class LocalOps:
     adapter_roots: list[Any]
     name: str = ""
     scrapes: dict[str, Any] | None = None  # each server's previous /metrics scrape, for rates
+    model_roots: list[Any] | None = None  # None: the fleet config's [models] roots
+
+    def models(self) -> list[Any]:
+        from engine.kvfit.local_models import configured_roots, list_local
+
+        return list_local(configured_roots() if self.model_roots is None else self.model_roots)
 
     def servers(self) -> list[Any]:
         from engine.vllm import launcher
@@ -136,12 +156,16 @@ class LocalOps:
             out.append(st)
         return out
 
-    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str:
+    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None,
+                     model: str | None = None) -> str:
         from engine.vllm import launcher
         from engine.vllm.profile import load_profile, profile_roots
         from store.config_files import toml_by_name
 
-        rec, _ = launcher.start(self.store, load_profile(toml_by_name("profile", profile, profile_roots())), gpus,
+        spec = load_profile(toml_by_name("profile", profile, profile_roots()))
+        if model is not None:
+            spec = with_model(spec, model, self.models())
+        rec, _ = launcher.start(self.store, spec, gpus,
                                 gpu_snapshots=gpu_snapshots, force=force, adapter_roots=list(self.adapter_roots))
         return f"started {rec.id} on GPUs {rec.gpus}, port {rec.port}"
 
@@ -237,6 +261,21 @@ class AgentOps:
     def _ask(self, op: Any, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
         return self.node.request(op, args or {}, timeout=timeout)
 
+    def models(self) -> list[Any]:
+        from engine.kvfit.local_models import LocalModel
+        from fleet.remote import AgentError, Op
+
+        try:
+            docs = self._ask(Op.LIST_MODELS, timeout=30)
+        except AgentError as exc:
+            if "unknown op" in str(exc):
+                raise AgentError(f"{self.name}: its fleetdeck is older than this dashboard's and cannot list models; "
+                                 f"upgrade it: fleetdeck nodes install {self.name} --bundle DIR") from None
+            raise
+        if not isinstance(docs, list):
+            raise AgentError(f"{self.name}: list_models answered {type(docs).__name__}, not a list")
+        return [LocalModel.from_json(d) for d in docs]
+
     def servers(self) -> list[Any]:
         from engine.vllm.status import ServerStatus
         from fleet.remote import Op
@@ -248,13 +287,19 @@ class AgentOps:
             out.append(st)
         return out
 
-    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str:
+    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None,
+                     model: str | None = None) -> str:
         from fleet.remote import Op
 
         # the agent plans against its own node's GPUs: `gpu_snapshots` read here are not sent
 
         audit.refuse_if_read_only("server.start", profile, profile=profile, gpus=",".join(map(str, gpus)))
-        srv = self._ask(Op.START_SERVER, {"profile": profile, "gpus": gpus, "force": force}, timeout=120)["server"]
+        args: dict[str, Any] = {"profile": profile, "gpus": gpus, "force": force}
+        if model is not None:
+            # An agent older than list_models would ignore `model` and start the profile's own: ask it first.
+            self.models()
+            args["model"] = model
+        srv = self._ask(Op.START_SERVER, args, timeout=120)["server"]
         return f"started @{self.name}:{srv['id']} on GPUs {srv['gpus']}, port {srv['port']}"
 
     def stop_server(self, sid: str) -> str:

@@ -33,6 +33,9 @@ class ModelSettings(Strict):
 
     root: HomePath | None = Field(default=None, description="default: the data folder's models/")
     quantize_python: HomePath | None = Field(default=None, description="a virtual environment's python with llmcompressor")
+    # Folders of models, read as vLLM would find them: ORG/NAME or NAME folders holding a config.json,
+    # or a Hugging Face cache layout (models--ORG--NAME). Searched after the hub cache.
+    roots: list[HomePath] = Field(default_factory=list, description="folders holding model folders")
 
 
 class SlurmSettings(Strict):
@@ -68,3 +71,28 @@ def load_fleet_config(path: Path | str | None, required: bool = False) -> FleetC
     if not p.exists() and not required and path is None:
         return FleetConfig()
     return load_toml_model(p, FleetConfig)
+
+
+def set_agent_command(path: Path, node: str, command: list[str]) -> None:
+    """Rewrite one [[node]]'s agent_command in place and atomically (tomlkit: the operator's comments,
+    order and layout stay); the result must load, or nothing is written. Callers audit."""
+    import os
+
+    import tomlkit
+
+    from store.config_files import parse_toml_model
+
+    doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+    entry = next((n for n in doc.get("node", []) if n.get("name") == node), None)
+    if entry is None:
+        raise KeyError(f"no [[node]] named {node!r} in {path}")
+    entry["agent_command"] = command
+    text = tomlkit.dumps(doc)
+    parse_toml_model(path, text, FleetConfig)  # never write a config the dashboard would refuse
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+    except OSError:
+        pass
+    tmp.replace(path)

@@ -35,6 +35,9 @@ class Op(str, Enum):
     LIST_PROFILES = "list_profiles"
     TAIL_LOG = "tail_log"
     SLURM_VIEW = "slurm_view"
+    # Added without a version bump: the wire is unchanged, and an older agent answers it with one
+    # "unknown op" error (shown as "upgrade this node"), while every other op keeps working.
+    LIST_MODELS = "list_models"
 
 
 class _Message(BaseModel):

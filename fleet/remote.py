@@ -40,6 +40,7 @@ def _operator() -> str:
 
 
 OPERATOR = _operator()
+DEFAULT_AGENT = ["fleetdeck", "agent", "--stdio"]  # a node whose PATH has fleetdeck needs no agent_command
 
 
 class AgentError(Exception):
@@ -72,7 +73,18 @@ class LinkState:
     since: float = 0.0
     last_seen: float | None = None
     agent_version: str | None = None
+    agent_protocol: int | None = None  # the `v` of the agent's hello (also when it is not ours)
     bad_messages: int = 0
+
+
+def ssh_command(dest: str, ssh_options: list[str] | None, remote: list[str]) -> list[str]:
+    """The system OpenSSH reaching a node as the fleet config says (aliases, jump hosts, keys in its own
+    config), running `remote` there. BatchMode: never hang on a password prompt; the error says what to fix.
+    ssh hands the command to the remote shell as one string, so each argument is quoted to arrive intact."""
+    import shlex
+
+    return ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=10", "-o", "ConnectTimeout=10",
+            *(ssh_options or []), dest, "--", *(shlex.quote(a) for a in remote)]
 
 
 class RemoteNode:
@@ -101,14 +113,7 @@ class RemoteNode:
     @classmethod
     def over_ssh(cls, name: str, dest: str, ssh_options: list[str] | None = None,
                  agent_command: list[str] | None = None, **kw: Any) -> "RemoteNode":
-        import shlex
-
-        agent = agent_command or ["fleetdeck", "agent", "--stdio"]
-        # BatchMode: never hang on a password prompt; the error says what to fix instead. ssh hands the
-        # command to the remote shell as one string, so each argument is quoted to arrive intact.
-        cmd = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=10", "-o", "ConnectTimeout=10",
-               *(ssh_options or []), dest, "--", *(shlex.quote(a) for a in agent)]
-        return cls(name, cmd, **kw)
+        return cls(name, ssh_command(dest, ssh_options, agent_command or DEFAULT_AGENT), **kw)
 
     # -- the source interface -------------------------------------------------------------------
     def snapshot(self) -> NodeSnapshot:
@@ -216,8 +221,12 @@ class RemoteNode:
                     continue
                 if msg.get("type") == "hello" and msg.get("v") != PROTOCOL_VERSION:
                     watchdog.cancel()
+                    with self._lock:  # what the other side runs, for `nodes ls` and its upgrade hint
+                        self.link.agent_version = msg["fleetdeck"] if isinstance(msg.get("fleetdeck"), str) else None
+                        self.link.agent_protocol = msg["v"] if isinstance(msg.get("v"), int) else None
                     self._set("incompatible", f"agent on {self.name} speaks protocol v{msg.get('v')}, this dashboard "
-                                              f"v{PROTOCOL_VERSION}: install the same fleetdeck version on both")
+                                              f"v{PROTOCOL_VERSION}: install the same fleetdeck version on both "
+                                              f"(fleetdeck nodes install {self.name} --bundle DIR)")
                     proc.terminate()
                     break
                 try:
@@ -230,6 +239,7 @@ class RemoteNode:
                     watchdog.cancel()
                     with self._lock:
                         self.link.agent_version = typed.fleetdeck
+                        self.link.agent_protocol = typed.v
                         self.link.last_seen = self._clock()
                     self._set("connected")
                 elif not hello:

@@ -285,7 +285,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         threading.Timer(args.exit_after, lambda: os._exit(0)).start()
     read_only = bool(args.read_only or config.read_only)
     agent = Agent(source, Path(args.store) if args.store else None, list(config.adapter_roots), __version__,
-                  read_only=read_only, slurm=config.slurm)
+                  read_only=read_only, slurm=config.slurm, model_roots=list(config.models.roots))
     from engine import audit
 
     with audit.session(Path(args.store) if args.store else _store_path(args), "agent", read_only=read_only,

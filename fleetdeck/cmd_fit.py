@@ -66,8 +66,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         return _fail("name a MODEL (or use --list-models)")
+    from fleetdeck.cmdutil import fleet_config_of
+    from store.config_files import ConfigError
+
     try:
-        arch, exact = load_model(args.model)
+        roots = list(fleet_config_of(args).models.roots)  # a hub id is looked up there after the HF cache
+    except ConfigError as exc:
+        return _fail(str(exc))
+    try:
+        arch, exact = load_model(args.model, roots)
     except ArchError as exc:
         return _fail(str(exc))
     if args.quantization:

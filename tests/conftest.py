@@ -22,5 +22,7 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
+    # An empty Hugging Face cache: a model cached on the developer's machine must not change what a test plans.
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf-hub"))
     monkeypatch.delenv("FLEETDECK_STORE", raising=False)
     monkeypatch.delenv("FLEETDECK_CONFIG", raising=False)

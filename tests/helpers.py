@@ -122,3 +122,92 @@ def make_node_files(root: Path, api_key_env: str | None = None) -> Path:
                                     f'backend = "simulated"\nmax_steps = 400\nadapter_root = "{root / "adapters"}"\n')
     return root
 
+
+
+def local_wheelhouse(out: Path, root: str = "fleetdeck", extras: tuple[str, ...] = ()) -> Path:
+    """A wheelhouse of what `root` (with `extras`) needs, re-packed from this environment's installed
+    distributions, plus pip: what `fleetdeck bundle --find-links DIR --no-index` builds from with no index."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    from engine.bundle.wheels import normalize, repack_installed
+
+    seen: set[str] = set()
+    done: set[tuple[str, str]] = set()  # (distribution, extra): a dependency may be asked for with its extras
+    todo = [(root, extras)]
+    while todo:
+        name, want = todo.pop()
+        dist = metadata.distribution(name)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in (*want, "")):
+                continue
+            key = normalize(req.name)
+            new = [e for e in ("", *req.extras) if (key, e) not in done]
+            if new:
+                seen.add(key)
+                done.update((key, e) for e in new)
+                todo.append((req.name, tuple(req.extras)))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in sorted(seen - {normalize(root)}) + ["pip"]:
+        repack_installed(name, out)
+    return out
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+def sshd_server(tmp_path: Path, extra_config: str = ""):
+    """A real sshd on 127.0.0.1 with throwaway keys (a generator for a fixture): yields the destination
+    and the ssh options that reach it; `extra_config` adds sshd_config lines (e.g. SetEnv HOME=...)."""
+    import shutil
+    import socket
+    import subprocess
+    import textwrap
+
+    import pytest
+
+    sshd = shutil.which("sshd") or SSHD
+    if not Path(sshd).exists():
+        pytest.skip("sshd is not installed (.ci/run installs Debian's openssh-server)")
+    keys = tmp_path / "ssh"
+    keys.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "host")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "client")], check=True)
+    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    Path("/run/sshd").mkdir(exist_ok=True)
+    config = keys / "sshd_config"
+    config.write_text(textwrap.dedent(f"""
+        ListenAddress 127.0.0.1
+        Port {port}
+        HostKey {keys / 'host'}
+        AuthorizedKeysFile {keys / 'authorized_keys'}
+        PasswordAuthentication no
+        KbdInteractiveAuthentication no
+        PermitRootLogin prohibit-password
+        StrictModes no
+        UsePAM no
+        PidFile {keys / 'sshd.pid'}
+        AcceptEnv NONE
+        ExposeAuthInfo yes
+    """) + extra_config)
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+
+    def port_open() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    assert wait_for(port_open, timeout=10)
+    user = os.environ.get("USER") or "root"
+    opts = ["-p", str(port), "-i", str(keys / "client"), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    yield f"{user}@127.0.0.1", opts
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -104,6 +104,7 @@ def test_every_cli_action_leaves_exactly_one_record_with_its_outcome(site, capsy
     step(["adapters", "rollback", "tickets", *router], "adapter.rollback", "refused")
     step(["finetune", "merge", "tickets@v1"], "model.merge", "refused")
     step(["finetune", "quantize", str(site), "--calibration", str(evalset)], "model.quantize", "refused")
+    step(["nodes", "install", "no-such-node", "--bundle", str(site / "no-bundle")], "node.install", "refused")
     # Each action the trail knows is exercised here: a new action cannot be added without its row.
     assert {a for a, _ in done} == set(audit.ACTIONS) - set(NOT_CLI)
     recs = _records(site)
@@ -135,6 +136,7 @@ MUTATING_CLI = [
     (["serve", "prune"], "server.prune"),
     (["finetune", "prune"], "job.prune"),
     (["kill", "999999"], "process.kill"),
+    (["nodes", "install", "gpu1", "--bundle", "no-bundle"], "node.install"),
 ]
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +20,7 @@ from fleet.remote import PROTOCOL_VERSION, AgentError, RemoteNode
 from fleet.source import LocalNode
 from fleetdeck.cli import main
 from tests.fakes.fake_nvml import FakeGpu, FakeNvml
-from tests.helpers import FAKE_VLLM_CMD, Pipe, kill_processes_mentioning, wait_for
+from tests.helpers import FAKE_VLLM_CMD, Pipe, kill_processes_mentioning, sshd_server, wait_for
 from tests.tui_helpers import make_app, ready
 
 PY = sys.executable
@@ -141,54 +139,9 @@ async def test_the_dashboard_shows_local_and_remote_gpus_grouped_by_node(monkeyp
 
 
 # --- a real SSH round-trip ------------------------------------------------------------------------
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
 @pytest.fixture
 def sshd(tmp_path):
-    if not Path(SSHD).exists():
-        pytest.skip("sshd is not installed (.ci/run installs Debian's openssh-server)")
-    keys = tmp_path / "ssh"
-    keys.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "host")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "client")], check=True)
-    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    Path("/run/sshd").mkdir(exist_ok=True)
-    config = keys / "sshd_config"
-    config.write_text(textwrap.dedent(f"""
-        ListenAddress 127.0.0.1
-        Port {port}
-        HostKey {keys / 'host'}
-        AuthorizedKeysFile {keys / 'authorized_keys'}
-        PasswordAuthentication no
-        KbdInteractiveAuthentication no
-        PermitRootLogin prohibit-password
-        StrictModes no
-        UsePAM no
-        PidFile {keys / 'sshd.pid'}
-        AcceptEnv NONE
-        ExposeAuthInfo yes
-    """))
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
-    assert wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() is None
-                    if _port_open(port) else False, timeout=10)
-    user = os.environ.get("USER") or "root"
-    opts = ["-p", str(port), "-i", str(keys / "client"), "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
-    yield f"{user}@127.0.0.1", opts
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
+    yield from sshd_server(tmp_path)
 
 
 def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_path, capsys):

@@ -110,8 +110,13 @@ def free_port(start: int = 8000, end: int = 8999, taken: set[int] | None = None)
 
 def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules: dict[str, str],
                  require_installed: bool = True) -> tuple[list[str], dict[str, str]]:
+    from engine.kvfit.local_models import configured_roots, vllm_model_arg
+
     cmd = vllm_command(profile, require_installed)
-    model_args = ["--model", profile.model] if cmd[-1] == API_SERVER_MODULE else ["serve", profile.model]
+    # A hub id found only in a [models] root is handed to vLLM as that folder; clients still ask for the
+    # served name, which defaults to the id.
+    model = vllm_model_arg(profile.model, configured_roots())
+    model_args = ["--model", model] if cmd[-1] == API_SERVER_MODULE else ["serve", model]
     argv = cmd + model_args + [
         "--port", str(port),
         "--served-model-name", profile.served_name,

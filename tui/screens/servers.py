@@ -304,6 +304,7 @@ class StartServerScreen(DeckModal):
         super().__init__()
         self.verdict: Any = None
         self.profiles: dict[str, Path] = {}
+        self.models_of: str | None = "?"  # the node whose models the model list shows (None: this host)
 
     def compose(self) -> ComposeResult:
         from engine.vllm.profile import named_profiles
@@ -317,7 +318,49 @@ class StartServerScreen(DeckModal):
             with Horizontal(classes="fit-row"):
                 yield Label("GPUs ", classes="fit-label")
                 yield Input(placeholder="node/index, e.g. sim-h100-01/3 or 0,1", id="start-gpus", compact=True)
+            with Horizontal(classes="fit-row"):
+                # The models on the chosen node's disks (HF cache, [models] roots), read there by its agent.
+                yield Label("Model ", classes="fit-label")
+                yield Select([], id="start-model", compact=True, prompt="the profile's model")
             yield Static("", id="start-verdict")
+
+    def on_mount(self) -> None:
+        self._load_models(None)
+
+    def _target_node(self) -> str | None:
+        text = self.query_one("#start-gpus", Input).value.strip()
+        return text.partition("/")[0] if "/" in text else None
+
+    @work(thread=True, exclusive=True, group="start-models")
+    def _load_models(self, node: str | None) -> None:
+        """Listing a node's models reads its disks (or asks its agent): never on the UI thread."""
+        select = self.query_one("#start-model", Select)
+        try:
+            ops = self.app.call_from_thread(self._node_ops, node)
+            models = [m for m in ops.models() if m.error is None]
+        except Exception as exc:  # a node that cannot list (older agent, link down): the profile's model only
+            self.app.call_from_thread(self.notify, f"models on {node or 'this host'}: {exc}", severity="warning")
+            models = []
+        options = [(f"{m.name}  {m.quantization or m.dtype or ''}  {m.context_limit or '?'} ctx", m.name) for m in models]
+        self.models_of = node
+
+        def show() -> None:
+            keep = select.value
+            select.set_options(options)
+            if any(value == keep for _, value in options):
+                select.value = keep  # the same model is on this node too: the choice stands
+
+        self.app.call_from_thread(show)
+
+    def _over_ssh(self, node: str | None) -> bool:
+        from fleet.remote import RemoteNode
+
+        sources = getattr(getattr(self.app, "poller", None), "sources", [])
+        return node is not None and any(isinstance(s, RemoteNode) and s.name == node for s in sources)
+
+    def _model(self) -> str | None:
+        value = self.query_one("#start-model", Select).value
+        return value if isinstance(value, str) else None
 
     def _gpus(self) -> tuple[list[int], list[Any]]:
         text = self.query_one("#start-gpus", Input).value.strip()
@@ -345,7 +388,8 @@ class StartServerScreen(DeckModal):
         from engine.node_ops import LocalOps, ops_named
 
         poller = getattr(self.app, "poller", None)
-        local = LocalOps(self.app.store, list(self.app.options.config.adapter_roots))
+        config = self.app.options.config
+        local = LocalOps(self.app.store, list(config.adapter_roots), model_roots=list(config.models.roots))
         return ops_named(getattr(poller, "sources", []), local, node)
 
     def _profile_name(self) -> str:
@@ -357,11 +401,18 @@ class StartServerScreen(DeckModal):
     def _profile(self) -> Any:
         from engine.vllm.profile import load_profile
 
-        return load_profile(self.profiles[self._profile_name()])
+        profile = load_profile(self.profiles[self._profile_name()])
+        model = self._model()
+        return profile.model_copy(update={"model": model}) if model is not None else profile
 
     @on(Input.Submitted)
     @on(Select.Changed)
     def plan(self) -> None:
+        node = self._target_node()
+        node = node if self._over_ssh(node) else None  # this host's own sources share its disks
+        if node != self.models_of:  # another node: its own disks' models
+            self.models_of = node
+            self._load_models(node)
         self._plan(launch=False)
 
     @work(thread=True, exclusive=True, group="start")
@@ -375,6 +426,15 @@ class StartServerScreen(DeckModal):
         try:
             profile = self.app.call_from_thread(self._profile)
             _, snaps = self.app.call_from_thread(self._gpus)
+            node = self.app.call_from_thread(self._target_node)
+            if self._over_ssh(node) and self.app.call_from_thread(self._model) is not None:
+                # A model on another node's disks is read (and planned) there, by its agent, when it starts.
+                self.verdict = None
+                self.app.call_from_thread(out.update, Text(f"{profile.model}: planned by {node}'s agent from its "
+                                                           "own disks when it starts (ctrl+s)"))
+                if launch:
+                    self._launch_now()
+                return
             self.verdict = preflight(profile, snaps)
         except (ValueError, ConfigError, LaunchError) as exc:
             self.verdict = None
@@ -397,7 +457,8 @@ class StartServerScreen(DeckModal):
             node = text.partition("/")[0] if "/" in text else None
             ops = self.app.call_from_thread(self._node_ops, node)
             name = self.app.call_from_thread(self._profile_name)
-            message = ops.start_server(name, indices, gpu_snapshots=snaps)
+            model = self.app.call_from_thread(self._model)
+            message = ops.start_server(name, indices, gpu_snapshots=snaps, model=model)
         except Exception as exc:
             self.app.call_from_thread(self.query_one("#start-verdict", Static).update, Text(str(exc), style="red"))
             return
