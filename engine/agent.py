@@ -332,7 +332,14 @@ class Agent:
             except Exception as exc:  # every failure goes back to the dashboard as text
                 if action is not None and isinstance(exc, BadRequest):
                     audit.record(action, _target(args), "refused", str(exc))  # the engine never saw it
-                self._fail(out, rid, f"{type(exc).__name__}: {exc}")
+                self._fail(out, rid, self._error_text(exc))
+
+    def _error_text(self, exc: Exception) -> str:
+        from store.db import corrupt_message, is_corrupt
+
+        if is_corrupt(exc):  # a damaged page met mid-request: say which file and what to do, as the CLI does
+            return corrupt_message(getattr(self._store, "path", None) or self.store_path or "the store", exc)
+        return f"{type(exc).__name__}: {exc}"
 
     def _read(self, inp: BinaryIO | TextIO, out: TextIO) -> None:
         """Read lines as bytes and decode each one itself: a text stream in a strict locale raises on one

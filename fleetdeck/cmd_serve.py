@@ -79,7 +79,8 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
 
 @mutating("server.start", lambda a: a.profile, lambda a: not a.dry_run)
 def run_start(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start
+    from engine.vllm.launcher import (LaunchError, build_launch, check_exposure, listen_host, preflight, resolve_preload,
+                                      start)
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from store.config_files import ConfigError
     from engine.kvfit.text import render_text
@@ -116,6 +117,7 @@ def run_start(args: argparse.Namespace) -> int:
     snaps, why = gpu_snapshots(gpus, args.simulated)
     if args.dry_run:
         try:
+            check_exposure(profile, listen_host(profile))
             lora = resolve_preload(profile, list(config.adapter_roots)) if profile.lora.enable else {}
             argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else int(profile.port)), lora)
             verdict = preflight(profile, snaps or []) if snaps or profile.cpu_kv_cache_bytes else None

@@ -144,7 +144,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vllm (simulated)")
     p.add_argument("command", choices=["serve"])
     p.add_argument("model")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1")  # the demo's stand-in never listens beyond this host
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--max-model-len", type=int, default=8192)
