@@ -304,16 +304,18 @@ def test_link_state_is_a_field_the_fleet_screen_reads():
 def test_a_hung_nvml_call_marks_the_gpus_stale_and_never_blocks(monkeypatch):
     fake = FakeNvml([FakeGpu(uuid="GPU-h0")])
     fake.install(monkeypatch)
-    node = LocalNode("hung", timeout_s=0.3)
+    node = LocalNode("hung", timeout_s=120)  # a ceiling for the reads that answer: only a safety net
     first = node.snapshot()
     assert first.nvml == "ok" and first.gpus[0].uuid == "GPU-h0"
-    release = threading.Event()
+    node.timeout_s = 0.3  # the read below never answers until `release`, so this limit is what ends the wait
+    release, entered = threading.Event(), threading.Event()
     real = pynvml.nvmlDeviceGetCount
     reads: list[int] = []
 
     def hung() -> int:
         reads.append(1)
-        release.wait(30)
+        entered.set()
+        release.wait(120)
         return real()
 
     monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", hung)
@@ -321,15 +323,17 @@ def test_a_hung_nvml_call_marks_the_gpus_stale_and_never_blocks(monkeypatch):
     again = node.snapshot()  # no second read is started while the first is stuck
     assert stale.nvml == "unavailable" and "has not answered" in stale.reason
     assert stale.gpus[0].uuid == "GPU-h0" and stale.gpus[0].error.startswith("stale:")
+    assert entered.wait(120)  # the read thread is inside the hung call (however slowly it got there)
     assert again.nvml == "unavailable" and len(reads) == 1
-    release.set()  # the driver recovers
-    assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=10)
+    release.set()  # the driver recovers: the stuck read finishes, and reading resumes
+    node.timeout_s = 120
+    assert node.snapshot().nvml == "ok"
 
 
 def test_nvml_that_fails_after_a_driver_reload_is_initialised_again(monkeypatch):
     fake = FakeNvml([FakeGpu(uuid="GPU-r0")])
     fake.install(monkeypatch)
-    node = LocalNode("reload")
+    node = LocalNode("reload", timeout_s=120)  # each read answers; the limit is only a safety net
     assert node.snapshot().nvml == "ok"
     inits = []
     real_init = pynvml.nvmlInit
