@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -51,22 +52,40 @@ def test_agent_over_a_local_pipe_with_faked_nvml(monkeypatch, tmp_path):
     pipe.close()
 
 
-def test_a_remote_node_connects_drops_and_comes_back():
-    node = RemoteNode("flaky", [*AGENT, "--exit-after", "1.5"], interval_s=0.2, backoff_s=(0.2, 0.5))
+# The agent's first run goes ahead; a later run waits for the file `go` before it starts the agent, so the
+# test decides when the node comes back (no race between a timed drop, the backoff and the assertions).
+GATED = """
+import os, sys, time
+marker, go, real = sys.argv[1], sys.argv[2], sys.argv[3:]
+if os.path.exists(marker):
+    while not os.path.exists(go):
+        time.sleep(0.05)
+open(marker, "w").close()
+os.execv(real[0], real)
+"""
+
+
+def test_a_remote_node_connects_drops_and_comes_back(tmp_path):
+    marker, go = tmp_path / "started", tmp_path / "go"
+    node = RemoteNode("flaky", [PY, "-c", GATED, str(marker), str(go), *AGENT], interval_s=0.2, backoff_s=(0.2, 0.5))
     try:
-        assert wait_for(lambda: node.link.status == "connected" and node.snapshot().gpus)
+        assert wait_for(lambda: node.link.status == "connected" and node.snapshot().gpus, timeout=60)
         snap = node.snapshot()
         assert snap.node == "flaky" and all(g.node == "flaky" for g in snap.gpus) and snap.nvml == "ok"
         assert node.request("ping")["pong"] > 0
-        # The agent exits (the node dropped): the screen keeps the last GPUs, marked stale, with the error.
-        assert wait_for(lambda: node.link.status != "connected")
+        # The agent ends (the node dropped): the screen keeps the last GPUs, marked stale, with the error.
+        assert node._proc is not None
+        os.kill(node._proc.pid, signal.SIGKILL)  # the agent this test's node started
+        assert wait_for(lambda: node.link.status != "connected", timeout=60)
         down = node.snapshot()
         assert down.nvml == "unavailable" and down.gpus and down.gpus[0].error.startswith("stale")
         assert ("unreachable" in down.reason or "connecting" in down.reason)
         with pytest.raises(AgentError):
             node.request("ping", timeout=1)
-        # ... and is reconnected with backoff.
-        assert wait_for(lambda: node.link.status == "connected", timeout=20)
+        # ... and is reconnected with backoff once the node is back.
+        go.touch()
+        assert wait_for(lambda: node.link.status == "connected", timeout=60)
+        assert node.request("ping", timeout=60)["pong"] > 0
     finally:
         node.close()
 
