@@ -355,3 +355,14 @@ def test_a_slurm_server_listens_on_its_nodes_interfaces_so_it_needs_a_key(store)
 def test_a_profile_host_must_be_an_address_or_a_host_name(host):
     with pytest.raises(ValueError):
         profile(host=host)
+
+
+def test_a_server_with_a_key_answers_only_clients_that_send_it(store, tmp_path, monkeypatch):
+    """What makes a host other than loopback acceptable: the key from api_key_env reaches the server (as
+    VLLM_API_KEY, which vLLM and the simulator read) and the server refuses a client without it."""
+    monkeypatch.setenv("FD_TEST_KEY", "s3cret")
+    rec, _ = start_ready(store, tmp_path, profile(api_key_env="FD_TEST_KEY"))
+    assert "s3cret" not in " ".join(rec.argv)
+    assert httpx.get(f"{rec.base_url}/v1/models", trust_env=False).status_code == 401
+    ok = httpx.get(f"{rec.base_url}/v1/models", trust_env=False, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200

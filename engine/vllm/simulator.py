@@ -156,7 +156,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, default=1)
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--lora-modules", nargs="+", default=[])
-    p.add_argument("--api-key")
+    p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY") or None)  # as vLLM: the flag, else VLLM_API_KEY
     p.add_argument("--num-gpu-blocks-override", type=int)
     args, _unknown = p.parse_known_args(argv)  # vLLM has hundreds of flags; the rest are accepted
     return args
