@@ -152,7 +152,10 @@ def _claim(p: Path, hint: str) -> tuple[int, int]:
     SQLite's magic with fleetdeck's application id. Raises StoreError, claiming nothing, for a file that is
     not an SQLite database or is another program's; SQLite never opens such a file."""
     with _held_lock:  # the check, the read and the claim together: no thread opens it through SQLite meanwhile
-        st = p.stat()
+        try:
+            st = p.stat()
+        except OSError as exc:
+            raise StoreError(f"Cannot read the store {p}: {exc.strerror or exc}. {hint}") from exc
         key = (st.st_dev, st.st_ino)
         if key not in _held and st.st_size > 0:
             try:

@@ -224,17 +224,17 @@ def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_pa
                      f"agent_command = {json.dumps(agent)}\n")
     node = RemoteNode.over_ssh("remote-1", dest, opts, agent, interval_s=0.3, backoff_s=(0.3, 1.0))
     try:
-        assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=30), node.link.error
+        assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=60), node.link.error
         assert len(node.snapshot().gpus) == 4
         # Start a (fake) vLLM server on the remote node through the same command line the operator uses.
         assert main(["serve", "start", "q", "--gpus", "3", "--node", "remote-1", "--config", str(fleet)]) == 0, \
             capsys.readouterr().err
         assert "started q-" in capsys.readouterr().out
-        assert wait_for(lambda: any(s["state"] == "ready" for s in node.request("list_servers")), timeout=30)
+        assert wait_for(lambda: any(s["state"] == "ready" for s in node.request("list_servers")), timeout=60)
         # The node drops (its agent is killed) and comes back.
         assert kill_processes_mentioning(str(remote_store))  # only the agent this test started
-        assert wait_for(lambda: node.link.status != "connected", timeout=15)
-        assert wait_for(lambda: node.link.status == "connected", timeout=30)
+        assert wait_for(lambda: node.link.status != "connected", timeout=60)
+        assert wait_for(lambda: node.link.status == "connected", timeout=60)
         servers = node.request("list_servers")
         assert servers and servers[0]["gpus"] == "3"
         node.request("stop_server", {"id": servers[0]["id"]})
@@ -259,7 +259,7 @@ def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp
     # Through the agent, a profile carrying a command is not a name this node defines.
     node = RemoteNode.over_ssh("locked", dest, opts, None, interval_s=0.3, backoff_s=(0.3, 1.0))
     try:
-        assert wait_for(lambda: node.link.status == "connected", timeout=30), node.link.error
+        assert wait_for(lambda: node.link.status == "connected", timeout=60), node.link.error
         with pytest.raises(AgentError, match="no profile named"):
             node.request("start_server", {"profile": {"name": "x", "model": "m",
                                                       "vllm_command": ["/bin/sh", "-c", f"id > {marker}"]}, "gpus": [0]})
@@ -289,8 +289,8 @@ def test_a_reconnect_with_an_answered_request_still_pending_does_not_kill_the_no
         answered: Future = Future()
         answered.set_result({"pong": 1})
         node._pending[999_999] = answered  # as if request() had not yet collected it when the agent went
-        assert wait_for(lambda: node.link.status != "connected", timeout=15)
-        assert wait_for(lambda: node.link.status == "connected", timeout=20), node.link.error
+        assert wait_for(lambda: node.link.status != "connected", timeout=60)
+        assert wait_for(lambda: node.link.status == "connected", timeout=60), node.link.error
         assert node._thread.is_alive() and node.request("ping")["pong"] > 0
     finally:
         node.close()
@@ -394,7 +394,7 @@ def test_the_agent_relays_live_figures_of_its_servers(tmp_path, monkeypatch):
 
         assert ask("list_profiles", {}, 1) == ["q"]
         sid = ask("start_server", {"profile": "q", "gpus": [3]}, 2)["server"]["id"]
-        assert wait_for(lambda: ask("list_servers", {}, 3)[0]["state"] == "ready", timeout=30)
+        assert wait_for(lambda: ask("list_servers", {}, 3)[0]["state"] == "ready", timeout=60)
         docs = ask("list_servers", {}, 4)
         fig = docs[0]["figures"]
         assert fig is not None and fig["kv_tokens"] and fig["running"] is not None
@@ -494,7 +494,7 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
     try:
         assert wait_for(lambda: node.link.status == "connected")
         first = node.request("start_server", {"profile": "q", "gpus": [3], "force": True})["server"]["id"]
-        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=30)
+        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=60)
         app = make_app(lambda: [node], store_path=tmp_path / "local.db")
         app.poller.close = lambda: None  # the test closes the node itself
         async with app.run_test(size=(140, 30)) as pilot:
@@ -505,7 +505,7 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
             table.move_cursor(row=table.get_row_index(f"@node-r:{first}"))
             await press_and_confirm(app, pilot, "r")
             await settle(app, pilot, 5)
-            assert wait_for(lambda: len(node.request("list_servers")) == 2, timeout=30)
+            assert wait_for(lambda: len(node.request("list_servers")) == 2, timeout=60)
         states = {s["id"]: s["state"] for s in node.request("list_servers")}
         assert states.pop(first) == "stopped" and list(states.values())[0] in ("starting", "ready")
     finally:
@@ -526,7 +526,7 @@ async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path
     try:
         assert wait_for(lambda: node.link.status == "connected")
         jid = node.request("start_job", {"spec": "sim"})["id"]
-        assert wait_for(lambda: node.request("list_jobs")[0]["events"], timeout=30)  # it has taken a step
+        assert wait_for(lambda: node.request("list_jobs")[0]["events"], timeout=60)  # it has taken a step
         app = make_app(lambda: [node], store_path=tmp_path / "local.db")
         app.poller.close = lambda: None  # the test closes the node itself
         async with app.run_test(size=(120, 30)) as pilot:
@@ -576,7 +576,7 @@ async def test_a_remote_servers_adapters_panel_and_serving_a_remote_jobs_adapter
     try:
         assert wait_for(lambda: node.link.status == "connected")
         sid = node.request("start_server", {"profile": "q", "gpus": [3], "force": True})["server"]["id"]
-        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=30)
+        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=60)
         jid = node.request("start_job", {"spec": "quick"})["id"]
         assert wait_for(lambda: node.request("list_jobs")[0]["state"] == "finished", timeout=60)
         app = make_app(lambda: [node], store_path=tmp_path / "local.db")
@@ -666,7 +666,7 @@ def test_requests_in_flight_when_the_link_drops_fail_at_once_and_the_node_comes_
             outcomes.append(str(err.value))
         assert all("connection lost" in o for o in outcomes), outcomes
         # The node comes back (the real agent this time) and answers.
-        assert wait_for(lambda: node.link.status == "connected", timeout=30), node.link.error
+        assert wait_for(lambda: node.link.status == "connected", timeout=60), node.link.error
         assert node.request("ping")["pong"] > 0 and node._thread.is_alive()
     finally:
         pool.shutdown(wait=False)

@@ -275,11 +275,11 @@ def test_a_live_api_process_whose_engine_died_is_crashed_with_that_reason(store,
             argv=[], env={}, gpus="0", port=1, log_path=str(tmp_path / "standin.log"), spec={}, state="starting",
             reason=None, started_at=time.time())
         rec.save(store)
-        assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).engine_pid is not None, timeout=10)
+        assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).engine_pid is not None, timeout=60)
         engine_pid = launcher.get(store, rec.id).engine_pid  # remembered in the store for a restarted dashboard
         assert engine_pid != api.pid and psutil.Process(engine_pid).cmdline()[0] == "VLLM::EngineCore"
         os.kill(engine_pid, signal.SIGKILL)
-        assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).state == "crashed", timeout=10)
+        assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).state == "crashed", timeout=60)
         reason = launcher.get(store, rec.id).reason
         assert f"engine process (pid {engine_pid}) died while its API server (pid {api.pid}) still runs" in reason
     finally:
