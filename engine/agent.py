@@ -13,12 +13,13 @@ config) refuses every request that changes the node.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TextIO
 
 from engine import audit
 from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, PROTOCOL_VERSION, BadMessage, Hello, Op, Request, Response,
@@ -63,6 +64,7 @@ def _reason(exc: BaseException) -> str:
 
 
 MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake or an attack
+MAX_ERROR = 2000  # characters of an error reply
 
 
 def _text(value: object, what: str) -> str:
@@ -337,6 +339,9 @@ class Agent:
             out.flush()
 
     def _fail(self, out: TextIO, rid: Any, error: str) -> None:
+        # An error quotes what it refused; a megabyte of someone's input is not worth echoing back whole.
+        if len(error) > MAX_ERROR:
+            error = error[:MAX_ERROR] + "... (cut)"
         self.send(out, Response(id=rid if isinstance(rid, int) and not isinstance(rid, bool) else None, ok=False,
                                 error=error))
 
@@ -360,24 +365,51 @@ class Agent:
                     # trail itself unavailable): recorded here, so no refusal goes unrecorded.
                     outcome = "failed" if isinstance(exc, (OSError, RuntimeError)) else "refused"
                     audit.record(action, _target(args), outcome, _reason(exc), **_params(op, args))
-                self._fail(out, rid, f"{type(exc).__name__}: {exc}")
+                self._fail(out, rid, self._error_text(exc))
 
-    def _read(self, inp: TextIO, out: TextIO) -> None:
+    def _error_text(self, exc: Exception) -> str:
+        from store.db import corrupt_message, is_corrupt
+
+        if is_corrupt(exc):  # a damaged page met mid-request: say which file and what to do, as the CLI does
+            return corrupt_message(getattr(self._store, "path", None) or self.store_path or "the store", exc)
+        return f"{type(exc).__name__}: {exc}"
+
+    def _read(self, inp: BinaryIO | TextIO, out: TextIO) -> None:
+        """Read lines as bytes and decode each one itself: a text stream in a strict locale raises on one
+        invalid byte inside readline(), which would end this thread and leave the agent deaf."""
+        newline: bytes | str = b"\n" if not isinstance(inp, io.TextIOBase) else "\n"
         while True:
-            line = inp.readline(MAX_LINE + 1)
+            try:
+                line = inp.readline(MAX_LINE + 1)
+            except UnicodeDecodeError:  # only a text stream without a byte buffer gets here
+                self._fail(out, None, "malformed message: not UTF-8")
+                continue
+            except (OSError, ValueError):  # stdin gone or closed under us
+                break
             if not line:
                 break
-            if len(line) > MAX_LINE:
-                while line and not line.endswith("\n"):  # drop the rest of the oversized line
-                    line = inp.readline(MAX_LINE)
-                self._fail(out, None, f"malformed message: longer than {MAX_LINE} characters")
-                continue
             try:
-                self._take(line, out)
+                if len(line) > MAX_LINE:
+                    while line and not line.endswith(newline):  # drop the rest of the oversized line
+                        line = inp.readline(MAX_LINE)
+                    self._fail(out, None, f"malformed message: longer than {MAX_LINE} bytes")
+                    continue
+                if isinstance(line, bytes):
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        self._fail(out, None, f"malformed message: not UTF-8 (byte 0x{line[exc.start]:02x} at offset {exc.start})")
+                        continue
+                else:
+                    text = line
+                self._take(text, out)
             except (BrokenPipeError, OSError):
                 break
             except Exception as exc:  # one bad line never deafens the agent
-                self._fail(out, None, f"malformed message: {type(exc).__name__}")
+                try:
+                    self._fail(out, None, f"malformed message: {type(exc).__name__}")
+                except OSError:
+                    break
         self._stop.set()  # stdin closed: the SSH session is over
 
     def _take(self, line: str, out: TextIO) -> None:
@@ -405,11 +437,13 @@ class Agent:
         else:
             threading.Thread(target=self._handle, args=(out, typed), daemon=True).start()
 
-    def serve(self, inp: TextIO, out: TextIO) -> int:
+    def serve(self, inp: TextIO | BinaryIO, out: TextIO) -> int:
         first = self.source.snapshot()
         self.send(out, Hello(fleetdeck=self.version, host=socket.gethostname(), node=first.node, nvml=first.nvml,
                              reason=first.reason))
-        threading.Thread(target=self._read, args=(inp, out), daemon=True).start()
+        # The bytes under a text stream (sys.stdin.buffer): the reader decodes each line itself.
+        raw = inp.buffer if isinstance(inp, io.TextIOWrapper) else inp
+        threading.Thread(target=self._read, args=(raw, out), daemon=True).start()
         snap = first
         while not self._stop.is_set():
             try:

@@ -60,14 +60,16 @@ class LocalNode:
 
     def _read(self, fut: Future[NodeSnapshot]) -> None:
         try:
-            fut.set_result(self._collector.snapshot())
+            snap = self._collector.snapshot()
         except BaseException as exc:  # the collector handles NVML errors; anything else is reported, not raised
-            fut.set_result(NodeSnapshot(node=self.name, taken_at=time.time(), nvml="unavailable",
-                                        reason=f"reading NVML failed: {type(exc).__name__}: {exc}"))
-        finally:
-            with self._lock:
-                if self._reading is fut:
-                    self._reading = None
+            snap = NodeSnapshot(node=self.name, taken_at=time.time(), nvml="unavailable",
+                                reason=f"reading NVML failed: {type(exc).__name__}: {exc}")
+        # The read is over before anyone hears its result: a snapshot() right after this one's returned
+        # starts a new read rather than being handed this finished one again.
+        with self._lock:
+            if self._reading is fut:
+                self._reading = None
+        fut.set_result(snap)
 
     def _stale(self) -> NodeSnapshot:
         stuck = time.time() - self._since

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, default)
     from store.config_files import ConfigError
-    from store.db import StoreError
+    from store.db import StoreError, corrupt_message, is_corrupt
 
     from engine import audit
     from fleetdeck.cmdutil import route_router_config
@@ -126,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(one_line(exc))
     except audit.ReadOnlyError as exc:
         return fail(str(exc))
+    except sqlite3.DatabaseError as exc:
+        # A damaged page can surface in any query of any command, long after the store opened: one line
+        # that says which file and what to do, not SQLite's traceback.
+        if not is_corrupt(exc):
+            raise
+        return fail(corrupt_message(_store_path(args), exc))
     except BrokenPipeError:
         # `fleetdeck report --json | head`: the reader has what it wanted; no traceback for it.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

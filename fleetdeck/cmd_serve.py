@@ -85,7 +85,8 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
 def run_start(args: argparse.Namespace) -> int:
     import shlex
 
-    from engine.vllm.launcher import LaunchError, build_launch, preflight, resolve_preload, start, vllm_installed
+    from engine.vllm.launcher import (LaunchError, build_launch, check_exposure, listen_host, preflight, resolve_preload,
+                                      start, vllm_installed)
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from store.config_files import ConfigError
     from engine.kvfit.text import render_text
@@ -122,6 +123,7 @@ def run_start(args: argparse.Namespace) -> int:
     snaps, why = gpu_snapshots(gpus, args.simulated)
     if args.dry_run:
         try:
+            check_exposure(profile, listen_host(profile))
             lora = resolve_preload(profile, list(config.adapter_roots)) if profile.lora.enable else {}
             # A dry run only prints the command: it works where vLLM is not installed (planning on a laptop).
             argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else int(profile.port)),

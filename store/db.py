@@ -34,6 +34,7 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         # One connection shared by worker threads; sqlite3 itself is not safe for concurrent use.
         self.lock = threading.RLock()
+        self._held: tuple[int, int] | None = None  # this file's key in `_held` while the connection is open
 
     def execute(self, sql: str, params: Any = ()) -> list[tuple]:
         with self.lock:
@@ -88,6 +89,9 @@ class Store:
             except sqlite3.Error:
                 pass  # another process holds it open; its close checkpoints
             self.conn.close()
+            key, self._held = self._held, None
+            if key is not None:
+                _release(key)
 
 
 def _schema_version(conn: sqlite3.Connection) -> int:
@@ -104,8 +108,96 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26  # primary result codes; extended codes keep them in the low byte
+
+# Files this process holds open through SQLite, by (device, inode), with how many Stores hold each.
+# Closing *any* descriptor of a file drops every POSIX lock this process has on it, SQLite's included;
+# so a file held here is never opened with plain open() again (SQLite itself shares one descriptor).
+_held: dict[tuple[int, int], int] = {}
+_held_lock = threading.Lock()
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """SQLite found a damaged page (or a header that is no database's) while reading or writing."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)
+
+
+def corrupt_message(path: str | os.PathLike[str], exc: BaseException) -> str:
+    """One line: which file, what SQLite said, what to do."""
+    p = Path(path).expanduser()
+    return (f"the store {p} is damaged (SQLite: {exc}). Restore it from a backup, "
+            f"or recover what is readable: sqlite3 {p} .recover | sqlite3 {p}.recovered, then use --store {p}.recovered")
+
+
+class StoreCorrupt(StoreError):
+    """The store's file is damaged; the message says how to restore or recover it."""
+
+    def __init__(self, path: str | os.PathLike[str], exc: BaseException) -> None:
+        super().__init__(corrupt_message(path, exc))
+
+
+def _release(key: tuple[int, int]) -> None:
+    with _held_lock:
+        if _held.get(key, 0) <= 1:
+            _held.pop(key, None)
+        else:
+            _held[key] -= 1
+
+
+def _claim(p: Path, hint: str) -> tuple[int, int]:
+    """Count ``p`` as held by this process (before SQLite opens it, so that from then on no thread here
+    reads it with plain open()) after checking, if no Store here holds it yet, its header: empty, or
+    SQLite's magic with fleetdeck's application id. Raises StoreError, claiming nothing, for a file that is
+    not an SQLite database or is another program's; SQLite never opens such a file."""
+    with _held_lock:  # the check, the read and the claim together: no thread opens it through SQLite meanwhile
+        try:
+            st = p.stat()
+        except OSError as exc:
+            raise StoreError(f"Cannot read the store {p}: {exc.strerror or exc}. {hint}") from exc
+        key = (st.st_dev, st.st_ino)
+        if key not in _held and st.st_size > 0:
+            try:
+                with open(p, "rb") as f:
+                    header = f.read(100)
+            except OSError as exc:
+                raise StoreError(f"Cannot read the store {p}: {exc.strerror or exc}. {hint}") from exc
+            if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+                raise StoreError(f"{p} is not a fleetdeck store (not an SQLite database); fleetdeck leaves it untouched. {hint}")
+            if int.from_bytes(header[68:72], "big") != APPLICATION_ID:  # set in the file before it goes WAL
+                raise StoreError(f"{p} is an SQLite database of another program, not a fleetdeck store; "
+                                 f"fleetdeck leaves it untouched. {hint}")
+        _held[key] = _held.get(key, 0) + 1
+        return key
+
+
+def _identify(p: Path, hint: str) -> int:
+    """The schema version of an existing store, read through a read-only connection (which changes nothing
+    in the file: not its bytes, its mode or its journal mode). Raises StoreCorrupt for a damaged one."""
+    try:
+        ro = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise StoreError(f"Cannot open the store {p}: {exc}. {hint}") from exc
+    try:
+        app_id = ro.execute("PRAGMA application_id").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            raise StoreError(f"{p} is an SQLite database of another program, not a fleetdeck store; "
+                             f"fleetdeck leaves it untouched. {hint}")
+        return _schema_version(ro)
+    except sqlite3.DatabaseError as exc:
+        if is_corrupt(exc):
+            raise StoreCorrupt(p, exc) from exc
+        raise StoreError(f"Cannot open the store {p}: {exc}. {hint}") from exc
+    finally:
+        ro.close()
+
+
 def open_store(path: str | os.PathLike[str]) -> Store:
-    """Open (creating and migrating if needed) the store at ``path``. Raises StoreError."""
+    """Open (creating and migrating if needed) the store at ``path``. Raises StoreError.
+
+    An existing file is identified first (`_claim`, `_identify`): nothing about a file this fleetdeck
+    cannot use as its store (its mode, journal mode, schema) is changed before it is refused."""
     p = Path(path).expanduser()
     hint = "Use --store PATH or FLEETDECK_STORE to pick another file."
     if p.exists() and p.is_dir():
@@ -113,49 +205,56 @@ def open_store(path: str | os.PathLike[str]) -> Store:
     try:
         if not p.exists():
             _create_private(p)
-        else:
-            make_private(p)  # a store made by an older fleetdeck, or copied in, at 0644
     except OSError as exc:
         raise StoreError(f"Cannot create the store at {p}: {exc.strerror or exc}. {hint}") from exc
     if not os.access(p, os.R_OK | os.W_OK) or not os.access(p.parent, os.W_OK | os.X_OK):
         raise StoreError(f"The store {p} (or its folder) is not writable by this user. {hint}")
+    key = _claim(p, hint)
     try:
-        conn = sqlite3.connect(
-            p, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, isolation_level=None
-        )
+        store = _open_claimed(p, hint)
+    except BaseException:
+        _release(key)
+        raise
+    store._held = key
+    return store
+
+
+def _refuse_newer(p: Path, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{p} was written by a newer fleetdeck (schema {version}; this one knows up to "
+                         f"{SCHEMA_VERSION}). Upgrade fleetdeck, or point --store at another file.")
+
+
+def _open_claimed(p: Path, hint: str) -> Store:
+    # An empty file is ours to make a store of (we just created it, or a crash came before its first write).
+    version = _identify(p, hint) if p.stat().st_size > 0 else 0
+    _refuse_newer(p, version)
+    make_private(p)  # ours: a store made by an older fleetdeck, or copied in, at 0644
+    try:
+        conn = sqlite3.connect(p, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"Cannot open the store {p}: {exc}. {hint}") from exc
+    try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        if p.stat().st_size == 0:
-            # An empty file is ours to make a store of: mark it first, so that a file with SQLite's header
-            # and no mark is always another program's.
+        if version == 0:
+            # Mark it first, so that a file with SQLite's header and no mark is always another program's.
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{p} is not a fleetdeck store (SQLite says: {exc}). {hint}") from exc
-    if app_id != APPLICATION_ID:
-        conn.close()
-        raise StoreError(
-            f"{p} is an SQLite database of another program, not a fleetdeck store; "
-            f"fleetdeck leaves it untouched. {hint}"
-        )
-    try:
         conn.execute("PRAGMA journal_mode = WAL")
         for side in ("-wal", "-shm"):
             make_private(Path(f"{p}{side}"))
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-    except sqlite3.OperationalError as exc:
+        version = _schema_version(conn)  # again: another process may have migrated it since
+        _refuse_newer(p, version)
+        store = Store(p, conn)
+        _migrate(store, version)
+    except BaseException as exc:
         conn.close()
-        raise StoreError(f"Cannot open the store {p}: {exc}. {hint}") from exc
-
-    version = _schema_version(conn)
-    if version > SCHEMA_VERSION:
-        conn.close()
-        raise StoreError(
-            f"{p} was written by a newer fleetdeck (schema {version}; this one knows up to "
-            f"{SCHEMA_VERSION}). Upgrade fleetdeck, or point --store at another file."
-        )
-    store = Store(p, conn)
-    _migrate(store, version)
+        if isinstance(exc, sqlite3.DatabaseError):
+            if is_corrupt(exc):
+                raise StoreCorrupt(p, exc) from exc
+            raise StoreError(f"Cannot open the store {p}: {exc}. {hint}") from exc
+        raise
     return store
 
 
@@ -173,5 +272,7 @@ def _migrate(store: Store, current: int) -> None:
                 with store.transaction():
                     MIGRATIONS[version](store.db)
                     conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
+                if is_corrupt(exc):
+                    raise StoreCorrupt(store.path, exc) from exc
                 raise StoreError(f"Migrating {store.path} to schema {version} failed: {exc}") from exc

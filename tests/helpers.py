@@ -48,7 +48,9 @@ def make_adapter(root: Path, name: str, rank: int = 16, base: str = "Qwen/Qwen3-
     return folder
 
 
-def wait_for(cond, timeout=20.0, step=0.05):
+def wait_for(cond, timeout=60.0, step=0.05):
+    """True once `cond()` holds. The timeout is a ceiling against a hang, never the thing under test: keep it
+    generous (a loaded 2-core machine runs the suite's own servers beside the test)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if cond():
@@ -85,7 +87,7 @@ class Pipe:
     def send(self, msg: dict | str) -> None:
         self.to_agent.write((msg if isinstance(msg, str) else json.dumps(msg)) + "\n")
 
-    def next(self, kind: str, timeout: float = 10.0) -> dict:
+    def next(self, kind: str, timeout: float = 60.0) -> dict:  # a ceiling against a hang only
         deadline = time.time() + timeout
         while time.time() < deadline:
             msg = json.loads(self.from_agent.readline())

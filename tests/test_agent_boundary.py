@@ -147,17 +147,25 @@ WIRE = [
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ('{"v": 2, "type": "request", "id": 1, "op": ["unhashable"]}', "unknown op"),
     ('"x' + "y" * (1 << 20) + '"', "longer than"),
+    # Bytes that are not UTF-8 (the agent's stdin is a strict UTF-8 text stream under LC_ALL=C.UTF-8).
+    (b"\xff\xfe not utf-8", "not UTF-8 (byte 0xff at offset 0)"),
+    (b'{"v": 2, "type": "request", "id": 3, "op": "ping", "operator": "\xc3("}', "not UTF-8"),
 ]
 
 
-@pytest.mark.parametrize("line,error", WIRE, ids=["interval-huge", "interval-text", "interval-nan", "deep", "op-list", "huge-line"])
+@pytest.mark.parametrize("line,error", WIRE, ids=["interval-huge", "interval-text", "interval-nan", "deep", "op-list", "huge-line",
+                                                  "invalid-byte", "invalid-byte-in-json"])
 def test_one_line_neither_crashes_nor_deafens_the_agent(node, line, error):
     tmp_path, store_path, _ = node
     agent = Agent(demo_fleet()[0], store_path, [], "9.9", interval_s=0.2)
     pipe = Pipe(agent)
     try:
         pipe.next("hello")
-        pipe.send(line)
+        if isinstance(line, bytes):
+            pipe.to_agent.buffer.write(line + b"\n")
+            pipe.to_agent.buffer.flush()
+        else:
+            pipe.send(line)
         if error is not None:
             answer = pipe.next("response")
             assert answer["ok"] is False and error in answer["error"], answer

@@ -144,14 +144,10 @@ def test_a_running_vllm_server_is_recognised_with_model_and_port(tmp_path):
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     proc = subprocess.Popen([str(script), "serve", "/models/qwen3-8b-awq", "--port", "8123"])
     try:
-        import time
+        from tests.helpers import wait_for
 
-        for _ in range(50):
-            described = describe_process(proc.pid, None)
-            if described.kind == "vllm":
-                break
-            time.sleep(0.05)
-        assert described.kind == "vllm"
+        assert wait_for(lambda: describe_process(proc.pid, None).kind == "vllm", timeout=60)
+        described = describe_process(proc.pid, None)
         assert described.model == "/models/qwen3-8b-awq" and described.port == 8123
     finally:
         proc.kill()

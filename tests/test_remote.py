@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -49,22 +52,40 @@ def test_agent_over_a_local_pipe_with_faked_nvml(monkeypatch, tmp_path):
     pipe.close()
 
 
-def test_a_remote_node_connects_drops_and_comes_back():
-    node = RemoteNode("flaky", [*AGENT, "--exit-after", "1.5"], interval_s=0.2, backoff_s=(0.2, 0.5))
+# The agent's first run goes ahead; a later run waits for the file `go` before it starts the agent, so the
+# test decides when the node comes back (no race between a timed drop, the backoff and the assertions).
+GATED = """
+import os, sys, time
+marker, go, real = sys.argv[1], sys.argv[2], sys.argv[3:]
+if os.path.exists(marker):
+    while not os.path.exists(go):
+        time.sleep(0.05)
+open(marker, "w").close()
+os.execv(real[0], real)
+"""
+
+
+def test_a_remote_node_connects_drops_and_comes_back(tmp_path):
+    marker, go = tmp_path / "started", tmp_path / "go"
+    node = RemoteNode("flaky", [PY, "-c", GATED, str(marker), str(go), *AGENT], interval_s=0.2, backoff_s=(0.2, 0.5))
     try:
-        assert wait_for(lambda: node.link.status == "connected" and node.snapshot().gpus)
+        assert wait_for(lambda: node.link.status == "connected" and node.snapshot().gpus, timeout=60)
         snap = node.snapshot()
         assert snap.node == "flaky" and all(g.node == "flaky" for g in snap.gpus) and snap.nvml == "ok"
         assert node.request("ping")["pong"] > 0
-        # The agent exits (the node dropped): the screen keeps the last GPUs, marked stale, with the error.
-        assert wait_for(lambda: node.link.status != "connected")
+        # The agent ends (the node dropped): the screen keeps the last GPUs, marked stale, with the error.
+        assert node._proc is not None
+        os.kill(node._proc.pid, signal.SIGKILL)  # the agent this test's node started
+        assert wait_for(lambda: node.link.status != "connected", timeout=60)
         down = node.snapshot()
         assert down.nvml == "unavailable" and down.gpus and down.gpus[0].error.startswith("stale")
         assert ("unreachable" in down.reason or "connecting" in down.reason)
         with pytest.raises(AgentError):
             node.request("ping", timeout=1)
-        # ... and is reconnected with backoff.
-        assert wait_for(lambda: node.link.status == "connected", timeout=20)
+        # ... and is reconnected with backoff once the node is back.
+        go.touch()
+        assert wait_for(lambda: node.link.status == "connected", timeout=60)
+        assert node.request("ping", timeout=60)["pong"] > 0
     finally:
         node.close()
 
@@ -158,17 +179,17 @@ def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_pa
                      f"agent_command = {json.dumps(agent)}\n")
     node = RemoteNode.over_ssh("remote-1", dest, opts, agent, interval_s=0.3, backoff_s=(0.3, 1.0))
     try:
-        assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=30), node.link.error
+        assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=60), node.link.error
         assert len(node.snapshot().gpus) == 4
         # Start a (fake) vLLM server on the remote node through the same command line the operator uses.
         assert main(["serve", "start", "q", "--gpus", "3", "--node", "remote-1", "--config", str(fleet)]) == 0, \
             capsys.readouterr().err
         assert "started q-" in capsys.readouterr().out
-        assert wait_for(lambda: any(s["state"] == "ready" for s in node.request("list_servers")), timeout=30)
+        assert wait_for(lambda: any(s["state"] == "ready" for s in node.request("list_servers")), timeout=60)
         # The node drops (its agent is killed) and comes back.
         assert kill_processes_mentioning(str(remote_store))  # only the agent this test started
-        assert wait_for(lambda: node.link.status != "connected", timeout=15)
-        assert wait_for(lambda: node.link.status == "connected", timeout=30)
+        assert wait_for(lambda: node.link.status != "connected", timeout=60)
+        assert wait_for(lambda: node.link.status == "connected", timeout=60)
         servers = node.request("list_servers")
         assert servers and servers[0]["gpus"] == "3"
         node.request("stop_server", {"id": servers[0]["id"]})
@@ -193,7 +214,7 @@ def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp
     # Through the agent, a profile carrying a command is not a name this node defines.
     node = RemoteNode.over_ssh("locked", dest, opts, None, interval_s=0.3, backoff_s=(0.3, 1.0))
     try:
-        assert wait_for(lambda: node.link.status == "connected", timeout=30), node.link.error
+        assert wait_for(lambda: node.link.status == "connected", timeout=60), node.link.error
         with pytest.raises(AgentError, match="no profile named"):
             node.request("start_server", {"profile": {"name": "x", "model": "m",
                                                       "vllm_command": ["/bin/sh", "-c", f"id > {marker}"]}, "gpus": [0]})
@@ -223,8 +244,8 @@ def test_a_reconnect_with_an_answered_request_still_pending_does_not_kill_the_no
         answered: Future = Future()
         answered.set_result({"pong": 1})
         node._pending[999_999] = answered  # as if request() had not yet collected it when the agent went
-        assert wait_for(lambda: node.link.status != "connected", timeout=15)
-        assert wait_for(lambda: node.link.status == "connected", timeout=20), node.link.error
+        assert wait_for(lambda: node.link.status != "connected", timeout=60)
+        assert wait_for(lambda: node.link.status == "connected", timeout=60), node.link.error
         assert node._thread.is_alive() and node.request("ping")["pong"] > 0
     finally:
         node.close()
@@ -257,16 +278,18 @@ def test_link_state_is_a_field_the_fleet_screen_reads():
 def test_a_hung_nvml_call_marks_the_gpus_stale_and_never_blocks(monkeypatch):
     fake = FakeNvml([FakeGpu(uuid="GPU-h0")])
     fake.install(monkeypatch)
-    node = LocalNode("hung", timeout_s=0.3)
+    node = LocalNode("hung", timeout_s=120)  # a ceiling for the reads that answer: only a safety net
     first = node.snapshot()
     assert first.nvml == "ok" and first.gpus[0].uuid == "GPU-h0"
-    release = threading.Event()
+    node.timeout_s = 0.3  # the read below never answers until `release`, so this limit is what ends the wait
+    release, entered = threading.Event(), threading.Event()
     real = pynvml.nvmlDeviceGetCount
     reads: list[int] = []
 
     def hung() -> int:
         reads.append(1)
-        release.wait(30)
+        entered.set()
+        release.wait(120)
         return real()
 
     monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", hung)
@@ -274,15 +297,17 @@ def test_a_hung_nvml_call_marks_the_gpus_stale_and_never_blocks(monkeypatch):
     again = node.snapshot()  # no second read is started while the first is stuck
     assert stale.nvml == "unavailable" and "has not answered" in stale.reason
     assert stale.gpus[0].uuid == "GPU-h0" and stale.gpus[0].error.startswith("stale:")
+    assert entered.wait(120)  # the read thread is inside the hung call (however slowly it got there)
     assert again.nvml == "unavailable" and len(reads) == 1
-    release.set()  # the driver recovers
-    assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=10)
+    release.set()  # the driver recovers: the stuck read finishes, and reading resumes
+    node.timeout_s = 120
+    assert node.snapshot().nvml == "ok"
 
 
 def test_nvml_that_fails_after_a_driver_reload_is_initialised_again(monkeypatch):
     fake = FakeNvml([FakeGpu(uuid="GPU-r0")])
     fake.install(monkeypatch)
-    node = LocalNode("reload")
+    node = LocalNode("reload", timeout_s=120)  # each read answers; the limit is only a safety net
     assert node.snapshot().nvml == "ok"
     inits = []
     real_init = pynvml.nvmlInit
@@ -324,7 +349,7 @@ def test_the_agent_relays_live_figures_of_its_servers(tmp_path, monkeypatch):
 
         assert ask("list_profiles", {}, 1) == ["q"]
         sid = ask("start_server", {"profile": "q", "gpus": [3]}, 2)["server"]["id"]
-        assert wait_for(lambda: ask("list_servers", {}, 3)[0]["state"] == "ready", timeout=30)
+        assert wait_for(lambda: ask("list_servers", {}, 3)[0]["state"] == "ready", timeout=60)
         docs = ask("list_servers", {}, 4)
         fig = docs[0]["figures"]
         assert fig is not None and fig["kv_tokens"] and fig["running"] is not None
@@ -424,7 +449,7 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
     try:
         assert wait_for(lambda: node.link.status == "connected")
         first = node.request("start_server", {"profile": "q", "gpus": [3], "force": True})["server"]["id"]
-        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=30)
+        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=60)
         app = make_app(lambda: [node], store_path=tmp_path / "local.db")
         app.poller.close = lambda: None  # the test closes the node itself
         async with app.run_test(size=(140, 30)) as pilot:
@@ -435,7 +460,7 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
             table.move_cursor(row=table.get_row_index(f"@node-r:{first}"))
             await press_and_confirm(app, pilot, "r")
             await settle(app, pilot, 5)
-            assert wait_for(lambda: len(node.request("list_servers")) == 2, timeout=30)
+            assert wait_for(lambda: len(node.request("list_servers")) == 2, timeout=60)
         states = {s["id"]: s["state"] for s in node.request("list_servers")}
         assert states.pop(first) == "stopped" and list(states.values())[0] in ("starting", "ready")
     finally:
@@ -456,7 +481,7 @@ async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path
     try:
         assert wait_for(lambda: node.link.status == "connected")
         jid = node.request("start_job", {"spec": "sim"})["id"]
-        assert wait_for(lambda: node.request("list_jobs")[0]["events"], timeout=30)  # it has taken a step
+        assert wait_for(lambda: node.request("list_jobs")[0]["events"], timeout=60)  # it has taken a step
         app = make_app(lambda: [node], store_path=tmp_path / "local.db")
         app.poller.close = lambda: None  # the test closes the node itself
         async with app.run_test(size=(120, 30)) as pilot:
@@ -506,7 +531,7 @@ async def test_a_remote_servers_adapters_panel_and_serving_a_remote_jobs_adapter
     try:
         assert wait_for(lambda: node.link.status == "connected")
         sid = node.request("start_server", {"profile": "q", "gpus": [3], "force": True})["server"]["id"]
-        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=30)
+        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=60)
         jid = node.request("start_job", {"spec": "quick"})["id"]
         assert wait_for(lambda: node.request("list_jobs")[0]["state"] == "finished", timeout=60)
         app = make_app(lambda: [node], store_path=tmp_path / "local.db")
@@ -596,7 +621,7 @@ def test_requests_in_flight_when_the_link_drops_fail_at_once_and_the_node_comes_
             outcomes.append(str(err.value))
         assert all("connection lost" in o for o in outcomes), outcomes
         # The node comes back (the real agent this time) and answers.
-        assert wait_for(lambda: node.link.status == "connected", timeout=30), node.link.error
+        assert wait_for(lambda: node.link.status == "connected", timeout=60), node.link.error
         assert node.request("ping")["pong"] > 0 and node._thread.is_alive()
     finally:
         pool.shutdown(wait=False)

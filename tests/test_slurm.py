@@ -244,8 +244,10 @@ def test_a_server_submitted_to_slurm_becomes_ready_is_stopped_and_one_the_schedu
 
     monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)  # fleetdeck's vLLM simulator, run by Slurm
     prof = site["root"] / "sim.toml"
-    prof.write_text('name = "sim"\nmodel = "Qwen/Qwen3-8B"\nmax_model_len = 8192\n[lora]\nenable = true\n'
-                    "max_lora_rank = 16\n")
+    # A Slurm server listens on its compute node's interfaces (the login node must reach it), so the profile
+    # either names a key or says outright that it goes without one.
+    prof.write_text('name = "sim"\nmodel = "Qwen/Qwen3-8B"\nmax_model_len = 8192\nallow_unauthenticated = true\n'
+                    '[lora]\nenable = true\nmax_lora_rank = 16\n')
     assert run(site, "serve", "start", str(prof), "--slurm", "--gpus", "1", "--time", "30", "--wait") == 0
     out = capsys.readouterr().out
     sid = out.split()[1]

@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+from fleetdeck.cli import main
 from store.db import APPLICATION_ID, StoreError, open_store
 from store.gpu_history import downsample, history, record_samples
 from store.schema import SCHEMA_VERSION
@@ -154,3 +155,144 @@ def test_every_environment_override_is_read_in_one_place(tmp_path, monkeypatch):
         tmp_path / "s.db", tmp_path / "f.toml", tmp_path / "r.toml")
     assert profile_roots()[:2] == [tmp_path / "a", tmp_path / "b"]
     assert vllm_command(Profile(name="p", model="m")) == ["/bin/echo", "serve-it"]
+
+
+# -- a file is identified before anything about it changes ------------------------------------------------
+def _foreign_sqlite(path, wal: bool) -> None:
+    conn = sqlite3.connect(path)
+    if wal:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE notes (x)")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("kind", ["text", "sqlite", "sqlite-wal", "short"])
+def test_a_foreign_file_keeps_its_mode_and_content(tmp_path, kind, capsys):
+    path = tmp_path / "passwd"
+    if kind == "text":
+        path.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    elif kind == "short":
+        path.write_bytes(b"SQLite format 3\x00")  # the magic, and nothing after it
+    else:
+        _foreign_sqlite(path, wal=kind == "sqlite-wal")
+    path.chmod(0o644)
+    before, files = path.read_bytes(), sorted(tmp_path.iterdir())
+    with pytest.raises(StoreError, match="untouched"):
+        open_store(path)
+    assert main(["serve", "ls", "--store", str(path)]) == 2  # `--store FILE` on the command line, the same
+    assert "untouched" in capsys.readouterr().err
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == files  # no -wal, -shm or journal made beside it
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_newer_schema_store_is_refused_with_its_bytes_and_mode_unchanged(tmp_path, journal):
+    path = tmp_path / "fd.db"
+    open_store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA journal_mode = {journal}")  # a newer fleetdeck may keep it in another journal mode
+    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    path.chmod(0o640)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="newer fleetdeck"):
+        open_store(path)
+    assert path.read_bytes() == before  # journal mode (header bytes 18-19) included
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_a_store_held_here_is_never_reopened_with_plain_open(tmp_path, monkeypatch):
+    """Closing any descriptor of a file drops this process's POSIX locks on it, SQLite's included: a second
+    Store on a file this process already holds identifies it through SQLite only."""
+    import builtins
+
+    import store.db as db
+
+    path = tmp_path / "fd.db"
+    first = open_store(path)
+    opened: list[str] = []
+
+    def spy(file, *a, **kw):
+        opened.append(str(file))
+        return builtins.open(file, *a, **kw)
+
+    monkeypatch.setattr(db, "open", spy, raising=False)
+    second = open_store(path)
+    assert opened == []
+    second.close()
+    first.close()
+    open_store(path).close()  # held by nobody now: its header is read again
+    assert opened == [str(path)]
+
+
+# -- a damaged store: one line that says so and what to do ---------------------------------------------------
+def _store_with_data(path) -> None:
+    import time
+
+    from engine import audit
+    from engine.router.demo import backfill
+    from engine.vllm.launcher import ServerRecord
+
+    store = open_store(path)
+    backfill(store, time.time(), days=3, daily_only_days=5)
+    for i in range(40):
+        audit.append(store, "server.stop", f"srv-{i}", "done", params={"server": f"srv-{i}"})
+        ServerRecord(id=f"q-{i:04d}", name="q", node="n", pid=None, create_time=None, argv=["vllm"], env={}, gpus="0",
+                     port=18000 + i, log_path="/nonexistent.log", spec={}, state="stopped", reason=None,
+                     started_at=time.time()).save(store)
+    store.close()
+
+
+def _damage(path, table: str | None) -> None:
+    """Overwrite the start of one b-tree page: the table's root, or (None) the schema's, on page 1 after the
+    file header."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0] if table else 1
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size + (100 if root == 1 else 0))
+        f.write(b"\xee" * 64)
+
+
+DAMAGE = [  # (command, the table whose page is damaged: None is the schema, which every command reads)
+    (["audit"], "audit"), (["serve", "ls"], "managed"), (["report"], "rollup_day"),
+    (["audit"], None), (["serve", "ls"], None), (["report"], None), (["finetune", "ls"], None),
+]
+
+
+@pytest.mark.parametrize("argv,table", DAMAGE, ids=[f"{' '.join(a)}-{t or 'schema'}" for a, t in DAMAGE])
+def test_a_damaged_store_gives_one_line_saying_what_to_do(tmp_path, capsys, argv, table):
+    path = tmp_path / "fd.db"
+    _store_with_data(path)
+    _damage(path, table)
+    capsys.readouterr()
+    assert main([*argv, "--store", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.out, captured
+    assert f"the store {path} is damaged" in lines[0] and "restore it from a backup" in lines[0].lower()
+    assert f"sqlite3 {path} .recover" in lines[0]
+
+
+def test_the_proxy_on_a_damaged_store_says_so_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from engine.router.demo import free_port
+
+    path = tmp_path / "fd.db"
+    _store_with_data(path)
+    _damage(path, None)
+    cfg = tmp_path / "router.toml"
+    cfg.write_text('[[task]]\nname = "t"\nslm_base_url = "http://127.0.0.1:1/v1"\nslm_model = "m"\nthreshold = 0.8\n')
+    # The proxy refuses to start; the ceiling only keeps a regression from hanging the suite.
+    done = subprocess.run([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--store", str(path),
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"the store {path} is damaged" in lines[0] and ".recover" in lines[0], done

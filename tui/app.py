@@ -140,7 +140,9 @@ class FleetDeckApp(App[None]):
             try:
                 self.poller.seed_history()
             except Exception as exc:  # an unreadable history is not worth stopping for
-                error = f"GPU history could not be read: {exc}"
+                from store.db import corrupt_message, is_corrupt
+
+                error = corrupt_message(store.path, exc) if is_corrupt(exc) else f"GPU history could not be read: {exc}"
         self.call_from_thread(self._sources_ready, error)
 
     def _start_demo_backend(self, store_path: Path) -> None:

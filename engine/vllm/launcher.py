@@ -108,8 +108,37 @@ def free_port(start: int = 8000, end: int = 8999, taken: set[int] | None = None)
     raise LaunchError(f"no free port between {start} and {end}")
 
 
+LOOPBACK = "127.0.0.1"
+ALL_INTERFACES = "0.0.0.0"
+
+
+def listen_host(profile: Profile, slurm: bool = False) -> str:
+    """Where a server listens: the profile's host; else loopback, where this host's proxy, dashboard and
+    agent reach it (vLLM's own default is every interface); else, for a Slurm server, every interface of
+    the compute node, which Slurm picks only when the job starts and which the login node must reach."""
+    if profile.host:
+        return profile.host
+    return ALL_INTERFACES if slurm else LOOPBACK
+
+
+def check_exposure(profile: Profile, host: str) -> None:
+    """A server reachable from the network answers only clients with its key, unless the profile says
+    `allow_unauthenticated = true` outright. Raises LaunchError."""
+    from engine.router.config import is_loopback
+
+    if is_loopback(host) or profile.allow_unauthenticated:
+        return
+    if not profile.api_key_env:
+        raise LaunchError(f"refusing to start {profile.name} listening on {host} without an API key: set api_key_env "
+                          "in the profile (an environment variable holding the key), leave host unset for 127.0.0.1, "
+                          "or set allow_unauthenticated = true")
+    if not os.environ.get(profile.api_key_env):
+        raise LaunchError(f"refusing to start {profile.name} listening on {host}: api_key_env names "
+                          f"{profile.api_key_env}, which is not set here, so the server would have no key")
+
+
 def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules: dict[str, str],
-                 require_installed: bool = True) -> tuple[list[str], dict[str, str]]:
+                 host: str | None = None, require_installed: bool = True) -> tuple[list[str], dict[str, str]]:
     from engine.kvfit.local_models import configured_roots, vllm_model_arg
 
     cmd = vllm_command(profile, require_installed)
@@ -118,6 +147,7 @@ def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules:
     model = vllm_model_arg(profile.model, configured_roots())
     model_args = ["--model", model] if cmd[-1] == API_SERVER_MODULE else ["serve", model]
     argv = cmd + model_args + [
+        "--host", host or listen_host(profile),
         "--port", str(port),
         "--served-model-name", profile.served_name,
         "--tensor-parallel-size", str(profile.tensor_parallel_size),
@@ -223,6 +253,7 @@ def start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots:
     where = f"slurm:{slurm.gpus}" if slurm is not None else ",".join(map(str, gpus))
     with audit.audited("server.start", profile.name, refusals=(LaunchError, ValueError), profile=profile.name,
                        model=profile.model, gpus=where, port=port, force=force) as entry:
+        check_exposure(profile, listen_host(profile, slurm=slurm is not None))  # refused (and audited) first
         if slurm is not None:
             from engine.vllm import slurm_server
 

@@ -39,6 +39,11 @@ class Profile(Strict):
     vllm_version: str | None = Field(default=None, pattern=r"^\d+\.\d+(\.\d+)?$",
                                      description="the vLLM this profile runs, where its memory accounting differs")
     port: int | Literal["auto"] = "auto"
+    # Where the server listens. Unset: 127.0.0.1 (the proxy, the dashboard and the node's agent all reach it
+    # there), or for a Slurm server every interface of the node Slurm picks, since the login node must
+    # reach it. A host other than loopback needs api_key_env, or allow_unauthenticated = true said outright.
+    host: str | None = Field(default=None, description="address to listen on (default 127.0.0.1)")
+    allow_unauthenticated: bool = False
     api_key_env: str | None = None
     lora: LoraSettings = Field(default_factory=LoraSettings)
     extra_args: list[str] = Field(default_factory=list)
@@ -65,6 +70,22 @@ class Profile(Strict):
                 raise ValueError(f"{key!r} is not an environment variable name")
             if key in ("VLLM_API_KEY", "CUDA_VISIBLE_DEVICES"):
                 raise ValueError(f"{key} is set by fleetdeck (api_key_env and --gpus), not by the profile")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        import ipaddress
+        import re
+
+        if v is None:
+            return v
+        try:
+            return str(ipaddress.ip_address(v.strip("[]")))
+        except ValueError:
+            pass
+        if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", v):
+            raise ValueError(f"an IP address or a host name, got {v!r}")
         return v
 
     @field_validator("port")

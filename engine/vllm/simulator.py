@@ -144,7 +144,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vllm (simulated)")
     p.add_argument("command", choices=["serve"])
     p.add_argument("model")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1")  # the demo's stand-in never listens beyond this host
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--max-model-len", type=int, default=8192)
@@ -156,7 +156,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, default=1)
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--lora-modules", nargs="+", default=[])
-    p.add_argument("--api-key")
+    p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY") or None)  # as vLLM: the flag, else VLLM_API_KEY
     p.add_argument("--num-gpu-blocks-override", type=int)
     args, _unknown = p.parse_known_args(argv)  # vLLM has hundreds of flags; the rest are accepted
     return args

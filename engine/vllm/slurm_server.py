@@ -47,7 +47,8 @@ def submit(store: Store, profile: Profile, req: Any, *, port: int, force: bool, 
     else:
         warning = "submitted without a plan ([slurm] gpu_memory_gib is not set)"
     lora_modules = launcher.resolve_preload(profile, adapter_roots or []) if profile.lora.enable else {}
-    argv, env = launcher.build_launch(profile, [], port, lora_modules)
+    # Not loopback: the server runs on a compute node and the login node reaches it at the node's address.
+    argv, env = launcher.build_launch(profile, [], port, lora_modules, host=launcher.listen_host(profile, slurm=True))
     env.pop("CUDA_VISIBLE_DEVICES", None)  # Slurm sets it to the GPUs it allocates
     sid = f"{profile.name}-{uuid.uuid4().hex[:6]}"
     logs = private_dir(log_dir or (state_dir() / "servers"))
