@@ -168,7 +168,10 @@ def _request_id(line: bytes) -> int | None:
 
 
 def _files(root: Path) -> set[Path]:
-    return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+    """What the node holds, less the audit trail's own key and checkpoint (fleetdeck/audit/): a refusal is
+    recorded, and the first record makes them."""
+    return {p.relative_to(root) for p in root.rglob("*")
+            if p.is_file() and p.relative_to(root).parts[:2] != ("fleetdeck", "audit")}
 
 
 def test_any_line_gets_a_reply_and_changes_nothing(tmp_path):

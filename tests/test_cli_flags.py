@@ -159,7 +159,7 @@ def test_serve_start_dry_run_prints_the_command_without_vllm_installed(tmp_path,
                         "--dry-run", "--store", str(tmp_path / "fd.db")], capture_output=True, text=True, cwd=tmp_path,
                        timeout=120, env={**__import__("os").environ, "PATH": str(tmp_path)})
     assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("command: vllm-not-here serve Qwen/Qwen3-8B --port 8000")
+    assert p.stdout.startswith("command: vllm-not-here serve Qwen/Qwen3-8B --host 127.0.0.1 --port 8000")
     assert "--max-model-len 8192" in p.stdout and "FITS" in p.stdout
     assert "'vllm-not-here' is not installed here" in p.stderr
     assert not (tmp_path / "fd.db").exists()

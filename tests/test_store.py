@@ -291,7 +291,7 @@ def test_the_proxy_on_a_damaged_store_says_so_in_one_line(tmp_path):
     cfg = tmp_path / "router.toml"
     cfg.write_text('[[task]]\nname = "t"\nslm_base_url = "http://127.0.0.1:1/v1"\nslm_model = "m"\nthreshold = 0.8\n')
     # The proxy refuses to start; the ceiling only keeps a regression from hanging the suite.
-    done = subprocess.run([sys.executable, "-m", "fleetdeck", "proxy", "--config", str(cfg), "--store", str(path),
+    done = subprocess.run([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--store", str(path),
                            "--port", str(free_port())], capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert done.returncode == 2, done
     lines = done.stderr.strip().splitlines()
