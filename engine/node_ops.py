@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from engine import audit
+from engine.folders import Folders
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -70,7 +71,8 @@ class NodeOps(Protocol):
 
     def servers(self) -> list[Any]: ...  # ServerStatus, figures included
 
-    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str: ...
+    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None,
+                     node: str | None = None) -> str: ...
 
     def stop_server(self, sid: str) -> str: ...
 
@@ -109,6 +111,7 @@ class LocalOps:
     adapter_roots: list[Any]
     name: str = ""
     scrapes: dict[str, Any] | None = None  # each server's previous /metrics scrape, for rates
+    folders: Folders = field(default_factory=Folders)  # profiles by name, server logs (the demo has its own)
 
     def servers(self) -> list[Any]:
         from engine.vllm import launcher
@@ -123,13 +126,17 @@ class LocalOps:
             out.append(st)
         return out
 
-    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str:
+    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None,
+                     node: str | None = None) -> str:
+        """`node`: which of this host's own sources the GPUs belong to (the demo's simulated nodes), so
+        the record says where it runs; None is this host."""
         from engine.vllm import launcher
-        from engine.vllm.profile import load_profile, profile_roots
+        from engine.vllm.profile import load_profile
         from store.config_files import toml_by_name
 
-        rec, _ = launcher.start(self.store, load_profile(toml_by_name("profile", profile, profile_roots())), gpus,
-                                gpu_snapshots=gpu_snapshots, force=force, adapter_roots=list(self.adapter_roots))
+        rec, _ = launcher.start(self.store, load_profile(toml_by_name("profile", profile, self.folders.profile_roots())),
+                                gpus, gpu_snapshots=gpu_snapshots, force=force, adapter_roots=list(self.adapter_roots),
+                                node=node, log_dir=self.folders.server_logs)
         return f"started {rec.id} on GPUs {rec.gpus}, port {rec.port}"
 
     def stop_server(self, sid: str) -> str:
@@ -138,13 +145,19 @@ class LocalOps:
         return f"{launcher.stop(self.store, launcher.get(self.store, sid)).id} stopped"
 
     def restart_server(self, rec: Any) -> str:
+        """A new run (a new record) of the same profile on the same GPUs and node. A server that still
+        runs is stopped first; a crashed one keeps its record, diagnosis included, in the history."""
         from engine.vllm import launcher
         from engine.vllm.profile import Profile
 
-        launcher.stop(self.store, rec)
+        rec = launcher.refresh(self.store, launcher.get(self.store, rec.id))
+        if rec.state in ("starting", "ready"):
+            launcher.stop(self.store, rec)
         new, _ = launcher.start(self.store, Profile.model_validate(rec.spec), [int(g) for g in rec.gpus.split(",")],
-                                force=True, adapter_roots=list(self.adapter_roots))
-        return f"{rec.id} restarted as {new.id}"
+                                force=True, adapter_roots=list(self.adapter_roots), node=rec.node,
+                                log_dir=self.folders.server_logs)
+        was = f" (it had {rec.state}: its record keeps the diagnosis)" if rec.state == "crashed" else ""
+        return f"{rec.id} restarted as {new.id}{was}"
 
     def jobs(self) -> list[tuple[Any, list[dict[str, Any]]]]:
         from engine.finetune import jobs
@@ -220,10 +233,11 @@ class AgentOps:
             out.append(st)
         return out
 
-    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None) -> str:
+    def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None,
+                     node: str | None = None) -> str:
         from fleet.remote import Op
 
-        # the agent plans against its own node's GPUs: `gpu_snapshots` read here are not sent
+        # the agent plans against its own node's GPUs (`gpu_snapshots` read here are not sent) and is its node
 
         audit.refuse_if_read_only("server.start", profile, profile=profile, gpus=",".join(map(str, gpus)))
         srv = self._ask(Op.START_SERVER, {"profile": profile, "gpus": gpus, "force": force}, timeout=120)["server"]
