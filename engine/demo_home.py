@@ -147,7 +147,10 @@ def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
 
     ended = []
     for rec in launcher.list_servers(store):
-        if rec.state not in ("starting", "ready") or not rec.alive():
+        if rec.state not in ("starting", "ready"):
+            continue
+        if not rec.alive():
+            launcher.refresh(store, rec)  # gone already: its record says so (crashed, with the log's diagnosis)
             continue
         try:
             launcher.stop(store, rec, timeout=timeout)
@@ -155,7 +158,10 @@ def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
             rec.terminate(timeout, whole_group=True)
         ended.append(f"server {rec.id} (pid {rec.pid})")
     for job in jobs.list_jobs(store):
-        if job.state != "running" or not job.alive():
+        if job.state != "running":
+            continue
+        if not job.alive():
+            jobs.refresh(store, job)  # ended already: its record says how (from its progress events)
             continue
         try:
             jobs.cancel(store, job, timeout=timeout)

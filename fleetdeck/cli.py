@@ -365,7 +365,7 @@ def _run_demo(args: argparse.Namespace, config: Any) -> int:
         def end_demo() -> None:
             """Everything the demo started, helpers first (the backend stops its own servers and job), then
             whatever is still live in the demo's stores (what the operator started from its dialogs)."""
-            home.helpers.end_all()
+            home.helpers.end_all(timeout=30.0)  # the backend stops the proxy, its servers and its job first
             from store.db import open_store
 
             for path in (home.store, remote_store):
@@ -391,30 +391,23 @@ def _run_demo(args: argparse.Namespace, config: Any) -> int:
 
 def _run_app(options: Any, config: Any) -> int:
     """Run the dashboard; whatever ends it (q, SIGHUP, SIGTERM, a lost terminal, an error), what it
-    started for itself is ended before this returns (options.end_helpers)."""
+    started for itself is ended before this returns (options.end_helpers, through app.end_helpers)."""
     import signal
 
     from engine import audit
     from tui.app import FleetDeckApp
 
-    def hung_up(signum: int, frame: Any) -> None:  # until the app installs its own handlers on its loop
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGHUP, signal.SIGTERM):
-        signal.signal(sig, hung_up)
     app = FleetDeckApp(options)
-    try:
-        with audit.session(options.store_path, "tui", read_only=config.read_only,
-                           syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
-            try:
-                app.run()
-            finally:
-                # SIGHUP/SIGTERM from here on would cut the ending short: they are ignored while it runs.
-                for sig in (signal.SIGHUP, signal.SIGTERM):
-                    signal.signal(sig, signal.SIG_IGN)
-                app.end_helpers()
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    # Python-level handlers (not the event loop's: those are taken down when the loop closes, and a
+    # second SIGHUP would then kill the process halfway through ending its helpers).
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: app.terminal_lost())
+    with audit.session(options.store_path, "tui", read_only=config.read_only,
+                       syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
+        try:
+            app.run()
+        finally:
+            app.end_helpers()
     return app.return_code or 0
 
 

@@ -96,6 +96,10 @@ class FleetDeckApp(App[None]):
         self._demo_proc: Any = None
         self._ending = False
         self._ending_lock = threading.Lock()
+        self._ender: threading.Thread | None = None
+        self._loop_ref: Any = None
+        self._exit_asked = False
+        self._exit_thread_started = False
         self.sub_title = socket.gethostname()
 
     def on_mount(self) -> None:
@@ -106,18 +110,21 @@ class FleetDeckApp(App[None]):
         self.call_after_refresh(self._start)
 
     # -- lifetime -------------------------------------------------------------------------------
+    # The ending runs in a thread of its own, once, whatever asks for it first: a signal, the terminal
+    # watch, or `fleetdeck` after the app returns (which waits for it). It never depends on the app's
+    # own loop or exit, which a dead terminal can stall.
     def _watch_terminal(self) -> None:
-        """SIGHUP (the SSH session or terminal closed), SIGTERM, and a stdin that hangs up without a
-        signal all end the dashboard, and first what it started for itself."""
+        """A stdin that hangs up without a signal (the terminal gone) ends the dashboard like SIGHUP.
+        SIGHUP and SIGTERM themselves are caught by `fleetdeck` (fleetdeck/cli.py:_run_app), which calls
+        terminal_lost()."""
         import asyncio
-        import signal
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGHUP, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._terminal_lost)
         import os
         import sys
 
+        self._loop_ref = asyncio.get_running_loop()
+        if self._exit_asked:
+            self.exit(return_code=129)
+            return
         stdin = sys.__stdin__
         if stdin is not None and os.isatty(stdin.fileno()):
             fd = stdin.fileno()
@@ -129,31 +136,56 @@ class FleetDeckApp(App[None]):
                 poll.register(fd, 0)  # no events asked: only POLLHUP/POLLERR/POLLNVAL come back, no input is taken
                 while not self._ending:
                     if poll.poll(500):
-                        loop.call_soon_threadsafe(self._terminal_lost)
+                        self.terminal_lost()
                         return
 
             threading.Thread(target=watch, name="terminal-watch", daemon=True).start()
 
-    def _terminal_lost(self) -> None:
-        """End the helpers now (the terminal may be gone, so the app's own exit may not get far), then
-        exit; should the exit itself hang on a dead terminal, the process ends anyway."""
+    def terminal_lost(self) -> None:
+        """The terminal is gone (SIGHUP, a hung-up stdin) or the process was asked to end (SIGTERM): end
+        the helpers, then the app; safe from a signal handler or any thread. Should the app's exit hang on
+        a dead terminal, the process ends once the helpers are gone."""
         import os
 
-        if self._ending:
-            return
-        self.end_helpers()
-        threading.Timer(10.0, lambda: os._exit(129)).start()
-        self.exit(return_code=129)
+        ender = self.begin_ending()
 
-    def end_helpers(self) -> None:
-        """End what this dashboard started for itself; once (later calls do nothing), and no helper starts
-        after it."""
+        def then_exit() -> None:
+            if ender is not None:
+                ender.join()
+            loop = self._loop_ref
+            if loop is None:
+                self._exit_asked = True  # not mounted yet: it exits as it mounts
+            else:
+                try:
+                    loop.call_soon_threadsafe(lambda: self.exit(return_code=129))
+                except RuntimeError:  # the loop has already closed: the app is on its way out
+                    pass
+            threading.Event().wait(10.0)
+            os._exit(129)
+
+        if not self._exit_thread_started:
+            self._exit_thread_started = True
+            threading.Thread(target=then_exit, name="hangup-exit", daemon=True).start()
+
+    def begin_ending(self) -> threading.Thread | None:
+        """Start ending what this dashboard started for itself (once; later calls return the same
+        thread); no helper starts after this."""
         with self._ending_lock:
             if self._ending:
-                return
+                return self._ender
             self._ending = True
-        if self.options.end_helpers is not None:
-            self.options.end_helpers()
+            if self.options.end_helpers is None:
+                return None
+            # Not a daemon: the interpreter waits for it, so an exit cannot cut the ending short.
+            self._ender = threading.Thread(target=self.options.end_helpers, name="end-helpers")
+            self._ender.start()
+            return self._ender
+
+    def end_helpers(self) -> None:
+        """End what this dashboard started for itself, and wait until it has ended."""
+        ender = self.begin_ending()
+        if ender is not None:
+            ender.join()
 
     def _start(self) -> None:
         self._open_sources()
