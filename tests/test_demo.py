@@ -286,3 +286,23 @@ def test_a_hangup_ends_everything_the_demo_started(tmp_path):
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
+
+
+def test_a_new_demo_ends_what_an_earlier_one_left_by_pid_and_create_time(home):
+    """A demo killed outright (SIGKILL) leaves its helpers; the next one ends them, but only the processes
+    recorded: a recorded pid that now belongs to another process (its create time differs) is left alone."""
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        assert home.helpers.add(left.pid, "demo backend", group=True) is not None
+        # This test's own process, as if its pid had been recorded for an earlier process: never signalled.
+        mine = psutil.Process(os.getpid())
+        with open(home.helpers.path, "a") as fh:
+            fh.write(f'{{"pid": {mine.pid}, "create_time": {mine.create_time() - 100}, "what": "reused pid", "group": false}}\n')
+        ended = home.end_leftovers()
+        assert ended == [f"demo backend (pid {left.pid})"]
+        assert left.wait(timeout=30) is not None
+        assert psutil.pid_exists(os.getpid()) and not home.helpers.path.exists()
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
