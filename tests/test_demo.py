@@ -306,3 +306,41 @@ def test_a_new_demo_ends_what_an_earlier_one_left_by_pid_and_create_time(home):
         if left.poll() is None:
             left.kill()
             left.wait()
+
+
+async def test_swap_an_adapter_in_a_demo_server_from_the_keyboard(home):
+    from textual.widgets import DataTable
+
+    from tui.screens.servers import AdaptersScreen
+
+    store = open_store(home.store)
+    rec, _ = launcher.start(store, load_profile(home.profiles / "mistral-7b-awq.toml"), [0], force=True,
+                            node="sim-h100-01", log_dir=home.server_logs, adapter_roots=[home.adapters])
+    assert launcher.wait_ready(store, rec, timeout=60, poll=0.2).state == "ready"
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    app = demo_app(home, live)
+    with audit.session(home.store, "tui"):
+        async with app.run_test(size=(120, 34)) as pilot:
+            await ready(app, pilot)
+            await pilot.press("3")
+            await settle(app, pilot)
+            await pilot.press("a")
+            await settle(app, pilot, 4)
+            panel = app.screen
+            assert isinstance(panel, AdaptersScreen)
+            for _ in range(40):  # the listing is read in a worker
+                if panel.disk:
+                    break
+                await settle(app, pilot, 1)
+            assert panel.loaded_names == ["tickets-v3"], static_text(panel.query_one("#adapters-message", Static))  # preloaded
+            disk = panel.query_one("#adapters-disk", DataTable)
+            assert str(disk.get_cell("notes-v1", disk.ordered_columns[-1].key)) == "no"  # trained on Qwen3-8B
+            disk.move_cursor(row=disk.get_row_index("tickets-v4"))
+            await pilot.press("tab")  # to the loaded list, where tickets-v3 is highlighted
+            await press_and_confirm(app, pilot, "w")
+            for _ in range(40):
+                await settle(app, pilot, 1)
+                if panel.loaded_names == ["tickets-v4"]:
+                    break
+            assert panel.loaded_names == ["tickets-v4"] and "tickets-v3 unloaded" in panel.last_message
+    live.close()

@@ -75,9 +75,11 @@ DEMO_SPECS = {
 }
 DEMO_JOB = ("tickets-v5", 2)
 
-# Adapters to browse and swap: name, rank, base model folder.
-DEMO_ADAPTERS = (("tickets-v3", 64, "Mistral-7B-Instruct-v0.3-AWQ"), ("tickets-v4", 64, "Mistral-7B-Instruct-v0.3-AWQ"),
-                 ("notes-v1", 32, "Qwen3-8B"), ("notes-wide", 128, "Qwen3-8B"))
+# Adapters to browse and swap: name, rank, base model as its trainer named it (a hub id: fleetdeck matches
+# it to a server's model folder by the last part of the name, as for any adapter).
+DEMO_ADAPTERS = (("tickets-v3", 64, "mistralai/Mistral-7B-Instruct-v0.3-AWQ"),
+                 ("tickets-v4", 64, "mistralai/Mistral-7B-Instruct-v0.3-AWQ"),
+                 ("notes-v1", 32, "Qwen/Qwen3-8B"), ("notes-wide", 128, "Qwen/Qwen3-8B"))
 
 
 def simulator_command() -> list[str]:
@@ -136,10 +138,10 @@ def write_demo_files(home: DemoHome) -> None:
                               for i in range(200)) + "\n")
     for name, (base, steps) in DEMO_SPECS.items():
         _write(home.specs / f"{name}.toml", spec_toml(name, home.models / base, steps, dataset, home.adapters))
-    make_demo_adapters(home.adapters, home.models)
+    make_demo_adapters(home.adapters)
 
 
-def make_demo_adapters(root: Path, models: Path) -> None:
+def make_demo_adapters(root: Path) -> None:
     """Small LoRA adapter folders (config + a tiny safetensors file) to browse and swap in the demo."""
     for name, rank, base in DEMO_ADAPTERS:
         folder = root / name
@@ -148,7 +150,7 @@ def make_demo_adapters(root: Path, models: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "r": rank, "lora_alpha": rank * 2, "lora_dropout": 0.05,
-            "base_model_name_or_path": str(models / base), "target_modules": list(DEFAULT_TARGETS),
+            "base_model_name_or_path": base, "target_modules": list(DEFAULT_TARGETS),
             "task_type": "CAUSAL_LM"}, indent=2))
         # A valid safetensors file with no tensors, written by hand: the demo needs no numpy.
         header = json.dumps({"__metadata__": {"simulated": "true", "rank": str(rank)}}).encode()
