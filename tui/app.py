@@ -11,7 +11,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -24,6 +24,9 @@ from fleet.poller import FleetPoller
 from fleet.source import NodeSource
 from tui.screens.base import StatusLine
 
+if TYPE_CHECKING:
+    from engine.demo_home import DemoHome
+
 
 @dataclass
 class AppOptions:
@@ -35,7 +38,7 @@ class AppOptions:
     show_clock: bool = True  # snapshot tests turn the clock off
     router_config: Path | None = None  # pricing, tasks and drift windows for the Router and Cost screens
     demo_backend: bool = False  # `fleetdeck demo`: start simulated router traffic beside the dashboard
-    demo_home: Any = None  # engine.demo_home.DemoHome of `fleetdeck demo`: its folder and helper record
+    demo_home: DemoHome | None = None  # `fleetdeck demo`: its folder and helper record
     folders: Folders = field(default_factory=Folders)  # where the start dialogs find profiles and specs
     # Ends what the dashboard started for itself (the demo's backend and all under it); called once, on
     # any exit: q, SIGHUP, SIGTERM, the terminal gone.
@@ -230,6 +233,7 @@ class FleetDeckApp(App[None]):
         import psutil
 
         home = self.options.demo_home
+        assert home is not None  # only started for `fleetdeck demo`, which gives its folder
         home.backend.mkdir(parents=True, exist_ok=True)
         me = psutil.Process(os.getpid())
         with self._ending_lock:
