@@ -343,6 +343,11 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     alive = rec.alive()
     lost = engine_lost(rec) if alive else None
     if not alive:
+        # A stop may have ended it since this copy of the record was read (the Servers screen refreshes
+        # while an operator stops): the stop's record stands, it is not a crash.
+        stored = managed.find(store, ServerRecord, rec.id)
+        if stored is not None and stored.state in ("stopped", "crashed"):
+            return stored
         rec.state = "crashed"
         rec.ended_at = rec.ended_at or time.time()
         d = diagnose(tail(rec.log_path, 200))
