@@ -365,6 +365,11 @@ def _run_demo(args: argparse.Namespace, config: Any) -> int:
         def end_demo() -> None:
             """Everything the demo started, helpers first (the backend stops its own servers and job), then
             whatever is still live in the demo's stores (what the operator started from its dialogs)."""
+            try:  # the terminal may be gone (a hangup): then there is no one to tell
+                print("fleetdeck: ending the demo's backend, proxy, simulated servers and jobs…", file=sys.stderr,
+                      flush=True)
+            except OSError:
+                pass
             home.helpers.end_all(timeout=30.0)  # the backend stops the proxy, its servers and its job first
             from store.db import open_store
 
