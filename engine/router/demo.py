@@ -4,7 +4,9 @@
 rollups with months of history (one task drifting in the last hours), serves a simulated vLLM-shaped
 SLM and a simulated frontier on loopback (labelled simulated in every answer), starts the real
 `fleetdeck proxy` in front of them, and sends a few requests a second through it, so the ledger fills
-the way it does in production. Nothing here is imported by the dashboard.
+the way it does in production. It also starts the demo's three simulated servers and its fine-tune
+(engine/vllm/demo.py), and on its way out ends all of it (see `run_backend`). Nothing here is imported
+by the dashboard.
 """
 
 from __future__ import annotations
