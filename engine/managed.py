@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -83,13 +84,22 @@ class ManagedRecord:
             return
         except PermissionError:
             pass
-        _, still = psutil.wait_procs([proc], timeout=timeout)
-        if still:
+        if not self._ended_within(timeout):
             try:
                 os.killpg(self.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            psutil.wait_procs(still, timeout=5)
+            self._ended_within(5.0)
+
+    def _ended_within(self, timeout: float) -> bool:
+        """Wait until the process has ended. A zombie counts as ended: psutil would wait out the whole
+        timeout for one whose parent is another process (the dashboard that started it, still running)."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
 
 # Columns held as JSON text in the `managed` table.

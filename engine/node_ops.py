@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from engine import audit
+from engine.folders import Folders
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -71,7 +72,7 @@ class NodeOps(Protocol):
     def servers(self) -> list[Any]: ...  # ServerStatus, figures included
 
     def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None,
-                     model: str | None = None) -> str: ...  # model: one of models(), instead of the profile's
+                     model: str | None = None, node: str | None = None) -> str: ...  # model: one of models(), instead of the profile's
 
     def stop_server(self, sid: str) -> str: ...
 
@@ -136,6 +137,7 @@ class LocalOps:
     adapter_roots: list[Any]
     name: str = ""
     scrapes: dict[str, Any] | None = None  # each server's previous /metrics scrape, for rates
+    folders: Folders = field(default_factory=Folders)  # profiles by name, server logs (the demo has its own)
     model_roots: list[Any] | None = None  # None: the fleet config's [models] roots
 
     def models(self) -> list[Any]:
@@ -157,16 +159,18 @@ class LocalOps:
         return out
 
     def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None,
-                     model: str | None = None) -> str:
+                     model: str | None = None, node: str | None = None) -> str:
+        """`model`: one of models(), instead of the profile's. `node`: which of this host's own sources the
+        GPUs belong to (the demo's simulated nodes), so the record says where it runs; None is this host."""
         from engine.vllm import launcher
-        from engine.vllm.profile import load_profile, profile_roots
+        from engine.vllm.profile import load_profile
         from store.config_files import toml_by_name
 
-        spec = load_profile(toml_by_name("profile", profile, profile_roots()))
+        spec = load_profile(toml_by_name("profile", profile, self.folders.profile_roots()))
         if model is not None:
             spec = with_model(spec, model, self.models())
-        rec, _ = launcher.start(self.store, spec, gpus,
-                                gpu_snapshots=gpu_snapshots, force=force, adapter_roots=list(self.adapter_roots))
+        rec, _ = launcher.start(self.store, spec, gpus, gpu_snapshots=gpu_snapshots, force=force,
+                                adapter_roots=list(self.adapter_roots), node=node, log_dir=self.folders.server_logs)
         return f"started {rec.id} on GPUs {rec.gpus}, port {rec.port}"
 
     def stop_server(self, sid: str) -> str:
@@ -175,13 +179,19 @@ class LocalOps:
         return f"{launcher.stop(self.store, launcher.get(self.store, sid)).id} stopped"
 
     def restart_server(self, rec: Any) -> str:
+        """A new run (a new record) of the same profile on the same GPUs and node. A server that still
+        runs is stopped first; a crashed one keeps its record, diagnosis included, in the history."""
         from engine.vllm import launcher
         from engine.vllm.profile import Profile
 
-        launcher.stop(self.store, rec)
+        rec = launcher.refresh(self.store, launcher.get(self.store, rec.id))
+        if rec.state in ("starting", "ready"):
+            launcher.stop(self.store, rec)
         new, _ = launcher.start(self.store, Profile.model_validate(rec.spec), [int(g) for g in rec.gpus.split(",")],
-                                force=True, adapter_roots=list(self.adapter_roots))
-        return f"{rec.id} restarted as {new.id}"
+                                force=True, adapter_roots=list(self.adapter_roots), node=rec.node,
+                                log_dir=self.folders.server_logs)
+        was = f" (it had {rec.state}: its record keeps the diagnosis)" if rec.state == "crashed" else ""
+        return f"{rec.id} restarted as {new.id}{was}"
 
     def jobs(self) -> list[tuple[Any, list[dict[str, Any]]]]:
         from engine.finetune import jobs
@@ -288,11 +298,10 @@ class AgentOps:
         return out
 
     def start_server(self, profile: str, gpus: list[int], force: bool = False, gpu_snapshots: Any = None,
-                     model: str | None = None) -> str:
+                     model: str | None = None, node: str | None = None) -> str:
         from fleet.remote import Op
 
-        # the agent plans against its own node's GPUs: `gpu_snapshots` read here are not sent
-
+        # the agent plans against its own node's GPUs (`gpu_snapshots` read here are not sent) and is its node
         audit.refuse_if_read_only("server.start", profile, profile=profile, gpus=",".join(map(str, gpus)))
         args: dict[str, Any] = {"profile": profile, "gpus": gpus, "force": force}
         if model is not None:

@@ -33,6 +33,26 @@ A10 = GpuModel("NVIDIA A10", 23028, 150.0, 1695, 6251)
 RTX_4090 = GpuModel("NVIDIA GeForce RTX 4090", 24564, 450.0, 2520, 10501)
 
 
+@dataclass(frozen=True, slots=True)
+class SimProcess:
+    """A real process that runs on a simulated GPU: one of the demo's simulated vLLM servers or fine-tunes,
+    with its own pid, so the Fleet screen shows what the Servers and Jobs screens show."""
+
+    gpu: int
+    kind: str  # vllm | finetune
+    pid: int
+    model: str | None = None
+    port: int | None = None
+    memory_fraction: float = 0.0  # of the GPU's memory (vLLM takes gpu_memory_utilization of it)...
+    memory_bytes: int | None = None  # ...or what it holds (a fine-tune's estimate)
+    user: str = "svc-llm"
+    command: str = ""
+
+
+# What runs on a node's simulated GPUs now: the node's name in, its processes out.
+LiveProcesses = Callable[[str], list[SimProcess]]
+
+
 @dataclass(slots=True)
 class SimWorkload:
     """What runs on one simulated GPU: a process and how hard it works."""
@@ -52,10 +72,12 @@ class SimulatedNode:
         gpus: list[tuple[GpuModel, SimWorkload]],
         seed: int = 0,
         clock: Callable[[], float] = time.time,
+        live: LiveProcesses | None = None,
     ) -> None:
         self.name = name
         self.simulated = True
         self._gpus = gpus
+        self._live = live  # given: the GPUs hold what it reports (the fixed workloads are not used)
         self._rng = random.Random(seed)
         self._clock = clock
         self._t0 = clock()
@@ -65,21 +87,47 @@ class SimulatedNode:
             for i in range(len(gpus))
         ]
 
+    def _live_workloads(self) -> list[tuple[SimWorkload, list[GpuProcess]]] | None:
+        """Per GPU, a workload standing for what runs there and the real processes, from `live`."""
+        if self._live is None:
+            return None
+        try:
+            found = self._live(self.name)
+        except Exception:  # a store being written or gone: the GPUs read idle until the next poll
+            found = []
+        out = []
+        for i, (model, _) in enumerate(self._gpus):
+            here = [p for p in found if p.gpu == i]
+            total = model.memory_mib * MIB
+            procs = [GpuProcess(pid=p.pid, kind=p.kind,  # type: ignore[arg-type]
+                                gpu_memory_bytes=p.memory_bytes if p.memory_bytes is not None else int(total * p.memory_fraction),
+                                user=p.user, command=p.command, model=p.model, port=p.port) for p in here]
+            held = sum(p.gpu_memory_bytes or 0 for p in procs)
+            kind = "finetune" if any(p.kind == "finetune" for p in here) else "vllm" if here else "idle"
+            base = 88.0 if kind == "finetune" else 45.0 + 8 * len(here)
+            out.append((SimWorkload(kind, memory_fraction=held / total, base_util=base), procs))
+        return out
+
     def snapshot(self) -> NodeSnapshot:
         now = self._clock()
         t = now - self._t0
         gpus = []
+        live = self._live_workloads()
         for i, (model, work) in enumerate(self._gpus):
+            if live is not None:
+                work = live[i][0]
             self._walk[i] = max(-20.0, min(20.0, self._walk[i] + self._rng.uniform(-4, 4)))
             wave = 15.0 * math.sin(t / 40.0 + i)
             util = 0.0 if work.kind == "idle" else max(0.0, min(100.0, work.base_util + wave + self._walk[i]))
             total = model.memory_mib * MIB
             used = int(total * work.memory_fraction) + 512 * MIB if work.kind != "idle" else 4 * MIB
-            if work.kind == "finetune":
+            if work.kind == "finetune" and live is None:
                 used += int(MIB * 600 * (1 + math.sin(t / 7.0)))  # activations breathe with the step
             power = model.power_limit_w * (0.1 + 0.8 * util / 100.0)
             procs = []
-            if work.kind in ("vllm", "finetune"):
+            if live is not None:
+                procs = live[i][1]
+            elif work.kind in ("vllm", "finetune"):
                 procs.append(
                     GpuProcess(
                         pid=work.pid,
@@ -142,8 +190,11 @@ class SimulatedNode:
         pass
 
 
-def demo_fleet(clock: Callable[[], float] = time.time) -> list[SimulatedNode]:
-    """The fleet `fleetdeck demo` shows: a serving node, an inference node and a workstation."""
+def demo_fleet(clock: Callable[[], float] = time.time, live: LiveProcesses | None = None) -> list[SimulatedNode]:
+    """The fleet `fleetdeck demo` shows: a serving node, an inference node and a workstation.
+
+    With `live`, the GPUs hold the processes it reports (the demo: its simulated servers and jobs, as
+    recorded in its store); without, fixed workloads (tests, `gpus --simulated`, the benchmarks)."""
     return [
         SimulatedNode(
             "sim-h100-01",
@@ -155,6 +206,7 @@ def demo_fleet(clock: Callable[[], float] = time.time) -> list[SimulatedNode]:
             ],
             seed=1,
             clock=clock,
+            live=live,
         ),
         SimulatedNode(
             "sim-a10-02",
@@ -164,12 +216,14 @@ def demo_fleet(clock: Callable[[], float] = time.time) -> list[SimulatedNode]:
             ],
             seed=2,
             clock=clock,
+            live=live,
         ),
         SimulatedNode(
             "sim-ws-4090",
             [(RTX_4090, SimWorkload("vllm", "qwen3-4b-awq", 8000, 0.85, 20, 7781))],
             seed=3,
             clock=clock,
+            live=live,
         ),
     ]
 

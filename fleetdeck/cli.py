@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.common = common  # type: ignore[attr-defined]
 
-    sub.add_parser("demo", parents=[common], help="open the dashboard on the built-in simulated fleet")
+    demo = sub.add_parser("demo", parents=[common], help="open the dashboard on the built-in simulated fleet")
+    demo.add_argument("--reset", action="store_true",
+                      help="end what the demo started and clear its folder (store, profiles, logs), then exit")
 
     gpus = sub.add_parser("gpus", parents=[common], help="one-shot snapshot of this host's GPUs (like nvidia-smi / gpustat)")
     gpus.add_argument("--json", action="store_true", help="print JSON")
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument("--store", required=True)
     backend.add_argument("--dir", required=True)
     backend.add_argument("--rate", type=float, default=4.0)
+    backend.add_argument("--owner", help="PID:CREATE_TIME of the dashboard; the backend ends when it is gone")
 
     from fleetdeck import commands
 
@@ -189,7 +192,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo-backend":
         from engine.router.demo import run_backend
 
-        return run_backend(Path(args.store), Path(args.dir), args.rate)
+        owner = None
+        if args.owner:
+            pid, _, created = args.owner.partition(":")
+            owner = (int(pid), float(created))
+        return run_backend(Path(args.store), Path(args.dir), args.rate, owner)
     return cmd_dashboard(args, demo=False)
 
 
@@ -277,7 +284,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.simulated:
         from fleet.simulated import demo_fleet
 
-        source = demo_fleet()[0]
+        live = None
+        if args.store:  # a simulated node with a store of its own holds what that store runs (the demo's node)
+            from engine.demo_home import DemoProcesses
+
+            live = DemoProcesses(Path(args.store), one_node=True)
+        source = demo_fleet(live=live)[0]
         if args.node_name:
             source.name = args.node_name
     else:
@@ -321,46 +333,116 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
         config = config.model_copy(update={"refresh_s": args.refresh})
     if args.read_only:
         config = config.model_copy(update={"read_only": True})
-
     if demo:
-        from store.paths import data_dir, state_dir
+        return _run_demo(args, config)
 
-        store_path = Path(args.store) if args.store else data_dir() / "demo.db"
-        router_config: Path | None = state_dir() / "demo" / "demo-router.toml"
-        config = config.model_copy(update={"adapter_roots": [state_dir() / "demo" / "adapters"]})
+    from store.paths import default_router_config
+
+    def factory() -> list:
+        from fleet.source import LocalNode
+
+        return [LocalNode(), *remote_sources(config)]
+
+    from tui.app import AppOptions
+
+    return _run_app(AppOptions(sources_factory=factory, store_path=_store_path(args), config=config,
+                               router_config=default_router_config(), watch_terminal=True), config)
+
+
+def _run_demo(args: argparse.Namespace, config: Any) -> int:
+    """`fleetdeck demo`: the dashboard on simulated nodes, with the demo's own folder (engine/demo_home.py)."""
+    from engine.demo_home import DemoBusy, DemoHome, DemoProcesses, stop_everything
+
+    home = DemoHome.default()
+    if args.store:
+        return fail(f"the demo keeps its own store ({home.store}); --store is not for the demo "
+                    "(`fleetdeck demo --reset` clears it)")
+    try:
+        lock = home.lock()  # held until this process ends; an earlier demo's leftovers are ours to end
+    except DemoBusy as exc:
+        return fail(str(exc))
+    try:
+        if args.reset:
+            ended = home.reset()
+            print(f"fleetdeck: demo cleared ({home.root} removed" + (f"; ended {', '.join(ended)}" if ended else "")
+                  + "). `fleetdeck demo` starts it afresh.")
+            return 0
+        ended = home.end_leftovers()
+        notice = None
+        if ended:
+            notice = f"An earlier demo had left these running; they were ended: {', '.join(ended)}"
+            print(f"fleetdeck: {notice}", file=sys.stderr)
+        home.prepare()
+        remote_store = home.root / "sim-remote-04.db"
+        config = config.model_copy(update={"adapter_roots": [home.adapters]})
+        live = DemoProcesses(home.store)
 
         def factory() -> list:
             from fleet.remote import RemoteNode
             from fleet.simulated import demo_fleet
 
             # A fourth node behind the real agent protocol (over a pipe, not SSH) that drops every
-            # 45 s and is reconnected with backoff, as a flaky remote node would be.
-            flaky = RemoteNode("sim-remote-04", [sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated",
-                                                 "--node-name", "sim-remote-04", "--exit-after", "45"],
-                               backoff_s=(3.0, 10.0))
+            # 45 s and is reconnected with backoff, as a flaky remote node would be. Its own store (and,
+            # through the environment, the demo's profiles and log folder), as a node has its own.
+            agent = ["env", f"FLEETDECK_PROFILES={home.profiles}", f"XDG_STATE_HOME={home.root / 'sim-remote-04'}",
+                     sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "sim-remote-04",
+                     "--exit-after", "45", "--store", str(remote_store)]
+            flaky = RemoteNode("sim-remote-04", agent, backoff_s=(3.0, 10.0))
             flaky.simulated = True
-            return [*demo_fleet(), flaky]
-    else:
-        from store.paths import default_router_config
+            return [*demo_fleet(live=live), flaky]
 
-        store_path = _store_path(args)
-        router_config = default_router_config()
+        def end_demo() -> None:
+            """Everything the demo started, helpers first (the backend stops its own servers and job), then
+            whatever is still live in the demo's stores (what the operator started from its dialogs)."""
+            try:  # the terminal may be gone (a hangup): then there is no one to tell
+                print("fleetdeck: ending the demo's backend, proxy, simulated servers and jobs…", file=sys.stderr,
+                      flush=True)
+            except OSError:
+                pass
+            home.helpers.end_all(timeout=30.0)  # the backend stops the proxy, its servers and its job first
+            from store.db import open_store
 
-        def factory() -> list:
-            from fleet.source import LocalNode
+            for path in (home.store, remote_store):
+                if path.exists():
+                    store = open_store(path)
+                    try:
+                        stop_everything(store)
+                    finally:
+                        store.close()
 
-            return [LocalNode(), *remote_sources(config)]
+        from tui.app import AppOptions
 
-    from tui.app import AppOptions, FleetDeckApp
+        options = AppOptions(sources_factory=factory, store_path=home.store, config=config, simulated=True,
+                             router_config=home.router_config, demo_backend=True, demo_home=home,
+                             folders=home.folders(), end_helpers=end_demo, watch_terminal=True, start_notice=notice)
+        try:
+            return _run_app(options, config)
+        finally:
+            live.close()
+    finally:
+        os.close(lock)
 
-    app = FleetDeckApp(AppOptions(sources_factory=factory, store_path=store_path, config=config, simulated=demo,
-                                  router_config=router_config, demo_backend=demo))
+
+def _run_app(options: Any, config: Any) -> int:
+    """Run the dashboard; whatever ends it (q, SIGHUP, SIGTERM, a lost terminal, an error), what it
+    started for itself is ended before this returns (options.end_helpers, through app.end_helpers)."""
+    import signal
+
     from engine import audit
+    from tui.app import FleetDeckApp
 
-    with audit.session(store_path, "tui", read_only=config.read_only, key_file=config.audit.key_file,
+    app = FleetDeckApp(options)
+    # Python-level handlers (not the event loop's: those are taken down when the loop closes, and a
+    # second SIGHUP would then kill the process halfway through ending its helpers).
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: app.terminal_lost())
+    with audit.session(options.store_path, "tui", read_only=config.read_only, key_file=config.audit.key_file,
                        syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
-        app.run()
-    return 0
+        try:
+            app.run()
+        finally:
+            app.end_helpers()
+    return app.return_code or 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,19 +8,24 @@ the poller collected and render it when they come back), the way Dolphie keeps q
 from __future__ import annotations
 
 import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from engine.folders import Folders
 from fleet.config import FleetConfig
 from fleet.poller import FleetPoller
 from fleet.source import NodeSource
 from tui.screens.base import StatusLine
+
+if TYPE_CHECKING:
+    from engine.demo_home import DemoHome
 
 
 @dataclass
@@ -33,6 +38,13 @@ class AppOptions:
     show_clock: bool = True  # snapshot tests turn the clock off
     router_config: Path | None = None  # pricing, tasks and drift windows for the Router and Cost screens
     demo_backend: bool = False  # `fleetdeck demo`: start simulated router traffic beside the dashboard
+    demo_home: DemoHome | None = None  # `fleetdeck demo`: its folder and helper record
+    folders: Folders = field(default_factory=Folders)  # where the start dialogs find profiles and specs
+    # Ends what the dashboard started for itself (the demo's backend and all under it); called once, on
+    # any exit: q, SIGHUP, SIGTERM, the terminal gone.
+    end_helpers: Callable[[], object] | None = None
+    watch_terminal: bool = False  # a real terminal: SIGHUP/SIGTERM and a hung-up stdin end the dashboard
+    start_notice: str | None = None  # said once the dashboard is up (e.g. an earlier demo's leftovers ended)
 
 
 def _screen(module: str, cls: str) -> Callable[[], Screen]:
@@ -103,14 +115,100 @@ class FleetDeckApp(App[None]):
         self._polling = False
         self.status_text = "starting…"
         self.drifting: set[str] = set()
-        self._demo_proc = None
+        self._demo_proc: Any = None
+        self._ending = False
+        self._ending_lock = threading.Lock()
+        self._ender: threading.Thread | None = None
+        self._loop_ref: Any = None
+        self._exit_asked = False
+        self._exit_thread_started = False
         self.sub_title = socket.gethostname()
         self._flashes: list[tuple[float, object]] = []  # (monotonic expiry, Text): what the flash line shows
 
     def on_mount(self) -> None:
         if self.options.simulated:
             self.sub_title = "SIMULATED FLEET"
+        if self.options.watch_terminal:
+            self._watch_terminal()
         self.call_after_refresh(self._start)
+
+    # -- lifetime -------------------------------------------------------------------------------
+    # The ending runs in a thread of its own, once, whatever asks for it first: a signal, the terminal
+    # watch, or `fleetdeck` after the app returns (which waits for it). It never depends on the app's
+    # own loop or exit, which a dead terminal can stall.
+    def _watch_terminal(self) -> None:
+        """A stdin that hangs up without a signal (the terminal gone) ends the dashboard like SIGHUP.
+        SIGHUP and SIGTERM themselves are caught by `fleetdeck` (fleetdeck/cli.py:_run_app), which calls
+        terminal_lost()."""
+        import asyncio
+        import os
+        import sys
+
+        self._loop_ref = asyncio.get_running_loop()
+        if self._exit_asked:
+            self.exit(return_code=129)
+            return
+        stdin = sys.__stdin__
+        if stdin is not None and os.isatty(stdin.fileno()):
+            fd = stdin.fileno()
+
+            def watch() -> None:
+                import select
+
+                poll = select.poll()
+                poll.register(fd, 0)  # no events asked: only POLLHUP/POLLERR/POLLNVAL come back, no input is taken
+                while not self._ending:
+                    if poll.poll(500):
+                        self.terminal_lost()
+                        return
+
+            threading.Thread(target=watch, name="terminal-watch", daemon=True).start()
+
+    def terminal_lost(self) -> None:
+        """The terminal is gone (SIGHUP, a hung-up stdin) or the process was asked to end (SIGTERM): end
+        the helpers, then the app; safe from a signal handler or any thread. Should the app's exit hang on
+        a dead terminal, the process ends once the helpers are gone."""
+        import os
+
+        ender = self.begin_ending()
+
+        def then_exit() -> None:
+            if ender is not None:
+                ender.join()
+            loop = self._loop_ref
+            if loop is None:
+                self._exit_asked = True  # not mounted yet: it exits as it mounts
+            else:
+                try:
+                    loop.call_soon_threadsafe(lambda: self.exit(return_code=129))
+                except RuntimeError:  # the loop has already closed: the app is on its way out
+                    pass
+            threading.Event().wait(10.0)
+            os._exit(129)
+
+        if not self._exit_thread_started:
+            self._exit_thread_started = True
+            threading.Thread(target=then_exit, name="hangup-exit", daemon=True).start()
+
+    def begin_ending(self) -> threading.Thread | None:
+        """Start ending what this dashboard started for itself (once; later calls return the same
+        thread); no helper starts after this."""
+        with self._ending_lock:
+            if self._ending:
+                return self._ender
+            self._ending = True
+            if self.options.end_helpers is None:
+                return None
+            # Not a daemon: the interpreter waits for it, so an exit cannot cut the ending short.
+            self._ender = threading.Thread(target=self.options.end_helpers, name="end-helpers")
+            self._ender.start()
+            return self._ender
+
+    def end_helpers(self) -> None:
+        """End what this dashboard started for itself, and wait until it has ended."""
+        ender = self.begin_ending()
+        if ender is not None:
+            ender.join()
 
     def _start(self) -> None:
         self._open_sources()
@@ -134,7 +232,7 @@ class FleetDeckApp(App[None]):
         self.poller.sources = sources
         self.poller.store = store
         self.store = store
-        if self.options.demo_backend and store is not None:
+        if self.options.demo_backend and self.options.demo_home is not None and store is not None:
             self._start_demo_backend(store.path)
         if store is not None:
             try:
@@ -146,17 +244,30 @@ class FleetDeckApp(App[None]):
         self.call_from_thread(self._sources_ready, error)
 
     def _start_demo_backend(self, store_path: Path) -> None:
-        """`fleetdeck demo`: simulated SLM/frontier servers and the real proxy, in their own processes."""
+        """`fleetdeck demo`: simulated servers, a fine-tune, simulated SLM/frontier upstreams and the real
+        proxy, in a process group of their own (no terminal signal reaches them: the dashboard ends them,
+        by the pid and create time recorded in the demo's helper record; and the backend ends itself if
+        the dashboard is gone)."""
+        import os
         import subprocess
         import sys
 
-        workdir = self.options.router_config.parent if self.options.router_config else store_path.parent
-        workdir.mkdir(parents=True, exist_ok=True)
-        log = open(workdir / "demo-backend.log", "ab")
-        self._demo_proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetdeck", "demo-backend", "--store", str(store_path), "--dir", str(workdir)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
+        import psutil
+
+        home = self.options.demo_home
+        assert home is not None  # only started for `fleetdeck demo`, which gives its folder
+        home.backend.mkdir(parents=True, exist_ok=True)
+        me = psutil.Process(os.getpid())
+        with self._ending_lock:
+            if self._ending:
+                return  # the dashboard is already going: nothing new starts
+            with open(home.backend / "demo-backend.log", "ab") as log:
+                self._demo_proc = subprocess.Popen(
+                    [sys.executable, "-m", "fleetdeck", "demo-backend", "--store", str(store_path), "--dir", str(home.root),
+                     "--owner", f"{me.pid}:{me.create_time()}"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                )
+            home.helpers.add(self._demo_proc.pid, "demo backend", group=True)
 
     @work(thread=True, exclusive=True, group="drift")
     def check_drift(self) -> None:
@@ -190,6 +301,8 @@ class FleetDeckApp(App[None]):
 
     def _sources_ready(self, store_error: str | None) -> None:
         self.store_error = store_error
+        if self.options.start_notice:
+            self.notify(self.options.start_notice, title="Demo", timeout=15)
         if store_error:
             self.notify(store_error + "\nThe dashboard keeps running without history.", severity="error", timeout=15)
         if self.options.poll:
@@ -363,8 +476,8 @@ class FleetDeckApp(App[None]):
             show(self.live_flashes())
 
     def on_unmount(self) -> None:
-        if self._demo_proc is not None and self._demo_proc.poll() is None:
-            self._demo_proc.terminate()
+        # The helpers are ended by end_helpers(), which `fleetdeck` calls once the terminal is restored
+        # (so quitting never shows a frozen screen while the demo's servers stop).
         self.poller.close()
         if self.store is not None:
             self.store.close()

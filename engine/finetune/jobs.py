@@ -143,26 +143,28 @@ class SlurmRequest:
 
 def start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None = None,
           force: bool = False, adapter_root: Path | None = None, node: str | None = None,
-          slurm: SlurmRequest | None = None) -> JobRecord:
+          slurm: SlurmRequest | None = None, jobs_dir: Path | None = None) -> JobRecord:
+    """`jobs_dir`: where the job's own folder goes (default: the state dir's jobs/; the demo has its own)."""
     where = f"slurm:{slurm.gpus}" if slurm else (",".join(map(str, gpus)) if gpus else "cpu")
     with audit.audited("job.start", spec.name, refusals=(JobError, ValueError), spec=spec.name, gpus=where,
                        force=force) as entry:
         if slurm is not None:
-            rec = _submit(store, spec, slurm, force=force, adapter_root=adapter_root)
+            rec = _submit(store, spec, slurm, force=force, adapter_root=adapter_root, jobs_dir=jobs_dir)
             entry.target = entry.params["job"] = rec.id
             return rec
-        rec = _start(store, spec, gpus, gpu_snapshots=gpu_snapshots, force=force, adapter_root=adapter_root, node=node)
+        rec = _start(store, spec, gpus, gpu_snapshots=gpu_snapshots, force=force, adapter_root=adapter_root, node=node,
+                     jobs_dir=jobs_dir)
         entry.target = entry.params["job"] = rec.id
         return rec
 
 
-def _prepare(spec: JobSpec, adapter_root: Path | None) -> tuple[str, Path, list[str]]:
+def _prepare(spec: JobSpec, adapter_root: Path | None, jobs_dir: Path | None = None) -> tuple[str, Path, list[str]]:
     """A new job's id, its private folder with the spec the runner reads, and the runner's argv."""
     from store.paths import private_dir, state_dir
 
     jid = f"ft-{spec.name}-{uuid.uuid4().hex[:6]}"
-    private_dir(state_dir() / "jobs")
-    workdir = private_dir(state_dir() / "jobs" / jid)
+    parent = private_dir(jobs_dir or state_dir() / "jobs")
+    workdir = private_dir(parent / jid)
     spec_path = workdir / "spec.json"
     with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
         fh.write(spec.model_dump_json(indent=2))
@@ -174,9 +176,9 @@ def _prepare(spec: JobSpec, adapter_root: Path | None) -> tuple[str, Path, list[
 
 
 def _start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None,
-           force: bool, adapter_root: Path | None, node: str | None) -> JobRecord:
+           force: bool, adapter_root: Path | None, node: str | None, jobs_dir: Path | None) -> JobRecord:
     preflight(spec, gpu_snapshots, force)
-    jid, workdir, argv = _prepare(spec, adapter_root)
+    jid, workdir, argv = _prepare(spec, adapter_root, jobs_dir)
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus) if gpus else ""}
     rec = JobRecord(id=jid, name=spec.name, node=node or socket.gethostname(), pid=None, create_time=None, argv=argv,
@@ -216,7 +218,8 @@ def start_transform(store: Store, kind: str, name: str, args: list[str], out: Pa
         return rec
 
 
-def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adapter_root: Path | None) -> JobRecord:
+def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adapter_root: Path | None,
+            jobs_dir: Path | None) -> JobRecord:
     """The same runner, as a Slurm batch job: GPUs, time limit and the checkpoint signal asked of sbatch."""
     from engine import slurm
 
@@ -229,7 +232,7 @@ def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adap
                        "max_seq_length, or --force")
     if not 1 <= req.gpus <= 64:
         raise JobError(f"--gpus for Slurm is a count (1-64), got {req.gpus}")
-    jid, workdir, argv = _prepare(spec, adapter_root)
+    jid, workdir, argv = _prepare(spec, adapter_root, jobs_dir)
     options = slurm.sbatch_args(req.settings, name=f"fleetdeck-{jid}", output=workdir / "job.log", gpus=req.gpus,
                                 partition=req.partition, time_limit=req.time_limit,
                                 signal_before_s=req.settings.signal_before_s, workdir=workdir,

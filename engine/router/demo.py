@@ -4,7 +4,9 @@
 rollups with months of history (one task drifting in the last hours), serves a simulated vLLM-shaped
 SLM and a simulated frontier on loopback (labelled simulated in every answer), starts the real
 `fleetdeck proxy` in front of them, and sends a few requests a second through it, so the ledger fills
-the way it does in production. Nothing here is imported by the dashboard.
+the way it does in production. It also starts the demo's three simulated servers and its fine-tune
+(engine/vllm/demo.py), and on its way out ends all of it (see `run_backend`). Nothing here is imported
+by the dashboard.
 """
 
 from __future__ import annotations
@@ -193,43 +195,70 @@ def demo_router_toml(upstream: str, port: int) -> str:
     return "\n".join(lines)
 
 
-def run_backend(store_path: Path, workdir: Path, rate_per_s: float = 4.0) -> int:
+def run_backend(store_path: Path, home_dir: Path, rate_per_s: float = 4.0,
+                owner: tuple[int, float] | None = None) -> int:
+    """The demo's backend, until SIGTERM or until its dashboard (`owner`: pid and create time) is gone.
+
+    It records the proxy it starts among the dashboard's helpers; when it ends, it ends the proxy and
+    stops every server and job in the demo's store (the ones it started and the ones the operator
+    started from the demo's dialogs)."""
     import httpx
     import uvicorn
 
+    from engine import managed
+    from engine.demo_home import DemoHome, DemoProcesses, stop_everything
+    from engine.vllm.demo import DEMO_NODE, start_demo_job, start_demo_servers
+    from fleet.simulated import demo_fleet
     from store.db import open_store
 
+    home = DemoHome(home_dir)
+    home.prepare()
+    workdir = home.backend
     workdir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: stop.set())
+    if owner is not None:
+        def watch_owner() -> None:  # a dashboard killed outright (SIGKILL) cannot end us: we notice
+            while not stop.wait(1.0):
+                if not managed.alive(*owner):
+                    stop.set()
+        threading.Thread(target=watch_owner, daemon=True).start()
+
     now = time.time()
     store = open_store(store_path)
     marker = store.execute("SELECT count(*) FROM rollup_hour")[0][0]
     if not marker:
         backfill(store, now)
-    from engine.vllm.demo import start_demo_job, start_demo_servers, stop_demo_servers
-
-    servers = start_demo_servers(store, workdir)
-    job = start_demo_job(store, workdir)
-
-    up_port = free_port()
-    server = uvicorn.Server(uvicorn.Config(sim_upstream_app(now - 3 * 3600), host="127.0.0.1", port=up_port,
-                                           log_level="error", access_log=False))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    proxy_port = free_port()
-    cfg = workdir / "demo-router.toml"
-    cfg.write_text(demo_router_toml(f"http://127.0.0.1:{up_port}", proxy_port))
-    env = dict(os.environ, FLEETDECK_DEMO_FRONTIER_KEY="simulated", LITELLM_LOCAL_MODEL_COST_MAP="True")
-    proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--store", str(store_path)],
-                             stdout=subprocess.DEVNULL, stderr=open(workdir / "demo-proxy.log", "ab"), env=env)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    rng = random.Random(5)
-    weights = [t.requests_per_hour for t in DEMO_TASKS]
-    url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+    # The GPUs as the dashboard sees them (what already runs there included), for the planner.
+    live = DemoProcesses(store_path, max_age_s=0.0)
+    node = next(n for n in demo_fleet(live=live) if n.name == DEMO_NODE)
+    proxy = None
+    server = None
     try:
-        with httpx.Client(timeout=30, trust_env=False) as client:
-            while not stop.is_set() and proxy.poll() is None:
+        if not stop.is_set():
+            start_demo_servers(store, home, lambda i: node.snapshot().gpus[i])
+        if not stop.is_set():
+            start_demo_job(store, home, lambda i: node.snapshot().gpus[i])
+        up_port = free_port()
+        server = uvicorn.Server(uvicorn.Config(sim_upstream_app(now - 3 * 3600), host="127.0.0.1", port=up_port,
+                                               log_level="error", access_log=False))
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started and not stop.is_set():
+            time.sleep(0.05)
+        proxy_port = free_port()
+        cfg = home.router_config
+        cfg.write_text(demo_router_toml(f"http://127.0.0.1:{up_port}", proxy_port))
+        env = dict(os.environ, FLEETDECK_DEMO_FRONTIER_KEY="simulated", LITELLM_LOCAL_MODEL_COST_MAP="True")
+        if not stop.is_set():
+            proxy = subprocess.Popen([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--store", str(store_path)],
+                                     stdout=subprocess.DEVNULL, stderr=open(workdir / "demo-proxy.log", "ab"), env=env)
+            home.helpers.add(proxy.pid, "demo proxy")
+        rng = random.Random(5)
+        weights = [t.requests_per_hour for t in DEMO_TASKS]
+        url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+        with httpx.Client(timeout=5, trust_env=False) as client:  # short: SIGTERM is seen between requests
+            while not stop.is_set() and proxy is not None and proxy.poll() is None:
                 task = rng.choices(DEMO_TASKS, weights)[0]
                 try:
                     client.post(url, json={"model": task.name, "messages": [{"role": "user", "content": "simulated request"}]})
@@ -237,15 +266,11 @@ def run_backend(store_path: Path, workdir: Path, rate_per_s: float = 4.0) -> int
                     pass  # the proxy is still starting
                 stop.wait(rng.expovariate(rate_per_s))
     finally:
-        stop_child(proxy, timeout=15)
-        server.should_exit = True
-        stop_demo_servers(store, servers)
-        from engine.finetune import jobs
-
-        jobs.cancel(store, jobs.get(store, job.id), timeout=5)
+        if proxy is not None:
+            stop_child(proxy, timeout=15)
+        if server is not None:
+            server.should_exit = True
+        stop_everything(store)
+        live.close()
         store.close()
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(run_backend(Path(sys.argv[1]), Path(sys.argv[2])))

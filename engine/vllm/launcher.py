@@ -391,6 +391,11 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     alive = rec.alive()
     lost = engine_lost(rec) if alive else None
     if not alive:
+        # A stop may have ended it since this copy of the record was read (the Servers screen refreshes
+        # while an operator stops): the stop's record stands, it is not a crash.
+        stored = managed.find(store, ServerRecord, rec.id)
+        if stored is not None and stored.state in ("stopped", "crashed"):
+            return stored
         rec.state = "crashed"
         rec.ended_at = rec.ended_at or time.time()
         d = diagnose(tail(rec.log_path, 200))
@@ -436,7 +441,8 @@ def prune(store: Store) -> list[ServerRecord]:
 def stop(store: Store, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord:
     """SIGTERM the server's process group, then SIGKILL after the timeout."""
     with audit.audited("server.stop", rec.id, server=rec.id):
-        return _stop(store, rec, timeout)
+        # Refreshed first: a server that crashed since it was last looked at keeps its diagnosis.
+        return _stop(store, refresh(store, rec), timeout)
 
 
 def _stop(store: Store, rec: ServerRecord, timeout: float) -> ServerRecord:
@@ -450,9 +456,14 @@ def _stop(store: Store, rec: ServerRecord, timeout: float) -> ServerRecord:
             raise LaunchError(f"cannot stop Slurm job {rec.slurm.id}: {exc}") from exc
     else:
         rec.terminate(timeout, whole_group=True)
-    rec.state = "stopped"
-    rec.ended_at = time.time()
-    rec.reason = "stopped by the operator"
+    if rec.state == "crashed":
+        # What is left of a crashed server (an API process whose engine died) is ended, but the record
+        # stays what it was: the crash and its diagnosis are the history an operator needs.
+        rec.ended_at = rec.ended_at or time.time()
+    else:
+        rec.state = "stopped"
+        rec.ended_at = time.time()
+        rec.reason = "stopped by the operator"
     rec.save(store)
     return rec
 

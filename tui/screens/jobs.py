@@ -96,7 +96,7 @@ class JobsScreen(PolledScreen):
     def _local(self) -> Any:
         from engine.node_ops import LocalOps
 
-        return LocalOps(self.store, list(self.app.options.config.adapter_roots))
+        return LocalOps(self.store, list(self.app.options.config.adapter_roots), folders=self.app.options.folders)
 
     def _show(self, recs: list[Any], events: dict[str, list[dict]]) -> None:
         self.loaded()
@@ -284,9 +284,9 @@ class StartJobScreen(DeckModal):
         self.specs: dict[str, Path] = {}
 
     def compose(self) -> ComposeResult:
-        from engine.finetune.spec import named_specs
+        from store.config_files import named_tomls
 
-        self.specs = named_specs()
+        self.specs = named_tomls(self.app.options.folders.spec_roots())
         with VerticalScroll(id="start-server"):
             yield Static("[b]Start a fine-tune[/b]  (Enter checks, ctrl+s starts, Esc cancels)")
             with Horizontal(classes="fit-row"):
@@ -294,26 +294,42 @@ class StartJobScreen(DeckModal):
                 yield Select([(n, n) for n in self.specs], id="job-spec", compact=True, prompt="job spec")
             with Horizontal(classes="fit-row"):
                 yield Label("GPU ", classes="fit-label")
-                yield Input(placeholder="0 (or cpu for the peft backend)", id="job-gpus", compact=True)
+                yield Input(placeholder="0 or node/index, e.g. sim-a10-02/1 (cpu: the peft backend)", id="job-gpus",
+                            compact=True)
             yield Static("", id="job-check")
 
-    def _inputs(self) -> tuple[Any, list[int] | None, list[Any] | None]:
+    def _inputs(self) -> tuple[Any, list[int] | None, list[Any] | None, str | None]:
+        """The spec, the GPU indices (None: CPU), their snapshots and the node they are on (GPUs without
+        a node name are the first node's)."""
         from engine.finetune.spec import load_spec
         from engine.vllm.profile import parse_gpus
 
         name = self.query_one("#job-spec", Select).value
         if not isinstance(name, str):
-            raise ValueError("pick a job spec (folders: ~/.config/fleetdeck/finetune, ./configs/finetune)")
+            folders = ", ".join(str(r) for r in self.app.options.folders.spec_roots())
+            raise ValueError(f"pick a job spec (folders: {folders})")
         spec = load_spec(self.specs[name])
         text = self.query_one("#job-gpus", Input).value.strip() or "cpu"
         if text.lower() == "cpu":
-            return spec, None, None
+            return spec, None, None, None
+        node = None
+        if "/" in text:
+            node, _, text = text.partition("/")
         indices = parse_gpus(text)
         poller = getattr(self.app, "poller", None)
-        snaps = []
-        if poller is not None and poller.latest:
-            snaps = next(iter(poller.latest.values())).gpus_at(indices)
-        return spec, indices, snaps or None
+        known = (poller.latest if poller is not None else None) or {}
+        if node is not None and node not in known:
+            raise ValueError(f"no node {node!r}; the fleet has {', '.join(sorted(known)) or 'no nodes yet'}")
+        from fleet.remote import RemoteNode
+
+        if any(isinstance(src, RemoteNode) and src.name == node for src in getattr(poller, "sources", [])):
+            raise ValueError(f"{node} is reached through its agent: `fleetdeck finetune start SPEC --node {node}` "
+                             "starts a fine-tune there")
+        node = node if node is not None else next(iter(known), None)
+        snaps = known[node].gpus_at(indices) if node is not None else []
+        if node is not None and len(snaps) != len(indices):
+            raise ValueError(f"no such GPU(s) {indices} on {node}")
+        return spec, indices, snaps or None, node
 
     @on(Input.Submitted)
     @on(Select.Changed)
@@ -328,7 +344,7 @@ class StartJobScreen(DeckModal):
 
         out = self.query_one("#job-check", Static)
         try:
-            spec, _, snaps = self.app.call_from_thread(self._inputs)
+            spec, _, snaps, _ = self.app.call_from_thread(self._inputs)
             report, estimate = jobs.preflight(spec, snaps, force=False)
         except (ValueError, ConfigError, jobs.JobError) as exc:
             self.app.call_from_thread(out.update, Text(str(exc), style="red"))
@@ -345,10 +361,11 @@ class StartJobScreen(DeckModal):
         from engine.finetune import jobs
 
         try:
-            spec, indices, snaps = self.app.call_from_thread(self._inputs)
+            spec, indices, snaps, node = self.app.call_from_thread(self._inputs)
             roots = list(self.app.options.config.adapter_roots)
             rec = jobs.start(self.app.store, spec, indices, gpu_snapshots=snaps,
-                             adapter_root=spec.adapter_root or (roots[0] if roots else None))
+                             adapter_root=spec.adapter_root or (roots[0] if roots else None), node=node,
+                             jobs_dir=self.app.options.folders.jobs)
         except Exception as exc:
             self.app.call_from_thread(self.query_one("#job-check", Static).update, Text(str(exc), style="red"))
             return

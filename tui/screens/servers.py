@@ -112,7 +112,8 @@ class ServersScreen(PolledScreen):
         from engine.node_ops import LocalOps
 
         if self._local_ops is None or self._local_ops.store is not self.store:
-            self._local_ops = LocalOps(self.store, list(self.app.options.config.adapter_roots), scrapes=self._scrapes)
+            self._local_ops = LocalOps(self.store, list(self.app.options.config.adapter_roots), scrapes=self._scrapes,
+                                       folders=self.app.options.folders)
         return self._local_ops
 
     def _error(self, message: str) -> None:
@@ -307,9 +308,9 @@ class StartServerScreen(DeckModal):
         self.models_of: str | None = "?"  # the node whose models the model list shows (None: this host)
 
     def compose(self) -> ComposeResult:
-        from engine.vllm.profile import named_profiles
+        from store.config_files import named_tomls
 
-        self.profiles = named_profiles()
+        self.profiles = named_tomls(self.app.options.folders.profile_roots())
         with VerticalScroll(id="start-server"):
             yield Static("[b]Start a vLLM server[/b]  (Enter plans, ctrl+s starts, Esc cancels)")
             with Horizontal(classes="fit-row"):
@@ -389,13 +390,15 @@ class StartServerScreen(DeckModal):
 
         poller = getattr(self.app, "poller", None)
         config = self.app.options.config
-        local = LocalOps(self.app.store, list(config.adapter_roots), model_roots=list(config.models.roots))
+        local = LocalOps(self.app.store, list(config.adapter_roots), model_roots=list(config.models.roots),
+                         folders=self.app.options.folders)
         return ops_named(getattr(poller, "sources", []), local, node)
 
     def _profile_name(self) -> str:
         name = self.query_one("#start-profile", Select).value
         if not isinstance(name, str):
-            raise ValueError("pick a profile (profile folders: ~/.config/fleetdeck/profiles, ./configs/profiles)")
+            folders = ", ".join(str(r) for r in self.app.options.folders.profile_roots())
+            raise ValueError(f"pick a profile (profile folders: {folders})")
         return name
 
     def _profile(self) -> Any:
@@ -458,11 +461,16 @@ class StartServerScreen(DeckModal):
             ops = self.app.call_from_thread(self._node_ops, node)
             name = self.app.call_from_thread(self._profile_name)
             model = self.app.call_from_thread(self._model)
-            message = ops.start_server(name, indices, gpu_snapshots=snaps, model=model)
+            message = ops.start_server(name, indices, gpu_snapshots=snaps, model=model, node=node or self._first_node())
         except Exception as exc:
             self.app.call_from_thread(self.query_one("#start-verdict", Static).update, Text(str(exc), style="red"))
             return
         self.app.call_from_thread(self.dismiss, message)
+
+    def _first_node(self) -> str | None:
+        """The node GPUs without a node name are on (the first one the poller knows, as `_gpus` plans)."""
+        known = getattr(getattr(self.app, "poller", None), "latest", None) or {}
+        return next(iter(known), None)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

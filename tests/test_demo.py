@@ -1,0 +1,346 @@
+"""`fleetdeck demo` is the product on simulated hardware: its own folder and store, its own profiles and
+specs in the start dialogs (run on the vLLM simulator and the simulated trainer), a Fleet that holds what
+its Servers and Jobs screens show, and a lifetime tied to its terminal.
+
+The dialogs are driven through Pilot on the demo's own folders (the backend is not started: each test
+starts what it needs through the dialogs or the engine). The lifetime test runs `fleetdeck demo` for real
+in a pseudo-terminal and hangs it up.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from textual.widgets import Input, Select, Static
+
+from engine import audit
+from engine.demo_home import DemoHome, DemoProcesses, stop_everything
+from engine.finetune import jobs
+from engine.vllm import launcher
+from engine.vllm.profile import load_profile
+from fleet.simulated import demo_fleet
+from store.db import open_store
+from tests.helpers import wait_for
+from tests.tui_helpers import press_and_confirm, ready, settle, static_text
+from tui.app import AppOptions, FleetDeckApp
+from tui.screens.jobs import JobsScreen, StartJobScreen
+from tui.screens.servers import ServersScreen, StartServerScreen
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(monkeypatch):
+    """The demo's folder (under the test's own XDG data dir), prepared; whatever the test started in its
+    store is stopped at the end, by its recorded pid and create time."""
+    monkeypatch.delenv("FLEETDECK_VLLM", raising=False)  # the demo's profiles name their own vLLM command
+    h = DemoHome.default()
+    h.prepare()
+    yield h
+    if h.store.exists():
+        store = open_store(h.store)
+        stop_everything(store)
+        store.close()
+
+
+def demo_app(home: DemoHome, live: DemoProcesses) -> FleetDeckApp:
+    from fleet.config import FleetConfig
+
+    return FleetDeckApp(AppOptions(sources_factory=lambda: demo_fleet(live=live), store_path=home.store,
+                                   config=FleetConfig(adapter_roots=[home.adapters]), simulated=True, poll=False,
+                                   show_clock=False, demo_home=home, folders=home.folders()))
+
+
+def test_the_demo_folder_holds_its_own_profiles_specs_and_models(home):
+    assert home.root.is_relative_to(Path(os.environ["XDG_DATA_HOME"]))
+    names = sorted(p.stem for p in home.profiles.glob("*.toml"))
+    assert names == ["llama-3.1-8b", "llama-3.2-3b", "mistral-7b-awq", "qwen3-8b"]
+    for name in names:  # each names a model folder the planner reads, and the simulator as its vLLM
+        profile = load_profile(home.profiles / f"{name}.toml")
+        assert (Path(profile.model) / "config.json").is_file()
+        assert profile.command()[1:] == ["-m", "engine.vllm.simulator"]
+    assert sorted(p.stem for p in home.specs.glob("*.toml")) == ["notes-v2", "tickets-v5"]
+
+
+async def test_start_a_server_from_the_demo_dialog_and_see_it_on_its_gpu(home):
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    app = demo_app(home, live)
+    with audit.session(home.store, "tui"):
+        async with app.run_test(size=(120, 34)) as pilot:
+            await ready(app, pilot)
+            await pilot.press("3")
+            await settle(app, pilot)
+            await pilot.press("s")
+            await pilot.pause()
+            dialog = app.screen
+            assert isinstance(dialog, StartServerScreen)
+            assert sorted(dialog.profiles) == ["llama-3.1-8b", "llama-3.2-3b", "mistral-7b-awq", "qwen3-8b"]
+            dialog.query_one("#start-gpus", Input).value = "sim-a10-02/0"
+            dialog.query_one("#start-profile", Select).value = "qwen3-8b"  # 32k context does not fit an A10
+            await settle(app, pilot)
+            assert "max model length 32768 is larger than the KV cache" in static_text(dialog.query_one("#start-verdict", Static))
+            dialog.query_one("#start-profile", Select).value = "llama-3.2-3b"
+            await settle(app, pilot)
+            await pilot.press("ctrl+s")
+            await settle(app, pilot, 5)
+            assert not isinstance(app.screen, StartServerScreen), static_text(dialog.query_one("#start-verdict", Static))
+            store = open_store(home.store)
+            (rec,) = launcher.list_servers(store)
+            assert (rec.node, rec.gpus, rec.name) == ("sim-a10-02", "0", "llama-3.2-3b")
+            assert Path(rec.log_path).parent == home.server_logs  # the demo's logs stay in the demo's folder
+            assert launcher.wait_ready(store, rec, timeout=60, poll=0.2).state == "ready"
+            app.poll_once_sync()
+            gpu = next(g for g in app.poller.latest["sim-a10-02"].gpus if g.index == 0)
+            (proc,) = gpu.processes  # the server's own process, holding what vLLM would take of the GPU
+            assert (proc.pid, proc.kind, proc.model) == (rec.pid, "vllm", "llama-3.2-3b")
+            assert proc.gpu_memory_bytes == int(gpu.memory_total_bytes * 0.9)
+            other = next(g for g in app.poller.latest["sim-a10-02"].gpus if g.index == 1)
+            assert other.processes == []  # nothing on the Fleet that Servers and Jobs do not show
+    live.close()
+
+
+async def test_restart_of_a_crashed_demo_server_keeps_the_crash_in_history(home, monkeypatch):
+    store = open_store(home.store)
+    monkeypatch.setenv("FLEETDECK_SIM_CRASH", "oom_weights")  # this run dies as vLLM does when out of memory
+    crashed, _ = launcher.start(store, load_profile(home.profiles / "llama-3.1-8b.toml"), [3], force=True,
+                                node="sim-h100-01", log_dir=home.server_logs)
+    assert wait_for(lambda: launcher.refresh(store, launcher.get(store, crashed.id)).state == "crashed", timeout=60)
+    monkeypatch.delenv("FLEETDECK_SIM_CRASH")
+    diagnosis = launcher.get(store, crashed.id).reason
+    assert "CUDA ran out of memory" in diagnosis
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    app = demo_app(home, live)
+    with audit.session(home.store, "tui"):
+        async with app.run_test(size=(120, 34)) as pilot:
+            await ready(app, pilot)
+            await pilot.press("3")
+            await settle(app, pilot)
+            assert isinstance(app.screen, ServersScreen)
+            assert "CUDA ran out of memory" in static_text(app.screen.query_one("#servers-detail", Static))
+            await press_and_confirm(app, pilot, "r")
+            await settle(app, pilot, 5)
+    old, new = launcher.list_servers(store)
+    assert old.id == crashed.id and (old.state, old.reason) == ("crashed", diagnosis)
+    assert (new.name, new.node, new.gpus) == ("llama-3.1-8b", "sim-h100-01", "3") and new.state in ("starting", "ready")
+    assert launcher.wait_ready(store, new, timeout=60, poll=0.2).state == "ready"
+    actions = [(r["action"], r["target"], r["outcome"]) for r in reversed(audit.query(store))]
+    assert actions == [("server.start", new.id, "done")]  # the restart started a new run and stopped nothing
+    live.close()
+
+
+async def test_start_cancel_and_resume_a_demo_fine_tune_from_the_keyboard(home):
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    app = demo_app(home, live)
+    store = open_store(home.store)
+    with audit.session(home.store, "tui"):
+        async with app.run_test(size=(120, 34)) as pilot:
+            await ready(app, pilot)
+            await pilot.press("4")
+            await settle(app, pilot)
+            await pilot.press("s")
+            await pilot.pause()
+            dialog = app.screen
+            assert isinstance(dialog, StartJobScreen)
+            assert sorted(dialog.specs) == ["notes-v2", "tickets-v5"]
+            dialog.query_one("#job-gpus", Input).value = "sim-a10-02/1"
+            dialog.query_one("#job-spec", Select).value = "notes-v2"
+            await settle(app, pilot)
+            assert "200 examples (chat)" in static_text(dialog.query_one("#job-check", Static))
+            await pilot.press("ctrl+s")
+            await settle(app, pilot, 5)
+            (rec,) = jobs.list_jobs(store)
+            assert (rec.node, rec.gpus, rec.spec["backend"]) == ("sim-a10-02", "1", "simulated")
+            assert Path(rec.workdir).parent == home.jobs
+            assert wait_for(lambda: jobs.last_step(rec) is not None, timeout=30)
+            app.poll_once_sync()
+            (proc,) = next(g for g in app.poller.latest["sim-a10-02"].gpus if g.index == 1).processes
+            assert (proc.pid, proc.kind) == (rec.pid, "finetune")
+            screen = app.screen
+            assert isinstance(screen, JobsScreen)
+            screen.reload()
+            await settle(app, pilot)
+            await press_and_confirm(app, pilot, "c")
+            for _ in range(40):
+                await settle(app, pilot)
+                if jobs.refresh(store, jobs.get(store, rec.id)).state == "cancelled":
+                    break
+            assert jobs.get(store, rec.id).state == "cancelled"
+            screen.reload()
+            await settle(app, pilot)
+            await pilot.press("r")
+            await settle(app, pilot, 5)
+            assert jobs.get(store, rec.id).state == "running"
+    actions = [(r["action"], r["outcome"]) for r in reversed(audit.query(store))]
+    assert actions == [("job.start", "done"), ("job.cancel", "done"), ("job.resume", "done")]
+    live.close()
+
+
+def test_reset_ends_what_the_demo_started_and_clears_its_folder(home, capsys):
+    from fleetdeck.cli import main
+
+    store = open_store(home.store)
+    rec, _ = launcher.start(store, load_profile(home.profiles / "llama-3.2-3b.toml"), [0], force=True,
+                            node="sim-ws-4090", log_dir=home.server_logs)
+    store.close()
+    assert main(["demo", "--store", str(home.root / "other.db")]) == 2
+    assert "the demo keeps its own store" in capsys.readouterr().err
+    assert main(["demo", "--reset"]) == 0
+    out = capsys.readouterr().out
+    assert f"server {rec.id} (pid {rec.pid})" in out and "removed" in out
+    assert not home.root.exists()
+    assert not rec.alive()
+
+
+def test_one_demo_at_a_time(home):
+    from engine.demo_home import DemoBusy
+
+    held = home.lock()
+    try:
+        probe = subprocess.run([sys.executable, "-c", "from engine.demo_home import DemoHome; DemoHome.default().lock()"],
+                               capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert probe.returncode != 0 and DemoBusy.__name__ in probe.stderr and f"pid {os.getpid()}" in probe.stderr
+    finally:
+        os.close(held)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_a_hangup_ends_everything_the_demo_started(tmp_path):
+    """`fleetdeck demo` in a real pseudo-terminal, hung up (SIGHUP, as when the SSH session drops): none of
+    the processes it started, recorded as its process tree while it ran, is left."""
+    env = {**os.environ, "XDG_DATA_HOME": os.environ["XDG_DATA_HOME"], "PYTHONPATH": str(ROOT), "TERM": "xterm-256color",
+           "COLUMNS": "80", "LINES": "24"}
+    env.pop("FLEETDECK_VLLM", None)
+    home = DemoHome.default()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the demo, on the pty as its terminal
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, "-m", "fleetdeck", "demo"], env)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        def drain() -> None:
+            import select
+
+            while select.select([fd], [], [], 0)[0]:
+                try:
+                    os.read(fd, 65536)  # the dashboard's frames: read so that it never blocks writing
+                except OSError:
+                    return
+
+        def started() -> bool:
+            drain()
+            for p in _tree(pid):
+                seen.setdefault(p.pid, p)
+            if not home.store.exists():
+                return False
+            store = open_store(home.store)
+            try:
+                servers = [r for r in launcher.list_servers(store) if r.alive()]
+                running = [j for j in jobs.list_jobs(store) if j.alive()]
+            finally:
+                store.close()
+            kinds = {" ".join(p.cmdline()[1:4]) for p in seen.values() if _running(p)}
+            return len(servers) >= 2 and running and any("fleetdeck proxy" in k for k in kinds)
+
+        assert wait_for(started, timeout=180, step=0.5), "the demo did not start its backend, servers, job and proxy"
+        helpers = [p for p in seen.values() if p.pid != pid]
+        assert len(helpers) >= 6  # backend, proxy, three simulators, the fine-tune, the remote node's agent
+        os.kill(pid, signal.SIGHUP)
+        os.close(fd)  # and the terminal goes, as it does when the session drops
+        fd = -1
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status), status  # it caught the hangup and ended itself (not killed by the signal)
+        gone = wait_for(lambda: not any(_running(p) for p in helpers), timeout=60, step=0.2)
+        assert gone, f"left running: {[p.pid for p in helpers if _running(p)]}"
+        assert not home.helpers.path.exists()  # the record of helpers is emptied as they end
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        for p in [*seen.values()]:  # only what this test started (psutil checks each pid's create time)
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def test_a_new_demo_ends_what_an_earlier_one_left_by_pid_and_create_time(home):
+    """A demo killed outright (SIGKILL) leaves its helpers; the next one ends them, but only the processes
+    recorded: a recorded pid that now belongs to another process (its create time differs) is left alone."""
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        assert home.helpers.add(left.pid, "demo backend", group=True) is not None
+        # This test's own process, as if its pid had been recorded for an earlier process: never signalled.
+        mine = psutil.Process(os.getpid())
+        with open(home.helpers.path, "a") as fh:
+            fh.write(f'{{"pid": {mine.pid}, "create_time": {mine.create_time() - 100}, "what": "reused pid", "group": false}}\n')
+        ended = home.end_leftovers()
+        assert ended == [f"demo backend (pid {left.pid})"]
+        assert left.wait(timeout=30) is not None
+        assert psutil.pid_exists(os.getpid()) and not home.helpers.path.exists()
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
+
+
+async def test_swap_an_adapter_in_a_demo_server_from_the_keyboard(home):
+    from textual.widgets import DataTable
+
+    from tui.screens.servers import AdaptersScreen
+
+    store = open_store(home.store)
+    rec, _ = launcher.start(store, load_profile(home.profiles / "mistral-7b-awq.toml"), [0], force=True,
+                            node="sim-h100-01", log_dir=home.server_logs, adapter_roots=[home.adapters])
+    assert launcher.wait_ready(store, rec, timeout=60, poll=0.2).state == "ready"
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    app = demo_app(home, live)
+    with audit.session(home.store, "tui"):
+        async with app.run_test(size=(120, 34)) as pilot:
+            await ready(app, pilot)
+            await pilot.press("3")
+            await settle(app, pilot)
+            await pilot.press("a")
+            await settle(app, pilot, 4)
+            panel = app.screen
+            assert isinstance(panel, AdaptersScreen)
+            for _ in range(40):  # the listing is read in a worker
+                if panel.disk:
+                    break
+                await settle(app, pilot, 1)
+            assert panel.loaded_names == ["tickets-v3"], static_text(panel.query_one("#adapters-message", Static))  # preloaded
+            disk = panel.query_one("#adapters-disk", DataTable)
+            assert str(disk.get_cell("notes-v1", disk.ordered_columns[-1].key)) == "no"  # trained on Qwen3-8B
+            disk.move_cursor(row=disk.get_row_index("tickets-v4"))
+            await pilot.press("tab")  # to the loaded list, where tickets-v3 is highlighted
+            await press_and_confirm(app, pilot, "w")
+            for _ in range(40):
+                await settle(app, pilot, 1)
+                if panel.loaded_names == ["tickets-v4"]:
+                    break
+            assert panel.loaded_names == ["tickets-v4"] and "tickets-v3 unloaded" in panel.last_message
+    live.close()
