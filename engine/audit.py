@@ -278,56 +278,81 @@ def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], di
            rehearse: bool = False, create_key: bool = True) -> dict[str, Any]:
     """Append the record `make` builds (it may first change the store in the same transaction), keyed,
     chained and anchored, under the checkpoint's lock; or, rehearsing, do all of it and roll it back.
-    The next checkpoint is written beside the old one before the commit (a full or read-only folder
-    refuses the record) and moved into place after it.
+    Two-phase (engine/audit_anchor.py): the next checkpoint is written durably as the intent before the
+    commit (a full or read-only folder refuses the record), and confirmed after it; an intent a writer
+    killed after its commit left is taken as the checkpoint, one killed before it is dropped.
 
     A read-only run (`create_key` False) makes nothing on the node but the record itself: with no key
     yet, its refusal is written the way records were before keys (SHA-256, no checkpoint), which verify
     accepts before the first keyed record and counts as unkeyed."""
-    if not create_key and anchor.key(create=False) is None:
+    if not create_key and anchor.key(create=False, writing=True) is None:
         try:
             with store.transaction() as conn:
                 rec = make(conn)
                 head = _head(conn)
                 if head is not None and head[1].startswith(KEYED + ":"):
-                    raise AnchorError(f"the audit key {anchor.key_file} is missing, and the trail is keyed")
+                    raise _KeyedMeanwhile  # another writer made the key since: write keyed, below
                 rec["prev_hash"] = head[1] if head else GENESIS
                 rec["hash"] = _chain(rec["prev_hash"], rec)
                 rec["seq"] = _insert(conn, rec)
                 if rehearse:
                     raise _Rehearsal
+            return rec
         except _Rehearsal:
-            pass
-        return rec
+            return rec
+        except _KeyedMeanwhile:
+            for k in ("prev_hash", "hash", "seq"):
+                rec.pop(k, None)
+            if anchor.key(create=False, writing=True) is None:
+                raise AnchorError(f"the audit key {anchor.key_file} is missing, and the trail is keyed") from None
     with anchor.locked(write=True):
         key = anchor.key(create=True)
         assert key is not None
-        tmp: Path | None = None
+        intended = False
         try:
             with store.transaction() as conn:
                 rec = make(conn)
                 head = _head(conn)
-                cp = anchor.checkpoint()
+                cp = _anchored(conn, anchor)
                 rec["prev_hash"] = head[1] if head else GENESIS
                 rec["hash"] = _mac(key, rec["prev_hash"], rec)
                 rec["seq"] = _insert(conn, rec)
-                tmp = anchor.prepare(Checkpoint(rec["seq"], rec["hash"], _notes_for(head, cp, anchor)))
-                if rehearse:
+                nxt = Checkpoint(rec["seq"], rec["hash"], _notes_for(head, cp, anchor))
+                if rehearse:  # the folder takes a checkpoint; the intent and the record are not kept
+                    anchor.prepare(nxt).unlink(missing_ok=True)
                     raise _Rehearsal
+                anchor.intend(nxt)
+                intended = True
         except _Rehearsal:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
             return rec
         except BaseException:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+            if intended:  # the commit failed: the intent names a record the store does not hold
+                try:
+                    anchor.withdraw()
+                except OSError:
+                    pass  # an intent that matches no record is ignored anyway
             raise
-        assert tmp is not None
         try:
-            anchor.commit(tmp)
-        except OSError as exc:
+            anchor.confirm()
+        except OSError as exc:  # the intent stays, and matches the record: verify takes it as the checkpoint
             raise AnchorError(f"record {rec['seq']} was written but its checkpoint could not be updated: {exc}") from exc
     return rec
+
+
+def _anchored(conn: sqlite3.Connection, anchor: Anchor) -> Checkpoint | None:
+    """The checkpoint as the last writer left it: its intent when the store holds the record it names
+    with that MAC (the writer died after its commit, before confirming), else the checkpoint itself."""
+    cp = anchor.checkpoint(writing=True)
+    pending = anchor.pending(writing=True)
+    if pending is not None:
+        row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (pending.seq,)).fetchone()
+        if row is not None and row[0] == pending.mac:
+            return pending
+    return cp
+
+
+class _KeyedMeanwhile(Exception):
+    pass
 
 
 def _insert(conn: sqlite3.Connection, rec: dict[str, Any]) -> int:

@@ -5,8 +5,11 @@ Checked, in order: each record follows the one before it; a keyed record's HMAC 
 after a keyed one, nor one dated after the key was made; records missing before the first one are
 accounted for by the last `audit.prune` record (or, in a store pruned before keys, by audit_prune), and
 no prune cut records younger than the retention; the last record is the one the checkpoint holds, and
-no writer found otherwise before its append (the checkpoint's notes). Reading holds the checkpoint's
-lock shared, so a concurrent append is seen whole or not at all, and creates nothing.
+no writer found otherwise before its append (the checkpoint's notes). A writer's intent stands for the
+checkpoint when the store holds the record it names with that MAC (the writer was killed between its
+commit and confirming); otherwise it is ignored (killed before its commit). The key, checkpoint and
+intent are read only when they are fleetdeck's own (engine/audit_anchor.py). Reading holds the
+checkpoint's lock shared, so a concurrent append is seen whole or not at all, and creates nothing.
 """
 
 from __future__ import annotations
@@ -46,16 +49,25 @@ def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Ve
         legacy_prunes = store.query("SELECT cutoff, at FROM audit_prune ORDER BY rowid")
         try:
             cp = anchor.checkpoint()
+            pending = anchor.pending()
         except AnchorError as exc:
             return Verdict(False, len(rows), rows[-1]["seq"] if rows else None, str(exc))
     unkeyed = 0
+    notes = []
+    if pending is not None:
+        held = next((r for r in reversed(rows) if r["seq"] == pending.seq), None)
+        if held is not None and held["hash"] == pending.mac:
+            cp = pending  # its writer committed it, then died before confirming: the intent is the checkpoint
+            notes.append(f"record {pending.seq} anchored by its writer's intent (it stopped before confirming)")
+        else:
+            notes.append(f"a writer stopped while appending record {pending.seq}, which the store does not hold: "
+                         "it was never committed, or it was removed since")
     try:
         unkeyed, last_prune = _walk(rows, key, anchor)
         _check_start(rows, last_prune, legacy_prunes, retention_days, now)
         _check_head(rows, cp, anchor)
     except _Broken as exc:
         return Verdict(False, len(rows), exc.seq, str(exc), unkeyed)
-    notes = []
     if unkeyed:
         notes.append(f"{unkeyed} unkeyed (written before the audit key existed; checked by SHA-256 only)")
     if rows and rows[0]["prev_hash"] != _genesis():

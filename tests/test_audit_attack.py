@@ -1,0 +1,325 @@
+"""The audit trail attacked from outside the store's SQL, and used clumsily: a writer killed mid-append,
+writers racing from several processes, a key or checkpoint that is not private to fleetdeck (wrong mode,
+another owner, a symlink planted at its path), a full disk, and hostile text in every field of a record
+as `fleetdeck audit` prints it. Each case goes through the CLI's main() or a real process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import audit
+from engine.audit_anchor import Anchor
+from engine.audit_text import unstored
+from fleetdeck.cli import main
+from store.db import open_store
+
+REPO = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "XDG_STATE_HOME": str(tmp_path / "state"),
+            "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_DATA_HOME": str(tmp_path / "data")}
+
+
+@pytest.fixture
+def db(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    path = tmp_path / "fd.db"
+    store = open_store(path)
+    for i in range(3):
+        audit.append(store, "server.stop", f"s{i}", "done", params={"server": f"s{i}"})
+    store.close()
+    return path
+
+
+def _verify(db: Path, capsys, *extra: str) -> tuple[int, str]:
+    rc = main(["audit", "verify", "--store", str(db), *extra])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def _count(db: Path) -> int:
+    store = open_store(db)
+    try:
+        return int(store.execute("SELECT count(*) FROM audit")[0][0])
+    finally:
+        store.close()
+
+
+# -- a writer killed mid-append ------------------------------------------------------------------------
+# The child appends one record and is SIGKILLed at a chosen point: replacing the checkpoint (the record is
+# committed), or committing the SQLite transaction (nothing is committed).
+_KILL_AT_CHECKPOINT = """
+import os, signal, sys
+from engine import audit
+from store.db import open_store
+real = os.replace
+def dying(src, dst, *a, **k):
+    if str(dst).endswith(".checkpoint"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **k)
+os.replace = dying
+store = open_store(sys.argv[1])
+audit.append(store, "server.stop", "killed", "done", params={"server": "killed"})
+"""
+
+_KILL_AT_COMMIT = """
+import os, signal, sys
+from contextlib import contextmanager
+from engine import audit
+from store.db import Store, open_store
+@contextmanager
+def dying(self):
+    with self.lock:
+        self.conn.execute("BEGIN IMMEDIATE")
+        yield self.conn
+        os.kill(os.getpid(), signal.SIGKILL)  # everything written and prepared, nothing committed
+Store.transaction = dying
+store = open_store(sys.argv[1])
+audit.append(store, "server.stop", "killed", "done", params={"server": "killed"})
+"""
+
+
+def _killed(tmp_path: Path, db: Path, script: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", script, str(db)], env=_env(tmp_path), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+
+
+def test_a_writer_killed_between_commit_and_checkpoint_is_no_false_alarm(db, tmp_path, capsys):
+    _killed(tmp_path, db, _KILL_AT_CHECKPOINT)
+    assert _count(db) == 4  # the record was committed
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and out.startswith("intact: 4 record(s)") and "last record 4 anchored" in out, out
+    # and the next writer neither complains nor leaves a note that verify repeats for ever
+    store = open_store(db)
+    audit.append(store, "server.stop", "next", "done", params={"server": "next"})
+    store.close()
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and "last record 5 anchored" in out, out
+
+
+def test_a_writer_killed_before_its_commit_is_no_false_alarm(db, tmp_path, capsys):
+    _killed(tmp_path, db, _KILL_AT_COMMIT)
+    assert _count(db) == 3  # nothing was committed
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and out.startswith("intact: 3 record(s)"), out
+    store = open_store(db)
+    audit.append(store, "server.stop", "next", "done", params={"server": "next"})
+    store.close()
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and "last record 4 anchored" in out, out
+
+
+def test_after_a_killed_writer_a_deleted_tail_is_still_found(db, tmp_path, capsys):
+    """The intent a dead writer left does not excuse anything else: its record deleted and another one
+    before it too is still a deleted tail."""
+    _killed(tmp_path, db, _KILL_AT_CHECKPOINT)
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+    conn.execute("DELETE FROM audit WHERE seq >= 3")
+    conn.commit()
+    conn.close()
+    rc, out = _verify(db, capsys)
+    assert rc == 1 and out.startswith("BROKEN: ") and "record 3" in out, out
+
+
+def test_a_forged_record_is_not_excused_by_a_dead_writer_s_intent(db, tmp_path, capsys):
+    """With the key, a record forged in place of the one a killed writer committed does not match the
+    intent it left (its MAC is another), so it is reported."""
+    _killed(tmp_path, db, _KILL_AT_CHECKPOINT)
+    import sqlite3
+
+    anchor = Anchor.of(db)
+    key = anchor.key(create=False)
+    rows = [dict(r) for r in _rows(db)]
+    forged = {k: v for k, v in rows[-1].items() if k not in ("seq", "hash")}
+    forged["target"] = "forged"
+    forged["hash"] = audit._mac(key, forged["prev_hash"], forged)
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER IF EXISTS audit_no_update")
+    conn.execute("UPDATE audit SET target = ?, hash = ? WHERE seq = 4", (forged["target"], forged["hash"]))
+    conn.commit()
+    conn.close()
+    rc, out = _verify(db, capsys)
+    assert rc == 1 and "record 4" in out, out
+
+
+def _rows(db: Path) -> list:
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return list(conn.execute("SELECT * FROM audit ORDER BY seq"))
+    finally:
+        conn.close()
+
+
+# -- writers racing: two CLI processes and an agent --------------------------------------------------
+_CLI_LOOP = """
+import sys
+from fleetdeck.cli import main
+db, cfg, tag, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+for i in range(n):
+    extra = ["--read-only"] if i % 2 else []
+    rc = main(["serve", "stop", f"{tag}-{i}", "--store", db, "--config", cfg, *extra])
+    assert rc == 2, rc
+"""
+
+
+def test_concurrent_writers_never_make_the_checkpoint_disagree(tmp_path, monkeypatch, capsys):
+    from engine.agent import Agent
+    from fleet.simulated import demo_fleet
+    from tests.helpers import Pipe
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    db = tmp_path / "fd.db"
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_text("")
+    open_store(db).close()
+    n = 6
+    procs = [subprocess.Popen([sys.executable, "-c", _CLI_LOOP, str(db), str(cfg), tag, str(n)],
+                              env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for tag in ("a", "b")]
+    with audit.session(db, "agent"):
+        pipe = Pipe(Agent(demo_fleet()[0], db, [], "9.9", interval_s=0.5))
+        pipe.next("hello")
+        for i in range(n):
+            pipe.send({"v": 2, "type": "request", "id": i, "op": "stop_server", "args": {"id": f"agent-{i}"},
+                       "operator": "alice@dash"})
+            while (msg := pipe.next("response", timeout=120))["id"] != i:
+                pass
+            assert not msg["ok"], msg
+        pipe.close()
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    assert _count(db) == 3 * n
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and f"last record {3 * n} anchored" in out, out
+
+
+# -- the key and the checkpoint must be fleetdeck's own ------------------------------------------------
+def _cli_action(db: Path, capsys) -> tuple[int, str]:
+    rc = main(["serve", "stop", "nope", "--store", str(db)])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+@pytest.mark.parametrize("case", ["key-world-readable", "key-other-owner", "key-symlink", "checkpoint-writable",
+                                  "checkpoint-other-owner", "checkpoint-symlink", "folder-other-owner"])
+def test_a_key_or_checkpoint_that_is_not_private_is_refused_and_named(db, tmp_path, capsys, case):
+    anchor = Anchor.of(db)
+    before = _count(db)
+    what, _, how = case.partition("-")
+    path = {"key": anchor.key_file, "checkpoint": anchor.checkpoint_file, "folder": anchor.key_file.parent}[what]
+    if how == "world-readable":
+        path.chmod(0o644)
+    elif how == "writable":
+        path.chmod(0o666)
+    elif how == "other-owner":
+        os.chown(path, NOBODY, NOBODY)
+    else:  # an attacker's file at the path: a key they know, a checkpoint they write
+        planted = tmp_path / f"planted-{what}"
+        shutil.copy(path, planted)
+        planted.chmod(0o600)
+        path.unlink()
+        path.symlink_to(planted)
+    rc, out = _cli_action(db, capsys)  # a refusal: its record is not written with what others control
+    assert rc == 2 and "not written" in out and str(path) in out and "Traceback" not in out, out
+    with audit.session(db, "cli"), pytest.raises(audit.AuditUnavailable, match="its audit record cannot be written"):
+        audit.check_writable("server.stop", "s1", server="s1")  # an action: refused before it happens
+    assert _count(db) == before  # no record written with a key or checkpoint someone else controls
+    rc, out = _verify(db, capsys)
+    assert rc == 1 and out.startswith("BROKEN: ") and str(path) in out, out
+
+
+# -- a full disk ---------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_fs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a size-limited tmpfs")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_refuses_the_action_with_one_line_and_loses_no_record(tiny_fs, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tiny_fs / "state"))
+    db = tiny_fs / "fd.db"
+    store = open_store(db)
+    audit.append(store, "server.stop", "before", "done", params={"server": "before"})
+    store.close()
+    filler = tiny_fs / "filler"
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:  # fill the filesystem to the last block
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    for _ in range(3):
+        rc = main(["serve", "stop", "nope", "--store", str(db)])
+        out = capsys.readouterr()
+        text = out.out + out.err
+        assert rc == 2 and "Traceback" not in text, text
+    filler.unlink()
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and out.startswith("intact: "), out
+
+
+# -- hostile text in every field, as printed -----------------------------------------------------------
+ODD = st.text(st.characters(codec=None, categories=("Cc", "Cf", "Cs", "Zl", "Zp", "Zs", "Mn", "Co", "Lo", "Ll")),
+              max_size=40)
+FIELDS = ("actor", "origin", "on_behalf_of", "key_fingerprint", "node", "source", "target", "reason", "profile")
+_ACTING = ("Cc", "Cf", "Cs", "Zl", "Zp")
+_SERIAL = itertools.count()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.fixed_dictionaries({f: ODD for f in FIELDS}))
+def test_any_value_in_any_field_is_printed_inert_and_exact_in_json(tmp_path, capsys, values):
+    db = tmp_path / f"odd-{next(_SERIAL)}.db"
+    key = tmp_path / "odd.key"
+    store = open_store(db)
+    anchor = Anchor.of(db, key)
+    who = {k: values[k] for k in ("actor", "origin", "on_behalf_of", "key_fingerprint")}
+    audit.append(store, "server.start", values["target"], "refused", values["reason"] or "r", source=values["source"],
+                 node=values["node"], params={"profile": values["profile"]}, who=who, anchor=anchor)
+    store.close()
+    assert main(["audit", "--store", str(db)]) == 0
+    out = capsys.readouterr()
+    table = out.out
+    assert not [c for c in table if c != "\n" and unicodedata.category(c) in _ACTING], repr(table)
+    assert len(table.splitlines()) == 2, table  # the header and one record: no forged line
+    assert main(["audit", "--json", "--store", str(db)]) == 0
+    (rec,) = json.loads(capsys.readouterr().out)
+    for f in FIELDS[:-1]:
+        got = rec[f]
+        if f in ("reason", "node") and not values[f]:  # no reason given; no node: this host's name
+            continue
+        assert unstored(got) == values[f] or (got is None and not values[f]), (f, got, values[f])
+    assert unstored(rec["params"]["profile"]) == values["profile"]
+    assert main(["audit", "verify", "--store", str(db), "--key", str(key)]) == 0
+    capsys.readouterr()
