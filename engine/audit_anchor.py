@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 KEY_BYTES = 32
+LOCK_WAIT_S = 10.0  # how long an append or verify waits for another writer's lock (SQLite's wait is 5 s)
 
 
 class AnchorError(Exception):
@@ -284,10 +285,33 @@ class Anchor:
                 return
             raise AnchorError(f"cannot lock the audit checkpoint {self.lock_file}: {exc.strerror or exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+            self._take(fd, write)
+            if write:  # who holds it, for the message of a writer or reader that gives up waiting
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+    def _take(self, fd: int, write: bool) -> None:
+        """Wait up to LOCK_WAIT_S for the lock: a writer stopped while holding it (suspended, hung on a
+        dead disk) makes every action fail closed with a line that says so, not hang for ever."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        by = f" by process {holder}" if holder.isdigit() else ""
+        raise AnchorError(f"the audit lock {self.lock_file} is held{by} for more than {LOCK_WAIT_S:g} s: "
+                          "a fleetdeck process stopped while writing a record? (resume or end it, then retry)")
 
 
 def _parse_key(path: Path, text: str) -> Key:

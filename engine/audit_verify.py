@@ -44,14 +44,17 @@ def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Ve
         key = anchor.key(create=False)
     except AnchorError as exc:
         return Verdict(False, 0, None, f"cannot check the records' MACs: {exc}")
-    with anchor.locked(write=False):
-        rows = store.query("SELECT * FROM audit ORDER BY seq")
-        legacy_prunes = store.query("SELECT cutoff, at FROM audit_prune ORDER BY rowid")
-        try:
-            cp = anchor.checkpoint()
-            pending = anchor.pending()
-        except AnchorError as exc:
-            return Verdict(False, len(rows), rows[-1]["seq"] if rows else None, str(exc))
+    try:
+        with anchor.locked(write=False):
+            rows = store.query("SELECT * FROM audit ORDER BY seq")
+            legacy_prunes = store.query("SELECT cutoff, at FROM audit_prune ORDER BY rowid")
+            try:
+                cp = anchor.checkpoint()
+                pending = anchor.pending()
+            except AnchorError as exc:
+                return Verdict(False, len(rows), rows[-1]["seq"] if rows else None, str(exc))
+    except AnchorError as exc:  # the lock: a writer stopped while holding it
+        return Verdict(False, 0, None, f"cannot verify: {exc}")
     unkeyed = 0
     notes = []
     if pending is not None:

@@ -323,3 +323,30 @@ def test_any_value_in_any_field_is_printed_inert_and_exact_in_json(tmp_path, cap
     assert unstored(rec["params"]["profile"]) == values["profile"]
     assert main(["audit", "verify", "--store", str(db), "--key", str(key)]) == 0
     capsys.readouterr()
+
+
+# -- a writer stopped while holding the audit lock -----------------------------------------------------
+def test_a_writer_stuck_holding_the_audit_lock_makes_actions_fail_closed_not_hang(db, monkeypatch, capsys):
+    """A fleetdeck process suspended (Ctrl-Z) or hung mid-append holds the checkpoint's lock: every other
+    writer and verify give up after the wait with a line naming the lock and its holder, instead of
+    hanging for ever (the wait set to nothing here, so the test does not depend on time)."""
+    import fcntl
+
+    from engine import audit_anchor
+
+    monkeypatch.setattr(audit_anchor, "LOCK_WAIT_S", 0.0)
+    anchor = Anchor.of(db)
+    fd = os.open(anchor.lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, b"4242\n", 0)
+        with audit.session(db, "cli"), pytest.raises(audit.AuditUnavailable, match="held by process 4242"):
+            audit.check_writable("server.stop", "s1", server="s1")
+        capsys.readouterr()
+        rc, out = _verify(db, capsys)
+        assert rc == 1 and str(anchor.lock_file) in out and "Traceback" not in out, out
+    finally:
+        os.close(fd)
+    assert _count(db) == 3  # nothing written while the lock was held
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and "last record 3 anchored" in out, out
