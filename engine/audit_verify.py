@@ -100,6 +100,7 @@ def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[
     last_prune = None
     for i, rec in enumerate(rows):
         seq = rec["seq"]
+        _check_types(rec)
         if prev is not None and rec["prev_hash"] != prev:
             raise _Broken(seq, f"record {seq} does not follow record {rows[i - 1]['seq']}: a record between them "
                                "was removed, or one of them was changed")
@@ -130,6 +131,25 @@ def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[
             last_prune = rec
         prev = mac
     return unkeyed, last_prune
+
+
+_TEXT = ("utc", "source", "node", "action", "target", "params", "outcome", "prev_hash", "hash")
+_OPTIONAL_TEXT = ("actor", "origin", "key_fingerprint", "on_behalf_of", "reason")
+
+
+def _check_types(rec: dict[str, Any]) -> None:
+    """A value of a type fleetdeck never writes (sqlite3 takes a BLOB, a NULL or text anywhere once the
+    table is rebuilt without its constraints) is named as such, before any check that would trip on it."""
+    seq = rec.get("seq")
+    wrong = [c for c in ("seq",) if not isinstance(rec.get(c), int) or isinstance(rec.get(c), bool)]
+    wrong += [c for c in ("ts",) if not isinstance(rec.get(c), (int, float)) or isinstance(rec.get(c), bool)]
+    wrong += [c for c in _TEXT if not isinstance(rec.get(c), str)]
+    wrong += [c for c in _OPTIONAL_TEXT if rec.get(c) is not None and not isinstance(rec.get(c), str)]
+    if wrong:
+        shown_seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+        raise _Broken(shown_seq, f"record {shown_seq if shown_seq is not None else '?'} holds a value fleetdeck "
+                                 f"never writes in {', '.join(wrong)} (a {type(rec.get(wrong[0])).__name__}): "
+                                 "changed outside fleetdeck")
 
 
 def _check_start(rows: list[dict[str, Any]], last_prune: dict[str, Any] | None, legacy: list[dict[str, Any]],

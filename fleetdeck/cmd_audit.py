@@ -69,20 +69,31 @@ def run(args: argparse.Namespace) -> int:
     rows = audit.query(store, since=args.since, node=args.node, action=args.action)
     if args.json:  # JSON escapes every control character itself
         for r in rows:
-            r["params"] = json.loads(r["params"])
-        print(json.dumps(rows, indent=2))
+            r["params"] = _params(r["params"])
+        # A value of a type fleetdeck never writes (a BLOB planted with sqlite3) is shown as its repr;
+        # `audit verify` names the record.
+        print(json.dumps(rows, indent=2, default=repr))
         return 0
     if not rows:
         print("no audit records" + (" match" if args.since or args.node or args.action else " yet"), file=sys.stderr)
         return 0
     table = []
     for r in rows:
+        r = {k: (v if isinstance(v, str) or v is None else str(v)) for k, v in r.items()}  # planted types, as text
         who = (r["actor"] or "?") + (f"@{r['origin']}" if r["origin"] not in (None, "local") else "")
         if r["on_behalf_of"]:
             who += f" for {r['on_behalf_of']}"
         # Each cell escaped: an operator value with ESC sequences or a newline neither colours the
         # auditor's terminal nor forges a line.
-        table.append([shown(c) for c in (f"{r['utc'][:19]}Z", r["node"], r["source"], who, r["action"], r["target"],
-                                         r["outcome"] + (f": {r['reason']}" if r["reason"] else ""))])
+        table.append([shown(c) for c in (f"{(r['utc'] or '?')[:19]}Z", r["node"], r["source"], who, r["action"],
+                                         r["target"], (r["outcome"] or "?") + (f": {r['reason']}" if r["reason"] else ""))])
     print_table(["when (UTC)", "node", "from", "who", "action", "target", "outcome"], table)
     return 0
+
+
+def _params(text: Any) -> Any:
+    """A record's parameters as JSON; text that is not JSON (changed outside fleetdeck) as it is."""
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return text

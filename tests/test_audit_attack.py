@@ -290,7 +290,7 @@ def test_a_full_disk_refuses_the_action_with_one_line_and_loses_no_record(tiny_f
 
 
 # -- hostile text in every field, as printed -----------------------------------------------------------
-ODD = st.text(st.characters(codec=None, categories=("Cc", "Cf", "Cs", "Zl", "Zp", "Zs", "Mn", "Co", "Lo", "Ll")),
+ODD = st.text(st.characters(codec=None, categories=("Cc", "Cf", "Cs", "Zl", "Zp", "Zs", "Mn", "Co", "Lo", "Ll", "Ps", "Pe", "Po", "Sm")),
               max_size=40)
 FIELDS = ("actor", "origin", "on_behalf_of", "key_fingerprint", "node", "source", "target", "reason", "profile")
 _ACTING = ("Cc", "Cf", "Cs", "Zl", "Zp")
@@ -350,3 +350,58 @@ def test_a_writer_stuck_holding_the_audit_lock_makes_actions_fail_closed_not_han
     assert _count(db) == 3  # nothing written while the lock was held
     rc, out = _verify(db, capsys)
     assert rc == 0 and "last record 3 anchored" in out, out
+
+
+# -- values of the wrong type planted in the store -----------------------------------------------------
+@pytest.mark.parametrize("column,value", [("actor", b"\xff\x1b[31m"), ("params", "{"), ("params", "[1]"),
+                                          ("utc", None), ("outcome", None), ("ts", "yesterday"), ("ts", None),
+                                          ("seq", "x"), ("hash", None), ("prev_hash", 7)],
+                         ids=lambda v: repr(v)[:12])
+def test_a_value_of_the_wrong_type_planted_in_the_store_is_named_not_a_traceback(db, capsys, column, value):
+    """sqlite3 stores whatever it is given (a BLOB, a NULL, text in a number's column; the table rebuilt
+    without its constraints first): `audit verify` names record 2, and listing (table and --json) still
+    prints every record, one line each, never a traceback."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE loose AS SELECT * FROM audit")  # no NOT NULL, no INTEGER PRIMARY KEY
+    conn.execute("DROP TABLE audit")
+    conn.execute("ALTER TABLE loose RENAME TO audit")
+    conn.execute(f"UPDATE audit SET {column} = ? WHERE seq = 2", (value,))
+    conn.commit()
+    conn.close()
+    rc, out = _verify(db, capsys)
+    assert rc == 1 and out.startswith("BROKEN: ") and "Traceback" not in out, out
+    assert main(["audit", "--store", str(db)]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 4 and "\x1b" not in out.out, out.out
+    assert main(["audit", "--json", "--store", str(db)]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+
+
+async def test_the_audit_screen_lists_planted_values_of_the_wrong_type_and_says_broken(db):
+    """The dashboard's Audit screen (key 7) survives what sqlite3 can plant: a NULL outcome and time, a
+    BLOB actor, a seq repeated; every record listed, the verdict says the chain is broken."""
+    import sqlite3
+
+    from textual.widgets import DataTable, Static
+
+    from tests.tui_helpers import make_app, open_screen, settle, static_text
+    from tui.screens.audit import AuditScreen
+
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE loose AS SELECT * FROM audit")
+    conn.execute("DROP TABLE audit")
+    conn.execute("ALTER TABLE loose RENAME TO audit")
+    conn.execute("UPDATE audit SET outcome = NULL, utc = NULL, actor = ? WHERE seq = 2", (b"\x1b[31m",))
+    conn.execute("UPDATE audit SET seq = 1 WHERE seq = 3")
+    conn.commit()
+    conn.close()
+    app = make_app(store_path=db)
+    async with app.run_test(size=(160, 24)) as pilot:
+        screen = await open_screen(app, pilot, "7", AuditScreen)
+        await settle(app, pilot)
+        table = screen.query_one("#audit-table", DataTable)
+        assert table.row_count == 3
+        assert not any("\x1b" in str(c) for row in range(3) for c in table.get_row_at(row))
+        assert "CHAIN BROKEN" in static_text(screen.query_one("#audit-verdict", Static))
