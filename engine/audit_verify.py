@@ -112,6 +112,12 @@ def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[
                                    "nothing can be checked without it")
             kid = mac.split(":")[1] if mac.count(":") >= 2 else "?"
             if kid != key.kid:
+                later = next((r["seq"] for r in rows[i + 1:] if str(r["hash"]).startswith(f"{KEYED}:{key.kid}:")), None)
+                if later is not None:  # the key changed under the trail: say where, and the likely why
+                    raise _Broken(seq, f"record {seq} was written with another key (id {kid}), and from record "
+                                       f"{later} on with {anchor.key_file} (key {key.kid}): the store was carried "
+                                       "here without its key (verify with --key and --checkpoint of the original), "
+                                       "or the key was replaced")
                 raise _Broken(seq, f"record {seq} was written with another key (id {kid}; {anchor.key_file} "
                                    f"is key {key.kid}): the key was replaced, or the record forged")
             if _mac(key, prev, rec) != mac:

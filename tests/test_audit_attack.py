@@ -405,3 +405,24 @@ async def test_the_audit_screen_lists_planted_values_of_the_wrong_type_and_says_
         assert table.row_count == 3
         assert not any("\x1b" in str(c) for row in range(3) for c in table.get_row_at(row))
         assert "CHAIN BROKEN" in static_text(screen.query_one("#audit-verdict", Static))
+
+
+def test_a_store_copied_to_another_host_points_at_its_key(db, tmp_path, monkeypatch, capsys):
+    """A store carried to another host (or restored there) without its key and checkpoint: verify says
+    the key is missing; written to there, the first record under the new host's key is named as written
+    with another key. With the original's key and checkpoint named, the copy verifies."""
+    original = Anchor.of(db)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copy = elsewhere / "fd.db"
+    shutil.copy(db, copy)
+    monkeypatch.setenv("XDG_STATE_HOME", str(elsewhere / "state"))
+    rc, out = _verify(copy, capsys, "--key", str(original.key_file), "--checkpoint", str(original.checkpoint_file))
+    assert rc == 0 and "last record 3 anchored" in out, out
+    rc, out = _verify(copy, capsys)
+    assert rc == 1 and "record 1" in out and "key" in out and "missing" in out, out
+    store = open_store(copy)
+    audit.append(store, "server.stop", "there", "done", params={"server": "there"})
+    store.close()
+    rc, out = _verify(copy, capsys)
+    assert rc == 1 and "record 1 was written with another key" in out and "from record 4 on with" in out, out
