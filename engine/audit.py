@@ -62,6 +62,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "model.merge": ("adapter", "base", "out"),
     "model.quantize": ("model", "method", "out"),
     "audit.prune": ("cutoff", "retention_days", "removed", "first_kept"),
+    "audit.anchor": ("checkpoint", "head", "notes"),
 }
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years
@@ -275,7 +276,7 @@ def _notes_for(head: tuple[int, str] | None, cp: Checkpoint | None, anchor: Anch
 
 
 def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], dict[str, Any]],
-           rehearse: bool = False, create_key: bool = True) -> dict[str, Any]:
+           rehearse: bool = False, create_key: bool = True, fresh: bool = False) -> dict[str, Any]:
     """Append the record `make` builds (it may first change the store in the same transaction), keyed,
     chained and anchored, under the checkpoint's lock; or, rehearsing, do all of it and roll it back.
     Two-phase (engine/audit_anchor.py): the next checkpoint is written durably as the intent before the
@@ -284,7 +285,9 @@ def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], di
 
     A read-only run (`create_key` False) makes nothing on the node but the record itself: with no key
     yet, its refusal is written the way records were before keys (SHA-256, no checkpoint), which verify
-    accepts before the first keyed record and counts as unkeyed."""
+    accepts before the first keyed record and counts as unkeyed.
+
+    `fresh` (`reanchor()`): the checkpoint is not read, and the next one carries no notes."""
     if not create_key and anchor.key(create=False, writing=True) is None:
         try:
             with store.transaction() as conn:
@@ -313,11 +316,11 @@ def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], di
             with store.transaction() as conn:
                 rec = make(conn)
                 head = _head(conn)
-                cp = _anchored(conn, anchor)
+                notes = () if fresh else _notes_for(head, _anchored(conn, anchor), anchor)
                 rec["prev_hash"] = head[1] if head else GENESIS
                 rec["hash"] = _mac(key, rec["prev_hash"], rec)
                 rec["seq"] = _insert(conn, rec)
-                nxt = Checkpoint(rec["seq"], rec["hash"], _notes_for(head, cp, anchor))
+                nxt = Checkpoint(rec["seq"], rec["hash"], notes)
                 if rehearse:  # the folder takes a checkpoint; the intent and the record are not kept
                     anchor.prepare(nxt).unlink(missing_ok=True)
                     raise _Rehearsal
@@ -500,6 +503,41 @@ def prune(store: Store, retention_days: float = DEFAULT_RETENTION_DAYS, now: flo
 
 class _NothingToPrune(Exception):
     pass
+
+
+def reanchor(store: Store, why: str, anchor: Anchor | None = None) -> dict[str, Any]:
+    """`fleetdeck audit anchor`: accept the store's last record as the checkpoint's, after a cause the
+    operator knows (a store moved, a checkpoint lost with its disk or corrupted): an `audit.anchor`
+    record, keyed and chained like any other, says who, why, what the checkpoint held (or why it could
+    not be read), the head it found and the notes it clears. Verify then goes by the new checkpoint and
+    names the last re-anchoring. Only a writer with the key and the checkpoint's folder can do it: a
+    record made with another key is reported by verify. Refused (recorded) when read-only."""
+    anchor = anchor or anchor_for(store.path)
+    trail = _trail
+    behalf = _on_behalf.get() or {}
+    source = behalf.get("source", trail.source if trail else "cli")
+    if is_read_only():
+        record("audit.anchor", "audit", "refused", READ_ONLY_REASON)
+        raise ReadOnlyError(f"audit.anchor audit: refused, {READ_ONLY_REASON}")
+
+    def make(conn: sqlite3.Connection) -> dict[str, Any]:
+        head = _head(conn)
+        try:
+            cp = _anchored(conn, anchor)
+            held = "none" if cp is None else f"record {cp.seq}"
+            notes = "; ".join(cp.notes) if cp is not None else ""
+        except AnchorError as exc:
+            held, notes = f"unreadable: {exc}", ""
+        params = {"checkpoint": held, "head": head[0] if head else None, "notes": notes}
+        return _build("audit.anchor", "audit", "done", why, source, trail.node if trail else None, params, behalf,
+                      None)
+
+    rec = _write(store, anchor, make, fresh=True)
+    if trail is not None:
+        trail.written += 1
+        if trail.syslog_socket is not None:
+            send_syslog(rec, trail.syslog_socket)
+    return rec
 
 
 @dataclass

@@ -79,6 +79,12 @@ def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Ve
             notes.append(f"records before {_day(cutoff)} pruned by retention (record {last_prune['seq']})")
         else:
             notes.append(f"records before {_day(max(p['cutoff'] for p in legacy_prunes))} pruned by retention")
+    anchored = next((r for r in reversed(rows) if r["action"] == "audit.anchor" and r["outcome"] == "done"), None)
+    if anchored is not None:  # an operator accepted the head; what it held then stays in the record
+        p = json.loads(anchored["params"])
+        notes.append(f"re-anchored at record {anchored['seq']} by {anchored['actor']} ({anchored['reason']}); the "
+                     f"checkpoint then held {p.get('checkpoint')}, the store's last record was {p.get('head')}"
+                     + (f", notes cleared: {p['notes']}" if p.get("notes") else ""))
     if cp is not None:
         notes.append(f"last record {cp.seq} anchored")
     return Verdict(True, len(rows), None, f"{len(rows)} record(s), chain intact" +

@@ -426,3 +426,83 @@ def test_a_store_copied_to_another_host_points_at_its_key(db, tmp_path, monkeypa
     store.close()
     rc, out = _verify(copy, capsys)
     assert rc == 1 and "record 1 was written with another key" in out and "from record 4 on with" in out, out
+
+
+# -- `fleetdeck audit anchor`: the operator accepts the head after a cause they know ------------------
+def _anchor_cli(db: Path, capsys, *extra: str) -> tuple[int, str]:
+    rc = main(["audit", "anchor", "--store", str(db), *extra])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_audit_anchor_after_a_lost_checkpoint_is_recorded_and_verify_says_so(db, capsys):
+    Anchor.of(db).checkpoint_file.unlink()  # lost with its disk, say
+    store = open_store(db)
+    audit.append(store, "server.stop", "after", "done", params={"server": "after"})  # noted for good
+    store.close()
+    rc, out = _verify(db, capsys)
+    assert rc == 1 and "checkpoint was missing" in out, out
+    rc, out = _anchor_cli(db, capsys)
+    assert rc == 2 and "--reason" in out, out  # who and why, or nothing
+    rc, out = _anchor_cli(db, capsys, "--reason", "state disk replaced\x1b[31m")
+    assert rc == 0 and "re-anchored at record 5" in out, out
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and "re-anchored at record 5" in out and "state disk replaced\\x1b[31m" in out, out
+    assert "checkpoint then held record 4" in out and "notes cleared" in out, out
+    (rec,) = [r for r in _rows(db) if r["action"] == "audit.anchor"]
+    assert rec["outcome"] == "done" and rec["actor"] and rec["reason"] == "state disk replaced\x1b[31m"
+    # what it found stays in the chain: deleting the tail after it is still found
+    store = open_store(db)
+    audit.append(store, "server.stop", "later", "done", params={"server": "later"})
+    store.close()
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+    conn.execute("DELETE FROM audit WHERE seq = 6")
+    conn.commit()
+    conn.close()
+    rc, out = _verify(db, capsys)
+    assert rc == 1 and "record 6" in out, out
+
+
+def test_audit_anchor_after_a_corrupt_checkpoint_lets_actions_happen_again(db, capsys):
+    Anchor.of(db).checkpoint_file.write_text("{garbage")
+    with audit.session(db, "cli"), pytest.raises(audit.AuditUnavailable):
+        audit.check_writable("server.stop", "s1", server="s1")  # fail closed
+    capsys.readouterr()
+    rc, out = _anchor_cli(db, capsys, "--reason", "checkpoint corrupted by fsck")
+    assert rc == 0 and "unreadable" in out, out
+    with audit.session(db, "cli"):
+        audit.check_writable("server.stop", "s1", server="s1")
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and "re-anchored at record 4" in out, out
+
+
+def test_audit_anchor_without_the_key_is_found(db, tmp_path, monkeypatch, capsys):
+    """Someone who can write the store (and their own state folder) but not read the node's key: their
+    re-anchoring is keyed with their own key, and verify with the node's key reports it."""
+    node_key = Anchor.of(db).key_file
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+    conn.execute("DELETE FROM audit WHERE seq = 3")  # the tail they want gone
+    conn.commit()
+    conn.close()
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "attacker-state"))
+    rc, out = _anchor_cli(db, capsys, "--reason", "nothing to see")
+    assert rc == 0, out
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    rc, out = _verify(db, capsys)
+    assert rc == 1 and out.startswith("BROKEN: "), out
+    assert Anchor.of(db).key_file == node_key
+
+
+def test_audit_anchor_is_refused_and_recorded_when_read_only(db, capsys):
+    rc, out = _anchor_cli(db, capsys, "--reason", "x", "--read-only")
+    assert rc == 2 and "refused, fleetdeck is read-only" in out, out
+    rec = _rows(db)[-1]
+    assert (rec["action"], rec["outcome"]) == ("audit.anchor", "refused")
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and "re-anchored" not in out, out
