@@ -284,6 +284,9 @@ def test_a_full_disk_refuses_the_action_with_one_line_and_loses_no_record(tiny_f
         out = capsys.readouterr()
         text = out.out + out.err
         assert rc == 2 and "Traceback" not in text, text
+    with audit.session(db, "cli"), pytest.raises(audit.AuditUnavailable, match="its audit record cannot be written"):
+        audit.check_writable("server.stop", "s1", server="s1")  # an action would not happen
+    capsys.readouterr()
     filler.unlink()
     rc, out = _verify(db, capsys)
     assert rc == 0 and out.startswith("intact: "), out
@@ -506,3 +509,39 @@ def test_audit_anchor_is_refused_and_recorded_when_read_only(db, capsys):
     assert (rec["action"], rec["outcome"]) == ("audit.anchor", "refused")
     rc, out = _verify(db, capsys)
     assert rc == 0 and "re-anchored" not in out, out
+
+
+# -- read-only, through the real agent process --------------------------------------------------------
+def test_a_read_only_agent_process_refuses_every_change_and_records_it(tmp_path):
+    """`fleetdeck agent --stdio --read-only`, as ssh starts it: each mutating op answered with an error,
+    recorded as refused on behalf of the dashboard, nothing started."""
+    from engine.agent import MUTATING_OPS
+
+    db = tmp_path / "fd.db"
+    proc = subprocess.Popen([sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--read-only",
+                             "--store", str(db)], env=_env(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        for i, op in enumerate(MUTATING_OPS):
+            proc.stdin.write(json.dumps({"v": 2, "type": "request", "id": i, "op": op, "operator": "eve@dash",
+                                         "args": {"id": "x", "profile": "q", "spec": "sim", "gpus": [0]}}) + "\n")
+        proc.stdin.flush()
+        answers = {}
+        for line in proc.stdout:
+            msg = json.loads(line)
+            if msg.get("type") == "response":
+                answers[msg["id"]] = msg
+                if len(answers) == len(MUTATING_OPS):
+                    break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert all(not a["ok"] for a in answers.values()), answers
+    recs = [dict(r) for r in _rows(db)]
+    assert sorted(r["action"] for r in recs) == sorted(MUTATING_OPS.values())
+    assert all(r["outcome"] == "refused" and r["on_behalf_of"] == "eve@dash" and "read-only" in r["reason"]
+               for r in recs), recs
+    store = open_store(db)
+    assert store.execute("SELECT count(*) FROM managed")[0][0] == 0
+    store.close()
