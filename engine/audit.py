@@ -8,7 +8,9 @@ escaped where SQLite or UTF-8 could not take it (engine/audit_text.py): a value 
 
 Records are chained: each carries an HMAC-SHA256, under a node-local key, of its predecessor's MAC and
 its own content; a checkpoint outside the store holds the last record's number and MAC
-(engine/audit_anchor.py). So `verify` finds a changed, removed, forged or recomputed record, a deleted
+(engine/audit_anchor.py; written as an intent before the commit and confirmed after, so a writer
+killed between the two is no false alarm; `reanchor()` is the operator's audited way to accept the head
+when the checkpoint was lost or a store moved). So `verify` finds a changed, removed, forged or recomputed record, a deleted
 tail and a store rolled back to an older copy. Records written before the key existed keep their plain
 SHA-256 chain and are verified that way, counted as unkeyed. The store refuses UPDATE and DELETE on the
 table (triggers) except retention pruning, which is itself a chained record (`audit.prune`).
