@@ -318,15 +318,15 @@ def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], di
             with store.transaction() as conn:
                 rec = make(conn)
                 head = _head(conn)
-                notes = () if fresh else _notes_for(head, _anchored(conn, anchor), anchor)
+                notes = () if fresh else _notes_for(head, _anchored(conn, anchor, key), anchor)
                 rec["prev_hash"] = head[1] if head else GENESIS
                 rec["hash"] = _mac(key, rec["prev_hash"], rec)
                 rec["seq"] = _insert(conn, rec)
                 nxt = Checkpoint(rec["seq"], rec["hash"], notes)
                 if rehearse:  # the folder takes a checkpoint; the intent and the record are not kept
-                    anchor.prepare(nxt).unlink(missing_ok=True)
+                    anchor.prepare(nxt, key).unlink(missing_ok=True)
                     raise _Rehearsal
-                anchor.intend(nxt)
+                anchor.intend(nxt, key)
                 intended = True
         except _Rehearsal:
             return rec
@@ -344,11 +344,11 @@ def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], di
     return rec
 
 
-def _anchored(conn: sqlite3.Connection, anchor: Anchor) -> Checkpoint | None:
+def _anchored(conn: sqlite3.Connection, anchor: Anchor, key: Key | None) -> Checkpoint | None:
     """The checkpoint as the last writer left it: its intent when the store holds the record it names
     with that MAC (the writer died after its commit, before confirming), else the checkpoint itself."""
-    cp = anchor.checkpoint(writing=True)
-    pending = anchor.pending(writing=True)
+    cp = anchor.checkpoint(key, writing=True)
+    pending = anchor.pending(key, writing=True)
     if pending is not None:
         row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (pending.seq,)).fetchone()
         if row is not None and row[0] == pending.mac:
@@ -525,7 +525,7 @@ def reanchor(store: Store, why: str, anchor: Anchor | None = None) -> dict[str, 
     def make(conn: sqlite3.Connection) -> dict[str, Any]:
         head = _head(conn)
         try:
-            cp = _anchored(conn, anchor)
+            cp = _anchored(conn, anchor, anchor.key(create=False, writing=True))
             held = "none" if cp is None else f"record {cp.seq}"
             notes = "; ".join(cp.notes) if cp is not None else ""
         except AnchorError as exc:

@@ -209,30 +209,38 @@ class Anchor:
             raise AnchorError(f"the audit key {self.key_file} vanished as it was made") from exc
 
     # -- the checkpoint ---------------------------------------------------------------------------
-    def checkpoint(self, writing: bool = False) -> Checkpoint | None:
-        return self._checkpoint_at(self.checkpoint_file, "checkpoint", writing)
+    def checkpoint(self, key: Key | None, writing: bool = False) -> Checkpoint | None:
+        """The checkpoint, checked against `key` (its own MAC) when there is one."""
+        return self._checkpoint_at(self.checkpoint_file, "checkpoint", key, writing)
 
-    def pending(self, writing: bool = False) -> Checkpoint | None:
+    def pending(self, key: Key | None, writing: bool = False) -> Checkpoint | None:
         """The intent a writer left (it died between writing it and confirming), if any."""
-        return self._checkpoint_at(self.pending_file, "checkpoint intent", writing)
+        return self._checkpoint_at(self.pending_file, "checkpoint intent", key, writing)
 
-    def _checkpoint_at(self, path: Path, what: str, writing: bool) -> Checkpoint | None:
+    def _checkpoint_at(self, path: Path, what: str, key: Key | None, writing: bool) -> Checkpoint | None:
         try:
             doc = json.loads(self._read_private(path, what, writing))
-            return Checkpoint(int(doc["seq"]), str(doc["mac"]), tuple(str(n) for n in doc.get("notes", [])))
+            cp = Checkpoint(int(doc["seq"]), str(doc["mac"]), tuple(str(n) for n in doc.get("notes", [])))
+            cmac = str(doc["cmac"])
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
             raise AnchorError(f"the audit {what} {path} is not one fleetdeck wrote") from exc
+        if key is not None and not hmac.compare_digest(cmac, _checkpoint_mac(key, cp)):
+            # Keyed like the records: pointing it at an earlier record (to hide a deleted tail) needs the key.
+            raise AnchorError(f"the audit {what} {path} was not written with this node's key {self.key_file} "
+                              "(changed by hand, or from another node)")
+        return cp
 
-    def prepare(self, cp: Checkpoint) -> Path:
-        """Write the next checkpoint to a temporary file beside it (so a full or read-only folder fails
-        before the record is committed); `commit()` moves it into place."""
+    def prepare(self, cp: Checkpoint, key: Key) -> Path:
+        """Write the next checkpoint, keyed, to a temporary file beside it (so a full or read-only folder
+        fails before the record is committed); `intend()` moves it into place as the intent."""
         tmp = self.checkpoint_file.with_name(f".{self.checkpoint_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             try:
-                data = json.dumps({"seq": cp.seq, "mac": cp.mac, "notes": list(cp.notes)}).encode()
+                data = json.dumps({"seq": cp.seq, "mac": cp.mac, "notes": list(cp.notes),
+                                   "cmac": _checkpoint_mac(key, cp)}).encode()
                 if os.write(fd, data) != len(data):
                     raise OSError(28, "short write")
                 os.fsync(fd)
@@ -243,9 +251,9 @@ class Anchor:
             raise AnchorError(f"cannot write the audit checkpoint {self.checkpoint_file}: {exc.strerror or exc}") from exc
         return tmp
 
-    def intend(self, cp: Checkpoint) -> None:
+    def intend(self, cp: Checkpoint, key: Key) -> None:
         """Before the store commits: `cp`, durably, as the intent (it replaces any a dead writer left)."""
-        tmp = self.prepare(cp)
+        tmp = self.prepare(cp, key)
         try:
             os.replace(tmp, self.pending_file)
             _fsync_dir(self.pending_file.parent)
@@ -312,6 +320,11 @@ class Anchor:
         by = f" by process {holder}" if holder.isdigit() else ""
         raise AnchorError(f"the audit lock {self.lock_file} is held{by} for more than {LOCK_WAIT_S:g} s: "
                           "a fleetdeck process stopped while writing a record? (resume or end it, then retry)")
+
+
+def _checkpoint_mac(key: Key, cp: Checkpoint) -> str:
+    body = json.dumps({"seq": cp.seq, "mac": cp.mac, "notes": list(cp.notes)}, sort_keys=True, separators=(",", ":"))
+    return key.mac(b"fleetdeck-checkpoint-1\0" + body.encode())
 
 
 def _parse_key(path: Path, text: str) -> Key:

@@ -49,8 +49,8 @@ def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Ve
             rows = store.query("SELECT * FROM audit ORDER BY seq")
             legacy_prunes = store.query("SELECT cutoff, at FROM audit_prune ORDER BY rowid")
             try:
-                cp = anchor.checkpoint()
-                pending = anchor.pending()
+                cp = anchor.checkpoint(key)
+                pending = anchor.pending(key)
             except AnchorError as exc:
                 return Verdict(False, len(rows), rows[-1]["seq"] if rows else None, str(exc))
     except AnchorError as exc:  # the lock: a writer stopped while holding it

@@ -545,3 +545,27 @@ def test_a_read_only_agent_process_refuses_every_change_and_records_it(tmp_path)
     store = open_store(db)
     assert store.execute("SELECT count(*) FROM managed")[0][0] == 0
     store.close()
+
+
+# -- the checkpoint itself, rewritten by someone without the key ---------------------------------------
+@pytest.mark.parametrize("where", ["checkpoint", "intent"])
+def test_a_checkpoint_or_intent_rewritten_without_the_key_to_hide_a_deleted_tail_is_found(db, capsys, where):
+    """Someone who can write the store and the checkpoint's file (not read the key) deletes the last
+    record and points the checkpoint (or plants an intent) at the one before: the checkpoint is keyed
+    too, so theirs is named as not written with this node's key."""
+    import sqlite3
+
+    anchor = Anchor.of(db)
+    second = _rows(db)[1]
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+    conn.execute("DELETE FROM audit WHERE seq = 3")
+    conn.commit()
+    conn.close()
+    path = anchor.checkpoint_file if where == "checkpoint" else anchor.pending_file
+    doc = json.loads(anchor.checkpoint_file.read_text())
+    doc.update(seq=2, mac=second["hash"], notes=[])
+    path.write_text(json.dumps(doc))
+    path.chmod(0o600)
+    rc, out = _verify(db, capsys)
+    assert rc == 1 and out.startswith("BROKEN: ") and str(path) in out, out
