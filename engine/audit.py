@@ -8,7 +8,9 @@ escaped where SQLite or UTF-8 could not take it (engine/audit_text.py): a value 
 
 Records are chained: each carries an HMAC-SHA256, under a node-local key, of its predecessor's MAC and
 its own content; a checkpoint outside the store holds the last record's number and MAC
-(engine/audit_anchor.py). So `verify` finds a changed, removed, forged or recomputed record, a deleted
+(engine/audit_anchor.py; written as an intent before the commit and confirmed after, so a writer
+killed between the two is no false alarm; `reanchor()` is the operator's audited way to accept the head
+when the checkpoint was lost or a store moved). So `verify` finds a changed, removed, forged or recomputed record, a deleted
 tail and a store rolled back to an older copy. Records written before the key existed keep their plain
 SHA-256 chain and are verified that way, counted as unkeyed. The store refuses UPDATE and DELETE on the
 table (triggers) except retention pruning, which is itself a chained record (`audit.prune`).
@@ -66,6 +68,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "server.prune": ("servers",),
     "job.prune": ("jobs",),
     "node.install": ("bundle", "version", "previous", "agent", "result"),
+    "audit.anchor": ("checkpoint", "head", "notes"),
 }
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years
@@ -279,59 +282,86 @@ def _notes_for(head: tuple[int, str] | None, cp: Checkpoint | None, anchor: Anch
 
 
 def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], dict[str, Any]],
-           rehearse: bool = False, create_key: bool = True) -> dict[str, Any]:
+           rehearse: bool = False, create_key: bool = True, fresh: bool = False) -> dict[str, Any]:
     """Append the record `make` builds (it may first change the store in the same transaction), keyed,
     chained and anchored, under the checkpoint's lock; or, rehearsing, do all of it and roll it back.
-    The next checkpoint is written beside the old one before the commit (a full or read-only folder
-    refuses the record) and moved into place after it.
+    Two-phase (engine/audit_anchor.py): the next checkpoint is written durably as the intent before the
+    commit (a full or read-only folder refuses the record), and confirmed after it; an intent a writer
+    killed after its commit left is taken as the checkpoint, one killed before it is dropped.
 
     A read-only run (`create_key` False) makes nothing on the node but the record itself: with no key
     yet, its refusal is written the way records were before keys (SHA-256, no checkpoint), which verify
-    accepts before the first keyed record and counts as unkeyed."""
-    if not create_key and anchor.key(create=False) is None:
+    accepts before the first keyed record and counts as unkeyed.
+
+    `fresh` (`reanchor()`): the checkpoint is not read, and the next one carries no notes."""
+    if not create_key and anchor.key(create=False, writing=True) is None:
         try:
             with store.transaction() as conn:
                 rec = make(conn)
                 head = _head(conn)
                 if head is not None and head[1].startswith(KEYED + ":"):
-                    raise AnchorError(f"the audit key {anchor.key_file} is missing, and the trail is keyed")
+                    raise _KeyedMeanwhile  # another writer made the key since: write keyed, below
                 rec["prev_hash"] = head[1] if head else GENESIS
                 rec["hash"] = _chain(rec["prev_hash"], rec)
                 rec["seq"] = _insert(conn, rec)
                 if rehearse:
                     raise _Rehearsal
+            return rec
         except _Rehearsal:
-            pass
-        return rec
+            return rec
+        except _KeyedMeanwhile:
+            for k in ("prev_hash", "hash", "seq"):
+                rec.pop(k, None)
+            if anchor.key(create=False, writing=True) is None:
+                raise AnchorError(f"the audit key {anchor.key_file} is missing, and the trail is keyed") from None
     with anchor.locked(write=True):
         key = anchor.key(create=True)
         assert key is not None
-        tmp: Path | None = None
+        intended = False
         try:
             with store.transaction() as conn:
                 rec = make(conn)
                 head = _head(conn)
-                cp = anchor.checkpoint()
+                notes = () if fresh else _notes_for(head, _anchored(conn, anchor, key), anchor)
                 rec["prev_hash"] = head[1] if head else GENESIS
                 rec["hash"] = _mac(key, rec["prev_hash"], rec)
                 rec["seq"] = _insert(conn, rec)
-                tmp = anchor.prepare(Checkpoint(rec["seq"], rec["hash"], _notes_for(head, cp, anchor)))
-                if rehearse:
+                nxt = Checkpoint(rec["seq"], rec["hash"], notes)
+                if rehearse:  # the folder takes a checkpoint; the intent and the record are not kept
+                    anchor.prepare(nxt, key).unlink(missing_ok=True)
                     raise _Rehearsal
+                anchor.intend(nxt, key)
+                intended = True
         except _Rehearsal:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
             return rec
         except BaseException:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+            if intended:  # the commit failed: the intent names a record the store does not hold
+                try:
+                    anchor.withdraw()
+                except OSError:
+                    pass  # an intent that matches no record is ignored anyway
             raise
-        assert tmp is not None
         try:
-            anchor.commit(tmp)
-        except OSError as exc:
+            anchor.confirm()
+        except OSError as exc:  # the intent stays, and matches the record: verify takes it as the checkpoint
             raise AnchorError(f"record {rec['seq']} was written but its checkpoint could not be updated: {exc}") from exc
     return rec
+
+
+def _anchored(conn: sqlite3.Connection, anchor: Anchor, key: Key | None) -> Checkpoint | None:
+    """The checkpoint as the last writer left it: its intent when the store holds the record it names
+    with that MAC (the writer died after its commit, before confirming), else the checkpoint itself."""
+    cp = anchor.checkpoint(key, writing=True)
+    pending = anchor.pending(key, writing=True)
+    if pending is not None:
+        row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (pending.seq,)).fetchone()
+        if row is not None and row[0] == pending.mac:
+            return pending
+    return cp
+
+
+class _KeyedMeanwhile(Exception):
+    pass
 
 
 def _insert(conn: sqlite3.Connection, rec: dict[str, Any]) -> int:
@@ -479,6 +509,41 @@ def prune(store: Store, retention_days: float = DEFAULT_RETENTION_DAYS, now: flo
 
 class _NothingToPrune(Exception):
     pass
+
+
+def reanchor(store: Store, why: str, anchor: Anchor | None = None) -> dict[str, Any]:
+    """`fleetdeck audit anchor`: accept the store's last record as the checkpoint's, after a cause the
+    operator knows (a store moved, a checkpoint lost with its disk or corrupted): an `audit.anchor`
+    record, keyed and chained like any other, says who, why, what the checkpoint held (or why it could
+    not be read), the head it found and the notes it clears. Verify then goes by the new checkpoint and
+    names the last re-anchoring. Only a writer with the key and the checkpoint's folder can do it: a
+    record made with another key is reported by verify. Refused (recorded) when read-only."""
+    anchor = anchor or anchor_for(store.path)
+    trail = _trail
+    behalf = _on_behalf.get() or {}
+    source = behalf.get("source", trail.source if trail else "cli")
+    if is_read_only():
+        record("audit.anchor", "audit", "refused", READ_ONLY_REASON)
+        raise ReadOnlyError(f"audit.anchor audit: refused, {READ_ONLY_REASON}")
+
+    def make(conn: sqlite3.Connection) -> dict[str, Any]:
+        head = _head(conn)
+        try:
+            cp = _anchored(conn, anchor, anchor.key(create=False, writing=True))
+            held = "none" if cp is None else f"record {cp.seq}"
+            notes = "; ".join(cp.notes) if cp is not None else ""
+        except AnchorError as exc:
+            held, notes = f"unreadable: {exc}", ""
+        params = {"checkpoint": held, "head": head[0] if head else None, "notes": notes}
+        return _build("audit.anchor", "audit", "done", why, source, trail.node if trail else None, params, behalf,
+                      None)
+
+    rec = _write(store, anchor, make, fresh=True)
+    if trail is not None:
+        trail.written += 1
+        if trail.syslog_socket is not None:
+            send_syslog(rec, trail.syslog_socket)
+    return rec
 
 
 @dataclass

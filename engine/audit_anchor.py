@@ -3,11 +3,24 @@
 The key (32 random bytes, a 0600 file made on the first record that needs it) keys each record's MAC
 (HMAC-SHA256), so someone who can write the store but not read the key can neither forge a record nor
 recompute the chain after an edit. The checkpoint (a 0600 JSON file beside the key, one per store, named
-after the store's path) holds the sequence number and MAC of the last record written; it is replaced
-atomically after each append, under a lock that `verify` also takes, so a deleted tail or a store file
-rolled back to an older copy no longer matches it. A writer that finds the store's head differs from
-the checkpoint (a crash between the two, or someone else's hand) still appends, and carries a note of
-it in the checkpoint from then on, so `verify` keeps saying so.
+after the store's path) holds the sequence number and MAC of the last record written, under a lock that `verify` also takes,
+so a deleted tail or a store file rolled back to an older copy no longer matches it.
+
+An append is two-phase, so a writer killed between the store and the checkpoint leaves no false alarm:
+before the store commits, the checkpoint the record will make is written durably as the *intent*
+(`<checkpoint>.pending`); after the commit it is moved over the checkpoint. A writer that died after
+its commit left an intent naming a record the store holds with that very MAC: `verify` and the next
+writer take it as the checkpoint. One that died before its commit left an intent naming a record the
+store lacks: it is ignored, and the next append replaces it. Only a holder of the key can have made
+an intent that matches a record's MAC, and only a writer of this folder can have placed it.
+A writer that finds the store's head differs from the checkpoint otherwise (someone else's hand) still
+appends, and carries a note of it in the checkpoint from then on, so `verify` keeps saying so.
+
+These files are trusted only when they are fleetdeck's own: opened without following a symbolic link
+(one planted at the key's path would hand fleetdeck a key the planter knows), regular files, not
+readable or writable by group or others, owned by this user (or, for a reader such as an auditor
+running as root, by the store's owner), in a folder no one else can write. Anything else is refused
+with the file and the reason: writing (the action then does not happen) and verifying alike.
 
 Nothing here is created by reading: listing or verifying never makes a key, a checkpoint or a lock.
 Default place: the XDG state folder (`~/.local/state/fleetdeck/audit/`), apart from the store's data
@@ -16,12 +29,14 @@ folder, so restoring a backup of one does not restore the other; `[audit] key_fi
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 KEY_BYTES = 32
+LOCK_WAIT_S = 10.0  # how long an append or verify waits for another writer's lock (SQLite's wait is 5 s)
 
 
 class AnchorError(Exception):
@@ -62,12 +78,22 @@ class Checkpoint:
     notes: tuple[str, ...] = ()  # what a writer found wrong before its append; kept from then on
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (a power cut must not bring the old name back)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Anchor:
     """The key file and the checkpoint of one store."""
 
     key_file: Path
     checkpoint_file: Path
+    store_uid: int | None = None  # the store file's owner: whose key and checkpoint a reader may trust
 
     @classmethod
     def of(cls, store_path: Path, key_file: Path | None = None, checkpoint_file: Path | None = None) -> Anchor:
@@ -76,17 +102,83 @@ class Anchor:
             real = os.path.realpath(Path(store_path).expanduser())
             name = f"{Path(real).stem}-{hashlib.sha256(real.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
             checkpoint_file = key.parent / f"{name}.checkpoint"
-        return cls(key, Path(checkpoint_file))
+        try:
+            uid: int | None = os.stat(Path(store_path).expanduser()).st_uid
+        except OSError:
+            uid = None
+        return cls(key, Path(checkpoint_file), uid)
+
+    @property
+    def pending_file(self) -> Path:
+        """The intent: the checkpoint the record being committed will make (see the module's doc)."""
+        return self.checkpoint_file.with_name(self.checkpoint_file.name + ".pending")
+
+    # -- files that must be fleetdeck's own -------------------------------------------------------
+    def _owners(self, writing: bool) -> set[int]:
+        euid = os.geteuid()
+        return {euid} if writing or self.store_uid is None else {euid, self.store_uid}
+
+    def _check_folder(self, writing: bool) -> None:
+        folder = self.key_file.parent
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise AnchorError(f"cannot use the audit folder {folder}: {exc.strerror or exc}") from exc
+        if st.st_uid not in self._owners(writing):
+            raise AnchorError(f"the audit folder {folder} is owned by uid {st.st_uid}, not by this user (uid "
+                              f"{os.geteuid()}): its owner could replace the key and checkpoint in it")
+        if st.st_mode & 0o022:
+            raise AnchorError(f"the audit folder {folder} can be written by others (mode {st.st_mode & 0o777:04o}): "
+                              "they could replace the key and checkpoint in it; chmod 700 it")
+
+    def _read_private(self, path: Path, what: str, writing: bool) -> str:
+        """The text of a key or checkpoint file, if it is fleetdeck's own (FileNotFoundError if absent)."""
+        self._check_folder(writing)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise AnchorError(f"the audit {what} {path} is a symbolic link: fleetdeck follows none there "
+                                  "(whoever made it chooses the file read); put the file itself there") from exc
+            raise AnchorError(f"cannot read the audit {what} {path}: {exc.strerror or exc}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise AnchorError(f"the audit {what} {path} is not a regular file")
+            if st.st_uid not in self._owners(writing):
+                raise AnchorError(f"the audit {what} {path} is owned by uid {st.st_uid}, not by this user (uid "
+                                  f"{os.geteuid()}): its owner could have written it")
+            if st.st_mode & 0o077:
+                extra = ", and if others may have read it, it is no longer secret" if what == "key" else ""
+                raise AnchorError(f"the audit {what} {path} is open to others (mode {st.st_mode & 0o777:04o}): "
+                                  f"chmod 600 it{extra}")
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise AnchorError(f"cannot read the audit {what} {path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+        try:
+            return b"".join(chunks).decode()
+        except UnicodeDecodeError as exc:
+            raise AnchorError(f"{path} is not a fleetdeck audit {what} (it was changed, or is another file)") from exc
 
     @property
     def lock_file(self) -> Path:
         return self.checkpoint_file.with_name(self.checkpoint_file.name + ".lock")
 
     # -- the key ----------------------------------------------------------------------------------
-    def key(self, create: bool) -> Key | None:
-        """The key; made (0600, atomically, once even with racing writers) when `create` and absent."""
+    def key(self, create: bool, writing: bool | None = None) -> Key | None:
+        """The key; made (0600, atomically, once even with racing writers) when `create` and absent.
+        `writing` (default: `create`): for a record, so only a key of this user's is used."""
+        writing = create if writing is None else writing
         try:
-            return _read_key(self.key_file)
+            return _parse_key(self.key_file, self._read_private(self.key_file, "key", writing))
         except FileNotFoundError:
             if not create:
                 return None
@@ -94,6 +186,7 @@ class Anchor:
             from store.paths import private_dir
 
             private_dir(self.key_file.parent)
+            self._check_folder(writing=True)
             tmp = self.key_file.with_name(f".{self.key_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             try:
@@ -111,30 +204,43 @@ class Anchor:
         except OSError as exc:
             raise AnchorError(f"cannot create the audit key {self.key_file}: {exc.strerror or exc}") from exc
         try:
-            return _read_key(self.key_file)
+            return _parse_key(self.key_file, self._read_private(self.key_file, "key", writing=True))
         except FileNotFoundError as exc:
             raise AnchorError(f"the audit key {self.key_file} vanished as it was made") from exc
 
     # -- the checkpoint ---------------------------------------------------------------------------
-    def checkpoint(self) -> Checkpoint | None:
+    def checkpoint(self, key: Key | None, writing: bool = False) -> Checkpoint | None:
+        """The checkpoint, checked against `key` (its own MAC) when there is one."""
+        return self._checkpoint_at(self.checkpoint_file, "checkpoint", key, writing)
+
+    def pending(self, key: Key | None, writing: bool = False) -> Checkpoint | None:
+        """The intent a writer left (it died between writing it and confirming), if any."""
+        return self._checkpoint_at(self.pending_file, "checkpoint intent", key, writing)
+
+    def _checkpoint_at(self, path: Path, what: str, key: Key | None, writing: bool) -> Checkpoint | None:
         try:
-            doc = json.loads(self.checkpoint_file.read_text())
-            return Checkpoint(int(doc["seq"]), str(doc["mac"]), tuple(str(n) for n in doc.get("notes", [])))
+            doc = json.loads(self._read_private(path, what, writing))
+            cp = Checkpoint(int(doc["seq"]), str(doc["mac"]), tuple(str(n) for n in doc.get("notes", [])))
+            cmac = str(doc["cmac"])
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise AnchorError(f"cannot read the audit checkpoint {self.checkpoint_file}: {exc.strerror or exc}") from exc
         except (ValueError, KeyError, TypeError) as exc:
-            raise AnchorError(f"the audit checkpoint {self.checkpoint_file} is not one fleetdeck wrote") from exc
+            raise AnchorError(f"the audit {what} {path} is not one fleetdeck wrote") from exc
+        if key is not None and not hmac.compare_digest(cmac, _checkpoint_mac(key, cp)):
+            # Keyed like the records: pointing it at an earlier record (to hide a deleted tail) needs the key.
+            raise AnchorError(f"the audit {what} {path} was not written with this node's key {self.key_file} "
+                              "(changed by hand, or from another node)")
+        return cp
 
-    def prepare(self, cp: Checkpoint) -> Path:
-        """Write the next checkpoint to a temporary file beside it (so a full or read-only folder fails
-        before the record is committed); `commit()` moves it into place."""
+    def prepare(self, cp: Checkpoint, key: Key) -> Path:
+        """Write the next checkpoint, keyed, to a temporary file beside it (so a full or read-only folder
+        fails before the record is committed); `intend()` moves it into place as the intent."""
         tmp = self.checkpoint_file.with_name(f".{self.checkpoint_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             try:
-                data = json.dumps({"seq": cp.seq, "mac": cp.mac, "notes": list(cp.notes)}).encode()
+                data = json.dumps({"seq": cp.seq, "mac": cp.mac, "notes": list(cp.notes),
+                                   "cmac": _checkpoint_mac(key, cp)}).encode()
                 if os.write(fd, data) != len(data):
                     raise OSError(28, "short write")
                 os.fsync(fd)
@@ -145,8 +251,24 @@ class Anchor:
             raise AnchorError(f"cannot write the audit checkpoint {self.checkpoint_file}: {exc.strerror or exc}") from exc
         return tmp
 
-    def commit(self, tmp: Path) -> None:
-        os.replace(tmp, self.checkpoint_file)
+    def intend(self, cp: Checkpoint, key: Key) -> None:
+        """Before the store commits: `cp`, durably, as the intent (it replaces any a dead writer left)."""
+        tmp = self.prepare(cp, key)
+        try:
+            os.replace(tmp, self.pending_file)
+            _fsync_dir(self.pending_file.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise AnchorError(f"cannot write the audit checkpoint {self.checkpoint_file}: {exc.strerror or exc}") from exc
+
+    def confirm(self) -> None:
+        """After the store committed: the intent becomes the checkpoint."""
+        os.replace(self.pending_file, self.checkpoint_file)
+        _fsync_dir(self.checkpoint_file.parent)
+
+    def withdraw(self) -> None:
+        """The store did not commit: the intent names nothing; drop it."""
+        self.pending_file.unlink(missing_ok=True)
 
     @contextmanager
     def locked(self, write: bool) -> Iterator[None]:
@@ -156,9 +278,10 @@ class Anchor:
                 from store.paths import private_dir
 
                 private_dir(self.lock_file.parent)
-                fd = os.open(self.lock_file, os.O_CREAT | os.O_RDWR, 0o600)
+                self._check_folder(writing=True)
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             else:
-                fd = os.open(self.lock_file, os.O_RDONLY)
+                fd = os.open(self.lock_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             if write:
                 raise AnchorError(f"cannot lock the audit checkpoint {self.lock_file}: no such folder") from None
@@ -170,19 +293,41 @@ class Anchor:
                 return
             raise AnchorError(f"cannot lock the audit checkpoint {self.lock_file}: {exc.strerror or exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+            self._take(fd, write)
+            if write:  # who holds it, for the message of a writer or reader that gives up waiting
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # closing releases the lock
 
+    def _take(self, fd: int, write: bool) -> None:
+        """Wait up to LOCK_WAIT_S for the lock: a writer stopped while holding it (suspended, hung on a
+        dead disk) makes every action fail closed with a line that says so, not hang for ever."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        by = f" by process {holder}" if holder.isdigit() else ""
+        raise AnchorError(f"the audit lock {self.lock_file} is held{by} for more than {LOCK_WAIT_S:g} s: "
+                          "a fleetdeck process stopped while writing a record? (resume or end it, then retry)")
 
-def _read_key(path: Path) -> Key:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AnchorError(f"cannot read the audit key {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+def _checkpoint_mac(key: Key, cp: Checkpoint) -> str:
+    body = json.dumps({"seq": cp.seq, "mac": cp.mac, "notes": list(cp.notes)}, sort_keys=True, separators=(",", ":"))
+    return key.mac(b"fleetdeck-checkpoint-1\0" + body.encode())
+
+
+def _parse_key(path: Path, text: str) -> Key:
     try:
         doc: dict[str, Any] = json.loads(text)
         secret = bytes.fromhex(doc["key"])

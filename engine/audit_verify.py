@@ -5,8 +5,11 @@ Checked, in order: each record follows the one before it; a keyed record's HMAC 
 after a keyed one, nor one dated after the key was made; records missing before the first one are
 accounted for by the last `audit.prune` record (or, in a store pruned before keys, by audit_prune), and
 no prune cut records younger than the retention; the last record is the one the checkpoint holds, and
-no writer found otherwise before its append (the checkpoint's notes). Reading holds the checkpoint's
-lock shared, so a concurrent append is seen whole or not at all, and creates nothing.
+no writer found otherwise before its append (the checkpoint's notes). A writer's intent stands for the
+checkpoint when the store holds the record it names with that MAC (the writer was killed between its
+commit and confirming); otherwise it is ignored (killed before its commit). The key, checkpoint and
+intent are read only when they are fleetdeck's own (engine/audit_anchor.py). Reading holds the
+checkpoint's lock shared, so a concurrent append is seen whole or not at all, and creates nothing.
 """
 
 from __future__ import annotations
@@ -41,21 +44,33 @@ def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Ve
         key = anchor.key(create=False)
     except AnchorError as exc:
         return Verdict(False, 0, None, f"cannot check the records' MACs: {exc}")
-    with anchor.locked(write=False):
-        rows = store.query("SELECT * FROM audit ORDER BY seq")
-        legacy_prunes = store.query("SELECT cutoff, at FROM audit_prune ORDER BY rowid")
-        try:
-            cp = anchor.checkpoint()
-        except AnchorError as exc:
-            return Verdict(False, len(rows), rows[-1]["seq"] if rows else None, str(exc))
+    try:
+        with anchor.locked(write=False):
+            rows = store.query("SELECT * FROM audit ORDER BY seq")
+            legacy_prunes = store.query("SELECT cutoff, at FROM audit_prune ORDER BY rowid")
+            try:
+                cp = anchor.checkpoint(key)
+                pending = anchor.pending(key)
+            except AnchorError as exc:
+                return Verdict(False, len(rows), rows[-1]["seq"] if rows else None, str(exc))
+    except AnchorError as exc:  # the lock: a writer stopped while holding it
+        return Verdict(False, 0, None, f"cannot verify: {exc}")
     unkeyed = 0
+    notes = []
+    if pending is not None:
+        held = next((r for r in reversed(rows) if r["seq"] == pending.seq), None)
+        if held is not None and held["hash"] == pending.mac:
+            cp = pending  # its writer committed it, then died before confirming: the intent is the checkpoint
+            notes.append(f"record {pending.seq} anchored by its writer's intent (it stopped before confirming)")
+        else:
+            notes.append(f"a writer stopped while appending record {pending.seq}, which the store does not hold: "
+                         "it was never committed, or it was removed since")
     try:
         unkeyed, last_prune = _walk(rows, key, anchor)
         _check_start(rows, last_prune, legacy_prunes, retention_days, now)
         _check_head(rows, cp, anchor)
     except _Broken as exc:
         return Verdict(False, len(rows), exc.seq, str(exc), unkeyed)
-    notes = []
     if unkeyed:
         notes.append(f"{unkeyed} unkeyed (written before the audit key existed; checked by SHA-256 only)")
     if rows and rows[0]["prev_hash"] != _genesis():
@@ -64,6 +79,12 @@ def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Ve
             notes.append(f"records before {_day(cutoff)} pruned by retention (record {last_prune['seq']})")
         else:
             notes.append(f"records before {_day(max(p['cutoff'] for p in legacy_prunes))} pruned by retention")
+    anchored = next((r for r in reversed(rows) if r["action"] == "audit.anchor" and r["outcome"] == "done"), None)
+    if anchored is not None:  # an operator accepted the head; what it held then stays in the record
+        p = json.loads(anchored["params"])
+        notes.append(f"re-anchored at record {anchored['seq']} by {anchored['actor']} ({anchored['reason']}); the "
+                     f"checkpoint then held {p.get('checkpoint')}, the store's last record was {p.get('head')}"
+                     + (f", notes cleared: {p['notes']}" if p.get("notes") else ""))
     if cp is not None:
         notes.append(f"last record {cp.seq} anchored")
     return Verdict(True, len(rows), None, f"{len(rows)} record(s), chain intact" +
@@ -85,6 +106,7 @@ def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[
     last_prune = None
     for i, rec in enumerate(rows):
         seq = rec["seq"]
+        _check_types(rec)
         if prev is not None and rec["prev_hash"] != prev:
             raise _Broken(seq, f"record {seq} does not follow record {rows[i - 1]['seq']}: a record between them "
                                "was removed, or one of them was changed")
@@ -96,6 +118,12 @@ def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[
                                    "nothing can be checked without it")
             kid = mac.split(":")[1] if mac.count(":") >= 2 else "?"
             if kid != key.kid:
+                later = next((r["seq"] for r in rows[i + 1:] if str(r["hash"]).startswith(f"{KEYED}:{key.kid}:")), None)
+                if later is not None:  # the key changed under the trail: say where, and the likely why
+                    raise _Broken(seq, f"record {seq} was written with another key (id {kid}), and from record "
+                                       f"{later} on with {anchor.key_file} (key {key.kid}): the store was carried "
+                                       "here without its key (verify with --key and --checkpoint of the original), "
+                                       "or the key was replaced")
                 raise _Broken(seq, f"record {seq} was written with another key (id {kid}; {anchor.key_file} "
                                    f"is key {key.kid}): the key was replaced, or the record forged")
             if _mac(key, prev, rec) != mac:
@@ -115,6 +143,25 @@ def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[
             last_prune = rec
         prev = mac
     return unkeyed, last_prune
+
+
+_TEXT = ("utc", "source", "node", "action", "target", "params", "outcome", "prev_hash", "hash")
+_OPTIONAL_TEXT = ("actor", "origin", "key_fingerprint", "on_behalf_of", "reason")
+
+
+def _check_types(rec: dict[str, Any]) -> None:
+    """A value of a type fleetdeck never writes (sqlite3 takes a BLOB, a NULL or text anywhere once the
+    table is rebuilt without its constraints) is named as such, before any check that would trip on it."""
+    seq = rec.get("seq")
+    wrong = [c for c in ("seq",) if not isinstance(rec.get(c), int) or isinstance(rec.get(c), bool)]
+    wrong += [c for c in ("ts",) if not isinstance(rec.get(c), (int, float)) or isinstance(rec.get(c), bool)]
+    wrong += [c for c in _TEXT if not isinstance(rec.get(c), str)]
+    wrong += [c for c in _OPTIONAL_TEXT if rec.get(c) is not None and not isinstance(rec.get(c), str)]
+    if wrong:
+        shown_seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+        raise _Broken(shown_seq, f"record {shown_seq if shown_seq is not None else '?'} holds a value fleetdeck "
+                                 f"never writes in {', '.join(wrong)} (a {type(rec.get(wrong[0])).__name__}): "
+                                 "changed outside fleetdeck")
 
 
 def _check_start(rows: list[dict[str, Any]], last_prune: dict[str, Any] | None, legacy: list[dict[str, Any]],

@@ -18,7 +18,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser("audit", parents=[sub.common], help="the audit trail of operator actions; `audit verify` checks it",
                        description="Operator actions recorded on this node (newest first). `fleetdeck audit verify` "
                                    "checks the hash chain and names the first record that was changed or removed.")
-    p.add_argument("what", nargs="?", choices=("verify",), help="verify the chain instead of listing")
+    p.add_argument("what", nargs="?", choices=("verify", "anchor"),
+                   help="verify the chain instead of listing; or `anchor --reason WHY`: accept the last record as "
+                        "the checkpoint's after a known cause (a store moved, a checkpoint lost), itself recorded")
+    p.add_argument("--reason", metavar="WHY", help="why `audit anchor` is needed (recorded)")
     p.add_argument("--since", type=since, metavar="WHEN", help="7d, 12h, 30m, or a date/time (2026-11-01, 2026-11-01T08:00)")
     p.add_argument("--node", help="only this node's records")
     p.add_argument("--action", help="one action (server.start) or a family (server)")
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_fleet_config(args.config).audit
     anchor = Anchor.of(store_path, Path(args.key) if args.key else settings.key_file,
                        Path(args.checkpoint) if args.checkpoint else None)
+    if args.what == "anchor":
+        return _anchor(store, anchor, args.reason)
     if not audit.is_read_only() and args.what != "verify":
         try:  # only past the retention, and as a record of its own; if that cannot be written, nothing goes
             audit.prune(store, settings.retention_days, anchor=anchor)
@@ -68,20 +73,50 @@ def run(args: argparse.Namespace) -> int:
     rows = audit.query(store, since=args.since, node=args.node, action=args.action)
     if args.json:  # JSON escapes every control character itself
         for r in rows:
-            r["params"] = json.loads(r["params"])
-        print(json.dumps(rows, indent=2))
+            r["params"] = _params(r["params"])
+        # A value of a type fleetdeck never writes (a BLOB planted with sqlite3) is shown as its repr;
+        # `audit verify` names the record.
+        print(json.dumps(rows, indent=2, default=repr))
         return 0
     if not rows:
         print("no audit records" + (" match" if args.since or args.node or args.action else " yet"), file=sys.stderr)
         return 0
     table = []
     for r in rows:
+        r = {k: (v if isinstance(v, str) or v is None else str(v)) for k, v in r.items()}  # planted types, as text
         who = (r["actor"] or "?") + (f"@{r['origin']}" if r["origin"] not in (None, "local") else "")
         if r["on_behalf_of"]:
             who += f" for {r['on_behalf_of']}"
         # Each cell escaped: an operator value with ESC sequences or a newline neither colours the
         # auditor's terminal nor forges a line.
-        table.append([shown(c) for c in (f"{r['utc'][:19]}Z", r["node"], r["source"], who, r["action"], r["target"],
-                                         r["outcome"] + (f": {r['reason']}" if r["reason"] else ""))])
+        table.append([shown(c) for c in (f"{(r['utc'] or '?')[:19]}Z", r["node"], r["source"], who, r["action"],
+                                         r["target"], (r["outcome"] or "?") + (f": {r['reason']}" if r["reason"] else ""))])
     print_table(["when (UTC)", "node", "from", "who", "action", "target", "outcome"], table)
     return 0
+
+
+def _anchor(store: Any, anchor: Any, reason: str | None) -> int:
+    from engine import audit
+    from engine.audit_anchor import AnchorError
+    from engine.audit_text import shown
+
+    if not reason or not reason.strip():
+        print("fleetdeck: audit anchor needs --reason WHY (it is recorded with who ran it)", file=sys.stderr)
+        return 2
+    try:
+        rec = audit.reanchor(store, reason, anchor)
+    except (AnchorError, OSError, sqlite3.Error) as exc:
+        print(f"fleetdeck: not re-anchored: {shown(exc)}", file=sys.stderr)
+        return 2
+    params = json.loads(rec["params"])
+    print(f"re-anchored at record {rec['seq']} (the checkpoint held {shown(params['checkpoint'])}; the store's "
+          f"last record was {params['head']})")
+    return 0
+
+
+def _params(text: Any) -> Any:
+    """A record's parameters as JSON; text that is not JSON (changed outside fleetdeck) as it is."""
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return text

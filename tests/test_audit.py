@@ -115,7 +115,8 @@ def test_every_cli_action_leaves_exactly_one_record_with_its_outcome(site, capsy
 
 # Actions no CLI command takes: each has its own test here.
 NOT_CLI = {"router.reload": "the proxy's /admin/reload and SIGHUP: test_a_proxy_reload_is_audited_and_fails_closed",
-           "audit.prune": "retention, by `fleetdeck audit`: test_retention_prunes_only_old_records_...",}
+           "audit.prune": "retention, by `fleetdeck audit`: test_retention_prunes_only_old_records_...",
+           "audit.anchor": "`fleetdeck audit anchor`: tests/test_audit_attack.py test_audit_anchor_...",}
 
 MUTATING_CLI = [
     (["serve", "start", "q", "--gpus", "0", "--simulated"], "server.start"),

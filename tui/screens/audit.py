@@ -91,21 +91,29 @@ class AuditScreen(PolledScreen):
             status.update(Text(("chain intact: " if verdict.ok else "CHAIN BROKEN: ") + shown(verdict.message),
                                style="green" if verdict.ok else "bold red"))
         table = self.query_one("#audit-table", DeckTable)
-        keys = [str(r["seq"]) for r in rows]
+        # Values sqlite3 can plant (NULL, a BLOB, a repeated seq; `verify` names them) are shown as text,
+        # with row keys made unique, so such a store is listed rather than stopping the screen.
+        rows = [{k: (v if isinstance(v, str) or v is None else str(v)) for k, v in r.items()} for r in rows]
+        keys: list[str] = []
+        for r in rows:
+            key = str(r["seq"])
+            while key in keys:
+                key += "'"
+            keys.append(key)
         if keys == [k for k, _ in table.rows_given]:
             return
         out = []
         with self.app.batch_update():
-            for r in rows:
+            for r, key in zip(rows, keys):
                 who = r["actor"] or "?"
                 if r["on_behalf_of"]:
                     who = f"{r['on_behalf_of']} via {who}"
-                outcome = r["outcome"] + (f": {r['reason']}" if r["reason"] else "")
+                outcome = (r["outcome"] or "?") + (f": {r['reason']}" if r["reason"] else "")
                 style = "" if r["outcome"] == "done" else ("yellow" if r["outcome"] == "refused" else "red")
                 # Text, not markup, and escaped: a value is shown as written, never styled or split.
-                cells = [Text(shown(c)) for c in (r["utc"][:19].replace("T", " "), r["node"], r["source"], who,
+                cells = [Text(shown(c)) for c in ((r["utc"] or "?")[:19].replace("T", " "), r["node"], r["source"], who,
                                                   r["action"], r["target"])]
-                out.append((str(r["seq"]), [*cells, Text(shown(outcome), style=style)]))
+                out.append((key, [*cells, Text(shown(outcome), style=style)]))
             table.set_rows(out)
 
     @on(Input.Submitted)
