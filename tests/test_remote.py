@@ -52,8 +52,23 @@ def test_agent_over_a_local_pipe_with_faked_nvml(monkeypatch, tmp_path):
     pipe.close()
 
 
-def test_a_remote_node_connects_drops_and_comes_back():
-    node = RemoteNode("flaky", AGENT, interval_s=0.2, backoff_s=(0.2, 0.5), hello_timeout_s=WAIT_CEILING_S)
+# The first connection is the real agent at once; every later one waits for the test's go file, so the
+# test sees the node down for as long as it needs to, however slow the machine.
+GATED_AGENT = textwrap.dedent("""
+    import os, sys, time
+    marker, go, real = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if os.path.exists(marker):
+        while not os.path.exists(go):
+            time.sleep(0.05)
+    open(marker, "w").close()
+    os.execv(real[0], real)
+""")
+
+
+def test_a_remote_node_connects_drops_and_comes_back(tmp_path):
+    go = tmp_path / "go"
+    node = RemoteNode("flaky", [PY, "-c", GATED_AGENT, str(tmp_path / "first"), str(go), *AGENT], interval_s=0.2,
+                      backoff_s=(0.2, 0.5), hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: node.link.status == "connected" and node.snapshot().gpus)
         snap = node.snapshot()
@@ -68,7 +83,8 @@ def test_a_remote_node_connects_drops_and_comes_back():
         assert ("unreachable" in down.reason or "connecting" in down.reason)
         with pytest.raises(AgentError):
             node.request("ping", timeout=1)
-        # ... and is reconnected with backoff.
+        # ... and is reconnected with backoff when the node is back.
+        go.touch()
         assert wait_for(lambda: node.link.status == "connected")
     finally:
         node.close()
@@ -265,11 +281,13 @@ def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp
 
 
 # --- one node interface ------------------------------------------------------------------------------
-def test_a_reconnect_with_an_answered_request_still_pending_does_not_kill_the_node():
+def test_a_reconnect_with_an_answered_request_still_pending_does_not_kill_the_node(tmp_path):
     """A future already answered when the link drops is left alone; the node comes back."""
     from concurrent.futures import Future
 
-    node = RemoteNode("flaky", AGENT, interval_s=0.2, backoff_s=(0.2, 0.5), hello_timeout_s=WAIT_CEILING_S)
+    go = tmp_path / "go"
+    node = RemoteNode("flaky", [PY, "-c", GATED_AGENT, str(tmp_path / "first"), str(go), *AGENT], interval_s=0.2,
+                      backoff_s=(0.2, 0.5), hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: node.link.status == "connected")
         answered: Future = Future()
@@ -277,6 +295,7 @@ def test_a_reconnect_with_an_answered_request_still_pending_does_not_kill_the_no
         node._pending[999_999] = answered  # as if request() had not yet collected it when the agent went
         os.kill(node._proc.pid, signal.SIGKILL)  # the agent goes now (not on a timer a loaded machine could beat)
         assert wait_for(lambda: node.link.status != "connected")
+        go.touch()  # the node is back
         assert wait_for(lambda: node.link.status == "connected"), node.link.error
         assert node._thread.is_alive() and node.request("ping")["pong"] > 0
     finally:
