@@ -149,8 +149,12 @@ def test_a_server_is_not_ready_while_another_process_answers_on_its_port(store, 
         other.server_close()
     launcher.stop(store, rec, timeout=5)
     monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.1")
-    rec, _ = start_ready(store, tmp_path)
-    assert rec.state == "ready" and launcher.answered_by_own_process(rec)
+    with socket.socket() as s:  # a port the kernel picks at random: unlikely to be another run's next choice
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rec, _ = start_ready(store, tmp_path, port=port)
+    assert rec.state == "ready", rec.reason
+    assert launcher.answered_by_own_process(rec)
 
 
 def test_a_restarted_dashboard_reattaches_and_notices_deaths(store, tmp_path):
