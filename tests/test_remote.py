@@ -438,6 +438,22 @@ def test_every_operation_on_a_node_over_real_ssh_from_the_command_line(sshd, tmp
         stop_everything(remote / "fd.db")
 
 
+def test_a_node_whose_agent_never_says_hello_is_named_with_the_nodes_hello_limit(sshd, tmp_path, capsys):
+    """A `--node` command waits for the first session's outcome, bounded by the node's hello_timeout_s."""
+    dest, opts = sshd
+    marker = str(tmp_path / "mute-agent")  # marks it for the kill below (nothing else names it)
+    silent = [PY, "-c", "import time; time.sleep(600)", marker]
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[node]]\nname = "mute"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
+                     f"agent_command = {json.dumps(silent)}\nhello_timeout_s = 1\n")
+    try:
+        assert main(["serve", "ls", "--node", "mute", "--config", str(fleet), "--store", str(tmp_path / "l.db")]) == 2
+        err = capsys.readouterr().err
+        assert "mute: no hello from the agent within 1 s" in err and "Traceback" not in err
+    finally:
+        kill_processes_mentioning(marker)
+
+
 def stop_everything(store_path: Path) -> None:
     """Stop the servers and jobs a node's store records as live (by their recorded pids)."""
     from engine.finetune import jobs as job_records
