@@ -18,6 +18,9 @@ class NodeConfig(Strict):
                      description="an SSH destination: host, user@host or a ~/.ssh/config alias")
     ssh_options: list[str] = Field(default_factory=list)
     agent_command: list[str] = Field(default_factory=list, description="default: fleetdeck agent --stdio")
+    hello_timeout_s: float = Field(default=20.0, gt=0, le=3600,
+                                   description="how long SSH and the agent's start may take before its hello "
+                                               "(raise it for a node that is slow to start Python)")
 
 
 class AuditSettings(Strict):

@@ -45,7 +45,9 @@ class LocalNode:
 
     def snapshot(self) -> NodeSnapshot:
         with self._lock:
-            if self._reading is None:
+            # A read that has finished is never answered again as new: its thread clears it only after
+            # handing over the result, and a caller can be back before that on a busy machine.
+            if self._reading is None or self._reading.done():
                 self._reading = Future()
                 self._since = time.time()
                 threading.Thread(target=self._read, args=(self._reading,), name=f"nvml-{self.name}", daemon=True).start()

@@ -316,7 +316,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def remote_sources(config: object) -> list:
     from fleet.remote import RemoteNode
 
-    return [RemoteNode.over_ssh(n.name, n.ssh, list(n.ssh_options), n.agent_command or None)  # type: ignore[attr-defined]
+    return [RemoteNode.over_ssh(n.name, n.ssh, list(n.ssh_options), n.agent_command or None,  # type: ignore[attr-defined]
+                                hello_timeout_s=n.hello_timeout_s)  # type: ignore[attr-defined]
             for n in config.node]  # type: ignore[attr-defined]
 
 

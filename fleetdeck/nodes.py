@@ -8,8 +8,12 @@ import sys
 from typing import Any
 
 
-def remote_node(config: Any, name: str, timeout: float = 30.0) -> Any:
-    """Connect to a node of the fleet config through its agent; raises AgentError if it does not answer."""
+def remote_node(config: Any, name: str) -> Any:
+    """Connect to a node of the fleet config through its agent; raises AgentError if it does not answer.
+
+    The first session decides: it ends connected, incompatible or unreachable, bounded by the node's
+    hello_timeout_s (ssh's ConnectTimeout is inside it). A clock of its own here would be a second,
+    shorter limit that a slow but working node (a loaded machine starting Python) could miss."""
     import time
 
     from fleet.remote import AgentError, RemoteNode
@@ -17,11 +21,10 @@ def remote_node(config: Any, name: str, timeout: float = 30.0) -> Any:
     node = next((n for n in config.node if n.name == name), None)
     if node is None:
         raise AgentError(f"no node {name!r} in the fleet config (nodes: {', '.join(n.name for n in config.node) or 'none'})")
-    remote = RemoteNode.over_ssh(node.name, node.ssh, list(node.ssh_options), node.agent_command or None)
-    deadline = time.time() + timeout
-    while remote.link.status != "connected" and time.time() < deadline:
-        if remote.link.status == "incompatible":
-            break
+    remote = RemoteNode.over_ssh(node.name, node.ssh, list(node.ssh_options), node.agent_command or None,
+                                 hello_timeout_s=node.hello_timeout_s)
+    safety_net = time.monotonic() + node.hello_timeout_s + 30  # only if the session's own watchdog never fires
+    while remote.link.status == "connecting" and time.monotonic() < safety_net:
         time.sleep(0.1)
     if remote.link.status != "connected":
         remote.close()

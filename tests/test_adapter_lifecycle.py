@@ -23,7 +23,7 @@ from engine.adapter_versions import content_hash, integrity_problem
 from engine.vllm import launcher
 from fleetdeck.cli import main
 from store.db import open_store
-from tests.helpers import FAKE_VLLM_CMD, h100, make_adapter, profile, wait_for
+from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S, h100, make_adapter, profile, wait_for
 
 # The simulator answers " tok0 ... tok15" to a request without max_tokens (as calibration sends it).
 SIM_ANSWER = " ".join(f"tok{i}" for i in range(16))
@@ -45,8 +45,8 @@ def site(tmp_path):
     fleet.write_text(f'adapter_roots = ["{roots}"]\n')
     store = open_store(tmp_path / "fd.db")
     rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
-    rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
-    assert rec.state == "ready"
+    rec = launcher.wait_ready(store, rec, timeout=WAIT_CEILING_S, poll=0.1)
+    assert rec.state == "ready", rec.reason
     yield {"root": tmp_path, "roots": roots, "fleet": fleet, "store": store, "server": rec,
            "common": ["--store", str(tmp_path / "fd.db"), "--config", str(fleet)]}
     for r in launcher.list_servers(store):
@@ -166,7 +166,7 @@ def test_compare_scores_a_served_model_against_its_version_and_says_when_it_lose
     # A second server stands for the merged (or quantized) model, served without the adapter.
     merged, _ = launcher.start(site["store"], profile(name="merged", served_model_name="tickets-merged"), [1],
                                gpu_snapshots=[h100(index=1)], log_dir=tmp_path)
-    merged = launcher.wait_ready(site["store"], merged, timeout=30, poll=0.1)
+    merged = launcher.wait_ready(site["store"], merged, timeout=WAIT_CEILING_S, poll=0.1)
     capsys.readouterr()
     assert cli(site, "adapters", "compare", "tickets@v1", "--server", merged.id, "--eval", str(gate), "--json") == 0
     doc = json.loads(capsys.readouterr().out)
@@ -305,15 +305,11 @@ def test_proxy_reload_is_loopback_only_and_keeps_the_old_config_when_the_new_one
         assert router.config.task[0].slm_model == "m@v2"
 
 
-async def _until(app, pilot, cond, rounds: int = 100) -> bool:
-    from tests.tui_helpers import settle
+async def _until(app, pilot, cond) -> bool:
+    from tests.tui_helpers import until
 
-    for _ in range(rounds):
-        await settle(app, pilot, 1)
-        if cond():
-            return True
-        await pilot.pause(0.05)
-    return cond()
+    await until(app, pilot, cond)  # the condition, not a number of rounds (fails itself past its safety net)
+    return True
 
 
 async def test_router_screen_evaluates_promotes_and_rolls_back_from_the_keyboard(site, tmp_path):

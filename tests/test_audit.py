@@ -15,7 +15,7 @@ import pytest
 from engine import audit
 from fleetdeck.cli import main
 from store.db import open_store
-from tests.helpers import FAKE_VLLM_CMD, Pipe, make_node_files, wait_for
+from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S, Pipe, make_node_files, wait_for
 
 PLANTED = "sk-planted-7f3a9c"
 
@@ -507,7 +507,7 @@ def test_a_proxy_reload_is_audited_and_fails_closed(site, tmp_path):
         assert "its audit record cannot be written" in r.json()["error"]["message"] and models() == ["a", "b"]
         key.write_bytes(good)
         proxy.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: models() == ["a", "b", "c"], timeout=30)
+        assert wait_for(lambda: models() == ["a", "b", "c"])
     finally:
         proxy.send_signal(signal.SIGTERM)
         out, _ = proxy.communicate(timeout=30)
@@ -592,7 +592,7 @@ async def test_a_tui_action_whose_record_cannot_be_written_does_not_happen(tmp_p
     path = tmp_path / "fd.db"
     store = open_store(path)
     rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
-    rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
+    rec = launcher.wait_ready(store, rec, timeout=WAIT_CEILING_S, poll=0.1)
     key = tmp_path / "audit.key"
     key.write_text("not a key\n")
     try:

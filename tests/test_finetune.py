@@ -21,6 +21,7 @@ from fleet.model import GpuSnapshot
 from fleetdeck.cli import main
 from store.db import open_store
 from tests.fakes.tiny_model import make_dataset, make_tiny_model
+from tests.helpers import WAIT_CEILING_S
 
 GIB = 1024**3
 
@@ -41,7 +42,7 @@ def spec_file(tmp_path: Path, model: Path, data: Path, **extra) -> Path:
     return path
 
 
-def wait_state(store, rec, states, timeout=180):
+def wait_state(store, rec, states, timeout=WAIT_CEILING_S):
     deadline = time.time() + timeout
     while time.time() < deadline:
         rec = jobs.refresh(store, jobs.get(store, rec.id))
@@ -58,7 +59,7 @@ def test_peft_job_runs_on_cpu_is_cancelled_resumed_and_ends_with_a_servable_adap
     rec = jobs.start(store, spec, None)
     assert rec.env["HF_HUB_OFFLINE"] == "1" and rec.gpus == "cpu"
     # Progress lines arrive while it trains.
-    deadline = time.time() + 120
+    deadline = time.time() + WAIT_CEILING_S  # a safety net: the loop waits for the steps
     while (step := jobs.last_step(rec)) is None or step["step"] < 3:
         assert time.time() < deadline, Path(rec.log_path).read_text()[-2000:]
         time.sleep(0.1)

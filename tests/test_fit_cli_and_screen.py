@@ -10,7 +10,7 @@ from textual.widgets import DataTable, Input, Select, Static
 
 from fleetdeck.cli import main
 from tests.fakes.fake_nvml import MIB, FakeGpu, FakeNvml
-from tests.tui_helpers import make_app, ready, static_text
+from tests.tui_helpers import drain, make_app, ready, static_text, until
 from tui.screens.fit import FitScreen
 
 JSON_KEYS = {"model", "kv_bytes_per_token", "weights_gib", "available_kv_gib", "num_gpu_blocks", "block_size",
@@ -69,7 +69,7 @@ async def _open_fit(app, pilot) -> FitScreen:
     await ready(app, pilot)
     await pilot.press("2")
     await pilot.pause()
-    await app.workers.wait_for_complete()
+    await drain(app)
     await pilot.pause()
     assert isinstance(app.screen, FitScreen)
     return app.screen
@@ -94,7 +94,7 @@ async def test_fit_screen_explains_a_failure_and_a_bad_model():
         # A busy A10 (the simulated vLLM holds most of it): vLLM would refuse at start-up.
         screen.query_one("#fit-gpu", Select).value = "sim-a10-02/0"
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await drain(app)
         await pilot.pause()
         verdict = static_text(screen.query_one("#fit-verdict", Static))
         assert "DOES NOT FIT" in verdict and "less than desired GPU memory utilization" in verdict
@@ -103,9 +103,7 @@ async def test_fit_screen_explains_a_failure_and_a_bad_model():
         await pilot.press("tab")  # leave the model field ...
         model.focus()
         await pilot.press("enter")  # ... and submit it
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        assert "unknown model" in static_text(screen.query_one("#fit-verdict", Static))
+        await until(app, pilot, lambda: "unknown model" in static_text(screen.query_one("#fit-verdict", Static)))
         assert app.is_running
 
 
@@ -115,7 +113,7 @@ async def test_fit_screen_grid_turns_red_past_the_largest_context():
         screen = await _open_fit(app, pilot)
         screen.query_one("#fit-gpu", Select).value = "preset: RTX 4090 24GB (23.55 GiB)"
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await drain(app)
         await pilot.pause()
         grid = screen.query_one("#fit-grid", DataTable)
         auto = [str(c) for c in grid.get_row("auto")[1:]]
@@ -132,7 +130,7 @@ async def test_fit_screen_plans_the_models_default_length_and_refuses_past_its_l
         screen.query_one("#fit-model", Input).value = "Qwen/Qwen3-8B"
         screen.query_one("#fit-len", Input).value = "200000"
         screen.action_plan()
-        await app.workers.wait_for_complete()
+        await drain(app)
         await pilot.pause()
         verdict = static_text(screen.query_one("#fit-verdict", Static))
         assert "DOES NOT FIT" in verdict and "max_position_embeddings=40960" in verdict

@@ -17,8 +17,8 @@ from fleet.config import FleetConfig
 from engine.kvfit.catalogue import CATALOGUE
 from engine.vllm import launcher
 from store.db import open_store
-from tests.helpers import FAKE_VLLM_CMD, h100, profile
-from tests.tui_helpers import make_app, ready, settle
+from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S, h100, profile
+from tests.tui_helpers import make_app, ready, settle, until
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.jobs import JobsScreen
 
@@ -36,7 +36,7 @@ def simulated_spec(tmp_path: Path, steps: int) -> JobSpec:
 async def test_jobs_screen_shows_progress_and_cancels_after_confirmation(tmp_path):
     store = open_store(tmp_path / "fd.db")
     rec = jobs.start(store, simulated_spec(tmp_path, 200), None)
-    deadline = time.time() + 30
+    deadline = time.time() + WAIT_CEILING_S  # a safety net: the loop waits on the condition
     while jobs.last_step(rec) is None:
         assert time.time() < deadline
         time.sleep(0.1)
@@ -58,13 +58,9 @@ async def _cancel_from_the_screen(app, store, rec):
         assert str(table.get_cell(rec.id, "step")).endswith("/200")
         assert str(table.get_cell(rec.id, "state")) == "running"
         await pilot.press("c")
-        await pilot.pause()
-        assert isinstance(app.screen, ConfirmScreen)
+        await until(app, pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
         await pilot.press("y")
-        for _ in range(20):
-            await settle(app, pilot)
-            if jobs.get(store, rec.id).state == "cancelled":
-                break
+        await until(app, pilot, lambda: jobs.get(store, rec.id).state == "cancelled", "the job cancelled")
         assert jobs.refresh(store, jobs.get(store, rec.id)).state == "cancelled"
 
 
@@ -73,9 +69,9 @@ async def test_v_serves_a_finished_adapter_into_a_compatible_server(tmp_path, mo
     monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
     store = open_store(tmp_path / "fd.db")
     server, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
-    server = launcher.wait_ready(store, server, timeout=30, poll=0.1)
+    server = launcher.wait_ready(store, server, timeout=WAIT_CEILING_S, poll=0.1)
     rec = jobs.start(store, simulated_spec(tmp_path, 2), None)
-    deadline = time.time() + 30
+    deadline = time.time() + WAIT_CEILING_S  # a safety net: the loop waits on the condition
     while jobs.refresh(store, jobs.get(store, rec.id)).state == "running":
         assert time.time() < deadline
         time.sleep(0.2)

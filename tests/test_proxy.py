@@ -30,7 +30,7 @@ from tests.fakes.fake_openai import (
     frontier_app,
     slm_app,
 )
-from tests.helpers import wait_for
+from tests.helpers import WAIT_CEILING_S, wait_for
 from tests.proxy_helpers import Proxy, free_port, make_config
 
 GPT4O_IN, GPT4O_OUT = 2.5e-6, 10e-6  # litellm's bundled price map for openai/gpt-4o, $/token
@@ -323,7 +323,7 @@ def test_graceful_shutdown_of_the_real_command_loses_no_rows(slm, tmp_path):
                              "--store", str(db)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
+        deadline = time.time() + WAIT_CEILING_S  # a safety net: the loop waits for /health
         while True:
             try:
                 if httpx.get(f"{url}/health", trust_env=False).status_code == 200:

@@ -23,8 +23,8 @@ from fleet.remote import PROTOCOL_VERSION, AgentError, RemoteNode
 from fleet.source import LocalNode
 from fleetdeck.cli import main
 from tests.fakes.fake_nvml import FakeGpu, FakeNvml
-from tests.helpers import FAKE_VLLM_CMD, Pipe, kill_processes_mentioning, sshd_server, wait_for
-from tests.tui_helpers import make_app, ready
+from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S, Pipe, kill_processes_mentioning, sshd_server, wait_for
+from tests.tui_helpers import make_app, ready, until
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,40 +52,40 @@ def test_agent_over_a_local_pipe_with_faked_nvml(monkeypatch, tmp_path):
     pipe.close()
 
 
-# The agent's first run goes ahead; a later run waits for the file `go` before it starts the agent, so the
-# test decides when the node comes back (no race between a timed drop, the backoff and the assertions).
-GATED = """
-import os, sys, time
-marker, go, real = sys.argv[1], sys.argv[2], sys.argv[3:]
-if os.path.exists(marker):
-    while not os.path.exists(go):
-        time.sleep(0.05)
-open(marker, "w").close()
-os.execv(real[0], real)
-"""
+# The first connection is the real agent at once; every later one waits for the test's go file, so the
+# test sees the node down for as long as it needs to, however slow the machine.
+GATED_AGENT = textwrap.dedent("""
+    import os, sys, time
+    marker, go, real = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if os.path.exists(marker):
+        while not os.path.exists(go):
+            time.sleep(0.05)
+    open(marker, "w").close()
+    os.execv(real[0], real)
+""")
 
 
 def test_a_remote_node_connects_drops_and_comes_back(tmp_path):
-    marker, go = tmp_path / "started", tmp_path / "go"
-    node = RemoteNode("flaky", [PY, "-c", GATED, str(marker), str(go), *AGENT], interval_s=0.2, backoff_s=(0.2, 0.5))
+    go = tmp_path / "go"
+    node = RemoteNode("flaky", [PY, "-c", GATED_AGENT, str(tmp_path / "first"), str(go), *AGENT], interval_s=0.2,
+                      backoff_s=(0.2, 0.5), hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: node.link.status == "connected" and node.snapshot().gpus, timeout=60)
         snap = node.snapshot()
         assert snap.node == "flaky" and all(g.node == "flaky" for g in snap.gpus) and snap.nvml == "ok"
         assert node.request("ping")["pong"] > 0
-        # The agent ends (the node dropped): the screen keeps the last GPUs, marked stale, with the error.
-        assert node._proc is not None
-        os.kill(node._proc.pid, signal.SIGKILL)  # the agent this test's node started
-        assert wait_for(lambda: node.link.status != "connected", timeout=60)
+        # The agent dies (the node dropped; killed here, not on a timer that a loaded machine could beat):
+        # the screen keeps the last GPUs, marked stale, with the error.
+        os.kill(node._proc.pid, signal.SIGKILL)
+        assert wait_for(lambda: node.link.status != "connected")
         down = node.snapshot()
         assert down.nvml == "unavailable" and down.gpus and down.gpus[0].error.startswith("stale")
         assert ("unreachable" in down.reason or "connecting" in down.reason)
         with pytest.raises(AgentError):
             node.request("ping", timeout=1)
-        # ... and is reconnected with backoff once the node is back.
+        # ... and is reconnected with backoff when the node is back.
         go.touch()
-        assert wait_for(lambda: node.link.status == "connected", timeout=60)
-        assert node.request("ping", timeout=60)["pong"] > 0
+        assert wait_for(lambda: node.link.status == "connected")
     finally:
         node.close()
 
@@ -146,7 +146,7 @@ def test_no_hello_in_time_is_an_error(tmp_path):
 
 async def test_the_dashboard_shows_local_and_remote_gpus_grouped_by_node(monkeypatch):
     FakeNvml([FakeGpu(uuid="GPU-local")]).install(monkeypatch)
-    remote = RemoteNode("node-b", [*AGENT, "--node-name", "node-b"], interval_s=0.2)
+    remote = RemoteNode("node-b", [*AGENT, "--node-name", "node-b"], interval_s=0.2, hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: remote.snapshot().nvml == "ok")
         app = make_app(lambda: [LocalNode("node-a"), remote], simulated=False)
@@ -177,19 +177,20 @@ def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_pa
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(f'[[node]]\nname = "remote-1"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
                      f"agent_command = {json.dumps(agent)}\n")
-    node = RemoteNode.over_ssh("remote-1", dest, opts, agent, interval_s=0.3, backoff_s=(0.3, 1.0))
+    node = RemoteNode.over_ssh("remote-1", dest, opts, agent, interval_s=0.3, backoff_s=(0.3, 1.0),
+                               hello_timeout_s=WAIT_CEILING_S)
     try:
-        assert wait_for(lambda: node.snapshot().nvml == "ok", timeout=60), node.link.error
+        assert wait_for(lambda: node.snapshot().nvml == "ok"), node.link.error
         assert len(node.snapshot().gpus) == 4
         # Start a (fake) vLLM server on the remote node through the same command line the operator uses.
         assert main(["serve", "start", "q", "--gpus", "3", "--node", "remote-1", "--config", str(fleet)]) == 0, \
             capsys.readouterr().err
         assert "started q-" in capsys.readouterr().out
-        assert wait_for(lambda: any(s["state"] == "ready" for s in node.request("list_servers")), timeout=60)
+        assert wait_for(lambda: any(s["state"] == "ready" for s in node.request("list_servers")))
         # The node drops (its agent is killed) and comes back.
         assert kill_processes_mentioning(str(remote_store))  # only the agent this test started
-        assert wait_for(lambda: node.link.status != "connected", timeout=60)
-        assert wait_for(lambda: node.link.status == "connected", timeout=60)
+        assert wait_for(lambda: node.link.status != "connected")
+        assert wait_for(lambda: node.link.status == "connected")
         servers = node.request("list_servers")
         assert servers and servers[0]["gpus"] == "3"
         node.request("stop_server", {"id": servers[0]["id"]})
@@ -212,9 +213,10 @@ def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp
     hello = json.loads(out.stdout.splitlines()[0])
     assert hello["type"] == "hello" and hello["node"] == "locked" and not marker.exists()
     # Through the agent, a profile carrying a command is not a name this node defines.
-    node = RemoteNode.over_ssh("locked", dest, opts, None, interval_s=0.3, backoff_s=(0.3, 1.0))
+    node = RemoteNode.over_ssh("locked", dest, opts, None, interval_s=0.3, backoff_s=(0.3, 1.0),
+                               hello_timeout_s=WAIT_CEILING_S)
     try:
-        assert wait_for(lambda: node.link.status == "connected", timeout=60), node.link.error
+        assert wait_for(lambda: node.link.status == "connected"), node.link.error
         with pytest.raises(AgentError, match="no profile named"):
             node.request("start_server", {"profile": {"name": "x", "model": "m",
                                                       "vllm_command": ["/bin/sh", "-c", f"id > {marker}"]}, "gpus": [0]})
@@ -234,18 +236,22 @@ def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp
 
 
 # --- one node interface ------------------------------------------------------------------------------
-def test_a_reconnect_with_an_answered_request_still_pending_does_not_kill_the_node():
+def test_a_reconnect_with_an_answered_request_still_pending_does_not_kill_the_node(tmp_path):
     """A future already answered when the link drops is left alone; the node comes back."""
     from concurrent.futures import Future
 
-    node = RemoteNode("flaky", [*AGENT, "--exit-after", "1.0"], interval_s=0.2, backoff_s=(0.2, 0.5))
+    go = tmp_path / "go"
+    node = RemoteNode("flaky", [PY, "-c", GATED_AGENT, str(tmp_path / "first"), str(go), *AGENT], interval_s=0.2,
+                      backoff_s=(0.2, 0.5), hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: node.link.status == "connected")
         answered: Future = Future()
         answered.set_result({"pong": 1})
         node._pending[999_999] = answered  # as if request() had not yet collected it when the agent went
-        assert wait_for(lambda: node.link.status != "connected", timeout=60)
-        assert wait_for(lambda: node.link.status == "connected", timeout=60), node.link.error
+        os.kill(node._proc.pid, signal.SIGKILL)  # the agent goes now (not on a timer a loaded machine could beat)
+        assert wait_for(lambda: node.link.status != "connected")
+        go.touch()  # the node is back
+        assert wait_for(lambda: node.link.status == "connected"), node.link.error
         assert node._thread.is_alive() and node.request("ping")["pong"] > 0
     finally:
         node.close()
@@ -278,10 +284,10 @@ def test_link_state_is_a_field_the_fleet_screen_reads():
 def test_a_hung_nvml_call_marks_the_gpus_stale_and_never_blocks(monkeypatch):
     fake = FakeNvml([FakeGpu(uuid="GPU-h0")])
     fake.install(monkeypatch)
-    node = LocalNode("hung", timeout_s=120)  # a ceiling for the reads that answer: only a safety net
+    node = LocalNode("hung", timeout_s=WAIT_CEILING_S)  # the first read answers, however loaded the machine
     first = node.snapshot()
     assert first.nvml == "ok" and first.gpus[0].uuid == "GPU-h0"
-    node.timeout_s = 0.3  # the read below never answers until `release`, so this limit is what ends the wait
+    node.timeout_s = 0.3  # from here a read that has not answered is stale, whatever the time it took
     release, entered = threading.Event(), threading.Event()
     real = pynvml.nvmlDeviceGetCount
     reads: list[int] = []
@@ -289,7 +295,7 @@ def test_a_hung_nvml_call_marks_the_gpus_stale_and_never_blocks(monkeypatch):
     def hung() -> int:
         reads.append(1)
         entered.set()
-        release.wait(120)
+        release.wait(WAIT_CEILING_S)
         return real()
 
     monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", hung)
@@ -297,11 +303,10 @@ def test_a_hung_nvml_call_marks_the_gpus_stale_and_never_blocks(monkeypatch):
     again = node.snapshot()  # no second read is started while the first is stuck
     assert stale.nvml == "unavailable" and "has not answered" in stale.reason
     assert stale.gpus[0].uuid == "GPU-h0" and stale.gpus[0].error.startswith("stale:")
-    assert entered.wait(120)  # the read thread is inside the hung call (however slowly it got there)
+    assert entered.wait(WAIT_CEILING_S)  # the read thread is inside the hung call (however slowly it got there)
     assert again.nvml == "unavailable" and len(reads) == 1
-    release.set()  # the driver recovers: the stuck read finishes, and reading resumes
-    node.timeout_s = 120
-    assert node.snapshot().nvml == "ok"
+    release.set()  # the driver recovers
+    assert wait_for(lambda: node.snapshot().nvml == "ok")
 
 
 def test_nvml_that_fails_after_a_driver_reload_is_initialised_again(monkeypatch):
@@ -349,7 +354,7 @@ def test_the_agent_relays_live_figures_of_its_servers(tmp_path, monkeypatch):
 
         assert ask("list_profiles", {}, 1) == ["q"]
         sid = ask("start_server", {"profile": "q", "gpus": [3]}, 2)["server"]["id"]
-        assert wait_for(lambda: ask("list_servers", {}, 3)[0]["state"] == "ready", timeout=60)
+        assert wait_for(lambda: ask("list_servers", {}, 3)[0]["state"] == "ready")
         docs = ask("list_servers", {}, 4)
         fig = docs[0]["figures"]
         assert fig is not None and fig["kv_tokens"] and fig["running"] is not None
@@ -372,8 +377,9 @@ def test_every_operation_on_a_node_over_real_ssh_from_the_command_line(sshd, tmp
              PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "gpu-02",
              "--store", str(remote / "fd.db"), "--config", str(remote / "fleet.toml")]
     fleet = tmp_path / "fleet.toml"
+    # Every command below is a fresh ssh + agent start: on a loaded machine its hello can be slow.
     fleet.write_text(f'[[node]]\nname = "gpu-02"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
-                     f"agent_command = {json.dumps(agent)}\n")
+                     f"agent_command = {json.dumps(agent)}\nhello_timeout_s = {WAIT_CEILING_S}\n")
     monkeypatch.chdir(tmp_path)
 
     def cli(*argv: str) -> str:
@@ -387,6 +393,22 @@ def test_every_operation_on_a_node_over_real_ssh_from_the_command_line(sshd, tmp
         _operate_on_the_node(cli, sid, fleet, capsys, remote)
     finally:  # whatever failed, nothing this test started outlives it
         stop_everything(remote / "fd.db")
+
+
+def test_a_node_whose_agent_never_says_hello_is_named_with_the_nodes_hello_limit(sshd, tmp_path, capsys):
+    """A `--node` command waits for the first session's outcome, bounded by the node's hello_timeout_s."""
+    dest, opts = sshd
+    marker = str(tmp_path / "mute-agent")  # marks it for the kill below (nothing else names it)
+    silent = [PY, "-c", "import time; time.sleep(600)", marker]
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[node]]\nname = "mute"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
+                     f"agent_command = {json.dumps(silent)}\nhello_timeout_s = 1\n")
+    try:
+        assert main(["serve", "ls", "--node", "mute", "--config", str(fleet), "--store", str(tmp_path / "l.db")]) == 2
+        err = capsys.readouterr().err
+        assert "mute: no hello from the agent within 1 s" in err and "Traceback" not in err
+    finally:
+        kill_processes_mentioning(marker)
 
 
 def stop_everything(store_path: Path) -> None:
@@ -407,7 +429,7 @@ def stop_everything(store_path: Path) -> None:
 
 
 def _operate_on_the_node(cli, sid, fleet, capsys, remote):
-    assert wait_for(lambda: json.loads(cli("serve", "ls", "--json"))[0]["state"] == "ready", timeout=60)
+    assert wait_for(lambda: json.loads(cli("serve", "ls", "--json"))[0]["state"] == "ready")
     listed = json.loads(cli("serve", "ls", "--json"))[0]
     assert listed["figures"]["kv_tokens"]  # read by the agent on its node
     assert "added successfully" in cli("adapters", "load", sid, "tickets-v1")
@@ -445,11 +467,11 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
     (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
     agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={tmp_path / 'state'}",
              f"FLEETDECK_PROFILES={profiles}", *AGENT, "--node-name", "node-r", "--store", str(tmp_path / "r.db")]
-    node = RemoteNode("node-r", agent, interval_s=0.3)
+    node = RemoteNode("node-r", agent, interval_s=0.3, hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: node.link.status == "connected")
         first = node.request("start_server", {"profile": "q", "gpus": [3], "force": True})["server"]["id"]
-        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=60)
+        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready")
         app = make_app(lambda: [node], store_path=tmp_path / "local.db")
         app.poller.close = lambda: None  # the test closes the node itself
         async with app.run_test(size=(140, 30)) as pilot:
@@ -460,7 +482,7 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
             table.move_cursor(row=table.get_row_index(f"@node-r:{first}"))
             await press_and_confirm(app, pilot, "r")
             await settle(app, pilot, 5)
-            assert wait_for(lambda: len(node.request("list_servers")) == 2, timeout=60)
+            assert wait_for(lambda: len(node.request("list_servers")) == 2)
         states = {s["id"]: s["state"] for s in node.request("list_servers")}
         assert states.pop(first) == "stopped" and list(states.values())[0] in ("starting", "ready")
     finally:
@@ -477,11 +499,11 @@ async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path
     site = make_node_files(tmp_path / "node")
     agent = ["env", f"XDG_STATE_HOME={site / 'state'}", f"XDG_CONFIG_HOME={site / 'config'}",
              *AGENT, "--node-name", "node-j", "--store", str(site / "fd.db"), "--config", str(site / "fleet.toml")]
-    node = RemoteNode("node-j", agent, interval_s=0.3)
+    node = RemoteNode("node-j", agent, interval_s=0.3, hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: node.link.status == "connected")
         jid = node.request("start_job", {"spec": "sim"})["id"]
-        assert wait_for(lambda: node.request("list_jobs")[0]["events"], timeout=60)  # it has taken a step
+        assert wait_for(lambda: node.request("list_jobs")[0]["events"])  # it has taken a step
         app = make_app(lambda: [node], store_path=tmp_path / "local.db")
         app.poller.close = lambda: None  # the test closes the node itself
         async with app.run_test(size=(120, 30)) as pilot:
@@ -497,11 +519,8 @@ async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path
             await pilot.press("escape")
             await pilot.pause()
             await press_and_confirm(app, pilot, "c")
-            for _ in range(60):  # let the app run while the agent cancels (never block its loop)
-                await settle(app, pilot)
-                if node.request("list_jobs")[0]["state"] == "cancelled":
-                    break
-            assert node.request("list_jobs")[0]["state"] == "cancelled"
+            # Let the app run while the agent cancels (never block its loop), however long that takes.
+            await until(app, pilot, lambda: node.request("list_jobs")[0]["state"] == "cancelled", "job cancelled")
     finally:
         node.close()
         stop_everything(site / "fd.db")
@@ -523,7 +542,7 @@ async def test_a_remote_servers_adapters_panel_and_serving_a_remote_jobs_adapter
     agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={site / 'state'}",
              f"XDG_CONFIG_HOME={site / 'config'}", f"FLEETDECK_PROFILES={site / 'profiles'}", *AGENT,
              "--node-name", "node-a", "--store", str(site / "fd.db"), "--config", str(site / "fleet.toml")]
-    node = RemoteNode("node-a", agent, interval_s=0.3)
+    node = RemoteNode("node-a", agent, interval_s=0.3, hello_timeout_s=WAIT_CEILING_S)
 
     def loaded(sid: str) -> list[str]:
         return node.request("list_adapters", {"server": sid})["loaded"]
@@ -531,9 +550,9 @@ async def test_a_remote_servers_adapters_panel_and_serving_a_remote_jobs_adapter
     try:
         assert wait_for(lambda: node.link.status == "connected")
         sid = node.request("start_server", {"profile": "q", "gpus": [3], "force": True})["server"]["id"]
-        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready", timeout=60)
+        assert wait_for(lambda: node.request("list_servers")[0]["state"] == "ready")
         jid = node.request("start_job", {"spec": "quick"})["id"]
-        assert wait_for(lambda: node.request("list_jobs")[0]["state"] == "finished", timeout=60)
+        assert wait_for(lambda: node.request("list_jobs")[0]["state"] == "finished")
         app = make_app(lambda: [node], store_path=tmp_path / "local.db")
         app.poller.close = lambda: None  # the test closes the node itself
         async with app.run_test(size=(140, 36)) as pilot:
@@ -544,20 +563,13 @@ async def test_a_remote_servers_adapters_panel_and_serving_a_remote_jobs_adapter
             await settle(app, pilot, 3)
             panel = app.screen
             assert isinstance(panel, AdaptersScreen)
-            for _ in range(40):
-                await settle(app, pilot, 1)
-                if panel.disk:
-                    break
+            await until(app, pilot, lambda: panel.disk, "the node's adapter listing")
             assert {"tickets-v1", "tickets-v2", "quick@v1"} <= {a.name for a in panel.disk}  # the node's roots
             assert panel.integrity["quick@v1"] is None  # hashed on the node
             disk = panel.query_one("#adapters-disk", DataTable)
             disk.move_cursor(row=disk.get_row_index("tickets-v1"))
             await pilot.press("enter")
-            for _ in range(60):
-                await settle(app, pilot, 1)
-                if loaded(sid) == ["tickets-v1"]:
-                    break
-            assert loaded(sid) == ["tickets-v1"]
+            await until(app, pilot, lambda: loaded(sid) == ["tickets-v1"], "tickets-v1 loaded")
             await pilot.press("escape")
             await pilot.press("4")
             await settle(app, pilot)
@@ -566,10 +578,7 @@ async def test_a_remote_servers_adapters_panel_and_serving_a_remote_jobs_adapter
             jt = jobs_screen.query_one("#jobs-table", DataTable)
             jt.move_cursor(row=jt.get_row_index(f"@node-a:{jid}"))
             await pilot.press("v")
-            for _ in range(60):
-                await settle(app, pilot, 1)
-                if "quick@v1" in loaded(sid):
-                    break
+            await until(app, pilot, lambda: "quick@v1" in loaded(sid), "quick@v1 served")
             assert loaded(sid) == ["tickets-v1", "quick@v1"]
         recs = [(r["action"], r["outcome"], r["source"]) for r in audit.query(open_store(site / "fd.db"))]
         assert ("adapter.load", "done", "agent") in recs
@@ -605,7 +614,7 @@ def test_requests_in_flight_when_the_link_drops_fail_at_once_and_the_node_comes_
 
     marker, go, seen = tmp_path / "first", tmp_path / "go", tmp_path / "seen"
     node = RemoteNode("flaky", [PY, "-c", FLAKY_AGENT, str(marker), str(go), str(seen), *AGENT],
-                      interval_s=0.2, backoff_s=(0.2, 0.5))
+                      interval_s=0.2, backoff_s=(0.2, 0.5), hello_timeout_s=WAIT_CEILING_S)
     pool = ThreadPoolExecutor(4)
     try:
         assert wait_for(lambda: node.link.status == "connected")
@@ -621,7 +630,7 @@ def test_requests_in_flight_when_the_link_drops_fail_at_once_and_the_node_comes_
             outcomes.append(str(err.value))
         assert all("connection lost" in o for o in outcomes), outcomes
         # The node comes back (the real agent this time) and answers.
-        assert wait_for(lambda: node.link.status == "connected", timeout=60), node.link.error
+        assert wait_for(lambda: node.link.status == "connected"), node.link.error
         assert node.request("ping")["pong"] > 0 and node._thread.is_alive()
     finally:
         pool.shutdown(wait=False)

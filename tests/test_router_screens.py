@@ -9,7 +9,7 @@ from textual.widgets import DataTable, Static
 
 from engine.router.demo import DEMO_TASKS, backfill, demo_router_toml
 from store.db import open_store
-from tests.tui_helpers import make_app, ready, static_text
+from tests.tui_helpers import drain, make_app, ready, settle, static_text, until
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.cost import CostScreen
 from tui.screens.router import RouterScreen
@@ -29,10 +29,7 @@ def router_store(tmp_path):
 async def _open(app, pilot, key: str):
     await ready(app, pilot)
     await pilot.press(key)
-    for _ in range(3):
-        await pilot.pause()
-        await app.workers.wait_for_complete()
-    await pilot.pause()
+    await settle(app, pilot)
     return app.screen
 
 
@@ -53,7 +50,7 @@ async def test_router_screen_shows_every_task_and_flags_the_drifting_one(router_
         assert ticket.escalations_24h["low confidence"] > 0 and ticket.escalations_24h["forced"] == 0
         await pilot.press("m")
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await drain(app)
         await pilot.pause()
         assert len(screen.data.series) > 100  # hourly points over 8 days of history
         await pilot.press("a")  # no calibration yet: a warning, nothing written
@@ -68,9 +65,7 @@ async def test_drift_raises_a_notification(router_store):
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(app, pilot)
         app.check_drift()
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        assert app.drifting == {"triage-alerts"}
+        await until(app, pilot, lambda: app.drifting == {"triage-alerts"}, "drift noticed")
         assert any("triage-alerts" in n.message for n in app._notifications)
 
 
@@ -125,10 +120,7 @@ async def test_the_side_panels_30_day_figure_is_the_30d_columns_and_the_axis_say
     async with app.run_test(size=(120, 40)) as pilot:
         screen = await _open(app, pilot, "5")
         await pilot.press("m")  # the 30-day window
-        for _ in range(3):
-            await pilot.pause()
-            await app.workers.wait_for_complete()
-        await pilot.pause()
+        await settle(app, pilot)
         table = screen.query_one("#router-tasks", DataTable)
         column = str(table.get_cell(screen.selected, "r30"))
         panel = static_text(screen.query_one("#router-detail", Static))

@@ -10,8 +10,8 @@ from engine import audit
 from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store
-from tests.helpers import FAKE_VLLM_CMD, h100, make_adapter, profile
-from tests.tui_helpers import make_app, open_screen, press_and_confirm, ready, settle, static_text
+from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S, h100, make_adapter, profile
+from tests.tui_helpers import make_app, open_screen, press_and_confirm, ready, settle, static_text, until
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.servers import AdaptersScreen, ServersScreen
 
@@ -22,8 +22,8 @@ def running(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "0.2")
     store = open_store(tmp_path / "fd.db")
     rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
-    rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
-    assert rec.state == "ready"
+    rec = launcher.wait_ready(store, rec, timeout=WAIT_CEILING_S, poll=0.1)
+    assert rec.state == "ready", rec.reason
     yield tmp_path / "fd.db", rec
     for r in launcher.list_servers(store):
         if r.state not in ("stopped", "crashed"):
@@ -77,18 +77,18 @@ async def _load_two(app, pilot_size):
         await pilot.press("3")
         await settle(app, pilot)
         await pilot.press("a")
-        await settle(app, pilot)
+        await until(app, pilot, lambda: isinstance(app.screen, AdaptersScreen) and app.screen.disk, "the listing")
         panel = app.screen
-        assert isinstance(panel, AdaptersScreen)
         disk = panel.query_one("#adapters-disk", DataTable)
         assert str(disk.get_cell("too-wide", disk.ordered_columns[-1].key)) == "no"
         assert str(disk.get_cell("tickets-v1", disk.ordered_columns[-1].key)) == "yes"
         await pilot.press("enter")  # loads the highlighted (first) adapter: tickets-v1
-        await settle(app, pilot, 4)
+        # The load's worker asks vLLM, then starts the listing's reload: wait for what it shows.
+        await until(app, pilot, lambda: panel.loaded_names == ["tickets-v1"], "tickets-v1 loaded")
+        await settle(app, pilot)
         assert panel.loaded_names == ["tickets-v1"]
         await pilot.press("down", "enter")  # too-wide: refused before asking vLLM
-        await pilot.pause()
-        assert "above the server's max LoRA rank" in panel.last_message
+        await until(app, pilot, lambda: "above the server's max LoRA rank" in panel.last_message, "the refusal")
 
 
 async def test_read_only_mode_refuses_actions(running):
@@ -120,7 +120,7 @@ async def test_servers_screen_marks_kv_allocated_far_from_the_plan(tmp_path, mon
     store = open_store(tmp_path / "fd.db")
     rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path)
     try:
-        rec = launcher.wait_ready(store, rec, timeout=30, poll=0.1)
+        rec = launcher.wait_ready(store, rec, timeout=WAIT_CEILING_S, poll=0.1)
         app = make_app(store_path=tmp_path / "fd.db")
         async with app.run_test(size=(200, 30)) as pilot:
             screen = await open_screen(app, pilot, "3", ServersScreen)

@@ -20,6 +20,7 @@ from fleetdeck.cli import main
 from store.db import open_store
 from tests.fakes.tiny_model import make_dataset, make_tiny_model
 from tests.slurm_cluster import SlurmCluster, missing
+from tests.helpers import WAIT_CEILING_S
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def run(site, *args: str) -> int:
     return main([*args, "--store", str(site["db"]), "--config", str(site["fleet"])])
 
 
-def wait(site, job_id: str, cond, timeout: float = 180) -> jobs.JobRecord:
+def wait(site, job_id: str, cond, timeout: float = WAIT_CEILING_S) -> jobs.JobRecord:
     store = open_store(site["db"])
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -159,7 +160,7 @@ async def test_fleet_and_jobs_screens_show_what_slurm_sees(site, capsys):
     from textual.widgets import DataTable
 
     from fleet.config import FleetConfig, SlurmSettings
-    from tests.tui_helpers import make_app, ready, settle, static_text
+    from tests.tui_helpers import make_app, ready, settle, static_text, until
     from tui.screens.jobs import JobsScreen
 
     cluster = site["cluster"]
@@ -174,11 +175,7 @@ async def test_fleet_and_jobs_screens_show_what_slurm_sees(site, capsys):
         async with app.run_test(size=(120, 40)) as pilot:
             await ready(app, pilot)
             panel = app.screen.query_one("#fleet-slurm")
-            for _ in range(100):
-                await settle(app, pilot, 1)
-                if "queue:" in static_text(panel):
-                    break
-                await pilot.pause(0.1)
+            await until(app, pilot, lambda: "queue:" in static_text(panel), "Slurm's queue on the Fleet screen")
             text = static_text(panel)
             node = next(line for line in text.splitlines() if line.startswith("fdnode"))
             assert node.split()[2] == "2/2" and "1 pending" in text
@@ -267,7 +264,7 @@ def test_a_server_submitted_to_slurm_becomes_ready_is_stopped_and_one_the_schedu
     sid = capsys.readouterr().out.split()[1]
     store = open_store(site["db"])
     slurm.cancel(slurm.Where(str(site["cluster"].conf)), launcher.get(store, sid).slurm.id)
-    deadline = time.time() + 60
+    deadline = time.time() + WAIT_CEILING_S  # a safety net: the loop waits for the state
     while (rec := launcher.refresh(store, launcher.get(store, sid))).state != "crashed":
         assert time.time() < deadline, rec.reason
         time.sleep(0.3)

@@ -12,7 +12,7 @@ from engine.vllm import launcher
 from store.db import open_store
 from store.paths import config_dir
 from tests.fakes.tiny_model import make_dataset, make_tiny_model
-from tests.helpers import FAKE_VLLM_CMD
+from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S
 from tests.tui_helpers import make_app, ready, settle, static_text
 from tui.screens.jobs import StartJobScreen
 from tui.screens.servers import StartServerScreen
@@ -91,7 +91,7 @@ async def test_start_a_peft_fine_tune_on_cpu_from_the_jobs_screen(tmp_path):
         await settle(app, pilot, 5)
     store = open_store(db)
     (rec,) = jobs.list_jobs(store)
-    deadline = time.time() + 120
+    deadline = time.time() + WAIT_CEILING_S  # a safety net: the loop waits for the job to end
     while jobs.refresh(store, jobs.get(store, rec.id)).state == "running":
         assert time.time() < deadline
         time.sleep(0.2)

@@ -7,7 +7,7 @@ from textual.widgets import DataTable, Static
 
 from fleet.source import LocalNode
 from tests.fakes.fake_nvml import FakeGpu, FakeNvml
-from tests.tui_helpers import make_app, ready, static_text
+from tests.tui_helpers import drain, make_app, ready, static_text
 from tui.screens.fleet import FleetScreen
 from tui.screens.gpu_detail import GpuDetailScreen, NodeDetailScreen
 from tui.screens.help import HelpScreen
@@ -139,7 +139,7 @@ async def test_history_survives_a_restart_through_the_store(tmp_path):
     again = make_app(store_path=path)
     async with again.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
-        await again.workers.wait_for_complete()
+        await drain(again)
         # Seeded from the store before any poll of this session.
         assert any(len(h.util) >= 1 for h in again.poller.history.values())
 

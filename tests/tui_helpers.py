@@ -34,7 +34,7 @@ def make_app(
 async def ready(app: FleetDeckApp, pilot) -> None:
     """Wait until the sources are open, then take one poll synchronously."""
     await pilot.pause()
-    await app.workers.wait_for_complete()
+    await drain(app)
     await pilot.pause()
     app.poll_once_sync()
     await pilot.pause()
@@ -54,11 +54,42 @@ def static_text(widget) -> str:
     return console.export_text()
 
 
+async def drain(app) -> None:
+    """Wait for the workers running now. One cancelled meanwhile (an exclusive worker replaced by a newer
+    one, as a reload does) is not an error here: its replacement is among those waited for."""
+    from textual.worker import WorkerCancelled, WorkerState
+
+    for worker in list(app.workers):
+        if worker.state == WorkerState.PENDING:
+            continue
+        try:
+            await worker.wait()
+        except WorkerCancelled:
+            pass
+
+
 async def settle(app, pilot, rounds: int = 3) -> None:
+    """Let the app run its messages and current workers a few times (for what follows from a key press).
+    Where the test then needs a particular result, wait for it with `until`, not with more rounds."""
     for _ in range(rounds):
         await pilot.pause()
-        await app.workers.wait_for_complete()
+        await drain(app)
     await pilot.pause()
+
+
+async def until(app, pilot, cond, what: str = "") -> None:
+    """Let the app run (its messages and workers) until `cond()` holds. A worker may start another (a
+    load then a reload), so no fixed number of rounds is enough on a slow machine; the ceiling is only
+    a safety net so that a real hang fails the test instead of stalling it."""
+    import time
+
+    from tests.helpers import WAIT_CEILING_S
+
+    deadline = time.monotonic() + WAIT_CEILING_S
+    while not cond():
+        assert time.monotonic() < deadline, f"never happened: {what or cond}"
+        await pilot.pause(0.02)
+        await drain(app)
 
 
 async def open_screen(app: FleetDeckApp, pilot, key: str, cls: type) -> object:
@@ -75,12 +106,8 @@ async def press_and_confirm(app: FleetDeckApp, pilot, key: str) -> None:
     from tui.screens.confirm import ConfirmScreen
 
     await pilot.press(key)
-    for _ in range(50):  # a question may come from a worker that first reads something
-        await pilot.pause()
-        if isinstance(app.screen, ConfirmScreen):
-            break
-        await app.workers.wait_for_complete()
-    assert isinstance(app.screen, ConfirmScreen), app.screen
+    # A question may come from a worker that first reads something.
+    await until(app, pilot, lambda: isinstance(app.screen, ConfirmScreen), f"a question after {key!r}")
     await pilot.press("y")
 
 

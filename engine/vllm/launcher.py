@@ -332,6 +332,35 @@ def probe(rec: ServerRecord, timeout: float = 1.0) -> bool:
         return False
 
 
+def answered_by_own_process(rec: ServerRecord) -> bool:
+    """The socket listening on the server's port belongs to its own process tree.
+
+    A port chosen by free_port is only free when it was chosen: until the server binds it (seconds for
+    the simulator, minutes for a real vLLM loading weights) another process may take it, and its
+    answers to /health must not make this server "ready". Processes we cannot inspect (another user's,
+    an adopted pid) leave the HTTP answer as the only evidence, so it is trusted.
+    """
+    if rec.pid is None or not rec.port:
+        return True
+    try:
+        root = psutil.Process(rec.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+    for proc in tree:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        except psutil.AccessDenied:
+            return True
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == rec.port for c in conns):
+            return True
+    return False
+
+
 # vLLM V1 runs the model in a child process titled "VLLM::EngineCore" (the kernel keeps 15 characters).
 ENGINE_TITLE = "VLLM::EngineCor"
 
@@ -389,6 +418,10 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
         return rec
     before = (rec.state, rec.reason, rec.engine_pid)
     alive = rec.alive()
+    # Probed before the engine is looked for: vLLM answers only once its engine runs, so a server first
+    # seen ready has its engine recorded in the same refresh (a kill of it right after is then noticed).
+    # Ready only when the answer comes from this server's own processes, not another on the same port.
+    answers = alive and probe(rec) and (rec.state == "ready" or answered_by_own_process(rec))
     lost = engine_lost(rec) if alive else None
     if not alive:
         # A stop may have ended it since this copy of the record was read (the Servers screen refreshes
@@ -404,7 +437,7 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
         rec.state = "crashed"
         rec.ended_at = rec.ended_at or time.time()
         rec.reason = lost
-    elif probe(rec):
+    elif answers:
         rec.state = "ready"
     # Alive but not answering: a starting server stays starting, and a ready one that misses a probe
     # stays ready (a busy server can be slow to answer).
