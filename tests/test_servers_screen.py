@@ -11,7 +11,7 @@ from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store
 from tests.helpers import FAKE_VLLM_CMD, h100, make_adapter, profile
-from tests.tui_helpers import make_app, open_screen, press_and_confirm, ready, settle, static_text
+from tests.tui_helpers import make_app, open_dialog, open_screen, press_and_confirm, ready, settle, static_text
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.servers import AdaptersScreen, ServersScreen
 
@@ -73,13 +73,7 @@ async def test_adapters_panel_lists_compatibility_and_loads(running, tmp_path):
 
 async def _load_two(app, pilot_size):
     async with app.run_test(size=pilot_size) as pilot:
-        await ready(app, pilot)
-        await pilot.press("3")
-        await settle(app, pilot)
-        await pilot.press("a")
-        await settle(app, pilot)
-        panel = app.screen
-        assert isinstance(panel, AdaptersScreen)
+        panel = await open_dialog(app, pilot, "3", "a", AdaptersScreen)
         disk = panel.query_one("#adapters-disk", DataTable)
         assert str(disk.get_cell("too-wide", disk.ordered_columns[-1].key)) == "no"
         assert str(disk.get_cell("tickets-v1", disk.ordered_columns[-1].key)) == "yes"
