@@ -7,9 +7,10 @@ from typing import Any, Callable, ClassVar
 from textual.app import ComposeResult
 from textual.screen import ModalScreen, Screen
 from textual.containers import Horizontal
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import Footer, Header, Static
 
 from tui.screens.confirm import ConfirmScreen
+from tui.table import highlighted_key  # noqa: F401 (the screens import it from here)
 
 
 class StatusLine(Static):
@@ -155,16 +156,6 @@ def report_prune(screen: PolledScreen, prune: Callable[[], str]) -> None:
         message = str(exc)
     screen.app.call_from_thread(screen.notify, message, markup=False)
     screen.app.call_from_thread(screen.reload)
-
-
-def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
-    """The row key under a table's cursor, or None for an empty table."""
-    if table.row_count == 0:
-        return None
-    try:
-        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-    except Exception:  # the cursor sits past a row that was just removed
-        return None
 
 
 class DeckModal(ReadOnlyAware, ModalScreen[Any]):
