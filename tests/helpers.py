@@ -246,3 +246,18 @@ def kill_a_writer_with_queued_rows(db: Path, rows: int) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def router_history(folder: Path) -> tuple[Path, Path]:
+    """A store back-filled with the demo router's history up to now (8 days by the minute and the hour, 20 more
+    by the day) and the demo's router config (its SLM at a port nothing listens on): (store, config)."""
+    from engine.router.demo import backfill, demo_router_toml
+    from store.db import open_store
+
+    db = folder / "fd.db"
+    store = open_store(db)
+    backfill(store, time.time(), days=8, daily_only_days=20, minute_hours=2)
+    store.close()
+    cfg = folder / "router.toml"
+    cfg.write_text(demo_router_toml("http://127.0.0.1:9", 4000))
+    return db, cfg
