@@ -10,7 +10,7 @@ from textual.widgets import DataTable, Static
 from engine.router.demo import DEMO_TASKS
 from store.db import open_store
 from tests.helpers import router_history
-from tests.tui_helpers import make_app, ready, static_text
+from tests.tui_helpers import make_app, ready, settle, static_text
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.cost import CostScreen
 from tui.screens.router import RouterScreen
@@ -24,10 +24,7 @@ def router_store(tmp_path):
 async def _open(app, pilot, key: str):
     await ready(app, pilot)
     await pilot.press(key)
-    for _ in range(3):
-        await pilot.pause()
-        await app.workers.wait_for_complete()
-    await pilot.pause()
+    await settle(app, pilot)
     return app.screen
 
 
@@ -120,10 +117,7 @@ async def test_the_side_panels_30_day_figure_is_the_30d_columns_and_the_axis_say
     async with app.run_test(size=(120, 40)) as pilot:
         screen = await _open(app, pilot, "5")
         await pilot.press("m")  # the 30-day window
-        for _ in range(3):
-            await pilot.pause()
-            await app.workers.wait_for_complete()
-        await pilot.pause()
+        await settle(app, pilot)
         table = screen.query_one("#router-tasks", DataTable)
         column = str(table.get_cell(screen.selected, "r30"))
         panel = static_text(screen.query_one("#router-detail", Static))
