@@ -13,10 +13,11 @@ import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 import psutil
 
+from engine import audit
 from engine.slurm import Placement
 
 if TYPE_CHECKING:
@@ -120,6 +121,18 @@ def forget(store: Store, cls: type[ManagedRecord], ids: list[str]) -> None:
         return
     with store.transaction() as conn:
         conn.executemany("DELETE FROM managed WHERE kind = ? AND id = ?", [(cls.KIND, i) for i in ids])
+
+
+def prune(store: Store, cls: type[R], ended: tuple[str, ...], refresh: Callable[[Store, R], R]) -> list[R]:
+    """Forget the records of `cls` that have ended (`ended` holds its ended states): each is refreshed first,
+    so a run that ended since it was last looked at counts. Their files stay on disk. Audited as one action,
+    `<kind>.prune`, naming how many and which."""
+    with audit.audited(f"{cls.KIND}.prune", f"ended {cls.KIND}s") as entry:
+        gone = [r for r in (refresh(store, r) for r in load_all(store, cls)) if r.state in ended]
+        forget(store, cls, [r.id for r in gone])
+        entry.target = f"{len(gone)} {cls.KIND}(s)"
+        entry.params[f"{cls.KIND}s"] = ",".join(r.id for r in gone)
+    return gone
 
 
 class AmbiguousId(LookupError):

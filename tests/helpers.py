@@ -217,3 +217,51 @@ def sshd_server(tmp_path: Path, extra_config: str = ""):
     yield f"{user}@127.0.0.1", opts
     proc.terminate()
     proc.wait(timeout=10)
+
+
+# A ledger writer that queues `argv[2]` rows (ids k0, k1, ...) and waits to be killed: its flush interval is an
+# hour, so nothing reaches the store before the kill and every row is only in the journal.
+KILLED_WRITER = """
+import sys, time
+from store.db import open_store
+from store.ledger import LedgerRow, LedgerWriter
+writer = LedgerWriter(open_store(sys.argv[1]), flush_every_s=3600)
+for i in range(int(sys.argv[2])):
+    writer.put(LedgerRow(id=f"k{i}", ts=time.time(), task="t", route="slm", escalated=False, reason="confident", status=200))
+print("queued", flush=True)
+time.sleep(600)
+"""
+
+
+def kill_a_writer_with_queued_rows(db: Path, rows: int) -> None:
+    """Create the store `db`, let a writer in another process queue `rows` rows, and SIGKILL it (by its pid)."""
+    import signal
+    import subprocess
+
+    from store.db import open_store
+
+    open_store(db).close()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db), str(rows)], stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "queued"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def router_history(folder: Path) -> tuple[Path, Path]:
+    """A store back-filled with the demo router's history up to now (8 days by the minute and the hour, 20 more
+    by the day) and the demo's router config (its SLM at a port nothing listens on): (store, config)."""
+    from engine.router.demo import backfill, demo_router_toml
+    from store.db import open_store
+
+    db = folder / "fd.db"
+    store = open_store(db)
+    backfill(store, time.time(), days=8, daily_only_days=20, minute_hours=2)
+    store.close()
+    cfg = folder / "router.toml"
+    cfg.write_text(demo_router_toml("http://127.0.0.1:9", 4000))
+    return db, cfg

@@ -1,5 +1,6 @@
-"""The routing proxy under test: a real uvicorn server in a thread with a real ledger, and the router config
-the proxy tests build (shared by tests/test_proxy.py and tests/test_proxy_front_door.py)."""
+"""The routing proxy under test: a real uvicorn server in a thread with a real ledger, the router config the
+proxy tests build, and their fake upstreams as fixtures (shared by tests/test_proxy.py and
+tests/test_proxy_front_door.py, which import `slm` and `frontier` so pytest finds them in each module)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,28 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from engine.router.config import RouterConfig
 from engine.router.http_limits import uvicorn_limits
 from engine.router.proxy import Router, create_app
 from store.db import open_store
 from store.ledger import LedgerWriter
-from tests.fakes.fake_openai import ServerThread
+from tests.fakes.fake_openai import ServerThread, frontier_app, slm_app
+
+
+@pytest.fixture(scope="module")
+def slm():
+    server = ServerThread(slm_app()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    server = ServerThread(frontier_app()).start()
+    yield server
+    server.stop()
 
 
 def free_port() -> int:
@@ -62,3 +78,20 @@ class Proxy:
         if self.server.thread.is_alive():
             self.client.close()
             self.server.stop()
+
+
+class Proxies:
+    """The proxies one test starts, each on its own store in `folder`; `close()` stops them all."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.made: list[Proxy] = []
+
+    def __call__(self, config: RouterConfig) -> Proxy:
+        p = Proxy(config, self.folder / f"fd{len(self.made)}.db")
+        self.made.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.made:
+            p.stop()

@@ -166,16 +166,9 @@ def test_serve_start_dry_run_prints_the_command_without_vllm_installed(tmp_path,
 
 
 def test_whatif_says_when_a_drifting_task_is_priced_at_the_month_to_date_rate(tmp_path, capsys):
-    import time
+    from tests.helpers import router_history
 
-    from engine.router.demo import backfill, demo_router_toml
-
-    db = tmp_path / "fd.db"
-    store = open_store(db)
-    backfill(store, time.time(), days=8, daily_only_days=20, minute_hours=2)
-    store.close()
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(demo_router_toml("http://127.0.0.1:9", 4000))
+    db, cfg = router_history(tmp_path)
     common = ["--router-config", str(cfg), "--store", str(db)]
     assert main(["whatif", "triage-alerts", *common, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -29,7 +29,7 @@ from engine.vllm.profile import load_profile
 from fleet.simulated import demo_fleet
 from store.db import open_store
 from tests.helpers import wait_for
-from tests.tui_helpers import press_and_confirm, ready, settle, static_text
+from tests.tui_helpers import open_dialog, press_and_confirm, ready, settle, static_text
 from tui.app import AppOptions, FleetDeckApp
 from tui.screens.jobs import JobsScreen, StartJobScreen
 from tui.screens.servers import ServersScreen, StartServerScreen
@@ -75,13 +75,7 @@ async def test_start_a_server_from_the_demo_dialog_and_see_it_on_its_gpu(home):
     app = demo_app(home, live)
     with audit.session(home.store, "tui"):
         async with app.run_test(size=(120, 34)) as pilot:
-            await ready(app, pilot)
-            await pilot.press("3")
-            await settle(app, pilot)
-            await pilot.press("s")
-            await pilot.pause()
-            dialog = app.screen
-            assert isinstance(dialog, StartServerScreen)
+            dialog = await open_dialog(app, pilot, "3", "s", StartServerScreen)
             assert sorted(dialog.profiles) == ["llama-3.1-8b", "llama-3.2-3b", "mistral-7b-awq", "qwen3-8b"]
             dialog.query_one("#start-gpus", Input).value = "sim-a10-02/0"
             dialog.query_one("#start-profile", Select).value = "qwen3-8b"  # 32k context does not fit an A10
@@ -142,13 +136,7 @@ async def test_start_cancel_and_resume_a_demo_fine_tune_from_the_keyboard(home):
     store = open_store(home.store)
     with audit.session(home.store, "tui"):
         async with app.run_test(size=(120, 34)) as pilot:
-            await ready(app, pilot)
-            await pilot.press("4")
-            await settle(app, pilot)
-            await pilot.press("s")
-            await pilot.pause()
-            dialog = app.screen
-            assert isinstance(dialog, StartJobScreen)
+            dialog = await open_dialog(app, pilot, "4", "s", StartJobScreen)
             assert sorted(dialog.specs) == ["notes-v2", "tickets-v5"]
             dialog.query_one("#job-gpus", Input).value = "sim-a10-02/1"
             dialog.query_one("#job-spec", Select).value = "notes-v2"
@@ -321,13 +309,7 @@ async def test_swap_an_adapter_in_a_demo_server_from_the_keyboard(home):
     app = demo_app(home, live)
     with audit.session(home.store, "tui"):
         async with app.run_test(size=(120, 34)) as pilot:
-            await ready(app, pilot)
-            await pilot.press("3")
-            await settle(app, pilot)
-            await pilot.press("a")
-            await settle(app, pilot, 4)
-            panel = app.screen
-            assert isinstance(panel, AdaptersScreen)
+            panel = await open_dialog(app, pilot, "3", "a", AdaptersScreen, 4)
             for _ in range(40):  # the listing is read in a worker
                 if panel.disk:
                     break

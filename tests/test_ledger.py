@@ -4,17 +4,13 @@ rollups add up, old raw rows pruned."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from store.db import open_store
 from store.ledger import LATENCY_BUCKETS_MS, LedgerRow, LedgerWriter, journal_path, write_rows
-from tests.helpers import wait_for
+from tests.helpers import kill_a_writer_with_queued_rows, wait_for
 
 
 def row(i: int, ts: float, **kw) -> LedgerRow:
@@ -101,30 +97,9 @@ def test_a_full_store_holds_rows_and_writes_them_when_space_returns(tmp_path, ca
     assert writer.lost == 0 and writer.last_error is None
 
 
-KILLED_WRITER = """
-import sys, time
-from store.db import open_store
-from store.ledger import LedgerRow, LedgerWriter
-writer = LedgerWriter(open_store(sys.argv[1]), flush_every_s=3600)  # nothing reaches the store before the kill
-for i in range(50):
-    writer.put(LedgerRow(id=f"k{i}", ts=time.time(), task="t", route="slm", escalated=False, reason="confident", status=200))
-print("queued", flush=True)
-time.sleep(600)
-"""
-
-
 def test_rows_of_a_killed_writer_are_written_once_by_the_next_one(tmp_path):
     db = tmp_path / "fd.db"
-    open_store(db).close()
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "queued"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_a_writer_with_queued_rows(db, 50)
     store = open_store(db)
     assert store.execute("SELECT count(*) FROM requests")[0][0] == 0
     writer = LedgerWriter(store)

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from store.db import open_store
 from store.ledger import LedgerRow, LedgerWriter, journal_path, read_journal
-from tests.helpers import wait_for
+from tests.helpers import kill_a_writer_with_queued_rows, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,29 +298,9 @@ def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_f
         check.close()
 
 
-KILLED_WRITER = """
-import sys, time
-from store.db import open_store
-from store.ledger import LedgerRow, LedgerWriter
-writer = LedgerWriter(open_store(sys.argv[1]), flush_every_s=3600)  # nothing reaches the store before the kill
-for i in range(40):
-    writer.put(LedgerRow(id=f"k{i}", ts=time.time(), task="t", route="slm", escalated=False, reason="confident", status=200))
-print("queued", flush=True)
-time.sleep(600)
-"""
-
-
 def test_sigkill_mid_line_leaves_a_torn_tail_that_the_replay_skips_and_counts(tmp_path):
     db = tmp_path / "fd.db"
-    open_store(db).close()
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "queued"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_a_writer_with_queued_rows(db, 40)
     journal = Path(f"{db}-ledger.jsonl")
     with journal.open("ab") as f:  # what a kill in the middle of a write leaves
         f.write(b'{"id": "k40", "ts": 17')

@@ -184,7 +184,7 @@ async def test_the_start_dialog_offers_the_models_on_disk_and_starts_one(tmp_pat
     from engine.vllm import launcher
     from store.db import open_store
     from store.paths import config_dir
-    from tests.tui_helpers import make_app, ready, settle, static_text
+    from tests.tui_helpers import make_app, open_dialog, settle, static_text
     from tui.screens.servers import StartServerScreen
 
     monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
@@ -196,13 +196,7 @@ async def test_the_start_dialog_offers_the_models_on_disk_and_starts_one(tmp_pat
     app = make_app(store_path=db)
     try:
         async with app.run_test(size=(120, 34)) as pilot:
-            await ready(app, pilot)
-            await pilot.press("3")
-            await settle(app, pilot)
-            await pilot.press("s")
-            await settle(app, pilot)
-            dialog = app.screen
-            assert isinstance(dialog, StartServerScreen)
+            dialog = await open_dialog(app, pilot, "3", "s", StartServerScreen)
             models = dialog.query_one("#start-model", Select)
             await app.workers.wait_for_complete()  # the list is read in a worker, off the UI thread
             await pilot.pause()

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from engine.router.confidence import confidence, token_logprobs
-from engine.router.config import RouterConfig, load_router_config
+from engine.router.config import load_router_config
 from engine.router.server import ProxyStartError, check_can_start
 from store.config_files import ConfigError
 from store.db import open_store
@@ -26,43 +26,19 @@ from tests.fakes.fake_openai import (
     FRONTIER_COMPLETION_TOKENS,
     FRONTIER_PROMPT_TOKENS,
     SLM_PROMPT_TOKENS,
-    ServerThread,
-    frontier_app,
-    slm_app,
 )
 from tests.helpers import WAIT_CEILING_S, wait_for
-from tests.proxy_helpers import Proxy, free_port, make_config
+from tests.proxy_helpers import Proxies, free_port, frontier, make_config, slm  # noqa: F401 (fixtures)
 
 GPT4O_IN, GPT4O_OUT = 2.5e-6, 10e-6  # litellm's bundled price map for openai/gpt-4o, $/token
-
-
-@pytest.fixture(scope="module")
-def slm():
-    server = ServerThread(slm_app()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def frontier():
-    server = ServerThread(frontier_app()).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
 def make_proxy(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_FRONTIER_KEY", "sk-fake")
-    made: list[Proxy] = []
-
-    def factory(config: RouterConfig) -> Proxy:
-        p = Proxy(config, tmp_path / f"fd{len(made)}.db")
-        made.append(p)
-        return p
-
-    yield factory
-    for p in made:
-        p.stop()
+    proxies = Proxies(tmp_path)
+    yield proxies
+    proxies.close()
 
 
 def test_a_confident_answer_stays_on_the_slm_and_logprobs_are_removed(slm, frontier, make_proxy):

@@ -19,22 +19,7 @@ from hypothesis import strategies as st
 
 from engine.router.config import RouterConfig
 from engine.router.request_check import MAX_DEPTH, json_depth_over
-from tests.fakes.fake_openai import ServerThread, frontier_app, slm_app
-from tests.proxy_helpers import Proxy, free_port, make_config
-
-
-@pytest.fixture(scope="module")
-def slm():
-    server = ServerThread(slm_app()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def frontier():
-    server = ServerThread(frontier_app()).start()
-    yield server
-    server.stop()
+from tests.proxy_helpers import Proxies, Proxy, free_port, frontier, make_config, slm  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +36,9 @@ def frontier_key():
 
 @pytest.fixture
 def make_proxy(tmp_path, frontier_key):
-    made: list[Proxy] = []
-
-    def factory(config: RouterConfig) -> Proxy:
-        p = Proxy(config, tmp_path / f"fd{len(made)}.db")
-        made.append(p)
-        return p
-
-    yield factory
-    for p in made:
-        p.stop()
+    proxies = Proxies(tmp_path)
+    yield proxies
+    proxies.close()
 
 
 def with_proxy(config: RouterConfig, **proxy: Any) -> RouterConfig:

@@ -7,8 +7,9 @@ import time
 import pytest
 from textual.widgets import DataTable, Static
 
-from engine.router.demo import DEMO_TASKS, backfill, demo_router_toml
+from engine.router.demo import DEMO_TASKS
 from store.db import open_store
+from tests.helpers import router_history
 from tests.tui_helpers import drain, make_app, ready, settle, static_text, until
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.cost import CostScreen
@@ -17,13 +18,7 @@ from tui.screens.router import RouterScreen
 
 @pytest.fixture
 def router_store(tmp_path):
-    path = tmp_path / "fd.db"
-    store = open_store(path)
-    backfill(store, time.time(), days=8, daily_only_days=20, minute_hours=2)
-    store.close()
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(demo_router_toml("http://127.0.0.1:9", 4000))
-    return path, cfg
+    return router_history(tmp_path)
 
 
 async def _open(app, pilot, key: str):

@@ -11,7 +11,7 @@ from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store
 from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S, h100, make_adapter, profile
-from tests.tui_helpers import make_app, open_screen, press_and_confirm, ready, settle, static_text, until
+from tests.tui_helpers import make_app, open_dialog, open_screen, press_and_confirm, ready, settle, static_text, until
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.servers import AdaptersScreen, ServersScreen
 

@@ -13,7 +13,7 @@ from store.db import open_store
 from store.paths import config_dir
 from tests.fakes.tiny_model import make_dataset, make_tiny_model
 from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S
-from tests.tui_helpers import make_app, ready, settle, static_text
+from tests.tui_helpers import make_app, open_dialog, ready, settle, static_text
 from tui.screens.jobs import StartJobScreen
 from tui.screens.servers import StartServerScreen
 
@@ -29,13 +29,7 @@ async def test_start_a_server_from_the_servers_screen(tmp_path, monkeypatch):
     app = make_app(store_path=db)
     try:
         async with app.run_test(size=(120, 34)) as pilot:
-            await ready(app, pilot)
-            await pilot.press("3")
-            await settle(app, pilot)
-            await pilot.press("s")
-            await pilot.pause()
-            dialog = app.screen
-            assert isinstance(dialog, StartServerScreen)
+            dialog = await open_dialog(app, pilot, "3", "s", StartServerScreen)
             # A node the fleet does not have is refused with the ones it has (never planned elsewhere).
             dialog.query_one("#start-gpus", Input).value = "no-such-node/0"
             dialog.query_one("#start-profile", Select).value = "qwen"
@@ -76,13 +70,7 @@ async def test_start_a_peft_fine_tune_on_cpu_from_the_jobs_screen(tmp_path):
     db = tmp_path / "fd.db"
     app = make_app(store_path=db)
     async with app.run_test(size=(120, 34)) as pilot:
-        await ready(app, pilot)
-        await pilot.press("4")
-        await settle(app, pilot)
-        await pilot.press("s")
-        await pilot.pause()
-        dialog = app.screen
-        assert isinstance(dialog, StartJobScreen)
+        dialog = await open_dialog(app, pilot, "4", "s", StartJobScreen)
         dialog.query_one("#job-gpus", Input).value = "cpu"
         dialog.query_one("#job-spec", Select).value = "tiny"
         await settle(app, pilot)
@@ -112,13 +100,7 @@ async def test_the_start_dialog_suggests_only_a_utilisation_that_holds_the_model
     (profiles / "small.toml").write_text('name = "small"\nmodel = "Qwen/Qwen2.5-0.5B-Instruct"\nmax_model_len = 4096\n')
     app = make_app(store_path=tmp_path / "fd.db")
     async with app.run_test(size=(120, 40)) as pilot:
-        await ready(app, pilot)
-        await pilot.press("3")
-        await settle(app, pilot)
-        await pilot.press("s")
-        await pilot.pause()
-        dialog = app.screen
-        assert isinstance(dialog, StartServerScreen)
+        dialog = await open_dialog(app, pilot, "3", "s", StartServerScreen)
         # The busy A10 holds neither model; the H100 with a fine-tune on it holds the 8B at a lower utilisation.
         for where, name, model, suggests in (("sim-a10-02/0", "llama", "meta-llama/Llama-3.1-8B-Instruct", False),
                                              ("sim-a10-02/0", "small", "Qwen/Qwen2.5-0.5B-Instruct", False),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from fleet.config import FleetConfig
 from fleet.simulated import demo_fleet
@@ -97,6 +97,18 @@ async def open_screen(app: FleetDeckApp, pilot, key: str, cls: type) -> object:
     await ready(app, pilot)
     await pilot.press(key)
     await settle(app, pilot)
+    assert isinstance(app.screen, cls), app.screen
+    return app.screen
+
+
+async def open_dialog(app: FleetDeckApp, pilot, screen_key: str, key: str, cls: type, rounds: int = 3) -> Any:
+    """Open a top-level screen (`screen_key`), press the key of one of its dialogs, let the dialog's first reads
+    land (`rounds` of settling), and return it (asserting its class)."""
+    await ready(app, pilot)
+    await pilot.press(screen_key)
+    await settle(app, pilot)
+    await pilot.press(key)
+    await settle(app, pilot, rounds)
     assert isinstance(app.screen, cls), app.screen
     return app.screen
 

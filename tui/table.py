@@ -27,6 +27,16 @@ from textual.widgets import DataTable
 Cell = Any  # str or rich Text
 
 
+def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
+    """The row key under a table's cursor, or None for an empty table."""
+    if table.row_count == 0:
+        return None
+    try:
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+    except Exception:  # the cursor sits past a row that was just removed
+        return None
+
+
 @dataclass(frozen=True)
 class Col:
     key: str
@@ -97,12 +107,7 @@ class DeckTable(NavTable):
         self.refresh_view()
 
     def selected_key(self) -> str | None:
-        if self.row_count == 0:
-            return None
-        try:
-            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
-        except Exception:  # the cursor sits past a row that was just removed
-            return None
+        return highlighted_key(self)
 
     @property
     def shown_columns(self) -> tuple[str, ...]:

@@ -336,12 +336,7 @@ def prune(store: Store) -> list[JobRecord]:
     """Forget the jobs that have ended (finished, failed, cancelled): their records leave the store;
     their folders (log, progress, checkpoints) and the adapters they wrote stay on disk. A pruned
     cancelled job can no longer be resumed from the dashboard. Audited as one action."""
-    with audit.audited("job.prune", "ended jobs") as entry:
-        ended = [r for r in (refresh(store, r) for r in list_jobs(store)) if r.state in ENDED]
-        managed.forget(store, JobRecord, [r.id for r in ended])
-        entry.target = f"{len(ended)} job(s)"
-        entry.params["jobs"] = ",".join(r.id for r in ended)
-    return ended
+    return managed.prune(store, JobRecord, ENDED, refresh)
 
 
 def cancel(store: Store, rec: JobRecord, timeout: float = 120.0) -> JobRecord:

@@ -463,12 +463,7 @@ ENDED = ("stopped", "crashed")
 def prune(store: Store) -> list[ServerRecord]:
     """Forget the servers that have ended (stopped, crashed): their records leave the store, their log
     files stay on disk (a crash's diagnosis can still be read there). Audited as one action."""
-    with audit.audited("server.prune", "ended servers") as entry:
-        ended = [r for r in (refresh(store, r) for r in list_servers(store)) if r.state in ENDED]
-        managed.forget(store, ServerRecord, [r.id for r in ended])
-        entry.target = f"{len(ended)} server(s)"
-        entry.params["servers"] = ",".join(r.id for r in ended)
-    return ended
+    return managed.prune(store, ServerRecord, ENDED, refresh)
 
 
 def stop(store: Store, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord:

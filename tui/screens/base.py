@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from textual.app import ComposeResult
 from textual.screen import ModalScreen, Screen
 from textual.containers import Horizontal
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import Footer, Header, Static
+
+from tui.screens.confirm import ConfirmScreen
+from tui.table import highlighted_key  # noqa: F401 (the screens import it from here)
 
 
 class StatusLine(Static):
@@ -129,14 +132,30 @@ class PolledScreen(DeckScreen):
         self.notify(self.NO_STORE, severity="warning")
 
 
-def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
-    """The row key under a table's cursor, or None for an empty table."""
-    if table.row_count == 0:
-        return None
+def ask_to_prune(screen: Screen[Any], ended: list[str], what: str, stays: str, nothing: str,
+                 prune: Callable[[], None]) -> None:
+    """Ask before forgetting the ended runs of this host (`ended`, their ids; `what`: "server(s)", "job(s)");
+    `stays` says what is left on disk, `nothing` what to say when none has ended. `prune` starts the screen's
+    prune worker (a thread that ends in `report_prune`)."""
+    if not ended:
+        screen.notify(nothing)
+        return
+    screen.app.push_screen(ConfirmScreen(f"Forget {len(ended)} ended {what} ({', '.join(ended[:3])}"
+                                         f"{', ...' if len(ended) > 3 else ''})? {stays}"),
+                           lambda ok: prune() if ok else None)
+
+
+def report_prune(screen: PolledScreen, prune: Callable[[], str]) -> None:
+    """The body of a prune worker (a thread): run it, say what it did (or why read-only refused it) as plain
+    text (ids are never markup), and re-read the screen."""
+    from engine import audit
+
     try:
-        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-    except Exception:  # the cursor sits past a row that was just removed
-        return None
+        message = prune()
+    except audit.ReadOnlyError as exc:
+        message = str(exc)
+    screen.app.call_from_thread(screen.notify, message, markup=False)
+    screen.app.call_from_thread(screen.reload)
 
 
 class DeckModal(ReadOnlyAware, ModalScreen[Any]):

@@ -18,7 +18,7 @@ from textual_plotext import PlotextPlot
 
 from tui.format import bar
 from engine.node_ops import split_id
-from tui.screens.base import DeckModal, PolledScreen, highlighted_key
+from tui.screens.base import DeckModal, PolledScreen, ask_to_prune, highlighted_key, report_prune
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
 
@@ -214,24 +214,12 @@ class JobsScreen(PolledScreen):
                  and split_id(r.id)[0] is None]
         if not self._guard():
             return
-        if not ended:
-            self.notify("No finished, failed or cancelled jobs on this host to prune.")
-            return
-        self.app.push_screen(ConfirmScreen(f"Forget {len(ended)} ended job(s) ({', '.join(ended[:3])}"
-                                           f"{', ...' if len(ended) > 3 else ''})? Their folders and adapters stay "
-                                           "on disk; a pruned cancelled job cannot be resumed here."),
-                             lambda ok: self._prune() if ok else None)
+        ask_to_prune(self, ended, "job(s)", "Their folders and adapters stay on disk; a pruned cancelled job cannot "
+                     "be resumed here.", "No finished, failed or cancelled jobs on this host to prune.", self._prune)
 
     @work(thread=True, group="jobs-action")
     def _prune(self) -> None:
-        from engine import audit
-
-        try:
-            message = self._local().prune_jobs()
-        except audit.ReadOnlyError as exc:
-            message = str(exc)
-        self.app.call_from_thread(self.notify, message, markup=False)
-        self.app.call_from_thread(self.reload)
+        report_prune(self, lambda: self._local().prune_jobs())
 
     def action_logs(self) -> None:
         r = self.selected()

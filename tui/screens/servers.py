@@ -22,7 +22,7 @@ from textual.widgets import DataTable, Input, Label, Select, Static
 
 from tui.format import sparkline
 from engine.node_ops import split_id
-from tui.screens.base import DeckModal, PolledScreen, highlighted_key
+from tui.screens.base import DeckModal, PolledScreen, ask_to_prune, highlighted_key, report_prune
 from tui.table import Col, DeckTable, NavTable
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.logs import LogScreen
@@ -244,23 +244,12 @@ class ServersScreen(PolledScreen):
                  and split_id(v.rec.id)[0] is None]
         if not self._guard():
             return
-        if not ended:
-            self.notify("No stopped or crashed servers on this host to prune.")
-            return
-        self.app.push_screen(ConfirmScreen(f"Forget {len(ended)} ended server(s) ({', '.join(ended[:3])}"
-                                           f"{', ...' if len(ended) > 3 else ''})? Their logs stay on disk."),
-                             lambda ok: self._prune() if ok else None)
+        ask_to_prune(self, ended, "server(s)", "Their logs stay on disk.",
+                     "No stopped or crashed servers on this host to prune.", self._prune)
 
     @work(thread=True, group="servers-action")
     def _prune(self) -> None:
-        from engine import audit
-
-        try:
-            message = self._local().prune_servers()
-        except audit.ReadOnlyError as exc:
-            message = str(exc)
-        self.app.call_from_thread(self.notify, message, markup=False)
-        self.app.call_from_thread(self.reload)
+        report_prune(self, lambda: self._local().prune_servers())
 
     def action_logs(self) -> None:
         v = self.selected()
