@@ -531,6 +531,7 @@ class Router:
 
     def _answer_slm(self, call: Call, escalated: bool, reason: str, forced: bool = False, error: str | None = None) -> Response:
         if call.slm.stream is not None:
+            call.slm.stream.claimed = True  # the relay below closes it, once the response has been sent
             row = self._row(call, route="slm", escalated=escalated, reason=reason, status=200, forced=forced, error=error)
             return StreamingResponse(self._relay_slm(call, call.slm.stream, row), media_type="text/event-stream",
                                      headers=self._headers(call, "slm", escalated))
