@@ -258,3 +258,39 @@ def test_a_failed_frontier_after_low_confidence_relays_the_held_slm_stream(slm, 
     assert content_of(events) == "slm answer w2" and events[-1] == "[DONE]"
     (row,) = proxy.rows()
     assert row["route"] == "slm" and row["escalated"] == 1 and row["error"].startswith("frontier failed")
+
+
+# --- concurrency ------------------------------------------------------------------------------------------
+def test_more_streams_than_one_pool_holds_are_all_open_at_once_and_each_gets_a_row(slm, frontier, make_proxy):
+    """48 streams (more than one upstream pool's 32 connections) held open by the stand-in at once: every
+    client has its first token before any stream is released, so none waited for another's connection."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.router.upstream_pool import SHARD_CONNECTIONS
+    from tests.helpers import wait_for
+
+    streams = SHARD_CONNECTIONS + 16
+    proxy = make_proxy(make_config(slm.url, frontier.url, confidence="first_token"))
+    firsts: list[bool] = []
+
+    def client() -> str:
+        seen = []
+        with httpx.Client(base_url=proxy.server.url, timeout=60, trust_env=False) as c:
+            with c.stream("POST", "/v1/chat/completions", json=body("hold tokens=3")) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        piece = content_of([json.loads(line[6:])])
+                        if piece and not "".join(seen):
+                            firsts.append(not slm.app.state.release.is_set())
+                        seen.append(piece)
+        return "".join(seen)
+
+    with ThreadPoolExecutor(streams) as pool:
+        futures = [pool.submit(client) for _ in range(streams)]
+        all_first = wait_for(lambda: len(firsts) == streams, timeout=60)
+        slm.app.state.release.set()
+        texts = [f.result() for f in futures]
+    assert all_first and all(firsts), f"{len(firsts)} of {streams} streams had their first token while all were held"
+    assert texts == ["slm answer w2"] * streams
+    rows = proxy.rows()
+    assert len(rows) == streams and {r["status"] for r in rows} == {200}

@@ -32,6 +32,7 @@ from engine.router.confidence import answer_confidence, confidence, slm_request
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
 from engine.router.request_check import BadRequest, check_request, json_depth_over, parse_body
+from engine.router.upstream_pool import UpstreamClients
 from engine.router.slm_stream import BOUND_REASON, TOTAL, SlmCut, SlmStream, SlmStreamError
 from store.ledger import LedgerRow, LedgerWriter
 
@@ -157,7 +158,7 @@ class Router:
         self.ledger = ledger
         self.metrics = ProxyMetrics(ledger)
         self.keys = api_keys(config.proxy)
-        self.client: httpx.AsyncClient | None = None
+        self.upstreams: UpstreamClients | None = None  # the small models' HTTP clients, made at startup
         self.litellm: Any = None
         self.prices: dict[str, Price] = {}
         self._load_litellm = load_litellm
@@ -169,11 +170,8 @@ class Router:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
-        self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            timeout=httpx.Timeout(30.0),
-            trust_env=False,  # never route SLM traffic through an environment proxy
-        )
+        # Small pools per upstream host, not one big one: see engine/router/upstream_pool.py.
+        self.upstreams = UpstreamClients()
         if self._load_litellm and any(t.frontier_model for t in self.config.task):
             from engine.router.pricing import import_litellm
 
@@ -282,8 +280,8 @@ class Router:
         return result
 
     async def shutdown(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        if self.upstreams is not None:
+            await self.upstreams.aclose()
         if self.ledger is not None:
             await asyncio.to_thread(self.ledger.close)
 
@@ -340,12 +338,12 @@ class Router:
 
     async def _probe_slm(self, task: Task) -> str | None:
         """None when the small model's server answers HTTP below 500; otherwise what went wrong."""
-        if self.client is None:
+        if self.upstreams is None:
             return "the proxy is not started"
         timeout = min(task.slm_first_token_timeout_s, 2.0)
         try:
             resp = await asyncio.wait_for(
-                self.client.get(f"{task.slm_base_url}/models", headers=bearer_from_env(task.slm_api_key_env),
+                self.upstreams.for_url(task.slm_base_url).get(f"{task.slm_base_url}/models", headers=bearer_from_env(task.slm_api_key_env),
                                 timeout=timeout), timeout=timeout)
         except (httpx.HTTPError, asyncio.TimeoutError) as exc:
             return "no answer" if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)) else type(exc).__name__
@@ -489,13 +487,13 @@ class Router:
                               int(call.body.get("top_logprobs") or 0))
         headers = bearer_from_env(task.slm_api_key_env)
         t = time.perf_counter()
-        assert self.client is not None
+        assert self.upstreams is not None
         limit = task.slm_total_timeout_s
         try:
             # A whole answer has no first token to watch: the total bound covers it, and the clock starts
             # here, when the request goes upstream. httpx's timeout bounds each read; wait_for the exchange.
             resp = await asyncio.wait_for(
-                self.client.post(f"{task.slm_base_url}/chat/completions", json=payload, headers=headers,
+                self.upstreams.for_url(task.slm_base_url).post(f"{task.slm_base_url}/chat/completions", json=payload, headers=headers,
                                  timeout=httpx.Timeout(limit, connect=task.slm_first_token_timeout_s)),
                 timeout=limit)
         except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
@@ -561,8 +559,8 @@ class Router:
                               int(call.body.get("top_logprobs") or 0))
         # Usage always: the ledger's token counts; the client gets the usage chunk only if it asked.
         payload.update(stream=True, stream_options={"include_usage": True})
-        assert self.client is not None
-        stream = SlmStream(self.client, f"{task.slm_base_url}/chat/completions", payload,
+        assert self.upstreams is not None
+        stream = SlmStream(self.upstreams.for_url(task.slm_base_url), f"{task.slm_base_url}/chat/completions", payload,
                            bearer_from_env(task.slm_api_key_env), task.slm_first_token_timeout_s,
                            task.slm_total_timeout_s)
         window = task.window_label()
