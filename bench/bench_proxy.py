@@ -239,6 +239,66 @@ def pct(values: list[float], q: float) -> float:
     return v[int(q * (len(v) - 1))] if v else float("nan")
 
 
+async def pool_checks(upstream: str, streams: int, rounds: int = 3) -> dict[str, tuple[float, float, float]]:
+    """The HTTP client's own bookkeeping, which the machine's load does not change: per stream, how many
+    connection checks (httpcore's is_idle) and new connections, and the seconds spent admitting and releasing
+    requests, for `streams` concurrent streams x `rounds`: one pool as the proxy had (512 connections, 128 kept
+    alive) against engine/router/upstream_pool.UpstreamClients."""
+    import httpcore
+
+    from engine.router.upstream_pool import UpstreamClients
+
+    counts = {"is_idle": 0, "connect": 0, "assign_s": 0.0}
+    real_idle = httpcore.AsyncHTTPConnection.is_idle
+    real_connect = httpcore.AsyncHTTPConnection._connect
+    real_assign = httpcore.AsyncConnectionPool._assign_requests_to_connections
+
+    def is_idle(self):  # type: ignore[no-untyped-def]
+        counts["is_idle"] += 1
+        return real_idle(self)
+
+    async def connect(self, request):  # type: ignore[no-untyped-def]
+        counts["connect"] += 1
+        return await real_connect(self, request)
+
+    def assign(self):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return real_assign(self)
+        finally:
+            counts["assign_s"] += time.perf_counter() - t
+
+    httpcore.AsyncHTTPConnection.is_idle = is_idle  # type: ignore[method-assign]
+    httpcore.AsyncHTTPConnection._connect = connect  # type: ignore[method-assign]
+    httpcore.AsyncConnectionPool._assign_requests_to_connections = assign  # type: ignore[method-assign]
+    url = upstream + "/v1/chat/completions"
+    out = {}
+    try:
+        for name in ("one pool (512, 128 kept alive)", "UpstreamClients (32 x 16)"):
+            single = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+                                       trust_env=False, timeout=60)
+            sharded = UpstreamClients(timeout=60)
+
+            async def one() -> None:
+                client = single if name.startswith("one") else sharded.for_url(url)
+                async with client.stream("POST", url, json=STREAM_PAYLOAD) as r:
+                    async for _ in r.aiter_raw():
+                        pass
+
+            counts.update(is_idle=0, connect=0, assign_s=0.0)
+            for _ in range(rounds):
+                await asyncio.gather(*(one() for _ in range(streams)))
+            total = streams * rounds
+            out[name] = (counts["is_idle"] / total, counts["connect"] / total, counts["assign_s"] * 1000 / total)
+            await single.aclose()
+            await sharded.aclose()
+    finally:
+        httpcore.AsyncHTTPConnection.is_idle = real_idle  # type: ignore[method-assign]
+        httpcore.AsyncHTTPConnection._connect = real_connect  # type: ignore[method-assign]
+        httpcore.AsyncConnectionPool._assign_requests_to_connections = real_assign  # type: ignore[method-assign]
+    return out
+
+
 def stream_main(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp())
@@ -311,6 +371,7 @@ def stream_main(args: argparse.Namespace) -> None:
                 ttfb, done, elapsed = asyncio.run(stream_load(url, args.seconds, n))
                 used = cpu(name) - before
                 rows.append((n, name, pct(ttfb, 0.5), pct(ttfb, 0.99), done / elapsed, done, used * 1000 / max(done, 1)))
+        pools = {n: asyncio.run(pool_checks(upstream, n)) for n in levels}
     finally:
         for p in procs:
             p.terminate()
@@ -330,6 +391,11 @@ def stream_main(args: argparse.Namespace) -> None:
     relay_rate = {n: r for n, name, _, _, r, _, _ in rows if name == "(b) bare streaming relay"}
     for n, name, p50, p99, rate, done, cpu_ms in rows:
         print(f"{n:8d}  {name:26}{p50:12.1f}{p99:12.1f}{rate:11.1f}{rate / relay_rate[n]:9.2f}x{cpu_ms:15.1f}")
+    print("\nthe HTTP client's pool, per stream (3 rounds of N concurrent streams to the paced upstream):")
+    print(f"{'streams':>8}  {'':32}{'is_idle checks':>15}{'new connections':>17}{'admit+release ms':>18}")
+    for n, by_pool in pools.items():
+        for name, (idle, connects, assign_ms) in by_pool.items():
+            print(f"{n:8d}  {name:32}{idle:15.0f}{connects:17.2f}{assign_ms:18.3f}")
 
 
 def start(args: list[str], env: dict | None = None) -> subprocess.Popen:

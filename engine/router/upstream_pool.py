@@ -17,7 +17,7 @@ from typing import Iterator
 
 import httpx
 
-SHARD_CONNECTIONS = 32  # per pool: the quadratic scan stays ~1,000 checks
+SHARD_CONNECTIONS = 16  # per pool: the quadratic scan stays ~250 checks
 HOST_CONNECTIONS = 512  # per upstream host, all shards together (the single pool's limit before)
 
 
