@@ -294,3 +294,48 @@ def test_more_streams_than_one_pool_holds_are_all_open_at_once_and_each_gets_a_r
     assert texts == ["slm answer w2"] * streams
     rows = proxy.rows()
     assert len(rows) == streams and {r["status"] for r in rows} == {200}
+
+
+# --- property: the client gets one model's answer, never a mix -------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def window_proxies(slm, frontier, tmp_path_factory):
+    """One proxy per confidence method (a 3-token window for mean/min), kept for every drawn example."""
+    tmp = tmp_path_factory.mktemp("window")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FAKE_FRONTIER_KEY", "sk-fake")
+        proxies = {m: Proxy(make_config(slm.url, frontier.url, confidence=m, threshold=0.5,
+                                        **({} if m == "first_token" else {"confidence_window_tokens": 3})),
+                            tmp / f"{m}.db")
+                   for m in ("first_token", "mean_token", "min_token")}
+        yield proxies
+        for p in proxies.values():
+            p.stop()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["first_token", "mean_token", "min_token"]),
+       lps=st.lists(st.sampled_from([-0.01, -0.2, -0.9, -3.0]), min_size=1, max_size=6))
+def test_a_streamed_answer_is_one_models_decided_on_its_window(window_proxies, method, lps):
+    import math
+
+    from engine.router.confidence import confidence
+
+    proxy = window_proxies[method]
+    n = 1 if method == "first_token" else 3
+    expect_slm = confidence(method, lps[:n]) >= 0.5
+    r = proxy.post("lp=" + ",".join(str(x) for x in lps), stream=True)
+    events = events_of(r.text)
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    text = content_of(events)
+    if expect_slm:
+        assert r.headers["x-fleetdeck-route"] == "slm"
+        assert text == "".join(("slm ", "answer")[i] if i < 2 else f" w{i}" for i in range(len(lps)))
+        assert float(r.headers["x-fleetdeck-confidence"]) == pytest.approx(
+            math.exp(sum(lps[:n]) / len(lps[:n])) if method == "mean_token" else math.exp(min(lps[:n])), abs=1e-4)
+    else:
+        assert r.headers["x-fleetdeck-route"] == "frontier"
+        assert text == "frontier streamed answer" and "slm" not in r.text
