@@ -339,3 +339,11 @@ def test_a_streamed_answer_is_one_models_decided_on_its_window(window_proxies, m
     else:
         assert r.headers["x-fleetdeck-route"] == "frontier"
         assert text == "frontier streamed answer" and "slm" not in r.text
+
+
+def test_an_slm_that_does_not_stream_is_an_slm_error_and_escalates(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url, confidence="first_token"))
+    r = proxy.post("nostream", stream=True)
+    assert r.headers["x-fleetdeck-route"] == "frontier" and content_of(events_of(r.text)) == "frontier streamed answer"
+    (row,) = proxy.rows()
+    assert row["reason"] == "slm_error" and row["decision_window"] == "first_token"

@@ -145,6 +145,8 @@ class SlmStream:
         while not self.ended and (tokens is None or len(self.logprobs) < tokens) and not self.missing_logprobs:
             chunk = await self._next()
             if chunk is None:
+                if not self.held:  # a 200 with no chunk at all (a server that ignored `stream`, say)
+                    raise SlmStreamError("the small model's answer is not an OpenAI chat stream")
                 self.ended = True
                 break
             self._take(chunk)

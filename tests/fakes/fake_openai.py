@@ -11,6 +11,7 @@ The last user message steers the fake, so a test says what it wants in the promp
             "firstwait=1.5"  seconds between the headers and the first token
             "hold"           after the first token, wait for `app.state.release` (a threading.Event) to be set
             "stallafter=2"   after that many tokens, send nothing more (for a minute)
+            "nostream"       answer a streamed request with a JSON body (a server that ignores `stream`)
           `app.state.events` records ("first_token", n) / ("finished", n) for the n-th request, in order.
   frontier: "ffail"          answer 500; "f400" answer 400 (both quote the prompt); "fsleep=2" answer late
             "fkeepalive"     stream one chunk, then only SSE keep-alive comments (for a minute)
@@ -63,6 +64,8 @@ def slm_app() -> Starlette:
             lps = [-0.05] * int(m.group(1))
         if m := re.search(r"lp=([-\d.,]+)", text):
             lps = [float(x) for x in m.group(1).split(",") if x]
+        if body.get("stream") and "nostream" in text:  # a server that ignores `stream`: a JSON body, no chunks
+            return JSONResponse({"object": "chat.completion", "choices": []})
         if body.get("stream"):
             return StreamingResponse(_slm_stream(request.app.state, body, text, lps), media_type="text/event-stream")
         tokens = [f"tok{i}" for i in range(len(lps))]
