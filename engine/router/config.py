@@ -203,6 +203,7 @@ class RouterSettings:
     policies: dict = field(default_factory=dict)  # task name -> store.analytics.TaskPolicy
     thresholds: dict[str, float] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)  # task name -> the small model it asks now
+    windows: dict[str, str] = field(default_factory=dict)  # task name -> Task.window_label()
     error: str | None = None  # a config that could not be read, or none at all
 
 
@@ -218,4 +219,5 @@ def load_router_settings(path: Path | None) -> RouterSettings:
     except ConfigError as exc:
         return RouterSettings(error=str(exc))
     return RouterSettings(cfg.pricing.slm_gpu_hour_usd, cfg.pricing.slm_gpus, iter_policies(cfg.task),
-                          {t.name: t.threshold for t in cfg.task}, {t.name: t.slm_model for t in cfg.task})
+                          {t.name: t.threshold for t in cfg.task}, {t.name: t.slm_model for t in cfg.task},
+                          {t.name: t.window_label() for t in cfg.task})
