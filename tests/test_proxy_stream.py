@@ -347,16 +347,3 @@ def test_an_slm_that_does_not_stream_is_an_slm_error_and_escalates(slm, frontier
     assert r.headers["x-fleetdeck-route"] == "frontier" and content_of(events_of(r.text)) == "frontier streamed answer"
     (row,) = proxy.rows()
     assert row["reason"] == "slm_error" and row["decision_window"] == "first_token"
-
-
-def test_a_client_that_leaves_mid_stream_gets_a_row_that_says_so(slm, frontier, make_proxy):
-    proxy = make_proxy(make_config(slm.url, frontier.url, confidence="first_token"))
-    with httpx.Client(base_url=proxy.server.url, timeout=30, trust_env=False) as c:
-        with c.stream("POST", "/v1/chat/completions", json=body("hold tokens=4")) as r:
-            for line in r.iter_lines():
-                if '"slm "' in line:
-                    break  # the first token is here; the client leaves while the SLM still holds the rest
-    slm.app.state.release.set()
-    (row,) = proxy.rows()
-    assert row["route"] == "slm" and row["status"] == 200
-    assert row["error"].startswith("the stream ended before the answer did"), row["error"]

@@ -605,7 +605,6 @@ class Router:
         with an error event in OpenAI's shape that says what the ledger row says."""
         wants_logprobs = bool(call.body.get("logprobs"))
         wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
-        ended = False
         try:
             async for chunk in stream.relay():
                 if not wants_logprobs:
@@ -618,9 +617,7 @@ class Router:
                         continue
                 yield _sse(chunk)
             yield b"data: [DONE]\n\n"
-            ended = True
         except (SlmCut, SlmStreamError) as exc:
-            ended = True
             if isinstance(exc, SlmCut):
                 row.slm_bound = exc.bound
                 row.reason = BOUND_REASON[exc.bound]
@@ -629,8 +626,6 @@ class Router:
             yield _sse({"error": {"message": row.error, "type": "server_error", "param": None,
                                   "code": "upstream_error"}})
         finally:
-            if not ended:  # the client went away (or the proxy stopped) before the answer was all sent
-                row.error = "the stream ended before the answer did: the client disconnected or the proxy stopped"
             usage = stream.usage
             pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
             price = self.prices.get(call.task.name, Price(0, 0, "unknown"))
