@@ -32,8 +32,8 @@ from engine.router.confidence import answer_confidence, confidence, slm_request
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
 from engine.router.request_check import BadRequest, check_request, json_depth_over, parse_body
-from engine.router.upstream_pool import UpstreamClients
 from engine.router.slm_stream import BOUND_REASON, TOTAL, SlmCut, SlmStream, SlmStreamError
+from engine.router.upstream_pool import UpstreamClients
 from store.ledger import LedgerRow, LedgerWriter
 
 log = logging.getLogger("fleetdeck.proxy")
@@ -343,8 +343,9 @@ class Router:
         timeout = min(task.slm_first_token_timeout_s, 2.0)
         try:
             resp = await asyncio.wait_for(
-                self.upstreams.for_url(task.slm_base_url).get(f"{task.slm_base_url}/models", headers=bearer_from_env(task.slm_api_key_env),
-                                timeout=timeout), timeout=timeout)
+                self.upstreams.for_url(task.slm_base_url).get(
+                    f"{task.slm_base_url}/models", headers=bearer_from_env(task.slm_api_key_env), timeout=timeout),
+                timeout=timeout)
         except (httpx.HTTPError, asyncio.TimeoutError) as exc:
             return "no answer" if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)) else type(exc).__name__
         return f"HTTP {resp.status_code}" if resp.status_code >= 500 else None
@@ -493,8 +494,9 @@ class Router:
             # A whole answer has no first token to watch: the total bound covers it, and the clock starts
             # here, when the request goes upstream. httpx's timeout bounds each read; wait_for the exchange.
             resp = await asyncio.wait_for(
-                self.upstreams.for_url(task.slm_base_url).post(f"{task.slm_base_url}/chat/completions", json=payload, headers=headers,
-                                 timeout=httpx.Timeout(limit, connect=task.slm_first_token_timeout_s)),
+                self.upstreams.for_url(task.slm_base_url).post(
+                    f"{task.slm_base_url}/chat/completions", json=payload, headers=headers,
+                    timeout=httpx.Timeout(limit, connect=task.slm_first_token_timeout_s)),
                 timeout=limit)
         except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
             if isinstance(exc, httpx.ConnectTimeout):
