@@ -9,7 +9,13 @@ with confident log-probabilities), each in its own process on loopback:
 Throughput: 16 concurrent clients for --seconds; latency: sequential requests, p50 and p99.
 Then the ledger: rows/s the batched writer sustains, and that a burst of 20,000 rows ends with 20,000.
 
+Streaming mode (--stream): a paced streaming upstream (--tokens tokens, --pace-ms apart, each with its
+log-probability), clients sending `stream: true` at 16, 64 and 256 concurrent streams (--concurrency), each
+client on its own connection (so the load generator's own pool is not what is measured); per target and
+concurrency: time to first byte (p50, p99) and streams/s, against the bare streaming relay in the same run.
+
 Usage: python bench/bench_proxy.py [--seconds 8] [--sequential 400] [--litellm-cli PATH]
+       python bench/bench_proxy.py --stream [--seconds 4] [--concurrency 16,64,256] [--tokens 32] [--pace-ms 4]
   e.g. python3 -m venv /tmp/llvenv && /tmp/llvenv/bin/pip install 'litellm[proxy]==1.80.15'
        python bench/bench_proxy.py --litellm-cli /tmp/llvenv/bin/litellm
 """
@@ -72,6 +78,74 @@ PASSTHROUGH = textwrap.dedent('''
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
 ''')
 
+STREAM_UPSTREAM = textwrap.dedent('''
+    import asyncio, json, sys, uvicorn
+    TOKENS, PACE = int(sys.argv[2]), float(sys.argv[3]) / 1000
+    BODY = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "tickets-v3",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "billing"}, "finish_reason": "stop",
+                     "logprobs": {"content": [{"token": "billing", "logprob": -0.01, "bytes": [98],
+                                               "top_logprobs": []}]}}],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}}).encode()
+    def chunk(choice):
+        return b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0,
+                                       "model": "tickets-v3", "choices": [dict(index=0, **choice)]}).encode() + b"\\n\\n"
+    TOKEN = chunk({"delta": {"content": " tok"}, "finish_reason": None,
+                   "logprobs": {"content": [{"token": " tok", "logprob": -0.01, "bytes": [32], "top_logprobs": []}]}})
+    USAGE = b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "tickets-v3",
+        "choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": TOKENS,
+                                 "total_tokens": 40 + TOKENS}}).encode() + b"\\n\\n"
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        raw, more = b"", True
+        while more:
+            msg = await receive()
+            raw += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        body = json.loads(raw or b"{}")
+        if not body.get("stream"):
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": BODY})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": chunk({"delta": {"role": "assistant", "content": ""},
+                                                                  "finish_reason": None}), "more_body": True})
+        for i in range(TOKENS):
+            await asyncio.sleep(PACE)  # a model writing a token every PACE seconds
+            await send({"type": "http.response.body", "body": TOKEN, "more_body": True})
+        tail = chunk({"delta": {}, "finish_reason": "stop"})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            tail += USAGE
+        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\\n\\n"})
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
+''')
+
+STREAM_RELAY = textwrap.dedent('''
+    import sys, httpx, uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+    UP = sys.argv[2]
+    client = None
+    async def chat(request):
+        global client
+        if client is None:
+            client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+                                       trust_env=False, timeout=60)
+        req = client.build_request("POST", UP + "/v1/chat/completions", content=await request.body(),
+                                   headers={"content-type": "application/json"})
+        resp = await client.send(req, stream=True)
+        async def gen():
+            try:
+                async for b in resp.aiter_raw():
+                    yield b
+            finally:
+                await resp.aclose()
+        return StreamingResponse(gen(), status_code=resp.status_code, media_type="text/event-stream")
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
+''')
+
 PAYLOAD = {"model": "tickets", "messages": [{"role": "user", "content": "Route this ticket: my invoice is wrong"}], "max_tokens": 4}
 
 
@@ -128,6 +202,202 @@ def latencies(url: str, n: int) -> tuple[float, float]:
     return statistics.median(times), times[int(0.99 * (len(times) - 1))]
 
 
+STREAM_PAYLOAD = {**PAYLOAD, "stream": True, "max_tokens": 64}
+
+
+async def stream_load(url: str, seconds: float, clients: int) -> tuple[list[float], int, float]:
+    """`clients` workers streaming for `seconds`: (time to first content byte of each stream in ms,
+    streams completed, elapsed). Each worker has its own connection: the load generator's pool stays out of it."""
+    ttfb: list[float] = []
+    done = 0
+    deadline = time.perf_counter() + seconds
+    headers = {"Authorization": "Bearer sk-bench"}
+
+    async def worker() -> None:
+        nonlocal done
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(limits=limits, timeout=60, trust_env=False, headers=headers) as c:
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                first = None
+                async with c.stream("POST", url + "/v1/chat/completions", json=STREAM_PAYLOAD) as r:
+                    async for line in r.aiter_lines():
+                        if first is None and '"content":" tok"' in line.replace(": ", ":"):
+                            first = (time.perf_counter() - t) * 1000
+                    ok = r.status_code == 200 and first is not None
+                if ok:
+                    done += 1
+                    ttfb.append(first)
+
+    start_t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return ttfb, done, time.perf_counter() - start_t
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[int(q * (len(v) - 1))] if v else float("nan")
+
+
+async def pool_checks(upstream: str, streams: int, rounds: int = 3) -> dict[str, tuple[float, float, float]]:
+    """The HTTP client's own bookkeeping, which the machine's load does not change: per stream, how many
+    connection checks (httpcore's is_idle) and new connections, and the seconds spent admitting and releasing
+    requests, for `streams` concurrent streams x `rounds`: one pool as the proxy had (512 connections, 128 kept
+    alive) against engine/router/upstream_pool.UpstreamClients."""
+    import httpcore
+
+    from engine.router.upstream_pool import UpstreamClients
+
+    counts = {"is_idle": 0, "connect": 0, "assign_s": 0.0}
+    real_idle = httpcore.AsyncHTTPConnection.is_idle
+    real_connect = httpcore.AsyncHTTPConnection._connect
+    real_assign = httpcore.AsyncConnectionPool._assign_requests_to_connections
+
+    def is_idle(self):  # type: ignore[no-untyped-def]
+        counts["is_idle"] += 1
+        return real_idle(self)
+
+    async def connect(self, request):  # type: ignore[no-untyped-def]
+        counts["connect"] += 1
+        return await real_connect(self, request)
+
+    def assign(self):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return real_assign(self)
+        finally:
+            counts["assign_s"] += time.perf_counter() - t
+
+    httpcore.AsyncHTTPConnection.is_idle = is_idle  # type: ignore[method-assign]
+    httpcore.AsyncHTTPConnection._connect = connect  # type: ignore[method-assign]
+    httpcore.AsyncConnectionPool._assign_requests_to_connections = assign  # type: ignore[method-assign]
+    url = upstream + "/v1/chat/completions"
+    out = {}
+    try:
+        for name in ("one pool (512, 128 kept alive)", "UpstreamClients (32 x 16)"):
+            single = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+                                       trust_env=False, timeout=60)
+            sharded = UpstreamClients(timeout=60)
+
+            async def one() -> None:
+                client = single if name.startswith("one") else sharded.for_url(url)
+                async with client.stream("POST", url, json=STREAM_PAYLOAD) as r:
+                    async for _ in r.aiter_raw():
+                        pass
+
+            counts.update(is_idle=0, connect=0, assign_s=0.0)
+            for _ in range(rounds):
+                await asyncio.gather(*(one() for _ in range(streams)))
+            total = streams * rounds
+            out[name] = (counts["is_idle"] / total, counts["connect"] / total, counts["assign_s"] * 1000 / total)
+            await single.aclose()
+            await sharded.aclose()
+    finally:
+        httpcore.AsyncHTTPConnection.is_idle = real_idle  # type: ignore[method-assign]
+        httpcore.AsyncHTTPConnection._connect = real_connect  # type: ignore[method-assign]
+        httpcore.AsyncConnectionPool._assign_requests_to_connections = real_assign  # type: ignore[method-assign]
+    return out
+
+
+def stream_main(args: argparse.Namespace) -> None:
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp())
+    levels = [int(x) for x in args.concurrency.split(",")]
+    rows: list[tuple[int, str, float, float, float, int, float]] = []
+    try:
+        up_port = free_port()
+        procs.append(start([PY, "-c", STREAM_UPSTREAM, str(up_port), str(args.tokens), str(args.pace_ms)]))
+        upstream = f"http://127.0.0.1:{up_port}"
+        wait_ready(upstream, procs[-1])
+        rl_port = free_port()
+        procs.append(start([PY, "-c", STREAM_RELAY, str(rl_port), upstream]))
+        relay = f"http://127.0.0.1:{rl_port}"
+        wait_ready(relay, procs[-1])
+        fd_port = free_port()
+        (tmp / "router.toml").write_text(textwrap.dedent(f'''
+            [proxy]
+            api_keys_env = "FD_BENCH_KEYS"
+            [[task]]
+            name = "tickets"
+            slm_base_url = "{upstream}/v1"
+            slm_model = "tickets-v3"
+            confidence = "first_token"
+            threshold = 0.85
+        '''))
+        env = dict(os.environ, FD_BENCH_KEYS="sk-bench")
+        procs.append(start([PY, "-m", "fleetdeck", "proxy", "--config", str(tmp / "router.toml"), "--port", str(fd_port),
+                            "--store", str(tmp / "ledger.db")], env))
+        fleetdeck = f"http://127.0.0.1:{fd_port}"
+        wait_ready(fleetdeck, procs[-1])
+        targets = {"(a) direct upstream": upstream, "(b) bare streaming relay": relay, "(c) fleetdeck proxy": fleetdeck}
+        litellm_cli = args.litellm_cli or ""
+        if litellm_cli and Path(litellm_cli).exists():
+            ll_port = free_port()
+            (tmp / "litellm.yaml").write_text(textwrap.dedent(f'''
+                model_list:
+                  - model_name: tickets
+                    litellm_params:
+                      model: openai/tickets-v3
+                      api_base: {upstream}/v1
+                      api_key: sk-upstream
+            '''))
+            ll_env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
+            procs.append(start([litellm_cli, "--config", str(tmp / "litellm.yaml"), "--port", str(ll_port),
+                                "--num_workers", "1"], ll_env))
+            try:
+                wait_ready(f"http://127.0.0.1:{ll_port}", procs[-1], timeout=180)
+                targets["(d) LiteLLM proxy"] = f"http://127.0.0.1:{ll_port}"
+            except RuntimeError as exc:
+                print(f"(d) LiteLLM proxy: did not start ({exc})")
+        else:
+            print("(d) LiteLLM proxy: skipped (give --litellm-cli PATH to a venv with litellm[proxy])")
+        import psutil
+
+        # The process each target runs in: its CPU time per stream is a figure the machine's load does not skew.
+        pids = {"(a) direct upstream": procs[0].pid, "(b) bare streaming relay": procs[1].pid,
+                "(c) fleetdeck proxy": procs[2].pid}
+        if "(d) LiteLLM proxy" in targets:
+            pids["(d) LiteLLM proxy"] = procs[3].pid
+
+        def cpu(name: str) -> float:
+            proc = psutil.Process(pids[name])
+            times = [proc.cpu_times()] + [c.cpu_times() for c in proc.children(recursive=True)]
+            return sum(t.user + t.system for t in times)
+
+        for n in levels:
+            for name, url in targets.items():
+                asyncio.run(stream_load(url, min(1.0, args.seconds), min(n, 16)))  # warm connections and code paths
+                before = cpu(name)
+                ttfb, done, elapsed = asyncio.run(stream_load(url, args.seconds, n))
+                used = cpu(name) - before
+                rows.append((n, name, pct(ttfb, 0.5), pct(ttfb, 0.99), done / elapsed, done, used * 1000 / max(done, 1)))
+        pools = {n: asyncio.run(pool_checks(upstream, n)) for n in levels}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    try:
+        load = "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        load = "load average unknown"
+    print(f"\nstreaming, {os.cpu_count()} cores ({load} at the end), {args.tokens} tokens {args.pace_ms:g} ms apart, "
+          f"{args.seconds:g} s per level")
+    print(f"{'streams':>8}  {'':26}{'TTFB p50 ms':>12}{'TTFB p99 ms':>12}{'streams/s':>11}{'vs relay':>10}"
+          f"{'CPU ms/stream':>15}")
+    relay_rate = {n: r for n, name, _, _, r, _, _ in rows if name == "(b) bare streaming relay"}
+    for n, name, p50, p99, rate, done, cpu_ms in rows:
+        print(f"{n:8d}  {name:26}{p50:12.1f}{p99:12.1f}{rate:11.1f}{rate / relay_rate[n]:9.2f}x{cpu_ms:15.1f}")
+    print("\nthe HTTP client's pool, per stream (3 rounds of N concurrent streams to the paced upstream):")
+    print(f"{'streams':>8}  {'':32}{'is_idle checks':>15}{'new connections':>17}{'admit+release ms':>18}")
+    for n, by_pool in pools.items():
+        for name, (idle, connects, assign_ms) in by_pool.items():
+            print(f"{n:8d}  {name:32}{idle:15.0f}{connects:17.2f}{assign_ms:18.3f}")
+
+
 def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or os.environ.copy())
 
@@ -162,7 +432,14 @@ def main() -> None:
     ap.add_argument("--litellm-cli", metavar="PATH",
                     help="`litellm` executable of a venv with litellm[proxy] (fleetdeck pins a litellm whose "
                          "[proxy] extra is not on PyPI, so the benchmark's LiteLLM proxy lives in its own venv)")
+    ap.add_argument("--stream", action="store_true", help="the streaming benchmark (see the module's doc)")
+    ap.add_argument("--concurrency", default="16,64,256")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--pace-ms", type=float, default=4.0)
     args = ap.parse_args()
+    if args.stream:
+        stream_main(args)
+        return
 
     procs: list[subprocess.Popen] = []
     results: dict[str, tuple[float, float, float]] = {}

@@ -42,7 +42,7 @@ from store.schema import ROLLUP_TABLES
 
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, float("inf"))
 CONFIDENCE_BINS = 10
-SLM_ERROR_REASONS = ("slm_timeout", "slm_error", "no_logprobs")
+SLM_ERROR_REASONS = ("slm_timeout", "slm_first_token_timeout", "slm_total_timeout", "slm_error", "no_logprobs")
 MAX_PENDING = 1_000_000  # rows held in memory while the store cannot be written; the journal keeps the rest
 log = logging.getLogger("fleetdeck.ledger")
 
@@ -76,6 +76,9 @@ class LedgerRow:
     prompt_text: str | None = None
     completion_text: str | None = None
     sanitized: bool = False  # a field could not be stored as given and was made safe
+    slm_ttft_ms: float | None = None  # streamed: the small model's first token, ms after it was asked
+    decision_window: str | None = None  # streamed: first_token | first_N_tokens | whole_answer
+    slm_bound: str | None = None  # the small model's bound that fired: first_token | total
 
 
 _COLUMNS = [f.name for f in fields(LedgerRow)]

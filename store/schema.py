@@ -272,6 +272,15 @@ def _v9_runtime_apart_from_spec(db: sqlite_utils.Database) -> None:
     db.execute(f"UPDATE managed SET spec = json_remove(spec, {paths})")
 
 
+def _v10_streamed_slm(db: sqlite_utils.Database) -> None:
+    # A streamed request's small-model timing (issue 28): when its first token came (ms after the request
+    # was sent upstream), the window its confidence was decided on (first_token | first_N_tokens |
+    # whole_answer), and which SLM bound fired, if one did (first_token | total).
+    db["requests"].add_column("slm_ttft_ms", float)  # type: ignore[union-attr]
+    db["requests"].add_column("decision_window", str)  # type: ignore[union-attr]
+    db["requests"].add_column("slm_bound", str)  # type: ignore[union-attr]
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
     2: _v2_router_ledger,
@@ -282,5 +291,6 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     7: _v7_audit,
     8: _v8_adapter_lifecycle,
     9: _v9_runtime_apart_from_spec,
+    10: _v10_streamed_slm,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

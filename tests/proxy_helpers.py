@@ -42,7 +42,7 @@ def free_port() -> int:
 def make_config(slm_url: str, frontier_url: str | None, **task: Any) -> RouterConfig:
     base = {
         "name": "tickets", "slm_base_url": f"{slm_url}/v1", "slm_model": "tickets-v3",
-        "confidence": "mean_token", "threshold": 0.85, "slm_timeout_s": 2.0,
+        "confidence": "mean_token", "threshold": 0.85, "slm_first_token_timeout_s": 2.0,
     }
     if frontier_url:
         base.update(frontier_model="openai/gpt-4o", frontier_api_base=f"{frontier_url}/v1",

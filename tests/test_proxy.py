@@ -101,7 +101,7 @@ def test_confidence_arithmetic():
 @pytest.mark.parametrize(
     "content, task, reason",
     [
-        ("sleep=1.0", {"slm_timeout_s": 0.2}, "slm_timeout"),
+        ("sleep=1.0", {"slm_first_token_timeout_s": 0.2, "slm_total_timeout_s": 0.2}, "slm_total_timeout"),
         ("fail=500", {}, "slm_error"),
         ("nolp", {}, "no_logprobs"),
     ],
@@ -152,13 +152,15 @@ def _sse_content(text: str) -> tuple[str, list[dict]]:
 
 def test_streaming_a_confident_answer(slm, frontier, make_proxy):
     proxy = make_proxy(make_config(slm.url, frontier.url))
-    r = proxy.post("lp=-0.01", stream=True, stream_options={"include_usage": True})
+    r = proxy.post("lp=-0.01,-0.01", stream=True, stream_options={"include_usage": True})
     assert r.headers["content-type"].startswith("text/event-stream") and r.headers["x-fleetdeck-route"] == "slm"
     content, chunks = _sse_content(r.text)
     assert content == "slm answer" and chunks[-1]["usage"]["prompt_tokens"] == SLM_PROMPT_TOKENS
-    assert slm.app.state.calls[-1].get("stream") is None  # the SLM answer is taken whole
+    assert slm.app.state.calls[-1]["stream"] is True and slm.app.state.calls[-1]["logprobs"] is True
+    assert all("logprobs" not in ch for c in chunks for ch in c.get("choices", []))  # not asked for
     (row,) = proxy.rows()
-    assert row["stream"] == 1 and row["route"] == "slm"
+    assert row["stream"] == 1 and row["route"] == "slm" and row["decision_window"] == "whole_answer"
+    assert row["slm_completion_tokens"] == 2 and row["slm_ttft_ms"] is not None and row["slm_bound"] is None
 
 
 def test_streaming_an_escalated_answer_passes_the_frontier_stream_through(slm, frontier, make_proxy):

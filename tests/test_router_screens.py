@@ -151,3 +151,23 @@ def test_the_header_counts_an_unreachable_node_as_unreachable():
              NodeSnapshot(node="c", taken_at=0, nvml="unavailable", reason="unreachable since 10:00", link="unreachable"),
              NodeSnapshot(node="d", taken_at=0, nvml="unavailable", reason="connecting", link="connecting")]
     assert node_trouble(snaps) == {"without NVML": 1, "unreachable": 1, "connecting": 1}
+
+
+async def test_the_side_panel_says_what_a_streamed_decision_waits_for(router_store):
+    import re
+
+    path, cfg = router_store
+    # extract-fields (selected first: names sort) decides on the whole answer, so its streams buffer.
+    text, n = re.subn(r'(name = "extract-fields"\n(?:[^\[\n]*\n)*?)confidence = "first_token"',
+                      r'\1confidence = "mean_token"', cfg.read_text())
+    assert n == 1
+    cfg.write_text(text)
+    app = make_app(store_path=path)
+    app.options.router_config = cfg
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _open(app, pilot, "5")
+        assert screen.selected == "extract-fields"
+        windows = {r.name: r.window for r in screen.data.rows}
+        assert windows["extract-fields"] == "whole_answer" and windows["ticket-routing"] == "first_token"
+        panel = static_text(screen.query_one("#router-detail", Static))
+        assert "streamed: decided on the whole answer — buffers it" in panel, panel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ from pydantic import Field, field_validator, model_validator
 
 from store.config_files import HomePath, Strict, load_toml_model
 from store.analytics import TaskPolicy
+
+_log = logging.getLogger("fleetdeck.config")
 
 
 
@@ -67,7 +70,15 @@ class Task(Strict):
     slm_api_key_env: str | None = None
     confidence: Literal["first_token", "mean_token", "min_token"] = "mean_token"
     threshold: float = Field(ge=0.0, le=1.0)
-    slm_timeout_s: float = Field(default=2.0, gt=0, le=3600)
+    # Two bounds with two meanings (issue 28). Both clocks start when the request is sent upstream, so
+    # time a request waits inside fleetdeck never counts against the small model.
+    slm_first_token_timeout_s: float = Field(
+        default=2.0, gt=0, le=3600, description="a streamed answer's first token must arrive within this")
+    slm_total_timeout_s: float = Field(
+        default=120.0, gt=0, le=3600, description="the whole answer (streamed or not) must end within this")
+    # The tokens a streamed request's confidence is decided on before anything is sent to the client.
+    # first_token always decides on one; None with mean_token/min_token: the whole answer (it buffers).
+    confidence_window_tokens: int | None = Field(default=None, ge=1, le=65536)
     frontier_model: str | None = None
     frontier_api_base: str | None = None
     frontier_api_key_env: str | None = None
@@ -80,6 +91,35 @@ class Task(Strict):
     recent_hours: float = Field(default=TaskPolicy.recent_hours, gt=0)
     drift_threshold_pp: float = Field(default=TaskPolicy.drift_threshold_pp, gt=0)
     gate: Gate | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_slm_timeout(cls, data: object) -> object:
+        # slm_timeout_s used to bound the whole generation, which escalated every long healthy answer;
+        # it now means what operators set it for, the wait for the small model to start answering.
+        if isinstance(data, dict) and "slm_timeout_s" in data:
+            data = dict(data)
+            old = data.pop("slm_timeout_s")
+            if "slm_first_token_timeout_s" not in data:
+                data["slm_first_token_timeout_s"] = old
+            _log.warning("task %s: slm_timeout_s is deprecated; it is read as slm_first_token_timeout_s "
+                         "(see also slm_total_timeout_s)", data.get("name", "?"))
+        return data
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> "Task":
+        if self.slm_total_timeout_s < self.slm_first_token_timeout_s:
+            raise ValueError(f"slm_total_timeout_s ({self.slm_total_timeout_s:g}) must be at least "
+                             f"slm_first_token_timeout_s ({self.slm_first_token_timeout_s:g})")
+        return self
+
+    def window_tokens(self) -> int | None:
+        """How many tokens a streamed answer's confidence is decided on; None: the whole answer."""
+        return 1 if self.confidence == "first_token" else self.confidence_window_tokens
+
+    def window_label(self) -> str:
+        n = self.window_tokens()
+        return "whole_answer" if n is None else ("first_token" if n == 1 else f"first_{n}_tokens")
 
     @field_validator("slm_base_url", "frontier_api_base")
     @classmethod
@@ -174,6 +214,7 @@ class RouterSettings:
     policies: dict = field(default_factory=dict)  # task name -> store.analytics.TaskPolicy
     thresholds: dict[str, float] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)  # task name -> the small model it asks now
+    windows: dict[str, str] = field(default_factory=dict)  # task name -> Task.window_label()
     journal_dir: Path | None = None  # where the proxy's ledger journal is, when not beside the store
     error: str | None = None  # a config that could not be read, or none at all
 
@@ -191,4 +232,4 @@ def load_router_settings(path: Path | None) -> RouterSettings:
         return RouterSettings(error=str(exc))
     return RouterSettings(cfg.pricing.slm_gpu_hour_usd, cfg.pricing.slm_gpus, iter_policies(cfg.task),
                           {t.name: t.threshold for t in cfg.task}, {t.name: t.slm_model for t in cfg.task},
-                          cfg.proxy.journal_dir)
+                          {t.name: t.window_label() for t in cfg.task}, cfg.proxy.journal_dir)

@@ -34,6 +34,7 @@ class TaskRow:
     confidence_hist: list[int] = field(default_factory=list)
     escalations_24h: dict[str, int] = field(default_factory=dict)  # by reason
     slm_model: str | None = None  # what the router config points the task at now
+    window: str | None = None  # what a streamed request's decision waits for (Task.window_label)
 
 
 @dataclass
@@ -82,7 +83,7 @@ def load_router_data(store: Store, config_path: Path | None, selected: str | Non
             confidence_hist=day.confidence_hist if day else [],
             escalations_24h={"low confidence": day.esc_low_confidence, "SLM error/timeout": day.esc_slm_error,
                              "forced": day.esc_forced} if day else {},
-            slm_model=settings.models.get(name),
+            slm_model=settings.models.get(name), window=settings.windows.get(name),
         ))
     selected = selected if selected in names else (names[0] if names else None)
     series = escalation_series(store, selected, now - window_s, now) if selected else []

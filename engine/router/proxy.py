@@ -29,10 +29,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine.http_auth import bearer_from_env
-from engine.router.confidence import answer_confidence, slm_request
+from engine.router.confidence import answer_confidence, confidence, slm_request
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
 from engine.router.request_check import BadRequest, check_request, json_depth_over, parse_body
+from engine.router.slm_stream import BOUND_REASON, TOTAL, SlmCut, SlmStream, SlmStreamError
+from engine.router.upstream_pool import UpstreamClients
 from store.ledger import LedgerRow, LedgerWriter
 
 log = logging.getLogger("fleetdeck.proxy")
@@ -122,11 +124,20 @@ class ProxyMetrics:
 class SlmOutcome:
     answer: dict[str, Any] | None = None
     confidence: float | None = None
-    error_reason: str | None = None  # slm_timeout | slm_error | no_logprobs | client_error
+    error_reason: str | None = None  # slm_first_token_timeout | slm_total_timeout | slm_error | no_logprobs | client_error
     status: int | None = None  # the small model's own HTTP status when it refused the request
     error: str | None = None  # what failed, in fleetdeck's words (no upstream text: it can quote the prompt)
     detail: str | None = None  # the upstream's own error text, for the client
     latency_ms: float | None = None
+    stream: SlmStream | None = None  # a streamed answer, held open until it is relayed or dropped
+    window: str | None = None  # streamed: the window confidence was decided on
+    ttft_ms: float | None = None  # streamed: the first token, ms after the request was sent upstream
+    bound: str | None = None  # the bound that fired: first_token | total
+
+    @property
+    def has_answer(self) -> bool:
+        """An answer the client could be given (whole, or a stream held open)."""
+        return self.answer is not None or self.stream is not None
 
     @property
     def full_error(self) -> str | None:
@@ -160,7 +171,7 @@ class Router:
         self.ledger = ledger
         self.metrics = ProxyMetrics(ledger)
         self.keys = api_keys(config.proxy)
-        self.client: httpx.AsyncClient | None = None
+        self.upstreams: UpstreamClients | None = None  # the small models' HTTP clients, made at startup
         self.litellm: Any = None
         self.prices: dict[str, Price] = {}
         self._load_litellm = load_litellm
@@ -174,11 +185,8 @@ class Router:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
-        self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            timeout=httpx.Timeout(30.0),
-            trust_env=False,  # never route SLM traffic through an environment proxy
-        )
+        # Small pools per upstream host, not one big one: see engine/router/upstream_pool.py.
+        self.upstreams = UpstreamClients()
         if self._load_litellm and any(t.frontier_model for t in self.config.task):
             from engine.router.pricing import import_litellm
 
@@ -303,8 +311,8 @@ class Router:
         running = {t for t in self.handlers if not t.done()}
         if running:
             await asyncio.wait(running, timeout=max(self.ledger_close_bound(), 1.0))
-        if self.client is not None:
-            await self.client.aclose()
+        if self.upstreams is not None:
+            await self.upstreams.aclose()
         if self.ledger is not None:
             await asyncio.to_thread(self.ledger.close, self.ledger_close_bound())
 
@@ -368,13 +376,14 @@ class Router:
 
     async def _probe_slm(self, task: Task) -> str | None:
         """None when the small model's server answers HTTP below 500; otherwise what went wrong."""
-        if self.client is None:
+        if self.upstreams is None:
             return "the proxy is not started"
-        timeout = min(task.slm_timeout_s, 2.0)
+        timeout = min(task.slm_first_token_timeout_s, 2.0)
         try:
             resp = await asyncio.wait_for(
-                self.client.get(f"{task.slm_base_url}/models", headers=bearer_from_env(task.slm_api_key_env),
-                                timeout=timeout), timeout=timeout)
+                self.upstreams.for_url(task.slm_base_url).get(
+                    f"{task.slm_base_url}/models", headers=bearer_from_env(task.slm_api_key_env), timeout=timeout),
+                timeout=timeout)
         except (httpx.HTTPError, asyncio.TimeoutError) as exc:
             return "no answer" if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)) else type(exc).__name__
         return f"HTTP {resp.status_code}" if resp.status_code >= 500 else None
@@ -474,27 +483,35 @@ class Router:
 
     # -- routing --------------------------------------------------------------------------------
     async def _route(self, call: Call) -> Response:
+        try:
+            return await self._decide(call)
+        finally:
+            # A streamed SLM answer that no relay took (escalated, failed, cancelled) is closed here.
+            if call.slm.stream is not None and not call.slm.stream.claimed:
+                await call.slm.stream.aclose()
+
+    async def _decide(self, call: Call) -> Response:
         task = call.task
         if call.force != "always":
-            call.slm = await self._ask_slm(call)
+            call.slm = await (self._stream_slm(call) if call.stream else self._ask_slm(call))
         slm = call.slm
         if slm.error_reason == "client_error":
             return self._fail(call, slm.status or 400, f"the small model refused the request ({slm.full_error})",
                               reason="client_error", client_error=True,
                               summary=f"the small model refused the request ({slm.error})")
         if call.force == "never":
-            if slm.answer is None:
+            if not slm.has_answer:
                 return self._fail(call, 502, f"the small model failed ({slm.full_error}) and X-Fleetdeck-Escalate: never forbids escalation",
                                   reason=slm.error_reason or "slm_error", forced=True,
                                   summary=f"the small model failed ({slm.error}) and X-Fleetdeck-Escalate: never forbids escalation")
             return self._answer_slm(call, escalated=False, reason="forced_slm", forced=True)
-        if call.force is None and slm.answer is not None and slm.confidence is not None and slm.confidence >= task.threshold:
+        if call.force is None and slm.has_answer and slm.confidence is not None and slm.confidence >= task.threshold:
             return self._answer_slm(call, escalated=False, reason="confident")
 
         reason = "forced_frontier" if call.force == "always" else (
-            slm.error_reason or ("low_confidence" if slm.answer is not None else "slm_error"))
+            slm.error_reason or ("low_confidence" if slm.has_answer else "slm_error"))
         if not task.frontier_model:
-            if slm.answer is not None:  # nothing to escalate to: the small model's answer stands
+            if slm.has_answer:  # nothing to escalate to: the small model's answer stands
                 return self._answer_slm(call, escalated=False, reason=reason, error="no frontier model configured")
             why = f"and task {task.name!r} has no frontier_model to escalate to"
             return self._fail(call, 503, f"the small model is unavailable ({slm.full_error}) {why}", reason=reason,
@@ -509,15 +526,22 @@ class Router:
                               int(call.body.get("top_logprobs") or 0))
         headers = bearer_from_env(task.slm_api_key_env)
         t = time.perf_counter()
-        assert self.client is not None
+        assert self.upstreams is not None
+        limit = task.slm_total_timeout_s
         try:
-            # httpx's timeout bounds each read; wait_for bounds the whole exchange.
+            # A whole answer has no first token to watch: the total bound covers it, and the clock starts
+            # here, when the request goes upstream. httpx's timeout bounds each read; wait_for the exchange.
             resp = await asyncio.wait_for(
-                self.client.post(f"{task.slm_base_url}/chat/completions", json=payload, headers=headers,
-                                 timeout=task.slm_timeout_s),
-                timeout=task.slm_timeout_s)
-        except (httpx.TimeoutException, asyncio.TimeoutError):
-            return SlmOutcome(error_reason="slm_timeout", error=f"no answer within {task.slm_timeout_s} s",
+                self.upstreams.for_url(task.slm_base_url).post(
+                    f"{task.slm_base_url}/chat/completions", json=payload, headers=headers,
+                    timeout=httpx.Timeout(limit, connect=task.slm_first_token_timeout_s)),
+                timeout=limit)
+        except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                return SlmOutcome(error_reason="slm_error", error=f"no connection within {task.slm_first_token_timeout_s:g} s",
+                                  latency_ms=(time.perf_counter() - t) * 1000)
+            return SlmOutcome(error_reason=BOUND_REASON[TOTAL], bound=TOTAL,
+                              error=f"no answer within slm_total_timeout_s = {limit:g} s",
                               latency_ms=(time.perf_counter() - t) * 1000)
         except httpx.HTTPError as exc:
             return SlmOutcome(error_reason="slm_error", error=f"{type(exc).__name__}: {exc}",
@@ -544,6 +568,11 @@ class Router:
         return SlmOutcome(answer=answer, confidence=conf, latency_ms=latency)
 
     def _answer_slm(self, call: Call, escalated: bool, reason: str, forced: bool = False, error: str | None = None) -> Response:
+        if call.slm.stream is not None:
+            call.slm.stream.claimed = True  # the relay below closes it, once the response has been sent
+            row = self._row(call, route="slm", escalated=escalated, reason=reason, status=200, forced=forced, error=error)
+            return StreamingResponse(self._relay_slm(call, call.slm.stream, row), media_type="text/event-stream",
+                                     headers=self._headers(call, "slm", escalated))
         answer = call.slm.answer
         assert answer is not None
         if not call.body.get("logprobs"):
@@ -562,6 +591,94 @@ class Router:
             return StreamingResponse(self._sse_from_answer(answer, call, row), media_type="text/event-stream", headers=headers)
         self._record(row)
         return JSONResponse(answer, headers=headers)
+
+    async def _stream_slm(self, call: Call) -> SlmOutcome:
+        """Ask the small model for a streamed answer and read it up to the task's decision window."""
+        task = call.task
+        payload = slm_request(task, call.body["messages"], _passed_through(call.body),
+                              int(call.body.get("top_logprobs") or 0))
+        # Usage always: the ledger's token counts; the client gets the usage chunk only if it asked.
+        payload.update(stream=True, stream_options={"include_usage": True})
+        assert self.upstreams is not None
+        stream = SlmStream(self.upstreams.for_url(task.slm_base_url), f"{task.slm_base_url}/chat/completions", payload,
+                           bearer_from_env(task.slm_api_key_env), task.slm_first_token_timeout_s,
+                           task.slm_total_timeout_s)
+        window = task.window_label()
+        t = time.perf_counter()
+
+        def failed(reason: str, error: str, **kw: Any) -> SlmOutcome:
+            return SlmOutcome(error_reason=reason, error=error, window=window, ttft_ms=stream.ttft_ms,
+                              latency_ms=(time.perf_counter() - t) * 1000, **kw)
+
+        try:
+            resp = await stream.open()
+            if resp.status_code != 200:
+                await resp.aread()
+                reason = "client_error" if resp.status_code in CLIENT_ERRORS else "slm_error"
+                return failed(reason, f"HTTP {resp.status_code}", detail=_upstream_message(resp),
+                              status=resp.status_code if reason == "client_error" else None)
+            await stream.fill_window(task.window_tokens())
+        except SlmCut as exc:
+            await stream.aclose()
+            return failed(BOUND_REASON[exc.bound], str(exc), bound=exc.bound)
+        except SlmStreamError as exc:
+            await stream.aclose()
+            return failed("slm_error", str(exc))
+        except httpx.HTTPError as exc:
+            await stream.aclose()
+            return failed("slm_error", f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            await stream.aclose()
+            raise
+        n = task.window_tokens()
+        lps = stream.logprobs if n is None else stream.logprobs[:n]
+        outcome = SlmOutcome(stream=stream, window=window, ttft_ms=stream.ttft_ms,
+                             latency_ms=(time.perf_counter() - t) * 1000)
+        if stream.missing_logprobs or not lps:
+            outcome.error_reason, outcome.error = "no_logprobs", "no token log-probabilities in the answer"
+        else:
+            outcome.confidence = confidence(task.confidence, lps)
+        return outcome
+
+    async def _relay_slm(self, call: Call, stream: SlmStream, row: LedgerRow) -> AsyncIterator[bytes]:
+        """The held window, then the rest of the small model's stream as it comes; a cut ends the stream
+        with an error event in OpenAI's shape that says what the ledger row says."""
+        wants_logprobs = bool(call.body.get("logprobs"))
+        wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+        try:
+            async for chunk in stream.relay():
+                if not wants_logprobs:
+                    for choice in chunk.get("choices") or []:
+                        if isinstance(choice, dict):
+                            choice.pop("logprobs", None)
+                if chunk.get("usage") is not None and not wants_usage:
+                    chunk.pop("usage")
+                    if not chunk.get("choices"):
+                        continue
+                yield _sse(chunk)
+            yield b"data: [DONE]\n\n"
+        except (SlmCut, SlmStreamError) as exc:
+            if isinstance(exc, SlmCut):
+                row.slm_bound = exc.bound
+                row.reason = BOUND_REASON[exc.bound]
+            row.status = 502
+            row.error = f"small model stream cut: {exc}"
+            yield _sse({"error": {"message": row.error, "type": "server_error", "param": None,
+                                  "code": "upstream_error"}})
+        finally:
+            usage = stream.usage
+            pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            price = self.prices.get(call.task.name, Price(0, 0, "unknown"))
+            row.slm_prompt_tokens, row.slm_completion_tokens = pt, ct
+            row.prompt_tokens, row.completion_tokens = pt, ct
+            row.all_frontier_cost_usd = price.cost(pt or 0, ct or 0)
+            row.slm_ttft_ms = stream.ttft_ms
+            if call.task.store_text:
+                row.completion_text = "".join(stream.text)
+            row.slm_latency_ms = stream.elapsed_ms()
+            row.latency_ms = (time.perf_counter() - call.t0) * 1000
+            self._record(row)
+            await stream.aclose()
 
     async def _sse_from_answer(self, answer: dict[str, Any], call: Call, row: LedgerRow) -> AsyncIterator[bytes]:
         """A whole answer, sent as OpenAI's stream of chunks."""
@@ -604,7 +721,7 @@ class Router:
 
     def _frontier_failed(self, call: Call, reason: str, exc: BaseException | str) -> Response:
         error, summary = (exc, exc) if isinstance(exc, str) else (_short_error(exc), _error_kind(exc))
-        if call.slm.answer is not None:
+        if call.slm.has_answer:
             # The frontier failed after a low-confidence answer: the small model's answer is returned.
             return self._answer_slm(call, escalated=True, reason=reason,
                                     error=f"frontier failed: {error if call.task.store_text else summary}")
@@ -747,6 +864,7 @@ class Router:
             frontier_model=task.frontier_model if route == "frontier" or escalated else None,
             slm_prompt_tokens=usage.get("prompt_tokens"), slm_completion_tokens=usage.get("completion_tokens"),
             slm_latency_ms=slm.latency_ms, latency_ms=(time.perf_counter() - call.t0) * 1000, stream=call.stream,
+            slm_ttft_ms=slm.ttft_ms, decision_window=slm.window, slm_bound=slm.bound,
             prompt_text=json.dumps(call.body["messages"]) if store_text else None,
             completion_text=completion_text if store_text else None,
             **kw,

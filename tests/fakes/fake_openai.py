@@ -5,6 +5,14 @@ The last user message steers the fake, so a test says what it wants in the promp
             "sleep=1.5"      answer after that many seconds
             "fail=500"       answer with that HTTP status (the error quotes the prompt, as vLLM's do)
             "nolp"           answer without log-probabilities
+          with `stream: true` the answer comes as OpenAI chunks, one token each ("slm ", "answer", " w2", ...):
+            "tokens=40"      that many tokens (log-probability -0.05 each unless lp= says)
+            "pace=0.05"      seconds between tokens
+            "firstwait=1.5"  seconds between the headers and the first token
+            "hold"           after the first token, wait for `app.state.release` (a threading.Event) to be set
+            "stallafter=2"   after that many tokens, send nothing more (for a minute)
+            "nostream"       answer a streamed request with a JSON body (a server that ignores `stream`)
+          `app.state.events` records ("first_token", n) / ("finished", n) for the n-th request, in order.
   frontier: "ffail"          answer 500; "f400" answer 400 (both quote the prompt); "fsleep=2" answer late
             "fkeepalive"     stream one chunk, then only SSE keep-alive comments (for a minute)
             "fstall"         stream one chunk, then nothing (for a minute)
@@ -52,8 +60,14 @@ def slm_app() -> Starlette:
                                  "code": int(m.group(1))},
                                 status_code=int(m.group(1)))
         lps = [-0.05, -0.05]
+        if m := re.search(r"tokens=(\d+)", text):
+            lps = [-0.05] * int(m.group(1))
         if m := re.search(r"lp=([-\d.,]+)", text):
             lps = [float(x) for x in m.group(1).split(",") if x]
+        if body.get("stream") and "nostream" in text:  # a server that ignores `stream`: a JSON body, no chunks
+            return JSONResponse({"object": "chat.completion", "choices": []})
+        if body.get("stream"):
+            return StreamingResponse(_slm_stream(request.app.state, body, text, lps), media_type="text/event-stream")
         tokens = [f"tok{i}" for i in range(len(lps))]
         choice: dict[str, Any] = {
             "index": 0,
@@ -74,7 +88,52 @@ def slm_app() -> Starlette:
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     app.state.calls = []
+    app.state.events = []
+    app.state.release = threading.Event()
     return app
+
+
+def _piece(i: int) -> str:
+    return ("slm ", "answer")[i] if i < 2 else f" w{i}"
+
+
+async def _slm_stream(state: Any, body: dict[str, Any], text: str, lps: list[float]) -> Any:
+    """A vLLM-shaped streamed answer: a role chunk, one chunk per token, a finish chunk, usage, [DONE]."""
+    n = len(state.calls)
+    pace = float(m.group(1)) if (m := re.search(r"pace=([\d.]+)", text)) else 0.0
+    stall = int(m.group(1)) if (m := re.search(r"stallafter=(\d+)", text)) else None
+    base = {"id": "chatcmpl-slm", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": body.get("model")}
+
+    def event(choice: dict[str, Any]) -> str:
+        return f"data: {json.dumps({**base, 'choices': [{'index': 0, **choice}]})}\n\n"
+
+    yield event({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+    if m := re.search(r"firstwait=([\d.]+)", text):
+        await asyncio.sleep(float(m.group(1)))
+    for i, lp in enumerate(lps):
+        if stall is not None and i == stall:
+            for _ in range(600):  # a minute, far past any bound a test sets; the client's cut ends it
+                await asyncio.sleep(0.1)
+            return
+        if i == 1 and "hold" in text:
+            await asyncio.to_thread(state.release.wait, 30)
+        elif i and pace:
+            await asyncio.sleep(pace)
+        tok = _piece(i)
+        choice: dict[str, Any] = {"delta": {"content": tok}, "finish_reason": None}
+        if "nolp" not in text and body.get("logprobs"):
+            choice["logprobs"] = {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                                               "top_logprobs": [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]}]}
+        yield event(choice)
+        if i == 0:
+            state.events.append(("first_token", n))
+    yield event({"delta": {}, "finish_reason": "stop"})
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = {"prompt_tokens": SLM_PROMPT_TOKENS, "completion_tokens": len(lps), "total_tokens": SLM_PROMPT_TOKENS + len(lps)}
+        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
+    state.events.append(("finished", n))
 
 
 def frontier_app() -> Starlette:

@@ -172,6 +172,10 @@ class RouterScreen(PolledScreen):
             f"alert above +{row.drift_pp:g} pp",
             f"confidence 0→1 (24h): {conf}",
         ]
+        if row.window == "whole_answer":  # said where the operator looks: such a task's streams buffer
+            lines.append("streamed: decided on the whole answer [b]— buffers it[/b] (set confidence_window_tokens)")
+        elif row.window:
+            lines.append(f"streamed: decided on the {row.window.replace('_', ' ')}, then relayed")
         if row.escalations_24h:
             lines.append("escalated (24h): " + ", ".join(f"{k} {v:,}" for k, v in row.escalations_24h.items()))
         lines.extend(self._version_lines(row, data))

@@ -1,0 +1,179 @@
+"""The small model's streamed answer, read under its two bounds (issue 28).
+
+The proxy asks the SLM with `stream: true` and log-probabilities, reads chunks until the task's decision
+window is full (see Task.window_tokens), and holds them: nothing is sent to the client before the decision.
+After a confident decision the held chunks and then the rest of the stream are relayed as they come.
+
+Bounds: `slm_first_token_timeout_s` for the first token, `slm_total_timeout_s` for the whole answer; both
+clocks start when the request is handed to the HTTP client, so time a request spent waiting inside
+fleetdeck before that does not count against the model. A bound that fires raises SlmCut naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+
+from engine.router.request_check import json_depth_over
+
+FIRST_TOKEN = "first_token"
+TOTAL = "total"
+# The ledger's reason for each bound, when it decides the route.
+BOUND_REASON = {FIRST_TOKEN: "slm_first_token_timeout", TOTAL: "slm_total_timeout"}
+BOUND_KEY = {FIRST_TOKEN: "slm_first_token_timeout_s", TOTAL: "slm_total_timeout_s"}
+
+
+class SlmCut(Exception):
+    """A bound fired: `bound` is first_token or total; the message is the ledger's and the client's."""
+
+    def __init__(self, bound: str, limit_s: float) -> None:
+        what = "no first token" if bound == FIRST_TOKEN else "the answer did not end"
+        super().__init__(f"{what} within {BOUND_KEY[bound]} = {limit_s:g} s")
+        self.bound = bound
+
+
+class SlmStreamError(Exception):
+    """The stream broke or is not an OpenAI chat stream (fleetdeck's words; no upstream text)."""
+
+
+@dataclass
+class SlmStream:
+    """One open streamed answer. `open()` then `fill_window()`; then `relay()` or `aclose()`."""
+
+    client: httpx.AsyncClient
+    url: str
+    payload: dict[str, Any]
+    headers: dict[str, str]
+    first_token_s: float
+    total_s: float
+    response: httpx.Response | None = None
+    held: list[dict[str, Any]] = field(default_factory=list)  # chunks read, not yet sent
+    logprobs: list[float] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    usage: dict[str, Any] = field(default_factory=dict)
+    ttft_ms: float | None = None
+    missing_logprobs: bool = False  # a token came without its log-probability
+    ended: bool = False
+    claimed: bool = False  # a relay owns the stream (and closes it)
+    _sent_at: float = 0.0
+    _lines: AsyncIterator[str] | None = None
+
+    async def open(self) -> httpx.Response:
+        """Send the request; the answer's status and headers must come within the first-token bound."""
+        loop = asyncio.get_running_loop()
+        request = self.client.build_request("POST", self.url, json=self.payload, headers=self.headers,
+                                            timeout=httpx.Timeout(self.total_s, connect=self.first_token_s))
+        self._sent_at = loop.time()
+        try:
+            async with asyncio.timeout_at(self._sent_at + self.first_token_s):
+                self.response = await self.client.send(request, stream=True)
+        except TimeoutError:
+            raise SlmCut(FIRST_TOKEN, self.first_token_s) from None
+        if self.response.status_code == 200:
+            self._lines = self.response.aiter_lines()
+        return self.response
+
+    def _deadline(self) -> tuple[float, str, float]:
+        total = self._sent_at + self.total_s
+        if self.ttft_ms is None:
+            first = self._sent_at + self.first_token_s
+            if first <= total:
+                return first, FIRST_TOKEN, self.first_token_s
+        return total, TOTAL, self.total_s
+
+    async def _next(self) -> dict[str, Any] | None:
+        """The next chunk (None at the end), read under whichever bound applies now."""
+        assert self._lines is not None
+        deadline, bound, limit = self._deadline()
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    try:
+                        line = await self._lines.__anext__()
+                    except StopAsyncIteration:
+                        return None
+                    if not line.startswith("data:"):
+                        continue  # blank separators and ": keep-alive" comments
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return None
+                    if json_depth_over(data):
+                        raise SlmStreamError("a chunk of the small model's stream is nested too deeply")
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise SlmStreamError("the small model's stream is not an OpenAI chat stream") from None
+                    if not isinstance(chunk, dict):
+                        raise SlmStreamError("the small model's stream is not an OpenAI chat stream")
+                    if "error" in chunk:
+                        raise SlmStreamError("the small model reported an error in its stream")
+                    return chunk
+        except TimeoutError:
+            raise SlmCut(bound, limit) from None
+        except httpx.HTTPError as exc:
+            raise SlmStreamError(f"the small model's stream broke ({type(exc).__name__})") from None
+
+    def _take(self, chunk: dict[str, Any]) -> None:
+        """Note what a chunk carries: its tokens' log-probabilities, its text, the usage."""
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            piece = delta.get("content")
+            lp = choice.get("logprobs")
+            content = lp.get("content") if isinstance(lp, dict) else None
+            values = [item.get("logprob") for item in content if isinstance(item, dict)] if isinstance(content, list) else []
+            values = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+            if (piece or values or delta.get("tool_calls")) and self.ttft_ms is None:
+                self.ttft_ms = (asyncio.get_running_loop().time() - self._sent_at) * 1000
+            if isinstance(piece, str) and piece:
+                self.text.append(piece)
+                if not values:
+                    self.missing_logprobs = True
+            self.logprobs.extend(values)
+
+    async def fill_window(self, tokens: int | None) -> None:
+        """Read and hold chunks until `tokens` log-probabilities are in (None: the whole answer) or the
+        answer ends. Raises SlmCut or SlmStreamError."""
+        while not self.ended and (tokens is None or len(self.logprobs) < tokens) and not self.missing_logprobs:
+            chunk = await self._next()
+            if chunk is None:
+                if not self.held:  # a 200 with no chunk at all (a server that ignored `stream`, say)
+                    raise SlmStreamError("the small model's answer is not an OpenAI chat stream")
+                self.ended = True
+                break
+            self._take(chunk)
+            self.held.append(chunk)
+
+    async def relay(self) -> AsyncIterator[dict[str, Any]]:
+        """The held chunks, then the rest as it comes (under the total bound)."""
+        self.claimed = True
+        for chunk in self.held:
+            yield chunk
+        self.held = []
+        while not self.ended:
+            chunk = await self._next()
+            if chunk is None:
+                self.ended = True
+                break
+            self._take(chunk)
+            yield chunk
+
+    def elapsed_ms(self) -> float:
+        """Since the request was sent upstream."""
+        return (asyncio.get_running_loop().time() - self._sent_at) * 1000
+
+    async def aclose(self) -> None:
+        # An abandoned stream still holds its upstream connection (and the SLM keeps generating) until closed.
+        if self.response is not None:
+            try:
+                await asyncio.wait_for(self.response.aclose(), timeout=5)
+            except Exception:  # closing is best effort
+                pass
