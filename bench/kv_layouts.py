@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.kvfit import load_model  # noqa: E402
 from engine.kvfit.plan import FitRequest, plan  # noqa: E402
-from engine.vllm.launcher import CPU_BLOCK_SIZE  # noqa: E402
+from engine.vllm.launcher import CPU_BLOCK_SIZE, cpu_block_size  # noqa: E402
 from tests.engines.stack import vllm_python  # noqa: E402
 from tests.engines.test_real_kv_layouts import BATCHED, MAX_LEN, SHAPES  # noqa: E402
 from tests.fakes.tiny_model import make_tiny_arch  # noqa: E402
@@ -35,12 +35,12 @@ def main() -> None:
         out = subprocess.run([str(vllm_python()), str(ROOT / "tests" / "engines" / "kv_probe.py"), str(MAX_LEN), str(BATCHED),
                               *map(str, folders.values())], capture_output=True, text=True, env=env, timeout=900).stdout
         real = {Path(d["model"]).name: d for d in map(json.loads, (x for x in out.splitlines() if x.startswith("{")))}
-        print(f"1 GiB CPU KV space, block {CPU_BLOCK_SIZE}, max_model_len {MAX_LEN}, max_num_batched_tokens {BATCHED}")
+        print(f"1 GiB CPU KV space, block {CPU_BLOCK_SIZE} (MLA without AMX: 16), max_model_len {MAX_LEN}, max_num_batched_tokens {BATCHED}")
         print("| model | KV B/token | blocks (vLLM) | blocks (planner) | capacity (vLLM) | capacity (planner) |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, folder in folders.items():
             arch, _ = load_model(str(folder))
-            r = plan(arch, FitRequest(available_kv_bytes=GIB, max_model_len=MAX_LEN, block_size=CPU_BLOCK_SIZE,
+            r = plan(arch, FitRequest(available_kv_bytes=GIB, max_model_len=MAX_LEN, block_size=cpu_block_size(arch),
                                       max_num_batched_tokens=BATCHED))
             v = real.get(name, {})
 

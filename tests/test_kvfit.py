@@ -388,3 +388,16 @@ def test_a_busy_gpu_gets_a_utilisation_that_holds_the_weights_or_none():
     assert f"gpu_memory_utilization {room.fitting_gpu_memory_utilization:.2f}" in room.reason
     assert plan(arch, replace(a10, gpu_memory_utilization=room.fitting_gpu_memory_utilization,
                               max_model_len=room.fitting_max_model_len, free_memory_bytes=20 * GIB)).fits
+
+
+def test_the_cpu_block_size_is_vllms_for_mla_with_and_without_amx():
+    """vLLM's CPU platform pages KV in 128-token blocks, but serves MLA on a CPU without AMX tiles with its
+    reference kernel's 16-token blocks: the planner pages the same way, or its block count is off."""
+    from types import SimpleNamespace
+
+    from engine.vllm.launcher import cpu_block_size, cpu_has_amx
+
+    mla, gqa = SimpleNamespace(is_mla=True), SimpleNamespace(is_mla=False)
+    assert cpu_block_size(mla, amx=False) == 16 and cpu_block_size(mla, amx=True) == 128
+    assert cpu_block_size(gqa, amx=False) == 128 and cpu_block_size(gqa, amx=True) == 128
+    assert cpu_has_amx("flags : fpu avx512f amx_bf16 amx_tile amx_int8") and not cpu_has_amx("flags : fpu avx2 avx512f")

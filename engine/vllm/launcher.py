@@ -35,6 +35,26 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 CPU_BLOCK_SIZE = 128  # vLLM's CPU backend pages its KV cache in 128-token blocks
+CPU_MLA_REFERENCE_BLOCK_SIZE = 16  # ... but its reference MLA decode kernel takes 16-token blocks only
+
+
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has AMX tiles (vLLM's CPU platform picks its AMX MLA backend then)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    return "amx_tile" in cpuinfo.split()
+
+
+def cpu_block_size(arch: Any, amx: bool | None = None) -> int:
+    """The block size vLLM's CPU platform gives a model's KV cache (vllm/platforms/cpu.py): 128 tokens, except
+    an MLA model (DeepSeek-V2/V3 layouts) on a CPU without AMX, which the reference CPU MLA backend serves
+    with 16-token blocks only. The planner pages with the same block, or its block count is off."""
+    if getattr(arch, "is_mla", False) and not (cpu_has_amx() if amx is None else amx):
+        return CPU_MLA_REFERENCE_BLOCK_SIZE
+    return CPU_BLOCK_SIZE
 
 
 class LaunchError(Exception):
@@ -226,7 +246,7 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
     if cpu_kv is not None:
         return plan(arch, FitRequest(available_kv_bytes=cpu_kv, max_model_len=profile.max_model_len,
                                      allow_long_max_model_len=allow_long_max_model_len(profile),
-                                     kv_cache_dtype=profile.kv_cache_dtype, block_size=CPU_BLOCK_SIZE,
+                                     kv_cache_dtype=profile.kv_cache_dtype, block_size=cpu_block_size(arch),
                                      tensor_parallel_size=profile.tensor_parallel_size, weight_bytes_total=exact))
     from engine.kvfit.plan import vllm_view_of
 
