@@ -216,9 +216,10 @@ class SlmStream:
 
 def assemble_completion(chunks: list[dict[str, Any]], usage: dict[str, Any], missing_logprobs: bool) -> dict[str, Any]:
     """The one OpenAI chat.completion a whole stream of chunks adds up to: per choice index the content
-    joined, tool-call deltas merged by their index, the last finish_reason, the tokens' log-probability
-    items in order; the usage chunk's usage. `missing_logprobs` (a token came without one): the first
-    choice gets no logprobs, so its confidence is "none", as for a whole answer without them."""
+    joined, tool-call deltas merged by their index, the last finish_reason (None if the stream sent none:
+    not made up), the tokens' log-probability items in order; the usage chunk's usage.
+    `missing_logprobs` (a token came without one): the first choice gets no logprobs, so its confidence
+    is "none", as for a whole answer without them."""
     first = chunks[0] if chunks else {}
     choices: dict[int, dict[str, Any]] = {}
     for chunk in chunks:
@@ -258,7 +259,7 @@ def assemble_completion(chunks: list[dict[str, Any]], usage: dict[str, Any], mis
             if not message["content"]:
                 message["content"] = None
         keep = acc["logprobs"] and not (missing_logprobs and index == 0)
-        out.append({"index": index, "message": message, "finish_reason": acc["finish_reason"] or "stop",
+        out.append({"index": index, "message": message, "finish_reason": acc["finish_reason"],
                     "logprobs": {"content": acc["logprobs"]} if keep else None})
     answer: dict[str, Any] = {"id": first.get("id"), "object": "chat.completion", "created": first.get("created"),
                               "model": first.get("model"), "choices": out}
