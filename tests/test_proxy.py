@@ -101,7 +101,10 @@ def test_confidence_arithmetic():
 @pytest.mark.parametrize(
     "content, task, reason",
     [
-        ("sleep=1.0", {"slm_first_token_timeout_s": 0.2, "slm_total_timeout_s": 0.2}, "slm_total_timeout"),
+        # No answer head at all, then a head and no token: both are the first-token bound's.
+        ("sleep=1.0", {"slm_first_token_timeout_s": 0.2}, "slm_first_token_timeout"),
+        ("firstwait=5", {"slm_first_token_timeout_s": 0.3}, "slm_first_token_timeout"),
+        ("tokens=5 stallafter=2", {"slm_first_token_timeout_s": 0.5, "slm_total_timeout_s": 1.0}, "slm_total_timeout"),
         ("fail=500", {}, "slm_error"),
         ("nolp", {}, "no_logprobs"),
     ],
@@ -234,7 +237,7 @@ def test_slm_and_frontier_both_failing_is_502(slm, frontier, make_proxy):
 
 def test_frontier_failing_after_a_low_confidence_answer_returns_the_slm_answer(slm, frontier, make_proxy):
     proxy = make_proxy(make_config(slm.url, frontier.url))
-    r = proxy.post("lp=-2.0 ffail")
+    r = proxy.post("lp=-2.0,-2.0 ffail")
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "slm answer"
     assert r.headers["x-fleetdeck-route"] == "slm" and r.headers["x-fleetdeck-escalated"] == "true"
     (row,) = proxy.rows()
@@ -244,7 +247,7 @@ def test_frontier_failing_after_a_low_confidence_answer_returns_the_slm_answer(s
 
 def test_a_task_that_opts_in_stores_text(slm, frontier, make_proxy):
     proxy = make_proxy(make_config(slm.url, frontier.url, store_text=True))
-    proxy.post("lp=-0.01 the secret")
+    proxy.post("lp=-0.01,-0.01 the secret")
     (row,) = proxy.rows()
     assert "the secret" in row["prompt_text"] and row["completion_text"] == "slm answer"
 

@@ -347,3 +347,114 @@ def test_an_slm_that_does_not_stream_is_an_slm_error_and_escalates(slm, frontier
     assert r.headers["x-fleetdeck-route"] == "frontier" and content_of(events_of(r.text)) == "frontier streamed answer"
     (row,) = proxy.rows()
     assert row["reason"] == "slm_error" and row["decision_window"] == "first_token"
+
+
+# --- a client that wants one JSON answer: the SLM is still streamed upstream -------------------------------
+def _default_bounds(cfg: RouterConfig) -> RouterConfig:
+    task = cfg.task[0].model_dump()
+    for key in ("slm_first_token_timeout_s", "slm_total_timeout_s"):
+        task.pop(key)  # the defaults, as an operator who sets nothing gets them
+    return RouterConfig.model_validate({**cfg.model_dump(), "task": [task]})
+
+
+@pytest.mark.parametrize("confidence", ["first_token", "mean_token"])
+def test_a_whole_answer_from_a_slow_healthy_slm_is_not_escalated_at_the_default_settings(slm, frontier, make_proxy,
+                                                                                          confidence):
+    # First token at once, the whole answer well past 2 s (30 tokens, 0.09 s apart); the client did not stream.
+    proxy = make_proxy(_default_bounds(make_config(slm.url, frontier.url, confidence=confidence)))
+    r = proxy.post("tokens=30 pace=0.09")
+    assert r.headers["content-type"].startswith("application/json") and r.headers["x-fleetdeck-route"] == "slm"
+    answer = r.json()
+    assert answer["object"] == "chat.completion" and answer["id"] == "chatcmpl-slm"
+    assert answer["choices"][0]["message"] == {"role": "assistant",
+                                               "content": "slm answer" + "".join(f" w{i}" for i in range(2, 30))}
+    assert answer["choices"][0]["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] == 30
+    assert slm.app.state.calls[-1]["stream"] is True  # asked as a stream, so the first-token bound watched it
+    assert slm.app.state.calls[-1]["stream_options"] == {"include_usage": True}
+    (row,) = proxy.rows()
+    assert row["escalated"] == 0 and row["reason"] == "confident" and row["stream"] == 0
+    assert row["slm_completion_tokens"] == 30 and row["slm_ttft_ms"] is not None
+
+
+def test_a_whole_answer_from_an_slm_that_never_starts_escalates_on_the_first_token_bound(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url, slm_first_token_timeout_s=0.3))
+    r = proxy.post("firstwait=5 lp=-0.01")  # the answer's head comes, its first token not for 5 s
+    assert r.status_code == 200 and r.headers["x-fleetdeck-route"] == "frontier"
+    assert r.json()["choices"][0]["message"]["content"] == "frontier answer"
+    (row,) = proxy.rows()
+    assert row["reason"] == "slm_first_token_timeout" and row["slm_bound"] == "first_token" and row["escalated"] == 1
+    assert row["slm_ttft_ms"] is None
+
+
+LPS = [-0.1, -0.25, -0.02, -0.4]
+
+
+@pytest.mark.parametrize("method", ["first_token", "mean_token", "min_token"])
+def test_a_whole_answer_assembled_from_the_stream_carries_the_same_confidence_usage_and_logprobs(
+        slm, frontier, make_proxy, method):
+    """The assembled answer against the stand-in's known log-probabilities, and against the same SLM
+    answering with one JSON body (a server that ignores `stream`): the ledger rows agree."""
+    import math
+
+    from engine.router.confidence import confidence
+    from tests.fakes.fake_openai import SLM_PROMPT_TOKENS
+
+    proxy = make_proxy(make_config(slm.url, frontier.url, confidence=method, threshold=0.5))
+    prompt = "lp=" + ",".join(str(x) for x in LPS)
+    streamed = proxy.post(prompt, logprobs=True)
+    whole = proxy.post(prompt + " jsononly", logprobs=True)
+    expected = confidence(method, LPS)
+    for r in (streamed, whole):
+        assert r.headers["x-fleetdeck-route"] == "slm"
+        assert float(r.headers["x-fleetdeck-confidence"]) == pytest.approx(expected, abs=1e-4)
+    items = streamed.json()["choices"][0]["logprobs"]["content"]
+    assert [i["logprob"] for i in items] == LPS and "".join(i["token"] for i in items) == "slm answer w2 w3"
+    assert streamed.json()["usage"] == {"prompt_tokens": SLM_PROMPT_TOKENS, "completion_tokens": len(LPS),
+                                        "total_tokens": SLM_PROMPT_TOKENS + len(LPS)}
+    assert whole.json()["choices"][0]["message"]["content"] == "slm answer"  # the JSON body, as it came
+    # Not asked for: removed, as before.
+    assert proxy.post(prompt).json()["choices"][0].get("logprobs") is None
+    rows = proxy.rows()
+    assert [r["reason"] for r in rows] == ["confident"] * 3
+    for row in rows:
+        assert row["confidence"] == pytest.approx(expected) and row["confidence"] == pytest.approx(
+            math.exp({"first_token": LPS[0], "mean_token": sum(LPS) / 4, "min_token": min(LPS)}[method]))
+        assert (row["slm_prompt_tokens"], row["slm_completion_tokens"]) == (SLM_PROMPT_TOKENS, len(LPS))
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (SLM_PROMPT_TOKENS, len(LPS))
+    assert rows[0]["all_frontier_cost_usd"] == pytest.approx(rows[1]["all_frontier_cost_usd"])
+
+
+def test_a_whole_answer_without_logprobs_or_past_the_total_bound_escalates_with_its_reason(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url, slm_first_token_timeout_s=1, slm_total_timeout_s=1.5))
+    assert proxy.post("nolp").headers["x-fleetdeck-route"] == "frontier"
+    assert proxy.post("tokens=5 stallafter=2").headers["x-fleetdeck-route"] == "frontier"
+    assert proxy.post("nostream").headers["x-fleetdeck-route"] == "frontier"  # a JSON body that is no answer
+    rows = proxy.rows()
+    assert [(r["reason"], r["slm_bound"]) for r in rows] == [("no_logprobs", None), ("slm_total_timeout", "total"),
+                                                             ("slm_error", None)]
+
+
+def test_tool_call_deltas_are_assembled_into_one_call_per_index():
+    from engine.router.slm_stream import assemble_completion
+
+    def chunk(delta: dict[str, Any], **choice: Any) -> dict[str, Any]:
+        return {"id": "c1", "model": "m", "created": 1, "choices": [{"index": 0, "delta": delta, **choice}]}
+
+    chunks = [
+        chunk({"role": "assistant", "content": None}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                               "function": {"name": "lookup", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"id\":"}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                               "function": {"name": "close", "arguments": "{}"}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "\"7\"}"}}]}),
+        chunk({}, finish_reason="tool_calls"),
+    ]
+    answer = assemble_completion(chunks, {"prompt_tokens": 3, "completion_tokens": 4}, missing_logprobs=False)
+    (choice,) = answer["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == [
+        {"id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": "{\"id\":\"7\"}"}},
+        {"id": "call_b", "type": "function", "function": {"name": "close", "arguments": "{}"}},
+    ]
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 4} and answer["id"] == "c1"

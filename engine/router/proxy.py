@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -33,7 +33,7 @@ from engine.router.confidence import answer_confidence, confidence, slm_request
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
 from engine.router.request_check import BadRequest, check_request, json_depth_over, parse_body
-from engine.router.slm_stream import BOUND_REASON, TOTAL, SlmCut, SlmStream, SlmStreamError
+from engine.router.slm_stream import BOUND_REASON, SlmCut, SlmStream, SlmStreamError, assemble_completion
 from engine.router.upstream_pool import UpstreamClients
 from store.ledger import LedgerRow, LedgerWriter
 
@@ -520,52 +520,84 @@ class Router:
             return await self._stream_frontier(call, reason)
         return await self._answer_frontier(call, reason)
 
-    async def _ask_slm(self, call: Call) -> SlmOutcome:
+    def _open_slm(self, call: Call) -> SlmStream:
+        """The small model's request, streamed whatever the client asked: both bounds watch it."""
         task = call.task
         payload = slm_request(task, call.body["messages"], _passed_through(call.body),
                               int(call.body.get("top_logprobs") or 0))
-        headers = bearer_from_env(task.slm_api_key_env)
-        t = time.perf_counter()
+        # Usage always: the ledger's token counts; a streaming client gets the usage chunk only if it asked.
+        payload.update(stream=True, stream_options={"include_usage": True})
         assert self.upstreams is not None
-        limit = task.slm_total_timeout_s
+        return SlmStream(self.upstreams.for_url(task.slm_base_url), f"{task.slm_base_url}/chat/completions", payload,
+                         bearer_from_env(task.slm_api_key_env), task.slm_first_token_timeout_s,
+                         task.slm_total_timeout_s)
+
+    async def _read_slm(self, stream: SlmStream, read: Callable[[], Awaitable[None]],
+                        failed: Callable[..., SlmOutcome]) -> SlmOutcome | None:
+        """Open the stream and `read` it; None when that went well, else the failure's outcome (the stream
+        closed). The same failures, and the same reasons, for a streamed and a whole answer."""
         try:
-            # A whole answer has no first token to watch: the total bound covers it, and the clock starts
-            # here, when the request goes upstream. httpx's timeout bounds each read; wait_for the exchange.
-            resp = await asyncio.wait_for(
-                self.upstreams.for_url(task.slm_base_url).post(
-                    f"{task.slm_base_url}/chat/completions", json=payload, headers=headers,
-                    timeout=httpx.Timeout(limit, connect=task.slm_first_token_timeout_s)),
-                timeout=limit)
-        except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                return SlmOutcome(error_reason="slm_error", error=f"no connection within {task.slm_first_token_timeout_s:g} s",
-                                  latency_ms=(time.perf_counter() - t) * 1000)
-            return SlmOutcome(error_reason=BOUND_REASON[TOTAL], bound=TOTAL,
-                              error=f"no answer within slm_total_timeout_s = {limit:g} s",
-                              latency_ms=(time.perf_counter() - t) * 1000)
+            resp = await stream.open()
+            if resp.status_code != 200:
+                await resp.aread()
+                await stream.aclose()
+                reason = "client_error" if resp.status_code in CLIENT_ERRORS else "slm_error"
+                return failed(reason, f"HTTP {resp.status_code}", detail=_upstream_message(resp),
+                              status=resp.status_code if reason == "client_error" else None)
+            await read()
+        except SlmCut as exc:
+            await stream.aclose()
+            return failed(BOUND_REASON[exc.bound], str(exc), bound=exc.bound)
+        except SlmStreamError as exc:
+            await stream.aclose()
+            return failed("slm_error", str(exc))
         except httpx.HTTPError as exc:
-            return SlmOutcome(error_reason="slm_error", error=f"{type(exc).__name__}: {exc}",
-                              latency_ms=(time.perf_counter() - t) * 1000)
+            await stream.aclose()
+            return failed("slm_error", f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            await stream.aclose()
+            raise
+        return None
+
+    async def _ask_slm(self, call: Call) -> SlmOutcome:
+        """A client that wants one JSON answer: the small model is still asked for a stream, so an SLM that
+        has not started is cut at slm_first_token_timeout_s (not after the whole slm_total_timeout_s);
+        the whole stream is read and assembled into the chat.completion the client gets. A server that
+        ignored `stream` and sent one JSON body is read as before."""
+        task = call.task
+        stream = self._open_slm(call)
+        t = time.perf_counter()
+        body: list[bytes] = []
+
+        def failed(reason: str, error: str, **kw: Any) -> SlmOutcome:
+            return SlmOutcome(error_reason=reason, error=error, ttft_ms=stream.ttft_ms,
+                              latency_ms=(time.perf_counter() - t) * 1000, **kw)
+
+        async def read() -> None:
+            if stream.sends_json:
+                body.append(await stream.read_body())
+            else:
+                await stream.read_all()
+
+        if (outcome := await self._read_slm(stream, read, failed)) is not None:
+            return outcome
+        await stream.aclose()  # read to its end (or whole): the connection goes back to the pool
         latency = (time.perf_counter() - t) * 1000
-        if resp.status_code in CLIENT_ERRORS:
-            # The request itself is what the small model refused: the frontier would be asked in vain.
-            return SlmOutcome(error_reason="client_error", error=f"HTTP {resp.status_code}", detail=_upstream_message(resp),
-                              status=resp.status_code, latency_ms=latency)
-        if resp.status_code != 200:
-            return SlmOutcome(error_reason="slm_error", error=f"HTTP {resp.status_code}", detail=_upstream_message(resp),
-                              latency_ms=latency)
         try:
-            # The same depth bound as a client's body: the answer is encoded again for the client.
-            if json_depth_over(resp.text):
-                raise ValueError("nested too deeply")
-            answer = resp.json()
+            if body:
+                # The same depth bound as a client's body: the answer is encoded again for the client.
+                if json_depth_over(body[0].decode("utf-8", "replace")):
+                    raise ValueError("nested too deeply")
+                answer = json.loads(body[0])
+            else:
+                answer = assemble_completion(stream.held, stream.usage, stream.missing_logprobs)
             _, conf = answer_confidence(task, answer)
         except ValueError:
-            return SlmOutcome(error_reason="slm_error", error="the small model's answer is not a chat completion", latency_ms=latency)
+            return failed("slm_error", "the small model's answer is not a chat completion")
         if conf is None:
             return SlmOutcome(answer=answer, error_reason="no_logprobs", error="no token log-probabilities in the answer",
-                              latency_ms=latency)
-        return SlmOutcome(answer=answer, confidence=conf, latency_ms=latency)
+                              latency_ms=latency, ttft_ms=stream.ttft_ms)
+        return SlmOutcome(answer=answer, confidence=conf, latency_ms=latency, ttft_ms=stream.ttft_ms)
 
     def _answer_slm(self, call: Call, escalated: bool, reason: str, forced: bool = False, error: str | None = None) -> Response:
         if call.slm.stream is not None:
@@ -595,14 +627,7 @@ class Router:
     async def _stream_slm(self, call: Call) -> SlmOutcome:
         """Ask the small model for a streamed answer and read it up to the task's decision window."""
         task = call.task
-        payload = slm_request(task, call.body["messages"], _passed_through(call.body),
-                              int(call.body.get("top_logprobs") or 0))
-        # Usage always: the ledger's token counts; the client gets the usage chunk only if it asked.
-        payload.update(stream=True, stream_options={"include_usage": True})
-        assert self.upstreams is not None
-        stream = SlmStream(self.upstreams.for_url(task.slm_base_url), f"{task.slm_base_url}/chat/completions", payload,
-                           bearer_from_env(task.slm_api_key_env), task.slm_first_token_timeout_s,
-                           task.slm_total_timeout_s)
+        stream = self._open_slm(call)
         window = task.window_label()
         t = time.perf_counter()
 
@@ -610,26 +635,8 @@ class Router:
             return SlmOutcome(error_reason=reason, error=error, window=window, ttft_ms=stream.ttft_ms,
                               latency_ms=(time.perf_counter() - t) * 1000, **kw)
 
-        try:
-            resp = await stream.open()
-            if resp.status_code != 200:
-                await resp.aread()
-                reason = "client_error" if resp.status_code in CLIENT_ERRORS else "slm_error"
-                return failed(reason, f"HTTP {resp.status_code}", detail=_upstream_message(resp),
-                              status=resp.status_code if reason == "client_error" else None)
-            await stream.fill_window(task.window_tokens())
-        except SlmCut as exc:
-            await stream.aclose()
-            return failed(BOUND_REASON[exc.bound], str(exc), bound=exc.bound)
-        except SlmStreamError as exc:
-            await stream.aclose()
-            return failed("slm_error", str(exc))
-        except httpx.HTTPError as exc:
-            await stream.aclose()
-            return failed("slm_error", f"{type(exc).__name__}: {exc}")
-        except BaseException:
-            await stream.aclose()
-            raise
+        if (outcome := await self._read_slm(stream, lambda: stream.fill_window(task.window_tokens()), failed)) is not None:
+            return outcome
         n = task.window_tokens()
         lps = stream.logprobs if n is None else stream.logprobs[:n]
         outcome = SlmOutcome(stream=stream, window=window, ttft_ms=stream.ttft_ms,

@@ -7,6 +7,10 @@ After a confident decision the held chunks and then the rest of the stream are r
 Bounds: `slm_first_token_timeout_s` for the first token, `slm_total_timeout_s` for the whole answer; both
 clocks start when the request is handed to the HTTP client, so time a request spent waiting inside
 fleetdeck before that does not count against the model. A bound that fires raises SlmCut naming it.
+
+A client that did not ask for a stream is served the same way upstream (so the first-token bound guards it
+too): `read_all()` reads the whole stream and `assemble_completion()` makes the one chat.completion from
+the chunks `_next()` parsed. A server that ignores `stream` and answers JSON is read whole (`sends_json`).
 """
 
 from __future__ import annotations
@@ -152,6 +156,37 @@ class SlmStream:
             self._take(chunk)
             self.held.append(chunk)
 
+    async def read_all(self) -> None:
+        """Read and hold every chunk to the end of the answer (a client that wants one JSON answer), tokens
+        without log-probabilities included. Raises SlmCut or SlmStreamError."""
+        while True:
+            chunk = await self._next()
+            if chunk is None:
+                if not self.held:  # a 200 with no chunk at all
+                    raise SlmStreamError("the small model's answer is not an OpenAI chat stream")
+                self.ended = True
+                return
+            self._take(chunk)
+            self.held.append(chunk)
+
+    @property
+    def sends_json(self) -> bool:
+        """The server answered the streamed request with one JSON body (it ignored `stream`)."""
+        kind = self.response.headers.get("content-type", "") if self.response is not None else ""
+        return "json" in kind.lower() and "event-stream" not in kind.lower()
+
+    async def read_body(self) -> bytes:
+        """The whole body of a JSON answer, under the total bound (its headers came under the first-token
+        bound in open())."""
+        assert self.response is not None
+        try:
+            async with asyncio.timeout_at(self._sent_at + self.total_s):
+                return await self.response.aread()
+        except TimeoutError:
+            raise SlmCut(TOTAL, self.total_s) from None
+        except httpx.HTTPError as exc:
+            raise SlmStreamError(f"the small model's answer broke ({type(exc).__name__})") from None
+
     async def relay(self) -> AsyncIterator[dict[str, Any]]:
         """The held chunks, then the rest as it comes (under the total bound)."""
         self.claimed = True
@@ -177,3 +212,59 @@ class SlmStream:
                 await asyncio.wait_for(self.response.aclose(), timeout=5)
             except Exception:  # closing is best effort
                 pass
+
+
+def assemble_completion(chunks: list[dict[str, Any]], usage: dict[str, Any], missing_logprobs: bool) -> dict[str, Any]:
+    """The one OpenAI chat.completion a whole stream of chunks adds up to: per choice index the content
+    joined, tool-call deltas merged by their index, the last finish_reason (None if the stream sent none:
+    not made up), the tokens' log-probability items in order; the usage chunk's usage.
+    `missing_logprobs` (a token came without one): the first choice gets no logprobs, so its confidence
+    is "none", as for a whole answer without them."""
+    first = chunks[0] if chunks else {}
+    choices: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for ch in chunk.get("choices") or []:
+            if not isinstance(ch, dict) or not isinstance(ch.get("index", 0), int):
+                continue
+            acc = choices.setdefault(ch.get("index", 0), {"role": "assistant", "content": [], "tools": {},
+                                                          "finish_reason": None, "logprobs": []})
+            delta = ch.get("delta") if isinstance(ch.get("delta"), dict) else {}
+            if isinstance(delta.get("role"), str):
+                acc["role"] = delta["role"]
+            if isinstance(delta.get("content"), str):
+                acc["content"].append(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                if not isinstance(call, dict):
+                    continue
+                tool = acc["tools"].setdefault(call.get("index", len(acc["tools"])), {"function": {"arguments": ""}})
+                for key in ("id", "type"):
+                    if call.get(key) is not None:
+                        tool[key] = call[key]
+                fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+                if fn.get("name") is not None:
+                    tool["function"]["name"] = fn["name"]
+                if isinstance(fn.get("arguments"), str):
+                    tool["function"]["arguments"] += fn["arguments"]
+            if ch.get("finish_reason") is not None:
+                acc["finish_reason"] = ch["finish_reason"]
+            lp = ch.get("logprobs")
+            if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+                acc["logprobs"].extend(lp["content"])
+    out = []
+    for index in sorted(choices):
+        acc = choices[index]
+        message: dict[str, Any] = {"role": acc["role"], "content": "".join(acc["content"])}
+        if acc["tools"]:
+            message["tool_calls"] = [acc["tools"][k] for k in sorted(acc["tools"], key=str)]
+            if not message["content"]:
+                message["content"] = None
+        keep = acc["logprobs"] and not (missing_logprobs and index == 0)
+        out.append({"index": index, "message": message, "finish_reason": acc["finish_reason"],
+                    "logprobs": {"content": acc["logprobs"]} if keep else None})
+    answer: dict[str, Any] = {"id": first.get("id"), "object": "chat.completion", "created": first.get("created"),
+                              "model": first.get("model"), "choices": out}
+    if first.get("system_fingerprint") is not None:
+        answer["system_fingerprint"] = first["system_fingerprint"]
+    if usage:
+        answer["usage"] = usage
+    return answer

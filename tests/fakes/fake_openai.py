@@ -66,7 +66,7 @@ def slm_app() -> Starlette:
             lps = [float(x) for x in m.group(1).split(",") if x]
         if body.get("stream") and "nostream" in text:  # a server that ignores `stream`: a JSON body, no chunks
             return JSONResponse({"object": "chat.completion", "choices": []})
-        if body.get("stream"):
+        if body.get("stream") and "jsononly" not in text:  # jsononly: a server that ignores `stream`, answering whole
             return StreamingResponse(_slm_stream(request.app.state, body, text, lps), media_type="text/event-stream")
         tokens = [f"tok{i}" for i in range(len(lps))]
         choice: dict[str, Any] = {
