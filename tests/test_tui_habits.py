@@ -417,3 +417,19 @@ def test_filter_keeps_matches_under_their_group_head_and_sort_orders_within_grou
             idx = 0 if sort_col == "a" else 1
             values = [sort_value(dict(rows)[k][idx]) for k in shown_rest]
             assert values == sorted(values, reverse=rev)
+
+
+async def test_a_workers_results_for_a_screen_no_longer_in_the_app_are_dropped(tmp_path):
+    """A poll worker's results can reach the UI thread after its screen (or the app) has closed: they are
+    dropped, never a NoMatches raised as the app's error (seen when a test's app shut down mid-poll)."""
+    from tests.tui_helpers import make_app, ready
+    from tui.screens.base import while_attached
+
+    app = make_app(store_path=tmp_path / "fd.db")
+    calls: list[tuple] = []
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        deliver = while_attached(app.screen, lambda *a: calls.append(a))
+        deliver(1)
+    deliver(2)  # the app has exited
+    assert calls == [(1,)]

@@ -16,7 +16,7 @@ from textual.containers import Horizontal
 from textual.widgets import Input, Label, Static
 
 from engine.audit_text import shown
-from tui.screens.base import PolledScreen
+from tui.screens.base import PolledScreen, while_attached
 from tui.table import Col, DeckTable
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class AuditScreen(PolledScreen):
             error = None
         except Exception as exc:  # a locked store: say so, try again next tick
             rows, verdict, error = [], None, f"audit trail unavailable: {exc}"
-        self.app.call_from_thread(self._show, rows, verdict, error)
+        self.app.call_from_thread(while_attached(self, self._show), rows, verdict, error)
 
     def _show(self, rows: list[dict[str, Any]], verdict: Any, error: str | None) -> None:
         self.loaded()

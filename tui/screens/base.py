@@ -17,6 +17,18 @@ class StatusLine(Static):
     """Node and GPU counts, store state, and the SIMULATED badge when the fleet is simulated."""
 
 
+def while_attached(widget: Any, fn: Callable[..., None]) -> Callable[..., None]:
+    """`fn`, run only while `widget` is still in the app. A worker's results reach the UI thread through
+    call_from_thread; by then the screen may be gone (closed, or the app quitting), and its queries would fail
+    with NoMatches, which Textual raises as the app's own error."""
+
+    def run(*args: Any) -> None:
+        if widget.is_attached:
+            fn(*args)
+
+    return run
+
+
 def read_only(app: Any) -> bool:
     """Read-only from the fleet config or `--read-only` (the app's options) or the audit trail's mode."""
     from engine import audit

@@ -14,7 +14,7 @@ from textual_plotext import PlotextPlot
 
 from engine.router.figures import CostData, load_cost_data
 from tui.format import usd
-from tui.screens.base import PolledScreen
+from tui.screens.base import PolledScreen, while_attached
 from tui.table import Col, DeckTable
 
 # Column, label, priority (the highest hides first when narrow): the task, its total and savings stay.
@@ -49,7 +49,7 @@ class CostScreen(PolledScreen):
             data: CostData | str = load_cost_data(store, config_path, time.time())
         except Exception as exc:
             data = f"cost figures unavailable: {exc}"
-        self.app.call_from_thread(self._show, data)
+        self.app.call_from_thread(while_attached(self, self._show), data)
 
     def _show(self, data: CostData | str) -> None:
         self.loaded()

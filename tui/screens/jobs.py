@@ -18,7 +18,7 @@ from textual_plotext import PlotextPlot
 
 from tui.format import bar
 from engine.node_ops import split_id
-from tui.screens.base import DeckModal, PolledScreen, ask_to_prune, highlighted_key, report_prune
+from tui.screens.base import DeckModal, PolledScreen, ask_to_prune, highlighted_key, report_prune, while_attached
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
 
@@ -88,7 +88,7 @@ class JobsScreen(PolledScreen):
                 continue
         recs = [r for r, _ in found]
         events = {r.id: ev for r, ev in found}
-        self.app.call_from_thread(self._show, recs, events)
+        self.app.call_from_thread(while_attached(self, self._show), recs, events)
 
     def _sources(self) -> list[Any]:
         return list(getattr(getattr(self.app, "poller", None), "sources", []))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tui.screens.base import while_attached
+
 from typing import Callable
 
 from rich.text import Text
@@ -39,7 +41,7 @@ class LogScreen(ModalScreen[None]):
             text = self.read() if self.read is not None else tail(self.log_path, 200)
         except Exception as exc:  # a node that dropped, a log that went away
             text = f"cannot read the log: {exc}"
-        self.app.call_from_thread(self._show, text)
+        self.app.call_from_thread(while_attached(self, self._show), text)
 
     def _show(self, text: str) -> None:
         self.query_one("#log-text", Static).update(Text(text))

@@ -25,7 +25,7 @@ from textual_plotext import PlotextPlot
 
 from engine.router.figures import RouterData, TaskRow, load_router_data
 from tui.format import ago_ticks, local_time, sparkline
-from tui.screens.base import PolledScreen
+from tui.screens.base import PolledScreen, while_attached
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
 
@@ -99,7 +99,7 @@ class RouterScreen(PolledScreen):
             data = load_router_data(store, config_path, selected, window_s, time.time())
         except Exception as exc:  # a locked store: show it, try again next tick
             data = RouterData([], [], None, config_path, error=f"router figures unavailable: {exc}")
-        self.app.call_from_thread(self._show, data)
+        self.app.call_from_thread(while_attached(self, self._show), data)
 
     def _show(self, data: RouterData) -> None:
         self.loaded()

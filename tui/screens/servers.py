@@ -22,7 +22,7 @@ from textual.widgets import DataTable, Input, Label, Select, Static
 
 from tui.format import sparkline
 from engine.node_ops import split_id
-from tui.screens.base import DeckModal, PolledScreen, ask_to_prune, highlighted_key, report_prune
+from tui.screens.base import DeckModal, PolledScreen, ask_to_prune, highlighted_key, report_prune, while_attached
 from tui.table import Col, DeckTable, NavTable
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.logs import LogScreen
@@ -103,7 +103,7 @@ class ServersScreen(PolledScreen):
                 statuses += node.servers()  # figures read by that node's agent
             except AgentError:
                 continue
-        self.app.call_from_thread(self._show, [(st.rec, st.figures) for st in statuses])
+        self.app.call_from_thread(while_attached(self, self._show), [(st.rec, st.figures) for st in statuses])
 
     def _sources(self) -> list[Any]:
         return list(getattr(getattr(self.app, "poller", None), "sources", []))
@@ -512,7 +512,7 @@ class AdaptersScreen(DeckModal):
             from engine.node_ops import AdapterListing
 
             listing = AdapterListing([], problems=[f"cannot list adapters: {exc}"])
-        self.app.call_from_thread(self._show, listing)
+        self.app.call_from_thread(while_attached(self, self._show), listing)
 
     def _problems(self, adapter: Any) -> list[str]:
         from engine import adapters
