@@ -23,6 +23,7 @@ from tests.fakes.fake_openai import ServerThread, frontier_app, slm_app
 def slm():
     server = ServerThread(slm_app()).start()
     yield server
+    server.app.state.release.set()  # a held stream, if a test failed half-way, ends
     server.stop()
 
 

@@ -15,23 +15,7 @@ import pytest
 
 from engine.router.config import RouterConfig, load_router_config
 from store.config_files import ConfigError
-from tests.fakes.fake_openai import ServerThread, frontier_app, slm_app
-from tests.proxy_helpers import Proxy, make_config
-
-
-@pytest.fixture(scope="module")
-def slm():
-    server = ServerThread(slm_app()).start()
-    yield server
-    server.app.state.release.set()  # a held stream, if a test failed half-way, ends
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def frontier():
-    server = ServerThread(frontier_app()).start()
-    yield server
-    server.stop()
+from tests.proxy_helpers import Proxy, frontier, make_config, slm  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
