@@ -38,47 +38,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from store.db import BUSY_TIMEOUT_MS, Store
+from store.ledger_row import SLM_ERROR_REASONS, LedgerRow, Reason
 from store.schema import ROLLUP_TABLES
 
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, float("inf"))
 CONFIDENCE_BINS = 10
-SLM_ERROR_REASONS = ("slm_timeout", "slm_first_token_timeout", "slm_total_timeout", "slm_error", "no_logprobs")
 MAX_PENDING = 1_000_000  # rows held in memory while the store cannot be written; the journal keeps the rest
 log = logging.getLogger("fleetdeck.ledger")
-
-
-@dataclass(slots=True)
-class LedgerRow:
-    id: str
-    ts: float
-    task: str
-    route: str  # slm | frontier | none
-    escalated: bool
-    reason: str
-    status: int
-    forced: bool = False
-    error: str | None = None
-    confidence: float | None = None
-    slm_model: str | None = None
-    frontier_model: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    slm_prompt_tokens: int | None = None
-    slm_completion_tokens: int | None = None
-    frontier_prompt_tokens: int | None = None
-    frontier_completion_tokens: int | None = None
-    slm_latency_ms: float | None = None
-    frontier_latency_ms: float | None = None
-    latency_ms: float | None = None
-    cost_usd: float = 0.0
-    all_frontier_cost_usd: float = 0.0
-    stream: bool = False
-    prompt_text: str | None = None
-    completion_text: str | None = None
-    sanitized: bool = False  # a field could not be stored as given and was made safe
-    slm_ttft_ms: float | None = None  # streamed: the small model's first token, ms after it was asked
-    decision_window: str | None = None  # streamed: first_token | first_N_tokens | whole_answer
-    slm_bound: str | None = None  # the small model's bound that fired: first_token | total
 
 
 _COLUMNS = [f.name for f in fields(LedgerRow)]
@@ -116,7 +82,7 @@ class _Roll:
         self.requests += 1
         if row.escalated:
             self.escalated += 1
-            if row.reason == "low_confidence":
+            if row.reason == Reason.LOW_CONFIDENCE:
                 self.esc_low_confidence += 1
             elif row.reason in SLM_ERROR_REASONS:
                 self.esc_slm_error += 1

@@ -35,7 +35,8 @@ from engine.router.pricing import Price, frontier_price
 from engine.router.request_check import BadRequest, check_request, json_depth_over, parse_body
 from engine.router.slm_stream import BOUND_REASON, SlmCut, SlmStream, SlmStreamError, assemble_completion
 from engine.router.upstream_pool import UpstreamClients
-from store.ledger import LedgerRow, LedgerWriter
+from store.ledger import LedgerWriter
+from store.ledger_row import LedgerRow
 
 log = logging.getLogger("fleetdeck.proxy")
 
