@@ -24,11 +24,12 @@ from typing import Any, AsyncIterator
 import httpx
 
 from engine.router.request_check import json_depth_over
+from store.ledger_row import Reason
 
 FIRST_TOKEN = "first_token"
 TOTAL = "total"
 # The ledger's reason for each bound, when it decides the route.
-BOUND_REASON = {FIRST_TOKEN: "slm_first_token_timeout", TOTAL: "slm_total_timeout"}
+BOUND_REASON = {FIRST_TOKEN: Reason.SLM_FIRST_TOKEN_TIMEOUT, TOTAL: Reason.SLM_TOTAL_TIMEOUT}
 BOUND_KEY = {FIRST_TOKEN: "slm_first_token_timeout_s", TOTAL: "slm_total_timeout_s"}
 
 
