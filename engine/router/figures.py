@@ -8,11 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from store.analytics import MonthReport
-    from store.db import Store
+from engine.promotion import history as promotion_history
+from engine.router.calibrate import latest_calibration
+from engine.router.config import load_router_settings
+from store.analytics import (
+    MonthReport,
+    by_model,
+    current_month,
+    drift_for_tasks,
+    escalation_series,
+    known_tasks,
+    month_report,
+    monthly_history,
+    totals_by_task,
+)
+from store.db import Store
+from store.ledger import journal_backlog
 
 
 @dataclass
@@ -53,10 +66,6 @@ class RouterData:
 
 
 def load_router_data(store: Store, config_path: Path | None, selected: str | None, window_s: int, now: float) -> RouterData:
-    from engine.router.calibrate import latest_calibration
-    from engine.router.config import load_router_settings
-    from store.analytics import drift_for_tasks, escalation_series, known_tasks, totals_by_task
-
     settings = load_router_settings(config_path)
     policies, thresholds = settings.policies, settings.thresholds
     # Without a config the defaults apply quietly; a broken one is worth saying.
@@ -88,16 +97,12 @@ def load_router_data(store: Store, config_path: Path | None, selected: str | Non
     selected = selected if selected in names else (names[0] if names else None)
     series = escalation_series(store, selected, now - window_s, now) if selected else []
     cal = latest_calibration(store, selected) if selected else None
-    from engine.promotion import history
-    from store.analytics import by_model
-    from store.ledger import journal_backlog
-
     versions = by_model(store, selected, now - window_s, now) if selected else []
     windows = {3600: t1h, 86400: t24, 30 * 86400: t30}
     in_window = windows[window_s] if window_s in windows else totals_by_task(store, now - window_s, now, histograms=False)
     chosen = in_window.get(selected) if selected else None
     window_totals = (chosen.requests, chosen.escalated) if chosen is not None else None
-    promotions = history(store, selected, limit=50) if selected else []
+    promotions = promotion_history(store, selected, limit=50) if selected else []
     backlog = journal_backlog(store, now, journal_dir=settings.journal_dir)
     return RouterData(rows, series, cal, config_path, error, ledger_backlog=backlog,
                       versions=versions, promotions=promotions, window_totals=window_totals)
@@ -111,9 +116,6 @@ class CostData:
 
 
 def load_cost_data(store: Store, config_path: Path | None, now: float) -> CostData:
-    from engine.router.config import load_router_settings
-    from store.analytics import current_month, month_report, monthly_history
-
     settings = load_router_settings(config_path)
     report = month_report(store, current_month(now), now, settings.gpu_hour_usd, settings.gpus, settings.policies)
     return CostData(report, monthly_history(store, now, 12, settings.gpu_hour_usd, settings.gpus), settings.error)
