@@ -31,7 +31,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route as HttpRoute
 
 from engine import managed
 from engine.demo_home import DemoHome, DemoProcesses, stop_everything
@@ -41,6 +41,7 @@ from fleet.simulated import demo_fleet
 from store.analytics import TaskPolicy
 from store.db import Store, open_store
 from store.ledger import CONFIDENCE_BINS, LATENCY_BUCKETS_MS, confidence_bin, latency_bucket, put_rollups
+from store.ledger_row import Route
 from store.schema import ROLLUP_TABLES
 
 GPT4O_IN, GPT4O_OUT = 2.5e-6, 10e-6
@@ -104,14 +105,14 @@ def backfill(store: Store, now: float, tasks: tuple[DemoTask, ...] = DEMO_TASKS,
         esc = min(n, int(n * escalation_at(task, mid, now) + rng.random()))
         slm_n = n - esc
         allf_per = task.prompt_tokens * GPT4O_IN + task.completion_tokens * GPT4O_OUT
-        for route, count, cost, lat in (("slm", slm_n, 0.0, 60.0), ("frontier", esc, allf_per * esc, 900.0)):
+        for route, count, cost, lat in ((Route.SLM, slm_n, 0.0, 60.0), (Route.FRONTIER, esc, allf_per * esc, 900.0)):
             if not count:
                 continue
             rows[table].append((
-                bucket, task.name, route, count, esc if route == "frontier" else 0, esc if route == "frontier" else 0,
+                bucket, task.name, route, count, esc if route == Route.FRONTIER else 0, esc if route == Route.FRONTIER else 0,
                 0, 0, 0, count * task.prompt_tokens, count * task.completion_tokens, cost, allf_per * count,
                 lat * count, json.dumps(_hist_latency(rng, count, lat)),
-                json.dumps(_hist_conf(rng, count, count if route == "frontier" else 0, task.threshold)),
+                json.dumps(_hist_conf(rng, count, count if route == Route.FRONTIER else 0, task.threshold)),
             ))
 
     hour_start = int(now // 3600) * 3600
@@ -171,8 +172,8 @@ def sim_upstream_app(drift_started: float) -> Any:
             return StreamingResponse(gen(), media_type="text/event-stream")
         return JSONResponse(answer)
 
-    return Starlette(routes=[Route("/slm/v1/chat/completions", slm, methods=["POST"]),
-                             Route("/frontier/v1/chat/completions", frontier, methods=["POST"])])
+    return Starlette(routes=[HttpRoute("/slm/v1/chat/completions", slm, methods=["POST"]),
+                             HttpRoute("/frontier/v1/chat/completions", frontier, methods=["POST"])])
 
 
 def free_port() -> int:

@@ -26,6 +26,7 @@ from store.analytics import (
 )
 from store.db import Store
 from store.ledger import journal_backlog
+from store.ledger_row import Route
 
 
 @dataclass
@@ -86,9 +87,9 @@ def load_router_data(store: Store, config_path: Path | None, selected: str | Non
             rate_24h=day.escalation_rate if day else None,
             rate_30d=t30[name].escalation_rate if name in t30 else None,
             baseline=d.baseline_rate, recent=d.recent_rate, drift_pp=d.threshold_pp, alert=d.alert,
-            p50_slm=day.latency_pct("slm", 0.5) if day else None, p95_slm=day.latency_pct("slm", 0.95) if day else None,
-            p50_frontier=day.latency_pct("frontier", 0.5) if day else None,
-            p95_frontier=day.latency_pct("frontier", 0.95) if day else None,
+            p50_slm=day.latency_pct(Route.SLM, 0.5) if day else None, p95_slm=day.latency_pct(Route.SLM, 0.95) if day else None,
+            p50_frontier=day.latency_pct(Route.FRONTIER, 0.5) if day else None,
+            p95_frontier=day.latency_pct(Route.FRONTIER, 0.95) if day else None,
             confidence_hist=day.confidence_hist if day else [],
             escalations_24h={"low confidence": day.esc_low_confidence, "SLM error/timeout": day.esc_slm_error,
                              "forced": day.esc_forced} if day else {},
