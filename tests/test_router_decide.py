@@ -57,7 +57,7 @@ CASES = [
     ("no frontier: a low answer stands", False, answered(0.5), None, (Route.SLM, Reason.LOW_CONFIDENCE, False, False, None)),
     ("no frontier, no answer: 503", False, failed(Reason.SLM_ERROR), None, (Route.NONE, Reason.SLM_ERROR, False, False, 503)),
     ("no frontier, forced to it: 503", False, NOT_ASKED, Force.ALWAYS,
-     (Route.NONE, Reason.FORCED_FRONTIER, False, False, 503)),
+     (Route.NONE, Reason.FORCED_FRONTIER, False, True, 503)),
 ]
 
 
@@ -94,6 +94,21 @@ def test_after_the_frontier_fails_the_small_models_answer_stands_or_the_request_
     assert d.failure.stored == "both the small model (boom) and the frontier model (Timeout) failed"
 
 
+def test_a_forced_escalation_stays_forced_whatever_the_frontier_does() -> None:
+    # The rollups count esc_forced from the row's flag: a forced request whose frontier failed is still forced.
+    for status in (400, 504, None):
+        d = after_frontier_failure(task(), NOT_ASKED, Reason.FORCED_FRONTIER, "E: x", "E", status)
+        assert d.forced and d.escalated
+    assert not after_frontier_failure(task(), answered(0.2), Reason.LOW_CONFIDENCE, "E", "E").forced
+
+
+def test_forced_to_a_missing_frontier_says_so_not_that_the_small_model_is_unavailable() -> None:
+    d = decide(task(frontier=False), NOT_ASKED, Force.ALWAYS)
+    assert d.failure is not None and d.forced
+    assert "None" not in d.failure.message and "X-Fleetdeck-Escalate: always" in d.failure.message
+    assert "no frontier_model" in d.failure.stored
+
+
 confidences = st.one_of(st.none(), st.floats(min_value=0.0, max_value=1.0))
 outcomes = st.one_of(
     st.just(NOT_ASKED),
@@ -121,6 +136,7 @@ def test_every_decision_follows_the_rules(slm: SlmOutcome, threshold: float, for
         assert d.reason == Reason.FORCED_FRONTIER
         assert d.route == (Route.FRONTIER if frontier else Route.NONE)
         assert d.failure is None or d.failure.status == 503
+        assert d.forced
     elif force == Force.NEVER:  # never escalated: the small model's answer, whatever its confidence, or 502
         assert d.route == (Route.SLM if slm.has_answer else Route.NONE) and d.forced
         assert d.failure is None or d.failure.status == 502

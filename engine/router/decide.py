@@ -99,29 +99,36 @@ def decide(task: Task, slm: SlmAnswer, force: Force | None) -> Decision:
         reason = Reason.FORCED_FRONTIER
     else:
         reason = slm.error_reason or (Reason.LOW_CONFIDENCE if slm.has_answer else Reason.SLM_ERROR)
+    forced = force == Force.ALWAYS
     if not task.frontier_model:
         if slm.has_answer:  # nothing to escalate to: the small model's answer stands
-            return Decision(Route.SLM, reason, error="no frontier model configured")
+            return Decision(Route.SLM, reason, forced=forced, error="no frontier model configured")
+        if forced:  # the small model was not asked: say what was asked for, not "unavailable (None)"
+            msg = (f"X-Fleetdeck-Escalate: always asks for the frontier model, and task {task.name!r} "
+                   "has no frontier_model")
+            return Decision(Route.NONE, reason, forced=True, failure=_failure(task, 503, msg, msg))
         why = f"and task {task.name!r} has no frontier_model to escalate to"
         return Decision(Route.NONE, reason, failure=_failure(
             task, 503, f"the small model is unavailable ({slm.full_error}) {why}",
             f"the small model is unavailable ({slm.error}) {why}"))
-    return Decision(Route.FRONTIER, reason, escalated=True, forced=force == Force.ALWAYS)
+    return Decision(Route.FRONTIER, reason, escalated=True, forced=forced)
 
 
 def after_frontier_failure(task: Task, slm: SlmAnswer, reason: Reason, error: str, summary: str,
                            status: int | None = None) -> Decision:
     """The frontier was asked (`reason` is why) and failed: `error` in full, `summary` without upstream text,
-    `status` the frontier's HTTP status when it gave one."""
+    `status` the frontier's HTTP status when it gave one. A forced escalation stays counted as forced
+    whatever the frontier did (the rollups' esc_forced)."""
+    forced = reason == Reason.FORCED_FRONTIER
     if slm.has_answer:
         # The frontier failed after a low-confidence answer: the small model's answer is returned.
-        return Decision(Route.SLM, reason, escalated=True,
+        return Decision(Route.SLM, reason, escalated=True, forced=forced,
                         error=f"frontier failed: {error if task.store_text else summary}")
     if status in CLIENT_ERRORS:
         # The frontier refused the request itself: the client's 4xx, not a gateway failure.
-        return Decision(Route.NONE, reason, escalated=True, failure=_failure(
+        return Decision(Route.NONE, reason, escalated=True, forced=forced, failure=_failure(
             task, 400, f"the frontier model refused the request ({error})",
             f"the frontier model refused the request ({summary})", client_error=True))
-    return Decision(Route.NONE, reason, escalated=True, failure=_failure(
+    return Decision(Route.NONE, reason, escalated=True, forced=forced, failure=_failure(
         task, 502, f"both the small model ({slm.full_error or 'not asked'}) and the frontier model ({error}) failed",
         f"both the small model ({slm.error or 'not asked'}) and the frontier model ({summary}) failed"))
