@@ -9,11 +9,17 @@ escalated items as answered correctly by the frontier model (`frontier_accuracy`
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+import httpx
+
+from engine.http_auth import bearer_from_env
+from engine.router.confidence import answer_confidence, slm_request
+
+if TYPE_CHECKING:  # types only: the store is handed in by the caller
     from store.analytics import CostFigures
     from store.db import Store
 
@@ -155,13 +161,6 @@ def score_eval_set(task: Any, items: list[EvalItem], timeout_s: float = 60.0, he
     """Ask the task's SLM each item, with log-probabilities; (confidence, correct) per item. `task` needs
     slm_base_url, slm_model and confidence (and slm_api_key_env unless `headers` are given); each
     request's latency is appended to `latencies_ms` when one is given."""
-    import time
-
-    import httpx
-
-    from engine.http_auth import bearer_from_env
-    from engine.router.confidence import answer_confidence, slm_request
-
     if headers is None:
         headers = bearer_from_env(task.slm_api_key_env)
     scored = []

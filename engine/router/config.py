@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import tomlkit
 from pydantic import Field, field_validator, model_validator
 
-from store.config_files import HomePath, Strict, load_toml_model
-from store.analytics import TaskPolicy
+from engine import audit
+from store.analytics import TaskPolicy, iter_policies
+from store.config_files import ConfigError, HomePath, Strict, load_toml_model, parse_toml_model
 
 _log = logging.getLogger("fleetdeck.config")
 
@@ -159,8 +162,6 @@ def api_keys(settings: ProxySettings) -> set[str]:
 
 def is_loopback(host: str) -> bool:
     """A loopback address or the name `localhost`; a name that merely starts with "127." is not."""
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -171,8 +172,6 @@ def is_loopback(host: str) -> bool:
 
 def set_task_threshold(path: str | Path, task: str, threshold: float) -> None:
     """Rewrite one task's `threshold` in the router TOML, keeping comments and layout; validate first."""
-    from engine import audit
-
     try:
         old = next((t.threshold for t in load_router_config(path).task if t.name == task), None)
     except Exception:
@@ -188,10 +187,6 @@ def set_task_field(path: str | Path, task: str, key: str, value: object) -> None
     """Rewrite one key of one [[task]] in place and atomically; the result must load, or nothing is written.
     Callers audit: this is the mechanism, not the action."""
     # tomlkit edits the document in place: comments, order and layout stay as the operator wrote them.
-    import tomlkit
-
-    from store.config_files import parse_toml_model
-
     p = Path(path)
     doc = tomlkit.parse(p.read_text(encoding="utf-8"))
     entry = next((t for t in doc.get("task", []) if t.get("name") == task), None)
@@ -211,7 +206,7 @@ class RouterSettings:
 
     gpu_hour_usd: float = 0.0
     gpus: int = 0
-    policies: dict = field(default_factory=dict)  # task name -> store.analytics.TaskPolicy
+    policies: dict[str, TaskPolicy] = field(default_factory=dict)  # task name -> its drift policy
     thresholds: dict[str, float] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)  # task name -> the small model it asks now
     windows: dict[str, str] = field(default_factory=dict)  # task name -> Task.window_label()
@@ -221,9 +216,6 @@ class RouterSettings:
 
 def load_router_settings(path: Path | None) -> RouterSettings:
     """Never raises: a missing or broken config gives defaults and says why in `error`."""
-    from store.config_files import ConfigError
-    from store.analytics import iter_policies
-
     if path is None or not Path(path).exists():
         return RouterSettings(error=f"no router config at {path}: the local fleet's cost counts as $0.00")
     try:

@@ -26,10 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route as HttpRoute
+
+from engine import managed
+from engine.demo_home import DemoHome, DemoProcesses, stop_everything
+from engine.vllm.demo import DEMO_NODE, start_demo_job, start_demo_servers
 from fleet.procs import stop_child
+from fleet.simulated import demo_fleet
 from store.analytics import TaskPolicy
-from store.db import Store
-from store.ledger import CONFIDENCE_BINS, LATENCY_BUCKETS_MS, confidence_bin, latency_bucket
+from store.db import Store, open_store
+from store.ledger import CONFIDENCE_BINS, LATENCY_BUCKETS_MS, confidence_bin, latency_bucket, put_rollups
+from store.ledger_row import Route
 from store.schema import ROLLUP_TABLES
 
 GPT4O_IN, GPT4O_OUT = 2.5e-6, 10e-6
@@ -83,7 +95,7 @@ def backfill(store: Store, now: float, tasks: tuple[DemoTask, ...] = DEMO_TASKS,
              daily_only_days: int = 150, minute_hours: float = 3.0, seed: int = 7, volume: float = 1.0) -> int:
     """Write history straight into the rollups: minutes for the last hours, hours for `days`, days before."""
     rng = random.Random(seed)
-    rows: dict[str, list[tuple]] = {t: [] for t in ROLLUP_TABLES.values()}
+    rows: dict[str, list[tuple[Any, ...]]] = {t: [] for t in ROLLUP_TABLES.values()}
 
     def add(table: str, bucket: int, task: DemoTask, width: int) -> None:
         mid = bucket + width / 2
@@ -93,14 +105,14 @@ def backfill(store: Store, now: float, tasks: tuple[DemoTask, ...] = DEMO_TASKS,
         esc = min(n, int(n * escalation_at(task, mid, now) + rng.random()))
         slm_n = n - esc
         allf_per = task.prompt_tokens * GPT4O_IN + task.completion_tokens * GPT4O_OUT
-        for route, count, cost, lat in (("slm", slm_n, 0.0, 60.0), ("frontier", esc, allf_per * esc, 900.0)):
+        for route, count, cost, lat in ((Route.SLM, slm_n, 0.0, 60.0), (Route.FRONTIER, esc, allf_per * esc, 900.0)):
             if not count:
                 continue
             rows[table].append((
-                bucket, task.name, route, count, esc if route == "frontier" else 0, esc if route == "frontier" else 0,
+                bucket, task.name, route, count, esc if route == Route.FRONTIER else 0, esc if route == Route.FRONTIER else 0,
                 0, 0, 0, count * task.prompt_tokens, count * task.completion_tokens, cost, allf_per * count,
                 lat * count, json.dumps(_hist_latency(rng, count, lat)),
-                json.dumps(_hist_conf(rng, count, count if route == "frontier" else 0, task.threshold)),
+                json.dumps(_hist_conf(rng, count, count if route == Route.FRONTIER else 0, task.threshold)),
             ))
 
     hour_start = int(now // 3600) * 3600
@@ -112,8 +124,6 @@ def backfill(store: Store, now: float, tasks: tuple[DemoTask, ...] = DEMO_TASKS,
             add("rollup_hour", hour_start - h * 3600, task, 3600)
         for d in range(days + daily_only_days, 0, -1):
             add("rollup_day", day_start - d * 86400, task, 86400)
-    from store.ledger import put_rollups
-
     with store.transaction() as conn:
         for table, data in rows.items():
             put_rollups(conn, table, data)  # tuples in ROLLUP_FIELDS order
@@ -122,11 +132,6 @@ def backfill(store: Store, now: float, tasks: tuple[DemoTask, ...] = DEMO_TASKS,
 
 def sim_upstream_app(drift_started: float) -> Any:
     """One ASGI app serving a simulated SLM (/slm/v1) and a simulated frontier (/frontier/v1)."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
-
     rng = random.Random(11)
     tasks = {t.name: t for t in DEMO_TASKS}
 
@@ -167,14 +172,15 @@ def sim_upstream_app(drift_started: float) -> Any:
             return StreamingResponse(gen(), media_type="text/event-stream")
         return JSONResponse(answer)
 
-    return Starlette(routes=[Route("/slm/v1/chat/completions", slm, methods=["POST"]),
-                             Route("/frontier/v1/chat/completions", frontier, methods=["POST"])])
+    return Starlette(routes=[HttpRoute("/slm/v1/chat/completions", slm, methods=["POST"]),
+                             HttpRoute("/frontier/v1/chat/completions", frontier, methods=["POST"])])
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def demo_router_toml(upstream: str, port: int) -> str:
@@ -202,15 +208,6 @@ def run_backend(store_path: Path, home_dir: Path, rate_per_s: float = 4.0,
     It records the proxy it starts among the dashboard's helpers; when it ends, it ends the proxy and
     stops every server and job in the demo's store (the ones it started and the ones the operator
     started from the demo's dialogs)."""
-    import httpx
-    import uvicorn
-
-    from engine import managed
-    from engine.demo_home import DemoHome, DemoProcesses, stop_everything
-    from engine.vllm.demo import DEMO_NODE, start_demo_job, start_demo_servers
-    from fleet.simulated import demo_fleet
-    from store.db import open_store
-
     home = DemoHome(home_dir)
     home.prepare()
     workdir = home.backend

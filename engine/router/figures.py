@@ -8,11 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from store.analytics import MonthReport
-    from store.db import Store
+from engine.promotion import history as promotion_history
+from engine.router.calibrate import latest_calibration
+from engine.router.config import load_router_settings
+from store.analytics import (
+    MonthReport,
+    by_model,
+    current_month,
+    drift_for_tasks,
+    escalation_series,
+    known_tasks,
+    month_report,
+    monthly_history,
+    totals_by_task,
+)
+from store.db import Store
+from store.ledger import journal_backlog
+from store.ledger_row import Route
 
 
 @dataclass
@@ -53,10 +67,6 @@ class RouterData:
 
 
 def load_router_data(store: Store, config_path: Path | None, selected: str | None, window_s: int, now: float) -> RouterData:
-    from engine.router.calibrate import latest_calibration
-    from engine.router.config import load_router_settings
-    from store.analytics import drift_for_tasks, escalation_series, known_tasks, totals_by_task
-
     settings = load_router_settings(config_path)
     policies, thresholds = settings.policies, settings.thresholds
     # Without a config the defaults apply quietly; a broken one is worth saying.
@@ -77,9 +87,9 @@ def load_router_data(store: Store, config_path: Path | None, selected: str | Non
             rate_24h=day.escalation_rate if day else None,
             rate_30d=t30[name].escalation_rate if name in t30 else None,
             baseline=d.baseline_rate, recent=d.recent_rate, drift_pp=d.threshold_pp, alert=d.alert,
-            p50_slm=day.latency_pct("slm", 0.5) if day else None, p95_slm=day.latency_pct("slm", 0.95) if day else None,
-            p50_frontier=day.latency_pct("frontier", 0.5) if day else None,
-            p95_frontier=day.latency_pct("frontier", 0.95) if day else None,
+            p50_slm=day.latency_pct(Route.SLM, 0.5) if day else None, p95_slm=day.latency_pct(Route.SLM, 0.95) if day else None,
+            p50_frontier=day.latency_pct(Route.FRONTIER, 0.5) if day else None,
+            p95_frontier=day.latency_pct(Route.FRONTIER, 0.95) if day else None,
             confidence_hist=day.confidence_hist if day else [],
             escalations_24h={"low confidence": day.esc_low_confidence, "SLM error/timeout": day.esc_slm_error,
                              "forced": day.esc_forced} if day else {},
@@ -88,16 +98,12 @@ def load_router_data(store: Store, config_path: Path | None, selected: str | Non
     selected = selected if selected in names else (names[0] if names else None)
     series = escalation_series(store, selected, now - window_s, now) if selected else []
     cal = latest_calibration(store, selected) if selected else None
-    from engine.promotion import history
-    from store.analytics import by_model
-    from store.ledger import journal_backlog
-
     versions = by_model(store, selected, now - window_s, now) if selected else []
     windows = {3600: t1h, 86400: t24, 30 * 86400: t30}
     in_window = windows[window_s] if window_s in windows else totals_by_task(store, now - window_s, now, histograms=False)
     chosen = in_window.get(selected) if selected else None
     window_totals = (chosen.requests, chosen.escalated) if chosen is not None else None
-    promotions = history(store, selected, limit=50) if selected else []
+    promotions = promotion_history(store, selected, limit=50) if selected else []
     backlog = journal_backlog(store, now, journal_dir=settings.journal_dir)
     return RouterData(rows, series, cal, config_path, error, ledger_backlog=backlog,
                       versions=versions, promotions=promotions, window_totals=window_totals)
@@ -111,9 +117,6 @@ class CostData:
 
 
 def load_cost_data(store: Store, config_path: Path | None, now: float) -> CostData:
-    from engine.router.config import load_router_settings
-    from store.analytics import current_month, month_report, monthly_history
-
     settings = load_router_settings(config_path)
     report = month_report(store, current_month(now), now, settings.gpu_hour_usd, settings.gpus, settings.policies)
     return CostData(report, monthly_history(store, now, 12, settings.gpu_hour_usd, settings.gpus), settings.error)

@@ -17,6 +17,7 @@ def import_litellm() -> Any:
     """The one place litellm is imported: air-gapped, quiet, no telemetry."""
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     os.environ.setdefault("LITELLM_LOG", "ERROR")
+    # Lazy on purpose: seconds to import, and only with the cost-map variable above set (else it tries the network).
     import litellm
 
     litellm.telemetry = False

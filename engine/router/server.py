@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
+import uvicorn
+
 from engine.router.config import RouterConfig, api_keys, is_loopback
+from engine.router.http_limits import uvicorn_limits
+from engine.router.proxy import Router, create_app
+from store.db import open_store
+from store.ledger import LedgerWriter
 
 
 class ProxyStartError(Exception):
@@ -61,16 +69,6 @@ def serve(config: RouterConfig, store_path: Path, host: str | None = None, port:
     """Serve until SIGTERM/SIGINT; then finish requests in flight and store the ledger, both within
     `shutdown_grace_s` of the signal (plus one last store attempt), checkpoint the store's WAL, print what
     the ledger kept and return 0."""
-    import signal
-    import time
-
-    import uvicorn
-
-    from engine.router.http_limits import uvicorn_limits
-    from engine.router.proxy import Router, create_app
-    from store.db import open_store
-    from store.ledger import LedgerWriter
-
     host = host or config.proxy.host
     port = port or config.proxy.port
     check_can_start(config, host, port, config_path)
@@ -78,9 +76,11 @@ def serve(config: RouterConfig, store_path: Path, host: str | None = None, port:
     ledger = LedgerWriter(store, retention_days=config.proxy.retention_days, journal_dir=config.proxy.journal_dir)
     router = Router(config, ledger, config_path=config_path)
     app = create_app(router)
+    # uvicorn annotates timeout_graceful_shutdown as int but waits on it as a float timeout: the grace is kept exact.
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-                       timeout_graceful_shutdown=config.proxy.shutdown_grace_s, server_header=False,
+                       timeout_graceful_shutdown=config.proxy.shutdown_grace_s,  # type: ignore[arg-type]
+                       server_header=False,
                        **uvicorn_limits(config.proxy))
     )
     # The grace is counted from the signal: uvicorn spends it on requests in flight, the ledger gets the rest.

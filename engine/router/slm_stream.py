@@ -24,11 +24,12 @@ from typing import Any, AsyncIterator
 import httpx
 
 from engine.router.request_check import json_depth_over
+from store.ledger_row import Reason
 
 FIRST_TOKEN = "first_token"
 TOTAL = "total"
 # The ledger's reason for each bound, when it decides the route.
-BOUND_REASON = {FIRST_TOKEN: "slm_first_token_timeout", TOTAL: "slm_total_timeout"}
+BOUND_REASON = {FIRST_TOKEN: Reason.SLM_FIRST_TOKEN_TIMEOUT, TOTAL: Reason.SLM_TOTAL_TIMEOUT}
 BOUND_KEY = {FIRST_TOKEN: "slm_first_token_timeout_s", TOTAL: "slm_total_timeout_s"}
 
 
@@ -129,12 +130,12 @@ class SlmStream:
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            delta = _dict(choice.get("delta"))
             piece = delta.get("content")
             lp = choice.get("logprobs")
             content = lp.get("content") if isinstance(lp, dict) else None
-            values = [item.get("logprob") for item in content if isinstance(item, dict)] if isinstance(content, list) else []
-            values = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+            items = [item.get("logprob") for item in content if isinstance(item, dict)] if isinstance(content, list) else []
+            values = [float(v) for v in items if isinstance(v, (int, float)) and not math.isnan(v)]
             if (piece or values or delta.get("tool_calls")) and self.ttft_ms is None:
                 self.ttft_ms = (asyncio.get_running_loop().time() - self._sent_at) * 1000
             if isinstance(piece, str) and piece:
@@ -190,8 +191,8 @@ class SlmStream:
     async def relay(self) -> AsyncIterator[dict[str, Any]]:
         """The held chunks, then the rest as it comes (under the total bound)."""
         self.claimed = True
-        for chunk in self.held:
-            yield chunk
+        for held in self.held:
+            yield held
         self.held = []
         while not self.ended:
             chunk = await self._next()
@@ -214,6 +215,11 @@ class SlmStream:
                 pass
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """A chunk's field that should be an object: itself when it is one, else empty (an odd chunk is skipped over)."""
+    return value if isinstance(value, dict) else {}
+
+
 def assemble_completion(chunks: list[dict[str, Any]], usage: dict[str, Any], missing_logprobs: bool) -> dict[str, Any]:
     """The one OpenAI chat.completion a whole stream of chunks adds up to: per choice index the content
     joined, tool-call deltas merged by their index, the last finish_reason (None if the stream sent none:
@@ -228,7 +234,7 @@ def assemble_completion(chunks: list[dict[str, Any]], usage: dict[str, Any], mis
                 continue
             acc = choices.setdefault(ch.get("index", 0), {"role": "assistant", "content": [], "tools": {},
                                                           "finish_reason": None, "logprobs": []})
-            delta = ch.get("delta") if isinstance(ch.get("delta"), dict) else {}
+            delta = _dict(ch.get("delta"))
             if isinstance(delta.get("role"), str):
                 acc["role"] = delta["role"]
             if isinstance(delta.get("content"), str):
@@ -240,7 +246,7 @@ def assemble_completion(chunks: list[dict[str, Any]], usage: dict[str, Any], mis
                 for key in ("id", "type"):
                     if call.get(key) is not None:
                         tool[key] = call[key]
-                fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+                fn = _dict(call.get("function"))
                 if fn.get("name") is not None:
                     tool["function"]["name"] = fn["name"]
                 if isinstance(fn.get("arguments"), str):

@@ -1,0 +1,254 @@
+"""The proxy's HTTP side (Starlette): routes, the API key, the body read under its size and time bounds and
+parsed through request_check/chat_schema, OpenAI-shaped errors, /health, /v1/models, /metrics and
+/admin/reload. Routing itself is the Router's (engine/router/proxy.py); a bad request never takes the proxy
+down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as HttpRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine import audit
+from engine.router.call import Call
+from engine.router.config import is_loopback
+from engine.router.decide import Force
+from engine.router.request_check import BadRequest, check_request, parse_body
+from store.ledger_row import Reason, Route
+
+if TYPE_CHECKING:  # the Router makes the app from this module: a type only, or the two would import each other
+    from engine.router.proxy import Router
+
+log = logging.getLogger("fleetdeck.proxy")
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None,
+                 headers: Mapping[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code or type_}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+class Endpoints:
+    """The handlers, each reading the Router's current config (a reload swaps it between requests)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def _auth_error(self, request: Request) -> Response | None:
+        keys = self.router.keys
+        if not keys:
+            return None
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if token not in keys:
+            return openai_error(401, "Missing or invalid API key: send Authorization: Bearer <key>.",
+                                "invalid_request_error", "invalid_api_key")
+        return None
+
+    async def health(self, request: Request) -> Response:
+        router = self.router
+        upstreams = await router.upstream_health()
+        # 503 only when no task can answer at all: a load balancer takes the proxy out of rotation then,
+        # and keeps it while some upstream still answers ("degraded", 200).
+        code = 503 if upstreams.status == "down" else 200
+        # A load balancer's probe carries no key: it learns whether the proxy can answer, not why.
+        if router.keys and self._auth_error(request) is not None:
+            return JSONResponse({"status": upstreams.status}, status_code=code)
+        ledger = router.ledger
+        body: dict[str, Any] = {"status": upstreams.status, "reasons": upstreams.reasons, "tasks": len(router.config.task),
+                                "ledger_error": (ledger.last_error or ledger.prune_error) if ledger else None,
+                                "ledger_pending": ledger.pending if ledger else 0}
+        if ledger is not None:
+            # Where every row this run recorded is: recorded = stored + journaled + unjournaled + lost.
+            c = ledger.counts()
+            body.update(ledger_recorded=c.recorded, ledger_stored=c.stored, ledger_journaled=c.journaled,
+                        ledger_unjournaled=c.unjournaled, ledger_lost=c.lost, ledger_replayed=c.replayed,
+                        ledger_journal=str(ledger.journal), ledger_journal_error=ledger.journal_error)
+        return JSONResponse(body, status_code=code)
+
+    async def models(self, request: Request) -> Response:
+        if (err := self._auth_error(request)) is not None:
+            return err
+        data = [{"id": t.name, "object": "model", "created": int(self.router.started_at), "owned_by": "fleetdeck"}
+                for t in self.router.config.task]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def metrics(self, request: Request) -> Response:
+        if (err := self._auth_error(request)) is not None:  # task names and volumes are the site's business
+            return err
+        return Response(generate_latest(self.router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def reload(self, request: Request) -> Response:
+        # An operator's action on this host only: never from the network, and with a key where keys are set.
+        router = self.router
+        client = request.client.host if request.client else ""
+        origin = f"{client}:{request.client.port}" if request.client else "local"
+        if not is_loopback(client):
+            await router.record_refused_reload(origin, "not from this host's loopback")
+            return openai_error(403, "Reload is accepted from this host's loopback only.", "permission_error")
+        if (err := self._auth_error(request)) is not None:
+            await router.record_refused_reload(origin, "missing or invalid API key")
+            return err
+        try:
+            return JSONResponse(await router.audited_reload("http", origin))
+        except audit.AuditUnavailable as exc:
+            return openai_error(503, f"config not reloaded: {exc}", "server_error", "audit_unavailable")
+        except audit.ReadOnlyError as exc:
+            return openai_error(403, f"config not reloaded: {exc}", "permission_error", "read_only")
+        except ValueError as exc:
+            return openai_error(409, f"config not reloaded, the proxy keeps its current one: {exc}",
+                                "invalid_request_error", "invalid_config")
+
+    async def _read_body(self, request: Request) -> bytes | Response:
+        limit = self.router.config.proxy.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return openai_error(413, f"Request body of {declared} bytes is over the {limit}-byte limit.",
+                                "invalid_request_error", "request_too_large")
+        chunks = []
+        size = 0
+
+        async def read() -> Response | None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return openai_error(413, f"Request body is over the {limit}-byte limit.",
+                                        "invalid_request_error", "request_too_large")
+                chunks.append(chunk)
+            return None
+
+        deadline = self.router.config.proxy.body_timeout_s
+        try:
+            too_big = await asyncio.wait_for(read(), timeout=deadline)
+        except asyncio.TimeoutError:
+            # A body that never finishes would hold a connection (and a file descriptor) forever.
+            log.warning("request body not complete after %g s (%d bytes read); answered 408", deadline, size)
+            return openai_error(408, f"The request body did not arrive within {deadline:g} s.",
+                                "invalid_request_error", "request_timeout")
+        return too_big if too_big is not None else b"".join(chunks)
+
+    async def chat(self, request: Request) -> Response:
+        router = self.router
+        t0 = time.perf_counter()
+        if (err := self._auth_error(request)) is not None:
+            return err
+        try:
+            raw = await self._read_body(request)
+        except ClientDisconnect:
+            log.info("client disconnected before its request body was complete")
+            return Response(status_code=499)  # nobody is listening; uvicorn drops it
+        if isinstance(raw, Response):
+            router.metrics.errors.labels("", str(raw.status_code)).inc()
+            return raw
+        try:
+            body = parse_body(raw)
+        except BadRequest as exc:
+            router.metrics.errors.labels("", "400").inc()
+            return openai_error(400, str(exc), "invalid_request_error", exc.code, param=exc.param)
+        name = request.headers.get("x-fleetdeck-task") or body.get("model")
+        task = router.task_for(name)
+        if task is None:
+            known = ", ".join(t.name for t in router.config.task)
+            router.metrics.errors.labels("", "404").inc()
+            return openai_error(404, f"Unknown task {str(name)[:100]!r}. Known tasks: {known}. Name one as `model` "
+                                     "or in the X-Fleetdeck-Task header.", "invalid_request_error", "model_not_found")
+        header = request.headers.get("x-fleetdeck-escalate")
+        force = None
+        if header is not None:
+            try:
+                force = Force(header.strip().lower())
+            except ValueError:
+                return openai_error(400, "X-Fleetdeck-Escalate must be `always` or `never`.", "invalid_request_error")
+        call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, force, body)
+        try:
+            # From here on the body is the typed request's own dump: nothing unchecked goes upstream.
+            call.body = check_request(body).forwarded()
+        except BadRequest as exc:
+            # The task is known, so the refusal is a ledger row like any other answer.
+            call.body = {"messages": body["messages"] if isinstance(body.get("messages"), list) else []}
+            router.record(router.row(call, Route.NONE, False, Reason.BAD_REQUEST, 400, error=str(exc)))
+            return openai_error(400, str(exc), "invalid_request_error", exc.code, param=exc.param,
+                                headers=router.headers(call, Route.NONE, False))
+        return await router.handle(call)
+
+
+class RequestTasks:
+    """ASGI middleware: the task of each HTTP request is in `router.handlers` while it runs (a stream's
+    included), so the stop can wait for the rows of the requests it cancelled."""
+
+    def __init__(self, app: ASGIApp, router: Router) -> None:
+        self.app = app
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task() if scope.get("type") == "http" else None
+        if task is None:
+            await self.app(scope, receive, send)
+            return
+        self.router.handlers.add(task)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.router.handlers.discard(task)
+
+
+def create_app(router: Router) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await router.startup()
+        loop = asyncio.get_running_loop()
+        hup = False
+        if router.config_path is not None:
+            try:  # `kill -HUP` reloads, as daemons do; errors are logged, the old config stays
+                loop.add_signal_handler(signal.SIGHUP, lambda: router.start_reload(loop))
+                hup = True
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no SIGHUP
+                pass
+        try:
+            yield
+        finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await router.shutdown()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return openai_error(404, f"No route {request.url.path}; fleetdeck serves /v1/chat/completions, /v1/models, "
+                                 "/health and /metrics.", "invalid_request_error", "not_found")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return openai_error(405, f"{request.method} is not allowed on {request.url.path}.", "invalid_request_error")
+
+    endpoints = Endpoints(router)
+    app = Starlette(
+        routes=[
+            HttpRoute("/v1/chat/completions", endpoints.chat, methods=["POST"]),
+            HttpRoute("/chat/completions", endpoints.chat, methods=["POST"]),
+            HttpRoute("/v1/models", endpoints.models, methods=["GET"]),
+            HttpRoute("/health", endpoints.health, methods=["GET"]),
+            HttpRoute("/metrics", endpoints.metrics, methods=["GET"]),
+            HttpRoute("/admin/reload", endpoints.reload, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+        exception_handlers={404: not_found, 405: method_not_allowed},
+        middleware=[Middleware(RequestTasks, router=router)],
+    )
+    app.state.router = router
+    return app
