@@ -62,7 +62,7 @@ DEMO_PROFILES = (
 # What the backend starts: profile, node, GPU, extra simulator knobs for this run only (not in the profile,
 # so a restart from the Servers screen brings the server up healthy).
 DEMO_NODE = "sim-h100-01"
-DEMO_SERVERS = (
+DEMO_SERVERS: tuple[tuple[str, int, dict[str, str]], ...] = (
     ("mistral-7b-awq", 0, {}),
     ("qwen3-8b", 1, {}),
     ("llama-3.1-8b", 3, {"FLEETDECK_SIM_CRASH_AFTER": "60"}),

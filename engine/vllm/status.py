@@ -17,12 +17,13 @@ from engine.http_auth import bearer
 from engine.vllm.metrics import Scrape, ServerFigures, figures, parse
 
 if TYPE_CHECKING:
+    from engine.vllm.launcher import ServerRecord
     from store.db import Store
 
 
 @dataclass
 class ServerStatus:
-    rec: Any  # launcher.ServerRecord
+    rec: ServerRecord
     figures: ServerFigures | None = None
     scrape: Scrape | None = None
     loaded_adapters: list[str] = field(default_factory=list)
