@@ -101,8 +101,9 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"  {e}")
     if report.token_stats:
         t = report.token_stats
-        print(f"  tokens per example: min {t['min']}, median {t['p50']}, p95 {t['p95']}, max {t['max']}"
-              f"; {report.truncated_share * 100:.1f}% longer than max_seq_length {spec.max_seq_length}")
+        share = report.truncated_share  # measured whenever the tokens are (a spec always has a max_seq_length)
+        cut = "" if share is None else f"; {share * 100:.1f}% longer than max_seq_length {spec.max_seq_length}"
+        print(f"  tokens per example: min {t['min']}, median {t['p50']}, p95 {t['p95']}, max {t['max']}{cut}")
     if "error" in estimate:
         print(f"VRAM: {estimate['error']}")
     else:
@@ -138,7 +139,7 @@ def run_start(args: argparse.Namespace) -> int:
     if args.partition or args.time:
         return _err("--partition and --time go with --slurm")
     snaps = None
-    gpus: list[int] | None = None
+    gpus = None  # list[int] | None, as in the --node branch above
     if args.gpus.strip().lower() != "cpu":
         from engine.vllm.profile import parse_gpus
         from fleetdeck.cmd_serve import gpu_snapshots

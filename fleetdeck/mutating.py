@@ -48,7 +48,7 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     # Fail closed: a command whose record could not be written does nothing (AuditUnavailable, exit 2).
     audit.check_writable(action, target)
     tee = _Tee(sys.stderr)
-    sys.stderr = tee  # type: ignore[assignment]
+    sys.stderr = tee
     try:
         with audit.counting() as written:
             rc = handler(args)

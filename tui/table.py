@@ -263,9 +263,9 @@ class DeckTable(NavTable):
             selected, rebuilt = self.selected_key(), True
             self.clear(columns=True)
             self._shown, self._mark = shown, mark
-            for c in self.spec:
-                if c.key in shown:
-                    self.add_column(self._label(c), key=c.key)
+            for col in self.spec:
+                if col.key in shown:
+                    self.add_column(self._label(col), key=col.key)
             self._shown_keys = []
         if keys != self._shown_keys or flex != self._flex:  # a flex column's room changed: cut its cells again
             self._flex = flex
