@@ -7,12 +7,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetdeck.cmdutil import add_fleet_config_option, one_line
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.tables import print_table
+
+if TYPE_CHECKING:
+    from engine.router.config import RouterConfig, Task
 
 
 def register(sub: Any) -> None:
@@ -46,7 +49,7 @@ def _err(cmd: str, msg: str) -> int:
     return 2
 
 
-def _config(args: argparse.Namespace, cmd: str) -> tuple[Any, Path] | int:
+def _config(args: argparse.Namespace, cmd: str) -> tuple[RouterConfig, Path] | int:
     from engine.router.config import load_router_config
     from store.config_files import ConfigError
     from store.paths import default_router_config
@@ -58,7 +61,7 @@ def _config(args: argparse.Namespace, cmd: str) -> tuple[Any, Path] | int:
         return _err(cmd, one_line(exc))
 
 
-def _config_and_task(args: argparse.Namespace, cmd: str) -> tuple[Any, Path, Any] | int:
+def _config_and_task(args: argparse.Namespace, cmd: str) -> tuple[RouterConfig, Path, Task] | int:
     loaded = _config(args, cmd)
     if isinstance(loaded, int):
         return loaded

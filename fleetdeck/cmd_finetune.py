@@ -15,6 +15,9 @@ from fleetdeck.nodes import on_node
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
+    from engine.finetune.jobs import JobRecord
+    from engine.finetune.spec import JobSpec
+    from fleet.config import FleetConfig
     from store.db import Store
 
 
@@ -73,7 +76,7 @@ def _err(msg: str) -> int:
     return 2
 
 
-def _spec(path: str) -> Any:
+def _spec(path: str) -> JobSpec:
     from engine.finetune.spec import load_spec
 
     return load_spec(path)
@@ -162,7 +165,7 @@ def run_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_slurm(args: argparse.Namespace, spec: Any, config: Any) -> int:
+def _start_slurm(args: argparse.Namespace, spec: JobSpec, config: FleetConfig) -> int:
     from engine.finetune import jobs
     from engine.slurm import check_time
 
@@ -260,13 +263,13 @@ def run_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models_root(config: Any) -> Path:
+def _models_root(config: FleetConfig) -> Path:
     from store.paths import data_dir
 
     return config.models.root or data_dir() / "models"
 
 
-def _wait_job(store: Store, rec: Any) -> int:
+def _wait_job(store: Store, rec: JobRecord) -> int:
     import time
 
     from engine.finetune import jobs

@@ -19,6 +19,7 @@ from fleetdeck.tables import print_table
 if TYPE_CHECKING:
     from engine.kvfit.plan import FitResult
     from engine.vllm.launcher import ServerRecord
+    from fleet.model import GpuSnapshot
     from store.db import Store
 
 
@@ -64,7 +65,7 @@ def register(sub: Any) -> None:
     pr.set_defaults(handler=run_prune)
 
 
-def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None, str | None]:
+def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[GpuSnapshot] | None, str | None]:
     if simulated:
         from fleet.simulated import demo_fleet
 

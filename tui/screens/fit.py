@@ -9,7 +9,6 @@ it does not. Planning runs in a worker (a local model folder means reading files
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from rich.text import Text
 from textual import on, work
@@ -19,7 +18,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.suggester import SuggestFromList
 from textual.widgets import DataTable, Input, Label, Select, Static
 
-from engine.kvfit.plan import FIT_LENGTHS, KV_DTYPES, FitRequest, vllm_view_of
+from engine.kvfit.plan import FIT_LENGTHS, KV_DTYPES, FitRequest, FitResult, vllm_view_of
 from tui.screens.base import DeckScreen
 
 GIB = 1024**3
@@ -59,8 +58,8 @@ class FitScreen(DeckScreen):
     def __init__(self) -> None:
         super().__init__()
         self.choices: dict[str, GpuChoice] = {}
-        self.last_result: Any = None
-        self.last_grid: dict[str, dict[int, Any]] | None = None
+        self.last_result: FitResult | None = None
+        self.last_grid: dict[str, dict[int, FitResult]] | None = None
         self.error: str | None = None
 
     def compose_body(self) -> ComposeResult:
@@ -196,7 +195,7 @@ class FitScreen(DeckScreen):
         self.query_one("#fit-verdict", Static).update(Text(message, style="bold red"))
         self.query_one("#fit-breakdown", Static).update("")
 
-    def show_result(self, r: Any, grid: dict[str, dict[int, Any]]) -> None:
+    def show_result(self, r: FitResult, grid: dict[str, dict[int, FitResult]]) -> None:
         self.error = None
         self.last_result, self.last_grid = r, grid
         table = self.query_one("#fit-grid", DataTable)
