@@ -24,7 +24,7 @@ from textual import events
 from textual.binding import Binding
 from textual.widgets import DataTable
 
-Cell = Any  # str or rich Text
+Cell = str | Text  # what a DataTable cell holds here: plain text, or styled text
 
 
 def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]

@@ -80,9 +80,8 @@ class DeckScreen(ReadOnlyAware, Screen[None]):
     def compose(self) -> ComposeResult:
         from tui.chrome import FilterBar, FlashLine, ScreenBar
 
-        options = getattr(self.app, "options", None)
-        yield Header(show_clock=getattr(options, "show_clock", True))
-        yield StatusLine(getattr(self.app, "status_text", ""), id="status", markup=True)
+        yield Header(show_clock=self.app.options.show_clock)
+        yield StatusLine(self.app.status_text, id="status", markup=True)
         yield from self.compose_body()
         with Horizontal(id="filter-row") as row:  # "/ text": the filter in force, while it is
             row.display = False
@@ -91,7 +90,7 @@ class DeckScreen(ReadOnlyAware, Screen[None]):
         flash = FlashLine("", id="flash")
         flash.display = False
         yield flash
-        yield ScreenBar(getattr(self.app, "current_mode", None), id="screen-bar")
+        yield ScreenBar(self.app.current_mode, id="screen-bar")
         yield Footer(compact=True, show_command_palette=False)
 
     def compose_body(self) -> ComposeResult:

@@ -104,17 +104,15 @@ class FitScreen(DeckScreen):
 
     def refresh_gpu_choices(self) -> None:
         """Live GPUs first (with their free memory), then card presets for planning off-host."""
-        poller = getattr(self.app, "poller", None)
         choices: dict[str, GpuChoice] = {}
-        if poller is not None:
-            for node, snap in sorted(poller.latest.items()):
-                for g in snap.gpus:
-                    if g.lost or g.memory_total_bytes is None:
-                        continue
-                    total, free, used, note = vllm_view_of(g)  # a MIG GPU is its roomiest slice to vLLM
-                    label = (f"{node}/{g.index} {g.name.replace('NVIDIA ', '')}{' MIG' if note else ''} · "
-                             f"{free / GIB if free is not None else 0:.1f} GiB free")
-                    choices[f"{node}/{g.index}"] = GpuChoice(label, total or 0, free, used, g.name, note)
+        for node, snap in sorted(self.app.poller.latest.items()):
+            for g in snap.gpus:
+                if g.lost or g.memory_total_bytes is None:
+                    continue
+                total, free, used, note = vllm_view_of(g)  # a MIG GPU is its roomiest slice to vLLM
+                label = (f"{node}/{g.index} {g.name.replace('NVIDIA ', '')}{' MIG' if note else ''} · "
+                         f"{free / GIB if free is not None else 0:.1f} GiB free")
+                choices[f"{node}/{g.index}"] = GpuChoice(label, total or 0, free, used, g.name, note)
         for label, gib in PRESETS.items():
             choices[label] = GpuChoice(label, int(gib * GIB), name=label)
         select = self.query_one("#fit-gpu", Select)

@@ -22,7 +22,8 @@ from tui.screens.base import DeckScreen, highlighted_key, on_yes
 from tui.table import Col, DeckTable
 
 if TYPE_CHECKING:
-    from engine.processes import KillRequest  # at run time only when a kill is asked (start-up stays light)
+    from engine.processes import KillRequest
+    from fleet.config import SlurmSettings  # at run time only when a kill is asked (start-up stays light)
 
 # Five columns, not six: Textual's DataTable re-renders every cell on any update, so each column
 # costs a cell render per row per refresh (bench/bench_fleet.py). The third field is the column's
@@ -183,13 +184,13 @@ class FleetScreen(DeckScreen):
         if slurm is not None:  # who holds each GPU, as the scheduler sees it, under what NVML shows
             self.set_interval(5.0, self.refresh_slurm)
             self.refresh_slurm()
-        poller = getattr(self.app, "poller", None)
-        if poller is not None and poller.latest:
+        poller = self.app.poller
+        if poller.latest:
             self.render_fleet(poller)
 
-    def _slurm_settings(self) -> object | None:
-        settings = getattr(getattr(getattr(self.app, "options", None), "config", None), "slurm", None)
-        return settings if settings is not None and settings.enabled else None
+    def _slurm_settings(self) -> SlurmSettings | None:
+        settings = self.app.options.config.slurm
+        return settings if settings.enabled else None
 
     @work(thread=True, exclusive=True, group="fleet-slurm")
     def refresh_slurm(self) -> None:
@@ -202,8 +203,8 @@ class FleetScreen(DeckScreen):
         self.app.call_from_thread(self.query_one("#fleet-slurm", Static).update, view)
 
     def on_screen_resume(self) -> None:
-        poller = getattr(self.app, "poller", None)
-        if poller is not None and poller.latest:
+        poller = self.app.poller
+        if poller.latest:
             self.render_fleet(poller)
 
     @property
@@ -264,9 +265,7 @@ class FleetScreen(DeckScreen):
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table is self.table:
-            poller = getattr(self.app, "poller", None)
-            if poller is not None:
-                self._render_procs(poller)
+            self._render_procs(self.app.poller)
 
     def _render_banner(self, poller: FleetPoller) -> None:
         banner = self.query_one("#fleet-banner", Static)

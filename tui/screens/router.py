@@ -230,7 +230,7 @@ class RouterScreen(PolledScreen):
         data = self.data
         cal = data.calibration if data else None
         path = data.config_path if data else None
-        if getattr(self.app.options.config, "read_only", False):
+        if self.app.options.config.read_only:
             self.notify("Read-only mode: thresholds are not changed.", severity="warning")
             return
         if not cal or cal.get("threshold") is None or path is None or not path.exists():
