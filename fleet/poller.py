@@ -70,7 +70,7 @@ class FleetPoller:
                 hist.mem_pct.append(100.0 * used / total if total and used is not None else None)
         if self.store is not None and now - self._last_history >= self.history_every_s:
             self._last_history = now
-            self._write_history(now)
+            self._write_history(self.store, now)
         return self.latest
 
     def seed_history(self, since_s: float = 300.0) -> None:
@@ -91,12 +91,12 @@ class FleetPoller:
                 used = sample.mem_used_bytes
                 hist.mem_pct.append(100.0 * used / total if total and used is not None else None)
 
-    def _write_history(self, now: float) -> None:
+    def _write_history(self, store: "Store", now: float) -> None:
         from store.gpu_history import record_samples
 
         gpus = [g for snap in self.latest.values() for g in snap.gpus]
         try:
-            record_samples(self.store, now, gpus)
+            record_samples(store, now, gpus)
             self.store_error = None
         except Exception as exc:  # a full disk or a locked file: keep the live view going
             self.store_error = f"GPU history not saved: {exc}"

@@ -111,7 +111,8 @@ def host_info() -> HostInfo:
     )
 
 
-def stop_child(proc: subprocess.Popen, timeout: float = 5.0, sig: int = signal.SIGTERM) -> int:  # type: ignore[type-arg]
+def stop_child(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 5.0,
+               sig: int = signal.SIGTERM) -> int:
     """End a child this process started and reap it: `sig`, then SIGKILL after `timeout`; its exit code."""
     if proc.poll() is None:
         proc.send_signal(sig)

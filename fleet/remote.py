@@ -58,9 +58,10 @@ def snapshot_from_json(d: dict[str, Any]) -> NodeSnapshot:
         g["processes"] = [GpuProcess(**p) for p in g.get("processes", [])]
         g["mig_devices"] = [MigDevice(**m) for m in g.get("mig_devices", [])]
         gpus.append(GpuSnapshot(**g))
-    host = HostInfo(**d["host"]) if d.get("host") else HostInfo()
-    if host.load_avg is not None:
-        host.load_avg = tuple(host.load_avg)  # type: ignore[assignment]
+    host_doc = dict(d["host"]) if d.get("host") else {}
+    if host_doc.get("load_avg") is not None:  # JSON has no tuples: the three averages come back as a list
+        host_doc["load_avg"] = tuple(host_doc["load_avg"])
+    host = HostInfo(**host_doc)
     fields = {k: d[k] for k in ("node", "taken_at", "nvml")}  # a snapshot without these is malformed
     fields.update({k: d.get(k) for k in ("reason", "driver_version", "cuda_driver_version")})
     return NodeSnapshot(**fields, simulated=bool(d.get("simulated")), gpus=gpus, host=host)

@@ -10,7 +10,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from fleet.model import GpuProcess, GpuSnapshot, HostInfo, NodeSnapshot
 
@@ -33,13 +33,16 @@ A10 = GpuModel("NVIDIA A10", 23028, 150.0, 1695, 6251)
 RTX_4090 = GpuModel("NVIDIA GeForce RTX 4090", 24564, 450.0, 2520, 10501)
 
 
+WorkKind = Literal["vllm", "finetune", "idle"]  # what keeps a simulated GPU busy
+
+
 @dataclass(frozen=True, slots=True)
 class SimProcess:
     """A real process that runs on a simulated GPU: one of the demo's simulated vLLM servers or fine-tunes,
     with its own pid, so the Fleet screen shows what the Servers and Jobs screens show."""
 
     gpu: int
-    kind: str  # vllm | finetune
+    kind: Literal["vllm", "finetune"]
     pid: int
     model: str | None = None
     port: int | None = None
@@ -57,7 +60,7 @@ LiveProcesses = Callable[[str], list[SimProcess]]
 class SimWorkload:
     """What runs on one simulated GPU: a process and how hard it works."""
 
-    kind: str  # vllm | finetune | idle
+    kind: WorkKind
     model: str | None = None
     port: int | None = None
     memory_fraction: float = 0.0
@@ -99,11 +102,11 @@ class SimulatedNode:
         for i, (model, _) in enumerate(self._gpus):
             here = [p for p in found if p.gpu == i]
             total = model.memory_mib * MIB
-            procs = [GpuProcess(pid=p.pid, kind=p.kind,  # type: ignore[arg-type]
+            procs = [GpuProcess(pid=p.pid, kind=p.kind,
                                 gpu_memory_bytes=p.memory_bytes if p.memory_bytes is not None else int(total * p.memory_fraction),
                                 user=p.user, command=p.command, model=p.model, port=p.port) for p in here]
             held = sum(p.gpu_memory_bytes or 0 for p in procs)
-            kind = "finetune" if any(p.kind == "finetune" for p in here) else "vllm" if here else "idle"
+            kind: WorkKind = "finetune" if any(p.kind == "finetune" for p in here) else "vllm" if here else "idle"
             base = 88.0 if kind == "finetune" else 45.0 + 8 * len(here)
             out.append((SimWorkload(kind, memory_fraction=held / total, base_util=base), procs))
         return out
@@ -127,12 +130,12 @@ class SimulatedNode:
             procs = []
             if live is not None:
                 procs = live[i][1]
-            elif work.kind in ("vllm", "finetune"):
+            elif work.kind != "idle":
                 procs.append(
                     GpuProcess(
                         pid=work.pid,
                         gpu_memory_bytes=used - 4 * MIB,
-                        kind=work.kind,  # type: ignore[arg-type]
+                        kind=work.kind,
                         user="svc-llm" if work.kind == "vllm" else "mlops",
                         command=(
                             f"vllm serve {work.model} --port {work.port}"

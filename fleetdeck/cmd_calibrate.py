@@ -7,12 +7,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetdeck.cmdutil import add_fleet_config_option, one_line
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
 from fleetdeck.tables import print_table
+
+if TYPE_CHECKING:
+    from engine.router.config import RouterConfig, Task
 
 
 def register(sub: Any) -> None:
@@ -46,7 +49,7 @@ def _err(cmd: str, msg: str) -> int:
     return 2
 
 
-def _config(args: argparse.Namespace, cmd: str) -> tuple[Any, Path] | int:
+def _config(args: argparse.Namespace, cmd: str) -> tuple[RouterConfig, Path] | int:
     from engine.router.config import load_router_config
     from store.config_files import ConfigError
     from store.paths import default_router_config
@@ -58,7 +61,7 @@ def _config(args: argparse.Namespace, cmd: str) -> tuple[Any, Path] | int:
         return _err(cmd, one_line(exc))
 
 
-def _config_and_task(args: argparse.Namespace, cmd: str) -> tuple[Any, Path, Any] | int:
+def _config_and_task(args: argparse.Namespace, cmd: str) -> tuple[RouterConfig, Path, Task] | int:
     loaded = _config(args, cmd)
     if isinstance(loaded, int):
         return loaded
@@ -108,7 +111,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print_table(["threshold", "escalation", "accuracy"],
                 [[f"{t:.4f}", f"{esc * 100:.1f}%", f"{acc * 100:.1f}%"] for t, esc, acc in cal.curve[::step]],
                 right={"threshold", "escalation", "accuracy"}, indent=2)
-    if cal.threshold is None:
+    # The three are set together (the recommended point on the curve) or not at all.
+    if cal.threshold is None or cal.escalation_rate is None or cal.routed_accuracy is None:
         print(f"  no threshold reaches {args.target_accuracy * 100:.1f}% accuracy")
     else:
         print(f"  recommended threshold {cal.threshold:.4f}: {cal.escalation_rate * 100:.1f}% escalated, "
@@ -151,9 +155,9 @@ def run_whatif(args: argparse.Namespace) -> int:
     monthly = report.projected(entry)
     cal = latest_calibration(store, task.name)
     target = args.target_accuracy or (cal["target_accuracy"] if cal else 0.95)
-    drifting = entry.drift_alert and entry.recent_escalation_rate is not None
-    result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume,
-                     recent_rate=entry.recent_escalation_rate if drifting else None)
+    recent = entry.recent_escalation_rate if entry.drift_alert else None
+    drifting = recent is not None
+    result = what_if(monthly, cal["curve"] if cal else None, task.threshold, target, price, volume, recent_rate=recent)
     result.update(task=task.name, target_accuracy=target, calibrated=cal is not None, drifting=drifting)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -163,9 +167,9 @@ def run_whatif(args: argparse.Namespace) -> int:
     print(f"what-if for {task.name}: frontier price x{price:.2f}, volume x{volume:.2f} (month projected from {report.month})")
     print(f"  monthly cost at the current threshold {task.threshold}: {usd(result['monthly_cost_usd'])}"
           f" (all-frontier {usd(result['all_frontier_cost_usd'])})")
-    if drifting:
+    if recent is not None:
         # The month-to-date rate averages the drift away: say so, and what the recent rate would cost.
-        print(f"  note: {task.name} is drifting: {entry.recent_escalation_rate * 100:.1f}% escalated recently vs "
+        print(f"  note: {task.name} is drifting: {recent * 100:.1f}% escalated recently vs "
               f"{(entry.escalation_rate or 0) * 100:.1f}% this month so far; the figure above prices the month at the "
               f"month-to-date rate. At the recent rate: {usd(result['monthly_cost_at_recent_rate_usd'])}")
     if result["best"]:

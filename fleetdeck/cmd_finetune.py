@@ -15,6 +15,9 @@ from fleetdeck.nodes import on_node
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
+    from engine.finetune.jobs import JobRecord
+    from engine.finetune.spec import JobSpec
+    from fleet.config import FleetConfig
     from store.db import Store
 
 
@@ -73,7 +76,7 @@ def _err(msg: str) -> int:
     return 2
 
 
-def _spec(path: str) -> Any:
+def _spec(path: str) -> JobSpec:
     from engine.finetune.spec import load_spec
 
     return load_spec(path)
@@ -101,8 +104,9 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"  {e}")
     if report.token_stats:
         t = report.token_stats
-        print(f"  tokens per example: min {t['min']}, median {t['p50']}, p95 {t['p95']}, max {t['max']}"
-              f"; {report.truncated_share * 100:.1f}% longer than max_seq_length {spec.max_seq_length}")
+        share = report.truncated_share  # measured whenever the tokens are (a spec always has a max_seq_length)
+        cut = "" if share is None else f"; {share * 100:.1f}% longer than max_seq_length {spec.max_seq_length}"
+        print(f"  tokens per example: min {t['min']}, median {t['p50']}, p95 {t['p95']}, max {t['max']}{cut}")
     if "error" in estimate:
         print(f"VRAM: {estimate['error']}")
     else:
@@ -138,7 +142,7 @@ def run_start(args: argparse.Namespace) -> int:
     if args.partition or args.time:
         return _err("--partition and --time go with --slurm")
     snaps = None
-    gpus: list[int] | None = None
+    gpus = None  # list[int] | None, as in the --node branch above
     if args.gpus.strip().lower() != "cpu":
         from engine.vllm.profile import parse_gpus
         from fleetdeck.cmd_serve import gpu_snapshots
@@ -161,7 +165,7 @@ def run_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_slurm(args: argparse.Namespace, spec: Any, config: Any) -> int:
+def _start_slurm(args: argparse.Namespace, spec: JobSpec, config: FleetConfig) -> int:
     from engine.finetune import jobs
     from engine.slurm import check_time
 
@@ -259,13 +263,13 @@ def run_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models_root(config: Any) -> Path:
+def _models_root(config: FleetConfig) -> Path:
     from store.paths import data_dir
 
     return config.models.root or data_dir() / "models"
 
 
-def _wait_job(store: Store, rec: Any) -> int:
+def _wait_job(store: Store, rec: JobRecord) -> int:
     import time
 
     from engine.finetune import jobs

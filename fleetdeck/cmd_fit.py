@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetdeck.argtypes import integer, number
+
+if TYPE_CHECKING:
+    from engine.kvfit.plan import FitRequest
+    from fleet.model import GpuSnapshot
 
 GIB = 1024**3
 
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.fits else 1
 
 
-def _fill_from_nvml(req: Any, index: int) -> str | None:
+def _fill_from_nvml(req: FitRequest, index: int) -> str | None:
     from fleet.source import snapshot_here
 
     snap = snapshot_here()
@@ -138,7 +142,7 @@ def _fill_from_nvml(req: Any, index: int) -> str | None:
     return None
 
 
-def apply_gpu(req: Any, gpu: Any) -> None:
+def apply_gpu(req: FitRequest, gpu: GpuSnapshot) -> None:
     """Size against a live GPU as vLLM sees it: its total, its free memory and what other processes hold
     (on a MIG GPU, its roomiest slice)."""
     from engine.kvfit.plan import vllm_view_of

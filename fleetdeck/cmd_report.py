@@ -14,7 +14,7 @@ from fleetdeck.cmdutil import add_fleet_config_option
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
-    from store.analytics import MonthReport
+    from store.analytics import MonthReport, TaskPolicy
 
 EXIT_DRIFT = 3
 
@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
-def load_pricing_and_policies(router_config: str | None) -> tuple[float, int, dict, str | None]:
+def load_pricing_and_policies(router_config: str | None) -> tuple[float, int, dict[str, TaskPolicy], str | None]:
     """Pricing and per-task drift settings; a missing default file is a note, a broken one an error."""
     from engine.router.config import load_router_settings
     from store.paths import default_router_config

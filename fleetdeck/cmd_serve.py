@@ -19,6 +19,7 @@ from fleetdeck.tables import print_table
 if TYPE_CHECKING:
     from engine.kvfit.plan import FitResult
     from engine.vllm.launcher import ServerRecord
+    from fleet.model import GpuSnapshot
     from store.db import Store
 
 
@@ -64,7 +65,7 @@ def register(sub: Any) -> None:
     pr.set_defaults(handler=run_prune)
 
 
-def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None, str | None]:
+def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[GpuSnapshot] | None, str | None]:
     if simulated:
         from fleet.simulated import demo_fleet
 
@@ -104,7 +105,8 @@ def run_start(args: argparse.Namespace) -> int:
         return _err(str(exc))
     if args.node:
         from engine import audit
-        from fleet.remote import AgentError, Op
+        from fleet.protocol import Op
+        from fleet.remote import AgentError
 
         audit.refuse_if_read_only("server.start", args.profile, profile=args.profile, gpus=args.gpus)
         try:
@@ -202,7 +204,8 @@ def run_ls(args: argparse.Namespace) -> int:
     from engine.vllm.status import ServerStatus, statuses
 
     if args.node:
-        from fleet.remote import AgentError, Op
+        from fleet.protocol import Op
+        from fleet.remote import AgentError
 
         try:
             remote = remote_node(_fleet_config(args), args.node)
@@ -259,7 +262,9 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"  {r.reason}")
     print(f"  log {r.log_path}")
     if f is not None:
-        ms = lambda x: "n/a" if x is None else f"{x * 1000:.0f} ms"  # noqa: E731
+        def ms(x: float | None) -> str:
+            return "n/a" if x is None else f"{x * 1000:.0f} ms"
+
         print(f"  generation {_num(f.generation_tps)} tok/s, prompt {_num(f.prompt_tps)} tok/s, "
               f"running {_num(f.running, '{:.0f}')}, waiting {_num(f.waiting, '{:.0f}')}")
         print(f"  KV cache use {_num(None if f.kv_usage is None else f.kv_usage * 100)}%, allocated "

@@ -14,6 +14,8 @@ Handler = Callable[[argparse.Namespace], int]
 def mutating(action: str, target: Callable[[argparse.Namespace], str],
              when: Callable[[argparse.Namespace], bool] = lambda a: True) -> Callable[[Handler], Handler]:
     def wrap(fn: Handler) -> Handler:
+        # The spec rides on the handler itself (a plain function has no such attribute to declare);
+        # run() below reads it back with getattr.
         fn.audit = (action, target, when)  # type: ignore[attr-defined]
         return fn
 
@@ -48,7 +50,7 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     # Fail closed: a command whose record could not be written does nothing (AuditUnavailable, exit 2).
     audit.check_writable(action, target)
     tee = _Tee(sys.stderr)
-    sys.stderr = tee  # type: ignore[assignment]
+    sys.stderr = tee
     try:
         with audit.counting() as written:
             rc = handler(args)

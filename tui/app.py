@@ -26,6 +26,7 @@ from tui.screens.base import StatusLine
 
 if TYPE_CHECKING:
     from engine.demo_home import DemoHome
+    from store.db import Store
 
 
 @dataclass
@@ -110,7 +111,7 @@ class FleetDeckApp(App[None]):
         super().__init__()
         self.options = options
         self.poller = FleetPoller([], history_every_s=options.config.history_every_s)
-        self.store = None
+        self.store: Store | None = None
         self.store_error: str | None = None
         self._polling = False
         self.status_text = "starting…"

@@ -10,12 +10,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.markup import MarkupError
+from rich.errors import MarkupError
 from rich.text import Text
 from textual.binding import Binding
 from textual.widgets import Input, Static
+
+if TYPE_CHECKING:
+    from textual.dom import DOMNode
+
+    from tui.table import DeckTable
 
 SCREENS = (("1", "fleet", "Fleet"), ("2", "fit", "Fit"), ("3", "servers", "Servers"), ("4", "jobs", "Jobs"),
            ("5", "router", "Router"), ("6", "cost", "Cost"), ("7", "audit", "Audit"))
@@ -85,9 +90,9 @@ class FilterBar(Input):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(placeholder="filter: type to keep matching rows · Enter keeps it · Esc clears",
                          compact=True, **kwargs)
-        self.target: Any = None
+        self.target: DeckTable | None = None
 
-    def open(self, table: Any) -> None:
+    def open(self, table: DeckTable) -> None:
         self.target = table
         self.value = table.filter_text
         self._show(True)
@@ -95,7 +100,8 @@ class FilterBar(Input):
 
     def _show(self, shown: bool) -> None:
         """The bar lives in a row with its `/` mark (the screen's #filter-row): that row shows or hides."""
-        holder = self.parent if getattr(self.parent, "id", None) == "filter-row" else self
+        parent = self.parent
+        holder: DOMNode = parent if parent is not None and parent.id == "filter-row" else self
         holder.display = shown
 
     def on_input_changed(self, event: Input.Changed) -> None:

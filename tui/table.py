@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, TypeVar
 
 from rich.cells import cell_len
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
 from textual.widgets import DataTable
+from textual.widgets.data_table import CursorType
 
-Cell = Any  # str or rich Text
+Cell = str | Text  # what a DataTable cell holds here: plain text, or styled text
+CellT = TypeVar("CellT")  # any table's cells: highlighted_key reads only the row key
 
 
-def highlighted_key(table: DataTable) -> str | None:  # type: ignore[type-arg]
+def highlighted_key(table: DataTable[CellT]) -> str | None:
     """The row key under a table's cursor, or None for an empty table."""
     if table.row_count == 0:
         return None
@@ -84,9 +86,9 @@ class DeckTable(NavTable):
         Binding("escape", "clear_filter", "Clear filter", show=False, id="table.clear_filter"),
     ]
 
-    def __init__(self, columns: Sequence[Col], *, id: str | None = None, cursor_type: str = "row",
+    def __init__(self, columns: Sequence[Col], *, id: str | None = None, cursor_type: CursorType = "row",
                  **kwargs: Any) -> None:
-        super().__init__(id=id, cursor_type=cursor_type, **kwargs)  # type: ignore[arg-type]
+        super().__init__(id=id, cursor_type=cursor_type, **kwargs)
         self.spec: tuple[Col, ...] = tuple(columns)
         self.rows_given: list[tuple[str, list[Cell]]] = []
         self.groups: dict[str, str] = {}  # row key -> group (its first row heads it and stays on top)
@@ -263,9 +265,9 @@ class DeckTable(NavTable):
             selected, rebuilt = self.selected_key(), True
             self.clear(columns=True)
             self._shown, self._mark = shown, mark
-            for c in self.spec:
-                if c.key in shown:
-                    self.add_column(self._label(c), key=c.key)
+            for col in self.spec:
+                if col.key in shown:
+                    self.add_column(self._label(col), key=col.key)
             self._shown_keys = []
         if keys != self._shown_keys or flex != self._flex:  # a flex column's room changed: cut its cells again
             self._flex = flex

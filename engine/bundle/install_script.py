@@ -123,7 +123,7 @@ def install(bundle: Path, prefix: Path, as_json: bool = False) -> dict[str, Any]
     previous = _venv_version(venvs / previous_dir.name) if previous_dir is not None else None
     on_path = shutil.which("fleetdeck")
     result = {"version": version, "previous": previous, "agent": str(agent.absolute()),
-              "on_path": bool(on_path) and os.path.realpath(on_path) == os.path.realpath(agent)}
+              "on_path": on_path is not None and os.path.realpath(on_path) == os.path.realpath(agent)}
     if previous_dir is not None and previous_dir.name == name and _venv_version(target) == version:
         return {**result, "status": "already"}
 

@@ -101,7 +101,7 @@ def _callback(progress: Progress, tokens_per_step: float) -> Any:
             self.first_step = state.global_step
             progress.emit("start", total_steps=state.max_steps, resumed_at=state.global_step)
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
             logs = logs or {}
             if "loss" in logs:
                 progress.step(state.global_step, state.max_steps, float(logs["loss"]), logs.get("learning_rate"),
@@ -152,8 +152,10 @@ def run_peft(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> 
     if not targets:
         raise JobFailure("spec_error", f"none of target_modules {spec.target_modules} exist in this model "
                                        f"(it has e.g. {sorted(present)[:8]})")
-    model = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+    # peft annotates lora_alpha as int but only divides it by r, so a fractional alpha from the spec is honoured.
+    lora = LoraConfig(r=spec.lora_rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,  # type: ignore[arg-type]
+                      target_modules=targets, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
     encoded = [tokenizer(t, truncation=True, max_length=spec.max_seq_length) for t in _texts(spec, tokenizer)]
     dataset = [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in encoded]
     mean_tokens = sum(len(d["input_ids"]) for d in dataset) / max(1, len(dataset))
@@ -165,7 +167,7 @@ def run_peft(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> 
         save_steps=spec.save_steps, save_total_limit=2, logging_steps=1, seed=spec.seed, report_to=[],
         use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0, bf16=cuda,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+    trainer = Trainer(model=peft_model, args=args, train_dataset=dataset,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[_callback(progress, mean_tokens * spec.batch_size * spec.gradient_accumulation_steps)])
     checkpoint = latest_checkpoint(checkpoints) if resume else None
@@ -176,7 +178,7 @@ def run_peft(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> 
     if progress.cancel_requested:
         raise _Cancelled(trainer.state.global_step, latest_checkpoint(checkpoints))
     adapter_dir = workdir / "adapter"
-    model.save_pretrained(str(adapter_dir))
+    peft_model.save_pretrained(str(adapter_dir))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return adapter_dir, losses[-1] if losses else getattr(result, "training_loss", None)
 

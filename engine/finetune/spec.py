@@ -39,6 +39,12 @@ class JobSpec(Strict):
             object.__setattr__(self, "lora_alpha", float(self.lora_rank))
         return self
 
+    @property
+    def alpha(self) -> float:
+        """lora_alpha with its default (the rank) applied: the validator fills it in, so this is never None;
+        the field stays optional so a spec written without it reads as one that says "the rank"."""
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
 
 def load_spec(path: str | Path) -> JobSpec:
     p = Path(path)

@@ -9,14 +9,15 @@ to their base model plus that quantization.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypedDict
 
 from engine.kvfit.arch import ArchError, ModelArch, Quantization, arch_from_config
 
 
-def _dense(layers: int, hidden: int, heads: int, kv: int, inter: int, vocab: int, tied: bool,
+def _dense(layers: int, hidden: int, heads: int, kv: int, inter: int, vocab: int, tied: bool, *,
            head_dim: int | None = None, model_type: str = "llama", **extra: Any) -> dict[str, Any]:
-    cfg = {
+    # The result is a config.json: heterogeneous JSON that arch_from_config parses, hence dict[str, Any].
+    cfg: dict[str, Any] = {
         "model_type": model_type,
         "num_hidden_layers": layers,
         "hidden_size": hidden,
@@ -32,21 +33,36 @@ def _dense(layers: int, hidden: int, heads: int, kv: int, inter: int, vocab: int
     return cfg
 
 
+class _Context(TypedDict, total=False):
+    """The context-length keys a family shares, spliced into _dense's keywords (typed, so mypy checks each
+    against the parameter it lands in)."""
+
+    max_position_embeddings: int
+    rope_scaling: dict[str, str | float]
+
+
+class _Family(_Context, total=False):
+    """A family whose shape also fixes the model type (and head size): its entries pass neither again."""
+
+    model_type: str
+    head_dim: int
+
+
 # The context-length part of each config.json, as published on the model's Hugging Face page: vLLM derives
 # the longest max_model_len it accepts (and its default) from these (arch.length_limit).
-_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 8192}
-_LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}
-_L31 = dict(max_position_embeddings=131072, rope_scaling=_LLAMA31_ROPE)
-_L32 = dict(max_position_embeddings=131072, rope_scaling=_LLAMA32_ROPE)
-_L2 = dict(max_position_embeddings=4096)
-_L3 = dict(max_position_embeddings=8192)
-_Q2 = dict(model_type="qwen2", max_position_embeddings=32768)
-_Q3 = dict(model_type="qwen3", head_dim=128, max_position_embeddings=40960)
+_LLAMA31_ROPE: dict[str, str | float] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA32_ROPE: dict[str, str | float] = {**_LLAMA31_ROPE, "factor": 32.0}
+_L31 = _Context(max_position_embeddings=131072, rope_scaling=_LLAMA31_ROPE)
+_L32 = _Context(max_position_embeddings=131072, rope_scaling=_LLAMA32_ROPE)
+_L2 = _Context(max_position_embeddings=4096)
+_L3 = _Context(max_position_embeddings=8192)
+_Q2 = _Family(model_type="qwen2", max_position_embeddings=32768)
+_Q3 = _Family(model_type="qwen3", head_dim=128, max_position_embeddings=40960)
 # Gemma 3's 128k is already the scaled length (vLLM skips its linear factor for every gemma3 model).
-_GEMMA3_LEN = dict(max_position_embeddings=131072, rope_scaling={"rope_type": "linear", "factor": 8.0})
+_GEMMA3_LEN = _Context(max_position_embeddings=131072, rope_scaling={"rope_type": "linear", "factor": 8.0})
 # gpt-oss: YaRN x32 over a 4k original: 131,072.
-_GPT_OSS_LEN = dict(max_position_embeddings=131072, rope_scaling={
+_GPT_OSS_LEN = _Context(max_position_embeddings=131072, rope_scaling={
     "rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0})
 
 CATALOGUE: dict[str, dict[str, Any]] = {

@@ -166,7 +166,8 @@ def describe(name: str, folder: Path, source: str) -> LocalModel:
             raise ValueError("not a JSON object")
         archs = cfg.get("architectures")
         arch_name = str(archs[0]) if isinstance(archs, list) and archs else None
-        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+        text_config = cfg.get("text_config")
+        text = text_config if isinstance(text_config, dict) else cfg
         raw = cfg.get("torch_dtype") or cfg.get("dtype") or text.get("torch_dtype") or text.get("dtype")
         dtype = str(raw) if raw else None
         arch = arch_from_config(cfg, name=name)

@@ -16,12 +16,15 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from engine.kvfit.training import DEFAULT_TARGETS
 
 if TYPE_CHECKING:
     from engine.demo_home import DemoHome
+    from engine.finetune.jobs import JobRecord
+    from engine.vllm.launcher import ServerRecord
+    from fleet.model import GpuSnapshot
     from store.db import Store
 
 # Model folders (a config.json each, from the planner's catalogue): name -> catalogue entry, quantization.
@@ -62,7 +65,7 @@ DEMO_PROFILES = (
 # What the backend starts: profile, node, GPU, extra simulator knobs for this run only (not in the profile,
 # so a restart from the Servers screen brings the server up healthy).
 DEMO_NODE = "sim-h100-01"
-DEMO_SERVERS = (
+DEMO_SERVERS: tuple[tuple[str, int, dict[str, str]], ...] = (
     ("mistral-7b-awq", 0, {}),
     ("qwen3-8b", 1, {}),
     ("llama-3.1-8b", 3, {"FLEETDECK_SIM_CRASH_AFTER": "60"}),
@@ -159,7 +162,7 @@ def make_demo_adapters(root: Path) -> None:
         (folder / "fleetdeck.json").write_text(json.dumps({"simulated": True, "base_model": base}))
 
 
-def start_demo_servers(store: Store, home: DemoHome, gpu_snapshot: Any) -> list[Any]:
+def start_demo_servers(store: Store, home: DemoHome, gpu_snapshot: Callable[[int], GpuSnapshot]) -> list[ServerRecord]:
     """The backend's three servers, through the real launcher, from the demo's own profiles."""
     from engine.vllm import launcher
     from engine.vllm.profile import load_profile
@@ -182,7 +185,7 @@ def start_demo_servers(store: Store, home: DemoHome, gpu_snapshot: Any) -> list[
     return started
 
 
-def start_demo_job(store: Store, home: DemoHome, gpu_snapshot: Any) -> Any:
+def start_demo_job(store: Store, home: DemoHome, gpu_snapshot: Callable[[int], GpuSnapshot]) -> JobRecord:
     """A simulated fine-tune (labelled simulated) so the Jobs screen has something moving."""
     from engine.finetune import jobs
     from engine.finetune.spec import load_spec

@@ -17,12 +17,13 @@ from engine.http_auth import bearer
 from engine.vllm.metrics import Scrape, ServerFigures, figures, parse
 
 if TYPE_CHECKING:
+    from engine.vllm.launcher import ServerRecord
     from store.db import Store
 
 
 @dataclass
 class ServerStatus:
-    rec: Any  # launcher.ServerRecord
+    rec: ServerRecord
     figures: ServerFigures | None = None
     scrape: Scrape | None = None
     loaded_adapters: list[str] = field(default_factory=list)
@@ -63,13 +64,13 @@ def kv_disagreement(allocated: int | None, planned: int | None) -> float | None:
     return ratio if ratio > KV_DISAGREEMENT_FACTOR else None
 
 
-def scrape_server(rec: Any, timeout: float = 1.5) -> Scrape:
+def scrape_server(rec: ServerRecord, timeout: float = 1.5) -> Scrape:
     r = httpx.get(f"{rec.base_url}/metrics", timeout=timeout, headers=bearer(rec.api_key), trust_env=False)
     r.raise_for_status()
     return parse(r.text, time.time())
 
 
-def status_of(rec: Any, previous: Scrape | None = None, adapters: bool = False) -> ServerStatus:
+def status_of(rec: ServerRecord, previous: Scrape | None = None, adapters: bool = False) -> ServerStatus:
     """Figures for a ready local server (from its /metrics, against the previous scrape)."""
     st = ServerStatus(rec)
     if rec.state != "ready":

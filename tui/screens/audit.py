@@ -20,21 +20,24 @@ from tui.screens.base import PolledScreen, while_attached
 from tui.table import Col, DeckTable
 
 if TYPE_CHECKING:
+    from engine.audit import Verdict
+    from fleet.config import AuditSettings
     from store.db import Store
 
 SINCE = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400, "all": None}
 
 
 def load_audit(store: Store, since: str, node: str, action: str, now: float,
-               settings: Any = None) -> tuple[list[dict[str, Any]], Any]:
+               settings: AuditSettings | None = None) -> tuple[list[dict[str, Any]], Verdict]:
     """The rows and the verdict; `settings`: the fleet config's [audit] (retention, key file)."""
     from engine import audit
 
     span = SINCE.get(since.strip() or "all", None)
     rows = audit.query(store, since=None if span is None else now - span, node=node.strip() or None,
                        action=action.strip() or None, limit=500)
-    retention = getattr(settings, "retention_days", None)
-    return rows, audit.verify(store, audit.anchor_for(store.path, getattr(settings, "key_file", None)), retention)
+    retention = settings.retention_days if settings is not None else None
+    key_file = settings.key_file if settings is not None else None
+    return rows, audit.verify(store, audit.anchor_for(store.path, key_file), retention)
 
 
 # Column, label, priority (the highest hides first when narrow); Outcome takes what is left.
@@ -54,7 +57,7 @@ class AuditScreen(PolledScreen):
     def __init__(self, refresh_s: float = 5.0) -> None:
         super().__init__(refresh_s)
         self.rows: list[dict[str, Any]] = []
-        self.verdict: Any = None
+        self.verdict: Verdict | None = None
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="audit-filters"):
@@ -74,14 +77,13 @@ class AuditScreen(PolledScreen):
     @work(thread=True, exclusive=True, group="audit")
     def _load(self, store: Store, since: str, node: str, action: str) -> None:
         try:
-            config = getattr(getattr(self.app, "options", None), "config", None)
-            rows, verdict = load_audit(store, since, node, action, time.time(), getattr(config, "audit", None))
-            error = None
+            rows, verdict = load_audit(store, since, node, action, time.time(), self.app.options.config.audit)
+            error: str | None = None
         except Exception as exc:  # a locked store: say so, try again next tick
             rows, verdict, error = [], None, f"audit trail unavailable: {exc}"
         self.app.call_from_thread(while_attached(self, self._show), rows, verdict, error)
 
-    def _show(self, rows: list[dict[str, Any]], verdict: Any, error: str | None) -> None:
+    def _show(self, rows: list[dict[str, Any]], verdict: Verdict | None, error: str | None) -> None:
         self.loaded()
         self.rows, self.verdict = rows, verdict
         status = self.query_one("#audit-verdict", Static)

@@ -2,22 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from rich.text import Text
+from textual import getters
 from textual.app import ComposeResult
+from textual.message_pump import MessagePump
 from textual.screen import ModalScreen, Screen
 from textual.containers import Horizontal
 from textual.widgets import Footer, Header, Static
 
 from tui.screens.confirm import ConfirmScreen
-from tui.table import highlighted_key  # noqa: F401 (the screens import it from here)
+from tui.table import DeckTable, highlighted_key as highlighted_key  # noqa: F401 (the screens import it from here)
+
+if TYPE_CHECKING:
+    from store.db import Store
+    from tui.app import FleetDeckApp
+    from tui.chrome import FilterBar
 
 
 class StatusLine(Static):
     """Node and GPU counts, store state, and the SIMULATED badge when the fleet is simulated."""
 
 
-def while_attached(widget: Any, fn: Callable[..., None]) -> Callable[..., None]:
+class _DeckApp(getters.app["FleetDeckApp"]):
+    """`self.app` typed as the dashboard's app: Textual's `getters.app`, which checks the type when read, with
+    the class looked up on first read, because tui.app imports this module (FleetDeckApp does not exist yet when
+    the screens below are defined)."""
+
+    def __init__(self) -> None:  # getters.app.__init__ wants the class itself, now
+        pass
+
+    def __get__(self, obj: MessagePump, obj_type: type[MessagePump]) -> FleetDeckApp:
+        from tui.app import FleetDeckApp
+
+        return getters.app(FleetDeckApp).__get__(obj, obj_type)
+
+
+def while_attached(widget: MessagePump, fn: Callable[..., None]) -> Callable[..., None]:
     """`fn`, run only while `widget` is still in the app. A worker's results reach the UI thread through
     call_from_thread; by then the screen may be gone (closed, or the app quitting), and its queries would fail
     with NoMatches, which Textual raises as the app's own error."""
@@ -29,20 +51,23 @@ def while_attached(widget: Any, fn: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
-def read_only(app: Any) -> bool:
+def read_only(app: FleetDeckApp) -> bool:
     """Read-only from the fleet config or `--read-only` (the app's options) or the audit trail's mode."""
     from engine import audit
 
-    return bool(getattr(getattr(getattr(app, "options", None), "config", None), "read_only", False)) or audit.is_read_only()
+    return app.options.config.read_only or audit.is_read_only()
 
 
-class ReadOnlyAware:
-    """Screens whose keys change a node list those actions; read-only shows them disabled and never runs them."""
+class ReadOnlyAware(MessagePump):
+    """Screens whose keys change a node list those actions; read-only shows them disabled and never runs them.
+    Every screen and dialog of the dashboard derives from this (before Textual's Screen, which is a MessagePump
+    too), so here `self.app` gets its real type."""
 
     MUTATING: ClassVar[frozenset[str]] = frozenset()
+    app = _DeckApp()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in self.MUTATING and read_only(self.app):  # type: ignore[attr-defined]
+        if action in self.MUTATING and read_only(self.app):
             return None
         return True
 
@@ -55,9 +80,8 @@ class DeckScreen(ReadOnlyAware, Screen[None]):
     def compose(self) -> ComposeResult:
         from tui.chrome import FilterBar, FlashLine, ScreenBar
 
-        options = getattr(self.app, "options", None)
-        yield Header(show_clock=getattr(options, "show_clock", True))
-        yield StatusLine(getattr(self.app, "status_text", ""), id="status", markup=True)
+        yield Header(show_clock=self.app.options.show_clock)
+        yield StatusLine(self.app.status_text, id="status", markup=True)
         yield from self.compose_body()
         with Horizontal(id="filter-row") as row:  # "/ text": the filter in force, while it is
             row.display = False
@@ -66,25 +90,25 @@ class DeckScreen(ReadOnlyAware, Screen[None]):
         flash = FlashLine("", id="flash")
         flash.display = False
         yield flash
-        yield ScreenBar(getattr(self.app, "current_mode", None), id="screen-bar")
+        yield ScreenBar(self.app.current_mode, id="screen-bar")
         yield Footer(compact=True, show_command_palette=False)
 
     def compose_body(self) -> ComposeResult:
         yield from ()
 
     @property
-    def filter_bar(self) -> Any:
+    def filter_bar(self) -> FilterBar | None:
         from tui.chrome import FilterBar
 
         found = self.query(FilterBar)
         return found.first() if found else None
 
-    def open_filter(self, table: Any) -> None:
+    def open_filter(self, table: DeckTable) -> None:
         bar = self.filter_bar
         if bar is not None:
             bar.open(table)
 
-    def show_flashes(self, flashes: list[Any]) -> None:
+    def show_flashes(self, flashes: list[Text]) -> None:
         from tui.chrome import FlashLine
 
         for line in self.query(FlashLine):
@@ -113,8 +137,8 @@ class PolledScreen(DeckScreen):
         self._loading = False
 
     @property
-    def store(self) -> object | None:
-        return getattr(self.app, "store", None)
+    def store(self) -> Store | None:
+        return self.app.store
 
     def on_mount(self) -> None:
         if self.FOCUS:
@@ -137,7 +161,7 @@ class PolledScreen(DeckScreen):
     def loaded(self) -> None:
         self._loading = False
 
-    def load(self, store: object) -> None:
+    def load(self, store: Store) -> None:
         raise NotImplementedError
 
     def no_store(self) -> None:
@@ -145,7 +169,7 @@ class PolledScreen(DeckScreen):
 
 
 def ask_to_prune(screen: Screen[Any], ended: list[str], what: str, stays: str, nothing: str,
-                 prune: Callable[[], None]) -> None:
+                 prune: Callable[[], object]) -> None:
     """Ask before forgetting the ended runs of this host (`ended`, their ids; `what`: "server(s)", "job(s)");
     `stays` says what is left on disk, `nothing` what to say when none has ended. `prune` starts the screen's
     prune worker (a thread that ends in `report_prune`)."""
@@ -154,7 +178,17 @@ def ask_to_prune(screen: Screen[Any], ended: list[str], what: str, stays: str, n
         return
     screen.app.push_screen(ConfirmScreen(f"Forget {len(ended)} ended {what} ({', '.join(ended[:3])}"
                                          f"{', ...' if len(ended) > 3 else ''})? {stays}"),
-                           lambda ok: prune() if ok else None)
+                           on_yes(prune))
+
+
+def on_yes(action: Callable[[], object]) -> Callable[[bool | None], None]:
+    """A confirm dialog's callback that runs `action` (often a worker, whose handle nobody needs) on yes."""
+
+    def answered(ok: bool | None) -> None:
+        if ok:
+            action()
+
+    return answered
 
 
 def report_prune(screen: PolledScreen, prune: Callable[[], str]) -> None:

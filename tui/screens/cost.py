@@ -86,8 +86,9 @@ class CostScreen(PolledScreen):
         plt.clear_figure()
         hist = data.history
         labels = [h["month"][2:] for h in hist]
+        # textual-plotext's stub says `label` and one colour; plotext itself takes `labels` and a colour per series.
         plt.multiple_bar(labels, [[h["total_cost_usd"] for h in hist], [h["all_frontier_cost_usd"] for h in hist]],
-                         labels=["actual", "all-frontier"], color=["cyan", "red"])
+                         labels=["actual", "all-frontier"], color=["cyan", "red"])  # type: ignore[call-arg, arg-type]
         # Month labels chosen here, short and apart: plotext places crowded labels differently from run to run.
         names = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
         step = 3 if plot.size.width < 60 else (2 if plot.size.width < 100 else 1)

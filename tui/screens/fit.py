@@ -9,7 +9,6 @@ it does not. Planning runs in a worker (a local model folder means reading files
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from rich.text import Text
 from textual import on, work
@@ -19,7 +18,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.suggester import SuggestFromList
 from textual.widgets import DataTable, Input, Label, Select, Static
 
-from engine.kvfit.plan import FIT_LENGTHS, KV_DTYPES, FitRequest, vllm_view_of
+from engine.kvfit.plan import FIT_LENGTHS, KV_DTYPES, FitRequest, FitResult, vllm_view_of
 from tui.screens.base import DeckScreen
 
 GIB = 1024**3
@@ -59,8 +58,8 @@ class FitScreen(DeckScreen):
     def __init__(self) -> None:
         super().__init__()
         self.choices: dict[str, GpuChoice] = {}
-        self.last_result: Any = None
-        self.last_grid: dict[str, dict[int, Any]] | None = None
+        self.last_result: FitResult | None = None
+        self.last_grid: dict[str, dict[int, FitResult]] | None = None
         self.error: str | None = None
 
     def compose_body(self) -> ComposeResult:
@@ -105,17 +104,15 @@ class FitScreen(DeckScreen):
 
     def refresh_gpu_choices(self) -> None:
         """Live GPUs first (with their free memory), then card presets for planning off-host."""
-        poller = getattr(self.app, "poller", None)
         choices: dict[str, GpuChoice] = {}
-        if poller is not None:
-            for node, snap in sorted(poller.latest.items()):
-                for g in snap.gpus:
-                    if g.lost or g.memory_total_bytes is None:
-                        continue
-                    total, free, used, note = vllm_view_of(g)  # a MIG GPU is its roomiest slice to vLLM
-                    label = (f"{node}/{g.index} {g.name.replace('NVIDIA ', '')}{' MIG' if note else ''} · "
-                             f"{free / GIB if free is not None else 0:.1f} GiB free")
-                    choices[f"{node}/{g.index}"] = GpuChoice(label, total or 0, free, used, g.name, note)
+        for node, snap in sorted(self.app.poller.latest.items()):
+            for g in snap.gpus:
+                if g.lost or g.memory_total_bytes is None:
+                    continue
+                total, free, used, note = vllm_view_of(g)  # a MIG GPU is its roomiest slice to vLLM
+                label = (f"{node}/{g.index} {g.name.replace('NVIDIA ', '')}{' MIG' if note else ''} · "
+                         f"{free / GIB if free is not None else 0:.1f} GiB free")
+                choices[f"{node}/{g.index}"] = GpuChoice(label, total or 0, free, used, g.name, note)
         for label, gib in PRESETS.items():
             choices[label] = GpuChoice(label, int(gib * GIB), name=label)
         select = self.query_one("#fit-gpu", Select)
@@ -196,7 +193,7 @@ class FitScreen(DeckScreen):
         self.query_one("#fit-verdict", Static).update(Text(message, style="bold red"))
         self.query_one("#fit-breakdown", Static).update("")
 
-    def show_result(self, r: Any, grid: dict[str, dict[int, Any]]) -> None:
+    def show_result(self, r: FitResult, grid: dict[str, dict[int, FitResult]]) -> None:
         self.error = None
         self.last_result, self.last_grid = r, grid
         table = self.query_one("#fit-grid", DataTable)

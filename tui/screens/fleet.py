@@ -6,7 +6,7 @@ one batch, so a 64-GPU fleet costs a few cell writes per second rather than a re
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.text import Text
@@ -18,8 +18,12 @@ from textual.widgets import DataTable, Static
 from fleet.model import GpuProcess, GpuSnapshot, NodeSnapshot
 from fleet.poller import FleetPoller
 from tui.format import NA, bar, celsius, gib, sparkline
-from tui.screens.base import DeckScreen, highlighted_key
+from tui.screens.base import DeckScreen, highlighted_key, on_yes
 from tui.table import Col, DeckTable
+
+if TYPE_CHECKING:
+    from engine.processes import KillRequest
+    from fleet.config import SlurmSettings  # at run time only when a kill is asked (start-up stays light)
 
 # Five columns, not six: Textual's DataTable re-renders every cell on any update, so each column
 # costs a cell render per row per refresh (bench/bench_fleet.py). The third field is the column's
@@ -180,13 +184,13 @@ class FleetScreen(DeckScreen):
         if slurm is not None:  # who holds each GPU, as the scheduler sees it, under what NVML shows
             self.set_interval(5.0, self.refresh_slurm)
             self.refresh_slurm()
-        poller = getattr(self.app, "poller", None)
-        if poller is not None and poller.latest:
+        poller = self.app.poller
+        if poller.latest:
             self.render_fleet(poller)
 
-    def _slurm_settings(self) -> object | None:
-        settings = getattr(getattr(getattr(self.app, "options", None), "config", None), "slurm", None)
-        return settings if settings is not None and settings.enabled else None
+    def _slurm_settings(self) -> SlurmSettings | None:
+        settings = self.app.options.config.slurm
+        return settings if settings.enabled else None
 
     @work(thread=True, exclusive=True, group="fleet-slurm")
     def refresh_slurm(self) -> None:
@@ -199,8 +203,8 @@ class FleetScreen(DeckScreen):
         self.app.call_from_thread(self.query_one("#fleet-slurm", Static).update, view)
 
     def on_screen_resume(self) -> None:
-        poller = getattr(self.app, "poller", None)
-        if poller is not None and poller.latest:
+        poller = self.app.poller
+        if poller.latest:
             self.render_fleet(poller)
 
     @property
@@ -261,9 +265,7 @@ class FleetScreen(DeckScreen):
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table is self.table:
-            poller = getattr(self.app, "poller", None)
-            if poller is not None:
-                self._render_procs(poller)
+            self._render_procs(self.app.poller)
 
     def _render_banner(self, poller: FleetPoller) -> None:
         banner = self.query_one("#fleet-banner", Static)
@@ -296,17 +298,19 @@ class FleetScreen(DeckScreen):
         self.procs.focus()
 
     # -- the guarded kill -----------------------------------------------------------------------
-    def _selected_process(self) -> tuple[Any, Any] | None:
+    def _selected_process(self) -> tuple[NodeSnapshot, tuple[GpuSnapshot, GpuProcess]] | None:
         """The process under the process table's cursor, and its node's snapshot."""
         key = self.procs.selected_key()
-        poller = getattr(self.app, "poller", None)
-        if key is None or poller is None:
+        poller = self.app.poller
+        if key is None:
             return None
         gpu_key, _, pid = key.rpartition("|")
         snap = poller.latest.get(gpu_key.split("/", 1)[0])
         gpu = next((g for g in snap.gpus if g.key == gpu_key), None) if snap else None
         proc = next((p for p in gpu.processes if str(p.pid) == pid), None) if gpu else None
-        return (snap, (gpu, proc)) if proc is not None else None
+        if snap is None or gpu is None or proc is None:
+            return None
+        return snap, (gpu, proc)
 
     def action_kill(self) -> None:
         found = self._selected_process()
@@ -322,18 +326,20 @@ class FleetScreen(DeckScreen):
                           simulated=snap.simulated)
         question = (f"Kill pid {proc.pid} ({proc.user or 'unknown user'}) on {snap.node} GPU {gpu.index}?\n"
                     f"{proc.command[:160]}\nSIGTERM, then SIGKILL after 5 s. The kill is audited.")
-        self.app.push_screen(ConfirmScreen(question), lambda ok: self._kill(req) if ok else None)
+        self.app.push_screen(ConfirmScreen(question), on_yes(lambda: self._kill(req)))
 
     @work(thread=True, group="fleet-kill")
-    def _kill(self, req: Any) -> None:
+    def _kill(self, req: KillRequest) -> None:
         from engine import audit
         from engine.node_ops import LocalOps, ops_named
         from engine.processes import KillError
         from fleet.remote import AgentError
 
-        sources = list(getattr(getattr(self.app, "poller", None), "sources", []))
+        sources = list(self.app.poller.sources)
+        local = LocalOps(self.app.store,  # type: ignore[arg-type]  # a kill reads no store (the audit trail is its
+                         list(self.app.options.config.adapter_roots))  # record) and works with none open
         try:
-            ops = ops_named(sources, LocalOps(self.app.store, list(self.app.options.config.adapter_roots)), req.node)
+            ops = ops_named(sources, local, req.node)
             message, severity = ops.kill_process(req), "information"
         except (KillError, AgentError, audit.ReadOnlyError) as exc:
             message, severity = str(exc), "warning"

@@ -71,14 +71,12 @@ class GpuDetailScreen(DeckScreen):
             yield Static("", id="detail-fields")
             yield Static("", id="detail-history")
             yield Static("[b]Processes[/b]", classes="section")
-            table: DataTable[str] = NavTable(id="detail-procs", cursor_type="row")
+            table = NavTable(id="detail-procs", cursor_type="row")
             table.add_columns("PID", "User", "GPU mem", "Kind", "Model / command")
             yield table
 
     def on_mount(self) -> None:
-        poller = getattr(self.app, "poller", None)
-        if poller is not None:
-            self.render_fleet(poller)
+        self.render_fleet(self.app.poller)
 
     def _find(self, poller: FleetPoller) -> GpuSnapshot | None:
         node = self.gpu_key.split("/", 1)[0]
@@ -121,9 +119,7 @@ class NodeDetailScreen(DeckScreen):
             yield Static("", id="detail-fields")
 
     def on_mount(self) -> None:
-        poller = getattr(self.app, "poller", None)
-        if poller is not None:
-            self.render_fleet(poller)
+        self.render_fleet(self.app.poller)
 
     def render_fleet(self, poller: FleetPoller) -> None:
         snap = poller.latest.get(self.node)

@@ -27,5 +27,6 @@ class HelpScreen(ModalScreen[None]):
             table.set_rows([(str(i), [key, desc, scope]) for i, (key, desc, scope) in enumerate(self.rows)])
             yield table
 
+    # A plain, synchronous close in place of Textual's async action_dismiss(result): this dialog has no result.
     def action_dismiss(self) -> None:  # type: ignore[override]
         self.dismiss(None)

@@ -47,5 +47,6 @@ class LogScreen(ModalScreen[None]):
         self.query_one("#log-text", Static).update(Text(text))
         self.query_one("#log-view").scroll_end(animate=False)
 
+    # A plain, synchronous close in place of Textual's async action_dismiss(result): this dialog has no result.
     def action_dismiss(self) -> None:  # type: ignore[override]
         self.dismiss(None)

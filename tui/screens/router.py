@@ -25,7 +25,7 @@ from textual_plotext import PlotextPlot
 
 from engine.router.figures import RouterData, TaskRow, load_router_data
 from tui.format import ago_ticks, local_time, sparkline
-from tui.screens.base import PolledScreen, while_attached
+from tui.screens.base import PolledScreen, on_yes, while_attached
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
 
@@ -230,7 +230,7 @@ class RouterScreen(PolledScreen):
         data = self.data
         cal = data.calibration if data else None
         path = data.config_path if data else None
-        if getattr(self.app.options.config, "read_only", False):
+        if self.app.options.config.read_only:
             self.notify("Read-only mode: thresholds are not changed.", severity="warning")
             return
         if not cal or cal.get("threshold") is None or path is None or not path.exists():
@@ -295,7 +295,7 @@ class RouterScreen(PolledScreen):
             self.notify(f"{row.name} has no promotion to roll back.", severity="warning")
             return
         self.app.push_screen(ConfirmScreen(f"Roll {row.name} back from {row.slm_model} to {last['from_model']}?"),
-                             lambda ok: self._run_adapter("rollback", row.name, None, path) if ok else None)
+                             on_yes(lambda: self._run_adapter("rollback", row.name, None, path)))
 
     def _adapter_action(self, what: str) -> None:
         ctx = self._task_context()
@@ -325,6 +325,9 @@ class RouterScreen(PolledScreen):
 
         roots = list(self.app.options.config.adapter_roots)
         store = self.store
+        if store is None:  # the store closed after the question was asked: nothing to act on
+            self.app.call_from_thread(self.no_store)
+            return
         try:
             if what == "evaluate":
                 t = load_router_config(path).task_by_name(task)
