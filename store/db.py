@@ -270,6 +270,10 @@ def _migrate(store: Store, current: int) -> None:
         for version in range(current + 1, SCHEMA_VERSION + 1):
             try:
                 with store.transaction():
+                    # Read again under the write lock: another process that opened the same new store at the
+                    # same moment may have applied this step while we waited for the lock.
+                    if _schema_version(conn) >= version:
+                        continue
                     MIGRATIONS[version](store.db)
                     conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
             except sqlite3.DatabaseError as exc:

@@ -296,3 +296,43 @@ def test_the_proxy_on_a_damaged_store_says_so_in_one_line(tmp_path):
     assert done.returncode == 2, done
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"the store {path} is damaged" in lines[0] and ".recover" in lines[0], done
+
+
+def test_a_migration_another_process_applied_while_we_waited_is_not_applied_twice(tmp_path):
+    # Two dashboards (or agents) opening the same new store at once: both read version 0, one takes the write
+    # lock and migrates, the other gets the lock afterwards with its stale version in hand.
+    from store.db import Store, _migrate
+
+    path = tmp_path / "fd.db"
+    open_store(path).close()
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    late = Store(path, conn)
+    _migrate(late, 0)  # what the second opener does with the version it read before the first one migrated
+    assert late.schema_version() == SCHEMA_VERSION
+    assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def _open_when_told(path: str, go: str) -> int:
+    import os
+    import time as _t
+
+    while not os.path.exists(go):  # all start together (a file the parent creates), not at a time
+        _t.sleep(0.001)
+    store = open_store(__import__("pathlib").Path(path))
+    version = store.schema_version()
+    store.close()
+    return version
+
+
+def test_several_processes_opening_one_new_store_at_once_all_succeed(tmp_path):
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=ctx) as pool:
+        for round_ in range(3):
+            path, go = tmp_path / f"fd{round_}.db", tmp_path / f"go{round_}"
+            futures = [pool.submit(_open_when_told, str(path), str(go)) for _ in range(4)]
+            go.touch()
+            assert [f.result(timeout=120) for f in futures] == [SCHEMA_VERSION] * 4
