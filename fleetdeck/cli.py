@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from store.config_files import ConfigError
     from store.db import StoreError, corrupt_message, is_corrupt
 
-    from engine import audit
+    from engine.audit import trail as audit
     from fleetdeck.cmdutil import route_router_config
 
     code = route_router_config(args, f"fleetdeck {args.command or ''}".strip())
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def audit_session(args: argparse.Namespace, source: str, read_only: bool | None = None) -> Any:
     """Every change this command makes is audited in its store; `--read-only` (or the fleet config's
     `read_only`) refuses them all, recorded."""
-    from engine import audit
+    from engine.audit import trail as audit
     from fleet.config import load_fleet_config
     from store.config_files import ConfigError
 
@@ -286,7 +286,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
         live = None
         if args.store:  # a simulated node with a store of its own holds what that store runs (the demo's node)
-            from engine.demo_home import DemoProcesses
+            from engine.demo.home import DemoProcesses
 
             live = DemoProcesses(Path(args.store), one_node=True)
         source = demo_fleet(live=live)[0]
@@ -305,7 +305,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     read_only = bool(args.read_only or config.read_only)
     agent = Agent(source, Path(args.store) if args.store else None, list(config.adapter_roots), __version__,
                   read_only=read_only, slurm=config.slurm, model_roots=list(config.models.roots))
-    from engine import audit
+    from engine.audit import trail as audit
 
     with audit.session(Path(args.store) if args.store else _store_path(args), "agent", read_only=read_only,
                        node=source.name if hasattr(source, "name") else None, key_file=config.audit.key_file,
@@ -351,8 +351,8 @@ def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
 
 
 def _run_demo(args: argparse.Namespace, config: Any) -> int:
-    """`fleetdeck demo`: the dashboard on simulated nodes, with the demo's own folder (engine/demo_home.py)."""
-    from engine.demo_home import DemoBusy, DemoHome, DemoProcesses, stop_everything
+    """`fleetdeck demo`: the dashboard on simulated nodes, with the demo's own folder (engine/demo/home.py)."""
+    from engine.demo.home import DemoBusy, DemoHome, DemoProcesses, stop_everything
 
     home = DemoHome.default()
     if args.store:
@@ -429,7 +429,7 @@ def _run_app(options: Any, config: Any) -> int:
     started for itself is ended before this returns (options.end_helpers, through app.end_helpers)."""
     import signal
 
-    from engine import audit
+    from engine.audit import trail as audit
     from tui.app import FleetDeckApp
 
     app = FleetDeckApp(options)

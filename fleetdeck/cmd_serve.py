@@ -103,7 +103,7 @@ def run_start(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         return _err(str(exc))
     if args.node:
-        from engine import audit
+        from engine.audit import trail as audit
         from fleet.remote import AgentError, Op
 
         audit.refuse_if_read_only("server.start", args.profile, profile=args.profile, gpus=args.gpus)
@@ -154,7 +154,7 @@ def run_start(args: argparse.Namespace) -> int:
 
 def _start_slurm(args: argparse.Namespace) -> int:
     from engine.finetune.jobs import SlurmRequest
-    from engine.slurm import check_time
+    from engine.slurm.client import check_time
     from engine.vllm.launcher import LaunchError, start
     from engine.vllm.profile import find_profile, load_profile, profile_roots
     from store.config_files import ConfigError
@@ -305,7 +305,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from engine.logs import tail
+    from engine.io.logs import tail
     from engine.vllm.launcher import LaunchError, get
 
     if args.node:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine import audit
+from engine.audit import trail as audit
 from fleetdeck.cli import main
 from store.db import open_store
 from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S, Pipe, make_node_files, wait_for
@@ -353,7 +353,7 @@ def test_a_value_the_store_cannot_take_is_recorded_and_the_action_goes_ahead_wit
     """A non-UTF-8 byte, a lone surrogate, NUL, ESC and 20k characters: stored escaped (and cut, with the
     whole value's hash), never a reason to lose the record of what was done."""
     from engine.agent import Agent
-    from engine.audit_text import LIMIT, unstored
+    from engine.audit.text import LIMIT, unstored
     from fleet.simulated import demo_fleet
 
     db = site / "fd.db"

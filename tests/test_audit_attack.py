@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import audit
-from engine.audit_anchor import Anchor
-from engine.audit_text import unstored
+from engine.audit import trail as audit
+from engine.audit.anchor import Anchor
+from engine.audit.text import unstored
 from fleetdeck.cli import main
 from store.db import open_store
 
@@ -65,7 +65,7 @@ def _count(db: Path) -> int:
 # committed), or committing the SQLite transaction (nothing is committed).
 _KILL_AT_CHECKPOINT = """
 import os, signal, sys
-from engine import audit
+from engine.audit import trail as audit
 from store.db import open_store
 real = os.replace
 def dying(src, dst, *a, **k):
@@ -80,7 +80,7 @@ audit.append(store, "server.stop", "killed", "done", params={"server": "killed"}
 _KILL_AT_COMMIT = """
 import os, signal, sys
 from contextlib import contextmanager
-from engine import audit
+from engine.audit import trail as audit
 from store.db import Store, open_store
 @contextmanager
 def dying(self):
@@ -335,7 +335,7 @@ def test_a_writer_stuck_holding_the_audit_lock_makes_actions_fail_closed_not_han
     hanging for ever (the wait set to nothing here, so the test does not depend on time)."""
     import fcntl
 
-    from engine import audit_anchor
+    from engine.audit import anchor as audit_anchor
 
     monkeypatch.setattr(audit_anchor, "LOCK_WAIT_S", 0.0)
     anchor = Anchor.of(db)

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import audit
-from engine.audit_anchor import Anchor
-from engine.audit_text import LIMIT, MARK, stored, unstored
+from engine.audit import trail as audit
+from engine.audit.anchor import Anchor
+from engine.audit.text import LIMIT, MARK, stored, unstored
 from fleetdeck.cli import main
 from store.db import open_store
 

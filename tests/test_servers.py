@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from engine import adapters
+from engine.adapters import registry as adapters
 from engine.vllm import launcher
 from engine.vllm.launcher import LaunchError
 from engine.vllm.metrics import figures, parse, quantile
@@ -351,7 +351,7 @@ def _host_profile(tmp_path, extra: str):
     ('host = "0.0.0.0"\napi_key_env = "FD_TEST_UNSET_KEY"', "FD_TEST_UNSET_KEY, which is not set"),
 ])
 def test_a_server_exposed_without_a_key_is_refused_in_one_line_and_audited(tmp_path, capsys, monkeypatch, extra, why):
-    from engine import audit
+    from engine.audit import trail as audit
 
     monkeypatch.delenv("FD_TEST_UNSET_KEY", raising=False)
     db = tmp_path / "fd.db"

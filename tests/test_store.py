@@ -232,7 +232,7 @@ def test_a_store_held_here_is_never_reopened_with_plain_open(tmp_path, monkeypat
 def _store_with_data(path) -> None:
     import time
 
-    from engine import audit
+    from engine.audit import trail as audit
     from engine.router.demo import backfill
     from engine.vllm.launcher import ServerRecord
 

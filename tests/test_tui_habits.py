@@ -12,7 +12,7 @@ import pytest
 from textual.command import CommandPalette
 from textual.widgets import Input
 
-from engine import audit
+from engine.audit import trail as audit
 from engine.finetune import jobs
 from engine.finetune.jobs import JobRecord
 from engine.vllm import launcher

@@ -18,14 +18,14 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from engine.folders import Folders
+from engine.host.folders import Folders
 from fleet.config import FleetConfig
 from fleet.poller import FleetPoller
 from fleet.source import NodeSource
 from tui.screens.base import StatusLine
 
 if TYPE_CHECKING:
-    from engine.demo_home import DemoHome
+    from engine.demo.home import DemoHome
 
 
 @dataclass

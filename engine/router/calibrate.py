@@ -159,7 +159,7 @@ def score_eval_set(task: Any, items: list[EvalItem], timeout_s: float = 60.0, he
 
     import httpx
 
-    from engine.http_auth import bearer_from_env
+    from engine.io.http_auth import bearer_from_env
     from engine.router.confidence import answer_confidence, slm_request
 
     if headers is None:

@@ -171,7 +171,7 @@ def is_loopback(host: str) -> bool:
 
 def set_task_threshold(path: str | Path, task: str, threshold: float) -> None:
     """Rewrite one task's `threshold` in the router TOML, keeping comments and layout; validate first."""
-    from engine import audit
+    from engine.audit import trail as audit
 
     try:
         old = next((t.threshold for t in load_router_config(path).task if t.name == task), None)

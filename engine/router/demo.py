@@ -206,7 +206,7 @@ def run_backend(store_path: Path, home_dir: Path, rate_per_s: float = 4.0,
     import uvicorn
 
     from engine import managed
-    from engine.demo_home import DemoHome, DemoProcesses, stop_everything
+    from engine.demo.home import DemoHome, DemoProcesses, stop_everything
     from engine.vllm.demo import DEMO_NODE, start_demo_job, start_demo_servers
     from fleet.simulated import demo_fleet
     from store.db import open_store

@@ -88,7 +88,7 @@ def load_router_data(store: Store, config_path: Path | None, selected: str | Non
     selected = selected if selected in names else (names[0] if names else None)
     series = escalation_series(store, selected, now - window_s, now) if selected else []
     cal = latest_calibration(store, selected) if selected else None
-    from engine.promotion import history
+    from engine.adapters.promotion import history
     from store.analytics import by_model
     from store.ledger import journal_backlog
 

@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine.http_auth import bearer_from_env
+from engine.io.http_auth import bearer_from_env
 from engine.router.confidence import answer_confidence, confidence, slm_request
 from engine.router.config import RouterConfig, Task, api_keys
 from engine.router.pricing import Price, frontier_price
@@ -225,7 +225,7 @@ class Router:
 
     async def reload_endpoint(self, request: Request) -> Response:
         # An operator's action on this host only: never from the network, and with a key where keys are set.
-        from engine import audit
+        from engine.audit import trail as audit
         from engine.router.config import is_loopback
 
         client = request.client.host if request.client else ""
@@ -249,7 +249,7 @@ class Router:
     async def _record_refused_reload(self, origin: str, reason: str) -> None:
         """A reload refused at the door is recorded too, but at most one record per REFUSAL_RECORD_S: a
         client that is refused cannot fill the disk with records; the next record counts those held back."""
-        from engine import audit
+        from engine.audit import trail as audit
 
         now = time.monotonic()
         if now - self._refusal_recorded_at < REFUSAL_RECORD_S:
@@ -269,7 +269,7 @@ class Router:
     async def audited_reload(self, via: str, origin: str) -> dict[str, Any]:
         """A reload is a change to this node: refused when read-only or when its audit record cannot be
         written (fail closed), and recorded with its outcome. The trail's store I/O runs off the loop."""
-        from engine import audit
+        from engine.audit import trail as audit
 
         target = str(self.config_path) if self.config_path is not None else "(no config file)"
         who = {"source": "proxy", "origin": origin}
@@ -950,7 +950,7 @@ def _short_error(exc: BaseException) -> str:
 
 
 async def _reload_logged(router: Router) -> None:
-    from engine import audit
+    from engine.audit import trail as audit
 
     try:
         await router.audited_reload("SIGHUP", "local")

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import httpx
 import psutil
 
-from engine import audit, managed
-from engine.http_auth import bearer
+from engine import managed
+from engine.audit import trail as audit
+from engine.io.http_auth import bearer
 from engine.managed import ManagedRecord
-from engine.logs import tail
+from engine.io.logs import tail
 from engine.vllm.diagnose import diagnose
 from engine.vllm.profile import VLLM_LORA_RANKS, Profile
 
@@ -197,7 +198,7 @@ def build_launch(profile: Profile, gpus: Sequence[int], port: int, lora_modules:
 
 
 def resolve_preload(profile: Profile, adapter_roots: list[Path]) -> dict[str, str]:
-    from engine.adapters import AdapterError, read_adapter
+    from engine.adapters.registry import AdapterError, read_adapter
 
     out: dict[str, str] = {}
     for item in profile.lora.preload:
@@ -495,7 +496,7 @@ def stop(store: Store, rec: ServerRecord, timeout: float = 20.0) -> ServerRecord
 
 def _stop(store: Store, rec: ServerRecord, timeout: float) -> ServerRecord:
     if rec.slurm is not None:
-        from engine import slurm
+        from engine.slurm import client as slurm
         from engine.vllm import slurm_server
 
         try:

@@ -10,7 +10,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import managed, slurm
+from engine import managed
+from engine.slurm import client as slurm
 from engine.vllm.profile import Profile
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def _node_address(where: slurm.Where, node: str) -> str:
 def refresh(rec: Any) -> None:
     """Bring a Slurm server's record up to date (the caller saves it)."""
     from engine.vllm import launcher
-    from engine.logs import tail
+    from engine.io.logs import tail
     from engine.vllm.diagnose import diagnose
 
     placed: slurm.Placement = rec.slurm

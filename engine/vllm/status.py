@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from engine.http_auth import bearer
+from engine.io.http_auth import bearer
 from engine.vllm.metrics import Scrape, ServerFigures, figures, parse
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def status_of(rec: Any, previous: Scrape | None = None, adapters: bool = False) 
     except (httpx.HTTPError, ValueError) as exc:
         st.error = f"cannot read {rec.base_url}/metrics: {exc}"
     if adapters:
-        from engine.adapters import loaded
+        from engine.adapters.registry import loaded
 
         try:
             st.loaded_adapters = [m["id"] for m in loaded(rec.base_url, rec.api_key)]

@@ -31,7 +31,7 @@ def while_attached(widget: Any, fn: Callable[..., None]) -> Callable[..., None]:
 
 def read_only(app: Any) -> bool:
     """Read-only from the fleet config or `--read-only` (the app's options) or the audit trail's mode."""
-    from engine import audit
+    from engine.audit import trail as audit
 
     return bool(getattr(getattr(getattr(app, "options", None), "config", None), "read_only", False)) or audit.is_read_only()
 
@@ -160,7 +160,7 @@ def ask_to_prune(screen: Screen[Any], ended: list[str], what: str, stays: str, n
 def report_prune(screen: PolledScreen, prune: Callable[[], str]) -> None:
     """The body of a prune worker (a thread): run it, say what it did (or why read-only refused it) as plain
     text (ids are never markup), and re-read the screen."""
-    from engine import audit
+    from engine.audit import trail as audit
 
     try:
         message = prune()

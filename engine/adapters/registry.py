@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from engine import audit
-from engine.http_auth import bearer
+from engine.audit import trail as audit
+from engine.io.http_auth import bearer
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -176,7 +176,7 @@ def by_name(roots: list[Path], name: object) -> Adapter:
 def load_into(server: Any, adapter: Adapter, name: str | None = None, old: str | None = None) -> str:
     """Load (or, with `old`, swap in) an adapter after the checks vLLM would fail on; a refusal is
     audited and raised as AdapterError. `server` is a ready launcher.ServerRecord."""
-    from engine.adapter_versions import integrity_problem
+    from engine.adapters.versions import integrity_problem
 
     name = name or adapter.name
     action = "adapter.load" if old is None else "adapter.swap"

@@ -8,7 +8,7 @@ no prune cut records younger than the retention; the last record is the one the 
 no writer found otherwise before its append (the checkpoint's notes). A writer's intent stands for the
 checkpoint when the store holds the record it names with that MAC (the writer was killed between its
 commit and confirming); otherwise it is ignored (killed before its commit). The key, checkpoint and
-intent are read only when they are fleetdeck's own (engine/audit_anchor.py). Reading holds the
+intent are read only when they are fleetdeck's own (engine/audit/anchor.py). Reading holds the
 checkpoint's lock shared, so a concurrent append is seen whole or not at all, and creates nothing.
 """
 
@@ -18,10 +18,10 @@ import json
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from engine.audit_anchor import Anchor, AnchorError, Checkpoint, Key
+from engine.audit.anchor import Anchor, AnchorError, Checkpoint, Key
 
 if TYPE_CHECKING:
-    from engine.audit import Verdict
+    from engine.audit.trail import Verdict
     from store.db import Store
 
 SLACK_S = 1.0  # float rounding of a cut-off computed from the same clock reading
@@ -38,7 +38,7 @@ class _Broken(Exception):
 
 
 def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Verdict:
-    from engine.audit import Verdict
+    from engine.audit.trail import Verdict
 
     try:
         key = anchor.key(create=False)
@@ -92,13 +92,13 @@ def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Ve
 
 
 def _genesis() -> str:
-    from engine.audit import GENESIS
+    from engine.audit.trail import GENESIS
 
     return GENESIS
 
 
 def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[int, dict[str, Any] | None]:
-    from engine.audit import KEYED, _chain, _mac
+    from engine.audit.trail import KEYED, _chain, _mac
 
     prev: str | None = None
     keyed_seen = 0
@@ -200,7 +200,7 @@ def _check_start(rows: list[dict[str, Any]], last_prune: dict[str, Any] | None, 
 
 def _check_head(rows: list[dict[str, Any]], cp: Checkpoint | None, anchor: Anchor) -> None:
     """The last record is the one the checkpoint holds, and no writer found otherwise."""
-    from engine.audit import KEYED
+    from engine.audit.trail import KEYED
 
     keyed = [r for r in rows if str(r["hash"]).startswith(KEYED + ":")]
     if cp is None:

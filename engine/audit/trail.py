@@ -4,11 +4,11 @@ A record holds when (UTC), who (the local user; for an SSH session its source ad
 fingerprint where sshd exposes it, and for an agent request the remote dashboard's user@host), where
 (node), from which entry point (cli, tui, agent, proxy), what (action, target, the parameters that
 matter) and the outcome (done, refused with the reason, failed with the error). Any text is stored,
-escaped where SQLite or UTF-8 could not take it (engine/audit_text.py): a value never stops a record.
+escaped where SQLite or UTF-8 could not take it (engine/audit/text.py): a value never stops a record.
 
 Records are chained: each carries an HMAC-SHA256, under a node-local key, of its predecessor's MAC and
 its own content; a checkpoint outside the store holds the last record's number and MAC
-(engine/audit_anchor.py; written as an intent before the commit and confirmed after, so a writer
+(engine/audit/anchor.py; written as an intent before the commit and confirmed after, so a writer
 killed between the two is no false alarm; `reanchor()` is the operator's audited way to accept the head
 when the checkpoint was lost or a store moved). So `verify` finds a changed, removed, forged or recomputed record, a deleted
 tail and a store rolled back to an older copy. Records written before the key existed keep their plain
@@ -37,8 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from engine.audit_anchor import Anchor, AnchorError, Checkpoint, Key
-from engine.audit_text import shown, stored
+from engine.audit.anchor import Anchor, AnchorError, Checkpoint, Key
+from engine.audit.text import shown, stored
 
 if TYPE_CHECKING:
     import sqlite3
@@ -285,7 +285,7 @@ def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], di
            rehearse: bool = False, create_key: bool = True, fresh: bool = False) -> dict[str, Any]:
     """Append the record `make` builds (it may first change the store in the same transaction), keyed,
     chained and anchored, under the checkpoint's lock; or, rehearsing, do all of it and roll it back.
-    Two-phase (engine/audit_anchor.py): the next checkpoint is written durably as the intent before the
+    Two-phase (engine/audit/anchor.py): the next checkpoint is written durably as the intent before the
     commit (a full or read-only folder refuses the record), and confirmed after it; an intent a writer
     killed after its commit left is taken as the checkpoint, one killed before it is dropped.
 
@@ -559,7 +559,7 @@ def verify(store: Store, anchor: Anchor | None = None, retention_days: float | N
            now: float | None = None) -> Verdict:
     """Check the chain, its keyed MACs, pruning against the retention, and the head against the checkpoint.
     The first problem found is named, with its record."""
-    from engine.audit_verify import check
+    from engine.audit.verify import check
 
     return check(store, anchor or anchor_for(store.path),
                  DEFAULT_RETENTION_DAYS if retention_days is None else retention_days,

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.adapters import VERSION_DIR as VERSION_RE
-from engine.adapters import WEIGHT_FILES, Adapter, AdapterError, read_adapter, scan
+from engine.adapters.registry import VERSION_DIR as VERSION_RE
+from engine.adapters.registry import WEIGHT_FILES, Adapter, AdapterError, read_adapter, scan
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 METADATA = "fleetdeck.json"
@@ -83,7 +83,7 @@ def _freeze(folder: Path) -> None:
 
 def provenance(source: Path, adapter: Adapter) -> dict[str, Any]:
     """What a version records of where it came from: the job's own metadata when a fine-tune made it."""
-    from engine import audit
+    from engine.audit import trail as audit
 
     meta = dict(adapter.metadata or {})
     base = meta.get("base_model") or adapter.base_model
@@ -142,7 +142,7 @@ def register(source: Path, root: Path, name: str, roots: list[Path] | None = Non
 
 def import_adapter(source: Path, name: str, roots: list[Path]) -> Path:
     """`adapters import`: audited, into the first adapter root."""
-    from engine import audit
+    from engine.audit import trail as audit
 
     if not roots:
         raise AdapterError("no adapter roots configured (set adapter_roots in the fleet config)")

@@ -2,7 +2,7 @@
 
 `~/.local/share/fleetdeck/demo/` holds its store, its launch profiles, fine-tune specs, model folders
 (a config.json each), dataset, adapters, server logs, job folders, the backend's files and the record of
-the helper processes the demo's dashboard started (engine/lifetimes.py). `fleetdeck demo --reset` ends
+the helper processes the demo's dashboard started (engine/demo/lifetimes.py). `fleetdeck demo --reset` ends
 what the demo started and removes the folder. One demo dashboard runs at a time (a lock held for its
 life); a new one first ends whatever an earlier one left running, by recorded pid and create time, and
 never adopts it.
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.folders import Folders
-from engine.lifetimes import HelperLedger
+from engine.host.folders import Folders
+from engine.demo.lifetimes import HelperLedger
 
 if TYPE_CHECKING:
     from fleet.simulated import SimProcess

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from engine import adapters, audit
-from engine.adapter_eval import compatible_servers, ensure_loaded, evals_of, file_sha256
-from engine.adapters import Adapter, AdapterError
+from engine.adapters import registry as adapters
+from engine.audit import trail as audit
+from engine.adapters.evaluation import compatible_servers, ensure_loaded, evals_of, file_sha256
+from engine.adapters.registry import Adapter, AdapterError
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -69,7 +70,7 @@ def gate_check(store: Store, config_path: Path, task: Any, adapter: Adapter) -> 
 
 
 def _listed(base_url: str, name: str, api_key_env: str | None) -> bool:
-    from engine.http_auth import bearer_from_env
+    from engine.io.http_auth import bearer_from_env
 
     try:
         r = httpx.get(f"{base_url}/models", headers=bearer_from_env(api_key_env), timeout=10, trust_env=False)
@@ -128,7 +129,7 @@ def promote(store: Store, config_path: Path, task_name: str, ref: str, roots: li
         entry.params["new"] = adapter.name
         if adapter.name == task.slm_model:
             raise PromotionError(f"task {task_name} already points at {adapter.name}")
-        from engine.adapter_versions import integrity_problem
+        from engine.adapters.versions import integrity_problem
 
         problem = integrity_problem(adapter)
         if problem:
@@ -178,7 +179,7 @@ def reload_proxy(settings: Any, config_path: Path) -> str:
 
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    from engine.http_auth import bearer
+    from engine.io.http_auth import bearer
 
     keys = sorted(api_keys(settings))
     headers = bearer(keys[0] if keys else None)

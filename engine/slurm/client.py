@@ -265,7 +265,7 @@ def view_renderable(view: dict[str, Any]) -> RenderableType:
     from rich.console import Group
     from rich.text import Text
 
-    from engine.tables import table
+    from engine.io.tables import table
 
     if view.get("error"):
         return Text(f"Slurm: {view['error']}")
