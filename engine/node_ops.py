@@ -45,7 +45,7 @@ class AdapterListing:
 def list_adapters(store: Store, roots: list[Any], sid: str | None) -> AdapterListing:
     """This host's adapters, and those loaded in server `sid` (the agent answers with this too)."""
     from engine.adapters import registry as adapters
-    from engine.adapters.versions import integrity_problem
+    from engine.adapters.registry import integrity_problem
     from engine.vllm import launcher
 
     from engine.adapters.evaluation import evals_of

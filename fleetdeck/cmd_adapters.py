@@ -108,7 +108,7 @@ def _adapter(roots: list[Path], name_or_path: str) -> Any:
 
 
 def _status(adapter: Any) -> str:
-    from engine.adapters.versions import integrity_problem
+    from engine.adapters.registry import integrity_problem
 
     if adapter.version is None:
         return "unversioned"
@@ -161,7 +161,7 @@ def run_ls(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     from engine.adapters import registry as adapters
     from engine.adapters.evaluation import evals_of
-    from engine.adapters.versions import integrity_problem
+    from engine.adapters.registry import integrity_problem
     from engine.adapters.promotion import history
 
     try:

@@ -280,7 +280,7 @@ def _wait_job(store: Store, rec: Any) -> int:
 @mutating("model.merge", lambda a: a.source)
 def run_merge(args: argparse.Namespace) -> int:
     from engine.adapters import registry as adapters
-    from engine.adapters.versions import integrity_problem
+    from engine.adapters.registry import integrity_problem
     from engine.finetune import jobs
     from fleetdeck.cmdutil import fleet_config_of
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from engine.adapters import registry as adapters
-from engine.adapters.versions import content_hash, integrity_problem
+from engine.adapters.registry import content_hash, integrity_problem
 from engine.vllm import launcher
 from fleetdeck.cli import main
 from store.db import open_store
