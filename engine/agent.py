@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TextIO
 
 from engine.audit import trail as audit
+from engine.vllm.command import LaunchError
 from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, PROTOCOL_VERSION, BadMessage, Hello, Op, Request, Response,
                             Snapshot, Subscribe, parse_client)
 from fleet.remote import snapshot_to_json
@@ -266,7 +267,7 @@ class Agent:
         sid = _text(a["server"], "server") if a.get("server") is not None else None
         try:
             return list_adapters(self.store, self.adapter_roots, sid).to_json()
-        except launcher.LaunchError as exc:
+        except LaunchError as exc:
             raise BadRequest(str(exc)) from None
 
     def _server(self, a: dict[str, Any]) -> Any:
@@ -274,7 +275,7 @@ class Agent:
 
         try:
             return launcher.refresh(self.store, launcher.get(self.store, _text(a.get("server"), "server")))
-        except launcher.LaunchError as exc:
+        except LaunchError as exc:
             raise BadRequest(str(exc)) from None
 
     def _adapter(self, a: dict[str, Any]) -> Any:

@@ -221,7 +221,8 @@ def run_swap(args: argparse.Namespace) -> int:
 
 def _load_or_swap(args: argparse.Namespace, old: str | None) -> int:
     from engine.adapters import registry as adapters
-    from engine.vllm.launcher import LaunchError, get, refresh
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get, refresh
 
     if args.node:
         op = "load_adapter" if old is None else "swap_adapter"
@@ -239,7 +240,8 @@ def _load_or_swap(args: argparse.Namespace, old: str | None) -> int:
 @mutating("adapter.unload", lambda a: a.name)
 def run_unload(args: argparse.Namespace) -> int:
     from engine.adapters import registry as adapters
-    from engine.vllm.launcher import LaunchError, get
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get
 
     if args.node:
         return on_node(args, "unload_adapter", {"server": args.server, "name": args.name})
@@ -274,7 +276,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from engine.adapters import registry as adapters
     from engine.adapters.evaluation import compatible_servers, evaluate
     from engine.router.calibrate import EvalSetError
-    from engine.vllm.launcher import LaunchError, get, refresh
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get, refresh
 
     scoring = _scoring(args)
     if isinstance(scoring, int):
@@ -316,7 +319,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from engine.adapters import registry as adapters
     from engine.adapters.evaluation import compare, evals_of, evaluate_served_model, file_sha256
     from engine.router.calibrate import EvalSetError
-    from engine.vllm.launcher import LaunchError, get, refresh
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get, refresh
 
     scoring = _scoring(args)
     if isinstance(scoring, int):

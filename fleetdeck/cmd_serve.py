@@ -18,7 +18,7 @@ from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
     from engine.kvfit.plan import FitResult
-    from engine.vllm.launcher import ServerRecord
+    from engine.vllm.record import ServerRecord
     from store.db import Store
 
 
@@ -85,8 +85,9 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[Any] | None
 def run_start(args: argparse.Namespace) -> int:
     import shlex
 
-    from engine.vllm.launcher import (LaunchError, build_launch, check_exposure, listen_host, preflight, resolve_preload,
-                                      start, vllm_installed)
+    from engine.vllm.command import (LaunchError, build_launch, check_exposure, listen_host, preflight, resolve_preload,
+                                     vllm_installed)
+    from engine.vllm.launcher import start
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from store.config_files import ConfigError
     from engine.kvfit.text import render_text
@@ -155,7 +156,8 @@ def run_start(args: argparse.Namespace) -> int:
 def _start_slurm(args: argparse.Namespace) -> int:
     from engine.finetune.jobs import SlurmRequest
     from engine.slurm.client import check_time
-    from engine.vllm.launcher import LaunchError, start
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import start
     from engine.vllm.profile import find_profile, load_profile, profile_roots
     from store.config_files import ConfigError
 
@@ -241,7 +243,8 @@ def _num(x: float | None, fmt: str = "{:.1f}") -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import LaunchError, get
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get
     from engine.vllm.status import statuses
 
     store = _store(args, create=False)
@@ -283,7 +286,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 @mutating("server.stop", lambda a: a.id)
 def run_stop(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import LaunchError, get, stop
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get, stop
 
     if args.node:
         return on_node(args, "stop_server", {"id": args.id})
@@ -306,7 +310,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     from engine.io.logs import tail
-    from engine.vllm.launcher import LaunchError, get
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get
 
     if args.node:
         return on_node(args, "tail_log", {"id": args.id, "n": args.n})

@@ -395,7 +395,7 @@ def test_the_cpu_block_size_is_vllms_for_mla_with_and_without_amx():
     reference kernel's 16-token blocks: the planner pages the same way, or its block count is off."""
     from types import SimpleNamespace
 
-    from engine.vllm.launcher import cpu_block_size, cpu_has_amx
+    from engine.vllm.command import cpu_block_size, cpu_has_amx
 
     mla, gqa = SimpleNamespace(is_mla=True), SimpleNamespace(is_mla=False)
     assert cpu_block_size(mla, amx=False) == 16 and cpu_block_size(mla, amx=True) == 128

@@ -131,7 +131,7 @@ def seeded_store(path: Path) -> Path:
     from engine.audit import trail as audit
     from engine.finetune.jobs import JobRecord
     from engine.router.demo import backfill
-    from engine.vllm.launcher import ServerRecord
+    from engine.vllm.record import ServerRecord
     from store.db import open_store
 
     store = open_store(path)

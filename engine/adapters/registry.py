@@ -204,7 +204,7 @@ def by_name(roots: list[Path], name: object) -> Adapter:
 
 def load_into(server: Any, adapter: Adapter, name: str | None = None, old: str | None = None) -> str:
     """Load (or, with `old`, swap in) an adapter after the checks vLLM would fail on; a refusal is
-    audited and raised as AdapterError. `server` is a ready launcher.ServerRecord."""
+    audited and raised as AdapterError. `server` is a ready engine.vllm.record.ServerRecord."""
     name = name or adapter.name
     action = "adapter.load" if old is None else "adapter.swap"
     refusal = f"{server.id} is {server.state}, not ready" if server.state != "ready" else None

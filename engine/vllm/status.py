@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ServerStatus:
-    rec: Any  # launcher.ServerRecord
+    rec: Any  # engine.vllm.record.ServerRecord
     figures: ServerFigures | None = None
     scrape: Scrape | None = None
     loaded_adapters: list[str] = field(default_factory=list)
@@ -31,7 +31,7 @@ class ServerStatus:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> "ServerStatus":
         """A status as a node's agent sends it (its figures read on that node)."""
-        from engine.vllm.launcher import ServerRecord
+        from engine.vllm.record import ServerRecord
 
         fig = doc.get("figures")
         known = {k: v for k, v in (fig or {}).items() if k in ServerFigures.__dataclass_fields__}

@@ -411,7 +411,7 @@ class StartServerScreen(DeckModal):
     def _plan(self, launch: bool) -> None:
         """Planning may read a local model folder's headers: never on the UI thread."""
         from engine.kvfit.text import render_text
-        from engine.vllm.launcher import LaunchError, preflight
+        from engine.vllm.command import LaunchError, preflight
         from store.config_files import ConfigError
 
         out = self.query_one("#start-verdict", Static)
