@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from engine.audit import syslog
 from engine.audit import trail as audit
 from fleetdeck.cli import main
 from store.db import open_store
@@ -570,7 +571,7 @@ async def test_the_audit_screen_and_the_system_log_escape_what_would_act_on_a_te
     store = open_store(tmp_path / "fd.db")
     evil = "mallory\x1b[31m[bold]RED[/]\nforged"
     rec = audit.append(store, "server.stop", evil, "refused", evil, params={"server": evil}, who={"actor": evil})
-    line = audit.syslog_line(rec)
+    line = syslog.syslog_line(rec)
     assert b"\n" not in line and b"\x1b" not in line and b"\\x1b[31m" in line
     app = make_app(store_path=tmp_path / "fd.db")
     async with app.run_test(size=(160, 24)) as pilot:

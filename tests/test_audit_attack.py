@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.audit import chain
 from engine.audit import trail as audit
 from engine.audit.anchor import Anchor
 from engine.audit.text import unstored
@@ -151,7 +152,7 @@ def test_a_forged_record_is_not_excused_by_a_dead_writer_s_intent(db, tmp_path, 
     rows = [dict(r) for r in _rows(db)]
     forged = {k: v for k, v in rows[-1].items() if k not in ("seq", "hash")}
     forged["target"] = "forged"
-    forged["hash"] = audit._mac(key, forged["prev_hash"], forged)
+    forged["hash"] = chain.keyed_hash(key, forged["prev_hash"], forged)
     conn = sqlite3.connect(db)
     conn.execute("DROP TRIGGER IF EXISTS audit_no_update")
     conn.execute("UPDATE audit SET target = ?, hash = ? WHERE seq = 4", (forged["target"], forged["hash"]))

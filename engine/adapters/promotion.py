@@ -18,6 +18,7 @@ import httpx
 
 from engine.adapters import registry as adapters
 from engine.audit import trail as audit
+from engine.audit.who import identity
 from engine.adapters.evaluation import compatible_servers, ensure_loaded, evals_of, file_sha256
 from engine.adapters.registry import Adapter, AdapterError, integrity_problem
 from engine.io.http_auth import bearer, bearer_from_env
@@ -104,7 +105,7 @@ def history(store: Store, task: str | None = None, limit: int = 100) -> list[dic
 
 def _record(store: Store, task: str, kind: str, old: str, new: str, eval_id: int | None) -> None:
     store.insert("promotions", {"ts": time.time(), "task": task, "kind": kind, "from_model": old, "to_model": new,
-                                "eval_id": eval_id, "actor": audit.identity()["actor"]})
+                                "eval_id": eval_id, "actor": identity()["actor"]})
 
 
 def _task(config_path: Path, name: str) -> Any:

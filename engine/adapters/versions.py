@@ -22,6 +22,7 @@ from typing import Any
 from engine.adapters.registry import VERSION_DIR as VERSION_RE
 from engine.adapters.registry import METADATA, WEIGHT_FILES, Adapter, AdapterError, content_hash, read_adapter, scan
 from engine.audit import trail as audit
+from engine.audit.who import identity
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -66,7 +67,7 @@ def provenance(source: Path, adapter: Adapter) -> dict[str, Any]:
         origin="job" if meta.get("job_id") else "import",
         source_path=str(source.resolve()),
         registered_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        registered_by=audit.identity()["actor"],
+        registered_by=identity()["actor"],
     )
     return meta
 
