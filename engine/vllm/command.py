@@ -18,7 +18,7 @@ from engine.adapters.registry import AdapterError, read_adapter
 from engine.kvfit import ArchError, FitRequest, load_model, plan
 from engine.kvfit.arch import QUANT_BY_VLLM_NAME
 from engine.kvfit.local_models import configured_roots, vllm_model_arg
-from engine.kvfit.plan import vllm_view_of
+from engine.kvfit.overhead import vllm_view_of
 from engine.router.config import is_loopback
 from engine.vllm.profile import Profile
 from store.paths import overrides
