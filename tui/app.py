@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -20,9 +22,13 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from engine.host.folders import Folders
+from engine.router.config import load_router_settings
 from fleet.config import FleetConfig
 from fleet.poller import FleetPoller
 from fleet.source import NodeSource
+from store.analytics import drift_for_tasks, known_tasks
+from store.db import StoreError, corrupt_message, is_corrupt, open_store
+from tui.chrome import flash_text
 from tui.lifetime import Lifetime
 from tui.screens.base import StatusLine
 
@@ -147,8 +153,6 @@ class FleetDeckApp(Lifetime, App[None]):
         store = None
         error = None
         if self.options.store_path is not None:
-            from store.db import StoreError, open_store
-
             try:
                 store = open_store(self.options.store_path)
             except StoreError as exc:
@@ -162,8 +166,6 @@ class FleetDeckApp(Lifetime, App[None]):
             try:
                 self.poller.seed_history()
             except Exception as exc:  # an unreadable history is not worth stopping for
-                from store.db import corrupt_message, is_corrupt
-
                 error = corrupt_message(store.path, exc) if is_corrupt(exc) else f"GPU history could not be read: {exc}"
         self.call_from_thread(self._sources_ready, error)
 
@@ -172,11 +174,6 @@ class FleetDeckApp(Lifetime, App[None]):
         """Notify when a task starts (or stops) drifting above its baseline escalation rate."""
         if self.store is None:
             return
-        import time
-
-        from engine.router.config import load_router_settings
-        from store.analytics import drift_for_tasks, known_tasks
-
         policies = load_router_settings(self.router_config_path()).policies
         now = time.time()
         try:
@@ -251,7 +248,7 @@ class FleetDeckApp(Lifetime, App[None]):
 
     # -- actions --------------------------------------------------------------------------------
     def action_help(self) -> None:
-        from tui.screens.help import HelpScreen
+        from tui.screens.help import HelpScreen  # a screen's module loads on first use, as _screen's do
 
         self.push_screen(HelpScreen(self.describe_bindings()))
 
@@ -320,8 +317,6 @@ class FleetDeckApp(Lifetime, App[None]):
         """Every action of the screen below the palette (and of its focused table), with its key, as the
         palette's commands: what the footer shows and what it had no room for. Actions the screen
         refuses now (read-only) are left out."""
-        from functools import partial
-
         seen: set[str] = set()
         for namespace, bindings in screen._binding_chain:
             if namespace is self or namespace is screen.app:
@@ -349,12 +344,7 @@ class FleetDeckApp(Lifetime, App[None]):
                timeout: float | None = None, markup: bool = True) -> None:
         """Every message carries dynamic text (ids, paths, a node's or vLLM's error): shown literally, never read
         as markup, so "[serve]" in a message stays "[serve]". Screens' notify() lands here too."""
-        import time
-
         markup = False
-
-        from tui.chrome import flash_text
-
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)  # type: ignore[arg-type]
         seconds = self.NOTIFICATION_TIMEOUT if timeout is None else timeout
         self._flashes.append((time.monotonic() + seconds, flash_text(message, title, severity, markup)))
@@ -362,8 +352,6 @@ class FleetDeckApp(Lifetime, App[None]):
         self.set_timer(seconds + 0.1, self._show_flashes)
 
     def live_flashes(self) -> list[object]:
-        import time
-
         now = time.monotonic()
         self._flashes = [(t, text) for t, text in self._flashes if t > now]
         return [text for _, text in self._flashes]

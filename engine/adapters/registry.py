@@ -134,8 +134,7 @@ def scan(roots: list[Path]) -> tuple[list[Adapter], list[str]]:
 def _same_model(a: str | None, b: str | None) -> bool:
     if not a or not b:
         return True  # unknown on one side: vLLM will judge
-    norm = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
-    return norm(a) == norm(b)
+    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
 
 
 def compatibility_problems(adapter: Adapter, base_model: str, lora_enabled: bool, max_lora_rank: int) -> list[str]:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from engine.audit.syslog import send_syslog
 from engine.audit.text import shown, stored
 from engine.audit.verify import Verdict, check
 from engine.audit.who import identity
+from store.db import open_store
 
 if TYPE_CHECKING:
     import sqlite3
@@ -102,8 +104,6 @@ class Trail:
     def store(self) -> Any:
         with self._lock:
             if self._store is None:
-                from store.db import open_store
-
                 self._store = open_store(self.store_path)
             return self._store
 
@@ -223,8 +223,6 @@ def append(store: Store, action: str, target: str, outcome: str, reason: str | N
 
 
 def _unrecorded(action: str, target: str, outcome: str, exc: BaseException) -> None:
-    import sys
-
     print(f"fleetdeck: audit record of {shown(action)} {shown(target)} ({outcome}) not written: {shown(exc)}",
           file=sys.stderr)
 

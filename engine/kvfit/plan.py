@@ -18,7 +18,7 @@ cache's geometry (bytes per token, KV groups, blocks per request) is in kv_cache
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from engine.kvfit.arch import ModelArch
@@ -29,6 +29,7 @@ from engine.kvfit.overhead import (ACTIVATION_FIXED_BYTES, ACTIVATION_PER_LOGIT_
                                    LOW_WEIGHTS_SHARE, NON_TORCH_BYTES, OVERHEAD_MODEL, TP_NON_TORCH_BYTES,
                                    V0_MLP_BYTES_PER_TOKEN_PER_INTERMEDIATE, VLLM_VERSION_MODELLED, default_batch,
                                    version_tuple)
+from engine.kvfit.weights import estimated_weight_bytes, weight_bytes_per_gpu
 FIT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
 
@@ -133,8 +134,6 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
     """(utilisation, length, advice) of the nearest setting that fits, for a request that does not. Only
     settings the planner has checked are suggested: a lower length at the same utilisation first, then the
     utilisation (capped by what is free beside other processes) that holds the length, then both."""
-    from dataclasses import replace
-
     total = req.gpu_memory_bytes
     given = req.max_model_len is not None
     cap = None if req.allow_long_max_model_len else r.model_max_model_len
@@ -194,8 +193,6 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
 
 
 def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
-    from engine.kvfit.weights import estimated_weight_bytes, weight_bytes_per_gpu
-
     tp = max(1, req.tensor_parallel_size)
     total = req.gpu_memory_bytes
     if req.available_kv_bytes is None and req.kv_cache_memory_bytes is None and total is None:
@@ -366,6 +363,4 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
 def fit_table(arch: ModelArch, req: FitRequest, dtypes: tuple[str, ...] = ("auto", "fp8", "nvfp4"),
               lengths: tuple[int, ...] = FIT_LENGTHS) -> dict[str, dict[int, FitResult]]:
     """The Fit screen's grid: each KV dtype at each context length."""
-    from dataclasses import replace
-
     return {d: {n: plan(arch, replace(req, kv_cache_dtype=d, max_model_len=n)) for n in lengths} for d in dtypes}

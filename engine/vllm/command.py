@@ -201,7 +201,7 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
     views = [vllm_view_of(g) for g in gpus]  # a MIG GPU is one slice to vLLM
     total, free, used, note = min(views, key=lambda v: (v[1] if v[1] is not None else v[0] or 0))
     tightest = gpus[views.index((total, free, used, note))]
-    return plan(arch, FitRequest(
+    request = FitRequest(
         gpu_memory_bytes=total, gpu_memory_utilization=profile.gpu_memory_utilization,
         tensor_parallel_size=profile.tensor_parallel_size, max_model_len=profile.max_model_len,
         kv_cache_dtype=profile.kv_cache_dtype, free_memory_bytes=free, notes=[note] if note else [],
@@ -209,7 +209,9 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
         enforce_eager=profile.enforce_eager, kv_cache_memory_bytes=profile.kv_cache_memory_bytes,
         allow_long_max_model_len=allow_long_max_model_len(profile),
-        **({"vllm_version": profile.vllm_version} if profile.vllm_version else {}),
-    ))
+    )
+    if profile.vllm_version:
+        request.vllm_version = profile.vllm_version
+    return plan(arch, request)
 
 

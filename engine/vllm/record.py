@@ -24,7 +24,7 @@ class ServerRecord(ManagedRecord):
 
     @property
     def served_name(self) -> str:
-        return self.spec.get("served_model_name") or self.spec.get("model", "")
+        return str(self.spec.get("served_model_name") or self.spec.get("model", ""))
 
     @property
     def api_key(self) -> str | None:
