@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.kvfit import load_model  # noqa: E402
 from engine.kvfit.plan import FitRequest, plan  # noqa: E402
-from engine.vllm.launcher import CPU_BLOCK_SIZE, cpu_block_size  # noqa: E402
+from engine.vllm.command import CPU_BLOCK_SIZE, cpu_block_size  # noqa: E402
 from tests.engines.stack import vllm_python  # noqa: E402
 from tests.engines.test_real_kv_layouts import BATCHED, MAX_LEN, SHAPES  # noqa: E402
 from tests.fakes.tiny_model import make_tiny_arch  # noqa: E402

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TextIO
 
-from engine import audit
+from engine.audit import trail as audit
+from engine.vllm.command import LaunchError
 from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, PROTOCOL_VERSION, BadMessage, Hello, Op, Request, Response,
                             Snapshot, Subscribe, parse_client)
 from fleet.remote import snapshot_to_json
@@ -44,7 +45,7 @@ class BadRequest(ValueError):
 def _target(args: dict[str, Any]) -> str:
     for key in ("id", "profile", "spec", "adapter", "name"):
         if isinstance(args.get(key), str):
-            return str(args[key])  # stored escaped and cut where it must be (engine/audit_text.py)
+            return str(args[key])  # stored escaped and cut where it must be (engine/audit/text.py)
     return "?"
 
 
@@ -227,7 +228,7 @@ class Agent:
         import re
 
         from engine.finetune.jobs import SlurmRequest
-        from engine.slurm import check_time
+        from engine.slurm.client import check_time
 
         settings = self._slurm_settings()
         if not isinstance(req, dict) or set(req) - {"gpus", "partition", "time"}:
@@ -245,7 +246,7 @@ class Agent:
         return SlurmRequest(settings, gpus, part, limit)
 
     def _slurm_view(self, a: dict[str, Any]) -> Any:
-        from engine import slurm
+        from engine.slurm import client as slurm
 
         return slurm.cluster(self._slurm_settings()).to_json()
 
@@ -266,7 +267,7 @@ class Agent:
         sid = _text(a["server"], "server") if a.get("server") is not None else None
         try:
             return list_adapters(self.store, self.adapter_roots, sid).to_json()
-        except launcher.LaunchError as exc:
+        except LaunchError as exc:
             raise BadRequest(str(exc)) from None
 
     def _server(self, a: dict[str, Any]) -> Any:
@@ -274,11 +275,11 @@ class Agent:
 
         try:
             return launcher.refresh(self.store, launcher.get(self.store, _text(a.get("server"), "server")))
-        except launcher.LaunchError as exc:
+        except LaunchError as exc:
             raise BadRequest(str(exc)) from None
 
     def _adapter(self, a: dict[str, Any]) -> Any:
-        from engine import adapters
+        from engine.adapters import registry as adapters
 
         try:
             return adapters.by_name(self.adapter_roots, a.get("adapter"))
@@ -294,13 +295,13 @@ class Agent:
         return value
 
     def _load_adapter(self, a: dict[str, Any]) -> Any:
-        from engine import adapters
+        from engine.adapters import registry as adapters
 
         server, adapter = self._server(a), self._adapter(a)
         return adapters.load_into(server, adapter, self._name(a))
 
     def _swap_adapter(self, a: dict[str, Any]) -> Any:
-        from engine import adapters
+        from engine.adapters import registry as adapters
 
         server, adapter, old = self._server(a), self._adapter(a), self._name(a, "old")
         if old is None:
@@ -308,7 +309,7 @@ class Agent:
         return adapters.load_into(server, adapter, self._name(a), old)
 
     def _unload_adapter(self, a: dict[str, Any]) -> Any:
-        from engine import adapters
+        from engine.adapters import registry as adapters
 
         server, name = self._server(a), self._name(a)
         if name is None:
@@ -316,7 +317,7 @@ class Agent:
         return adapters.unload(server.base_url, name, server.api_key, server=server.id)
 
     def _tail_log(self, a: dict[str, Any]) -> Any:
-        from engine.logs import tail
+        from engine.io.logs import tail
 
         if a.get("kind") == "job":
             from engine.finetune import jobs

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 import psutil
 
-from engine import audit
-from engine.slurm import Placement
+from engine.audit import trail as audit
+from engine.slurm.client import Placement
 
 if TYPE_CHECKING:
     from store.db import Store

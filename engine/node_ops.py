@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
-from engine import audit
-from engine.folders import Folders
+from engine.audit import trail as audit
+from engine.host.folders import Folders
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -34,7 +34,7 @@ class AdapterListing:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> "AdapterListing":
-        from engine.adapters import Adapter
+        from engine.adapters.registry import Adapter
 
         known = Adapter.__dataclass_fields__
         return cls([Adapter(**{k: v for k, v in a.items() if k in known}) for a in doc.get("adapters", [])],
@@ -44,11 +44,11 @@ class AdapterListing:
 
 def list_adapters(store: Store, roots: list[Any], sid: str | None) -> AdapterListing:
     """This host's adapters, and those loaded in server `sid` (the agent answers with this too)."""
-    from engine import adapters
-    from engine.adapter_versions import integrity_problem
+    from engine.adapters import registry as adapters
+    from engine.adapters.registry import integrity_problem
     from engine.vllm import launcher
 
-    from engine.adapter_eval import evals_of
+    from engine.adapters.evaluation import evals_of
 
     found, problems = adapters.scan(roots)
     listing = AdapterListing(found, {a.name: integrity_problem(a) for a in found}, [], problems)
@@ -214,7 +214,7 @@ class LocalOps:
     def tail_log(self, kind: str, ident: str, n: int = 200) -> str:
         from engine.finetune import jobs
         from engine.vllm import launcher
-        from engine.logs import tail
+        from engine.io.logs import tail
 
         rec = jobs.get(self.store, ident) if kind == "job" else launcher.get(self.store, ident)
         return tail(rec.log_path, n)
@@ -223,7 +223,7 @@ class LocalOps:
         return list_adapters(self.store, list(self.adapter_roots), sid)
 
     def _load(self, sid: str, adapter: str, old: str | None) -> str:
-        from engine import adapters
+        from engine.adapters import registry as adapters
         from engine.vllm import launcher
 
         server = launcher.refresh(self.store, launcher.get(self.store, sid))
@@ -236,7 +236,7 @@ class LocalOps:
         return self._load(sid, adapter, old)
 
     def unload_adapter(self, sid: str, name: str) -> str:
-        from engine import adapters
+        from engine.adapters import registry as adapters
         from engine.vllm import launcher
 
         rec = launcher.get(self.store, sid)
@@ -403,7 +403,7 @@ class AgentOps:
 
 def serve_adapter(ops: NodeOps, adapter: str) -> str:
     """Load an adapter of a node into the first ready server of that node that can serve it."""
-    from engine import adapters as engine_adapters
+    from engine.adapters import registry as engine_adapters
 
     listing = ops.adapters(None)
     found = next((a for a in listing.adapters if a.name == adapter), None)

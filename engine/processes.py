@@ -15,7 +15,7 @@ from typing import Callable
 
 import psutil
 
-from engine import audit
+from engine.audit import trail as audit
 
 
 class KillError(Exception):

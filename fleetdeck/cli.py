@@ -10,10 +10,13 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from fleetdeck import __version__
 from fleetdeck.argtypes import positive_seconds
+
+if TYPE_CHECKING:
+    from fleet.source import NodeSource
 
 EXIT_USAGE = 2
 
@@ -38,7 +41,7 @@ def _store_path(args: argparse.Namespace) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     # The global options are accepted before or after the subcommand (`fleetdeck demo --store X`).
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS,
                         help="SQLite store (default: $FLEETDECK_STORE or the XDG data dir)")
     common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fleetdeck import commands
 
     for register in commands.REGISTRY:
-        register(sub)
+        register(sub)  # type: ignore[arg-type]
     return parser
 
 
@@ -113,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from store.config_files import ConfigError
     from store.db import StoreError, corrupt_message, is_corrupt
 
-    from engine import audit
+    from engine.audit import trail as audit
     from fleetdeck.cmdutil import route_router_config
 
     code = route_router_config(args, f"fleetdeck {args.command or ''}".strip())
@@ -145,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def audit_session(args: argparse.Namespace, source: str, read_only: bool | None = None) -> Any:
     """Every change this command makes is audited in its store; `--read-only` (or the fleet config's
     `read_only`) refuses them all, recorded."""
-    from engine import audit
+    from engine.audit import trail as audit
     from fleet.config import load_fleet_config
     from store.config_files import ConfigError
 
@@ -185,6 +188,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             return code
     if args.command == "gpus":
         return cmd_gpus(args)
+    # The dashboard's module loads Textual: imported only when a dashboard runs (never for `fleetdeck gpus`).
+    from fleetdeck.dashboard import cmd_dashboard
+
     if args.command == "demo":
         return cmd_dashboard(args, demo=True)
     if args.command == "agent":
@@ -216,10 +222,10 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
-def gpus_json(snaps: list) -> dict:
+def gpus_json(snaps: list[Any]) -> dict[str, Any]:
     first = snaps[0]
     ok = all(s.nvml == "ok" for s in snaps)
-    doc: dict = {
+    doc: dict[str, Any] = {
         "host": first.node,
         "nvml": "ok" if ok else "unavailable",
         "reason": None if ok else "; ".join(f"{s.node}: {s.reason}" for s in snaps if s.nvml != "ok"),
@@ -236,13 +242,14 @@ def gpus_json(snaps: list) -> dict:
     return doc
 
 
-def _asdict(obj: object) -> dict:
+def _asdict(obj: object) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return asdict(obj)  # type: ignore[call-overload]
+    fields: dict[str, Any] = asdict(obj)  # type: ignore[call-overload]
+    return fields
 
 
-def print_gpus(snaps: list) -> None:
+def print_gpus(snaps: list[Any]) -> None:
     from fleetdeck.tables import print_table
     from tui.format import gib, local_time
 
@@ -281,12 +288,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from fleetdeck.cmdutil import fleet_config_of
     from store.config_files import ConfigError
 
+    source: NodeSource
     if args.simulated:
         from fleet.simulated import demo_fleet
 
         live = None
         if args.store:  # a simulated node with a store of its own holds what that store runs (the demo's node)
-            from engine.demo_home import DemoProcesses
+            from engine.demo.home import DemoProcesses
 
             live = DemoProcesses(Path(args.store), one_node=True)
         source = demo_fleet(live=live)[0]
@@ -305,145 +313,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     read_only = bool(args.read_only or config.read_only)
     agent = Agent(source, Path(args.store) if args.store else None, list(config.adapter_roots), __version__,
                   read_only=read_only, slurm=config.slurm, model_roots=list(config.models.roots))
-    from engine import audit
+    from engine.audit import trail as audit
 
     with audit.session(Path(args.store) if args.store else _store_path(args), "agent", read_only=read_only,
                        node=source.name if hasattr(source, "name") else None, key_file=config.audit.key_file,
                        syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
         return agent.serve(sys.stdin, sys.stdout)
-
-
-def remote_sources(config: object) -> list:
-    from fleet.remote import RemoteNode
-
-    return [RemoteNode.over_ssh(n.name, n.ssh, list(n.ssh_options), n.agent_command or None,  # type: ignore[attr-defined]
-                                hello_timeout_s=n.hello_timeout_s)  # type: ignore[attr-defined]
-            for n in config.node]  # type: ignore[attr-defined]
-
-
-def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
-    from fleet.config import FleetConfig
-    from fleetdeck.cmdutil import fleet_config_of
-    from store.config_files import ConfigError
-
-    try:
-        config = fleet_config_of(args) if not demo else FleetConfig()
-    except ConfigError as exc:
-        return fail(str(exc))
-    if args.refresh:
-        config = config.model_copy(update={"refresh_s": args.refresh})
-    if args.read_only:
-        config = config.model_copy(update={"read_only": True})
-    if demo:
-        return _run_demo(args, config)
-
-    from store.paths import default_router_config
-
-    def factory() -> list:
-        from fleet.source import LocalNode
-
-        return [LocalNode(), *remote_sources(config)]
-
-    from tui.app import AppOptions
-
-    return _run_app(AppOptions(sources_factory=factory, store_path=_store_path(args), config=config,
-                               router_config=default_router_config(), watch_terminal=True), config)
-
-
-def _run_demo(args: argparse.Namespace, config: Any) -> int:
-    """`fleetdeck demo`: the dashboard on simulated nodes, with the demo's own folder (engine/demo_home.py)."""
-    from engine.demo_home import DemoBusy, DemoHome, DemoProcesses, stop_everything
-
-    home = DemoHome.default()
-    if args.store:
-        return fail(f"the demo keeps its own store ({home.store}); --store is not for the demo "
-                    "(`fleetdeck demo --reset` clears it)")
-    try:
-        lock = home.lock()  # held until this process ends; an earlier demo's leftovers are ours to end
-    except DemoBusy as exc:
-        return fail(str(exc))
-    try:
-        if args.reset:
-            ended = home.reset()
-            print(f"fleetdeck: demo cleared ({home.root} removed" + (f"; ended {', '.join(ended)}" if ended else "")
-                  + "). `fleetdeck demo` starts it afresh.")
-            return 0
-        ended = home.end_leftovers()
-        notice = None
-        if ended:
-            notice = f"An earlier demo had left these running; they were ended: {', '.join(ended)}"
-            print(f"fleetdeck: {notice}", file=sys.stderr)
-        home.prepare()
-        remote_store = home.root / "sim-remote-04.db"
-        config = config.model_copy(update={"adapter_roots": [home.adapters]})
-        live = DemoProcesses(home.store)
-
-        def factory() -> list:
-            from fleet.remote import RemoteNode
-            from fleet.simulated import demo_fleet
-
-            # A fourth node behind the real agent protocol (over a pipe, not SSH) that drops every
-            # 45 s and is reconnected with backoff, as a flaky remote node would be. Its own store (and,
-            # through the environment, the demo's profiles and log folder), as a node has its own.
-            agent = ["env", f"FLEETDECK_PROFILES={home.profiles}", f"XDG_STATE_HOME={home.root / 'sim-remote-04'}",
-                     sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "sim-remote-04",
-                     "--exit-after", "45", "--store", str(remote_store)]
-            flaky = RemoteNode("sim-remote-04", agent, backoff_s=(3.0, 10.0))
-            flaky.simulated = True
-            return [*demo_fleet(live=live), flaky]
-
-        def end_demo() -> None:
-            """Everything the demo started, helpers first (the backend stops its own servers and job), then
-            whatever is still live in the demo's stores (what the operator started from its dialogs)."""
-            try:  # the terminal may be gone (a hangup): then there is no one to tell
-                print("fleetdeck: ending the demo's backend, proxy, simulated servers and jobs…", file=sys.stderr,
-                      flush=True)
-            except OSError:
-                pass
-            home.helpers.end_all(timeout=30.0)  # the backend stops the proxy, its servers and its job first
-            from store.db import open_store
-
-            for path in (home.store, remote_store):
-                if path.exists():
-                    store = open_store(path)
-                    try:
-                        stop_everything(store)
-                    finally:
-                        store.close()
-
-        from tui.app import AppOptions
-
-        options = AppOptions(sources_factory=factory, store_path=home.store, config=config, simulated=True,
-                             router_config=home.router_config, demo_backend=True, demo_home=home,
-                             folders=home.folders(), end_helpers=end_demo, watch_terminal=True, start_notice=notice)
-        try:
-            return _run_app(options, config)
-        finally:
-            live.close()
-    finally:
-        os.close(lock)
-
-
-def _run_app(options: Any, config: Any) -> int:
-    """Run the dashboard; whatever ends it (q, SIGHUP, SIGTERM, a lost terminal, an error), what it
-    started for itself is ended before this returns (options.end_helpers, through app.end_helpers)."""
-    import signal
-
-    from engine import audit
-    from tui.app import FleetDeckApp
-
-    app = FleetDeckApp(options)
-    # Python-level handlers (not the event loop's: those are taken down when the loop closes, and a
-    # second SIGHUP would then kill the process halfway through ending its helpers).
-    for sig in (signal.SIGHUP, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: app.terminal_lost())
-    with audit.session(options.store_path, "tui", read_only=config.read_only, key_file=config.audit.key_file,
-                       syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
-        try:
-            app.run()
-        finally:
-            app.end_helpers()
-    return app.return_code or 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -96,7 +96,7 @@ def _router_path(args: argparse.Namespace) -> Path:
 
 
 def _adapter(roots: list[Path], name_or_path: str) -> Any:
-    from engine import adapters
+    from engine.adapters import registry as adapters
 
     try:
         return adapters.by_name(roots, name_or_path)
@@ -108,7 +108,7 @@ def _adapter(roots: list[Path], name_or_path: str) -> Any:
 
 
 def _status(adapter: Any) -> str:
-    from engine.adapter_versions import integrity_problem
+    from engine.adapters.registry import integrity_problem
 
     if adapter.version is None:
         return "unversioned"
@@ -116,8 +116,8 @@ def _status(adapter: Any) -> str:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    from engine import adapters
-    from engine.adapter_eval import evals_of
+    from engine.adapters import registry as adapters
+    from engine.adapters.evaluation import evals_of
     from engine.vllm.launcher import list_servers, refresh
 
     found, problems = adapters.scan(_roots(args))
@@ -159,10 +159,10 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from engine import adapters
-    from engine.adapter_eval import evals_of
-    from engine.adapter_versions import integrity_problem
-    from engine.promotion import history
+    from engine.adapters import registry as adapters
+    from engine.adapters.evaluation import evals_of
+    from engine.adapters.registry import integrity_problem
+    from engine.adapters.promotion import history
 
     try:
         a = adapters.by_name(_roots(args), args.adapter)
@@ -198,8 +198,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 @mutating("adapter.import", lambda a: a.name)
 def run_import(args: argparse.Namespace) -> int:
-    from engine.adapter_versions import import_adapter
-    from engine.adapters import AdapterError
+    from engine.adapters.versions import import_adapter
+    from engine.adapters.registry import AdapterError
 
     try:
         target = import_adapter(Path(args.path).expanduser(), args.name, _roots(args))
@@ -220,8 +220,9 @@ def run_swap(args: argparse.Namespace) -> int:
 
 
 def _load_or_swap(args: argparse.Namespace, old: str | None) -> int:
-    from engine import adapters
-    from engine.vllm.launcher import LaunchError, get, refresh
+    from engine.adapters import registry as adapters
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get, refresh
 
     if args.node:
         op = "load_adapter" if old is None else "swap_adapter"
@@ -238,8 +239,9 @@ def _load_or_swap(args: argparse.Namespace, old: str | None) -> int:
 
 @mutating("adapter.unload", lambda a: a.name)
 def run_unload(args: argparse.Namespace) -> int:
-    from engine import adapters
-    from engine.vllm.launcher import LaunchError, get
+    from engine.adapters import registry as adapters
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get
 
     if args.node:
         return on_node(args, "unload_adapter", {"server": args.server, "name": args.name})
@@ -271,10 +273,11 @@ def _scoring(args: argparse.Namespace) -> tuple[str, float | None] | int:
 
 @mutating("adapter.eval", lambda a: a.adapter)
 def run_eval(args: argparse.Namespace) -> int:
-    from engine import adapters
-    from engine.adapter_eval import compatible_servers, evaluate
+    from engine.adapters import registry as adapters
+    from engine.adapters.evaluation import compatible_servers, evaluate
     from engine.router.calibrate import EvalSetError
-    from engine.vllm.launcher import LaunchError, get, refresh
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get, refresh
 
     scoring = _scoring(args)
     if isinstance(scoring, int):
@@ -313,10 +316,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 @mutating("adapter.eval", lambda a: f"model on {a.server}")
 def run_compare(args: argparse.Namespace) -> int:
-    from engine import adapters
-    from engine.adapter_eval import compare, evals_of, evaluate_served_model, file_sha256
+    from engine.adapters import registry as adapters
+    from engine.adapters.evaluation import compare, evals_of, evaluate_served_model, file_sha256
     from engine.router.calibrate import EvalSetError
-    from engine.vllm.launcher import LaunchError, get, refresh
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get, refresh
 
     scoring = _scoring(args)
     if isinstance(scoring, int):
@@ -358,8 +362,8 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def _promotion(args: argparse.Namespace, rollback: bool) -> int:
-    from engine import promotion
-    from engine.adapters import AdapterError
+    from engine.adapters import promotion
+    from engine.adapters.registry import AdapterError
     from store.config_files import ConfigError
 
     store, path = _store(args), _router_path(args)
@@ -375,7 +379,7 @@ def _promotion(args: argparse.Namespace, rollback: bool) -> int:
 
 
 def run_history(args: argparse.Namespace) -> int:
-    from engine.promotion import history
+    from engine.adapters.promotion import history
     from tui.format import local_time
 
     rows = history(_store(args, create=False), args.task)

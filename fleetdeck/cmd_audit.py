@@ -44,9 +44,9 @@ def since(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine import audit
-    from engine.audit_anchor import AnchorError, Anchor
-    from engine.audit_text import shown
+    from engine.audit import trail as audit
+    from engine.audit.anchor import AnchorError, Anchor
+    from engine.audit.text import shown
     from fleet.config import load_fleet_config
     from fleetdeck.cmdutil import store_of, store_path_of
 
@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _anchor(store: Any, anchor: Any, reason: str | None) -> int:
-    from engine import audit
-    from engine.audit_anchor import AnchorError
-    from engine.audit_text import shown
+    from engine.audit import trail as audit
+    from engine.audit.anchor import AnchorError
+    from engine.audit.text import shown
 
     if not reason or not reason.strip():
         print("fleetdeck: audit anchor needs --reason WHY (it is recorded with who ran it)", file=sys.stderr)

@@ -167,7 +167,7 @@ def run_start(args: argparse.Namespace) -> int:
 
 def _start_slurm(args: argparse.Namespace, spec: JobSpec, config: FleetConfig) -> int:
     from engine.finetune import jobs
-    from engine.slurm import check_time
+    from engine.slurm.client import check_time
 
     if not config.slurm.enabled:
         return _err("Slurm is not configured: set [slurm] enabled = true (and partition, account, qos as the site "
@@ -250,7 +250,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
-    from engine.logs import tail
+    from engine.io.logs import tail
 
     if args.node:
         return on_node(args, "tail_log", {"id": args.id, "n": args.n, "kind": "job"})
@@ -283,8 +283,8 @@ def _wait_job(store: Store, rec: JobRecord) -> int:
 
 @mutating("model.merge", lambda a: a.source)
 def run_merge(args: argparse.Namespace) -> int:
-    from engine import adapters
-    from engine.adapter_versions import integrity_problem
+    from engine.adapters import registry as adapters
+    from engine.adapters.registry import integrity_problem
     from engine.finetune import jobs
     from fleetdeck.cmdutil import fleet_config_of
 

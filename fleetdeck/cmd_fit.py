@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-model-len", type=integer(1, 2**31 - 1, "a token count"), metavar="L",
                    help="context length to plan (default: vLLM's for the model, its own limit from config.json)")
     from engine.kvfit.arch import QUANT_BY_VLLM_NAME
-    from engine.kvfit.plan import KV_DTYPES
+    from engine.kvfit.kv_cache import KV_DTYPES
 
     p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto")
     p.add_argument("--quantization", choices=sorted(QUANT_BY_VLLM_NAME), help="override the checkpoint's quantization")
@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=integer(1, 1 << 24, "a token count"), metavar="N")
     p.add_argument("--block-size", type=integer(1, 1024, "a block size"), default=16)
     p.add_argument("--engine", choices=("v1", "v0"), default="v1", help="vLLM engine whose profile to model")
-    from engine.kvfit.plan import VLLM_VERSION_MODELLED
+    from engine.kvfit.overhead import VLLM_VERSION_MODELLED
 
     p.add_argument("--vllm-version", default=VLLM_VERSION_MODELLED, metavar="X.Y",
                    help=f"the vLLM whose memory accounting to follow (default {VLLM_VERSION_MODELLED}; CUDA graphs "
@@ -145,7 +145,7 @@ def _fill_from_nvml(req: FitRequest, index: int) -> str | None:
 def apply_gpu(req: FitRequest, gpu: GpuSnapshot) -> None:
     """Size against a live GPU as vLLM sees it: its total, its free memory and what other processes hold
     (on a MIG GPU, its roomiest slice)."""
-    from engine.kvfit.plan import vllm_view_of
+    from engine.kvfit.overhead import vllm_view_of
 
     total, free, used, note = vllm_view_of(gpu)
     req.gpu_memory_bytes, req.free_memory_bytes, req.other_process_bytes = total, free, used

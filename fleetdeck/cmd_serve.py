@@ -18,7 +18,7 @@ from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
     from engine.kvfit.plan import FitResult
-    from engine.vllm.launcher import ServerRecord
+    from engine.vllm.record import ServerRecord
     from fleet.model import GpuSnapshot
     from store.db import Store
 
@@ -86,8 +86,9 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[GpuSnapshot
 def run_start(args: argparse.Namespace) -> int:
     import shlex
 
-    from engine.vllm.launcher import (LaunchError, build_launch, check_exposure, listen_host, preflight, resolve_preload,
-                                      start, vllm_installed)
+    from engine.vllm.command import (LaunchError, build_launch, check_exposure, listen_host, preflight, resolve_preload,
+                                     vllm_installed)
+    from engine.vllm.launcher import start
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from store.config_files import ConfigError
     from engine.kvfit.text import render_text
@@ -104,7 +105,7 @@ def run_start(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         return _err(str(exc))
     if args.node:
-        from engine import audit
+        from engine.audit import trail as audit
         from fleet.protocol import Op
         from fleet.remote import AgentError
 
@@ -156,8 +157,9 @@ def run_start(args: argparse.Namespace) -> int:
 
 def _start_slurm(args: argparse.Namespace) -> int:
     from engine.finetune.jobs import SlurmRequest
-    from engine.slurm import check_time
-    from engine.vllm.launcher import LaunchError, start
+    from engine.slurm.client import check_time
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import start
     from engine.vllm.profile import find_profile, load_profile, profile_roots
     from store.config_files import ConfigError
 
@@ -244,7 +246,8 @@ def _num(x: float | None, fmt: str = "{:.1f}") -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import LaunchError, get
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get
     from engine.vllm.status import statuses
 
     store = _store(args, create=False)
@@ -288,7 +291,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 @mutating("server.stop", lambda a: a.id)
 def run_stop(args: argparse.Namespace) -> int:
-    from engine.vllm.launcher import LaunchError, get, stop
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get, stop
 
     if args.node:
         return on_node(args, "stop_server", {"id": args.id})
@@ -310,8 +314,9 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from engine.logs import tail
-    from engine.vllm.launcher import LaunchError, get
+    from engine.io.logs import tail
+    from engine.vllm.command import LaunchError
+    from engine.vllm.launcher import get
 
     if args.node:
         return on_node(args, "tail_log", {"id": args.id, "n": args.n})

@@ -18,7 +18,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine import slurm
+    from engine.slurm import client as slurm
     from fleetdeck.cmdutil import fleet_config_of
     from store.config_files import ConfigError
 

@@ -39,7 +39,7 @@ class _Tee:
 
 
 def run(handler: Handler, args: argparse.Namespace) -> int:
-    from engine import audit
+    from engine.audit import trail as audit
 
     spec = getattr(handler, "audit", None)
     if spec is None or not spec[2](args):

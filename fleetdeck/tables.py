@@ -1,4 +1,4 @@
-"""The CLI's tables, laid out by rich (engine/tables.py): columns sized to their contents, numbers
+"""The CLI's tables, laid out by rich (engine/io/tables.py): columns sized to their contents, numbers
 right-aligned.
 
 Piped output (scripts, `| grep`, CI logs) is never wrapped or cut: the width is the table's own. At a
@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable, Sequence
 
 from rich.console import Console, RenderableType
 
-from engine.tables import table
+from engine.io.tables import table
 
 _PIPED_WIDTH = 10_000
 

@@ -164,7 +164,7 @@ def _v6_sanitized_rows(db: sqlite_utils.Database) -> None:
 
 
 def _v7_audit(db: sqlite_utils.Database) -> None:
-    # The operators' audit trail (engine/audit.py): append-only, hash-chained. The triggers refuse
+    # The operators' audit trail (engine/audit/trail.py): append-only, hash-chained. The triggers refuse
     # changes through SQLite; the chain shows any made around it. Pruning may delete only records
     # older than a cut-off it first records in audit_prune (itself append-only).
     db.execute(

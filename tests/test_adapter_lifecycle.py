@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine import adapters
-from engine.adapter_versions import content_hash, integrity_problem
+from engine.adapters import registry as adapters
+from engine.adapters.registry import content_hash, integrity_problem
 from engine.vllm import launcher
 from fleetdeck.cli import main
 from store.db import open_store

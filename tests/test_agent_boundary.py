@@ -17,7 +17,7 @@ import pytest
 
 from engine import managed
 from engine.agent import Agent
-from engine.vllm.launcher import ServerRecord
+from engine.vllm.record import ServerRecord
 from fleet.simulated import demo_fleet
 from fleetdeck.cli import main
 from store.db import open_store

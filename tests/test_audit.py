@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine import audit
+from engine.audit import syslog
+from engine.audit import trail as audit
 from fleetdeck.cli import main
 from store.db import open_store
 from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S, Pipe, make_node_files, wait_for
@@ -353,7 +354,7 @@ def test_a_value_the_store_cannot_take_is_recorded_and_the_action_goes_ahead_wit
     """A non-UTF-8 byte, a lone surrogate, NUL, ESC and 20k characters: stored escaped (and cut, with the
     whole value's hash), never a reason to lose the record of what was done."""
     from engine.agent import Agent
-    from engine.audit_text import LIMIT, unstored
+    from engine.audit.text import LIMIT, unstored
     from fleet.simulated import demo_fleet
 
     db = site / "fd.db"
@@ -570,7 +571,7 @@ async def test_the_audit_screen_and_the_system_log_escape_what_would_act_on_a_te
     store = open_store(tmp_path / "fd.db")
     evil = "mallory\x1b[31m[bold]RED[/]\nforged"
     rec = audit.append(store, "server.stop", evil, "refused", evil, params={"server": evil}, who={"actor": evil})
-    line = audit.syslog_line(rec)
+    line = syslog.syslog_line(rec)
     assert b"\n" not in line and b"\x1b" not in line and b"\\x1b[31m" in line
     app = make_app(store_path=tmp_path / "fd.db")
     async with app.run_test(size=(160, 24)) as pilot:

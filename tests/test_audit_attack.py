@@ -19,9 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import audit
-from engine.audit_anchor import Anchor
-from engine.audit_text import unstored
+from engine.audit import chain
+from engine.audit import trail as audit
+from engine.audit.anchor import Anchor
+from engine.audit.text import unstored
 from fleetdeck.cli import main
 from store.db import open_store
 
@@ -65,7 +66,7 @@ def _count(db: Path) -> int:
 # committed), or committing the SQLite transaction (nothing is committed).
 _KILL_AT_CHECKPOINT = """
 import os, signal, sys
-from engine import audit
+from engine.audit import trail as audit
 from store.db import open_store
 real = os.replace
 def dying(src, dst, *a, **k):
@@ -80,7 +81,7 @@ audit.append(store, "server.stop", "killed", "done", params={"server": "killed"}
 _KILL_AT_COMMIT = """
 import os, signal, sys
 from contextlib import contextmanager
-from engine import audit
+from engine.audit import trail as audit
 from store.db import Store, open_store
 @contextmanager
 def dying(self):
@@ -151,7 +152,7 @@ def test_a_forged_record_is_not_excused_by_a_dead_writer_s_intent(db, tmp_path, 
     rows = [dict(r) for r in _rows(db)]
     forged = {k: v for k, v in rows[-1].items() if k not in ("seq", "hash")}
     forged["target"] = "forged"
-    forged["hash"] = audit._mac(key, forged["prev_hash"], forged)
+    forged["hash"] = chain.keyed_hash(key, forged["prev_hash"], forged)
     conn = sqlite3.connect(db)
     conn.execute("DROP TRIGGER IF EXISTS audit_no_update")
     conn.execute("UPDATE audit SET target = ?, hash = ? WHERE seq = 4", (forged["target"], forged["hash"]))
@@ -335,7 +336,7 @@ def test_a_writer_stuck_holding_the_audit_lock_makes_actions_fail_closed_not_han
     hanging for ever (the wait set to nothing here, so the test does not depend on time)."""
     import fcntl
 
-    from engine import audit_anchor
+    from engine.audit import anchor as audit_anchor
 
     monkeypatch.setattr(audit_anchor, "LOCK_WAIT_S", 0.0)
     anchor = Anchor.of(db)

@@ -19,9 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import audit
-from engine.audit_anchor import Anchor
-from engine.audit_text import LIMIT, MARK, stored, unstored
+from engine.audit import chain
+from engine.audit import trail as audit
+from engine.audit.anchor import Anchor
+from engine.audit.text import LIMIT, MARK, stored, unstored
 from fleetdeck.cli import main
 from store.db import open_store
 
@@ -120,7 +121,7 @@ def test_a_deleted_tail_is_found(db, capsys):
 def test_a_forged_record_appended_without_the_key_is_found(db, capsys):
     last = _rows(db)[-1]
     forged = {**last, "seq": N + 1, "target": "s-forged", "prev_hash": last["hash"]}
-    forged["hash"] = audit._chain(forged["prev_hash"], forged)  # the old, unkeyed way: all one can do without it
+    forged["hash"] = chain.plain_hash(forged["prev_hash"], forged)  # the old, unkeyed way: all one can do without it
     cols = list(forged)
     _sql(db, f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
          params=tuple(forged[c] for c in cols))
@@ -131,7 +132,7 @@ def test_a_forged_record_with_a_guessed_key_is_found(db, capsys):
     last = _rows(db)[-1]
     kid = last["hash"].split(":")[1]  # the key's id is public; the key is not
     forged = {**last, "seq": N + 1, "target": "s-forged", "prev_hash": last["hash"]}
-    body = b"fleetdeck-audit-1\0" + forged["prev_hash"].encode() + b"\0" + audit._canonical(forged)
+    body = b"fleetdeck-audit-1\0" + forged["prev_hash"].encode() + b"\0" + chain.canonical(forged)
     forged["hash"] = f"hmac1:{kid}:" + hmac.new(b"guess" * 8, body, hashlib.sha256).hexdigest()
     cols = list(forged)
     _sql(db, f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
@@ -144,7 +145,7 @@ def test_a_forged_record_appended_with_the_key_is_found_by_the_checkpoint(db, ca
     key = Anchor.of(db).key(create=False)
     last = _rows(db)[-1]
     forged = {**last, "seq": N + 1, "target": "s-forged", "prev_hash": last["hash"]}
-    forged["hash"] = audit._mac(key, forged["prev_hash"], forged)
+    forged["hash"] = chain.keyed_hash(key, forged["prev_hash"], forged)
     cols = list(forged)
     _sql(db, f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
          params=tuple(forged[c] for c in cols))
@@ -155,10 +156,10 @@ def test_a_forged_record_appended_with_the_key_is_found_by_the_checkpoint(db, ca
 def test_hashes_recomputed_after_an_edit_without_the_key_are_found(db, capsys, start):
     rows = _rows(db)
     rows[start - 1]["target"] = "someone-else"
-    prev = rows[start - 2]["hash"] if start > 1 else audit.GENESIS
+    prev = rows[start - 2]["hash"] if start > 1 else chain.GENESIS
     for r in rows[start - 1:]:
         r["prev_hash"] = prev
-        r["hash"] = prev = audit._chain(prev, r)
+        r["hash"] = prev = chain.plain_hash(prev, r)
     _rewrite(db, rows)
     # From record 3: an unkeyed record after keyed ones. From record 1: every record unkeyed; the first was
     # written as the key was made (it cannot be told from a record of just before), the second is dated
@@ -168,11 +169,11 @@ def test_hashes_recomputed_after_an_edit_without_the_key_are_found(db, capsys, s
 
 def test_hashes_recomputed_with_old_dates_are_still_found_by_the_checkpoint(db, capsys):
     rows = _rows(db)
-    prev = audit.GENESIS
+    prev = chain.GENESIS
     for i, r in enumerate(rows):
         r["ts"] = 1_500_000_000.0 + i  # before any key existed
         r["prev_hash"] = prev
-        r["hash"] = prev = audit._chain(prev, r)
+        r["hash"] = prev = chain.plain_hash(prev, r)
     _rewrite(db, rows)
     _broken(db, capsys, N, "not the one the checkpoint holds")
 
@@ -225,13 +226,13 @@ def test_a_deleted_key_is_found(db, capsys):
 def test_a_store_from_before_the_key_keeps_verifying_its_old_records_flagged_unkeyed(tmp_path, capsys):
     db = tmp_path / "old.db"
     store = open_store(db)
-    prev = audit.GENESIS
+    prev = chain.GENESIS
     with store.transaction() as conn:  # what fleetdeck wrote before keys: plain SHA-256, a year ago
         for i in range(3):
             rec = audit._build("job.cancel", f"j{i}", "done", None, "cli", "n", {"job": f"j{i}"}, None,
                                1_700_000_000.0 + i)
             rec["prev_hash"] = prev
-            rec["hash"] = audit._chain(prev, rec)
+            rec["hash"] = chain.plain_hash(prev, rec)
             prev = rec["hash"]
             cols = list(rec)
             conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",

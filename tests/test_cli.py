@@ -110,7 +110,7 @@ def test_the_dashboard_never_loads_litellm_torch_vllm_or_unsloth():
 def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     """`fleetdeck audit --json | head -1`: the reader closes the pipe while fleetdeck still writes (more
     than a pipe holds); it ends without a traceback."""
-    from engine import audit
+    from engine.audit import trail as audit
     from store.db import open_store
 
     store = open_store(tmp_path / "fd.db")

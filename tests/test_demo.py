@@ -21,8 +21,8 @@ import psutil
 import pytest
 from textual.widgets import Input, Select, Static
 
-from engine import audit
-from engine.demo_home import DemoHome, DemoProcesses, stop_everything
+from engine.audit import trail as audit
+from engine.demo.home import DemoHome, DemoProcesses, stop_everything
 from engine.finetune import jobs
 from engine.vllm import launcher
 from engine.vllm.profile import load_profile
@@ -188,11 +188,11 @@ def test_reset_ends_what_the_demo_started_and_clears_its_folder(home, capsys):
 
 
 def test_one_demo_at_a_time(home):
-    from engine.demo_home import DemoBusy
+    from engine.demo.home import DemoBusy
 
     held = home.lock()
     try:
-        probe = subprocess.run([sys.executable, "-c", "from engine.demo_home import DemoHome; DemoHome.default().lock()"],
+        probe = subprocess.run([sys.executable, "-c", "from engine.demo.home import DemoHome; DemoHome.default().lock()"],
                                capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert probe.returncode != 0 and DemoBusy.__name__ in probe.stderr and f"pid {os.getpid()}" in probe.stderr
     finally:

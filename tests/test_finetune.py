@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import adapters
+from engine.adapters import registry as adapters
 from engine.finetune import jobs
 from engine.finetune.dataset import check_dataset
 from engine.finetune.runner import unsloth_calls
@@ -98,7 +98,7 @@ def test_peft_job_runs_on_cpu_is_cancelled_resumed_and_ends_with_a_servable_adap
     assert [a.name for a in found] == ["tickets-tiny@v1"] and found[0].rank == 4
     # It is registered as an immutable version with its provenance: the job, who, and a content hash.
     assert (meta["version"], meta["origin"], meta["job_id"]) == (1, "job", rec.id) and len(meta["content_sha256"]) == 64
-    from engine.adapter_versions import integrity_problem
+    from engine.adapters.registry import integrity_problem
 
     assert integrity_problem(found[0]) is None and (adapter_dir / "adapter_config.json").stat().st_mode & 0o222 == 0
 

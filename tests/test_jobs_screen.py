@@ -9,8 +9,8 @@ from pathlib import Path
 
 from textual.widgets import DataTable
 
-from engine import adapters
-from engine import audit
+from engine.adapters import registry as adapters
+from engine.audit import trail as audit
 from engine.finetune import jobs
 from engine.finetune.spec import JobSpec
 from fleet.config import FleetConfig

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from engine.kvfit import ArchError, FitRequest, load_model, plan
 from engine.kvfit.arch import arch_from_config
 from engine.kvfit.catalogue import CATALOGUE, catalogue_arch, list_models, resolve
-from engine.kvfit.plan import kv_bytes_per_token_per_layer, kv_groups
+from engine.kvfit.kv_cache import kv_bytes_per_token_per_layer, kv_groups
 from engine.kvfit.training import estimate_training, lora_param_count
 from engine.kvfit.weights import estimated_weight_bytes, safetensors_bytes
 
@@ -308,7 +308,7 @@ def test_a_multimodal_config_is_sized_from_its_text_config():
 
 
 def test_a_mig_gpu_is_planned_as_the_slice_vllm_sees():
-    from engine.kvfit.plan import vllm_view_of
+    from engine.kvfit.overhead import vllm_view_of
     from fleet.model import GpuSnapshot, MigDevice
 
     gpu = GpuSnapshot(node="n", index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-0", memory_total_bytes=80 * GIB,
@@ -328,7 +328,7 @@ def test_a_mig_gpu_is_planned_as_the_slice_vllm_sees():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from engine.kvfit.plan import KV_DTYPES  # noqa: E402
+from engine.kvfit.kv_cache import KV_DTYPES  # noqa: E402
 from engine.kvfit.text import render_text  # noqa: E402
 
 _MODELS = ["meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", "Qwen/Qwen2.5-32B-Instruct-AWQ", "google/gemma-3-12b-it",
@@ -395,7 +395,7 @@ def test_the_cpu_block_size_is_vllms_for_mla_with_and_without_amx():
     reference kernel's 16-token blocks: the planner pages the same way, or its block count is off."""
     from types import SimpleNamespace
 
-    from engine.vllm.launcher import cpu_block_size, cpu_has_amx
+    from engine.vllm.command import cpu_block_size, cpu_has_amx
 
     mla, gqa = SimpleNamespace(is_mla=True), SimpleNamespace(is_mla=False)
     assert cpu_block_size(mla, amx=False) == 16 and cpu_block_size(mla, amx=True) == 128

@@ -158,7 +158,7 @@ def test_a_name_resolves_inside_the_roots_or_not_at_all(one_model_root, name):
 
 
 def test_a_profile_whose_model_is_in_a_root_hands_vllm_the_folder_and_serves_the_id(tmp_path, monkeypatch):
-    from engine.vllm.launcher import build_launch
+    from engine.vllm.command import build_launch
     from tests.helpers import profile
 
     root = tmp_path / "models"

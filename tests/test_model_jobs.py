@@ -21,7 +21,7 @@ def tiny_version(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from engine.adapter_versions import register
+    from engine.adapters.versions import register
 
     root = tmp_path_factory.mktemp("merge")
     base = make_tiny_model(root / "base", hidden_size=64, num_attention_heads=2, num_key_value_heads=1)

@@ -10,7 +10,8 @@ import pytest
 
 from engine.kvfit.arch import derived_max_model_len
 from engine.vllm import launcher
-from engine.vllm.launcher import LaunchError, UnplannableError
+from engine.vllm import command
+from engine.vllm.command import LaunchError, UnplannableError
 from engine.vllm.profile import find_profile
 from fleetdeck.cli import main
 from store.db import open_store
@@ -66,7 +67,7 @@ def test_a_cpu_profile_is_planned_against_its_kv_space_and_refused_past_the_limi
     store = open_store(tmp_path / "fd.db")
     folder = model_folder(tmp_path)
     cpu = dict(model=str(folder), env={"VLLM_CPU_KVCACHE_SPACE": "1"}, lora={"enable": False})
-    verdict = launcher.preflight(profile(max_model_len=256, **cpu), [])
+    verdict = command.preflight(profile(max_model_len=256, **cpu), [])
     # 1 GiB over 2 layers x K and V x 1 head x 64 x 2 bytes = 512 B a token, in 128-token blocks
     assert verdict.fits and verdict.kv_tokens == 2 * 1024**3 // 512 // 2 and verdict.block_size == 128
     with pytest.raises(LaunchError, match="derived max_model_len"):
@@ -191,9 +192,9 @@ def test_a_kv_cache_too_small_for_the_default_length_names_the_largest_that_fits
 def test_a_profile_that_allows_long_lengths_is_planned_past_the_limit_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
     folder = model_folder(tmp_path)
-    refused = launcher.preflight(profile(model=str(folder), max_model_len=512, lora={"enable": False}), [h100()])
+    refused = command.preflight(profile(model=str(folder), max_model_len=512, lora={"enable": False}), [h100()])
     assert not refused.fits and "derived max_model_len" in refused.reason
-    allowed = launcher.preflight(profile(model=str(folder), max_model_len=512, lora={"enable": False},
+    allowed = command.preflight(profile(model=str(folder), max_model_len=512, lora={"enable": False},
                                          env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}), [h100()])
     assert allowed.fits and allowed.model_max_model_len == 256
     assert any("VLLM_ALLOW_LONG_MAX_MODEL_LEN" in w for w in allowed.warnings)

@@ -224,7 +224,7 @@ def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp
     finally:
         node.close()
     # The node's audit trail has the refusal, with the SSH source, the key that made it and who asked.
-    from engine import audit
+    from engine.audit import trail as audit
     from store.db import open_store
 
     (rec,) = audit.query(open_store(tmp_path / "locked.db"))
@@ -447,7 +447,7 @@ def _operate_on_the_node(cli, sid, fleet, capsys, remote):
     assert main(["serve", "ls", "--node", "gpu-99", "--config", str(fleet)]) == 2
     assert "no node 'gpu-99' in the fleet config (nodes: gpu-02)" in capsys.readouterr().err
     # Every change is in the node's own audit trail, on behalf of this dashboard's user.
-    from engine import audit
+    from engine.audit import trail as audit
     from store.db import open_store
 
     recs = list(reversed(audit.query(open_store(remote / "fd.db"))))
@@ -528,7 +528,7 @@ async def test_the_jobs_screen_shows_and_cancels_a_job_on_a_remote_node(tmp_path
 
 async def test_a_remote_servers_adapters_panel_and_serving_a_remote_jobs_adapter(tmp_path):
     """The adapters panel and the Jobs screen's `v` go through the server's node, as for this host."""
-    from engine import audit
+    from engine.audit import trail as audit
     from store.db import open_store
     from tests.helpers import make_node_files
     from tests.tui_helpers import open_screen, settle

@@ -13,9 +13,11 @@ import time
 import httpx
 import pytest
 
-from engine import adapters
+from engine.adapters import registry as adapters
 from engine.vllm import launcher
-from engine.vllm.launcher import LaunchError
+from engine.vllm import command
+from engine.vllm import record
+from engine.vllm.command import LaunchError
 from engine.vllm.metrics import figures, parse, quantile
 from fleetdeck.cli import main
 from store.db import open_store
@@ -140,7 +142,7 @@ def test_a_server_is_not_ready_while_another_process_answers_on_its_port(store, 
         port = other.server_address[1]
         monkeypatch.setenv("FLEETDECK_SIM_START_DELAY", "600")  # ours has not bound its port yet
         rec, _ = launcher.start(store, profile(), [0], gpu_snapshots=[h100()], log_dir=tmp_path, port=port)
-        assert launcher.probe(rec)  # the port answers...
+        assert record.probe(rec)  # the port answers...
         rec = launcher.refresh(store, rec)
         assert rec.state == "starting"  # ...but not from this server's processes
         assert not launcher.answered_by_own_process(rec)
@@ -309,7 +311,7 @@ def test_a_live_api_process_whose_engine_died_is_crashed_with_that_reason(store,
     api = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['bash', '-c', "
                             "'exec -a VLLM::EngineCore sleep 600']); time.sleep(600)"], start_new_session=True)
     try:
-        rec = launcher.ServerRecord(
+        rec = record.ServerRecord(
             id="standin-1", name="standin", node="n", pid=api.pid, create_time=psutil.Process(api.pid).create_time(),
             argv=[], env={}, gpus="0", port=1, log_path=str(tmp_path / "standin.log"), spec={}, state="starting",
             reason=None, started_at=time.time())
@@ -351,7 +353,7 @@ def _host_profile(tmp_path, extra: str):
     ('host = "0.0.0.0"\napi_key_env = "FD_TEST_UNSET_KEY"', "FD_TEST_UNSET_KEY, which is not set"),
 ])
 def test_a_server_exposed_without_a_key_is_refused_in_one_line_and_audited(tmp_path, capsys, monkeypatch, extra, why):
-    from engine import audit
+    from engine.audit import trail as audit
 
     monkeypatch.delenv("FD_TEST_UNSET_KEY", raising=False)
     db = tmp_path / "fd.db"
@@ -384,10 +386,10 @@ def test_a_slurm_server_listens_on_its_nodes_interfaces_so_it_needs_a_key(store)
     from types import SimpleNamespace
 
     plain = profile(name="on-slurm")
-    assert launcher.listen_host(plain, slurm=True) == "0.0.0.0" and launcher.listen_host(plain) == "127.0.0.1"
+    assert command.listen_host(plain, slurm=True) == "0.0.0.0" and command.listen_host(plain) == "127.0.0.1"
     with pytest.raises(LaunchError, match="without an API key"):
         launcher.start(store, plain, [], slurm=SimpleNamespace(gpus=1))
-    assert launcher.listen_host(profile(host="node7.cluster"), slurm=True) == "node7.cluster"
+    assert command.listen_host(profile(host="node7.cluster"), slurm=True) == "node7.cluster"
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0; id", "-h", "a b", "", "x" * 300])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from textual.widgets import DataTable
 
-from engine import audit
+from engine.audit import trail as audit
 from engine.vllm import launcher
 from fleet.config import FleetConfig
 from store.db import open_store

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import slurm
+from engine.slurm import client as slurm
 from engine.finetune import jobs
 from fleetdeck.cli import main
 from store.db import open_store

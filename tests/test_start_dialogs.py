@@ -91,7 +91,7 @@ async def test_the_start_dialog_suggests_only_a_utilisation_that_holds_the_model
     """On the demo's busy A10 (the simulated vLLM holds most of it) the dialog's verdict names a utilisation
     that holds the weights and the length, or says none does; never one that cannot."""
     from engine.kvfit import FitRequest, load_model, plan
-    from engine.kvfit.plan import vllm_view_of
+    from engine.kvfit.overhead import vllm_view_of
 
     monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
     profiles = config_dir() / "profiles"

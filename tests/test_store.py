@@ -139,7 +139,7 @@ def test_run_state_kept_in_the_spec_by_older_stores_moves_to_its_own_columns(tmp
 
 
 def test_every_environment_override_is_read_in_one_place(tmp_path, monkeypatch):
-    from engine.vllm.launcher import vllm_command
+    from engine.vllm.command import vllm_command
     from engine.vllm.profile import Profile, profile_roots
     from store import paths
 
@@ -232,9 +232,9 @@ def test_a_store_held_here_is_never_reopened_with_plain_open(tmp_path, monkeypat
 def _store_with_data(path) -> None:
     import time
 
-    from engine import audit
+    from engine.audit import trail as audit
     from engine.router.demo import backfill
-    from engine.vllm.launcher import ServerRecord
+    from engine.vllm.record import ServerRecord
 
     store = open_store(path)
     backfill(store, time.time(), days=3, daily_only_days=5)

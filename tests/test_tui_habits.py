@@ -12,11 +12,11 @@ import pytest
 from textual.command import CommandPalette
 from textual.widgets import Input
 
-from engine import audit
+from engine.audit import trail as audit
 from engine.finetune import jobs
 from engine.finetune.jobs import JobRecord
 from engine.vllm import launcher
-from engine.vllm.launcher import ServerRecord
+from engine.vllm.record import ServerRecord
 from fleet.config import FleetConfig
 from fleet.source import LocalNode
 from store.db import open_store

@@ -128,10 +128,10 @@ def seeded_store(path: Path) -> Path:
     scraped), a job's loss curve, the router's history up to FIXED_NOW, and audit records."""
     import json
 
-    from engine import audit
+    from engine.audit import trail as audit
     from engine.finetune.jobs import JobRecord
     from engine.router.demo import backfill
-    from engine.vllm.launcher import ServerRecord
+    from engine.vllm.record import ServerRecord
     from store.db import open_store
 
     store = open_store(path)

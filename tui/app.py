@@ -7,9 +7,12 @@ the poller collected and render it when they come back), the way Dolphie keeps q
 
 from __future__ import annotations
 
+import importlib
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -18,14 +21,19 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from engine.folders import Folders
+from engine.host.folders import Folders
+from engine.router.config import load_router_settings
 from fleet.config import FleetConfig
 from fleet.poller import FleetPoller
 from fleet.source import NodeSource
+from store.analytics import drift_for_tasks, known_tasks
+from store.db import StoreError, corrupt_message, is_corrupt, open_store
+from tui.chrome import flash_text
+from tui.lifetime import Lifetime
 from tui.screens.base import StatusLine
 
 if TYPE_CHECKING:
-    from engine.demo_home import DemoHome
+    from engine.demo.home import DemoHome
     from store.db import Store
 
 
@@ -48,14 +56,13 @@ class AppOptions:
     start_notice: str | None = None  # said once the dashboard is up (e.g. an earlier demo's leftovers ended)
 
 
-def _screen(module: str, cls: str) -> Callable[[], Screen]:
+def _screen(module: str, cls: str) -> Callable[[], Screen[Any]]:
     """A top-level screen made on first visit: its module (and what it imports) loads only then, which
     keeps the dashboard's start fast over SSH."""
 
-    def make() -> Screen:
-        import importlib
-
-        return getattr(importlib.import_module(f"tui.screens.{module}"), cls)()
+    def make() -> Screen[Any]:
+        screen: Screen[Any] = getattr(importlib.import_module(f"tui.screens.{module}"), cls)()
+        return screen
 
     return make
 
@@ -75,7 +82,7 @@ def node_trouble(snapshots: Iterable[Any]) -> dict[str, int]:
     return counts
 
 
-class FleetDeckApp(App[None]):
+class FleetDeckApp(Lifetime, App[None]):
     CSS_PATH = "app.tcss"
     MODES = {
         "fleet": _screen("fleet", "FleetScreen"),
@@ -133,84 +140,6 @@ class FleetDeckApp(App[None]):
             self._watch_terminal()
         self.call_after_refresh(self._start)
 
-    # -- lifetime -------------------------------------------------------------------------------
-    # The ending runs in a thread of its own, once, whatever asks for it first: a signal, the terminal
-    # watch, or `fleetdeck` after the app returns (which waits for it). It never depends on the app's
-    # own loop or exit, which a dead terminal can stall.
-    def _watch_terminal(self) -> None:
-        """A stdin that hangs up without a signal (the terminal gone) ends the dashboard like SIGHUP.
-        SIGHUP and SIGTERM themselves are caught by `fleetdeck` (fleetdeck/cli.py:_run_app), which calls
-        terminal_lost()."""
-        import asyncio
-        import os
-        import sys
-
-        self._loop_ref = asyncio.get_running_loop()
-        if self._exit_asked:
-            self.exit(return_code=129)
-            return
-        stdin = sys.__stdin__
-        if stdin is not None and os.isatty(stdin.fileno()):
-            fd = stdin.fileno()
-
-            def watch() -> None:
-                import select
-
-                poll = select.poll()
-                poll.register(fd, 0)  # no events asked: only POLLHUP/POLLERR/POLLNVAL come back, no input is taken
-                while not self._ending:
-                    if poll.poll(500):
-                        self.terminal_lost()
-                        return
-
-            threading.Thread(target=watch, name="terminal-watch", daemon=True).start()
-
-    def terminal_lost(self) -> None:
-        """The terminal is gone (SIGHUP, a hung-up stdin) or the process was asked to end (SIGTERM): end
-        the helpers, then the app; safe from a signal handler or any thread. Should the app's exit hang on
-        a dead terminal, the process ends once the helpers are gone."""
-        import os
-
-        ender = self.begin_ending()
-
-        def then_exit() -> None:
-            if ender is not None:
-                ender.join()
-            loop = self._loop_ref
-            if loop is None:
-                self._exit_asked = True  # not mounted yet: it exits as it mounts
-            else:
-                try:
-                    loop.call_soon_threadsafe(lambda: self.exit(return_code=129))
-                except RuntimeError:  # the loop has already closed: the app is on its way out
-                    pass
-            threading.Event().wait(10.0)
-            os._exit(129)
-
-        if not self._exit_thread_started:
-            self._exit_thread_started = True
-            threading.Thread(target=then_exit, name="hangup-exit", daemon=True).start()
-
-    def begin_ending(self) -> threading.Thread | None:
-        """Start ending what this dashboard started for itself (once; later calls return the same
-        thread); no helper starts after this."""
-        with self._ending_lock:
-            if self._ending:
-                return self._ender
-            self._ending = True
-            if self.options.end_helpers is None:
-                return None
-            # Not a daemon: the interpreter waits for it, so an exit cannot cut the ending short.
-            self._ender = threading.Thread(target=self.options.end_helpers, name="end-helpers")
-            self._ender.start()
-            return self._ender
-
-    def end_helpers(self) -> None:
-        """End what this dashboard started for itself, and wait until it has ended."""
-        ender = self.begin_ending()
-        if ender is not None:
-            ender.join()
-
     def _start(self) -> None:
         self._open_sources()
         if self.options.poll:
@@ -224,8 +153,6 @@ class FleetDeckApp(App[None]):
         store = None
         error = None
         if self.options.store_path is not None:
-            from store.db import StoreError, open_store
-
             try:
                 store = open_store(self.options.store_path)
             except StoreError as exc:
@@ -239,47 +166,14 @@ class FleetDeckApp(App[None]):
             try:
                 self.poller.seed_history()
             except Exception as exc:  # an unreadable history is not worth stopping for
-                from store.db import corrupt_message, is_corrupt
-
                 error = corrupt_message(store.path, exc) if is_corrupt(exc) else f"GPU history could not be read: {exc}"
         self.call_from_thread(self._sources_ready, error)
-
-    def _start_demo_backend(self, store_path: Path) -> None:
-        """`fleetdeck demo`: simulated servers, a fine-tune, simulated SLM/frontier upstreams and the real
-        proxy, in a process group of their own (no terminal signal reaches them: the dashboard ends them,
-        by the pid and create time recorded in the demo's helper record; and the backend ends itself if
-        the dashboard is gone)."""
-        import os
-        import subprocess
-        import sys
-
-        import psutil
-
-        home = self.options.demo_home
-        assert home is not None  # only started for `fleetdeck demo`, which gives its folder
-        home.backend.mkdir(parents=True, exist_ok=True)
-        me = psutil.Process(os.getpid())
-        with self._ending_lock:
-            if self._ending:
-                return  # the dashboard is already going: nothing new starts
-            with open(home.backend / "demo-backend.log", "ab") as log:
-                self._demo_proc = subprocess.Popen(
-                    [sys.executable, "-m", "fleetdeck", "demo-backend", "--store", str(store_path), "--dir", str(home.root),
-                     "--owner", f"{me.pid}:{me.create_time()}"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                )
-            home.helpers.add(self._demo_proc.pid, "demo backend", group=True)
 
     @work(thread=True, exclusive=True, group="drift")
     def check_drift(self) -> None:
         """Notify when a task starts (or stops) drifting above its baseline escalation rate."""
         if self.store is None:
             return
-        import time
-
-        from engine.router.config import load_router_settings
-        from store.analytics import drift_for_tasks, known_tasks
-
         policies = load_router_settings(self.router_config_path()).policies
         now = time.time()
         try:
@@ -290,7 +184,7 @@ class FleetDeckApp(App[None]):
             return
         self.call_from_thread(self._drift_changed, drifting)
 
-    def _drift_changed(self, drifting: set) -> None:
+    def _drift_changed(self, drifting: set[tuple[str, float, float]]) -> None:
         names = {d[0] for d in drifting}
         for name, recent, base in sorted(drifting):
             if name not in self.drifting:
@@ -354,7 +248,7 @@ class FleetDeckApp(App[None]):
 
     # -- actions --------------------------------------------------------------------------------
     def action_help(self) -> None:
-        from tui.screens.help import HelpScreen
+        from tui.screens.help import HelpScreen  # a screen's module loads on first use, as _screen's do
 
         self.push_screen(HelpScreen(self.describe_bindings()))
 
@@ -405,7 +299,7 @@ class FleetDeckApp(App[None]):
             self.pop_screen()
         self.switch_mode(name)
 
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield from self.screen_actions(screen)
         yield SystemCommand("Fleet (1)", "Every GPU of every node", self.action_show_fleet)
@@ -419,12 +313,10 @@ class FleetDeckApp(App[None]):
         yield SystemCommand("Refresh now (ctrl+r)", "Poll every node immediately", self.action_poll_now)
         yield SystemCommand("Keys (?)", "Every key and what it does", self.action_help)
 
-    def screen_actions(self, screen: Screen) -> Iterable[SystemCommand]:
+    def screen_actions(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         """Every action of the screen below the palette (and of its focused table), with its key, as the
         palette's commands: what the footer shows and what it had no room for. Actions the screen
         refuses now (read-only) are left out."""
-        from functools import partial
-
         seen: set[str] = set()
         for namespace, bindings in screen._binding_chain:
             if namespace is self or namespace is screen.app:
@@ -448,16 +340,11 @@ class FleetDeckApp(App[None]):
                 yield SystemCommand(title, help_text, partial(self.run_action, action, screen))
 
     # -- messages: a line of their own, never over the content ------------------------------------
-    def notify(self, message: str, *, title: str = "", severity: str = "information",  # type: ignore[override]
+    def notify(self, message: str, *, title: str = "", severity: str = "information",
                timeout: float | None = None, markup: bool = True) -> None:
         """Every message carries dynamic text (ids, paths, a node's or vLLM's error): shown literally, never read
         as markup, so "[serve]" in a message stays "[serve]". Screens' notify() lands here too."""
-        import time
-
         markup = False
-
-        from tui.chrome import flash_text
-
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)  # type: ignore[arg-type]
         seconds = self.NOTIFICATION_TIMEOUT if timeout is None else timeout
         self._flashes.append((time.monotonic() + seconds, flash_text(message, title, severity, markup)))
@@ -465,8 +352,6 @@ class FleetDeckApp(App[None]):
         self.set_timer(seconds + 0.1, self._show_flashes)
 
     def live_flashes(self) -> list[object]:
-        import time
-
         now = time.monotonic()
         self._flashes = [(t, text) for t, text in self._flashes if t > now]
         return [text for _, text in self._flashes]

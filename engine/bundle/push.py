@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import audit
+from engine.audit import trail as audit
 from engine.bundle import install_script
 from engine.bundle.build import BundleError, Manifest, read_manifest
 from fleet.config import FleetConfig, NodeConfig, set_agent_command

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from engine import audit, managed
+from engine import managed
+from engine.audit import trail as audit
 from engine.finetune.dataset import check_dataset
 from engine.managed import ManagedRecord
 from engine.finetune.spec import JobSpec
@@ -221,7 +222,7 @@ def start_transform(store: Store, kind: str, name: str, args: list[str], out: Pa
 def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adapter_root: Path | None,
             jobs_dir: Path | None) -> JobRecord:
     """The same runner, as a Slurm batch job: GPUs, time limit and the checkpoint signal asked of sbatch."""
-    from engine import slurm
+    from engine.slurm import client as slurm
 
     preflight(spec, None, force=True)  # the dataset check; the GPUs are Slurm's to find
     estimate = training_estimate(spec)
@@ -253,7 +254,7 @@ def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adap
 
 def _slurm_state(store: Store, rec: JobRecord) -> bool:
     """Refresh a Slurm job's scheduler state into its record; True while Slurm still holds the job."""
-    from engine import slurm
+    from engine.slurm import client as slurm
 
     placed = rec.slurm
     assert placed is not None
@@ -291,7 +292,7 @@ def refresh(store: Store, rec: JobRecord) -> JobRecord:
             return rec
     elif rec.alive():
         return rec
-    from engine.logs import tail
+    from engine.io.logs import tail
 
     events = read_events(rec.progress_path)
     last = next((e for e in reversed(events) if e.get("event") in ("done", "cancelled", "error")), None)
@@ -355,7 +356,7 @@ def _cancel(store: Store, rec: JobRecord, timeout: float) -> JobRecord:
 def _cancel_slurm(store: Store, rec: JobRecord, timeout: float) -> JobRecord:
     """A running job gets SIGTERM in its batch process (the runner saves a checkpoint and exits); a
     pending one is just taken out of the queue. Whatever still runs after `timeout` is scancelled."""
-    from engine import slurm
+    from engine.slurm import client as slurm
 
     assert rec.slurm is not None
     where, sid = rec.slurm.where, rec.slurm.id
@@ -392,7 +393,7 @@ def _resume(store: Store, rec: JobRecord) -> JobRecord:
         raise JobError(f"{rec.id} already finished ({rec.reason})")
     rec.state, rec.reason, rec.ended_at = "running", None, None
     if rec.slurm is not None:  # resubmitted with the same options; the runner continues from its checkpoint
-        from engine import slurm
+        from engine.slurm import client as slurm
 
         placed = rec.slurm
         env = managed.child_env({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})

@@ -253,7 +253,7 @@ BACKENDS = {"peft": run_peft, "unsloth": run_unsloth, "simulated": run_simulated
 
 def install_adapter(adapter_dir: Path, spec: JobSpec, root: Path | None) -> Path:
     """Register the finished adapter as the next version of the spec's name (`NAME@vN`, immutable)."""
-    from engine.adapter_versions import register
+    from engine.adapters.versions import register
 
     if root is None:
         return adapter_dir

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from engine.kvfit.arch import ArchError, ModelArch, arch_from_config
 from engine.kvfit.catalogue import catalogue_arch, list_models
-from engine.kvfit.plan import FIT_LENGTHS, KV_DTYPES, FitRequest, FitResult, fit_table, plan
+from engine.kvfit.kv_cache import KV_DTYPES
+from engine.kvfit.plan import FIT_LENGTHS, FitRequest, FitResult, fit_table, plan
 
 __all__ = [
     "ArchError", "ModelArch", "FitRequest", "FitResult", "FIT_LENGTHS", "KV_DTYPES",

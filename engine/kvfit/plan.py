@@ -10,123 +10,27 @@ Layers are grouped the way vLLM V1's hybrid allocator groups them (full attentio
 layers in equal-sized groups sharing one block pool), so sliding-window models (Gemma 2/3, gpt-oss)
 get vLLM's capacity, not the full-attention worst case.
 
-The overhead model (activation peak, non-torch memory, CUDA graphs) is stated in OVERHEAD_MODEL and in
-docs/kvfit.md, with how close it comes to published vLLM start-up logs.
+The overhead model (activation peak, non-torch memory, CUDA graphs) is in overhead.py, stated in
+OVERHEAD_MODEL and in docs/kvfit.md, with how close it comes to published vLLM start-up logs; the KV
+cache's geometry (bytes per token, KV groups, blocks per request) is in kv_cache.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from engine.kvfit.arch import ModelArch
-
-GIB = 1024**3
-KV_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", "nvfp4")
-_KV_BYTES = {"auto": 2.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0,
-             "nvfp4": 0.5 + 1 / 16}  # nvfp4: 4-bit values and one fp8 scale per 16
+from engine.kvfit.kv_cache import (blocks_per_request, kv_bytes_per_token_per_layer, kv_dtype_bytes, kv_groups,
+                                   max_len_that_fits)
+from engine.kvfit.overhead import (ACTIVATION_FIXED_BYTES, ACTIVATION_PER_LOGIT_BYTES, CUDA_GRAPH_BYTES_PER_LAYER,
+                                   CUDA_GRAPHS_IN_BUDGET_SINCE, GIB, LOW_ACTIVATION_SHARE, LOW_FLOOR_BYTES,
+                                   LOW_WEIGHTS_SHARE, NON_TORCH_BYTES, OVERHEAD_MODEL, TP_NON_TORCH_BYTES,
+                                   V0_MLP_BYTES_PER_TOKEN_PER_INTERMEDIATE, VLLM_VERSION_MODELLED, default_batch,
+                                   version_tuple)
+from engine.kvfit.weights import estimated_weight_bytes, weight_bytes_per_gpu
 FIT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
-MAX_SEARCH_LEN = 1 << 21
-
-# Activation peak of vLLM V1's profile run, fitted to the published start-up logs in
-# tests/data/vllm_kv_points.jsonl (error <= 0.2 GiB on each): a fixed part plus the sampler's logits for
-# max_num_seqs dummy requests. The V0 engine (no chunked prefill) also holds the MLP's
-# gate and up projections for the whole max_model_len prompt at once.
-ACTIVATION_FIXED_BYTES = 783_000_000
-ACTIVATION_PER_LOGIT_BYTES = 10.3
-V0_MLP_BYTES_PER_TOKEN_PER_INTERMEDIATE = 4  # gate + up, bf16
-NON_TORCH_BYTES = {"v1": int(0.25 * GIB), "v0": int(0.35 * GIB)}
-# NCCL communicators and the custom all-reduce buffers: per GPU, only with tensor parallelism.
-TP_NON_TORCH_BYTES = int(0.35 * GIB)
-CUDA_GRAPH_BYTES_PER_LAYER = int(0.028 * GIB)
-# vLLM estimates the CUDA graphs' memory during profiling and takes it out of the KV budget by default
-# since 0.21 (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1; 0.32: v1/worker/gpu_worker.py,
-# determine_available_memory); before that the graphs were captured after sizing, from the headroom.
-CUDA_GRAPHS_IN_BUDGET_SINCE = (0, 21)
-VLLM_VERSION_MODELLED = "0.32"
-# The lower bound's allowance for what the estimate cannot see (fragmentation, kernels' workspaces,
-# version drift): a floor, a share of the weights, half the activation estimate, and the TP buffers again.
-LOW_FLOOR_BYTES = int(0.35 * GIB)
-LOW_WEIGHTS_SHARE = 0.03
-LOW_ACTIVATION_SHARE = 0.5
-
-
-def vllm_view_of(gpu: Any) -> tuple[int | None, int | None, int | None, str | None]:
-    """(total, free, used, note) of the memory vLLM sees on a GPU snapshot. A GPU in MIG mode is seen as
-    one slice (the one CUDA_VISIBLE_DEVICES names): the planner takes the slice with the most free memory
-    and says so, since the parent's total would promise a whole GPU."""
-    slices = [m for m in getattr(gpu, "mig_devices", []) or [] if m.memory_total_bytes]
-    if getattr(gpu, "mig_enabled", False) and slices:
-        best = max(slices, key=lambda m: m.memory_total_bytes - (m.memory_used_bytes or 0))
-        used = best.memory_used_bytes or 0
-        note = (f"GPU {gpu.index} is in MIG mode: planned against its slice {best.uuid or best.index} "
-                f"({best.memory_total_bytes / GIB:.1f} GiB), as vLLM sees it; start vLLM with "
-                f"CUDA_VISIBLE_DEVICES={best.uuid or 'MIG-UUID'}")
-        return best.memory_total_bytes, best.memory_total_bytes - used, used, note
-    return gpu.memory_total_bytes, gpu.memory_free_bytes, gpu.memory_used_bytes, None
-
-
-def version_tuple(text: str | None) -> tuple[int, int]:
-    """"0.19.1" -> (0, 19); unknown or malformed -> the version modelled."""
-    try:
-        major, minor = (int(x) for x in (text or VLLM_VERSION_MODELLED).split(".")[:2])
-        return major, minor
-    except ValueError:
-        return version_tuple(VLLM_VERSION_MODELLED)
-OVERHEAD_MODEL = (
-    "activation = 0.73 GiB + 10.3 B x max_num_seqs x vocab (V1 profile run; V0 adds 4 B x prompt tokens x "
-    "intermediate size); non-torch = 0.25 GiB (V1) or 0.35 GiB (V0), + 0.35 GiB with TP > 1; CUDA graphs = "
-    "0.028 GiB per layer (x2 for MoE, none with enforce_eager), taken from the KV budget since vLLM 0.21, "
-    "from the (1 - utilisation) headroom before; lower bound = estimate - (0.35 GiB + 3% of weights + half "
-    "the activation + the TP buffers again)"
-)
-
-
-def kv_dtype_bytes(kv_cache_dtype: str) -> float:
-    try:
-        return _KV_BYTES[kv_cache_dtype]
-    except KeyError:
-        raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}; one of {', '.join(KV_DTYPES)}") from None
-
-
-def kv_heads_per_rank(arch: ModelArch, tp: int) -> int:
-    """KV heads split across TP ranks; replicated (one per rank) when there are fewer heads than ranks."""
-    return max(1, arch.num_kv_heads // tp)
-
-
-def kv_bytes_per_token_per_layer(arch: ModelArch, tp: int, kv_cache_dtype: str) -> float:
-    dtype = kv_dtype_bytes(kv_cache_dtype)
-    if arch.is_mla:
-        # One compressed latent (plus the rope part) per token per layer, replicated on every rank.
-        return (arch.kv_lora_rank + arch.qk_rope_head_dim) * dtype
-    return 2 * kv_heads_per_rank(arch, tp) * arch.head_dim * dtype
-
-
-@dataclass(frozen=True, slots=True)
-class KvGroups:
-    group_size: int
-    full_groups: int
-    sliding_groups: int
-
-    @property
-    def count(self) -> int:
-        return self.full_groups + self.sliding_groups
-
-
-def kv_groups(arch: ModelArch) -> KvGroups:
-    full, sliding = arch.full_layers, arch.sliding_layers
-    if not sliding or not full:
-        return KvGroups(arch.kv_layers, 1 if full else 0, 1 if sliding else 0)
-    size = min(full, sliding)
-    return KvGroups(size, math.ceil(full / size), math.ceil(sliding / size))
-
-
-def default_batch(total_gpu_bytes: int, gpu_name: str = "") -> tuple[int, int]:
-    """vLLM's defaults for the OpenAI server: (max_num_seqs, max_num_batched_tokens)."""
-    if total_gpu_bytes >= 70 * GIB and "a100" not in gpu_name.lower():
-        return 1024, 8192
-    return 256, 2048
 
 
 @dataclass
@@ -205,35 +109,6 @@ class FitResult:
         return {"verdict": self.verdict, **asdict(self)}
 
 
-def _blocks_per_request(arch: ModelArch, groups: KvGroups, length: int, block: int, batched: int) -> int:
-    full = math.ceil(length / block)
-    blocks = groups.full_groups * full
-    if groups.sliding_groups:
-        window_tokens = min((arch.sliding_window or length) - 1 + batched, length)
-        blocks += groups.sliding_groups * (math.ceil(window_tokens / block) + 1)
-    return blocks
-
-
-def _request_fits(arch: ModelArch, groups: KvGroups, length: int, block: int, batched: int, num_blocks: int) -> bool:
-    return _blocks_per_request(arch, groups, length, block, batched) <= num_blocks
-
-
-def max_len_that_fits(arch: ModelArch, groups: KvGroups, block: int, batched: int, num_blocks: int) -> int:
-    """Largest max_model_len whose one request fits the pool (vLLM's estimate, by bisection)."""
-    if not _request_fits(arch, groups, 1, block, batched, num_blocks):
-        return 0
-    lo, hi = 1, MAX_SEARCH_LEN
-    if _request_fits(arch, groups, hi, block, batched, num_blocks):
-        return hi
-    while lo + 1 < hi:
-        mid = (lo + hi) // 2
-        if _request_fits(arch, groups, mid, block, batched, num_blocks):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def plan(arch: ModelArch, req: FitRequest) -> FitResult:
     """vLLM's verdict on `req` for `arch`, with one meaning: FITS means vLLM starts and holds at least one
     request of the planned length (on the lower bound); DOES NOT FIT carries vLLM's reason, the nearest setting
@@ -259,8 +134,6 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
     """(utilisation, length, advice) of the nearest setting that fits, for a request that does not. Only
     settings the planner has checked are suggested: a lower length at the same utilisation first, then the
     utilisation (capped by what is free beside other processes) that holds the length, then both."""
-    from dataclasses import replace
-
     total = req.gpu_memory_bytes
     given = req.max_model_len is not None
     cap = None if req.allow_long_max_model_len else r.model_max_model_len
@@ -320,8 +193,6 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
 
 
 def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
-    from engine.kvfit.weights import estimated_weight_bytes, weight_bytes_per_gpu
-
     tp = max(1, req.tensor_parallel_size)
     total = req.gpu_memory_bytes
     if req.available_kv_bytes is None and req.kv_cache_memory_bytes is None and total is None:
@@ -374,7 +245,7 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
 
     num_blocks, num_blocks_low = blocks(available), blocks(low)
     kv_tokens = num_blocks // max(1, groups.count) * req.block_size
-    per_request = _blocks_per_request(arch, groups, length, req.block_size, batched)
+    per_request = blocks_per_request(arch, groups, length, req.block_size, batched)
     concurrency = num_blocks / per_request if per_request else 0.0
     # The verdict is decided on the lower bound: sometimes too cautious, never too optimistic.
     fit_len = max_len_that_fits(arch, groups, req.block_size, batched, num_blocks_low) if num_blocks_low else 0
@@ -492,6 +363,4 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
 def fit_table(arch: ModelArch, req: FitRequest, dtypes: tuple[str, ...] = ("auto", "fp8", "nvfp4"),
               lengths: tuple[int, ...] = FIT_LENGTHS) -> dict[str, dict[int, FitResult]]:
     """The Fit screen's grid: each KV dtype at each context length."""
-    from dataclasses import replace
-
     return {d: {n: plan(arch, replace(req, kv_cache_dtype=d, max_model_len=n)) for n in lengths} for d in dtypes}

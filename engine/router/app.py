@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine import audit
+from engine.audit import trail as audit
 from engine.router.call import Call
 from engine.router.config import is_loopback
 from engine.router.decide import Force

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from engine.http_auth import bearer_from_env
+from engine.io.http_auth import bearer_from_env
 from engine.router.confidence import answer_confidence, slm_request
 
 if TYPE_CHECKING:  # types only: the store is handed in by the caller

@@ -12,7 +12,7 @@ from typing import Literal
 import tomlkit
 from pydantic import Field, field_validator, model_validator
 
-from engine import audit
+from engine.audit import trail as audit
 from store.analytics import TaskPolicy, iter_policies
 from store.config_files import ConfigError, HomePath, Strict, load_toml_model, parse_toml_model
 

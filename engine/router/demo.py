@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
 from engine import managed
-from engine.demo_home import DemoHome, DemoProcesses, stop_everything
+from engine.demo.home import DemoHome, DemoProcesses, stop_everything
 from engine.vllm.demo import DEMO_NODE, start_demo_job, start_demo_servers
 from fleet.procs import stop_child
 from fleet.simulated import demo_fleet

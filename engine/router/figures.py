@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.promotion import history as promotion_history
+from engine.adapters.promotion import history as promotion_history
 from engine.router.calibrate import latest_calibration
 from engine.router.config import load_router_settings
 from store.analytics import (

@@ -21,7 +21,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from engine import audit
+from engine.audit import trail as audit
 from engine.router.app import create_app, openai_error
 from engine.router.call import Call
 from engine.router.config import RouterConfig, Task, api_keys, load_router_config

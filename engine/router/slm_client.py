@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 
 import httpx
 
-from engine.http_auth import bearer_from_env
+from engine.io.http_auth import bearer_from_env
 from engine.router.confidence import answer_confidence, confidence, slm_request
 from engine.router.config import Task
 from engine.router.decide import CLIENT_ERRORS

@@ -1,5 +1,5 @@
 """What the demo runs, written as an operator would write it: model folders, launch profiles, fine-tune
-specs, a dataset and adapters, in the demo's own folder (engine/demo_home.py). Its servers are
+specs, a dataset and adapters, in the demo's own folder (engine/demo/home.py). Its servers are
 fleetdeck's vLLM simulator started through the real launcher (the profiles name it as their
 `vllm_command`), its fine-tunes the simulated trainer backend; the planner reads the model folders'
 config.json as it would a real model's.
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from engine.kvfit.training import DEFAULT_TARGETS
 
 if TYPE_CHECKING:
-    from engine.demo_home import DemoHome
+    from engine.demo.home import DemoHome
     from engine.finetune.jobs import JobRecord
-    from engine.vllm.launcher import ServerRecord
+    from engine.vllm.record import ServerRecord
     from fleet.model import GpuSnapshot
     from store.db import Store
 

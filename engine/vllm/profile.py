@@ -55,7 +55,7 @@ class Profile(Strict):
     @classmethod
     def _known_name(cls, v: str, info: ValidationInfo) -> str:
         from engine.kvfit.arch import QUANT_BY_VLLM_NAME
-        from engine.kvfit.plan import KV_DTYPES
+        from engine.kvfit.kv_cache import KV_DTYPES
 
         allowed = sorted(QUANT_BY_VLLM_NAME) if info.field_name == "quantization" else list(KV_DTYPES)
         if v not in allowed:

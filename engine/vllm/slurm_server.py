@@ -1,4 +1,4 @@
-"""A vLLM server as a long-running Slurm job: submitted with the same argv the launcher builds, found
+"""A vLLM server as a long-running Slurm job: submitted with the argv a local one gets (command.py), found
 on its node when Slurm starts it, stopped with scancel; a job the scheduler ends (time limit,
 pre-emption, an administrator's scancel, a node failure) shows as crashed with Slurm's word for it."""
 
@@ -10,8 +10,15 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import managed, slurm
+from engine import managed
+from engine.io.logs import tail
+from engine.slurm import client as slurm
+from engine.vllm.command import LaunchError, UnplannableError, build_launch, listen_host, preflight, resolve_preload
+from engine.vllm.diagnose import diagnose
 from engine.vllm.profile import Profile
+from engine.vllm.record import ServerRecord, probe
+from fleet.model import GpuSnapshot
+from store.paths import private_dir, state_dir
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -20,10 +27,6 @@ if TYPE_CHECKING:
 def submit(store: Store, profile: Profile, req: Any, *, port: int, force: bool, adapter_roots: list[Path] | None,
            log_dir: Path | None) -> tuple[Any, Any]:
     """`req` is an engine.finetune.jobs.SlurmRequest (GPU count, partition, time limit, the site's settings)."""
-    from engine.vllm import launcher
-    from fleet.model import GpuSnapshot
-    from store.paths import private_dir, state_dir
-
     gib = 1024**3
     verdict, warning = None, None
     per_gpu = req.settings.gpu_memory_gib
@@ -33,22 +36,22 @@ def submit(store: Store, profile: Profile, req: Any, *, port: int, force: bool, 
                              memory_total_bytes=int(per_gpu * gib), memory_used_bytes=0)
                  for i in range(req.gpus)] if per_gpu else []
         try:
-            verdict = launcher.preflight(profile, snaps)
-        except launcher.UnplannableError as exc:
+            verdict = preflight(profile, snaps)
+        except UnplannableError as exc:
             if not force:
                 raise
             warning = f"submitted without a plan: {exc}"
         if verdict is not None and not verdict.fits and not force:
-            raise launcher.LaunchError(f"preflight: {verdict.reason} (planner: {verdict.kv_tokens:,} KV tokens on "
+            raise LaunchError(f"preflight: {verdict.reason} (planner: {verdict.kv_tokens:,} KV tokens on "
                                        f"{req.gpus} x {per_gpu:g} GiB; --force submits it anyway)")
     elif not force:
-        raise launcher.LaunchError("the cluster's GPU size is unknown, so the profile cannot be planned: set [slurm] "
+        raise LaunchError("the cluster's GPU size is unknown, so the profile cannot be planned: set [slurm] "
                                    "gpu_memory_gib, or --force submits it anyway")
     else:
         warning = "submitted without a plan ([slurm] gpu_memory_gib is not set)"
-    lora_modules = launcher.resolve_preload(profile, adapter_roots or []) if profile.lora.enable else {}
+    lora_modules = resolve_preload(profile, adapter_roots or []) if profile.lora.enable else {}
     # Not loopback: the server runs on a compute node and the login node reaches it at the node's address.
-    argv, env = launcher.build_launch(profile, [], port, lora_modules, host=launcher.listen_host(profile, slurm=True))
+    argv, env = build_launch(profile, [], port, lora_modules, host=listen_host(profile, slurm=True))
     env.pop("CUDA_VISIBLE_DEVICES", None)  # Slurm sets it to the GPUs it allocates
     sid = f"{profile.name}-{uuid.uuid4().hex[:6]}"
     logs = private_dir(log_dir or (state_dir() / "servers"))
@@ -61,9 +64,9 @@ def submit(store: Store, profile: Profile, req: Any, *, port: int, force: bool, 
     try:
         job_id = slurm.submit(req.settings, options, workdir, argv, managed.child_env(env))
     except slurm.SlurmError as exc:
-        raise launcher.LaunchError(f"Slurm refused the server: {exc}") from exc
+        raise LaunchError(f"Slurm refused the server: {exc}") from exc
     shown_env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items()}
-    rec = launcher.ServerRecord(
+    rec = ServerRecord(
         id=sid, name=profile.name, node="slurm", pid=None, create_time=None, argv=argv, env=shown_env,
         gpus=f"slurm:{req.gpus}", port=port, log_path=str(log_path),
         spec=profile.model_dump(mode="json"), workdir=str(workdir),
@@ -87,10 +90,6 @@ def _node_address(where: slurm.Where, node: str) -> str:
 
 def refresh(rec: Any) -> None:
     """Bring a Slurm server's record up to date (the caller saves it)."""
-    from engine.vllm import launcher
-    from engine.logs import tail
-    from engine.vllm.diagnose import diagnose
-
     placed: slurm.Placement = rec.slurm
     try:
         sj = slurm.job(placed.where, placed.id)
@@ -116,7 +115,7 @@ def refresh(rec: Any) -> None:
     if not placed.host:
         placed.host = _node_address(placed.where, sj.node)
         rec.node = sj.node
-    if launcher.probe(rec):
+    if probe(rec):
         rec.state, rec.reason = "ready", sj.summary()
     elif rec.state != "ready":
         rec.state, rec.reason = "starting", sj.summary() + "; vLLM is starting"

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from engine.http_auth import bearer
+from engine.io.http_auth import bearer
 from engine.vllm.metrics import Scrape, ServerFigures, figures, parse
 
 if TYPE_CHECKING:
-    from engine.vllm.launcher import ServerRecord
+    from engine.vllm.record import ServerRecord
     from store.db import Store
 
 
@@ -32,7 +32,7 @@ class ServerStatus:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> "ServerStatus":
         """A status as a node's agent sends it (its figures read on that node)."""
-        from engine.vllm.launcher import ServerRecord
+        from engine.vllm.record import ServerRecord
 
         fig = doc.get("figures")
         known = {k: v for k, v in (fig or {}).items() if k in ServerFigures.__dataclass_fields__}
@@ -81,7 +81,7 @@ def status_of(rec: ServerRecord, previous: Scrape | None = None, adapters: bool 
     except (httpx.HTTPError, ValueError) as exc:
         st.error = f"cannot read {rec.base_url}/metrics: {exc}"
     if adapters:
-        from engine.adapters import loaded
+        from engine.adapters.registry import loaded
 
         try:
             st.loaded_adapters = [m["id"] for m in loaded(rec.base_url, rec.api_key)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from engine.vllm.launcher import API_SERVER_MODULE
+from engine.vllm.command import API_SERVER_MODULE
 from tests.engines.vllm_cpu_env import env_dir
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import httpx
 
 import pytest
 
-from engine import adapters
+from engine.adapters import registry as adapters
 from engine.vllm import launcher
 from engine.vllm.metrics import NAMES
 from store.db import open_store
@@ -214,7 +214,7 @@ def test_finetune_serve_route_report_calibrate_swap_stop_on_real_engines(real_se
         t = threading.Thread(target=flow)
         t.start()
         time.sleep(1.0)
-        from engine import adapters
+        from engine.adapters import registry as adapters
 
         assert adapters.swap(srv.base_url, "tickets-v1@v1", "tickets-v2@v1", str(v2)) == \
             "tickets-v2@v1 loaded, then tickets-v1@v1 unloaded"

@@ -19,7 +19,7 @@ import pytest
 
 from engine.kvfit import load_model
 from engine.kvfit.plan import FitRequest, plan
-from engine.vllm.launcher import cpu_block_size
+from engine.vllm.command import cpu_block_size
 from tests.engines.stack import isolated_env
 from tests.fakes.tiny_model import make_tiny_arch
 

@@ -15,12 +15,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Input, Label, Static
 
-from engine.audit_text import shown
+from engine.audit.text import shown
 from tui.screens.base import PolledScreen, while_attached
 from tui.table import Col, DeckTable
 
 if TYPE_CHECKING:
-    from engine.audit import Verdict
+    from engine.audit.verify import Verdict
     from fleet.config import AuditSettings
     from store.db import Store
 
@@ -30,7 +30,7 @@ SINCE = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400, "all": No
 def load_audit(store: Store, since: str, node: str, action: str, now: float,
                settings: AuditSettings | None = None) -> tuple[list[dict[str, Any]], Verdict]:
     """The rows and the verdict; `settings`: the fleet config's [audit] (retention, key file)."""
-    from engine import audit
+    from engine.audit import trail as audit
 
     span = SINCE.get(since.strip() or "all", None)
     rows = audit.query(store, since=None if span is None else now - span, node=node.strip() or None,

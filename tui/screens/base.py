@@ -53,7 +53,7 @@ def while_attached(widget: MessagePump, fn: Callable[..., None]) -> Callable[...
 
 def read_only(app: FleetDeckApp) -> bool:
     """Read-only from the fleet config or `--read-only` (the app's options) or the audit trail's mode."""
-    from engine import audit
+    from engine.audit import trail as audit
 
     return app.options.config.read_only or audit.is_read_only()
 
@@ -194,7 +194,7 @@ def on_yes(action: Callable[[], object]) -> Callable[[bool | None], None]:
 def report_prune(screen: PolledScreen, prune: Callable[[], str]) -> None:
     """The body of a prune worker (a thread): run it, say what it did (or why read-only refused it) as plain
     text (ids are never markup), and re-read the screen."""
-    from engine import audit
+    from engine.audit import trail as audit
 
     try:
         message = prune()

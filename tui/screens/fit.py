@@ -18,7 +18,9 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.suggester import SuggestFromList
 from textual.widgets import DataTable, Input, Label, Select, Static
 
-from engine.kvfit.plan import FIT_LENGTHS, KV_DTYPES, FitRequest, FitResult, vllm_view_of
+from engine.kvfit.kv_cache import KV_DTYPES
+from engine.kvfit.overhead import vllm_view_of
+from engine.kvfit.plan import FIT_LENGTHS, FitRequest, FitResult
 from tui.screens.base import DeckScreen
 
 GIB = 1024**3

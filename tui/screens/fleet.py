@@ -194,7 +194,7 @@ class FleetScreen(DeckScreen):
 
     @work(thread=True, exclusive=True, group="fleet-slurm")
     def refresh_slurm(self) -> None:
-        from engine import slurm
+        from engine.slurm import client as slurm
 
         settings = self._slurm_settings()
         if settings is None:
@@ -330,7 +330,7 @@ class FleetScreen(DeckScreen):
 
     @work(thread=True, group="fleet-kill")
     def _kill(self, req: KillRequest) -> None:
-        from engine import audit
+        from engine.audit import trail as audit
         from engine.node_ops import LocalOps, ops_named
         from engine.processes import KillError
         from fleet.remote import AgentError

@@ -196,7 +196,7 @@ class JobsScreen(PolledScreen):
 
     @work(thread=True, group="jobs-action")
     def _act(self, what: str, r: Any) -> None:
-        from engine import audit
+        from engine.audit import trail as audit
         from engine.finetune import jobs
         from engine.node_ops import ops_for
         from fleet.remote import AgentError
@@ -248,7 +248,8 @@ class JobsScreen(PolledScreen):
 
     @work(thread=True, group="jobs-action")
     def _serve(self, job_id: str, adapter: str) -> None:
-        from engine import adapters, audit
+        from engine.adapters import registry as adapters
+        from engine.audit import trail as audit
         from engine.node_ops import ops_for, serve_adapter
         from fleet.remote import AgentError
 

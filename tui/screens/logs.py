@@ -35,7 +35,7 @@ class LogScreen(ModalScreen[None]):
 
     @work(thread=True, exclusive=True, group="log")
     def _read(self) -> None:
-        from engine.logs import tail
+        from engine.io.logs import tail
 
         try:
             text = self.read() if self.read is not None else tail(self.log_path, 200)

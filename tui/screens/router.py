@@ -269,8 +269,8 @@ class RouterScreen(PolledScreen):
 
     def _candidate(self, row: TaskRow) -> str | None:
         """The newest registered version of the family the task serves now, if it is not the one serving."""
-        from engine import adapters
-        from engine.adapter_versions import parse_ref, versions_of
+        from engine.adapters import registry as adapters
+        from engine.adapters.versions import parse_ref, versions_of
 
         try:
             family, _ = parse_ref(row.slm_model or "")
@@ -317,8 +317,9 @@ class RouterScreen(PolledScreen):
 
     @work(thread=True, exclusive=True, group="router-adapter")
     def _run_adapter(self, what: str, task: str, version: str | None, path: Path) -> None:
-        from engine import adapters, promotion
-        from engine.adapter_eval import compatible_servers, evaluate
+        from engine.adapters import registry as adapters
+        from engine.adapters import promotion
+        from engine.adapters.evaluation import compatible_servers, evaluate
         from engine.router.calibrate import EvalSetError
         from engine.router.config import load_router_config
         from store.config_files import ConfigError

@@ -214,7 +214,7 @@ class ServersScreen(PolledScreen):
 
     @work(thread=True, group="servers-action")
     def _stop(self, rec: Any, restart: bool = False) -> None:
-        from engine import audit
+        from engine.audit import trail as audit
         from engine.node_ops import ops_for
         from fleet.remote import AgentError
 
@@ -411,7 +411,7 @@ class StartServerScreen(DeckModal):
     def _plan(self, launch: bool) -> None:
         """Planning may read a local model folder's headers: never on the UI thread."""
         from engine.kvfit.text import render_text
-        from engine.vllm.launcher import LaunchError, preflight
+        from engine.vllm.command import LaunchError, preflight
         from store.config_files import ConfigError
 
         out = self.query_one("#start-verdict", Static)
@@ -515,7 +515,7 @@ class AdaptersScreen(DeckModal):
         self.app.call_from_thread(while_attached(self, self._show), listing)
 
     def _problems(self, adapter: Any) -> list[str]:
-        from engine import adapters
+        from engine.adapters import registry as adapters
 
         lora = self.rec.spec.get("lora", {})
         problems = adapters.compatibility_problems(adapter, self.rec.spec.get("model", ""), lora.get("enable", False),
@@ -588,7 +588,7 @@ class AdaptersScreen(DeckModal):
 
     def _refuse(self, action: str, adapter: Any, message: str, old: str | None = None) -> None:
         """Refused here, before vLLM is asked: said on screen and recorded like any refusal."""
-        from engine import audit
+        from engine.audit import trail as audit
 
         audit.record(action, adapter.name, "refused", message, server=self.rec.id, adapter=adapter.name,
                      path=adapter.path, old=old)
@@ -600,7 +600,8 @@ class AdaptersScreen(DeckModal):
 
     @work(thread=True, group="adapters-action")
     def _do(self, what: str, name: str, old: str | None = None) -> None:
-        from engine import adapters, audit
+        from engine.adapters import registry as adapters
+        from engine.audit import trail as audit
         from fleet.remote import AgentError
 
         try:

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.adapters import VERSION_DIR as VERSION_RE
-from engine.adapters import WEIGHT_FILES, Adapter, AdapterError, read_adapter, scan
+from engine.adapters.registry import VERSION_DIR as VERSION_RE
+from engine.adapters.registry import METADATA, WEIGHT_FILES, Adapter, AdapterError, content_hash, read_adapter, scan
+from engine.audit import trail as audit
+from engine.audit.who import identity
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-METADATA = "fleetdeck.json"
 
 
 def parse_ref(text: str) -> tuple[str, int | None]:
@@ -34,18 +35,6 @@ def parse_ref(text: str) -> tuple[str, int | None]:
     if NAME_RE.match(text) and "@" not in text:
         return text, None
     raise AdapterError(f"{text!r} is not an adapter name or NAME@vN (letters, digits, . _ - only)")
-
-
-def content_hash(folder: Path) -> str:
-    """SHA-256 over every file of the folder but the metadata, by relative path, in a fixed order."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != METADATA):
-        rel = f.relative_to(folder).as_posix().encode()
-        h.update(len(rel).to_bytes(4, "big") + rel)
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -61,20 +50,6 @@ def versions_of(roots: list[Path], name: str) -> list[Adapter]:
     return sorted((a for a in found if a.family == name and a.version is not None), key=lambda a: a.version or 0)
 
 
-def integrity_problem(adapter: Adapter) -> str | None:
-    """Why a registered version can no longer be trusted (its files changed), or None."""
-    if adapter.version is None:
-        return None
-    expected = (adapter.metadata or {}).get("content_sha256")
-    if not expected:
-        return f"{adapter.name}: no content hash in {METADATA}; import it again as a new version"
-    actual = content_hash(Path(adapter.path))
-    if actual != expected:
-        return (f"{adapter.name}: its files changed after it was registered (content hash {actual[:12]}, "
-                f"registered {expected[:12]}); import the folder again as a new version")
-    return None
-
-
 def _freeze(folder: Path) -> None:
     for p in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         p.chmod(stat.S_IMODE(p.stat().st_mode) & ~0o222)
@@ -83,8 +58,6 @@ def _freeze(folder: Path) -> None:
 
 def provenance(source: Path, adapter: Adapter) -> dict[str, Any]:
     """What a version records of where it came from: the job's own metadata when a fine-tune made it."""
-    from engine import audit
-
     meta = dict(adapter.metadata or {})
     base = meta.get("base_model") or adapter.base_model
     base_cfg = Path(str(base)) / "config.json" if base else None
@@ -94,7 +67,7 @@ def provenance(source: Path, adapter: Adapter) -> dict[str, Any]:
         origin="job" if meta.get("job_id") else "import",
         source_path=str(source.resolve()),
         registered_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        registered_by=audit.identity()["actor"],
+        registered_by=identity()["actor"],
     )
     return meta
 
@@ -142,8 +115,6 @@ def register(source: Path, root: Path, name: str, roots: list[Path] | None = Non
 
 def import_adapter(source: Path, name: str, roots: list[Path]) -> Path:
     """`adapters import`: audited, into the first adapter root."""
-    from engine import audit
-
     if not roots:
         raise AdapterError("no adapter roots configured (set adapter_roots in the fleet config)")
     with audit.audited("adapter.import", name, refusals=(AdapterError,), path=str(source)) as entry:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from engine.finetune.spec import spec_roots
+from engine.vllm.profile import profile_roots
 
 
 @dataclass(frozen=True)
@@ -22,13 +24,9 @@ class Folders:
     def profile_roots(self) -> list[Path]:
         if self.profiles is not None:
             return list(self.profiles)
-        from engine.vllm.profile import profile_roots
-
         return profile_roots()
 
     def spec_roots(self) -> list[Path]:
         if self.specs is not None:
             return list(self.specs)
-        from engine.finetune.spec import spec_roots
-
         return spec_roots()

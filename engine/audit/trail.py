@@ -4,11 +4,11 @@ A record holds when (UTC), who (the local user; for an SSH session its source ad
 fingerprint where sshd exposes it, and for an agent request the remote dashboard's user@host), where
 (node), from which entry point (cli, tui, agent, proxy), what (action, target, the parameters that
 matter) and the outcome (done, refused with the reason, failed with the error). Any text is stored,
-escaped where SQLite or UTF-8 could not take it (engine/audit_text.py): a value never stops a record.
+escaped where SQLite or UTF-8 could not take it (engine/audit/text.py): a value never stops a record.
 
 Records are chained: each carries an HMAC-SHA256, under a node-local key, of its predecessor's MAC and
 its own content; a checkpoint outside the store holds the last record's number and MAC
-(engine/audit_anchor.py; written as an intent before the commit and confirmed after, so a writer
+(engine/audit/anchor.py; written as an intent before the commit and confirmed after, so a writer
 killed between the two is no false alarm; `reanchor()` is the operator's audited way to accept the head
 when the checkpoint was lost or a store moved). So `verify` finds a changed, removed, forged or recomputed record, a deleted
 tail and a store rolled back to an older copy. Records written before the key existed keep their plain
@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -37,8 +38,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from engine.audit_anchor import Anchor, AnchorError, Checkpoint, Key
-from engine.audit_text import shown, stored
+from engine.audit import chain
+from engine.audit.anchor import Anchor, AnchorError
+from engine.audit.syslog import send_syslog
+from engine.audit.text import shown, stored
+from engine.audit.verify import Verdict, check
+from engine.audit.who import identity
+from store.db import open_store
 
 if TYPE_CHECKING:
     import sqlite3
@@ -72,8 +78,6 @@ ACTIONS: dict[str, tuple[str, ...]] = {
 }
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years
-GENESIS = "0" * 64
-KEYED = "hmac1"  # a keyed record's `hash` is "hmac1:<key id>:<HMAC-SHA256 hex>"; an older one is 64 hex
 READ_ONLY_REASON = "fleetdeck is read-only (--read-only or read_only = true)"
 
 
@@ -94,14 +98,12 @@ class Trail:
     syslog_socket: Path | None = None
     key_file: Path | None = None
     written: int = 0
-    _store: Store = None
+    _store: Store | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def store(self) -> Any:
         with self._lock:
             if self._store is None:
-                from store.db import open_store
-
                 self._store = open_store(self.store_path)
             return self._store
 
@@ -173,34 +175,6 @@ def counting() -> Iterator[list[int]]:
         _written_here.reset(token)
 
 
-def _key_fingerprint() -> str | None:
-    """The SSH key's SHA256 fingerprint, when sshd exposes the session's auth (ExposeAuthInfo yes)."""
-    import base64
-
-    path = os.environ.get("SSH_USER_AUTH")
-    if not path:
-        return None
-    try:
-        for line in Path(path).read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0] == "publickey":
-                digest = hashlib.sha256(base64.b64decode(parts[2])).digest()
-                return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def identity() -> dict[str, str | None]:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    ssh = os.environ.get("SSH_CONNECTION", "").split()
-    return {"actor": user, "origin": f"{ssh[0]}:{ssh[1]}" if len(ssh) >= 2 else "local",
-            "key_fingerprint": _key_fingerprint()}
-
-
 @dataclass
 class Entry:
     """What an action fills in while it runs (the target can become known only at the end)."""
@@ -218,24 +192,6 @@ def _clean(action: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def _opt(value: Any) -> str | None:
     return None if value is None else stored(value)
-
-
-def _canonical(rec: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in rec.items() if k not in ("seq", "hash")}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def _chain(prev: str, rec: dict[str, Any]) -> str:
-    """An unkeyed record's hash (before the key existed): SHA-256 of its predecessor's and its content."""
-    return hashlib.sha256(prev.encode() + _canonical(rec)).hexdigest()
-
-
-def _mac(key: Key, prev: str, rec: dict[str, Any]) -> str:
-    return f"{KEYED}:{key.kid}:" + key.mac(b"fleetdeck-audit-1\0" + prev.encode() + b"\0" + _canonical(rec))
-
-
-class _Rehearsal(Exception):
-    """Raised inside a rehearsed write so its transaction rolls back."""
 
 
 def _build(action: str, target: str, outcome: str, reason: str | None, source: str, node: str | None,
@@ -256,121 +212,6 @@ def _build(action: str, target: str, outcome: str, reason: str | None, source: s
     }
 
 
-def _head(conn: sqlite3.Connection) -> tuple[int, str] | None:
-    row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    return (int(row[0]), str(row[1])) if row else None
-
-
-def _notes_for(head: tuple[int, str] | None, cp: Checkpoint | None, anchor: Anchor) -> tuple[str, ...]:
-    """What this writer finds wrong with the head before appending, as "SEQ|what" (SEQ: the first record
-    in question); kept in the checkpoint from now on, so `verify` keeps saying it."""
-    notes = cp.notes if cp is not None else ()
-    if cp is None:
-        if head is not None and head[1].startswith(KEYED + ":"):
-            notes += (f"{head[0]}|the checkpoint was missing (deleted?) when record {head[0]} was the last one",)
-    elif head is None:
-        notes += (f"{cp.seq}|the store had no record where the checkpoint held record {cp.seq}",)
-    elif head[0] < cp.seq:
-        notes += (f"{head[0] + 1}|records {head[0] + 1} to {cp.seq} were gone (rolled back or deleted) "
-                  f"before the next record was written",)
-    elif head[0] > cp.seq:
-        notes += (f"{cp.seq + 1}|records {cp.seq + 1} to {head[0]} were written without the checkpoint "
-                  f"(forged with the key, or by a writer that died before anchoring them)",)
-    elif head[1] != cp.mac:
-        notes += (f"{head[0]}|record {head[0]} was not the one the checkpoint held (replaced)",)
-    return notes[:20]  # the first problems found are the ones that matter; the rest follow from them
-
-
-def _write(store: Store, anchor: Anchor, make: Callable[[sqlite3.Connection], dict[str, Any]],
-           rehearse: bool = False, create_key: bool = True, fresh: bool = False) -> dict[str, Any]:
-    """Append the record `make` builds (it may first change the store in the same transaction), keyed,
-    chained and anchored, under the checkpoint's lock; or, rehearsing, do all of it and roll it back.
-    Two-phase (engine/audit_anchor.py): the next checkpoint is written durably as the intent before the
-    commit (a full or read-only folder refuses the record), and confirmed after it; an intent a writer
-    killed after its commit left is taken as the checkpoint, one killed before it is dropped.
-
-    A read-only run (`create_key` False) makes nothing on the node but the record itself: with no key
-    yet, its refusal is written the way records were before keys (SHA-256, no checkpoint), which verify
-    accepts before the first keyed record and counts as unkeyed.
-
-    `fresh` (`reanchor()`): the checkpoint is not read, and the next one carries no notes."""
-    if not create_key and anchor.key(create=False, writing=True) is None:
-        try:
-            with store.transaction() as conn:
-                rec = make(conn)
-                head = _head(conn)
-                if head is not None and head[1].startswith(KEYED + ":"):
-                    raise _KeyedMeanwhile  # another writer made the key since: write keyed, below
-                rec["prev_hash"] = head[1] if head else GENESIS
-                rec["hash"] = _chain(rec["prev_hash"], rec)
-                rec["seq"] = _insert(conn, rec)
-                if rehearse:
-                    raise _Rehearsal
-            return rec
-        except _Rehearsal:
-            return rec
-        except _KeyedMeanwhile:
-            for k in ("prev_hash", "hash", "seq"):
-                rec.pop(k, None)
-            if anchor.key(create=False, writing=True) is None:
-                raise AnchorError(f"the audit key {anchor.key_file} is missing, and the trail is keyed") from None
-    with anchor.locked(write=True):
-        key = anchor.key(create=True)
-        assert key is not None
-        intended = False
-        try:
-            with store.transaction() as conn:
-                rec = make(conn)
-                head = _head(conn)
-                notes = () if fresh else _notes_for(head, _anchored(conn, anchor, key), anchor)
-                rec["prev_hash"] = head[1] if head else GENESIS
-                rec["hash"] = _mac(key, rec["prev_hash"], rec)
-                rec["seq"] = _insert(conn, rec)
-                nxt = Checkpoint(rec["seq"], rec["hash"], notes)
-                if rehearse:  # the folder takes a checkpoint; the intent and the record are not kept
-                    anchor.prepare(nxt, key).unlink(missing_ok=True)
-                    raise _Rehearsal
-                anchor.intend(nxt, key)
-                intended = True
-        except _Rehearsal:
-            return rec
-        except BaseException:
-            if intended:  # the commit failed: the intent names a record the store does not hold
-                try:
-                    anchor.withdraw()
-                except OSError:
-                    pass  # an intent that matches no record is ignored anyway
-            raise
-        try:
-            anchor.confirm()
-        except OSError as exc:  # the intent stays, and matches the record: verify takes it as the checkpoint
-            raise AnchorError(f"record {rec['seq']} was written but its checkpoint could not be updated: {exc}") from exc
-    return rec
-
-
-def _anchored(conn: sqlite3.Connection, anchor: Anchor, key: Key | None) -> Checkpoint | None:
-    """The checkpoint as the last writer left it: its intent when the store holds the record it names
-    with that MAC (the writer died after its commit, before confirming), else the checkpoint itself."""
-    cp = anchor.checkpoint(key, writing=True)
-    pending = anchor.pending(key, writing=True)
-    if pending is not None:
-        row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (pending.seq,)).fetchone()
-        if row is not None and row[0] == pending.mac:
-            return pending
-    return cp
-
-
-class _KeyedMeanwhile(Exception):
-    pass
-
-
-def _insert(conn: sqlite3.Connection, rec: dict[str, Any]) -> int:
-    cols = [c for c in rec if c != "seq"]
-    cur = conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                       [rec[c] for c in cols])
-    return int(cur.lastrowid or 0)
-
-
 def append(store: Store, action: str, target: str, outcome: str, reason: str | None = None, *, source: str = "cli",
            node: str | None = None, params: dict[str, Any] | None = None, who: dict[str, Any] | None = None,
            ts: float | None = None, anchor: Anchor | None = None, rehearse: bool = False,
@@ -378,12 +219,10 @@ def append(store: Store, action: str, target: str, outcome: str, reason: str | N
     """Write one record, keyed, chained to the last one and anchored, in one transaction (concurrent
     writers serialise on the checkpoint's lock and SQLite's). Raises when it cannot be written."""
     rec = _build(action, target, outcome, reason, source, node, params, who, ts)
-    return _write(store, anchor or anchor_for(store.path), lambda conn: rec, rehearse, create_key)
+    return chain.write(store, anchor or anchor_for(store.path), lambda conn: rec, rehearse, create_key)
 
 
 def _unrecorded(action: str, target: str, outcome: str, exc: BaseException) -> None:
-    import sys
-
     print(f"fleetdeck: audit record of {shown(action)} {shown(target)} ({outcome}) not written: {shown(exc)}",
           file=sys.stderr)
 
@@ -463,7 +302,7 @@ def audited(action: str, target: str, refusals: tuple[type[BaseException], ...] 
 # -- reading, verifying, retention --------------------------------------------------------------------
 def query(store: Store, since: float | None = None, node: str | None = None, action: str | None = None,
           limit: int = 10_000) -> list[dict[str, Any]]:
-    sql, args = "SELECT * FROM audit WHERE 1=1", []
+    sql, args = "SELECT * FROM audit WHERE 1=1", list[object]()
     if since is not None:
         sql += " AND ts >= ?"
         args.append(since)
@@ -501,7 +340,7 @@ def prune(store: Store, retention_days: float = DEFAULT_RETENTION_DAYS, now: flo
                       trail.node if trail else None, params, None, at)
 
     try:
-        _write(store, anchor or anchor_for(store.path), make)
+        chain.write(store, anchor or anchor_for(store.path), make)
     except _NothingToPrune:
         return 0
     return removed[0]
@@ -527,9 +366,9 @@ def reanchor(store: Store, why: str, anchor: Anchor | None = None) -> dict[str, 
         raise ReadOnlyError(f"audit.anchor audit: refused, {READ_ONLY_REASON}")
 
     def make(conn: sqlite3.Connection) -> dict[str, Any]:
-        head = _head(conn)
+        head = chain.head_of(conn)
         try:
-            cp = _anchored(conn, anchor, anchor.key(create=False, writing=True))
+            cp = chain.anchored(conn, anchor, anchor.key(create=False, writing=True))
             held = "none" if cp is None else f"record {cp.seq}"
             notes = "; ".join(cp.notes) if cp is not None else ""
         except AnchorError as exc:
@@ -538,7 +377,7 @@ def reanchor(store: Store, why: str, anchor: Anchor | None = None) -> dict[str, 
         return _build("audit.anchor", "audit", "done", why, source, trail.node if trail else None, params, behalf,
                       None)
 
-    rec = _write(store, anchor, make, fresh=True)
+    rec = chain.write(store, anchor, make, fresh=True)
     if trail is not None:
         trail.written += 1
         if trail.syslog_socket is not None:
@@ -546,48 +385,12 @@ def reanchor(store: Store, why: str, anchor: Anchor | None = None) -> dict[str, 
     return rec
 
 
-@dataclass
-class Verdict:
-    ok: bool
-    records: int
-    first_broken: int | None = None
-    message: str = ""
-    unkeyed: int = 0
-
-
 def verify(store: Store, anchor: Anchor | None = None, retention_days: float | None = None,
            now: float | None = None) -> Verdict:
     """Check the chain, its keyed MACs, pruning against the retention, and the head against the checkpoint.
     The first problem found is named, with its record."""
-    from engine.audit_verify import check
-
     return check(store, anchor or anchor_for(store.path),
                  DEFAULT_RETENTION_DAYS if retention_days is None else retention_days,
                  time.time() if now is None else now)
 
 
-# -- the system log (RFC 5424) ----------------------------------------------------------------------
-def syslog_line(rec: dict[str, Any]) -> bytes:
-    """<PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD] MSG; facility authpriv (10), severity notice (5), or
-    warning (4) for a refusal or failure. The record's MAC is in it, so the site's log anchors the chain
-    too; control characters are escaped, so a value cannot end the line and forge another."""
-    severity = 5 if rec["outcome"] == "done" else 4
-    pri = 10 * 8 + severity
-
-    def sd(value: Any) -> str:
-        return shown("-" if value is None else value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
-
-    keys = ("actor", "origin", "source", "node", "target", "outcome", "seq", "hash")
-    params = " ".join(f'{"mac" if k == "hash" else k}="{sd(rec.get(k))}"' for k in keys)
-    msg = shown(f"{rec['action']} {rec['target']} {rec['outcome']}" + (f": {rec['reason']}" if rec.get("reason") else ""))
-    head = f"<{pri}>1 {rec['utc']} {socket.gethostname()} fleetdeck {os.getpid()} {rec['action']}"
-    return f"{head} [fleetdeck@32473 {params}] {msg}".encode("utf-8", "backslashreplace")
-
-
-def send_syslog(rec: dict[str, Any], path: Path) -> None:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(str(path))
-            s.send(syslog_line(rec))
-    except OSError:
-        pass  # the record is in the store; a missing syslog daemon does not stop the action

@@ -13,10 +13,12 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from rich.console import RenderableType
+from rich.console import Group, RenderableType
+from rich.text import Text
+
+from engine.io.tables import table
 
 # States in which a job still holds (or waits for) its allocation.
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING",
@@ -262,11 +264,6 @@ def _gpu_count(text: str, tres: bool = False) -> int:
 
 def view_renderable(view: dict[str, Any]) -> RenderableType:
     """The view as the CLI prints it and the Fleet screen shows it: partitions, nodes, the queue."""
-    from rich.console import Group
-    from rich.text import Text
-
-    from engine.tables import table
-
     if view.get("error"):
         return Text(f"Slurm: {view['error']}")
     parts = "partitions: " + ", ".join(f"{p['partition']}{'*' if p['default'] else ''} {p['avail']}/{p['state']} "

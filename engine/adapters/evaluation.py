@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import adapters
-from engine.adapters import Adapter, AdapterError
+from engine.adapters import registry as adapters
+from engine.adapters.registry import Adapter, AdapterError, integrity_problem
+from engine.audit import trail as audit
+from engine.io.http_auth import bearer
+from engine.router.calibrate import analyse, EvalSetError, load_eval_set, score_eval_set
+from engine.vllm.launcher import list_servers, refresh
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -46,8 +50,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def compatible_servers(store: Store, adapter: Adapter) -> list[Any]:
     """Ready servers fleetdeck runs that could serve this adapter (LoRA on, same base, rank that fits)."""
-    from engine.vllm.launcher import list_servers, refresh
-
     found = []
     for rec in list_servers(store, include_ended=False):
         rec = refresh(store, rec)
@@ -71,10 +73,6 @@ def evaluate(store: Store, adapter: Adapter, server: Any, eval_path: Path, *, co
     """Run the eval set through `server` with the version loaded; store and return the result.
     AdapterError for an unusable version or server; EvalSetError for a bad file; ConnectionError when
     the server stops answering."""
-    from engine import audit
-    from engine.adapter_versions import integrity_problem
-    from engine.router.calibrate import EvalSetError, load_eval_set
-
     with audit.audited("adapter.eval", adapter.name, refusals=(AdapterError, EvalSetError), server=server.id,
                        eval=str(eval_path)) as entry:
         if adapter.version is None:
@@ -108,8 +106,6 @@ def evaluate_served_model(store: Store, server: Any, eval_path: Path, *, confide
                           target_accuracy: float = 0.95) -> dict[str, Any]:
     """The same evaluation of the model a server serves itself (a merged or quantized model, no adapter);
     recorded under `model:SERVED_NAME` with the folder's fingerprint."""
-    from engine import audit
-
     with audit.audited("adapter.eval", f"model:{server.served_name}", refusals=(AdapterError,), server=server.id,
                        eval=str(eval_path)) as entry:
         if server.state != "ready":
@@ -124,9 +120,6 @@ def evaluate_served_model(store: Store, server: Any, eval_path: Path, *, confide
 
 def _score(store: Store, server: Any, model: str, content_sha256: str, eval_path: Path, confidence: str,
            target_accuracy: float, label: str | None = None) -> dict[str, Any]:
-    from engine.http_auth import bearer
-    from engine.router.calibrate import analyse, load_eval_set, score_eval_set
-
     items = load_eval_set(eval_path)
     latencies: list[float] = []
     target = EvalTarget(f"{server.base_url}/v1", model, confidence)

@@ -8,21 +8,31 @@ no prune cut records younger than the retention; the last record is the one the 
 no writer found otherwise before its append (the checkpoint's notes). A writer's intent stands for the
 checkpoint when the store holds the record it names with that MAC (the writer was killed between its
 commit and confirming); otherwise it is ignored (killed before its commit). The key, checkpoint and
-intent are read only when they are fleetdeck's own (engine/audit_anchor.py). Reading holds the
+intent are read only when they are fleetdeck's own (engine/audit/anchor.py). Reading holds the
 checkpoint's lock shared, so a concurrent append is seen whole or not at all, and creates nothing.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from engine.audit_anchor import Anchor, AnchorError, Checkpoint, Key
+from engine.audit.anchor import Anchor, AnchorError, Checkpoint, Key
+from engine.audit.chain import GENESIS, KEYED, keyed_hash, plain_hash
 
 if TYPE_CHECKING:
-    from engine.audit import Verdict
     from store.db import Store
+
+@dataclass
+class Verdict:
+    ok: bool
+    records: int
+    first_broken: int | None = None
+    message: str = ""
+    unkeyed: int = 0
+
 
 SLACK_S = 1.0  # float rounding of a cut-off computed from the same clock reading
 
@@ -38,8 +48,6 @@ class _Broken(Exception):
 
 
 def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Verdict:
-    from engine.audit import Verdict
-
     try:
         key = anchor.key(create=False)
     except AnchorError as exc:
@@ -92,14 +100,10 @@ def check(store: Store, anchor: Anchor, retention_days: float, now: float) -> Ve
 
 
 def _genesis() -> str:
-    from engine.audit import GENESIS
-
     return GENESIS
 
 
 def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[int, dict[str, Any] | None]:
-    from engine.audit import KEYED, _chain, _mac
-
     prev: str | None = None
     keyed_seen = 0
     unkeyed = 0
@@ -126,14 +130,14 @@ def _walk(rows: list[dict[str, Any]], key: Key | None, anchor: Anchor) -> tuple[
                                        "or the key was replaced")
                 raise _Broken(seq, f"record {seq} was written with another key (id {kid}; {anchor.key_file} "
                                    f"is key {key.kid}): the key was replaced, or the record forged")
-            if _mac(key, prev, rec) != mac:
+            if keyed_hash(key, prev, rec) != mac:
                 raise _Broken(seq, f"record {seq} was changed after it was written (its MAC does not match)")
             keyed_seen += 1
         else:
             if keyed_seen:
                 raise _Broken(seq, f"record {seq} has no MAC but follows keyed records: forged, or rewritten "
                                    "without the key")
-            if _chain(prev, rec) != mac:
+            if plain_hash(prev, rec) != mac:
                 raise _Broken(seq, f"record {seq} was changed after it was written (its hash does not match)")
             if key is not None and rec["ts"] > key.created:
                 raise _Broken(seq, f"record {seq} has no MAC but is dated {_day(rec['ts'])}, after the audit key was "
@@ -200,8 +204,6 @@ def _check_start(rows: list[dict[str, Any]], last_prune: dict[str, Any] | None, 
 
 def _check_head(rows: list[dict[str, Any]], cp: Checkpoint | None, anchor: Anchor) -> None:
     """The last record is the one the checkpoint holds, and no writer found otherwise."""
-    from engine.audit import KEYED
-
     keyed = [r for r in rows if str(r["hash"]).startswith(KEYED + ":")]
     if cp is None:
         if keyed:

@@ -16,9 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from engine import adapters, audit
-from engine.adapter_eval import compatible_servers, ensure_loaded, evals_of, file_sha256
-from engine.adapters import Adapter, AdapterError
+from engine.adapters import registry as adapters
+from engine.audit import trail as audit
+from engine.audit.who import identity
+from engine.adapters.evaluation import compatible_servers, ensure_loaded, evals_of, file_sha256
+from engine.adapters.registry import Adapter, AdapterError, integrity_problem
+from engine.io.http_auth import bearer, bearer_from_env
+from engine.router.config import api_keys, load_router_config, set_task_field
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -69,8 +73,6 @@ def gate_check(store: Store, config_path: Path, task: Any, adapter: Adapter) -> 
 
 
 def _listed(base_url: str, name: str, api_key_env: str | None) -> bool:
-    from engine.http_auth import bearer_from_env
-
     try:
         r = httpx.get(f"{base_url}/models", headers=bearer_from_env(api_key_env), timeout=10, trust_env=False)
         r.raise_for_status()
@@ -103,12 +105,10 @@ def history(store: Store, task: str | None = None, limit: int = 100) -> list[dic
 
 def _record(store: Store, task: str, kind: str, old: str, new: str, eval_id: int | None) -> None:
     store.insert("promotions", {"ts": time.time(), "task": task, "kind": kind, "from_model": old, "to_model": new,
-                                "eval_id": eval_id, "actor": audit.identity()["actor"]})
+                                "eval_id": eval_id, "actor": identity()["actor"]})
 
 
 def _task(config_path: Path, name: str) -> Any:
-    from engine.router.config import load_router_config
-
     cfg = load_router_config(config_path)
     task = cfg.task_by_name(name)
     if task is None:
@@ -117,8 +117,6 @@ def _task(config_path: Path, name: str) -> Any:
 
 
 def promote(store: Store, config_path: Path, task_name: str, ref: str, roots: list[Path]) -> Outcome:
-    from engine.router.config import set_task_field
-
     cfg, task = _task(config_path, task_name)
     with audit.audited("adapter.promote", task_name, refusals=(PromotionError, AdapterError), config=str(config_path),
                        task=task_name, old=task.slm_model, new=ref) as entry:
@@ -128,8 +126,6 @@ def promote(store: Store, config_path: Path, task_name: str, ref: str, roots: li
         entry.params["new"] = adapter.name
         if adapter.name == task.slm_model:
             raise PromotionError(f"task {task_name} already points at {adapter.name}")
-        from engine.adapter_versions import integrity_problem
-
         problem = integrity_problem(adapter)
         if problem:
             raise PromotionError(problem)
@@ -144,8 +140,6 @@ def promote(store: Store, config_path: Path, task_name: str, ref: str, roots: li
 
 def rollback(store: Store, config_path: Path, task_name: str, roots: list[Path]) -> Outcome:
     """Back to the model the task's newest promotion replaced (which may itself be a version or a plain name)."""
-    from engine.router.config import set_task_field
-
     cfg, task = _task(config_path, task_name)
     with audit.audited("adapter.rollback", task_name, refusals=(PromotionError, AdapterError), config=str(config_path),
                        task=task_name, old=task.slm_model) as entry:
@@ -174,12 +168,8 @@ def rollback(store: Store, config_path: Path, task_name: str, roots: list[Path])
 
 def reload_proxy(settings: Any, config_path: Path) -> str:
     """Ask the running proxy to reload its config; what happened, in one phrase (never raises)."""
-    from engine.router.config import api_keys
-
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    from engine.http_auth import bearer
-
     keys = sorted(api_keys(settings))
     headers = bearer(keys[0] if keys else None)
     url = f"http://{host}:{settings.port}/admin/reload"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -10,10 +11,12 @@ from typing import Any
 
 import httpx
 
-from engine import audit
-from engine.http_auth import bearer
+from engine.audit import trail as audit
+from engine.io.http_auth import bearer
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# A registered version's own file (engine/adapters/versions.py): its content hash and provenance.
+METADATA = "fleetdeck.json"
 
 
 class AdapterError(Exception):
@@ -93,7 +96,7 @@ def read_adapter(folder: Path) -> Adapter:
     if isinstance(targets, str):
         targets = [targets]
     meta = None
-    meta_path = folder / "fleetdeck.json"
+    meta_path = folder / METADATA
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -131,8 +134,7 @@ def scan(roots: list[Path]) -> tuple[list[Adapter], list[str]]:
 def _same_model(a: str | None, b: str | None) -> bool:
     if not a or not b:
         return True  # unknown on one side: vLLM will judge
-    norm = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
-    return norm(a) == norm(b)
+    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
 
 
 def compatibility_problems(adapter: Adapter, base_model: str, lora_enabled: bool, max_lora_rank: int) -> list[str]:
@@ -159,6 +161,32 @@ _REFUSALS = (
 )
 
 
+def content_hash(folder: Path) -> str:
+    """SHA-256 over every file of the folder but the metadata, by relative path, in a fixed order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != METADATA):
+        rel = f.relative_to(folder).as_posix().encode()
+        h.update(len(rel).to_bytes(4, "big") + rel)
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def integrity_problem(adapter: Adapter) -> str | None:
+    """Why a registered version can no longer be trusted (its files changed), or None."""
+    if adapter.version is None:
+        return None
+    expected = (adapter.metadata or {}).get("content_sha256")
+    if not expected:
+        return f"{adapter.name}: no content hash in {METADATA}; import it again as a new version"
+    actual = content_hash(Path(adapter.path))
+    if actual != expected:
+        return (f"{adapter.name}: its files changed after it was registered (content hash {actual[:12]}, "
+                f"registered {expected[:12]}); import the folder again as a new version")
+    return None
+
+
 def by_name(roots: list[Path], name: object) -> Adapter:
     """An adapter of the adapter roots by its folder name (never a path): `NAME@vN` exactly, or a bare
     NAME, which is that folder if there is one, else NAME's newest version."""
@@ -175,9 +203,7 @@ def by_name(roots: list[Path], name: object) -> Adapter:
 
 def load_into(server: Any, adapter: Adapter, name: str | None = None, old: str | None = None) -> str:
     """Load (or, with `old`, swap in) an adapter after the checks vLLM would fail on; a refusal is
-    audited and raised as AdapterError. `server` is a ready launcher.ServerRecord."""
-    from engine.adapter_versions import integrity_problem
-
+    audited and raised as AdapterError. `server` is a ready engine.vllm.record.ServerRecord."""
     name = name or adapter.name
     action = "adapter.load" if old is None else "adapter.swap"
     refusal = f"{server.id} is {server.state}, not ready" if server.state != "ready" else None

@@ -2,7 +2,7 @@
 
 `~/.local/share/fleetdeck/demo/` holds its store, its launch profiles, fine-tune specs, model folders
 (a config.json each), dataset, adapters, server logs, job folders, the backend's files and the record of
-the helper processes the demo's dashboard started (engine/lifetimes.py). `fleetdeck demo --reset` ends
+the helper processes the demo's dashboard started (engine/demo/lifetimes.py). `fleetdeck demo --reset` ends
 what the demo started and removes the folder. One demo dashboard runs at a time (a lock held for its
 life); a new one first ends whatever an earlier one left running, by recorded pid and create time, and
 never adopts it.
@@ -19,11 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.folders import Folders
-from engine.lifetimes import HelperLedger
+from engine.demo.lifetimes import HelperLedger
+from engine.finetune import jobs
+from engine.finetune.jobs import training_estimate
+from engine.finetune.spec import JobSpec
+from engine.host.folders import Folders
+from engine.vllm import launcher
+from engine.vllm.demo import write_demo_files
+from fleet.simulated import SimProcess
+from store.db import open_store
+from store.paths import data_dir, private_dir
 
 if TYPE_CHECKING:
-    from fleet.simulated import SimProcess
     from store.db import Store
 
 
@@ -37,8 +44,6 @@ class DemoHome:
 
     @classmethod
     def default(cls) -> DemoHome:
-        from store.paths import data_dir
-
         return cls(data_dir() / "demo")
 
     @property
@@ -91,9 +96,6 @@ class DemoHome:
 
     def prepare(self) -> None:
         """The demo's files, made once (kept across runs until --reset)."""
-        from engine.vllm.demo import write_demo_files
-        from store.paths import private_dir
-
         private_dir(self.root)
         write_demo_files(self)
 
@@ -101,8 +103,6 @@ class DemoHome:
     def lock(self) -> int:
         """Hold the demo folder for this process's life (the kernel lets go when it ends, however it
         ends). Returns the lock's descriptor; raises DemoBusy if another demo dashboard holds it."""
-        from store.paths import private_dir
-
         private_dir(self.root)
         fd = os.open(self.root / "demo.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -122,8 +122,6 @@ class DemoHome:
         and create times it recorded. Returns a line per thing ended."""
         ended = [f"{h.what} (pid {h.pid})" for h in self.helpers.end_all()]
         if self.store.exists():
-            from store.db import open_store
-
             store = open_store(self.store)
             try:
                 ended += stop_everything(store)
@@ -142,9 +140,6 @@ def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
     """Stop every server and job the demo's store records as live: through the engine (audited, as any
     stop), and if that is refused (a read-only demo) or fails, by their recorded pid and create time.
     Everything in the demo is simulated and the demo's own: nothing of it outlives the demo."""
-    from engine.finetune import jobs
-    from engine.vllm import launcher
-
     ended = []
     for rec in launcher.list_servers(store):
         if rec.state not in ("starting", "ready"):
@@ -196,11 +191,6 @@ class DemoProcesses:
             return list(self._by_node.get(node, []))
 
     def _read(self) -> dict[str, list[SimProcess]]:
-        from engine.finetune import jobs
-        from engine.vllm import launcher
-        from fleet.simulated import SimProcess
-        from store.db import open_store
-
         if self._store is None:
             if not self.store_path.exists():
                 return {}
@@ -225,9 +215,6 @@ class DemoProcesses:
 
     def _job_vram(self, job: Any) -> int:
         if job.id not in self._vram:
-            from engine.finetune.jobs import training_estimate
-            from engine.finetune.spec import JobSpec
-
             try:
                 self._vram[job.id] = int(training_estimate(JobSpec.model_validate(job.spec)).total_bytes)
             except Exception:  # a spec this build cannot size: a typical QLoRA of a 7-8B model

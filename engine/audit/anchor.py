@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+from store.paths import private_dir, state_dir
 
 KEY_BYTES = 32
 LOCK_WAIT_S = 10.0  # how long an append or verify waits for another writer's lock (SQLite's wait is 5 s)
@@ -52,8 +53,6 @@ class AnchorError(Exception):
 
 
 def default_key_file() -> Path:
-    from store.paths import state_dir
-
     return state_dir() / "audit" / "audit.key"
 
 
@@ -183,8 +182,6 @@ class Anchor:
             if not create:
                 return None
         try:
-            from store.paths import private_dir
-
             private_dir(self.key_file.parent)
             self._check_folder(writing=True)
             tmp = self.key_file.with_name(f".{self.key_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
@@ -275,8 +272,6 @@ class Anchor:
         """The writers' lock (exclusive; made if absent) or a reader's (shared; none if no writer ever ran)."""
         try:
             if write:
-                from store.paths import private_dir
-
                 private_dir(self.lock_file.parent)
                 self._check_folder(writing=True)
                 fd = os.open(self.lock_file, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -1,0 +1,1 @@
+"""The audit trail: who changed what on a node, from which entry point, and the outcome; chained and anchored."""
