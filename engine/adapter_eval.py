@@ -46,13 +46,13 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def compatible_servers(store: Store, adapter: Adapter) -> list[Any]:
     """Ready servers fleetdeck runs that could serve this adapter (LoRA on, same base, rank that fits)."""
-    from engine.vllm.launcher import list_servers, refresh
+    from engine.vllm.launcher import ServerState, list_servers, refresh
 
     found = []
     for rec in list_servers(store, include_ended=False):
         rec = refresh(store, rec)
         lora = rec.spec.get("lora", {})
-        if rec.state == "ready" and not adapters.compatibility_problems(
+        if rec.state == ServerState.READY and not adapters.compatibility_problems(
                 adapter, rec.spec.get("model", ""), lora.get("enable", False), lora.get("max_lora_rank", 16)):
             found.append(rec)
     return found
@@ -109,10 +109,11 @@ def evaluate_served_model(store: Store, server: Any, eval_path: Path, *, confide
     """The same evaluation of the model a server serves itself (a merged or quantized model, no adapter);
     recorded under `model:SERVED_NAME` with the folder's fingerprint."""
     from engine import audit
+    from engine.vllm.launcher import ServerState
 
     with audit.audited("adapter.eval", f"model:{server.served_name}", refusals=(AdapterError,), server=server.id,
                        eval=str(eval_path)) as entry:
-        if server.state != "ready":
+        if server.state != ServerState.READY:
             raise AdapterError(f"{server.id} is {server.state}, not ready")
         folder = Path(str(server.spec.get("model", "")))
         fingerprint = model_fingerprint(folder) if folder.is_dir() else hashlib.sha256(str(folder).encode()).hexdigest()

@@ -180,7 +180,9 @@ def load_into(server: Any, adapter: Adapter, name: str | None = None, old: str |
 
     name = name or adapter.name
     action = "adapter.load" if old is None else "adapter.swap"
-    refusal = f"{server.id} is {server.state}, not ready" if server.state != "ready" else None
+    from engine.vllm.launcher import ServerState
+
+    refusal = f"{server.id} is {server.state}, not ready" if server.state != ServerState.READY else None
     if refusal is None and adapter.version is not None and name != adapter.name:
         # a version's served name is its own: a name reused for other weights can hit stale prefix-cache blocks
         refusal = f"{adapter.name} is served as {adapter.name} only (a version's name is never given to other weights)"

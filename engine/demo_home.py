@@ -147,7 +147,7 @@ def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
 
     ended = []
     for rec in launcher.list_servers(store):
-        if rec.state not in ("starting", "ready"):
+        if rec.state not in launcher.LIVE:
             continue
         if not rec.alive():
             launcher.refresh(store, rec)  # gone already: its record says so (crashed, with the log's diagnosis)
@@ -158,7 +158,7 @@ def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
             rec.terminate(timeout, whole_group=True)
         ended.append(f"server {rec.id} (pid {rec.pid})")
     for job in jobs.list_jobs(store):
-        if job.state != "running":
+        if job.state != jobs.JobState.RUNNING:
             continue
         if not job.alive():
             jobs.refresh(store, job)  # ended already: its record says how (from its progress events)
@@ -207,7 +207,7 @@ class DemoProcesses:
             self._store = open_store(self.store_path)
         out: dict[str, list[SimProcess]] = {}
         for rec in launcher.list_servers(self._store):
-            if rec.state not in ("starting", "ready") or rec.pid is None or not rec.alive():
+            if rec.state not in launcher.LIVE or rec.pid is None or not rec.alive():
                 continue
             util = float(rec.spec.get("gpu_memory_utilization", 0.9))
             for g in _gpus(rec.gpus):
@@ -215,7 +215,7 @@ class DemoProcesses:
                     gpu=g, kind="vllm", pid=rec.pid, model=rec.served_name, port=rec.port, memory_fraction=util,
                     user="svc-llm", command=" ".join(rec.argv)))
         for job in jobs.list_jobs(self._store):
-            if job.state != "running" or job.pid is None or not job.alive():
+            if job.state != jobs.JobState.RUNNING or job.pid is None or not job.alive():
                 continue
             for g in _gpus(job.gpus):
                 out.setdefault(job.node, []).append(SimProcess(
@@ -241,5 +241,7 @@ class DemoProcesses:
                 self._store = None
 
 
-def _gpus(text: str) -> list[int]:
-    return [int(g) for g in text.split(",") if g.strip().isdigit()]
+def _gpus(placement: Any) -> list[int]:
+    from engine.managed import LocalGpus
+
+    return list(placement.indices) if isinstance(placement, LocalGpus) else []

@@ -118,14 +118,14 @@ def _status(adapter: Any) -> str:
 def run_ls(args: argparse.Namespace) -> int:
     from engine import adapters
     from engine.adapter_eval import evals_of
-    from engine.vllm.launcher import list_servers, refresh
+    from engine.vllm.launcher import ServerState, list_servers, refresh
 
     found, problems = adapters.scan(_roots(args))
     store = listing_store_of(args)  # adapters on disk are listed on a fresh install too
     servers = [refresh(store, r) for r in list_servers(store, include_ended=False)] if store is not None else []
     loaded: dict[str, list[str]] = {}
     for s in servers:
-        if s.state == "ready":
+        if s.state == ServerState.READY:
             try:
                 loaded[s.id] = [m["id"] for m in adapters.loaded(s.base_url, s.api_key)]
             except Exception as exc:  # a server that stopped answering

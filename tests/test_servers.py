@@ -15,6 +15,7 @@ import pytest
 
 from engine import adapters
 from engine.vllm import launcher
+from engine.managed import LocalGpus
 from engine.vllm.launcher import LaunchError
 from engine.vllm.metrics import figures, parse, quantile
 from fleetdeck.cli import main
@@ -311,7 +312,8 @@ def test_a_live_api_process_whose_engine_died_is_crashed_with_that_reason(store,
     try:
         rec = launcher.ServerRecord(
             id="standin-1", name="standin", node="n", pid=api.pid, create_time=psutil.Process(api.pid).create_time(),
-            argv=[], env={}, gpus="0", port=1, log_path=str(tmp_path / "standin.log"), spec={}, state="starting",
+            argv=[], env={}, gpus=LocalGpus((0,)), port=1, log_path=str(tmp_path / "standin.log"), spec={},
+            state=launcher.ServerState.STARTING,
             reason=None, started_at=time.time())
         rec.save(store)
         assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).engine_pid is not None)

@@ -16,7 +16,8 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
@@ -25,7 +26,7 @@ import psutil
 
 from engine import audit, managed
 from engine.http_auth import bearer
-from engine.managed import ManagedRecord
+from engine.managed import LocalGpus, ManagedRecord
 from engine.logs import tail
 from engine.vllm.diagnose import diagnose
 from engine.vllm.profile import VLLM_LORA_RANKS, Profile
@@ -70,10 +71,26 @@ class UnplannableError(LaunchError):
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
+class ServerState(StrEnum):
+    """A server's state, stored as its text."""
+
+    STARTING = "starting"  # launched (or submitted to Slurm); not answering yet
+    READY = "ready"  # its own process answers /health
+    CRASHED = "crashed"  # it ended without being stopped (the reason says why)
+    STOPPED = "stopped"  # stopped by an operator
+
+
+LIVE = (ServerState.STARTING, ServerState.READY)
+ENDED = (ServerState.STOPPED, ServerState.CRASHED)
+
+
 @dataclass
 class ServerRecord(ManagedRecord):
     KIND: ClassVar[str] = "server"
     LISTED_BY: ClassVar[str] = "fleetdeck serve ls"
+    STATES: ClassVar[type[ServerState]] = ServerState
+
+    state: ServerState
 
     @property
     def base_url(self) -> str:
@@ -82,7 +99,7 @@ class ServerRecord(ManagedRecord):
 
     @property
     def served_name(self) -> str:
-        return self.spec.get("served_model_name") or self.spec.get("model", "")
+        return str(self.spec.get("served_model_name") or self.spec.get("model", ""))
 
     @property
     def api_key(self) -> str | None:
@@ -91,7 +108,7 @@ class ServerRecord(ManagedRecord):
         return os.environ.get(env_name, "") or None if env_name else None
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = self.to_doc()
         d["base_url"] = self.base_url
         return d
 
@@ -253,7 +270,7 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
     views = [vllm_view_of(g) for g in gpus]  # a MIG GPU is one slice to vLLM
     total, free, used, note = min(views, key=lambda v: (v[1] if v[1] is not None else v[0] or 0))
     tightest = gpus[views.index((total, free, used, note))]
-    return plan(arch, FitRequest(
+    fit = FitRequest(
         gpu_memory_bytes=total, gpu_memory_utilization=profile.gpu_memory_utilization,
         tensor_parallel_size=profile.tensor_parallel_size, max_model_len=profile.max_model_len,
         kv_cache_dtype=profile.kv_cache_dtype, free_memory_bytes=free, notes=[note] if note else [],
@@ -261,8 +278,10 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
         enforce_eager=profile.enforce_eager, kv_cache_memory_bytes=profile.kv_cache_memory_bytes,
         allow_long_max_model_len=allow_long_max_model_len(profile),
-        **({"vllm_version": profile.vllm_version} if profile.vllm_version else {}),
-    ))
+    )
+    if profile.vllm_version:
+        fit = replace(fit, vllm_version=profile.vllm_version)
+    return plan(arch, fit)
 
 
 def start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots: Sequence[Any] | None = None,
@@ -270,7 +289,7 @@ def start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots:
           node: str | None = None, log_dir: Path | None = None, slurm: Any = None) -> tuple[ServerRecord, Any]:
     """Start a server (or, with `slurm`, a jobs.SlurmRequest, submit it to Slurm); returns its record and
     the planner's verdict. Raises LaunchError on refusal."""
-    where = f"slurm:{slurm.gpus}" if slurm is not None else ",".join(map(str, gpus))
+    where = str(managed.SlurmGpus(slurm.gpus) if slurm is not None else LocalGpus(tuple(gpus)))
     with audit.audited("server.start", profile.name, refusals=(LaunchError, ValueError), profile=profile.name,
                        model=profile.model, gpus=where, port=port, force=force) as entry:
         check_exposure(profile, listen_host(profile, slurm=slurm is not None))  # refused (and audited) first
@@ -330,8 +349,8 @@ def _start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots
     shown_env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items()}
     rec = ServerRecord(
         id=sid, name=profile.name, node=node or socket.gethostname(), pid=pid, create_time=create_time,
-        argv=argv, env=shown_env, gpus=",".join(str(g) for g in gpus), port=chosen_port, log_path=str(log_path),
-        spec=profile.model_dump(mode="json"), state="starting", reason=warning, started_at=time.time(),
+        argv=argv, env=shown_env, gpus=LocalGpus(tuple(gpus)), port=chosen_port, log_path=str(log_path),
+        spec=profile.model_dump(mode="json"), state=ServerState.STARTING, reason=warning, started_at=time.time(),
         predicted_kv_tokens=verdict.kv_tokens if verdict is not None else None,
     )
     rec.save(store)
@@ -339,7 +358,7 @@ def _start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots
 
 
 def _ports_taken(store: Store) -> set[int]:
-    return {r.port for r in list_servers(store) if r.state in ("starting", "ready") and r.port}
+    return {r.port for r in list_servers(store) if r.state in LIVE and r.port}
 
 
 def probe(rec: ServerRecord, timeout: float = 1.0) -> bool:
@@ -424,7 +443,7 @@ def engine_lost(rec: ServerRecord) -> str | None:
 
 def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     """Bring a record up to date with the process and the HTTP API; write changes back."""
-    if rec.state in ("stopped", "crashed"):
+    if rec.state in ENDED:
         return rec
     if rec.slurm is not None:
         from dataclasses import replace
@@ -441,27 +460,27 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     # Probed before the engine is looked for: vLLM answers only once its engine runs, so a server first
     # seen ready has its engine recorded in the same refresh (a kill of it right after is then noticed).
     # Ready only when the answer comes from this server's own processes, not another on the same port.
-    answers = alive and probe(rec) and (rec.state == "ready" or answered_by_own_process(rec))
+    answers = alive and probe(rec) and (rec.state == ServerState.READY or answered_by_own_process(rec))
     lost = engine_lost(rec) if alive else None
     if not alive:
         # A stop may have ended it since this copy of the record was read (the Servers screen refreshes
         # while an operator stops): the stop's record stands, it is not a crash.
         stored = managed.find(store, ServerRecord, rec.id)
-        if stored is not None and stored.state in ("stopped", "crashed"):
+        if stored is not None and stored.state in ENDED:
             return stored
-        rec.state = "crashed"
+        rec.state = ServerState.CRASHED
         rec.ended_at = rec.ended_at or time.time()
         d = diagnose(tail(rec.log_path, 200))
         rec.reason = d.text() if d else "the process exited; see the log (`fleetdeck serve logs " + rec.id + "`)"
     elif lost:
-        rec.state = "crashed"
+        rec.state = ServerState.CRASHED
         rec.ended_at = rec.ended_at or time.time()
         rec.reason = lost
     elif answers:
-        rec.state = "ready"
+        rec.state = ServerState.READY
     # Alive but not answering: a starting server stays starting, and a ready one that misses a probe
     # stays ready (a busy server can be slow to answer).
-    if rec.state == "ready" and rec.reason and rec.reason.startswith("started without a plan"):
+    if rec.state == ServerState.READY and rec.reason and rec.reason.startswith("started without a plan"):
         rec.reason = None
     if (rec.state, rec.reason, rec.engine_pid) != before:
         rec.save(store)
@@ -470,14 +489,13 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
 
 def list_servers(store: Store, include_ended: bool = True) -> list[ServerRecord]:
     recs = managed.load_all(store, ServerRecord)
-    return [r for r in recs if include_ended or r.state not in ("stopped",)]
+    return [r for r in recs if include_ended or r.state != ServerState.STOPPED]
 
 
 def get(store: Store, sid: str) -> ServerRecord:
     return managed.get(store, ServerRecord, sid, LaunchError)
 
 
-ENDED = ("stopped", "crashed")
 
 
 def prune(store: Store) -> list[ServerRecord]:
@@ -504,12 +522,12 @@ def _stop(store: Store, rec: ServerRecord, timeout: float) -> ServerRecord:
             raise LaunchError(f"cannot stop Slurm job {rec.slurm.id}: {exc}") from exc
     else:
         rec.terminate(timeout, whole_group=True)
-    if rec.state == "crashed":
+    if rec.state == ServerState.CRASHED:
         # What is left of a crashed server (an API process whose engine died) is ended, but the record
         # stays what it was: the crash and its diagnosis are the history an operator needs.
         rec.ended_at = rec.ended_at or time.time()
     else:
-        rec.state = "stopped"
+        rec.state = ServerState.STOPPED
         rec.ended_at = time.time()
         rec.reason = "stopped by the operator"
     rec.save(store)
@@ -520,7 +538,7 @@ def wait_ready(store: Store, rec: ServerRecord, timeout: float = 600.0, poll: fl
     deadline = time.time() + timeout
     while time.time() < deadline:
         rec = refresh(store, rec)
-        if rec.state in ("ready", "crashed", "stopped"):
+        if rec.state != ServerState.STARTING:
             return rec
         time.sleep(poll)
     return rec

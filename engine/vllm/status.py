@@ -71,8 +71,10 @@ def scrape_server(rec: Any, timeout: float = 1.5) -> Scrape:
 
 def status_of(rec: Any, previous: Scrape | None = None, adapters: bool = False) -> ServerStatus:
     """Figures for a ready local server (from its /metrics, against the previous scrape)."""
+    from engine.vllm.launcher import ServerState
+
     st = ServerStatus(rec)
-    if rec.state != "ready":
+    if rec.state != ServerState.READY:
         return st
     try:
         st.scrape = scrape_server(rec)
@@ -96,7 +98,7 @@ def statuses(store: Store, interval: float = 1.0, ids: list[str] | None = None) 
     recs = [launcher.refresh(store, r) for r in launcher.list_servers(store)]
     if ids is not None:
         recs = [r for r in recs if r.id in ids]
-    first = {r.id: status_of(r).scrape for r in recs if r.state == "ready"}
+    first = {r.id: status_of(r).scrape for r in recs if r.state == launcher.ServerState.READY}
     if first and interval > 0:
         time.sleep(interval)
     return [status_of(r, first.get(r.id), adapters=True) for r in recs]
