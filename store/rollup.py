@@ -99,10 +99,12 @@ class Rollup(Counts):
         self.all_frontier_cost_usd += row.all_frontier_cost_usd
         if row.latency_ms is not None:
             self.latency_ms_sum += row.latency_ms
-            self.latency_hist = _merge_hist(self.latency_hist, [], len(LATENCY_BUCKETS_MS))
+            if not self.latency_hist:
+                self.latency_hist = [0] * len(LATENCY_BUCKETS_MS)
             self.latency_hist[latency_bucket(row.latency_ms)] += 1
         if row.confidence is not None:
-            self.confidence_hist = _merge_hist(self.confidence_hist, [], CONFIDENCE_BINS)
+            if not self.confidence_hist:
+                self.confidence_hist = [0] * CONFIDENCE_BINS
             self.confidence_hist[confidence_bin(row.confidence)] += 1
 
     def add_stored(self, stored: Mapping[str, Any]) -> None:
