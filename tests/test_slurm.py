@@ -20,7 +20,7 @@ from fleetdeck.cli import main
 from store.db import open_store
 from tests.fakes.tiny_model import make_dataset, make_tiny_model
 from tests.slurm_cluster import SlurmCluster, missing
-from tests.helpers import WAIT_CEILING_S
+from tests.helpers import WAIT_CEILING_S, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +315,26 @@ def test_a_slurm_server_restarted_from_the_dashboard_is_resubmitted_with_the_sam
     assert new.log_path != old.log_path and "a restart of " + sid in new.reason
     new = launcher.wait_ready(store, new, timeout=WAIT_CEILING_S)
     assert new.state == launcher.ServerState.READY, new.reason
+
+    # The same server seen through its node's agent (a dashboard elsewhere): the agent starts servers on its own
+    # GPUs only, so the restart is refused before anything is stopped.
+    import sys
+
+    from engine.node_ops import AgentOps
+    from fleet.remote import AgentError, RemoteNode
+
+    node = RemoteNode("login", [sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name",
+                                "login", "--store", str(site["db"]), "--config", str(site["fleet"])],
+                      interval_s=5, hello_timeout_s=WAIT_CEILING_S)
+    try:
+        assert wait_for(lambda: node.link.status == "connected")
+        (remote,) = [s for s in AgentOps(node).servers() if s.rec.id == f"@login:{new.id}"]
+        assert remote.rec.gpus == SlurmGpus(1)
+        with pytest.raises(AgentError, match="runs on slurm:1"):
+            AgentOps(node).restart_server(remote.rec)
+    finally:
+        node.close()
+    assert launcher.refresh(store, launcher.get(store, new.id)).state == launcher.ServerState.READY
     assert run(site, "serve", "stop", new.id) == 0
     # Audited as any start and stop: what, on what, and that it was done.
     done = [(r["action"], r["target"]) for r in audit.query(store) if r["outcome"] == "done"]
