@@ -190,11 +190,13 @@ class LocalOps:
             launcher.stop(self.store, rec)
         if isinstance(rec.gpus, LocalGpus):
             new, _ = launcher.start(self.store, Profile.model_validate(rec.spec), list(rec.gpus.indices), force=True,
-                                    adapter_roots=list(self.adapter_roots), node=rec.node, log_dir=self.folders.server_logs)
+                                    adapter_roots=list(self.adapter_roots), node=rec.node,
+                                    log_dir=self.folders.server_logs)
         else:  # Slurm's: a new job with the same request
             new = slurm_server.resubmit(self.store, rec, adapter_roots=list(self.adapter_roots),
                                         log_dir=self.folders.server_logs)
-        was = f" (it had {rec.state}: its record keeps the diagnosis)" if rec.state == launcher.ServerState.CRASHED else ""
+        crashed = rec.state == launcher.ServerState.CRASHED
+        was = f" (it had {rec.state}: its record keeps the diagnosis)" if crashed else ""
         return f"{rec.id} restarted as {new.id}{was}"
 
     def jobs(self) -> list[tuple[Any, list[dict[str, Any]]]]:

@@ -412,8 +412,9 @@ class LedgerWriter:
                                   len(self._pending) + len(self._inflight), self.replayed, self._earlier_held,
                                   self.unreadable)
         try:
-            if not held_in_journal and not self._jf.pinned and self.journal.exists() and self.journal.stat().st_size == 0:
-                self.journal.unlink()
+            path = self.journal
+            if not held_in_journal and not self._jf.pinned and path.exists() and path.stat().st_size == 0:
+                path.unlink()
         except OSError:
             pass
         self._report = LedgerClose(counts, self.journal, tuple(why), tuple(notes))

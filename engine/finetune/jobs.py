@@ -326,7 +326,8 @@ def refresh(store: Store, rec: JobRecord) -> JobRecord:
         rec.outputs.adapter_path = last.get("adapter_path")
         rec.outputs.final_loss = last.get("final_loss")
     elif last and last["event"] == "cancelled":
-        rec.state, rec.reason = JobState.CANCELLED, f"cancelled at step {last.get('step')}; `fleetdeck finetune resume {rec.id}` continues"
+        rec.state = JobState.CANCELLED
+        rec.reason = f"cancelled at step {last.get('step')}; `fleetdeck finetune resume {rec.id}` continues"
     else:
         text = (last or {}).get("reason") or tail(rec.log_path, 30)
         hint = next((h for key, h in FAILURE_HINTS if key in text), None)

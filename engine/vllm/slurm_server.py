@@ -62,8 +62,8 @@ def submit(store: Store, profile: Profile, req: Any, *, port: int, force: bool, 
 
 
 def _submit(store: Store, profile: Profile, port: int, gpus: int, where: slurm.Where,
-            options: Callable[[str, Path, Path], list[str]], reason: Callable[[str], str], *, adapter_roots: list[Path] | None,
-            log_dir: Path | None, predicted_kv_tokens: int | None = None) -> Any:
+            options: Callable[[str, Path, Path], list[str]], reason: Callable[[str], str], *,
+            adapter_roots: list[Path] | None, log_dir: Path | None, predicted_kv_tokens: int | None = None) -> Any:
     """sbatch the profile's server (`options(sid, log_path, workdir)`: its sbatch options) and record it."""
     from engine.vllm import launcher
     from store.paths import private_dir, state_dir
@@ -120,7 +120,8 @@ def resubmit(store: Store, old: Any, *, adapter_roots: list[Path] | None, log_di
                        profile=profile.name, model=profile.model, gpus=str(old.gpus), port=port, force=True) as entry:
         launcher.check_exposure(profile, launcher.listen_host(profile, slurm=True))
         rec = _submit(store, profile, port, old.gpus.count, placed.where, options,
-                      lambda job: f"Slurm {job} submitted (a restart of {old.id})", adapter_roots=adapter_roots, log_dir=log_dir)
+                      lambda job: f"Slurm {job} submitted (a restart of {old.id})", adapter_roots=adapter_roots,
+                      log_dir=log_dir)
         entry.target = entry.params["server"] = rec.id
     return rec
 
