@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 import psutil
@@ -26,10 +27,59 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound="ManagedRecord")
 
 
+# Where a record's process runs. The store's `gpus` column and the agent's wire keep the text they always had
+# ("0,1", "cpu", "slurm:N"): `parse_placement` reads it and `str()` writes it, at the edge (from_json, to_doc);
+# everything in between matches on the type, never on the text.
+@dataclass(frozen=True, slots=True)
+class LocalGpus:
+    """GPUs of the record's own node, by index; none for a server on vLLM's CPU build."""
+
+    indices: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.indices))
+
+
+@dataclass(frozen=True, slots=True)
+class Cpu:
+    """A job on the CPU (`--gpus cpu`)."""
+
+    def __str__(self) -> str:
+        return "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class SlurmGpus:
+    """A run handed to Slurm with a GPU count: Slurm picks the node and the GPUs (the record's `slurm` says
+    which job it is)."""
+
+    count: int
+
+    def __str__(self) -> str:
+        return f"slurm:{self.count}"
+
+
+GpuPlacement = LocalGpus | Cpu | SlurmGpus
+
+
+def parse_placement(text: str) -> GpuPlacement:
+    """The placement a `gpus` text names; ValueError naming the text when it names none."""
+    if text == "cpu":
+        return Cpu()
+    if text.startswith("slurm:"):
+        count = text.removeprefix("slurm:")
+        if count.isascii() and count.isdigit():
+            return SlurmGpus(int(count))
+    elif text == "" or all(part.isascii() and part.isdigit() for part in text.split(",")):
+        return LocalGpus(tuple(int(part) for part in text.split(",")) if text else ())
+    raise ValueError(f"gpus must be GPU indices (0,1), cpu or slurm:N, got {text!r}")
+
+
 @dataclass
 class ManagedRecord:
     KIND: ClassVar[str] = ""  # the record's `kind` in the table: "server", "job"
     LISTED_BY: ClassVar[str] = ""  # the command that lists them, for "no such ..." errors
+    STATES: ClassVar[type[StrEnum]]  # the kind's states (ServerState, JobState): the stored text is the value
 
     id: str
     name: str
@@ -38,11 +88,11 @@ class ManagedRecord:
     create_time: float | None
     argv: list[str]
     env: dict[str, str]
-    gpus: str
+    gpus: GpuPlacement
     port: int | None
     log_path: str
     spec: dict[str, Any]
-    state: str
+    state: StrEnum  # narrowed by each kind to its own enum
     reason: str | None
     started_at: float
     ended_at: float | None = None
@@ -61,10 +111,16 @@ class ManagedRecord:
         known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
         if known.get("slurm") is not None:
             known["slurm"] = Placement.from_json(known["slurm"])
+        known["gpus"] = parse_placement(str(known.get("gpus") or ""))
+        known["state"] = cls.STATES(known["state"])
         return cls(**known)
 
+    def to_doc(self) -> dict[str, Any]:
+        """The record as the store's row and the agent's answer hold it (the placement as its text)."""
+        return {**asdict(self), "gpus": str(self.gpus)}
+
     def save(self, store: Store) -> None:
-        store.insert("managed", {**asdict(self), "kind": self.KIND}, replace=True)  # lists and dicts become JSON text
+        store.insert("managed", {**self.to_doc(), "kind": self.KIND}, replace=True)  # lists and dicts become JSON text
 
     def alive(self) -> bool:
         """The process this record started still runs (the same process: pid and create time)."""
@@ -123,7 +179,7 @@ def forget(store: Store, cls: type[ManagedRecord], ids: list[str]) -> None:
         conn.executemany("DELETE FROM managed WHERE kind = ? AND id = ?", [(cls.KIND, i) for i in ids])
 
 
-def prune(store: Store, cls: type[R], ended: tuple[str, ...], refresh: Callable[[Store, R], R]) -> list[R]:
+def prune(store: Store, cls: type[R], ended: tuple[StrEnum, ...], refresh: Callable[[Store, R], R]) -> list[R]:
     """Forget the records of `cls` that have ended (`ended` holds its ended states): each is refreshed first,
     so a run that ended since it was last looked at counts. Their files stay on disk. Audited as one action,
     `<kind>.prune`, naming how many and which."""

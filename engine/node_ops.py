@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from engine.audit import trail as audit
 from engine.host.folders import Folders
+from engine.vllm.record import LIVE, ServerState
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -181,16 +182,22 @@ class LocalOps:
     def restart_server(self, rec: Any) -> str:
         """A new run (a new record) of the same profile on the same GPUs and node. A server that still
         runs is stopped first; a crashed one keeps its record, diagnosis included, in the history."""
-        from engine.vllm import launcher
+        from engine.managed import LocalGpus
+        from engine.vllm import launcher, slurm_server
         from engine.vllm.profile import Profile
 
         rec = launcher.refresh(self.store, launcher.get(self.store, rec.id))
-        if rec.state in ("starting", "ready"):
+        if rec.state in LIVE:
             launcher.stop(self.store, rec)
-        new, _ = launcher.start(self.store, Profile.model_validate(rec.spec), [int(g) for g in rec.gpus.split(",")],
-                                force=True, adapter_roots=list(self.adapter_roots), node=rec.node,
-                                log_dir=self.folders.server_logs)
-        was = f" (it had {rec.state}: its record keeps the diagnosis)" if rec.state == "crashed" else ""
+        if isinstance(rec.gpus, LocalGpus):
+            new, _ = launcher.start(self.store, Profile.model_validate(rec.spec), list(rec.gpus.indices), force=True,
+                                    adapter_roots=list(self.adapter_roots), node=rec.node,
+                                    log_dir=self.folders.server_logs)
+        else:  # Slurm's: a new job with the same request
+            new = slurm_server.resubmit(self.store, rec, adapter_roots=list(self.adapter_roots),
+                                        log_dir=self.folders.server_logs)
+        crashed = rec.state == ServerState.CRASHED
+        was = f" (it had {rec.state}: its record keeps the diagnosis)" if crashed else ""
         return f"{rec.id} restarted as {new.id}{was}"
 
     def jobs(self) -> list[tuple[Any, list[dict[str, Any]]]]:
@@ -319,9 +326,14 @@ class AgentOps:
         return f"@{self.name}:{sid} stopped"
 
     def restart_server(self, rec: Any) -> str:
+        from engine.managed import LocalGpus
+        from fleet.remote import AgentError
+
         _, sid = split_id(rec.id)
+        if not isinstance(rec.gpus, LocalGpus):  # said before the stop: the agent starts on its own GPUs only
+            raise AgentError(f"{self.name}: {sid} runs on {rec.gpus}; restart it on the node (`fleetdeck serve ...`)")
         self.stop_server(sid)
-        started = self.start_server(rec.name, [int(g) for g in rec.gpus.split(",")], force=True)
+        started = self.start_server(rec.name, list(rec.gpus.indices), force=True)
         return f"@{self.name}:{sid} restarted: {started}"
 
     def jobs(self) -> list[tuple[Any, list[dict[str, Any]]]]:
@@ -413,7 +425,7 @@ def serve_adapter(ops: NodeOps, adapter: str) -> str:
     for st in ops.servers():
         rec = st.rec
         lora = rec.spec.get("lora", {})
-        if rec.state == "ready" and not engine_adapters.compatibility_problems(
+        if rec.state == ServerState.READY and not engine_adapters.compatibility_problems(
                 found, rec.spec.get("model", ""), lora.get("enable", False), lora.get("max_lora_rank", 16)):
             return f"{rec.id}: " + ops.load_adapter(split_id(rec.id)[1], adapter)
     raise engine_adapters.AdapterError(f"no ready server can take {adapter} (same base model, LoRA on, max rank >= "

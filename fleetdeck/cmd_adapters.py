@@ -119,13 +119,14 @@ def run_ls(args: argparse.Namespace) -> int:
     from engine.adapters import registry as adapters
     from engine.adapters.evaluation import evals_of
     from engine.vllm.launcher import list_servers, refresh
+    from engine.vllm.record import ServerState
 
     found, problems = adapters.scan(_roots(args))
     store = listing_store_of(args)  # adapters on disk are listed on a fresh install too
     servers = [refresh(store, r) for r in list_servers(store, include_ended=False)] if store is not None else []
     loaded: dict[str, list[str]] = {}
     for s in servers:
-        if s.state == "ready":
+        if s.state == ServerState.READY:
             try:
                 loaded[s.id] = [m["id"] for m in adapters.loaded(s.base_url, s.api_key)]
             except Exception as exc:  # a server that stopped answering

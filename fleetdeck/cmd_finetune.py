@@ -274,11 +274,11 @@ def _wait_job(store: Store, rec: JobRecord) -> int:
 
     from engine.finetune import jobs
 
-    while rec.state == "running":
+    while rec.state == jobs.JobState.RUNNING:
         time.sleep(0.5)
         rec = jobs.refresh(store, rec)
     print(f"{rec.id}: {rec.state} ({rec.reason})")
-    return 0 if rec.state == "finished" else 1
+    return 0 if rec.state == jobs.JobState.FINISHED else 1
 
 
 @mutating("model.merge", lambda a: a.source)

@@ -191,6 +191,7 @@ def _start_slurm(args: argparse.Namespace) -> int:
 def _planned_and_ready(store: Store, rec: ServerRecord, verdict: FitResult | None, wait: bool) -> int:
     """What the planner promised the server, and (with --wait) whether it came up."""
     from engine.vllm.launcher import wait_ready
+    from engine.vllm.record import ServerState
 
     if verdict is not None:
         print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens"
@@ -198,11 +199,12 @@ def _planned_and_ready(store: Store, rec: ServerRecord, verdict: FitResult | Non
     if wait:
         rec = wait_ready(store, rec)
         print(f"{rec.id}: {rec.state}" + (f": {rec.reason}" if rec.reason else ""))
-        return 0 if rec.state == "ready" else 1
+        return 0 if rec.state == ServerState.READY else 1
     return 0
 
 
 def run_ls(args: argparse.Namespace) -> int:
+    from engine.vllm.record import ServerState
     from engine.vllm.status import ServerStatus, statuses
 
     if args.node:
@@ -235,7 +237,7 @@ def run_ls(args: argparse.Namespace) -> int:
             live = [_num(f.generation_tps), f"{_num(f.running, '{:.0f}')}/{_num(f.waiting, '{:.0f}')}",
                     _num(None if f.kv_usage is None else f.kv_usage * 100, "{:.1f}%")]
         rows.append([r.id, r.state, r.served_name, r.gpus, r.port, *live,
-                     r.reason if r.reason and r.state != "stopped" else ""])
+                     r.reason if r.reason and r.state != ServerState.STOPPED else ""])
     print_table(["server", "state", "model", "GPUs", "port", "gen tok/s", "run/wait", "KV", "note"], rows,
                 right={"port", "gen tok/s", "run/wait", "KV"})
     return 0

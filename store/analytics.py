@@ -14,26 +14,17 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from store.db import Store
-from store.ledger import CONFIDENCE_BINS, LATENCY_BUCKETS_MS
-from store.schema import ROLLUP_TABLES
+from store.rollup import CONFIDENCE_BINS, COUNT_NAMES, LATENCY_BUCKETS_MS, ROLLUP_TABLES, Counts
 
 MIN_RECENT_REQUESTS = 20  # fewer recent requests than this is noise, not drift
 DAY, HOUR, MINUTE = 86400, 3600, 60
 
 
 @dataclass
-class Totals:
-    requests: int = 0
-    escalated: int = 0
+class Totals(Counts):
+    """A window's rollup counts (every column of `Counts`, summed) and what the screens derive from them."""
+
     slm_answered: int = 0
-    errors: int = 0
-    esc_low_confidence: int = 0
-    esc_slm_error: int = 0
-    esc_forced: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    all_frontier_cost_usd: float = 0.0
     latency_hist: dict[str, list[int]] = field(default_factory=dict)  # by route
     confidence_hist: list[int] = field(default_factory=lambda: [0] * CONFIDENCE_BINS)
 
@@ -93,31 +84,17 @@ def _add_hist(into: list[int], text: str) -> None:
 
 def totals_by_task(store: Store, since: float, until: float, histograms: bool = True) -> dict[str, Totals]:
     out: dict[str, Totals] = {}
-    hist_cols = ", latency_hist, confidence_hist" if histograms else ""
+    columns = ", ".join(("task", "route", *COUNT_NAMES, *(("latency_hist", "confidence_hist") if histograms else ())))
     for table, lo, hi in split_window(since, until):
-        rows = store.execute(
-            f"SELECT task, route, requests, escalated, errors, esc_low_confidence, esc_slm_error, esc_forced,"
-            f" prompt_tokens, completion_tokens, cost_usd, all_frontier_cost_usd{hist_cols}"
-            f" FROM {table} WHERE bucket >= ? AND bucket < ?",
-            (lo, hi),
-        )
+        rows = store.query(f"SELECT {columns} FROM {table} WHERE bucket >= ? AND bucket < ?", (lo, hi))
         for r in rows:
-            t = out.setdefault(r[0], Totals())
-            t.requests += r[2]
-            t.escalated += r[3]
-            t.errors += r[4]
-            t.esc_low_confidence += r[5]
-            t.esc_slm_error += r[6]
-            t.esc_forced += r[7]
-            t.prompt_tokens += r[8]
-            t.completion_tokens += r[9]
-            t.cost_usd += r[10]
-            t.all_frontier_cost_usd += r[11]
-            if r[1] == "slm":
-                t.slm_answered += r[2]
+            t = out.setdefault(r["task"], Totals())
+            t.add_counts(r)
+            if r["route"] == "slm":
+                t.slm_answered += r["requests"]
             if histograms:
-                _add_hist(t.latency_hist.setdefault(r[1], [0] * len(LATENCY_BUCKETS_MS)), r[12])
-                _add_hist(t.confidence_hist, r[13])
+                _add_hist(t.latency_hist.setdefault(r["route"], [0] * len(LATENCY_BUCKETS_MS)), r["latency_hist"])
+                _add_hist(t.confidence_hist, r["confidence_hist"])
     return out
 
 
@@ -126,22 +103,24 @@ def escalation_series(store: Store, task: str, since: float, until: float) -> li
     span = until - since
     width = MINUTE if span <= 6 * HOUR else (HOUR if span <= 45 * DAY else DAY)
     table = ROLLUP_TABLES[width]
-    rows = store.execute(
-        f"SELECT bucket, SUM(requests), SUM(escalated) FROM {table} WHERE task = ? AND bucket >= ? AND bucket < ?"
-        " GROUP BY bucket ORDER BY bucket",
+    rows = store.query(
+        f"SELECT bucket, SUM(requests) AS requests, SUM(escalated) AS escalated FROM {table}"
+        " WHERE task = ? AND bucket >= ? AND bucket < ? GROUP BY bucket ORDER BY bucket",
         (task, int(since // width) * width, until),
     )
-    return [(int(b), int(n), int(e)) for b, n, e in rows]
+    return [(int(r["bucket"]), int(r["requests"]), int(r["escalated"])) for r in rows]
 
 
 def by_model(store: Store, task: str, since: float, until: float) -> list[dict[str, Any]]:
     """Requests and escalation rate per small model (adapter version) that answered or was asked, oldest
     first by when it was first seen. Read from the ledger rows: rollups do not keep the model."""
-    rows = store.execute(
-        "SELECT slm_model, COUNT(*), SUM(escalated), MIN(ts) FROM requests WHERE task = ? AND ts >= ? AND ts < ?"
-        " AND slm_model IS NOT NULL GROUP BY slm_model ORDER BY MIN(ts)", (task, since, until))
-    return [{"model": m, "requests": int(n), "escalated": int(e or 0), "escalation_rate": (e or 0) / n if n else None,
-             "first_seen": first} for m, n, e, first in rows]
+    rows = store.query(
+        "SELECT slm_model, COUNT(*) AS n, COALESCE(SUM(escalated), 0) AS escalated, MIN(ts) AS first_seen"
+        " FROM requests WHERE task = ? AND ts >= ? AND ts < ? AND slm_model IS NOT NULL"
+        " GROUP BY slm_model ORDER BY MIN(ts)", (task, since, until))
+    return [{"model": r["slm_model"], "requests": int(r["n"]), "escalated": int(r["escalated"]),
+             "escalation_rate": r["escalated"] / r["n"] if r["n"] else None, "first_seen": r["first_seen"]}
+            for r in rows]
 
 
 @dataclass
@@ -357,16 +336,17 @@ def monthly_history(store: Store, now: float, months: int, gpu_hour_usd: float, 
         start, end = month_bounds(key)
         until = min(end, now)
         day_hi = int(until // DAY) * DAY
-        rows = store.execute(
-            "SELECT COALESCE(SUM(requests),0), COALESCE(SUM(cost_usd),0), COALESCE(SUM(all_frontier_cost_usd),0)"
+        days = Counts()
+        days.add_counts(store.query(
+            f"SELECT {', '.join(f'COALESCE(SUM({n}), 0) AS {n}' for n in COUNT_NAMES)}"
             " FROM rollup_day WHERE bucket >= ? AND bucket < ?",
             (start, day_hi),
-        )[0]
+        )[0])
         # The day table holds whole days; today's partial day comes from the finer tables.
         partial = totals_by_task(store, day_hi, until, histograms=False) if until > day_hi else {}
-        req = rows[0] + sum(t.requests for t in partial.values())
-        frontier = rows[1] + sum(t.cost_usd for t in partial.values())
-        allf = rows[2] + sum(t.all_frontier_cost_usd for t in partial.values())
+        req = days.requests + sum(t.requests for t in partial.values())
+        frontier = days.cost_usd + sum(t.cost_usd for t in partial.values())
+        allf = days.all_frontier_cost_usd + sum(t.all_frontier_cost_usd for t in partial.values())
         slm = slm_fixed_cost(gpu_hour_usd, gpus, (until - start) / HOUR) if req else 0.0
         out.append({"month": key, "requests": req, "slm_cost_usd": slm, "frontier_cost_usd": frontier,
                     "total_cost_usd": slm + frontier, "all_frontier_cost_usd": allf})
@@ -374,7 +354,7 @@ def monthly_history(store: Store, now: float, months: int, gpu_hour_usd: float, 
 
 
 def known_tasks(store: Store) -> list[str]:
-    return [r[0] for r in store.execute("SELECT DISTINCT task FROM rollup_day ORDER BY task")]
+    return [r["task"] for r in store.query("SELECT DISTINCT task FROM rollup_day ORDER BY task")]
 
 
 def iter_policies(tasks: Iterable[Any]) -> dict[str, TaskPolicy]:

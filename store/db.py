@@ -36,7 +36,7 @@ class Store:
         self.lock = threading.RLock()
         self._held: tuple[int, int] | None = None  # this file's key in `_held` while the connection is open
 
-    def execute(self, sql: str, params: Any = ()) -> list[tuple]:
+    def execute(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
         with self.lock:
             return self.conn.execute(sql, params).fetchall()
 

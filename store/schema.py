@@ -6,9 +6,9 @@ from typing import Callable
 
 import sqlite_utils
 
+from store.rollup import ROLLUP_TABLES, rollup_columns_sql
 
-# seconds per bucket -> table
-ROLLUP_TABLES = {60: "rollup_minute", 3600: "rollup_hour", 86400: "rollup_day"}
+__all__ = ["MIGRATIONS", "ROLLUP_TABLES", "SCHEMA_VERSION"]
 
 
 def _v1_gpu_history(db: sqlite_utils.Database) -> None:
@@ -72,6 +72,8 @@ def _v2_router_ledger(db: sqlite_utils.Database) -> None:
     # Rollups per task and route at three resolutions, written together with the rows: charts of the
     # last hour read minutes, of the last month hours, of the last year days, so no query scans more
     # than a few tens of thousands of rows however busy the proxy is.
+    # The value columns come from the one rollup definition (store/rollup.py), as they were at this version.
+    columns = ",\n                ".join(rollup_columns_sql(2))
     for table in ROLLUP_TABLES.values():
         db.execute(
             f"""
@@ -79,19 +81,7 @@ def _v2_router_ledger(db: sqlite_utils.Database) -> None:
                 bucket INTEGER NOT NULL,          -- unix time of the bucket's start, UTC
                 task TEXT NOT NULL,
                 route TEXT NOT NULL,
-                requests INTEGER NOT NULL DEFAULT 0,
-                escalated INTEGER NOT NULL DEFAULT 0,
-                esc_low_confidence INTEGER NOT NULL DEFAULT 0,
-                esc_slm_error INTEGER NOT NULL DEFAULT 0,
-                esc_forced INTEGER NOT NULL DEFAULT 0,
-                errors INTEGER NOT NULL DEFAULT 0,
-                prompt_tokens INTEGER NOT NULL DEFAULT 0,
-                completion_tokens INTEGER NOT NULL DEFAULT 0,
-                cost_usd REAL NOT NULL DEFAULT 0,
-                all_frontier_cost_usd REAL NOT NULL DEFAULT 0,
-                latency_ms_sum REAL NOT NULL DEFAULT 0,
-                latency_hist TEXT NOT NULL DEFAULT '[]',     -- counts per LATENCY_BUCKETS_MS
-                confidence_hist TEXT NOT NULL DEFAULT '[]',  -- counts per tenth of confidence
+                {columns},
                 PRIMARY KEY (bucket, task, route)
             ) WITHOUT ROWID
             """

@@ -17,7 +17,8 @@ import pytest
 
 from engine import managed
 from engine.agent import Agent
-from engine.vllm.record import ServerRecord
+from engine.managed import LocalGpus
+from engine.vllm.record import ServerRecord, ServerState
 from fleet.simulated import demo_fleet
 from fleetdeck.cli import main
 from store.db import open_store
@@ -43,8 +44,8 @@ def node(tmp_path, monkeypatch):
     store_path = tmp_path / "node.db"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     rec = ServerRecord(id="q-live01", name="q", node="n", pid=sleeper.pid, create_time=psutil.Process(sleeper.pid).create_time(),
-                       argv=["vllm"], env={}, gpus="0", port=18000, log_path=str(tmp_path / "q.log"), spec={},
-                       state="ready", reason=None, started_at=time.time())
+                       argv=["vllm"], env={}, gpus=LocalGpus((0,)), port=18000, log_path=str(tmp_path / "q.log"), spec={},
+                       state=ServerState.READY, reason=None, started_at=time.time())
     (tmp_path / "q.log").write_text("the live server's log\n")
     rec.save(open_store(store_path))
     yield tmp_path, store_path, sleeper

@@ -88,7 +88,7 @@ async def test_start_a_server_from_the_demo_dialog_and_see_it_on_its_gpu(home):
             assert not isinstance(app.screen, StartServerScreen), static_text(dialog.query_one("#start-verdict", Static))
             store = open_store(home.store)
             (rec,) = launcher.list_servers(store)
-            assert (rec.node, rec.gpus, rec.name) == ("sim-a10-02", "0", "llama-3.2-3b")
+            assert (rec.node, str(rec.gpus), rec.name) == ("sim-a10-02", "0", "llama-3.2-3b")
             assert Path(rec.log_path).parent == home.server_logs  # the demo's logs stay in the demo's folder
             assert launcher.wait_ready(store, rec, timeout=60, poll=0.2).state == "ready"
             app.poll_once_sync()
@@ -123,7 +123,7 @@ async def test_restart_of_a_crashed_demo_server_keeps_the_crash_in_history(home,
             await settle(app, pilot, 5)
     old, new = launcher.list_servers(store)
     assert old.id == crashed.id and (old.state, old.reason) == ("crashed", diagnosis)
-    assert (new.name, new.node, new.gpus) == ("llama-3.1-8b", "sim-h100-01", "3") and new.state in ("starting", "ready")
+    assert (new.name, new.node, str(new.gpus)) == ("llama-3.1-8b", "sim-h100-01", "3") and new.state in ("starting", "ready")
     assert launcher.wait_ready(store, new, timeout=60, poll=0.2).state == "ready"
     actions = [(r["action"], r["target"], r["outcome"]) for r in reversed(audit.query(store))]
     assert actions == [("server.start", new.id, "done")]  # the restart started a new run and stopped nothing
@@ -145,7 +145,7 @@ async def test_start_cancel_and_resume_a_demo_fine_tune_from_the_keyboard(home):
             await pilot.press("ctrl+s")
             await settle(app, pilot, 5)
             (rec,) = jobs.list_jobs(store)
-            assert (rec.node, rec.gpus, rec.spec["backend"]) == ("sim-a10-02", "1", "simulated")
+            assert (rec.node, str(rec.gpus), rec.spec["backend"]) == ("sim-a10-02", "1", "simulated")
             assert Path(rec.workdir).parent == home.jobs
             assert wait_for(lambda: jobs.last_step(rec) is not None, timeout=30)
             app.poll_once_sync()

@@ -57,7 +57,7 @@ def test_peft_job_runs_on_cpu_is_cancelled_resumed_and_ends_with_a_servable_adap
     store = open_store(tmp_path / "fd.db")
     spec = load_spec(spec_file(tmp_path, model, data, max_steps=400, save_steps=1))
     rec = jobs.start(store, spec, None)
-    assert rec.env["HF_HUB_OFFLINE"] == "1" and rec.gpus == "cpu"
+    assert rec.env["HF_HUB_OFFLINE"] == "1" and str(rec.gpus) == "cpu"
     # Progress lines arrive while it trains.
     deadline = time.time() + WAIT_CEILING_S  # a safety net: the loop waits for the steps
     while (step := jobs.last_step(rec)) is None or step["step"] < 3:

@@ -82,7 +82,7 @@ def test_a_short_write_is_cut_back_and_that_row_counted_not_journaled(tmp_path, 
     calls = {"n": 0}
 
     def short_then_full(fd: int, data: bytes) -> int:
-        if fd == writer._fd:
+        if fd == writer._jf.fd:
             calls["n"] += 1
             if calls["n"] == 7:
                 return real_write(fd, data[: len(data) // 2])  # a full disk took half the line...
@@ -119,7 +119,7 @@ def test_a_torn_line_that_cannot_be_cut_back_takes_no_neighbour_with_it(tmp_path
     calls = {"n": 0}
 
     def torn(fd: int, data: bytes) -> int:
-        if fd == writer._fd:
+        if fd == writer._jf.fd:
             calls["n"] += 1
             if calls["n"] == 4:
                 return real_write(fd, data[:30])
@@ -128,7 +128,7 @@ def test_a_torn_line_that_cannot_be_cut_back_takes_no_neighbour_with_it(tmp_path
         return real_write(fd, data)
 
     def no_truncate(fd: int, length: int) -> None:
-        if fd == writer._fd:
+        if fd == writer._jf.fd:
             raise OSError(errno.EIO, "Input/output error")
         real_truncate(fd, length)
 
@@ -156,7 +156,7 @@ def test_a_failed_fsync_means_the_journal_is_not_counted_as_keeping_anything(tmp
     real_fsync = os.fsync
 
     def failing_fsync(fd: int) -> None:
-        if fd == writer._fd:
+        if fd == writer._jf.fd:
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
@@ -237,7 +237,7 @@ def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_f
     holder: dict[str, LedgerWriter] = {}
 
     def journal_fd(fd: int) -> bool:
-        return "w" in holder and fd == holder["w"]._fd
+        return "w" in holder and fd == holder["w"]._jf.fd
 
     def write(fd: int, data: bytes) -> int:
         mode = faults["journal"]
@@ -655,7 +655,7 @@ def test_metrics_health_and_the_close_tell_the_same_over_http_without_root(slm, 
     real_write = os.write
 
     def write(fd: int, data: bytes) -> int:
-        if full["on"] and fd == writer._fd:
+        if full["on"] and fd == writer._jf.fd:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 

@@ -15,7 +15,9 @@ import pytest
 
 from engine.adapters import registry as adapters
 from engine.vllm import launcher
+from engine.managed import LocalGpus
 from engine.vllm import command
+from engine.vllm.record import ServerState
 from engine.vllm import record
 from engine.vllm.command import LaunchError
 from engine.vllm.metrics import figures, parse, quantile
@@ -313,7 +315,8 @@ def test_a_live_api_process_whose_engine_died_is_crashed_with_that_reason(store,
     try:
         rec = record.ServerRecord(
             id="standin-1", name="standin", node="n", pid=api.pid, create_time=psutil.Process(api.pid).create_time(),
-            argv=[], env={}, gpus="0", port=1, log_path=str(tmp_path / "standin.log"), spec={}, state="starting",
+            argv=[], env={}, gpus=LocalGpus((0,)), port=1, log_path=str(tmp_path / "standin.log"), spec={},
+            state=ServerState.STARTING,
             reason=None, started_at=time.time())
         rec.save(store)
         assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).engine_pid is not None)

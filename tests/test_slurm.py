@@ -16,11 +16,12 @@ import pytest
 
 from engine.slurm import client as slurm
 from engine.finetune import jobs
+from engine.vllm.record import ServerState
 from fleetdeck.cli import main
 from store.db import open_store
 from tests.fakes.tiny_model import make_dataset, make_tiny_model
 from tests.slurm_cluster import SlurmCluster, missing
-from tests.helpers import WAIT_CEILING_S
+from tests.helpers import WAIT_CEILING_S, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +280,63 @@ def test_a_server_submitted_to_slurm_becomes_ready_is_stopped_and_one_the_schedu
 def _ls(site, capsys) -> str:
     assert run(site, "serve", "ls", "--json", "--interval", "0") == 0
     return capsys.readouterr().out
+
+
+def test_a_slurm_server_restarted_from_the_dashboard_is_resubmitted_with_the_same_request(site, monkeypatch, capsys):
+    """The Servers screen's restart (LocalOps.restart_server) of a Slurm server: it used to read the GPUs as
+    indices after the stop had run ("slurm:1" is not one), leaving the server stopped and the restart failed."""
+    from engine.managed import SlurmGpus
+    from engine.node_ops import LocalOps
+    from engine.vllm import launcher
+    from tests.helpers import FAKE_VLLM_CMD
+
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    prof = site["root"] / "sim.toml"
+    prof.write_text('name = "sim"\nmodel = "Qwen/Qwen3-8B"\nmax_model_len = 8192\nallow_unauthenticated = true\n')
+    assert run(site, "serve", "start", str(prof), "--slurm", "--gpus", "1", "--time", "30", "--wait") == 0
+    sid = capsys.readouterr().out.split()[1]
+    store = open_store(site["db"])
+    old = launcher.get(store, sid)
+    assert old.gpus == SlurmGpus(1) and old.state == ServerState.READY
+
+    from engine.audit import trail as audit
+
+    with audit.session(site["db"], "tui"):  # as the dashboard records its actions
+        said = LocalOps(store, []).restart_server(old)
+    (new,) = [r for r in launcher.list_servers(store) if r.id != sid]
+    assert said == f"{sid} restarted as {new.id}"
+    before = launcher.get(store, sid)
+    assert before.state == ServerState.STOPPED and before.slurm.state in ("CANCELLED", "COMPLETED", "GONE")
+    assert new.gpus == SlurmGpus(1) and new.port == old.port and new.slurm.id != old.slurm.id
+    # The same request (partition, time limit, GPU count); its own name, log and folder.
+    kept = [o for o in old.slurm.options if not o.startswith(("--job-name", "--output", "--error", "--chdir", "--comment"))]
+    assert kept == [o for o in new.slurm.options
+                    if not o.startswith(("--job-name", "--output", "--error", "--chdir", "--comment"))]
+    assert "--time=30" in new.slurm.options and f"--job-name=fleetdeck-{new.id}" in new.slurm.options
+    assert new.log_path != old.log_path and "a restart of " + sid in new.reason
+    new = launcher.wait_ready(store, new, timeout=WAIT_CEILING_S)
+    assert new.state == ServerState.READY, new.reason
+
+    # The same server seen through its node's agent (a dashboard elsewhere): the agent starts servers on its own
+    # GPUs only, so the restart is refused before anything is stopped.
+    import sys
+
+    from engine.node_ops import AgentOps
+    from fleet.remote import AgentError, RemoteNode
+
+    node = RemoteNode("login", [sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name",
+                                "login", "--store", str(site["db"]), "--config", str(site["fleet"])],
+                      interval_s=5, hello_timeout_s=WAIT_CEILING_S)
+    try:
+        assert wait_for(lambda: node.link.status == "connected")
+        (remote,) = [s for s in AgentOps(node).servers() if s.rec.id == f"@login:{new.id}"]
+        assert remote.rec.gpus == SlurmGpus(1)
+        with pytest.raises(AgentError, match="runs on slurm:1"):
+            AgentOps(node).restart_server(remote.rec)
+    finally:
+        node.close()
+    assert launcher.refresh(store, launcher.get(store, new.id)).state == ServerState.READY
+    assert run(site, "serve", "stop", new.id) == 0
+    # Audited as any start and stop: what, on what, and that it was done.
+    done = [(r["action"], r["target"]) for r in audit.query(store) if r["outcome"] == "done"]
+    assert ("server.stop", sid) in done and ("server.start", new.id) in done

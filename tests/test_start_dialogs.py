@@ -51,7 +51,7 @@ async def test_start_a_server_from_the_servers_screen(tmp_path, monkeypatch):
             await pilot.press("ctrl+s")
             await settle(app, pilot, 5)
             (rec,) = launcher.list_servers(open_store(db))
-            assert rec.gpus == "3" and rec.name == "qwen" and rec.predicted_kv_tokens
+            assert str(rec.gpus) == "3" and rec.name == "qwen" and rec.predicted_kv_tokens
     finally:
         store = open_store(db)
         for r in launcher.list_servers(store):

@@ -234,14 +234,15 @@ def _store_with_data(path) -> None:
 
     from engine.audit import trail as audit
     from engine.router.demo import backfill
-    from engine.vllm.record import ServerRecord
+    from engine.managed import LocalGpus
+    from engine.vllm.record import ServerRecord, ServerState
 
     store = open_store(path)
     backfill(store, time.time(), days=3, daily_only_days=5)
     for i in range(40):
         audit.append(store, "server.stop", f"srv-{i}", "done", params={"server": f"srv-{i}"})
-        ServerRecord(id=f"q-{i:04d}", name="q", node="n", pid=None, create_time=None, argv=["vllm"], env={}, gpus="0",
-                     port=18000 + i, log_path="/nonexistent.log", spec={}, state="stopped", reason=None,
+        ServerRecord(id=f"q-{i:04d}", name="q", node="n", pid=None, create_time=None, argv=["vllm"], env={},
+                     gpus=LocalGpus((0,)), port=18000 + i, log_path="/nonexistent.log", spec={}, state=ServerState.STOPPED, reason=None,
                      started_at=time.time()).save(store)
     store.close()
 

@@ -14,9 +14,10 @@ from textual.widgets import Input
 
 from engine.audit import trail as audit
 from engine.finetune import jobs
-from engine.finetune.jobs import JobRecord
+from engine.finetune.jobs import JobRecord, JobState
+from engine.managed import Cpu, LocalGpus
 from engine.vllm import launcher
-from engine.vllm.record import ServerRecord
+from engine.vllm.record import ServerRecord, ServerState
 from fleet.config import FleetConfig
 from fleet.source import LocalNode
 from store.db import open_store
@@ -35,16 +36,16 @@ def keys(table: DeckTable) -> list[str]:
 
 
 def ended_server(store, sid: str, state: str, tmp_path) -> ServerRecord:
-    rec = ServerRecord(id=sid, name="q", node="host-a", pid=None, create_time=None, argv=[], env={}, gpus="0",
-                       port=8000, log_path=str(tmp_path / f"{sid}.log"), spec={"model": "m"}, state=state,
+    rec = ServerRecord(id=sid, name="q", node="host-a", pid=None, create_time=None, argv=[], env={}, gpus=LocalGpus((0,)),
+                       port=8000, log_path=str(tmp_path / f"{sid}.log"), spec={"model": "m"}, state=ServerState(state),
                        reason="stopped by the operator", started_at=FIXED_NOW, ended_at=FIXED_NOW + 60)
     rec.save(store)
     return rec
 
 
 def ended_job(store, jid: str, state: str, tmp_path) -> JobRecord:
-    rec = JobRecord(id=jid, name="j", node="host-a", pid=None, create_time=None, argv=[], env={}, gpus="cpu",
-                    port=None, log_path=str(tmp_path / f"{jid}.log"), spec={"backend": "peft"}, state=state,
+    rec = JobRecord(id=jid, name="j", node="host-a", pid=None, create_time=None, argv=[], env={}, gpus=Cpu(),
+                    port=None, log_path=str(tmp_path / f"{jid}.log"), spec={"backend": "peft"}, state=JobState(state),
                     reason=None, started_at=FIXED_NOW, ended_at=FIXED_NOW + 60, workdir=str(tmp_path / jid))
     rec.save(store)
     return rec

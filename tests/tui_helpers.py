@@ -129,9 +129,10 @@ def seeded_store(path: Path) -> Path:
     import json
 
     from engine.audit import trail as audit
-    from engine.finetune.jobs import JobRecord
+    from engine.finetune.jobs import JobRecord, JobState
+    from engine.managed import LocalGpus, parse_placement
     from engine.router.demo import backfill
-    from engine.vllm.record import ServerRecord
+    from engine.vllm.record import ServerRecord, ServerState
     from store.db import open_store
 
     store = open_store(path)
@@ -142,8 +143,8 @@ def seeded_store(path: Path) -> Path:
          "CUDA out of memory while loading the weights: lower gpu_memory_utilization or max_model_len"),
         ("llama-3.2-3b-736f51", "sim-a10-02", "stopped", "0,1", "stopped by the operator"),
     ):
-        ServerRecord(id=sid, name=sid.rsplit("-", 1)[0], node=node, gpus=gpus, port=8000,
-                     log_path=f"/var/log/fleetdeck/{sid}.log", spec={"model": sid.rsplit("-", 1)[0]}, state=state,
+        ServerRecord(id=sid, name=sid.rsplit("-", 1)[0], node=node, gpus=parse_placement(gpus), port=8000,
+                     log_path=f"/var/log/fleetdeck/{sid}.log", spec={"model": sid.rsplit("-", 1)[0]}, state=ServerState(state),
                      reason=reason, **common).save(store)
     workdir = path.parent / "ft-tickets-v5-1a2b3c"
     workdir.mkdir(exist_ok=True)
@@ -155,11 +156,11 @@ def seeded_store(path: Path) -> Path:
          str(workdir)),
         ("ft-triage-v2-4d5e6f", "failed", "dataset error: run `fleetdeck finetune check SPEC`.", "/nonexistent"),
     ):
-        JobRecord(id=jid, name=jid.rsplit("-", 1)[0], node="sim-h100-01", gpus="2", port=None,
+        JobRecord(id=jid, name=jid.rsplit("-", 1)[0], node="sim-h100-01", gpus=LocalGpus((2,)), port=None,
                   log_path=f"/var/log/fleetdeck/{jid}.log", spec={"backend": "peft", "base_model": "/models/Qwen3-8B",
                                                                   "dataset": "/data/tickets.jsonl", "lora_rank": 16,
                                                                   "lora_alpha": 32, "load_in_4bit": True},
-                  state=state, reason=reason, workdir=wd, **common).save(store)
+                  state=JobState(state), reason=reason, workdir=wd, **common).save(store)
     backfill(store, FIXED_NOW, days=30, daily_only_days=60, minute_hours=1.0)
     for i, (action, target, outcome, reason) in enumerate((
         ("server.start", "mistral-7b-awq-e68a77", "done", None),

@@ -16,6 +16,7 @@ from engine.audit import trail as audit
 from engine.io.http_auth import bearer
 from engine.router.calibrate import analyse, EvalSetError, load_eval_set, score_eval_set
 from engine.vllm.launcher import list_servers, refresh
+from engine.vllm.record import ServerState
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -54,7 +55,7 @@ def compatible_servers(store: Store, adapter: Adapter) -> list[Any]:
     for rec in list_servers(store, include_ended=False):
         rec = refresh(store, rec)
         lora = rec.spec.get("lora", {})
-        if rec.state == "ready" and not adapters.compatibility_problems(
+        if rec.state == ServerState.READY and not adapters.compatibility_problems(
                 adapter, rec.spec.get("model", ""), lora.get("enable", False), lora.get("max_lora_rank", 16)):
             found.append(rec)
     return found
@@ -108,7 +109,7 @@ def evaluate_served_model(store: Store, server: Any, eval_path: Path, *, confide
     recorded under `model:SERVED_NAME` with the folder's fingerprint."""
     with audit.audited("adapter.eval", f"model:{server.served_name}", refusals=(AdapterError,), server=server.id,
                        eval=str(eval_path)) as entry:
-        if server.state != "ready":
+        if server.state != ServerState.READY:
             raise AdapterError(f"{server.id} is {server.state}, not ready")
         folder = Path(str(server.spec.get("model", "")))
         fingerprint = model_fingerprint(folder) if folder.is_dir() else hashlib.sha256(str(folder).encode()).hexdigest()

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from engine.audit import trail as audit
+from engine.vllm.record import ServerState
 from engine.io.http_auth import bearer
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -206,7 +207,8 @@ def load_into(server: Any, adapter: Adapter, name: str | None = None, old: str |
     audited and raised as AdapterError. `server` is a ready engine.vllm.record.ServerRecord."""
     name = name or adapter.name
     action = "adapter.load" if old is None else "adapter.swap"
-    refusal = f"{server.id} is {server.state}, not ready" if server.state != "ready" else None
+
+    refusal = f"{server.id} is {server.state}, not ready" if server.state != ServerState.READY else None
     if refusal is None and adapter.version is not None and name != adapter.name:
         # a version's served name is its own: a name reused for other weights can hit stale prefix-cache blocks
         refusal = f"{adapter.name} is served as {adapter.name} only (a version's name is never given to other weights)"

@@ -25,6 +25,7 @@ from engine.finetune.jobs import training_estimate
 from engine.finetune.spec import JobSpec
 from engine.host.folders import Folders
 from engine.vllm import launcher
+from engine.vllm.record import LIVE
 from engine.vllm.demo import write_demo_files
 from fleet.simulated import SimProcess
 from store.db import open_store
@@ -142,7 +143,7 @@ def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
     Everything in the demo is simulated and the demo's own: nothing of it outlives the demo."""
     ended = []
     for rec in launcher.list_servers(store):
-        if rec.state not in ("starting", "ready"):
+        if rec.state not in LIVE:
             continue
         if not rec.alive():
             launcher.refresh(store, rec)  # gone already: its record says so (crashed, with the log's diagnosis)
@@ -153,7 +154,7 @@ def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
             rec.terminate(timeout, whole_group=True)
         ended.append(f"server {rec.id} (pid {rec.pid})")
     for job in jobs.list_jobs(store):
-        if job.state != "running":
+        if job.state != jobs.JobState.RUNNING:
             continue
         if not job.alive():
             jobs.refresh(store, job)  # ended already: its record says how (from its progress events)
@@ -197,7 +198,7 @@ class DemoProcesses:
             self._store = open_store(self.store_path)
         out: dict[str, list[SimProcess]] = {}
         for rec in launcher.list_servers(self._store):
-            if rec.state not in ("starting", "ready") or rec.pid is None or not rec.alive():
+            if rec.state not in LIVE or rec.pid is None or not rec.alive():
                 continue
             util = float(rec.spec.get("gpu_memory_utilization", 0.9))
             for g in _gpus(rec.gpus):
@@ -205,7 +206,7 @@ class DemoProcesses:
                     gpu=g, kind="vllm", pid=rec.pid, model=rec.served_name, port=rec.port, memory_fraction=util,
                     user="svc-llm", command=" ".join(rec.argv)))
         for job in jobs.list_jobs(self._store):
-            if job.state != "running" or job.pid is None or not job.alive():
+            if job.state != jobs.JobState.RUNNING or job.pid is None or not job.alive():
                 continue
             for g in _gpus(job.gpus):
                 out.setdefault(job.node, []).append(SimProcess(
@@ -228,5 +229,7 @@ class DemoProcesses:
                 self._store = None
 
 
-def _gpus(text: str) -> list[int]:
-    return [int(g) for g in text.split(",") if g.strip().isdigit()]
+def _gpus(placement: Any) -> list[int]:
+    from engine.managed import LocalGpus
+
+    return list(placement.indices) if isinstance(placement, LocalGpus) else []

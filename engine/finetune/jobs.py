@@ -8,14 +8,15 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from engine import managed
 from engine.audit import trail as audit
 from engine.finetune.dataset import check_dataset
-from engine.managed import ManagedRecord
+from engine.managed import Cpu, GpuPlacement, LocalGpus, ManagedRecord, SlurmGpus
 from engine.finetune.spec import JobSpec
 from fleet.procs import JOB_FLAG
 
@@ -40,12 +41,29 @@ class JobOutputs:
     gpu_peak_allocated_bytes: int | None = None
 
 
+class JobState(StrEnum):
+    """A job's state, stored as its text."""
+
+    RUNNING = "running"  # started (or queued in Slurm) and not ended
+    FINISHED = "finished"  # its adapter or model is written
+    FAILED = "failed"  # it ended without finishing (the reason says why)
+    CANCELLED = "cancelled"  # cancelled by an operator (a checkpoint lets `resume` continue)
+
+
+ENDED = (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
+
+
+def _local(gpus: Sequence[int] | None) -> GpuPlacement:
+    return LocalGpus(tuple(gpus)) if gpus else Cpu()
+
+
 @dataclass
 class JobRecord(ManagedRecord):
-    """state: running | finished | failed | cancelled."""
-
     KIND: ClassVar[str] = "job"
     LISTED_BY: ClassVar[str] = "fleetdeck finetune ls"
+    STATES: ClassVar[type[JobState]] = JobState
+
+    state: JobState
 
     outputs: JobOutputs = field(default_factory=JobOutputs)
 
@@ -66,7 +84,7 @@ class JobRecord(ManagedRecord):
         return self.job_dir / "progress.jsonl"
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = self.to_doc()
         d["progress"] = last_step(self)
         return d
 
@@ -146,7 +164,7 @@ def start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapsh
           force: bool = False, adapter_root: Path | None = None, node: str | None = None,
           slurm: SlurmRequest | None = None, jobs_dir: Path | None = None) -> JobRecord:
     """`jobs_dir`: where the job's own folder goes (default: the state dir's jobs/; the demo has its own)."""
-    where = f"slurm:{slurm.gpus}" if slurm else (",".join(map(str, gpus)) if gpus else "cpu")
+    where = str(SlurmGpus(slurm.gpus) if slurm else _local(gpus))
     with audit.audited("job.start", spec.name, refusals=(JobError, ValueError), spec=spec.name, gpus=where,
                        force=force) as entry:
         if slurm is not None:
@@ -183,9 +201,9 @@ def _start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snaps
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus) if gpus else ""}
     rec = JobRecord(id=jid, name=spec.name, node=node or socket.gethostname(), pid=None, create_time=None, argv=argv,
-                    env=env, gpus=",".join(str(g) for g in gpus) if gpus else "cpu", port=None,
+                    env=env, gpus=_local(gpus), port=None,
                     log_path=str(workdir / "job.log"), spec=spec.model_dump(mode="json"), workdir=str(workdir),
-                    state="running", reason=None, started_at=time.time())
+                    state=JobState.RUNNING, reason=None, started_at=time.time())
     _spawn(rec, resume=False)
     rec.save(store)
     return rec
@@ -209,10 +227,10 @@ def start_transform(store: Store, kind: str, name: str, args: list[str], out: Pa
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
                "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus) if gpus else ""}
         rec = JobRecord(id=jid, name=name, node=socket.gethostname(), pid=None, create_time=None, argv=argv, env=env,
-                        gpus=",".join(str(g) for g in gpus) if gpus else "cpu", port=None,
+                        gpus=_local(gpus), port=None,
                         log_path=str(workdir / "job.log"),
                         spec={"kind": kind, "name": name, "out": str(out), **(params or {})}, workdir=str(workdir),
-                        state="running", reason=None, started_at=time.time())
+                        state=JobState.RUNNING, reason=None, started_at=time.time())
         _spawn(rec, resume=False)
         rec.save(store)
         entry.params["out"] = str(out)
@@ -244,10 +262,10 @@ def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adap
     except slurm.SlurmError as exc:
         raise JobError(f"Slurm refused the job: {exc}") from exc
     rec = JobRecord(id=jid, name=spec.name, node="slurm", pid=None, create_time=None, argv=argv, env={},
-                    gpus=f"slurm:{req.gpus}", port=None, log_path=str(workdir / "job.log"),
+                    gpus=SlurmGpus(req.gpus), port=None, log_path=str(workdir / "job.log"),
                     spec=spec.model_dump(mode="json"), workdir=str(workdir),
                     slurm=slurm.Placement.submitted(slurm_id, options, req.settings),
-                    state="running", reason=f"Slurm {slurm_id} submitted", started_at=time.time())
+                    state=JobState.RUNNING, reason=f"Slurm {slurm_id} submitted", started_at=time.time())
     rec.save(store)
     return rec
 
@@ -284,7 +302,7 @@ FAILURE_HINTS = (
 
 
 def refresh(store: Store, rec: JobRecord) -> JobRecord:
-    if rec.state != "running":
+    if rec.state != JobState.RUNNING:
         return rec
     if rec.slurm is not None:
         if _slurm_state(store, rec):
@@ -302,18 +320,19 @@ def refresh(store: Store, rec: JobRecord) -> JobRecord:
         rec.outputs.gpu_peak_reserved_bytes = peak.get("peak_reserved_bytes")
         rec.outputs.gpu_peak_allocated_bytes = peak.get("peak_allocated_bytes")
     if last and last["event"] == "done" and last.get("output_path"):
-        rec.state, rec.reason = "finished", f"model at {last['output_path']}"
+        rec.state, rec.reason = JobState.FINISHED, f"model at {last['output_path']}"
         rec.outputs.output_path = last["output_path"]
     elif last and last["event"] == "done":
-        rec.state, rec.reason = "finished", f"adapter at {last.get('adapter_path')}"
+        rec.state, rec.reason = JobState.FINISHED, f"adapter at {last.get('adapter_path')}"
         rec.outputs.adapter_path = last.get("adapter_path")
         rec.outputs.final_loss = last.get("final_loss")
     elif last and last["event"] == "cancelled":
-        rec.state, rec.reason = "cancelled", f"cancelled at step {last.get('step')}; `fleetdeck finetune resume {rec.id}` continues"
+        rec.state = JobState.CANCELLED
+        rec.reason = f"cancelled at step {last.get('step')}; `fleetdeck finetune resume {rec.id}` continues"
     else:
         text = (last or {}).get("reason") or tail(rec.log_path, 30)
         hint = next((h for key, h in FAILURE_HINTS if key in text), None)
-        rec.state = "failed"
+        rec.state = JobState.FAILED
         sl = rec.slurm
         ended = (f"Slurm {sl.id} ended {sl.state}" + (f" (exit {sl.exit_code})" if sl.exit_code else "")
                  + (f", {sl.reason}" if sl.reason not in (None, "None") else "") + ". ") if sl else ""
@@ -330,7 +349,6 @@ def get(store: Store, jid: str) -> JobRecord:
     return managed.get(store, JobRecord, jid, JobError)
 
 
-ENDED = ("finished", "failed", "cancelled")
 
 
 def prune(store: Store) -> list[JobRecord]:
@@ -374,8 +392,8 @@ def _cancel_slurm(store: Store, rec: JobRecord, timeout: float) -> JobRecord:
     except slurm.SlurmError as exc:
         raise JobError(f"cannot cancel Slurm job {sid}: {exc}") from exc
     rec = refresh(store, rec)
-    if rec.state == "failed" and not read_events(rec.progress_path):  # never started: cancelled in the queue
-        rec.state, rec.reason = "cancelled", f"taken out of Slurm's queue before it started (Slurm {sid})"
+    if rec.state == JobState.FAILED and not read_events(rec.progress_path):  # never started: cancelled in the queue
+        rec.state, rec.reason = JobState.CANCELLED, f"taken out of Slurm's queue before it started (Slurm {sid})"
         rec.save(store)
     return rec
 
@@ -387,11 +405,11 @@ def resume(store: Store, rec: JobRecord) -> JobRecord:
 
 def _resume(store: Store, rec: JobRecord) -> JobRecord:
     rec = refresh(store, rec)
-    if rec.state == "running":
+    if rec.state == JobState.RUNNING:
         raise JobError(f"{rec.id} is still running")
-    if rec.state == "finished":
+    if rec.state == JobState.FINISHED:
         raise JobError(f"{rec.id} already finished ({rec.reason})")
-    rec.state, rec.reason, rec.ended_at = "running", None, None
+    rec.state, rec.reason, rec.ended_at = JobState.RUNNING, None, None
     if rec.slurm is not None:  # resubmitted with the same options; the runner continues from its checkpoint
         from engine.slurm import client as slurm
 

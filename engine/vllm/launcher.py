@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import psutil
 
 from engine import managed
+from engine.managed import LocalGpus
 from engine.audit import trail as audit
 from engine.io.logs import tail
 from engine.slurm import client as slurm_client
@@ -31,7 +32,7 @@ from engine.vllm.command import (LaunchError, UnplannableError, build_launch, ch
                                  preflight, resolve_preload)
 from engine.vllm.diagnose import diagnose
 from engine.vllm.profile import VLLM_LORA_RANKS, Profile
-from engine.vllm.record import ServerRecord, probe
+from engine.vllm.record import ENDED, LIVE, ServerRecord, ServerState, probe
 from store.paths import private_dir, state_dir
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots:
           node: str | None = None, log_dir: Path | None = None, slurm: Any = None) -> tuple[ServerRecord, Any]:
     """Start a server (or, with `slurm`, a jobs.SlurmRequest, submit it to Slurm); returns its record and
     the planner's verdict. Raises LaunchError on refusal."""
-    where = f"slurm:{slurm.gpus}" if slurm is not None else ",".join(map(str, gpus))
+    where = str(managed.SlurmGpus(slurm.gpus) if slurm is not None else LocalGpus(tuple(gpus)))
     with audit.audited("server.start", profile.name, refusals=(LaunchError, ValueError), profile=profile.name,
                        model=profile.model, gpus=where, port=port, force=force) as entry:
         check_exposure(profile, listen_host(profile, slurm=slurm is not None))  # refused (and audited) first
@@ -99,8 +100,8 @@ def _start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots
     shown_env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items()}
     rec = ServerRecord(
         id=sid, name=profile.name, node=node or socket.gethostname(), pid=pid, create_time=create_time,
-        argv=argv, env=shown_env, gpus=",".join(str(g) for g in gpus), port=chosen_port, log_path=str(log_path),
-        spec=profile.model_dump(mode="json"), state="starting", reason=warning, started_at=time.time(),
+        argv=argv, env=shown_env, gpus=LocalGpus(tuple(gpus)), port=chosen_port, log_path=str(log_path),
+        spec=profile.model_dump(mode="json"), state=ServerState.STARTING, reason=warning, started_at=time.time(),
         predicted_kv_tokens=verdict.kv_tokens if verdict is not None else None,
     )
     rec.save(store)
@@ -108,7 +109,7 @@ def _start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots
 
 
 def _ports_taken(store: Store) -> set[int]:
-    return {r.port for r in list_servers(store) if r.state in ("starting", "ready") and r.port}
+    return {r.port for r in list_servers(store) if r.state in LIVE and r.port}
 
 
 def answered_by_own_process(rec: ServerRecord) -> bool:
@@ -183,7 +184,7 @@ def engine_lost(rec: ServerRecord) -> str | None:
 
 def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     """Bring a record up to date with the process and the HTTP API; write changes back."""
-    if rec.state in ("stopped", "crashed"):
+    if rec.state in ENDED:
         return rec
     if rec.slurm is not None:
         before_slurm = (rec.state, rec.reason, replace(rec.slurm))
@@ -196,27 +197,27 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     # Probed before the engine is looked for: vLLM answers only once its engine runs, so a server first
     # seen ready has its engine recorded in the same refresh (a kill of it right after is then noticed).
     # Ready only when the answer comes from this server's own processes, not another on the same port.
-    answers = alive and probe(rec) and (rec.state == "ready" or answered_by_own_process(rec))
+    answers = alive and probe(rec) and (rec.state == ServerState.READY or answered_by_own_process(rec))
     lost = engine_lost(rec) if alive else None
     if not alive:
         # A stop may have ended it since this copy of the record was read (the Servers screen refreshes
         # while an operator stops): the stop's record stands, it is not a crash.
         stored = managed.find(store, ServerRecord, rec.id)
-        if stored is not None and stored.state in ("stopped", "crashed"):
+        if stored is not None and stored.state in ENDED:
             return stored
-        rec.state = "crashed"
+        rec.state = ServerState.CRASHED
         rec.ended_at = rec.ended_at or time.time()
         d = diagnose(tail(rec.log_path, 200))
         rec.reason = d.text() if d else "the process exited; see the log (`fleetdeck serve logs " + rec.id + "`)"
     elif lost:
-        rec.state = "crashed"
+        rec.state = ServerState.CRASHED
         rec.ended_at = rec.ended_at or time.time()
         rec.reason = lost
     elif answers:
-        rec.state = "ready"
+        rec.state = ServerState.READY
     # Alive but not answering: a starting server stays starting, and a ready one that misses a probe
     # stays ready (a busy server can be slow to answer).
-    if rec.state == "ready" and rec.reason and rec.reason.startswith("started without a plan"):
+    if rec.state == ServerState.READY and rec.reason and rec.reason.startswith("started without a plan"):
         rec.reason = None
     if (rec.state, rec.reason, rec.engine_pid) != before:
         rec.save(store)
@@ -225,14 +226,13 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
 
 def list_servers(store: Store, include_ended: bool = True) -> list[ServerRecord]:
     recs = managed.load_all(store, ServerRecord)
-    return [r for r in recs if include_ended or r.state not in ("stopped",)]
+    return [r for r in recs if include_ended or r.state != ServerState.STOPPED]
 
 
 def get(store: Store, sid: str) -> ServerRecord:
     return managed.get(store, ServerRecord, sid, LaunchError)
 
 
-ENDED = ("stopped", "crashed")
 
 
 def prune(store: Store) -> list[ServerRecord]:
@@ -256,12 +256,12 @@ def _stop(store: Store, rec: ServerRecord, timeout: float) -> ServerRecord:
             raise LaunchError(f"cannot stop Slurm job {rec.slurm.id}: {exc}") from exc
     else:
         rec.terminate(timeout, whole_group=True)
-    if rec.state == "crashed":
+    if rec.state == ServerState.CRASHED:
         # What is left of a crashed server (an API process whose engine died) is ended, but the record
         # stays what it was: the crash and its diagnosis are the history an operator needs.
         rec.ended_at = rec.ended_at or time.time()
     else:
-        rec.state = "stopped"
+        rec.state = ServerState.STOPPED
         rec.ended_at = time.time()
         rec.reason = "stopped by the operator"
     rec.save(store)
@@ -272,7 +272,7 @@ def wait_ready(store: Store, rec: ServerRecord, timeout: float = 600.0, poll: fl
     deadline = time.time() + timeout
     while time.time() < deadline:
         rec = refresh(store, rec)
-        if rec.state in ("ready", "crashed", "stopped"):
+        if rec.state != ServerState.STARTING:
             return rec
         time.sleep(poll)
     return rec

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import httpx
@@ -12,10 +13,26 @@ from engine.io.http_auth import bearer
 from engine.managed import ManagedRecord
 
 
+class ServerState(StrEnum):
+    """A server's state, stored as its text."""
+
+    STARTING = "starting"  # launched (or submitted to Slurm); not answering yet
+    READY = "ready"  # its own process answers /health
+    CRASHED = "crashed"  # it ended without being stopped (the reason says why)
+    STOPPED = "stopped"  # stopped by an operator
+
+
+LIVE = (ServerState.STARTING, ServerState.READY)
+ENDED = (ServerState.STOPPED, ServerState.CRASHED)
+
+
 @dataclass
 class ServerRecord(ManagedRecord):
     KIND: ClassVar[str] = "server"
     LISTED_BY: ClassVar[str] = "fleetdeck serve ls"
+    STATES: ClassVar[type[ServerState]] = ServerState
+
+    state: ServerState
 
     @property
     def base_url(self) -> str:
@@ -33,7 +50,7 @@ class ServerRecord(ManagedRecord):
         return os.environ.get(env_name, "") or None if env_name else None
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = self.to_doc()
         d["base_url"] = self.base_url
         return d
 

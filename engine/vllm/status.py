@@ -15,6 +15,7 @@ import httpx
 
 from engine.io.http_auth import bearer
 from engine.vllm.metrics import Scrape, ServerFigures, figures, parse
+from engine.vllm.record import ServerState
 
 if TYPE_CHECKING:
     from engine.vllm.record import ServerRecord
@@ -72,8 +73,9 @@ def scrape_server(rec: ServerRecord, timeout: float = 1.5) -> Scrape:
 
 def status_of(rec: ServerRecord, previous: Scrape | None = None, adapters: bool = False) -> ServerStatus:
     """Figures for a ready local server (from its /metrics, against the previous scrape)."""
+
     st = ServerStatus(rec)
-    if rec.state != "ready":
+    if rec.state != ServerState.READY:
         return st
     try:
         st.scrape = scrape_server(rec)
@@ -97,7 +99,7 @@ def statuses(store: Store, interval: float = 1.0, ids: list[str] | None = None) 
     recs = [launcher.refresh(store, r) for r in launcher.list_servers(store)]
     if ids is not None:
         recs = [r for r in recs if r.id in ids]
-    first = {r.id: status_of(r).scrape for r in recs if r.state == "ready"}
+    first = {r.id: status_of(r).scrape for r in recs if r.state == ServerState.READY}
     if first and interval > 0:
         time.sleep(interval)
     return [status_of(r, first.get(r.id), adapters=True) for r in recs]

@@ -108,23 +108,25 @@ class JobsScreen(PolledScreen):
         self._detail()
 
     def _cells(self, r: Any) -> list[Any]:
+        from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
+
         steps = [e for e in self.events.get(r.id, []) if e.get("event") == "step"]
         last = steps[-1] if steps else None
         name = r.id + (" (sim)" if r.spec.get("backend") == "simulated" else "")  # short: 80 columns
         state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
         sl = r.slurm
-        if sl is not None and r.state == "running" and sl.state != "RUNNING":  # queued (or held) in Slurm, not training
+        if sl is not None and r.state == JobState.RUNNING and sl.state != "RUNNING":  # queued (or held) in Slurm, not training
             state = Text(sl.state.lower(), style="yellow")
         node = split_id(r.id)[0] or r.node
         if last is None:
-            return [name, node, state, r.gpus, "", "", "", "", "", "", ""]
+            return [name, node, state, str(r.gpus), "", "", "", "", "", "", ""]
         frac = last["step"] / last["total_steps"] if last.get("total_steps") else None
         return [
-            name, node, state, r.gpus, Text(bar(frac, 6), style="cyan") + Text(f" {frac * 100:3.0f}%" if frac is not None else ""),
+            name, node, state, str(r.gpus), Text(bar(frac, 6), style="cyan") + Text(f" {frac * 100:3.0f}%" if frac is not None else ""),
             f"{last['step']}/{last['total_steps']}", "n/a" if last.get("loss") is None else f"{last['loss']:.4f}",
             "n/a" if last.get("learning_rate") is None else f"{last['learning_rate']:.2e}",
             "n/a" if last.get("tokens_per_s") is None else f"{last['tokens_per_s']:,.0f}",
-            _dur(last.get("elapsed_s")), _dur(last.get("eta_s")) if r.state == "running" else "",
+            _dur(last.get("elapsed_s")), _dur(last.get("eta_s")) if r.state == JobState.RUNNING else "",
         ]
 
     def selected(self) -> Any:
@@ -135,6 +137,8 @@ class JobsScreen(PolledScreen):
         self._detail()
 
     def _detail(self) -> None:
+        from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
+
         r = self.selected()
         detail = self.query_one("#jobs-detail", Static)
         plot = self.query_one("#jobs-chart", PlotextPlot)
@@ -167,7 +171,7 @@ class JobsScreen(PolledScreen):
             lines.append(escape(f"Slurm job {sl.id}: {sl.state}{why} · node {sl.node or '-'} · "
                                 f"{sl.elapsed or '0:00'} of {sl.time_limit or 'no limit'}"))
         if r.reason:
-            lines.append(f"[{'red' if r.state == 'failed' else 'dim'}]{escape(r.reason)}[/]")
+            lines.append(f"[{'red' if r.state == JobState.FAILED else 'dim'}]{escape(r.reason)}[/]")
         detail.update("\n".join(lines))
 
     # -- actions --------------------------------------------------------------------------------
@@ -182,15 +186,19 @@ class JobsScreen(PolledScreen):
             self.app.push_screen(StartJobScreen(), lambda msg: (self.notify(msg), self.reload()) if msg else None)
 
     def action_cancel(self) -> None:
+        from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
+
         r = self.selected()
-        if r is None or r.state != "running" or not self._guard():
+        if r is None or r.state != JobState.RUNNING or not self._guard():
             return
         self.app.push_screen(ConfirmScreen(f"Cancel {r.id}? It saves a checkpoint at the end of this step."),
                              lambda ok: self._act("cancel", r) if ok else None)
 
     def action_resume(self) -> None:
+        from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
+
         r = self.selected()
-        if r is None or r.state not in ("cancelled", "failed") or not self._guard():
+        if r is None or r.state not in (JobState.CANCELLED, JobState.FAILED) or not self._guard():
             return
         self._act("resume", r)
 
@@ -210,7 +218,9 @@ class JobsScreen(PolledScreen):
         self.app.call_from_thread(self.reload)
 
     def action_prune(self) -> None:
-        ended = [r.id for r in self.records.values() if r.state in ("finished", "failed", "cancelled")
+        from engine.finetune.jobs import ENDED
+
+        ended = [r.id for r in self.records.values() if r.state in ENDED
                  and split_id(r.id)[0] is None]
         if not self._guard():
             return
@@ -237,11 +247,13 @@ class JobsScreen(PolledScreen):
 
     def action_serve(self) -> None:
         """Load the finished job's adapter into the first ready server of its node that can take it."""
+        from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
+
         r = self.selected()
         if r is None or not self._guard():
             return
         adapter_path = r.outputs.adapter_path
-        if r.state != "finished" or not adapter_path:
+        if r.state != JobState.FINISHED or not adapter_path:
             self.notify("Only a finished job has an adapter to serve.", severity="warning")
             return
         self._serve(r.id, Path(adapter_path).name)

@@ -136,12 +136,14 @@ class ServersScreen(PolledScreen):
         self._detail()
 
     def _cells(self, v: ServerView) -> list[Any]:
+        from engine.vllm.record import ServerState  # (lazily: loaded by the poll already)
+
         r, f = v.rec, v.figures
         state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
         node = split_id(r.id)[0] or r.node
         if f is None:
-            blanks = ["" if r.state != "ready" else "n/a"] * 9
-            return [r.id, node, state, r.gpus, str(r.port or ""), *blanks]
+            blanks = ["" if r.state != ServerState.READY else "n/a"] * 9
+            return [r.id, node, state, str(r.gpus), str(r.port or ""), *blanks]
         from engine.vllm.status import kv_disagreement  # (lazily: the screens load without httpx)
 
         alloc = f"{f.kv_tokens:,}" if f.kv_tokens else "n/a"
@@ -150,7 +152,7 @@ class ServersScreen(PolledScreen):
         # Far apart: the plan no longer describes this server; marked so it is not read as a confirmation.
         cap: Any = Text(f"⚠ {alloc}/{plan} ({apart:.1f}x)", style="bold yellow") if apart else f"{alloc}/{plan}"
         return [
-            r.id, node, state, r.gpus, str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
+            r.id, node, state, str(r.gpus), str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
             f"{_f(f.running)}/{_f(f.waiting)}", _f(None if f.kv_usage is None else f.kv_usage * 100, unit="%"),
             f"{_ms(f.ttft_p50)}/{_ms(f.ttft_p95)}", f"{_f(f.e2e_p50, '{:.2f}')}/{_f(f.e2e_p95, '{:.2f}')}",
             _f(f.preemptions), _f(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100, unit="%"),
@@ -168,6 +170,8 @@ class ServersScreen(PolledScreen):
         self._detail()
 
     def _detail(self) -> None:
+        from engine.vllm.record import ServerState  # (lazily: loaded by the poll already)
+
         v = self.selected()
         detail = self.query_one("#servers-detail", Static)
         if v is None:
@@ -177,8 +181,8 @@ class ServersScreen(PolledScreen):
         # Names, paths and vLLM's own words are text, not markup: "[serve]" in a reason stays visible.
         lines = [f"[b]{escape(r.id)}[/b] · {escape(r.served_name)} · GPUs {r.gpus} · {r.base_url} · log "
                  f"{escape(str(r.log_path))}"]
-        if r.reason and r.state != "ready":
-            lines.append(f"[{'red' if r.state == 'crashed' else 'dim'}]{escape(r.reason)}[/]")
+        if r.reason and r.state != ServerState.READY:
+            lines.append(f"[{'red' if r.state == ServerState.CRASHED else 'dim'}]{escape(r.reason)}[/]")
         if v.gen_history:
             top = max([x for x in v.gen_history if x is not None] or [1.0]) or 1.0
             lines.append(f"gen tok/s {sparkline(v.gen_history, 60, top=top)}")
@@ -202,8 +206,10 @@ class ServersScreen(PolledScreen):
             self.reload()
 
     def action_stop(self) -> None:
+        from engine.vllm.record import ENDED
+
         v = self.selected()
-        if v is None or not self._guard() or v.rec.state in ("stopped", "crashed"):
+        if v is None or not self._guard() or v.rec.state in ENDED:
             return
 
         def done(ok: bool | None) -> None:
@@ -240,7 +246,9 @@ class ServersScreen(PolledScreen):
         self.app.push_screen(ConfirmScreen(f"Restart {v.rec.id} with the same profile and GPUs?"), done)
 
     def action_prune(self) -> None:
-        ended = [v.rec.id for v in self.views.values() if v.rec.state in ("stopped", "crashed")
+        from engine.vllm.record import ENDED
+
+        ended = [v.rec.id for v in self.views.values() if v.rec.state in ENDED
                  and split_id(v.rec.id)[0] is None]
         if not self._guard():
             return
