@@ -230,7 +230,9 @@ def test_a_hangup_ends_everything_the_demo_started(tmp_path):
         def drain() -> None:
             import select
 
-            while select.select([fd], [], [], 0)[0]:
+            for _ in range(256):  # bounded: a dashboard that keeps drawing must not hold the test here
+                if not select.select([fd], [], [], 0)[0]:
+                    return
                 try:
                     os.read(fd, 65536)  # the dashboard's frames: read so that it never blocks writing
                 except OSError:
@@ -326,3 +328,49 @@ async def test_swap_an_adapter_in_a_demo_server_from_the_keyboard(home):
                     break
             assert panel.loaded_names == ["tickets-v4"] and "tickets-v3 unloaded" in panel.last_message
     live.close()
+
+
+async def test_the_ending_stops_the_node_sources_before_the_helpers_end(tmp_path):
+    # A hangup on a stalled terminal never reaches on_unmount; the ending itself must stop the remote
+    # nodes' reconnect loops, or the demo's flaky agent is started again while the helpers end.
+    import threading
+
+    from tui.app import AppOptions, FleetDeckApp
+
+    from fleet.simulated import demo_fleet
+
+    source, seen = demo_fleet()[0], []
+    closes: list[int] = []
+    source.close = lambda: closes.append(1)  # a RemoteNode's close stops its reconnecting agent
+    release = threading.Event()
+
+    def end_helpers() -> None:
+        seen.append(len(closes))  # what the helpers' ending sees when it starts
+        release.wait(30)
+
+    app = FleetDeckApp(AppOptions(sources_factory=lambda: [source], store_path=tmp_path / "fd.db", poll=False,
+                                  end_helpers=end_helpers))
+    async with app.run_test(size=(80, 24)) as pilot:
+        from tests.tui_helpers import until
+
+        await until(app, pilot, lambda: app.poller.sources, "the sources are open")
+        ender = app.begin_ending()
+        assert ender is not None
+        release.set()
+        ender.join(30)
+        assert seen == [1]
+
+
+async def test_sources_that_open_after_the_ending_began_are_stopped_at_once(tmp_path):
+    from fleet.simulated import demo_fleet
+    from tests.tui_helpers import until
+    from tui.app import AppOptions, FleetDeckApp
+
+    source = demo_fleet()[0]
+    closes: list[int] = []
+    source.close = lambda: closes.append(1)
+    app = FleetDeckApp(AppOptions(sources_factory=lambda: [source], store_path=tmp_path / "fd.db", poll=False))
+    app.begin_ending()  # a SIGHUP before the dashboard has opened its nodes
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(app, pilot, lambda: app.poller.sources, "the sources are open")
+        assert closes == [1]

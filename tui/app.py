@@ -157,7 +157,11 @@ class FleetDeckApp(Lifetime, App[None]):
                 store = open_store(self.options.store_path)
             except StoreError as exc:
                 error = str(exc)
-        self.poller.sources = sources
+        with self._ending_lock:
+            self.poller.sources = sources
+            ending = self._ending
+        if ending:  # the ending came while the sources were opening: they stop now, as the others did
+            self.poller.close()
         self.poller.store = store
         self.store = store
         if self.options.demo_backend and self.options.demo_home is not None and store is not None:

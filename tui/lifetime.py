@@ -24,6 +24,7 @@ class Lifetime:
     """Ending what the dashboard started for itself. FleetDeckApp sets the state in its __init__."""
 
     options: AppOptions
+    poller: Any  # fleet.poller.FleetPoller: its node sources
     _demo_proc: Any
     _ending: bool
     _ending_lock: threading.Lock
@@ -93,11 +94,26 @@ class Lifetime:
                 return self._ender
             self._ending = True
             if self.options.end_helpers is None:
+                self._close_sources()
                 return None
+            end_helpers = self.options.end_helpers
+
+            def end() -> None:
+                self._close_sources()
+                end_helpers()
+
             # Not a daemon: the interpreter waits for it, so an exit cannot cut the ending short.
-            self._ender = threading.Thread(target=self.options.end_helpers, name="end-helpers")
+            self._ender = threading.Thread(target=end, name="end-helpers")
             self._ender.start()
             return self._ender
+
+    def _close_sources(self) -> None:
+        """Stop the node sources first: a remote node's connection loop would otherwise start its agent
+        again while the helpers end (the demo's flaky sim-remote-04 reconnects every few seconds), and an
+        app whose loop a dead terminal stalls never reaches on_unmount, where they are closed otherwise."""
+        poller = getattr(self, "poller", None)  # not made yet when the ending comes before the app mounts
+        if poller is not None:
+            poller.close()
 
     def end_helpers(self) -> None:
         """End what this dashboard started for itself, and wait until it has ended."""
