@@ -14,7 +14,8 @@ log-probability), clients sending `stream: true` at 16, 64 and 256 concurrent st
 client on its own connection (so the load generator's own pool is not what is measured); per target and
 concurrency: time to first byte (p50, p99) and streams/s, against the bare streaming relay in the same run.
 --also-fleetdeck ROOT benches a second checkout's proxy (a baseline commit, say: `git worktree add`) beside
-this one in the same run. --profile runs each fleetdeck proxy under cProfile and prints, per stream it served,
+this one in the same run. --profile runs each fleetdeck proxy under cProfile (from the end of the first
+warm-up to the end, so start-up is left out) and prints, per stream it served in that time,
 the calls and CPU (process time) of its top functions: figures the machine's load does not change (cProfile
 inflates the CPU; take CPU ms/stream from a run without --profile).
 
@@ -32,6 +33,7 @@ import asyncio
 import os
 import pstats
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -152,18 +154,21 @@ STREAM_RELAY = textwrap.dedent('''
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
 ''')
 
-# `python -m fleetdeck ...` under cProfile with a CPU clock (the machine's load does not stretch it); the
+# `python -m fleetdeck ...` with cProfile on a CPU clock (the machine's load does not stretch it), switched on
+# by SIGUSR1 (after the warm-up: start-up's imports and first connections are not per-stream costs); the
 # profile is written when the proxy stops (SIGTERM: it finishes its requests and returns).
 PROFILED = textwrap.dedent('''
-    import cProfile, runpy, sys, time
+    import cProfile, runpy, signal, sys, time
     out = sys.argv.pop(1)
     sys.argv[0] = "fleetdeck"
     prof = cProfile.Profile(time.process_time)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: prof.enable())  # the event loop's thread: the main one
     try:
-        prof.runcall(runpy.run_module, "fleetdeck", run_name="__main__", alter_sys=True)
+        runpy.run_module("fleetdeck", run_name="__main__", alter_sys=True)
     except SystemExit:
         pass
     finally:
+        prof.disable()
         prof.dump_stats(out)
 ''')
 
@@ -325,7 +330,7 @@ def stream_main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp())
     levels = [int(x) for x in args.concurrency.split(",")]
     profiles: dict[str, Path] = {}  # fleetdeck target -> its cProfile output (written when the proxy stops)
-    served: dict[str, int] = {}  # streams each target completed, warm-up included
+    served: dict[str, int] = {}  # streams each target completed (a profiled one: since its profile started)
     rows: list[tuple[int, str, float, float, float, int, float]] = []
     try:
         up_port = free_port()
@@ -398,6 +403,9 @@ def stream_main(args: argparse.Namespace) -> None:
         for n in levels:
             for name, url in targets.items():
                 _, warm, _ = asyncio.run(stream_load(url, min(1.0, args.seconds), min(n, 16)))  # warm connections and code paths
+                if name in profiles and name not in served:
+                    os.kill(pids[name], signal.SIGUSR1)  # its profile starts now
+                    warm = 0
                 before = cpu(name)
                 ttfb, done, elapsed = asyncio.run(stream_load(url, args.seconds, n))
                 served[name] = served.get(name, 0) + warm + done

@@ -44,6 +44,7 @@ class UpstreamClients:
         self.timeout = timeout
         self._hosts: dict[tuple[str, str, int | None], _Host] = {}
         self._tls: ssl.SSLContext | None = None  # made on first use, the same one for every client
+        self._by_url: dict[str, _Host] = {}
 
     def _new_client(self) -> httpx.AsyncClient:
         n = self.shard_connections
@@ -58,12 +59,15 @@ class UpstreamClients:
         )
 
     def for_url(self, url: str) -> httpx.AsyncClient:
-        u = httpx.URL(url)
-        key = (u.scheme, u.host, u.port)
-        host = self._hosts.get(key)
+        host = self._by_url.get(url)  # the tasks' slm_base_url, on every request: each parsed once
         if host is None:
-            # Made on first use (no await: two requests cannot both make one); the pools themselves connect lazily.
-            host = self._hosts[key] = _Host([self._new_client() for _ in range(self.shards)])
+            u = httpx.URL(url)
+            key = (u.scheme, u.host, u.port)
+            host = self._hosts.get(key)
+            if host is None:
+                # Made on first use (no await: two requests cannot both make one); the pools connect lazily.
+                host = self._hosts[key] = _Host([self._new_client() for _ in range(self.shards)])
+            self._by_url[url] = host
         return host.next()
 
     def hosts(self) -> int:
@@ -74,3 +78,4 @@ class UpstreamClients:
             for client in host.clients:
                 await client.aclose()
         self._hosts.clear()
+        self._by_url.clear()
