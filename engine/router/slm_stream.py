@@ -219,22 +219,24 @@ class SlmStream:
         """Give the connection back: to its pool when the answer was whole, else closed."""
         if self.response is None:
             return
-        if self.done and self._lines is not None:
-            # `[DONE]` is read before the end of the HTTP body; a response closed before its body ended is a
-            # connection httpcore drops, so every request would open a new one (a TCP handshake and a new
-            # connection's setup on both sides, per request: issue 28). Read to the body's end, briefly.
-            try:
-                async with asyncio.timeout(DRAIN_S):
-                    async for _ in self._lines:
-                        pass
-            except (TimeoutError, httpx.HTTPError):
-                pass  # the end did not come: the connection is closed below, as for a cut stream
-        # An abandoned stream still holds its upstream connection (and the SLM keeps generating) until closed.
         try:
-            async with asyncio.timeout(5):
-                await self.response.aclose()
-        except Exception:  # closing is best effort
-            pass
+            if self.done and self._lines is not None:
+                # `[DONE]` is read before the end of the HTTP body; a response closed before its body ended is
+                # a connection httpcore drops, so every request would open a new one (a TCP handshake and a
+                # new connection's setup on both sides, per request: issue 28). Read to the body's end, briefly.
+                try:
+                    async with asyncio.timeout(DRAIN_S):
+                        async for _ in self._lines:
+                            pass
+                except (TimeoutError, httpx.HTTPError):
+                    pass  # the end did not come: the connection is closed below, as for a cut stream
+        finally:  # cancelled while reading the end, too
+            # An abandoned stream holds its upstream connection (and the SLM keeps generating) until closed.
+            try:
+                async with asyncio.timeout(5):
+                    await self.response.aclose()
+            except Exception:  # closing is best effort
+                pass
 
 
 def _dict(value: Any) -> dict[str, Any]:
