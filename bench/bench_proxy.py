@@ -13,9 +13,15 @@ Streaming mode (--stream): a paced streaming upstream (--tokens tokens, --pace-m
 log-probability), clients sending `stream: true` at 16, 64 and 256 concurrent streams (--concurrency), each
 client on its own connection (so the load generator's own pool is not what is measured); per target and
 concurrency: time to first byte (p50, p99) and streams/s, against the bare streaming relay in the same run.
+--also-fleetdeck ROOT benches a second checkout's proxy (a baseline commit, say: `git worktree add`) beside
+this one in the same run. --profile runs each fleetdeck proxy under cProfile (from the end of the first
+warm-up to the end, so start-up is left out) and prints, per stream it served in that time,
+the calls and CPU (process time) of its top functions: figures the machine's load does not change (cProfile
+inflates the CPU; take CPU ms/stream from a run without --profile).
 
 Usage: python bench/bench_proxy.py [--seconds 8] [--sequential 400] [--litellm-cli PATH]
        python bench/bench_proxy.py --stream [--seconds 4] [--concurrency 16,64,256] [--tokens 32] [--pace-ms 4]
+                                   [--profile] [--also-fleetdeck /tmp/base-checkout]
   e.g. python3 -m venv /tmp/llvenv && /tmp/llvenv/bin/pip install 'litellm[proxy]==1.80.15'
        python bench/bench_proxy.py --litellm-cli /tmp/llvenv/bin/litellm
 """
@@ -25,7 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import pstats
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -146,16 +154,34 @@ STREAM_RELAY = textwrap.dedent('''
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
 ''')
 
+# `python -m fleetdeck ...` with cProfile on a CPU clock (the machine's load does not stretch it), switched on
+# by SIGUSR1 (after the warm-up: start-up's imports and first connections are not per-stream costs); the
+# profile is written when the proxy stops (SIGTERM: it finishes its requests and returns).
+PROFILED = textwrap.dedent('''
+    import cProfile, runpy, signal, sys, time
+    out = sys.argv.pop(1)
+    sys.argv[0] = "fleetdeck"
+    prof = cProfile.Profile(time.process_time)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: prof.enable())  # the event loop's thread: the main one
+    try:
+        runpy.run_module("fleetdeck", run_name="__main__", alter_sys=True)
+    except SystemExit:
+        pass
+    finally:
+        prof.disable()
+        prof.dump_stats(out)
+''')
+
 PAYLOAD = {"model": "tickets", "messages": [{"role": "user", "content": "Route this ticket: my invoice is wrong"}], "max_tokens": 4}
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -225,7 +251,7 @@ async def stream_load(url: str, seconds: float, clients: int) -> tuple[list[floa
                         if first is None and '"content":" tok"' in line.replace(": ", ":"):
                             first = (time.perf_counter() - t) * 1000
                     ok = r.status_code == 200 and first is not None
-                if ok:
+                if ok and first is not None:
                     done += 1
                     ttfb.append(first)
 
@@ -300,9 +326,11 @@ async def pool_checks(upstream: str, streams: int, rounds: int = 3) -> dict[str,
 
 
 def stream_main(args: argparse.Namespace) -> None:
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp())
     levels = [int(x) for x in args.concurrency.split(",")]
+    profiles: dict[str, Path] = {}  # fleetdeck target -> its cProfile output (written when the proxy stops)
+    served: dict[str, int] = {}  # streams each target completed (a profiled one: since its profile started)
     rows: list[tuple[int, str, float, float, float, int, float]] = []
     try:
         up_port = free_port()
@@ -324,12 +352,24 @@ def stream_main(args: argparse.Namespace) -> None:
             confidence = "first_token"
             threshold = 0.85
         '''))
-        env = dict(os.environ, FD_BENCH_KEYS="sk-bench")
-        procs.append(start([PY, "-m", "fleetdeck", "proxy", "--config", str(tmp / "router.toml"), "--port", str(fd_port),
-                            "--store", str(tmp / "ledger.db")], env))
-        fleetdeck = f"http://127.0.0.1:{fd_port}"
-        wait_ready(fleetdeck, procs[-1])
-        targets = {"(a) direct upstream": upstream, "(b) bare streaming relay": relay, "(c) fleetdeck proxy": fleetdeck}
+        targets = {"(a) direct upstream": upstream, "(b) bare streaming relay": relay}
+        pids = {"(a) direct upstream": procs[0].pid, "(b) bare streaming relay": procs[1].pid}
+        checkouts = {FLEETDECK: ROOT}
+        if args.also_fleetdeck:
+            checkouts[f"(c) fleetdeck @{Path(args.also_fleetdeck).name}"[:26]] = Path(args.also_fleetdeck).resolve()
+        for name, root in checkouts.items():
+            fd_port = free_port()
+            run = ["-m", "fleetdeck"]
+            if args.profile:
+                profiles[name] = tmp / f"proxy-{len(profiles)}.prof"
+                run = ["-c", PROFILED, str(profiles[name])]
+            # Each checkout's own code (PYTHONPATH and cwd), the same interpreter and packages.
+            env = dict(os.environ, FD_BENCH_KEYS="sk-bench", PYTHONPATH=str(root))
+            procs.append(start([PY, *run, "proxy", "--config", str(tmp / "router.toml"),
+                                "--port", str(fd_port), "--store", str(tmp / f"ledger-{fd_port}.db")], env, cwd=root))
+            targets[name] = f"http://127.0.0.1:{fd_port}"
+            pids[name] = procs[-1].pid
+            wait_ready(targets[name], procs[-1])
         litellm_cli = args.litellm_cli or ""
         if litellm_cli and Path(litellm_cli).exists():
             ll_port = free_port()
@@ -347,28 +387,28 @@ def stream_main(args: argparse.Namespace) -> None:
             try:
                 wait_ready(f"http://127.0.0.1:{ll_port}", procs[-1], timeout=180)
                 targets["(d) LiteLLM proxy"] = f"http://127.0.0.1:{ll_port}"
+                pids["(d) LiteLLM proxy"] = procs[-1].pid
             except RuntimeError as exc:
                 print(f"(d) LiteLLM proxy: did not start ({exc})")
         else:
             print("(d) LiteLLM proxy: skipped (give --litellm-cli PATH to a venv with litellm[proxy])")
         import psutil
 
-        # The process each target runs in: its CPU time per stream is a figure the machine's load does not skew.
-        pids = {"(a) direct upstream": procs[0].pid, "(b) bare streaming relay": procs[1].pid,
-                "(c) fleetdeck proxy": procs[2].pid}
-        if "(d) LiteLLM proxy" in targets:
-            pids["(d) LiteLLM proxy"] = procs[3].pid
-
+        # The process each target runs in (pids): its CPU time per stream is a figure the machine's load does not skew.
         def cpu(name: str) -> float:
             proc = psutil.Process(pids[name])
             times = [proc.cpu_times()] + [c.cpu_times() for c in proc.children(recursive=True)]
-            return sum(t.user + t.system for t in times)
+            return float(sum(t.user + t.system for t in times))
 
         for n in levels:
             for name, url in targets.items():
-                asyncio.run(stream_load(url, min(1.0, args.seconds), min(n, 16)))  # warm connections and code paths
+                _, warm, _ = asyncio.run(stream_load(url, min(1.0, args.seconds), min(n, 16)))  # warm connections and code paths
+                if name in profiles and name not in served:
+                    os.kill(pids[name], signal.SIGUSR1)  # its profile starts now
+                    warm = 0
                 before = cpu(name)
                 ttfb, done, elapsed = asyncio.run(stream_load(url, args.seconds, n))
+                served[name] = served.get(name, 0) + warm + done
                 used = cpu(name) - before
                 rows.append((n, name, pct(ttfb, 0.5), pct(ttfb, 0.99), done / elapsed, done, used * 1000 / max(done, 1)))
         pools = {n: asyncio.run(pool_checks(upstream, n)) for n in levels}
@@ -391,6 +431,8 @@ def stream_main(args: argparse.Namespace) -> None:
     relay_rate = {n: r for n, name, _, _, r, _, _ in rows if name == "(b) bare streaming relay"}
     for n, name, p50, p99, rate, done, cpu_ms in rows:
         print(f"{n:8d}  {name:26}{p50:12.1f}{p99:12.1f}{rate:11.1f}{rate / relay_rate[n]:9.2f}x{cpu_ms:15.1f}")
+    for name, path in profiles.items():
+        print_profile(name, path, served.get(name, 0))
     print("\nthe HTTP client's pool, per stream (3 rounds of N concurrent streams to the paced upstream):")
     print(f"{'streams':>8}  {'':32}{'is_idle checks':>15}{'new connections':>17}{'admit+release ms':>18}")
     for n, by_pool in pools.items():
@@ -398,13 +440,37 @@ def stream_main(args: argparse.Namespace) -> None:
             print(f"{n:8d}  {name:32}{idle:15.0f}{connects:17.2f}{assign_ms:18.3f}")
 
 
-def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or os.environ.copy())
+FLEETDECK = "(c) fleetdeck proxy"
+
+
+def print_profile(name: str, path: Path, streams: int, top: int = 25) -> None:
+    """A proxy's cProfile, per stream it served: the functions that spent the most CPU themselves, then the
+    most called. Calls per stream do not depend on the machine's load; the ms are CPU (process time), inflated
+    by cProfile's own work."""
+    if not path.exists() or not streams:
+        print(f"\n{name}: no profile written ({path})")
+        return
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    rows: list[tuple[float, float, float, str]] = [
+        (nc / streams, tt * 1000 / streams, ct * 1000 / streams, f"{Path(f).name}:{line}({fn})")
+            for (f, line, fn), (cc, nc, tt, ct, _) in stats.items()]
+    total = sum(r[1] for r in rows)
+    print(f"\n{name} under cProfile, per stream ({streams} streams, {total:.1f} ms of profiled CPU each):")
+    for title, key in (("own time", 1), ("calls", 0)):
+        print(f"  top {top} by {title}:  {'calls':>8}{'own ms':>9}{'cum ms':>9}  function")
+        for nc, tt, ct, where in sorted(rows, key=lambda r: -float(r[key]))[:top]:
+            print(f"  {'':20}{nc:8.1f}{tt:9.3f}{ct:9.3f}  {where}")
+
+
+def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or os.environ.copy(),
+                            cwd=cwd)
 
 
 def bench_ledger(rows: int = 20_000) -> tuple[float, int]:
     from store.db import open_store
-    from store.ledger import LedgerRow, LedgerWriter
+    from store.ledger import LedgerWriter
+    from store.ledger_row import LedgerRow
 
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(Path(tmp) / "ledger.db")
@@ -436,12 +502,16 @@ def main() -> None:
     ap.add_argument("--concurrency", default="16,64,256")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--pace-ms", type=float, default=4.0)
+    ap.add_argument("--profile", action="store_true", help="--stream: run fleetdeck's proxy under cProfile and print "
+                                                           "its top functions per stream")
+    ap.add_argument("--also-fleetdeck", metavar="ROOT", help="--stream: also bench the proxy of the fleetdeck "
+                                                             "checkout at ROOT (a baseline) in the same run")
     args = ap.parse_args()
     if args.stream:
         stream_main(args)
         return
 
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, tuple[float, float, float]] = {}
     tmp = Path(tempfile.mkdtemp())
     try:

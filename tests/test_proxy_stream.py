@@ -280,6 +280,46 @@ def test_more_streams_than_one_pool_holds_are_all_open_at_once_and_each_gets_a_r
     assert len(rows) == streams and {r["status"] for r in rows} == {200}
 
 
+# --- the small model's connections are kept ----------------------------------------------------------------
+def test_a_finished_answer_gives_its_connection_back_for_the_next_request(slm, frontier, make_proxy, monkeypatch):
+    """`data: [DONE]` comes before the end of the HTTP body: the proxy reads to the end, so the connection
+    goes back to its pool and the next request, streamed or whole, uses it (the stand-in counts connections
+    by their client address). One pool here, so "the next request" is the one that reuses it."""
+    import functools
+
+    import engine.router.proxy as proxy_module
+    from engine.router.upstream_pool import SHARD_CONNECTIONS, UpstreamClients
+
+    monkeypatch.setattr(proxy_module, "UpstreamClients",
+                        functools.partial(UpstreamClients, host_connections=SHARD_CONNECTIONS))
+    proxy = make_proxy(make_config(slm.url, frontier.url, confidence="first_token"))
+    start = len(slm.app.state.peers)
+    for i in range(8):
+        r = proxy.post("tokens=3", stream=i % 2 == 0, logprobs=True)
+        assert r.status_code == 200 and r.headers["x-fleetdeck-route"] == "slm"
+    peers = slm.app.state.peers[start:]
+    assert len(peers) == 8 and len(set(peers)) == 1, f"{len(set(peers))} connections for 8 sequential requests"
+    rows = proxy.rows()
+    assert len(rows) == 8 and {(r["status"], r["reason"]) for r in rows} == {(200, "confident")}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_answer_whose_body_does_not_end_after_done_is_whole_and_stands(slm, frontier, make_proxy, stream):
+    """A server that keeps its body open after `data: [DONE]`: the answer is whole at [DONE]; waiting for
+    the body's end is brief and never turns a finished answer into a cut."""
+    proxy = make_proxy(make_config(slm.url, frontier.url, confidence="first_token"))
+    r = proxy.post("tokens=3 donestall", stream=stream)
+    assert r.status_code == 200 and r.headers["x-fleetdeck-route"] == "slm"
+    if stream:
+        events = events_of(r.text)
+        assert events[-1] == "[DONE]" and content_of(events) == "slm answer w2"
+    else:
+        assert r.json()["choices"][0]["message"]["content"] == "slm answer w2"
+    (row,) = proxy.rows()
+    assert (row["status"], row["reason"], row["error"], row["slm_bound"]) == (200, "confident", None, None)
+    assert row["slm_completion_tokens"] == 3
+
+
 # --- property: the client gets one model's answer, never a mix -------------------------------------------
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

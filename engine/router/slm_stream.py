@@ -31,6 +31,8 @@ TOTAL = "total"
 # The ledger's reason for each bound, when it decides the route.
 BOUND_REASON = {FIRST_TOKEN: Reason.SLM_FIRST_TOKEN_TIMEOUT, TOTAL: Reason.SLM_TOTAL_TIMEOUT}
 BOUND_KEY = {FIRST_TOKEN: "slm_first_token_timeout_s", TOTAL: "slm_total_timeout_s"}
+# After `data: [DONE]`, how long the end of the HTTP body may take before the connection is dropped instead.
+DRAIN_S = 1.0
 
 
 class SlmCut(Exception):
@@ -64,6 +66,7 @@ class SlmStream:
     ttft_ms: float | None = None
     missing_logprobs: bool = False  # a token came without its log-probability
     ended: bool = False
+    done: bool = False  # `data: [DONE]` came: the answer is whole (the HTTP body may still have its end to come)
     claimed: bool = False  # a relay owns the stream (and closes it)
     _sent_at: float = 0.0
     _lines: AsyncIterator[str] | None = None
@@ -106,6 +109,7 @@ class SlmStream:
                         continue  # blank separators and ": keep-alive" comments
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        self.done = True
                         return None
                     if json_depth_over(data):
                         raise SlmStreamError("a chunk of the small model's stream is nested too deeply")
@@ -123,8 +127,9 @@ class SlmStream:
         except httpx.HTTPError as exc:
             raise SlmStreamError(f"the small model's stream broke ({type(exc).__name__})") from None
 
-    def _take(self, chunk: dict[str, Any]) -> None:
-        """Note what a chunk carries: its tokens' log-probabilities, its text, the usage."""
+    def _take(self, chunk: dict[str, Any], score: bool = True) -> None:
+        """Note what a chunk carries: its tokens' log-probabilities (`score`: only until the decision, which
+        is all that reads them), its text, the usage."""
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
@@ -132,6 +137,10 @@ class SlmStream:
                 continue
             delta = _dict(choice.get("delta"))
             piece = delta.get("content")
+            if not score and self.ttft_ms is not None:
+                if isinstance(piece, str) and piece:
+                    self.text.append(piece)
+                continue
             lp = choice.get("logprobs")
             content = lp.get("content") if isinstance(lp, dict) else None
             items = [item.get("logprob") for item in content if isinstance(item, dict)] if isinstance(content, list) else []
@@ -199,7 +208,7 @@ class SlmStream:
             if chunk is None:
                 self.ended = True
                 break
-            self._take(chunk)
+            self._take(chunk, score=False)  # decided: the relay needs the text and usage, not the scores
             yield chunk
 
     def elapsed_ms(self) -> float:
@@ -207,10 +216,25 @@ class SlmStream:
         return (asyncio.get_running_loop().time() - self._sent_at) * 1000
 
     async def aclose(self) -> None:
-        # An abandoned stream still holds its upstream connection (and the SLM keeps generating) until closed.
-        if self.response is not None:
+        """Give the connection back: to its pool when the answer was whole, else closed."""
+        if self.response is None:
+            return
+        try:
+            if self.done and self._lines is not None:
+                # `[DONE]` is read before the end of the HTTP body; a response closed before its body ended is
+                # a connection httpcore drops, so every request would open a new one (a TCP handshake and a
+                # new connection's setup on both sides, per request: issue 28). Read to the body's end, briefly.
+                try:
+                    async with asyncio.timeout(DRAIN_S):
+                        async for _ in self._lines:
+                            pass
+                except (TimeoutError, httpx.HTTPError):
+                    pass  # the end did not come: the connection is closed below, as for a cut stream
+        finally:  # cancelled while reading the end, too
+            # An abandoned stream holds its upstream connection (and the SLM keeps generating) until closed.
             try:
-                await asyncio.wait_for(self.response.aclose(), timeout=5)
+                async with asyncio.timeout(5):
+                    await self.response.aclose()
             except Exception:  # closing is best effort
                 pass
 

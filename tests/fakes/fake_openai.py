@@ -12,12 +12,14 @@ The last user message steers the fake, so a test says what it wants in the promp
             "hold"           after the first token, wait for `app.state.release` (a threading.Event) to be set
             "stallafter=2"   after that many tokens, send nothing more (for a minute)
             "nostream"       answer a streamed request with a JSON body (a server that ignores `stream`)
+            "donestall"      after `data: [DONE]`, hold the HTTP body open (for a minute) instead of ending it
           `app.state.events` records ("first_token", n) / ("finished", n) for the n-th request, in order.
   frontier: "ffail"          answer 500; "f400" answer 400 (both quote the prompt); "fsleep=2" answer late
             "fkeepalive"     stream one chunk, then only SSE keep-alive comments (for a minute)
             "fstall"         stream one chunk, then nothing (for a minute)
             "fbreak"         stream one chunk, then drop the connection mid-stream
-Both count the requests they got in `app.state.calls`.
+Both count the requests they got in `app.state.calls`; the SLM keeps each request's client address (host,
+port: one per TCP connection) in `app.state.peers`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def slm_app() -> Starlette:
     async def chat(request: Request) -> Any:
         body = await request.json()
         request.app.state.calls.append(body)
+        request.app.state.peers.append(tuple(request.client) if request.client else None)
         text = _last_user(body)
         if m := re.search(r"sleep=([\d.]+)", text):
             await asyncio.sleep(float(m.group(1)))
@@ -88,6 +91,7 @@ def slm_app() -> Starlette:
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     app.state.calls = []
+    app.state.peers = []
     app.state.events = []
     app.state.release = threading.Event()
     return app
@@ -133,6 +137,9 @@ async def _slm_stream(state: Any, body: dict[str, Any], text: str, lps: list[flo
         usage = {"prompt_tokens": SLM_PROMPT_TOKENS, "completion_tokens": len(lps), "total_tokens": SLM_PROMPT_TOKENS + len(lps)}
         yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
+    if "donestall" in text:
+        for _ in range(600):  # a minute; the reader stops waiting for the body's end first
+            await asyncio.sleep(0.1)
     state.events.append(("finished", n))
 
 
