@@ -18,7 +18,7 @@ import pynvml
 import pytest
 from textual.widgets import DataTable
 
-from engine.agent import Agent
+from engine.nodes.agent import Agent
 from fleet.remote import PROTOCOL_VERSION, AgentError, RemoteNode
 from fleet.source import LocalNode
 from fleetdeck.cli import main
@@ -436,13 +436,13 @@ def _operate_on_the_node(cli, sid, fleet, capsys, remote):
     assert "tickets-v2 loaded, then tickets-v1 unloaded" in cli("adapters", "swap", sid, "tickets-v1", "tickets-v2")
     assert "Success" in cli("adapters", "unload", sid, "tickets-v2")
     assert "Starting vLLM API server" in cli("serve", "logs", sid)
-    job = json.loads(cli("finetune", "start", "sim", "--gpus", "cpu"))
-    assert [j["id"] for j in json.loads(cli("finetune", "ls"))] == [job["id"]]
+    job = json.loads(cli("finetune", "start", "sim", "--gpus", "cpu", "--json"))
+    assert [j["id"] for j in json.loads(cli("finetune", "ls", "--json"))] == [job["id"]]
     cli("finetune", "logs", job["id"])  # the job's log tail, read on its node (exit 0)
-    assert json.loads(cli("finetune", "cancel", job["id"]))["state"] == "cancelled"
-    assert json.loads(cli("finetune", "resume", job["id"]))["state"] == "running"
-    assert json.loads(cli("finetune", "cancel", job["id"]))["state"] == "cancelled"
-    assert json.loads(cli("serve", "stop", sid))["state"] == "stopped"
+    assert json.loads(cli("finetune", "cancel", job["id"], "--json"))["state"] == "cancelled"
+    assert cli("finetune", "resume", job["id"]).startswith(f"{job['id']}: running")  # the line this host prints
+    assert json.loads(cli("finetune", "cancel", job["id"], "--json"))["state"] == "cancelled"
+    assert json.loads(cli("serve", "stop", sid, "--json"))["state"] == "stopped"
     # A wrong node is named with the ones that exist.
     assert main(["serve", "ls", "--node", "gpu-99", "--config", str(fleet)]) == 2
     assert "no node 'gpu-99' in the fleet config (nodes: gpu-02)" in capsys.readouterr().err

@@ -194,7 +194,7 @@ async def test_fleet_and_jobs_screens_show_what_slurm_sees(site, capsys):
 def test_a_login_nodes_agent_submits_to_its_own_slurm_and_refuses_what_is_not_a_request(site, tmp_path, monkeypatch,
                                                                                          capsys):
     """A dashboard asks a login node's agent; the agent submits with the node's own [slurm] settings."""
-    from engine.agent import Agent
+    from engine.nodes.agent import Agent
     from fleet.config import SlurmSettings
     from fleet.simulated import demo_fleet
     from tests.helpers import Pipe

@@ -314,7 +314,7 @@ class FleetScreen(DeckScreen):
             self.notify("No process to kill: the process table lists those of the GPU under the cursor "
                         "(Tab moves into it).", severity="warning")
             return
-        from engine.processes import KillRequest
+        from engine.nodes.processes import KillRequest
         from tui.screens.confirm import ConfirmScreen
 
         snap, (gpu, proc) = found
@@ -327,8 +327,9 @@ class FleetScreen(DeckScreen):
     @work(thread=True, group="fleet-kill")
     def _kill(self, req: Any) -> None:
         from engine import audit
-        from engine.node_ops import LocalOps, ops_named
-        from engine.processes import KillError
+        from engine.nodes.local import LocalOps
+        from engine.nodes.select import ops_named
+        from engine.nodes.processes import KillError
         from fleet.remote import AgentError
 
         sources = list(getattr(getattr(self.app, "poller", None), "sources", []))
