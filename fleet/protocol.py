@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from enum import Enum
-from typing import Annotated, Any, Callable, Literal, NamedTuple, Union
+from typing import Annotated, Any, Callable, Literal, NamedTuple, Union, get_args
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
                       model_validator)
@@ -403,7 +403,15 @@ def _arg_why(op: Op, exc: ValidationError) -> str:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "args"
     if err["type"] == "extra_forbidden":
-        return f"{op.value}: unknown field {field!r}; it takes: {', '.join(OPS[op].request.model_fields) or 'nothing'}"
+        model: type[BaseModel] = OPS[op].request
+        for part in [p for p in err["loc"] if isinstance(p, str)][:-1]:  # down to the object that had it
+            inner = model.model_fields[part].annotation
+            model = next((t for t in (inner, *get_args(inner)) if isinstance(t, type) and issubclass(t, BaseModel)), model)
+        names = list(model.model_fields)
+        takes = ("no arguments" if not names else f"{names[0]} only" if len(names) == 1
+                 else f"{', '.join(names[:-1])} and {names[-1]} only")
+        where = op.value if model is OPS[op].request else field.rsplit(".", 1)[0]
+        return f"{op.value}: unknown field {field!r}; {where} takes {takes}"
     if err["type"] == "missing":
         return f"{op.value}: {field} is required"
     msg = str(err["msg"]).removeprefix("Value error, ")

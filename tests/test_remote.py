@@ -29,6 +29,8 @@ from tests.tui_helpers import make_app, ready, until
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = [PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated"]
+# sshd passes no environment: an agent started over it runs this checkout's code only when told so.
+THIS_CHECKOUT = f"PYTHONPATH={Path(__file__).resolve().parents[1]}"
 
 
 def test_agent_over_a_local_pipe_with_faked_nvml(monkeypatch, tmp_path):
@@ -171,8 +173,8 @@ def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_pa
     profiles = tmp_path / "remote-profiles"  # the node's own profile folder: the dashboard names, never sends
     profiles.mkdir()
     (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
-    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={tmp_path / 'state'}",
-             f"FLEETDECK_PROFILES={profiles}",
+    agent = ["env", THIS_CHECKOUT, f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2",
+             f"XDG_STATE_HOME={tmp_path / 'state'}", f"FLEETDECK_PROFILES={profiles}",
              PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "remote-1", "--store", str(remote_store)]
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(f'[[node]]\nname = "remote-1"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
@@ -372,7 +374,8 @@ def test_every_operation_on_a_node_over_real_ssh_from_the_command_line(sshd, tmp
 
     dest, opts = sshd
     remote = make_node_files(tmp_path / "remote")
-    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={remote / 'state'}",
+    agent = ["env", THIS_CHECKOUT, f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2",
+             f"XDG_STATE_HOME={remote / 'state'}",
              f"XDG_CONFIG_HOME={remote / 'config'}", f"FLEETDECK_PROFILES={remote / 'profiles'}",
              PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "gpu-02",
              "--store", str(remote / "fd.db"), "--config", str(remote / "fleet.toml")]
@@ -465,8 +468,8 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
-    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={tmp_path / 'state'}",
-             f"FLEETDECK_PROFILES={profiles}", *AGENT, "--node-name", "node-r", "--store", str(tmp_path / "r.db")]
+    agent = ["env", THIS_CHECKOUT, f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2",
+             f"XDG_STATE_HOME={tmp_path / 'state'}", f"FLEETDECK_PROFILES={profiles}", *AGENT, "--node-name", "node-r", "--store", str(tmp_path / "r.db")]
     node = RemoteNode("node-r", agent, interval_s=0.3, hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: node.link.status == "connected")
