@@ -7,12 +7,13 @@ A message from the other side that does not fit is refused with what was wrong, 
 from __future__ import annotations
 
 import math
-import re
 from enum import Enum
-from typing import Annotated, Any, Callable, Literal, NamedTuple, Union, get_args
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from fleet.protocol_fields import (AdapterRef, Force, GpuList, Ident, LineCount, LogKind, ModelName, OldAdapter, Partition,
+                                   Port, ProfileName, ServedAs, ServerId, SlurmGpus, SlurmTime, SpecName)
 
 # 2: server and job records carry workdir, slurm and (jobs) outputs beside their spec, no longer inside it
 PROTOCOL_VERSION = 2
@@ -138,79 +139,7 @@ def parse_agent(doc: dict[str, Any]) -> Hello | Snapshot | Response:
 # `Request.args` is the op's request model as JSON and `Response.result` its response model's JSON: the wire is
 # what it was (a field keeps its name and kind), the models only say it once. A request model forbids fields
 # it does not name: a dashboard that sends something this agent would not act on is told so, not ignored.
-# Each value is checked by a validator that says, in one line, what the field must be (BadMessage below).
-
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]*$")
-_PARTITION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def _text_of(what: str) -> Callable[[object], str]:
-    def check(value: object) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{what} must be a non-empty string, got {value!r}")
-        return value
-    return check
-
-
-def _gpu_list(value: object) -> list[int]:
-    if (not isinstance(value, list) or not value or len(value) > 64
-            or not all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 1024 for g in value)
-            or len(set(value)) != len(value)):
-        raise ValueError(f"gpus must be a list of distinct GPU indices, got {value!r}")
-    return list(value)
-
-
-def _port(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1024 <= value <= 65535:
-        raise ValueError(f"port must be from 1024 to 65535, got {value!r}")
-    return value
-
-
-def _flag(what: str) -> Callable[[object], bool]:
-    def check(value: object) -> bool:
-        if not isinstance(value, bool):  # "yes" or 1 is not a yes to forcing past a refusal
-            raise ValueError(f"{what} must be true or false, got {value!r}")
-        return value
-    return check
-
-
-def _adapter_name(what: str) -> Callable[[object], str]:
-    def check(value: object) -> str:
-        if not isinstance(value, str) or not _ADAPTER_NAME.match(value):
-            raise ValueError(f"{what} must be an adapter name, got {value!r}")
-        return value
-    return check
-
-
-def _line_count(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 10_000:
-        raise ValueError(f"n must be a line count from 1 to 10000, got {value!r}")
-    return value
-
-
-def _slurm_gpus(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
-        raise ValueError(f"slurm.gpus must be a count 1-64, got {value!r}")
-    return value
-
-
-def _partition(value: object) -> str:
-    if not isinstance(value, str) or not _PARTITION.match(value):
-        raise ValueError(f"slurm.partition must be a partition name, got {value!r}")
-    return value
-
-
-def _log_kind(value: object) -> str:
-    if value not in ("server", "job"):
-        raise ValueError(f"kind must be 'server' or 'job', got {value!r}")
-    return str(value)
-
-
-Ident = Annotated[str, BeforeValidator(_text_of("id"))]  # a server's or job's id in the node's store
-ServerId = Annotated[str, BeforeValidator(_text_of("server"))]
-GpuList = Annotated[list[int], BeforeValidator(_gpu_list)]
-Port = Annotated[int, BeforeValidator(_port)]
-Force = Annotated[bool, BeforeValidator(_flag("force"))]
+# Each value is checked by a validator that says, in one line, what the field must be (fleet/protocol_fields.py).
 
 
 class _Args(BaseModel):
@@ -225,17 +154,17 @@ class SlurmAsk(_Args):
     """What a dashboard may ask of a node's own Slurm: a GPU count, a partition name, a time limit (the
     node checks the limit's form, engine/slurm.py); the rest comes from the node's [slurm] settings."""
 
-    gpus: Annotated[int, BeforeValidator(_slurm_gpus)] = 1
-    partition: Annotated[str, BeforeValidator(_partition)] | None = None
-    time: Annotated[str, BeforeValidator(_text_of("slurm.time"))] | None = None
+    gpus: SlurmGpus = 1
+    partition: Partition | None = None
+    time: SlurmTime | None = None
 
 
 class StartServer(_Args):
-    profile: Annotated[str, BeforeValidator(_text_of("profile"))]  # a profile in the node's own folders
+    profile: ProfileName
     gpus: GpuList | None = None  # required unless `slurm` (then the node's Slurm places it)
     port: Port | None = None
     force: Force = False
-    model: Annotated[str, BeforeValidator(_text_of("model"))] | None = None  # one of list_models, not the profile's
+    model: ModelName | None = None  # instead of the profile's
     # Added without a version bump (as list_models was): an older agent refuses a start without gpus.
     slurm: SlurmAsk | None = None
 
@@ -251,7 +180,7 @@ class StopServer(_Args):
 
 
 class StartJob(_Args):
-    spec: Annotated[str, BeforeValidator(_text_of("spec"))]  # a job spec in the node's own folders
+    spec: SpecName
     gpus: GpuList | None = None  # None: CPU (the peft backend)
     force: Force = False
     slurm: SlurmAsk | None = None
@@ -271,23 +200,23 @@ class ListAdapters(_Args):
 
 class LoadAdapter(_Args):
     server: ServerId
-    adapter: Annotated[str, BeforeValidator(_text_of("adapter"))]  # a name in the node's adapter roots
-    name: Annotated[str, BeforeValidator(_adapter_name("name"))] | None = None
+    adapter: AdapterRef
+    name: ServedAs | None = None
 
 
 class SwapAdapter(LoadAdapter):
-    old: Annotated[str, BeforeValidator(_adapter_name("old"))]  # the loaded adapter it replaces
+    old: OldAdapter
 
 
 class UnloadAdapter(_Args):
     server: ServerId
-    name: Annotated[str, BeforeValidator(_adapter_name("name"))]
+    name: ServedAs
 
 
 class TailLog(_Args):
     id: Ident
-    n: Annotated[int, BeforeValidator(_line_count)] = 60
-    kind: Annotated[str, BeforeValidator(_log_kind)] = "server"
+    n: LineCount = 60
+    kind: LogKind = "server"
 
 
 class _Doc(BaseModel):

@@ -13,9 +13,9 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Static
 
-from tui.screens.base import DeckModal, highlighted_key, while_attached
+from tui.screens.base import DeckModal, while_attached
 from tui.screens.confirm import ConfirmScreen
-from tui.table import NavTable
+from tui.table import NavTable, highlighted_key
 
 
 class AdaptersScreen(DeckModal):
