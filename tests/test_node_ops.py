@@ -8,7 +8,6 @@ through the client are here too; the CLI's --node is in tests/test_remote.py.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
