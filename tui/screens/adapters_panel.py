@@ -11,6 +11,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Static
 
 from tui.screens.base import DeckModal, while_attached
@@ -77,9 +78,14 @@ class AdaptersScreen(DeckModal):
         return problems + ([changed] if changed else [])
 
     def _show(self, listing: Any) -> None:
+        try:
+            disk = self.query_one("#adapters-disk", DataTable)
+            table = self.query_one("#adapters-loaded", DataTable)
+            message = self.query_one("#adapters-message", Static)
+        except NoMatches:  # the panel is closing (still attached, its children going): the listing is dropped
+            return
         self.disk, self.loaded_names = listing.adapters, listing.loaded
         self.integrity, self.accuracy = listing.integrity, listing.accuracy
-        disk = self.query_one("#adapters-disk", DataTable)
         disk.clear()
         for a in self.disk:
             issues = self._problems(a)
@@ -89,12 +95,10 @@ class AdaptersScreen(DeckModal):
             disk.add_row(a.name, str(a.rank), str(a.alpha or "n/a"), str(a.base_model or "n/a"),
                          f"{a.size_bytes / 1024**2:.1f}", version, f"{acc * 100:.1f}%" if acc is not None else "-",
                          Text("yes", style="green") if not issues else Text("no", style="red"), key=a.name)
-        table = self.query_one("#adapters-loaded", DataTable)
         table.clear()
         for name in self.loaded_names:
             table.add_row(name, key=name)
-        msg = "\n".join([self.last_message, *listing.problems]).strip()
-        self.query_one("#adapters-message", Static).update(msg)
+        message.update("\n".join([self.last_message, *listing.problems]).strip())
 
     def _highlighted(self, table_id: str) -> str | None:
         return highlighted_key(self.query_one(table_id, DataTable))
