@@ -49,6 +49,7 @@ def register(sub: Any) -> None:
     sh.add_argument("id")
     sh.add_argument("--json", action="store_true")
     sh.add_argument("--interval", type=number(0, 60, what="seconds"), default=1.0)
+    sh.add_argument("--node", help="a server of this node of the fleet config (figures as its agent last read them)")
     sh.set_defaults(handler=run_show)
     sp = ssub.add_parser("stop", parents=[sub.common], help="stop a server (SIGTERM, then SIGKILL)")
     sp.add_argument("id")
@@ -254,12 +255,23 @@ def run_show(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import LaunchError, get
     from engine.vllm.status import statuses
 
-    store = _store(args, create=False)
-    try:
-        rec = get(store, args.id)
-    except LaunchError as exc:
-        return _err(str(exc))
-    (view,) = statuses(store, interval=args.interval, ids=[rec.id])
+    if args.node:
+        try:
+            with ops_of(args) as ops:
+                found = [v for v in ops.servers() if own_id(v.rec.id) == args.id]
+        except node_errors() as exc:
+            return _err(str(exc))
+        if not found:
+            return _err(f"no server {args.id!r} on {args.node} (fleetdeck serve ls --node {args.node})")
+        view = found[0]
+        view.rec.id = own_id(view.rec.id)
+    else:
+        store = _store(args, create=False)
+        try:
+            rec = get(store, args.id)
+        except LaunchError as exc:
+            return _err(str(exc))
+        (view,) = statuses(store, interval=args.interval, ids=[rec.id])
     if args.json:
         print(json.dumps(view.to_json(), indent=2))
         return 0

@@ -435,6 +435,7 @@ def _operate_on_the_node(cli, sid, fleet, capsys, remote):
     assert wait_for(lambda: json.loads(cli("serve", "ls", "--json"))[0]["state"] == "ready")
     listed = json.loads(cli("serve", "ls", "--json"))[0]
     assert listed["figures"]["kv_tokens"]  # read by the agent on its node
+    assert json.loads(cli("serve", "show", sid, "--json"))["id"] == sid
     assert "added successfully" in cli("adapters", "load", sid, "tickets-v1")
     assert "tickets-v2 loaded, then tickets-v1 unloaded" in cli("adapters", "swap", sid, "tickets-v1", "tickets-v2")
     assert "Success" in cli("adapters", "unload", sid, "tickets-v2")
