@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from fleet.protocol_fields import (AdapterRef, Force, GpuList, Ident, LineCount, LogKind, ModelName, OldAdapter, Partition,
+                                   Port, ProfileName, ServedAs, ServerId, SlurmGpus, SlurmTime, SpecName)
 
 # 2: server and job records carry workdir, slurm and (jobs) outputs beside their spec, no longer inside it
 PROTOCOL_VERSION = 2
@@ -38,6 +41,7 @@ class Op(str, Enum):
     # Added without a version bump: the wire is unchanged, and an older agent answers it with one
     # "unknown op" error (shown as "upgrade this node"), while every other op keeps working.
     LIST_MODELS = "list_models"
+    LIST_SPECS = "list_specs"  # the same: the Jobs dialog lists a node's own job specs
 
 
 class _Message(BaseModel):
@@ -129,3 +133,247 @@ def parse_agent(doc: dict[str, Any]) -> Hello | Snapshot | Response:
         return _AGENT.validate_python(doc)
     except ValidationError as exc:
         raise BadMessage(_why(exc, doc)) from None
+
+
+# -- each op's arguments and answer -----------------------------------------------------------------------
+# `Request.args` is the op's request model as JSON and `Response.result` its response model's JSON: the wire is
+# what it was (a field keeps its name and kind), the models only say it once. A request model forbids fields
+# it does not name: a dashboard that sends something this agent would not act on is told so, not ignored.
+# Each value is checked by a validator that says, in one line, what the field must be (fleet/protocol_fields.py).
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoArgs(_Args):
+    """An op that takes nothing (a list, a ping)."""
+
+
+class SlurmAsk(_Args):
+    """What a dashboard may ask of a node's own Slurm: a GPU count, a partition name, a time limit (the
+    node checks the limit's form, engine/slurm.py); the rest comes from the node's [slurm] settings."""
+
+    gpus: SlurmGpus = 1
+    partition: Partition | None = None
+    time: SlurmTime | None = None
+
+
+class StartServer(_Args):
+    profile: ProfileName
+    gpus: GpuList | None = None  # required unless `slurm` (then the node's Slurm places it)
+    port: Port | None = None
+    force: Force = False
+    model: ModelName | None = None  # instead of the profile's
+    # Added without a version bump (as list_models was): an older agent refuses a start without gpus.
+    slurm: SlurmAsk | None = None
+
+    @model_validator(mode="after")
+    def _placed(self) -> "StartServer":
+        if self.slurm is None and self.gpus is None:
+            raise ValueError("gpus must be a list of distinct GPU indices, got None")
+        return self
+
+
+class StopServer(_Args):
+    id: Ident
+
+
+class StartJob(_Args):
+    spec: SpecName
+    gpus: GpuList | None = None  # None: CPU (the peft backend)
+    force: Force = False
+    slurm: SlurmAsk | None = None
+
+
+class CancelJob(_Args):
+    id: Ident
+
+
+class ResumeJob(_Args):
+    id: Ident
+
+
+class ListAdapters(_Args):
+    server: ServerId | None = None  # and which are loaded in this server
+
+
+class LoadAdapter(_Args):
+    server: ServerId
+    adapter: AdapterRef
+    name: ServedAs | None = None
+
+
+class SwapAdapter(LoadAdapter):
+    old: OldAdapter
+
+
+class UnloadAdapter(_Args):
+    server: ServerId
+    name: ServedAs
+
+
+class TailLog(_Args):
+    id: Ident
+    n: LineCount = 60
+    kind: LogKind = "server"
+
+
+class _Doc(BaseModel):
+    # A record as the node's engine writes it: the fields the dashboard reads are named (and checked);
+    # the rest pass through whole, so an engine that adds a field does not need this file changed.
+    model_config = ConfigDict(extra="allow")
+
+
+class SlurmPlacementDoc(_Doc):
+    id: str
+    options: list[str] = Field(default_factory=list)
+    state: str = "PENDING"
+    host: str | None = None
+
+
+class RecordDoc(_Doc):
+    """A server's or a job's managed record (engine/managed.py's ManagedRecord.to_json)."""
+
+    id: str
+    name: str
+    node: str
+    pid: int | None = None
+    gpus: str  # "0,1", "cpu" or "slurm:N"; engine/nodes/placement.py reads it
+    port: int | None = None
+    log_path: str
+    spec: dict[str, Any] = Field(default_factory=dict)
+    state: str
+    reason: str | None = None
+    started_at: float
+    slurm: SlurmPlacementDoc | None = None
+
+
+class ServerStatusDoc(RecordDoc):
+    """A server with the live figures its node read (engine/vllm/status.py's ServerStatus.to_json)."""
+
+    figures: dict[str, Any] | None = None
+    loaded_adapters: list[str] = Field(default_factory=list)
+    figures_error: str | None = None
+
+
+class StartedServer(_Doc):
+    server: RecordDoc
+    verdict: dict[str, Any] | None = None  # the planner's, as the node planned it
+
+
+class JobDoc(RecordDoc):
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    events: list[dict[str, Any]] = Field(default_factory=list)  # list_jobs only: its recent step events
+
+
+class AdapterDoc(_Doc):
+    name: str
+    path: str
+    rank: int
+
+
+class AdapterListingDoc(_Doc):
+    adapters: list[AdapterDoc] = Field(default_factory=list)
+    integrity: dict[str, str | None] = Field(default_factory=dict)
+    loaded: list[str] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list)
+    accuracy: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelDoc(_Doc):
+    name: str
+    path: str
+    size_bytes: int
+    error: str | None = None
+
+
+class ClusterDoc(_Doc):
+    partitions: list[dict[str, Any]] = Field(default_factory=list)
+    nodes: list[dict[str, Any]] = Field(default_factory=list)
+    queue: list[dict[str, Any]] = Field(default_factory=list)
+    error: str | None = None
+
+
+class Pong(_Doc):
+    pong: float
+
+
+class OpSpec(NamedTuple):
+    request: type[_Args]
+    response: Any  # a type: a model, or list[...] of one, or str
+
+
+# Everything a node can be asked, with what it takes and what it answers. The agent refuses to start
+# without a handler for each, and the client (engine/nodes/remote.py) builds and reads these only.
+OPS: dict[Op, OpSpec] = {
+    Op.PING: OpSpec(NoArgs, Pong),
+    Op.LIST_SERVERS: OpSpec(NoArgs, list[ServerStatusDoc]),
+    Op.START_SERVER: OpSpec(StartServer, StartedServer),
+    Op.STOP_SERVER: OpSpec(StopServer, RecordDoc),
+    Op.LIST_JOBS: OpSpec(NoArgs, list[JobDoc]),
+    Op.START_JOB: OpSpec(StartJob, JobDoc),
+    Op.CANCEL_JOB: OpSpec(CancelJob, JobDoc),
+    Op.RESUME_JOB: OpSpec(ResumeJob, JobDoc),
+    Op.LIST_ADAPTERS: OpSpec(ListAdapters, AdapterListingDoc),
+    Op.LOAD_ADAPTER: OpSpec(LoadAdapter, str),  # the engine's one-line account of what it did
+    Op.UNLOAD_ADAPTER: OpSpec(UnloadAdapter, str),
+    Op.SWAP_ADAPTER: OpSpec(SwapAdapter, str),
+    Op.LIST_PROFILES: OpSpec(NoArgs, list[str]),
+    Op.TAIL_LOG: OpSpec(TailLog, str),
+    Op.SLURM_VIEW: OpSpec(NoArgs, ClusterDoc),
+    Op.LIST_MODELS: OpSpec(NoArgs, list[ModelDoc]),
+    Op.LIST_SPECS: OpSpec(NoArgs, list[str]),
+}
+_RESULTS = {op: TypeAdapter(spec.response) for op, spec in OPS.items()}
+
+
+def _arg_why(op: Op, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "args"
+    if err["type"] == "extra_forbidden":
+        model: type[BaseModel] = OPS[op].request
+        for part in [p for p in err["loc"] if isinstance(p, str)][:-1]:  # down to the object that had it
+            inner = model.model_fields[part].annotation
+            model = next((t for t in (inner, *get_args(inner)) if isinstance(t, type) and issubclass(t, BaseModel)), model)
+        names = list(model.model_fields)
+        takes = ("no arguments" if not names else f"{names[0]} only" if len(names) == 1
+                 else f"{', '.join(names[:-1])} and {names[-1]} only")
+        where = op.value if model is OPS[op].request else field.rsplit(".", 1)[0]
+        return f"{op.value}: unknown field {field!r}; {where} takes {takes}"
+    if err["type"] == "missing":
+        return f"{op.value}: {field} is required"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if field == "args" or msg.startswith(field) or msg.startswith(field.split(".")[-1]):
+        return msg  # the validator's own line already names the field
+    return f"{field}: {msg}"
+
+
+def parse_args(op: Op, args: dict[str, Any]) -> _Args:
+    """A request's args as its op's request model; BadMessage names the field and what it must be."""
+    try:
+        return OPS[op].request.model_validate(args)
+    except ValidationError as exc:
+        raise BadMessage(_arg_why(op, exc)) from None
+
+
+def args_of(model: _Args) -> dict[str, Any]:
+    """A request model as `Request.args`: unset optional fields are left out, as a hand-built dict did."""
+    return model.model_dump(mode="json", exclude_none=True)
+
+
+def parse_result(op: Op, value: Any) -> Any:
+    """An agent's answer as its op's response model; BadMessage when it does not fit (an agent of another
+    version, or not an agent)."""
+    try:
+        return _RESULTS[op].validate_python(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "result"
+        raise BadMessage(f"{op.value} answered {where}: {err['msg']}") from None
+
+
+def result_of(op: Op, value: Any) -> Any:
+    """What a handler answers, checked against its op's response model, as `Response.result`'s JSON: the
+    fields it had, no defaults added (the wire carries what the engine wrote)."""
+    return _RESULTS[op].dump_python(_RESULTS[op].validate_python(value), mode="json", exclude_unset=True)

@@ -284,7 +284,7 @@ def print_gpus(snaps: list[Any]) -> None:
 def cmd_agent(args: argparse.Namespace) -> int:
     import threading
 
-    from engine.agent import Agent
+    from engine.nodes.agent import Agent
     from fleetdeck.cmdutil import fleet_config_of
     from store.config_files import ConfigError
 

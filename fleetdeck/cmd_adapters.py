@@ -13,7 +13,7 @@ from fleetdeck.cmdutil import err as _err
 from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
-from fleetdeck.nodes import on_node
+from fleetdeck.node_cli import local_ops, node_errors, node_option, ops_of, own_id
 from fleetdeck.tables import print_table
 
 
@@ -22,6 +22,7 @@ def register(sub: Any) -> None:
     asub = ad.add_subparsers(dest="adapters_cmd", metavar="ACTION", required=True)
     al = asub.add_parser("ls", parents=[sub.common], help="adapters in the adapter roots, and those loaded in servers")
     al.add_argument("--json", action="store_true")
+    node_option(al)
     al.set_defaults(handler=run_ls)
     sh = asub.add_parser("show", parents=[sub.common], help="one version: provenance, integrity, evaluations, promotions")
     sh.add_argument("adapter", help="NAME@vN (or NAME: its newest version)")
@@ -34,7 +35,7 @@ def register(sub: Any) -> None:
     # What load and swap both take besides their positionals.
     serve_as = argparse.ArgumentParser(add_help=False)
     serve_as.add_argument("--name", help="name to serve an unversioned folder under (a version is served as NAME@vN)")
-    serve_as.add_argument("--node", help="on this node of the fleet config, through its agent")
+    node_option(serve_as)
     ld = asub.add_parser("load", parents=[sub.common, serve_as],
                          help="load an adapter into a running server (checks compatibility)")
     ld.add_argument("server")
@@ -43,7 +44,7 @@ def register(sub: Any) -> None:
     ul = asub.add_parser("unload", parents=[sub.common], help="unload an adapter from a server")
     ul.add_argument("server")
     ul.add_argument("name")
-    ul.add_argument("--node", help="on this node of the fleet config, through its agent")
+    node_option(ul)
     ul.set_defaults(handler=run_unload)
     sw = asub.add_parser("swap", parents=[sub.common, serve_as], help="load a new adapter, then unload the old one (no gap)")
     sw.add_argument("server")
@@ -115,12 +116,36 @@ def _status(adapter: Any) -> str:
     return "MODIFIED" if integrity_problem(adapter) else "intact"
 
 
+def _node_listing(args: argparse.Namespace) -> tuple[list[Any], list[str], dict[str, list[str]], dict[str, Any]]:
+    """A node's adapters as its agent lists them: on disk (integrity, latest accuracy), and loaded in each
+    of its ready servers."""
+    with ops_of(args) as ops:
+        listing = ops.adapters(None)
+        loaded: dict[str, list[str]] = {}
+        problems = list(listing.problems)
+        for st in ops.servers():
+            if st.rec.state == "ready":
+                of = ops.adapters(st.rec.id)
+                loaded[own_id(st.rec.id)] = of.loaded
+                problems += [p for p in of.problems if p not in problems]
+    latest = {name: {"accuracy": acc} for name, acc in listing.accuracy.items()}
+    status = {a.name: ("unversioned" if a.version is None else "MODIFIED" if listing.integrity.get(a.name) else "intact")
+              for a in listing.adapters}
+    return listing.adapters, problems, loaded, {"latest": latest, "status": status}
+
+
 def run_ls(args: argparse.Namespace) -> int:
     from engine.adapters import registry as adapters
     from engine.adapters.evaluation import evals_of
     from engine.vllm.launcher import list_servers, refresh
     from engine.vllm.record import ServerState
 
+    if args.node:
+        try:
+            on_node, node_problems, node_loaded, seen = _node_listing(args)
+        except node_errors() as exc:
+            return _err(str(exc))
+        return _print_ls(args, on_node, node_problems, node_loaded, seen["latest"], seen["status"])
     found, problems = adapters.scan(_roots(args))
     store = listing_store_of(args)  # adapters on disk are listed on a fresh install too
     servers = [refresh(store, r) for r in list_servers(store, include_ended=False)] if store is not None else []
@@ -134,10 +159,15 @@ def run_ls(args: argparse.Namespace) -> int:
     latest: dict[str, dict[str, Any]] = {}
     for e in reversed(evals_of(store) if store is not None else []):
         latest[e["adapter"]] = e
+    return _print_ls(args, found, problems, loaded, latest, {a.name: _status(a) for a in found})
+
+
+def _print_ls(args: argparse.Namespace, found: list[Any], problems: list[str], loaded: dict[str, list[str]],
+              latest: dict[str, dict[str, Any]], status: dict[str, str]) -> int:
     docs = []
     for a in found:
         doc = a.to_json()
-        doc.update(status=_status(a), latest_eval=latest.get(a.name))
+        doc.update(status=status[a.name], latest_eval=latest.get(a.name))
         docs.append(doc)
     if args.json:
         print(json.dumps({"adapters": docs, "loaded": loaded, "problems": problems}, indent=2))
@@ -145,7 +175,8 @@ def run_ls(args: argparse.Namespace) -> int:
     rows = []
     for a, doc in zip(found, docs):
         ev = doc["latest_eval"]
-        score = f"acc {ev['accuracy'] * 100:.1f}% on {Path(ev['eval_path']).name}" if ev else "not evaluated"
+        on = f" on {Path(ev['eval_path']).name}" if ev and ev.get("eval_path") else ""  # a node's listing: accuracy only
+        score = f"acc {ev['accuracy'] * 100:.1f}%{on}" if ev else "not evaluated"
         rows.append([a.name, a.rank, doc["status"], score, a.base_model or "n/a", f"{a.size_bytes / 1024**2:.1f} MiB"])
     if rows:
         print_table(["adapter", "rank", "status", "evaluation", "base model", "size"], rows, right={"rank", "size"})
@@ -221,36 +252,25 @@ def run_swap(args: argparse.Namespace) -> int:
 
 
 def _load_or_swap(args: argparse.Namespace, old: str | None) -> int:
-    from engine.adapters import registry as adapters
-    from engine.vllm.command import LaunchError
-    from engine.vllm.launcher import get, refresh
-
-    if args.node:
-        op = "load_adapter" if old is None else "swap_adapter"
-        return on_node(args, op, {"server": args.server, "adapter": args.adapter, "name": args.name, "old": old})
-    store = _store(args)
     try:
-        server = refresh(store, get(store, args.server))
-        adapter = _adapter(_roots(args), args.adapter)
-        print(adapters.load_into(server, adapter, args.name, old))
-    except (LaunchError, adapters.AdapterError) as exc:
+        if args.node:  # ADAPTER is a name in that node's adapter roots, never a folder sent there
+            with ops_of(args) as ops:
+                print(ops.load_adapter(args.server, args.adapter, args.name) if old is None
+                      else ops.swap_adapter(args.server, old, args.adapter, args.name))
+        else:  # this host: a name in the roots, or a folder here
+            ops = local_ops(args)
+            print(ops.load_adapter_from(args.server, _adapter(list(ops.adapter_roots), args.adapter), args.name, old))
+    except node_errors() as exc:
         return _err(str(exc))
     return 0
 
 
 @mutating("adapter.unload", lambda a: a.name)
 def run_unload(args: argparse.Namespace) -> int:
-    from engine.adapters import registry as adapters
-    from engine.vllm.command import LaunchError
-    from engine.vllm.launcher import get
-
-    if args.node:
-        return on_node(args, "unload_adapter", {"server": args.server, "name": args.name})
-    store = _store(args)
     try:
-        server = get(store, args.server)
-        print(adapters.unload(server.base_url, args.name, server.api_key, server=server.id))
-    except (LaunchError, adapters.AdapterError) as exc:
+        with ops_of(args) as ops:
+            print(ops.unload_adapter(args.server, args.name))
+    except node_errors() as exc:
         return _err(str(exc))
     return 0
 

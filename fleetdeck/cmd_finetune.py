@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
-from fleetdeck.nodes import on_node
+from fleetdeck.node_cli import local_ops, node_errors, node_option, ops_of, own_id
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
@@ -34,14 +34,15 @@ def register(sub: Any) -> None:
     st.add_argument("--force", action="store_true", help="start even if the VRAM estimate says it will not fit")
     st.add_argument("--simulated", action="store_true", help="check VRAM against the simulated fleet")
     st.add_argument("--node", help="on this node of the fleet config (SPEC is then a spec name there)")
-    st.add_argument("--slurm", action="store_true", help="submit to the site's Slurm ([slurm] in the fleet config); "
-                    "--gpus is then a count")
+    st.add_argument("--slurm", action="store_true", help="submit to the site's Slurm ([slurm] in the fleet config; "
+                    "with --node: that node's); --gpus is then a count")
     st.add_argument("--partition", help="with --slurm: the partition (default: [slurm] partition)")
     st.add_argument("--time", help="with --slurm: the time limit (90, 01:30:00, 1-12:00)")
+    st.add_argument("--json", action="store_true", help="print the job's record (its id as on its node)")
     st.set_defaults(handler=run_start)
     ls = fsub.add_parser("ls", parents=[sub.common], help="jobs and their progress")
     ls.add_argument("--json", action="store_true")
-    ls.add_argument("--node", help="the jobs of this node of the fleet config")
+    node_option(ls)
     ls.set_defaults(handler=run_ls)
     for name, fn, help_ in (("cancel", run_cancel, "stop cleanly: save a checkpoint and exit"),
                             ("resume", run_resume, "continue a cancelled or failed job from its last checkpoint"),
@@ -50,10 +51,13 @@ def register(sub: Any) -> None:
         p.add_argument("id")
         if name == "logs":
             p.add_argument("-n", type=int, default=60)
-        p.add_argument("--node", help="on this node of the fleet config, through its agent")
+        else:
+            p.add_argument("--json", action="store_true", help="print the job's record (its id as on its node)")
+        node_option(p)
         p.set_defaults(handler=fn)
     pr = fsub.add_parser("prune", parents=[sub.common],
                          help="forget finished, failed and cancelled jobs (their folders stay on disk)")
+    node_option(pr)
     pr.set_defaults(handler=run_prune)
     mg = fsub.add_parser("merge", parents=[sub.common], help="merge an adapter version into its 16-bit base (a job)")
     mg.add_argument("source", help="NAME@vN, or a finished fine-tune's job id")
@@ -123,15 +127,8 @@ def run_start(args: argparse.Namespace) -> int:
     from fleetdeck.cmdutil import fleet_config_of
     from store.config_files import ConfigError
 
-    if args.node and args.slurm:  # the node (a login node) submits to its own Slurm
-        if not args.gpus.strip().isdigit():
-            return _err(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1, 2, ...), got {args.gpus!r}")
-        return on_node(args, "start_job", {"spec": args.spec, "force": args.force, "slurm": {
-            "gpus": int(args.gpus), "partition": args.partition, "time": args.time}})
-    if args.node:
-        gpus = None if args.gpus == "cpu" else [int(g) for g in args.gpus.split(",") if g.strip().isdigit()]
-        return on_node(args, "start_job", {"spec": args.spec, "gpus": gpus, "force": args.force})
-
+    if args.node:  # SPEC is a spec name there, checked and planned there (with --slurm: by its own Slurm)
+        return _start_on_node(args)
     try:
         spec = _spec(args.spec)
         config = fleet_config_of(args)
@@ -156,12 +153,57 @@ def run_start(args: argparse.Namespace) -> int:
             return _err(f"cannot check the GPUs: {why} (--force starts anyway)")
     elif spec.backend == "unsloth":
         return _err("the unsloth backend needs a GPU; use backend = \"peft\" to train on CPU")
-    root = spec.adapter_root or (config.adapter_roots[0] if config.adapter_roots else None)
     try:
-        rec = jobs.start(_store(args), spec, gpus, gpu_snapshots=snaps, force=args.force, adapter_root=root)
+        rec = local_ops(args).start_spec(spec, gpus, gpu_snapshots=snaps, force=args.force)
     except jobs.JobError as exc:
         return _err(str(exc))
+    if _printed_json(args, rec):
+        return 0
     print(f"started {rec.id} (pid {rec.pid}) on {rec.gpus}; log {rec.log_path}")
+    return 0
+
+
+def _printed_json(args: argparse.Namespace, rec: Any) -> bool:
+    """`--json`: the record as its node wrote it, with the id that node knows it by."""
+    if not getattr(args, "json", False):
+        return False
+    doc = rec.to_json()
+    doc["id"] = own_id(rec.id)
+    print(json.dumps(doc, indent=2))
+    return True
+
+
+def _slurm_ask(args: argparse.Namespace) -> Any:
+    from fleet.protocol import SlurmAsk
+
+    if not args.gpus.strip().isdigit():
+        raise ValueError(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1, 2, ...), got {args.gpus!r}")
+    try:
+        return SlurmAsk(gpus=int(args.gpus), partition=args.partition, time=args.time)
+    except ValueError as exc:  # pydantic's text: its last line is the field's own
+        raise ValueError(str(exc).splitlines()[-1].strip()) from None
+
+
+def _start_on_node(args: argparse.Namespace) -> int:
+    from engine.vllm.profile import parse_gpus
+
+    try:
+        if args.slurm:
+            ask, gpus = _slurm_ask(args), None
+        else:
+            if args.partition or args.time:
+                return _err("--partition and --time go with --slurm")
+            ask, gpus = None, None if args.gpus.strip().lower() == "cpu" else parse_gpus(args.gpus)
+        with ops_of(args) as ops:
+            rec = ops.start_job(args.spec, gpus, force=args.force, slurm=ask)
+    except node_errors() as exc:
+        return _err(str(exc))
+    if _printed_json(args, rec):
+        return 0
+    if rec.slurm is not None:
+        print(f"submitted {own_id(rec.id)} on {args.node} to Slurm as job {rec.slurm.id} ({args.gpus} GPU)")
+    else:
+        print(f"started {own_id(rec.id)} on {args.node} (pid {rec.pid}) on {rec.gpus}; log {rec.log_path}")
     return 0
 
 
@@ -172,20 +214,14 @@ def _start_slurm(args: argparse.Namespace, spec: JobSpec, config: FleetConfig) -
     if not config.slurm.enabled:
         return _err("Slurm is not configured: set [slurm] enabled = true (and partition, account, qos as the site "
                     "needs) in the fleet config")
-    if not args.gpus.strip().isdigit():
-        return _err(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1, 2, ...), got {args.gpus!r}")
     try:
-        if args.time:
-            check_time(args.time)
-    except ValueError as exc:
-        return _err(str(exc))
-    root = spec.adapter_root or (config.adapter_roots[0] if config.adapter_roots else None)
-    req = jobs.SlurmRequest(config.slurm, int(args.gpus), args.partition, args.time)
-    try:
-        rec = jobs.start(_store(args), spec, None, force=args.force, adapter_root=root, slurm=req)
-    except jobs.JobError as exc:
+        ask = _slurm_ask(args)
+        rec = local_ops(args).start_spec(spec, None, force=args.force, slurm=ask)
+    except (ValueError, jobs.JobError) as exc:
         return _err(str(exc))
     assert rec.slurm is not None
+    if _printed_json(args, rec):
+        return 0
     print(f"submitted {rec.id} to Slurm as job {rec.slurm.id} ({args.gpus} GPU); log {rec.log_path}")
     return 0
 
@@ -194,11 +230,16 @@ def run_ls(args: argparse.Namespace) -> int:
     from engine.finetune import jobs
 
     if args.node:
-        args.json = True
-        return on_node(args, "list_jobs", {})
-
-    store = listing_store_of(args)
-    recs = [jobs.refresh(store, r) for r in jobs.list_jobs(store)] if store is not None else []
+        try:
+            with ops_of(args) as ops:
+                recs = [p.rec for p in ops.jobs()]
+        except node_errors() as exc:
+            return _err(str(exc))
+        for r in recs:  # the node's own ids, as `finetune cancel ID --node NODE` takes them
+            r.id = own_id(r.id)
+    else:
+        store = listing_store_of(args)
+        recs = [jobs.refresh(store, r) for r in jobs.list_jobs(store)] if store is not None else []
     if args.json:
         print(json.dumps([r.to_json() for r in recs], indent=2))
         return 0
@@ -215,18 +256,14 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def _act(args: argparse.Namespace, what: str) -> int:
-    from engine.finetune import jobs
-
-    if args.node:
-        return on_node(args, "cancel_job" if what == "cancel" else "resume_job", {"id": args.id})
-
-    store = _store(args)
     try:
-        rec = jobs.get(store, args.id)
-        rec = jobs.cancel(store, rec) if what == "cancel" else jobs.resume(store, rec)
-    except jobs.JobError as exc:
+        with ops_of(args) as ops:
+            rec = ops.cancel_job(args.id) if what == "cancel" else ops.resume_job(args.id)
+    except node_errors() as exc:
         return _err(str(exc))
-    print(f"{rec.id}: {rec.state}" + (f" ({rec.reason})" if rec.reason else ""))
+    if _printed_json(args, rec):
+        return 0
+    print(f"{own_id(rec.id)}: {rec.state}" + (f" ({rec.reason})" if rec.reason else ""))
     return 0
 
 
@@ -242,24 +279,22 @@ def run_resume(args: argparse.Namespace) -> int:
 
 @mutating("job.prune", lambda a: "ended jobs")
 def run_prune(args: argparse.Namespace) -> int:
-    from engine.node_ops import LocalOps
+    from engine.nodes.ops import pruned
 
-    print(LocalOps(_store(args), []).prune_jobs())
+    try:
+        with ops_of(args) as ops:
+            print(pruned("jobs", ops.prune_jobs()))
+    except node_errors() as exc:
+        return _err(str(exc))
     return 0
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from engine.finetune import jobs
-    from engine.io.logs import tail
-
-    if args.node:
-        return on_node(args, "tail_log", {"id": args.id, "n": args.n, "kind": "job"})
-
     try:
-        rec = jobs.get(_store(args, create=False), args.id)
-    except jobs.JobError as exc:
+        with ops_of(args, create=False) as ops:
+            print(ops.tail_log("job", args.id, args.n))
+    except node_errors() as exc:
         return _err(str(exc))
-    print(tail(rec.log_path, args.n))
     return 0
 
 

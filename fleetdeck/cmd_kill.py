@@ -21,6 +21,8 @@ def register(sub: Any) -> None:
     p.add_argument("pid", type=int, help="the process id, as `fleetdeck gpus` or the Fleet screen shows it")
     p.add_argument("--grace", type=number(0.0, 600.0), default=5.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL (default 5)")
+    p.add_argument("--node", help="a node of the fleet config: refused there (its agent cannot signal processes), "
+                   "with what to do instead")
     p.set_defaults(handler=run_kill)
 
 
@@ -28,13 +30,18 @@ def register(sub: Any) -> None:
 def run_kill(args: argparse.Namespace) -> int:
     import socket
 
-    from engine.processes import KillError, KillRequest, kill_gpu_process
+    from engine.nodes.processes import KillRequest
     from fleet.procs import describe_process
+    from fleetdeck.node_cli import node_errors, ops_of
 
-    seen = describe_process(args.pid, None)
-    req = KillRequest(node=socket.gethostname(), pid=args.pid, gpu="", command=seen.command, user=seen.user)
     try:
-        print(kill_gpu_process(req, grace_s=args.grace))
-    except KillError as exc:
+        with ops_of(args) as ops:
+            if args.node:
+                req = KillRequest(node=args.node, pid=args.pid, gpu="", command="")
+            else:
+                seen = describe_process(args.pid, None)
+                req = KillRequest(node=socket.gethostname(), pid=args.pid, gpu="", command=seen.command, user=seen.user)
+            print(ops.kill_process(req, grace_s=args.grace))
+    except node_errors() as exc:
         return err(str(exc), who="fleetdeck kill")
     return 0

@@ -33,17 +33,12 @@ def run_ls(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return err(str(exc))
     if args.node:
-        from engine.node_ops import AgentOps
-        from fleet.remote import AgentError
-        from fleetdeck.nodes import remote_node
+        from fleetdeck.node_cli import node_errors, ops_of
 
         try:
-            remote = remote_node(config, args.node)
-            try:
-                found = AgentOps(remote).models()
-            finally:
-                remote.close()
-        except (AgentError, ValueError) as exc:
+            with ops_of(args) as ops:
+                found = ops.models()
+        except node_errors() as exc:
             return err(str(exc))
         where = args.node
     else:

@@ -13,7 +13,7 @@ from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.cmdutil import fleet_config_of as _fleet_config
 from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.mutating import mutating
-from fleetdeck.nodes import on_node, remote_node
+from fleetdeck.node_cli import local_ops, node_errors, node_option, ops_of, own_id
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
@@ -34,9 +34,10 @@ def register(sub: Any) -> None:
     st.add_argument("--dry-run", action="store_true", help="print the command, environment and verdict; start nothing")
     st.add_argument("--simulated", action="store_true", help="plan against the simulated fleet's first node")
     st.add_argument("--wait", action="store_true", help="wait until it is ready (or crashed)")
-    st.add_argument("--node", help="start it on this node of the fleet config (over SSH, through its agent)")
-    st.add_argument("--slurm", action="store_true", help="submit it to the site's Slurm as a long-running job; "
-                    "--gpus is then a count")
+    st.add_argument("--node", help="start it on this node of the fleet config (over SSH, through its agent; PROFILE "
+                    "is then a profile name there, planned there)")
+    st.add_argument("--slurm", action="store_true", help="submit it to the site's Slurm as a long-running job "
+                    "(with --node: that node's Slurm); --gpus is then a count")
     st.add_argument("--partition", help="with --slurm: the partition")
     st.add_argument("--time", help="with --slurm: the time limit (a server past it is ended by Slurm)")
     st.set_defaults(handler=run_start)
@@ -50,18 +51,26 @@ def register(sub: Any) -> None:
     sh.add_argument("id")
     sh.add_argument("--json", action="store_true")
     sh.add_argument("--interval", type=number(0, 60, what="seconds"), default=1.0)
+    sh.add_argument("--node", help="a server of this node of the fleet config (figures as its agent last read them)")
     sh.set_defaults(handler=run_show)
     sp = ssub.add_parser("stop", parents=[sub.common], help="stop a server (SIGTERM, then SIGKILL)")
     sp.add_argument("id")
-    sp.add_argument("--node", help="on this node of the fleet config, through its agent")
+    sp.add_argument("--json", action="store_true", help="print the stopped server's record")
+    node_option(sp)
     sp.set_defaults(handler=run_stop)
+    rs = ssub.add_parser("restart", parents=[sub.common],
+                         help="a new run of a server's profile on the same GPUs (or Slurm ask); a running one is stopped first")
+    rs.add_argument("id")
+    node_option(rs)
+    rs.set_defaults(handler=run_restart)
     lg = ssub.add_parser("logs", parents=[sub.common], help="the tail of a server's log")
     lg.add_argument("id")
     lg.add_argument("-n", type=int, default=60)
-    lg.add_argument("--node", help="on this node of the fleet config, through its agent")
+    node_option(lg)
     lg.set_defaults(handler=run_logs)
     pr = ssub.add_parser("prune", parents=[sub.common],
                          help="forget stopped and crashed servers (their logs stay on disk)")
+    node_option(pr)
     pr.set_defaults(handler=run_prune)
 
 
@@ -88,7 +97,6 @@ def run_start(args: argparse.Namespace) -> int:
 
     from engine.vllm.command import (LaunchError, build_launch, check_exposure, listen_host, preflight, resolve_preload,
                                      vllm_installed)
-    from engine.vllm.launcher import start
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from store.config_files import ConfigError
     from engine.kvfit.text import render_text
@@ -105,22 +113,15 @@ def run_start(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         return _err(str(exc))
     if args.node:
-        from engine.audit import trail as audit
-        from fleet.protocol import Op
-        from fleet.remote import AgentError
-
-        audit.refuse_if_read_only("server.start", args.profile, profile=args.profile, gpus=args.gpus)
+        if args.dry_run or args.simulated:
+            return _err("--node starts there, planned by that node: not with --dry-run or --simulated")
         try:
-            remote = remote_node(config, args.node)
-            try:
-                result = remote.request(Op.START_SERVER, {"profile": args.profile, "gpus": gpus,
-                                                         "force": args.force, "port": args.port}, timeout=120)
-            finally:
-                remote.close()
-        except AgentError as exc:
+            with ops_of(args) as ops:
+                started = ops.start_server(args.profile, gpus, port=args.port, force=args.force)
+        except node_errors() as exc:
             return _err(str(exc))
-        srv = result["server"]
-        print(f"started {srv['id']} on {args.node} (pid {srv['pid']}) on GPUs {srv['gpus']}, port {srv['port']}")
+        srv = started.rec
+        print(f"started {own_id(srv.id)} on {args.node} (pid {srv.pid}) on GPUs {srv.gpus}, port {srv.port}")
         return 0
     assert profile is not None
     snaps, why = gpu_snapshots(gpus, args.simulated)
@@ -142,60 +143,72 @@ def run_start(args: argparse.Namespace) -> int:
         print(render_text(verdict) if verdict else f"planner: GPUs not checked ({why})")
         return 0
     try:
-        store = _store(args)
-        rec, verdict = start(store, profile, gpus, gpu_snapshots=snaps, port=args.port, force=args.force,
-                             adapter_roots=list(config.adapter_roots))
+        ops = local_ops(args)
+        started = ops.start_profile(profile, gpus, gpu_snapshots=snaps, port=args.port, force=args.force)
     except LaunchError as exc:
         if snaps is None and why:
             return _err(f"{exc}\n  GPUs: {why}")
         return _err(str(exc))
+    rec = started.rec
     print(f"started {rec.id} (pid {rec.pid}) on GPUs {rec.gpus}, port {rec.port}; log {rec.log_path}")
     if rec.reason:
         print(f"warning: {rec.reason}", file=sys.stderr)
-    return _planned_and_ready(store, rec, verdict, args.wait)
+    return _planned_and_ready(ops.store, rec, started.verdict, args.wait)
 
 
 def _start_slurm(args: argparse.Namespace) -> int:
-    from engine.finetune.jobs import SlurmRequest
-    from engine.slurm.client import check_time
+    """`--slurm`: this host's Slurm (a profile name or file here), or with `--node` that node's (a login
+    node submitting for the dashboard: a profile name there)."""
     from engine.vllm.command import LaunchError
-    from engine.vllm.launcher import start
     from engine.vllm.profile import find_profile, load_profile, profile_roots
+    from fleet.protocol import SlurmAsk
     from store.config_files import ConfigError
 
-    if args.node or args.dry_run or args.simulated:
-        return _err("--slurm submits from here to this host's Slurm: not with --node, --dry-run or --simulated")
+    if args.dry_run or args.simulated:
+        return _err("--slurm submits to Slurm: not with --dry-run or --simulated")
+    if not args.gpus.strip().isdigit() or not 1 <= int(args.gpus) <= 64:
+        return _err(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1-64), got {args.gpus!r}")
+    try:
+        ask = SlurmAsk(gpus=int(args.gpus), partition=args.partition, time=args.time)
+    except ValueError as exc:
+        return _err(str(exc).splitlines()[-1].strip())
+    if args.node:
+        try:
+            with ops_of(args) as ops:
+                started = ops.start_server(args.profile, [], port=args.port, force=args.force, slurm=ask)
+        except node_errors() as exc:
+            return _err(str(exc))
+        rec = started.rec
+        print(f"submitted {own_id(rec.id)} on {args.node} to Slurm as job "
+              f"{rec.slurm.id if rec.slurm else '?'} ({args.gpus} GPU), port {rec.port}")
+        return 0
     try:
         config = _fleet_config(args)
         profile = load_profile(find_profile(args.profile, profile_roots()))
-        if args.time:
-            check_time(args.time)
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         return _err(str(exc))
     if not config.slurm.enabled:
         return _err("Slurm is not configured: set [slurm] enabled = true in the fleet config")
-    if not args.gpus.strip().isdigit() or not 1 <= int(args.gpus) <= 64:
-        return _err(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1-64), got {args.gpus!r}")
-    store = _store(args)
+    ops = local_ops(args)
     try:
-        rec, verdict = start(store, profile, [], port=args.port, force=args.force, adapter_roots=list(config.adapter_roots),
-                             slurm=SlurmRequest(config.slurm, int(args.gpus), args.partition, args.time))
-    except LaunchError as exc:
+        started = ops.start_profile(profile, [], port=args.port, force=args.force, slurm=ask)
+    except (LaunchError, ValueError) as exc:
         return _err(str(exc))
+    rec = started.rec
     assert rec.slurm is not None
     print(f"submitted {rec.id} to Slurm as job {rec.slurm.id} ({args.gpus} GPU), port {rec.port}; "
           f"log {rec.log_path}")
-    return _planned_and_ready(store, rec, verdict, args.wait)
+    return _planned_and_ready(ops.store, rec, started.verdict, args.wait)
 
 
-def _planned_and_ready(store: Store, rec: ServerRecord, verdict: FitResult | None, wait: bool) -> int:
-    """What the planner promised the server, and (with --wait) whether it came up."""
+def _planned_and_ready(store: Store, rec: ServerRecord, verdict: dict[str, Any] | None, wait: bool) -> int:
+    """What the planner promised the server (its verdict's JSON), and (with --wait) whether it came up."""
     from engine.vllm.launcher import wait_ready
     from engine.vllm.record import ServerState
 
     if verdict is not None:
-        print(f"planner: {verdict.kv_tokens:,} KV tokens, {verdict.max_concurrency:.2f}x at {verdict.max_model_len:,} tokens"
-              + ("" if verdict.fits else f" (forced past: {verdict.reason})"))
+        print(f"planner: {verdict['kv_tokens']:,} KV tokens, {verdict['max_concurrency']:.2f}x at "
+              f"{verdict['max_model_len']:,} tokens" + ("" if verdict["fits"] else f" (forced past: {verdict['reason']})"))
     if wait:
         rec = wait_ready(store, rec)
         print(f"{rec.id}: {rec.state}" + (f": {rec.reason}" if rec.reason else ""))
@@ -205,21 +218,16 @@ def _planned_and_ready(store: Store, rec: ServerRecord, verdict: FitResult | Non
 
 def run_ls(args: argparse.Namespace) -> int:
     from engine.vllm.record import ServerState
-    from engine.vllm.status import ServerStatus, statuses
+    from engine.vllm.status import statuses
 
     if args.node:
-        from fleet.protocol import Op
-        from fleet.remote import AgentError
-
         try:
-            remote = remote_node(_fleet_config(args), args.node)
-            try:
-                docs = remote.request(Op.LIST_SERVERS)
-            finally:
-                remote.close()
-        except AgentError as exc:
+            with ops_of(args) as ops:
+                views = ops.servers()
+        except node_errors() as exc:
             return _err(str(exc))
-        views = [ServerStatus.from_json(d) for d in docs]
+        for v in views:  # the node's own ids, as `serve stop ID --node NODE` takes them
+            v.rec.id = own_id(v.rec.id)
     else:
         store = listing_store_of(args)
         views = statuses(store, interval=args.interval) if store is not None else []
@@ -252,12 +260,23 @@ def run_show(args: argparse.Namespace) -> int:
     from engine.vllm.launcher import get
     from engine.vllm.status import statuses
 
-    store = _store(args, create=False)
-    try:
-        rec = get(store, args.id)
-    except LaunchError as exc:
-        return _err(str(exc))
-    (view,) = statuses(store, interval=args.interval, ids=[rec.id])
+    if args.node:
+        try:
+            with ops_of(args) as ops:
+                found = [v for v in ops.servers() if own_id(v.rec.id) == args.id]
+        except node_errors() as exc:
+            return _err(str(exc))
+        if not found:
+            return _err(f"no server {args.id!r} on {args.node} (fleetdeck serve ls --node {args.node})")
+        view = found[0]
+        view.rec.id = own_id(view.rec.id)
+    else:
+        store = _store(args, create=False)
+        try:
+            rec = get(store, args.id)
+        except LaunchError as exc:
+            return _err(str(exc))
+        (view,) = statuses(store, interval=args.interval, ids=[rec.id])
     if args.json:
         print(json.dumps(view.to_json(), indent=2))
         return 0
@@ -293,38 +312,48 @@ def run_show(args: argparse.Namespace) -> int:
 
 @mutating("server.stop", lambda a: a.id)
 def run_stop(args: argparse.Namespace) -> int:
-    from engine.vllm.command import LaunchError
-    from engine.vllm.launcher import get, stop
-
-    if args.node:
-        return on_node(args, "stop_server", {"id": args.id})
-    store = _store(args)
     try:
-        rec = stop(store, get(store, args.id))
-    except LaunchError as exc:
+        with ops_of(args) as ops:
+            rec = ops.stop_server(args.id)
+    except node_errors() as exc:
         return _err(str(exc))
-    print(f"{rec.id}: stopped")
+    if args.json:
+        print(json.dumps({**rec.to_json(), "id": own_id(rec.id)}, indent=2))
+        return 0
+    print(f"{own_id(rec.id)}: stopped")
+    return 0
+
+
+# Audited as the stop it begins with (the start that follows is audited by the engine, or the agent, itself).
+@mutating("server.stop", lambda a: a.id)
+def run_restart(args: argparse.Namespace) -> int:
+    from engine.nodes.ops import restarted_text
+
+    try:
+        with ops_of(args) as ops:
+            done = ops.restart_server(args.id)
+    except node_errors() as exc:
+        return _err(str(exc))
+    print(restarted_text(done))
     return 0
 
 
 @mutating("server.prune", lambda a: "ended servers")
 def run_prune(args: argparse.Namespace) -> int:
-    from engine.node_ops import LocalOps
+    from engine.nodes.ops import pruned
 
-    print(LocalOps(_store(args), []).prune_servers())
+    try:
+        with ops_of(args) as ops:
+            print(pruned("servers", ops.prune_servers()))
+    except node_errors() as exc:
+        return _err(str(exc))
     return 0
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from engine.io.logs import tail
-    from engine.vllm.command import LaunchError
-    from engine.vllm.launcher import get
-
-    if args.node:
-        return on_node(args, "tail_log", {"id": args.id, "n": args.n})
     try:
-        rec = get(_store(args, create=False), args.id)
-    except LaunchError as exc:
+        with ops_of(args, create=False) as ops:
+            print(ops.tail_log("server", args.id, args.n))
+    except node_errors() as exc:
         return _err(str(exc))
-    print(tail(rec.log_path, args.n))
     return 0

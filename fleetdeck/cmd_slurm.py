@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from fleetdeck.nodes import on_node
+from fleetdeck.node_cli import node_errors, ops_of
 
 
 def register(sub: Any) -> None:
@@ -22,9 +22,14 @@ def run(args: argparse.Namespace) -> int:
     from fleetdeck.cmdutil import fleet_config_of
     from store.config_files import ConfigError
 
-    if args.node:
-        args.json = True
-        return on_node(args, "slurm_view", {})
+    if args.node:  # a login node's Slurm, as its agent reads it
+        try:
+            with ops_of(args) as ops:
+                view = ops.slurm_view().to_json()
+        except node_errors() as exc:
+            print(f"fleetdeck slurm: {exc}", file=sys.stderr)
+            return 2
+        return _show(args, view)
     try:
         config = fleet_config_of(args)
     except ConfigError as exc:
@@ -33,7 +38,12 @@ def run(args: argparse.Namespace) -> int:
     if not config.slurm.enabled:
         print("fleetdeck slurm: Slurm is not configured: set [slurm] enabled = true in the fleet config", file=sys.stderr)
         return 2
-    view = slurm.cluster(config.slurm).to_json()
+    return _show(args, slurm.cluster(config.slurm).to_json())
+
+
+def _show(args: argparse.Namespace, view: dict[str, Any]) -> int:
+    from engine.slurm import client as slurm
+
     if args.json:
         print(json.dumps(view, indent=2))
     else:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from engine import managed
-from engine.agent import Agent
+from engine.nodes.agent import Agent
 from engine.managed import LocalGpus
 from engine.vllm.record import ServerRecord, ServerState
 from fleet.simulated import demo_fleet
@@ -69,7 +69,7 @@ def _ask(pipe: Pipe, op: str, args: object, rid: int) -> dict:
 STEERING = [
     # A profile or spec sent whole (with a command in it) is not a name on this node.
     ("start_server", {"profile": {"name": "x", "model": "m", "vllm_command": ["/bin/sh", "-c", f"id > {MARKER}"]}, "gpus": [0]},
-     "no profile named"),
+     "profile must be a non-empty string"),
     ("start_server", {"profile": "../profiles/q", "gpus": [0]}, "no profile named '../profiles/q'"),
     ("start_server", {"profile": "/etc/passwd", "gpus": [0]}, "no profile named '/etc/passwd'"),
     ("start_server", {"profile": "missing", "gpus": [0]}, "known: q"),
@@ -77,7 +77,7 @@ STEERING = [
     ("start_server", {"profile": "q", "gpus": [0, 0]}, "gpus must be a list of distinct GPU indices"),
     ("start_server", {"profile": "q", "gpus": [0], "port": 22}, "port must be from 1024 to 65535"),
     ("start_job", {"spec": {"name": "x", "base_model": "/", "dataset": "/etc/passwd", "adapter_root": "/tmp/evil"}},
-     "no job spec named"),
+     "spec must be a non-empty string"),
     ("start_job", {"spec": "../../../tmp/x"}, "no job spec named"),
     ("start_job", {"spec": "nope"}, "known: tickets"),
     # Ids match exactly, or as a literal unique prefix; never as a SQL pattern, never empty.

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from engine.agent import MAX_LINE
+from engine.nodes.agent import MAX_LINE
 from fleet.protocol import BadMessage, Op, Request, Subscribe, parse_client
 
 # A generous ceiling on waiting for one reply: only a safety net against a deaf agent hanging the suite.

@@ -162,7 +162,7 @@ def test_every_mutating_action_has_a_read_only_row():
 
 
 def test_the_agent_records_each_request_on_behalf_of_the_dashboard_and_refuses_read_only(site, monkeypatch):
-    from engine.agent import MUTATING_OPS, Agent
+    from engine.nodes.agent import MUTATING_OPS, Agent
     from fleet.simulated import demo_fleet
 
     def ask(pipe: Pipe, op: str, args: dict, rid: int) -> dict:
@@ -353,7 +353,7 @@ def test_a_value_the_store_cannot_take_is_recorded_and_the_action_goes_ahead_wit
                                                                                               monkeypatch):
     """A non-UTF-8 byte, a lone surrogate, NUL, ESC and 20k characters: stored escaped (and cut, with the
     whole value's hash), never a reason to lose the record of what was done."""
-    from engine.agent import Agent
+    from engine.nodes.agent import Agent
     from engine.audit.text import LIMIT, unstored
     from fleet.simulated import demo_fleet
 
@@ -417,7 +417,7 @@ def test_a_cli_action_whose_record_cannot_be_written_does_not_happen(site, capsy
 
 
 def test_an_agent_request_whose_record_cannot_be_written_does_not_happen(site):
-    from engine.agent import Agent
+    from engine.nodes.agent import Agent
     from fleet.simulated import demo_fleet
 
     key = _bad_key(site)
@@ -435,7 +435,7 @@ def test_an_agent_request_whose_record_cannot_be_written_does_not_happen(site):
 
 
 def test_the_agent_records_every_refusal_unknown_ids_and_bad_names_included(site):
-    from engine.agent import Agent
+    from engine.nodes.agent import Agent
     from fleet.simulated import demo_fleet
 
     db = site / "fd.db"

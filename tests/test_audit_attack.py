@@ -186,7 +186,7 @@ for i in range(n):
 
 
 def test_concurrent_writers_never_make_the_checkpoint_disagree(tmp_path, monkeypatch, capsys):
-    from engine.agent import Agent
+    from engine.nodes.agent import Agent
     from fleet.simulated import demo_fleet
     from tests.helpers import Pipe
 
@@ -516,7 +516,7 @@ def test_audit_anchor_is_refused_and_recorded_when_read_only(db, capsys):
 def test_a_read_only_agent_process_refuses_every_change_and_records_it(tmp_path):
     """`fleetdeck agent --stdio --read-only`, as ssh starts it: each mutating op answered with an error,
     recorded as refused on behalf of the dashboard, nothing started."""
-    from engine.agent import MUTATING_OPS
+    from engine.nodes.agent import MUTATING_OPS
 
     db = tmp_path / "fd.db"
     proc = subprocess.Popen([sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--read-only",

@@ -101,8 +101,8 @@ def test_fit_and_models_ls_read_the_fleet_configs_model_roots(tmp_path, capsys):
 
 
 def test_a_nodes_agent_lists_its_own_models(tmp_path, monkeypatch):
-    from engine.agent import Agent
-    from engine.node_ops import AgentOps
+    from engine.nodes.agent import Agent
+    from engine.nodes.remote import AgentOps
     from fleet.remote import RemoteNode
     from fleet.source import LocalNode
 

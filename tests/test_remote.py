@@ -18,7 +18,7 @@ import pynvml
 import pytest
 from textual.widgets import DataTable
 
-from engine.agent import Agent
+from engine.nodes.agent import Agent
 from fleet.remote import PROTOCOL_VERSION, AgentError, RemoteNode
 from fleet.source import LocalNode
 from fleetdeck.cli import main
@@ -29,6 +29,8 @@ from tests.tui_helpers import make_app, ready, until
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = [PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated"]
+# sshd passes no environment: an agent started over it runs this checkout's code only when told so.
+THIS_CHECKOUT = f"PYTHONPATH={Path(__file__).resolve().parents[1]}"
 
 
 def test_agent_over_a_local_pipe_with_faked_nvml(monkeypatch, tmp_path):
@@ -171,8 +173,8 @@ def test_a_remote_node_over_real_ssh_shows_gpus_and_starts_a_server(sshd, tmp_pa
     profiles = tmp_path / "remote-profiles"  # the node's own profile folder: the dashboard names, never sends
     profiles.mkdir()
     (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
-    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={tmp_path / 'state'}",
-             f"FLEETDECK_PROFILES={profiles}",
+    agent = ["env", THIS_CHECKOUT, f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2",
+             f"XDG_STATE_HOME={tmp_path / 'state'}", f"FLEETDECK_PROFILES={profiles}",
              PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "remote-1", "--store", str(remote_store)]
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(f'[[node]]\nname = "remote-1"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
@@ -372,7 +374,8 @@ def test_every_operation_on_a_node_over_real_ssh_from_the_command_line(sshd, tmp
 
     dest, opts = sshd
     remote = make_node_files(tmp_path / "remote")
-    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={remote / 'state'}",
+    agent = ["env", THIS_CHECKOUT, f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2",
+             f"XDG_STATE_HOME={remote / 'state'}",
              f"XDG_CONFIG_HOME={remote / 'config'}", f"FLEETDECK_PROFILES={remote / 'profiles'}",
              PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "gpu-02",
              "--store", str(remote / "fd.db"), "--config", str(remote / "fleet.toml")]
@@ -432,17 +435,18 @@ def _operate_on_the_node(cli, sid, fleet, capsys, remote):
     assert wait_for(lambda: json.loads(cli("serve", "ls", "--json"))[0]["state"] == "ready")
     listed = json.loads(cli("serve", "ls", "--json"))[0]
     assert listed["figures"]["kv_tokens"]  # read by the agent on its node
+    assert json.loads(cli("serve", "show", sid, "--json"))["id"] == sid
     assert "added successfully" in cli("adapters", "load", sid, "tickets-v1")
     assert "tickets-v2 loaded, then tickets-v1 unloaded" in cli("adapters", "swap", sid, "tickets-v1", "tickets-v2")
     assert "Success" in cli("adapters", "unload", sid, "tickets-v2")
     assert "Starting vLLM API server" in cli("serve", "logs", sid)
-    job = json.loads(cli("finetune", "start", "sim", "--gpus", "cpu"))
-    assert [j["id"] for j in json.loads(cli("finetune", "ls"))] == [job["id"]]
+    job = json.loads(cli("finetune", "start", "sim", "--gpus", "cpu", "--json"))
+    assert [j["id"] for j in json.loads(cli("finetune", "ls", "--json"))] == [job["id"]]
     cli("finetune", "logs", job["id"])  # the job's log tail, read on its node (exit 0)
-    assert json.loads(cli("finetune", "cancel", job["id"]))["state"] == "cancelled"
-    assert json.loads(cli("finetune", "resume", job["id"]))["state"] == "running"
-    assert json.loads(cli("finetune", "cancel", job["id"]))["state"] == "cancelled"
-    assert json.loads(cli("serve", "stop", sid))["state"] == "stopped"
+    assert json.loads(cli("finetune", "cancel", job["id"], "--json"))["state"] == "cancelled"
+    assert cli("finetune", "resume", job["id"]).startswith(f"{job['id']}: running")  # the line this host prints
+    assert json.loads(cli("finetune", "cancel", job["id"], "--json"))["state"] == "cancelled"
+    assert json.loads(cli("serve", "stop", sid, "--json"))["state"] == "stopped"
     # A wrong node is named with the ones that exist.
     assert main(["serve", "ls", "--node", "gpu-99", "--config", str(fleet)]) == 2
     assert "no node 'gpu-99' in the fleet config (nodes: gpu-02)" in capsys.readouterr().err
@@ -465,8 +469,8 @@ async def test_restart_of_a_remote_server_from_the_servers_screen_starts_it_agai
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
-    agent = ["env", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2", f"XDG_STATE_HOME={tmp_path / 'state'}",
-             f"FLEETDECK_PROFILES={profiles}", *AGENT, "--node-name", "node-r", "--store", str(tmp_path / "r.db")]
+    agent = ["env", THIS_CHECKOUT, f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2",
+             f"XDG_STATE_HOME={tmp_path / 'state'}", f"FLEETDECK_PROFILES={profiles}", *AGENT, "--node-name", "node-r", "--store", str(tmp_path / "r.db")]
     node = RemoteNode("node-r", agent, interval_s=0.3, hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: node.link.status == "connected")

@@ -195,7 +195,7 @@ async def test_fleet_and_jobs_screens_show_what_slurm_sees(site, capsys):
 def test_a_login_nodes_agent_submits_to_its_own_slurm_and_refuses_what_is_not_a_request(site, tmp_path, monkeypatch,
                                                                                          capsys):
     """A dashboard asks a login node's agent; the agent submits with the node's own [slurm] settings."""
-    from engine.agent import Agent
+    from engine.nodes.agent import Agent
     from fleet.config import SlurmSettings
     from fleet.simulated import demo_fleet
     from tests.helpers import Pipe
@@ -284,9 +284,11 @@ def _ls(site, capsys) -> str:
 
 def test_a_slurm_server_restarted_from_the_dashboard_is_resubmitted_with_the_same_request(site, monkeypatch, capsys):
     """The Servers screen's restart (LocalOps.restart_server) of a Slurm server: it used to read the GPUs as
-    indices after the stop had run ("slurm:1" is not one), leaving the server stopped and the restart failed."""
+    indices after the stop had run ("slurm:1" is not one), leaving the server stopped and the restart failed.
+    Through a node's agent the same restart is tests/test_node_ops.py's."""
     from engine.managed import SlurmGpus
-    from engine.node_ops import LocalOps
+    from engine.nodes.local import LocalOps
+    from engine.nodes.ops import restarted_text
     from engine.vllm import launcher
     from tests.helpers import FAKE_VLLM_CMD
 
@@ -302,9 +304,9 @@ def test_a_slurm_server_restarted_from_the_dashboard_is_resubmitted_with_the_sam
     from engine.audit import trail as audit
 
     with audit.session(site["db"], "tui"):  # as the dashboard records its actions
-        said = LocalOps(store, []).restart_server(old)
+        done = LocalOps(store, []).restart_server(sid)
     (new,) = [r for r in launcher.list_servers(store) if r.id != sid]
-    assert said == f"{sid} restarted as {new.id}"
+    assert done.new.id == new.id and restarted_text(done).startswith(f"{sid} restarted as {new.id}")
     before = launcher.get(store, sid)
     assert before.state == ServerState.STOPPED and before.slurm.state in ("CANCELLED", "COMPLETED", "GONE")
     assert new.gpus == SlurmGpus(1) and new.port == old.port and new.slurm.id != old.slurm.id
@@ -317,24 +319,6 @@ def test_a_slurm_server_restarted_from_the_dashboard_is_resubmitted_with_the_sam
     new = launcher.wait_ready(store, new, timeout=WAIT_CEILING_S)
     assert new.state == ServerState.READY, new.reason
 
-    # The same server seen through its node's agent (a dashboard elsewhere): the agent starts servers on its own
-    # GPUs only, so the restart is refused before anything is stopped.
-    import sys
-
-    from engine.node_ops import AgentOps
-    from fleet.remote import AgentError, RemoteNode
-
-    node = RemoteNode("login", [sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name",
-                                "login", "--store", str(site["db"]), "--config", str(site["fleet"])],
-                      interval_s=5, hello_timeout_s=WAIT_CEILING_S)
-    try:
-        assert wait_for(lambda: node.link.status == "connected")
-        (remote,) = [s for s in AgentOps(node).servers() if s.rec.id == f"@login:{new.id}"]
-        assert remote.rec.gpus == SlurmGpus(1)
-        with pytest.raises(AgentError, match="runs on slurm:1"):
-            AgentOps(node).restart_server(remote.rec)
-    finally:
-        node.close()
     assert launcher.refresh(store, launcher.get(store, new.id)).state == ServerState.READY
     assert run(site, "serve", "stop", new.id) == 0
     # Audited as any start and stop: what, on what, and that it was done.

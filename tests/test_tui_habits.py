@@ -303,7 +303,7 @@ async def test_kill_is_not_offered_read_only_and_the_engine_refuses_it(tmp_path,
         await _kill_from_fleet(app, pilot, gpu_holder.pid)
         assert not isinstance(app.screen, ConfirmScreen)
     # Read-only from the audit trail's side (`--read-only`): the engine refuses and records it.
-    from engine.processes import KillRequest, kill_gpu_process
+    from engine.nodes.processes import KillRequest, kill_gpu_process
 
     with audit.session(path, "tui", read_only=True):
         with pytest.raises(audit.ReadOnlyError):
@@ -359,8 +359,8 @@ async def test_audit_filters_are_visible_at_80x24_and_esc_leaves_them(tmp_path):
 def test_a_kill_on_a_node_over_ssh_is_refused_with_what_to_do_and_audited(tmp_path):
     from types import SimpleNamespace
 
-    from engine.node_ops import AgentOps
-    from engine.processes import KillError, KillRequest
+    from engine.nodes.remote import AgentOps
+    from engine.nodes.processes import KillError, KillRequest
 
     path = tmp_path / "fd.db"
     ops = AgentOps(SimpleNamespace(name="gpu-02"))  # the agent is never asked: it has no such op

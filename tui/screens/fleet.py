@@ -22,7 +22,7 @@ from tui.screens.base import DeckScreen, highlighted_key, on_yes
 from tui.table import Col, DeckTable
 
 if TYPE_CHECKING:
-    from engine.processes import KillRequest
+    from engine.nodes.processes import KillRequest
     from fleet.config import SlurmSettings  # at run time only when a kill is asked (start-up stays light)
 
 # Five columns, not six: Textual's DataTable re-renders every cell on any update, so each column
@@ -318,7 +318,7 @@ class FleetScreen(DeckScreen):
             self.notify("No process to kill: the process table lists those of the GPU under the cursor "
                         "(Tab moves into it).", severity="warning")
             return
-        from engine.processes import KillRequest
+        from engine.nodes.processes import KillRequest
         from tui.screens.confirm import ConfirmScreen
 
         snap, (gpu, proc) = found
@@ -331,8 +331,9 @@ class FleetScreen(DeckScreen):
     @work(thread=True, group="fleet-kill")
     def _kill(self, req: KillRequest) -> None:
         from engine.audit import trail as audit
-        from engine.node_ops import LocalOps, ops_named
-        from engine.processes import KillError
+        from engine.nodes.local import LocalOps
+        from engine.nodes.select import ops_named
+        from engine.nodes.processes import KillError
         from fleet.remote import AgentError
 
         sources = list(self.app.poller.sources)

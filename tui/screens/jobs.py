@@ -9,18 +9,19 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.text import Text
-from textual import on, work
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import DataTable, Input, Label, Select, Static
+from textual.containers import Horizontal
+from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from tui.format import bar
-from engine.node_ops import split_id
-from tui.screens.base import DeckModal, PolledScreen, ask_to_prune, highlighted_key, report_prune, while_attached
+from engine.nodes.ids import split_id
+from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, report_prune, while_attached
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
+from tui.screens.start_job import StartJobScreen
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -73,7 +74,7 @@ class JobsScreen(PolledScreen):
 
     @work(thread=True, exclusive=True, group="jobs")
     def _load(self, store: Store) -> None:
-        from engine.node_ops import remote_ops
+        from engine.nodes.select import remote_ops
         from fleet.remote import AgentError
 
         try:
@@ -86,17 +87,19 @@ class JobsScreen(PolledScreen):
                 found += node.jobs()  # read by that node's agent, ids as @node:id
             except AgentError:
                 continue
-        recs = [r for r, _ in found]
-        events = {r.id: ev for r, ev in found}
+        recs = [p.rec for p in found]
+        events = {p.rec.id: p.events for p in found}
         self.app.call_from_thread(while_attached(self, self._show), recs, events)
 
     def _sources(self) -> list[Any]:
         return list(getattr(getattr(self.app, "poller", None), "sources", []))
 
     def _local(self) -> Any:
-        from engine.node_ops import LocalOps
+        from engine.nodes.local import LocalOps
 
-        return LocalOps(self.store, list(self.app.options.config.adapter_roots), folders=self.app.options.folders)
+        config = self.app.options.config
+        return LocalOps(self.store, list(config.adapter_roots), folders=self.app.options.folders,
+                        slurm_settings=getattr(config, "slurm", None))
 
     def _show(self, recs: list[Any], events: dict[str, list[dict]]) -> None:
         self.loaded()
@@ -206,12 +209,13 @@ class JobsScreen(PolledScreen):
     def _act(self, what: str, r: Any) -> None:
         from engine.audit import trail as audit
         from engine.finetune import jobs
-        from engine.node_ops import ops_for
+        from engine.nodes.select import ops_for
         from fleet.remote import AgentError
 
         try:
             ops, jid = ops_for(self._sources(), self._local(), r.id)
-            msg = ops.cancel_job(jid) if what == "cancel" else ops.resume_job(jid)
+            done = ops.cancel_job(jid) if what == "cancel" else ops.resume_job(jid)
+            msg = f"{done.id}: {done.state}"
         except (jobs.JobError, AgentError, audit.ReadOnlyError) as exc:
             msg = str(exc)
         self.app.call_from_thread(self.notify, msg)
@@ -229,12 +233,14 @@ class JobsScreen(PolledScreen):
 
     @work(thread=True, group="jobs-action")
     def _prune(self) -> None:
-        report_prune(self, lambda: self._local().prune_jobs())
+        from engine.nodes.ops import pruned
+
+        report_prune(self, lambda: pruned("jobs", self._local().prune_jobs()))
 
     def action_logs(self) -> None:
         r = self.selected()
         if r is not None:
-            from engine.node_ops import ops_for
+            from engine.nodes.select import ops_for
             from fleet.remote import AgentError
             from tui.screens.logs import LogScreen
 
@@ -262,7 +268,7 @@ class JobsScreen(PolledScreen):
     def _serve(self, job_id: str, adapter: str) -> None:
         from engine.adapters import registry as adapters
         from engine.audit import trail as audit
-        from engine.node_ops import ops_for, serve_adapter
+        from engine.nodes.select import ops_for, serve_adapter
         from fleet.remote import AgentError
 
         try:
@@ -272,105 +278,3 @@ class JobsScreen(PolledScreen):
             self.app.call_from_thread(self.notify, str(exc), severity="warning")
             return
         self.app.call_from_thread(self.notify, msg)
-
-
-class StartJobScreen(DeckModal):
-    MUTATING = frozenset({"launch"})
-    AUTO_FOCUS = "#job-spec"  # not the scrolling frame around the fields (it comes first)
-    BINDINGS = [Binding("escape", "cancel", "Cancel", id="startjob.cancel"),
-                Binding("ctrl+s", "launch", "Start", id="startjob.launch")]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.specs: dict[str, Path] = {}
-
-    def compose(self) -> ComposeResult:
-        from store.config_files import named_tomls
-
-        self.specs = named_tomls(self.app.options.folders.spec_roots())
-        with VerticalScroll(id="start-server"):
-            yield Static("[b]Start a fine-tune[/b]  (Enter checks, ctrl+s starts, Esc cancels)")
-            with Horizontal(classes="fit-row"):
-                yield Label("Spec ", classes="fit-label")
-                yield Select([(n, n) for n in self.specs], id="job-spec", compact=True, prompt="job spec")
-            with Horizontal(classes="fit-row"):
-                yield Label("GPU ", classes="fit-label")
-                yield Input(placeholder="0 or node/index, e.g. sim-a10-02/1 (cpu: the peft backend)", id="job-gpus",
-                            compact=True)
-            yield Static("", id="job-check")
-
-    def _inputs(self) -> tuple[Any, list[int] | None, list[Any] | None, str | None]:
-        """The spec, the GPU indices (None: CPU), their snapshots and the node they are on (GPUs without
-        a node name are the first node's)."""
-        from engine.finetune.spec import load_spec
-        from engine.vllm.profile import parse_gpus
-
-        name = self.query_one("#job-spec", Select).value
-        if not isinstance(name, str):
-            folders = ", ".join(str(r) for r in self.app.options.folders.spec_roots())
-            raise ValueError(f"pick a job spec (folders: {folders})")
-        spec = load_spec(self.specs[name])
-        text = self.query_one("#job-gpus", Input).value.strip() or "cpu"
-        if text.lower() == "cpu":
-            return spec, None, None, None
-        node = None
-        if "/" in text:
-            node, _, text = text.partition("/")
-        indices = parse_gpus(text)
-        poller = getattr(self.app, "poller", None)
-        known = (poller.latest if poller is not None else None) or {}
-        if node is not None and node not in known:
-            raise ValueError(f"no node {node!r}; the fleet has {', '.join(sorted(known)) or 'no nodes yet'}")
-        from fleet.remote import RemoteNode
-
-        if any(isinstance(src, RemoteNode) and src.name == node for src in getattr(poller, "sources", [])):
-            raise ValueError(f"{node} is reached through its agent: `fleetdeck finetune start SPEC --node {node}` "
-                             "starts a fine-tune there")
-        node = node if node is not None else next(iter(known), None)
-        snaps = known[node].gpus_at(indices) if node is not None else []
-        if node is not None and len(snaps) != len(indices):
-            raise ValueError(f"no such GPU(s) {indices} on {node}")
-        return spec, indices, snaps or None, node
-
-    @on(Input.Submitted)
-    @on(Select.Changed)
-    def check(self) -> None:
-        self._check(launch=False)
-
-    @work(thread=True, exclusive=True, group="startjob")
-    def _check(self, launch: bool) -> None:
-        """Reading the whole dataset (and its tokenizer) is file I/O: never on the UI thread."""
-        from engine.finetune import jobs
-        from store.config_files import ConfigError
-
-        out = self.query_one("#job-check", Static)
-        try:
-            spec, _, snaps, _ = self.app.call_from_thread(self._inputs)
-            report, estimate = jobs.preflight(spec, snaps, force=False)
-        except (ValueError, ConfigError, jobs.JobError) as exc:
-            self.app.call_from_thread(out.update, Text(str(exc), style="red"))
-            return
-        self.app.call_from_thread(out.update, f"{report.examples} examples ({report.form}); VRAM estimate "
-                                  f"{estimate.total_bytes / 1024**3:.1f} GiB. ctrl+s starts it.")
-        if launch:
-            self._launch_now()
-
-    def action_launch(self) -> None:
-        self._check(launch=True)
-
-    def _launch_now(self) -> None:
-        from engine.finetune import jobs
-
-        try:
-            spec, indices, snaps, node = self.app.call_from_thread(self._inputs)
-            roots = list(self.app.options.config.adapter_roots)
-            rec = jobs.start(self.app.store, spec, indices, gpu_snapshots=snaps,
-                             adapter_root=spec.adapter_root or (roots[0] if roots else None), node=node,
-                             jobs_dir=self.app.options.folders.jobs)
-        except Exception as exc:
-            self.app.call_from_thread(self.query_one("#job-check", Static).update, Text(str(exc), style="red"))
-            return
-        self.app.call_from_thread(self.dismiss, f"started {rec.id} on {rec.gpus}")
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)

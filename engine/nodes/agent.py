@@ -1,0 +1,283 @@
+"""The node agent: `fleetdeck agent --stdio`, run by the dashboard as `ssh -T NODE fleetdeck agent --stdio`.
+
+It says hello (protocol version, fleetdeck version, hostname, NVML state), sends a snapshot of this
+node's GPUs every interval the dashboard asks for, and answers requests with the same functions the
+local host uses (servers, jobs, adapters, logs). One JSON object per line both ways; a malformed line
+gets an error response, never a crash. It ends when its stdin closes (the SSH session ended).
+
+A request is input, never a command: it names profiles and job specs that this node's own folders hold,
+servers and jobs this node's store knows, by exact id, and GPUs by index. Nothing in a request is run or
+written as a path. An agent started read-only (`--read-only`, or `read_only = true` in this node's fleet
+config) refuses every request that changes the node.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TextIO
+
+from engine.audit import trail as audit
+from engine.host.folders import Folders
+from engine.nodes.local import LocalOps, NotConfigured
+from engine.nodes.ops import JobProgress
+from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, OPS, PROTOCOL_VERSION, BadMessage, Hello, Op, Request,
+                            Response, Snapshot, StartJob, StartServer, Subscribe, parse_args, parse_client, result_of)
+from fleet.remote import snapshot_to_json
+
+if TYPE_CHECKING:
+    from store.db import Store
+
+
+# Requests that change the node, and the audit action each is: an agent started read-only refuses them.
+MUTATING_OPS = {Op.START_SERVER.value: "server.start", Op.STOP_SERVER.value: "server.stop",
+                Op.START_JOB.value: "job.start", Op.CANCEL_JOB.value: "job.cancel", Op.RESUME_JOB.value: "job.resume",
+                Op.LOAD_ADAPTER.value: "adapter.load", Op.UNLOAD_ADAPTER.value: "adapter.unload",
+                Op.SWAP_ADAPTER.value: "adapter.swap"}
+
+
+class BadRequest(ValueError):
+    """A request that names nothing this node defines, or carries a value of the wrong kind."""
+
+
+def _target(args: dict[str, Any]) -> str:
+    for key in ("id", "profile", "spec", "adapter", "name"):
+        if isinstance(args.get(key), str):
+            return str(args[key])  # stored escaped and cut where it must be (engine/audit_text.py)
+    return "?"
+
+
+# A request's argument names, as the audit action's parameter names (the rest are not recorded).
+_PARAM_OF = {Op.STOP_SERVER.value: {"id": "server"}, Op.CANCEL_JOB.value: {"id": "job"},
+             Op.RESUME_JOB.value: {"id": "job"}}
+
+
+def _params(op: str, args: dict[str, Any]) -> dict[str, Any]:
+    names = _PARAM_OF.get(op, {})
+    return {names.get(k, k): (v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v))
+            for k, v in args.items()}
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, (BadRequest, BadMessage)) else f"{type(exc).__name__}: {exc}"
+
+
+MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake or an attack
+MAX_ERROR = 2000  # characters of an error reply
+
+# What the engine raises for a request that names something this node does not have, or cannot do:
+# answered as the request's fault (BadRequest), not the node's.
+_REFUSALS: tuple[type[Exception], ...] = (ValueError, LookupError, NotConfigured)
+
+
+class Agent:
+    def __init__(self, source: Any, store_path: Path | None, adapter_roots: list[Path], version: str,
+                 interval_s: float = 1.0, read_only: bool = False, slurm: Any = None,
+                 model_roots: list[Path] | None = None) -> None:
+        self.source = source
+        self.model_roots = model_roots  # None: the node's fleet config's [models] roots
+        self.slurm = slurm  # the node's own [slurm] settings: a login node submits for the dashboard
+        self.read_only = read_only
+        self.store_path = store_path
+        self.adapter_roots = adapter_roots
+        self.version = version
+        self.interval_s = interval_s
+        self._store: Store | None = None
+        self._local: LocalOps | None = None
+        self._local_lock = threading.Lock()
+        self._out_lock = threading.Lock()
+        self._stop = threading.Event()
+        # Each op: its request model in, one LocalOps call, its response model out (fleet/protocol.py's OPS).
+        handlers: dict[Op, Callable[[Any], Any]] = {
+            Op.PING: lambda a: {"pong": time.time()},
+            Op.LIST_SERVERS: lambda a: [st.to_json() for st in self.local.servers()],
+            Op.START_SERVER: self._start_server,
+            Op.STOP_SERVER: lambda a: self.local.stop_server(a.id).to_json(),
+            Op.LIST_JOBS: lambda a: [self._job_doc(p) for p in self.local.jobs()],
+            Op.START_JOB: self._start_job,
+            Op.CANCEL_JOB: lambda a: self.local.cancel_job(a.id).to_json(),
+            Op.RESUME_JOB: lambda a: self.local.resume_job(a.id).to_json(),
+            Op.LIST_ADAPTERS: lambda a: self.local.adapters(a.server).to_json(),
+            Op.LIST_PROFILES: lambda a: self.local.profiles(),
+            Op.LIST_SPECS: lambda a: self.local.specs(),
+            Op.TAIL_LOG: lambda a: self.local.tail_log(a.kind, a.id, a.n),
+            Op.LOAD_ADAPTER: lambda a: self.local.load_adapter(a.server, a.adapter, a.name),
+            Op.UNLOAD_ADAPTER: lambda a: self.local.unload_adapter(a.server, a.name),
+            Op.SWAP_ADAPTER: lambda a: self.local.swap_adapter(a.server, a.old, a.adapter, a.name),
+            Op.SLURM_VIEW: lambda a: self.local.slurm_view().to_json(),
+            Op.LIST_MODELS: lambda a: [m.to_json() for m in self.local.models()],
+        }
+        if set(handlers) != set(Op) or set(OPS) != set(Op):
+            raise RuntimeError(f"agent has no handler for {sorted(set(Op) - set(handlers) - set(OPS))}")
+        self.ops: dict[str, Callable[[Any], Any]] = {op.value: fn for op, fn in handlers.items()}
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from store.db import open_store
+            from store.paths import default_store_path
+
+            self._store = open_store(self.store_path or default_store_path())
+        return self._store
+
+    @property
+    def local(self) -> LocalOps:
+        """This node, as the one LocalOps every op goes through (made on the first request: the store
+        opens then, not when the agent says hello)."""
+        with self._local_lock:
+            if self._local is None:
+                self._local = LocalOps(self.store, list(self.adapter_roots), folders=Folders(),
+                                       model_roots=self.model_roots, slurm_settings=self.slurm, source=self.source,
+                                       scrapes={})
+            return self._local
+
+    # -- ops that take more than one call --------------------------------------------------------
+    def _start_server(self, a: StartServer) -> Any:
+        started = self.local.start_server(a.profile, list(a.gpus or []), port=a.port, force=a.force, model=a.model,
+                                          slurm=a.slurm)
+        return {"server": started.rec.to_json(), "verdict": started.verdict}
+
+    def _start_job(self, a: StartJob) -> Any:
+        return self.local.start_job(a.spec, list(a.gpus) if a.gpus else None, force=a.force, slurm=a.slurm).to_json()
+
+    @staticmethod
+    def _job_doc(p: JobProgress) -> dict[str, Any]:
+        """A job with its recent step events (the Jobs screen charts the loss from them)."""
+        doc = p.rec.to_json()
+        doc["events"] = [e for e in p.events if e.get("event") == "step"][-500:]
+        return doc
+
+    # -- the wire -------------------------------------------------------------------------------
+    def send(self, out: TextIO, msg: Hello | Snapshot | Response) -> None:
+        line = msg.model_dump_json() if msg.type != "response" else json.dumps(msg.model_dump(), default=str)
+        with self._out_lock:
+            out.write(line + "\n")
+            out.flush()
+
+    def _fail(self, out: TextIO, rid: Any, error: str) -> None:
+        # An error quotes what it refused; a megabyte of someone's input is not worth echoing back whole.
+        if len(error) > MAX_ERROR:
+            error = error[:MAX_ERROR] + "... (cut)"
+        self.send(out, Response(id=rid if isinstance(rid, int) and not isinstance(rid, bool) else None, ok=False,
+                                error=error))
+
+    def _handle(self, out: TextIO, req: Request) -> None:
+        rid, op, args = req.id, req.op.value, req.args
+        fn = self.ops[op]
+        action = MUTATING_OPS.get(op)
+        behalf = {"source": "agent", **({"on_behalf_of": req.operator} if req.operator else {})}
+        with audit.on_behalf_of(behalf), audit.counting() as written:
+            if self.read_only and action is not None:
+                error = f"{op}: refused, this node's agent is read-only"
+                audit.record(action, _target(args), "refused", "this node's agent is read-only", **_params(op, args))
+                self._fail(out, rid, error)
+                return
+            try:
+                typed = parse_args(req.op, args)  # BadMessage: one line naming the field
+                try:
+                    answer = fn(typed)
+                except _REFUSALS as exc:
+                    raise BadRequest(str(exc)) from None
+                result = result_of(req.op, answer)  # through the op's response model: a misfit is a bug here
+                self.send(out, Response(id=rid, ok=True, result=result))
+            except Exception as exc:  # every failure goes back to the dashboard as text
+                if action is not None and written[0] == 0:
+                    # Refused before the engine recorded it (a bad name, an unknown id, a boundary, the
+                    # trail itself unavailable): recorded here, so no refusal goes unrecorded.
+                    outcome = "failed" if isinstance(exc, (OSError, RuntimeError)) else "refused"
+                    audit.record(action, _target(args), outcome, _reason(exc), **_params(op, args))
+                self._fail(out, rid, self._error_text(exc))
+
+    def _error_text(self, exc: Exception) -> str:
+        from store.db import corrupt_message, is_corrupt
+
+        if isinstance(exc, BadMessage):  # already one line naming the field, as a malformed message's is
+            return str(exc)
+        if is_corrupt(exc):  # a damaged page met mid-request: say which file and what to do, as the CLI does
+            return corrupt_message(getattr(self._store, "path", None) or self.store_path or "the store", exc)
+        return f"{type(exc).__name__}: {exc}"
+
+    def _read(self, inp: BinaryIO | TextIO, out: TextIO) -> None:
+        """Read lines as bytes and decode each one itself: a text stream in a strict locale raises on one
+        invalid byte inside readline(), which would end this thread and leave the agent deaf."""
+        while True:
+            try:
+                line = inp.readline(MAX_LINE + 1)
+            except UnicodeDecodeError:  # only a text stream without a byte buffer gets here
+                self._fail(out, None, "malformed message: not UTF-8")
+                continue
+            except (OSError, ValueError):  # stdin gone or closed under us
+                break
+            if not line:
+                break
+            try:
+                if len(line) > MAX_LINE:
+                    # drop the rest of the oversized line
+                    while line and not (line.endswith(b"\n") if isinstance(line, bytes) else line.endswith("\n")):
+                        line = inp.readline(MAX_LINE)
+                    self._fail(out, None, f"malformed message: longer than {MAX_LINE} bytes")
+                    continue
+                if isinstance(line, bytes):
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        self._fail(out, None, f"malformed message: not UTF-8 (byte 0x{line[exc.start]:02x} at offset {exc.start})")
+                        continue
+                else:
+                    text = line
+                self._take(text, out)
+            except (BrokenPipeError, OSError):
+                break
+            except Exception as exc:  # one bad line never deafens the agent
+                try:
+                    self._fail(out, None, f"malformed message: {type(exc).__name__}")
+                except OSError:
+                    break
+        self._stop.set()  # stdin closed: the SSH session is over
+
+    def _take(self, line: str, out: TextIO) -> None:
+        if not line.strip():
+            return
+        try:
+            msg = json.loads(line)
+            if not isinstance(msg, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            self._fail(out, None, f"malformed message: {why}")
+            return
+        if msg.get("v") != PROTOCOL_VERSION:
+            self._fail(out, msg.get("id"), f"protocol v{msg.get('v')} not supported; this agent speaks v{PROTOCOL_VERSION}")
+            return
+        try:
+            typed = parse_client(msg)
+        except BadMessage as exc:
+            self._fail(out, msg.get("id"), str(exc))
+            return
+        if isinstance(typed, Subscribe):
+            if typed.interval is not None:
+                self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, typed.interval))
+        else:
+            threading.Thread(target=self._handle, args=(out, typed), daemon=True).start()
+
+    def serve(self, inp: TextIO | BinaryIO, out: TextIO) -> int:
+        first = self.source.snapshot()
+        self.send(out, Hello(fleetdeck=self.version, host=socket.gethostname(), node=first.node, nvml=first.nvml,
+                             reason=first.reason))
+        # The bytes under a text stream (sys.stdin.buffer): the reader decodes each line itself.
+        raw = inp.buffer if isinstance(inp, io.TextIOWrapper) else inp
+        threading.Thread(target=self._read, args=(raw, out), daemon=True).start()
+        snap = first
+        while not self._stop.is_set():
+            try:
+                self.send(out, Snapshot(snapshot=snapshot_to_json(snap)))
+            except (BrokenPipeError, OSError):
+                return 0
+            self._stop.wait(self.interval_s)
+            if not self._stop.is_set():
+                snap = self.source.snapshot()
+        return 0

@@ -1,0 +1,204 @@
+"""A node over SSH as a `NodeOps`: each method builds its op's request model (fleet/protocol.py), asks the
+node's agent, and reads the answer through the op's response model into the engine's own records.
+
+The agent checks, does and audits the request there; here a read-only dashboard refuses a change before
+it is sent (audited on this side). Records come back with their id shown as `@node:id`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from engine.audit import trail as audit
+from engine.finetune.jobs import JobRecord
+from engine.kvfit.local_models import LocalModel
+from engine.nodes.ids import shown_id, split_id
+from engine.nodes.ops import AdapterListing, JobProgress, ServerRestarted, ServerStarted
+from engine.nodes.placement import gpu_indices, slurm_ask
+from engine.nodes.processes import KillError, KillRequest
+from engine.slurm.client import ClusterView
+from engine.vllm.record import ServerRecord
+from engine.vllm.status import ServerStatus
+from fleet.protocol import (OPS, BadMessage, CancelJob, ListAdapters, LoadAdapter, NoArgs, Op, ResumeJob, SlurmAsk,
+                            StartJob, StartServer, StopServer, SwapAdapter, TailLog, UnloadAdapter, _Args, args_of,
+                            parse_result)
+from fleet.remote import AgentError, RemoteNode
+
+
+@dataclass
+class AgentOps:
+    """A node over SSH: the same operations, asked of its agent. Ids come back as `@node:id`."""
+
+    node: RemoteNode
+
+    @property
+    def name(self) -> str:
+        return str(self.node.name)
+
+    def _ask(self, op: Op, args: _Args | None = None, timeout: float = 60.0) -> Any:
+        if args is not None and not isinstance(args, OPS[op].request):
+            raise TypeError(f"{op.value} takes {OPS[op].request.__name__}, not {type(args).__name__}")
+        answer = self.node.request(op, args_of(args) if args is not None else {}, timeout=timeout)
+        try:
+            return parse_result(op, answer)
+        except BadMessage as exc:
+            raise AgentError(f"{self.name}: {exc}") from None
+
+    def _server(self, doc: Any) -> ServerRecord:
+        rec = ServerRecord.from_json(doc.model_dump())
+        rec.id = shown_id(self.name, rec.id)
+        return rec
+
+    def _job(self, doc: Any) -> JobRecord:
+        rec = JobRecord.from_json(doc.model_dump())
+        rec.id = shown_id(self.name, rec.id)
+        return rec
+
+    # -- reading ---------------------------------------------------------------------------------
+    def models(self) -> list[LocalModel]:
+        try:
+            docs = self._ask(Op.LIST_MODELS, timeout=30)
+        except AgentError as exc:
+            if "unknown op" in str(exc):
+                raise AgentError(f"{self.name}: its fleetdeck is older than this dashboard's and cannot list models; "
+                                 f"upgrade it: fleetdeck nodes install {self.name} --bundle DIR") from None
+            raise
+        return [LocalModel.from_json(d.model_dump()) for d in docs]
+
+    def profiles(self) -> list[str]:
+        return list(self._ask(Op.LIST_PROFILES, timeout=30))
+
+    def specs(self) -> list[str]:
+        try:
+            return list(self._ask(Op.LIST_SPECS, timeout=30))
+        except AgentError as exc:
+            if "unknown op" in str(exc):
+                raise AgentError(f"{self.name}: its fleetdeck is older than this dashboard's and cannot list job "
+                                 f"specs; upgrade it: fleetdeck nodes install {self.name} --bundle DIR") from None
+            raise
+
+    def servers(self) -> list[ServerStatus]:
+        out = []
+        for doc in self._ask(Op.LIST_SERVERS, timeout=10):
+            st = ServerStatus.from_json(doc.model_dump())
+            st.rec.id = shown_id(self.name, st.rec.id)
+            out.append(st)
+        return out
+
+    def jobs(self) -> list[JobProgress]:
+        return [JobProgress(self._job(doc), list(doc.events)) for doc in self._ask(Op.LIST_JOBS, timeout=10)]
+
+    def tail_log(self, kind: str, ident: str, n: int = 200) -> str:
+        return str(self._ask(Op.TAIL_LOG, TailLog(id=split_id(ident)[1], n=n, kind=kind), timeout=30))
+
+    def adapters(self, sid: str | None) -> AdapterListing:
+        doc = self._ask(Op.LIST_ADAPTERS, ListAdapters(server=split_id(sid)[1] if sid else None), timeout=30)
+        return AdapterListing.from_json(doc.model_dump())
+
+    def slurm_view(self) -> ClusterView:
+        doc = self._ask(Op.SLURM_VIEW, NoArgs(), timeout=60).model_dump()
+        return ClusterView(doc["partitions"], doc["nodes"], doc["queue"], doc["error"])
+
+    # -- servers ---------------------------------------------------------------------------------
+    def start_server(self, profile: str, gpus: list[int], *, port: int | None = None, force: bool = False,
+                     model: str | None = None, slurm: SlurmAsk | None = None, gpu_snapshots: Any = None,
+                     node: str | None = None) -> ServerStarted:
+        # The agent plans against its own node's GPUs (`gpu_snapshots` read here are not sent) and is its node.
+        where = f"slurm:{slurm.gpus}" if slurm is not None else ",".join(map(str, gpus))
+        audit.refuse_if_read_only("server.start", profile, profile=profile, gpus=where)
+        if model is not None:
+            self.models()  # an agent older than list_models would ignore `model`: ask it first
+        req = StartServer(profile=profile, gpus=None if slurm is not None else gpus, port=port, force=force,
+                          model=model, slurm=slurm)
+        doc = self._ask(Op.START_SERVER, req, timeout=120)
+        return ServerStarted(self._server(doc.server), doc.verdict)
+
+    def stop_server(self, sid: str) -> ServerRecord:
+        sid = split_id(sid)[1]
+        audit.refuse_if_read_only("server.stop", shown_id(self.name, sid), server=sid)
+        return self._server(self._ask(Op.STOP_SERVER, StopServer(id=sid), timeout=60))
+
+    def restart_server(self, sid: str) -> ServerRestarted:
+        """Stop, then start the same profile on the same placement: the node's agent has no restart op."""
+        shown = shown_id(self.name, split_id(sid)[1])
+        rec = next((st.rec for st in self.servers() if st.rec.id == shown), None)
+        if rec is None:
+            raise AgentError(f"{self.name}: no server {split_id(sid)[1]!r} (fleetdeck serve ls --node {self.name})")
+        ask, gpus = slurm_ask(rec), gpu_indices(rec)  # read before the stop, which must not run if these fail
+        old = self.stop_server(rec.id)
+        started = self.start_server(rec.name, gpus, port=None, force=True, slurm=ask)
+        return ServerRestarted(old, started.rec)
+
+    def prune_servers(self) -> list[str]:
+        raise AgentError(f"{self.name}: prune its ended servers on the node (`fleetdeck serve prune`)")
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def start_job(self, spec: str, gpus: list[int] | None, *, force: bool = False, slurm: SlurmAsk | None = None,
+                  gpu_snapshots: Any = None, node: str | None = None) -> JobRecord:
+        where = f"slurm:{slurm.gpus}" if slurm is not None else (",".join(map(str, gpus)) if gpus else "cpu")
+        audit.refuse_if_read_only("job.start", spec, spec=spec, gpus=where)
+        req = StartJob(spec=spec, gpus=None if slurm is not None else (gpus or None), force=force, slurm=slurm)
+        return self._job(self._ask(Op.START_JOB, req, timeout=180))
+
+    def cancel_job(self, jid: str) -> JobRecord:
+        jid = split_id(jid)[1]
+        audit.refuse_if_read_only("job.cancel", shown_id(self.name, jid), job=jid)
+        return self._job(self._ask(Op.CANCEL_JOB, CancelJob(id=jid), timeout=180))
+
+    def resume_job(self, jid: str) -> JobRecord:
+        jid = split_id(jid)[1]
+        audit.refuse_if_read_only("job.resume", shown_id(self.name, jid), job=jid)
+        return self._job(self._ask(Op.RESUME_JOB, ResumeJob(id=jid), timeout=60))
+
+    def prune_jobs(self) -> list[str]:
+        raise AgentError(f"{self.name}: prune its ended jobs on the node (`fleetdeck finetune prune`)")
+
+    # -- adapters --------------------------------------------------------------------------------
+    def load_adapter(self, sid: str, adapter: str, name: str | None = None) -> str:
+        sid = split_id(sid)[1]
+        audit.refuse_if_read_only("adapter.load", adapter, server=shown_id(self.name, sid), adapter=adapter)
+        return str(self._ask(Op.LOAD_ADAPTER, LoadAdapter(server=sid, adapter=adapter, name=name), timeout=180))
+
+    def swap_adapter(self, sid: str, old: str, adapter: str, name: str | None = None) -> str:
+        sid = split_id(sid)[1]
+        audit.refuse_if_read_only("adapter.swap", adapter, server=shown_id(self.name, sid), old=old, adapter=adapter)
+        req = SwapAdapter(server=sid, adapter=adapter, name=name, old=old)
+        return str(self._ask(Op.SWAP_ADAPTER, req, timeout=180))
+
+    def unload_adapter(self, sid: str, name: str) -> str:
+        sid = split_id(sid)[1]
+        audit.refuse_if_read_only("adapter.unload", name, server=shown_id(self.name, sid), adapter=name)
+        return str(self._ask(Op.UNLOAD_ADAPTER, UnloadAdapter(server=sid, name=name), timeout=60))
+
+    # The agent protocol has no op to signal a process: refused here, audited, with what to do instead,
+    # rather than stretched over an op that means something else.
+    def kill_process(self, req: KillRequest, grace_s: float = 5.0) -> str:
+        audit.refuse_if_read_only("process.kill", f"{req.node}:{req.pid}", node=req.node, pid=req.pid)
+        why = (f"{self.name} is reached over SSH and its agent cannot signal processes: "
+               f"ssh {self.name} and kill {req.pid} there, or stop its server or job")
+        audit.record("process.kill", f"{req.node}:{req.pid}", "refused", why, node=req.node, pid=req.pid,
+                     gpu=req.gpu, user=req.user, command=req.command[:200])
+        raise KillError(why)
+
+
+def connect(config: Any, name: str) -> RemoteNode:
+    """Connect to a node of the fleet config through its agent (the CLI's `--node`); raises AgentError if it
+    does not answer. The caller closes it.
+
+    The first session decides: it ends connected, incompatible or unreachable, bounded by the node's
+    hello_timeout_s (ssh's ConnectTimeout is inside it). A clock of its own here would be a second,
+    shorter limit that a slow but working node (a loaded machine starting Python) could miss."""
+    node = next((n for n in config.node if n.name == name), None)
+    if node is None:
+        raise AgentError(f"no node {name!r} in the fleet config (nodes: {', '.join(n.name for n in config.node) or 'none'})")
+    remote = RemoteNode.over_ssh(node.name, node.ssh, list(node.ssh_options), node.agent_command or None,
+                                 hello_timeout_s=node.hello_timeout_s)
+    safety_net = time.monotonic() + node.hello_timeout_s + 30  # only if the session's own watchdog never fires
+    while remote.link.status == "connecting" and time.monotonic() < safety_net:
+        time.sleep(0.1)
+    if remote.link.status != "connected":
+        remote.close()
+        raise AgentError(f"{name}: {remote.link.error or 'no answer from its agent'}")
+    return remote
