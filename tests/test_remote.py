@@ -219,7 +219,7 @@ def test_a_restricted_key_runs_only_the_agent_whatever_the_client_asks(sshd, tmp
                                hello_timeout_s=WAIT_CEILING_S)
     try:
         assert wait_for(lambda: node.link.status == "connected"), node.link.error
-        with pytest.raises(AgentError, match="no profile named"):
+        with pytest.raises(AgentError, match="profile must be a non-empty string"):  # a name, never a profile's text
             node.request("start_server", {"profile": {"name": "x", "model": "m",
                                                       "vllm_command": ["/bin/sh", "-c", f"id > {marker}"]}, "gpus": [0]})
         assert not marker.exists()
