@@ -14,7 +14,7 @@ from textual.containers import VerticalScroll
 from textual.css.query import NoMatches
 from textual.widgets import DataTable, Static
 
-from tui.screens.base import DeckModal, while_attached
+from tui.screens.base import DeckModal, on_yes, while_attached
 from tui.screens.confirm import ConfirmScreen
 from tui.table import NavTable, highlighted_key
 
@@ -128,7 +128,7 @@ class AdaptersScreen(DeckModal):
         if name is None or self._read_only():
             return
         self.app.push_screen(ConfirmScreen(f"Unload {name} from {self.rec.id}? Requests naming it will fail."),
-                             lambda ok: self._do("unload", name) if ok else None)
+                             on_yes(lambda: self._do("unload", name)))
 
     def action_swap(self) -> None:
         old = self._highlighted("#adapters-loaded")
@@ -141,7 +141,7 @@ class AdaptersScreen(DeckModal):
             self._refuse("adapter.swap", adapter, "Not swapping in " + adapter.name + ": " + "; ".join(issues), old=old)
             return
         self.app.push_screen(ConfirmScreen(f"Load {adapter.name}, then unload {old}?"),
-                             lambda ok: self._do("swap", adapter.name, old) if ok else None)
+                             on_yes(lambda: self._do("swap", adapter.name, old)))
 
     def _refuse(self, action: str, adapter: Any, message: str, old: str | None = None) -> None:
         """Refused here, before vLLM is asked: said on screen and recorded like any refusal."""

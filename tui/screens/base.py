@@ -168,6 +168,16 @@ class PolledScreen(DeckScreen):
         self.notify(self.NO_STORE, severity="warning")
 
 
+def store_of(app: Any) -> Store:
+    """The dashboard's store for an action that needs one; StoreError (one line: what to do) when none is open."""
+    from store.db import StoreError
+
+    if app.store is None:
+        raise StoreError(PolledScreen.NO_STORE)
+    store: Store = app.store
+    return store
+
+
 def ask_to_prune(screen: Screen[Any], ended: list[str], what: str, stays: str, nothing: str,
                  prune: Callable[[], object]) -> None:
     """Ask before forgetting the ended runs of this host (`ended`, their ids; `what`: "server(s)", "job(s)");

@@ -18,7 +18,7 @@ from textual_plotext import PlotextPlot
 
 from tui.format import bar
 from engine.nodes.ids import split_id
-from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, report_prune, while_attached
+from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, on_yes, report_prune, store_of, while_attached
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.start_job import StartJobScreen
@@ -60,7 +60,7 @@ class JobsScreen(PolledScreen):
     def __init__(self, refresh_s: float = 2.0) -> None:
         super().__init__(refresh_s)
         self.records: dict[str, Any] = {}
-        self.events: dict[str, list[dict]] = {}
+        self.events: dict[str, list[dict[str, Any]]] = {}
 
     def compose_body(self) -> ComposeResult:
         table = DeckTable(COLUMNS, id="jobs-table")
@@ -98,10 +98,10 @@ class JobsScreen(PolledScreen):
         from engine.nodes.local import LocalOps
 
         config = self.app.options.config
-        return LocalOps(self.store, list(config.adapter_roots), folders=self.app.options.folders,
+        return LocalOps(store_of(self.app), list(config.adapter_roots), folders=self.app.options.folders,
                         slurm_settings=getattr(config, "slurm", None))
 
-    def _show(self, recs: list[Any], events: dict[str, list[dict]]) -> None:
+    def _show(self, recs: list[Any], events: dict[str, list[dict[str, Any]]]) -> None:
         self.loaded()
         self.records = {r.id: r for r in recs}
         self.events = events
@@ -186,7 +186,12 @@ class JobsScreen(PolledScreen):
 
     def action_start(self) -> None:
         if self._guard():
-            self.app.push_screen(StartJobScreen(), lambda msg: (self.notify(msg), self.reload()) if msg else None)
+            self.app.push_screen(StartJobScreen(), self._started)
+
+    def _started(self, msg: str | None) -> None:
+        if msg:
+            self.notify(msg)
+            self.reload()
 
     def action_cancel(self) -> None:
         from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
@@ -195,7 +200,7 @@ class JobsScreen(PolledScreen):
         if r is None or r.state != JobState.RUNNING or not self._guard():
             return
         self.app.push_screen(ConfirmScreen(f"Cancel {r.id}? It saves a checkpoint at the end of this step."),
-                             lambda ok: self._act("cancel", r) if ok else None)
+                             on_yes(lambda: self._act("cancel", r)))
 
     def action_resume(self) -> None:
         from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)

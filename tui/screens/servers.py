@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Static
 from tui.format import sparkline
 from engine.nodes.ids import split_id
 from tui.screens.adapters_panel import AdaptersScreen
-from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, report_prune, while_attached
+from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, report_prune, store_of, while_attached
 from tui.screens.start_server import StartServerScreen
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
@@ -37,7 +37,7 @@ STATE_STYLE = {"ready": "bold green", "starting": "yellow", "crashed": "bold red
 class ServerView:
     rec: Any
     figures: Any = None
-    gen_history: deque = field(default_factory=lambda: deque(maxlen=120))
+    gen_history: deque[float] = field(default_factory=lambda: deque(maxlen=120))
 
 
 def _f(x: float | None, fmt: str = "{:.0f}", unit: str = "") -> str:
@@ -113,7 +113,7 @@ class ServersScreen(PolledScreen):
 
         config = self.app.options.config
         if self._local_ops is None or self._local_ops.store is not self.store:
-            self._local_ops = LocalOps(self.store, list(config.adapter_roots), scrapes=self._scrapes,
+            self._local_ops = LocalOps(store_of(self.app), list(config.adapter_roots), scrapes=self._scrapes,
                                        folders=self.app.options.folders, slurm_settings=getattr(config, "slurm", None))
         return self._local_ops
 

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Select, Static
 
-from tui.screens.base import DeckModal, while_attached
+from tui.screens.base import DeckModal, store_of, while_attached
 
 
 class StartJobScreen(DeckModal):
@@ -66,7 +66,7 @@ class StartJobScreen(DeckModal):
         from engine.nodes.select import ops_named
 
         config = self.app.options.config
-        local = LocalOps(self.app.store, list(config.adapter_roots), folders=self.app.options.folders,
+        local = LocalOps(store_of(self.app), list(config.adapter_roots), folders=self.app.options.folders,
                          slurm_settings=getattr(config, "slurm", None))
         return ops_named(self._sources(), local, node)
 

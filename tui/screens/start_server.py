@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Select, Static
 
-from tui.screens.base import DeckModal, while_attached
+from tui.screens.base import DeckModal, store_of, while_attached
 
 UNSET = "?"  # no node's lists loaded yet (None is this host)
 
@@ -90,7 +90,7 @@ class StartServerScreen(DeckModal):
 
         poller = getattr(self.app, "poller", None)
         config = self.app.options.config
-        local = LocalOps(self.app.store, list(config.adapter_roots), model_roots=list(config.models.roots),
+        local = LocalOps(store_of(self.app), list(config.adapter_roots), model_roots=list(config.models.roots),
                          folders=self.app.options.folders, slurm_settings=getattr(config, "slurm", None))
         return ops_named(getattr(poller, "sources", []), local, node)
 
