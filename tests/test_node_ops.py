@@ -28,6 +28,7 @@ from fleet.protocol import OPS, BadMessage, Op, SlurmAsk, StartServer, args_of, 
 from fleet.remote import AgentError, RemoteNode
 from fleet.simulated import demo_fleet
 from store.db import open_store
+from tests.test_remote import stop_everything as _stop_everything
 from tests.helpers import FAKE_VLLM_CMD, WAIT_CEILING_S, make_node_files, sshd_server, wait_for
 
 PY = sys.executable
@@ -131,21 +132,6 @@ def node(request, tmp_path, monkeypatch):
     finally:
         remote.close()
         _stop_everything(store_path)
-
-
-def _stop_everything(store_path: Path) -> None:
-    from engine.finetune import jobs
-    from engine.vllm import launcher
-
-    if not store_path.exists():
-        return
-    store = open_store(store_path)
-    for rec in launcher.list_servers(store):
-        if rec.state not in ("stopped", "crashed"):
-            launcher.stop(store, rec, timeout=5)
-    for job in jobs.list_jobs(store):
-        if job.state == "running":
-            jobs.cancel(store, job, timeout=10)
 
 
 def _came_up(ops: NodeOps, sid: str) -> None:
