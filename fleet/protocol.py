@@ -152,7 +152,7 @@ class NoArgs(_Args):
 
 class SlurmAsk(_Args):
     """What a dashboard may ask of a node's own Slurm: a GPU count, a partition name, a time limit (the
-    node checks the limit's form, engine/slurm.py); the rest comes from the node's [slurm] settings."""
+    node checks the limit's form, engine/slurm/client.py); the rest comes from the node's [slurm] settings."""
 
     gpus: SlurmGpus = 1
     partition: Partition | None = None

@@ -90,4 +90,4 @@ LineCount = Annotated[int, BeforeValidator(line_count)]
 LogKind = Annotated[str, BeforeValidator(log_kind)]
 SlurmGpus = Annotated[int, BeforeValidator(slurm_gpus)]
 Partition = Annotated[str, BeforeValidator(partition)]
-SlurmTime = Annotated[str, BeforeValidator(text_of("slurm.time"))]  # its form is checked by the node (engine/slurm.py)
+SlurmTime = Annotated[str, BeforeValidator(text_of("slurm.time"))]  # its form is checked by the node (engine/slurm/client.py)
