@@ -122,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = route_router_config(args, f"fleetdeck {args.command or ''}".strip())
     if code is not None:
         return code
+    if getattr(args, "config", None):
+        # The fleet config named here is this host's for everything the command reads, not only what reads
+        # args.config: a launch looks up `[models] roots` through the default path (an agent started with
+        # --config used to serve from the default file's roots while listing its own).
+        os.environ["FLEETDECK_CONFIG"] = str(Path(args.config).absolute())
     # Errors whose message is written for the operator (a config that does not validate, a store that
     # is not ours): one line and exit 2, wherever in a command they surface, never a traceback.
     try:

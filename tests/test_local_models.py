@@ -214,3 +214,22 @@ async def test_the_start_dialog_offers_the_models_on_disk_and_starts_one(tmp_pat
         store = open_store(db)
         for r in launcher.list_servers(store):
             launcher.stop(store, r, timeout=5)
+
+
+def test_the_fleet_config_named_by_config_is_the_one_a_launch_reads_its_model_roots_from(tmp_path, monkeypatch,
+                                                                                         capsys):
+    # `--config` is this host's fleet config for everything the command reads: the launch resolves a model
+    # in that config's [models] roots, not in the default file's (an agent started with --config did the latter).
+    from fleetdeck.cli import main
+
+    root = tmp_path / "models"
+    (root / "acme" / "Qwen2-7B-ft").mkdir(parents=True)
+    (root / "acme" / "Qwen2-7B-ft" / "config.json").write_text(json.dumps(QWEN2_7B))
+    config = tmp_path / "node-fleet.toml"
+    config.write_text(f'[models]\nroots = ["{root}"]\n')
+    prof = tmp_path / "ft.toml"
+    prof.write_text('name = "ft"\nmodel = "acme/Qwen2-7B-ft"\n')
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    assert main(["serve", "start", str(prof), "--gpus", "0", "--dry-run", "--config", str(config),
+                 "--store", str(tmp_path / "fd.db")]) == 0
+    assert str(root / "acme" / "Qwen2-7B-ft") in capsys.readouterr().out
