@@ -9,6 +9,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 from engine.audit import trail as audit
@@ -114,6 +115,18 @@ def _run_demo(args: argparse.Namespace, config: Any) -> int:
         os.close(lock)
 
 
+def on_signal(app: Any) -> Any:
+    """The SIGHUP/SIGTERM handler: it hands the ending to a thread of its own and returns. A handler runs in
+    the main thread between two of its bytecodes, which may be inside the ending's lock (starting the
+    ending's thread, or the demo backend): taking that lock in the handler deadlocked the dashboard for
+    good (a hangup followed by a SIGTERM, seen in the hangup test: the process spun until SIGKILL)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        threading.Thread(target=app.terminal_lost, name=f"signal-{signum}", daemon=True).start()
+
+    return handler
+
+
 def _run_app(options: Any, config: Any) -> int:
     """Run the dashboard; whatever ends it (q, SIGHUP, SIGTERM, a lost terminal, an error), what it
     started for itself is ended before this returns (options.end_helpers, through app.end_helpers)."""
@@ -121,7 +134,7 @@ def _run_app(options: Any, config: Any) -> int:
     # Python-level handlers (not the event loop's: those are taken down when the loop closes, and a
     # second SIGHUP would then kill the process halfway through ending its helpers).
     for sig in (signal.SIGHUP, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: app.terminal_lost())
+        signal.signal(sig, on_signal(app))
     with audit.session(options.store_path, "tui", read_only=config.read_only, key_file=config.audit.key_file,
                        syslog_socket=config.audit.syslog_socket if config.audit.syslog else None):
         try:

@@ -14,6 +14,7 @@ import pty
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -374,3 +375,27 @@ async def test_sources_that_open_after_the_ending_began_are_stopped_at_once(tmp_
     async with app.run_test(size=(80, 24)) as pilot:
         await until(app, pilot, lambda: app.poller.sources, "the sources are open")
         assert closes == [1]
+
+
+def test_a_signal_that_lands_inside_the_endings_lock_does_not_deadlock_the_dashboard(tmp_path):
+    # A SIGTERM right after a SIGHUP arrives while the main thread is inside the ending's lock (starting the
+    # ending's thread); the handler used to take the same lock in the same thread and hang the dashboard for
+    # good. Run in a process of its own, so that a regression fails on the timeout instead of hanging pytest.
+    script = tmp_path / "lock.py"
+    script.write_text(textwrap.dedent(f"""
+        import signal, sys, threading
+        sys.path.insert(0, {str(ROOT)!r})
+        from fleetdeck.dashboard import on_signal
+        from tui.app import AppOptions, FleetDeckApp
+
+        ended = threading.Event()
+        app = FleetDeckApp(AppOptions(sources_factory=lambda: [], store_path=None, poll=False,
+                                      end_helpers=ended.set))
+        app.terminal_lost = lambda: (app.begin_ending(), ended.wait(30))  # what the handler's thread runs
+        with app._ending_lock:  # the main thread inside the lock when the signal lands
+            on_signal(app)(signal.SIGTERM, None)
+            print("handler returned", flush=True)
+        print("ended" if ended.wait(30) else "not ended", flush=True)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split("\n")[:2] == ["handler returned", "ended"], out.stderr[-2000:]
