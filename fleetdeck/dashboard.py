@@ -80,7 +80,7 @@ def _run_demo(args: argparse.Namespace, config: Any) -> int:
             # A fourth node behind the real agent protocol (over a pipe, not SSH) that drops every
             # 45 s and is reconnected with backoff, as a flaky remote node would be. Its own store (and,
             # through the environment, the demo's profiles and log folder), as a node has its own.
-            agent = ["env", f"FLEETDECK_PROFILES={home.profiles}", f"XDG_STATE_HOME={home.root / 'sim-remote-04'}",
+            agent = ["env", f"FLEETDECK_PROFILES={home.profiles}", f"FLEETDECK_SPECS={home.specs}", f"XDG_STATE_HOME={home.root / 'sim-remote-04'}",
                      sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "sim-remote-04",
                      "--exit-after", "45", "--store", str(remote_store)]
             flaky = RemoteNode("sim-remote-04", agent, backoff_s=(3.0, 10.0))

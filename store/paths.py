@@ -21,11 +21,16 @@ class EnvOverrides(BaseSettings):
     config: Path | None = None  # the fleet config
     router_config: Path | None = None  # the routing proxy's config
     profiles: str = ""  # more vLLM profile folders, os.pathsep-separated, searched first
+    specs: str = ""  # more fine-tune spec folders, os.pathsep-separated, searched first
     vllm: str | None = None  # the vLLM command line (shell words), before any profile's vllm_command
 
     @property
     def profile_roots(self) -> list[Path]:
         return [Path(p) for p in self.profiles.split(os.pathsep) if p]
+
+    @property
+    def spec_roots(self) -> list[Path]:
+        return [Path(p) for p in self.specs.split(os.pathsep) if p]
 
 
 def overrides() -> EnvOverrides:

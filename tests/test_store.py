@@ -337,3 +337,12 @@ def test_several_processes_opening_one_new_store_at_once_all_succeed(tmp_path):
             futures = [pool.submit(_open_when_told, str(path), str(go)) for _ in range(4)]
             go.touch()
             assert [f.result(timeout=120) for f in futures] == [SCHEMA_VERSION] * 4
+
+
+def test_spec_folders_from_the_environment_are_searched_first(tmp_path, monkeypatch):
+    from engine.finetune.spec import spec_roots
+
+    monkeypatch.setenv("FLEETDECK_SPECS", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    assert spec_roots()[:2] == [tmp_path / "a", tmp_path / "b"]
+    monkeypatch.setenv("FLEETDECK_SPECS", "")  # empty is unset
+    assert tmp_path / "a" not in spec_roots()

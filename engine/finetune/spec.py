@@ -59,10 +59,11 @@ def load_spec(path: str | Path) -> JobSpec:
 
 
 def spec_roots() -> list[Path]:
-    """Where fine-tune specs are found by name: ~/.config/fleetdeck/finetune, then ./configs/finetune."""
-    from store.paths import config_dir
+    """Where fine-tune specs are found by name: FLEETDECK_SPECS's folders, ~/.config/fleetdeck/finetune, then
+    ./configs/finetune."""
+    from store.paths import config_dir, overrides
 
-    return [config_dir() / "finetune", Path.cwd() / "configs" / "finetune"]
+    return overrides().spec_roots + [config_dir() / "finetune", Path.cwd() / "configs" / "finetune"]
 
 
 def named_specs() -> dict[str, Path]:
