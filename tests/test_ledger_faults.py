@@ -516,6 +516,9 @@ def test_a_full_disk_then_a_stop_then_a_restart_keeps_or_counts_every_answered_r
             # The proxy keeps answering on a full disk: the ledger's trouble is never the client's.
             assert [proxy.ask(WARM + i) for i in range(ANSWERED)] == [200] * ANSWERED
             total = WARM + ANSWERED
+            # The writer meets the full disk on its next batch, a moment after the answers (it gathers rows for
+            # flush_every_s first): wait for its error, not for a time.
+            assert wait_for(lambda: "full" in (proxy.client.get("/health").json()["ledger_error"] or ""))
             seen = proxy.metrics()
             health = proxy.client.get("/health").json()
             assert seen["fleetdeck_ledger_rows_recorded_total"] == total == health["ledger_recorded"]
