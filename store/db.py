@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -205,6 +206,8 @@ def open_store(path: str | os.PathLike[str]) -> Store:
     try:
         if not p.exists():
             _create_private(p)
+    except FileExistsError:
+        pass  # another fleetdeck made it between our look and our create: it is identified below like any file
     except OSError as exc:
         raise StoreError(f"Cannot create the store at {p}: {exc.strerror or exc}. {hint}") from exc
     if not os.access(p, os.R_OK | os.W_OK) or not os.access(p.parent, os.W_OK | os.X_OK):
@@ -239,7 +242,7 @@ def _open_claimed(p: Path, hint: str) -> Store:
         if version == 0:
             # Mark it first, so that a file with SQLite's header and no mark is always another program's.
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _wal(conn)
         for side in ("-wal", "-shm"):
             make_private(Path(f"{p}{side}"))
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -256,6 +259,21 @@ def _open_claimed(p: Path, hint: str) -> Store:
             raise StoreError(f"Cannot open the store {p}: {exc}. {hint}") from exc
         raise
     return store
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Put the store in WAL mode. Two fleetdecks opening one new store at once (a dashboard and its proxy on a
+    fresh install) can meet here: SQLite answers the mode change with "database is locked" at once, without
+    waiting on busy_timeout, when it would deadlock the other opener; so it is retried within that bound."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _migrate(store: Store, current: int) -> None:
