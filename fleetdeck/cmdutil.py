@@ -72,7 +72,7 @@ def is_router_config(path: str | Path) -> bool:
 
     try:
         data = tomllib.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         return False  # the fleet config's loader names what is wrong with it
     return bool(_ROUTER_KEYS & data.keys())
 

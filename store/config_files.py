@@ -14,6 +14,8 @@ from typing import Annotated, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
+from store.json_text import shown
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -49,8 +51,9 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
         elif err["type"] == "missing":
             msg = "required key is missing"
         got = err.get("input")
-        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {key}: {msg}{shown}")
+        # The value is named, not reprinted: a 100 KB string in a config is one short line here.
+        said = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {shown(got)})"
+        lines.append(f"  {key}: {msg}{said}")
     return "\n".join(lines)
 
 
@@ -59,6 +62,10 @@ def parse_toml_model(path: Path | str, text: str, model: type[M]) -> M:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+    except ValueError as exc:  # an integer past Python's digit limit is a ValueError, not a TOMLDecodeError
+        raise ConfigError(f"{path}: not valid TOML: {str(exc).split(';')[0]}") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:

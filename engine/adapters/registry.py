@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,8 +13,11 @@ import httpx
 from engine.audit import trail as audit
 from engine.vllm.record import ServerState
 from engine.io.http_auth import bearer
+from store.json_text import JsonTextError, parse_json, shown
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# A bound against absurd ranks in a folder from elsewhere, well above any vLLM serves (max_lora_rank <= 512).
+MAX_RANK = 4096
 # A registered version's own file (engine/adapters/versions.py): its content hash and provenance.
 METADATA = "fleetdeck.json"
 
@@ -70,7 +72,8 @@ def vllm_problems(cfg: dict[str, Any]) -> list[str]:
 def effective_rank(cfg: dict[str, Any], rank: int) -> int:
     """The largest rank any module uses: `rank_pattern` can raise it above `r`."""
     pattern = cfg.get("rank_pattern") or {}
-    ranks = [v for v in pattern.values() if isinstance(v, int)] if isinstance(pattern, dict) else []
+    ranks = [v for v in pattern.values() if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RANK] \
+        if isinstance(pattern, dict) else []
     return max([rank, *ranks])
 
 
@@ -82,32 +85,43 @@ def read_adapter(folder: Path) -> Adapter:
     if not weights:
         raise AdapterError(f"{folder}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from exc
+        cfg = parse_json(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, JsonTextError) as exc:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{cfg_path}: expected a JSON object")
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    try:
-        rank = int(cfg["r"])
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{cfg_path}: no integer `r` (the LoRA rank)") from None
+        raise AdapterError(f"{cfg_path}: peft_type {shown(cfg.get('peft_type'))} is not LORA")
+    # An adapter folder can come from anywhere (`adapters import`): its numbers are checked, not trusted.
+    rank = cfg.get("r")
+    if isinstance(rank, float) and rank.is_integer():
+        rank = int(rank)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+        raise AdapterError(f"{cfg_path}: `r` (the LoRA rank) must be an integer from 1 to {MAX_RANK} (got {shown(rank)})")
+    alpha = cfg.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not 0 < alpha < float("inf")):
+        raise AdapterError(f"{cfg_path}: `lora_alpha` must be a positive number (got {shown(alpha)})")
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
+    if not isinstance(targets, list):
+        raise AdapterError(f"{cfg_path}: `target_modules` must be a list of module names (got {shown(targets)})")
+    base = cfg.get("base_model_name_or_path")
     meta = None
     meta_path = folder / METADATA
     if meta_path.is_file():
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            meta = parse_json(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, JsonTextError):
             meta = None
+        if not isinstance(meta, dict):
+            meta = None  # fleetdeck's own notes; a folder without readable ones is still an adapter
     version = VERSION_DIR.match(folder.name)
     return Adapter(
         name=folder.name, path=str(folder.resolve()), rank=effective_rank(cfg, rank),
-        alpha=float(cfg["lora_alpha"]) if cfg.get("lora_alpha") is not None else None,
-        target_modules=sorted(str(t) for t in targets), base_model=cfg.get("base_model_name_or_path"),
+        alpha=float(alpha) if alpha is not None else None,
+        target_modules=sorted(str(t) for t in targets), base_model=base if isinstance(base, str) else None,
         size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()), metadata=meta,
         family=version["name"] if version else folder.name, version=int(version["n"]) if version else None,
         vllm_problems=vllm_problems(cfg),

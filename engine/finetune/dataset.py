@@ -9,11 +9,12 @@ share that max_seq_length would cut is reported.
 from __future__ import annotations
 
 import hashlib
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from store.json_text import JsonTextError, jsonl_lines, parse_json, shown
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -60,7 +61,7 @@ def _check_line(obj: Any) -> tuple[str | None, str | None]:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 return None, f"message {i} needs `role` and `content`"
             if not isinstance(m["role"], str) or m["role"] not in ROLES:
-                return None, f"message {i} has unknown role {m['role']!r} (one of {', '.join(sorted(ROLES))})"
+                return None, f"message {i} has unknown role {shown(m['role'])} (one of {', '.join(sorted(ROLES))})"
             if not isinstance(m["content"], str) or not m["content"].strip():
                 return None, f"message {i} ({m['role']}) has empty content (or content that is not text)"
         if not any(m["role"] == "assistant" for m in msgs):
@@ -79,12 +80,8 @@ def _check_line(obj: Any) -> tuple[str | None, str | None]:
 
 
 def load_examples(path: Path) -> list[dict[str, Any]]:
-    """Parsed examples of a dataset that passed the check."""
-    out = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        if raw.strip():
-            out.append(json.loads(raw))
-    return out
+    """Parsed examples of a dataset that passed the check (its lines read as the check read them)."""
+    return [parse_json(line) for _, line in jsonl_lines(path.read_text(encoding="utf-8"))]
 
 
 def check_dataset(path: Path, base_model: Path | None = None, max_seq_length: int | None = None,
@@ -103,18 +100,12 @@ def check_dataset(path: Path, base_model: Path | None = None, max_seq_length: in
         return report
     forms: set[str] = set()
     texts: list[str] = []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
+    for n, raw in jsonl_lines(text):
         report.lines += 1
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            report.errors.append(f"line {n}: invalid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit; nesting too deep
-            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
-            report.errors.append(f"line {n}: invalid JSON ({why})")
+            obj = parse_json(raw)
+        except JsonTextError as exc:
+            report.errors.append(f"line {n}: invalid JSON ({exc})")
             continue
         form, error = _check_line(obj)
         if error:

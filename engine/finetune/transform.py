@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from store.json_text import JsonTextError, jsonl_lines, parse_json
+
 EXIT_DONE, EXIT_FAILED = 0, 1
 
 
@@ -73,10 +75,13 @@ def merge(adapter: Path, base: Path, out: Path, workdir: Path) -> Path:
 def calibration_texts(dataset: Path, tokenizer: Any, limit: int) -> list[str]:
     """Texts from a fine-tune dataset (chat `messages` or alpaca fields), as the model will see them."""
     texts = []
-    for line in dataset.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, line in jsonl_lines(dataset.read_text(encoding="utf-8")):
+        try:
+            row = parse_json(line)
+        except JsonTextError as exc:
+            raise ValueError(f"{dataset}: line {n}: invalid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{dataset}: line {n}: expected a JSON object")
         if isinstance(row.get("messages"), list):
             try:
                 texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))

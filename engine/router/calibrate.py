@@ -18,6 +18,7 @@ import httpx
 
 from engine.io.http_auth import bearer_from_env
 from engine.router.confidence import answer_confidence, slm_request
+from store.json_text import JsonTextError, jsonl_lines, parse_json
 
 if TYPE_CHECKING:  # types only: the store is handed in by the caller
     from store.analytics import CostFigures
@@ -41,13 +42,11 @@ def load_eval_set(path: Path) -> list[EvalItem]:
     except (OSError, UnicodeDecodeError) as exc:
         raise EvalSetError(f"{path}: cannot read: {exc}") from exc
     items, bad = [], []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
+    for n, raw in jsonl_lines(text):
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            bad.append(f"line {n}: invalid JSON ({exc.msg})")
+            obj = parse_json(raw)
+        except JsonTextError as exc:
+            bad.append(f"line {n}: invalid JSON ({exc})")
             continue
         if not isinstance(obj, dict):
             bad.append(f"line {n}: expected a JSON object")
