@@ -200,3 +200,43 @@ def test_an_adapter_config_nested_too_deeply_or_not_utf8_is_refused_by_name(tmp_
     cfg.write_text('{"r": 8, "lora_alpha": 16}')
     (tmp_path / "fleetdeck.json").write_bytes(b"\xff\xfe not utf-8")
     assert read_adapter(tmp_path).metadata is None  # its notes unreadable; the adapter itself stands
+
+
+# Launch profiles: every key of a profile with values of every shape. One that loads must give a command line
+# exec can run (no NUL, no empty program) and a planner's CPU cache size, or the loader names the key.
+profile_values = values | st.dictionaries(st.sampled_from(["VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS", "1BAD"]),
+                                          st.sampled_from(["4", "1e400", "inf", "nan", "-1", "x", "2\x00"]), max_size=2)
+
+
+@SETTINGS
+@given(st.fixed_dictionaries({"name": st.just("p"), "model": st.sampled_from(["Qwen/Qwen3-8B", "m\x00"])}),
+       st.dictionaries(st.sampled_from(["vllm_command", "extra_args", "env", "served_model_name", "max_model_len",
+                                        "gpu_memory_utilization", "port", "host", "quantization", "kv_cache_dtype"]),
+                       profile_values | st.sampled_from(["vllm 'serve", "", "  ", "vllm serve"]), max_size=5))
+def test_any_profile_is_a_launchable_command_line_or_errors_that_name_the_key(base, doc):
+    from engine.vllm.command import LaunchError, build_launch
+    from engine.vllm.profile import Profile
+
+    text = "\n".join(f"{json.dumps(k)} = {toml_value(v) if not isinstance(v, dict) else '{' + ', '.join(f'{json.dumps(a)} = {json.dumps(b)}' for a, b in v.items()) + '}'}"
+                     for k, v in {**base, **doc}.items())
+    try:
+        profile = parse_toml_model("p.toml", text, Profile)
+    except ConfigError as exc:
+        assert all(len(line) < 300 for line in str(exc).split("\n"))
+        return
+    assert profile.cpu_kv_cache_bytes is None or profile.cpu_kv_cache_bytes > 0
+    try:
+        argv, env = build_launch(profile, [0], 8000, {}, require_installed=False)
+    except LaunchError:
+        return
+    assert argv and argv[0].strip()
+    assert not any("\x00" in a for a in argv) and not any("\x00" in k + v for k, v in env.items())
+
+
+def test_a_fleetdeck_vllm_that_is_not_a_command_line_is_named(monkeypatch):
+    from engine.vllm.command import LaunchError, vllm_command
+    from engine.vllm.profile import Profile
+
+    monkeypatch.setenv("FLEETDECK_VLLM", "vllm 'serve")
+    with pytest.raises(LaunchError, match="FLEETDECK_VLLM is not a command line"):
+        vllm_command(Profile(name="p", model="m"), require_installed=False)

@@ -67,7 +67,12 @@ def vllm_installed(cmd: Sequence[str]) -> bool:
 def vllm_command(profile: Profile, require_installed: bool = True) -> list[str]:
     """The vLLM command line's start; `require_installed=False` for a dry run, which only prints it."""
     env = overrides().vllm
-    cmd = shlex.split(env) if env else (profile.command() or ["vllm"])
+    try:
+        cmd = shlex.split(env) if env else (profile.command() or ["vllm"])
+    except ValueError as exc:  # the profile's was checked when it was read; FLEETDECK_VLLM is checked here
+        raise LaunchError(f"FLEETDECK_VLLM is not a command line ({exc}): {env[:80]!r}") from None
+    if not cmd or not cmd[0].strip():
+        raise LaunchError("FLEETDECK_VLLM is empty: unset it, or name the vLLM command")
     if require_installed and not vllm_installed(cmd):
         raise LaunchError(
             f"cannot find the vLLM command {cmd[0]!r}: install it (pip install 'fleetdeck[serve]' on a GPU host) "

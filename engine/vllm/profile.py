@@ -62,14 +62,51 @@ class Profile(Strict):
             raise ValueError(f"one of {', '.join(allowed)}")
         return v
 
+    @field_validator("model", "served_model_name", "extra_args", "vllm_command", "env", "api_key_env")
+    @classmethod
+    def _no_nul(cls, v: object) -> object:
+        """What becomes an argument or the environment of a process: a NUL there is refused by exec at launch
+        (a ValueError from deep inside subprocess), so it is refused here, where the file and key are named."""
+        items = v.items() if isinstance(v, dict) else v if isinstance(v, list) else [v]
+        for item in items:
+            for text in item if isinstance(item, tuple) else (item,):
+                if isinstance(text, str) and "\x00" in text:
+                    raise ValueError("holds a NUL character, which no command line or environment can carry")
+        return v
+
+    @field_validator("vllm_command")
+    @classmethod
+    def _command(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, str):
+            try:
+                words = shlex.split(v)
+            except ValueError as exc:  # an unbalanced quote
+                raise ValueError(f"not a command line ({exc})") from None
+        else:
+            words = v or []
+        if v is not None and (not words or not all(w.strip() for w in words)):
+            raise ValueError("names the vLLM command: a program and its arguments, none of them empty")
+        return v
+
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        import math
+
         for key in v:
             if not key.replace("_", "").isalnum() or key[:1].isdigit():
                 raise ValueError(f"{key!r} is not an environment variable name")
             if key in ("VLLM_API_KEY", "CUDA_VISIBLE_DEVICES"):
                 raise ValueError(f"{key} is set by fleetdeck (api_key_env and --gpus), not by the profile")
+        space = v.get("VLLM_CPU_KVCACHE_SPACE")
+        if space is not None:
+            # The planner sizes a CPU server's KV cache by it, as vLLM does: a number of GiB, or nothing planned.
+            try:
+                gib = float(space)
+            except ValueError:
+                gib = math.nan
+            if not (math.isfinite(gib) and 0 < gib <= 1 << 20):
+                raise ValueError(f"VLLM_CPU_KVCACHE_SPACE is the KV cache's size in GiB, a positive number (got {space[:40]!r})")
         return v
 
     @field_validator("host")
@@ -103,10 +140,7 @@ class Profile(Strict):
     def cpu_kv_cache_bytes(self) -> int | None:
         """vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), not from GPU memory."""
         space = self.env.get("VLLM_CPU_KVCACHE_SPACE")
-        try:
-            return int(float(space) * 1024**3) if space and float(space) > 0 else None
-        except ValueError:
-            return None
+        return int(float(space) * 1024**3) if space else None  # checked when the profile was read
 
     def command(self) -> list[str]:
         if isinstance(self.vllm_command, str):
