@@ -70,7 +70,7 @@ def vllm_command(profile: Profile, require_installed: bool = True) -> list[str]:
     try:
         cmd = shlex.split(env) if env else (profile.command() or ["vllm"])
     except ValueError as exc:  # the profile's was checked when it was read; FLEETDECK_VLLM is checked here
-        raise LaunchError(f"FLEETDECK_VLLM is not a command line ({exc}): {(env or "")[:80]!r}") from None
+        raise LaunchError(f"FLEETDECK_VLLM is not a command line ({exc}): {(env or '')[:80]!r}") from None
     if not cmd or not cmd[0].strip():
         raise LaunchError("FLEETDECK_VLLM is empty: unset it, or name the vLLM command")
     if require_installed and not vllm_installed(cmd):
