@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from engine.adapters.registry import AdapterError, read_adapter
@@ -240,3 +240,39 @@ def test_a_fleetdeck_vllm_that_is_not_a_command_line_is_named(monkeypatch):
     monkeypatch.setenv("FLEETDECK_VLLM", "vllm 'serve")
     with pytest.raises(LaunchError, match="FLEETDECK_VLLM is not a command line"):
         vllm_command(Profile(name="p", model="m"), require_installed=False)
+
+
+numbers = st.sampled_from(["inf", "-inf", "nan", "1e308", "0", "-1", "1" + "0" * 30, "2.5", "36500"])
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(["retention_days", "max_body_bytes", "frontier_timeout_s"]), numbers, max_size=3),
+       st.dictionaries(st.sampled_from(["slm_gpu_hour_usd", "slm_gpus"]), numbers, max_size=2),
+       st.dictionaries(st.sampled_from(["threshold", "baseline_days", "recent_hours", "drift_threshold_pp",
+                                        "frontier_input_usd_per_mtok", "frontier_output_usd_per_mtok",
+                                        "slm_first_token_timeout_s", "slm_total_timeout_s"]), numbers, max_size=4))
+@example({"max_body_bytes": "1" + "0" * 30}, {}, {}).via("a 30-digit body limit")
+@example({}, {"slm_gpus": "1" + "0" * 30}, {}).via("a 30-digit GPU count")
+@example({"retention_days": "inf"}, {}, {"recent_hours": "inf"}).via("the report's NaN")
+def test_a_router_config_that_loads_holds_only_numbers_every_figure_can_use(proxy, pricing, task):
+    """`inf` and 30-digit integers are valid TOML: a router config with them loaded, and `fleetdeck report`
+    then said "cannot convert float NaN to integer". Every number a config holds is finite and in range."""
+    from engine.router.config import RouterConfig
+
+    def table(d):
+        return "\n".join(f"{k} = {v}" for k, v in d.items())
+
+    text = (f"[proxy]\n{table(proxy)}\n[pricing]\n{table(pricing)}\n[[task]]\nname = \"t\"\n"
+            f"slm_base_url = \"http://127.0.0.1:9/v1\"\nslm_model = \"m\"\n{table({'threshold': '0.5', **task})}\n")
+    try:
+        config = parse_toml_model("router.toml", text, RouterConfig)
+    except ConfigError:
+        return
+    import math
+
+    for model in (config.proxy, config.pricing, *config.task):
+        for value in model.model_dump().values():
+            if isinstance(value, float):
+                assert math.isfinite(value)
+            if isinstance(value, int):
+                assert abs(value) < 2**53  # a float's exact integers: every cost and window multiplies them

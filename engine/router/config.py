@@ -24,8 +24,9 @@ class ProxySettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=4000, ge=1, le=65535)
     api_keys_env: str | None = "FLEETDECK_PROXY_KEYS"
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    retention_days: float = Field(default=30.0, gt=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3)
+    # Bounded: `inf` is valid TOML, and a window of infinite days is NaN in every figure drawn from it.
+    retention_days: float = Field(default=30.0, gt=0, le=100 * 365)
     # Total bounds, retries included: a timeout that is not a bound is not a timeout.
     frontier_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     body_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="a request body must arrive within this")
@@ -49,8 +50,8 @@ class ProxySettings(Strict):
 
 
 class Pricing(Strict):
-    slm_gpu_hour_usd: float = Field(default=0.0, ge=0)
-    slm_gpus: int = Field(default=1, ge=0)
+    slm_gpu_hour_usd: float = Field(default=0.0, ge=0, le=1e6)
+    slm_gpus: int = Field(default=1, ge=0, le=1_000_000)
 
 
 class Gate(Strict):
@@ -86,13 +87,13 @@ class Task(Strict):
     frontier_api_base: str | None = None
     frontier_api_key_env: str | None = None
     # For frontier models litellm's bundled price map does not know (on-prem hosted_vllm/... included).
-    frontier_input_usd_per_mtok: float | None = Field(default=None, ge=0)
-    frontier_output_usd_per_mtok: float | None = Field(default=None, ge=0)
+    frontier_input_usd_per_mtok: float | None = Field(default=None, ge=0, le=1e6)
+    frontier_output_usd_per_mtok: float | None = Field(default=None, ge=0, le=1e6)
     store_text: bool = False
     # Escalation-drift alerting (read by reports and the Router screen).
-    baseline_days: float = Field(default=TaskPolicy.baseline_days, gt=0)
-    recent_hours: float = Field(default=TaskPolicy.recent_hours, gt=0)
-    drift_threshold_pp: float = Field(default=TaskPolicy.drift_threshold_pp, gt=0)
+    baseline_days: float = Field(default=TaskPolicy.baseline_days, gt=0, le=3660)
+    recent_hours: float = Field(default=TaskPolicy.recent_hours, gt=0, le=24 * 366)
+    drift_threshold_pp: float = Field(default=TaskPolicy.drift_threshold_pp, gt=0, le=100)
     gate: Gate | None = None
 
     @model_validator(mode="before")
