@@ -287,3 +287,32 @@ def test_the_verifier_names_every_mismatch_and_reads_nothing_outside_the_bundle(
                           {"name": "install.py", "sha256": install_script.sha256_of(bundle / "install.py")}],
                 "fleetdeck": "0"}
         assert install_script.verify(bundle, good) == []
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                            max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(entries=st.lists(_json_values | st.fixed_dictionaries({"name": _json_values, "sha256": _json_values}), max_size=4),
+       nest=st.sampled_from([0, 0, 100_000]))
+def test_a_manifest_of_any_shape_is_refused_or_verified_in_one_line_each(entries, nest):
+    """A manifest comes from across the air gap: an entry that is not an object, a name that is not text, or a
+    file nested 100,000 deep is a line naming it (or a refusal), never an exception in the install script."""
+    import tempfile
+
+    from engine.bundle import install_script
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp)
+        text = json.dumps({"files": entries, "fleetdeck": "0"})
+        (bundle / install_script.MANIFEST).write_text("[" * nest + text + "]" * nest)
+        try:
+            manifest = install_script.read_manifest(bundle)
+        except install_script.Refused as exc:
+            assert nest and "nested too deeply" in str(exc) and "\n" not in str(exc)
+            return
+        problems = install_script.verify(bundle, manifest)
+        assert all(isinstance(p, str) and "\n" not in p for p in problems)
+        assert len(problems) >= sum(1 for e in entries if not isinstance(e, dict))

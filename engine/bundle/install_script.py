@@ -48,7 +48,9 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     try:
         doc = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise Refused(f"{bundle / MANIFEST}: cannot read the bundle's manifest ({exc})") from None
+        raise Refused(f"{bundle / MANIFEST}: cannot read the bundle's manifest ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise Refused(f"{bundle / MANIFEST}: cannot read the bundle's manifest (nested too deeply)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("files"), list) or not isinstance(doc.get("fleetdeck"), str):
         raise Refused(f"{bundle / MANIFEST}: not a fleetdeck bundle manifest")
     return doc
@@ -64,6 +66,9 @@ def verify(bundle: Path, manifest: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     listed: set[str] = set()
     for entry in manifest["files"]:
+        if not isinstance(entry, dict):
+            problems.append(f"{str(entry)[:60]!r}: not a file entry (the manifest lists {{name, sha256}} objects)")
+            continue
         name = str(entry.get("name", ""))
         listed.add(name)
         shown = name if name.isprintable() else repr(name)  # one line per problem, whatever the manifest says
