@@ -148,6 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `fleetdeck report --json | head`: the reader has what it wanted; no traceback for it.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # A path the system refuses (a name too long, a folder where a file goes, no permission) can surface
+        # wherever a command touches one it was given: one line naming the file and the system's reason.
+        return fail(os_error_line(exc))
+
+
+def os_error_line(exc: OSError) -> str:
+    name = exc.filename if isinstance(exc.filename, str) else None
+    shown = name if name is None or len(name) <= 120 else name[:60] + "…" + name[-40:]
+    what = exc.strerror or type(exc).__name__
+    return f"{shown!r}: {what}" if shown else f"{what}"
 
 
 def audit_session(args: argparse.Namespace, source: str, read_only: bool | None = None) -> Any:
