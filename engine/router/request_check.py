@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 from pydantic import ValidationError
@@ -111,8 +112,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # pragma: no cover - the depth bound is checked first
         raise BadRequest("Request body is not valid JSON: nested too deeply", code="invalid_json") from None
-    except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
+    except json.JSONDecodeError as exc:
         raise BadRequest(f"Request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+    except ValueError:  # an integer past Python's digit limit (its message advises sys.set_int_max_str_digits)
+        raise BadRequest(f"Request body is not valid JSON: an integer has more than {sys.get_int_max_str_digits()} "
+                         "digits", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object.", code="invalid_request")
     try:

@@ -13,7 +13,8 @@ The last user message steers the fake, so a test says what it wants in the promp
             "stallafter=2"   after that many tokens, send nothing more (for a minute)
             "nostream"       answer a streamed request with a JSON body (a server that ignores `stream`)
             "donestall"      after `data: [DONE]`, hold the HTTP body open (for a minute) instead of ending it
-          `app.state.events` records ("first_token", n) / ("finished", n) for the n-th request, in order.
+          `app.state.events` records ("first_token", n) / ("finished", n) for the n-th request, in order,
+          and ("closed", n) when the client closed the connection before the end.
   frontier: "ffail"          answer 500; "f400" answer 400 (both quote the prompt); "fsleep=2" answer late
             "fkeepalive"     stream one chunk, then only SSE keep-alive comments (for a minute)
             "fstall"         stream one chunk, then nothing (for a minute)
@@ -112,35 +113,39 @@ async def _slm_stream(state: Any, body: dict[str, Any], text: str, lps: list[flo
     def event(choice: dict[str, Any]) -> str:
         return f"data: {json.dumps({**base, 'choices': [{'index': 0, **choice}]})}\n\n"
 
-    yield event({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-    if m := re.search(r"firstwait=([\d.]+)", text):
-        await asyncio.sleep(float(m.group(1)))
-    for i, lp in enumerate(lps):
-        if stall is not None and i == stall:
-            for _ in range(600):  # a minute, far past any bound a test sets; the client's cut ends it
+    try:
+        yield event({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        if m := re.search(r"firstwait=([\d.]+)", text):
+            await asyncio.sleep(float(m.group(1)))
+        for i, lp in enumerate(lps):
+            if stall is not None and i == stall:
+                for _ in range(600):  # a minute, far past any bound a test sets; the client's cut ends it
+                    await asyncio.sleep(0.1)
+                return
+            if i == 1 and "hold" in text:
+                await asyncio.to_thread(state.release.wait, 30)
+            elif i and pace:
+                await asyncio.sleep(pace)
+            tok = _piece(i)
+            choice: dict[str, Any] = {"delta": {"content": tok}, "finish_reason": None}
+            if "nolp" not in text and body.get("logprobs"):
+                choice["logprobs"] = {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                                                   "top_logprobs": [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]}]}
+            yield event(choice)
+            if i == 0:
+                state.events.append(("first_token", n))
+        yield event({"delta": {}, "finish_reason": "stop"})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": SLM_PROMPT_TOKENS, "completion_tokens": len(lps), "total_tokens": SLM_PROMPT_TOKENS + len(lps)}
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+        if "donestall" in text:
+            for _ in range(600):  # a minute; the reader stops waiting for the body's end first
                 await asyncio.sleep(0.1)
-            return
-        if i == 1 and "hold" in text:
-            await asyncio.to_thread(state.release.wait, 30)
-        elif i and pace:
-            await asyncio.sleep(pace)
-        tok = _piece(i)
-        choice: dict[str, Any] = {"delta": {"content": tok}, "finish_reason": None}
-        if "nolp" not in text and body.get("logprobs"):
-            choice["logprobs"] = {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
-                                               "top_logprobs": [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]}]}
-        yield event(choice)
-        if i == 0:
-            state.events.append(("first_token", n))
-    yield event({"delta": {}, "finish_reason": "stop"})
-    if (body.get("stream_options") or {}).get("include_usage"):
-        usage = {"prompt_tokens": SLM_PROMPT_TOKENS, "completion_tokens": len(lps), "total_tokens": SLM_PROMPT_TOKENS + len(lps)}
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
-    yield "data: [DONE]\n\n"
-    if "donestall" in text:
-        for _ in range(600):  # a minute; the reader stops waiting for the body's end first
-            await asyncio.sleep(0.1)
-    state.events.append(("finished", n))
+        state.events.append(("finished", n))
+    except (asyncio.CancelledError, GeneratorExit):
+        state.events.append(("closed", n))  # the client (the proxy) closed the connection mid-answer
+        raise
 
 
 def frontier_app() -> Starlette:
