@@ -19,6 +19,10 @@ The last user message steers the fake, so a test says what it wants in the promp
             "fkeepalive"     stream one chunk, then only SSE keep-alive comments (for a minute)
             "fstall"         stream one chunk, then nothing (for a minute)
             "fbreak"         stream one chunk, then drop the connection mid-stream
+`broken_slm_app()`: a small model that answers what a broken server sends, by the prompt's first word: "usage"
+(token counts that are a string and a list), "hugelp" (a log-probability of 1e308), "surrogate" (a lone
+\ud800 in the text), "nodone" (the body ends without `data: [DONE]`), "multiline400" (a 400 whose message
+spans lines), "html500" (an HTML error page); with "json" before it, one JSON body instead of a stream.
 Both count the requests they got in `app.state.calls`; the SLM keeps each request's client address (host,
 port: one per TCP connection) in `app.state.peers`.
 """
@@ -35,7 +39,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 SLM_PROMPT_TOKENS = 50
@@ -190,6 +194,54 @@ def frontier_app() -> Starlette:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "frontier answer"}, "finish_reason": "stop"}],
             "usage": usage,
         })
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    app.state.calls = []
+    return app
+
+
+def broken_slm_app() -> Starlette:
+    def chunk(delta: dict[str, Any], logprob: str = "-0.01") -> str:
+        return ('data: {"id":"b","object":"chat.completion.chunk","created":1,"model":"b","choices":[{"index":0,'
+                f'"delta":{json.dumps(delta)},"finish_reason":null,'
+                f'"logprobs":{{"content":[{{"token":"t","logprob":{logprob},"bytes":[116],"top_logprobs":[]}}]}}}}]}}\n\n')
+
+    bad_usage = '{"prompt_tokens":"lots","completion_tokens":[1],"total_tokens":{"a":1}}'
+
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        request.app.state.calls.append(body)
+        words = _last_user(body).split()
+        whole = words[:1] == ["json"]
+        mode = words[1] if whole and len(words) > 1 else (words[0] if words else "")
+        if mode == "multiline400":
+            return JSONResponse({"error": {"message": "line one\nline two\r\nline three"}}, status_code=400)
+        if mode == "html500":
+            return Response("<html>\n<body>\nInternal error\n</body>\n</html>", status_code=500, media_type="text/html")
+        if whole:  # a server that ignores `stream`: one chat.completion, with the same fault in it
+            content = "a\\ud800" if mode == "surrogate" else "a"
+            lp = "1e308" if mode == "hugelp" else "-0.01"
+            usage = bad_usage if mode == "usage" else '{"prompt_tokens":3,"completion_tokens":1}'
+            text = ('{"id":"b","object":"chat.completion","created":1,"model":"b","choices":[{"index":0,'
+                    f'"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"stop",'
+                    f'"logprobs":{{"content":[{{"token":"t","logprob":{lp},"bytes":[116],"top_logprobs":[]}}]}}}}],'
+                    f'"usage":{usage}}}')
+            return Response(text, media_type="application/json")
+
+        async def gen() -> Any:
+            yield chunk({"role": "assistant", "content": "a"}, "1e308" if mode == "hugelp" else "-0.01")
+            if mode == "surrogate":
+                yield chunk({"content": "b\\ud800"}).replace("\\\\ud800", "\\ud800")
+            else:
+                yield chunk({"content": "b"})
+            if mode == "nodone":
+                return  # the body ends here: half an answer
+            yield 'data: {"id":"b","object":"chat.completion.chunk","created":1,"model":"b","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+            if mode == "usage":
+                yield f'data: {{"id":"b","object":"chat.completion.chunk","created":1,"model":"b","choices":[],"usage":{bad_usage}}}\n\n'
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     app.state.calls = []
