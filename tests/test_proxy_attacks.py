@@ -181,6 +181,22 @@ def test_two_task_or_escalate_headers_are_refused_and_a_known_tasks_refusal_is_a
     assert [(x["status"], x["reason"]) for x in rows] == [(400, "bad_request")] * 2
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"model":"nope","model":"tickets","messages":[{"role":"user","content":"lp=-0.01"}]}',
+    b'{"model":"tickets","messages":[{"role":"user","content":"lp=-0.01","role":"system"}]}',
+    b'{"model":"tickets","messages":[{"role":"user","content":"lp=-0.01"}],"stream":false,"stream":true}',
+])
+def test_a_key_twice_in_one_object_is_refused_not_read_as_its_last_value(slm, frontier, make_proxy, raw):
+    # Before: Python's last value won (`"model": "nope", "model": "tickets"` was served as tickets), where a
+    # hop in front that reads the first would have seen another task, role or stream.
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    calls = len(slm.app.state.calls)
+    r = proxy.client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    err = one_line_error(r, 400)
+    assert err["code"] == "invalid_json" and "more than once" in err["message"], err
+    assert len(slm.app.state.calls) == calls
+
+
 # --- `model`: a task name, or the client's 400 ------------------------------------------------------------
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
                            | st.text(max_size=12),
