@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.router import app as app_module
 from engine.router.config import RouterConfig
 from tests.fakes.fake_openai import ServerThread, broken_slm_app
 from tests.proxy_helpers import Proxies, Proxy, frontier, make_config, slm  # noqa: F401 (fixtures)
@@ -244,6 +246,35 @@ def test_any_model_value_is_a_task_or_a_one_line_4xx_and_rows_are_the_known_task
     # Exactly one row for a request that named a known task, none for one that did not.
     assert ledger.counts().recorded - before == (1 if known else 0)
     assert proxy.post("lp=-0.01").status_code == 200
+
+
+def test_a_large_body_is_checked_off_the_event_loop(slm, frontier, make_proxy, monkeypatch):
+    # Before: a 4 MiB body of empty messages took about a second of parsing and validation on the event
+    # loop, and every other request and stream waited. Here its check is held until another request has
+    # been answered: on the loop that answer could not come (the hold would block the loop).
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    entered, release = threading.Event(), threading.Event()
+    real = app_module.check_request
+
+    def held(body: dict[str, Any]) -> Any:
+        if len(body["messages"]) > 1000:
+            entered.set()
+            assert release.wait(60)
+        return real(body)
+
+    monkeypatch.setattr(app_module, "check_request", held)
+    big = {"model": "tickets", "messages": [{"role": "user", "content": ""}] * 5000 + [{"role": "user", "content": "lp=-0.01"}]}
+    answers: dict[str, httpx.Response] = {}
+    sender = threading.Thread(target=lambda: answers.update(big=httpx.post(
+        f"{proxy.server.url}/v1/chat/completions", json=big, timeout=120, trust_env=False)))
+    sender.start()
+    try:
+        assert entered.wait(60)
+        assert proxy.post("lp=-0.01").status_code == 200  # served while the big body is being checked
+    finally:
+        release.set()
+        sender.join(120)
+    assert answers["big"].status_code == 200, answers["big"].text[:300]
 
 
 # --- browsers ------------------------------------------------------------------------------------------------

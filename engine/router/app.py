@@ -37,6 +37,9 @@ log = logging.getLogger("fleetdeck.proxy")
 
 # The cancel message that tells Router.handle its client left (any other cancel is the proxy stopping).
 CLIENT_GONE = "fleetdeck: the client disconnected"
+# A body larger than this is parsed and validated in a thread: a 4 MiB body of 140,000 empty messages
+# takes about a second of parsing and validation, which on the event loop would stall every stream.
+OFF_LOOP_BYTES = 64 * 1024
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None,
@@ -166,8 +169,9 @@ class Endpoints:
         if isinstance(raw, Response):
             router.metrics.errors.labels("", str(raw.status_code)).inc()
             return raw
+        big = len(raw) > OFF_LOOP_BYTES
         try:
-            body = parse_body(raw)
+            body = await asyncio.to_thread(parse_body, raw) if big else parse_body(raw)
         except BadRequest as exc:
             router.metrics.errors.labels("", "400").inc()
             return openai_error(400, str(exc), "invalid_request_error", exc.code, param=exc.param)
@@ -194,7 +198,7 @@ class Endpoints:
         try:
             call.force = _force(_one_header(request, "x-fleetdeck-escalate"))
             # From here on the body is the typed request's own dump: nothing unchecked goes upstream.
-            call.body = check_request(body).forwarded()
+            call.body = await asyncio.to_thread(_checked, body) if big else _checked(body)
         except BadRequest as exc:
             # The task is known, so the refusal is a ledger row like any other answer.
             call.body = {"messages": body["messages"] if isinstance(body.get("messages"), list) else []}
@@ -229,6 +233,10 @@ class Endpoints:
             return Response(status_code=499)  # nobody is listening; uvicorn drops it
         finally:
             watcher.cancel()
+
+
+def _checked(body: dict[str, Any]) -> dict[str, Any]:
+    return check_request(body).forwarded()
 
 
 def _one_header(request: Request, name: str) -> str | None:
