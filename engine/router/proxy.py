@@ -233,8 +233,9 @@ class Router:
                                  error="the proxy stopped before this request was answered"))
             raise
         except Exception as exc:
-            self.record(self.row(call, Route.NONE, False, Reason.INTERNAL_ERROR, 500, error=f"{type(exc).__name__}: {exc}"))
-            return openai_error(500, f"fleetdeck proxy error: {type(exc).__name__}: {exc}", "server_error")
+            what = _one_line(f"{type(exc).__name__}: {exc}")[:300]
+            self.record(self.row(call, Route.NONE, False, Reason.INTERNAL_ERROR, 500, error=what))
+            return openai_error(500, f"fleetdeck proxy error: {what}", "server_error")
 
     async def _route(self, call: Call) -> Response:
         try:

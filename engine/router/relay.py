@@ -73,6 +73,10 @@ async def relay_slm(call: Call, stream: SlmStream, row: LedgerRow, price: Price,
         row.status = 502
         row.error = f"small model stream cut: {exc}"
         yield _error_event(row.error)
+    except Exception as exc:  # a chunk nothing above foresaw: the client is told, as for a cut, not left hanging
+        row.status = 502
+        row.error = f"small model stream cut: {type(exc).__name__}"
+        yield _error_event(row.error)
     finally:
         usage = stream.usage
         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
