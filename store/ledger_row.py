@@ -33,6 +33,7 @@ class Reason(StrEnum):
     CLIENT_ERROR = "client_error"  # the upstream refused the request itself (4xx): not the model's fault
     BAD_REQUEST = "bad_request"  # refused at the proxy's front door
     SHUTDOWN = "shutdown"  # arrived while the proxy was stopping
+    CLIENT_DISCONNECTED = "client_disconnected"  # the client left before its answer began (status 499)
     INTERNAL_ERROR = "internal_error"
 
 

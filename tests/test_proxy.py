@@ -133,9 +133,11 @@ def test_forced_routes(slm, frontier, make_proxy):
     r = proxy.post("lp=-5.0", headers={"X-Fleetdeck-Escalate": "never"})
     assert r.headers["x-fleetdeck-route"] == "slm" and r.headers["x-fleetdeck-escalated"] == "false"
     r = proxy.post("hi", headers={"X-Fleetdeck-Escalate": "sometimes"})
-    assert r.status_code == 400
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Fleetdeck-Escalate"
     rows = proxy.rows()
-    assert [(x["route"], x["reason"], x["forced"]) for x in rows] == [("frontier", "forced_frontier", 1), ("slm", "forced_slm", 1)]
+    # A refusal for a known task is a row like any other (bad_request), the header's included.
+    assert [(x["route"], x["reason"], x["forced"]) for x in rows] == [
+        ("frontier", "forced_frontier", 1), ("slm", "forced_slm", 1), ("none", "bad_request", 0)]
 
 
 def test_the_task_header_overrides_the_model_field(slm, frontier, make_proxy):
@@ -387,13 +389,18 @@ BAD_INPUTS = [
     (b'{"model":"tickets",' + MSG.encode() + b',"top_logprobs":"abc"}', 400, "invalid_value", "top_logprobs"),
     (b'{"model":"tickets",' + MSG.encode() + b',"stream":true,"stream_options":"x"}', 400, "invalid_value", "stream_options"),
     (b'{"model":"tickets",' + MSG.encode() + b',"stream_options":{"include_usage":"yes"}}', 400, "invalid_value", "include_usage"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"stream_options":{"include_usage":true}}', 400, "invalid_value", "stream_options"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"stream":false,"stream_options":{}}', 400, "invalid_value", "stream_options"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"top_logprobs":3}', 400, "invalid_value", "top_logprobs"),
+    (b'{"model":"tickets",' + MSG.encode() + b',"logprobs":false,"top_logprobs":3}', 400, "invalid_value", "top_logprobs"),
     (b'{"model":"tickets",' + MSG.encode() + b',"seed":' + b"9" * 5000 + b"}", 400, "invalid_json", None),
     (b'{"model":"tickets",' + MSG.encode() + b',"x":' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json", None),
     (b'{"model":"tickets",' + MSG.encode() + b',"max_tokens":-5}', 400, "invalid_value", "max_tokens"),
     (b'{"model":"tickets",' + MSG.encode() + b',"n":0}', 400, "invalid_value", "n"),
     (b'{"model":"tickets",' + MSG.encode() + b',"stop":[1,2]}', 400, "invalid_value", "stop"),
     (b'{"model":"tickets","messages":[{"role":5,"content":"x"}]}', 400, "invalid_value", "messages[0].role"),
-    (b'{"model":["tickets"],' + MSG.encode() + b"}", 404, "model_not_found", None),
+    (b'{"model":["tickets"],' + MSG.encode() + b"}", 400, "invalid_value", "model"),  # no task named: no row
+    (b'{"model":"nope",' + MSG.encode() + b"}", 404, "model_not_found", None),
     (b"[1,2]", 400, "invalid_request", None),
     (b"\xff\xfe", 400, "invalid_json", None),
 ]
@@ -411,7 +418,7 @@ def test_every_bad_input_gets_an_openai_4xx_and_the_proxy_keeps_serving(slm, fro
     assert len(slm.app.state.calls) == slm_calls  # nothing bad went upstream
     assert proxy.post("lp=-0.01").status_code == 200
     rows = proxy.rows()
-    known_task = [b for b in BAD_INPUTS if b[2] == "invalid_value"]
+    known_task = [b for b in BAD_INPUTS if b[2] == "invalid_value" and b[3] != "model"]
     assert [x["status"] for x in rows] == [400] * len(known_task) + [200]
     assert all(x["reason"] == "bad_request" and x["route"] == "none" for x in rows[:-1])
 

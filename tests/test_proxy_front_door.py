@@ -413,6 +413,11 @@ def openai_bodies(draw: Any) -> dict[str, Any]:
     body["messages"].append({"role": "user", "content": draw(user_content)})
     for key in draw(st.sets(st.sampled_from(sorted(PARAMS)), max_size=6)):
         body[key] = draw(PARAMS[key])
+    # Valid as OpenAI has it: each option with the switch it belongs to.
+    if "stream_options" in body:
+        body["stream"] = True
+    if body.get("top_logprobs"):
+        body["logprobs"] = True
     if draw(st.booleans()):
         tools = draw(st.lists(tool, min_size=1, max_size=3, unique_by=lambda t: t["function"]["name"]))
         body["tools"] = tools

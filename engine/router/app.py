@@ -35,6 +35,12 @@ if TYPE_CHECKING:  # the Router makes the app from this module: a type only, or 
 
 log = logging.getLogger("fleetdeck.proxy")
 
+# The cancel message that tells Router.handle its client left (any other cancel is the proxy stopping).
+CLIENT_GONE = "fleetdeck: the client disconnected"
+# A body larger than this is parsed and validated in a thread: a 4 MiB body of 140,000 empty messages
+# takes about a second of parsing and validation, which on the event loop would stall every stream.
+OFF_LOOP_BYTES = 64 * 1024
+
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None,
                  headers: Mapping[str, str] | None = None, param: str | None = None) -> JSONResponse:
@@ -55,7 +61,12 @@ class Endpoints:
         keys = self.router.keys
         if not keys:
             return None
-        header = request.headers.get("authorization", "")
+        sent = request.headers.getlist("authorization")
+        if len(sent) > 1:
+            # Two keys are two answers to "who is this": which one a hop in front checked is unknowable.
+            return openai_error(401, f"{len(sent)} Authorization headers: send exactly one, Authorization: Bearer <key>.",
+                                "invalid_request_error", "invalid_api_key")
+        header = sent[0] if sent else ""
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if token not in keys:
             return openai_error(401, "Missing or invalid API key: send Authorization: Bearer <key>.",
@@ -158,36 +169,119 @@ class Endpoints:
         if isinstance(raw, Response):
             router.metrics.errors.labels("", str(raw.status_code)).inc()
             return raw
+        big = len(raw) > OFF_LOOP_BYTES
         try:
-            body = parse_body(raw)
+            body = await asyncio.to_thread(parse_body, raw) if big else parse_body(raw)
         except BadRequest as exc:
             router.metrics.errors.labels("", "400").inc()
             return openai_error(400, str(exc), "invalid_request_error", exc.code, param=exc.param)
-        name = request.headers.get("x-fleetdeck-task") or body.get("model")
+        try:
+            task_header = _one_header(request, "x-fleetdeck-task")
+        except BadRequest as exc:
+            router.metrics.errors.labels("", "400").inc()
+            return openai_error(400, str(exc), "invalid_request_error", exc.code, param=exc.param)
+        name = task_header or body.get("model")
+        if not isinstance(name, str) or not name:
+            # Not a task name at all: the client's malformed request (400), not an unknown task (404).
+            known = ", ".join(t.name for t in router.config.task)
+            router.metrics.errors.labels("", "400").inc()
+            what = "is required" if name is None or name == "" else f"must be a string, got {type(name).__name__}"
+            return openai_error(400, f"`model` {what}: name a task ({known}) as `model` or in the X-Fleetdeck-Task "
+                                     "header.", "invalid_request_error", "invalid_value", param="model")
         task = router.task_for(name)
         if task is None:
             known = ", ".join(t.name for t in router.config.task)
             router.metrics.errors.labels("", "404").inc()
-            return openai_error(404, f"Unknown task {str(name)[:100]!r}. Known tasks: {known}. Name one as `model` "
+            return openai_error(404, f"Unknown task {name[:100]!r}. Known tasks: {known}. Name one as `model` "
                                      "or in the X-Fleetdeck-Task header.", "invalid_request_error", "model_not_found")
-        header = request.headers.get("x-fleetdeck-escalate")
-        force = None
-        if header is not None:
-            try:
-                force = Force(header.strip().lower())
-            except ValueError:
-                return openai_error(400, "X-Fleetdeck-Escalate must be `always` or `never`.", "invalid_request_error")
-        call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, force, body)
+        call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, None, body)
         try:
+            call.force = _force(_one_header(request, "x-fleetdeck-escalate"))
             # From here on the body is the typed request's own dump: nothing unchecked goes upstream.
-            call.body = check_request(body).forwarded()
+            call.body = await asyncio.to_thread(_checked, body) if big else _checked(body)
         except BadRequest as exc:
             # The task is known, so the refusal is a ledger row like any other answer.
             call.body = {"messages": body["messages"] if isinstance(body.get("messages"), list) else []}
             router.record(router.row(call, Route.NONE, False, Reason.BAD_REQUEST, 400, error=str(exc)))
             return openai_error(400, str(exc), "invalid_request_error", exc.code, param=exc.param,
                                 headers=router.headers(call, Route.NONE, False))
-        return await router.handle(call)
+        return await self._route_while_connected(request, call)
+
+    async def _route_while_connected(self, request: Request, call: Call) -> Response:
+        """Route the call; a client that disconnects before its answer starts cancels it (the small model's
+        stream is closed, the frontier call dropped) and the ledger row says the client left (499).
+        Once a streamed answer has begun, Starlette watches for the disconnect and the relay records it."""
+        me = asyncio.current_task()
+        assert me is not None
+
+        async def watch() -> None:
+            # The body has been read whole, so the next message is the disconnect (or nothing, ever).
+            try:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # a server that cannot say: the request is routed to its end as before
+                return
+            me.cancel(CLIENT_GONE)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await self.router.handle(call)
+        except asyncio.CancelledError as exc:
+            if not (exc.args and exc.args[0] == CLIENT_GONE):
+                raise  # the proxy is stopping: Router.handle recorded the row
+            me.uncancel()
+            return Response(status_code=499)  # nobody is listening; uvicorn drops it
+        finally:
+            watcher.cancel()
+
+
+def _checked(body: dict[str, Any]) -> dict[str, Any]:
+    return check_request(body).forwarded()
+
+
+def _one_header(request: Request, name: str) -> str | None:
+    """A header that must come at most once: two values would be two answers (which task? which route?)."""
+    values = request.headers.getlist(name)
+    if len(values) > 1:
+        raise BadRequest(f"{len(values)} {_HEADER_NAMES[name]} headers: send it at most once.", _HEADER_NAMES[name],
+                         "invalid_header")
+    return values[0] if values else None
+
+
+_HEADER_NAMES = {"x-fleetdeck-task": "X-Fleetdeck-Task", "x-fleetdeck-escalate": "X-Fleetdeck-Escalate"}
+
+
+def _force(header: str | None) -> Force | None:
+    if header is None:
+        return None
+    try:
+        return Force(header.strip().lower())
+    except ValueError:
+        raise BadRequest(f"X-Fleetdeck-Escalate must be `always` or `never`, got {header[:40]!r}.",
+                         "X-Fleetdeck-Escalate", "invalid_header") from None
+
+
+class BrowserGuard:
+    """ASGI middleware: a request a web browser sends on a page's behalf is refused (403). The proxy serves
+    no page and answers no CORS preflight, yet a page can still make a browser *send* a POST (a form, or
+    fetch with text/plain) to 127.0.0.1, where the proxy needs no key: it would spend the frontier budget
+    or reload the config from any site the operator visits. Browsers mark such requests with Origin or
+    Sec-Fetch-Site; API clients (SDKs, curl, load balancers) send neither."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "http":
+            headers = dict(scope.get("headers") or [])
+            site = headers.get(b"sec-fetch-site", b"none")
+            if b"origin" in headers or site != b"none":
+                response = openai_error(403, "Requests from a web page are refused: fleetdeck's proxy is an API for "
+                                             "programs (no Origin or Sec-Fetch-Site header).", "permission_error",
+                                        "browser_request_refused")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestTasks:
@@ -234,7 +328,8 @@ def create_app(router: Router) -> Starlette:
                                  "/health and /metrics.", "invalid_request_error", "not_found")
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
-        return openai_error(405, f"{request.method} is not allowed on {request.url.path}.", "invalid_request_error")
+        return openai_error(405, f"{request.method} is not allowed on {request.url.path}.", "invalid_request_error",
+                            "method_not_allowed")
 
     endpoints = Endpoints(router)
     app = Starlette(
@@ -248,7 +343,10 @@ def create_app(router: Router) -> Starlette:
         ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
-        middleware=[Middleware(RequestTasks, router=router)],
+        middleware=[Middleware(RequestTasks, router=router), Middleware(BrowserGuard)],
     )
+    # No 307 to the same path with(out) a slash: its Location is built from the client's Host header, and
+    # an OpenAI client would replay the body there. A path that is not a route is a 404 in OpenAI's shape.
+    app.router.redirect_slashes = False
     app.state.router = router
     return app

@@ -300,6 +300,15 @@ class ChatRequest(BaseModel):
     user: ShortText | None = None
 
     @model_validator(mode="after")
+    def _stream_and_logprob_options_need_their_switch(self) -> "ChatRequest":
+        # OpenAI refuses both: an option for something not asked for is a client's mistake to name.
+        if self.stream_options is not None and self.stream is not True:
+            raise ValueError("`stream_options` is only allowed when `stream` is true")
+        if self.top_logprobs and self.logprobs is not True:
+            raise ValueError("`top_logprobs` needs `logprobs`: true")
+        return self
+
+    @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> "ChatRequest":
         choice = self.tool_choice
         if choice is None or choice == "none":

@@ -21,7 +21,7 @@ def token_logprobs(choice: dict[str, Any]) -> list[float] | None:
     values = []
     for item in content:
         v = item.get("logprob") if isinstance(item, dict) else None
-        if not isinstance(v, (int, float)) or math.isnan(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
             return None
         values.append(float(v))
     return values
@@ -38,7 +38,10 @@ def confidence(method: str, logprobs: list[float]) -> float:
         lp = min(logprobs)
     else:
         raise ValueError(f"unknown confidence method {method!r}")
-    return math.exp(max(lp, -700.0))
+    if math.isnan(lp):
+        return 0.0
+    # A log-probability is at most 0; an upstream's 5.0 or 1e308 is clamped (exp would overflow past 709).
+    return math.exp(min(0.0, max(lp, -700.0)))
 
 
 def slm_request(task: Any, messages: list[Any], params: dict[str, Any] | None = None, top_logprobs: int = 1) -> dict[str, Any]:

@@ -15,6 +15,7 @@ request has arrived, silently when none has.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from typing import Any
 
@@ -26,13 +27,25 @@ from engine.router.config import ProxySettings
 _END_OF_HEAD = re.compile(rb"\n\r?\n")  # h11 takes bare LF line ends too
 
 
-def _plain_response(status: bytes, text: bytes) -> bytes:
-    return (b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (status, len(text), text))
+def _error_body(message: str, code: str) -> bytes:
+    """OpenAI's error shape, as the app's own refusals (an OpenAI client reads `error.message` from any 4xx)."""
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
 
 
-_TIMEOUT_RESPONSE = _plain_response(b"408 Request Timeout", b"request headers did not arrive in time")
-_TOO_LARGE_RESPONSE = _plain_response(b"431 Request Header Fields Too Large", b"request headers are over the limit")
+def _error_response(status: bytes, message: str, code: str) -> bytes:
+    body = _error_body(message, code)
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, len(body), body))
+
+
+_TIMEOUT_RESPONSE = _error_response(b"408 Request Timeout", "The request's headers did not arrive in time.",
+                                    "request_timeout")
+_TOO_LARGE_RESPONSE = _error_response(b"431 Request Header Fields Too Large",
+                                      "The request's line and headers are over the size limit.", "headers_too_large")
+# uvicorn answers what h11 cannot parse (a bad request line, header, Content-Length or chunk) with text.
+_MALFORMED = _error_body("Malformed HTTP/1.1 request: its request line, a header, Content-Length or "
+                         "chunked framing could not be parsed.", "malformed_request")
 
 
 class HeaderDeadline(H11Protocol):
@@ -71,6 +84,18 @@ class HeaderDeadline(H11Protocol):
             self._disarm()
             self._arm()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 refused, in OpenAI's shape (and, as uvicorn's, closing)."""
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_MALFORMED)),
+                   (b"connection", b"close")]
+        try:
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=_MALFORMED), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event) or b"")
+        except h11.LocalProtocolError:  # a response had begun already: nothing more can be said on it
+            pass
+        self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
@@ -106,4 +131,6 @@ def uvicorn_limits(settings: ProxySettings) -> dict[str, Any]:
     """uvicorn.Config keyword arguments that apply the proxy's header bounds."""
     protocol = type("ProxyHeaderDeadline", (HeaderDeadline,), {"header_timeout_s": settings.header_timeout_s,
                                                                 "max_header_bytes": settings.max_header_bytes})
-    return {"http": protocol, "h11_max_incomplete_event_size": settings.max_header_bytes}
+    # ws="none": an Upgrade: websocket request is served as the plain HTTP request it also is (the proxy
+    # has no WebSocket route; uvicorn would otherwise answer it with a bare 403).
+    return {"http": protocol, "h11_max_incomplete_event_size": settings.max_header_bytes, "ws": "none"}

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine.audit import trail as audit
-from engine.router.app import create_app, openai_error
+from engine.router.app import CLIENT_GONE, create_app, openai_error
 from engine.router.call import Call
 from engine.router.config import RouterConfig, Task, api_keys, load_router_config
 from engine.router.decide import Decision, Failure, Force, after_frontier_failure, decide
@@ -31,6 +32,7 @@ from engine.router.metrics import ProxyMetrics
 from engine.router.pricing import Price, frontier_price, import_litellm
 from engine.router.relay import relay_frontier, relay_slm, sse_from_answer
 from engine.router.slm_client import ask_slm, probe_slm, stream_slm
+from engine.router.slm_stream import clean_usage
 from engine.router.upstream_pool import UpstreamClients
 from store.config_files import ConfigError
 from store.ledger import LedgerWriter
@@ -41,6 +43,7 @@ __all__ = ["REFUSAL_RECORD_S", "Router", "UpstreamHealth", "create_app"]
 log = logging.getLogger("fleetdeck.proxy")
 
 REFUSAL_RECORD_S = 10.0  # at most one audit record per this many seconds of reloads refused at the door
+MAX_CONFIG_BYTES = 1024 * 1024  # a router config is a few KiB; a reload reads no more (a path at /dev/zero, say)
 UNKNOWN_PRICE = Price(0, 0, "unknown")
 
 
@@ -87,9 +90,11 @@ class Router:
             raise ValueError("this proxy was started without a config file; restart it to change its config")
         async with self._reload_lock:
             try:
+                _check_config_file(self.config_path)
                 new = await asyncio.to_thread(load_router_config, self.config_path)
             except ConfigError as exc:
-                raise ValueError(str(exc)) from exc
+                # One line: the client's error message and the SIGHUP log line (pydantic lists one key a line).
+                raise ValueError(_one_line(str(exc))) from exc
             if self._load_litellm and self.litellm is None and any(t.frontier_model for t in new.task):
                 self.litellm = await asyncio.to_thread(import_litellm)
             prices = {t.name: frontier_price(t, self.litellm) for t in new.task}
@@ -216,14 +221,21 @@ class Router:
         """Route one checked request; the proxy never dies on a request, and every request gets its row."""
         try:
             return await self._route(call)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            if exc.args and exc.args[0] == CLIENT_GONE:
+                # The client left while its answer was being made (app.py watches): the small model's stream
+                # and any frontier call were closed as this unwound; the row says why nothing was sent.
+                self.record(self.row(call, Route.NONE, False, Reason.CLIENT_DISCONNECTED, 499,
+                                     error="the client disconnected before its answer began"))
+                raise
             # The proxy is stopping and this request outlived the grace period: it still gets its row.
             self.record(self.row(call, Route.NONE, False, Reason.SHUTDOWN, 503,
                                  error="the proxy stopped before this request was answered"))
             raise
         except Exception as exc:
-            self.record(self.row(call, Route.NONE, False, Reason.INTERNAL_ERROR, 500, error=f"{type(exc).__name__}: {exc}"))
-            return openai_error(500, f"fleetdeck proxy error: {type(exc).__name__}: {exc}", "server_error")
+            what = _one_line(f"{type(exc).__name__}: {exc}")[:300]
+            self.record(self.row(call, Route.NONE, False, Reason.INTERNAL_ERROR, 500, error=what))
+            return openai_error(500, f"fleetdeck proxy error: {what}", "server_error")
 
     async def _route(self, call: Call) -> Response:
         try:
@@ -260,7 +272,7 @@ class Router:
             for choice in answer.get("choices", []):
                 if isinstance(choice, dict):
                     choice.pop("logprobs", None)
-        usage = answer.get("usage") or {}
+        usage = clean_usage(answer.get("usage"))
         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
         row = self.row(call, Route.SLM, d.escalated, d.reason, 200, forced=d.forced, error=d.error,
                        prompt_tokens=pt, completion_tokens=ct, all_frontier_cost_usd=price.cost(pt or 0, ct or 0),
@@ -268,8 +280,9 @@ class Router:
         if call.stream:
             return StreamingResponse(sse_from_answer(call, answer, row, self.record), media_type="text/event-stream",
                                      headers=headers)
+        response = JSONResponse(answer, headers=headers)  # rendered first: a row is recorded once, for what is sent
         self.record(row)
-        return JSONResponse(answer, headers=headers)
+        return response
 
     def _frontier_failed(self, call: Call, d: Decision, exc: FrontierFailed) -> Response:
         return self._answer(call, after_frontier_failure(call.task, call.slm, d.reason, exc.error, exc.summary, exc.status))
@@ -281,15 +294,16 @@ class Router:
         except FrontierFailed as exc:
             return self._frontier_failed(call, d, exc)
         latency = (time.perf_counter() - t) * 1000
-        usage = answer.get("usage") or {}
+        usage = clean_usage(answer.get("usage"))
         pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
         cost = self.prices[call.task.name].cost(pt, ct)
         row = self.row(call, Route.FRONTIER, True, d.reason, 200, forced=d.forced, prompt_tokens=pt,
                        completion_tokens=ct, frontier_prompt_tokens=pt, frontier_completion_tokens=ct,
                        frontier_latency_ms=latency, cost_usd=cost, all_frontier_cost_usd=cost,
                        completion_text=_answer_text(answer))
+        response = JSONResponse(answer, headers=self.headers(call, Route.FRONTIER, True))
         self.record(row)
-        return JSONResponse(answer, headers=self.headers(call, Route.FRONTIER, True))
+        return response
 
     async def _stream_frontier(self, call: Call, d: Decision) -> Response:
         try:
@@ -309,7 +323,7 @@ class Router:
     def row(self, call: Call, route: Route, escalated: bool, reason: Reason, status: int, **kw: Any) -> LedgerRow:
         task = call.task
         slm = call.slm
-        usage = (slm.answer or {}).get("usage") or {}
+        usage = clean_usage((slm.answer or {}).get("usage"))
         store_text = task.store_text
         completion_text = kw.pop("completion_text", None)
         return LedgerRow(
@@ -340,6 +354,23 @@ class Router:
 
     def task_for(self, name: object) -> Task | None:
         return self.config.task_by_name(name) if isinstance(name, str) and name else None
+
+
+def _check_config_file(path: Path) -> None:
+    """A reload reads a regular file of a config's size, or refuses: reading a FIFO or /dev/zero would hang the
+    reload or fill memory until the kernel kills the proxy."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: not a regular file; name the router config's TOML file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {st.st_size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a router config")
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _answer_text(answer: dict[str, Any]) -> str | None:

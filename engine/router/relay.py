@@ -8,6 +8,7 @@ says what the row says; the row is recorded once, when the stream ends however i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, AsyncIterator, Callable
@@ -15,7 +16,7 @@ from typing import Any, AsyncIterator, Callable
 from engine.router.call import Call
 from engine.router.frontier_client import FrontierStream, StreamCut, error_kind, short_error
 from engine.router.pricing import Price
-from engine.router.slm_stream import BOUND_REASON, SlmCut, SlmStream, SlmStreamError
+from engine.router.slm_stream import BOUND_REASON, SlmCut, SlmStream, SlmStreamError, clean_usage
 from store.ledger_row import LedgerRow
 
 Record = Callable[[LedgerRow], None]
@@ -30,6 +31,14 @@ def _error_event(message: str) -> bytes:
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}})
 
 
+def _client_left(row: LedgerRow, sent: int) -> None:
+    """The stream was stopped before its end: Starlette cancels it when the client disconnects (a stop of
+    the proxy past its grace too, which the row cannot tell apart). The row says the client did not get
+    the whole answer; its route and reason stay what was decided."""
+    row.status = 499
+    row.error = f"the client disconnected mid-stream, after {sent} event(s) were sent"
+
+
 def _wants_usage(call: Call) -> bool:
     return bool((call.body.get("stream_options") or {}).get("include_usage"))
 
@@ -38,6 +47,7 @@ async def relay_slm(call: Call, stream: SlmStream, row: LedgerRow, price: Price,
     """The held window, then the rest of the small model's stream as it comes; closes the stream at the end."""
     wants_logprobs = bool(call.body.get("logprobs"))
     wants_usage = _wants_usage(call)
+    sent = 0
     try:
         async for chunk in stream.relay():
             if not wants_logprobs:
@@ -48,14 +58,24 @@ async def relay_slm(call: Call, stream: SlmStream, row: LedgerRow, price: Price,
                 chunk.pop("usage")
                 if not chunk.get("choices"):
                     continue
+            sent += 1
             yield sse(chunk)
+        sent = -1
         yield DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        if sent >= 0:
+            _client_left(row, sent)
+        raise
     except (SlmCut, SlmStreamError) as exc:
         if isinstance(exc, SlmCut):
             row.slm_bound = exc.bound
             row.reason = BOUND_REASON[exc.bound]
         row.status = 502
         row.error = f"small model stream cut: {exc}"
+        yield _error_event(row.error)
+    except Exception as exc:  # a chunk nothing above foresaw: the client is told, as for a cut, not left hanging
+        row.status = 502
+        row.error = f"small model stream cut: {type(exc).__name__}"
         yield _error_event(row.error)
     finally:
         usage = stream.usage
@@ -76,6 +96,7 @@ async def sse_from_answer(call: Call, answer: dict[str, Any], row: LedgerRow, re
     """A whole answer, sent as OpenAI's stream of chunks."""
     base = {"id": answer.get("id", f"chatcmpl-{call.rid}"), "object": "chat.completion.chunk",
             "created": answer.get("created", int(time.time())), "model": answer.get("model", call.task.name)}
+    sent = 0
     try:
         for i, choice in enumerate(answer.get("choices", [])):
             msg = choice.get("message") or {}
@@ -85,12 +106,20 @@ async def sse_from_answer(call: Call, answer: dict[str, Any], row: LedgerRow, re
             first = {**base, "choices": [{"index": choice.get("index", i), "delta": delta, "finish_reason": None}]}
             if call.body.get("logprobs") and choice.get("logprobs"):
                 first["choices"][0]["logprobs"] = choice["logprobs"]
+            sent += 1
             yield sse(first)
+            sent += 1
             yield sse({**base, "choices": [{"index": choice.get("index", i), "delta": {},
                                             "finish_reason": choice.get("finish_reason", "stop")}]})
         if _wants_usage(call) and answer.get("usage"):
+            sent += 1
             yield sse({**base, "choices": [], "usage": answer["usage"]})
+        sent = -1
         yield DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        if sent >= 0:
+            _client_left(row, sent)
+        raise
     finally:
         row.latency_ms = (time.perf_counter() - call.t0) * 1000
         record(row)
@@ -102,12 +131,13 @@ async def relay_frontier(call: Call, stream: FrontierStream, row: LedgerRow, pri
     client_wants_usage = _wants_usage(call)
     parts: list[str] = []
     usage: dict[str, Any] = {}
+    sent = 0
     try:
         chunk = stream.first
         while chunk is not None:
             data: dict[str, Any] | None = chunk.model_dump(exclude_none=True) if hasattr(chunk, "model_dump") else dict(chunk)
             if data is not None and data.get("usage"):
-                usage = data["usage"]
+                usage = clean_usage(data["usage"])
                 if not client_wants_usage:
                     data.pop("usage")
                     if not data.get("choices"):
@@ -117,9 +147,15 @@ async def relay_frontier(call: Call, stream: FrontierStream, row: LedgerRow, pri
                     piece = (ch.get("delta") or {}).get("content")
                     if piece:
                         parts.append(piece)
+                sent += 1
                 yield sse(data)
             chunk = await stream.next_chunk()
+        sent = -1
         yield DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        if sent >= 0:
+            _client_left(row, sent)
+        raise
     except Exception as exc:
         told = str(exc) if isinstance(exc, StreamCut) else short_error(exc)
         kept = told if isinstance(exc, StreamCut) or call.task.store_text else error_kind(exc)

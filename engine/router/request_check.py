@@ -4,8 +4,8 @@ Two steps, each a 400 that names the field, as OpenAI's API answers:
 - `parse_body`: the bytes are JSON text in a Unicode encoding, nested at most `MAX_DEPTH` levels (counted
   by a loop over the text *before* any recursive parser or encoder sees it, so no RecursionError can be
   reached from a body, whatever later walks it: the ledger's encoder, httpx, litellm), with finite
-  numbers, integers Python can parse and no lone surrogates (they cannot be encoded for the upstream
-  or the ledger).
+  numbers, integers Python can parse, no key twice in one object and no lone surrogates (they cannot be
+  encoded for the upstream or the ledger).
 - `check_request`: the object is OpenAI's chat-completions request (engine/router/chat_schema.py): roles,
   content parts, tools, tool_choice, response_format, logit_bias, user, stop and the numeric ranges.
   Ranges are OpenAI's, so a request valid there is valid here.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 from pydantic import ValidationError
@@ -51,6 +52,19 @@ def _finite_float(text: str) -> float:
 
 def _no_constant(name: str) -> float:
     raise BadRequest(f"{name} is not a JSON number", code="invalid_json")
+
+
+def _one_value_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object, refused when a key repeats: `{"model": "a", "model": "b"}` names two tasks, and which one
+    counts differs between parsers (a hop in front may have read the first, Python keeps the last)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BadRequest(f"key {key[:60]!r} appears more than once in one object", code="invalid_json")
+            seen.add(key)
+    return obj
 
 
 def json_depth_over(text: str, limit: int = MAX_DEPTH) -> bool:
@@ -106,13 +120,17 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"Request body is not valid JSON: nested more than {MAX_DEPTH} levels deep",
                          code="invalid_json")
     try:
-        body = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+        body = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant,
+                          object_pairs_hook=_one_value_per_key)
     except BadRequest as exc:
         raise BadRequest(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # pragma: no cover - the depth bound is checked first
         raise BadRequest("Request body is not valid JSON: nested too deeply", code="invalid_json") from None
-    except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
+    except json.JSONDecodeError as exc:
         raise BadRequest(f"Request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+    except ValueError:  # an integer past Python's digit limit (its message advises sys.set_int_max_str_digits)
+        raise BadRequest(f"Request body is not valid JSON: an integer has more than {sys.get_int_max_str_digits()} "
+                         "digits", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object.", code="invalid_request")
     try:

@@ -20,7 +20,8 @@ from engine.router.confidence import answer_confidence, confidence, slm_request
 from engine.router.config import Task
 from engine.router.decide import CLIENT_ERRORS
 from engine.router.request_check import json_depth_over
-from engine.router.slm_stream import BOUND_REASON, SlmCut, SlmStream, SlmStreamError, assemble_completion
+from engine.router.slm_stream import (BOUND_REASON, SlmCut, SlmStream, SlmStreamError, assemble_completion, clean_usage,
+                                      lone_surrogate)
 from engine.router.upstream_pool import UpstreamClients
 from store.ledger_row import Reason
 
@@ -63,15 +64,17 @@ class SlmOutcome:
 
 def upstream_message(resp: httpx.Response) -> str:
     """The upstream's own error text (OpenAI's shape or a bare message), at most 300 characters."""
+    text: Any = None
     try:
         data = resp.json()
         err = data.get("error") if isinstance(data, dict) else None
         text = err.get("message") if isinstance(err, dict) else (data.get("message") if isinstance(data, dict) else None)
-        if isinstance(text, str):
-            return text[:300]
     except ValueError:
         pass
-    return resp.text[:300]
+    if not isinstance(text, str):
+        text = resp.text
+    # One line (an HTML error page, a traceback): it becomes part of the client's one-line error message.
+    return " ".join(text[:2000].split())[:300]
 
 
 def open_slm(upstreams: UpstreamClients, task: Task, body: dict[str, Any]) -> SlmStream:
@@ -139,9 +142,14 @@ async def ask_slm(upstreams: UpstreamClients, task: Task, body: dict[str, Any]) 
     try:
         if whole:
             # The same depth bound as a client's body: the answer is encoded again for the client.
-            if json_depth_over(whole[0].decode("utf-8", "replace")):
+            text = whole[0].decode("utf-8", "replace")
+            if json_depth_over(text):
                 raise ValueError("nested too deeply")
-            answer = json.loads(whole[0])
+            answer = json.loads(text)
+            if lone_surrogate(text, answer):
+                raise ValueError("text that is not valid Unicode")  # it could be sent to no client, stored nowhere
+            if isinstance(answer, dict) and "usage" in answer:
+                answer["usage"] = clean_usage(answer["usage"])
         else:
             answer = assemble_completion(stream.held, stream.usage, stream.missing_logprobs)
         _, conf = answer_confidence(task, answer)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -33,6 +34,37 @@ BOUND_REASON = {FIRST_TOKEN: Reason.SLM_FIRST_TOKEN_TIMEOUT, TOTAL: Reason.SLM_T
 BOUND_KEY = {FIRST_TOKEN: "slm_first_token_timeout_s", TOTAL: "slm_total_timeout_s"}
 # After `data: [DONE]`, how long the end of the HTTP body may take before the connection is dropped instead.
 DRAIN_S = 1.0
+# A JSON escape of a UTF-16 surrogate: only text holding one can decode to a lone surrogate (checked then).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_USAGE_MAX = 2**53  # token counts past this are not counts (and a float would lose them)
+
+
+def clean_usage(usage: Any) -> dict[str, Any]:
+    """An upstream's `usage`, with only what the ledger and the cost can take: each count a non-negative
+    int, others dropped (a string or a list there once failed the request's pricing and every later ledger
+    write). Nested details (prompt_tokens_details...) are kept as they came, for the client."""
+    if not isinstance(usage, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in usage.items():
+        if key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _USAGE_MAX:
+                out[key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def lone_surrogate(text: str, value: Any) -> bool:
+    """Whether JSON `text`, parsed as `value`, holds a lone surrogate (\\ud800): text that cannot be encoded
+    for the client or the ledger. Parsed only when the text has such an escape."""
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class SlmCut(Exception):
@@ -68,6 +100,7 @@ class SlmStream:
     ended: bool = False
     done: bool = False  # `data: [DONE]` came: the answer is whole (the HTTP body may still have its end to come)
     claimed: bool = False  # a relay owns the stream (and closes it)
+    began: bool = False  # a chunk came: the body must then go on to `data: [DONE]`
     _sent_at: float = 0.0
     _lines: AsyncIterator[str] | None = None
 
@@ -104,6 +137,9 @@ class SlmStream:
                     try:
                         line = await self._lines.__anext__()
                     except StopAsyncIteration:
+                        if self.began:
+                            # A body that ends without `data: [DONE]` is an answer cut short, not a whole one.
+                            raise SlmStreamError("the small model's stream ended before `data: [DONE]`") from None
                         return None
                     if not line.startswith("data:"):
                         continue  # blank separators and ": keep-alive" comments
@@ -119,6 +155,10 @@ class SlmStream:
                         raise SlmStreamError("the small model's stream is not an OpenAI chat stream") from None
                     if not isinstance(chunk, dict):
                         raise SlmStreamError("the small model's stream is not an OpenAI chat stream")
+                    if lone_surrogate(data, chunk):
+                        raise SlmStreamError("the small model's stream holds text that is not valid Unicode "
+                                             "(a lone surrogate)")
+                    self.began = True
                     if "error" in chunk:
                         raise SlmStreamError("the small model reported an error in its stream")
                     return chunk
@@ -131,7 +171,7 @@ class SlmStream:
         """Note what a chunk carries: its tokens' log-probabilities (`score`: only until the decision, which
         is all that reads them), its text, the usage."""
         if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
+            self.usage = clean_usage(chunk["usage"])
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
@@ -144,7 +184,7 @@ class SlmStream:
             lp = choice.get("logprobs")
             content = lp.get("content") if isinstance(lp, dict) else None
             items = [item.get("logprob") for item in content if isinstance(item, dict)] if isinstance(content, list) else []
-            values = [float(v) for v in items if isinstance(v, (int, float)) and not math.isnan(v)]
+            values = [float(v) for v in items if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)]
             if (piece or values or delta.get("tool_calls")) and self.ttft_ms is None:
                 self.ttft_ms = (asyncio.get_running_loop().time() - self._sent_at) * 1000
             if isinstance(piece, str) and piece:

@@ -13,11 +13,16 @@ The last user message steers the fake, so a test says what it wants in the promp
             "stallafter=2"   after that many tokens, send nothing more (for a minute)
             "nostream"       answer a streamed request with a JSON body (a server that ignores `stream`)
             "donestall"      after `data: [DONE]`, hold the HTTP body open (for a minute) instead of ending it
-          `app.state.events` records ("first_token", n) / ("finished", n) for the n-th request, in order.
+          `app.state.events` records ("first_token", n) / ("finished", n) for the n-th request, in order,
+          and ("closed", n) when the client closed the connection before the end.
   frontier: "ffail"          answer 500; "f400" answer 400 (both quote the prompt); "fsleep=2" answer late
             "fkeepalive"     stream one chunk, then only SSE keep-alive comments (for a minute)
             "fstall"         stream one chunk, then nothing (for a minute)
             "fbreak"         stream one chunk, then drop the connection mid-stream
+`broken_slm_app()`: a small model that answers what a broken server sends, by the prompt's first word: "usage"
+(token counts that are a string and a list), "hugelp" (a log-probability of 1e308), "surrogate" (a lone
+\ud800 in the text), "nodone" (the body ends without `data: [DONE]`), "multiline400" (a 400 whose message
+spans lines), "html500" (an HTML error page); with "json" before it, one JSON body instead of a stream.
 Both count the requests they got in `app.state.calls`; the SLM keeps each request's client address (host,
 port: one per TCP connection) in `app.state.peers`.
 """
@@ -34,7 +39,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 SLM_PROMPT_TOKENS = 50
@@ -112,35 +117,39 @@ async def _slm_stream(state: Any, body: dict[str, Any], text: str, lps: list[flo
     def event(choice: dict[str, Any]) -> str:
         return f"data: {json.dumps({**base, 'choices': [{'index': 0, **choice}]})}\n\n"
 
-    yield event({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-    if m := re.search(r"firstwait=([\d.]+)", text):
-        await asyncio.sleep(float(m.group(1)))
-    for i, lp in enumerate(lps):
-        if stall is not None and i == stall:
-            for _ in range(600):  # a minute, far past any bound a test sets; the client's cut ends it
+    try:
+        yield event({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        if m := re.search(r"firstwait=([\d.]+)", text):
+            await asyncio.sleep(float(m.group(1)))
+        for i, lp in enumerate(lps):
+            if stall is not None and i == stall:
+                for _ in range(600):  # a minute, far past any bound a test sets; the client's cut ends it
+                    await asyncio.sleep(0.1)
+                return
+            if i == 1 and "hold" in text:
+                await asyncio.to_thread(state.release.wait, 30)
+            elif i and pace:
+                await asyncio.sleep(pace)
+            tok = _piece(i)
+            choice: dict[str, Any] = {"delta": {"content": tok}, "finish_reason": None}
+            if "nolp" not in text and body.get("logprobs"):
+                choice["logprobs"] = {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                                                   "top_logprobs": [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]}]}
+            yield event(choice)
+            if i == 0:
+                state.events.append(("first_token", n))
+        yield event({"delta": {}, "finish_reason": "stop"})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": SLM_PROMPT_TOKENS, "completion_tokens": len(lps), "total_tokens": SLM_PROMPT_TOKENS + len(lps)}
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+        if "donestall" in text:
+            for _ in range(600):  # a minute; the reader stops waiting for the body's end first
                 await asyncio.sleep(0.1)
-            return
-        if i == 1 and "hold" in text:
-            await asyncio.to_thread(state.release.wait, 30)
-        elif i and pace:
-            await asyncio.sleep(pace)
-        tok = _piece(i)
-        choice: dict[str, Any] = {"delta": {"content": tok}, "finish_reason": None}
-        if "nolp" not in text and body.get("logprobs"):
-            choice["logprobs"] = {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
-                                               "top_logprobs": [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]}]}
-        yield event(choice)
-        if i == 0:
-            state.events.append(("first_token", n))
-    yield event({"delta": {}, "finish_reason": "stop"})
-    if (body.get("stream_options") or {}).get("include_usage"):
-        usage = {"prompt_tokens": SLM_PROMPT_TOKENS, "completion_tokens": len(lps), "total_tokens": SLM_PROMPT_TOKENS + len(lps)}
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
-    yield "data: [DONE]\n\n"
-    if "donestall" in text:
-        for _ in range(600):  # a minute; the reader stops waiting for the body's end first
-            await asyncio.sleep(0.1)
-    state.events.append(("finished", n))
+        state.events.append(("finished", n))
+    except (asyncio.CancelledError, GeneratorExit):
+        state.events.append(("closed", n))  # the client (the proxy) closed the connection mid-answer
+        raise
 
 
 def frontier_app() -> Starlette:
@@ -185,6 +194,54 @@ def frontier_app() -> Starlette:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "frontier answer"}, "finish_reason": "stop"}],
             "usage": usage,
         })
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    app.state.calls = []
+    return app
+
+
+def broken_slm_app() -> Starlette:
+    def chunk(delta: dict[str, Any], logprob: str = "-0.01") -> str:
+        return ('data: {"id":"b","object":"chat.completion.chunk","created":1,"model":"b","choices":[{"index":0,'
+                f'"delta":{json.dumps(delta)},"finish_reason":null,'
+                f'"logprobs":{{"content":[{{"token":"t","logprob":{logprob},"bytes":[116],"top_logprobs":[]}}]}}}}]}}\n\n')
+
+    bad_usage = '{"prompt_tokens":"lots","completion_tokens":[1],"total_tokens":{"a":1}}'
+
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        request.app.state.calls.append(body)
+        words = _last_user(body).split()
+        whole = words[:1] == ["json"]
+        mode = words[1] if whole and len(words) > 1 else (words[0] if words else "")
+        if mode == "multiline400":
+            return JSONResponse({"error": {"message": "line one\nline two\r\nline three"}}, status_code=400)
+        if mode == "html500":
+            return Response("<html>\n<body>\nInternal error\n</body>\n</html>", status_code=500, media_type="text/html")
+        if whole:  # a server that ignores `stream`: one chat.completion, with the same fault in it
+            content = "a\\ud800" if mode == "surrogate" else "a"
+            lp = "1e308" if mode == "hugelp" else "-0.01"
+            usage = bad_usage if mode == "usage" else '{"prompt_tokens":3,"completion_tokens":1}'
+            text = ('{"id":"b","object":"chat.completion","created":1,"model":"b","choices":[{"index":0,'
+                    f'"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"stop",'
+                    f'"logprobs":{{"content":[{{"token":"t","logprob":{lp},"bytes":[116],"top_logprobs":[]}}]}}}}],'
+                    f'"usage":{usage}}}')
+            return Response(text, media_type="application/json")
+
+        async def gen() -> Any:
+            yield chunk({"role": "assistant", "content": "a"}, "1e308" if mode == "hugelp" else "-0.01")
+            if mode == "surrogate":
+                yield chunk({"content": "b\\ud800"}).replace("\\\\ud800", "\\ud800")
+            else:
+                yield chunk({"content": "b"})
+            if mode == "nodone":
+                return  # the body ends here: half an answer
+            yield 'data: {"id":"b","object":"chat.completion.chunk","created":1,"model":"b","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+            if mode == "usage":
+                yield f'data: {{"id":"b","object":"chat.completion.chunk","created":1,"model":"b","choices":[],"usage":{bad_usage}}}\n\n'
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     app.state.calls = []

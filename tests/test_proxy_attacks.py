@@ -1,0 +1,411 @@
+"""What an attack on a real proxy found, each kept fixed over real HTTP and raw sockets: the HTTP layer's own
+refusals in OpenAI's shape, no redirects, one value per header that decides something, `model` that is not a
+task name, requests a browser sends for a web page, an upstream that sends garbage (the request must not
+become a 500, lose its row, or stop the ledger), a client that leaves before or during its answer (a 499 row,
+the small model's connection closed), and a reload that must not read a file without end."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.router import app as app_module
+from engine.router.config import RouterConfig
+from tests.fakes.fake_openai import ServerThread, broken_slm_app
+from tests.proxy_helpers import Proxies, Proxy, frontier, make_config, slm  # noqa: F401 (fixtures)
+
+
+@pytest.fixture
+def make_proxy(tmp_path):
+    proxies = Proxies(tmp_path)
+    yield proxies
+    proxies.close()
+
+
+@pytest.fixture(scope="module")
+def broken():
+    server = ServerThread(broken_slm_app()).start()
+    yield server
+    server.stop()
+
+
+def with_proxy(config: RouterConfig, **proxy: Any) -> RouterConfig:
+    return config.model_copy(update={"proxy": config.proxy.model_copy(update=proxy)})
+
+
+def one_line_error(r: httpx.Response, status: int | None = None) -> dict[str, Any]:
+    """An OpenAI-shaped error whose message is one line."""
+    assert (r.status_code == status) if status else 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"] and "\r" not in err["message"]
+    return err
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, Any] | None, bytes]:
+    """Send raw bytes, read to the server's close: the status, the JSON body (None if it is not JSON)."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(30)
+        s.sendall(data)
+        out = b""
+        try:
+            while part := s.recv(65536):
+                out += part
+        except ConnectionResetError:
+            pass
+    head, _, body = out.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    return status, parsed, head
+
+
+def wait_until(cond: Callable[[], bool], what: str) -> None:
+    """Wait for something that must happen (a positive event; never asserts that something did not)."""
+    deadline = time.monotonic() + 30
+    while not cond():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+def stored_rows(proxy: Proxy) -> list[dict[str, Any]]:
+    return proxy.rows()
+
+
+CHAT = b'{"model":"tickets","messages":[{"role":"user","content":"lp=-0.01"}]}'
+
+
+# --- the HTTP layer --------------------------------------------------------------------------------------
+MALFORMED = [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX Bad: v\r\nContent-Length: 2\r\n\r\n{}",  # space in a name
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",  # HTTP/1.1 without Host
+    b"GET /v1/mod\xffels HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",  # TLS to a plain-HTTP port
+]
+
+
+def test_what_the_http_parser_refuses_is_a_400_in_openais_shape(slm, frontier, make_proxy):
+    # Before: uvicorn's text/plain "Invalid HTTP request received." (an OpenAI client reads error.message).
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    for data in MALFORMED:
+        status, body, head = raw_exchange(proxy.server.port, data)
+        assert status == 400 and body is not None, (data[:60], head)
+        assert body["error"]["code"] == "malformed_request" and "\n" not in body["error"]["message"]
+    assert proxy.post("lp=-0.01").status_code == 200
+
+
+def test_header_bounds_answer_in_openais_shape(slm, frontier, make_proxy):
+    # Before: 431 and 408 were text/plain.
+    proxy = make_proxy(with_proxy(make_config(slm.url, frontier.url), max_header_bytes=4096, header_timeout_s=1.0))
+    status, body, _ = raw_exchange(proxy.server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
+    assert status == 431 and body is not None and body["error"]["code"] == "headers_too_large"
+    status, body, _ = raw_exchange(proxy.server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and no more
+    assert status == 408 and body is not None and body["error"]["code"] == "request_timeout"
+    assert proxy.post("lp=-0.01").status_code == 200
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/chat/completions/"), ("GET", "/v1/models/"),
+                                          ("GET", "/health/"), ("POST", "/admin/reload/")])
+def test_a_path_with_a_trailing_slash_is_a_404_not_a_redirect_to_the_hosts_header(slm, frontier, make_proxy, method, path):
+    # Before: 307 with `location: http://<the client's Host header>/...`, which an SDK follows with the body.
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    calls = len(slm.app.state.calls)
+    r = proxy.client.request(method, path, content=CHAT if method == "POST" else None,
+                             headers={"host": "evil.example", "content-type": "application/json"})
+    assert "location" not in r.headers
+    assert one_line_error(r, 404)["code"] == "not_found"
+    assert len(slm.app.state.calls) == calls
+
+
+def test_a_websocket_upgrade_is_served_as_the_http_request_it_is(slm, frontier, make_proxy):
+    # Before: a bare 403 with no body, from uvicorn's WebSocket handshake.
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    status, body, _ = raw_exchange(proxy.server.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                                   b"Connection: Upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                   b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert status == 200 and body is not None and body["data"][0]["id"] == "tickets"
+
+
+def test_a_method_that_is_not_allowed_names_itself_in_the_code(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    for method in ("PUT", "DELETE", "OPTIONS", "GET"):
+        assert one_line_error(proxy.client.request(method, "/v1/chat/completions"), 405)["code"] == "method_not_allowed"
+
+
+# --- headers that decide something come once ---------------------------------------------------------------
+def test_two_authorization_headers_are_refused_whichever_comes_first(slm, frontier, make_proxy, monkeypatch):
+    # Before: the first one counted, so a valid key first and anything after it passed (and a hop in front
+    # that reads the last one would check another key than the proxy).
+    monkeypatch.setenv("DOOR_KEYS", "k1")
+    proxy = make_proxy(with_proxy(make_config(slm.url, frontier.url), api_keys_env="DOOR_KEYS"))
+    proxy.router.keys = {"k1"}
+    for pair in ((b"Bearer k1", b"Bearer nope"), (b"Bearer nope", b"Bearer k1"), (b"Bearer k1", b"Bearer k1")):
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: %s\r\nAuthorization: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                % (pair[0], pair[1], len(CHAT)))
+        status, body, _ = raw_exchange(proxy.server.port, head + CHAT)
+        assert status == 401 and body is not None and body["error"]["code"] == "invalid_api_key", body
+    assert proxy.post("lp=-0.01", headers={"Authorization": "Bearer k1"}).status_code == 200
+    assert len(stored_rows(proxy)) == 1  # refused at the door: no row
+
+
+def test_two_task_or_escalate_headers_are_refused_and_a_known_tasks_refusal_is_a_row(slm, frontier, make_proxy):
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    calls = len(slm.app.state.calls), len(frontier.app.state.calls)
+    for name, values, row in (("X-Fleetdeck-Task", (b"nope", b"tickets"), False),
+                              ("X-Fleetdeck-Escalate", (b"always", b"never"), True),
+                              ("X-Fleetdeck-Escalate", (b"sometimes",), True)):
+        lines = b"".join(b"%s: %s\r\n" % (name.encode(), v) for v in values)
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + lines +
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(CHAT))
+        status, body, _ = raw_exchange(proxy.server.port, head + CHAT)
+        assert status == 400 and body is not None, body
+        assert body["error"]["param"] == name and body["error"]["code"] == "invalid_header", body
+    assert (len(slm.app.state.calls), len(frontier.app.state.calls)) == calls  # nothing went upstream
+    rows = stored_rows(proxy)
+    # Before: a bad X-Fleetdeck-Escalate for a known task left no row, unlike every other refusal.
+    assert [(x["status"], x["reason"]) for x in rows] == [(400, "bad_request")] * 2
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"nope","model":"tickets","messages":[{"role":"user","content":"lp=-0.01"}]}',
+    b'{"model":"tickets","messages":[{"role":"user","content":"lp=-0.01","role":"system"}]}',
+    b'{"model":"tickets","messages":[{"role":"user","content":"lp=-0.01"}],"stream":false,"stream":true}',
+])
+def test_a_key_twice_in_one_object_is_refused_not_read_as_its_last_value(slm, frontier, make_proxy, raw):
+    # Before: Python's last value won (`"model": "nope", "model": "tickets"` was served as tickets), where a
+    # hop in front that reads the first would have seen another task, role or stream.
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    calls = len(slm.app.state.calls)
+    r = proxy.client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    err = one_line_error(r, 400)
+    assert err["code"] == "invalid_json" and "more than once" in err["message"], err
+    assert len(slm.app.state.calls) == calls
+
+
+# --- `model`: a task name, or the client's 400 ------------------------------------------------------------
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                           | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                           max_leaves=6)
+NAMES = st.sampled_from(["tickets", "../tickets", "tickets/../x", "tickets; rm -rf /", "$(id)", "`id`", "tickets\n",
+                         "%2e%2e%2f", "TICKETS", " tickets", "\u202etickets", "\x1b[31m", "a" * 5000, ""])
+ESCALATE = st.none() | st.sampled_from(["always", "never", "Never", "NEVER", "sometimes", "", "always,never", "al\\x01ways"])
+
+
+@pytest.fixture(scope="module")
+def model_proxy(slm, frontier, tmp_path_factory):
+    os.environ.setdefault("FAKE_FRONTIER_KEY", "sk-fake")
+    proxy = Proxy(make_config(slm.url, frontier.url), tmp_path_factory.mktemp("model") / "fd.db")
+    yield proxy
+    proxy.stop()
+
+
+@settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(model=NAMES | JSON_VALUES, escalate=ESCALATE, in_header=st.booleans())
+def test_any_model_value_is_a_task_or_a_one_line_4xx_and_rows_are_the_known_tasks(model_proxy, slm, model, escalate, in_header):
+    """Before: a missing `model` was `404 Unknown task 'None'`, a list was `404 Unknown task "['tickets']"`."""
+    proxy = model_proxy
+    ledger = proxy.ledger
+    before = ledger.counts().recorded
+    headers = {} if escalate is None else {"X-Fleetdeck-Escalate": escalate}
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "lp=-0.01"}]}
+    if in_header and isinstance(model, str) and model.isprintable() and model.isascii() and model.strip() == model \
+            and len(model) < 1000 and model:
+        headers["X-Fleetdeck-Task"] = model
+    else:
+        body["model"] = model
+    r = proxy.client.post("/v1/chat/completions", json=body, headers=headers)
+    known = model == "tickets"
+    good_escalate = escalate is None or escalate.strip().lower() in ("always", "never")
+    if known and good_escalate:
+        assert r.status_code == 200, r.text[:300]
+    elif known:
+        assert one_line_error(r, 400)["param"] == "X-Fleetdeck-Escalate"
+    elif isinstance(model, str) and model:
+        assert one_line_error(r, 404)["code"] == "model_not_found"
+    else:
+        err = one_line_error(r, 400)
+        assert err["param"] == "model" and err["code"] == "invalid_value", err
+    # Exactly one row for a request that named a known task, none for one that did not.
+    assert ledger.counts().recorded - before == (1 if known else 0)
+    assert proxy.post("lp=-0.01").status_code == 200
+
+
+def test_a_large_body_is_checked_off_the_event_loop(slm, frontier, make_proxy, monkeypatch):
+    # Before: a 4 MiB body of empty messages took about a second of parsing and validation on the event
+    # loop, and every other request and stream waited. Here its check is held until another request has
+    # been answered: on the loop that answer could not come (the hold would block the loop).
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    entered, release = threading.Event(), threading.Event()
+    real = app_module.check_request
+
+    def held(body: dict[str, Any]) -> Any:
+        if len(body["messages"]) > 1000:
+            entered.set()
+            assert release.wait(60)
+        return real(body)
+
+    monkeypatch.setattr(app_module, "check_request", held)
+    big = {"model": "tickets", "messages": [{"role": "user", "content": ""}] * 5000 + [{"role": "user", "content": "lp=-0.01"}]}
+    answers: dict[str, httpx.Response] = {}
+    sender = threading.Thread(target=lambda: answers.update(big=httpx.post(
+        f"{proxy.server.url}/v1/chat/completions", json=big, timeout=120, trust_env=False)))
+    sender.start()
+    try:
+        assert entered.wait(60)
+        assert proxy.post("lp=-0.01").status_code == 200  # served while the big body is being checked
+    finally:
+        release.set()
+        sender.join(120)
+    assert answers["big"].status_code == 200, answers["big"].text[:300]
+
+
+# --- browsers ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"}, {"Origin": "null"},
+                                     {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-origin"}])
+def test_a_request_a_browser_sends_for_a_web_page_is_refused(slm, frontier, make_proxy, headers):
+    # Before: a page the operator opened could POST text/plain to 127.0.0.1:4000 (no key on loopback, no
+    # preflight for a "simple" request): chat requests on the frontier budget, config reloads.
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    calls = len(slm.app.state.calls)
+    r = proxy.client.post("/v1/chat/completions", content=CHAT, headers={"content-type": "text/plain", **headers})
+    assert one_line_error(r, 403)["code"] == "browser_request_refused"
+    assert one_line_error(proxy.client.post("/admin/reload", headers=headers), 403)["code"] == "browser_request_refused"
+    assert len(slm.app.state.calls) == calls
+    assert proxy.client.get("/health").status_code == 200  # a probe or a program: no Origin, served
+    assert stored_rows(proxy) == []
+
+
+# --- an upstream that sends garbage ------------------------------------------------------------------------
+BROKEN = ["usage", "hugelp", "surrogate", "nodone", "multiline400", "html500",
+          "json usage", "json hugelp", "json surrogate"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_broken_small_model_never_makes_a_500_a_lost_row_or_a_stuck_ledger(broken, make_proxy, stream):
+    """Before: string/list token counts were a 500 (a stream was cut with no row at all), and the row's list
+    value failed every later ledger write; a log-probability of 1e308 was a 500 (OverflowError); a lone
+    surrogate was a 500 *and* two rows; a body without `data: [DONE]` was a whole answer; an upstream's
+    multi-line message reached the client as a multi-line error."""
+    config = make_config(broken.url, None, name="tickets", confidence="mean_token", threshold=0.5,
+                         confidence_window_tokens=1)
+    proxy = make_proxy(config)
+    for mode in BROKEN:
+        r = proxy.client.post("/v1/chat/completions", json={"model": "tickets", "stream": stream,
+                                                            "messages": [{"role": "user", "content": mode}]})
+        assert r.status_code in (200, 400, 503), (mode, r.status_code, r.text[:300])
+        if r.status_code != 200:
+            err = r.json()["error"]
+            assert "\n" not in err["message"] and "\r" not in err["message"], (mode, err)
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            last = [line for line in r.text.splitlines() if line.startswith("data: ")][-1]
+            if mode in ("nodone", "surrogate"):  # cut after the window: half an answer is not passed off as whole
+                assert json.loads(last[6:])["error"]["code"] == "upstream_error", r.text[-300:]
+            else:
+                assert last == "data: [DONE]", (mode, r.text[-300:])
+        else:
+            assert r.json()["choices"], (mode, r.text[:300])
+        if mode in ("surrogate", "json surrogate", "nodone") and not stream:
+            assert r.status_code == 503, (mode, r.text[:300])  # no answer a client could be given
+    assert proxy.post("lp=-0.01") is not None  # still serving
+    ledger = proxy.ledger
+    wait_until(lambda: ledger.counts().stored == ledger.counts().recorded, "the ledger to store every row")
+    assert ledger.last_error is None
+    rows = stored_rows(proxy)
+    assert len(rows) == len(BROKEN) + 1  # one row per request, none twice, none lost
+    assert {x["status"] for x in rows} <= {200, 400, 502, 503}
+    by_usage = [x for x in rows if x["slm_prompt_tokens"] is not None]
+    assert all(isinstance(x["slm_prompt_tokens"], int) for x in by_usage)
+
+
+# --- a client that leaves ------------------------------------------------------------------------------------
+def _open_chat(port: int, content: str, stream: bool) -> socket.socket:
+    body = json.dumps({"model": "tickets", "stream": stream, "messages": [{"role": "user", "content": content}]}).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(30)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return s
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_client_that_leaves_before_its_answer_is_a_499_row_and_the_slm_connection_is_closed(slm, frontier, make_proxy,
+                                                                                              stream):
+    # Before: the proxy read the small model's whole answer for nobody and recorded a 200 "confident" row.
+    proxy = make_proxy(make_config(slm.url, frontier.url))  # mean_token, no window: the whole answer decides
+    s = _open_chat(proxy.server.port, "tokens=4 hold", stream)
+    n = len(slm.app.state.calls) + 1
+    wait_until(lambda: ("first_token", n) in slm.app.state.events, "the small model's first token")
+    s.close()
+    wait_until(lambda: proxy.ledger.counts().recorded == 1, "the row of the request the client left")
+    wait_until(lambda: ("closed", n) in slm.app.state.events, "the proxy to close the small model's stream")
+    slm.app.state.release.set()
+    try:
+        assert proxy.post("lp=-0.01").status_code == 200
+    finally:
+        slm.app.state.release.clear()
+    rows = stored_rows(proxy)
+    assert [(x["status"], x["route"], x["reason"]) for x in rows[:1]] == [(499, "none", "client_disconnected")]
+    assert "disconnected" in rows[0]["error"] and ("finished", n) not in slm.app.state.events
+
+
+def test_a_client_that_leaves_mid_stream_is_a_499_row_and_the_slm_connection_is_closed(slm, frontier, make_proxy):
+    # Before: the row said 200 with no word of the client leaving.
+    proxy = make_proxy(make_config(slm.url, frontier.url, confidence="first_token"))  # decided on one token
+    s = _open_chat(proxy.server.port, "tokens=4 hold", True)
+    n = len(slm.app.state.calls) + 1
+    data = b""
+    while b"slm " not in data:  # the first token's chunk has been relayed
+        data += s.recv(65536)
+    s.close()
+    wait_until(lambda: proxy.ledger.counts().recorded == 1, "the row of the stream the client left")
+    wait_until(lambda: ("closed", n) in slm.app.state.events, "the proxy to close the small model's stream")
+    rows = stored_rows(proxy)
+    assert [(x["status"], x["route"], x["reason"]) for x in rows] == [(499, "slm", "confident")]
+    assert rows[0]["error"].startswith("the client disconnected mid-stream")
+
+
+# --- reload ----------------------------------------------------------------------------------------------------
+def _router_toml(slm_url: str, model: str) -> str:
+    return (f'[proxy]\napi_keys_env = ""\n[[task]]\nname = "tickets"\nslm_base_url = "{slm_url}/v1"\n'
+            f'slm_model = "{model}"\nthreshold = 0.85\n')
+
+
+def test_a_reload_of_a_file_without_end_or_a_broken_config_keeps_the_old_one_in_one_line(slm, make_proxy, tmp_path: Path):
+    # Before: a config path at /dev/zero made a reload read until the kernel killed the proxy (22 GB, OOM);
+    # a config that failed validation came back as a multi-line message.
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(_router_toml(slm.url, "tickets-v3"))
+    proxy = make_proxy(make_config(slm.url, None))
+    proxy.router.config_path = cfg
+    cfg.unlink()
+    cfg.symlink_to("/dev/zero")
+    err = one_line_error(proxy.client.post("/admin/reload"), 409)
+    assert "not a regular file" in err["message"]
+    cfg.unlink()
+    cfg.write_bytes(b"#" * (2 * 1024 * 1024))
+    assert "limit" in one_line_error(proxy.client.post("/admin/reload"), 409)["message"]
+    cfg.write_text('[[task]]\nname = "x"\n')  # three keys missing: three lines from the validator
+    err = one_line_error(proxy.client.post("/admin/reload"), 409)
+    assert err["message"].count("required") == 3
+    assert proxy.router.config.task[0].slm_model == "tickets-v3" and proxy.post("lp=-0.01").status_code == 200
+    cfg.write_text(_router_toml(slm.url, "tickets-v4"))
+    assert proxy.client.post("/admin/reload").status_code == 200
+    assert proxy.router.config.task[0].slm_model == "tickets-v4"
