@@ -185,8 +185,10 @@ class FitScreen(DeckScreen):
             req = replace(req, weight_bytes_total=exact)
             result = plan(arch, req)
             grid = fit_table(arch, req, dtypes=GRID_DTYPES)
-        except (ArchError, ValueError) as exc:
-            self.app.call_from_thread(self.show_error, str(exc))
+        except (ArchError, ValueError, OSError, ArithmeticError) as exc:
+            # load_model turns what it reads into ArchError; the rest is a last guard: a worker that raised would
+            # end the dashboard, and a bad model name is not worth that.
+            self.app.call_from_thread(self.show_error, str(exc) or type(exc).__name__)
             return
         self.app.call_from_thread(self.show_result, result, grid)
 
