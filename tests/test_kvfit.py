@@ -651,7 +651,7 @@ def model_shapes(draw):
            "head_dim": head_dim, "intermediate_size": draw(st.integers(64, 30000)), "vocab_size": draw(st.integers(256, 260000)),
            "max_position_embeddings": draw(st.sampled_from([2048, 8192, 32768, 131072]))}
     if draw(st.booleans()):
-        cfg.update(sliding_window=draw(st.sampled_from([128, 1024, 4096])), use_sliding_window=True)
+        cfg.update(sliding_window=draw(st.sampled_from([128, 1024, 4096])), use_sliding_window=True, max_window_layers=0)
     if draw(st.booleans()):
         cfg.update(num_experts=draw(st.integers(2, 64)), moe_intermediate_size=draw(st.integers(64, 4096)), num_experts_per_tok=2)
     return arch_from_config(cfg)
@@ -677,3 +677,18 @@ def test_more_memory_never_fits_less_and_a_longer_context_never_needs_less(arch,
         b = plan(arch, bigger)
         assert b.kv_tokens_low >= r.kv_tokens_low and b.max_model_len_that_fits >= r.max_model_len_that_fits
         assert b.fits or not r.fits, (b.reason, r.reason)
+
+
+def test_a_qwen_window_is_on_the_layers_past_max_window_layers_as_transformers_puts_it():
+    """Qwen2/Qwen3 configs window only the layers from max_window_layers on (28 by default, every layer of a
+    28-layer model): the planner put the window on every layer, promising a 4k-window pool for a model vLLM
+    serves with full attention."""
+    base = {**CATALOGUE["Qwen/Qwen2.5-7B-Instruct"], "use_sliding_window": True, "sliding_window": 4096}
+    assert arch_from_config(base).sliding_layers == 0  # max_window_layers defaults to 28 = num_hidden_layers
+    everywhere = arch_from_config({**base, "max_window_layers": 0})
+    assert (everywhere.sliding_window, everywhere.sliding_layers) == (4096, 28)
+    full = plan(arch_from_config(base), FitRequest(gpu_memory_bytes=80 * GIB, max_model_len=32768))
+    windowed = plan(everywhere, FitRequest(gpu_memory_bytes=80 * GIB, max_model_len=32768))
+    assert windowed.max_concurrency > 2 * full.max_concurrency
+    with pytest.raises(ArchError, match="all of a Qwen model's layers or none"):
+        arch_from_config({**base, "max_window_layers": 10})  # vLLM's Qwen2Model asserts against mixed layers

@@ -204,6 +204,8 @@ def _sliding(cfg: dict[str, Any], layers: int) -> tuple[int | None, int]:
     if not window or cfg.get("use_sliding_window") is False:
         return None, 0
     model_type = cfg.get("model_type", "")
+    if model_type in _QWEN_WINDOWED:
+        return _qwen_sliding(cfg, layers, window)
     if model_type == "gemma2":
         return window, layers // 2  # every other layer is local
     if model_type in ("gemma3", "gemma3_text"):
@@ -215,6 +217,25 @@ def _sliding(cfg: dict[str, Any], layers: int) -> tuple[int | None, int]:
     if model_type == "mistral" or cfg.get("use_sliding_window"):
         return window, layers
     return None, 0
+
+
+# Qwen2/Qwen3 configs put the window on the layers from `max_window_layers` on (transformers'
+# Qwen2Config/Qwen3Config derive layer_types so), and only with use_sliding_window.
+_QWEN_WINDOWED = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+
+
+def _qwen_sliding(cfg: dict[str, Any], layers: int, window: int) -> tuple[int | None, int]:
+    if cfg.get("use_sliding_window") is not True:
+        return None, 0
+    sliding = max(0, layers - _int(cfg, "max_window_layers", default=28))  # transformers' default
+    if 0 < sliding < layers:
+        # vLLM 0.32's Qwen2Model asserts max_window_layers == num_hidden_layers when the layer types are mixed.
+        raise ArchError(f"config.json: a sliding window on {sliding} of {layers} layers (`max_window_layers` "
+                        f"{layers - sliding}): vLLM supports it on all of a Qwen model's layers or none")
+    mpe = _number(cfg.get("max_position_embeddings"))
+    if not sliding or window >= (mpe or 0):
+        return None, 0  # no layer past max_window_layers, or a window as long as the context: full attention
+    return window, sliding
 
 
 # The config keys vLLM reads a model's length limit from, smallest wins (vLLM 0.32,
