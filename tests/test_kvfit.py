@@ -692,3 +692,12 @@ def test_a_qwen_window_is_on_the_layers_past_max_window_layers_as_transformers_p
     assert windowed.max_concurrency > 2 * full.max_concurrency
     with pytest.raises(ArchError, match="all of a Qwen model's layers or none"):
         arch_from_config({**base, "max_window_layers": 10})  # vLLM's Qwen2Model asserts against mixed layers
+
+
+def test_without_a_gpu_the_default_max_num_seqs_is_a_guess_that_refuses_nothing():
+    arch = catalogue_arch("Qwen/Qwen3-8B")
+    assert plan(arch, FitRequest(available_kv_bytes=GIB, max_model_len=512, max_num_batched_tokens=256)).fits
+    given = plan(arch, FitRequest(available_kv_bytes=GIB, max_model_len=512, max_num_batched_tokens=256, max_num_seqs=512))
+    assert not given.fits and "max_num_seqs (512)" in given.reason
+    # on an 80 GiB GPU vLLM's default is 1024 sequences: a batch of 256 is refused there
+    assert "max_num_seqs (1024)" in plan(arch, FitRequest(gpu_memory_bytes=80 * GIB, max_num_batched_tokens=256)).reason

@@ -138,7 +138,7 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
     given = req.max_model_len is not None
     cap = None if req.allow_long_max_model_len else r.model_max_model_len
     length = min(r.max_model_len, cap or r.max_model_len)  # never suggest past the model's limit
-    if (not tp_splits(arch, r.tensor_parallel_size) or r.max_num_batched_tokens < r.max_num_seqs
+    if (not tp_splits(arch, r.tensor_parallel_size) or (r.reason or "").startswith("max_num_batched_tokens (")
             or (total is not None and r.weights_gib * GIB > total)):
         return None, None, ""  # no memory setting helps: the reason names the fix (TP, batch, quantization)
     top = MAX_SUGGESTED_UTIL
@@ -226,6 +226,9 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     # vLLM caps its default batch at max_num_seqs x max_model_len (EngineArgs._set_default_max_num_seqs_and_
     # batched_tokens_args, 0.32); a batch given is taken as given.
     batched = req.max_num_batched_tokens or min(batched_default, seqs * max(1, length))
+    # vLLM refuses a batch below max_num_seqs; without a GPU (a KV size given) the default max_num_seqs is a guess,
+    # and a guess refuses nothing.
+    batch_refused = batched < seqs and (req.max_num_seqs is not None or total is not None)
     if req.engine == "v0":
         batched = max(length, batched)
 
@@ -288,7 +291,7 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     # The failures vLLM would print, in the order it would hit them.
     if not tp_splits(arch, tp):
         reason = _tp_reason(arch, tp)
-    elif batched < seqs:
+    elif batch_refused:
         # SchedulerConfig.verify_max_model_len (vLLM 0.32 config/scheduler.py), while the engine is configured.
         reason = (
             f"max_num_batched_tokens ({batched}) must be greater than or equal to max_num_seqs ({seqs}): vLLM "
@@ -347,7 +350,7 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     # the heads, weights larger than the GPU, or less free memory than the utilisation asks for.
     refused_whatever_the_length = bool(
         not tp_splits(arch, tp)
-        or batched < seqs
+        or batch_refused
         or (total is not None and weights > total)
         or (total is not None and req.free_memory_bytes is not None
             and req.free_memory_bytes < total * req.gpu_memory_utilization)

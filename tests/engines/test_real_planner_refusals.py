@@ -47,3 +47,46 @@ def test_a_batch_below_max_num_seqs_is_refused_in_vllms_words(real_vllm: Path, t
         if said is not None:
             words = f"max_num_batched_tokens ({batched}) must be greater than or equal to max_num_seqs ({seqs})"
             assert words in said and words in r.reason
+
+
+def test_a_qwen_window_past_max_window_layers_is_sized_as_vllm_sizes_it(real_vllm: Path, tmp_path):
+    """Qwen2 with use_sliding_window: transformers (vLLM's, 5.x) windows the layers from max_window_layers on.
+    Every layer windowed: vLLM allocates a window's worth of blocks per request, and so does the planner; none
+    windowed (max_window_layers = the layer count, the usual config): full attention; some: vLLM refuses to build
+    the model, and the planner refuses to plan it. The configs carry no layer_types, so each side derives them."""
+    from engine.kvfit import ArchError, load_model
+    from engine.vllm.command import cpu_block_size
+    from tests.fakes.tiny_model import make_tiny_arch
+
+    max_len, batched = 512, 256
+    shapes = {"all-windowed": 0, "none-windowed": 3, "mixed": 1}
+    folders = {}
+    for name, max_window_layers in shapes.items():
+        folder = make_tiny_arch(tmp_path / name, "qwen2", num_hidden_layers=3, max_position_embeddings=max_len,
+                                use_sliding_window=True, sliding_window=128, max_window_layers=max_window_layers)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.pop("layer_types", None)  # as older checkpoints have it: derived from max_window_layers on load
+        cfg.update(use_sliding_window=True, sliding_window=128, max_window_layers=max_window_layers)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        folders[name] = folder
+    env = {**isolated_env(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run([str(real_vllm), str(Path(__file__).with_name("kv_probe.py")), str(max_len), str(batched),
+                           *map(str, folders.values())], capture_output=True, text=True, env=env, timeout=900)
+    found = {Path(d["model"]).name: d for d in map(json.loads, (x for x in done.stdout.splitlines() if x.startswith("{")))}
+    assert set(found) == set(shapes), done.stderr[-3000:]
+    assert "error" in found["mixed"], found["mixed"]
+    try:
+        load_model(str(folders["mixed"]))
+        raise AssertionError("the planner planned a model vLLM refuses to build")
+    except ArchError as exc:
+        assert "all of a Qwen model's layers or none" in str(exc)
+    for name in ("all-windowed", "none-windowed"):
+        real = found[name]
+        assert "error" not in real, real
+        arch, _ = load_model(str(folders[name]))
+        assert arch.sliding_layers == (3 if name == "all-windowed" else 0)
+        block = cpu_block_size(arch)
+        ours = plan(arch, FitRequest(available_kv_bytes=GIB, max_model_len=max_len, block_size=block,
+                                     max_num_batched_tokens=batched))
+        assert ours.num_gpu_blocks == real["num_blocks"], (name, real)
+        assert abs(ours.max_concurrency * max_len - real["kv_cache_size_tokens"]) < block, (name, ours.max_concurrency, real)
