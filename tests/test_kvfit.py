@@ -701,3 +701,18 @@ def test_without_a_gpu_the_default_max_num_seqs_is_a_guess_that_refuses_nothing(
     assert not given.fits and "max_num_seqs (512)" in given.reason
     # on an 80 GiB GPU vLLM's default is 1024 sequences: a batch of 256 is refused there
     assert "max_num_seqs (1024)" in plan(arch, FitRequest(gpu_memory_bytes=80 * GIB, max_num_batched_tokens=256)).reason
+
+
+def test_a_hub_cache_ref_that_is_not_utf8_is_not_a_traceback(tmp_path, monkeypatch):
+    """refs/main holding bytes the hub client never writes ended `fit` and `models ls` (and a node agent's
+    listing) with UnicodeDecodeError: the snapshot is not loadable, so the id is not there."""
+    from engine.kvfit.local_models import list_local
+
+    repo = tmp_path / "hub" / "models--acme--m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_bytes(b"\xff\xfe")
+    _cfg_folder(repo / "snapshots" / "abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ArchError, match="not in the Hugging Face cache"):
+        load_model("acme/m", model_roots=[])
+    assert list_local([]) == []

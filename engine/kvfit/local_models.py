@@ -37,7 +37,10 @@ def hub_cache_dir() -> Path:
 def _snapshot(repo_dir: Path) -> Path | None:
     """The snapshot refs/main names (what the hub client loads offline), or the only snapshot there is."""
     try:
-        rev = (repo_dir / "refs" / "main").read_text(encoding="utf-8").strip()
+        with open(repo_dir / "refs" / "main", "rb") as fh:
+            rev = fh.read(256).decode("utf-8").strip()  # a commit hash; more is not a ref the client wrote
+    except ValueError:  # not UTF-8: the hub client cannot read that ref either, so nothing here loads
+        return None
     except OSError:
         rev = ""
     snaps = repo_dir / "snapshots"
@@ -243,6 +246,10 @@ def list_local(roots: Sequence[Path] = ()) -> list[LocalModel]:
             if (d / "config.json").is_file():
                 out.append(describe(str(d), d, "root"))
                 continue
-            for sub in sorted(p for p in d.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+            try:
+                subs = sorted(p for p in d.iterdir() if p.is_dir() and (p / "config.json").is_file())
+            except OSError:  # a folder this user cannot list holds nothing it can serve
+                continue
+            for sub in subs:
                 out.append(describe(f"{d.name}/{sub.name}", sub, "root"))
     return out
