@@ -232,3 +232,44 @@ async def test_fit_screen_every_field_empty_spaces_letters_negative_and_enter_tw
             field.value = good[name]
         screen.action_plan()
         assert "FITS" in await _replan(app, pilot, screen) and screen.error is None
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tui.screens.fit import parse_fields  # noqa: E402
+
+_FIELD_TEXT = st.one_of(st.text(max_size=12), st.integers(-(2**40), 2**40).map(str),
+                        st.floats(allow_nan=True, allow_infinity=True).map(str),
+                        st.sampled_from(["", " ", "1", "0.9", "1e-320", "nan", "inf", "-0", "1_0", " 4 ", "2147483648"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_FIELD_TEXT, _FIELD_TEXT, _FIELD_TEXT)
+def test_the_fit_screens_fields_are_values_in_range_or_one_line(tp, util, length):
+    try:
+        got_tp, got_util, got_len = parse_fields(tp, util, length)
+    except ValueError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert 1 <= got_tp <= 1024 and 0 < got_util <= 1
+    assert got_len is None if not length.strip() else 1 <= got_len <= 2**31 - 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["--util", "--gpu-memory-gib", "--tp", "--max-model-len", "--vllm-version", "--max-num-seqs",
+                        "--kv-cache-memory-bytes"]), _FIELD_TEXT.filter(lambda t: not t.startswith("-") or t[1:2].isdigit()))
+def test_any_value_of_a_fit_flag_is_a_verdict_or_one_usage_line(flag, value):
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(["fit", "Qwen/Qwen3-8B", "--gpu-memory-gib", "80", "--max-model-len", "4096", flag, value])
+        except SystemExit as exc:
+            code = exc.code
+    assert code in (0, 1, 2)
+    if code == 2:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("fleetdeck"), lines
