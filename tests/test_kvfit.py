@@ -716,3 +716,11 @@ def test_a_hub_cache_ref_that_is_not_utf8_is_not_a_traceback(tmp_path, monkeypat
     with pytest.raises(ArchError, match="not in the Hugging Face cache"):
         load_model("acme/m", model_roots=[])
     assert list_local([]) == []
+
+
+def test_a_window_in_any_config_is_every_layers_and_gemma2_windows_from_the_first_layer():
+    phi3 = arch_from_config({**CATALOGUE["microsoft/Phi-3.5-mini-instruct"], "sliding_window": 2047,
+                             "max_position_embeddings": 4096, "rope_scaling": None})  # Phi-3-mini-4k's shape
+    assert (phi3.sliding_window, phi3.sliding_layers) == (2047, phi3.num_layers)
+    assert arch_from_config({**CATALOGUE["google/gemma-2-9b-it"], "num_hidden_layers": 3}).sliding_layers == 2
+    assert arch_from_config({**CATALOGUE["mistralai/Mistral-7B-Instruct-v0.3"], "sliding_window": 32768}).sliding_layers == 0

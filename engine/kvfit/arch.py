@@ -207,16 +207,17 @@ def _sliding(cfg: dict[str, Any], layers: int) -> tuple[int | None, int]:
     if model_type in _QWEN_WINDOWED:
         return _qwen_sliding(cfg, layers, window)
     if model_type == "gemma2":
-        return window, layers // 2  # every other layer is local
+        return window, (layers + 1) // 2  # every other layer is local, the first one included (layer_types)
     if model_type in ("gemma3", "gemma3_text"):
         pattern = _int(cfg, "sliding_window_pattern", default=6, minimum=1)
         return window, layers - layers // pattern
     mpe = _number(cfg.get("max_position_embeddings"))
-    if model_type in ("mistral", "phi3", "qwen2", "qwen3") and window >= (mpe or 0):
+    if window >= (mpe or 0):
         return None, 0  # a window as long as the context is full attention
-    if model_type == "mistral" or cfg.get("use_sliding_window"):
-        return window, layers
-    return None, 0
+    # Any other config with a window: vLLM gives every attention layer the model-level window
+    # (cache_config.sliding_window, from the config's sliding_window) unless the model sets one per layer; so
+    # Phi-3-mini-4k's 2,047 tokens and Starcoder2's 4,096 are windows, not full attention.
+    return window, layers
 
 
 # Qwen2/Qwen3 configs put the window on the layers from `max_window_layers` on (transformers'
@@ -341,8 +342,10 @@ def derived_max_model_len(text: dict[str, Any]) -> tuple[int | None, str | None]
 def arch_from_config(cfg: dict[str, Any], name: str = "") -> ModelArch:
     """Parse a Hugging Face config dict (text config of multimodal models included); ArchError when it
     holds values no model has."""
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("text_config") or cfg, dict):
+    if not isinstance(cfg, dict):
         raise ArchError("config.json is not a JSON object of model settings")
+    if not isinstance(cfg.get("text_config") or cfg, dict):
+        raise ArchError(f"config.json: `text_config` must be an object, got {_shown(cfg['text_config'])}")
     try:
         return _parse_config(cfg, name)
     except ArchError:

@@ -90,3 +90,36 @@ def test_a_qwen_window_past_max_window_layers_is_sized_as_vllm_sizes_it(real_vll
                                      max_num_batched_tokens=batched))
         assert ours.num_gpu_blocks == real["num_blocks"], (name, real)
         assert abs(ours.max_concurrency * max_len - real["kv_cache_size_tokens"]) < block, (name, ours.max_concurrency, real)
+
+
+def test_model_level_windows_and_an_odd_gemma2_are_sized_as_vllm_sizes_them(real_vllm: Path, tmp_path):
+    """A window in any config (Phi-3-mini-4k's 2,047 tokens) is every layer's in vLLM, not only Mistral's: the
+    planner planned such a Phi-3 as full attention. Gemma-2 windows every other layer from the first, so an odd
+    layer count has one more windowed layer than full ones (the planner had one fewer)."""
+    from engine.kvfit import load_model
+    from engine.vllm.command import cpu_block_size
+    from tests.fakes.tiny_model import make_tiny_arch
+
+    max_len, batched = 512, 256
+    folders = {
+        "phi3-window": make_tiny_arch(tmp_path / "phi3-window", "phi3", num_hidden_layers=3, num_key_value_heads=2,
+                                      max_position_embeddings=max_len, sliding_window=128),
+        "gemma2-odd": make_tiny_arch(tmp_path / "gemma2-odd", "gemma2", num_hidden_layers=3, head_dim=64,
+                                     max_position_embeddings=max_len, sliding_window=128),
+    }
+    env = {**isolated_env(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run([str(real_vllm), str(Path(__file__).with_name("kv_probe.py")), str(max_len), str(batched),
+                           *map(str, folders.values())], capture_output=True, text=True, env=env, timeout=900)
+    found = {Path(d["model"]).name: d for d in map(json.loads, (x for x in done.stdout.splitlines() if x.startswith("{")))}
+    assert set(found) == set(folders), done.stderr[-3000:]
+    expected_sliding = {"phi3-window": 3, "gemma2-odd": 2}
+    for name, folder in folders.items():
+        real = found[name]
+        assert "error" not in real, real
+        arch, _ = load_model(str(folder))
+        assert arch.sliding_layers == expected_sliding[name]
+        block = cpu_block_size(arch)
+        ours = plan(arch, FitRequest(available_kv_bytes=GIB, max_model_len=max_len, block_size=block,
+                                     max_num_batched_tokens=batched))
+        assert ours.num_gpu_blocks == real["num_blocks"], (name, real)
+        assert abs(ours.max_concurrency * max_len - real["kv_cache_size_tokens"]) < block, (name, ours.max_concurrency, real)
