@@ -244,9 +244,12 @@ def _qwen_sliding(cfg: dict[str, Any], layers: int, window: int) -> tuple[int | 
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
                  "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
 # RoPE types whose max_position_embeddings is already the scaled length (vLLM 0.32, vllm/config/model.py:
-# _get_and_verify_max_len; "su" is the old name of longrope). Every other type multiplies the length by its
-# `factor`, and yarn multiplies its original_max_position_embeddings instead.
-_PRESCALED_ROPE = ("su", "longrope", "llama3")
+# _get_and_verify_max_len; "su" is the old name of longrope; YaRN variants too, as transformers'
+# _compute_yarn_parameters assumes). Every other type multiplies the length by its `factor`. (Before 0.32
+# vLLM multiplied a YaRN factor into original_max_position_embeddings: 4096 x 32 for gpt-oss, the same
+# 131,072 as its max_position_embeddings, but a Qwen3 with YaRN x4 over 32,768 added to its config is
+# 40,960 to vLLM 0.32, not 131,072; tests/engines/test_real_planner_refusals.py asks the real engine.)
+_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,11 +319,7 @@ def length_limit(text: dict[str, Any], top: dict[str, Any] | None = None) -> Len
         for rp in params:
             rope_type = _rope_type(rp)
             if rope_type not in _PRESCALED_ROPE:
-                factor = _length(rp, "factor", "rope_scaling.") or factor
-                if rope_type == "yarn":
-                    original = _length(rp, "original_max_position_embeddings", "rope_scaling.")
-                    # vLLM needs the key; transformers fills it from max_position_embeddings when absent.
-                    derived = original if original is not None else derived
+                factor = _length(rp, "factor", "rope_scaling.") or factor  # null: vLLM falls back to 1.0
         derived *= factor
     if not math.isfinite(derived) or derived < 1:
         raise ArchError(f"config.json: `{key}` times its RoPE scaling factor gives {derived:g} tokens; no model "

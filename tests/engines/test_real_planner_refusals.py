@@ -123,3 +123,47 @@ def test_model_level_windows_and_an_odd_gemma2_are_sized_as_vllm_sizes_them(real
                                      max_num_batched_tokens=batched))
         assert ours.num_gpu_blocks == real["num_blocks"], (name, real)
         assert abs(ours.max_concurrency * max_len - real["kv_cache_size_tokens"]) < block, (name, ours.max_concurrency, real)
+
+
+LENGTH_PROBE = r"""
+import json, sys
+from vllm.config import ModelConfig
+for folder in sys.argv[1:]:
+    try:
+        print(json.dumps({"model": folder, "max_model_len": ModelConfig(model=folder).max_model_len}), flush=True)
+    except Exception as exc:
+        print(json.dumps({"model": folder, "error": str(exc)[:300]}), flush=True)
+"""
+
+
+def test_the_length_limit_under_each_rope_scaling_is_vllms(real_vllm: Path, tmp_path):
+    """vLLM 0.32's ModelConfig derives the default max_model_len from config.json: the planner must find the
+    same for each RoPE scaling (YaRN is already scaled in 0.32; the planner multiplied it, promising 4x)."""
+    import shutil
+
+    from engine.kvfit import load_model
+    from tests.fakes.tiny_model import make_tiny_arch
+
+    base = make_tiny_arch(tmp_path / "base", "llama", max_position_embeddings=256)
+    cases = {"yarn": {"rope_type": "yarn", "factor": 4.0}, "old-type-yarn": {"type": "yarn", "factor": 4.0},
+             "yarn-original": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+             "linear": {"rope_type": "linear", "factor": 4.0}, "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+             "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 32}}
+    folders = {}
+    for name, rope in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(base, folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.pop("rope_parameters", None)
+        cfg["rope_scaling"] = rope
+        (folder / "config.json").write_text(json.dumps(cfg))
+        folders[name] = folder
+    done = subprocess.run([str(real_vllm), "-c", LENGTH_PROBE, *map(str, folders.values())], capture_output=True,
+                          text=True, env=isolated_env(tmp_path), timeout=600)
+    found = {Path(d["model"]).name: d for d in map(json.loads, (x for x in done.stdout.splitlines() if x.startswith("{")))}
+    assert set(found) == set(cases), done.stderr[-3000:]
+    for name, folder in folders.items():
+        assert "error" not in found[name], found[name]
+        arch, _ = load_model(str(folder))
+        assert arch.default_max_model_len == arch.derived_max_model_len == found[name]["max_model_len"], (name, found[name])
