@@ -724,3 +724,12 @@ def test_a_window_in_any_config_is_every_layers_and_gemma2_windows_from_the_firs
     assert (phi3.sliding_window, phi3.sliding_layers) == (2047, phi3.num_layers)
     assert arch_from_config({**CATALOGUE["google/gemma-2-9b-it"], "num_hidden_layers": 3}).sliding_layers == 2
     assert arch_from_config({**CATALOGUE["mistralai/Mistral-7B-Instruct-v0.3"], "sliding_window": 32768}).sliding_layers == 0
+
+
+def test_a_gpus_share_of_exact_weights_is_never_above_the_whole():
+    from engine.kvfit.weights import weight_bytes_per_gpu
+
+    arch = catalogue_arch("Qwen/Qwen3-8B")
+    assert weight_bytes_per_gpu(15, arch, 2) <= 15  # was over 1 MB (the shape's replicated norms) for a 15-byte file
+    big = estimated_weight_bytes(arch)
+    assert big / 2 < weight_bytes_per_gpu(big, arch, 2) < big

@@ -115,5 +115,7 @@ def weight_bytes_per_gpu(total: int, arch: ModelArch, tp: int) -> int:
     """Per GPU under tensor parallelism. Embeddings and matrices split; norms are replicated."""
     if tp <= 1:
         return total
-    replicated = 2 * (arch.num_layers * 2 + 1) * arch.hidden_size
+    # never more than the checkpoint holds (exact bytes of a tiny or partial checkpoint can be below the shape's
+    # norms): a GPU's share is never above the whole
+    replicated = min(total, 2 * (arch.num_layers * 2 + 1) * arch.hidden_size)
     return int((total - replicated) / tp + replicated)
