@@ -658,11 +658,12 @@ def model_shapes(draw):
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(model_shapes(), st.integers(2, 200), st.integers(1, 100), st.integers(1, 200_000), st.integers(1, 200_000),
+@given(st.one_of(model_shapes(), st.sampled_from(sorted(CATALOGUE)).map(catalogue_arch)), st.integers(2, 200), st.integers(1, 100), st.integers(1, 200_000), st.integers(1, 200_000),
        st.integers(5, 99), st.integers(1, 5), st.sampled_from([1, 2, 4]), st.sampled_from(["v1", "v0"]), st.integers(1, 512))
 def test_more_memory_never_fits_less_and_a_longer_context_never_needs_less(arch, gib, extra, len_a, len_b, util, more_util,
                                                                               tp, engine, seqs):
-    """The answers are monotone where vLLM's are: a longer context never fits where a shorter one does not; more
+    """The answers are monotone where vLLM's are (over any shape, and every catalogue model: MLA, Gemma 3's layer
+    types, gpt-oss, MoE, vision): a longer context never fits where a shorter one does not; more
     GPU memory, a higher utilisation or a smaller KV dtype never holds fewer tokens. (max_num_seqs is held fixed:
     vLLM's own default grows at 70 GiB, and with it the activation peak, so across that line vLLM is not monotone
     either.)"""
