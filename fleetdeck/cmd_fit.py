@@ -44,7 +44,7 @@ def register(sub: Any) -> None:
     p.add_argument("--engine", choices=("v1", "v0"), default="v1", help="vLLM engine whose profile to model")
     from engine.kvfit.overhead import VLLM_VERSION_MODELLED
 
-    p.add_argument("--vllm-version", default=VLLM_VERSION_MODELLED, metavar="X.Y",
+    p.add_argument("--vllm-version", type=vllm_version, default=VLLM_VERSION_MODELLED, metavar="X.Y",
                    help=f"the vLLM whose memory accounting to follow (default {VLLM_VERSION_MODELLED}; CUDA graphs "
                         "come out of the KV budget since 0.21)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (vLLM --enforce-eager)")
@@ -53,6 +53,16 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--list-models", action="store_true", help="list the built-in catalogue and exit")
     p.set_defaults(handler=run)
+
+
+def vllm_version(text: str) -> str:
+    """X.Y or X.Y.Z, as a launch profile's `vllm_version` is: anything else would be planned, silently, as the
+    version modelled, under the name given."""
+    import re
+
+    if not re.fullmatch(r"\d+\.\d+(\.\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected a vLLM version such as 0.19 or 0.19.1, got {text!r}")
+    return text
 
 
 def _fail(msg: str) -> int:

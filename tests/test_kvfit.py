@@ -401,3 +401,336 @@ def test_the_cpu_block_size_is_vllms_for_mla_with_and_without_amx():
     assert cpu_block_size(mla, amx=False) == 16 and cpu_block_size(mla, amx=True) == 128
     assert cpu_block_size(gqa, amx=False) == 128 and cpu_block_size(gqa, amx=True) == 128
     assert cpu_has_amx("flags : fpu avx512f amx_bf16 amx_tile amx_int8") and not cpu_has_amx("flags : fpu avx2 avx512f")
+
+
+# -- the planner at its edges: configs no model has, files that are not what they claim, monotone answers ----
+
+import math  # noqa: E402
+import os  # noqa: E402
+import struct  # noqa: E402
+import tempfile  # noqa: E402
+
+from hypothesis import HealthCheck  # noqa: E402
+
+from engine.kvfit.arch import MAX_DIM  # noqa: E402
+from engine.kvfit.plan import tp_splits  # noqa: E402
+from engine.kvfit.weights import folder_weight_bytes  # noqa: E402
+
+# One config of each family the README names, nested text_config (multimodal) and MLA included.
+_FAMILIES = ["mistralai/Mistral-7B-Instruct-v0.3", "Qwen/Qwen3-8B", "Qwen/Qwen3-30B-A3B", "microsoft/Phi-3.5-mini-instruct",
+             "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-11B-Vision-Instruct", "google/gemma-2-9b-it",
+             "google/gemma-3-12b-it", "deepseek-ai/DeepSeek-V2-Lite-Chat", "openai/gpt-oss-20b", "Qwen/Qwen2.5-7B-Instruct"]
+# Keys worth breaking beside the ones each config has.
+_KEYS = ["head_dim", "num_key_value_heads", "sliding_window", "use_sliding_window", "layer_types", "rope_scaling",
+         "rope_parameters", "quantization_config", "max_position_embeddings", "model_max_length", "n_positions",
+         "cross_attention_layers", "text_config", "sliding_window_pattern", "original_max_position_embeddings",
+         "num_experts", "first_k_dense_replace", "kv_lora_rank", "tie_word_embeddings"]
+_NASTY_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.sampled_from([0, -1, 1, 2, 7, 2**31, 2**63, 10**30]),
+    st.integers(-(2**70), 2**70), st.sampled_from([0.5, 1.5, -0.0, 1e300, -1e300, math.inf, -math.inf, math.nan]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["", "12", "abc", "awq", "sliding_attention", "yarn"]),
+)
+_JSON = st.recursive(_NASTY_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(
+        ["quant_method", "bits", "group_size", "factor", "rope_type", "type", "original_max_position_embeddings",
+         "config_groups", "weights", "num_bits", "load_in_4bit", "full_attention", "num_hidden_layers"]), inner, max_size=4)),
+    max_leaves=8)
+_QUANT = st.fixed_dictionaries({"quant_method": st.sampled_from(["awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors", "mxfp4", "AWQ", 7]),
+                                "bits": _NASTY_SCALARS, "group_size": _NASTY_SCALARS, "load_in_4bit": _NASTY_SCALARS,
+                                "config_groups": _JSON})
+
+
+@st.composite
+def broken_configs(draw):
+    cfg = json.loads(json.dumps(CATALOGUE[draw(st.sampled_from(_FAMILIES))]))
+    target = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) and draw(st.booleans()) else cfg
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(set(target) | set(_KEYS))))
+        target[key] = draw(_QUANT if key == "quantization_config" and draw(st.booleans()) else _JSON)
+    return cfg
+
+
+def _sane(arch) -> None:
+    """What every ModelArch the parser lets through must be: something vLLM could build."""
+    assert 1 <= arch.num_layers <= MAX_DIM and arch.kv_layers >= 1
+    assert 0 <= arch.sliding_layers <= arch.kv_layers and arch.head_dim >= 1 and arch.vocab_size >= 1
+    assert arch.is_mla or arch.num_heads % arch.num_kv_heads == 0
+    assert arch.sliding_window is None or arch.sliding_window >= 1
+    assert arch.derived_max_model_len is None or arch.derived_max_model_len >= 1
+    assert arch.default_max_model_len >= 1
+    weights = estimated_weight_bytes(arch)
+    assert 0 < weights and math.isfinite(weights)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(broken_configs())
+def test_a_broken_config_is_one_archerror_or_a_model_vllm_could_build(cfg):
+    """Fields missing, null, zero, negative, huge, NaN, strings, floats, lists where numbers go, in the real
+    families' configs (text_config of a multimodal one included): the parser names the key, or what it lets
+    through is sane and plans to a verdict (never an exception, never a hang on a layer count)."""
+    try:
+        arch = arch_from_config(cfg)
+    except ArchError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    _sane(arch)
+    for req in (FitRequest(gpu_memory_bytes=80 * GIB), FitRequest(kv_cache_memory_bytes=GIB, max_model_len=4096),
+                FitRequest(gpu_memory_bytes=24 * GIB, tensor_parallel_size=2, kv_cache_dtype="fp8")):
+        r = plan(arch, req)
+        assert r.fits == (r.reason is None) and r.weights_gib > 0
+        render_text(r)
+
+
+@pytest.mark.parametrize("cfg_patch, message", [
+    ({"num_hidden_layers": 2**63}, "num_hidden_layers` must be a whole number from 1"),  # was: a hang (a loop per layer)
+    ({"vocab_size": 1e300}, "vocab_size"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings` must be a number above 0"),  # was: FITS at 0 tokens
+    ({"max_position_embeddings": -5}, "max_position_embeddings"),
+    ({"max_position_embeddings": math.nan}, "max_position_embeddings"),  # json.loads reads NaN
+    ({"rope_scaling": {"rope_type": "linear", "factor": -8}}, "rope_scaling.factor"),  # was: FITS, concurrency -3.76
+    ({"rope_scaling": {"rope_type": "linear", "factor": 1e308}}, "RoPE scaling factor gives inf"),
+    ({"num_key_value_heads": 5}, r"num_heads \(28\) is not divisible by num_kv_heads \(5\)"),  # was: FITS
+    ({"num_key_value_heads": 56}, "num_kv_heads"),
+    ({"hidden_size": 16, "head_dim": None}, "leaves no head size"),
+    ({"use_sliding_window": True, "sliding_window": -5}, "sliding_window"),  # was: FITS with a negative window
+    ({"sliding_window": 128, "layer_types": ["sliding_attention"] * 100}, "layer_types` names 100 layers"),
+    ({"cross_attention_layers": list(range(100))}, "cross_attention_layers"),
+    ({"quantization_config": "awq"}, "quantization_config` must be an object"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": -4}}, "quantization_config.bits"),  # was: negative weights
+    ({"quantization_config": {"quant_method": "gptq", "bits": 5}}, "take 2, 3, 4, 8"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": "x"}}}, "config_groups.g"),
+])
+def test_a_config_no_model_has_is_refused_naming_the_key(cfg_patch, message):
+    cfg = {**CATALOGUE["Qwen/Qwen2.5-7B-Instruct"], **cfg_patch}
+    with pytest.raises(ArchError, match=message):
+        arch_from_config(cfg)
+
+
+def test_gptq_per_channel_group_size_minus_one_is_four_bits_not_negative_weights():
+    """GPTQ's group_size -1 (one scale per output column) is a real, common setting: it was planned as a
+    negative group, giving -10 GiB of weights and a promise of 1.5M tokens."""
+    base = CATALOGUE["Qwen/Qwen2.5-7B-Instruct"]
+    per_channel = arch_from_config({**base, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1}})
+    grouped = arch_from_config({**base, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}})
+    assert per_channel.quantization.group_size == 0
+    assert 0 < estimated_weight_bytes(per_channel) < estimated_weight_bytes(grouped) < estimated_weight_bytes(catalogue_arch("Qwen/Qwen2.5-7B-Instruct"))
+
+
+@pytest.mark.parametrize("name, tp, ok", [
+    ("Qwen/Qwen2.5-7B-Instruct", 7, False),  # 28 heads split, 4 KV heads cannot be spread over 7 ranks
+    ("Qwen/Qwen2.5-7B-Instruct", 14, False),
+    ("Qwen/Qwen2.5-7B-Instruct", 4, True),
+    ("Qwen/Qwen2.5-14B-Instruct", 5, False),  # 40 heads / 5, but 8 KV heads over 5 ranks
+    ("Qwen/Qwen2.5-14B-Instruct", 8, True),
+    ("meta-llama/Llama-3.1-70B-Instruct", 16, True),  # 8 KV heads, each on two ranks
+    ("deepseek-ai/DeepSeek-V2-Lite-Chat", 4, True),  # MLA: one latent, not split by KV head
+])
+def test_a_tp_that_splits_the_query_heads_but_not_the_kv_heads_does_not_fit(name, tp, ok):
+    arch = catalogue_arch(name)
+    assert tp_splits(arch, tp) is ok
+    r = plan(arch, FitRequest(gpu_memory_bytes=80 * GIB, tensor_parallel_size=tp, max_model_len=4096))
+    if not ok:
+        assert not r.fits and f"cannot be split over tensor parallel size {tp}" in r.reason
+        assert r.fitting_max_model_len is None and r.max_concurrency == 0
+        suggested = [int(n) for n in r.reason.split("Use --tp ")[1].rstrip(".").split(", ")]
+        assert suggested and all(tp_splits(arch, n) for n in suggested)
+
+
+def test_a_batch_smaller_than_max_num_seqs_is_refused_as_vllm_refuses_it():
+    arch = catalogue_arch("Qwen/Qwen3-8B")
+    r = plan(arch, FitRequest(gpu_memory_bytes=80 * GIB, max_num_seqs=1024, max_num_batched_tokens=16))
+    assert not r.fits and "max_num_batched_tokens (16) must be greater than or equal to max_num_seqs (1024)" in r.reason
+    assert r.fitting_max_model_len is None
+    # vLLM's default batch never trips it: it is capped at max_num_seqs x max_model_len, not raised above it.
+    short = plan(arch, FitRequest(gpu_memory_bytes=80 * GIB, max_model_len=1, max_num_seqs=8))
+    assert short.fits and short.max_num_batched_tokens == 8
+
+
+def test_an_explicit_kv_size_too_small_for_one_block_says_so():
+    r = plan(catalogue_arch("Qwen/Qwen3-8B"), FitRequest(kv_cache_memory_bytes=1))
+    assert not r.fits and "KV cache given holds no block" in r.reason and "weights" not in r.reason
+
+
+def _cfg_folder(folder: Path, cfg=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg or CATALOGUE["Qwen/Qwen3-8B"]))
+    return folder
+
+
+def _st_header(path: Path, header) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: (p / "config.json").mkdir(), "is a folder, not a file"),
+    (lambda p: os.symlink("config.json", p / "config.json"), "Too many levels of symbolic links"),
+    (lambda p: (p / "config.json").write_bytes(b"\xff\xfe{}"), "cannot read it as JSON"),
+    (lambda p: (p / "config.json").write_text("[" * 100_000 + "]" * 100_000), "cannot read it as JSON"),  # RecursionError
+    (lambda p: (p / "config.json").write_text('{"pad": "' + "x" * (17 * 1024 * 1024) + '"}'), "not a model config"),
+    (lambda p: (_cfg_folder(p), (p / "model.safetensors").mkdir()), r"cannot read it \(Is a directory\)"),
+    (lambda p: (_cfg_folder(p), os.symlink("a.safetensors", p / "b.safetensors"), os.symlink("b.safetensors", p / "a.safetensors")),
+     "Too many levels of symbolic links"),
+    (lambda p: (_cfg_folder(p), _st_header(p / "x.safetensors", [1, 2])), "not a JSON object"),
+    (lambda p: (_cfg_folder(p), _st_header(p / "x.safetensors", {"w": {"data_offsets": ["a", "b"]}})), "no valid data_offsets"),
+    (lambda p: (_cfg_folder(p), _st_header(p / "x.safetensors", {"w": {"data_offsets": [100, 0]}})), "no valid data_offsets"),  # was: -100 B of weights, FITS
+])
+def test_a_model_folder_that_is_not_what_it_claims_is_one_line(tmp_path, setup, message):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    setup(folder)
+    with pytest.raises(ArchError, match=message) as info:
+        load_model(str(folder))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("~no-such-user-here/model", "cannot read it as a model"),  # expanduser raised RuntimeError
+    ("/" + "a" * 5000, "File name too long"),  # Path.exists raised OSError
+    ("a" * 5000, "File name too long"),
+    ("model\x00name", "NUL"),
+])
+def test_a_model_name_the_os_refuses_is_one_short_line(spec, message):
+    with pytest.raises(ArchError, match=message) as info:
+        load_model(spec, model_roots=[])
+    assert len(str(info.value)) < 300
+
+
+def test_exact_weights_count_only_the_files_vllm_loads(tmp_path):
+    """A Mistral repo ships consolidated.safetensors beside the model-*.safetensors shards: every weight twice
+    on disk. vLLM loads the shards the index names; counting both doubled the weights."""
+    folder = _cfg_folder(tmp_path / "mistral", CATALOGUE["mistralai/Mistral-7B-Instruct-v0.3"])
+    _st_header(folder / "model-00001-of-00002.safetensors", {"a": {"data_offsets": [0, 1000]}})
+    _st_header(folder / "model-00002-of-00002.safetensors", {"b": {"data_offsets": [0, 500]}})
+    _st_header(folder / "consolidated.safetensors", {"a": {"data_offsets": [0, 1500]}})
+    assert folder_weight_bytes(folder) == 3000  # no index: every file
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert folder_weight_bytes(folder) == 1500
+    assert load_model(str(folder))[1] == 1500
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode),
+                 _JSON.map(lambda v: json.dumps(v).encode()),
+                 broken_configs().map(lambda c: json.dumps(c).encode())))
+def test_any_config_json_bytes_are_a_model_or_one_archerror(raw):
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_bytes(raw)
+        try:
+            arch, exact = load_model(tmp)
+        except ArchError as exc:
+            assert "\n" not in str(exc)
+            return
+        _sane(arch)
+        assert exact is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=200), _JSON.map(lambda v: (lambda raw: struct.pack("<Q", len(raw)) + raw)(json.dumps(v).encode())),
+                 st.dictionaries(st.text(max_size=5), st.fixed_dictionaries({"data_offsets": st.lists(_NASTY_SCALARS, max_size=3)}),
+                                 max_size=3).map(lambda h: (lambda raw: struct.pack("<Q", len(raw)) + raw)(json.dumps(h).encode()))))
+def test_any_safetensors_header_is_a_byte_count_or_one_archerror(raw):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.safetensors"
+        path.write_bytes(raw)
+        try:
+            assert safetensors_bytes(path) >= 0
+        except ArchError as exc:
+            assert "\n" not in str(exc)
+
+
+# The model space for the monotonicity properties: any GQA/MHA shape, with or without a sliding window or experts.
+@st.composite
+def model_shapes(draw):
+    heads = draw(st.sampled_from([1, 2, 4, 8, 16, 28, 32, 40, 64]))
+    head_dim = draw(st.sampled_from([32, 64, 80, 128, 256]))
+    cfg = {"model_type": draw(st.sampled_from(["llama", "qwen2", "mistral", "gemma2", "qwen3"])),
+           "num_hidden_layers": draw(st.integers(1, 96)), "hidden_size": heads * head_dim, "num_attention_heads": heads,
+           "num_key_value_heads": draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0])),
+           "head_dim": head_dim, "intermediate_size": draw(st.integers(64, 30000)), "vocab_size": draw(st.integers(256, 260000)),
+           "max_position_embeddings": draw(st.sampled_from([2048, 8192, 32768, 131072]))}
+    if draw(st.booleans()):
+        cfg.update(sliding_window=draw(st.sampled_from([128, 1024, 4096])), use_sliding_window=True, max_window_layers=0)
+    if draw(st.booleans()):
+        cfg.update(num_experts=draw(st.integers(2, 64)), moe_intermediate_size=draw(st.integers(64, 4096)), num_experts_per_tok=2)
+    return arch_from_config(cfg)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(model_shapes(), st.sampled_from(sorted(CATALOGUE)).map(catalogue_arch)), st.integers(2, 200), st.integers(1, 100), st.integers(1, 200_000), st.integers(1, 200_000),
+       st.integers(5, 99), st.integers(1, 5), st.sampled_from([1, 2, 4]), st.sampled_from(["v1", "v0"]), st.integers(1, 512))
+def test_more_memory_never_fits_less_and_a_longer_context_never_needs_less(arch, gib, extra, len_a, len_b, util, more_util,
+                                                                              tp, engine, seqs):
+    """The answers are monotone where vLLM's are (over any shape, and every catalogue model: MLA, Gemma 3's layer
+    types, gpt-oss, MoE, vision): a longer context never fits where a shorter one does not; more
+    GPU memory, a higher utilisation or a smaller KV dtype never holds fewer tokens. (max_num_seqs is held fixed:
+    vLLM's own default grows at 70 GiB, and with it the activation peak, so across that line vLLM is not monotone
+    either.)"""
+    short, long = sorted((len_a, len_b))
+    base = FitRequest(gpu_memory_bytes=gib * GIB, gpu_memory_utilization=util / 100, tensor_parallel_size=tp, engine=engine,
+                      max_num_seqs=seqs, max_num_batched_tokens=max(seqs, 2048), max_model_len=short)
+    r = plan(arch, base)
+    assert not plan(arch, replace(base, max_model_len=long)).fits or r.fits
+    for bigger in (replace(base, gpu_memory_bytes=(gib + extra) * GIB),
+                   replace(base, gpu_memory_utilization=min(100, util + more_util) / 100),
+                   replace(base, kv_cache_dtype="fp8")):
+        b = plan(arch, bigger)
+        assert b.kv_tokens_low >= r.kv_tokens_low and b.max_model_len_that_fits >= r.max_model_len_that_fits
+        assert b.fits or not r.fits, (b.reason, r.reason)
+
+
+def test_a_qwen_window_is_on_the_layers_past_max_window_layers_as_transformers_puts_it():
+    """Qwen2/Qwen3 configs window only the layers from max_window_layers on (28 by default, every layer of a
+    28-layer model): the planner put the window on every layer, promising a 4k-window pool for a model vLLM
+    serves with full attention."""
+    base = {**CATALOGUE["Qwen/Qwen2.5-7B-Instruct"], "use_sliding_window": True, "sliding_window": 4096}
+    assert arch_from_config(base).sliding_layers == 0  # max_window_layers defaults to 28 = num_hidden_layers
+    everywhere = arch_from_config({**base, "max_window_layers": 0})
+    assert (everywhere.sliding_window, everywhere.sliding_layers) == (4096, 28)
+    full = plan(arch_from_config(base), FitRequest(gpu_memory_bytes=80 * GIB, max_model_len=32768))
+    windowed = plan(everywhere, FitRequest(gpu_memory_bytes=80 * GIB, max_model_len=32768))
+    assert windowed.max_concurrency > 2 * full.max_concurrency
+    with pytest.raises(ArchError, match="all of a Qwen model's layers or none"):
+        arch_from_config({**base, "max_window_layers": 10})  # vLLM's Qwen2Model asserts against mixed layers
+
+
+def test_without_a_gpu_the_default_max_num_seqs_is_a_guess_that_refuses_nothing():
+    arch = catalogue_arch("Qwen/Qwen3-8B")
+    assert plan(arch, FitRequest(available_kv_bytes=GIB, max_model_len=512, max_num_batched_tokens=256)).fits
+    given = plan(arch, FitRequest(available_kv_bytes=GIB, max_model_len=512, max_num_batched_tokens=256, max_num_seqs=512))
+    assert not given.fits and "max_num_seqs (512)" in given.reason
+    # on an 80 GiB GPU vLLM's default is 1024 sequences: a batch of 256 is refused there
+    assert "max_num_seqs (1024)" in plan(arch, FitRequest(gpu_memory_bytes=80 * GIB, max_num_batched_tokens=256)).reason
+
+
+def test_a_hub_cache_ref_that_is_not_utf8_is_not_a_traceback(tmp_path, monkeypatch):
+    """refs/main holding bytes the hub client never writes ended `fit` and `models ls` (and a node agent's
+    listing) with UnicodeDecodeError: the snapshot is not loadable, so the id is not there."""
+    from engine.kvfit.local_models import list_local
+
+    repo = tmp_path / "hub" / "models--acme--m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_bytes(b"\xff\xfe")
+    _cfg_folder(repo / "snapshots" / "abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ArchError, match="not in the Hugging Face cache"):
+        load_model("acme/m", model_roots=[])
+    assert list_local([]) == []
+
+
+def test_a_window_in_any_config_is_every_layers_and_gemma2_windows_from_the_first_layer():
+    phi3 = arch_from_config({**CATALOGUE["microsoft/Phi-3.5-mini-instruct"], "sliding_window": 2047,
+                             "max_position_embeddings": 4096, "rope_scaling": None})  # Phi-3-mini-4k's shape
+    assert (phi3.sliding_window, phi3.sliding_layers) == (2047, phi3.num_layers)
+    assert arch_from_config({**CATALOGUE["google/gemma-2-9b-it"], "num_hidden_layers": 3}).sliding_layers == 2
+    assert arch_from_config({**CATALOGUE["mistralai/Mistral-7B-Instruct-v0.3"], "sliding_window": 32768}).sliding_layers == 0
+
+
+def test_a_gpus_share_of_exact_weights_is_never_above_the_whole():
+    from engine.kvfit.weights import weight_bytes_per_gpu
+
+    arch = catalogue_arch("Qwen/Qwen3-8B")
+    assert weight_bytes_per_gpu(15, arch, 2) <= 15  # was over 1 MB (the shape's replicated norms) for a 15-byte file
+    big = estimated_weight_bytes(arch)
+    assert big / 2 < weight_bytes_per_gpu(big, arch, 2) < big

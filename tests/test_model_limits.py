@@ -28,9 +28,12 @@ LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128, "num
         ({"n_positions": 128}, (128, "n_positions")),  # the smallest key wins
         ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, (1024, "max_position_embeddings")),
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, (512, "max_position_embeddings")),
-        # yarn scales its original length (max_position_embeddings when the config names none)
-        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, (1024, "max_position_embeddings")),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}}, (512, "max_position_embeddings")),
+        # YaRN's max_position_embeddings is already the scaled length to vLLM 0.32 (it multiplied the factor into
+        # original_max_position_embeddings before: 1024 and 512 here, which vLLM 0.32 refuses)
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, (256, "max_position_embeddings")),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}}, (256, "max_position_embeddings")),
+        ({"rope_scaling": {"rope_type": "deepseek_yarn", "factor": 40.0}}, (256, "max_position_embeddings")),
+        ({"rope_scaling": {"rope_type": "linear", "factor": None}}, (256, "max_position_embeddings")),  # null: 1.0
         ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, (256, "max_position_embeddings")),  # already scaled
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, (256, "max_position_embeddings")),
         ({"model_max_length": 8192}, (8192, "model_max_length")),  # an explicit model_max_length wins
@@ -127,7 +130,7 @@ def test_a_profile_name_resolves_to_the_profile_even_beside_a_folder_of_that_nam
         ("Qwen/Qwen3-8B", 40960, 40960),
         ("google/gemma-3-27b-it", 131072, 131072),  # Gemma 3's linear factor is not applied again
         ("deepseek-ai/deepseek-coder-6.7b-instruct", 65536, 65536),  # linear x4 over 16,384
-        ("openai/gpt-oss-20b", 131072, 131072),  # yarn x32 over the original 4,096
+        ("openai/gpt-oss-20b", 131072, 131072),  # YaRN x32 over 4,096: max_position_embeddings is the scaled length
         ("microsoft/Phi-3.5-mini-instruct", 131072, 4096),  # longrope: vLLM starts at the original length
     ],
 )
@@ -170,8 +173,7 @@ def test_without_max_model_len_fit_plans_vllms_default_for_the_model(name, lengt
 
 
 def test_a_local_config_with_rope_scaling_gets_the_same_derivation(tmp_path, capsys):
-    folder = model_folder(tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                                  "original_max_position_embeddings": 128})
+    folder = model_folder(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert main(["fit", str(folder), "--gpu-memory-gib", "80", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["max_model_len"] == doc["model_max_model_len"] == 512 and not doc["max_model_len_given"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.kvfit.arch import ArchError, ModelArch, arch_from_config
 from engine.kvfit.catalogue import catalogue_arch, list_models
@@ -24,28 +24,38 @@ def load_model(spec: str, model_roots: Sequence[Path] | None = None) -> tuple[Mo
 
     Returns the shape and the exact weight bytes when the weights are on disk.
     """
-    from engine.kvfit.local_models import configured_roots, find_local
+    from engine.kvfit.local_models import configured_roots, find_local, read_config
     from engine.kvfit.weights import folder_weight_bytes
 
+    try:
+        return _load_model(spec, model_roots, configured_roots, find_local, read_config, folder_weight_bytes)
+    except (OSError, RuntimeError) as exc:
+        # A path the OS refuses (a name too long, ~user with no such user, a folder that cannot be listed):
+        # one line naming it, never a traceback.
+        raise ArchError(f"{_short(spec)}: cannot read it as a model ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _short(spec: str) -> str:
+    return spec if len(spec) <= 120 else spec[:117] + "..."
+
+
+def _load_model(spec: str, model_roots: Sequence[Path] | None, configured_roots: Callable[[], list[Path]],
+                find_local: Callable[[str, Sequence[Path]], Path | None], read_config: Callable[[Path], dict[str, Any]],
+                folder_weight_bytes: Callable[[Path], int | None]) -> tuple[ModelArch, int | None]:
+    if "\x00" in spec:
+        raise ArchError("the model name holds a NUL character")
+    looks_like_path = spec.startswith(("/", "./", "../", "~"))
     path = Path(spec).expanduser()
     local = None
-    if not (path.exists() or spec.startswith(("/", "./", "../", "~"))):
+    if not (path.exists() or looks_like_path):
         # What is on disk wins over the catalogue: it is what vLLM will load.
         local = find_local(spec, configured_roots() if model_roots is None else model_roots)
     if local is not None:
         path = local
-    if local is not None or path.exists() or spec.startswith(("/", "./", "../", "~")):
+    if local is not None or path.exists() or looks_like_path:
         if not path.is_dir():
-            raise ArchError(f"{path}: not a model folder (expected a folder holding config.json)")
-        config = path / "config.json"
-        if not config.is_file():
-            raise ArchError(f"{path}: no config.json in this folder; a Hugging Face model folder is needed")
-        try:
-            cfg = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArchError(f"{config}: cannot read it as JSON ({exc})") from exc
-        if not isinstance(cfg, dict):
-            raise ArchError(f"{config}: expected a JSON object")
+            raise ArchError(f"{_short(str(path))}: not a model folder (expected a folder holding config.json)")
+        cfg = read_config(path / "config.json")
         arch = arch_from_config(cfg, name=spec.strip() if local is not None else str(path))
         return arch, folder_weight_bytes(path)
     try:

@@ -238,7 +238,7 @@ def resolve(name: str) -> tuple[str, Quantization | None]:
             if repo:
                 return repo, quant
     raise ArchError(
-        f"unknown model {name!r}: not in the built-in catalogue (see `fleetdeck fit --list-models`); "
+        f"unknown model {name if len(name) <= 120 else name[:117] + '...'!r}: not in the built-in catalogue (see `fleetdeck fit --list-models`); "
         "pass a local model folder with a config.json instead"
     )
 

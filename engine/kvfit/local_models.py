@@ -37,7 +37,10 @@ def hub_cache_dir() -> Path:
 def _snapshot(repo_dir: Path) -> Path | None:
     """The snapshot refs/main names (what the hub client loads offline), or the only snapshot there is."""
     try:
-        rev = (repo_dir / "refs" / "main").read_text(encoding="utf-8").strip()
+        with open(repo_dir / "refs" / "main", "rb") as fh:
+            rev = fh.read(256).decode("utf-8").strip()  # a commit hash; more is not a ref the client wrote
+    except ValueError:  # not UTF-8: the hub client cannot read that ref either, so nothing here loads
+        return None
     except OSError:
         rev = ""
     snaps = repo_dir / "snapshots"
@@ -155,15 +158,51 @@ def _size(folder: Path) -> int:
     return total
 
 
+# A config.json is a few KiB (the largest multimodal ones tens of KiB): past this it is not a model's config,
+# and reading it whole would hold the planner (or a node's agent listing its models) on one damaged file.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def read_config(config: Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict; ArchError naming the file and what is wrong with it."""
+    import stat
+
+    from engine.kvfit.arch import ArchError
+
+    try:
+        st = config.stat()
+    except FileNotFoundError:
+        raise ArchError(f"{config.parent}: no config.json in this folder; a Hugging Face model folder is needed") from None
+    except OSError as exc:  # a symlink loop, a permission, a name too long
+        raise ArchError(f"{config}: cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ArchError(f"{config}: is a folder, not a file; a Hugging Face model folder holds a config.json file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ArchError(f"{config}: not a regular file (a device or a pipe); expected the model's JSON config")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ArchError(f"{config}: {st.st_size / 1024**2:.0f} MiB, not a model config (those are a few KiB)")
+    try:
+        with open(config, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ArchError(f"{config}: over {MAX_CONFIG_BYTES // 1024**2} MiB, not a model config (those are a few KiB)")
+        cfg = json.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise ArchError(f"{config}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArchError(f"{config}: cannot read it as JSON ({str(exc)[:120]})") from None
+    if not isinstance(cfg, dict):
+        raise ArchError(f"{config}: expected a JSON object")
+    return cfg
+
+
 def describe(name: str, folder: Path, source: str) -> LocalModel:
     from engine.kvfit.arch import ArchError, arch_from_config
 
     arch_name = model_type = dtype = quant = error = None
     limit = None
     try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
+        cfg = read_config(folder / "config.json")
         archs = cfg.get("architectures")
         arch_name = str(archs[0]) if isinstance(archs, list) and archs else None
         text_config = cfg.get("text_config")
@@ -207,6 +246,10 @@ def list_local(roots: Sequence[Path] = ()) -> list[LocalModel]:
             if (d / "config.json").is_file():
                 out.append(describe(str(d), d, "root"))
                 continue
-            for sub in sorted(p for p in d.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+            try:
+                subs = sorted(p for p in d.iterdir() if p.is_dir() and (p / "config.json").is_file())
+            except OSError:  # a folder this user cannot list holds nothing it can serve
+                continue
+            for sub in subs:
                 out.append(describe(f"{d.name}/{sub.name}", sub, "root"))
     return out

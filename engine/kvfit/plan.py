@@ -138,8 +138,9 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
     given = req.max_model_len is not None
     cap = None if req.allow_long_max_model_len else r.model_max_model_len
     length = min(r.max_model_len, cap or r.max_model_len)  # never suggest past the model's limit
-    if arch.num_heads % r.tensor_parallel_size or (total is not None and r.weights_gib * GIB > total):
-        return None, None, ""  # no memory setting helps: the reason names the fix (TP, quantization)
+    if (not tp_splits(arch, r.tensor_parallel_size) or (r.reason or "").startswith("max_num_batched_tokens (")
+            or (total is not None and r.weights_gib * GIB > total)):
+        return None, None, ""  # no memory setting helps: the reason names the fix (TP, batch, quantization)
     top = MAX_SUGGESTED_UTIL
     if total is not None and req.free_memory_bytes is not None:
         top = min(top, math.floor((req.free_memory_bytes / total - 0.01) * 100) / 100)
@@ -192,6 +193,28 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
     return top, fit, f"The nearest setting that fits: gpu_memory_utilization {top:.2f} with max_model_len {fit:,}."
 
 
+def tp_splits(arch: ModelArch, tp: int) -> bool:
+    """Whether vLLM can split this model's attention over `tp` ranks: the query heads evenly
+    (ModelConfig.verify_with_parallel_config, before anything loads) and, for grouped-query attention, the KV
+    heads evenly or each replicated a whole number of times (the assertions in every model's attention layer,
+    e.g. LlamaAttention, while the weights load). MLA keeps one latent per token, not per KV head."""
+    if arch.num_heads % tp:
+        return False
+    kv = arch.num_kv_heads
+    return arch.is_mla or (kv % tp == 0 if kv >= tp else tp % kv == 0)
+
+
+def _tp_reason(arch: ModelArch, tp: int) -> str:
+    good = ", ".join(str(n) for n in range(1, min(arch.num_heads, 16) + 1) if tp_splits(arch, n))
+    if arch.num_heads % tp:
+        return (f"Total number of attention heads ({arch.num_heads}) must be divisible by tensor parallel size "
+                f"({tp}): vLLM refuses to start. Use --tp {good}.")
+    kv = arch.num_kv_heads
+    what = f"{kv} is not divisible by {tp}" if kv >= tp else f"{tp} is not divisible by {kv}"
+    return (f"The {kv} KV heads cannot be split over tensor parallel size {tp} ({what}): vLLM fails an assertion "
+            f"while loading the model. Use --tp {good}.")
+
+
 def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     tp = max(1, req.tensor_parallel_size)
     total = req.gpu_memory_bytes
@@ -200,7 +223,12 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     length = req.max_model_len if req.max_model_len is not None else arch.default_max_model_len
     seqs_default, batched_default = default_batch(total or 80 * GIB, req.gpu_name)
     seqs = req.max_num_seqs or seqs_default
-    batched = req.max_num_batched_tokens or batched_default
+    # vLLM caps its default batch at max_num_seqs x max_model_len (EngineArgs._set_default_max_num_seqs_and_
+    # batched_tokens_args, 0.32); a batch given is taken as given.
+    batched = req.max_num_batched_tokens or min(batched_default, seqs * max(1, length))
+    # vLLM refuses a batch below max_num_seqs; without a GPU (a KV size given) the default max_num_seqs is a guess,
+    # and a guess refuses nothing.
+    batch_refused = batched < seqs and (req.max_num_seqs is not None or total is not None)
     if req.engine == "v0":
         batched = max(length, batched)
 
@@ -261,12 +289,13 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
                         "VLLM_ALLOW_LONG_MAX_MODEL_LEN lets vLLM start, but positions past the limit give NaNs (RoPE) "
                         "or out-of-bounds errors")
     # The failures vLLM would print, in the order it would hit them.
-    if arch.num_heads % tp:
-        # ModelConfig.verify_with_parallel_config (vLLM 0.32 config/model.py), before anything loads.
-        good = [n for n in range(1, arch.num_heads + 1) if arch.num_heads % n == 0 and n <= 16]
+    if not tp_splits(arch, tp):
+        reason = _tp_reason(arch, tp)
+    elif batch_refused:
+        # SchedulerConfig.verify_max_model_len (vLLM 0.32 config/scheduler.py), while the engine is configured.
         reason = (
-            f"Total number of attention heads ({arch.num_heads}) must be divisible by tensor parallel size "
-            f"({tp}): vLLM refuses to start. Use --tp {', '.join(map(str, good))}."
+            f"max_num_batched_tokens ({batched}) must be greater than or equal to max_num_seqs ({seqs}): vLLM "
+            "refuses to start. Raise --max-num-batched-tokens or lower --max-num-seqs."
         )
     elif limit is not None and length > limit:
         # vLLM checks the model's own length limit while reading its config, before touching a GPU.
@@ -292,6 +321,12 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
             f"{total * req.gpu_memory_utilization / GIB:.2f} GiB): another process holds "
             f"{others / GIB:.2f} GiB on that GPU. Stop it, pick another GPU, or lower gpu_memory_utilization."
         )
+    elif num_blocks_low <= 0 and explicit is not None:
+        reason = (
+            f"No available memory for the cache blocks: the {available / GIB:.2f} GiB KV cache given holds no "
+            f"block of {page_bytes * groups.group_size / GIB * 1024:.2f} MiB ({req.block_size} tokens of "
+            f"{groups.group_size} layers)."
+        )
     elif num_blocks_low <= 0:
         runtime = (activation or 0) + (non_torch or 0) + (tp_non_torch or 0) + (cuda_graph or 0 if graphs_in_budget else 0)
         reason = (
@@ -314,7 +349,8 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     # Whatever the first reason, no length works where vLLM refuses regardless of it: a TP that does not divide
     # the heads, weights larger than the GPU, or less free memory than the utilisation asks for.
     refused_whatever_the_length = bool(
-        arch.num_heads % tp
+        not tp_splits(arch, tp)
+        or batch_refused
         or (total is not None and weights > total)
         or (total is not None and req.free_memory_bytes is not None
             and req.free_memory_bytes < total * req.gpu_memory_utilization)

@@ -47,6 +47,22 @@ class GpuChoice:
     note: str | None = None  # e.g. that a MIG GPU was planned as its slice
 
 
+def parse_fields(tp_text: str, util_text: str, len_text: str) -> tuple[int, float, int | None]:
+    """(TP, utilisation, max len or None for the model's default) from the screen's fields, or ValueError with
+    the one line the verdict shows. `fleetdeck fit` takes the same ranges (fleetdeck/cmd_fit.py)."""
+    try:
+        tp = int(tp_text)
+        util = float(util_text)
+        length = int(len_text) if len_text.strip() else None
+    except ValueError:
+        raise ValueError("TP, util and max len must be numbers") from None
+    if tp < 1 or (length is not None and length < 1) or not 0 < util <= 1:  # NaN fails the util test too
+        raise ValueError("TP and max len must be positive; util between 0 and 1")
+    if tp > 1024 or (length is not None and length > 2**31 - 1):
+        raise ValueError("TP is at most 1024 and max len at most 2,147,483,647, as `fleetdeck fit` takes them")
+    return tp, util, length
+
+
 def length_label(n: int) -> str:
     return f"{n // 1024}k"
 
@@ -134,15 +150,8 @@ class FitScreen(DeckScreen):
         model = self.query_one("#fit-model", Input).value.strip()
         if not model:
             raise ValueError("type a model name or a local model folder")
-        try:
-            tp = int(self.query_one("#fit-tp", Input).value)
-            util = float(self.query_one("#fit-util", Input).value)
-            text = self.query_one("#fit-len", Input).value.strip()
-            length = int(text) if text else None
-        except ValueError:
-            raise ValueError("TP, util and max len must be numbers") from None
-        if tp < 1 or (length is not None and length < 1) or not 0 < util <= 1:
-            raise ValueError("TP and max len must be positive; util between 0 and 1")
+        tp, util, length = parse_fields(self.query_one("#fit-tp", Input).value, self.query_one("#fit-util", Input).value,
+                                        self.query_one("#fit-len", Input).value)
         key = self.query_one("#fit-gpu", Select).value
         choice = self.choices.get(key) if isinstance(key, str) else None
         if choice is None:
@@ -185,8 +194,10 @@ class FitScreen(DeckScreen):
             req = replace(req, weight_bytes_total=exact)
             result = plan(arch, req)
             grid = fit_table(arch, req, dtypes=GRID_DTYPES)
-        except (ArchError, ValueError) as exc:
-            self.app.call_from_thread(self.show_error, str(exc))
+        except (ArchError, ValueError, OSError, ArithmeticError) as exc:
+            # load_model turns what it reads into ArchError; the rest is a last guard: a worker that raised would
+            # end the dashboard, and a bad model name is not worth that.
+            self.app.call_from_thread(self.show_error, str(exc) or type(exc).__name__)
             return
         self.app.call_from_thread(self.show_result, result, grid)
 
