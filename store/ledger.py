@@ -28,7 +28,9 @@ store/rollup.py. The names callers use stay importable from here.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import queue
 import threading
 import time
@@ -105,6 +107,7 @@ class LedgerWriter:
         self.last_error: str | None = None  # why the store does not take rows now
         self.prune_error: str | None = None
         self._lost_why: dict[str, int] = {}  # rows counted lost before the close, by why
+        self._unstorable: dict[str, str] = {}  # ids `_store_rows` gave up on, and why: settled by its caller
         self._closed = False
         self._abandoned = False  # the close's bound passed while a store write ran: the writer stores no more
         self._report: LedgerClose | None = None
@@ -141,6 +144,9 @@ class LedgerWriter:
         try:
             found = replay_journal(path, self.store, self._store_rows)
         except OSError as exc:
+            if exc.errno == errno.ELOOP and self._drop_link(path):
+                self._jf.open_or_fail()
+                return
             # Unreadable now, maybe readable later: keep it whole (never cut it) and append after it.
             log.error("cannot read the ledger journal %s: %s; it is kept for the next start", path, exc)
             self._jf.pinned = True
@@ -160,6 +166,20 @@ class LedgerWriter:
             # Its rows are all in the store now: appending after them is safe (a replay skips stored ids).
             log.warning("ledger journal %s replayed but not removed (%s); new rows are appended to it", path, exc)
         self._jf.open_or_fail()
+
+    @staticmethod
+    def _drop_link(path: Path) -> bool:
+        """A symbolic link at the journal's name is no journal fleetdeck wrote (it writes through none, and
+        reading through one could read another store's journal, a FIFO or a device): the link goes, so this run
+        has a journal of its own; what it pointed to is left untouched."""
+        try:
+            target = os.readlink(path)
+            path.unlink()
+        except OSError:
+            return False
+        log.error("ledger journal %s was a symbolic link (to %s): removed, unread; %s itself is left as it is",
+                  path, target, target)
+        return True
 
     def _replay_other(self, path: Path) -> None:
         """A journal left where an earlier configuration put it: stored and removed, or left for next time."""
@@ -182,10 +202,14 @@ class LedgerWriter:
             pass
 
     def _note_replayed(self, path: Path, found: Replayed) -> None:
-        self.replayed += found.stored
-        if found.stored:
+        given_up = len(self._unstorable)  # rows of that journal the store can never take (said as they went)
+        self._unstorable.clear()
+        stored = found.stored - given_up
+        self.replayed += stored
+        if stored:
             log.warning("ledger: %d row(s) from the journal %s of an earlier run written to the store",
-                        found.stored, path)
+                        stored, path)
+        self.unreadable += given_up
         if found.unreadable:
             self.unreadable += found.unreadable
             log.warning("ledger journal %s: %d line(s) that are not a row skipped (a line torn by a full disk or "
@@ -267,7 +291,11 @@ class LedgerWriter:
         with self._lock:
             self._inflight = []
             for h in items[:done]:
-                self._settle_stored(h)
+                why = self._unstorable.pop(h.row.id, None)
+                if why is None:
+                    self._settle_stored(h)
+                else:
+                    self._settle_unstorable(h, why)
             if done:
                 self._jf.cut(items[done - 1].offset)
             if not ok:
@@ -293,6 +321,19 @@ class LedgerWriter:
         else:
             self._unjournaled -= 1
 
+    def _settle_unstorable(self, h: _Held, why: str) -> None:
+        """A row the store can never take: this run's is counted lost (with why); an earlier run's, which this
+        run never recorded, is counted with the journal's lines that were not rows."""
+        if h.earlier:
+            self._earlier_held -= 1
+            self.unreadable += 1
+            return
+        if h.journaled:
+            self._journaled -= 1
+        else:
+            self._unjournaled -= 1
+        self._lose_locked(1, f"could not be stored even with its fields made safe ({why})")
+
     def _drop_locked(self, n: int) -> None:
         """Past MAX_PENDING the oldest rows leave memory: a journaled one waits in the journal (which is then
         never cut this run, so the next start stores it); one that is not is lost, and counted."""
@@ -314,8 +355,9 @@ class LedgerWriter:
         self._lost_why[why] = self._lost_why.get(why, 0) + n
 
     def _store_rows(self, rows: list[LedgerRow]) -> int:
-        """Store the rows in order; how many of the first ones are in the store now (all, or up to a failure of
-        the store itself). A row stored is never sent again: its rollups would be counted twice."""
+        """Store the rows in order; how many of the first ones are done with: in the store, or given up as
+        unstorable (their ids in `_unstorable`); all, or up to a failure of the store itself. A row stored is
+        never sent again: its rollups would be counted twice."""
         try:
             write_rows(self.store, rows)
             return len(rows)
@@ -336,8 +378,14 @@ class LedgerWriter:
                     self.sanitized += 1
                     log.warning("ledger row %s stored with unstorable fields made safe (%s)", row.id, type(exc).__name__)
                 except Exception as exc2:
-                    self._failed(exc2, len(rows) - i)
-                    return i
+                    if store_wide(exc2):
+                        self._failed(exc2, len(rows) - i)
+                        return i
+                    # Not even made safe (a time or status that is not a number): held, it would stop every row
+                    # queued after it on every retry. It is given up, counted and said (`_settle`).
+                    self._unstorable[row.id] = f"{type(exc2).__name__}: {exc2}"
+                    log.error("ledger row %s cannot be stored even with its fields made safe (%s): given up",
+                              row.id, exc2)
         return len(rows)
 
     def _failed(self, exc: BaseException, n: int) -> None:

@@ -756,3 +756,115 @@ def test_a_journal_that_cannot_be_removed_after_its_replay_is_appended_to_safely
     assert {r.id for r in found.rows} == {"old", "r1"} and found.unreadable == 0
     store.close()
     assert restart(db).replayed == 1 and stored_ids(db) == {"old", "r1"}
+
+
+# --- attacks on the journal's contents and its name (wt-books) --------------------------------------------
+# A number no row can hold: json.loads reads NaN and the infinities; a time no date shows; past 64 bits.
+POISON = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e300", "-5", "100000000000000000000000000000"])
+POISON_FIELD = st.sampled_from(["ts", "confidence", "latency_ms", "cost_usd", "status", "prompt_tokens"])
+
+
+def _unholdable(field: str, bad: str) -> bool:
+    """Whether a row with `bad` in `field` is no row: not a number, past 64 bits, a float where an integer
+    goes, or a time outside 1970..9999. (1e300 or -5 as a confidence, a latency or a cost is storable.)"""
+    if bad in ("NaN", "Infinity", "-Infinity") or len(bad) > 20:
+        return True
+    if field in ("status", "prompt_tokens"):
+        return bad == "1e300"
+    return field == "ts"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=st.lists(st.one_of(st.just("good"), st.tuples(POISON_FIELD, POISON)), min_size=1, max_size=12))
+def test_a_journal_line_with_a_number_no_row_can_hold_holds_no_row_up(tmp_path_factory, layout):
+    """Before: one journal line with `"ts": NaN` (or 1e300, or a status past 64 bits) was read as a row, failed its
+    batch, failed again made safe, and stayed first in the held rows: nothing after it, of the journal or of the
+    new run, was ever stored, and the store was reported as failing."""
+    db = tmp_path_factory.mktemp("poison") / "fd.db"
+    store = open_store(db)
+    good_ids, lines = set(), []
+    for i, what in enumerate(layout):
+        line = json.dumps({"id": f"j{i}", "ts": time.time(), "task": "t", "route": "slm", "escalated": False,
+                           "reason": "confident", "status": 200, "confidence": 0.5, "latency_ms": 4.0, "cost_usd": 0.01,
+                           "prompt_tokens": 9})
+        if what == "good":
+            good_ids.add(f"j{i}")
+        else:
+            field, bad = what
+            if not _unholdable(field, bad):
+                good_ids.add(f"j{i}")
+            line = re.sub(rf'"{field}": [^,}}]+', f'"{field}": {bad}', line)
+        lines.append(line)
+    journal_path(store).write_text("\n".join(lines) + "\n")
+    writer = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01)
+    for i in range(3):
+        writer.put(row(100 + i))
+    report = writer.close(5)
+    c = report.counts
+    assert c.stored == 3 and c.lost == 0 and c.pending == 0 and c.earlier_held == 0, report.summary()
+    assert c.replayed + c.unreadable == len(layout)
+    assert writer.last_error is None  # the store never failed: no line says it did
+    store.close()
+    assert stored_ids(db) == good_ids | {"r100", "r101", "r102"}
+    assert not journal_path(open_store(db)).exists()
+
+
+def test_a_row_of_this_run_that_cannot_be_stored_even_made_safe_is_counted_lost_not_held(tmp_path):
+    """A row whose time is not a number (no value made up would be true) is given up, counted lost with why,
+    and every row queued after it is stored: before, it was held first and retried for ever."""
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    writer = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01)
+    writer.put(row(1))
+    writer.put(row(2, ts=float("inf")))
+    writer.put(row(3, confidence=float("inf"), latency_ms=float("nan")))  # optional numbers: made safe
+    writer.put(row(4))
+    report = writer.close(5)
+    c = report.counts
+    assert (c.recorded, c.stored, c.lost, c.journaled, c.unjournaled) == (4, 3, 1, 0, 0), report.summary()
+    assert "could not be stored even with its fields made safe" in report.summary() and "ts" in report.summary()
+    rows = {r["id"]: r for r in store.query("SELECT id, confidence, latency_ms, sanitized FROM requests")}
+    assert set(rows) == {"r1", "r3", "r4"}
+    assert rows["r3"]["sanitized"] == 1 and rows["r3"]["confidence"] is None and rows["r3"]["latency_ms"] is None
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 3
+    store.close()
+
+
+@pytest.mark.parametrize("planted", ["fifo", "link-to-fifo", "link-to-device", "link-to-another-journal"])
+def test_a_fifo_device_or_link_at_the_journals_name_never_hangs_the_start(tmp_path, planted):
+    """Before: the start read the journal with read_bytes(), through any link: a FIFO there (or a link to one)
+    waited for a writer for ever, a link to /dev/zero read until memory ran out, and a link to another store's
+    journal stored that store's rows here. Now only a regular file at the name itself is read."""
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    jp = journal_path(store)
+    other = tmp_path / "other.db-ledger.jsonl"
+    other.write_text(json.dumps({"id": "theirs", "ts": time.time(), "task": "t", "route": "slm", "escalated": False,
+                                 "reason": "confident", "status": 200}) + "\n")
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)
+    if planted == "fifo":
+        os.mkfifo(jp)
+    else:
+        jp.symlink_to({"link-to-fifo": fifo, "link-to-device": Path("/dev/zero"),
+                       "link-to-another-journal": other}[planted])
+    # A hang fails the test by its timeout: the writer is made in a thread that must end.
+    import threading
+
+    box: dict[str, LedgerWriter] = {}
+    maker = threading.Thread(target=lambda: box.setdefault("w", LedgerWriter(store, flush_every_s=0.005)), daemon=True)
+    maker.start()
+    maker.join(30)  # a ceiling against the hang only
+    assert "w" in box, "the ledger's start hung on what was planted at the journal's name"
+    writer = box["w"]
+    writer.put(row(1))
+    report = writer.close(5)
+    assert report.counts.stored == 1 and report.counts.lost == 0
+    assert stored_ids(db) == {"r1"}  # never another store's rows
+    assert other.read_text().count("theirs") == 1  # what a link pointed to is left as it was
+    if planted == "fifo":
+        assert writer.journal_error and "cannot open" in writer.journal_error  # said, not waited on
+    else:
+        assert not jp.is_symlink()  # the link is gone; this run kept a journal of its own
+        assert writer.journal_failures == 0
+    store.close()
