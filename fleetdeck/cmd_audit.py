@@ -14,6 +14,10 @@ from typing import Any
 from fleetdeck.tables import print_table
 
 
+AUDIT_SCHEMA = 7  # the store schema version that made the audit tables (store/schema.py)
+AUDIT_TABLES = ("audit", "audit_prune")
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("audit", parents=[sub.common], help="the audit trail of operator actions; `audit verify` checks it",
                        description="Operator actions recorded on this node (newest first). `fleetdeck audit verify` "
@@ -50,8 +54,21 @@ def run(args: argparse.Namespace) -> int:
     from fleet.config import load_fleet_config
     from fleetdeck.cmdutil import store_of, store_path_of
 
+    from store.db import StoreDamaged, open_store
+
     store_path = store_path_of(args)
-    store = store_of(args, create=False)  # reading the trail never creates one (that would verify as intact)
+    if args.what == "verify" or (args.what is None and audit.is_read_only()):
+        # Only reading: the store is opened so that nothing of it changes (a copy kept as evidence verifies
+        # unchanged, one on read-only media verifies at all). The audit table is there since schema 7.
+        try:
+            store = open_store(store_path, read_only=True, oldest=AUDIT_SCHEMA, needs=AUDIT_TABLES)
+        except StoreDamaged as exc:
+            if args.what != "verify":
+                raise
+            # The trail's own table dropped or rebuilt without a column: that is what verify is for.
+            return _verdict(args, False, 0, None, 0, str(exc))
+    else:
+        store = store_of(args, create=False)  # reading the trail never creates one (that would verify as intact)
     settings = load_fleet_config(args.config).audit
     anchor = Anchor.of(store_path, Path(args.key) if args.key else settings.key_file,
                        Path(args.checkpoint) if args.checkpoint else None)
@@ -64,12 +81,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"fleetdeck: records past the retention not pruned: {shown(exc)}", file=sys.stderr)
     if args.what == "verify":
         verdict = audit.verify(store, anchor, settings.retention_days)
-        if args.json:
-            print(json.dumps({"ok": verdict.ok, "records": verdict.records, "first_broken": verdict.first_broken,
-                              "unkeyed": verdict.unkeyed, "message": verdict.message}))
-        else:
-            print(("intact: " if verdict.ok else "BROKEN: ") + shown(verdict.message))
-        return 0 if verdict.ok else 1
+        return _verdict(args, verdict.ok, verdict.records, verdict.first_broken, verdict.unkeyed, verdict.message)
     rows = audit.query(store, since=args.since, node=args.node, action=args.action)
     if args.json:  # JSON escapes every control character itself
         for r in rows:
@@ -93,6 +105,18 @@ def run(args: argparse.Namespace) -> int:
                                          r["target"], (r["outcome"] or "?") + (f": {r['reason']}" if r["reason"] else ""))])
     print_table(["when (UTC)", "node", "from", "who", "action", "target", "outcome"], table)
     return 0
+
+
+def _verdict(args: argparse.Namespace, ok: bool, records: int, first_broken: int | None, unkeyed: int,
+             message: str) -> int:
+    from engine.audit.text import shown
+
+    if args.json:
+        print(json.dumps({"ok": ok, "records": records, "first_broken": first_broken, "unkeyed": unkeyed,
+                          "message": message}))
+    else:
+        print(("intact: " if ok else "BROKEN: ") + shown(message))
+    return 0 if ok else 1
 
 
 def _anchor(store: Any, anchor: Any, reason: str | None) -> int:

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        store = open_store(store_path)
+        store = open_store(store_path, read_only=True)  # a report changes nothing of the store
         doc = month_report(store, month, now, gpu_hour, gpus, policies)
     except (StoreError, ValueError) as exc:
         print(f"fleetdeck report: {exc}", file=sys.stderr)
