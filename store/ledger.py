@@ -108,6 +108,8 @@ class LedgerWriter:
         self.prune_error: str | None = None
         self._lost_why: dict[str, int] = {}  # rows counted lost before the close, by why
         self._unstorable: dict[str, str] = {}  # ids `_store_rows` gave up on, and why: settled by its caller
+        self._others_kept = False  # a journal where an earlier configuration put it still holds waiting rows
+        self._prune_held = False  # pruning is held back (`_journal_holds_stored_rows`): said once
         self._closed = False
         self._abandoned = False  # the close's bound passed while a store write ran: the writer stores no more
         self._report: LedgerClose | None = None
@@ -189,12 +191,14 @@ class LedgerWriter:
             found = replay_journal(path, self.store, self._store_rows)
         except OSError as exc:
             log.error("cannot read the ledger journal %s: %s; it is kept for the next start", path, exc)
+            self._others_kept = True
             return
         self._note_replayed(path, found)
         if found.waiting:
             # The rest waits in that file (the ids stored now are skipped when it is read again).
             log.error("ledger: %d row(s) in the journal %s wait for the store; kept for the next start",
                       len(found.waiting), path)
+            self._others_kept = True
             return
         try:
             path.unlink()
@@ -394,11 +398,28 @@ class LedgerWriter:
             log.error("ledger write failed (%s); %d row(s) held and retried every %g s", exc, n, self.retry_every_s)
         self.last_error = f"ledger write failed: {exc}"
 
+    def _journal_holds_stored_rows(self) -> bool:
+        """Whether a journal the next start replays may hold rows that are in the store: pinned (rows dropped
+        from memory wait in it, after and among stored ones), a cut that failed, an earlier run's journal not
+        yet stored whole, or one where an earlier configuration put it kept with rows waiting. The replay
+        skips a row whose id the store has; a row pruned meanwhile it would store, and count, again."""
+        with self._lock:
+            return self._jf.pinned or self._jf.stale or self._earlier_held > 0 or self._others_kept
+
     def _maybe_prune(self) -> None:
         now = time.time()
         if self._abandoned or now - self._last_prune < self.prune_every_s:
             return
         self._last_prune = now
+        if self._journal_holds_stored_rows():
+            # Raw rows are kept past the retention until the journal is replayed (the next start prunes them):
+            # pruned now, they would come back from the journal and be added to the rollups a second time.
+            if not self._prune_held:
+                log.warning("ledger: raw rows are not pruned while the journal %s holds rows that are in the "
+                            "store; the next start replays it and prunes", self._jf.path)
+            self._prune_held = True
+            return
+        self._prune_held = False
         try:
             with self.store.transaction() as conn:
                 conn.execute("DELETE FROM requests WHERE ts < ?", (now - self.retention_s,))

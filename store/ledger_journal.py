@@ -181,6 +181,7 @@ class JournalFile:
         self.durable = True  # False once an fsync failed: what the journal holds may not be on disk
         self.torn = False  # the file ends in a partial line: the next append starts a new line
         self.pinned = False  # the journal holds rows this run will not store: never cut it
+        self.stale = False  # a cut failed: the journal still holds rows that are in the store
         self.failures = 0
         self.error: str | None = None  # the last failure
         self.append_failing = False
@@ -263,9 +264,11 @@ class JournalFile:
             os.ftruncate(self.fd, 0)
         except OSError as exc:
             self.failed(f"truncate failed: {exc}")  # stored rows stay in it: the replay skips them
+            self.stale = True
             return
         self.base = self.synced = self.end
         self.torn = False
+        self.stale = False
 
     def sync(self) -> bool:
         """fsync what the journal took; False once any fsync failed (after a failed fsync the kernel may have

@@ -868,3 +868,34 @@ def test_a_fifo_device_or_link_at_the_journals_name_never_hangs_the_start(tmp_pa
         assert not jp.is_symlink()  # the link is gone; this run kept a journal of its own
         assert writer.journal_failures == 0
     store.close()
+
+
+def test_rows_pruned_while_the_journal_holds_them_are_not_replayed_into_the_rollups_twice(tmp_path, monkeypatch):
+    """A journal pinned by rows dropped from memory keeps every later row too, stored or not. Before: the
+    retention prune deleted stored rows the journal still held, and the next start, not finding their ids,
+    stored them again and added them to the rollups a second time (the month's cost and escalation counted
+    twice). Now the raw rows are not pruned while a journal this store's rows wait in is kept."""
+    import store.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "MAX_PENDING", 2)
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    cap_store(store)
+    old = time.time() - 40 * 86400  # past the 30-day retention by the time the prune runs
+    writer = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01, retention_days=30, prune_every_s=0)
+    for i in range(6):
+        writer.put(row(i, ts=old + i))
+    assert wait_for(lambda: writer.pending == 2)  # 4 dropped from memory: they wait in the journal, now pinned
+    uncap_store(store)
+    for i in range(6, 9):
+        writer.put(row(i, ts=old + i))
+    assert wait_for(lambda: writer.pending == 0)
+    report = writer.close(5)
+    store.close()
+    restart(db, retention_days=30, prune_every_s=0)  # the next start stores what waited, once, then may prune
+    check = open_store(db)
+    try:
+        assert check.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 9, report.summary()
+        assert check.execute("SELECT SUM(requests) FROM rollup_day")[0][0] == 9
+    finally:
+        check.close()
