@@ -29,15 +29,17 @@ store/rollup.py. The names callers use stay importable from here.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.db import BUSY_TIMEOUT_MS, Store
+from store.db import BUSY_TIMEOUT_MS, Store, StoreError
 from store.ledger_batch import sanitize, store_wide, write_rows
 from store.ledger_counts import LedgerClose, LedgerCounts
 from store.ledger_journal import (JournalContents, JournalFile, Replayed, journal_backlog, journal_path, journal_paths,
@@ -52,6 +54,41 @@ __all__ = ["CONFIDENCE_BINS", "LATENCY_BUCKETS_MS", "MAX_PENDING", "JournalConte
 
 MAX_PENDING = 1_000_000  # rows held in memory while the store cannot be written; the journal keeps the rest
 log = logging.getLogger("fleetdeck.ledger")
+
+
+def writer_lock_path(store: Store) -> Path:
+    """Beside the store, whatever `journal_dir` says: one writer per store, however each is configured."""
+    return Path(f"{store.path}-ledger.lock")
+
+
+def take_writer_lock(store: Store) -> int:
+    """Hold the store's ledger-writer lock for the writer's life (the descriptor; closing it releases the lock,
+    as does the process's end, SIGKILL included). A second writer on one store, another proxy on the same
+    default store say, would replay the first's journal while its rows are still on their way (both then
+    store them: the rollups count them twice) and cut the journal under the other's unstored rows; so it is
+    refused with one line (StoreError) naming the process that holds the lock."""
+    path = writer_lock_path(store)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot take the ledger's writer lock {path}: {exc.strerror or exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"the ledger's writer lock {path} is not a regular file: remove it (fleetdeck makes it)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            by = f" (process {holder})" if holder.isdigit() else ""
+            raise StoreError(f"the ledger of {store.path} is written by another fleetdeck proxy{by}: one proxy per "
+                             "store (each would replay and cut the other's journal, and count its rows twice); "
+                             "give this one its own --store") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(slots=True)
@@ -113,6 +150,7 @@ class LedgerWriter:
         self._closed = False
         self._abandoned = False  # the close's bound passed while a store write ran: the writer stores no more
         self._report: LedgerClose | None = None
+        self._writer_fd: int | None = take_writer_lock(store)  # one writer per store; raises StoreError
         # The journal shares the lock: a row's line and its count move together.
         self._jf = JournalFile(journal_path(store, journal_dir), self._lock)
         self._others = journal_paths(store, journal_dir)[1:]
@@ -477,6 +515,9 @@ class LedgerWriter:
                 self.lost += self._journaled
                 self._journaled = 0
             self._jf.close()
+            fd, self._writer_fd = self._writer_fd, None
+            if fd is not None:
+                os.close(fd)  # the next writer of this store may start (and replay what the journal holds)
             counts = LedgerCounts(self.recorded, self.written, self._journaled, self._unjournaled, self.lost,
                                   len(self._pending) + len(self._inflight), self.replayed, self._earlier_held,
                                   self.unreadable)

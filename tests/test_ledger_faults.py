@@ -899,3 +899,50 @@ def test_rows_pruned_while_the_journal_holds_them_are_not_replayed_into_the_roll
         assert check.execute("SELECT SUM(requests) FROM rollup_day")[0][0] == 9
     finally:
         check.close()
+
+
+def test_a_second_proxy_on_one_store_is_refused_in_one_line_and_counts_nothing_twice(slm, tmp_path):
+    """Before: a second `fleetdeck proxy` on the same store (a systemd one and one started by hand, both on
+    the default store) replayed the first's journal while its rows were still on their way (both then stored
+    them: the rollups counted them twice) and cut the journal under the other's unstored rows. Now the store
+    has one ledger writer: the second is refused with one line naming the first's process."""
+    db = tmp_path / "fd.db"
+    cfg = router_toml(tmp_path / "router.toml", slm.url, None)
+    first = ProxyProcess(cfg, db, free_port())
+    try:
+        assert all(first.ask(i) == 200 for i in range(10))
+        second = subprocess.run([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--port",
+                                 str(free_port()), "--store", str(db)], capture_output=True, text=True, cwd=ROOT,
+                                timeout=300)  # a ceiling: it must end by itself
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"another fleetdeck proxy (process {first.proc.pid})" in second.stderr
+        assert "Traceback" not in second.stderr and second.stderr.strip().count("\n") == 0, second.stderr
+        assert all(first.ask(i) == 200 for i in range(10, 20))  # the first never noticed
+        stop, out = first.stop()
+    finally:
+        first.kill()
+    assert stop is not None and stop.stored == 20 and stop.lost == 0, out
+    store = open_store(db)
+    try:
+        assert store.execute("SELECT count(*) FROM requests")[0][0] == 20
+        assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 20
+    finally:
+        store.close()
+    second_writer = LedgerWriter(open_store(db))  # the first is gone: the next writer starts as always
+    assert second_writer.replayed == 0 and second_writer.close(5).counts.lost == 0
+
+
+def test_two_writers_in_one_process_on_one_store_are_refused_too(tmp_path):
+    from store.db import StoreError
+
+    store = open_store(tmp_path / "fd.db")
+    first = LedgerWriter(store, flush_every_s=0.5)
+    first.put(row(1))
+    with pytest.raises(StoreError, match="another fleetdeck proxy"):
+        LedgerWriter(open_store(tmp_path / "fd.db"))
+    report = first.close(5)
+    assert report.counts.stored == 1
+    again = LedgerWriter(store)  # released by the close
+    assert again.replayed == 0
+    again.close(5)
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 1
