@@ -178,10 +178,9 @@ def _claim(p: Path, hint: str) -> tuple[int, int]:
 def _identify(p: Path, hint: str) -> int:
     """The schema version of an existing store, read through a read-only connection (which changes nothing
     in the file: not its bytes, its mode or its journal mode). Raises StoreCorrupt for a damaged one."""
-    try:
-        ro = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-    except sqlite3.Error as exc:
-        raise StoreError(f"Cannot open the store {p}: {exc}. {hint}") from exc
+    # The same read-only connection `open_store(read_only=True)` uses: a plain `mode=ro` one would leave a
+    # -wal and -shm beside a store it then refuses (root's, after root ran fleetdeck on a user's store).
+    ro = _connect_read_only(p, hint)
     try:
         app_id = ro.execute("PRAGMA application_id").fetchone()[0]
         if app_id != APPLICATION_ID:
@@ -276,7 +275,10 @@ def _connect_read_only(p: Path, hint: str) -> sqlite3.Connection:
     SQLite makes no -wal or -shm beside it (a read-only `mode=ro` open would, and leave them: owned by root
     after root verified a user's store, they lock that user out of it) and it reads on read-only media."""
     wal = Path(f"{p}-wal").exists()
-    uri = f"{p.resolve().as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
+    # A rollback journal beside it: a process writes it in another journal mode (a copy, an older tool);
+    # `mode=ro` then takes SQLite's locks (and makes no -wal or -shm for a store not in WAL mode).
+    in_use = wal or Path(f"{p}-journal").exists()
+    uri = f"{p.resolve().as_uri()}?mode=ro" + ("" if in_use else "&immutable=1")
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
                                isolation_level=None)

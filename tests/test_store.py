@@ -207,6 +207,9 @@ def test_a_newer_schema_store_is_refused_with_its_bytes_and_mode_unchanged(tmp_p
         open_store(path)
     assert path.read_bytes() == before  # journal mode (header bytes 18-19) included
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    # Before: the refusal left a -wal and a -shm beside it (made by the mode=ro look at its schema); run as
+    # root on a user's store, root's own, which then locked the user out of the store.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fd.db"]
 
 
 def test_a_store_held_here_is_never_reopened_with_plain_open(tmp_path, monkeypatch):
