@@ -160,9 +160,18 @@ class LedgerWriter:
                 Path(journal_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 self._jf.failed(f"cannot make the journal folder {journal_dir}: {exc}")
-        self._replay()
-        for other in self._others:
-            self._replay_other(other)
+        try:
+            self._replay()
+            for other in self._others:
+                self._replay_other(other)
+        except BaseException:
+            # A start that failed (the store unreadable under the replay) holds nothing: not the journal, not
+            # the store's writer lock, which a later writer in this process would otherwise meet as "another".
+            self._jf.close()
+            fd, self._writer_fd = self._writer_fd, None
+            if fd is not None:
+                os.close(fd)
+            raise
         self._thread.start()
 
     # -- the journal ----------------------------------------------------------------------------

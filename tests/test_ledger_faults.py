@@ -946,3 +946,24 @@ def test_two_writers_in_one_process_on_one_store_are_refused_too(tmp_path):
     assert again.replayed == 0
     again.close(5)
     assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 1
+
+
+def test_a_start_that_fails_in_its_replay_releases_the_stores_writer_lock(tmp_path, monkeypatch):
+    import sqlite3
+
+    import store.ledger_journal as journal_module
+
+    db = tmp_path / "fd.db"
+    kill_a_writer_with_queued_rows(db, 5)
+    store = open_store(db)
+
+    def failing(store, rows):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as m:
+        m.setattr(journal_module, "missing_rows", failing)
+        with pytest.raises(sqlite3.OperationalError):
+            LedgerWriter(store)
+    writer = LedgerWriter(store)  # not refused as "another proxy": the failed start let the lock go
+    assert writer.replayed == 5 and writer.close(5).counts.lost == 0
+    store.close()
