@@ -249,7 +249,7 @@ def _open_read_only(p: Path, hint: str, oldest: int, needs: tuple[str, ...] | No
             version = _schema_version(conn)
             _refuse_newer(p, version)
             if version < oldest:
-                raise StoreError(f"{p} has schema {version}, older than this fleetdeck's {SCHEMA_VERSION}: a command "
+                raise StoreOlder(f"{p} has schema {version}, older than this fleetdeck's {SCHEMA_VERSION}: a command "
                                  "that only reads does not migrate it. Run one that writes on it first (or read it "
                                  "with the fleetdeck that wrote it).")
             _check_shape(conn, p, version, needs)
@@ -316,6 +316,10 @@ def _tables(conn: sqlite3.Connection) -> dict[str, set[str]]:
     names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
                                         "AND name NOT LIKE 'sqlite_%'").fetchall()]
     return {n: {r[1] for r in conn.execute("SELECT * FROM pragma_table_info(?)", (n,)).fetchall()} for n in names}
+
+
+class StoreOlder(StoreError):
+    """A read-only open met a store of an older schema than the caller reads (it is migrated by a writer)."""
 
 
 class StoreDamaged(StoreError):

@@ -473,3 +473,25 @@ def test_a_store_missing_a_table_or_column_of_its_schema_gets_one_line_not_a_tra
         assert rc == 0 and out.startswith("intact: "), out
     with pytest.raises(StoreError, match="changed outside fleetdeck"):
         open_store(db)
+
+
+def test_report_on_a_store_of_an_older_schema_still_reports_after_migrating_it(tmp_path, capsys):
+    """`report` reads without writing, except on a store an older fleetdeck wrote (the first command after an
+    upgrade, a cron job say): that one is migrated, as every command does, rather than refused."""
+    import sqlite_utils
+
+    from store.db import APPLICATION_ID
+    from store.schema import MIGRATIONS
+
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT DEFAULT CURRENT_TIMESTAMP)")
+    for version in range(1, SCHEMA_VERSION):  # the store as the fleetdeck before this one left it
+        MIGRATIONS[version](sqlite_utils.Database(conn))
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    conn.close()
+    with pytest.raises(StoreError, match="older than this fleetdeck's"):
+        open_store(old, read_only=True)
+    assert main(["report", "--json", "--store", str(old)]) == 0, capsys.readouterr()
+    assert open_store(old, read_only=True).schema_version() == SCHEMA_VERSION
