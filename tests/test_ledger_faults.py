@@ -967,3 +967,67 @@ def test_a_start_that_fails_in_its_replay_releases_the_stores_writer_lock(tmp_pa
     writer = LedgerWriter(store)  # not refused as "another proxy": the failed start let the lock go
     assert writer.replayed == 5 and writer.close(5).counts.lost == 0
     store.close()
+
+
+# A writer SIGKILLed at each stage of a batch (deterministic points, not a timer): inside the store's
+# transaction (rows inserted, rollups not yet folded), after the commit before the journal is cut, and
+# inside the cut. The next start must store every recorded row exactly once, rollups included.
+_KILLED_AT_STAGE = r"""
+import os, signal, sys, time
+import store.ledger as ledger
+import store.ledger_batch as batch
+import store.rollup as rollup
+from store.db import open_store
+from store.ledger import LedgerRow, LedgerWriter
+from store.ledger_journal import JournalFile
+
+stage, db = sys.argv[1], sys.argv[2]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_fold, real_write, real_cut = rollup.fold_rollups, ledger.write_rows, JournalFile.cut
+
+def fold(conn, rows):
+    if stage == "in_transaction":
+        die()
+    return real_fold(conn, rows)
+
+def write_rows(store, rows):
+    real_write(store, rows)
+    if stage == "after_commit":
+        die()
+
+def cut(self, offset):
+    if stage == "in_cut":
+        os.ftruncate(self.fd, (self.end - self.base) // 2)  # half cut, as a kill inside it could leave it
+        die()
+    return real_cut(self, offset)
+
+batch.fold_rollups = fold
+ledger.write_rows = write_rows
+JournalFile.cut = cut
+writer = LedgerWriter(open_store(db), flush_every_s=0.05)
+for i in range(40):  # however the rows fall into batches, the first batch meets the stage
+    writer.put(LedgerRow(id=f"s{i}", ts=time.time(), task="t", route="slm", escalated=False, reason="confident",
+                         status=200))
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("stage", ["in_transaction", "after_commit", "in_cut"])
+def test_a_writer_killed_at_each_stage_of_a_batch_loses_and_doubles_nothing(tmp_path, stage):
+    db = tmp_path / "fd.db"
+    open_store(db).close()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AT_STAGE, stage, str(db)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # a ceiling: it kills itself at the stage
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    writer = restart(db)
+    store = open_store(db)
+    try:
+        count = store.execute("SELECT count(*) FROM requests")[0][0]
+        assert count == 40, (stage, writer.replayed, writer.unreadable)
+        assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 40
+        assert store.execute("SELECT SUM(requests) FROM rollup_day")[0][0] == 40
+    finally:
+        store.close()
+    assert restart(db).replayed == 0
