@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -57,7 +58,13 @@ def run(args: argparse.Namespace) -> int:
     from store.db import StoreDamaged, open_store
 
     store_path = store_path_of(args)
-    if args.what == "verify" or (args.what is None and audit.is_read_only()):
+    # A listing of a store this user cannot write (read-only media, a copy handed over): read, not pruned.
+    unwritable = args.what is None and store_path.exists() and not (
+        os.access(store_path, os.W_OK) and os.access(store_path.parent, os.W_OK | os.X_OK))
+    if unwritable and not audit.is_read_only():
+        print(f"fleetdeck: records past the retention not pruned: {shown(store_path)} is not writable here",
+              file=sys.stderr)
+    if args.what == "verify" or (args.what is None and (audit.is_read_only() or unwritable)):
         # Only reading: the store is opened so that nothing of it changes (a copy kept as evidence verifies
         # unchanged, one on read-only media verifies at all). The audit table is there since schema 7.
         try:
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                        Path(args.checkpoint) if args.checkpoint else None)
     if args.what == "anchor":
         return _anchor(store, anchor, args.reason)
-    if not audit.is_read_only() and args.what != "verify":
+    if not audit.is_read_only() and not unwritable and args.what != "verify":
         try:  # only past the retention, and as a record of its own; if that cannot be written, nothing goes
             audit.prune(store, settings.retention_days, anchor=anchor)
         except (AnchorError, OSError, sqlite3.Error) as exc:

@@ -424,6 +424,9 @@ def test_a_store_on_a_read_only_mount_is_read_and_a_write_open_says_why_not(tmp_
         assert main(["report", "--json", "--store", str(db)]) == 0
         assert main(["audit", "verify", "--store", str(db)]) == 0
         capsys.readouterr()
+        assert main(["audit", "--store", str(db)]) == 0  # listed, not pruned (said), never refused
+        err = capsys.readouterr().err
+        assert "not pruned" in err and "not writable here" in err and "Traceback" not in err, err
         with pytest.raises(StoreError, match="not writable"):
             open_store(db)
 
