@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -12,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from fleetdeck.tables import print_table
+
+
+AUDIT_SCHEMA = 7  # the store schema version that made the audit tables (store/schema.py)
+AUDIT_TABLES = ("audit", "audit_prune")
 
 
 def register(sub: Any) -> None:
@@ -50,26 +55,40 @@ def run(args: argparse.Namespace) -> int:
     from fleet.config import load_fleet_config
     from fleetdeck.cmdutil import store_of, store_path_of
 
+    from store.db import StoreDamaged, open_store
+
     store_path = store_path_of(args)
-    store = store_of(args, create=False)  # reading the trail never creates one (that would verify as intact)
+    # A listing of a store this user cannot write (read-only media, a copy handed over): read, not pruned.
+    unwritable = args.what is None and store_path.exists() and not (
+        os.access(store_path, os.W_OK) and os.access(store_path.parent, os.W_OK | os.X_OK))
+    if unwritable and not audit.is_read_only():
+        print(f"fleetdeck: records past the retention not pruned: {shown(store_path)} is not writable here",
+              file=sys.stderr)
+    if args.what == "verify" or (args.what is None and (audit.is_read_only() or unwritable)):
+        # Only reading: the store is opened so that nothing of it changes (a copy kept as evidence verifies
+        # unchanged, one on read-only media verifies at all). The audit table is there since schema 7.
+        try:
+            store = open_store(store_path, read_only=True, oldest=AUDIT_SCHEMA, needs=AUDIT_TABLES)
+        except StoreDamaged as exc:
+            if args.what != "verify":
+                raise
+            # The trail's own table dropped or rebuilt without a column: that is what verify is for.
+            return _verdict(args, False, 0, None, 0, str(exc))
+    else:
+        store = store_of(args, create=False)  # reading the trail never creates one (that would verify as intact)
     settings = load_fleet_config(args.config).audit
     anchor = Anchor.of(store_path, Path(args.key) if args.key else settings.key_file,
                        Path(args.checkpoint) if args.checkpoint else None)
     if args.what == "anchor":
         return _anchor(store, anchor, args.reason)
-    if not audit.is_read_only() and args.what != "verify":
+    if not audit.is_read_only() and not unwritable and args.what != "verify":
         try:  # only past the retention, and as a record of its own; if that cannot be written, nothing goes
             audit.prune(store, settings.retention_days, anchor=anchor)
         except (AnchorError, OSError, sqlite3.Error) as exc:
             print(f"fleetdeck: records past the retention not pruned: {shown(exc)}", file=sys.stderr)
     if args.what == "verify":
         verdict = audit.verify(store, anchor, settings.retention_days)
-        if args.json:
-            print(json.dumps({"ok": verdict.ok, "records": verdict.records, "first_broken": verdict.first_broken,
-                              "unkeyed": verdict.unkeyed, "message": verdict.message}))
-        else:
-            print(("intact: " if verdict.ok else "BROKEN: ") + shown(verdict.message))
-        return 0 if verdict.ok else 1
+        return _verdict(args, verdict.ok, verdict.records, verdict.first_broken, verdict.unkeyed, verdict.message)
     rows = audit.query(store, since=args.since, node=args.node, action=args.action)
     if args.json:  # JSON escapes every control character itself
         for r in rows:
@@ -93,6 +112,18 @@ def run(args: argparse.Namespace) -> int:
                                          r["target"], (r["outcome"] or "?") + (f": {r['reason']}" if r["reason"] else ""))])
     print_table(["when (UTC)", "node", "from", "who", "action", "target", "outcome"], table)
     return 0
+
+
+def _verdict(args: argparse.Namespace, ok: bool, records: int, first_broken: int | None, unkeyed: int,
+             message: str) -> int:
+    from engine.audit.text import shown
+
+    if args.json:
+        print(json.dumps({"ok": ok, "records": records, "first_broken": first_broken, "unkeyed": unkeyed,
+                          "message": message}))
+    else:
+        print(("intact: " if ok else "BROKEN: ") + shown(message))
+    return 0 if ok else 1
 
 
 def _anchor(store: Any, anchor: Any, reason: str | None) -> int:

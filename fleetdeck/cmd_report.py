@@ -48,7 +48,7 @@ def load_pricing_and_policies(router_config: str | None) -> tuple[float, int, di
 
 def run(args: argparse.Namespace) -> int:
     from store.analytics import current_month, month_report
-    from store.db import StoreError, open_store
+    from store.db import StoreError, StoreOlder, open_store
     from store.paths import default_store_path
 
     now = time.time()
@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        store = open_store(store_path)
+        try:
+            store = open_store(store_path, read_only=True)  # a report changes nothing of the store
+        except StoreOlder:
+            store = open_store(store_path)  # written by an older fleetdeck: migrated first, as every command does
         doc = month_report(store, month, now, gpu_hour, gpus, policies)
     except (StoreError, ValueError) as exc:
         print(f"fleetdeck report: {exc}", file=sys.stderr)

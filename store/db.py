@@ -36,6 +36,7 @@ class Store:
         # One connection shared by worker threads; sqlite3 itself is not safe for concurrent use.
         self.lock = threading.RLock()
         self._held: tuple[int, int] | None = None  # this file's key in `_held` while the connection is open
+        self.read_only = False  # opened with open_store(read_only=True): nothing of the file is changed
 
     def execute(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
         with self.lock:
@@ -86,7 +87,8 @@ class Store:
         """Checkpoint the WAL into the database file (a closed store is one file), then close."""
         with self.lock:
             try:
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                if not self.read_only:  # a checkpoint writes the database file
+                    self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 pass  # another process holds it open; its close checkpoints
             self.conn.close()
@@ -176,10 +178,9 @@ def _claim(p: Path, hint: str) -> tuple[int, int]:
 def _identify(p: Path, hint: str) -> int:
     """The schema version of an existing store, read through a read-only connection (which changes nothing
     in the file: not its bytes, its mode or its journal mode). Raises StoreCorrupt for a damaged one."""
-    try:
-        ro = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-    except sqlite3.Error as exc:
-        raise StoreError(f"Cannot open the store {p}: {exc}. {hint}") from exc
+    # The same read-only connection `open_store(read_only=True)` uses: a plain `mode=ro` one would leave a
+    # -wal and -shm beside a store it then refuses (root's, after root ran fleetdeck on a user's store).
+    ro = _connect_read_only(p, hint)
     try:
         app_id = ro.execute("PRAGMA application_id").fetchone()[0]
         if app_id != APPLICATION_ID:
@@ -194,15 +195,25 @@ def _identify(p: Path, hint: str) -> int:
         ro.close()
 
 
-def open_store(path: str | os.PathLike[str]) -> Store:
+def open_store(path: str | os.PathLike[str], *, read_only: bool = False, oldest: int | None = None,
+               needs: tuple[str, ...] | None = None) -> Store:
     """Open (creating and migrating if needed) the store at ``path``. Raises StoreError.
 
     An existing file is identified first (`_claim`, `_identify`): nothing about a file this fleetdeck
-    cannot use as its store (its mode, journal mode, schema) is changed before it is refused."""
+    cannot use as its store (its mode, journal mode, schema) is changed before it is refused.
+
+    `read_only`: for commands that only read (`audit verify`, `report`, a `--read-only` listing): the file
+    must exist and is changed in nothing (no mode, journal mode, migration or WAL checkpoint), so a copy kept
+    as evidence verifies unchanged, and one on read-only media can be read at all. A schema older than this
+    fleetdeck's is refused then (it is migrated by the first command that writes) unless `oldest` admits it,
+    and `needs` names the only tables the reader needs whole (`audit verify`: the audit's; default: all). A
+    table or column of its schema missing is StoreDamaged."""
     p = Path(path).expanduser()
     hint = "Use --store PATH or FLEETDECK_STORE to pick another file."
     if p.exists() and p.is_dir():
         raise StoreError(f"Store path {p} is a directory, not a file. {hint}")
+    if read_only:
+        return _open_read_only(p, hint, SCHEMA_VERSION if oldest is None else oldest, needs)
     try:
         if not p.exists():
             _create_private(p)
@@ -220,6 +231,124 @@ def open_store(path: str | os.PathLike[str]) -> Store:
         raise
     store._held = key
     return store
+
+
+def _open_read_only(p: Path, hint: str, oldest: int, needs: tuple[str, ...] | None) -> Store:
+    if not p.exists():
+        raise StoreError(f"no store at {p} (check --store or FLEETDECK_STORE; commands that start work create it)")
+    key = _claim(p, hint)
+    try:
+        if p.stat().st_size == 0:
+            raise StoreError(f"{p} is an empty file, not a fleetdeck store yet (a command that writes makes it one). {hint}")
+        conn = _connect_read_only(p, hint)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                raise StoreError(f"{p} is an SQLite database of another program, not a fleetdeck store; "
+                                 f"fleetdeck leaves it untouched. {hint}")
+            version = _schema_version(conn)
+            _refuse_newer(p, version)
+            if version < oldest:
+                raise StoreOlder(f"{p} has schema {version}, older than this fleetdeck's {SCHEMA_VERSION}: a command "
+                                 "that only reads does not migrate it. Run one that writes on it first (or read it "
+                                 "with the fleetdeck that wrote it).")
+            _check_shape(conn, p, version, needs)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                if is_corrupt(exc):
+                    raise StoreCorrupt(p, exc) from exc
+                raise StoreError(f"Cannot read the store {p}: {exc}. {hint}") from exc
+            raise
+    except BaseException:
+        _release(key)
+        raise
+    store = Store(p, conn)
+    store.read_only = True
+    store._held = key
+    return store
+
+
+def _connect_read_only(p: Path, hint: str) -> sqlite3.Connection:
+    """A connection that cannot change the file. A store some process has open (its -wal is there) is read
+    through its WAL, `mode=ro`, which sees every commit; one no process has open is read `immutable`: then
+    SQLite makes no -wal or -shm beside it (a read-only `mode=ro` open would, and leave them: owned by root
+    after root verified a user's store, they lock that user out of it) and it reads on read-only media."""
+    wal = Path(f"{p}-wal").exists()
+    # A rollback journal beside it: a process writes it in another journal mode (a copy, an older tool);
+    # `mode=ro` then takes SQLite's locks (and makes no -wal or -shm for a store not in WAL mode).
+    in_use = wal or Path(f"{p}-journal").exists()
+    uri = f"{p.resolve().as_uri()}?mode=ro" + ("" if in_use else "&immutable=1")
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
+                               isolation_level=None)
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # opens the file now: errors surface here
+    except sqlite3.DatabaseError as exc:
+        if is_corrupt(exc):
+            raise StoreCorrupt(p, exc) from exc
+        raise StoreError(f"Cannot read the store {p}: {exc}"
+                         + (" (its -wal file is there but cannot be read with it: copy the store with its -wal and "
+                            "-shm files, or open it where it can be written)" if wal else "") + f". {hint}") from exc
+    return conn
+
+
+# What each schema version's tables hold, made once per process from the migrations themselves (in memory).
+_shapes: dict[int, dict[str, set[str]]] = {}
+_shapes_lock = threading.Lock()
+
+
+def _shape_of(version: int) -> dict[str, set[str]]:
+    with _shapes_lock:
+        if version not in _shapes:
+            mem = sqlite3.connect(":memory:", isolation_level=None)
+            try:
+                db = sqlite_utils.Database(mem)
+                for v in range(1, version + 1):
+                    MIGRATIONS[v](db)
+                _shapes[version] = _tables(mem)
+            finally:
+                mem.close()
+        return _shapes[version]
+
+
+def _tables(conn: sqlite3.Connection) -> dict[str, set[str]]:
+    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                        "AND name NOT LIKE 'sqlite_%'").fetchall()]
+    return {n: {r[1] for r in conn.execute("SELECT * FROM pragma_table_info(?)", (n,)).fetchall()} for n in names}
+
+
+class StoreOlder(StoreError):
+    """A read-only open met a store of an older schema than the caller reads (it is migrated by a writer)."""
+
+
+class StoreDamaged(StoreError):
+    """A table or column the store's schema version has is missing (`table` names it)."""
+
+    def __init__(self, message: str, table: str) -> None:
+        super().__init__(message)
+        self.table = table
+
+
+def _check_shape(conn: sqlite3.Connection, p: Path, version: int, needs: tuple[str, ...] | None = None) -> None:
+    """Every table and column the store's schema version has is there. A store changed outside fleetdeck (a
+    table dropped, a column dropped with sqlite3) is refused with one line naming what is missing, rather
+    than failing each command that meets it with SQLite's "no such table" (the proxy held its rows for ever)."""
+    if version <= 0:
+        return
+    have = _tables(conn)
+    for table, columns in _shape_of(version).items():
+        if needs is not None and table not in needs:
+            continue
+        if table not in have:
+            raise StoreDamaged(f"the store {p} has no table {table}, which its schema (version {version}) has: it "
+                               "was changed outside fleetdeck. Restore it from a backup, or point --store at another "
+                               "file.", table)
+        missing = sorted(columns - have[table])
+        if missing:
+            raise StoreDamaged(f"the store {p} has no column {', '.join(missing)} in its table {table}, which its "
+                               f"schema (version {version}) has: it was changed outside fleetdeck. Restore it from a "
+                               "backup, or point --store at another file.", table)
 
 
 def _refuse_newer(p: Path, version: int) -> None:
@@ -251,6 +380,7 @@ def _open_claimed(p: Path, hint: str) -> Store:
         _refuse_newer(p, version)
         store = Store(p, conn)
         _migrate(store, version)
+        _check_shape(conn, p, SCHEMA_VERSION)
     except BaseException as exc:
         conn.close()
         if isinstance(exc, sqlite3.DatabaseError):

@@ -28,14 +28,18 @@ store/rollup.py. The names callers use stay importable from here.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import queue
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.db import BUSY_TIMEOUT_MS, Store
+from store.db import BUSY_TIMEOUT_MS, Store, StoreError
 from store.ledger_batch import sanitize, store_wide, write_rows
 from store.ledger_counts import LedgerClose, LedgerCounts
 from store.ledger_journal import (JournalContents, JournalFile, Replayed, journal_backlog, journal_path, journal_paths,
@@ -50,6 +54,41 @@ __all__ = ["CONFIDENCE_BINS", "LATENCY_BUCKETS_MS", "MAX_PENDING", "JournalConte
 
 MAX_PENDING = 1_000_000  # rows held in memory while the store cannot be written; the journal keeps the rest
 log = logging.getLogger("fleetdeck.ledger")
+
+
+def writer_lock_path(store: Store) -> Path:
+    """Beside the store, whatever `journal_dir` says: one writer per store, however each is configured."""
+    return Path(f"{store.path}-ledger.lock")
+
+
+def take_writer_lock(store: Store) -> int:
+    """Hold the store's ledger-writer lock for the writer's life (the descriptor; closing it releases the lock,
+    as does the process's end, SIGKILL included). A second writer on one store, another proxy on the same
+    default store say, would replay the first's journal while its rows are still on their way (both then
+    store them: the rollups count them twice) and cut the journal under the other's unstored rows; so it is
+    refused with one line (StoreError) naming the process that holds the lock."""
+    path = writer_lock_path(store)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot take the ledger's writer lock {path}: {exc.strerror or exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"the ledger's writer lock {path} is not a regular file: remove it (fleetdeck makes it)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            by = f" (process {holder})" if holder.isdigit() else ""
+            raise StoreError(f"the ledger of {store.path} is written by another fleetdeck proxy{by}: one proxy per "
+                             "store (each would replay and cut the other's journal, and count its rows twice); "
+                             "give this one its own --store") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(slots=True)
@@ -105,9 +144,13 @@ class LedgerWriter:
         self.last_error: str | None = None  # why the store does not take rows now
         self.prune_error: str | None = None
         self._lost_why: dict[str, int] = {}  # rows counted lost before the close, by why
+        self._unstorable: dict[str, str] = {}  # ids `_store_rows` gave up on, and why: settled by its caller
+        self._others_kept = False  # a journal where an earlier configuration put it still holds waiting rows
+        self._prune_held = False  # pruning is held back (`_journal_holds_stored_rows`): said once
         self._closed = False
         self._abandoned = False  # the close's bound passed while a store write ran: the writer stores no more
         self._report: LedgerClose | None = None
+        self._writer_fd: int | None = take_writer_lock(store)  # one writer per store; raises StoreError
         # The journal shares the lock: a row's line and its count move together.
         self._jf = JournalFile(journal_path(store, journal_dir), self._lock)
         self._others = journal_paths(store, journal_dir)[1:]
@@ -117,9 +160,18 @@ class LedgerWriter:
                 Path(journal_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 self._jf.failed(f"cannot make the journal folder {journal_dir}: {exc}")
-        self._replay()
-        for other in self._others:
-            self._replay_other(other)
+        try:
+            self._replay()
+            for other in self._others:
+                self._replay_other(other)
+        except BaseException:
+            # A start that failed (the store unreadable under the replay) holds nothing: not the journal, not
+            # the store's writer lock, which a later writer in this process would otherwise meet as "another".
+            self._jf.close()
+            fd, self._writer_fd = self._writer_fd, None
+            if fd is not None:
+                os.close(fd)
+            raise
         self._thread.start()
 
     # -- the journal ----------------------------------------------------------------------------
@@ -141,6 +193,9 @@ class LedgerWriter:
         try:
             found = replay_journal(path, self.store, self._store_rows)
         except OSError as exc:
+            if exc.errno == errno.ELOOP and self._drop_link(path):
+                self._jf.open_or_fail()
+                return
             # Unreadable now, maybe readable later: keep it whole (never cut it) and append after it.
             log.error("cannot read the ledger journal %s: %s; it is kept for the next start", path, exc)
             self._jf.pinned = True
@@ -161,6 +216,20 @@ class LedgerWriter:
             log.warning("ledger journal %s replayed but not removed (%s); new rows are appended to it", path, exc)
         self._jf.open_or_fail()
 
+    @staticmethod
+    def _drop_link(path: Path) -> bool:
+        """A symbolic link at the journal's name is no journal fleetdeck wrote (it writes through none, and
+        reading through one could read another store's journal, a FIFO or a device): the link goes, so this run
+        has a journal of its own; what it pointed to is left untouched."""
+        try:
+            target = os.readlink(path)
+            path.unlink()
+        except OSError:
+            return False
+        log.error("ledger journal %s was a symbolic link (to %s): removed, unread; %s itself is left as it is",
+                  path, target, target)
+        return True
+
     def _replay_other(self, path: Path) -> None:
         """A journal left where an earlier configuration put it: stored and removed, or left for next time."""
         try:
@@ -169,12 +238,14 @@ class LedgerWriter:
             found = replay_journal(path, self.store, self._store_rows)
         except OSError as exc:
             log.error("cannot read the ledger journal %s: %s; it is kept for the next start", path, exc)
+            self._others_kept = True
             return
         self._note_replayed(path, found)
         if found.waiting:
             # The rest waits in that file (the ids stored now are skipped when it is read again).
             log.error("ledger: %d row(s) in the journal %s wait for the store; kept for the next start",
                       len(found.waiting), path)
+            self._others_kept = True
             return
         try:
             path.unlink()
@@ -182,10 +253,14 @@ class LedgerWriter:
             pass
 
     def _note_replayed(self, path: Path, found: Replayed) -> None:
-        self.replayed += found.stored
-        if found.stored:
+        given_up = len(self._unstorable)  # rows of that journal the store can never take (said as they went)
+        self._unstorable.clear()
+        stored = found.stored - given_up
+        self.replayed += stored
+        if stored:
             log.warning("ledger: %d row(s) from the journal %s of an earlier run written to the store",
-                        found.stored, path)
+                        stored, path)
+        self.unreadable += given_up
         if found.unreadable:
             self.unreadable += found.unreadable
             log.warning("ledger journal %s: %d line(s) that are not a row skipped (a line torn by a full disk or "
@@ -267,7 +342,11 @@ class LedgerWriter:
         with self._lock:
             self._inflight = []
             for h in items[:done]:
-                self._settle_stored(h)
+                why = self._unstorable.pop(h.row.id, None)
+                if why is None:
+                    self._settle_stored(h)
+                else:
+                    self._settle_unstorable(h, why)
             if done:
                 self._jf.cut(items[done - 1].offset)
             if not ok:
@@ -293,6 +372,19 @@ class LedgerWriter:
         else:
             self._unjournaled -= 1
 
+    def _settle_unstorable(self, h: _Held, why: str) -> None:
+        """A row the store can never take: this run's is counted lost (with why); an earlier run's, which this
+        run never recorded, is counted with the journal's lines that were not rows."""
+        if h.earlier:
+            self._earlier_held -= 1
+            self.unreadable += 1
+            return
+        if h.journaled:
+            self._journaled -= 1
+        else:
+            self._unjournaled -= 1
+        self._lose_locked(1, f"could not be stored even with its fields made safe ({why})")
+
     def _drop_locked(self, n: int) -> None:
         """Past MAX_PENDING the oldest rows leave memory: a journaled one waits in the journal (which is then
         never cut this run, so the next start stores it); one that is not is lost, and counted."""
@@ -314,8 +406,9 @@ class LedgerWriter:
         self._lost_why[why] = self._lost_why.get(why, 0) + n
 
     def _store_rows(self, rows: list[LedgerRow]) -> int:
-        """Store the rows in order; how many of the first ones are in the store now (all, or up to a failure of
-        the store itself). A row stored is never sent again: its rollups would be counted twice."""
+        """Store the rows in order; how many of the first ones are done with: in the store, or given up as
+        unstorable (their ids in `_unstorable`); all, or up to a failure of the store itself. A row stored is
+        never sent again: its rollups would be counted twice."""
         try:
             write_rows(self.store, rows)
             return len(rows)
@@ -336,8 +429,14 @@ class LedgerWriter:
                     self.sanitized += 1
                     log.warning("ledger row %s stored with unstorable fields made safe (%s)", row.id, type(exc).__name__)
                 except Exception as exc2:
-                    self._failed(exc2, len(rows) - i)
-                    return i
+                    if store_wide(exc2):
+                        self._failed(exc2, len(rows) - i)
+                        return i
+                    # Not even made safe (a time or status that is not a number): held, it would stop every row
+                    # queued after it on every retry. It is given up, counted and said (`_settle`).
+                    self._unstorable[row.id] = f"{type(exc2).__name__}: {exc2}"
+                    log.error("ledger row %s cannot be stored even with its fields made safe (%s): given up",
+                              row.id, exc2)
         return len(rows)
 
     def _failed(self, exc: BaseException, n: int) -> None:
@@ -346,11 +445,28 @@ class LedgerWriter:
             log.error("ledger write failed (%s); %d row(s) held and retried every %g s", exc, n, self.retry_every_s)
         self.last_error = f"ledger write failed: {exc}"
 
+    def _journal_holds_stored_rows(self) -> bool:
+        """Whether a journal the next start replays may hold rows that are in the store: pinned (rows dropped
+        from memory wait in it, after and among stored ones), a cut that failed, an earlier run's journal not
+        yet stored whole, or one where an earlier configuration put it kept with rows waiting. The replay
+        skips a row whose id the store has; a row pruned meanwhile it would store, and count, again."""
+        with self._lock:
+            return self._jf.pinned or self._jf.stale or self._earlier_held > 0 or self._others_kept
+
     def _maybe_prune(self) -> None:
         now = time.time()
         if self._abandoned or now - self._last_prune < self.prune_every_s:
             return
         self._last_prune = now
+        if self._journal_holds_stored_rows():
+            # Raw rows are kept past the retention until the journal is replayed (the next start prunes them):
+            # pruned now, they would come back from the journal and be added to the rollups a second time.
+            if not self._prune_held:
+                log.warning("ledger: raw rows are not pruned while the journal %s holds rows that are in the "
+                            "store; the next start replays it and prunes", self._jf.path)
+            self._prune_held = True
+            return
+        self._prune_held = False
         try:
             with self.store.transaction() as conn:
                 conn.execute("DELETE FROM requests WHERE ts < ?", (now - self.retention_s,))
@@ -408,6 +524,9 @@ class LedgerWriter:
                 self.lost += self._journaled
                 self._journaled = 0
             self._jf.close()
+            fd, self._writer_fd = self._writer_fd, None
+            if fd is not None:
+                os.close(fd)  # the next writer of this store may start (and replay what the journal holds)
             counts = LedgerCounts(self.recorded, self.written, self._journaled, self._unjournaled, self.lost,
                                   len(self._pending) + len(self._inflight), self.replayed, self._earlier_held,
                                   self.unreadable)

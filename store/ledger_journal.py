@@ -13,13 +13,14 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 from store.db import Store
-from store.ledger_row import LedgerRow
+from store.ledger_row import LedgerRow, unstorable
 
 log = logging.getLogger("fleetdeck.ledger")
 
@@ -67,9 +68,16 @@ _FIELD_TYPES = {f.name: (_JSON_TYPES[str(f.type).split(" | ")[0]], str(f.type).e
                 for f in fields(LedgerRow)}
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a number a ledger row holds")
+
+
 def _row_from_json(line: bytes) -> LedgerRow | None:
     try:
-        data = json.loads(line)
+        # NaN and the infinities (which json.loads takes by default) are refused here, like a number past 64
+        # bits or a time no date shows below: such a row could never be stored, and it would hold every row
+        # queued after it on every retry.
+        data = json.loads(line, parse_constant=_no_constant)
         row = LedgerRow(**{k: v for k, v in data.items() if k in COLUMNS})
     except (ValueError, TypeError, AttributeError, RecursionError):
         return None
@@ -79,7 +87,7 @@ def _row_from_json(line: bytes) -> LedgerRow | None:
             continue
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             return None
-    return row
+    return None if unstorable(row) is not None else row
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +97,30 @@ class JournalContents:
     torn_tail: bool  # the file does not end with a newline: an append must start a new line first
 
 
+def _read_regular(path: Path) -> bytes:
+    """A journal's bytes, when it is a regular file at that very name. A FIFO (whose open or read would wait
+    for a writer forever), a device (/dev/zero reads forever) or a symbolic link planted at the journal's name
+    raises OSError instead, so the proxy's start names it and goes on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symbolic link: a journal is read only as the file itself") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a socket)")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_journal(path: Path) -> JournalContents:
-    """The rows of a journal file. Raises OSError when it cannot be read."""
-    data = path.read_bytes()
+    """The rows of a journal file. Raises OSError when it cannot be read, or is not a regular file."""
+    data = _read_regular(path)
     rows: dict[str, LedgerRow] = {}
     unreadable = 0
     for line in data.split(b"\n"):
@@ -131,7 +160,7 @@ class Replayed:
 def replay_journal(path: Path, store: Store, store_rows: Callable[[list[LedgerRow]], int]) -> Replayed:
     """Store the rows of `path` the store does not have yet (`store_rows` returns how many of the first it
     stored). A missing file holds nothing; one that cannot be read raises OSError."""
-    found = read_journal(path) if path.exists() else JournalContents([], 0, False)
+    found = read_journal(path) if path.exists() or path.is_symlink() else JournalContents([], 0, False)
     missing = missing_rows(store, found.rows)
     done = store_rows(missing) if missing else 0
     return Replayed(done, missing[done:], found.unreadable, found.torn_tail)
@@ -152,6 +181,7 @@ class JournalFile:
         self.durable = True  # False once an fsync failed: what the journal holds may not be on disk
         self.torn = False  # the file ends in a partial line: the next append starts a new line
         self.pinned = False  # the journal holds rows this run will not store: never cut it
+        self.stale = False  # a cut failed: the journal still holds rows that are in the store
         self.failures = 0
         self.error: str | None = None  # the last failure
         self.append_failing = False
@@ -169,8 +199,13 @@ class JournalFile:
         """Open for appending. The file's own size is where this run starts (a journal kept, or one that could
         not be removed), so a cut-back never reaches into lines before it; with `torn` unknown, a kept file
         is taken to end mid-line (a newline first costs one blank line, which the replay skips)."""
-        # O_NOFOLLOW: a link planted at the journal's name is refused, never written through.
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        # O_NOFOLLOW: a link planted at the journal's name is refused, never written through. O_NONBLOCK: a
+        # FIFO there is refused (ENXIO) rather than waited on; it changes nothing for a regular file.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"{self.path} is not a regular file")
+        self.fd = fd
         os.fchmod(self.fd, 0o600)
         size = os.fstat(self.fd).st_size
         self.base = self.committed = 0
@@ -229,9 +264,11 @@ class JournalFile:
             os.ftruncate(self.fd, 0)
         except OSError as exc:
             self.failed(f"truncate failed: {exc}")  # stored rows stay in it: the replay skips them
+            self.stale = True
             return
         self.base = self.synced = self.end
         self.torn = False
+        self.stale = False
 
     def sync(self) -> bool:
         """fsync what the journal took; False once any fsync failed (after a failed fsync the kernel may have

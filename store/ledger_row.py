@@ -6,7 +6,8 @@ enum's value, unchanged from the strings earlier stores hold (a StrEnum is equal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from enum import StrEnum
 
 
@@ -74,3 +75,33 @@ class LedgerRow:
     slm_ttft_ms: float | None = None  # streamed: the small model's first token, ms after it was asked
     decision_window: str | None = None  # streamed: first_token | first_N_tokens | whole_answer
     slm_bound: str | None = None  # the small model's bound that fired: first_token | total
+
+
+# The latest time a row may carry: 9999-12-31T23:59:59Z, the last second a date can show. A time past it (or
+# before 1970, or not a number) cannot be bucketed into the rollups: such a row is not a row.
+MAX_TS = 253402300799.0
+INT64 = (-(2**63), 2**63)
+
+
+def unstorable_number(name: str, value: object) -> str | None:
+    """Why a row's number cannot go into the store or its rollups (None when it can): NaN and the
+    infinities (the rollups' buckets and histograms are integers made from them), an integer past
+    SQLite's 64 bits, a time outside 1970..9999."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} is {value!r}"
+    if isinstance(value, int) and not INT64[0] <= value < INT64[1]:
+        return f"{name} is an integer past 64 bits"
+    if name == "ts" and not 0 <= value <= MAX_TS:
+        return f"ts {value!r} is not a time between 1970 and 9999"
+    return None
+
+
+def unstorable(row: LedgerRow) -> str | None:
+    """The first of a row's numbers the store cannot take (see `unstorable_number`), or None."""
+    for f in fields(row):
+        why = unstorable_number(f.name, getattr(row, f.name))
+        if why is not None:
+            return why
+    return None

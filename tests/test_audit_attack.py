@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import unicodedata
@@ -570,3 +571,29 @@ def test_a_checkpoint_or_intent_rewritten_without_the_key_to_hide_a_deleted_tail
     path.chmod(0o600)
     rc, out = _verify(db, capsys)
     assert rc == 1 and out.startswith("BROKEN: ") and str(path) in out, out
+
+
+# -- not a file where the lock goes (wt-books) ---------------------------------------------------------
+@pytest.mark.parametrize("planted", ["fifo", "device"])
+def test_a_fifo_or_device_at_the_locks_name_is_named_never_waited_on(db, tmp_path, capsys, planted):
+    """Before: a FIFO at the checkpoint's lock made `audit verify` wait for ever (a read-only open of a FIFO
+    waits for a writer). Now verify, and every writer, names the lock and goes on (verify in a process of its
+    own, so a hang fails the test at the ceiling instead of hanging the run)."""
+    anchor = Anchor.of(db)
+    anchor.lock_file.unlink()
+    if planted == "fifo":
+        os.mkfifo(anchor.lock_file, 0o600)
+    else:
+        os.mknod(anchor.lock_file, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers (root: CI's user)
+    done = subprocess.run([sys.executable, "-m", "fleetdeck.cli", "audit", "verify", "--store", str(db)],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=120)  # a ceiling: the hang
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and out.startswith("BROKEN: ") and str(anchor.lock_file) in out, out
+    assert "not a regular file" in out and "Traceback" not in out
+    with audit.session(db, "cli"), pytest.raises(audit.AuditUnavailable, match="not a regular file"):
+        audit.check_writable("server.stop", "s1", server="s1")  # an action: refused, never through the FIFO
+    capsys.readouterr()
+    assert _count(db) == 3
+    anchor.lock_file.unlink()  # the operator removes it, as the line says
+    rc, out = _verify(db, capsys)
+    assert rc == 0 and "last record 3 anchored" in out, out

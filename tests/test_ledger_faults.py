@@ -756,3 +756,278 @@ def test_a_journal_that_cannot_be_removed_after_its_replay_is_appended_to_safely
     assert {r.id for r in found.rows} == {"old", "r1"} and found.unreadable == 0
     store.close()
     assert restart(db).replayed == 1 and stored_ids(db) == {"old", "r1"}
+
+
+# --- attacks on the journal's contents and its name (wt-books) --------------------------------------------
+# A number no row can hold: json.loads reads NaN and the infinities; a time no date shows; past 64 bits.
+POISON = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e300", "-5", "100000000000000000000000000000"])
+POISON_FIELD = st.sampled_from(["ts", "confidence", "latency_ms", "cost_usd", "status", "prompt_tokens"])
+
+
+def _unholdable(field: str, bad: str) -> bool:
+    """Whether a row with `bad` in `field` is no row: not a number, past 64 bits, a float where an integer
+    goes, or a time outside 1970..9999. (1e300 or -5 as a confidence, a latency or a cost is storable.)"""
+    if bad in ("NaN", "Infinity", "-Infinity") or len(bad) > 20:
+        return True
+    if field in ("status", "prompt_tokens"):
+        return bad == "1e300"
+    return field == "ts"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=st.lists(st.one_of(st.just("good"), st.tuples(POISON_FIELD, POISON)), min_size=1, max_size=12))
+def test_a_journal_line_with_a_number_no_row_can_hold_holds_no_row_up(tmp_path_factory, layout):
+    """Before: one journal line with `"ts": NaN` (or 1e300, or a status past 64 bits) was read as a row, failed its
+    batch, failed again made safe, and stayed first in the held rows: nothing after it, of the journal or of the
+    new run, was ever stored, and the store was reported as failing."""
+    db = tmp_path_factory.mktemp("poison") / "fd.db"
+    store = open_store(db)
+    good_ids, lines = set(), []
+    for i, what in enumerate(layout):
+        line = json.dumps({"id": f"j{i}", "ts": time.time(), "task": "t", "route": "slm", "escalated": False,
+                           "reason": "confident", "status": 200, "confidence": 0.5, "latency_ms": 4.0, "cost_usd": 0.01,
+                           "prompt_tokens": 9})
+        if what == "good":
+            good_ids.add(f"j{i}")
+        else:
+            field, bad = what
+            if not _unholdable(field, bad):
+                good_ids.add(f"j{i}")
+            line = re.sub(rf'"{field}": [^,}}]+', f'"{field}": {bad}', line)
+        lines.append(line)
+    journal_path(store).write_text("\n".join(lines) + "\n")
+    writer = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01)
+    for i in range(3):
+        writer.put(row(100 + i))
+    report = writer.close(5)
+    c = report.counts
+    assert c.stored == 3 and c.lost == 0 and c.pending == 0 and c.earlier_held == 0, report.summary()
+    assert c.replayed + c.unreadable == len(layout)
+    assert writer.last_error is None  # the store never failed: no line says it did
+    store.close()
+    assert stored_ids(db) == good_ids | {"r100", "r101", "r102"}
+    assert not journal_path(open_store(db)).exists()
+
+
+def test_a_row_of_this_run_that_cannot_be_stored_even_made_safe_is_counted_lost_not_held(tmp_path):
+    """A row whose time is not a number (no value made up would be true) is given up, counted lost with why,
+    and every row queued after it is stored: before, it was held first and retried for ever."""
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    writer = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01)
+    writer.put(row(1))
+    writer.put(row(2, ts=float("inf")))
+    writer.put(row(3, confidence=float("inf"), latency_ms=float("nan")))  # optional numbers: made safe
+    writer.put(row(4))
+    report = writer.close(5)
+    c = report.counts
+    assert (c.recorded, c.stored, c.lost, c.journaled, c.unjournaled) == (4, 3, 1, 0, 0), report.summary()
+    assert "could not be stored even with its fields made safe" in report.summary() and "ts" in report.summary()
+    rows = {r["id"]: r for r in store.query("SELECT id, confidence, latency_ms, sanitized FROM requests")}
+    assert set(rows) == {"r1", "r3", "r4"}
+    assert rows["r3"]["sanitized"] == 1 and rows["r3"]["confidence"] is None and rows["r3"]["latency_ms"] is None
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 3
+    store.close()
+
+
+@pytest.mark.parametrize("planted", ["fifo", "link-to-fifo", "link-to-device", "link-to-another-journal"])
+def test_a_fifo_device_or_link_at_the_journals_name_never_hangs_the_start(tmp_path, planted):
+    """Before: the start read the journal with read_bytes(), through any link: a FIFO there (or a link to one)
+    waited for a writer for ever, a link to /dev/zero read until memory ran out, and a link to another store's
+    journal stored that store's rows here. Now only a regular file at the name itself is read."""
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    jp = journal_path(store)
+    other = tmp_path / "other.db-ledger.jsonl"
+    other.write_text(json.dumps({"id": "theirs", "ts": time.time(), "task": "t", "route": "slm", "escalated": False,
+                                 "reason": "confident", "status": 200}) + "\n")
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)
+    if planted == "fifo":
+        os.mkfifo(jp)
+    else:
+        jp.symlink_to({"link-to-fifo": fifo, "link-to-device": Path("/dev/zero"),
+                       "link-to-another-journal": other}[planted])
+    # A hang fails the test by its timeout: the writer is made in a thread that must end.
+    import threading
+
+    box: dict[str, LedgerWriter] = {}
+    maker = threading.Thread(target=lambda: box.setdefault("w", LedgerWriter(store, flush_every_s=0.005)), daemon=True)
+    maker.start()
+    maker.join(30)  # a ceiling against the hang only
+    assert "w" in box, "the ledger's start hung on what was planted at the journal's name"
+    writer = box["w"]
+    writer.put(row(1))
+    report = writer.close(5)
+    assert report.counts.stored == 1 and report.counts.lost == 0
+    assert stored_ids(db) == {"r1"}  # never another store's rows
+    assert other.read_text().count("theirs") == 1  # what a link pointed to is left as it was
+    if planted == "fifo":
+        assert writer.journal_error and "cannot open" in writer.journal_error  # said, not waited on
+    else:
+        assert not jp.is_symlink()  # the link is gone; this run kept a journal of its own
+        assert writer.journal_failures == 0
+    store.close()
+
+
+def test_rows_pruned_while_the_journal_holds_them_are_not_replayed_into_the_rollups_twice(tmp_path, monkeypatch):
+    """A journal pinned by rows dropped from memory keeps every later row too, stored or not. Before: the
+    retention prune deleted stored rows the journal still held, and the next start, not finding their ids,
+    stored them again and added them to the rollups a second time (the month's cost and escalation counted
+    twice). Now the raw rows are not pruned while a journal this store's rows wait in is kept."""
+    import store.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "MAX_PENDING", 2)
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    cap_store(store)
+    old = time.time() - 40 * 86400  # past the 30-day retention by the time the prune runs
+    writer = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01, retention_days=30, prune_every_s=0)
+    for i in range(6):
+        writer.put(row(i, ts=old + i))
+    assert wait_for(lambda: writer.pending == 2)  # 4 dropped from memory: they wait in the journal, now pinned
+    uncap_store(store)
+    for i in range(6, 9):
+        writer.put(row(i, ts=old + i))
+    assert wait_for(lambda: writer.pending == 0)
+    report = writer.close(5)
+    store.close()
+    restart(db, retention_days=30, prune_every_s=0)  # the next start stores what waited, once, then may prune
+    check = open_store(db)
+    try:
+        assert check.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 9, report.summary()
+        assert check.execute("SELECT SUM(requests) FROM rollup_day")[0][0] == 9
+    finally:
+        check.close()
+
+
+def test_a_second_proxy_on_one_store_is_refused_in_one_line_and_counts_nothing_twice(slm, tmp_path):
+    """Before: a second `fleetdeck proxy` on the same store (a systemd one and one started by hand, both on
+    the default store) replayed the first's journal while its rows were still on their way (both then stored
+    them: the rollups counted them twice) and cut the journal under the other's unstored rows. Now the store
+    has one ledger writer: the second is refused with one line naming the first's process."""
+    db = tmp_path / "fd.db"
+    cfg = router_toml(tmp_path / "router.toml", slm.url, None)
+    first = ProxyProcess(cfg, db, free_port())
+    try:
+        assert all(first.ask(i) == 200 for i in range(10))
+        second = subprocess.run([sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(cfg), "--port",
+                                 str(free_port()), "--store", str(db)], capture_output=True, text=True, cwd=ROOT,
+                                timeout=300)  # a ceiling: it must end by itself
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"another fleetdeck proxy (process {first.proc.pid})" in second.stderr
+        assert "Traceback" not in second.stderr and second.stderr.strip().count("\n") == 0, second.stderr
+        assert all(first.ask(i) == 200 for i in range(10, 20))  # the first never noticed
+        stop, out = first.stop()
+    finally:
+        first.kill()
+    assert stop is not None and stop.stored == 20 and stop.lost == 0, out
+    store = open_store(db)
+    try:
+        assert store.execute("SELECT count(*) FROM requests")[0][0] == 20
+        assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 20
+    finally:
+        store.close()
+    second_writer = LedgerWriter(open_store(db))  # the first is gone: the next writer starts as always
+    assert second_writer.replayed == 0 and second_writer.close(5).counts.lost == 0
+
+
+def test_two_writers_in_one_process_on_one_store_are_refused_too(tmp_path):
+    from store.db import StoreError
+
+    store = open_store(tmp_path / "fd.db")
+    first = LedgerWriter(store, flush_every_s=0.5)
+    first.put(row(1))
+    with pytest.raises(StoreError, match="another fleetdeck proxy"):
+        LedgerWriter(open_store(tmp_path / "fd.db"))
+    report = first.close(5)
+    assert report.counts.stored == 1
+    again = LedgerWriter(store)  # released by the close
+    assert again.replayed == 0
+    again.close(5)
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 1
+
+
+def test_a_start_that_fails_in_its_replay_releases_the_stores_writer_lock(tmp_path, monkeypatch):
+    import sqlite3
+
+    import store.ledger_journal as journal_module
+
+    db = tmp_path / "fd.db"
+    kill_a_writer_with_queued_rows(db, 5)
+    store = open_store(db)
+
+    def failing(store, rows):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as m:
+        m.setattr(journal_module, "missing_rows", failing)
+        with pytest.raises(sqlite3.OperationalError):
+            LedgerWriter(store)
+    writer = LedgerWriter(store)  # not refused as "another proxy": the failed start let the lock go
+    assert writer.replayed == 5 and writer.close(5).counts.lost == 0
+    store.close()
+
+
+# A writer SIGKILLed at each stage of a batch (deterministic points, not a timer): inside the store's
+# transaction (rows inserted, rollups not yet folded), after the commit before the journal is cut, and
+# inside the cut. The next start must store every recorded row exactly once, rollups included.
+_KILLED_AT_STAGE = r"""
+import os, signal, sys, time
+import store.ledger as ledger
+import store.ledger_batch as batch
+import store.rollup as rollup
+from store.db import open_store
+from store.ledger import LedgerRow, LedgerWriter
+from store.ledger_journal import JournalFile
+
+stage, db = sys.argv[1], sys.argv[2]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_fold, real_write, real_cut = rollup.fold_rollups, ledger.write_rows, JournalFile.cut
+
+def fold(conn, rows):
+    if stage == "in_transaction":
+        die()
+    return real_fold(conn, rows)
+
+def write_rows(store, rows):
+    real_write(store, rows)
+    if stage == "after_commit":
+        die()
+
+def cut(self, offset):
+    if stage == "in_cut":
+        os.ftruncate(self.fd, (self.end - self.base) // 2)  # half cut, as a kill inside it could leave it
+        die()
+    return real_cut(self, offset)
+
+batch.fold_rollups = fold
+ledger.write_rows = write_rows
+JournalFile.cut = cut
+writer = LedgerWriter(open_store(db), flush_every_s=0.05)
+for i in range(40):  # however the rows fall into batches, the first batch meets the stage
+    writer.put(LedgerRow(id=f"s{i}", ts=time.time(), task="t", route="slm", escalated=False, reason="confident",
+                         status=200))
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("stage", ["in_transaction", "after_commit", "in_cut"])
+def test_a_writer_killed_at_each_stage_of_a_batch_loses_and_doubles_nothing(tmp_path, stage):
+    db = tmp_path / "fd.db"
+    open_store(db).close()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AT_STAGE, stage, str(db)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # a ceiling: it kills itself at the stage
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    writer = restart(db)
+    store = open_store(db)
+    try:
+        count = store.execute("SELECT count(*) FROM requests")[0][0]
+        assert count == 40, (stage, writer.replayed, writer.unreadable)
+        assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 40
+        assert store.execute("SELECT SUM(requests) FROM rollup_day")[0][0] == 40
+    finally:
+        store.close()
+    assert restart(db).replayed == 0

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sqlite3
 import stat
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +207,9 @@ def test_a_newer_schema_store_is_refused_with_its_bytes_and_mode_unchanged(tmp_p
         open_store(path)
     assert path.read_bytes() == before  # journal mode (header bytes 18-19) included
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    # Before: the refusal left a -wal and a -shm beside it (made by the mode=ro look at its schema); run as
+    # root on a user's store, root's own, which then locked the user out of the store.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fd.db"]
 
 
 def test_a_store_held_here_is_never_reopened_with_plain_open(tmp_path, monkeypatch):
@@ -346,3 +354,147 @@ def test_spec_folders_from_the_environment_are_searched_first(tmp_path, monkeypa
     assert spec_roots()[:2] == [tmp_path / "a", tmp_path / "b"]
     monkeypatch.setenv("FLEETDECK_SPECS", "")  # empty is unset
     assert tmp_path / "a" not in spec_roots()
+
+
+# --- read-only opening, and a store changed outside fleetdeck (wt-books) ---------------------------------------
+
+
+def _evidence(tmp_path: Path, journal: str = "delete") -> Path:
+    """A store as an auditor receives a copy: another journal mode and mode 0644 than fleetdeck leaves."""
+    path = tmp_path / "copy.db"
+    store = open_store(path)
+    store.execute("INSERT INTO schema_version (version) VALUES (-1)")  # something to read back
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA journal_mode = {journal}")
+    conn.close()
+    path.chmod(0o644)
+    return path
+
+
+def _fingerprint(path: Path) -> tuple[str, int, list[str]]:
+    return (hashlib.sha256(path.read_bytes()).hexdigest(), stat.S_IMODE(path.stat().st_mode),
+            sorted(p.name for p in path.parent.iterdir()))
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_read_only_open_changes_nothing_of_the_file_or_its_folder(tmp_path, journal, capsys, monkeypatch):
+    """Before: every open, `audit verify`'s and `report`'s included, made the file 0600, switched it to WAL and
+    wrote it (a verified copy no longer had the bytes it was handed with)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    path = _evidence(tmp_path, journal)
+    before = _fingerprint(path)
+    for argv in (["audit", "verify"], ["--read-only", "audit"], ["report", "--json"]):
+        assert main([*argv, "--store", str(path)]) == 0, capsys.readouterr()
+        assert _fingerprint(path) == before, argv
+    store = open_store(path, read_only=True)
+    assert store.execute("SELECT count(*) FROM schema_version WHERE version = -1")[0][0] == 1
+    with pytest.raises(sqlite3.OperationalError):
+        store.execute("DELETE FROM schema_version")
+    store.close()
+    assert _fingerprint(path) == before  # no byte, mode, -wal or -shm
+
+
+@contextmanager
+def _read_only_mount(tmp_path: Path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs read-only (CI and this machine run tests as root)")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_store_on_a_read_only_mount_is_read_and_a_write_open_says_why_not(tmp_path, capsys):
+    """Before: `audit verify`, `report` and every listing refused a store on read-only media ("not writable")."""
+    with _read_only_mount(tmp_path) as mnt:
+        store = open_store(tmp_path / "fd.db")
+        store.execute("INSERT INTO schema_version (version) VALUES (-1)")
+        store.close()
+        (mnt / "fd.db").write_bytes((tmp_path / "fd.db").read_bytes())
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        db = mnt / "fd.db"
+        ro = open_store(db, read_only=True)
+        assert ro.execute("SELECT count(*) FROM schema_version WHERE version = -1")[0][0] == 1
+        ro.close()
+        assert main(["report", "--json", "--store", str(db)]) == 0
+        assert main(["audit", "verify", "--store", str(db)]) == 0
+        capsys.readouterr()
+        assert main(["audit", "--store", str(db)]) == 0  # listed, not pruned (said), never refused
+        err = capsys.readouterr().err
+        assert "not pruned" in err and "not writable here" in err and "Traceback" not in err, err
+        with pytest.raises(StoreError, match="not writable"):
+            open_store(db)
+
+
+def test_a_read_only_open_refuses_what_it_cannot_read_as_ours_in_one_line(tmp_path):
+    with pytest.raises(StoreError, match="no store at"):
+        open_store(tmp_path / "absent.db", read_only=True)
+    (tmp_path / "empty.db").touch()
+    with pytest.raises(StoreError, match="empty file"):
+        open_store(tmp_path / "empty.db", read_only=True)
+    old = tmp_path / "old.db"
+    open_store(old).close()
+    conn = sqlite3.connect(old)
+    conn.execute("DELETE FROM schema_version WHERE version > 7")
+    conn.commit()
+    conn.close()
+    before = _fingerprint(old)
+    with pytest.raises(StoreError, match=f"schema 7, older than this fleetdeck's {SCHEMA_VERSION}"):
+        open_store(old, read_only=True)
+    open_store(old, read_only=True, oldest=7).close()  # a reader that needs only what schema 7 has
+    assert _fingerprint(old) == before
+
+
+DROPS = {"requests": "DROP TABLE requests", "audit": "DROP TABLE audit",
+         "column": "ALTER TABLE requests DROP COLUMN slm_bound"}
+
+
+@pytest.mark.parametrize("drop", list(DROPS))
+def test_a_store_missing_a_table_or_column_of_its_schema_gets_one_line_not_a_traceback(tmp_path, capsys, drop):
+    """Before: `fleetdeck audit` and `audit verify` on a store whose audit table was dropped ended in SQLite's
+    "no such table" traceback, and a proxy on a store without `requests` held every row for ever."""
+    db = tmp_path / "fd.db"
+    open_store(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute(DROPS[drop])
+    conn.commit()
+    conn.close()
+    for argv in (["report"], ["serve", "ls"], ["audit"]):
+        assert main([*argv, "--store", str(db)]) == 2, argv
+        err = capsys.readouterr().err
+        assert "changed outside fleetdeck" in err and err.count("\n") == 1 and "Traceback" not in err, err
+    rc = main(["audit", "verify", "--store", str(db)])
+    out = capsys.readouterr().out
+    if drop == "audit":  # the trail's own table gone: what verify is for
+        assert rc == 1 and out.startswith("BROKEN: ") and "no table audit" in out, out
+    else:  # the trail is whole: verify checks it, whatever else was dropped
+        assert rc == 0 and out.startswith("intact: "), out
+    with pytest.raises(StoreError, match="changed outside fleetdeck"):
+        open_store(db)
+
+
+def test_report_on_a_store_of_an_older_schema_still_reports_after_migrating_it(tmp_path, capsys):
+    """`report` reads without writing, except on a store an older fleetdeck wrote (the first command after an
+    upgrade, a cron job say): that one is migrated, as every command does, rather than refused."""
+    import sqlite_utils
+
+    from store.db import APPLICATION_ID
+    from store.schema import MIGRATIONS
+
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT DEFAULT CURRENT_TIMESTAMP)")
+    for version in range(1, SCHEMA_VERSION):  # the store as the fleetdeck before this one left it
+        MIGRATIONS[version](sqlite_utils.Database(conn))
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    conn.close()
+    with pytest.raises(StoreError, match="older than this fleetdeck's"):
+        open_store(old, read_only=True)
+    assert main(["report", "--json", "--store", str(old)]) == 0, capsys.readouterr()
+    assert open_store(old, read_only=True).schema_version() == SCHEMA_VERSION

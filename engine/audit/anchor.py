@@ -271,12 +271,21 @@ class Anchor:
     def locked(self, write: bool) -> Iterator[None]:
         """The writers' lock (exclusive; made if absent) or a reader's (shared; none if no writer ever ran)."""
         try:
+            # O_NONBLOCK: a FIFO at the lock's name is met at once (a read-only open of one waits for a writer
+            # for ever) and refused below as not a regular file; it changes nothing for the file itself.
             if write:
                 private_dir(self.lock_file.parent)
                 self._check_folder(writing=True)
-                fd = os.open(self.lock_file, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                             0o600)
             else:
-                fd = os.open(self.lock_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(self.lock_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise AnchorError(f"the audit lock {self.lock_file} is not a regular file (a FIFO or a device "
+                                  "was put there): remove it; fleetdeck makes the lock itself")
+        except AnchorError:
+            raise
         except FileNotFoundError:
             if write:
                 raise AnchorError(f"cannot lock the audit checkpoint {self.lock_file}: no such folder") from None
