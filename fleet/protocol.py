@@ -180,6 +180,15 @@ class SlurmAsk(_Args):
     time: SlurmTime | None = None
 
 
+def slurm_ask(gpus: int, partition: str | None = None, time: str | None = None) -> SlurmAsk:
+    """A Slurm ask from the command line's flags; BadMessage (a ValueError) in one line that names the field
+    (`slurm.partition must be a partition name, got '../x'`), not pydantic's report."""
+    try:
+        return SlurmAsk(gpus=gpus, partition=partition, time=time)
+    except ValidationError as exc:
+        raise BadMessage(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
+
+
 class StartServer(_Args):
     profile: ProfileName
     gpus: GpuList | None = None  # required unless `slurm` (then the node's Slurm places it)

@@ -213,8 +213,11 @@ class RemoteNode:
         watchdog.start()
         try:
             assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(Subscribe(interval=self.interval_s).line().encode())
-            proc.stdin.flush()
+            try:
+                proc.stdin.write(Subscribe(interval=self.interval_s).line().encode())
+                proc.stdin.flush()
+            except OSError:
+                pass  # ssh already gone (a refused connection): its stdout ends and its stderr says why
             hello = False
             for line in _lines(proc.stdout):
                 if self._stop.is_set():

@@ -174,14 +174,11 @@ def _printed_json(args: argparse.Namespace, rec: Any) -> bool:
 
 
 def _slurm_ask(args: argparse.Namespace) -> Any:
-    from fleet.protocol import SlurmAsk
+    from fleet.protocol import slurm_ask
 
     if not args.gpus.strip().isdigit():
         raise ValueError(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1, 2, ...), got {args.gpus!r}")
-    try:
-        return SlurmAsk(gpus=int(args.gpus), partition=args.partition, time=args.time)
-    except ValueError as exc:  # pydantic's text: its last line is the field's own
-        raise ValueError(str(exc).splitlines()[-1].strip()) from None
+    return slurm_ask(int(args.gpus), args.partition, args.time)  # a ValueError in one line naming the field
 
 
 def _start_on_node(args: argparse.Namespace) -> int:

@@ -84,11 +84,19 @@ def test_only_the_number_2_is_this_protocols_version(v):
 @given(interval=json_values)
 def test_a_subscription_interval_is_a_finite_number_of_seconds(interval):
     doc = {"v": PROTOCOL_VERSION, "type": "subscribe", "interval": interval}
-    if interval is None or (isinstance(interval, (int, float)) and not isinstance(interval, bool) and abs(interval) < 1e300):
+    if interval is None or (isinstance(interval, (int, float)) and not isinstance(interval, bool) and _fits_a_float(interval)):
         assert parse_client(doc) == Subscribe(interval=None if interval is None else float(interval))
     else:
         with pytest.raises(BadMessage, match="interval must be seconds"):
             parse_client(doc)
+
+
+def _fits_a_float(n: float) -> bool:
+    try:
+        float(n)
+        return True
+    except OverflowError:  # 10**400: JSON can write it, a number of seconds it is not
+        return False
 
 
 @pytest.mark.parametrize("line,error", [
@@ -276,3 +284,40 @@ def test_over_real_ssh_a_banner_that_is_not_utf8_and_clumsy_values_get_one_line(
                        (("serve", "start", "nope", "--gpus", "0"), "no profile named 'nope' on this host; known: q")]:
         rc, out, err = cli(*argv)
         assert rc == 2 and line in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_a_node_whose_ssh_fails_at_once_is_named_by_sshs_words_and_its_link_lives_on(tmp_path):
+    """ssh refused (exit 255) before the subscription is written: the write meets a closed pipe, which ends
+    that session with ssh's own line, not the connection's thread."""
+    refused = "ssh: connect to host gpu-09 port 22: Connection refused"
+    node = RemoteNode("gpu-09", ["sh", "-c", f"exec <&-; echo '{refused}' >&2; exit 255"], backoff_s=(0.2, 0.5))
+    try:
+        assert wait_for(lambda: node.link.status == "unreachable", timeout=WAIT_CEILING_S)
+        assert node.link.error == refused and node._thread.is_alive()
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("gpus,partition,time,line", [
+    (0, None, None, "slurm.gpus must be a count 1-64, got 0"),
+    (65, None, None, "slurm.gpus must be a count 1-64, got 65"),
+    (1, "../../x", None, "slurm.partition must be a partition name, got '../../x'"),
+    (1, "-p", None, "slurm.partition must be a partition name, got '-p'"),
+    (1, None, " ", "slurm.time must be a non-empty string, got ' '"),
+])
+def test_a_slurm_ask_from_the_command_line_is_refused_in_one_line(gpus, partition, time, line, tmp_path, capsys):
+    from fleet.protocol import slurm_ask
+    from fleetdeck.cli import main
+
+    with pytest.raises(BadMessage) as caught:
+        slurm_ask(gpus, partition, time)
+    assert str(caught.value) == line
+    if gpus == 1:  # the flags' own checks come first for a count
+        fleet = tmp_path / "fleet.toml"  # never reached: the ask is refused before any connection
+        fleet.write_text('[[node]]\nname = "gpu-02"\nssh = "ops@gpu-02.invalid"\n')
+        argv = ["--slurm", "--gpus", "1"] + [f"--partition={partition}"] * bool(partition) + [f"--time={time}"] * bool(time)
+        for command in (["serve", "start", "q"], ["finetune", "start", "sim"]):
+            assert main([*command, *argv, "--node", "gpu-02", "--config", str(fleet),
+                         "--store", str(tmp_path / "s.db")]) == 2
+            err = capsys.readouterr().err
+            assert err.strip().endswith(line) and len(err.strip().splitlines()) == 1, err
