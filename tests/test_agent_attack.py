@@ -321,3 +321,31 @@ def test_a_slurm_ask_from_the_command_line_is_refused_in_one_line(gpus, partitio
                          "--store", str(tmp_path / "s.db")]) == 2
             err = capsys.readouterr().err
             assert err.strip().endswith(line) and len(err.strip().splitlines()) == 1, err
+
+
+def test_changes_asked_at_once_happen_one_at_a_time_so_starts_never_share_a_port(tmp_path, monkeypatch):
+    """Four starts sent together: before, two planned at once took the same free port and one crashed on it."""
+    from engine.vllm import launcher
+    from store.db import open_store
+    from tests.helpers import FAKE_VLLM_CMD
+
+    root = make_node_files(tmp_path / "node")
+    for key, value in {"FLEETDECK_VLLM": FAKE_VLLM_CMD, "FLEETDECK_SIM_START_DELAY": "0.2",
+                       "FLEETDECK_PROFILES": str(root / "profiles"), "XDG_STATE_HOME": str(root / "state"),
+                       "XDG_CONFIG_HOME": str(root / "config")}.items():
+        monkeypatch.setenv(key, value)
+    db = root / "fd.db"
+    pipe = Pipe(Agent(demo_fleet()[0], db, [root / "adapters"], "9.9", interval_s=0.2))
+    try:
+        pipe.next("hello")
+        for i in range(4):
+            pipe.send({"v": 2, "type": "request", "id": i, "op": "start_server",
+                       "args": {"profile": "q", "gpus": [i], "force": True}})
+        answers = [pipe.next("response") for _ in range(4)]
+        assert all(a["ok"] for a in answers), answers
+        assert len({a["result"]["server"]["port"] for a in answers}) == 4
+    finally:
+        pipe.close()
+        store = open_store(db)
+        for rec in launcher.list_servers(store):
+            launcher.stop(store, rec, timeout=5)

@@ -106,6 +106,9 @@ class Agent:
         self._out_lock = threading.Lock()
         self._stop = threading.Event()
         self._handlers = threading.BoundedSemaphore(MAX_HANDLERS)
+        # Changes to this node happen one at a time: two starts at once would both plan against the same free
+        # memory and pick the same free port (one of them then crashes on it). Reads never wait for this.
+        self._changing = threading.Lock()
         # Each op: its request model in, one LocalOps call, its response model out (fleet/protocol.py's OPS).
         handlers: dict[Op, Callable[[Any], Any]] = {
             Op.PING: lambda a: {"pong": time.time()},
@@ -194,7 +197,11 @@ class Agent:
             try:
                 typed = parse_args(req.op, args)  # BadMessage: one line naming the field
                 try:
-                    answer = fn(typed)
+                    if action is None:
+                        answer = fn(typed)
+                    else:
+                        with self._changing:
+                            answer = fn(typed)
                 except _REFUSALS as exc:
                     raise BadRequest(str(exc)) from None
                 result = result_of(req.op, answer)  # through the op's response model: a misfit is a bug here
