@@ -349,3 +349,26 @@ def test_changes_asked_at_once_happen_one_at_a_time_so_starts_never_share_a_port
         store = open_store(db)
         for rec in launcher.list_servers(store):
             launcher.stop(store, rec, timeout=5)
+
+
+def test_requests_sent_just_before_stdin_closes_are_all_answered_and_recorded(tmp_path):
+    """`printf REQUESTS | fleetdeck agent --stdio`: the agent used to end at EOF with requests still in hand
+    (answers lost, and a change cut off before its record); it now ends when each has answered."""
+    import subprocess
+
+    from engine.audit import trail as audit
+    from store.db import open_store
+
+    env = {**os.environ, "PYTHONPATH": THIS_CHECKOUT, "XDG_STATE_HOME": str(tmp_path / "state"),
+           "XDG_CONFIG_HOME": str(tmp_path / "config"), "FLEETDECK_PROFILES": str(tmp_path / "profiles")}
+    asks = [("list_servers", {}), ("stop_server", {"id": "nosuch"}), ("start_job", {"spec": "nope"}), ("ping", {})] * 5
+    lines = "".join(json.dumps({"v": 2, "type": "request", "id": i, "op": op, "args": args}) + "\n"
+                    for i, (op, args) in enumerate(asks))
+    db = tmp_path / "node.db"
+    done = subprocess.run([PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--store", str(db)], input=lines,
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=WAIT_CEILING_S)
+    assert done.returncode == 0, done.stderr
+    answers = [m for m in map(json.loads, done.stdout.splitlines()) if m["type"] == "response"]
+    assert sorted(a["id"] for a in answers) == list(range(len(asks)))
+    recs = audit.query(open_store(db))
+    assert sorted((r["action"], r["outcome"]) for r in recs) == [("job.start", "refused")] * 5 + [("server.stop", "refused")] * 5

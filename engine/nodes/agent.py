@@ -34,6 +34,7 @@ from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, OPS, BadMessage, Hel
                             StartJob, StartServer, Subscribe, parse_args, parse_client, result_of, version_problem)
 from fleet.remote import snapshot_to_json
 from store.config_files import ConfigError
+from store.db import StoreError
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -52,7 +53,8 @@ class BadRequest(ValueError):
 
 # The engine's refusals, whose text is already the one line an operator reads (`no server 'x'`): sent as
 # it is, like the node's own CLI prints it. Any other exception goes with its type, which says more there.
-_OWN_WORDS: tuple[type[Exception], ...] = (LaunchError, JobError, AdapterError, KillError, SlurmError, ConfigError)
+_OWN_WORDS: tuple[type[Exception], ...] = (LaunchError, JobError, AdapterError, KillError, SlurmError, ConfigError,
+                                          StoreError)
 
 
 def _target(args: dict[str, Any]) -> str:
@@ -109,6 +111,7 @@ class Agent:
         # Changes to this node happen one at a time: two starts at once would both plan against the same free
         # memory and pick the same free port (one of them then crashes on it). Reads never wait for this.
         self._changing = threading.Lock()
+        self._gone = False  # stdout broke: the dashboard has gone
         # Each op: its request model in, one LocalOps call, its response model out (fleet/protocol.py's OPS).
         handlers: dict[Op, Callable[[Any], Any]] = {
             Op.PING: lambda a: {"pong": time.time()},
@@ -287,6 +290,9 @@ class Agent:
                 self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, typed.interval))
         else:
             self._handlers.acquire()  # released by the handler's thread when it has answered
+            if self._stop.is_set() and self._gone:  # the dashboard's end of stdout is closed: no one to answer
+                self._handlers.release()
+                return
             try:
                 threading.Thread(target=self._handle_one, args=(out, typed), daemon=True).start()
             except BaseException:
@@ -313,8 +319,20 @@ class Agent:
             try:
                 self.send(out, Snapshot(snapshot=snapshot_to_json(snap)))
             except (BrokenPipeError, OSError):
-                return 0
+                self._gone = True
+                self._stop.set()
+                break
             self._stop.wait(self.interval_s)
             if not self._stop.is_set():
                 snap = self.source.snapshot()
+        self._drain()
         return 0
+
+    def _drain(self) -> None:
+        """Wait for the requests in hand to end (each holds a handler until it has answered): the process
+        ends after this, and a change cut off there would be half done and unrecorded. Requests sent just
+        before stdin closed are still answered."""
+        for _ in range(MAX_HANDLERS):
+            self._handlers.acquire()
+        for _ in range(MAX_HANDLERS):
+            self._handlers.release()
