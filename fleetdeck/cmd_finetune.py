@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
-from fleetdeck.node_cli import local_ops, node_errors, node_option, ops_of, own_id
+from fleetdeck.node_cli import log_text, local_ops, node_errors, node_option, ops_of, own_id
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
@@ -289,7 +289,7 @@ def run_prune(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     try:
         with ops_of(args, create=False) as ops:
-            print(ops.tail_log("job", args.id, args.n))
+            print(log_text(ops.tail_log("job", args.id, args.n)))
     except node_errors() as exc:
         return _err(str(exc))
     return 0

@@ -13,7 +13,7 @@ from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.cmdutil import fleet_config_of as _fleet_config
 from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.mutating import mutating
-from fleetdeck.node_cli import local_ops, node_errors, node_option, ops_of, own_id
+from fleetdeck.node_cli import log_text, local_ops, node_errors, node_option, ops_of, own_id
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
@@ -353,7 +353,7 @@ def run_prune(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     try:
         with ops_of(args, create=False) as ops:
-            print(ops.tail_log("server", args.id, args.n))
+            print(log_text(ops.tail_log("server", args.id, args.n)))
     except node_errors() as exc:
         return _err(str(exc))
     return 0

@@ -372,3 +372,34 @@ def test_requests_sent_just_before_stdin_closes_are_all_answered_and_recorded(tm
     assert sorted(a["id"] for a in answers) == list(range(len(asks)))
     recs = audit.query(open_store(db))
     assert sorted((r["action"], r["outcome"]) for r in recs) == [("job.start", "refused")] * 5 + [("server.stop", "refused")] * 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=80))
+def test_a_log_tail_reaches_the_terminal_with_no_control_character_but_lines_and_tabs(text):
+    import unicodedata
+
+    from fleetdeck.node_cli import log_text
+
+    out = log_text(text)
+    assert all(ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Zl", "Zp") for ch in out)
+    assert out.count("\n") == text.replace("\r\n", "\n").replace("\r", "\n").count("\n")
+
+
+def test_serve_logs_shows_what_a_log_holds_without_letting_it_drive_the_terminal(tmp_path, capsys):
+    import time
+
+    from engine.managed import LocalGpus
+    from engine.vllm.record import ServerRecord, ServerState
+    from fleetdeck.cli import main
+    from store.db import open_store
+
+    log = tmp_path / "q.log"
+    log.write_bytes(b"INFO started\r\nprompt was \x1b]0;owned\x07\x1b[2J here\rLoading 100%\n")
+    rec = ServerRecord(id="q-esc001", name="q", node="n", pid=None, create_time=None, argv=["vllm"], env={},
+                       gpus=LocalGpus((0,)), port=18001, log_path=str(log), spec={}, state=ServerState.STOPPED,
+                       reason=None, started_at=time.time())
+    rec.save(open_store(tmp_path / "s.db"))
+    assert main(["serve", "logs", "q-esc001", "--store", str(tmp_path / "s.db")]) == 0
+    out = capsys.readouterr().out
+    assert out == "INFO started\nprompt was \\x1b]0;owned\\x07\\x1b[2J here\nLoading 100%\n"
