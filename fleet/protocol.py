@@ -10,7 +10,8 @@ import math
 from enum import Enum
 from typing import Annotated, Any, Literal, NamedTuple, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from fleet.protocol_fields import (AdapterRef, Force, GpuList, Ident, LineCount, LogKind, ModelName, OldAdapter, Partition,
                                    Port, ProfileName, ServedAs, ServerId, SlurmGpus, SlurmTime, SpecName)
@@ -69,7 +70,7 @@ class Snapshot(_Message):
 
 class Response(_Message):
     type: Literal["response"] = "response"
-    id: int | None = None
+    id: StrictInt | None = None  # the request's own id: "1" or true is not an answer to request 1
     ok: bool
     result: Any = None
     error: str | None = None
@@ -79,17 +80,24 @@ class Subscribe(_Message):
     type: Literal["subscribe"] = "subscribe"
     interval: float | None = None
 
-    @field_validator("interval")
+    @field_validator("interval", mode="before")
     @classmethod
-    def _seconds(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
+    def _seconds(cls, v: object) -> float | None:
+        # A number of seconds, as JSON writes one: not true (1.0 to pydantic), not "5".
+        if v is None:
+            return None
+        try:  # an integer too large for a float (10**400) is as much a misfit as a string
+            seconds = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+        except OverflowError:
+            seconds = math.nan
+        if not math.isfinite(seconds):
             raise ValueError(f"interval must be seconds from {MIN_INTERVAL_S} to {MAX_INTERVAL_S}")
-        return v
+        return seconds
 
 
 class Request(_Message):
     type: Literal["request"] = "request"
-    id: int
+    id: StrictInt  # echoed in the answer: a string or true would come back as another id than was sent
     op: Op
     args: dict[str, Any] = Field(default_factory=dict)
     operator: str | None = None  # who asks, for the node's audit trail: the dashboard's user@host
@@ -117,6 +125,19 @@ def _why(exc: ValidationError, doc: dict[str, Any]) -> str:
     if err["type"] == "union_tag_invalid":
         return f"unknown type {doc.get('type')!r}"
     return f"malformed message: {'.'.join(loc) or 'message'}: {err['msg']}"
+
+
+def version_problem(doc: dict[str, Any]) -> str | None:
+    """Why a message's `v` is not this protocol's, in one line; None when it is. `v` is a JSON number:
+    "2" or true is not version 2 (2.0 is)."""
+    v = doc.get("v")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == PROTOCOL_VERSION:
+        return None
+    if "v" not in doc:
+        return f"no protocol version (v); this agent speaks v{PROTOCOL_VERSION}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"v must be the protocol version as a number, got {v!r}; this agent speaks v{PROTOCOL_VERSION}"
+    return f"protocol v{v!r} not supported; this agent speaks v{PROTOCOL_VERSION}"
 
 
 def parse_client(doc: dict[str, Any]) -> Subscribe | Request:
@@ -157,6 +178,15 @@ class SlurmAsk(_Args):
     gpus: SlurmGpus = 1
     partition: Partition | None = None
     time: SlurmTime | None = None
+
+
+def slurm_ask(gpus: int, partition: str | None = None, time: str | None = None) -> SlurmAsk:
+    """A Slurm ask from the command line's flags; BadMessage (a ValueError) in one line that names the field
+    (`slurm.partition must be a partition name, got '../x'`), not pydantic's report."""
+    try:
+        return SlurmAsk(gpus=gpus, partition=partition, time=time)
+    except ValidationError as exc:
+        raise BadMessage(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
 
 
 class StartServer(_Args):

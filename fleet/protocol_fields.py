@@ -10,7 +10,7 @@ from typing import Annotated, Callable
 from pydantic import BeforeValidator
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]*$")
-_PARTITION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_PARTITION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # never an option: it does not start with "-"
 
 
 def text_of(what: str) -> Callable[[object], str]:

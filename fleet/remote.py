@@ -16,11 +16,12 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from fleet.model import GpuProcess, GpuSnapshot, HostInfo, MigDevice, NodeSnapshot
 from fleet.procs import stop_child
-from fleet.protocol import PROTOCOL_VERSION, BadMessage, Hello, Op, Request, Response, Snapshot, Subscribe, parse_agent
+from fleet.protocol import (PROTOCOL_VERSION, BadMessage, Hello, Op, Request, Response, Snapshot, Subscribe, parse_agent,
+                            version_problem)
 
 # The protocol's version, operations and messages live in fleet/protocol.py (Op and PROTOCOL_VERSION are
 # imported from here too, by older callers).
@@ -41,6 +42,9 @@ def _operator() -> str:
 
 OPERATOR = _operator()
 DEFAULT_AGENT = ["fleetdeck", "agent", "--stdio"]  # a node whose PATH has fleetdeck needs no agent_command
+# An agent's answer is at most a few megabytes (a log tail, every job's recent steps); a longer line is not
+# an agent's, and is dropped rather than held whole in memory.
+MAX_AGENT_LINE = 64 << 20
 
 
 class AgentError(Exception):
@@ -103,7 +107,7 @@ class RemoteNode:
         self._clock = clock
         self.link = LinkState(since=clock())
         self._latest: NodeSnapshot | None = None
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._pending: dict[int, Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -156,7 +160,7 @@ class RemoteNode:
         fut: Future[Any] = Future()
         self._pending[rid] = fut
         try:
-            proc.stdin.write(Request(id=rid, op=Op(op), args=args or {}, operator=OPERATOR).line())
+            proc.stdin.write(Request(id=rid, op=Op(op), args=args or {}, operator=OPERATOR).line().encode())
             proc.stdin.flush()
             return fut.result(timeout=timeout)
         except TimeoutError as exc:
@@ -195,45 +199,54 @@ class RemoteNode:
 
     def _session(self) -> str:
         try:
-            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, bufsize=1)
+            # Bytes, decoded a line at a time: a byte that is not UTF-8 (a login script's banner in latin-1, an
+            # agent gone wrong) is one bad line, not an exception that would end this thread for good.
+            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:
             return f"cannot run {self.command[0]}: {exc}"
         self._proc = proc
         self._hello_missed = False
+        bad_hello: str | None = None  # why a hello that came did not count, for the error when none does
         stderr_tail: list[str] = []
         threading.Thread(target=self._drain_stderr, args=(proc, stderr_tail), daemon=True).start()
         watchdog = threading.Timer(self.hello_timeout_s, self._hello_timeout, args=(proc,))
         watchdog.start()
         try:
             assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(Subscribe(interval=self.interval_s).line())
-            proc.stdin.flush()
+            try:
+                proc.stdin.write(Subscribe(interval=self.interval_s).line().encode())
+                proc.stdin.flush()
+            except OSError:
+                pass  # ssh already gone (a refused connection): its stdout ends and its stderr says why
             hello = False
-            for line in proc.stdout:
+            for line in _lines(proc.stdout):
                 if self._stop.is_set():
                     break
                 try:
-                    msg = json.loads(line)
+                    if line is None:
+                        raise ValueError(f"longer than {MAX_AGENT_LINE} bytes")
+                    msg = json.loads(line)  # bytes: json decodes UTF-8 itself, strictly
                     if not isinstance(msg, dict):
                         raise ValueError("not an object")
-                except ValueError:
+                except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
                     self.link.bad_messages += 1
                     continue
-                if msg.get("type") == "hello" and msg.get("v") != PROTOCOL_VERSION:
+                if msg.get("type") == "hello" and version_problem(msg) is not None:
                     watchdog.cancel()
                     with self._lock:  # what the other side runs, for `nodes ls` and its upgrade hint
                         self.link.agent_version = msg["fleetdeck"] if isinstance(msg.get("fleetdeck"), str) else None
                         self.link.agent_protocol = msg["v"] if isinstance(msg.get("v"), int) else None
-                    self._set("incompatible", f"agent on {self.name} speaks protocol v{msg.get('v')}, this dashboard "
+                    self._set("incompatible", f"agent on {self.name} speaks protocol v{msg.get('v')!r}, this dashboard "
                                               f"v{PROTOCOL_VERSION}: install the same fleetdeck version on both "
                                               f"(fleetdeck nodes install {self.name} --bundle DIR)")
                     proc.terminate()
                     break
                 try:
                     typed = parse_agent(msg)
-                except BadMessage:
+                except BadMessage as exc:
                     self.link.bad_messages += 1
+                    if msg.get("type") == "hello" and not hello:
+                        bad_hello = str(exc)
                     continue
                 if isinstance(typed, Hello):
                     hello = True
@@ -276,16 +289,32 @@ class RemoteNode:
         if self.link.status == "incompatible":
             return self.link.error or "incompatible"
         if self._hello_missed:
-            return f"no hello from the agent within {self.hello_timeout_s:g} s" + (f" ({tail})" if tail else "")
+            why = f"; its hello did not fit the protocol ({bad_hello})" if bad_hello else ""
+            return f"no hello from the agent within {self.hello_timeout_s:g} s{why}" + (f" ({tail})" if tail else "")
         return tail or f"the agent exited with code {code}"
 
-    def _hello_timeout(self, proc: subprocess.Popen[str]) -> None:
+    def _hello_timeout(self, proc: subprocess.Popen[bytes]) -> None:
         self._hello_missed = True
         proc.terminate()
 
     @staticmethod
-    def _drain_stderr(proc: subprocess.Popen[str], tail: list[str]) -> None:
+    def _drain_stderr(proc: subprocess.Popen[bytes], tail: list[str]) -> None:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            tail.append(line.strip())
+        for raw in proc.stderr:
+            tail.append(raw.decode("utf-8", "backslashreplace").strip())  # ssh's or a shell's words, any bytes
             del tail[:-10]
+
+
+def _lines(stream: Any) -> Iterator[bytes | None]:
+    """A binary stream's lines, each at most MAX_AGENT_LINE bytes; None for a longer one (its rest is read
+    and dropped). Ends at EOF."""
+    while True:
+        line = stream.readline(MAX_AGENT_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_AGENT_LINE:
+            while line and not line.endswith(b"\n"):
+                line = stream.readline(MAX_AGENT_LINE)
+            yield None
+            continue
+        yield line

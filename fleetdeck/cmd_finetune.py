@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.mutating import mutating
-from fleetdeck.node_cli import local_ops, node_errors, node_option, ops_of, own_id
+from fleetdeck.node_cli import log_text, local_ops, node_errors, node_option, ops_of, own_id
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
@@ -174,14 +174,11 @@ def _printed_json(args: argparse.Namespace, rec: Any) -> bool:
 
 
 def _slurm_ask(args: argparse.Namespace) -> Any:
-    from fleet.protocol import SlurmAsk
+    from fleet.protocol import slurm_ask
 
     if not args.gpus.strip().isdigit():
         raise ValueError(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1, 2, ...), got {args.gpus!r}")
-    try:
-        return SlurmAsk(gpus=int(args.gpus), partition=args.partition, time=args.time)
-    except ValueError as exc:  # pydantic's text: its last line is the field's own
-        raise ValueError(str(exc).splitlines()[-1].strip()) from None
+    return slurm_ask(int(args.gpus), args.partition, args.time)  # a ValueError in one line naming the field
 
 
 def _start_on_node(args: argparse.Namespace) -> int:
@@ -292,7 +289,7 @@ def run_prune(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     try:
         with ops_of(args, create=False) as ops:
-            print(ops.tail_log("job", args.id, args.n))
+            print(log_text(ops.tail_log("job", args.id, args.n)))
     except node_errors() as exc:
         return _err(str(exc))
     return 0

@@ -13,7 +13,7 @@ from fleetdeck.cmdutil import store_of as _store
 from fleetdeck.cmdutil import fleet_config_of as _fleet_config
 from fleetdeck.cmdutil import listing_store_of
 from fleetdeck.mutating import mutating
-from fleetdeck.node_cli import local_ops, node_errors, node_option, ops_of, own_id
+from fleetdeck.node_cli import log_text, local_ops, node_errors, node_option, ops_of, own_id
 from fleetdeck.tables import print_table
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def _start_slurm(args: argparse.Namespace) -> int:
     node submitting for the dashboard: a profile name there)."""
     from engine.vllm.command import LaunchError
     from engine.vllm.profile import find_profile, load_profile, profile_roots
-    from fleet.protocol import SlurmAsk
+    from fleet.protocol import slurm_ask
     from store.config_files import ConfigError
 
     if args.dry_run or args.simulated:
@@ -169,9 +169,9 @@ def _start_slurm(args: argparse.Namespace) -> int:
     if not args.gpus.strip().isdigit() or not 1 <= int(args.gpus) <= 64:
         return _err(f"with --slurm, --gpus is how many GPUs to ask Slurm for (1-64), got {args.gpus!r}")
     try:
-        ask = SlurmAsk(gpus=int(args.gpus), partition=args.partition, time=args.time)
-    except ValueError as exc:
-        return _err(str(exc).splitlines()[-1].strip())
+        ask = slurm_ask(int(args.gpus), args.partition, args.time)
+    except ValueError as exc:  # one line naming the flag's field
+        return _err(str(exc))
     if args.node:
         try:
             with ops_of(args) as ops:
@@ -353,7 +353,7 @@ def run_prune(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     try:
         with ops_of(args, create=False) as ops:
-            print(ops.tail_log("server", args.id, args.n))
+            print(log_text(ops.tail_log("server", args.id, args.n)))
     except node_errors() as exc:
         return _err(str(exc))
     return 0

@@ -22,6 +22,17 @@ def own_id(shown: str) -> str:
     return shown[1:].partition(":")[2] if shown.startswith("@") and ":" in shown else shown
 
 
+def log_text(text: str) -> str:
+    """A log tail as the terminal may print it: what a served request or a node's process wrote there is
+    not to move the cursor, retitle the window or recolour the operator's terminal. Lines stay lines (a
+    carriage return, a progress bar's, starts one), tabs stay tabs; every other control or format
+    character is shown as its escape (`\\x1b`), as `fleetdeck audit` shows them."""
+    from engine.audit.text import shown
+
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\n".join("\t".join(shown(part) for part in line.split("\t")) for line in lines)
+
+
 def local_ops(args: argparse.Namespace, create: bool = True) -> LocalOps:
     """This host as a node: the store, adapter roots, model roots and Slurm settings of its fleet config."""
     from engine.nodes.local import LocalOps

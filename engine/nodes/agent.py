@@ -21,13 +21,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TextIO
 
+from engine.adapters.registry import AdapterError
 from engine.audit import trail as audit
+from engine.finetune.jobs import JobError
 from engine.host.folders import Folders
 from engine.nodes.local import LocalOps, NotConfigured
 from engine.nodes.ops import JobProgress
-from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, OPS, PROTOCOL_VERSION, BadMessage, Hello, Op, Request,
-                            Response, Snapshot, StartJob, StartServer, Subscribe, parse_args, parse_client, result_of)
+from engine.nodes.processes import KillError
+from engine.slurm.client import SlurmError
+from engine.vllm.command import LaunchError
+from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, OPS, BadMessage, Hello, Op, Request, Response, Snapshot,
+                            StartJob, StartServer, Subscribe, parse_args, parse_client, result_of, version_problem)
 from fleet.remote import snapshot_to_json
+from store.config_files import ConfigError
+from store.db import StoreError
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -42,6 +49,12 @@ MUTATING_OPS = {Op.START_SERVER.value: "server.start", Op.STOP_SERVER.value: "se
 
 class BadRequest(ValueError):
     """A request that names nothing this node defines, or carries a value of the wrong kind."""
+
+
+# The engine's refusals, whose text is already the one line an operator reads (`no server 'x'`): sent as
+# it is, like the node's own CLI prints it. Any other exception goes with its type, which says more there.
+_OWN_WORDS: tuple[type[Exception], ...] = (LaunchError, JobError, AdapterError, KillError, SlurmError, ConfigError,
+                                          StoreError)
 
 
 def _target(args: dict[str, Any]) -> str:
@@ -67,6 +80,9 @@ def _reason(exc: BaseException) -> str:
 
 
 MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake or an attack
+# Requests handled at once. A dashboard asks a handful at a time; a flood of lines waits for a free handler
+# (the reader stops reading, so the pipe pushes back on the sender) instead of starting a thread per line.
+MAX_HANDLERS = 16
 MAX_ERROR = 2000  # characters of an error reply
 
 # What the engine raises for a request that names something this node does not have, or cannot do:
@@ -91,6 +107,11 @@ class Agent:
         self._local_lock = threading.Lock()
         self._out_lock = threading.Lock()
         self._stop = threading.Event()
+        self._handlers = threading.BoundedSemaphore(MAX_HANDLERS)
+        # Changes to this node happen one at a time: two starts at once would both plan against the same free
+        # memory and pick the same free port (one of them then crashes on it). Reads never wait for this.
+        self._changing = threading.Lock()
+        self._gone = False  # stdout broke: the dashboard has gone
         # Each op: its request model in, one LocalOps call, its response model out (fleet/protocol.py's OPS).
         handlers: dict[Op, Callable[[Any], Any]] = {
             Op.PING: lambda a: {"pong": time.time()},
@@ -132,7 +153,7 @@ class Agent:
             if self._local is None:
                 self._local = LocalOps(self.store, list(self.adapter_roots), folders=Folders(),
                                        model_roots=self.model_roots, slurm_settings=self.slurm, source=self.source,
-                                       scrapes={})
+                                       scrapes={}, confined=True)
             return self._local
 
     # -- ops that take more than one call --------------------------------------------------------
@@ -179,15 +200,20 @@ class Agent:
             try:
                 typed = parse_args(req.op, args)  # BadMessage: one line naming the field
                 try:
-                    answer = fn(typed)
+                    if action is None:
+                        answer = fn(typed)
+                    else:
+                        with self._changing:
+                            answer = fn(typed)
                 except _REFUSALS as exc:
                     raise BadRequest(str(exc)) from None
                 result = result_of(req.op, answer)  # through the op's response model: a misfit is a bug here
                 self.send(out, Response(id=rid, ok=True, result=result))
             except Exception as exc:  # every failure goes back to the dashboard as text
-                if action is not None and written[0] == 0:
-                    # Refused before the engine recorded it (a bad name, an unknown id, a boundary, the
-                    # trail itself unavailable): recorded here, so no refusal goes unrecorded.
+                if action is not None and written[0] == 0 and not isinstance(exc, audit.AuditUnavailable):
+                    # Refused before the engine recorded it (a bad name, an unknown id, a boundary): recorded
+                    # here, so no refusal goes unrecorded. (AuditUnavailable: the trail has tried already, and
+                    # said on stderr that it could not.)
                     outcome = "failed" if isinstance(exc, (OSError, RuntimeError)) else "refused"
                     audit.record(action, _target(args), outcome, _reason(exc), **_params(op, args))
                 self._fail(out, rid, self._error_text(exc))
@@ -195,8 +221,8 @@ class Agent:
     def _error_text(self, exc: Exception) -> str:
         from store.db import corrupt_message, is_corrupt
 
-        if isinstance(exc, BadMessage):  # already one line naming the field, as a malformed message's is
-            return str(exc)
+        if isinstance(exc, (BadMessage, BadRequest, audit.ReadOnlyError, *_OWN_WORDS)):
+            return str(exc)  # already one line that names the problem, as the node's own CLI prints it
         if is_corrupt(exc):  # a damaged page met mid-request: say which file and what to do, as the CLI does
             return corrupt_message(getattr(self._store, "path", None) or self.store_path or "the store", exc)
         return f"{type(exc).__name__}: {exc}"
@@ -250,8 +276,9 @@ class Agent:
             why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             self._fail(out, None, f"malformed message: {why}")
             return
-        if msg.get("v") != PROTOCOL_VERSION:
-            self._fail(out, msg.get("id"), f"protocol v{msg.get('v')} not supported; this agent speaks v{PROTOCOL_VERSION}")
+        wrong_version = version_problem(msg)
+        if wrong_version is not None:
+            self._fail(out, msg.get("id"), wrong_version)
             return
         try:
             typed = parse_client(msg)
@@ -262,7 +289,23 @@ class Agent:
             if typed.interval is not None:
                 self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, typed.interval))
         else:
-            threading.Thread(target=self._handle, args=(out, typed), daemon=True).start()
+            self._handlers.acquire()  # released by the handler's thread when it has answered
+            if self._stop.is_set() and self._gone:  # the dashboard's end of stdout is closed: no one to answer
+                self._handlers.release()
+                return
+            try:
+                threading.Thread(target=self._handle_one, args=(out, typed), daemon=True).start()
+            except BaseException:
+                self._handlers.release()
+                raise
+
+    def _handle_one(self, out: TextIO, req: Request) -> None:
+        try:
+            self._handle(out, req)
+        except OSError:
+            pass  # the dashboard is gone: the reader sees its stdin close and ends the agent
+        finally:
+            self._handlers.release()
 
     def serve(self, inp: TextIO | BinaryIO, out: TextIO) -> int:
         first = self.source.snapshot()
@@ -276,8 +319,20 @@ class Agent:
             try:
                 self.send(out, Snapshot(snapshot=snapshot_to_json(snap)))
             except (BrokenPipeError, OSError):
-                return 0
+                self._gone = True
+                self._stop.set()
+                break
             self._stop.wait(self.interval_s)
             if not self._stop.is_set():
                 snap = self.source.snapshot()
+        self._drain()
         return 0
+
+    def _drain(self) -> None:
+        """Wait for the requests in hand to end (each holds a handler until it has answered): the process
+        ends after this, and a change cut off there would be half done and unrecorded. Requests sent just
+        before stdin closed are still answered."""
+        for _ in range(MAX_HANDLERS):
+            self._handlers.acquire()
+        for _ in range(MAX_HANDLERS):
+            self._handlers.release()

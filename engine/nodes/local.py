@@ -42,6 +42,23 @@ class NotConfigured(ValueError):
     """The node lacks what an op needs (its [slurm] settings): a refusal, not a failure."""
 
 
+class OutsideItsFolder(ValueError):
+    """A name of the node's folders that is a symbolic link to somewhere else: a request names what the
+    node's own folders hold, and a link would let whoever made it choose the file (refused, not a failure)."""
+
+
+def within_folder(kind: str, name: str, path: Path, folders: list[Path]) -> Path:
+    """`path` (a profile or spec file, an adapter folder) if its real path is inside one of `folders` (their
+    real paths: a folder may itself be a link); OutsideItsFolder naming the link otherwise."""
+    real = path.resolve()
+    if not any(real != f and real.is_relative_to(f) for f in (Path(f).resolve() for f in folders)):
+        where = f"{path} -> {real}" if real != path else f"it is {real}"
+        raise OutsideItsFolder(f"{kind} {name!r} is a symbolic link out of its folder ({where}): a request "
+                               f"to this node's agent follows none; put the {kind} itself in "
+                               f"{' or '.join(str(f) for f in folders)}")
+    return path
+
+
 def list_adapters(store: Store, roots: list[Path], sid: str | None) -> AdapterListing:
     """This host's adapters, and those loaded in server `sid`."""
     found, problems = engine_adapters.scan(roots)
@@ -72,6 +89,9 @@ class LocalOps:
     model_roots: list[Path] | None = None  # None: the fleet config's [models] roots
     slurm_settings: Any = None  # fleet.config.SlurmSettings: the node's own [slurm]; None: not configured
     source: Any = None  # the node's GPU source: a start plans against it when the caller passes no snapshots
+    # The agent's: a name in a request must be a file or folder *in* the node's folders, not a link out of
+    # them (the node's own operator, at the CLI, may keep links: stow-managed dotfiles, a shared folder).
+    confined: bool = False
 
     # -- reading ---------------------------------------------------------------------------------
     def models(self) -> list[LocalModel]:
@@ -130,7 +150,7 @@ class LocalOps:
         """`profile`: a name in this node's profile folders, never a path or a profile's text. `model`: one
         of models(), instead of the profile's. `node`: which of this host's own sources the GPUs belong to
         (the demo's simulated nodes), so the record says where it runs; None is this host."""
-        spec = load_profile(toml_by_name("profile", profile, self.folders.profile_roots()))
+        spec = load_profile(self._named("profile", profile, toml_by_name("profile", profile, self.folders.profile_roots())))
         if model is not None:
             spec = with_model(spec, model, self.models())
         return self.start_profile(spec, gpus, port=port, force=force, slurm=slurm, gpu_snapshots=gpu_snapshots,
@@ -175,7 +195,7 @@ class LocalOps:
     def start_job(self, spec: str, gpus: list[int] | None, *, force: bool = False, slurm: SlurmAsk | None = None,
                   gpu_snapshots: Any = None, node: str | None = None) -> JobRecord:
         """`spec`: a job spec's name in this node's folders, never a path or a spec's text."""
-        job = load_spec(toml_by_name("job spec", spec, self.folders.spec_roots()))
+        job = load_spec(self._named("job spec", spec, toml_by_name("job spec", spec, self.folders.spec_roots())))
         return self.start_spec(job, gpus, force=force, slurm=slurm, gpu_snapshots=gpu_snapshots, node=node)
 
     def start_spec(self, job: JobSpec, gpus: list[int] | None, *, force: bool = False, slurm: SlurmAsk | None = None,
@@ -201,7 +221,14 @@ class LocalOps:
 
     # -- adapters --------------------------------------------------------------------------------
     def _load(self, sid: str, adapter: str, name: str | None, old: str | None) -> str:
-        return self.load_adapter_from(sid, engine_adapters.by_name(list(self.adapter_roots), adapter), name, old)
+        found = engine_adapters.by_name(list(self.adapter_roots), adapter)
+        self._named("adapter", adapter, Path(found.path), list(self.adapter_roots))
+        return self.load_adapter_from(sid, found, name, old)
+
+    def _named(self, kind: str, name: str, path: Path, folders: list[Path] | None = None) -> Path:
+        """A named file or folder, checked to be in its folders when confined; a profile's or spec's folder
+        is the one it was found in (path.parent), an adapter's (whose path is already resolved) its roots."""
+        return within_folder(kind, name, path, folders or [path.parent]) if self.confined else path
 
     def load_adapter_from(self, sid: str, adapter: Adapter, name: str | None, old: str | None) -> str:
         """An adapter already found (the CLI also takes a folder on its own host); never from a request."""

@@ -21,9 +21,7 @@ from engine.nodes.processes import KillError, KillRequest
 from engine.slurm.client import ClusterView
 from engine.vllm.record import ServerRecord
 from engine.vllm.status import ServerStatus
-from fleet.protocol import (OPS, BadMessage, CancelJob, ListAdapters, LoadAdapter, NoArgs, Op, ResumeJob, SlurmAsk,
-                            StartJob, StartServer, StopServer, SwapAdapter, TailLog, UnloadAdapter, _Args, args_of,
-                            parse_result)
+from fleet.protocol import OPS, BadMessage, NoArgs, Op, SlurmAsk, _Args, args_of, parse_args, parse_result
 from fleet.remote import AgentError, RemoteNode
 
 
@@ -36,6 +34,22 @@ class AgentOps:
     @property
     def name(self) -> str:
         return str(self.node.name)
+
+    def _here(self, ident: str) -> str:
+        """An id as this node knows it: `@node:id` only for this node (another node's id is not sent here,
+        where it could name something else), a bare id as it is."""
+        node, own = split_id(ident)
+        if node is not None and node != self.name:
+            raise AgentError(f"{ident} is on {node}, not {self.name}: give --node {node}, or its id on {self.name}")
+        return own
+
+    def _request(self, op: Op, **fields: Any) -> Any:
+        """The op's request model from the caller's values; a value the agent would refuse (a port below 1024,
+        an empty id) is one line naming the field, here, before anything is sent."""
+        try:
+            return parse_args(op, {k: v for k, v in fields.items() if v is not None})
+        except BadMessage as exc:
+            raise AgentError(f"{self.name}: {exc}") from None
 
     def _ask(self, op: Op, args: _Args | None = None, timeout: float = 60.0) -> Any:
         if args is not None and not isinstance(args, OPS[op].request):
@@ -91,10 +105,10 @@ class AgentOps:
         return [JobProgress(self._job(doc), list(doc.events)) for doc in self._ask(Op.LIST_JOBS, timeout=10)]
 
     def tail_log(self, kind: str, ident: str, n: int = 200) -> str:
-        return str(self._ask(Op.TAIL_LOG, TailLog(id=split_id(ident)[1], n=n, kind=kind), timeout=30))
+        return str(self._ask(Op.TAIL_LOG, self._request(Op.TAIL_LOG, id=self._here(ident), n=n, kind=kind), timeout=30))
 
     def adapters(self, sid: str | None) -> AdapterListing:
-        doc = self._ask(Op.LIST_ADAPTERS, ListAdapters(server=split_id(sid)[1] if sid else None), timeout=30)
+        doc = self._ask(Op.LIST_ADAPTERS, self._request(Op.LIST_ADAPTERS, server=self._here(sid) if sid else None), timeout=30)
         return AdapterListing.from_json(doc.model_dump())
 
     def slurm_view(self) -> ClusterView:
@@ -110,22 +124,22 @@ class AgentOps:
         audit.refuse_if_read_only("server.start", profile, profile=profile, gpus=where)
         if model is not None:
             self.models()  # an agent older than list_models would ignore `model`: ask it first
-        req = StartServer(profile=profile, gpus=None if slurm is not None else gpus, port=port, force=force,
-                          model=model, slurm=slurm)
+        req = self._request(Op.START_SERVER, profile=profile, gpus=None if slurm is not None else gpus, port=port,
+                            force=force, model=model, slurm=slurm)
         doc = self._ask(Op.START_SERVER, req, timeout=120)
         return ServerStarted(self._server(doc.server), doc.verdict)
 
     def stop_server(self, sid: str) -> ServerRecord:
-        sid = split_id(sid)[1]
+        sid = self._here(sid)
         audit.refuse_if_read_only("server.stop", shown_id(self.name, sid), server=sid)
-        return self._server(self._ask(Op.STOP_SERVER, StopServer(id=sid), timeout=60))
+        return self._server(self._ask(Op.STOP_SERVER, self._request(Op.STOP_SERVER, id=sid), timeout=60))
 
     def restart_server(self, sid: str) -> ServerRestarted:
         """Stop, then start the same profile on the same placement: the node's agent has no restart op."""
-        shown = shown_id(self.name, split_id(sid)[1])
+        shown = shown_id(self.name, self._here(sid))
         rec = next((st.rec for st in self.servers() if st.rec.id == shown), None)
         if rec is None:
-            raise AgentError(f"{self.name}: no server {split_id(sid)[1]!r} (fleetdeck serve ls --node {self.name})")
+            raise AgentError(f"{self.name}: no server {self._here(sid)!r} (fleetdeck serve ls --node {self.name})")
         ask, gpus = slurm_ask(rec), gpu_indices(rec)  # read before the stop, which must not run if these fail
         old = self.stop_server(rec.id)
         started = self.start_server(rec.name, gpus, port=None, force=True, slurm=ask)
@@ -139,38 +153,40 @@ class AgentOps:
                   gpu_snapshots: Any = None, node: str | None = None) -> JobRecord:
         where = f"slurm:{slurm.gpus}" if slurm is not None else (",".join(map(str, gpus)) if gpus else "cpu")
         audit.refuse_if_read_only("job.start", spec, spec=spec, gpus=where)
-        req = StartJob(spec=spec, gpus=None if slurm is not None else (gpus or None), force=force, slurm=slurm)
+        req = self._request(Op.START_JOB, spec=spec, gpus=None if slurm is not None else (gpus or None), force=force,
+                            slurm=slurm)
         return self._job(self._ask(Op.START_JOB, req, timeout=180))
 
     def cancel_job(self, jid: str) -> JobRecord:
-        jid = split_id(jid)[1]
+        jid = self._here(jid)
         audit.refuse_if_read_only("job.cancel", shown_id(self.name, jid), job=jid)
-        return self._job(self._ask(Op.CANCEL_JOB, CancelJob(id=jid), timeout=180))
+        return self._job(self._ask(Op.CANCEL_JOB, self._request(Op.CANCEL_JOB, id=jid), timeout=180))
 
     def resume_job(self, jid: str) -> JobRecord:
-        jid = split_id(jid)[1]
+        jid = self._here(jid)
         audit.refuse_if_read_only("job.resume", shown_id(self.name, jid), job=jid)
-        return self._job(self._ask(Op.RESUME_JOB, ResumeJob(id=jid), timeout=60))
+        return self._job(self._ask(Op.RESUME_JOB, self._request(Op.RESUME_JOB, id=jid), timeout=60))
 
     def prune_jobs(self) -> list[str]:
         raise AgentError(f"{self.name}: prune its ended jobs on the node (`fleetdeck finetune prune`)")
 
     # -- adapters --------------------------------------------------------------------------------
     def load_adapter(self, sid: str, adapter: str, name: str | None = None) -> str:
-        sid = split_id(sid)[1]
+        sid = self._here(sid)
         audit.refuse_if_read_only("adapter.load", adapter, server=shown_id(self.name, sid), adapter=adapter)
-        return str(self._ask(Op.LOAD_ADAPTER, LoadAdapter(server=sid, adapter=adapter, name=name), timeout=180))
+        req = self._request(Op.LOAD_ADAPTER, server=sid, adapter=adapter, name=name)
+        return str(self._ask(Op.LOAD_ADAPTER, req, timeout=180))
 
     def swap_adapter(self, sid: str, old: str, adapter: str, name: str | None = None) -> str:
-        sid = split_id(sid)[1]
+        sid = self._here(sid)
         audit.refuse_if_read_only("adapter.swap", adapter, server=shown_id(self.name, sid), old=old, adapter=adapter)
-        req = SwapAdapter(server=sid, adapter=adapter, name=name, old=old)
+        req = self._request(Op.SWAP_ADAPTER, server=sid, adapter=adapter, name=name, old=old)
         return str(self._ask(Op.SWAP_ADAPTER, req, timeout=180))
 
     def unload_adapter(self, sid: str, name: str) -> str:
-        sid = split_id(sid)[1]
+        sid = self._here(sid)
         audit.refuse_if_read_only("adapter.unload", name, server=shown_id(self.name, sid), adapter=name)
-        return str(self._ask(Op.UNLOAD_ADAPTER, UnloadAdapter(server=sid, name=name), timeout=60))
+        return str(self._ask(Op.UNLOAD_ADAPTER, self._request(Op.UNLOAD_ADAPTER, server=sid, name=name), timeout=60))
 
     # The agent protocol has no op to signal a process: refused here, audited, with what to do instead,
     # rather than stretched over an op that means something else.
