@@ -227,7 +227,8 @@ def _cli_action(db: Path, capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", ["key-world-readable", "key-other-owner", "key-symlink", "checkpoint-writable",
-                                  "checkpoint-other-owner", "checkpoint-symlink", "folder-other-owner"])
+                                  "checkpoint-other-owner", "checkpoint-symlink", "folder-other-owner",
+                                  "folder-writable"])
 def test_a_key_or_checkpoint_that_is_not_private_is_refused_and_named(db, tmp_path, capsys, case):
     anchor = Anchor.of(db)
     before = _count(db)
@@ -236,7 +237,9 @@ def test_a_key_or_checkpoint_that_is_not_private_is_refused_and_named(db, tmp_pa
     if how == "world-readable":
         path.chmod(0o644)
     elif how == "writable":
-        path.chmod(0o666)
+        # A folder others could write is refused, not quietly chmodded back to 0700 by the writer's lock:
+        # whoever could write it may already have swapped the key or checkpoint in it.
+        path.chmod(0o777 if what == "folder" else 0o666)
     elif how == "other-owner":
         os.chown(path, NOBODY, NOBODY)
     else:  # an attacker's file at the path: a key they know, a checkpoint they write

@@ -182,8 +182,10 @@ class Anchor:
             if not create:
                 return None
         try:
-            private_dir(self.key_file.parent)
+            # Checked before private_dir, which would quietly chmod a folder of ours back to 0700: one that
+            # others could write may already hold a key or checkpoint of theirs, so it is refused, not mended.
             self._check_folder(writing=True)
+            private_dir(self.key_file.parent)
             tmp = self.key_file.with_name(f".{self.key_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             try:
@@ -274,8 +276,8 @@ class Anchor:
             # O_NONBLOCK: a FIFO at the lock's name is met at once (a read-only open of one waits for a writer
             # for ever) and refused below as not a regular file; it changes nothing for the file itself.
             if write:
+                self._check_folder(writing=True)  # before private_dir: see key()
                 private_dir(self.lock_file.parent)
-                self._check_folder(writing=True)
                 fd = os.open(self.lock_file, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                              0o600)
             else:
