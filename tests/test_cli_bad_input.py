@@ -67,9 +67,9 @@ CASES = [
     ("fit-hidden-size-text", lambda t: ["fit", _model(t, hidden_size="big"), "--gpu-memory-gib", "80"], 2,
      "`hidden_size` must be a whole number"),
     ("fit-zero-kv-heads", lambda t: ["fit", _model(t, num_key_value_heads=0), "--gpu-memory-gib", "80"], 2,
-     "`num_key_value_heads` must be a whole number of at least 1"),
+     "`num_key_value_heads` must be a whole number from 1 to 16,777,216, got 0"),
     ("fit-config-not-an-object", lambda t: ["fit", _model(t, text_config=[1]), "--gpu-memory-gib", "80"], 2,
-     "not a JSON object"),
+     "`text_config` must be an object, got [1]"),
     ("fit-tp-not-dividing-heads", lambda t: ["fit", _model(t), "--gpu-memory-gib", "80", "--tp", "3"], 1,
      "must be divisible by tensor parallel size (3)"),
     ("finetune-check-role-list", lambda t: ["finetune", "check", _spec_with(
