@@ -37,8 +37,8 @@ def _dur(s: float | None) -> str:
 
 
 # Column, label, priority (the highest hides first when narrow: at 80 columns the job, its node,
-# state, progress, loss and ETA stay).
-COLUMNS = (Col("id", "Job"), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPU", 4),
+# state, loss, LR and ETA stay; a long job id is cut in its middle before any of them hides or is cut).
+COLUMNS = (Col("id", "Job", give=14), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPU", 4),
            Col("progress", "Progress", 3), Col("step", "Step", 5), Col("loss", "Loss"), Col("lr", "LR", 2),
            Col("tps", "Tok/s", 6), Col("elapsed", "Elapsed", 7), Col("eta", "ETA", 1))
 
@@ -115,7 +115,9 @@ class JobsScreen(PolledScreen):
 
         steps = [e for e in self.events.get(r.id, []) if e.get("event") == "step"]
         last = steps[-1] if steps else None
-        name = r.id + (" (sim)" if r.spec.get("backend") == "simulated" else "")  # short: 80 columns
+        # A node's job shows its own id: the Node column beside it names the node (the row's key, the
+        # detail and the messages keep `@node:id`). Short: 80 columns.
+        name = (split_id(r.id)[1] or r.id) + (" (sim)" if r.spec.get("backend") == "simulated" else "")
         state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
         sl = r.slurm
         if sl is not None and r.state == JobState.RUNNING and sl.state != "RUNNING":  # queued (or held) in Slurm, not training
@@ -197,7 +199,13 @@ class JobsScreen(PolledScreen):
         from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
 
         r = self.selected()
-        if r is None or r.state != JobState.RUNNING or not self._guard():
+        if r is None:
+            self.notify("No job to cancel: none is listed here.", severity="warning")
+            return
+        if not self._guard():
+            return
+        if r.state != JobState.RUNNING:  # said, not ignored: a key that does nothing reads as a broken key
+            self.notify(f"{r.id} is {r.state}: only a running job can be cancelled.", severity="warning")
             return
         self.app.push_screen(ConfirmScreen(f"Cancel {r.id}? It saves a checkpoint at the end of this step."),
                              on_yes(lambda: self._act("cancel", r)))
@@ -206,7 +214,13 @@ class JobsScreen(PolledScreen):
         from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
 
         r = self.selected()
-        if r is None or r.state not in (JobState.CANCELLED, JobState.FAILED) or not self._guard():
+        if r is None:
+            self.notify("No job to resume: none is listed here.", severity="warning")
+            return
+        if not self._guard():
+            return
+        if r.state not in (JobState.CANCELLED, JobState.FAILED):
+            self.notify(f"{r.id} is {r.state}: only a cancelled or failed job resumes.", severity="warning")
             return
         self._act("resume", r)
 
@@ -244,7 +258,9 @@ class JobsScreen(PolledScreen):
 
     def action_logs(self) -> None:
         r = self.selected()
-        if r is not None:
+        if r is None:
+            self.notify("No job, so no log: none is listed here.", severity="warning")
+        else:
             from engine.nodes.select import ops_for
             from fleet.remote import AgentError
             from tui.screens.logs import LogScreen
@@ -261,7 +277,10 @@ class JobsScreen(PolledScreen):
         from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
 
         r = self.selected()
-        if r is None or not self._guard():
+        if r is None:
+            self.notify("No job to serve: none is listed here.", severity="warning")
+            return
+        if not self._guard():
             return
         adapter_path = r.outputs.adapter_path
         if r.state != JobState.FINISHED or not adapter_path:

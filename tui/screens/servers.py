@@ -50,7 +50,7 @@ def _ms(x: float | None) -> str:
 
 # Column, label, priority (the highest hides first when narrow: at 80 columns the server, its node,
 # state, GPUs, generation rate and TTFT stay).
-COLUMNS = (Col("id", "Server"), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPUs"),
+COLUMNS = (Col("id", "Server", give=14), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPUs"),
            Col("port", "Port", 6), Col("gen", "Gen tok/s", 1), Col("prompt", "Prompt tok/s", 7),
            Col("reqs", "Run/Wait", 3), Col("kv", "KV use", 4), Col("ttft", "TTFT p50/95 ms", 2),
            Col("e2e", "E2E p50/95 s", 5), Col("pre", "Preempt", 8), Col("hit", "Prefix hit", 8),
@@ -141,10 +141,11 @@ class ServersScreen(PolledScreen):
 
         r, f = v.rec, v.figures
         state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
-        node = split_id(r.id)[0] or r.node
+        node, own = split_id(r.id)  # a node's server shows its own id: the Node column names the node
+        node = node or r.node
         if f is None:
             blanks = ["" if r.state != ServerState.READY else "n/a"] * 9
-            return [r.id, node, state, str(r.gpus), str(r.port or ""), *blanks]
+            return [own, node, state, str(r.gpus), str(r.port or ""), *blanks]
         from engine.vllm.status import kv_disagreement  # (lazily: the screens load without httpx)
 
         alloc = f"{f.kv_tokens:,}" if f.kv_tokens else "n/a"
@@ -153,7 +154,7 @@ class ServersScreen(PolledScreen):
         # Far apart: the plan no longer describes this server; marked so it is not read as a confirmation.
         cap: Any = Text(f"⚠ {alloc}/{plan} ({apart:.1f}x)", style="bold yellow") if apart else f"{alloc}/{plan}"
         return [
-            r.id, node, state, str(r.gpus), str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
+            own, node, state, str(r.gpus), str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
             f"{_f(f.running)}/{_f(f.waiting)}", _f(None if f.kv_usage is None else f.kv_usage * 100, unit="%"),
             f"{_ms(f.ttft_p50)}/{_ms(f.ttft_p95)}", f"{_f(f.e2e_p50, '{:.2f}')}/{_f(f.e2e_p95, '{:.2f}')}",
             _f(f.preemptions), _f(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100, unit="%"),
@@ -210,7 +211,14 @@ class ServersScreen(PolledScreen):
         from engine.vllm.record import ENDED
 
         v = self.selected()
-        if v is None or not self._guard() or v.rec.state in ENDED:
+        if v is None:
+            self.notify("No server to stop: none is listed here.", severity="warning")
+            return
+        if not self._guard():
+            return
+        if v.rec.state in ENDED:  # said, not ignored: a key that does nothing reads as a broken key
+            self.notify(f"{v.rec.id} is already {v.rec.state}: `r` starts it again, `p` forgets it.",
+                        severity="warning")
             return
 
         def done(ok: bool | None) -> None:
@@ -238,7 +246,10 @@ class ServersScreen(PolledScreen):
 
     def action_restart(self) -> None:
         v = self.selected()
-        if v is None or not self._guard():
+        if v is None:
+            self.notify("No server to restart: none is listed here.", severity="warning")
+            return
+        if not self._guard():
             return
 
         def done(ok: bool | None) -> None:
@@ -265,7 +276,9 @@ class ServersScreen(PolledScreen):
 
     def action_logs(self) -> None:
         v = self.selected()
-        if v is not None:
+        if v is None:
+            self.notify("No server, so no log: none is listed here.", severity="warning")
+        else:
             from engine.nodes.select import ops_for
             from fleet.remote import AgentError
 

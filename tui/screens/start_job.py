@@ -113,6 +113,8 @@ class StartJobScreen(DeckModal):
             raise ValueError(f"no node {node!r}; the fleet has {', '.join(sorted(known)) or 'no nodes yet'}")
         if text.lower() == "cpu":
             return None, None, node
+        if not text.strip():  # "node/" alone: the dialog's words, not the command line's ("--gpus takes ...")
+            raise ValueError(f"type the GPU after the node: {node}/0, or {node}/cpu for the peft backend")
         indices = parse_gpus(text)
         node = node if node is not None else next((n for n in known if not self._over_ssh(n)), None)
         snaps = known[node].gpus_at(indices) if node is not None else []

@@ -144,6 +144,9 @@ class StartServerScreen(DeckModal):
         node = None
         if "/" in text:
             node, _, text = text.partition("/")
+        if not text.strip():  # the dialog's words, not the command line's ("--gpus takes ...")
+            raise ValueError("type the GPUs: node/index (e.g. " + (f"{node}/0" if node else "sim-h100-01/3")
+                             + ") or indices of this host (0 or 0,1)")
         indices = parse_gpus(text)
         poller = getattr(self.app, "poller", None)
         snaps: list[Any] = []

@@ -1,0 +1,166 @@
+"""What a new on-call operator met driving the demo from the keyboard at 80x24, pinned through Pilot:
+a State cell cut to its old width when it changed in place ("stopp", "crash", "cancell"), a long job
+id pushing LR and ETA off the Jobs table and cutting the State, and keys that did nothing and said
+nothing (stop an ended server, cancel a finished job, resume a running one, a key on an empty table)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+
+from engine.finetune.jobs import JobRecord, JobState
+from engine.managed import LocalGpus
+from store.db import open_store
+from tests.test_tui_habits import ended_job, ended_server
+from tests.tui_helpers import FIXED_NOW, make_app, ready, settle, static_text
+from tui.chrome import FlashLine
+from tui.screens import jobs as jobs_screen
+from tui.screens import servers as servers_screen
+from tui.screens.jobs import JobsScreen
+from tui.table import DeckTable, cut_middle
+
+
+def row_text(table: DeckTable, row: int) -> str:
+    """The characters the table paints on the screen line of its row `row` (below the header)."""
+    strip = table.render_line(row + 1)  # line 0 is the header
+    return "".join(seg.text for seg in strip)
+
+
+def cell_text(table: DeckTable, key: str, col: str) -> str:
+    value = table.get_cell(key, col)
+    return value.plain if isinstance(value, Text) else str(value)
+
+
+class OneTable(App[None]):
+    """A screen's column spec in a table as wide as the terminal, as the screens lay it out."""
+
+    def __init__(self, columns: tuple) -> None:
+        super().__init__()
+        self.columns = columns
+
+    def compose(self) -> ComposeResult:
+        yield DeckTable(self.columns, id="t")
+
+
+def job_cells(name: str, node: str, state: str) -> list:
+    return [name, node, Text(state), "0", Text("███▌   50%"), "60/120", "1.0331", "1.60e-04", "1,234", "1m00s", "2m00s"]
+
+
+async def test_a_state_that_changes_in_place_is_shown_whole_not_cut_to_its_old_width():
+    app = OneTable(servers_screen.COLUMNS)
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one("#t", DeckTable)
+        row = ["mistral-7b-awq-1c331c", "sim-h100-01", Text("ready"), "0", "8000", "851", "", "", "", "59/194"]
+        table.set_rows([("a", row + [""] * 4)])
+        await pilot.pause()
+        for state in ("stopped", "crashed", "stopping"):  # written cell by cell, not rebuilt
+            row[2] = Text(state)
+            table.set_rows([("a", row + [""] * 4)])
+            await pilot.pause()
+            assert cell_text(table, "a", "state") == state
+            assert f" {state} " in row_text(table, 0), row_text(table, 0)
+            # What the README promises at 80 columns stays: the server gives way (cut in its middle).
+            assert {"id", "node", "state", "gpus", "gen", "ttft"} <= set(table.shown_columns)
+        assert "1c331c" in row_text(table, 0)  # the id's unique tail stays
+
+
+async def test_a_long_job_id_gives_way_so_state_lr_and_eta_stay_at_80_columns():
+    app = OneTable(jobs_screen.COLUMNS)
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one("#t", DeckTable)
+        rows = [("a", job_cells("ft-tickets-v5-99065f (sim)", "sim-h100-01", "running")),
+                ("b", job_cells("ft-notes-v2-support-tickets-2026-q4-8ed786 (sim)", "sim-remote-04", "running"))]
+        table.set_rows(rows)
+        await pilot.pause()
+        rows[1] = ("b", job_cells("ft-notes-v2-support-tickets-2026-q4-8ed786 (sim)", "sim-remote-04", "cancelled"))
+        table.set_rows(rows)
+        await pilot.pause()
+        assert {"id", "node", "state", "loss", "lr", "eta"} <= set(table.shown_columns)
+        line = row_text(table, 1)
+        assert " cancelled " in line and "1.60e-04" in line and "2m00s" in line, line
+        assert "…" in line and "8ed786 (sim)" in line  # cut in the middle: the unique tail stays
+        assert len(line.rstrip()) <= 80
+        # Wide again: nothing is cut, and the columns that hid come back.
+        await pilot.resize_terminal(160, 30)
+        await pilot.pause()
+        assert "ft-notes-v2-support-tickets-2026-q4-8ed786 (sim)" in row_text(table, 1)
+        assert "progress" in table.shown_columns
+        await pilot.resize_terminal(60, 20)  # narrower than the demo is made for: still the whole State
+        await pilot.pause()
+        assert " cancelled " in row_text(table, 1), row_text(table, 1)
+
+
+def test_cut_middle_keeps_the_start_and_the_unique_tail_within_the_limit():
+    for limit in range(3, 30):
+        out = cut_middle("ft-notes-v2-support-tickets-8ed786 (sim)", limit).plain
+        assert len(out) == limit and "…" in out and out.endswith(")")
+        assert out[0] == "f" or limit < 4  # a head and a tail, the tail as long or one longer
+
+
+async def test_a_nodes_job_shows_its_own_id_beside_its_node(tmp_path):
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4")
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, JobsScreen)
+        rec = JobRecord(id="@sim-remote-04:ft-notes-v2-8ed786", name="notes-v2", node="sim-remote-04", pid=None,
+                        create_time=None, argv=[], env={}, gpus=LocalGpus((0,)), port=None,
+                        log_path=str(tmp_path / "j.log"), spec={"backend": "simulated"}, state=JobState.CANCELLED,
+                        reason=None, started_at=FIXED_NOW, ended_at=FIXED_NOW + 60, workdir=str(tmp_path / "j"))
+        screen._show([rec], {rec.id: [{"event": "step", "step": 13, "total_steps": 120, "loss": 2.1862,
+                                       "learning_rate": 1.6e-4, "elapsed_s": 60, "eta_s": None}]})
+        await pilot.pause()
+        table = screen.query_one("#jobs-table", DeckTable)
+        assert cell_text(table, rec.id, "id") == "ft-notes-v2-8ed786 (sim)"  # the row's key keeps @node:id
+        line = row_text(table, 0)
+        assert "sim-remote-04" in line and " cancelled " in line and "1.60e-04" in line, line
+
+
+def flash(app) -> str:
+    return static_text(app.screen.query_one(FlashLine))
+
+
+async def test_keys_that_cannot_act_say_why_instead_of_doing_nothing(tmp_path):
+    store = open_store(tmp_path / "fd.db")
+    ended_server(store, "q-0", "stopped", tmp_path)
+    ended_job(store, "ft-j-0", "finished", tmp_path)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        await pilot.press("x")
+        await pilot.pause()
+        assert "q-0 is already stopped" in flash(app)
+        assert app.screen.query_one("#servers-table", DeckTable) is app.focused  # no dialog, focus stays
+        await pilot.press("4")
+        await settle(app, pilot)
+        await pilot.press("c")
+        await pilot.pause()
+        assert "ft-j-0 is finished: only a running job can be cancelled" in flash(app)
+        await pilot.press("r")
+        await pilot.pause()
+        assert "only a cancelled or failed job resumes" in flash(app)
+        assert app.screen.query_one("#jobs-table", DeckTable) is app.focused
+
+
+async def test_keys_on_an_empty_servers_or_jobs_table_say_there_is_nothing(tmp_path):
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        for key, words in (("x", "No server to stop"), ("r", "No server to restart"), ("l", "No server, so no log")):
+            await pilot.press(key)
+            await pilot.pause()
+            assert words in flash(app), key
+        await pilot.press("4")
+        await settle(app, pilot)
+        for key, words in (("c", "No job to cancel"), ("r", "No job to resume"), ("l", "No job, so no log"),
+                           ("v", "No job to serve")):
+            await pilot.press(key)
+            await pilot.pause()
+            assert words in flash(app), key
