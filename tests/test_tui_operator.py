@@ -164,3 +164,42 @@ async def test_keys_on_an_empty_servers_or_jobs_table_say_there_is_nothing(tmp_p
             await pilot.press(key)
             await pilot.pause()
             assert words in flash(app), key
+
+
+async def test_a_since_the_audit_screen_cannot_read_is_named_not_read_as_all(tmp_path):
+    from engine.audit import trail as audit
+    from textual.widgets import Input
+    from tests.tui_helpers import open_screen
+    from tui.screens.audit import AuditScreen
+
+    path = tmp_path / "fd.db"
+    store = open_store(path)
+    audit.append(store, "server.start", "t0", "done", source="cli", node="host-a", ts=FIXED_NOW)
+    store.close()
+    app = make_app(store_path=path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "7", AuditScreen)
+        await pilot.press("f", *"2 days", "enter")
+        await pilot.pause()
+        assert "since takes 1h, 24h, 7d, 30d, all; got '2 days'" in flash(app)
+        assert app.focused is screen.query_one("#audit-since", Input)  # still there to correct it
+        await pilot.press(*["backspace"] * 6, *"30d", "enter")
+        await settle(app, pilot)
+        assert app.focused is screen.query_one("#audit-table", DeckTable)
+
+
+async def test_the_router_calibration_view_says_there_is_none_at_80_columns(tmp_path):
+    from tests.tui_helpers import open_screen, seeded_store
+    from tui.screens.router import RouterScreen
+
+    app = make_app(store_path=seeded_store(tmp_path / "fd.db"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "5", RouterScreen)
+        await settle(app, pilot)
+        await pilot.press("c")
+        await settle(app, pilot)
+        detail = static_text(screen.query_one("#router-detail"))
+        assert "no calibration yet: `fleetdeck calibrate" in detail, detail
+        # The chart's title fits its width (plotext drops a wider one: the box was left wordless).
+        title = str(screen.query_one("#router-chart").plt.monitor.title)
+        assert "no calibration yet" in title and len(title) <= screen.query_one("#router-chart").size.width - 2

@@ -120,6 +120,11 @@ class AuditScreen(PolledScreen):
 
     @on(Input.Submitted)
     def _filter(self) -> None:
+        since = self.query_one("#audit-since", Input)
+        if since.value.strip() and since.value.strip() not in SINCE:  # said, not silently read as "all"
+            self.notify(f"since takes {', '.join(SINCE)}; got {since.value.strip()!r}", severity="warning")
+            since.focus()
+            return
         self.reload()
         self.query_one("#audit-table").focus()
 
