@@ -257,7 +257,7 @@ class DeckTable(NavTable):
         out: dict[str, int] = {}
         for c in give:  # the excess is taken from the first `give` column, then the next
             content = widths[c.key] - 2 * self.cell_padding
-            cut = min(max(0, excess), max(0, content - c.give))
+            cut = min(max(0, excess), max(0, content - (c.give or 0)))
             excess -= cut
             if cut:
                 out[c.key] = content - cut
