@@ -203,3 +203,23 @@ async def test_the_router_calibration_view_says_there_is_none_at_80_columns(tmp_
         # The chart's title fits its width (plotext drops a wider one: the box was left wordless).
         title = str(screen.query_one("#router-chart").plt.monitor.title)
         assert "no calibration yet" in title and len(title) <= screen.query_one("#router-chart").size.width - 2
+
+
+async def test_a_log_opens_at_its_end_where_a_crash_says_why(tmp_path):
+    from textual.containers import VerticalScroll
+
+    from tui.screens.logs import LogScreen
+
+    log = tmp_path / "server.log"
+    log.write_text("".join(f"INFO line {i} " + "--max-model-len 32768 " * 8 + "\n" for i in range(40)) + "ERROR the diagnosis at the end\n")
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        app.push_screen(LogScreen("q-0", str(log)))
+        await settle(app, pilot)
+        await pilot.pause()
+        view = app.screen.query_one("#log-view", VerticalScroll)
+        assert view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, LogScreen)
