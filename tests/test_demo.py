@@ -172,6 +172,43 @@ async def test_start_cancel_and_resume_a_demo_fine_tune_from_the_keyboard(home):
     live.close()
 
 
+async def test_esc_in_a_start_dialog_starts_nothing_and_esc_during_a_start_says_so(home):
+    """Esc closed the dialog while its worker went on to start the server (seen driving the demo: Esc
+    right after ctrl+s, then "started llama-3.2-3b-..." on the message line). Now Esc settles it: a start
+    not yet begun never begins; one under way keeps the dialog up and says so."""
+    import asyncio
+
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    app = demo_app(home, live)
+    store = open_store(home.store)
+    with audit.session(home.store, "tui"):
+        async with app.run_test(size=(80, 24)) as pilot:
+            for cls, key in ((StartServerScreen, "3"), (StartJobScreen, "4")):
+                dialog = await open_dialog(app, pilot, key, "s", cls)
+                dialog.gate.begin()  # a start under way (the worker between its plan and the node's answer)
+                await pilot.press("escape")
+                await pilot.pause()
+                assert app.screen is dialog
+                status = dialog.query_one("#start-verdict" if cls is StartServerScreen else "#job-check", Static)
+                assert "already: it is listed when it has started" in static_text(status)
+                dialog.gate.end()  # that start failed: the dialog stays, and Esc now closes it
+                if cls is StartServerScreen:
+                    dialog.query_one("#start-gpus", Input).value = "sim-a10-02/0"
+                    dialog.query_one("#start-profile", Select).value = "llama-3.2-3b"
+                else:
+                    dialog.query_one("#job-gpus", Input).value = "sim-a10-02/1"
+                    dialog.query_one("#job-spec", Select).value = "notes-v2"
+                await settle(app, pilot)
+                await pilot.press("escape")
+                await pilot.pause()
+                assert app.screen is not dialog
+                await asyncio.to_thread(dialog._launch_now)  # the worker reaching its start after the Esc
+                await settle(app, pilot)
+            assert launcher.list_servers(store) == [] and jobs.list_jobs(store) == []
+    assert [r["action"] for r in audit.query(store)] == []  # nothing was started, so nothing to record
+    live.close()
+
+
 def test_reset_ends_what_the_demo_started_and_clears_its_folder(home, capsys):
     from fleetdeck.cli import main
 

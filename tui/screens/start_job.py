@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Select, Static
 
-from tui.screens.base import DeckModal, store_of, while_attached
+from tui.screens.base import DeckModal, LaunchGate, store_of, while_attached
 
 
 class StartJobScreen(DeckModal):
@@ -31,6 +31,7 @@ class StartJobScreen(DeckModal):
         super().__init__()
         self.specs: list[str] = []
         self.lists_of: str | None = None  # the node whose specs the list shows (None: this host)
+        self.gate = LaunchGate()
 
     def compose(self) -> ComposeResult:
         from store.config_files import named_tomls
@@ -173,6 +174,8 @@ class StartJobScreen(DeckModal):
         self._check(launch=True)
 
     def _launch_now(self) -> None:
+        if not self.gate.begin():  # Esc came first, or another ctrl+s is starting it
+            return
         try:
             indices, snaps, node = self.app.call_from_thread(self._inputs)
             remote = self.app.call_from_thread(self._remote_target)
@@ -180,9 +183,13 @@ class StartJobScreen(DeckModal):
             name = self.app.call_from_thread(self._spec_name)
             rec = ops.start_job(name, indices, gpu_snapshots=None if remote else snaps, node=None if remote else node)
         except Exception as exc:
+            self.gate.end()
             self.app.call_from_thread(self.query_one("#job-check", Static).update, Text(str(exc), style="red"))
             return
         self.app.call_from_thread(self.dismiss, f"started {rec.id} on {rec.gpus}")
 
     def action_cancel(self) -> None:
+        if not self.gate.cancel():
+            self.gate.refused(self.query_one("#job-check", Static), "the job")
+            return
         self.dismiss(None)
