@@ -209,6 +209,22 @@ async def test_esc_in_a_start_dialog_starts_nothing_and_esc_during_a_start_says_
     live.close()
 
 
+def test_the_flaky_nodes_agent_ends_when_its_dashboard_is_gone_not_when_its_timer_fires(tmp_path):
+    """The demo's sim-remote-04 agent (`--exit-after`, a node that drops) lingered after its dashboard was
+    killed outright: its timer thread kept the process until the timer fired. It ends at EOF now."""
+    agent = subprocess.Popen([sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name",
+                              "sim-remote-04", "--exit-after", "3600", "--store", str(tmp_path / "r.db")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        assert b'"hello"' in agent.stdout.readline()  # it is serving
+        agent.stdin.close()  # the dashboard's end of the pipe, gone with the dashboard
+        assert agent.wait(timeout=300) == 0  # long before its hour: it ends at EOF
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+
 def test_reset_ends_what_the_demo_started_and_clears_its_folder(home, capsys):
     from fleetdeck.cli import main
 
