@@ -223,3 +223,28 @@ async def test_a_log_opens_at_its_end_where_a_crash_says_why(tmp_path):
         await pilot.press("escape")
         await pilot.pause()
         assert not isinstance(app.screen, LogScreen)
+
+
+async def test_dialogs_and_help_fit_a_terminal_narrower_than_80_columns(tmp_path):
+    from tui.screens.help import HelpScreen
+    from tui.screens.start_server import StartServerScreen
+
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(60, 20)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        await pilot.press("s")
+        await settle(app, pilot)
+        assert isinstance(app.screen, StartServerScreen)
+        frame = app.screen.query_one("#start-server").region
+        assert frame.x >= 0 and frame.right <= 60, frame  # its right border and the Select arrows in sight
+        await pilot.press("escape", "question_mark")
+        await settle(app, pilot)
+        assert isinstance(app.screen, HelpScreen)
+        assert app.screen.query_one("#help").region.right <= 60
+        await pilot.press("escape")
+        await pilot.resize_terminal(80, 24)  # and back: the whole width again
+        await pilot.press("s")
+        await settle(app, pilot)
+        assert app.screen.query_one("#start-server").region.width == 80
