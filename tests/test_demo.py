@@ -225,6 +225,33 @@ def test_the_flaky_nodes_agent_ends_when_its_dashboard_is_gone_not_when_its_time
             agent.wait()
 
 
+async def test_a_clumsy_gpu_field_gets_one_line_in_the_dialogs_words_and_starts_nothing(home):
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    app = demo_app(home, live)
+    store = open_store(home.store)
+    cases = {"": "type the GPUs", "   ": "type the GPUs", "sim-a10-02/": "type the GPUs",
+             "sim-a10-02/0,0": "GPUs are distinct indices", "sim-a10-02/x": "GPUs are distinct indices",
+             "sim-a10-02/-1": "GPUs are distinct indices", "nosuch/0": "no node 'nosuch'",
+             "sim-a10-02/5": "no GPU [5] on sim-a10-02"}
+    with audit.session(home.store, "tui"):
+        async with app.run_test(size=(80, 24)) as pilot:
+            dialog = await open_dialog(app, pilot, "3", "s", StartServerScreen)
+            dialog.query_one("#start-profile", Select).value = "llama-3.2-3b"
+            field = dialog.query_one("#start-gpus", Input)
+            for typed, words in cases.items():
+                field.value = typed
+                field.focus()
+                await pilot.press("enter")
+                await settle(app, pilot)
+                await pilot.press("ctrl+s")  # and a start anyway: refused with the same line
+                await settle(app, pilot)
+                verdict = static_text(dialog.query_one("#start-verdict", Static))
+                assert words in verdict and "--gpus" not in verdict and "Traceback" not in verdict, (typed, verdict)
+                assert app.screen is dialog
+    assert launcher.list_servers(store) == []
+    live.close()
+
+
 def test_reset_ends_what_the_demo_started_and_clears_its_folder(home, capsys):
     from fleetdeck.cli import main
 

@@ -258,3 +258,14 @@ class LaunchGate:
         """Esc refused: said in the dialog itself (the message line is under the dialog)."""
         where.update(Text(f"Starting {what} already: it is listed when it has started, or this says why not.",
                           style="yellow"))
+
+
+def dialog_gpus(text: str) -> list[int]:
+    """GPU indices typed in a dialog, with the dialog's words on a mistake (the command line's parser
+    says "--gpus takes ...", a flag the dialog's operator never typed)."""
+    from engine.vllm.profile import parse_gpus
+
+    try:
+        return parse_gpus(text)
+    except ValueError:
+        raise ValueError(f"GPUs are distinct indices like 0 or 0,1 (after node/ for a node); got {text!r}") from None

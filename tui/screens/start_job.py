@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Select, Static
 
-from tui.screens.base import DeckModal, LaunchGate, store_of, while_attached
+from tui.screens.base import DeckModal, LaunchGate, dialog_gpus, store_of, while_attached
 
 
 class StartJobScreen(DeckModal):
@@ -102,8 +102,6 @@ class StartJobScreen(DeckModal):
     def _inputs(self) -> tuple[list[int] | None, list[Any] | None, str | None]:
         """The GPU indices (None: CPU), the poller's figures for them and the node they are on (GPUs
         without a node name are this host's first source's)."""
-        from engine.vllm.profile import parse_gpus
-
         text = self.query_one("#job-gpus", Input).value.strip() or "cpu"
         node = None
         if "/" in text:
@@ -116,7 +114,7 @@ class StartJobScreen(DeckModal):
             return None, None, node
         if not text.strip():  # "node/" alone: the dialog's words, not the command line's ("--gpus takes ...")
             raise ValueError(f"type the GPU after the node: {node}/0, or {node}/cpu for the peft backend")
-        indices = parse_gpus(text)
+        indices = dialog_gpus(text)
         node = node if node is not None else next((n for n in known if not self._over_ssh(n)), None)
         snaps = known[node].gpus_at(indices) if node is not None else []
         if node is not None and len(snaps) != len(indices):

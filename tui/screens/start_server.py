@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Select, Static
 
-from tui.screens.base import DeckModal, LaunchGate, store_of, while_attached
+from tui.screens.base import DeckModal, LaunchGate, dialog_gpus, store_of, while_attached
 
 UNSET = "?"  # no node's lists loaded yet (None is this host)
 
@@ -139,8 +139,6 @@ class StartServerScreen(DeckModal):
     def _gpus(self) -> tuple[list[int], list[Any], str | None]:
         """The GPU indices, the poller's figures for them and the node they are on (GPUs without a node name
         are this host's first source's)."""
-        from engine.vllm.profile import parse_gpus
-
         text = self.query_one("#start-gpus", Input).value.strip()
         node = None
         if "/" in text:
@@ -148,7 +146,7 @@ class StartServerScreen(DeckModal):
         if not text.strip():  # the dialog's words, not the command line's ("--gpus takes ...")
             raise ValueError("type the GPUs: node/index (e.g. " + (f"{node}/0" if node else "sim-h100-01/3")
                              + ") or indices of this host (0 or 0,1)")
-        indices = parse_gpus(text)
+        indices = dialog_gpus(text)
         poller = getattr(self.app, "poller", None)
         snaps: list[Any] = []
         if poller is not None:
