@@ -399,7 +399,7 @@ async def test_swap_an_adapter_in_a_demo_server_from_the_keyboard(home):
                 await settle(app, pilot, 1)
             assert panel.loaded_names == ["tickets-v3"], static_text(panel.query_one("#adapters-message", Static))  # preloaded
             disk = panel.query_one("#adapters-disk", DataTable)
-            assert str(disk.get_cell("notes-v1", disk.ordered_columns[-1].key)) == "no"  # trained on Qwen3-8B
+            assert str(disk.get_cell("notes-v1", disk.ordered_columns[1].key)) == "no"  # trained on Qwen3-8B; Compatible is second
             disk.move_cursor(row=disk.get_row_index("tickets-v4"))
             await pilot.press("tab")  # to the loaded list, where tickets-v3 is highlighted
             await press_and_confirm(app, pilot, "w")
