@@ -391,7 +391,7 @@ async def test_swap_an_adapter_in_a_demo_server_from_the_keyboard(home):
     live = DemoProcesses(home.store, max_age_s=0.0)
     app = demo_app(home, live)
     with audit.session(home.store, "tui"):
-        async with app.run_test(size=(120, 34)) as pilot:
+        async with app.run_test(size=(80, 24)) as pilot:
             panel = await open_dialog(app, pilot, "3", "a", AdaptersScreen, 4)
             for _ in range(40):  # the listing is read in a worker
                 if panel.disk:
@@ -400,6 +400,8 @@ async def test_swap_an_adapter_in_a_demo_server_from_the_keyboard(home):
             assert panel.loaded_names == ["tickets-v3"], static_text(panel.query_one("#adapters-message", Static))  # preloaded
             disk = panel.query_one("#adapters-disk", DataTable)
             assert str(disk.get_cell("notes-v1", disk.ordered_columns[1].key)) == "no"  # trained on Qwen3-8B; Compatible is second
+            # ... and in sight at 80 columns, whatever the base model's length (it was past the right edge)
+            assert sum(c.get_render_width(disk) for c in disk.ordered_columns[:2]) <= disk.scrollable_content_region.width
             disk.move_cursor(row=disk.get_row_index("tickets-v4"))
             await pilot.press("tab")  # to the loaded list, where tickets-v3 is highlighted
             await press_and_confirm(app, pilot, "w")
