@@ -248,3 +248,31 @@ async def test_dialogs_and_help_fit_a_terminal_narrower_than_80_columns(tmp_path
         await pilot.press("s")
         await settle(app, pilot)
         assert app.screen.query_one("#start-server").region.width == 80
+
+
+async def test_enter_on_an_audit_record_shows_the_whole_of_it_escaped(tmp_path):
+    from engine.audit import trail as audit
+    from tests.tui_helpers import open_screen
+    from tui.screens.audit import AuditScreen
+    from tui.screens.logs import LogScreen
+
+    path = tmp_path / "fd.db"
+    store = open_store(path)
+    reason = "Not loading notes-v1: adapter was trained on Qwen/Qwen3-8B, the server runs Mistral [b]7B[/b]\x1b[31m"
+    audit.append(store, "adapter.load", "notes-v1", "refused", reason=reason, source="tui", node="host-a",
+                 ts=FIXED_NOW)
+    store.close()
+    app = make_app(store_path=path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "7", AuditScreen)
+        table = screen.query_one("#audit-table", DeckTable)
+        assert "…" in row_text(table, 0)  # cut at 80 columns: the reason cannot be read in the row
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert isinstance(app.screen, LogScreen)
+        shown_text = static_text(app.screen.query_one("#log-text"))
+        assert "the server runs Mistral [b]7B[/b]\\x1b[31m" in shown_text  # whole, as written, escaped
+        assert "adapter.load" in shown_text and "host-a" in shown_text
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is screen and app.focused is table
