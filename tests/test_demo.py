@@ -268,6 +268,33 @@ def test_reset_ends_what_the_demo_started_and_clears_its_folder(home, capsys):
     assert not rec.alive()
 
 
+def test_after_a_reset_the_next_demos_audit_chain_is_intact_not_broken(home, capsys):
+    """The demo store's audit checkpoint (beside the key, outside the demo folder) outlived --reset, and
+    the next demo's Audit screen said CHAIN BROKEN: 'the store had no record where the checkpoint held'."""
+    from fleetdeck.cli import main
+
+    def record_and_verify() -> str:
+        store = open_store(home.store)
+        try:
+            with audit.session(home.store, "tui"):
+                for i in range(3):
+                    audit.append(store, "server.start", f"s-{i}", "done", source="demo", node="sim-h100-01")
+                verdict = audit.verify(store, audit.anchor_for(store.path), None)
+        finally:
+            store.close()
+        assert verdict.ok, verdict.message
+        return verdict.message
+
+    record_and_verify()
+    checkpoint = audit.anchor_for(home.store).checkpoint_file
+    assert checkpoint.exists()
+    assert main(["demo", "--reset"]) == 0
+    assert not checkpoint.exists() and not home.root.exists()
+    home.prepare()
+    record_and_verify()  # a fresh demo store: its own chain, intact
+    assert audit.anchor_for(home.store).key_file.exists()  # the node's audit key was left alone
+
+
 def test_one_demo_at_a_time(home):
     from engine.demo.home import DemoBusy
 
