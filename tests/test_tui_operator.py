@@ -5,6 +5,8 @@ nothing (stop an ended server, cancel a finished job, resume a running one, a ke
 
 from __future__ import annotations
 
+import sys
+
 from rich.text import Text
 from textual.app import App, ComposeResult
 
@@ -276,3 +278,68 @@ async def test_enter_on_an_audit_record_shows_the_whole_of_it_escaped(tmp_path):
         await pilot.press("escape")
         await pilot.pause()
         assert app.screen is screen and app.focused is table
+
+
+async def test_a_reconnecting_nodes_rows_stay_marked_and_its_keys_say_so(tmp_path):
+    """Every 45 s the demo's sim-remote-04 drops and reconnects: its jobs and servers vanished from the
+    tables meanwhile, and a key pressed then (`r` resumes at once) acted on the row that slid under the
+    cursor. They stay now, marked unreachable; a key on one names the node instead."""
+    from fleet.remote import RemoteNode
+
+    # An agent that never says hello: the node stays "connecting", as the demo's does while it reconnects.
+    node = RemoteNode("sim-remote-04", [sys.executable, "-c", "import time; time.sleep(600)"])
+    app = make_app(sources_factory=lambda: [node], store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4")
+        await settle(app, pilot)
+        screen = app.screen
+        rec = JobRecord(id="@sim-remote-04:ft-notes-v2-8ed786", name="notes-v2", node="sim-remote-04", pid=None,
+                        create_time=None, argv=[], env={}, gpus=LocalGpus((0,)), port=None,
+                        log_path=str(tmp_path / "j.log"), spec={"backend": "simulated"}, state=JobState.CANCELLED,
+                        reason=None, started_at=FIXED_NOW, ended_at=FIXED_NOW + 60, workdir=str(tmp_path / "j"))
+        screen._show([rec], {rec.id: []})  # listed while the node answered
+        await pilot.pause()
+        table = screen.query_one("#jobs-table", DeckTable)
+        screen._show([], {}, {"sim-remote-04"})  # the next listing: the node is reconnecting
+        await pilot.pause()
+        assert [r.key.value for r in table.ordered_rows] == [rec.id]
+        assert cell_text(table, rec.id, "state") == "unreachable"
+        await pilot.press("r")  # resume: asked of that node, which says it is not connected
+        await settle(app, pilot)
+        assert "sim-remote-04: not connected" in flash(app)
+        screen._show([], {}, set())  # back, and the job no longer listed there: the row goes
+        await pilot.pause()
+        assert table.row_count == 0
+
+
+async def test_a_reconnecting_nodes_servers_stay_marked_unreachable(tmp_path):
+    from engine.vllm.record import ServerRecord, ServerState
+    from fleet.remote import RemoteNode
+
+    node = RemoteNode("sim-remote-04", [sys.executable, "-c", "import time; time.sleep(600)"])
+    app = make_app(sources_factory=lambda: [node], store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        screen = app.screen
+        rec = ServerRecord(id="@sim-remote-04:qwen3-8b-bf81fb", name="qwen3-8b", node="sim-remote-04", pid=None,
+                           create_time=None, argv=[], env={}, gpus=LocalGpus((0,)), port=8001,
+                           log_path=str(tmp_path / "s.log"), spec={"model": "m"}, state=ServerState.READY,
+                           reason=None, started_at=FIXED_NOW, ended_at=None)
+        screen._show([(rec, None)])
+        await pilot.pause()
+        table = screen.query_one("#servers-table", DeckTable)
+        assert cell_text(table, rec.id, "id") == "qwen3-8b-bf81fb" and cell_text(table, rec.id, "state") == "ready"
+        screen._show([], {"sim-remote-04"})
+        await pilot.pause()
+        assert cell_text(table, rec.id, "state") == "unreachable"
+        await pilot.press("x")  # asks, then the node says it is not connected: nothing else is stopped
+        await pilot.pause()
+        await pilot.press("y")
+        await settle(app, pilot)
+        assert "sim-remote-04: not connected" in flash(app)
+        screen._show([(rec, None)], set())  # back: its own state again
+        await pilot.pause()
+        assert cell_text(table, rec.id, "state") == "ready"

@@ -269,3 +269,11 @@ def dialog_gpus(text: str) -> list[int]:
         return parse_gpus(text)
     except ValueError:
         raise ValueError(f"GPUs are distinct indices like 0 or 0,1 (after node/ for a node); got {text!r}") from None
+
+
+def nodes_away(sources: Any) -> set[str]:
+    """The nodes over SSH that are not connected now (reconnecting, or down): their rows are kept, marked
+    unreachable, rather than dropped from the Servers and Jobs tables until they answer again."""
+    from fleet.remote import RemoteNode
+
+    return {str(s.name) for s in sources if isinstance(s, RemoteNode) and s.link.status != "connected"}

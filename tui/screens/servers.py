@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Static
 from tui.format import sparkline
 from engine.nodes.ids import split_id
 from tui.screens.adapters_panel import AdaptersScreen
-from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, report_prune, store_of, while_attached
+from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, nodes_away, report_prune, store_of, while_attached
 from tui.screens.start_server import StartServerScreen
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
@@ -38,6 +38,7 @@ class ServerView:
     rec: Any
     figures: Any = None
     gen_history: deque[float] = field(default_factory=lambda: deque(maxlen=120))
+    away: bool = False  # its node is not answering now: the row stays, marked, until the node is back
 
 
 def _f(x: float | None, fmt: str = "{:.0f}", unit: str = "") -> str:
@@ -98,12 +99,13 @@ class ServersScreen(PolledScreen):
         except Exception as exc:
             self.app.call_from_thread(self._error, f"servers unavailable: {exc}")
             return
+        away = nodes_away(self._sources())
         for node in remote_ops(self._sources()):
             try:
                 statuses += node.servers()  # figures read by that node's agent
             except AgentError:
-                continue
-        self.app.call_from_thread(while_attached(self, self._show), [(st.rec, st.figures) for st in statuses])
+                away.add(node.name)
+        self.app.call_from_thread(while_attached(self, self._show), [(st.rec, st.figures) for st in statuses], away)
 
     def _sources(self) -> list[Any]:
         return list(getattr(getattr(self.app, "poller", None), "sources", []))
@@ -121,15 +123,22 @@ class ServersScreen(PolledScreen):
         self.loaded()
         self.query_one("#servers-detail", Static).update(f"[red]{message}[/]")
 
-    def _show(self, views: list[tuple[Any, Any]]) -> None:
+    def _show(self, views: list[tuple[Any, Any]], away: set[str] | frozenset[str] = frozenset()) -> None:
         self.loaded()
         table = self.query_one("#servers-table", DeckTable)
         for rec, fig in views:
             view = self.views.setdefault(rec.id, ServerView(rec))
-            view.rec, view.figures = rec, fig
+            view.rec, view.figures, view.away = rec, fig, False
             if fig is not None:
                 view.gen_history.append(fig.generation_tps)
         listed = {rec.id for rec, _ in views}
+        # A node that is not answering (reconnecting) keeps its rows, marked: they vanished before, and a
+        # key pressed then acted on whatever row slid under the cursor.
+        kept = [(v.rec, None) for sid, v in self.views.items() if sid not in listed and split_id(sid)[0] in away]
+        for rec, _ in kept:
+            self.views[rec.id].figures, self.views[rec.id].away = None, True
+        views = [*views, *kept]
+        listed |= {rec.id for rec, _ in kept}
         for gone in [sid for sid in self.views if sid not in listed]:  # pruned, or its node dropped
             del self.views[gone]
         with self.app.batch_update():
@@ -140,7 +149,7 @@ class ServersScreen(PolledScreen):
         from engine.vllm.record import ServerState  # (lazily: loaded by the poll already)
 
         r, f = v.rec, v.figures
-        state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
+        state = Text("unreachable", style="dim") if v.away else Text(r.state, style=STATE_STYLE.get(r.state, ""))
         node, own = split_id(r.id)  # a node's server shows its own id: the Node column names the node
         node = node or r.node
         if f is None:
