@@ -325,7 +325,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return fail(str(exc))
     if args.exit_after:
-        threading.Timer(args.exit_after, lambda: os._exit(0)).start()
+        # A daemon: the agent still ends at EOF on stdin (its dashboard gone, even by kill -9) rather than
+        # linger until the timer fires (up to --exit-after seconds of a demo left behind).
+        drop = threading.Timer(args.exit_after, lambda: os._exit(0))
+        drop.daemon = True
+        drop.start()
     read_only = bool(args.read_only or config.read_only)
     agent = Agent(source, Path(args.store) if args.store else None, list(config.adapter_roots), __version__,
                   read_only=read_only, slurm=config.slurm, model_roots=list(config.models.roots))

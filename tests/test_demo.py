@@ -172,6 +172,86 @@ async def test_start_cancel_and_resume_a_demo_fine_tune_from_the_keyboard(home):
     live.close()
 
 
+async def test_esc_in_a_start_dialog_starts_nothing_and_esc_during_a_start_says_so(home):
+    """Esc closed the dialog while its worker went on to start the server (seen driving the demo: Esc
+    right after ctrl+s, then "started llama-3.2-3b-..." on the message line). Now Esc settles it: a start
+    not yet begun never begins; one under way keeps the dialog up and says so."""
+    import asyncio
+
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    app = demo_app(home, live)
+    store = open_store(home.store)
+    with audit.session(home.store, "tui"):
+        async with app.run_test(size=(80, 24)) as pilot:
+            for cls, key in ((StartServerScreen, "3"), (StartJobScreen, "4")):
+                dialog = await open_dialog(app, pilot, key, "s", cls)
+                dialog.gate.begin()  # a start under way (the worker between its plan and the node's answer)
+                await pilot.press("escape")
+                await pilot.pause()
+                assert app.screen is dialog
+                status = dialog.query_one("#start-verdict" if cls is StartServerScreen else "#job-check", Static)
+                assert "already: it is listed when it has started" in static_text(status)
+                dialog.gate.end()  # that start failed: the dialog stays, and Esc now closes it
+                if cls is StartServerScreen:
+                    dialog.query_one("#start-gpus", Input).value = "sim-a10-02/0"
+                    dialog.query_one("#start-profile", Select).value = "llama-3.2-3b"
+                else:
+                    dialog.query_one("#job-gpus", Input).value = "sim-a10-02/1"
+                    dialog.query_one("#job-spec", Select).value = "notes-v2"
+                await settle(app, pilot)
+                await pilot.press("escape")
+                await pilot.pause()
+                assert app.screen is not dialog
+                await asyncio.to_thread(dialog._launch_now)  # the worker reaching its start after the Esc
+                await settle(app, pilot)
+            assert launcher.list_servers(store) == [] and jobs.list_jobs(store) == []
+    assert [r["action"] for r in audit.query(store)] == []  # nothing was started, so nothing to record
+    live.close()
+
+
+def test_the_flaky_nodes_agent_ends_when_its_dashboard_is_gone_not_when_its_timer_fires(tmp_path):
+    """The demo's sim-remote-04 agent (`--exit-after`, a node that drops) lingered after its dashboard was
+    killed outright: its timer thread kept the process until the timer fired. It ends at EOF now."""
+    agent = subprocess.Popen([sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name",
+                              "sim-remote-04", "--exit-after", "3600", "--store", str(tmp_path / "r.db")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        assert b'"hello"' in agent.stdout.readline()  # it is serving
+        agent.stdin.close()  # the dashboard's end of the pipe, gone with the dashboard
+        assert agent.wait(timeout=300) == 0  # long before its hour: it ends at EOF
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+
+async def test_a_clumsy_gpu_field_gets_one_line_in_the_dialogs_words_and_starts_nothing(home):
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    app = demo_app(home, live)
+    store = open_store(home.store)
+    cases = {"": "type the GPUs", "   ": "type the GPUs", "sim-a10-02/": "type the GPUs",
+             "sim-a10-02/0,0": "GPUs are distinct indices", "sim-a10-02/x": "GPUs are distinct indices",
+             "sim-a10-02/-1": "GPUs are distinct indices", "nosuch/0": "no node 'nosuch'",
+             "sim-a10-02/5": "no GPU [5] on sim-a10-02"}
+    with audit.session(home.store, "tui"):
+        async with app.run_test(size=(80, 24)) as pilot:
+            dialog = await open_dialog(app, pilot, "3", "s", StartServerScreen)
+            dialog.query_one("#start-profile", Select).value = "llama-3.2-3b"
+            field = dialog.query_one("#start-gpus", Input)
+            for typed, words in cases.items():
+                field.value = typed
+                field.focus()
+                await pilot.press("enter")
+                await settle(app, pilot)
+                await pilot.press("ctrl+s")  # and a start anyway: refused with the same line
+                await settle(app, pilot)
+                verdict = static_text(dialog.query_one("#start-verdict", Static))
+                assert words in verdict and "--gpus" not in verdict and "Traceback" not in verdict, (typed, verdict)
+                assert app.screen is dialog
+    assert launcher.list_servers(store) == []
+    live.close()
+
+
 def test_reset_ends_what_the_demo_started_and_clears_its_folder(home, capsys):
     from fleetdeck.cli import main
 
@@ -186,6 +266,33 @@ def test_reset_ends_what_the_demo_started_and_clears_its_folder(home, capsys):
     assert f"server {rec.id} (pid {rec.pid})" in out and "removed" in out
     assert not home.root.exists()
     assert not rec.alive()
+
+
+def test_after_a_reset_the_next_demos_audit_chain_is_intact_not_broken(home, capsys):
+    """The demo store's audit checkpoint (beside the key, outside the demo folder) outlived --reset, and
+    the next demo's Audit screen said CHAIN BROKEN: 'the store had no record where the checkpoint held'."""
+    from fleetdeck.cli import main
+
+    def record_and_verify() -> str:
+        store = open_store(home.store)
+        try:
+            with audit.session(home.store, "tui"):
+                for i in range(3):
+                    audit.append(store, "server.start", f"s-{i}", "done", source="demo", node="sim-h100-01")
+                verdict = audit.verify(store, audit.anchor_for(store.path), None)
+        finally:
+            store.close()
+        assert verdict.ok, verdict.message
+        return verdict.message
+
+    record_and_verify()
+    checkpoint = audit.anchor_for(home.store).checkpoint_file
+    assert checkpoint.exists()
+    assert main(["demo", "--reset"]) == 0
+    assert not checkpoint.exists() and not home.root.exists()
+    home.prepare()
+    record_and_verify()  # a fresh demo store: its own chain, intact
+    assert audit.anchor_for(home.store).key_file.exists()  # the node's audit key was left alone
 
 
 def test_one_demo_at_a_time(home):
@@ -311,7 +418,7 @@ async def test_swap_an_adapter_in_a_demo_server_from_the_keyboard(home):
     live = DemoProcesses(home.store, max_age_s=0.0)
     app = demo_app(home, live)
     with audit.session(home.store, "tui"):
-        async with app.run_test(size=(120, 34)) as pilot:
+        async with app.run_test(size=(80, 24)) as pilot:
             panel = await open_dialog(app, pilot, "3", "a", AdaptersScreen, 4)
             for _ in range(40):  # the listing is read in a worker
                 if panel.disk:
@@ -319,7 +426,9 @@ async def test_swap_an_adapter_in_a_demo_server_from_the_keyboard(home):
                 await settle(app, pilot, 1)
             assert panel.loaded_names == ["tickets-v3"], static_text(panel.query_one("#adapters-message", Static))  # preloaded
             disk = panel.query_one("#adapters-disk", DataTable)
-            assert str(disk.get_cell("notes-v1", disk.ordered_columns[-1].key)) == "no"  # trained on Qwen3-8B
+            assert str(disk.get_cell("notes-v1", disk.ordered_columns[1].key)) == "no"  # trained on Qwen3-8B; Compatible is second
+            # ... and in sight at 80 columns, whatever the base model's length (it was past the right edge)
+            assert sum(c.get_render_width(disk) for c in disk.ordered_columns[:2]) <= disk.scrollable_content_region.width
             disk.move_cursor(row=disk.get_row_index("tickets-v4"))
             await pilot.press("tab")  # to the loaded list, where tickets-v3 is highlighted
             await press_and_confirm(app, pilot, "w")

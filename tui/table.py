@@ -6,6 +6,8 @@
 - `o` sorts by the next column (ascending), `O` flips the direction; the header marks it ▲/▼.
 - Columns carry a priority: when the table is narrower than every column's natural width, the
   columns of the highest priority number hide first (0 never hides), so 80 columns keep what matters.
+- A long-id column (`give`) gives way before an essential column hides or is cut: it is cut in the
+  middle (the id's unique tail stays) down to `give` cells, so the State beside it is never "cancell".
 
 Rows are given whole (`set_rows`) and the table works out what to show; when neither the rows' keys
 nor the visible columns changed it writes only the cells whose text changed (a rebuild loses the
@@ -45,10 +47,27 @@ class Col:
     label: str
     priority: int = 0  # 0: always shown; the highest number hides first when the table is narrow
     flex: int | None = None  # a column that takes what is left: counted at this width when fitting
+    give: int | None = None  # an id that may be cut in the middle (to this many cells, at least) to keep
+    # the essential columns (priority <= ESSENTIAL) whole, rather than hide them or have them cut
+
+
+ESSENTIAL = 2  # priorities kept before a `give` column is cut: what the README promises at 80 columns
 
 
 def plain(cell: Cell) -> str:
     return cell.plain if isinstance(cell, Text) else str(cell)
+
+
+def cut_middle(cell: Cell, limit: int) -> Text:
+    """The cell cut to `limit` cells with an ellipsis in the middle: an id's start and its unique tail
+    ("ft-tickets…99065f (sim)") stay, the part every id shares goes. Styles are kept."""
+    text = cell.copy() if isinstance(cell, Text) else Text(str(cell))
+    s = text.plain
+    tail = (limit - 1) // 2 + (limit - 1) % 2
+    head = limit - 1 - tail
+    while cell_len(s[:head]) + 1 + cell_len(s[len(s) - tail:]) > limit and (head or tail):
+        head, tail = (head - 1, tail) if head >= tail else (head, tail - 1)
+    return text[:head] + Text("…") + text[len(s) - tail:]
 
 
 _LEAD = re.compile(r"^[^\w$.-]+")
@@ -215,11 +234,34 @@ class DeckTable(NavTable):
         avail = width - 2  # the vertical scrollbar
         widths = {c.key: self._natural_width(i, c, rows) for i, c in enumerate(self.spec)}
         shown = [c for c in self.spec]
+
+        def slack() -> int:  # what the shown `give` columns can yield
+            return sum(max(0, widths[c.key] - c.give - 2 * self.cell_padding) for c in shown if c.give is not None)
+
         for col in sorted((c for c in self.spec if c.priority > 0), key=lambda c: -c.priority):
-            if sum(widths[c.key] for c in shown) <= avail:
+            total = sum(widths[c.key] for c in shown)
+            if total <= avail or (col.priority <= ESSENTIAL and total - slack() <= avail):
                 break
             shown.remove(col)
         return tuple(c.key for c in shown)
+
+    def _give_widths(self, shown: tuple[str, ...]) -> dict[str, int]:
+        """What each shown `give` column may take when the shown columns are wider than the table."""
+        width = self.size.width or (self.app.size.width if self.is_attached else 0)
+        give = [c for c in self.spec if c.key in shown and c.give is not None]
+        if width <= 0 or not give:
+            return {}
+        rows = self.rows_given
+        widths = {c.key: self._natural_width(i, c, rows) for i, c in enumerate(self.spec) if c.key in shown}
+        excess = sum(widths.values()) - (width - 2)
+        out: dict[str, int] = {}
+        for c in give:  # the excess is taken from the first `give` column, then the next
+            content = widths[c.key] - 2 * self.cell_padding
+            cut = min(max(0, excess), max(0, content - (c.give or 0)))
+            excess -= cut
+            if cut:
+                out[c.key] = content - cut
+        return out
 
     def on_resize(self, event: events.Resize) -> None:
         self.refresh_view()
@@ -246,13 +288,16 @@ class DeckTable(NavTable):
     def refresh_view(self) -> None:
         rows = self.visible_rows()
         shown = self.fit_columns(self.rows_given)
-        flex = self._flex_widths(shown)
+        flex = {**self._flex_widths(shown), **self._give_widths(shown)}
         index = {c.key: i for i, c in enumerate(self.spec)}
+        middle = {c.key for c in self.spec if c.give is not None}
 
         def fit(col: str, cell: Cell) -> Cell:
             limit = flex.get(col)
             if limit is None or cell_len(plain(cell)) <= limit:
                 return cell
+            if col in middle and limit > 2:
+                return cut_middle(cell, limit)
             text = cell.copy() if isinstance(cell, Text) else Text(str(cell))
             text.truncate(limit, overflow="ellipsis")
             return text
@@ -261,7 +306,9 @@ class DeckTable(NavTable):
         mark = (self.sort_col, self.sort_reverse)
         rebuilt = False
         selected = None
-        if shown != self._shown or mark != self._mark:
+        # A cut column's room changed: the columns are made again too (a column keeps the widest width
+        # it ever had through a rows-only clear, so a cut that grows would leave it too wide).
+        if shown != self._shown or mark != self._mark or flex != self._flex:
             selected, rebuilt = self.selected_key(), True
             self.clear(columns=True)
             self._shown, self._mark = shown, mark
@@ -287,5 +334,7 @@ class DeckTable(NavTable):
                 cell = cells[index[c]]
                 text = plain(cell)
                 if self._texts.get((key, c)) != text:  # the same text with another style waits for a rebuild
-                    self.update_cell(key, c, fit(c, cell))
+                    # The column widens for a longer text ("ready" -> "cancelled"): without it the new
+                    # text was cut to the old width ("stopp", "crash", "cancell").
+                    self.update_cell(key, c, fit(c, cell), update_width=True)
                     self._texts[(key, c)] = text

@@ -131,9 +131,17 @@ class DemoHome:
         return ended
 
     def reset(self) -> list[str]:
-        """`fleetdeck demo --reset`: end what the demo started, then remove its folder."""
+        """`fleetdeck demo --reset`: end what the demo started, then remove its folder, and with its store
+        that store's audit checkpoint. The checkpoint lives beside the audit key, outside the folder; left
+        behind, it named a record the next demo's fresh store lacks, and that demo's Audit screen said
+        CHAIN BROKEN for good (seen after a reset). Only the demo store's own files go: the key stays."""
+        from engine.audit.anchor import Anchor
+
         ended = self.end_leftovers() if self.root.exists() else []
+        anchor = Anchor.of(self.store)  # named after the store's path: taken before the folder goes
         shutil.rmtree(self.root, ignore_errors=True)
+        for f in (anchor.checkpoint_file, anchor.pending_file, anchor.lock_file):
+            f.unlink(missing_ok=True)
         return ended
 
 

@@ -46,7 +46,9 @@ class AdaptersScreen(DeckModal):
             yield Static(f"[b]Adapters for {self.rec.id}[/b] ({self.rec.served_name})  Enter load · u unload · "
                          "w swap loaded→highlighted · Esc close")
             disk: DataTable[Any] = NavTable(id="adapters-disk", cursor_type="row")
-            disk.add_columns("On disk", "Rank", "Alpha", "Base model", "MiB", "Version", "Eval", "Compatible")
+            # Compatible second: at 80 columns a long base model pushed it, the answer to "can it load here",
+            # off the panel's right edge.
+            disk.add_columns("On disk", "Compatible", "Rank", "Alpha", "Base model", "MiB", "Version", "Eval")
             yield disk
             loaded: DataTable[Any] = NavTable(id="adapters-loaded", cursor_type="row")
             loaded.add_columns("Loaded in server")
@@ -92,9 +94,9 @@ class AdaptersScreen(DeckModal):
             version = ("-" if a.version is None else
                        Text("MODIFIED", style="bold red") if self.integrity.get(a.name) else Text("intact", style="green"))
             acc = self.accuracy.get(a.name)
-            disk.add_row(a.name, str(a.rank), str(a.alpha or "n/a"), str(a.base_model or "n/a"),
-                         f"{a.size_bytes / 1024**2:.1f}", version, f"{acc * 100:.1f}%" if acc is not None else "-",
-                         Text("yes", style="green") if not issues else Text("no", style="red"), key=a.name)
+            disk.add_row(a.name, Text("yes", style="green") if not issues else Text("no", style="red"), str(a.rank),
+                         str(a.alpha or "n/a"), str(a.base_model or "n/a"), f"{a.size_bytes / 1024**2:.1f}", version,
+                         f"{acc * 100:.1f}%" if acc is not None else "-", key=a.name)
         table.clear()
         for name in self.loaded_names:
             table.add_row(name, key=name)

@@ -13,10 +13,11 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import Input, Label, Static
+from textual.widgets import DataTable, Input, Label, Static
 
 from engine.audit.text import shown
 from tui.screens.base import PolledScreen, while_attached
+from tui.screens.logs import LogScreen
 from tui.table import Col, DeckTable
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class AuditScreen(PolledScreen):
         super().__init__(refresh_s)
         self.rows: list[dict[str, Any]] = []
         self.verdict: Verdict | None = None
+        self.by_key: dict[str, dict[str, Any]] = {}  # row key -> its record, for Enter
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="audit-filters"):
@@ -102,6 +104,7 @@ class AuditScreen(PolledScreen):
             while key in keys:
                 key += "'"
             keys.append(key)
+        self.by_key = dict(zip(keys, rows))
         if keys == [k for k, _ in table.rows_given]:
             return
         out = []
@@ -118,8 +121,24 @@ class AuditScreen(PolledScreen):
                 out.append((key, [*cells, Text(shown(outcome), style=style)]))
             table.set_rows(out)
 
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a record: the whole of it. At 80 columns its outcome and reason are cut ("refused:
+        No…"), and who, from where and with what parameters are hidden; values escaped as in the table."""
+        r = self.by_key.get(str(event.row_key.value))
+        if r is None:
+            return
+        fields = ("seq", "utc", "node", "source", "actor", "origin", "key_fingerprint", "on_behalf_of", "action",
+                  "target", "params", "outcome", "reason")
+        text = "\n".join(f"{f:<16}{shown(str(r[f]))}" for f in fields if r.get(f) not in (None, ""))
+        self.app.push_screen(LogScreen(f"audit record {shown(str(r['seq']))}", "", read=lambda: text))
+
     @on(Input.Submitted)
     def _filter(self) -> None:
+        since = self.query_one("#audit-since", Input)
+        if since.value.strip() and since.value.strip() not in SINCE:  # said, not silently read as "all"
+            self.notify(f"since takes {', '.join(SINCE)}; got {since.value.strip()!r}", severity="warning")
+            since.focus()
+            return
         self.reload()
         self.query_one("#audit-table").focus()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from rich.text import Text
@@ -216,3 +217,63 @@ def report_prune(screen: PolledScreen, prune: Callable[[], str]) -> None:
 
 class DeckModal(ReadOnlyAware, ModalScreen[Any]):
     """A dialog whose confirm key changes a node (start a server, start a job)."""
+
+
+class LaunchGate:
+    """Esc and a start in flight, settled once (the start dialogs plan, then start, in a worker thread).
+
+    Esc while the plan still runs cancels the start for good: the worker finds the gate closed and starts
+    nothing (before, the dialog closed on Esc and the server started anyway, its message arriving after).
+    Esc once the start has begun is refused with a word: what is under way cannot be taken back from
+    here. A second ctrl+s while one start runs starts nothing more (an exclusive worker is only marked
+    cancelled; its thread goes on)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.state = "open"  # open | cancelled | launching
+
+    def cancel(self) -> bool:
+        """Esc: True if nothing was started (and nothing will be); False while a start is under way."""
+        with self._lock:
+            if self.state == "launching":
+                return False
+            self.state = "cancelled"
+            return True
+
+    def begin(self) -> bool:
+        """The worker, just before starting: True if it may start (and no other start may, until `end`)."""
+        with self._lock:
+            if self.state != "open":
+                return False
+            self.state = "launching"
+            return True
+
+    def end(self) -> None:
+        """A start that failed: the dialog stays, and another try may start."""
+        with self._lock:
+            if self.state == "launching":
+                self.state = "open"
+
+    def refused(self, where: Any, what: str) -> None:
+        """Esc refused: said in the dialog itself (the message line is under the dialog)."""
+        where.update(Text(f"Starting {what} already: it is listed when it has started, or this says why not.",
+                          style="yellow"))
+
+
+def dialog_gpus(text: str) -> list[int]:
+    """GPU indices typed in a dialog, with the dialog's words on a mistake (the command line's parser
+    says "--gpus takes ...", a flag the dialog's operator never typed)."""
+    from engine.vllm.profile import parse_gpus
+
+    try:
+        return parse_gpus(text)
+    except ValueError:
+        raise ValueError(f"GPUs are distinct indices like 0 or 0,1 (after node/ for a node); got {text!r}") from None
+
+
+def nodes_away(sources: Any) -> set[str]:
+    """The nodes over SSH that are not connected now (reconnecting, or down): their rows are kept, marked
+    unreachable, rather than dropped from the Servers and Jobs tables until they answer again."""
+    from fleet.remote import RemoteNode
+
+    return {str(s.name) for s in sources if isinstance(s, RemoteNode) and s.link.status != "connected"}

@@ -18,7 +18,7 @@ from textual_plotext import PlotextPlot
 
 from tui.format import bar
 from engine.nodes.ids import split_id
-from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, on_yes, report_prune, store_of, while_attached
+from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, nodes_away, on_yes, report_prune, store_of, while_attached
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.start_job import StartJobScreen
@@ -37,8 +37,8 @@ def _dur(s: float | None) -> str:
 
 
 # Column, label, priority (the highest hides first when narrow: at 80 columns the job, its node,
-# state, progress, loss and ETA stay).
-COLUMNS = (Col("id", "Job"), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPU", 4),
+# state, loss, LR and ETA stay; a long job id is cut in its middle before any of them hides or is cut).
+COLUMNS = (Col("id", "Job", give=14), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPU", 4),
            Col("progress", "Progress", 3), Col("step", "Step", 5), Col("loss", "Loss"), Col("lr", "LR", 2),
            Col("tps", "Tok/s", 6), Col("elapsed", "Elapsed", 7), Col("eta", "ETA", 1))
 
@@ -61,6 +61,7 @@ class JobsScreen(PolledScreen):
         super().__init__(refresh_s)
         self.records: dict[str, Any] = {}
         self.events: dict[str, list[dict[str, Any]]] = {}
+        self.away: set[str] = set()  # jobs of a node not answering now, shown from their last listing
 
     def compose_body(self) -> ComposeResult:
         table = DeckTable(COLUMNS, id="jobs-table")
@@ -82,14 +83,15 @@ class JobsScreen(PolledScreen):
         except Exception as exc:
             self.app.call_from_thread(self.notify, f"jobs unavailable: {exc}", severity="error")
             found = []
+        away = nodes_away(self._sources())
         for node in remote_ops(self._sources()):
             try:
                 found += node.jobs()  # read by that node's agent, ids as @node:id
             except AgentError:
-                continue
+                away.add(node.name)
         recs = [p.rec for p in found]
         events = {p.rec.id: p.events for p in found}
-        self.app.call_from_thread(while_attached(self, self._show), recs, events)
+        self.app.call_from_thread(while_attached(self, self._show), recs, events, away)
 
     def _sources(self) -> list[Any]:
         return list(getattr(getattr(self.app, "poller", None), "sources", []))
@@ -101,8 +103,16 @@ class JobsScreen(PolledScreen):
         return LocalOps(store_of(self.app), list(config.adapter_roots), folders=self.app.options.folders,
                         slurm_settings=getattr(config, "slurm", None))
 
-    def _show(self, recs: list[Any], events: dict[str, list[dict[str, Any]]]) -> None:
+    def _show(self, recs: list[Any], events: dict[str, list[dict[str, Any]]],
+              away: set[str] | frozenset[str] = frozenset()) -> None:
         self.loaded()
+        # A node that is not answering (reconnecting) keeps its rows, marked: they vanished before, and a
+        # key pressed then (r resumes at once) acted on whatever row slid under the cursor.
+        listed = {r.id for r in recs}
+        kept = [r for jid, r in self.records.items() if jid not in listed and split_id(jid)[0] in away]
+        self.away = {r.id for r in kept}
+        events = {**{r.id: self.events.get(r.id, []) for r in kept}, **events}
+        recs = [*recs, *kept]
         self.records = {r.id: r for r in recs}
         self.events = events
         table = self.query_one("#jobs-table", DeckTable)
@@ -115,8 +125,12 @@ class JobsScreen(PolledScreen):
 
         steps = [e for e in self.events.get(r.id, []) if e.get("event") == "step"]
         last = steps[-1] if steps else None
-        name = r.id + (" (sim)" if r.spec.get("backend") == "simulated" else "")  # short: 80 columns
+        # A node's job shows its own id: the Node column beside it names the node (the row's key, the
+        # detail and the messages keep `@node:id`). Short: 80 columns.
+        name = (split_id(r.id)[1] or r.id) + (" (sim)" if r.spec.get("backend") == "simulated" else "")
         state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
+        if r.id in self.away:
+            state = Text("unreachable", style="dim")
         sl = r.slurm
         if sl is not None and r.state == JobState.RUNNING and sl.state != "RUNNING":  # queued (or held) in Slurm, not training
             state = Text(sl.state.lower(), style="yellow")
@@ -197,7 +211,13 @@ class JobsScreen(PolledScreen):
         from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
 
         r = self.selected()
-        if r is None or r.state != JobState.RUNNING or not self._guard():
+        if r is None:
+            self.notify("No job to cancel: none is listed here.", severity="warning")
+            return
+        if not self._guard():
+            return
+        if r.state != JobState.RUNNING:  # said, not ignored: a key that does nothing reads as a broken key
+            self.notify(f"{r.id} is {r.state}: only a running job can be cancelled.", severity="warning")
             return
         self.app.push_screen(ConfirmScreen(f"Cancel {r.id}? It saves a checkpoint at the end of this step."),
                              on_yes(lambda: self._act("cancel", r)))
@@ -206,7 +226,13 @@ class JobsScreen(PolledScreen):
         from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
 
         r = self.selected()
-        if r is None or r.state not in (JobState.CANCELLED, JobState.FAILED) or not self._guard():
+        if r is None:
+            self.notify("No job to resume: none is listed here.", severity="warning")
+            return
+        if not self._guard():
+            return
+        if r.state not in (JobState.CANCELLED, JobState.FAILED):
+            self.notify(f"{r.id} is {r.state}: only a cancelled or failed job resumes.", severity="warning")
             return
         self._act("resume", r)
 
@@ -244,7 +270,9 @@ class JobsScreen(PolledScreen):
 
     def action_logs(self) -> None:
         r = self.selected()
-        if r is not None:
+        if r is None:
+            self.notify("No job, so no log: none is listed here.", severity="warning")
+        else:
             from engine.nodes.select import ops_for
             from fleet.remote import AgentError
             from tui.screens.logs import LogScreen
@@ -261,7 +289,10 @@ class JobsScreen(PolledScreen):
         from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
 
         r = self.selected()
-        if r is None or not self._guard():
+        if r is None:
+            self.notify("No job to serve: none is listed here.", severity="warning")
+            return
+        if not self._guard():
             return
         adapter_path = r.outputs.adapter_path
         if r.state != JobState.FINISHED or not adapter_path:

@@ -6,6 +6,7 @@ from tui.screens.base import while_attached
 
 from typing import Callable
 
+from rich.markup import escape
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -27,7 +28,8 @@ class LogScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="log-view"):
-            yield Static(f"[b]{self.title_text}[/b] {self.log_path} (Esc closes)")
+            # Text, not markup: a path or an id with "[" in it is shown as written.
+            yield Static(f"[b]{escape(self.title_text)}[/b] {escape(self.log_path)} (Esc closes)")
             yield Static("reading…", id="log-text")
 
     def on_mount(self) -> None:

@@ -52,6 +52,13 @@ def _ms(x: float | None) -> str:
 WINDOW_KEYS = Binding.Group("window ", compact=True)  # the trailing space: the footer sets no gap after a group
 
 
+def fit_title(plt: Any, plot: Any, *titles: str) -> None:
+    """The longest title that fits the chart's width: plotext drops a title wider than its chart, which
+    left the 80-column Router chart without one (and the calibration view an empty, wordless box)."""
+    width = plot.size.width or 80
+    plt.title(next((t for t in titles if len(t) <= width - 2), titles[-1][: max(1, width - 2)]))
+
+
 class RouterScreen(PolledScreen):
     MUTATING = frozenset({"apply_threshold", "evaluate", "promote", "rollback"})
     BINDINGS = [
@@ -121,6 +128,7 @@ class RouterScreen(PolledScreen):
         ]
 
     def _draw(self) -> None:
+        """The chart of the task under the cursor and its figures beside it."""
         data = self.data
         if data is None:
             return
@@ -144,7 +152,8 @@ class RouterScreen(PolledScreen):
                 plt.title(f"{row.name}: accuracy vs escalation (calibrated {local_time(cal['ts'], '%Y-%m-%d')})")
                 plt.xlabel("escalated %")
             else:
-                plt.title(f"{row.name}: no calibration yet (fleetdeck calibrate {row.name} --eval FILE)")
+                fit_title(plt, plot, f"{row.name}: no calibration yet (fleetdeck calibrate {row.name} --eval FILE)",
+                          f"{row.name}: no calibration yet", "no calibration yet")
         else:
             label, _ = WINDOWS[self.window]
             xs = [(b - time.time()) / 3600 for b, _, _ in data.series]
@@ -158,7 +167,8 @@ class RouterScreen(PolledScreen):
                     x = (p["ts"] - time.time()) / 3600
                     if xs[0] <= x <= 0:
                         plt.vline(x, "magenta")
-            plt.title(f"{row.name}: escalation % ({label}; green baseline, red alert, magenta promotions)")
+            fit_title(plt, plot, f"{row.name}: escalation % ({label}; green baseline, red alert, magenta promotions)",
+                      f"{row.name}: escalation % ({label})", "escalation %")
             # Past times as "30d ago" ... "now", not negative hours.
             window_s = WINDOWS[self.window][1]
             plt.xlim(-window_s / 3600, 0)  # the whole window, even where the ledger starts later
@@ -180,6 +190,9 @@ class RouterScreen(PolledScreen):
             lines.append("escalated (24h): " + ", ".join(f"{k} {v:,}" for k, v in row.escalations_24h.items()))
         lines.extend(self._version_lines(row, data))
         cal = data.calibration
+        if self.show_calibration and not cal:  # what the short chart title cannot say at 80 columns; on top,
+            # where 24 rows still show it
+            lines.insert(1, f"no calibration yet: `fleetdeck calibrate {escape(row.name)} --eval FILE`")
         if cal and cal.get("threshold") is not None:
             lines.append(f"calibrated threshold {cal['threshold']:.3f} → {cal['escalation_rate'] * 100:.1f}% esc at "
                          f"{cal['target_accuracy'] * 100:.0f}% acc (a: apply)")

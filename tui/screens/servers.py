@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Static
 from tui.format import sparkline
 from engine.nodes.ids import split_id
 from tui.screens.adapters_panel import AdaptersScreen
-from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, report_prune, store_of, while_attached
+from tui.screens.base import PolledScreen, ask_to_prune, highlighted_key, nodes_away, report_prune, store_of, while_attached
 from tui.screens.start_server import StartServerScreen
 from tui.table import Col, DeckTable
 from tui.screens.confirm import ConfirmScreen
@@ -38,6 +38,7 @@ class ServerView:
     rec: Any
     figures: Any = None
     gen_history: deque[float] = field(default_factory=lambda: deque(maxlen=120))
+    away: bool = False  # its node is not answering now: the row stays, marked, until the node is back
 
 
 def _f(x: float | None, fmt: str = "{:.0f}", unit: str = "") -> str:
@@ -50,7 +51,7 @@ def _ms(x: float | None) -> str:
 
 # Column, label, priority (the highest hides first when narrow: at 80 columns the server, its node,
 # state, GPUs, generation rate and TTFT stay).
-COLUMNS = (Col("id", "Server"), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPUs"),
+COLUMNS = (Col("id", "Server", give=14), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPUs"),
            Col("port", "Port", 6), Col("gen", "Gen tok/s", 1), Col("prompt", "Prompt tok/s", 7),
            Col("reqs", "Run/Wait", 3), Col("kv", "KV use", 4), Col("ttft", "TTFT p50/95 ms", 2),
            Col("e2e", "E2E p50/95 s", 5), Col("pre", "Preempt", 8), Col("hit", "Prefix hit", 8),
@@ -98,12 +99,13 @@ class ServersScreen(PolledScreen):
         except Exception as exc:
             self.app.call_from_thread(self._error, f"servers unavailable: {exc}")
             return
+        away = nodes_away(self._sources())
         for node in remote_ops(self._sources()):
             try:
                 statuses += node.servers()  # figures read by that node's agent
             except AgentError:
-                continue
-        self.app.call_from_thread(while_attached(self, self._show), [(st.rec, st.figures) for st in statuses])
+                away.add(node.name)
+        self.app.call_from_thread(while_attached(self, self._show), [(st.rec, st.figures) for st in statuses], away)
 
     def _sources(self) -> list[Any]:
         return list(getattr(getattr(self.app, "poller", None), "sources", []))
@@ -121,15 +123,22 @@ class ServersScreen(PolledScreen):
         self.loaded()
         self.query_one("#servers-detail", Static).update(f"[red]{message}[/]")
 
-    def _show(self, views: list[tuple[Any, Any]]) -> None:
+    def _show(self, views: list[tuple[Any, Any]], away: set[str] | frozenset[str] = frozenset()) -> None:
         self.loaded()
         table = self.query_one("#servers-table", DeckTable)
         for rec, fig in views:
             view = self.views.setdefault(rec.id, ServerView(rec))
-            view.rec, view.figures = rec, fig
+            view.rec, view.figures, view.away = rec, fig, False
             if fig is not None:
                 view.gen_history.append(fig.generation_tps)
         listed = {rec.id for rec, _ in views}
+        # A node that is not answering (reconnecting) keeps its rows, marked: they vanished before, and a
+        # key pressed then acted on whatever row slid under the cursor.
+        kept = [(v.rec, None) for sid, v in self.views.items() if sid not in listed and split_id(sid)[0] in away]
+        for rec, _ in kept:
+            self.views[rec.id].figures, self.views[rec.id].away = None, True
+        views = [*views, *kept]
+        listed |= {rec.id for rec, _ in kept}
         for gone in [sid for sid in self.views if sid not in listed]:  # pruned, or its node dropped
             del self.views[gone]
         with self.app.batch_update():
@@ -140,11 +149,12 @@ class ServersScreen(PolledScreen):
         from engine.vllm.record import ServerState  # (lazily: loaded by the poll already)
 
         r, f = v.rec, v.figures
-        state = Text(r.state, style=STATE_STYLE.get(r.state, ""))
-        node = split_id(r.id)[0] or r.node
+        state = Text("unreachable", style="dim") if v.away else Text(r.state, style=STATE_STYLE.get(r.state, ""))
+        node, own = split_id(r.id)  # a node's server shows its own id: the Node column names the node
+        node = node or r.node
         if f is None:
             blanks = ["" if r.state != ServerState.READY else "n/a"] * 9
-            return [r.id, node, state, str(r.gpus), str(r.port or ""), *blanks]
+            return [own, node, state, str(r.gpus), str(r.port or ""), *blanks]
         from engine.vllm.status import kv_disagreement  # (lazily: the screens load without httpx)
 
         alloc = f"{f.kv_tokens:,}" if f.kv_tokens else "n/a"
@@ -153,7 +163,7 @@ class ServersScreen(PolledScreen):
         # Far apart: the plan no longer describes this server; marked so it is not read as a confirmation.
         cap: Any = Text(f"⚠ {alloc}/{plan} ({apart:.1f}x)", style="bold yellow") if apart else f"{alloc}/{plan}"
         return [
-            r.id, node, state, str(r.gpus), str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
+            own, node, state, str(r.gpus), str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
             f"{_f(f.running)}/{_f(f.waiting)}", _f(None if f.kv_usage is None else f.kv_usage * 100, unit="%"),
             f"{_ms(f.ttft_p50)}/{_ms(f.ttft_p95)}", f"{_f(f.e2e_p50, '{:.2f}')}/{_f(f.e2e_p95, '{:.2f}')}",
             _f(f.preemptions), _f(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100, unit="%"),
@@ -210,7 +220,14 @@ class ServersScreen(PolledScreen):
         from engine.vllm.record import ENDED
 
         v = self.selected()
-        if v is None or not self._guard() or v.rec.state in ENDED:
+        if v is None:
+            self.notify("No server to stop: none is listed here.", severity="warning")
+            return
+        if not self._guard():
+            return
+        if v.rec.state in ENDED:  # said, not ignored: a key that does nothing reads as a broken key
+            self.notify(f"{v.rec.id} is already {v.rec.state}: `r` starts it again, `p` forgets it.",
+                        severity="warning")
             return
 
         def done(ok: bool | None) -> None:
@@ -238,7 +255,10 @@ class ServersScreen(PolledScreen):
 
     def action_restart(self) -> None:
         v = self.selected()
-        if v is None or not self._guard():
+        if v is None:
+            self.notify("No server to restart: none is listed here.", severity="warning")
+            return
+        if not self._guard():
             return
 
         def done(ok: bool | None) -> None:
@@ -265,7 +285,9 @@ class ServersScreen(PolledScreen):
 
     def action_logs(self) -> None:
         v = self.selected()
-        if v is not None:
+        if v is None:
+            self.notify("No server, so no log: none is listed here.", severity="warning")
+        else:
             from engine.nodes.select import ops_for
             from fleet.remote import AgentError
 

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Select, Static
 
-from tui.screens.base import DeckModal, store_of, while_attached
+from tui.screens.base import DeckModal, LaunchGate, dialog_gpus, store_of, while_attached
 
 
 class StartJobScreen(DeckModal):
@@ -31,6 +31,7 @@ class StartJobScreen(DeckModal):
         super().__init__()
         self.specs: list[str] = []
         self.lists_of: str | None = None  # the node whose specs the list shows (None: this host)
+        self.gate = LaunchGate()
 
     def compose(self) -> ComposeResult:
         from store.config_files import named_tomls
@@ -101,8 +102,6 @@ class StartJobScreen(DeckModal):
     def _inputs(self) -> tuple[list[int] | None, list[Any] | None, str | None]:
         """The GPU indices (None: CPU), the poller's figures for them and the node they are on (GPUs
         without a node name are this host's first source's)."""
-        from engine.vllm.profile import parse_gpus
-
         text = self.query_one("#job-gpus", Input).value.strip() or "cpu"
         node = None
         if "/" in text:
@@ -113,7 +112,9 @@ class StartJobScreen(DeckModal):
             raise ValueError(f"no node {node!r}; the fleet has {', '.join(sorted(known)) or 'no nodes yet'}")
         if text.lower() == "cpu":
             return None, None, node
-        indices = parse_gpus(text)
+        if not text.strip():  # "node/" alone: the dialog's words, not the command line's ("--gpus takes ...")
+            raise ValueError(f"type the GPU after the node: {node}/0, or {node}/cpu for the peft backend")
+        indices = dialog_gpus(text)
         node = node if node is not None else next((n for n in known if not self._over_ssh(n)), None)
         snaps = known[node].gpus_at(indices) if node is not None else []
         if node is not None and len(snaps) != len(indices):
@@ -171,6 +172,8 @@ class StartJobScreen(DeckModal):
         self._check(launch=True)
 
     def _launch_now(self) -> None:
+        if not self.gate.begin():  # Esc came first, or another ctrl+s is starting it
+            return
         try:
             indices, snaps, node = self.app.call_from_thread(self._inputs)
             remote = self.app.call_from_thread(self._remote_target)
@@ -178,9 +181,13 @@ class StartJobScreen(DeckModal):
             name = self.app.call_from_thread(self._spec_name)
             rec = ops.start_job(name, indices, gpu_snapshots=None if remote else snaps, node=None if remote else node)
         except Exception as exc:
+            self.gate.end()
             self.app.call_from_thread(self.query_one("#job-check", Static).update, Text(str(exc), style="red"))
             return
         self.app.call_from_thread(self.dismiss, f"started {rec.id} on {rec.gpus}")
 
     def action_cancel(self) -> None:
+        if not self.gate.cancel():
+            self.gate.refused(self.query_one("#job-check", Static), "the job")
+            return
         self.dismiss(None)

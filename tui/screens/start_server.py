@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Select, Static
 
-from tui.screens.base import DeckModal, store_of, while_attached
+from tui.screens.base import DeckModal, LaunchGate, dialog_gpus, store_of, while_attached
 
 UNSET = "?"  # no node's lists loaded yet (None is this host)
 
@@ -38,6 +38,7 @@ class StartServerScreen(DeckModal):
         self.verdict: Any = None
         self.profiles: list[str] = []
         self.lists_of: str | None = UNSET  # the node whose profiles and models the lists show (None: this host)
+        self.gate = LaunchGate()
 
     def compose(self) -> ComposeResult:
         from store.config_files import named_tomls
@@ -138,13 +139,14 @@ class StartServerScreen(DeckModal):
     def _gpus(self) -> tuple[list[int], list[Any], str | None]:
         """The GPU indices, the poller's figures for them and the node they are on (GPUs without a node name
         are this host's first source's)."""
-        from engine.vllm.profile import parse_gpus
-
         text = self.query_one("#start-gpus", Input).value.strip()
         node = None
         if "/" in text:
             node, _, text = text.partition("/")
-        indices = parse_gpus(text)
+        if not text.strip():  # the dialog's words, not the command line's ("--gpus takes ...")
+            raise ValueError("type the GPUs: node/index (e.g. " + (f"{node}/0" if node else "sim-h100-01/3")
+                             + ") or indices of this host (0 or 0,1)")
+        indices = dialog_gpus(text)
         poller = getattr(self.app, "poller", None)
         snaps: list[Any] = []
         if poller is not None:
@@ -224,6 +226,8 @@ class StartServerScreen(DeckModal):
     def _launch_now(self) -> None:
         from engine.nodes.ops import started_text
 
+        if not self.gate.begin():  # Esc came first, or another ctrl+s is starting it
+            return
         try:
             indices, snaps, node = self.app.call_from_thread(self._gpus)
             remote = self.app.call_from_thread(self._remote_target)
@@ -233,9 +237,13 @@ class StartServerScreen(DeckModal):
             started = ops.start_server(name, indices, model=model, gpu_snapshots=None if remote else snaps,
                                        node=None if remote else node)
         except Exception as exc:
+            self.gate.end()
             self.app.call_from_thread(self.query_one("#start-verdict", Static).update, Text(str(exc), style="red"))
             return
         self.app.call_from_thread(self.dismiss, started_text(started))
 
     def action_cancel(self) -> None:
+        if not self.gate.cancel():
+            self.gate.refused(self.query_one("#start-verdict", Static), "the server")
+            return
         self.dismiss(None)

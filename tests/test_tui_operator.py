@@ -1,0 +1,345 @@
+"""What a new on-call operator met driving the demo from the keyboard at 80x24, pinned through Pilot:
+a State cell cut to its old width when it changed in place ("stopp", "crash", "cancell"), a long job
+id pushing LR and ETA off the Jobs table and cutting the State, and keys that did nothing and said
+nothing (stop an ended server, cancel a finished job, resume a running one, a key on an empty table)."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+
+from engine.finetune.jobs import JobRecord, JobState
+from engine.managed import LocalGpus
+from store.db import open_store
+from tests.test_tui_habits import ended_job, ended_server
+from tests.tui_helpers import FIXED_NOW, make_app, ready, settle, static_text
+from tui.chrome import FlashLine
+from tui.screens import jobs as jobs_screen
+from tui.screens import servers as servers_screen
+from tui.screens.jobs import JobsScreen
+from tui.table import DeckTable, cut_middle
+
+
+def row_text(table: DeckTable, row: int) -> str:
+    """The characters the table paints on the screen line of its row `row` (below the header)."""
+    strip = table.render_line(row + 1)  # line 0 is the header
+    return "".join(seg.text for seg in strip)
+
+
+def cell_text(table: DeckTable, key: str, col: str) -> str:
+    value = table.get_cell(key, col)
+    return value.plain if isinstance(value, Text) else str(value)
+
+
+class OneTable(App[None]):
+    """A screen's column spec in a table as wide as the terminal, as the screens lay it out."""
+
+    def __init__(self, columns: tuple) -> None:
+        super().__init__()
+        self.columns = columns
+
+    def compose(self) -> ComposeResult:
+        yield DeckTable(self.columns, id="t")
+
+
+def job_cells(name: str, node: str, state: str) -> list:
+    return [name, node, Text(state), "0", Text("███▌   50%"), "60/120", "1.0331", "1.60e-04", "1,234", "1m00s", "2m00s"]
+
+
+async def test_a_state_that_changes_in_place_is_shown_whole_not_cut_to_its_old_width():
+    app = OneTable(servers_screen.COLUMNS)
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one("#t", DeckTable)
+        row = ["mistral-7b-awq-1c331c", "sim-h100-01", Text("ready"), "0", "8000", "851", "", "", "", "59/194"]
+        table.set_rows([("a", row + [""] * 4)])
+        await pilot.pause()
+        for state in ("stopped", "crashed", "stopping"):  # written cell by cell, not rebuilt
+            row[2] = Text(state)
+            table.set_rows([("a", row + [""] * 4)])
+            await pilot.pause()
+            assert cell_text(table, "a", "state") == state
+            assert f" {state} " in row_text(table, 0), row_text(table, 0)
+            # What the README promises at 80 columns stays: the server gives way (cut in its middle).
+            assert {"id", "node", "state", "gpus", "gen", "ttft"} <= set(table.shown_columns)
+        assert "1c331c" in row_text(table, 0)  # the id's unique tail stays
+
+
+async def test_a_long_job_id_gives_way_so_state_lr_and_eta_stay_at_80_columns():
+    app = OneTable(jobs_screen.COLUMNS)
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one("#t", DeckTable)
+        rows = [("a", job_cells("ft-tickets-v5-99065f (sim)", "sim-h100-01", "running")),
+                ("b", job_cells("ft-notes-v2-support-tickets-2026-q4-8ed786 (sim)", "sim-remote-04", "running"))]
+        table.set_rows(rows)
+        await pilot.pause()
+        rows[1] = ("b", job_cells("ft-notes-v2-support-tickets-2026-q4-8ed786 (sim)", "sim-remote-04", "cancelled"))
+        table.set_rows(rows)
+        await pilot.pause()
+        assert {"id", "node", "state", "loss", "lr", "eta"} <= set(table.shown_columns)
+        line = row_text(table, 1)
+        assert " cancelled " in line and "1.60e-04" in line and "2m00s" in line, line
+        assert "…" in line and "8ed786 (sim)" in line  # cut in the middle: the unique tail stays
+        assert len(line.rstrip()) <= 80
+        # Wide again: nothing is cut, and the columns that hid come back.
+        await pilot.resize_terminal(160, 30)
+        await pilot.pause()
+        assert "ft-notes-v2-support-tickets-2026-q4-8ed786 (sim)" in row_text(table, 1)
+        assert "progress" in table.shown_columns
+        await pilot.resize_terminal(60, 20)  # narrower than the demo is made for: still the whole State
+        await pilot.pause()
+        assert " cancelled " in row_text(table, 1), row_text(table, 1)
+
+
+def test_cut_middle_keeps_the_start_and_the_unique_tail_within_the_limit():
+    for limit in range(3, 30):
+        out = cut_middle("ft-notes-v2-support-tickets-8ed786 (sim)", limit).plain
+        assert len(out) == limit and "…" in out and out.endswith(")")
+        assert out[0] == "f" or limit < 4  # a head and a tail, the tail as long or one longer
+
+
+async def test_a_nodes_job_shows_its_own_id_beside_its_node(tmp_path):
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4")
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, JobsScreen)
+        rec = JobRecord(id="@sim-remote-04:ft-notes-v2-8ed786", name="notes-v2", node="sim-remote-04", pid=None,
+                        create_time=None, argv=[], env={}, gpus=LocalGpus((0,)), port=None,
+                        log_path=str(tmp_path / "j.log"), spec={"backend": "simulated"}, state=JobState.CANCELLED,
+                        reason=None, started_at=FIXED_NOW, ended_at=FIXED_NOW + 60, workdir=str(tmp_path / "j"))
+        screen._show([rec], {rec.id: [{"event": "step", "step": 13, "total_steps": 120, "loss": 2.1862,
+                                       "learning_rate": 1.6e-4, "elapsed_s": 60, "eta_s": None}]})
+        await pilot.pause()
+        table = screen.query_one("#jobs-table", DeckTable)
+        assert cell_text(table, rec.id, "id") == "ft-notes-v2-8ed786 (sim)"  # the row's key keeps @node:id
+        line = row_text(table, 0)
+        assert "sim-remote-04" in line and " cancelled " in line and "1.60e-04" in line, line
+
+
+def flash(app) -> str:
+    return static_text(app.screen.query_one(FlashLine))
+
+
+async def test_keys_that_cannot_act_say_why_instead_of_doing_nothing(tmp_path):
+    store = open_store(tmp_path / "fd.db")
+    ended_server(store, "q-0", "stopped", tmp_path)
+    ended_job(store, "ft-j-0", "finished", tmp_path)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        await pilot.press("x")
+        await pilot.pause()
+        assert "q-0 is already stopped" in flash(app)
+        assert app.screen.query_one("#servers-table", DeckTable) is app.focused  # no dialog, focus stays
+        await pilot.press("4")
+        await settle(app, pilot)
+        await pilot.press("c")
+        await pilot.pause()
+        assert "ft-j-0 is finished: only a running job can be cancelled" in flash(app)
+        await pilot.press("r")
+        await pilot.pause()
+        assert "only a cancelled or failed job resumes" in flash(app)
+        assert app.screen.query_one("#jobs-table", DeckTable) is app.focused
+
+
+async def test_keys_on_an_empty_servers_or_jobs_table_say_there_is_nothing(tmp_path):
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        for key, words in (("x", "No server to stop"), ("r", "No server to restart"), ("l", "No server, so no log")):
+            await pilot.press(key)
+            await pilot.pause()
+            assert words in flash(app), key
+        await pilot.press("4")
+        await settle(app, pilot)
+        for key, words in (("c", "No job to cancel"), ("r", "No job to resume"), ("l", "No job, so no log"),
+                           ("v", "No job to serve")):
+            await pilot.press(key)
+            await pilot.pause()
+            assert words in flash(app), key
+
+
+async def test_a_since_the_audit_screen_cannot_read_is_named_not_read_as_all(tmp_path):
+    from engine.audit import trail as audit
+    from textual.widgets import Input
+    from tests.tui_helpers import open_screen
+    from tui.screens.audit import AuditScreen
+
+    path = tmp_path / "fd.db"
+    store = open_store(path)
+    audit.append(store, "server.start", "t0", "done", source="cli", node="host-a", ts=FIXED_NOW)
+    store.close()
+    app = make_app(store_path=path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "7", AuditScreen)
+        await pilot.press("f", *"2 days", "enter")
+        await pilot.pause()
+        assert "since takes 1h, 24h, 7d, 30d, all; got '2 days'" in flash(app)
+        assert app.focused is screen.query_one("#audit-since", Input)  # still there to correct it
+        await pilot.press(*["backspace"] * 6, *"30d", "enter")
+        await settle(app, pilot)
+        assert app.focused is screen.query_one("#audit-table", DeckTable)
+
+
+async def test_the_router_calibration_view_says_there_is_none_at_80_columns(tmp_path):
+    from tests.tui_helpers import open_screen, seeded_store
+    from tui.screens.router import RouterScreen
+
+    app = make_app(store_path=seeded_store(tmp_path / "fd.db"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "5", RouterScreen)
+        await settle(app, pilot)
+        await pilot.press("c")
+        await settle(app, pilot)
+        detail = static_text(screen.query_one("#router-detail"))
+        assert "no calibration yet: `fleetdeck calibrate" in detail, detail
+        # The chart's title fits its width (plotext drops a wider one: the box was left wordless).
+        title = str(screen.query_one("#router-chart").plt.monitor.title)
+        assert "no calibration yet" in title and len(title) <= screen.query_one("#router-chart").size.width - 2
+
+
+async def test_a_log_opens_at_its_end_where_a_crash_says_why(tmp_path):
+    from textual.containers import VerticalScroll
+
+    from tui.screens.logs import LogScreen
+
+    log = tmp_path / "server.log"
+    log.write_text("".join(f"INFO line {i} " + "--max-model-len 32768 " * 8 + "\n" for i in range(40)) + "ERROR the diagnosis at the end\n")
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        app.push_screen(LogScreen("q-0", str(log)))
+        await settle(app, pilot)
+        await pilot.pause()
+        view = app.screen.query_one("#log-view", VerticalScroll)
+        assert view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, LogScreen)
+
+
+async def test_dialogs_and_help_fit_a_terminal_narrower_than_80_columns(tmp_path):
+    from tui.screens.help import HelpScreen
+    from tui.screens.start_server import StartServerScreen
+
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(60, 20)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        await pilot.press("s")
+        await settle(app, pilot)
+        assert isinstance(app.screen, StartServerScreen)
+        frame = app.screen.query_one("#start-server").region
+        assert frame.x >= 0 and frame.right <= 60, frame  # its right border and the Select arrows in sight
+        await pilot.press("escape", "question_mark")
+        await settle(app, pilot)
+        assert isinstance(app.screen, HelpScreen)
+        assert app.screen.query_one("#help").region.right <= 60
+        await pilot.press("escape")
+        await pilot.resize_terminal(80, 24)  # and back: the whole width again
+        await pilot.press("s")
+        await settle(app, pilot)
+        assert app.screen.query_one("#start-server").region.width == 80
+
+
+async def test_enter_on_an_audit_record_shows_the_whole_of_it_escaped(tmp_path):
+    from engine.audit import trail as audit
+    from tests.tui_helpers import open_screen
+    from tui.screens.audit import AuditScreen
+    from tui.screens.logs import LogScreen
+
+    path = tmp_path / "fd.db"
+    store = open_store(path)
+    reason = "Not loading notes-v1: adapter was trained on Qwen/Qwen3-8B, the server runs Mistral [b]7B[/b]\x1b[31m"
+    audit.append(store, "adapter.load", "notes-v1", "refused", reason=reason, source="tui", node="host-a",
+                 ts=FIXED_NOW)
+    store.close()
+    app = make_app(store_path=path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "7", AuditScreen)
+        table = screen.query_one("#audit-table", DeckTable)
+        assert "…" in row_text(table, 0)  # cut at 80 columns: the reason cannot be read in the row
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert isinstance(app.screen, LogScreen)
+        shown_text = static_text(app.screen.query_one("#log-text"))
+        assert "the server runs Mistral [b]7B[/b]\\x1b[31m" in shown_text  # whole, as written, escaped
+        assert "adapter.load" in shown_text and "host-a" in shown_text
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is screen and app.focused is table
+
+
+async def test_a_reconnecting_nodes_rows_stay_marked_and_its_keys_say_so(tmp_path):
+    """Every 45 s the demo's sim-remote-04 drops and reconnects: its jobs and servers vanished from the
+    tables meanwhile, and a key pressed then (`r` resumes at once) acted on the row that slid under the
+    cursor. They stay now, marked unreachable; a key on one names the node instead."""
+    from fleet.remote import RemoteNode
+
+    # An agent that never says hello: the node stays "connecting", as the demo's does while it reconnects.
+    node = RemoteNode("sim-remote-04", [sys.executable, "-c", "import time; time.sleep(600)"])
+    app = make_app(sources_factory=lambda: [node], store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4")
+        await settle(app, pilot)
+        screen = app.screen
+        rec = JobRecord(id="@sim-remote-04:ft-notes-v2-8ed786", name="notes-v2", node="sim-remote-04", pid=None,
+                        create_time=None, argv=[], env={}, gpus=LocalGpus((0,)), port=None,
+                        log_path=str(tmp_path / "j.log"), spec={"backend": "simulated"}, state=JobState.CANCELLED,
+                        reason=None, started_at=FIXED_NOW, ended_at=FIXED_NOW + 60, workdir=str(tmp_path / "j"))
+        screen._show([rec], {rec.id: []})  # listed while the node answered
+        await pilot.pause()
+        table = screen.query_one("#jobs-table", DeckTable)
+        screen._show([], {}, {"sim-remote-04"})  # the next listing: the node is reconnecting
+        await pilot.pause()
+        assert [r.key.value for r in table.ordered_rows] == [rec.id]
+        assert cell_text(table, rec.id, "state") == "unreachable"
+        await pilot.press("r")  # resume: asked of that node, which says it is not connected
+        await settle(app, pilot)
+        assert "sim-remote-04: not connected" in flash(app)
+        screen._show([], {}, set())  # back, and the job no longer listed there: the row goes
+        await pilot.pause()
+        assert table.row_count == 0
+
+
+async def test_a_reconnecting_nodes_servers_stay_marked_unreachable(tmp_path):
+    from engine.vllm.record import ServerRecord, ServerState
+    from fleet.remote import RemoteNode
+
+    node = RemoteNode("sim-remote-04", [sys.executable, "-c", "import time; time.sleep(600)"])
+    app = make_app(sources_factory=lambda: [node], store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        screen = app.screen
+        rec = ServerRecord(id="@sim-remote-04:qwen3-8b-bf81fb", name="qwen3-8b", node="sim-remote-04", pid=None,
+                           create_time=None, argv=[], env={}, gpus=LocalGpus((0,)), port=8001,
+                           log_path=str(tmp_path / "s.log"), spec={"model": "m"}, state=ServerState.READY,
+                           reason=None, started_at=FIXED_NOW, ended_at=None)
+        screen._show([(rec, None)])
+        await pilot.pause()
+        table = screen.query_one("#servers-table", DeckTable)
+        assert cell_text(table, rec.id, "id") == "qwen3-8b-bf81fb" and cell_text(table, rec.id, "state") == "ready"
+        screen._show([], {"sim-remote-04"})
+        await pilot.pause()
+        assert cell_text(table, rec.id, "state") == "unreachable"
+        await pilot.press("x")  # asks, then the node says it is not connected: nothing else is stopped
+        await pilot.pause()
+        await pilot.press("y")
+        await settle(app, pilot)
+        assert "sim-remote-04: not connected" in flash(app)
+        screen._show([(rec, None)], set())  # back: its own state again
+        await pilot.pause()
+        assert cell_text(table, rec.id, "state") == "ready"
