@@ -35,10 +35,13 @@ class FleetPoller:
         store: "Store | None" = None,
         history_every_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        record_history: bool = True,
     ) -> None:
         self.sources = list(sources)
         self.store = store
         self.history_every_s = history_every_s
+        # A read-only dashboard reads the store's history (the sparklines' seed) and writes none to it.
+        self.record_history = record_history
         self._clock = clock
         self._last_history = -1e18
         self.latest: dict[str, NodeSnapshot] = {}
@@ -68,7 +71,7 @@ class FleetPoller:
                 hist.util.append(gpu.utilization_gpu_pct)
                 total, used = gpu.memory_total_bytes, gpu.memory_used_bytes
                 hist.mem_pct.append(100.0 * used / total if total and used is not None else None)
-        if self.store is not None and now - self._last_history >= self.history_every_s:
+        if self.store is not None and self.record_history and now - self._last_history >= self.history_every_s:
             self._last_history = now
             self._write_history(self.store, now)
         return self.latest

@@ -82,7 +82,7 @@ def _run_demo(args: argparse.Namespace, config: Any) -> int:
             # through the environment, the demo's profiles and log folder), as a node has its own.
             agent = ["env", f"FLEETDECK_PROFILES={home.profiles}", f"FLEETDECK_SPECS={home.specs}", f"XDG_STATE_HOME={home.root / 'sim-remote-04'}",
                      sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "sim-remote-04",
-                     "--exit-after", "45", "--store", str(remote_store)]
+                     "--exit-after", "45", "--store", str(remote_store), "--config", str(home.remote_config)]
             flaky = RemoteNode("sim-remote-04", agent, backoff_s=(3.0, 10.0))
             flaky.simulated = True
             return [*demo_fleet(live=live), flaky]

@@ -292,9 +292,9 @@ def test_proxy_reload_is_loopback_only_and_keeps_the_old_config_when_the_new_one
     cfg.write_text('[[task]]\nname = "a"\nslm_base_url = "http://127.0.0.1:9/v1"\nslm_model = "m@v1"\nthreshold = 0.5\n')
     router = Router(load_router_config(cfg), load_litellm=False, config_path=cfg)
     app = create_app(router)
-    with TestClient(app) as remote:  # the test client's address is "testclient", not loopback
+    with TestClient(app, base_url="http://127.0.0.1") as remote:  # the test client's address is "testclient", not loopback
         assert remote.post("/admin/reload").status_code == 403
-    with TestClient(app, client=("127.0.0.1", 5000)) as local:
+    with TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 5000)) as local:
         cfg.write_text(cfg.read_text().replace("m@v1", "m@v2"))
         r = local.post("/admin/reload")
         assert r.status_code == 200 and r.json()["changed_tasks"] == ["a"]

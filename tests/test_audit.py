@@ -548,12 +548,12 @@ def test_reloads_refused_at_the_door_or_read_only_are_recorded_without_letting_a
     router = proxy_mod.Router(load_router_config(cfg), load_litellm=False, config_path=cfg)
     app = proxy_mod.create_app(router)
     db = tmp_path / "fd.db"
-    with audit.session(db, "cli"), TestClient(app) as remote:  # "testclient" is not loopback
+    with audit.session(db, "cli"), TestClient(app, base_url="http://127.0.0.1") as remote:  # "testclient" is not loopback
         for _ in range(3):
             assert remote.post("/admin/reload").status_code == 403
         router._refusal_recorded_at = float("-inf")  # as if the window had passed
         assert remote.post("/admin/reload").status_code == 403
-    with audit.session(db, "cli", read_only=True), TestClient(app, client=("127.0.0.1", 5000)) as local:
+    with audit.session(db, "cli", read_only=True), TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 5000)) as local:
         r = local.post("/admin/reload")
         assert r.status_code == 403 and r.json()["error"]["code"] == "read_only", r.text
     recs = list(reversed(audit.query(open_store(db))))

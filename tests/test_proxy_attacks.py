@@ -90,12 +90,12 @@ CHAT = b'{"model":"tickets","messages":[{"role":"user","content":"lp=-0.01"}]}'
 
 # --- the HTTP layer --------------------------------------------------------------------------------------
 MALFORMED = [
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX Bad: v\r\nContent-Length: 2\r\n\r\n{}",  # space in a name
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}",
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX Bad: v\r\nContent-Length: 2\r\n\r\n{}",  # space in a name
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n{}",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
     b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",  # HTTP/1.1 without Host
-    b"GET /v1/mod\xffels HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/mod\xffels HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
     b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",  # TLS to a plain-HTTP port
 ]
 
@@ -113,9 +113,9 @@ def test_what_the_http_parser_refuses_is_a_400_in_openais_shape(slm, frontier, m
 def test_header_bounds_answer_in_openais_shape(slm, frontier, make_proxy):
     # Before: 431 and 408 were text/plain.
     proxy = make_proxy(with_proxy(make_config(slm.url, frontier.url), max_header_bytes=4096, header_timeout_s=1.0))
-    status, body, _ = raw_exchange(proxy.server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
+    status, body, _ = raw_exchange(proxy.server.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
     assert status == 431 and body is not None and body["error"]["code"] == "headers_too_large"
-    status, body, _ = raw_exchange(proxy.server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and no more
+    status, body, _ = raw_exchange(proxy.server.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and no more
     assert status == 408 and body is not None and body["error"]["code"] == "request_timeout"
     assert proxy.post("lp=-0.01").status_code == 200
 
@@ -127,7 +127,7 @@ def test_a_path_with_a_trailing_slash_is_a_404_not_a_redirect_to_the_hosts_heade
     proxy = make_proxy(make_config(slm.url, frontier.url))
     calls = len(slm.app.state.calls)
     r = proxy.client.request(method, path, content=CHAT if method == "POST" else None,
-                             headers={"host": "evil.example", "content-type": "application/json"})
+                             headers={"host": "localhost:9", "content-type": "application/json"})
     assert "location" not in r.headers
     assert one_line_error(r, 404)["code"] == "not_found"
     assert len(slm.app.state.calls) == calls
@@ -136,7 +136,7 @@ def test_a_path_with_a_trailing_slash_is_a_404_not_a_redirect_to_the_hosts_heade
 def test_a_websocket_upgrade_is_served_as_the_http_request_it_is(slm, frontier, make_proxy):
     # Before: a bare 403 with no body, from uvicorn's WebSocket handshake.
     proxy = make_proxy(make_config(slm.url, frontier.url))
-    status, body, _ = raw_exchange(proxy.server.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    status, body, _ = raw_exchange(proxy.server.port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                                    b"Connection: Upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                                    b"Sec-WebSocket-Version: 13\r\n\r\n")
     assert status == 200 and body is not None and body["data"][0]["id"] == "tickets"
@@ -156,7 +156,7 @@ def test_two_authorization_headers_are_refused_whichever_comes_first(slm, fronti
     proxy = make_proxy(with_proxy(make_config(slm.url, frontier.url), api_keys_env="DOOR_KEYS"))
     proxy.router.keys = {"k1"}
     for pair in ((b"Bearer k1", b"Bearer nope"), (b"Bearer nope", b"Bearer k1"), (b"Bearer k1", b"Bearer k1")):
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Authorization: %s\r\nAuthorization: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                 % (pair[0], pair[1], len(CHAT)))
         status, body, _ = raw_exchange(proxy.server.port, head + CHAT)
@@ -172,7 +172,7 @@ def test_two_task_or_escalate_headers_are_refused_and_a_known_tasks_refusal_is_a
                               ("X-Fleetdeck-Escalate", (b"always", b"never"), True),
                               ("X-Fleetdeck-Escalate", (b"sometimes",), True)):
         lines = b"".join(b"%s: %s\r\n" % (name.encode(), v) for v in values)
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + lines +
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + lines +
                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(CHAT))
         status, body, _ = raw_exchange(proxy.server.port, head + CHAT)
         assert status == 400 and body is not None, body
@@ -293,6 +293,30 @@ def test_a_request_a_browser_sends_for_a_web_page_is_refused(slm, frontier, make
     assert stored_rows(proxy) == []
 
 
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:4000", "127.0.0.1.evil.example", "localhost.evil.example",
+                                  "10.0.0.5:4000", "[2001:db8::1]:4000"])
+def test_a_request_addressed_to_another_name_is_refused_when_the_proxy_has_no_keys(slm, frontier, make_proxy, host):
+    # DNS rebinding: a page whose name the attacker points at 127.0.0.1 is same-origin to an older browser
+    # (no Origin, no Sec-Fetch-Site); its Host header is that name. Keyless, only loopback names are served.
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    calls = len(slm.app.state.calls)
+    for method, path in (("GET", "/metrics"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+        r = proxy.client.request(method, path, content=CHAT, headers={"host": host})
+        assert one_line_error(r, 403)["code"] == "host_not_allowed", (method, path)
+    for ok in ("127.0.0.1", "localhost:4000", "[::1]:4000", "127.0.0.2"):
+        assert proxy.client.get("/health", headers={"host": ok}).status_code == 200, ok
+    assert len(slm.app.state.calls) == calls and stored_rows(proxy) == []  # (stops the proxy)
+
+
+def test_with_api_keys_any_host_name_is_served(slm, frontier, make_proxy, monkeypatch):
+    monkeypatch.setenv("FD_TEST_KEYS", "sk-one")
+    config = make_config(slm.url, frontier.url)
+    config = config.model_copy(update={"proxy": config.proxy.model_copy(update={"api_keys_env": "FD_TEST_KEYS"})})
+    proxy = make_proxy(config)
+    r = proxy.client.get("/v1/models", headers={"host": "fleet-gw.example:4000", "authorization": "Bearer sk-one"})
+    assert r.status_code == 200, r.text
+
+
 # --- an upstream that sends garbage ------------------------------------------------------------------------
 BROKEN = ["usage", "hugelp", "surrogate", "nodone", "multiline400", "html500",
           "json usage", "json hugelp", "json surrogate"]
@@ -340,7 +364,7 @@ def _open_chat(port: int, content: str, stream: bool) -> socket.socket:
     body = json.dumps({"model": "tickets", "stream": stream, "messages": [{"role": "user", "content": content}]}).encode()
     s = socket.create_connection(("127.0.0.1", port))
     s.settimeout(30)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body) + body)
     return s
 
@@ -373,7 +397,9 @@ def test_a_client_that_leaves_mid_stream_is_a_499_row_and_the_slm_connection_is_
     n = len(slm.app.state.calls) + 1
     data = b""
     while b"slm " not in data:  # the first token's chunk has been relayed
-        data += s.recv(65536)
+        more = s.recv(65536)
+        assert more, f"the proxy closed the connection before the first token: {data[:300]!r}"
+        data += more
     s.close()
     wait_until(lambda: proxy.ledger.counts().recorded == 1, "the row of the stream the client left")
     wait_until(lambda: ("closed", n) in slm.app.state.events, "the proxy to close the small model's stream")

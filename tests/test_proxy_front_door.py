@@ -194,19 +194,19 @@ def test_a_header_past_the_limit_is_refused_and_not_read(slm, frontier, make_pro
     port = proxy.server.port
     # Just past the limit, sent whole: the answer is a 4xx and the connection closes.
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
         head = _response_head(s)
     assert head.startswith(b"HTTP/1.1 431"), head[:100]
     # Headers within the limit are served as before.
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n")
         assert _response_head(s).startswith(b"HTTP/1.1 200")
     # 64 MB of header: the proxy stops reading and closes long before the client has sent it.
     sent = 0
     refused = threading.Event()
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.settimeout(30)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
         chunk = b"a" * 65536
         try:
             while sent < 64 * 1024 * 1024:
@@ -231,7 +231,7 @@ def test_a_slowloris_connection_is_closed_and_others_are_served(slm, frontier, m
     # Small, but far above the moment between a test's connect and its send, which it must not cut.
     proxy = make_proxy(with_proxy(make_config(slm.url, frontier.url), header_timeout_s=1.0))
     with socket.create_connection(("127.0.0.1", proxy.server.port)) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and never the rest
         head = _response_head(s)
         assert head.startswith(b"HTTP/1.1 408")
         s.settimeout(30)
@@ -240,7 +240,7 @@ def test_a_slowloris_connection_is_closed_and_others_are_served(slm, frontier, m
                 pass
     # The deadline holds on a kept-alive connection too, for its next request's headers.
     with socket.create_connection(("127.0.0.1", proxy.server.port)) as s:
-        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert _response_head(s).startswith(b"HTTP/1.1 200")
         s.sendall(b"GET /v1/models HTTP/1.1\r\nHo")
         s.settimeout(30)

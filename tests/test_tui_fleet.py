@@ -145,3 +145,37 @@ async def test_history_survives_a_restart_through_the_store(tmp_path):
 
 
 # The Fleet screen's snapshots are in tests/test_snapshots.py, with every other screen's.
+
+
+async def test_a_read_only_dashboard_reads_the_history_and_writes_none(tmp_path):
+    """README: a read-only run writes nothing on the node but its refusals' records; the GPU history it
+    samples each `history_every_s` was one thing it still wrote."""
+    from fleet.config import FleetConfig
+    from store.db import open_store
+
+    path = tmp_path / "fd.db"
+    app = make_app(store_path=path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+
+    def samples() -> int:
+        store = open_store(path, read_only=True)
+        try:
+            return store.query("SELECT COUNT(*) AS n FROM gpu_samples")[0]["n"]
+        finally:
+            store.close()
+
+    before = samples()
+    assert before > 0
+    from dataclasses import replace
+
+    from tui.app import FleetDeckApp
+
+    watcher = FleetDeckApp(replace(make_app(store_path=path).options, config=FleetConfig(read_only=True)))
+    async with watcher.run_test(size=(80, 24)) as pilot:
+        await ready(watcher, pilot)
+        watcher.poller._last_history = -1e18  # a sample is due now
+        watcher.poll_once_sync()
+        await pilot.pause()
+        assert any(len(h.util) >= 1 for h in watcher.poller.history.values())  # seeded from the store
+    assert samples() == before

@@ -117,7 +117,8 @@ class FleetDeckApp(Lifetime, App[None]):
     def __init__(self, options: AppOptions) -> None:
         super().__init__()
         self.options = options
-        self.poller = FleetPoller([], history_every_s=options.config.history_every_s)
+        self.poller = FleetPoller([], history_every_s=options.config.history_every_s,
+                                  record_history=not options.config.read_only)
         self.store: Store | None = None
         self.store_error: str | None = None
         self._polling = False

@@ -89,6 +89,12 @@ class DemoHome:
         return self.backend / "demo-router.toml"
 
     @property
+    def remote_config(self) -> Path:
+        """The fleet config of the demo's node behind the agent: the demo's adapters and models, never the
+        operator's own fleet.toml (which the agent would read by default)."""
+        return self.root / "sim-remote-04.toml"
+
+    @property
     def helpers(self) -> HelperLedger:
         return HelperLedger(self.root / "helpers.jsonl")
 
@@ -99,6 +105,10 @@ class DemoHome:
         """The demo's files, made once (kept across runs until --reset)."""
         private_dir(self.root)
         write_demo_files(self)
+        import json
+
+        self.remote_config.write_text(  # JSON's string escapes are TOML's: any path is quoted right
+            f"adapter_roots = [{json.dumps(str(self.adapters))}]\n\n[models]\nroots = [{json.dumps(str(self.models))}]\n")
 
     # -- one demo at a time ---------------------------------------------------------------------
     def lock(self) -> int:

@@ -328,7 +328,9 @@ def refresh(store: Store, rec: JobRecord) -> JobRecord:
         rec.outputs.final_loss = last.get("final_loss")
     elif last and last["event"] == "cancelled":
         rec.state = JobState.CANCELLED
-        rec.reason = f"cancelled at step {last.get('step')}; `fleetdeck finetune resume {rec.id}` continues"
+        # Read on this node and, through the agent, on a dashboard elsewhere: both ways of resuming are named.
+        rec.reason = (f"cancelled at step {last.get('step')}; resume continues it (`r` on Jobs, or "
+                      f"`fleetdeck finetune resume {rec.id}` on the host it ran on, `--node NAME` from elsewhere)")
     else:
         text = (last or {}).get("reason") or tail(rec.log_path, 30)
         hint = next((h for key, h in FAILURE_HINTS if key in text), None)

@@ -268,20 +268,42 @@ class BrowserGuard:
     or reload the config from any site the operator visits. Browsers mark such requests with Origin or
     Sec-Fetch-Site; API clients (SDKs, curl, load balancers) send neither."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, router: Router) -> None:
         self.app = app
+        self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") == "http":
             headers = dict(scope.get("headers") or [])
             site = headers.get(b"sec-fetch-site", b"none")
+            response = None
             if b"origin" in headers or site != b"none":
                 response = openai_error(403, "Requests from a web page are refused: fleetdeck's proxy is an API for "
                                              "programs (no Origin or Sec-Fetch-Site header).", "permission_error",
                                         "browser_request_refused")
+            elif not self.router.keys and not _names_loopback(headers.get(b"host")):
+                # DNS rebinding: a page whose own name the attacker points at 127.0.0.1 is, to an older browser,
+                # the page's own origin (no Origin, no Sec-Fetch-Site), and its Host is that name. Without keys
+                # the proxy answers only requests addressed to this host by a loopback name.
+                response = openai_error(403, "Without API keys the proxy answers only requests addressed to "
+                                             "127.0.0.1, ::1 or localhost (the Host header names another host).",
+                                        "permission_error", "host_not_allowed")
+            if response is not None:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _names_loopback(host: bytes | None) -> bool:
+    """A Host header naming this host by a loopback name or address (any port); none at all (HTTP/1.0) too."""
+    if host is None:
+        return True
+    name = host.decode("latin-1").strip().lower()
+    if name.startswith("["):
+        name = name[1:name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    return is_loopback(name) or name == "localhost" or name.endswith(".localhost")
 
 
 class RequestTasks:
@@ -343,7 +365,7 @@ def create_app(router: Router) -> Starlette:
         ],
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed},
-        middleware=[Middleware(RequestTasks, router=router), Middleware(BrowserGuard)],
+        middleware=[Middleware(RequestTasks, router=router), Middleware(BrowserGuard, router=router)],
     )
     # No 307 to the same path with(out) a slash: its Location is built from the client's Host header, and
     # an OpenAI client would replay the body there. A path that is not a route is a 404 in OpenAI's shape.
