@@ -287,3 +287,34 @@ def test_a_slurm_servers_stop_and_restart_through_the_client(cluster, tmp_path, 
         if remote is not None:
             remote.close()
         _stop_everything(store_path)
+
+
+def test_a_restart_of_an_ended_server_is_planned_against_its_gpus_as_they_are_now(tmp_path, monkeypatch):
+    """The demo's operator restarted a stopped server onto a GPU another live server had taken since: the
+    restart was forced (no plan), so two servers shared one GPU. A server that had ended is now planned like
+    any start; one that still runs takes its own place again (the memory it frees shows late)."""
+    from engine.vllm.command import LaunchError
+    from tests.helpers import h100
+
+    site = make_node_files(tmp_path / "node")
+    store_path = site / "fd.db"
+    for k, v in _node_env(site).items():
+        monkeypatch.setenv(k, v)
+    with audit.session(store_path, "test"):
+        ops = LocalOps(open_store(store_path), [site / "adapters"], name="", model_roots=[],
+                       folders=Folders(profiles=(site / "profiles",)), source=demo_fleet()[0])
+        try:
+            sid = ops.start_server("q", [3], force=True).rec.id
+            _came_up(ops, sid)
+            taken = [h100(free_gib=3.0, index=3)]  # another server holds the GPU now
+            live = ops.restart_server(sid, gpu_snapshots=taken)  # still running: it replaces itself, forced
+            _came_up(ops, live.new.id)
+            assert ops.stop_server(live.new.id).state == "stopped"
+            before = {st.rec.id for st in ops.servers()}
+            with pytest.raises(LaunchError, match="(?i)fit|memory"):
+                ops.restart_server(live.new.id, gpu_snapshots=taken)
+            assert {st.rec.id for st in ops.servers()} == before  # nothing started
+            again = ops.restart_server(live.new.id, gpu_snapshots=[h100(index=3)])  # the GPU is free again
+            _came_up(ops, again.new.id)
+        finally:
+            _stop_everything(store_path)

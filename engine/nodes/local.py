@@ -170,22 +170,28 @@ class LocalOps:
     def stop_server(self, sid: str) -> ServerRecord:
         return launcher.stop(self.store, launcher.get(self.store, sid))
 
-    def restart_server(self, sid: str) -> ServerRestarted:
+    def restart_server(self, sid: str, *, gpu_snapshots: Any = None) -> ServerRestarted:
         """A new run (a new record) of the same profile on the same placement (GPUs, or the same Slurm ask)
-        and node. A server that still runs is stopped first; a crashed one keeps its record, diagnosis
-        included, in the history."""
+        and node. A server that still runs is stopped first and takes its own place again (not planned: the
+        memory it frees shows late); one that had ended is planned against its GPUs as they are now, as a start
+        is (`gpu_snapshots`, else this node's own), so it is refused where another server has taken them. A
+        crashed one keeps its record, diagnosis included, in the history."""
         old = launcher.refresh(self.store, launcher.get(self.store, sid))
         profile = Profile.model_validate(old.spec)  # read before the stop: a record that cannot be read stops nothing
         gpus = gpu_indices(old)
-        if old.state in LIVE:
+        replacing = old.state in LIVE
+        snaps = None if replacing or isinstance(old.gpus, SlurmGpus) else (
+            gpu_snapshots if gpu_snapshots is not None else self._snapshots(gpus))
+        if replacing:
             launcher.stop(self.store, old)
         if isinstance(old.gpus, SlurmGpus):
             # The same sbatch request again (count, partition, account, QoS, time limit), under a new name and log.
             new = slurm_server.resubmit(self.store, old, adapter_roots=list(self.adapter_roots),
                                         log_dir=self.folders.server_logs)
         else:
-            new, _ = launcher.start(self.store, profile, gpus, force=True, adapter_roots=list(self.adapter_roots),
-                                    node=old.node, log_dir=self.folders.server_logs)
+            new, _ = launcher.start(self.store, profile, gpus, force=replacing, gpu_snapshots=snaps,
+                                    adapter_roots=list(self.adapter_roots), node=old.node,
+                                    log_dir=self.folders.server_logs)
         return ServerRestarted(old, new)
 
     def prune_servers(self) -> list[str]:

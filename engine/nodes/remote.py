@@ -19,7 +19,7 @@ from engine.nodes.ops import AdapterListing, JobProgress, ServerRestarted, Serve
 from engine.nodes.placement import gpu_indices, slurm_ask
 from engine.nodes.processes import KillError, KillRequest
 from engine.slurm.client import ClusterView
-from engine.vllm.record import ServerRecord
+from engine.vllm.record import LIVE, ServerRecord
 from engine.vllm.status import ServerStatus
 from fleet.protocol import OPS, BadMessage, NoArgs, Op, SlurmAsk, _Args, args_of, parse_args, parse_result
 from fleet.remote import AgentError, RemoteNode
@@ -134,15 +134,17 @@ class AgentOps:
         audit.refuse_if_read_only("server.stop", shown_id(self.name, sid), server=sid)
         return self._server(self._ask(Op.STOP_SERVER, self._request(Op.STOP_SERVER, id=sid), timeout=60))
 
-    def restart_server(self, sid: str) -> ServerRestarted:
-        """Stop, then start the same profile on the same placement: the node's agent has no restart op."""
+    def restart_server(self, sid: str, *, gpu_snapshots: Any = None) -> ServerRestarted:
+        """Stop, then start the same profile on the same placement: the node's agent has no restart op. A
+        server that still ran takes its own place again (forced); one that had ended is planned by the agent
+        against its node's GPUs as they are now (`gpu_snapshots`, read here, are not sent)."""
         shown = shown_id(self.name, self._here(sid))
         rec = next((st.rec for st in self.servers() if st.rec.id == shown), None)
         if rec is None:
             raise AgentError(f"{self.name}: no server {self._here(sid)!r} (fleetdeck serve ls --node {self.name})")
         ask, gpus = slurm_ask(rec), gpu_indices(rec)  # read before the stop, which must not run if these fail
         old = self.stop_server(rec.id)
-        started = self.start_server(rec.name, gpus, port=None, force=True, slurm=ask)
+        started = self.start_server(rec.name, gpus, port=None, force=rec.state in LIVE, slurm=ask)
         return ServerRestarted(old, started.rec)
 
     def prune_servers(self) -> list[str]:

@@ -236,6 +236,21 @@ class ServersScreen(PolledScreen):
 
         self.app.push_screen(ConfirmScreen(f"Stop {v.rec.id} (pid {v.rec.pid}, GPUs {v.rec.gpus})?"), done)
 
+    def _gpus_now(self, rec: Any) -> Any:
+        """The poller's figures for the GPUs a server ran on, on its node (the demo's simulated nodes have no
+        source of their own in the engine): a restart of an ended server is planned against them. None: the
+        engine reads the node's own."""
+        from engine.managed import LocalGpus
+
+        poller = getattr(self.app, "poller", None)
+        snap = (poller.latest or {}).get(rec.node) if poller is not None and rec.node else None
+        if snap is None or not isinstance(rec.gpus, LocalGpus):
+            return None
+        try:
+            return snap.gpus_at(list(rec.gpus.indices))
+        except ValueError:  # the node no longer has that GPU: the engine's plan says so
+            return None
+
     @work(thread=True, group="servers-action")
     def _stop(self, rec: Any, restart: bool = False) -> None:
         from engine.audit import trail as audit
@@ -245,7 +260,10 @@ class ServersScreen(PolledScreen):
 
         try:
             ops, sid = ops_for(self._sources(), self._local(), rec.id)
-            message = restarted_text(ops.restart_server(sid)) if restart else f"{ops.stop_server(sid).id} stopped"
+            if restart:
+                message = restarted_text(ops.restart_server(sid, gpu_snapshots=self._gpus_now(rec)))
+            else:
+                message = f"{ops.stop_server(sid).id} stopped"
         except (AgentError, audit.ReadOnlyError) as exc:
             message = f"{rec.id}: {exc}"
         except Exception as exc:  # a restart whose start failed: the stop stands
