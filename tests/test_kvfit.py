@@ -497,7 +497,10 @@ def test_a_broken_config_is_one_archerror_or_a_model_vllm_could_build(cfg):
     ({"cross_attention_layers": list(range(100))}, "cross_attention_layers"),
     ({"quantization_config": "awq"}, "quantization_config` must be an object"),
     ({"quantization_config": {"quant_method": "gptq", "bits": -4}}, "quantization_config.bits"),  # was: negative weights
-    ({"quantization_config": {"quant_method": "gptq", "bits": 5}}, "take 2, 3, 4, 8"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 5}}, "take 4, 8"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 3, "sym": True}}, "take 4, 8"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 8}}, "awq kernels take 4"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4, "sym": False}}, "symmetric GPTQ only"),
     ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": "x"}}}, "config_groups.g"),
 ])
 def test_a_config_no_model_has_is_refused_naming_the_key(cfg_patch, message):
@@ -510,8 +513,8 @@ def test_gptq_per_channel_group_size_minus_one_is_four_bits_not_negative_weights
     """GPTQ's group_size -1 (one scale per output column) is a real, common setting: it was planned as a
     negative group, giving -10 GiB of weights and a promise of 1.5M tokens."""
     base = CATALOGUE["Qwen/Qwen2.5-7B-Instruct"]
-    per_channel = arch_from_config({**base, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1}})
-    grouped = arch_from_config({**base, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}})
+    per_channel = arch_from_config({**base, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1, "sym": True}})
+    grouped = arch_from_config({**base, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}})
     assert per_channel.quantization.group_size == 0
     assert 0 < estimated_weight_bytes(per_channel) < estimated_weight_bytes(grouped) < estimated_weight_bytes(catalogue_arch("Qwen/Qwen2.5-7B-Instruct"))
 

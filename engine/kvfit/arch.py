@@ -131,7 +131,8 @@ def _int(cfg: dict[str, Any], key: str, *alts: str, default: Any = ..., minimum:
 
 
 # Bit widths vLLM's AWQ/GPTQ kernels take (GPTQConfig: 2, 3, 4, 8; AWQ: 4).
-_GPTQ_BITS = (2, 3, 4, 8)
+_GPTQ_BITS = (4, 8)
+_AWQ_BITS = (4,)
 
 
 def _group_size(q: dict[str, Any], *keys: str) -> int:
@@ -156,9 +157,16 @@ def parse_quantization(cfg: dict[str, Any]) -> Quantization:
         return NO_QUANT
     if method in ("awq", "gptq", "awq_marlin", "gptq_marlin"):
         bits = _int(q, "bits", "w_bit", default=4, minimum=2, maximum=8, where="quantization_config.")
-        if bits not in _GPTQ_BITS:
+        family = method.split("_")[0]
+        # vLLM 0.32 maps awq/gptq (and their _marlin names) to AutoAWQConfig / AutoGPTQConfig, whose TYPE_MAPs
+        # take 4-bit AWQ, and 4- or 8-bit symmetric GPTQ; anything else is refused as the model loads.
+        allowed = _AWQ_BITS if family == "awq" else _GPTQ_BITS
+        if bits not in allowed:
             raise ArchError(f"config.json: `quantization_config.bits` is {bits}; vLLM's {method} kernels take "
-                            f"{', '.join(map(str, _GPTQ_BITS))}")
+                            f"{', '.join(map(str, allowed))}")
+        if family == "gptq" and q.get("sym") is not True:
+            raise ArchError(f"config.json: `quantization_config.sym` is {_shown(q.get('sym'))}; vLLM's {method} "
+                            "kernels take symmetric GPTQ only (sym = true)")
         return Quantization(method.split("_")[0], bits, _group_size(q, "group_size", "q_group_size"))
     if method == "fp8":
         return Quantization("fp8", 8)
