@@ -175,6 +175,13 @@ def _claim(p: Path, hint: str) -> tuple[int, int]:
         return key
 
 
+def _check_ours(conn: sqlite3.Connection, p: Path, hint: str) -> None:
+    """Raises StoreError unless the file carries fleetdeck's application_id."""
+    if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+        raise StoreError(f"{p} is an SQLite database of another program, not a fleetdeck store; "
+                         f"fleetdeck leaves it untouched. {hint}")
+
+
 def _identify(p: Path, hint: str) -> int:
     """The schema version of an existing store, read through a read-only connection (which changes nothing
     in the file: not its bytes, its mode or its journal mode). Raises StoreCorrupt for a damaged one."""
@@ -182,10 +189,7 @@ def _identify(p: Path, hint: str) -> int:
     # -wal and -shm beside a store it then refuses (root's, after root ran fleetdeck on a user's store).
     ro = _connect_read_only(p, hint)
     try:
-        app_id = ro.execute("PRAGMA application_id").fetchone()[0]
-        if app_id != APPLICATION_ID:
-            raise StoreError(f"{p} is an SQLite database of another program, not a fleetdeck store; "
-                             f"fleetdeck leaves it untouched. {hint}")
+        _check_ours(ro, p, hint)
         return _schema_version(ro)
     except sqlite3.DatabaseError as exc:
         if is_corrupt(exc):
@@ -242,10 +246,7 @@ def _open_read_only(p: Path, hint: str, oldest: int, needs: tuple[str, ...] | No
             raise StoreError(f"{p} is an empty file, not a fleetdeck store yet (a command that writes makes it one). {hint}")
         conn = _connect_read_only(p, hint)
         try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            if app_id != APPLICATION_ID:
-                raise StoreError(f"{p} is an SQLite database of another program, not a fleetdeck store; "
-                                 f"fleetdeck leaves it untouched. {hint}")
+            _check_ours(conn, p, hint)
             version = _schema_version(conn)
             _refuse_newer(p, version)
             if version < oldest:
@@ -254,11 +255,7 @@ def _open_read_only(p: Path, hint: str, oldest: int, needs: tuple[str, ...] | No
                                  "with the fleetdeck that wrote it).")
             _check_shape(conn, p, version, needs)
         except BaseException as exc:
-            conn.close()
-            if isinstance(exc, sqlite3.DatabaseError):
-                if is_corrupt(exc):
-                    raise StoreCorrupt(p, exc) from exc
-                raise StoreError(f"Cannot read the store {p}: {exc}. {hint}") from exc
+            _close_and_name(conn, p, exc, "read", hint)
             raise
     except BaseException:
         _release(key)
@@ -382,13 +379,19 @@ def _open_claimed(p: Path, hint: str) -> Store:
         _migrate(store, version)
         _check_shape(conn, p, SCHEMA_VERSION)
     except BaseException as exc:
-        conn.close()
-        if isinstance(exc, sqlite3.DatabaseError):
-            if is_corrupt(exc):
-                raise StoreCorrupt(p, exc) from exc
-            raise StoreError(f"Cannot open the store {p}: {exc}. {hint}") from exc
+        _close_and_name(conn, p, exc, "open", hint)
         raise
     return store
+
+
+def _close_and_name(conn: sqlite3.Connection, p: Path, exc: BaseException, verb: str, hint: str) -> None:
+    """A store that failed to open: its connection closed, and SQLite's error raised as the store's (damaged,
+    or unreadable, naming the file); any other exception is left to the caller's `raise`."""
+    conn.close()
+    if isinstance(exc, sqlite3.DatabaseError):
+        if is_corrupt(exc):
+            raise StoreCorrupt(p, exc) from exc
+        raise StoreError(f"Cannot {verb} the store {p}: {exc}. {hint}") from exc
 
 
 def _wal(conn: sqlite3.Connection) -> None:
