@@ -11,6 +11,7 @@ bundle) and `kill`, whose argument is a real pid on this machine.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 
 import pytest
@@ -70,7 +71,9 @@ def _alarm(signum, frame):
     raise _Hung()
 
 
-@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "250")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# FUZZ_EXAMPLES raises the count, to search deeper by hand; the suite runs 250.
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "250")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=command_lines())
 def test_any_command_line_is_an_exit_code_and_words_never_a_traceback(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no ./configs of the checkout: no name here reaches a real profile or spec

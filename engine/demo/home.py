@@ -11,6 +11,7 @@ never adopts it.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import threading
@@ -105,8 +106,6 @@ class DemoHome:
         """The demo's files, made once (kept across runs until --reset)."""
         private_dir(self.root)
         write_demo_files(self)
-        import json
-
         self.remote_config.write_text(  # JSON's string escapes are TOML's: any path is quoted right
             f"adapter_roots = [{json.dumps(str(self.adapters))}]\n\n[models]\nroots = [{json.dumps(str(self.models))}]\n")
 
