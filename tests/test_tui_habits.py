@@ -434,3 +434,42 @@ async def test_a_workers_results_for_a_screen_no_longer_in_the_app_are_dropped(t
         deliver(1)
     deliver(2)  # the app has exited
     assert calls == [(1,)]
+
+
+async def test_a_workers_results_for_a_screen_being_removed_are_dropped():
+    """A screen being removed is still attached while Textual takes its children away first (the app quitting
+    removes every screen so). Results arriving in that window are dropped: the CI run of d6d46c3 failed on a
+    NoMatches for the jobs table, raised as the app's error when a test's app shut down mid-poll."""
+    from textual.app import App, ComposeResult
+    from textual.css.query import NoMatches
+    from textual.screen import Screen
+    from textual.widgets import Static
+
+    from tui.screens.base import while_attached
+
+    seen: list[str] = []
+
+    class Body(Screen[None]):
+        def compose(self) -> ComposeResult:
+            yield Static("rows", id="rows")
+
+        def on_unmount(self) -> None:
+            # Unmount comes once the children have gone, and the screen is still in the app: the window a
+            # worker's result can land in.
+            assert self.is_attached
+            try:
+                self.query_one("#rows")
+            except NoMatches:
+                seen.append("children gone")
+            while_attached(self, lambda: seen.append(str(self.query_one("#rows"))))()
+            seen.append("dropped")
+
+    class Probe(App[None]):
+        def on_mount(self) -> None:
+            self.push_screen(Body())
+
+    app = Probe()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, Body)
+    assert seen == ["children gone", "dropped"]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from rich.text import Text
 from textual import getters
 from textual.app import ComposeResult
+from textual.dom import DOMNode
 from textual.message_pump import MessagePump
 from textual.screen import ModalScreen, Screen
 from textual.containers import Horizontal
@@ -40,13 +41,16 @@ class _DeckApp(getters.app["FleetDeckApp"]):
         return getters.app(FleetDeckApp).__get__(obj, obj_type)
 
 
-def while_attached(widget: MessagePump, fn: Callable[..., None]) -> Callable[..., None]:
-    """`fn`, run only while `widget` is still in the app. A worker's results reach the UI thread through
-    call_from_thread; by then the screen may be gone (closed, or the app quitting), and its queries would fail
-    with NoMatches, which Textual raises as the app's own error."""
+def while_attached(widget: DOMNode, fn: Callable[..., None]) -> Callable[..., None]:
+    """`fn`, run only while `widget` is still in the app and not on its way out. A worker's results reach the
+    UI thread through call_from_thread; by then the screen may be gone (closed, or the app quitting), and its
+    queries would fail with NoMatches, which Textual raises as the app's own error. A screen being removed is
+    still attached while Textual takes its children away first (the app quitting removes every screen so):
+    Textual marks it `_pruning` from the start of that removal (8.2, App._prune), so that is checked too; the
+    CI run of d6d46c3 lost the jobs table in that window."""
 
     def run(*args: Any) -> None:
-        if widget.is_attached:
+        if widget.is_attached and not (widget._pruning or widget._closing or widget._closed):
             fn(*args)
 
     return run
@@ -212,7 +216,7 @@ def report_prune(screen: PolledScreen, prune: Callable[[], str]) -> None:
     except audit.ReadOnlyError as exc:
         message = str(exc)
     screen.app.call_from_thread(screen.notify, message, markup=False)
-    screen.app.call_from_thread(screen.reload)
+    screen.app.call_from_thread(while_attached(screen, screen.reload))
 
 
 class DeckModal(ReadOnlyAware, ModalScreen[Any]):

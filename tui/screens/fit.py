@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Input, Label, Select, Static
 from engine.kvfit.kv_cache import KV_DTYPES
 from engine.kvfit.overhead import vllm_view_of
 from engine.kvfit.plan import FIT_LENGTHS, FitRequest, FitResult
-from tui.screens.base import DeckScreen
+from tui.screens.base import DeckScreen, while_attached
 
 GIB = 1024**3
 # What vLLM sees as total memory on common cards (torch.cuda.mem_get_info), for planning off-host.
@@ -197,9 +197,9 @@ class FitScreen(DeckScreen):
         except (ArchError, ValueError, OSError, ArithmeticError) as exc:
             # load_model turns what it reads into ArchError; the rest is a last guard: a worker that raised would
             # end the dashboard, and a bad model name is not worth that.
-            self.app.call_from_thread(self.show_error, str(exc) or type(exc).__name__)
+            self.app.call_from_thread(while_attached(self, self.show_error), str(exc) or type(exc).__name__)
             return
-        self.app.call_from_thread(self.show_result, result, grid)
+        self.app.call_from_thread(while_attached(self, self.show_result), result, grid)
 
     def show_error(self, message: str) -> None:
         self.error = message

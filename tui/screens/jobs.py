@@ -250,7 +250,7 @@ class JobsScreen(PolledScreen):
         except (jobs.JobError, AgentError, audit.ReadOnlyError) as exc:
             msg = str(exc)
         self.app.call_from_thread(self.notify, msg)
-        self.app.call_from_thread(self.reload)
+        self.app.call_from_thread(while_attached(self, self.reload))
 
     def action_prune(self) -> None:
         from engine.finetune.jobs import ENDED

@@ -268,7 +268,7 @@ class RouterScreen(PolledScreen):
             self.app.call_from_thread(self.notify, f"Threshold not written: {exc}", severity="error")
             return
         self.app.call_from_thread(self.notify, f"{task}: threshold {value:.4f} written to {path}. Restart the proxy to use it.")
-        self.app.call_from_thread(self.reload)
+        self.app.call_from_thread(while_attached(self, self.reload))
 
     # -- adapter versions: evaluate, promote, roll back ------------------------------------------
     def _task_context(self) -> tuple[TaskRow, Path] | None:
@@ -340,7 +340,7 @@ class RouterScreen(PolledScreen):
         roots = list(self.app.options.config.adapter_roots)
         store = self.store
         if store is None:  # the store closed after the question was asked: nothing to act on
-            self.app.call_from_thread(self.no_store)
+            self.app.call_from_thread(while_attached(self, self.no_store))
             return
         try:
             if what == "evaluate":
@@ -364,4 +364,4 @@ class RouterScreen(PolledScreen):
             self.app.call_from_thread(self.notify, f"{what}: {exc}", severity="error", timeout=12)
             return
         self.app.call_from_thread(self.notify, message, timeout=12)
-        self.app.call_from_thread(self.reload)
+        self.app.call_from_thread(while_attached(self, self.reload))
