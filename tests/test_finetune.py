@@ -3,6 +3,7 @@ saved adapter, dataset checks, the unsloth mapping and its no-GPU failure, VRAM 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -87,7 +88,8 @@ def test_peft_job_runs_on_cpu_is_cancelled_resumed_and_ends_with_a_servable_adap
     adapter_dir = Path(done["adapter_path"])
     assert adapter_dir.parent == tmp_path / "adapters"
     meta = json.loads((adapter_dir / "fleetdeck.json").read_text())
-    assert meta["base_model"] == str(model) and len(meta["dataset_sha256"]) == 64 and meta["final_loss"] == done["final_loss"]
+    assert meta["base_model"] == str(model) and meta["final_loss"] == done["final_loss"]
+    assert meta["dataset_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()  # the bytes it trained on
     # The adapter loads with PEFT and shows in the adapters list.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -208,3 +210,101 @@ def test_spec_errors_name_the_key(tmp_path, capsys):
     assert main(["finetune", "check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "name" in err and "lora_rank" in err and "backend" in err
+
+
+# -- the data an adapter was trained on is the data that was checked --------------------------------------------
+def test_a_dataset_is_refused_unless_it_is_a_regular_file_and_a_pipe_never_blocks_the_check(tmp_path):
+    import os
+
+    fifo = tmp_path / "d.jsonl"
+    os.mkfifo(fifo)  # nothing writes it: reading it would block the check for ever
+    assert check_dataset(fifo).errors == [f"cannot read {fifo}: it is not a regular file (a pipe, socket or device)"]
+    assert check_dataset(Path("/dev/zero")).errors[0].endswith("not a regular file (a pipe, socket or device)")
+    assert check_dataset(tmp_path).errors == [f"cannot read {tmp_path}: it is a folder"]
+
+
+def test_a_line_without_end_is_skipped_in_pieces_named_and_hashed(tmp_path, monkeypatch):
+    """A file with no newline must not take the host's memory: past the bound the line is named and skipped,
+    the lines after it are still checked under their own numbers, and the hash covers every byte."""
+    from engine.finetune import dataset
+
+    monkeypatch.setattr(dataset, "MAX_LINE_BYTES", 100)
+    good = '{"instruction": "q", "output": "a"}'
+    data = (good + "\n" + '{"instruction": "' + "x" * 450 + '", "output": "a"}\n' + good + "\n{bad\n").encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(data)
+    report = check_dataset(path)
+    assert report.errors == ["line 2: longer than 0 MiB", "line 4: invalid JSON (Expecting property name enclosed "
+                             "in double quotes at column 2)"]
+    assert (report.lines, report.examples) == (4, 2)
+    assert report.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def sim_spec(tmp_path: Path, model: Path, data: Path) -> Path:
+    return spec_file(tmp_path, model, data, backend="simulated", max_steps=400)
+
+
+def test_a_dataset_changed_after_the_check_is_never_trained_on(tmp_path, tiny):
+    """The runner reads the dataset once and holds it to the SHA-256 the start's check took: a dataset edited
+    between the check and the first step fails the job before a step, and no adapter is written."""
+    from engine.finetune import runner
+    from fleet.procs import JOB_FLAG
+
+    model, data = tiny
+    copy = tmp_path / "data.jsonl"
+    copy.write_bytes(data.read_bytes())
+    spec = load_spec(spec_file(tmp_path, model, copy, backend="simulated", max_steps=2))
+    checked = check_dataset(copy)
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    with copy.open("a") as fh:
+        fh.write('{"instruction": "added after the check", "output": "x"}\n')
+    work = tmp_path / "work"
+    code = runner.main([JOB_FLAG, "ft-x", "--spec", str(tmp_path / "spec.json"), "--workdir", str(work),
+                        "--dataset-sha256", checked.sha256])
+    assert code == runner.EXIT_FAILED
+    (event,) = jobs.read_events(work / "progress.jsonl")
+    assert event["event"] == "error" and event["kind"] == "dataset"
+    assert "changed since the job was checked" in event["reason"] and checked.sha256[:12] in event["reason"]
+    assert not (work / "adapter").exists() and not (tmp_path / "adapters").exists()
+
+
+def test_the_adapter_names_the_bytes_it_trained_on_and_a_resume_on_other_data_is_refused(tmp_path, tiny, capsys):
+    """job.start's audit record and the adapter's fleetdeck.json carry the dataset's SHA-256 as checked; a
+    cancelled job whose dataset changed since will not resume (the checkpoint would go on over other data),
+    and is refused with that reason before anything runs; with its data back, it resumes and finishes."""
+    from engine.audit import trail as audit
+
+    model, data = tiny
+    copy = tmp_path / "data.jsonl"
+    copy.write_bytes(data.read_bytes())
+    sha = hashlib.sha256(copy.read_bytes()).hexdigest()
+    db = str(tmp_path / "fd.db")
+    assert main(["finetune", "start", str(sim_spec(tmp_path, model, copy)), "--gpus", "cpu", "--store", db]) == 0
+    jid = capsys.readouterr().out.split()[1]
+    store = open_store(db)
+    (started,) = audit.query(store, action="job.start")
+    assert json.loads(started["params"])["dataset_sha256"] == sha
+    deadline = time.time() + WAIT_CEILING_S
+    while jobs.last_step(jobs.get(store, jid)) is None:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert main(["finetune", "cancel", jid, "--store", db]) == 0
+    original = copy.read_bytes()
+    copy.write_bytes(original.replace(b"\n", b"\r\n", 1))  # one byte more: other data, as far as a hash goes
+    capsys.readouterr()
+    assert main(["finetune", "resume", jid, "--store", db]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "changed since the job started" in err and sha[:12] in err
+    (refused,) = [r for r in audit.query(store, action="job.resume") if r["outcome"] == "refused"]
+    assert "changed since the job started" in refused["reason"]
+    assert jobs.get(store, jid).state == "cancelled"
+    copy.write_bytes(original)
+    spec_json = jobs.get(store, jid).job_dir / "spec.json"
+    step = jobs.last_step(jobs.get(store, jid))["step"]
+    spec_json.write_text(json.dumps({**json.loads(spec_json.read_text()), "max_steps": step + 1}))
+    assert main(["finetune", "resume", jid, "--store", db]) == 0
+    rec = wait_state(store, jobs.get(store, jid), {"finished", "failed"})
+    assert rec.state == "finished", rec.reason
+    done = jobs.read_events(rec.progress_path)[-1]
+    meta = json.loads((Path(done["adapter_path"]) / "fleetdeck.json").read_text())
+    assert meta["dataset_sha256"] == sha

@@ -66,7 +66,7 @@ def test_any_valid_dataset_is_read_whole_as_written(tmp_path, case):
     report = check_dataset(path)
     assert report.ok, report.errors
     assert report.examples == len(rows)
-    assert load_examples(path) == rows  # what the trainer reads is what the check passed
+    assert load_examples(path.read_bytes()) == rows  # what the trainer reads is what the check passed
 
 
 @SETTINGS
@@ -276,3 +276,21 @@ def test_a_router_config_that_loads_holds_only_numbers_every_figure_can_use(prox
                 assert math.isfinite(value)
             if isinstance(value, int):
                 assert abs(value) < 2**53  # a float's exact integers: every cost and window multiplies them
+
+
+@SETTINGS
+@given(st.binary(max_size=2048) | st.lists(st.sampled_from([b"\n", b"\r\n", b"\xef\xbb\xbf", b"\xff", b"{}", b" ",
+                                                                b'{"instruction": "q", "output": "a"}', b"\xe2\x80\xa8"]),
+                                               max_size=30).map(b"".join))
+def test_any_bytes_get_a_report_whose_hash_is_of_every_byte(tmp_path, data):
+    """The check reads a line at a time; whatever the bytes, it reports (never raises), and its SHA-256 is the
+    file's, which the runner holds its own read against."""
+    import hashlib
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(data)
+    report = check_dataset(path)
+    assert report.sha256 == hashlib.sha256(data).hexdigest()
+    assert report.ok == (not report.errors and report.examples > 0)
+    if report.ok:
+        assert len(load_examples(data)) == report.examples

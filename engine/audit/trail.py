@@ -58,7 +58,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "adapter.load": ("server", "adapter", "path"),
     "adapter.unload": ("server", "adapter"),
     "adapter.swap": ("server", "old", "adapter", "path"),
-    "job.start": ("spec", "gpus", "force", "job"),
+    "job.start": ("spec", "gpus", "force", "job", "dataset_sha256"),
     "job.cancel": ("job",),
     "job.resume": ("job",),
     "adapter.import": ("path", "version"),

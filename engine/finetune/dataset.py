@@ -9,12 +9,14 @@ share that max_seq_length would cut is reported.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from store.json_text import JsonTextError, jsonl_lines, parse_json, shown
+from store.json_text import BOM, JsonTextError, jsonl_lines, parse_json, shown
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -79,63 +81,144 @@ def _check_line(obj: Any) -> tuple[str | None, str | None]:
     return None, "missing fields: expected `messages` (chat) or `instruction`/`output` (alpaca)"
 
 
-def load_examples(path: Path) -> list[dict[str, Any]]:
-    """Parsed examples of a dataset that passed the check (its lines read as the check read them)."""
-    return [parse_json(line) for _, line in jsonl_lines(path.read_text(encoding="utf-8"))]
+# A line longer than this is not one training example (max_seq_length counts tokens: even 128k tokens are a few
+# MiB of text). Past it the rest of the line is hashed and skipped in pieces, so a file with no newline at all
+# cannot take the host's memory.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+BOM_BYTES = BOM.encode("utf-8")
+TOKENIZE_BATCH = 512  # lines measured at a time: the check keeps lengths, not the texts
+
+
+class DatasetFileError(OSError):
+    """The dataset path is not a file that can be read as a dataset; the message is one line."""
+
+
+def open_dataset(path: Path) -> BinaryIO:
+    """The dataset opened for reading, refused unless it is a regular file: a FIFO (or /dev/stdin) would block
+    the check, and a device such as /dev/zero never ends. Opened without blocking, then checked on the open file
+    itself, so the path cannot be swapped between the check and the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DatasetFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+        raise DatasetFileError(f"cannot read {path}: it is {kind}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_dataset(path: Path) -> bytes:
+    """The whole dataset as the trainer takes it: read once, so what is hashed is what is trained on."""
+    with open_dataset(path) as fh:
+        return fh.read()
+
+
+def load_examples(data: bytes) -> list[dict[str, Any]]:
+    """Parsed examples of a dataset that passed the check, from the bytes the trainer hashed, line for line as
+    the check read them."""
+    return [parse_json(line) for _, line in jsonl_lines(data.decode("utf-8"))]
+
+
+def _tokenizer(base_model: Path | None) -> tuple[Any, str | None]:
+    """(tokenizer or None, what the report says of it)."""
+    if base_model is None:
+        return None, None
+    tok_file = Path(base_model) / "tokenizer.json"
+    if not tok_file.is_file():
+        return None, None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(tok_file)), str(tok_file)
+    except Exception as exc:  # a tokenizer the library cannot read: report, do not fail the check
+        return None, f"unreadable ({exc})"
 
 
 def check_dataset(path: Path, base_model: Path | None = None, max_seq_length: int | None = None,
                   max_errors: int = 50) -> DatasetReport:
+    """Every line checked, read a line at a time (a dataset can be larger than the dashboard host's memory);
+    the SHA-256 is of every byte read, which is what the job's runner holds its own read against."""
     report = DatasetReport(str(path))
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        report.errors.append(f"cannot read {path}: {exc.strerror or exc}")
-        return report
-    report.sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        report.errors.append(f"not UTF-8 text (byte {exc.start})")
-        return report
+    tok, report.tokenizer = _tokenizer(base_model)
     forms: set[str] = set()
-    texts: list[str] = []
-    for n, raw in jsonl_lines(text):
-        report.lines += 1
-        try:
-            obj = parse_json(raw)
-        except JsonTextError as exc:
-            report.errors.append(f"line {n}: invalid JSON ({exc})")
-            continue
-        form, error = _check_line(obj)
-        if error:
-            report.errors.append(f"line {n}: {error}")
-            continue
-        forms.add(form or "")
-        report.examples += 1
-        texts.append(example_text(obj))
+    lengths: list[int] = []
+    pending: list[str] = []
+
+    def measure() -> None:
+        nonlocal tok
+        if tok is not None and pending:
+            try:
+                lengths.extend(len(e.ids) for e in tok.encode_batch(pending))
+            except Exception as exc:  # as above: the tokenizer's failure is reported, the check goes on
+                tok, report.tokenizer = None, f"unreadable ({exc})"
+                lengths.clear()
+        pending.clear()
+
+    digest = hashlib.sha256()
+    try:
+        fh = open_dataset(path)
+    except DatasetFileError as exc:
+        report.errors.append(str(exc))
+        return report
+    with fh:
+        n = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            n += 1
+            digest.update(raw)
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = fh.readline(MAX_LINE_BYTES)
+                    digest.update(raw)
+                report.lines += 1
+                report.errors.append(f"line {n}: longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB")
+                continue
+            if n == 1 and raw.startswith(BOM_BYTES):
+                raw = raw[len(BOM_BYTES):]
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            raw = raw[:-1] if raw.endswith(b"\r") else raw
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                report.lines += 1
+                report.errors.append(f"line {n}: not UTF-8 text (byte {exc.start} of the line)")
+                continue
+            if not line.strip():  # blank lines are skipped, as jsonl_lines skips them for the trainer
+                continue
+            report.lines += 1
+            try:
+                obj = parse_json(line)
+            except JsonTextError as exc:
+                report.errors.append(f"line {n}: invalid JSON ({exc})")
+                continue
+            form, error = _check_line(obj)
+            if error:
+                report.errors.append(f"line {n}: {error}")
+                continue
+            forms.add(form or "")
+            report.examples += 1
+            if tok is not None:
+                pending.append(example_text(obj))
+                if len(pending) >= TOKENIZE_BATCH:
+                    measure()
+    measure()
+    report.sha256 = digest.hexdigest()
     if len(report.errors) > max_errors:
         extra = len(report.errors) - max_errors
         report.errors = report.errors[:max_errors] + [f"... and {extra} more bad lines"]
     if not report.lines:
         report.errors.append("the dataset is empty")
     report.form = forms.pop() if len(forms) == 1 else ("mixed" if forms else None)
-    if base_model is not None and texts:
-        tok_file = Path(base_model) / "tokenizer.json"
-        if tok_file.is_file():
-            try:
-                from tokenizers import Tokenizer
-
-                tok = Tokenizer.from_file(str(tok_file))
-                lengths = [len(e.ids) for e in tok.encode_batch(texts)]
-                report.tokenizer = str(tok_file)
-                report.token_stats = {
-                    "min": min(lengths), "mean": round(statistics.fmean(lengths), 1),
-                    "p50": statistics.median(lengths), "p95": sorted(lengths)[int(0.95 * (len(lengths) - 1))],
-                    "max": max(lengths), "total": sum(lengths),
-                }
-                if max_seq_length:
-                    report.truncated_share = sum(1 for x in lengths if x > max_seq_length) / len(lengths)
-            except Exception as exc:  # a tokenizer the library cannot read: report, do not fail the check
-                report.tokenizer = f"unreadable ({exc})"
+    if tok is not None and lengths:
+        report.token_stats = {
+            "min": min(lengths), "mean": round(statistics.fmean(lengths), 1),
+            "p50": statistics.median(lengths), "p95": sorted(lengths)[int(0.95 * (len(lengths) - 1))],
+            "max": max(lengths), "total": sum(lengths),
+        }
+        if max_seq_length:
+            report.truncated_share = sum(1 for x in lengths if x > max_seq_length) / len(lengths)
+    elif tok is not None:
+        report.tokenizer = None
     return report

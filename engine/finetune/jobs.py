@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -17,7 +18,7 @@ from engine import managed
 from engine.audit import trail as audit
 from engine.finetune.dataset import check_dataset
 from engine.managed import Cpu, GpuPlacement, LocalGpus, ManagedRecord, SlurmGpus
-from engine.finetune.spec import JobSpec
+from engine.finetune.spec import DATASET_SHA_FLAG, JobSpec
 from fleet.procs import JOB_FLAG
 
 if TYPE_CHECKING:
@@ -170,15 +171,28 @@ def start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapsh
         if slurm is not None:
             rec = _submit(store, spec, slurm, force=force, adapter_root=adapter_root, jobs_dir=jobs_dir)
             entry.target = entry.params["job"] = rec.id
+            entry.params["dataset_sha256"] = checked_sha256(rec)
             return rec
         rec = _start(store, spec, gpus, gpu_snapshots=gpu_snapshots, force=force, adapter_root=adapter_root, node=node,
                      jobs_dir=jobs_dir)
         entry.target = entry.params["job"] = rec.id
+        entry.params["dataset_sha256"] = checked_sha256(rec)
         return rec
 
 
-def _prepare(spec: JobSpec, adapter_root: Path | None, jobs_dir: Path | None = None) -> tuple[str, Path, list[str]]:
-    """A new job's id, its private folder with the spec the runner reads, and the runner's argv."""
+def checked_sha256(rec: JobRecord) -> str | None:
+    """The dataset SHA-256 a fine-tune's start checked (its runner's argv carries it); None for jobs started
+    before fleetdeck passed it, and for merge/quantize jobs."""
+    argv = list(rec.argv)
+    if DATASET_SHA_FLAG in argv[:-1]:
+        return argv[argv.index(DATASET_SHA_FLAG) + 1]
+    return None
+
+
+def _prepare(spec: JobSpec, adapter_root: Path | None, dataset_sha256: str,
+             jobs_dir: Path | None = None) -> tuple[str, Path, list[str]]:
+    """A new job's id, its private folder with the spec the runner reads, and the runner's argv. The runner
+    refuses a dataset whose SHA-256 is not the one the start's check took (changed since, or before a resume)."""
     from store.paths import private_dir, state_dir
 
     jid = f"ft-{spec.name}-{uuid.uuid4().hex[:6]}"
@@ -188,7 +202,8 @@ def _prepare(spec: JobSpec, adapter_root: Path | None, jobs_dir: Path | None = N
     with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
         fh.write(spec.model_dump_json(indent=2))
     root = adapter_root or spec.adapter_root
-    argv = [sys.executable, "-m", "engine.finetune.runner", JOB_FLAG, jid, "--spec", str(spec_path), "--workdir", str(workdir)]
+    argv = [sys.executable, "-m", "engine.finetune.runner", JOB_FLAG, jid, "--spec", str(spec_path), "--workdir", str(workdir),
+            DATASET_SHA_FLAG, dataset_sha256]
     if root:
         argv += ["--adapter-root", str(root)]
     return jid, workdir, argv
@@ -196,8 +211,8 @@ def _prepare(spec: JobSpec, adapter_root: Path | None, jobs_dir: Path | None = N
 
 def _start(store: Store, spec: JobSpec, gpus: Sequence[int] | None, *, gpu_snapshots: Sequence[Any] | None,
            force: bool, adapter_root: Path | None, node: str | None, jobs_dir: Path | None) -> JobRecord:
-    preflight(spec, gpu_snapshots, force)
-    jid, workdir, argv = _prepare(spec, adapter_root, jobs_dir)
+    report, _ = preflight(spec, gpu_snapshots, force)
+    jid, workdir, argv = _prepare(spec, adapter_root, report.sha256, jobs_dir)
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus) if gpus else ""}
     rec = JobRecord(id=jid, name=spec.name, node=node or socket.gethostname(), pid=None, create_time=None, argv=argv,
@@ -242,7 +257,7 @@ def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adap
     """The same runner, as a Slurm batch job: GPUs, time limit and the checkpoint signal asked of sbatch."""
     from engine.slurm import client as slurm
 
-    preflight(spec, None, force=True)  # the dataset check; the GPUs are Slurm's to find
+    report, _ = preflight(spec, None, force=True)  # the dataset check; the GPUs are Slurm's to find
     estimate = training_estimate(spec)
     per_gpu = req.settings.gpu_memory_gib
     if per_gpu and estimate.total_bytes > per_gpu * GIB and not force:
@@ -251,7 +266,7 @@ def _submit(store: Store, spec: JobSpec, req: SlurmRequest, *, force: bool, adap
                        "max_seq_length, or --force")
     if not 1 <= req.gpus <= 64:
         raise JobError(f"--gpus for Slurm is a count (1-64), got {req.gpus}")
-    jid, workdir, argv = _prepare(spec, adapter_root, jobs_dir)
+    jid, workdir, argv = _prepare(spec, adapter_root, report.sha256, jobs_dir)
     options = slurm.sbatch_args(req.settings, name=f"fleetdeck-{jid}", output=workdir / "job.log", gpus=req.gpus,
                                 partition=req.partition, time_limit=req.time_limit,
                                 signal_before_s=req.settings.signal_before_s, workdir=workdir,
@@ -405,12 +420,33 @@ def resume(store: Store, rec: JobRecord) -> JobRecord:
         return _resume(store, rec)
 
 
+def _same_dataset(rec: JobRecord) -> None:
+    """A resume continues the checkpoint on the data it was trained on, or not at all: refused (before
+    anything starts) when the dataset's bytes are no longer the ones the start checked. The runner checks
+    again as it reads them (a Slurm resume runs elsewhere, later)."""
+    from engine.finetune.dataset import DatasetFileError, read_dataset
+
+    expected = checked_sha256(rec)
+    dataset = (rec.spec or {}).get("dataset")
+    if not expected or not dataset:
+        return
+    try:
+        digest = hashlib.sha256(read_dataset(Path(dataset))).hexdigest()
+    except DatasetFileError as exc:
+        raise JobError(f"{rec.id} cannot resume: {exc}") from None
+    if digest != expected:
+        raise JobError(f"{rec.id} cannot resume: dataset {dataset} changed since the job started (SHA-256 "
+                       f"{expected[:12]}... then, {digest[:12]}... now); a checkpoint continues only on the data it "
+                       "was trained on: start a new job")
+
+
 def _resume(store: Store, rec: JobRecord) -> JobRecord:
     rec = refresh(store, rec)
     if rec.state == JobState.RUNNING:
         raise JobError(f"{rec.id} is still running")
     if rec.state == JobState.FINISHED:
         raise JobError(f"{rec.id} already finished ({rec.reason})")
+    _same_dataset(rec)
     rec.state, rec.reason, rec.ended_at = JobState.RUNNING, None, None
     if rec.slurm is not None:  # resubmitted with the same options; the runner continues from its checkpoint
         from engine.slurm import client as slurm

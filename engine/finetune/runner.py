@@ -1,6 +1,6 @@
 """The fine-tune runner: one process per job, started detached by engine/finetune/jobs.py.
 
-    python -m engine.finetune.runner --fleetdeck-job ID --spec SPEC.json --workdir DIR [--resume]
+    python -m engine.finetune.runner --fleetdeck-job ID --spec SPEC.json --workdir DIR [--dataset-sha256 HEX] [--resume]
 
 Every backend reports through the same trainer callback, which appends JSON lines to
 DIR/progress.jsonl: {"event": "step", step, total_steps, loss, learning_rate, epoch, tokens_per_s,
@@ -8,6 +8,11 @@ elapsed_s, eta_s}, then one of {"event": "done", adapter_path, final_loss}, {"ev
 step, checkpoint} or {"event": "error", kind, reason}. SIGTERM cancels cleanly: the trainer saves a
 checkpoint at the end of the current step, says so, and exits; --resume continues from it.
 Exit codes: 0 done, 3 cancelled, 1 failed.
+
+The dataset is read once, before training: the SHA-256 of those bytes is what the adapter's fleetdeck.json
+names, and with --dataset-sha256 (the hash the start's check took) a dataset changed since then is refused
+before a step is taken, so an adapter is never trained (or a checkpoint resumed) on data other than what was
+checked and audited.
 """
 
 from __future__ import annotations
@@ -21,13 +26,37 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.finetune.spec import JobSpec
+from engine.finetune.spec import DATASET_SHA_FLAG, JobSpec
 from fleet.procs import JOB_FLAG
 
 EXIT_DONE, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The dataset's bytes as read for this run, and their SHA-256."""
+
+    data: bytes
+    sha256: str
+
+
+def training_data(spec: JobSpec, expected_sha256: str | None) -> TrainingData:
+    from engine.finetune.dataset import DatasetFileError, read_dataset
+
+    try:
+        data = read_dataset(Path(spec.dataset))
+    except DatasetFileError as exc:
+        raise JobFailure("dataset", f"dataset: {exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 and digest != expected_sha256:
+        raise JobFailure("dataset", f"dataset {spec.dataset} changed since the job was checked (SHA-256 "
+                                    f"{expected_sha256[:12]}... then, {digest[:12]}... now): nothing was trained on it; "
+                                    "run `fleetdeck finetune check` and start a new job")
+    return TrainingData(data, digest)
 
 
 class JobFailure(Exception):
@@ -64,10 +93,11 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def write_metadata(adapter_dir: Path, spec: JobSpec, final_loss: float | None, job_id: str, simulated: bool = False) -> None:
-    data = Path(spec.dataset).read_bytes() if Path(spec.dataset).exists() else b""
+def write_metadata(adapter_dir: Path, spec: JobSpec, final_loss: float | None, job_id: str, dataset_sha256: str,
+                   simulated: bool = False) -> None:
+    """The adapter's lineage; `dataset_sha256` is of the bytes the run trained on (read before its first step)."""
     meta = {
-        "base_model": str(spec.base_model), "dataset": str(spec.dataset), "dataset_sha256": hashlib.sha256(data).hexdigest(),
+        "base_model": str(spec.base_model), "dataset": str(spec.dataset), "dataset_sha256": dataset_sha256,
         "spec": spec.model_dump(mode="json"), "final_loss": final_loss, "job_id": job_id,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "simulated": simulated,
     }
@@ -115,11 +145,11 @@ def _callback(progress: Progress, tokens_per_step: float) -> Any:
     return ProgressCallback()
 
 
-def _texts(spec: JobSpec, tokenizer: Any) -> list[str]:
+def _texts(data: TrainingData, tokenizer: Any) -> list[str]:
     from engine.finetune.dataset import example_text, load_examples
 
     texts = []
-    for ex in load_examples(Path(spec.dataset)):
+    for ex in load_examples(data.data):
         if getattr(tokenizer, "chat_template", None) and "messages" in ex:
             texts.append(tokenizer.apply_chat_template(ex["messages"], tokenize=False))
         else:
@@ -136,7 +166,8 @@ def _emit_gpu_peak(progress: Progress) -> None:
                       peak_reserved_bytes=int(torch.cuda.max_memory_reserved()))
 
 
-def run_peft(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> tuple[Path, float | None]:
+def run_peft(spec: JobSpec, workdir: Path, progress: Progress, resume: bool,
+             data: TrainingData) -> tuple[Path, float | None]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -156,7 +187,7 @@ def run_peft(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> 
     lora = LoraConfig(r=spec.lora_rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,  # type: ignore[arg-type]
                       target_modules=targets, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
-    encoded = [tokenizer(t, truncation=True, max_length=spec.max_seq_length) for t in _texts(spec, tokenizer)]
+    encoded = [tokenizer(t, truncation=True, max_length=spec.max_seq_length) for t in _texts(data, tokenizer)]
     dataset = [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in encoded]
     mean_tokens = sum(len(d["input_ids"]) for d in dataset) / max(1, len(dataset))
     checkpoints = workdir / "checkpoints"
@@ -183,7 +214,8 @@ def run_peft(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> 
     return adapter_dir, losses[-1] if losses else getattr(result, "training_loss", None)
 
 
-def run_unsloth(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> tuple[Path, float | None]:
+def run_unsloth(spec: JobSpec, workdir: Path, progress: Progress, resume: bool,
+                data: TrainingData) -> tuple[Path, float | None]:
     try:
         import torch
     except ImportError as exc:
@@ -201,7 +233,7 @@ def run_unsloth(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) 
     model = FastLanguageModel.get_peft_model(model, **calls["get_peft_model"])
     from datasets import Dataset
 
-    texts = _texts(spec, tokenizer)
+    texts = _texts(data, tokenizer)
     mean_tokens = sum(len(tokenizer(t)["input_ids"]) for t in texts[:200]) / max(1, min(len(texts), 200))
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts}),
                          args=SFTConfig(**calls["sft_config"]),
@@ -217,7 +249,8 @@ def run_unsloth(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) 
     return adapter_dir, losses[-1] if losses else None
 
 
-def run_simulated(spec: JobSpec, workdir: Path, progress: Progress, resume: bool) -> tuple[Path, float | None]:
+def run_simulated(spec: JobSpec, workdir: Path, progress: Progress, resume: bool,
+                  data: TrainingData) -> tuple[Path, float | None]:
     """The demo's fine-tune: steps, loss and throughput that move like a real QLoRA run; no model."""
     total = spec.max_steps or 400
     state_file = workdir / "simulated-step"
@@ -266,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", required=True)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--adapter-root")
+    ap.add_argument(DATASET_SHA_FLAG, dest="dataset_sha256", help="the SHA-256 the start's dataset check took; another is refused")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     os.umask(0o077)  # progress, checkpoints and the adapter are this user's, however the job was started
@@ -282,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         spec = JobSpec.model_validate_json(Path(args.spec).read_text())
-        adapter_dir, final_loss = BACKENDS[spec.backend](spec, workdir, progress, args.resume)
+        data = training_data(spec, args.dataset_sha256)
+        adapter_dir, final_loss = BACKENDS[spec.backend](spec, workdir, progress, args.resume, data)
         root = Path(args.adapter_root) if args.adapter_root else spec.adapter_root
-        write_metadata(adapter_dir, spec, final_loss, args.job_id, simulated=spec.backend == "simulated")
+        write_metadata(adapter_dir, spec, final_loss, args.job_id, data.sha256, simulated=spec.backend == "simulated")
         installed = install_adapter(adapter_dir, spec, root)
         progress.emit("done", adapter_path=str(installed), final_loss=final_loss)
         print(f"[fleetdeck] done: adapter at {installed}", flush=True)

@@ -11,6 +11,9 @@ from engine.kvfit.training import DEFAULT_TARGETS
 from store.config_files import Strict, load_toml_model
 
 
+# The runner's flag for the dataset SHA-256 the start's check took (engine/finetune/runner.py refuses another).
+DATASET_SHA_FLAG = "--dataset-sha256"
+
 
 class JobSpec(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="the output adapter's name")
