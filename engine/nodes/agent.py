@@ -13,6 +13,7 @@ config) refuses every request that changes the node.
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import socket
@@ -84,6 +85,10 @@ MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake 
 # (the reader stops reading, so the pipe pushes back on the sender) instead of starting a thread per line.
 MAX_HANDLERS = 16
 MAX_ERROR = 2000  # characters of an error reply
+# Request ids this agent remembers, to refuse one used again (below). Past this many, the lowest is forgotten and
+# every id at or below it is refused too: memory stays bounded, and no id can come round again. A dashboard's ids
+# count up (fleet/remote.py), so it never meets this floor.
+ID_WINDOW = 4096
 
 # What the engine raises for a request that names something this node does not have, or cannot do:
 # answered as the request's fault (BadRequest), not the node's.
@@ -112,6 +117,12 @@ class Agent:
         # memory and pick the same free port (one of them then crashes on it). Reads never wait for this.
         self._changing = threading.Lock()
         self._gone = False  # stdout broke: the dashboard has gone
+        # The request ids of this session (one agent answers one SSH session). A reused id is refused: its answer
+        # could not be told from the first one's, and a change sent twice must not happen twice. Read and written
+        # by the reader thread only, in the order the lines came.
+        self._ids_seen: set[int] = set()
+        self._ids_heap: list[int] = []
+        self._ids_floor: int | None = None  # every id at or below this one counts as used
         # Each op: its request model in, one LocalOps call, its response model out (fleet/protocol.py's OPS).
         handlers: dict[Op, Callable[[Any], Any]] = {
             Op.PING: lambda a: {"pong": time.time()},
@@ -218,6 +229,16 @@ class Agent:
                     audit.record(action, _target(args), outcome, _reason(exc), **_params(op, args))
                 self._fail(out, rid, self._error_text(exc))
 
+    def _refuse_reused(self, out: TextIO, req: Request, why: str) -> None:
+        """A request whose id was used before: not run. A change is recorded as refused (it is one the node did not
+        make). The answer carries no id: under the reused one it would read as the answer to the first request."""
+        action = MUTATING_OPS.get(req.op.value)
+        if action is not None:
+            behalf = {"source": "agent", **({"on_behalf_of": req.operator} if req.operator else {})}
+            with audit.on_behalf_of(behalf):
+                audit.record(action, _target(req.args), "refused", why, **_params(req.op.value, req.args))
+        self._fail(out, None, f"{req.op.value}: {why}")
+
     def _error_text(self, exc: Exception) -> str:
         from store.db import corrupt_message, is_corrupt
 
@@ -289,18 +310,37 @@ class Agent:
             if typed.interval is not None:
                 self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, typed.interval))
         else:
+            reused = self._reused(typed.id)
             self._handlers.acquire()  # released by the handler's thread when it has answered
             if self._stop.is_set() and self._gone:  # the dashboard's end of stdout is closed: no one to answer
                 self._handlers.release()
                 return
             try:
-                threading.Thread(target=self._handle_one, args=(out, typed), daemon=True).start()
+                threading.Thread(target=self._handle_one, args=(out, typed, reused), daemon=True).start()
             except BaseException:
                 self._handlers.release()
                 raise
 
-    def _handle_one(self, out: TextIO, req: Request) -> None:
+    def _reused(self, rid: int) -> str | None:
+        """Why request id `rid` cannot be taken (used before in this session), or None, taking it."""
+        if rid in self._ids_seen:
+            return f"request id {rid} was already used on this connection: this request was not run (each request needs an id of its own)"
+        if self._ids_floor is not None and rid <= self._ids_floor:
+            return (f"request id {rid} is not above {self._ids_floor}, the last id this agent forgot: it may have been "
+                    "used on this connection, so this request was not run (ids must be new; a dashboard counts them up)")
+        self._ids_seen.add(rid)
+        heapq.heappush(self._ids_heap, rid)
+        if len(self._ids_heap) > ID_WINDOW:
+            oldest = heapq.heappop(self._ids_heap)
+            self._ids_seen.discard(oldest)
+            self._ids_floor = oldest if self._ids_floor is None else max(self._ids_floor, oldest)
+        return None
+
+    def _handle_one(self, out: TextIO, req: Request, reused: str | None = None) -> None:
         try:
+            if reused is not None:
+                self._refuse_reused(out, req, reused)
+                return
             self._handle(out, req)
         except OSError:
             pass  # the dashboard is gone: the reader sees its stdin close and ends the agent
