@@ -197,6 +197,33 @@ def test_a_profile_in_a_linked_folder_and_a_real_adapter_pass_the_check(linked_n
     assert loaded["error"] == "no server 'nosuch' (see `fleetdeck serve ls`)"  # the engine's line, no class name
 
 
+def test_the_nodes_lists_hold_only_names_a_request_can_use(linked_node, tmp_path, monkeypatch):
+    """list_profiles and list_specs list what a start can use: not a link out of its folder, not a name no
+    request can carry, not a folder or a dangling link named NAME.toml. The node's own CLI keeps its links."""
+    from engine.nodes.local import LocalOps
+    from store.db import open_store
+
+    monkeypatch.chdir(tmp_path)  # no ./configs/profiles
+    profiles = linked_node / "profiles"
+    (profiles / "two words.toml").write_text('name = "x"\nmodel = "Qwen/Qwen3-8B"\n')
+    (profiles / "adir.toml").mkdir()
+    (profiles / "gone.toml").symlink_to(tmp_path / "nowhere.toml")
+    (profiles / "-dash.toml").write_text('name = "x"\nmodel = "Qwen/Qwen3-8B"\n')
+    pipe = Pipe(Agent(demo_fleet()[0], linked_node / "fd.db", [linked_node / "adapters"], "9.9", interval_s=0.2))
+    try:
+        pipe.next("hello")
+        listed = _ask(pipe, {"v": 2, "type": "request", "id": 1, "op": "list_profiles"})["result"]
+        specs = _ask(pipe, {"v": 2, "type": "request", "id": 2, "op": "list_specs"})["result"]
+        missing = _ask(pipe, {"v": 2, "type": "request", "id": 3, "op": "start_server",
+                              "args": {"profile": "nosuch", "gpus": [0]}})
+    finally:
+        pipe.close()
+    assert listed == ["q"] and specs == []  # `planted` and `sim` link out; the rest cannot be used
+    assert missing["error"] == "no profile named 'nosuch' on this host; known: q", missing
+    own = LocalOps(open_store(linked_node / "own.db"), [])  # the node's own operator: links are theirs to keep
+    assert own.profiles() == ["planted", "q"] and own.specs() == ["sim"]
+
+
 # -- the dashboard's side ---------------------------------------------------------------------------------
 def _agent_argv(root: Path, banner: bytes = b"") -> list[str]:
     """The agent of a node with make_node_files' folders, after `banner` (a login script's words) on stdout."""

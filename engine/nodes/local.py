@@ -7,6 +7,7 @@ dashboard is what it does for its own operator.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from engine.vllm.record import LIVE, ServerRecord
 from engine.vllm.profile import Profile, load_profile
 from engine.vllm.status import ServerStatus, status_of
 from fleet.protocol import SlurmAsk
-from store.config_files import named_tomls, toml_by_name
+from store.config_files import NAME_PATTERN, named_tomls, toml_by_name
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -57,6 +58,23 @@ def within_folder(kind: str, name: str, path: Path, folders: list[Path]) -> Path
                                f"to this node's agent follows none; put the {kind} itself in "
                                f"{' or '.join(str(f) for f in folders)}")
     return path
+
+
+def usable_tomls(roots: list[Path], confined: bool = False) -> dict[str, Path]:
+    """The `NAME.toml` files of `roots` a start can use, by name (the first folder that has a name wins, as
+    `toml_by_name` finds them): a name a request can carry, a file (not a folder, not a dangling link) and,
+    `confined` (the agent), not a link out of its folder. A list shows only what can be picked."""
+    usable: dict[str, Path] = {}
+    for name, path in named_tomls(roots).items():
+        if not re.match(NAME_PATTERN, name) or name != name.strip() or not path.is_file():
+            continue
+        if confined:
+            try:
+                within_folder("file", name, path, [path.parent])
+            except OutsideItsFolder:
+                continue
+        usable[name] = path
+    return usable
 
 
 def list_adapters(store: Store, roots: list[Path], sid: str | None) -> AdapterListing:
@@ -98,10 +116,21 @@ class LocalOps:
         return list_local(configured_roots() if self.model_roots is None else self.model_roots)
 
     def profiles(self) -> list[str]:
-        return sorted(named_tomls(self.folders.profile_roots()))
+        return sorted(usable_tomls(self.folders.profile_roots(), self.confined))
 
     def specs(self) -> list[str]:
-        return sorted(named_tomls(self.folders.spec_roots()))
+        return sorted(usable_tomls(self.folders.spec_roots(), self.confined))
+
+    def _config_file(self, kind: str, name: str, roots: list[Path]) -> Path:
+        """A profile's or job spec's file by its name in `roots`; refused naming the link when it leads out of its
+        folder (confined), else with the names that can be used."""
+        try:
+            path = toml_by_name(kind, name, roots)
+        except ValueError:
+            known = ", ".join(sorted(usable_tomls(roots, self.confined)))
+            raise ValueError(f"no {kind} named {name!r} on this host; known: "
+                             f"{known or 'none (folders: ' + ', '.join(str(r) for r in roots) + ')'}") from None
+        return self._named(kind, name, path)
 
     def servers(self) -> list[ServerStatus]:
         self.scrapes = self.scrapes if self.scrapes is not None else {}
@@ -150,7 +179,7 @@ class LocalOps:
         """`profile`: a name in this node's profile folders, never a path or a profile's text. `model`: one
         of models(), instead of the profile's. `node`: which of this host's own sources the GPUs belong to
         (the demo's simulated nodes), so the record says where it runs; None is this host."""
-        spec = load_profile(self._named("profile", profile, toml_by_name("profile", profile, self.folders.profile_roots())))
+        spec = load_profile(self._config_file("profile", profile, self.folders.profile_roots()))
         if model is not None:
             spec = with_model(spec, model, self.models())
         return self.start_profile(spec, gpus, port=port, force=force, slurm=slurm, gpu_snapshots=gpu_snapshots,
@@ -201,7 +230,7 @@ class LocalOps:
     def start_job(self, spec: str, gpus: list[int] | None, *, force: bool = False, slurm: SlurmAsk | None = None,
                   gpu_snapshots: Any = None, node: str | None = None) -> JobRecord:
         """`spec`: a job spec's name in this node's folders, never a path or a spec's text."""
-        job = load_spec(self._named("job spec", spec, toml_by_name("job spec", spec, self.folders.spec_roots())))
+        job = load_spec(self._config_file("job spec", spec, self.folders.spec_roots()))
         return self.start_spec(job, gpus, force=force, slurm=slurm, gpu_snapshots=gpu_snapshots, node=node)
 
     def start_spec(self, job: JobSpec, gpus: list[int] | None, *, force: bool = False, slurm: SlurmAsk | None = None,
