@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.adapters import registry as engine_adapters
+from engine.audit import trail as audit
 from engine.slurm import client as engine_slurm
 from engine.adapters.evaluation import evals_of
 from engine.adapters.registry import integrity_problem
@@ -32,6 +33,7 @@ from engine.vllm import launcher, slurm_server
 from engine.vllm.record import LIVE, ServerRecord
 from engine.vllm.profile import Profile, load_profile
 from engine.vllm.status import ServerStatus, status_of
+from fleet.inventory import check_gpus
 from fleet.protocol import SlurmAsk
 from store.config_files import NAME_PATTERN, named_tomls, toml_by_name
 
@@ -158,11 +160,18 @@ class LocalOps:
 
     # -- servers ---------------------------------------------------------------------------------
     def _snapshots(self, gpus: list[int] | None) -> Any:
-        """The node's own GPUs at these indices, to plan against; None when it cannot read them (no NVML)."""
+        """The node's own GPUs at these indices, to plan against; None when it cannot read them (no NVML).
+        ValueError for an index the node does not have, NVML or not (fleet/inventory.py decides): a start
+        without a plan (forced) still runs only on GPUs the node has."""
         if self.source is None or not gpus:
             return None
         snap = self.source.snapshot()
-        return snap.gpus_at(gpus) if snap.nvml == "ok" else None  # ValueError: an index the node lacks
+        check_gpus(snap, gpus)
+        return snap.gpus_at(gpus) if snap.nvml == "ok" else None
+
+    def _refused(self, action: str, target: str, exc: Exception, **params: Any) -> None:
+        """A start refused before the engine's own audited block (an index the node lacks): recorded here."""
+        audit.record(action, target, "refused", str(exc), **params)
 
     def _slurm_settings(self) -> Any:
         if self.slurm_settings is None or not self.slurm_settings.enabled:
@@ -190,7 +199,12 @@ class LocalOps:
                       node: str | None = None) -> ServerStarted:
         """A profile already read (the CLI's `serve start FILE.toml` on its own host); never from a request."""
         req = self._slurm_request(slurm) if slurm is not None else None
-        snaps = gpu_snapshots if gpu_snapshots is not None or req is not None else self._snapshots(gpus)
+        try:
+            snaps = gpu_snapshots if gpu_snapshots is not None or req is not None else self._snapshots(gpus)
+        except ValueError as exc:
+            self._refused("server.start", spec.name, exc, profile=spec.name, model=spec.model,
+                          gpus=",".join(map(str, gpus)), port=port, force=force)
+            raise
         rec, verdict = launcher.start(self.store, spec, [] if req is not None else gpus, gpu_snapshots=snaps,
                                       port=port, force=force, adapter_roots=list(self.adapter_roots), node=node,
                                       log_dir=self.folders.server_logs, slurm=req)
@@ -241,7 +255,12 @@ class LocalOps:
         if slurm is not None:
             return jobs.start(self.store, job, None, force=force, adapter_root=root, slurm=self._slurm_request(slurm),
                               jobs_dir=self.folders.jobs)
-        snaps = gpu_snapshots if gpu_snapshots is not None else self._snapshots(gpus)
+        try:
+            snaps = gpu_snapshots if gpu_snapshots is not None else self._snapshots(gpus)
+        except ValueError as exc:
+            self._refused("job.start", job.name, exc, spec=job.name, gpus=",".join(map(str, gpus or [])) or "cpu",
+                          force=force)
+            raise
         return jobs.start(self.store, job, gpus or None, gpu_snapshots=snaps, force=force, adapter_root=root,
                           node=node, jobs_dir=self.folders.jobs)
 
