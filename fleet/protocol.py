@@ -43,6 +43,7 @@ class Op(str, Enum):
     # "unknown op" error (shown as "upgrade this node"), while every other op keeps working.
     LIST_MODELS = "list_models"
     LIST_SPECS = "list_specs"  # the same: the Jobs dialog lists a node's own job specs
+    PLAN_SERVER = "plan_server"  # the same: the start dialog shows the node's own plan before ctrl+s (read-only)
 
 
 class _Message(BaseModel):
@@ -205,6 +206,14 @@ class StartServer(_Args):
         return self
 
 
+class PlanServer(_Args):
+    """What a start would be planned as, without starting it: the node's own profile, GPUs and models."""
+
+    profile: ProfileName
+    gpus: GpuList
+    model: ModelName | None = None  # instead of the profile's
+
+
 class StopServer(_Args):
     id: Ident
 
@@ -292,6 +301,10 @@ class StartedServer(_Doc):
     verdict: dict[str, Any] | None = None  # the planner's, as the node planned it
 
 
+class PlannedServer(_Doc):
+    verdict: dict[str, Any]  # the planner's (FitResult.to_json), as the node planned it against its own GPUs
+
+
 class JobDoc(RecordDoc):
     outputs: dict[str, Any] = Field(default_factory=dict)
     events: list[dict[str, Any]] = Field(default_factory=list)  # list_jobs only: its recent step events
@@ -354,6 +367,7 @@ OPS: dict[Op, OpSpec] = {
     Op.SLURM_VIEW: OpSpec(NoArgs, ClusterDoc),
     Op.LIST_MODELS: OpSpec(NoArgs, list[ModelDoc]),
     Op.LIST_SPECS: OpSpec(NoArgs, list[str]),
+    Op.PLAN_SERVER: OpSpec(PlanServer, PlannedServer),
 }
 _RESULTS = {op: TypeAdapter(spec.response) for op, spec in OPS.items()}
 

@@ -142,6 +142,9 @@ class Agent:
             Op.SWAP_ADAPTER: lambda a: self.local.swap_adapter(a.server, a.old, a.adapter, a.name),
             Op.SLURM_VIEW: lambda a: self.local.slurm_view().to_json(),
             Op.LIST_MODELS: lambda a: [m.to_json() for m in self.local.models()],
+            # Read-only (not in MUTATING_OPS): a read-only agent plans too, and nothing is recorded.
+            Op.PLAN_SERVER: lambda a: {"verdict": self.local.plan_server(a.profile, list(a.gpus),
+                                                                         model=a.model).verdict.to_json()},
         }
         if set(handlers) != set(Op) or set(OPS) != set(Op):
             raise RuntimeError(f"agent has no handler for {sorted(set(Op) - set(handlers) - set(OPS))}")

@@ -24,12 +24,13 @@ from engine.finetune.spec import JobSpec, load_spec
 from engine.host.folders import Folders
 from engine.kvfit.local_models import LocalModel, configured_roots, list_local
 from engine.io.logs import tail
-from engine.nodes.ops import AdapterListing, JobProgress, ServerRestarted, ServerStarted, with_model
+from engine.nodes.ops import AdapterListing, JobProgress, ServerPlan, ServerRestarted, ServerStarted, with_model
 from engine.managed import SlurmGpus
 from engine.nodes.placement import gpu_indices
 from engine.nodes.processes import KillRequest, kill_gpu_process
 from engine.slurm.client import ClusterView
 from engine.vllm import launcher, slurm_server
+from engine.vllm.command import LaunchError, preflight
 from engine.vllm.record import LIVE, ServerRecord
 from engine.vllm.profile import Profile, load_profile
 from engine.vllm.status import ServerStatus, status_of
@@ -193,6 +194,18 @@ class LocalOps:
             spec = with_model(spec, model, self.models())
         return self.start_profile(spec, gpus, port=port, force=force, slurm=slurm, gpu_snapshots=gpu_snapshots,
                                   node=node)
+
+    def plan_server(self, profile: str, gpus: list[int], *, model: str | None = None,
+                    gpu_snapshots: Any = None) -> ServerPlan:
+        """What start_server would plan for `profile` (a name in this node's folders, as there) on `gpus`, against
+        `gpu_snapshots` or this node's own GPUs: the same planner on the same figures, nothing started or recorded."""
+        spec = load_profile(self._config_file("profile", profile, self.folders.profile_roots()))
+        if model is not None:
+            spec = with_model(spec, model, self.models())
+        snaps = gpu_snapshots if gpu_snapshots is not None else self._snapshots(gpus)
+        if snaps is None and spec.cpu_kv_cache_bytes is None:
+            raise LaunchError("cannot plan it: the GPUs could not be checked (no NVML readings); a start needs --force")
+        return ServerPlan(preflight(spec, snaps or []))
 
     def start_profile(self, spec: Profile, gpus: list[int], *, port: int | None = None, force: bool = False,
                       slurm: SlurmAsk | None = None, gpu_snapshots: Any = None,

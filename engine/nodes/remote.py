@@ -15,7 +15,7 @@ from engine.audit import trail as audit
 from engine.finetune.jobs import JobRecord
 from engine.kvfit.local_models import LocalModel
 from engine.nodes.ids import shown_id, split_id
-from engine.nodes.ops import AdapterListing, JobProgress, ServerRestarted, ServerStarted
+from engine.nodes.ops import AdapterListing, JobProgress, ServerPlan, ServerRestarted, ServerStarted
 from engine.nodes.placement import gpu_indices, slurm_ask
 from engine.nodes.processes import KillError, KillRequest
 from engine.slurm.client import ClusterView
@@ -128,6 +128,23 @@ class AgentOps:
                             force=force, model=model, slurm=slurm)
         doc = self._ask(Op.START_SERVER, req, timeout=120)
         return ServerStarted(self._server(doc.server), doc.verdict)
+
+    def plan_server(self, profile: str, gpus: list[int], *, model: str | None = None,
+                    gpu_snapshots: Any = None) -> ServerPlan:
+        """The node's own plan for its profile on its GPUs (`gpu_snapshots` read here are not sent): read-only,
+        so asked of it in read-only mode too, and recorded nowhere."""
+        req = self._request(Op.PLAN_SERVER, profile=profile, gpus=gpus, model=model)
+        try:
+            doc = self._ask(Op.PLAN_SERVER, req, timeout=60)
+        except AgentError as exc:
+            if "unknown op" in str(exc):
+                raise AgentError(f"{self.name}: its fleetdeck is older than this dashboard's and plans a start only "
+                                 f"when it starts; upgrade it: fleetdeck nodes install {self.name} --bundle DIR") from None
+            raise
+        try:
+            return ServerPlan.from_json(doc.verdict)
+        except ValueError as exc:
+            raise AgentError(f"{self.name}: {exc}") from None
 
     def stop_server(self, sid: str) -> ServerRecord:
         sid = self._here(sid)
