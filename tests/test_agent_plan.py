@@ -5,6 +5,7 @@ remote node's plan before ctrl+s (asked from a worker thread)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,9 +77,9 @@ def test_a_plan_from_a_node_is_read_through_the_planners_own_type(site):
 
 def _agent_argv(site, *extra: str) -> list[str]:
     """The agent of `site`'s node, in its own process (this checkout's code, a simulated node)."""
-    from tests.test_node_ops import _node_env
-
-    return ["env", *[f"{k}={v}" for k, v in _node_env(site).items()], PY, "-m", "fleetdeck", "agent", "--stdio",
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "XDG_STATE_HOME": str(site / "state"),
+           "XDG_CONFIG_HOME": str(site / "config"), "FLEETDECK_PROFILES": str(site / "profiles")}
+    return ["env", *[f"{k}={v}" for k, v in env.items()], PY, "-m", "fleetdeck", "agent", "--stdio",
             "--simulated", "--node-name", "node-p", "--store", str(site / "fd.db"), "--config", str(site / "fleet.toml"),
             *extra]
 
