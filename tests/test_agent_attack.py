@@ -113,6 +113,23 @@ def test_an_id_or_version_of_the_wrong_kind_is_refused_not_taken_for_another(age
     assert _ask(pipe, {"v": 2, "type": "request", "id": 6, "op": "ping"})["ok"] is True
 
 
+@pytest.mark.parametrize("op,args,error", [
+    ("load_adapter", {"server": "s", "adapter": "a", "name": "x\n"}, "name must be an adapter name, got 'x\\n'"),
+    ("swap_adapter", {"server": "s", "adapter": "a", "old": "x\n"}, "old must be an adapter name, got 'x\\n'"),
+    ("unload_adapter", {"server": "s", "name": "tickets-v1\n"}, "name must be an adapter name"),
+    ("start_server", {"profile": "q", "slurm": {"partition": "gpu\n"}}, "slurm.partition must be a partition name"),
+    ("start_job", {"spec": "s", "slurm": {"partition": "gpu\n"}}, "slurm.partition must be a partition name"),
+])
+def test_a_name_with_a_trailing_newline_is_not_a_name(op, args, error):
+    """A name's pattern is matched whole: `$` also matches before a final newline, which let a served-as name
+    or a Slurm partition end in one."""
+    from fleet.protocol import Op, parse_args
+
+    with pytest.raises(BadMessage) as caught:
+        parse_args(Op(op), args)
+    assert str(caught.value).startswith(error), caught.value
+
+
 def test_a_flood_of_requests_waits_for_a_free_handler_and_every_one_is_answered(agent_pipe):
     agent, pipe = agent_pipe
     gate, lock = threading.Event(), threading.Lock()
