@@ -44,6 +44,7 @@ class Op(str, Enum):
     LIST_MODELS = "list_models"
     LIST_SPECS = "list_specs"  # the same: the Jobs dialog lists a node's own job specs
     PLAN_SERVER = "plan_server"  # the same: the start dialog shows the node's own plan before ctrl+s (read-only)
+    RESTART_SERVER = "restart_server"  # the same: the node restarts from its own record (its spec, its placement)
 
 
 class _Message(BaseModel):
@@ -218,6 +219,10 @@ class StopServer(_Args):
     id: Ident
 
 
+class RestartServer(_Args):
+    id: Ident
+
+
 class StartJob(_Args):
     spec: SpecName
     gpus: GpuList | None = None  # None: CPU (the peft backend)
@@ -278,6 +283,11 @@ class RecordDoc(_Doc):
     name: str
     node: str
     pid: int | None = None
+    # Named, so an answer without them is refused here in one line: the engine's record needs them, and a
+    # TypeError from its constructor was what a misfit agent's record came to.
+    create_time: float | None
+    argv: list[str]
+    env: dict[str, str]
     gpus: str  # "0,1", "cpu" or "slurm:N"; engine/nodes/placement.py reads it
     port: int | None = None
     log_path: str
@@ -303,6 +313,11 @@ class StartedServer(_Doc):
 
 class PlannedServer(_Doc):
     verdict: dict[str, Any]  # the planner's (FitResult.to_json), as the node planned it against its own GPUs
+
+
+class RestartedServer(_Doc):
+    old: RecordDoc  # as it was when restarted (a crashed one keeps its diagnosis)
+    new: RecordDoc
 
 
 class JobDoc(RecordDoc):
@@ -368,6 +383,7 @@ OPS: dict[Op, OpSpec] = {
     Op.LIST_MODELS: OpSpec(NoArgs, list[ModelDoc]),
     Op.LIST_SPECS: OpSpec(NoArgs, list[str]),
     Op.PLAN_SERVER: OpSpec(PlanServer, PlannedServer),
+    Op.RESTART_SERVER: OpSpec(RestartServer, RestartedServer),
 }
 _RESULTS = {op: TypeAdapter(spec.response) for op, spec in OPS.items()}
 

@@ -447,3 +447,72 @@ def test_serve_logs_shows_what_a_log_holds_without_letting_it_drive_the_terminal
     assert main(["serve", "logs", "q-esc001", "--store", str(tmp_path / "s.db")]) == 0
     out = capsys.readouterr().out
     assert out == "INFO started\nprompt was \\x1b]0;owned\\x07\\x1b[2J here\nLoading 100%\n"
+
+
+def test_a_remote_restart_is_the_nodes_own_from_its_record_even_when_the_profile_is_named_otherwise(tmp_path):
+    """A server's record carries its profile's `name`, which need not be its file's name. The dashboard
+    restarted a remote server by stopping it and starting that name: "no profile named 'qwen'", and the
+    server stayed stopped. The node now restarts it from its own record (its spec, its GPUs)."""
+    from engine.vllm import launcher
+    from store.db import open_store
+    from tests.helpers import FAKE_VLLM_CMD
+
+    root = make_node_files(tmp_path / "node")
+    (root / "profiles" / "q.toml").write_text('name = "qwen"\nmodel = "Qwen/Qwen3-8B"\n')  # the file q, the profile qwen
+    env = [f"PYTHONPATH={THIS_CHECKOUT}", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2",
+           f"XDG_STATE_HOME={root / 'state'}", f"XDG_CONFIG_HOME={root / 'config'}", f"FLEETDECK_PROFILES={root / 'profiles'}"]
+    argv = ["env", *env, PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "gpu-02",
+            "--store", str(root / "fd.db"), "--config", str(root / "fleet.toml")]
+    node = RemoteNode("gpu-02", argv, interval_s=0.3, hello_timeout_s=WAIT_CEILING_S)
+    try:
+        assert wait_for(lambda: node.link.status == "connected", timeout=WAIT_CEILING_S + 5), node.link.error
+        ops = AgentOps(node)
+        sid = ops.start_server("q", [3], force=True).rec.id
+        assert wait_for(lambda: next(s.rec.state for s in ops.servers() if s.rec.id == sid) != "starting")
+        done = ops.restart_server(sid)
+        assert done.old.id == sid and done.new.id != sid and done.new.id.startswith("@gpu-02:qwen-")
+        assert str(done.new.gpus) == "3" and done.new.spec["model"] == "Qwen/Qwen3-8B"
+        states = {s.rec.id: s.rec.state for s in ops.servers()}
+        assert states[sid] == "stopped" and states[done.new.id] in ("starting", "ready")
+    finally:
+        node.close()
+        store = open_store(root / "fd.db")
+        for rec in launcher.list_servers(store):
+            launcher.stop(store, rec, timeout=5)
+
+
+OLD_AGENT = """
+import json, sys, time
+asked = sys.argv[1]
+record = {"id": "qwen-1", "name": "qwen", "node": "gpu-02", "pid": 1, "create_time": 1.0, "argv": ["vllm"], "env": {},
+          "gpus": "3", "port": 8000, "log_path": "/x.log",
+          "spec": {"name": "qwen", "model": "Qwen/Qwen3-8B"}, "state": "ready", "started_at": 0.0}
+print(json.dumps({"v": 2, "type": "hello", "fleetdeck": "0.9"}), flush=True)
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("type") != "request":
+        continue
+    with open(asked, "a") as f:
+        f.write(m["op"] + "\\n")
+    answers = {"list_servers": [record], "list_profiles": ["q"]}
+    if m["op"] in answers:
+        out = {"ok": True, "result": answers[m["op"]]}
+    else:
+        out = {"ok": False, "error": "unknown op " + repr(m["op"]) + "; known: [...]"}
+    print(json.dumps({"v": 2, "type": "response", "id": m["id"], **out}), flush=True)
+"""
+
+
+def test_an_older_agent_is_never_asked_to_stop_a_server_it_cannot_start_again(tmp_path):
+    """An agent without restart_server gets stop then start by name, but only for a name it has a profile of."""
+    script, asked = tmp_path / "old_agent.py", tmp_path / "asked"
+    script.write_text(OLD_AGENT)
+    node = RemoteNode("gpu-02", [PY, str(script), str(asked)], interval_s=0.3, hello_timeout_s=WAIT_CEILING_S)
+    try:
+        assert wait_for(lambda: node.link.status == "connected"), node.link.error
+        with pytest.raises(AgentError) as caught:
+            AgentOps(node).restart_server("@gpu-02:qwen-1")
+    finally:
+        node.close()
+    assert "has no profile named 'qwen': nothing was stopped; upgrade it" in str(caught.value)
+    assert asked.read_text().split() == ["restart_server", "list_servers", "list_profiles"]  # no stop_server

@@ -3,6 +3,7 @@ faults, and a real SSH round-trip through sshd on loopback (installed by .ci/run
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -356,11 +357,12 @@ def test_the_agent_relays_live_figures_of_its_servers(tmp_path, monkeypatch):
 
         assert ask("list_profiles", {}, 1) == ["q"]
         sid = ask("start_server", {"profile": "q", "gpus": [3]}, 2)["server"]["id"]
-        assert wait_for(lambda: ask("list_servers", {}, 3)[0]["state"] == "ready")
-        docs = ask("list_servers", {}, 4)
+        fresh = itertools.count(3)  # an id names one request: the agent refuses one used before
+        assert wait_for(lambda: ask("list_servers", {}, next(fresh))[0]["state"] == "ready")
+        docs = ask("list_servers", {}, next(fresh))
         fig = docs[0]["figures"]
         assert fig is not None and fig["kv_tokens"] and fig["running"] is not None
-        ask("stop_server", {"id": sid}, 5)
+        ask("stop_server", {"id": sid}, next(fresh))
     finally:
         pipe.close()
 

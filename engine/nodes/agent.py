@@ -31,8 +31,9 @@ from engine.nodes.ops import JobProgress
 from engine.nodes.processes import KillError
 from engine.slurm.client import SlurmError
 from engine.vllm.command import LaunchError
-from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, OPS, BadMessage, Hello, Op, Request, Response, Snapshot,
-                            StartJob, StartServer, Subscribe, parse_args, parse_client, result_of, version_problem)
+from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, OPS, BadMessage, Hello, Op, Request, Response, RestartServer,
+                            Snapshot, StartJob, StartServer, Subscribe, parse_args, parse_client, result_of,
+                            version_problem)
 from fleet.remote import snapshot_to_json
 from store.config_files import ConfigError
 from store.db import StoreError
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 MUTATING_OPS = {Op.START_SERVER.value: "server.start", Op.STOP_SERVER.value: "server.stop",
                 Op.START_JOB.value: "job.start", Op.CANCEL_JOB.value: "job.cancel", Op.RESUME_JOB.value: "job.resume",
                 Op.LOAD_ADAPTER.value: "adapter.load", Op.UNLOAD_ADAPTER.value: "adapter.unload",
-                Op.SWAP_ADAPTER.value: "adapter.swap"}
+                Op.SWAP_ADAPTER.value: "adapter.swap",
+                Op.RESTART_SERVER.value: "server.stop"}  # a restart stops first (then the engine records the start)
 
 
 class BadRequest(ValueError):
@@ -66,7 +68,8 @@ def _target(args: dict[str, Any]) -> str:
 
 
 # A request's argument names, as the audit action's parameter names (the rest are not recorded).
-_PARAM_OF = {Op.STOP_SERVER.value: {"id": "server"}, Op.CANCEL_JOB.value: {"id": "job"},
+_PARAM_OF = {Op.STOP_SERVER.value: {"id": "server"}, Op.RESTART_SERVER.value: {"id": "server"},
+             Op.CANCEL_JOB.value: {"id": "job"},
              Op.RESUME_JOB.value: {"id": "job"}}
 
 
@@ -129,6 +132,7 @@ class Agent:
             Op.LIST_SERVERS: lambda a: [st.to_json() for st in self.local.servers()],
             Op.START_SERVER: self._start_server,
             Op.STOP_SERVER: lambda a: self.local.stop_server(a.id).to_json(),
+            Op.RESTART_SERVER: self._restart_server,
             Op.LIST_JOBS: lambda a: [self._job_doc(p) for p in self.local.jobs()],
             Op.START_JOB: self._start_job,
             Op.CANCEL_JOB: lambda a: self.local.cancel_job(a.id).to_json(),
@@ -175,6 +179,12 @@ class Agent:
         started = self.local.start_server(a.profile, list(a.gpus or []), port=a.port, force=a.force, model=a.model,
                                           slurm=a.slurm)
         return {"server": started.rec.to_json(), "verdict": started.verdict}
+
+    def _restart_server(self, a: RestartServer) -> Any:
+        """From the node's own record: the spec it was started with (a model picked for it included), on the same
+        GPUs or Slurm ask, planned against this node's GPUs when it had ended: what `serve restart` does here."""
+        done = self.local.restart_server(a.id)
+        return {"old": done.old.to_json(), "new": done.new.to_json()}
 
     def _start_job(self, a: StartJob) -> Any:
         return self.local.start_job(a.spec, list(a.gpus) if a.gpus else None, force=a.force, slurm=a.slurm).to_json()

@@ -152,14 +152,33 @@ class AgentOps:
         return self._server(self._ask(Op.STOP_SERVER, self._request(Op.STOP_SERVER, id=sid), timeout=60))
 
     def restart_server(self, sid: str, *, gpu_snapshots: Any = None) -> ServerRestarted:
-        """Stop, then start the same profile on the same placement: the node's agent has no restart op. A
-        server that still ran takes its own place again (forced); one that had ended is planned by the agent
-        against its node's GPUs as they are now (`gpu_snapshots`, read here, are not sent)."""
-        shown = shown_id(self.name, self._here(sid))
+        """The node restarts the server from its own record, as `serve restart` does there: the spec it was
+        started with (the model picked for it too), the same GPUs or Slurm ask; one that had ended is planned
+        against the node's GPUs as they are now (`gpu_snapshots`, read here, are not sent)."""
+        own = self._here(sid)
+        audit.refuse_if_read_only("server.stop", shown_id(self.name, own), server=own)
+        req = self._request(Op.RESTART_SERVER, id=own)
+        try:
+            doc = self._ask(Op.RESTART_SERVER, req, timeout=180)
+        except AgentError as exc:
+            if "unknown op" not in str(exc):
+                raise
+            return self._restart_by_name(own)  # an agent older than restart_server
+        return ServerRestarted(self._server(doc.old), self._server(doc.new))
+
+    def _restart_by_name(self, own: str) -> ServerRestarted:
+        """Stop, then start the profile of the server's name on its placement: all an older agent can do. The
+        record's name is its profile's `name`, which need not be a file the node's folders hold by that name:
+        refused, before the stop, unless it is a profile there (a model picked for the server is not asked again)."""
+        shown = shown_id(self.name, own)
         rec = next((st.rec for st in self.servers() if st.rec.id == shown), None)
         if rec is None:
-            raise AgentError(f"{self.name}: no server {self._here(sid)!r} (fleetdeck serve ls --node {self.name})")
+            raise AgentError(f"{self.name}: no server {own!r} (fleetdeck serve ls --node {self.name})")
         ask, gpus = slurm_ask(rec), gpu_indices(rec)  # read before the stop, which must not run if these fail
+        if rec.name not in self.profiles():
+            raise AgentError(f"{self.name}: its fleetdeck is older than this dashboard's and can restart a server only "
+                             f"by its profile's name, and it has no profile named {rec.name!r}: nothing was stopped; "
+                             f"upgrade it: fleetdeck nodes install {self.name} --bundle DIR")
         old = self.stop_server(rec.id)
         started = self.start_server(rec.name, gpus, port=None, force=rec.state in LIVE, slurm=ask)
         return ServerRestarted(old, started.rec)
