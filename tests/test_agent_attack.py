@@ -395,6 +395,40 @@ def test_changes_asked_at_once_happen_one_at_a_time_so_starts_never_share_a_port
             launcher.stop(store, rec, timeout=5)
 
 
+def test_two_dashboards_agents_on_one_node_make_their_changes_one_at_a_time(tmp_path, monkeypatch):
+    """Two dashboards are two SSH sessions, two agents on one store: their starts sent together each took a
+    port the other had just taken (the one-change-at-a-time lock was one agent's). A lock file beside the
+    store now orders them across agents."""
+    from engine.vllm import launcher
+    from store.db import open_store
+    from tests.helpers import FAKE_VLLM_CMD
+
+    root = make_node_files(tmp_path / "node")
+    for key, value in {"FLEETDECK_VLLM": FAKE_VLLM_CMD, "FLEETDECK_SIM_START_DELAY": "0.2",
+                       "FLEETDECK_PROFILES": str(root / "profiles"), "XDG_STATE_HOME": str(root / "state"),
+                       "XDG_CONFIG_HOME": str(root / "config")}.items():
+        monkeypatch.setenv(key, value)
+    db = root / "fd.db"
+    pipes = [Pipe(Agent(demo_fleet()[0], db, [root / "adapters"], "9.9", interval_s=0.2)) for _ in range(2)]
+    try:
+        for pipe in pipes:
+            pipe.next("hello")
+        for i in range(3):
+            for n, pipe in enumerate(pipes):
+                pipe.send({"v": 2, "type": "request", "id": i, "op": "start_server",
+                           "args": {"profile": "q", "gpus": [n * 2 + i % 2], "force": True}})
+        answers = [pipe.next("response") for pipe in pipes for _ in range(3)]
+        assert all(a["ok"] for a in answers), answers
+        assert len({a["result"]["server"]["port"] for a in answers}) == 6  # no port taken twice
+        assert (root / "fd.db.changes.lock").stat().st_mode & 0o777 == 0o600
+    finally:
+        for pipe in pipes:
+            pipe.close()
+        store = open_store(db)
+        for rec in launcher.list_servers(store):
+            launcher.stop(store, rec, timeout=5)
+
+
 def test_requests_sent_just_before_stdin_closes_are_all_answered_and_recorded(tmp_path):
     """`printf REQUESTS | fleetdeck agent --stdio`: the agent used to end at EOF with requests still in hand
     (answers lost, and a change cut off before its record); it now ends when each has answered."""

@@ -13,14 +13,17 @@ config) refuses every request that changes the node.
 
 from __future__ import annotations
 
+import fcntl
 import heapq
 import io
 import json
+import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, TextIO
 
 from engine.adapters.registry import AdapterError
 from engine.audit import trail as audit
@@ -174,6 +177,22 @@ class Agent:
                                        scrapes={}, confined=True)
             return self._local
 
+    @contextmanager
+    def _one_change(self) -> Iterator[None]:
+        """One change at a time on this node, from this agent and from any other agent on its store (two dashboards
+        are two SSH sessions, two agent processes): a lock file beside the store, held while the change runs.
+        Without it two starts from two dashboards planned against the same free memory and took the same port."""
+        from store.paths import default_store_path
+
+        store = Path(self.store_path or default_store_path())
+        with self._changing:
+            fd = os.open(f"{store}.changes.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # an open file's lock: another agent, or this one's other handle, waits
+                yield
+            finally:
+                os.close(fd)  # and with it the lock
+
     # -- ops that take more than one call --------------------------------------------------------
     def _start_server(self, a: StartServer) -> Any:
         started = self.local.start_server(a.profile, list(a.gpus or []), port=a.port, force=a.force, model=a.model,
@@ -227,7 +246,7 @@ class Agent:
                     if action is None:
                         answer = fn(typed)
                     else:
-                        with self._changing:
+                        with self._one_change():
                             answer = fn(typed)
                 except _REFUSALS as exc:
                     raise BadRequest(str(exc)) from None
