@@ -6,8 +6,9 @@ local host uses (servers, jobs, adapters, logs). One JSON object per line both w
 gets an error response, never a crash. It ends when its stdin closes (the SSH session ended).
 
 A request is input, never a command: it names profiles and job specs that this node's own folders hold,
-servers and jobs this node's store knows, by exact id, and GPUs by index. Nothing in a request is run or
-written as a path. An agent started read-only (`--read-only`, or `read_only = true` in this node's fleet
+servers and jobs this node's store knows, by exact id, and GPUs this node has, by index. Nothing in a
+request is run or written as a path. Its id names it once on this connection: a request whose id was
+used before is not run. An agent started read-only (`--read-only`, or `read_only = true` in this node's fleet
 config) refuses every request that changes the node.
 """
 

@@ -190,10 +190,10 @@ class StartServerScreen(DeckModal):
     @work(thread=True, exclusive=True, group="start")
     def _plan(self, launch: bool) -> None:
         """Planning may read a local model folder's headers: never on the UI thread."""
-        from engine.kvfit.text import render_text
-        from engine.vllm.command import LaunchError, preflight
         from textual.worker import get_current_worker
 
+        from engine.kvfit.text import render_text
+        from engine.vllm.command import LaunchError, preflight
         from fleet.remote import AgentError
         from store.config_files import ConfigError
 
@@ -235,7 +235,8 @@ class StartServerScreen(DeckModal):
             return
         text = heading + render_text(self.verdict)
         if not self.verdict.fits:
-            text += "\n\nNot starting it: `fleetdeck serve start --force` overrides the planner."
+            on = f" --node {remote}" if remote is not None else ""
+            text += f"\n\nNot starting it: `fleetdeck serve start{on} --force` overrides the planner."
         self.app.call_from_thread(out.update, Text(text, style="" if self.verdict.fits else "red"))
         if launch and self.verdict.fits:
             self._launch_now()
