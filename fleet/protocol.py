@@ -204,6 +204,7 @@ class StartServer(_Args):
     def _placed(self) -> "StartServer":
         if self.slurm is None and self.gpus is None:
             raise ValueError("gpus must be a list of distinct GPU indices, got None")
+        _one_placement(self.gpus, self.slurm)
         return self
 
 
@@ -228,6 +229,17 @@ class StartJob(_Args):
     gpus: GpuList | None = None  # None: CPU (the peft backend)
     force: Force = False
     slurm: SlurmAsk | None = None
+
+    @model_validator(mode="after")
+    def _placed(self) -> "StartJob":
+        _one_placement(self.gpus, self.slurm)
+        return self
+
+
+def _one_placement(gpus: list[int] | None, slurm: SlurmAsk | None) -> None:
+    # Both would leave one of them silently unused (the node's Slurm places it): a request says what it means.
+    if gpus is not None and slurm is not None:
+        raise ValueError("gpus and slurm: give one (Slurm picks the GPUs of a start it places)")
 
 
 class CancelJob(_Args):

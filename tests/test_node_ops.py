@@ -49,6 +49,9 @@ BAD_ARGS = [
     (Op.START_SERVER, {"profile": "q", "gpus": [0], "port": 80}, "port must be from 1024 to 65535"),
     (Op.START_SERVER, {"profile": "q", "gpus": [0], "cmd": "id"}, "unknown field 'cmd'; start_server takes profile"),
     (Op.START_JOB, {"spec": "sim", "slurm": {"gpus": 65}}, "slurm.gpus must be a count 1-64"),
+    # Both GPUs and a Slurm ask: one of them would go unused, silently.
+    (Op.START_SERVER, {"profile": "q", "gpus": [0], "slurm": {"gpus": 1}}, "gpus and slurm: give one"),
+    (Op.START_JOB, {"spec": "sim", "gpus": [0], "slurm": {"gpus": 1}}, "gpus and slurm: give one"),
     (Op.START_JOB, {"spec": "sim", "slurm": {"partition": "a b"}}, "slurm.partition must be a partition name"),
     (Op.STOP_SERVER, {}, "stop_server: id is required"),
     (Op.TAIL_LOG, {"id": "x", "kind": "other"}, "kind must be 'server' or 'job'"),
