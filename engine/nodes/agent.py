@@ -357,16 +357,18 @@ class Agent:
     def _reused(self, rid: int) -> str | None:
         """Why request id `rid` cannot be taken (used before in this session), or None, taking it."""
         if rid in self._ids_seen:
-            return f"request id {rid} was already used on this connection: this request was not run (each request needs an id of its own)"
+            return (f"request id {rid} was already used on this connection: this request was not run (each request "
+                    "needs an id of its own)")
         if self._ids_floor is not None and rid <= self._ids_floor:
-            return (f"request id {rid} is not above {self._ids_floor}, the last id this agent forgot: it may have been "
-                    "used on this connection, so this request was not run (ids must be new; a dashboard counts them up)")
+            return (f"request id {rid} is not above {self._ids_floor}, the highest id this agent has forgotten: it may "
+                    "have been used on this connection, so this request was not run (ids must be new; a dashboard "
+                    "counts them up)")
         self._ids_seen.add(rid)
         heapq.heappush(self._ids_heap, rid)
-        if len(self._ids_heap) > ID_WINDOW:
-            oldest = heapq.heappop(self._ids_heap)
-            self._ids_seen.discard(oldest)
-            self._ids_floor = oldest if self._ids_floor is None else max(self._ids_floor, oldest)
+        if len(self._ids_heap) > ID_WINDOW:  # forget the lowest: the floor rises to it, so it stays refused
+            lowest = heapq.heappop(self._ids_heap)
+            self._ids_seen.discard(lowest)
+            self._ids_floor = lowest if self._ids_floor is None else max(self._ids_floor, lowest)
         return None
 
     def _handle_one(self, out: TextIO, req: Request, reused: str | None = None) -> None:

@@ -107,7 +107,7 @@ class StartServerScreen(DeckModal):
                 profiles = ops.profiles()
             models = [m for m in ops.models() if m.error is None]
         except Exception as exc:  # a node that cannot list (older agent, link down): say so, keep what is there
-            self.app.call_from_thread(self.notify, f"profiles and models on {node or 'this host'}: {exc}",
+            self.app.call_from_thread(self.notify, f"profiles and models on {node or 'this host'}: {exc}", markup=False,
                                       severity="warning")
         self.app.call_from_thread(while_attached(self, self._show_lists), node, profiles, models)
 
