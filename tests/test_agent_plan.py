@@ -149,3 +149,39 @@ def test_this_host_plans_the_same_way(site):
     assert plan.verdict.fits and ops.servers() == []
     with pytest.raises(ValueError, match="no GPU \\[9\\]"):
         ops.plan_server("q", [9])
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    from tests.helpers import sshd_server
+
+    yield from sshd_server(tmp_path)
+
+
+def test_serve_start_dry_run_with_node_prints_that_nodes_plan_also_read_only(site, sshd, tmp_path, capsys):
+    """`serve start --dry-run --node N`: the node's plan, over real SSH, from a read-only dashboard too; nothing
+    is started or recorded on either side."""
+    import json
+
+    from fleetdeck.cli import main
+
+    dest, opts = sshd
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[node]]\nname = "node-p"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
+                     f"agent_command = {json.dumps(_agent_argv(site))}\nhello_timeout_s = {WAIT_CEILING_S}\n")
+    local = tmp_path / "local.db"
+    for extra in ([], ["--read-only"]):
+        rc = main([*extra, "serve", "start", "q", "--gpus", "3", "--node", "node-p", "--dry-run", "--config", str(fleet),
+                   "--store", str(local)])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        assert out.out.startswith("planned by node-p, on its own profile and GPUs:\nQwen/Qwen3-8B") and "FITS" in out.out
+    assert main(["serve", "start", "q", "--gpus", "7", "--node", "node-p", "--dry-run", "--config", str(fleet),
+                 "--store", str(local)]) == 2
+    err = capsys.readouterr().err
+    assert "no GPU [7] on node-p" in err and len(err.strip().splitlines()) == 1, err
+    assert audit.query(open_store(site / "fd.db")) == []
+    from engine.vllm import launcher
+
+    assert launcher.list_servers(open_store(site / "fd.db")) == []
+    assert not local.exists() or audit.query(open_store(local)) == []
