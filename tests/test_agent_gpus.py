@@ -88,3 +88,12 @@ def test_a_simulated_nodes_own_gpus_decide(node_files):
     answer, records = _start(node_files, source, "start_server", [max(have) + 1])
     assert answer["error"] == f"no GPU [{max(have) + 1}] on {source.name} (it has {have})", answer
     assert [r["outcome"] for r in records] == ["refused"]
+
+
+def test_a_profile_for_vllms_cpu_build_names_no_real_gpu_and_is_not_checked(node_files, tmp_path, monkeypatch):
+    """vLLM's CPU build runs on no GPU (the profile's VLLM_CPU_KVCACHE_SPACE): a node without GPUs serves it."""
+    FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND).install(monkeypatch)
+    monkeypatch.setattr(inventory, "DRIVER_GPUS", tmp_path / "no-driver-here")
+    (node_files / "profiles" / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n[env]\nVLLM_CPU_KVCACHE_SPACE = "4"\n')
+    answer, _ = _start(node_files, LocalNode("node-b"), "start_server", [0])
+    assert answer["error"].startswith("cannot find the vLLM command"), answer  # past the check, to the launch

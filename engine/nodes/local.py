@@ -202,18 +202,24 @@ class LocalOps:
         spec = load_profile(self._config_file("profile", profile, self.folders.profile_roots()))
         if model is not None:
             spec = with_model(spec, model, self.models())
+        if spec.cpu_kv_cache_bytes is not None:  # vLLM's CPU build: planned against its KV space, no GPU
+            return ServerPlan(preflight(spec, []))
         snaps = gpu_snapshots if gpu_snapshots is not None else self._snapshots(gpus)
-        if snaps is None and spec.cpu_kv_cache_bytes is None:
+        if snaps is None:
             raise LaunchError("cannot plan it: the GPUs could not be checked (no NVML readings); a start needs --force")
-        return ServerPlan(preflight(spec, snaps or []))
+        return ServerPlan(preflight(spec, snaps))
 
     def start_profile(self, spec: Profile, gpus: list[int], *, port: int | None = None, force: bool = False,
                       slurm: SlurmAsk | None = None, gpu_snapshots: Any = None,
                       node: str | None = None) -> ServerStarted:
         """A profile already read (the CLI's `serve start FILE.toml` on its own host); never from a request."""
         req = self._slurm_request(slurm) if slurm is not None else None
+        # A profile for vLLM's CPU build runs on no GPU (planned against its KV space): its indices are nominal,
+        # and a node running it has no GPU to check them against.
+        on_cpu = spec.cpu_kv_cache_bytes is not None
         try:
-            snaps = gpu_snapshots if gpu_snapshots is not None or req is not None else self._snapshots(gpus)
+            snaps = (gpu_snapshots if gpu_snapshots is not None or req is not None or on_cpu
+                     else self._snapshots(gpus))
         except ValueError as exc:
             self._refused("server.start", spec.name, exc, profile=spec.name, model=spec.model,
                           gpus=",".join(map(str, gpus)), port=port, force=force)
