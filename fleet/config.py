@@ -12,7 +12,10 @@ from store.config_files import HomePath, Strict, load_toml_model
 
 
 class NodeConfig(Strict):
-    name: str = Field(min_length=1)
+    # A node's name is a part of ids and GPU fields (`@gpu-02:q-1`, `gpu-02/3`): a ":", "/", "@" or space in it
+    # would split there, and its records could be neither shown nor stopped by their ids.
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="a node name: letters, digits, '.', '_' and '-'")
     # ssh reads an argument that starts with "-" as an option (-oProxyCommand=... runs a command).
     ssh: str = Field(min_length=1, pattern=r"^[^-\s][^\s]*$",
                      description="an SSH destination: host, user@host or a ~/.ssh/config alias")

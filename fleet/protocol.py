@@ -43,6 +43,8 @@ class Op(str, Enum):
     # "unknown op" error (shown as "upgrade this node"), while every other op keeps working.
     LIST_MODELS = "list_models"
     LIST_SPECS = "list_specs"  # the same: the Jobs dialog lists a node's own job specs
+    PLAN_SERVER = "plan_server"  # the same: the start dialog shows the node's own plan before ctrl+s (read-only)
+    RESTART_SERVER = "restart_server"  # the same: the node restarts from its own record (its spec, its placement)
 
 
 class _Message(BaseModel):
@@ -202,10 +204,23 @@ class StartServer(_Args):
     def _placed(self) -> "StartServer":
         if self.slurm is None and self.gpus is None:
             raise ValueError("gpus must be a list of distinct GPU indices, got None")
+        _one_placement(self.gpus, self.slurm)
         return self
 
 
+class PlanServer(_Args):
+    """What a start would be planned as, without starting it: the node's own profile, GPUs and models."""
+
+    profile: ProfileName
+    gpus: GpuList
+    model: ModelName | None = None  # instead of the profile's
+
+
 class StopServer(_Args):
+    id: Ident
+
+
+class RestartServer(_Args):
     id: Ident
 
 
@@ -214,6 +229,17 @@ class StartJob(_Args):
     gpus: GpuList | None = None  # None: CPU (the peft backend)
     force: Force = False
     slurm: SlurmAsk | None = None
+
+    @model_validator(mode="after")
+    def _placed(self) -> "StartJob":
+        _one_placement(self.gpus, self.slurm)
+        return self
+
+
+def _one_placement(gpus: list[int] | None, slurm: SlurmAsk | None) -> None:
+    # Both would leave one of them silently unused (the node's Slurm places it): a request says what it means.
+    if gpus is not None and slurm is not None:
+        raise ValueError("gpus and slurm: give one (Slurm picks the GPUs of a start it places)")
 
 
 class CancelJob(_Args):
@@ -269,6 +295,11 @@ class RecordDoc(_Doc):
     name: str
     node: str
     pid: int | None = None
+    # Named, so an answer without them is refused here in one line: the engine's record needs them, and a
+    # TypeError from its constructor was what a misfit agent's record came to.
+    create_time: float | None
+    argv: list[str]
+    env: dict[str, str]
     gpus: str  # "0,1", "cpu" or "slurm:N"; engine/nodes/placement.py reads it
     port: int | None = None
     log_path: str
@@ -290,6 +321,15 @@ class ServerStatusDoc(RecordDoc):
 class StartedServer(_Doc):
     server: RecordDoc
     verdict: dict[str, Any] | None = None  # the planner's, as the node planned it
+
+
+class PlannedServer(_Doc):
+    verdict: dict[str, Any]  # the planner's (FitResult.to_json), as the node planned it against its own GPUs
+
+
+class RestartedServer(_Doc):
+    old: RecordDoc  # as it was when restarted (a crashed one keeps its diagnosis)
+    new: RecordDoc
 
 
 class JobDoc(RecordDoc):
@@ -354,6 +394,8 @@ OPS: dict[Op, OpSpec] = {
     Op.SLURM_VIEW: OpSpec(NoArgs, ClusterDoc),
     Op.LIST_MODELS: OpSpec(NoArgs, list[ModelDoc]),
     Op.LIST_SPECS: OpSpec(NoArgs, list[str]),
+    Op.PLAN_SERVER: OpSpec(PlanServer, PlannedServer),
+    Op.RESTART_SERVER: OpSpec(RestartServer, RestartedServer),
 }
 _RESULTS = {op: TypeAdapter(spec.response) for op, spec in OPS.items()}
 

@@ -9,8 +9,9 @@ from typing import Annotated, Callable
 
 from pydantic import BeforeValidator
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]*$")
-_PARTITION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # never an option: it does not start with "-"
+# Matched whole (fullmatch): `$` also matches before a final newline, so "gpu\n" passed as a partition name.
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]*")
+_PARTITION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never an option: it does not start with "-"
 
 
 def text_of(what: str) -> Callable[[object], str]:
@@ -45,7 +46,7 @@ def flag(what: str) -> Callable[[object], bool]:
 
 def adapter_name(what: str) -> Callable[[object], str]:
     def check(value: object) -> str:
-        if not isinstance(value, str) or not _ADAPTER_NAME.match(value):
+        if not isinstance(value, str) or not _ADAPTER_NAME.fullmatch(value):
             raise ValueError(f"{what} must be an adapter name, got {value!r}")
         return value
     return check
@@ -64,7 +65,7 @@ def slurm_gpus(value: object) -> int:
 
 
 def partition(value: object) -> str:
-    if not isinstance(value, str) or not _PARTITION.match(value):
+    if not isinstance(value, str) or not _PARTITION.fullmatch(value):
         raise ValueError(f"slurm.partition must be a partition name, got {value!r}")
     return value
 

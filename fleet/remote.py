@@ -110,7 +110,11 @@ class RemoteNode:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._pending: dict[int, Future[Any]] = {}
+        # Request ids count up for the life of this object, across reconnects: an agent refuses an id it has seen
+        # (engine/nodes/agent.py), so none is ever sent twice. Taken and written under one lock, so they also
+        # reach the agent in the order they were counted (and one request's line never interleaves another's).
         self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"remote-{name}", daemon=True)
         self._thread.start()
@@ -156,19 +160,22 @@ class RemoteNode:
             connected = self.link.status == "connected"
         if proc is None or proc.stdin is None or not connected:
             raise AgentError(f"{self.name}: not connected ({self.link.error or self.link.status})")
-        rid = next(self._ids)
         fut: Future[Any] = Future()
-        self._pending[rid] = fut
+        rid: int | None = None
         try:
-            proc.stdin.write(Request(id=rid, op=Op(op), args=args or {}, operator=OPERATOR).line().encode())
-            proc.stdin.flush()
+            with self._send_lock:
+                rid = next(self._ids)
+                self._pending[rid] = fut
+                proc.stdin.write(Request(id=rid, op=Op(op), args=args or {}, operator=OPERATOR).line().encode())
+                proc.stdin.flush()
             return fut.result(timeout=timeout)
         except TimeoutError as exc:
             raise AgentError(f"{self.name}: no answer to {op} within {timeout:g} s") from exc
         except (BrokenPipeError, OSError) as exc:
             raise AgentError(f"{self.name}: connection lost while sending {op}: {exc}") from exc
         finally:
-            self._pending.pop(rid, None)
+            if rid is not None:
+                self._pending.pop(rid, None)
 
     # -- the connection loop --------------------------------------------------------------------
     def _set(self, status: str, error: str | None = None) -> None:

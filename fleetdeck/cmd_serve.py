@@ -113,10 +113,14 @@ def run_start(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         return _err(str(exc))
     if args.node:
-        if args.dry_run or args.simulated:
-            return _err("--node starts there, planned by that node: not with --dry-run or --simulated")
+        if args.simulated:
+            return _err("--node starts there, planned by that node: not with --simulated")
         try:
             with ops_of(args) as ops:
+                if args.dry_run:  # the node's own plan (its agent's read-only plan_server): nothing started
+                    print(f"planned by {args.node}, on its own profile and GPUs:\n"
+                          + render_text(ops.plan_server(args.profile, gpus).verdict))
+                    return 0
                 started = ops.start_server(args.profile, gpus, port=args.port, force=args.force)
         except node_errors() as exc:
             return _err(str(exc))

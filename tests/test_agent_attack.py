@@ -113,6 +113,23 @@ def test_an_id_or_version_of_the_wrong_kind_is_refused_not_taken_for_another(age
     assert _ask(pipe, {"v": 2, "type": "request", "id": 6, "op": "ping"})["ok"] is True
 
 
+@pytest.mark.parametrize("op,args,error", [
+    ("load_adapter", {"server": "s", "adapter": "a", "name": "x\n"}, "name must be an adapter name, got 'x\\n'"),
+    ("swap_adapter", {"server": "s", "adapter": "a", "old": "x\n"}, "old must be an adapter name, got 'x\\n'"),
+    ("unload_adapter", {"server": "s", "name": "tickets-v1\n"}, "name must be an adapter name"),
+    ("start_server", {"profile": "q", "slurm": {"partition": "gpu\n"}}, "slurm.partition must be a partition name"),
+    ("start_job", {"spec": "s", "slurm": {"partition": "gpu\n"}}, "slurm.partition must be a partition name"),
+])
+def test_a_name_with_a_trailing_newline_is_not_a_name(op, args, error):
+    """A name's pattern is matched whole: `$` also matches before a final newline, which let a served-as name
+    or a Slurm partition end in one."""
+    from fleet.protocol import Op, parse_args
+
+    with pytest.raises(BadMessage) as caught:
+        parse_args(Op(op), args)
+    assert str(caught.value).startswith(error), caught.value
+
+
 def test_a_flood_of_requests_waits_for_a_free_handler_and_every_one_is_answered(agent_pipe):
     agent, pipe = agent_pipe
     gate, lock = threading.Event(), threading.Lock()
@@ -195,6 +212,33 @@ def test_a_profile_in_a_linked_folder_and_a_real_adapter_pass_the_check(linked_n
         pipe.close()
     assert started["error"].startswith("cannot find the vLLM command"), started  # past the check, to the launch
     assert loaded["error"] == "no server 'nosuch' (see `fleetdeck serve ls`)"  # the engine's line, no class name
+
+
+def test_the_nodes_lists_hold_only_names_a_request_can_use(linked_node, tmp_path, monkeypatch):
+    """list_profiles and list_specs list what a start can use: not a link out of its folder, not a name no
+    request can carry, not a folder or a dangling link named NAME.toml. The node's own CLI keeps its links."""
+    from engine.nodes.local import LocalOps
+    from store.db import open_store
+
+    monkeypatch.chdir(tmp_path)  # no ./configs/profiles
+    profiles = linked_node / "profiles"
+    (profiles / "two words.toml").write_text('name = "x"\nmodel = "Qwen/Qwen3-8B"\n')
+    (profiles / "adir.toml").mkdir()
+    (profiles / "gone.toml").symlink_to(tmp_path / "nowhere.toml")
+    (profiles / "-dash.toml").write_text('name = "x"\nmodel = "Qwen/Qwen3-8B"\n')
+    pipe = Pipe(Agent(demo_fleet()[0], linked_node / "fd.db", [linked_node / "adapters"], "9.9", interval_s=0.2))
+    try:
+        pipe.next("hello")
+        listed = _ask(pipe, {"v": 2, "type": "request", "id": 1, "op": "list_profiles"})["result"]
+        specs = _ask(pipe, {"v": 2, "type": "request", "id": 2, "op": "list_specs"})["result"]
+        missing = _ask(pipe, {"v": 2, "type": "request", "id": 3, "op": "start_server",
+                              "args": {"profile": "nosuch", "gpus": [0]}})
+    finally:
+        pipe.close()
+    assert listed == ["q"] and specs == []  # `planted` and `sim` link out; the rest cannot be used
+    assert missing["error"] == "no profile named 'nosuch' on this host; known: q", missing
+    own = LocalOps(open_store(linked_node / "own.db"), [])  # the node's own operator: links are theirs to keep
+    assert own.profiles() == ["planted", "q"] and own.specs() == ["sim"]
 
 
 # -- the dashboard's side ---------------------------------------------------------------------------------
@@ -351,6 +395,40 @@ def test_changes_asked_at_once_happen_one_at_a_time_so_starts_never_share_a_port
             launcher.stop(store, rec, timeout=5)
 
 
+def test_two_dashboards_agents_on_one_node_make_their_changes_one_at_a_time(tmp_path, monkeypatch):
+    """Two dashboards are two SSH sessions, two agents on one store: their starts sent together each took a
+    port the other had just taken (the one-change-at-a-time lock was one agent's). A lock file beside the
+    store now orders them across agents."""
+    from engine.vllm import launcher
+    from store.db import open_store
+    from tests.helpers import FAKE_VLLM_CMD
+
+    root = make_node_files(tmp_path / "node")
+    for key, value in {"FLEETDECK_VLLM": FAKE_VLLM_CMD, "FLEETDECK_SIM_START_DELAY": "0.2",
+                       "FLEETDECK_PROFILES": str(root / "profiles"), "XDG_STATE_HOME": str(root / "state"),
+                       "XDG_CONFIG_HOME": str(root / "config")}.items():
+        monkeypatch.setenv(key, value)
+    db = root / "fd.db"
+    pipes = [Pipe(Agent(demo_fleet()[0], db, [root / "adapters"], "9.9", interval_s=0.2)) for _ in range(2)]
+    try:
+        for pipe in pipes:
+            pipe.next("hello")
+        for i in range(3):
+            for n, pipe in enumerate(pipes):
+                pipe.send({"v": 2, "type": "request", "id": i, "op": "start_server",
+                           "args": {"profile": "q", "gpus": [n * 2 + i % 2], "force": True}})
+        answers = [pipe.next("response") for pipe in pipes for _ in range(3)]
+        assert all(a["ok"] for a in answers), answers
+        assert len({a["result"]["server"]["port"] for a in answers}) == 6  # no port taken twice
+        assert (root / "fd.db.changes.lock").stat().st_mode & 0o777 == 0o600
+    finally:
+        for pipe in pipes:
+            pipe.close()
+        store = open_store(db)
+        for rec in launcher.list_servers(store):
+            launcher.stop(store, rec, timeout=5)
+
+
 def test_requests_sent_just_before_stdin_closes_are_all_answered_and_recorded(tmp_path):
     """`printf REQUESTS | fleetdeck agent --stdio`: the agent used to end at EOF with requests still in hand
     (answers lost, and a change cut off before its record); it now ends when each has answered."""
@@ -403,3 +481,73 @@ def test_serve_logs_shows_what_a_log_holds_without_letting_it_drive_the_terminal
     assert main(["serve", "logs", "q-esc001", "--store", str(tmp_path / "s.db")]) == 0
     out = capsys.readouterr().out
     assert out == "INFO started\nprompt was \\x1b]0;owned\\x07\\x1b[2J here\nLoading 100%\n"
+
+
+def test_a_remote_restart_is_the_nodes_own_from_its_record_even_when_the_profile_is_named_otherwise(tmp_path):
+    """A server's record carries its profile's `name`, which need not be its file's name. The dashboard
+    restarted a remote server by stopping it and starting that name: "no profile named 'qwen'", and the
+    server stayed stopped. The node now restarts it from its own record (its spec, its GPUs)."""
+    from engine.vllm import launcher
+    from store.db import open_store
+    from tests.helpers import FAKE_VLLM_CMD
+
+    root = make_node_files(tmp_path / "node")
+    (root / "profiles" / "q.toml").write_text('name = "qwen"\nmodel = "Qwen/Qwen3-8B"\n')  # the file q, the profile qwen
+    env = [f"PYTHONPATH={THIS_CHECKOUT}", f"FLEETDECK_VLLM={FAKE_VLLM_CMD}", "FLEETDECK_SIM_START_DELAY=0.2",
+           f"XDG_STATE_HOME={root / 'state'}", f"XDG_CONFIG_HOME={root / 'config'}", f"FLEETDECK_PROFILES={root / 'profiles'}"]
+    argv = ["env", *env, PY, "-m", "fleetdeck", "agent", "--stdio", "--simulated", "--node-name", "gpu-02",
+            "--store", str(root / "fd.db"), "--config", str(root / "fleet.toml")]
+    node = RemoteNode("gpu-02", argv, interval_s=0.3, hello_timeout_s=WAIT_CEILING_S)
+    try:
+        assert wait_for(lambda: node.link.status == "connected", timeout=WAIT_CEILING_S + 5), node.link.error
+        ops = AgentOps(node)
+        sid = ops.start_server("q", [3], force=True).rec.id
+        assert wait_for(lambda: next(s.rec.state for s in ops.servers() if s.rec.id == sid) != "starting")
+        done = ops.restart_server(sid)
+        assert done.old.id == sid and done.new.id != sid and done.new.id.startswith("@gpu-02:qwen-")
+        assert str(done.new.gpus) == "3" and done.new.spec["model"] == "Qwen/Qwen3-8B"
+        states = {s.rec.id: s.rec.state for s in ops.servers()}
+        # (crashed: it had ended before the restart, e.g. its port taken by another test's server meanwhile)
+        assert states[sid] in ("stopped", "crashed") and states[done.new.id] in ("starting", "ready", "crashed")
+    finally:
+        node.close()
+        store = open_store(root / "fd.db")
+        for rec in launcher.list_servers(store):
+            launcher.stop(store, rec, timeout=5)
+
+
+OLD_AGENT = """
+import json, sys, time
+asked = sys.argv[1]
+record = {"id": "qwen-1", "name": "qwen", "node": "gpu-02", "pid": 1, "create_time": 1.0, "argv": ["vllm"], "env": {},
+          "gpus": "3", "port": 8000, "log_path": "/x.log",
+          "spec": {"name": "qwen", "model": "Qwen/Qwen3-8B"}, "state": "ready", "started_at": 0.0}
+print(json.dumps({"v": 2, "type": "hello", "fleetdeck": "0.9"}), flush=True)
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("type") != "request":
+        continue
+    with open(asked, "a") as f:
+        f.write(m["op"] + "\\n")
+    answers = {"list_servers": [record], "list_profiles": ["q"]}
+    if m["op"] in answers:
+        out = {"ok": True, "result": answers[m["op"]]}
+    else:
+        out = {"ok": False, "error": "unknown op " + repr(m["op"]) + "; known: [...]"}
+    print(json.dumps({"v": 2, "type": "response", "id": m["id"], **out}), flush=True)
+"""
+
+
+def test_an_older_agent_is_never_asked_to_stop_a_server_it_cannot_start_again(tmp_path):
+    """An agent without restart_server gets stop then start by name, but only for a name it has a profile of."""
+    script, asked = tmp_path / "old_agent.py", tmp_path / "asked"
+    script.write_text(OLD_AGENT)
+    node = RemoteNode("gpu-02", [PY, str(script), str(asked)], interval_s=0.3, hello_timeout_s=WAIT_CEILING_S)
+    try:
+        assert wait_for(lambda: node.link.status == "connected"), node.link.error
+        with pytest.raises(AgentError) as caught:
+            AgentOps(node).restart_server("@gpu-02:qwen-1")
+    finally:
+        node.close()
+    assert "has no profile named 'qwen': nothing was stopped; upgrade it" in str(caught.value)
+    assert asked.read_text().split() == ["restart_server", "list_servers", "list_profiles"]  # no stop_server

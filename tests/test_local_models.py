@@ -119,8 +119,8 @@ def test_a_nodes_agent_lists_its_own_models(tmp_path, monkeypatch):
     profiles.mkdir()
     (profiles / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
     monkeypatch.setenv("FLEETDECK_PROFILES", str(profiles))
-    for bad in ("/etc", "Qwen/Qwen2-7B-Instruct", 7):
-        pipe.send({"v": 2, "type": "request", "id": 2, "op": "start_server",
+    for rid, bad in enumerate(("/etc", "Qwen/Qwen2-7B-Instruct", 7), start=2):  # an id names one request
+        pipe.send({"v": 2, "type": "request", "id": rid, "op": "start_server",
                    "args": {"profile": "q", "gpus": [0], "model": bad}})
         answer = pipe.next("response")
         assert answer["ok"] is False and ("not on this node's disks" in answer["error"]

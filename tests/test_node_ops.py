@@ -49,6 +49,9 @@ BAD_ARGS = [
     (Op.START_SERVER, {"profile": "q", "gpus": [0], "port": 80}, "port must be from 1024 to 65535"),
     (Op.START_SERVER, {"profile": "q", "gpus": [0], "cmd": "id"}, "unknown field 'cmd'; start_server takes profile"),
     (Op.START_JOB, {"spec": "sim", "slurm": {"gpus": 65}}, "slurm.gpus must be a count 1-64"),
+    # Both GPUs and a Slurm ask: one of them would go unused, silently.
+    (Op.START_SERVER, {"profile": "q", "gpus": [0], "slurm": {"gpus": 1}}, "gpus and slurm: give one"),
+    (Op.START_JOB, {"spec": "sim", "gpus": [0], "slurm": {"gpus": 1}}, "gpus and slurm: give one"),
     (Op.START_JOB, {"spec": "sim", "slurm": {"partition": "a b"}}, "slurm.partition must be a partition name"),
     (Op.STOP_SERVER, {}, "stop_server: id is required"),
     (Op.TAIL_LOG, {"id": "x", "kind": "other"}, "kind must be 'server' or 'job'"),
@@ -83,10 +86,13 @@ def test_any_args_parse_to_the_ops_model_or_one_line_and_a_model_goes_back_on_th
 def test_an_answer_that_does_not_fit_its_model_is_refused():
     with pytest.raises(BadMessage, match="list_servers answered"):
         parse_result(Op.LIST_SERVERS, [{"id": 3}])
-    started = parse_result(Op.START_SERVER, {"server": {"id": "q-1", "name": "q", "node": "n", "gpus": "0",
-                                                        "log_path": "/l", "state": "starting", "started_at": 1.0,
-                                                        "argv": ["vllm"]}, "verdict": None})
-    assert started.server.id == "q-1" and started.server.model_dump()["argv"] == ["vllm"]  # the rest passes through
+    server = {"id": "q-1", "name": "q", "node": "n", "gpus": "0", "log_path": "/l", "state": "starting",
+              "started_at": 1.0, "create_time": 2.0, "argv": ["vllm"], "env": {}, "predicted_kv_tokens": 7}
+    started = parse_result(Op.START_SERVER, {"server": server, "verdict": None})
+    assert started.server.id == "q-1" and started.server.model_dump()["predicted_kv_tokens"] == 7  # the rest passes
+    # What the engine's record cannot be made without is refused here, in one line, not a TypeError later.
+    with pytest.raises(BadMessage, match="start_server answered server.env: Field required"):
+        parse_result(Op.START_SERVER, {"server": {k: v for k, v in server.items() if k != "env"}, "verdict": None})
 
 
 def test_a_start_on_slurm_needs_no_gpus_and_one_on_gpus_needs_them():

@@ -3,6 +3,7 @@ faults, and a real SSH round-trip through sshd on loopback (installed by .ci/run
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -356,11 +357,12 @@ def test_the_agent_relays_live_figures_of_its_servers(tmp_path, monkeypatch):
 
         assert ask("list_profiles", {}, 1) == ["q"]
         sid = ask("start_server", {"profile": "q", "gpus": [3]}, 2)["server"]["id"]
-        assert wait_for(lambda: ask("list_servers", {}, 3)[0]["state"] == "ready")
-        docs = ask("list_servers", {}, 4)
+        fresh = itertools.count(3)  # an id names one request: the agent refuses one used before
+        assert wait_for(lambda: ask("list_servers", {}, next(fresh))[0]["state"] == "ready")
+        docs = ask("list_servers", {}, next(fresh))
         fig = docs[0]["figures"]
         assert fig is not None and fig["kv_tokens"] and fig["running"] is not None
-        ask("stop_server", {"id": sid}, 5)
+        ask("stop_server", {"id": sid}, next(fresh))
     finally:
         pipe.close()
 
@@ -658,3 +660,13 @@ def test_both_sides_read_the_protocol_through_the_same_typed_messages():
             parse_client(doc)
     with pytest.raises(BadMessage, match="ok: Field required"):
         parse_agent({"v": 2, "type": "response", "id": 3})
+
+
+@pytest.mark.parametrize("name", ["gpu:02", "gpu/02", "@gpu", "gpu 02", "-gpu"])
+def test_a_node_name_that_would_split_an_id_or_a_gpu_field_is_refused_naming_the_key(tmp_path, capsys, name):
+    """`@gpu:02:q-1` split at the first ':' named node `gpu`; `gpu/02/3` in the start dialog, node `gpu`."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[node]]\nname = "{name}"\nssh = "ops@gpu-02.invalid"\n')
+    assert main(["nodes", "ls", "--config", str(fleet), "--store", str(tmp_path / "s.db")]) == 2
+    err = capsys.readouterr().err
+    assert str(fleet) in err and "node[0].name" in err and "Traceback" not in err, err

@@ -6,20 +6,25 @@ local host uses (servers, jobs, adapters, logs). One JSON object per line both w
 gets an error response, never a crash. It ends when its stdin closes (the SSH session ended).
 
 A request is input, never a command: it names profiles and job specs that this node's own folders hold,
-servers and jobs this node's store knows, by exact id, and GPUs by index. Nothing in a request is run or
-written as a path. An agent started read-only (`--read-only`, or `read_only = true` in this node's fleet
+servers and jobs this node's store knows, by exact id, and GPUs this node has, by index. Nothing in a
+request is run or written as a path. Its id names it once on this connection: a request whose id was
+used before is not run. An agent started read-only (`--read-only`, or `read_only = true` in this node's fleet
 config) refuses every request that changes the node.
 """
 
 from __future__ import annotations
 
+import fcntl
+import heapq
 import io
 import json
+import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, TextIO
 
 from engine.adapters.registry import AdapterError
 from engine.audit import trail as audit
@@ -30,8 +35,9 @@ from engine.nodes.ops import JobProgress
 from engine.nodes.processes import KillError
 from engine.slurm.client import SlurmError
 from engine.vllm.command import LaunchError
-from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, OPS, BadMessage, Hello, Op, Request, Response, Snapshot,
-                            StartJob, StartServer, Subscribe, parse_args, parse_client, result_of, version_problem)
+from fleet.protocol import (MAX_INTERVAL_S, MIN_INTERVAL_S, OPS, BadMessage, Hello, Op, Request, Response, RestartServer,
+                            Snapshot, StartJob, StartServer, Subscribe, parse_args, parse_client, result_of,
+                            version_problem)
 from fleet.remote import snapshot_to_json
 from store.config_files import ConfigError
 from store.db import StoreError
@@ -44,7 +50,8 @@ if TYPE_CHECKING:
 MUTATING_OPS = {Op.START_SERVER.value: "server.start", Op.STOP_SERVER.value: "server.stop",
                 Op.START_JOB.value: "job.start", Op.CANCEL_JOB.value: "job.cancel", Op.RESUME_JOB.value: "job.resume",
                 Op.LOAD_ADAPTER.value: "adapter.load", Op.UNLOAD_ADAPTER.value: "adapter.unload",
-                Op.SWAP_ADAPTER.value: "adapter.swap"}
+                Op.SWAP_ADAPTER.value: "adapter.swap",
+                Op.RESTART_SERVER.value: "server.stop"}  # a restart stops first (then the engine records the start)
 
 
 class BadRequest(ValueError):
@@ -65,7 +72,8 @@ def _target(args: dict[str, Any]) -> str:
 
 
 # A request's argument names, as the audit action's parameter names (the rest are not recorded).
-_PARAM_OF = {Op.STOP_SERVER.value: {"id": "server"}, Op.CANCEL_JOB.value: {"id": "job"},
+_PARAM_OF = {Op.STOP_SERVER.value: {"id": "server"}, Op.RESTART_SERVER.value: {"id": "server"},
+             Op.CANCEL_JOB.value: {"id": "job"},
              Op.RESUME_JOB.value: {"id": "job"}}
 
 
@@ -84,6 +92,10 @@ MAX_LINE = 1 << 20  # a request is a few hundred bytes; a megabyte is a mistake 
 # (the reader stops reading, so the pipe pushes back on the sender) instead of starting a thread per line.
 MAX_HANDLERS = 16
 MAX_ERROR = 2000  # characters of an error reply
+# Request ids this agent remembers, to refuse one used again (below). Past this many, the lowest is forgotten and
+# every id at or below it is refused too: memory stays bounded, and no id can come round again. A dashboard's ids
+# count up (fleet/remote.py), so it never meets this floor.
+ID_WINDOW = 4096
 
 # What the engine raises for a request that names something this node does not have, or cannot do:
 # answered as the request's fault (BadRequest), not the node's.
@@ -112,12 +124,19 @@ class Agent:
         # memory and pick the same free port (one of them then crashes on it). Reads never wait for this.
         self._changing = threading.Lock()
         self._gone = False  # stdout broke: the dashboard has gone
+        # The request ids of this session (one agent answers one SSH session). A reused id is refused: its answer
+        # could not be told from the first one's, and a change sent twice must not happen twice. Read and written
+        # by the reader thread only, in the order the lines came.
+        self._ids_seen: set[int] = set()
+        self._ids_heap: list[int] = []
+        self._ids_floor: int | None = None  # every id at or below this one counts as used
         # Each op: its request model in, one LocalOps call, its response model out (fleet/protocol.py's OPS).
         handlers: dict[Op, Callable[[Any], Any]] = {
             Op.PING: lambda a: {"pong": time.time()},
             Op.LIST_SERVERS: lambda a: [st.to_json() for st in self.local.servers()],
             Op.START_SERVER: self._start_server,
             Op.STOP_SERVER: lambda a: self.local.stop_server(a.id).to_json(),
+            Op.RESTART_SERVER: self._restart_server,
             Op.LIST_JOBS: lambda a: [self._job_doc(p) for p in self.local.jobs()],
             Op.START_JOB: self._start_job,
             Op.CANCEL_JOB: lambda a: self.local.cancel_job(a.id).to_json(),
@@ -131,6 +150,9 @@ class Agent:
             Op.SWAP_ADAPTER: lambda a: self.local.swap_adapter(a.server, a.old, a.adapter, a.name),
             Op.SLURM_VIEW: lambda a: self.local.slurm_view().to_json(),
             Op.LIST_MODELS: lambda a: [m.to_json() for m in self.local.models()],
+            # Read-only (not in MUTATING_OPS): a read-only agent plans too, and nothing is recorded.
+            Op.PLAN_SERVER: lambda a: {"verdict": self.local.plan_server(a.profile, list(a.gpus),
+                                                                         model=a.model).verdict.to_json()},
         }
         if set(handlers) != set(Op) or set(OPS) != set(Op):
             raise RuntimeError(f"agent has no handler for {sorted(set(Op) - set(handlers) - set(OPS))}")
@@ -156,11 +178,33 @@ class Agent:
                                        scrapes={}, confined=True)
             return self._local
 
+    @contextmanager
+    def _one_change(self) -> Iterator[None]:
+        """One change at a time on this node, from this agent and from any other agent on its store (two dashboards
+        are two SSH sessions, two agent processes): a lock file beside the store, held while the change runs.
+        Without it two starts from two dashboards planned against the same free memory and took the same port."""
+        from store.paths import default_store_path
+
+        store = Path(self.store_path or default_store_path())
+        with self._changing:
+            fd = os.open(f"{store}.changes.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # an open file's lock: another agent, or this one's other handle, waits
+                yield
+            finally:
+                os.close(fd)  # and with it the lock
+
     # -- ops that take more than one call --------------------------------------------------------
     def _start_server(self, a: StartServer) -> Any:
         started = self.local.start_server(a.profile, list(a.gpus or []), port=a.port, force=a.force, model=a.model,
                                           slurm=a.slurm)
         return {"server": started.rec.to_json(), "verdict": started.verdict}
+
+    def _restart_server(self, a: RestartServer) -> Any:
+        """From the node's own record: the spec it was started with (a model picked for it included), on the same
+        GPUs or Slurm ask, planned against this node's GPUs when it had ended: what `serve restart` does here."""
+        done = self.local.restart_server(a.id)
+        return {"old": done.old.to_json(), "new": done.new.to_json()}
 
     def _start_job(self, a: StartJob) -> Any:
         return self.local.start_job(a.spec, list(a.gpus) if a.gpus else None, force=a.force, slurm=a.slurm).to_json()
@@ -203,7 +247,7 @@ class Agent:
                     if action is None:
                         answer = fn(typed)
                     else:
-                        with self._changing:
+                        with self._one_change():
                             answer = fn(typed)
                 except _REFUSALS as exc:
                     raise BadRequest(str(exc)) from None
@@ -217,6 +261,16 @@ class Agent:
                     outcome = "failed" if isinstance(exc, (OSError, RuntimeError)) else "refused"
                     audit.record(action, _target(args), outcome, _reason(exc), **_params(op, args))
                 self._fail(out, rid, self._error_text(exc))
+
+    def _refuse_reused(self, out: TextIO, req: Request, why: str) -> None:
+        """A request whose id was used before: not run. A change is recorded as refused (it is one the node did not
+        make). The answer carries no id: under the reused one it would read as the answer to the first request."""
+        action = MUTATING_OPS.get(req.op.value)
+        if action is not None:
+            behalf = {"source": "agent", **({"on_behalf_of": req.operator} if req.operator else {})}
+            with audit.on_behalf_of(behalf):
+                audit.record(action, _target(req.args), "refused", why, **_params(req.op.value, req.args))
+        self._fail(out, None, f"{req.op.value}: {why}")
 
     def _error_text(self, exc: Exception) -> str:
         from store.db import corrupt_message, is_corrupt
@@ -289,18 +343,39 @@ class Agent:
             if typed.interval is not None:
                 self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, typed.interval))
         else:
+            reused = self._reused(typed.id)
             self._handlers.acquire()  # released by the handler's thread when it has answered
             if self._stop.is_set() and self._gone:  # the dashboard's end of stdout is closed: no one to answer
                 self._handlers.release()
                 return
             try:
-                threading.Thread(target=self._handle_one, args=(out, typed), daemon=True).start()
+                threading.Thread(target=self._handle_one, args=(out, typed, reused), daemon=True).start()
             except BaseException:
                 self._handlers.release()
                 raise
 
-    def _handle_one(self, out: TextIO, req: Request) -> None:
+    def _reused(self, rid: int) -> str | None:
+        """Why request id `rid` cannot be taken (used before in this session), or None, taking it."""
+        if rid in self._ids_seen:
+            return (f"request id {rid} was already used on this connection: this request was not run (each request "
+                    "needs an id of its own)")
+        if self._ids_floor is not None and rid <= self._ids_floor:
+            return (f"request id {rid} is not above {self._ids_floor}, the highest id this agent has forgotten: it may "
+                    "have been used on this connection, so this request was not run (ids must be new; a dashboard "
+                    "counts them up)")
+        self._ids_seen.add(rid)
+        heapq.heappush(self._ids_heap, rid)
+        if len(self._ids_heap) > ID_WINDOW:  # forget the lowest: the floor rises to it, so it stays refused
+            lowest = heapq.heappop(self._ids_heap)
+            self._ids_seen.discard(lowest)
+            self._ids_floor = lowest if self._ids_floor is None else max(self._ids_floor, lowest)
+        return None
+
+    def _handle_one(self, out: TextIO, req: Request, reused: str | None = None) -> None:
         try:
+            if reused is not None:
+                self._refuse_reused(out, req, reused)
+                return
             self._handle(out, req)
         except OSError:
             pass  # the dashboard is gone: the reader sees its stdin close and ends the agent

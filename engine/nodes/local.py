@@ -7,11 +7,13 @@ dashboard is what it does for its own operator.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.adapters import registry as engine_adapters
+from engine.audit import trail as audit
 from engine.slurm import client as engine_slurm
 from engine.adapters.evaluation import evals_of
 from engine.adapters.registry import integrity_problem
@@ -22,17 +24,19 @@ from engine.finetune.spec import JobSpec, load_spec
 from engine.host.folders import Folders
 from engine.kvfit.local_models import LocalModel, configured_roots, list_local
 from engine.io.logs import tail
-from engine.nodes.ops import AdapterListing, JobProgress, ServerRestarted, ServerStarted, with_model
+from engine.nodes.ops import AdapterListing, JobProgress, ServerPlan, ServerRestarted, ServerStarted, with_model
 from engine.managed import SlurmGpus
 from engine.nodes.placement import gpu_indices
 from engine.nodes.processes import KillRequest, kill_gpu_process
 from engine.slurm.client import ClusterView
 from engine.vllm import launcher, slurm_server
+from engine.vllm.command import LaunchError, preflight
 from engine.vllm.record import LIVE, ServerRecord
 from engine.vllm.profile import Profile, load_profile
 from engine.vllm.status import ServerStatus, status_of
+from fleet.inventory import check_gpus
 from fleet.protocol import SlurmAsk
-from store.config_files import named_tomls, toml_by_name
+from store.config_files import NAME_PATTERN, named_tomls, toml_by_name
 
 if TYPE_CHECKING:
     from store.db import Store
@@ -57,6 +61,23 @@ def within_folder(kind: str, name: str, path: Path, folders: list[Path]) -> Path
                                f"to this node's agent follows none; put the {kind} itself in "
                                f"{' or '.join(str(f) for f in folders)}")
     return path
+
+
+def usable_tomls(roots: list[Path], confined: bool = False) -> dict[str, Path]:
+    """The `NAME.toml` files of `roots` a start can use, by name (the first folder that has a name wins, as
+    `toml_by_name` finds them): a name a request can carry, a file (not a folder, not a dangling link) and,
+    `confined` (the agent), not a link out of its folder. A list shows only what can be picked."""
+    usable: dict[str, Path] = {}
+    for name, path in named_tomls(roots).items():
+        if not re.match(NAME_PATTERN, name) or name != name.strip() or not path.is_file():
+            continue
+        if confined:
+            try:
+                within_folder("file", name, path, [path.parent])
+            except OutsideItsFolder:
+                continue
+        usable[name] = path
+    return usable
 
 
 def list_adapters(store: Store, roots: list[Path], sid: str | None) -> AdapterListing:
@@ -98,10 +119,21 @@ class LocalOps:
         return list_local(configured_roots() if self.model_roots is None else self.model_roots)
 
     def profiles(self) -> list[str]:
-        return sorted(named_tomls(self.folders.profile_roots()))
+        return sorted(usable_tomls(self.folders.profile_roots(), self.confined))
 
     def specs(self) -> list[str]:
-        return sorted(named_tomls(self.folders.spec_roots()))
+        return sorted(usable_tomls(self.folders.spec_roots(), self.confined))
+
+    def _config_file(self, kind: str, name: str, roots: list[Path]) -> Path:
+        """A profile's or job spec's file by its name in `roots`; refused naming the link when it leads out of its
+        folder (confined), else with the names that can be used."""
+        try:
+            path = toml_by_name(kind, name, roots)
+        except ValueError:
+            known = ", ".join(sorted(usable_tomls(roots, self.confined)))
+            raise ValueError(f"no {kind} named {name!r} on this host; known: "
+                             f"{known or 'none (folders: ' + ', '.join(str(r) for r in roots) + ')'}") from None
+        return self._named(kind, name, path)
 
     def servers(self) -> list[ServerStatus]:
         self.scrapes = self.scrapes if self.scrapes is not None else {}
@@ -129,11 +161,18 @@ class LocalOps:
 
     # -- servers ---------------------------------------------------------------------------------
     def _snapshots(self, gpus: list[int] | None) -> Any:
-        """The node's own GPUs at these indices, to plan against; None when it cannot read them (no NVML)."""
+        """The node's own GPUs at these indices, to plan against; None when it cannot read them (no NVML).
+        ValueError for an index the node does not have, NVML or not (fleet/inventory.py decides): a start
+        without a plan (forced) still runs only on GPUs the node has."""
         if self.source is None or not gpus:
             return None
         snap = self.source.snapshot()
-        return snap.gpus_at(gpus) if snap.nvml == "ok" else None  # ValueError: an index the node lacks
+        check_gpus(snap, gpus)
+        return snap.gpus_at(gpus) if snap.nvml == "ok" else None
+
+    def _refused(self, action: str, target: str, exc: Exception, **params: Any) -> None:
+        """A start refused before the engine's own audited block (an index the node lacks): recorded here."""
+        audit.record(action, target, "refused", str(exc), **params)
 
     def _slurm_settings(self) -> Any:
         if self.slurm_settings is None or not self.slurm_settings.enabled:
@@ -150,18 +189,41 @@ class LocalOps:
         """`profile`: a name in this node's profile folders, never a path or a profile's text. `model`: one
         of models(), instead of the profile's. `node`: which of this host's own sources the GPUs belong to
         (the demo's simulated nodes), so the record says where it runs; None is this host."""
-        spec = load_profile(self._named("profile", profile, toml_by_name("profile", profile, self.folders.profile_roots())))
+        spec = load_profile(self._config_file("profile", profile, self.folders.profile_roots()))
         if model is not None:
             spec = with_model(spec, model, self.models())
         return self.start_profile(spec, gpus, port=port, force=force, slurm=slurm, gpu_snapshots=gpu_snapshots,
                                   node=node)
+
+    def plan_server(self, profile: str, gpus: list[int], *, model: str | None = None,
+                    gpu_snapshots: Any = None) -> ServerPlan:
+        """What start_server would plan for `profile` (a name in this node's folders, as there) on `gpus`, against
+        `gpu_snapshots` or this node's own GPUs: the same planner on the same figures, nothing started or recorded."""
+        spec = load_profile(self._config_file("profile", profile, self.folders.profile_roots()))
+        if model is not None:
+            spec = with_model(spec, model, self.models())
+        if spec.cpu_kv_cache_bytes is not None:  # vLLM's CPU build: planned against its KV space, no GPU
+            return ServerPlan(preflight(spec, []))
+        snaps = gpu_snapshots if gpu_snapshots is not None else self._snapshots(gpus)
+        if snaps is None:
+            raise LaunchError("cannot plan it: the GPUs could not be checked (no NVML readings); a start needs --force")
+        return ServerPlan(preflight(spec, snaps))
 
     def start_profile(self, spec: Profile, gpus: list[int], *, port: int | None = None, force: bool = False,
                       slurm: SlurmAsk | None = None, gpu_snapshots: Any = None,
                       node: str | None = None) -> ServerStarted:
         """A profile already read (the CLI's `serve start FILE.toml` on its own host); never from a request."""
         req = self._slurm_request(slurm) if slurm is not None else None
-        snaps = gpu_snapshots if gpu_snapshots is not None or req is not None else self._snapshots(gpus)
+        # A profile for vLLM's CPU build runs on no GPU (planned against its KV space): its indices are nominal,
+        # and a node running it has no GPU to check them against.
+        on_cpu = spec.cpu_kv_cache_bytes is not None
+        try:
+            snaps = (gpu_snapshots if gpu_snapshots is not None or req is not None or on_cpu
+                     else self._snapshots(gpus))
+        except ValueError as exc:
+            self._refused("server.start", spec.name, exc, profile=spec.name, model=spec.model,
+                          gpus=",".join(map(str, gpus)), port=port, force=force)
+            raise
         rec, verdict = launcher.start(self.store, spec, [] if req is not None else gpus, gpu_snapshots=snaps,
                                       port=port, force=force, adapter_roots=list(self.adapter_roots), node=node,
                                       log_dir=self.folders.server_logs, slurm=req)
@@ -201,7 +263,7 @@ class LocalOps:
     def start_job(self, spec: str, gpus: list[int] | None, *, force: bool = False, slurm: SlurmAsk | None = None,
                   gpu_snapshots: Any = None, node: str | None = None) -> JobRecord:
         """`spec`: a job spec's name in this node's folders, never a path or a spec's text."""
-        job = load_spec(self._named("job spec", spec, toml_by_name("job spec", spec, self.folders.spec_roots())))
+        job = load_spec(self._config_file("job spec", spec, self.folders.spec_roots()))
         return self.start_spec(job, gpus, force=force, slurm=slurm, gpu_snapshots=gpu_snapshots, node=node)
 
     def start_spec(self, job: JobSpec, gpus: list[int] | None, *, force: bool = False, slurm: SlurmAsk | None = None,
@@ -212,7 +274,12 @@ class LocalOps:
         if slurm is not None:
             return jobs.start(self.store, job, None, force=force, adapter_root=root, slurm=self._slurm_request(slurm),
                               jobs_dir=self.folders.jobs)
-        snaps = gpu_snapshots if gpu_snapshots is not None else self._snapshots(gpus)
+        try:
+            snaps = gpu_snapshots if gpu_snapshots is not None else self._snapshots(gpus)
+        except ValueError as exc:
+            self._refused("job.start", job.name, exc, spec=job.name, gpus=",".join(map(str, gpus or [])) or "cpu",
+                          force=force)
+            raise
         return jobs.start(self.store, job, gpus or None, gpu_snapshots=snaps, force=force, adapter_root=root,
                           node=node, jobs_dir=self.folders.jobs)
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pydantic import TypeAdapter, ValidationError
+
 from engine.adapters.registry import Adapter
 from engine.finetune.jobs import JobRecord
 from engine.kvfit.local_models import LocalModel
+from engine.kvfit.plan import FitResult
 from engine.nodes.processes import KillRequest
 from engine.slurm.client import ClusterView
 from engine.vllm.record import ServerRecord, ServerState
 from engine.vllm.status import ServerStatus
 from fleet.protocol import SlurmAsk
-
-
-
 
 @dataclass
 class AdapterListing:
@@ -49,6 +49,25 @@ class AdapterListing:
 class ServerStarted:
     rec: ServerRecord
     verdict: dict[str, Any] | None  # the planner's verdict (FitResult.to_json), as the node planned it
+
+
+@dataclass
+class ServerPlan:
+    """A start as its node plans it, nothing started: the planner's verdict for that profile on those GPUs."""
+
+    verdict: FitResult
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "ServerPlan":
+        """A verdict as a node sent it (FitResult.to_json), checked field by field; ValueError if it does not fit."""
+        try:
+            return cls(_FIT.validate_python({k: v for k, v in doc.items() if k != "verdict"}))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"a plan that does not fit: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+_FIT: TypeAdapter[FitResult] = TypeAdapter(FitResult)
 
 
 @dataclass
@@ -81,6 +100,9 @@ class NodeOps(Protocol):
     def start_server(self, profile: str, gpus: list[int], *, port: int | None = None, force: bool = False,
                      model: str | None = None, slurm: SlurmAsk | None = None, gpu_snapshots: Any = None,
                      node: str | None = None) -> ServerStarted: ...
+
+    def plan_server(self, profile: str, gpus: list[int], *, model: str | None = None,
+                    gpu_snapshots: Any = None) -> ServerPlan: ...  # read-only: what start_server would plan
 
     def stop_server(self, sid: str) -> ServerRecord: ...
 

@@ -15,7 +15,7 @@ from engine.audit import trail as audit
 from engine.finetune.jobs import JobRecord
 from engine.kvfit.local_models import LocalModel
 from engine.nodes.ids import shown_id, split_id
-from engine.nodes.ops import AdapterListing, JobProgress, ServerRestarted, ServerStarted
+from engine.nodes.ops import AdapterListing, JobProgress, ServerPlan, ServerRestarted, ServerStarted
 from engine.nodes.placement import gpu_indices, slurm_ask
 from engine.nodes.processes import KillError, KillRequest
 from engine.slurm.client import ClusterView
@@ -129,20 +129,56 @@ class AgentOps:
         doc = self._ask(Op.START_SERVER, req, timeout=120)
         return ServerStarted(self._server(doc.server), doc.verdict)
 
+    def plan_server(self, profile: str, gpus: list[int], *, model: str | None = None,
+                    gpu_snapshots: Any = None) -> ServerPlan:
+        """The node's own plan for its profile on its GPUs (`gpu_snapshots` read here are not sent): read-only,
+        so asked of it in read-only mode too, and recorded nowhere."""
+        req = self._request(Op.PLAN_SERVER, profile=profile, gpus=gpus, model=model)
+        try:
+            doc = self._ask(Op.PLAN_SERVER, req, timeout=60)
+        except AgentError as exc:
+            if "unknown op" in str(exc):
+                raise AgentError(f"{self.name}: its fleetdeck is older than this dashboard's and plans a start only "
+                                 f"when it starts; upgrade it: fleetdeck nodes install {self.name} --bundle DIR") from None
+            raise
+        try:
+            return ServerPlan.from_json(doc.verdict)
+        except ValueError as exc:
+            raise AgentError(f"{self.name}: {exc}") from None
+
     def stop_server(self, sid: str) -> ServerRecord:
         sid = self._here(sid)
         audit.refuse_if_read_only("server.stop", shown_id(self.name, sid), server=sid)
         return self._server(self._ask(Op.STOP_SERVER, self._request(Op.STOP_SERVER, id=sid), timeout=60))
 
     def restart_server(self, sid: str, *, gpu_snapshots: Any = None) -> ServerRestarted:
-        """Stop, then start the same profile on the same placement: the node's agent has no restart op. A
-        server that still ran takes its own place again (forced); one that had ended is planned by the agent
-        against its node's GPUs as they are now (`gpu_snapshots`, read here, are not sent)."""
-        shown = shown_id(self.name, self._here(sid))
+        """The node restarts the server from its own record, as `serve restart` does there: the spec it was
+        started with (the model picked for it too), the same GPUs or Slurm ask; one that had ended is planned
+        against the node's GPUs as they are now (`gpu_snapshots`, read here, are not sent)."""
+        own = self._here(sid)
+        audit.refuse_if_read_only("server.stop", shown_id(self.name, own), server=own)
+        req = self._request(Op.RESTART_SERVER, id=own)
+        try:
+            doc = self._ask(Op.RESTART_SERVER, req, timeout=180)
+        except AgentError as exc:
+            if "unknown op" not in str(exc):
+                raise
+            return self._restart_by_name(own)  # an agent older than restart_server
+        return ServerRestarted(self._server(doc.old), self._server(doc.new))
+
+    def _restart_by_name(self, own: str) -> ServerRestarted:
+        """Stop, then start the profile of the server's name on its placement: all an older agent can do. The
+        record's name is its profile's `name`, which need not be a file the node's folders hold by that name:
+        refused, before the stop, unless it is a profile there (a model picked for the server is not asked again)."""
+        shown = shown_id(self.name, own)
         rec = next((st.rec for st in self.servers() if st.rec.id == shown), None)
         if rec is None:
-            raise AgentError(f"{self.name}: no server {self._here(sid)!r} (fleetdeck serve ls --node {self.name})")
+            raise AgentError(f"{self.name}: no server {own!r} (fleetdeck serve ls --node {self.name})")
         ask, gpus = slurm_ask(rec), gpu_indices(rec)  # read before the stop, which must not run if these fail
+        if rec.name not in self.profiles():
+            raise AgentError(f"{self.name}: its fleetdeck is older than this dashboard's and can restart a server only "
+                             f"by its profile's name, and it has no profile named {rec.name!r}: nothing was stopped; "
+                             f"upgrade it: fleetdeck nodes install {self.name} --bundle DIR")
         old = self.stop_server(rec.id)
         started = self.start_server(rec.name, gpus, port=None, force=rec.state in LIVE, slurm=ask)
         return ServerRestarted(old, started.rec)

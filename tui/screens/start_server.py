@@ -3,8 +3,9 @@ profiles and models, and GPUs; see the plan; start.
 
 The node decides what is listed and who plans: this host's profiles and models are read here and
 planned here against the poller's figures for its GPUs; a node over SSH lists its own (its agent's
-list_profiles and list_models) and plans the start itself, against its own profile, GPUs and memory,
-when it starts. Either way the start goes through that node's `NodeOps` (engine/nodes).
+list_profiles and list_models) and plans the start itself, against its own profile, GPUs and memory:
+shown before ctrl+s (its agent's read-only plan_server, asked from a worker thread) and again when it
+starts. Either way the start goes through that node's `NodeOps` (engine/nodes).
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ class StartServerScreen(DeckModal):
         self.gate = LaunchGate()
 
     def compose(self) -> ComposeResult:
-        from store.config_files import named_tomls
+        from engine.nodes.local import usable_tomls
 
         # This host's profiles at once (a file listing); another node's replace them when it is picked.
-        self.profiles = sorted(named_tomls(self.app.options.folders.profile_roots()))
+        self.profiles = sorted(usable_tomls(self.app.options.folders.profile_roots()))
         with VerticalScroll(id="start-server"):
             yield Static("[b]Start a vLLM server[/b]  (Enter plans, ctrl+s starts, Esc cancels)")
             with Horizontal(classes="fit-row"):
@@ -106,7 +107,7 @@ class StartServerScreen(DeckModal):
                 profiles = ops.profiles()
             models = [m for m in ops.models() if m.error is None]
         except Exception as exc:  # a node that cannot list (older agent, link down): say so, keep what is there
-            self.app.call_from_thread(self.notify, f"profiles and models on {node or 'this host'}: {exc}",
+            self.app.call_from_thread(self.notify, f"profiles and models on {node or 'this host'}: {exc}", markup=False,
                                       severity="warning")
         self.app.call_from_thread(while_attached(self, self._show_lists), node, profiles, models)
 
@@ -115,9 +116,9 @@ class StartServerScreen(DeckModal):
             return  # another node was picked meanwhile: its own listing is on the way
         if profiles is not None or node is None:
             if node is None:
-                from store.config_files import named_tomls
+                from engine.nodes.local import usable_tomls
 
-                profiles = sorted(named_tomls(self.app.options.folders.profile_roots()))
+                profiles = sorted(usable_tomls(self.app.options.folders.profile_roots()))
             self.profiles = list(profiles or [])
             keep_p = self.query_one("#start-profile", Select).value
             select_p = self.query_one("#start-profile", Select)
@@ -189,8 +190,11 @@ class StartServerScreen(DeckModal):
     @work(thread=True, exclusive=True, group="start")
     def _plan(self, launch: bool) -> None:
         """Planning may read a local model folder's headers: never on the UI thread."""
+        from textual.worker import get_current_worker
+
         from engine.kvfit.text import render_text
         from engine.vllm.command import LaunchError, preflight
+        from fleet.remote import AgentError
         from store.config_files import ConfigError
 
         out = self.query_one("#start-verdict", Static)
@@ -199,23 +203,40 @@ class StartServerScreen(DeckModal):
             name = self.app.call_from_thread(self._profile_name)
             self.app.call_from_thread(self._gpus)  # the indices exist on that node
             if remote is not None:
-                # The node's own profile of that name, on its own GPUs and disks: planned there, once, by its agent.
-                self.verdict = None
-                self.app.call_from_thread(out.update, Text(f"{name}: planned by {remote}'s agent against its own "
-                                                           "profile, GPUs and memory when it starts (ctrl+s)"))
-                if launch:
-                    self._launch_now()
-                return
-            profile = self.app.call_from_thread(self._local_profile)
-            _, snaps, _ = self.app.call_from_thread(self._gpus)
-            self.verdict = preflight(profile, snaps)
-        except (ValueError, ConfigError, LaunchError) as exc:
+                # The node's own profile of that name, on its own GPUs and disks: planned there by its agent (a
+                # read-only request, in this worker thread: a slow link never holds the screen).
+                self.app.call_from_thread(out.update, Text(f"{name}: asking {remote}'s agent for its plan..."))
+                indices, _, _ = self.app.call_from_thread(self._gpus)
+                ops = self.app.call_from_thread(self._node_ops, remote)
+                try:
+                    verdict = ops.plan_server(name, indices, model=self.app.call_from_thread(self._model)).verdict
+                    if get_current_worker().is_cancelled:
+                        return  # the fields changed while the node planned: a newer plan is on its way
+                    self.verdict = verdict
+                except AgentError as exc:
+                    if "plans a start only when it starts" not in str(exc):
+                        raise
+                    # An agent older than plan_server: it still plans when it starts, and refuses what does not fit.
+                    self.verdict = None
+                    self.app.call_from_thread(out.update, Text(f"{name}: planned by {remote}'s agent against its own "
+                                                               f"profile, GPUs and memory when it starts (ctrl+s). {exc}"))
+                    if launch:
+                        self._launch_now()
+                    return
+                heading = f"planned by {remote}'s agent, on its own profile and GPUs:\n"
+            else:
+                profile = self.app.call_from_thread(self._local_profile)
+                _, snaps, _ = self.app.call_from_thread(self._gpus)
+                self.verdict = preflight(profile, snaps)
+                heading = ""
+        except (ValueError, ConfigError, LaunchError, AgentError) as exc:
             self.verdict = None
             self.app.call_from_thread(out.update, Text(str(exc), style="red"))
             return
-        text = render_text(self.verdict)
+        text = heading + render_text(self.verdict)
         if not self.verdict.fits:
-            text += "\n\nNot starting it: `fleetdeck serve start --force` overrides the planner."
+            on = f" --node {remote}" if remote is not None else ""
+            text += f"\n\nNot starting it: `fleetdeck serve start{on} --force` overrides the planner."
         self.app.call_from_thread(out.update, Text(text, style="" if self.verdict.fits else "red"))
         if launch and self.verdict.fits:
             self._launch_now()
