@@ -14,6 +14,7 @@ from typing import Annotated, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
+from store.files import read_regular
 from store.json_text import shown
 
 M = TypeVar("M", bound=BaseModel)
@@ -72,14 +73,20 @@ def parse_toml_model(path: Path | str, text: str, model: type[M]) -> M:
         raise ConfigError(format_validation_error(path, exc)) from exc
 
 
+# A config a person writes is kilobytes; past this it is not one (and is not read into memory whole).
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
 def load_toml_model(path: Path | str, model: type[M]) -> M:
     p = Path(path).expanduser()
+    if not p.exists() and not p.is_symlink():
+        raise ConfigError(f"{p}: file not found")
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{p}: file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read: {exc}") from exc
+        text = read_regular(p, MAX_CONFIG_BYTES).decode("utf-8")
+    except OSError as exc:  # a folder, a pipe (which would block the read for ever), a device, too large
+        raise ConfigError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: cannot read: not UTF-8 text (byte {exc.start})") from None
     return parse_toml_model(p, text, model)
 
 

@@ -53,7 +53,29 @@ def _spec_with(tmp: Path, line: str) -> str:
     return str(tmp / "spec.toml")
 
 
+def _fifo(tmp: Path, name: str) -> str:
+    """A named pipe nothing writes: reading it blocks for ever, so the command must refuse it unread."""
+    import os
+
+    os.mkfifo(tmp / name)
+    return str(tmp / name)
+
+
+def _spec_on(tmp: Path, dataset: str) -> str:
+    (tmp / "spec.toml").write_text(f'name = "t"\nbase_model = "base"\ndataset = "{dataset}"\nbackend = "simulated"\n')
+    (tmp / "base").mkdir()
+    return str(tmp / "spec.toml")
+
+
 CASES = [
+    ("adapters-ls-config-is-a-pipe", lambda t: ["adapters", "ls", "--config", _fifo(t, "fleet.toml")], 2,
+     "fleet.toml: it is not a regular file (a pipe, socket or device)"),
+    ("adapters-ls-config-is-a-folder", lambda t: ["adapters", "ls", "--config", str(t)], 2, "it is a folder"),
+    ("finetune-check-dataset-is-a-pipe", lambda t: ["finetune", "check", _spec_on(t, _fifo(t, "ds.jsonl"))], 1,
+     "ds.jsonl: it is not a regular file"),
+    ("finetune-check-dataset-is-dev-zero", lambda t: ["finetune", "check", _spec_on(t, "/dev/zero")], 1,
+     "/dev/zero: it is not a regular file"),
+    ("finetune-spec-is-a-pipe", lambda t: ["finetune", "check", _fifo(t, "spec.toml")], 2, "spec.toml: it is not a regular file"),
     # (id, argv builder, exit code, text the error line carries)
     ("serve-ls-foreign-store", lambda t: ["serve", "ls", "--store", _foreign_store(t)], 2, "SQLite database of another program"),
     ("finetune-ls-foreign-store", lambda t: ["finetune", "ls", "--store", _foreign_store(t)], 2, "another program"),

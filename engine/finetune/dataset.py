@@ -9,13 +9,12 @@ share that max_seq_length would cut is reported.
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from store.files import NotAFileError, open_regular
 from store.json_text import BOM, JsonTextError, jsonl_lines, parse_json, shown
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -89,25 +88,12 @@ BOM_BYTES = BOM.encode("utf-8")
 TOKENIZE_BATCH = 512  # lines measured at a time: the check keeps lengths, not the texts
 
 
-class DatasetFileError(OSError):
-    """The dataset path is not a file that can be read as a dataset; the message is one line."""
+DatasetFileError = NotAFileError  # what the runner and resume catch: the dataset is not a readable file
 
 
 def open_dataset(path: Path) -> BinaryIO:
-    """The dataset opened for reading, refused unless it is a regular file: a FIFO (or /dev/stdin) would block
-    the check, and a device such as /dev/zero never ends. Opened without blocking, then checked on the open file
-    itself, so the path cannot be swapped between the check and the read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DatasetFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
-        raise DatasetFileError(f"cannot read {path}: it is {kind}")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    """The dataset opened for reading: a regular file only (a FIFO would block the check, /dev/zero never ends)."""
+    return open_regular(path)
 
 
 def read_dataset(path: Path) -> bytes:

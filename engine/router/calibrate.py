@@ -18,6 +18,7 @@ import httpx
 
 from engine.io.http_auth import bearer_from_env
 from engine.router.confidence import answer_confidence, slm_request
+from store.files import read_regular
 from store.json_text import JsonTextError, jsonl_lines, parse_json
 
 if TYPE_CHECKING:  # types only: the store is handed in by the caller
@@ -38,9 +39,11 @@ class EvalItem:
 
 def load_eval_set(path: Path) -> list[EvalItem]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvalSetError(f"{path}: cannot read: {exc}") from exc
+        text = read_regular(path).decode("utf-8")  # a regular file only: a pipe would block the calibration
+    except OSError as exc:
+        raise EvalSetError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise EvalSetError(f"{path}: cannot read: not UTF-8 text (byte {exc.start})") from None
     items, bad = [], []
     for n, raw in jsonl_lines(text):
         try:
