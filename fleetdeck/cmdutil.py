@@ -70,9 +70,12 @@ def is_router_config(path: str | Path) -> bool:
     """Whether a TOML file is a router config (by its content: [[task]], [pricing] or [proxy])."""
     import tomllib
 
-    try:
-        data = tomllib.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+    from store.config_files import MAX_CONFIG_BYTES
+    from store.files import read_regular
+
+    try:  # a regular file only: a pipe named as --config would block here, before the loader could name it
+        data = tomllib.loads(read_regular(Path(path).expanduser(), MAX_CONFIG_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError, ValueError):
         return False  # the fleet config's loader names what is wrong with it
     return bool(_ROUTER_KEYS & data.keys())
 
