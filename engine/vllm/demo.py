@@ -102,7 +102,10 @@ def profile_toml(p: DemoProfile, models: Path) -> str:
     lines += [f"{k} = {_toml_value(v)}" for k, v in p.settings.items() if k != "lora"]
     lines += [f"vllm_command = {_toml_value(simulator_command())}",
               # servers listen on loopback unless a profile says otherwise
-              'host = "127.0.0.1"']
+              'host = "127.0.0.1"',
+              # a port the OS picks, not the first free from 8000: a test run or a real service there on the
+              # operator's host is never in the demo's way, nor the demo in theirs
+              'port = "os"']
     if "lora" in p.settings:
         lines += ["", "[lora]", *(f"{k} = {_toml_value(v)}" for k, v in p.settings["lora"].items())]
     lines += ["", "[env]", 'FLEETDECK_SIM_START_DELAY = "3"', *(f"{k} = {_toml_value(v)}" for k, v in p.sim_env.items())]
