@@ -14,7 +14,7 @@ from engine.finetune.jobs import JobRecord, JobState
 from engine.managed import LocalGpus
 from store.db import open_store
 from tests.test_tui_habits import ended_job, ended_server
-from tests.tui_helpers import FIXED_NOW, make_app, ready, settle, static_text
+from tests.tui_helpers import FIXED_NOW, make_app, ready, settle, static_text, until
 from tui.chrome import FlashLine
 from tui.screens import jobs as jobs_screen
 from tui.screens import servers as servers_screen
@@ -225,6 +225,27 @@ async def test_a_log_opens_at_its_end_where_a_crash_says_why(tmp_path):
         await pilot.press("escape")
         await pilot.pause()
         assert not isinstance(app.screen, LogScreen)
+
+
+async def test_a_log_whose_lines_wrap_again_under_the_scrollbar_still_opens_at_its_end(tmp_path):
+    """`l` on the demo's crashed server at 80x24 opened its log 3 lines short of the end, the traceback
+    below the fold: lines of 75-78 characters wrapped once more when the scrollbar took its two columns,
+    after the one scroll to the end had been made. The view is anchored to its end now."""
+    from textual.containers import VerticalScroll
+
+    from tui.screens.logs import LogScreen
+
+    log = tmp_path / "server.log"
+    lines = [f"INFO {i:02d} " + "x" * (64 + i % 4) for i in range(30)]  # 74-77 characters: they fit, until the bar
+    log.write_text("\n".join([*lines, "ERROR torch.OutOfMemoryError: CUDA out of memory (the diagnosis)"]) + "\n")
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        app.push_screen(LogScreen("q-0", str(log)))
+        await settle(app, pilot)
+        view = app.screen.query_one("#log-view", VerticalScroll)
+        await until(app, pilot, lambda: static_text(app.screen.query_one("#log-text")).startswith("INFO 00"), "the log")
+        await until(app, pilot, lambda: view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y, "the log's end")
 
 
 async def test_dialogs_and_help_fit_a_terminal_narrower_than_80_columns(tmp_path):
