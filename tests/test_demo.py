@@ -585,3 +585,19 @@ async def test_the_demo_starts_and_serves_with_8000_to_8010_taken(home):
         for s in held:
             s.close()
         live.close()
+
+
+def test_servers_the_demo_stopped_as_it_ended_say_so_not_that_the_operator_did(home):
+    """The next demo listed its predecessor's servers as "stopped by the operator", though the operator had
+    only pressed q (or closed the terminal)."""
+    from engine.demo.home import DEMO_ENDED
+
+    store = open_store(home.store)
+    with audit.session(home.store, "demo"):
+        rec, _ = launcher.start(store, load_profile(home.profiles / "llama-3.2-3b.toml"), [0], force=True,
+                                node="sim-ws-4090", log_dir=home.server_logs)
+        assert stop_everything(store) == [f"server {rec.id} (pid {rec.pid})"]
+    ended = launcher.get(store, rec.id)
+    assert (ended.state, ended.reason) == ("stopped", DEMO_ENDED)
+    assert not psutil.pid_exists(rec.pid) or psutil.Process(rec.pid).status() == psutil.STATUS_ZOMBIE
+    store.close()

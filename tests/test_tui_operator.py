@@ -364,3 +364,105 @@ async def test_a_reconnecting_nodes_servers_stay_marked_unreachable(tmp_path):
         screen._show([(rec, None)], set())  # back: its own state again
         await pilot.pause()
         assert cell_text(table, rec.id, "state") == "ready"
+
+
+async def test_a_filter_that_matches_nothing_says_so_not_that_there_is_nothing(tmp_path):
+    """`/zzz` on the demo's Servers (five servers) read "No servers yet. Press s to start one", and `x`
+    "No server to stop: none is listed here". Both now name the filter that hides them, and Esc."""
+    store = open_store(tmp_path / "fd.db")
+    ended_server(store, "q-0", "stopped", tmp_path)
+    ended_server(store, "q-1", "crashed", tmp_path)
+    ended_job(store, "ft-j-0", "finished", tmp_path)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        for screen_key, detail_id, key, words in (("3", "#servers-detail", "x", "No server to stop"),
+                                                  ("4", "#jobs-detail", "c", "No job to cancel")):
+            await pilot.press(screen_key)
+            await settle(app, pilot)
+            await pilot.press("slash", *"zzz", "enter")
+            await settle(app, pilot)
+            detail = static_text(app.screen.query_one(detail_id))
+            assert "Nothing shown: the filter /zzz hides all" in detail and "yet" not in detail, detail
+            await pilot.press(key)
+            await pilot.pause()
+            assert f"{words}: the filter /zzz hides all" in flash(app) and "Esc clears it" in flash(app)
+            await pilot.press("escape")
+            await settle(app, pilot)
+            assert "Nothing shown" not in static_text(app.screen.query_one(detail_id))  # the row under the cursor
+
+
+async def test_ctrl_c_says_q_quits_in_words_not_raw_markup(tmp_path):
+    """ctrl+c showed Textual's "Do you want to quit?: Press [b]ctrl+q[/b] to quit the app", markup and all,
+    naming a key the README does not; q is fleetdeck's quit (it also ends the demo's helpers)."""
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        said = flash(app)
+        assert "press q to quit" in said and "[b]" not in said and "ctrl+q" not in said, said
+        assert app.is_running
+
+
+async def test_adapters_on_an_ended_server_say_it_is_not_running(tmp_path):
+    """`a` on the demo's crashed llama-3.1-8b opened the panel as if adapters could load into it."""
+    from tui.screens.adapters_panel import AdaptersScreen
+
+    store = open_store(tmp_path / "fd.db")
+    ended_server(store, "q-0", "crashed", tmp_path)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        assert not isinstance(app.screen, AdaptersScreen)
+        assert "q-0 is crashed: adapters load into a running server (`r` starts it again)" in flash(app)
+
+
+async def test_the_adapters_panel_shows_a_refusal_as_written_brackets_included(tmp_path):
+    """Loading into a server started without LoRA said "set  enable = true in its profile": "[lora]" was
+    read as markup and vanished from the one line that says what to do."""
+    from engine.adapters.registry import Adapter
+    from engine.nodes.ops import AdapterListing
+    from tests.tui_helpers import until
+    from tui.screens.adapters_panel import AdaptersScreen
+
+    class Node:
+        def adapters(self, sid: str) -> AdapterListing:
+            return AdapterListing([Adapter(name="notes-v1", path=str(tmp_path / "notes-v1"), rank=32, alpha=64.0,
+                                           target_modules=["q_proj"], base_model="m", size_bytes=1024)])
+
+    store = open_store(tmp_path / "fd.db")
+    rec = ended_server(store, "q-0", "ready", tmp_path)  # its profile has no [lora] table: LoRA is off
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        app.push_screen(AdaptersScreen(rec, Node(), rec.id))
+        await until(app, pilot, lambda: isinstance(app.screen, AdaptersScreen) and app.screen.disk, "the listing")
+        await pilot.press("enter")
+        await pilot.pause()
+        said = static_text(app.screen.query_one("#adapters-message"))
+        assert "set [lora] enable = true in its profile" in said, said
+
+
+def test_run_wait_ttft_and_e2e_unknown_read_n_a_once():
+    """A ready server with no requests yet read "n/a/n/a" under TTFT (and Run/Wait, E2E)."""
+    from engine.vllm.metrics import ServerFigures
+    from engine.vllm.record import ServerRecord, ServerState
+
+    rec = ServerRecord(id="q-0", name="q", node="host-a", pid=None, create_time=None, argv=[], env={},
+                       gpus=LocalGpus((0,)), port=40123, log_path="/nonexistent.log", spec={"model": "m"},
+                       state=ServerState.READY, reason=None, started_at=FIXED_NOW)
+    cells = servers_screen.ServersScreen._cells(None, servers_screen.ServerView(rec, ServerFigures()))  # type: ignore[arg-type]
+    by_col = dict(zip((c.key for c in servers_screen.COLUMNS), cells))
+    assert (by_col["reqs"], by_col["ttft"], by_col["e2e"], by_col["port"]) == ("n/a", "n/a", "n/a", "40123")
+    full = servers_screen.ServersScreen._cells(None, servers_screen.ServerView(  # type: ignore[arg-type]
+        rec, ServerFigures(running=1, waiting=0, ttft_p50=0.05, ttft_p95=0.097, e2e_p50=1.5, e2e_p95=2.25)))
+    by_col = dict(zip((c.key for c in servers_screen.COLUMNS), full))
+    assert (by_col["reqs"], by_col["ttft"], by_col["e2e"]) == ("1/0", "50/97", "1.50/2.25")

@@ -24,6 +24,7 @@ from rich.cells import cell_len
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
+from textual.message import Message
 from textual.widgets import DataTable
 from textual.widgets.data_table import CursorType
 
@@ -141,11 +142,22 @@ class DeckTable(NavTable):
                 return dict(zip((c.key for c in self.spec), cells))
         raise KeyError(key)
 
+    def hidden_by_filter(self) -> str | None:
+        """When the filter hides every row, says so: the table is not empty, its filter is (it read "No
+        servers yet. Press s" in the demo, under a filter matching none of five servers). None otherwise."""
+        if not self.filter_text or not self.rows_given or self._shown_keys:
+            return None
+        return f"the filter /{self.filter_text} hides all {len(self.rows_given)} (Esc clears it)"
+
     # -- filter and sort ------------------------------------------------------------------------
+    class Filtered(Message):
+        """The filter changed: a screen's detail of the row under the cursor follows (there may be none)."""
+
     def set_filter(self, text: str) -> None:
         if text != self.filter_text:
             self.filter_text = text
             self.refresh_view()
+            self.post_message(self.Filtered())
 
     def action_filter(self) -> None:
         opener = getattr(self.screen, "open_filter", None)

@@ -26,7 +26,7 @@ from engine.finetune.jobs import training_estimate
 from engine.finetune.spec import JobSpec
 from engine.host.folders import Folders
 from engine.vllm import launcher
-from engine.vllm.record import LIVE
+from engine.vllm.record import LIVE, ServerState
 from engine.vllm.demo import write_demo_files
 from fleet.simulated import SimProcess
 from store.db import open_store
@@ -154,6 +154,9 @@ class DemoHome:
         return ended
 
 
+DEMO_ENDED = "stopped as the demo ended (q, or its terminal closed)"
+
+
 def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
     """Stop every server and job the demo's store records as live: through the engine (audited, as any
     stop), and if that is refused (a read-only demo) or fails, by their recorded pid and create time.
@@ -166,7 +169,12 @@ def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
             launcher.refresh(store, rec)  # gone already: its record says so (crashed, with the log's diagnosis)
             continue
         try:
-            launcher.stop(store, rec, timeout=timeout)
+            stopped = launcher.stop(store, rec, timeout=timeout)
+            if stopped.state == ServerState.STOPPED:
+                # Not "stopped by the operator": the next demo listed its predecessor's servers so, and
+                # nobody had stopped them.
+                stopped.reason = DEMO_ENDED
+                stopped.save(store)
         except Exception:
             rec.terminate(timeout, whole_group=True)
         ended.append(f"server {rec.id} (pid {rec.pid})")

@@ -153,6 +153,9 @@ class JobsScreen(PolledScreen):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._detail()
 
+    def on_deck_table_filtered(self, event: DeckTable.Filtered) -> None:
+        self._detail()
+
     def _detail(self) -> None:
         from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
 
@@ -162,7 +165,9 @@ class JobsScreen(PolledScreen):
         plt = plot.plt
         plt.clear_figure()
         if r is None:
-            detail.update("No fine-tunes yet. Press [b]s[/b] to start one from a job spec.")
+            hidden = self.query_one("#jobs-table", DeckTable).hidden_by_filter()
+            detail.update(Text(f"Nothing shown: {hidden}.") if hidden else
+                          "No fine-tunes yet. Press [b]s[/b] to start one from a job spec.")
             plot.refresh()
             return
         steps = [e for e in self.events.get(r.id, []) if e.get("event") == "step" and e.get("loss") is not None]
@@ -179,7 +184,8 @@ class JobsScreen(PolledScreen):
             lines = [
                 f"[b]{r.id}[/b]" + ("  [yellow]SIMULATED[/]" if spec.get("backend") == "simulated" else ""),
                 f"backend {spec.get('backend')} · base {Path(str(spec.get('base_model'))).name}",
-                f"LoRA r={spec.get('lora_rank')} alpha={spec.get('lora_alpha')} · 4-bit {spec.get('load_in_4bit')}",
+                f"LoRA r={spec.get('lora_rank')} alpha={spec.get('lora_alpha')} · "
+                + ("4-bit base (QLoRA)" if spec.get("load_in_4bit") else "16-bit base"),  # it read "4-bit True"
                 f"dataset {Path(str(spec.get('dataset'))).name}",
             ]
         sl = r.slurm
@@ -192,6 +198,11 @@ class JobsScreen(PolledScreen):
         detail.update("\n".join(lines))
 
     # -- actions --------------------------------------------------------------------------------
+    def _none(self, what: str) -> None:
+        """A key on no row: says why there is none (nothing listed, or a filter hiding every row)."""
+        hidden = self.query_one("#jobs-table", DeckTable).hidden_by_filter()
+        self.notify(f"{what}: {hidden or 'none is listed here'}.", severity="warning")
+
     def _guard(self) -> bool:
         if getattr(self.app.options.config, "read_only", False):
             self.notify("Read-only mode: jobs are not started, cancelled or served.", severity="warning")
@@ -212,7 +223,7 @@ class JobsScreen(PolledScreen):
 
         r = self.selected()
         if r is None:
-            self.notify("No job to cancel: none is listed here.", severity="warning")
+            self._none("No job to cancel")
             return
         if not self._guard():
             return
@@ -227,7 +238,7 @@ class JobsScreen(PolledScreen):
 
         r = self.selected()
         if r is None:
-            self.notify("No job to resume: none is listed here.", severity="warning")
+            self._none("No job to resume")
             return
         if not self._guard():
             return
@@ -271,7 +282,7 @@ class JobsScreen(PolledScreen):
     def action_logs(self) -> None:
         r = self.selected()
         if r is None:
-            self.notify("No job, so no log: none is listed here.", severity="warning")
+            self._none("No job, so no log")
         else:
             from engine.nodes.select import ops_for
             from fleet.remote import AgentError
@@ -290,7 +301,7 @@ class JobsScreen(PolledScreen):
 
         r = self.selected()
         if r is None:
-            self.notify("No job to serve: none is listed here.", severity="warning")
+            self._none("No job to serve")
             return
         if not self._guard():
             return
