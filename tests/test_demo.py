@@ -601,3 +601,19 @@ def test_servers_the_demo_stopped_as_it_ended_say_so_not_that_the_operator_did(h
     assert (ended.state, ended.reason) == ("stopped", DEMO_ENDED)
     assert not psutil.pid_exists(rec.pid) or psutil.Process(rec.pid).status() == psutil.STATUS_ZOMBIE
     store.close()
+
+
+def test_a_demo_folder_from_before_keeps_its_edits_and_its_untouched_profiles_take_os_ports(home):
+    """Profiles are written once (an operator's edit is kept): an untouched one, as an earlier fleetdeck
+    wrote it (ports from 8000), is brought up to date; an edited one is left as the operator left it."""
+    from engine.vllm.demo import DEMO_PROFILES, profile_before_os_port, profile_toml
+
+    untouched, edited = (home.profiles / f"{p.name}.toml" for p in DEMO_PROFILES[:2])
+    untouched.write_text(profile_before_os_port(profile_toml(DEMO_PROFILES[0], home.models)))
+    mine = profile_before_os_port(profile_toml(DEMO_PROFILES[1], home.models)).replace("max_model_len = 32768",
+                                                                                      "max_model_len = 16384")
+    edited.write_text(mine)
+    assert load_profile(untouched).port == "auto"
+    home.prepare()
+    assert load_profile(untouched).port == "os"
+    assert edited.read_text() == mine and load_profile(edited).port == "auto"
