@@ -617,3 +617,25 @@ def test_a_demo_folder_from_before_keeps_its_edits_and_its_untouched_profiles_ta
     home.prepare()
     assert load_profile(untouched).port == "os"
     assert edited.read_text() == mine and load_profile(edited).port == "auto"
+
+
+def test_a_new_demo_forgets_the_servers_and_jobs_earlier_demos_ended_and_read_only_keeps_them(home, tmp_path):
+    """Each run left its servers and job behind as stopped rows; after a few runs the live servers were
+    below the fold of an 80x24 Servers table. The backend prunes what earlier runs ended (audited)."""
+    from engine.demo.home import forget_earlier_runs
+    from tests.test_tui_habits import ended_job, ended_server
+
+    store = open_store(home.store)
+    ended_server(store, "mistral-7b-awq-0ld001", "stopped", tmp_path)
+    ended_server(store, "llama-3.1-8b-0ld002", "crashed", tmp_path)
+    ended_job(store, "ft-tickets-v5-0ld003", "cancelled", tmp_path)
+    with audit.session(home.store, "demo", read_only=True):
+        assert forget_earlier_runs(store) == []
+    assert len(launcher.list_servers(store)) == 2 and len(jobs.list_jobs(store)) == 1
+    with audit.session(home.store, "demo"):
+        forgotten = forget_earlier_runs(store)
+    assert sorted(forgotten) == ["ft-tickets-v5-0ld003", "llama-3.1-8b-0ld002", "mistral-7b-awq-0ld001"]
+    assert launcher.list_servers(store) == [] and jobs.list_jobs(store) == []
+    assert [(r["action"], r["outcome"]) for r in audit.query(store) if r["outcome"] == "done"] == [
+        ("job.prune", "done"), ("server.prune", "done")]
+    store.close()

@@ -157,6 +157,19 @@ class DemoHome:
 DEMO_ENDED = "stopped as the demo ended (q, or its terminal closed)"
 
 
+def forget_earlier_runs(store: Store) -> list[str]:
+    """A new demo's backend forgets the servers and jobs that earlier demos ended (their logs and job
+    folders stay in the demo's folder): each run left its three servers and its job behind as stopped rows,
+    and after a few runs at 80x24 the live servers were below the fold. Audited, as any prune; a demo
+    that may not write (read-only) keeps them."""
+    from engine.audit import trail as audit
+
+    try:
+        return [r.id for r in launcher.prune(store)] + [j.id for j in jobs.prune(store)]
+    except audit.ReadOnlyError:
+        return []
+
+
 def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
     """Stop every server and job the demo's store records as live: through the engine (audited, as any
     stop), and if that is refused (a read-only demo) or fails, by their recorded pid and create time.
