@@ -466,3 +466,26 @@ def test_run_wait_ttft_and_e2e_unknown_read_n_a_once():
         rec, ServerFigures(running=1, waiting=0, ttft_p50=0.05, ttft_p95=0.097, e2e_p50=1.5, e2e_p95=2.25)))
     by_col = dict(zip((c.key for c in servers_screen.COLUMNS), full))
     assert (by_col["reqs"], by_col["ttft"], by_col["e2e"]) == ("1/0", "50/97", "1.50/2.25")
+
+
+async def test_help_shows_a_long_action_whole_on_two_lines_at_80_columns():
+    """`?` at 80x24 cut ctrl+k's action to "Kill the process under the process table's cursor (…", with no
+    way to read the rest. The Action column wraps now: the row is as tall as its text."""
+    from textual.widgets import DataTable
+
+    from tui.screens.help import HelpScreen
+
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        table = app.screen.query_one("#help-table", DataTable)
+        rows = {str(table.get_row_at(i)[0]): table.get_row_at(i) for i in range(table.row_count)}
+        kill = rows["^k"]
+        assert str(kill[1]).startswith("Kill the process under the process table's cursor") and "…" not in str(kill[1])
+        assert str(kill[2]) == "Fleet"  # Where is still in sight, beside it
+        key = table.coordinate_to_cell_key((list(rows).index("^k"), 0)).row_key
+        assert table.rows[key].height >= 2
+        assert app.screen.query_one("#help").region.right <= 80
