@@ -639,3 +639,27 @@ def test_a_new_demo_forgets_the_servers_and_jobs_earlier_demos_ended_and_read_on
     assert [(r["action"], r["outcome"]) for r in audit.query(store) if r["outcome"] == "done"] == [
         ("job.prune", "done"), ("server.prune", "done")]
     store.close()
+
+
+async def test_does_not_fit_shows_why_at_80x24_not_only_the_verdict(home):
+    """Starting llama-3.2-3b a second time on sim-a10-02/0 showed "verdict DOES NOT FIT" on the dialog's
+    bottom edge, and ctrl+s then did nothing visible: the why (another process holds 20.74 GiB of that
+    GPU) and "Not starting it" were below, reachable only by Tab-ing off the fields and PageDown."""
+    from fleet.config import FleetConfig
+
+    app = FleetDeckApp(AppOptions(sources_factory=lambda: demo_fleet(), store_path=home.store,  # A10/0 serves already
+                                  config=FleetConfig(adapter_roots=[home.adapters]), simulated=True, poll=False,
+                                  show_clock=False, demo_home=home, folders=home.folders()))
+    async with app.run_test(size=(80, 24)) as pilot:
+        dialog = await open_dialog(app, pilot, "3", "s", StartServerScreen)
+        dialog.query_one("#start-profile", Select).value = "llama-3.2-3b"
+        field = dialog.query_one("#start-gpus", Input)
+        field.value = "sim-a10-02/0"
+        field.focus()
+        await pilot.press("ctrl+s")
+        verdict = dialog.query_one("#start-verdict", Static)
+        await until(app, pilot, lambda: "Not starting it" in static_text(verdict), "the refusal")
+        box = dialog.query_one("#start-server")
+        await until(app, pilot, lambda: box.max_scroll_y > 0 and box.scroll_y == box.max_scroll_y, "the why in sight")
+        assert "why: Free memory on device" in static_text(verdict)
+        assert app.screen is dialog
