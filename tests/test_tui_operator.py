@@ -489,3 +489,29 @@ async def test_help_shows_a_long_action_whole_on_two_lines_at_80_columns():
         key = table.coordinate_to_cell_key((list(rows).index("^k"), 0)).row_key
         assert table.rows[key].height >= 2
         assert app.screen.query_one("#help").region.right <= 80
+
+
+async def test_apply_without_a_calibration_says_which_is_missing_and_for_which_task(tmp_path):
+    """`a` on the demo's Router said "No calibrated threshold for this task (run `fleetdeck calibrate`), or
+    no router config." with the demo's router config right there: now it says which, naming the task."""
+    from tests.helpers import router_history
+    from tests.tui_helpers import open_screen
+    from tui.screens.router import RouterScreen
+
+    path, cfg = router_history(tmp_path)
+    app = make_app(store_path=path)
+    app.options.router_config = cfg
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "5", RouterScreen)
+        await settle(app, pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        said = flash(app)
+        assert f"No calibrated threshold for {screen.selected} yet: `fleetdeck calibrate {screen.selected} --eval FILE`" in said
+        assert "router config" not in said
+        app.options.router_config = tmp_path / "gone.toml"
+        screen.reload()
+        await settle(app, pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        assert f"No router config to write a threshold to ({tmp_path / 'gone.toml'})" in flash(app)
