@@ -515,3 +515,20 @@ async def test_apply_without_a_calibration_says_which_is_missing_and_for_which_t
         await pilot.press("a")
         await pilot.pause()
         assert f"No router config to write a threshold to ({tmp_path / 'gone.toml'})" in flash(app)
+
+
+async def test_the_audit_verdict_says_chain_intact_once(tmp_path):
+    """The Audit screen read "chain intact: 20 record(s), chain intact (last record 20 anchored)"."""
+    from engine.audit import trail as audit
+    from tests.tui_helpers import open_screen
+    from tui.screens.audit import AuditScreen
+
+    path = tmp_path / "fd.db"
+    with audit.session(path, "cli"):
+        audit.record("server.start", "q-0", "done")
+    app = make_app(store_path=path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "7", AuditScreen)
+        await settle(app, pilot)
+        said = static_text(screen.query_one("#audit-verdict"))
+        assert said.count("chain intact") == 1 and said.startswith("1 record(s), chain intact"), said
