@@ -663,3 +663,20 @@ async def test_does_not_fit_shows_why_at_80x24_not_only_the_verdict(home):
         await until(app, pilot, lambda: box.max_scroll_y > 0 and box.scroll_y == box.max_scroll_y, "the why in sight")
         assert "why: Free memory on device" in static_text(verdict)
         assert app.screen is dialog
+
+
+def test_the_demo_server_that_dies_while_serving_is_diagnosed_as_such(home, monkeypatch):
+    """The demo's llama-3.1-8b, ready for a minute, died printing a start-up OOM ("GPU 0 has a total capacity
+    of 23.55 GiB", on an H100) and was diagnosed as running out of memory "while loading the weights or
+    warming up". It dies as a serving vLLM does now: its engine process goes, with the kernel error above."""
+    store = open_store(home.store)
+    monkeypatch.setenv("FLEETDECK_SIM_CRASH_AFTER", "1")
+    with audit.session(home.store, "demo"):
+        rec, _ = launcher.start(store, load_profile(home.profiles / "llama-3.1-8b.toml"), [3], force=True,
+                                node="sim-h100-01", log_dir=home.server_logs)
+    assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).state == "crashed", timeout=60)
+    reason = launcher.get(store, rec.id).reason
+    assert "engine process died" in reason and "loading the weights" not in reason, reason
+    log = Path(rec.log_path).read_text()
+    assert "illegal memory access" in log and "23.55 GiB" not in log
+    store.close()
