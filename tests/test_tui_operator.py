@@ -532,3 +532,32 @@ async def test_the_audit_verdict_says_chain_intact_once(tmp_path):
         await settle(app, pilot)
         said = static_text(screen.query_one("#audit-verdict"))
         assert said.count("chain intact") == 1 and said.startswith("1 record(s), chain intact"), said
+
+
+async def test_enter_on_a_job_shows_its_whole_detail(tmp_path):
+    """Beside the loss chart at 80x24, a cancelled job's reason (how to resume it) ran past the bottom edge
+    once the table held a few rows. Enter shows the whole detail, Esc goes back."""
+    from tui.screens.logs import LogScreen
+
+    store = open_store(tmp_path / "fd.db")
+    for i in range(4):
+        rec = ended_job(store, f"ft-tickets-v5-00000{i}", "cancelled", tmp_path)
+    rec.reason = ("cancelled at step 281; resume continues it (`r` on Jobs, or `fleetdeck finetune resume "
+                  f"{rec.id}` on the host it ran on, `--node NAME` from elsewhere)")
+    rec.save(store)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4")
+        await settle(app, pilot)
+        table = app.screen.query_one("#jobs-table", DeckTable)
+        table.move_cursor(row=[k for k, _ in table.visible_rows()].index(rec.id))
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert isinstance(app.screen, LogScreen)
+        whole = static_text(app.screen.query_one("#log-text"))
+        assert "`--node NAME` from elsewhere)" in " ".join(whole.split()), whole
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, JobsScreen)

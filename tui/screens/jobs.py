@@ -157,8 +157,6 @@ class JobsScreen(PolledScreen):
         self._detail()
 
     def _detail(self) -> None:
-        from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
-
         r = self.selected()
         detail = self.query_one("#jobs-detail", Static)
         plot = self.query_one("#jobs-chart", PlotextPlot)
@@ -176,6 +174,12 @@ class JobsScreen(PolledScreen):
         plt.title(f"{r.name}: training loss")
         plt.xlabel("step")
         plot.refresh()
+        detail.update("\n".join(self._detail_lines(r)))
+
+    def _detail_lines(self, r: Any) -> list[str]:
+        """The detail of a job, as markup: beside the chart, and whole in a view of its own (Enter)."""
+        from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
+
         spec = r.spec
         if spec.get("kind") in ("merge", "quantize"):  # a model job: what it reads and writes, and its stage
             stage = next((e.get("note") for e in reversed(self.events.get(r.id, [])) if e.get("note")), "starting")
@@ -195,7 +199,18 @@ class JobsScreen(PolledScreen):
                                 f"{sl.elapsed or '0:00'} of {sl.time_limit or 'no limit'}"))
         if r.reason:
             lines.append(f"[{'red' if r.state == JobState.FAILED else 'dim'}]{escape(r.reason)}[/]")
-        detail.update("\n".join(lines))
+        return lines
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a job: its whole detail. Beside the chart at 80x24 a cancelled job's reason (how to
+        resume it) ran past the bottom edge once the table held a few rows."""
+        from tui.screens.logs import LogScreen
+
+        r = self.records.get(str(event.row_key.value))
+        if r is None:
+            return
+        text = Text.from_markup("\n".join(self._detail_lines(r))).plain
+        self.app.push_screen(LogScreen(f"job {r.id}", "", read=lambda: text))
 
     # -- actions --------------------------------------------------------------------------------
     def _none(self, what: str) -> None:
