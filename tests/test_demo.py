@@ -562,17 +562,18 @@ async def test_the_demo_starts_and_serves_with_8000_to_8010_taken(home):
                     assert rec.port is not None and low <= rec.port <= high, (rec.id, rec.port)
                     assert not 8000 <= rec.port <= 8010
                 assert len({r.port for r in recs}) == len(recs)
-                for rec in recs:
-                    if rec.name == "llama-3.1-8b":  # the backend's run crashes after a minute: it may be starting still
-                        continue
+                # The backend's llama-3.1-8b dies after a minute (FLEETDECK_SIM_CRASH_AFTER): on a loaded
+                # machine it may be gone by now, so the serving checks leave it out.
+                serving = [r for r in recs if r.name != "llama-3.1-8b"]
+                for rec in serving:
                     assert launcher.wait_ready(store, rec, timeout=60, poll=0.2).state == "ready", rec.id
                     with httpx.Client(trust_env=False) as client:
                         models = client.get(f"{rec.base_url}/v1/models", timeout=10).json()
                     assert models["data"][0]["id"] == rec.served_name  # the server answers on the port recorded
                 app.poll_once_sync()
                 on_gpus = {p.pid: p.port for n in app.poller.latest.values() for g in n.gpus for p in g.processes}
-                assert {r.pid: r.port for r in recs if r.pid in on_gpus} == {p: on_gpus[p] for p in on_gpus}
-                assert {r.pid for r in recs} <= set(on_gpus)
+                assert {r.pid: r.port for r in recs if r.pid in on_gpus} == on_gpus  # the Fleet shows each one's port
+                assert {r.pid for r in serving} <= set(on_gpus)
                 screen = app.screen
                 assert isinstance(screen, ServersScreen)
                 screen.reload()
