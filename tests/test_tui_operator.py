@@ -561,3 +561,29 @@ async def test_enter_on_a_job_shows_its_whole_detail(tmp_path):
         await pilot.press("escape")
         await pilot.pause()
         assert isinstance(app.screen, JobsScreen)
+
+
+async def test_a_key_read_only_disables_says_so_instead_of_doing_nothing(tmp_path):
+    """`fleetdeck demo --read-only`: s and x on Servers, c on Jobs, did nothing and said nothing (the
+    footer lists them, dimmed). Each says read-only disables it; nothing opens, nothing is asked."""
+    from fleet.config import FleetConfig
+    from tui.screens.confirm import ConfirmScreen
+
+    store = open_store(tmp_path / "fd.db")
+    ended_server(store, "q-0", "stopped", tmp_path)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    app.options.config = FleetConfig(read_only=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        for screen_key, key, words in (("3", "s", "Start"), ("3", "x", "Stop"), ("4", "c", "Cancel")):
+            await pilot.press(screen_key)
+            await settle(app, pilot)
+            screen = app.screen
+            await pilot.press(key)
+            await pilot.pause()
+            assert f"Read-only mode: {words} is disabled" in flash(app), (key, flash(app))
+            assert app.screen is screen and not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("3", "j")  # keys that change nothing still do their work
+        await pilot.pause()
+        assert "Read-only" not in static_text(app.screen.query_one("#servers-detail"))
