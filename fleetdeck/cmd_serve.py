@@ -95,8 +95,8 @@ def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[GpuSnapshot
 def run_start(args: argparse.Namespace) -> int:
     import shlex
 
-    from engine.vllm.command import (LaunchError, build_launch, check_exposure, listen_host, preflight, resolve_preload,
-                                     vllm_installed)
+    from engine.vllm.command import (LaunchError, build_launch, check_exposure, choose_port, listen_host, preflight,
+                                     resolve_preload, vllm_installed)
     from engine.vllm.profile import find_profile, load_profile, parse_gpus, profile_roots
     from store.config_files import ConfigError
     from engine.kvfit.text import render_text
@@ -134,7 +134,7 @@ def run_start(args: argparse.Namespace) -> int:
             check_exposure(profile, listen_host(profile))
             lora = resolve_preload(profile, list(config.adapter_roots)) if profile.lora.enable else {}
             # A dry run only prints the command: it works where vLLM is not installed (planning on a laptop).
-            argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else int(profile.port)),
+            argv, env = build_launch(profile, gpus, args.port or (8000 if profile.port == "auto" else choose_port(profile.port)),
                                      lora, require_installed=False)
             verdict = preflight(profile, snaps or []) if snaps or profile.cpu_kv_cache_bytes else None
         except LaunchError as exc:

@@ -323,7 +323,7 @@ async def test_the_audit_screen_lists_filters_and_verifies(tmp_path):
         screen = await open_screen(app, pilot, "7", AuditScreen)
         table = screen.query_one("#audit-table", DataTable)
         assert [r.key.value for r in table.ordered_rows] == ["2", "1"]  # newest first
-        assert "chain intact: 2 record(s)" in static_text(screen.query_one("#audit-verdict", Static))
+        assert "2 record(s), chain intact" in static_text(screen.query_one("#audit-verdict", Static))
         action = screen.query_one("#audit-action", Input)
         action.value = "server"
         action.focus()

@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -30,7 +31,7 @@ from engine.vllm.profile import load_profile
 from fleet.simulated import demo_fleet
 from store.db import open_store
 from tests.helpers import wait_for
-from tests.tui_helpers import open_dialog, press_and_confirm, ready, settle, static_text
+from tests.tui_helpers import open_dialog, press_and_confirm, ready, settle, static_text, until
 from tui.app import AppOptions, FleetDeckApp
 from tui.screens.jobs import JobsScreen, StartJobScreen
 from tui.screens.servers import ServersScreen, StartServerScreen
@@ -508,3 +509,175 @@ def test_a_signal_that_lands_inside_the_endings_lock_does_not_deadlock_the_dashb
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.stdout.split("\n")[:2] == ["handler returned", "ended"], out.stderr[-2000:]
+
+
+def _bind_conventional_ports(first: int = 8000, last: int = 8010) -> tuple[list[Any], set[int]]:
+    """Hold 8000..8010 as a parallel test run (or a real service) would. A port some other process holds
+    already is held all the same; the set says which ones this test holds itself."""
+    import socket
+
+    held, mine = [], set()
+    for port in range(first, last + 1):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        except OSError:
+            s.close()
+            continue
+        held.append(s)
+        mine.add(port)
+    return held, mine
+
+
+async def test_the_demo_starts_and_serves_with_8000_to_8010_taken(home):
+    """The demo's servers took ports from 8000, in the way of a parallel test run (or a real service) on
+    the host, and it in theirs. Now the OS picks them from its ephemeral range, and every place that shows
+    or uses a port follows the one taken: the server answers there, the Fleet's process and the Servers
+    row show it, and a server started from the dialog gets one the same way."""
+    import httpx
+
+    from engine.vllm.demo import DEMO_NODE, DEMO_SERVERS, start_demo_servers
+
+    held, _ = _bind_conventional_ports()
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    store = open_store(home.store)
+    live = DemoProcesses(home.store, max_age_s=0.0)
+    try:
+        node = next(n for n in demo_fleet(live=live) if n.name == DEMO_NODE)
+        with audit.session(home.store, "demo"):
+            started = start_demo_servers(store, home, lambda i: node.snapshot().gpus[i])
+        assert len(started) == len(DEMO_SERVERS)
+        app = demo_app(home, live)
+        with audit.session(home.store, "tui"):
+            async with app.run_test(size=(200, 40)) as pilot:
+                dialog = await open_dialog(app, pilot, "3", "s", StartServerScreen)
+                dialog.query_one("#start-gpus", Input).value = "sim-a10-02/0"
+                dialog.query_one("#start-profile", Select).value = "llama-3.2-3b"
+                await settle(app, pilot)
+                await pilot.press("ctrl+s")
+                await until(app, pilot, lambda: len(launcher.list_servers(store)) == len(started) + 1, "the dialog's start")
+                recs = launcher.list_servers(store)
+                for rec in recs:
+                    assert rec.port is not None and low <= rec.port <= high, (rec.id, rec.port)
+                    assert not 8000 <= rec.port <= 8010
+                assert len({r.port for r in recs}) == len(recs)
+                # The backend's llama-3.1-8b dies after a minute (FLEETDECK_SIM_CRASH_AFTER): on a loaded
+                # machine it may be gone by now, so the serving checks leave it out.
+                serving = [r for r in recs if r.name != "llama-3.1-8b"]
+                for rec in serving:
+                    assert launcher.wait_ready(store, rec, timeout=60, poll=0.2).state == "ready", rec.id
+                    with httpx.Client(trust_env=False) as client:
+                        models = client.get(f"{rec.base_url}/v1/models", timeout=10).json()
+                    assert models["data"][0]["id"] == rec.served_name  # the server answers on the port recorded
+                app.poll_once_sync()
+                on_gpus = {p.pid: p.port for n in app.poller.latest.values() for g in n.gpus for p in g.processes}
+                assert {r.pid: r.port for r in recs if r.pid in on_gpus} == on_gpus  # the Fleet shows each one's port
+                assert {r.pid for r in serving} <= set(on_gpus)
+                screen = app.screen
+                assert isinstance(screen, ServersScreen)
+                screen.reload()
+                await until(app, pilot, lambda: len(screen.views) == len(recs), "the Servers rows")
+                table = screen.query_one("#servers-table")
+                assert "port" in table.shown_columns
+                for rec in recs:
+                    assert table.cells_of(rec.id)["port"] == str(rec.port)
+    finally:
+        for s in held:
+            s.close()
+        live.close()
+
+
+def test_servers_the_demo_stopped_as_it_ended_say_so_not_that_the_operator_did(home):
+    """The next demo listed its predecessor's servers as "stopped by the operator", though the operator had
+    only pressed q (or closed the terminal)."""
+    from engine.demo.home import DEMO_ENDED
+
+    store = open_store(home.store)
+    with audit.session(home.store, "demo"):
+        rec, _ = launcher.start(store, load_profile(home.profiles / "llama-3.2-3b.toml"), [0], force=True,
+                                node="sim-ws-4090", log_dir=home.server_logs)
+        assert stop_everything(store) == [f"server {rec.id} (pid {rec.pid})"]
+    ended = launcher.get(store, rec.id)
+    assert (ended.state, ended.reason) == ("stopped", DEMO_ENDED)
+    assert not psutil.pid_exists(rec.pid) or psutil.Process(rec.pid).status() == psutil.STATUS_ZOMBIE
+    store.close()
+
+
+def test_a_demo_folder_from_before_keeps_its_edits_and_its_untouched_profiles_take_os_ports(home):
+    """Profiles are written once (an operator's edit is kept): an untouched one, as an earlier fleetdeck
+    wrote it (ports from 8000), is brought up to date; an edited one is left as the operator left it."""
+    from engine.vllm.demo import DEMO_PROFILES, profile_before_os_port, profile_toml
+
+    untouched, edited = (home.profiles / f"{p.name}.toml" for p in DEMO_PROFILES[:2])
+    untouched.write_text(profile_before_os_port(profile_toml(DEMO_PROFILES[0], home.models)))
+    mine = profile_before_os_port(profile_toml(DEMO_PROFILES[1], home.models)).replace("max_model_len = 32768",
+                                                                                      "max_model_len = 16384")
+    edited.write_text(mine)
+    assert load_profile(untouched).port == "auto"
+    home.prepare()
+    assert load_profile(untouched).port == "os"
+    assert edited.read_text() == mine and load_profile(edited).port == "auto"
+
+
+def test_a_new_demo_forgets_the_servers_and_jobs_earlier_demos_ended_and_read_only_keeps_them(home, tmp_path):
+    """Each run left its servers and job behind as stopped rows; after a few runs the live servers were
+    below the fold of an 80x24 Servers table. The backend prunes what earlier runs ended (audited)."""
+    from engine.demo.home import forget_earlier_runs
+    from tests.test_tui_habits import ended_job, ended_server
+
+    store = open_store(home.store)
+    ended_server(store, "mistral-7b-awq-0ld001", "stopped", tmp_path)
+    ended_server(store, "llama-3.1-8b-0ld002", "crashed", tmp_path)
+    ended_job(store, "ft-tickets-v5-0ld003", "cancelled", tmp_path)
+    with audit.session(home.store, "demo", read_only=True):
+        assert forget_earlier_runs(store) == []
+    assert len(launcher.list_servers(store)) == 2 and len(jobs.list_jobs(store)) == 1
+    with audit.session(home.store, "demo"):
+        forgotten = forget_earlier_runs(store)
+    assert sorted(forgotten) == ["ft-tickets-v5-0ld003", "llama-3.1-8b-0ld002", "mistral-7b-awq-0ld001"]
+    assert launcher.list_servers(store) == [] and jobs.list_jobs(store) == []
+    assert [(r["action"], r["outcome"]) for r in audit.query(store) if r["outcome"] == "done"] == [
+        ("job.prune", "done"), ("server.prune", "done")]
+    store.close()
+
+
+async def test_does_not_fit_shows_why_at_80x24_not_only_the_verdict(home):
+    """Starting llama-3.2-3b a second time on sim-a10-02/0 showed "verdict DOES NOT FIT" on the dialog's
+    bottom edge, and ctrl+s then did nothing visible: the why (another process holds 20.74 GiB of that
+    GPU) and "Not starting it" were below, reachable only by Tab-ing off the fields and PageDown."""
+    from fleet.config import FleetConfig
+
+    app = FleetDeckApp(AppOptions(sources_factory=lambda: demo_fleet(), store_path=home.store,  # A10/0 serves already
+                                  config=FleetConfig(adapter_roots=[home.adapters]), simulated=True, poll=False,
+                                  show_clock=False, demo_home=home, folders=home.folders()))
+    async with app.run_test(size=(80, 24)) as pilot:
+        dialog = await open_dialog(app, pilot, "3", "s", StartServerScreen)
+        dialog.query_one("#start-profile", Select).value = "llama-3.2-3b"
+        field = dialog.query_one("#start-gpus", Input)
+        field.value = "sim-a10-02/0"
+        field.focus()
+        await pilot.press("ctrl+s")
+        verdict = dialog.query_one("#start-verdict", Static)
+        await until(app, pilot, lambda: "Not starting it" in static_text(verdict), "the refusal")
+        box = dialog.query_one("#start-server")
+        await until(app, pilot, lambda: box.max_scroll_y > 0 and box.scroll_y == box.max_scroll_y, "the why in sight")
+        assert "why: Free memory on device" in static_text(verdict)
+        assert app.screen is dialog
+
+
+def test_the_demo_server_that_dies_while_serving_is_diagnosed_as_such(home, monkeypatch):
+    """The demo's llama-3.1-8b, ready for a minute, died printing a start-up OOM ("GPU 0 has a total capacity
+    of 23.55 GiB", on an H100) and was diagnosed as running out of memory "while loading the weights or
+    warming up". It dies as a serving vLLM does now: its engine process goes, with the kernel error above."""
+    store = open_store(home.store)
+    monkeypatch.setenv("FLEETDECK_SIM_CRASH_AFTER", "1")
+    with audit.session(home.store, "demo"):
+        rec, _ = launcher.start(store, load_profile(home.profiles / "llama-3.1-8b.toml"), [3], force=True,
+                                node="sim-h100-01", log_dir=home.server_logs)
+    assert wait_for(lambda: launcher.refresh(store, launcher.get(store, rec.id)).state == "crashed", timeout=60)
+    reason = launcher.get(store, rec.id).reason
+    assert "engine process died" in reason and "loading the weights" not in reason, reason
+    log = Path(rec.log_path).read_text()
+    assert "illegal memory access" in log and "23.55 GiB" not in log
+    store.close()

@@ -1,4 +1,4 @@
-"""Every top-level screen (and the start dialog) at 80x24 and 120x40, from one app factory on the simulated
+"""Every top-level screen (and the start dialog, and the keys' help) at 80x24 and 120x40, from one app factory on the simulated
 fleet with a seeded store: fixed time, fixed data, no clock, nothing running."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from tests.tui_helpers import FIXED_NOW, make_app, ready, seeded_store, settle
 
 SCREENS = [("fleet", "1"), ("fit", "2"), ("servers", "3"), ("jobs", "4"), ("router", "5"), ("cost", "6"),
-           ("audit", "7"), ("start-dialog", "3s")]
+           ("audit", "7"), ("start-dialog", "3s"), ("help", "?")]
 SIZES = [(80, 24), (120, 40)]
 
 

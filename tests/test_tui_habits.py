@@ -22,7 +22,7 @@ from fleet.config import FleetConfig
 from fleet.source import LocalNode
 from store.db import open_store
 from tests.fakes.fake_nvml import FakeGpu, FakeNvml, FakeProcess
-from tests.tui_helpers import FIXED_NOW, make_app, open_screen, press_and_confirm, ready, settle, static_text
+from tests.tui_helpers import FIXED_NOW, make_app, open_screen, press_and_confirm, ready, settle, static_text, until
 from tui.chrome import FilterBar, FlashLine
 from tui.screens.audit import AuditScreen
 from tui.screens.confirm import ConfirmScreen
@@ -323,9 +323,10 @@ async def test_a_simulated_process_is_never_signalled(tmp_path):
             await pilot.pause()
             procs = app.screen.query_one("#fleet-procs", DeckTable)
             assert procs.row_count >= 1
-            await press_and_confirm(app, pilot, "ctrl+k")
-            await settle(app, pilot, 5)
-            assert any("simulated node" in n.message for n in app._notifications)
+            await pilot.press("ctrl+k")  # refused without a question first (it asked, then refused)
+            await until(app, pilot, lambda: any("simulated node" in n.message for n in app._notifications), "the refusal")
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert any("stands in for a GPU process and is not signalled" in n.message for n in app._notifications)
     (rec,) = audit.query(open_store(path))
     assert (rec["action"], rec["outcome"]) == ("process.kill", "refused") and "simulated" in rec["reason"]
 

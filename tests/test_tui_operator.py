@@ -14,7 +14,7 @@ from engine.finetune.jobs import JobRecord, JobState
 from engine.managed import LocalGpus
 from store.db import open_store
 from tests.test_tui_habits import ended_job, ended_server
-from tests.tui_helpers import FIXED_NOW, make_app, ready, settle, static_text
+from tests.tui_helpers import FIXED_NOW, make_app, ready, settle, static_text, until
 from tui.chrome import FlashLine
 from tui.screens import jobs as jobs_screen
 from tui.screens import servers as servers_screen
@@ -227,6 +227,27 @@ async def test_a_log_opens_at_its_end_where_a_crash_says_why(tmp_path):
         assert not isinstance(app.screen, LogScreen)
 
 
+async def test_a_log_whose_lines_wrap_again_under_the_scrollbar_still_opens_at_its_end(tmp_path):
+    """`l` on the demo's crashed server at 80x24 opened its log 3 lines short of the end, the traceback
+    below the fold: lines of 75-78 characters wrapped once more when the scrollbar took its two columns,
+    after the one scroll to the end had been made. The view is anchored to its end now."""
+    from textual.containers import VerticalScroll
+
+    from tui.screens.logs import LogScreen
+
+    log = tmp_path / "server.log"
+    lines = [f"INFO {i:02d} " + "x" * (64 + i % 4) for i in range(30)]  # 74-77 characters: they fit, until the bar
+    log.write_text("\n".join([*lines, "ERROR torch.OutOfMemoryError: CUDA out of memory (the diagnosis)"]) + "\n")
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        app.push_screen(LogScreen("q-0", str(log)))
+        await settle(app, pilot)
+        view = app.screen.query_one("#log-view", VerticalScroll)
+        await until(app, pilot, lambda: static_text(app.screen.query_one("#log-text")).startswith("INFO 00"), "the log")
+        await until(app, pilot, lambda: view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y, "the log's end")
+
+
 async def test_dialogs_and_help_fit_a_terminal_narrower_than_80_columns(tmp_path):
     from tui.screens.help import HelpScreen
     from tui.screens.start_server import StartServerScreen
@@ -343,3 +364,226 @@ async def test_a_reconnecting_nodes_servers_stay_marked_unreachable(tmp_path):
         screen._show([(rec, None)], set())  # back: its own state again
         await pilot.pause()
         assert cell_text(table, rec.id, "state") == "ready"
+
+
+async def test_a_filter_that_matches_nothing_says_so_not_that_there_is_nothing(tmp_path):
+    """`/zzz` on the demo's Servers (five servers) read "No servers yet. Press s to start one", and `x`
+    "No server to stop: none is listed here". Both now name the filter that hides them, and Esc."""
+    store = open_store(tmp_path / "fd.db")
+    ended_server(store, "q-0", "stopped", tmp_path)
+    ended_server(store, "q-1", "crashed", tmp_path)
+    ended_job(store, "ft-j-0", "finished", tmp_path)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        for screen_key, detail_id, key, words in (("3", "#servers-detail", "x", "No server to stop"),
+                                                  ("4", "#jobs-detail", "c", "No job to cancel")):
+            await pilot.press(screen_key)
+            await settle(app, pilot)
+            await pilot.press("slash", *"zzz", "enter")
+            await settle(app, pilot)
+            detail = static_text(app.screen.query_one(detail_id))
+            assert "Nothing shown: the filter /zzz hides all" in detail and "yet" not in detail, detail
+            await pilot.press(key)
+            await pilot.pause()
+            assert f"{words}: the filter /zzz hides all" in flash(app) and "Esc clears it" in flash(app)
+            await pilot.press("escape")
+            await settle(app, pilot)
+            assert "Nothing shown" not in static_text(app.screen.query_one(detail_id))  # the row under the cursor
+
+
+async def test_ctrl_c_says_q_quits_in_words_not_raw_markup(tmp_path):
+    """ctrl+c showed Textual's "Do you want to quit?: Press [b]ctrl+q[/b] to quit the app", markup and all,
+    naming a key the README does not; q is fleetdeck's quit (it also ends the demo's helpers)."""
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        said = flash(app)
+        assert "press q to quit" in said and "[b]" not in said and "ctrl+q" not in said, said
+        assert app.is_running
+
+
+async def test_adapters_on_an_ended_server_say_it_is_not_running(tmp_path):
+    """`a` on the demo's crashed llama-3.1-8b opened the panel as if adapters could load into it."""
+    from tui.screens.adapters_panel import AdaptersScreen
+
+    store = open_store(tmp_path / "fd.db")
+    ended_server(store, "q-0", "crashed", tmp_path)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("3")
+        await settle(app, pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        assert not isinstance(app.screen, AdaptersScreen)
+        assert "q-0 is crashed: adapters load into a running server (`r` starts it again)" in flash(app)
+
+
+async def test_the_adapters_panel_shows_a_refusal_as_written_brackets_included(tmp_path):
+    """Loading into a server started without LoRA said "set  enable = true in its profile": "[lora]" was
+    read as markup and vanished from the one line that says what to do."""
+    from engine.adapters.registry import Adapter
+    from engine.nodes.ops import AdapterListing
+    from tests.tui_helpers import until
+    from tui.screens.adapters_panel import AdaptersScreen
+
+    class Node:
+        def adapters(self, sid: str) -> AdapterListing:
+            return AdapterListing([Adapter(name="notes-v1", path=str(tmp_path / "notes-v1"), rank=32, alpha=64.0,
+                                           target_modules=["q_proj"], base_model="m", size_bytes=1024)])
+
+    store = open_store(tmp_path / "fd.db")
+    rec = ended_server(store, "q-0", "ready", tmp_path)  # its profile has no [lora] table: LoRA is off
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        app.push_screen(AdaptersScreen(rec, Node(), rec.id))
+        await until(app, pilot, lambda: isinstance(app.screen, AdaptersScreen) and app.screen.disk, "the listing")
+        await pilot.press("enter")
+        await pilot.pause()
+        said = static_text(app.screen.query_one("#adapters-message"))
+        assert "set [lora] enable = true in its profile" in said, said
+
+
+def test_run_wait_ttft_and_e2e_unknown_read_n_a_once():
+    """A ready server with no requests yet read "n/a/n/a" under TTFT (and Run/Wait, E2E)."""
+    from engine.vllm.metrics import ServerFigures
+    from engine.vllm.record import ServerRecord, ServerState
+
+    rec = ServerRecord(id="q-0", name="q", node="host-a", pid=None, create_time=None, argv=[], env={},
+                       gpus=LocalGpus((0,)), port=40123, log_path="/nonexistent.log", spec={"model": "m"},
+                       state=ServerState.READY, reason=None, started_at=FIXED_NOW)
+    cells = servers_screen.ServersScreen._cells(None, servers_screen.ServerView(rec, ServerFigures()))  # type: ignore[arg-type]
+    by_col = dict(zip((c.key for c in servers_screen.COLUMNS), cells))
+    assert (by_col["reqs"], by_col["ttft"], by_col["e2e"], by_col["port"]) == ("n/a", "n/a", "n/a", "40123")
+    full = servers_screen.ServersScreen._cells(None, servers_screen.ServerView(  # type: ignore[arg-type]
+        rec, ServerFigures(running=1, waiting=0, ttft_p50=0.05, ttft_p95=0.097, e2e_p50=1.5, e2e_p95=2.25)))
+    by_col = dict(zip((c.key for c in servers_screen.COLUMNS), full))
+    assert (by_col["reqs"], by_col["ttft"], by_col["e2e"]) == ("1/0", "50/97", "1.50/2.25")
+
+
+async def test_help_shows_a_long_action_whole_on_two_lines_at_80_columns():
+    """`?` at 80x24 cut ctrl+k's action to "Kill the process under the process table's cursor (…", with no
+    way to read the rest. The Action column wraps now: the row is as tall as its text."""
+    from textual.widgets import DataTable
+
+    from tui.screens.help import HelpScreen
+
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        table = app.screen.query_one("#help-table", DataTable)
+        rows = {str(table.get_row_at(i)[0]): table.get_row_at(i) for i in range(table.row_count)}
+        kill = rows["^k"]
+        assert str(kill[1]).startswith("Kill the process under the process table's cursor") and "…" not in str(kill[1])
+        assert str(kill[2]) == "Fleet"  # Where is still in sight, beside it
+        key = table.coordinate_to_cell_key((list(rows).index("^k"), 0)).row_key
+        assert table.rows[key].height >= 2
+        assert app.screen.query_one("#help").region.right <= 80
+
+
+async def test_apply_without_a_calibration_says_which_is_missing_and_for_which_task(tmp_path):
+    """`a` on the demo's Router said "No calibrated threshold for this task (run `fleetdeck calibrate`), or
+    no router config." with the demo's router config right there: now it says which, naming the task."""
+    from tests.helpers import router_history
+    from tests.tui_helpers import open_screen
+    from tui.screens.router import RouterScreen
+
+    path, cfg = router_history(tmp_path)
+    app = make_app(store_path=path)
+    app.options.router_config = cfg
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "5", RouterScreen)
+        await settle(app, pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        said = flash(app)
+        assert f"No calibrated threshold for {screen.selected} yet: `fleetdeck calibrate {screen.selected} --eval FILE`" in said
+        assert "router config" not in said
+        app.options.router_config = tmp_path / "gone.toml"
+        screen.reload()
+        await settle(app, pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        assert f"No router config to write a threshold to ({tmp_path / 'gone.toml'})" in flash(app)
+
+
+async def test_the_audit_verdict_says_chain_intact_once(tmp_path):
+    """The Audit screen read "chain intact: 20 record(s), chain intact (last record 20 anchored)"."""
+    from engine.audit import trail as audit
+    from tests.tui_helpers import open_screen
+    from tui.screens.audit import AuditScreen
+
+    path = tmp_path / "fd.db"
+    with audit.session(path, "cli"):
+        audit.record("server.start", "q-0", "done")
+    app = make_app(store_path=path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_screen(app, pilot, "7", AuditScreen)
+        await settle(app, pilot)
+        said = static_text(screen.query_one("#audit-verdict"))
+        assert said.count("chain intact") == 1 and said.startswith("1 record(s), chain intact"), said
+
+
+async def test_enter_on_a_job_shows_its_whole_detail(tmp_path):
+    """Beside the loss chart at 80x24, a cancelled job's reason (how to resume it) ran past the bottom edge
+    once the table held a few rows. Enter shows the whole detail, Esc goes back."""
+    from tui.screens.logs import LogScreen
+
+    store = open_store(tmp_path / "fd.db")
+    for i in range(4):
+        rec = ended_job(store, f"ft-tickets-v5-00000{i}", "cancelled", tmp_path)
+    rec.reason = ("cancelled at step 281; resume continues it (`r` on Jobs, or `fleetdeck finetune resume "
+                  f"{rec.id}` on the host it ran on, `--node NAME` from elsewhere)")
+    rec.save(store)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        await pilot.press("4")
+        await settle(app, pilot)
+        table = app.screen.query_one("#jobs-table", DeckTable)
+        table.move_cursor(row=[k for k, _ in table.visible_rows()].index(rec.id))
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert isinstance(app.screen, LogScreen)
+        whole = static_text(app.screen.query_one("#log-text"))
+        assert "`--node NAME` from elsewhere)" in " ".join(whole.split()), whole
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, JobsScreen)
+
+
+async def test_a_key_read_only_disables_says_so_instead_of_doing_nothing(tmp_path):
+    """`fleetdeck demo --read-only`: s and x on Servers, c on Jobs, did nothing and said nothing (the
+    footer lists them, dimmed). Each says read-only disables it; nothing opens, nothing is asked."""
+    from fleet.config import FleetConfig
+    from tui.screens.confirm import ConfirmScreen
+
+    store = open_store(tmp_path / "fd.db")
+    ended_server(store, "q-0", "stopped", tmp_path)
+    store.close()
+    app = make_app(store_path=tmp_path / "fd.db")
+    app.options.config = FleetConfig(read_only=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(app, pilot)
+        for screen_key, key, words in (("3", "s", "Start"), ("3", "x", "Stop"), ("4", "c", "Cancel")):
+            await pilot.press(screen_key)
+            await settle(app, pilot)
+            screen = app.screen
+            await pilot.press(key)
+            await pilot.pause()
+            assert f"Read-only mode: {words} is disabled" in flash(app), (key, flash(app))
+            assert app.screen is screen and not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("3", "j")  # keys that change nothing still do their work
+        await pilot.pause()
+        assert "Read-only" not in static_text(app.screen.query_one("#servers-detail"))

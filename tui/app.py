@@ -344,6 +344,11 @@ class FleetDeckApp(Lifetime, App[None]):
             if screen.check_action(action.split("(", 1)[0], ()):
                 yield SystemCommand(title, help_text, partial(self.run_action, action, screen))
 
+    def action_help_quit(self) -> None:
+        """ctrl+c: Textual's own answer named ctrl+q, in raw markup on the message line ("Press [b]ctrl+q[/b]
+        to quit the app"); fleetdeck's quit is q, which also ends the demo's helpers."""
+        self.notify("ctrl+c does not quit fleetdeck (in a text field it copies): press q to quit.", severity="warning")
+
     # -- messages: a line of their own, never over the content ------------------------------------
     def notify(self, message: str, *, title: str = "", severity: str = "information",
                timeout: float | None = None, markup: bool = True) -> None:

@@ -24,6 +24,7 @@ from rich.cells import cell_len
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
+from textual.message import Message
 from textual.widgets import DataTable
 from textual.widgets.data_table import CursorType
 
@@ -49,6 +50,7 @@ class Col:
     flex: int | None = None  # a column that takes what is left: counted at this width when fitting
     give: int | None = None  # an id that may be cut in the middle (to this many cells, at least) to keep
     # the essential columns (priority <= ESSENTIAL) whole, rather than hide them or have them cut
+    wrap: bool = False  # a flex column whose text wraps onto more lines (its row grows) instead of being cut
 
 
 ESSENTIAL = 2  # priorities kept before a `give` column is cut: what the README promises at 80 columns
@@ -141,11 +143,22 @@ class DeckTable(NavTable):
                 return dict(zip((c.key for c in self.spec), cells))
         raise KeyError(key)
 
+    def hidden_by_filter(self) -> str | None:
+        """When the filter hides every row, says so: the table is not empty, its filter is (it read "No
+        servers yet. Press s" in the demo, under a filter matching none of five servers). None otherwise."""
+        if not self.filter_text or not self.rows_given or self._shown_keys:
+            return None
+        return f"the filter /{self.filter_text} hides all {len(self.rows_given)} (Esc clears it)"
+
     # -- filter and sort ------------------------------------------------------------------------
+    class Filtered(Message):
+        """The filter changed: a screen's detail of the row under the cursor follows (there may be none)."""
+
     def set_filter(self, text: str) -> None:
         if text != self.filter_text:
             self.filter_text = text
             self.refresh_view()
+            self.post_message(self.Filtered())
 
     def action_filter(self) -> None:
         opener = getattr(self.screen, "open_filter", None)
@@ -292,10 +305,14 @@ class DeckTable(NavTable):
         index = {c.key: i for i, c in enumerate(self.spec)}
         middle = {c.key for c in self.spec if c.give is not None}
 
+        wraps = {c.key for c in self.spec if c.wrap}
+
         def fit(col: str, cell: Cell) -> Cell:
             limit = flex.get(col)
             if limit is None or cell_len(plain(cell)) <= limit:
                 return cell
+            if col in wraps:  # the whole text, on as many lines as it takes
+                return cell if isinstance(cell, Text) else Text(str(cell))
             if col in middle and limit > 2:
                 return cut_middle(cell, limit)
             text = cell.copy() if isinstance(cell, Text) else Text(str(cell))
@@ -313,8 +330,8 @@ class DeckTable(NavTable):
             self.clear(columns=True)
             self._shown, self._mark = shown, mark
             for col in self.spec:
-                if col.key in shown:
-                    self.add_column(self._label(col), key=col.key)
+                if col.key in shown:  # a wrapping column is as wide as its room: its text wraps there
+                    self.add_column(self._label(col), key=col.key, width=flex.get(col.key) if col.wrap else None)
             self._shown_keys = []
         if keys != self._shown_keys or flex != self._flex:  # a flex column's room changed: cut its cells again
             self._flex = flex
@@ -322,7 +339,8 @@ class DeckTable(NavTable):
             self.clear()
             self._texts.clear()
             for key, cells in rows:
-                self.add_row(*(fit(c, cells[index[c]]) for c in shown), key=key)
+                # A wrapping column's row is as tall as its text (None: the table measures it).
+                self.add_row(*(fit(c, cells[index[c]]) for c in shown), key=key, height=None if wraps else 1)
                 for c in shown:
                     self._texts[(key, c)] = plain(cells[index[c]])
             self._shown_keys = keys

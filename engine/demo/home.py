@@ -26,7 +26,7 @@ from engine.finetune.jobs import training_estimate
 from engine.finetune.spec import JobSpec
 from engine.host.folders import Folders
 from engine.vllm import launcher
-from engine.vllm.record import LIVE
+from engine.vllm.record import LIVE, ServerState
 from engine.vllm.demo import write_demo_files
 from fleet.simulated import SimProcess
 from store.db import open_store
@@ -154,6 +154,22 @@ class DemoHome:
         return ended
 
 
+DEMO_ENDED = "stopped as the demo ended (q, or its terminal closed)"
+
+
+def forget_earlier_runs(store: Store) -> list[str]:
+    """A new demo's backend forgets the servers and jobs that earlier demos ended (their logs and job
+    folders stay in the demo's folder): each run left its three servers and its job behind as stopped rows,
+    and after a few runs at 80x24 the live servers were below the fold. Audited, as any prune; a demo
+    that may not write (read-only) keeps them."""
+    from engine.audit import trail as audit
+
+    try:
+        return [r.id for r in launcher.prune(store)] + [j.id for j in jobs.prune(store)]
+    except audit.ReadOnlyError:
+        return []
+
+
 def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
     """Stop every server and job the demo's store records as live: through the engine (audited, as any
     stop), and if that is refused (a read-only demo) or fails, by their recorded pid and create time.
@@ -166,7 +182,12 @@ def stop_everything(store: Store, timeout: float = 5.0) -> list[str]:
             launcher.refresh(store, rec)  # gone already: its record says so (crashed, with the log's diagnosis)
             continue
         try:
-            launcher.stop(store, rec, timeout=timeout)
+            stopped = launcher.stop(store, rec, timeout=timeout)
+            if stopped.state == ServerState.STOPPED:
+                # Not "stopped by the operator": the next demo listed its predecessor's servers so, and
+                # nobody had stopped them.
+                stopped.reason = DEMO_ENDED
+                stopped.save(store)
         except Exception:
             rec.terminate(timeout, whole_group=True)
         ended.append(f"server {rec.id} (pid {rec.pid})")

@@ -48,8 +48,8 @@ def kill_gpu_process(req: KillRequest, gpu_pids: Callable[[], set[int]] = _gpu_p
 
 def _kill(req: KillRequest, gpu_pids: Callable[[], set[int]], grace_s: float) -> str:
     if req.simulated:
-        raise KillError(f"{req.node} is a simulated node: pid {req.pid} is not a real process "
-                        "(stop its server on Servers or its job on Jobs)")
+        raise KillError(f"{req.node} is a simulated node: pid {req.pid} stands in for a GPU process and is "
+                        "not signalled from here (stop its server on Servers or its job on Jobs)")
     if req.pid <= 1:
         raise KillError(f"pid {req.pid} is not a process to signal")
     if req.pid == os.getpid() or req.pid in {p.pid for p in psutil.Process().parents()}:

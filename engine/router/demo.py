@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
 from engine import managed
-from engine.demo.home import DemoHome, DemoProcesses, stop_everything
+from engine.demo.home import DemoHome, DemoProcesses, forget_earlier_runs, stop_everything
 from engine.vllm.demo import DEMO_NODE, start_demo_job, start_demo_servers
 from fleet.procs import stop_child
 from fleet.simulated import demo_fleet
@@ -234,6 +234,7 @@ def run_backend(store_path: Path, home_dir: Path, rate_per_s: float = 4.0,
     server = None
     try:
         if not stop.is_set():
+            forget_earlier_runs(store)  # engine/demo/home.py: what earlier demos ended, not shown as this one's
             start_demo_servers(store, home, lambda i: node.snapshot().gpus[i])
         if not stop.is_set():
             start_demo_job(store, home, lambda i: node.snapshot().gpus[i])

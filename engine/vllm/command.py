@@ -95,6 +95,28 @@ def free_port(start: int = 8000, end: int = 8999, taken: set[int] | None = None)
     raise LaunchError(f"no free port between {start} and {end}")
 
 
+def os_port(taken: set[int] | None = None) -> int:
+    """A port the OS picks now from its ephemeral range (bind to port 0), not one promised to a server that
+    is still starting. Free on every interface when chosen, like free_port's."""
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))
+            port: int = s.getsockname()[1]
+        if not taken or port not in taken:
+            return port
+    raise LaunchError("the OS offered no port that is not promised to a starting server")
+
+
+def choose_port(setting: int | str, taken: set[int] | None = None) -> int:
+    """The port a profile's `port` setting gives now: a number as it is, "auto" the first free from 8000,
+    "os" one the OS picks."""
+    if setting == "os":
+        return os_port(taken)
+    if setting == "auto":
+        return free_port(taken=taken)
+    return int(setting)
+
+
 LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = "0.0.0.0"
 

@@ -102,7 +102,7 @@ def profile_toml(p: DemoProfile, models: Path) -> str:
     lines += [f"{k} = {_toml_value(v)}" for k, v in p.settings.items() if k != "lora"]
     lines += [f"vllm_command = {_toml_value(simulator_command())}",
               # servers listen on loopback unless a profile says otherwise
-              'host = "127.0.0.1"']
+              'host = "127.0.0.1"', OS_PORT_LINES.rstrip("\n")]
     if "lora" in p.settings:
         lines += ["", "[lora]", *(f"{k} = {_toml_value(v)}" for k, v in p.settings["lora"].items())]
     lines += ["", "[env]", 'FLEETDECK_SIM_START_DELAY = "3"', *(f"{k} = {_toml_value(v)}" for k, v in p.sim_env.items())]
@@ -118,11 +118,25 @@ def spec_toml(name: str, base: Path, steps: int, dataset: Path, adapters: Path) 
     ]) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    """Written once: an operator trying the demo may edit a profile or spec, and keeps the edit."""
+def _write(path: Path, text: str, replaces: tuple[str, ...] = ()) -> None:
+    """Written once: an operator trying the demo may edit a profile or spec, and keeps the edit. A file
+    that is still, byte for byte, what an earlier fleetdeck wrote (`replaces`) was never edited: it is
+    brought up to date."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
+    elif replaces and path.read_text(encoding="utf-8") in replaces:
+        path.write_text(text, encoding="utf-8")
+
+
+OS_PORT_LINES = ("# a port the OS picks, not the first free from 8000: a test run or a real service there on the\n"
+                 "# operator's host is never in the demo's way, nor the demo in theirs\n"
+                 'port = "os"\n')
+
+
+def profile_before_os_port(text: str) -> str:
+    """A demo profile as fleetdeck wrote it before its port was the OS's choice (it took 8000 and up)."""
+    return text.replace(OS_PORT_LINES, "")
 
 
 def write_demo_files(home: DemoHome) -> None:
@@ -134,7 +148,8 @@ def write_demo_files(home: DemoHome) -> None:
             config["quantization_config"] = {"quant_method": quant, "bits": 4, "group_size": 128}
         _write(home.models / folder / "config.json", json.dumps(config, indent=2))
     for p in DEMO_PROFILES:
-        _write(home.profiles / f"{p.name}.toml", profile_toml(p, home.models))
+        text = profile_toml(p, home.models)
+        _write(home.profiles / f"{p.name}.toml", text, replaces=(profile_before_os_port(text),))
     dataset = home.data / "tickets-train.jsonl"
     _write(dataset, "\n".join(json.dumps({"messages": [{"role": "user", "content": f"ticket {i}: my invoice is wrong"},
                                                        {"role": "assistant", "content": "billing"}]})

@@ -28,7 +28,7 @@ from engine.audit import trail as audit
 from engine.io.logs import tail
 from engine.slurm import client as slurm_client
 from engine.vllm import slurm_server
-from engine.vllm.command import (LaunchError, UnplannableError, build_launch, check_exposure, free_port, listen_host,
+from engine.vllm.command import (LaunchError, UnplannableError, build_launch, check_exposure, choose_port, listen_host,
                                  preflight, resolve_preload)
 from engine.vllm.diagnose import diagnose
 from engine.vllm.profile import VLLM_LORA_RANKS, Profile
@@ -49,7 +49,7 @@ def start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots:
                        model=profile.model, gpus=where, port=port, force=force) as entry:
         check_exposure(profile, listen_host(profile, slurm=slurm is not None))  # refused (and audited) first
         if slurm is not None:
-            chosen = port or (free_port(taken=_ports_taken(store)) if profile.port == "auto" else int(profile.port))
+            chosen = port or choose_port(profile.port, taken=_ports_taken(store))
             rec, verdict = slurm_server.submit(store, profile, slurm, port=chosen, force=force,
                                                adapter_roots=adapter_roots, log_dir=log_dir)
         else:
@@ -83,10 +83,7 @@ def _start(store: Store, profile: Profile, gpus: Sequence[int], *, gpu_snapshots
     else:
         warning = "started without a plan: the GPUs could not be checked (no NVML readings)"
     lora_modules = resolve_preload(profile, adapter_roots or []) if profile.lora.enable else {}
-    if port is None and profile.port == "auto":
-        chosen_port = free_port(taken=_ports_taken(store))
-    else:
-        chosen_port = port or int(profile.port)
+    chosen_port = port or choose_port(profile.port, taken=_ports_taken(store))
     argv, env = build_launch(profile, gpus, chosen_port, lora_modules)
     sid = f"{profile.name}-{uuid.uuid4().hex[:6]}"
     logs = private_dir(log_dir or (state_dir() / "servers"))
@@ -115,7 +112,7 @@ def _ports_taken(store: Store) -> set[int]:
 def answered_by_own_process(rec: ServerRecord) -> bool:
     """The socket listening on the server's port belongs to its own process tree.
 
-    A port chosen by free_port is only free when it was chosen: until the server binds it (seconds for
+    A port chosen by choose_port is only free when it was chosen: until the server binds it (seconds for
     the simulator, minutes for a real vLLM loading weights) another process may take it, and its
     answers to /health must not make this server "ready". Processes we cannot inspect (another user's,
     an adopted pid) leave the HTTP answer as the only evidence, so it is trusted.

@@ -38,7 +38,10 @@ class Profile(Strict):
     kv_cache_memory_bytes: int | None = Field(default=None, ge=1, description="vLLM's explicit KV cache size")
     vllm_version: str | None = Field(default=None, pattern=r"^\d+\.\d+(\.\d+)?$",
                                      description="the vLLM this profile runs, where its memory accounting differs")
-    port: int | Literal["auto"] = "auto"
+    # "auto": the first free port from 8000 (vLLM's own default, what firewalls are opened for); "os": one the
+    # OS picks from its ephemeral range, outside every conventional range (the demo's simulated servers: a
+    # test run or a real service on 8000.. on the same host is never in their way).
+    port: int | Literal["auto", "os"] = "auto"
     # Where the server listens. Unset: 127.0.0.1 (the proxy, the dashboard and the node's agent all reach it
     # there), or for a Slurm server every interface of the node Slurm picks, since the login node must
     # reach it. A host other than loopback needs api_key_env, or allow_unauthenticated = true said outright.

@@ -47,6 +47,13 @@ CRASH_LOGS = {
     "model_missing": "ValueError: Invalid repository ID or local directory specified: '{model}'.",
 }
 
+# A server that dies while serving (FLEETDECK_SIM_CRASH_AFTER, the demo's llama-3.1-8b): its engine process
+# goes, as vLLM 0.32's does, and the API server with it. It printed the start-up OOM before, on an H100 said
+# to hold 23.55 GiB, and was diagnosed as dying "while loading the weights" a minute after it was ready.
+ENGINE_DIED_LOG = ("RuntimeError: CUDA error: an illegal memory access was encountered\n"
+                   "ERROR {stamp} [core_client.py] Engine core proc EngineCore_DP0 died unexpectedly, shutting down "
+                   "client.")
+
 
 class Metrics:
     """The families fleetdeck reads, under vLLM 0.32's names, labels and buckets, in a registry of their own.
@@ -332,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         def die() -> None:
             time.sleep(crash_after)
             log("Traceback (most recent call last):", "ERROR")
-            print(CRASH_LOGS["oom_weights"], flush=True)
+            print(ENGINE_DIED_LOG.format(stamp=time.strftime("%m-%d %H:%M:%S")), flush=True)
             os._exit(1)
         threading.Thread(target=die, daemon=True).start()
     log(f"Starting vLLM API server 0 on http://{args.host}:{args.port}")

@@ -100,7 +100,8 @@ class AdaptersScreen(DeckModal):
         table.clear()
         for name in self.loaded_names:
             table.add_row(name, key=name)
-        message.update("\n".join([self.last_message, *listing.problems]).strip())
+        # Text, not markup: "set [lora] enable = true" lost its "[lora]" and read "set  enable = true".
+        message.update(Text("\n".join([self.last_message, *listing.problems]).strip()))
 
     def _highlighted(self, table_id: str) -> str | None:
         return highlighted_key(self.query_one(table_id, DataTable))
@@ -155,7 +156,7 @@ class AdaptersScreen(DeckModal):
 
     def _say(self, message: str) -> None:
         self.last_message = message
-        self.query_one("#adapters-message", Static).update(message)
+        self.query_one("#adapters-message", Static).update(Text(message))
 
     @work(thread=True, group="adapters-action")
     def _do(self, what: str, name: str, old: str | None = None) -> None:

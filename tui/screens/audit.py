@@ -92,8 +92,10 @@ class AuditScreen(PolledScreen):
         if error:
             status.update(Text(error, style="red"))
         elif verdict is not None:
-            status.update(Text(("chain intact: " if verdict.ok else "CHAIN BROKEN: ") + shown(verdict.message),
-                               style="green" if verdict.ok else "bold red"))
+            said = shown(verdict.message)
+            # verify's own words already say "chain intact": it read "chain intact: 20 record(s), chain intact".
+            head = "" if verdict.ok and "chain intact" in said else "chain intact: " if verdict.ok else "CHAIN BROKEN: "
+            status.update(Text(head + said, style="green" if verdict.ok else "bold red"))
         table = self.query_one("#audit-table", DeckTable)
         # Values sqlite3 can plant (NULL, a BLOB, a repeated seq; `verify` names them) are shown as text,
         # with row keys made unique, so such a store is listed rather than stopping the screen.

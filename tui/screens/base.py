@@ -6,7 +6,8 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from rich.text import Text
-from textual import getters
+from textual import events, getters
+from textual.binding import Binding
 from textual.app import ComposeResult
 from textual.dom import DOMNode
 from textual.message_pump import MessagePump
@@ -75,6 +76,19 @@ class ReadOnlyAware(MessagePump):
         if action in self.MUTATING and read_only(self.app):
             return None
         return True
+
+    def on_key(self, event: events.Key) -> None:
+        """A key whose action read-only disables comes here (Textual skips the binding): said, not ignored.
+        In `fleetdeck demo --read-only`, s and x on Servers did nothing and said nothing."""
+        if not self.MUTATING or not read_only(self.app):
+            return
+        for binding in getattr(self, "BINDINGS", []):
+            if isinstance(binding, Binding) and event.key in binding.key.split(",") \
+                    and binding.action.split("(", 1)[0] in self.MUTATING:
+                event.stop()
+                self.app.notify(f"Read-only mode: {binding.description or binding.action} is disabled "
+                                "(this dashboard changes nothing on a node).", severity="warning")
+                return
 
 
 class DeckScreen(ReadOnlyAware, Screen[None]):

@@ -324,6 +324,9 @@ class FleetScreen(DeckScreen):
         snap, (gpu, proc) = found
         req = KillRequest(node=snap.node, pid=proc.pid, gpu=str(gpu.index), command=proc.command, user=proc.user,
                           simulated=snap.simulated)
+        if snap.simulated:  # refused whatever the answer: asked first, it said "audited" then refused
+            self._kill(req)
+            return
         question = (f"Kill pid {proc.pid} ({proc.user or 'unknown user'}) on {snap.node} GPU {gpu.index}?\n"
                     f"{proc.command[:160]}\nSIGTERM, then SIGKILL after 5 s. The kill is audited.")
         self.app.push_screen(ConfirmScreen(question), on_yes(lambda: self._kill(req)))

@@ -21,8 +21,9 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="help"):
             yield Static("[b]Keys[/b]  (Esc closes; : or ctrl+p lists every action of the screen)", id="help-title")
-            # The action cut to the width: the dialog fits 80 columns without a sideways scroll.
-            table = DeckTable((Col("key", "Key"), Col("action", "Action", flex=20), Col("where", "Where")),
+            # The action wraps within the width: the dialog fits 80 columns without a sideways scroll, and a
+            # long one is read whole (it was cut: "Kill the process under the process table's cursor (…").
+            table = DeckTable((Col("key", "Key"), Col("action", "Action", flex=20, wrap=True), Col("where", "Where")),
                               id="help-table", show_cursor=False)
             table.set_rows([(str(i), [key, desc, scope]) for i, (key, desc, scope) in enumerate(self.rows)])
             yield table

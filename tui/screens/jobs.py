@@ -153,16 +153,19 @@ class JobsScreen(PolledScreen):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._detail()
 
-    def _detail(self) -> None:
-        from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
+    def on_deck_table_filtered(self, event: DeckTable.Filtered) -> None:
+        self._detail()
 
+    def _detail(self) -> None:
         r = self.selected()
         detail = self.query_one("#jobs-detail", Static)
         plot = self.query_one("#jobs-chart", PlotextPlot)
         plt = plot.plt
         plt.clear_figure()
         if r is None:
-            detail.update("No fine-tunes yet. Press [b]s[/b] to start one from a job spec.")
+            hidden = self.query_one("#jobs-table", DeckTable).hidden_by_filter()
+            detail.update(Text(f"Nothing shown: {hidden}.") if hidden else
+                          "No fine-tunes yet. Press [b]s[/b] to start one from a job spec.")
             plot.refresh()
             return
         steps = [e for e in self.events.get(r.id, []) if e.get("event") == "step" and e.get("loss") is not None]
@@ -171,6 +174,12 @@ class JobsScreen(PolledScreen):
         plt.title(f"{r.name}: training loss")
         plt.xlabel("step")
         plot.refresh()
+        detail.update("\n".join(self._detail_lines(r)))
+
+    def _detail_lines(self, r: Any) -> list[str]:
+        """The detail of a job, as markup: beside the chart, and whole in a view of its own (Enter)."""
+        from engine.finetune.jobs import JobState  # (lazily: loaded by the poll already)
+
         spec = r.spec
         if spec.get("kind") in ("merge", "quantize"):  # a model job: what it reads and writes, and its stage
             stage = next((e.get("note") for e in reversed(self.events.get(r.id, [])) if e.get("note")), "starting")
@@ -179,7 +188,8 @@ class JobsScreen(PolledScreen):
             lines = [
                 f"[b]{r.id}[/b]" + ("  [yellow]SIMULATED[/]" if spec.get("backend") == "simulated" else ""),
                 f"backend {spec.get('backend')} · base {Path(str(spec.get('base_model'))).name}",
-                f"LoRA r={spec.get('lora_rank')} alpha={spec.get('lora_alpha')} · 4-bit {spec.get('load_in_4bit')}",
+                f"LoRA r={spec.get('lora_rank')} alpha={spec.get('lora_alpha')} · "
+                + ("4-bit base (QLoRA)" if spec.get("load_in_4bit") else "16-bit base"),  # it read "4-bit True"
                 f"dataset {Path(str(spec.get('dataset'))).name}",
             ]
         sl = r.slurm
@@ -189,9 +199,25 @@ class JobsScreen(PolledScreen):
                                 f"{sl.elapsed or '0:00'} of {sl.time_limit or 'no limit'}"))
         if r.reason:
             lines.append(f"[{'red' if r.state == JobState.FAILED else 'dim'}]{escape(r.reason)}[/]")
-        detail.update("\n".join(lines))
+        return lines
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a job: its whole detail. Beside the chart at 80x24 a cancelled job's reason (how to
+        resume it) ran past the bottom edge once the table held a few rows."""
+        from tui.screens.logs import LogScreen
+
+        r = self.records.get(str(event.row_key.value))
+        if r is None:
+            return
+        text = Text.from_markup("\n".join(self._detail_lines(r))).plain
+        self.app.push_screen(LogScreen(f"job {r.id}", "", read=lambda: text))
 
     # -- actions --------------------------------------------------------------------------------
+    def _none(self, what: str) -> None:
+        """A key on no row: says why there is none (nothing listed, or a filter hiding every row)."""
+        hidden = self.query_one("#jobs-table", DeckTable).hidden_by_filter()
+        self.notify(f"{what}: {hidden or 'none is listed here'}.", severity="warning")
+
     def _guard(self) -> bool:
         if getattr(self.app.options.config, "read_only", False):
             self.notify("Read-only mode: jobs are not started, cancelled or served.", severity="warning")
@@ -212,7 +238,7 @@ class JobsScreen(PolledScreen):
 
         r = self.selected()
         if r is None:
-            self.notify("No job to cancel: none is listed here.", severity="warning")
+            self._none("No job to cancel")
             return
         if not self._guard():
             return
@@ -227,7 +253,7 @@ class JobsScreen(PolledScreen):
 
         r = self.selected()
         if r is None:
-            self.notify("No job to resume: none is listed here.", severity="warning")
+            self._none("No job to resume")
             return
         if not self._guard():
             return
@@ -271,7 +297,7 @@ class JobsScreen(PolledScreen):
     def action_logs(self) -> None:
         r = self.selected()
         if r is None:
-            self.notify("No job, so no log: none is listed here.", severity="warning")
+            self._none("No job, so no log")
         else:
             from engine.nodes.select import ops_for
             from fleet.remote import AgentError
@@ -290,7 +316,7 @@ class JobsScreen(PolledScreen):
 
         r = self.selected()
         if r is None:
-            self.notify("No job to serve: none is listed here.", severity="warning")
+            self._none("No job to serve")
             return
         if not self._guard():
             return

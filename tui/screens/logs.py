@@ -47,7 +47,10 @@ class LogScreen(ModalScreen[None]):
 
     def _show(self, text: str) -> None:
         self.query_one("#log-text", Static).update(Text(text))
-        self.query_one("#log-view").scroll_end(animate=False)
+        # Anchored, not scrolled once: the end moves as the text wraps again when the scrollbar takes its
+        # two columns, and a single scroll_end stopped short of it (a crashed server's log opened with its
+        # traceback below the fold). Scrolling up lets go of the anchor.
+        self.query_one("#log-view").anchor()
 
     # A plain, synchronous close in place of Textual's async action_dismiss(result): this dialog has no result.
     def action_dismiss(self) -> None:  # type: ignore[override]

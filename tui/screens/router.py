@@ -246,8 +246,15 @@ class RouterScreen(PolledScreen):
         if self.app.options.config.read_only:
             self.notify("Read-only mode: thresholds are not changed.", severity="warning")
             return
-        if not cal or cal.get("threshold") is None or path is None or not path.exists():
-            self.notify("No calibrated threshold for this task (run `fleetdeck calibrate`), or no router config.",
+        # Which of the two is missing, said: "..., or no router config" left the demo's operator (whose
+        # router config exists) guessing.
+        if path is None or not path.exists():
+            self.notify(f"No router config to write a threshold to ({path or 'none is configured'}).",
+                        severity="warning")
+            return
+        if not cal or cal.get("threshold") is None:
+            task = self.selected or "this task"
+            self.notify(f"No calibrated threshold for {task} yet: `fleetdeck calibrate {task} --eval FILE` makes one.",
                         severity="warning")
             return
         task, value = cal["task"], float(cal["threshold"])

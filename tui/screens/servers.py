@@ -49,6 +49,11 @@ def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 1000:.0f}"
 
 
+def _pair(a: str, b: str) -> str:
+    """Two figures in one column ("50/97"); neither known is one "n/a", not "n/a/n/a"."""
+    return "n/a" if a == b == "n/a" else f"{a}/{b}"
+
+
 # Column, label, priority (the highest hides first when narrow: at 80 columns the server, its node,
 # state, GPUs, generation rate and TTFT stay).
 COLUMNS = (Col("id", "Server", give=14), Col("node", "Node"), Col("state", "State"), Col("gpus", "GPUs"),
@@ -164,8 +169,8 @@ class ServersScreen(PolledScreen):
         cap: Any = Text(f"⚠ {alloc}/{plan} ({apart:.1f}x)", style="bold yellow") if apart else f"{alloc}/{plan}"
         return [
             own, node, state, str(r.gpus), str(r.port), _f(f.generation_tps), _f(f.prompt_tps),
-            f"{_f(f.running)}/{_f(f.waiting)}", _f(None if f.kv_usage is None else f.kv_usage * 100, unit="%"),
-            f"{_ms(f.ttft_p50)}/{_ms(f.ttft_p95)}", f"{_f(f.e2e_p50, '{:.2f}')}/{_f(f.e2e_p95, '{:.2f}')}",
+            _pair(_f(f.running), _f(f.waiting)), _f(None if f.kv_usage is None else f.kv_usage * 100, unit="%"),
+            _pair(_ms(f.ttft_p50), _ms(f.ttft_p95)), _pair(_f(f.e2e_p50, '{:.2f}'), _f(f.e2e_p95, '{:.2f}')),
             _f(f.preemptions), _f(None if f.prefix_hit_rate is None else f.prefix_hit_rate * 100, unit="%"),
             cap,
         ]
@@ -180,13 +185,18 @@ class ServersScreen(PolledScreen):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._detail()
 
+    def on_deck_table_filtered(self, event: DeckTable.Filtered) -> None:
+        self._detail()
+
     def _detail(self) -> None:
         from engine.vllm.record import ServerState  # (lazily: loaded by the poll already)
 
         v = self.selected()
         detail = self.query_one("#servers-detail", Static)
         if v is None:
-            detail.update("No servers yet. Press [b]s[/b] to start one from a launch profile.")
+            hidden = self.query_one("#servers-table", DeckTable).hidden_by_filter()
+            detail.update(Text(f"Nothing shown: {hidden}.") if hidden else
+                          "No servers yet. Press [b]s[/b] to start one from a launch profile.")
             return
         r = v.rec
         # Names, paths and vLLM's own words are text, not markup: "[serve]" in a reason stays visible.
@@ -200,6 +210,11 @@ class ServersScreen(PolledScreen):
         detail.update("\n".join(lines))
 
     # -- actions --------------------------------------------------------------------------------
+    def _none(self, what: str) -> None:
+        """A key on no row: says why there is none (nothing listed, or a filter hiding every row)."""
+        hidden = self.query_one("#servers-table", DeckTable).hidden_by_filter()
+        self.notify(f"{what}: {hidden or 'none is listed here'}.", severity="warning")
+
     def _guard(self) -> bool:
         if getattr(self.app.options.config, "read_only", False):
             self.notify("Read-only mode: servers are not started, stopped or changed.", severity="warning")
@@ -221,7 +236,7 @@ class ServersScreen(PolledScreen):
 
         v = self.selected()
         if v is None:
-            self.notify("No server to stop: none is listed here.", severity="warning")
+            self._none("No server to stop")
             return
         if not self._guard():
             return
@@ -274,7 +289,7 @@ class ServersScreen(PolledScreen):
     def action_restart(self) -> None:
         v = self.selected()
         if v is None:
-            self.notify("No server to restart: none is listed here.", severity="warning")
+            self._none("No server to restart")
             return
         if not self._guard():
             return
@@ -304,7 +319,7 @@ class ServersScreen(PolledScreen):
     def action_logs(self) -> None:
         v = self.selected()
         if v is None:
-            self.notify("No server, so no log: none is listed here.", severity="warning")
+            self._none("No server, so no log")
         else:
             from engine.nodes.select import ops_for
             from fleet.remote import AgentError
@@ -317,9 +332,15 @@ class ServersScreen(PolledScreen):
             self.app.push_screen(LogScreen(v.rec.id, v.rec.log_path, lambda: ops.tail_log("server", sid)))
 
     def action_adapters(self) -> None:
+        from engine.vllm.record import ENDED
+
         v = self.selected()
         if v is None:
-            self.notify("Select a server first.", severity="warning")
+            self._none("No server, so no adapters")
+            return
+        if v.rec.state in ENDED:  # the panel opened on a crashed server, as if adapters could load into it
+            self.notify(f"{v.rec.id} is {v.rec.state}: adapters load into a running server (`r` starts it again).",
+                        severity="warning")
             return
         from engine.nodes.select import ops_for
         from fleet.remote import AgentError
