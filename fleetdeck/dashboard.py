@@ -32,6 +32,12 @@ def remote_sources(config: Any) -> list[Any]:
 
 
 def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
+    if demo and (args.read_only or audit.is_read_only()):
+        # The demo is a simulation that runs by writing: its folder, its store, its servers' logs, the traffic of its
+        # proxy. Read-only writes nothing on the node; so the demo does not run read-only rather than run half-way.
+        home = DemoHome.default()
+        return err(f"the demo does not run read-only (--read-only or read_only = true): it starts simulated servers, "
+                   f"jobs and traffic that write its folder {home.root}; `fleetdeck --read-only` watches this host")
     try:
         config = fleet_config_of(args) if not demo else FleetConfig()
     except ConfigError as exc:

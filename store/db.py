@@ -251,8 +251,8 @@ def _open_read_only(p: Path, hint: str, oldest: int, needs: tuple[str, ...] | No
             _refuse_newer(p, version)
             if version < oldest:
                 raise StoreOlder(f"{p} has schema {version}, older than this fleetdeck's {SCHEMA_VERSION}: a command "
-                                 "that only reads does not migrate it. Run one that writes on it first (or read it "
-                                 "with the fleetdeck that wrote it).")
+                                 "that only reads, and any read-only run, does not migrate it. Run one that writes on "
+                                 "it first, without --read-only (or read it with the fleetdeck that wrote it).")
             _check_shape(conn, p, version, needs)
         except BaseException as exc:
             _close_and_name(conn, p, exc, "read", hint)
