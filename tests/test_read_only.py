@@ -37,6 +37,7 @@ from engine.vllm.record import ServerRecord, ServerState
 from fleetdeck.cli import main
 from store.db import open_store
 from store.paths import default_store_path
+from tests.helpers import make_node_files
 from tests.tui_helpers import drain, settle, until
 
 Tree = dict[str, tuple[Any, ...]]
@@ -105,6 +106,12 @@ def make_node(root: Path, monkeypatch: pytest.MonkeyPatch, with_store: bool = Tr
     (root / "adapters").mkdir()
     fleet_toml = config / "fleet.toml"
     fleet_toml.write_text(f'adapter_roots = ["{root / "adapters"}"]\n')
+    # A launch profile, an adapter, a base model folder, a dataset and a fine-tune spec, in the node's own folders.
+    make_node_files(root / "files")
+    (config / "profiles").mkdir()
+    (root / "files" / "profiles" / "q.toml").rename(config / "profiles" / "q.toml")
+    (root / "files" / "adapters" / "tickets-v1").rename(root / "adapters" / "tickets-v1")
+    (root / "files" / "config" / "fleetdeck" / "finetune").rename(config / "finetune")
     (config / "router.toml").write_text(demo_router_toml("http://127.0.0.1:9", 4000))
     db = default_store_path()
     if not with_store:
@@ -150,6 +157,9 @@ READING = {
     "finetune ls": (["finetune", "ls"], (0,)),
     "finetune ls --json": (["finetune", "ls", "--json"], (0,)),
     "finetune logs": (["finetune", "logs", "ft-ended1"], (0,)),
+    "finetune check": (["finetune", "check", "../config/fleetdeck/finetune/sim.toml"], (0,)),
+    "serve start --dry-run": (["serve", "start", "q", "--gpus", "0", "--dry-run"], (0,)),
+    "adapters show": (["adapters", "show", "tickets-v1"], (0,)),
     "adapters ls": (["adapters", "ls"], (0,)),
     "adapters history": (["adapters", "history"], (0,)),
     "report": (["report"], (0, 3)),
