@@ -273,6 +273,28 @@ def test_a_refusal_writes_its_audit_record_and_nothing_else(node, capsys, argv):
     assert len(last) == records + 1 and last[-1]["outcome"] == "refused" and "read-only" in last[-1]["reason"]
 
 
+def test_calibrate_read_only_prints_its_result_and_saves_nothing(node, capsys):
+    """Before: `--read-only calibrate` (without --apply: not a change the trail refuses) created or migrated the
+    store and saved its calibration there."""
+    from tests.fakes.fake_openai import ServerThread, slm_app
+
+    server = ServerThread(slm_app()).start()
+    try:
+        router = node.root / "calibrate-router.toml"
+        router.write_text(f'[[task]]\nname = "t"\nslm_base_url = "{server.url}/v1"\nslm_model = "m"\nthreshold = 0.5\n')
+        evalset = node.root / "eval.jsonl"
+        evalset.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"q lp={lp}"}],
+                                                 "expected": "slm answer" if lp > -1 else "else"})
+                                      for lp in (-0.01, -0.01, -0.01, -2.0)))
+        before = fingerprint(node.root)
+        rc, out, err = _run(capsys, ["calibrate", "t", "--eval", str(evalset), "--json", "--router-config", str(router)])
+    finally:
+        server.stop()
+    assert rc == 0 and json.loads(out)["items"] == 4 and json.loads(out)["applied"] is False, (out, err)
+    assert "result not saved: fleetdeck is read-only" in err
+    assert changes(before, fingerprint(node.root)) == []
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from(sorted(READING)), min_size=1, max_size=4), st.booleans())
 def test_any_sequence_of_reading_commands_changes_nothing(node, capsys, names, by_config):
