@@ -27,7 +27,7 @@ from tui.app import AppOptions, FleetDeckApp
 
 def remote_sources(config: Any) -> list[Any]:
     return [RemoteNode.over_ssh(n.name, n.ssh, list(n.ssh_options), n.agent_command or None,
-                                hello_timeout_s=n.hello_timeout_s)
+                                read_only=config.read_only, hello_timeout_s=n.hello_timeout_s)
             for n in config.node]
 
 

@@ -342,6 +342,47 @@ def test_a_read_only_agent_lists_what_it_sees_and_writes_nothing(node):
     assert node.rows("SELECT state FROM managed ORDER BY id") == [{"state": "running"}, {"state": "ready"}]
 
 
+@pytest.fixture
+def sshd(tmp_path):
+    from tests.helpers import sshd_server
+
+    yield from sshd_server(tmp_path)
+
+
+def test_a_read_only_command_asks_a_node_over_ssh_for_a_read_only_agent(node, sshd, tmp_path, capsys):
+    """`--node` commands and the dashboard's nodes are agents over SSH: a read-only run starts them read-only, so a
+    listing records nothing in the node's own store either (a real sshd; the node's agent works on `node`'s tree).
+    Before: the node's agent recorded the server it found ended."""
+    from fleet.config import load_fleet_config
+    from fleetdeck.dashboard import remote_sources
+    from tests.helpers import WAIT_CEILING_S
+
+    dest, opts = sshd
+    env = [f"PYTHONPATH={Path(__file__).resolve().parent.parent}", f"XDG_STATE_HOME={node.root / 'state'}",
+           f"XDG_CONFIG_HOME={node.root / 'config'}", f"XDG_DATA_HOME={node.root / 'data'}"]
+    agent = ["env", *env, sys.executable, "-m", "fleetdeck", "agent", "--stdio", "--node-name", "gpu-02"]
+    fleet = tmp_path / "dashboard-fleet.toml"
+    fleet.write_text(f'[[node]]\nname = "gpu-02"\nssh = "{dest}"\nssh_options = {json.dumps(opts)}\n'
+                     f"agent_command = {json.dumps(agent)}\nhello_timeout_s = {WAIT_CEILING_S}\n")
+    before = fingerprint(node.root)
+    rc = main(["--read-only", "serve", "ls", "--json", "--node", "gpu-02", "--config", str(fleet),
+               "--store", str(tmp_path / "dashboard.db")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert [s["state"] for s in json.loads(out.out)] == ["crashed"]
+    assert changes(before, fingerprint(node.root)) == []
+    assert node.rows("SELECT state FROM managed WHERE id = 'qwen-ended1'") == [{"state": "ready"}]
+    assert not (tmp_path / "dashboard.db").exists()
+    # The dashboard's nodes: the same agent command, read-only when the dashboard is.
+    config = load_fleet_config(fleet)
+    for read_only in (True, False):
+        (source,) = remote_sources(config.model_copy(update={"read_only": read_only}))
+        try:
+            assert (source.command[-1] == "--read-only") is read_only, source.command
+        finally:
+            source.close()
+
+
 # -- the dashboard: `fleetdeck --read-only`, driven through Pilot ------------------------------------------
 Script = Callable[[Any, Any], Awaitable[None]]
 
