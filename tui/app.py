@@ -184,7 +184,6 @@ class FleetDeckApp(Lifetime, App[None]):
         from store.readview import open_read_view
 
         self.poller.record_history = False  # read-only by the audit trail too, not only by the options
-
         view = open_read_view(path)
         if view.absent:
             self.store_note = (f"no store at {path} yet: a read-only run does not create one; the dashboard runs "
@@ -264,7 +263,7 @@ class FleetDeckApp(Lifetime, App[None]):
         elif self.store is not None:
             parts.append("store: none yet" if getattr(self.store, "absent", False) else f"store: {self.store.path.name}")
         badge = " [b reverse yellow] SIMULATED [/]" if self.options.simulated or self.poller.simulated else ""
-        if self.options.config.read_only:
+        if read_only(self):
             badge += " [b reverse cyan] READ-ONLY [/]"
         self.status_text = " · ".join(parts) + badge
         for line in self.screen.query(StatusLine):
