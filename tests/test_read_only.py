@@ -433,6 +433,8 @@ async def _every_screen_and_key(app: Any, pilot: Any) -> None:
             assert screen.views["qwen-ended1"].rec.state == "crashed"  # shown as it is...
     await pilot.press("ctrl+r")
     await settle(app, pilot)
+    errors = [n.message for n in app._notifications if n.severity == "error"]
+    assert errors == [], errors  # every screen read the read-only store (a query-only connection) without a failure
 
 
 @pytest.mark.parametrize("how", ["flag", "config"])
