@@ -73,7 +73,7 @@ class Node:
         self.fleet_toml.write_text("read_only = true\n" + self.fleet_toml.read_text())
 
     def rows(self, sql: str) -> list[dict[str, Any]]:
-        store = open_store(self.db, read_only=True)
+        store = open_store(self.db, read_only=True, oldest=1)
         try:
             return store.query(sql)
         finally:
@@ -241,6 +241,16 @@ def test_an_older_store_is_not_migrated_by_a_read_only_run_which_says_so(node, c
         rc, out, err = _run(capsys, argv)
         assert rc == 0, (argv, out, err)
     assert changes(before, fingerprint(node.root)) == []
+
+
+def test_a_refusal_on_an_older_store_is_recorded_without_migrating_it(node, capsys):
+    """Before: the refusal's record opened the store read-write, which migrated it to this schema."""
+    _make_older(node.db)
+    rc, out, err = _run(capsys, ["serve", "prune"])
+    assert rc == 2 and "refused, fleetdeck is read-only" in err and "not written" not in err, err
+    assert node.rows("SELECT MAX(version) AS v FROM schema_version") == [{"v": 7}]
+    assert node.rows("SELECT action, outcome FROM audit ORDER BY seq DESC LIMIT 1") == [
+        {"action": "server.prune", "outcome": "refused"}]
 
 
 REFUSED = [["serve", "stop", "qwen-ended1"], ["serve", "prune"], ["finetune", "prune"], ["finetune", "cancel", "ft-ended1"],
