@@ -549,8 +549,18 @@ async def test_the_disabled_keys_cannot_be_reached_another_way(node):
             assert not isinstance(app.screen, ConfirmScreen)
             screen._stop(screen.views["qwen-ended1"].rec)  # the stop dialog's yes, reached without the dialog
             await settle(app, pilot)
-    (rec,) = [r for r in node.rows("SELECT action, outcome, reason, source FROM audit") if r["source"] == "tui"]
-    assert (rec["action"], rec["outcome"]) == ("server.stop", "refused") and "read-only" in rec["reason"]
+            # The Router's confirmations (threshold, rollback), answered the same way: refused, said, the app lives.
+            router_toml = node.root / "config" / "fleetdeck" / "router.toml"
+            text = router_toml.read_text()
+            await pilot.press("5")
+            await settle(app, pilot)
+            app.screen._write_threshold(router_toml, "triage-alerts", 0.5)
+            app.screen._run_adapter("rollback", "triage-alerts", None, router_toml)
+            await settle(app, pilot)
+            assert app.is_running and router_toml.read_text() == text
+    tui = [(r["action"], r["outcome"]) for r in node.rows("SELECT action, outcome, reason, source FROM audit ORDER BY seq")
+           if r["source"] == "tui" and "read-only" in r["reason"]]
+    assert sorted(tui) == [("adapter.rollback", "refused"), ("router.threshold", "refused"), ("server.stop", "refused")]
     assert node.rows("SELECT state FROM managed WHERE id = 'qwen-ended1'") == [{"state": "ready"}]
 
 
