@@ -122,6 +122,14 @@ class ManagedRecord:
     def save(self, store: Store) -> None:
         store.insert("managed", {**self.to_doc(), "kind": self.KIND}, replace=True)  # lists and dicts become JSON text
 
+    def noticed(self, store: Store) -> None:
+        """Keep what a refresh noticed rather than did (a process that ended while nobody watched, its engine
+        seen): saved, except in a store opened read-only (a read-only run: the dashboard, a listing, a read-only
+        agent), which shows the record as it finds it and records nothing. The next run that writes notices the
+        same again and saves it."""
+        if not store.read_only:
+            self.save(store)
+
     def alive(self) -> bool:
         """The process this record started still runs (the same process: pid and create time)."""
         return alive(self.pid, self.create_time)

@@ -121,8 +121,11 @@ class RemoteNode:
 
     @classmethod
     def over_ssh(cls, name: str, dest: str, ssh_options: list[str] | None = None,
-                 agent_command: list[str] | None = None, **kw: Any) -> "RemoteNode":
-        return cls(name, ssh_command(dest, ssh_options, agent_command or DEFAULT_AGENT), **kw)
+                 agent_command: list[str] | None = None, read_only: bool = False, **kw: Any) -> "RemoteNode":
+        # read_only: a read-only dashboard or command asks for a read-only agent, whose listings then record nothing
+        # in the node's store either (a node whose authorized_keys forces the agent's command runs that instead).
+        agent = [*(agent_command or DEFAULT_AGENT), *(["--read-only"] if read_only else [])]
+        return cls(name, ssh_command(dest, ssh_options, agent), **kw)
 
     # -- the source interface -------------------------------------------------------------------
     def snapshot(self) -> NodeSnapshot:

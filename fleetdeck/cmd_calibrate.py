@@ -90,11 +90,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
     except (EvalSetError, ConnectionError) as exc:
         return _err("calibrate", str(exc))
     cal = analyse(scored, args.target_accuracy, args.frontier_accuracy)
-    try:
-        store = _store(args)
-        save_calibration(store, task.name, str(args.eval), cal, time.time())
-    except StoreError as exc:
-        print(f"fleetdeck calibrate: result not saved: {exc}", file=sys.stderr)
+    from engine.audit import trail as audit
+
+    if audit.is_read_only():  # the result is printed; the store is not written (the Router screen reads the last saved)
+        print(f"fleetdeck calibrate: result not saved: {audit.READ_ONLY_REASON}", file=sys.stderr)
+    else:
+        try:
+            store = _store(args)
+            save_calibration(store, task.name, str(args.eval), cal, time.time())
+        except StoreError as exc:
+            print(f"fleetdeck calibrate: result not saved: {exc}", file=sys.stderr)
     applied = False
     if args.apply and cal.threshold is not None:
         set_task_threshold(path, task.name, cal.threshold)

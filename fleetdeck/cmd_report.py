@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             store = open_store(store_path, read_only=True)  # a report changes nothing of the store
         except StoreOlder:
+            from engine.audit import trail as audit
+
+            if audit.is_read_only():
+                raise  # a read-only run migrates nothing: the message says to run one that writes first
             store = open_store(store_path)  # written by an older fleetdeck: migrated first, as every command does
         doc = month_report(store, month, now, gpu_hour, gpus, policies)
     except (StoreError, ValueError) as exc:

@@ -27,10 +27,18 @@ def store_path_of(args: argparse.Namespace) -> Path:
 def store_of(args: argparse.Namespace, create: bool = True) -> Store:
     """The store `--store` (or FLEETDECK_STORE, or the default) names. A command that only reads passes
     create=False: a mistyped path is then "no store at PATH", never a new empty store that reads as "nothing
-    there" (or an audit trail that verifies as intact)."""
+    there" (or an audit trail that verifies as intact). A read-only run (`--read-only`, `read_only = true`)
+    opens it read-only whatever the command: nothing of the file is created, migrated or changed (a refusal's
+    audit record goes through the audit trail's own connection)."""
+    from engine.audit import trail as audit
     from store.db import StoreError, open_store
 
     path = store_path_of(args)
+    if audit.is_read_only():
+        if not path.exists():
+            raise StoreError(f"no store at {path}: a read-only run does not create one (check --store or "
+                             "FLEETDECK_STORE; a command that starts work, without --read-only, creates it)")
+        return open_store(path, read_only=True)
     if not create and not path.exists():
         raise StoreError(f"no store at {path} (check --store or FLEETDECK_STORE; commands that start work create it)")
     return open_store(path)

@@ -27,11 +27,17 @@ from tui.app import AppOptions, FleetDeckApp
 
 def remote_sources(config: Any) -> list[Any]:
     return [RemoteNode.over_ssh(n.name, n.ssh, list(n.ssh_options), n.agent_command or None,
-                                hello_timeout_s=n.hello_timeout_s)
+                                read_only=config.read_only, hello_timeout_s=n.hello_timeout_s)
             for n in config.node]
 
 
 def cmd_dashboard(args: argparse.Namespace, demo: bool) -> int:
+    if demo and (args.read_only or audit.is_read_only()):
+        # The demo is a simulation that runs by writing: its folder, its store, its servers' logs, the traffic of its
+        # proxy. Read-only writes nothing on the node; so the demo does not run read-only rather than run half-way.
+        home = DemoHome.default()
+        return err(f"the demo does not run read-only (--read-only or read_only = true): it starts simulated servers, "
+                   f"jobs and traffic that write its folder {home.root}; `fleetdeck --read-only` watches this host")
     try:
         config = fleet_config_of(args) if not demo else FleetConfig()
     except ConfigError as exc:

@@ -200,7 +200,7 @@ def _identify(p: Path, hint: str) -> int:
 
 
 def open_store(path: str | os.PathLike[str], *, read_only: bool = False, oldest: int | None = None,
-               needs: tuple[str, ...] | None = None) -> Store:
+               needs: tuple[str, ...] | None = None, migrate: bool = True) -> Store:
     """Open (creating and migrating if needed) the store at ``path``. Raises StoreError.
 
     An existing file is identified first (`_claim`, `_identify`): nothing about a file this fleetdeck
@@ -211,7 +211,11 @@ def open_store(path: str | os.PathLike[str], *, read_only: bool = False, oldest:
     as evidence verifies unchanged, and one on read-only media can be read at all. A schema older than this
     fleetdeck's is refused then (it is migrated by the first command that writes) unless `oldest` admits it,
     and `needs` names the only tables the reader needs whole (`audit verify`: the audit's; default: all). A
-    table or column of its schema missing is StoreDamaged."""
+    table or column of its schema missing is StoreDamaged.
+
+    `migrate=False`: written, but not migrated (a read-only run's refusal records go into the audit table of the
+    schema the store has): a store older than `oldest` is StoreOlder, its shape is checked for its own version
+    (`needs`). A store that does not exist yet is still made, at this schema."""
     p = Path(path).expanduser()
     hint = "Use --store PATH or FLEETDECK_STORE to pick another file."
     if p.exists() and p.is_dir():
@@ -229,7 +233,7 @@ def open_store(path: str | os.PathLike[str], *, read_only: bool = False, oldest:
         raise StoreError(f"The store {p} (or its folder) is not writable by this user. {hint}")
     key = _claim(p, hint)
     try:
-        store = _open_claimed(p, hint)
+        store = _open_claimed(p, hint, None if migrate else (SCHEMA_VERSION if oldest is None else oldest, needs))
     except BaseException:
         _release(key)
         raise
@@ -250,9 +254,7 @@ def _open_read_only(p: Path, hint: str, oldest: int, needs: tuple[str, ...] | No
             version = _schema_version(conn)
             _refuse_newer(p, version)
             if version < oldest:
-                raise StoreOlder(f"{p} has schema {version}, older than this fleetdeck's {SCHEMA_VERSION}: a command "
-                                 "that only reads does not migrate it. Run one that writes on it first (or read it "
-                                 "with the fleetdeck that wrote it).")
+                raise StoreOlder(_older(p, version))
             _check_shape(conn, p, version, needs)
         except BaseException as exc:
             _close_and_name(conn, p, exc, "read", hint)
@@ -315,6 +317,12 @@ def _tables(conn: sqlite3.Connection) -> dict[str, set[str]]:
     return {n: {r[1] for r in conn.execute("SELECT * FROM pragma_table_info(?)", (n,)).fetchall()} for n in names}
 
 
+def _older(p: Path, version: int) -> str:
+    return (f"{p} has schema {version}, older than this fleetdeck's {SCHEMA_VERSION}: a command that only reads, and "
+            "any read-only run, does not migrate it. Run one that writes on it first, without --read-only (or read it "
+            "with the fleetdeck that wrote it).")
+
+
 class StoreOlder(StoreError):
     """A read-only open met a store of an older schema than the caller reads (it is migrated by a writer)."""
 
@@ -354,10 +362,12 @@ def _refuse_newer(p: Path, version: int) -> None:
                          f"{SCHEMA_VERSION}). Upgrade fleetdeck, or point --store at another file.")
 
 
-def _open_claimed(p: Path, hint: str) -> Store:
+def _open_claimed(p: Path, hint: str, unmigrated: tuple[int, tuple[str, ...] | None] | None = None) -> Store:
     # An empty file is ours to make a store of (we just created it, or a crash came before its first write).
     version = _identify(p, hint) if p.stat().st_size > 0 else 0
     _refuse_newer(p, version)
+    if unmigrated is not None and 0 < version < unmigrated[0]:
+        raise StoreOlder(_older(p, version))  # before anything of the file changes
     make_private(p)  # ours: a store made by an older fleetdeck, or copied in, at 0644
     try:
         conn = sqlite3.connect(p, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, isolation_level=None)
@@ -376,6 +386,12 @@ def _open_claimed(p: Path, hint: str) -> Store:
         version = _schema_version(conn)  # again: another process may have migrated it since
         _refuse_newer(p, version)
         store = Store(p, conn)
+        if unmigrated is not None and version > 0:  # kept at its own schema (a new, empty one is made whole)
+            oldest, needs = unmigrated
+            if version < oldest:
+                raise StoreOlder(_older(p, version))
+            _check_shape(conn, p, version, needs)
+            return store
         _migrate(store, version)
         _check_shape(conn, p, SCHEMA_VERSION)
     except BaseException as exc:

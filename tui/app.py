@@ -30,7 +30,7 @@ from store.analytics import drift_for_tasks, known_tasks
 from store.db import StoreError, corrupt_message, is_corrupt, open_store
 from tui.chrome import flash_text
 from tui.lifetime import Lifetime
-from tui.screens.base import StatusLine
+from tui.screens.base import StatusLine, read_only
 
 if TYPE_CHECKING:
     from engine.demo.home import DemoHome
@@ -121,6 +121,7 @@ class FleetDeckApp(Lifetime, App[None]):
                                   record_history=not options.config.read_only)
         self.store: Store | None = None
         self.store_error: str | None = None
+        self.store_note: str | None = None  # said once the store is open (a read-only run without one yet)
         self._polling = False
         self.status_text = "starting…"
         self.drifting: set[str] = set()
@@ -151,11 +152,11 @@ class FleetDeckApp(Lifetime, App[None]):
     def _open_sources(self) -> None:
         """NVML init and the store open can take a moment on a busy host: never on the UI thread."""
         sources = self.options.sources_factory()
-        store = None
+        store: Store | None = None
         error = None
         if self.options.store_path is not None:
             try:
-                store = open_store(self.options.store_path)
+                store = self._open_store(self.options.store_path)
             except StoreError as exc:
                 error = str(exc)
         with self._ending_lock:
@@ -173,6 +174,21 @@ class FleetDeckApp(Lifetime, App[None]):
             except Exception as exc:  # an unreadable history is not worth stopping for
                 error = corrupt_message(store.path, exc) if is_corrupt(exc) else f"GPU history could not be read: {exc}"
         self.call_from_thread(self._sources_ready, error)
+
+    def _open_store(self, path: Path) -> Store:
+        """Read-write, created and migrated if need be; read-only (`--read-only`, `read_only = true`): read as it
+        is and followed as it changes (store/readview.py), never created, migrated or written, an absent one an
+        empty view until a run that writes makes it."""
+        if not read_only(self):
+            return open_store(path)
+        from store.readview import open_read_view
+
+        self.poller.record_history = False  # read-only by the audit trail too, not only by the options
+        view = open_read_view(path)
+        if view.absent:
+            self.store_note = (f"no store at {path} yet: a read-only run does not create one; the dashboard runs "
+                               "without history (it reads the store once a run that writes makes it)")
+        return view
 
     @work(thread=True, exclusive=True, group="drift")
     def check_drift(self) -> None:
@@ -204,7 +220,9 @@ class FleetDeckApp(Lifetime, App[None]):
         if self.options.start_notice:
             self.notify(self.options.start_notice, title="Demo", timeout=15)
         if store_error:
-            self.notify(store_error + "\nThe dashboard keeps running without history.", severity="error", timeout=15)
+            self.notify(store_error + " The dashboard keeps running without history.", severity="error", timeout=15)
+        elif self.store_note:
+            self.notify(self.store_note, severity="warning", timeout=15)
         if self.options.poll:
             self.action_poll_now()
 
@@ -243,9 +261,9 @@ class FleetDeckApp(Lifetime, App[None]):
         if self.store_error or self.poller.store_error:
             parts.append("[red]store: unavailable[/]")
         elif self.store is not None:
-            parts.append(f"store: {self.store.path.name}")
+            parts.append("store: none yet" if getattr(self.store, "absent", False) else f"store: {self.store.path.name}")
         badge = " [b reverse yellow] SIMULATED [/]" if self.options.simulated or self.poller.simulated else ""
-        if self.options.config.read_only:
+        if read_only(self):
             badge += " [b reverse cyan] READ-ONLY [/]"
         self.status_text = " · ".join(parts) + badge
         for line in self.screen.query(StatusLine):

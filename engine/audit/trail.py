@@ -79,6 +79,8 @@ ACTIONS: dict[str, tuple[str, ...]] = {
 OUTCOMES = ("done", "refused", "failed")
 DEFAULT_RETENTION_DAYS = 6 * 365  # HIPAA keeps documentation six years
 READ_ONLY_REASON = "fleetdeck is read-only (--read-only or read_only = true)"
+AUDIT_SCHEMA = 7  # the store schema version that made the audit tables (store/schema.py)
+AUDIT_TABLES = ("audit", "audit_prune")
 
 
 class ReadOnlyError(Exception):
@@ -104,7 +106,10 @@ class Trail:
     def store(self) -> Any:
         with self._lock:
             if self._store is None:
-                self._store = open_store(self.store_path)
+                # Read-only: a refusal's record is its only write. It goes into the audit table of the schema the
+                # store has (7 made it): no migration rides along with it.
+                self._store = (open_store(self.store_path, migrate=False, oldest=AUDIT_SCHEMA, needs=AUDIT_TABLES)
+                               if self.read_only else open_store(self.store_path))
             return self._store
 
     @property

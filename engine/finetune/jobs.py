@@ -321,7 +321,7 @@ def refresh(store: Store, rec: JobRecord) -> JobRecord:
         return rec
     if rec.slurm is not None:
         if _slurm_state(store, rec):
-            rec.save(store)
+            rec.noticed(store)
             return rec
     elif rec.alive():
         return rec
@@ -354,7 +354,7 @@ def refresh(store: Store, rec: JobRecord) -> JobRecord:
         ended = (f"Slurm {sl.id} ended {sl.state}" + (f" (exit {sl.exit_code})" if sl.exit_code else "")
                  + (f", {sl.reason}" if sl.reason not in (None, "None") else "") + ". ") if sl else ""
         rec.reason = ended + (hint + " " if hint else "") + f"Last lines: {text[-400:]}"
-    rec.save(store)
+    rec.noticed(store)  # not to a store opened read-only: the job is shown ended, not recorded so
     return rec
 
 

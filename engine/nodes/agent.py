@@ -164,7 +164,13 @@ class Agent:
             from store.db import open_store
             from store.paths import default_store_path
 
-            self._store = open_store(self.store_path or default_store_path())
+            path = self.store_path or default_store_path()
+            if self.read_only:  # read as it is, followed, never created or written (an absent one reads as empty)
+                from store.readview import open_read_view
+
+                self._store = open_read_view(path)
+            else:
+                self._store = open_store(path)
         return self._store
 
     @property

@@ -248,7 +248,7 @@ def connect(config: Any, name: str) -> RemoteNode:
     if node is None:
         raise AgentError(f"no node {name!r} in the fleet config (nodes: {', '.join(n.name for n in config.node) or 'none'})")
     remote = RemoteNode.over_ssh(node.name, node.ssh, list(node.ssh_options), node.agent_command or None,
-                                 hello_timeout_s=node.hello_timeout_s)
+                                 read_only=audit.is_read_only(), hello_timeout_s=node.hello_timeout_s)
     safety_net = time.monotonic() + node.hello_timeout_s + 30  # only if the session's own watchdog never fires
     while remote.link.status == "connecting" and time.monotonic() < safety_net:
         time.sleep(0.1)

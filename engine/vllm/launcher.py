@@ -180,14 +180,15 @@ def engine_lost(rec: ServerRecord) -> str | None:
 
 
 def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
-    """Bring a record up to date with the process and the HTTP API; write changes back."""
+    """Bring a record up to date with the process and the HTTP API; write changes back (not to a store opened
+    read-only: `noticed`)."""
     if rec.state in ENDED:
         return rec
     if rec.slurm is not None:
         before_slurm = (rec.state, rec.reason, replace(rec.slurm))
         slurm_server.refresh(rec)
         if (rec.state, rec.reason, rec.slurm) != before_slurm:
-            rec.save(store)
+            rec.noticed(store)
         return rec
     before = (rec.state, rec.reason, rec.engine_pid)
     alive = rec.alive()
@@ -217,7 +218,7 @@ def refresh(store: Store, rec: ServerRecord) -> ServerRecord:
     if rec.state == ServerState.READY and rec.reason and rec.reason.startswith("started without a plan"):
         rec.reason = None
     if (rec.state, rec.reason, rec.engine_pid) != before:
-        rec.save(store)
+        rec.noticed(store)
     return rec
 
 

@@ -267,11 +267,12 @@ class RouterScreen(PolledScreen):
 
     @work(thread=True, exclusive=True, group="router-write")
     def _write_threshold(self, path: Path, task: str, value: float) -> None:
+        from engine.audit import trail as audit
         from engine.router.config import set_task_threshold
 
         try:
             set_task_threshold(path, task, value)
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, ValueError, OSError, audit.ReadOnlyError) as exc:  # read-only: refused and recorded
             self.app.call_from_thread(self.notify, f"Threshold not written: {exc}", severity="error")
             return
         self.app.call_from_thread(self.notify, f"{task}: threshold {value:.4f} written to {path}. Restart the proxy to use it.")
@@ -340,6 +341,7 @@ class RouterScreen(PolledScreen):
         from engine.adapters import registry as adapters
         from engine.adapters import promotion
         from engine.adapters.evaluation import compatible_servers, evaluate
+        from engine.audit import trail as audit
         from engine.router.calibrate import EvalSetError
         from engine.router.config import load_router_config
         from store.config_files import ConfigError
@@ -367,7 +369,7 @@ class RouterScreen(PolledScreen):
             else:
                 message = "; ".join(promotion.rollback(store, path, task, roots).lines())
         except (promotion.PromotionError, adapters.AdapterError, EvalSetError, ConnectionError, ConfigError,
-                KeyError) as exc:
+                KeyError, audit.ReadOnlyError) as exc:  # read-only: refused and recorded by the engine
             self.app.call_from_thread(self.notify, f"{what}: {exc}", severity="error", timeout=12)
             return
         self.app.call_from_thread(self.notify, message, timeout=12)
