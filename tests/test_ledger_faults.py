@@ -175,7 +175,11 @@ def test_a_failed_fsync_means_the_journal_is_not_counted_as_keeping_anything(tmp
     assert again.replayed <= 12 and len(stored_ids(db)) == again.replayed
 
 
-def test_rows_dropped_from_memory_wait_in_the_journal_for_the_next_start(tmp_path, monkeypatch, caplog):
+def test_rows_dropped_from_memory_are_stored_from_the_journal_once_the_store_takes_rows(tmp_path, monkeypatch, caplog):
+    """Before: the 15 rows dropped from memory pinned the journal for the rest of the run (never cut, growing
+    with every request, all of it read at the next start). Now the pinned journal is sealed as a part once the
+    store takes rows again, the 15 are read back from it (by id: none twice) and the part removed; the live
+    journal is cut again as rows are stored."""
     import store.ledger as ledger_module
 
     def dropped() -> int:
@@ -191,13 +195,20 @@ def test_rows_dropped_from_memory_wait_in_the_journal_for_the_next_start(tmp_pat
         for i in range(20):
             writer.put(row(i))
         assert wait_for(lambda: dropped() == 15 and writer.pending == 5)
-    uncap_store(store)  # space returns: the 5 in memory are stored, the 15 others wait in the journal
-    assert wait_for(lambda: writer.pending == 0)
+    assert writer.counts().journaled == 20 and balanced(writer)
+    uncap_store(store)  # space returns: the 5 in memory are stored, then the 15 that waited in the journal
+    assert wait_for(lambda: writer.counts().stored == 20)
+    assert balanced(writer) and writer.counts().journaled == 0
+    for i in range(20, 30):  # the journal is cut again: it does not grow with every request for the rest of the run
+        writer.put(row(i))
+    assert wait_for(lambda: writer.counts().stored == 30 and writer.journal.stat().st_size == 0)
+    assert [p.name for p in tmp_path.iterdir() if ".jsonl." in p.name] == []  # the sealed part is gone
     report = writer.close(5)
-    assert (report.counts.stored, report.counts.journaled, report.counts.lost) == (5, 15, 0)
+    assert (report.counts.stored, report.counts.journaled, report.counts.lost) == (30, 0, 0)
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 30
     store.close()
-    assert restart(db).replayed == 15
-    assert len(stored_ids(db)) == 20
+    assert restart(db).replayed == 0
+    assert len(stored_ids(db)) == 30
 
 
 def test_a_stop_on_a_full_store_is_bounded_and_says_where_every_row_is(tmp_path):
@@ -997,11 +1008,11 @@ def write_rows(store, rows):
     if stage == "after_commit":
         die()
 
-def cut(self, offset):
-    if stage == "in_cut":
-        os.ftruncate(self.fd, (self.end - self.base) // 2)  # half cut, as a kill inside it could leave it
+def cut(self):
+    if stage == "in_cut" and self.end and not self.in_memory(self.gen):
+        os.ftruncate(self.fd, self.end // 2)  # half cut, as a kill inside it could leave it
         die()
-    return real_cut(self, offset)
+    return real_cut(self)
 
 batch.fold_rollups = fold
 ledger.write_rows = write_rows
