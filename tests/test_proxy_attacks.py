@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from engine.router import app as app_module
 from engine.router.config import RouterConfig
+from store.db import open_store
 from tests.fakes.fake_openai import ServerThread, broken_slm_app
 from tests.proxy_helpers import Proxies, Proxy, frontier, make_config, slm  # noqa: F401 (fixtures)
 
@@ -406,6 +407,60 @@ def test_a_client_that_leaves_mid_stream_is_a_499_row_and_the_slm_connection_is_
     rows = stored_rows(proxy)
     assert [(x["status"], x["route"], x["reason"]) for x in rows] == [(499, "slm", "confident")]
     assert rows[0]["error"].startswith("the client disconnected mid-stream")
+
+
+def _leave_during_the_frontier_call(proxy: Proxy, frontier: Any, content: str, stream: bool) -> None:
+    """Send a request forced to the frontier and leave once the frontier has it."""
+    body = json.dumps({"model": "tickets", "stream": stream, "messages": [{"role": "user", "content": content}]}).encode()
+    n = len(frontier.app.state.calls)
+    s = socket.create_connection(("127.0.0.1", proxy.server.port))
+    s.settimeout(30)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"X-Fleetdeck-Escalate: always\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    wait_until(lambda: len(frontier.app.state.calls) > n, "the frontier to be asked")
+    s.close()
+
+
+@pytest.mark.parametrize("case", ["answer_came", "frontier_failed", "stream_opening"])
+def test_a_client_that_leaves_during_a_frontier_call_is_a_frontier_row_with_what_it_cost(slm, frontier, make_proxy,
+                                                                                       monkeypatch, case):
+    """Before: the row said route `none`, cost $0.00, although the frontier had the request (and bills for it).
+    Now: route frontier, escalated, the decided reason, status 499; the cost as the frontier's usage says when
+    its answer came after the client left, else estimated from the prompt and marked `cost_estimated`; and the
+    month's report counts it."""
+    from store.analytics import month_report
+    from tests.fakes.fake_openai import FRONTIER_COMPLETION_TOKENS, FRONTIER_PROMPT_TOKENS
+
+    monkeypatch.setenv("FAKE_FRONTIER_KEY", "k")
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    content = {"answer_came": "fsleep=1.5 q", "frontier_failed": "fsleep=1.5 ffail q",
+               "stream_opening": "fsleep=30 q"}[case]
+    _leave_during_the_frontier_call(proxy, frontier, content, stream=case == "stream_opening")
+    wait_until(lambda: proxy.ledger.counts().recorded == 1, "the row of the request the client left")
+    price = proxy.router.prices["tickets"]
+    assert price.input_per_token > 0  # gpt-4o is in litellm's bundled price map
+    store_path = proxy.store_path
+    rows = stored_rows(proxy)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["status"], r["route"], r["escalated"], r["reason"], r["frontier_model"]) == (
+        499, "frontier", 1, "forced_frontier", "openai/gpt-4o"), r
+    assert "the client disconnected" in r["error"]
+    if case == "answer_came":
+        assert r["cost_estimated"] == 0 and "came after it left" in r["error"]
+        assert r["cost_usd"] == pytest.approx(price.cost(FRONTIER_PROMPT_TOKENS, FRONTIER_COMPLETION_TOKENS))
+    else:
+        assert r["cost_estimated"] == 1 and "estimated from the prompt" in r["error"]
+        assert r["prompt_tokens"] > 0 and r["cost_usd"] > 0
+        assert r["cost_usd"] == pytest.approx(price.cost(r["prompt_tokens"], 0))
+    store = open_store(store_path)
+    try:
+        report = month_report(store, time.strftime("%Y-%m", time.gmtime()), time.time(), 1.0, 1)
+    finally:
+        store.close()
+    assert report.requests == 1 and report.escalated == 1
+    assert report.frontier_cost_usd == pytest.approx(r["cost_usd"], abs=1e-6)
+    assert report.frontier_cost_estimated_usd == pytest.approx(r["cost_usd"] if r["cost_estimated"] else 0.0, abs=1e-6)
 
 
 # --- reload ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from engine.router.config import RouterConfig, Task, api_keys, load_router_confi
 from engine.router.decide import Decision, Failure, Force, after_frontier_failure, decide
 from engine.router.frontier_client import FrontierFailed, ask_frontier, open_frontier_stream
 from engine.router.metrics import ProxyMetrics
-from engine.router.pricing import Price, frontier_price, import_litellm
+from engine.router.pricing import Price, estimated_prompt_tokens, frontier_price, import_litellm
 from engine.router.relay import relay_frontier, relay_slm, sse_from_answer
 from engine.router.slm_client import ask_slm, probe_slm, stream_slm
 from engine.router.slm_stream import clean_usage
@@ -72,6 +72,8 @@ class Router:
         self.started_at = time.time()
         self.stop_deadline: float | None = None  # time.monotonic() by which a stop must be done
         self.handlers: set[asyncio.Task[Any]] = set()  # requests being handled (app.RequestTasks adds them)
+        # Frontier calls whose client left, run to their end for their usage (the cost the frontier bills).
+        self.left_behind: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -184,6 +186,14 @@ class Router:
         running = {t for t in self.handlers if not t.done()}
         if running:
             await asyncio.wait(running, timeout=max(self.ledger_close_bound(), 1.0))
+        if self.left_behind:
+            # Frontier calls of clients that left: waited for within the grace, then cancelled (their rows say
+            # the cost is estimated), so every one is recorded before the ledger closes.
+            await asyncio.wait(set(self.left_behind), timeout=max(self.ledger_close_bound(), 0.1))
+            for t in list(self.left_behind):
+                t.cancel()
+            if self.left_behind:
+                await asyncio.wait(set(self.left_behind), timeout=1.0)
         if self.upstreams is not None:
             await self.upstreams.aclose()
         if self.ledger is not None:
@@ -222,7 +232,12 @@ class Router:
         try:
             return await self._route(call)
         except asyncio.CancelledError as exc:
-            if exc.args and exc.args[0] == CLIENT_GONE:
+            gone = bool(exc.args and exc.args[0] == CLIENT_GONE)
+            if call.frontier_asked is not None:
+                # The frontier was asked and had not answered: its row says so (route frontier, its cost).
+                self._frontier_cut_off(call, gone)
+                raise
+            if gone:
                 # The client left while its answer was being made (app.py watches): the small model's stream
                 # and any frontier call were closed as this unwound; the row says why nothing was sent.
                 self.record(self.row(call, Route.NONE, False, Reason.CLIENT_DISCONNECTED, 499,
@@ -243,7 +258,7 @@ class Router:
                 assert self.upstreams is not None
                 ask = stream_slm if call.stream else ask_slm
                 call.slm = await ask(self.upstreams, call.task, call.body)
-            decision = decide(call.task, call.slm, call.force)
+            decision = call.decision = decide(call.task, call.slm, call.force)
             if decision.route == Route.FRONTIER:
                 return await (self._stream_frontier(call, decision) if call.stream else self._answer_frontier(call, decision))
             return self._answer(call, decision)
@@ -288,28 +303,96 @@ class Router:
         return self._answer(call, after_frontier_failure(call.task, call.slm, d.reason, exc.error, exc.summary, exc.status))
 
     async def _answer_frontier(self, call: Call, d: Decision) -> Response:
-        t = time.perf_counter()
+        t = call.frontier_asked = time.perf_counter()
+        call.frontier_call = asyncio.ensure_future(
+            ask_frontier(self.litellm, call.task, call.body, self.config.proxy.frontier_timeout_s))
         try:
-            answer = await ask_frontier(self.litellm, call.task, call.body, self.config.proxy.frontier_timeout_s)
+            answer = await asyncio.shield(call.frontier_call)
         except FrontierFailed as exc:
+            call.frontier_asked = None
             return self._frontier_failed(call, d, exc)
-        latency = (time.perf_counter() - t) * 1000
-        usage = clean_usage(answer.get("usage"))
-        pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-        cost = self.prices[call.task.name].cost(pt, ct)
-        row = self.row(call, Route.FRONTIER, True, d.reason, 200, forced=d.forced, prompt_tokens=pt,
-                       completion_tokens=ct, frontier_prompt_tokens=pt, frontier_completion_tokens=ct,
-                       frontier_latency_ms=latency, cost_usd=cost, all_frontier_cost_usd=cost,
-                       completion_text=_answer_text(answer))
+        call.frontier_asked = None
         response = JSONResponse(answer, headers=self.headers(call, Route.FRONTIER, True))
-        self.record(row)
+        self.record(self._frontier_row(call, d, answer, t, 200))
         return response
 
+    def _frontier_row(self, call: Call, d: Decision, answer: dict[str, Any], asked: float, status: int,
+                      **kw: Any) -> LedgerRow:
+        """The row of a whole frontier answer: its tokens and cost as the frontier's usage says."""
+        usage = clean_usage(answer.get("usage"))
+        pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        cost = self.prices.get(call.task.name, UNKNOWN_PRICE).cost(pt, ct)
+        return self.row(call, Route.FRONTIER, True, d.reason, status, forced=d.forced, prompt_tokens=pt,
+                        completion_tokens=ct, frontier_prompt_tokens=pt, frontier_completion_tokens=ct,
+                        frontier_latency_ms=(time.perf_counter() - asked) * 1000, cost_usd=cost,
+                        all_frontier_cost_usd=cost, completion_text=_answer_text(answer), **kw)
+
+    def _estimated_row(self, call: Call, d: Decision, asked: float, status: int, reason: Reason, error: str) -> LedgerRow:
+        """The row of a frontier call whose usage never came: the prompt's cost, estimated and marked so."""
+        slm_usage = clean_usage((call.slm.answer or {}).get("usage")) or (call.slm.stream.usage if call.slm.stream else {})
+        pt = estimated_prompt_tokens(call.body.get("messages"), slm_usage)
+        cost = self.prices.get(call.task.name, UNKNOWN_PRICE).cost(pt, 0)
+        return self.row(call, Route.FRONTIER, True, reason, status, forced=d.forced, prompt_tokens=pt,
+                        frontier_latency_ms=(time.perf_counter() - asked) * 1000, cost_usd=cost,
+                        all_frontier_cost_usd=cost, cost_estimated=True, error=error)
+
+    def _frontier_cut_off(self, call: Call, gone: bool) -> None:
+        """The request was cancelled while the frontier was being asked: the client left (`gone`) or the proxy
+        is stopping. A whole answer's call goes on without the client, its row made when it ends (the cost
+        as billed); a stream's opening was closed with the request, so its row is made now, its cost estimated
+        from the prompt."""
+        d, asked, pending = call.decision, call.frontier_asked, call.frontier_call
+        assert d is not None and asked is not None
+        call.frontier_asked = None
+        if pending is not None and (gone or (pending.done() and not pending.cancelled())):
+            # Gone: it goes on. Stopping, with the answer already in: its usage is there to record.
+            waiter = asyncio.get_running_loop().create_task(
+                self._after_client_left(call, d, asked, pending, 499 if gone else 503))
+            self.left_behind.add(waiter)
+            waiter.add_done_callback(self.left_behind.discard)
+            return
+        if pending is not None:
+            pending.cancel()
+        if gone:
+            self.record(self._estimated_row(call, d, asked, 499, d.reason, (
+                "the client disconnected while the frontier's stream was opening; it was closed, and its cost is "
+                "estimated from the prompt")))
+        else:
+            self.record(self._estimated_row(call, d, asked, 503, Reason.SHUTDOWN, (
+                "the proxy stopped before the frontier answered; its cost is estimated from the prompt")))
+
+    async def _after_client_left(self, call: Call, d: Decision, asked: float, pending: asyncio.Task[dict[str, Any]],
+                                 status: int = 499) -> None:
+        """A whole frontier answer whose client left: the frontier generates (and bills) it anyway, so it is
+        waited for (within frontier_timeout_s, or the proxy's stop) and the row keeps what it cost."""
+        left = ("the client disconnected while the frontier was answering" if status == 499 else
+                "the proxy stopped while the frontier was answering")
+        try:
+            answer = await pending
+        except FrontierFailed as exc:
+            self.record(self._estimated_row(call, d, asked, status, d.reason, (
+                f"{left}; the frontier then failed ({exc.error if call.task.store_text else exc.summary}); its "
+                "cost is estimated from the prompt")))
+        except asyncio.CancelledError:
+            pending.cancel()
+            self.record(self._estimated_row(call, d, asked, status, d.reason, (
+                f"{left}; the proxy stopped before its answer came; its cost is estimated from the prompt")))
+            raise
+        except Exception as exc:  # nothing above foresaw it: the row still says what is known
+            self.record(self._estimated_row(call, d, asked, status, d.reason, (
+                f"{left}; then {type(exc).__name__}; its cost is estimated from the prompt")))
+        else:
+            self.record(self._frontier_row(call, d, answer, asked, status, error=(
+                f"{left}; the answer came after it left (not sent; its cost as the frontier's usage says)")))
+
     async def _stream_frontier(self, call: Call, d: Decision) -> Response:
+        call.frontier_asked = time.perf_counter()
         try:
             stream = await open_frontier_stream(self.litellm, call.task, call.body, self.config.proxy.frontier_timeout_s)
         except FrontierFailed as exc:
+            call.frontier_asked = None
             return self._frontier_failed(call, d, exc)
+        call.frontier_asked = None  # from here the relay records the row, whatever happens
         row = self.row(call, Route.FRONTIER, True, d.reason, 200, forced=d.forced)
         return StreamingResponse(relay_frontier(call, stream, row, self.prices[call.task.name], self.record),
                                  media_type="text/event-stream", headers=self.headers(call, Route.FRONTIER, True))
