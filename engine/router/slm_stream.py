@@ -67,6 +67,44 @@ def lone_surrogate(text: str, value: Any) -> bool:
     return False
 
 
+def chunk_problem(chunk: dict[str, Any]) -> str | None:
+    """What makes a parsed chunk no OpenAI chat-completion chunk a client can read, or None. The SDKs index
+    `chunk.choices[i].delta.content` without looking: a chunk whose `choices` is not a list of objects, a
+    `delta` that is not an object, content that is not text, would crash the client's loop or be read as
+    garbage. Checked on every chunk (a few isinstance calls), before the decision and after it; a chunk that
+    fails is a broken small-model stream (SlmStreamError), never relayed. The choice's other fields are not
+    judged: servers differ there (vLLM's finish reasons, extra keys) and clients read them as given."""
+    choices = chunk.get("choices")
+    if choices is None:
+        # A usage-only chunk may leave `choices` out (OpenAI sends `[]`); any other chunk without it is not one.
+        return None if isinstance(chunk.get("usage"), dict) else "no `choices`"
+    if not isinstance(choices, list):
+        return "`choices` is not a list"
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return "a choice is not an object"
+        index = choice.get("index", 0)
+        if not isinstance(index, int) or isinstance(index, bool):
+            return "a choice's `index` is not an integer"
+        delta = choice.get("delta")
+        if delta is None:
+            continue
+        if not isinstance(delta, dict):
+            return "a choice's `delta` is not an object"
+        content = delta.get("content")
+        if content is not None and not isinstance(content, str):
+            return "a delta's `content` is not text"
+        if choice.get("logprobs") is not None and not isinstance(choice.get("logprobs"), dict):
+            return "a choice's `logprobs` is not an object"
+        tool_calls = delta.get("tool_calls")
+        if tool_calls is not None and not (isinstance(tool_calls, list) and all(isinstance(t, dict) for t in tool_calls)):
+            return "a delta's `tool_calls` is not a list of objects"
+    usage = chunk.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        return "`usage` is not an object"
+    return None
+
+
 class SlmCut(Exception):
     """A bound fired: `bound` is first_token or total; the message is the ledger's and the client's."""
 
@@ -161,6 +199,9 @@ class SlmStream:
                     self.began = True
                     if "error" in chunk:
                         raise SlmStreamError("the small model reported an error in its stream")
+                    if (problem := chunk_problem(chunk)) is not None:
+                        raise SlmStreamError(f"a chunk of the small model's stream is not an OpenAI chat chunk "
+                                             f"({problem})")
                     return chunk
         except TimeoutError:
             raise SlmCut(bound, limit) from None
