@@ -360,6 +360,46 @@ def test_a_broken_small_model_never_makes_a_500_a_lost_row_or_a_stuck_ledger(bro
     assert all(isinstance(x["slm_prompt_tokens"], int) for x in by_usage)
 
 
+# --- Content-Type -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonp", "text/json", "two"])
+def test_a_body_that_is_not_sent_as_json_is_a_415_and_goes_nowhere(slm, frontier, make_proxy, content_type):
+    """Before: any Content-Type (or none) was read as JSON. A page can make a browser POST text/plain, a form,
+    or a Blob with no type without a CORS preflight; the Origin and Host checks stop browsers that mark
+    their requests, and this stops the rest. OpenAI's clients all send application/json."""
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    calls = len(slm.app.state.calls)
+    headers = [] if content_type is None else (
+        [("content-type", "application/json"), ("content-type", "text/plain")] if content_type == "two"
+        else [("content-type", content_type)])
+    r = proxy.client.post("/v1/chat/completions", content=CHAT, headers=httpx.Headers(headers))
+    err = one_line_error(r, 415)
+    assert err["code"] == "unsupported_media_type" and err["param"] == "Content-Type"
+    assert "application/json" in err["message"]
+    assert len(slm.app.state.calls) == calls
+    for ok in ("application/json", "Application/JSON; charset=utf-8"):  # parameters and case as HTTP allows
+        assert proxy.client.post("/v1/chat/completions", content=CHAT, headers={"content-type": ok}).status_code == 200
+    assert [x["status"] for x in stored_rows(proxy)] == [200, 200]  # the refusals sent nothing upstream
+
+
+def test_curl_with_the_json_header_is_served_and_without_it_is_told_what_to_add(slm, frontier, make_proxy):
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    url = f"{proxy.server.url}/v1/chat/completions"
+    data = CHAT.decode()
+    good = subprocess.run([curl, "-sS", "--noproxy", "*", url, "-H", "Content-Type: application/json", "-d", data],
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(good.stdout)["object"] == "chat.completion", good.stdout + good.stderr
+    bare = subprocess.run([curl, "-sS", "--noproxy", "*", url, "-d", data], capture_output=True, text=True, timeout=60)
+    message = json.loads(bare.stdout)["error"]["message"]  # curl -d sends a form's type
+    assert "-H 'Content-Type: application/json'" in message and "x-www-form-urlencoded" in message
+
+
 # --- a client that leaves ------------------------------------------------------------------------------------
 def _open_chat(port: int, content: str, stream: bool) -> socket.socket:
     body = json.dumps({"model": "tickets", "stream": stream, "messages": [{"role": "user", "content": content}]}).encode()

@@ -161,6 +161,9 @@ class Endpoints:
         t0 = time.perf_counter()
         if (err := self._auth_error(request)) is not None:
             return err
+        if (err := _json_content_type_error(request)) is not None:
+            router.metrics.errors.labels("", "415").inc()
+            return err
         try:
             raw = await self._read_body(request)
         except ClientDisconnect:
@@ -233,6 +236,23 @@ class Endpoints:
             return Response(status_code=499)  # nobody is listening; uvicorn drops it
         finally:
             watcher.cancel()
+
+
+def _json_content_type_error(request: Request) -> Response | None:
+    """OpenAI's chat API takes a JSON body, and every OpenAI client says so (`Content-Type: application/json`:
+    both SDKs, litellm, httpx's json=, curl with -H). A body of any other type, or of none, is refused (415)
+    before it is read: a web page can make a browser POST text/plain, a form, or a Blob with no type to
+    127.0.0.1 without asking first (no CORS preflight), so with the Origin and Host checks this is a third
+    wall against a page spending the frontier budget from an operator's browser; a page that sets
+    application/json must ask first, and the proxy answers no preflight. Parameters (charset) are allowed."""
+    sent = request.headers.getlist("content-type")
+    kind = sent[0].split(";", 1)[0].strip().lower() if len(sent) == 1 else ""
+    if kind == "application/json":
+        return None
+    got = "none" if not sent else f"{len(sent)} Content-Type headers" if len(sent) > 1 else repr(sent[0][:60])
+    return openai_error(415, f"Content-Type must be application/json (got {got}): send the request as JSON, as the "
+                             "OpenAI SDKs do (with curl: -H 'Content-Type: application/json').", "invalid_request_error",
+                        "unsupported_media_type", param="Content-Type")
 
 
 def _checked(body: dict[str, Any]) -> dict[str, Any]:
