@@ -213,16 +213,35 @@ class LedgerWriter:
     def _replay_part(self, part: Path) -> None:
         """A sealed part an earlier run left (killed before it was read back or removed)."""
         jf = self._jf
-        gen = jf.new_gen()
         try:
             found = replay_journal(part, self.store, self._store_rows, skip=self._start_ids)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a link at a part's name: fleetdeck makes none, and reads through none
+                self._drop_link(part)
+                return
+            if exc.errno == errno.EINVAL:  # a FIFO or a device: never read, left as it is, holding nothing up
+                log.error("ledger journal part %s: %s; it is left as it is", part, exc.strerror or exc)
+                return
+            gen = jf.new_gen()
             log.error("cannot read the ledger journal part %s: %s; tried again later, and kept for the next start",
                       part, exc)
             jf.sealed[gen] = Sealed(part, ALL_EARLIER, counted=False, retry_at=time.monotonic() + RETRY_S)
             jf.orphan_file(gen)
             return
+        if found.rows == 0 and found.unreadable:
+            # Lines and no row: no part fleetdeck wrote (a file an operator named so; a journal part holds at
+            # least one whole row, or nothing). Never removed, never counted: left as it is.
+            log.error("ledger journal part %s holds no ledger row (%d line(s) that are not rows): it is not read as "
+                      "a journal and is left as it is", part, found.unreadable)
+            return
         self._note_replayed(part, found)
+        if not found.waiting:
+            try:
+                part.unlink(missing_ok=True)
+                return
+            except OSError:
+                pass  # the writer tries again (`_tidy`)
+        gen = jf.new_gen()
         jf.sealed[gen] = Sealed(part, ALL_EARLIER)  # removed by the writer once no row of it is in memory
         if found.waiting:
             self._hold_earlier(found.waiting, gen)
@@ -264,7 +283,7 @@ class LedgerWriter:
         to a sealed part, read again now and then and at the next start, and this run gets a fresh journal
         that is cut as usual. Before, the run appended to it and never cut it."""
         jf = self._jf
-        part = next_part(path)
+        part, _ = next_part(path)
         try:
             os.rename(path, part)
         except OSError as exc2:
@@ -371,8 +390,8 @@ class LedgerWriter:
             except queue.Empty:
                 if self._pending:
                     self._write([])
-                elif self.last_error is None:
-                    self._tidy()
+                else:
+                    self._tidy()  # a part whose read-back failed is retried at its time, traffic or not
                 self._maybe_prune()
                 continue
             # Let rows gather for a moment: one transaction per batch, not per request, and no
@@ -566,9 +585,10 @@ class LedgerWriter:
         try:
             found = replay_journal(part.path, self.store, self._store_rows, part.earlier_end, skip=self._given_up)
         except OSError as exc:
-            if part.retry_at == 0.0 or part.counted:
-                log.error("cannot read the ledger journal part %s: %s; tried again in %g s, and kept for the next "
-                          "start", part.path, exc, RETRY_S)
+            if not part.said and part.counted:  # (one the start could not read was said then)
+                log.error("cannot read the ledger journal part %s: %s; tried again every %g s, and kept for the "
+                          "next start", part.path, exc, RETRY_S)
+            part.said = True
             part.retry_at = now + RETRY_S
             return False
         with self._lock:
@@ -598,8 +618,12 @@ class LedgerWriter:
             log.warning("ledger: %d row(s) that waited in the journal part %s stored", found.stored - len(given_up),
                         part.path)
         if found.waiting:
-            part.retry_at = now + self.retry_every_s
+            # The store failed half-way: the part is read again later (not every retry: it can be large).
+            part.retry_at = now + max(RETRY_S, self.retry_every_s)
             return False
+        if self.last_error is not None and not self.pending:
+            log.warning("ledger writes work again: the journal part %s is stored", part.path)
+            self.last_error = None
         return True
 
     def _prune_hold(self) -> str | None:

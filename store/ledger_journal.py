@@ -54,7 +54,7 @@ def journal_paths(store: Store, journal_dir: Path | None = None) -> list[Path]:
 def sealed_parts(journal: Path) -> list[Path]:
     """The sealed parts of a journal (`<journal>.N`), oldest first: rows a running writer set aside, or that a
     killed one left there. Only those names: nothing else in the folder is read."""
-    pattern = re.compile(re.escape(journal.name) + r"\.([1-9][0-9]{0,17})")
+    pattern = re.compile(re.escape(journal.name) + r"\.([1-9][0-9]*)")
     try:
         names = os.listdir(journal.parent)
     except OSError:
@@ -68,10 +68,15 @@ def journal_files(journal: Path) -> list[Path]:
     return [*sealed_parts(journal), journal]
 
 
-def next_part(journal: Path) -> Path:
+def part_number(part: Path) -> int:
+    return int(part.name.rsplit(".", 1)[1])
+
+
+def next_part(journal: Path, after: int = 0) -> tuple[Path, int]:
+    """The name the next sealed part gets, past every part there (listed) and past `after`."""
     parts = sealed_parts(journal)
-    last = int(parts[-1].name.rsplit(".", 1)[1]) if parts else 0
-    return journal.parent / f"{journal.name}.{last + 1}"
+    n = max(after, part_number(parts[-1]) if parts else 0) + 1
+    return journal.parent / f"{journal.name}.{n}", n
 
 
 def journal_backlog(store: Store, now: float, min_age_s: float = 5.0, journal_dir: Path | None = None) -> int:
@@ -198,6 +203,7 @@ class Replayed:
     unreadable_earlier: int = 0
     size: int = 0  # the file's size when read
     earlier: frozenset[str] = frozenset()  # ids of rows whose line is before `earlier_end`
+    rows: int = 0  # rows read from it (in the store already or not)
 
 
 def replay_journal(path: Path, store: Store, store_rows: Callable[[list[LedgerRow]], int], earlier_end: int = 0,
@@ -213,7 +219,7 @@ def replay_journal(path: Path, store: Store, store_rows: Callable[[list[LedgerRo
     except OSError:
         size = 0
     return Replayed(done, missing[done:], found.unreadable, found.torn_tail, stored_earlier, found.unreadable_earlier,
-                    size, found.earlier)
+                    size, found.earlier, len(found.rows))
 
 
 SEAL_BYTES = 8 * 1024 * 1024  # a live file this big that cannot be cut (rows keep arriving) is sealed
@@ -228,6 +234,7 @@ class Sealed:
     earlier_end: int = 0  # bytes at its start that an earlier run wrote (those rows are `earlier` ones)
     counted: bool = True  # the start read it: its earlier rows not stored are counted in `earlier_held`
     retry_at: float = 0.0  # time.monotonic() before which a failed read is not tried again
+    said: bool = False  # its read-back failed and the log said so (once)
 
 
 @dataclass
@@ -263,6 +270,7 @@ class JournalFile:
         self.append_error: str | None = None  # why the last row not journaled is not (a write or the open)
         self.fsync_error: str | None = None  # the first failed fsync: from then on the journal is not trusted
         self.retry_at = 0.0  # a failed seal or open is tried again from then (time.monotonic())
+        self.last_part = -1  # the number of the last part sealed (-1: not listed yet)
 
     # -- generations ---------------------------------------------------------------------------------
     def held(self, gen: int, n: int = 1) -> None:
@@ -406,7 +414,9 @@ class JournalFile:
         outside the lock; None when the rename failed (the live file stays as it is)."""
         if self.fd is None:
             return None
-        part = next_part(self.path)
+        if self.last_part < 0:
+            self.last_part = next_part(self.path)[1] - 1  # listed once; then counted, not listed under the lock
+        part, self.last_part = self.path.parent / f"{self.path.name}.{self.last_part + 1}", self.last_part + 1
         try:
             os.rename(self.path, part)
         except OSError as exc:

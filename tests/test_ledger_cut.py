@@ -270,3 +270,38 @@ def test_a_journal_unreadable_at_the_start_is_set_aside_and_read_back_when_it_ca
     assert (report.counts.stored, report.counts.lost, report.counts.replayed) == (10, 0, 4)
     assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 14
     store.close()
+
+
+def test_what_is_planted_at_a_parts_name_is_never_read_through_nor_hangs_the_start(tmp_path):
+    """A link at a part's name is removed unread (what it points to is left as it is), a FIFO is left alone and
+    holds nothing up, a file that holds no row is no part (never removed), and a part numbered past any bound
+    is still found and replayed."""
+    import os
+    import threading
+
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    jp = journal_path(store)
+    theirs = tmp_path / "other.db-ledger.jsonl"
+    theirs.write_text(json.dumps(dataclasses.asdict(row(1))) + "\n")
+    Path(f"{jp}.7").symlink_to(theirs)
+    os.mkfifo(f"{jp}.8")
+    Path(f"{jp}.{10**25}").write_text(json.dumps(dataclasses.asdict(row(2))) + "\n")
+    not_a_part = Path(f"{jp}.9")  # another store an operator named so: lines, and no row
+    not_a_part.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 8)
+    box: dict[str, LedgerWriter] = {}
+    maker = threading.Thread(target=lambda: box.setdefault("w", LedgerWriter(store, flush_every_s=0.005)), daemon=True)
+    maker.start()
+    maker.join(60)  # a ceiling against the hang only
+    assert "w" in box, "the start hung on what was planted at a part's name"
+    writer = box["w"]
+    assert writer.replayed == 1 and not Path(f"{jp}.7").is_symlink() and not Path(f"{jp}.{10**25}").exists()
+    assert theirs.read_text().count('"s1"') == 1  # left as it was
+    assert not_a_part.read_bytes().startswith(b"SQLite format 3") and writer.unreadable == 0  # never removed nor counted
+    writer.put(row(3))
+    report = writer.close(5)
+    assert (report.counts.stored, report.counts.lost) == (1, 0)
+    assert {r["id"] for r in store.query("SELECT id FROM requests")} == {"s2", "s3"}
+    writer._maybe_prune()  # the FIFO holds no pruning back: it is no part of this journal's
+    assert not writer._prune_held
+    store.close()

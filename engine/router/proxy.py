@@ -42,6 +42,10 @@ __all__ = ["REFUSAL_RECORD_S", "Router", "UpstreamHealth", "create_app"]
 
 log = logging.getLogger("fleetdeck.proxy")
 
+# Frontier calls that go on after their client left (each bounded by frontier_timeout_s): past this many, a
+# leaving client's call is closed like a stream's, its cost estimated; a client cannot pile up calls it no
+# longer holds a connection for.
+MAX_LEFT_BEHIND = 256
 REFUSAL_RECORD_S = 10.0  # at most one audit record per this many seconds of reloads refused at the door
 MAX_CONFIG_BYTES = 1024 * 1024  # a router config is a few KiB; a reload reads no more (a path at /dev/zero, say)
 UNKNOWN_PRICE = Price(0, 0, "unknown")
@@ -344,7 +348,8 @@ class Router:
         d, asked, pending = call.decision, call.frontier_asked, call.frontier_call
         assert d is not None and asked is not None
         call.frontier_asked = None
-        if pending is not None and (gone or (pending.done() and not pending.cancelled())):
+        room = len(self.left_behind) < MAX_LEFT_BEHIND
+        if pending is not None and ((gone and room) or (pending.done() and not pending.cancelled())):
             # Gone: it goes on. Stopping, with the answer already in: its usage is there to record.
             waiter = asyncio.get_running_loop().create_task(
                 self._after_client_left(call, d, asked, pending, 499 if gone else 503))
