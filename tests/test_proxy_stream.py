@@ -599,4 +599,4 @@ def test_an_odd_slm_chunk_reaches_no_client_as_it_is(odd_slm, tmp_path_factory, 
     elif outcome == "refused":
         assert row["status"] in (502, 503) and row["reason"] in ("slm_error", "no_logprobs"), row
     else:
-        assert row["status"] == 200 and text.startswith("a"), (text, row)
+        assert row["status"] == 200 and "a" in text, (text, row)  # the good token, and the odd chunk's text if it was good
