@@ -423,6 +423,7 @@ class LedgerWriter:
 
     def _write(self, batch: list[_Held]) -> bool:
         """Pending rows first, then the batch; True when all of them are in the store."""
+        self._keep_named()
         with self._lock:
             items = self._pending + batch
             if self._abandoned:  # the close has counted these rows already: they stay where it said
@@ -552,6 +553,7 @@ class LedgerWriter:
         sealed part no row in memory belongs to. Only the writer thread runs this (and touches `sealed`)."""
         jf = self._jf
         now = time.monotonic()
+        self._keep_named()
         with self._lock:
             if self._abandoned:
                 return
@@ -577,6 +579,17 @@ class LedgerWriter:
                 continue
             with self._lock:
                 jf.forget(gen)
+
+    def _keep_named(self) -> None:
+        """A journal removed (or replaced) under the running proxy, by an operator cleaning up say, is copied
+        back as a part and a new one started: rows written to a file with no name would be in no file once it is
+        closed, and the stop line would name a journal that is not there. Checked before every store attempt."""
+        with self._lock:
+            if self._abandoned:
+                return
+            rescued = self._jf.rescue(time.monotonic()) if self._jf.lost_its_name() else None
+        if rescued is not None:
+            self._jf.finish_rescue(*rescued)
 
     def _read_back(self, part: Sealed, now: float) -> bool:
         """Store the rows only a sealed part holds (by id: what is in the store is skipped, and so is a row this

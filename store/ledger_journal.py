@@ -433,6 +433,71 @@ class JournalFile:
             self.retry_at = now + RETRY_S
         return fd
 
+    def lost_its_name(self) -> bool:
+        """The live file no longer has its name (an operator removed it, or put another file there): rows
+        written to it would be in no file once it is closed, and the next start would never see them."""
+        if self.fd is None:
+            return False
+        try:
+            mine = os.fstat(self.fd)
+            named = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return mine.st_nlink == 0 or (mine.st_dev, mine.st_ino) != (named.st_dev, named.st_ino)
+
+    def rescue(self, now: float) -> tuple[int, Path] | None:
+        """The live file lost its name: its rows become a part (copied from the open file by `finish_rescue`,
+        outside the lock) and a fresh live file is opened at the name. Returns (the old descriptor, the part)."""
+        if self.fd is None:
+            return None
+        if self.last_part < 0:
+            self.last_part = next_part(self.path)[1] - 1
+        self.last_part += 1
+        part = self.path.parent / f"{self.path.name}.{self.last_part}"
+        fd, gen = self.fd, self.gen
+        self.sealed[gen] = Sealed(part, self.earlier_end, self.earlier_counted)
+        if self.stale:
+            self._gens.orphaned.add(gen)
+        self.fd, self.gen, self.earlier_end, self.earlier_counted = None, gen + 1, 0, True
+        self.stale = False
+        log.error("ledger journal %s was removed or replaced while the proxy ran: its rows are copied to %s and "
+                  "a new journal is started", self.path, part.name)
+        if not self.open_or_fail(torn=False):
+            self.retry_at = now + RETRY_S
+        return fd, part
+
+    def finish_rescue(self, fd: int, part: Path) -> bool:
+        """Copy the nameless file's bytes (read through /proc/self/fd: the descriptor was opened for writing) to
+        its part and fsync it; False when that failed (its rows are then in no file: said, and counted so)."""
+        try:
+            src = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                dst = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    while chunk := os.read(src, 1 << 20):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(dst, view):]
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+        except OSError as exc:
+            why = (f"the journal was removed while the proxy ran and its rows could not be copied to {part.name} "
+                   f"({exc.strerror or exc})")
+            log.error("ledger journal %s: %s; rows held in it count as lost from now on", self.path, why)
+            with self._lock:
+                self.durable = False
+                self.failed(why)
+                self.fsync_error = self.fsync_error or why
+            return False
+        finally:
+            os.close(fd)
+        return True
+
     def finish_seal(self, fd: int) -> None:
         """fsync a sealed part (the rows of it still in memory count as journaled) and close it."""
         try:

@@ -305,3 +305,31 @@ def test_what_is_planted_at_a_parts_name_is_never_read_through_nor_hangs_the_sta
     writer._maybe_prune()  # the FIFO holds no pruning back: it is no part of this journal's
     assert not writer._prune_held
     store.close()
+
+
+def test_a_journal_an_operator_removes_under_the_running_writer_is_copied_back(tmp_path):
+    """Before: rows went on being written to the removed file (a name no start would read), and the stop line
+    said they waited in a journal that was not there; a kill lost them. Now the file's rows are copied to a
+    part and a new journal is started at the name: the next start stores every row once."""
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    store.execute("PRAGMA query_only = ON")  # the store refuses: every row waits in the journal
+    writer = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.02)
+    for i in range(10):
+        writer.put(row(i))
+    assert wait_for(lambda: writer.pending == 10)
+    writer.journal.unlink()  # `rm` of a file that looked big
+    for i in range(10, 15):
+        writer.put(row(i))
+    assert wait_for(lambda: bool(sealed_parts(writer.journal)) and writer.journal.exists())
+    report = writer.close(0.2)
+    assert (report.counts.journaled, report.counts.lost) == (15, 0), report.summary()
+    assert "sealed part(s) of the journal" in report.summary()
+    store.close()
+    again = open_store(db)
+    second = LedgerWriter(again)
+    assert second.replayed == 15 and second.unreadable == 0
+    second.close(5)
+    assert again.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 15
+    assert not sealed_parts(journal_path(again))
+    again.close()
