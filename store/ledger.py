@@ -45,7 +45,8 @@ from store.db import BUSY_TIMEOUT_MS, Store, StoreError
 from store.ledger_batch import sanitize, store_wide, write_rows
 from store.ledger_counts import LedgerClose, LedgerCounts
 from store.ledger_journal import (RETRY_S, JournalContents, JournalFile, Replayed, Sealed, journal_backlog, journal_files,
-                                  journal_path, journal_paths, next_part, read_journal, replay_journal, sealed_parts)
+                                  journal_path, journal_paths, next_part, read_journal, replay_journal, sealed_parts,
+                                  write_journal_note)
 from store.ledger_row import LedgerRow
 from store.rollup import CONFIDENCE_BINS, LATENCY_BUCKETS_MS, confidence_bin, latency_bucket, put_rollups
 
@@ -169,8 +170,8 @@ class LedgerWriter:
                 self._jf.failed(f"cannot make the journal folder {journal_dir}: {exc}")
         try:
             self._replay()
-            for other in self._others:
-                self._replay_other(other)
+            kept = [other for other in self._others if self._replay_other(other)]
+            write_journal_note(store, [self._jf.path, *kept])
             self._start_ids.clear()
         except BaseException:
             # A start that failed (the store unreadable under the replay) holds nothing: not the journal, not
@@ -314,32 +315,35 @@ class LedgerWriter:
                   path, target, target)
         return True
 
-    def _replay_other(self, journal: Path) -> None:
+    def _replay_other(self, journal: Path) -> bool:
         """A journal left where an earlier configuration put it (and its parts): stored and removed, or left for
-        next time."""
+        next time (True: some of it is kept)."""
+        kept = False
         for path in journal_files(journal):
-            self._replay_other_file(path)
+            kept = self._replay_other_file(path) or kept
+        return kept
 
-    def _replay_other_file(self, path: Path) -> None:
+    def _replay_other_file(self, path: Path) -> bool:
         try:
             if not path.exists():
-                return
+                return False
             found = replay_journal(path, self.store, self._store_rows, skip=self._start_ids)
         except OSError as exc:
             log.error("cannot read the ledger journal %s: %s; it is kept for the next start", path, exc)
             self._others_kept = True
-            return
+            return True
         self._note_replayed(path, found)
         if found.waiting:
             # The rest waits in that file (the ids stored now are skipped when it is read again).
             log.error("ledger: %d row(s) in the journal %s wait for the store; kept for the next start",
                       len(found.waiting), path)
             self._others_kept = True
-            return
+            return True
         try:
             path.unlink()
         except OSError:
             pass
+        return False
 
     def _note_replayed(self, path: Path, found: Replayed) -> None:
         given_up = len(self._unstorable)  # rows of that journal the store can never take (said as they went)

@@ -45,10 +45,51 @@ def journal_path(store: Store, journal_dir: Path | None = None) -> Path:
 
 def journal_paths(store: Store, journal_dir: Path | None = None) -> list[Path]:
     """Where rows of this store may wait: the configured journal first, then the one beside the store (left
-    there by a run before `journal_dir` was set)."""
-    first = journal_path(store, journal_dir)
-    beside = journal_path(store)
-    return [first] if first == beside else [first, beside]
+    there by a run before `journal_dir` was set), then those the note beside the store names (a run before
+    `journal_dir` was changed)."""
+    out: list[Path] = []
+    for path in (journal_path(store, journal_dir), journal_path(store), *noted_journals(store)):
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def journal_note(store: Store) -> Path:
+    """Beside the store: where its proxy's journal was, so a `journal_dir` changed between runs still has its
+    rows read (before, they waited in the old folder for good)."""
+    return Path(f"{store.path}-ledger.where")
+
+
+def noted_journals(store: Store) -> list[Path]:
+    """The journals the note names. Only a path that is this store's journal name (in whatever folder) counts:
+    the note can point the start at nothing else."""
+    try:
+        data = json.loads(_read_regular(journal_note(store))[:65536])
+    except (OSError, ValueError):
+        return []
+    found = []
+    for item in data if isinstance(data, list) else []:
+        if isinstance(item, str) and item.startswith("/") and "\x00" not in item:
+            path = Path(item)
+            if path in (journal_path(store, path.parent), journal_path(store)):
+                found.append(path)
+    return found
+
+
+def write_journal_note(store: Store, journals: list[Path]) -> None:
+    """Note where this run's journal is (and any earlier one still holding rows): written whole or not at all."""
+    note = journal_note(store)
+    tmp = note.with_name(note.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps([str(p) for p in journals]).encode("utf-8", "surrogateescape"))
+        finally:
+            os.close(fd)
+        os.replace(tmp, note)
+    except OSError as exc:
+        log.warning("cannot note where the ledger journal is (%s): %s; a journal_dir changed before the next start "
+                    "would have its rows read only once it is set back", note, exc)
 
 
 def sealed_parts(journal: Path) -> list[Path]:

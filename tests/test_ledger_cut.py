@@ -333,3 +333,30 @@ def test_a_journal_an_operator_removes_under_the_running_writer_is_copied_back(t
     assert again.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 15
     assert not sealed_parts(journal_path(again))
     again.close()
+
+
+def test_rows_left_in_a_journal_dir_the_operator_then_changed_are_still_stored(tmp_path):
+    """Before: with rows waiting in `journal_dir` A, a restart with `journal_dir` B looked only in B and
+    beside the store: A's rows were never stored, and nothing said so. The store's note says where the last
+    run's journal was."""
+    db = tmp_path / "fd.db"
+    store = open_store(db)
+    store.execute("PRAGMA query_only = ON")
+    first = LedgerWriter(store, journal_dir=tmp_path / "a", flush_every_s=0.005)
+    for i in range(3):
+        first.put(row(i))
+    assert first.close(0.1).counts.journaled == 3
+    store.close()
+    again = open_store(db)
+    second = LedgerWriter(again, journal_dir=tmp_path / "b")
+    assert second.replayed == 3
+    second.close(5)
+    assert {r["id"] for r in again.query("SELECT id FROM requests")} == {"s0", "s1", "s2"}
+    assert not journal_path(again, tmp_path / "a").exists()
+    # The note names only this store's journals: one pointing elsewhere is not read.
+    Path(f"{db}-ledger.where").write_text(json.dumps([str(tmp_path / "theirs.jsonl"), "relative", 5]))
+    (tmp_path / "theirs.jsonl").write_text(json.dumps(dataclasses.asdict(row(9))) + "\n")
+    third = LedgerWriter(again, journal_dir=tmp_path / "b")
+    assert third.replayed == 0
+    third.close(5)
+    again.close()
