@@ -449,8 +449,8 @@ def test_a_client_that_leaves_mid_stream_is_a_499_row_and_the_slm_connection_is_
     assert rows[0]["error"].startswith("the client disconnected mid-stream")
 
 
-def _leave_during_the_frontier_call(proxy: Proxy, frontier: Any, content: str, stream: bool) -> None:
-    """Send a request forced to the frontier and leave once the frontier has it."""
+def _leave_during_the_frontier_call(proxy: Proxy, frontier: Any, content: str, stream: bool, mid: bool = False) -> None:
+    """Send a request forced to the frontier and leave once the frontier has it (`mid`: once its stream began)."""
     body = json.dumps({"model": "tickets", "stream": stream, "messages": [{"role": "user", "content": content}]}).encode()
     n = len(frontier.app.state.calls)
     s = socket.create_connection(("127.0.0.1", proxy.server.port))
@@ -458,10 +458,15 @@ def _leave_during_the_frontier_call(proxy: Proxy, frontier: Any, content: str, s
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"X-Fleetdeck-Escalate: always\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     wait_until(lambda: len(frontier.app.state.calls) > n, "the frontier to be asked")
+    data = b""
+    while mid and b"data: " not in data:  # the frontier's first chunk has been relayed
+        more = s.recv(65536)
+        assert more, f"the proxy closed the connection before the first chunk: {data[:300]!r}"
+        data += more
     s.close()
 
 
-@pytest.mark.parametrize("case", ["answer_came", "frontier_failed", "stream_opening"])
+@pytest.mark.parametrize("case", ["answer_came", "frontier_failed", "stream_opening", "stream_mid"])
 def test_a_client_that_leaves_during_a_frontier_call_is_a_frontier_row_with_what_it_cost(slm, frontier, make_proxy,
                                                                                        monkeypatch, case):
     """Before: the row said route `none`, cost $0.00, although the frontier had the request (and bills for it).
@@ -474,8 +479,8 @@ def test_a_client_that_leaves_during_a_frontier_call_is_a_frontier_row_with_what
     monkeypatch.setenv("FAKE_FRONTIER_KEY", "k")
     proxy = make_proxy(make_config(slm.url, frontier.url))
     content = {"answer_came": "fsleep=1.5 q", "frontier_failed": "fsleep=1.5 ffail q",
-               "stream_opening": "fsleep=30 q"}[case]
-    _leave_during_the_frontier_call(proxy, frontier, content, stream=case == "stream_opening")
+               "stream_opening": "fsleep=30 q", "stream_mid": "fstall q"}[case]
+    _leave_during_the_frontier_call(proxy, frontier, content, stream=case.startswith("stream"), mid=case == "stream_mid")
     wait_until(lambda: proxy.ledger.counts().recorded == 1, "the row of the request the client left")
     price = proxy.router.prices["tickets"]
     assert price.input_per_token > 0  # gpt-4o is in litellm's bundled price map

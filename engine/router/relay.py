@@ -173,6 +173,9 @@ async def relay_frontier(call: Call, stream: FrontierStream, row: LedgerRow, pri
             slm_usage = clean_usage((call.slm.answer or {}).get("usage"))
             pt, ct = estimated_prompt_tokens(call.body.get("messages"), slm_usage), len(parts)
             row.cost_estimated = True
+            if row.status != 502:  # a cut's row keeps the very words its error event said (cost_estimated marks it)
+                note = "no usage came back from the frontier: its cost is estimated from the prompt and the chunks sent"
+                row.error = f"{row.error}; {note}" if row.error else note
         row.prompt_tokens, row.completion_tokens = pt, ct
         row.frontier_latency_ms = (time.perf_counter() - stream.started) * 1000
         row.cost_usd = row.all_frontier_cost_usd = price.cost(pt, ct)
