@@ -400,6 +400,29 @@ def test_curl_with_the_json_header_is_served_and_without_it_is_told_what_to_add(
     assert "-H 'Content-Type: application/json'" in message and "x-www-form-urlencoded" in message
 
 
+def test_a_large_body_is_encoded_for_the_small_model_off_the_event_loop(slm, frontier, make_proxy, monkeypatch):
+    """Before: a body the proxy had parsed in a thread (past 64 KiB) was encoded again for the small model by
+    httpx on the event loop: 5 MB of messages took ~60 ms there, every stream of the proxy stalled meanwhile."""
+    from engine.router import slm_stream
+
+    threads: list[threading.Thread] = []
+    real = slm_stream.encode_payload
+
+    def encode(payload: dict[str, Any]) -> bytes:
+        threads.append(threading.current_thread())
+        return real(payload)
+
+    monkeypatch.setattr(slm_stream, "encode_payload", encode)
+    proxy = make_proxy(make_config(slm.url, frontier.url, confidence="first_token", threshold=0.5))
+    filler = [{"role": "user", "content": "é" * 1000} for _ in range(100)]  # ~200 KB: past the bound
+    r = proxy.client.post("/v1/chat/completions", json={"model": "tickets", "messages": [*filler, {
+        "role": "user", "content": "lp=-0.01"}]})
+    assert r.status_code == 200, r.text
+    assert threads and all(t is not proxy.server.thread for t in threads)  # encoded, and not on the loop's thread
+    assert slm.app.state.calls[-1]["messages"][0]["content"] == "é" * 1000  # what the small model got is the body
+    assert proxy.post("lp=-0.01").status_code == 200 and len(threads) == 1  # a small body: encoded where it was
+
+
 # --- a client that leaves ------------------------------------------------------------------------------------
 def _open_chat(port: int, content: str, stream: bool) -> socket.socket:
     body = json.dumps({"model": "tickets", "stream": stream, "messages": [{"role": "user", "content": content}]}).encode()

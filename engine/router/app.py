@@ -28,6 +28,7 @@ from engine.router.call import Call
 from engine.router.config import is_loopback
 from engine.router.decide import Force
 from engine.router.request_check import BadRequest, check_request, parse_body
+from engine.router.slm_stream import OFF_LOOP_BYTES
 from store.ledger_row import Reason, Route
 
 if TYPE_CHECKING:  # the Router makes the app from this module: a type only, or the two would import each other
@@ -37,9 +38,9 @@ log = logging.getLogger("fleetdeck.proxy")
 
 # The cancel message that tells Router.handle its client left (any other cancel is the proxy stopping).
 CLIENT_GONE = "fleetdeck: the client disconnected"
-# A body larger than this is parsed and validated in a thread: a 4 MiB body of 140,000 empty messages
-# takes about a second of parsing and validation, which on the event loop would stall every stream.
-OFF_LOOP_BYTES = 64 * 1024
+# A body larger than OFF_LOOP_BYTES is parsed and validated in a thread: a 4 MiB body of 140,000 empty
+# messages takes about a second of parsing and validation, which on the event loop would stall every stream.
+# (The same bound has its forward to the small model encoded in a thread: engine/router/slm_stream.py.)
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None,
@@ -197,7 +198,7 @@ class Endpoints:
             router.metrics.errors.labels("", "404").inc()
             return openai_error(404, f"Unknown task {name[:100]!r}. Known tasks: {known}. Name one as `model` "
                                      "or in the X-Fleetdeck-Task header.", "invalid_request_error", "model_not_found")
-        call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, None, body)
+        call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, None, body, size=len(raw))
         try:
             call.force = _force(_one_header(request, "x-fleetdeck-escalate"))
             # From here on the body is the typed request's own dump: nothing unchecked goes upstream.

@@ -22,6 +22,7 @@ class Call:
     force: Force | None
     body: dict[str, Any]  # the checked request's own dump (ChatRequest.forwarded()), never the client's dict
     slm: SlmOutcome = field(default_factory=SlmOutcome)
+    size: int = 0  # the client's body in bytes (a large one is encoded for the upstream off the event loop)
     decision: Decision | None = None  # where it was routed, once decided
     # time.perf_counter() when the frontier was asked, until its answer (or failure) came: a request cancelled
     # meanwhile (the client left, the proxy stopped) was sent to the frontier, which may bill it.

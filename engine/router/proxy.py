@@ -261,7 +261,7 @@ class Router:
             if call.force != Force.ALWAYS:
                 assert self.upstreams is not None
                 ask = stream_slm if call.stream else ask_slm
-                call.slm = await ask(self.upstreams, call.task, call.body)
+                call.slm = await ask(self.upstreams, call.task, call.body, call.size)
             decision = call.decision = decide(call.task, call.slm, call.force)
             if decision.route == Route.FRONTIER:
                 return await (self._stream_frontier(call, decision) if call.stream else self._answer_frontier(call, decision))

@@ -37,6 +37,14 @@ DRAIN_S = 1.0
 # A JSON escape of a UTF-16 surrogate: only text holding one can decode to a lone surrogate (checked then).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _USAGE_MAX = 2**53  # token counts past this are not counts (and a float would lose them)
+# A request body past this many bytes is parsed (engine/router/app.py) and encoded for the small model in a
+# thread: 5 MB of messages take ~60 ms to encode, which on the event loop would stall every stream.
+OFF_LOOP_BYTES = 64 * 1024
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    """The request body, as httpx's `json=` would encode it."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def clean_usage(usage: Any) -> dict[str, Any]:
@@ -128,6 +136,7 @@ class SlmStream:
     headers: dict[str, str]
     first_token_s: float
     total_s: float
+    size: int = 0  # the client's body in bytes: past OFF_LOOP_BYTES the payload is encoded in a thread
     response: httpx.Response | None = None
     held: list[dict[str, Any]] = field(default_factory=list)  # chunks read, not yet sent
     logprobs: list[float] = field(default_factory=list)
@@ -145,8 +154,14 @@ class SlmStream:
     async def open(self) -> httpx.Response:
         """Send the request; the answer's status and headers must come within the first-token bound."""
         loop = asyncio.get_running_loop()
-        request = self.client.build_request("POST", self.url, json=self.payload, headers=self.headers,
-                                            timeout=httpx.Timeout(self.total_s, connect=self.first_token_s))
+        timeout = httpx.Timeout(self.total_s, connect=self.first_token_s)
+        if self.size > OFF_LOOP_BYTES:
+            body = await asyncio.to_thread(encode_payload, self.payload)
+            request = self.client.build_request("POST", self.url, content=body, timeout=timeout,
+                                                headers={**self.headers, "Content-Type": "application/json"})
+        else:
+            request = self.client.build_request("POST", self.url, json=self.payload, headers=self.headers,
+                                                timeout=timeout)
         self._sent_at = loop.time()
         try:
             async with asyncio.timeout_at(self._sent_at + self.first_token_s):
