@@ -95,9 +95,7 @@ def chunk_problem(chunk: dict[str, Any]) -> str | None:
         if not isinstance(index, int) or isinstance(index, bool):
             return "a choice's `index` is not an integer"
         delta = choice.get("delta")
-        if delta is None:
-            continue
-        if not isinstance(delta, dict):
+        if not isinstance(delta, dict):  # missing or null too: the SDKs read `choice.delta.content` regardless
             return "a choice's `delta` is not an object"
         content = delta.get("content")
         if content is not None and not isinstance(content, str):
