@@ -232,13 +232,19 @@ FAULT = st.one_of(
     st.tuples(st.just("journal"), st.sampled_from(["ok", "enospc", "short", "torn"])),
     st.tuples(st.just("fsync_fails"), st.booleans()),
     st.tuples(st.just("settle"), st.just(0)),
+    st.tuples(st.just("rm_journal"), st.just(0)),  # an operator removes the journal file under the writer
 )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(FAULT, min_size=1, max_size=14), max_pending=st.sampled_from([3, 1_000_000]))
-def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_factory, ops, max_pending):
+@given(ops=st.lists(FAULT, min_size=1, max_size=14), max_pending=st.sampled_from([3, 1_000_000]),
+       seal_bytes=st.sampled_from([600, 8 * 1024 * 1024]))
+def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_factory, ops, max_pending, seal_bytes):
+    """Faults in any order, with rows dropped from memory (MAX_PENDING 3), the journal sealed every row or two
+    (SEAL_BYTES 600) and removed under the writer: every row is stored, journaled or counted lost, the counts
+    always add up, and the next start stores what was journaled, once."""
     import store.ledger as ledger_module
+    import store.ledger_journal as journal_module
 
     db = tmp_path_factory.mktemp("prop") / "fd.db"
     store = open_store(db)
@@ -272,7 +278,7 @@ def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_f
         real_fsync(fd)
 
     with patch.object(os, "write", write), patch.object(os, "ftruncate", ftruncate), patch.object(os, "fsync", fsync), \
-            patch.object(ledger_module, "MAX_PENDING", max_pending):
+            patch.object(ledger_module, "MAX_PENDING", max_pending), patch.object(journal_module, "SEAL_BYTES", seal_bytes):
         writer = holder["w"] = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01)
         n = 0
         for op, arg in ops:
@@ -286,6 +292,8 @@ def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_f
                 faults["journal"] = str(arg)
             elif op == "fsync_fails":
                 faults["fsync_fails"] = bool(arg)
+            elif op == "rm_journal":
+                writer.journal.unlink(missing_ok=True)
             else:
                 wait_for(lambda: writer._q.empty(), timeout=5)
             assert balanced(writer)
