@@ -558,3 +558,27 @@ def test_a_reload_of_a_file_without_end_or_a_broken_config_keeps_the_old_one_in_
     cfg.write_text(_router_toml(slm.url, "tickets-v4"))
     assert proxy.client.post("/admin/reload").status_code == 200
     assert proxy.router.config.task[0].slm_model == "tickets-v4"
+
+
+def test_a_reload_that_removes_a_task_while_its_frontier_stream_opens_changes_nothing_for_it(slm, frontier, make_proxy,
+                                                                                               tmp_path: Path, monkeypatch):
+    """Before: the stream's price was looked up by the task's name in the new config: KeyError, a 500 and an
+    internal_error row for a request the frontier answered. A request keeps the task (and price) it started with."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("FAKE_FRONTIER_KEY", "k")
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(_router_toml(slm.url, "tickets-v3"))
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    proxy.router.config_path = cfg
+    n = len(frontier.app.state.calls)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(proxy.post, "fsleep=3 q", {"X-Fleetdeck-Escalate": "always"}, stream=True)
+        wait_until(lambda: len(frontier.app.state.calls) > n, "the frontier to be asked")
+        cfg.write_text(_router_toml(slm.url, "tickets-v3").replace('name = "tickets"', 'name = "other"'))
+        assert proxy.client.post("/admin/reload").json()["tasks"] == ["other"]
+        r = pending.result()
+    assert r.status_code == 200 and r.headers["x-fleetdeck-route"] == "frontier", r.text
+    (row,) = stored_rows(proxy)
+    assert (row["status"], row["route"], row["task"]) == (200, "frontier", "tickets")
+    assert row["cost_usd"] > 0  # priced as its own task's frontier model

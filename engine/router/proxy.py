@@ -278,7 +278,7 @@ class Router:
         return self._answer_slm(call, decision)
 
     def _answer_slm(self, call: Call, d: Decision) -> Response:
-        price = self.prices.get(call.task.name, UNKNOWN_PRICE)
+        price = self.price_of(call)
         headers = self.headers(call, Route.SLM, d.escalated)
         if call.slm.stream is not None:
             call.slm.stream.claimed = True  # the relay closes it, once the response has been sent
@@ -325,7 +325,7 @@ class Router:
         """The row of a whole frontier answer: its tokens and cost as the frontier's usage says."""
         usage = clean_usage(answer.get("usage"))
         pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-        cost = self.prices.get(call.task.name, UNKNOWN_PRICE).cost(pt, ct)
+        cost = self.price_of(call).cost(pt, ct)
         return self.row(call, Route.FRONTIER, True, d.reason, status, forced=d.forced, prompt_tokens=pt,
                         completion_tokens=ct, frontier_prompt_tokens=pt, frontier_completion_tokens=ct,
                         frontier_latency_ms=(time.perf_counter() - asked) * 1000, cost_usd=cost,
@@ -335,7 +335,7 @@ class Router:
         """The row of a frontier call whose usage never came: the prompt's cost, estimated and marked so."""
         slm_usage = clean_usage((call.slm.answer or {}).get("usage")) or (call.slm.stream.usage if call.slm.stream else {})
         pt = estimated_prompt_tokens(call.body.get("messages"), slm_usage)
-        cost = self.prices.get(call.task.name, UNKNOWN_PRICE).cost(pt, 0)
+        cost = self.price_of(call).cost(pt, 0)
         return self.row(call, Route.FRONTIER, True, reason, status, forced=d.forced, prompt_tokens=pt,
                         frontier_latency_ms=(time.perf_counter() - asked) * 1000, cost_usd=cost,
                         all_frontier_cost_usd=cost, cost_estimated=True, error=error)
@@ -399,7 +399,7 @@ class Router:
             return self._frontier_failed(call, d, exc)
         call.frontier_asked = None  # from here the relay records the row, whatever happens
         row = self.row(call, Route.FRONTIER, True, d.reason, 200, forced=d.forced)
-        return StreamingResponse(relay_frontier(call, stream, row, self.prices[call.task.name], self.record),
+        return StreamingResponse(relay_frontier(call, stream, row, self.price_of(call), self.record),
                                  media_type="text/event-stream", headers=self.headers(call, Route.FRONTIER, True))
 
     # -- ledger ---------------------------------------------------------------------------------
@@ -439,6 +439,14 @@ class Router:
             "x-fleetdeck-escalated": "true" if escalated else "false",
             "x-fleetdeck-request-id": call.rid,
         }
+
+    def price_of(self, call: Call) -> Price:
+        """The frontier price of the task the request started with: a reload that changed or removed the task
+        meanwhile (this proxy's prices are the new config's) changes nothing for it. Before, a reload that removed
+        the task while its streamed frontier request opened made a 500."""
+        if self.config.task_by_name(call.task.name) is call.task:
+            return self.prices.get(call.task.name, UNKNOWN_PRICE)
+        return frontier_price(call.task, self.litellm)
 
     def task_for(self, name: object) -> Task | None:
         return self.config.task_by_name(name) if isinstance(name, str) and name else None
