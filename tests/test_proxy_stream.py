@@ -321,7 +321,7 @@ def test_an_answer_whose_body_does_not_end_after_done_is_whole_and_stands(slm, f
 
 
 # --- property: the client gets one model's answer, never a mix -------------------------------------------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
@@ -519,7 +519,8 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 5) | st.f
                            | st.text(max_size=5), lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.sampled_from(["content", "index", "delta", "role", "x"]), inner, max_size=3),
                            max_leaves=6)
-ODD_AT = ["choices", "choice", "delta", "content", "index", "tool_calls", "usage", "logprobs", "no_choices"]
+ODD_AT = ["choices", "choice", "delta", "content", "index", "tool_calls", "usage", "logprobs", "no_choices",
+          "usage_only"]
 
 
 def _odd_chunk(where: str, value: Any) -> str:
@@ -538,6 +539,12 @@ def _odd_chunk(where: str, value: Any) -> str:
         choice[where] = value
     elif where == "usage":
         chunk["usage"] = value
+    elif where == "usage_only":  # a usage chunk whose `choices` is missing or null (OpenAI's has [])
+        chunk["usage"] = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        if value is None:
+            chunk["choices"] = None
+        else:
+            del chunk["choices"]
     else:
         del chunk["choices"]
     return json.dumps(chunk)
@@ -552,9 +559,11 @@ def odd_slm():
     server.stop()
 
 
+@example(where='usage_only', value=None, first=False, stream=True, raw=None)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(where=st.sampled_from(ODD_AT), value=JSON_VALUES, first=st.booleans(), stream=st.booleans(),
-       raw=st.sampled_from([None, "not json", "[1, 2]", '"text"', "{\"choices\": [}"]))
+       raw=st.one_of(st.none(), st.none(), st.none(),  # mostly a chunk made from `where`, sometimes raw text
+                     st.sampled_from(["not json", "[1, 2]", '"text"', "{\"choices\": [}"])))
 def test_an_odd_slm_chunk_reaches_no_client_as_it_is(odd_slm, tmp_path_factory, where, value, first, stream, raw):
     """Before: a small model's chunk with `choices` not a list, a choice or `delta` not an object, or content
     that is not text was relayed verbatim (an SDK reading `chunk.choices[0].delta.content` then crashes with
@@ -574,7 +583,8 @@ def test_an_odd_slm_chunk_reaches_no_client_as_it_is(odd_slm, tmp_path_factory, 
             try:
                 if stream:
                     text = ""
-                    for chunk in client.chat.completions.create(model="tickets", stream=True, messages=messages):
+                    for chunk in client.chat.completions.create(model="tickets", stream=True, messages=messages,
+                                                                stream_options={"include_usage": True}):
                         for choice in chunk.choices:  # what a client's loop does with every chunk
                             piece = choice.delta.content
                             assert piece is None or isinstance(piece, str)

@@ -215,6 +215,8 @@ class SlmStream:
                     if (problem := chunk_problem(chunk)) is not None:
                         raise SlmStreamError(f"a chunk of the small model's stream is not an OpenAI chat chunk "
                                              f"({problem})")
+                    if chunk.get("choices") is None:
+                        chunk["choices"] = []  # a usage-only chunk as OpenAI sends it: clients iterate `choices`
                     return chunk
         except TimeoutError:
             raise SlmCut(bound, limit) from None
