@@ -97,7 +97,9 @@ def print_report(r: MonthReport) -> None:
         f"fleetdeck report {r.month} ({r.hours_elapsed:.1f} of {r.hours_in_month:.0f} h)",
         f"  requests            {r.requests:,}  escalated {r.escalated:,} ({_pct(r.escalation_rate)})",
         f"  local SLM (fixed)   {usd(r.slm_cost_usd)}  ({usd(r.slm_gpu_hour_usd)}/GPU-h x {r.slm_gpus} GPUs)",
-        f"  frontier spend      {usd(r.frontier_cost_usd)}",
+        f"  frontier spend      {usd(r.frontier_cost_usd)}"
+        + (f"  (of which {usd(r.frontier_cost_estimated_usd)} estimated: usage never came back)"
+           if r.frontier_cost_estimated_usd else ""),
         f"  total               {usd(r.total_cost_usd)}   projected to month end {usd(r.projected_total_cost_usd)}",
         f"  all-frontier        {usd(r.all_frontier_cost_usd)}",
         f"  savings             {usd(r.savings_usd)} ({savings_pct})",

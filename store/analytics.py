@@ -256,6 +256,7 @@ class MonthReport(CostFigures):
     tasks: list[TaskMonth]
     drift_alert: bool
     note: str | None = None  # why figures use defaults (a router config that could not be read)
+    frontier_cost_estimated_usd: float = 0.0  # of frontier_cost_usd, estimated from prompts (usage never came)
 
     def task(self, name: str) -> TaskMonth | None:
         return next((t for t in self.tasks if t.name == name), None)
@@ -272,6 +273,7 @@ class MonthReport(CostFigures):
         doc.update({f.name: getattr(self, f.name) for f in fields(CostFigures)})
         doc.update(projected_total_cost_usd=self.projected_total_cost_usd,
                    projected_all_frontier_cost_usd=self.projected_all_frontier_cost_usd,
+                   frontier_cost_estimated_usd=self.frontier_cost_estimated_usd,
                    tasks=[t.to_json() for t in self.tasks], drift_alert=self.drift_alert)
         if self.note:
             doc["note"] = self.note
@@ -296,6 +298,7 @@ def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus
         all_t.escalated += t.escalated
         all_t.slm_answered += t.slm_answered
         all_t.cost_usd += t.cost_usd
+        all_t.cost_estimated_usd += t.cost_estimated_usd
         all_t.all_frontier_cost_usd += t.all_frontier_cost_usd
     scale = month_h / elapsed_h if elapsed_h else 0.0
     policies = policies or {}
@@ -318,7 +321,8 @@ def month_report(store: Store, month: str, now: float, gpu_hour_usd: float, gpus
         projected_total_cost_usd=(round(slm_fixed_cost(gpu_hour_usd, gpus, month_h) + all_t.cost_usd * scale, 6)
                                   if elapsed_h else None),
         projected_all_frontier_cost_usd=round(all_t.all_frontier_cost_usd * scale, 6) if elapsed_h else None,
-        tasks=tasks, drift_alert=any(t.drift_alert for t in tasks))
+        tasks=tasks, drift_alert=any(t.drift_alert for t in tasks),
+        frontier_cost_estimated_usd=round(all_t.cost_estimated_usd, 6))
 
 
 def monthly_history(store: Store, now: float, months: int, gpu_hour_usd: float, gpus: int) -> list[dict[str, Any]]:

@@ -3,8 +3,10 @@
 The proxy's request path appends each row to a journal (one JSON line, a plain write: it survives
 SIGKILL, not a power cut) beside the store or in `[proxy] journal_dir`, and to a queue. The writer thread
 wakes on the first queued row, lets rows gather for `flush_every_s`, then writes them in batches: inserts
-the raw rows and folds them into the per-minute rollups in one transaction, and drops the journal's
-committed prefix.
+the raw rows and folds them into the per-minute rollups in one transaction. The journal is cut once no row
+of it is in memory; one that cannot be (rows dropped from memory wait only in it, or traffic never lets it
+empty) is sealed as a part beside it, read back by id once the store takes rows, and removed
+(store/ledger_journal.py).
 
 No row is dropped silently. Every row recorded is counted in exactly one of: stored, journaled (its whole
 line is in the journal), held in memory only, lost (`LedgerWriter.counts()`):
@@ -42,8 +44,9 @@ from pathlib import Path
 from store.db import BUSY_TIMEOUT_MS, Store, StoreError
 from store.ledger_batch import sanitize, store_wide, write_rows
 from store.ledger_counts import LedgerClose, LedgerCounts
-from store.ledger_journal import (JournalContents, JournalFile, Replayed, journal_backlog, journal_path, journal_paths,
-                                  read_journal, replay_journal)
+from store.ledger_journal import (RETRY_S, JournalContents, JournalFile, Replayed, Sealed, journal_backlog, journal_files,
+                                  journal_path, journal_paths, next_part, read_journal, replay_journal, sealed_parts,
+                                  write_journal_note)
 from store.ledger_row import LedgerRow
 from store.rollup import CONFIDENCE_BINS, LATENCY_BUCKETS_MS, confidence_bin, latency_bucket, put_rollups
 
@@ -94,9 +97,12 @@ def take_writer_lock(store: Store) -> int:
 @dataclass(slots=True)
 class _Held:
     row: LedgerRow
-    offset: int  # the journal's logical offset just past this row's line: a cut there or later removes it
+    gen: int  # the journal generation (file) its line is in
     journaled: bool  # its whole line is in the journal file
     earlier: bool = False  # read from an earlier run's journal, not recorded by this run
+
+
+ALL_EARLIER = 2**62  # a part's `earlier_end` when every line of it is an earlier run's
 
 
 MIN_CLOSE_ATTEMPT_S = 1.0  # the last store attempt at a stop gets this long even when the grace is spent
@@ -145,6 +151,8 @@ class LedgerWriter:
         self.prune_error: str | None = None
         self._lost_why: dict[str, int] = {}  # rows counted lost before the close, by why
         self._unstorable: dict[str, str] = {}  # ids `_store_rows` gave up on, and why: settled by its caller
+        self._given_up: set[str] = set()  # this run's rows given up as unstorable: a read-back never stores them
+        self._start_ids: set[str] = set()  # rows the start holds in memory: one read from two files is held once
         self._others_kept = False  # a journal where an earlier configuration put it still holds waiting rows
         self._prune_held = False  # pruning is held back (`_journal_holds_stored_rows`): said once
         self._closed = False
@@ -162,8 +170,9 @@ class LedgerWriter:
                 self._jf.failed(f"cannot make the journal folder {journal_dir}: {exc}")
         try:
             self._replay()
-            for other in self._others:
-                self._replay_other(other)
+            kept = [other for other in self._others if self._replay_other(other)]
+            write_journal_note(store, [self._jf.path, *kept])
+            self._start_ids.clear()
         except BaseException:
             # A start that failed (the store unreadable under the replay) holds nothing: not the journal, not
             # the store's writer lock, which a later writer in this process would otherwise meet as "another".
@@ -188,25 +197,79 @@ class LedgerWriter:
         return self._jf.error
 
     def _replay(self) -> None:
-        """Rows a killed writer journaled but never stored: write each once, then start a fresh journal."""
-        path = self._jf.path
+        """Rows a killed writer journaled but never stored, in the sealed parts and then the live file: write
+        each once, then start a fresh journal. A file whose rows the store still refuses is kept, and its rows
+        held for retry like this run's."""
+        for part in sealed_parts(self._jf.path):
+            self._replay_part(part)
+        self._replay_live()
+
+    def _hold_earlier(self, rows: list[LedgerRow], gen: int) -> None:
+        rows = [r for r in rows if r.id not in self._start_ids]
+        self._start_ids.update(r.id for r in rows)
+        self._pending += [_Held(r, gen, True, earlier=True) for r in rows]
+        self._earlier_held += len(rows)
+        self._jf.held(gen, len(rows))
+
+    def _replay_part(self, part: Path) -> None:
+        """A sealed part an earlier run left (killed before it was read back or removed)."""
+        jf = self._jf
         try:
-            found = replay_journal(path, self.store, self._store_rows)
+            found = replay_journal(part, self.store, self._store_rows, skip=self._start_ids)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a link at a part's name: fleetdeck makes none, and reads through none
+                self._drop_link(part)
+                return
+            if exc.errno == errno.EINVAL:  # a FIFO or a device: never read, left as it is, holding nothing up
+                log.error("ledger journal part %s: %s; it is left as it is", part, exc.strerror or exc)
+                return
+            gen = jf.new_gen()
+            log.error("cannot read the ledger journal part %s: %s; tried again later, and kept for the next start",
+                      part, exc)
+            jf.sealed[gen] = Sealed(part, ALL_EARLIER, counted=False, retry_at=time.monotonic() + RETRY_S)
+            jf.orphan_file(gen)
+            return
+        if found.rows == 0 and found.unreadable:
+            # Lines and no row: no part fleetdeck wrote (a file an operator named so; a journal part holds at
+            # least one whole row, or nothing). Never removed, never counted: left as it is.
+            log.error("ledger journal part %s holds no ledger row (%d line(s) that are not rows): it is not read as "
+                      "a journal and is left as it is", part, found.unreadable)
+            return
+        self._note_replayed(part, found)
+        if not found.waiting:
+            try:
+                part.unlink(missing_ok=True)
+                return
+            except OSError:
+                pass  # the writer tries again (`_tidy`)
+        gen = jf.new_gen()
+        jf.sealed[gen] = Sealed(part, ALL_EARLIER)  # removed by the writer once no row of it is in memory
+        if found.waiting:
+            self._hold_earlier(found.waiting, gen)
+
+    def _replay_live(self) -> None:
+        jf = self._jf
+        path = jf.path
+        try:
+            found = replay_journal(path, self.store, self._store_rows, skip=self._start_ids)
         except OSError as exc:
             if exc.errno == errno.ELOOP and self._drop_link(path):
-                self._jf.open_or_fail()
+                jf.open_or_fail()
                 return
-            # Unreadable now, maybe readable later: keep it whole (never cut it) and append after it.
-            log.error("cannot read the ledger journal %s: %s; it is kept for the next start", path, exc)
-            self._jf.pinned = True
-            self._jf.open_or_fail()
+            if exc.errno == errno.EINVAL:  # a FIFO, a device or a socket at the name: left alone, never read
+                log.error("ledger journal %s: %s; it is left as it is", path, exc.strerror or exc)
+                jf.open_or_fail()
+                return
+            self._set_aside(path, exc)
             return
         self._note_replayed(path, found)
         if found.waiting:
-            # The store still refuses: keep the journal as it is and hold the rest for retry.
-            self._pending = [_Held(r, 0, True, earlier=True) for r in found.waiting]
-            self._earlier_held = len(self._pending)
-            self._jf.open_or_fail(found.torn_tail, pin=True)
+            # The store still refuses: keep the journal as it is (appended to) and hold the rest for retry.
+            self._hold_earlier(found.waiting, jf.gen)
+            if jf.open_or_fail(found.torn_tail):
+                jf.earlier_end = jf.end
+            else:
+                jf.stale = True  # its rows, once stored, stay in it: no pruning while it is there
             return
         try:
             if path.exists() or path.is_symlink():
@@ -214,7 +277,29 @@ class LedgerWriter:
         except OSError as exc:
             # Its rows are all in the store now: appending after them is safe (a replay skips stored ids).
             log.warning("ledger journal %s replayed but not removed (%s); new rows are appended to it", path, exc)
-        self._jf.open_or_fail()
+        jf.open_or_fail()
+
+    def _set_aside(self, path: Path, exc: OSError) -> None:
+        """A journal that cannot be read now (an I/O error, a permission) may be readable later: it is renamed
+        to a sealed part, read again now and then and at the next start, and this run gets a fresh journal
+        that is cut as usual. Before, the run appended to it and never cut it."""
+        jf = self._jf
+        part, _ = next_part(path)
+        try:
+            os.rename(path, part)
+        except OSError as exc2:
+            log.error("cannot read the ledger journal %s (%s) nor set it aside (%s); it is kept for the next start "
+                      "and this run's rows are appended to it", path, exc, exc2)
+            if jf.open_or_fail():
+                jf.earlier_end, jf.earlier_counted = jf.end, False
+            jf.orphan_file(jf.gen)
+            return
+        log.error("cannot read the ledger journal %s: %s; set aside as %s, read again later and at the next start",
+                  path, exc, part.name)
+        gen = jf.new_gen()
+        jf.sealed[gen] = Sealed(part, ALL_EARLIER, counted=False, retry_at=time.monotonic() + RETRY_S)
+        jf.orphan_file(gen)
+        jf.open_or_fail()
 
     @staticmethod
     def _drop_link(path: Path) -> bool:
@@ -230,27 +315,35 @@ class LedgerWriter:
                   path, target, target)
         return True
 
-    def _replay_other(self, path: Path) -> None:
-        """A journal left where an earlier configuration put it: stored and removed, or left for next time."""
+    def _replay_other(self, journal: Path) -> bool:
+        """A journal left where an earlier configuration put it (and its parts): stored and removed, or left for
+        next time (True: some of it is kept)."""
+        kept = False
+        for path in journal_files(journal):
+            kept = self._replay_other_file(path) or kept
+        return kept
+
+    def _replay_other_file(self, path: Path) -> bool:
         try:
             if not path.exists():
-                return
-            found = replay_journal(path, self.store, self._store_rows)
+                return False
+            found = replay_journal(path, self.store, self._store_rows, skip=self._start_ids)
         except OSError as exc:
             log.error("cannot read the ledger journal %s: %s; it is kept for the next start", path, exc)
             self._others_kept = True
-            return
+            return True
         self._note_replayed(path, found)
         if found.waiting:
             # The rest waits in that file (the ids stored now are skipped when it is read again).
             log.error("ledger: %d row(s) in the journal %s wait for the store; kept for the next start",
                       len(found.waiting), path)
             self._others_kept = True
-            return
+            return True
         try:
             path.unlink()
         except OSError:
             pass
+        return False
 
     def _note_replayed(self, path: Path, found: Replayed) -> None:
         given_up = len(self._unstorable)  # rows of that journal the store can never take (said as they went)
@@ -275,12 +368,12 @@ class LedgerWriter:
                 self._lose_locked(1, "recorded after the ledger closed")
                 log.error("ledger row %s recorded after the ledger closed: lost", row.id)
                 return
-            offset, journaled = self._jf.append(row)
+            gen, journaled = self._jf.append(row)
             if journaled:
                 self._journaled += 1
             else:
                 self._unjournaled += 1
-            self._q.put(_Held(row, offset, journaled))
+            self._q.put(_Held(row, gen, journaled))
 
     @property
     def pending(self) -> int:
@@ -301,6 +394,8 @@ class LedgerWriter:
             except queue.Empty:
                 if self._pending:
                     self._write([])
+                else:
+                    self._tidy()  # a part whose read-back failed is retried at its time, traffic or not
                 self._maybe_prune()
                 continue
             # Let rows gather for a moment: one transaction per batch, not per request, and no
@@ -319,16 +414,20 @@ class LedgerWriter:
                     continue
                 batch.append(item)
                 if len(batch) >= self.batch_size:
-                    self._write(batch)
+                    if self._write(batch):
+                        self._tidy()
                     batch = []
-            if batch or self._pending:
-                self._write(batch)
+            if (batch or self._pending) and self._write(batch):
+                self._tidy()
+            elif stop and not self._pending and self.last_error is None:
+                self._tidy()  # the stop reads back what it can, so the next start has less to read
             self._maybe_prune()
             if stop:
                 return
 
     def _write(self, batch: list[_Held]) -> bool:
         """Pending rows first, then the batch; True when all of them are in the store."""
+        self._keep_named()
         with self._lock:
             items = self._pending + batch
             if self._abandoned:  # the close has counted these rows already: they stay where it said
@@ -348,7 +447,7 @@ class LedgerWriter:
                 else:
                     self._settle_unstorable(h, why)
             if done:
-                self._jf.cut(items[done - 1].offset)
+                self._jf.cut()
             if not ok:
                 self._pending = items[done:]
                 if len(self._pending) > MAX_PENDING:
@@ -362,6 +461,8 @@ class LedgerWriter:
         return ok
 
     def _settle_stored(self, h: _Held) -> None:
+        if h.journaled:
+            self._jf.settle(h.gen)
         if h.earlier:
             self.replayed += 1
             self._earlier_held -= 1
@@ -375,6 +476,8 @@ class LedgerWriter:
     def _settle_unstorable(self, h: _Held, why: str) -> None:
         """A row the store can never take: this run's is counted lost (with why); an earlier run's, which this
         run never recorded, is counted with the journal's lines that were not rows."""
+        if h.journaled:
+            self._jf.settle(h.gen)
         if h.earlier:
             self._earlier_held -= 1
             self.unreadable += 1
@@ -383,23 +486,25 @@ class LedgerWriter:
             self._journaled -= 1
         else:
             self._unjournaled -= 1
+        self._given_up.add(h.row.id)
         self._lose_locked(1, f"could not be stored even with its fields made safe ({why})")
 
     def _drop_locked(self, n: int) -> None:
-        """Past MAX_PENDING the oldest rows leave memory: a journaled one waits in the journal (which is then
-        never cut this run, so the next start stores it); one that is not is lost, and counted."""
+        """Past MAX_PENDING the oldest rows leave memory: a journaled one waits in the journal (its file is then
+        not cut but sealed, and read back once the store takes rows: `_tidy`); one that is not is lost, and
+        counted."""
         dropped, self._pending = self._pending[:n], self._pending[n:]
         gone = 0
         for h in dropped:
             if h.journaled:
-                self._jf.pinned = True
+                self._jf.orphan(h.gen)
             else:
                 self._unjournaled -= 1
                 gone += 1
         if gone:
             self._lose_locked(gone, f"dropped from memory past {MAX_PENDING} held rows, and not journaled")
-        log.error("ledger: %d row(s) dropped from memory; %d of them are in the journal %s for the next start, "
-                  "%d lost", n, n - gone, self._jf.path, gone)
+        log.error("ledger: %d row(s) dropped from memory; %d of them wait in the journal %s (stored once the store "
+                  "takes rows again, or at the next start), %d lost", n, n - gone, self._jf.path, gone)
 
     def _lose_locked(self, n: int, why: str) -> None:
         self.lost += n
@@ -445,25 +550,130 @@ class LedgerWriter:
             log.error("ledger write failed (%s); %d row(s) held and retried every %g s", exc, n, self.retry_every_s)
         self.last_error = f"ledger write failed: {exc}"
 
-    def _journal_holds_stored_rows(self) -> bool:
-        """Whether a journal the next start replays may hold rows that are in the store: pinned (rows dropped
-        from memory wait in it, after and among stored ones), a cut that failed, an earlier run's journal not
-        yet stored whole, or one where an earlier configuration put it kept with rows waiting. The replay
-        skips a row whose id the store has; a row pruned meanwhile it would store, and count, again."""
+    # -- cutting the journal: sealed parts -----------------------------------------------------------
+    def _tidy(self) -> None:
+        """With the store taking rows: set the live journal aside when it cannot be cut (it holds rows dropped
+        from memory, a cut failed, or steady traffic grew it past SEAL_BYTES), then read back and remove each
+        sealed part no row in memory belongs to. Only the writer thread runs this (and touches `sealed`)."""
+        jf = self._jf
+        now = time.monotonic()
+        self._keep_named()
         with self._lock:
-            return self._jf.pinned or self._jf.stale or self._earlier_held > 0 or self._others_kept
+            if self._abandoned:
+                return
+            jf.reopen(now)
+            fd = jf.seal(now) if jf.wants_seal(now) else None
+        if fd is not None:
+            jf.finish_seal(fd)
+        for gen in sorted(jf.sealed):
+            part = jf.sealed[gen]
+            with self._lock:
+                busy = jf.in_memory(gen) > 0
+                orphaned = jf.is_orphaned(gen)
+            if busy or now < part.retry_at:
+                continue
+            if orphaned and not self._read_back(part, now):
+                continue
+            try:
+                part.path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("ledger journal part %s is all in the store but cannot be removed (%s); tried again later",
+                          part.path, exc)
+                part.retry_at = now + RETRY_S
+                continue
+            with self._lock:
+                jf.forget(gen)
+
+    def _keep_named(self) -> None:
+        """A journal removed (or replaced) under the running proxy, by an operator cleaning up say, is copied
+        back as a part and a new one started: rows written to a file with no name would be in no file once it is
+        closed, and the stop line would name a journal that is not there. Checked before every store attempt."""
+        with self._lock:
+            if self._abandoned:
+                return
+            rescued = self._jf.rescue(time.monotonic()) if self._jf.lost_its_name() else None
+        if rescued is not None:
+            self._jf.finish_rescue(*rescued)
+
+    def _read_back(self, part: Sealed, now: float) -> bool:
+        """Store the rows only a sealed part holds (by id: what is in the store is skipped, and so is a row this
+        run gave up on); True when all of them are in the store. Each row moves from journaled (or an earlier
+        run's held) to stored, in the counts."""
+        try:
+            found = replay_journal(part.path, self.store, self._store_rows, part.earlier_end, skip=self._given_up)
+        except OSError as exc:
+            if not part.said and part.counted:  # (one the start could not read was said then)
+                log.error("cannot read the ledger journal part %s: %s; tried again every %g s, and kept for the "
+                          "next start", part.path, exc, RETRY_S)
+            part.said = True
+            part.retry_at = now + RETRY_S
+            return False
+        with self._lock:
+            given_up = dict(self._unstorable)
+            self._unstorable.clear()
+            earlier_given_up = sum(1 for i in given_up if i in found.earlier)
+            mine_given_up = len(given_up) - earlier_given_up
+            stored_earlier = found.stored_earlier - earlier_given_up
+            mine = found.stored - found.stored_earlier - mine_given_up
+            self.written += mine
+            self._journaled -= mine + mine_given_up
+            for why in given_up.values():
+                if mine_given_up:
+                    self._lose_locked(1, f"could not be stored even with its fields made safe ({why})")
+                    mine_given_up -= 1
+            self.replayed += stored_earlier
+            self.unreadable += earlier_given_up
+            if part.counted:
+                self._earlier_held -= stored_earlier + earlier_given_up
+            else:
+                # First read of a part the start could not read: its lines that are no row are counted now, and
+                # its earlier rows the store refuses from now on wait as any earlier run's rows do.
+                self.unreadable += found.unreadable_earlier
+                self._earlier_held += sum(1 for r in found.waiting if r.id in found.earlier)
+                part.counted = True
+        if found.stored:
+            log.warning("ledger: %d row(s) that waited in the journal part %s stored", found.stored - len(given_up),
+                        part.path)
+        if found.waiting:
+            # The store failed half-way: the part is read again later (not every retry: it can be large).
+            part.retry_at = now + max(RETRY_S, self.retry_every_s)
+            return False
+        if self.last_error is not None and not self.pending:
+            log.warning("ledger writes work again: the journal part %s is stored", part.path)
+            self.last_error = None
+        return True
+
+    def _prune_hold(self) -> str | None:
+        """Why raw rows may not be pruned now, or None. A journal the next start replays may hold rows that are
+        in the store: the replay skips a row whose id the store has, but a row pruned meanwhile it would store,
+        and count, again. "transient": a sealed part whose rows are on their way to the store (removed in a
+        moment); any other answer holds pruning until it is resolved, said once."""
+        with self._lock:
+            jf = self._jf
+            if jf.pinned or jf.stale or self._others_kept or self._earlier_held > 0:
+                return "held"
+            if any(jf.is_orphaned(g) for g in jf.sealed):
+                return "held"
+            return "transient" if jf.sealed else None
+
+    def _journal_holds_stored_rows(self) -> bool:
+        """Whether a journal the next start replays may hold rows that are in the store (`_prune_hold`)."""
+        return self._prune_hold() is not None
 
     def _maybe_prune(self) -> None:
         now = time.time()
         if self._abandoned or now - self._last_prune < self.prune_every_s:
             return
+        hold = self._prune_hold()
+        if hold == "transient":
+            return  # tried again on the next round, once the part is gone
         self._last_prune = now
-        if self._journal_holds_stored_rows():
-            # Raw rows are kept past the retention until the journal is replayed (the next start prunes them):
+        if hold is not None:
+            # Raw rows are kept past the retention until the journal is read back (here, or at the next start):
             # pruned now, they would come back from the journal and be added to the rollups a second time.
             if not self._prune_held:
                 log.warning("ledger: raw rows are not pruned while the journal %s holds rows that are in the "
-                            "store; the next start replays it and prunes", self._jf.path)
+                            "store; they are pruned once it is read back (or at the next start)", self._jf.path)
             self._prune_held = True
             return
         self._prune_held = False
@@ -508,6 +718,10 @@ class LedgerWriter:
         durable = self._jf.sync() if held_in_journal else self._jf.durable
         notes: list[str] = []
         with self._lock:
+            parts = [p.path.name for p in self._jf.sealed.values()]
+            if parts:
+                notes.append(f"{len(parts)} sealed part(s) of the journal beside it ({', '.join(parts[:3])}"
+                             f"{', ...' if len(parts) > 3 else ''}) are read at the next start too")
             if self._inflight:
                 notes.append(f"{len(self._inflight)} row(s) were still being written to the store when the stop ended "
                              "(a hung disk): they may be in the store too; the next start stores each at most once")

@@ -75,6 +75,7 @@ class LedgerRow:
     slm_ttft_ms: float | None = None  # streamed: the small model's first token, ms after it was asked
     decision_window: str | None = None  # streamed: first_token | first_N_tokens | whole_answer
     slm_bound: str | None = None  # the small model's bound that fired: first_token | total
+    cost_estimated: bool = False  # cost_usd is estimated from the prompt: the frontier's usage never came back
 
 
 # The latest time a row may carry: 9999-12-31T23:59:59Z, the last second a date can show. A time past it (or

@@ -55,6 +55,8 @@ class Counts:
     cost_usd: float = 0.0  # frontier spend
     all_frontier_cost_usd: float = 0.0  # what the same requests would have cost on the frontier
     latency_ms_sum: float = 0.0
+    # Of cost_usd, what was estimated from the prompt (the frontier's usage never came: `cost_estimated` rows).
+    cost_estimated_usd: float = field(default=0.0, metadata={"since": 11})
 
     def add_counts(self, other: Mapping[str, Any]) -> None:
         """Add another row's counts, read by column name (a stored rollup row or an aggregate)."""
@@ -96,6 +98,8 @@ class Rollup(Counts):
         self.prompt_tokens += row.prompt_tokens or 0
         self.completion_tokens += row.completion_tokens or 0
         self.cost_usd += row.cost_usd
+        if row.cost_estimated:
+            self.cost_estimated_usd += row.cost_usd
         self.all_frontier_cost_usd += row.all_frontier_cost_usd
         if row.latency_ms is not None:
             self.latency_ms_sum += row.latency_ms

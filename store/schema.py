@@ -6,7 +6,7 @@ from typing import Callable
 
 import sqlite_utils
 
-from store.rollup import ROLLUP_TABLES, rollup_columns_sql
+from store.rollup import ROLLUP_TABLES, rollup_column_sql, rollup_columns_sql
 
 __all__ = ["MIGRATIONS", "ROLLUP_TABLES", "SCHEMA_VERSION"]
 
@@ -271,6 +271,15 @@ def _v10_streamed_slm(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("slm_bound", str)  # type: ignore[union-attr]
 
 
+def _v11_estimated_cost(db: sqlite_utils.Database) -> None:
+    # A frontier call whose usage never came back (the client left and the answer never arrived, a stream cut
+    # before its usage chunk): its cost is estimated from the prompt and marked, and the rollups keep how much
+    # of the frontier spend is estimated.
+    db.execute("ALTER TABLE requests ADD COLUMN cost_estimated INTEGER NOT NULL DEFAULT 0")
+    for table in ROLLUP_TABLES.values():
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {rollup_column_sql('cost_estimated_usd')}")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _v1_gpu_history,
     2: _v2_router_ledger,
@@ -282,5 +291,6 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     8: _v8_adapter_lifecycle,
     9: _v9_runtime_apart_from_spec,
     10: _v10_streamed_slm,
+    11: _v11_estimated_cost,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -16,10 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from unittest.mock import patch
 
 import httpx
@@ -30,6 +28,7 @@ from hypothesis import strategies as st
 from store.db import open_store
 from store.ledger import LedgerRow, LedgerWriter, journal_path, read_journal
 from tests.helpers import kill_a_writer_with_queued_rows, wait_for
+from tests.proxy_helpers import ProxyProcess, fill, free_port, tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +174,11 @@ def test_a_failed_fsync_means_the_journal_is_not_counted_as_keeping_anything(tmp
     assert again.replayed <= 12 and len(stored_ids(db)) == again.replayed
 
 
-def test_rows_dropped_from_memory_wait_in_the_journal_for_the_next_start(tmp_path, monkeypatch, caplog):
+def test_rows_dropped_from_memory_are_stored_from_the_journal_once_the_store_takes_rows(tmp_path, monkeypatch, caplog):
+    """Before: the 15 rows dropped from memory pinned the journal for the rest of the run (never cut, growing
+    with every request, all of it read at the next start). Now the pinned journal is sealed as a part once the
+    store takes rows again, the 15 are read back from it (by id: none twice) and the part removed; the live
+    journal is cut again as rows are stored."""
     import store.ledger as ledger_module
 
     def dropped() -> int:
@@ -191,13 +194,20 @@ def test_rows_dropped_from_memory_wait_in_the_journal_for_the_next_start(tmp_pat
         for i in range(20):
             writer.put(row(i))
         assert wait_for(lambda: dropped() == 15 and writer.pending == 5)
-    uncap_store(store)  # space returns: the 5 in memory are stored, the 15 others wait in the journal
-    assert wait_for(lambda: writer.pending == 0)
+    assert writer.counts().journaled == 20 and balanced(writer)
+    uncap_store(store)  # space returns: the 5 in memory are stored, then the 15 that waited in the journal
+    assert wait_for(lambda: writer.counts().stored == 20)
+    assert balanced(writer) and writer.counts().journaled == 0
+    for i in range(20, 30):  # the journal is cut again: it does not grow with every request for the rest of the run
+        writer.put(row(i))
+    assert wait_for(lambda: writer.counts().stored == 30 and writer.journal.stat().st_size == 0)
+    assert [p.name for p in tmp_path.iterdir() if ".jsonl." in p.name] == []  # the sealed part is gone
     report = writer.close(5)
-    assert (report.counts.stored, report.counts.journaled, report.counts.lost) == (5, 15, 0)
+    assert (report.counts.stored, report.counts.journaled, report.counts.lost) == (30, 0, 0)
+    assert store.execute("SELECT SUM(requests) FROM rollup_minute")[0][0] == 30
     store.close()
-    assert restart(db).replayed == 15
-    assert len(stored_ids(db)) == 20
+    assert restart(db).replayed == 0
+    assert len(stored_ids(db)) == 30
 
 
 def test_a_stop_on_a_full_store_is_bounded_and_says_where_every_row_is(tmp_path):
@@ -222,13 +232,19 @@ FAULT = st.one_of(
     st.tuples(st.just("journal"), st.sampled_from(["ok", "enospc", "short", "torn"])),
     st.tuples(st.just("fsync_fails"), st.booleans()),
     st.tuples(st.just("settle"), st.just(0)),
+    st.tuples(st.just("rm_journal"), st.just(0)),  # an operator removes the journal file under the writer
 )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(FAULT, min_size=1, max_size=14), max_pending=st.sampled_from([3, 1_000_000]))
-def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_factory, ops, max_pending):
+@given(ops=st.lists(FAULT, min_size=1, max_size=14), max_pending=st.sampled_from([3, 1_000_000]),
+       seal_bytes=st.sampled_from([600, 8 * 1024 * 1024]))
+def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_factory, ops, max_pending, seal_bytes):
+    """Faults in any order, with rows dropped from memory (MAX_PENDING 3), the journal sealed every row or two
+    (SEAL_BYTES 600) and removed under the writer: every row is stored, journaled or counted lost, the counts
+    always add up, and the next start stores what was journaled, once."""
     import store.ledger as ledger_module
+    import store.ledger_journal as journal_module
 
     db = tmp_path_factory.mktemp("prop") / "fd.db"
     store = open_store(db)
@@ -262,7 +278,7 @@ def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_f
         real_fsync(fd)
 
     with patch.object(os, "write", write), patch.object(os, "ftruncate", ftruncate), patch.object(os, "fsync", fsync), \
-            patch.object(ledger_module, "MAX_PENDING", max_pending):
+            patch.object(ledger_module, "MAX_PENDING", max_pending), patch.object(journal_module, "SEAL_BYTES", seal_bytes):
         writer = holder["w"] = LedgerWriter(store, flush_every_s=0.005, retry_every_s=0.01)
         n = 0
         for op, arg in ops:
@@ -276,6 +292,8 @@ def test_whatever_fails_every_row_is_stored_journaled_or_counted_lost(tmp_path_f
                 faults["journal"] = str(arg)
             elif op == "fsync_fails":
                 faults["fsync_fails"] = bool(arg)
+            elif op == "rm_journal":
+                writer.journal.unlink(missing_ok=True)
             else:
                 wait_for(lambda: writer._q.empty(), timeout=5)
             assert balanced(writer)
@@ -364,109 +382,6 @@ def test_journal_dir_is_validated_and_the_error_names_the_file_and_key(tmp_path,
 
 
 # --- the real proxy over HTTP, its store and journal on real size-limited filesystems -----------------------
-@contextmanager
-def tmpfs(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` mounted on `folder` (root only: CI and this machine run tests as root)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for the full-disk test (needs root): {done.stderr.strip() or done.returncode}")
-    try:
-        yield folder
-    finally:
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # a file still open: detach it
-
-
-def fill(folder: Path, leave: int = 0) -> Path:
-    """Fill the filesystem to its last byte (then give `leave` bytes back); the filler's path."""
-    path = folder / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-    if leave:
-        os.ftruncate(fd, os.fstat(fd).st_size - leave)
-    os.close(fd)
-    return path
-
-
-@dataclass
-class Stop:
-    stored: int
-    journaled: int
-    journal: str
-    lost: int
-    recorded: int
-    line: str
-
-
-STOP_LINE = re.compile(r"fleetdeck proxy stopped: (\d+) ledger row\(s\) stored this run, (\d+) held in the journal "
-                       r"(\S+) for the next start, (\d+) lost \(of (\d+) recorded\).*")
-
-
-class ProxyProcess:
-    """`fleetdeck proxy` as systemd runs it, stopped with SIGTERM."""
-
-    def __init__(self, config: Path, store: Path, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetdeck", "proxy", "--router-config", str(config), "--port", str(port), "--store", str(store)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=ROOT)
-        self.client = httpx.Client(base_url=self.url, trust_env=False, timeout=60)
-        deadline = time.time() + 120
-        while True:
-            try:
-                if self.client.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and self.proc.poll() is None, self.output()
-            time.sleep(0.1)
-
-    def ask(self, i: int) -> int:
-        body = {"model": "tickets", "messages": [{"role": "user", "content": f"q{i} lp=-0.01"}]}
-        return self.client.post("/v1/chat/completions", json=body).status_code
-
-    def metrics(self) -> dict[str, float]:
-        text = self.client.get("/metrics").text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(fleetdeck_ledger_\w+) ([\d.e+]+)$", text, re.M)}
-
-    def output(self) -> str:
-        if self.proc.poll() is None:
-            return ""
-        return self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
-
-    def stop(self) -> tuple[Stop | None, str]:
-        """SIGTERM; the process must exit 0 by itself (no time is asserted: only that it ends and what it says)."""
-        self.client.close()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            assert self.proc.wait(timeout=300) == 0, self.output()
-        finally:
-            self.kill()
-        out = self.output()
-        m = STOP_LINE.search(out)
-        stop = Stop(int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5)), m.group(0)) if m else None
-        return stop, out
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def slm():
     from tests.fakes.fake_openai import ServerThread, slm_app
@@ -997,11 +912,11 @@ def write_rows(store, rows):
     if stage == "after_commit":
         die()
 
-def cut(self, offset):
-    if stage == "in_cut":
-        os.ftruncate(self.fd, (self.end - self.base) // 2)  # half cut, as a kill inside it could leave it
+def cut(self):
+    if stage == "in_cut" and self.end and not self.in_memory(self.gen):
+        os.ftruncate(self.fd, self.end // 2)  # half cut, as a kill inside it could leave it
         die()
-    return real_cut(self, offset)
+    return real_cut(self)
 
 batch.fold_rollups = fold
 ledger.write_rows = write_rows

@@ -485,7 +485,8 @@ def test_a_body_that_never_finishes_gets_408_and_a_disconnect_is_one_line(slm, f
     assert head.startswith("HTTP/1.1 408") and "request_timeout" in head
     with caplog.at_level("INFO", logger="fleetdeck.proxy"):
         with socket.create_connection(("127.0.0.1", proxy.server.port)) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{\"mo")
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"mo")
         assert wait_for(lambda: any("disconnected" in r.getMessage() for r in caplog.records))
     assert proxy.post("lp=-0.01").status_code == 200
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from engine.router import app as app_module
 from engine.router.config import RouterConfig
+from store.db import open_store
 from tests.fakes.fake_openai import ServerThread, broken_slm_app
 from tests.proxy_helpers import Proxies, Proxy, frontier, make_config, slm  # noqa: F401 (fixtures)
 
@@ -359,6 +360,69 @@ def test_a_broken_small_model_never_makes_a_500_a_lost_row_or_a_stuck_ledger(bro
     assert all(isinstance(x["slm_prompt_tokens"], int) for x in by_usage)
 
 
+# --- Content-Type -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonp", "text/json", "two"])
+def test_a_body_that_is_not_sent_as_json_is_a_415_and_goes_nowhere(slm, frontier, make_proxy, content_type):
+    """Before: any Content-Type (or none) was read as JSON. A page can make a browser POST text/plain, a form,
+    or a Blob with no type without a CORS preflight; the Origin and Host checks stop browsers that mark
+    their requests, and this stops the rest. OpenAI's clients all send application/json."""
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    calls = len(slm.app.state.calls)
+    headers = [] if content_type is None else (
+        [("content-type", "application/json"), ("content-type", "text/plain")] if content_type == "two"
+        else [("content-type", content_type)])
+    r = proxy.client.post("/v1/chat/completions", content=CHAT, headers=httpx.Headers(headers))
+    err = one_line_error(r, 415)
+    assert err["code"] == "unsupported_media_type" and err["param"] == "Content-Type"
+    assert "application/json" in err["message"]
+    assert len(slm.app.state.calls) == calls
+    for ok in ("application/json", "Application/JSON; charset=utf-8"):  # parameters and case as HTTP allows
+        assert proxy.client.post("/v1/chat/completions", content=CHAT, headers={"content-type": ok}).status_code == 200
+    assert [x["status"] for x in stored_rows(proxy)] == [200, 200]  # the refusals sent nothing upstream
+
+
+def test_curl_with_the_json_header_is_served_and_without_it_is_told_what_to_add(slm, frontier, make_proxy):
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    url = f"{proxy.server.url}/v1/chat/completions"
+    data = CHAT.decode()
+    good = subprocess.run([curl, "-sS", "--noproxy", "*", url, "-H", "Content-Type: application/json", "-d", data],
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(good.stdout)["object"] == "chat.completion", good.stdout + good.stderr
+    bare = subprocess.run([curl, "-sS", "--noproxy", "*", url, "-d", data], capture_output=True, text=True, timeout=60)
+    message = json.loads(bare.stdout)["error"]["message"]  # curl -d sends a form's type
+    assert "-H 'Content-Type: application/json'" in message and "x-www-form-urlencoded" in message
+
+
+def test_a_large_body_is_encoded_for_the_small_model_off_the_event_loop(slm, frontier, make_proxy, monkeypatch):
+    """Before: a body the proxy had parsed in a thread (past 64 KiB) was encoded again for the small model by
+    httpx on the event loop: 5 MB of messages took ~60 ms there, every stream of the proxy stalled meanwhile."""
+    from engine.router import slm_stream
+
+    threads: list[threading.Thread] = []
+    real = slm_stream.encode_payload
+
+    def encode(payload: dict[str, Any]) -> bytes:
+        threads.append(threading.current_thread())
+        return real(payload)
+
+    monkeypatch.setattr(slm_stream, "encode_payload", encode)
+    proxy = make_proxy(make_config(slm.url, frontier.url, confidence="first_token", threshold=0.5))
+    filler = [{"role": "user", "content": "é" * 1000} for _ in range(100)]  # ~200 KB: past the bound
+    r = proxy.client.post("/v1/chat/completions", json={"model": "tickets", "messages": [*filler, {
+        "role": "user", "content": "lp=-0.01"}]})
+    assert r.status_code == 200, r.text
+    assert threads and all(t is not proxy.server.thread for t in threads)  # encoded, and not on the loop's thread
+    assert slm.app.state.calls[-1]["messages"][0]["content"] == "é" * 1000  # what the small model got is the body
+    assert proxy.post("lp=-0.01").status_code == 200 and len(threads) == 1  # a small body: encoded where it was
+
+
 # --- a client that leaves ------------------------------------------------------------------------------------
 def _open_chat(port: int, content: str, stream: bool) -> socket.socket:
     body = json.dumps({"model": "tickets", "stream": stream, "messages": [{"role": "user", "content": content}]}).encode()
@@ -408,6 +472,65 @@ def test_a_client_that_leaves_mid_stream_is_a_499_row_and_the_slm_connection_is_
     assert rows[0]["error"].startswith("the client disconnected mid-stream")
 
 
+def _leave_during_the_frontier_call(proxy: Proxy, frontier: Any, content: str, stream: bool, mid: bool = False) -> None:
+    """Send a request forced to the frontier and leave once the frontier has it (`mid`: once its stream began)."""
+    body = json.dumps({"model": "tickets", "stream": stream, "messages": [{"role": "user", "content": content}]}).encode()
+    n = len(frontier.app.state.calls)
+    s = socket.create_connection(("127.0.0.1", proxy.server.port))
+    s.settimeout(30)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"X-Fleetdeck-Escalate: always\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    wait_until(lambda: len(frontier.app.state.calls) > n, "the frontier to be asked")
+    data = b""
+    while mid and b"data: " not in data:  # the frontier's first chunk has been relayed
+        more = s.recv(65536)
+        assert more, f"the proxy closed the connection before the first chunk: {data[:300]!r}"
+        data += more
+    s.close()
+
+
+@pytest.mark.parametrize("case", ["answer_came", "frontier_failed", "stream_opening", "stream_mid"])
+def test_a_client_that_leaves_during_a_frontier_call_is_a_frontier_row_with_what_it_cost(slm, frontier, make_proxy,
+                                                                                       monkeypatch, case):
+    """Before: the row said route `none`, cost $0.00, although the frontier had the request (and bills for it).
+    Now: route frontier, escalated, the decided reason, status 499; the cost as the frontier's usage says when
+    its answer came after the client left, else estimated from the prompt and marked `cost_estimated`; and the
+    month's report counts it."""
+    from store.analytics import month_report
+    from tests.fakes.fake_openai import FRONTIER_COMPLETION_TOKENS, FRONTIER_PROMPT_TOKENS
+
+    monkeypatch.setenv("FAKE_FRONTIER_KEY", "k")
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    content = {"answer_came": "fsleep=1.5 q", "frontier_failed": "fsleep=1.5 ffail q",
+               "stream_opening": "fsleep=30 q", "stream_mid": "fstall q"}[case]
+    _leave_during_the_frontier_call(proxy, frontier, content, stream=case.startswith("stream"), mid=case == "stream_mid")
+    wait_until(lambda: proxy.ledger.counts().recorded == 1, "the row of the request the client left")
+    price = proxy.router.prices["tickets"]
+    assert price.input_per_token > 0  # gpt-4o is in litellm's bundled price map
+    store_path = proxy.store_path
+    rows = stored_rows(proxy)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["status"], r["route"], r["escalated"], r["reason"], r["frontier_model"]) == (
+        499, "frontier", 1, "forced_frontier", "openai/gpt-4o"), r
+    assert "the client disconnected" in r["error"]
+    if case == "answer_came":
+        assert r["cost_estimated"] == 0 and "came after it left" in r["error"]
+        assert r["cost_usd"] == pytest.approx(price.cost(FRONTIER_PROMPT_TOKENS, FRONTIER_COMPLETION_TOKENS))
+    else:
+        assert r["cost_estimated"] == 1 and "estimated from the prompt" in r["error"]
+        assert r["prompt_tokens"] > 0 and r["cost_usd"] > 0
+        assert r["cost_usd"] == pytest.approx(price.cost(r["prompt_tokens"], 0))
+    store = open_store(store_path)
+    try:
+        report = month_report(store, time.strftime("%Y-%m", time.gmtime()), time.time(), 1.0, 1)
+    finally:
+        store.close()
+    assert report.requests == 1 and report.escalated == 1
+    assert report.frontier_cost_usd == pytest.approx(r["cost_usd"], abs=1e-6)
+    assert report.frontier_cost_estimated_usd == pytest.approx(r["cost_usd"] if r["cost_estimated"] else 0.0, abs=1e-6)
+
+
 # --- reload ----------------------------------------------------------------------------------------------------
 def _router_toml(slm_url: str, model: str) -> str:
     return (f'[proxy]\napi_keys_env = ""\n[[task]]\nname = "tickets"\nslm_base_url = "{slm_url}/v1"\n'
@@ -435,3 +558,27 @@ def test_a_reload_of_a_file_without_end_or_a_broken_config_keeps_the_old_one_in_
     cfg.write_text(_router_toml(slm.url, "tickets-v4"))
     assert proxy.client.post("/admin/reload").status_code == 200
     assert proxy.router.config.task[0].slm_model == "tickets-v4"
+
+
+def test_a_reload_that_removes_a_task_while_its_frontier_stream_opens_changes_nothing_for_it(slm, frontier, make_proxy,
+                                                                                               tmp_path: Path, monkeypatch):
+    """Before: the stream's price was looked up by the task's name in the new config: KeyError, a 500 and an
+    internal_error row for a request the frontier answered. A request keeps the task (and price) it started with."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("FAKE_FRONTIER_KEY", "k")
+    cfg = tmp_path / "router.toml"
+    cfg.write_text(_router_toml(slm.url, "tickets-v3"))
+    proxy = make_proxy(make_config(slm.url, frontier.url))
+    proxy.router.config_path = cfg
+    n = len(frontier.app.state.calls)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(proxy.post, "fsleep=3 q", {"X-Fleetdeck-Escalate": "always"}, stream=True)
+        wait_until(lambda: len(frontier.app.state.calls) > n, "the frontier to be asked")
+        cfg.write_text(_router_toml(slm.url, "tickets-v3").replace('name = "tickets"', 'name = "other"'))
+        assert proxy.client.post("/admin/reload").json()["tasks"] == ["other"]
+        r = pending.result()
+    assert r.status_code == 200 and r.headers["x-fleetdeck-route"] == "frontier", r.text
+    (row,) = stored_rows(proxy)
+    assert (row["status"], row["route"], row["task"]) == (200, "frontier", "tickets")
+    assert row["cost_usd"] > 0  # priced as its own task's frontier model

@@ -321,7 +321,7 @@ def test_an_answer_whose_body_does_not_end_after_done_is_whole_and_stands(slm, f
 
 
 # --- property: the client gets one model's answer, never a mix -------------------------------------------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
@@ -482,3 +482,131 @@ def test_tool_call_deltas_are_assembled_into_one_call_per_index():
         {"id": "call_b", "type": "function", "function": {"name": "close", "arguments": "{}"}},
     ]
     assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 4} and answer["id"] == "c1"
+
+
+# --- a small model whose chunks are not OpenAI chunks (Hypothesis) --------------------------------------------
+def _odd_slm_app() -> Any:
+    """A small model that streams one good token, the chunk `app.state.odd` (text sent as the data line as it
+    is), and a good end; or the odd chunk first when `app.state.first` is set."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    def good(content: str | None, finish: str | None = None) -> str:
+        delta = {} if content is None else {"content": content}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                  "logprobs": {"content": [{"token": "t", "logprob": -0.01, "bytes": [116], "top_logprobs": []}]}}
+        return json.dumps({"id": "o", "object": "chat.completion.chunk", "created": 1, "model": "o", "choices": [choice]})
+
+    async def chat(request: Any) -> Any:
+        await request.body()
+        odd, first = request.app.state.odd, request.app.state.first
+
+        async def gen() -> Any:
+            lines = [good("a"), odd, good(None, "stop")] if not first else [odd, good("a"), good(None, "stop")]
+            for line in lines:
+                yield f"data: {line}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    app.state.odd, app.state.first = "{}", False
+    return app
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False, allow_infinity=False)
+                           | st.text(max_size=5), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.sampled_from(["content", "index", "delta", "role", "x"]), inner, max_size=3),
+                           max_leaves=6)
+ODD_AT = ["choices", "choice", "delta", "content", "index", "tool_calls", "usage", "logprobs", "no_choices",
+          "usage_only"]
+
+
+def _odd_chunk(where: str, value: Any) -> str:
+    chunk: dict[str, Any] = {"id": "o", "object": "chat.completion.chunk", "created": 1, "model": "o",
+                             "choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": None}]}
+    choice = chunk["choices"][0]
+    if where == "choices":
+        chunk["choices"] = value
+    elif where == "choice":
+        chunk["choices"] = [value]
+    elif where == "delta":
+        choice["delta"] = value
+    elif where in ("content", "tool_calls"):
+        choice["delta"][where] = value
+    elif where in ("index", "logprobs"):
+        choice[where] = value
+    elif where == "usage":
+        chunk["usage"] = value
+    elif where == "usage_only":  # a usage chunk whose `choices` is missing or null (OpenAI's has [])
+        chunk["usage"] = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        if value is None:
+            chunk["choices"] = None
+        else:
+            del chunk["choices"]
+    else:
+        del chunk["choices"]
+    return json.dumps(chunk)
+
+
+@pytest.fixture(scope="module")
+def odd_slm():
+    from tests.fakes.fake_openai import ServerThread
+
+    server = ServerThread(_odd_slm_app()).start()
+    yield server
+    server.stop()
+
+
+@example(where='usage_only', value=None, first=False, stream=True, raw=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(ODD_AT), value=JSON_VALUES, first=st.booleans(), stream=st.booleans(),
+       raw=st.one_of(st.none(), st.none(), st.none(),  # mostly a chunk made from `where`, sometimes raw text
+                     st.sampled_from(["not json", "[1, 2]", '"text"', "{\"choices\": [}"])))
+def test_an_odd_slm_chunk_reaches_no_client_as_it_is(odd_slm, tmp_path_factory, where, value, first, stream, raw):
+    """Before: a small model's chunk with `choices` not a list, a choice or `delta` not an object, or content
+    that is not text was relayed verbatim (an SDK reading `chunk.choices[0].delta.content` then crashes with
+    an AttributeError or TypeError), or before the decision it was a 500 (an int `choices`). Now a chunk no
+    client can read is a broken small-model stream: before the decision the small model failed (here: no
+    frontier, a 503); after it, the client gets an OpenAI-shaped error event (the SDK raises APIError) and
+    the row says 502 and why. A chunk of the right shape is relayed. Never a 500, one row per request."""
+    openai = pytest.importorskip("openai")
+    odd = raw if raw is not None else _odd_chunk(where, value)
+    odd_slm.app.state.odd, odd_slm.app.state.first = odd, first
+    proxy = Proxy(make_config(odd_slm.url, None, confidence="first_token", threshold=0.5),
+                  tmp_path_factory.mktemp("odd") / "fd.db")
+    try:
+        with httpx.Client(trust_env=False) as http:
+            client = openai.OpenAI(base_url=f"{proxy.server.url}/v1", api_key="unused", http_client=http, max_retries=0)
+            messages = [{"role": "user", "content": "q"}]
+            try:
+                if stream:
+                    text = ""
+                    for chunk in client.chat.completions.create(model="tickets", stream=True, messages=messages,
+                                                                stream_options={"include_usage": True}):
+                        for choice in chunk.choices:  # what a client's loop does with every chunk
+                            piece = choice.delta.content
+                            assert piece is None or isinstance(piece, str)
+                            text += piece or ""
+                else:
+                    text = client.chat.completions.create(model="tickets", messages=messages).choices[0].message.content
+                    assert isinstance(text, str)
+                outcome = "answered"
+            except openai.APIStatusError as exc:
+                assert exc.status_code in (502, 503), exc  # the small model failed and there is no frontier
+                outcome = "refused"
+            except openai.APIError as exc:  # an error event in the stream
+                assert "not an OpenAI chat chunk" in str(exc) or "not an OpenAI chat stream" in str(exc), exc
+                outcome = "cut"
+    finally:
+        rows = proxy.rows()
+    assert len(rows) == 1, rows
+    (row,) = rows
+    assert row["status"] != 500 and row["reason"] != "internal_error", row
+    if outcome == "cut":
+        assert stream and not first and row["status"] == 502 and "not an OpenAI chat" in row["error"]
+    elif outcome == "refused":
+        assert row["status"] in (502, 503) and row["reason"] in ("slm_error", "no_logprobs"), row
+    else:
+        assert row["status"] == 200 and "a" in text, (text, row)  # the good token, and the odd chunk's text if it was good

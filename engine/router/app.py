@@ -28,6 +28,7 @@ from engine.router.call import Call
 from engine.router.config import is_loopback
 from engine.router.decide import Force
 from engine.router.request_check import BadRequest, check_request, parse_body
+from engine.router.slm_stream import OFF_LOOP_BYTES
 from store.ledger_row import Reason, Route
 
 if TYPE_CHECKING:  # the Router makes the app from this module: a type only, or the two would import each other
@@ -37,9 +38,9 @@ log = logging.getLogger("fleetdeck.proxy")
 
 # The cancel message that tells Router.handle its client left (any other cancel is the proxy stopping).
 CLIENT_GONE = "fleetdeck: the client disconnected"
-# A body larger than this is parsed and validated in a thread: a 4 MiB body of 140,000 empty messages
-# takes about a second of parsing and validation, which on the event loop would stall every stream.
-OFF_LOOP_BYTES = 64 * 1024
+# A body larger than OFF_LOOP_BYTES is parsed and validated in a thread: a 4 MiB body of 140,000 empty
+# messages takes about a second of parsing and validation, which on the event loop would stall every stream.
+# (The same bound has its forward to the small model encoded in a thread: engine/router/slm_stream.py.)
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None,
@@ -161,6 +162,9 @@ class Endpoints:
         t0 = time.perf_counter()
         if (err := self._auth_error(request)) is not None:
             return err
+        if (err := _json_content_type_error(request)) is not None:
+            router.metrics.errors.labels("", "415").inc()
+            return err
         try:
             raw = await self._read_body(request)
         except ClientDisconnect:
@@ -194,7 +198,7 @@ class Endpoints:
             router.metrics.errors.labels("", "404").inc()
             return openai_error(404, f"Unknown task {name[:100]!r}. Known tasks: {known}. Name one as `model` "
                                      "or in the X-Fleetdeck-Task header.", "invalid_request_error", "model_not_found")
-        call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, None, body)
+        call = Call(uuid.uuid4().hex, task, t0, body.get("stream") is True, None, body, size=len(raw))
         try:
             call.force = _force(_one_header(request, "x-fleetdeck-escalate"))
             # From here on the body is the typed request's own dump: nothing unchecked goes upstream.
@@ -233,6 +237,23 @@ class Endpoints:
             return Response(status_code=499)  # nobody is listening; uvicorn drops it
         finally:
             watcher.cancel()
+
+
+def _json_content_type_error(request: Request) -> Response | None:
+    """OpenAI's chat API takes a JSON body, and every OpenAI client says so (`Content-Type: application/json`:
+    both SDKs, litellm, httpx's json=, curl with -H). A body of any other type, or of none, is refused (415)
+    before it is read: a web page can make a browser POST text/plain, a form, or a Blob with no type to
+    127.0.0.1 without asking first (no CORS preflight), so with the Origin and Host checks this is a third
+    wall against a page spending the frontier budget from an operator's browser; a page that sets
+    application/json must ask first, and the proxy answers no preflight. Parameters (charset) are allowed."""
+    sent = request.headers.getlist("content-type")
+    kind = sent[0].split(";", 1)[0].strip().lower() if len(sent) == 1 else ""
+    if kind == "application/json":
+        return None
+    got = "none" if not sent else f"{len(sent)} Content-Type headers" if len(sent) > 1 else repr(sent[0][:60])
+    return openai_error(415, f"Content-Type must be application/json (got {got}): send the request as JSON, as the "
+                             "OpenAI SDKs do (with curl: -H 'Content-Type: application/json').", "invalid_request_error",
+                        "unsupported_media_type", param="Content-Type")
 
 
 def _checked(body: dict[str, Any]) -> dict[str, Any]:

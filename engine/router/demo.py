@@ -43,6 +43,7 @@ from store.db import Store, open_store
 from store.ledger import CONFIDENCE_BINS, LATENCY_BUCKETS_MS, confidence_bin, latency_bucket, put_rollups
 from store.ledger_row import Route
 from store.schema import ROLLUP_TABLES
+from store.rollup import ROLLUP_FIELDS
 
 GPT4O_IN, GPT4O_OUT = 2.5e-6, 10e-6
 
@@ -108,12 +109,18 @@ def backfill(store: Store, now: float, tasks: tuple[DemoTask, ...] = DEMO_TASKS,
         for route, count, cost, lat in ((Route.SLM, slm_n, 0.0, 60.0), (Route.FRONTIER, esc, allf_per * esc, 900.0)):
             if not count:
                 continue
-            rows[table].append((
-                bucket, task.name, route, count, esc if route == Route.FRONTIER else 0, esc if route == Route.FRONTIER else 0,
-                0, 0, 0, count * task.prompt_tokens, count * task.completion_tokens, cost, allf_per * count,
-                lat * count, json.dumps(_hist_latency(rng, count, lat)),
-                json.dumps(_hist_conf(rng, count, count if route == Route.FRONTIER else 0, task.threshold)),
-            ))
+            escalated = esc if route == Route.FRONTIER else 0
+            values: dict[str, Any] = {
+                "bucket": bucket, "task": task.name, "route": route, "requests": count, "escalated": escalated,
+                "esc_low_confidence": escalated, "prompt_tokens": count * task.prompt_tokens,
+                "completion_tokens": count * task.completion_tokens, "cost_usd": cost,
+                "all_frontier_cost_usd": allf_per * count, "latency_ms_sum": lat * count,
+                "latency_hist": json.dumps(_hist_latency(rng, count, lat)),
+                "confidence_hist": json.dumps(_hist_conf(rng, count, count if route == Route.FRONTIER else 0,
+                                                         task.threshold)),
+            }
+            # By name, in ROLLUP_FIELDS order: a count the definition gains later is 0 here, not a shifted column.
+            rows[table].append(tuple(values.get(name, 0) for name in ROLLUP_FIELDS))
 
     hour_start = int(now // 3600) * 3600
     day_start = int(now // 86400) * 86400
@@ -126,7 +133,7 @@ def backfill(store: Store, now: float, tasks: tuple[DemoTask, ...] = DEMO_TASKS,
             add("rollup_day", day_start - d * 86400, task, 86400)
     with store.transaction() as conn:
         for table, data in rows.items():
-            put_rollups(conn, table, data)  # tuples in ROLLUP_FIELDS order
+            put_rollups(conn, table, data)
     return sum(len(v) for v in rows.values())
 
 

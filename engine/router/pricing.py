@@ -47,3 +47,32 @@ def frontier_price(task: Task, litellm: Any | None) -> Price:
             pass
     return Price(0.0, 0.0, "unknown")
 
+
+
+CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text; an estimate is marked as one wherever it is kept
+TOKENS_PER_MESSAGE = 4  # the chat format's own tokens around each message (role, separators)
+
+
+def estimated_prompt_tokens(messages: Any, slm_usage: dict[str, Any]) -> int:
+    """The prompt's tokens when the frontier never said (its usage did not come back): the small model's own
+    count of the same prompt when it gave one (another tokenizer, but the same text), else the text's length
+    at CHARS_PER_TOKEN. Never 0 for a request that has a message: the frontier bills a prompt it was sent."""
+    counted = slm_usage.get("prompt_tokens")
+    if isinstance(counted, int) and not isinstance(counted, bool) and counted > 0:
+        return counted
+    total = 3  # the reply's priming tokens
+    for message in messages if isinstance(messages, list) else []:
+        total += TOKENS_PER_MESSAGE + -(-len(_message_text(message)) // CHARS_PER_TOKEN)
+    return total
+
+
+def _message_text(message: Any) -> str:
+    if not isinstance(message, dict):
+        return ""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""

@@ -29,7 +29,7 @@ from engine.router.config import RouterConfig, Task, api_keys, load_router_confi
 from engine.router.decide import Decision, Failure, Force, after_frontier_failure, decide
 from engine.router.frontier_client import FrontierFailed, ask_frontier, open_frontier_stream
 from engine.router.metrics import ProxyMetrics
-from engine.router.pricing import Price, frontier_price, import_litellm
+from engine.router.pricing import Price, estimated_prompt_tokens, frontier_price, import_litellm
 from engine.router.relay import relay_frontier, relay_slm, sse_from_answer
 from engine.router.slm_client import ask_slm, probe_slm, stream_slm
 from engine.router.slm_stream import clean_usage
@@ -42,6 +42,10 @@ __all__ = ["REFUSAL_RECORD_S", "Router", "UpstreamHealth", "create_app"]
 
 log = logging.getLogger("fleetdeck.proxy")
 
+# Frontier calls that go on after their client left (each bounded by frontier_timeout_s): past this many, a
+# leaving client's call is closed like a stream's, its cost estimated; a client cannot pile up calls it no
+# longer holds a connection for.
+MAX_LEFT_BEHIND = 256
 REFUSAL_RECORD_S = 10.0  # at most one audit record per this many seconds of reloads refused at the door
 MAX_CONFIG_BYTES = 1024 * 1024  # a router config is a few KiB; a reload reads no more (a path at /dev/zero, say)
 UNKNOWN_PRICE = Price(0, 0, "unknown")
@@ -72,6 +76,8 @@ class Router:
         self.started_at = time.time()
         self.stop_deadline: float | None = None  # time.monotonic() by which a stop must be done
         self.handlers: set[asyncio.Task[Any]] = set()  # requests being handled (app.RequestTasks adds them)
+        # Frontier calls whose client left, run to their end for their usage (the cost the frontier bills).
+        self.left_behind: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -184,6 +190,14 @@ class Router:
         running = {t for t in self.handlers if not t.done()}
         if running:
             await asyncio.wait(running, timeout=max(self.ledger_close_bound(), 1.0))
+        if self.left_behind:
+            # Frontier calls of clients that left: waited for within the grace, then cancelled (their rows say
+            # the cost is estimated), so every one is recorded before the ledger closes.
+            await asyncio.wait(set(self.left_behind), timeout=max(self.ledger_close_bound(), 0.1))
+            for t in list(self.left_behind):
+                t.cancel()
+            if self.left_behind:
+                await asyncio.wait(set(self.left_behind), timeout=1.0)
         if self.upstreams is not None:
             await self.upstreams.aclose()
         if self.ledger is not None:
@@ -222,7 +236,12 @@ class Router:
         try:
             return await self._route(call)
         except asyncio.CancelledError as exc:
-            if exc.args and exc.args[0] == CLIENT_GONE:
+            gone = bool(exc.args and exc.args[0] == CLIENT_GONE)
+            if call.frontier_asked is not None:
+                # The frontier was asked and had not answered: its row says so (route frontier, its cost).
+                self._frontier_cut_off(call, gone)
+                raise
+            if gone:
                 # The client left while its answer was being made (app.py watches): the small model's stream
                 # and any frontier call were closed as this unwound; the row says why nothing was sent.
                 self.record(self.row(call, Route.NONE, False, Reason.CLIENT_DISCONNECTED, 499,
@@ -242,8 +261,8 @@ class Router:
             if call.force != Force.ALWAYS:
                 assert self.upstreams is not None
                 ask = stream_slm if call.stream else ask_slm
-                call.slm = await ask(self.upstreams, call.task, call.body)
-            decision = decide(call.task, call.slm, call.force)
+                call.slm = await ask(self.upstreams, call.task, call.body, call.size)
+            decision = call.decision = decide(call.task, call.slm, call.force)
             if decision.route == Route.FRONTIER:
                 return await (self._stream_frontier(call, decision) if call.stream else self._answer_frontier(call, decision))
             return self._answer(call, decision)
@@ -259,7 +278,7 @@ class Router:
         return self._answer_slm(call, decision)
 
     def _answer_slm(self, call: Call, d: Decision) -> Response:
-        price = self.prices.get(call.task.name, UNKNOWN_PRICE)
+        price = self.price_of(call)
         headers = self.headers(call, Route.SLM, d.escalated)
         if call.slm.stream is not None:
             call.slm.stream.claimed = True  # the relay closes it, once the response has been sent
@@ -288,30 +307,99 @@ class Router:
         return self._answer(call, after_frontier_failure(call.task, call.slm, d.reason, exc.error, exc.summary, exc.status))
 
     async def _answer_frontier(self, call: Call, d: Decision) -> Response:
-        t = time.perf_counter()
+        t = call.frontier_asked = time.perf_counter()
+        call.frontier_call = asyncio.ensure_future(
+            ask_frontier(self.litellm, call.task, call.body, self.config.proxy.frontier_timeout_s))
         try:
-            answer = await ask_frontier(self.litellm, call.task, call.body, self.config.proxy.frontier_timeout_s)
+            answer = await asyncio.shield(call.frontier_call)
         except FrontierFailed as exc:
+            call.frontier_asked = None
             return self._frontier_failed(call, d, exc)
-        latency = (time.perf_counter() - t) * 1000
-        usage = clean_usage(answer.get("usage"))
-        pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-        cost = self.prices[call.task.name].cost(pt, ct)
-        row = self.row(call, Route.FRONTIER, True, d.reason, 200, forced=d.forced, prompt_tokens=pt,
-                       completion_tokens=ct, frontier_prompt_tokens=pt, frontier_completion_tokens=ct,
-                       frontier_latency_ms=latency, cost_usd=cost, all_frontier_cost_usd=cost,
-                       completion_text=_answer_text(answer))
+        call.frontier_asked = None
         response = JSONResponse(answer, headers=self.headers(call, Route.FRONTIER, True))
-        self.record(row)
+        self.record(self._frontier_row(call, d, answer, t, 200))
         return response
 
+    def _frontier_row(self, call: Call, d: Decision, answer: dict[str, Any], asked: float, status: int,
+                      **kw: Any) -> LedgerRow:
+        """The row of a whole frontier answer: its tokens and cost as the frontier's usage says."""
+        usage = clean_usage(answer.get("usage"))
+        pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        cost = self.price_of(call).cost(pt, ct)
+        return self.row(call, Route.FRONTIER, True, d.reason, status, forced=d.forced, prompt_tokens=pt,
+                        completion_tokens=ct, frontier_prompt_tokens=pt, frontier_completion_tokens=ct,
+                        frontier_latency_ms=(time.perf_counter() - asked) * 1000, cost_usd=cost,
+                        all_frontier_cost_usd=cost, completion_text=_answer_text(answer), **kw)
+
+    def _estimated_row(self, call: Call, d: Decision, asked: float, status: int, reason: Reason, error: str) -> LedgerRow:
+        """The row of a frontier call whose usage never came: the prompt's cost, estimated and marked so."""
+        slm_usage = clean_usage((call.slm.answer or {}).get("usage")) or (call.slm.stream.usage if call.slm.stream else {})
+        pt = estimated_prompt_tokens(call.body.get("messages"), slm_usage)
+        cost = self.price_of(call).cost(pt, 0)
+        return self.row(call, Route.FRONTIER, True, reason, status, forced=d.forced, prompt_tokens=pt,
+                        frontier_latency_ms=(time.perf_counter() - asked) * 1000, cost_usd=cost,
+                        all_frontier_cost_usd=cost, cost_estimated=True, error=error)
+
+    def _frontier_cut_off(self, call: Call, gone: bool) -> None:
+        """The request was cancelled while the frontier was being asked: the client left (`gone`) or the proxy
+        is stopping. A whole answer's call goes on without the client, its row made when it ends (the cost
+        as billed); a stream's opening was closed with the request, so its row is made now, its cost estimated
+        from the prompt."""
+        d, asked, pending = call.decision, call.frontier_asked, call.frontier_call
+        assert d is not None and asked is not None
+        call.frontier_asked = None
+        room = len(self.left_behind) < MAX_LEFT_BEHIND
+        if pending is not None and ((gone and room) or (pending.done() and not pending.cancelled())):
+            # Gone: it goes on. Stopping, with the answer already in: its usage is there to record.
+            waiter = asyncio.get_running_loop().create_task(
+                self._after_client_left(call, d, asked, pending, 499 if gone else 503))
+            self.left_behind.add(waiter)
+            waiter.add_done_callback(self.left_behind.discard)
+            return
+        if pending is not None:
+            pending.cancel()
+        if gone:
+            self.record(self._estimated_row(call, d, asked, 499, d.reason, (
+                "the client disconnected while the frontier's stream was opening; it was closed, and its cost is "
+                "estimated from the prompt")))
+        else:
+            self.record(self._estimated_row(call, d, asked, 503, Reason.SHUTDOWN, (
+                "the proxy stopped before the frontier answered; its cost is estimated from the prompt")))
+
+    async def _after_client_left(self, call: Call, d: Decision, asked: float, pending: asyncio.Task[dict[str, Any]],
+                                 status: int = 499) -> None:
+        """A whole frontier answer whose client left: the frontier generates (and bills) it anyway, so it is
+        waited for (within frontier_timeout_s, or the proxy's stop) and the row keeps what it cost."""
+        left = ("the client disconnected while the frontier was answering" if status == 499 else
+                "the proxy stopped while the frontier was answering")
+        try:
+            answer = await pending
+        except FrontierFailed as exc:
+            self.record(self._estimated_row(call, d, asked, status, d.reason, (
+                f"{left}; the frontier then failed ({exc.error if call.task.store_text else exc.summary}); its "
+                "cost is estimated from the prompt")))
+        except asyncio.CancelledError:
+            pending.cancel()
+            self.record(self._estimated_row(call, d, asked, status, d.reason, (
+                f"{left}; the proxy stopped before its answer came; its cost is estimated from the prompt")))
+            raise
+        except Exception as exc:  # nothing above foresaw it: the row still says what is known
+            self.record(self._estimated_row(call, d, asked, status, d.reason, (
+                f"{left}; then {type(exc).__name__}; its cost is estimated from the prompt")))
+        else:
+            self.record(self._frontier_row(call, d, answer, asked, status, error=(
+                f"{left}; the answer came after it left (not sent; its cost as the frontier's usage says)")))
+
     async def _stream_frontier(self, call: Call, d: Decision) -> Response:
+        call.frontier_asked = time.perf_counter()
         try:
             stream = await open_frontier_stream(self.litellm, call.task, call.body, self.config.proxy.frontier_timeout_s)
         except FrontierFailed as exc:
+            call.frontier_asked = None
             return self._frontier_failed(call, d, exc)
+        call.frontier_asked = None  # from here the relay records the row, whatever happens
         row = self.row(call, Route.FRONTIER, True, d.reason, 200, forced=d.forced)
-        return StreamingResponse(relay_frontier(call, stream, row, self.prices[call.task.name], self.record),
+        return StreamingResponse(relay_frontier(call, stream, row, self.price_of(call), self.record),
                                  media_type="text/event-stream", headers=self.headers(call, Route.FRONTIER, True))
 
     # -- ledger ---------------------------------------------------------------------------------
@@ -351,6 +439,14 @@ class Router:
             "x-fleetdeck-escalated": "true" if escalated else "false",
             "x-fleetdeck-request-id": call.rid,
         }
+
+    def price_of(self, call: Call) -> Price:
+        """The frontier price of the task the request started with: a reload that changed or removed the task
+        meanwhile (this proxy's prices are the new config's) changes nothing for it. Before, a reload that removed
+        the task while its streamed frontier request opened made a 500."""
+        if self.config.task_by_name(call.task.name) is call.task:
+            return self.prices.get(call.task.name, UNKNOWN_PRICE)
+        return frontier_price(call.task, self.litellm)
 
     def task_for(self, name: object) -> Task | None:
         return self.config.task_by_name(name) if isinstance(name, str) and name else None

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable
 
 from engine.router.call import Call
 from engine.router.frontier_client import FrontierStream, StreamCut, error_kind, short_error
-from engine.router.pricing import Price
+from engine.router.pricing import Price, estimated_prompt_tokens
 from engine.router.slm_stream import BOUND_REASON, SlmCut, SlmStream, SlmStreamError, clean_usage
 from store.ledger_row import LedgerRow
 
@@ -163,9 +163,20 @@ async def relay_frontier(call: Call, stream: FrontierStream, row: LedgerRow, pri
         row.status = 502
         yield _error_event(f"frontier stream cut: {told}")
     finally:
-        pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        if usage:
+            pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+            row.frontier_prompt_tokens, row.frontier_completion_tokens = pt, ct
+        else:
+            # No usage came (the client left or the stream was cut before its last chunk, or the frontier sent
+            # none): the frontier still bills what it was sent and wrote, so the cost is estimated (a chunk of
+            # text is about a token) and the row says so.
+            slm_usage = clean_usage((call.slm.answer or {}).get("usage"))
+            pt, ct = estimated_prompt_tokens(call.body.get("messages"), slm_usage), len(parts)
+            row.cost_estimated = True
+            if row.status != 502:  # a cut's row keeps the very words its error event said (cost_estimated marks it)
+                note = "no usage came back from the frontier: its cost is estimated from the prompt and the chunks sent"
+                row.error = f"{row.error}; {note}" if row.error else note
         row.prompt_tokens, row.completion_tokens = pt, ct
-        row.frontier_prompt_tokens, row.frontier_completion_tokens = pt, ct
         row.frontier_latency_ms = (time.perf_counter() - stream.started) * 1000
         row.cost_usd = row.all_frontier_cost_usd = price.cost(pt, ct)
         if call.task.store_text:

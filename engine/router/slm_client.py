@@ -77,13 +77,14 @@ def upstream_message(resp: httpx.Response) -> str:
     return " ".join(text[:2000].split())[:300]
 
 
-def open_slm(upstreams: UpstreamClients, task: Task, body: dict[str, Any]) -> SlmStream:
+def open_slm(upstreams: UpstreamClients, task: Task, body: dict[str, Any], size: int = 0) -> SlmStream:
     """The small model's request, streamed whatever the client asked: both bounds watch it."""
     payload = slm_request(task, body["messages"], passed_through(body), int(body.get("top_logprobs") or 0))
     # Usage always: the ledger's token counts; a streaming client gets the usage chunk only if it asked.
     payload.update(stream=True, stream_options={"include_usage": True})
     return SlmStream(upstreams.for_url(task.slm_base_url), f"{task.slm_base_url}/chat/completions", payload,
-                     bearer_from_env(task.slm_api_key_env), task.slm_first_token_timeout_s, task.slm_total_timeout_s)
+                     bearer_from_env(task.slm_api_key_env), task.slm_first_token_timeout_s, task.slm_total_timeout_s,
+                     size)
 
 
 Failed = Callable[..., SlmOutcome]
@@ -116,12 +117,12 @@ async def _read(stream: SlmStream, read: Callable[[], Awaitable[None]], failed: 
     return None
 
 
-async def ask_slm(upstreams: UpstreamClients, task: Task, body: dict[str, Any]) -> SlmOutcome:
+async def ask_slm(upstreams: UpstreamClients, task: Task, body: dict[str, Any], size: int = 0) -> SlmOutcome:
     """A client that wants one JSON answer: the small model is still asked for a stream, so an SLM that
     has not started is cut at slm_first_token_timeout_s (not after the whole slm_total_timeout_s);
     the whole stream is read and assembled into the chat.completion the client gets. A server that
-    ignored `stream` and sent one JSON body is read as before."""
-    stream = open_slm(upstreams, task, body)
+    ignored `stream` and sent one JSON body is read as before. `size`: the client's body in bytes."""
+    stream = open_slm(upstreams, task, body, size)
     t = time.perf_counter()
     whole: list[bytes] = []
 
@@ -161,10 +162,10 @@ async def ask_slm(upstreams: UpstreamClients, task: Task, body: dict[str, Any]) 
     return SlmOutcome(answer=answer, confidence=conf, latency_ms=latency, ttft_ms=stream.ttft_ms)
 
 
-async def stream_slm(upstreams: UpstreamClients, task: Task, body: dict[str, Any]) -> SlmOutcome:
+async def stream_slm(upstreams: UpstreamClients, task: Task, body: dict[str, Any], size: int = 0) -> SlmOutcome:
     """Ask the small model for a streamed answer and read it up to the task's decision window; the outcome
     holds the stream open for the relay (engine/router/relay.py) or for the Router to close."""
-    stream = open_slm(upstreams, task, body)
+    stream = open_slm(upstreams, task, body, size)
     window = task.window_label()
     t = time.perf_counter()
 

@@ -37,6 +37,14 @@ DRAIN_S = 1.0
 # A JSON escape of a UTF-16 surrogate: only text holding one can decode to a lone surrogate (checked then).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _USAGE_MAX = 2**53  # token counts past this are not counts (and a float would lose them)
+# A request body past this many bytes is parsed (engine/router/app.py) and encoded for the small model in a
+# thread: 5 MB of messages take ~60 ms to encode, which on the event loop would stall every stream.
+OFF_LOOP_BYTES = 64 * 1024
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    """The request body, as httpx's `json=` would encode it."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def clean_usage(usage: Any) -> dict[str, Any]:
@@ -67,6 +75,42 @@ def lone_surrogate(text: str, value: Any) -> bool:
     return False
 
 
+def chunk_problem(chunk: dict[str, Any]) -> str | None:
+    """What makes a parsed chunk no OpenAI chat-completion chunk a client can read, or None. The SDKs index
+    `chunk.choices[i].delta.content` without looking: a chunk whose `choices` is not a list of objects, a
+    `delta` that is not an object, content that is not text, would crash the client's loop or be read as
+    garbage. Checked on every chunk (a few isinstance calls), before the decision and after it; a chunk that
+    fails is a broken small-model stream (SlmStreamError), never relayed. The choice's other fields are not
+    judged: servers differ there (vLLM's finish reasons, extra keys) and clients read them as given."""
+    choices = chunk.get("choices")
+    if choices is None:
+        # A usage-only chunk may leave `choices` out (OpenAI sends `[]`); any other chunk without it is not one.
+        return None if isinstance(chunk.get("usage"), dict) else "no `choices`"
+    if not isinstance(choices, list):
+        return "`choices` is not a list"
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return "a choice is not an object"
+        index = choice.get("index", 0)
+        if not isinstance(index, int) or isinstance(index, bool):
+            return "a choice's `index` is not an integer"
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):  # missing or null too: the SDKs read `choice.delta.content` regardless
+            return "a choice's `delta` is not an object"
+        content = delta.get("content")
+        if content is not None and not isinstance(content, str):
+            return "a delta's `content` is not text"
+        if choice.get("logprobs") is not None and not isinstance(choice.get("logprobs"), dict):
+            return "a choice's `logprobs` is not an object"
+        tool_calls = delta.get("tool_calls")
+        if tool_calls is not None and not (isinstance(tool_calls, list) and all(isinstance(t, dict) for t in tool_calls)):
+            return "a delta's `tool_calls` is not a list of objects"
+    usage = chunk.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        return "`usage` is not an object"
+    return None
+
+
 class SlmCut(Exception):
     """A bound fired: `bound` is first_token or total; the message is the ledger's and the client's."""
 
@@ -90,6 +134,7 @@ class SlmStream:
     headers: dict[str, str]
     first_token_s: float
     total_s: float
+    size: int = 0  # the client's body in bytes: past OFF_LOOP_BYTES the payload is encoded in a thread
     response: httpx.Response | None = None
     held: list[dict[str, Any]] = field(default_factory=list)  # chunks read, not yet sent
     logprobs: list[float] = field(default_factory=list)
@@ -107,8 +152,14 @@ class SlmStream:
     async def open(self) -> httpx.Response:
         """Send the request; the answer's status and headers must come within the first-token bound."""
         loop = asyncio.get_running_loop()
-        request = self.client.build_request("POST", self.url, json=self.payload, headers=self.headers,
-                                            timeout=httpx.Timeout(self.total_s, connect=self.first_token_s))
+        timeout = httpx.Timeout(self.total_s, connect=self.first_token_s)
+        if self.size > OFF_LOOP_BYTES:
+            body = await asyncio.to_thread(encode_payload, self.payload)
+            request = self.client.build_request("POST", self.url, content=body, timeout=timeout,
+                                                headers={**self.headers, "Content-Type": "application/json"})
+        else:
+            request = self.client.build_request("POST", self.url, json=self.payload, headers=self.headers,
+                                                timeout=timeout)
         self._sent_at = loop.time()
         try:
             async with asyncio.timeout_at(self._sent_at + self.first_token_s):
@@ -161,6 +212,11 @@ class SlmStream:
                     self.began = True
                     if "error" in chunk:
                         raise SlmStreamError("the small model reported an error in its stream")
+                    if (problem := chunk_problem(chunk)) is not None:
+                        raise SlmStreamError(f"a chunk of the small model's stream is not an OpenAI chat chunk "
+                                             f"({problem})")
+                    if chunk.get("choices") is None:
+                        chunk["choices"] = []  # a usage-only chunk as OpenAI sends it: clients iterate `choices`
                     return chunk
         except TimeoutError:
             raise SlmCut(bound, limit) from None
