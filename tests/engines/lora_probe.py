@@ -1,0 +1,57 @@
+"""Run inside vLLM's environment: start vLLM's engine on one model, with or without LoRA, and print what it
+sized as one JSON line. `python lora_probe.py FOLDER MAX_LEN UTIL [MAX_LORAS RANK]`
+
+No VLLM_CPU_KVCACHE_SPACE: the CPU worker then sizes its KV cache as a GPU worker does, from the memory it
+may use (node memory x utilisation) minus what the process already holds (its resident set after loading the
+model, LoRA buffers included, and warming it up: cpu_worker.determine_available_memory). So the KV cache
+shrinks by what LoRA holds, as on a GPU. Besides the engine's own KV figures, the line carries the bytes of
+every LoRA buffer the engine allocated, summed over the model's LoRA layers (vLLM's own create_lora_weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def lora_buffer_bytes(model: object) -> dict[str, int]:
+    """Bytes of the stacked LoRA tensors of every wrapped layer, by wrapper class."""
+    import torch
+
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for _, module in model.named_modules():  # type: ignore[attr-defined]
+        if not type(module).__name__.endswith("WithLoRA"):
+            continue
+        for name, value in vars(module).items():
+            if "stacked" not in name or name.endswith("_2d"):  # the embedding's 2-D view shares its storage
+                continue
+            tensors = value if isinstance(value, (tuple, list)) else (value,)
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    kind = type(module).__name__
+                    out[kind] = out.get(kind, 0) + t.untyped_storage().nbytes()
+    return out
+
+
+def main() -> int:
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function
+    from vllm import LLM
+
+    folder, max_len, util = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    lora = dict(enable_lora=True, max_loras=int(sys.argv[4]), max_lora_rank=int(sys.argv[5])) if len(sys.argv) > 5 else {}
+    llm = LLM(model=folder, max_model_len=max_len, max_num_seqs=4, max_num_batched_tokens=max_len, enforce_eager=True,
+              dtype="bfloat16", gpu_memory_utilization=util, distributed_executor_backend="uni", **lora)
+    cache = llm.llm_engine.vllm_config.cache_config
+    buffers = llm.apply_model(lora_buffer_bytes)[0] if lora else {}
+    print(json.dumps({"model": folder, "num_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+                      "lora_buffers": buffers}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
