@@ -136,7 +136,7 @@ def _per_slot_elements(arch: ModelArch, rank: int, tp: int) -> tuple[int, list[s
         kv = max(1, arch.num_kv_heads // tp) * arch.head_dim
         qkv = (q + 2 * kv,) if fused else (q, kv, kv)
         total += layers * (_column(qkv, h, rank) + _row(q, h, rank))
-        names.append("qkv (fused)" if fused else "q/k/v, o")
+        names.append("qkv (fused), o" if fused else "q/k/v, o")
     moe_layers = max(0, layers - arch.first_dense_layers) if arch.is_moe else 0
     dense_layers = layers - moe_layers
 
