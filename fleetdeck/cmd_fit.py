@@ -60,6 +60,10 @@ def register(sub: Any) -> None:
                    "256, 320 or 512)")
     p.add_argument("--max-cpu-loras", type=integer(1, MAX_LORAS_LIMIT, "a number of adapters"), metavar="N",
                    help="vLLM --max-cpu-loras: adapters cached in host RAM (default max_loras)")
+    p.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
+                   help="vLLM --lora-target-modules: only these layers get LoRA buffers (e.g. q_proj v_proj)")
+    p.add_argument("--fully-sharded-loras", action="store_true", help="vLLM --fully-sharded-loras (splits more of "
+                   "the buffers over TP)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--list-models", action="store_true", help="list the built-in catalogue and exit")
     p.set_defaults(handler=run)
@@ -93,10 +97,13 @@ def lora_settings(args: argparse.Namespace) -> Any:
     """The LoRA settings the flags ask for (None: LoRA off); vLLM's defaults for what is not given."""
     from engine.kvfit.lora import LoraSettings
 
-    if not (args.enable_lora or args.max_loras or args.max_lora_rank or args.max_cpu_loras):
+    if not (args.enable_lora or args.max_loras or args.max_lora_rank or args.max_cpu_loras
+            or args.lora_target_modules or args.fully_sharded_loras):
         return None
+    targets = [t for v in args.lora_target_modules or [] for t in v.replace(",", " ").split()]
     return LoraSettings(max_loras=args.max_loras or 1, max_lora_rank=args.max_lora_rank or 16,
-                        max_cpu_loras=args.max_cpu_loras)
+                        max_cpu_loras=args.max_cpu_loras, fully_sharded=args.fully_sharded_loras,
+                        target_modules=tuple(targets) if args.lora_target_modules is not None else None)
 
 
 def _fail(msg: str) -> int:

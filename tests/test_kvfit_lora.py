@@ -133,10 +133,16 @@ def test_settings_vllm_refuses_are_one_line(kwargs, message):
     assert "\n" not in str(err.value)
 
 
-def test_lora_on_a_vocabulary_vllm_refuses_does_not_plan():
+def test_lora_on_a_vocabulary_vllm_refuses_does_not_fit_whatever_the_memory():
     cfg = {**CATALOGUE["meta-llama/Llama-3.1-8B-Instruct"], "vocab_size": 300_000}
-    with pytest.raises(LoraError, match="vocabulary \\(300,000\\) is above the 258,048"):
-        plan(arch_from_config(cfg), FitRequest(gpu_memory_bytes=H100, lora=LoraSettings(max_loras=1, max_lora_rank=8)))
+    arch = arch_from_config(cfg)
+    r = plan(arch, FitRequest(gpu_memory_bytes=H100, max_model_len=4096, lora=LoraSettings(max_loras=1, max_lora_rank=8)))
+    assert not r.fits and r.reason.startswith("When using LoRA, vocab size must be <= 258048")
+    assert r.fitting_max_model_len is None and r.fitting_gpu_memory_utilization is None  # no memory setting helps
+    assert plan(arch, FitRequest(gpu_memory_bytes=H100, max_model_len=4096)).fits  # without LoRA it does
+    # Gemma 3's 262,144 tokens are fine: vLLM's Gemma 3 lists no embedding modules, so its LM head is not wrapped
+    assert plan(catalogue_arch("google/gemma-3-12b-it"), FitRequest(gpu_memory_bytes=H100, max_model_len=4096,
+                                                                    lora=LoraSettings(1, 8))).fits
 
 
 def test_rank_512_with_many_slots_does_not_fit_and_says_what_lora_takes():
@@ -228,3 +234,89 @@ def test_a_profiles_lora_the_planner_refuses_is_unplannable_not_a_traceback(tmp_
                           mig_enabled=False, mig_devices=[])
     with pytest.raises(UnplannableError, match=r"\[lora\] max_loras must be from 1 to 65,536"):
         preflight(_profile(tmp_path, "[lora]\nenable = true\nmax_loras = 100000000\n"), [gpu])
+
+
+# -- what a deployment changes: target modules, fully sharded layers, the profile's extra vLLM arguments ----------
+
+def test_target_modules_keep_only_the_layers_named_and_a_packed_layer_whole():
+    arch = catalogue_arch("meta-llama/Llama-3.1-8B-Instruct")
+    every = lora_memory(arch, LoraSettings(4, 64), 1, 8192)
+    qv = lora_memory(arch, LoraSettings(4, 64, target_modules=("q_proj", "v_proj")), 1, 8192)
+    packed = lora_memory(arch, LoraSettings(4, 64, target_modules=("qkv_proj",)), 1, 8192)
+    h, r = 4096, 64
+    assert qv.per_slot == packed.per_slot == 32 * (3 * r * h + r * (4096 + 2 * 1024)) * 2  # all three slices
+    assert qv.modules == "q/k/v" and not qv.embeddings and qv.buffers < every.buffers
+    moe = catalogue_arch("Qwen/Qwen3-30B-A3B")
+    assert "experts" not in lora_memory(moe, LoraSettings(4, 64, target_modules=("q_proj", "o_proj")), 1, 8192).modules
+
+
+def test_a_target_that_names_no_layer_is_a_warning_not_a_verdict():
+    r = plan(catalogue_arch("Qwen/Qwen3-8B"), FitRequest(gpu_memory_bytes=H100, max_model_len=4096,
+                                                         lora=LoraSettings(1, 16, target_modules=("c_attn",))))
+    assert r.fits and r.lora_gib == 0
+    assert any("names no LoRA-capable layer" in w and "q_proj" in w for w in r.warnings)
+
+
+def test_fully_sharded_loras_split_column_a_and_row_b_over_tp():
+    arch = catalogue_arch("meta-llama/Llama-3.3-70B-Instruct")
+    plain = lora_memory(arch, LoraSettings(8, 64), 4, 8192)
+    sharded = lora_memory(arch, LoraSettings(8, 64, fully_sharded=True), 4, 8192)
+    h, r, n = 8192, 64, 80
+    # column A (q/k/v: 3 slices, gate/up: 2) lose 3/4 of their rank; row B (o, down) 3/4 of their output
+    saved = n * ((3 + 2) * h * (r - r // 4) + 2 * r * (h - h // 4)) * 2 * 8
+    assert plain.buffers - sharded.buffers == saved
+    assert lora_memory(arch, LoraSettings(8, 64, fully_sharded=True), 1, 8192) == lora_memory(arch, LoraSettings(8, 64), 1, 8192)
+    # rank 1 does not split over 4 ranks: vLLM's divide() asserts while loading
+    r = plan(arch, FitRequest(gpu_memory_bytes=H100, tensor_parallel_size=4, max_model_len=4096,
+                              lora=LoraSettings(8, 1, fully_sharded=True)))
+    assert not r.fits and "rank 1 is not divisible by 4" in r.reason and r.fitting_max_model_len is None
+
+
+def test_the_profiles_extra_vllm_arguments_reach_the_plan():
+    got = LoraSettings.from_vllm_args(4, 64, ["--max-cpu-loras", "16", "--lora-target-modules", "q_proj", "v_proj",
+                                              "--fully-sharded-loras", "--enforce-eager"])
+    assert got == LoraSettings(4, 64, max_cpu_loras=16, target_modules=("q_proj", "v_proj"), fully_sharded=True)
+    assert LoraSettings.from_vllm_args(2, 8, ["--lora-target-modules=q_proj,o_proj", "--lora-dtype", "float32"]) == \
+        LoraSettings(2, 8, target_modules=("q_proj", "o_proj"), dtype_bytes=4)
+    with pytest.raises(LoraError, match="--max-cpu-loras must be a whole number"):
+        LoraSettings.from_vllm_args(2, 8, ["--max-cpu-loras", "many"])
+    with pytest.raises(LoraError, match="must be >= max_loras"):
+        LoraSettings.from_vllm_args(4, 8, ["--max-cpu-loras", "2"])
+
+
+def test_a_profile_with_target_modules_in_extra_args_is_planned_with_them(tmp_path):
+    from engine.vllm.command import preflight
+
+    gpu = SimpleNamespace(index=0, name="H100", memory_total_bytes=H100, memory_free_bytes=H100, memory_used_bytes=0,
+                          mig_enabled=False, mig_devices=[])
+    lora = "[lora]\nenable = true\nmax_loras = 4\nmax_lora_rank = 64\n"
+    every = preflight(_profile(tmp_path, lora), [gpu])
+    path = tmp_path / "q.toml"
+    path.write_text('name = "q"\nmodel = "mistralai/Mistral-7B-Instruct-v0.3"\nmax_model_len = 32768\n'
+                    'extra_args = ["--lora-target-modules", "q_proj", "v_proj"]\n' + lora)
+    from engine.vllm.profile import load_profile
+
+    qv = preflight(load_profile(path), [gpu])
+    assert qv.lora_modules == "q/k/v" and qv.lora_gib < every.lora_gib and qv.kv_tokens > every.kv_tokens
+
+
+# -- one verdict with LoRA too: FITS means it starts; a suggestion is itself a setting that fits ------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(_MODELS), st.integers(8, 200), st.integers(5, 100), st.sampled_from([1, 2, 4, 8]),
+       st.one_of(st.none(), st.integers(1, 300_000)), _SLOTS, _RANKS, st.booleans())
+def test_a_lora_verdict_means_one_thing(name, gib, util, tp, length, slots, rank, sharded):
+    arch = catalogue_arch(name)
+    req = FitRequest(gpu_memory_bytes=gib * GIB, gpu_memory_utilization=util / 100, tensor_parallel_size=tp,
+                     max_model_len=length, lora=LoraSettings(slots, rank, fully_sharded=sharded))
+    r = plan(arch, req)
+    text = render_text(r)
+    assert "LoRA slots" in text and r.lora_gib is not None and r.lora_gib >= 0
+    if r.fits:
+        assert r.reason is None and r.max_concurrency_low >= 1
+    else:
+        assert r.reason and "max concurrency" not in text
+        if r.fitting_max_model_len:
+            again = plan(arch, replace(req, gpu_memory_utilization=r.fitting_gpu_memory_utilization,
+                                       max_model_len=r.fitting_max_model_len))
+            assert again.fits, (r.reason, again.reason)

@@ -14,7 +14,8 @@ budget, whether or not an adapter is ever loaded. Per slot and per tensor-parall
 - the input embedding: A = vocabulary x rank, B = rank x hidden; the LM head (through its logits processor):
   A = rank x hidden, B = rank x vocabulary; neither is split by TP;
 - MoE experts (FusedMoEWithLoRA): per expert, gate and up A = rank x hidden each, B = rank x moe_inter/TP each,
-  down A = rank x moe_inter/TP, B = rank x hidden.
+  down A = rank x moe_inter/TP, B = rank x hidden (gpt-oss's 3-D experts: one A for gate and up together);
+  the router is a replicated layer, a shared expert a dense MLP.
 
 Besides the buffers: the punica kernels' shrink buffer during the profile run (slices x max_num_batched_tokens x
 rank in fp32, for the widest packed layer), a few int arrays of max_num_batched_tokens (the LoRA metadata), and
@@ -52,6 +53,9 @@ NO_EMBEDDING_LORA = frozenset({
 # Models whose checkpoint fuses q/k/v and gate/up into one projection each (vLLM's packed_modules_mapping maps
 # them to themselves): one LoRA slice instead of three and two.
 FUSED_PROJECTIONS = frozenset({"phi3"})
+# MoE models whose checkpoints store the experts' gate and up fused in 3-D tensors (is_3d_moe_weight): vLLM's
+# FusedMoE3DWithLoRA keeps one A of rank x hidden for both, where FusedMoEWithLoRA keeps one each.
+FUSED_3D_EXPERTS = frozenset({"gpt_oss"})
 
 
 class LoraError(ValueError):
@@ -66,6 +70,9 @@ class LoraSettings:
     max_lora_rank: int
     max_cpu_loras: int | None = None  # None: vLLM's default, max_loras
     dtype_bytes: int = 2  # lora_dtype "auto": the model's dtype (bf16/fp16; AWQ forces fp16)
+    # --lora-target-modules: only these layers get buffers (None: every LoRA-capable layer, vLLM's default)
+    target_modules: tuple[str, ...] | None = None
+    fully_sharded: bool = False  # --fully-sharded-loras: A of column layers and B of row layers split by TP
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank", "dtype_bytes"):
@@ -81,12 +88,49 @@ class LoraSettings:
         if self.max_cpu_loras is not None and not self.max_loras <= self.max_cpu_loras <= MAX_LORAS_LIMIT:
             raise LoraError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}), as "
                             "vLLM requires")
+        if self.target_modules is not None and (not self.target_modules or not all(
+                isinstance(t, str) and t.strip() for t in self.target_modules)):
+            raise LoraError("lora target modules must be layer names such as q_proj, v_proj")
         if self.dtype_bytes not in (2, 4):
             raise LoraError(f"the LoRA dtype is 2 (fp16/bf16) or 4 (fp32) bytes, got {self.dtype_bytes}")
 
     @property
     def label(self) -> str:
         return f"max_loras {self.max_loras} x rank {self.max_lora_rank}"
+
+    @classmethod
+    def from_vllm_args(cls, max_loras: int, max_lora_rank: int, args: list[str]) -> LoraSettings:
+        """The settings a server gets, with what its extra vLLM arguments change in LoRA's memory
+        (--max-cpu-loras, --lora-target-modules, --fully-sharded-loras, --lora-dtype)."""
+        cpu: int | None = None
+        targets: list[str] | None = None
+        sharded, dtype = False, 2
+        i = 0
+        while i < len(args):
+            flag, _, inline = args[i].partition("=")
+            values = [inline] if inline else []
+            j = i + 1
+            while not inline and j < len(args) and not args[j].startswith("--"):
+                values.append(args[j])
+                j += 1
+            if flag == "--max-cpu-loras" and values:
+                cpu = _whole(values[0], "--max-cpu-loras")
+            elif flag == "--lora-target-modules" and values:
+                targets = [t for v in values for t in v.replace(",", " ").split()]
+            elif flag == "--fully-sharded-loras":
+                sharded = inline.lower() not in ("false", "0") if inline else True
+            elif flag == "--lora-dtype" and values:
+                dtype = 4 if values[0] in ("float32", "fp32") else 2
+            i = j if flag in ("--max-cpu-loras", "--lora-target-modules", "--lora-dtype") else i + 1
+        return cls(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=cpu,
+                   target_modules=tuple(targets) if targets else None, fully_sharded=sharded, dtype_bytes=dtype)
+
+
+def _whole(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise LoraError(f"{flag} must be a whole number, got {text!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,84 +145,135 @@ class LoraMemory:
     embeddings: bool  # whether the embedding and LM head are among them
 
 
-def _column(slices_out: tuple[int, ...], inp: int, rank: int) -> int:
-    """Elements per slot of a column-parallel layer: A per slice (input not split), B per slice output."""
-    return len(slices_out) * rank * inp + rank * sum(slices_out)
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """One kind of LoRA-wrapped layer: its runtime name in vLLM, the adapter-visible names packed into it (what
+    --lora-target-modules may name instead), how many of the model has, and one slot's elements on one rank."""
+
+    name: str
+    children: tuple[str, ...]
+    count: int
+    elements: int
+    label: str
 
 
-def _row(inp_per_rank: int, out: int, rank: int) -> int:
-    return rank * inp_per_rank + rank * out
+def _column(slices_out: tuple[int, ...], inp: int, rank: int, tp: int, sharded: bool) -> int:
+    """Elements per slot of a column-parallel layer: A per slice (input not split; its rank split by TP when
+    fully sharded), B per slice output on this rank."""
+    a_rank = rank // tp if sharded else rank
+    return len(slices_out) * a_rank * inp + rank * sum(slices_out)
 
 
-def _per_slot_elements(arch: ModelArch, rank: int, tp: int) -> tuple[int, list[str]]:
-    """Elements of one slot's A and B buffers on one TP rank, and the module names."""
+def _row(inp_per_rank: int, out: int, rank: int, tp: int, sharded: bool) -> int:
+    """A row-parallel layer: A of this rank's input; B of the whole output (split by TP when fully sharded)."""
+    return rank * inp_per_rank + rank * (out // tp if sharded else out)
+
+
+def _replicated(inp: int, out: int, rank: int) -> int:
+    return rank * inp + rank * out
+
+
+def _layers(arch: ModelArch, rank: int, tp: int, sharded: bool) -> list[_Layer]:
+    """Every kind of layer vLLM wraps for LoRA in this model, with one slot's elements on one TP rank."""
     h = arch.hidden_size
-    layers = arch.num_layers
+    n = arch.num_layers
     fused = arch.model_type in FUSED_PROJECTIONS
-    names: list[str] = []
-    total = 0
+    out: list[_Layer] = []
     if arch.is_mla:
         heads = max(1, arch.num_heads // tp)
         qk = arch.qk_nope_head_dim + arch.qk_rope_head_dim
-        per = 0
         if arch.q_lora_rank:
-            per += _row(h, arch.q_lora_rank, rank)  # q_a_proj (replicated)
-            per += _column((heads * qk,), arch.q_lora_rank, rank)  # q_b_proj
+            out.append(_Layer("q_a_proj", (), n, _replicated(h, arch.q_lora_rank, rank), "q_a"))
+            out.append(_Layer("q_b_proj", (), n, _column((heads * qk,), arch.q_lora_rank, rank, tp, sharded), "q_b"))
         else:
-            per += _column((heads * qk,), h, rank)  # q_proj
-        per += _row(h, arch.kv_lora_rank + arch.qk_rope_head_dim, rank)  # kv_a_proj_with_mqa (replicated)
-        per += _column((heads * (arch.qk_nope_head_dim + arch.v_head_dim),), arch.kv_lora_rank, rank)  # kv_b_proj
-        per += _row(heads * arch.v_head_dim, h, rank)  # o_proj
-        total += layers * per
-        names.append("MLA q/kv projections, o")
+            out.append(_Layer("q_proj", (), n, _column((heads * qk,), h, rank, tp, sharded), "q"))
+        out.append(_Layer("kv_a_proj_with_mqa", (), n, _replicated(h, arch.kv_lora_rank + arch.qk_rope_head_dim, rank),
+                          "kv_a"))
+        out.append(_Layer("kv_b_proj", (), n, _column((heads * (arch.qk_nope_head_dim + arch.v_head_dim),),
+                                                      arch.kv_lora_rank, rank, tp, sharded), "kv_b"))
+        out.append(_Layer("o_proj", (), n, _row(heads * arch.v_head_dim, h, rank, tp, sharded), "o"))
     else:
         q = (arch.num_heads // tp if arch.num_heads >= tp else 1) * arch.head_dim
-        kv = max(1, arch.num_kv_heads // tp) * arch.head_dim
+        kv = max(1, arch.num_kv_heads // tp) * arch.head_dim  # a replicated KV head is on every rank
         qkv = (q + 2 * kv,) if fused else (q, kv, kv)
-        total += layers * (_column(qkv, h, rank) + _row(q, h, rank))
-        names.append("qkv (fused), o" if fused else "q/k/v, o")
-    moe_layers = max(0, layers - arch.first_dense_layers) if arch.is_moe else 0
-    dense_layers = layers - moe_layers
+        children = ("qkv_proj",) if fused else ("q_proj", "k_proj", "v_proj")
+        out.append(_Layer("qkv_proj", children, n, _column(qkv, h, rank, tp, sharded), "qkv (fused)" if fused else "q/k/v"))
+        out.append(_Layer("o_proj", (), n, _row(q, h, rank, tp, sharded), "o"))
+    moe_layers = max(0, n - arch.first_dense_layers) if arch.is_moe else 0
 
-    def mlp(inter: int) -> int:
+    def mlp(inter: int, count: int, label: str) -> list[_Layer]:
         per_rank = max(1, inter // tp)
         gate_up = (2 * per_rank,) if fused else (per_rank, per_rank)
-        return _column(gate_up, h, rank) + _row(per_rank, h, rank)
+        return [_Layer("gate_up_proj", ("gate_up_proj",) if fused else ("gate_proj", "up_proj"), count,
+                       _column(gate_up, h, rank, tp, sharded), f"{label}gate_up (fused)" if fused else f"{label}gate/up"),
+                _Layer("down_proj", (), count, _row(per_rank, h, rank, tp, sharded), f"{label}down")]
 
-    if dense_layers and arch.intermediate_size:
-        total += dense_layers * mlp(arch.intermediate_size)
-        names.append("gate_up (fused), down" if fused else "gate/up, down")
+    if n - moe_layers and arch.intermediate_size:
+        out += mlp(arch.intermediate_size, n - moe_layers, "")
     if moe_layers:
         inter = max(1, arch.moe_intermediate_size // tp)
-        experts = arch.num_experts * rank * (3 * h + 3 * inter)
-        router = _row(h, arch.num_experts, rank)  # the router gate is a ReplicatedLinear
-        shared = mlp(arch.shared_expert_intermediate_size) if arch.shared_expert_intermediate_size else 0
-        total += moe_layers * (experts + router + shared)
-        names.append(f"{arch.num_experts} experts' gate/up/down, router" + (", shared expert" if shared else ""))
+        gate_up_a = 1 if arch.model_type in FUSED_3D_EXPERTS else 2
+        a_rank = rank // tp if sharded else rank
+        down_b = h // tp if sharded else h
+        experts = arch.num_experts * (gate_up_a * a_rank * h + 2 * rank * inter + rank * inter + rank * down_b)
+        out.append(_Layer("experts", (), moe_layers, experts, f"{arch.num_experts} experts"))
+        out.append(_Layer("gate", (), moe_layers, _replicated(h, arch.num_experts, rank), "router"))
+        if arch.shared_expert_intermediate_size:
+            out += mlp(arch.shared_expert_intermediate_size, moe_layers, "shared ")
     if arch.model_type not in NO_EMBEDDING_LORA:
-        total += rank * (arch.vocab_size + h) * 2  # embed_tokens (A: vocab x rank, B: hidden) and the LM head
-        names.append("embed_tokens, lm_head")
-    return total, names
+        out.append(_Layer("embed_tokens", (), 1, rank * (arch.vocab_size + h), "embed_tokens"))
+        out.append(_Layer("lm_head", (), 1, rank * (h + arch.vocab_size), "lm_head"))
+    return out
+
+
+def _targeted(layers: list[_Layer], targets: tuple[str, ...] | None) -> list[_Layer]:
+    """vLLM's is_in_target_modules: a layer is wrapped when its name or a name packed into it is a target (and
+    then whole: targeting q_proj alone still allocates the packed q/k/v layer's three slices)."""
+    if targets is None:
+        return layers
+    wanted = set(targets)
+    return [layer for layer in layers if layer.name in wanted or wanted & set(layer.children)]
+
+
+def lora_refusal(arch: ModelArch, lora: LoraSettings, tp: int) -> str | None:
+    """Why vLLM would refuse to start this model with LoRA (None: it would not), in its words."""
+    if lora.fully_sharded and tp > 1 and lora.max_lora_rank % tp:
+        # the sharded layers split the rank with vllm.distributed.utils.divide, which asserts it divides evenly
+        return (f"--fully-sharded-loras splits max_lora_rank over the {tp} tensor-parallel ranks: rank "
+                f"{lora.max_lora_rank} is not divisible by {tp}, so vLLM fails an assertion while loading the model. "
+                f"Use a rank that is a multiple of {tp}, or drop --fully-sharded-loras.")
+    if arch.model_type not in NO_EMBEDDING_LORA and arch.vocab_size > MAX_LORA_VOCAB:
+        # LogitsProcessorWithLoRA.create_lora_weights, while the model loads.
+        return (f"When using LoRA, vocab size must be <= {MAX_LORA_VOCAB}: this model's vocabulary is "
+                f"{arch.vocab_size:,} and vLLM wraps its LM head for LoRA, so it refuses to start with --enable-lora.")
+    return None
 
 
 def lora_memory(arch: ModelArch, lora: LoraSettings, tp: int, batched_tokens: int) -> LoraMemory:
     """LoRA's GPU memory per rank with `lora`, for a server of `tp` ranks batching `batched_tokens`."""
     tp = max(1, tp)
-    embeddings = arch.model_type not in NO_EMBEDDING_LORA
-    if embeddings and arch.vocab_size > MAX_LORA_VOCAB:
-        raise LoraError(f"vLLM refuses LoRA on this model: its vocabulary ({arch.vocab_size:,}) is above the "
-                        f"{MAX_LORA_VOCAB:,} that LoRA on the LM head supports")
-    elements, names = _per_slot_elements(arch, lora.max_lora_rank, tp)
-    per_slot = elements * lora.dtype_bytes
-    whole, _ = _per_slot_elements(arch, lora.max_lora_rank, 1)
-    slices = 1 if arch.model_type in FUSED_PROJECTIONS else 3
-    activation = (slices * batched_tokens * lora.max_lora_rank * 4  # fp32 shrink buffer of the q/k/v layer
-                  + METADATA_BYTES_PER_TOKEN * batched_tokens)
+    layers = _targeted(_layers(arch, lora.max_lora_rank, tp, lora.fully_sharded), lora.target_modules)
+    per_slot = sum(layer.count * layer.elements for layer in layers) * lora.dtype_bytes
+    whole = sum(layer.count * layer.elements for layer in _targeted(_layers(arch, lora.max_lora_rank, 1, False),
+                                                                     lora.target_modules))
+    slices = max((3 if layer.children[1:] else 1 for layer in layers if layer.name == "qkv_proj"), default=1)
+    activation = (slices * batched_tokens * lora.max_lora_rank * 4 if layers else 0  # fp32 shrink buffer
+                  ) + METADATA_BYTES_PER_TOKEN * batched_tokens
     return LoraMemory(
         buffers=per_slot * lora.max_loras,
         per_slot=per_slot,
         activation=activation,
         host=whole * lora.dtype_bytes * (lora.max_cpu_loras or lora.max_loras),
-        modules=", ".join(names),
-        embeddings=embeddings,
+        modules=", ".join(layer.label for layer in layers) or "no layer of this model",
+        embeddings=any(layer.name == "lm_head" for layer in layers),
     )
+
+
+def layer_names(arch: ModelArch) -> list[str]:
+    """The names --lora-target-modules can give for this model: the wrapped layers and what is packed into them."""
+    names: list[str] = []
+    for layer in _layers(arch, 1, 1, False):
+        for name in (layer.name, *layer.children):
+            if name not in names:
+                names.append(name)
+    return names

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from engine.kvfit.arch import ModelArch
-from engine.kvfit.lora import LORA_CUDA_GRAPH_FACTOR, LoraMemory, LoraSettings, lora_memory
+from engine.kvfit.lora import LORA_CUDA_GRAPH_FACTOR, LoraMemory, LoraSettings, layer_names, lora_memory, lora_refusal
 from engine.kvfit.kv_cache import (blocks_per_request, kv_bytes_per_token_per_layer, kv_dtype_bytes, kv_groups,
                                    max_len_that_fits)
 from engine.kvfit.overhead import (ACTIVATION_FIXED_BYTES, ACTIVATION_PER_LOGIT_BYTES, CUDA_GRAPH_BYTES_PER_LAYER,
@@ -147,6 +147,7 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
     cap = None if req.allow_long_max_model_len else r.model_max_model_len
     length = min(r.max_model_len, cap or r.max_model_len)  # never suggest past the model's limit
     if (not tp_splits(arch, r.tensor_parallel_size) or (r.reason or "").startswith("max_num_batched_tokens (")
+            or (r.reason or "").startswith(("When using LoRA, vocab size", "--fully-sharded-loras splits"))
             or (total is not None and (r.weights_gib + (r.lora_gib or 0)) * GIB > total)):
         return None, None, ""  # no memory setting helps: the reason names the fix (TP, batch, quantization)
     top = MAX_SUGGESTED_UTIL
@@ -189,7 +190,9 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
         free = "" if req.free_memory_bytes is None else f" ({req.free_memory_bytes / GIB:.2f} GiB free)"
         return None, None, (
             f"No gpu_memory_utilization fits on this GPU{free}: even at {top:.2f} the weights and runtime leave no "
-            "room for one request. Use a quantized checkpoint, more GPUs (--tp), or another GPU."
+            "room for one request. Use a quantized checkpoint, more GPUs (--tp), or another GPU"
+            + (f"; or give LoRA fewer slots or a lower rank ({req.lora.label} takes {(r.lora_gib or 0):.2f} GiB)."
+               if req.lora is not None else ".")
         )
     if best.fits:
         util = smallest_util_holding_length() or top
@@ -244,12 +247,16 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     weights_total = req.weight_bytes_total if exact else estimated_weight_bytes(arch)
     weights = weight_bytes_per_gpu(weights_total, arch, tp)  # type: ignore[arg-type]
     lora: LoraMemory | None = lora_memory(arch, req.lora, tp, batched) if req.lora is not None else None
+    lora_refused = lora_refusal(arch, req.lora, tp) if req.lora is not None else None
     lora_bytes = lora.buffers if lora is not None else 0
 
     per_layer = kv_bytes_per_token_per_layer(arch, tp, req.kv_cache_dtype)
     groups = kv_groups(arch)
     page_bytes = req.block_size * per_layer
     warnings: list[str] = list(req.notes)
+    if lora is not None and req.lora is not None and lora.buffers == 0:
+        warnings.append(f"--lora-target-modules {' '.join(req.lora.target_modules or ())} names no LoRA-capable layer "
+                        f"of this model ({', '.join(layer_names(arch))}): no adapter could apply anywhere")
     reason: str | None = None
 
     activation = non_torch = cuda_graph = budget = tp_non_torch = None
@@ -306,6 +313,8 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     # The failures vLLM would print, in the order it would hit them.
     if not tp_splits(arch, tp):
         reason = _tp_reason(arch, tp)
+    elif lora_refused:
+        reason = lora_refused
     elif batch_refused:
         # SchedulerConfig.verify_max_model_len (vLLM 0.32 config/scheduler.py), while the engine is configured.
         reason = (
@@ -370,6 +379,7 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     # the heads, weights larger than the GPU, or less free memory than the utilisation asks for.
     refused_whatever_the_length = bool(
         not tp_splits(arch, tp)
+        or lora_refused
         or batch_refused
         or (total is not None and weights + lora_bytes > total)
         or (total is not None and req.free_memory_bytes is not None

@@ -37,7 +37,7 @@ def lora_lines(r: Any) -> list[str]:
         return []
     explicit = " (beside the KV cache given)" if r.budget_gib is None else ""
     return [f"  - LoRA slots        {_g(r.lora_gib)}{explicit}: {r.lora_settings} ({r.lora_modules}); "
-            f"host RAM {_g(r.lora_host_gib)} per worker for max_cpu_loras adapters"]
+            f"host RAM up to {_g(r.lora_host_gib)} per worker (max_cpu_loras adapters at this rank)"]
 
 
 def length_line(r: Any) -> str:

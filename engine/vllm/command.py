@@ -191,7 +191,8 @@ def profile_lora(profile: Profile) -> Any:
     if not profile.lora.enable:
         return None
     rank = next((r for r in VLLM_LORA_RANKS if r >= profile.lora.max_lora_rank), VLLM_LORA_RANKS[-1])
-    return LoraSettings(max_loras=profile.lora.max_loras, max_lora_rank=rank)
+    # what the profile's extra vLLM arguments change (--max-cpu-loras, --lora-target-modules, --fully-sharded-loras)
+    return LoraSettings.from_vllm_args(profile.lora.max_loras, rank, profile.extra_args)
 
 
 def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:

@@ -1,6 +1,6 @@
 """Run inside vLLM's environment: start vLLM's engine on each model, with or without LoRA, and print what it
 sized, one JSON line per model. `python lora_probe.py MAX_LEN util=U|kv=GIB MAX_LORAS RANK FOLDER...`
-(MAX_LORAS 0: LoRA off).
+(MAX_LORAS 0: LoRA off; LORA_PROBE_TARGETS=q_proj,v_proj: --lora-target-modules).
 
 With util=U there is no VLLM_CPU_KVCACHE_SPACE: the CPU worker then sizes its KV cache as a GPU worker does,
 from the memory it may use (node memory x U) minus what the process already holds (its resident set after
@@ -48,7 +48,9 @@ def main() -> int:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function
     from vllm import LLM
 
-    lora = dict(enable_lora=True, max_loras=slots, max_lora_rank=rank) if slots else {}
+    lora: dict[str, object] = dict(enable_lora=True, max_loras=slots, max_lora_rank=rank) if slots else {}
+    if slots and os.environ.get("LORA_PROBE_TARGETS"):  # vLLM's --lora-target-modules
+        lora["lora_target_modules"] = os.environ["LORA_PROBE_TARGETS"].split(",")
     for folder in folders:
         try:
             llm = LLM(model=folder, max_model_len=max_len, max_num_seqs=4, max_num_batched_tokens=max_len,

@@ -10,7 +10,7 @@
 2. Byte for byte, per architecture: the stacked A/B buffers vLLM allocated (summed over the model's LoRA
    layers, through the engine's apply_model) against the planner's, for shapes that show each rule: GQA with
    embedding and LM-head buffers (Llama, Qwen3), none (Qwen2, Mistral, Gemma-2), Phi-3's fused projections, and
-   DeepSeek-V2's MLA with experts.
+   DeepSeek-V2's MLA with experts; and --lora-target-modules, which leaves only the layers it names.
 
 What the CPU build cannot show: tensor parallelism's split (one CPU rank here; the shapes per rank are vLLM's
 create_lora_weights, tested in tests/test_kvfit_lora.py), CUDA graphs (none on CPU) and the profile run's fp32
@@ -56,7 +56,8 @@ def _node_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _probe(python: Path, env: dict[str, str], memory: str, slots: int, rank: int, *folders: Path) -> tuple[list[dict], str]:
+def _probe(python: Path, env: dict[str, str], memory: str, slots: int, rank: int, *folders: Path
+           ) -> tuple[list[dict], str]:
     done = subprocess.run([str(python), str(PROBE), str(MAX_LEN), memory, str(slots), str(rank), *map(str, folders)],
                           capture_output=True, text=True, env=env, timeout=900)
     log = done.stdout + done.stderr
@@ -115,3 +116,17 @@ def test_the_planner_sizes_each_architectures_lora_buffers_as_vllm_allocates_the
         if ours != theirs:
             mismatches[Path(doc["model"]).name] = (ours, theirs, doc["lora_buffers"])
     assert not mismatches, mismatches
+
+
+def test_target_modules_leave_only_the_layers_they_name(real_vllm: Path, tmp_path: Path):
+    """--lora-target-modules q_proj v_proj: vLLM wraps only the packed q/k/v layer (all three slices, since
+    the wrapper is the packed layer's) and nothing else; the planner sizes the same."""
+    arch_name, shape = ARCHES["llama"]
+    folder = make_tiny_arch(tmp_path / "llama", arch_name, max_position_embeddings=MAX_LEN, **shape)
+    env = {**isolated_env(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1", "LORA_PROBE_TARGETS": "q_proj,v_proj"}
+    (doc,), _ = _probe(real_vllm, env, "kv=1", 2, 16, folder)
+    assert set(doc["lora_buffers"]) == {"MergedQKVParallelLinearWithLoRA"}, doc
+    arch, _ = load_model(str(folder))
+    ours = lora_memory(arch, LoraSettings(max_loras=2, max_lora_rank=16, target_modules=("q_proj", "v_proj")),
+                       tp=1, batched_tokens=MAX_LEN)
+    assert ours.buffers == doc["lora_buffers"]["MergedQKVParallelLinearWithLoRA"] and ours.modules == "q/k/v"
