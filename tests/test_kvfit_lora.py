@@ -320,3 +320,26 @@ def test_a_lora_verdict_means_one_thing(name, gib, util, tp, length, slots, rank
             again = plan(arch, replace(req, gpu_memory_utilization=r.fitting_gpu_memory_utilization,
                                        max_model_len=r.fitting_max_model_len))
             assert again.fits, (r.reason, again.reason)
+
+
+_FLAG_TEXT = st.one_of(st.integers(-5, 1 << 21).map(str), st.sampled_from(["", " ", "nan", "1e3", "0x10", "٣", "64.0",
+                                                                          "q_proj", "q_proj,v_proj", "-1"]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from(["--max-loras", "--max-lora-rank", "--max-cpu-loras", "--lora-target-modules"]), _FLAG_TEXT)
+def test_any_value_of_a_lora_flag_is_a_verdict_or_one_usage_line(flag, value):
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(["fit", "Qwen/Qwen3-8B", "--gpu-memory-gib", "80", "--max-model-len", "4096", f"{flag}={value}"])
+        except SystemExit as exc:
+            code = exc.code
+    assert code in (0, 1, 2)
+    if code == 2:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("fleetdeck"), lines
+        assert "Traceback" not in err.getvalue()
