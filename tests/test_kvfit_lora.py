@@ -343,3 +343,18 @@ def test_any_value_of_a_lora_flag_is_a_verdict_or_one_usage_line(flag, value):
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("fleetdeck"), lines
         assert "Traceback" not in err.getvalue()
+
+
+def test_an_explicit_kv_size_past_what_the_gpu_holds_beside_weights_and_lora_does_not_fit():
+    """vLLM 0.32 reserves --kv-cache-memory-bytes as given ("This does not respect the gpu_memory_utilization
+    config ... If OOM'ed"): the planner said FITS for a KV size the GPU cannot hold next to the weights, and LoRA's
+    buffers make that gap larger."""
+    arch = catalogue_arch("Qwen/Qwen3-8B")
+    req = FitRequest(gpu_memory_bytes=24 * GIB, kv_cache_memory_bytes=7 * GIB, max_model_len=8192)
+    assert plan(arch, req).fits
+    r = plan(arch, replace(req, lora=LoraSettings(max_loras=8, max_lora_rank=64)))
+    assert not r.fits and r.reason.startswith("CUDA out of memory allocating the KV cache given")
+    assert "LoRA slots" in r.reason and r.fitting_max_model_len is None
+    room = int(r.reason.rsplit("at most ", 1)[1].split(" bytes")[0].replace(",", ""))
+    assert plan(arch, replace(req, kv_cache_memory_bytes=room, lora=LoraSettings(8, 64))).fits
+    assert not plan(arch, replace(req, kv_cache_memory_bytes=room + 1, lora=LoraSettings(8, 64))).fits

@@ -147,7 +147,8 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
     cap = None if req.allow_long_max_model_len else r.model_max_model_len
     length = min(r.max_model_len, cap or r.max_model_len)  # never suggest past the model's limit
     if (not tp_splits(arch, r.tensor_parallel_size) or (r.reason or "").startswith("max_num_batched_tokens (")
-            or (r.reason or "").startswith(("When using LoRA, vocab size", "--fully-sharded-loras splits"))
+            or (r.reason or "").startswith(("When using LoRA, vocab size", "--fully-sharded-loras splits",
+                                            "CUDA out of memory allocating the KV cache given"))
             or (total is not None and (r.weights_gib + (r.lora_gib or 0)) * GIB > total)):
         return None, None, ""  # no memory setting helps: the reason names the fix (TP, batch, quantization)
     top = MAX_SUGGESTED_UTIL
@@ -247,8 +248,13 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     weights_total = req.weight_bytes_total if exact else estimated_weight_bytes(arch)
     weights = weight_bytes_per_gpu(weights_total, arch, tp)  # type: ignore[arg-type]
     lora: LoraMemory | None = lora_memory(arch, req.lora, tp, batched) if req.lora is not None else None
-    lora_refused = lora_refusal(arch, req.lora, tp) if req.lora is not None else None
     lora_bytes = lora.buffers if lora is not None else 0
+    lora_refused = lora_refusal(arch, req.lora, tp) if req.lora is not None else None
+    # --kv-cache-memory-bytes with the GPU's size known: vLLM allocates that much after the weights (and LoRA's
+    # buffers) whatever the utilisation says, so more than the GPU holds is CUDA out of memory at start-up.
+    explicit_kv = req.kv_cache_memory_bytes if req.available_kv_bytes is None and req.kv_cache_memory_bytes else 0
+    kv_overflows = bool(total is not None and explicit_kv and weights + lora_bytes + explicit_kv
+                        + NON_TORCH_BYTES[req.engine] + (TP_NON_TORCH_BYTES if tp > 1 else 0) > total)
 
     per_layer = kv_bytes_per_token_per_layer(arch, tp, req.kv_cache_dtype)
     groups = kv_groups(arch)
@@ -335,6 +341,16 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
             f"{total / GIB:.2f} GiB GPU. Use a quantized checkpoint (AWQ/GPTQ/FP8) or more GPUs (--tp)"
             + (", or fewer LoRA slots or a lower max_lora_rank." if req.lora is not None else ".")
         )
+    elif kv_overflows:
+        need = weights + lora_bytes + explicit_kv + NON_TORCH_BYTES[req.engine] + (TP_NON_TORCH_BYTES if tp > 1 else 0)
+        room = (total or 0) - (need - explicit_kv)
+        slots = f" + LoRA slots {lora_bytes / GIB:.2f} GiB" if req.lora is not None else ""
+        reason = (
+            f"CUDA out of memory allocating the KV cache given: weights {weights / GIB:.2f} GiB{slots} + "
+            f"kv_cache_memory_bytes {explicit_kv / GIB:.2f} GiB + runtime exceed the {(total or 0) / GIB:.2f} GiB GPU "
+            "(vLLM takes --kv-cache-memory-bytes as given, whatever gpu_memory_utilization says). "
+            + (f"Give at most {int(room):,} bytes." if room > 0 else "No KV size fits beside the weights.")
+        )
     elif (
         total is not None
         and req.free_memory_bytes is not None
@@ -380,6 +396,7 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     refused_whatever_the_length = bool(
         not tp_splits(arch, tp)
         or lora_refused
+        or kv_overflows
         or batch_refused
         or (total is not None and weights + lora_bytes > total)
         or (total is not None and req.free_memory_bytes is not None
