@@ -342,8 +342,8 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
             + (", or fewer LoRA slots or a lower max_lora_rank." if req.lora is not None else ".")
         )
     elif kv_overflows:
-        need = weights + lora_bytes + explicit_kv + NON_TORCH_BYTES[req.engine] + (TP_NON_TORCH_BYTES if tp > 1 else 0)
-        room = (total or 0) - (need - explicit_kv)
+        beside = weights + lora_bytes + NON_TORCH_BYTES[req.engine] + (TP_NON_TORCH_BYTES if tp > 1 else 0)
+        room = (total or 0) - beside
         slots = f" + LoRA slots {lora_bytes / GIB:.2f} GiB" if req.lora is not None else ""
         reason = (
             f"CUDA out of memory allocating the KV cache given: weights {weights / GIB:.2f} GiB{slots} + "
