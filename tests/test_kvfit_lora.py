@@ -278,6 +278,10 @@ def test_the_profiles_extra_vllm_arguments_reach_the_plan():
     assert got == LoraSettings(4, 64, max_cpu_loras=16, target_modules=("q_proj", "v_proj"), fully_sharded=True)
     assert LoraSettings.from_vllm_args(2, 8, ["--lora-target-modules=q_proj,o_proj", "--lora-dtype", "float32"]) == \
         LoraSettings(2, 8, target_modules=("q_proj", "o_proj"), dtype_bytes=4)
+    # vLLM's parser takes the last of a repeated flag: extra_args come after the profile's [lora] values
+    assert LoraSettings.from_vllm_args(4, 64, ["--max-loras", "8", "--max-lora-rank=128"]) == LoraSettings(8, 128)
+    with pytest.raises(LoraError, match="max_lora_rank 48 is not one vLLM accepts"):
+        LoraSettings.from_vllm_args(4, 64, ["--max-lora-rank", "48"])
     with pytest.raises(LoraError, match="--max-cpu-loras must be a whole number"):
         LoraSettings.from_vllm_args(2, 8, ["--max-cpu-loras", "many"])
     with pytest.raises(LoraError, match="must be >= max_loras"):
@@ -298,6 +302,10 @@ def test_a_profile_with_target_modules_in_extra_args_is_planned_with_them(tmp_pa
 
     qv = preflight(load_profile(path), [gpu])
     assert qv.lora_modules == "q/k/v" and qv.lora_gib < every.lora_gib and qv.kv_tokens > every.kv_tokens
+    # LoRA switched on in extra_args alone is planned too (vLLM's defaults: 1 slot at rank 16)
+    path.write_text('name = "q"\nmodel = "mistralai/Mistral-7B-Instruct-v0.3"\nmax_model_len = 32768\n'
+                    'extra_args = ["--enable-lora"]\n')
+    assert preflight(load_profile(path), [gpu]).lora_settings == "max_loras 1 x rank 16"
 
 
 # -- one verdict with LoRA too: FITS means it starts; a suggestion is itself a setting that fits ------------------

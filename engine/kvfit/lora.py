@@ -101,7 +101,8 @@ class LoraSettings:
     @classmethod
     def from_vllm_args(cls, max_loras: int, max_lora_rank: int, args: list[str]) -> LoraSettings:
         """The settings a server gets, with what its extra vLLM arguments change in LoRA's memory
-        (--max-cpu-loras, --lora-target-modules, --fully-sharded-loras, --lora-dtype)."""
+        (--max-cpu-loras, --lora-target-modules, --fully-sharded-loras, --lora-dtype; and --max-loras /
+        --max-lora-rank, which vLLM's parser takes over the profile's, as they come later on its command line)."""
         cpu: int | None = None
         targets: list[str] | None = None
         sharded, dtype = False, 2
@@ -121,7 +122,12 @@ class LoraSettings:
                 sharded = inline.lower() not in ("false", "0") if inline else True
             elif flag == "--lora-dtype" and values:
                 dtype = 4 if values[0] in ("float32", "fp32") else 2
-            i = j if flag in ("--max-cpu-loras", "--lora-target-modules", "--lora-dtype") else i + 1
+            elif flag == "--max-loras" and values:
+                max_loras = _whole(values[0], "--max-loras")
+            elif flag == "--max-lora-rank" and values:
+                max_lora_rank = _whole(values[0], "--max-lora-rank")
+            valued = ("--max-cpu-loras", "--lora-target-modules", "--lora-dtype", "--max-loras", "--max-lora-rank")
+            i = j if flag in valued else i + 1
         return cls(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=cpu,
                    target_modules=tuple(targets) if targets else None, fully_sharded=sharded, dtype_bytes=dtype)
 

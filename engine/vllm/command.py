@@ -188,8 +188,10 @@ def profile_lora(profile: Profile) -> Any:
     rank up, as the buffers would be at least that large."""
     from engine.kvfit.lora import VLLM_LORA_RANKS, LoraSettings
 
-    if not profile.lora.enable:
+    if not profile.lora.enable and "--enable-lora" not in profile.extra_args:
         return None
+    if not profile.lora.enable:  # LoRA switched on in extra_args only: vLLM's defaults, unless they say more
+        return LoraSettings.from_vllm_args(1, 16, profile.extra_args)
     rank = next((r for r in VLLM_LORA_RANKS if r >= profile.lora.max_lora_rank), VLLM_LORA_RANKS[-1])
     # what the profile's extra vLLM arguments change (--max-cpu-loras, --lora-target-modules, --fully-sharded-loras)
     return LoraSettings.from_vllm_args(profile.lora.max_loras, rank, profile.extra_args)
