@@ -51,15 +51,17 @@ def main() -> int:
     lora: dict[str, object] = dict(enable_lora=True, max_loras=slots, max_lora_rank=rank) if slots else {}
     if slots and os.environ.get("LORA_PROBE_TARGETS"):  # vLLM's --lora-target-modules
         lora["lora_target_modules"] = os.environ["LORA_PROBE_TARGETS"].split(",")
+    tp = int(os.environ.get("LORA_PROBE_TP", "1"))  # TP > 1: one worker process per rank (the CPU build's mp)
     for folder in folders:
         try:
             llm = LLM(model=folder, max_model_len=max_len, max_num_seqs=4, max_num_batched_tokens=max_len,
-                      enforce_eager=True, dtype="bfloat16", distributed_executor_backend="uni", **sizing, **lora)
+                      enforce_eager=True, dtype="bfloat16", tensor_parallel_size=tp,
+                      distributed_executor_backend="uni" if tp == 1 else "mp", **sizing, **lora)
         except Exception as exc:  # one architecture the engine refuses does not hide the others
             print(json.dumps({"model": folder, "error": f"{type(exc).__name__}: {exc}"[:500]}), flush=True)
             continue
         cache = llm.llm_engine.vllm_config.cache_config
-        buffers = llm.apply_model(lora_buffer_bytes)[0] if lora else {}
+        buffers = llm.apply_model(lora_buffer_bytes)[0] if lora else {}  # rank 0's (every rank's are alike)
         print(json.dumps({"model": folder, "num_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
                           "lora_buffers": buffers}), flush=True)
         del llm

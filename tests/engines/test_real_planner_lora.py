@@ -12,9 +12,12 @@
    embedding and LM-head buffers (Llama, Qwen3), none (Qwen2, Mistral, Gemma-2), Phi-3's fused projections, and
    DeepSeek-V2's MLA with experts; and --lora-target-modules, which leaves only the layers it names.
 
-What the CPU build cannot show: tensor parallelism's split (one CPU rank here; the shapes per rank are vLLM's
-create_lora_weights, tested in tests/test_kvfit_lora.py), CUDA graphs (none on CPU) and the profile run's fp32
-shrink buffer (a transient: the CPU worker measures what the process holds, not a peak).
+3. The split over two tensor-parallel ranks (the CPU build's multiprocess executor), GQA and a replicated KV
+   head, byte for byte.
+
+What the CPU build cannot show: CUDA graphs (none on CPU; the planner doubles them with LoRA, from vLLM's
+capture cases) and the profile run's fp32 shrink buffer (a transient: the CPU worker measures what the process
+holds, not a peak).
 """
 
 from __future__ import annotations
@@ -116,6 +119,26 @@ def test_the_planner_sizes_each_architectures_lora_buffers_as_vllm_allocates_the
         if ours != theirs:
             mismatches[Path(doc["model"]).name] = (ours, theirs, doc["lora_buffers"])
     assert not mismatches, mismatches
+
+
+def test_the_tp_split_of_the_buffers_is_vllms(real_vllm: Path, tmp_path: Path):
+    """Two CPU ranks (the CPU build's multiprocess executor, one core each): column layers keep A whole and split
+    B, row layers split A and keep B, the embedding and LM head stay whole, and a KV head replicated over the ranks
+    (1 KV head at TP 2) is allocated on each. Rank 0's buffers against the planner's per-GPU figure."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip(f"tensor parallelism on the CPU build needs two CPUs to bind its ranks to; this host allows {cpus}")
+    folders = [make_tiny_arch(tmp_path / name, "llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=kv,
+                              max_position_embeddings=MAX_LEN) for name, kv in (("gqa", 2), ("replicated", 1))]
+    env = {**isolated_env(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1", "LORA_PROBE_TP": "2",
+           "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+    found, _ = _probe(real_vllm, env, "kv=1", 2, 16, *folders)
+    for doc in found:
+        assert "error" not in doc, doc
+        arch, _ = load_model(doc["model"])
+        ours = lora_memory(arch, LoraSettings(max_loras=2, max_lora_rank=16), tp=2, batched_tokens=MAX_LEN)
+        assert ours.buffers == sum(doc["lora_buffers"].values()), (doc["model"], ours, doc["lora_buffers"])
+        assert ours.buffers < lora_memory(arch, LoraSettings(2, 16), tp=1, batched_tokens=MAX_LEN).buffers
 
 
 def test_target_modules_leave_only_the_layers_they_name(real_vllm: Path, tmp_path: Path):
