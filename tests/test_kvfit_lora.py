@@ -125,6 +125,7 @@ def test_an_explicit_kv_size_is_not_shrunk_by_lora():
     (dict(max_loras=2, max_lora_rank=48), "max_lora_rank 48 is not one vLLM accepts"),
     (dict(max_loras=2, max_lora_rank=1024), "max_lora_rank 1024 is not one vLLM accepts"),
     (dict(max_loras=4, max_lora_rank=16, max_cpu_loras=2), "must be >= max_loras"),
+    (dict(max_loras=4, max_lora_rank=16, max_cpu_loras=1 << 40), "max_cpu_loras must be at most 65,536"),
     (dict(max_loras=True, max_lora_rank=16), "whole number"),
 ])
 def test_settings_vllm_refuses_are_one_line(kwargs, message):

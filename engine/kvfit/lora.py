@@ -85,9 +85,11 @@ class LoraSettings:
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise LoraError(f"max_lora_rank {self.max_lora_rank} is not one vLLM accepts "
                             f"({', '.join(map(str, VLLM_LORA_RANKS))})")
-        if self.max_cpu_loras is not None and not self.max_loras <= self.max_cpu_loras <= MAX_LORAS_LIMIT:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise LoraError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}), as "
                             "vLLM requires")
+        if self.max_cpu_loras is not None and self.max_cpu_loras > MAX_LORAS_LIMIT:
+            raise LoraError(f"max_cpu_loras must be at most {MAX_LORAS_LIMIT:,}, got {self.max_cpu_loras}")
         if self.target_modules is not None and (not self.target_modules or not all(
                 isinstance(t, str) and t.strip() for t in self.target_modules)):
             raise LoraError("lora target modules must be layer names such as q_proj, v_proj")
