@@ -264,7 +264,7 @@ def lora_memory(arch: ModelArch, lora: LoraSettings, tp: int, batched_tokens: in
     per_slot = sum(layer.count * layer.elements for layer in layers) * lora.dtype_bytes
     whole = sum(layer.count * layer.elements for layer in _targeted(_layers(arch, lora.max_lora_rank, 1, False),
                                                                      lora.target_modules))
-    slices = max((3 if layer.children[1:] else 1 for layer in layers if layer.name == "qkv_proj"), default=1)
+    slices = max((max(1, len(layer.children)) for layer in layers), default=1)  # the widest packed layer's
     activation = (slices * batched_tokens * lora.max_lora_rank * 4 if layers else 0  # fp32 shrink buffer
                   ) + METADATA_BYTES_PER_TOKEN * batched_tokens
     return LoraMemory(
