@@ -329,6 +329,10 @@ def test_a_lora_verdict_means_one_thing(name, gib, util, tp, length, slots, rank
             again = plan(arch, replace(req, gpu_memory_utilization=r.fitting_gpu_memory_utilization,
                                        max_model_len=r.fitting_max_model_len))
             assert again.fits, (r.reason, again.reason)
+        if r.fitting_max_loras:  # fewer slots, everything else as given: it fits, and one more does not
+            assert r.fitting_max_loras < slots and "or with LoRA" in text
+            assert plan(arch, replace(req, lora=replace(req.lora, max_loras=r.fitting_max_loras))).fits
+            assert not plan(arch, replace(req, lora=replace(req.lora, max_loras=r.fitting_max_loras + 1))).fits
 
 
 _FLAG_TEXT = st.one_of(st.integers(-5, 1 << 21).map(str), st.sampled_from(["", " ", "nan", "1e3", "0x10", "٣", "64.0",
@@ -367,3 +371,13 @@ def test_an_explicit_kv_size_past_what_the_gpu_holds_beside_weights_and_lora_doe
     room = int(r.reason.rsplit("at most ", 1)[1].split(" bytes")[0].replace(",", ""))
     assert plan(arch, replace(req, kv_cache_memory_bytes=room, lora=LoraSettings(8, 64))).fits
     assert not plan(arch, replace(req, kv_cache_memory_bytes=room + 1, lora=LoraSettings(8, 64))).fits
+
+
+def test_a_plan_that_does_not_fit_for_lora_names_the_slots_that_would():
+    arch = catalogue_arch("mistralai/Mistral-7B-Instruct-v0.3")
+    req = FitRequest(gpu_memory_bytes=int(22.06 * GIB), max_model_len=8192, lora=LoraSettings(16, 64))
+    r = plan(arch, req)
+    assert not r.fits and r.fitting_max_loras == 4 and "Or keep every other setting with max_loras 4 (rank 64)" in r.reason
+    assert "or with LoRA:       max_loras 4" in render_text(r)
+    assert plan(arch, replace(req, lora=LoraSettings(4, 64))).fits and not plan(arch, replace(req, lora=LoraSettings(5, 64))).fits
+    assert plan(arch, replace(req, lora=None, max_model_len=10**6)).fitting_max_loras is None  # LoRA off: nothing said

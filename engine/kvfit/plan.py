@@ -108,6 +108,8 @@ class FitResult:
     lora_settings: str = ""
     lora_modules: str = ""
     lora_host_gib: float | None = None
+    # DOES NOT FIT with LoRA: the most slots (at the same rank) with which everything else as given fits
+    fitting_max_loras: int | None = None
 
     @property
     def verdict(self) -> str:
@@ -129,8 +131,35 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
     r.fitting_gpu_memory_utilization, r.fitting_max_model_len = util, length
     if advice:
         r.reason = f"{r.reason} {advice}"
+    r.fitting_max_loras = _lora_slots_that_fit(arch, req)
+    if r.fitting_max_loras and req.lora is not None:
+        r.reason = (f"{r.reason} Or keep every other setting with max_loras {r.fitting_max_loras} "
+                    f"(rank {req.lora.max_lora_rank}).")
     r.max_concurrency = r.max_concurrency_low = 0.0
     return r
+
+
+def _lora_slots_that_fit(arch: ModelArch, req: FitRequest) -> int | None:
+    """The most LoRA slots (at the rank asked) with which the request fits as given, for one that does not
+    (None: LoRA is off, or not even one slot fits). Fewer slots never leave less KV cache, so it is a bisection."""
+    lora = req.lora
+    if lora is None or lora.max_loras <= 1:
+        return None
+
+    def fits(n: int) -> bool:
+        return _plan(arch, replace(req, lora=replace(lora, max_loras=n,
+                                                     max_cpu_loras=max(n, lora.max_cpu_loras or n)))).fits
+
+    if not fits(1):
+        return None
+    lo, hi = 1, lora.max_loras - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 # The highest utilisation the planner suggests: vLLM accepts up to 1.0, but the driver, other CUDA contexts and

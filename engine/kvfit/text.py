@@ -64,6 +64,8 @@ def verdict_lines(r: Any) -> list[str]:
                      f"max_model_len {r.fitting_max_model_len:,}")
     else:
         lines.append("  fits with:          no setting of max_model_len or gpu_memory_utilization on this GPU")
+    if getattr(r, "fitting_max_loras", None):
+        lines.append(f"  or with LoRA:       max_loras {r.fitting_max_loras} (the rest as given)")
     return lines
 
 
