@@ -348,8 +348,6 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     # The failures vLLM would print, in the order it would hit them.
     if not tp_splits(arch, tp):
         reason = _tp_reason(arch, tp)
-    elif lora_refused:
-        reason = lora_refused
     elif batch_refused:
         # SchedulerConfig.verify_max_model_len (vLLM 0.32 config/scheduler.py), while the engine is configured.
         reason = (
@@ -370,6 +368,8 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
             f"{total / GIB:.2f} GiB GPU. Use a quantized checkpoint (AWQ/GPTQ/FP8) or more GPUs (--tp)"
             + (", or fewer LoRA slots or a lower max_lora_rank." if req.lora is not None else ".")
         )
+    elif lora_refused:  # while the LoRA layers are built, after the weights load
+        reason = lora_refused
     elif kv_overflows:
         beside = weights + lora_bytes + NON_TORCH_BYTES[req.engine] + (TP_NON_TORCH_BYTES if tp > 1 else 0)
         room = (total or 0) - beside
