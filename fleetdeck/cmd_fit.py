@@ -50,6 +50,20 @@ def register(sub: Any) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (vLLM --enforce-eager)")
     p.add_argument("--kv-cache-memory-bytes", type=integer(1, 1 << 50, "bytes"), metavar="N",
                    help="vLLM's explicit KV cache size: no profiling, no estimate")
+    from engine.kvfit.lora import MAX_LORAS_LIMIT
+
+    p.add_argument("--enable-lora", action="store_true",
+                   help="plan vLLM's LoRA slots (implied by --max-loras / --max-lora-rank; vLLM's defaults 1 x 16)")
+    p.add_argument("--max-loras", type=integer(1, MAX_LORAS_LIMIT, "a number of LoRA slots"), metavar="N",
+                   help="vLLM --max-loras: adapters in one batch, each a slot of GPU buffers")
+    p.add_argument("--max-lora-rank", type=lora_rank, metavar="R", help="vLLM --max-lora-rank (1, 8, 16, 32, 64, 128, "
+                   "256, 320 or 512)")
+    p.add_argument("--max-cpu-loras", type=integer(1, MAX_LORAS_LIMIT, "a number of adapters"), metavar="N",
+                   help="vLLM --max-cpu-loras: adapters cached in host RAM (default max_loras)")
+    p.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
+                   help="vLLM --lora-target-modules: only these layers get LoRA buffers (e.g. q_proj v_proj)")
+    p.add_argument("--fully-sharded-loras", action="store_true", help="vLLM --fully-sharded-loras (splits more of "
+                   "the buffers over TP)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--list-models", action="store_true", help="list the built-in catalogue and exit")
     p.set_defaults(handler=run)
@@ -63,6 +77,33 @@ def vllm_version(text: str) -> str:
     if not re.fullmatch(r"\d+\.\d+(\.\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected a vLLM version such as 0.19 or 0.19.1, got {text!r}")
     return text
+
+
+def lora_rank(text: str) -> int:
+    """One of the ranks vLLM's --max-lora-rank accepts; any other refuses to start."""
+    from engine.kvfit.lora import VLLM_LORA_RANKS
+
+    ranks = ", ".join(map(str, VLLM_LORA_RANKS))
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a LoRA rank ({ranks}), got {text!r}") from None
+    if value not in VLLM_LORA_RANKS:
+        raise argparse.ArgumentTypeError(f"vLLM accepts max_lora_rank {ranks}; got {text!r}")
+    return value
+
+
+def lora_settings(args: argparse.Namespace) -> Any:
+    """The LoRA settings the flags ask for (None: LoRA off); vLLM's defaults for what is not given."""
+    from engine.kvfit.lora import LoraSettings
+
+    if not (args.enable_lora or args.max_loras or args.max_lora_rank or args.max_cpu_loras
+            or args.lora_target_modules or args.fully_sharded_loras):
+        return None
+    targets = [t for v in args.lora_target_modules or [] for t in v.replace(",", " ").split()]
+    return LoraSettings(max_loras=args.max_loras or 1, max_lora_rank=args.max_lora_rank or 16,
+                        max_cpu_loras=args.max_cpu_loras, fully_sharded=args.fully_sharded_loras,
+                        target_modules=tuple(targets) if args.lora_target_modules is not None else None)
 
 
 def _fail(msg: str) -> int:
@@ -99,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
             exact = None  # the files on disk are another quantization than the one asked about
         arch = replace(arch, quantization=quant)
 
+    try:
+        lora = lora_settings(args)
+    except ValueError as exc:  # max_cpu_loras below max_loras, as vLLM refuses it
+        return _fail(str(exc))
     req = FitRequest(
+        lora=lora,
         gpu_memory_utilization=args.util,
         tensor_parallel_size=args.tp,
         max_model_len=args.max_model_len,

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from engine.kvfit.arch import ModelArch
+from engine.kvfit.lora import LORA_CUDA_GRAPH_FACTOR, LoraMemory, LoraSettings, layer_names, lora_memory, lora_refusal
 from engine.kvfit.kv_cache import (blocks_per_request, kv_bytes_per_token_per_layer, kv_dtype_bytes, kv_groups,
                                    max_len_that_fits)
 from engine.kvfit.overhead import (ACTIVATION_FIXED_BYTES, ACTIVATION_PER_LOGIT_BYTES, CUDA_GRAPH_BYTES_PER_LAYER,
@@ -54,6 +55,7 @@ class FitRequest:
     enforce_eager: bool = False  # no CUDA graphs at all
     kv_cache_memory_bytes: int | None = None  # vLLM's --kv-cache-memory-bytes: the KV size, no profiling
     allow_long_max_model_len: bool = False  # VLLM_ALLOW_LONG_MAX_MODEL_LEN=1: vLLM warns past the limit, not refuses
+    lora: LoraSettings | None = None  # --enable-lora with these slots and rank (None: LoRA off)
 
 
 @dataclass
@@ -100,6 +102,14 @@ class FitResult:
     # FITS: the request's own.
     fitting_gpu_memory_utilization: float | None = None
     fitting_max_model_len: int | None = None
+    # --enable-lora: the slots' stacked A/B buffers per GPU (out of the KV budget), the settings, the layers that
+    # get buffers, and the host RAM of max_cpu_loras adapters per worker. None / "" without LoRA.
+    lora_gib: float | None = None
+    lora_settings: str = ""
+    lora_modules: str = ""
+    lora_host_gib: float | None = None
+    # DOES NOT FIT with LoRA: the most slots (at the same rank) with which everything else as given fits
+    fitting_max_loras: int | None = None
 
     @property
     def verdict(self) -> str:
@@ -121,8 +131,35 @@ def plan(arch: ModelArch, req: FitRequest) -> FitResult:
     r.fitting_gpu_memory_utilization, r.fitting_max_model_len = util, length
     if advice:
         r.reason = f"{r.reason} {advice}"
+    r.fitting_max_loras = _lora_slots_that_fit(arch, req)
+    if r.fitting_max_loras and req.lora is not None:
+        r.reason = (f"{r.reason} Or keep every other setting with max_loras {r.fitting_max_loras} "
+                    f"(rank {req.lora.max_lora_rank}).")
     r.max_concurrency = r.max_concurrency_low = 0.0
     return r
+
+
+def _lora_slots_that_fit(arch: ModelArch, req: FitRequest) -> int | None:
+    """The most LoRA slots (at the rank asked) with which the request fits as given, for one that does not
+    (None: LoRA is off, or not even one slot fits). Fewer slots never leave less KV cache, so it is a bisection."""
+    lora = req.lora
+    if lora is None or lora.max_loras <= 1:
+        return None
+
+    def fits(n: int) -> bool:
+        return _plan(arch, replace(req, lora=replace(lora, max_loras=n,
+                                                     max_cpu_loras=max(n, lora.max_cpu_loras or n)))).fits
+
+    if not fits(1):
+        return None
+    lo, hi = 1, lora.max_loras - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 # The highest utilisation the planner suggests: vLLM accepts up to 1.0, but the driver, other CUDA contexts and
@@ -139,7 +176,9 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
     cap = None if req.allow_long_max_model_len else r.model_max_model_len
     length = min(r.max_model_len, cap or r.max_model_len)  # never suggest past the model's limit
     if (not tp_splits(arch, r.tensor_parallel_size) or (r.reason or "").startswith("max_num_batched_tokens (")
-            or (total is not None and r.weights_gib * GIB > total)):
+            or (r.reason or "").startswith(("When using LoRA, vocab size", "--fully-sharded-loras splits",
+                                            "CUDA out of memory allocating the KV cache given"))
+            or (total is not None and (r.weights_gib + (r.lora_gib or 0)) * GIB > total)):
         return None, None, ""  # no memory setting helps: the reason names the fix (TP, batch, quantization)
     top = MAX_SUGGESTED_UTIL
     if total is not None and req.free_memory_bytes is not None:
@@ -181,7 +220,9 @@ def _nearest_fit(arch: ModelArch, req: FitRequest, r: FitResult) -> tuple[float 
         free = "" if req.free_memory_bytes is None else f" ({req.free_memory_bytes / GIB:.2f} GiB free)"
         return None, None, (
             f"No gpu_memory_utilization fits on this GPU{free}: even at {top:.2f} the weights and runtime leave no "
-            "room for one request. Use a quantized checkpoint, more GPUs (--tp), or another GPU."
+            "room for one request. Use a quantized checkpoint, more GPUs (--tp), or another GPU"
+            + (f"; or give LoRA fewer slots or a lower rank ({req.lora.label} takes {(r.lora_gib or 0):.2f} GiB)."
+               if req.lora is not None else ".")
         )
     if best.fits:
         util = smallest_util_holding_length() or top
@@ -235,11 +276,22 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
     exact = req.weight_bytes_total is not None
     weights_total = req.weight_bytes_total if exact else estimated_weight_bytes(arch)
     weights = weight_bytes_per_gpu(weights_total, arch, tp)  # type: ignore[arg-type]
+    lora: LoraMemory | None = lora_memory(arch, req.lora, tp, batched) if req.lora is not None else None
+    lora_bytes = lora.buffers if lora is not None else 0
+    lora_refused = lora_refusal(arch, req.lora, tp) if req.lora is not None else None
+    # --kv-cache-memory-bytes with the GPU's size known: vLLM allocates that much after the weights (and LoRA's
+    # buffers) whatever the utilisation says, so more than the GPU holds is CUDA out of memory at start-up.
+    explicit_kv = req.kv_cache_memory_bytes if req.available_kv_bytes is None and req.kv_cache_memory_bytes else 0
+    kv_overflows = bool(total is not None and explicit_kv and weights + lora_bytes + explicit_kv
+                        + NON_TORCH_BYTES[req.engine] + (TP_NON_TORCH_BYTES if tp > 1 else 0) > total)
 
     per_layer = kv_bytes_per_token_per_layer(arch, tp, req.kv_cache_dtype)
     groups = kv_groups(arch)
     page_bytes = req.block_size * per_layer
     warnings: list[str] = list(req.notes)
+    if lora is not None and req.lora is not None and lora.buffers == 0:
+        warnings.append(f"--lora-target-modules {' '.join(req.lora.target_modules or ())} names no LoRA-capable layer "
+                        f"of this model ({', '.join(layer_names(arch))}): no adapter could apply anywhere")
     reason: str | None = None
 
     activation = non_torch = cuda_graph = budget = tp_non_torch = None
@@ -252,13 +304,18 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
         assert total is not None
         budget = total * req.gpu_memory_utilization
         activation = ACTIVATION_FIXED_BYTES + ACTIVATION_PER_LOGIT_BYTES * seqs * arch.vocab_size
+        if lora is not None:
+            activation += lora.activation
         if req.engine == "v0":
             activation += V0_MLP_BYTES_PER_TOKEN_PER_INTERMEDIATE * batched * max(arch.intermediate_size, arch.moe_intermediate_size)
         non_torch = NON_TORCH_BYTES[req.engine]
         tp_non_torch = TP_NON_TORCH_BYTES if tp > 1 else 0
         cuda_graph = 0 if req.enforce_eager else CUDA_GRAPH_BYTES_PER_LAYER * arch.num_layers * (2 if arch.is_moe else 1)
+        if lora is not None:
+            cuda_graph *= LORA_CUDA_GRAPH_FACTOR
         graphs_in_budget = req.engine == "v1" and version_tuple(req.vllm_version) >= CUDA_GRAPHS_IN_BUDGET_SINCE
-        available = budget - weights - activation - non_torch - tp_non_torch - (cuda_graph if graphs_in_budget else 0)
+        available = (budget - weights - lora_bytes - activation - non_torch - tp_non_torch
+                     - (cuda_graph if graphs_in_budget else 0))
         margin = LOW_FLOOR_BYTES + LOW_WEIGHTS_SHARE * weights + LOW_ACTIVATION_SHARE * activation + tp_non_torch
         headroom = total - budget
         if cuda_graph and not graphs_in_budget and cuda_graph > headroom:
@@ -304,10 +361,24 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
             f"({arch.max_len_key}={limit} in the model's config.json): vLLM refuses to start. The model's limit "
             f"is {limit:,} tokens; set max_model_len to {min(limit, fit_len) if fit_len else limit} or less."
         )
-    elif total is not None and weights > total:
+    elif total is not None and weights + lora_bytes > total:
+        slots = f" and {lora_bytes / GIB:.2f} GiB of LoRA slots ({req.lora.label})" if req.lora is not None else ""
         reason = (
-            f"CUDA out of memory while loading weights: {weights / GIB:.2f} GiB of weights per GPU on a "
-            f"{total / GIB:.2f} GiB GPU. Use a quantized checkpoint (AWQ/GPTQ/FP8) or more GPUs (--tp)."
+            f"CUDA out of memory while loading weights: {weights / GIB:.2f} GiB of weights{slots} per GPU on a "
+            f"{total / GIB:.2f} GiB GPU. Use a quantized checkpoint (AWQ/GPTQ/FP8) or more GPUs (--tp)"
+            + (", or fewer LoRA slots or a lower max_lora_rank." if req.lora is not None else ".")
+        )
+    elif lora_refused:  # while the LoRA layers are built, after the weights load
+        reason = lora_refused
+    elif kv_overflows:
+        beside = weights + lora_bytes + NON_TORCH_BYTES[req.engine] + (TP_NON_TORCH_BYTES if tp > 1 else 0)
+        room = (total or 0) - beside
+        slots = f" + LoRA slots {lora_bytes / GIB:.2f} GiB" if req.lora is not None else ""
+        reason = (
+            f"CUDA out of memory allocating the KV cache given: weights {weights / GIB:.2f} GiB{slots} + "
+            f"kv_cache_memory_bytes {explicit_kv / GIB:.2f} GiB + runtime exceed the {(total or 0) / GIB:.2f} GiB GPU "
+            "(vLLM takes --kv-cache-memory-bytes as given, whatever gpu_memory_utilization says). "
+            + (f"Give at most {int(room):,} bytes." if room > 0 else "No KV size fits beside the weights.")
         )
     elif (
         total is not None
@@ -329,8 +400,9 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
         )
     elif num_blocks_low <= 0:
         runtime = (activation or 0) + (non_torch or 0) + (tp_non_torch or 0) + (cuda_graph or 0 if graphs_in_budget else 0)
+        slots = f" + LoRA slots {lora_bytes / GIB:.2f} GiB ({req.lora.label})" if req.lora is not None else ""
         reason = (
-            f"No available memory for the cache blocks: weights {weights / GIB:.2f} GiB + activation and "
+            f"No available memory for the cache blocks: weights {weights / GIB:.2f} GiB{slots} + activation and "
             f"runtime {runtime / GIB:.2f} GiB (and a {margin / GIB:.2f} GiB allowance) exceed the "
             f"{(budget or 0) / GIB:.2f} GiB budget."
         )
@@ -343,15 +415,19 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
             f"max model length {length} is larger than the KV cache: one request needs "
             f"{need / GIB:.2f} GiB of KV cache, more than the {space}. Based on that memory the estimated "
             f"maximum model length is {fit_len}. Decrease max_model_len, {smaller_kv}or increase "
-            "gpu_memory_utilization."
+            "gpu_memory_utilization"
+            + (f" (or give LoRA fewer slots or a lower rank: {req.lora.label} takes {lora_bytes / GIB:.2f} GiB)."
+               if req.lora is not None and explicit is None else ".")
         )
 
     # Whatever the first reason, no length works where vLLM refuses regardless of it: a TP that does not divide
     # the heads, weights larger than the GPU, or less free memory than the utilisation asks for.
     refused_whatever_the_length = bool(
         not tp_splits(arch, tp)
+        or lora_refused
+        or kv_overflows
         or batch_refused
-        or (total is not None and weights > total)
+        or (total is not None and weights + lora_bytes > total)
         or (total is not None and req.free_memory_bytes is not None
             and req.free_memory_bytes < total * req.gpu_memory_utilization)
     )
@@ -393,6 +469,10 @@ def _plan(arch: ModelArch, req: FitRequest) -> FitResult:
         vllm_version_modelled=req.vllm_version if explicit is None else VLLM_VERSION_MODELLED,
         model_max_model_len=model_limit,
         max_model_len_given=req.max_model_len is not None,
+        lora_gib=None if lora is None else lora.buffers / GIB,
+        lora_settings="" if req.lora is None else req.lora.label,
+        lora_modules="" if lora is None else lora.modules,
+        lora_host_gib=None if lora is None else lora.host / GIB,
     )
 
 

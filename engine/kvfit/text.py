@@ -15,11 +15,13 @@ def budget_lines(r: Any) -> list[str]:
     lines = [
         f"  GPU memory          {_g(r.total_gpu_memory_gib)} x {r.gpu_memory_utilization} = {_g(r.budget_gib)}",
         f"  - weights per GPU   {_g(r.weights_gib)}{'' if r.weights_exact else ' (estimated from the shape)'}",
+        *lora_lines(r),
         f"  - activation peak   {_g(r.activation_gib)}",
         f"  - non-torch         {_g(r.non_torch_gib)}" + (f" + {_g(r.tp_non_torch_gib)} TP buffers" if r.tp_non_torch_gib else ""),
     ]
     if r.cuda_graph_in_budget:
-        lines.append(f"  - CUDA graphs       {_g(r.cuda_graph_gib)} (in the budget: vLLM {r.vllm_version_modelled})")
+        twice = ", captured with and without LoRA" if getattr(r, "lora_settings", "") else ""
+        lines.append(f"  - CUDA graphs       {_g(r.cuda_graph_gib)} (in the budget: vLLM {r.vllm_version_modelled}{twice})")
     lines += [
         f"  = KV cache          {_g(r.available_kv_gib)}" + (
             f", at least {_g(r.available_kv_gib_low)} (the verdict's figure)" if r.low_margin_gib else ""),
@@ -27,6 +29,15 @@ def budget_lines(r: Any) -> list[str]:
         f"  blocks x size       {r.num_gpu_blocks:,} x {r.block_size} = {r.kv_tokens:,} tokens",
     ]
     return lines
+
+
+def lora_lines(r: Any) -> list[str]:
+    """The LoRA slots' buffers (--enable-lora), named with their slots, rank and layers; nothing without LoRA."""
+    if not getattr(r, "lora_settings", ""):
+        return []
+    explicit = " (beside the KV cache given)" if r.budget_gib is None else ""
+    return [f"  - LoRA slots        {_g(r.lora_gib)}{explicit}: {r.lora_settings} ({r.lora_modules}); "
+            f"host RAM up to {_g(r.lora_host_gib)} per worker (max_cpu_loras adapters at this rank)"]
 
 
 def length_line(r: Any) -> str:
@@ -53,6 +64,8 @@ def verdict_lines(r: Any) -> list[str]:
                      f"max_model_len {r.fitting_max_model_len:,}")
     else:
         lines.append("  fits with:          no setting of max_model_len or gpu_memory_utilization on this GPU")
+    if getattr(r, "fitting_max_loras", None):
+        lines.append(f"  or with LoRA:       max_loras {r.fitting_max_loras} (the rest as given)")
     return lines
 
 

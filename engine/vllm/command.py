@@ -204,6 +204,21 @@ def allow_long_max_model_len(profile: Profile) -> bool:
     return profile.env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() in ("1", "true", "yes")
 
 
+def profile_lora(profile: Profile) -> Any:
+    """The planner's LoRA settings for a profile's [lora] (None when LoRA is off): vLLM allocates their buffers
+    out of the KV budget. A rank vLLM refuses is refused before this (launcher); --force plans it at the next
+    rank up, as the buffers would be at least that large."""
+    from engine.kvfit.lora import VLLM_LORA_RANKS, LoraSettings
+
+    if not profile.lora.enable and "--enable-lora" not in profile.extra_args:
+        return None
+    if not profile.lora.enable:  # LoRA switched on in extra_args only: vLLM's defaults, unless they say more
+        return LoraSettings.from_vllm_args(1, 16, profile.extra_args)
+    rank = next((r for r in VLLM_LORA_RANKS if r >= profile.lora.max_lora_rank), VLLM_LORA_RANKS[-1])
+    # what the profile's extra vLLM arguments change (--max-cpu-loras, --lora-target-modules, --fully-sharded-loras)
+    return LoraSettings.from_vllm_args(profile.lora.max_loras, rank, profile.extra_args)
+
+
 def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
     """The planner's verdict for exactly these GPUs: the tightest one decides, with its live free memory.
 
@@ -220,8 +235,12 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         raise UnplannableError(f"cannot plan {profile.model}: {exc} (--force starts it anyway)") from exc
     if profile.quantization != "none" and arch.quantization.method == "none":
         arch = replace(arch, quantization=QUANT_BY_VLLM_NAME[profile.quantization])
+    try:
+        lora = profile_lora(profile)
+    except ValueError as exc:  # LoraError: [lora] settings vLLM would refuse
+        raise UnplannableError(f"cannot plan {profile.model}: [lora] {exc} (--force starts it anyway)") from exc
     if cpu_kv is not None:
-        return plan(arch, FitRequest(available_kv_bytes=cpu_kv, max_model_len=profile.max_model_len,
+        return plan(arch, FitRequest(available_kv_bytes=cpu_kv, lora=lora, max_model_len=profile.max_model_len,
                                      allow_long_max_model_len=allow_long_max_model_len(profile),
                                      kv_cache_dtype=profile.kv_cache_dtype, block_size=cpu_block_size(arch),
                                      tensor_parallel_size=profile.tensor_parallel_size, weight_bytes_total=exact))
@@ -235,7 +254,7 @@ def preflight(profile: Profile, gpus: Sequence[Any]) -> Any:
         other_process_bytes=used, gpu_name=tightest.name, weight_bytes_total=exact,
         max_num_seqs=profile.max_num_seqs, max_num_batched_tokens=profile.max_num_batched_tokens,
         enforce_eager=profile.enforce_eager, kv_cache_memory_bytes=profile.kv_cache_memory_bytes,
-        allow_long_max_model_len=allow_long_max_model_len(profile),
+        allow_long_max_model_len=allow_long_max_model_len(profile), lora=lora,
     )
     if profile.vllm_version:
         request.vllm_version = profile.vllm_version

@@ -8,11 +8,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from engine.kvfit.lora import VLLM_LORA_RANKS as VLLM_LORA_RANKS  # the ranks vLLM accepts: the planner's list
 from store.config_files import Strict, load_toml_model
-
-
-# The values vLLM's --max-lora-rank accepts (vLLM 0.32, vllm/config/lora.py); any other refuses to start.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class LoraSettings(Strict):
