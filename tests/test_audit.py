@@ -600,8 +600,11 @@ async def test_a_tui_action_whose_record_cannot_be_written_does_not_happen(tmp_p
         app = make_app(store_path=path)
         with audit.session(path, "tui", key_file=key):
             async with app.run_test(size=(140, 30)) as pilot:
-                await open_screen(app, pilot, "3", ServersScreen)
+                screen = await open_screen(app, pilot, "3", ServersScreen)
                 await settle(app, pilot)
+                table = screen.query_one("#servers-table")
+                # The rows load in a worker: under load they can come after settle, and x on no row asks nothing.
+                await until(app, pilot, lambda: rec.id in [r.key.value for r in table.ordered_rows], "the server's row")
                 await press_and_confirm(app, pilot, "x")
 
                 def refused() -> bool:

@@ -242,8 +242,13 @@ class FleetDeckApp(Lifetime, App[None]):
 
     def _poll_done(self) -> None:
         self._polling = False
-        self.update_status()
+        # A poll that ends while the app shuts down finds its screens gone (or going): nothing to draw on.
+        if not self.is_running or not self.screen_stack:
+            return
         screen = self.screen
+        if screen._pruning or screen._closing:
+            return
+        self.update_status()
         render = getattr(screen, "render_fleet", None)
         if render is not None:
             render(self.poller)
