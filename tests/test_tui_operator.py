@@ -44,6 +44,25 @@ class OneTable(App[None]):
         yield DeckTable(self.columns, id="t")
 
 
+def app_over(tmp_path, servers=(), jobs=()):
+    """A dashboard over a store holding the given (id, state) servers and jobs, each ended or as stated."""
+    store = open_store(tmp_path / "fd.db")
+    for sid, state in servers:
+        ended_server(store, sid, state, tmp_path)
+    for jid, state in jobs:
+        ended_job(store, jid, state, tmp_path)
+    store.close()
+    return make_app(store_path=tmp_path / "fd.db")
+
+
+async def press_on(app, pilot, screen_key: str, key: str) -> None:
+    """Go to a screen, let it load, press a key there and let it answer."""
+    await pilot.press(screen_key)
+    await settle(app, pilot)
+    await pilot.press(key)
+    await pilot.pause()
+
+
 def job_cells(name: str, node: str, state: str) -> list:
     return [name, node, Text(state), "0", Text("███▌   50%"), "60/120", "1.0331", "1.60e-04", "1,234", "1m00s", "2m00s"]
 
@@ -125,23 +144,13 @@ def flash(app) -> str:
 
 
 async def test_keys_that_cannot_act_say_why_instead_of_doing_nothing(tmp_path):
-    store = open_store(tmp_path / "fd.db")
-    ended_server(store, "q-0", "stopped", tmp_path)
-    ended_job(store, "ft-j-0", "finished", tmp_path)
-    store.close()
-    app = make_app(store_path=tmp_path / "fd.db")
+    app = app_over(tmp_path, servers=[("q-0", "stopped")], jobs=[("ft-j-0", "finished")])
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(app, pilot)
-        await pilot.press("3")
-        await settle(app, pilot)
-        await pilot.press("x")
-        await pilot.pause()
+        await press_on(app, pilot, "3", "x")
         assert "q-0 is already stopped" in flash(app)
         assert app.screen.query_one("#servers-table", DeckTable) is app.focused  # no dialog, focus stays
-        await pilot.press("4")
-        await settle(app, pilot)
-        await pilot.press("c")
-        await pilot.pause()
+        await press_on(app, pilot, "4", "c")
         assert "ft-j-0 is finished: only a running job can be cancelled" in flash(app)
         await pilot.press("r")
         await pilot.pause()
@@ -369,12 +378,7 @@ async def test_a_reconnecting_nodes_servers_stay_marked_unreachable(tmp_path):
 async def test_a_filter_that_matches_nothing_says_so_not_that_there_is_nothing(tmp_path):
     """`/zzz` on the demo's Servers (five servers) read "No servers yet. Press s to start one", and `x`
     "No server to stop: none is listed here". Both now name the filter that hides them, and Esc."""
-    store = open_store(tmp_path / "fd.db")
-    ended_server(store, "q-0", "stopped", tmp_path)
-    ended_server(store, "q-1", "crashed", tmp_path)
-    ended_job(store, "ft-j-0", "finished", tmp_path)
-    store.close()
-    app = make_app(store_path=tmp_path / "fd.db")
+    app = app_over(tmp_path, servers=[("q-0", "stopped"), ("q-1", "crashed")], jobs=[("ft-j-0", "finished")])
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(app, pilot)
         for screen_key, detail_id, key, words in (("3", "#servers-detail", "x", "No server to stop"),
@@ -410,16 +414,10 @@ async def test_adapters_on_an_ended_server_say_it_is_not_running(tmp_path):
     """`a` on the demo's crashed llama-3.1-8b opened the panel as if adapters could load into it."""
     from tui.screens.adapters_panel import AdaptersScreen
 
-    store = open_store(tmp_path / "fd.db")
-    ended_server(store, "q-0", "crashed", tmp_path)
-    store.close()
-    app = make_app(store_path=tmp_path / "fd.db")
+    app = app_over(tmp_path, servers=[("q-0", "crashed")])
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(app, pilot)
-        await pilot.press("3")
-        await settle(app, pilot)
-        await pilot.press("a")
-        await pilot.pause()
+        await press_on(app, pilot, "3", "a")
         assert not isinstance(app.screen, AdaptersScreen)
         assert "q-0 is crashed: adapters load into a running server (`r` starts it again)" in flash(app)
 
@@ -564,15 +562,12 @@ async def test_enter_on_a_job_shows_its_whole_detail(tmp_path):
 
 
 async def test_a_key_read_only_disables_says_so_instead_of_doing_nothing(tmp_path):
-    """`fleetdeck demo --read-only`: s and x on Servers, c on Jobs, did nothing and said nothing (the
+    """A read-only dashboard: s and x on Servers, c on Jobs, did nothing and said nothing (the
     footer lists them, dimmed). Each says read-only disables it; nothing opens, nothing is asked."""
     from fleet.config import FleetConfig
     from tui.screens.confirm import ConfirmScreen
 
-    store = open_store(tmp_path / "fd.db")
-    ended_server(store, "q-0", "stopped", tmp_path)
-    store.close()
-    app = make_app(store_path=tmp_path / "fd.db")
+    app = app_over(tmp_path, servers=[("q-0", "stopped")])
     app.options.config = FleetConfig(read_only=True)
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(app, pilot)
