@@ -203,3 +203,21 @@ class ProxyProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+def router_toml(path: Path, slm_url: str, journal_dir: Path | None) -> Path:
+    """A router config with one task on the small model at `slm_url`, its journal in `journal_dir` if given."""
+    extra = f'journal_dir = "{journal_dir}"\n' if journal_dir else ""
+    path.write_text(f"""
+[proxy]
+api_keys_env = "FD_NO_SUCH_ENV"
+shutdown_grace_s = 1
+{extra}
+[[task]]
+name = "tickets"
+slm_base_url = "{slm_url}/v1"
+slm_model = "tickets-v3"
+confidence = "first_token"
+threshold = 0.5
+""")
+    return path

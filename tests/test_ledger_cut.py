@@ -21,7 +21,7 @@ from store.db import open_store
 from store.ledger import LedgerRow, LedgerWriter, journal_path
 from store.ledger_journal import sealed_parts
 from tests.helpers import wait_for
-from tests.proxy_helpers import ProxyProcess, fill, free_port, tmpfs
+from tests.proxy_helpers import ProxyProcess, fill, free_port, router_toml, tmpfs
 
 # The proxy, as `fleetdeck proxy` runs it, with MAX_PENDING made small (so a few requests overflow memory)
 # and, for a stage, a SIGKILL of itself at that point of the cut: deterministic points, not a timer.
@@ -80,23 +80,6 @@ JournalFile.cut = cut
 from fleetdeck.cli import main
 sys.exit(main(sys.argv[2:]))
 """
-
-
-def router_toml(path: Path, slm_url: str, journal_dir: Path) -> Path:
-    path.write_text(f"""
-[proxy]
-api_keys_env = "FD_NO_SUCH_ENV"
-shutdown_grace_s = 1
-journal_dir = "{journal_dir}"
-
-[[task]]
-name = "tickets"
-slm_base_url = "{slm_url}/v1"
-slm_model = "tickets-v3"
-confidence = "first_token"
-threshold = 0.5
-""")
-    return path
 
 
 @pytest.fixture(scope="module")

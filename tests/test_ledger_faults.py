@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from store.db import open_store
 from store.ledger import LedgerRow, LedgerWriter, journal_path, read_journal
 from tests.helpers import kill_a_writer_with_queued_rows, wait_for
-from tests.proxy_helpers import ProxyProcess, fill, free_port, tmpfs
+from tests.proxy_helpers import ProxyProcess, fill, free_port, router_toml, tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -389,23 +389,6 @@ def slm():
     server = ServerThread(slm_app()).start()
     yield server
     server.stop()
-
-
-def router_toml(path: Path, slm_url: str, journal_dir: Path | None) -> Path:
-    extra = f'journal_dir = "{journal_dir}"\n' if journal_dir else ""
-    path.write_text(f"""
-[proxy]
-api_keys_env = "FD_NO_SUCH_ENV"
-shutdown_grace_s = 1
-{extra}
-[[task]]
-name = "tickets"
-slm_base_url = "{slm_url}/v1"
-slm_model = "tickets-v3"
-confidence = "first_token"
-threshold = 0.5
-""")
-    return path
 
 
 WARM, ANSWERED = 5, 120
