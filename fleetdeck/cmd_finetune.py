@@ -142,13 +142,15 @@ def run_start(args: argparse.Namespace) -> int:
     gpus = None  # list[int] | None, as in the --node branch above
     if args.gpus.strip().lower() != "cpu":
         from engine.vllm.profile import parse_gpus
-        from fleetdeck.cmd_serve import gpu_snapshots
+        from fleetdeck.cmd_serve import check_host_gpus, gpu_snapshots
 
         try:
             gpus = parse_gpus(args.gpus)
+            snaps, why = gpu_snapshots(gpus, args.simulated)
+            if snaps is None and not args.simulated:
+                check_host_gpus(gpus)  # forced or not, only GPUs this host has
         except ValueError as exc:
             return _err(str(exc))
-        snaps, why = gpu_snapshots(gpus, args.simulated)
         if snaps is None and not args.force:
             return _err(f"cannot check the GPUs: {why} (--force starts anyway)")
     elif spec.backend == "unsloth":

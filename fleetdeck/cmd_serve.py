@@ -74,6 +74,16 @@ def register(sub: Any) -> None:
     pr.set_defaults(handler=run_prune)
 
 
+def check_host_gpus(indices: list[int]) -> None:
+    """ValueError unless this host has GPUs at these indices. Without NVML there is no plan (a start needs
+    --force), but the GPUs named must still be ones the host has (its driver's list, fleet/inventory.py),
+    forced or not: an index CUDA does not have is refused, as a node's agent refuses it."""
+    from fleet.inventory import check_gpus
+    from fleet.source import snapshot_here
+
+    check_gpus(snapshot_here(), indices)
+
+
 def gpu_snapshots(indices: list[int], simulated: bool) -> tuple[list[GpuSnapshot] | None, str | None]:
     if simulated:
         from fleet.simulated import demo_fleet
@@ -129,6 +139,11 @@ def run_start(args: argparse.Namespace) -> int:
         return 0
     assert profile is not None
     snaps, why = gpu_snapshots(gpus, args.simulated)
+    if snaps is None and not args.simulated and profile.cpu_kv_cache_bytes is None and not args.dry_run:
+        try:  # vLLM's CPU build runs on no GPU: its indices are nominal, and a host running it may have none
+            check_host_gpus(gpus)
+        except ValueError as exc:
+            return _err(str(exc))
     if args.dry_run:
         try:
             check_exposure(profile, listen_host(profile))

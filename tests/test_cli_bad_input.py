@@ -75,6 +75,8 @@ CASES = [
      "ds.jsonl: it is not a regular file"),
     ("finetune-check-dataset-is-dev-zero", lambda t: ["finetune", "check", _spec_on(t, "/dev/zero")], 1,
      "/dev/zero: it is not a regular file"),
+    ("finetune-start-on-a-gpu-this-host-lacks", lambda t: ["finetune", "start", _spec_with(
+        t, '{"instruction": "q", "output": "a"}'), "--gpus", "99", "--force", "--store", str(t / "fd.db")], 2, "no GPU [99] on"),
     ("finetune-spec-is-a-pipe", lambda t: ["finetune", "check", _fifo(t, "spec.toml")], 2, "spec.toml: it is not a regular file"),
     # (id, argv builder, exit code, text the error line carries)
     ("serve-ls-foreign-store", lambda t: ["serve", "ls", "--store", _foreign_store(t)], 2, "SQLite database of another program"),

@@ -301,6 +301,24 @@ def test_serve_start_bad_input(tmp_path, capsys):
     assert "distinct" in capsys.readouterr().err
 
 
+def test_a_local_start_on_a_gpu_this_host_lacks_is_refused_forced_or_not(tmp_path, capsys, monkeypatch):
+    """Without NVML a start has no plan and needs --force; even forced, it names GPUs this host has (NVML's,
+    else its driver's list): GPU 99 is refused in one line, recorded as a refusal, and nothing starts."""
+    from engine.audit import trail as audit
+
+    monkeypatch.setenv("FLEETDECK_VLLM", FAKE_VLLM_CMD)
+    good = tmp_path / "good.toml"
+    good.write_text('name = "x"\nmodel = "Qwen/Qwen3-8B"\n')
+    db = tmp_path / "fd.db"
+    for force in ([], ["--force"]):
+        assert main(["serve", "start", str(good), "--gpus", "99", *force, "--store", str(db)]) == 2
+        err = capsys.readouterr().err
+        assert "no GPU [99] on" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    store = open_store(db)
+    assert launcher.list_servers(store) == []
+    assert [r["outcome"] for r in audit.query(store, action="server.start")] == ["refused", "refused"]
+
+
 def test_a_live_api_process_whose_engine_died_is_crashed_with_that_reason(store, tmp_path):
     """/health is not trusted alone: once seen, vLLM's engine process must stay alive too."""
     import subprocess
