@@ -154,7 +154,10 @@ def test_a_node_is_bootstrapped_reinstalled_and_upgraded_over_ssh(built, fresh_n
     dest, opts = fresh_node
     home = tmp_path / "node-home"
     (home / ".config" / "fleetdeck" / "profiles").mkdir(parents=True)
-    (home / ".config" / "fleetdeck" / "profiles" / "q.toml").write_text('name = "q"\nmodel = "Qwen/Qwen3-8B"\n')
+    # This host has no GPU, and a node's agent starts servers only on GPUs the node has: a profile for vLLM's CPU
+    # build (its KV space given) runs on none.
+    (home / ".config" / "fleetdeck" / "profiles" / "q.toml").write_text(
+        'name = "q"\nmodel = "Qwen/Qwen3-8B"\n[env]\nVLLM_CPU_KVCACHE_SPACE = "4"\n')
     hello_v1 = json.dumps({"v": 1, "type": "hello", "fleetdeck": "0.0.9"})
     config = tmp_path / "fleet.toml"
     config.write_text("# the site's fleet: keep this comment\n"

@@ -238,8 +238,10 @@ class StartServerScreen(DeckModal):
             on = f" --node {remote}" if remote is not None else ""
             text += f"\n\nNot starting it: `fleetdeck serve start{on} --force` overrides the planner."
         self.app.call_from_thread(out.update, Text(text, style="" if self.verdict.fits else "red"))
-        if not self.verdict.fits:  # the why is below "DOES NOT FIT", past the bottom edge at 80x24: in sight
-            self.app.call_from_thread(self.query_one("#start-server").scroll_end, animate=False)
+        # The why is below "DOES NOT FIT", past the bottom edge at 80x24: anchored there, so it stays in sight as
+        # the text settles (the scrollbar that appears takes two columns, the lines wrap again, and one
+        # scroll_end made before that stopped a line short). A verdict that fits lets the fields scroll freely.
+        self.app.call_from_thread(self.query_one("#start-server").anchor, not self.verdict.fits)
         if launch and self.verdict.fits:
             self._launch_now()
 
