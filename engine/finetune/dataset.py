@@ -12,7 +12,7 @@ import hashlib
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from store.files import NotAFileError, open_regular
 from store.json_text import BOM, JsonTextError, jsonl_lines, parse_json, shown
@@ -88,20 +88,6 @@ BOM_BYTES = BOM.encode("utf-8")
 TOKENIZE_BATCH = 512  # lines measured at a time: the check keeps lengths, not the texts
 
 
-DatasetFileError = NotAFileError  # what the runner and resume catch: the dataset is not a readable file
-
-
-def open_dataset(path: Path) -> BinaryIO:
-    """The dataset opened for reading: a regular file only (a FIFO would block the check, /dev/zero never ends)."""
-    return open_regular(path)
-
-
-def read_dataset(path: Path) -> bytes:
-    """The whole dataset as the trainer takes it: read once, so what is hashed is what is trained on."""
-    with open_dataset(path) as fh:
-        return fh.read()
-
-
 def load_examples(data: bytes) -> list[dict[str, Any]]:
     """Parsed examples of a dataset that passed the check, from the bytes the trainer hashed, line for line as
     the check read them."""
@@ -145,8 +131,8 @@ def check_dataset(path: Path, base_model: Path | None = None, max_seq_length: in
 
     digest = hashlib.sha256()
     try:
-        fh = open_dataset(path)
-    except DatasetFileError as exc:
+        fh = open_regular(path)  # a regular file only: a FIFO would block the check, /dev/zero never ends
+    except NotAFileError as exc:
         report.errors.append(str(exc))
         return report
     with fh:

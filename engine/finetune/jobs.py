@@ -424,15 +424,15 @@ def _same_dataset(rec: JobRecord) -> None:
     """A resume continues the checkpoint on the data it was trained on, or not at all: refused (before
     anything starts) when the dataset's bytes are no longer the ones the start checked. The runner checks
     again as it reads them (a Slurm resume runs elsewhere, later)."""
-    from engine.finetune.dataset import DatasetFileError, read_dataset
+    from store.files import NotAFileError, read_regular
 
     expected = checked_sha256(rec)
     dataset = (rec.spec or {}).get("dataset")
     if not expected or not dataset:
         return
     try:
-        digest = hashlib.sha256(read_dataset(Path(dataset))).hexdigest()
-    except DatasetFileError as exc:
+        digest = hashlib.sha256(read_regular(Path(dataset))).hexdigest()
+    except NotAFileError as exc:
         raise JobError(f"{rec.id} cannot resume: {exc}") from None
     if digest != expected:
         raise JobError(f"{rec.id} cannot resume: dataset {dataset} changed since the job started (SHA-256 "

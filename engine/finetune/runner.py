@@ -45,11 +45,11 @@ class TrainingData:
 
 
 def training_data(spec: JobSpec, expected_sha256: str | None) -> TrainingData:
-    from engine.finetune.dataset import DatasetFileError, read_dataset
+    from store.files import NotAFileError, read_regular
 
     try:
-        data = read_dataset(Path(spec.dataset))
-    except DatasetFileError as exc:
+        data = read_regular(Path(spec.dataset))
+    except NotAFileError as exc:
         raise JobFailure("dataset", f"dataset: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 and digest != expected_sha256:

@@ -74,10 +74,10 @@ def merge(adapter: Path, base: Path, out: Path, workdir: Path) -> Path:
 
 def calibration_texts(dataset: Path, tokenizer: Any, limit: int) -> list[str]:
     """Texts from a fine-tune dataset (chat `messages` or alpaca fields), as the model will see them."""
-    from engine.finetune.dataset import read_dataset  # a regular file only: a pipe would block the job
+    from store.files import read_regular  # a regular file only: a pipe would block the job
 
     texts = []
-    for n, line in jsonl_lines(read_dataset(dataset).decode("utf-8")):
+    for n, line in jsonl_lines(read_regular(dataset).decode("utf-8")):
         try:
             row = parse_json(line)
         except JsonTextError as exc:
